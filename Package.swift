@@ -1,0 +1,59 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// The core library depends only on swift-log (and, with the handlers, swift-metrics) so that it builds quickly on
+// two cores. ArgumentParser stays in the CLI; benchmark-only dependencies live in Perf/, a package of its own.
+let strictSwift: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "grpc-connection-manager",
+    products: [
+        .library(name: "GRPCConnectionManager", targets: ["GRPCConnectionManager"]),
+        .library(name: "GRPCEchoServer", targets: ["GRPCEchoServer"]),
+        .executable(name: "grpc-cm", targets: ["grpc-cm"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
+        .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
+        .target(name: "CReactor", cSettings: [.define("_GNU_SOURCE")]),
+        .target(
+            name: "GRPCConnectionManager",
+            dependencies: [
+                "CReactor", "CNghttp2", "COpenSSL",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        .target(
+            name: "GRPCEchoServer",
+            dependencies: ["GRPCConnectionManager", "CReactor", "CNghttp2"],
+            swiftSettings: strictSwift
+        ),
+        .executableTarget(
+            name: "grpc-cm",
+            dependencies: [
+                "GRPCConnectionManager", "GRPCEchoServer", "CReactor",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        .executableTarget(
+            name: "unary-call",
+            dependencies: ["GRPCConnectionManager"],
+            path: "Examples/unary-call",
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "GRPCConnectionManagerTests",
+            dependencies: ["GRPCConnectionManager", "GRPCEchoServer", "CReactor"],
+            swiftSettings: strictSwift
+        ),
+    ]
+)

@@ -1,0 +1,18 @@
+// OpenSSL 3 as a Clang module (apt: libssl-dev; pkg-config: openssl). Function-like macros that Swift cannot import
+// are wrapped as static inline functions here, as CGRPCZlib.h does for zlib.
+#ifndef COPENSSL_SHIM_H
+#define COPENSSL_SHIM_H
+#include <openssl/ssl.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+#include <openssl/opensslv.h>
+
+static inline const char *copenssl_version_text(void) { return OpenSSL_version(OPENSSL_VERSION); }
+static inline long copenssl_set_min_proto_version(SSL_CTX *ctx, int version) {
+    return SSL_CTX_set_min_proto_version(ctx, version);
+}
+static inline long copenssl_set_tlsext_host_name(SSL *ssl, const char *name) {
+    return SSL_set_tlsext_host_name(ssl, name);
+}
+static inline long copenssl_ctx_set_mode(SSL_CTX *ctx, long mode) { return SSL_CTX_set_mode(ctx, mode); }
+#endif

@@ -1,0 +1,125 @@
+// CReactor: the whole C API of the reactor on one page.
+//
+// One thread, one epoll instance. The loop (reactor.c) waits, fills a reused batch of fired events, dispatches
+// them to one callback, runs expired timers (timers.c, a min-heap), and then calls an "after turn" hook so the
+// owner can coalesce writes. The only function that is safe to call from another thread is cr_loop_wake().
+//
+// Everything Swift can do itself stays in Swift; this file exists because epoll, eventfd, sockaddr handling and a
+// cache-friendly timer heap are simplest and cheapest in C.
+#ifndef CREACTOR_H
+#define CREACTOR_H
+
+#ifdef __linux__
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cr_loop cr_loop;
+
+/// Readiness bits passed to the fd callback and used for interest.
+enum {
+    CR_READ = 1,   ///< readable (EPOLLIN), or the peer hung up
+    CR_WRITE = 2,  ///< writable (EPOLLOUT)
+    CR_ERROR = 4,  ///< EPOLLERR: check SO_ERROR / the next read
+    CR_HUP = 8,    ///< EPOLLHUP or EPOLLRDHUP
+};
+
+/// Called for a ready fd. `target` is what was passed to cr_fd_register.
+typedef void (*cr_fd_cb)(void *_Nullable ctx, void *_Nullable target, uint32_t events);
+/// Called for an expired timer. The timer is already removed when this runs.
+typedef void (*cr_timer_cb)(void *_Nullable ctx, void *_Nullable target, uint64_t tag);
+/// Wake-up (the eventfd fired: drain the submission queue) and end-of-turn hooks.
+typedef void (*cr_hook_cb)(void *_Nullable ctx);
+
+typedef struct cr_callbacks {
+    cr_fd_cb _Nonnull on_fd;
+    cr_timer_cb _Nonnull on_timer;
+    cr_hook_cb _Nonnull on_wake;
+    cr_hook_cb _Nonnull after_turn;
+} cr_callbacks;
+
+/// Creates a loop: an epoll instance plus an eventfd for wake-ups. Returns NULL with errno set on failure.
+cr_loop *_Nullable cr_loop_create(void *_Nullable ctx, cr_callbacks callbacks);
+/// Sets the context passed to the wake and after-turn hooks.
+void cr_loop_set_context(cr_loop *_Nonnull loop, void *_Nullable ctx);
+/// Closes the epoll fd and the eventfd and frees the loop. Registered fds are the owner's to close first.
+void cr_loop_destroy(cr_loop *_Nonnull loop);
+/// Runs one turn. With `block` it sleeps until an fd is ready, a timer expires or cr_loop_wake() is called;
+/// without it, it only polls. Returns the number of fd events dispatched, or -errno if epoll_wait failed.
+int cr_loop_run_once(cr_loop *_Nonnull loop, int block);
+/// Wakes the loop from any thread. Only the first of many concurrent calls writes the eventfd.
+void cr_loop_wake(cr_loop *_Nonnull loop);
+/// The monotonic time in nanoseconds, cached once per loop turn (libuv's uv_now).
+uint64_t cr_loop_now(const cr_loop *_Nonnull loop);
+/// Refreshes the cached time.
+void cr_loop_update_time(cr_loop *_Nonnull loop);
+/// A fresh CLOCK_MONOTONIC reading in nanoseconds.
+uint64_t cr_clock_now(void);
+
+/// Registers `fd` (level-triggered) with the given interest. Returns a registration id (> 0) or -errno.
+int64_t cr_fd_register(cr_loop *_Nonnull loop, int fd, uint32_t interest, void *_Nullable target);
+/// Changes the interest of a registration. Returns 0 or -errno.
+int cr_fd_set_interest(cr_loop *_Nonnull loop, int64_t registration, uint32_t interest);
+/// Removes a registration; events already fetched for it in this turn are dropped. Does not close the fd.
+int cr_fd_deregister(cr_loop *_Nonnull loop, int64_t registration);
+/// Number of live registrations.
+size_t cr_fd_count(const cr_loop *_Nonnull loop);
+
+/// Arms a timer at an absolute monotonic deadline. Returns its id (never 0), or 0 when out of memory.
+/// Timers with equal deadlines fire in the order they were added. O(log n).
+uint64_t cr_timer_add(cr_loop *_Nonnull loop, uint64_t deadline_ns, void *_Nullable target, uint64_t tag);
+/// Cancels a timer that has not run yet. Returns 1 and stores its target in *target if it was pending, else 0.
+/// O(log n).
+int cr_timer_cancel(cr_loop *_Nonnull loop, uint64_t id, void *_Nullable *_Nullable target);
+/// Removes any one pending timer without running it and returns its target (NULL when none is left).
+/// Used at shutdown to release what the timers hold.
+void *_Nullable cr_timer_pop_any(cr_loop *_Nonnull loop);
+/// Number of pending timers.
+size_t cr_timer_count(const cr_loop *_Nonnull loop);
+
+/// Starts a nonblocking connect (SOCK_NONBLOCK|SOCK_CLOEXEC; TCP_NODELAY for TCP). Returns the fd or -errno.
+/// *in_progress is set to 1 when the connect has not finished yet (wait for CR_WRITE, then cr_socket_error).
+int cr_socket_connect(const struct sockaddr *_Nonnull address, socklen_t length, int *_Nonnull in_progress);
+/// The pending error of a socket (SO_ERROR): 0 when a nonblocking connect succeeded.
+int cr_socket_error(int fd);
+/// Sets TCP_USER_TIMEOUT in milliseconds (TCP sockets only). Returns 0 or -errno.
+int cr_socket_set_user_timeout(int fd, unsigned int milliseconds);
+/// Creates a nonblocking listening socket with SO_REUSEADDR. Returns the fd or -errno.
+int cr_socket_listen(const struct sockaddr *_Nonnull address, socklen_t length, int backlog);
+/// Accepts one connection (nonblocking, close-on-exec, TCP_NODELAY for TCP). Returns the fd or -errno.
+int cr_socket_accept(int listen_fd);
+/// The local port of a bound socket, or -errno.
+int cr_socket_local_port(int fd);
+/// read(2) with EINTR retried. Returns bytes read, 0 at EOF, or -errno (-EAGAIN when nothing is there).
+ssize_t cr_read(int fd, void *_Nonnull buffer, size_t length);
+/// write(2) with EINTR retried and SIGPIPE suppressed for sockets. Returns bytes written or -errno.
+ssize_t cr_write(int fd, const void *_Nonnull buffer, size_t length);
+/// close(2). Returns 0 or -errno.
+int cr_close(int fd);
+/// Fills a sockaddr_un for a path. Returns its length, or -ENAMETOOLONG.
+int cr_make_unix_address(const char *_Nonnull path, struct sockaddr_un *_Nonnull out);
+/// Ignores SIGPIPE for the process (writes to a closed socket then fail with EPIPE instead of killing us).
+void cr_ignore_sigpipe(void);
+/// Installs SIGINT/SIGTERM handlers that only record the signal (for a server's main thread to poll).
+void cr_install_stop_signals(void);
+/// The signal number recorded by those handlers, or 0.
+int cr_stop_signal_received(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // __linux__
+#endif  // CREACTOR_H

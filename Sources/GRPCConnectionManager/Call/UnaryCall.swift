@@ -1,0 +1,305 @@
+import CNghttp2
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One unary RPC from start to its single completion. Reactor-thread only after it is submitted.
+///
+/// Life: created on the caller's thread → submitted to the reactor → waiting (in the channel or a connection's
+/// queue) → open on an HTTP/2 stream → finished. `finish(_:)` is the only way out and runs the completion exactly
+/// once; everything that can end a call (trailers, a reset, the deadline, a cancel, a dead connection) goes
+/// through it, and whatever arrives later is ignored.
+final class UnaryCall: ReactorHandler, @unchecked Sendable {
+    enum State {
+        case created
+        case waiting
+        case open(connection: HTTP2ClientConnection, streamID: Int32)
+        case finished
+    }
+
+    let path: String
+    let metadata: Metadata
+    let request: [UInt8]
+    /// Absolute deadline on the monotonic clock in ns; 0 = none.
+    let deadline: UInt64
+    let maxReceiveMessageSize: Int
+    private let completion: (UnaryResponse) -> Void
+    unowned(unsafe) let channel: ChannelCore
+
+    private(set) var state: State = .created
+    var deadlineTimer: Reactor.TimerID = 0
+    /// Set when the request is invalid (bad path, metadata, size): the call fails before anything is sent.
+    var invalid: Status?
+    /// Set once a never-sent call has been moved to another connection after a GOAWAY (transparent retry).
+    var transparentlyRetried = false
+
+    // Sending: the 5-byte prefix, then `request`.
+    private var sendOffset = 0
+
+    // Receiving.
+    private var deframer: MessageDeframer
+    private var httpStatus = 0
+    private var grpcStatus: Int?
+    private var grpcMessage: String?
+    private var contentType: String?
+    private var grpcEncoding: String?
+    private var headerBlocks = 0
+    private var inFinalHeaders = false
+    private var initialMetadata = Metadata()
+    private var trailingMetadata = Metadata()
+    private var responseMessage: [UInt8]?
+    private var extraMessages = false
+    /// A failure found while receiving (oversized, bad flag); the call ends with it.
+    private var localFailure: Status?
+
+    init(
+        channel: ChannelCore, path: String, metadata: Metadata, request: [UInt8], deadline: UInt64,
+        maxReceiveMessageSize: Int, completion: @escaping (UnaryResponse) -> Void
+    ) {
+        self.channel = channel
+        self.path = path
+        self.metadata = metadata
+        self.request = request
+        self.deadline = deadline
+        self.maxReceiveMessageSize = maxReceiveMessageSize
+        self.completion = completion
+        self.deframer = MessageDeframer(maxMessageSize: maxReceiveMessageSize)
+    }
+
+    var isFinished: Bool {
+        if case .finished = self.state { return true }
+        return false
+    }
+
+    // MARK: reactor entry points
+
+    /// Submitted from the caller's thread: the channel takes it from here.
+    override func reactorRunSubmitted() {
+        self.channel.start(self)
+    }
+
+    /// The deadline passed.
+    override func reactorTimerFired(tag: UInt64) {
+        self.deadlineTimer = 0
+        self.fail(Status(code: .deadlineExceeded, message: "deadline exceeded"), reset: true)
+    }
+
+    func markWaiting() {
+        if case .created = self.state { self.state = .waiting }
+    }
+
+    func markOpen(connection: HTTP2ClientConnection, streamID: Int32) {
+        self.state = .open(connection: connection, streamID: streamID)
+    }
+
+    /// Ends the call locally (deadline, cancel, a receive limit), resetting its stream with CANCEL if it has one.
+    func fail(_ status: Status, reset: Bool) {
+        if case .open(let connection, let streamID) = self.state, reset {
+            connection.resetStream(streamID, errorCode: NGHTTP2_CANCEL.rawValue)
+        }
+        self.finish(UnaryResponse(status: status, initialMetadata: self.initialMetadata))
+    }
+
+    /// The single completion point.
+    func finish(_ response: UnaryResponse) {
+        if case .finished = self.state { return }
+        self.state = .finished
+        if self.deadlineTimer != 0 {
+            self.channel.reactor.cancelTimer(self.deadlineTimer)
+            self.deadlineTimer = 0
+        }
+        self.completion(response)
+    }
+
+    // MARK: request body (nghttp2 data provider)
+
+    /// Copies the next piece of the framed request into `buffer`; sets `eof` after the last byte.
+    func readRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int {
+        let total = self.request.count + 5
+        var written = 0
+        if self.sendOffset < 5 {
+            let prefix = MessageFramer.prefix(length: self.request.count)
+            let bytes = [prefix.0, prefix.1, prefix.2, prefix.3, prefix.4]
+            while self.sendOffset < 5 && written < length {
+                buffer[written] = bytes[self.sendOffset]
+                written += 1
+                self.sendOffset += 1
+            }
+        }
+        let bodyStart = self.sendOffset - 5
+        let take = min(length - written, self.request.count - bodyStart)
+        if take > 0 {
+            self.request.withUnsafeBufferPointer { source in
+                (buffer + written).update(from: source.baseAddress! + bodyStart, count: take)
+            }
+            written += take
+            self.sendOffset += take
+        }
+        eof = self.sendOffset == total
+        return written
+    }
+
+    // MARK: response (nghttp2 callbacks, through the connection)
+
+    func beginHeaders() {
+        self.inFinalHeaders = self.headerBlocks > 0
+    }
+
+    func header(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) {
+        if self.isFinished { return }
+        if name.first == UInt8(ascii: ":") {
+            if HeaderName.equals(name, HeaderName.status) { self.httpStatus = HeaderName.parseInt(value) ?? 0 }
+            return
+        }
+        if HeaderName.equals(name, HeaderName.grpcStatus) {
+            self.grpcStatus = HeaderName.parseInt(value) ?? StatusCode.unknown.rawValue
+            return
+        }
+        if HeaderName.equals(name, HeaderName.grpcMessage) {
+            self.grpcMessage = PercentEncoding.decode(value)
+            return
+        }
+        if !self.inFinalHeaders {
+            if HeaderName.equals(name, HeaderName.contentType) {
+                self.contentType = String(decoding: value, as: UTF8.self)
+                return
+            }
+            if HeaderName.equals(name, HeaderName.grpcEncoding) {
+                let encoding = String(decoding: value, as: UTF8.self)
+                self.grpcEncoding = encoding
+                self.deframer.compressionAllowed = encoding != "identity"
+                return
+            }
+        }
+        let nameText = String(decoding: name, as: UTF8.self)
+        let entry: MetadataValue
+        if nameText.hasSuffix("-bin") {
+            // Repeated values may arrive joined with ","; split before decoding (PROTOCOL-HTTP2.md).
+            guard let bytes = Base64.decode(value.split(separator: UInt8(ascii: ",")).joined()) else { return }
+            entry = .binary(bytes)
+        } else {
+            entry = .string(String(decoding: value, as: UTF8.self))
+        }
+        if self.inFinalHeaders {
+            self.trailingMetadata.append(nameText, entry)
+        } else {
+            self.initialMetadata.append(nameText, entry)
+        }
+    }
+
+    /// A complete header block arrived; `endStream` when it ends the stream (trailers, or trailers-only).
+    func headersComplete(endStream: Bool) {
+        if (100..<200).contains(self.httpStatus) && self.headerBlocks == 0 && !endStream {
+            // Informational (1xx) block: skip it and read the next one (PROTOCOL-HTTP2.md).
+            self.httpStatus = 0
+            self.initialMetadata = Metadata()
+            return
+        }
+        if self.headerBlocks == 0 && endStream {
+            // Trailers-only: what arrived belongs to the trailers.
+            self.trailingMetadata = self.initialMetadata
+            self.initialMetadata = Metadata()
+        }
+        self.headerBlocks += 1
+    }
+
+    /// DATA payload bytes for this stream.
+    func data(_ bytes: UnsafeRawBufferPointer) {
+        if self.isFinished || self.localFailure != nil { return }
+        do {
+            try self.deframer.process(bytes) { message, _ in
+                if self.responseMessage == nil {
+                    self.responseMessage = message
+                } else {
+                    self.extraMessages = true
+                }
+            }
+        } catch {
+            let status: Status
+            switch error {
+            case .messageTooLarge(let length, let limit):
+                status = Status(
+                    code: .resourceExhausted,
+                    message: "response message of \(length) bytes exceeds the receive limit of \(limit) bytes")
+            case .compressedWithoutEncoding:
+                status = Status(
+                    code: .internal, message: "compressed message received without a grpc-encoding header")
+            case .invalidFlag(let flag):
+                status = Status(code: .internal, message: "invalid message flag \(flag) in response")
+            }
+            self.localFailure = status
+            self.fail(status, reset: true)
+        }
+    }
+
+    /// The HTTP/2 stream closed; work out the one true status.
+    func streamClosed(errorCode: UInt32) {
+        if self.isFinished { return }
+        self.finish(self.finalResponse(errorCode: errorCode))
+    }
+
+    private func finalResponse(errorCode: UInt32) -> UnaryResponse {
+        var status: Status
+        if let failure = self.localFailure {
+            status = failure
+        } else if self.headerBlocks == 0 || (self.grpcStatus == nil && self.headerBlocks < 2 && errorCode != 0) {
+            status =
+                errorCode == 0
+                ? Status(code: .internal, message: "stream closed without a response")
+                : Status.forRSTStream(errorCode: errorCode)
+        } else if let code = self.grpcStatus {
+            status = Status(code: StatusCode(rawValue: code), message: self.grpcMessage ?? "")
+        } else if self.httpStatus != 200 && self.httpStatus != 0 {
+            status = Status(
+                code: Status.code(forHTTPStatus: self.httpStatus),
+                message: "HTTP status \(self.httpStatus) without grpc-status"
+                    + (self.contentType.map { " (content-type \($0))" } ?? ""))
+        } else if let type = self.contentType, !type.hasPrefix("application/grpc") {
+            status = Status(code: .unknown, message: "unexpected content-type \"\(type)\" in response")
+        } else if errorCode != 0 {
+            status = Status.forRSTStream(errorCode: errorCode)
+        } else {
+            status = Status(code: .internal, message: "stream ended without grpc-status trailers")
+        }
+
+        if status.isOK {
+            if self.deframer.hasPartialMessage {
+                status = Status(code: .internal, message: "stream ended in the middle of a message")
+            } else if self.extraMessages {
+                status = Status(code: .internal, message: "unary call received more than one response message")
+            } else if self.responseMessage == nil {
+                status = Status(code: .internal, message: "unary call ended with OK but no response message")
+            }
+        }
+        return UnaryResponse(
+            status: status, message: status.isOK ? (self.responseMessage ?? []) : [],
+            initialMetadata: self.initialMetadata, trailingMetadata: self.trailingMetadata)
+    }
+}
+
+/// Header names compared as bytes, so the common headers never become Strings.
+enum HeaderName {
+    static let status: StaticString = ":status"
+    static let grpcStatus: StaticString = "grpc-status"
+    static let grpcMessage: StaticString = "grpc-message"
+    static let contentType: StaticString = "content-type"
+    static let grpcEncoding: StaticString = "grpc-encoding"
+
+    @inline(__always)
+    static func equals(_ bytes: UnsafeBufferPointer<UInt8>, _ name: StaticString) -> Bool {
+        guard bytes.count == name.utf8CodeUnitCount else { return false }
+        return memcmp(bytes.baseAddress!, name.utf8Start, bytes.count) == 0
+    }
+
+    /// A non-negative decimal without a sign; nil for anything else.
+    static func parseInt(_ bytes: UnsafeBufferPointer<UInt8>) -> Int? {
+        guard !bytes.isEmpty, bytes.count <= 10 else { return nil }
+        var value = 0
+        for byte in bytes {
+            guard byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9") else { return nil }
+            value = value * 10 + Int(byte - UInt8(ascii: "0"))
+        }
+        return value
+    }
+}

@@ -1,0 +1,17 @@
+/// A call that did not end with OK, as a Swift error: the status plus the trailing metadata that came with it.
+public struct RPCError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The status the call ended with.
+    public var status: Status
+    /// Trailing metadata received with the status (empty when the failure was local).
+    public var trailers: Metadata
+
+    public init(status: Status, trailers: Metadata = Metadata()) {
+        self.status = status
+        self.trailers = trailers
+    }
+
+    public var code: StatusCode { self.status.code }
+    public var message: String { self.status.message }
+
+    public var description: String { "\(self.status.code): \"\(self.status.message)\"" }
+}

@@ -1,0 +1,472 @@
+import CNghttp2
+import CReactor
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a connection tells its owner (the channel). Called on the reactor thread.
+protocol HTTP2ClientConnectionDelegate: AnyObject {
+    /// The server's SETTINGS arrived: the connection takes streams.
+    func connectionReady(_ connection: HTTP2ClientConnection)
+    /// The server sent GOAWAY: no new streams here. `unstarted` calls were never sent and may go elsewhere.
+    func connectionDraining(_ connection: HTTP2ClientConnection, unstarted: [UnaryCall])
+    /// The connection is gone. Its open streams were failed with `reason`; `unstarted` calls were never sent.
+    func connectionClosed(_ connection: HTTP2ClientConnection, reason: Status, unstarted: [UnaryCall], wasReady: Bool)
+}
+
+/// One HTTP/2 connection to a server over a nonblocking socket, driven by nghttp2 through its memory API so that
+/// the reactor owns every byte (nghttp2 `examples/libevent-client.c`, without libevent).
+///
+/// Reads go straight from the socket into `nghttp2_session_mem_recv` through one reusable buffer. Writes are
+/// coalesced: whatever nghttp2 produces during a loop turn is collected at the end of the turn into one buffer
+/// and written with one `send` (nghttp2's header advises coalescing `mem_send` chunks with TCP_NODELAY).
+///
+/// Calls beyond the server's SETTINGS_MAX_CONCURRENT_STREAMS wait in `pending` and start as streams close.
+///
+/// `@unchecked Sendable` (through `ReactorHandler`): reactor thread only.
+final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
+    enum State: Equatable {
+        case idle
+        case connecting
+        case handshaking
+        case ready
+        case draining
+        case closed
+    }
+
+    private enum TimerTag {
+        static let connect: UInt64 = 1
+    }
+
+    unowned let reactor: Reactor
+    weak var delegate: (any HTTP2ClientConnectionDelegate)?
+    let address: SocketAddress
+    let authority: String
+    let configuration: Configuration
+    let id: Int
+
+    private(set) var state: State = .idle
+    private var fd: Int32 = -1
+    private var registration: Reactor.Registration?
+    private var interest: UInt32 = 0
+    fileprivate var session: OpaquePointer?
+    private var connectTimer: Reactor.TimerID = 0
+
+    private var outbound: [UInt8] = []
+    private var outboundStart = 0
+    private var flushScheduled = false
+
+    /// Open streams. The dictionary owns the calls; nghttp2 holds unretained pointers to them.
+    private var streams: [Int32: UnaryCall] = [:]
+    private var pending: [UnaryCall] = []
+    private var pendingHead = 0
+
+    private var headerScratch = HeaderScratch()
+    private var sawFirstBytes = false
+    private var goAwayDebug: String?
+
+    init(
+        reactor: Reactor, address: SocketAddress, authority: String, configuration: Configuration, id: Int
+    ) {
+        self.reactor = reactor
+        self.address = address
+        self.authority = authority
+        self.configuration = configuration
+        self.id = id
+        super.init()
+        self.headerScratch.prepare(
+            authority: authority,
+            userAgent: configuration.userAgentPrefix.map { "\($0) \(GRPCConnectionManagerVersion.userAgent)" }
+                ?? GRPCConnectionManagerVersion.userAgent)
+    }
+
+    deinit {
+        assert(self.fd < 0, "connection freed with an open socket")
+        if let session = self.session { nghttp2_session_del(session) }
+    }
+
+    var activeStreamCount: Int { self.streams.count }
+    var queuedCallCount: Int { self.pending.count - self.pendingHead }
+
+    // MARK: connecting
+
+    /// Starts the nonblocking connect; the attempt (TCP and the server's SETTINGS) is bounded by
+    /// `minConnectTimeout`.
+    func connect() {
+        precondition(self.state == .idle)
+        self.state = .connecting
+        self.reactor.addShutdownHook(self)
+        let timeout = UInt64(self.configuration.minConnectTimeout.nanoseconds)
+        self.connectTimer = self.reactor.scheduleTimer(
+            at: Reactor.clock() &+ timeout, handler: self, tag: TimerTag.connect)
+        var inProgress: Int32 = 0
+        let fd: Int32
+        do {
+            fd = try self.address.withSockAddr { cr_socket_connect($0, $1, &inProgress) }
+        } catch {
+            self.close(reason: Status(code: .unavailable, message: "connect to \(self.address) failed: \(error)"))
+            return
+        }
+        if fd < 0 {
+            self.close(reason: Self.connectFailure(self.address, errno: -fd))
+            return
+        }
+        self.fd = fd
+        do {
+            self.interest = inProgress != 0 ? Reactor.Events.write : Reactor.Events.read
+            self.registration = try self.reactor.register(fd: fd, interest: self.interest, handler: self)
+        } catch {
+            self.close(reason: Status(code: .unavailable, message: "\(error)"))
+            return
+        }
+        if inProgress == 0 { self.tcpConnected() }
+    }
+
+    static func connectFailure(_ address: SocketAddress, errno code: Int32) -> Status {
+        Status(code: .unavailable, message: "connect to \(address) failed: \(String(cString: strerror(code)))")
+    }
+
+    private func tcpConnected() {
+        self.state = .handshaking
+        self.setInterest(Reactor.Events.read)
+        do {
+            self.session = try NGHTTP2ClientSession.make(for: self, configuration: self.configuration)
+        } catch {
+            self.close(reason: Status(code: .internal, message: "nghttp2 session: \(error)"))
+            return
+        }
+        self.scheduleFlush()
+    }
+
+    override func reactorTimerFired(tag: UInt64) {
+        guard tag == TimerTag.connect else { return }
+        self.connectTimer = 0
+        if self.state == .connecting || self.state == .handshaking {
+            let what = self.state == .connecting ? "TCP connect" : "HTTP/2 handshake (no SETTINGS from the server)"
+            self.close(
+                reason: Status(
+                    code: .unavailable,
+                    message: "connect to \(self.address) timed out after \(self.configuration.minConnectTimeout) "
+                        + "during the \(what)"))
+        }
+    }
+
+    // MARK: calls
+
+    /// Starts `call` now if a stream is free, else queues it.
+    func enqueue(_ call: UnaryCall) {
+        call.markWaiting()
+        if self.state == .ready && self.hasStreamCapacity {
+            self.open(call)
+        } else {
+            self.pending.append(call)
+        }
+    }
+
+    private var hasStreamCapacity: Bool {
+        guard let session = self.session else { return false }
+        let limit = nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
+        return UInt32(self.streams.count) < limit
+    }
+
+    private func startPending() {
+        while self.pendingHead < self.pending.count && self.state == .ready && self.hasStreamCapacity {
+            let call = self.pending[self.pendingHead]
+            self.pendingHead += 1
+            if !call.isFinished { self.open(call) }
+        }
+        if self.pendingHead == self.pending.count {
+            self.pending.removeAll(keepingCapacity: true)
+            self.pendingHead = 0
+        } else if self.pendingHead > 1024 && self.pendingHead * 2 > self.pending.count {
+            self.pending.removeFirst(self.pendingHead)
+            self.pendingHead = 0
+        }
+    }
+
+    private func takeUnstarted() -> [UnaryCall] {
+        let calls = self.pending[self.pendingHead...].filter { !$0.isFinished }
+        self.pending.removeAll()
+        self.pendingHead = 0
+        return calls
+    }
+
+    private func open(_ call: UnaryCall) {
+        guard let session = self.session else { return }
+        let remainingNanos: Int64? =
+            call.deadline == 0 ? nil : Int64(bitPattern: call.deadline &- Reactor.clock())
+        if let remaining = remainingNanos, remaining <= 0 {
+            call.fail(Status(code: .deadlineExceeded, message: "deadline exceeded before the call was sent"), reset: false)
+            return
+        }
+        let streamID = self.headerScratch.submit(
+            session: session, path: call.path, timeoutNanos: remainingNanos, metadata: call.metadata,
+            call: Unmanaged.passUnretained(call).toOpaque())
+        if streamID < 0 {
+            let reason = String(cString: nghttp2_strerror(streamID))
+            call.fail(Status(code: .unavailable, message: "could not open a stream: \(reason)"), reset: false)
+            return
+        }
+        self.streams[streamID] = call
+        call.markOpen(connection: self, streamID: streamID)
+        self.scheduleFlush()
+    }
+
+    /// Resets a stream (deadline, cancel, receive limit). Its close arrives later through nghttp2.
+    func resetStream(_ streamID: Int32, errorCode: UInt32) {
+        guard let session = self.session, self.state != .closed else { return }
+        nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), streamID, errorCode)
+        self.scheduleFlush()
+    }
+
+    // MARK: nghttp2 events (from NGHTTP2ClientSession's callbacks)
+
+    func call(for streamID: Int32) -> UnaryCall? {
+        self.streams[streamID]
+    }
+
+    func settingsReceived() {
+        if self.state == .handshaking {
+            self.state = .ready
+            if self.connectTimer != 0 {
+                self.reactor.cancelTimer(self.connectTimer)
+                self.connectTimer = 0
+            }
+            self.delegate?.connectionReady(self)
+        }
+        self.startPending()
+    }
+
+    func goAwayReceived(lastStreamID: Int32, errorCode: UInt32, debugData: String) {
+        self.goAwayDebug =
+            "GOAWAY \(HTTP2ErrorCode.name(errorCode))" + (debugData.isEmpty ? "" : " (\(debugData))")
+        guard self.state == .ready || self.state == .handshaking else { return }
+        self.state = .draining
+        let unstarted = self.takeUnstarted()
+        self.delegate?.connectionDraining(self, unstarted: unstarted)
+        // Streams above lastStreamID are closed by nghttp2 with REFUSED_STREAM; the rest finish.
+    }
+
+    func streamClosed(_ streamID: Int32, errorCode: UInt32) {
+        guard let call = self.streams.removeValue(forKey: streamID) else { return }
+        call.streamClosed(errorCode: errorCode)
+        if self.state == .ready {
+            self.startPending()
+        }
+    }
+
+    // MARK: I/O
+
+    override func reactorFDReady(_ events: UInt32) {
+        if self.state == .connecting {
+            let error = cr_socket_error(self.fd)
+            if error != 0 {
+                self.close(reason: Self.connectFailure(self.address, errno: error))
+            } else if events & Reactor.Events.write != 0 {
+                self.tcpConnected()
+            }
+            return
+        }
+        if events & Reactor.Events.write != 0 {
+            self.flushNow()
+            if self.state == .closed { return }
+        }
+        if events & Reactor.Events.read != 0 {
+            self.readAvailable()
+        }
+    }
+
+    private func readAvailable() {
+        let buffer = self.reactor.readBuffer
+        // Level-triggered: a bounded number of reads per turn keeps one busy connection from starving others.
+        for _ in 0..<4 {
+            let n = cr_read(self.fd, buffer.baseAddress!, buffer.count)
+            if n == -Int(EAGAIN) { return }
+            if n < 0 {
+                self.close(reason: Status(code: .unavailable, message: "read failed: \(String(cString: strerror(Int32(-n))))"))
+                return
+            }
+            if n == 0 {
+                self.close(reason: self.closedByPeerStatus())
+                return
+            }
+            if !self.sawFirstBytes {
+                self.sawFirstBytes = true
+                if let http1 = Self.detectHTTP1(UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)) {
+                    self.close(reason: Status(code: .unavailable, message: http1))
+                    return
+                }
+            }
+            guard let session = self.session else { return }
+            let consumed = nghttp2_session_mem_recv(session, buffer.baseAddress!, n)
+            if consumed < 0 {
+                self.close(
+                    reason: Status(
+                        code: .unavailable,
+                        message: "HTTP/2 protocol error from \(self.address): \(String(cString: nghttp2_strerror(Int32(consumed))))"
+                    ))
+                return
+            }
+            if self.state == .closed { return }
+            self.scheduleFlush()
+            if n < buffer.count { return }
+        }
+    }
+
+    private func closedByPeerStatus() -> Status {
+        let base: String
+        switch self.state {
+        case .connecting, .handshaking:
+            base = "connection to \(self.address) closed by the server during the HTTP/2 handshake"
+        default:
+            base = "connection to \(self.address) closed by the server"
+        }
+        if let goAway = self.goAwayDebug { return Status(code: .unavailable, message: "\(base) after \(goAway)") }
+        return Status(code: .unavailable, message: base)
+    }
+
+    /// A server that speaks HTTP/1.x answers our preface with a status line.
+    static func detectHTTP1(_ bytes: UnsafeRawBufferPointer) -> String? {
+        let prefix = Array("HTTP/1.".utf8)
+        guard bytes.count >= prefix.count, zip(bytes, prefix).allSatisfy({ $0 == $1 }) else { return nil }
+        let line = bytes.prefix { $0 != UInt8(ascii: "\r") && $0 != UInt8(ascii: "\n") }.prefix(80)
+        return "server answered with HTTP/1.x, not HTTP/2 (\"\(String(decoding: line, as: UTF8.self))\"); "
+            + "is it a gRPC server, and does it need TLS?"
+    }
+
+    private func scheduleFlush() {
+        if !self.flushScheduled && self.state != .closed {
+            self.flushScheduled = true
+            self.reactor.scheduleFlush(self)
+        }
+    }
+
+    override func reactorFlush() {
+        self.flushScheduled = false
+        self.flushNow()
+    }
+
+    /// Pulls everything nghttp2 wants to send into one buffer and writes it with as few syscalls as possible.
+    private func flushNow() {
+        guard self.fd >= 0, let session = self.session, self.state != .connecting else { return }
+        // Keep at most ~1 MiB buffered: nghttp2 holds the rest until the socket drains.
+        while self.outbound.count - self.outboundStart < (1 << 20) {
+            var chunk: UnsafePointer<UInt8>? = nil
+            let n = nghttp2_session_mem_send(session, &chunk)
+            if n < 0 {
+                self.close(reason: Status(code: .internal, message: "nghttp2: \(String(cString: nghttp2_strerror(Int32(n))))"))
+                return
+            }
+            if n == 0 { break }
+            self.outbound.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
+        }
+        while self.outboundStart < self.outbound.count {
+            let written = self.outbound.withUnsafeBytes { bytes in
+                cr_write(self.fd, bytes.baseAddress! + self.outboundStart, bytes.count - self.outboundStart)
+            }
+            if written == -Int(EAGAIN) { break }
+            if written < 0 {
+                self.close(reason: Status(code: .unavailable, message: "write failed: \(String(cString: strerror(Int32(-written))))"))
+                return
+            }
+            self.outboundStart += written
+        }
+        if self.outboundStart == self.outbound.count {
+            self.outbound.removeAll(keepingCapacity: self.outbound.capacity <= (4 << 20))
+            self.outboundStart = 0
+            if nghttp2_session_want_write(session) != 0 {
+                // More than the cap was waiting: keep going next turn.
+                self.setInterest(Reactor.Events.read | Reactor.Events.write)
+            } else {
+                self.setInterest(Reactor.Events.read)
+            }
+        } else {
+            self.setInterest(Reactor.Events.read | Reactor.Events.write)
+        }
+        if nghttp2_session_want_read(session) == 0 && nghttp2_session_want_write(session) == 0
+            && self.outboundStart == self.outbound.count
+        {
+            self.close(reason: self.closedByPeerStatus())
+            return
+        }
+        if self.state == .draining && self.streams.isEmpty {
+            self.shutdown(reason: Status(code: .unavailable, message: self.goAwayDebug ?? "connection drained"))
+        }
+    }
+
+    private func setInterest(_ interest: UInt32) {
+        guard interest != self.interest, let registration = self.registration else { return }
+        self.interest = interest
+        self.reactor.setInterest(registration, interest)
+    }
+
+    // MARK: closing
+
+    /// Closes gracefully: a GOAWAY goes out first (best effort), then the socket closes.
+    func shutdown(reason: Status) {
+        if let session = self.session, self.fd >= 0, self.state != .closed {
+            nghttp2_session_terminate_session(session, NGHTTP2_NO_ERROR.rawValue)
+            var chunk: UnsafePointer<UInt8>? = nil
+            while true {
+                let n = nghttp2_session_mem_send(session, &chunk)
+                if n <= 0 { break }
+                self.outbound.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
+            }
+            if self.outboundStart < self.outbound.count {
+                _ = self.outbound.withUnsafeBytes { bytes in
+                    cr_write(self.fd, bytes.baseAddress! + self.outboundStart, bytes.count - self.outboundStart)
+                }
+            }
+        }
+        self.close(reason: reason)
+    }
+
+    /// Closes now: every open stream fails with `reason`; calls never sent go back to the delegate.
+    func close(reason: Status) {
+        if self.state == .closed { return }
+        let wasReady = self.state == .ready || self.state == .draining
+        self.state = .closed
+        if self.connectTimer != 0 {
+            self.reactor.cancelTimer(self.connectTimer)
+            self.connectTimer = 0
+        }
+        if let registration = self.registration {
+            self.reactor.deregister(registration, handler: self)
+            self.registration = nil
+        }
+        if self.fd >= 0 {
+            _ = cr_close(self.fd)
+            self.fd = -1
+        }
+        self.reactor.removeShutdownHook(self)
+        let open = self.streams
+        self.streams.removeAll()
+        if let session = self.session {
+            nghttp2_session_del(session)
+            self.session = nil
+        }
+        self.outbound = []
+        self.outboundStart = 0
+        for (_, call) in open.sorted(by: { $0.key < $1.key }) {
+            call.finish(UnaryResponse(status: reason))
+        }
+        let unstarted = self.takeUnstarted()
+        self.delegate?.connectionClosed(self, reason: reason, unstarted: unstarted, wasReady: wasReady)
+    }
+
+    /// The reactor is stopping.
+    override func reactorRunSubmitted() {
+        self.close(reason: Status(code: .unavailable, message: "the reactor is shutting down"))
+    }
+}
+
+extension Duration {
+    /// Whole nanoseconds, saturating.
+    var nanoseconds: Int64 {
+        let (seconds, attoseconds) = self.components
+        let (ns, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        if overflow { return seconds < 0 ? Int64.min : Int64.max }
+        return ns &+ attoseconds / 1_000_000_000
+    }
+}

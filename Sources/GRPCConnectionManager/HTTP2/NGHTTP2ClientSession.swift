@@ -1,0 +1,234 @@
+import CNghttp2
+
+/// Creates the nghttp2 client session of a connection and holds its C callbacks.
+///
+/// Every callback is a private top-level function (a C function pointer cannot capture context; see swift-notes
+/// "Gotchas" 1). `user_data` is the connection, passed unretained: the connection owns the session and deletes it
+/// before it goes away. Per-stream user data is the call, also unretained: the connection's stream table owns it
+/// until nghttp2 reports the stream closed.
+enum NGHTTP2ClientSession {
+    struct Failure: Error, CustomStringConvertible {
+        let code: Int32
+        var description: String { String(cString: nghttp2_strerror(self.code)) }
+    }
+
+    static func make(for connection: HTTP2ClientConnection, configuration: Configuration) throws -> OpaquePointer {
+        var callbacks: OpaquePointer? = nil
+        guard nghttp2_session_callbacks_new(&callbacks) == 0, let callbacks else { throw Failure(code: -901) }
+        defer { nghttp2_session_callbacks_del(callbacks) }
+        nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, clientOnBeginHeaders)
+        nghttp2_session_callbacks_set_on_header_callback(callbacks, clientOnHeader)
+        nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, clientOnFrameRecv)
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, clientOnDataChunk)
+        nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, clientOnStreamClose)
+
+        var option: OpaquePointer? = nil
+        guard nghttp2_option_new(&option) == 0, let option else { throw Failure(code: -901) }
+        defer { nghttp2_option_del(option) }
+        nghttp2_option_set_max_send_header_block_length(option, 64 << 10)
+
+        var session: OpaquePointer? = nil
+        let rc = nghttp2_session_client_new2(
+            &session, callbacks, Unmanaged.passUnretained(connection).toOpaque(), option)
+        guard rc == 0, let session else { throw Failure(code: rc) }
+
+        let http2 = configuration.http2
+        var settings = [
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_ENABLE_PUSH.rawValue), value: 0),
+            nghttp2_settings_entry(
+                settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue),
+                value: UInt32(http2.initialStreamWindowSize)),
+            nghttp2_settings_entry(
+                settings_id: Int32(NGHTTP2_SETTINGS_MAX_FRAME_SIZE.rawValue), value: UInt32(http2.maxFrameSize)),
+            nghttp2_settings_entry(
+                settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue),
+                value: UInt32(http2.maxHeaderListSize)),
+        ]
+        var result = nghttp2_submit_settings(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), &settings, settings.count)
+        if result == 0 {
+            result = nghttp2_session_set_local_window_size(
+                session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, Int32(http2.connectionWindowSize))
+        }
+        if result != 0 {
+            nghttp2_session_del(session)
+            throw Failure(code: result)
+        }
+        return session
+    }
+}
+
+@inline(__always)
+private func connection(_ userData: UnsafeMutableRawPointer?) -> Unmanaged<HTTP2ClientConnection> {
+    Unmanaged<HTTP2ClientConnection>.fromOpaque(userData!)
+}
+
+@inline(__always)
+private func streamCall(_ session: OpaquePointer?, _ streamID: Int32) -> UnaryCall? {
+    guard let pointer = nghttp2_session_get_stream_user_data(session, streamID) else { return nil }
+    return Unmanaged<UnaryCall>.fromOpaque(pointer).takeUnretainedValue()
+}
+
+private func clientOnBeginHeaders(
+    _ session: OpaquePointer?, _ frame: UnsafePointer<nghttp2_frame>?, _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    let header = frame!.pointee.hd
+    if header.type == UInt8(NGHTTP2_HEADERS.rawValue) {
+        streamCall(session, header.stream_id)?.beginHeaders()
+    }
+    return 0
+}
+
+private func clientOnHeader(
+    _ session: OpaquePointer?, _ frame: UnsafePointer<nghttp2_frame>?, _ name: UnsafePointer<UInt8>?,
+    _ nameLength: Int, _ value: UnsafePointer<UInt8>?, _ valueLength: Int, _ flags: UInt8,
+    _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    let header = frame!.pointee.hd
+    guard header.type == UInt8(NGHTTP2_HEADERS.rawValue), let call = streamCall(session, header.stream_id) else {
+        return 0
+    }
+    call.header(
+        name: UnsafeBufferPointer(start: name, count: nameLength),
+        value: UnsafeBufferPointer(start: value, count: valueLength))
+    return 0
+}
+
+private func clientOnFrameRecv(
+    _ session: OpaquePointer?, _ frame: UnsafePointer<nghttp2_frame>?, _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    let frame = frame!
+    let header = frame.pointee.hd
+    switch UInt32(header.type) {
+    case NGHTTP2_HEADERS.rawValue:
+        let endStream = header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
+        streamCall(session, header.stream_id)?.headersComplete(endStream: endStream)
+    case NGHTTP2_SETTINGS.rawValue:
+        if header.flags & UInt8(NGHTTP2_FLAG_ACK.rawValue) == 0 {
+            connection(userData)._withUnsafeGuaranteedRef { $0.settingsReceived() }
+        }
+    case NGHTTP2_GOAWAY.rawValue:
+        let goAway = frame.pointee.goaway
+        let debug =
+            goAway.opaque_data_len > 0
+            ? String(decoding: UnsafeBufferPointer(start: goAway.opaque_data, count: goAway.opaque_data_len), as: UTF8.self)
+            : ""
+        connection(userData)._withUnsafeGuaranteedRef {
+            $0.goAwayReceived(lastStreamID: goAway.last_stream_id, errorCode: goAway.error_code, debugData: debug)
+        }
+    default:
+        break
+    }
+    return 0
+}
+
+private func clientOnDataChunk(
+    _ session: OpaquePointer?, _ flags: UInt8, _ streamID: Int32, _ data: UnsafePointer<UInt8>?, _ length: Int,
+    _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    streamCall(session, streamID)?.data(UnsafeRawBufferPointer(start: data, count: length))
+    return 0
+}
+
+private func clientOnStreamClose(
+    _ session: OpaquePointer?, _ streamID: Int32, _ errorCode: UInt32, _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    connection(userData)._withUnsafeGuaranteedRef { $0.streamClosed(streamID, errorCode: errorCode) }
+    return 0
+}
+
+/// nghttp2 pulls the framed request through this.
+private func clientReadRequest(
+    _ session: OpaquePointer?, _ streamID: Int32, _ buffer: UnsafeMutablePointer<UInt8>?, _ length: Int,
+    _ dataFlags: UnsafeMutablePointer<UInt32>?, _ source: UnsafeMutablePointer<nghttp2_data_source>?,
+    _ userData: UnsafeMutableRawPointer?
+) -> Int {
+    let call = Unmanaged<UnaryCall>.fromOpaque(source!.pointee.ptr!).takeUnretainedValue()
+    var eof = false
+    let written = call.readRequest(into: buffer!, length: length, eof: &eof)
+    if eof { dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue }
+    return written
+}
+
+/// Request headers, built in one reused byte buffer so that a call costs no allocation for its header block.
+///
+/// Order (PROTOCOL-HTTP2.md): pseudo-headers, `te`, `grpc-timeout`, `content-type`, `user-agent`, then metadata.
+struct HeaderScratch {
+    private var bytes: [UInt8] = []
+    private var fields: [(name: Range<Int>, value: Range<Int>)] = []
+    private var nvs: [nghttp2_nv] = []
+    private var staticEnd = 0
+    private var staticFieldCount = 0
+
+    mutating func prepare(authority: String, userAgent: String) {
+        self.bytes.reserveCapacity(1024)
+        self.fields.reserveCapacity(16)
+        self.nvs.reserveCapacity(16)
+        self.add(":method", "POST")
+        self.add(":scheme", "http")
+        self.add(":authority", authority)
+        self.add("te", "trailers")
+        self.add("content-type", "application/grpc")
+        self.add("user-agent", userAgent)
+        self.staticEnd = self.bytes.count
+        self.staticFieldCount = self.fields.count
+    }
+
+    private mutating func append(_ text: String) -> Range<Int> {
+        let start = self.bytes.count
+        self.bytes.append(contentsOf: text.utf8)
+        return start..<self.bytes.count
+    }
+
+    private mutating func add(_ name: String, _ value: String) {
+        let name = self.append(name)
+        let value = self.append(value)
+        self.fields.append((name, value))
+    }
+
+    mutating func submit(
+        session: OpaquePointer, path: String, timeoutNanos: Int64?, metadata: Metadata, call: UnsafeMutableRawPointer
+    ) -> Int32 {
+        self.bytes.removeSubrange(self.staticEnd...)
+        self.fields.removeSubrange(self.staticFieldCount...)
+        // :path goes right after :scheme; grpc-timeout right after the pseudo-headers.
+        let pathField = (name: self.append(":path"), value: self.append(path))
+        var timeoutField: (name: Range<Int>, value: Range<Int>)? = nil
+        if let timeout = timeoutNanos {
+            timeoutField = (name: self.append("grpc-timeout"), value: self.append(GRPCTimeout.encode(nanoseconds: timeout)))
+        }
+        for entry in metadata {
+            let name = self.append(entry.name)
+            let start = self.bytes.count
+            switch entry.value {
+            case .string(let text): self.bytes.append(contentsOf: text.utf8)
+            case .binary(let data): Base64.encode(data, into: &self.bytes)
+            }
+            self.fields.append((name: name, value: start..<self.bytes.count))
+        }
+        var order: [(name: Range<Int>, value: Range<Int>)] = []
+        order.reserveCapacity(self.fields.count + 2)
+        order.append(self.fields[0])  // :method
+        order.append(self.fields[1])  // :scheme
+        order.append(pathField)
+        order.append(self.fields[2])  // :authority
+        order.append(self.fields[3])  // te
+        if let timeoutField { order.append(timeoutField) }
+        order.append(contentsOf: self.fields[4...])
+        let fieldsInOrder = order
+        return self.bytes.withUnsafeMutableBufferPointer { buffer -> Int32 in
+            let base = buffer.baseAddress!
+            self.nvs.removeAll(keepingCapacity: true)
+            for (name, value) in fieldsInOrder {
+                self.nvs.append(
+                    nghttp2_nv(
+                        name: base + name.lowerBound, value: base + value.lowerBound, namelen: name.count,
+                        valuelen: value.count, flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
+            }
+            var provider = nghttp2_data_provider(
+                source: nghttp2_data_source(ptr: call), read_callback: clientReadRequest)
+            return self.nvs.withUnsafeBufferPointer { nva in
+                nghttp2_submit_request(session, nil, nva.baseAddress, nva.count, &provider, call)
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+import CNghttp2
+import CReactor
+import Synchronization
+@_spi(Reactor) import GRPCConnectionManager
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A small gRPC server on the same reactor as the client, for the demo, the tests and the benchmarks.
+///
+/// - Any method echoes the request message (`x-response-bytes: N` answers N bytes instead).
+/// - `grpc.health.v1.Health/Check` answers SERVING for "" and for the services in `Options.healthyServices`,
+///   NOT_SERVING for `Options.notServingServices`, NOT_FOUND otherwise.
+/// - Test metadata provokes failures on purpose: `x-fail-code` / `x-fail-message` answer with that status
+///   (trailers-only), `x-sleep-ms` answers later (a reactor timer, never a blocked thread).
+/// - Request metadata that is not reserved is echoed back in the response headers.
+public final class EchoServer: Sendable {
+    /// Server settings.
+    public struct Options: Sendable {
+        /// SETTINGS_MAX_CONCURRENT_STREAMS announced to clients. Default 100.
+        public var maxConcurrentStreams: Int = 100
+        /// Largest request message accepted (bigger ones end with RESOURCE_EXHAUSTED). Default 16 MiB.
+        public var maxReceiveMessageSize: Int = 16 << 20
+        /// Services that report SERVING besides "" (the whole server).
+        public var healthyServices: Set<String> = []
+        /// Services that report NOT_SERVING.
+        public var notServingServices: Set<String> = []
+
+        public init() {}
+    }
+
+    /// The bound port (0 for Unix sockets).
+    public let port: Int
+    /// Where it listens, e.g. `127.0.0.1:50051`.
+    public let address: String
+    let listener: EchoListener
+    let reactor: Reactor
+
+    /// Binds and starts serving on `eventLoop` (a new one, started on its own thread, when nil).
+    /// - Parameters:
+    ///   - host: A numeric IPv4/IPv6 address, or `unix:/path`. Default 127.0.0.1.
+    ///   - port: 0 picks a free port.
+    /// - Throws: `ReactorError` when the address cannot be bound.
+    public init(host: String = "127.0.0.1", port: Int = 0, options: Options = Options(), eventLoop: EventLoop? = nil)
+        throws
+    {
+        let loop: EventLoop
+        if let eventLoop {
+            loop = eventLoop
+        } else {
+            loop = try EventLoop()
+            loop.start()
+        }
+        self.reactor = loop.reactor
+        let socketAddress: SocketAddress
+        if host.hasPrefix("unix:") {
+            let path = String(host.dropFirst(5))
+            unlink(path)
+            socketAddress = SocketAddress(unixPath: path)
+        } else {
+            guard let address = SocketAddress(ip: host, port: port) else {
+                throw ConfigurationError(field: "host", message: "\"\(host)\" is not a numeric IP address")
+            }
+            socketAddress = address
+        }
+        let fd = try socketAddress.withSockAddrForListening { cr_socket_listen($0, $1, 1024) }
+        if fd < 0 { throw ReactorError(operation: "listen on \(socketAddress)", errno: -fd) }
+        let bound = Int(cr_socket_local_port(fd))
+        self.port = max(bound, 0)
+        switch host.hasPrefix("unix:") {
+        case true: self.address = host
+        case false: self.address = host.contains(":") ? "[\(host)]:\(self.port)" : "\(host):\(self.port)"
+        }
+        self.listener = EchoListener(reactor: loop.reactor, fd: fd, options: options, ownsLoop: eventLoop == nil ? loop : nil)
+        let listener = self.listener
+        if loop.reactor.inReactorThread {
+            listener.start()
+        } else {
+            loop.reactor.execute { listener.start() }
+        }
+    }
+
+    /// Stops listening and closes every connection (open streams are reset). Waits until that is done when called
+    /// off the loop thread; stops the loop too if the server created it.
+    public func close() {
+        let listener = self.listener
+        if self.reactor.inReactorThread {
+            listener.shutdown()
+            return
+        }
+        let done = Atomic<Bool>(false)
+        let accepted = self.reactor.execute {
+            listener.shutdown()
+            done.store(true, ordering: .releasing)
+        }
+        while accepted && !done.load(ordering: .acquiring) && !self.reactor.isStopping {
+            usleep(1000)
+        }
+        if let loop = listener.ownsLoop { loop.shutdown() }
+    }
+
+    /// Sends GOAWAY to every client and stops accepting; connections close once their streams finish.
+    public func goAway() {
+        let listener = self.listener
+        self.reactor.execute { listener.goAway() }
+    }
+}
+
+
+/// The listening socket: accepts connections and owns them. Reactor thread only.
+final class EchoListener: ReactorHandler, @unchecked Sendable {
+    unowned let reactor: Reactor
+    let options: EchoServer.Options
+    let ownsLoop: EventLoop?
+    private var fd: Int32
+    private var registration: Reactor.Registration?
+    private var connections: [ObjectIdentifier: EchoServerConnection] = [:]
+    private var closed = false
+
+    init(reactor: Reactor, fd: Int32, options: EchoServer.Options, ownsLoop: EventLoop?) {
+        self.reactor = reactor
+        self.fd = fd
+        self.options = options
+        self.ownsLoop = ownsLoop
+    }
+
+    func start() {
+        guard !self.closed else { return }
+        self.registration = try? self.reactor.register(fd: self.fd, interest: Reactor.Events.read, handler: self)
+        self.reactor.addShutdownHook(self)
+    }
+
+    override func reactorFDReady(_ events: UInt32) {
+        for _ in 0..<64 {
+            let client = cr_socket_accept(self.fd)
+            if client < 0 { return }  // EAGAIN, or a transient accept error: try again next turn
+            let connection = EchoServerConnection(reactor: self.reactor, fd: client, listener: self)
+            self.connections[ObjectIdentifier(connection)] = connection
+            connection.start()
+        }
+    }
+
+    func connectionClosed(_ connection: EchoServerConnection) {
+        self.connections.removeValue(forKey: ObjectIdentifier(connection))
+    }
+
+    func goAway() {
+        self.stopListening()
+        for connection in self.connections.values { connection.goAway() }
+    }
+
+    private func stopListening() {
+        if let registration = self.registration {
+            self.reactor.deregister(registration, handler: self)
+            self.registration = nil
+        }
+        if self.fd >= 0 {
+            _ = cr_close(self.fd)
+            self.fd = -1
+        }
+    }
+
+    func shutdown() {
+        guard !self.closed else { return }
+        self.closed = true
+        self.stopListening()
+        self.reactor.removeShutdownHook(self)
+        for connection in Array(self.connections.values) { connection.close() }
+        self.connections.removeAll()
+    }
+
+    /// The reactor is stopping.
+    override func reactorRunSubmitted() {
+        self.shutdown()
+    }
+}
+
+extension SocketAddress {
+    func withSockAddrForListening(_ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) throws -> Int32 {
+        try self.withSockAddr { body($0, $1) }
+    }
+}

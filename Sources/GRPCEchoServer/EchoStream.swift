@@ -1,0 +1,177 @@
+import CNghttp2
+@_spi(Reactor) import GRPCConnectionManager
+
+/// One request stream on the echo server: collects the request, then answers (now or after `x-sleep-ms`).
+final class EchoStream: ReactorHandler, @unchecked Sendable {
+    unowned let connection: EchoServerConnection
+    let streamID: Int32
+    var path = ""
+    var metadata: [(String, String)] = []
+    var failCode: Int?
+    var failMessage = ""
+    var sleepMilliseconds = 0
+    var responseBytes: Int?
+    var requestBody: [UInt8] = []
+    var responseBody: [UInt8] = []
+    var responseOffset = 0
+    var responseTrailers: [(String, String)] = []
+    private var timer: Reactor.TimerID = 0
+    private var answered = false
+
+    init(connection: EchoServerConnection, streamID: Int32) {
+        self.connection = connection
+        self.streamID = streamID
+    }
+
+    /// Headers that are not echoed back.
+    private static let notEchoed: Set<String> = [
+        "te", "content-type", "user-agent", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
+        "x-fail-code", "x-fail-message", "x-sleep-ms", "x-response-bytes",
+    ]
+
+    func header(name: String, value: String) {
+        switch name {
+        case ":path": self.path = value
+        case "x-fail-code": self.failCode = Int(value) ?? 2
+        case "x-fail-message": self.failMessage = PercentEncoding.decode(value)  // lets tests send any Unicode
+        case "x-sleep-ms": self.sleepMilliseconds = max(0, Int(value) ?? 0)
+        case "x-response-bytes": self.responseBytes = max(0, Int(value) ?? 0)
+        default:
+            if !name.hasPrefix(":") && !Self.notEchoed.contains(name) { self.metadata.append((name, value)) }
+        }
+    }
+
+    func data(_ bytes: UnsafeRawBufferPointer) {
+        self.requestBody.append(contentsOf: bytes)
+    }
+
+    /// The client half-closed: answer now or after the requested sleep.
+    func requestComplete() {
+        if self.sleepMilliseconds > 0 {
+            self.timer = self.connection.reactor.scheduleTimer(
+                at: Reactor.clock() &+ UInt64(self.sleepMilliseconds) * 1_000_000, handler: self)
+        } else {
+            self.answer()
+        }
+    }
+
+    override func reactorTimerFired(tag: UInt64) {
+        self.timer = 0
+        self.answer()
+        self.connection.scheduleFlush()
+    }
+
+    func cancelTimer() {
+        if self.timer != 0 {
+            self.connection.reactor.cancelTimer(self.timer)
+            self.timer = 0
+        }
+    }
+
+    private func answer() {
+        guard !self.answered, self.connection.streams[self.streamID] === self else { return }
+        self.answered = true
+        let messages: [[UInt8]]
+        switch EchoMessages.split(self.requestBody, limit: self.connection.options.maxReceiveMessageSize) {
+        case .success(let parsed): messages = parsed
+        case .failure(let status):
+            self.trailersOnly(code: status.code.rawValue, message: status.message)
+            return
+        }
+        if let code = self.failCode, code != 0 {
+            self.trailersOnly(code: code, message: self.failMessage)
+            return
+        }
+        var body: [UInt8] = []
+        if self.path == "/grpc.health.v1.Health/Check" {
+            let service = HealthProto.decodeService(messages.first ?? [])
+            let options = self.connection.options
+            if service.isEmpty || options.healthyServices.contains(service) {
+                body = MessageFramer.frame(HealthProto.response(status: 1))
+            } else if options.notServingServices.contains(service) {
+                body = MessageFramer.frame(HealthProto.response(status: 2))
+            } else {
+                self.trailersOnly(code: 5, message: "unknown service \(service)")
+                return
+            }
+        } else if let count = self.responseBytes {
+            body = MessageFramer.frame([UInt8](repeating: 0x61, count: count))
+        } else {
+            if messages.isEmpty {
+                self.trailersOnly(code: 13, message: "echo: request had no message")
+                return
+            }
+            for message in messages { body.append(contentsOf: MessageFramer.frame(message)) }
+        }
+        var headers: [(String, String)] = [(":status", "200"), ("content-type", "application/grpc")]
+        headers.append(contentsOf: self.metadata)
+        self.connection.respond(self, headers: headers, body: body, trailers: [("grpc-status", "0")])
+    }
+
+    private func trailersOnly(code: Int, message: String) {
+        var headers: [(String, String)] = [
+            (":status", "200"), ("content-type", "application/grpc"), ("grpc-status", String(code)),
+        ]
+        if !message.isEmpty { headers.append(("grpc-message", PercentEncoding.encode(message))) }
+        self.connection.respondTrailersOnly(self, headers: headers)
+    }
+}
+
+/// Splits a request body into messages.
+enum EchoMessages {
+    static func split(_ body: [UInt8], limit: Int) -> Result<[[UInt8]], Status> {
+        var messages: [[UInt8]] = []
+        var index = 0
+        while index < body.count {
+            guard body.count - index >= 5 else {
+                return .failure(Status(code: .internal, message: "truncated message prefix"))
+            }
+            if body[index] != 0 {
+                return .failure(Status(code: .unimplemented, message: "compression is not supported"))
+            }
+            let length =
+                Int(body[index + 1]) << 24 | Int(body[index + 2]) << 16 | Int(body[index + 3]) << 8
+                | Int(body[index + 4])
+            if length > limit {
+                return .failure(
+                    Status(code: .resourceExhausted, message: "request message of \(length) bytes exceeds \(limit)"))
+            }
+            guard body.count - index - 5 >= length else {
+                return .failure(Status(code: .internal, message: "truncated message"))
+            }
+            messages.append(Array(body[(index + 5)..<(index + 5 + length)]))
+            index += 5 + length
+        }
+        return .success(messages)
+    }
+}
+
+/// The two grpc.health.v1 messages, hand-encoded (protobuf wire format, field 1 only).
+enum HealthProto {
+    /// HealthCheckRequest { string service = 1; }
+    static func decodeService(_ bytes: [UInt8]) -> String {
+        var index = 0
+        while index < bytes.count {
+            let key = bytes[index]
+            index += 1
+            guard key == 0x0A, index < bytes.count else { return "" }
+            var length = 0
+            var shift = 0
+            while index < bytes.count {
+                let byte = bytes[index]
+                index += 1
+                length |= Int(byte & 0x7F) << shift
+                shift += 7
+                if byte & 0x80 == 0 { break }
+            }
+            guard index + length <= bytes.count else { return "" }
+            return String(decoding: bytes[index..<(index + length)], as: UTF8.self)
+        }
+        return ""
+    }
+
+    /// HealthCheckResponse { ServingStatus status = 1; }
+    static func response(status: UInt8) -> [UInt8] {
+        [0x08, status]
+    }
+}

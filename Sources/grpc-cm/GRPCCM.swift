@@ -1,0 +1,69 @@
+import ArgumentParser
+import GRPCConnectionManager
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `grpc-cm`: calls, serves and probes gRPC with the connection manager. Flags follow grpcurl and
+/// grpc_health_probe.
+struct GRPCCM: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "grpc-cm",
+        abstract: "Make gRPC calls through grpc-connection-manager, or serve the embedded echo server.",
+        version: GRPCConnectionManagerVersion.string,
+        subcommands: [Call.self, Serve.self]
+    )
+}
+
+/// Exit codes: ArgumentParser's own usage code (64) would collide with grpcurl's 64 + status code, so parse errors
+/// are caught here and exit 2, like grpcurl's usage errors.
+@main
+enum Main {
+    static func main() async {
+        let command: any ParsableCommand
+        do {
+            command = try GRPCCM.parseAsRoot()
+        } catch {
+            let code = GRPCCM.exitCode(for: error)
+            let message = GRPCCM.fullMessage(for: error)
+            if code == .success {
+                print(message)
+                exit(0)
+            }
+            writeStderr(message + "\n")
+            exit(2)
+        }
+        do {
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                var syncCommand = command
+                try syncCommand.run()
+            }
+            exit(0)
+        } catch let exitCode as ExitCode {
+            exit(exitCode.rawValue)
+        } catch let error as ValidationError {
+            writeStderr("error: \(error.message)\n")
+            exit(2)
+        } catch {
+            writeStderr("error: \(error)\n")
+            exit(1)
+        }
+    }
+}
+
+func writeStderr(_ text: String) {
+    var bytes = Array(text.utf8)
+    _ = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress, $0.count) }
+}
+
+func writeStdout(_ bytes: [UInt8]) {
+    var offset = 0
+    while offset < bytes.count {
+        let n = bytes.withUnsafeBytes { write(1, $0.baseAddress! + offset, $0.count - offset) }
+        if n <= 0 { return }
+        offset += n
+    }
+}

@@ -1,0 +1,252 @@
+import ArgumentParser
+import GRPCConnectionManager
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `grpc-cm call`: unary calls with raw bytes, grpcurl-style flags and exit codes (64 + status code).
+struct Call: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Make a unary call with raw request bytes.",
+        discussion: """
+            Exit status: 0 on OK, 64 + the status code otherwise (grpcurl's convention), 2 for bad arguments.
+            With --repeat: 0 if every call was OK, else 64 + the last failure's code.
+            """
+    )
+
+    @Argument(help: "host:port, [v6]:port or unix:/path")
+    var target: String
+
+    @Argument(help: "/package.Service/Method")
+    var method: String
+
+    @Option(name: .customLong("data-file"), help: "Read the request bytes from this file ('-' = stdin).")
+    var dataFile: String?
+
+    @Option(name: .customLong("data-hex"), help: "The request bytes as hex.")
+    var dataHex: String?
+
+    @Option(help: "Write the response bytes to this file instead of stdout.")
+    var out: String?
+
+    @Flag(help: "Print the response as lowercase hex and a newline.")
+    var hex = false
+
+    @Option(name: .customShort("H"), help: "Request metadata 'name: value' (repeatable; -bin values in base64).")
+    var headers: [String] = []
+
+    @Option(name: .customLong("max-time"), help: "Deadline of each call in seconds (fractional).")
+    var maxTime: Double?
+
+    @Option(name: .customLong("connect-timeout"), help: "Bound on one connection attempt, in seconds.")
+    var connectTimeout: Double = 10
+
+    @Flag(help: "Use HTTP/2 without TLS (h2c).")
+    var plaintext = false
+
+    @Flag(name: .customShort("v"), help: "Print response headers and trailers to stderr.")
+    var verbose = false
+
+    @Option(help: "Make N calls through one client, printing one line per call.")
+    var `repeat`: Int?
+
+    @Option(help: "Seconds between the starts of repeated calls.")
+    var interval: Double = 0
+
+    func validate() throws {
+        if !self.plaintext {
+            throw ValidationError("TLS is not supported yet: pass --plaintext to use HTTP/2 without TLS")
+        }
+        if self.dataFile != nil && self.dataHex != nil {
+            throw ValidationError("use either --data-file or --data-hex, not both")
+        }
+        if let maxTime = self.maxTime, !(maxTime > 0) { throw ValidationError("--max-time must be > 0") }
+        if !(self.connectTimeout > 0) { throw ValidationError("--connect-timeout must be > 0") }
+        if let count = self.repeat, count < 1 { throw ValidationError("--repeat must be at least 1") }
+        if self.interval < 0 { throw ValidationError("--interval must be >= 0") }
+        if !self.method.hasPrefix("/") { throw ValidationError("METHOD must look like /package.Service/Method") }
+    }
+
+    func run() async throws {
+        let request = try self.readRequest()
+        let metadata = try self.parseHeaders()
+        var configuration = Configuration()
+        configuration.minConnectTimeout = .nanoseconds(Int64(self.connectTimeout * 1e9))
+        let channel: GRPCChannel
+        do {
+            channel = try GRPCChannel(target: self.target, configuration: configuration)
+        } catch {
+            throw ValidationError("\(error)")
+        }
+        var options = CallOptions()
+        if let maxTime = self.maxTime { options.timeout = .nanoseconds(Int64(maxTime * 1e9)) }
+
+        guard let count = self.repeat else {
+            let response = await channel.unary(path: self.method, request: request, metadata: metadata, options: options)
+            if self.verbose { Self.printVerbose(response) }
+            if response.status.isOK {
+                try self.writeResponse(response.message)
+                return
+            }
+            Self.printError(response.status)
+            throw ExitCode(Int32(64 + response.status.code.rawValue))
+        }
+
+        var lastFailure: StatusCode?
+        let start = monotonicNanos()
+        for index in 1...count {
+            let scheduled = start + UInt64(Double(index - 1) * self.interval * 1e9)
+            let now = monotonicNanos()
+            if scheduled > now { try? await Task.sleep(nanoseconds: scheduled - now) }
+            let began = monotonicNanos()
+            let response = await channel.unary(path: self.method, request: request, metadata: metadata, options: options)
+            let latency = Double(monotonicNanos() - began) / 1e6
+            let latencyText = formatMilliseconds(latency)
+            // Written straight to fd 1 so that each line is visible at once, even through a pipe.
+            if response.status.isOK {
+                writeStdout(Array("\(index) OK \(latencyText)\n".utf8))
+            } else {
+                lastFailure = response.status.code
+                writeStdout(Array("\(index) \(response.status.code.name) \(latencyText) \(response.status.message)\n".utf8))
+            }
+        }
+        if let code = lastFailure { throw ExitCode(Int32(64 + code.rawValue)) }
+    }
+
+    private func readRequest() throws -> [UInt8] {
+        if let hexText = self.dataHex {
+            guard let bytes = decodeHex(hexText) else { throw ValidationError("--data-hex is not valid hex") }
+            return bytes
+        }
+        guard let path = self.dataFile else { return [] }
+        let fd = path == "-" ? 0 : open(path, O_RDONLY)
+        guard fd >= 0 else { throw ValidationError("cannot read --data-file \(path): \(String(cString: strerror(errno)))") }
+        defer { if fd != 0 { close(fd) } }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 { throw ValidationError("cannot read --data-file \(path): \(String(cString: strerror(errno)))") }
+            if n == 0 { break }
+            bytes.append(contentsOf: chunk[0..<n])
+        }
+        return bytes
+    }
+
+    private func parseHeaders() throws -> Metadata {
+        var metadata = Metadata()
+        for header in self.headers {
+            guard let colon = header.firstIndex(of: ":") else {
+                throw ValidationError("-H '\(header)': expected 'name: value'")
+            }
+            let name = header[..<colon].trimmingSpaces().lowercased()
+            let value = header[header.index(after: colon)...].trimmingSpaces()
+            if name.hasSuffix("-bin") {
+                guard let bytes = decodeBase64(value) else {
+                    throw ValidationError("-H '\(header)': a -bin value must be base64")
+                }
+                metadata.add(name, binary: bytes)
+            } else {
+                metadata.add(name, value)
+            }
+        }
+        do {
+            try metadata.validate()
+        } catch {
+            throw ValidationError("\(error)")
+        }
+        return metadata
+    }
+
+    private func writeResponse(_ bytes: [UInt8]) throws {
+        let output = self.hex ? Array((encodeHex(bytes) + "\n").utf8) : bytes
+        if let path = self.out {
+            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            guard fd >= 0 else {
+                writeStderr("error: cannot write \(path): \(String(cString: strerror(errno)))\n")
+                throw ExitCode(1)
+            }
+            defer { close(fd) }
+            var offset = 0
+            while offset < output.count {
+                let n = output.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
+                if n <= 0 { throw ExitCode(1) }
+                offset += n
+            }
+        } else {
+            writeStdout(output)
+        }
+    }
+
+    static func printVerbose(_ response: UnaryResponse) {
+        var text = "\nResponse headers received:\n"
+        for entry in response.initialMetadata { text += "\(entry.name): \(entry.value)\n" }
+        text += "\nResponse trailers received:\n"
+        for entry in response.trailingMetadata { text += "\(entry.name): \(entry.value)\n" }
+        if response.trailingMetadata.isEmpty { text += "(empty)\n" }
+        writeStderr(text)
+    }
+
+    static func printError(_ status: Status) {
+        writeStderr("ERROR:\n  Code: \(status.code.name)\n  Message: \(status.message)\n")
+    }
+}
+
+extension Substring {
+    func trimmingSpaces() -> String {
+        String(self.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
+    }
+}
+
+func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+func formatMilliseconds(_ value: Double) -> String {
+    let thousandths = Int((value * 1000).rounded())
+    let whole = thousandths / 1000
+    let fraction = thousandths % 1000
+    let padded = String(fraction)
+    return "\(whole).\(String(repeating: "0", count: 3 - padded.count))\(padded)"
+}
+
+func decodeHex(_ text: String) -> [UInt8]? {
+    let digits = Array(text.utf8.filter { $0 != UInt8(ascii: " ") })
+    guard digits.count % 2 == 0 else { return nil }
+    var out: [UInt8] = []
+    out.reserveCapacity(digits.count / 2)
+    var index = 0
+    while index < digits.count {
+        guard let high = hexValue(digits[index]), let low = hexValue(digits[index + 1]) else { return nil }
+        out.append(high << 4 | low)
+        index += 2
+    }
+    return out
+}
+
+private func hexValue(_ byte: UInt8) -> UInt8? {
+    switch byte {
+    case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
+    case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
+    case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
+    default: return nil
+    }
+}
+
+func encodeHex(_ bytes: [UInt8]) -> String {
+    let digits = Array("0123456789abcdef".utf8)
+    var out: [UInt8] = []
+    out.reserveCapacity(bytes.count * 2)
+    for byte in bytes {
+        out.append(digits[Int(byte >> 4)])
+        out.append(digits[Int(byte & 0xF)])
+    }
+    return String(decoding: out, as: UTF8.self)
+}
+
+func decodeBase64(_ text: String) -> [UInt8]? {
+    Base64.decode(Array(text.utf8))
+}
