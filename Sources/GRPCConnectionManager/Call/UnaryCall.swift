@@ -25,7 +25,7 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
     let deadline: UInt64
     let maxReceiveMessageSize: Int
     private let completion: (UnaryResponse) -> Void
-    unowned(unsafe) let channel: ChannelCore
+    let channel: ChannelCore
 
     private(set) var state: State = .created
     var deadlineTimer: Reactor.TimerID = 0

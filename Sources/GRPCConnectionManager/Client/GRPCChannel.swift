@@ -82,6 +82,17 @@ public final class GRPCChannel: Sendable {
         }
     }
 
+    /// Dropping the last reference closes the connection on the reactor thread (so no fd outlives its channel),
+    /// and the reactor-side state is released there, never under the reactor's feet.
+    deinit {
+        let core = self.core
+        if self.reactor.inReactorThread {
+            core.close()
+        } else {
+            self.reactor.execute { core.close() }
+        }
+    }
+
     /// Closes the connection: open calls end with UNAVAILABLE, later calls fail at once.
     public func close() {
         let core = self.core
@@ -178,6 +189,10 @@ final class ChannelCore: ReactorHandler, HTTP2ClientConnectionDelegate, @uncheck
         }
         if self.closed {
             call.finish(UnaryResponse(status: Status(code: .unavailable, message: "the channel is closed")))
+            return
+        }
+        if self.reactor.isStopping {
+            call.finish(UnaryResponse(status: Status(code: .unavailable, message: "the event loop is shutting down")))
             return
         }
         if call.deadline != 0 && call.deadlineTimer == 0 && !call.isFinished {

@@ -55,6 +55,7 @@ package final class Reactor: @unchecked Sendable {
     }
 
     // Reactor-thread state.
+    /// nil once the loop has stopped and closed its fds; read off-thread only under the inbox lock.
     private var loop: OpaquePointer!
     private var flushList: [ReactorHandler] = []
     private var flushing: [ReactorHandler] = []
@@ -145,7 +146,9 @@ package final class Reactor: @unchecked Sendable {
             self.markFinished()
             return
         }
-        cr_loop_wake(self.loop)
+        self.inbox.withLock { _ in
+            if let loop = self.loop { cr_loop_wake(loop) }
+        }
     }
 
     /// Stops the loop and waits until it has closed everything. Must not be called on the reactor thread.
@@ -182,7 +185,13 @@ package final class Reactor: @unchecked Sendable {
         while let target = cr_timer_pop_any(self.loop) {
             Unmanaged<ReactorHandler>.fromOpaque(target).release()
         }
-        self.life.store(LifeState.stopped.rawValue, ordering: .releasing)
+        // Close the epoll fd and the eventfd now, so that every fd is closed when stopAndWait() returns.
+        self.inbox.withLock { inbox in
+            self.life.store(LifeState.stopped.rawValue, ordering: .releasing)
+            cr_loop_destroy(self.loop)
+            self.loop = nil
+            inbox.removeAll()
+        }
         self.markFinished()
     }
 
@@ -207,13 +216,15 @@ package final class Reactor: @unchecked Sendable {
     /// - Returns: false when the reactor has stopped and the handler will never run.
     @discardableResult
     package func submit(_ handler: ReactorHandler) -> Bool {
-        let accepted = self.inbox.withLock { inbox -> Bool in
-            if self.life.load(ordering: .acquiring) == LifeState.stopped.rawValue { return false }
+        // The wake-up happens under the inbox lock so that it can never race with the loop being destroyed.
+        self.inbox.withLock { inbox -> Bool in
+            guard let loop = self.loop, self.life.load(ordering: .acquiring) != LifeState.stopped.rawValue else {
+                return false
+            }
             inbox.append(handler)
+            cr_loop_wake(loop)
             return true
         }
-        if accepted { cr_loop_wake(self.loop) }
-        return accepted
     }
 
     /// Runs `body` on the reactor thread. Safe from any thread.

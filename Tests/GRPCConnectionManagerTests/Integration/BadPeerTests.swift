@@ -1,0 +1,163 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import GRPCConnectionManager
+
+/// A scripted TCP peer on loopback that misbehaves in one chosen way (blocking sockets on its own thread).
+final class BadPeer: Sendable {
+    enum Behaviour: Sendable {
+        /// Answers whatever arrives with an HTTP/1.1 response.
+        case http1
+        /// Accepts and never sends a byte.
+        case silent
+        /// Speaks just enough HTTP/2 (SETTINGS) and closes once the request arrives, mid-response.
+        case closeMidResponse
+    }
+
+    let port: Int
+    private let listenFD: Int32
+    private let stopped = Atomic<Bool>(false)
+    private let clients = Mutex<[Int32]>([])
+
+    init(_ behaviour: Behaviour) throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard bound == 0, listen(fd, 16) == 0 else { throw ReactorError(operation: "bad peer listen", errno: errno) }
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = getsockname(fd, $0, &length) }
+        }
+        self.port = Int(UInt16(bigEndian: address.sin_port))
+        self.listenFD = fd
+        let this = self
+        Thread.detachNewThread { this.serve(behaviour) }
+    }
+
+    private func serve(_ behaviour: Behaviour) {
+        while !self.stopped.load(ordering: .acquiring) {
+            let client = accept(self.listenFD, nil, nil)
+            if client < 0 { return }
+            self.clients.withLock { $0.append(client) }
+            let this = self
+            Thread.detachNewThread { this.handle(client, behaviour) }
+        }
+    }
+
+    private func handle(_ fd: Int32, _ behaviour: Behaviour) {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        switch behaviour {
+        case .silent:
+            while buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, 4096) }) > 0 {}
+        case .http1:
+            _ = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, 4096) }
+            let reply = Array("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".utf8)
+            _ = reply.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            shutdown(fd, Int32(SHUT_RDWR))
+        case .closeMidResponse:
+            // Empty SETTINGS, then wait for the request (preface + HEADERS + DATA), send half a HEADERS frame, close.
+            let settings: [UInt8] = [0, 0, 0, 4, 0, 0, 0, 0, 0]
+            _ = settings.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            // Read until the client has been quiet for 300 ms: preface, SETTINGS, HEADERS and DATA are in.
+            var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            while poll(&descriptor, 1, 300) > 0 {
+                if buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, 4096) }) <= 0 { break }
+            }
+            // HEADERS (stream 1, END_HEADERS, ":status: 200" as HPACK index 8), then a DATA frame announcing
+            // 100 bytes of which only 10 arrive before the close.
+            var partial: [UInt8] = [0, 0, 1, 1, 4, 0, 0, 0, 1, 0x88]
+            partial += [0, 0, 100, 0, 0, 0, 0, 0, 1] + [UInt8](repeating: 0, count: 10)
+            _ = partial.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            shutdown(fd, Int32(SHUT_RDWR))
+        }
+    }
+
+    func stop() {
+        self.stopped.store(true, ordering: .releasing)
+        shutdown(self.listenFD, Int32(SHUT_RDWR))
+        close(self.listenFD)
+        for fd in self.clients.withLock({ $0 }) {
+            shutdown(fd, Int32(SHUT_RDWR))
+            close(fd)
+        }
+    }
+}
+
+@Suite("Bad peers", .serialized)
+struct BadPeerTests {
+    @Test("connection refused fails fast with UNAVAILABLE")
+    func connectionRefused() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let peer = try BadPeer(.silent)
+        let port = peer.port
+        peer.stop()
+        let channel = try GRPCChannel(target: "127.0.0.1:\(port)", eventLoop: loop)
+        let started = now()
+        let response = await channel.call(timeout: .seconds(5))
+        #expect(response.status.code == .unavailable)
+        #expect(response.status.message.contains("refused"))
+        #expect(now() - started < 1)
+    }
+
+    @Test("an HTTP/1.1 server gives UNAVAILABLE saying so")
+    func http1Server() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let peer = try BadPeer(.http1)
+        defer { peer.stop() }
+        let channel = try GRPCChannel(target: "127.0.0.1:\(peer.port)", eventLoop: loop)
+        let response = await channel.call(timeout: .seconds(5))
+        #expect(response.status.code == .unavailable)
+        #expect(response.status.message.contains("HTTP/1"))
+    }
+
+    @Test("a server that accepts and never answers: the deadline fires; without one the connect timeout does")
+    func silentServer() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let peer = try BadPeer(.silent)
+        defer { peer.stop() }
+        var configuration = Configuration()
+        configuration.minConnectTimeout = .milliseconds(500)
+        let ledger = CompletionLedger()
+        let channel = try GRPCChannel(target: "127.0.0.1:\(peer.port)", configuration: configuration, eventLoop: loop)
+        var started = now()
+        let withDeadline = await channel.call(timeout: .milliseconds(200), ledger: ledger, id: 1)
+        #expect(withDeadline.status.code == .deadlineExceeded)
+        #expect(now() - started < 1)
+        started = now()
+        let withoutDeadline = await channel.call(ledger: ledger, id: 2)
+        #expect(withoutDeadline.status.code == .unavailable)
+        #expect(withoutDeadline.status.message.contains("timed out"))
+        #expect(now() - started < 2)
+        #expect(ledger.duplicates == 0)
+    }
+
+    @Test("a server that closes mid-response gives UNAVAILABLE, once")
+    func closesMidResponse() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        let peer = try BadPeer(.closeMidResponse)
+        defer { peer.stop() }
+        let ledger = CompletionLedger()
+        let channel = try GRPCChannel(target: "127.0.0.1:\(peer.port)", eventLoop: loop)
+        let response = await channel.call([1, 2, 3], timeout: .seconds(5), ledger: ledger, id: 1)
+        #expect(response.status.code == .unavailable)
+        #expect(response.status.message.contains("closed"))
+        loop.shutdown()
+        #expect(ledger.duplicates == 0)
+        #expect(ledger.completed == 1)
+    }
+}

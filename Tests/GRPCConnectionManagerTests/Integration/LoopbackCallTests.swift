@@ -1,0 +1,208 @@
+import Foundation
+import GRPCEchoServer
+import Synchronization
+import Testing
+
+@testable import GRPCConnectionManager
+
+/// Unary calls over loopback against the embedded echo server.
+@Suite("Loopback calls against the embedded server", .serialized)
+struct LoopbackCallTests {
+    @Test("payloads of 0 B, 1 B, 64 KiB, 1 MiB and 4 MiB - 5 B echo back intact")
+    func payloadsRoundTrip() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        for size in [0, 1, 64 << 10, 1 << 20, (4 << 20) - 5] {
+            let request = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+            let response = await channel.call("/echo.Echo/Get", request, timeout: .seconds(20))
+            #expect(response.status == .ok, "size \(size)")
+            #expect(response.message == request, "size \(size)")
+        }
+    }
+
+    @Test("every status code 1...16 comes back with its unicode message", arguments: 1...16)
+    func statusCodesRoundTrip(code: Int) async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        let message = "échec № \(code) — 失敗 🙂 100%"
+        var metadata = Metadata()
+        metadata.add("x-fail-code", String(code))
+        metadata.add("x-fail-message", PercentEncoding.encode(message))
+        let response = await channel.call(metadata: metadata, timeout: .seconds(5))
+        #expect(response.status.code.rawValue == code)
+        #expect(response.status.message == message)
+        #expect(response.message.isEmpty)
+    }
+
+    @Test("a 2 s server sleep with a 0.2 s deadline ends DEADLINE_EXCEEDED well under 1 s")
+    func deadlineFires() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        let warm = await channel.call(timeout: .seconds(5))
+        #expect(warm.status == .ok)
+        let started = now()
+        let response = await channel.call(metadata: ["x-sleep-ms": "2000"], timeout: .milliseconds(200))
+        let elapsed = now() - started
+        #expect(response.status.code == .deadlineExceeded)
+        #expect(elapsed >= 0.19)
+        #expect(elapsed < 1.0)
+        // The connection survives the reset stream.
+        #expect(await channel.call([5], timeout: .seconds(5)).message == [5])
+    }
+
+    @Test("1,000 concurrent calls over a server limit of 100 streams all complete, exactly once")
+    func thousandConcurrentCalls() async throws {
+        var options = EchoServer.Options()
+        options.maxConcurrentStreams = 100
+        let fixture = try LoopbackFixture(options: options)
+        let channel = try fixture.channel()
+        let ledger = CompletionLedger()
+        let results = await withTaskGroup(of: (Int, UnaryResponse).self) { group in
+            for index in 0..<1_000 {
+                group.addTask {
+                    let payload = Array(String(index).utf8)
+                    return (index, await channel.call(payload, timeout: .seconds(30), ledger: ledger, id: index))
+                }
+            }
+            var collected: [(Int, UnaryResponse)] = []
+            for await result in group { collected.append(result) }
+            return collected
+        }
+        #expect(results.count == 1_000)
+        for (index, response) in results {
+            #expect(response.status == .ok)
+            #expect(response.message == Array(String(index).utf8))
+        }
+        fixture.shutdown()
+        #expect(ledger.completed == 1_000)
+        #expect(ledger.duplicates == 0)
+    }
+
+    @Test("cancelling from another thread ends the call CANCELLED, once; the connection lives on")
+    func cancellation() async throws {
+        let fixture = try LoopbackFixture()
+        let channel = try fixture.channel()
+        let ledger = CompletionLedger()
+        let started = now()
+        let response = await withCheckedContinuation { (continuation: CheckedContinuation<UnaryResponse, Never>) in
+            let handle = channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "5000"]) {
+                ledger.record(1)
+                continuation.resume(returning: $0)
+            }
+            Thread.detachNewThread {
+                usleep(100_000)
+                handle.cancel()
+                handle.cancel()
+            }
+        }
+        #expect(response.status.code == .cancelled)
+        #expect(now() - started < 2)
+        #expect(await channel.call([2], timeout: .seconds(5)).message == [2])
+        fixture.shutdown()
+        #expect(ledger.duplicates == 0)
+    }
+
+    @Test("cancelling the awaiting task cancels the call")
+    func taskCancellation() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        let task = Task {
+            await channel.unary(path: "/echo.Echo/Get", request: [], metadata: ["x-sleep-ms": "5000"])
+        }
+        try await Task.sleep(nanoseconds: 100_000_000)
+        task.cancel()
+        let response = await task.value
+        #expect(response.status.code == .cancelled)
+    }
+
+    @Test("a response over the receive limit is RESOURCE_EXHAUSTED and the connection is kept")
+    func oversizedResponse() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.maxMessageSize = 1000
+        let channel = try fixture.channel(configuration)
+        let response = await channel.call(metadata: ["x-response-bytes": "1001"], timeout: .seconds(5))
+        #expect(response.status.code == .resourceExhausted)
+        #expect(response.status.message.contains("1001"))
+        let ok = await channel.call(metadata: ["x-response-bytes": "1000"], timeout: .seconds(5))
+        #expect(ok.status == .ok)
+        #expect(ok.message.count == 1000)
+    }
+
+    @Test("bad requests fail before anything is sent")
+    func invalidRequests() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.maxMessageSize = 10
+        let channel = try fixture.channel(configuration)
+        var injected = Metadata()
+        injected.add("x-key", "a\r\nx-evil: 1")
+        #expect(await channel.call(metadata: injected).status.code == .invalidArgument)
+        #expect(await channel.call("no-slash").status.code == .invalidArgument)
+        #expect(await channel.call(Array(repeating: 0, count: 11)).status.code == .resourceExhausted)
+        #expect(await channel.call([1]).status == .ok)
+    }
+
+    @Test("metadata, including -bin, is sent and echoed back")
+    func metadataRoundTrip() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        var metadata = Metadata()
+        metadata.add("x-text", "hello world")
+        metadata.add("x-data-bin", binary: [0, 1, 2, 0xFF, 0x0A])
+        let response = await channel.call(metadata: metadata, timeout: .seconds(5))
+        #expect(response.status == .ok)
+        #expect(response.initialMetadata["x-text"] == "hello world")
+        #expect(response.initialMetadata.values(for: "x-data-bin") == [.binary([0, 1, 2, 0xFF, 0x0A])])
+    }
+
+    @Test("health check answers SERVING for the empty service")
+    func healthCheck() async throws {
+        let fixture = try LoopbackFixture()
+        let channel = try fixture.channel()
+        let response = await channel.call("/grpc.health.v1.Health/Check", [], timeout: .seconds(5))
+        #expect(response.status == .ok)
+        #expect(response.message == [0x08, 0x01])
+        let unknown = await channel.call("/grpc.health.v1.Health/Check", [0x0A, 0x01, 0x78], timeout: .seconds(5))
+        #expect(unknown.status.code == .notFound)
+        fixture.shutdown()
+    }
+
+    @Test("IPv6 and Unix-domain targets work")
+    func ipv6AndUnix() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let path = "/tmp/grpc-cm-test-\(getpid()).sock"
+        let unixServer = try EchoServer(host: "unix:\(path)", eventLoop: loop)
+        defer { unixServer.close() }
+        let unixChannel = try GRPCChannel(target: "unix:\(path)", eventLoop: loop)
+        #expect(await unixChannel.call([7], timeout: .seconds(5)).message == [7])
+        if let v6Server = try? EchoServer(host: "::1", eventLoop: loop) {
+            defer { v6Server.close() }
+            let v6Channel = try GRPCChannel(target: "[::1]:\(v6Server.port)", eventLoop: loop)
+            #expect(await v6Channel.call([6], timeout: .seconds(5)).message == [6])
+        }
+        let named = try GRPCChannel(target: "localhost:\(unixServer.port == 0 ? 1 : unixServer.port)", eventLoop: loop)
+        _ = named
+    }
+
+    @Test("shutting the loop down closes every fd it opened")
+    func shutdownClosesEverything() async throws {
+        let before = openFDCount()
+        do {
+            let fixture = try LoopbackFixture()
+            let channel = try fixture.channel()
+            for _ in 0..<3 { #expect(await channel.call([1], timeout: .seconds(5)).status == .ok) }
+            fixture.shutdown()
+        }
+        #expect(openFDCount() == before)
+    }
+}

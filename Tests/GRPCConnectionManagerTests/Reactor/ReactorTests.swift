@@ -1,0 +1,162 @@
+import Foundation
+import Synchronization
+import Testing
+
+@_spi(Reactor) @testable import GRPCConnectionManager
+
+/// Runs `body` on the reactor thread and returns its result.
+func onReactor<T: Sendable>(_ reactor: Reactor, _ body: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { continuation in
+        let accepted = reactor.execute { continuation.resume(returning: body()) }
+        precondition(accepted, "reactor stopped")
+    }
+}
+
+/// State that only the reactor thread touches.
+final class ReactorBox<Value>: @unchecked Sendable {
+    // `@unchecked`: read and written on the reactor thread only (tests read it through onReactor).
+    var value: Value
+    init(_ value: Value) { self.value = value }
+}
+
+@Suite("Reactor")
+struct ReactorTests {
+    @Test("timers fire in deadline order, ties in insertion order, and cancelled ones never fire")
+    func timersFireInOrderAndCancel() async throws {
+        let reactor = try Reactor()
+        reactor.start()
+        defer { reactor.stopAndWait() }
+        let fired = ReactorBox<[(UInt64, Int)]>([])
+        let expected = ReactorBox<Int>(0)
+        let count = 2_000
+        await onReactor(reactor) {
+            let base = Reactor.clock() + 5_000_000
+            var ids: [Reactor.TimerID] = []
+            for index in 0..<count {
+                let deadline = base + UInt64((index * 7919) % 97) * 100_000
+                ids.append(
+                    reactor.scheduleTimer(
+                        at: deadline, handler: ClosureTimer { fired.value.append((deadline, index)) }))
+            }
+            for index in stride(from: 0, to: count, by: 3) { #expect(reactor.cancelTimer(ids[index])) }
+            #expect(!reactor.cancelTimer(ids[0]), "a cancelled timer cannot be cancelled twice")
+            expected.value = count - (count + 2) / 3
+        }
+        while await onReactor(reactor, { fired.value.count }) < expected.value {
+            try await Task.sleep(nanoseconds: 5_000_000)
+        }
+        let result = await onReactor(reactor) { fired.value }
+        #expect(result.count == expected.value)
+        #expect(result.allSatisfy { $0.1 % 3 != 0 })
+        for (a, b) in zip(result, result.dropFirst()) {
+            #expect(a.0 < b.0 || (a.0 == b.0 && a.1 < b.1), "out of order: \(a) then \(b)")
+        }
+        #expect(await onReactor(reactor) { reactor.timerCount } == 0)
+    }
+
+    @Test("100,000 timers: add, cancel half, the other half fire")
+    func hundredThousandTimers() async throws {
+        let reactor = try Reactor()
+        reactor.start()
+        defer { reactor.stopAndWait() }
+        let fired = ReactorBox<Int>(0)
+        let count = 100_000
+        await onReactor(reactor) {
+            let base = Reactor.clock() + 20_000_000
+            var ids: [Reactor.TimerID] = []
+            ids.reserveCapacity(count)
+            let handler = ClosureTimer { fired.value += 1 }
+            for index in 0..<count {
+                ids.append(reactor.scheduleTimer(at: base + UInt64(index % 1000) * 10_000, handler: handler))
+            }
+            #expect(reactor.timerCount == count)
+            for index in stride(from: 1, to: count, by: 2) { reactor.cancelTimer(ids[index]) }
+            #expect(reactor.timerCount == count / 2)
+        }
+        while await onReactor(reactor, { fired.value }) < count / 2 {
+            try await Task.sleep(nanoseconds: 10_000_000)
+        }
+        #expect(await onReactor(reactor) { fired.value } == count / 2)
+        #expect(await onReactor(reactor) { reactor.timerCount } == 0)
+    }
+
+    @Test("2 threads x 100,000 submissions: none lost, none run twice, each thread's in order")
+    func crossThreadSubmission() async throws {
+        let reactor = try Reactor()
+        reactor.start()
+        defer { reactor.stopAndWait() }
+        let perThread = 100_000
+        let seen = ReactorBox<[[Int]]>([[], []])
+        let done = Atomic<Int>(0)
+        for thread in 0..<2 {
+            Thread.detachNewThread {
+                for index in 0..<perThread {
+                    reactor.execute { seen.value[thread].append(index) }
+                }
+                done.add(1, ordering: .releasing)
+            }
+        }
+        while done.load(ordering: .acquiring) < 2 { try await Task.sleep(nanoseconds: 5_000_000) }
+        let result = await onReactor(reactor) { seen.value }
+        for thread in 0..<2 {
+            #expect(result[thread].count == perThread)
+            #expect(result[thread] == Array(0..<perThread))
+        }
+    }
+
+    @Test("a readable fd is reported to its handler")
+    func fdReadiness() async throws {
+        final class Reader: ReactorHandler, @unchecked Sendable {
+            var events: [UInt32] = []
+            var bytes: [UInt8] = []
+            let fd: Int32
+            init(fd: Int32) { self.fd = fd }
+            override func reactorFDReady(_ events: UInt32) {
+                self.events.append(events)
+                var buffer = [UInt8](repeating: 0, count: 16)
+                let n = buffer.withUnsafeMutableBytes { read(self.fd, $0.baseAddress, 16) }
+                if n > 0 { self.bytes.append(contentsOf: buffer[0..<n]) }
+            }
+        }
+        let reactor = try Reactor()
+        reactor.start()
+        defer { reactor.stopAndWait() }
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
+        defer {
+            close(fds[0])
+            close(fds[1])
+        }
+        let reader = Reader(fd: fds[0])
+        let registration = await onReactor(reactor) {
+            try! reactor.register(fd: reader.fd, interest: Reactor.Events.read, handler: reader)
+        }
+        #expect(await onReactor(reactor) { reader.events.isEmpty })
+        let payload: [UInt8] = [1, 2, 3]
+        #expect(payload.withUnsafeBytes { write(fds[1], $0.baseAddress, 3) } == 3)
+        while await onReactor(reactor, { reader.bytes.count }) < 3 { try await Task.sleep(nanoseconds: 1_000_000) }
+        #expect(await onReactor(reactor) { reader.bytes } == payload)
+        #expect(await onReactor(reactor) { reader.events.allSatisfy { $0 & Reactor.Events.read != 0 } })
+        await onReactor(reactor) { reactor.deregister(registration, handler: reader) }
+        #expect(await onReactor(reactor) { reactor.registrationCount } == 0)
+    }
+
+    @Test("a loop run on the caller's thread stops when asked")
+    func runsOnCallersThread() async throws {
+        let reactor = try Reactor()
+        let ran = Atomic<Bool>(false)
+        let finished = Atomic<Bool>(false)
+        Thread.detachNewThread {
+            reactor.run()
+            finished.store(true, ordering: .releasing)
+        }
+        while !reactor.execute({ ran.store(true, ordering: .releasing) }) {
+            try await Task.sleep(nanoseconds: 1_000_000)
+        }
+        while !ran.load(ordering: .acquiring) { try await Task.sleep(nanoseconds: 1_000_000) }
+        reactor.stopAndWait()
+        #expect(finished.load(ordering: .acquiring) || reactor.isStopping)
+        #expect(!reactor.execute {}, "a stopped reactor refuses work")
+    }
+}

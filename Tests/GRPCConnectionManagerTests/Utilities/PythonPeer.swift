@@ -1,0 +1,99 @@
+import Foundation
+
+/// The reference implementation as an independent peer: a grpcio server with a generic handler, written and started
+/// by the tests. It echoes the request, honours `x-fail-code`/`x-fail-message` and `x-sleep-ms` like our server,
+/// echoes custom metadata (including `-bin`) as initial metadata, and serves grpc.health.v1 (grpcio-health-checking).
+final class PythonPeer: @unchecked Sendable {
+    // `@unchecked`: `process` is set once in init and only read afterwards.
+    let port: Int
+    private let process: Process
+
+    static let script = #"""
+        import sys, time, urllib.parse
+        from concurrent import futures
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+        def echo(request, context):
+            md = list(context.invocation_metadata())
+            values = dict(md)
+            sleep_ms = int(values.get("x-sleep-ms", "0"))
+            if sleep_ms:
+                time.sleep(sleep_ms / 1000.0)
+            echoed = [(k, v) for (k, v) in md
+                      if not k.startswith(("x-fail", "x-sleep", ":", "grpc-")) and k not in ("user-agent", "te", "content-type")]
+            context.send_initial_metadata(echoed)
+            code = int(values.get("x-fail-code", "0"))
+            if code:
+                message = urllib.parse.unquote(values.get("x-fail-message", ""))
+                context.abort(CODES[code], message)
+            return request
+
+        class Generic(grpc.GenericRpcHandler):
+            def service(self, details):
+                if details.method.startswith("/grpc.health.v1."):
+                    return None
+                return grpc.unary_unary_rpc_method_handler(echo)
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+        health_servicer = health.HealthServicer()
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set("sleepy", health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        server.add_generic_rpc_handlers((Generic(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        print(port, flush=True)
+        sys.stdin.read()
+        server.stop(0)
+        """#
+
+    /// Starts the server; throws if python3 or grpcio is missing (`make test` installs them).
+    init() throws {
+        let scriptURL = FileManager.default.temporaryDirectory.appendingPathComponent("grpc-cm-peer-\(getpid()).py")
+        try Self.script.write(to: scriptURL, atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", scriptURL.path]
+        let output = Pipe()
+        let input = Pipe()
+        process.standardOutput = output
+        process.standardInput = input
+        try process.run()
+        self.process = process
+        // The first line is the port.
+        var line: [UInt8] = []
+        let handle = output.fileHandleForReading
+        while true {
+            let byte = handle.readData(ofLength: 1)
+            if byte.isEmpty || byte.first == UInt8(ascii: "\n") { break }
+            line.append(contentsOf: byte)
+        }
+        guard let port = Int(String(decoding: line, as: UTF8.self)) else {
+            process.terminate()
+            throw PeerError.didNotStart
+        }
+        self.port = port
+        // Keep stdin open until stop(): the script exits when it closes.
+        self.stdin = input
+    }
+
+    private var stdin: Pipe?
+
+    enum PeerError: Error {
+        case didNotStart
+    }
+
+    var target: String { "127.0.0.1:\(self.port)" }
+
+    /// Closes the script's stdin (it stops the server and exits), then makes sure the process is gone.
+    func stop() {
+        try? self.stdin?.fileHandleForWriting.close()
+        let pid = self.process.processIdentifier
+        for _ in 0..<200 where self.process.isRunning { usleep(10_000) }
+        if self.process.isRunning { kill(pid, SIGKILL) }
+        self.process.waitUntilExit()
+    }
+}

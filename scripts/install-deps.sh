@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the build and the tests need, only when it is missing:
+#   Debian: libnghttp2-dev libssl-dev pkg-config (HTTP/2 and TLS, linked as system libraries)
+#   PyPI:   grpcio grpcio-health-checking (the reference gRPC implementation the tests run as a peer)
+set -euo pipefail
+
+missing=()
+for pkg in libnghttp2-dev libssl-dev pkg-config; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install-deps: apt-get install ${missing[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import grpc, grpc_health.v1.health' >/dev/null 2>&1; then
+    echo "install-deps: pip install grpcio grpcio-health-checking"
+    python3 -m pip install -q grpcio grpcio-health-checking 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages grpcio grpcio-health-checking
+fi
