@@ -100,7 +100,8 @@ public final class EchoServer: Sendable {
         if let loop = listener.ownsLoop { loop.shutdown() }
     }
 
-    /// Sends GOAWAY to every client and stops accepting; connections close once their streams finish.
+    /// Sends GOAWAY to every connected client; each connection closes once its open streams finish. The server
+    /// keeps accepting new connections (as a server that recycles connections does).
     public func goAway() {
         let listener = self.listener
         self.reactor.execute { listener.goAway() }
@@ -146,7 +147,6 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     }
 
     func goAway() {
-        self.stopListening()
         for connection in self.connections.values { connection.goAway() }
     }
 

@@ -194,6 +194,35 @@ struct LoopbackCallTests {
         _ = named
     }
 
+    @Test("after a GOAWAY, in-flight calls finish and new calls go to a new connection")
+    func goAwayDrains() async throws {
+        let fixture = try LoopbackFixture()
+        let channel = try fixture.channel()
+        let ledger = CompletionLedger()
+        #expect(await channel.call([0], timeout: .seconds(5)).status == .ok)
+        let results = await withTaskGroup(of: UnaryResponse.self) { group in
+            for index in 1...20 {
+                group.addTask {
+                    await channel.call(
+                        [UInt8(index)], metadata: ["x-sleep-ms": "300"], timeout: .seconds(5), ledger: ledger, id: index)
+                }
+            }
+            try? await Task.sleep(nanoseconds: 100_000_000)
+            fixture.server.goAway()
+            var collected: [UnaryResponse] = []
+            for await response in group { collected.append(response) }
+            return collected
+        }
+        #expect(results.count == 20)
+        #expect(results.allSatisfy { $0.status == .ok })
+        let after = await channel.call([42], timeout: .seconds(5), ledger: ledger, id: 100)
+        #expect(after.status == .ok)
+        #expect(after.message == [42])
+        fixture.shutdown()
+        #expect(ledger.duplicates == 0)
+        #expect(ledger.completed == 21)
+    }
+
     @Test("shutting the loop down closes every fd it opened")
     func shutdownClosesEverything() async throws {
         let before = openFDCount()
