@@ -139,7 +139,7 @@ public struct CallHandle: Sendable {
 
 /// Hands the handle of an async call to its cancellation handler, whichever comes first.
 final class CancellationBox: Sendable {
-    private let state = Mutex<(handle: CallHandle?, cancelled: Bool)>((nil, false))
+    private let state = PThreadLock<(handle: CallHandle?, cancelled: Bool)>((nil, false))
 
     func set(_ handle: CallHandle) {
         let cancelled = self.state.withLock { state -> Bool in

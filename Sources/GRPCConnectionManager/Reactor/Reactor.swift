@@ -34,12 +34,12 @@ open class ReactorHandler: @unchecked Sendable {
 /// The event loop: one thread, one epoll instance (see `reactor.c`).
 ///
 /// All socket I/O, timers and call state run on the reactor thread. Other threads reach it only through
-/// `execute(_:)`/`submit(_:)`, which append to a `Mutex`-protected inbox and wake the loop through its eventfd.
+/// `execute(_:)`/`submit(_:)`, which append to a lock-protected inbox and wake the loop through its eventfd.
 ///
 /// The reactor runs either on a thread it creates (`start()`) or on the caller's thread (`run()`, for embedding).
 ///
 /// `@unchecked Sendable`: the loop pointer, the registration and flush lists are touched only on the reactor thread;
-/// the inbox is behind a `Mutex`; `cr_loop_wake` is thread-safe.
+/// the inbox is behind a pthread mutex; `cr_loop_wake` is thread-safe.
 package final class Reactor: @unchecked Sendable {
     /// Readiness bits, as in `CReactor.h`.
     package enum Events {
@@ -67,10 +67,10 @@ package final class Reactor: @unchecked Sendable {
     package let readBuffer: UnsafeMutableBufferPointer<UInt8> = .allocate(capacity: 64 << 10)
 
     // Cross-thread state.
-    private let inbox = Mutex<[ReactorHandler]>([])
+    private let inbox = PThreadLock<[ReactorHandler]>([])
     private let life = Atomic<UInt8>(LifeState.created.rawValue)
     private let reactorThread = Atomic<UInt>(0)
-    private let finished = Mutex<Bool>(false)
+    private let finished = PThreadLock<Bool>(false)
 
     /// Creates the epoll instance and the eventfd.
     /// - Throws: `ReactorError` if the kernel refuses either.

@@ -18,7 +18,7 @@ final class BadPeer: Sendable {
     let port: Int
     private let listenFD: Int32
     private let stopped = Atomic<Bool>(false)
-    private let clients = Mutex<[Int32]>([])
+    private let clients = PThreadLock<[Int32]>([])
 
     init(_ behaviour: Behaviour) throws {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)

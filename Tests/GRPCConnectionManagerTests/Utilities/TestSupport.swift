@@ -7,7 +7,7 @@ import Testing
 
 /// Records completions and flags any call that completes more than once.
 final class CompletionLedger: Sendable {
-    private let state = Mutex<(counts: [Int: Int], duplicates: Int)>(([:], 0))
+    private let state = PThreadLock<(counts: [Int: Int], duplicates: Int)>(([:], 0))
 
     func record(_ id: Int) {
         self.state.withLock { state in
