@@ -1,0 +1,183 @@
+import Testing
+
+@testable import GRPCConnectionManager
+
+/// Every state x every input, driven through the pure machine: no sockets, no clock.
+@Suite("ConnectionStateMachine")
+struct ConnectionStateMachineTests {
+    static let backoff = Backoff.Configuration(
+        base: .milliseconds(100), multiplier: 1.6, jitter: 0.2, maximum: .seconds(3))
+    static let failure = Status(code: .unavailable, message: "refused")
+
+    enum Input: String, CaseIterable, CustomStringConvertible {
+        case connectRequested, connectSucceeded, connectFailed, connectionLost, backoffElapsedWaiting,
+            backoffElapsedNotWaiting, goAwayReceived, idleTimeoutElapsed, shutdownRequested
+        var description: String { self.rawValue }
+    }
+
+    /// Reaches `target` through the machine's own inputs.
+    static func makeStateMachine(in target: ConnectivityState) -> ConnectionStateMachine {
+        var machine = ConnectionStateMachine(backoff: Self.backoff)
+        switch target {
+        case .idle: break
+        case .connecting: _ = machine.connectRequested()
+        case .ready:
+            _ = machine.connectRequested()
+            _ = machine.connectSucceeded()
+        case .transientFailure:
+            _ = machine.connectRequested()
+            _ = machine.connectFailed(Self.failure, randomUnit: 0.5)
+        case .shutdown: _ = machine.shutdownRequested()
+        }
+        #expect(machine.state == target)
+        return machine
+    }
+
+    /// Applies an input and names the action.
+    static func apply(_ input: Input, to machine: inout ConnectionStateMachine) -> String {
+        switch input {
+        case .connectRequested:
+            return machine.connectRequested() == .connect ? "connect" : "none"
+        case .connectSucceeded:
+            return machine.connectSucceeded() == .becameReady ? "becameReady" : "none"
+        case .connectFailed:
+            return Self.name(machine.connectFailed(Self.failure, randomUnit: 0.5))
+        case .connectionLost:
+            return Self.name(machine.connectionLost(Self.failure, randomUnit: 0.5))
+        case .backoffElapsedWaiting, .backoffElapsedNotWaiting:
+            switch machine.backoffElapsed(callsWaiting: input == .backoffElapsedWaiting) {
+            case .none: return "none"
+            case .connect: return "connect"
+            case .becameIdle: return "becameIdle"
+            }
+        case .goAwayReceived:
+            return machine.goAwayReceived() == .drain ? "drain" : "none"
+        case .idleTimeoutElapsed:
+            return machine.idleTimeoutElapsed() == .close ? "close" : "none"
+        case .shutdownRequested:
+            return machine.shutdownRequested() == .close ? "close" : "none"
+        }
+    }
+
+    static func name(_ action: ConnectionStateMachine.OnFailure) -> String {
+        switch action {
+        case .none: return "none"
+        case .backoff(let delay, let error):
+            #expect(error == Self.failure)
+            return delay == .zero ? "backoff(0)" : "backoff"
+        }
+    }
+
+    typealias Row = (ConnectivityState, Input, ConnectivityState, String)
+
+    static let table: [Row] = [
+        (.idle, .connectRequested, .connecting, "connect"),
+        (.idle, .connectSucceeded, .idle, "none"),
+        (.idle, .connectFailed, .idle, "none"),
+        (.idle, .connectionLost, .idle, "none"),
+        (.idle, .backoffElapsedWaiting, .idle, "none"),
+        (.idle, .backoffElapsedNotWaiting, .idle, "none"),
+        (.idle, .goAwayReceived, .idle, "none"),
+        (.idle, .idleTimeoutElapsed, .idle, "none"),
+        (.idle, .shutdownRequested, .shutdown, "close"),
+
+        (.connecting, .connectRequested, .connecting, "none"),
+        (.connecting, .connectSucceeded, .ready, "becameReady"),
+        (.connecting, .connectFailed, .transientFailure, "backoff"),
+        (.connecting, .connectionLost, .transientFailure, "backoff"),
+        (.connecting, .backoffElapsedWaiting, .connecting, "none"),
+        (.connecting, .backoffElapsedNotWaiting, .connecting, "none"),
+        (.connecting, .goAwayReceived, .idle, "drain"),
+        (.connecting, .idleTimeoutElapsed, .connecting, "none"),
+        (.connecting, .shutdownRequested, .shutdown, "close"),
+
+        (.ready, .connectRequested, .ready, "none"),
+        (.ready, .connectSucceeded, .ready, "none"),
+        (.ready, .connectFailed, .ready, "none"),
+        (.ready, .connectionLost, .transientFailure, "backoff(0)"),
+        (.ready, .backoffElapsedWaiting, .ready, "none"),
+        (.ready, .backoffElapsedNotWaiting, .ready, "none"),
+        (.ready, .goAwayReceived, .idle, "drain"),
+        (.ready, .idleTimeoutElapsed, .idle, "close"),
+        (.ready, .shutdownRequested, .shutdown, "close"),
+
+        (.transientFailure, .connectRequested, .transientFailure, "none"),
+        (.transientFailure, .connectSucceeded, .transientFailure, "none"),
+        (.transientFailure, .connectFailed, .transientFailure, "none"),
+        (.transientFailure, .connectionLost, .transientFailure, "none"),
+        (.transientFailure, .backoffElapsedWaiting, .connecting, "connect"),
+        (.transientFailure, .backoffElapsedNotWaiting, .idle, "becameIdle"),
+        (.transientFailure, .goAwayReceived, .transientFailure, "none"),
+        (.transientFailure, .idleTimeoutElapsed, .transientFailure, "none"),
+        (.transientFailure, .shutdownRequested, .shutdown, "close"),
+    ] + Input.allCases.map { (.shutdown, $0, .shutdown, "none") }
+
+    @Test("the table covers every state x every input")
+    func tableIsComplete() {
+        let covered = Set(Self.table.map { "\($0.0)/\($0.1)" })
+        #expect(covered.count == ConnectivityState.allCases.count * Input.allCases.count)
+    }
+
+    @Test("every state x every input gives the expected state and action", arguments: Self.table.indices)
+    func transition(row index: Int) {
+        let (from, input, to, action) = Self.table[index]
+        var machine = Self.makeStateMachine(in: from)
+        let got = Self.apply(input, to: &machine)
+        #expect(machine.state == to, "\(from) + \(input)")
+        #expect(got == action, "\(from) + \(input)")
+    }
+
+    @Test("backoff follows 100 ms x 1.6 up to 3 s, jittered within ±20 %")
+    func backoffSequence() {
+        var nominal = Backoff(Self.backoff)
+        let expected = [100.0, 160, 256, 409.6, 655.36, 1048.576, 1677.7216, 2684.35456, 3000, 3000, 3000]
+        for value in expected {
+            #expect(abs(Double(nominal.next(unit: 0.5).nanoseconds) / 1e6 - value) < 0.001)
+        }
+        var low = Backoff(Self.backoff)
+        var high = Backoff(Self.backoff)
+        #expect(low.next(unit: 0) == .milliseconds(80))
+        #expect(high.next(unit: 0.999_999_999).nanoseconds >= 119_999_000)
+        var generator = SeededGenerator(seed: 42)
+        var jittered = Backoff(Self.backoff)
+        var delays: [Double] = []
+        for value in expected {
+            let delay = Double(jittered.next(unit: Double.random(in: 0..<1, using: &generator)).nanoseconds) / 1e6
+            #expect(delay >= value * 0.8 - 0.001 && delay <= value * 1.2 + 0.001)
+            delays.append(delay)
+        }
+        #expect(Set(delays).count == delays.count, "jitter spreads the attempts")
+    }
+
+    @Test("the backoff resets when a connection becomes ready, and a lost READY connection reconnects at once")
+    func backoffResetsOnReady() {
+        var machine = ConnectionStateMachine(backoff: Self.backoff)
+        var delays: [Duration] = []
+        for _ in 0..<4 {
+            _ = machine.connectRequested()
+            if case .backoff(let delay, _) = machine.connectFailed(Self.failure, randomUnit: 0.5) { delays.append(delay) }
+            #expect(machine.backoffElapsed(callsWaiting: false) == .becameIdle)
+        }
+        #expect(delays == [.milliseconds(100), .milliseconds(160), .milliseconds(256), .nanoseconds(409_600_000)])
+        _ = machine.connectRequested()
+        #expect(machine.connectSucceeded() == .becameReady)
+        #expect(machine.lastError == nil)
+        #expect(machine.connectionLost(Self.failure, randomUnit: 0.5) == .backoff(delay: .zero, error: Self.failure))
+        #expect(machine.backoffElapsed(callsWaiting: true) == .connect)
+        #expect(machine.connectFailed(Self.failure, randomUnit: 0.5) == .backoff(delay: .milliseconds(100), error: Self.failure))
+        #expect(machine.lastError == Self.failure)
+    }
+}
+
+/// A deterministic generator for jitter tests (SplitMix64).
+struct SeededGenerator: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { self.state = seed }
+    mutating func next() -> UInt64 {
+        self.state &+= 0x9E37_79B9_7F4A_7C15
+        var z = self.state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
