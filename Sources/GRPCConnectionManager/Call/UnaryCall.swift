@@ -24,8 +24,11 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
     /// Absolute deadline on the monotonic clock in ns; 0 = none.
     let deadline: UInt64
     let maxReceiveMessageSize: Int
+    let waitForReady: Bool
     private let completion: (UnaryResponse) -> Void
-    let channel: ChannelCore
+    let pool: ServicePool
+    /// Reactor clock when the pool took the call (for durations).
+    var startedAt: UInt64 = 0
 
     private(set) var state: State = .created
     var deadlineTimer: Reactor.TimerID = 0
@@ -54,10 +57,11 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
     private var localFailure: Status?
 
     init(
-        channel: ChannelCore, path: String, metadata: Metadata, request: [UInt8], deadline: UInt64,
-        maxReceiveMessageSize: Int, completion: @escaping (UnaryResponse) -> Void
+        pool: ServicePool, path: String, metadata: Metadata, request: [UInt8], deadline: UInt64,
+        maxReceiveMessageSize: Int, waitForReady: Bool, completion: @escaping (UnaryResponse) -> Void
     ) {
-        self.channel = channel
+        self.pool = pool
+        self.waitForReady = waitForReady
         self.path = path
         self.metadata = metadata
         self.request = request
@@ -76,7 +80,7 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
 
     /// Submitted from the caller's thread: the channel takes it from here.
     override func reactorRunSubmitted() {
-        self.channel.start(self)
+        self.pool.start(self)
     }
 
     /// The deadline passed.
@@ -87,6 +91,24 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
 
     func markWaiting() {
         if case .created = self.state { self.state = .waiting }
+    }
+
+    /// True when the server provably never processed the call and it has not been retried transparently yet.
+    var canRetryTransparently: Bool {
+        !self.transparentlyRetried && self.headerBlocks == 0 && !self.isFinished
+    }
+
+    /// Rewinds the call so it can be sent again from the start on another stream.
+    func prepareTransparentRetry() {
+        self.transparentlyRetried = true
+        self.state = .waiting
+        self.sendOffset = 0
+        self.deframer = MessageDeframer(maxMessageSize: self.maxReceiveMessageSize)
+        self.initialMetadata = Metadata()
+        self.trailingMetadata = Metadata()
+        self.grpcStatus = nil
+        self.grpcMessage = nil
+        self.httpStatus = 0
     }
 
     func markOpen(connection: HTTP2ClientConnection, streamID: Int32) {
@@ -106,9 +128,10 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
         if case .finished = self.state { return }
         self.state = .finished
         if self.deadlineTimer != 0 {
-            self.channel.reactor.cancelTimer(self.deadlineTimer)
+            self.pool.reactor.cancelTimer(self.deadlineTimer)
             self.deadlineTimer = 0
         }
+        if self.startedAt != 0 { self.pool.callFinished(self, status: response.status) }
         self.completion(response)
     }
 

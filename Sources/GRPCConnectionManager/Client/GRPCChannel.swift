@@ -1,33 +1,60 @@
+import Logging
 import Synchronization
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// A client for one target (`host:port`, `[v6]:port` or `unix:/path`): it connects on the first call, keeps one
-/// HTTP/2 connection, and makes unary calls on it.
+/// A client for one service: its connections (one per resolved address, or `connectionsPerTarget`), reconnection
+/// with backoff, keepalive, idle timeout, and the calls made on them.
 ///
-/// Calls may start on any thread. Completions run on the reactor thread, exactly once per call, and must not block.
+/// Make one directly for a single target, or get one per service name from `ConnectionManager`. Calls may start
+/// on any thread; completions run on the reactor thread, exactly once per call, and must not block.
 public final class GRPCChannel: Sendable {
     /// The target this channel connects to.
     public let target: Target
+    /// The service name it serves (the target's text for a standalone channel).
+    public let service: String
     /// The validated configuration.
     public let configuration: Configuration
+    /// Connection and call events of this channel (shared by every channel of a manager).
+    public let events: EventBus
     let reactor: Reactor
-    let core: ChannelCore
+    let pool: ServicePool
+    /// Whether dropping the last reference closes the connections (standalone channels); a manager's channels
+    /// live until the manager closes them.
+    private let closesOnDeinit: Bool
 
-    /// Creates a channel. Nothing connects until the first call.
+    /// Creates a standalone channel. Nothing connects until the first call.
     /// - Parameters:
     ///   - target: `host:port`, `[v6]:port` or `unix:/path`.
     ///   - configuration: Limits and timeouts; validated here.
+    ///   - logger: Receives state changes and connect failures; no-op by default.
     ///   - eventLoop: The reactor to run on; nil uses `EventLoop.shared`.
     /// - Throws: `ConfigurationError` naming the bad field or the unparsable address.
-    public init(target: String, configuration: Configuration = .defaults, eventLoop: EventLoop? = nil) throws {
+    public convenience init(
+        target: String, configuration: Configuration = .defaults,
+        logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
+        eventLoop: EventLoop? = nil
+    ) throws {
         try configuration.validate()
-        self.target = try Target(parsing: target)
-        self.configuration = configuration
-        self.reactor = (eventLoop ?? EventLoop.shared).reactor
-        self.core = ChannelCore(reactor: self.reactor, target: self.target, configuration: configuration)
+        let reactor = (eventLoop ?? EventLoop.shared).reactor
+        let parsed = try Target(parsing: target)
+        let bus = EventBus(reactor: reactor)
+        let pool = ServicePool(
+            reactor: reactor, service: target, target: parsed, configuration: configuration, bus: bus,
+            logger: logger, connectionIDs: ConnectionIDSource())
+        self.init(pool: pool, bus: bus, reactor: reactor, closesOnDeinit: true)
+    }
+
+    init(pool: ServicePool, bus: EventBus, reactor: Reactor, closesOnDeinit: Bool) {
+        self.pool = pool
+        self.target = pool.target
+        self.service = pool.service
+        self.configuration = pool.configuration
+        self.events = bus
+        self.reactor = reactor
+        self.closesOnDeinit = closesOnDeinit
     }
 
     /// Starts a unary call.
@@ -35,7 +62,7 @@ public final class GRPCChannel: Sendable {
     ///   - path: `/package.Service/Method`.
     ///   - request: The request message bytes.
     ///   - metadata: Request metadata; validated before anything is sent.
-    ///   - options: Deadline and receive limit.
+    ///   - options: Deadline, receive limit, wait-for-ready.
     ///   - completion: Called exactly once, on the reactor thread, with the final status and the response.
     /// - Returns: A handle that can cancel the call from any thread.
     @discardableResult
@@ -51,14 +78,14 @@ public final class GRPCChannel: Sendable {
             deadline = 0
         }
         let call = UnaryCall(
-            channel: self.core, path: path, metadata: metadata, request: request, deadline: deadline,
+            pool: self.pool, path: path, metadata: metadata, request: request, deadline: deadline,
             maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
-            completion: completion)
+            waitForReady: options.waitForReady, completion: completion)
         if let problem = Self.checkRequest(path: path, metadata: metadata, request: request, configuration: self.configuration) {
             call.invalid = problem
         }
         if self.reactor.inReactorThread {
-            self.core.start(call)
+            self.pool.start(call)
         } else if !self.reactor.submit(call) {
             completion(UnaryResponse(status: Status(code: .unavailable, message: "the event loop has stopped")))
         }
@@ -82,24 +109,41 @@ public final class GRPCChannel: Sendable {
         }
     }
 
-    /// Dropping the last reference closes the connection on the reactor thread (so no fd outlives its channel),
-    /// and the reactor-side state is released there, never under the reactor's feet.
-    deinit {
-        let core = self.core
-        if self.reactor.inReactorThread {
-            core.close()
-        } else {
-            self.reactor.execute { core.close() }
+    /// Starts connecting now instead of on the first call.
+    public func connect() {
+        let pool = self.pool
+        self.onReactor { pool.connectAll() }
+    }
+
+    /// The connectivity state (aggregated over the service's connections) and the last error.
+    public func connectivity() async -> (state: ConnectivityState, lastError: Status?) {
+        let pool = self.pool
+        return await withCheckedContinuation { continuation in
+            let accepted = self.reactor.execute { continuation.resume(returning: (pool.state, pool.lastError)) }
+            if !accepted { continuation.resume(returning: (.shutdown, nil)) }
         }
     }
 
-    /// Closes the connection: open calls end with UNAVAILABLE, later calls fail at once.
+    /// Closes the connections at once: open calls end with UNAVAILABLE, later calls fail at once.
     public func close() {
-        let core = self.core
+        let pool = self.pool
+        self.onReactor { pool.close(graceful: false) }
+    }
+
+    /// Dropping the last reference of a standalone channel closes its connections on the reactor thread (so no
+    /// fd outlives its channel), and the reactor-side state is released there, never under the reactor's feet.
+    deinit {
+        if self.closesOnDeinit {
+            let pool = self.pool
+            self.onReactor { pool.close(graceful: false) }
+        }
+    }
+
+    func onReactor(_ body: @escaping @Sendable () -> Void) {
         if self.reactor.inReactorThread {
-            core.close()
+            body()
         } else {
-            self.reactor.execute { core.close() }
+            self.reactor.execute(body)
         }
     }
 
@@ -155,135 +199,6 @@ final class CancellationBox: Sendable {
             return state.handle
         }
         handle?.cancel()
-    }
-}
-
-/// The channel's reactor-side state: its address list and its connection.
-///
-/// `@unchecked Sendable` (through `ReactorHandler`): reactor thread only.
-final class ChannelCore: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecked Sendable {
-    unowned let reactor: Reactor
-    let target: Target
-    let configuration: Configuration
-
-    private var addresses: [SocketAddress]?
-    private var addressIndex = 0
-    private var resolving = false
-    private var awaitingAddresses: [UnaryCall] = []
-    private var connection: HTTP2ClientConnection?
-    private var nextConnectionID = 1
-    private var closed = false
-
-    init(reactor: Reactor, target: Target, configuration: Configuration) {
-        self.reactor = reactor
-        self.target = target
-        self.configuration = configuration
-        self.addresses = target.numericAddresses
-    }
-
-    /// A call arrives on the reactor thread.
-    func start(_ call: UnaryCall) {
-        if let problem = call.invalid {
-            call.finish(UnaryResponse(status: problem))
-            return
-        }
-        if self.closed {
-            call.finish(UnaryResponse(status: Status(code: .unavailable, message: "the channel is closed")))
-            return
-        }
-        if self.reactor.isStopping {
-            call.finish(UnaryResponse(status: Status(code: .unavailable, message: "the event loop is shutting down")))
-            return
-        }
-        if call.deadline != 0 && call.deadlineTimer == 0 && !call.isFinished {
-            call.deadlineTimer = self.reactor.scheduleTimer(at: call.deadline, handler: call)
-        }
-        self.dispatch(call)
-    }
-
-    private func dispatch(_ call: UnaryCall) {
-        if call.isFinished { return }
-        if let connection = self.connection, connection.state != .closed, connection.state != .draining {
-            connection.enqueue(call)
-            return
-        }
-        guard let addresses = self.addresses, !addresses.isEmpty else {
-            call.markWaiting()
-            self.awaitingAddresses.append(call)
-            self.resolve()
-            return
-        }
-        let address = addresses[self.addressIndex % addresses.count]
-        let connection = HTTP2ClientConnection(
-            reactor: self.reactor, address: address, authority: self.target.authority,
-            configuration: self.configuration, id: self.nextConnectionID)
-        self.nextConnectionID += 1
-        connection.delegate = self
-        self.connection = connection
-        connection.enqueue(call)
-        connection.connect()
-    }
-
-    /// getaddrinfo blocks, so it runs on a helper thread and reports back through the inbox.
-    private func resolve() {
-        guard !self.resolving else { return }
-        self.resolving = true
-        let target = self.target
-        let reactor = self.reactor
-        let core = self
-        spawnDetachedThread {
-            let result = target.resolveBlocking()
-            reactor.execute { core.resolved(result) }
-        }
-    }
-
-    private func resolved(_ result: Result<[SocketAddress], Status>) {
-        self.resolving = false
-        let waiting = self.awaitingAddresses
-        self.awaitingAddresses = []
-        switch result {
-        case .success(let addresses):
-            self.addresses = addresses
-            self.addressIndex = 0
-            for call in waiting { self.dispatch(call) }
-        case .failure(let status):
-            for call in waiting { call.finish(UnaryResponse(status: status)) }
-        }
-    }
-
-    func close() {
-        self.closed = true
-        for call in self.awaitingAddresses {
-            call.finish(UnaryResponse(status: Status(code: .unavailable, message: "the channel is closed")))
-        }
-        self.awaitingAddresses = []
-        self.connection?.shutdown(reason: Status(code: .unavailable, message: "the channel is closed"))
-        self.connection = nil
-    }
-
-    // MARK: HTTP2ClientConnectionDelegate
-
-    func connectionReady(_ connection: HTTP2ClientConnection) {}
-
-    func connectionDraining(_ connection: HTTP2ClientConnection, unstarted: [UnaryCall]) {
-        if self.connection === connection { self.connection = nil }
-        // Never sent, so safe to move once to a new connection (gRFC A6 transparent retry).
-        for call in unstarted {
-            if call.transparentlyRetried {
-                call.finish(UnaryResponse(status: Status(code: .unavailable, message: "server is going away")))
-            } else {
-                call.transparentlyRetried = true
-                self.dispatch(call)
-            }
-        }
-    }
-
-    func connectionClosed(_ connection: HTTP2ClientConnection, reason: Status, unstarted: [UnaryCall], wasReady: Bool) {
-        if self.connection === connection {
-            self.connection = nil
-            if !wasReady { self.addressIndex += 1 }  // try the next address next time
-        }
-        for call in unstarted { call.finish(UnaryResponse(status: reason)) }
     }
 }
 

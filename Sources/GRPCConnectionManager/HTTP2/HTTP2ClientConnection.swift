@@ -10,9 +10,13 @@ protocol HTTP2ClientConnectionDelegate: AnyObject {
     /// The server's SETTINGS arrived: the connection takes streams.
     func connectionReady(_ connection: HTTP2ClientConnection)
     /// The server sent GOAWAY: no new streams here. `unstarted` calls were never sent and may go elsewhere.
-    func connectionDraining(_ connection: HTTP2ClientConnection, unstarted: [UnaryCall])
+    func connectionDraining(
+        _ connection: HTTP2ClientConnection, unstarted: [UnaryCall], errorCode: UInt32, debugData: String)
     /// The connection is gone. Its open streams were failed with `reason`; `unstarted` calls were never sent.
     func connectionClosed(_ connection: HTTP2ClientConnection, reason: Status, unstarted: [UnaryCall], wasReady: Bool)
+    /// The server refused a stream it never processed (REFUSED_STREAM, or above a GOAWAY's last stream id): the
+    /// call may be sent again, once, elsewhere (gRFC A6 transparent retry).
+    func retryUnprocessed(_ call: UnaryCall)
 }
 
 /// One HTTP/2 connection to a server over a nonblocking socket, driven by nghttp2 through its memory API so that
@@ -37,6 +41,8 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
 
     private enum TimerTag {
         static let connect: UInt64 = 1
+        static let keepalive: UInt64 = 2
+        static let keepaliveTimeout: UInt64 = 3
     }
 
     unowned let reactor: Reactor
@@ -45,6 +51,16 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     let authority: String
     let configuration: Configuration
     let id: Int
+    /// Keepalive interval of this connection (the target's, doubled after `too_many_pings`).
+    let keepAliveTime: Duration
+
+    private var keepaliveTimer: Reactor.TimerID = 0
+    private var keepaliveTimeoutTimer: Reactor.TimerID = 0
+    private var lastReadAt: UInt64 = 0
+    /// When a stream last opened or closed: the idle timer compares against it.
+    private(set) var lastStreamActivity: UInt64 = 0
+    /// Set when keepalive declared the peer dead.
+    private(set) var keepaliveTimedOut = false
 
     private(set) var state: State = .idle
     private var fd: Int32 = -1
@@ -67,8 +83,10 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     private var goAwayDebug: String?
 
     init(
-        reactor: Reactor, address: SocketAddress, authority: String, configuration: Configuration, id: Int
+        reactor: Reactor, address: SocketAddress, authority: String, configuration: Configuration, id: Int,
+        keepAliveTime: Duration? = nil
     ) {
+        self.keepAliveTime = keepAliveTime ?? configuration.keepAliveTime
         self.reactor = reactor
         self.address = address
         self.authority = authority
@@ -113,6 +131,10 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
             return
         }
         self.fd = fd
+        if self.address.isTCP {
+            // Writes stuck without ACKs fail the connection within the keepalive timeout too (gRFC A18).
+            _ = cr_socket_set_user_timeout(fd, UInt32(clamping: self.configuration.keepAliveTimeout.nanoseconds / 1_000_000))
+        }
         do {
             self.interest = inProgress != 0 ? Reactor.Events.write : Reactor.Events.read
             self.registration = try self.reactor.register(fd: fd, interest: self.interest, handler: self)
@@ -140,6 +162,23 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     }
 
     override func reactorTimerFired(tag: UInt64) {
+        switch tag {
+        case TimerTag.keepalive:
+            self.keepaliveTimer = 0
+            self.keepaliveTick()
+            return
+        case TimerTag.keepaliveTimeout:
+            self.keepaliveTimeoutTimer = 0
+            guard self.state == .ready || self.state == .draining else { return }
+            self.keepaliveTimedOut = true
+            self.close(
+                reason: Status(
+                    code: .unavailable,
+                    message: "keepalive: no PING ACK from \(self.address) within \(self.configuration.keepAliveTimeout)"))
+            return
+        default:
+            break
+        }
         guard tag == TimerTag.connect else { return }
         self.connectTimer = 0
         if self.state == .connecting || self.state == .handshaking {
@@ -209,6 +248,7 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
             return
         }
         self.streams[streamID] = call
+        self.lastStreamActivity = self.reactor.now
         call.markOpen(connection: self, streamID: streamID)
         self.scheduleFlush()
     }
@@ -233,9 +273,46 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
                 self.reactor.cancelTimer(self.connectTimer)
                 self.connectTimer = 0
             }
+            self.lastStreamActivity = self.reactor.now
+            self.armKeepalive(at: self.reactor.now &+ UInt64(self.keepAliveTime.nanoseconds))
             self.delegate?.connectionReady(self)
         }
         self.startPending()
+    }
+
+    // MARK: keepalive (gRFC A8)
+
+    private func armKeepalive(at deadline: UInt64) {
+        if self.keepaliveTimer != 0 { self.reactor.cancelTimer(self.keepaliveTimer) }
+        self.keepaliveTimer = self.reactor.scheduleTimer(at: deadline, handler: self, tag: TimerTag.keepalive)
+    }
+
+    /// Pings when `keepAliveTime` has passed since the last bytes were read (never counted from the last ping
+    /// sent, which would trip servers' ping-abuse checks); without streams only when permitted.
+    private func keepaliveTick() {
+        guard self.state == .ready || self.state == .draining, let session = self.session else { return }
+        let interval = UInt64(self.keepAliveTime.nanoseconds)
+        let now = self.reactor.now
+        if self.streams.isEmpty && !self.configuration.keepAlivePermitWithoutStream {
+            self.armKeepalive(at: now &+ interval)
+            return
+        }
+        if now &- self.lastReadAt < interval {
+            self.armKeepalive(at: self.lastReadAt &+ interval)
+            return
+        }
+        nghttp2_submit_ping(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nil)
+        self.keepaliveTimeoutTimer = self.reactor.scheduleTimer(
+            at: now &+ UInt64(self.configuration.keepAliveTimeout.nanoseconds), handler: self,
+            tag: TimerTag.keepaliveTimeout)
+        self.scheduleFlush()
+    }
+
+    func pingAcknowledged() {
+        guard self.keepaliveTimeoutTimer != 0 else { return }
+        self.reactor.cancelTimer(self.keepaliveTimeoutTimer)
+        self.keepaliveTimeoutTimer = 0
+        self.armKeepalive(at: self.reactor.now &+ UInt64(self.keepAliveTime.nanoseconds))
     }
 
     func goAwayReceived(lastStreamID: Int32, errorCode: UInt32, debugData: String) {
@@ -244,13 +321,19 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         guard self.state == .ready || self.state == .handshaking else { return }
         self.state = .draining
         let unstarted = self.takeUnstarted()
-        self.delegate?.connectionDraining(self, unstarted: unstarted)
+        self.delegate?.connectionDraining(self, unstarted: unstarted, errorCode: errorCode, debugData: debugData)
         // Streams above lastStreamID are closed by nghttp2 with REFUSED_STREAM; the rest finish.
     }
 
     func streamClosed(_ streamID: Int32, errorCode: UInt32) {
         guard let call = self.streams.removeValue(forKey: streamID) else { return }
-        call.streamClosed(errorCode: errorCode)
+        self.lastStreamActivity = self.reactor.now
+        if errorCode == NGHTTP2_REFUSED_STREAM.rawValue && call.canRetryTransparently, let delegate = self.delegate {
+            call.prepareTransparentRetry()
+            delegate.retryUnprocessed(call)
+        } else {
+            call.streamClosed(errorCode: errorCode)
+        }
         if self.state == .ready {
             self.startPending()
         }
@@ -291,6 +374,7 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
                 self.close(reason: self.closedByPeerStatus())
                 return
             }
+            self.lastReadAt = self.reactor.now
             if !self.sawFirstBytes {
                 self.sawFirstBytes = true
                 if let http1 = Self.detectHTTP1(UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)) {
@@ -403,6 +487,21 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
 
     // MARK: closing
 
+    /// Takes no new streams, tells the server with GOAWAY, and closes once the open streams finish.
+    func beginGracefulClose() {
+        guard let session = self.session, self.state == .ready || self.state == .handshaking else {
+            if self.state != .draining { self.close(reason: Status(code: .unavailable, message: "connection closed")) }
+            return
+        }
+        self.state = .draining
+        nghttp2_submit_goaway(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, NGHTTP2_NO_ERROR.rawValue, nil, 0)
+        let unstarted = self.takeUnstarted()
+        for call in unstarted {
+            call.finish(UnaryResponse(status: Status(code: .unavailable, message: "connection is closing")))
+        }
+        self.scheduleFlush()
+    }
+
     /// Closes gracefully: a GOAWAY goes out first (best effort), then the socket closes.
     func shutdown(reason: Status) {
         if let session = self.session, self.fd >= 0, self.state != .closed {
@@ -427,10 +526,12 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         if self.state == .closed { return }
         let wasReady = self.state == .ready || self.state == .draining
         self.state = .closed
-        if self.connectTimer != 0 {
-            self.reactor.cancelTimer(self.connectTimer)
-            self.connectTimer = 0
+        for timer in [self.connectTimer, self.keepaliveTimer, self.keepaliveTimeoutTimer] where timer != 0 {
+            self.reactor.cancelTimer(timer)
         }
+        self.connectTimer = 0
+        self.keepaliveTimer = 0
+        self.keepaliveTimeoutTimer = 0
         if let registration = self.registration {
             self.reactor.deregister(registration, handler: self)
             self.registration = nil

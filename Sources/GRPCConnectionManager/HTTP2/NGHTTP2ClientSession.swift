@@ -106,6 +106,10 @@ private func clientOnFrameRecv(
         if header.flags & UInt8(NGHTTP2_FLAG_ACK.rawValue) == 0 {
             connection(userData)._withUnsafeGuaranteedRef { $0.settingsReceived() }
         }
+    case NGHTTP2_PING.rawValue:
+        if header.flags & UInt8(NGHTTP2_FLAG_ACK.rawValue) != 0 {
+            connection(userData)._withUnsafeGuaranteedRef { $0.pingAcknowledged() }
+        }
     case NGHTTP2_GOAWAY.rawValue:
         let goAway = frame.pointee.goaway
         let debug =

@@ -8,6 +8,35 @@ public struct Configuration: Sendable, Hashable {
     /// Go original's MinConnectTimeout). A server that accepts TCP and never speaks HTTP/2 fails the attempt then.
     public var minConnectTimeout: Duration = .seconds(10)
 
+    /// Interval between keepalive PINGs, measured from the last bytes read. Default 30 s (the Go original).
+    /// Doubled for a target whose server answers GOAWAY `too_many_pings` (gRFC A8).
+    public var keepAliveTime: Duration = .seconds(30)
+
+    /// How long a keepalive PING may go unanswered before the connection is declared dead: it closes, its calls
+    /// fail with UNAVAILABLE and it goes to TRANSIENT_FAILURE. Default 5 s. Also set as TCP_USER_TIMEOUT.
+    public var keepAliveTimeout: Duration = .seconds(5)
+
+    /// Whether keepalive PINGs are sent while no call is open. Default true (the Go original).
+    public var keepAlivePermitWithoutStream: Bool = true
+
+    /// Largest wait between reconnect attempts. Default 3 s (the Go original's MaxReconnectDelay).
+    public var maxReconnectDelay: Duration = .seconds(3)
+
+    /// Reconnect backoff before the cap: first delay, growth and jitter.
+    public var reconnectBackoff = ReconnectBackoff()
+
+    /// A connection with no call for this long closes and goes IDLE; the next call reconnects. Default 30 min
+    /// (grpc-go, grpc-java); `.zero` means never.
+    public var idleTimeout: Duration = .seconds(30 * 60)
+
+    /// Connections per resolved address of a service. Default 1. Calls go to the ready connection with the
+    /// fewest open streams.
+    public var connectionsPerTarget: Int = 1
+
+    /// Calls that may wait for a connection (none ready, or every stream in use) before new ones fail with
+    /// RESOURCE_EXHAUSTED. Default 10,000.
+    public var maxQueuedCalls: Int = 10_000
+
     /// HTTP/2 settings of each connection.
     public var http2 = HTTP2()
 
@@ -18,6 +47,24 @@ public struct Configuration: Sendable, Hashable {
 
     /// The defaults above.
     public static var defaults: Configuration { Configuration() }
+
+    var backoffConfiguration: Backoff.Configuration {
+        Backoff.Configuration(
+            base: self.reconnectBackoff.initial, multiplier: self.reconnectBackoff.multiplier,
+            jitter: self.reconnectBackoff.jitter, maximum: self.maxReconnectDelay)
+    }
+
+    /// Exponential reconnect backoff (grpc `doc/connection-backoff.md`); the cap is `maxReconnectDelay`.
+    public struct ReconnectBackoff: Sendable, Hashable {
+        /// First delay. Default 100 ms (the Go original's base).
+        public var initial: Duration = .milliseconds(100)
+        /// Growth per attempt. Default 1.6; at least 1.
+        public var multiplier: Double = 1.6
+        /// Each delay is multiplied by a random factor in [1 - jitter, 1 + jitter]. Default 0.2; 0...1.
+        public var jitter: Double = 0.2
+
+        public init() {}
+    }
 
     /// HTTP/2 flow-control and framing settings.
     public struct HTTP2: Sendable, Hashable {
@@ -44,6 +91,33 @@ public struct Configuration: Sendable, Hashable {
         }
         if self.minConnectTimeout <= .zero {
             throw ConfigurationError(field: "minConnectTimeout", message: "must be greater than zero")
+        }
+        if self.keepAliveTime <= .zero {
+            throw ConfigurationError(field: "keepAliveTime", message: "must be greater than zero")
+        }
+        if self.keepAliveTimeout <= .zero {
+            throw ConfigurationError(field: "keepAliveTimeout", message: "must be greater than zero")
+        }
+        if self.maxReconnectDelay <= .zero {
+            throw ConfigurationError(field: "maxReconnectDelay", message: "must be greater than zero")
+        }
+        if self.reconnectBackoff.initial <= .zero {
+            throw ConfigurationError(field: "reconnectBackoff.initial", message: "must be greater than zero")
+        }
+        if !(self.reconnectBackoff.multiplier >= 1) {
+            throw ConfigurationError(field: "reconnectBackoff.multiplier", message: "must be at least 1")
+        }
+        if !(0...1).contains(self.reconnectBackoff.jitter) {
+            throw ConfigurationError(field: "reconnectBackoff.jitter", message: "must be within 0...1")
+        }
+        if self.idleTimeout < .zero {
+            throw ConfigurationError(field: "idleTimeout", message: "must not be negative (zero means never)")
+        }
+        if self.connectionsPerTarget < 1 {
+            throw ConfigurationError(field: "connectionsPerTarget", message: "must be at least 1")
+        }
+        if self.maxQueuedCalls < 1 {
+            throw ConfigurationError(field: "maxQueuedCalls", message: "must be at least 1")
         }
         if !(65_535...Int(Int32.max)).contains(self.http2.initialStreamWindowSize) {
             throw ConfigurationError(field: "http2.initialStreamWindowSize", message: "must be 65535...2147483647")
@@ -74,9 +148,15 @@ public struct CallOptions: Sendable, Hashable {
     /// Overrides `Configuration.maxMessageSize` for this call's response (nil: the configuration's).
     public var maxReceiveMessageSize: Int?
 
-    public init(timeout: Duration? = nil, maxReceiveMessageSize: Int? = nil) {
+    /// Wait-for-ready (grpc `doc/wait-for-ready.md`). Off (default): a call made while every connection is in
+    /// TRANSIENT_FAILURE fails at once with UNAVAILABLE and the last connect error. On: it waits for a ready
+    /// connection until its deadline.
+    public var waitForReady: Bool
+
+    public init(timeout: Duration? = nil, maxReceiveMessageSize: Int? = nil, waitForReady: Bool = false) {
         self.timeout = timeout
         self.maxReceiveMessageSize = maxReceiveMessageSize
+        self.waitForReady = waitForReady
     }
 }
 
