@@ -84,12 +84,12 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         }
         var body: [UInt8] = []
         if self.path == "/grpc.health.v1.Health/Check" {
-            let service = HealthProto.decodeService(messages.first ?? [])
+            let service = HealthProto.decodeRequest(messages.first ?? [])
             let options = self.connection.options
             if service.isEmpty || options.healthyServices.contains(service) {
-                body = MessageFramer.frame(HealthProto.response(status: 1))
+                body = MessageFramer.frame(HealthProto.encodeResponse(.serving))
             } else if options.notServingServices.contains(service) {
-                body = MessageFramer.frame(HealthProto.response(status: 2))
+                body = MessageFramer.frame(HealthProto.encodeResponse(.notServing))
             } else {
                 self.trailersOnly(code: 5, message: "unknown service \(service)")
                 return
@@ -146,32 +146,3 @@ enum EchoMessages {
     }
 }
 
-/// The two grpc.health.v1 messages, hand-encoded (protobuf wire format, field 1 only).
-enum HealthProto {
-    /// HealthCheckRequest { string service = 1; }
-    static func decodeService(_ bytes: [UInt8]) -> String {
-        var index = 0
-        while index < bytes.count {
-            let key = bytes[index]
-            index += 1
-            guard key == 0x0A, index < bytes.count else { return "" }
-            var length = 0
-            var shift = 0
-            while index < bytes.count {
-                let byte = bytes[index]
-                index += 1
-                length |= Int(byte & 0x7F) << shift
-                shift += 7
-                if byte & 0x80 == 0 { break }
-            }
-            guard index + length <= bytes.count else { return "" }
-            return String(decoding: bytes[index..<(index + length)], as: UTF8.self)
-        }
-        return ""
-    }
-
-    /// HealthCheckResponse { ServingStatus status = 1; }
-    static func response(status: UInt8) -> [UInt8] {
-        [0x08, status]
-    }
-}

@@ -12,7 +12,7 @@ struct GRPCCM: AsyncParsableCommand {
         commandName: "grpc-cm",
         abstract: "Make gRPC calls through grpc-connection-manager, or serve the embedded echo server.",
         version: GRPCConnectionManagerVersion.string,
-        subcommands: [Call.self, Serve.self]
+        subcommands: [Call.self, Health.self, Serve.self]
     )
 }
 
@@ -32,7 +32,8 @@ enum Main {
                 exit(0)
             }
             writeStderr(message + "\n")
-            exit(2)
+            // grpc_health_probe exits 1 on bad arguments; grpcurl (and `call`) exit 2.
+            exit(CommandLine.arguments.dropFirst().first == "health" ? 1 : 2)
         }
         do {
             if var asyncCommand = command as? any AsyncParsableCommand {
@@ -46,7 +47,7 @@ enum Main {
             exit(exitCode.rawValue)
         } catch let error as ValidationError {
             writeStderr("error: \(error.message)\n")
-            exit(2)
+            exit(CommandLine.arguments.dropFirst().first == "health" ? 1 : 2)
         } catch {
             writeStderr("error: \(error)\n")
             exit(1)
@@ -66,4 +67,13 @@ func writeStdout(_ bytes: [UInt8]) {
         if n <= 0 { return }
         offset += n
     }
+}
+
+import Synchronization
+
+/// A Bool behind an atomic.
+final class LockedBool: Sendable {
+    private let atomic = Atomic<Bool>(false)
+    func set() { self.atomic.store(true, ordering: .releasing) }
+    func get() -> Bool { self.atomic.load(ordering: .acquiring) }
 }

@@ -61,6 +61,9 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
         self.resolutionError ?? self.subchannels.compactMap(\.lastError).first
     }
 
+    /// Keepalive interval each subchannel will use for its next connection (tests check the too_many_pings rule).
+    var subchannelKeepAliveTimes: [Duration] { self.subchannels.map(\.keepAliveTime) }
+
     var openCallCount: Int {
         self.subchannels.reduce(0) { $0 + $1.openCallCount } + (self.waiting.count - self.waitingHead)
     }

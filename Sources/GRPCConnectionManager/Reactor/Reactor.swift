@@ -336,7 +336,11 @@ package final class Reactor: @unchecked Sendable {
 // MARK: C callbacks (top-level, nonisolated: see swift-notes "Gotchas" 1 and 2)
 
 private func reactorOnFD(_ ctx: UnsafeMutableRawPointer?, _ target: UnsafeMutableRawPointer?, _ events: UInt32) {
-    Unmanaged<ReactorHandler>.fromOpaque(target!)._withUnsafeGuaranteedRef { $0.reactorFDReady(events) }
+    // A strong reference for the duration of the callback, not `_withUnsafeGuaranteedRef`: a handler may close
+    // itself here, dropping the registration's retain and its owner's, and must survive until it returns.
+    // The cost is one retain/release pair per readiness event, not per frame.
+    let handler = Unmanaged<ReactorHandler>.fromOpaque(target!).takeUnretainedValue()
+    handler.reactorFDReady(events)
 }
 
 private func reactorOnTimer(_ ctx: UnsafeMutableRawPointer?, _ target: UnsafeMutableRawPointer?, _ tag: UInt64) {

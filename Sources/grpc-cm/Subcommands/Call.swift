@@ -45,6 +45,18 @@ struct Call: AsyncParsableCommand {
     @Flag(help: "Use HTTP/2 without TLS (h2c).")
     var plaintext = false
 
+    @Flag(name: .customLong("wait-for-ready"), help: "Wait for a ready connection instead of failing fast.")
+    var waitForReady = false
+
+    @Option(name: .customLong("keepalive-time"), help: "Seconds between keepalive PINGs (default 30).")
+    var keepaliveTime: Double?
+
+    @Option(name: .customLong("keepalive-timeout"), help: "Seconds a PING may go unanswered (default 5).")
+    var keepaliveTimeout: Double?
+
+    @Option(name: .customLong("max-reconnect-delay"), help: "Largest wait between reconnect attempts (default 3).")
+    var maxReconnectDelay: Double?
+
     @Flag(name: .customShort("v"), help: "Print response headers and trailers to stderr.")
     var verbose = false
 
@@ -64,6 +76,12 @@ struct Call: AsyncParsableCommand {
         if let maxTime = self.maxTime, !(maxTime > 0) { throw ValidationError("--max-time must be > 0") }
         if !(self.connectTimeout > 0) { throw ValidationError("--connect-timeout must be > 0") }
         if let count = self.repeat, count < 1 { throw ValidationError("--repeat must be at least 1") }
+        for (name, value) in [
+            ("--keepalive-time", self.keepaliveTime), ("--keepalive-timeout", self.keepaliveTimeout),
+            ("--max-reconnect-delay", self.maxReconnectDelay),
+        ] {
+            if let value, !(value > 0) { throw ValidationError("\(name) must be > 0") }
+        }
         if self.interval < 0 { throw ValidationError("--interval must be >= 0") }
         if !self.method.hasPrefix("/") { throw ValidationError("METHOD must look like /package.Service/Method") }
     }
@@ -72,15 +90,23 @@ struct Call: AsyncParsableCommand {
         let request = try self.readRequest()
         let metadata = try self.parseHeaders()
         var configuration = Configuration()
-        configuration.minConnectTimeout = .nanoseconds(Int64(self.connectTimeout * 1e9))
+        configuration.minConnectTimeout = seconds(self.connectTimeout)
+        if let value = self.keepaliveTime { configuration.keepAliveTime = seconds(value) }
+        if let value = self.keepaliveTimeout { configuration.keepAliveTimeout = seconds(value) }
+        if let value = self.maxReconnectDelay { configuration.maxReconnectDelay = seconds(value) }
+        // One manager for the whole run: with --repeat, reconnection shows in the output.
+        let manager: ConnectionManager
         let channel: GRPCChannel
         do {
-            channel = try GRPCChannel(target: self.target, configuration: configuration)
+            manager = try ConnectionManager(configuration: configuration)
+            channel = try manager.connection(service: "grpc-cm", address: self.target)
         } catch {
             throw ValidationError("\(error)")
         }
+        defer { _ = manager }
         var options = CallOptions()
-        if let maxTime = self.maxTime { options.timeout = .nanoseconds(Int64(maxTime * 1e9)) }
+        options.waitForReady = self.waitForReady
+        if let maxTime = self.maxTime { options.timeout = seconds(maxTime) }
 
         guard let count = self.repeat else {
             let response = await channel.unary(path: self.method, request: request, metadata: metadata, options: options)
@@ -197,6 +223,10 @@ extension Substring {
     func trimmingSpaces() -> String {
         String(self.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
     }
+}
+
+func seconds(_ value: Double) -> Duration {
+    .nanoseconds(Int64(value * 1e9))
 }
 
 func monotonicNanos() -> UInt64 {

@@ -43,20 +43,21 @@ final class PythonPeer: @unchecked Sendable {
         health_servicer.set("sleepy", health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         server.add_generic_rpc_handlers((Generic(),))
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port("127.0.0.1:%d" % (int(sys.argv[1]) if len(sys.argv) > 1 else 0))
         server.start()
         print(port, flush=True)
         sys.stdin.read()
         server.stop(0)
         """#
 
-    /// Starts the server; throws if python3 or grpcio is missing (`make test` installs them).
-    init() throws {
+    /// Starts the server (on `port`, or a free one); throws if python3 or grpcio is missing (`make test` installs
+    /// them).
+    init(port: Int = 0) throws {
         let scriptURL = FileManager.default.temporaryDirectory.appendingPathComponent("grpc-cm-peer-\(getpid()).py")
         try Self.script.write(to: scriptURL, atomically: true, encoding: .utf8)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", scriptURL.path]
+        process.arguments = ["python3", scriptURL.path, String(port)]
         let output = Pipe()
         let input = Pipe()
         process.standardOutput = output
@@ -87,6 +88,8 @@ final class PythonPeer: @unchecked Sendable {
     }
 
     var target: String { "127.0.0.1:\(self.port)" }
+
+    var pid: Int32 { self.process.processIdentifier }
 
     /// Closes the script's stdin (it stops the server and exits), then makes sure the process is gone.
     func stop() {

@@ -77,3 +77,84 @@ func now() -> Double {
 func openFDCount() -> Int {
     (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
 }
+
+/// Records events from a bus (handlers run on the reactor thread).
+final class EventRecorder: Sendable {
+    private let events = PThreadLock<[ConnectionEvent]>([])
+
+    func record(_ event: ConnectionEvent) { self.events.withLock { $0.append(event) } }
+
+    var all: [ConnectionEvent] { self.events.withLock { $0 } }
+
+    /// State transitions as "FROM>TO".
+    var transitions: [String] {
+        self.all.compactMap {
+            if case .connectivityStateChanged(_, _, let from, let to, _) = $0 { return "\(from)>\(to)" }
+            return nil
+        }
+    }
+
+    /// A compact story of connection events: "start", "fail", "ok", "STATE>STATE", "goaway", "keepalive".
+    var story: [String] {
+        self.all.compactMap { event in
+            switch event {
+            case .connectAttemptStarted: return "start"
+            case .connectAttemptFailed: return "fail"
+            case .connectAttemptSucceeded: return "ok"
+            case .connectivityStateChanged(_, _, let from, let to, _): return "\(from)>\(to)"
+            case .goAwayReceived: return "goaway"
+            case .keepaliveTimeout: return "keepalive"
+            case .callStarted, .callFinished: return nil
+            }
+        }
+    }
+
+    func count(where predicate: (ConnectionEvent) -> Bool) -> Int { self.all.filter(predicate).count }
+}
+
+/// A port that was free a moment ago (bound, read, closed).
+func freePort() -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer -> Int32 in
+            _ = bind(fd, pointer, length)
+            return getsockname(fd, pointer, &length)
+        }
+    }
+    return Int(UInt16(bigEndian: address.sin_port))
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` seconds pass.
+func eventually(timeout: Double = 5, _ condition: () async -> Bool) async -> Bool {
+    let end = now() + timeout
+    while now() < end {
+        if await condition() { return true }
+        try? await Task.sleep(nanoseconds: 10_000_000)
+    }
+    return await condition()
+}
+
+/// The grpc-cm binary next to the test bundle (`swift build --build-tests` builds it).
+func grpcCMBinary() -> String {
+    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+    return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("grpc-cm").path
+}
+
+/// Runs a program, returning its exit status and standard output.
+func runProgram(_ path: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: path)
+    process.arguments = arguments
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+}

@@ -1,0 +1,355 @@
+import Foundation
+import GRPCEchoServer
+import Testing
+
+@testable import GRPCConnectionManager
+
+/// Connections that look after themselves, over real sockets on loopback.
+@Suite("Connection lifecycle", .serialized)
+struct LifecycleTests {
+    static func fastConfiguration() -> Configuration {
+        var configuration = Configuration()
+        configuration.maxReconnectDelay = .milliseconds(300)
+        configuration.minConnectTimeout = .seconds(2)
+        return configuration
+    }
+
+    @Test("server stopped and restarted on the same port: calls fail only while it is down, then succeed")
+    func rideOutServerRestart() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let port = freePort()
+        var server: EchoServer? = try EchoServer(port: port, eventLoop: loop)
+        let manager = try ConnectionManager(configuration: Self.fastConfiguration(), eventLoop: loop)
+        let channel = try manager.connection(service: "echo", address: "127.0.0.1:\(port)")
+        var outcomes: [(phase: String, code: StatusCode)] = []
+        for _ in 0..<3 { outcomes.append(("up", await channel.call([1], timeout: .seconds(2)).status.code)) }
+        server?.close()
+        server = nil
+        for _ in 0..<3 {
+            outcomes.append(("down", await channel.call([2], timeout: .seconds(2)).status.code))
+            try await Task.sleep(nanoseconds: 50_000_000)
+        }
+        server = try EchoServer(port: port, eventLoop: loop)
+        defer { server?.close() }
+        // Within a backoff period (at most maxReconnectDelay + jitter) calls succeed again.
+        let back = await eventually(timeout: 2) { await channel.call([3], timeout: .seconds(1)).status == .ok }
+        #expect(back)
+        for _ in 0..<3 { outcomes.append(("back", await channel.call([4], timeout: .seconds(2)).status.code)) }
+        #expect(outcomes.filter { $0.phase == "up" || $0.phase == "back" }.allSatisfy { $0.code == .ok })
+        #expect(outcomes.filter { $0.phase == "down" }.allSatisfy { $0.code == .unavailable })
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("the grpcio server restarted on the same port is ridden out too")
+    func rideOutPythonRestart() async throws {
+        var peer = try PythonPeer()
+        let port = peer.port
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let manager = try ConnectionManager(configuration: Self.fastConfiguration(), eventLoop: loop)
+        let channel = try manager.connection(service: "py", address: peer.target)
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        peer.stop()
+        #expect(await channel.call([2], timeout: .seconds(2)).status.code == .unavailable)
+        peer = try PythonPeer(port: port)
+        defer { peer.stop() }
+        #expect(await eventually(timeout: 3) { await channel.call([3], timeout: .seconds(1)).status == .ok })
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("a frozen server (SIGSTOP) is detected by keepalive: the call fails UNAVAILABLE instead of hanging")
+    func keepaliveDetectsFrozenServer() async throws {
+        let peer = try PythonPeer()
+        defer {
+            kill(peer.pid, SIGCONT)
+            peer.stop()
+        }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Self.fastConfiguration()
+        configuration.keepAliveTime = .milliseconds(300)
+        configuration.keepAliveTimeout = .milliseconds(300)
+        let recorder = EventRecorder()
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        channel.events.subscribe { recorder.record($0) }
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        kill(peer.pid, SIGSTOP)
+        let started = now()
+        let response = await channel.call([2], timeout: .seconds(10))
+        let elapsed = now() - started
+        #expect(response.status.code == .unavailable)
+        #expect(response.status.message.contains("keepalive"))
+        #expect(elapsed < 0.3 + 0.3 + 0.5, "detected within keepAliveTime + keepAliveTimeout (+ slack)")
+        // The call completes first; the state change is published right after, on the reactor thread.
+        #expect(await eventually { recorder.transitions.contains("READY>TRANSIENT_FAILURE") })
+        #expect(recorder.count { if case .keepaliveTimeout = $0 { return true } else { return false } } == 1)
+    }
+
+    @Test("GOAWAY while 100 calls are in flight loses none of them and completes each once")
+    func gracefulServerShutdownLosesNothing() async throws {
+        let fixture = try LoopbackFixture()
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        let ledger = CompletionLedger()
+        #expect(await channel.call([0], timeout: .seconds(5)).status == .ok)
+        let results = await withTaskGroup(of: UnaryResponse.self) { group in
+            for index in 1...100 {
+                group.addTask {
+                    await channel.call(
+                        [UInt8(index)], metadata: ["x-sleep-ms": "200"], timeout: .seconds(5), ledger: ledger, id: index)
+                }
+            }
+            try? await Task.sleep(nanoseconds: 50_000_000)
+            fixture.server.goAway()
+            var collected: [UnaryResponse] = []
+            for await response in group { collected.append(response) }
+            return collected
+        }
+        #expect(results.count == 100)
+        #expect(results.allSatisfy { $0.status == .ok || $0.status.code == .unavailable })
+        #expect(results.filter { $0.status == .ok }.count == 100, "in-flight calls finish; unsent ones move")
+        await manager.close(gracePeriod: .seconds(1))
+        fixture.shutdown()
+        #expect(ledger.duplicates == 0)
+        #expect(ledger.completed == 100)
+    }
+
+    @Test("GOAWAY too_many_pings from grpcio doubles the keepalive time")
+    func tooManyPingsDoublesKeepalive() async throws {
+        let peer = try PythonPeer()
+        defer { peer.stop() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Self.fastConfiguration()
+        configuration.keepAliveTime = .milliseconds(100)
+        configuration.keepAliveTimeout = .seconds(2)
+        let recorder = EventRecorder()
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        channel.events.subscribe { recorder.record($0) }
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        // grpcio allows no pings without calls (2 h rule): the third strike brings GOAWAY too_many_pings.
+        let sawGoAway = await eventually(timeout: 5) {
+            recorder.count {
+                if case .goAwayReceived(_, _, 0xb, "too_many_pings", true) = $0 { return true } else { return false }
+            } > 0
+        }
+        #expect(sawGoAway)
+        let times = await onReactor(loop.reactor) { channel.pool.subchannelKeepAliveTimes }
+        #expect(times == [.milliseconds(200)])
+        // The next call reconnects and works.
+        #expect(await channel.call([2], timeout: .seconds(5)).status == .ok)
+    }
+
+    @Test("idle timeout closes an unused connection (READY>IDLE) and the next call reconnects")
+    func idleTimeout() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Self.fastConfiguration()
+        configuration.idleTimeout = .milliseconds(200)
+        let recorder = EventRecorder()
+        let channel = try fixture.channel(configuration)
+        channel.events.subscribe { recorder.record($0) }
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        #expect(await eventually(timeout: 2) { recorder.transitions.contains("READY>IDLE") })
+        #expect(await channel.call([2], timeout: .seconds(5)).status == .ok)
+        #expect(recorder.story.filter { $0 == "start" }.count == 2)
+        #expect(recorder.transitions == ["IDLE>CONNECTING", "CONNECTING>READY", "READY>IDLE", "IDLE>CONNECTING", "CONNECTING>READY"])
+    }
+
+    @Test("wait-for-ready waits for the server to come up; fail-fast fails at once with the connect error")
+    func waitForReady() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let port = freePort()
+        let channel = try GRPCChannel(target: "127.0.0.1:\(port)", configuration: Self.fastConfiguration(), eventLoop: loop)
+        let failFastStart = now()
+        let failFast = await channel.call([1], timeout: .seconds(5))
+        #expect(failFast.status.code == .unavailable)
+        #expect(failFast.status.message.contains("refused"))
+        #expect(now() - failFastStart < 1)
+        // In TRANSIENT_FAILURE a fail-fast call fails at once with the last connect error.
+        let again = await channel.call([1], timeout: .seconds(5))
+        #expect(again.status.code == .unavailable)
+
+        let started = now()
+        async let waited = withCheckedContinuation { (continuation: CheckedContinuation<UnaryResponse, Never>) in
+            channel.unary(
+                path: "/echo.Echo/Get", request: [9], options: CallOptions(timeout: .seconds(5), waitForReady: true)
+            ) { continuation.resume(returning: $0) }
+        }
+        try await Task.sleep(nanoseconds: 400_000_000)
+        let server = try EchoServer(port: port, eventLoop: loop)
+        defer { server.close() }
+        let response = await waited
+        #expect(response.status == .ok)
+        #expect(response.message == [9])
+        #expect(now() - started >= 0.4)
+
+        // A wait-for-ready call whose deadline passes first ends DEADLINE_EXCEEDED.
+        let dead = try GRPCChannel(target: "127.0.0.1:\(freePort())", configuration: Self.fastConfiguration(), eventLoop: loop)
+        let late = await withCheckedContinuation { (continuation: CheckedContinuation<UnaryResponse, Never>) in
+            dead.unary(
+                path: "/echo.Echo/Get", request: [], options: CallOptions(timeout: .milliseconds(300), waitForReady: true)
+            ) { continuation.resume(returning: $0) }
+        }
+        #expect(late.status.code == .deadlineExceeded)
+    }
+
+    @Test("events for connect, fail, backoff, reconnect come in exactly this order")
+    func eventSequence() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let port = freePort()
+        let recorder = EventRecorder()
+        let channel = try GRPCChannel(target: "127.0.0.1:\(port)", configuration: Self.fastConfiguration(), eventLoop: loop)
+        channel.events.subscribe { recorder.record($0) }
+        #expect(await channel.call([1], timeout: .seconds(2)).status.code == .unavailable)
+        // The backoff ends with no call waiting: the connection rests in IDLE.
+        #expect(await eventually(timeout: 2) { recorder.transitions.last == "TRANSIENT_FAILURE>IDLE" })
+        let server = try EchoServer(port: port, eventLoop: loop)
+        defer { server.close() }
+        #expect(await channel.call([2], timeout: .seconds(2)).status == .ok)
+        #expect(
+            recorder.story == [
+                "IDLE>CONNECTING", "start", "fail", "CONNECTING>TRANSIENT_FAILURE", "TRANSIENT_FAILURE>IDLE",
+                "IDLE>CONNECTING", "start", "ok", "CONNECTING>READY",
+            ])
+        let failed = recorder.all.compactMap { event -> Duration? in
+            if case .connectAttemptFailed(_, _, _, let error, let backoff) = event {
+                #expect(error.message.contains("refused"))
+                return backoff
+            }
+            return nil
+        }
+        #expect(failed.count == 1)
+        #expect(failed[0] >= .milliseconds(80) && failed[0] <= .milliseconds(120))
+        let calls = recorder.all.compactMap { event -> StatusCode? in
+            if case .callFinished(_, "/echo.Echo/Get", let status, _, 1) = event { return status.code }
+            return nil
+        }
+        #expect(calls == [.unavailable, .ok])
+    }
+}
+
+/// The manager's API: registry, errors, health.
+@Suite("ConnectionManager", .serialized)
+struct ConnectionManagerTests {
+    @Test(
+        "invalid configurations fail with the field named",
+        arguments: [
+            "keepAliveTime", "keepAliveTimeout", "maxReconnectDelay", "minConnectTimeout", "maxMessageSize",
+            "connectionsPerTarget", "idleTimeout",
+        ])
+    func invalidConfiguration(field: String) {
+        var configuration = Configuration()
+        switch field {
+        case "keepAliveTime": configuration.keepAliveTime = .zero
+        case "keepAliveTimeout": configuration.keepAliveTimeout = .seconds(-1)
+        case "maxReconnectDelay": configuration.maxReconnectDelay = .zero
+        case "minConnectTimeout": configuration.minConnectTimeout = .zero
+        case "maxMessageSize": configuration.maxMessageSize = 0
+        case "connectionsPerTarget": configuration.connectionsPerTarget = 0
+        default: configuration.idleTimeout = .seconds(-1)
+        }
+        #expect {
+            _ = try ConnectionManager(configuration: configuration)
+        } throws: { error in
+            (error as? ConfigurationError)?.field == field
+        }
+    }
+
+    @Test("the registry: register, reuse, unknown service, close, NotConnected, count")
+    func registry() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        #expect(throws: ConnectionManagerError.unknownService("nobody")) { try manager.connection(service: "nobody") }
+        let first = try manager.connection(service: "echo", address: fixture.target)
+        let again = try manager.connection(service: "echo")
+        #expect(first === again)
+        #expect(manager.connectionCount == 1)
+        #expect(await eventually { await manager.healthCheck()["echo"]?.state == "READY" })
+        let report = await manager.healthCheck()
+        #expect(report["echo"] == ConnectionManager.ServiceHealth(state: "READY", healthy: true, error: nil))
+        #expect(try await manager.checkHealth(service: "echo") == .serving)
+        manager.closeConnection(service: "echo")
+        #expect(manager.connectionCount == 0)
+        #expect(await manager.healthCheck()["echo"]
+            == ConnectionManager.ServiceHealth(state: "NotConnected", healthy: false, error: "connection not established yet"))
+        // The address is remembered.
+        let reopened = try manager.connection(service: "echo")
+        #expect(await reopened.call([5], timeout: .seconds(5)).message == [5])
+        await manager.close(gracePeriod: .seconds(1))
+        #expect(throws: ConnectionManagerError.closed) { try manager.connection(service: "echo") }
+        #expect(await reopened.call([6], timeout: .seconds(5)).status.code == .unavailable)
+    }
+
+    @Test("graceful close lets calls in flight finish")
+    func gracefulClose() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        #expect(await channel.call([0], timeout: .seconds(5)).status == .ok)
+        async let slow = channel.call([7], metadata: ["x-sleep-ms": "300"], timeout: .seconds(5))
+        try await Task.sleep(nanoseconds: 50_000_000)
+        await manager.close(gracePeriod: .seconds(3))
+        let response = await slow
+        #expect(response.status == .ok)
+        #expect(response.message == [7])
+    }
+
+    @Test("health against grpcio: healthCheck(), checkHealth and grpc-cm health with every exit code")
+    func healthAgainstGrpcio() async throws {
+        let peer = try PythonPeer()
+        defer { peer.stop() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let manager = try ConnectionManager(eventLoop: loop)
+        _ = try manager.connection(service: "py", address: peer.target)
+        #expect(try await manager.checkHealth(service: "py") == .serving)
+        #expect(try await manager.checkHealth(service: "py", healthServiceName: "sleepy") == .notServing)
+        await #expect(throws: RPCError.self) { try await manager.checkHealth(service: "py", healthServiceName: "nope") }
+        #expect(await eventually { await manager.healthCheck()["py"]?.healthy == true })
+
+        let cli = grpcCMBinary()
+        #expect(try runProgram(cli, ["health", "--plaintext", peer.target]) == (0, "status: SERVING\n"))
+        #expect(try runProgram(cli, ["health", "--plaintext", "--service", "sleepy", peer.target]).status == 4)
+        #expect(try runProgram(cli, ["health", "--plaintext", "--service", "nope", peer.target]).status == 3)
+        #expect(try runProgram(cli, ["health", "--plaintext", "127.0.0.1:\(freePort())"]).status == 2)
+        #expect(try runProgram(cli, ["health", "--plaintext", "--bogus", peer.target]).status == 1)
+        #expect(try runProgram(cli, ["health", "--plaintext"]).status == 1)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("several connections per target share the calls")
+    func connectionsPerTarget() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.connectionsPerTarget = 3
+        let recorder = EventRecorder()
+        let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
+        manager.events.subscribe { recorder.record($0) }
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        let ok = await withTaskGroup(of: Bool.self) { group in
+            for index in 0..<60 {
+                group.addTask {
+                    await channel.call([UInt8(index)], metadata: ["x-sleep-ms": "20"], timeout: .seconds(5)).status == .ok
+                }
+            }
+            return await group.reduce(true) { $0 && $1 }
+        }
+        #expect(ok)
+        #expect(await eventually { recorder.story.filter { $0 == "ok" }.count == 3 })
+        await manager.close(gracePeriod: .seconds(1))
+    }
+}
