@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is missing first.
 SWIFT ?= swift
 
-.PHONY: deps build test demo clean
+.PHONY: deps build test demo bench-bus clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -15,6 +15,10 @@ test: deps
 
 demo: build
 	@bash scripts/demo.sh
+
+bench-bus: deps
+	$(SWIFT) build -c release --product bus-bench
+	.build/release/bus-bench 5000000
 
 clean:
 	rm -rf .build

@@ -50,6 +50,14 @@ let package = Package(
             path: "Examples/unary-call",
             swiftSettings: strictSwift
         ),
+        // Perf/: benchmark programs (no extra dependencies; `make bench-bus` runs the bus benchmark in release).
+        .target(name: "CMallocCounter", path: "Perf/CMallocCounter"),
+        .executableTarget(
+            name: "bus-bench",
+            dependencies: ["GRPCConnectionManager", "CMallocCounter"],
+            path: "Perf/bus-bench",
+            swiftSettings: strictSwift
+        ),
         .testTarget(
             name: "GRPCConnectionManagerTests",
             dependencies: ["GRPCConnectionManager", "GRPCEchoServer", "CReactor"],

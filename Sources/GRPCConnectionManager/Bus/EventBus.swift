@@ -17,7 +17,7 @@ public final class EventBus: Sendable {
     let reactor: Reactor
     private let subscribers: Subscribers
 
-    init(reactor: Reactor) {
+    package init(reactor: Reactor) {
         self.reactor = reactor
         self.subscribers = Subscribers()
     }
@@ -39,7 +39,7 @@ public final class EventBus: Sendable {
 
     /// Publishes an event built only if someone listens. Reactor thread only.
     @inline(__always)
-    func publish(_ event: @autoclosure () -> ConnectionEvent) {
+    package func publish(_ event: @autoclosure () -> ConnectionEvent) {
         if self.subscribers.handlers.isEmpty { return }
         self.subscribers.dispatch(event())
     }
@@ -50,7 +50,8 @@ public final class EventBus: Sendable {
     /// change only there, so dispatch needs no lock.
     @discardableResult
     private func onReactorAndWait<T: Sendable>(_ body: @escaping @Sendable () -> T) -> T {
-        if self.reactor.inReactorThread || self.reactor.isStopping { return body() }
+        // Inline on the reactor thread, and when the loop is not running (nothing can race with us then).
+        if self.reactor.inReactorThread || !self.reactor.isRunning { return body() }
         let result = PThreadLock<T?>(nil)
         guard self.reactor.execute({ let value = body(); result.withLock { $0 = value } }) else { return body() }
         while true {

@@ -64,6 +64,9 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
     /// Keepalive interval each subchannel will use for its next connection (tests check the too_many_pings rule).
     var subchannelKeepAliveTimes: [Duration] { self.subchannels.map(\.keepAliveTime) }
 
+    /// The address of each subchannel, as text.
+    var subchannelAddresses: [String] { self.subchannels.map { "\($0.address)" } }
+
     var openCallCount: Int {
         self.subchannels.reduce(0) { $0 + $1.openCallCount } + (self.waiting.count - self.waitingHead)
     }

@@ -205,6 +205,11 @@ package final class Reactor: @unchecked Sendable {
         self.shutdownHooks.removeAll { $0 === handler }
     }
 
+    /// True while the loop runs (after `run()`/`start()`, before `stop()`).
+    package var isRunning: Bool {
+        self.life.load(ordering: .acquiring) == LifeState.running.rawValue
+    }
+
     /// True once `stop()` was called.
     package var isStopping: Bool {
         self.life.load(ordering: .acquiring) >= LifeState.stopping.rawValue

@@ -330,6 +330,39 @@ struct ConnectionManagerTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("a name that resolves to several addresses gets a subchannel each; calls use the one that is up")
+    func resolvesEveryAddress() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try GRPCChannel(target: "localhost:\(fixture.server.port)", eventLoop: fixture.loop)
+        for index in 0..<5 {
+            #expect(await channel.call([UInt8(index)], timeout: .seconds(5)).message == [UInt8(index)])
+        }
+        let addresses = await onReactor(fixture.loop.reactor) { channel.pool.subchannelAddresses }
+        #expect(addresses.contains("127.0.0.1:\(fixture.server.port)"))
+    }
+
+    @Test("the wait queue is bounded: overflow fails with RESOURCE_EXHAUSTED")
+    func boundedQueue() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.maxQueuedCalls = 3
+        configuration.minConnectTimeout = .seconds(5)
+        let peer = try BadPeer(.silent)  // accepts, never answers: calls wait for READY
+        defer { peer.stop() }
+        let channel = try GRPCChannel(target: "127.0.0.1:\(peer.port)", configuration: configuration, eventLoop: loop)
+        let codes = await withTaskGroup(of: StatusCode.self) { group in
+            for _ in 0..<4 {
+                group.addTask { await channel.call([1], timeout: .milliseconds(400)).status.code }
+            }
+            return await group.reduce(into: [StatusCode]()) { $0.append($1) }
+        }
+        #expect(codes.filter { $0 == .resourceExhausted }.count == 1)
+        #expect(codes.filter { $0 == .deadlineExceeded }.count == 3)
+    }
+
     @Test("several connections per target share the calls")
     func connectionsPerTarget() async throws {
         let fixture = try LoopbackFixture()
