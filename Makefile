@@ -11,7 +11,7 @@ build: deps
 
 test: deps
 	$(SWIFT) build --build-tests
-	$(SWIFT) test
+	$(SWIFT) test --no-parallel
 
 demo: build
 	@bash scripts/demo.sh

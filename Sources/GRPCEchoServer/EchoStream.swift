@@ -83,7 +83,12 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
             return
         }
         var body: [UInt8] = []
-        if self.path == "/grpc.health.v1.Health/Check" {
+        if self.path == HealthProto.watchPath {
+            // No server streaming here: clients fall back to polling Check.
+            self.trailersOnly(code: 12, message: "grpc.health.v1.Health/Watch is not implemented by the echo server")
+            return
+        }
+        if self.path == HealthProto.checkPath {
             let service = HealthProto.decodeRequest(messages.first ?? [])
             let options = self.connection.options
             if service.isEmpty || options.healthyServices.contains(service) {

@@ -26,6 +26,8 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
     let maxReceiveMessageSize: Int
     let waitForReady: Bool
     private let completion: (UnaryResponse) -> Void
+    /// Set for a server-streaming call: each response message goes here instead of being kept.
+    private let onMessage: (([UInt8]) -> Void)?
     let pool: ServicePool
     /// Reactor clock when the pool took the call (for durations).
     var startedAt: UInt64 = 0
@@ -53,13 +55,16 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
     private var trailingMetadata = Metadata()
     private var responseMessage: [UInt8]?
     private var extraMessages = false
+    private var headerBlocksAtFirstMessage = 0
     /// A failure found while receiving (oversized, bad flag); the call ends with it.
     private var localFailure: Status?
 
     init(
         pool: ServicePool, path: String, metadata: Metadata, request: [UInt8], deadline: UInt64,
-        maxReceiveMessageSize: Int, waitForReady: Bool, completion: @escaping (UnaryResponse) -> Void
+        maxReceiveMessageSize: Int, waitForReady: Bool, onMessage: (([UInt8]) -> Void)? = nil,
+        completion: @escaping (UnaryResponse) -> Void
     ) {
+        self.onMessage = onMessage
         self.pool = pool
         self.waitForReady = waitForReady
         self.path = path
@@ -232,7 +237,10 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
         if self.isFinished || self.localFailure != nil { return }
         do {
             try self.deframer.process(bytes) { message, _ in
-                if self.responseMessage == nil {
+                if let onMessage = self.onMessage {
+                    self.headerBlocksAtFirstMessage = self.headerBlocks
+                    onMessage(message)
+                } else if self.responseMessage == nil {
                     self.responseMessage = message
                 } else {
                     self.extraMessages = true
@@ -286,7 +294,11 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
             status = Status(code: .internal, message: "stream ended without grpc-status trailers")
         }
 
-        if status.isOK {
+        if status.isOK && self.onMessage != nil {
+            if self.deframer.hasPartialMessage {
+                status = Status(code: .internal, message: "stream ended in the middle of a message")
+            }
+        } else if status.isOK {
             if self.deframer.hasPartialMessage {
                 status = Status(code: .internal, message: "stream ended in the middle of a message")
             } else if self.extraMessages {

@@ -70,6 +70,24 @@ public final class GRPCChannel: Sendable {
         path: String, request: [UInt8], metadata: Metadata = [:], options: CallOptions = CallOptions(),
         completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
+        self.start(path: path, request: request, metadata: metadata, options: options, onMessage: nil, completion: completion)
+    }
+
+    /// Starts a server-streaming call: `onMessage` receives each response message on the reactor thread, then
+    /// `completion` the final status (its `message` is empty). Used by `watchHealth`; the public streaming API
+    /// comes with the streaming issue.
+    @discardableResult
+    func serverStreaming(
+        path: String, request: [UInt8], metadata: Metadata = [:], options: CallOptions = CallOptions(),
+        onMessage: @escaping @Sendable ([UInt8]) -> Void, completion: @escaping @Sendable (UnaryResponse) -> Void
+    ) -> CallHandle {
+        self.start(path: path, request: request, metadata: metadata, options: options, onMessage: onMessage, completion: completion)
+    }
+
+    private func start(
+        path: String, request: [UInt8], metadata: Metadata, options: CallOptions,
+        onMessage: (@Sendable ([UInt8]) -> Void)?, completion: @escaping @Sendable (UnaryResponse) -> Void
+    ) -> CallHandle {
         let deadline: UInt64
         if let timeout = options.timeout {
             let nanos = max(timeout.nanoseconds, 0)
@@ -80,7 +98,7 @@ public final class GRPCChannel: Sendable {
         let call = UnaryCall(
             pool: self.pool, path: path, metadata: metadata, request: request, deadline: deadline,
             maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
-            waitForReady: options.waitForReady, completion: completion)
+            waitForReady: options.waitForReady, onMessage: onMessage, completion: completion)
         if let problem = Self.checkRequest(path: path, metadata: metadata, request: request, configuration: self.configuration) {
             call.invalid = problem
         }

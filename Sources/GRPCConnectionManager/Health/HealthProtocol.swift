@@ -19,6 +19,7 @@ public enum HealthStatus: Int, Sendable, Hashable, CustomStringConvertible {
 
 package enum HealthProto {
     package static let checkPath = "/grpc.health.v1.Health/Check"
+    package static let watchPath = "/grpc.health.v1.Health/Watch"
 
     /// HealthCheckRequest { string service = 1; }
     package static func encodeRequest(service: String) -> [UInt8] {

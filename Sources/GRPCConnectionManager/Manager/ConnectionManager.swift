@@ -157,27 +157,12 @@ public final class ConnectionManager: Sendable {
         try await self.connection(service: service).checkHealth(healthServiceName, timeout: timeout)
     }
 
-    /// Health changes of `service`'s server: polls `Check` every `interval` and yields each new status (a failed
-    /// check yields `.unknown`). The stream ends when the consumer stops iterating.
+    /// Health changes of `service`'s server, as they happen: streams `grpc.health.v1.Health/Watch`, or polls
+    /// `Check` every `pollInterval` when the server has no Watch (UNIMPLEMENTED). See `GRPCChannel.watchHealth`.
     public func watchHealth(
-        service: String, healthServiceName: String = "", interval: Duration = .seconds(5)
+        service: String, healthServiceName: String = "", pollInterval: Duration = .seconds(5)
     ) throws -> AsyncStream<HealthStatus> {
-        let channel = try self.connection(service: service)
-        return AsyncStream { continuation in
-            let task = Task {
-                var last: HealthStatus?
-                while !Task.isCancelled {
-                    let status = (try? await channel.checkHealth(healthServiceName, timeout: interval)) ?? .unknown
-                    if status != last {
-                        continuation.yield(status)
-                        last = status
-                    }
-                    try? await Task.sleep(for: interval)
-                }
-                continuation.finish()
-            }
-            continuation.onTermination = { _ in task.cancel() }
-        }
+        try self.connection(service: service).watchHealth(healthServiceName, pollInterval: pollInterval)
     }
 
     private func onReactor<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T? {
@@ -209,6 +194,66 @@ public enum ConnectionManagerError: Error, Sendable, Hashable, CustomStringConve
 }
 
 extension GRPCChannel {
+    /// Health changes of the server (or of `healthServiceName` on it), each new status once.
+    ///
+    /// Streams `grpc.health.v1.Health/Watch` (server streaming): the server sends the current status, then every
+    /// change. If the server answers UNIMPLEMENTED, falls back to calling `Check` every `pollInterval` (a failed
+    /// check yields `.unknown`). A Watch that ends or fails otherwise is reopened after `pollInterval`, as gRFC A17
+    /// does. The stream ends when the consumer stops iterating.
+    public func watchHealth(_ healthServiceName: String = "", pollInterval: Duration = .seconds(5)) -> AsyncStream<HealthStatus> {
+        AsyncStream { continuation in
+            let task = Task {
+                var last: HealthStatus?
+                func emit(_ status: HealthStatus) {
+                    if status != last {
+                        continuation.yield(status)
+                        last = status
+                    }
+                }
+                var watchSupported = true
+                while !Task.isCancelled {
+                    if watchSupported {
+                        let (updates, feed) = AsyncStream<WatchUpdate>.makeStream()
+                        let handle = self.serverStreaming(
+                            path: HealthProto.watchPath, request: HealthProto.encodeRequest(service: healthServiceName),
+                            onMessage: { feed.yield(.status(HealthProto.decodeResponse($0) ?? .unknown)) },
+                            completion: { response in
+                                feed.yield(.ended(response.status))
+                                feed.finish()
+                            })
+                        var ended = Status(code: .cancelled)
+                        await withTaskCancellationHandler {
+                            for await update in updates {
+                                switch update {
+                                case .status(let status): emit(status)
+                                case .ended(let status): ended = status
+                                }
+                            }
+                        } onCancel: {
+                            handle.cancel()
+                        }
+                        if ended.code == .unimplemented {
+                            watchSupported = false
+                            continue
+                        }
+                        if !Task.isCancelled && !ended.isOK { emit(.unknown) }
+                    } else {
+                        let status = (try? await self.checkHealth(healthServiceName, timeout: pollInterval)) ?? .unknown
+                        emit(status)
+                    }
+                    try? await Task.sleep(for: pollInterval)
+                }
+                continuation.finish()
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
+    }
+
+    private enum WatchUpdate: Sendable {
+        case status(HealthStatus)
+        case ended(Status)
+    }
+
     /// Calls `grpc.health.v1.Health/Check` for `healthServiceName` ("" = the whole server).
     /// - Throws: `RPCError` with the call's status when it is not OK, or INTERNAL for an unreadable answer.
     public func checkHealth(_ healthServiceName: String = "", timeout: Duration = .seconds(5)) async throws -> HealthStatus {

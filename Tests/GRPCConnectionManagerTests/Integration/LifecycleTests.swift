@@ -363,6 +363,28 @@ struct ConnectionManagerTests {
         #expect(codes.filter { $0 == .deadlineExceeded }.count == 3)
     }
 
+    @Test("watchHealth streams Watch from grpcio, and polls Check where Watch is unimplemented")
+    func watchHealth() async throws {
+        let peer = try PythonPeer()
+        defer { peer.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        _ = try manager.connection(service: "py", address: peer.target)
+        _ = try manager.connection(service: "echo", address: fixture.target)
+
+        var watched = try manager.watchHealth(service: "py", pollInterval: .seconds(30)).makeAsyncIterator()
+        #expect(await watched.next() == .serving)
+        peer.setHealth("", "NOT_SERVING")
+        #expect(await watched.next() == .notServing, "a change arrives over Watch, long before the 30 s poll")
+        peer.setHealth("", "SERVING")
+        #expect(await watched.next() == .serving)
+
+        var polled = try manager.watchHealth(service: "echo", pollInterval: .milliseconds(100)).makeAsyncIterator()
+        #expect(await polled.next() == .serving)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("several connections per target share the calls")
     func connectionsPerTarget() async throws {
         let fixture = try LoopbackFixture()

@@ -46,7 +46,12 @@ final class PythonPeer: @unchecked Sendable {
         port = server.add_insecure_port("127.0.0.1:%d" % (int(sys.argv[1]) if len(sys.argv) > 1 else 0))
         server.start()
         print(port, flush=True)
-        sys.stdin.read()
+        # Commands on stdin: "set NAME STATUS" ("-" = the whole server) changes a health status. EOF stops.
+        for line in sys.stdin:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "set":
+                name = "" if parts[1] == "-" else parts[1]
+                health_servicer.set(name, getattr(health_pb2.HealthCheckResponse, parts[2]))
         server.stop(0)
         """#
 
@@ -90,6 +95,12 @@ final class PythonPeer: @unchecked Sendable {
     var target: String { "127.0.0.1:\(self.port)" }
 
     var pid: Int32 { self.process.processIdentifier }
+
+    /// Changes the health status of `service` ("" = the whole server) to SERVING, NOT_SERVING, ...
+    func setHealth(_ service: String, _ status: String) {
+        let line = "set \(service.isEmpty ? "-" : service) \(status)\n"
+        self.stdin?.fileHandleForWriting.write(line.data(using: .utf8)!)
+    }
 
     /// Closes the script's stdin (it stops the server and exits), then makes sure the process is gone.
     func stop() {
