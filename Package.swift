@@ -12,12 +12,15 @@ let package = Package(
     name: "grpc-connection-manager",
     products: [
         .library(name: "GRPCConnectionManager", targets: ["GRPCConnectionManager"]),
+        .library(name: "GRPCConnectionManagerPrometheus", targets: ["GRPCConnectionManagerPrometheus"]),
         .library(name: "GRPCEchoServer", targets: ["GRPCEchoServer"]),
         .executable(name: "grpc-cm", targets: ["grpc-cm"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
@@ -28,6 +31,17 @@ let package = Package(
             dependencies: [
                 "CReactor", "CNghttp2", "COpenSSL",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        // Prometheus exposition with swift-prometheus, kept out of the core library so that it builds lean.
+        .target(
+            name: "GRPCConnectionManagerPrometheus",
+            dependencies: [
+                "GRPCConnectionManager",
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Metrics", package: "swift-metrics"),
             ],
             swiftSettings: strictSwift
         ),
@@ -39,7 +53,7 @@ let package = Package(
         .executableTarget(
             name: "grpc-cm",
             dependencies: [
-                "GRPCConnectionManager", "GRPCEchoServer", "CReactor",
+                "GRPCConnectionManager", "GRPCEchoServer", "CReactor", "GRPCConnectionManagerPrometheus",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSwift
@@ -60,7 +74,10 @@ let package = Package(
         ),
         .testTarget(
             name: "GRPCConnectionManagerTests",
-            dependencies: ["GRPCConnectionManager", "GRPCEchoServer", "CReactor"],
+            dependencies: [
+                "GRPCConnectionManager", "GRPCEchoServer", "CReactor", "GRPCConnectionManagerPrometheus",
+                .product(name: "InMemoryLogging", package: "swift-log"),
+            ],
             swiftSettings: strictSwift
         ),
     ]

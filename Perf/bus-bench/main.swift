@@ -26,17 +26,17 @@ for subscriberCount in [0, 1, 4] {
     let counter = Counter()
     for _ in 0..<subscriberCount {
         bus.subscribe { event in
-            if case .callFinished(_, _, let status, _, _) = event, status.isOK { counter.value &+= 1 }
+            if case .callFinished(_, _, let status, _, _, _, _) = event, status.isOK { counter.value &+= 1 }
         }
     }
     // Warm up, then measure.
     for index in 0..<10_000 {
-        bus.publish(.callFinished(service: service, path: path, status: ok, duration: .nanoseconds(index), attempt: 1))
+        bus.publish(.callFinished(service: service, path: path, status: ok, duration: .nanoseconds(index), attempts: 1, sentBytes: 0, receivedBytes: 0))
     }
     let allocationsBefore = cmc_allocations()
     let start = Reactor.clock()
     for index in 0..<events {
-        bus.publish(.callFinished(service: service, path: path, status: ok, duration: .nanoseconds(index), attempt: 1))
+        bus.publish(.callFinished(service: service, path: path, status: ok, duration: .nanoseconds(index), attempts: 1, sentBytes: 0, receivedBytes: 0))
     }
     let elapsed = Reactor.clock() - start
     let allocations = cmc_allocations() - allocationsBefore

@@ -19,6 +19,30 @@ public enum ConnectionEvent: Sendable {
     case goAwayReceived(service: String, connectionID: Int, errorCode: UInt32, debugData: String, tooManyPings: Bool)
     /// A call started (attempt 1 is the first).
     case callStarted(service: String, path: String, attempt: Int)
-    /// A call ended with `status` after `duration`.
-    case callFinished(service: String, path: String, status: Status, duration: Duration, attempt: Int)
+    /// One attempt of a call ended with `status` (each retry is another attempt).
+    case attemptFinished(service: String, path: String, status: Status, attempt: Int)
+    /// The retry handler will send attempt `attempt` after `delay`, because the previous one ended with `status`.
+    case retryScheduled(service: String, path: String, attempt: Int, delay: Duration, status: Status)
+    /// A call ended with `status` after `duration` and `attempts` attempts (0: refused by the circuit breaker
+    /// before any attempt). `sentBytes`/`receivedBytes` count message bytes over all attempts.
+    case callFinished(
+        service: String, path: String, status: Status, duration: Duration, attempts: Int, sentBytes: Int,
+        receivedBytes: Int)
+    /// The circuit breaker of a service and method changed state (CLOSED, OPEN, HALF_OPEN).
+    case circuitBreakerStateChanged(service: String, path: String, from: CircuitBreakerState, to: CircuitBreakerState)
+}
+
+/// A circuit breaker's state; raw values are the Go original's gauge encoding.
+public enum CircuitBreakerState: Int, Sendable, Hashable, CustomStringConvertible {
+    case closed = 0
+    case open = 1
+    case halfOpen = 2
+
+    public var description: String {
+        switch self {
+        case .closed: return "CLOSED"
+        case .open: return "OPEN"
+        case .halfOpen: return "HALF_OPEN"
+        }
+    }
 }

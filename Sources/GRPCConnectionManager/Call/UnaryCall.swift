@@ -15,6 +15,8 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
         case created
         case waiting
         case open(connection: HTTP2ClientConnection, streamID: Int32)
+        /// Between attempts: the retry timer runs.
+        case backingOff
         case finished
     }
 
@@ -34,6 +36,22 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
 
     private(set) var state: State = .created
     var deadlineTimer: Reactor.TimerID = 0
+    /// The attempt in progress (1 = the first). 0 while the circuit breaker has not let the call out.
+    var attempt = 0
+    /// Set when the attempt's own timeout ended it (the only retryable DEADLINE_EXCEEDED).
+    private var attemptTimedOut = false
+    private var attemptTimer: Reactor.TimerID = 0
+    private var retryTimer: Reactor.TimerID = 0
+    private(set) var sentBytes = 0
+    private(set) var receivedBytes = 0
+    /// The response began with a header block of its own (not trailers-only): gRFC A6 commits the call then.
+    private var trailersOnly = false
+
+    private enum TimerTag {
+        static let deadline: UInt64 = 0
+        static let retry: UInt64 = 1
+        static let attempt: UInt64 = 2
+    }
     /// Set when the request is invalid (bad path, metadata, size): the call fails before anything is sent.
     var invalid: Status?
     /// Set once a never-sent call has been moved to another connection after a GOAWAY (transparent retry).
@@ -88,10 +106,32 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
         self.pool.start(self)
     }
 
-    /// The deadline passed.
     override func reactorTimerFired(tag: UInt64) {
-        self.deadlineTimer = 0
-        self.fail(Status(code: .deadlineExceeded, message: "deadline exceeded"), reset: true)
+        switch tag {
+        case TimerTag.retry:
+            self.retryTimer = 0
+            guard case .backingOff = self.state else { return }
+            self.attempt += 1
+            self.state = .waiting
+            self.pool.dispatchAttempt(self)
+        case TimerTag.attempt:
+            self.attemptTimer = 0
+            self.attemptTimedOut = true
+            self.fail(Status(code: .deadlineExceeded, message: "attempt timed out"), reset: true, retryable: true)
+        default:
+            // The call's deadline: final, whatever attempt is running or waiting.
+            self.deadlineTimer = 0
+            self.fail(Status(code: .deadlineExceeded, message: "deadline exceeded"), reset: true)
+        }
+    }
+
+    /// Arms the per-attempt timeout when it ends before the call's deadline.
+    func armAttemptTimeout(_ timeout: Duration?) {
+        guard let timeout else { return }
+        let at = Reactor.clock() &+ UInt64(max(timeout.nanoseconds, 0))
+        if self.deadline != 0 && at >= self.deadline { return }
+        if self.attemptTimer != 0 { self.pool.reactor.cancelTimer(self.attemptTimer) }
+        self.attemptTimer = self.pool.reactor.scheduleTimer(at: at, handler: self, tag: TimerTag.attempt)
     }
 
     func markWaiting() {
@@ -106,7 +146,17 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
     /// Rewinds the call so it can be sent again from the start on another stream.
     func prepareTransparentRetry() {
         self.transparentlyRetried = true
+        self.resetAttemptState()
         self.state = .waiting
+    }
+
+    private func resetAttemptState() {
+        self.attemptTimedOut = false
+        self.trailersOnly = false
+        self.headerBlocks = 0
+        self.responseMessage = nil
+        self.extraMessages = false
+        self.localFailure = nil
         self.sendOffset = 0
         self.deframer = MessageDeframer(maxMessageSize: self.maxReceiveMessageSize)
         self.initialMetadata = Metadata()
@@ -117,25 +167,54 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
     }
 
     func markOpen(connection: HTTP2ClientConnection, streamID: Int32) {
+        self.sentBytes += self.request.count
         self.state = .open(connection: connection, streamID: streamID)
     }
 
-    /// Ends the call locally (deadline, cancel, a receive limit), resetting its stream with CANCEL if it has one.
-    func fail(_ status: Status, reset: Bool) {
+    /// Ends the attempt locally (deadline, cancel, a receive limit), resetting its stream with CANCEL if it has
+    /// one. Only an attempt timeout may be `retryable`.
+    func fail(_ status: Status, reset: Bool, retryable: Bool = false) {
         if case .open(let connection, let streamID) = self.state, reset {
             connection.resetStream(streamID, errorCode: NGHTTP2_CANCEL.rawValue)
         }
-        self.finish(UnaryResponse(status: status, initialMetadata: self.initialMetadata))
+        self.finish(UnaryResponse(status: status, initialMetadata: self.initialMetadata), retryable: retryable)
     }
 
-    /// The single completion point.
-    func finish(_ response: UnaryResponse) {
-        if case .finished = self.state { return }
-        self.state = .finished
-        if self.deadlineTimer != 0 {
-            self.pool.reactor.cancelTimer(self.deadlineTimer)
-            self.deadlineTimer = 0
+    /// Where every attempt ends. The retry handler may send another attempt; otherwise this is the call's single
+    /// completion point.
+    func finish(_ response: UnaryResponse, retryable: Bool = true) {
+        switch self.state {
+        case .finished: return
+        case .backingOff where retryable: return
+        default: break
         }
+        if self.attemptTimer != 0 {
+            self.pool.reactor.cancelTimer(self.attemptTimer)
+            self.attemptTimer = 0
+        }
+        if self.attempt > 0 {
+            if case .backingOff = self.state {
+                // Cancelled or timed out between attempts: the previous attempt was already reported.
+            } else {
+                self.pool.attemptFinished(self, status: response.status)
+                if retryable, let delay = self.pool.retryDelay(
+                    for: self, response: response, committed: self.headerBlocks > 0 && !self.trailersOnly,
+                    attemptTimedOut: self.attemptTimedOut)
+                {
+                    self.resetAttemptState()
+                    self.state = .backingOff
+                    self.retryTimer = self.pool.reactor.scheduleTimer(
+                        at: Reactor.clock() &+ UInt64(max(delay.nanoseconds, 0)), handler: self, tag: TimerTag.retry)
+                    return
+                }
+            }
+        }
+        self.state = .finished
+        for timer in [self.deadlineTimer, self.retryTimer] where timer != 0 {
+            self.pool.reactor.cancelTimer(timer)
+        }
+        self.deadlineTimer = 0
+        self.retryTimer = 0
         if self.startedAt != 0 { self.pool.callFinished(self, status: response.status) }
         self.completion(response)
     }
@@ -225,6 +304,7 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
             return
         }
         if self.headerBlocks == 0 && endStream {
+            self.trailersOnly = true
             // Trailers-only: what arrived belongs to the trailers.
             self.trailingMetadata = self.initialMetadata
             self.initialMetadata = Metadata()
@@ -235,6 +315,7 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
     /// DATA payload bytes for this stream.
     func data(_ bytes: UnsafeRawBufferPointer) {
         if self.isFinished || self.localFailure != nil { return }
+        self.receivedBytes += bytes.count
         do {
             try self.deframer.process(bytes) { message, _ in
                 if let onMessage = self.onMessage {

@@ -1,4 +1,5 @@
 import Logging
+import Metrics
 import Synchronization
 
 #if canImport(Glibc)
@@ -29,21 +30,26 @@ public final class GRPCChannel: Sendable {
     /// - Parameters:
     ///   - target: `host:port`, `[v6]:port` or `unix:/path`.
     ///   - configuration: Limits and timeouts; validated here.
-    ///   - logger: Receives state changes and connect failures; no-op by default.
+    ///   - logger: Receives the logging handler's records; no-op by default.
+    ///   - metricsFactory: Receives the metrics handler's metrics when `enableMetrics`; default: the application's
+    ///     bootstrapped `MetricsSystem.factory`.
     ///   - eventLoop: The reactor to run on; nil uses `EventLoop.shared`.
     /// - Throws: `ConfigurationError` naming the bad field or the unparsable address.
     public convenience init(
         target: String, configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
-        eventLoop: EventLoop? = nil
+        metricsFactory: (any MetricsFactory)? = nil, eventLoop: EventLoop? = nil
     ) throws {
         try configuration.validate()
         let reactor = (eventLoop ?? EventLoop.shared).reactor
         let parsed = try Target(parsing: target)
         let bus = EventBus(reactor: reactor)
+        let pipeline = CallPipeline(
+            configuration: configuration, bus: bus, logger: logger,
+            metricsFactory: metricsFactory ?? MetricsSystem.factory)
         let pool = ServicePool(
             reactor: reactor, service: target, target: parsed, configuration: configuration, bus: bus,
-            logger: logger, connectionIDs: ConnectionIDSource())
+            logger: logger, connectionIDs: ConnectionIDSource(), pipeline: pipeline)
         self.init(pool: pool, bus: bus, reactor: reactor, closesOnDeinit: true)
     }
 

@@ -16,6 +16,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
     let bus: EventBus
     let logger: Logger
     let connectionIDs: ConnectionIDSource
+    let pipeline: CallPipeline
 
     private var addresses: [SocketAddress]?
     private var subchannels: [Subchannel] = []
@@ -31,8 +32,9 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
 
     init(
         reactor: Reactor, service: String, target: Target, configuration: Configuration, bus: EventBus,
-        logger: Logger, connectionIDs: ConnectionIDSource
+        logger: Logger, connectionIDs: ConnectionIDSource, pipeline: CallPipeline
     ) {
+        self.pipeline = pipeline
         self.reactor = reactor
         self.service = service
         self.target = target
@@ -41,6 +43,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
         self.logger = logger
         self.connectionIDs = connectionIDs
         super.init()
+        pipeline.register(service: service, target: target)
         if let numeric = target.numericAddresses { self.install(numeric) }
     }
 
@@ -87,21 +90,56 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
             call.finish(UnaryResponse(status: Status(code: .unavailable, message: "the event loop is shutting down")))
             return
         }
-        call.startedAt = self.reactor.now
+        call.startedAt = Reactor.clock()
         self.bus.publish(.callStarted(service: self.service, path: call.path, attempt: 1))
+        if let breaker = self.pipeline.breaker, !breaker.acquire(service: self.service, path: call.path) {
+            // Refused without touching the network; reported as a call with no attempt.
+            call.finish(
+                UnaryResponse(status: Status(code: .unavailable, message: "circuit breaker is open")), retryable: false)
+            return
+        }
+        call.attempt = 1
         if call.deadline != 0 && call.deadlineTimer == 0 {
             call.deadlineTimer = self.reactor.scheduleTimer(at: call.deadline, handler: call)
         }
+        self.dispatchAttempt(call)
+    }
+
+    /// Sends an attempt (the first, or a retry after its backoff).
+    func dispatchAttempt(_ call: UnaryCall) {
+        call.armAttemptTimeout(self.pipeline.retry?.perAttemptTimeout(path: call.path))
         self.dispatch(call)
     }
 
-    /// A call finished (the single completion point calls this): publish it.
+    /// An attempt ended: publish it (the retry throttle learns from it).
+    func attemptFinished(_ call: UnaryCall, status: Status) {
+        self.bus.publish(.attemptFinished(service: self.service, path: call.path, status: status, attempt: call.attempt))
+    }
+
+    /// Asks the retry handler for another attempt; publishes the retry it schedules.
+    func retryDelay(for call: UnaryCall, response: UnaryResponse, committed: Bool, attemptTimedOut: Bool) -> Duration? {
+        guard let retry = self.pipeline.retry, !self.closed, !response.status.isOK else { return nil }
+        guard
+            let delay = retry.retryDelay(
+                service: self.service, path: call.path, status: response.status, trailers: response.trailingMetadata,
+                attempt: call.attempt, committed: committed, attemptTimedOut: attemptTimedOut, deadline: call.deadline,
+                now: Reactor.clock())
+        else { return nil }
+        self.bus.publish(
+            .retryScheduled(
+                service: self.service, path: call.path, attempt: call.attempt + 1, delay: delay, status: response.status))
+        return delay
+    }
+
+    /// A call finished (its single completion point calls this): publish it.
     @inline(__always)
     func callFinished(_ call: UnaryCall, status: Status) {
         if self.bus.hasSubscribers {
             let duration = Duration.nanoseconds(Int64(bitPattern: Reactor.clock() &- call.startedAt))
             self.bus.publish(
-                .callFinished(service: self.service, path: call.path, status: status, duration: duration, attempt: 1))
+                .callFinished(
+                    service: self.service, path: call.path, status: status, duration: duration, attempts: call.attempt,
+                    sentBytes: call.sentBytes, receivedBytes: call.receivedBytes))
         }
     }
 

@@ -137,15 +137,6 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
     private func transition(from old: ConnectivityState, reason: Status?) {
         let new = self.machine.state
         guard old != new else { return }
-        if new == .transientFailure || old == .transientFailure || new == .shutdown {
-            self.logger.info(
-                "connectivity state changed",
-                metadata: [
-                    "grpc.service": "\(self.service)", "grpc.connection_id": "\(self.currentConnectionID)",
-                    "grpc.address": "\(self.address)", "grpc.state.old": "\(old)", "grpc.state.new": "\(new)",
-                    "grpc.reason": "\(reason?.message ?? "")",
-                ])
-        }
         self.bus.publish(
             .connectivityStateChanged(
                 service: self.service, connectionID: self.currentConnectionID, from: old, to: new, reason: reason))
@@ -232,13 +223,6 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
         if tooManyPings {
             let doubled = connection.keepAliveTime * 2
             if doubled > self.keepAliveTime { self.keepAliveTime = doubled }
-            self.logger.warning(
-                "server sent GOAWAY too_many_pings: keepalive time doubled for new connections",
-                metadata: [
-                    "grpc.service": "\(self.service)", "grpc.address": "\(self.address)",
-                    "grpc.keepalive_time.old": "\(connection.keepAliveTime)",
-                    "grpc.keepalive_time.new": "\(self.keepAliveTime)",
-                ])
         }
         self.bus.publish(
             .goAwayReceived(
@@ -266,8 +250,6 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
         self.transport = nil
         if connection.keepaliveTimedOut {
             self.bus.publish(.keepaliveTimeout(service: self.service, connectionID: connection.id))
-            self.logger.warning(
-                "keepalive timeout", metadata: ["grpc.service": "\(self.service)", "grpc.address": "\(self.address)"])
         }
         let old = self.machine.state
         let unit = Double.random(in: 0..<1, using: &self.generator)
@@ -281,12 +263,6 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
                     .connectAttemptFailed(
                         service: self.service, connectionID: connection.id, address: self.address, error: error,
                         backoff: delay))
-                self.logger.warning(
-                    "connect attempt failed",
-                    metadata: [
-                        "grpc.service": "\(self.service)", "grpc.address": "\(self.address)",
-                        "grpc.error": "\(error.message)", "grpc.backoff": "\(delay)",
-                    ])
             }
         }
         // Calls never sent go back to the pool before the state changes, so that fail-fast ones see TF.

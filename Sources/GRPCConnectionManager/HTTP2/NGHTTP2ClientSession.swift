@@ -190,7 +190,8 @@ struct HeaderScratch {
     }
 
     mutating func submit(
-        session: OpaquePointer, path: String, timeoutNanos: Int64?, metadata: Metadata, call: UnsafeMutableRawPointer
+        session: OpaquePointer, path: String, timeoutNanos: Int64?, metadata: Metadata, previousAttempts: Int,
+        call: UnsafeMutableRawPointer
     ) -> Int32 {
         self.bytes.removeSubrange(self.staticEnd...)
         self.fields.removeSubrange(self.staticFieldCount...)
@@ -199,6 +200,10 @@ struct HeaderScratch {
         var timeoutField: (name: Range<Int>, value: Range<Int>)? = nil
         if let timeout = timeoutNanos {
             timeoutField = (name: self.append("grpc-timeout"), value: self.append(GRPCTimeout.encode(nanoseconds: timeout)))
+        }
+        if previousAttempts > 0 {
+            // gRFC A6: how many attempts came before this one.
+            self.fields.append((name: self.append("grpc-previous-rpc-attempts"), value: self.append(String(previousAttempts))))
         }
         for entry in metadata {
             let name = self.append(entry.name)

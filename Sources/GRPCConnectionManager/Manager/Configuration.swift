@@ -40,6 +40,41 @@ public struct Configuration: Sendable, Hashable {
     /// HTTP/2 settings of each connection.
     public var http2 = HTTP2()
 
+    /// Log calls (debug), state and breaker changes (info), retries and connect failures (warning) to the
+    /// manager's `Logger`. Default true.
+    public var enableLogging: Bool = true
+    /// Record metrics through the manager's `MetricsFactory`. Default false (the Go original's).
+    public var enableMetrics: Bool = false
+    /// Retry failed calls with `retry`. Default true.
+    public var enableRetry: Bool = true
+    /// Guard each service and method with a circuit breaker. Default true.
+    public var enableCircuitBreaker: Bool = true
+
+    /// Retry policy, per-method overrides and throttling.
+    public var retry = Retry()
+    /// Circuit breaker settings.
+    public var circuitBreaker = CircuitBreakerConfiguration()
+
+    /// Retry settings.
+    public struct Retry: Sendable, Hashable {
+        /// The policy for every method without an override.
+        public var policy = RetryPolicy()
+        /// Overrides keyed by `/package.Service/Method`, or `/package.Service/` for a whole service.
+        public var perMethod: [String: RetryPolicy] = [:]
+        /// Token-bucket throttling per target (nil: off). Default maxTokens 10, tokenRatio 0.1.
+        public var throttling: RetryThrottling? = RetryThrottling()
+
+        public init() {}
+
+        func policy(for path: String) -> RetryPolicy {
+            if let exact = self.perMethod[path] { return exact }
+            if let slash = path.lastIndex(of: "/"), let service = self.perMethod[String(path[...slash])] {
+                return service
+            }
+            return self.policy
+        }
+    }
+
     /// Text put before `grpc-swift-cm/<version>` in the user-agent header (nil: none).
     public var userAgentPrefix: String? = nil
 
@@ -131,6 +166,17 @@ public struct Configuration: Sendable, Hashable {
         if self.http2.maxHeaderListSize <= 0 {
             throw ConfigurationError(field: "http2.maxHeaderListSize", message: "must be greater than zero")
         }
+        try self.retry.policy.validate(field: "retry.policy")
+        for (path, policy) in self.retry.perMethod { try policy.validate(field: "retry.perMethod[\(path)]") }
+        if let throttling = self.retry.throttling {
+            if !(1...1000).contains(throttling.maxTokens) {
+                throw ConfigurationError(field: "retry.throttling.maxTokens", message: "must be 1...1000")
+            }
+            if !(throttling.tokenRatio > 0) {
+                throw ConfigurationError(field: "retry.throttling.tokenRatio", message: "must be greater than zero")
+            }
+        }
+        try self.circuitBreaker.validate()
         if let prefix = self.userAgentPrefix {
             for byte in prefix.utf8 where byte < 0x20 || byte > 0x7E {
                 throw ConfigurationError(field: "userAgentPrefix", message: "must be printable ASCII")

@@ -1,4 +1,5 @@
 import Logging
+import Metrics
 
 #if canImport(Glibc)
 import Glibc
@@ -28,6 +29,9 @@ public final class ConnectionManager: Sendable {
     public let events: EventBus
     let reactor: Reactor
     let logger: Logger
+    let pipeline: CallPipeline
+    /// The factory the metrics handler records into.
+    public let metricsFactory: any MetricsFactory
     private let connectionIDs = ConnectionIDSource()
     private let registry = PThreadLock<Registry>(Registry())
 
@@ -40,12 +44,17 @@ public final class ConnectionManager: Sendable {
     /// Creates a manager.
     /// - Parameters:
     ///   - configuration: Validated here.
-    ///   - logger: Receives state changes (info) and connect failures (warning); no-op by default.
+    ///   - logger: Receives the logging handler's records (calls at debug, state and breaker changes at info,
+    ///     retries and connect failures at warning); no-op by default. The library never bootstraps LoggingSystem.
+    ///   - metricsFactory: Receives the metrics when `enableMetrics` is on; default: the application's
+    ///     `MetricsSystem.factory`. Pass a `PrometheusMetrics` (GRPCConnectionManagerPrometheus) to get
+    ///     `metricsText()`. The library never bootstraps MetricsSystem.
     ///   - eventLoop: The reactor; nil uses `EventLoop.shared`.
     /// - Throws: `ConfigurationError` naming the first bad field.
     public init(
         configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
+        metricsFactory: (any MetricsFactory)? = nil,
         eventLoop: EventLoop? = nil
     ) throws {
         try configuration.validate()
@@ -53,6 +62,15 @@ public final class ConnectionManager: Sendable {
         self.logger = logger
         self.reactor = (eventLoop ?? EventLoop.shared).reactor
         self.events = EventBus(reactor: self.reactor)
+        self.metricsFactory = metricsFactory ?? MetricsSystem.factory
+        self.pipeline = CallPipeline(
+            configuration: configuration, bus: self.events, logger: logger, metricsFactory: self.metricsFactory)
+    }
+
+    /// The metrics in Prometheus text format, when the metrics factory can render them (`PrometheusMetrics` can);
+    /// nil otherwise. Serve it on your `/metrics` endpoint.
+    public func metricsText() -> String? {
+        (self.metricsFactory as? any MetricsTextExporting)?.exposition()
     }
 
     /// The channel of `service`, registering `address` for it (or reusing the one registered before when
@@ -80,7 +98,7 @@ public final class ConnectionManager: Sendable {
             replaced = registry.channels[service]
             let pool = ServicePool(
                 reactor: self.reactor, service: service, target: target, configuration: self.configuration,
-                bus: self.events, logger: self.logger, connectionIDs: self.connectionIDs)
+                bus: self.events, logger: self.logger, connectionIDs: self.connectionIDs, pipeline: self.pipeline)
             let channel = GRPCChannel(pool: pool, bus: self.events, reactor: self.reactor, closesOnDeinit: false)
             registry.addresses[service] = resolved
             registry.channels[service] = channel
@@ -266,4 +284,10 @@ extension GRPCChannel {
         }
         return status
     }
+}
+
+/// A metrics factory that can render what it holds as text (Prometheus exposition format).
+public protocol MetricsTextExporting {
+    /// The exposition text.
+    func exposition() -> String
 }

@@ -11,6 +11,8 @@ struct LifecycleTests {
         var configuration = Configuration()
         configuration.maxReconnectDelay = .milliseconds(300)
         configuration.minConnectTimeout = .seconds(2)
+        // These tests are about connections: each call is one attempt (retries have their own tests).
+        configuration.enableRetry = false
         return configuration
     }
 
@@ -231,7 +233,7 @@ struct LifecycleTests {
         #expect(failed.count == 1)
         #expect(failed[0] >= .milliseconds(80) && failed[0] <= .milliseconds(120))
         let calls = recorder.all.compactMap { event -> StatusCode? in
-            if case .callFinished(_, "/echo.Echo/Get", let status, _, 1) = event { return status.code }
+            if case .callFinished(_, "/echo.Echo/Get", let status, _, _, _, _) = event { return status.code }
             return nil
         }
         #expect(calls == [.unavailable, .ok])

@@ -104,7 +104,9 @@ final class EventRecorder: Sendable {
             case .connectivityStateChanged(_, _, let from, let to, _): return "\(from)>\(to)"
             case .goAwayReceived: return "goaway"
             case .keepaliveTimeout: return "keepalive"
-            case .callStarted, .callFinished: return nil
+            case .retryScheduled: return "retry"
+            case .circuitBreakerStateChanged(_, _, let from, let to): return "breaker:\(from)>\(to)"
+            case .callStarted, .callFinished, .attemptFinished: return nil
             }
         }
     }

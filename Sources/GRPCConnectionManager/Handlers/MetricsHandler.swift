@@ -1,0 +1,117 @@
+import CoreMetrics
+
+/// Metrics through swift-metrics, from the bus. The six metrics of the Go original, with its names, labels and
+/// state encodings, plus attempts per call, connect attempts and failures, keepalive timeouts, GOAWAYs and bytes.
+///
+/// | name | type | labels |
+/// | --- | --- | --- |
+/// | grpc_client_requests_total | counter | service, method, code |
+/// | grpc_client_request_duration_seconds | histogram (timer) | service, method |
+/// | grpc_client_connections_active | gauge | service |
+/// | grpc_client_connection_state | gauge (0 IDLE … 4 SHUTDOWN) | service, state |
+/// | grpc_client_retries_total | counter | service, method |
+/// | grpc_client_circuit_breaker_state | gauge (0 closed, 1 open, 2 half-open) | service, method |
+/// | grpc_client_attempts_per_call | histogram (recorder) | service, method |
+/// | grpc_client_connect_attempts_total, grpc_client_connect_failures_total | counter | service |
+/// | grpc_client_keepalive_timeouts_total | counter | service |
+/// | grpc_client_goaways_total | counter | service, code |
+/// | grpc_client_sent_bytes_total, grpc_client_received_bytes_total | counter | service |
+///
+/// `code` is the status's proto name (`OK`, `UNAVAILABLE`, …) and `method` the full path (`/pkg.Service/Method`).
+/// Metric objects are made once per label set and cached. Reactor thread only.
+final class MetricsHandler: @unchecked Sendable {
+    // `@unchecked`: the caches are touched on the reactor thread only (bus dispatch).
+    static let requestDurationLabel = "grpc_client_request_duration_seconds"
+    /// The Go original's buckets, in seconds.
+    static let requestDurationBuckets: [Double] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+
+    private let factory: any MetricsFactory
+    private var counters: [String: CoreMetrics.Counter] = [:]
+    private var timers: [String: CoreMetrics.Timer] = [:]
+    private var recorders: [String: Recorder] = [:]
+    private var gauges: [String: Gauge] = [:]
+    private var readyConnections: [String: Int] = [:]
+
+    init(factory: any MetricsFactory, bus: EventBus) {
+        self.factory = factory
+        bus.subscribe { [weak self] event in self?.record(event) }
+    }
+
+    private func counter(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Counter {
+        let key = Self.key(label, dimensions)
+        if let counter = self.counters[key] { return counter }
+        let counter = CoreMetrics.Counter(label: label, dimensions: dimensions, factory: self.factory)
+        self.counters[key] = counter
+        return counter
+    }
+
+    private func gauge(_ label: String, _ dimensions: [(String, String)]) -> Gauge {
+        let key = Self.key(label, dimensions)
+        if let gauge = self.gauges[key] { return gauge }
+        let gauge = Gauge(label: label, dimensions: dimensions, factory: self.factory)
+        self.gauges[key] = gauge
+        return gauge
+    }
+
+    private static func key(_ label: String, _ dimensions: [(String, String)]) -> String {
+        dimensions.reduce(label) { $0 + "\u{0}" + $1.0 + "=" + $1.1 }
+    }
+
+    private func record(_ event: ConnectionEvent) {
+        switch event {
+        case .callFinished(let service, let path, let status, let duration, let attempts, let sent, let received):
+            self.counter("grpc_client_requests_total", [("service", service), ("method", path), ("code", status.code.protoName)])
+                .increment()
+            let timerKey = Self.key(Self.requestDurationLabel, [("service", service), ("method", path)])
+            let timer =
+                self.timers[timerKey]
+                ?? {
+                    let timer = CoreMetrics.Timer(
+                        label: Self.requestDurationLabel, dimensions: [("service", service), ("method", path)],
+                        factory: self.factory)
+                    self.timers[timerKey] = timer
+                    return timer
+                }()
+            timer.recordNanoseconds(duration.nanoseconds)
+            let recorderKey = Self.key("grpc_client_attempts_per_call", [("service", service), ("method", path)])
+            let recorder =
+                self.recorders[recorderKey]
+                ?? {
+                    let recorder = Recorder(
+                        label: "grpc_client_attempts_per_call", dimensions: [("service", service), ("method", path)],
+                        aggregate: true, factory: self.factory)
+                    self.recorders[recorderKey] = recorder
+                    return recorder
+                }()
+            recorder.record(attempts)
+            if sent > 0 { self.counter("grpc_client_sent_bytes_total", [("service", service)]).increment(by: sent) }
+            if received > 0 {
+                self.counter("grpc_client_received_bytes_total", [("service", service)]).increment(by: received)
+            }
+        case .retryScheduled(let service, let path, _, _, _):
+            self.counter("grpc_client_retries_total", [("service", service), ("method", path)]).increment()
+        case .connectivityStateChanged(let service, _, let from, let to, _):
+            // The Go original's encoding: the gauge labelled with the state name holds the state's number.
+            self.gauge("grpc_client_connection_state", [("service", service), ("state", to.description)])
+                .record(to.rawValue)
+            var ready = self.readyConnections[service, default: 0]
+            if to == .ready { ready += 1 }
+            if from == .ready { ready = max(0, ready - 1) }
+            self.readyConnections[service] = ready
+            self.gauge("grpc_client_connections_active", [("service", service)]).record(ready)
+        case .circuitBreakerStateChanged(let service, let path, _, let to):
+            self.gauge("grpc_client_circuit_breaker_state", [("service", service), ("method", path)]).record(to.rawValue)
+        case .connectAttemptStarted(let service, _, _):
+            self.counter("grpc_client_connect_attempts_total", [("service", service)]).increment()
+        case .connectAttemptFailed(let service, _, _, _, _):
+            self.counter("grpc_client_connect_failures_total", [("service", service)]).increment()
+        case .keepaliveTimeout(let service, _):
+            self.counter("grpc_client_keepalive_timeouts_total", [("service", service)]).increment()
+        case .goAwayReceived(let service, _, let code, _, _):
+            self.counter("grpc_client_goaways_total", [("service", service), ("code", HTTP2ErrorCode.name(code))])
+                .increment()
+        case .callStarted, .attemptFinished, .connectAttemptSucceeded:
+            break
+        }
+    }
+}
