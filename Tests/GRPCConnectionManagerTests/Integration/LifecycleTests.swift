@@ -11,8 +11,10 @@ struct LifecycleTests {
         var configuration = Configuration()
         configuration.maxReconnectDelay = .milliseconds(300)
         configuration.minConnectTimeout = .seconds(2)
-        // These tests are about connections: each call is one attempt (retries have their own tests).
+        // These tests are about connections: each call is one attempt, and no breaker stands in the way (retry
+        // and breaker have their own tests).
         configuration.enableRetry = false
+        configuration.enableCircuitBreaker = false
         return configuration
     }
 
