@@ -13,7 +13,9 @@ import Glibc
 /// - `grpc.health.v1.Health/Check` answers SERVING for "" and for the services in `Options.healthyServices`,
 ///   NOT_SERVING for `Options.notServingServices`, NOT_FOUND otherwise.
 /// - Test metadata provokes failures on purpose: `x-fail-code` / `x-fail-message` answer with that status
-///   (trailers-only), `x-sleep-ms` answers later (a reactor timer, never a blocked thread).
+///   (trailers-only), `x-sleep-ms` answers later (a reactor timer, never a blocked thread), `x-fail-first: N` with
+///   `x-request-key: K` fails the first N attempts of key K (with `x-fail-code`, UNAVAILABLE by default), and
+///   `x-pushback-ms: V` adds `grpc-retry-pushback-ms: V` to a failure.
 /// - Request metadata that is not reserved is echoed back in the response headers.
 public final class EchoServer: Sendable {
     /// Server settings.
@@ -118,6 +120,8 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     private var registration: Reactor.Registration?
     private var connections: [ObjectIdentifier: EchoServerConnection] = [:]
     private var closed = false
+    /// Attempts seen per `x-request-key`, for `x-fail-first`.
+    var attempts: [String: Int] = [:]
 
     init(reactor: Reactor, fd: Int32, options: EchoServer.Options, ownsLoop: EventLoop?) {
         self.reactor = reactor

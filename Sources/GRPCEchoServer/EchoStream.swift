@@ -11,6 +11,9 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     var failMessage = ""
     var sleepMilliseconds = 0
     var responseBytes: Int?
+    var failFirst = 0
+    var requestKey: String?
+    var pushback: String?
     var requestBody: [UInt8] = []
     var responseBody: [UInt8] = []
     var responseOffset = 0
@@ -26,7 +29,8 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     /// Headers that are not echoed back.
     private static let notEchoed: Set<String> = [
         "te", "content-type", "user-agent", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
-        "x-fail-code", "x-fail-message", "x-sleep-ms", "x-response-bytes",
+        "x-fail-code", "x-fail-message", "x-sleep-ms", "x-response-bytes", "x-fail-first", "x-request-key",
+        "x-pushback-ms",
     ]
 
     func header(name: String, value: String) {
@@ -36,6 +40,9 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         case "x-fail-message": self.failMessage = PercentEncoding.decode(value)  // lets tests send any Unicode
         case "x-sleep-ms": self.sleepMilliseconds = max(0, Int(value) ?? 0)
         case "x-response-bytes": self.responseBytes = max(0, Int(value) ?? 0)
+        case "x-fail-first": self.failFirst = max(0, Int(value) ?? 0)
+        case "x-request-key": self.requestKey = value
+        case "x-pushback-ms": self.pushback = value
         default:
             if !name.hasPrefix(":") && !Self.notEchoed.contains(name) { self.metadata.append((name, value)) }
         }
@@ -78,8 +85,20 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
             self.trailersOnly(code: status.code.rawValue, message: status.message)
             return
         }
-        if let code = self.failCode, code != 0 {
-            self.trailersOnly(code: code, message: self.failMessage)
+        if self.failFirst > 0 {
+            // Fail the first N attempts of each request key (UNAVAILABLE unless x-fail-code says otherwise), then
+            // answer normally: retries are tested against this.
+            let key = self.requestKey ?? ""
+            let seen = self.connection.listener.attempts[key, default: 0]
+            self.connection.listener.attempts[key] = seen + 1
+            if seen < self.failFirst {
+                self.trailersOnly(
+                    code: self.failCode ?? 14, message: "failing attempt \(seen + 1) of \(self.failFirst) on purpose",
+                    pushback: self.pushback)
+                return
+            }
+        } else if let code = self.failCode, code != 0 {
+            self.trailersOnly(code: code, message: self.failMessage, pushback: self.pushback)
             return
         }
         var body: [UInt8] = []
@@ -113,11 +132,12 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         self.connection.respond(self, headers: headers, body: body, trailers: [("grpc-status", "0")])
     }
 
-    private func trailersOnly(code: Int, message: String) {
+    private func trailersOnly(code: Int, message: String, pushback: String? = nil) {
         var headers: [(String, String)] = [
             (":status", "200"), ("content-type", "application/grpc"), ("grpc-status", String(code)),
         ]
         if !message.isEmpty { headers.append(("grpc-message", PercentEncoding.encode(message))) }
+        if let pushback { headers.append(("grpc-retry-pushback-ms", pushback)) }
         self.connection.respondTrailersOnly(self, headers: headers)
     }
 }

@@ -1,0 +1,156 @@
+import Testing
+
+@testable import GRPCConnectionManager
+
+/// The breaker with a fake clock: no sleeps.
+@Suite("CircuitBreakerStateMachine")
+struct CircuitBreakerStateMachineTests {
+    static let second: UInt64 = 1_000_000_000
+
+    /// Feeds "s" (success), "f" (failure) and "+N" (advance N seconds, then acquire); returns the states seen.
+    static func run(_ script: [String], configuration: CircuitBreakerConfiguration = CircuitBreakerConfiguration())
+        -> (states: [String], permits: [Bool])
+    {
+        var machine = CircuitBreakerStateMachine(configuration: configuration)
+        var now: UInt64 = 1_000 * Self.second
+        var states: [String] = []
+        var permits: [Bool] = []
+        for step in script {
+            if step.hasPrefix("+") {
+                now += UInt64(Int(step.dropFirst())!) * Self.second
+                continue
+            }
+            let permitted = machine.acquire(now: now).permitted
+            permits.append(permitted)
+            if permitted {
+                _ = machine.record(step == "f" ? .failure : .success, now: now)
+            }
+            states.append("\(machine.state)")
+        }
+        return (states, permits)
+    }
+
+    @Test("the original: 5 failures open it; open rejects; after the timeout a probe; 2 successes close it")
+    func originalTransitions() {
+        let (states, permits) = Self.run(["f", "f", "f", "f", "f", "s", "+29", "s", "+1", "s", "s", "s"])
+        #expect(states == ["CLOSED", "CLOSED", "CLOSED", "CLOSED", "OPEN", "OPEN", "OPEN", "HALF_OPEN", "CLOSED", "CLOSED"])
+        #expect(permits == [true, true, true, true, true, false, false, true, true, true])
+    }
+
+    @Test("a failure in half-open opens it again for another timeout")
+    func halfOpenFailureReopens() {
+        let (states, permits) = Self.run(["f", "f", "f", "f", "f", "+30", "f", "s", "+30", "s", "s"])
+        #expect(states == ["CLOSED", "CLOSED", "CLOSED", "CLOSED", "OPEN", "OPEN", "OPEN", "HALF_OPEN", "CLOSED"])
+        #expect(permits == [true, true, true, true, true, true, false, true, true])
+    }
+
+    @Test("a success resets the consecutive count; only the failure codes count")
+    func successResetsAndCodesClassify() {
+        let (states, _) = Self.run(["f", "f", "f", "f", "s", "f", "f", "f", "f"])
+        #expect(states.allSatisfy { $0 == "CLOSED" })
+        let machine = CircuitBreakerStateMachine(configuration: CircuitBreakerConfiguration())
+        for code in [StatusCode.unavailable, .deadlineExceeded, .resourceExhausted] {
+            #expect(machine.classify(code, duration: .zero) == .failure)
+        }
+        for code in [StatusCode.ok, .invalidArgument, .notFound, .internal, .unknown, .cancelled, .aborted] {
+            #expect(machine.classify(code, duration: .zero) == .success)
+        }
+    }
+
+    @Test("slow calls count as failures when a threshold is set")
+    func slowCalls() {
+        var configuration = CircuitBreakerConfiguration()
+        configuration.slowCallDurationThreshold = .milliseconds(500)
+        let machine = CircuitBreakerStateMachine(configuration: configuration)
+        #expect(machine.classify(.ok, duration: .milliseconds(501)) == .failure)
+        #expect(machine.classify(.ok, duration: .milliseconds(499)) == .success)
+    }
+
+    @Test("failure rate over a count window opens once the minimum number of calls is in")
+    func failureRateCountWindow() {
+        var configuration = CircuitBreakerConfiguration()
+        configuration.mode = .failureRate
+        configuration.failureRateThreshold = 0.5
+        configuration.minimumNumberOfCalls = 4
+        configuration.slidingWindow = .count(4)
+        // 3 calls with 2 failures: below the minimum. The 4th (2 of 4 failed = 50 %) opens it.
+        #expect(Self.run(["f", "s", "f", "s"], configuration: configuration).states == ["CLOSED", "CLOSED", "CLOSED", "OPEN"])
+        // The window slides: old failures drop out.
+        #expect(Self.run(["f", "s", "s", "s", "s", "s", "f"], configuration: configuration).states.last == "CLOSED")
+    }
+
+    @Test("failure rate over a time window forgets outcomes older than the window")
+    func failureRateTimeWindow() {
+        var configuration = CircuitBreakerConfiguration()
+        configuration.mode = .failureRate
+        configuration.failureRateThreshold = 0.6
+        configuration.minimumNumberOfCalls = 3
+        configuration.slidingWindow = .time(seconds: 10)
+        #expect(Self.run(["f", "f", "+11", "s", "s", "f"], configuration: configuration).states.last == "CLOSED")
+        #expect(Self.run(["f", "f", "+5", "f"], configuration: configuration).states.last == "OPEN")
+    }
+
+    @Test("half-open admits at most permittedCallsInHalfOpen concurrent probes")
+    func halfOpenProbeLimit() {
+        var configuration = CircuitBreakerConfiguration()
+        configuration.failureThreshold = 1
+        configuration.permittedCallsInHalfOpen = 2
+        var machine = CircuitBreakerStateMachine(configuration: configuration)
+        _ = machine.acquire(now: 0)
+        _ = machine.record(.failure, now: 0)
+        #expect(machine.state == .open)
+        let later = 31 * Self.second
+        let first = machine.acquire(now: later)
+        #expect(first.permitted && first.changed?.to == .halfOpen)
+        #expect(machine.acquire(now: later).permitted)
+        #expect(!machine.acquire(now: later).permitted, "a third concurrent probe fails fast")
+        _ = machine.record(.success, now: later)
+        #expect(machine.acquire(now: later).permitted, "a finished probe frees its slot")
+    }
+}
+
+@Suite("RetryPolicy")
+struct RetryPolicyTests {
+    @Test("full-jitter backoff: uniform in [0, min(100 ms x 2^(n-1), 3 s)]")
+    func backoff() {
+        let policy = RetryPolicy()
+        #expect(policy.backoff(retry: 1, unit: 1) == .milliseconds(100))
+        #expect(policy.backoff(retry: 2, unit: 1) == .milliseconds(200))
+        #expect(policy.backoff(retry: 3, unit: 0.5) == .milliseconds(200))
+        #expect(policy.backoff(retry: 10, unit: 1) == .seconds(3))
+        #expect(policy.backoff(retry: 1, unit: 0) == .zero)
+    }
+
+    @Test("the throttle stops retries at half the tokens and lets them resume")
+    func throttle() {
+        var bucket = RetryThrottle(RetryThrottling())
+        #expect(bucket.retriesAllowed)
+        for _ in 0..<5 { bucket.recordFailure() }
+        #expect(!bucket.retriesAllowed, "5 of 10 left: not more than half")
+        bucket.recordSuccess()
+        #expect(bucket.retriesAllowed, "5.1 of 10")
+    }
+
+    @Test(
+        "pushback: a delay, or stop on negative, malformed or repeated values",
+        arguments: [
+            (["250"], RetryPushback.after(.milliseconds(250))), (["0"], .after(.zero)), (["-1"], .stop), (["abc"], .stop),
+            (["01"], .stop), (["1", "2"], .stop), ([], .none),
+        ] as [([String], RetryPushback)])
+    func pushback(values: [String], expected: RetryPushback) {
+        #expect(RetryPushback(values.map { .string($0) }) == expected)
+    }
+
+    @Test("per-method overrides: exact method, then service, then the default")
+    func perMethod() {
+        var retry = Configuration.Retry()
+        var once = RetryPolicy()
+        once.maxAttempts = 1
+        var five = RetryPolicy()
+        five.maxAttempts = 5
+        retry.perMethod = ["/a.B/C": once, "/a.B/": five]
+        #expect(retry.policy(for: "/a.B/C").maxAttempts == 1)
+        #expect(retry.policy(for: "/a.B/D").maxAttempts == 5)
+        #expect(retry.policy(for: "/x.Y/Z").maxAttempts == 3)
+    }
+}

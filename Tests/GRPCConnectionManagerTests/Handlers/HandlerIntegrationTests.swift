@@ -1,0 +1,287 @@
+import Foundation
+import GRPCConnectionManagerPrometheus
+import GRPCEchoServer
+import InMemoryLogging
+import Logging
+import Testing
+
+@testable import GRPCConnectionManager
+
+/// Retry, breaker, metrics and logging against the embedded server, each checked through what it produces.
+@Suite("Handlers against the embedded server", .serialized)
+struct HandlerIntegrationTests {
+    static func failFirst(_ count: Int, key: String, code: Int? = nil, pushback: String? = nil) -> Metadata {
+        var metadata = Metadata()
+        metadata.add("x-fail-first", String(count))
+        metadata.add("x-request-key", key)
+        if let code { metadata.add("x-fail-code", String(code)) }
+        if let pushback { metadata.add("x-pushback-ms", pushback) }
+        return metadata
+    }
+
+    static func attempts(_ recorder: EventRecorder, path: String = "/echo.Echo/Get") -> [Int] {
+        recorder.all.compactMap {
+            if case .callFinished(_, path, _, _, let attempts, _, _) = $0 { return attempts }
+            return nil
+        }
+    }
+
+    func makeManager(_ fixture: LoopbackFixture, _ adjust: (inout Configuration) -> Void = { _ in })
+        throws -> (ConnectionManager, GRPCChannel, EventRecorder)
+    {
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        adjust(&configuration)
+        let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        manager.events.subscribe { recorder.record($0) }
+        return (manager, try manager.connection(service: "echo", address: fixture.target), recorder)
+    }
+
+    @Test("retry succeeds on attempt N+1 within maxAttempts, with grpc-previous-rpc-attempts")
+    func retrySucceeds() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeManager(fixture)
+        let response = await channel.call([1], metadata: Self.failFirst(2, key: "a"), timeout: .seconds(5))
+        #expect(response.status == .ok)
+        #expect(response.initialMetadata["grpc-previous-rpc-attempts"] == "2")
+        #expect(await eventually { Self.attempts(recorder) == [3] })
+        #expect(recorder.story.filter { $0 == "retry" }.count == 2)
+        // Three failures exhaust the default 3 attempts.
+        let exhausted = await channel.call([1], metadata: Self.failFirst(3, key: "b"), timeout: .seconds(5))
+        #expect(exhausted.status.code == .unavailable)
+        #expect(await eventually { Self.attempts(recorder) == [3, 3] })
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("non-retryable codes are tried once; enableRetry false tries once")
+    func nonRetryable() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeManager(fixture)
+        let response = await channel.call([1], metadata: Self.failFirst(1, key: "c", code: 3), timeout: .seconds(5))
+        #expect(response.status.code == .invalidArgument)
+        #expect(await eventually { Self.attempts(recorder) == [1] })
+        await manager.close(gracePeriod: .seconds(1))
+
+        let (off, offChannel, offRecorder) = try self.makeManager(fixture) { $0.enableRetry = false }
+        #expect(await offChannel.call([1], metadata: Self.failFirst(1, key: "d"), timeout: .seconds(5)).status.code == .unavailable)
+        #expect(await eventually { Self.attempts(offRecorder) == [1] })
+        await off.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("server pushback sets the wait; a negative pushback stops retrying")
+    func pushback() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeManager(fixture)
+        let started = now()
+        let response = await channel.call([1], metadata: Self.failFirst(1, key: "e", pushback: "300"), timeout: .seconds(5))
+        #expect(response.status == .ok)
+        #expect(now() - started >= 0.3)
+        let delays = recorder.all.compactMap { event -> Duration? in
+            if case .retryScheduled(_, _, _, let delay, _) = event { return delay }
+            return nil
+        }
+        #expect(delays == [.milliseconds(300)])
+        let stopped = await channel.call([1], metadata: Self.failFirst(1, key: "f", pushback: "-1"), timeout: .seconds(5))
+        #expect(stopped.status.code == .unavailable)
+        #expect(await eventually { Self.attempts(recorder) == [2, 1] })
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("throttling stops retries after a burst of failures and lets them resume")
+    func throttling() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeManager(fixture)
+        for index in 0..<4 {
+            _ = await channel.call([1], metadata: Self.failFirst(100, key: "burst\(index)"), timeout: .seconds(5))
+        }
+        // 10 tokens, -1 per failed attempt: retries stop once no more than half are left.
+        #expect(await eventually { Self.attempts(recorder).count == 4 })
+        let burst = Self.attempts(recorder)
+        #expect(burst.first == 3)
+        #expect(burst.last == 1)
+        #expect(burst.reduce(0, +) <= 7)
+        // 3 tokens are left. Successes refill the bucket (+0.1 each). A failed attempt costs its token before the
+        // retry decision (as in grpc-go), so retries come back once more than 6 are left.
+        for _ in 0..<35 { #expect(await channel.call([2], timeout: .seconds(5)).status == .ok) }
+        let tokens = await onReactor(fixture.loop.reactor) { manager.pipeline.retry?.throttleTokens(service: "echo") }
+        #expect(tokens == 6_500, "3 tokens after the burst, plus 35 x 0.1")
+        let resumed = await channel.call([3], metadata: Self.failFirst(1, key: "after"), timeout: .seconds(5))
+        #expect(resumed.status == .ok)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("a retry never runs past the caller's deadline")
+    func retryRespectsDeadline() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, _) = try self.makeManager(fixture) {
+            $0.retry.policy.initialBackoff = .milliseconds(200)
+            $0.retry.policy.maxAttempts = 10
+        }
+        let started = now()
+        let response = await channel.call([1], metadata: Self.failFirst(100, key: "g"), timeout: .milliseconds(250))
+        let elapsed = now() - started
+        #expect(response.status.code == .unavailable || response.status.code == .deadlineExceeded)
+        #expect(elapsed < 0.25 + 0.1)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("a per-attempt timeout retries a slow attempt; the caller's deadline is still final")
+    func perAttemptTimeout() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeManager(fixture) {
+            $0.retry.policy.perAttemptTimeout = .milliseconds(100)
+        }
+        let response = await channel.call([1], metadata: ["x-sleep-ms": "1000"], timeout: .seconds(5))
+        #expect(response.status.code == .deadlineExceeded)
+        #expect(await eventually { Self.attempts(recorder) == [3] })
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("the breaker opens after 5 failures, refuses without a network call, and closes after 2 probes")
+    func breakerOpensAndCloses() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeManager(fixture) {
+            $0.enableCircuitBreaker = true
+            $0.enableRetry = false
+            $0.circuitBreaker.timeout = .milliseconds(300)
+        }
+        for index in 0..<5 {
+            #expect(await channel.call([1], metadata: ["x-fail-code": "14"], timeout: .seconds(5)).status.code == .unavailable, "\(index)")
+        }
+        let refused = await channel.call([1], timeout: .seconds(5))
+        #expect(refused.status == Status(code: .unavailable, message: "circuit breaker is open"))
+        #expect(await eventually { Self.attempts(recorder).last == 0 }, "no attempt was made")
+        try await Task.sleep(nanoseconds: 350_000_000)
+        #expect(await channel.call([2], timeout: .seconds(5)).status == .ok)
+        #expect(await channel.call([3], timeout: .seconds(5)).status == .ok)
+        #expect(await eventually {
+            recorder.story.filter { $0.hasPrefix("breaker:") }
+                == ["breaker:CLOSED>OPEN", "breaker:OPEN>HALF_OPEN", "breaker:HALF_OPEN>CLOSED"]
+        })
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("metrics: the exposition holds the expected series and values")
+    func metricsExposition() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let prometheus = PrometheusMetrics()
+        var configuration = Configuration()
+        configuration.enableMetrics = true
+        configuration.circuitBreaker.failureThreshold = 2
+        configuration.retry.throttling = nil  // keeps the retry count independent of the token bucket
+        let manager = try ConnectionManager(configuration: configuration, metricsFactory: prometheus, eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        for _ in 0..<3 { #expect(await channel.call([1, 2, 3], timeout: .seconds(5)).status == .ok) }
+        #expect(await channel.call([1], metadata: ["x-fail-code": "5"], timeout: .seconds(5)).status.code == .notFound)
+        #expect(await channel.call([1], metadata: Self.failFirst(1, key: "m"), timeout: .seconds(5)).status == .ok)
+        // Two UNAVAILABLE calls (each retried twice) open the breaker.
+        for key in ["u1", "u2"] {
+            _ = await channel.call([1], metadata: Self.failFirst(9, key: key), timeout: .seconds(5))
+        }
+        var series: [String: Double] = [:]
+        let complete = await eventually {
+            series = Self.parse(manager.metricsText() ?? "")
+            return series[#"grpc_client_circuit_breaker_state{service="echo",method="/echo.Echo/Get"}"#] == 1
+        }
+        #expect(complete)
+        let get = #"service="echo",method="/echo.Echo/Get""#
+        #expect(series[#"grpc_client_requests_total{\#(get),code="OK"}"#] == 4)
+        #expect(series[#"grpc_client_requests_total{\#(get),code="NOT_FOUND"}"#] == 1)
+        #expect(series[#"grpc_client_requests_total{\#(get),code="UNAVAILABLE"}"#] == 2)
+        #expect(series[#"grpc_client_retries_total{\#(get)}"#] == 5)
+        #expect(series[#"grpc_client_request_duration_seconds_count{\#(get)}"#] == 7)
+        #expect(series[#"grpc_client_request_duration_seconds_bucket{\#(get),le="10.0"}"#] == 7)
+        #expect(series[#"grpc_client_connections_active{service="echo"}"#] == 1)
+        #expect(series[#"grpc_client_connection_state{service="echo",state="READY"}"#] == 2)
+        #expect(series[#"grpc_client_connect_attempts_total{service="echo"}"#] == 1)
+        // Message bytes over every attempt: 3 calls of 3 bytes, then 1 + 2 + 3 + 3 single bytes.
+        let sentBytes: Double = 18
+        #expect(series[#"grpc_client_sent_bytes_total{service="echo"}"#] == sentBytes)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    /// "name{labels} value" lines, comments skipped. Labels keep their order of appearance.
+    static func parse(_ text: String) -> [String: Double] {
+        var result: [String: Double] = [:]
+        for line in text.split(separator: "\n") where !line.hasPrefix("#") {
+            guard let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else { continue }
+            result[String(line[..<space])] = value
+        }
+        return result
+    }
+
+    @Test("logging: debug call records with metadata, warnings for retries, nothing at info per successful call")
+    func logging() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let handler = InMemoryLogHandler()
+        var logger = Logger(label: "test", factory: { _ in handler })
+        logger.logLevel = .debug
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        _ = manager
+        let logged = try ConnectionManager(logger: logger, eventLoop: fixture.loop)
+        let channel = try logged.connection(service: "echo", address: fixture.target)
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        #expect(await channel.call([1], metadata: Self.failFirst(1, key: "l"), timeout: .seconds(5)).status == .ok)
+        let entries = await eventuallyValue { handler.entries.filter { $0.message.description == "call finished" }.count == 2 ? handler.entries : nil }
+        let finished = entries.filter { $0.message.description == "call finished" }
+        #expect(finished.allSatisfy { $0.level == .debug })
+        #expect(finished.first?.metadata["grpc.method"] == "/echo.Echo/Get")
+        #expect(finished.first?.metadata["grpc.code"] == "OK")
+        #expect(finished.first?.metadata["grpc.target"] == "\(fixture.target)")
+        #expect(finished.first?.metadata["grpc.attempts"] == "1")
+        #expect(finished.first?.metadata["grpc.duration_ms"] != nil)
+        #expect(entries.contains { $0.message.description == "retrying call" && $0.level == .warning })
+        #expect(entries.contains { $0.message.description == "connectivity state changed" && $0.level == .info })
+        let perCallInfo = entries.filter { $0.level >= .info && $0.message.description.hasPrefix("call") }
+        #expect(perCallInfo.isEmpty)
+        await logged.close(gracePeriod: .seconds(1))
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("the bus tells the same story the metrics count")
+    func busMatchesMetrics() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let prometheus = PrometheusMetrics()
+        var configuration = Configuration()
+        configuration.enableMetrics = true
+        let manager = try ConnectionManager(configuration: configuration, metricsFactory: prometheus, eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        manager.events.subscribe { recorder.record($0) }
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        for index in 0..<6 {
+            _ = await channel.call([1], metadata: Self.failFirst(index % 3, key: "k\(index)"), timeout: .seconds(5))
+        }
+        #expect(await eventually { Self.attempts(recorder).count == 6 })
+        let series = Self.parse(manager.metricsText() ?? "")
+        let retries = recorder.story.filter { $0 == "retry" }.count
+        #expect(Double(retries) == series[#"grpc_client_retries_total{service="echo",method="/echo.Echo/Get"}"#])
+        #expect(Self.attempts(recorder).reduce(0, +) == 6 + retries)
+        let ok = recorder.all.filter {
+            if case .callFinished(_, _, let status, _, _, _, _) = $0 { return status.isOK } else { return false }
+        }.count
+        #expect(series[#"grpc_client_requests_total{service="echo",method="/echo.Echo/Get",code="OK"}"#] == Double(ok))
+        #expect(ok >= 4)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+}
+
+/// Polls until `produce` returns a value (or 5 s pass, then returns its last try, forced).
+func eventuallyValue<T>(timeout: Double = 5, _ produce: () -> T?) async -> T {
+    let end = now() + timeout
+    while now() < end {
+        if let value = produce() { return value }
+        try? await Task.sleep(nanoseconds: 10_000_000)
+    }
+    return produce()!
+}
