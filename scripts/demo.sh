@@ -41,19 +41,32 @@ run "$BIN call --plaintext -H 'x-fail-code: 14' -H 'x-fail-message: try later' $
 step "deadline: the server sleeps 2 s, the call allows 0.2 s" "grpc-cm call --plaintext -H 'x-sleep-ms: 2000' --max-time 0.2 $TARGET /demo.Echo/Say"
 run "$BIN call --plaintext -H 'x-sleep-ms: 2000' --max-time 0.2 $TARGET /demo.Echo/Say"
 
-step "one client, many calls; the server restarts in the middle" "grpc-cm call --plaintext --repeat 12 --interval 0.25 --max-time 1 $TARGET /demo.Echo/Say"
+METRICS="$(dirname "$LOG")/metrics.txt"
+
+step "retry: the server fails the first 2 attempts of this request; the third succeeds" \
+    "grpc-cm call --plaintext -H 'x-fail-first: 2' -H 'x-request-key: demo-1' --metrics-out metrics.txt $TARGET /demo.Echo/Say --data-hex 6f6b --hex"
+run "$BIN call --plaintext -H 'x-fail-first: 2' -H 'x-request-key: demo-1' --metrics-out $METRICS $TARGET /demo.Echo/Say --data-hex 6f6b --hex"
+grep -E '^grpc_client_(retries|requests)_total' "$METRICS" || true
+
+step "one client, many calls; the server stops and comes back: reconnection, breaker open then closed" \
+    "grpc-cm call --plaintext --repeat 24 --interval 0.2 --max-time 1 --breaker-timeout 1 --metrics-out metrics.txt $TARGET /demo.Echo/Say"
 set +e
-"$BIN" call --plaintext --repeat 12 --interval 0.25 --max-time 1 "$TARGET" /demo.Echo/Say --data-hex 00 &
+"$BIN" call --plaintext --repeat 24 --interval 0.2 --max-time 1 --breaker-timeout 1 --metrics-out "$METRICS" \
+    "$TARGET" /demo.Echo/Say --data-hex 00 &
 repeat_pid=$!
-sleep 0.9
+sleep 0.7
 echo "   -- stopping the server --"
 stop_server
-sleep 0.8
+sleep 1.6
 echo "   -- starting it again --"
 start_server
 wait "$repeat_pid"
-echo "(exit status $?: calls failed only while the server was down)"
+echo "(exit status $?: calls failed while the server was down, the breaker refused calls without touching the"
+echo " network once 5 had failed, then a probe after 1 s found the server back and closed it)"
 set -e
+
+step "metrics (Prometheus text, written by --metrics-out at exit)" "grep grpc_client_ metrics.txt"
+grep -E '^grpc_client_(requests_total|retries_total|circuit_breaker_state|connections_active|connect_failures_total|connection_state)' "$METRICS" | sort
 
 stop_server
 echo

@@ -1,5 +1,6 @@
 import ArgumentParser
 import GRPCConnectionManager
+import GRPCConnectionManagerPrometheus
 
 #if canImport(Glibc)
 import Glibc
@@ -57,6 +58,24 @@ struct Call: AsyncParsableCommand {
     @Option(name: .customLong("max-reconnect-delay"), help: "Largest wait between reconnect attempts (default 3).")
     var maxReconnectDelay: Double?
 
+    @Flag(name: .customLong("no-retry"), help: "Do not retry failed calls.")
+    var noRetry = false
+
+    @Flag(name: .customLong("no-breaker"), help: "Do not use the circuit breaker.")
+    var noBreaker = false
+
+    @Option(name: .customLong("retry-max-attempts"), help: "Attempts per call, the first included (default 3).")
+    var retryMaxAttempts: Int?
+
+    @Option(name: .customLong("breaker-failure-threshold"), help: "Consecutive failures that open the breaker (default 5).")
+    var breakerFailureThreshold: Int?
+
+    @Option(name: .customLong("breaker-timeout"), help: "Seconds the breaker stays open before probing (default 30).")
+    var breakerTimeout: Double?
+
+    @Option(name: .customLong("metrics-out"), help: "Write the metrics in Prometheus text format to PATH at exit.")
+    var metricsOut: String?
+
     @Flag(name: .customShort("v"), help: "Print response headers and trailers to stderr.")
     var verbose = false
 
@@ -83,6 +102,13 @@ struct Call: AsyncParsableCommand {
             if let value, !(value > 0) { throw ValidationError("\(name) must be > 0") }
         }
         if self.interval < 0 { throw ValidationError("--interval must be >= 0") }
+        if let attempts = self.retryMaxAttempts, !(1...10).contains(attempts) {
+            throw ValidationError("--retry-max-attempts must be 1...10")
+        }
+        if let threshold = self.breakerFailureThreshold, threshold < 1 {
+            throw ValidationError("--breaker-failure-threshold must be at least 1")
+        }
+        if let timeout = self.breakerTimeout, !(timeout > 0) { throw ValidationError("--breaker-timeout must be > 0") }
         if !self.method.hasPrefix("/") { throw ValidationError("METHOD must look like /package.Service/Method") }
     }
 
@@ -94,16 +120,23 @@ struct Call: AsyncParsableCommand {
         if let value = self.keepaliveTime { configuration.keepAliveTime = seconds(value) }
         if let value = self.keepaliveTimeout { configuration.keepAliveTimeout = seconds(value) }
         if let value = self.maxReconnectDelay { configuration.maxReconnectDelay = seconds(value) }
+        configuration.enableRetry = !self.noRetry
+        configuration.enableCircuitBreaker = !self.noBreaker
+        if let value = self.retryMaxAttempts { configuration.retry.policy.maxAttempts = value }
+        if let value = self.breakerFailureThreshold { configuration.circuitBreaker.failureThreshold = value }
+        if let value = self.breakerTimeout { configuration.circuitBreaker.timeout = seconds(value) }
+        let metrics = PrometheusMetrics()
+        configuration.enableMetrics = self.metricsOut != nil
         // One manager for the whole run: with --repeat, reconnection shows in the output.
         let manager: ConnectionManager
         let channel: GRPCChannel
         do {
-            manager = try ConnectionManager(configuration: configuration)
+            manager = try ConnectionManager(configuration: configuration, metricsFactory: metrics)
             channel = try manager.connection(service: "grpc-cm", address: self.target)
         } catch {
             throw ValidationError("\(error)")
         }
-        defer { _ = manager }
+        defer { self.writeMetrics(manager) }
         var options = CallOptions()
         options.waitForReady = self.waitForReady
         if let maxTime = self.maxTime { options.timeout = seconds(maxTime) }
@@ -138,6 +171,24 @@ struct Call: AsyncParsableCommand {
             }
         }
         if let code = lastFailure { throw ExitCode(Int32(64 + code.rawValue)) }
+    }
+
+    /// Writes the exposition for --metrics-out (at exit, whatever the outcome).
+    private func writeMetrics(_ manager: ConnectionManager) {
+        guard let path = self.metricsOut, let text = manager.metricsText() else { return }
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        guard fd >= 0 else {
+            writeStderr("error: cannot write --metrics-out \(path): \(String(cString: strerror(errno)))\n")
+            return
+        }
+        defer { close(fd) }
+        let bytes = Array(text.utf8)
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            if n <= 0 { return }
+            offset += n
+        }
     }
 
     private func readRequest() throws -> [UInt8] {
