@@ -28,6 +28,11 @@ public final class EchoServer: Sendable {
         public var healthyServices: Set<String> = []
         /// Services that report NOT_SERVING.
         public var notServingServices: Set<String> = []
+        /// Serve TLS with this certificate chain and key (PEM files); nil: plaintext h2c.
+        public var tlsCertificateChain: String?
+        public var tlsPrivateKey: String?
+        /// With TLS: require client certificates signed by this CA (mutual TLS).
+        public var tlsClientCA: String?
 
         public init() {}
     }
@@ -66,6 +71,14 @@ public final class EchoServer: Sendable {
             }
             socketAddress = address
         }
+        var tls: TLSContext?
+        if let chain = options.tlsCertificateChain, let key = options.tlsPrivateKey {
+            do {
+                tls = try TLSContext(serverCertificateChain: chain, privateKey: key, clientCA: options.tlsClientCA)
+            } catch {
+                throw ConfigurationError(field: "tls", message: error.description)
+            }
+        }
         let fd = try socketAddress.withSockAddrForListening { cr_socket_listen($0, $1, 1024) }
         if fd < 0 { throw ReactorError(operation: "listen on \(socketAddress)", errno: -fd) }
         let bound = Int(cr_socket_local_port(fd))
@@ -74,7 +87,8 @@ public final class EchoServer: Sendable {
         case true: self.address = host
         case false: self.address = host.contains(":") ? "[\(host)]:\(self.port)" : "\(host):\(self.port)"
         }
-        self.listener = EchoListener(reactor: loop.reactor, fd: fd, options: options, ownsLoop: eventLoop == nil ? loop : nil)
+        self.listener = EchoListener(
+            reactor: loop.reactor, fd: fd, options: options, tls: tls, ownsLoop: eventLoop == nil ? loop : nil)
         let listener = self.listener
         if loop.reactor.inReactorThread {
             listener.start()
@@ -115,6 +129,7 @@ public final class EchoServer: Sendable {
 final class EchoListener: ReactorHandler, @unchecked Sendable {
     unowned let reactor: Reactor
     let options: EchoServer.Options
+    let tls: TLSContext?
     let ownsLoop: EventLoop?
     private var fd: Int32
     private var registration: Reactor.Registration?
@@ -123,7 +138,8 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     /// Attempts seen per `x-request-key`, for `x-fail-first`.
     var attempts: [String: Int] = [:]
 
-    init(reactor: Reactor, fd: Int32, options: EchoServer.Options, ownsLoop: EventLoop?) {
+    init(reactor: Reactor, fd: Int32, options: EchoServer.Options, tls: TLSContext?, ownsLoop: EventLoop?) {
+        self.tls = tls
         self.reactor = reactor
         self.fd = fd
         self.options = options

@@ -22,6 +22,8 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
     private var goingAway = false
     /// Open streams; nghttp2 holds unretained pointers to them as stream user data.
     var streams: [Int32: EchoStream] = [:]
+    private var tls: TLSSession?
+    private var plaintextOut: [UInt8] = []
 
     init(reactor: Reactor, fd: Int32, listener: EchoListener) {
         self.reactor = reactor
@@ -34,6 +36,14 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
     }
 
     func start() {
+        if let context = self.listener.tls {
+            do {
+                self.tls = try TLSSession(context: context, serverName: nil, verifyName: nil)
+            } catch {
+                self.close()
+                return
+            }
+        }
         do {
             self.session = try EchoServerSession.make(for: self)
             self.interest = Reactor.Events.read
@@ -58,7 +68,30 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
                 self.close()
                 return
             }
-            if nghttp2_session_mem_recv(session, buffer.baseAddress!, n) < 0 {
+            if let tls = self.tls {
+                tls.feed(UnsafeRawBufferPointer(start: buffer.baseAddress, count: n))
+                if !tls.handshakeDone {
+                    let result = tls.handshake()
+                    tls.drainCiphertext(into: &self.outbound)
+                    if case .failed = result {
+                        self.flushCiphertextAndClose()
+                        return
+                    }
+                    if !tls.handshakeDone { continue }
+                }
+                let plain = self.reactor.plaintextBuffer
+                while true {
+                    guard let got = try? tls.readPlaintext(into: UnsafeMutableRawBufferPointer(plain)), got >= 0 else {
+                        self.close()
+                        return
+                    }
+                    if got == 0 { break }
+                    if nghttp2_session_mem_recv(session, plain.baseAddress!, got) < 0 {
+                        self.close()
+                        return
+                    }
+                }
+            } else if nghttp2_session_mem_recv(session, buffer.baseAddress!, n) < 0 {
                 self.close()
                 return
             }
@@ -82,7 +115,9 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
 
     private func flushNow() {
         guard !self.closed, let session = self.session else { return }
-        while self.outbound.count - self.outboundStart < (1 << 20) {
+        // Under TLS, HTTP/2 bytes wait until the handshake is done (nghttp2 forgets what mem_send returned).
+        let http2Allowed = self.tls?.handshakeDone ?? true
+        while http2Allowed && self.outbound.count - self.outboundStart < (1 << 20) {
             var chunk: UnsafePointer<UInt8>? = nil
             let n = nghttp2_session_mem_send(session, &chunk)
             if n < 0 {
@@ -90,7 +125,19 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
                 return
             }
             if n == 0 { break }
-            self.outbound.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
+            if self.tls != nil {
+                self.plaintextOut.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
+            } else {
+                self.outbound.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
+            }
+        }
+        if let tls = self.tls, !self.plaintextOut.isEmpty {
+            guard (try? self.plaintextOut.withUnsafeBytes({ try tls.writePlaintext($0) })) != nil else {
+                self.close()
+                return
+            }
+            self.plaintextOut.removeAll(keepingCapacity: true)
+            tls.drainCiphertext(into: &self.outbound)
         }
         while self.outboundStart < self.outbound.count {
             let written = self.outbound.withUnsafeBytes {
@@ -108,7 +155,7 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
             self.outbound.removeAll(keepingCapacity: self.outbound.capacity <= (4 << 20))
             self.outboundStart = 0
         }
-        let wantWrite = !drained || nghttp2_session_want_write(session) != 0
+        let wantWrite = !drained || (http2Allowed && nghttp2_session_want_write(session) != 0)
         self.setInterest(wantWrite ? Reactor.Events.read | Reactor.Events.write : Reactor.Events.read)
         if drained && nghttp2_session_want_read(session) == 0 && nghttp2_session_want_write(session) == 0 {
             self.close()
@@ -130,6 +177,16 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
             NGHTTP2_NO_ERROR.rawValue, nil, 0)
         // Once the GOAWAY is out and no stream is left, nghttp2 stops wanting to read; flushNow closes then.
         self.scheduleFlush()
+    }
+
+    /// Sends the TLS alert that explains a failed handshake, then closes.
+    private func flushCiphertextAndClose() {
+        if self.outboundStart < self.outbound.count {
+            _ = self.outbound.withUnsafeBytes {
+                cr_write(self.fd, $0.baseAddress! + self.outboundStart, $0.count - self.outboundStart)
+            }
+        }
+        self.close()
     }
 
     func close() {

@@ -47,7 +47,7 @@ public final class GRPCChannel: Sendable {
         let pipeline = CallPipeline(
             configuration: configuration, bus: bus, logger: logger,
             metricsFactory: metricsFactory ?? MetricsSystem.factory)
-        let pool = ServicePool(
+        let pool = try ServicePool(
             reactor: reactor, service: target, target: parsed, configuration: configuration, bus: bus,
             logger: logger, connectionIDs: ConnectionIDSource(), pipeline: pipeline)
         self.init(pool: pool, bus: bus, reactor: reactor, closesOnDeinit: true)

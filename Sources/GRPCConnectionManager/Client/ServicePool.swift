@@ -17,6 +17,9 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
     let logger: Logger
     let connectionIDs: ConnectionIDSource
     let pipeline: CallPipeline
+    /// The TLS context every connection of this service shares (nil: plaintext).
+    let tls: TLSContext?
+    let tlsServerName: String?
 
     private var addresses: [SocketAddress]?
     private var subchannels: [Subchannel] = []
@@ -33,7 +36,21 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
     init(
         reactor: Reactor, service: String, target: Target, configuration: Configuration, bus: EventBus,
         logger: Logger, connectionIDs: ConnectionIDSource, pipeline: CallPipeline
-    ) {
+    ) throws(ConfigurationError) {
+        if let tls = configuration.tls {
+            do {
+                self.tls = try TLSContext(client: tls)
+            } catch {
+                throw ConfigurationError(field: "tls", message: error.description)
+            }
+            switch target.kind {
+            case .hostPort(let host, _): self.tlsServerName = tls.serverName ?? host
+            case .unix: self.tlsServerName = tls.serverName ?? "localhost"
+            }
+        } else {
+            self.tls = nil
+            self.tlsServerName = nil
+        }
         self.pipeline = pipeline
         self.reactor = reactor
         self.service = service
@@ -255,7 +272,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
                 let subchannel = Subchannel(
                     reactor: self.reactor, address: address, authority: self.target.authority, service: self.service,
                     configuration: self.configuration, bus: self.bus, logger: self.logger,
-                    connectionIDs: self.connectionIDs)
+                    connectionIDs: self.connectionIDs, tls: self.tls, tlsServerName: self.tlsServerName)
                 subchannel.delegate = self
                 next.append(subchannel)
             }

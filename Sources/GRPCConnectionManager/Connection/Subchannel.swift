@@ -29,6 +29,8 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
     let bus: EventBus
     let logger: Logger
     let connectionIDs: ConnectionIDSource
+    let tls: TLSContext?
+    let tlsServerName: String?
 
     private var machine: ConnectionStateMachine
     private var transport: HTTP2ClientConnection?
@@ -43,8 +45,11 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
 
     init(
         reactor: Reactor, address: SocketAddress, authority: String, service: String, configuration: Configuration,
-        bus: EventBus, logger: Logger, connectionIDs: ConnectionIDSource
+        bus: EventBus, logger: Logger, connectionIDs: ConnectionIDSource, tls: TLSContext? = nil,
+        tlsServerName: String? = nil
     ) {
+        self.tls = tls
+        self.tlsServerName = tlsServerName
         self.reactor = reactor
         self.address = address
         self.authority = authority
@@ -122,7 +127,8 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
         self.currentConnectionID = id
         let transport = HTTP2ClientConnection(
             reactor: self.reactor, address: self.address, authority: self.authority,
-            configuration: self.connectTimeoutAdjusted(), id: id, keepAliveTime: self.keepAliveTime)
+            configuration: self.connectTimeoutAdjusted(), id: id, keepAliveTime: self.keepAliveTime, tls: self.tls,
+            tlsServerName: self.tlsServerName)
         transport.delegate = self
         self.transport = transport
         self.bus.publish(.connectAttemptStarted(service: self.service, connectionID: id, address: self.address))

@@ -62,6 +62,13 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     /// Set when keepalive declared the peer dead.
     private(set) var keepaliveTimedOut = false
 
+    /// TLS, when the channel uses it: the context, and the session once TCP is up.
+    private let tlsContext: TLSContext?
+    private let tlsServerName: String?
+    private var tls: TLSSession?
+    /// nghttp2's output before encryption (reused).
+    private var plaintextOut: [UInt8] = []
+
     private(set) var state: State = .idle
     private var fd: Int32 = -1
     private var registration: Reactor.Registration?
@@ -84,8 +91,10 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
 
     init(
         reactor: Reactor, address: SocketAddress, authority: String, configuration: Configuration, id: Int,
-        keepAliveTime: Duration? = nil
+        keepAliveTime: Duration? = nil, tls: TLSContext? = nil, tlsServerName: String? = nil
     ) {
+        self.tlsContext = tls
+        self.tlsServerName = tlsServerName
         self.keepAliveTime = keepAliveTime ?? configuration.keepAliveTime
         self.reactor = reactor
         self.address = address
@@ -94,7 +103,7 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         self.id = id
         super.init()
         self.headerScratch.prepare(
-            authority: authority,
+            authority: authority, scheme: tls == nil ? "http" : "https",
             userAgent: configuration.userAgentPrefix.map { "\($0) \(GRPCConnectionManagerVersion.userAgent)" }
                 ?? GRPCConnectionManagerVersion.userAgent)
     }
@@ -152,6 +161,44 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     private func tcpConnected() {
         self.state = .handshaking
         self.setInterest(Reactor.Events.read)
+        if let context = self.tlsContext {
+            do {
+                self.tls = try TLSSession(context: context, serverName: self.tlsServerName, verifyName: self.tlsServerName)
+            } catch {
+                self.close(reason: Status(code: .unavailable, message: "TLS setup failed: \(error)"))
+                return
+            }
+            self.stepTLSHandshake()
+            return
+        }
+        self.startHTTP2()
+    }
+
+    /// Advances the TLS handshake; once it is done and ALPN chose h2, HTTP/2 starts.
+    private func stepTLSHandshake() {
+        guard let tls = self.tls else { return }
+        switch tls.handshake() {
+        case .inProgress:
+            tls.drainCiphertext(into: &self.outbound)
+            self.scheduleFlush()
+        case .failed(let reason):
+            tls.drainCiphertext(into: &self.outbound)
+            self.close(reason: Status(code: .unavailable, message: "TLS handshake with \(self.address) failed: \(reason)"))
+        case .done:
+            let alpn = tls.negotiatedProtocol
+            guard alpn == "h2" else {
+                self.close(
+                    reason: Status(
+                        code: .unavailable,
+                        message: "server \(self.address) did not negotiate HTTP/2 through ALPN (selected "
+                            + (alpn.isEmpty ? "nothing" : "\"\(alpn)\"") + ")"))
+                return
+            }
+            self.startHTTP2()
+        }
+    }
+
+    private func startHTTP2() {
         do {
             self.session = try NGHTTP2ClientSession.make(for: self, configuration: self.configuration)
         } catch {
@@ -378,23 +425,58 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
             if !self.sawFirstBytes {
                 self.sawFirstBytes = true
                 if let http1 = Self.detectHTTP1(UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)) {
-                    self.close(reason: Status(code: .unavailable, message: http1))
+                    let hint = self.tls == nil ? http1 : "server answered the TLS handshake with HTTP/1.x"
+                    self.close(reason: Status(code: .unavailable, message: hint))
                     return
                 }
             }
-            guard let session = self.session else { return }
-            let consumed = nghttp2_session_mem_recv(session, buffer.baseAddress!, n)
-            if consumed < 0 {
-                self.close(
-                    reason: Status(
-                        code: .unavailable,
-                        message: "HTTP/2 protocol error from \(self.address): \(String(cString: nghttp2_strerror(Int32(consumed))))"
-                    ))
-                return
+            if let tls = self.tls {
+                tls.feed(UnsafeRawBufferPointer(start: buffer.baseAddress, count: n))
+                if !tls.handshakeDone {
+                    self.stepTLSHandshake()
+                    if self.state == .closed || !tls.handshakeDone { return }
+                }
+                if !self.receiveDecrypted(tls) { return }
+            } else {
+                guard self.receive(UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)) else { return }
             }
             if self.state == .closed { return }
             self.scheduleFlush()
             if n < buffer.count { return }
+        }
+    }
+
+    /// Hands plaintext to nghttp2. Returns false when the connection closed.
+    private func receive(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        guard let session = self.session, bytes.count > 0 else { return self.state != .closed }
+        let consumed = nghttp2_session_mem_recv(session, bytes.baseAddress!.assumingMemoryBound(to: UInt8.self), bytes.count)
+        if consumed < 0 {
+            self.close(
+                reason: Status(
+                    code: .unavailable,
+                    message: "HTTP/2 protocol error from \(self.address): \(String(cString: nghttp2_strerror(Int32(consumed))))"))
+            return false
+        }
+        return self.state != .closed
+    }
+
+    /// Decrypts every complete record and hands the plaintext to nghttp2.
+    private func receiveDecrypted(_ tls: TLSSession) -> Bool {
+        let plain = self.reactor.plaintextBuffer
+        while true {
+            let n: Int
+            do {
+                n = try tls.readPlaintext(into: UnsafeMutableRawBufferPointer(plain))
+            } catch {
+                self.close(reason: Status(code: .unavailable, message: "TLS error from \(self.address): \(error)"))
+                return false
+            }
+            if n == 0 { return true }
+            if n < 0 {
+                self.close(reason: self.closedByPeerStatus())
+                return false
+            }
+            guard self.receive(UnsafeRawBufferPointer(start: plain.baseAddress, count: n)) else { return false }
         }
     }
 
@@ -433,7 +515,12 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
 
     /// Pulls everything nghttp2 wants to send into one buffer and writes it with as few syscalls as possible.
     private func flushNow() {
-        guard self.fd >= 0, let session = self.session, self.state != .connecting else { return }
+        guard self.fd >= 0, self.state != .connecting else { return }
+        guard let session = self.session else {
+            // The TLS handshake: only ciphertext is waiting.
+            self.writeOutbound()
+            return
+        }
         // Keep at most ~1 MiB buffered: nghttp2 holds the rest until the socket drains.
         while self.outbound.count - self.outboundStart < (1 << 20) {
             var chunk: UnsafePointer<UInt8>? = nil
@@ -443,19 +530,25 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
                 return
             }
             if n == 0 { break }
-            self.outbound.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
-        }
-        while self.outboundStart < self.outbound.count {
-            let written = self.outbound.withUnsafeBytes { bytes in
-                cr_write(self.fd, bytes.baseAddress! + self.outboundStart, bytes.count - self.outboundStart)
+            if self.tls != nil {
+                self.plaintextOut.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
+            } else {
+                self.outbound.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
             }
-            if written == -Int(EAGAIN) { break }
-            if written < 0 {
-                self.close(reason: Status(code: .unavailable, message: "write failed: \(String(cString: strerror(Int32(-written))))"))
+            if self.plaintextOut.count >= (1 << 20) { break }
+        }
+        if let tls = self.tls, !self.plaintextOut.isEmpty {
+            // One pass through TLS per turn: records as large as the coalesced output allows.
+            do {
+                try self.plaintextOut.withUnsafeBytes { try tls.writePlaintext($0) }
+            } catch {
+                self.close(reason: Status(code: .unavailable, message: "TLS error: \(error)"))
                 return
             }
-            self.outboundStart += written
+            self.plaintextOut.removeAll(keepingCapacity: true)
+            tls.drainCiphertext(into: &self.outbound)
         }
+        guard self.writeOutbound() else { return }
         if self.outboundStart == self.outbound.count {
             self.outbound.removeAll(keepingCapacity: self.outbound.capacity <= (4 << 20))
             self.outboundStart = 0
@@ -477,6 +570,32 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         if self.state == .draining && self.streams.isEmpty {
             self.shutdown(reason: Status(code: .unavailable, message: self.goAwayDebug ?? "connection drained"))
         }
+    }
+
+    /// Writes what `outbound` holds; asks for writability when the socket is full. False when it closed.
+    @discardableResult
+    private func writeOutbound() -> Bool {
+        while self.outboundStart < self.outbound.count {
+            let written = self.outbound.withUnsafeBytes { bytes in
+                cr_write(self.fd, bytes.baseAddress! + self.outboundStart, bytes.count - self.outboundStart)
+            }
+            if written == -Int(EAGAIN) { break }
+            if written < 0 {
+                self.close(reason: Status(code: .unavailable, message: "write failed: \(String(cString: strerror(Int32(-written))))"))
+                return false
+            }
+            self.outboundStart += written
+        }
+        if self.session == nil {
+            if self.outboundStart == self.outbound.count {
+                self.outbound.removeAll(keepingCapacity: true)
+                self.outboundStart = 0
+                self.setInterest(Reactor.Events.read)
+            } else {
+                self.setInterest(Reactor.Events.read | Reactor.Events.write)
+            }
+        }
+        return true
     }
 
     private func setInterest(_ interest: UInt32) {
@@ -507,10 +626,18 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         if let session = self.session, self.fd >= 0, self.state != .closed {
             nghttp2_session_terminate_session(session, NGHTTP2_NO_ERROR.rawValue)
             var chunk: UnsafePointer<UInt8>? = nil
+            var goAway: [UInt8] = []
             while true {
                 let n = nghttp2_session_mem_send(session, &chunk)
                 if n <= 0 { break }
-                self.outbound.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
+                goAway.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
+            }
+            if let tls = self.tls {
+                try? goAway.withUnsafeBytes { try tls.writePlaintext($0) }
+                tls.shutdown()  // close_notify
+                tls.drainCiphertext(into: &self.outbound)
+            } else {
+                self.outbound.append(contentsOf: goAway)
             }
             if self.outboundStart < self.outbound.count {
                 _ = self.outbound.withUnsafeBytes { bytes in
@@ -549,6 +676,7 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         }
         self.outbound = []
         self.outboundStart = 0
+        self.tls = nil
         for (_, call) in open.sorted(by: { $0.key < $1.key }) {
             call.finish(UnaryResponse(status: reason))
         }

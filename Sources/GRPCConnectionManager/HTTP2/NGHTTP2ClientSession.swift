@@ -163,12 +163,12 @@ struct HeaderScratch {
     private var staticEnd = 0
     private var staticFieldCount = 0
 
-    mutating func prepare(authority: String, userAgent: String) {
+    mutating func prepare(authority: String, scheme: String, userAgent: String) {
         self.bytes.reserveCapacity(1024)
         self.fields.reserveCapacity(16)
         self.nvs.reserveCapacity(16)
         self.add(":method", "POST")
-        self.add(":scheme", "http")
+        self.add(":scheme", scheme)
         self.add(":authority", authority)
         self.add("te", "trailers")
         self.add("content-type", "application/grpc")

@@ -40,6 +40,9 @@ public struct Configuration: Sendable, Hashable {
     /// HTTP/2 settings of each connection.
     public var http2 = HTTP2()
 
+    /// TLS for every connection; nil (the default, as in the Go original) is plaintext HTTP/2.
+    public var tls: TLSConfiguration? = nil
+
     /// Log calls (debug), state and breaker changes (info), retries and connect failures (warning) to the
     /// manager's `Logger`. Default true.
     public var enableLogging: Bool = true
@@ -177,6 +180,7 @@ public struct Configuration: Sendable, Hashable {
             }
         }
         try self.circuitBreaker.validate()
+        try self.tls?.validate()
         if let prefix = self.userAgentPrefix {
             for byte in prefix.utf8 where byte < 0x20 || byte > 0x7E {
                 throw ConfigurationError(field: "userAgentPrefix", message: "must be printable ASCII")
@@ -229,4 +233,12 @@ public struct UnaryResponse: Sendable, Hashable {
 public enum GRPCConnectionManagerVersion {
     public static let string = "0.1.0"
     static let userAgent = "grpc-swift-cm/\(GRPCConnectionManagerVersion.string)"
+}
+
+/// Plaintext or TLS, for one service's connections (`ConnectionManager.connection(service:address:security:)`).
+public enum TransportSecurity: Sendable, Hashable {
+    /// HTTP/2 without TLS (h2c).
+    case plaintext
+    /// TLS with these settings.
+    case tls(TLSConfiguration)
 }

@@ -76,9 +76,13 @@ public final class ConnectionManager: Sendable {
     /// The channel of `service`, registering `address` for it (or reusing the one registered before when
     /// `address` is nil). A new address for a known service replaces the old channel. The channel starts
     /// connecting at once.
+    /// - Parameters:
+    ///   - security: Plaintext or TLS for this service's connections; nil uses `configuration.tls`.
     /// - Throws: `ConnectionManagerError` for an unknown service without an address or a closed manager;
-    ///   `ConfigurationError` for an unparsable address.
-    public func connection(service: String, address: String? = nil) throws -> GRPCChannel {
+    ///   `ConfigurationError` for an unparsable address or unusable TLS files.
+    public func connection(service: String, address: String? = nil, security: TransportSecurity? = nil) throws
+        -> GRPCChannel
+    {
         guard !service.isEmpty else { throw ConnectionManagerError.invalidServiceName }
         var replaced: GRPCChannel?
         let channel: GRPCChannel = try self.registry.withLock { registry in
@@ -96,8 +100,16 @@ public final class ConnectionManager: Sendable {
             }
             let target = try Target(parsing: resolved)
             replaced = registry.channels[service]
-            let pool = ServicePool(
-                reactor: self.reactor, service: service, target: target, configuration: self.configuration,
+            var configuration = self.configuration
+            switch security {
+            case .none: break
+            case .plaintext: configuration.tls = nil
+            case .tls(let tls):
+                try tls.validate()
+                configuration.tls = tls
+            }
+            let pool = try ServicePool(
+                reactor: self.reactor, service: service, target: target, configuration: configuration,
                 bus: self.events, logger: self.logger, connectionIDs: self.connectionIDs, pipeline: self.pipeline)
             let channel = GRPCChannel(pool: pool, bus: self.events, reactor: self.reactor, closesOnDeinit: false)
             registry.addresses[service] = resolved

@@ -65,6 +65,8 @@ package final class Reactor: @unchecked Sendable {
 
     /// One read buffer for every connection: only one handler reads at a time on this thread.
     package let readBuffer: UnsafeMutableBufferPointer<UInt8> = .allocate(capacity: 64 << 10)
+    /// Decrypted bytes on their way to nghttp2 (TLS connections; one at a time on this thread).
+    package let plaintextBuffer: UnsafeMutableBufferPointer<UInt8> = .allocate(capacity: 64 << 10)
 
     // Cross-thread state.
     private let inbox = PThreadLock<[ReactorHandler]>([])
@@ -98,6 +100,7 @@ package final class Reactor: @unchecked Sendable {
             cr_loop_destroy(loop)
         }
         self.readBuffer.deallocate()
+        self.plaintextBuffer.deallocate()
     }
 
     // MARK: running

@@ -43,8 +43,8 @@ struct Call: AsyncParsableCommand {
     @Option(name: .customLong("connect-timeout"), help: "Bound on one connection attempt, in seconds.")
     var connectTimeout: Double = 10
 
-    @Flag(help: "Use HTTP/2 without TLS (h2c).")
-    var plaintext = false
+    @OptionGroup(title: "Transport security")
+    var security: TLSOptions
 
     @Flag(name: .customLong("wait-for-ready"), help: "Wait for a ready connection instead of failing fast.")
     var waitForReady = false
@@ -86,9 +86,6 @@ struct Call: AsyncParsableCommand {
     var interval: Double = 0
 
     func validate() throws {
-        if !self.plaintext {
-            throw ValidationError("TLS is not supported yet: pass --plaintext to use HTTP/2 without TLS")
-        }
         if self.dataFile != nil && self.dataHex != nil {
             throw ValidationError("use either --data-file or --data-hex, not both")
         }
@@ -117,6 +114,7 @@ struct Call: AsyncParsableCommand {
         let metadata = try self.parseHeaders()
         var configuration = Configuration()
         configuration.minConnectTimeout = seconds(self.connectTimeout)
+        configuration.tls = self.security.configuration
         if let value = self.keepaliveTime { configuration.keepAliveTime = seconds(value) }
         if let value = self.keepaliveTimeout { configuration.keepAliveTimeout = seconds(value) }
         if let value = self.maxReconnectDelay { configuration.maxReconnectDelay = seconds(value) }

@@ -24,13 +24,10 @@ struct Health: AsyncParsableCommand {
     @Option(name: .customLong("connect-timeout"), help: "Bound on the connection attempt in seconds.")
     var connectTimeout: Double = 1
 
-    @Flag(help: "Use HTTP/2 without TLS (h2c).")
-    var plaintext = false
+    @OptionGroup(title: "Transport security")
+    var security: TLSOptions
 
     func validate() throws {
-        if !self.plaintext {
-            throw ValidationError("TLS is not supported yet: pass --plaintext to use HTTP/2 without TLS")
-        }
         if !(self.maxTime > 0) { throw ValidationError("--max-time must be > 0") }
         if !(self.connectTimeout > 0) { throw ValidationError("--connect-timeout must be > 0") }
     }
@@ -38,6 +35,7 @@ struct Health: AsyncParsableCommand {
     func run() async throws {
         var configuration = Configuration()
         configuration.minConnectTimeout = .nanoseconds(Int64(self.connectTimeout * 1e9))
+        configuration.tls = self.security.configuration
         let channel: GRPCChannel
         do {
             channel = try GRPCChannel(target: self.target, configuration: configuration)

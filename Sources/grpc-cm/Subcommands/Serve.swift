@@ -27,9 +27,20 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "SETTINGS_MAX_CONCURRENT_STREAMS announced to clients.")
     var maxConcurrentStreams: Int = 100
 
+    @Option(name: .customLong("tls-cert"), help: "Serve TLS with this PEM certificate chain.")
+    var tlsCert: String?
+
+    @Option(name: .customLong("tls-key"), help: "The PEM private key for --tls-cert.")
+    var tlsKey: String?
+
+    @Option(name: .customLong("client-ca"), help: "Require client certificates signed by this PEM CA (mutual TLS).")
+    var clientCA: String?
+
     func validate() throws {
         guard (0...65535).contains(self.port) else { throw ValidationError("--port must be 0...65535") }
         guard self.maxConcurrentStreams > 0 else { throw ValidationError("--max-concurrent-streams must be > 0") }
+        if (self.tlsCert == nil) != (self.tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
+        if self.clientCA != nil && self.tlsCert == nil { throw ValidationError("--client-ca needs --tls-cert and --tls-key") }
     }
 
     func run() async throws {
@@ -37,6 +48,9 @@ struct Serve: AsyncParsableCommand {
 
         var options = EchoServer.Options()
         options.maxConcurrentStreams = self.maxConcurrentStreams
+        options.tlsCertificateChain = self.tlsCert
+        options.tlsPrivateKey = self.tlsKey
+        options.tlsClientCA = self.clientCA
         let server: EchoServer
         do {
             server = try EchoServer(host: self.host, port: self.port, options: options)
@@ -44,7 +58,7 @@ struct Serve: AsyncParsableCommand {
             writeStderr("error: cannot serve on \(self.host):\(self.port): \(error)\n")
             throw ExitCode(1)
         }
-        writeStderr("grpc-cm echo server listening on \(server.address)\n")
+        writeStderr("grpc-cm echo server listening on \(server.address)\(self.tlsCert == nil ? "" : " (TLS)")\n")
         while cr_stop_signal_received() == 0 {
             try? await Task.sleep(nanoseconds: 50_000_000)
         }
