@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is missing first.
 SWIFT ?= swift
 
-.PHONY: deps build test demo bench-bus clean
+.PHONY: deps build test demo demo-tls bench-bus clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -15,6 +15,9 @@ test: deps
 
 demo: build
 	@bash scripts/demo.sh
+
+demo-tls: build
+	@bash scripts/demo-tls.sh
 
 bench-bus: deps
 	$(SWIFT) build -c release --product bus-bench

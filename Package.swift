@@ -64,6 +64,12 @@ let package = Package(
             path: "Examples/unary-call",
             swiftSettings: strictSwift
         ),
+        .executableTarget(
+            name: "tls-example",
+            dependencies: ["GRPCConnectionManager", "GRPCConnectionManagerPrometheus"],
+            path: "Examples/tls",
+            swiftSettings: strictSwift
+        ),
         // Perf/: benchmark programs (no extra dependencies; `make bench-bus` runs the bus benchmark in release).
         .target(name: "CMallocCounter", path: "Perf/CMallocCounter"),
         .executableTarget(

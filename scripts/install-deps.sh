@@ -5,7 +5,8 @@
 set -euo pipefail
 
 missing=()
-for pkg in libnghttp2-dev libssl-dev pkg-config; do
+# openssl (the CLI) makes the certificates of the TLS tests and the TLS demo.
+for pkg in libnghttp2-dev libssl-dev pkg-config openssl; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -183,7 +183,11 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
             self.scheduleFlush()
         case .failed(let reason):
             tls.drainCiphertext(into: &self.outbound)
-            self.close(reason: Status(code: .unavailable, message: "TLS handshake with \(self.address) failed: \(reason)"))
+            let message =
+                reason.contains("no application protocol")
+                ? "server \(self.address) did not negotiate HTTP/2 through ALPN (no protocol in common with h2): \(reason)"
+                : "TLS handshake with \(self.address) failed: \(reason)"
+            self.close(reason: Status(code: .unavailable, message: message))
         case .done:
             let alpn = tls.negotiatedProtocol
             guard alpn == "h2" else {

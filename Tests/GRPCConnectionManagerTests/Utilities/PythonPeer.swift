@@ -43,7 +43,13 @@ final class PythonPeer: @unchecked Sendable {
         health_servicer.set("sleepy", health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         server.add_generic_rpc_handlers((Generic(),))
-        port = server.add_insecure_port("127.0.0.1:%d" % (int(sys.argv[1]) if len(sys.argv) > 1 else 0))
+        address = "127.0.0.1:%d" % (int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+        if len(sys.argv) > 3:
+            with open(sys.argv[2], "rb") as cert, open(sys.argv[3], "rb") as key:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
         server.start()
         print(port, flush=True)
         # Commands on stdin: "set NAME STATUS" ("-" = the whole server) changes a health status. EOF stops.
@@ -57,12 +63,12 @@ final class PythonPeer: @unchecked Sendable {
 
     /// Starts the server (on `port`, or a free one); throws if python3 or grpcio is missing (`make test` installs
     /// them).
-    init(port: Int = 0) throws {
+    init(port: Int = 0, tlsCertificate: String? = nil, tlsKey: String? = nil) throws {
         let scriptURL = FileManager.default.temporaryDirectory.appendingPathComponent("grpc-cm-peer-\(getpid()).py")
         try Self.script.write(to: scriptURL, atomically: true, encoding: .utf8)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", scriptURL.path, String(port)]
+        process.arguments = ["python3", scriptURL.path, String(port)] + [tlsCertificate, tlsKey].compactMap { $0 }
         let output = Pipe()
         let input = Pipe()
         process.standardOutput = output

@@ -1,0 +1,183 @@
+import Foundation
+import GRPCEchoServer
+import Testing
+
+@testable import GRPCConnectionManager
+
+/// TLS against the embedded server, a grpcio server and openssl s_server, with certificates made at test time.
+@Suite("TLS", .serialized)
+struct TLSTests {
+    static func tls(_ certificates: TestCertificates, _ adjust: (inout TLSConfiguration) -> Void = { _ in }) -> Configuration {
+        var configuration = Configuration()
+        var tls = TLSConfiguration()
+        tls.trustRoots = .file(certificates.caCertificate)
+        adjust(&tls)
+        configuration.tls = tls
+        configuration.enableRetry = false
+        configuration.enableCircuitBreaker = false
+        return configuration
+    }
+
+    static func server(
+        _ certificates: TestCertificates, loop: EventLoop, certificate: String? = nil, key: String? = nil,
+        clientCA: String? = nil, port: Int = 0
+    ) throws -> EchoServer {
+        var options = EchoServer.Options()
+        options.tlsCertificateChain = certificate ?? certificates.serverCertificate
+        options.tlsPrivateKey = key ?? certificates.serverKey
+        options.tlsClientCA = clientCA
+        return try EchoServer(port: port, options: options, eventLoop: loop)
+    }
+
+    @Test("the right CA succeeds, by name and by IP; failures say why")
+    func verification() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let server = try Self.server(certificates, loop: loop)
+        defer { server.close() }
+        let port = server.port
+
+        for target in ["127.0.0.1:\(port)", "localhost:\(port)"] {
+            let channel = try GRPCChannel(target: target, configuration: Self.tls(certificates), eventLoop: loop)
+            let response = await channel.call([1, 2], timeout: .seconds(5))
+            #expect(response.status == .ok, "\(target)")
+            #expect(response.message == [1, 2])
+        }
+
+        let system = try GRPCChannel(target: "127.0.0.1:\(port)", configuration: Self.tls(certificates) { $0.trustRoots = .system }, eventLoop: loop)
+        let unknownCA = await system.call([1], timeout: .seconds(5))
+        #expect(unknownCA.status.code == .unavailable)
+        #expect(unknownCA.status.message.contains("certificate verify failed"))
+
+        let wrongName = try GRPCChannel(
+            target: "127.0.0.1:\(port)", configuration: Self.tls(certificates) { $0.serverName = "other.example" }, eventLoop: loop)
+        let mismatch = await wrongName.call([1], timeout: .seconds(5))
+        #expect(mismatch.status.code == .unavailable)
+        #expect(mismatch.status.message.contains("certificate verify failed: hostname mismatch"))
+
+        let insecure = try GRPCChannel(
+            target: "127.0.0.1:\(port)",
+            configuration: Self.tls(certificates) {
+                $0.trustRoots = .system
+                $0.verifyCertificate = false
+            }, eventLoop: loop)
+        #expect(await insecure.call([3], timeout: .seconds(5)).message == [3])
+    }
+
+    @Test("an expired certificate and a stranger's certificate are refused with the reason")
+    func expiredAndStranger() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let expired = try Self.server(certificates, loop: loop, certificate: certificates.expiredCertificate)
+        defer { expired.close() }
+        let channel = try GRPCChannel(target: "127.0.0.1:\(expired.port)", configuration: Self.tls(certificates), eventLoop: loop)
+        let response = await channel.call([1], timeout: .seconds(5))
+        #expect(response.status.code == .unavailable)
+        #expect(response.status.message.contains("certificate has expired"))
+
+        let stranger = try Self.server(
+            certificates, loop: loop, certificate: certificates.strangerCertificate, key: certificates.strangerKey)
+        defer { stranger.close() }
+        let other = try GRPCChannel(target: "127.0.0.1:\(stranger.port)", configuration: Self.tls(certificates), eventLoop: loop)
+        let refused = await other.call([1], timeout: .seconds(5))
+        #expect(refused.status.code == .unavailable)
+        #expect(refused.status.message.contains("certificate verify failed"))
+    }
+
+    @Test("mutual TLS: a client certificate is accepted; none is refused")
+    func mutualTLS() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let server = try Self.server(certificates, loop: loop, clientCA: certificates.caCertificate)
+        defer { server.close() }
+        let withCertificate = try GRPCChannel(
+            target: "127.0.0.1:\(server.port)",
+            configuration: Self.tls(certificates) {
+                $0.certificateChainFile = certificates.clientCertificate
+                $0.privateKeyFile = certificates.clientKey
+            }, eventLoop: loop)
+        #expect(await withCertificate.call([7], timeout: .seconds(5)).message == [7])
+        let without = try GRPCChannel(target: "127.0.0.1:\(server.port)", configuration: Self.tls(certificates), eventLoop: loop)
+        let refused = await without.call([7], timeout: .seconds(5))
+        #expect(refused.status.code == .unavailable)
+        #expect(!refused.status.message.isEmpty)
+    }
+
+    @Test("a TLS server that does not select h2 through ALPN is refused, saying so")
+    func noH2() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let port = freePort()
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        server.arguments = [
+            "openssl", "s_server", "-accept", "127.0.0.1:\(port)", "-cert", certificates.serverCertificate, "-key",
+            certificates.serverKey, "-alpn", "http/1.1", "-quiet",
+        ]
+        server.standardInput = Pipe()
+        server.standardOutput = FileHandle.nullDevice
+        server.standardError = FileHandle.nullDevice
+        try server.run()
+        defer {
+            kill(server.processIdentifier, SIGKILL)
+            server.waitUntilExit()
+        }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: "127.0.0.1:\(port)", configuration: Self.tls(certificates), eventLoop: loop)
+        var response = UnaryResponse(status: .ok)
+        // s_server may take a moment to listen: connection refused until then.
+        _ = await eventually {
+            response = await channel.call([1], timeout: .seconds(2))
+            return !response.status.message.contains("refused")
+        }
+        #expect(response.status.code == .unavailable)
+        #expect(response.status.message.contains("did not negotiate HTTP/2"))
+    }
+
+    @Test("against a grpcio TLS server; reconnection over TLS after a restart")
+    func grpcioAndRestart() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        var peer = try PythonPeer(tlsCertificate: certificates.serverCertificate, tlsKey: certificates.serverKey)
+        let port = peer.port
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: "localhost:\(port)", configuration: Self.tls(certificates), eventLoop: loop)
+        #expect(await channel.call([4, 2], timeout: .seconds(5)).message == [4, 2])
+        #expect(try await channel.checkHealth() == .serving)
+        peer.stop()
+        #expect(await channel.call([1], timeout: .seconds(2)).status.code == .unavailable)
+        peer = try PythonPeer(port: port, tlsCertificate: certificates.serverCertificate, tlsKey: certificates.serverKey)
+        defer { peer.stop() }
+        #expect(await eventually(timeout: 5) { await channel.call([5], timeout: .seconds(1)).status == .ok })
+    }
+
+    @Test("unreadable TLS files are a configuration error naming tls")
+    func badFiles() throws {
+        var configuration = Configuration()
+        var tls = TLSConfiguration()
+        tls.trustRoots = .file("/nonexistent/ca.pem")
+        configuration.tls = tls
+        #expect {
+            _ = try GRPCChannel(target: "127.0.0.1:1", configuration: configuration)
+        } throws: { error in
+            (error as? ConfigurationError)?.field == "tls"
+        }
+        tls = TLSConfiguration()
+        tls.certificateChainFile = "/tmp/only-a-cert.pem"
+        configuration.tls = tls
+        #expect(throws: ConfigurationError.self) { try ConnectionManager(configuration: configuration) }
+    }
+}

@@ -1,0 +1,63 @@
+import Foundation
+
+/// Certificates made at test time with the openssl CLI into a temporary folder; no private key is committed.
+struct TestCertificates: Sendable {
+    let directory: String
+    var caCertificate: String { self.path("ca.pem") }
+    var serverCertificate: String { self.path("server.pem") }
+    var serverKey: String { self.path("server.key") }
+    var expiredCertificate: String { self.path("expired.pem") }
+    var clientCertificate: String { self.path("client.pem") }
+    var clientKey: String { self.path("client.key") }
+    /// A server certificate from a CA nobody trusts.
+    var strangerCertificate: String { self.path("stranger.pem") }
+    var strangerKey: String { self.path("stranger.key") }
+
+    func path(_ name: String) -> String { "\(self.directory)/\(name)" }
+
+    /// Creates a CA, a server certificate for localhost and 127.0.0.1, an expired one, a client certificate, and a
+    /// self-signed stranger.
+    static func make() throws -> TestCertificates {
+        let directory = FileManager.default.temporaryDirectory
+            .appendingPathComponent("grpc-cm-certs-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let certificates = TestCertificates(directory: directory)
+        try "subjectAltName=DNS:localhost,IP:127.0.0.1\n".write(
+            toFile: certificates.path("server.ext"), atomically: true, encoding: .utf8)
+        try "extendedKeyUsage=clientAuth\n".write(toFile: certificates.path("client.ext"), atomically: true, encoding: .utf8)
+        let steps: [[String]] = [
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=grpc-cm test CA"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"],
+            ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+             "server.pem", "-days", "2", "-extfile", "server.ext"],
+            ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+             "expired.pem", "-days", "-1", "-extfile", "server.ext"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=client"],
+            ["x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+             "client.pem", "-days", "2", "-extfile", "client.ext"],
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "stranger.key", "-out", "stranger.pem", "-days",
+             "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        ]
+        for arguments in steps {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            process.arguments = ["openssl"] + arguments
+            process.currentDirectoryURL = URL(fileURLWithPath: directory)
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            process.waitUntilExit()
+            guard process.terminationStatus == 0 else { throw CertificateError.opensslFailed(arguments.joined(separator: " ")) }
+        }
+        return certificates
+    }
+
+    func remove() {
+        try? FileManager.default.removeItem(atPath: self.directory)
+    }
+
+    enum CertificateError: Error {
+        case opensslFailed(String)
+    }
+}
