@@ -157,6 +157,14 @@ struct TLSTests {
         let channel = try GRPCChannel(target: "localhost:\(port)", configuration: Self.tls(certificates), eventLoop: loop)
         #expect(await channel.call([4, 2], timeout: .seconds(5)).message == [4, 2])
         #expect(try await channel.checkHealth() == .serving)
+        // The same failures against grpcio: a CA we do not trust, a name the certificate does not carry.
+        let untrusted = try GRPCChannel(
+            target: "localhost:\(port)", configuration: Self.tls(certificates) { $0.trustRoots = .system }, eventLoop: loop)
+        #expect(await untrusted.call([1], timeout: .seconds(5)).status.message.contains("certificate verify failed"))
+        let misnamed = try GRPCChannel(
+            target: "localhost:\(port)", configuration: Self.tls(certificates) { $0.serverName = "elsewhere.example" },
+            eventLoop: loop)
+        #expect(await misnamed.call([1], timeout: .seconds(5)).status.message.contains("hostname mismatch"))
         peer.stop()
         #expect(await channel.call([1], timeout: .seconds(2)).status.code == .unavailable)
         peer = try PythonPeer(port: port, tlsCertificate: certificates.serverCertificate, tlsKey: certificates.serverKey)

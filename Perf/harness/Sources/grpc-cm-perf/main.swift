@@ -1,0 +1,246 @@
+// grpc-cm-perf: closed-loop (or open-loop with --rate) unary calls through grpc-connection-manager, printing ONE
+// JSON object with the same fields as the peer clients in ../shared/peers, so the numbers compare as ratios.
+//
+// The closed loop runs on the reactor thread: each completion starts the next call of its slot, so no thread hop
+// is measured that a real callback user would not pay. CPU is getrusage(RUSAGE_SELF) over the measured window.
+import ArgumentParser
+import Foundation
+import GRPCConnectionManager
+import GRPCEchoServer
+import Histogram
+import Synchronization
+
+@main
+struct Perf: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "grpc-cm-perf")
+
+    @Option(help: "HOST:PORT of the server; none starts the embedded echo server as a child (pinned to CPU 0).")
+    var target: String?
+    @Option(help: "Method path (any path echoes).") var method = "/echo.Echo/Call"
+    @Option(name: .customLong("payload-bytes")) var payloadBytes = 0
+    @Option(help: "Separate connections (channels).") var connections = 1
+    @Option(help: "Calls in flight in total (closed loop).") var concurrency = 1
+    @Option(help: "Measured seconds.") var duration = 10.0
+    @Option(help: "Unmeasured warm-up seconds.") var warmup = 1.0
+    @Option(help: "Open loop: start this many calls per second; latency counts from the scheduled start.") var rate: Double?
+    @Option(help: "Write the HdrHistogram percentile distribution (microseconds) here.") var hgrm: String?
+    @Option(name: .customLong("idle-connections"), help: "Instead: open N connections, one call each, hold them.") var idleConnections: Int?
+    @Option(name: .customLong("idle-hold"), help: "Seconds to hold the idle connections.") var idleHold = 3.0
+    @Flag(help: "Switch off retry and the circuit breaker (the peers have neither).") var bare = false
+    @Option(name: .customLong("serve-port"), help: .hidden) var servePort: Int?
+
+    func run() throws {
+        if let port = self.servePort { try Self.serve(port: port) }
+        var child: Process?
+        var target = self.target ?? ""
+        if self.target == nil {
+            let port = Int.random(in: 40000...60000)
+            child = try Self.spawnServer(port: port)
+            target = "127.0.0.1:\(port)"
+            Thread.sleep(forTimeInterval: 0.5)
+        }
+        defer { child?.terminate() }
+        var configuration = Configuration()
+        if self.bare {
+            configuration.enableRetry = false
+            configuration.enableCircuitBreaker = false
+        }
+        let loop = try EventLoop()
+        loop.start()
+        if let idle = self.idleConnections {
+            try self.idleRun(target: target, configuration: configuration, loop: loop, count: idle)
+            return
+        }
+        let channels = try (0..<max(1, self.connections)).map { _ in
+            try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
+        }
+        let driver = Driver(channels: channels, method: self.method, payload: [UInt8](repeating: 0x61, count: self.payloadBytes))
+        if let rate = self.rate {
+            driver.openLoop(rate: rate, warmup: self.warmup, duration: self.duration)
+        } else {
+            driver.closedLoop(concurrency: self.concurrency, warmup: self.warmup, duration: self.duration)
+        }
+        print(driver.json())
+        if let path = self.hgrm { try driver.distribution().write(toFile: path, atomically: true, encoding: .utf8) }
+    }
+
+    func idleRun(target: String, configuration: Configuration, loop: EventLoop, count: Int) throws {
+        let before = Self.rssKB()
+        var channels: [GRPCChannel] = []
+        let done = Atomic<Int>(0)
+        let errors = Atomic<Int>(0)
+        for _ in 0..<count {
+            let channel = try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
+            channels.append(channel)
+            channel.unary(path: self.method, request: [], options: CallOptions(timeout: .seconds(30))) { response in
+                if !response.status.isOK { errors.add(1, ordering: .relaxed) }
+                done.add(1, ordering: .relaxed)
+            }
+        }
+        while done.load(ordering: .relaxed) < count { usleep(1000) }
+        Thread.sleep(forTimeInterval: self.idleHold)
+        let after = Self.rssKB()
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
+        print(
+            "{\"idle_connections\": \(count), \"errors\": \(errors.load(ordering: .relaxed)), \"rss_kb_before\": \(before), "
+                + "\"rss_kb\": \(after), \"rss_kb_per_connection\": \(String(format: "%.2f", Double(after - before) / Double(max(count, 1)))), "
+                + "\"open_fds\": \(fds), \"os_threads\": \(Self.threads())}")
+        withExtendedLifetime(channels) {}
+    }
+
+    static func spawnServer(port: Int) throws -> Process {
+        let process = Process()
+        let me = CommandLine.arguments[0]
+        let cpus = ProcessInfo.processInfo.activeProcessorCount
+        if cpus >= 2, FileManager.default.isExecutableFile(atPath: "/usr/bin/taskset") {
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
+            process.arguments = ["-c", "0", me, "--serve-port", String(port)]
+        } else {
+            process.executableURL = URL(fileURLWithPath: me)
+            process.arguments = ["--serve-port", String(port)]
+        }
+        try process.run()
+        return process
+    }
+
+    static func serve(port: Int) throws -> Never {
+        let server = try EchoServer(port: port)
+        _ = server
+        while true { sleep(3600) }
+    }
+
+    static func rssKB() -> Int { Self.status("VmRSS:") }
+    static func threads() -> Int { Self.status("Threads:") }
+    static func status(_ key: String) -> Int {
+        guard let text = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return -1 }
+        for line in text.split(separator: "\n") where line.hasPrefix(key) {
+            return Int(line.dropFirst(key.count).split(whereSeparator: { $0 == " " || $0 == "\t" }).first ?? "") ?? -1
+        }
+        return -1
+    }
+}
+
+/// The load: reactor-thread state behind `@unchecked Sendable` (touched by completions on the reactor thread, and
+/// read by the main thread only after the run has stopped and drained).
+final class Driver: @unchecked Sendable {
+    let channels: [GRPCChannel]
+    let method: String
+    let payload: [UInt8]
+    var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+    var requests = 0
+    var errors = 0
+    let measuring = Atomic<Bool>(false)
+    let stopped = Atomic<Bool>(false)
+    let inFlight = Atomic<Int>(0)
+    var usage = (user: 0.0, sys: 0.0, wall: 0.0)
+    var maxRSS = 0
+
+    init(channels: [GRPCChannel], method: String, payload: [UInt8]) {
+        self.channels = channels
+        self.method = method
+        self.payload = payload
+    }
+
+    static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    func start(slot: Int, scheduled: UInt64? = nil) {
+        let channel = self.channels[slot % self.channels.count]
+        let began = scheduled ?? Self.now()
+        self.inFlight.add(1, ordering: .relaxed)
+        channel.unary(path: self.method, request: self.payload) { response in
+            self.finished(slot: slot, began: began, response: response, closedLoop: scheduled == nil)
+        }
+    }
+
+    func finished(slot: Int, began: UInt64, response: UnaryResponse, closedLoop: Bool) {
+        if self.measuring.load(ordering: .relaxed) {
+            self.requests += 1
+            if !response.status.isOK || response.message.count != self.payload.count { self.errors += 1 }
+            _ = self.histogram.record((Self.now() - began) / 1000)
+        }
+        self.inFlight.add(-1, ordering: .relaxed)
+        if closedLoop && !self.stopped.load(ordering: .relaxed) { self.start(slot: slot) }
+    }
+
+    func measure(warmup: Double, duration: Double, during body: () -> Void = {}) {
+        Thread.sleep(forTimeInterval: warmup)
+        let startUsage = Self.processUsage()
+        let startWall = Self.now()
+        self.measuring.store(true, ordering: .relaxed)
+        Thread.sleep(forTimeInterval: duration)
+        self.measuring.store(false, ordering: .relaxed)
+        let endUsage = Self.processUsage()
+        let endWall = Self.now()
+        self.stopped.store(true, ordering: .relaxed)
+        self.usage = (endUsage.user - startUsage.user, endUsage.sys - startUsage.sys, Double(endWall - startWall) / 1e9)
+        self.maxRSS = endUsage.maxRSS
+        while self.inFlight.load(ordering: .relaxed) > 0 { usleep(1000) }
+    }
+
+    func closedLoop(concurrency: Int, warmup: Double, duration: Double) {
+        for slot in 0..<max(1, concurrency) { self.start(slot: slot) }
+        self.measure(warmup: warmup, duration: duration)
+    }
+
+    func openLoop(rate: Double, warmup: Double, duration: Double) {
+        let interval = UInt64(1e9 / rate)
+        let pacer = Thread {
+            var next = Self.now()
+            var slot = 0
+            while !self.stopped.load(ordering: .relaxed) {
+                let now = Self.now()
+                if now < next {
+                    usleep(UInt32(min((next - now) / 1000, 1000)))
+                    continue
+                }
+                self.start(slot: slot, scheduled: next)
+                slot += 1
+                next += interval
+            }
+        }
+        pacer.start()
+        self.measure(warmup: warmup, duration: duration)
+    }
+
+    static func processUsage() -> (user: Double, sys: Double, maxRSS: Int) {
+        var usage = Glibc.rusage()
+        getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &usage)
+        let user = Double(usage.ru_utime.tv_sec) + Double(usage.ru_utime.tv_usec) / 1e6
+        let sys = Double(usage.ru_stime.tv_sec) + Double(usage.ru_stime.tv_usec) / 1e6
+        return (user, sys, usage.ru_maxrss)
+    }
+
+    func json() -> String {
+        let requests = max(self.requests, 1)
+        let fields: [(String, String)] = [
+            ("client", "\"grpc-cm\""),
+            ("rps", String(format: "%.1f", Double(self.requests) / max(self.usage.wall, 1e-9))),
+            ("p50_us", "\(self.histogram.valueAtPercentile(50))"),
+            ("p90_us", "\(self.histogram.valueAtPercentile(90))"),
+            ("p99_us", "\(self.histogram.valueAtPercentile(99))"),
+            ("p999_us", "\(self.histogram.valueAtPercentile(99.9))"),
+            ("mean_us", String(format: "%.1f", self.histogram.mean)),
+            ("max_us", "\(self.histogram.max)"),
+            ("requests", "\(self.requests)"),
+            ("errors", "\(self.errors)"),
+            ("cpu_user_s", String(format: "%.3f", self.usage.user)),
+            ("cpu_sys_s", String(format: "%.3f", self.usage.sys)),
+            ("cpu_us_per_rpc", String(format: "%.2f", (self.usage.user + self.usage.sys) * 1e6 / Double(requests))),
+            ("cpu_util", String(format: "%.3f", (self.usage.user + self.usage.sys) / max(self.usage.wall, 1e-9))),
+            ("max_rss_kb", "\(self.maxRSS)"),
+            ("rss_kb", "\(Perf.rssKB())"),
+            ("os_threads", "\(Perf.threads())"),
+        ]
+        return "{" + fields.map { "\"\($0.0)\": \($0.1)" }.joined(separator: ", ") + "}"
+    }
+
+    func distribution() -> String {
+        var text = ""
+        self.histogram.outputPercentileDistribution(to: &text, outputValueUnitScalingRatio: 1.0)
+        return text
+    }
+}
