@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is missing first.
 SWIFT ?= swift
 
-.PHONY: deps build test demo demo-tls bench-bus clean
+.PHONY: deps build test demo demo-tls bench bench-bus clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -18,6 +18,11 @@ demo: build
 
 demo-tls: build
 	@bash scripts/demo-tls.sh
+
+# The perf matrix against ../shared/peers; writes Perf/RESULTS.md (about 10 minutes; BENCH_ARGS="--swift" adds
+# the grpc-swift-2 peer, whose first build takes 10-20 minutes).
+bench: deps
+	python3 Perf/bench.py $(BENCH_ARGS)
 
 bench-bus: deps
 	$(SWIFT) build -c release --product bus-bench

@@ -65,6 +65,12 @@ struct Perf: ParsableCommand {
     }
 
     func idleRun(target: String, configuration: Configuration, loop: EventLoop, count: Int) throws {
+        // Each connection is one fd: raise the soft limit to the hard one (as the C++ peer does).
+        var limit = rlimit()
+        if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 {
+            limit.rlim_cur = limit.rlim_max
+            setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+        }
         let before = Self.rssKB()
         var channels: [GRPCChannel] = []
         let done = Atomic<Int>(0)

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""make bench: grpc-cm-perf against the peer clients of ../shared/peers, interleaved, medians of N reps.
+
+Copies ../shared/peers to a writable folder, builds the C++ server and client (and the Python venv; h2load when
+Debian's nghttp2-client is installable; the grpc-swift-2 peer only with --swift, it takes 10-20 minutes), starts
+the C++ echo server pinned to CPU 0, runs every client pinned to CPU 1, rep 1 of every client, then rep 2, and
+writes Perf/RESULTS.md with the medians, the commands, the machine and the date.
+
+  Perf/bench.py [--reps 3] [--duration 10] [--swift] [--peers DIR]
+"""
+import argparse, datetime, json, os, platform, shutil, statistics, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCENARIOS = [("a", 1, 1, 0), ("a", 1, 1, 1024), ("b", 1, 64, 0), ("b", 1, 64, 1024), ("c", 4, 256, 0)]
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, **kw)
+
+
+def client_cmd(label, rig, perf, conns, conc, payload, duration):
+    common = ["--target", "127.0.0.1:50051", "--payload-bytes", str(payload), "--connections", str(conns),
+              "--concurrency", str(conc), "--duration", str(duration)]
+    if label == "grpc-cm":
+        return [perf, *common, "--warmup", "1"]
+    if label == "cpp":
+        return [f"{rig}/build/grpc_bench", *common, "--threads", "1", "--warmup", "1"]
+    if label == "python":
+        return [f"{rig}/.venv/bin/python", f"{rig}/python/grpc_bench.py", *common, "--warmup", "1"]
+    if label == "h2load":
+        return [sys.executable, f"{rig}/h2load/h2load_bench.py", *common]
+    if label == "swift":
+        return [f"{rig}/swift-peer/.build/release/SwiftPeer", *common, "--threads", "1", "--warmup", "1"]
+    raise SystemExit(label)
+
+
+def run(cmd, timeout):
+    r = subprocess.run(["taskset", "-c", "1", *cmd], capture_output=True, text=True, timeout=timeout)
+    line = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    if r.returncode != 0 or not line:
+        return {"error": (r.stderr or r.stdout)[-300:]}
+    return json.loads(line[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=10)
+    ap.add_argument("--swift", action="store_true", help="also build and run the grpc-swift-2 peer (slow build)")
+    ap.add_argument("--peers", default=os.path.join(os.path.dirname(ROOT), "shared", "peers"))
+    ap.add_argument("--idle", default="1000,10000")
+    args = ap.parse_args()
+
+    rig = "/tmp/grpc-cm-peers"
+    if not os.path.isdir(rig):
+        shutil.copytree(args.peers, rig)
+    sh(f"cd {rig} && ./build.sh deps >/dev/null && ./build.sh cpp >/dev/null")
+    clients = ["grpc-cm", "cpp"]
+    try:
+        sh(f"cd {rig} && ./build.sh python >/dev/null")
+        clients.append("python")
+    except subprocess.CalledProcessError:
+        print("bench: no Python peer (venv/grpcio failed)", file=sys.stderr)
+    if shutil.which("h2load") or subprocess.run("apt-get install -y -qq nghttp2-client >/dev/null 2>&1", shell=True).returncode == 0:
+        clients.append("h2load")
+    if args.swift:
+        sh(f"cd {rig} && ./build.sh swift >/dev/null")
+        clients.append("swift")
+    sh(f"cd {ROOT}/Perf/harness && swift build -c release >/dev/null")
+    perf = f"{ROOT}/Perf/harness/.build/release/grpc-cm-perf"
+
+    server = subprocess.run([f"{rig}/start-server.sh", "50051"], capture_output=True, text=True).stdout.strip()
+    results = {}
+    try:
+        time.sleep(0.5)
+        for scenario, conns, conc, payload in SCENARIOS:
+            for rep in range(args.reps):
+                for label in clients:
+                    cmd = client_cmd(label, rig, perf, conns, conc, payload, args.duration)
+                    out = run(cmd, timeout=args.duration * 4 + 30)
+                    results.setdefault((scenario, payload, label), []).append(out)
+                    print(scenario, payload, label, rep + 1, {k: out.get(k) for k in ("rps", "p50_us", "p99_us", "cpu_us_per_rpc", "errors", "error")}, flush=True)
+        idle = {}
+        for n in [int(x) for x in args.idle.split(",") if x]:
+            idle[(n, "grpc-cm")] = run([perf, "--target", "127.0.0.1:50051", "--idle-connections", str(n), "--idle-hold", "2"], 300)
+            idle[(n, "cpp")] = run([f"{rig}/build/grpc_bench", "--target", "127.0.0.1:50051", "--idle-connections", str(n), "--idle-hold", "2"], 300)
+            print("idle", n, idle[(n, "grpc-cm")], idle[(n, "cpp")], flush=True)
+    finally:
+        subprocess.run(["kill", server])
+    bus = subprocess.run(f"cd {ROOT} && swift build -c release --product bus-bench >/dev/null && .build/release/bus-bench 2000000",
+                         shell=True, capture_output=True, text=True).stdout
+    write(results, idle, bus, clients, args)
+
+
+def med(runs, key):
+    values = [r[key] for r in runs if key in r and r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def write(results, idle, bus, clients, args):
+    lines = ["# Perf results", "",
+             f"Written by `make bench` (`Perf/bench.py --reps {args.reps} --duration {args.duration:g}`) on "
+             f"{datetime.date.today().isoformat()}, {platform.platform()}, {os.cpu_count()} cores. The C++ gRPC echo "
+             "server of ../shared/peers runs pinned to CPU 0 and every client pinned to CPU 1, interleaved (rep 1 of every "
+             "client, then rep 2, ...). Medians of the reps. grpc-cm runs with its defaults (retry and circuit breaker on).",
+             "", "Client commands (`--target 127.0.0.1:50051 --connections C --concurrency K --payload-bytes N "
+             f"--duration {args.duration:g}` plus): grpc-cm `Perf/harness/.build/release/grpc-cm-perf --warmup 1`; cpp "
+             "`build/grpc_bench --threads 1 --warmup 1`; python `python/grpc_bench.py --warmup 1`; h2load "
+             "`h2load/h2load_bench.py`; swift `SwiftPeer --threads 1 --warmup 1`.", ""]
+    for scenario, conns, conc, payload in SCENARIOS:
+        lines += [f"## ({scenario}) {conns} connection(s), {conc} in flight, {payload} B", "",
+                  "| client | rps | p50 µs | p99 µs | CPU µs/call | errors | CPU ratio grpc-cm / client |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        ours = med(results.get((scenario, payload, "grpc-cm"), []), "cpu_us_per_rpc")
+        for label in clients:
+            runs = results.get((scenario, payload, label), [])
+            cpu = med(runs, "cpu_us_per_rpc")
+            ratio = f"{ours / cpu:.2f}" if ours and cpu and label != "grpc-cm" else ""
+            lines.append(f"| {label} | {med(runs, 'rps')} | {med(runs, 'p50_us')} | {med(runs, 'p99_us')} | {cpu} | "
+                         f"{sum(r.get('errors', 0) or 0 for r in runs)} | {ratio} |")
+        lines.append("")
+    lines += ["## (d) idle connections (`--idle-connections N --idle-hold 2`)", "",
+              "| N | client | KiB per connection | RSS KiB | open fds |", "| --- | --- | --- | --- | --- |"]
+    for (n, label), out in sorted(idle.items()):
+        per = out.get("rss_kb_per_connection", out.get("rss_per_conn_kb"))
+        lines.append(f"| {n} | {label} | {per} | {out.get('rss_kb')} | {out.get('open_fds')} |")
+    lines += ["", "## (e) hot path", "", "Event bus (`bus-bench 2000000`):", "", bus.strip(), "",
+              "Heap allocations per unary call are not measured yet.", ""]
+    with open(os.path.join(ROOT, "Perf", "RESULTS.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("wrote Perf/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
