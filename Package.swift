@@ -15,6 +15,8 @@ let package = Package(
         .library(name: "GRPCConnectionManagerPrometheus", targets: ["GRPCConnectionManagerPrometheus"]),
         .library(name: "GRPCEchoServer", targets: ["GRPCEchoServer"]),
         .executable(name: "grpc-cm", targets: ["grpc-cm"]),
+        // For Perf/harness only: counts heap allocations by interposing malloc in the program that links it.
+        .library(name: "CMallocCounter", targets: ["CMallocCounter"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),

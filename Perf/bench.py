@@ -109,14 +109,16 @@ def write(results, idle, bus, clients, args):
              "`h2load/h2load_bench.py`; swift `SwiftPeer --threads 1 --warmup 1`.", ""]
     for scenario, conns, conc, payload in SCENARIOS:
         lines += [f"## ({scenario}) {conns} connection(s), {conc} in flight, {payload} B", "",
-                  "| client | rps | p50 µs | p99 µs | CPU µs/call | errors | CPU ratio grpc-cm / client |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| client | rps | p50 µs | p99 µs | CPU µs/call | allocations/call | errors | CPU ratio grpc-cm / client |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         ours = med(results.get((scenario, payload, "grpc-cm"), []), "cpu_us_per_rpc")
         for label in clients:
             runs = results.get((scenario, payload, label), [])
             cpu = med(runs, "cpu_us_per_rpc")
             ratio = f"{ours / cpu:.2f}" if ours and cpu and label != "grpc-cm" else ""
+            allocations = med(runs, "allocations_per_rpc")
             lines.append(f"| {label} | {med(runs, 'rps')} | {med(runs, 'p50_us')} | {med(runs, 'p99_us')} | {cpu} | "
+                         f"{allocations if allocations is not None else ''} | "
                          f"{sum(r.get('errors', 0) or 0 for r in runs)} | {ratio} |")
         lines.append("")
     lines += ["## (d) idle connections (`--idle-connections N --idle-hold 2`)", "",
@@ -125,7 +127,9 @@ def write(results, idle, bus, clients, args):
         per = out.get("rss_kb_per_connection", out.get("rss_per_conn_kb"))
         lines.append(f"| {n} | {label} | {per} | {out.get('rss_kb')} | {out.get('open_fds')} |")
     lines += ["", "## (e) hot path", "", "Event bus (`bus-bench 2000000`):", "", bus.strip(), "",
-              "Heap allocations per unary call are not measured yet.", ""]
+              "Heap allocations per unary call: the `allocations/call` column above (grpc-cm only: the harness links "
+              "CMallocCounter, which interposes malloc and counts every allocation of the client process during the "
+              "measured window, divided by the calls).", ""]
     with open(os.path.join(ROOT, "Perf", "RESULTS.md"), "w") as f:
         f.write("\n".join(lines))
     print("wrote Perf/RESULTS.md")

@@ -22,6 +22,7 @@ let package = Package(
             dependencies: [
                 .product(name: "GRPCConnectionManager", package: rootIdentity),
                 .product(name: "GRPCEchoServer", package: rootIdentity),
+                .product(name: "CMallocCounter", package: rootIdentity),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],

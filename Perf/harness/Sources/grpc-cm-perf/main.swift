@@ -4,6 +4,7 @@
 // The closed loop runs on the reactor thread: each completion starts the next call of its slot, so no thread hop
 // is measured that a real callback user would not pay. CPU is getrusage(RUSAGE_SELF) over the measured window.
 import ArgumentParser
+import CMallocCounter
 import Foundation
 import GRPCConnectionManager
 import GRPCEchoServer
@@ -139,6 +140,8 @@ final class Driver: @unchecked Sendable {
     let stopped = Atomic<Bool>(false)
     let inFlight = Atomic<Int>(0)
     var usage = (user: 0.0, sys: 0.0, wall: 0.0)
+    /// Heap allocations of the whole process during the measured window (CMallocCounter).
+    var allocations: UInt64 = 0
     var maxRSS = 0
 
     init(channels: [GRPCChannel], method: String, payload: [UInt8]) {
@@ -176,9 +179,11 @@ final class Driver: @unchecked Sendable {
         Thread.sleep(forTimeInterval: warmup)
         let startUsage = Self.processUsage()
         let startWall = Self.now()
+        let startAllocations = cmc_allocations()
         self.measuring.store(true, ordering: .relaxed)
         Thread.sleep(forTimeInterval: duration)
         self.measuring.store(false, ordering: .relaxed)
+        self.allocations = cmc_allocations() - startAllocations
         let endUsage = Self.processUsage()
         let endWall = Self.now()
         self.stopped.store(true, ordering: .relaxed)
@@ -237,6 +242,7 @@ final class Driver: @unchecked Sendable {
             ("cpu_sys_s", String(format: "%.3f", self.usage.sys)),
             ("cpu_us_per_rpc", String(format: "%.2f", (self.usage.user + self.usage.sys) * 1e6 / Double(requests))),
             ("cpu_util", String(format: "%.3f", (self.usage.user + self.usage.sys) / max(self.usage.wall, 1e-9))),
+            ("allocations_per_rpc", String(format: "%.2f", Double(self.allocations) / Double(requests))),
             ("max_rss_kb", "\(self.maxRSS)"),
             ("rss_kb", "\(Perf.rssKB())"),
             ("os_threads", "\(Perf.threads())"),
