@@ -127,17 +127,12 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
         self.currentConnectionID = id
         let transport = HTTP2ClientConnection(
             reactor: self.reactor, address: self.address, authority: self.authority,
-            configuration: self.connectTimeoutAdjusted(), id: id, keepAliveTime: self.keepAliveTime, tls: self.tls,
+            configuration: self.configuration, id: id, keepAliveTime: self.keepAliveTime, tls: self.tls,
             tlsServerName: self.tlsServerName)
         transport.delegate = self
         self.transport = transport
         self.bus.publish(.connectAttemptStarted(service: self.service, connectionID: id, address: self.address))
         transport.connect()
-    }
-
-    /// grpc-go: the attempt may take max(minConnectTimeout, the current backoff).
-    private func connectTimeoutAdjusted() -> Configuration {
-        self.configuration
     }
 
     private func transition(from old: ConnectivityState, reason: Status?) {

@@ -174,18 +174,8 @@ struct Call: AsyncParsableCommand {
     /// Writes the exposition for --metrics-out (at exit, whatever the outcome).
     private func writeMetrics(_ manager: ConnectionManager) {
         guard let path = self.metricsOut, let text = manager.metricsText() else { return }
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        guard fd >= 0 else {
-            writeStderr("error: cannot write --metrics-out \(path): \(String(cString: strerror(errno)))\n")
-            return
-        }
-        defer { close(fd) }
-        let bytes = Array(text.utf8)
-        var offset = 0
-        while offset < bytes.count {
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
-            if n <= 0 { return }
-            offset += n
+        if let problem = writeFile(path, Array(text.utf8)) {
+            writeStderr("error: cannot write --metrics-out \(path): \(problem)\n")
         }
     }
 
@@ -237,17 +227,9 @@ struct Call: AsyncParsableCommand {
     private func writeResponse(_ bytes: [UInt8]) throws {
         let output = self.hex ? Array((encodeHex(bytes) + "\n").utf8) : bytes
         if let path = self.out {
-            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-            guard fd >= 0 else {
-                writeStderr("error: cannot write \(path): \(String(cString: strerror(errno)))\n")
+            if let problem = writeFile(path, output) {
+                writeStderr("error: cannot write \(path): \(problem)\n")
                 throw ExitCode(1)
-            }
-            defer { close(fd) }
-            var offset = 0
-            while offset < output.count {
-                let n = output.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
-                if n <= 0 { throw ExitCode(1) }
-                offset += n
             }
         } else {
             writeStdout(output)
@@ -272,6 +254,20 @@ extension Substring {
     func trimmingSpaces() -> String {
         String(self.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
     }
+}
+
+/// Writes `bytes` to `path` (created or truncated). Returns the reason when it fails.
+func writeFile(_ path: String, _ bytes: [UInt8]) -> String? {
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    guard fd >= 0 else { return String(cString: strerror(errno)) }
+    defer { close(fd) }
+    var offset = 0
+    while offset < bytes.count {
+        let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
+        if n <= 0 { return String(cString: strerror(errno)) }
+        offset += n
+    }
+    return nil
 }
 
 func seconds(_ value: Double) -> Duration {
