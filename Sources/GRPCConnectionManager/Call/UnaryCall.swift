@@ -226,12 +226,14 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
         let total = self.request.count + 5
         var written = 0
         if self.sendOffset < 5 {
-            let prefix = MessageFramer.prefix(length: self.request.count)
-            let bytes = [prefix.0, prefix.1, prefix.2, prefix.3, prefix.4]
-            while self.sendOffset < 5 && written < length {
-                buffer[written] = bytes[self.sendOffset]
-                written += 1
-                self.sendOffset += 1
+            // The prefix stays a tuple on the stack: no array per call.
+            var prefix = MessageFramer.prefix(length: self.request.count)
+            withUnsafeBytes(of: &prefix) { bytes in
+                while self.sendOffset < 5 && written < length {
+                    buffer[written] = bytes[self.sendOffset]
+                    written += 1
+                    self.sendOffset += 1
+                }
             }
         }
         let bodyStart = self.sendOffset - 5

@@ -49,7 +49,7 @@ public final class GRPCChannel: Sendable {
             metricsFactory: metricsFactory ?? MetricsSystem.factory)
         let pool = try ServicePool(
             reactor: reactor, service: target, target: parsed, configuration: configuration, bus: bus,
-            logger: logger, connectionIDs: ConnectionIDSource(), pipeline: pipeline)
+            connectionIDs: ConnectionIDSource(), pipeline: pipeline)
         self.init(pool: pool, bus: bus, reactor: reactor, closesOnDeinit: true)
     }
 

@@ -1,5 +1,3 @@
-import Logging
-
 /// The connections of one service: a subchannel per resolved address (times `connectionsPerTarget`), the calls
 /// waiting for one of them, and the picking rule (the ready subchannel with the fewest open and queued streams).
 ///
@@ -14,7 +12,6 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
     let target: Target
     let configuration: Configuration
     let bus: EventBus
-    let logger: Logger
     let connectionIDs: ConnectionIDSource
     let pipeline: CallPipeline
     /// The TLS context every connection of this service shares (nil: plaintext).
@@ -35,7 +32,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
 
     init(
         reactor: Reactor, service: String, target: Target, configuration: Configuration, bus: EventBus,
-        logger: Logger, connectionIDs: ConnectionIDSource, pipeline: CallPipeline
+        connectionIDs: ConnectionIDSource, pipeline: CallPipeline
     ) throws(ConfigurationError) {
         if let tls = configuration.tls {
             do {
@@ -57,7 +54,6 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
         self.target = target
         self.configuration = configuration
         self.bus = bus
-        self.logger = logger
         self.connectionIDs = connectionIDs
         super.init()
         pipeline.register(service: service, target: target)
@@ -271,7 +267,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
             } else {
                 let subchannel = Subchannel(
                     reactor: self.reactor, address: address, authority: self.target.authority, service: self.service,
-                    configuration: self.configuration, bus: self.bus, logger: self.logger,
+                    configuration: self.configuration, bus: self.bus,
                     connectionIDs: self.connectionIDs, tls: self.tls, tlsServerName: self.tlsServerName)
                 subchannel.delegate = self
                 next.append(subchannel)

@@ -1,5 +1,3 @@
-import Logging
-
 /// What a subchannel tells its pool. Reactor thread.
 protocol SubchannelDelegate: AnyObject {
     /// The subchannel changed connectivity state.
@@ -27,7 +25,6 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
     let service: String
     let configuration: Configuration
     let bus: EventBus
-    let logger: Logger
     let connectionIDs: ConnectionIDSource
     let tls: TLSContext?
     let tlsServerName: String?
@@ -45,7 +42,7 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
 
     init(
         reactor: Reactor, address: SocketAddress, authority: String, service: String, configuration: Configuration,
-        bus: EventBus, logger: Logger, connectionIDs: ConnectionIDSource, tls: TLSContext? = nil,
+        bus: EventBus, connectionIDs: ConnectionIDSource, tls: TLSContext? = nil,
         tlsServerName: String? = nil
     ) {
         self.tls = tls
@@ -56,7 +53,6 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
         self.service = service
         self.configuration = configuration
         self.bus = bus
-        self.logger = logger
         self.connectionIDs = connectionIDs
         self.keepAliveTime = configuration.keepAliveTime
         self.machine = ConnectionStateMachine(backoff: configuration.backoffConfiguration)

@@ -214,25 +214,24 @@ struct HeaderScratch {
             }
             self.fields.append((name: name, value: start..<self.bytes.count))
         }
-        var order: [(name: Range<Int>, value: Range<Int>)] = []
-        order.reserveCapacity(self.fields.count + 2)
-        order.append(self.fields[0])  // :method
-        order.append(self.fields[1])  // :scheme
-        order.append(pathField)
-        order.append(self.fields[2])  // :authority
-        order.append(self.fields[3])  // te
-        if let timeoutField { order.append(timeoutField) }
-        order.append(contentsOf: self.fields[4...])
-        let fieldsInOrder = order
+        let fields = self.fields  // a retain, not a copy: the nv array is built in wire order from it
         return self.bytes.withUnsafeMutableBufferPointer { buffer -> Int32 in
             let base = buffer.baseAddress!
             self.nvs.removeAll(keepingCapacity: true)
-            for (name, value) in fieldsInOrder {
+            func add(_ field: (name: Range<Int>, value: Range<Int>)) {
                 self.nvs.append(
                     nghttp2_nv(
-                        name: base + name.lowerBound, value: base + value.lowerBound, namelen: name.count,
-                        valuelen: value.count, flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
+                        name: base + field.name.lowerBound, value: base + field.value.lowerBound,
+                        namelen: field.name.count, valuelen: field.value.count,
+                        flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
             }
+            add(fields[0])  // :method
+            add(fields[1])  // :scheme
+            add(pathField)
+            add(fields[2])  // :authority
+            add(fields[3])  // te
+            if let timeoutField { add(timeoutField) }
+            for field in fields[4...] { add(field) }
             var provider = nghttp2_data_provider(
                 source: nghttp2_data_source(ptr: call), read_callback: clientReadRequest)
             return self.nvs.withUnsafeBufferPointer { nva in

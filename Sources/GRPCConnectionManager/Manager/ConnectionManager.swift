@@ -110,7 +110,7 @@ public final class ConnectionManager: Sendable {
             }
             let pool = try ServicePool(
                 reactor: self.reactor, service: service, target: target, configuration: configuration,
-                bus: self.events, logger: self.logger, connectionIDs: self.connectionIDs, pipeline: self.pipeline)
+                bus: self.events, connectionIDs: self.connectionIDs, pipeline: self.pipeline)
             let channel = GRPCChannel(pool: pool, bus: self.events, reactor: self.reactor, closesOnDeinit: false)
             registry.addresses[service] = resolved
             registry.channels[service] = channel
