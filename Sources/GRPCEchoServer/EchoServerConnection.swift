@@ -226,6 +226,8 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
         guard let session = self.session, !self.closed else { return }
         stream.responseBody = body
         stream.responseTrailers = trailers
+        stream.responseStarted = true
+        stream.responseDone = true
         let rc = withNVs(headers) { nva in
             var provider = nghttp2_data_provider(
                 source: nghttp2_data_source(ptr: Unmanaged.passUnretained(stream).toOpaque()),
@@ -233,6 +235,26 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
             return nghttp2_submit_response(session, stream.streamID, nva.baseAddress, nva.count, &provider)
         }
         if rc != 0 { nghttp2_submit_rst_stream(session, 0, stream.streamID, NGHTTP2_INTERNAL_ERROR.rawValue) }
+        self.scheduleFlush()
+    }
+
+    /// Sends response headers now; messages follow as the stream adds them (`resumeResponse`), then trailers.
+    func startResponse(_ stream: EchoStream, headers: [(String, String)]) {
+        guard let session = self.session, !self.closed else { return }
+        let rc = withNVs(headers) { nva in
+            var provider = nghttp2_data_provider(
+                source: nghttp2_data_source(ptr: Unmanaged.passUnretained(stream).toOpaque()),
+                read_callback: echoReadResponse)
+            return nghttp2_submit_response(session, stream.streamID, nva.baseAddress, nva.count, &provider)
+        }
+        if rc != 0 { nghttp2_submit_rst_stream(session, 0, stream.streamID, NGHTTP2_INTERNAL_ERROR.rawValue) }
+        self.scheduleFlush()
+    }
+
+    /// The stream buffered more response bytes or its end.
+    func resumeResponse(_ stream: EchoStream) {
+        guard let session = self.session, !self.closed else { return }
+        nghttp2_session_resume_data(session, stream.streamID)
         self.scheduleFlush()
     }
 
@@ -291,17 +313,25 @@ private func echoReadResponse(
     _ userData: UnsafeMutableRawPointer?
 ) -> Int {
     let stream = Unmanaged<EchoStream>.fromOpaque(source!.pointee.ptr!).takeUnretainedValue()
-    let remaining = stream.responseBody.count - stream.responseOffset
-    let take = min(remaining, length)
-    if take > 0 {
+    var written = 0
+    while written < length {
+        if stream.responseOffset == stream.responseBody.count && !stream.generateNext() { break }
+        let take = min(stream.responseBody.count - stream.responseOffset, length - written)
         stream.responseBody.withUnsafeBufferPointer {
-            buffer!.update(from: $0.baseAddress! + stream.responseOffset, count: take)
+            (buffer! + written).update(from: $0.baseAddress! + stream.responseOffset, count: take)
         }
         stream.responseOffset += take
+        written += take
     }
     if stream.responseOffset == stream.responseBody.count {
-        dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue | NGHTTP2_DATA_FLAG_NO_END_STREAM.rawValue
-        stream.connection.submitTrailers(stream)
+        stream.responseBody.removeAll(keepingCapacity: true)
+        stream.responseOffset = 0
+        if stream.responseDone && stream.generateRemaining == 0 {
+            dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue | NGHTTP2_DATA_FLAG_NO_END_STREAM.rawValue
+            stream.connection.submitTrailers(stream)
+        } else if written == 0 {
+            return Int(NGHTTP2_ERR_DEFERRED.rawValue)
+        }
     }
-    return take
+    return written
 }

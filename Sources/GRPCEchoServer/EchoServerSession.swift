@@ -17,8 +17,14 @@ enum EchoServerSession {
         nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, serverOnFrameRecv)
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, serverOnDataChunk)
         nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, serverOnStreamClose)
+        var option: OpaquePointer? = nil
+        guard nghttp2_option_new(&option) == 0, let option else { throw Failure(code: -901) }
+        defer { nghttp2_option_del(option) }
+        // Streams with `x-hold-window` keep their window closed; every other one is consumed on arrival.
+        nghttp2_option_set_no_auto_window_update(option, 1)
         var session: OpaquePointer? = nil
-        let rc = nghttp2_session_server_new(&session, callbacks, Unmanaged.passUnretained(connection).toOpaque())
+        let rc = nghttp2_session_server_new2(
+            &session, callbacks, Unmanaged.passUnretained(connection).toOpaque(), option)
         guard rc == 0, let session else { throw Failure(code: rc) }
         var settings = [
             nghttp2_settings_entry(
@@ -73,6 +79,9 @@ private func serverOnFrameRecv(
 ) -> Int32 {
     let header = frame!.pointee.hd
     let type = UInt32(header.type)
+    if type == NGHTTP2_DATA.rawValue && frame!.pointee.data.padlen > 0 {
+        nghttp2_session_consume(session, header.stream_id, frame!.pointee.data.padlen)
+    }
     guard type == NGHTTP2_HEADERS.rawValue || type == NGHTTP2_DATA.rawValue else { return 0 }
     if header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0 {
         serverStream(session, header.stream_id)?.requestComplete()
@@ -84,7 +93,10 @@ private func serverOnDataChunk(
     _ session: OpaquePointer?, _ flags: UInt8, _ streamID: Int32, _ data: UnsafePointer<UInt8>?, _ length: Int,
     _ userData: UnsafeMutableRawPointer?
 ) -> Int32 {
-    serverStream(session, streamID)?.data(UnsafeRawBufferPointer(start: data, count: length))
+    nghttp2_session_consume_connection(session, length)
+    let stream = serverStream(session, streamID)
+    if stream?.holdWindow != true { nghttp2_session_consume_stream(session, streamID, length) }
+    stream?.data(UnsafeRawBufferPointer(start: data, count: length))
     return 0
 }
 

@@ -1,8 +1,24 @@
 import CNghttp2
 @_spi(Reactor) import GRPCConnectionManager
 
-/// One request stream on the echo server: collects the request, then answers (now or after `x-sleep-ms`).
+/// One request stream on the echo server.
+///
+/// The method name (the path's last part) picks the behaviour, for any service:
+/// - `Expand` (server streaming): each request message split at spaces, one response per word; or, with
+///   `x-response-count N`, N messages of `x-response-bytes` bytes, generated as nghttp2 pulls them.
+/// - `Collect` (client streaming): one response, the request messages joined with spaces.
+/// - `Update` (bidirectional): each message echoed as soon as it arrives; OK when the client half-closes.
+/// - anything else (unary): the request messages echoed after the client half-closes (or after `x-sleep-ms`).
+/// For the `echo.Echo` service the messages are protobuf `EchoRequest`/`EchoResponse` (field 1, `text`), so
+/// generated grpc-swift-2 clients can call it; for every other service they are raw bytes.
+/// `x-fail-after N` ends `Expand`/`Update` with `x-fail-code` after N responses (the server ending first);
+/// `x-hold-window` never returns received bytes to the client's window (to test a writer's backpressure).
+///
+/// `@unchecked Sendable` (through `ReactorHandler`): reactor thread only.
 final class EchoStream: ReactorHandler, @unchecked Sendable {
+    enum Method {
+        case unary, expand, collect, update
+    }
     unowned let connection: EchoServerConnection
     let streamID: Int32
     var path = ""
@@ -14,7 +30,18 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     var failFirst = 0
     var requestKey: String?
     var pushback: String?
+    var failAfter: Int?
+    var responseCount: Int?
+    /// Never consume this stream's received bytes (its window closes after the initial window).
+    var holdWindow = false
     var requestBody: [UInt8] = []
+    /// Response messages still to be generated on demand (`x-response-count`).
+    var generateRemaining = 0
+    /// Response headers went out; messages may follow.
+    var responseStarted = false
+    /// No more messages: trailers follow what is buffered.
+    var responseDone = false
+    private var responsesSent = 0
     var responseBody: [UInt8] = []
     var responseOffset = 0
     var responseTrailers: [(String, String)] = []
@@ -30,8 +57,25 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     private static let notEchoed: Set<String> = [
         "te", "content-type", "user-agent", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
         "x-fail-code", "x-fail-message", "x-sleep-ms", "x-response-bytes", "x-fail-first", "x-request-key",
-        "x-pushback-ms",
+        "x-pushback-ms", "x-fail-after", "x-response-count", "x-hold-window",
     ]
+
+    var method: Method {
+        switch self.path.split(separator: "/").last {
+        case "Expand": .expand
+        case "Collect": .collect
+        case "Update": .update
+        default: .unary
+        }
+    }
+
+    /// `Update` echoes each message on arrival unless the call is set to fail up front.
+    private var echoesAsItArrives: Bool {
+        self.method == .update && self.failFirst == 0 && (self.failCode == nil || self.failAfter != nil)
+    }
+
+    /// Whether messages are protobuf `echo.EchoRequest`/`EchoResponse`.
+    var usesProtobuf: Bool { self.path.hasPrefix("/echo.Echo/") }
 
     func header(name: String, value: String) {
         switch name {
@@ -43,6 +87,9 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         case "x-fail-first": self.failFirst = max(0, Int(value) ?? 0)
         case "x-request-key": self.requestKey = value
         case "x-pushback-ms": self.pushback = value
+        case "x-fail-after": self.failAfter = max(0, Int(value) ?? 0)
+        case "x-response-count": self.responseCount = max(0, Int(value) ?? 0)
+        case "x-hold-window": self.holdWindow = true
         default:
             if !name.hasPrefix(":") && !Self.notEchoed.contains(name) { self.metadata.append((name, value)) }
         }
@@ -50,10 +97,83 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
 
     func data(_ bytes: UnsafeRawBufferPointer) {
         self.requestBody.append(contentsOf: bytes)
+        if self.echoesAsItArrives && !self.responseDone { self.echoArrivedMessages() }
+    }
+
+    /// Bidirectional echo: answers every complete message in `requestBody` at once.
+    private func echoArrivedMessages() {
+        var index = 0
+        while self.requestBody.count - index >= 5 {
+            let length =
+                Int(self.requestBody[index + 1]) << 24 | Int(self.requestBody[index + 2]) << 16
+                | Int(self.requestBody[index + 3]) << 8 | Int(self.requestBody[index + 4])
+            guard self.requestBody.count - index - 5 >= length else { break }
+            let message = Array(self.requestBody[(index + 5)..<(index + 5 + length)])
+            index += 5 + length
+            self.sendResponse(self.usesProtobuf ? EchoProtobuf.encode(EchoProtobuf.decode(message)) : message)
+            if self.responseDone { break }
+        }
+        self.requestBody.removeFirst(index)
+    }
+
+    /// Sends one response message (headers first if they have not gone out); ends the call after `x-fail-after`.
+    private func sendResponse(_ message: [UInt8]) {
+        if !self.responseStarted {
+            self.responseStarted = true
+            var headers: [(String, String)] = [(":status", "200"), ("content-type", "application/grpc")]
+            headers.append(contentsOf: self.metadata)
+            self.connection.startResponse(self, headers: headers)
+        }
+        self.responseBody.append(contentsOf: MessageFramer.frame(message))
+        self.responsesSent += 1
+        if let limit = self.failAfter, self.responsesSent >= limit {
+            self.endResponse(code: self.failCode ?? 13, message: self.failMessage)
+        } else {
+            self.connection.resumeResponse(self)
+        }
+    }
+
+    /// Trailers after whatever is buffered.
+    private func endResponse(code: Int, message: String = "") {
+        guard !self.responseDone else { return }
+        if !self.responseStarted {
+            self.trailersOnly(code: code, message: message)
+            self.responseDone = true
+            return
+        }
+        self.responseDone = true
+        self.responseTrailers = [("grpc-status", String(code))]
+        if !message.isEmpty { self.responseTrailers.append(("grpc-message", PercentEncoding.encode(message))) }
+        self.connection.resumeResponse(self)
+    }
+
+    /// Called by the data source when the buffered response is sent: makes the next generated message.
+    func generateNext() -> Bool {
+        guard self.generateRemaining > 0 else { return false }
+        self.generateRemaining -= 1
+        self.responseBody.removeAll(keepingCapacity: true)
+        self.responseOffset = 0
+        let payload = [UInt8](repeating: 0x61, count: self.responseBytes ?? 0)
+        self.responseBody.append(contentsOf: MessageFramer.frame(self.usesProtobuf ? EchoProtobuf.encode(payload) : payload))
+        self.responsesSent += 1
+        if self.generateRemaining == 0 {
+            self.endResponse(code: 0)
+        } else if let limit = self.failAfter, self.responsesSent >= limit {
+            self.generateRemaining = 0
+            self.endResponse(code: self.failCode ?? 13, message: self.failMessage)
+        }
+        return true
     }
 
     /// The client half-closed: answer now or after the requested sleep.
     func requestComplete() {
+        if self.method == .update {
+            if self.echoesAsItArrives && !self.answered {
+                self.answered = true
+                self.endResponse(code: 0)
+                return
+            }
+        }
         if self.sleepMilliseconds > 0 {
             self.timer = self.connection.reactor.scheduleTimer(
                 at: Reactor.clock() &+ UInt64(self.sleepMilliseconds) * 1_000_000, handler: self)
@@ -97,8 +217,12 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
                     pushback: self.pushback)
                 return
             }
-        } else if let code = self.failCode, code != 0 {
+        } else if let code = self.failCode, code != 0, self.failAfter == nil {
             self.trailersOnly(code: code, message: self.failMessage, pushback: self.pushback)
+            return
+        }
+        if self.method != .unary && self.path != HealthProto.watchPath {
+            self.answerStreaming(messages)
             return
         }
         var body: [UInt8] = []
@@ -130,6 +254,38 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         var headers: [(String, String)] = [(":status", "200"), ("content-type", "application/grpc")]
         headers.append(contentsOf: self.metadata)
         self.connection.respond(self, headers: headers, body: body, trailers: [("grpc-status", "0")])
+    }
+
+    private func answerStreaming(_ messages: [[UInt8]]) {
+        let texts = self.usesProtobuf ? messages.map(EchoProtobuf.decode) : messages
+        switch self.method {
+        case .expand:
+            if let count = self.responseCount {
+                if count == 0 {
+                    self.endResponse(code: 0)
+                    return
+                }
+                self.generateRemaining = count
+                self.responseStarted = true
+                var headers: [(String, String)] = [(":status", "200"), ("content-type", "application/grpc")]
+                headers.append(contentsOf: self.metadata)
+                self.connection.startResponse(self, headers: headers)
+                return
+            }
+            for text in texts {
+                for word in text.split(separator: UInt8(ascii: " "), omittingEmptySubsequences: true) {
+                    self.sendResponse(self.usesProtobuf ? EchoProtobuf.encode(Array(word)) : Array(word))
+                    if self.responseDone { return }
+                }
+            }
+            self.endResponse(code: 0)
+        case .collect:
+            let joined = Array(texts.joined(separator: [UInt8(ascii: " ")]))
+            self.sendResponse(self.usesProtobuf ? EchoProtobuf.encode(joined) : joined)
+            self.endResponse(code: 0)
+        case .update, .unary:
+            self.endResponse(code: 0)
+        }
     }
 
     private func trailersOnly(code: Int, message: String, pushback: String? = nil) {
@@ -171,3 +327,51 @@ enum EchoMessages {
     }
 }
 
+
+/// The `text` field (1) of `echo.EchoRequest` / `echo.EchoResponse`, without a protobuf library.
+enum EchoProtobuf {
+    static func encode(_ text: [UInt8]) -> [UInt8] {
+        if text.isEmpty { return [] }
+        var out: [UInt8] = [0x0A]
+        var length = text.count
+        while length >= 0x80 {
+            out.append(UInt8(length & 0x7F) | 0x80)
+            length >>= 7
+        }
+        out.append(UInt8(length))
+        out.append(contentsOf: text)
+        return out
+    }
+
+    /// The last field 1 of the message (protobuf's rule for repeated singular fields); other fields are skipped.
+    static func decode(_ bytes: [UInt8]) -> [UInt8] {
+        var index = 0
+        var text: [UInt8] = []
+        func varint() -> Int? {
+            var value = 0
+            var shift = 0
+            while index < bytes.count, shift < 64 {
+                let byte = bytes[index]
+                index += 1
+                value |= Int(byte & 0x7F) << shift
+                if byte & 0x80 == 0 { return value }
+                shift += 7
+            }
+            return nil
+        }
+        while index < bytes.count {
+            guard let key = varint() else { break }
+            switch key & 7 {
+            case 0: guard varint() != nil else { return text }
+            case 1: index += 8
+            case 2:
+                guard let length = varint(), length >= 0, index + length <= bytes.count else { return text }
+                if key >> 3 == 1 { text = Array(bytes[index..<(index + length)]) }
+                index += length
+            case 5: index += 4
+            default: return text
+            }
+        }
+        return text
+    }
+}

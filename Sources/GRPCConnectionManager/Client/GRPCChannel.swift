@@ -76,23 +76,14 @@ public final class GRPCChannel: Sendable {
         path: String, request: [UInt8], metadata: Metadata = [:], options: CallOptions = CallOptions(),
         completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
-        self.start(path: path, request: request, metadata: metadata, options: options, onMessage: nil, completion: completion)
+        self.start(path: path, request: request, metadata: metadata, options: options, completion: completion)
     }
 
-    /// Starts a server-streaming call: `onMessage` receives each response message on the reactor thread, then
-    /// `completion` the final status (its `message` is empty). Used by `watchHealth`; the public streaming API
-    /// comes with the streaming issue.
-    @discardableResult
-    func serverStreaming(
-        path: String, request: [UInt8], metadata: Metadata = [:], options: CallOptions = CallOptions(),
-        onMessage: @escaping @Sendable ([UInt8]) -> Void, completion: @escaping @Sendable (UnaryResponse) -> Void
-    ) -> CallHandle {
-        self.start(path: path, request: request, metadata: metadata, options: options, onMessage: onMessage, completion: completion)
-    }
-
-    private func start(
-        path: String, request: [UInt8], metadata: Metadata, options: CallOptions,
-        onMessage: (@Sendable ([UInt8]) -> Void)?, completion: @escaping @Sendable (UnaryResponse) -> Void
+    /// Creates a call of any kind and hands it to the reactor.
+    func start(
+        path: String, request: [UInt8]?, metadata: Metadata, options: CallOptions, delivery: ClientCall.Delivery = .single,
+        buffers: StreamBuffers? = nil, onWritable: (@Sendable () -> Void)? = nil,
+        completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
         let deadline: UInt64
         if let timeout = options.timeout {
@@ -101,19 +92,26 @@ public final class GRPCChannel: Sendable {
         } else {
             deadline = 0
         }
-        let call = UnaryCall(
+        let call = ClientCall(
             pool: self.pool, path: path, metadata: metadata, request: request, deadline: deadline,
             maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
-            waitForReady: options.waitForReady, onMessage: onMessage, completion: completion)
-        if let problem = Self.checkRequest(path: path, metadata: metadata, request: request, configuration: self.configuration) {
+            waitForReady: options.waitForReady, delivery: delivery, buffers: buffers, onWritable: onWritable,
+            completion: completion)
+        if let problem = Self.checkRequest(
+            path: path, metadata: metadata, request: request ?? [], configuration: self.configuration)
+        {
             call.invalid = problem
         }
         if self.reactor.inReactorThread {
             self.pool.start(call)
         } else if !self.reactor.submit(call) {
-            completion(UnaryResponse(status: Status(code: .unavailable, message: "the event loop has stopped")))
+            call.finishWithoutReactor(Status(code: .unavailable, message: "the event loop has stopped"))
         }
         return CallHandle(call: call, reactor: self.reactor)
+    }
+
+    func makeBuffers() -> StreamBuffers {
+        StreamBuffers(limit: self.configuration.streamBufferSize, maxSendMessageSize: self.configuration.maxMessageSize)
     }
 
     /// Makes a unary call and waits for its final status. Cancelling the task cancels the call (CANCELLED).
@@ -191,7 +189,7 @@ public final class GRPCChannel: Sendable {
 
 /// Cancels a call from any thread. Cancelling a finished call does nothing.
 public struct CallHandle: Sendable {
-    let call: UnaryCall
+    let call: ClientCall
     let reactor: Reactor
 
     /// Ends the call with CANCELLED (RST_STREAM CANCEL if it was sent), unless it already finished.

@@ -22,7 +22,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
     private var subchannels: [Subchannel] = []
     private var resolving = false
     private var lastResolution: UInt64 = 0
-    private var waiting: [UnaryCall] = []
+    private var waiting: [ClientCall] = []
     private var waitingHead = 0
     private var pickCursor = 0
     private(set) var closed = false
@@ -90,7 +90,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
     // MARK: calls
 
     /// A call arrives on the reactor thread.
-    func start(_ call: UnaryCall) {
+    func start(_ call: ClientCall) {
         if let problem = call.invalid {
             call.finish(UnaryResponse(status: problem))
             return
@@ -119,18 +119,18 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
     }
 
     /// Sends an attempt (the first, or a retry after its backoff).
-    func dispatchAttempt(_ call: UnaryCall) {
+    func dispatchAttempt(_ call: ClientCall) {
         call.armAttemptTimeout(self.pipeline.retry?.perAttemptTimeout(path: call.path))
         self.dispatch(call)
     }
 
     /// An attempt ended: publish it (the retry throttle learns from it).
-    func attemptFinished(_ call: UnaryCall, status: Status) {
+    func attemptFinished(_ call: ClientCall, status: Status) {
         self.bus.publish(.attemptFinished(service: self.service, path: call.path, status: status, attempt: call.attempt))
     }
 
     /// Asks the retry handler for another attempt; publishes the retry it schedules.
-    func retryDelay(for call: UnaryCall, response: UnaryResponse, committed: Bool, attemptTimedOut: Bool) -> Duration? {
+    func retryDelay(for call: ClientCall, response: UnaryResponse, committed: Bool, attemptTimedOut: Bool) -> Duration? {
         guard let retry = self.pipeline.retry, !self.closed, !response.status.isOK else { return nil }
         guard
             let delay = retry.retryDelay(
@@ -146,7 +146,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
 
     /// A call finished (its single completion point calls this): publish it.
     @inline(__always)
-    func callFinished(_ call: UnaryCall, status: Status) {
+    func callFinished(_ call: ClientCall, status: Status) {
         if self.bus.hasSubscribers {
             let duration = Duration.nanoseconds(Int64(bitPattern: Reactor.clock() &- call.startedAt))
             self.bus.publish(
@@ -156,7 +156,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
         }
     }
 
-    private func dispatch(_ call: UnaryCall) {
+    private func dispatch(_ call: ClientCall) {
         if call.isFinished { return }
         if let subchannel = self.pickReady() {
             subchannel.enqueue(call)
@@ -231,7 +231,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
 
     private func failWaitingFailFast() {
         let status = self.failFastStatus()
-        var kept: [UnaryCall] = []
+        var kept: [ClientCall] = []
         for call in self.waiting[self.waitingHead...] where !call.isFinished {
             if call.waitForReady {
                 kept.append(call)
@@ -344,7 +344,7 @@ final class ServicePool: ReactorHandler, SubchannelDelegate, @unchecked Sendable
         }
     }
 
-    func subchannel(_ subchannel: Subchannel, returned calls: [UnaryCall], reason: Status) {
+    func subchannel(_ subchannel: Subchannel, returned calls: [ClientCall], reason: Status) {
         for call in calls where !call.isFinished {
             if self.closed {
                 call.finish(UnaryResponse(status: reason))

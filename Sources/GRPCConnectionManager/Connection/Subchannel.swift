@@ -3,7 +3,7 @@ protocol SubchannelDelegate: AnyObject {
     /// The subchannel changed connectivity state.
     func subchannel(_ subchannel: Subchannel, changedFrom old: ConnectivityState, to new: ConnectivityState, reason: Status?)
     /// Calls that were handed to the subchannel but never sent (GOAWAY, REFUSED_STREAM, lost before READY).
-    func subchannel(_ subchannel: Subchannel, returned calls: [UnaryCall], reason: Status)
+    func subchannel(_ subchannel: Subchannel, returned calls: [ClientCall], reason: Status)
     /// Whether calls wait for a connection (decides between reconnecting and resting in IDLE after a backoff).
     var hasWaitingCalls: Bool { get }
 }
@@ -83,7 +83,7 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
     }
 
     /// Hands a call to the ready transport.
-    func enqueue(_ call: UnaryCall) {
+    func enqueue(_ call: ClientCall) {
         guard self.machine.state == .ready, let transport = self.transport else {
             self.delegate?.subchannel(self, returned: [call], reason: Status(code: .unavailable, message: "not ready"))
             return
@@ -214,7 +214,7 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
     }
 
     func connectionDraining(
-        _ connection: HTTP2ClientConnection, unstarted: [UnaryCall], errorCode: UInt32, debugData: String
+        _ connection: HTTP2ClientConnection, unstarted: [ClientCall], errorCode: UInt32, debugData: String
     ) {
         let tooManyPings = errorCode == 0xb && debugData == "too_many_pings"
         if tooManyPings {
@@ -238,7 +238,7 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
         if !unstarted.isEmpty { self.delegate?.subchannel(self, returned: unstarted, reason: reason) }
     }
 
-    func connectionClosed(_ connection: HTTP2ClientConnection, reason: Status, unstarted: [UnaryCall], wasReady: Bool) {
+    func connectionClosed(_ connection: HTTP2ClientConnection, reason: Status, unstarted: [ClientCall], wasReady: Bool) {
         if self.draining.removeValue(forKey: ObjectIdentifier(connection)) != nil {
             if !unstarted.isEmpty { self.delegate?.subchannel(self, returned: unstarted, reason: reason) }
             return
@@ -267,7 +267,7 @@ final class Subchannel: ReactorHandler, HTTP2ClientConnectionDelegate, @unchecke
         self.handleFailure(action, old: old)
     }
 
-    func retryUnprocessed(_ call: UnaryCall) {
+    func retryUnprocessed(_ call: ClientCall) {
         self.delegate?.subchannel(self, returned: [call], reason: Status(code: .unavailable, message: "stream refused"))
     }
 }

@@ -11,12 +11,12 @@ protocol HTTP2ClientConnectionDelegate: AnyObject {
     func connectionReady(_ connection: HTTP2ClientConnection)
     /// The server sent GOAWAY: no new streams here. `unstarted` calls were never sent and may go elsewhere.
     func connectionDraining(
-        _ connection: HTTP2ClientConnection, unstarted: [UnaryCall], errorCode: UInt32, debugData: String)
+        _ connection: HTTP2ClientConnection, unstarted: [ClientCall], errorCode: UInt32, debugData: String)
     /// The connection is gone. Its open streams were failed with `reason`; `unstarted` calls were never sent.
-    func connectionClosed(_ connection: HTTP2ClientConnection, reason: Status, unstarted: [UnaryCall], wasReady: Bool)
+    func connectionClosed(_ connection: HTTP2ClientConnection, reason: Status, unstarted: [ClientCall], wasReady: Bool)
     /// The server refused a stream it never processed (REFUSED_STREAM, or above a GOAWAY's last stream id): the
     /// call may be sent again, once, elsewhere (gRFC A6 transparent retry).
-    func retryUnprocessed(_ call: UnaryCall)
+    func retryUnprocessed(_ call: ClientCall)
 }
 
 /// One HTTP/2 connection to a server over a nonblocking socket, driven by nghttp2 through its memory API so that
@@ -81,8 +81,8 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     private var flushScheduled = false
 
     /// Open streams. The dictionary owns the calls; nghttp2 holds unretained pointers to them.
-    private var streams: [Int32: UnaryCall] = [:]
-    private var pending: [UnaryCall] = []
+    private var streams: [Int32: ClientCall] = [:]
+    private var pending: [ClientCall] = []
     private var pendingHead = 0
 
     private var headerScratch = HeaderScratch()
@@ -245,7 +245,7 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     // MARK: calls
 
     /// Starts `call` now if a stream is free, else queues it.
-    func enqueue(_ call: UnaryCall) {
+    func enqueue(_ call: ClientCall) {
         call.markWaiting()
         if self.state == .ready && self.hasStreamCapacity {
             self.open(call)
@@ -275,14 +275,14 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         }
     }
 
-    private func takeUnstarted() -> [UnaryCall] {
+    private func takeUnstarted() -> [ClientCall] {
         let calls = self.pending[self.pendingHead...].filter { !$0.isFinished }
         self.pending.removeAll()
         self.pendingHead = 0
         return calls
     }
 
-    private func open(_ call: UnaryCall) {
+    private func open(_ call: ClientCall) {
         guard let session = self.session else { return }
         let remainingNanos: Int64? =
             call.deadline == 0 ? nil : Int64(bitPattern: call.deadline &- Reactor.clock())
@@ -311,9 +311,31 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         self.scheduleFlush()
     }
 
+    /// A request stream has new messages or was half-closed: let nghttp2 pull from it again.
+    func resumeData(_ streamID: Int32) {
+        guard let session = self.session, self.state != .closed else { return }
+        nghttp2_session_resume_data(session, streamID)
+        self.scheduleFlush()
+    }
+
+    /// Gives `bytes` of a stream's received DATA back to the server's stream window (the session runs with
+    /// `no_auto_window_update`, so that a slow reader's window closes; the connection window is returned on
+    /// arrival in the data callback, so one slow stream never stalls the others).
+    func consume(_ streamID: Int32, bytes: Int) {
+        guard let session = self.session, self.state != .closed else { return }
+        nghttp2_session_consume_stream(session, streamID, bytes)
+        self.scheduleFlush()
+    }
+
+    /// True once our END_STREAM (or a reset) went out on the stream.
+    func isLocallyClosed(_ streamID: Int32) -> Bool {
+        guard let session = self.session else { return true }
+        return nghttp2_session_get_stream_local_close(session, streamID) != 0
+    }
+
     // MARK: nghttp2 events (from NGHTTP2ClientSession's callbacks)
 
-    func call(for streamID: Int32) -> UnaryCall? {
+    func call(for streamID: Int32) -> ClientCall? {
         self.streams[streamID]
     }
 

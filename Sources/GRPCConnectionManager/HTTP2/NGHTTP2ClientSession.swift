@@ -26,6 +26,8 @@ enum NGHTTP2ClientSession {
         guard nghttp2_option_new(&option) == 0, let option else { throw Failure(code: -901) }
         defer { nghttp2_option_del(option) }
         nghttp2_option_set_max_send_header_block_length(option, 64 << 10)
+        // Window updates follow consumption (ClientCall.data and StreamBuffers), not arrival.
+        nghttp2_option_set_no_auto_window_update(option, 1)
 
         var session: OpaquePointer? = nil
         let rc = nghttp2_session_client_new2(
@@ -63,9 +65,9 @@ private func connection(_ userData: UnsafeMutableRawPointer?) -> Unmanaged<HTTP2
 }
 
 @inline(__always)
-private func streamCall(_ session: OpaquePointer?, _ streamID: Int32) -> UnaryCall? {
+private func streamCall(_ session: OpaquePointer?, _ streamID: Int32) -> ClientCall? {
     guard let pointer = nghttp2_session_get_stream_user_data(session, streamID) else { return nil }
-    return Unmanaged<UnaryCall>.fromOpaque(pointer).takeUnretainedValue()
+    return Unmanaged<ClientCall>.fromOpaque(pointer).takeUnretainedValue()
 }
 
 private func clientOnBeginHeaders(
@@ -99,6 +101,10 @@ private func clientOnFrameRecv(
     let frame = frame!
     let header = frame.pointee.hd
     switch UInt32(header.type) {
+    case NGHTTP2_DATA.rawValue:
+        // Padding is never delivered to a call: give it back to both windows now.
+        let padding = frame.pointee.data.padlen
+        if padding > 0 { nghttp2_session_consume(session, header.stream_id, padding) }
     case NGHTTP2_HEADERS.rawValue:
         let endStream = header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
         streamCall(session, header.stream_id)?.headersComplete(endStream: endStream)
@@ -129,6 +135,8 @@ private func clientOnDataChunk(
     _ session: OpaquePointer?, _ flags: UInt8, _ streamID: Int32, _ data: UnsafePointer<UInt8>?, _ length: Int,
     _ userData: UnsafeMutableRawPointer?
 ) -> Int32 {
+    // The connection window is returned on arrival; the stream's follows the call's consumption.
+    nghttp2_session_consume_connection(session, length)
     streamCall(session, streamID)?.data(UnsafeRawBufferPointer(start: data, count: length))
     return 0
 }
@@ -146,11 +154,11 @@ private func clientReadRequest(
     _ dataFlags: UnsafeMutablePointer<UInt32>?, _ source: UnsafeMutablePointer<nghttp2_data_source>?,
     _ userData: UnsafeMutableRawPointer?
 ) -> Int {
-    let call = Unmanaged<UnaryCall>.fromOpaque(source!.pointee.ptr!).takeUnretainedValue()
+    let call = Unmanaged<ClientCall>.fromOpaque(source!.pointee.ptr!).takeUnretainedValue()
     var eof = false
     let written = call.readRequest(into: buffer!, length: length, eof: &eof)
     if eof { dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue }
-    return written
+    return written  // or NGHTTP2_ERR_DEFERRED: a request stream waits for its writer
 }
 
 /// Request headers, built in one reused byte buffer so that a call costs no allocation for its header block.

@@ -25,6 +25,12 @@ public struct Configuration: Sendable, Hashable {
     /// Reconnect backoff before the cap: first delay, growth and jitter.
     public var reconnectBackoff = ReconnectBackoff()
 
+    /// Bytes a streaming call buffers each way before backpressure applies, in bytes. Default 64 KiB.
+    /// Out: a writer is told to wait while more than this is written and not yet sent (the HTTP/2 send window
+    /// decides how fast it drains). In: an async reader with more than this unread stops returning window to the
+    /// server, so a slow reader holds at most this plus one stream window (`http2.initialStreamWindowSize`).
+    public var streamBufferSize: Int = 64 << 10
+
     /// A connection with no call for this long closes and goes IDLE; the next call reconnects. Default 30 min
     /// (grpc-go, grpc-java); `.zero` means never.
     public var idleTimeout: Duration = .seconds(30 * 60)
@@ -126,6 +132,9 @@ public struct Configuration: Sendable, Hashable {
         }
         if self.maxMessageSize > Int(Int32.max) {
             throw ConfigurationError(field: "maxMessageSize", message: "must fit the 4-byte gRPC length prefix")
+        }
+        if self.streamBufferSize <= 0 {
+            throw ConfigurationError(field: "streamBufferSize", message: "must be greater than zero")
         }
         if self.minConnectTimeout <= .zero {
             throw ConfigurationError(field: "minConnectTimeout", message: "must be greater than zero")

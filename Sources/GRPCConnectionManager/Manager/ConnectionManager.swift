@@ -246,11 +246,12 @@ extension GRPCChannel {
                         let (updates, feed) = AsyncStream<WatchUpdate>.makeStream()
                         let handle = self.serverStreaming(
                             path: HealthProto.watchPath, request: HealthProto.encodeRequest(service: healthServiceName),
-                            onMessage: { feed.yield(.status(HealthProto.decodeResponse($0) ?? .unknown)) },
-                            completion: { response in
-                                feed.yield(.ended(response.status))
-                                feed.finish()
-                            })
+                            callbacks: StreamingCallbacks(
+                                onMessage: { feed.yield(.status(HealthProto.decodeResponse($0) ?? .unknown)) },
+                                onFinish: { result in
+                                    feed.yield(.ended(result.status))
+                                    feed.finish()
+                                }))
                         var ended = Status(code: .cancelled)
                         await withTaskCancellationHandler {
                             for await update in updates {

@@ -4,13 +4,18 @@ import CNghttp2
 import Glibc
 #endif
 
-/// One unary RPC from start to its single completion. Reactor-thread only after it is submitted.
+/// One RPC of any kind from start to its single completion. Reactor-thread only after it is submitted.
+///
+/// The request is either one message known up front (unary, server streaming: it can be replayed for retries)
+/// or messages written while the call runs (client and bidirectional streaming, through `StreamBuffers`). The
+/// response is either one message handed over with the status (unary, client streaming) or each message as it
+/// arrives, to callbacks on the reactor thread or to `StreamBuffers` for an async reader.
 ///
 /// Life: created on the caller's thread → submitted to the reactor → waiting (in the channel or a connection's
 /// queue) → open on an HTTP/2 stream → finished. `finish(_:)` is the only way out and runs the completion exactly
 /// once; everything that can end a call (trailers, a reset, the deadline, a cancel, a dead connection) goes
 /// through it, and whatever arrives later is ignored.
-final class UnaryCall: ReactorHandler, @unchecked Sendable {
+final class ClientCall: ReactorHandler, @unchecked Sendable {
     enum State {
         case created
         case waiting
@@ -20,16 +25,33 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
         case finished
     }
 
+    /// Where response messages go.
+    enum Delivery {
+        /// Exactly one message, handed over with the status.
+        case single
+        /// Each message to callbacks, on the reactor thread, as it arrives.
+        case callbacks(StreamingCallbacks)
+        /// Each message into `buffers`, for a reader on another thread.
+        case buffered
+    }
+
     let path: String
     let metadata: Metadata
+    /// The request message of a call whose request is one message (empty when `requestsStreamed`).
     let request: [UInt8]
+    /// Messages written while the call runs, and buffered responses; nil for unary and callback server streaming.
+    let buffers: StreamBuffers?
+    /// The request is written as a stream (client and bidirectional streaming): never retried by policy.
+    var requestsStreamed: Bool { self.buffers != nil && !self.singleRequest }
+    private let singleRequest: Bool
+    let delivery: Delivery
     /// Absolute deadline on the monotonic clock in ns; 0 = none.
     let deadline: UInt64
     let maxReceiveMessageSize: Int
     let waitForReady: Bool
     private let completion: (UnaryResponse) -> Void
-    /// Set for a server-streaming call: each response message goes here instead of being kept.
-    private let onMessage: (([UInt8]) -> Void)?
+    /// A callback writer's "send buffer drained" notification.
+    private let onWritable: (() -> Void)?
     let pool: ServicePool
     /// Reactor clock when the pool took the call (for durations).
     var startedAt: UInt64 = 0
@@ -73,25 +95,34 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
     private var trailingMetadata = Metadata()
     private var responseMessage: [UInt8]?
     private var extraMessages = false
-    private var headerBlocksAtFirstMessage = 0
     /// A failure found while receiving (oversized, bad flag); the call ends with it.
     private var localFailure: Status?
 
+    /// - Parameters:
+    ///   - request: The one request message, or nil when `buffers` carries a request stream.
     init(
-        pool: ServicePool, path: String, metadata: Metadata, request: [UInt8], deadline: UInt64,
-        maxReceiveMessageSize: Int, waitForReady: Bool, onMessage: (([UInt8]) -> Void)? = nil,
-        completion: @escaping (UnaryResponse) -> Void
+        pool: ServicePool, path: String, metadata: Metadata, request: [UInt8]?, deadline: UInt64,
+        maxReceiveMessageSize: Int, waitForReady: Bool, delivery: Delivery = .single, buffers: StreamBuffers? = nil,
+        onWritable: (() -> Void)? = nil, completion: @escaping (UnaryResponse) -> Void
     ) {
-        self.onMessage = onMessage
+        self.onWritable = onWritable
+        self.singleRequest = request != nil
+        self.buffers = buffers
+        self.delivery = delivery
         self.pool = pool
         self.waitForReady = waitForReady
         self.path = path
         self.metadata = metadata
-        self.request = request
+        self.request = request ?? []
         self.deadline = deadline
         self.maxReceiveMessageSize = maxReceiveMessageSize
         self.completion = completion
         self.deframer = MessageDeframer(maxMessageSize: maxReceiveMessageSize)
+        super.init()
+        if let buffers {
+            buffers.waker.call = self
+            buffers.waker.reactor = pool.reactor
+        }
     }
 
     var isFinished: Bool {
@@ -141,6 +172,7 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
     /// True when the server provably never processed the call and it has not been retried transparently yet.
     var canRetryTransparently: Bool {
         !self.transparentlyRetried && self.headerBlocks == 0 && !self.isFinished
+            && (!self.requestsStreamed || self.buffers!.canReplay)
     }
 
     /// Rewinds the call so it can be sent again from the start on another stream.
@@ -171,6 +203,22 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
         self.state = .open(connection: connection, streamID: streamID)
     }
 
+    // MARK: streaming
+
+    /// Writes or reads happened on another thread (reactor thread, through `StreamWaker`).
+    func streamWake() {
+        guard let buffers = self.buffers else { return }
+        let work = buffers.takeWakeWork()
+        guard case .open(let connection, let streamID) = self.state else { return }
+        if work.resumeSending && self.requestsStreamed { connection.resumeData(streamID) }
+        if work.consume > 0 { connection.consume(streamID, bytes: work.consume) }
+    }
+
+    /// The send buffer drained below its limit after a callback writer was told it was full.
+    func notifyWritable() {
+        if !self.isFinished { self.onWritable?() }
+    }
+
     /// Ends the attempt locally (deadline, cancel, a receive limit), resetting its stream with CANCEL if it has
     /// one. Only an attempt timeout may be `retryable`.
     func fail(_ status: Status, reset: Bool, retryable: Bool = false) {
@@ -197,7 +245,7 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
                 // Cancelled or timed out between attempts: the previous attempt was already reported.
             } else {
                 self.pool.attemptFinished(self, status: response.status)
-                if retryable, let delay = self.pool.retryDelay(
+                if retryable, !self.requestsStreamed, let delay = self.pool.retryDelay(
                     for: self, response: response, committed: self.headerBlocks > 0 && !self.trailersOnly,
                     attemptTimedOut: self.attemptTimedOut)
                 {
@@ -216,13 +264,32 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
         self.deadlineTimer = 0
         self.retryTimer = 0
         if self.startedAt != 0 { self.pool.callFinished(self, status: response.status) }
+        if let buffers = self.buffers {
+            buffers.waker.call = nil
+            buffers.finish(StreamResult(response))
+        }
+        self.completion(response)
+    }
+
+    /// The reactor refused the call (it has stopped): complete it here, on the caller's thread, as nothing else
+    /// can ever touch it.
+    func finishWithoutReactor(_ status: Status) {
+        self.state = .finished
+        let response = UnaryResponse(status: status)
+        self.buffers?.finish(StreamResult(response))
         self.completion(response)
     }
 
     // MARK: request body (nghttp2 data provider)
 
     /// Copies the next piece of the framed request into `buffer`; sets `eof` after the last byte.
+    /// Returns `NGHTTP2_ERR_DEFERRED` when a request stream has nothing buffered yet.
     func readRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int {
+        if self.requestsStreamed {
+            let written = self.buffers!.take(into: buffer, length: length, eof: &eof)
+            if written > 0 { self.sentBytes += written }
+            return written
+        }
         let total = self.request.count + 5
         var written = 0
         if self.sendOffset < 5 {
@@ -312,6 +379,19 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
             self.initialMetadata = Metadata()
         }
         self.headerBlocks += 1
+        if self.headerBlocks == 1 && !endStream && !self.isFinished {
+            switch self.delivery {
+            case .single: break
+            case .callbacks(let callbacks): callbacks.onInitialMetadata(self.initialMetadata)
+            case .buffered: self.buffers!.deliverMetadata(self.initialMetadata)
+            }
+        }
+        if endStream, case .open(let connection, let streamID) = self.state, !connection.isLocallyClosed(streamID) {
+            // The server ended the call while requests are still open: the status is final now. Our half of the
+            // stream is reset (NO_ERROR) so that nghttp2 releases it (gRPC over HTTP/2: the server may end first).
+            self.finish(self.finalResponse(errorCode: 0), retryable: false)
+            connection.resetStream(streamID, errorCode: NGHTTP2_NO_ERROR.rawValue)
+        }
     }
 
     /// DATA payload bytes for this stream.
@@ -320,14 +400,25 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
         self.receivedBytes += bytes.count
         do {
             try self.deframer.process(bytes) { message, _ in
-                if let onMessage = self.onMessage {
-                    self.headerBlocksAtFirstMessage = self.headerBlocks
-                    onMessage(message)
-                } else if self.responseMessage == nil {
-                    self.responseMessage = message
-                } else {
-                    self.extraMessages = true
+                switch self.delivery {
+                case .single:
+                    if self.responseMessage == nil {
+                        self.responseMessage = message
+                    } else {
+                        self.extraMessages = true
+                    }
+                case .callbacks(let callbacks):
+                    if !self.isFinished { callbacks.onMessage(message) }
+                case .buffered:
+                    self.buffers!.deliverMessage(message)
                 }
+            }
+            // Flow control follows consumption: bytes go back to the server's window at once, except while an async
+            // reader has more than its limit unread.
+            var consumeNow = bytes.count
+            if case .buffered = self.delivery { consumeNow = self.buffers!.received(bytes.count) }
+            if consumeNow > 0, case .open(let connection, let streamID) = self.state {
+                connection.consume(streamID, bytes: consumeNow)
             }
         } catch {
             let status: Status
@@ -377,17 +468,16 @@ final class UnaryCall: ReactorHandler, @unchecked Sendable {
             status = Status(code: .internal, message: "stream ended without grpc-status trailers")
         }
 
-        if status.isOK && self.onMessage != nil {
+        let singleResponse: Bool
+        if case .single = self.delivery { singleResponse = true } else { singleResponse = false }
+        if status.isOK {
             if self.deframer.hasPartialMessage {
                 status = Status(code: .internal, message: "stream ended in the middle of a message")
-            }
-        } else if status.isOK {
-            if self.deframer.hasPartialMessage {
-                status = Status(code: .internal, message: "stream ended in the middle of a message")
+            } else if !singleResponse {
             } else if self.extraMessages {
-                status = Status(code: .internal, message: "unary call received more than one response message")
+                status = Status(code: .internal, message: "expected one response message, received more")
             } else if self.responseMessage == nil {
-                status = Status(code: .internal, message: "unary call ended with OK but no response message")
+                status = Status(code: .internal, message: "expected one response message, the call ended with OK but none")
             }
         }
         return UnaryResponse(

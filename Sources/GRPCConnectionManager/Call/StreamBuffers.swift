@@ -1,0 +1,360 @@
+import CNghttp2
+
+/// One piece of a streaming response, in the order the application sees them: `.metadata` (unless the response
+/// is trailers-only), any number of `.message`, then exactly one `.end`.
+enum ResponsePart: Sendable {
+    case metadata(Metadata)
+    case message([UInt8])
+    case end(StreamResult)
+}
+
+/// The part of a streaming call that application threads touch: messages written but not yet taken by nghttp2,
+/// responses received but not yet read, and whoever waits on either.
+///
+/// Backpressure both ways:
+/// - **Out**: `write` adds to `outbox`; nghttp2 pulls from it only while the stream's and the connection's
+///   send windows allow. A writer is told to wait (suspended, or `isWritable` false until `onWritable`) while more
+///   than `limit` bytes are buffered, so a fast writer and a slow peer cost at most `limit` plus one message.
+/// - **In** (buffered delivery): received bytes are returned to the peer's send window (`nghttp2_session_consume_stream`)
+///   only while fewer than `limit` bytes wait unread. Above that the peer runs out of window after at most one
+///   stream window more, so a slow reader holds at most `limit` + the stream window + one partial message.
+///
+/// The reactor reaches this state once per nghttp2 callback, application threads once per write or read.
+/// `@unchecked Sendable`: every mutable field lives in `state`, which is only touched under its lock.
+final class StreamBuffers: @unchecked Sendable {
+    struct State {
+        // Out.
+        var outbox: [[UInt8]] = []
+        var outboxHead = 0
+        /// Bytes of the head message (5-byte prefix included) already handed to nghttp2.
+        var headOffset = 0
+        /// Framed bytes written and not yet handed to nghttp2.
+        var outboxBytes = 0
+        var halfClosed = false
+        /// nghttp2 has taken at least one byte of a message (the stream can no longer be replayed).
+        var sendStarted = false
+        var writeWaiters: [CheckedContinuation<Void, any Error>] = []
+        /// A callback writer saw `isWritable` false: `onWritable` fires when the buffer drains.
+        var owesWritable = false
+        // In.
+        var inbox: [ResponsePart] = []
+        var inboxHead = 0
+        /// Framed bytes of unread messages.
+        var inboxBytes = 0
+        /// Received bytes not yet returned to the peer's window.
+        var unconsumed = 0
+        var readWaiter: CheckedContinuation<ResponsePart, Never>?
+        // Both.
+        var result: StreamResult?
+        var resultWaiters: [CheckedContinuation<StreamResult, Never>] = []
+        var wakePending = false
+    }
+
+    let limit: Int
+    let maxSendMessageSize: Int
+    private let state = PThreadLock(State())
+    /// Set by the call when it is created; the waker reaches it on the reactor thread.
+    let waker = StreamWaker()
+
+    init(limit: Int, maxSendMessageSize: Int) {
+        self.limit = limit
+        self.maxSendMessageSize = maxSendMessageSize
+    }
+
+    // MARK: application side
+
+    enum WriteOutcome {
+        /// Buffered; the writer may go on.
+        case accepted
+        /// Buffered, but the buffer is full: wait before writing more.
+        case acceptedFull
+        /// Dropped: the requests were closed, or the call ended.
+        case refused(RPCError)
+    }
+
+    /// Buffers one message for sending. Any thread.
+    func write(_ message: [UInt8]) -> WriteOutcome {
+        if message.count > self.maxSendMessageSize {
+            let status = Status(
+                code: .resourceExhausted,
+                message: "request message of \(message.count) bytes exceeds the send limit of \(self.maxSendMessageSize) bytes")
+            self.waker.fail(status)
+            return .refused(RPCError(status: status))
+        }
+        let (outcome, wake) = self.state.withLock { state -> (WriteOutcome, Bool) in
+            if let result = state.result { return (.refused(RPCError(status: result.status, trailers: result.trailingMetadata)), false) }
+            if state.halfClosed {
+                return (.refused(RPCError(status: Status(code: .failedPrecondition, message: "the requests were already closed"))), false)
+            }
+            state.outbox.append(message)
+            state.outboxBytes += message.count + 5
+            let full = state.outboxBytes >= self.limit
+            if full { state.owesWritable = true }
+            return (full ? .acceptedFull : .accepted, Self.claimWake(&state))
+        }
+        if wake { self.waker.wake() }
+        return outcome
+    }
+
+    /// Suspends while the send buffer is full. Returns at once when it is not; throws when the call ends.
+    func waitUntilWritable() async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let resume: Result<Void, RPCError>? = self.state.withLock { state in
+                if let result = state.result { return .failure(RPCError(status: result.status, trailers: result.trailingMetadata)) }
+                if state.outboxBytes < self.limit { return .success(()) }
+                state.writeWaiters.append(continuation)
+                return nil
+            }
+            if let resume { continuation.resume(with: resume) }
+        }
+    }
+
+    var isWritable: Bool {
+        self.state.withLock { state in
+            if state.result != nil || state.halfClosed { return false }
+            if state.outboxBytes >= self.limit {
+                state.owesWritable = true
+                return false
+            }
+            return true
+        }
+    }
+
+    /// Half-closes the requests: END_STREAM goes out after the buffered messages. Idempotent.
+    func closeRequests() {
+        let wake = self.state.withLock { state -> Bool in
+            if state.halfClosed || state.result != nil { return false }
+            state.halfClosed = true
+            return Self.claimWake(&state)
+        }
+        if wake { self.waker.wake() }
+    }
+
+    /// The next response part; suspends until one arrives. After `.end` it returns `.end` again.
+    func nextPart() async -> ResponsePart {
+        await withCheckedContinuation { (continuation: CheckedContinuation<ResponsePart, Never>) in
+            let (part, wake) = self.state.withLock { state -> (ResponsePart?, Bool) in
+                guard state.inboxHead < state.inbox.count else {
+                    if let result = state.result { return (.end(result), false) }
+                    state.readWaiter = continuation
+                    return (nil, false)
+                }
+                return Self.pop(&state, limit: self.limit)
+            }
+            if wake { self.waker.wake() }
+            if let part { continuation.resume(returning: part) }
+        }
+    }
+
+    /// The final status and metadata; suspends until the call ends.
+    func result() async -> StreamResult {
+        await withCheckedContinuation { (continuation: CheckedContinuation<StreamResult, Never>) in
+            let result = self.state.withLock { state -> StreamResult? in
+                if let result = state.result { return result }
+                state.resultWaiters.append(continuation)
+                return nil
+            }
+            if let result { continuation.resume(returning: result) }
+        }
+    }
+
+    private static func pop(_ state: inout State, limit: Int) -> (ResponsePart?, Bool) {
+        let part = state.inbox[state.inboxHead]
+        state.inboxHead += 1
+        if state.inboxHead == state.inbox.count {
+            state.inbox.removeAll(keepingCapacity: true)
+            state.inboxHead = 0
+        }
+        guard case .message(let message) = part else { return (part, false) }
+        state.inboxBytes -= message.count + 5
+        // Reopen the peer's window once the reader has caught up to under the limit.
+        let wake = state.unconsumed > 0 && state.inboxBytes < limit && Self.claimWake(&state)
+        return (part, wake)
+    }
+
+    private static func claimWake(_ state: inout State) -> Bool {
+        if state.wakePending { return false }
+        state.wakePending = true
+        return true
+    }
+
+    // MARK: reactor side
+
+    /// What the reactor must do after a wake-up.
+    struct WakeWork {
+        var resumeSending: Bool
+        var consume: Int
+    }
+
+    func takeWakeWork() -> WakeWork {
+        self.state.withLock { state in
+            state.wakePending = false
+            var consume = 0
+            if state.inboxBytes < self.limit {
+                consume = state.unconsumed
+                state.unconsumed = 0
+            }
+            return WakeWork(resumeSending: state.outboxBytes > 0 || state.halfClosed, consume: consume)
+        }
+    }
+
+    /// True when nghttp2 has not taken a byte of any message yet (the stream may be replayed elsewhere).
+    var canReplay: Bool { self.state.withLock { !$0.sendStarted } }
+
+    /// nghttp2's data source: copies framed messages into `buffer`. Returns the bytes written, or
+    /// `NGHTTP2_ERR_DEFERRED` when nothing is buffered and the requests are still open (the waker resumes it).
+    func take(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int {
+        var waiters: [CheckedContinuation<Void, any Error>] = []
+        var notifyWritable = false
+        let written = self.state.withLock { state -> Int in
+            var written = 0
+            while written < length && state.outboxHead < state.outbox.count {
+                let message = state.outbox[state.outboxHead]
+                if state.headOffset < 5 {
+                    var prefix = MessageFramer.prefix(length: message.count)
+                    withUnsafeBytes(of: &prefix) { bytes in
+                        while state.headOffset < 5 && written < length {
+                            buffer[written] = bytes[state.headOffset]
+                            written += 1
+                            state.headOffset += 1
+                        }
+                    }
+                }
+                let bodyStart = state.headOffset - 5
+                let take = min(length - written, message.count - bodyStart)
+                if take > 0 {
+                    message.withUnsafeBufferPointer { source in
+                        (buffer + written).update(from: source.baseAddress! + bodyStart, count: take)
+                    }
+                    written += take
+                    state.headOffset += take
+                }
+                if state.headOffset == message.count + 5 {
+                    state.outbox[state.outboxHead] = []
+                    state.outboxHead += 1
+                    state.headOffset = 0
+                }
+            }
+            if state.outboxHead == state.outbox.count {
+                state.outbox.removeAll(keepingCapacity: true)
+                state.outboxHead = 0
+            }
+            if written > 0 { state.sendStarted = true }
+            let wasFull = state.outboxBytes >= self.limit
+            state.outboxBytes -= written
+            if wasFull && state.outboxBytes < self.limit {
+                swap(&waiters, &state.writeWaiters)
+                notifyWritable = state.owesWritable
+                state.owesWritable = false
+            }
+            eof = state.halfClosed && state.outboxBytes == 0
+            return written
+        }
+        for waiter in waiters { waiter.resume() }
+        if notifyWritable { self.waker.writable() }
+        if written == 0 && !eof { return Int(NGHTTP2_ERR_DEFERRED.rawValue) }
+        return written
+    }
+
+    /// Response headers (not trailers-only) arrived.
+    func deliverMetadata(_ metadata: Metadata) {
+        self.append(.metadata(metadata), bytes: 0)
+    }
+
+    /// A complete response message arrived.
+    func deliverMessage(_ message: [UInt8]) {
+        self.append(.message(message), bytes: message.count + 5)
+    }
+
+    private func append(_ part: ResponsePart, bytes: Int) {
+        let waiter = self.state.withLock { state -> CheckedContinuation<ResponsePart, Never>? in
+            if let waiter = state.readWaiter {
+                // Handed straight to a waiting reader: it never counts as buffered.
+                state.readWaiter = nil
+                return waiter
+            }
+            state.inbox.append(part)
+            state.inboxBytes += bytes
+            return nil
+        }
+        waiter?.resume(returning: part)
+    }
+
+    /// `count` DATA bytes arrived. Returns how many to give back to the peer's window now; the rest waits for the
+    /// reader to catch up.
+    func received(_ count: Int) -> Int {
+        self.state.withLock { state in
+            if state.inboxBytes < self.limit && state.unconsumed == 0 { return count }
+            state.unconsumed += count
+            return 0
+        }
+    }
+
+    /// The call ended: record the result, fail writers, wake the reader after what it has not read yet.
+    func finish(_ result: StreamResult) {
+        let (writers, reader, resultWaiters) = self.state.withLock {
+            state -> ([CheckedContinuation<Void, any Error>], CheckedContinuation<ResponsePart, Never>?, [CheckedContinuation<StreamResult, Never>]) in
+            if state.result != nil { return ([], nil, []) }
+            state.result = result
+            state.outbox.removeAll()
+            state.outboxHead = 0
+            state.outboxBytes = 0
+            var writers: [CheckedContinuation<Void, any Error>] = []
+            swap(&writers, &state.writeWaiters)
+            var resultWaiters: [CheckedContinuation<StreamResult, Never>] = []
+            swap(&resultWaiters, &state.resultWaiters)
+            let reader = state.readWaiter
+            state.readWaiter = nil
+            if reader == nil { state.inbox.append(.end(result)) }
+            return (writers, reader, resultWaiters)
+        }
+        let error = RPCError(status: result.status, trailers: result.trailingMetadata)
+        for writer in writers { writer.resume(throwing: error) }
+        reader?.resume(returning: .end(result))
+        for waiter in resultWaiters { waiter.resume(returning: result) }
+    }
+
+    /// Bytes waiting unread (for tests and the slow-reader bound).
+    var bufferedInboundBytes: Int { self.state.withLock { $0.inboxBytes } }
+    /// Bytes written and not yet sent.
+    var bufferedOutboundBytes: Int { self.state.withLock { $0.outboxBytes } }
+}
+
+/// Brings a streaming call's buffered work to the reactor thread: one submission per batch of writes or reads,
+/// not one per message (`wakePending` coalesces them).
+///
+/// `@unchecked Sendable` (through `ReactorHandler`): `call` is set once before the call is submitted and cleared
+/// on the reactor thread when the call finishes; `wake()` only reads the reactor reference.
+final class StreamWaker: ReactorHandler, @unchecked Sendable {
+    weak var call: ClientCall?
+    var reactor: Reactor?
+
+    func wake() {
+        guard let reactor = self.reactor else { return }
+        if reactor.inReactorThread {
+            self.reactorRunSubmitted()
+        } else {
+            reactor.submit(self)
+        }
+    }
+
+    override func reactorRunSubmitted() {
+        self.call?.streamWake()
+    }
+
+    /// The send buffer drained below the limit (reactor thread).
+    func writable() {
+        self.call?.notifyWritable()
+    }
+
+    /// A write broke a rule that ends the call (a message over the send limit).
+    func fail(_ status: Status) {
+        guard let reactor = self.reactor else { return }
+        let call = self.call
+        if reactor.inReactorThread {
+            call?.fail(status, reset: true)
+        } else {
+            reactor.execute { [weak call] in call?.fail(status, reset: true) }
+        }
+    }
+}
