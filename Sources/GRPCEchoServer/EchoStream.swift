@@ -102,6 +102,10 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
 
     /// Bidirectional echo: answers every complete message in `requestBody` at once.
     private func echoArrivedMessages() {
+        if self.failAfter == 0 {
+            self.endResponse(code: self.failCode ?? 13, message: self.failMessage)
+            return
+        }
         var index = 0
         while self.requestBody.count - index >= 5 {
             let length =
@@ -258,6 +262,10 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
 
     private func answerStreaming(_ messages: [[UInt8]]) {
         let texts = self.usesProtobuf ? messages.map(EchoProtobuf.decode) : messages
+        if self.failAfter == 0 {
+            self.endResponse(code: self.failCode ?? 13, message: self.failMessage)
+            return
+        }
         switch self.method {
         case .expand:
             if let count = self.responseCount {

@@ -314,6 +314,8 @@ final class StreamBuffers: @unchecked Sendable {
         for waiter in resultWaiters { waiter.resume(returning: result) }
     }
 
+    /// A writer is suspended on a full send buffer (for tests).
+    var hasWaitingWriter: Bool { self.state.withLock { !$0.writeWaiters.isEmpty } }
     /// Bytes waiting unread (for tests and the slow-reader bound).
     var bufferedInboundBytes: Int { self.state.withLock { $0.inboxBytes } }
     /// Bytes written and not yet sent.

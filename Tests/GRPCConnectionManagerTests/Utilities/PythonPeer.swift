@@ -3,6 +3,8 @@ import Foundation
 /// The reference implementation as an independent peer: a grpcio server with a generic handler, written and started
 /// by the tests. It echoes the request, honours `x-fail-code`/`x-fail-message` and `x-sleep-ms` like our server,
 /// echoes custom metadata (including `-bin`) as initial metadata, and serves grpc.health.v1 (grpcio-health-checking).
+/// Methods named `Expand`, `Collect` and `Update` stream like the embedded server's (protobuf `text` for the
+/// `echo.Echo` service, raw bytes otherwise), with `x-response-count`/`x-response-bytes` and `x-fail-after`.
 final class PythonPeer: @unchecked Sendable {
     // `@unchecked`: `process` is set once in init and only read afterwards.
     let port: Int
@@ -16,26 +18,102 @@ final class PythonPeer: @unchecked Sendable {
 
         CODES = {c.value[0]: c for c in grpc.StatusCode}
 
-        def echo(request, context):
+        def begin(context):
             md = list(context.invocation_metadata())
             values = dict(md)
+            echoed = [(k, v) for (k, v) in md
+                      if not k.startswith(("x-fail", "x-sleep", "x-response", ":", "grpc-"))
+                      and k not in ("user-agent", "te", "content-type")]
+            context.send_initial_metadata(echoed)
+            return values
+
+        def fail(context, values):
+            code = int(values.get("x-fail-code", "13"))
+            context.abort(CODES[code], urllib.parse.unquote(values.get("x-fail-message", "")))
+
+        def echo(request, context):
+            values = dict(context.invocation_metadata())
             sleep_ms = int(values.get("x-sleep-ms", "0"))
             if sleep_ms:
                 time.sleep(sleep_ms / 1000.0)
-            echoed = [(k, v) for (k, v) in md
-                      if not k.startswith(("x-fail", "x-sleep", ":", "grpc-")) and k not in ("user-agent", "te", "content-type")]
-            context.send_initial_metadata(echoed)
-            code = int(values.get("x-fail-code", "0"))
-            if code:
-                message = urllib.parse.unquote(values.get("x-fail-message", ""))
-                context.abort(CODES[code], message)
+            begin(context)
+            if int(values.get("x-fail-code", "0")):
+                fail(context, values)
             return request
+
+        def pb_decode(data):
+            # The text field (1) of echo.EchoRequest, parsed by hand: no generated code needed.
+            i, text = 0, b""
+            def varint():
+                nonlocal i
+                value, shift = 0, 0
+                while True:
+                    b = data[i]; i += 1
+                    value |= (b & 0x7F) << shift
+                    if b < 0x80: return value
+                    shift += 7
+            while i < len(data):
+                key = varint()
+                if key & 7 == 2:
+                    n = varint()
+                    if key >> 3 == 1: text = data[i:i + n]
+                    i += n
+                elif key & 7 == 0: varint()
+                elif key & 7 == 1: i += 8
+                elif key & 7 == 5: i += 4
+                else: break
+            return text
+
+        def pb_encode(text):
+            if not text: return b""
+            out, n = bytearray(b"\x0a"), len(text)
+            while n >= 0x80:
+                out.append((n & 0x7F) | 0x80); n >>= 7
+            out.append(n)
+            return bytes(out) + text
+
+        def make_streaming(method):
+            proto = method.startswith("/echo.Echo/")
+            dec = pb_decode if proto else (lambda b: b)
+            enc = pb_encode if proto else (lambda b: b)
+            def expand(request, context):
+                values = begin(context)
+                fail_after = int(values.get("x-fail-after", "-1"))
+                count = int(values.get("x-response-count", "-1"))
+                if count >= 0:
+                    items = (b"a" * int(values.get("x-response-bytes", "0")) for _ in range(count))
+                else:
+                    items = (w for w in dec(request).split(b" ") if w)
+                if fail_after == 0: fail(context, values)
+                sent = 0
+                for item in items:
+                    yield enc(item)
+                    sent += 1
+                    if sent == fail_after: fail(context, values)
+            def collect(requests, context):
+                values = begin(context)
+                if "x-fail-code" in values: fail(context, values)
+                return enc(b" ".join(dec(r) for r in requests))
+            def update(requests, context):
+                values = begin(context)
+                fail_after = int(values.get("x-fail-after", "-1"))
+                if fail_after == 0: fail(context, values)
+                sent = 0
+                for r in requests:
+                    yield enc(dec(r))
+                    sent += 1
+                    if sent == fail_after: fail(context, values)
+            name = method.rsplit("/", 1)[-1]
+            if name == "Expand": return grpc.unary_stream_rpc_method_handler(expand)
+            if name == "Collect": return grpc.stream_unary_rpc_method_handler(collect)
+            if name == "Update": return grpc.stream_stream_rpc_method_handler(update)
+            return None
 
         class Generic(grpc.GenericRpcHandler):
             def service(self, details):
                 if details.method.startswith("/grpc.health.v1."):
                     return None
-                return grpc.unary_unary_rpc_method_handler(echo)
+                return make_streaming(details.method) or grpc.unary_unary_rpc_method_handler(echo)
 
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
         health_servicer = health.HealthServicer()

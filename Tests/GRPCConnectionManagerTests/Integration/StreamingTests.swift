@@ -1,0 +1,359 @@
+import Foundation
+import GRPCEchoServer
+import Testing
+
+@testable import GRPCConnectionManager
+
+/// The three streaming kinds, callback and async, against the embedded server and the grpcio server.
+/// Raw-byte methods of the `test.Stream` service: `Expand` splits at spaces, `Collect` joins with spaces,
+/// `Update` echoes each message as it arrives.
+@Suite("streaming calls", .serialized)
+struct StreamingTests {
+    enum Peer: String, CaseIterable, CustomTestStringConvertible {
+        case embedded, grpcio
+        var testDescription: String { self.rawValue }
+    }
+
+    /// A channel to a fresh server of the given kind; `done` stops both.
+    struct Setup {
+        let channel: GRPCChannel
+        let done: @Sendable () -> Void
+    }
+
+    static func setUp(_ peer: Peer, _ configuration: Configuration = .defaults) throws -> Setup {
+        switch peer {
+        case .embedded:
+            let fixture = try LoopbackFixture()
+            let channel = try fixture.channel(configuration)
+            return Setup(channel: channel, done: { channel.close(); fixture.shutdown() })
+        case .grpcio:
+            let python = try PythonPeer()
+            let channel = try GRPCChannel(target: python.target, configuration: configuration)
+            return Setup(channel: channel, done: { channel.close(); python.stop() })
+        }
+    }
+
+    static func text(_ string: String) -> [UInt8] { Array(string.utf8) }
+    static func string(_ bytes: [UInt8]) -> String { String(decoding: bytes, as: UTF8.self) }
+
+    // MARK: each kind, async
+
+    @Test("server streaming (async): messages in order, headers, OK", arguments: Peer.allCases)
+    func serverStreamingAsync(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.serverStreaming(
+            path: "/test.Stream/Expand", request: Self.text("one two three"), metadata: ["x-tag": "7"])
+        var received: [String] = []
+        for try await message in call.responses { received.append(Self.string(message)) }
+        #expect(received == ["one", "two", "three"])
+        let result = await call.result()
+        #expect(result.status.code == .ok)
+        #expect(result.initialMetadata["x-tag"] == "7")
+    }
+
+    @Test("client streaming (async): every message reaches the server, one response", arguments: Peer.allCases)
+    func clientStreamingAsync(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.clientStreaming(path: "/test.Stream/Collect")
+        for word in ["a", "bb", "ccc"] { try await call.write(Self.text(word)) }
+        call.closeSend()
+        let response = await call.finish()
+        #expect(response.status.code == .ok)
+        #expect(Self.string(response.message) == "a bb ccc")
+    }
+
+    @Test("bidirectional (async): each response arrives before the next request is written", arguments: Peer.allCases)
+    func bidirectionalPingPong(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        var iterator = call.responses.makeAsyncIterator()
+        for round in 0..<100 {
+            // A slow writer: nothing is written until the previous echo came back, so the transport cannot be
+            // waiting for more requests or for the half-close before it sends.
+            try await call.write(Self.text("ping \(round)"))
+            let echo = try await iterator.next()
+            #expect(echo.map(Self.string) == "ping \(round)")
+        }
+        call.closeSend()
+        #expect(try await iterator.next() == nil)
+        #expect(await call.result().status.code == .ok)
+    }
+
+    // MARK: each kind, callbacks
+
+    @Test("server, client and bidirectional streaming with callbacks complete exactly once", arguments: Peer.allCases)
+    func callbackForms(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let ledger = CompletionLedger()
+        let received = PThreadLock<[String]>([])
+
+        let serverResult: StreamResult = await withCheckedContinuation { continuation in
+            setup.channel.serverStreaming(
+                path: "/test.Stream/Expand", request: Self.text("x y"),
+                callbacks: StreamingCallbacks(
+                    onMessage: { message in received.withLock { $0.append(Self.string(message)) } },
+                    onFinish: { result in
+                        ledger.record(1)
+                        continuation.resume(returning: result)
+                    }))
+        }
+        #expect(serverResult.status.code == .ok)
+        #expect(received.withLock { $0 } == ["x", "y"])
+
+        let clientResponse: UnaryResponse = await withCheckedContinuation { continuation in
+            let call = setup.channel.clientStreaming(path: "/test.Stream/Collect") { response in
+                ledger.record(2)
+                continuation.resume(returning: response)
+            }
+            #expect(call.send(Self.text("left")) == .accepted)
+            #expect(call.send(Self.text("right")) == .accepted)
+            call.closeSend()
+            // After the half-close nothing more is accepted.
+            if case .refused = call.send(Self.text("late")) {} else { Issue.record("a send after closeSend was accepted") }
+        }
+        #expect(clientResponse.status.code == .ok)
+        #expect(Self.string(clientResponse.message) == "left right")
+
+        received.withLock { $0 = [] }
+        let metadataSeen = PThreadLock(false)
+        let bidiResult: StreamResult = await withCheckedContinuation { continuation in
+            let call = setup.channel.bidirectionalStreaming(
+                path: "/test.Stream/Update", metadata: ["x-tag": "bidi"],
+                callbacks: StreamingCallbacks(
+                    onInitialMetadata: { metadata in metadataSeen.withLock { $0 = metadata["x-tag"] == "bidi" } },
+                    onMessage: { message in received.withLock { $0.append(Self.string(message)) } },
+                    onFinish: { result in
+                        ledger.record(3)
+                        continuation.resume(returning: result)
+                    }))
+            for index in 0..<3 { call.send(Self.text("m\(index)")) }
+            call.closeSend()
+        }
+        #expect(bidiResult.status.code == .ok)
+        #expect(received.withLock { $0 } == ["m0", "m1", "m2"])
+        #expect(metadataSeen.withLock { $0 })
+        #expect(ledger.completed == 3)
+        #expect(ledger.duplicates == 0)
+    }
+
+    // MARK: ends
+
+    @Test("the server ends the stream early with a status; later writes fail with it", arguments: Peer.allCases)
+    func serverEndsEarly(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.bidirectionalStreaming(
+            path: "/test.Stream/Update", metadata: ["x-fail-after": "2", "x-fail-code": "9", "x-fail-message": "enough"])
+        var iterator = call.responses.makeAsyncIterator()
+        try await call.write(Self.text("1"))
+        try await call.write(Self.text("2"))
+        #expect(try await iterator.next().map(Self.string) == "1")
+        #expect(try await iterator.next().map(Self.string) == "2")
+        await #expect(throws: RPCError.self) { _ = try await iterator.next() }
+        let result = await call.result()
+        #expect(result.status.code == .failedPrecondition)
+        #expect(result.status.message == "enough")
+        await #expect(throws: RPCError.self) { try await call.write(Self.text("3")) }
+    }
+
+    @Test("a stream the server answers with only a status ends with that status", arguments: Peer.allCases)
+    func trailersOnlyStream(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.clientStreaming(path: "/test.Stream/Collect", metadata: ["x-fail-code": "5"])
+        try await call.write(Self.text("a"))
+        let response = await call.finish()
+        #expect(response.status.code == .notFound)
+        let stream = setup.channel.serverStreaming(
+            path: "/test.Stream/Expand", request: Self.text("a"), metadata: ["x-fail-after": "0", "x-fail-code": "5"])
+        do {
+            for try await _ in stream.responses { Issue.record("no message was expected") }
+            Issue.record("the stream should have thrown NOT_FOUND")
+        } catch {
+            #expect(error.code == .notFound)
+        }
+    }
+
+    @Test("cancelling mid-stream ends it with CANCELLED and resets the stream", arguments: Peer.allCases)
+    func clientCancelsMidStream(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.serverStreaming(
+            path: "/test.Stream/Expand", request: [],
+            metadata: ["x-response-count": "1000000", "x-response-bytes": "64"])
+        var iterator = call.responses.makeAsyncIterator()
+        for _ in 0..<10 { _ = try await iterator.next() }
+        call.cancel()
+        let result = await call.result()
+        #expect(result.status.code == .cancelled)
+        // The connection is fine afterwards.
+        let next = await setup.channel.call("/test.Stream/Get", Self.text("after"))
+        #expect(next.status.code == .ok)
+    }
+
+    @Test("cancelling the reading task cancels the call", arguments: [Peer.embedded])
+    func taskCancellation(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        let reader = Task {
+            for try await _ in call.responses {}
+        }
+        try await call.write(Self.text("hello"))
+        reader.cancel()
+        let result = await call.result()
+        #expect(result.status.code == .cancelled)
+        await #expect(throws: RPCError.self) { try await reader.value }
+    }
+
+    @Test("the deadline covers the whole stream", arguments: Peer.allCases)
+    func deadlineMidStream(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let started = now()
+        let call = setup.channel.bidirectionalStreaming(
+            path: "/test.Stream/Update", options: CallOptions(timeout: .milliseconds(300)))
+        var iterator = call.responses.makeAsyncIterator()
+        try await call.write(Self.text("first"))
+        #expect(try await iterator.next().map(Self.string) == "first")
+        // Nothing more is written and the requests stay open: only the deadline can end this.
+        await #expect(throws: RPCError.self) { _ = try await iterator.next() }
+        let result = await call.result()
+        #expect(result.status.code == .deadlineExceeded)
+        #expect(now() - started < 3)
+    }
+
+    // MARK: volume
+
+    @Test("10,000 small messages on one stream, in order", arguments: Peer.allCases)
+    func tenThousandMessages(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        let writer = Task {
+            for index in 0..<10_000 { try await call.write(Self.text(String(index))) }
+            call.closeSend()
+        }
+        var expected = 0
+        for try await message in call.responses {
+            if Self.string(message) != String(expected) {
+                Issue.record("message \(expected) came back as \(Self.string(message))")
+                break
+            }
+            expected += 1
+        }
+        try await writer.value
+        #expect(expected == 10_000)
+        #expect(await call.result().status.code == .ok)
+    }
+
+    @Test("1 MiB messages both ways", arguments: Peer.allCases)
+    func largeMessages(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        let messages = (0..<3).map { index in [UInt8](repeating: UInt8(0x41 + index), count: 1 << 20) }
+        let writer = Task {
+            for message in messages { try await call.write(message) }
+            call.closeSend()
+        }
+        var received: [[UInt8]] = []
+        for try await message in call.responses { received.append(message) }
+        try await writer.value
+        #expect(received == messages)
+    }
+
+    // MARK: backpressure
+
+    @Test("a slow reader holds a bounded amount of memory", arguments: Peer.allCases)
+    func slowReaderIsBounded(_ peer: Peer) async throws {
+        var configuration = Configuration.defaults
+        configuration.streamBufferSize = 64 << 10
+        configuration.http2.initialStreamWindowSize = 256 << 10
+        let setup = try Self.setUp(peer, configuration)
+        defer { setup.done() }
+        let messageSize = 16 << 10
+        let count = 2_048  // 32 MiB in all
+        let call = setup.channel.serverStreaming(
+            path: "/test.Stream/Expand", request: [],
+            metadata: ["x-response-count": String(count), "x-response-bytes": String(messageSize)])
+        let bound = configuration.streamBufferSize + configuration.http2.initialStreamWindowSize + 2 * (messageSize + 5)
+        var iterator = call.responses.makeAsyncIterator()
+        _ = try await iterator.next()
+        // The server fills what we allow and then has to stop: the buffer reaches its limit and stays bounded.
+        #expect(await eventually { call.buffers.bufferedInboundBytes >= configuration.streamBufferSize })
+        let rssBefore = residentBytes()
+        var maximum = 0
+        var received = 1
+        while let message = try await iterator.next() {
+            #expect(message.count == messageSize)
+            maximum = max(maximum, call.buffers.bufferedInboundBytes)
+            received += 1
+            // Read slower than the server writes for a while (the bound must hold whatever the pace).
+            if received % 64 == 0 { try await Task.sleep(for: .milliseconds(5)) }
+        }
+        #expect(received == count)
+        #expect(maximum <= bound, "unread bytes reached \(maximum), bound \(bound)")
+        // 32 MiB went through; the process grew by far less.
+        #expect(residentBytes() - rssBefore < 16 << 20)
+    }
+
+    @Test("a writer waits while the server's window is closed", arguments: [Peer.embedded])
+    func writerBackpressure(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.bidirectionalStreaming(path: "/test.Stream/Collect", metadata: ["x-hold-window": "1"])
+        let accepted = PThreadLock(0)
+        let messageSize = 1024
+        let writer = Task {
+            for _ in 0..<(8 << 10) {  // 8 MiB: far more than the server's 1 MiB window
+                try await call.write([UInt8](repeating: 7, count: messageSize))
+                accepted.withLock { $0 += messageSize }
+            }
+        }
+        // The writer ends up suspended with the window used up and the send buffer full.
+        #expect(await eventually(timeout: 10) { call.buffers.hasWaitingWriter })
+        let window = 1 << 20  // the embedded server's SETTINGS_INITIAL_WINDOW_SIZE
+        let bound = window + setup.channel.configuration.streamBufferSize + 2 * (messageSize + 5)
+        let total = accepted.withLock { $0 }
+        #expect(total >= window)
+        #expect(total <= bound, "accepted \(total) bytes, bound \(bound)")
+        call.cancel()
+        await #expect(throws: RPCError.self) { try await writer.value }
+        #expect(await call.result().status.code == .cancelled)
+    }
+
+    @Test("a callback writer is told when the buffer is full and when it drains", arguments: [Peer.embedded])
+    func callbackWriterBackpressure(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let (events, feed) = AsyncStream<Void>.makeStream()
+        let call = setup.channel.clientStreaming(path: "/test.Stream/Collect", onWritable: { feed.yield() }) { _ in }
+        var sends = 0
+        var last = StreamingCall.SendResult.accepted
+        while last == .accepted {
+            last = call.send([UInt8](repeating: 1, count: 4096))
+            sends += 1
+        }
+        // Everything up to the limit was taken at once, and the message that filled it was still accepted.
+        #expect(last == .full)
+        #expect(sends * (4096 + 5) >= setup.channel.configuration.streamBufferSize)
+        // The server reads freely, so the buffer drains and onWritable follows.
+        var iterator = events.makeAsyncIterator()
+        _ = await iterator.next()
+        #expect(call.isWritable)
+        call.closeSend()
+    }
+}
+
+/// Resident set size of this process, in bytes.
+func residentBytes() -> Int {
+    guard let text = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8),
+        let pages = text.split(separator: " ").dropFirst().first.flatMap({ Int($0) })
+    else { return 0 }
+    return pages * 4096
+}
