@@ -14,6 +14,9 @@ let package = Package(
         .library(name: "GRPCConnectionManager", targets: ["GRPCConnectionManager"]),
         .library(name: "GRPCConnectionManagerPrometheus", targets: ["GRPCConnectionManagerPrometheus"]),
         .library(name: "GRPCEchoServer", targets: ["GRPCEchoServer"]),
+        // grpc-swift-2 generated clients over this package's connections. A product of its own, so that users who
+        // don't use GRPCCore never build it.
+        .library(name: "GRPCConnectionManagerTransport", targets: ["GRPCConnectionManagerTransport"]),
         .executable(name: "grpc-cm", targets: ["grpc-cm"]),
         // For Perf/harness only: counts heap allocations by interposing malloc in the program that links it.
         .library(name: "CMallocCounter", targets: ["CMallocCounter"]),
@@ -23,6 +26,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        // Only for GRPCConnectionManagerTransport, its example and tests.
+        .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
     ],
     targets: [
         .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
@@ -45,6 +52,11 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Metrics", package: "swift-metrics"),
             ],
+            swiftSettings: strictSwift
+        ),
+        .target(
+            name: "GRPCConnectionManagerTransport",
+            dependencies: ["GRPCConnectionManager", .product(name: "GRPCCore", package: "grpc-swift-2")],
             swiftSettings: strictSwift
         ),
         .target(
@@ -72,6 +84,26 @@ let package = Package(
             path: "Examples/tls",
             swiftSettings: strictSwift
         ),
+        // The echo proto's generated messages and grpc-swift-2 client (generated once, committed).
+        .target(
+            name: "EchoProto",
+            dependencies: [
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
+            path: "Examples/grpc-swift-2/Sources/EchoProto",
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        .executableTarget(
+            name: "grpc-swift-2-example",
+            dependencies: [
+                "GRPCConnectionManagerTransport", "GRPCConnectionManager", "GRPCEchoServer", "EchoProto",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+            ],
+            path: "Examples/grpc-swift-2/Sources/Example",
+            swiftSettings: strictSwift
+        ),
         // Perf/: benchmark programs (no extra dependencies; `make bench-bus` runs the bus benchmark in release).
         .target(name: "CMallocCounter", path: "Perf/CMallocCounter"),
         .executableTarget(
@@ -84,6 +116,8 @@ let package = Package(
             name: "GRPCConnectionManagerTests",
             dependencies: [
                 "GRPCConnectionManager", "GRPCEchoServer", "CReactor", "GRPCConnectionManagerPrometheus",
+                "GRPCConnectionManagerTransport", "EchoProto",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
             ],
             swiftSettings: strictSwift

@@ -58,6 +58,8 @@ final class ClientCall: ReactorHandler, @unchecked Sendable {
 
     private(set) var state: State = .created
     var deadlineTimer: Reactor.TimerID = 0
+    /// Attempts made before this call by someone else's retry logic (GRPCCore's), for `grpc-previous-rpc-attempts`.
+    var previousAttemptsElsewhere = 0
     /// The attempt in progress (1 = the first). 0 while the circuit breaker has not let the call out.
     var attempt = 0
     /// Set when the attempt's own timeout ended it (the only retryable DEADLINE_EXCEEDED).

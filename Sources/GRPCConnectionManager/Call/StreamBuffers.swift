@@ -2,7 +2,7 @@ import CNghttp2
 
 /// One piece of a streaming response, in the order the application sees them: `.metadata` (unless the response
 /// is trailers-only), any number of `.message`, then exactly one `.end`.
-enum ResponsePart: Sendable {
+package enum ResponsePart: Sendable {
     case metadata(Metadata)
     case message([UInt8])
     case end(StreamResult)
@@ -21,7 +21,7 @@ enum ResponsePart: Sendable {
 ///
 /// The reactor reaches this state once per nghttp2 callback, application threads once per write or read.
 /// `@unchecked Sendable`: every mutable field lives in `state`, which is only touched under its lock.
-final class StreamBuffers: @unchecked Sendable {
+package final class StreamBuffers: @unchecked Sendable {
     struct State {
         // Out.
         var outbox: [[UInt8]] = []
@@ -63,7 +63,7 @@ final class StreamBuffers: @unchecked Sendable {
 
     // MARK: application side
 
-    enum WriteOutcome {
+    package enum WriteOutcome {
         /// Buffered; the writer may go on.
         case accepted
         /// Buffered, but the buffer is full: wait before writing more.
@@ -73,7 +73,7 @@ final class StreamBuffers: @unchecked Sendable {
     }
 
     /// Buffers one message for sending. Any thread.
-    func write(_ message: [UInt8]) -> WriteOutcome {
+    package func write(_ message: [UInt8]) -> WriteOutcome {
         if message.count > self.maxSendMessageSize {
             let status = Status(
                 code: .resourceExhausted,
@@ -97,7 +97,7 @@ final class StreamBuffers: @unchecked Sendable {
     }
 
     /// Suspends while the send buffer is full. Returns at once when it is not; throws when the call ends.
-    func waitUntilWritable() async throws {
+    package func waitUntilWritable() async throws {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let resume: Result<Void, RPCError>? = self.state.withLock { state in
                 if let result = state.result { return .failure(RPCError(status: result.status, trailers: result.trailingMetadata)) }
@@ -121,7 +121,7 @@ final class StreamBuffers: @unchecked Sendable {
     }
 
     /// Half-closes the requests: END_STREAM goes out after the buffered messages. Idempotent.
-    func closeRequests() {
+    package func closeRequests() {
         let wake = self.state.withLock { state -> Bool in
             if state.halfClosed || state.result != nil { return false }
             state.halfClosed = true
@@ -131,7 +131,7 @@ final class StreamBuffers: @unchecked Sendable {
     }
 
     /// The next response part; suspends until one arrives. After `.end` it returns `.end` again.
-    func nextPart() async -> ResponsePart {
+    package func nextPart() async -> ResponsePart {
         await withCheckedContinuation { (continuation: CheckedContinuation<ResponsePart, Never>) in
             let (part, wake) = self.state.withLock { state -> (ResponsePart?, Bool) in
                 guard state.inboxHead < state.inbox.count else {
@@ -147,7 +147,7 @@ final class StreamBuffers: @unchecked Sendable {
     }
 
     /// The final status and metadata; suspends until the call ends.
-    func result() async -> StreamResult {
+    package func result() async -> StreamResult {
         await withCheckedContinuation { (continuation: CheckedContinuation<StreamResult, Never>) in
             let result = self.state.withLock { state -> StreamResult? in
                 if let result = state.result { return result }
@@ -291,7 +291,7 @@ final class StreamBuffers: @unchecked Sendable {
     }
 
     /// The call ended: record the result, fail writers, wake the reader after what it has not read yet.
-    func finish(_ result: StreamResult) {
+    package func finish(_ result: StreamResult) {
         let (writers, reader, resultWaiters) = self.state.withLock {
             state -> ([CheckedContinuation<Void, any Error>], CheckedContinuation<ResponsePart, Never>?, [CheckedContinuation<StreamResult, Never>]) in
             if state.result != nil { return ([], nil, []) }

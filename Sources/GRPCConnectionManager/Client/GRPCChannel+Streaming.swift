@@ -86,4 +86,24 @@ extension GRPCChannel {
             completion: { _ in })
         return AsyncStreamingCall(handle: handle, buffers: buffers, writable: true)
     }
+
+    // MARK: for the grpc-swift-2 transport
+
+    /// Buffers for a stream that starts later (the transport's reader may wait on them before the request
+    /// metadata, and so the call, exists).
+    package func makeStreamBuffers(maxSendMessageSize: Int?) -> StreamBuffers {
+        StreamBuffers(
+            limit: self.configuration.streamBufferSize,
+            maxSendMessageSize: min(maxSendMessageSize ?? .max, self.configuration.maxMessageSize))
+    }
+
+    /// Starts a bidirectional call on `buffers` (every grpc-swift-2 method is a stream to its transport).
+    /// - Parameter previousAttempts: Attempts GRPCCore's retry executor already made (`grpc-previous-rpc-attempts`).
+    package func startStream(
+        path: String, metadata: Metadata, options: CallOptions, previousAttempts: Int, buffers: StreamBuffers
+    ) -> CallHandle {
+        self.start(
+            path: path, request: nil, metadata: metadata, options: options, delivery: .buffered, buffers: buffers,
+            previousAttempts: previousAttempts, completion: { _ in })
+    }
 }

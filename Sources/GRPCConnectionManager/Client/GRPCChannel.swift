@@ -82,7 +82,7 @@ public final class GRPCChannel: Sendable {
     /// Creates a call of any kind and hands it to the reactor.
     func start(
         path: String, request: [UInt8]?, metadata: Metadata, options: CallOptions, delivery: ClientCall.Delivery = .single,
-        buffers: StreamBuffers? = nil, onWritable: (@Sendable () -> Void)? = nil,
+        buffers: StreamBuffers? = nil, onWritable: (@Sendable () -> Void)? = nil, previousAttempts: Int = 0,
         completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
         let deadline: UInt64
@@ -97,6 +97,7 @@ public final class GRPCChannel: Sendable {
             maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
             waitForReady: options.waitForReady, delivery: delivery, buffers: buffers, onWritable: onWritable,
             completion: completion)
+        call.previousAttemptsElsewhere = previousAttempts
         if let problem = Self.checkRequest(
             path: path, metadata: metadata, request: request ?? [], configuration: self.configuration)
         {

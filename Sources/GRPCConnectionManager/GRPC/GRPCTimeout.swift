@@ -2,7 +2,7 @@
 ///
 /// Encoding picks the finest unit whose value fits in 8 digits and rounds up, as grpc-go does, so that the server
 /// never sees a deadline earlier than the client's. Zero or less becomes `0n`.
-enum GRPCTimeout {
+package enum GRPCTimeout {
     private static let maxValue: UInt64 = 99_999_999
 
     static func encode(nanoseconds: Int64) -> String {
@@ -20,7 +20,7 @@ enum GRPCTimeout {
     }
 
     /// Returns nil for anything but 1...8 digits and a known unit.
-    static func decode(_ text: String) -> Int64? {
+    package static func decode(_ text: String) -> Int64? {
         let bytes = Array(text.utf8)
         guard bytes.count >= 2, bytes.count <= 9 else { return nil }
         var value: Int64 = 0

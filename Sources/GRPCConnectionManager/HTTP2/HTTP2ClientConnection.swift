@@ -292,7 +292,7 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         }
         let streamID = self.headerScratch.submit(
             session: session, path: call.path, timeoutNanos: remainingNanos, metadata: call.metadata,
-            previousAttempts: max(call.attempt - 1, 0), call: Unmanaged.passUnretained(call).toOpaque())
+            previousAttempts: max(call.attempt - 1, 0) + call.previousAttemptsElsewhere, call: Unmanaged.passUnretained(call).toOpaque())
         if streamID < 0 {
             let reason = String(cString: nghttp2_strerror(streamID))
             call.fail(Status(code: .unavailable, message: "could not open a stream: \(reason)"), reset: false)

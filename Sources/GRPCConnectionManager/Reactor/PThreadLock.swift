@@ -7,12 +7,12 @@ import Glibc
 /// Not `Synchronization.Mutex`: on Linux that one waits on raw futexes, which ThreadSanitizer cannot see, so every
 /// hand-off through the inbox was reported as a race. A pthread mutex is just as cheap when uncontended and keeps
 /// `swift test --sanitize=thread` meaningful.
-final class PThreadLock<Value>: @unchecked Sendable {
+package final class PThreadLock<Value>: @unchecked Sendable {
     // `@unchecked`: `value` is only touched between pthread_mutex_lock and pthread_mutex_unlock.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private var value: Value
 
-    init(_ value: Value) {
+    package init(_ value: Value) {
         self.value = value
         self.mutex = .allocate(capacity: 1)
         pthread_mutex_init(self.mutex, nil)
@@ -23,7 +23,7 @@ final class PThreadLock<Value>: @unchecked Sendable {
         self.mutex.deallocate()
     }
 
-    func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
+    package func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
         pthread_mutex_lock(self.mutex)
         defer { pthread_mutex_unlock(self.mutex) }
         return try body(&self.value)

@@ -1,0 +1,164 @@
+import GRPCConnectionManager
+import GRPCCore
+
+/// A grpc-swift-2 `ClientTransport` that runs every RPC on a ``GRPCChannel`` of this package, so generated
+/// clients get its pooling, reconnection, keepalive, circuit breaker, metrics and reactor.
+///
+/// ```swift
+/// let manager = try ConnectionManager()
+/// let transport = try ManagedClientTransport(manager: manager, service: "echo", address: "127.0.0.1:50051")
+/// try await withGRPCClient(transport: transport) { client in
+///     let echo = Echo_Echo.Client(wrapping: client)
+///     print(try await echo.get(.with { $0.text = "hi" }).text)
+/// }
+/// ```
+///
+/// **Who does what.** GRPCCore serializes, runs interceptors, enforces the deadline and, when the
+/// ``init(channel:serviceConfig:)`` service config asks for it, retries or hedges. This transport does the rest:
+/// HTTP/2 and framing, metadata and status mapping, `waitForReady`, message size limits, backpressure (a
+/// `write` suspends while the send buffer is full; the server's window reopens as responses are read) and
+/// RST_STREAM when the task running `withStream` is cancelled.
+///
+/// **Retries happen in one place only.** Every RPC reaches the channel as a stream of requests, which the
+/// package's own retry handler never retries (it does not keep streamed messages for replay), so the only retry
+/// policy on this path is GRPCCore's, configured through `serviceConfig`. Transparent retries of streams the
+/// server provably never saw still happen underneath, as gRPC specifies. The circuit breaker, the metrics and the
+/// logging handlers see every attempt as a call of the service: an open breaker fails attempts at once with
+/// UNAVAILABLE ("circuit breaker is open").
+///
+/// **Compression** is not supported: requests always go out uncompressed whatever `CallOptions.compression` says,
+/// and no `grpc-accept-encoding` is sent, so servers answer uncompressed.
+public final class ManagedClientTransport: ClientTransport, Sendable {
+    public typealias Bytes = [UInt8]
+
+    /// The channel RPCs run on.
+    public let channel: GRPCChannel
+    public let retryThrottle: RetryThrottle?
+    private let methodConfigs: MethodConfigLookup
+    private let ownsChannel: Bool
+    private let state = PThreadLock(TransportState())
+
+    /// Runs RPCs on `channel` (for example `manager.connection(service:)`). The channel stays open after the
+    /// transport shuts down: its owner closes it.
+    /// - Parameter serviceConfig: Per-method timeouts, limits, wait-for-ready and GRPCCore retry or hedging
+    ///   policies; the default has none.
+    public init(channel: GRPCChannel, serviceConfig: ServiceConfig = ServiceConfig()) {
+        self.channel = channel
+        self.ownsChannel = false
+        self.methodConfigs = MethodConfigLookup(serviceConfig)
+        self.retryThrottle = serviceConfig.retryThrottling.map { RetryThrottle(policy: $0) }
+    }
+
+    /// Runs RPCs on the manager's channel for `service` (registered at `address`, or already known).
+    /// - Throws: What `ConnectionManager.connection(service:address:)` throws (an unknown service, a closed
+    ///   manager, a bad address).
+    public convenience init(
+        manager: ConnectionManager, service: String, address: String? = nil,
+        serviceConfig: ServiceConfig = ServiceConfig()
+    ) throws {
+        self.init(channel: try manager.connection(service: service, address: address), serviceConfig: serviceConfig)
+    }
+
+    /// Opens a channel of its own to `target` (`host:port`), closed when the transport shuts down.
+    public init(
+        target: String, configuration: Configuration = .defaults, serviceConfig: ServiceConfig = ServiceConfig()
+    ) throws {
+        self.channel = try GRPCChannel(target: target, configuration: configuration)
+        self.ownsChannel = true
+        self.methodConfigs = MethodConfigLookup(serviceConfig)
+        self.retryThrottle = serviceConfig.retryThrottling.map { RetryThrottle(policy: $0) }
+    }
+
+    // MARK: ClientTransport
+
+    /// Connects the channel, then waits until a graceful shutdown has drained every stream, or until the task is
+    /// cancelled (which cancels the open streams).
+    public func connect() async throws {
+        self.channel.connect()
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = self.state.withLock { state -> Bool in
+                    if state.shuttingDown && state.streams.isEmpty { return true }
+                    if state.cancelled { return true }
+                    state.connectWaiter = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+        } onCancel: {
+            let (streams, waiter) = self.state.withLock { state in
+                state.cancelled = true
+                state.shuttingDown = true
+                defer { state.connectWaiter = nil }
+                return (Array(state.streams.values), state.connectWaiter)
+            }
+            for stream in streams { stream.cancel() }
+            waiter?.resume()
+        }
+        if self.ownsChannel { self.channel.close() }
+    }
+
+    /// New streams fail with FAILED_PRECONDITION from now on; open ones run to their end, then `connect()`
+    /// returns.
+    public func beginGracefulShutdown() {
+        let waiter = self.state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.shuttingDown = true
+            guard state.streams.isEmpty else { return nil }
+            defer { state.connectWaiter = nil }
+            return state.connectWaiter
+        }
+        waiter?.resume()
+    }
+
+    public func withStream<T: Sendable>(
+        descriptor: MethodDescriptor, options: GRPCCore.CallOptions,
+        _ closure: (_ stream: RPCStream<Inbound, Outbound>, _ context: ClientContext) async throws -> T
+    ) async throws -> T {
+        let stream = TransportStream(
+            channel: self.channel, path: "/" + descriptor.fullyQualifiedMethod, options: options)
+        let id = try self.state.withLock { state throws(GRPCCore.RPCError) -> Int in
+            if state.shuttingDown {
+                throw GRPCCore.RPCError(code: .failedPrecondition, message: "the transport is shutting down")
+            }
+            state.nextStreamID += 1
+            state.streams[state.nextStreamID] = stream
+            return state.nextStreamID
+        }
+        defer { self.streamEnded(id) }
+        let rpcStream = RPCStream(
+            descriptor: descriptor,
+            inbound: RPCAsyncSequence(wrapping: ResponseParts(stream: stream)),
+            outbound: RPCWriter.Closable(wrapping: RequestWriter(stream: stream)))
+        let context = ClientContext(
+            descriptor: descriptor, remotePeer: self.channel.target.description, localPeer: "")
+        return try await withTaskCancellationHandler {
+            // Whatever the closure leaves open is reset when it returns or throws.
+            defer { stream.cancel() }
+            return try await closure(rpcStream, context)
+        } onCancel: {
+            stream.cancel()
+        }
+    }
+
+    public func config(forMethod descriptor: MethodDescriptor) -> MethodConfig? {
+        self.methodConfigs[descriptor]
+    }
+
+    private func streamEnded(_ id: Int) {
+        let waiter = self.state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.streams[id] = nil
+            guard state.shuttingDown && state.streams.isEmpty else { return nil }
+            defer { state.connectWaiter = nil }
+            return state.connectWaiter
+        }
+        waiter?.resume()
+    }
+}
+
+struct TransportState {
+    var shuttingDown = false
+    var cancelled = false
+    var connectWaiter: CheckedContinuation<Void, Never>?
+    var streams: [Int: TransportStream] = [:]
+    var nextStreamID = 0
+}

@@ -1,0 +1,164 @@
+import GRPCConnectionManager
+import GRPCCore
+
+/// One `withStream`: the call starts when GRPCCore writes the request metadata (it comes first, and carries
+/// `grpc-timeout` and `grpc-previous-rpc-attempts`), so the reader waits on buffers that exist from the start.
+final class TransportStream: Sendable {
+    let channel: GRPCChannel
+    let path: String
+    let options: GRPCCore.CallOptions
+    let buffers: StreamBuffers
+    private let state = PThreadLock<(handle: CallHandle?, cancelled: Bool)>((nil, false))
+
+    init(channel: GRPCChannel, path: String, options: GRPCCore.CallOptions) {
+        self.channel = channel
+        self.path = path
+        self.options = options
+        self.buffers = channel.makeStreamBuffers(maxSendMessageSize: options.maxRequestMessageBytes)
+    }
+
+    /// Starts the HTTP/2 stream with the request metadata.
+    func start(_ metadata: GRPCCore.Metadata) throws {
+        var converted = GRPCConnectionManager.Metadata()
+        var timeout = self.options.timeout
+        var previousAttempts = 0
+        for (key, value) in metadata {
+            let name = key.lowercased()
+            switch (name, value) {
+            case ("grpc-timeout", .string(let text)):
+                // GRPCCore's deadline, recomputed for each attempt: it wins over the options' timeout.
+                if let nanos = GRPCTimeout.decode(text) { timeout = .nanoseconds(nanos) }
+            case ("grpc-previous-rpc-attempts", .string(let text)):
+                previousAttempts = Int(text) ?? 0
+            case (_, .string(let text)):
+                converted.add(name, text)
+            case (_, .binary(let bytes)):
+                converted.add(name, binary: bytes)
+            }
+        }
+        let callOptions = GRPCConnectionManager.CallOptions(
+            timeout: timeout, maxReceiveMessageSize: self.options.maxResponseMessageBytes,
+            waitForReady: self.options.waitForReady ?? false)
+        let started = self.state.withLock { state -> Bool in
+            if state.handle != nil || state.cancelled { return false }
+            state.handle = self.channel.startStream(
+                path: self.path, metadata: converted, options: callOptions, previousAttempts: previousAttempts,
+                buffers: self.buffers)
+            return true
+        }
+        if !started && self.state.withLock({ $0.handle != nil }) {
+            throw GRPCCore.RPCError(code: .internalError, message: "request metadata written twice")
+        }
+    }
+
+    /// Sends one message, suspending while the send buffer is full.
+    func write(_ message: [UInt8]) async throws {
+        guard self.state.withLock({ $0.handle != nil || $0.cancelled }) else {
+            throw GRPCCore.RPCError(code: .internalError, message: "a request message was written before the metadata")
+        }
+        switch self.buffers.write(message) {
+        case .accepted: return
+        case .refused(let error): throw GRPCCore.RPCError(error)
+        case .acceptedFull:
+            do {
+                try await self.buffers.waitUntilWritable()
+            } catch let error as GRPCConnectionManager.RPCError {
+                throw GRPCCore.RPCError(error)
+            }
+        }
+    }
+
+    /// Half-closes the requests.
+    func finishRequests() {
+        self.buffers.closeRequests()
+    }
+
+    /// Resets the stream (or, before it started, ends it) with CANCELLED. Safe to call more than once.
+    func cancel() {
+        let handle = self.state.withLock { state -> CallHandle? in
+            state.cancelled = true
+            return state.handle
+        }
+        if let handle {
+            handle.cancel()
+        } else {
+            self.buffers.finish(StreamResult(status: .init(code: .cancelled, message: "cancelled before the request was sent")))
+        }
+    }
+}
+
+/// GRPCCore's request writer: metadata starts the call, messages go to the send buffer, `finish` half-closes.
+struct RequestWriter: ClosableRPCWriterProtocol {
+    typealias Element = RPCRequestPart<[UInt8]>
+    let stream: TransportStream
+
+    func write(_ element: Element) async throws {
+        switch element {
+        case .metadata(let metadata): try self.stream.start(metadata)
+        case .message(let message): try await self.stream.write(message)
+        }
+    }
+
+    func write(contentsOf elements: some Sequence<Element>) async throws {
+        for element in elements { try await self.write(element) }
+    }
+
+    func finish() async {
+        self.stream.finishRequests()
+    }
+
+    func finish(throwing error: any Error) async {
+        self.stream.cancel()
+    }
+}
+
+/// GRPCCore's response sequence: `.metadata` (unless trailers-only), the messages, then `.status`, then the end.
+struct ResponseParts: AsyncSequence, Sendable {
+    typealias Element = RPCResponsePart<[UInt8]>
+    let stream: TransportStream
+
+    func makeAsyncIterator() -> Iterator { Iterator(stream: self.stream) }
+
+    struct Iterator: AsyncIteratorProtocol {
+        let stream: TransportStream
+        var finished = false
+
+        mutating func next() async throws -> Element? {
+            if self.finished { return nil }
+            switch await self.stream.buffers.nextPart() {
+            case .metadata(let metadata):
+                return .metadata(GRPCCore.Metadata(metadata))
+            case .message(let message):
+                return .message(message)
+            case .end(let result):
+                self.finished = true
+                return .status(GRPCCore.Status(result.status), GRPCCore.Metadata(result.trailingMetadata))
+            }
+        }
+    }
+}
+
+extension GRPCCore.Metadata {
+    init(_ metadata: GRPCConnectionManager.Metadata) {
+        self.init()
+        for entry in metadata {
+            switch entry.value {
+            case .string(let text): self.addString(text, forKey: entry.name)
+            case .binary(let bytes): self.addBinary(bytes, forKey: entry.name)
+            }
+        }
+    }
+}
+
+extension GRPCCore.Status {
+    init(_ status: GRPCConnectionManager.Status) {
+        self.init(code: Code(rawValue: status.code.rawValue) ?? .unknown, message: status.message)
+    }
+}
+
+extension GRPCCore.RPCError {
+    init(_ error: GRPCConnectionManager.RPCError) {
+        let code = GRPCCore.RPCError.Code(GRPCCore.Status.Code(rawValue: error.status.code.rawValue) ?? .unknown) ?? .unknown
+        self.init(code: code, message: error.status.message, metadata: GRPCCore.Metadata(error.trailers))
+    }
+}
