@@ -1,0 +1,229 @@
+import EchoProto
+import Foundation
+import GRPCConnectionManagerTransport
+import GRPCCore
+import GRPCEchoServer
+import Testing
+
+@testable import GRPCConnectionManager
+
+/// The generated grpc-swift-2 client (Examples/grpc-swift-2) over `ManagedClientTransport`, against the grpcio
+/// server (the reference implementation) and the embedded one.
+@Suite("grpc-swift-2 generated client over ManagedClientTransport", .serialized)
+struct GRPCSwiftTransportTests {
+    typealias Peer = StreamingTests.Peer
+
+    /// Runs `body` with a generated client on a transport over a manager's channel to a fresh server.
+    static func withEchoClient<R: Sendable>(
+        _ peer: Peer, serviceConfig: ServiceConfig = ServiceConfig(),
+        _ body: (Echo_Echo.Client<ManagedClientTransport>, ManagedClientTransport) async throws -> R
+    ) async throws -> R {
+        let python: PythonPeer?
+        let fixture: LoopbackFixture?
+        let target: String
+        switch peer {
+        case .grpcio:
+            python = try PythonPeer()
+            fixture = nil
+            target = python!.target
+        case .embedded:
+            fixture = try LoopbackFixture()
+            python = nil
+            target = fixture!.target
+        }
+        defer {
+            python?.stop()
+            fixture?.shutdown()
+        }
+        let manager = try ConnectionManager(eventLoop: fixture?.loop)
+        let transport = try ManagedClientTransport(
+            manager: manager, service: "echo", address: target, serviceConfig: serviceConfig)
+        let result = try await withGRPCClient(transport: transport) { client in
+            try await body(Echo_Echo.Client(wrapping: client), transport)
+        }
+        await manager.close(gracePeriod: .seconds(1))
+        return result
+    }
+
+    static func request(_ text: String) -> Echo_EchoRequest { .with { $0.text = text } }
+
+    @Test("unary, server, client and bidirectional streaming", arguments: Peer.allCases)
+    func allFourKinds(_ peer: Peer) async throws {
+        try await Self.withEchoClient(peer) { echo, _ in
+            #expect(try await echo.get(Self.request("hello")).text == "hello")
+
+            let words = try await echo.expand(Self.request("alpha beta gamma")) { response in
+                var texts: [String] = []
+                for try await message in response.messages { texts.append(message.text) }
+                return texts
+            }
+            #expect(words == ["alpha", "beta", "gamma"])
+
+            let joined = try await echo.collect { writer in
+                for word in ["x", "y", "z"] { try await writer.write(Self.request(word)) }
+            }
+            #expect(joined.text == "x y z")
+
+            let echoed = try await echo.update { writer in
+                for index in 0..<50 { try await writer.write(Self.request("m\(index)")) }
+            } onResponse: { response in
+                var texts: [String] = []
+                for try await message in response.messages { texts.append(message.text) }
+                return texts
+            }
+            #expect(echoed == (0..<50).map { "m\($0)" })
+        }
+    }
+
+    @Test("status codes, messages and metadata both ways", arguments: Peer.allCases)
+    func statusAndMetadata(_ peer: Peer) async throws {
+        try await Self.withEchoClient(peer) { echo, _ in
+            var metadata: GRPCCore.Metadata = ["x-fail-code": "7", "x-fail-message": "no%20entry"]
+            do {
+                _ = try await echo.get(Self.request("a"), metadata: metadata)
+                Issue.record("expected PERMISSION_DENIED")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .permissionDenied)
+                #expect(error.message == "no entry")
+            }
+
+            metadata = ["x-custom": "value"]
+            metadata.addBinary([0, 1, 2, 255], forKey: "x-data-bin")
+            let headers = try await echo.get(Self.request("m"), metadata: metadata) { response in
+                try response.accepted.get().metadata
+            }
+            #expect(Array(headers[stringValues: "x-custom"]) == ["value"])
+            #expect(Array(headers[binaryValues: "x-data-bin"]) == [[0, 1, 2, 255]])
+
+            // A streaming call that the server ends with a status after two messages.
+            let failing: GRPCCore.Metadata = ["x-fail-after": "2", "x-fail-code": "9"]
+            let received = PThreadLock(0)
+            do {
+                try await echo.expand(Self.request("a b c d"), metadata: failing) { response in
+                    for try await _ in response.messages { received.withLock { $0 += 1 } }
+                }
+                Issue.record("expected FAILED_PRECONDITION")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .failedPrecondition)
+            }
+            #expect(received.withLock { $0 } == 2)
+        }
+    }
+
+    @Test("deadlines end the call with DEADLINE_EXCEEDED", arguments: Peer.allCases)
+    func deadline(_ peer: Peer) async throws {
+        try await Self.withEchoClient(peer) { echo, _ in
+            var options = GRPCCore.CallOptions.defaults
+            options.timeout = .milliseconds(200)
+            let started = now()
+            do {
+                _ = try await echo.update(metadata: [:], options: options) { writer in
+                    try await writer.write(Self.request("only one"))
+                    // The requests stay open: only the deadline ends this.
+                    try await Task.sleep(for: .seconds(30))
+                } onResponse: { response in
+                    for try await _ in response.messages {}
+                }
+                Issue.record("expected DEADLINE_EXCEEDED")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .deadlineExceeded)
+            }
+            #expect(now() - started < 5)
+        }
+    }
+
+    @Test("cancelling the task resets the stream; the connection stays usable", arguments: Peer.allCases)
+    func cancellation(_ peer: Peer) async throws {
+        try await Self.withEchoClient(peer) { echo, transport in
+            let firstMessage = AsyncStream<Void>.makeStream()
+            let task = Task {
+                try await echo.expand(
+                    Self.request(""), metadata: ["x-response-count": "1000000", "x-response-bytes": "32"]
+                ) { response in
+                    for try await _ in response.messages { firstMessage.continuation.yield() }
+                }
+            }
+            var iterator = firstMessage.stream.makeAsyncIterator()
+            _ = await iterator.next()
+            task.cancel()
+            let outcome = await task.result
+            if case .success = outcome { Issue.record("a cancelled million-message stream completed") }
+            // The stream was reset, not left running: no call is open on the channel any more.
+            let pool = transport.channel.pool
+            #expect(await eventually { await transport.channel.openCalls(pool) == 0 })
+            let after = try await echo.get(Self.request("still fine"))
+            #expect(after.text == "still fine")
+        }
+    }
+
+    @Test("graceful shutdown lets open streams finish and refuses new ones", arguments: [Peer.grpcio])
+    func gracefulShutdown(_ peer: Peer) async throws {
+        let python = try PythonPeer()
+        defer { python.stop() }
+        let manager = try ConnectionManager()
+        let transport = try ManagedClientTransport(manager: manager, service: "echo", address: python.target)
+        try await withThrowingDiscardingTaskGroup { group in
+            let client = GRPCClient(transport: transport)
+            group.addTask { try await client.runConnections() }
+            let echo = Echo_Echo.Client(wrapping: client)
+            let (opened, opener) = AsyncStream<Void>.makeStream()
+            let (proceed, proceeder) = AsyncStream<Void>.makeStream()
+            group.addTask {
+                let texts = try await echo.update { writer in
+                    try await writer.write(Self.request("before"))
+                    opener.yield()
+                    var wait = proceed.makeAsyncIterator()
+                    _ = await wait.next()
+                    try await writer.write(Self.request("after"))
+                } onResponse: { response in
+                    var texts: [String] = []
+                    for try await message in response.messages { texts.append(message.text) }
+                    return texts
+                }
+                #expect(texts == ["before", "after"])
+            }
+            var openedIterator = opened.makeAsyncIterator()
+            _ = await openedIterator.next()
+            client.beginGracefulShutdown()
+            // New streams are refused by the transport while the open one is still running.
+            do {
+                _ = try await transport.withStream(descriptor: Echo_Echo.Method.Get.descriptor, options: .defaults) { _, _ in 0 }
+                Issue.record("a stream opened after beginGracefulShutdown")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .failedPrecondition)
+            }
+            proceeder.yield()
+            // The group ends only when runConnections returns: once the open stream has drained.
+        }
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("GRPCCore retries when its service config says so; our retry handler stays out", arguments: [Peer.embedded])
+    func retriesBelongToGRPCCore(_ peer: Peer) async throws {
+        var config = ServiceConfig()
+        let policy = RetryPolicy(
+            maxAttempts: 3, initialBackoff: .milliseconds(10), maxBackoff: .milliseconds(50), backoffMultiplier: 2,
+            retryableStatusCodes: [.unavailable])
+        config.methodConfig = [
+            MethodConfig(names: [MethodConfig.Name(service: "echo.Echo")], executionPolicy: .retry(policy))
+        ]
+        try await Self.withEchoClient(peer, serviceConfig: config) { echo, _ in
+            // The embedded server fails the first two attempts of this key with UNAVAILABLE.
+            let metadata: GRPCCore.Metadata = ["x-fail-first": "2", "x-request-key": "core-retry"]
+            let reply = try await echo.get(Self.request("third time"), metadata: metadata) { response in
+                try response.accepted.get().metadata
+            }
+            // The server saw GRPCCore's attempt count (grpc-previous-rpc-attempts echoed back).
+            #expect(Array(reply[stringValues: "grpc-previous-rpc-attempts"]) == ["2"])
+        }
+    }
+}
+
+extension GRPCChannel {
+    /// Calls open or queued in the channel (reactor-side count, read on the reactor).
+    func openCalls(_ pool: ServicePool) async -> Int {
+        await withCheckedContinuation { continuation in
+            self.reactor.execute { continuation.resume(returning: pool.openCallCount) }
+        }
+    }
+}
