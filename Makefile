@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is missing first.
 SWIFT ?= swift
 
-.PHONY: deps build test demo demo-tls bench bench-bus clean
+.PHONY: deps build test demo demo-tls bench bench-bus bench-transport clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -23,6 +23,11 @@ demo-tls: build
 # the grpc-swift-2 peer, whose first build takes 10-20 minutes).
 bench: deps
 	python3 Perf/bench.py $(BENCH_ARGS)
+
+# The generated grpc-swift-2 client over our transport vs grpc-swift-nio-transport; writes Perf/RESULTS-transport.md
+# (the first release build with SwiftNIO takes 10-20 minutes).
+bench-transport: deps
+	python3 Perf/transport_bench.py $(BENCH_ARGS)
 
 bench-bus: deps
 	$(SWIFT) build -c release --product bus-bench

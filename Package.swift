@@ -17,6 +17,8 @@ let package = Package(
         // grpc-swift-2 generated clients over this package's connections. A product of its own, so that users who
         // don't use GRPCCore never build it.
         .library(name: "GRPCConnectionManagerTransport", targets: ["GRPCConnectionManagerTransport"]),
+        // The example's generated echo.Echo client, for Perf/transport-bench.
+        .library(name: "EchoProto", targets: ["EchoProto"]),
         .executable(name: "grpc-cm", targets: ["grpc-cm"]),
         // For Perf/harness only: counts heap allocations by interposing malloc in the program that links it.
         .library(name: "CMallocCounter", targets: ["CMallocCounter"]),

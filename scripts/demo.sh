@@ -68,6 +68,10 @@ set -e
 step "metrics (Prometheus text, written by --metrics-out at exit)" "grep grpc_client_ metrics.txt"
 grep -E '^grpc_client_(requests_total|retries_total|circuit_breaker_state|connections_active|connect_failures_total|connection_state)' "$METRICS" | sort
 
+step "streaming through a generated grpc-swift-2 client on our transport: one call of each kind" \
+    "swift run grpc-swift-2-example $TARGET"
+run "$(dirname "$BIN")/grpc-swift-2-example $TARGET"
+
 stop_server
 echo
 echo "demo done"

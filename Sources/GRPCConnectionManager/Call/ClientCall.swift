@@ -338,6 +338,11 @@ final class ClientCall: ReactorHandler, @unchecked Sendable {
             self.grpcMessage = PercentEncoding.decode(value)
             return
         }
+        if HeaderName.equals(name, HeaderName.grpcAcceptEncoding) {
+            // Transport negotiation, not application metadata (grpc-go and grpc-java keep it out too); it would
+            // cost three allocations per call against servers that send it on every response.
+            return
+        }
         if !self.inFinalHeaders {
             if HeaderName.equals(name, HeaderName.contentType) {
                 self.contentType = String(decoding: value, as: UTF8.self)
@@ -495,6 +500,7 @@ enum HeaderName {
     static let grpcMessage: StaticString = "grpc-message"
     static let contentType: StaticString = "content-type"
     static let grpcEncoding: StaticString = "grpc-encoding"
+    static let grpcAcceptEncoding: StaticString = "grpc-accept-encoding"
 
     @inline(__always)
     static func equals(_ bytes: UnsafeBufferPointer<UInt8>, _ name: StaticString) -> Bool {

@@ -85,7 +85,8 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     private var pending: [ClientCall] = []
     private var pendingHead = 0
 
-    private var headerScratch = HeaderScratch()
+    /// This connection's fixed request headers (the per-call ones are built in the reactor's `headerScratch`).
+    private let headerPrefix: RequestHeaderPrefix
     private var sawFirstBytes = false
     private var goAwayDebug: String?
 
@@ -101,11 +102,11 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         self.authority = authority
         self.configuration = configuration
         self.id = id
-        super.init()
-        self.headerScratch.prepare(
+        self.headerPrefix = RequestHeaderPrefix(
             authority: authority, scheme: tls == nil ? "http" : "https",
             userAgent: configuration.userAgentPrefix.map { "\($0) \(GRPCConnectionManagerVersion.userAgent)" }
                 ?? GRPCConnectionManagerVersion.userAgent)
+        super.init()
     }
 
     deinit {
@@ -290,8 +291,8 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
             call.fail(Status(code: .deadlineExceeded, message: "deadline exceeded before the call was sent"), reset: false)
             return
         }
-        let streamID = self.headerScratch.submit(
-            session: session, path: call.path, timeoutNanos: remainingNanos, metadata: call.metadata,
+        let streamID = self.reactor.headerScratch.submit(
+            prefix: self.headerPrefix, session: session, path: call.path, timeoutNanos: remainingNanos, metadata: call.metadata,
             previousAttempts: max(call.attempt - 1, 0) + call.previousAttemptsElsewhere, call: Unmanaged.passUnretained(call).toOpaque())
         if streamID < 0 {
             let reason = String(cString: nghttp2_strerror(streamID))

@@ -161,28 +161,44 @@ private func clientReadRequest(
     return written  // or NGHTTP2_ERR_DEFERRED: a request stream waits for its writer
 }
 
+/// The request headers every call of a connection shares (`:method`, `:scheme`, `:authority`, `te`,
+/// `content-type`, `user-agent`), encoded once per connection in one small byte array.
+struct RequestHeaderPrefix {
+    let bytes: [UInt8]
+    let fields: [(name: Range<Int>, value: Range<Int>)]
+
+    init(authority: String, scheme: String, userAgent: String) {
+        var bytes: [UInt8] = []
+        var fields: [(name: Range<Int>, value: Range<Int>)] = []
+        for (name, value) in [
+            (":method", "POST"), (":scheme", scheme), (":authority", authority), ("te", "trailers"),
+            ("content-type", "application/grpc"), ("user-agent", userAgent),
+        ] {
+            let nameStart = bytes.count
+            bytes.append(contentsOf: name.utf8)
+            let valueStart = bytes.count
+            bytes.append(contentsOf: value.utf8)
+            fields.append((nameStart..<valueStart, valueStart..<bytes.count))
+        }
+        self.bytes = bytes
+        self.fields = fields
+    }
+}
+
 /// Request headers, built in one reused byte buffer so that a call costs no allocation for its header block.
+/// One per reactor (every submission happens on its thread, and nghttp2 copies the headers during
+/// `nghttp2_submit_request`), so an idle connection carries none of its buffers.
 ///
 /// Order (PROTOCOL-HTTP2.md): pseudo-headers, `te`, `grpc-timeout`, `content-type`, `user-agent`, then metadata.
 struct HeaderScratch {
     private var bytes: [UInt8] = []
     private var fields: [(name: Range<Int>, value: Range<Int>)] = []
     private var nvs: [nghttp2_nv] = []
-    private var staticEnd = 0
-    private var staticFieldCount = 0
 
-    mutating func prepare(authority: String, scheme: String, userAgent: String) {
+    init() {
         self.bytes.reserveCapacity(1024)
         self.fields.reserveCapacity(16)
         self.nvs.reserveCapacity(16)
-        self.add(":method", "POST")
-        self.add(":scheme", scheme)
-        self.add(":authority", authority)
-        self.add("te", "trailers")
-        self.add("content-type", "application/grpc")
-        self.add("user-agent", userAgent)
-        self.staticEnd = self.bytes.count
-        self.staticFieldCount = self.fields.count
     }
 
     private mutating func append(_ text: String) -> Range<Int> {
@@ -191,18 +207,14 @@ struct HeaderScratch {
         return start..<self.bytes.count
     }
 
-    private mutating func add(_ name: String, _ value: String) {
-        let name = self.append(name)
-        let value = self.append(value)
-        self.fields.append((name, value))
-    }
-
     mutating func submit(
-        session: OpaquePointer, path: String, timeoutNanos: Int64?, metadata: Metadata, previousAttempts: Int,
-        call: UnsafeMutableRawPointer
+        prefix: RequestHeaderPrefix, session: OpaquePointer, path: String, timeoutNanos: Int64?, metadata: Metadata,
+        previousAttempts: Int, call: UnsafeMutableRawPointer
     ) -> Int32 {
-        self.bytes.removeSubrange(self.staticEnd...)
-        self.fields.removeSubrange(self.staticFieldCount...)
+        self.bytes.removeAll(keepingCapacity: true)
+        self.bytes.append(contentsOf: prefix.bytes)
+        self.fields.removeAll(keepingCapacity: true)
+        self.fields.append(contentsOf: prefix.fields)
         // :path goes right after :scheme; grpc-timeout right after the pseudo-headers.
         let pathField = (name: self.append(":path"), value: self.append(path))
         var timeoutField: (name: Range<Int>, value: Range<Int>)? = nil

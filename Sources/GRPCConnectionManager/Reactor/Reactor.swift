@@ -65,6 +65,8 @@ package final class Reactor: @unchecked Sendable {
 
     /// One read buffer for every connection: only one handler reads at a time on this thread.
     package let readBuffer: UnsafeMutableBufferPointer<UInt8> = .allocate(capacity: 64 << 10)
+    /// Where every connection of this reactor builds a call's request headers (reactor thread only).
+    var headerScratch = HeaderScratch()
     /// Decrypted bytes on their way to nghttp2 (TLS connections; one at a time on this thread).
     package let plaintextBuffer: UnsafeMutableBufferPointer<UInt8> = .allocate(capacity: 64 << 10)
 
