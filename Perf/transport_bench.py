@@ -72,7 +72,7 @@ def main():
         "Command: `python3 Perf/transport_bench.py --reps %d --duration %g` (`make bench-transport`)." % (
             args.reps, args.duration),
         "",
-        "| scenario | transport | calls/s | cpu µs/call | p50 µs | p99 µs | errors | cpu ratio cm/nio |",
+        "| scenario | transport | calls/s (stream: messages/s) | cpu µs/call (stream: /message) | p50 µs | p99 µs | errors | cpu ratio cm/nio |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for kind, concurrency in scenarios:
@@ -81,8 +81,10 @@ def main():
         for transport in ("cm", "nio"):
             key = (kind, concurrency, transport)
             ratio = "%.2f" % (cm / nio) if transport == "cm" and nio == nio and nio > 0 else ""
-            lines.append("| %s, %d in flight | %s | %.0f | %.1f | %s | %s | %d | %s |" % (
-                kind, concurrency, transport, median(key, "rps"), median(key, "cpu_us_per_rpc"),
+            label = ("unary, %d in flight" % concurrency if kind == "unary"
+                     else "bidi stream, %d streams x 64 messages in flight" % concurrency)
+            lines.append("| %s | %s | %.0f | %.1f | %s | %s | %d | %s |" % (
+                label, transport, median(key, "rps"), median(key, "cpu_us_per_rpc"),
                 "%.0f" % median(key, "p50_us") if kind == "unary" else "-",
                 "%.0f" % median(key, "p99_us") if kind == "unary" else "-",
                 int(median(key, "errors")), ratio))

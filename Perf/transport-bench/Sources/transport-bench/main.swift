@@ -5,7 +5,7 @@
 //                       [--concurrency 16] [--duration 5] [--warmup 1] [--payload-bytes 0]
 //
 // `unary`: `concurrency` tasks each calling Echo.Get in a loop. `stream`: `concurrency` Echo.Update streams,
-// each writing messages as fast as backpressure allows while its response handler counts the echoes. Prints one
+// each keeping 64 messages in flight (a credit returns with each echo) while its response handler counts them. Prints one
 // JSON object: calls (or messages) per second, latency percentiles (unary), and the client process's CPU per
 // call from getrusage over the measured window only.
 import EchoProto
@@ -50,7 +50,8 @@ struct Options {
             case "--payload-bytes": self.payloadBytes = Int(value) ?? 0
             case "--port": self.port = Int(value) ?? 50061
             default:
-                fputs("unknown option \(flag)\n", stderr)
+                let text = Array("unknown option \(flag)\n".utf8)
+                _ = text.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
                 exit(2)
             }
         }
@@ -65,7 +66,7 @@ func nowNanos() -> UInt64 {
 
 func cpuSeconds() -> Double {
     var usage = rusage()
-    getrusage(RUSAGE_SELF, &usage)
+    getrusage(RUSAGE_SELF.rawValue, &usage)
     return Double(usage.ru_utime.tv_sec) + Double(usage.ru_utime.tv_usec) / 1e6 + Double(usage.ru_stime.tv_sec)
         + Double(usage.ru_stime.tv_usec) / 1e6
 }
@@ -109,12 +110,26 @@ func runWorkers<T: ClientTransport>(transport: T, options: Options) async throws
                         }
                         window.latencies.withLock { $0.append(contentsOf: samples) }
                     } else {
+                        // At most 64 messages ahead of the echoes: a credit comes back with each one, so neither
+                        // transport can win by buffering without bound or by starving the reader.
+                        let (credits, creditFeed) = AsyncStream<Void>.makeStream()
                         try await echo.update { writer in
-                            while !window.stopped.load(ordering: .relaxed) { try await writer.write(request) }
-                        } onResponse: { response in
-                            for try await _ in response.messages where window.measuring.load(ordering: .relaxed) {
-                                window.completed.add(1, ordering: .relaxed)
+                            var outstanding = 0
+                            var iterator = credits.makeAsyncIterator()
+                            while !window.stopped.load(ordering: .relaxed) {
+                                if outstanding >= 64 {
+                                    guard await iterator.next() != nil else { break }
+                                    outstanding -= 1
+                                }
+                                try await writer.write(request)
+                                outstanding += 1
                             }
+                        } onResponse: { response in
+                            for try await _ in response.messages {
+                                creditFeed.yield()
+                                if window.measuring.load(ordering: .relaxed) { window.completed.add(1, ordering: .relaxed) }
+                            }
+                            creditFeed.finish()
                         }
                     }
                 }
@@ -149,8 +164,10 @@ let options = Options(CommandLine.arguments)
 switch options.mode {
 case "serve":
     let server = try EchoServer(port: options.port)
-    print("listening on \(server.address)")
-    fflush(stdout)
+    // One line, then nothing: the runner reads it to know the server is up (print flushes at exit only when
+    // stdout is a pipe, so write(2) it).
+    let line = Array("listening on \(server.address)\n".utf8)
+    _ = line.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
     while true { sleep(3600) }
 default:
     let result: [String: Double]
