@@ -198,6 +198,56 @@ struct GRPCSwiftTransportTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("CallOptions: message size limits both ways, and fail-fast vs wait-for-ready", arguments: [Peer.embedded])
+    func callOptions(_ peer: Peer) async throws {
+        try await Self.withEchoClient(peer) { echo, _ in
+            var options = GRPCCore.CallOptions.defaults
+            options.maxRequestMessageBytes = 100
+            do {
+                _ = try await echo.get(Self.request(String(repeating: "x", count: 200)), options: options)
+                Issue.record("a request over maxRequestMessageBytes was sent")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .resourceExhausted)
+            }
+            options = .defaults
+            options.maxResponseMessageBytes = 100
+            do {
+                _ = try await echo.get(Self.request(""), metadata: ["x-response-bytes": "500"], options: options)
+                Issue.record("a response over maxResponseMessageBytes was accepted")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .resourceExhausted)
+            }
+        }
+        // Nothing listens on this port: fail-fast fails at once with UNAVAILABLE; wait-for-ready waits until its
+        // deadline.
+        let manager = try ConnectionManager()
+        let transport = try ManagedClientTransport(
+            manager: manager, service: "nowhere", address: "127.0.0.1:\(freePort())")
+        try await withGRPCClient(transport: transport) { client in
+            let echo = Echo_Echo.Client(wrapping: client)
+            var options = GRPCCore.CallOptions.defaults
+            options.timeout = .seconds(2)
+            options.waitForReady = false
+            let started = now()
+            do {
+                _ = try await echo.get(Self.request("a"), options: options)
+                Issue.record("a call to a closed port succeeded")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .unavailable)
+            }
+            #expect(now() - started < 1.5)
+            options.waitForReady = true
+            options.timeout = .milliseconds(300)
+            do {
+                _ = try await echo.get(Self.request("a"), options: options)
+                Issue.record("a call to a closed port succeeded")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .deadlineExceeded)
+            }
+        }
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("GRPCCore retries when its service config says so; our retry handler stays out", arguments: [Peer.embedded])
     func retriesBelongToGRPCCore(_ peer: Peer) async throws {
         var config = ServiceConfig()

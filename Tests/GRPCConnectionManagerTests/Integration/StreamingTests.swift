@@ -227,6 +227,20 @@ struct StreamingTests {
         #expect(now() - started < 3)
     }
 
+    @Test("a request over the send limit ends the stream with RESOURCE_EXHAUSTED", arguments: [Peer.embedded])
+    func oversizedRequest(_ peer: Peer) async throws {
+        var configuration = Configuration.defaults
+        configuration.maxMessageSize = 1024
+        let setup = try Self.setUp(peer, configuration)
+        defer { setup.done() }
+        let call = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        try await call.write(Self.text("small"))
+        await #expect(throws: RPCError.self) { try await call.write([UInt8](repeating: 0, count: 2048)) }
+        let result = await call.result()
+        #expect(result.status.code == .resourceExhausted)
+        #expect(result.status.message.contains("2048"))
+    }
+
     // MARK: volume
 
     @Test("10,000 small messages on one stream, in order", arguments: Peer.allCases)
