@@ -223,19 +223,11 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
 
     /// Sends response headers, the messages, and trailers.
     func respond(_ stream: EchoStream, headers: [(String, String)], body: [UInt8], trailers: [(String, String)]) {
-        guard let session = self.session, !self.closed else { return }
         stream.responseBody = body
         stream.responseTrailers = trailers
         stream.responseStarted = true
         stream.responseDone = true
-        let rc = withNVs(headers) { nva in
-            var provider = nghttp2_data_provider(
-                source: nghttp2_data_source(ptr: Unmanaged.passUnretained(stream).toOpaque()),
-                read_callback: echoReadResponse)
-            return nghttp2_submit_response(session, stream.streamID, nva.baseAddress, nva.count, &provider)
-        }
-        if rc != 0 { nghttp2_submit_rst_stream(session, 0, stream.streamID, NGHTTP2_INTERNAL_ERROR.rawValue) }
-        self.scheduleFlush()
+        self.startResponse(stream, headers: headers)
     }
 
     /// Sends response headers now; messages follow as the stream adds them (`resumeResponse`), then trailers.

@@ -339,47 +339,10 @@ enum EchoMessages {
 /// The `text` field (1) of `echo.EchoRequest` / `echo.EchoResponse`, without a protobuf library.
 enum EchoProtobuf {
     static func encode(_ text: [UInt8]) -> [UInt8] {
-        if text.isEmpty { return [] }
-        var out: [UInt8] = [0x0A]
-        var length = text.count
-        while length >= 0x80 {
-            out.append(UInt8(length & 0x7F) | 0x80)
-            length >>= 7
-        }
-        out.append(UInt8(length))
-        out.append(contentsOf: text)
-        return out
+        ProtobufWire.lengthDelimited(1, text)
     }
 
-    /// The last field 1 of the message (protobuf's rule for repeated singular fields); other fields are skipped.
     static func decode(_ bytes: [UInt8]) -> [UInt8] {
-        var index = 0
-        var text: [UInt8] = []
-        func varint() -> Int? {
-            var value = 0
-            var shift = 0
-            while index < bytes.count, shift < 64 {
-                let byte = bytes[index]
-                index += 1
-                value |= Int(byte & 0x7F) << shift
-                if byte & 0x80 == 0 { return value }
-                shift += 7
-            }
-            return nil
-        }
-        while index < bytes.count {
-            guard let key = varint() else { break }
-            switch key & 7 {
-            case 0: guard varint() != nil else { return text }
-            case 1: index += 8
-            case 2:
-                guard let length = varint(), length >= 0, index + length <= bytes.count else { return text }
-                if key >> 3 == 1 { text = Array(bytes[index..<(index + length)]) }
-                index += length
-            case 5: index += 4
-            default: return text
-            }
-        }
-        return text
+        ProtobufWire.lastLengthDelimited(1, in: bytes).map(Array.init) ?? []
     }
 }

@@ -292,29 +292,9 @@ final class ClientCall: ReactorHandler, @unchecked Sendable {
             if written > 0 { self.sentBytes += written }
             return written
         }
-        let total = self.request.count + 5
-        var written = 0
-        if self.sendOffset < 5 {
-            // The prefix stays a tuple on the stack: no array per call.
-            var prefix = MessageFramer.prefix(length: self.request.count)
-            withUnsafeBytes(of: &prefix) { bytes in
-                while self.sendOffset < 5 && written < length {
-                    buffer[written] = bytes[self.sendOffset]
-                    written += 1
-                    self.sendOffset += 1
-                }
-            }
-        }
-        let bodyStart = self.sendOffset - 5
-        let take = min(length - written, self.request.count - bodyStart)
-        if take > 0 {
-            self.request.withUnsafeBufferPointer { source in
-                (buffer + written).update(from: source.baseAddress! + bodyStart, count: take)
-            }
-            written += take
-            self.sendOffset += take
-        }
-        eof = self.sendOffset == total
+        let written = MessageFramer.copyFramed(
+            self.request, offset: &self.sendOffset, into: buffer, capacity: length)
+        eof = self.sendOffset == self.request.count + 5
         return written
     }
 

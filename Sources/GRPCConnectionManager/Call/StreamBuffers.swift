@@ -96,6 +96,21 @@ package final class StreamBuffers: @unchecked Sendable {
         return outcome
     }
 
+    /// Buffers `message`, then suspends while the send buffer is full; cancelling the task runs `cancel`.
+    /// - Throws: `RPCError` when the call has ended or the requests were closed.
+    package func writeWaitingForRoom(_ message: [UInt8], cancel: @escaping @Sendable () -> Void) async throws {
+        switch self.write(message) {
+        case .accepted: return
+        case .refused(let error): throw error
+        case .acceptedFull:
+            try await withTaskCancellationHandler {
+                try await self.waitUntilWritable()
+            } onCancel: {
+                cancel()
+            }
+        }
+    }
+
     /// Suspends while the send buffer is full. Returns at once when it is not; throws when the call ends.
     package func waitUntilWritable() async throws {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
@@ -210,25 +225,8 @@ package final class StreamBuffers: @unchecked Sendable {
             var written = 0
             while written < length && state.outboxHead < state.outbox.count {
                 let message = state.outbox[state.outboxHead]
-                if state.headOffset < 5 {
-                    var prefix = MessageFramer.prefix(length: message.count)
-                    withUnsafeBytes(of: &prefix) { bytes in
-                        while state.headOffset < 5 && written < length {
-                            buffer[written] = bytes[state.headOffset]
-                            written += 1
-                            state.headOffset += 1
-                        }
-                    }
-                }
-                let bodyStart = state.headOffset - 5
-                let take = min(length - written, message.count - bodyStart)
-                if take > 0 {
-                    message.withUnsafeBufferPointer { source in
-                        (buffer + written).update(from: source.baseAddress! + bodyStart, count: take)
-                    }
-                    written += take
-                    state.headOffset += take
-                }
+                written += MessageFramer.copyFramed(
+                    message, offset: &state.headOffset, into: buffer + written, capacity: length - written)
                 if state.headOffset == message.count + 5 {
                     state.outbox[state.outboxHead] = []
                     state.outboxHead += 1

@@ -111,16 +111,8 @@ public final class AsyncStreamingCall: Sendable {
         guard self.writable else {
             throw RPCError(status: Status(code: .failedPrecondition, message: "a server-streaming call takes no more requests"))
         }
-        switch self.buffers.write(message) {
-        case .accepted: return
-        case .refused(let error): throw error
-        case .acceptedFull:
-            try await withTaskCancellationHandler {
-                try await self.buffers.waitUntilWritable()
-            } onCancel: {
-                self.handle.cancel()
-            }
-        }
+        let handle = self.handle
+        try await self.buffers.writeWaitingForRoom(message, cancel: { handle.cancel() })
     }
 
     /// Half-closes the requests (END_STREAM after what was written). Idempotent.
@@ -196,16 +188,8 @@ public final class AsyncClientStreamingCall: Sendable {
     /// Sends one request message, suspending while the send buffer is full.
     /// - Throws: `RPCError` when the call has ended or the requests were closed.
     public func write(_ message: [UInt8]) async throws {
-        switch self.buffers.write(message) {
-        case .accepted: return
-        case .refused(let error): throw error
-        case .acceptedFull:
-            try await withTaskCancellationHandler {
-                try await self.buffers.waitUntilWritable()
-            } onCancel: {
-                self.handle.cancel()
-            }
-        }
+        let handle = self.handle
+        try await self.buffers.writeWaitingForRoom(message, cancel: { handle.cancel() })
     }
 
     /// Half-closes the requests. Idempotent.

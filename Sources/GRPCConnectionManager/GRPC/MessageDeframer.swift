@@ -88,6 +88,35 @@ package enum MessageFramer {
         )
     }
 
+    /// Copies `message`'s framed form (the 5-byte prefix, then the payload) from byte `offset` of that form into
+    /// `buffer`, at most `capacity` bytes, and advances `offset`. The prefix never touches the heap.
+    /// - Returns: The bytes copied.
+    static func copyFramed(
+        _ message: [UInt8], offset: inout Int, into buffer: UnsafeMutablePointer<UInt8>, capacity: Int
+    ) -> Int {
+        var written = 0
+        if offset < 5 {
+            var prefix = Self.prefix(length: message.count)
+            withUnsafeBytes(of: &prefix) { bytes in
+                while offset < 5 && written < capacity {
+                    buffer[written] = bytes[offset]
+                    written += 1
+                    offset += 1
+                }
+            }
+        }
+        let bodyStart = offset - 5
+        let take = min(capacity - written, message.count - bodyStart)
+        if take > 0 {
+            message.withUnsafeBufferPointer { source in
+                (buffer + written).update(from: source.baseAddress! + bodyStart, count: take)
+            }
+            written += take
+            offset += take
+        }
+        return written
+    }
+
     package static func frame(_ message: [UInt8]) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(message.count + 5)
