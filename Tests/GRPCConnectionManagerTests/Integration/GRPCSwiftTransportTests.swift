@@ -248,6 +248,48 @@ struct GRPCSwiftTransportTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("the bus, and so metrics, logging and the circuit breaker, see every RPC of the transport")
+    func handlersSeeTransportCalls() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.circuitBreaker.failureThreshold = 3
+        configuration.circuitBreaker.timeout = .seconds(60)
+        let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        manager.events.subscribe { recorder.record($0) }
+        let transport = try ManagedClientTransport(manager: manager, service: "echo", address: fixture.target)
+        try await withGRPCClient(transport: transport) { client in
+            let echo = Echo_Echo.Client(wrapping: client)
+            _ = try await echo.get(Self.request("counted"))
+            try await echo.expand(Self.request("a b")) { response in for try await _ in response.messages {} }
+            // Three UNAVAILABLE answers open the breaker; the fourth RPC is refused without a network call.
+            for _ in 0..<3 {
+                await #expect(throws: GRPCCore.RPCError.self) {
+                    _ = try await echo.get(Self.request("x"), metadata: ["x-fail-code": "14"])
+                }
+            }
+            do {
+                _ = try await echo.get(Self.request("refused"))
+                Issue.record("the open breaker let a call through")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .unavailable)
+                #expect(error.message == "circuit breaker is open")
+            }
+        }
+        let finished = await eventually {
+            recorder.all.filter { if case .callFinished = $0 { return true } else { return false } }.count == 6
+        }
+        #expect(finished)
+        let paths = recorder.all.compactMap { event -> String? in
+            if case .callFinished(_, let path, _, _, _, _, _) = event { return path }
+            return nil
+        }
+        #expect(paths.prefix(2) == ["/echo.Echo/Get", "/echo.Echo/Expand"])
+        #expect(recorder.story.contains("breaker:CLOSED>OPEN"))
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("GRPCCore retries when its service config says so; our retry handler stays out", arguments: [Peer.embedded])
     func retriesBelongToGRPCCore(_ peer: Peer) async throws {
         var config = ServiceConfig()
