@@ -41,7 +41,7 @@ final class CircuitBreakerHandler: @unchecked Sendable {
 
     let configuration: CircuitBreakerConfiguration
     private let bus: EventBus
-    private var breakers: [Key: CircuitBreakerStateMachine] = [:]
+    private var breakers = HotKeyTable<Key, CircuitBreakerStateMachine>()
     /// The breakers' clock (monotonic ns); tests of the handler inject their own.
     var clock: @Sendable () -> UInt64 = { Reactor.clock() }
 
@@ -58,9 +58,10 @@ final class CircuitBreakerHandler: @unchecked Sendable {
 
     /// May a call to `path` go out now? While open: no, and it fails without touching the network.
     func acquire(service: String, path: String) -> Bool {
-        let key = Key(service: service, path: path)
-        let decision = self.breakers[key, default: CircuitBreakerStateMachine(configuration: self.configuration)]
-            .acquire(now: self.clock())
+        let slot = self.breakers.slot(for: Key(service: service, path: path)) {
+            CircuitBreakerStateMachine(configuration: self.configuration)
+        }
+        let decision = self.breakers[slot].acquire(now: self.clock())
         if let (from, to) = decision.changed {
             self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
         }
@@ -68,18 +69,17 @@ final class CircuitBreakerHandler: @unchecked Sendable {
     }
 
     private func record(service: String, path: String, code: StatusCode, duration: Duration) {
-        let key = Key(service: service, path: path)
-        guard var machine = self.breakers[key] else { return }
-        let outcome = machine.classify(code, duration: duration)
-        let change = machine.record(outcome, now: self.clock())
-        self.breakers[key] = machine
+        guard let slot = self.breakers.existingSlot(for: Key(service: service, path: path)) else { return }
+        let outcome = self.breakers[slot].classify(code, duration: duration)
+        let change = self.breakers[slot].record(outcome, now: self.clock())
         if let (from, to) = change {
             self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
         }
     }
 
     func state(service: String, path: String) -> CircuitBreakerState {
-        self.breakers[Key(service: service, path: path)]?.state ?? .closed
+        guard let slot = self.breakers.existingSlot(for: Key(service: service, path: path)) else { return .closed }
+        return self.breakers[slot].state
     }
 }
 
@@ -87,7 +87,7 @@ final class CircuitBreakerHandler: @unchecked Sendable {
 final class RetryHandler: @unchecked Sendable {
     // `@unchecked`: the throttles are touched on the reactor thread only (decisions and bus dispatch).
     let configuration: Configuration.Retry
-    private var throttles: [String: RetryThrottle] = [:]
+    private var throttles = HotKeyTable<String, RetryThrottle>()
     private var generator = SystemRandomNumberGenerator()
 
     init(configuration: Configuration.Retry, bus: EventBus) {
@@ -96,14 +96,12 @@ final class RetryHandler: @unchecked Sendable {
         // The throttle learns every attempt's outcome from the bus.
         bus.subscribe { [weak self] event in
             guard let self, case .attemptFinished(let service, let path, let status, _) = event else { return }
-            let policy = self.configuration.policy(for: path)
-            var bucket = self.throttles[service] ?? RetryThrottle(throttling)
+            let slot = self.throttles.slot(for: service) { RetryThrottle(throttling) }
             if status.isOK {
-                bucket.recordSuccess()
-            } else if policy.retryableCodes.contains(status.code) {
-                bucket.recordFailure()
+                self.throttles[slot].recordSuccess()
+            } else if self.configuration.policy(for: path).retryableCodes.contains(status.code) {
+                self.throttles[slot].recordFailure()
             }
-            self.throttles[service] = bucket
         }
     }
 
@@ -120,7 +118,7 @@ final class RetryHandler: @unchecked Sendable {
         let policy = self.configuration.policy(for: path)
         guard attempt < policy.maxAttempts, !committed, policy.retryableCodes.contains(status.code) else { return nil }
         if status.code == .deadlineExceeded && !attemptTimedOut { return nil }
-        if let bucket = self.throttles[service], !bucket.retriesAllowed { return nil }
+        if let slot = self.throttles.existingSlot(for: service), !self.throttles[slot].retriesAllowed { return nil }
         let delay: Duration
         switch RetryPushback(trailers.values(for: "grpc-retry-pushback-ms")) {
         case .stop: return nil
@@ -137,5 +135,7 @@ final class RetryHandler: @unchecked Sendable {
     }
 
     /// Tokens left for `service`, in thousandths (tests).
-    func throttleTokens(service: String) -> Int? { self.throttles[service]?.tokensMilli }
+    func throttleTokens(service: String) -> Int? {
+        self.throttles.existingSlot(for: service).map { self.throttles[$0].tokensMilli }
+    }
 }

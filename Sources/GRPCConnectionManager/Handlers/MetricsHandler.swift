@@ -31,6 +31,22 @@ final class MetricsHandler: @unchecked Sendable {
     private var recorders: [String: Recorder] = [:]
     private var gauges: [String: Gauge] = [:]
     private var readyConnections: [String: Int] = [:]
+    /// The per-call metrics of each service and method, found without building label keys on every call.
+    private var calls = HotKeyTable<CallKey, CallMetrics>()
+
+    private struct CallKey: Hashable {
+        let service: String
+        let path: String
+    }
+
+    private struct CallMetrics {
+        let duration: CoreMetrics.Timer
+        let attempts: Recorder
+        let sentBytes: CoreMetrics.Counter
+        let receivedBytes: CoreMetrics.Counter
+        /// grpc_client_requests_total by status code.
+        var requests: [CoreMetrics.Counter?] = Array(repeating: nil, count: 17)
+    }
 
     init(factory: any MetricsFactory, bus: EventBus) {
         self.factory = factory
@@ -53,6 +69,24 @@ final class MetricsHandler: @unchecked Sendable {
         return gauge
     }
 
+    private func makeCallMetrics(service: String, path: String) -> CallMetrics {
+        let dimensions = [("service", service), ("method", path)]
+        let timerKey = Self.key(Self.requestDurationLabel, dimensions)
+        let timer =
+            self.timers[timerKey]
+            ?? CoreMetrics.Timer(label: Self.requestDurationLabel, dimensions: dimensions, factory: self.factory)
+        self.timers[timerKey] = timer
+        let recorderKey = Self.key("grpc_client_attempts_per_call", dimensions)
+        let recorder =
+            self.recorders[recorderKey]
+            ?? Recorder(label: "grpc_client_attempts_per_call", dimensions: dimensions, aggregate: true, factory: self.factory)
+        self.recorders[recorderKey] = recorder
+        return CallMetrics(
+            duration: timer, attempts: recorder,
+            sentBytes: self.counter("grpc_client_sent_bytes_total", [("service", service)]),
+            receivedBytes: self.counter("grpc_client_received_bytes_total", [("service", service)]))
+    }
+
     private static func key(_ label: String, _ dimensions: [(String, String)]) -> String {
         dimensions.reduce(label) { $0 + "\u{0}" + $1.0 + "=" + $1.1 }
     }
@@ -60,34 +94,25 @@ final class MetricsHandler: @unchecked Sendable {
     private func record(_ event: ConnectionEvent) {
         switch event {
         case .callFinished(let service, let path, let status, let duration, let attempts, let sent, let received):
-            self.counter("grpc_client_requests_total", [("service", service), ("method", path), ("code", status.code.protoName)])
-                .increment()
-            let timerKey = Self.key(Self.requestDurationLabel, [("service", service), ("method", path)])
-            let timer =
-                self.timers[timerKey]
-                ?? {
-                    let timer = CoreMetrics.Timer(
-                        label: Self.requestDurationLabel, dimensions: [("service", service), ("method", path)],
-                        factory: self.factory)
-                    self.timers[timerKey] = timer
-                    return timer
-                }()
-            timer.recordNanoseconds(duration.nanoseconds)
-            let recorderKey = Self.key("grpc_client_attempts_per_call", [("service", service), ("method", path)])
-            let recorder =
-                self.recorders[recorderKey]
-                ?? {
-                    let recorder = Recorder(
-                        label: "grpc_client_attempts_per_call", dimensions: [("service", service), ("method", path)],
-                        aggregate: true, factory: self.factory)
-                    self.recorders[recorderKey] = recorder
-                    return recorder
-                }()
-            recorder.record(attempts)
-            if sent > 0 { self.counter("grpc_client_sent_bytes_total", [("service", service)]).increment(by: sent) }
-            if received > 0 {
-                self.counter("grpc_client_received_bytes_total", [("service", service)]).increment(by: received)
+            let slot = self.calls.slot(for: CallKey(service: service, path: path)) {
+                self.makeCallMetrics(service: service, path: path)
             }
+            let code = status.code.rawValue
+            if (0..<17).contains(code) {
+                if self.calls[slot].requests[code] == nil {
+                    self.calls[slot].requests[code] = self.counter(
+                        "grpc_client_requests_total", [("service", service), ("method", path), ("code", status.code.protoName)])
+                }
+                self.calls[slot].requests[code]!.increment()
+            } else {
+                self.counter("grpc_client_requests_total", [("service", service), ("method", path), ("code", status.code.protoName)])
+                    .increment()
+            }
+            let metrics = self.calls[slot]
+            metrics.duration.recordNanoseconds(duration.nanoseconds)
+            metrics.attempts.record(attempts)
+            if sent > 0 { metrics.sentBytes.increment(by: sent) }
+            if received > 0 { metrics.receivedBytes.increment(by: received) }
         case .retryScheduled(let service, let path, _, _, _):
             self.counter("grpc_client_retries_total", [("service", service), ("method", path)]).increment()
         case .connectivityStateChanged(let service, _, let from, let to, _):

@@ -76,6 +76,8 @@ public struct Configuration: Sendable, Hashable {
         public init() {}
 
         func policy(for path: String) -> RetryPolicy {
+            // The common case, no overrides, costs no hashing and no string search per call.
+            if self.perMethod.isEmpty { return self.policy }
             if let exact = self.perMethod[path] { return exact }
             if let slash = path.lastIndex(of: "/"), let service = self.perMethod[String(path[...slash])] {
                 return service
