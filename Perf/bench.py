@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--swift", action="store_true", help="also build and run the grpc-swift-2 peer (slow build)")
     ap.add_argument("--peers", default=os.path.join(os.path.dirname(ROOT), "shared", "peers"))
     ap.add_argument("--idle", default="1000,10000")
+    ap.add_argument("--no-instr", action="store_true", help="skip the callgrind instruction counts")
     args = ap.parse_args()
 
     rig = "/tmp/grpc-cm-peers"
@@ -89,7 +90,40 @@ def main():
         subprocess.run(["kill", server])
     bus = subprocess.run(f"cd {ROOT} && swift build -c release --product bus-bench >/dev/null && .build/release/bus-bench 2000000",
                          shell=True, capture_output=True, text=True).stdout
-    write(results, idle, bus, clients, args)
+    instr = [] if args.no_instr or not shutil.which("valgrind") else instructions(rig, perf)
+    write(results, idle, bus, clients, args, instr)
+
+
+def instructions(rig, perf):
+    """User-space instructions per call at (b) 0 B under callgrind (load-independent): grpc-cm from two runs of
+    different lengths without warm-up (start-up cancels out), the peers through their own instr.py."""
+    rows = []
+    # valgrind 3.19 cannot read the DWARF 5 that Swift emits: run a copy without debug info.
+    bare = os.path.join(rig, "build", "grpc-cm-perf-nodebug")
+    sh(["objcopy", "--strip-debug", perf, bare])
+    server = subprocess.run([f"{rig}/start-server.sh", "50051"], capture_output=True, text=True).stdout.strip()
+    try:
+        time.sleep(0.5)
+        points = []
+        for duration in (2, 5):
+            out_file = os.path.join(rig, "logs", f"grpc-cm-{duration}.callgrind")
+            r = subprocess.run(["taskset", "-c", "1", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
+                                bare, "--target", "127.0.0.1:50051", "--connections", "1", "--concurrency", "64",
+                                "--duration", str(duration), "--warmup", "0"], capture_output=True, text=True, timeout=900)
+            requests = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])["requests"]
+            collected = int(r.stderr.split("Collected :")[-1].split()[0])
+            points.append((requests, collected))
+        (n1, i1), (n2, i2) = points
+        rows.append(("grpc-cm", round((i2 - i1) / max(n2 - n1, 1))))
+    finally:
+        subprocess.run(["kill", server])
+    r = subprocess.run([sys.executable, f"{rig}/instr.py", "--clients", "cpp,h2load", "--concurrency", "64",
+                        "--small", "3000", "--large", "13000"], capture_output=True, text=True, timeout=1800)
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            out = json.loads(line)
+            rows.append((out["label"], out.get("instructions_per_rpc")))
+    return rows
 
 
 def med(runs, key):
@@ -97,7 +131,7 @@ def med(runs, key):
     return statistics.median(values) if values else None
 
 
-def write(results, idle, bus, clients, args):
+def write(results, idle, bus, clients, args, instr):
     lines = ["# Perf results", "",
              f"Written by `make bench` (`Perf/bench.py --reps {args.reps} --duration {args.duration:g}`) on "
              f"{datetime.date.today().isoformat()}, {platform.platform()}, {os.cpu_count()} cores. The C++ gRPC echo "
@@ -130,6 +164,17 @@ def write(results, idle, bus, clients, args):
               "Heap allocations per unary call: the `allocations/call` column above (grpc-cm only: the harness links "
               "CMallocCounter, which interposes malloc and counts every allocation of the client process during the "
               "measured window, divided by the calls).", ""]
+    if instr:
+        ours = dict(instr).get("grpc-cm")
+        lines += ["User-space instructions per call at (b) 0 B (1 connection, 64 in flight) under callgrind, which counts "
+                  "the same whatever else the machine does: grpc-cm from two runs of 2 s and 5 s without warm-up "
+                  "(difference of instructions over difference of calls), the peers from `instr.py --concurrency 64 "
+                  "--small 3000 --large 13000`. Kernel work is not counted.", "",
+                  "| client | instructions per call | grpc-cm / client |", "| --- | --- | --- |"]
+        for label, count in instr:
+            ratio = f"{ours / count:.2f}" if ours and count and label != "grpc-cm" else ""
+            lines.append(f"| {label} | {count} | {ratio} |")
+        lines.append("")
     with open(os.path.join(ROOT, "Perf", "RESULTS.md"), "w") as f:
         f.write("\n".join(lines))
     print("wrote Perf/RESULTS.md")

@@ -170,8 +170,19 @@ public final class GRPCChannel: Sendable {
         }
     }
 
+    /// `/` then printable ASCII without spaces. Scans the string's bytes in place (the generic `contains(where:)`
+    /// over `utf8` showed in callgrind at ~500 instructions a call).
+    static func isValidPath(_ path: String) -> Bool {
+        var path = path
+        return path.withUTF8 { bytes in
+            guard bytes.first == UInt8(ascii: "/") else { return false }
+            for byte in bytes where byte <= 0x20 || byte > 0x7E { return false }
+            return true
+        }
+    }
+
     static func checkRequest(path: String, metadata: Metadata, request: [UInt8], configuration: Configuration) -> Status? {
-        if !path.hasPrefix("/") || path.utf8.contains(where: { $0 <= 0x20 || $0 > 0x7E }) {
+        if !Self.isValidPath(path) {
             return Status(code: .invalidArgument, message: "invalid method path \"\(path)\": expected /package.Service/Method")
         }
         do {
