@@ -19,8 +19,8 @@ demo: build
 demo-tls: build
 	@bash scripts/demo-tls.sh
 
-# The perf matrix against ../shared/peers; writes Perf/RESULTS.md (about 10 minutes; BENCH_ARGS="--swift" adds
-# the grpc-swift-2 peer, whose first build takes 10-20 minutes).
+# The perf matrix against every peer of ../shared/peers; writes Perf/RESULTS.md (about 25 minutes, plus 10-20 for
+# the first build of the grpc-swift-2 peer; BENCH_ARGS="--no-swift" leaves that peer out).
 bench: deps
 	python3 Perf/bench.py $(BENCH_ARGS)
 

@@ -2,11 +2,11 @@
 """make bench: grpc-cm-perf against the peer clients of ../shared/peers, interleaved, medians of N reps.
 
 Copies ../shared/peers to a writable folder, builds the C++ server and client (and the Python venv; h2load when
-Debian's nghttp2-client is installable; the grpc-swift-2 peer only with --swift, it takes 10-20 minutes), starts
+Debian's nghttp2-client is installable; the grpc-swift-2 peer unless --no-swift: its first build takes 10-20 minutes), starts
 the C++ echo server pinned to CPU 0, runs every client pinned to CPU 1, rep 1 of every client, then rep 2, and
 writes Perf/RESULTS.md with the medians, the commands, the machine and the date.
 
-  Perf/bench.py [--reps 3] [--duration 10] [--swift] [--peers DIR]
+  Perf/bench.py [--reps 3] [--duration 10] [--no-swift] [--no-instr] [--peers DIR]
 """
 import argparse, datetime, json, os, platform, shutil, statistics, subprocess, sys, time
 
@@ -46,7 +46,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=float, default=10)
-    ap.add_argument("--swift", action="store_true", help="also build and run the grpc-swift-2 peer (slow build)")
+    ap.add_argument("--no-swift", dest="swift", action="store_false",
+                    help="leave out the grpc-swift-2 peer (its first release build takes 10-20 minutes)")
     ap.add_argument("--peers", default=os.path.join(os.path.dirname(ROOT), "shared", "peers"))
     ap.add_argument("--idle", default="1000,10000")
     ap.add_argument("--no-instr", action="store_true", help="skip the callgrind instruction counts")
@@ -83,9 +84,13 @@ def main():
                     print(scenario, payload, label, rep + 1, {k: out.get(k) for k in ("rps", "p50_us", "p99_us", "cpu_us_per_rpc", "errors", "error")}, flush=True)
         idle = {}
         for n in [int(x) for x in args.idle.split(",") if x]:
-            idle[(n, "grpc-cm")] = run([perf, "--target", "127.0.0.1:50051", "--idle-connections", str(n), "--idle-hold", "2"], 300)
-            idle[(n, "cpp")] = run([f"{rig}/build/grpc_bench", "--target", "127.0.0.1:50051", "--idle-connections", str(n), "--idle-hold", "2"], 300)
-            print("idle", n, idle[(n, "grpc-cm")], idle[(n, "cpp")], flush=True)
+            idle_args = ["--target", "127.0.0.1:50051", "--idle-connections", str(n), "--idle-hold", "2"]
+            idle_cmds = {"grpc-cm": [perf], "cpp": [f"{rig}/build/grpc_bench"],
+                         "python": [f"{rig}/.venv/bin/python", f"{rig}/python/grpc_bench.py"],
+                         "swift": [f"{rig}/swift-peer/.build/release/SwiftPeer"]}
+            for label in [c for c in clients if c in idle_cmds]:
+                idle[(n, label)] = run(idle_cmds[label] + idle_args, 600)
+                print("idle", n, label, idle[(n, label)], flush=True)
     finally:
         subprocess.run(["kill", server])
     bus = subprocess.run(f"cd {ROOT} && swift build -c release --product bus-bench >/dev/null && .build/release/bus-bench 2000000",
