@@ -48,13 +48,16 @@ def main():
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--no-swift", dest="swift", action="store_false",
                     help="leave out the grpc-swift-2 peer (its first release build takes 10-20 minutes)")
-    ap.add_argument("--peers", default=os.path.join(os.path.dirname(ROOT), "shared", "peers"))
+    ap.add_argument("--peers", default=os.environ.get("PEERS_DIR", os.path.join(os.path.dirname(ROOT), "shared", "peers")),
+                    help="the peers folder (default: $PEERS_DIR, else ../shared/peers beside this checkout)")
     ap.add_argument("--idle", default="1000,10000")
     ap.add_argument("--no-instr", action="store_true", help="skip the callgrind instruction counts")
     args = ap.parse_args()
 
     rig = "/tmp/grpc-cm-peers"
     if not os.path.isdir(rig):
+        if not os.path.isdir(args.peers):
+            raise SystemExit(f"bench: no peers folder at {args.peers}: pass --peers DIR or set PEERS_DIR")
         shutil.copytree(args.peers, rig)
     sh(f"cd {rig} && ./build.sh deps >/dev/null && ./build.sh cpp >/dev/null")
     clients = ["grpc-cm", "cpp"]
