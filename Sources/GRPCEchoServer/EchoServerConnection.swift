@@ -15,15 +15,13 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
     private var registration: Reactor.Registration?
     private var interest: UInt32 = 0
     fileprivate var session: OpaquePointer?
-    private var outbound: [UInt8] = []
-    private var outboundStart = 0
+    private var output = SocketOutput()
     private var flushScheduled = false
     private var closed = false
     private var goingAway = false
     /// Open streams; nghttp2 holds unretained pointers to them as stream user data.
     var streams: [Int32: EchoStream] = [:]
     private var tls: TLSSession?
-    private var plaintextOut: [UInt8] = []
 
     init(reactor: Reactor, fd: Int32, listener: EchoListener) {
         self.reactor = reactor
@@ -72,7 +70,7 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
                 tls.feed(UnsafeRawBufferPointer(start: buffer.baseAddress, count: n))
                 if !tls.handshakeDone {
                     let result = tls.handshake()
-                    tls.drainCiphertext(into: &self.outbound)
+                    self.output.takeCiphertext(from: tls)
                     if case .failed = result {
                         self.flushCiphertextAndClose()
                         return
@@ -117,47 +115,16 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
         guard !self.closed, let session = self.session else { return }
         // Under TLS, HTTP/2 bytes wait until the handshake is done (nghttp2 forgets what mem_send returned).
         let http2Allowed = self.tls?.handshakeDone ?? true
-        while http2Allowed && self.outbound.count - self.outboundStart < (1 << 20) {
-            var chunk: UnsafePointer<UInt8>? = nil
-            let n = nghttp2_session_mem_send(session, &chunk)
-            if n < 0 {
-                self.close()
-                return
-            }
-            if n == 0 { break }
-            if self.tls != nil {
-                self.plaintextOut.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
-            } else {
-                self.outbound.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
-            }
+        do {
+            if http2Allowed { try self.output.collect(from: session, tls: self.tls) }
+            try self.output.write(to: self.fd)
+        } catch {
+            self.close()
+            return
         }
-        if let tls = self.tls, !self.plaintextOut.isEmpty {
-            guard (try? self.plaintextOut.withUnsafeBytes({ try tls.writePlaintext($0) })) != nil else {
-                self.close()
-                return
-            }
-            self.plaintextOut.removeAll(keepingCapacity: true)
-            tls.drainCiphertext(into: &self.outbound)
-        }
-        while self.outboundStart < self.outbound.count {
-            let written = self.outbound.withUnsafeBytes {
-                cr_write(self.fd, $0.baseAddress! + self.outboundStart, $0.count - self.outboundStart)
-            }
-            if written == -Int(EAGAIN) { break }
-            if written < 0 {
-                self.close()
-                return
-            }
-            self.outboundStart += written
-        }
-        let drained = self.outboundStart == self.outbound.count
-        if drained {
-            self.outbound.removeAll(keepingCapacity: self.outbound.capacity <= (4 << 20))
-            self.outboundStart = 0
-        }
-        let wantWrite = !drained || (http2Allowed && nghttp2_session_want_write(session) != 0)
+        let wantWrite = !self.output.isDrained || (http2Allowed && nghttp2_session_want_write(session) != 0)
         self.setInterest(wantWrite ? Reactor.Events.read | Reactor.Events.write : Reactor.Events.read)
-        if drained && nghttp2_session_want_read(session) == 0 && nghttp2_session_want_write(session) == 0 {
+        if self.output.isDrained && nghttp2_session_want_read(session) == 0 && nghttp2_session_want_write(session) == 0 {
             self.close()
         }
     }
@@ -181,11 +148,7 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
 
     /// Sends the TLS alert that explains a failed handshake, then closes.
     private func flushCiphertextAndClose() {
-        if self.outboundStart < self.outbound.count {
-            _ = self.outbound.withUnsafeBytes {
-                cr_write(self.fd, $0.baseAddress! + self.outboundStart, $0.count - self.outboundStart)
-            }
-        }
+        self.output.writeOnce(to: self.fd)
         self.close()
     }
 

@@ -66,8 +66,6 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     private let tlsContext: TLSContext?
     private let tlsServerName: String?
     private var tls: TLSSession?
-    /// nghttp2's output before encryption (reused).
-    private var plaintextOut: [UInt8] = []
 
     private(set) var state: State = .idle
     private var fd: Int32 = -1
@@ -76,8 +74,8 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     fileprivate var session: OpaquePointer?
     private var connectTimer: Reactor.TimerID = 0
 
-    private var outbound: [UInt8] = []
-    private var outboundStart = 0
+    /// What is waiting for the socket (coalesced per loop turn).
+    private var output = SocketOutput()
     private var flushScheduled = false
 
     /// Open streams. The dictionary owns the calls; nghttp2 holds unretained pointers to them.
@@ -180,10 +178,10 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         guard let tls = self.tls else { return }
         switch tls.handshake() {
         case .inProgress:
-            tls.drainCiphertext(into: &self.outbound)
+            self.output.takeCiphertext(from: tls)
             self.scheduleFlush()
         case .failed(let reason):
-            tls.drainCiphertext(into: &self.outbound)
+            self.output.takeCiphertext(from: tls)
             let message =
                 reason.contains("no application protocol")
                 ? "server \(self.address) did not negotiate HTTP/2 through ALPN (no protocol in common with h2): \(reason)"
@@ -545,51 +543,23 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         guard self.fd >= 0, self.state != .connecting else { return }
         guard let session = self.session else {
             // The TLS handshake: only ciphertext is waiting.
-            self.writeOutbound()
+            self.writeOutput()
             return
         }
-        // Keep at most ~1 MiB buffered: nghttp2 holds the rest until the socket drains.
-        while self.outbound.count - self.outboundStart < (1 << 20) {
-            var chunk: UnsafePointer<UInt8>? = nil
-            let n = nghttp2_session_mem_send(session, &chunk)
-            if n < 0 {
-                self.close(reason: Status(code: .internal, message: "nghttp2: \(String(cString: nghttp2_strerror(Int32(n))))"))
-                return
-            }
-            if n == 0 { break }
-            if self.tls != nil {
-                self.plaintextOut.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
-            } else {
-                self.outbound.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
-            }
-            if self.plaintextOut.count >= (1 << 20) { break }
-        }
-        if let tls = self.tls, !self.plaintextOut.isEmpty {
-            // One pass through TLS per turn: records as large as the coalesced output allows.
-            do {
-                try self.plaintextOut.withUnsafeBytes { try tls.writePlaintext($0) }
-            } catch {
+        do {
+            try self.output.collect(from: session, tls: self.tls)
+        } catch {
+            switch error {
+            case .http2(let code):
+                self.close(reason: Status(code: .internal, message: "nghttp2: \(String(cString: nghttp2_strerror(code)))"))
+            default:
                 self.close(reason: Status(code: .unavailable, message: "TLS error: \(error)"))
-                return
             }
-            self.plaintextOut.removeAll(keepingCapacity: true)
-            tls.drainCiphertext(into: &self.outbound)
+            return
         }
-        guard self.writeOutbound() else { return }
-        if self.outboundStart == self.outbound.count {
-            self.outbound.removeAll(keepingCapacity: self.outbound.capacity <= (4 << 20))
-            self.outboundStart = 0
-            if nghttp2_session_want_write(session) != 0 {
-                // More than the cap was waiting: keep going next turn.
-                self.setInterest(Reactor.Events.read | Reactor.Events.write)
-            } else {
-                self.setInterest(Reactor.Events.read)
-            }
-        } else {
-            self.setInterest(Reactor.Events.read | Reactor.Events.write)
-        }
-        if nghttp2_session_want_read(session) == 0 && nghttp2_session_want_write(session) == 0
-            && self.outboundStart == self.outbound.count
+        guard self.writeOutput() else { return }
+        if self.output.isDrained && nghttp2_session_want_read(session) == 0
+            && nghttp2_session_want_write(session) == 0
         {
             self.close(reason: self.closedByPeerStatus())
             return
@@ -599,29 +569,21 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
         }
     }
 
-    /// Writes what `outbound` holds; asks for writability when the socket is full. False when it closed.
+    /// Writes what is waiting; asks for writability while the socket is full (or nghttp2 has more than the cap
+    /// let through). False when the connection closed.
     @discardableResult
-    private func writeOutbound() -> Bool {
-        while self.outboundStart < self.outbound.count {
-            let written = self.outbound.withUnsafeBytes { bytes in
-                cr_write(self.fd, bytes.baseAddress! + self.outboundStart, bytes.count - self.outboundStart)
-            }
-            if written == -Int(EAGAIN) { break }
-            if written < 0 {
-                self.close(reason: Status(code: .unavailable, message: "write failed: \(String(cString: strerror(Int32(-written))))"))
-                return false
-            }
-            self.outboundStart += written
+    private func writeOutput() -> Bool {
+        do {
+            try self.output.write(to: self.fd)
+        } catch {
+            let errno: Int32
+            if case .write(let code) = error { errno = code } else { errno = EIO }
+            self.close(reason: Status(code: .unavailable, message: "write failed: \(String(cString: strerror(errno)))"))
+            return false
         }
-        if self.session == nil {
-            if self.outboundStart == self.outbound.count {
-                self.outbound.removeAll(keepingCapacity: true)
-                self.outboundStart = 0
-                self.setInterest(Reactor.Events.read)
-            } else {
-                self.setInterest(Reactor.Events.read | Reactor.Events.write)
-            }
-        }
+        let moreFromHTTP2 = self.session.map { nghttp2_session_want_write($0) != 0 } ?? false
+        self.setInterest(
+            self.output.isDrained && !moreFromHTTP2 ? Reactor.Events.read : Reactor.Events.read | Reactor.Events.write)
         return true
     }
 
@@ -652,25 +614,12 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
     func shutdown(reason: Status) {
         if let session = self.session, self.fd >= 0, self.state != .closed {
             nghttp2_session_terminate_session(session, NGHTTP2_NO_ERROR.rawValue)
-            var chunk: UnsafePointer<UInt8>? = nil
-            var goAway: [UInt8] = []
-            while true {
-                let n = nghttp2_session_mem_send(session, &chunk)
-                if n <= 0 { break }
-                goAway.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
-            }
+            try? self.output.collect(from: session, tls: self.tls)
             if let tls = self.tls {
-                try? goAway.withUnsafeBytes { try tls.writePlaintext($0) }
                 tls.shutdown()  // close_notify
-                tls.drainCiphertext(into: &self.outbound)
-            } else {
-                self.outbound.append(contentsOf: goAway)
+                self.output.takeCiphertext(from: tls)
             }
-            if self.outboundStart < self.outbound.count {
-                _ = self.outbound.withUnsafeBytes { bytes in
-                    cr_write(self.fd, bytes.baseAddress! + self.outboundStart, bytes.count - self.outboundStart)
-                }
-            }
+            self.output.writeOnce(to: self.fd)
         }
         self.close(reason: reason)
     }
@@ -701,8 +650,7 @@ final class HTTP2ClientConnection: ReactorHandler, @unchecked Sendable {
             nghttp2_session_del(session)
             self.session = nil
         }
-        self.outbound = []
-        self.outboundStart = 0
+        self.output.reset()
         self.tls = nil
         for (_, call) in open.sorted(by: { $0.key < $1.key }) {
             call.finish(UnaryResponse(status: reason))
