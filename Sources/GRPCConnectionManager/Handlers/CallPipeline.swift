@@ -7,6 +7,11 @@ import Metrics
 /// arises (may this call go out? may this attempt be retried?), because that answer cannot wait for an event.
 ///
 /// One pipeline serves every channel of a manager (or one standalone channel). Reactor thread only.
+///
+/// Each handler's subscription holds it strongly: the bus and the pipeline are made and dropped together (one
+/// per manager or standalone channel), so the bus keeping its handlers alive costs nothing, and dispatch pays no
+/// weak-reference load and no exclusivity check per event per handler (callgrind: ~5 % of a call). The breaker,
+/// the one handler that publishes, refers back to the bus weakly, so nothing cycles.
 final class CallPipeline: @unchecked Sendable {
     // `@unchecked`: created on any thread, then used only on the reactor thread (handlers subscribe through the
     // bus, whose subscriptions are applied there).
@@ -40,7 +45,7 @@ final class CircuitBreakerHandler: @unchecked Sendable {
     }
 
     let configuration: CircuitBreakerConfiguration
-    private let bus: EventBus
+    private weak var bus: EventBus?
     private var breakers = HotKeyTable<Key, CircuitBreakerStateMachine>()
     /// The breakers' clock (monotonic ns); tests of the handler inject their own.
     var clock: @Sendable () -> UInt64 = { Reactor.clock() }
@@ -48,8 +53,8 @@ final class CircuitBreakerHandler: @unchecked Sendable {
     init(configuration: CircuitBreakerConfiguration, bus: EventBus) {
         self.configuration = configuration
         self.bus = bus
-        bus.subscribe { [weak self] event in
-            guard let self, case .callFinished(let service, let path, let status, let duration, let attempts, _, _) = event,
+        bus.subscribe { event in
+            guard case .callFinished(let service, let path, let status, let duration, let attempts, _, _) = event,
                 attempts > 0
             else { return }
             self.record(service: service, path: path, code: status.code, duration: duration)
@@ -63,7 +68,7 @@ final class CircuitBreakerHandler: @unchecked Sendable {
         }
         let decision = self.breakers[slot].acquire(now: self.clock())
         if let (from, to) = decision.changed {
-            self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
+            self.bus?.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
         }
         return decision.permitted
     }
@@ -73,7 +78,7 @@ final class CircuitBreakerHandler: @unchecked Sendable {
         let outcome = self.breakers[slot].classify(code, duration: duration)
         let change = self.breakers[slot].record(outcome, now: self.clock())
         if let (from, to) = change {
-            self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
+            self.bus?.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
         }
     }
 
@@ -94,8 +99,8 @@ final class RetryHandler: @unchecked Sendable {
         self.configuration = configuration
         guard let throttling = configuration.throttling else { return }
         // The throttle learns every attempt's outcome from the bus.
-        bus.subscribe { [weak self] event in
-            guard let self, case .attemptFinished(let service, let path, let status, _) = event else { return }
+        bus.subscribe { event in
+            guard case .attemptFinished(let service, let path, let status, _) = event else { return }
             let slot = self.throttles.slot(for: service) { RetryThrottle(throttling) }
             if status.isOK {
                 self.throttles[slot].recordSuccess()

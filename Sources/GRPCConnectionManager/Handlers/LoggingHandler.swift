@@ -17,7 +17,7 @@ final class LoggingHandler: @unchecked Sendable {
         self.logger = logger
         self.debugEnabled = logger.logLevel <= .debug
         self.traceEnabled = logger.logLevel <= .trace
-        bus.subscribe { [weak self] event in self?.log(event) }
+        bus.subscribe { event in self.log(event) }  // held by the bus: see CallPipeline
     }
 
     private func log(_ event: ConnectionEvent) {

@@ -50,7 +50,7 @@ final class MetricsHandler: @unchecked Sendable {
 
     init(factory: any MetricsFactory, bus: EventBus) {
         self.factory = factory
-        bus.subscribe { [weak self] event in self?.record(event) }
+        bus.subscribe { event in self.record(event) }  // held by the bus: see CallPipeline
     }
 
     private func counter(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Counter {
