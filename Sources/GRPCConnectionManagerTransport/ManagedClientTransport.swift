@@ -42,9 +42,13 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
     /// transport shuts down: its owner closes it.
     /// - Parameter serviceConfig: Per-method timeouts, limits, wait-for-ready and GRPCCore retry or hedging
     ///   policies; the default has none.
-    public init(channel: GRPCChannel, serviceConfig: ServiceConfig = ServiceConfig()) {
+    public convenience init(channel: GRPCChannel, serviceConfig: ServiceConfig = ServiceConfig()) {
+        self.init(channel: channel, ownsChannel: false, serviceConfig: serviceConfig)
+    }
+
+    private init(channel: GRPCChannel, ownsChannel: Bool, serviceConfig: ServiceConfig) {
         self.channel = channel
-        self.ownsChannel = false
+        self.ownsChannel = ownsChannel
         self.methodConfigs = MethodConfigLookup(serviceConfig)
         self.retryThrottle = serviceConfig.retryThrottling.map { RetryThrottle(policy: $0) }
     }
@@ -60,13 +64,12 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
     }
 
     /// Opens a channel of its own to `target` (`host:port`), closed when the transport shuts down.
-    public init(
+    public convenience init(
         target: String, configuration: Configuration = .defaults, serviceConfig: ServiceConfig = ServiceConfig()
     ) throws {
-        self.channel = try GRPCChannel(target: target, configuration: configuration)
-        self.ownsChannel = true
-        self.methodConfigs = MethodConfigLookup(serviceConfig)
-        self.retryThrottle = serviceConfig.retryThrottling.map { RetryThrottle(policy: $0) }
+        self.init(
+            channel: try GRPCChannel(target: target, configuration: configuration), ownsChannel: true,
+            serviceConfig: serviceConfig)
     }
 
     // MARK: ClientTransport

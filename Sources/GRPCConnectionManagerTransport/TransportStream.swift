@@ -39,14 +39,17 @@ final class TransportStream: Sendable {
         let callOptions = GRPCConnectionManager.CallOptions(
             timeout: timeout, maxReceiveMessageSize: self.options.maxResponseMessageBytes,
             waitForReady: self.options.waitForReady ?? false)
-        let started = self.state.withLock { state -> Bool in
-            if state.handle != nil || state.cancelled { return false }
-            state.handle = self.channel.startStream(
-                path: self.path, metadata: converted, options: callOptions, previousAttempts: previousAttempts,
-                buffers: self.buffers)
-            return true
+        let writtenTwice = self.state.withLock { state -> Bool in
+            if state.handle != nil { return true }
+            // Cancelled first: the buffers already hold the CANCELLED end; nothing starts.
+            if !state.cancelled {
+                state.handle = self.channel.startStream(
+                    path: self.path, metadata: converted, options: callOptions, previousAttempts: previousAttempts,
+                    buffers: self.buffers)
+            }
+            return false
         }
-        if !started && self.state.withLock({ $0.handle != nil }) {
+        if writtenTwice {
             throw GRPCCore.RPCError(code: .internalError, message: "request metadata written twice")
         }
     }
@@ -73,8 +76,10 @@ final class TransportStream: Sendable {
         self.buffers.closeRequests()
     }
 
-    /// Resets the stream (or, before it started, ends it) with CANCELLED. Safe to call more than once.
+    /// Resets the stream (or, before it started, ends it) with CANCELLED. Safe to call more than once; free once the
+    /// stream has ended (every `withStream` calls it on the way out).
     func cancel() {
+        if self.buffers.isFinished { return }
         let handle = self.state.withLock { state -> CallHandle? in
             state.cancelled = true
             return state.handle

@@ -230,6 +230,18 @@ final class ClientCall: ReactorHandler, @unchecked Sendable {
         self.finish(UnaryResponse(status: status, initialMetadata: self.initialMetadata), retryable: retryable)
     }
 
+    /// `fail(_:reset:)` from any thread: inline on the reactor thread, else handed to it. A streaming call that is
+    /// known to have ended costs no hand-off at all.
+    func failFromAnyThread(_ status: Status) {
+        if self.buffers?.isFinished == true { return }
+        let reactor = self.pool.reactor
+        if reactor.inReactorThread {
+            self.fail(status, reset: true)
+        } else {
+            reactor.execute { self.fail(status, reset: true) }
+        }
+    }
+
     /// Where every attempt ends. The retry handler may send another attempt; otherwise this is the call's single
     /// completion point.
     func finish(_ response: UnaryResponse, retryable: Bool = true) {
@@ -266,10 +278,7 @@ final class ClientCall: ReactorHandler, @unchecked Sendable {
         self.deadlineTimer = 0
         self.retryTimer = 0
         if self.startedAt != 0 { self.pool.callFinished(self, status: response.status) }
-        if let buffers = self.buffers {
-            buffers.waker.call = nil
-            buffers.finish(StreamResult(response))
-        }
+        self.buffers?.finish(StreamResult(response))
         self.completion(response)
     }
 

@@ -312,6 +312,9 @@ package final class StreamBuffers: @unchecked Sendable {
         for waiter in resultWaiters { waiter.resume(returning: result) }
     }
 
+    /// The call has ended (its result is recorded).
+    package var isFinished: Bool { self.state.withLock { $0.result != nil } }
+
     /// A writer is suspended on a full send buffer (for tests).
     var hasWaitingWriter: Bool { self.state.withLock { !$0.writeWaiters.isEmpty } }
     /// Bytes waiting unread (for tests and the slow-reader bound).
@@ -323,8 +326,9 @@ package final class StreamBuffers: @unchecked Sendable {
 /// Brings a streaming call's buffered work to the reactor thread: one submission per batch of writes or reads,
 /// not one per message (`wakePending` coalesces them).
 ///
-/// `@unchecked Sendable` (through `ReactorHandler`): `call` is set once before the call is submitted and cleared
-/// on the reactor thread when the call finishes; `wake()` only reads the reactor reference.
+/// `@unchecked Sendable` (through `ReactorHandler`): `call` and `reactor` are set once, before the call is submitted
+/// (the submission orders them before any other thread's read), and never change; `call` is weak because the call
+/// owns its buffers and so this waker.
 final class StreamWaker: ReactorHandler, @unchecked Sendable {
     weak var call: ClientCall?
     var reactor: Reactor?
@@ -349,12 +353,6 @@ final class StreamWaker: ReactorHandler, @unchecked Sendable {
 
     /// A write broke a rule that ends the call (a message over the send limit).
     func fail(_ status: Status) {
-        guard let reactor = self.reactor else { return }
-        let call = self.call
-        if reactor.inReactorThread {
-            call?.fail(status, reset: true)
-        } else {
-            reactor.execute { [weak call] in call?.fail(status, reset: true) }
-        }
+        self.call?.failFromAnyThread(status)
     }
 }

@@ -206,12 +206,7 @@ public struct CallHandle: Sendable {
 
     /// Ends the call with CANCELLED (RST_STREAM CANCEL if it was sent), unless it already finished.
     public func cancel() {
-        let call = self.call
-        if self.reactor.inReactorThread {
-            call.fail(Status(code: .cancelled, message: "cancelled by the client"), reset: true)
-        } else {
-            self.reactor.execute { call.fail(Status(code: .cancelled, message: "cancelled by the client"), reset: true) }
-        }
+        self.call.failFromAnyThread(Status(code: .cancelled, message: "cancelled by the client"))
     }
 }
 
