@@ -290,6 +290,44 @@ struct GRPCSwiftTransportTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("config(forMethod:) picks the method's entry, else the service's, else the default; the throttle follows the config")
+    func methodConfigLookup() throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var config = ServiceConfig()
+        config.methodConfig = [
+            MethodConfig(names: [MethodConfig.Name(service: "")], timeout: .seconds(1)),
+            MethodConfig(names: [MethodConfig.Name(service: "echo.Echo")], timeout: .seconds(2)),
+            MethodConfig(names: [MethodConfig.Name(service: "echo.Echo", method: "Get")], timeout: .seconds(3)),
+        ]
+        config.retryThrottling = try ServiceConfig.RetryThrottling(maxTokens: 10, tokenRatio: 0.1)
+        let transport = ManagedClientTransport(channel: try fixture.channel(), serviceConfig: config)
+        #expect(transport.config(forMethod: Echo_Echo.Method.Get.descriptor)?.timeout == .seconds(3))
+        #expect(transport.config(forMethod: Echo_Echo.Method.Expand.descriptor)?.timeout == .seconds(2))
+        let other = MethodDescriptor(fullyQualifiedService: "other.Service", method: "Call")
+        #expect(transport.config(forMethod: other)?.timeout == .seconds(1))
+        #expect(transport.retryThrottle != nil)
+        let plain = ManagedClientTransport(channel: try fixture.channel())
+        #expect(plain.config(forMethod: Echo_Echo.Method.Get.descriptor) == nil)
+        #expect(plain.retryThrottle == nil)
+    }
+
+    @Test("bad request metadata fails the RPC with INVALID_ARGUMENT before anything is sent")
+    func badMetadata() async throws {
+        try await Self.withEchoClient(.embedded) { echo, _ in
+            for metadata: GRPCCore.Metadata in [["bad key": "v"], ["x-text": "line\nbreak"], ["te": "gzip"]] {
+                do {
+                    _ = try await echo.get(Self.request("a"), metadata: metadata)
+                    Issue.record("metadata \(metadata) was sent")
+                } catch let error as GRPCCore.RPCError {
+                    #expect(error.code == .invalidArgument)
+                }
+            }
+            // The connection is unharmed.
+            #expect(try await echo.get(Self.request("after")).text == "after")
+        }
+    }
+
     @Test("GRPCCore retries when its service config says so; our retry handler stays out", arguments: [Peer.embedded])
     func retriesBelongToGRPCCore(_ peer: Peer) async throws {
         var config = ServiceConfig()

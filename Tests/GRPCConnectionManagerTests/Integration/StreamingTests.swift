@@ -241,6 +241,23 @@ struct StreamingTests {
         #expect(result.status.message.contains("2048"))
     }
 
+    @Test("bad metadata or path ends a stream with INVALID_ARGUMENT; writes fail with it", arguments: [Peer.embedded])
+    func badStreamRequests(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let badMetadata = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update", metadata: ["bad key": "x"])
+        #expect(await badMetadata.result().status.code == .invalidArgument)
+        await #expect(throws: RPCError.self) { try await badMetadata.write(Self.text("a")) }
+        let badPath = setup.channel.clientStreaming(path: "no-slash")
+        let response = await badPath.finish()
+        #expect(response.status.code == .invalidArgument)
+        // Nothing was lost on the channel: a good stream still works.
+        let good = setup.channel.serverStreaming(path: "/test.Stream/Expand", request: Self.text("ok"))
+        var received: [String] = []
+        for try await message in good.responses { received.append(Self.string(message)) }
+        #expect(received == ["ok"])
+    }
+
     // MARK: volume
 
     @Test("10,000 small messages on one stream, in order", arguments: Peer.allCases)
