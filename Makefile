@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is missing first.
 SWIFT ?= swift
 
-.PHONY: deps build test demo demo-tls bench bench-bus bench-transport clean
+.PHONY: deps build test test-unit perf-gate demo demo-tls bench bench-bus bench-transport clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -9,9 +9,17 @@ deps:
 build: deps
 	$(SWIFT) build
 
-test: deps
+# Everything CI runs: the test suite, then the instruction-count gate (Perf/gate.py).
+test: test-unit perf-gate
+
+test-unit: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --no-parallel
+
+# Fails when a unary call costs more than 5 % above the user-space instructions committed in
+# Perf/callgrind-baseline.json (callgrind: the same count whatever else the machine does). About a minute.
+perf-gate: deps
+	python3 Perf/gate.py
 
 demo: build
 	@bash scripts/demo.sh

@@ -5,8 +5,9 @@
 set -euo pipefail
 
 missing=()
-# openssl (the CLI) makes the certificates of the TLS tests and the TLS demo.
-for pkg in libnghttp2-dev libssl-dev pkg-config openssl; do
+# openssl (the CLI) makes the certificates of the TLS tests and the TLS demo; valgrind counts instructions for the
+# performance gate (make perf-gate).
+for pkg in libnghttp2-dev libssl-dev pkg-config openssl valgrind; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

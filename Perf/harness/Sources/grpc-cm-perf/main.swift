@@ -22,6 +22,7 @@ struct Perf: ParsableCommand {
     @Option(help: "Separate connections (channels).") var connections = 1
     @Option(help: "Calls in flight in total (closed loop).") var concurrency = 1
     @Option(help: "Measured seconds.") var duration = 10.0
+    @Option(help: "Instead of --duration: stop after this many calls, every one measured (no warm-up); a fixed workload for callgrind.") var requests: Int?
     @Option(help: "Unmeasured warm-up seconds.") var warmup = 1.0
     @Option(help: "Open loop: start this many calls per second; latency counts from the scheduled start.") var rate: Double?
     @Option(help: "Write the HdrHistogram percentile distribution (microseconds) here.") var hgrm: String?
@@ -56,7 +57,9 @@ struct Perf: ParsableCommand {
             try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
         }
         let driver = Driver(channels: channels, method: self.method, payload: [UInt8](repeating: 0x61, count: self.payloadBytes))
-        if let rate = self.rate {
+        if let requests = self.requests {
+            driver.fixedCount(concurrency: self.concurrency, requests: requests)
+        } else if let rate = self.rate {
             driver.openLoop(rate: rate, warmup: self.warmup, duration: self.duration)
         } else {
             driver.closedLoop(concurrency: self.concurrency, warmup: self.warmup, duration: self.duration)
@@ -143,6 +146,9 @@ final class Driver: @unchecked Sendable {
     /// Heap allocations of the whole process during the measured window (CMallocCounter).
     var allocations: UInt64 = 0
     var maxRSS = 0
+    /// With a fixed workload: the number of calls to start in all (0: run for a duration).
+    var budget = 0
+    var started = 0
 
     init(channels: [GRPCChannel], method: String, payload: [UInt8]) {
         self.channels = channels
@@ -171,8 +177,40 @@ final class Driver: @unchecked Sendable {
             if !response.status.isOK || response.message.count != self.payload.count { self.errors += 1 }
             _ = self.histogram.record((Self.now() - began) / 1000)
         }
+        if self.budget > 0 {
+            // The next call counts as in flight before this one stops counting, so the waiting thread never sees 0
+            // between them.
+            if self.started < self.budget {
+                self.started += 1
+                self.start(slot: slot)
+            }
+            self.inFlight.add(-1, ordering: .releasing)
+            return
+        }
         self.inFlight.add(-1, ordering: .relaxed)
         if closedLoop && !self.stopped.load(ordering: .relaxed) { self.start(slot: slot) }
+    }
+
+    /// Exactly `requests` calls, `concurrency` at a time, all measured: the same work in every run, which is what an
+    /// instruction count needs (callgrind counts the same for the same work whatever the machine does).
+    func fixedCount(concurrency: Int, requests: Int) {
+        self.budget = requests
+        let first = min(max(1, concurrency), requests)
+        self.started = first
+        let startUsage = Self.processUsage()
+        let startWall = Self.now()
+        let startAllocations = cmc_allocations()
+        self.measuring.store(true, ordering: .relaxed)
+        for slot in 0..<first { self.start(slot: slot) }
+        // The completions start the rest on the reactor thread; this thread only waits for the last to end.
+        usleep(1000)
+        while self.inFlight.load(ordering: .acquiring) > 0 { usleep(1000) }
+        self.measuring.store(false, ordering: .relaxed)
+        self.allocations = cmc_allocations() - startAllocations
+        let endUsage = Self.processUsage()
+        self.usage = (endUsage.user - startUsage.user, endUsage.sys - startUsage.sys, Double(Self.now() - startWall) / 1e9)
+        self.maxRSS = endUsage.maxRSS
+        self.stopped.store(true, ordering: .relaxed)
     }
 
     func measure(warmup: Double, duration: Double, during body: () -> Void = {}) {
