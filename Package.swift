@@ -37,10 +37,41 @@ let package = Package(
         .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(name: "CReactor", cSettings: [.define("_GNU_SOURCE")]),
+        // SIGINT/SIGTERM for the programs (CLI, examples): a library never installs signal handlers.
+        .target(name: "CStopSignals"),
+        // The layers, bottom to top; each may import only those below it (Sources/GRPCConnectionManager/Exports.swift
+        // draws the stack). The compiler holds the arrows pointing down: a target cannot import one it does not
+        // depend on.
+        .target(name: "GRPCCMReactor", dependencies: ["CReactor"], swiftSettings: strictSwift),
+        .target(name: "GRPCCMWire", swiftSettings: strictSwift),
+        .target(
+            name: "GRPCCMTransport",
+            dependencies: ["GRPCCMReactor", "GRPCCMWire", "CReactor", "CNghttp2", "COpenSSL"],
+            swiftSettings: strictSwift
+        ),
+        .target(
+            name: "GRPCCMCalls",
+            dependencies: ["GRPCCMTransport", "GRPCCMReactor", "GRPCCMWire", "CNghttp2"],
+            swiftSettings: strictSwift
+        ),
+        .target(
+            name: "GRPCCMPool",
+            dependencies: ["GRPCCMCalls", "GRPCCMTransport", "GRPCCMReactor", "GRPCCMWire", "CReactor"],
+            swiftSettings: strictSwift
+        ),
+        .target(
+            name: "GRPCCMHandlers",
+            dependencies: [
+                "GRPCCMCalls", "GRPCCMReactor", "GRPCCMWire",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ],
+            swiftSettings: strictSwift
+        ),
         .target(
             name: "GRPCConnectionManager",
             dependencies: [
-                "CReactor", "CNghttp2", "COpenSSL",
+                "GRPCCMHandlers", "GRPCCMPool", "GRPCCMCalls", "GRPCCMTransport", "GRPCCMReactor", "GRPCCMWire",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
             ],
@@ -63,13 +94,13 @@ let package = Package(
         ),
         .target(
             name: "GRPCEchoServer",
-            dependencies: ["GRPCConnectionManager", "CReactor", "CNghttp2"],
+            dependencies: ["GRPCCMReactor", "GRPCCMTransport", "GRPCCMWire", "CReactor", "CNghttp2"],
             swiftSettings: strictSwift
         ),
         .executableTarget(
             name: "grpc-cm",
             dependencies: [
-                "GRPCConnectionManager", "GRPCEchoServer", "CReactor", "GRPCConnectionManagerPrometheus",
+                "GRPCConnectionManager", "GRPCEchoServer", "CStopSignals", "GRPCConnectionManagerPrometheus",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSwift

@@ -33,7 +33,7 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
 
     /// The channel RPCs run on.
     public let channel: GRPCChannel
-    public let retryThrottle: RetryThrottle?
+    public let retryThrottle: GRPCCore.RetryThrottle?
     private let methodConfigs: MethodConfigLookup
     private let ownsChannel: Bool
     private let state = PThreadLock(TransportState())
@@ -50,7 +50,7 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
         self.channel = channel
         self.ownsChannel = ownsChannel
         self.methodConfigs = MethodConfigLookup(serviceConfig)
-        self.retryThrottle = serviceConfig.retryThrottling.map { RetryThrottle(policy: $0) }
+        self.retryThrottle = serviceConfig.retryThrottling.map { GRPCCore.RetryThrottle(policy: $0) }
     }
 
     /// Runs RPCs on the manager's channel for `service` (registered at `address`, or already known).

@@ -1,7 +1,9 @@
 import CNghttp2
 import CReactor
 import Synchronization
-@_spi(Reactor) import GRPCConnectionManager
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMTransport
+import GRPCCMWire
 
 #if canImport(Glibc)
 import Glibc

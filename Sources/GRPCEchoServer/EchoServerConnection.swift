@@ -1,175 +1,89 @@
 import CNghttp2
 import CReactor
-@_spi(Reactor) import GRPCConnectionManager
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMTransport
+import GRPCCMWire
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// One accepted HTTP/2 connection with an nghttp2 server session. Reactor thread only.
-final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
+/// One accepted HTTP/2 connection: the shared `HTTP2Socket` (reads, TLS, coalesced writes, the close rule) plus what
+/// only the server does: make the server session and dispatch its streams. Reactor thread only.
+final class EchoServerConnection: HTTP2SocketOwner {
     unowned let reactor: Reactor
     unowned let listener: EchoListener
     var options: EchoServer.Options { self.listener.options }
-    private var fd: Int32
-    private var registration: Reactor.Registration?
-    private var interest: UInt32 = 0
-    fileprivate var session: OpaquePointer?
-    private var output = SocketOutput()
-    private var flushScheduled = false
-    private var closed = false
+    private var socket: HTTP2Socket?
     private var goingAway = false
     /// Open streams; nghttp2 holds unretained pointers to them as stream user data.
     var streams: [Int32: EchoStream] = [:]
-    private var tls: TLSSession?
 
     init(reactor: Reactor, fd: Int32, listener: EchoListener) {
         self.reactor = reactor
-        self.fd = fd
         self.listener = listener
+        self.acceptedFD = fd
     }
 
-    deinit {
-        if let session = self.session { nghttp2_session_del(session) }
-    }
+    private let acceptedFD: Int32
+
+    private var session: OpaquePointer? { self.socket?.session }
 
     func start() {
+        var tls: TLSSession?
         if let context = self.listener.tls {
-            do {
-                self.tls = try TLSSession(context: context, serverName: nil, verifyName: nil)
-            } catch {
-                self.close()
-                return
-            }
+            tls = try? TLSSession(context: context, serverName: nil, verifyName: nil)
         }
-        do {
-            self.session = try EchoServerSession.make(for: self)
-            self.interest = Reactor.Events.read
-            self.registration = try self.reactor.register(fd: self.fd, interest: self.interest, handler: self)
-        } catch {
-            self.close()
+        let socket = HTTP2Socket(reactor: self.reactor, owner: self, acceptedFD: self.acceptedFD, peer: "client", tls: tls)
+        self.socket = socket
+        if self.listener.tls != nil && tls == nil {
+            socket.close(reason: Status(code: .internal, message: "TLS session could not be made"))
             return
         }
-        self.scheduleFlush()
+        socket.startAccepted()
     }
 
-    override func reactorFDReady(_ events: UInt32) {
-        if events & Reactor.Events.write != 0 {
-            self.flushNow()
+    // MARK: HTTP2SocketOwner
+
+    func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> Status? { nil }
+
+    func socketSecured(_ tls: TLSSession) -> Status? { nil }  // the context's ALPN callback already required h2
+
+    func socketReadyForHTTP2() {
+        do {
+            self.socket?.session = try EchoServerSession.make(for: self)
+        } catch {
+            self.socket?.close(reason: Status(code: .internal, message: "nghttp2 server session: \(error)"))
         }
-        guard !self.closed, events & Reactor.Events.read != 0, let session = self.session else { return }
-        let buffer = self.reactor.readBuffer
-        for _ in 0..<4 {
-            let n = cr_read(self.fd, buffer.baseAddress!, buffer.count)
-            if n == -Int(EAGAIN) { break }
-            if n <= 0 {
-                self.close()
-                return
-            }
-            if let tls = self.tls {
-                tls.feed(UnsafeRawBufferPointer(start: buffer.baseAddress, count: n))
-                if !tls.handshakeDone {
-                    let result = tls.handshake()
-                    self.output.takeCiphertext(from: tls)
-                    if case .failed = result {
-                        self.flushCiphertextAndClose()
-                        return
-                    }
-                    if !tls.handshakeDone { continue }
-                }
-                let plain = self.reactor.plaintextBuffer
-                while true {
-                    guard let got = try? tls.readPlaintext(into: UnsafeMutableRawBufferPointer(plain)), got >= 0 else {
-                        self.close()
-                        return
-                    }
-                    if got == 0 { break }
-                    if nghttp2_session_mem_recv(session, plain.baseAddress!, got) < 0 {
-                        self.close()
-                        return
-                    }
-                }
-            } else if nghttp2_session_mem_recv(session, buffer.baseAddress!, n) < 0 {
-                self.close()
-                return
-            }
-            if self.closed { return }
-            if n < buffer.count { break }
-        }
-        self.scheduleFlush()
+    }
+
+    func socketDidRead() {}
+
+    func socketDidFlush() {}
+
+    func socketClosed(_ reason: Status) {
+        for stream in self.streams.values { stream.cancelTimer() }
+        self.streams.removeAll()
+        self.listener.connectionClosed(self)
     }
 
     func scheduleFlush() {
-        if !self.flushScheduled && !self.closed {
-            self.flushScheduled = true
-            self.reactor.scheduleFlush(self)
-        }
-    }
-
-    override func reactorFlush() {
-        self.flushScheduled = false
-        self.flushNow()
-    }
-
-    private func flushNow() {
-        guard !self.closed, let session = self.session else { return }
-        // Under TLS, HTTP/2 bytes wait until the handshake is done (nghttp2 forgets what mem_send returned).
-        let http2Allowed = self.tls?.handshakeDone ?? true
-        do {
-            if http2Allowed { try self.output.collect(from: session, tls: self.tls) }
-            try self.output.write(to: self.fd)
-        } catch {
-            self.close()
-            return
-        }
-        let wantWrite = !self.output.isDrained || (http2Allowed && nghttp2_session_want_write(session) != 0)
-        self.setInterest(wantWrite ? Reactor.Events.read | Reactor.Events.write : Reactor.Events.read)
-        if self.output.isDrained && nghttp2_session_want_read(session) == 0 && nghttp2_session_want_write(session) == 0 {
-            self.close()
-        }
-    }
-
-    private func setInterest(_ interest: UInt32) {
-        guard interest != self.interest, let registration = self.registration else { return }
-        self.interest = interest
-        self.reactor.setInterest(registration, interest)
+        self.socket?.scheduleFlush()
     }
 
     /// Graceful: GOAWAY with the last stream id, then close once open streams are done.
     func goAway() {
-        guard let session = self.session, !self.goingAway, !self.closed else { return }
+        guard let session = self.session, !self.goingAway else { return }
         self.goingAway = true
         nghttp2_submit_goaway(
             session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nghttp2_session_get_last_proc_stream_id(session),
             NGHTTP2_NO_ERROR.rawValue, nil, 0)
-        // Once the GOAWAY is out and no stream is left, nghttp2 stops wanting to read; flushNow closes then.
+        // Once the GOAWAY is out and no stream is left, nghttp2 stops wanting to read; the socket closes then.
         self.scheduleFlush()
     }
 
-    /// Sends the TLS alert that explains a failed handshake, then closes.
-    private func flushCiphertextAndClose() {
-        self.output.writeOnce(to: self.fd)
-        self.close()
-    }
-
     func close() {
-        guard !self.closed else { return }
-        self.closed = true
-        if let registration = self.registration {
-            self.reactor.deregister(registration, handler: self)
-            self.registration = nil
-        }
-        if self.fd >= 0 {
-            _ = cr_close(self.fd)
-            self.fd = -1
-        }
-        for stream in self.streams.values { stream.cancelTimer() }
-        self.streams.removeAll()
-        if let session = self.session {
-            nghttp2_session_del(session)
-            self.session = nil
-        }
-        self.listener.connectionClosed(self)
+        self.socket?.close(reason: Status(code: .unavailable, message: "server closed the connection"))
     }
 
     // MARK: from the callbacks
@@ -195,7 +109,7 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
 
     /// Sends response headers now; messages follow as the stream adds them (`resumeResponse`), then trailers.
     func startResponse(_ stream: EchoStream, headers: [(String, String)]) {
-        guard let session = self.session, !self.closed else { return }
+        guard let session = self.session else { return }
         let rc = withNVs(headers) { nva in
             var provider = nghttp2_data_provider(
                 source: nghttp2_data_source(ptr: Unmanaged.passUnretained(stream).toOpaque()),
@@ -208,14 +122,14 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
 
     /// The stream buffered more response bytes or its end.
     func resumeResponse(_ stream: EchoStream) {
-        guard let session = self.session, !self.closed else { return }
+        guard let session = self.session else { return }
         nghttp2_session_resume_data(session, stream.streamID)
         self.scheduleFlush()
     }
 
     /// A single HEADERS frame with END_STREAM carrying the status.
     func respondTrailersOnly(_ stream: EchoStream, headers: [(String, String)]) {
-        guard let session = self.session, !self.closed else { return }
+        guard let session = self.session else { return }
         let rc = withNVs(headers) { nva in
             nghttp2_submit_response(session, stream.streamID, nva.baseAddress, nva.count, nil)
         }
@@ -235,8 +149,6 @@ final class EchoServerConnection: ReactorHandler, @unchecked Sendable {
         nghttp2_submit_rst_stream(session, 0, stream.streamID, errorCode)
         self.scheduleFlush()
     }
-
-    override func reactorRunSubmitted() {}
 }
 
 /// Calls `body` with nghttp2 name/value pairs for `headers` (nghttp2 copies them during the call).

@@ -1,5 +1,7 @@
 import CNghttp2
-@_spi(Reactor) import GRPCConnectionManager
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMTransport
+import GRPCCMWire
 
 /// The nghttp2 server session of an echo connection and its C callbacks (private top-level functions; user data
 /// is the connection, unretained; stream user data is the stream, owned by the connection's table).

@@ -1,5 +1,6 @@
 import CNghttp2
-@_spi(Reactor) import GRPCConnectionManager
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMWire
 
 /// One request stream on the echo server.
 ///
@@ -34,7 +35,10 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     var responseCount: Int?
     /// Never consume this stream's received bytes (its window closes after the initial window).
     var holdWindow = false
-    var requestBody: [UInt8] = []
+    /// Request messages as they arrived (the shared deframer splits them), and a failure that ends the call.
+    var requestMessages: [[UInt8]] = []
+    private var deframer: MessageDeframer
+    private var requestFailure: Status?
     /// Response messages still to be generated on demand (`x-response-count`).
     var generateRemaining = 0
     /// Response headers went out; messages may follow.
@@ -51,6 +55,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     init(connection: EchoServerConnection, streamID: Int32) {
         self.connection = connection
         self.streamID = streamID
+        self.deframer = MessageDeframer(maxMessageSize: connection.options.maxReceiveMessageSize)
     }
 
     /// Headers that are not echoed back.
@@ -96,28 +101,39 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     }
 
     func data(_ bytes: UnsafeRawBufferPointer) {
-        self.requestBody.append(contentsOf: bytes)
+        guard self.requestFailure == nil else { return }
+        do {
+            try self.deframer.process(bytes) { message, _ in self.requestMessages.append(message) }
+        } catch {
+            switch error {
+            case .messageTooLarge(let length, let limit):
+                self.requestFailure = Status(
+                    code: .resourceExhausted, message: "request message of \(length) bytes exceeds \(limit)")
+            case .compressedWithoutEncoding:
+                self.requestFailure = Status(code: .unimplemented, message: "compression is not supported")
+            case .invalidFlag(let flag):
+                self.requestFailure = Status(code: .internal, message: "invalid message flag \(flag)")
+            }
+        }
         if self.echoesAsItArrives && !self.responseDone { self.echoArrivedMessages() }
     }
 
-    /// Bidirectional echo: answers every complete message in `requestBody` at once.
+    /// Bidirectional echo: answers every message that has arrived, at once.
     private func echoArrivedMessages() {
+        if let failure = self.requestFailure {
+            self.endResponse(code: failure.code.rawValue, message: failure.message)
+            return
+        }
         if self.failAfter == 0 {
             self.endResponse(code: self.failCode ?? 13, message: self.failMessage)
             return
         }
-        var index = 0
-        while self.requestBody.count - index >= 5 {
-            let length =
-                Int(self.requestBody[index + 1]) << 24 | Int(self.requestBody[index + 2]) << 16
-                | Int(self.requestBody[index + 3]) << 8 | Int(self.requestBody[index + 4])
-            guard self.requestBody.count - index - 5 >= length else { break }
-            let message = Array(self.requestBody[(index + 5)..<(index + 5 + length)])
-            index += 5 + length
+        let arrived = self.requestMessages
+        self.requestMessages.removeAll()
+        for message in arrived {
             self.sendResponse(self.usesProtobuf ? EchoProtobuf.encode(EchoProtobuf.decode(message)) : message)
             if self.responseDone { break }
         }
-        self.requestBody.removeFirst(index)
     }
 
     /// Sends one response message (headers first if they have not gone out); ends the call after `x-fail-after`.
@@ -202,13 +218,14 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     private func answer() {
         guard !self.answered, self.connection.streams[self.streamID] === self else { return }
         self.answered = true
-        let messages: [[UInt8]]
-        switch EchoMessages.split(self.requestBody, limit: self.connection.options.maxReceiveMessageSize) {
-        case .success(let parsed): messages = parsed
-        case .failure(let status):
-            self.trailersOnly(code: status.code.rawValue, message: status.message)
+        if self.requestFailure == nil && self.deframer.hasPartialMessage {
+            self.requestFailure = Status(code: .internal, message: "truncated message")
+        }
+        if let failure = self.requestFailure {
+            self.trailersOnly(code: failure.code.rawValue, message: failure.message)
             return
         }
+        let messages = self.requestMessages
         if self.failFirst > 0 {
             // Fail the first N attempts of each request key (UNAVAILABLE unless x-fail-code says otherwise), then
             // answer normally: retries are tested against this.
@@ -305,36 +322,6 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         self.connection.respondTrailersOnly(self, headers: headers)
     }
 }
-
-/// Splits a request body into messages.
-enum EchoMessages {
-    static func split(_ body: [UInt8], limit: Int) -> Result<[[UInt8]], Status> {
-        var messages: [[UInt8]] = []
-        var index = 0
-        while index < body.count {
-            guard body.count - index >= 5 else {
-                return .failure(Status(code: .internal, message: "truncated message prefix"))
-            }
-            if body[index] != 0 {
-                return .failure(Status(code: .unimplemented, message: "compression is not supported"))
-            }
-            let length =
-                Int(body[index + 1]) << 24 | Int(body[index + 2]) << 16 | Int(body[index + 3]) << 8
-                | Int(body[index + 4])
-            if length > limit {
-                return .failure(
-                    Status(code: .resourceExhausted, message: "request message of \(length) bytes exceeds \(limit)"))
-            }
-            guard body.count - index - 5 >= length else {
-                return .failure(Status(code: .internal, message: "truncated message"))
-            }
-            messages.append(Array(body[(index + 5)..<(index + 5 + length)]))
-            index += 5 + length
-        }
-        return .success(messages)
-    }
-}
-
 
 /// The `text` field (1) of `echo.EchoRequest` / `echo.EchoResponse`, without a protobuf library.
 enum EchoProtobuf {

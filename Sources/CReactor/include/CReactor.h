@@ -112,10 +112,6 @@ int cr_close(int fd);
 int cr_make_unix_address(const char *_Nonnull path, struct sockaddr_un *_Nonnull out);
 /// Ignores SIGPIPE for the process (writes to a closed socket then fail with EPIPE instead of killing us).
 void cr_ignore_sigpipe(void);
-/// Installs SIGINT/SIGTERM handlers that only record the signal (for a server's main thread to poll).
-void cr_install_stop_signals(void);
-/// The signal number recorded by those handlers, or 0.
-int cr_stop_signal_received(void);
 
 #ifdef __cplusplus
 }

@@ -1,7 +1,7 @@
 import ArgumentParser
 import GRPCConnectionManager
 import GRPCEchoServer
-import CReactor
+import CStopSignals
 
 #if canImport(Glibc)
 import Glibc
@@ -44,7 +44,7 @@ struct Serve: AsyncParsableCommand {
     }
 
     func run() async throws {
-        cr_install_stop_signals()
+        css_install_stop_signals()
 
         var options = EchoServer.Options()
         options.maxConcurrentStreams = self.maxConcurrentStreams
@@ -59,10 +59,10 @@ struct Serve: AsyncParsableCommand {
             throw ExitCode(1)
         }
         writeStderr("grpc-cm echo server listening on \(server.address)\(self.tlsCert == nil ? "" : " (TLS)")\n")
-        while cr_stop_signal_received() == 0 {
+        while css_stop_signal_received() == 0 {
             try? await Task.sleep(nanoseconds: 50_000_000)
         }
-        writeStderr("grpc-cm: signal \(cr_stop_signal_received()), shutting down\n")
+        writeStderr("grpc-cm: signal \(css_stop_signal_received()), shutting down\n")
         server.close()
     }
 }

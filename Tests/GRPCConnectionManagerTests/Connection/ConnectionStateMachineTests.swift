@@ -1,6 +1,12 @@
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// Every state x every input, driven through the pure machine: no sockets, no clock.
 @Suite("ConnectionStateMachine")

@@ -1,6 +1,12 @@
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// The breaker with a fake clock: no sleeps.
 @Suite("CircuitBreakerStateMachine")

@@ -6,6 +6,12 @@ import Logging
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// Retry, breaker, metrics and logging against the embedded server, each checked through what it produces.
 @Suite("Handlers against the embedded server", .serialized)

@@ -3,6 +3,12 @@ import Synchronization
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// A scripted TCP peer on loopback that misbehaves in one chosen way (blocking sockets on its own thread).
 final class BadPeer: Sendable {

@@ -6,6 +6,12 @@ import GRPCEchoServer
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// The generated grpc-swift-2 client (Examples/grpc-swift-2) over `ManagedClientTransport`, against the grpcio
 /// server (the reference implementation) and the embedded one.

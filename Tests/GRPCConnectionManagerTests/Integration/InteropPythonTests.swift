@@ -2,6 +2,12 @@ import Foundation
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// The same calls against grpcio, the reference implementation.
 @Suite("Interop with a Python grpcio server", .serialized)

@@ -3,6 +3,12 @@ import GRPCEchoServer
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// Connections that look after themselves, over real sockets on loopback.
 @Suite("Connection lifecycle", .serialized)

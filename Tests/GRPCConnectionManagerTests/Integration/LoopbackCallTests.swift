@@ -4,6 +4,12 @@ import Synchronization
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// Unary calls over loopback against the embedded echo server.
 @Suite("Loopback calls against the embedded server", .serialized)

@@ -3,6 +3,12 @@ import GRPCEchoServer
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// The three streaming kinds, callback and async, against the embedded server and the grpcio server.
 /// Raw-byte methods of the `test.Stream` service: `Expand` splits at spaces, `Collect` joins with spaces,

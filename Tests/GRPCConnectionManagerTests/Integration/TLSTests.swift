@@ -3,6 +3,12 @@ import GRPCEchoServer
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// TLS against the embedded server, a grpcio server and openssl s_server, with certificates made at test time.
 @Suite("TLS", .serialized)

@@ -3,6 +3,12 @@ import Synchronization
 import Testing
 
 @_spi(Reactor) @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@_spi(Reactor) @testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// Runs `body` on the reactor thread and returns its result.
 func onReactor<T: Sendable>(_ reactor: Reactor, _ body: @escaping @Sendable () -> T) async -> T {

@@ -4,6 +4,12 @@ import Synchronization
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
 
 /// Records completions and flags any call that completes more than once.
 final class CompletionLedger: Sendable {

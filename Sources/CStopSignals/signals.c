@@ -1,0 +1,26 @@
+// signals.c: SIGINT/SIGTERM for `grpc-cm serve` and the examples. A flag set from the handler (async-signal-safe),
+// polled by Swift: Swift 6 cannot hold a global written from a signal handler, and sigwait() would need the mask set
+// on every thread before any of them starts, which the Swift concurrency runtime does not allow us to arrange.
+#include "CStopSignals.h"
+
+#ifdef __linux__
+
+#include <signal.h>
+#include <string.h>
+
+static volatile sig_atomic_t css_stop_signal = 0;
+
+static void css_on_stop_signal(int signal_number) { css_stop_signal = signal_number; }
+
+void css_install_stop_signals(void) {
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = css_on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, NULL);
+    sigaction(SIGTERM, &action, NULL);
+}
+
+int css_stop_signal_received(void) { return (int)css_stop_signal; }
+
+#endif  // __linux__

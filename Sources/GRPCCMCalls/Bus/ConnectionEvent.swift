@@ -1,0 +1,46 @@
+import GRPCCMReactor
+import GRPCCMWire
+
+/// What connections and calls publish on the `EventBus`. Delivered on the reactor thread, in the deferred phase of
+/// the turn in which it happened (never inside socket, TLS or nghttp2 processing), in subscription order.
+///
+/// Payloads reuse strings that already exist (the service name, the call's path, the status), so publishing an
+/// event allocates nothing.
+public enum ConnectionEvent: Sendable {
+    /// A connection changed connectivity state. `reason` says why when it is a failure or a GOAWAY.
+    case connectivityStateChanged(
+        service: String, connectionID: Int, from: ConnectivityState, to: ConnectivityState, reason: Status?)
+    /// A connection attempt to `address` began.
+    case connectAttemptStarted(service: String, connectionID: Int, address: SocketAddress)
+    /// The attempt completed: the server's SETTINGS arrived.
+    case connectAttemptSucceeded(service: String, connectionID: Int, address: SocketAddress)
+    /// The attempt failed with `error`; the next one waits `backoff`.
+    case connectAttemptFailed(service: String, connectionID: Int, address: SocketAddress, error: Status, backoff: Duration)
+    /// A keepalive PING went unanswered for `keepAliveTimeout`; the connection was closed.
+    case keepaliveTimeout(service: String, connectionID: Int)
+    /// The server sent GOAWAY. `tooManyPings` means it asked us to ping less: keepalive time was doubled.
+    case goAwayReceived(service: String, connectionID: Int, errorCode: UInt32, debugData: String, tooManyPings: Bool)
+    /// A call started (attempt 1 is the first).
+    case callStarted(service: String, path: String, attempt: Int)
+    /// One attempt of a call ended with `status` (each retry is another attempt).
+    case attemptFinished(service: String, path: String, status: Status, attempt: Int)
+    /// The retry handler will send attempt `attempt` after `delay`, because the previous one ended with `status`.
+    case retryScheduled(service: String, path: String, attempt: Int, delay: Duration, status: Status)
+    /// A call ended with `status` after `duration` and `attempts` attempts (0: refused by the circuit breaker
+    /// before any attempt). `sentBytes`/`receivedBytes` count message bytes over all attempts.
+    case callFinished(
+        service: String, path: String, status: Status, duration: Duration, attempts: Int, sentBytes: Int,
+        receivedBytes: Int)
+    /// The circuit breaker of a service and method changed state (CLOSED, OPEN, HALF_OPEN).
+    case circuitBreakerStateChanged(service: String, path: String, from: CircuitBreakerState, to: CircuitBreakerState)
+}
+
+extension ConnectionEvent {
+    /// One of the events every call raises (as opposed to retries, connection and breaker events).
+    var isPerCall: Bool {
+        switch self {
+        case .callStarted, .attemptFinished, .callFinished: return true
+        default: return false
+        }
+    }
+}

@@ -1,0 +1,51 @@
+import GRPCCMWire
+
+/// Whether a call may go out, asked when it starts and told how it ended (the circuit breaker answers). Reactor
+/// thread only.
+package protocol CallAdmission: AnyObject {
+    /// May a call to `path` of `service` go out now? nil: refused, and the call fails without touching the network.
+    func admit(service: String, path: String) -> CallPermit?
+    /// The call admitted with `permit` ended with `status` after `duration`. `cancelledByClient`: the caller
+    /// cancelled it, which says nothing about the server's health.
+    func callEnded(_ permit: CallPermit, service: String, path: String, status: Status, duration: Duration, cancelledByClient: Bool)
+}
+
+/// What admission handed out: whether the call is a half-open probe, and the state it was admitted under (an outcome
+/// from an older state must not count in the current one).
+package struct CallPermit: Sendable, Hashable {
+    package var isProbe: Bool
+    package var epoch: UInt64
+
+    package init(isProbe: Bool, epoch: UInt64) {
+        self.isProbe = isProbe
+        self.epoch = epoch
+    }
+}
+
+/// Whether a failed attempt is tried again, and when (the retry handler answers, gRFC A6). Reactor thread only.
+package protocol RetryAdvisor: AnyObject {
+    /// The deadline of each attempt of `path` (nil: only the call's own).
+    func perAttemptTimeout(path: String) -> Duration?
+    /// An attempt ended (the throttle learns from every one).
+    func attemptEnded(service: String, path: String, status: Status)
+    /// The wait before the next attempt, or nil when the call ends here.
+    /// - Parameters:
+    ///   - attempt: The attempt that just ended (1 = the first).
+    ///   - attemptTimedOut: The attempt's own timeout ended it (the only retryable DEADLINE_EXCEEDED).
+    ///   - deadline: The call's deadline (0 = none); a retry that could not start before it is not made.
+    func retryDelay(
+        service: String, path: String, status: Status, trailers: Metadata, attempt: Int, attemptTimedOut: Bool,
+        deadline: UInt64, now: UInt64
+    ) -> Duration?
+}
+
+/// The policies every call of a channel consults; either may be off.
+package struct CallPolicies {
+    package var admission: (any CallAdmission)?
+    package var retry: (any RetryAdvisor)?
+
+    package init(admission: (any CallAdmission)?, retry: (any RetryAdvisor)?) {
+        self.admission = admission
+        self.retry = retry
+    }
+}

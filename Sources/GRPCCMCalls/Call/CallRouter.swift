@@ -1,0 +1,46 @@
+import GRPCCMReactor
+import GRPCCMWire
+
+/// Where a call's attempts go: whoever owns the connections (the service pool). The call knows only this much of it.
+/// Reactor thread only.
+package protocol CallRouter: AnyObject {
+    /// The call started: keep it until `release`, so that closing can end it wherever it waits (queued, on a stream,
+    /// between attempts).
+    func adopt(_ call: ClientCall)
+    /// The call ended.
+    func release(_ call: ClientCall)
+    /// Send the call's current attempt: open a stream for it now (`ClientCall.open(on:)`), or keep it waiting until
+    /// a connection can take it, or fail it (`ClientCall.routeFailed(_:)`).
+    func route(_ call: ClientCall)
+    /// The call stopped waiting for a stream (it ended, or its attempt timed out, while queued).
+    func withdraw(_ call: ClientCall)
+    /// Closing or closed: no attempt starts any more, none is retried.
+    var isClosing: Bool { get }
+    /// Why new attempts fail while closing.
+    var closingStatus: Status { get }
+}
+
+/// Everything a channel's calls share: the reactor, where they go, the bus they report to, the policies they ask.
+/// Made once per channel. `@unchecked Sendable`: immutable after init; the objects it refers to are used on the
+/// reactor thread only.
+package final class CallEnvironment: @unchecked Sendable {
+    package let reactor: Reactor
+    package let service: String
+    package let router: any CallRouter
+    package let bus: EventBus
+    package let policies: CallPolicies
+    /// SETTINGS_MAX_HEADER_LIST_SIZE we announce: the bound on each response header block.
+    package let maxHeaderListSize: Int
+
+    package init(
+        reactor: Reactor, service: String, router: any CallRouter, bus: EventBus, policies: CallPolicies,
+        maxHeaderListSize: Int
+    ) {
+        self.reactor = reactor
+        self.service = service
+        self.router = router
+        self.bus = bus
+        self.policies = policies
+        self.maxHeaderListSize = maxHeaderListSize
+    }
+}

@@ -1,0 +1,693 @@
+import CNghttp2
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMTransport
+import GRPCCMWire
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One RPC of any kind, from start to its single completion: the driver of a `CallStateMachine`. It owns the deadline,
+/// the attempts (each one stream), the backoff between them, the circuit breaker's permit, and both kinds of retry
+/// (transparent and by policy); retry decisions live here and nowhere else. Reactor-thread only once started.
+///
+/// The request is either one message known up front (unary, server streaming: it can be replayed for retries) or
+/// messages written while the call runs (client and bidirectional streaming, through `StreamBuffers`). The response
+/// is either one message handed over with the status (unary, client streaming) or each message as it arrives, to
+/// callbacks or to `StreamBuffers` for an async reader.
+///
+/// **Attempt identity.** Each attempt is one stream. An attempt that ends early (its own timeout, the deadline, a
+/// cancel) resets its stream, which detaches this call from it: nothing that stream still delivers (late DATA, the
+/// RST) reaches the call. A queue entry left behind is harmless: the router opens a stream only for a call that is
+/// waiting for one (`open(on:)` checks), so no request goes out twice.
+///
+/// **User code never runs from here directly.** Stream events arrive inside nghttp2's processing; the completion,
+/// stream callbacks and the end of an async stream are queued and run in the reactor's deferred phase
+/// (`reactorRunDeferred`), after the call's bus events. A call that fails at once still completes on a later turn.
+///
+/// `@unchecked Sendable` (through `ReactorHandler`): created on the caller's thread, then touched only on the
+/// reactor thread (the submission hands it over).
+/// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
+/// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
+/// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.
+package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked Sendable {
+    /// Where response messages go.
+    package enum Delivery {
+        /// Exactly one message, handed over with the status.
+        case single
+        /// Each message to callbacks, on the reactor thread, as it arrives.
+        case callbacks(StreamingCallbacks)
+        /// Each message into `buffers`, for a reader on another thread.
+        case buffered
+    }
+
+    private enum TimerTag {
+        static let deadline: UInt64 = 0
+        static let retry: UInt64 = 1
+        static let attempt: UInt64 = 2
+    }
+
+    /// What a callback reader has yet to hear, in order.
+    private enum CallbackPart {
+        case metadata(Metadata)
+        case message([UInt8])
+        case writable
+    }
+
+    package let environment: CallEnvironment
+    package let path: String
+    package let metadata: Metadata
+    /// The request message of a call whose request is one message (empty when the requests are streamed).
+    private let request: [UInt8]
+    /// Messages written while the call runs, and buffered responses; nil for unary and callback server streaming.
+    package let buffers: StreamBuffers?
+    private let delivery: Delivery
+    /// Absolute deadline on the monotonic clock in ns; 0 = none.
+    package let deadline: UInt64
+    private let maxReceiveMessageSize: Int
+    package let waitForReady: Bool
+    private let completion: @Sendable (UnaryResponse) -> Void
+    private let onWritable: (@Sendable () -> Void)?
+    private let requestsStreamed: Bool
+    /// Attempts made before this call by someone else's retry logic (GRPCCore's), for `grpc-previous-rpc-attempts`.
+    @exclusivity(unchecked)
+    package var previousAttemptsElsewhere = 0
+    /// Set when the request is invalid (bad path, metadata, size): the call fails before anything is sent.
+    @exclusivity(unchecked)
+    package var invalid: Status?
+
+    @exclusivity(unchecked)
+    private var machine: CallStateMachine
+    /// The current attempt's stream while it is open.
+    @exclusivity(unchecked)
+    private var stream: HTTP2StreamHandle?
+    // The current attempt's response.
+    @exclusivity(unchecked)
+    private var head: ResponseHead
+    @exclusivity(unchecked)
+    private var deframer: MessageDeframer
+    @exclusivity(unchecked)
+    private var responseMessage: [UInt8]?
+    @exclusivity(unchecked)
+    private var extraMessages = false
+    /// A failure found while receiving (oversized, bad flag, headers too large); the attempt ends with it.
+    @exclusivity(unchecked)
+    private var localFailure: Status?
+    /// Bytes of the framed single request handed to nghttp2.
+    @exclusivity(unchecked)
+    private var sendOffset = 0
+    @exclusivity(unchecked)
+    private var attemptTimedOut = false
+
+    @exclusivity(unchecked)
+    private var deadlineTimer: Reactor.TimerID = 0
+    @exclusivity(unchecked)
+    private var attemptTimer: Reactor.TimerID = 0
+    @exclusivity(unchecked)
+    private var retryTimer: Reactor.TimerID = 0
+    /// Reactor clock when the call started (0: it never did: invalid, or refused before it began).
+    @exclusivity(unchecked)
+    private var startedAt: UInt64 = 0
+    @exclusivity(unchecked)
+    private var permit: CallPermit?
+    @exclusivity(unchecked)
+    private var attemptsMade = 0
+    @exclusivity(unchecked)
+    private var adopted = false
+    @exclusivity(unchecked)
+    private var cancelledByClient = false
+    @exclusivity(unchecked)
+    package private(set) var sentBytes = 0
+    @exclusivity(unchecked)
+    package private(set) var receivedBytes = 0
+
+    /// The router's bookkeeping: the call sits in its wait queue.
+    @exclusivity(unchecked)
+    package var queued = false
+    /// The router's registry of live calls (an intrusive list: no allocation per call).
+    @exclusivity(unchecked)
+    package var registryNext: ClientCall?
+    @exclusivity(unchecked)
+    package unowned(unsafe) var registryPrevious: ClientCall?
+
+    // Deferred delivery.
+    @exclusivity(unchecked)
+    private var parts: [CallbackPart] = []
+    @exclusivity(unchecked)
+    private var partsDelivering: [CallbackPart] = []
+    @exclusivity(unchecked)
+    private var result: UnaryResponse?
+    @exclusivity(unchecked)
+    private var deliveryScheduled = false
+    @exclusivity(unchecked)
+    private var completed = false
+
+    /// - Parameters:
+    ///   - request: The one request message, or nil when `buffers` carries a request stream.
+    package init(
+        environment: CallEnvironment, path: String, metadata: Metadata, request: [UInt8]?, deadline: UInt64,
+        maxReceiveMessageSize: Int, waitForReady: Bool, delivery: Delivery = .single, buffers: StreamBuffers? = nil,
+        onWritable: (@Sendable () -> Void)? = nil, completion: @escaping @Sendable (UnaryResponse) -> Void
+    ) {
+        self.environment = environment
+        self.path = path
+        self.metadata = metadata
+        self.request = request ?? []
+        self.requestsStreamed = request == nil
+        self.buffers = buffers
+        self.delivery = delivery
+        self.deadline = deadline
+        self.maxReceiveMessageSize = maxReceiveMessageSize
+        self.waitForReady = waitForReady
+        self.completion = completion
+        self.onWritable = onWritable
+        self.machine = CallStateMachine(requestsStreamed: request == nil)
+        self.head = ResponseHead(maxHeaderListSize: environment.maxHeaderListSize)
+        self.deframer = MessageDeframer(maxMessageSize: maxReceiveMessageSize)
+        super.init()
+        if let buffers {
+            buffers.waker.call = self
+            buffers.waker.reactor = environment.reactor
+        }
+    }
+
+    package var isFinished: Bool { self.machine.isFinished }
+    /// Waiting for a stream (routed, not yet open).
+    package var isWaitingForStream: Bool { self.machine.isWaiting }
+    /// The attempt in progress (1 = the first); 0 before the first.
+    package var attempt: Int { self.machine.attempt }
+
+    private var reactor: Reactor { self.environment.reactor }
+
+    // MARK: starting
+
+    /// Submitted from the caller's thread: start here.
+    package override func reactorRunSubmitted() {
+        self.start()
+    }
+
+    /// Starts the call on the reactor thread.
+    package func start() {
+        let environment = self.environment
+        var refusal: Status? = nil
+        if let invalid = self.invalid {
+            refusal = invalid
+        } else if environment.router.isClosing {
+            refusal = environment.router.closingStatus
+        } else if self.reactor.isStopping {
+            refusal = Status(code: .unavailable, message: "the event loop is shutting down")
+        } else {
+            self.startedAt = Reactor.clock()
+            environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
+            if let admission = environment.policies.admission {
+                self.permit = admission.admit(service: environment.service, path: self.path)
+                // Refused without touching the network; reported as a call with no attempt.
+                if self.permit == nil { refusal = Status(code: .unavailable, message: "circuit breaker is open") }
+            }
+        }
+        switch self.machine.start(refusal: refusal) {
+        case .none:
+            return
+        case .finish(let status):
+            // Refused before any attempt: a call the breaker refused still reports itself (with 0 attempts); one
+            // that never began (invalid, closing) only completes.
+            if self.startedAt != 0 {
+                self.finish(UnaryResponse(status: status))
+            } else {
+                self.complete(UnaryResponse(status: status))
+            }
+        case .route:
+            self.adopted = true
+            environment.router.adopt(self)
+            if self.deadline != 0 {
+                self.deadlineTimer = self.reactor.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline)
+            }
+            self.dispatchAttempt()
+        }
+    }
+
+    /// Sends the current attempt (the first, a retry after its backoff, or a transparent retry).
+    private func dispatchAttempt() {
+        self.resetAttemptState()
+        self.attemptsMade = max(self.attemptsMade, self.machine.attempt)
+        if let timeout = self.environment.policies.retry?.perAttemptTimeout(path: self.path) {
+            let at = Reactor.clock() &+ UInt64(max(timeout.nanoseconds, 0))
+            if self.deadline == 0 || at < self.deadline {
+                self.attemptTimer = self.reactor.scheduleTimer(at: at, handler: self, tag: TimerTag.attempt)
+            }
+        }
+        self.environment.router.route(self)
+    }
+
+    private func resetAttemptState() {
+        self.attemptTimedOut = false
+        self.head = ResponseHead(maxHeaderListSize: self.environment.maxHeaderListSize)
+        self.responseMessage = nil
+        self.extraMessages = false
+        self.localFailure = nil
+        self.sendOffset = 0
+        self.deframer = MessageDeframer(maxMessageSize: self.maxReceiveMessageSize)
+    }
+
+    // MARK: from the router
+
+    /// What `open(on:)` came to.
+    package enum OpenOutcome {
+        /// The call no longer needs a stream (it is open, ended, or between attempts): drop it.
+        case notWaiting
+        /// A stream is open (or the call ended trying): done with it.
+        case done
+        /// That connection takes no stream now: try another, or keep it waiting.
+        case tryElsewhere
+    }
+
+    /// Opens a stream on `transport` for the waiting attempt.
+    package func open(on transport: any HTTP2Transport) -> OpenOutcome {
+        guard self.machine.isWaiting else { return .notWaiting }
+        var timeout: Int64? = nil
+        if self.deadline != 0 {
+            let remaining = Int64(bitPattern: self.deadline &- Reactor.clock())
+            if remaining <= 0 {
+                self.end(Status(code: .deadlineExceeded, message: "deadline exceeded before the call was sent"))
+                return .done
+            }
+            timeout = remaining
+        }
+        let head = RequestHead(
+            path: self.path, metadata: self.metadata, timeoutNanoseconds: timeout,
+            previousRPCAttempts: max(self.machine.attempt - 1, 0) + self.previousAttemptsElsewhere)
+        switch transport.openStream(head, handler: self) {
+        case .opened(let handle):
+            self.stream = handle
+            self.machine.streamOpened()
+            self.sentBytes += self.request.count
+            return .done
+        case .tryElsewhere:
+            return .tryElsewhere
+        case .failed(let status):
+            self.attemptEnded(UnaryResponse(status: status), unprocessed: false)
+            return .done
+        }
+    }
+
+    /// The router could not route the attempt (every connection failed, the queue is full, the channel closed).
+    package func routeFailed(_ status: Status) {
+        guard self.machine.isWaiting else { return }
+        self.attemptEnded(UnaryResponse(status: status), unprocessed: false)
+    }
+
+    /// The channel began to close gracefully: a call waiting for a stream or between attempts ends now, an open one
+    /// runs to its end and is not retried.
+    package func channelClosing(_ status: Status) {
+        self.perform(self.machine.closing(status))
+    }
+
+    // MARK: ending
+
+    package override func reactorTimerFired(tag: UInt64) {
+        switch tag {
+        case TimerTag.retry:
+            self.retryTimer = 0
+            switch self.machine.backoffElapsed() {
+            case .none: return
+            case .route: self.dispatchAttempt()
+            case .finish(let status): self.finish(UnaryResponse(status: status))
+            }
+        case TimerTag.attempt:
+            self.attemptTimer = 0
+            guard self.machine.isOpen || self.machine.isWaiting else { return }
+            self.attemptTimedOut = true
+            self.abandonAttempt()
+            self.attemptEnded(
+                UnaryResponse(status: Status(code: .deadlineExceeded, message: "attempt timed out"),
+                    initialMetadata: self.head.initialMetadata),
+                unprocessed: false)
+        default:
+            // The call's deadline: final, whatever attempt is running, waiting or backing off.
+            self.deadlineTimer = 0
+            self.end(Status(code: .deadlineExceeded, message: "deadline exceeded"))
+        }
+    }
+
+    /// Ends the call with `status` wherever it is (deadline, cancel, a channel closed for good).
+    package func end(_ status: Status) {
+        self.perform(self.machine.ended(status))
+    }
+
+    /// Cancels from any thread: inline on the reactor thread, else handed to it. A streaming call that is known to
+    /// have ended costs no hand-off at all.
+    package func cancelFromAnyThread(_ status: Status = Status(code: .cancelled, message: "cancelled by the client")) {
+        self.failFromAnyThread(status, byClient: true)
+    }
+
+    /// Ends the call with `status` from any thread.
+    package func failFromAnyThread(_ status: Status, byClient: Bool = false) {
+        if self.buffers?.isFinished == true { return }
+        let reactor = self.reactor
+        if reactor.inReactorThread {
+            if byClient && !self.machine.isFinished { self.cancelledByClient = true }
+            self.end(status)
+        } else {
+            reactor.execute {
+                if byClient && !self.machine.isFinished { self.cancelledByClient = true }
+                self.end(status)
+            }
+        }
+    }
+
+    private func perform(_ action: CallStateMachine.OnEnded) {
+        guard case .finish(let status, let abandoning) = action else { return }
+        switch abandoning {
+        case .nothing:
+            break
+        case .stream, .queue:
+            self.abandonAttempt()
+            // The abandoned attempt ended too: the throttle and the bus hear of it, as of any other.
+            self.reportAttempt(status)
+        case .backoff:
+            if self.retryTimer != 0 {
+                self.reactor.cancelTimer(self.retryTimer)
+                self.retryTimer = 0
+            }
+        }
+        self.finish(UnaryResponse(status: status, initialMetadata: self.head.initialMetadata))
+    }
+
+    /// Lets go of the current attempt: resets its stream (which detaches us from it) or leaves the queue.
+    private func abandonAttempt() {
+        if let stream = self.stream {
+            self.stream = nil
+            stream.reset(errorCode: NGHTTP2_CANCEL.rawValue)
+        }
+        if self.queued { self.environment.router.withdraw(self) }
+    }
+
+    private func reportAttempt(_ status: Status) {
+        let environment = self.environment
+        environment.policies.retry?.attemptEnded(service: environment.service, path: self.path, status: status)
+        environment.bus.publishCallEvent(
+            .attemptFinished(service: environment.service, path: self.path, status: status, attempt: self.machine.attempt))
+    }
+
+    /// Where every attempt ends: a transparent retry, a retry by policy after a backoff, or the call's end.
+    private func attemptEnded(_ response: UnaryResponse, unprocessed: Bool, retryable: Bool = true) {
+        if self.attemptTimer != 0 {
+            self.reactor.cancelTimer(self.attemptTimer)
+            self.attemptTimer = 0
+        }
+        self.stream = nil
+        let environment = self.environment
+        let transparent = unprocessed && !environment.router.isClosing
+        var delay: Duration? = nil
+        if !transparent {
+            self.reportAttempt(response.status)
+            if retryable, self.machine.mayRetryByPolicy, !response.status.isOK, let retry = environment.policies.retry {
+                delay = retry.retryDelay(
+                    service: environment.service, path: self.path, status: response.status,
+                    trailers: response.trailingMetadata, attempt: self.machine.attempt,
+                    attemptTimedOut: self.attemptTimedOut, deadline: self.deadline, now: Reactor.clock())
+            }
+        }
+        switch self.machine.attemptEnded(status: response.status, unprocessed: unprocessed, retryDelay: delay) {
+        case .none:
+            return
+        case .retryTransparently:
+            self.dispatchAttempt()
+        case .retryAfter(let delay):
+            environment.bus.publish(
+                .retryScheduled(
+                    service: environment.service, path: self.path, attempt: self.machine.attempt + 1, delay: delay,
+                    status: response.status))
+            self.resetAttemptState()
+            self.retryTimer = self.reactor.scheduleTimer(
+                at: Reactor.clock() &+ UInt64(max(delay.nanoseconds, 0)), handler: self, tag: TimerTag.retry)
+        case .finish:
+            self.finish(response)
+        }
+    }
+
+    /// The call's one end: bookkeeping, the breaker, the bus, then the completion (deferred).
+    private func finish(_ response: UnaryResponse) {
+        for timer in [self.deadlineTimer, self.attemptTimer, self.retryTimer] where timer != 0 {
+            self.reactor.cancelTimer(timer)
+        }
+        self.deadlineTimer = 0
+        self.attemptTimer = 0
+        self.retryTimer = 0
+        let environment = self.environment
+        if self.queued { environment.router.withdraw(self) }
+        if self.adopted {
+            self.adopted = false
+            environment.router.release(self)
+        }
+        let duration = Duration.nanoseconds(Int64(bitPattern: Reactor.clock() &- self.startedAt))
+        if let permit = self.permit, let admission = environment.policies.admission {
+            admission.callEnded(
+                permit, service: environment.service, path: self.path, status: response.status, duration: duration,
+                cancelledByClient: self.cancelledByClient)
+        }
+        if self.startedAt != 0 {
+            environment.bus.publishCallEvent(
+                .callFinished(
+                    service: environment.service, path: self.path, status: response.status, duration: duration,
+                    attempts: self.attemptsMade, sentBytes: self.sentBytes, receivedBytes: self.receivedBytes))
+        }
+        self.complete(response)
+    }
+
+    /// Queues the completion for the deferred phase.
+    private func complete(_ response: UnaryResponse) {
+        guard self.result == nil else { return }
+        self.result = response
+        if self.reactor.isStopped {
+            self.completeWithoutReactor()
+            return
+        }
+        self.scheduleDelivery()
+    }
+
+    // MARK: delivery (the deferred phase: user code runs here)
+
+    private func scheduleDelivery() {
+        if !self.deliveryScheduled {
+            self.deliveryScheduled = true
+            self.reactor.enqueueDeferred(self)
+        }
+    }
+
+    package override func reactorRunDeferred() {
+        self.deliveryScheduled = false
+        // What was there when this run began: anything a callback causes (its own cancel, say) comes next turn.
+        let finalResponse = self.result
+        if !self.parts.isEmpty {
+            swap(&self.parts, &self.partsDelivering)
+            for part in self.partsDelivering {
+                // A callback that ended the call (a cancel) stops the rest of what was received.
+                if finalResponse == nil && self.result != nil { break }
+                switch part {
+                case .metadata(let metadata):
+                    if case .callbacks(let callbacks) = self.delivery { callbacks.onInitialMetadata(metadata) }
+                case .message(let message):
+                    if case .callbacks(let callbacks) = self.delivery { callbacks.onMessage(message) }
+                case .writable:
+                    self.onWritable?()
+                }
+            }
+            self.partsDelivering.removeAll(keepingCapacity: true)
+        }
+        if let finalResponse, !self.completed {
+            self.completed = true
+            self.parts.removeAll()
+            self.buffers?.finish(StreamResult(finalResponse))
+            self.completion(finalResponse)
+        }
+    }
+
+    /// The reactor has stopped for good, so no deferred phase will come: the completion runs on a thread of its
+    /// own, never inside the call that started it.
+    private func completeWithoutReactor() {
+        guard let response = self.result, !self.completed else { return }
+        self.completed = true
+        let buffers = self.buffers
+        let completion = self.completion
+        spawnDetachedThread { [response] in
+            buffers?.finish(StreamResult(response))
+            completion(response)
+        }
+    }
+
+    /// The reactor refused the call (it has stopped): it ends without one.
+    package func finishWithoutReactor(_ status: Status) {
+        self.machine = CallStateMachine(requestsStreamed: self.requestsStreamed)
+        _ = self.machine.ended(status)
+        self.result = UnaryResponse(status: status)
+        self.completeWithoutReactor()
+    }
+
+    // MARK: streaming
+
+    /// Writes or reads happened on another thread (reactor thread, through `StreamWaker`).
+    func streamWake() {
+        guard let buffers = self.buffers else { return }
+        let work = buffers.takeWakeWork()
+        guard let stream = self.stream else { return }
+        if work.resumeSending && self.requestsStreamed { stream.resume() }
+        if work.consume > 0 { stream.consume(work.consume) }
+    }
+
+    /// The send buffer drained below its limit after a callback writer was told it was full.
+    func notifyWritable() {
+        guard !self.machine.isFinished, self.onWritable != nil else { return }
+        self.parts.append(.writable)
+        self.scheduleDelivery()
+    }
+
+    // MARK: HTTP2StreamHandler (inside nghttp2's processing: record, never call out)
+
+    package func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int {
+        if self.requestsStreamed {
+            let written = self.buffers!.take(into: buffer, length: length, eof: &eof)
+            if written > 0 { self.sentBytes += written }
+            return written
+        }
+        let written = MessageFramer.copyFramed(self.request, offset: &self.sendOffset, into: buffer, capacity: length)
+        eof = self.sendOffset == self.request.count + 5
+        return written
+    }
+
+    package func streamBeginHeaders() {
+        self.head.beginBlock()
+    }
+
+    package func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
+        if self.head.header(name: name, value: value) { return true }
+        self.localFailure = Status(
+            code: .resourceExhausted,
+            message: "response header block exceeds maxHeaderListSize (\(self.head.maxHeaderListSize) bytes)")
+        return false
+    }
+
+    package func streamHeadersEnded(endStream: Bool) {
+        switch self.head.endBlock(endStream: endStream) {
+        case .informational:
+            return
+        case .headers:
+            self.machine.headersReceived()
+            switch self.delivery {
+            case .single: break
+            case .callbacks:
+                self.parts.append(.metadata(self.head.initialMetadata))
+                self.scheduleDelivery()
+            case .buffered: self.buffers!.deliverMetadata(self.head.initialMetadata)
+            }
+        case .trailers, .trailersOnly:
+            guard endStream, let stream = self.stream, !stream.isLocallyClosed else { return }
+            // The server ended the call while requests are still open: the status is final now. Our half of the
+            // stream is reset (NO_ERROR) so that nghttp2 releases it (gRPC over HTTP/2: the server may end first).
+            let response = self.finalResponse(errorCode: 0)
+            self.stream = nil
+            stream.reset(errorCode: NGHTTP2_NO_ERROR.rawValue)
+            self.attemptEnded(response, unprocessed: false, retryable: false)
+        }
+    }
+
+    package func streamData(_ bytes: UnsafeRawBufferPointer) {
+        guard self.localFailure == nil, let stream = self.stream else { return }
+        self.receivedBytes += bytes.count
+        do {
+            try self.deframer.process(bytes) { message, _ in
+                switch self.delivery {
+                case .single:
+                    if self.responseMessage == nil {
+                        self.responseMessage = message
+                    } else {
+                        self.extraMessages = true
+                    }
+                case .callbacks:
+                    self.parts.append(.message(message))
+                    self.scheduleDelivery()
+                case .buffered:
+                    self.buffers!.deliverMessage(message)
+                }
+            }
+            // Flow control follows consumption: bytes go back to the server's window at once, except while an async
+            // reader has more than its limit unread.
+            var consumeNow = bytes.count
+            if case .buffered = self.delivery { consumeNow = self.buffers!.received(bytes.count) }
+            if consumeNow > 0 { stream.consume(consumeNow) }
+        } catch {
+            let status: Status
+            switch error {
+            case .messageTooLarge(let length, let limit):
+                status = Status(
+                    code: .resourceExhausted,
+                    message: "response message of \(length) bytes exceeds the receive limit of \(limit) bytes")
+            case .compressedWithoutEncoding:
+                status = Status(
+                    code: .internal,
+                    message: self.head.grpcEncoding.map {
+                        "compressed message received with grpc-encoding \"\($0)\", which the client did not offer"
+                    } ?? "compressed message received without a grpc-encoding header")
+            case .invalidFlag(let flag):
+                status = Status(code: .internal, message: "invalid message flag \(flag) in response")
+            }
+            self.localFailure = status
+            self.stream = nil
+            stream.reset(errorCode: NGHTTP2_CANCEL.rawValue)
+            self.attemptEnded(UnaryResponse(status: status, initialMetadata: self.head.initialMetadata), unprocessed: false)
+        }
+    }
+
+    package func streamClosed(errorCode: UInt32) {
+        guard self.stream != nil else { return }
+        // REFUSED_STREAM before any response: the server provably never processed the request (gRFC A6).
+        let unprocessed =
+            errorCode == NGHTTP2_REFUSED_STREAM.rawValue && self.head.completeBlocks == 0
+            && (!self.requestsStreamed || self.buffers!.canReplay)
+        self.attemptEnded(self.finalResponse(errorCode: errorCode), unprocessed: unprocessed)
+    }
+
+    package func streamFailed(_ reason: Status) {
+        guard self.stream != nil else { return }
+        self.attemptEnded(UnaryResponse(status: reason, initialMetadata: self.head.initialMetadata), unprocessed: false)
+    }
+
+    /// The one true status of the attempt, from what was received.
+    private func finalResponse(errorCode: UInt32) -> UnaryResponse {
+        var status = self.localFailure ?? self.head.status(errorCode: errorCode)
+        if status.isOK {
+            if self.deframer.hasPartialMessage {
+                status = Status(code: .internal, message: "stream ended in the middle of a message")
+            } else if case .single = self.delivery {
+                if self.extraMessages {
+                    status = Status(code: .internal, message: "expected one response message, received more")
+                } else if self.responseMessage == nil {
+                    status = Status(code: .internal, message: "expected one response message, the call ended with OK but none")
+                }
+            }
+        }
+        return UnaryResponse(
+            status: status, message: status.isOK ? (self.responseMessage ?? []) : [],
+            initialMetadata: self.head.initialMetadata, trailingMetadata: self.head.trailingMetadata)
+    }
+}
+
+/// Runs `body` on a new detached thread.
+package func spawnDetachedThread(_ body: @escaping @Sendable () -> Void) {
+    final class Box: Sendable {
+        let body: @Sendable () -> Void
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+    let pointer = Unmanaged.passRetained(Box(body)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, nil, { arg in
+        let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+        box.body()
+        return nil
+    }, pointer)
+    if rc == 0 {
+        pthread_detach(thread)
+    } else {
+        Unmanaged<Box>.fromOpaque(pointer).takeRetainedValue().body()
+    }
+}

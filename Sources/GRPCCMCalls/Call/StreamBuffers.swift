@@ -1,0 +1,326 @@
+import CNghttp2
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMWire
+
+/// One piece of a streaming response, in the order the application sees them: `.metadata` (unless the response
+/// is trailers-only), any number of `.message`, then exactly one `.end`.
+package enum ResponsePart: Sendable {
+    case metadata(Metadata)
+    case message([UInt8])
+    case end(StreamResult)
+}
+
+/// The part of a streaming call that application threads touch: messages written but not yet taken by nghttp2,
+/// responses received but not yet read, and whoever waits on either.
+///
+/// Backpressure both ways:
+/// - **Out**: `write` adds to `outbox`; nghttp2 pulls from it only while the stream's and the connection's
+///   send windows allow. A writer is told to wait (suspended, or `isWritable` false until `onWritable`) while more
+///   than `limit` bytes are buffered, so a fast writer and a slow peer cost at most `limit` plus one message.
+/// - **In** (buffered delivery): received bytes are returned to the peer's send window (`nghttp2_session_consume_stream`)
+///   only while fewer than `limit` bytes wait unread. Above that the peer runs out of window after at most one
+///   stream window more, so a slow reader holds at most `limit` + the stream window + one partial message.
+///
+/// The reactor reaches this state once per nghttp2 callback, application threads once per write or read.
+/// `@unchecked Sendable`: every mutable field lives in `state`, which is only touched under its lock.
+package final class StreamBuffers: @unchecked Sendable {
+    struct State {
+        // Out.
+        var outbox: [[UInt8]] = []
+        var outboxHead = 0
+        /// Bytes of the head message (5-byte prefix included) already handed to nghttp2.
+        var headOffset = 0
+        /// Framed bytes written and not yet handed to nghttp2.
+        var outboxBytes = 0
+        var halfClosed = false
+        /// nghttp2 has taken at least one byte of a message (the stream can no longer be replayed).
+        var sendStarted = false
+        var writeWaiters: [CheckedContinuation<Void, any Error>] = []
+        /// A callback writer saw `isWritable` false: `onWritable` fires when the buffer drains.
+        var owesWritable = false
+        // In.
+        var inbox: [ResponsePart] = []
+        var inboxHead = 0
+        /// Framed bytes of unread messages.
+        var inboxBytes = 0
+        /// Received bytes not yet returned to the peer's window.
+        var unconsumed = 0
+        var readWaiter: CheckedContinuation<ResponsePart, Never>?
+        // Both.
+        var result: StreamResult?
+        var resultWaiters: [CheckedContinuation<StreamResult, Never>] = []
+        var wakePending = false
+    }
+
+    package let limit: Int
+    package let maxSendMessageSize: Int
+    private let state = PThreadLock(State())
+    /// Set by the call when it is created; the waker reaches it on the reactor thread.
+    package let waker = StreamWaker()
+
+    package init(limit: Int, maxSendMessageSize: Int) {
+        self.limit = limit
+        self.maxSendMessageSize = maxSendMessageSize
+    }
+
+    // MARK: application side
+
+    package enum WriteOutcome {
+        /// Buffered; the writer may go on.
+        case accepted
+        /// Buffered, but the buffer is full: wait before writing more.
+        case acceptedFull
+        /// Dropped: the requests were closed, or the call ended.
+        case refused(RPCError)
+    }
+
+    /// Buffers one message for sending. Any thread.
+    package func write(_ message: [UInt8]) -> WriteOutcome {
+        if message.count > self.maxSendMessageSize {
+            let status = Status(
+                code: .resourceExhausted,
+                message: "request message of \(message.count) bytes exceeds the send limit of \(self.maxSendMessageSize) bytes")
+            self.waker.fail(status)
+            return .refused(RPCError(status: status))
+        }
+        let (outcome, wake) = self.state.withLock { state -> (WriteOutcome, Bool) in
+            if let result = state.result { return (.refused(RPCError(status: result.status, trailers: result.trailingMetadata)), false) }
+            if state.halfClosed {
+                return (.refused(RPCError(status: Status(code: .failedPrecondition, message: "the requests were already closed"))), false)
+            }
+            state.outbox.append(message)
+            state.outboxBytes += message.count + 5
+            let full = state.outboxBytes >= self.limit
+            if full { state.owesWritable = true }
+            return (full ? .acceptedFull : .accepted, Self.claimWake(&state))
+        }
+        if wake { self.waker.wake() }
+        return outcome
+    }
+
+    /// Buffers `message`, then suspends while the send buffer is full; cancelling the task runs `cancel`.
+    /// - Throws: `RPCError` when the call has ended or the requests were closed.
+    package func writeWaitingForRoom(_ message: [UInt8], cancel: @escaping @Sendable () -> Void) async throws {
+        switch self.write(message) {
+        case .accepted: return
+        case .refused(let error): throw error
+        case .acceptedFull:
+            try await withTaskCancellationHandler {
+                try await self.waitUntilWritable()
+            } onCancel: {
+                cancel()
+            }
+        }
+    }
+
+    /// Suspends while the send buffer is full. Returns at once when it is not; throws when the call ends.
+    package func waitUntilWritable() async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let resume: Result<Void, RPCError>? = self.state.withLock { state in
+                if let result = state.result { return .failure(RPCError(status: result.status, trailers: result.trailingMetadata)) }
+                if state.outboxBytes < self.limit { return .success(()) }
+                state.writeWaiters.append(continuation)
+                return nil
+            }
+            if let resume { continuation.resume(with: resume) }
+        }
+    }
+
+    package var isWritable: Bool {
+        self.state.withLock { state in
+            if state.result != nil || state.halfClosed { return false }
+            if state.outboxBytes >= self.limit {
+                state.owesWritable = true
+                return false
+            }
+            return true
+        }
+    }
+
+    /// Half-closes the requests: END_STREAM goes out after the buffered messages. Idempotent.
+    package func closeRequests() {
+        let wake = self.state.withLock { state -> Bool in
+            if state.halfClosed || state.result != nil { return false }
+            state.halfClosed = true
+            return Self.claimWake(&state)
+        }
+        if wake { self.waker.wake() }
+    }
+
+    /// The next response part; suspends until one arrives. After `.end` it returns `.end` again.
+    package func nextPart() async -> ResponsePart {
+        await withCheckedContinuation { (continuation: CheckedContinuation<ResponsePart, Never>) in
+            let (part, wake) = self.state.withLock { state -> (ResponsePart?, Bool) in
+                guard state.inboxHead < state.inbox.count else {
+                    if let result = state.result { return (.end(result), false) }
+                    state.readWaiter = continuation
+                    return (nil, false)
+                }
+                return Self.pop(&state, limit: self.limit)
+            }
+            if wake { self.waker.wake() }
+            if let part { continuation.resume(returning: part) }
+        }
+    }
+
+    /// The final status and metadata; suspends until the call ends.
+    package func result() async -> StreamResult {
+        await withCheckedContinuation { (continuation: CheckedContinuation<StreamResult, Never>) in
+            let result = self.state.withLock { state -> StreamResult? in
+                if let result = state.result { return result }
+                state.resultWaiters.append(continuation)
+                return nil
+            }
+            if let result { continuation.resume(returning: result) }
+        }
+    }
+
+    private static func pop(_ state: inout State, limit: Int) -> (ResponsePart?, Bool) {
+        let part = state.inbox[state.inboxHead]
+        state.inboxHead += 1
+        if state.inboxHead == state.inbox.count {
+            state.inbox.removeAll(keepingCapacity: true)
+            state.inboxHead = 0
+        }
+        guard case .message(let message) = part else { return (part, false) }
+        state.inboxBytes -= message.count + 5
+        // Reopen the peer's window once the reader has caught up to under the limit.
+        let wake = state.unconsumed > 0 && state.inboxBytes < limit && Self.claimWake(&state)
+        return (part, wake)
+    }
+
+    private static func claimWake(_ state: inout State) -> Bool {
+        if state.wakePending { return false }
+        state.wakePending = true
+        return true
+    }
+
+    // MARK: reactor side
+
+    /// What the reactor must do after a wake-up.
+    package struct WakeWork {
+        package var resumeSending: Bool
+        package var consume: Int
+    }
+
+    package func takeWakeWork() -> WakeWork {
+        self.state.withLock { state in
+            state.wakePending = false
+            var consume = 0
+            if state.inboxBytes < self.limit {
+                consume = state.unconsumed
+                state.unconsumed = 0
+            }
+            return WakeWork(resumeSending: state.outboxBytes > 0 || state.halfClosed, consume: consume)
+        }
+    }
+
+    /// True when nghttp2 has not taken a byte of any message yet (the stream may be replayed elsewhere).
+    package var canReplay: Bool { self.state.withLock { !$0.sendStarted } }
+
+    /// nghttp2's data source: copies framed messages into `buffer`. Returns the bytes written, or
+    /// `NGHTTP2_ERR_DEFERRED` when nothing is buffered and the requests are still open (the waker resumes it).
+    package func take(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int {
+        var waiters: [CheckedContinuation<Void, any Error>] = []
+        var notifyWritable = false
+        let written = self.state.withLock { state -> Int in
+            var written = 0
+            while written < length && state.outboxHead < state.outbox.count {
+                let message = state.outbox[state.outboxHead]
+                written += MessageFramer.copyFramed(
+                    message, offset: &state.headOffset, into: buffer + written, capacity: length - written)
+                if state.headOffset == message.count + 5 {
+                    state.outbox[state.outboxHead] = []
+                    state.outboxHead += 1
+                    state.headOffset = 0
+                }
+            }
+            if state.outboxHead == state.outbox.count {
+                state.outbox.removeAll(keepingCapacity: true)
+                state.outboxHead = 0
+            }
+            if written > 0 { state.sendStarted = true }
+            let wasFull = state.outboxBytes >= self.limit
+            state.outboxBytes -= written
+            if wasFull && state.outboxBytes < self.limit {
+                swap(&waiters, &state.writeWaiters)
+                notifyWritable = state.owesWritable
+                state.owesWritable = false
+            }
+            eof = state.halfClosed && state.outboxBytes == 0
+            return written
+        }
+        for waiter in waiters { waiter.resume() }
+        if notifyWritable { self.waker.writable() }
+        if written == 0 && !eof { return Int(NGHTTP2_ERR_DEFERRED.rawValue) }
+        return written
+    }
+
+    /// Response headers (not trailers-only) arrived.
+    package func deliverMetadata(_ metadata: Metadata) {
+        self.append(.metadata(metadata), bytes: 0)
+    }
+
+    /// A complete response message arrived.
+    package func deliverMessage(_ message: [UInt8]) {
+        self.append(.message(message), bytes: message.count + 5)
+    }
+
+    private func append(_ part: ResponsePart, bytes: Int) {
+        let waiter = self.state.withLock { state -> CheckedContinuation<ResponsePart, Never>? in
+            if let waiter = state.readWaiter {
+                // Handed straight to a waiting reader: it never counts as buffered.
+                state.readWaiter = nil
+                return waiter
+            }
+            state.inbox.append(part)
+            state.inboxBytes += bytes
+            return nil
+        }
+        waiter?.resume(returning: part)
+    }
+
+    /// `count` DATA bytes arrived. Returns how many to give back to the peer's window now; the rest waits for the
+    /// reader to catch up.
+    package func received(_ count: Int) -> Int {
+        self.state.withLock { state in
+            if state.inboxBytes < self.limit && state.unconsumed == 0 { return count }
+            state.unconsumed += count
+            return 0
+        }
+    }
+
+    /// The call ended: record the result, fail writers, wake the reader after what it has not read yet.
+    package func finish(_ result: StreamResult) {
+        let (writers, reader, resultWaiters) = self.state.withLock {
+            state -> ([CheckedContinuation<Void, any Error>], CheckedContinuation<ResponsePart, Never>?, [CheckedContinuation<StreamResult, Never>]) in
+            if state.result != nil { return ([], nil, []) }
+            state.result = result
+            state.outbox.removeAll()
+            state.outboxHead = 0
+            state.outboxBytes = 0
+            var writers: [CheckedContinuation<Void, any Error>] = []
+            swap(&writers, &state.writeWaiters)
+            var resultWaiters: [CheckedContinuation<StreamResult, Never>] = []
+            swap(&resultWaiters, &state.resultWaiters)
+            let reader = state.readWaiter
+            state.readWaiter = nil
+            if reader == nil { state.inbox.append(.end(result)) }
+            return (writers, reader, resultWaiters)
+        }
+        let error = RPCError(status: result.status, trailers: result.trailingMetadata)
+        for writer in writers { writer.resume(throwing: error) }
+        reader?.resume(returning: .end(result))
+        for waiter in resultWaiters { waiter.resume(returning: result) }
+    }
+
+    /// The call has ended (its result is recorded).
+    package var isFinished: Bool { self.state.withLock { $0.result != nil } }
+
+    /// A writer is suspended on a full send buffer (for tests).
+    package var hasWaitingWriter: Bool { self.state.withLock { !$0.writeWaiters.isEmpty } }
+    /// Bytes waiting unread (for tests and the slow-reader bound).
+    package var bufferedInboundBytes: Int { self.state.withLock { $0.inboxBytes } }
+    /// Bytes written and not yet sent.
+    package var bufferedOutboundBytes: Int { self.state.withLock { $0.outboxBytes } }
+}

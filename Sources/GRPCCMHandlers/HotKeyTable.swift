@@ -1,0 +1,39 @@
+/// The handlers' per-service (or per-service-and-method) state, with the last key it was asked for remembered.
+///
+/// Calls of one service and method come back to back, and their strings usually share storage (the caller's path
+/// and the pool's service name), so comparing with the last key is a pointer comparison, where a dictionary
+/// lookup hashes every byte of both strings: callgrind showed the breaker's and the throttle's lookups among the
+/// costliest steps of a call.
+package struct HotKeyTable<Key: Hashable, Value> {
+    private var values: [Value] = []
+    private var index: [Key: Int] = [:]
+    private var lastKey: Key?
+    private var lastSlot = 0
+
+    /// The slot of `key`, created with `make()` when absent.
+    package init() {}
+
+    package mutating func slot(for key: Key, orInsert make: () -> Value) -> Int {
+        if let slot = self.existingSlot(for: key) { return slot }
+        self.values.append(make())
+        let slot = self.values.count - 1
+        self.index[key] = slot
+        self.lastKey = key
+        self.lastSlot = slot
+        return slot
+    }
+
+    /// The slot of `key`, or nil.
+    package mutating func existingSlot(for key: Key) -> Int? {
+        if let last = self.lastKey, last == key { return self.lastSlot }
+        guard let slot = self.index[key] else { return nil }
+        self.lastKey = key
+        self.lastSlot = slot
+        return slot
+    }
+
+    package subscript(slot: Int) -> Value {
+        get { self.values[slot] }
+        _modify { yield &self.values[slot] }
+    }
+}

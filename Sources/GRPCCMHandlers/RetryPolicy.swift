@@ -1,0 +1,53 @@
+import GRPCCMReactor
+import GRPCCMWire
+
+/// Retry settings for calls (gRFC A6 terms). Defaults are the Go original's.
+public struct RetryPolicy: Sendable, Hashable {
+    /// Attempts in total, the first included. Default 3; 1...10.
+    public var maxAttempts: Int = 3
+    /// Backoff before the first retry. Default 100 ms.
+    public var initialBackoff: Duration = .milliseconds(100)
+    /// Growth per retry. Default 2.0.
+    public var backoffMultiplier: Double = 2.0
+    /// Cap on the backoff. Default 3 s.
+    public var maxBackoff: Duration = .seconds(3)
+    /// Codes worth another attempt. Default UNAVAILABLE, DEADLINE_EXCEEDED (a per-attempt timeout only; never
+    /// past the caller's deadline), RESOURCE_EXHAUSTED, ABORTED.
+    public var retryableCodes: Set<StatusCode> = [.unavailable, .deadlineExceeded, .resourceExhausted, .aborted]
+    /// Deadline of each attempt (nil: only the call's deadline). When it fires the attempt ends DEADLINE_EXCEEDED
+    /// and may be retried.
+    public var perAttemptTimeout: Duration? = nil
+
+    public init() {}
+
+    /// The wait before retry number `retry` (1 = the first retry): full jitter, uniform in
+    /// [0, min(initialBackoff × multiplier^(retry-1), maxBackoff)] (gRFC A6).
+    package func backoff(retry: Int, unit: Double) -> Duration {
+        var ceiling = Double(self.initialBackoff.nanoseconds)
+        let cap = Double(self.maxBackoff.nanoseconds)
+        var step = 1
+        while step < retry && ceiling < cap {
+            ceiling *= self.backoffMultiplier
+            step += 1
+        }
+        return .nanoseconds(Int64(min(ceiling, cap) * unit))
+    }
+
+    package func validate(field: String) throws(ConfigurationError) {
+        if !(1...10).contains(self.maxAttempts) {
+            throw ConfigurationError(field: "\(field).maxAttempts", message: "must be 1...10")
+        }
+        if self.initialBackoff <= .zero {
+            throw ConfigurationError(field: "\(field).initialBackoff", message: "must be greater than zero")
+        }
+        if !(self.backoffMultiplier >= 1) {
+            throw ConfigurationError(field: "\(field).backoffMultiplier", message: "must be at least 1")
+        }
+        if self.maxBackoff < self.initialBackoff {
+            throw ConfigurationError(field: "\(field).maxBackoff", message: "must be at least initialBackoff")
+        }
+        if let timeout = self.perAttemptTimeout, timeout <= .zero {
+            throw ConfigurationError(field: "\(field).perAttemptTimeout", message: "must be greater than zero")
+        }
+    }
+}

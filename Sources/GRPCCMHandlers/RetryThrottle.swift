@@ -1,0 +1,31 @@
+import GRPCCMWire
+
+/// Retry throttling per target (gRFC A6): a token bucket. A failed attempt with a retryable code costs one token,
+/// a success gives back `tokenRatio`; retries are allowed only while more than half the tokens are left.
+public struct RetryThrottling: Sendable, Hashable {
+    /// Default 10; 1...1000.
+    public var maxTokens: Int = 10
+    /// Default 0.1; greater than 0.
+    public var tokenRatio: Double = 0.1
+
+    public init() {}
+}
+
+/// The bucket, in thousandths of a token (as grpc-swift does) so that repeated ratios add up exactly.
+package struct RetryThrottle {
+    private let maxMilli: Int
+    private let ratioMilli: Int
+    package private(set) var tokensMilli: Int
+
+    package init(_ configuration: RetryThrottling) {
+        self.maxMilli = configuration.maxTokens * 1000
+        self.ratioMilli = Int((configuration.tokenRatio * 1000).rounded(.down))
+        self.tokensMilli = self.maxMilli
+    }
+
+    package var retriesAllowed: Bool { self.tokensMilli > self.maxMilli / 2 }
+
+    package mutating func recordFailure() { self.tokensMilli = max(0, self.tokensMilli - 1000) }
+
+    package mutating func recordSuccess() { self.tokensMilli = min(self.maxMilli, self.tokensMilli + self.ratioMilli) }
+}

@@ -1,0 +1,51 @@
+import GRPCCMReactor
+
+/// Reconnect backoff: exponential with jitter (grpc `doc/connection-backoff.md`), the Go original's defaults.
+///
+/// The n-th delay is `min(base * multiplier^n, max)`, then multiplied by a factor drawn uniformly from
+/// `[1 - jitter, 1 + jitter]`. Every delay is jittered, the first included, so that clients that lost a server
+/// together do not come back together (grpc-java#5366). `reset()` after a connection becomes ready.
+package struct Backoff: Sendable, Hashable {
+    /// Backoff settings.
+    package struct Configuration: Sendable, Hashable {
+        package var base: Duration
+        package var multiplier: Double
+        package var jitter: Double
+        package var maximum: Duration
+
+        package init(base: Duration, multiplier: Double, jitter: Double, maximum: Duration) {
+            self.base = base
+            self.multiplier = multiplier
+            self.jitter = jitter
+            self.maximum = maximum
+        }
+    }
+
+    package let configuration: Configuration
+    package private(set) var attempt = 0
+
+    package init(_ configuration: Configuration) {
+        self.configuration = configuration
+    }
+
+    /// The delay before the next attempt; advances the sequence. `unit` is a uniform random number in [0, 1).
+    package mutating func next(unit: Double) -> Duration {
+        let base = Double(self.configuration.base.nanoseconds)
+        let maximum = Double(self.configuration.maximum.nanoseconds)
+        var delay = base
+        var step = 0
+        while step < self.attempt && delay < maximum {
+            delay *= self.configuration.multiplier
+            step += 1
+        }
+        delay = min(delay, maximum)
+        let factor = 1 + self.configuration.jitter * (2 * unit - 1)
+        self.attempt += 1
+        return .nanoseconds(Int64(max(0, delay * factor)))
+    }
+
+    /// Back to the first delay (a connection reached READY).
+    package mutating func reset() {
+        self.attempt = 0
+    }
+}

@@ -1,0 +1,293 @@
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMCalls
+import GRPCCMTransport
+import GRPCCMWire
+
+/// What a subchannel tells its pool. Reactor thread.
+package protocol SubchannelDelegate: AnyObject {
+    /// The subchannel changed connectivity state.
+    func subchannel(_ subchannel: Subchannel, changedFrom old: ConnectivityState, to new: ConnectivityState, reason: Status?)
+    /// Its connection may take more streams now.
+    func subchannelHasCapacity(_ subchannel: Subchannel)
+    /// Whether calls wait for a connection (decides between reconnecting and resting in IDLE after a backoff).
+    var hasWaitingCalls: Bool { get }
+}
+
+/// One connection slot to one address: the owner of a `ConnectionStateMachine`. It performs the machine's actions
+/// (connect, arm the backoff and idle timers, drain or close the connection) and publishes every transition. Its
+/// connections come from a `TransportConnector`, so it is tested without sockets.
+///
+/// `@unchecked Sendable` (through `ReactorHandler`): reactor thread only.
+/// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
+/// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
+/// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.
+package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @unchecked Sendable {
+    private enum TimerTag {
+        static let backoff: UInt64 = 1
+        static let idle: UInt64 = 2
+    }
+
+    package unowned let reactor: Reactor
+    /// Unowned, not weak (a weak reference would put the pool's every retain on the slow path): the pool owns its
+    /// subchannels and detaches itself before it goes.
+    @exclusivity(unchecked)
+    package unowned(unsafe) var delegate: (any SubchannelDelegate)?
+    package let address: SocketAddress
+    package let service: String
+    private let connector: any TransportConnector
+    private let bus: EventBus
+    private let connectionIDs: ConnectionIDSource
+    private let idleTimeout: Duration
+
+    @exclusivity(unchecked)
+    private var machine: ConnectionStateMachine
+    @exclusivity(unchecked)
+    private var transport: (any HTTP2Transport)?
+    /// Connections that received GOAWAY (or were closed gracefully) and finish their streams; kept until they close.
+    @exclusivity(unchecked)
+    private var draining: [ObjectIdentifier: any HTTP2Transport] = [:]
+    @exclusivity(unchecked)
+    private var backoffTimer: Reactor.TimerID = 0
+    @exclusivity(unchecked)
+    private var idleTimer: Reactor.TimerID = 0
+    @exclusivity(unchecked)
+    private var generator = SystemRandomNumberGenerator()
+    /// The keepalive interval for new connections; doubled after GOAWAY too_many_pings (gRFC A8), up to a cap.
+    @exclusivity(unchecked)
+    package private(set) var keepAliveTime: Duration
+    @exclusivity(unchecked)
+    package private(set) var currentConnectionID = 0
+
+    /// The longest keepalive interval `too_many_pings` can push us to: doubling stops here (no overflow, and a
+    /// connection still notices a dead peer within a few hours).
+    package static let maximumKeepAliveTime: Duration = .seconds(4 * 3600)
+
+    package init(
+        reactor: Reactor, address: SocketAddress, service: String, connector: any TransportConnector, bus: EventBus,
+        connectionIDs: ConnectionIDSource, backoff: Backoff.Configuration, keepAliveTime: Duration, idleTimeout: Duration
+    ) {
+        self.reactor = reactor
+        self.address = address
+        self.service = service
+        self.connector = connector
+        self.bus = bus
+        self.connectionIDs = connectionIDs
+        self.idleTimeout = idleTimeout
+        self.keepAliveTime = keepAliveTime
+        self.machine = ConnectionStateMachine(backoff: backoff)
+    }
+
+    deinit {
+        for transport in [self.transport].compactMap({ $0 }) + Array(self.draining.values) {
+            transport.detachDelegate()
+            transport.close(reason: Status(code: .unavailable, message: "connection abandoned"))
+        }
+    }
+
+    package var state: ConnectivityState { self.machine.state }
+    package var lastError: Status? { self.machine.lastError }
+
+    /// Streams that may open on the current connection now.
+    package var availableStreams: Int {
+        guard self.machine.state == .ready, let transport = self.transport else { return 0 }
+        return transport.availableStreams
+    }
+
+    /// Open streams on the current connection (for least-loaded picking).
+    package var load: Int { self.transport?.openStreamCount ?? 0 }
+
+    /// Calls still running on this subchannel's connections (the current one and the draining ones).
+    package var openStreamCount: Int {
+        (self.transport?.openStreamCount ?? 0) + self.draining.values.reduce(0) { $0 + $1.openStreamCount }
+    }
+
+    // MARK: inputs from the pool
+
+    /// Leaves IDLE if it is there.
+    package func connect() {
+        let old = self.machine.state
+        switch self.machine.connectRequested() {
+        case .none: return
+        case .connect:
+            self.transition(from: old, reason: nil)
+            self.startAttempt()
+        }
+    }
+
+    /// Opens a stream for `call` on the ready connection.
+    package func open(_ call: ClientCall) -> ClientCall.OpenOutcome {
+        guard self.machine.state == .ready, let transport = self.transport else { return .tryElsewhere }
+        return call.open(on: transport)
+    }
+
+    /// Closes for good (SHUTDOWN). Graceful: the connections finish their open streams first (GOAWAY tells the
+    /// server); otherwise they close now and their streams fail with `reason`.
+    package func shutdown(reason: Status, graceful: Bool) {
+        let old = self.machine.state
+        if self.machine.shutdownRequested() == .close {
+            self.cancelTimers()
+            self.transition(from: old, reason: nil)
+            if let transport = self.transport {
+                self.transport = nil
+                if graceful && transport.openStreamCount > 0 {
+                    self.draining[ObjectIdentifier(transport)] = transport
+                    transport.beginGracefulClose()
+                } else {
+                    transport.close(reason: reason)
+                }
+            }
+        }
+        if !graceful {
+            for transport in Array(self.draining.values) { transport.close(reason: reason) }
+        }
+    }
+
+    // MARK: performing actions
+
+    private func startAttempt() {
+        if self.reactor.isStopping {
+            // No new connection on a loop that is going away: fail the attempt as a refused connect would.
+            self.connectFailed(Status(code: .unavailable, message: "the event loop is shutting down"), id: 0)
+            return
+        }
+        let id = self.connectionIDs.next()
+        self.currentConnectionID = id
+        let transport = self.connector.makeTransport(
+            address: self.address, id: id, keepAliveTime: self.keepAliveTime, delegate: self)
+        self.transport = transport
+        self.bus.publish(.connectAttemptStarted(service: self.service, connectionID: id, address: self.address))
+        transport.connect()
+    }
+
+    private func transition(from old: ConnectivityState, reason: Status?) {
+        let new = self.machine.state
+        guard old != new else { return }
+        self.bus.publish(
+            .connectivityStateChanged(
+                service: self.service, connectionID: self.currentConnectionID, from: old, to: new, reason: reason))
+        if new == .ready { self.armIdleTimer() }
+        if new != .ready && self.idleTimer != 0 {
+            self.reactor.cancelTimer(self.idleTimer)
+            self.idleTimer = 0
+        }
+        self.delegate?.subchannel(self, changedFrom: old, to: new, reason: reason)
+    }
+
+    private func handleFailure(_ action: ConnectionStateMachine.OnFailure, old: ConnectivityState) {
+        guard case .backoff(let delay, let error) = action else { return }
+        self.backoffTimer = self.reactor.scheduleTimer(
+            at: Reactor.clock() &+ UInt64(max(delay.nanoseconds, 0)), handler: self, tag: TimerTag.backoff)
+        self.transition(from: old, reason: error)
+    }
+
+    private func armIdleTimer() {
+        guard self.idleTimeout > .zero else { return }
+        if self.idleTimer != 0 { self.reactor.cancelTimer(self.idleTimer) }
+        let base = self.transport?.lastStreamActivity ?? self.reactor.now
+        self.idleTimer = self.reactor.scheduleTimer(
+            at: max(base, self.reactor.now) &+ UInt64(self.idleTimeout.nanoseconds), handler: self, tag: TimerTag.idle)
+    }
+
+    private func cancelTimers() {
+        for timer in [self.backoffTimer, self.idleTimer] where timer != 0 {
+            self.reactor.cancelTimer(timer)
+        }
+        self.backoffTimer = 0
+        self.idleTimer = 0
+    }
+
+    package override func reactorTimerFired(tag: UInt64) {
+        switch tag {
+        case TimerTag.backoff:
+            self.backoffTimer = 0
+            let old = self.machine.state
+            switch self.machine.backoffElapsed(callsWaiting: self.delegate?.hasWaitingCalls ?? false) {
+            case .none: return
+            case .connect:
+                self.transition(from: old, reason: nil)
+                self.startAttempt()
+            case .becameIdle:
+                self.transition(from: old, reason: nil)
+            }
+        case TimerTag.idle:
+            self.idleTimer = 0
+            guard self.machine.state == .ready, let transport = self.transport else { return }
+            let idleFor = self.reactor.now &- transport.lastStreamActivity
+            if transport.openStreamCount > 0 || idleFor < UInt64(self.idleTimeout.nanoseconds) {
+                self.armIdleTimer()
+                return
+            }
+            let old = self.machine.state
+            guard self.machine.idleTimeoutElapsed() == .close else { return }
+            self.transport = nil
+            transport.close(reason: Status(code: .unavailable, message: "idle timeout"))
+            self.transition(from: old, reason: Status(code: .ok, message: "idle timeout"))
+        default:
+            break
+        }
+    }
+
+    // MARK: HTTP2TransportDelegate
+
+    package func transportReady(_ transport: any HTTP2Transport) {
+        guard transport === self.transport else { return }
+        let old = self.machine.state
+        guard self.machine.connectSucceeded() == .becameReady else { return }
+        self.bus.publish(
+            .connectAttemptSucceeded(service: self.service, connectionID: transport.id, address: self.address))
+        self.transition(from: old, reason: nil)
+    }
+
+    package func transportDraining(_ transport: any HTTP2Transport, errorCode: UInt32, debugData: String) {
+        let tooManyPings = errorCode == 0xb && debugData == "too_many_pings"
+        if tooManyPings {
+            let doubled = min(transport.keepAliveTime * 2, Self.maximumKeepAliveTime)
+            if doubled > self.keepAliveTime { self.keepAliveTime = doubled }
+        }
+        self.bus.publish(
+            .goAwayReceived(
+                service: self.service, connectionID: transport.id, errorCode: errorCode, debugData: debugData,
+                tooManyPings: tooManyPings))
+        guard transport === self.transport else { return }
+        self.transport = nil
+        self.draining[ObjectIdentifier(transport)] = transport
+        let old = self.machine.state
+        if self.machine.goAwayReceived() == .drain {
+            self.transition(from: old, reason: Status(code: .unavailable, message: "GOAWAY \(HTTP2ErrorCode.name(errorCode))"))
+        }
+    }
+
+    package func transportHasCapacity(_ transport: any HTTP2Transport) {
+        guard transport === self.transport, self.machine.state == .ready else { return }
+        self.delegate?.subchannelHasCapacity(self)
+    }
+
+    package func transportClosed(
+        _ transport: any HTTP2Transport, reason: Status, wasReady: Bool, keepaliveTimedOut: Bool
+    ) {
+        if self.draining.removeValue(forKey: ObjectIdentifier(transport)) != nil { return }
+        guard transport === self.transport else { return }
+        self.transport = nil
+        if keepaliveTimedOut {
+            self.bus.publish(.keepaliveTimeout(service: self.service, connectionID: transport.id))
+        }
+        if wasReady {
+            let old = self.machine.state
+            let action = self.machine.connectionLost(reason, randomUnit: Double.random(in: 0..<1, using: &self.generator))
+            self.handleFailure(action, old: old)
+        } else {
+            self.connectFailed(reason, id: transport.id)
+        }
+    }
+
+    private func connectFailed(_ reason: Status, id: Int) {
+        let old = self.machine.state
+        let action = self.machine.connectFailed(reason, randomUnit: Double.random(in: 0..<1, using: &self.generator))
+        if case .backoff(let delay, let error) = action {
+            self.bus.publish(
+                .connectAttemptFailed(
+                    service: self.service, connectionID: id, address: self.address, error: error, backoff: delay))
+        }
+        self.handleFailure(action, old: old)
+    }
+}

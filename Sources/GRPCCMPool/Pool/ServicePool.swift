@@ -1,0 +1,367 @@
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMCalls
+import GRPCCMTransport
+import GRPCCMWire
+
+/// How a pool connects and queues, taken from the configuration by the layer that makes pools.
+package struct PoolSettings: Sendable {
+    /// Connections per resolved address.
+    package var connectionsPerTarget: Int
+    /// Calls that may wait for a stream before new ones fail with RESOURCE_EXHAUSTED.
+    package var maxQueuedCalls: Int
+    package var backoff: Backoff.Configuration
+    package var keepAliveTime: Duration
+    package var idleTimeout: Duration
+    /// Wait before resolving again after a failed resolution while wait-for-ready calls wait.
+    package var resolveRetryDelay: Duration
+
+    package init(
+        connectionsPerTarget: Int, maxQueuedCalls: Int, backoff: Backoff.Configuration, keepAliveTime: Duration,
+        idleTimeout: Duration, resolveRetryDelay: Duration
+    ) {
+        self.connectionsPerTarget = connectionsPerTarget
+        self.maxQueuedCalls = maxQueuedCalls
+        self.backoff = backoff
+        self.keepAliveTime = keepAliveTime
+        self.idleTimeout = idleTimeout
+        self.resolveRetryDelay = resolveRetryDelay
+    }
+}
+
+extension ClientCall: WaitQueueEntry {}
+
+/// The connections of one service: a subchannel per resolved address (times `connectionsPerTarget`), the calls
+/// waiting for a stream, and the picking rule. It is the calls' `CallRouter`: every attempt asks it for a stream.
+///
+/// One queue: a call waits here whenever no connection can take a stream now (none is ready, or every ready one is
+/// at the server's MAX_CONCURRENT_STREAMS), and every waiting call counts against `maxQueuedCalls`. A connection that
+/// frees a stream, or becomes ready, takes the next calls.
+///
+/// Wait-for-ready (grpc `doc/wait-for-ready.md`): with no ready connection a call waits while some connection is
+/// IDLE or CONNECTING; when all are in TRANSIENT_FAILURE a fail-fast call fails at once with the last connect
+/// error, and a wait-for-ready call keeps waiting until its deadline.
+///
+/// `@unchecked Sendable` (through `ReactorHandler`): reactor thread only, but for the immutable fields.
+/// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
+/// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
+/// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.
+package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate, @unchecked Sendable {
+    package unowned let reactor: Reactor
+    package let service: String
+    package let target: Target
+    private let settings: PoolSettings
+    private let connector: any TransportConnector
+    private let bus: EventBus
+    private let connectionIDs: ConnectionIDSource
+
+    @exclusivity(unchecked)
+    private var addresses: [SocketAddress]?
+    @exclusivity(unchecked)
+    private var subchannels: [Subchannel] = []
+    @exclusivity(unchecked)
+    private var resolving = false
+    @exclusivity(unchecked)
+    private var lastResolution: UInt64 = 0
+    @exclusivity(unchecked)
+    private var queue: WaitQueue<ClientCall>
+    @exclusivity(unchecked)
+    private var picker = LeastLoadedPicker()
+    @exclusivity(unchecked)
+    private var registry = CallRegistry()
+    @exclusivity(unchecked)
+    private var hooked = false
+    @exclusivity(unchecked)
+    private(set) var closed = false
+    @exclusivity(unchecked)
+    package private(set) var closingStatus = Status(code: .unavailable, message: "the connection is closed")
+    @exclusivity(unchecked)
+    private var resolutionError: Status?
+    /// Set by `connectAll()`: connect as soon as addresses are known, calls or not.
+    @exclusivity(unchecked)
+    private var eager = false
+
+    package init(
+        reactor: Reactor, service: String, target: Target, settings: PoolSettings, connector: any TransportConnector,
+        bus: EventBus, connectionIDs: ConnectionIDSource
+    ) {
+        self.reactor = reactor
+        self.service = service
+        self.target = target
+        self.settings = settings
+        self.connector = connector
+        self.bus = bus
+        self.connectionIDs = connectionIDs
+        self.queue = WaitQueue(capacity: settings.maxQueuedCalls)
+        super.init()
+        if let numeric = target.numericAddresses { self.install(numeric) }
+    }
+
+    deinit {
+        for subchannel in self.subchannels { subchannel.delegate = nil }
+    }
+
+    // MARK: state for reports
+
+    /// The aggregate state (round_robin's rule): any READY → READY; else any CONNECTING → CONNECTING; else any
+    /// IDLE → IDLE; else TRANSIENT_FAILURE. SHUTDOWN once closed.
+    package var state: ConnectivityState {
+        if self.closed { return .shutdown }
+        var sawConnecting = self.resolving
+        var sawIdle = false
+        for subchannel in self.subchannels {
+            switch subchannel.state {
+            case .ready: return .ready
+            case .connecting: sawConnecting = true
+            case .idle: sawIdle = true
+            case .transientFailure, .shutdown: break
+            }
+        }
+        if sawConnecting { return .connecting }
+        if sawIdle || self.subchannels.isEmpty { return self.resolutionError == nil ? .idle : .transientFailure }
+        return .transientFailure
+    }
+
+    package var lastError: Status? {
+        self.resolutionError ?? self.subchannels.lazy.compactMap(\.lastError).first
+    }
+
+    /// Keepalive interval each subchannel will use for its next connection (tests check the too_many_pings rule).
+    package var subchannelKeepAliveTimes: [Duration] { self.subchannels.map(\.keepAliveTime) }
+
+    /// The address of each subchannel, as text.
+    package var subchannelAddresses: [String] { self.subchannels.map { "\($0.address)" } }
+
+    /// Calls started and not yet ended (waiting, open, or between attempts).
+    package var openCallCount: Int { self.registry.count }
+
+    /// Calls waiting for a stream.
+    package var queuedCallCount: Int { self.queue.count }
+
+    // MARK: CallRouter
+
+    package var isClosing: Bool { self.closed || self.reactor.isStopping }
+
+    package func adopt(_ call: ClientCall) {
+        if !self.hooked {
+            self.hooked = true
+            self.reactor.addShutdownHook(self)
+        }
+        self.registry.insert(call)
+    }
+
+    package func release(_ call: ClientCall) {
+        self.registry.remove(call)
+    }
+
+    package func withdraw(_ call: ClientCall) {
+        self.queue.withdraw(call)
+    }
+
+    package func route(_ call: ClientCall) {
+        if self.isClosing {
+            call.routeFailed(self.closed ? self.closingStatus : Status(code: .unavailable, message: "the event loop is shutting down"))
+            return
+        }
+        if self.open(call) { return }
+        if self.addresses == nil || self.subchannels.isEmpty {
+            self.resolve()
+        } else if !call.waitForReady && self.allInTransientFailure {
+            call.routeFailed(self.failFastStatus())
+            return
+        }
+        guard self.queue.enqueue(call) else {
+            call.routeFailed(
+                Status(
+                    code: .resourceExhausted,
+                    message: "too many calls waiting for a connection (maxQueuedCalls \(self.settings.maxQueuedCalls))"))
+            return
+        }
+        for subchannel in self.subchannels where subchannel.state == .idle {
+            subchannel.connect()
+        }
+    }
+
+    /// Opens a stream for `call` on the best connection that can take one. False when none can now.
+    private func open(_ call: ClientCall) -> Bool {
+        var refused = 0  // subchannels that said "try elsewhere" during this pick, as a bit set (first 64)
+        for _ in 0..<max(self.subchannels.count, 1) {
+            let subchannels = self.subchannels
+            guard
+                let index = self.picker.pick(count: subchannels.count, { index in
+                    let subchannel = subchannels[index]
+                    let usable = subchannel.availableStreams > 0 && (index >= 64 || refused & (1 << index) == 0)
+                    return (usable, subchannel.load)
+                })
+            else { return false }
+            switch subchannels[index].open(call) {
+            case .done, .notWaiting: return true
+            case .tryElsewhere: if index < 64 { refused |= 1 << index } else { return false }
+            }
+        }
+        return false
+    }
+
+    private var allInTransientFailure: Bool {
+        !self.subchannels.isEmpty && self.subchannels.allSatisfy { $0.state == .transientFailure }
+    }
+
+    private func failFastStatus() -> Status {
+        Status(code: .unavailable, message: self.lastError?.message ?? "no connection available")
+    }
+
+    /// Hands waiting calls to connections that can take them, in order.
+    private func drainQueue() {
+        while !self.queue.isEmpty {
+            let subchannels = self.subchannels
+            guard
+                self.picker.pick(count: subchannels.count, { (subchannels[$0].availableStreams > 0, 0) }) != nil,
+                let call = self.queue.dequeue()
+            else { return }
+            if !self.open(call) {
+                if call.isWaitingForStream { self.queue.requeueFirst(call) }
+                return
+            }
+        }
+    }
+
+    private func failWaitingFailFast() {
+        let status = self.failFastStatus()
+        for call in self.queue.removeAll() {
+            if call.waitForReady {
+                _ = self.queue.enqueue(call)
+            } else {
+                call.routeFailed(status)
+            }
+        }
+    }
+
+    // MARK: resolution
+
+    private func install(_ addresses: [SocketAddress]) {
+        self.addresses = addresses
+        let wanted = addresses.flatMap { Array(repeating: $0, count: self.settings.connectionsPerTarget) }
+        // Keep subchannels whose address is still there; close the others.
+        var remaining = self.subchannels
+        var next: [Subchannel] = []
+        for address in wanted {
+            if let index = remaining.firstIndex(where: { $0.address == address }) {
+                next.append(remaining.remove(at: index))
+            } else {
+                let subchannel = Subchannel(
+                    reactor: self.reactor, address: address, service: self.service, connector: self.connector,
+                    bus: self.bus, connectionIDs: self.connectionIDs, backoff: self.settings.backoff,
+                    keepAliveTime: self.settings.keepAliveTime, idleTimeout: self.settings.idleTimeout)
+                subchannel.delegate = self
+                next.append(subchannel)
+            }
+        }
+        self.subchannels = next
+        for stale in remaining {
+            stale.shutdown(reason: Status(code: .unavailable, message: "address no longer resolved"), graceful: true)
+        }
+    }
+
+    /// getaddrinfo blocks, so it runs on a helper thread and reports back through the inbox. Numeric addresses and
+    /// Unix paths need none.
+    private func resolve() {
+        guard !self.resolving, self.target.numericAddresses == nil, !self.isClosing else { return }
+        self.resolving = true
+        self.lastResolution = Reactor.clock()
+        let target = self.target
+        let reactor = self.reactor
+        let pool = self
+        spawnDetachedThread {
+            let result = target.resolveBlocking()
+            reactor.execute { pool.resolved(result) }
+        }
+    }
+
+    private func resolved(_ result: Result<[SocketAddress], Status>) {
+        self.resolving = false
+        guard !self.isClosing else { return }
+        switch result {
+        case .success(let addresses):
+            self.resolutionError = nil
+            if addresses != self.addresses { self.install(addresses) }
+            if self.eager || !self.queue.isEmpty {
+                for subchannel in self.subchannels where subchannel.state == .idle { subchannel.connect() }
+            }
+        case .failure(let status):
+            self.resolutionError = status
+            if self.subchannels.isEmpty {
+                self.failWaitingFailFast()
+                // Wait-for-ready calls keep waiting; try again after a while.
+                if !self.queue.isEmpty {
+                    self.reactor.schedule(afterNanoseconds: UInt64(max(self.settings.resolveRetryDelay.nanoseconds, 0))) {
+                        [weak self] in self?.resolve()
+                    }
+                }
+            }
+        }
+    }
+
+    // MARK: SubchannelDelegate
+
+    package var hasWaitingCalls: Bool { !self.queue.isEmpty }
+
+    package func subchannel(
+        _ subchannel: Subchannel, changedFrom old: ConnectivityState, to new: ConnectivityState, reason: Status?
+    ) {
+        guard !self.closed else { return }
+        switch new {
+        case .ready:
+            self.drainQueue()
+        case .transientFailure:
+            // Re-resolve when a connection fails (rate-limited to once a second), then fail the fail-fast calls
+            // if no connection is left to try.
+            if self.target.numericAddresses == nil && Reactor.clock() &- self.lastResolution > 1_000_000_000 {
+                self.resolve()
+            }
+            if self.allInTransientFailure { self.failWaitingFailFast() }
+        case .idle:
+            if !self.queue.isEmpty { subchannel.connect() }
+        case .connecting, .shutdown:
+            break
+        }
+    }
+
+    package func subchannelHasCapacity(_ subchannel: Subchannel) {
+        if !self.queue.isEmpty { self.drainQueue() }
+    }
+
+    // MARK: closing
+
+    /// Stops taking calls. Graceful: calls on a stream run to their end (and are never retried), then the connections
+    /// close; calls waiting for a stream or between attempts end now. Not graceful (or a second time): everything
+    /// ends now with `reason`, draining connections and their calls included.
+    package func close(graceful: Bool, reason: Status = Status(code: .unavailable, message: "the connection is closed")) {
+        if !self.closed {
+            self.closed = true
+            self.closingStatus = reason
+            // Calls first learn that nothing is retried any more; then the waiting ones go.
+            for call in self.registry.all { call.channelClosing(reason) }
+            for call in self.queue.removeAll() { call.routeFailed(reason) }
+        }
+        for subchannel in self.subchannels { subchannel.shutdown(reason: reason, graceful: graceful) }
+        if !graceful {
+            for call in self.registry.all { call.end(reason) }
+            if self.hooked {
+                self.hooked = false
+                self.reactor.removeShutdownHook(self)
+            }
+        }
+    }
+
+    /// Connects every IDLE subchannel (used when a service is registered, so that health reports READY early).
+    package func connectAll() {
+        self.eager = true
+        if self.addresses == nil { self.resolve() }
+        for subchannel in self.subchannels where subchannel.state == .idle { subchannel.connect() }
+    }
+
+    /// The reactor is stopping: every call ends now.
+    package override func reactorRunSubmitted() {
+        self.hooked = false
+        self.close(graceful: false, reason: Status(code: .unavailable, message: "the event loop is shutting down"))
+    }
+}

@@ -1,0 +1,122 @@
+import CReactor
+import GRPCCMReactor
+import GRPCCMWire
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where a channel connects: `host:port`, `[v6]:port`, or `unix:/path`.
+public struct Target: Sendable, Hashable, CustomStringConvertible {
+    package enum Kind: Sendable, Hashable {
+        case hostPort(host: String, port: Int)
+        case unix(path: String)
+    }
+
+    package let kind: Kind
+
+    /// Parses `host:port`, `[v6]:port`, `unix:/path` (also `unix:///path`).
+    /// - Throws: `ConfigurationError` naming `address` when the text is not one of those.
+    public init(parsing text: String) throws(ConfigurationError) {
+        if text.hasPrefix("unix:") {
+            var path = String(text.dropFirst(5))
+            if path.hasPrefix("//") { path = String(path.dropFirst(2)) }
+            guard !path.isEmpty else { throw ConfigurationError(field: "address", message: "empty unix socket path") }
+            self.kind = .unix(path: path)
+            return
+        }
+        let host: String
+        let portText: Substring
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else {
+                throw ConfigurationError(field: "address", message: "\"\(text)\": missing ']' after the IPv6 address")
+            }
+            host = String(text[text.index(after: text.startIndex)..<close])
+            let rest = text[text.index(after: close)...]
+            guard rest.hasPrefix(":") else {
+                throw ConfigurationError(field: "address", message: "\"\(text)\": expected [host]:port")
+            }
+            portText = rest.dropFirst()
+        } else {
+            guard let colon = text.lastIndex(of: ":"), !text[..<colon].contains(":") else {
+                throw ConfigurationError(
+                    field: "address", message: "\"\(text)\": expected host:port, [v6]:port or unix:/path")
+            }
+            host = String(text[..<colon])
+            portText = text[text.index(after: colon)...]
+        }
+        guard !host.isEmpty else { throw ConfigurationError(field: "address", message: "\"\(text)\": empty host") }
+        guard let port = Int(portText), (1...65535).contains(port) else {
+            throw ConfigurationError(field: "address", message: "\"\(text)\": port must be 1...65535")
+        }
+        self.kind = .hostPort(host: host, port: port)
+    }
+
+    public var description: String {
+        switch self.kind {
+        case .hostPort(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        case .unix(let path): return "unix:\(path)"
+        }
+    }
+
+    /// The `:authority` pseudo-header: host:port, or "localhost" for Unix sockets (as grpc-go does).
+    package var authority: String {
+        switch self.kind {
+        case .hostPort: return self.description
+        case .unix: return "localhost"
+        }
+    }
+
+    /// Addresses without a DNS lookup, when the host is numeric or a Unix path.
+    package var numericAddresses: [SocketAddress]? {
+        switch self.kind {
+        case .unix(let path): return [SocketAddress(unixPath: path)]
+        case .hostPort(let host, let port):
+            if let address = SocketAddress(ip: host, port: port) { return [address] }
+            return nil
+        }
+    }
+
+    /// Resolves with getaddrinfo. Blocking: never call it on the reactor thread.
+    package func resolveBlocking() -> Result<[SocketAddress], Status> {
+        if let numeric = self.numericAddresses { return .success(numeric) }
+        guard case .hostPort(let host, let port) = self.kind else { return .success([]) }
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_family = AF_UNSPEC
+        var result: UnsafeMutablePointer<addrinfo>? = nil
+        let rc = getaddrinfo(host, String(port), &hints, &result)
+        guard rc == 0, let first = result else {
+            let reason = String(cString: gai_strerror(rc))
+            return .failure(Status(code: .unavailable, message: "name resolution failed for \(host): \(reason)"))
+        }
+        defer { freeaddrinfo(first) }
+        var addresses: [SocketAddress] = []
+        var cursor: UnsafeMutablePointer<addrinfo>? = first
+        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
+        while let info = cursor {
+            if let sa = info.pointee.ai_addr {
+                if info.pointee.ai_family == AF_INET {
+                    sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { v4 in
+                        var addr = v4.pointee.sin_addr
+                        inet_ntop(AF_INET, &addr, &text, socklen_t(text.count))
+                    }
+                } else if info.pointee.ai_family == AF_INET6 {
+                    sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { v6 in
+                        var addr = v6.pointee.sin6_addr
+                        inet_ntop(AF_INET6, &addr, &text, socklen_t(text.count))
+                    }
+                }
+                let ip = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                if let address = SocketAddress(ip: ip, port: port), !addresses.contains(address) {
+                    addresses.append(address)
+                }
+            }
+            cursor = info.pointee.ai_next
+        }
+        if addresses.isEmpty {
+            return .failure(Status(code: .unavailable, message: "name resolution found no address for \(host)"))
+        }
+        return .success(addresses)
+    }
+}

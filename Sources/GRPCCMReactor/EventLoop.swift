@@ -1,0 +1,41 @@
+/// The public handle of a reactor: one thread with one epoll instance that runs all socket I/O, timers and call
+/// state of the channels built on it.
+///
+/// Most programs use `EventLoop.shared`. Create your own to control its thread (`start()`) or to run the loop on
+/// a thread you own (`run()`, for embedding).
+public final class EventLoop: Sendable {
+    package let reactor: Reactor
+
+    /// The process-wide loop, started on its own thread on first use.
+    public static let shared: EventLoop = {
+        let loop = try! EventLoop()  // only fails when the kernel refuses an epoll fd or an eventfd
+        loop.start()
+        return loop
+    }()
+
+    /// Creates a loop that is not running yet.
+    /// - Throws: `ReactorError` when epoll or eventfd cannot be created.
+    public init() throws {
+        self.reactor = try Reactor()
+    }
+
+    /// Runs the loop on a new thread.
+    public func start() { self.reactor.start() }
+
+    /// Runs the loop on the calling thread until `shutdown()` is called from another thread (or `stop()` from a
+    /// completion).
+    public func run() { self.reactor.run() }
+
+    /// Asks the loop to stop; safe from any thread, including completions.
+    public func stop() { self.reactor.stop() }
+
+    /// Stops the loop: every call still open, queued, waiting for a connection or for its next retry ends with
+    /// UNAVAILABLE (its completion runs, on this loop's thread, before the loop finishes), connections send GOAWAY
+    /// (and close_notify under TLS), and every fd closes. From another thread it waits for all of that; from the
+    /// loop's own thread (a completion, a bus handler) it cannot wait for itself, so it returns at once and the loop
+    /// finishes when the callback returns.
+    public func shutdown() { self.reactor.stopAndWait() }
+
+    /// True on the loop's thread.
+    public var inEventLoop: Bool { self.reactor.inReactorThread }
+}

@@ -1,0 +1,462 @@
+import CReactor
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The event loop: one thread, one epoll instance (see `reactor.c`).
+///
+/// All socket I/O, timers and call state run on the reactor thread. Other threads reach it only through
+/// `execute(_:)`/`submit(_:)`, which append to a lock-protected inbox and wake the loop through its eventfd.
+///
+/// One turn of the loop, and where user code may run in it:
+///
+/// ```
+///   epoll_wait ─▶ fd events (sockets: nghttp2, TLS)  ─▶ expired timers ─▶ deferred work ─▶ flush
+///                 wake-up: the inbox (submitted jobs)                    (user callbacks)  (one write per
+///                                                                                          connection)
+/// ```
+///
+/// The library never calls user code from an fd event or a timer: whatever it has for the user (a completion, a
+/// stream message, a bus event) is queued with `enqueueDeferred(_:)` and runs in the deferred phase, where the whole
+/// public API is legal again (start a call, close a channel, drop it, stop the loop). Work queued *during* the
+/// deferred phase runs in the next turn, which then polls without sleeping: a completion that starts a call that
+/// fails at once cannot recurse, and a closed loop of such calls cannot starve I/O or timers.
+///
+/// The reactor runs either on a thread it creates (`start()`) or on the caller's thread (`run()`, for embedding).
+///
+/// `@unchecked Sendable`: the loop pointer, the registration, deferred and flush lists are touched only on the reactor
+/// thread (or, once it has stopped, by nobody); the inbox is behind a pthread mutex; `cr_loop_wake` is thread-safe.
+/// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
+/// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
+/// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.
+package final class Reactor: @unchecked Sendable {
+    /// Readiness bits, as in `CReactor.h`.
+    package enum Events {
+        package static let read = UInt32(CR_READ)
+        package static let write = UInt32(CR_WRITE)
+        package static let error = UInt32(CR_ERROR)
+        package static let hangup = UInt32(CR_HUP)
+    }
+
+    /// Reactor lifecycle.
+    private enum LifeState: UInt8 {
+        case created, running, stopping, stopped
+    }
+
+    // Reactor-thread state.
+    /// nil once the loop has stopped and closed its fds; read off-thread only under the inbox lock.
+    @exclusivity(unchecked)
+    private var loop: OpaquePointer?
+    @exclusivity(unchecked)
+    private var flushList: [ReactorHandler] = []
+    @exclusivity(unchecked)
+    private var flushing: [ReactorHandler] = []
+    @exclusivity(unchecked)
+    private var drained: [ReactorHandler] = []
+    @exclusivity(unchecked)
+    private var deferred: [ReactorHandler] = []
+    @exclusivity(unchecked)
+    private var deferredRunning: [ReactorHandler] = []
+    /// Called on the reactor thread when the loop is about to stop, before fds are closed (owners close theirs).
+    @exclusivity(unchecked)
+    private var shutdownHooks: [ObjectIdentifier: ReactorHandler] = [:]
+    /// State that modules above keep once per reactor (see `shared(_:)`).
+    @exclusivity(unchecked)
+    private var sharedState: [ObjectIdentifier: AnyObject] = [:]
+
+    /// One read buffer for every connection: only one handler reads at a time on this thread.
+    package let readBuffer: UnsafeMutableBufferPointer<UInt8> = .allocate(capacity: 64 << 10)
+    /// Decrypted bytes on their way to nghttp2 (TLS connections; one at a time on this thread).
+    package let plaintextBuffer: UnsafeMutableBufferPointer<UInt8> = .allocate(capacity: 64 << 10)
+
+    // Cross-thread state.
+    private let inbox = PThreadLock<[ReactorHandler]>([])
+    private let life = Atomic<UInt8>(LifeState.created.rawValue)
+    /// The thread running the loop; 0 before it runs and again once it has finished.
+    private let reactorThread = Atomic<UInt>(0)
+    private let finished = PThreadLock<Bool>(false)
+
+    /// Creates the epoll instance and the eventfd.
+    /// - Throws: `ReactorError` if the kernel refuses either.
+    package init() throws {
+        cr_ignore_sigpipe()
+        let callbacks = cr_callbacks(
+            on_fd: reactorOnFD,
+            on_timer: reactorOnTimer,
+            on_wake: reactorOnWake,
+            after_turn: reactorAfterTurn
+        )
+        guard let loop = cr_loop_create(nil, callbacks) else {
+            throw ReactorError(operation: "epoll_create1/eventfd", errno: errno)
+        }
+        self.loop = loop
+        // The reactor outlives its loop (deinit destroys it), so an unretained context is safe.
+        cr_loop_set_context(loop, Unmanaged.passUnretained(self).toOpaque())
+        self.flushList.reserveCapacity(64)
+        self.flushing.reserveCapacity(64)
+        self.drained.reserveCapacity(64)
+        self.deferred.reserveCapacity(64)
+        self.deferredRunning.reserveCapacity(64)
+    }
+
+    deinit {
+        if let loop = self.loop {
+            // Never ran: release what timers still hold, then close the fds.
+            while let target = cr_timer_pop_any(loop) {
+                Unmanaged<ReactorHandler>.fromOpaque(target).release()
+            }
+            cr_loop_destroy(loop)
+        }
+        self.readBuffer.deallocate()
+        self.plaintextBuffer.deallocate()
+    }
+
+    // MARK: running
+
+    /// Starts the loop on a new thread and returns once that thread runs.
+    package func start() {
+        let box = Unmanaged.passRetained(self).toOpaque()
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { arg in
+            let reactor = Unmanaged<Reactor>.fromOpaque(arg!).takeRetainedValue()
+            reactor.run()
+            return nil
+        }, box)
+        precondition(rc == 0, "pthread_create failed: \(rc)")
+        pthread_detach(thread)
+        while self.life.load(ordering: .acquiring) == LifeState.created.rawValue {
+            sched_yield()
+        }
+    }
+
+    /// Runs the loop on the calling thread until `stop()`.
+    package func run() {
+        self.reactorThread.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .releasing)
+        let started = self.life.compareExchange(
+            expected: LifeState.created.rawValue, desired: LifeState.running.rawValue, ordering: .acquiringAndReleasing
+        ).exchanged
+        guard started else {
+            // Stopped before it ran, or already running elsewhere.
+            self.reactorThread.store(0, ordering: .releasing)
+            precondition(self.isStopping, "a reactor runs once")
+            return
+        }
+        while self.life.load(ordering: .acquiring) == LifeState.running.rawValue {
+            let rc = cr_loop_run_once(self.loop!, self.deferred.isEmpty ? 1 : 0)
+            precondition(rc >= 0, "epoll_wait failed: errno \(-rc)")
+        }
+        self.finishShutdown()
+    }
+
+    /// Asks the loop to stop. Owners registered with `addShutdownHook` close their fds on the reactor thread first.
+    /// Safe from any thread, including the reactor thread.
+    package func stop() {
+        let stopping = self.life.compareExchange(
+            expected: LifeState.running.rawValue, desired: LifeState.stopping.rawValue, ordering: .acquiringAndReleasing
+        ).exchanged
+        if !stopping {
+            // Never ran: what was submitted still has to end (a call's completion, say). This thread stands in for
+            // the loop's for the shutdown, which is safe because no loop thread exists to race with it.
+            let neverRan = self.life.compareExchange(
+                expected: LifeState.created.rawValue, desired: LifeState.stopping.rawValue,
+                ordering: .acquiringAndReleasing
+            ).exchanged
+            if neverRan {
+                self.reactorThread.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .releasing)
+                self.finishShutdown()
+            }
+            return
+        }
+        self.inbox.withLock { _ in
+            if let loop = self.loop { cr_loop_wake(loop) }
+        }
+    }
+
+    /// Stops the loop and waits until it has closed everything. On the reactor thread it cannot wait for itself:
+    /// it only stops, and the loop finishes once the current callback returns.
+    package func stopAndWait() {
+        self.stop()
+        if self.inReactorThread { return }
+        while !self.isFinished {
+            usleep(1000)
+        }
+    }
+
+    /// True on the reactor thread while the loop runs (and while it shuts down).
+    package var inReactorThread: Bool {
+        self.reactorThread.load(ordering: .relaxed) == UInt(bitPattern: Int(bitPattern: pthread_self()))
+    }
+
+    private var isFinished: Bool { self.finished.withLock { $0 } }
+
+    private func markFinished() {
+        self.finished.withLock { $0 = true }
+    }
+
+    private func finishShutdown() {
+        // Let owners close their fds (they deregister and fail their calls), run what was submitted meanwhile and
+        // the completions all that produced, then stop. Each round may produce more (a completion that starts a call
+        // on the stopping loop fails it, which queues another completion), so repeat until nothing is left.
+        var rounds = 0
+        while true {
+            let hooks = self.shutdownHooks.values.sorted { ObjectIdentifier($0) < ObjectIdentifier($1) }
+            self.shutdownHooks.removeAll()
+            for hook in hooks { hook.reactorRunSubmitted() }
+            self.drainInbox()
+            self.runDeferred()
+            self.runFlushes()
+            rounds += 1
+            let idle = self.shutdownHooks.isEmpty && self.deferred.isEmpty && self.inbox.withLock({ $0.isEmpty })
+            if idle || rounds > 10_000 { break }
+        }
+        let loop = self.loop!
+        // Timers still armed hold a retain on their handler: release them.
+        while let target = cr_timer_pop_any(loop) {
+            Unmanaged<ReactorHandler>.fromOpaque(target).release()
+        }
+        self.sharedState.removeAll()
+        // Close the epoll fd and the eventfd now, so that every fd is closed when stopAndWait() returns. Submissions
+        // from now on are refused (the state is `stopped` under the inbox lock).
+        self.inbox.withLock { inbox in
+            self.life.store(LifeState.stopped.rawValue, ordering: .releasing)
+            cr_loop_destroy(loop)
+            self.loop = nil
+            inbox.removeAll()
+        }
+        // This thread is the loop's no longer: what it does next (drop a channel, say) goes through the refusing
+        // paths above instead of touching a loop that is gone.
+        self.reactorThread.store(0, ordering: .releasing)
+        self.markFinished()
+    }
+
+    /// Registers `handler.reactorRunSubmitted()` to run once when the reactor stops. Reactor thread only.
+    package func addShutdownHook(_ handler: ReactorHandler) {
+        self.shutdownHooks[ObjectIdentifier(handler)] = handler
+    }
+
+    /// Removes a hook added with `addShutdownHook`. Reactor thread only.
+    package func removeShutdownHook(_ handler: ReactorHandler) {
+        self.shutdownHooks.removeValue(forKey: ObjectIdentifier(handler))
+    }
+
+    /// True while the loop runs (after `run()`/`start()`, before `stop()`).
+    package var isRunning: Bool {
+        self.life.load(ordering: .acquiring) == LifeState.running.rawValue
+    }
+
+    /// True once `stop()` was called.
+    package var isStopping: Bool {
+        self.life.load(ordering: .acquiring) >= LifeState.stopping.rawValue
+    }
+
+    /// True once the loop has finished and closed its fds: nothing will ever run on it again.
+    package var isStopped: Bool {
+        self.life.load(ordering: .acquiring) == LifeState.stopped.rawValue
+    }
+
+    /// State that a module above keeps once per reactor (a scratch buffer, say), made on first use. Reactor thread
+    /// only; look it up once and keep it, not on a hot path.
+    package func shared<T: AnyObject>(_ make: () -> T) -> T {
+        let key = ObjectIdentifier(T.self)
+        if let existing = self.sharedState[key] { return existing as! T }
+        let made = make()
+        self.sharedState[key] = made
+        return made
+    }
+
+    // MARK: cross-thread submission
+
+    /// Runs `handler.reactorRunSubmitted()` on the reactor thread. Safe from any thread.
+    /// - Returns: false when the reactor has stopped and the handler will never run.
+    @discardableResult
+    package func submit(_ handler: ReactorHandler) -> Bool {
+        // The wake-up happens under the inbox lock so that it can never race with the loop being destroyed.
+        self.inbox.withLock { inbox -> Bool in
+            guard let loop = self.loop, self.life.load(ordering: .acquiring) != LifeState.stopped.rawValue else {
+                return false
+            }
+            inbox.append(handler)
+            cr_loop_wake(loop)
+            return true
+        }
+    }
+
+    /// Runs `body` on the reactor thread. Safe from any thread.
+    /// - Returns: false when the reactor has stopped and `body` will never run.
+    @discardableResult
+    package func execute(_ body: @escaping @Sendable () -> Void) -> Bool {
+        self.submit(ClosureJob(body))
+    }
+
+    fileprivate func drainInbox() {
+        self.inbox.withLock { inbox in
+            swap(&inbox, &self.drained)
+        }
+        for job in self.drained {
+            job.reactorRunSubmitted()
+        }
+        self.drained.removeAll(keepingCapacity: true)
+    }
+
+    // MARK: deferred work (reactor thread only)
+
+    /// Runs `handler.reactorRunDeferred()` in this turn's deferred phase, after I/O and timers; when called from the
+    /// deferred phase itself, in the next turn. The caller keeps a flag so that it queues once until it has run.
+    package func enqueueDeferred(_ handler: ReactorHandler) {
+        self.deferred.append(handler)
+    }
+
+    /// True while something waits for the deferred phase.
+    package var hasDeferredWork: Bool { !self.deferred.isEmpty }
+
+    fileprivate func runDeferred() {
+        guard !self.deferred.isEmpty else { return }
+        swap(&self.deferred, &self.deferredRunning)
+        // What these queue goes to `deferred`: the next turn.
+        for handler in self.deferredRunning { handler.reactorRunDeferred() }
+        self.deferredRunning.removeAll(keepingCapacity: true)
+    }
+
+    // MARK: fds (reactor thread only)
+
+    /// A live fd registration.
+    package struct Registration: Sendable, Equatable {
+        package let id: Int64
+    }
+
+    /// Registers `fd` with `handler`, which is retained until `deregister`.
+    /// - Throws: `ReactorError` when epoll refuses the fd (EBADF for a closed one) or the loop has stopped.
+    package func register(fd: Int32, interest: UInt32, handler: ReactorHandler) throws(ReactorError) -> Registration {
+        guard let loop = self.loop else { throw ReactorError(operation: "register: the event loop has stopped", errno: ESHUTDOWN) }
+        let target = Unmanaged.passRetained(handler).toOpaque()
+        let id = cr_fd_register(loop, fd, interest, target)
+        if id < 0 {
+            Unmanaged<ReactorHandler>.fromOpaque(target).release()
+            throw ReactorError(operation: "epoll_ctl(ADD)", errno: Int32(-id))
+        }
+        return Registration(id: id)
+    }
+
+    /// Changes what `registration` waits for. Returns false when it is no longer registered.
+    @discardableResult
+    package func setInterest(_ registration: Registration, _ interest: UInt32) -> Bool {
+        guard let loop = self.loop else { return false }
+        return cr_fd_set_interest(loop, registration.id, interest) == 0
+    }
+
+    /// Removes `registration` and releases its handler. Does not close the fd. Returns false when it was not
+    /// registered (removed before, or the loop has stopped).
+    @discardableResult
+    package func deregister(_ registration: Registration, handler: ReactorHandler) -> Bool {
+        guard let loop = self.loop else { return false }
+        if cr_fd_deregister(loop, registration.id) != -ENOENT {
+            Unmanaged.passUnretained(handler).release()
+            return true
+        }
+        return false
+    }
+
+    /// Live fd registrations (the eventfd is not counted).
+    package var registrationCount: Int { self.loop.map { cr_fd_count($0) } ?? 0 }
+
+    // MARK: timers (reactor thread only)
+
+    /// A pending timer. `0` means none.
+    package typealias TimerID = UInt64
+
+    /// The loop's cached monotonic time in nanoseconds (refreshed once per turn).
+    package var now: UInt64 { self.loop.map { cr_loop_now($0) } ?? cr_clock_now() }
+
+    /// A fresh monotonic reading in nanoseconds.
+    package static func clock() -> UInt64 { cr_clock_now() }
+
+    /// Arms a timer at the absolute deadline `deadline` (nanoseconds on the monotonic clock); `handler` is retained
+    /// until the timer fires or is cancelled. Returns 0 (no timer) once the loop has stopped.
+    package func scheduleTimer(at deadline: UInt64, handler: ReactorHandler, tag: UInt64 = 0) -> TimerID {
+        guard let loop = self.loop else { return 0 }
+        let target = Unmanaged.passRetained(handler).toOpaque()
+        let id = cr_timer_add(loop, deadline, target, tag)
+        precondition(id != 0, "out of memory arming a timer")
+        return id
+    }
+
+    /// Runs `body` on the reactor thread after `nanoseconds`. Reactor thread only.
+    @discardableResult
+    package func schedule(afterNanoseconds nanoseconds: UInt64, _ body: @escaping () -> Void) -> TimerID {
+        self.scheduleTimer(at: cr_clock_now() &+ nanoseconds, handler: ClosureTimer(body))
+    }
+
+    /// Cancels a pending timer; releases its handler. Returns true if it had not fired yet.
+    @discardableResult
+    package func cancelTimer(_ id: TimerID) -> Bool {
+        guard id != 0, let loop = self.loop else { return false }
+        var target: UnsafeMutableRawPointer? = nil
+        guard cr_timer_cancel(loop, id, &target) == 1 else { return false }
+        if let target { Unmanaged<ReactorHandler>.fromOpaque(target).release() }
+        return true
+    }
+
+    /// Pending timers.
+    package var timerCount: Int { self.loop.map { cr_timer_count($0) } ?? 0 }
+
+    // MARK: end-of-turn flush (reactor thread only)
+
+    /// Calls `handler.reactorFlush()` once at the end of this loop turn. The caller keeps a flag so that it asks
+    /// once per turn.
+    package func scheduleFlush(_ handler: ReactorHandler) {
+        self.flushList.append(handler)
+    }
+
+    fileprivate func endOfTurn() {
+        self.runDeferred()
+        self.runFlushes()
+    }
+
+    fileprivate func runFlushes() {
+        while !self.flushList.isEmpty {
+            swap(&self.flushList, &self.flushing)
+            for handler in self.flushing { handler.reactorFlush() }
+            self.flushing.removeAll(keepingCapacity: true)
+        }
+    }
+}
+
+// MARK: C callbacks (top-level, nonisolated: see swift-notes "Gotchas" 1 and 2)
+
+private func reactorOnFD(_ ctx: UnsafeMutableRawPointer?, _ target: UnsafeMutableRawPointer?, _ events: UInt32) {
+    // A strong reference for the duration of the callback, not `_withUnsafeGuaranteedRef`: a handler may close
+    // itself here, dropping the registration's retain and its owner's, and must survive until it returns.
+    // The cost is one retain/release pair per readiness event, not per frame.
+    let handler = Unmanaged<ReactorHandler>.fromOpaque(target!).takeUnretainedValue()
+    handler.reactorFDReady(events)
+}
+
+private func reactorOnTimer(_ ctx: UnsafeMutableRawPointer?, _ target: UnsafeMutableRawPointer?, _ tag: UInt64) {
+    // The timer is gone from the heap: balance the retain taken in scheduleTimer.
+    let handler = Unmanaged<ReactorHandler>.fromOpaque(target!).takeRetainedValue()
+    handler.reactorTimerFired(tag: tag)
+}
+
+private func reactorOnWake(_ ctx: UnsafeMutableRawPointer?) {
+    Unmanaged<Reactor>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.drainInbox() }
+}
+
+private func reactorAfterTurn(_ ctx: UnsafeMutableRawPointer?) {
+    Unmanaged<Reactor>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.endOfTurn() }
+}
+
+/// A submitted closure.
+final class ClosureJob: ReactorHandler, @unchecked Sendable {
+    private let body: @Sendable () -> Void
+    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    override func reactorRunSubmitted() { self.body() }
+}
+
+/// A closure run by a timer.
+final class ClosureTimer: ReactorHandler, @unchecked Sendable {
+    private let body: () -> Void
+    init(_ body: @escaping () -> Void) { self.body = body }
+    override func reactorTimerFired(tag: UInt64) { self.body() }
+}

@@ -1,0 +1,81 @@
+import CReactor
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A resolved address to connect to or listen on: IPv4, IPv6 or a Unix-domain path.
+public struct SocketAddress: Sendable, Hashable, CustomStringConvertible {
+    package enum Storage: Sendable, Hashable {
+        case ipv4(host: String, port: Int)
+        case ipv6(host: String, port: Int)
+        case unix(path: String)
+    }
+
+    package let storage: Storage
+
+    /// A numeric IPv4 or IPv6 address and a port; nil if `host` is not numeric.
+    public init?(ip host: String, port: Int) {
+        guard (0...65535).contains(port) else { return nil }
+        var v4 = in_addr()
+        var v6 = in6_addr()
+        if inet_pton(AF_INET, host, &v4) == 1 {
+            self.storage = .ipv4(host: host, port: port)
+        } else if inet_pton(AF_INET6, host, &v6) == 1 {
+            self.storage = .ipv6(host: host, port: port)
+        } else {
+            return nil
+        }
+    }
+
+    /// A Unix-domain socket path.
+    public init(unixPath: String) {
+        self.storage = .unix(path: unixPath)
+    }
+
+    public var description: String {
+        switch self.storage {
+        case .ipv4(let host, let port): return "\(host):\(port)"
+        case .ipv6(let host, let port): return "[\(host)]:\(port)"
+        case .unix(let path): return "unix:\(path)"
+        }
+    }
+
+    package var isTCP: Bool {
+        if case .unix = self.storage { return false }
+        return true
+    }
+
+    /// Calls `body` with the C sockaddr for this address.
+    package func withSockAddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) throws -> R) throws -> R {
+        switch self.storage {
+        case .ipv4(let host, let port):
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
+            _ = inet_pton(AF_INET, host, &address.sin_addr)
+            return try withUnsafePointer(to: &address) {
+                try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    try body($0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+        case .ipv6(let host, let port):
+            var address = sockaddr_in6()
+            address.sin6_family = sa_family_t(AF_INET6)
+            address.sin6_port = in_port_t(UInt16(port).bigEndian)
+            _ = inet_pton(AF_INET6, host, &address.sin6_addr)
+            return try withUnsafePointer(to: &address) {
+                try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    try body($0, socklen_t(MemoryLayout<sockaddr_in6>.size))
+                }
+            }
+        case .unix(let path):
+            var address = sockaddr_un()
+            let length = cr_make_unix_address(path, &address)
+            if length < 0 { throw ReactorError(operation: "unix socket path", errno: -length) }
+            return try withUnsafePointer(to: &address) {
+                try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { try body($0, socklen_t(length)) }
+            }
+        }
+    }
+}

@@ -1,0 +1,168 @@
+import CNghttp2
+
+/// Creates the nghttp2 client session of a connection and holds its C callbacks.
+///
+/// Every callback is a private top-level function (a C function pointer cannot capture context; see swift-notes
+/// "Gotchas" 1). `user_data` is the connection, passed unretained: its socket owns the session and deletes it, never
+/// while `mem_recv` runs, and keeps the connection alive for as long as `mem_recv` runs. Streams are found by id
+/// through the connection (`handler(for:)`), so a stream whose owner reset it reaches nobody.
+enum HTTP2ClientSessionFactory {
+    struct Failure: Error, CustomStringConvertible {
+        let code: Int32
+        var description: String { String(cString: nghttp2_strerror(self.code)) }
+    }
+
+    static func make(for connection: HTTP2ClientConnection, settings: HTTP2ClientSettings) throws -> OpaquePointer {
+        var callbacks: OpaquePointer? = nil
+        guard nghttp2_session_callbacks_new(&callbacks) == 0, let callbacks else { throw Failure(code: -901) }
+        defer { nghttp2_session_callbacks_del(callbacks) }
+        nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, clientOnBeginHeaders)
+        nghttp2_session_callbacks_set_on_header_callback(callbacks, clientOnHeader)
+        nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, clientOnFrameRecv)
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, clientOnDataChunk)
+        nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, clientOnStreamClose)
+
+        var option: OpaquePointer? = nil
+        guard nghttp2_option_new(&option) == 0, let option else { throw Failure(code: -901) }
+        defer { nghttp2_option_del(option) }
+        nghttp2_option_set_max_send_header_block_length(option, 64 << 10)
+        // Window updates follow consumption (the stream handler's, through its handle), not arrival.
+        nghttp2_option_set_no_auto_window_update(option, 1)
+
+        var session: OpaquePointer? = nil
+        let rc = nghttp2_session_client_new2(
+            &session, callbacks, Unmanaged.passUnretained(connection).toOpaque(), option)
+        guard rc == 0, let session else { throw Failure(code: rc) }
+
+        var entries = [
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_ENABLE_PUSH.rawValue), value: 0),
+            nghttp2_settings_entry(
+                settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue),
+                value: UInt32(settings.initialStreamWindowSize)),
+            nghttp2_settings_entry(
+                settings_id: Int32(NGHTTP2_SETTINGS_MAX_FRAME_SIZE.rawValue), value: UInt32(settings.maxFrameSize)),
+            nghttp2_settings_entry(
+                settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue),
+                value: UInt32(settings.maxHeaderListSize)),
+        ]
+        var result = nghttp2_submit_settings(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), &entries, entries.count)
+        if result == 0 {
+            result = nghttp2_session_set_local_window_size(
+                session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, Int32(settings.connectionWindowSize))
+        }
+        if result != 0 {
+            nghttp2_session_del(session)
+            throw Failure(code: result)
+        }
+        return session
+    }
+}
+
+@inline(__always)
+private func connection(_ userData: UnsafeMutableRawPointer?) -> Unmanaged<HTTP2ClientConnection> {
+    Unmanaged<HTTP2ClientConnection>.fromOpaque(userData!)
+}
+
+private func clientOnBeginHeaders(
+    _ session: OpaquePointer?, _ frame: UnsafePointer<nghttp2_frame>?, _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    let header = frame!.pointee.hd
+    if header.type == UInt8(NGHTTP2_HEADERS.rawValue) {
+        connection(userData)._withUnsafeGuaranteedRef { $0.handler(for: header.stream_id)?.streamBeginHeaders() }
+    }
+    return 0
+}
+
+private func clientOnHeader(
+    _ session: OpaquePointer?, _ frame: UnsafePointer<nghttp2_frame>?, _ name: UnsafePointer<UInt8>?,
+    _ nameLength: Int, _ value: UnsafePointer<UInt8>?, _ valueLength: Int, _ flags: UInt8,
+    _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    let header = frame!.pointee.hd
+    guard header.type == UInt8(NGHTTP2_HEADERS.rawValue) else { return 0 }
+    let accepted = connection(userData)._withUnsafeGuaranteedRef { connection -> Bool in
+        guard let handler = connection.handler(for: header.stream_id) else { return true }
+        return handler.streamHeader(
+            name: UnsafeBufferPointer(start: name, count: nameLength),
+            value: UnsafeBufferPointer(start: value, count: valueLength))
+    }
+    // A refused block (too large): nghttp2 resets the stream (INTERNAL_ERROR) and skips the rest of it, while HPACK
+    // decoding goes on for the connection.
+    return accepted ? 0 : Int32(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
+}
+
+private func clientOnFrameRecv(
+    _ session: OpaquePointer?, _ frame: UnsafePointer<nghttp2_frame>?, _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    let frame = frame!
+    let header = frame.pointee.hd
+    switch UInt32(header.type) {
+    case NGHTTP2_DATA.rawValue:
+        // Padding is never delivered to a stream: give it back to both windows now.
+        let padding = frame.pointee.data.padlen
+        if padding > 0 { nghttp2_session_consume(session, header.stream_id, padding) }
+    case NGHTTP2_HEADERS.rawValue:
+        let endStream = header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
+        connection(userData)._withUnsafeGuaranteedRef {
+            $0.handler(for: header.stream_id)?.streamHeadersEnded(endStream: endStream)
+        }
+    case NGHTTP2_SETTINGS.rawValue:
+        if header.flags & UInt8(NGHTTP2_FLAG_ACK.rawValue) == 0 {
+            connection(userData)._withUnsafeGuaranteedRef { $0.settingsReceived() }
+        }
+    case NGHTTP2_PING.rawValue:
+        if header.flags & UInt8(NGHTTP2_FLAG_ACK.rawValue) != 0 {
+            connection(userData)._withUnsafeGuaranteedRef { $0.pingAcknowledged() }
+        }
+    case NGHTTP2_GOAWAY.rawValue:
+        let goAway = frame.pointee.goaway
+        let debug =
+            goAway.opaque_data_len > 0
+            ? String(decoding: UnsafeBufferPointer(start: goAway.opaque_data, count: goAway.opaque_data_len), as: UTF8.self)
+            : ""
+        connection(userData)._withUnsafeGuaranteedRef {
+            $0.goAwayReceived(lastStreamID: goAway.last_stream_id, errorCode: goAway.error_code, debugData: debug)
+        }
+    default:
+        break
+    }
+    return 0
+}
+
+private func clientOnDataChunk(
+    _ session: OpaquePointer?, _ flags: UInt8, _ streamID: Int32, _ data: UnsafePointer<UInt8>?, _ length: Int,
+    _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    // The connection window is returned on arrival; the stream's follows the handler's consumption.
+    nghttp2_session_consume_connection(session, length)
+    connection(userData)._withUnsafeGuaranteedRef {
+        $0.handler(for: streamID)?.streamData(UnsafeRawBufferPointer(start: data, count: length))
+    }
+    return 0
+}
+
+private func clientOnStreamClose(
+    _ session: OpaquePointer?, _ streamID: Int32, _ errorCode: UInt32, _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    connection(userData)._withUnsafeGuaranteedRef { $0.streamClosed(streamID, errorCode: errorCode) }
+    return 0
+}
+
+/// nghttp2 pulls a request body through this (the data source's pointer is the connection).
+func clientReadRequest(
+    _ session: OpaquePointer?, _ streamID: Int32, _ buffer: UnsafeMutablePointer<UInt8>?, _ length: Int,
+    _ dataFlags: UnsafeMutablePointer<UInt32>?, _ source: UnsafeMutablePointer<nghttp2_data_source>?,
+    _ userData: UnsafeMutableRawPointer?
+) -> Int {
+    connection(userData)._withUnsafeGuaranteedRef { connection -> Int in
+        guard let handler = connection.handler(for: streamID) else {
+            // Reset by its owner while nghttp2 still held the request: end the body; the RST_STREAM follows.
+            dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
+            return 0
+        }
+        var eof = false
+        let written = handler.streamReadRequest(into: buffer!, length: length, eof: &eof)
+        if eof { dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue }
+        return written  // or NGHTTP2_ERR_DEFERRED: a request stream waits for its writer
+    }
+}

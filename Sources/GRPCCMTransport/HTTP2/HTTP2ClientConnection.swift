@@ -1,0 +1,433 @@
+import CNghttp2
+import CReactor
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMWire
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One HTTP/2 client connection: an `HTTP2Socket` plus what only a client does (connect with a bounded attempt,
+/// check ALPN and spot HTTP/1.x answers, keep the connection alive with PINGs, open streams for handlers and route
+/// nghttp2's stream events to them).
+///
+/// It knows streams, not calls: a stream is opened for an `HTTP2StreamHandler` with a `RequestHead`, and everything
+/// nghttp2 reports for it goes to that handler until it closes or its owner resets it.
+///
+/// `@unchecked Sendable` (through `ReactorHandler`): reactor thread only.
+/// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
+/// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
+/// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.
+package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2SocketOwner, @unchecked Sendable {
+    package enum State: Equatable {
+        case idle
+        case connecting
+        case ready
+        case draining
+        case closed
+    }
+
+    private enum TimerTag {
+        static let connect: UInt64 = 1
+        static let keepalive: UInt64 = 2
+        static let keepaliveTimeout: UInt64 = 3
+    }
+
+    package unowned let reactor: Reactor
+    /// Unowned, not weak (a weak reference would put the subchannel's every retain on the slow path): the subchannel
+    /// owns this connection and detaches itself before it goes.
+    @exclusivity(unchecked)
+    package unowned(unsafe) var delegate: (any HTTP2TransportDelegate)?
+    package let address: SocketAddress
+    package let id: Int
+    package let settings: HTTP2ClientSettings
+    /// Keepalive interval of this connection (the target's, doubled after `too_many_pings`).
+    package let keepAliveTime: Duration
+
+    private let tlsContext: TLSContext?
+    private let tlsServerName: String?
+    @exclusivity(unchecked)
+    private var socket: HTTP2Socket?
+    @exclusivity(unchecked)
+    package private(set) var state: State = .idle
+    @exclusivity(unchecked)
+    private var connectTimer: Reactor.TimerID = 0
+    @exclusivity(unchecked)
+    private var keepaliveTimer: Reactor.TimerID = 0
+    @exclusivity(unchecked)
+    private var keepaliveTimeoutTimer: Reactor.TimerID = 0
+    @exclusivity(unchecked)
+    private var lastReadAt: UInt64 = 0
+    @exclusivity(unchecked)
+    package private(set) var lastStreamActivity: UInt64 = 0
+    /// Set when keepalive declared the peer dead.
+    @exclusivity(unchecked)
+    package private(set) var keepaliveTimedOut = false
+    @exclusivity(unchecked)
+    private var goAwayDetail: String?
+
+    /// Open streams and their handlers. nghttp2 knows them by id only: its callbacks find the handler here, through
+    /// a one-entry cache (a header block's fields all belong to one stream).
+    @exclusivity(unchecked)
+    private var streams: [Int32: any HTTP2StreamHandler] = [:]
+    @exclusivity(unchecked)
+    private var cachedStreamID: Int32 = 0
+    @exclusivity(unchecked)
+    private var cachedHandler: (any HTTP2StreamHandler)?
+    /// Streams submitted and not yet closed by nghttp2, reset ones included: what counts against the server's
+    /// MAX_CONCURRENT_STREAMS.
+    @exclusivity(unchecked)
+    private var streamsOnWire = 0
+
+    private let headerPrefix: RequestHeaderPrefix
+    private let scratch: HeaderScratchBox
+
+    /// - Parameters:
+    ///   - authority: `:authority` of every request.
+    ///   - tls: The TLS context (nil: plaintext h2c) and the name for SNI and verification.
+    package init(
+        reactor: Reactor, address: SocketAddress, authority: String, id: Int, settings: HTTP2ClientSettings,
+        keepAliveTime: Duration? = nil, tls: TLSContext? = nil, tlsServerName: String? = nil
+    ) {
+        self.reactor = reactor
+        self.address = address
+        self.id = id
+        self.settings = settings
+        self.keepAliveTime = keepAliveTime ?? settings.keepAliveTime
+        self.tlsContext = tls
+        self.tlsServerName = tlsServerName
+        self.headerPrefix = RequestHeaderPrefix(
+            authority: authority, scheme: tls == nil ? "http" : "https", userAgent: settings.userAgent)
+        self.scratch = reactor.shared { HeaderScratchBox() }
+        super.init()
+    }
+
+    deinit {
+        // Dropped without closing (its owner went away): the socket must not call back into this object.
+        if let socket = self.socket {
+            socket.detachOwner()
+            socket.close(reason: Status(code: .unavailable, message: "connection abandoned"))
+        }
+    }
+
+    package var openStreamCount: Int { self.streams.count }
+
+    package var availableStreams: Int {
+        guard self.state == .ready, let session = self.socket?.session else { return 0 }
+        let limit = Int(nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS))
+        return max(0, limit - self.streamsOnWire)
+    }
+
+    // MARK: connecting
+
+    /// Starts the nonblocking connect; the attempt (TCP, TLS and the server's SETTINGS) is bounded by
+    /// `settings.connectTimeout`.
+    package func connect() {
+        precondition(self.state == .idle)
+        self.state = .connecting
+        self.connectTimer = self.reactor.scheduleTimer(
+            at: Reactor.clock() &+ UInt64(max(self.settings.connectTimeout.nanoseconds, 0)), handler: self,
+            tag: TimerTag.connect)
+        var tls: TLSSession?
+        if let context = self.tlsContext {
+            do {
+                tls = try TLSSession(context: context, serverName: self.tlsServerName, verifyName: self.tlsServerName)
+            } catch {
+                self.connectionEnded(Status(code: .unavailable, message: "TLS setup for \(self.address) failed: \(error)"))
+                return
+            }
+        }
+        let socket = HTTP2Socket(reactor: self.reactor, owner: self, peer: "\(self.address)", tls: tls)
+        self.socket = socket
+        socket.connect(to: self.address, userTimeout: self.settings.keepAliveTimeout)
+    }
+
+    package func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> Status? {
+        guard let http1 = Self.detectHTTP1(bytes) else { return nil }
+        let hint = self.tlsContext == nil ? http1 : "server answered the TLS handshake with HTTP/1.x"
+        return Status(code: .unavailable, message: hint)
+    }
+
+    package func socketSecured(_ tls: TLSSession) -> Status? {
+        let alpn = tls.negotiatedProtocol
+        guard alpn == "h2" else {
+            return Status(
+                code: .unavailable,
+                message: "server \(self.address) did not negotiate HTTP/2 through ALPN (selected "
+                    + (alpn.isEmpty ? "nothing" : "\"\(alpn)\"") + ")")
+        }
+        return nil
+    }
+
+    package func socketReadyForHTTP2() {
+        guard let socket = self.socket else { return }
+        do {
+            socket.session = try HTTP2ClientSessionFactory.make(for: self, settings: self.settings)
+        } catch {
+            socket.close(reason: Status(code: .internal, message: "nghttp2 session: \(error)"))
+        }
+    }
+
+    package func socketDidRead() {
+        self.lastReadAt = self.reactor.now
+    }
+
+    package func socketDidFlush() {
+        if self.state == .draining && self.streamsOnWire == 0 {
+            self.socket?.shutdown(reason: Status(code: .unavailable, message: self.goAwayDetail ?? "connection drained"))
+        }
+    }
+
+    package func socketClosed(_ reason: Status) {
+        self.connectionEnded(reason)
+    }
+
+    /// A server that speaks HTTP/1.x answers our preface with a status line.
+    package static func detectHTTP1(_ bytes: UnsafeRawBufferPointer) -> String? {
+        let prefix = Array("HTTP/1.".utf8)
+        guard bytes.count >= prefix.count, zip(bytes, prefix).allSatisfy({ $0 == $1 }) else { return nil }
+        let line = bytes.prefix { $0 != UInt8(ascii: "\r") && $0 != UInt8(ascii: "\n") }.prefix(80)
+        return "server answered with HTTP/1.x, not HTTP/2 (\"\(String(decoding: line, as: UTF8.self))\"); "
+            + "is it a gRPC server, and does it need TLS?"
+    }
+
+    package override func reactorTimerFired(tag: UInt64) {
+        switch tag {
+        case TimerTag.keepalive:
+            self.keepaliveTimer = 0
+            self.keepaliveTick()
+        case TimerTag.keepaliveTimeout:
+            self.keepaliveTimeoutTimer = 0
+            guard self.state == .ready || self.state == .draining else { return }
+            self.keepaliveTimedOut = true
+            self.close(
+                reason: Status(
+                    code: .unavailable,
+                    message: "keepalive: no PING ACK from \(self.address) within \(self.settings.keepAliveTimeout)"))
+        case TimerTag.connect:
+            self.connectTimer = 0
+            guard self.state == .connecting else { return }
+            let phase: String
+            switch self.socket?.state {
+            case .connecting: phase = "TCP connect"
+            case .securing: phase = "TLS handshake"
+            default: phase = "HTTP/2 handshake (no SETTINGS from the server)"
+            }
+            self.close(
+                reason: Status(
+                    code: .unavailable,
+                    message: "connect to \(self.address) timed out after \(self.settings.connectTimeout) during the \(phase)"))
+        default:
+            break
+        }
+    }
+
+    // MARK: streams
+
+    package func openStream(_ head: RequestHead, handler: any HTTP2StreamHandler) -> OpenStreamResult {
+        guard self.state == .ready, let session = self.socket?.session else { return .tryElsewhere }
+        let peerLimit = nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE)
+        let result = self.scratch.scratch.submit(
+            prefix: self.headerPrefix, session: session, head: head,
+            source: Unmanaged.passUnretained(self).toOpaque(), maxHeaderListSize: peerLimit)
+        switch result {
+        case .submitted(let streamID):
+            self.streams[streamID] = handler
+            self.streamsOnWire += 1
+            self.lastStreamActivity = self.reactor.now
+            self.socket?.scheduleFlush()
+            if nghttp2_session_get_next_stream_id(session) > UInt32(Int32.max) - 2 {
+                // The last stream id of this connection is taken: drain it, as after a GOAWAY; a new one opens.
+                self.startDraining(errorCode: 0, debugData: "stream ids exhausted")
+            }
+            return .opened(HTTP2StreamHandle(streamID: streamID, control: self))
+        case .headerListTooLarge(let size):
+            return .failed(
+                Status(
+                    code: .internal,
+                    message: "request headers of \(size) bytes exceed the server's SETTINGS_MAX_HEADER_LIST_SIZE of \(peerLimit) bytes"))
+        case .error(let code) where code == NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE.rawValue:
+            self.startDraining(errorCode: 0, debugData: "stream ids exhausted")
+            return .tryElsewhere
+        case .error(let code) where code == NGHTTP2_ERR_INVALID_ARGUMENT.rawValue:
+            return .failed(Status(code: .internal, message: "request headers refused by nghttp2: \(String(cString: nghttp2_strerror(code)))"))
+        case .error(let code):
+            return .failed(Status(code: .unavailable, message: "could not open a stream: \(String(cString: nghttp2_strerror(code)))"))
+        }
+    }
+
+    /// The handler of an open stream (nil once it closed or was reset).
+    @inline(__always)
+    func handler(for streamID: Int32) -> (any HTTP2StreamHandler)? {
+        if streamID == self.cachedStreamID { return self.cachedHandler }
+        let handler = self.streams[streamID]
+        self.cachedStreamID = streamID
+        self.cachedHandler = handler
+        return handler
+    }
+
+    private func detach(_ streamID: Int32) -> (any HTTP2StreamHandler)? {
+        if streamID == self.cachedStreamID {
+            self.cachedStreamID = 0
+            self.cachedHandler = nil
+        }
+        return self.streams.removeValue(forKey: streamID)
+    }
+
+    package func resetStream(_ streamID: Int32, errorCode: UInt32) {
+        _ = self.detach(streamID)
+        guard let session = self.socket?.session, self.state != .closed else { return }
+        nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), streamID, errorCode)
+        self.socket?.scheduleFlush()
+    }
+
+    package func resumeStream(_ streamID: Int32) {
+        guard let session = self.socket?.session, self.state != .closed else { return }
+        nghttp2_session_resume_data(session, streamID)
+        self.socket?.scheduleFlush()
+    }
+
+    package func consumeStream(_ streamID: Int32, bytes: Int) {
+        guard let session = self.socket?.session, self.state != .closed else { return }
+        nghttp2_session_consume_stream(session, streamID, bytes)
+        self.socket?.scheduleFlush()
+    }
+
+    package func isLocallyClosed(_ streamID: Int32) -> Bool {
+        guard let session = self.socket?.session else { return true }
+        return nghttp2_session_get_stream_local_close(session, streamID) != 0
+    }
+
+    /// For tests: makes the next stream id `id` (to reach the end of the id space without two billion streams).
+    package func setNextStreamID(_ id: Int32) {
+        guard let session = self.socket?.session else { return }
+        _ = nghttp2_session_set_next_stream_id(session, id)
+    }
+
+    // MARK: nghttp2 events (from the callbacks)
+
+    func settingsReceived() {
+        if self.state == .connecting {
+            self.state = .ready
+            if self.connectTimer != 0 {
+                self.reactor.cancelTimer(self.connectTimer)
+                self.connectTimer = 0
+            }
+            self.lastStreamActivity = self.reactor.now
+            self.lastReadAt = self.reactor.now
+            self.armKeepalive(at: self.reactor.now &+ UInt64(self.keepAliveTime.nanoseconds))
+            self.delegate?.transportReady(self)
+            return
+        }
+        if self.state == .ready { self.delegate?.transportHasCapacity(self) }
+    }
+
+    func goAwayReceived(lastStreamID: Int32, errorCode: UInt32, debugData: String) {
+        self.goAwayDetail = "GOAWAY \(HTTP2ErrorCode.name(errorCode))" + (debugData.isEmpty ? "" : " (\(debugData))")
+        self.socket?.closeDetail = self.goAwayDetail
+        // Streams above lastStreamID are closed by nghttp2 with REFUSED_STREAM; the rest finish.
+        self.startDraining(errorCode: errorCode, debugData: debugData)
+    }
+
+    private func startDraining(errorCode: UInt32, debugData: String) {
+        guard self.state == .ready || self.state == .connecting else { return }
+        self.state = .draining
+        self.delegate?.transportDraining(self, errorCode: errorCode, debugData: debugData)
+        self.socket?.scheduleFlush()
+    }
+
+    func streamClosed(_ streamID: Int32, errorCode: UInt32) {
+        self.streamsOnWire -= 1
+        self.lastStreamActivity = self.reactor.now
+        // A stream its owner reset has no handler any more; its slot frees all the same.
+        self.detach(streamID)?.streamClosed(errorCode: errorCode)
+        if self.state == .ready { self.delegate?.transportHasCapacity(self) }
+    }
+
+    // MARK: keepalive (gRFC A8)
+
+    private func armKeepalive(at deadline: UInt64) {
+        if self.keepaliveTimer != 0 { self.reactor.cancelTimer(self.keepaliveTimer) }
+        self.keepaliveTimer = self.reactor.scheduleTimer(at: deadline, handler: self, tag: TimerTag.keepalive)
+    }
+
+    /// Pings when `keepAliveTime` has passed since the last bytes were read (never counted from the last ping
+    /// sent, which would trip servers' ping-abuse checks); without streams only when permitted.
+    private func keepaliveTick() {
+        guard self.state == .ready || self.state == .draining, let session = self.socket?.session else { return }
+        let interval = UInt64(self.keepAliveTime.nanoseconds)
+        let now = self.reactor.now
+        if self.streams.isEmpty && !self.settings.keepAlivePermitWithoutStream {
+            self.armKeepalive(at: now &+ interval)
+            return
+        }
+        if now &- self.lastReadAt < interval {
+            self.armKeepalive(at: self.lastReadAt &+ interval)
+            return
+        }
+        nghttp2_submit_ping(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nil)
+        self.keepaliveTimeoutTimer = self.reactor.scheduleTimer(
+            at: now &+ UInt64(self.settings.keepAliveTimeout.nanoseconds), handler: self,
+            tag: TimerTag.keepaliveTimeout)
+        self.socket?.scheduleFlush()
+    }
+
+    func pingAcknowledged() {
+        guard self.keepaliveTimeoutTimer != 0 else { return }
+        self.reactor.cancelTimer(self.keepaliveTimeoutTimer)
+        self.keepaliveTimeoutTimer = 0
+        self.armKeepalive(at: self.reactor.now &+ UInt64(self.keepAliveTime.nanoseconds))
+    }
+
+    // MARK: closing
+
+    package func beginGracefulClose() {
+        guard let socket = self.socket, let session = socket.session, self.state == .ready else {
+            if self.state != .draining {
+                self.close(reason: Status(code: .unavailable, message: "connection closed"))
+            }
+            return
+        }
+        self.state = .draining
+        nghttp2_submit_goaway(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, NGHTTP2_NO_ERROR.rawValue, nil, 0)
+        socket.scheduleFlush()
+        if self.streamsOnWire == 0 {
+            socket.shutdown(reason: Status(code: .unavailable, message: "connection closed"))
+        }
+    }
+
+    package func detachDelegate() {
+        self.delegate = nil
+    }
+
+    package func close(reason: Status) {
+        if self.state == .closed { return }
+        if let socket = self.socket {
+            socket.shutdown(reason: reason)  // ends in socketClosed → connectionEnded
+        } else {
+            self.connectionEnded(reason)
+        }
+    }
+
+    /// Where every way of ending arrives, once: timers stop, open streams fail with `reason`, the delegate hears it.
+    private func connectionEnded(_ reason: Status) {
+        if self.state == .closed { return }
+        let wasReady = self.state == .ready || self.state == .draining
+        self.state = .closed
+        for timer in [self.connectTimer, self.keepaliveTimer, self.keepaliveTimeoutTimer] where timer != 0 {
+            self.reactor.cancelTimer(timer)
+        }
+        self.connectTimer = 0
+        self.keepaliveTimer = 0
+        self.keepaliveTimeoutTimer = 0
+        let open = self.streams
+        self.streams.removeAll()
+        self.streamsOnWire = 0
+        self.cachedStreamID = 0
+        self.cachedHandler = nil
+        for (_, handler) in open.sorted(by: { $0.key < $1.key }) {
+            handler.streamFailed(reason)
+        }
+        self.delegate?.transportClosed(self, reason: reason, wasReady: wasReady, keepaliveTimedOut: self.keepaliveTimedOut)
+    }
+}

@@ -1,0 +1,455 @@
+import CNghttp2
+import CReactor
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMWire
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What an `HTTP2Socket` tells the connection that owns it (our client connection, or the echo server's). Reactor
+/// thread only.
+package protocol HTTP2SocketOwner: AnyObject {
+    /// The first bytes from the peer (ciphertext under TLS). A status refuses the peer (an HTTP/1.x answer, say).
+    func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> Status?
+    /// The TLS handshake finished. A status refuses the peer (the client's ALPN check).
+    func socketSecured(_ tls: TLSSession) -> Status?
+    /// TCP is up and TLS (if any) is done: make the nghttp2 session now (`HTTP2Socket.session`).
+    func socketReadyForHTTP2()
+    /// Bytes were read and handed to nghttp2 (keepalive measures from the last read).
+    func socketDidRead()
+    /// Output was written: the owner may notice that it has drained.
+    func socketDidFlush()
+    /// The socket is closed: fd closed, registration and nghttp2 session gone. The last call.
+    func socketClosed(_ reason: Status)
+}
+
+/// One nghttp2 session over one nonblocking socket, for both ends: our client connections and the echo server's
+/// (nghttp2 `examples/libevent-client.c`'s shape, on our reactor).
+///
+/// It owns the fd, its registration and interest, TLS over memory BIOs, the bounded read loop, the coalesced output
+/// and the close rule; the owner keeps only what differs (the client connects and keeps alive; the server accepts
+/// and dispatches streams) and makes the nghttp2 session, whose callbacks reach the owner through its user data.
+///
+/// - Reads: at most four 64 KiB reads per readiness event (level-triggered epoll reports the fd again next turn), so
+///   one busy connection cannot starve the others; each read goes straight to `nghttp2_session_mem_recv`.
+/// - Writes: whatever nghttp2 produces during a turn is collected at the end of the turn into one buffer
+///   (`SocketOutput`) and written with one `send`, as nghttp2's header advises under TCP_NODELAY. Write interest is
+///   asked for only while bytes wait.
+/// - Close rule (`libevent-client.c`'s): when nghttp2 wants neither to read nor to write and the output is written,
+///   the connection is over.
+/// - TLS: `client.c`'s want-io in one place: the handshake steps as ciphertext arrives; HTTP/2 starts after it.
+///
+/// Closing never frees the nghttp2 session under nghttp2's feet: a close requested while `mem_recv` runs (from one of
+/// its callbacks) deletes the session when `mem_recv` returns.
+///
+/// `@unchecked Sendable` (through `ReactorHandler`): reactor thread only.
+/// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
+/// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
+/// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.
+package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
+    package enum State: Equatable {
+        /// A nonblocking connect is under way (client).
+        case connecting
+        /// TCP is up; the TLS handshake runs.
+        case securing
+        /// HTTP/2 runs (or will, once the owner made the session).
+        case open
+        case closed
+    }
+
+    package unowned let reactor: Reactor
+    /// Not `weak`: a weak reference gives the owner a side table, which makes every retain and release of it (a
+    /// connection: several per call) take the slow path. The owner outlives the socket's use of it: it closes the
+    /// socket, or detaches itself, before it goes (`detachOwner()`).
+    @exclusivity(unchecked)
+    private unowned(unsafe) var owner: (any HTTP2SocketOwner)?
+    /// For messages: the peer's address.
+    package let peer: String
+    @exclusivity(unchecked)
+    package private(set) var state: State
+    @exclusivity(unchecked)
+    private var fd: Int32
+    @exclusivity(unchecked)
+    private var registration: Reactor.Registration?
+    @exclusivity(unchecked)
+    private var interest: UInt32 = 0
+    /// The nghttp2 session, made by the owner in `socketReadyForHTTP2`; deleted by `close`.
+    @exclusivity(unchecked)
+    package var session: OpaquePointer?
+    @exclusivity(unchecked)
+    package private(set) var tls: TLSSession?
+    @exclusivity(unchecked)
+    private var output = SocketOutput()
+    @exclusivity(unchecked)
+    private var flushScheduled = false
+    @exclusivity(unchecked)
+    private var sawFirstBytes = false
+    /// Depth of `mem_recv` calls on the stack (nghttp2 callbacks may close the socket).
+    @exclusivity(unchecked)
+    private var receiving = 0
+    @exclusivity(unchecked)
+    private var sessionToDelete: OpaquePointer?
+
+    /// A socket for a connect that `connect(to:)` starts.
+    package init(reactor: Reactor, owner: any HTTP2SocketOwner, peer: String, tls: TLSSession?) {
+        self.reactor = reactor
+        self.owner = owner
+        self.peer = peer
+        self.tls = tls
+        self.fd = -1
+        self.state = .connecting
+    }
+
+    /// A socket for an accepted fd.
+    package init(reactor: Reactor, owner: any HTTP2SocketOwner, acceptedFD: Int32, peer: String, tls: TLSSession?) {
+        self.reactor = reactor
+        self.owner = owner
+        self.peer = peer
+        self.tls = tls
+        self.fd = acceptedFD
+        self.state = .connecting
+    }
+
+    deinit {
+        assert(self.fd < 0, "HTTP2Socket freed with an open fd")
+        if let session = self.session { nghttp2_session_del(session) }
+        if let session = self.sessionToDelete { nghttp2_session_del(session) }
+    }
+
+    // MARK: starting
+
+    /// Starts a nonblocking connect to `address`. Failures arrive as `socketClosed`.
+    /// - Parameter userTimeout: TCP_USER_TIMEOUT for TCP sockets (unacknowledged writes fail the connection then).
+    package func connect(to address: SocketAddress, userTimeout: Duration?) {
+        precondition(self.state == .connecting && self.fd < 0)
+        var inProgress: Int32 = 0
+        let fd: Int32
+        do {
+            fd = try address.withSockAddr { cr_socket_connect($0, $1, &inProgress) }
+        } catch {
+            self.close(reason: Status(code: .unavailable, message: "connect to \(self.peer) failed: \(error)"))
+            return
+        }
+        if fd < 0 {
+            self.close(reason: Self.connectFailure(self.peer, errno: -fd))
+            return
+        }
+        self.fd = fd
+        if address.isTCP, let userTimeout {
+            // Writes stuck without ACKs fail the connection within the keepalive timeout too (gRFC A18).
+            _ = cr_socket_set_user_timeout(fd, UInt32(clamping: userTimeout.nanoseconds / 1_000_000))
+        }
+        guard self.register(interest: inProgress != 0 ? Reactor.Events.write : Reactor.Events.read) else { return }
+        if inProgress == 0 { self.transportConnected() }
+    }
+
+    /// Starts serving an accepted fd: the TLS handshake (server side) or HTTP/2 at once.
+    package func startAccepted() {
+        precondition(self.state == .connecting && self.fd >= 0)
+        guard self.register(interest: Reactor.Events.read) else { return }
+        self.transportConnected()
+    }
+
+    private func register(interest: UInt32) -> Bool {
+        do {
+            self.interest = interest
+            self.registration = try self.reactor.register(fd: self.fd, interest: interest, handler: self)
+            self.reactor.addShutdownHook(self)
+            return true
+        } catch {
+            self.close(reason: Status(code: .unavailable, message: "\(error)"))
+            return false
+        }
+    }
+
+    package static func connectFailure(_ peer: String, errno code: Int32) -> Status {
+        Status(code: .unavailable, message: "connect to \(peer) failed: \(String(cString: strerror(code)))")
+    }
+
+    private func transportConnected() {
+        self.setInterest(Reactor.Events.read)
+        if let tls = self.tls {
+            self.state = .securing
+            if !tls.isServer { self.stepHandshake(tls) }
+            return
+        }
+        self.startHTTP2()
+    }
+
+    /// Advances the TLS handshake; once it is done and the owner accepts the peer, HTTP/2 starts.
+    private func stepHandshake(_ tls: TLSSession) {
+        switch tls.handshake() {
+        case .inProgress:
+            self.output.takeCiphertext(from: tls)
+            self.scheduleFlush()
+        case .failed(let reason):
+            // The alert that explains the failure goes out before the socket closes.
+            self.output.takeCiphertext(from: tls)
+            self.output.writeOnce(to: self.fd)
+            let message =
+                reason.contains("no application protocol")
+                ? "server \(self.peer) did not negotiate HTTP/2 through ALPN (no protocol in common with h2): \(reason)"
+                : "TLS handshake with \(self.peer) failed: \(reason)"
+            self.close(reason: Status(code: .unavailable, message: message))
+        case .done:
+            self.output.takeCiphertext(from: tls)
+            if let refusal = self.owner?.socketSecured(tls) {
+                self.close(reason: refusal)
+                return
+            }
+            self.startHTTP2()
+        }
+    }
+
+    private func startHTTP2() {
+        self.state = .open
+        self.owner?.socketReadyForHTTP2()
+        if self.state == .open { self.scheduleFlush() }
+    }
+
+    // MARK: I/O
+
+    package override func reactorFDReady(_ events: UInt32) {
+        if self.state == .connecting {
+            let error = cr_socket_error(self.fd)
+            if error != 0 {
+                self.close(reason: Self.connectFailure(self.peer, errno: error))
+            } else if events & Reactor.Events.write != 0 {
+                self.transportConnected()
+            }
+            return
+        }
+        if events & Reactor.Events.write != 0 {
+            self.flushNow()
+            if self.state == .closed { return }
+        }
+        if events & Reactor.Events.read != 0 {
+            self.readAvailable()
+        }
+    }
+
+    private func readAvailable() {
+        // The owner is the session's user data: it must outlive every nghttp2 callback of this read.
+        guard let owner = self.owner else {
+            self.close(reason: Status(code: .unavailable, message: "connection abandoned"))
+            return
+        }
+        let buffer = self.reactor.readBuffer
+        for _ in 0..<4 {
+            let n = cr_read(self.fd, buffer.baseAddress!, buffer.count)
+            if n == -Int(EAGAIN) { break }
+            if n < 0 {
+                self.close(reason: Status(code: .unavailable, message: "read from \(self.peer) failed: \(String(cString: strerror(Int32(-n))))"))
+                return
+            }
+            if n == 0 {
+                self.close(reason: self.closedByPeerStatus())
+                return
+            }
+            let bytes = UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)
+            if !self.sawFirstBytes {
+                self.sawFirstBytes = true
+                if let refusal = owner.socketReceivedFirstBytes(bytes) {
+                    self.close(reason: refusal)
+                    return
+                }
+            }
+            if let tls = self.tls {
+                tls.feed(bytes)
+                if !tls.handshakeDone {
+                    self.stepHandshake(tls)
+                    if self.state != .open || !tls.handshakeDone { break }
+                }
+                guard self.receiveDecrypted(tls) else { return }
+            } else {
+                guard self.receive(bytes) else { return }
+            }
+            owner.socketDidRead()
+            if self.state == .closed { return }
+            if n < buffer.count { break }
+        }
+        withExtendedLifetime(owner) { self.scheduleFlush() }
+    }
+
+    /// Hands plaintext to nghttp2. Returns false when the socket closed.
+    private func receive(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        guard let session = self.session, bytes.count > 0 else { return self.state != .closed }
+        self.receiving += 1
+        let consumed = nghttp2_session_mem_recv(session, bytes.baseAddress!.assumingMemoryBound(to: UInt8.self), bytes.count)
+        self.receiving -= 1
+        if self.receiving == 0, let late = self.sessionToDelete {
+            self.sessionToDelete = nil
+            nghttp2_session_del(late)
+        }
+        if self.state == .closed { return false }
+        if consumed < 0 {
+            self.close(
+                reason: Status(
+                    code: .unavailable,
+                    message: "HTTP/2 protocol error from \(self.peer): \(String(cString: nghttp2_strerror(Int32(consumed))))"))
+            return false
+        }
+        return true
+    }
+
+    /// Decrypts every complete record and hands the plaintext to nghttp2.
+    private func receiveDecrypted(_ tls: TLSSession) -> Bool {
+        let plain = self.reactor.plaintextBuffer
+        while true {
+            let n: Int
+            do {
+                n = try tls.readPlaintext(into: UnsafeMutableRawBufferPointer(plain))
+            } catch {
+                self.output.takeCiphertext(from: tls)
+                self.output.writeOnce(to: self.fd)
+                self.close(reason: Status(code: .unavailable, message: "TLS error from \(self.peer): \(error)"))
+                return false
+            }
+            if n == 0 { return true }
+            if n < 0 {
+                self.close(reason: self.closedByPeerStatus())
+                return false
+            }
+            guard self.receive(UnsafeRawBufferPointer(start: plain.baseAddress, count: n)) else { return false }
+        }
+    }
+
+    /// Why the peer's close ended the connection, in the owner's terms (set by the owner: "after GOAWAY ...").
+    @exclusivity(unchecked)
+    package var closeDetail: String?
+
+    private func closedByPeerStatus() -> Status {
+        let base: String
+        switch self.state {
+        case .connecting, .securing:
+            base = "connection to \(self.peer) closed by the server during the handshake"
+        default:
+            base = "connection to \(self.peer) closed by the server"
+        }
+        if let detail = self.closeDetail { return Status(code: .unavailable, message: "\(base) after \(detail)") }
+        return Status(code: .unavailable, message: base)
+    }
+
+    /// Asks for a write at the end of this turn.
+    package func scheduleFlush() {
+        if !self.flushScheduled && self.state != .closed {
+            self.flushScheduled = true
+            self.reactor.scheduleFlush(self)
+        }
+    }
+
+    package override func reactorFlush() {
+        self.flushScheduled = false
+        self.flushNow()
+    }
+
+    /// Pulls everything nghttp2 wants to send into one buffer and writes it with as few syscalls as possible.
+    private func flushNow() {
+        guard self.fd >= 0, self.state == .open || self.state == .securing else { return }
+        guard let session = self.session, self.state == .open else {
+            // The TLS handshake: only ciphertext is waiting.
+            self.writeOutput()
+            return
+        }
+        do {
+            try self.output.collect(from: session, tls: self.tls)
+        } catch {
+            switch error {
+            case .http2(let code):
+                self.close(reason: Status(code: .internal, message: "nghttp2: \(String(cString: nghttp2_strerror(code)))"))
+            default:
+                self.close(reason: Status(code: .unavailable, message: "TLS error: \(error)"))
+            }
+            return
+        }
+        guard self.writeOutput() else { return }
+        if self.output.isDrained && nghttp2_session_want_read(session) == 0
+            && nghttp2_session_want_write(session) == 0
+        {
+            self.close(reason: self.closedByPeerStatus())
+            return
+        }
+        self.owner?.socketDidFlush()
+    }
+
+    /// Writes what is waiting; asks for writability while the socket is full (or nghttp2 has more than the cap
+    /// let through). False when the socket closed.
+    @discardableResult
+    private func writeOutput() -> Bool {
+        do {
+            try self.output.write(to: self.fd)
+        } catch {
+            let code: Int32
+            if case .write(let errno) = error { code = errno } else { code = EIO }
+            self.close(reason: Status(code: .unavailable, message: "write to \(self.peer) failed: \(String(cString: strerror(code)))"))
+            return false
+        }
+        let moreFromHTTP2 = self.state == .open && (self.session.map { nghttp2_session_want_write($0) != 0 } ?? false)
+        self.setInterest(
+            self.output.isDrained && !moreFromHTTP2 ? Reactor.Events.read : Reactor.Events.read | Reactor.Events.write)
+        return true
+    }
+
+    private func setInterest(_ interest: UInt32) {
+        guard interest != self.interest, let registration = self.registration else { return }
+        self.interest = interest
+        self.reactor.setInterest(registration, interest)
+    }
+
+    /// Bytes held by the output buffer (tests of its bound).
+    package var outputHeldBytes: Int { self.output.heldBytes }
+
+    // MARK: closing
+
+    /// The owner is going away: nothing reaches it from now on.
+    package func detachOwner() {
+        self.owner = nil
+    }
+
+    /// Closes politely: GOAWAY (NO_ERROR) and, under TLS, close_notify go out first (best effort, one write), then
+    /// the socket closes with `reason`.
+    package func shutdown(reason: Status) {
+        if let session = self.session, self.fd >= 0, self.state == .open {
+            nghttp2_session_terminate_session(session, NGHTTP2_NO_ERROR.rawValue)
+            try? self.output.collect(from: session, tls: self.tls)
+        }
+        if let tls = self.tls, self.fd >= 0, self.state != .closed, tls.handshakeDone {
+            tls.shutdown()  // close_notify
+            self.output.takeCiphertext(from: tls)
+        }
+        if self.fd >= 0 { self.output.writeOnce(to: self.fd) }
+        self.close(reason: reason)
+    }
+
+    /// Closes now: the fd, the registration and the session go; the owner hears `socketClosed(reason)`.
+    package func close(reason: Status) {
+        if self.state == .closed { return }
+        self.state = .closed
+        if let registration = self.registration {
+            self.reactor.deregister(registration, handler: self)
+            self.registration = nil
+        }
+        if self.fd >= 0 {
+            _ = cr_close(self.fd)
+            self.fd = -1
+        }
+        self.reactor.removeShutdownHook(self)
+        if let session = self.session {
+            self.session = nil
+            if self.receiving > 0 {
+                self.sessionToDelete = session
+            } else {
+                nghttp2_session_del(session)
+            }
+        }
+        self.output.reset()
+        self.tls = nil
+        self.owner?.socketClosed(reason)
+    }
+
+    /// The reactor is stopping: GOAWAY and close_notify go out, then the socket closes.
+    package override func reactorRunSubmitted() {
+        self.shutdown(reason: Status(code: .unavailable, message: "the event loop is shutting down"))
+    }
+}

@@ -1,0 +1,87 @@
+import GRPCCMWire
+
+/// What the HTTP/2 transport tells the owner of one stream (a call attempt), and asks of it. The transport knows
+/// streams, not calls: it never sees attempt numbers, deadlines or retries.
+///
+/// Reactor thread only, and always from inside nghttp2's processing: an implementation records what happened and
+/// must not run user code or close the connection from here (user code runs later, from the reactor's deferred
+/// phase). After `streamClosed` or `streamFailed`, or once the owner has reset the stream through its handle, the
+/// transport never calls the handler again for that stream.
+package protocol HTTP2StreamHandler: AnyObject {
+    /// nghttp2 pulls the request body: copy at most `length` bytes into `buffer`, set `eof` after the last one.
+    /// - Returns: The bytes copied, or `NGHTTP2_ERR_DEFERRED` while a request stream has nothing buffered (resume
+    ///   through the handle when it has).
+    func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int
+    /// A header block begins (response headers, or trailers).
+    func streamBeginHeaders()
+    /// One header of the current block.
+    /// - Returns: false to refuse the block (it is too large): the transport resets the stream, which then closes.
+    func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool
+    /// The current header block is complete; `endStream` when it ends the response.
+    func streamHeadersEnded(endStream: Bool)
+    /// DATA payload. Its bytes count against the stream's receive window until the handler consumes them through its
+    /// handle (the connection's window is returned on arrival, so one slow stream never stalls the others).
+    func streamData(_ bytes: UnsafeRawBufferPointer)
+    /// The stream closed: `errorCode` 0 after a clean end, else the RST_STREAM code. REFUSED_STREAM means the server
+    /// provably never processed it (a reset before it started, or a stream above a GOAWAY's last stream id).
+    func streamClosed(errorCode: UInt32)
+    /// The connection went away under the stream (`reason` says how); nothing more will arrive.
+    func streamFailed(_ reason: Status)
+}
+
+/// The request headers of a stream, as the attempt wants them sent. The transport adds the connection's fixed ones
+/// (`:method`, `:scheme`, `:authority`, `te`, `content-type`, `user-agent`).
+package struct RequestHead {
+    package var path: String
+    package var metadata: Metadata
+    /// `grpc-timeout`, in nanoseconds (nil: none).
+    package var timeoutNanoseconds: Int64?
+    /// `grpc-previous-rpc-attempts` (0: not sent).
+    package var previousRPCAttempts: Int
+
+    package init(path: String, metadata: Metadata, timeoutNanoseconds: Int64?, previousRPCAttempts: Int) {
+        self.path = path
+        self.metadata = metadata
+        self.timeoutNanoseconds = timeoutNanoseconds
+        self.previousRPCAttempts = previousRPCAttempts
+    }
+}
+
+/// What a stream's owner may do to it. Implemented by the connection that carries it.
+package protocol HTTP2StreamControl: AnyObject {
+    /// Resets the stream (RST_STREAM `errorCode`) and detaches its handler: no later event reaches it.
+    func resetStream(_ streamID: Int32, errorCode: UInt32)
+    /// Gives `bytes` of received DATA back to the stream's receive window.
+    func consumeStream(_ streamID: Int32, bytes: Int)
+    /// The request body has more bytes (or its end): let nghttp2 pull again.
+    func resumeStream(_ streamID: Int32)
+    /// True once our END_STREAM (or a reset) went out on the stream.
+    func isLocallyClosed(_ streamID: Int32) -> Bool
+}
+
+/// One open stream, as its owner holds it.
+package struct HTTP2StreamHandle {
+    package let streamID: Int32
+    package let control: any HTTP2StreamControl
+
+    package init(streamID: Int32, control: any HTTP2StreamControl) {
+        self.streamID = streamID
+        self.control = control
+    }
+
+    package func reset(errorCode: UInt32) { self.control.resetStream(self.streamID, errorCode: errorCode) }
+    package func consume(_ bytes: Int) { self.control.consumeStream(self.streamID, bytes: bytes) }
+    package func resume() { self.control.resumeStream(self.streamID) }
+    package var isLocallyClosed: Bool { self.control.isLocallyClosed(self.streamID) }
+}
+
+/// What opening a stream came to.
+package enum OpenStreamResult {
+    /// Open: the request headers go out at the end of this turn.
+    case opened(HTTP2StreamHandle)
+    /// Nothing was sent and this connection takes no more streams (it is draining, or its stream ids ran out): try
+    /// another.
+    case tryElsewhere
+    /// The request cannot be sent anywhere as it is (its headers exceed what the server accepts, say).
+    case failed(Status)
+}

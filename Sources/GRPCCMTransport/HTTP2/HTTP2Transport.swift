@@ -1,0 +1,42 @@
+import GRPCCMReactor
+import GRPCCMWire
+
+/// A client connection as the layers above see it: `HTTP2ClientConnection`, or a test double that needs no socket.
+/// Reactor thread only.
+package protocol HTTP2Transport: HTTP2StreamControl {
+    /// Unique per manager (or standalone channel), for events and logs.
+    var id: Int { get }
+    /// The keepalive interval this connection uses.
+    var keepAliveTime: Duration { get }
+    /// Starts connecting; the outcome arrives through the delegate (`transportReady` or `transportClosed`).
+    func connect()
+    /// Streams that may open now: 0 until the server's SETTINGS, while draining, or at its MAX_CONCURRENT_STREAMS.
+    var availableStreams: Int { get }
+    /// Streams open now.
+    var openStreamCount: Int { get }
+    /// When a stream last opened or closed (reactor clock, ns): the idle timer compares against it.
+    var lastStreamActivity: UInt64 { get }
+    /// Opens a stream for `handler` with `head`, if this connection can take one.
+    func openStream(_ head: RequestHead, handler: any HTTP2StreamHandler) -> OpenStreamResult
+    /// Takes no new streams and tells the server (GOAWAY); closes once the open streams have finished.
+    func beginGracefulClose()
+    /// Closes now: GOAWAY and close_notify go out (best effort); every open stream fails with `reason`.
+    func close(reason: Status)
+    /// Its owner is going away: no delegate call from now on.
+    func detachDelegate()
+}
+
+/// What a connection tells its owner (a subchannel). Reactor thread; may be called from inside nghttp2's processing,
+/// so an implementation must not run user code from here.
+package protocol HTTP2TransportDelegate: AnyObject {
+    /// The server's SETTINGS arrived: the connection takes streams.
+    func transportReady(_ transport: any HTTP2Transport)
+    /// No new streams here any more: the server sent GOAWAY (`errorCode`, `debugData`), or the stream ids ran out.
+    /// Open streams finish; streams the server never processed close with REFUSED_STREAM.
+    func transportDraining(_ transport: any HTTP2Transport, errorCode: UInt32, debugData: String)
+    /// A stream closed, or the server raised its stream limit: `availableStreams` may have grown.
+    func transportHasCapacity(_ transport: any HTTP2Transport)
+    /// The connection is gone (its open streams have failed with `reason`). `wasReady`: it had been READY;
+    /// `keepaliveTimedOut`: a PING went unanswered.
+    func transportClosed(_ transport: any HTTP2Transport, reason: Status, wasReady: Bool, keepaliveTimedOut: Bool)
+}

@@ -1,0 +1,108 @@
+import CNghttp2
+import CReactor
+import GRPCCMReactor
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What an HTTP/2 connection (ours, or the echo server's) has to write: nghttp2's frames of one loop turn
+/// coalesced into one buffer, encrypted in one pass when TLS is on, and written with as few syscalls as the socket
+/// allows. Reactor thread only.
+package struct SocketOutput {
+    /// Bytes for the socket (ciphertext under TLS); `start` of them are written.
+    private var bytes: [UInt8] = []
+    private var start = 0
+    /// nghttp2's output waiting for TLS.
+    private var plaintext: [UInt8] = []
+
+    package init() {}
+
+    /// Keep at most about this much buffered: nghttp2 holds the rest until the socket drains.
+    private static let cap = 1 << 20
+
+    package enum Failure: Error {
+        /// nghttp2_session_mem_send failed with this code.
+        case http2(Int32)
+        case tls(TLSError)
+        /// write(2) failed with this errno.
+        case write(Int32)
+    }
+
+    /// Everything is written.
+    package var isDrained: Bool { self.start == self.bytes.count }
+
+    /// Pulls what nghttp2 wants to send (up to the cap), through `tls` when given.
+    package mutating func collect(from session: OpaquePointer, tls: TLSSession?) throws(Failure) {
+        while self.bytes.count - self.start < Self.cap && self.plaintext.count < Self.cap {
+            var chunk: UnsafePointer<UInt8>? = nil
+            let n = nghttp2_session_mem_send(session, &chunk)
+            if n < 0 { throw .http2(Int32(n)) }
+            if n == 0 { break }
+            if tls != nil {
+                self.plaintext.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
+            } else {
+                self.bytes.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
+            }
+        }
+        if let tls, !self.plaintext.isEmpty {
+            // One pass through TLS per turn: records as large as the coalesced output allows.
+            let result = self.plaintext.withUnsafeBytes { buffer in
+                Result { () throws(TLSError) in try tls.writePlaintext(buffer) }
+            }
+            if case .failure(let error) = result { throw .tls(error) }
+            self.plaintext.removeAll(keepingCapacity: true)
+            tls.drainCiphertext(into: &self.bytes)
+        }
+    }
+
+    /// Takes the TLS records (handshake, alerts) that `tls` has ready.
+    package mutating func takeCiphertext(from tls: TLSSession) {
+        tls.drainCiphertext(into: &self.bytes)
+    }
+
+    /// Adds bytes as they are (plaintext connections' last frames).
+    package mutating func append(_ raw: [UInt8]) {
+        self.bytes.append(contentsOf: raw)
+    }
+
+    /// Writes as much as the socket takes, stopping at EAGAIN. The buffer never grows with the bytes ever sent: once
+    /// all of it is out it is emptied, and while the socket lags, what is written is dropped from the front as soon
+    /// as it is more than half the buffer, so a long upload holds at most the cap plus one collection.
+    package mutating func write(to fd: Int32) throws(Failure) {
+        while self.start < self.bytes.count {
+            let written = self.bytes.withUnsafeBytes { buffer in
+                cr_write(fd, buffer.baseAddress! + self.start, buffer.count - self.start)
+            }
+            if written == -Int(EAGAIN) { break }
+            if written < 0 { throw .write(Int32(-written)) }
+            self.start += written
+        }
+        if self.start == self.bytes.count {
+            // A buffer that grew very large (a burst of big messages) is not kept.
+            self.bytes.removeAll(keepingCapacity: self.bytes.capacity <= (4 << 20))
+            self.start = 0
+        } else if self.start > (64 << 10) && self.start * 2 > self.bytes.count {
+            self.bytes.removeFirst(self.start)
+            self.start = 0
+        }
+    }
+
+    /// Bytes held, written or not (for the bound's test).
+    package var heldBytes: Int { self.bytes.count }
+
+    /// One last write, whatever it achieves (closing: a GOAWAY or a TLS alert on its way out).
+    package mutating func writeOnce(to fd: Int32) {
+        guard self.start < self.bytes.count else { return }
+        _ = self.bytes.withUnsafeBytes { buffer in
+            cr_write(fd, buffer.baseAddress! + self.start, buffer.count - self.start)
+        }
+        self.reset()
+    }
+
+    package mutating func reset() {
+        self.bytes = []
+        self.plaintext = []
+        self.start = 0
+    }
+}

@@ -1,0 +1,47 @@
+import GRPCCMWire
+
+/// TLS for a connection, through OpenSSL 3. `nil` in `Configuration.tls` means plaintext (h2c), as in the Go
+/// original; the CLI, like grpcurl, uses TLS unless `--plaintext` is given.
+///
+/// Verified by default: the server's chain against the system trust store (or `trustRoots`), and its name
+/// (DNS names and IP addresses in subjectAltName) against `serverName` or the target's host. ALPN offers `h2`
+/// and a server that does not select it is refused. TLS 1.2 is the minimum.
+public struct TLSConfiguration: Sendable, Hashable {
+    /// Where trusted CA certificates come from.
+    public enum TrustRoots: Sendable, Hashable {
+        /// The system trust store (OpenSSL's default verify paths).
+        case system
+        /// CA certificates in a PEM file.
+        case file(String)
+    }
+
+    /// Default `.system`.
+    public var trustRoots: TrustRoots = .system
+    /// The client certificate chain (PEM) for mutual TLS; nil: none.
+    public var certificateChainFile: String?
+    /// The client private key (PEM) for mutual TLS; nil: none.
+    public var privateKeyFile: String?
+    /// The name sent as SNI and checked against the certificate; nil: the target's host.
+    public var serverName: String?
+    /// Check the certificate chain and the name. `false` is grpcurl's `-insecure`: only when asked.
+    public var verifyCertificate: Bool = true
+
+    public init() {}
+
+    /// TLS with the system trust store and default verification.
+    public static var defaults: TLSConfiguration { TLSConfiguration() }
+
+    /// Checks the fields that can be checked without the files.
+    /// - Throws: `ConfigurationError` naming the field.
+    package func validate() throws(ConfigurationError) {
+        if (self.certificateChainFile == nil) != (self.privateKeyFile == nil) {
+            throw ConfigurationError(
+                field: "tls.certificateChainFile", message: "a client certificate needs its private key, and the other way round")
+        }
+        if self.verifyCertificate, let name = self.serverName, name.isEmpty {
+            // An empty name would verify nothing but the chain: any certificate the trust roots signed would do.
+            throw ConfigurationError(
+                field: "tls.serverName", message: "must not be empty while verifyCertificate is on (nil uses the target's host)")
+        }
+    }
+}

@@ -1,0 +1,73 @@
+import COpenSSL
+
+/// An SSL_CTX built from a `TLSConfiguration` (client) or a certificate and key (server). Immutable once built.
+package final class TLSContext: @unchecked Sendable {
+    // `@unchecked`: the SSL_CTX is configured in init and only read afterwards (SSL_new), which OpenSSL allows
+    // from several threads.
+    package let context: OpaquePointer
+    package let isServer: Bool
+    package let verify: Bool
+
+    /// A client context.
+    package init(client configuration: TLSConfiguration) throws(TLSError) {
+        guard let context = SSL_CTX_new(TLS_client_method()) else { throw TLSError.openSSL("SSL_CTX_new") }
+        self.context = context
+        self.isServer = false
+        self.verify = configuration.verifyCertificate
+        _ = copenssl_set_min_proto_version(context, TLS1_2_VERSION)
+        // Renegotiation is refused both ways (RFC 9113 §9.2.1 forbids it under HTTP/2 after the preface).
+        copenssl_ctx_refuse_renegotiation(context)
+        let alpn: [UInt8] = [2, UInt8(ascii: "h"), UInt8(ascii: "2")]
+        _ = SSL_CTX_set_alpn_protos(context, alpn, UInt32(alpn.count))
+        if configuration.verifyCertificate {
+            SSL_CTX_set_verify(context, SSL_VERIFY_PEER, nil)
+            switch configuration.trustRoots {
+            case .system:
+                SSL_CTX_set_default_verify_paths(context)
+            case .file(let path):
+                guard SSL_CTX_load_verify_locations(context, path, nil) == 1 else {
+                    throw TLSError.configuration("cannot load CA certificates from \(path): \(TLSError.lastOpenSSLError() ?? "unknown error")")
+                }
+            }
+        } else {
+            SSL_CTX_set_verify(context, SSL_VERIFY_NONE, nil)
+        }
+        if let chain = configuration.certificateChainFile, let key = configuration.privateKeyFile {
+            try Self.loadIdentity(context, chain: chain, key: key)
+        }
+    }
+
+    /// A server context offering h2 through ALPN; with `clientCA`, clients must present a certificate it signed.
+    package init(serverCertificateChain chain: String, privateKey key: String, clientCA: String?) throws(TLSError) {
+        guard let context = SSL_CTX_new(TLS_server_method()) else { throw TLSError.openSSL("SSL_CTX_new") }
+        self.context = context
+        self.isServer = true
+        self.verify = clientCA != nil
+        _ = copenssl_set_min_proto_version(context, TLS1_2_VERSION)
+        copenssl_ctx_refuse_renegotiation(context)
+        copenssl_ctx_select_h2(context)
+        try Self.loadIdentity(context, chain: chain, key: key)
+        if let clientCA {
+            guard SSL_CTX_load_verify_locations(context, clientCA, nil) == 1 else {
+                throw TLSError.configuration("cannot load client CA from \(clientCA): \(TLSError.lastOpenSSLError() ?? "unknown error")")
+            }
+            SSL_CTX_set_verify(context, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nil)
+        }
+    }
+
+    deinit {
+        SSL_CTX_free(self.context)
+    }
+
+    private static func loadIdentity(_ context: OpaquePointer, chain: String, key: String) throws(TLSError) {
+        guard SSL_CTX_use_certificate_chain_file(context, chain) == 1 else {
+            throw TLSError.configuration("cannot load certificate chain \(chain): \(TLSError.lastOpenSSLError() ?? "unknown error")")
+        }
+        guard SSL_CTX_use_PrivateKey_file(context, key, SSL_FILETYPE_PEM) == 1 else {
+            throw TLSError.configuration("cannot load private key \(key): \(TLSError.lastOpenSSLError() ?? "unknown error")")
+        }
+        guard SSL_CTX_check_private_key(context) == 1 else {
+            throw TLSError.configuration("private key \(key) does not match the certificate \(chain)")
+        }
+    }
+}

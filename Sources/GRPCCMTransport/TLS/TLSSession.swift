@@ -1,0 +1,167 @@
+import COpenSSL
+import GRPCCMReactor
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One TLS session over memory BIOs, driven by the reactor without blocking (nghttp2 `examples/client.c`'s
+/// `want_io`, without its blocking handshake): ciphertext from the socket goes in with `feed`, plaintext comes out
+/// of `readPlaintext`; plaintext to send goes in with `writePlaintext`, ciphertext for the socket comes out of
+/// `drainCiphertext`. WANT_READ/WANT_WRITE are never errors here: more bytes simply have to arrive.
+///
+/// Reactor thread only.
+package final class TLSSession {
+    package enum HandshakeResult: Equatable {
+        case inProgress
+        case done
+        case failed(String)
+    }
+
+    private let ssl: OpaquePointer
+    private let readBIO: OpaquePointer
+    private let writeBIO: OpaquePointer
+    package private(set) var handshakeDone = false
+    /// A server session (it waits for the ClientHello) rather than a client one.
+    package let isServer: Bool
+
+    /// A session for `context`: a server session waits for the ClientHello; a client session sends SNI for
+    /// `serverName` and, when the context verifies, checks the certificate against `verifyName` (a DNS name, or an IP
+    /// address matched against the certificate's IP subjectAltNames).
+    /// - Throws: `TLSError` when OpenSSL refuses the session or the name check cannot be set up (a verified client
+    ///   session without a name is refused too: it would accept any certificate the CA signed).
+    package init(context: TLSContext, serverName: String?, verifyName: String?) throws(TLSError) {
+        guard let ssl = SSL_new(context.context) else { throw TLSError.openSSL("SSL_new") }
+        guard let rbio = BIO_new(BIO_s_mem()), let wbio = BIO_new(BIO_s_mem()) else {
+            SSL_free(ssl)
+            throw TLSError.openSSL("BIO_new")
+        }
+        SSL_set_bio(ssl, rbio, wbio)  // the SSL owns both BIOs now
+        self.ssl = ssl
+        self.readBIO = rbio
+        self.writeBIO = wbio
+        self.isServer = context.isServer
+        if context.isServer {
+            SSL_set_accept_state(ssl)
+            return
+        }
+        SSL_set_connect_state(ssl)
+        let isIP = serverName.map { SocketAddress(ip: $0, port: 0) != nil } ?? false
+        if let serverName, !serverName.isEmpty, !isIP {
+            // RFC 6066 §3: SNI carries host names only, never IP literals.
+            guard copenssl_set_tlsext_host_name(ssl, serverName) == 1 else {
+                throw TLSError.configuration("cannot send \"\(serverName)\" as the TLS server name (SNI)")
+            }
+        }
+        guard context.verify else { return }
+        guard let name = verifyName, !name.isEmpty else {
+            throw TLSError.configuration(
+                "an empty server name cannot be verified: set tls.serverName, or turn verification off")
+        }
+        // The name check is what makes a CA-signed certificate this server's: if it cannot be set up, refuse the
+        // session rather than accept any certificate the trust roots signed.
+        let checked: Int32
+        if SocketAddress(ip: name, port: 0) != nil {
+            checked = X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
+        } else {
+            checked = SSL_set1_host(ssl, name)
+        }
+        guard checked == 1 else {
+            throw TLSError.configuration("cannot set up the certificate name check for \"\(name)\"")
+        }
+    }
+
+    deinit {
+        SSL_free(self.ssl)
+    }
+
+    /// Steps the handshake. Call after `feed` and at the start.
+    package func handshake() -> HandshakeResult {
+        if self.handshakeDone { return .done }
+        ERR_clear_error()
+        let rc = SSL_do_handshake(self.ssl)
+        if rc == 1 {
+            self.handshakeDone = true
+            return .done
+        }
+        let error = SSL_get_error(self.ssl, rc)
+        if error == SSL_ERROR_WANT_READ || error == SSL_ERROR_WANT_WRITE { return .inProgress }
+        return .failed(self.describeFailure(error))
+    }
+
+    /// The protocol ALPN selected ("" when none).
+    package var negotiatedProtocol: String {
+        var data: UnsafePointer<UInt8>? = nil
+        var length: UInt32 = 0
+        SSL_get0_alpn_selected(self.ssl, &data, &length)
+        guard let data, length > 0 else { return "" }
+        return String(decoding: UnsafeBufferPointer(start: data, count: Int(length)), as: UTF8.self)
+    }
+
+    /// Ciphertext from the socket.
+    package func feed(_ bytes: UnsafeRawBufferPointer) {
+        var offset = 0
+        while offset < bytes.count {
+            let n = BIO_write(self.readBIO, bytes.baseAddress! + offset, Int32(bytes.count - offset))
+            if n <= 0 { return }
+            offset += Int(n)
+        }
+    }
+
+    /// Decrypts into `buffer`. Returns bytes read, 0 when no complete record is buffered, -1 on a clean
+    /// close_notify, or throws with OpenSSL's reason.
+    package func readPlaintext(into buffer: UnsafeMutableRawBufferPointer) throws(TLSError) -> Int {
+        ERR_clear_error()
+        let n = SSL_read(self.ssl, buffer.baseAddress, Int32(buffer.count))
+        if n > 0 { return Int(n) }
+        let error = SSL_get_error(self.ssl, n)
+        switch error {
+        case SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE: return 0
+        case SSL_ERROR_ZERO_RETURN: return -1
+        default: throw TLSError.protocolFailure(self.describeFailure(error))
+        }
+    }
+
+    /// Encrypts plaintext (memory BIOs never block, so everything is taken).
+    package func writePlaintext(_ bytes: UnsafeRawBufferPointer) throws(TLSError) {
+        var offset = 0
+        while offset < bytes.count {
+            ERR_clear_error()
+            let n = SSL_write(self.ssl, bytes.baseAddress! + offset, Int32(min(bytes.count - offset, 1 << 20)))
+            if n <= 0 { throw TLSError.protocolFailure(self.describeFailure(SSL_get_error(self.ssl, n))) }
+            offset += Int(n)
+        }
+    }
+
+    /// Moves pending ciphertext into `out`.
+    package func drainCiphertext(into out: inout [UInt8]) {
+        while BIO_ctrl_pending(self.writeBIO) > 0 {
+            let pending = Int(BIO_ctrl_pending(self.writeBIO))
+            let start = out.count
+            out.append(contentsOf: repeatElement(0, count: pending))
+            let n = out.withUnsafeMutableBytes { BIO_read(self.writeBIO, $0.baseAddress! + start, Int32(pending)) }
+            if n <= 0 {
+                out.removeSubrange(start...)
+                return
+            }
+            if Int(n) < pending { out.removeSubrange((start + Int(n))...) }
+        }
+    }
+
+    /// Queues close_notify (drain the ciphertext afterwards).
+    package func shutdown() {
+        ERR_clear_error()
+        _ = SSL_shutdown(self.ssl)
+    }
+
+    /// OpenSSL's reason, made readable ("certificate verify failed: hostname mismatch").
+    private func describeFailure(_ error: Int32) -> String {
+        let verify = SSL_get_verify_result(self.ssl)
+        var reason = TLSError.lastOpenSSLError() ?? "TLS error \(error)"
+        if verify != X509_V_OK {
+            reason = "certificate verify failed: \(String(cString: X509_verify_cert_error_string(verify)))"
+        }
+        ERR_clear_error()
+        return reason
+    }
+}

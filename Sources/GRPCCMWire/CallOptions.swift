@@ -1,0 +1,20 @@
+/// Per-call options.
+public struct CallOptions: Sendable, Hashable {
+    /// Deadline of the call, relative to when it starts. nil: none. Sent as `grpc-timeout` and enforced here:
+    /// when it passes the stream is reset with CANCEL and the call ends with DEADLINE_EXCEEDED.
+    public var timeout: Duration?
+
+    /// Overrides `Configuration.maxMessageSize` for this call's response (nil: the configuration's).
+    public var maxReceiveMessageSize: Int?
+
+    /// Wait-for-ready (grpc `doc/wait-for-ready.md`). Off (default): a call made while every connection is in
+    /// TRANSIENT_FAILURE fails at once with UNAVAILABLE and the last connect error. On: it waits for a ready
+    /// connection until its deadline.
+    public var waitForReady: Bool
+
+    public init(timeout: Duration? = nil, maxReceiveMessageSize: Int? = nil, waitForReady: Bool = false) {
+        self.timeout = timeout
+        self.maxReceiveMessageSize = maxReceiveMessageSize
+        self.waitForReady = waitForReady
+    }
+}

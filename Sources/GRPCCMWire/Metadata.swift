@@ -1,0 +1,137 @@
+/// Request or response metadata: an ordered list of (name, value) pairs; names may repeat.
+///
+/// Names are lower-case ASCII from `0-9 a-z _ - .`. A name ending in `-bin` carries bytes (base64 on the wire);
+/// any other carries printable ASCII (0x20...0x7E). `validate()` checks both before anything is sent, so a header
+/// with CR/LF can never be smuggled onto the wire.
+public struct Metadata: Sendable, Hashable, Sequence, CustomStringConvertible, ExpressibleByDictionaryLiteral {
+    public typealias Key = String
+    public typealias Value = String
+    public typealias Element = (name: String, value: MetadataValue)
+
+    private var storage: [Element] = []
+
+    public init() {}
+
+    public init(dictionaryLiteral elements: (String, String)...) {
+        for (name, value) in elements { self.add(name, value) }
+    }
+
+    public var count: Int { self.storage.count }
+    public var isEmpty: Bool { self.storage.isEmpty }
+
+    /// Appends a text value.
+    public mutating func add(_ name: String, _ value: String) {
+        self.storage.append((name.lowercased(), .string(value)))
+    }
+
+    /// Appends a binary value; `name` should end in `-bin`.
+    public mutating func add(_ name: String, binary value: [UInt8]) {
+        self.storage.append((name.lowercased(), .binary(value)))
+    }
+
+    package mutating func append(_ name: String, _ value: MetadataValue) {
+        self.storage.append((name, value))
+    }
+
+    /// The first text value for `name`.
+    public subscript(name: String) -> String? {
+        let key = name.lowercased()
+        for entry in self.storage where entry.name == key {
+            if case .string(let text) = entry.value { return text }
+            return entry.value.description
+        }
+        return nil
+    }
+
+    /// Every value for `name`.
+    public func values(for name: String) -> [MetadataValue] {
+        let key = name.lowercased()
+        return self.storage.filter { $0.name == key }.map(\.value)
+    }
+
+    public func makeIterator() -> IndexingIterator<[Element]> { self.storage.makeIterator() }
+
+    public var description: String {
+        "[" + self.storage.map { "\($0.name): \($0.value)" }.joined(separator: ", ") + "]"
+    }
+
+    public static func == (lhs: Metadata, rhs: Metadata) -> Bool {
+        lhs.storage.count == rhs.storage.count
+            && zip(lhs.storage, rhs.storage).allSatisfy { $0.name == $1.name && $0.value == $1.value }
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        for entry in self.storage {
+            hasher.combine(entry.name)
+            hasher.combine(entry.value)
+        }
+    }
+
+    // MARK: validation
+
+    /// Headers that HTTP/2 or gRPC own; a caller may not set them as metadata.
+    package static let reservedNames: Set<String> = [
+        "te", "content-type", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host",
+        "grpc-timeout", "grpc-status", "grpc-message", "grpc-encoding", "grpc-accept-encoding",
+        "grpc-status-details-bin", "grpc-previous-rpc-attempts", "grpc-retry-pushback-ms",
+    ]
+
+    /// Checks every name and value; the error says which entry is wrong and why.
+    public func validate() throws(MetadataError) {
+        for entry in self.storage {
+            try Self.validate(name: entry.name)
+            if Self.reservedNames.contains(entry.name) {
+                throw MetadataError(name: entry.name, reason: "is reserved for gRPC or HTTP/2")
+            }
+            switch entry.value {
+            case .string(let text):
+                if entry.name.hasSuffix("-bin") {
+                    throw MetadataError(name: entry.name, reason: "ends in -bin, so its value must be binary")
+                }
+                for byte in text.utf8 where byte < 0x20 || byte > 0x7E {
+                    throw MetadataError(
+                        name: entry.name,
+                        reason: "value contains byte 0x\(String(byte, radix: 16)); only printable ASCII is allowed")
+                }
+            case .binary:
+                if !entry.name.hasSuffix("-bin") {
+                    throw MetadataError(name: entry.name, reason: "has a binary value but does not end in -bin")
+                }
+            }
+        }
+    }
+
+    package static func validate(name: String) throws(MetadataError) {
+        if name.isEmpty { throw MetadataError(name: name, reason: "is empty") }
+        for byte in name.utf8 {
+            switch byte {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "_"),
+                UInt8(ascii: "-"), UInt8(ascii: "."):
+                continue
+            default:
+                throw MetadataError(
+                    name: name, reason: "contains byte 0x\(String(byte, radix: 16)); names use 0-9 a-z _ - . only")
+            }
+        }
+    }
+}
+
+/// One metadata value: text, or bytes for `-bin` names.
+public enum MetadataValue: Sendable, Hashable, CustomStringConvertible {
+    case string(String)
+    case binary([UInt8])
+
+    public var description: String {
+        switch self {
+        case .string(let text): return text
+        case .binary(let bytes): return Base64.encode(bytes)
+        }
+    }
+}
+
+/// A metadata entry that cannot be sent.
+public struct MetadataError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var name: String
+    public var reason: String
+    public var description: String { "invalid metadata \"\(self.name)\": \(self.reason)" }
+}

@@ -1,0 +1,158 @@
+/// What the header blocks of a gRPC response say, read header by header as nghttp2 decodes them (gRPC
+/// `PROTOCOL-HTTP2.md`, "Responses"): the HTTP status, `grpc-status`, `grpc-message`, `content-type`,
+/// `grpc-encoding`, and the rest as initial or trailing metadata.
+///
+/// Pure: no I/O and no clock, so the rules are tested and fuzzed on their own (`Fuzz/`). The owner (a call attempt)
+/// feeds it and asks it for the status when the stream ends.
+///
+/// Every block is bounded by `maxHeaderListSize`, counted as RFC 9113 §6.5.2 counts it (name + value + 32 per
+/// field, over the uncompressed list): nghttp2 only advertises SETTINGS_MAX_HEADER_LIST_SIZE, it does not enforce it.
+package struct ResponseHead: Sendable {
+    /// How a header block ended.
+    package enum Block: Equatable, Sendable {
+        /// A 1xx block: skipped, the real headers follow.
+        case informational
+        /// The response headers (initial metadata); messages and trailers follow.
+        case headers
+        /// The trailers, with the status.
+        case trailers
+        /// A trailers-only response: one block with the status and END_STREAM.
+        case trailersOnly
+    }
+
+    package let maxHeaderListSize: Int
+    package private(set) var httpStatus = 0
+    /// The raw `grpc-status`; values that are not a decimal become UNKNOWN's number.
+    package private(set) var grpcStatus: Int?
+    package private(set) var grpcMessage: String?
+    package private(set) var contentType: String?
+    /// The `grpc-encoding` of the response messages (nil: identity).
+    package private(set) var grpcEncoding: String?
+    /// Complete header blocks, 1xx blocks not counted.
+    package private(set) var completeBlocks = 0
+    /// The first block was also the last (trailers-only).
+    package private(set) var trailersOnly = false
+    package private(set) var initialMetadata = Metadata()
+    package private(set) var trailingMetadata = Metadata()
+    /// Size of the block being read, in RFC 9113 §6.5.2 terms.
+    package private(set) var blockSize = 0
+    private var inTrailers = false
+
+    package init(maxHeaderListSize: Int) {
+        self.maxHeaderListSize = maxHeaderListSize
+    }
+
+    /// True once the server sent response headers of its own (not trailers-only): gRFC A6 commits the call then.
+    package var committed: Bool { self.completeBlocks > 0 && !self.trailersOnly }
+
+    /// A header block begins.
+    package mutating func beginBlock() {
+        self.inTrailers = self.completeBlocks > 0
+        self.blockSize = 0
+    }
+
+    /// One header field of the current block.
+    /// - Returns: false when the block has grown past `maxHeaderListSize`; the stream must be reset and the call
+    ///   ends with `headerListTooLarge`.
+    package mutating func header(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
+        self.blockSize += name.count + value.count + 32
+        if self.blockSize > self.maxHeaderListSize { return false }
+        if name.first == UInt8(ascii: ":") {
+            if HeaderName.equals(name, HeaderName.status) { self.httpStatus = HeaderName.parseInt(value) ?? 0 }
+            return true
+        }
+        if HeaderName.equals(name, HeaderName.grpcStatus) {
+            self.grpcStatus = HeaderName.parseInt(value) ?? StatusCode.unknown.rawValue
+            return true
+        }
+        if HeaderName.equals(name, HeaderName.grpcMessage) {
+            self.grpcMessage = PercentEncoding.decode(value)
+            return true
+        }
+        if HeaderName.equals(name, HeaderName.grpcAcceptEncoding) {
+            // Transport negotiation, not application metadata (grpc-go and grpc-java keep it out too); it would
+            // cost three allocations per call against servers that send it on every response.
+            return true
+        }
+        if !self.inTrailers {
+            if HeaderName.equals(name, HeaderName.contentType) {
+                self.contentType = String(decoding: value, as: UTF8.self)
+                return true
+            }
+            if HeaderName.equals(name, HeaderName.grpcEncoding) {
+                let encoding = String(decoding: value, as: UTF8.self)
+                self.grpcEncoding = encoding == "identity" ? nil : encoding
+                return true
+            }
+        }
+        let nameText = String(decoding: name, as: UTF8.self)
+        if nameText.hasSuffix("-bin") {
+            // Repeated values may arrive joined with "," (PROTOCOL-HTTP2.md): each piece is its own base64 value,
+            // padded or not, so each is decoded alone. A piece that is not base64 is dropped.
+            for piece in value.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false) {
+                let trimmed = piece.drop { $0 == UInt8(ascii: " ") }
+                guard let bytes = Base64.decode(trimmed) else { continue }
+                self.append(nameText, .binary(bytes))
+            }
+            return true
+        }
+        self.append(nameText, .string(String(decoding: value, as: UTF8.self)))
+        return true
+    }
+
+    private mutating func append(_ name: String, _ value: MetadataValue) {
+        if self.inTrailers {
+            self.trailingMetadata.append(name, value)
+        } else {
+            self.initialMetadata.append(name, value)
+        }
+    }
+
+    /// The current header block is complete; `endStream` when it also ends the stream.
+    package mutating func endBlock(endStream: Bool) -> Block {
+        if (100..<200).contains(self.httpStatus) && self.completeBlocks == 0 && !endStream {
+            // Informational (1xx): skip it and read the next block (PROTOCOL-HTTP2.md).
+            self.httpStatus = 0
+            self.initialMetadata = Metadata()
+            return .informational
+        }
+        self.completeBlocks += 1
+        if self.completeBlocks == 1 && endStream {
+            // Trailers-only: what arrived belongs to the trailers.
+            self.trailersOnly = true
+            self.trailingMetadata = self.initialMetadata
+            self.initialMetadata = Metadata()
+            return .trailersOnly
+        }
+        return self.completeBlocks == 1 ? .headers : .trailers
+    }
+
+    /// The status the response carries, once the stream has ended (`errorCode`: the RST_STREAM code, 0 for a clean
+    /// end). Message-level checks (a truncated message, a unary call without exactly one message) are the caller's.
+    package func status(errorCode: UInt32) -> Status {
+        if self.completeBlocks == 0 || (self.grpcStatus == nil && self.completeBlocks < 2 && errorCode != 0) {
+            return errorCode == 0
+                ? Status(code: .internal, message: "stream closed without a response")
+                : Status.forRSTStream(errorCode: errorCode)
+        }
+        if let code = self.grpcStatus {
+            guard (0...16).contains(code) else {
+                // gRPC: a code outside the defined range is UNKNOWN.
+                let detail = self.grpcMessage.map { ": \($0)" } ?? ""
+                return Status(code: .unknown, message: "server sent grpc-status \(code), which is not a gRPC code\(detail)")
+            }
+            return Status(code: StatusCode(rawValue: code), message: self.grpcMessage ?? "")
+        }
+        if self.httpStatus != 200 && self.httpStatus != 0 {
+            return Status(
+                code: Status.code(forHTTPStatus: self.httpStatus),
+                message: "HTTP status \(self.httpStatus) without grpc-status"
+                    + (self.contentType.map { " (content-type \($0))" } ?? ""))
+        }
+        if let type = self.contentType, !type.hasPrefix("application/grpc") {
+            return Status(code: .unknown, message: "unexpected content-type \"\(type)\" in response")
+        }
+        if errorCode != 0 { return Status.forRSTStream(errorCode: errorCode) }
+        return Status(code: .internal, message: "stream ended without grpc-status trailers")
+    }
+}

@@ -1,0 +1,41 @@
+/// What a unary call ended with. `status` is always set; `message` is the response (empty unless OK).
+public struct UnaryResponse: Sendable, Hashable {
+    /// The call's final status.
+    public var status: Status
+    /// The response message bytes (empty unless the status is OK).
+    public var message: [UInt8]
+    /// Response headers (the server's initial metadata).
+    public var initialMetadata: Metadata
+    /// Trailers (trailing metadata) that came with the status.
+    public var trailingMetadata: Metadata
+
+    public init(status: Status, message: [UInt8] = [], initialMetadata: Metadata = [:], trailingMetadata: Metadata = [:]) {
+        self.status = status
+        self.message = message
+        self.initialMetadata = initialMetadata
+        self.trailingMetadata = trailingMetadata
+    }
+}
+
+/// How a streaming call ended: always a status, plus the metadata the server sent.
+public struct StreamResult: Sendable, Hashable {
+    /// The call's final status.
+    public var status: Status
+    /// Response headers (empty for a trailers-only response or a call that never reached the server).
+    public var initialMetadata: Metadata
+    /// Trailers that came with the status.
+    public var trailingMetadata: Metadata
+
+    public init(status: Status, initialMetadata: Metadata = [:], trailingMetadata: Metadata = [:]) {
+        self.status = status
+        self.initialMetadata = initialMetadata
+        self.trailingMetadata = trailingMetadata
+    }
+
+    package init(_ response: UnaryResponse) {
+        self.init(
+            status: response.status, initialMetadata: response.initialMetadata,
+            trailingMetadata: response.trailingMetadata)
+    }
+}
+

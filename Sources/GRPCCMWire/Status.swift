@@ -1,0 +1,56 @@
+/// The outcome of a call: a code and a message. Every call ends with exactly one.
+public struct Status: Error, Hashable, Sendable, CustomStringConvertible {
+    public var code: StatusCode
+    public var message: String
+
+    public init(code: StatusCode, message: String = "") {
+        self.code = code
+        self.message = message
+    }
+
+    public static let ok = Status(code: .ok)
+
+    public var isOK: Bool { self.code == .ok }
+
+    public var description: String {
+        self.message.isEmpty ? "\(self.code)" : "\(self.code): \"\(self.message)\""
+    }
+
+    /// The gRPC code for an HTTP status when a response carries no `grpc-status` (gRPC's
+    /// `doc/http-grpc-status-mapping.md`; 431 follows that document, not grpc-go).
+    public static func code(forHTTPStatus status: Int) -> StatusCode {
+        switch status {
+        case 400: return .internal
+        case 401: return .unauthenticated
+        case 403: return .permissionDenied
+        case 404: return .unimplemented
+        case 429, 502, 503, 504: return .unavailable
+        case 431: return .internal
+        default: return .unknown
+        }
+    }
+
+    /// The status a client reports when the server resets a stream (PROTOCOL-HTTP2.md "Errors").
+    package static func forRSTStream(errorCode: UInt32) -> Status {
+        switch errorCode {
+        case 0x7: return Status(code: .unavailable, message: "stream refused by the server (REFUSED_STREAM)")
+        case 0x8: return Status(code: .cancelled, message: "stream cancelled by the server (RST_STREAM CANCEL)")
+        case 0xb: return Status(code: .resourceExhausted, message: "server reset the stream: ENHANCE_YOUR_CALM")
+        case 0xc: return Status(code: .permissionDenied, message: "server reset the stream: INADEQUATE_SECURITY")
+        default:
+            return Status(code: .internal, message: "server reset the stream: \(HTTP2ErrorCode.name(errorCode))")
+        }
+    }
+}
+
+/// HTTP/2 error code names (RFC 9113 §7), for messages.
+package enum HTTP2ErrorCode {
+    package static func name(_ code: UInt32) -> String {
+        let names = [
+            "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT", "STREAM_CLOSED",
+            "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR", "CONNECT_ERROR", "ENHANCE_YOUR_CALM",
+            "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED",
+        ]
+        return Int(code) < names.count ? names[Int(code)] : "0x\(String(code, radix: 16))"
+    }
+}

@@ -1,0 +1,5 @@
+/// Library version, sent in the user-agent.
+public enum GRPCConnectionManagerVersion {
+    public static let string = "0.1.0"
+    package static let userAgent = "grpc-swift-cm/\(GRPCConnectionManagerVersion.string)"
+}

@@ -1,0 +1,39 @@
+import GRPCCMHandlers
+import GRPCCMPool
+import GRPCCMReactor
+import GRPCCMTransport
+import GRPCCMWire
+
+/// Each layer's own settings, taken from the one public `Configuration`: the layers below never see it whole.
+extension Configuration {
+    var backoffConfiguration: Backoff.Configuration {
+        Backoff.Configuration(
+            base: self.reconnectBackoff.initial, multiplier: self.reconnectBackoff.multiplier,
+            jitter: self.reconnectBackoff.jitter, maximum: self.maxReconnectDelay)
+    }
+
+    var http2ClientSettings: HTTP2ClientSettings {
+        HTTP2ClientSettings(
+            connectTimeout: self.minConnectTimeout, keepAliveTime: self.keepAliveTime,
+            keepAliveTimeout: self.keepAliveTimeout, keepAlivePermitWithoutStream: self.keepAlivePermitWithoutStream,
+            initialStreamWindowSize: self.http2.initialStreamWindowSize,
+            connectionWindowSize: self.http2.connectionWindowSize, maxFrameSize: self.http2.maxFrameSize,
+            maxHeaderListSize: self.http2.maxHeaderListSize,
+            userAgent: self.userAgentPrefix.map { "\($0) \(GRPCConnectionManagerVersion.userAgent)" }
+                ?? GRPCConnectionManagerVersion.userAgent)
+    }
+
+    var poolSettings: PoolSettings {
+        PoolSettings(
+            connectionsPerTarget: self.connectionsPerTarget, maxQueuedCalls: self.maxQueuedCalls,
+            backoff: self.backoffConfiguration, keepAliveTime: self.keepAliveTime, idleTimeout: self.idleTimeout,
+            resolveRetryDelay: self.maxReconnectDelay)
+    }
+
+    var handlerSettings: HandlerSettings {
+        HandlerSettings(
+            logging: self.enableLogging, metrics: self.enableMetrics,
+            circuitBreaker: self.enableCircuitBreaker ? self.circuitBreaker : nil,
+            retry: self.enableRetry ? self.retry : nil)
+    }
+}

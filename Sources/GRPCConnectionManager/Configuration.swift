@@ -1,0 +1,190 @@
+import GRPCCMHandlers
+import GRPCCMPool
+import GRPCCMReactor
+import GRPCCMTransport
+import GRPCCMWire
+
+/// How channels connect and call. Every field has a documented default; `validate()` names the first bad field.
+public struct Configuration: Sendable, Hashable {
+    /// Largest message sent or received, in bytes. Default 4 MiB (gRPC's receive default; the Go original's README
+    /// value). A larger response fails with RESOURCE_EXHAUSTED and the connection is kept.
+    public var maxMessageSize: Int = 4 * 1024 * 1024
+
+    /// Longest a connection attempt (TCP connect plus the server's HTTP/2 SETTINGS) may take. Default 10 s (the
+    /// Go original's MinConnectTimeout). A server that accepts TCP and never speaks HTTP/2 fails the attempt then.
+    public var minConnectTimeout: Duration = .seconds(10)
+
+    /// Interval between keepalive PINGs, measured from the last bytes read. Default 30 s (the Go original).
+    /// Doubled for a target whose server answers GOAWAY `too_many_pings` (gRFC A8).
+    public var keepAliveTime: Duration = .seconds(30)
+
+    /// How long a keepalive PING may go unanswered before the connection is declared dead: it closes, its calls
+    /// fail with UNAVAILABLE and it goes to TRANSIENT_FAILURE. Default 5 s. Also set as TCP_USER_TIMEOUT.
+    public var keepAliveTimeout: Duration = .seconds(5)
+
+    /// Whether keepalive PINGs are sent while no call is open. Default true (the Go original).
+    public var keepAlivePermitWithoutStream: Bool = true
+
+    /// Largest wait between reconnect attempts. Default 3 s (the Go original's MaxReconnectDelay).
+    public var maxReconnectDelay: Duration = .seconds(3)
+
+    /// Reconnect backoff before the cap: first delay, growth and jitter.
+    public var reconnectBackoff = ReconnectBackoff()
+
+    /// Bytes a streaming call buffers each way before backpressure applies, in bytes. Default 64 KiB.
+    /// Out: a writer is told to wait while more than this is written and not yet sent (the HTTP/2 send window
+    /// decides how fast it drains). In: an async reader with more than this unread stops returning window to the
+    /// server, so a slow reader holds at most this plus one stream window (`http2.initialStreamWindowSize`).
+    public var streamBufferSize: Int = 64 << 10
+
+    /// A connection with no call for this long closes and goes IDLE; the next call reconnects. Default 30 min
+    /// (grpc-go, grpc-java); `.zero` means never.
+    public var idleTimeout: Duration = .seconds(30 * 60)
+
+    /// Connections per resolved address of a service. Default 1. Calls go to the ready connection with the
+    /// fewest open streams.
+    public var connectionsPerTarget: Int = 1
+
+    /// Calls that may wait for a connection (none ready, or every stream in use) before new ones fail with
+    /// RESOURCE_EXHAUSTED. Default 10,000.
+    public var maxQueuedCalls: Int = 10_000
+
+    /// HTTP/2 settings of each connection.
+    public var http2 = HTTP2()
+
+    /// TLS for every connection; nil (the default, as in the Go original) is plaintext HTTP/2.
+    public var tls: TLSConfiguration? = nil
+
+    /// Log calls (debug), state and breaker changes (info), retries and connect failures (warning) to the
+    /// manager's `Logger`. Default true.
+    public var enableLogging: Bool = true
+    /// Record metrics through the manager's `MetricsFactory`. Default false (the Go original's).
+    public var enableMetrics: Bool = false
+    /// Retry failed calls with `retry`. Default true.
+    public var enableRetry: Bool = true
+    /// Guard each service and method with a circuit breaker. Default true.
+    public var enableCircuitBreaker: Bool = true
+
+    /// Retry policy, per-method overrides and throttling.
+    public var retry = Retry()
+    /// Circuit breaker settings.
+    public var circuitBreaker = CircuitBreakerConfiguration()
+
+    /// Retry settings (`RetrySettings`).
+    public typealias Retry = RetrySettings
+
+    /// Text put before `grpc-swift-cm/<version>` in the user-agent header (nil: none).
+    public var userAgentPrefix: String? = nil
+
+    public init() {}
+
+    /// The defaults above.
+    public static var defaults: Configuration { Configuration() }
+
+    /// Exponential reconnect backoff (grpc `doc/connection-backoff.md`); the cap is `maxReconnectDelay`.
+    public struct ReconnectBackoff: Sendable, Hashable {
+        /// First delay. Default 100 ms (the Go original's base).
+        public var initial: Duration = .milliseconds(100)
+        /// Growth per attempt. Default 1.6; at least 1.
+        public var multiplier: Double = 1.6
+        /// Each delay is multiplied by a random factor in [1 - jitter, 1 + jitter]. Default 0.2; 0...1.
+        public var jitter: Double = 0.2
+
+        public init() {}
+    }
+
+    /// HTTP/2 flow-control and framing settings.
+    public struct HTTP2: Sendable, Hashable {
+        /// SETTINGS_INITIAL_WINDOW_SIZE we announce for each stream, in bytes. Default 1 MiB; 65,535...2^31-1.
+        public var initialStreamWindowSize: Int = 1 << 20
+        /// Receive window of the whole connection, in bytes. Default 8 MiB; at least 65,535.
+        public var connectionWindowSize: Int = 8 << 20
+        /// SETTINGS_MAX_FRAME_SIZE we accept, in bytes. Default 16 KiB; clamped by RFC 9113 §6.5.2 to 2^14...2^24-1.
+        public var maxFrameSize: Int = 1 << 14
+        /// SETTINGS_MAX_HEADER_LIST_SIZE we accept, in bytes. Default 16 KiB.
+        public var maxHeaderListSize: Int = 16 << 10
+
+        public init() {}
+    }
+
+    /// Checks every field.
+    /// - Throws: `ConfigurationError` naming the first field that is out of range.
+    public func validate() throws(ConfigurationError) {
+        if self.maxMessageSize <= 0 {
+            throw ConfigurationError(field: "maxMessageSize", message: "must be greater than zero")
+        }
+        if self.maxMessageSize > Int(Int32.max) {
+            throw ConfigurationError(field: "maxMessageSize", message: "must fit the 4-byte gRPC length prefix")
+        }
+        if self.streamBufferSize <= 0 {
+            throw ConfigurationError(field: "streamBufferSize", message: "must be greater than zero")
+        }
+        if self.minConnectTimeout <= .zero {
+            throw ConfigurationError(field: "minConnectTimeout", message: "must be greater than zero")
+        }
+        if self.keepAliveTime <= .zero {
+            throw ConfigurationError(field: "keepAliveTime", message: "must be greater than zero")
+        }
+        if self.keepAliveTimeout <= .zero {
+            throw ConfigurationError(field: "keepAliveTimeout", message: "must be greater than zero")
+        }
+        if self.maxReconnectDelay <= .zero {
+            throw ConfigurationError(field: "maxReconnectDelay", message: "must be greater than zero")
+        }
+        if self.reconnectBackoff.initial <= .zero {
+            throw ConfigurationError(field: "reconnectBackoff.initial", message: "must be greater than zero")
+        }
+        if !(self.reconnectBackoff.multiplier >= 1) {
+            throw ConfigurationError(field: "reconnectBackoff.multiplier", message: "must be at least 1")
+        }
+        if !(0...1).contains(self.reconnectBackoff.jitter) {
+            throw ConfigurationError(field: "reconnectBackoff.jitter", message: "must be within 0...1")
+        }
+        if self.idleTimeout < .zero {
+            throw ConfigurationError(field: "idleTimeout", message: "must not be negative (zero means never)")
+        }
+        if self.connectionsPerTarget < 1 {
+            throw ConfigurationError(field: "connectionsPerTarget", message: "must be at least 1")
+        }
+        if self.maxQueuedCalls < 1 {
+            throw ConfigurationError(field: "maxQueuedCalls", message: "must be at least 1")
+        }
+        if !(65_535...Int(Int32.max)).contains(self.http2.initialStreamWindowSize) {
+            throw ConfigurationError(field: "http2.initialStreamWindowSize", message: "must be 65535...2147483647")
+        }
+        if !(65_535...Int(Int32.max)).contains(self.http2.connectionWindowSize) {
+            throw ConfigurationError(field: "http2.connectionWindowSize", message: "must be 65535...2147483647")
+        }
+        if !((1 << 14)...((1 << 24) - 1)).contains(self.http2.maxFrameSize) {
+            throw ConfigurationError(field: "http2.maxFrameSize", message: "must be 16384...16777215")
+        }
+        if self.http2.maxHeaderListSize <= 0 {
+            throw ConfigurationError(field: "http2.maxHeaderListSize", message: "must be greater than zero")
+        }
+        try self.retry.policy.validate(field: "retry.policy")
+        for (path, policy) in self.retry.perMethod { try policy.validate(field: "retry.perMethod[\(path)]") }
+        if let throttling = self.retry.throttling {
+            if !(1...1000).contains(throttling.maxTokens) {
+                throw ConfigurationError(field: "retry.throttling.maxTokens", message: "must be 1...1000")
+            }
+            if !(throttling.tokenRatio > 0) {
+                throw ConfigurationError(field: "retry.throttling.tokenRatio", message: "must be greater than zero")
+            }
+        }
+        try self.circuitBreaker.validate()
+        try self.tls?.validate()
+        if let prefix = self.userAgentPrefix {
+            for byte in prefix.utf8 where byte < 0x20 || byte > 0x7E {
+                throw ConfigurationError(field: "userAgentPrefix", message: "must be printable ASCII")
+            }
+        }
+    }
+}
+
+/// Plaintext or TLS, for one service's connections (`ConnectionManager.connection(service:address:security:)`).
+public enum TransportSecurity: Sendable, Hashable {
+    /// HTTP/2 without TLS (h2c).
+    case plaintext
+    /// TLS with these settings.
+    case tls(TLSConfiguration)
+}

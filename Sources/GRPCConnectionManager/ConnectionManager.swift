@@ -1,0 +1,263 @@
+import GRPCCMCalls
+import GRPCCMHandlers
+import GRPCCMPool
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMTransport
+import GRPCCMWire
+import Logging
+import Metrics
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The public face: one channel per service name, each with its own connections that look after themselves.
+///
+/// Behaves like the Go original's manager: `connection(service:address:)` registers or reuses the address of a
+/// service and returns its channel (address omitted: the one registered before); `closeConnection(service:)`,
+/// `close(gracePeriod:)`, `connectionCount` and `healthCheck()` as there. All channels share one reactor and one
+/// `EventBus`.
+public final class ConnectionManager: Sendable {
+    /// Health of one registered service, as `healthCheck()` reports it.
+    public struct ServiceHealth: Sendable, Hashable {
+        /// "IDLE", "CONNECTING", "READY", "TRANSIENT_FAILURE", "SHUTDOWN", or "NotConnected" for a registered
+        /// service whose connection was closed.
+        public var state: String
+        /// True when a connection is READY.
+        public var healthy: Bool
+        /// The last connection error, if any.
+        public var error: String?
+    }
+
+    /// The validated configuration every channel uses.
+    public let configuration: Configuration
+    /// Events of every channel of this manager.
+    public let events: EventBus
+    let reactor: Reactor
+    let logger: Logger
+    let pipeline: CallPipeline
+    /// The factory the metrics handler records into.
+    public let metricsFactory: any MetricsFactory
+    private let connectionIDs = ConnectionIDSource()
+    private let registry = PThreadLock<Registry>(Registry())
+
+    private struct Registry {
+        var addresses: [String: String] = [:]
+        var channels: [String: GRPCChannel] = [:]
+        var closed = false
+    }
+
+    /// Creates a manager.
+    /// - Parameters:
+    ///   - configuration: Validated here.
+    ///   - logger: Receives the logging handler's records (calls at debug, state and breaker changes at info,
+    ///     retries and connect failures at warning); no-op by default. The library never bootstraps LoggingSystem.
+    ///   - metricsFactory: Receives the metrics when `enableMetrics` is on; default: the application's
+    ///     `MetricsSystem.factory`. Pass a `PrometheusMetrics` (GRPCConnectionManagerPrometheus) to get
+    ///     `metricsText()`. The library never bootstraps MetricsSystem.
+    ///   - eventLoop: The reactor; nil uses `EventLoop.shared`.
+    /// - Throws: `ConfigurationError` naming the first bad field.
+    public init(
+        configuration: Configuration = .defaults,
+        logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
+        metricsFactory: (any MetricsFactory)? = nil,
+        eventLoop: EventLoop? = nil
+    ) throws {
+        try configuration.validate()
+        self.configuration = configuration
+        self.logger = logger
+        self.reactor = (eventLoop ?? EventLoop.shared).reactor
+        self.events = EventBus(reactor: self.reactor)
+        self.metricsFactory = metricsFactory ?? MetricsSystem.factory
+        self.pipeline = CallPipeline(
+            settings: configuration.handlerSettings, bus: self.events, logger: logger,
+            metricsFactory: self.metricsFactory)
+    }
+
+    /// A manager dropped without `close` closes its connections: nothing else can reach them any more.
+    deinit {
+        self.closeNow()
+    }
+
+    /// The metrics in Prometheus text format, when the metrics factory can render them (`PrometheusMetrics` can);
+    /// nil otherwise. Serve it on your `/metrics` endpoint.
+    public func metricsText() -> String? {
+        (self.metricsFactory as? any MetricsTextExporting)?.exposition()
+    }
+
+    /// The channel of `service`, registering `address` for it (or reusing the one registered before when
+    /// `address` is nil). A new address for a known service replaces the old channel. The channel starts
+    /// connecting at once.
+    /// - Parameters:
+    ///   - security: Plaintext or TLS for this service's connections; nil uses `configuration.tls`.
+    /// - Throws: `ConnectionManagerError` for an unknown service without an address or a closed manager;
+    ///   `ConfigurationError` for an unparsable address or unusable TLS files.
+    public func connection(service: String, address: String? = nil, security: TransportSecurity? = nil) throws
+        -> GRPCChannel
+    {
+        guard !service.isEmpty else { throw ConnectionManagerError.invalidServiceName }
+        var replaced: GRPCChannel?
+        let channel: GRPCChannel = try self.registry.withLock { registry in
+            if registry.closed { throw ConnectionManagerError.closed }
+            let resolved: String
+            if let address {
+                resolved = address
+            } else if let known = registry.addresses[service] {
+                resolved = known
+            } else {
+                throw ConnectionManagerError.unknownService(service)
+            }
+            if let existing = registry.channels[service], registry.addresses[service] == resolved {
+                return existing
+            }
+            let target = try Target(parsing: resolved)
+            replaced = registry.channels[service]
+            var configuration = self.configuration
+            switch security {
+            case .none: break
+            case .plaintext: configuration.tls = nil
+            case .tls(let tls):
+                try tls.validate()
+                configuration.tls = tls
+            }
+            let channel = try GRPCChannel(
+                service: service, target: target, configuration: configuration, bus: self.events,
+                pipeline: self.pipeline, connectionIDs: self.connectionIDs, reactor: self.reactor,
+                closesOnDeinit: false)
+            registry.addresses[service] = resolved
+            registry.channels[service] = channel
+            return channel
+        }
+        replaced?.close()
+        channel.connect()
+        return channel
+    }
+
+    /// Closes the channel of `service` now (its calls end with UNAVAILABLE); the address stays registered, so
+    /// `connection(service:)` dials again and `healthCheck()` reports "NotConnected" meanwhile.
+    public func closeConnection(service: String) {
+        let channel = self.registry.withLock { $0.channels.removeValue(forKey: service) }
+        channel?.close()
+    }
+
+    /// Services with an open channel.
+    public var connectionCount: Int {
+        self.registry.withLock { $0.channels.count }
+    }
+
+    /// Stops taking calls, lets calls in flight finish for up to `gracePeriod`, then closes everything: calls still
+    /// running then (on connections that are draining, too) end with UNAVAILABLE. Calls waiting for a connection or
+    /// between retries end at once; nothing is retried once closing began.
+    ///
+    /// From a completion (on the reactor thread) it cannot wait there: call it from a task
+    /// (`Task { await manager.close() }`), or use `closeNow()`, which returns at once.
+    public func close(gracePeriod: Duration = .seconds(30)) async {
+        let pools = self.beginClosing()
+        guard !pools.isEmpty, self.reactor.execute({ for pool in pools { pool.close(graceful: true) } }) else { return }
+        let deadline = Reactor.clock() &+ UInt64(max(gracePeriod.nanoseconds, 0))
+        while Reactor.clock() < deadline {
+            let open = await self.onReactor { pools.reduce(0) { $0 + $1.openCallCount } }
+            if open == nil || open == 0 { break }
+            try? await Task.sleep(nanoseconds: 5_000_000)
+        }
+        _ = await self.onReactor {
+            for pool in pools {
+                pool.close(graceful: false, reason: Status(code: .unavailable, message: "the manager closed"))
+            }
+        }
+    }
+
+    /// Closes everything now, without a grace period: every call ends with UNAVAILABLE. Safe from any thread,
+    /// completions included.
+    public func closeNow() {
+        let pools = self.beginClosing()
+        let reason = Status(code: .unavailable, message: "the manager closed")
+        if self.reactor.inReactorThread {
+            for pool in pools { pool.close(graceful: false, reason: reason) }
+        } else {
+            self.reactor.execute { for pool in pools { pool.close(graceful: false, reason: reason) } }
+        }
+    }
+
+    private func beginClosing() -> [ServicePool] {
+        let channels = self.registry.withLock { registry -> [GRPCChannel] in
+            registry.closed = true
+            let channels = Array(registry.channels.values)
+            registry.channels.removeAll()
+            return channels
+        }
+        return channels.map(\.pool)
+    }
+
+    /// For every registered service: its aggregate connectivity state, whether it is healthy (READY), and the last
+    /// connection error. Services whose channel was closed report "NotConnected".
+    public func healthCheck() async -> [String: ServiceHealth] {
+        let (addresses, channels) = self.registry.withLock { ($0.addresses, $0.channels) }
+        var report: [String: ServiceHealth] = [:]
+        for service in addresses.keys {
+            guard let channel = channels[service] else {
+                report[service] = ServiceHealth(
+                    state: "NotConnected", healthy: false, error: "connection not established yet")
+                continue
+            }
+            let (state, error) = await channel.connectivity()
+            report[service] = ServiceHealth(state: state.description, healthy: state == .ready, error: error?.message)
+        }
+        return report
+    }
+
+    /// Calls `grpc.health.v1.Health/Check` on the service's server.
+    /// - Parameters:
+    ///   - service: A registered service name.
+    ///   - healthServiceName: The name to ask the server about; "" (the default) means the whole server.
+    ///   - timeout: Deadline of the check. Default 5 s.
+    /// - Returns: The serving status.
+    /// - Throws: `RPCError` when the call fails (NOT_FOUND for a name the server does not know; UNIMPLEMENTED
+    ///   when it has no health service), `ConnectionManagerError` for an unknown service.
+    public func checkHealth(
+        service: String, healthServiceName: String = "", timeout: Duration = .seconds(5)
+    ) async throws -> HealthStatus {
+        try await self.connection(service: service).checkHealth(healthServiceName, timeout: timeout)
+    }
+
+    /// Health changes of `service`'s server, as they happen: streams `grpc.health.v1.Health/Watch`, or polls
+    /// `Check` every `pollInterval` when the server has no Watch (UNIMPLEMENTED). See `GRPCChannel.watchHealth`.
+    public func watchHealth(
+        service: String, healthServiceName: String = "", pollInterval: Duration = .seconds(5)
+    ) throws -> AsyncStream<HealthStatus> {
+        try self.connection(service: service).watchHealth(healthServiceName, pollInterval: pollInterval)
+    }
+
+    private func onReactor<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T? {
+        await withCheckedContinuation { (continuation: CheckedContinuation<T?, Never>) in
+            if !self.reactor.execute({ continuation.resume(returning: body()) }) {
+                continuation.resume(returning: nil)
+            }
+        }
+    }
+}
+
+/// Why the manager refused a request.
+public enum ConnectionManagerError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// `connection(service:)` without an address for a service never registered.
+    case unknownService(String)
+    /// The service name is empty.
+    case invalidServiceName
+    /// The manager was closed.
+    case closed
+
+    public var description: String {
+        switch self {
+        case .unknownService(let name):
+            return "service \"\(name)\" is not registered: pass its address the first time"
+        case .invalidServiceName: return "the service name must not be empty"
+        case .closed: return "the connection manager is closed"
+        }
+    }
+}
+
+/// A metrics factory that can render what it holds as text (Prometheus exposition format).
+public protocol MetricsTextExporting {
+    /// The exposition text.
+    func exposition() -> String
+}

@@ -1,0 +1,78 @@
+import GRPCCMCalls
+import GRPCCMWire
+
+extension GRPCChannel {
+    /// Health changes of the server (or of `healthServiceName` on it), each new status once.
+    ///
+    /// Streams `grpc.health.v1.Health/Watch` (server streaming): the server sends the current status, then every
+    /// change. If the server answers UNIMPLEMENTED, falls back to calling `Check` every `pollInterval` (a failed
+    /// check yields `.unknown`). A Watch that ends or fails otherwise is reopened after `pollInterval`, as gRFC A17
+    /// does. The stream ends when the consumer stops iterating.
+    public func watchHealth(_ healthServiceName: String = "", pollInterval: Duration = .seconds(5)) -> AsyncStream<HealthStatus> {
+        AsyncStream { continuation in
+            let task = Task {
+                var last: HealthStatus?
+                func emit(_ status: HealthStatus) {
+                    if status != last {
+                        continuation.yield(status)
+                        last = status
+                    }
+                }
+                var watchSupported = true
+                while !Task.isCancelled {
+                    if watchSupported {
+                        let (updates, feed) = AsyncStream<WatchUpdate>.makeStream()
+                        let handle = self.serverStreaming(
+                            path: HealthProto.watchPath, request: HealthProto.encodeRequest(service: healthServiceName),
+                            callbacks: StreamingCallbacks(
+                                onMessage: { feed.yield(.status(HealthProto.decodeResponse($0) ?? .unknown)) },
+                                onFinish: { result in
+                                    feed.yield(.ended(result.status))
+                                    feed.finish()
+                                }))
+                        var ended = Status(code: .cancelled)
+                        await withTaskCancellationHandler {
+                            for await update in updates {
+                                switch update {
+                                case .status(let status): emit(status)
+                                case .ended(let status): ended = status
+                                }
+                            }
+                        } onCancel: {
+                            handle.cancel()
+                        }
+                        if ended.code == .unimplemented {
+                            watchSupported = false
+                            continue
+                        }
+                        if !Task.isCancelled && !ended.isOK { emit(.unknown) }
+                    } else {
+                        let status = (try? await self.checkHealth(healthServiceName, timeout: pollInterval)) ?? .unknown
+                        emit(status)
+                    }
+                    try? await Task.sleep(for: pollInterval)
+                }
+                continuation.finish()
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
+    }
+
+    private enum WatchUpdate: Sendable {
+        case status(HealthStatus)
+        case ended(Status)
+    }
+
+    /// Calls `grpc.health.v1.Health/Check` for `healthServiceName` ("" = the whole server).
+    /// - Throws: `RPCError` with the call's status when it is not OK, or INTERNAL for an unreadable answer.
+    public func checkHealth(_ healthServiceName: String = "", timeout: Duration = .seconds(5)) async throws -> HealthStatus {
+        let response = await self.unary(
+            path: HealthProto.checkPath, request: HealthProto.encodeRequest(service: healthServiceName),
+            options: CallOptions(timeout: timeout))
+        guard response.status.isOK else { throw RPCError(status: response.status, trailers: response.trailingMetadata) }
+        guard let status = HealthProto.decodeResponse(response.message) else {
+            throw RPCError(status: Status(code: .internal, message: "malformed HealthCheckResponse"))
+        }
+        return status
+    }
+}

@@ -1,0 +1,193 @@
+import GRPCCMCalls
+import GRPCCMReactor
+import GRPCCMWire
+
+/// The request side of a callback-driven client- or bidirectional-streaming call. Safe from any thread.
+///
+/// Backpressure follows grpc-java's `isReady`/`onReady`: `send` always buffers the message (unless the call ended
+/// or the requests were closed) and tells whether the buffer is now full; when it is, stop sending until
+/// `onWritable` runs.
+public struct StreamingCall: Sendable {
+    let handle: CallHandle
+    let buffers: StreamBuffers
+
+    /// Buffers `message` for sending.
+    /// - Returns: `.accepted`, `.full` (accepted, but wait for `onWritable` before sending more), or `.refused`
+    ///   when the requests were closed or the call has ended (the message is dropped).
+    @discardableResult
+    public func send(_ message: [UInt8]) -> SendResult {
+        switch self.buffers.write(message) {
+        case .accepted: return .accepted
+        case .acceptedFull: return .full
+        case .refused(let error): return .refused(error)
+        }
+    }
+
+    /// Whether a message sent now would go out without waiting (false after the end or `closeSend`).
+    public var isWritable: Bool { self.buffers.isWritable }
+
+    /// Half-closes the requests: END_STREAM follows the buffered messages. Idempotent.
+    public func closeSend() { self.buffers.closeRequests() }
+
+    /// Ends the call with CANCELLED (RST_STREAM CANCEL), unless it already ended.
+    public func cancel() { self.handle.cancel() }
+
+    /// What `send` did with a message.
+    public enum SendResult: Sendable, Equatable {
+        case accepted
+        /// Accepted; the buffer is full: wait for `onWritable`.
+        case full
+        /// Dropped: the call ended (with this status) or the requests were closed.
+        case refused(RPCError)
+    }
+}
+
+/// A streaming call driven with async/await: server streaming (its request already sent) or bidirectional.
+///
+/// One task writes and one task reads; they may be different tasks. Dropping the object cancels the call if it
+/// has not ended, so an abandoned stream never leaks.
+public final class AsyncStreamingCall: Sendable {
+    let handle: CallHandle
+    let buffers: StreamBuffers
+    private let writable: Bool
+
+    init(handle: CallHandle, buffers: StreamBuffers, writable: Bool) {
+        self.handle = handle
+        self.buffers = buffers
+        self.writable = writable
+    }
+
+    deinit {
+        self.handle.cancel()
+    }
+
+    /// Sends one request message, suspending while the send buffer is full (the HTTP/2 window drains it).
+    /// - Throws: `RPCError` when the call has ended (its status) or the requests were closed. Cancelling the task
+    ///   while it waits cancels the call.
+    public func write(_ message: [UInt8]) async throws {
+        guard self.writable else {
+            throw RPCError(status: Status(code: .failedPrecondition, message: "a server-streaming call takes no more requests"))
+        }
+        let handle = self.handle
+        try await self.buffers.writeWaitingForRoom(message, cancel: { handle.cancel() })
+    }
+
+    /// Half-closes the requests (END_STREAM after what was written). Idempotent.
+    public func closeSend() { self.buffers.closeRequests() }
+
+    /// Ends the call with CANCELLED unless it already ended.
+    public func cancel() { self.handle.cancel() }
+
+    /// The response messages, in order, read at the caller's pace: the server's window reopens as they are read.
+    /// Iteration ends after the last message when the call ends with OK, and throws `RPCError` otherwise. Read
+    /// from one task at a time.
+    public var responses: ResponseMessages { ResponseMessages(call: self) }
+
+    /// Waits for the end: status, headers and trailers. Does not need the messages to be read first.
+    public func result() async -> StreamResult {
+        await self.buffers.result()
+    }
+
+    /// The next response part (headers, a message, or the end). Cancelling the task cancels the call.
+    func nextPart() async -> ResponsePart {
+        await withTaskCancellationHandler {
+            await self.buffers.nextPart()
+        } onCancel: {
+            self.handle.cancel()
+        }
+    }
+
+    /// Response messages of an `AsyncStreamingCall`.
+    public struct ResponseMessages: AsyncSequence, Sendable {
+        public typealias Element = [UInt8]
+        let call: AsyncStreamingCall
+
+        public func makeAsyncIterator() -> Iterator { Iterator(call: self.call) }
+
+        public struct Iterator: AsyncIteratorProtocol {
+            let call: AsyncStreamingCall
+            var done = false
+
+            public mutating func next() async throws(RPCError) -> [UInt8]? {
+                while !self.done {
+                    switch await self.call.nextPart() {
+                    case .metadata: continue
+                    case .message(let message): return message
+                    case .end(let result):
+                        self.done = true
+                        if !result.status.isOK {
+                            throw RPCError(status: result.status, trailers: result.trailingMetadata)
+                        }
+                    }
+                }
+                return nil
+            }
+        }
+    }
+}
+
+/// A client-streaming call driven with async/await: write, close, then read the one response.
+public final class AsyncClientStreamingCall: Sendable {
+    let handle: CallHandle
+    let buffers: StreamBuffers
+    let response: AsyncResponseBox
+
+    init(handle: CallHandle, buffers: StreamBuffers, response: AsyncResponseBox) {
+        self.handle = handle
+        self.buffers = buffers
+        self.response = response
+    }
+
+    deinit {
+        self.handle.cancel()
+    }
+
+    /// Sends one request message, suspending while the send buffer is full.
+    /// - Throws: `RPCError` when the call has ended or the requests were closed.
+    public func write(_ message: [UInt8]) async throws {
+        let handle = self.handle
+        try await self.buffers.writeWaitingForRoom(message, cancel: { handle.cancel() })
+    }
+
+    /// Half-closes the requests. Idempotent.
+    public func closeSend() { self.buffers.closeRequests() }
+
+    /// Ends the call with CANCELLED unless it already ended.
+    public func cancel() { self.handle.cancel() }
+
+    /// Waits for the final status and the response (closes the requests first if they are still open).
+    /// Cancelling the task cancels the call.
+    public func finish() async -> UnaryResponse {
+        self.buffers.closeRequests()
+        return await withTaskCancellationHandler {
+            await self.response.value()
+        } onCancel: {
+            self.handle.cancel()
+        }
+    }
+}
+
+/// Holds a unary-style response until someone asks for it.
+final class AsyncResponseBox: Sendable {
+    private let state = PThreadLock<(response: UnaryResponse?, waiters: [CheckedContinuation<UnaryResponse, Never>])>((nil, []))
+
+    func set(_ response: UnaryResponse) {
+        let waiters = self.state.withLock { state -> [CheckedContinuation<UnaryResponse, Never>] in
+            state.response = response
+            defer { state.waiters = [] }
+            return state.waiters
+        }
+        for waiter in waiters { waiter.resume(returning: response) }
+    }
+
+    func value() async -> UnaryResponse {
+        await withCheckedContinuation { continuation in
+            let response = self.state.withLock { state -> UnaryResponse? in
+                if let response = state.response { return response }
+                state.waiters.append(continuation)
+                return nil
+            }
+            if let response { continuation.resume(returning: response) }
+        }
+    }
+}
