@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is missing first.
 SWIFT ?= swift
 
-.PHONY: deps build test test-unit perf-gate demo demo-tls bench bench-bus bench-transport clean
+.PHONY: deps build test test-unit fuzz sanitizers tsan asan perf-gate demo demo-tls bench bench-bus bench-transport clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -9,12 +9,28 @@ deps:
 build: deps
 	$(SWIFT) build
 
-# Everything CI runs: the test suite, then the instruction-count gate (Perf/gate.py).
-test: test-unit perf-gate
+# Everything CI runs: the test suite, the fuzzers, the suite again under ThreadSanitizer and AddressSanitizer, then
+# the instruction-count gate (Perf/gate.py).
+test: test-unit fuzz sanitizers perf-gate
 
 test-unit: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --no-parallel
+
+# libFuzzer over the wire rules (deframer, response headers, percent-encoding and base64), FUZZ_SECONDS each.
+fuzz: deps
+	bash Fuzz/run.sh
+
+# The whole suite under each sanitizer, each in a build folder of its own (a sanitizer build shares nothing).
+sanitizers: tsan asan
+
+tsan: deps
+	$(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan
+	$(SWIFT) test --no-parallel --sanitize=thread --scratch-path .build-tsan
+
+asan: deps
+	$(SWIFT) build --build-tests --sanitize=address --scratch-path .build-asan
+	$(SWIFT) test --no-parallel --sanitize=address --scratch-path .build-asan
 
 # Fails when a unary call costs more than 5 % above the user-space instructions committed in
 # Perf/callgrind-baseline.json (callgrind: the same count whatever else the machine does). About a minute.

@@ -17,6 +17,9 @@ static inline long copenssl_set_tlsext_host_name(SSL *ssl, const char *name) {
 static inline long copenssl_ctx_set_mode(SSL_CTX *ctx, long mode) { return SSL_CTX_set_mode(ctx, mode); }
 /* Refuses TLS renegotiation in both directions (SSL_OP_NO_RENEGOTIATION is a macro over SSL_OP_BIT). */
 static inline void copenssl_ctx_refuse_renegotiation(SSL_CTX *ctx) { SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION); }
+static inline int copenssl_ctx_refuses_renegotiation(SSL_CTX *ctx) {
+    return (SSL_CTX_get_options(ctx) & SSL_OP_NO_RENEGOTIATION) != 0;
+}
 
 /* Server side of ALPN: select "h2" or refuse the handshake (a C callback; Swift cannot form a capturing one). */
 static int copenssl_alpn_select_h2(SSL *ssl, const unsigned char **out, unsigned char *outlen,

@@ -33,8 +33,9 @@ package struct MessageDeframer: Sendable {
     /// True when bytes of an unfinished message are buffered (a stream ending now is truncated).
     package var hasPartialMessage: Bool { self.prefixCount > 0 || self.inMessage }
 
-    /// Bytes buffered for the unfinished message (for tests of the growth rule).
+    /// Bytes buffered for the unfinished message, and the storage reserved for them (tests of the growth rule).
     package var bufferedBytes: Int { self.message.count }
+    package var bufferedCapacity: Int { self.message.capacity }
 
     /// Feeds `bytes`; calls `onMessage` for every complete message, in order.
     package mutating func process(

@@ -39,9 +39,9 @@ public final class ConnectionManager: Sendable {
     /// The factory the metrics handler records into.
     public let metricsFactory: any MetricsFactory
     private let connectionIDs = ConnectionIDSource()
-    private let registry = PThreadLock<Registry>(Registry())
+    let registry = PThreadLock<Registry>(Registry())
 
-    private struct Registry {
+    struct Registry {
         var addresses: [String: String] = [:]
         var channels: [String: GRPCChannel] = [:]
         var closed = false

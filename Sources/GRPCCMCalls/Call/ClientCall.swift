@@ -174,6 +174,8 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     package var isFinished: Bool { self.machine.isFinished }
     /// Waiting for a stream (routed, not yet open).
     package var isWaitingForStream: Bool { self.machine.isWaiting }
+    /// Waiting for its next attempt.
+    package var isBackingOff: Bool { self.machine.isBackingOff }
     /// The attempt in progress (1 = the first); 0 before the first.
     package var attempt: Int { self.machine.attempt }
 

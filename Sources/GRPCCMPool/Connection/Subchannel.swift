@@ -93,6 +93,9 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         return transport.availableStreams
     }
 
+    /// The current connection (tests look inside it).
+    package var currentTransport: (any HTTP2Transport)? { self.transport }
+
     /// Open streams on the current connection (for least-loaded picking).
     package var load: Int { self.transport?.openStreamCount ?? 0 }
 

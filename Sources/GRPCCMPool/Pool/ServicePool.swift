@@ -128,6 +128,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// Keepalive interval each subchannel will use for its next connection (tests check the too_many_pings rule).
     package var subchannelKeepAliveTimes: [Duration] { self.subchannels.map(\.keepAliveTime) }
 
+    /// The current connection of each subchannel that has one (tests look inside them).
+    package var currentTransports: [any HTTP2Transport] { self.subchannels.compactMap(\.currentTransport) }
+
     /// The address of each subchannel, as text.
     package var subchannelAddresses: [String] { self.subchannels.map { "\($0.address)" } }
 
@@ -136,6 +139,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     /// Calls waiting for a stream.
     package var queuedCallCount: Int { self.queue.count }
+
+    /// Calls waiting between attempts.
+    package var backingOffCallCount: Int { self.registry.all.filter(\.isBackingOff).count }
 
     // MARK: CallRouter
 

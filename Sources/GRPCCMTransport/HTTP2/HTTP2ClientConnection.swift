@@ -298,6 +298,9 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         return nghttp2_session_get_stream_local_close(session, streamID) != 0
     }
 
+    /// Bytes held by the socket's output buffer (tests of its bound).
+    package var outputHeldBytes: Int { self.socket?.outputHeldBytes ?? 0 }
+
     /// For tests: makes the next stream id `id` (to reach the end of the id space without two billion streams).
     package func setNextStreamID(_ id: Int32) {
         guard let session = self.socket?.session else { return }

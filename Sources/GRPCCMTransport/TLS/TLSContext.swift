@@ -59,6 +59,9 @@ package final class TLSContext: @unchecked Sendable {
         SSL_CTX_free(self.context)
     }
 
+    /// Whether the context refuses TLS renegotiation (it always does; tests check it).
+    package var refusesRenegotiation: Bool { copenssl_ctx_refuses_renegotiation(self.context) != 0 }
+
     private static func loadIdentity(_ context: OpaquePointer, chain: String, key: String) throws(TLSError) {
         guard SSL_CTX_use_certificate_chain_file(context, chain) == 1 else {
             throw TLSError.configuration("cannot load certificate chain \(chain): \(TLSError.lastOpenSSLError() ?? "unknown error")")

@@ -113,7 +113,45 @@ struct CircuitBreakerStateMachineTests {
         _ = machine.record(.success, now: later)
         #expect(machine.acquire(now: later).permitted, "a finished probe frees its slot")
     }
+    @Test("outcomes of calls admitted before the breaker opened are not half-open probes")
+    func olderOutcomesAreNotProbes() {
+        var configuration = CircuitBreakerConfiguration()
+        configuration.failureThreshold = 1
+        configuration.successThreshold = 1
+        var machine = CircuitBreakerStateMachine(configuration: configuration)
+        let early = machine.acquire(now: 0)  // admitted while CLOSED
+        let failing = machine.acquire(now: 0)
+        _ = machine.record(.failure, probe: failing.probe, epoch: failing.epoch, now: 0)
+        #expect(machine.state == .open)
+        let probe = machine.acquire(now: 31 * Self.second)
+        #expect(probe.permitted && probe.probe)
+        // The early call ends now, successfully: it says nothing about the server after the breaker opened.
+        #expect(machine.record(.success, probe: early.probe, epoch: early.epoch, now: 31 * Self.second) == nil)
+        #expect(machine.state == .halfOpen)
+        #expect(!machine.acquire(now: 31 * Self.second).permitted, "the probe's slot is still taken")
+        _ = machine.record(.success, probe: probe.probe, epoch: probe.epoch, now: 31 * Self.second)
+        #expect(machine.state == .closed)
+    }
+
+    @Test("a probe the client cancelled is not a success: it frees its slot and decides nothing")
+    func cancelledProbeDecidesNothing() {
+        var configuration = CircuitBreakerConfiguration()
+        configuration.failureThreshold = 1
+        configuration.successThreshold = 1
+        var machine = CircuitBreakerStateMachine(configuration: configuration)
+        let first = machine.acquire(now: 0)
+        _ = machine.record(.failure, probe: first.probe, epoch: first.epoch, now: 0)
+        let probe = machine.acquire(now: 31 * Self.second)
+        #expect(probe.probe)
+        machine.release(probe: probe.probe, epoch: probe.epoch)
+        #expect(machine.state == .halfOpen, "a cancel closes nothing")
+        let next = machine.acquire(now: 31 * Self.second)
+        #expect(next.permitted && next.probe, "the slot is free for the next probe")
+        _ = machine.record(.failure, probe: next.probe, epoch: next.epoch, now: 31 * Self.second)
+        #expect(machine.state == .open)
+    }
 }
+
 
 @Suite("RetryPolicy")
 struct RetryPolicyTests {

@@ -194,4 +194,71 @@ struct TLSTests {
         configuration.tls = tls
         #expect(throws: ConfigurationError.self) { try ConnectionManager(configuration: configuration) }
     }
+
+    @Test("a failed handshake sends its alert: the server hears why (unknown CA), not a bare close")
+    func handshakeFailureSendsAlert() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let peer = try ScriptedPeer("observe", tls: (certificates.strangerCertificate, certificates.strangerKey))
+        defer { peer.stop() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.tls(certificates), eventLoop: loop)
+        let response = await channel.call([1], timeout: .seconds(5))
+        #expect(response.status.code == .unavailable)
+        #expect(await eventually(timeout: 5) { peer.events.contains { $0.hasPrefix("handshake-failed") } })
+        let failure = peer.events.first { $0.hasPrefix("handshake-failed") } ?? ""
+        #expect(failure.contains("UNKNOWN_CA"), "the server saw: \(failure)")
+    }
+
+    @Test("an empty serverName is refused while verification is on, accepted with it off")
+    func emptyServerName() throws {
+        var tls = TLSConfiguration()
+        tls.serverName = ""
+        var configuration = Configuration()
+        configuration.tls = tls
+        #expect {
+            try configuration.validate()
+        } throws: { error in
+            (error as? ConfigurationError)?.field == "tls.serverName"
+        }
+        tls.verifyCertificate = false
+        configuration.tls = tls
+        try configuration.validate()
+        let context = try TLSContext(client: TLSConfiguration())
+        #expect(throws: TLSError.self) { try TLSSession(context: context, serverName: "", verifyName: "") }
+    }
+
+    @Test("renegotiation is refused by both ends' contexts")
+    func renegotiationRefused() throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let client = try TLSContext(client: TLSConfiguration())
+        let server = try TLSContext(
+            serverCertificateChain: certificates.serverCertificate, privateKey: certificates.serverKey, clientCA: nil)
+        #expect(client.refusesRenegotiation)
+        #expect(server.refusesRenegotiation)
+    }
+
+    @Test("loop shutdown sends GOAWAY, and close_notify under TLS, before the socket closes", arguments: [false, true])
+    func shutdownSaysGoodbye(_ useTLS: Bool) async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let peer = try ScriptedPeer(
+            "observe", tls: useTLS ? (certificates.serverCertificate, certificates.serverKey) : nil)
+        defer { peer.stop() }
+        let loop = try EventLoop()
+        loop.start()
+        var configuration = useTLS ? Self.tls(certificates) : Configuration()
+        configuration.enableRetry = false
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        channel.connect()
+        #expect(await eventually(timeout: 5) { await channel.connectivity().state == .ready })
+        loop.shutdown()
+        #expect(await eventually(timeout: 5) { peer.events.contains("goaway") })
+        if useTLS {
+            #expect(await eventually(timeout: 5) { peer.events.contains("close_notify") }, "\(peer.events)")
+        }
+    }
 }

@@ -186,6 +186,13 @@ final class PythonPeer: @unchecked Sendable {
         self.stdin?.fileHandleForWriting.write(line.data(using: .utf8)!)
     }
 
+    /// Kills the server with SIGKILL (no GOAWAY, no FIN handshake it chose: the kernel resets its connections) and
+    /// waits until the process is gone.
+    func killHard() {
+        kill(self.process.processIdentifier, SIGKILL)
+        self.process.waitUntilExit()
+    }
+
     /// Closes the script's stdin (it stops the server and exits), then makes sure the process is gone.
     func stop() {
         try? self.stdin?.fileHandleForWriting.close()

@@ -1,0 +1,389 @@
+import Foundation
+import GRPCEchoServer
+import Synchronization
+import Testing
+
+@testable import GRPCConnectionManager
+@_spi(Reactor) @testable import GRPCCMReactor
+@testable import GRPCCMWire
+
+/// The callback contract: user code runs on the reactor thread, never inside the library's I/O processing and never
+/// inside the call that started it; from a callback the whole API is legal; every call ends exactly once, whatever
+/// ends it.
+@Suite("Callbacks on the reactor", .serialized)
+struct CallbackContractTests {
+    static func failFast() -> Configuration {
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        configuration.enableCircuitBreaker = false
+        configuration.maxReconnectDelay = .milliseconds(200)
+        return configuration
+    }
+
+    @Test("a call that fails at once completes on a later turn, never inside unary(); a closed loop of them cannot recurse")
+    func failFastClosedLoopDoesNotRecurse() throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // Nothing listens here: every connection attempt is refused, so the channel is in TRANSIENT_FAILURE and
+        // every fail-fast call fails at once.
+        let channel = try GRPCChannel(target: "127.0.0.1:\(freePort())", configuration: Self.failFast(), eventLoop: loop)
+        let probe = LoopProbe(channel: channel, calls: 50_000)
+        probe.start()
+        #expect(probe.waitUntilDone(seconds: 60), "the closed loop ran to its end")
+        #expect(probe.completedInsideUnary.load(ordering: .relaxed) == 0, "no completion ran inside the unary() that started it")
+        #expect(probe.completions.load(ordering: .relaxed) == 50_000)
+        #expect(probe.nonUnavailable.load(ordering: .relaxed) == 0)
+    }
+
+    @Test("hundreds of channels closed from their own call's completion, with other streams in flight")
+    func closeFromOwnCompletion() throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let ledger = CompletionLedger()
+        let done = Atomic<Int>(0)
+        let rounds = 300
+        let perChannel = 8
+        for round in 0..<rounds {
+            let channel = try fixture.channel(Self.failFast())
+            for index in 0..<perChannel {
+                let id = round * perChannel + index
+                channel.unary(path: "/echo.Echo/Get", request: [UInt8(index)]) { response in
+                    ledger.record(id)
+                    // The first completion closes the channel while its other streams are still in flight, and
+                    // starts one more call on it, which must fail and complete too.
+                    channel.close()
+                    channel.unary(path: "/echo.Echo/Get", request: []) { late in
+                        ledger.record(1_000_000 + id)
+                        if late.status.code == .unavailable { done.add(1, ordering: .relaxed) }
+                    }
+                    _ = response
+                }
+            }
+        }
+        let expected = rounds * perChannel
+        #expect(waitFor(seconds: 30) { ledger.completed == 2 * expected })
+        #expect(ledger.duplicates == 0)
+        #expect(done.load(ordering: .relaxed) == expected, "every call started on a closed channel ended UNAVAILABLE")
+    }
+
+    @Test("hundreds of channels whose last reference is released by their own completion")
+    func releaseFromOwnCompletion() throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let ledger = CompletionLedger()
+        let rounds = 300
+        for round in 0..<rounds {
+            let holder = ChannelHolder(try fixture.channel(Self.failFast()))
+            for index in 0..<4 {
+                holder.channel?.unary(path: "/echo.Echo/Get", request: [1, 2, 3]) { _ in
+                    ledger.record(round * 4 + index)
+                    holder.release()  // the completion held the last reference: the channel goes here
+                }
+            }
+            holder.dropCallerReference()
+        }
+        #expect(waitFor(seconds: 30) { ledger.completed == rounds * 4 })
+        #expect(ledger.duplicates == 0)
+        #expect(waitFor(seconds: 5) { openFDCount() < 64 }, "the released channels closed their sockets")
+    }
+
+    @Test("run() on the caller's thread, stop() from a completion, then the channel is released on that thread")
+    func runStopFromCompletionThenRelease() throws {
+        let server = try EchoServer()
+        defer { server.close() }
+        let loop = try EventLoop()
+        let finished = Atomic<Bool>(false)
+        let status = PThreadLock<Status?>(nil)
+        let thread = Thread {
+            var channel: GRPCChannel? = try? GRPCChannel(target: server.address, eventLoop: loop)
+            channel?.unary(path: "/echo.Echo/Get", request: [7]) { response in
+                status.withLock { $0 = response.status }
+                loop.stop()
+            }
+            loop.run()
+            // The loop has stopped; dropping the channel here (the loop's old thread) must not touch it.
+            channel = nil
+            // A call on a channel whose loop has stopped still completes, on a thread of its own.
+            let late = Atomic<Bool>(false)
+            if let again = try? GRPCChannel(target: server.address, eventLoop: loop) {
+                again.unary(path: "/echo.Echo/Get", request: []) { response in
+                    late.store(response.status.code == .unavailable, ordering: .releasing)
+                }
+            }
+            while !late.load(ordering: .acquiring) { usleep(1000) }
+            finished.store(true, ordering: .releasing)
+        }
+        thread.start()
+        #expect(waitFor(seconds: 10) { finished.load(ordering: .acquiring) })
+        #expect(status.withLock { $0 } == .ok)
+    }
+
+    @Test("shutdown() from a completion ends every other call of the loop, each once")
+    func shutdownFromCompletion() throws {
+        let server = try EchoServer()
+        defer { server.close() }
+        let loop = try EventLoop()
+        loop.start()
+        let channel = try GRPCChannel(target: server.address, configuration: Self.failFast(), eventLoop: loop)
+        let ledger = CompletionLedger()
+        let codes = PThreadLock<[StatusCode]>([])
+        for id in 0..<10 {
+            let sleep: Metadata = id == 0 ? [:] : ["x-sleep-ms": "5000"]
+            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: sleep) { response in
+                ledger.record(id)
+                codes.withLock { $0.append(response.status.code) }
+                if id == 0 { loop.shutdown() }  // returns at once on the loop's own thread
+            }
+        }
+        #expect(waitFor(seconds: 10) { ledger.completed == 10 })
+        #expect(ledger.duplicates == 0)
+        let all = codes.withLock { $0 }
+        #expect(all.filter { $0 == .ok }.count == 1)
+        #expect(all.filter { $0 == .unavailable }.count == 9)
+    }
+
+    @Test("close() while calls wait in retry backoff ends them at once")
+    func closeDuringRetryBackoff() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.retry.policy.initialBackoff = .seconds(30)
+        configuration.retry.policy.maxBackoff = .seconds(30)
+        configuration.retry.throttling = nil
+        let channel = try fixture.channel(configuration)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        let ledger = CompletionLedger()
+        let codes = PThreadLock<[StatusCode]>([])
+        for id in 0..<20 {
+            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-fail-code": "14"]) { response in
+                ledger.record(id)
+                codes.withLock { $0.append(response.status.code) }
+            }
+        }
+        // Every call failed once and waits 0...30 s for its retry: now close.
+        #expect(await eventually(timeout: 5) { recorder.count { if case .retryScheduled = $0 { return true }; return false } == 20 })
+        let closedAt = now()
+        channel.close()
+        #expect(await eventually(timeout: 5) { ledger.completed == 20 })
+        #expect(now() - closedAt < 2, "no call waited for its backoff")
+        #expect(ledger.duplicates == 0)
+        #expect(codes.withLock { $0 }.allSatisfy { $0 == .unavailable })
+        #expect(recorder.count { if case .retryScheduled = $0 { return true }; return false } == 20, "nothing was retried once closing")
+    }
+
+    @Test("EventLoop.shutdown() ends calls everywhere they wait: on a stream, over MAX_CONCURRENT_STREAMS, for a connection, in backoff, and submitted during the shutdown")
+    func shutdownEndsCallsEverywhere() throws {
+        let loop = try EventLoop()
+        loop.start()
+        var options = EchoServer.Options()
+        options.maxConcurrentStreams = 1
+        let server = try EchoServer(options: options)  // on a loop of its own: it outlives ours
+        defer { server.close() }
+        let ledger = CompletionLedger()
+        let codes = PThreadLock<[Int: StatusCode]>([:])
+        @Sendable func record(_ id: Int) -> @Sendable (UnaryResponse) -> Void {
+            { response in
+                ledger.record(id)
+                codes.withLock { $0[id] = response.status.code }
+            }
+        }
+        var noRetry = Self.failFast()
+        noRetry.maxReconnectDelay = .seconds(30)
+        let busy = try GRPCChannel(target: server.address, configuration: noRetry, eventLoop: loop)
+        // 1: open on the stream (the server sleeps); 2-5: queued behind MAX_CONCURRENT_STREAMS = 1.
+        for id in 1...5 { busy.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "10000"], completion: record(id)) }
+        // 6-8: waiting for a connection that cannot be made (wait-for-ready).
+        let dead = try GRPCChannel(target: "127.0.0.1:\(freePort())", configuration: noRetry, eventLoop: loop)
+        for id in 6...8 {
+            dead.unary(path: "/echo.Echo/Get", request: [], options: CallOptions(waitForReady: true), completion: record(id))
+        }
+        // 9: in retry backoff.
+        var slowRetry = Configuration()
+        slowRetry.enableCircuitBreaker = false
+        slowRetry.retry.policy.initialBackoff = .seconds(30)
+        slowRetry.retry.policy.maxBackoff = .seconds(30)
+        let retrying = try GRPCChannel(target: server.address, configuration: slowRetry, eventLoop: loop)
+        retrying.unary(path: "/echo.Echo/Get", request: [], metadata: ["x-fail-code": "14"], completion: record(9))
+        #expect(waitFor(seconds: 5) {
+            busy.openCount == 5 && busy.queuedCount == 4 && retrying.isBackingOff
+        })
+        // 10: submitted from a completion while the loop shuts down.
+        let submittedDuringShutdown = Atomic<Bool>(false)
+        loop.reactor.execute {
+            busy.unary(path: "/echo.Echo/Get", request: []) { response in
+                record(10)(response)
+                submittedDuringShutdown.store(true, ordering: .releasing)
+            }
+        }
+        loop.shutdown()
+        #expect(ledger.completed == 10, "every call completed before shutdown() returned")
+        #expect(ledger.duplicates == 0)
+        let all = codes.withLock { $0 }
+        #expect(all.values.allSatisfy { $0 == .unavailable }, "\(all)")
+        let submittedInTime = submittedDuringShutdown.load(ordering: .acquiring)
+        #expect(submittedInTime)
+        #expect(openFDCount() < 64)
+        withExtendedLifetime((busy, dead, retrying)) {}
+    }
+
+    @Test("a manager's close(gracePeriod:) force-closes after the grace period: draining calls end too")
+    func managerCloseForcesAfterGrace() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(configuration: Self.failFast(), eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        #expect(await channel.call([1], timeout: .seconds(2)).status == .ok)
+        let ledger = CompletionLedger()
+        let statuses = PThreadLock<[Status]>([])
+        for id in 0..<5 {
+            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "20000"]) { response in
+                ledger.record(id)
+                statuses.withLock { $0.append(response.status) }
+            }
+        }
+        #expect(await eventually(timeout: 2) { await manager.openCalls() == 5 })
+        let started = now()
+        await manager.close(gracePeriod: .milliseconds(200))
+        #expect(await eventually(timeout: 2) { ledger.completed == 5 })
+        #expect(now() - started < 3)
+        #expect(ledger.duplicates == 0)
+        #expect(statuses.withLock { $0 }.allSatisfy { $0 == Status(code: .unavailable, message: "the manager closed") })
+    }
+
+    @Test("from a completion: subscribe, unsubscribe, start and await calls, close the manager")
+    func wholeAPIFromCallbacks() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(configuration: Self.failFast(), eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        let seen = Atomic<Int>(0)
+        let chained = Atomic<Int>(0)
+        let awaited = Atomic<Bool>(false)
+        let closed = Atomic<Bool>(false)
+        channel.unary(path: "/echo.Echo/Get", request: [1]) { _ in
+            let token = channel.events.subscribe { event in
+                if case .callFinished = event { seen.add(1, ordering: .relaxed) }
+            }
+            channel.unary(path: "/echo.Echo/Get", request: [2]) { second in
+                if second.status.isOK { chained.add(1, ordering: .relaxed) }
+                channel.events.unsubscribe(token)
+                launch {
+                    let third = await channel.unary(path: "/echo.Echo/Get", request: [3])
+                    awaited.store(third.status.isOK, ordering: .releasing)
+                    channel.unary(path: "/echo.Echo/Get", request: [4]) { _ in
+                        manager.closeNow()
+                        closed.store(true, ordering: .releasing)
+                    }
+                }
+            }
+        }
+        #expect(await eventually(timeout: 5) { closed.load(ordering: .acquiring) })
+        #expect(chained.load(ordering: .relaxed) == 1)
+        #expect(awaited.load(ordering: .acquiring) == true)
+        #expect(seen.load(ordering: .relaxed) >= 1, "the handler subscribed from a completion saw the next call end")
+        #expect(manager.connectionCount == 0)
+    }
+}
+
+/// Starts `calls` calls one after another, each from the previous one's completion, and watches whether a
+/// completion ever runs inside the `unary()` that started its call.
+final class LoopProbe: @unchecked Sendable {
+    // `@unchecked`: `insideUnary` and `remaining` are touched on the reactor thread only; the atomics anywhere.
+    let channel: GRPCChannel
+    var remaining: Int
+    var insideUnary = false
+    let completions = Atomic<Int>(0)
+    let completedInsideUnary = Atomic<Int>(0)
+    let nonUnavailable = Atomic<Int>(0)
+    let done = Atomic<Bool>(false)
+
+    init(channel: GRPCChannel, calls: Int) {
+        self.channel = channel
+        self.remaining = calls
+    }
+
+    func start() {
+        self.channel.reactor.execute { self.next() }
+    }
+
+    private func next() {
+        guard self.remaining > 0 else {
+            self.done.store(true, ordering: .releasing)
+            return
+        }
+        self.remaining -= 1
+        self.insideUnary = true
+        self.channel.unary(path: "/echo.Echo/Get", request: []) { response in
+            if self.insideUnary { self.completedInsideUnary.add(1, ordering: .relaxed) }
+            if response.status.code != .unavailable { self.nonUnavailable.add(1, ordering: .relaxed) }
+            self.completions.add(1, ordering: .relaxed)
+            self.next()
+        }
+        self.insideUnary = false
+    }
+
+    func waitUntilDone(seconds: Double) -> Bool {
+        waitFor(seconds: seconds) { self.done.load(ordering: .acquiring) }
+    }
+}
+
+/// A channel whose only long-lived reference is handed to its calls' completions.
+final class ChannelHolder: @unchecked Sendable {
+    // `@unchecked`: `channel` is set in init, read by the test thread before `dropCallerReference`, then only
+    // released by completions under the lock.
+    private let lock = PThreadLock<GRPCChannel?>(nil)
+    private(set) var channel: GRPCChannel?
+
+    init(_ channel: GRPCChannel) {
+        self.channel = channel
+        self.lock.withLock { $0 = channel }
+    }
+
+    /// The test's own reference goes; the lock's stays until a completion releases it.
+    func dropCallerReference() { self.channel = nil }
+
+    func release() { self.lock.withLock { $0 = nil } }
+}
+
+/// Starts a task from synchronous code (a completion) without capturing anything that is not `Sendable`.
+func launch(_ body: @escaping @Sendable () async -> Void) {
+    Task(operation: body)
+}
+
+/// Polls `condition` every millisecond until it holds or `seconds` pass (for tests that are not async).
+func waitFor(seconds: Double, _ condition: () -> Bool) -> Bool {
+    let end = now() + seconds
+    while now() < end {
+        if condition() { return true }
+        usleep(1000)
+    }
+    return condition()
+}
+
+extension GRPCChannel {
+    /// Reads the pool's reactor-thread state on the reactor thread and waits for the answer.
+    func inspect<T: Sendable>(_ body: @escaping @Sendable (ServicePool) -> T) -> T {
+        let result = PThreadLock<T?>(nil)
+        let pool = self.pool
+        self.reactor.execute { let value = body(pool); result.withLock { $0 = value } }
+        _ = waitFor(seconds: 5) { result.withLock { $0 } != nil }
+        return result.withLock { $0 }!
+    }
+
+    var queuedCount: Int { self.inspect { $0.queuedCallCount } }
+    var openCount: Int { self.inspect { $0.openCallCount } }
+    var isBackingOff: Bool { self.inspect { $0.backingOffCallCount } > 0 }
+}
+
+extension ConnectionManager {
+    /// Calls started and not yet ended, over every channel (reactor-thread state, read through the inbox).
+    func openCalls() async -> Int {
+        let pools = self.registry.withLock { Array($0.channels.values) }.map(\.pool)
+        return await withCheckedContinuation { continuation in
+            self.reactor.execute { continuation.resume(returning: pools.reduce(0) { $0 + $1.openCallCount }) }
+        }
+    }
+}

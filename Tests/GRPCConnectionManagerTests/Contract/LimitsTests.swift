@@ -1,0 +1,213 @@
+import Foundation
+import GRPCEchoServer
+import Synchronization
+import Testing
+
+@testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@testable import GRPCCMHandlers
+@testable import GRPCCMPool
+@_spi(Reactor) @testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
+
+/// Limits that hold against peers that break them: each test names the rule and brings the peer that tries.
+@Suite("Limits against peers that break them", .serialized)
+struct LimitsTests {
+    static func plain() -> Configuration {
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        configuration.enableCircuitBreaker = false
+        configuration.maxReconnectDelay = .milliseconds(200)
+        return configuration
+    }
+
+    @Test("response headers and trailers over maxHeaderListSize end the call RESOURCE_EXHAUSTED; the connection stays", arguments: ["headers-bytes", "trailers-bytes"])
+    func headerListSizeIsEnforced(_ mode: String) async throws {
+        let peer = try ScriptedPeer(mode, ["20000"])
+        defer { peer.stop() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        for _ in 0..<3 {
+            let response = await channel.call([1, 2, 3], timeout: .seconds(5))
+            #expect(response.status.code == .resourceExhausted)
+            #expect(response.status.message.contains("maxHeaderListSize"))
+        }
+        // The oversized blocks cost their streams, not the connection (HPACK decoding went on).
+        #expect(recorder.story.filter { $0 == "start" }.count == 1)
+        var bigger = Self.plain()
+        bigger.http2.maxHeaderListSize = 64 << 10
+        let roomy = try GRPCChannel(target: peer.target, configuration: bigger, eventLoop: loop)
+        #expect(await roomy.call([1, 2, 3], timeout: .seconds(5)).status == .ok)
+    }
+
+    @Test("calls waiting for stream capacity on a connection count against maxQueuedCalls")
+    func streamCapacityWaitsCountAgainstTheQueue() async throws {
+        var options = EchoServer.Options()
+        options.maxConcurrentStreams = 1
+        let fixture = try LoopbackFixture(options: options)
+        defer { fixture.shutdown() }
+        var configuration = Self.plain()
+        configuration.maxQueuedCalls = 3
+        let channel = try fixture.channel(configuration)
+        #expect(await channel.call([1], timeout: .seconds(2)).status == .ok)
+        let statuses = PThreadLock<[Int: Status]>([:])
+        for id in 0..<4 {
+            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "300"], options: CallOptions(timeout: .seconds(10))) {
+                response in statuses.withLock { $0[id] = response.status }
+            }
+        }
+        #expect(await eventually(timeout: 2) { channel.openCount == 4 && channel.queuedCount == 3 })
+        let refused = await channel.call([9], timeout: .seconds(2))
+        #expect(refused.status.code == .resourceExhausted)
+        #expect(refused.status.message.contains("maxQueuedCalls 3"))
+        #expect(await eventually(timeout: 5) { statuses.withLock { $0.count } == 4 })
+        #expect(statuses.withLock { $0.values.allSatisfy(\.isOK) }, "the queued calls ran one after another")
+    }
+
+    @Test("the socket output buffer stays bounded over a long upload: it never grows with the bytes ever sent")
+    func outputBufferIsBounded() throws {
+        // A socket pair whose reader takes exactly what the writer adds each round, after the socket was filled once:
+        // the output never drains completely, which is when written bytes used to pile up at its front.
+        var fds: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        defer { close(fds[0]); close(fds[1]) }
+        var small: Int32 = 32 << 10
+        setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        _ = fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK)
+        var output = SocketOutput()
+        let chunk = [UInt8](repeating: 7, count: 32 << 10)
+        for _ in 0..<16 { output.append(chunk) }  // more than the socket holds
+        try output.write(to: fds[0])
+        var scratch = [UInt8](repeating: 0, count: chunk.count)
+        var largest = 0
+        let rounds = 2048  // 64 MiB through the socket
+        for _ in 0..<rounds {
+            output.append(chunk)
+            try output.write(to: fds[0])
+            largest = max(largest, output.heldBytes)
+            var taken = 0
+            while taken < chunk.count {
+                let n = scratch.withUnsafeMutableBytes { read(fds[1], $0.baseAddress, chunk.count - taken) }
+                if n <= 0 { break }
+                taken += n
+            }
+        }
+        #expect(!output.isDrained, "the socket stayed backed up, as intended")
+        #expect(largest < 2 << 20, "held \(largest) bytes at most while \(rounds * chunk.count) went through")
+    }
+
+    @Test("the deframer's buffer grows with the bytes that arrive, not with the length announced")
+    func deframerGrowsAsBytesArrive() throws {
+        var deframer = MessageDeframer(maxMessageSize: 4 << 20)
+        let prefix: [UInt8] = [0, 0, 0x40, 0, 0]  // 4 MiB announced
+        try prefix.withUnsafeBytes { bytes in try deframer.process(bytes) { _, _ in } }
+        let ten = [UInt8](repeating: 1, count: 10)
+        try ten.withUnsafeBytes { bytes in try deframer.process(bytes) { _, _ in } }
+        #expect(deframer.bufferedBytes == 10)
+        #expect(deframer.bufferedCapacity < 4096, "reserved \(deframer.bufferedCapacity) bytes for 10")
+        #expect(deframer.hasPartialMessage)
+    }
+
+    @Test("a grpc-status outside 0...16, or not a number, becomes UNKNOWN", arguments: [("99", StatusCode.unknown), ("abc", .unknown), ("-1", .unknown), ("5", .notFound)])
+    func outOfRangeStatusIsUnknown(_ sent: String, _ expected: StatusCode) async throws {
+        let peer = try ScriptedPeer("status", [sent])
+        defer { peer.stop() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+        let response = await channel.call([1], timeout: .seconds(5))
+        #expect(response.status.code == expected)
+        if sent == "99" { #expect(response.status.message.contains("99")) }
+    }
+
+    @Test("a compressed message in a grpc-encoding the client did not offer ends the call INTERNAL")
+    func unofferedEncodingIsInternal() async throws {
+        let peer = try ScriptedPeer("compressed", ["x-unknown"])
+        defer { peer.stop() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+        let response = await channel.call([1, 2], timeout: .seconds(5))
+        #expect(response.status.code == .internal)
+        #expect(response.status.message.contains("x-unknown"))
+        #expect(response.message.isEmpty)
+    }
+
+    @Test("repeated -bin values joined with commas decode piece by piece")
+    func joinedBinaryValues() async throws {
+        let peer = try ScriptedPeer("bin-joined")
+        defer { peer.stop() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+        let response = await channel.call([1], timeout: .seconds(5))
+        #expect(response.status == .ok)
+        #expect(response.initialMetadata.values(for: "x-data-bin") == [.binary([1, 2, 3]), .binary([0xFF, 0xFE])])
+    }
+
+    @Test("request metadata larger than the server accepts fails before sending, INTERNAL, and is not retried")
+    func requestHeadersOverThePeersLimit() async throws {
+        let peer = try ScriptedPeer("max-header-list", ["600"])
+        defer { peer.stop() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()  // retries on: a refused stream would be retried, this must not be
+        configuration.enableCircuitBreaker = false
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        #expect(peer.headerBlocks() == 1)
+        let big: Metadata = ["x-big": String(repeating: "b", count: 800)]
+        let response = await channel.call([1], metadata: big, timeout: .seconds(5))
+        #expect(response.status.code == .internal)
+        #expect(response.status.message.contains("SETTINGS_MAX_HEADER_LIST_SIZE of 600"))
+        #expect(peer.headerBlocks() == 1, "nothing of the oversized request reached the server")
+        #expect(await channel.call([2], timeout: .seconds(5)).status == .ok)
+    }
+
+    @Test("stream ids running out drain the connection like a GOAWAY, and a new one opens")
+    func streamIDsRunOut() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel(Self.plain())
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        #expect(await channel.call([1], timeout: .seconds(2)).status == .ok)
+        channel.inspect { pool in
+            for case let connection as HTTP2ClientConnection in pool.currentTransports {
+                connection.setNextStreamID(Int32.max - 4)
+            }
+        }
+        var codes: [StatusCode] = []
+        for index in 0..<6 { codes.append(await channel.call([UInt8(index)], timeout: .seconds(2)).status.code) }
+        #expect(codes.allSatisfy { $0 == .ok }, "\(codes)")
+        #expect(recorder.story.filter { $0 == "start" }.count == 2, "one new connection: \(recorder.story)")
+    }
+
+    @Test("keepalive doubling after too_many_pings stops at its cap, without overflow")
+    func keepaliveDoublingIsCapped() throws {
+        let loop = try EventLoop()
+        let bus = EventBus(reactor: loop.reactor)
+        let connector = FakeConnector()
+        let subchannel = Subchannel(
+            reactor: loop.reactor, address: SocketAddress(ip: "127.0.0.1", port: 1)!, service: "s", connector: connector,
+            bus: bus, connectionIDs: ConnectionIDSource(),
+            backoff: .init(base: .milliseconds(100), multiplier: 1.6, jitter: 0.2, maximum: .seconds(3)),
+            keepAliveTime: .seconds(30), idleTimeout: .zero)
+        subchannel.connect()
+        for _ in 0..<200 {
+            guard let transport = connector.made.last else { break }
+            subchannel.transportDraining(transport, errorCode: 0xb, debugData: "too_many_pings")
+            subchannel.connect()
+        }
+        #expect(subchannel.keepAliveTime == Subchannel.maximumKeepAliveTime)
+    }
+}

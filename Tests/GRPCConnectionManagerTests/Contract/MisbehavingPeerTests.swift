@@ -1,0 +1,63 @@
+import Foundation
+import GRPCEchoServer
+import Synchronization
+import Testing
+
+@testable import GRPCConnectionManager
+@testable import GRPCCMReactor
+@testable import GRPCCMWire
+
+/// A server that answers every stream with a random but well-framed sequence: headers where they don't belong, DATA
+/// after trailers, huge header blocks, resets, window abuse, GOAWAY, silence. Every call still ends exactly once
+/// with a status, nothing crashes, and the channel keeps working for the next call.
+@Suite("A randomly misbehaving HTTP/2 peer", .serialized)
+struct MisbehavingPeerTests {
+    @Test("every call ends once with a status, whatever the peer sends", arguments: [1, 2, 3, 4])
+    func randomAnswers(_ seed: Int) async throws {
+        let peer = try ScriptedPeer("random", [String(seed * 1000)])
+        defer { peer.stop() }
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.maxReconnectDelay = .milliseconds(50)
+        configuration.reconnectBackoff.initial = .milliseconds(10)
+        configuration.enableCircuitBreaker = false
+        configuration.minConnectTimeout = .seconds(1)
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let ledger = CompletionLedger()
+        let codes = PThreadLock<[StatusCode: Int]>([:])
+        let calls = 150
+        for id in 0..<calls {
+            let options = CallOptions(timeout: .milliseconds(800), waitForReady: id % 3 == 0)
+            if id % 4 == 3 {
+                let stream = channel.bidirectionalStreaming(
+                    path: "/fuzz.Peer/Update", options: options,
+                    callbacks: StreamingCallbacks(
+                        onMessage: { _ in },
+                        onFinish: { result in
+                            ledger.record(id)
+                            codes.withLock { $0[result.status.code, default: 0] += 1 }
+                        }))
+                _ = stream.send([UInt8(id & 0xFF)])
+                stream.closeSend()
+            } else {
+                channel.unary(path: "/fuzz.Peer/Get", request: [UInt8(id & 0xFF)], options: options) { response in
+                    ledger.record(id)
+                    codes.withLock { $0[response.status.code, default: 0] += 1 }
+                }
+            }
+            if id % 10 == 9 { try await Task.sleep(nanoseconds: 20_000_000) }
+        }
+        #expect(await eventually(timeout: 15) { ledger.completed == calls }, "\(ledger.completed) of \(calls) ended")
+        #expect(ledger.duplicates == 0)
+        let seen = codes.withLock { $0 }
+        print("random peer \(seed): \(seen.map { "\($0.key.protoName)=\($0.value)" }.sorted())")
+        #expect(seen.keys.count >= 3, "the peer's answers were varied: \(seen)")
+        // The loop is still healthy: a call to a sane server on it works.
+        let server = try EchoServer(eventLoop: loop)
+        defer { server.close() }
+        let sane = try GRPCChannel(target: server.address, eventLoop: loop)
+        #expect(await sane.call([9], timeout: .seconds(2)).status == .ok)
+    }
+}

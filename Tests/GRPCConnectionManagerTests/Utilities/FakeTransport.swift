@@ -1,0 +1,112 @@
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
+
+/// A connection that needs no socket: the test decides when it is ready, how many streams it takes, and how each
+/// stream ends. For tests of the pool and the subchannel (picking, waiting, reconnecting), never of HTTP/2 itself.
+/// Reactor-thread rules apply as to the real one; tests drive it from one thread.
+final class FakeTransport: HTTP2Transport, @unchecked Sendable {
+    // `@unchecked`: touched by one test thread (or the reactor thread) at a time.
+    let id: Int
+    let keepAliveTime: Duration
+    unowned(unsafe) var delegate: (any HTTP2TransportDelegate)?
+    var streamLimit = 100
+    var isReady = false
+    var connectCalls = 0
+    var closedWith: Status?
+    var gracefulClose = false
+    private(set) var streams: [Int32: any HTTP2StreamHandler] = [:]
+    private var nextStreamID: Int32 = 1
+    private(set) var opened: [(streamID: Int32, path: String)] = []
+
+    init(id: Int, keepAliveTime: Duration, delegate: any HTTP2TransportDelegate) {
+        self.id = id
+        self.keepAliveTime = keepAliveTime
+        self.delegate = delegate
+    }
+
+    func connect() { self.connectCalls += 1 }
+    var availableStreams: Int { self.isReady ? max(0, self.streamLimit - self.streams.count) : 0 }
+    var openStreamCount: Int { self.streams.count }
+    var lastStreamActivity: UInt64 { 0 }
+
+    func openStream(_ head: RequestHead, handler: any HTTP2StreamHandler) -> OpenStreamResult {
+        guard self.availableStreams > 0 else { return .tryElsewhere }
+        let streamID = self.nextStreamID
+        self.nextStreamID += 2
+        self.streams[streamID] = handler
+        self.opened.append((streamID, head.path))
+        return .opened(HTTP2StreamHandle(streamID: streamID, control: self))
+    }
+
+    func beginGracefulClose() { self.gracefulClose = true }
+
+    func close(reason: Status) {
+        guard self.closedWith == nil else { return }
+        self.closedWith = reason
+        let wasReady = self.isReady
+        self.isReady = false
+        let open = self.streams
+        self.streams.removeAll()
+        for (_, handler) in open { handler.streamFailed(reason) }
+        self.delegate?.transportClosed(self, reason: reason, wasReady: wasReady, keepaliveTimedOut: false)
+    }
+
+    func detachDelegate() { self.delegate = nil }
+
+    // HTTP2StreamControl
+    func resetStream(_ streamID: Int32, errorCode: UInt32) { self.streams.removeValue(forKey: streamID) }
+    func consumeStream(_ streamID: Int32, bytes: Int) {}
+    func resumeStream(_ streamID: Int32) {}
+    func isLocallyClosed(_ streamID: Int32) -> Bool { true }
+
+    // What the test makes happen.
+
+    /// The server's SETTINGS arrived.
+    func becomeReady() {
+        self.isReady = true
+        self.delegate?.transportReady(self)
+    }
+
+    /// The connection attempt failed.
+    func fail(_ message: String = "refused") {
+        self.close(reason: Status(code: .unavailable, message: message))
+    }
+
+    /// Answers stream `streamID` with `message` and `grpc-status` `code`, the way nghttp2 would report it.
+    func answer(_ streamID: Int32, message: [UInt8] = [], code: Int = 0) {
+        guard let handler = self.streams[streamID] else { return }
+        func header(_ name: String, _ value: String) {
+            let n = Array(name.utf8)
+            let v = Array(value.utf8)
+            n.withUnsafeBufferPointer { name in v.withUnsafeBufferPointer { value in _ = handler.streamHeader(name: name, value: value) } }
+        }
+        handler.streamBeginHeaders()
+        header(":status", "200")
+        header("content-type", "application/grpc")
+        handler.streamHeadersEnded(endStream: false)
+        let framed = MessageFramer.frame(message)
+        framed.withUnsafeBytes { handler.streamData($0) }
+        handler.streamBeginHeaders()
+        header("grpc-status", String(code))
+        handler.streamHeadersEnded(endStream: true)
+        self.streams.removeValue(forKey: streamID)
+        handler.streamClosed(errorCode: 0)
+        self.delegate?.transportHasCapacity(self)
+    }
+}
+
+/// Hands out `FakeTransport`s and keeps them for the test.
+final class FakeConnector: TransportConnector, @unchecked Sendable {
+    // `@unchecked`: `made` is appended on one thread at a time (the test's or the reactor's).
+    private(set) var made: [FakeTransport] = []
+
+    func makeTransport(
+        address: SocketAddress, id: Int, keepAliveTime: Duration, delegate: any HTTP2TransportDelegate
+    ) -> any HTTP2Transport {
+        let transport = FakeTransport(id: id, keepAliveTime: keepAliveTime, delegate: delegate)
+        self.made.append(transport)
+        return transport
+    }
+}

@@ -1,0 +1,319 @@
+"""A scripted HTTP/2 server that misbehaves on purpose, frame by frame (hyperframe and hpack, from the h2 package).
+
+    python3 scripted_peer.py [--tls CERT KEY] MODE [ARG ...]
+
+Prints its port, then serves until stdin closes; with --tls, over TLS with ALPN h2. The line "count" on stdin prints
+how many request header blocks it has received. What it observes goes to stdout as "event ..." lines: a GOAWAY
+from the client ("event goaway"), how each connection ended ("event close_notify", "event eof"), and a failed TLS
+handshake with the reason the client's alert gave ("event handshake-failed REASON"). Every stream is answered as an echo server would (the request message back, grpc-status 0) unless the
+mode says otherwise:
+
+  headers-bytes N      response headers carry an extra field of N bytes (CONTINUATION frames as needed)
+  trailers-bytes N     the trailers do
+  status CODE          a trailers-only response with grpc-status CODE (any text)
+  compressed ENC       grpc-encoding ENC, and the message flagged compressed
+  bin-joined           x-data-bin in the headers: two base64 values joined with ", " in one field
+  max-header-list N    SETTINGS_MAX_HEADER_LIST_SIZE = N
+  refuse N             RST_STREAM REFUSED_STREAM for the first N streams (never processed)
+  goaway LAST          once LAST+2 requests are in: GOAWAY(last stream id LAST), answer only streams <= LAST
+  observe              SETTINGS only; reports what the client sends before it goes
+  random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
+                       huge header blocks, resets, window abuse, GOAWAY, silence)
+"""
+import base64, random, socket, ssl, struct, sys, threading, time
+
+from hpack import Encoder, Decoder
+from hyperframe.frame import (ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame,
+                              RstStreamFrame, SettingsFrame, WindowUpdateFrame)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+ARGV = sys.argv[1:]
+TLS = None
+if ARGV and ARGV[0] == "--tls":
+    TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    TLS.load_cert_chain(ARGV[1], ARGV[2])
+    TLS.set_alpn_protocols(["h2"])
+    ARGV = ARGV[3:]
+MODE = ARGV[0]
+ARGS = ARGV[1:]
+
+
+def event(text):
+    with lock:
+        print("event " + text, flush=True)
+lock = threading.Lock()
+header_blocks = 0
+
+
+def grpc_frame(message, compressed=False):
+    return bytes([1 if compressed else 0]) + struct.pack(">I", len(message)) + message
+
+
+def read_exact(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+class Connection:
+    def __init__(self, sock, seed):
+        self.sock = sock
+        self.encoder = Encoder()
+        self.decoder = Decoder()
+        self.decoder.max_header_list_size = 1 << 30
+        self.rng = random.Random(seed)
+        self.streams = {}  # stream id -> {"headers": [...], "body": bytes}
+        self.requests = 0
+        self.send_lock = threading.Lock()
+        self.max_frame = 16384
+
+    def send(self, frame):
+        with self.send_lock:
+            self.sock.sendall(frame.serialize())
+
+    def send_raw(self, data):
+        with self.send_lock:
+            self.sock.sendall(data)
+
+    def send_headers(self, stream_id, headers, end_stream=False):
+        block = self.encoder.encode(headers, huffman=False)
+        first, rest = block[:self.max_frame], block[self.max_frame:]
+        frame = HeadersFrame(stream_id)
+        frame.data = first
+        if end_stream:
+            frame.flags.add("END_STREAM")
+        if not rest:
+            frame.flags.add("END_HEADERS")
+        out = frame.serialize()
+        while rest:
+            chunk, rest = rest[:self.max_frame], rest[self.max_frame:]
+            cont = ContinuationFrame(stream_id)
+            cont.data = chunk
+            if not rest:
+                cont.flags.add("END_HEADERS")
+            out += cont.serialize()
+        self.send_raw(out)
+
+    def send_data(self, stream_id, data, end_stream=False):
+        while True:
+            chunk, data = data[:self.max_frame], data[self.max_frame:]
+            frame = DataFrame(stream_id)
+            frame.data = chunk
+            if end_stream and not data:
+                frame.flags.add("END_STREAM")
+            self.send(frame)
+            if not data:
+                return
+
+    def serve(self):
+        if read_exact(self.sock, len(PREFACE)) != PREFACE:
+            return
+        settings = SettingsFrame(0)
+        if MODE == "max-header-list":
+            settings.settings[SettingsFrame.MAX_HEADER_LIST_SIZE] = int(ARGS[0])
+        self.send(settings)
+        pending_block = {}
+        while True:
+            header = read_exact(self.sock, 9)
+            frame, length = Frame.parse_frame_header(memoryview(header))
+            body = read_exact(self.sock, length)
+            frame.parse_body(memoryview(body))
+            if isinstance(frame, SettingsFrame):
+                if "ACK" not in frame.flags:
+                    ack = SettingsFrame(0)
+                    ack.flags.add("ACK")
+                    self.send(ack)
+            elif isinstance(frame, GoAwayFrame):
+                event("goaway")
+            elif isinstance(frame, PingFrame):
+                if "ACK" not in frame.flags:
+                    pong = PingFrame(0)
+                    pong.flags.add("ACK")
+                    pong.opaque_data = frame.opaque_data
+                    self.send(pong)
+            elif isinstance(frame, (HeadersFrame, ContinuationFrame)):
+                pending_block[frame.stream_id] = pending_block.get(frame.stream_id, b"") + frame.data
+                if isinstance(frame, HeadersFrame):
+                    self.streams[frame.stream_id] = {"body": b"", "end": "END_STREAM" in frame.flags}
+                if "END_HEADERS" in frame.flags:
+                    headers = self.decoder.decode(pending_block.pop(frame.stream_id))
+                    self.streams[frame.stream_id]["headers"] = headers
+                    global header_blocks
+                    with lock:
+                        header_blocks += 1
+                    self.requests += 1
+                    if self.streams[frame.stream_id]["end"]:
+                        self.answer(frame.stream_id)
+            elif isinstance(frame, DataFrame):
+                stream = self.streams.get(frame.stream_id)
+                if stream is not None:
+                    stream["body"] += frame.data
+                if frame.flow_controlled_length:
+                    for sid in (0, frame.stream_id):
+                        update = WindowUpdateFrame(sid)
+                        update.window_increment = frame.flow_controlled_length
+                        self.send(update)
+                if "END_STREAM" in frame.flags and stream is not None:
+                    self.answer(frame.stream_id)
+
+    def message(self, stream_id):
+        body = self.streams[stream_id]["body"]
+        return body[5:] if len(body) >= 5 else b""
+
+    def echo(self, stream_id, extra_headers=(), extra_trailers=(), compressed=None):
+        headers = [(":status", "200"), ("content-type", "application/grpc")] + list(extra_headers)
+        if compressed:
+            headers.append(("grpc-encoding", compressed))
+        self.send_headers(stream_id, headers)
+        self.send_data(stream_id, grpc_frame(self.message(stream_id), compressed is not None))
+        self.send_headers(stream_id, [("grpc-status", "0")] + list(extra_trailers), end_stream=True)
+
+    def answer(self, stream_id):
+        if MODE == "headers-bytes":
+            self.echo(stream_id, extra_headers=[("x-big", "a" * int(ARGS[0]))])
+        elif MODE == "trailers-bytes":
+            self.echo(stream_id, extra_trailers=[("x-big", "a" * int(ARGS[0]))])
+        elif MODE == "status":
+            self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc"),
+                                          ("grpc-status", ARGS[0]), ("grpc-message", "scripted")], end_stream=True)
+        elif MODE == "compressed":
+            self.echo(stream_id, compressed=ARGS[0])
+        elif MODE == "bin-joined":
+            joined = base64.b64encode(b"\x01\x02\x03").decode() + ", " + base64.b64encode(b"\xff\xfe").decode().rstrip("=")
+            self.echo(stream_id, extra_headers=[("x-data-bin", joined)])
+        elif MODE == "refuse":
+            if self.requests <= int(ARGS[0]):
+                frame = RstStreamFrame(stream_id)
+                frame.error_code = 7  # REFUSED_STREAM
+                self.send(frame)
+            else:
+                self.echo(stream_id)
+        elif MODE == "goaway":
+            last = int(ARGS[0])
+            # Hold the answers until LAST+2 requests are in, then GOAWAY and answer only the processed ones.
+            if self.requests < last + 2:
+                return
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = last
+            frame.error_code = 0
+            self.send(frame)
+            for sid in sorted(self.streams):
+                if sid <= last and "headers" in self.streams[sid]:
+                    self.echo(sid)
+        elif MODE == "random":
+            self.random_answer(stream_id)
+        elif MODE == "observe":
+            pass
+        else:
+            self.echo(stream_id)
+
+    def random_answer(self, stream_id):
+        rng = self.rng
+        actions = rng.randint(1, 6)
+        for _ in range(actions):
+            choice = rng.randrange(14)
+            sid = stream_id if rng.random() < 0.85 else rng.choice([0, stream_id + 2, 1, stream_id])
+            if choice == 0:
+                self.send_headers(sid, [(":status", rng.choice(["200", "200", "404", "503", "100", "xyz"])),
+                                        ("content-type", rng.choice(["application/grpc", "text/html"]))],
+                                  end_stream=rng.random() < 0.2)
+            elif choice == 1:
+                junk = [(rng.choice(["x-junk", "grpc-status", "grpc-message", "grpc-encoding", "te", "x-bin-bin",
+                                     "content-type", ":path"]),
+                         "".join(chr(rng.randrange(32, 127)) for _ in range(rng.randrange(0, 40))))
+                        for _ in range(rng.randrange(0, 5))]
+                self.send_headers(sid, junk, end_stream=rng.random() < 0.5)
+            elif choice == 2:
+                payload = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64)))
+                if rng.random() < 0.5:
+                    payload = grpc_frame(payload, rng.random() < 0.2)
+                self.send_data(sid, payload, end_stream=rng.random() < 0.3)
+            elif choice == 3:
+                self.send_data(sid, grpc_frame(self.message(stream_id)))
+            elif choice == 4:
+                self.send_headers(sid, [("grpc-status", str(rng.randrange(-3, 40))),
+                                        ("grpc-message", "%" + "".join(rng.choice("0123456789ABCDEFZ%") for _ in range(6)))],
+                                  end_stream=True)
+            elif choice == 5:
+                frame = RstStreamFrame(sid if sid else stream_id)
+                frame.error_code = rng.randrange(0, 16)
+                self.send(frame)
+            elif choice == 6:
+                frame = WindowUpdateFrame(rng.choice([0, sid]))
+                frame.window_increment = rng.choice([1, 1 << 30, (1 << 31) - 1])
+                self.send(frame)
+            elif choice == 7:
+                frame = GoAwayFrame(0)
+                frame.last_stream_id = rng.choice([0, stream_id, stream_id - 2 if stream_id > 2 else 0])
+                frame.error_code = rng.randrange(0, 14)
+                self.send(frame)
+            elif choice == 8:
+                self.send_headers(sid, [("x-huge", "h" * rng.randrange(10000, 70000))])
+            elif choice == 9:
+                ping = PingFrame(0)
+                ping.opaque_data = bytes(8)
+                self.send(ping)
+            elif choice == 10:
+                settings = SettingsFrame(0)
+                settings.settings[SettingsFrame.MAX_CONCURRENT_STREAMS] = rng.randrange(0, 4)
+                settings.settings[SettingsFrame.INITIAL_WINDOW_SIZE] = rng.choice([0, 1, 65535, (1 << 31) - 1])
+                self.send(settings)
+            elif choice == 11:
+                self.echo(stream_id)
+            elif choice == 12:
+                pass  # silence: the caller's deadline ends it
+            else:
+                # DATA after the trailers, and trailers twice.
+                self.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+                self.send_data(sid, b"\x00\x00\x00\x00\x01z", end_stream=True)
+
+
+def accept_loop(listener):
+    seed = int(ARGS[0]) if MODE == "random" else 0
+    while True:
+        sock, _ = listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        seed += 1
+
+        def run(sock=sock, seed=seed):
+            connection = None
+            try:
+                if TLS is not None:
+                    try:
+                        sock = TLS.wrap_socket(sock, server_side=True, suppress_ragged_eofs=False)
+                    except ssl.SSLError as error:
+                        event("handshake-failed " + (error.reason or str(error)))
+                        return
+                connection = Connection(sock, seed)
+                connection.serve()
+            except ssl.SSLZeroReturnError:
+                event("close_notify")
+            except ssl.SSLEOFError:
+                event("eof")  # TLS ended without close_notify
+            except EOFError:
+                # A TLS socket reads b"" only after close_notify (ragged EOFs raise SSLEOFError above).
+                event("close_notify" if TLS is not None else "eof")
+            except Exception:
+                pass
+            finally:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        threading.Thread(target=run, daemon=True).start()
+
+
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+print(listener.getsockname()[1], flush=True)
+threading.Thread(target=accept_loop, args=(listener,), daemon=True).start()
+for line in sys.stdin:
+    if line.strip() == "count":
+        with lock:
+            print(header_blocks, flush=True)
