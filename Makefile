@@ -26,11 +26,11 @@ sanitizers: tsan asan
 
 tsan: deps
 	$(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan
-	$(SWIFT) test --no-parallel --sanitize=thread --scratch-path .build-tsan
+	TSAN_OPTIONS=suppressions=$(CURDIR)/scripts/tsan.supp $(SWIFT) test --no-parallel --sanitize=thread --scratch-path .build-tsan
 
 asan: deps
 	$(SWIFT) build --build-tests --sanitize=address --scratch-path .build-asan
-	$(SWIFT) test --no-parallel --sanitize=address --scratch-path .build-asan
+	LSAN_OPTIONS=suppressions=$(CURDIR)/scripts/lsan.supp $(SWIFT) test --no-parallel --sanitize=address --scratch-path .build-asan
 
 # Fails when a unary call costs more than 5 % above the user-space instructions committed in
 # Perf/callgrind-baseline.json (callgrind: the same count whatever else the machine does). About a minute.

@@ -355,11 +355,16 @@ struct StreamingTests {
                 accepted.withLock { $0 += messageSize }
             }
         }
-        // The writer ends up suspended with the window used up and the send buffer full.
-        #expect(await eventually(timeout: 10) { call.buffers.hasWaitingWriter })
+        // The writer ends up suspended with the window used up and the send buffer full. It may also be suspended
+        // for a moment earlier, whenever the buffer fills faster than nghttp2 drains it into the window (a loaded
+        // machine shows that): wait for the state that matters, the whole window taken and the writer waiting.
         let window = 1 << 20  // the embedded server's SETTINGS_INITIAL_WINDOW_SIZE
         let bound = window + setup.channel.configuration.streamBufferSize + 2 * (messageSize + 5)
+        #expect(await eventually(timeout: 10) { call.buffers.hasWaitingWriter && accepted.withLock { $0 } >= window })
+        // And it stays there: nothing more is accepted while the server holds its window shut.
+        try await Task.sleep(for: .milliseconds(200))
         let total = accepted.withLock { $0 }
+        #expect(call.buffers.hasWaitingWriter)
         #expect(total >= window)
         #expect(total <= bound, "accepted \(total) bytes, bound \(bound)")
         call.cancel()
