@@ -6,7 +6,8 @@ Debian's nghttp2-client is installable; the grpc-swift-2 peer unless --no-swift:
 the C++ echo server pinned to CPU 0, runs every client pinned to CPU 1, rep 1 of every client, then rep 2, and
 writes Perf/RESULTS.md with the medians, the commands, the machine and the date.
 
-  Perf/bench.py [--reps 3] [--duration 10] [--no-swift] [--no-instr] [--peers DIR]
+  Perf/bench.py [--reps 3] [--duration 10] [--no-swift] [--no-instr] [--peers DIR] [--scenarios a,b,c] [--idle N,M]
+                [--output FILE]
 """
 import argparse, datetime, json, os, platform, shutil, statistics, subprocess, sys, time
 
@@ -52,6 +53,9 @@ def main():
                     help="the peers folder (default: $PEERS_DIR, else ../shared/peers beside this checkout)")
     ap.add_argument("--idle", default="1000,10000")
     ap.add_argument("--no-instr", action="store_true", help="skip the callgrind instruction counts")
+    ap.add_argument("--scenarios", default="a,b,c", help="which scenarios to run (default all: a,b,c)")
+    ap.add_argument("--output", default=os.path.join(ROOT, "Perf", "RESULTS.md"),
+                    help="where to write the results (default Perf/RESULTS.md)")
     args = ap.parse_args()
 
     rig = "/tmp/grpc-cm-peers"
@@ -78,7 +82,7 @@ def main():
     results = {}
     try:
         time.sleep(0.5)
-        for scenario, conns, conc, payload in SCENARIOS:
+        for scenario, conns, conc, payload in [x for x in SCENARIOS if x[0] in args.scenarios.split(",")]:
             for rep in range(args.reps):
                 for label in clients:
                     cmd = client_cmd(label, rig, perf, conns, conc, payload, args.duration)
@@ -149,7 +153,7 @@ def write(results, idle, bus, clients, args, instr):
              f"--duration {args.duration:g}` plus): grpc-cm `Perf/harness/.build/release/grpc-cm-perf --warmup 1`; cpp "
              "`build/grpc_bench --threads 1 --warmup 1`; python `python/grpc_bench.py --warmup 1`; h2load "
              "`h2load/h2load_bench.py`; swift `SwiftPeer --threads 1 --warmup 1`.", ""]
-    for scenario, conns, conc, payload in SCENARIOS:
+    for scenario, conns, conc, payload in [x for x in SCENARIOS if x[0] in args.scenarios.split(",")]:
         lines += [f"## ({scenario}) {conns} connection(s), {conc} in flight, {payload} B", "",
                   "| client | rps | p50 µs | p99 µs | CPU µs/call | allocations/call | errors | CPU ratio grpc-cm / client |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -183,9 +187,9 @@ def write(results, idle, bus, clients, args, instr):
             ratio = f"{ours / count:.2f}" if ours and count and label != "grpc-cm" else ""
             lines.append(f"| {label} | {count} | {ratio} |")
         lines.append("")
-    with open(os.path.join(ROOT, "Perf", "RESULTS.md"), "w") as f:
+    with open(args.output, "w") as f:
         f.write("\n".join(lines))
-    print("wrote Perf/RESULTS.md")
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

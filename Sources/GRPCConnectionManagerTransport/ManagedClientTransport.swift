@@ -77,6 +77,7 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
     /// Connects the channel, then waits until a graceful shutdown has drained every stream, or until the task is
     /// cancelled (which cancels the open streams).
     public func connect() async throws {
+        self.state.withLock { $0.connectCalled = true }
         self.channel.connect()
         await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
@@ -147,6 +148,10 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
         self.methodConfigs[descriptor]
     }
 
+    /// Whether `connect()` has been called (GRPCClient's `runConnections()` calls it): tests wait for it before they
+    /// shut the client down, which GRPCClient refuses to do before it runs.
+    package var connectCalled: Bool { self.state.withLock { $0.connectCalled } }
+
     private func streamEnded(_ id: Int) {
         let waiter = self.state.withLock { state -> CheckedContinuation<Void, Never>? in
             state.streams[id] = nil
@@ -159,6 +164,7 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
 }
 
 struct TransportState {
+    var connectCalled = false
     var shuttingDown = false
     var cancelled = false
     var connectWaiter: CheckedContinuation<Void, Never>?

@@ -190,6 +190,8 @@ struct GRPCSwiftTransportTests {
             }
             var openedIterator = opened.makeAsyncIterator()
             _ = await openedIterator.next()
+            // GRPCClient shuts down only once runConnections() runs (it calls the transport's connect()).
+            #expect(await eventually(timeout: 5) { transport.connectCalled })
             client.beginGracefulShutdown()
             // New streams are refused by the transport while the open one is still running.
             do {
