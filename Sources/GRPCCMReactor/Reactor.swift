@@ -409,6 +409,12 @@ package final class Reactor: @unchecked Sendable {
         self.flushList.append(handler)
     }
 
+    /// Runs what a turn ends with (the deferred phase, then the flushes) on the calling thread. For tests that drive
+    /// reactor-thread objects without running the loop.
+    package func runEndOfTurnForTesting() {
+        self.endOfTurn()
+    }
+
     fileprivate func endOfTurn() {
         self.runDeferred()
         self.runFlushes()

@@ -124,6 +124,18 @@ public final class EchoServer: Sendable {
         let listener = self.listener
         self.reactor.execute { listener.goAway() }
     }
+
+    /// How many requests carrying `x-request-key: key` reached the server (their headers arrived), counting every
+    /// attempt. Waits for the answer from the server's loop; call it off that loop.
+    public func requestCount(key: String) -> Int {
+        let listener = self.listener
+        let result = Atomic<Int>(-1)
+        guard self.reactor.execute({ result.store(listener.requestsByKey[key, default: 0], ordering: .releasing) }) else {
+            return 0
+        }
+        while result.load(ordering: .acquiring) < 0 { usleep(200) }
+        return result.load(ordering: .acquiring)
+    }
 }
 
 
@@ -139,6 +151,8 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     private var closed = false
     /// Attempts seen per `x-request-key`, for `x-fail-first`.
     var attempts: [String: Int] = [:]
+    /// Requests whose headers arrived, per `x-request-key` (what a test asks `requestCount(key:)`).
+    var requestsByKey: [String: Int] = [:]
 
     init(reactor: Reactor, fd: Int32, options: EchoServer.Options, tls: TLSContext?, ownsLoop: EventLoop?) {
         self.tls = tls

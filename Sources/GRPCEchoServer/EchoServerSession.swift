@@ -85,6 +85,9 @@ private func serverOnFrameRecv(
         nghttp2_session_consume(session, header.stream_id, frame!.pointee.data.padlen)
     }
     guard type == NGHTTP2_HEADERS.rawValue || type == NGHTTP2_DATA.rawValue else { return 0 }
+    if type == NGHTTP2_HEADERS.rawValue && frame!.pointee.headers.cat == NGHTTP2_HCAT_REQUEST {
+        serverStream(session, header.stream_id)?.headersComplete()
+    }
     if header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0 {
         serverStream(session, header.stream_id)?.requestComplete()
     }

@@ -82,6 +82,11 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     /// Whether messages are protobuf `echo.EchoRequest`/`EchoResponse`.
     var usesProtobuf: Bool { self.path.hasPrefix("/echo.Echo/") }
 
+    /// The request's headers are all in: count it under its `x-request-key`.
+    func headersComplete() {
+        if let key = self.requestKey { self.connection.listener.requestsByKey[key, default: 0] += 1 }
+    }
+
     func header(name: String, value: String) {
         switch name {
         case ":path": self.path = value

@@ -63,6 +63,17 @@ package struct CallStateMachine: Sendable {
     }
 
     package var isFinished: Bool { self.state == .finished }
+
+    /// The state's name, for tests and logs: CREATED, WAITING, OPEN, OPEN_COMMITTED, BACKING_OFF or FINISHED.
+    package var stateName: String {
+        switch self.state {
+        case .created: return "CREATED"
+        case .waiting: return "WAITING"
+        case .open(_, let committed): return committed ? "OPEN_COMMITTED" : "OPEN"
+        case .backingOff: return "BACKING_OFF"
+        case .finished: return "FINISHED"
+        }
+    }
     package var isWaiting: Bool {
         if case .waiting = self.state { return true }
         return false

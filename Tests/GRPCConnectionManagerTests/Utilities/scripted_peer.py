@@ -17,6 +17,8 @@ mode says otherwise:
   refuse N             RST_STREAM REFUSED_STREAM for the first N streams (never processed)
   goaway LAST          once LAST+2 requests are in: GOAWAY(last stream id LAST), answer only streams <= LAST
   observe              SETTINGS only; reports what the client sends before it goes
+  late-first           holds the answer to stream 1 until another request arrives, then sends it ("stale", OK)
+                       before answering the new one (an old attempt's frames arriving during its retry)
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
                        huge header blocks, resets, window abuse, GOAWAY, silence)
 """
@@ -208,6 +210,13 @@ class Connection:
             self.random_answer(stream_id)
         elif MODE == "observe":
             pass
+        elif MODE == "late-first":
+            if stream_id == 1:
+                return
+            self.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+            self.send_data(1, grpc_frame(b"stale"))
+            self.send_headers(1, [("grpc-status", "0")], end_stream=True)
+            self.echo(stream_id)
         else:
             self.echo(stream_id)
 

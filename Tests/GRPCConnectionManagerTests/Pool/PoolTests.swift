@@ -1,0 +1,152 @@
+import Testing
+
+@testable import GRPCCMCalls
+@testable import GRPCCMPool
+@_spi(Reactor) @testable import GRPCCMReactor
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
+
+/// The pool's picking and waiting, as pure values and with connections that need no socket (`FakeConnector`).
+@Suite("Pool without sockets")
+struct PoolTests {
+    final class Entry: WaitQueueEntry {
+        let name: Int
+        var queued = false
+        init(_ name: Int) { self.name = name }
+    }
+
+    @Test("the wait queue: first in first out, bounded, withdrawn entries skipped and not counted")
+    func waitQueue() {
+        var queue = WaitQueue<Entry>(capacity: 3)
+        let entries = (0..<5).map(Entry.init)
+        let first = queue.enqueue(entries[0]) && queue.enqueue(entries[1]) && queue.enqueue(entries[2])
+        #expect(first)
+        let fourth = queue.enqueue(entries[3])
+        #expect(!fourth, "full at 3")
+        queue.withdraw(entries[1])
+        #expect(queue.count == 2)
+        let again = queue.enqueue(entries[3])
+        #expect(again, "a withdrawn entry frees its place at once")
+        let firstOut = queue.dequeue()?.name
+        #expect(firstOut == 0)
+        let secondOut = queue.dequeue()?.name
+        #expect(secondOut == 2, "the withdrawn entry is skipped")
+        queue.requeueFirst(entries[4])
+        let rest = queue.removeAll().map(\.name)
+        #expect(rest == [4, 3])
+        let none = queue.dequeue()
+        #expect(queue.isEmpty && none == nil)
+    }
+
+    @Test("the picker takes the least-loaded usable candidate and spreads ties")
+    func picker() {
+        var picker = LeastLoadedPicker()
+        let loads = [3, 1, 1, 0]
+        let usable = [true, true, true, false]
+        var picked: [Int] = []
+        for _ in 0..<4 { picked.append(picker.pick(count: 4) { (usable[$0], loads[$0]) }!) }
+        #expect(Set(picked) == [1, 2], "the unusable one is never picked, the ties alternate: \(picked)")
+        #expect(picker.pick(count: 2) { _ in (false, 0) } == nil)
+        #expect(picker.pick(count: 1) { _ in (true, 9) } == 0)
+    }
+
+    /// A pool on a reactor that does not run: the test thread plays the reactor thread.
+    struct Rig {
+        let reactor: Reactor
+        let connector = FakeConnector()
+        let pool: ServicePool
+        let environment: CallEnvironment
+        let completions = PThreadLock<[Int: Status]>([:])
+
+        init(connectionsPerTarget: Int = 1, maxQueuedCalls: Int = 100) throws {
+            self.reactor = try Reactor()
+            let bus = EventBus(reactor: self.reactor)
+            let settings = PoolSettings(
+                connectionsPerTarget: connectionsPerTarget, maxQueuedCalls: maxQueuedCalls,
+                backoff: .init(base: .seconds(10), multiplier: 1.6, jitter: 0, maximum: .seconds(10)),
+                keepAliveTime: .seconds(30), idleTimeout: .zero, resolveRetryDelay: .seconds(1))
+            self.pool = ServicePool(
+                reactor: self.reactor, service: "s", target: try Target(parsing: "127.0.0.1:1"), settings: settings,
+                connector: self.connector, bus: bus, connectionIDs: ConnectionIDSource())
+            self.environment = CallEnvironment(
+                reactor: self.reactor, service: "s", router: self.pool, bus: bus,
+                policies: CallPolicies(admission: nil, retry: nil), maxHeaderListSize: 16 << 10)
+        }
+
+        @discardableResult
+        func call(_ id: Int, waitForReady: Bool = false) -> ClientCall {
+            let completions = self.completions
+            let call = ClientCall(
+                environment: self.environment, path: "/p.S/M\(id)", metadata: [:], request: [UInt8(id)], deadline: 0,
+                maxReceiveMessageSize: 1 << 20, waitForReady: waitForReady
+            ) { response in completions.withLock { $0[id] = response.status } }
+            call.start()
+            return call
+        }
+
+        /// The deferred phase: completions run.
+        func endTurn() { self.reactor.runEndOfTurnForTesting() }
+
+        func status(_ id: Int) -> Status? { self.completions.withLock { $0[id] } }
+    }
+
+    @Test("a call waits while the connection connects, and goes out once it is ready")
+    func waitsForReady() throws {
+        let rig = try Rig()
+        rig.call(1)
+        #expect(rig.connector.made.count == 1 && rig.connector.made[0].connectCalls == 1)
+        #expect(rig.pool.queuedCallCount == 1)
+        rig.connector.made[0].becomeReady()
+        #expect(rig.connector.made[0].opened.map(\.path) == ["/p.S/M1"])
+        #expect(rig.pool.queuedCallCount == 0)
+        rig.connector.made[0].answer(1, message: [1])
+        rig.endTurn()
+        #expect(rig.status(1) == .ok)
+    }
+
+    @Test("in TRANSIENT_FAILURE fail-fast calls fail at once; wait-for-ready calls keep waiting")
+    func failFastVersusWaitForReady() throws {
+        let rig = try Rig()
+        rig.call(1)
+        rig.call(2, waitForReady: true)
+        rig.connector.made[0].fail("connection refused")
+        rig.endTurn()
+        #expect(rig.status(1) == Status(code: .unavailable, message: "connection refused"))
+        #expect(rig.status(2) == nil)
+        rig.call(3)
+        #expect(rig.status(3) == nil, "it completes in a later turn, never inside start()")
+        rig.endTurn()
+        #expect(rig.status(3)?.code == .unavailable)
+        #expect(rig.pool.queuedCallCount == 1, "the wait-for-ready call still waits")
+    }
+
+    @Test("the least-loaded ready connection takes each call; a freed stream takes the next queued call")
+    func picksAndDrains() throws {
+        let rig = try Rig(connectionsPerTarget: 2)
+        rig.pool.connectAll()
+        for transport in rig.connector.made {
+            transport.streamLimit = 1
+            transport.becomeReady()
+        }
+        for id in 1...3 { rig.call(id) }
+        let opened = rig.connector.made.map { $0.opened.count }
+        #expect(opened == [1, 1], "one stream on each connection")
+        #expect(rig.pool.queuedCallCount == 1)
+        let first = rig.connector.made.first { $0.opened.first?.path == "/p.S/M1" }!
+        first.answer(first.opened[0].streamID, message: [1])
+        #expect(first.opened.count == 2 && first.opened[1].path == "/p.S/M3", "the queued call took the freed stream")
+        #expect(rig.pool.queuedCallCount == 0)
+    }
+
+    @Test("maxQueuedCalls bounds the calls waiting, whatever they wait for")
+    func queueBound() throws {
+        let rig = try Rig(maxQueuedCalls: 2)
+        for id in 1...3 { rig.call(id) }
+        rig.endTurn()
+        #expect(rig.status(3)?.code == .resourceExhausted)
+        #expect(rig.status(1) == nil && rig.status(2) == nil)
+        rig.pool.close(graceful: false)
+        rig.endTurn()
+        #expect(rig.status(1)?.code == .unavailable && rig.status(2)?.code == .unavailable)
+    }
+}
