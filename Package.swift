@@ -117,6 +117,18 @@ let package = Package(
             path: "Examples/tls",
             swiftSettings: strictSwift
         ),
+        .executableTarget(
+            name: "embedding-example",
+            dependencies: ["GRPCConnectionManager", "GRPCConnectionManagerPrometheus", "GRPCEchoServer", "CStopSignals"],
+            path: "Examples/embedding",
+            swiftSettings: strictSwift
+        ),
+        .executableTarget(
+            name: "foreign-loop-example",
+            dependencies: ["GRPCConnectionManager", "GRPCEchoServer", "CReactor"],
+            path: "Examples/foreign-loop",
+            swiftSettings: strictSwift
+        ),
         // The echo proto's generated messages and grpc-swift-2 client (generated once, committed).
         .target(
             name: "EchoProto",

@@ -20,7 +20,7 @@ final class Counter: @unchecked Sendable {
 /// Publishes `remaining` events, 1,000 per loop turn, then raises `done`.
 final class Pump: ReactorHandler, @unchecked Sendable {
     // `@unchecked`: reactor thread only (started through the inbox).
-    let bus: EventBus
+    let bus: LocalEventBus
     let reactor: Reactor
     var remaining: Int
     let done = Atomic<Bool>(false)
@@ -28,7 +28,7 @@ final class Pump: ReactorHandler, @unchecked Sendable {
     let path = "/bench.Service/Call"
     let ok = Status(code: .ok)
 
-    init(bus: EventBus, reactor: Reactor, events: Int) {
+    init(bus: LocalEventBus, reactor: Reactor, events: Int) {
         self.bus = bus
         self.reactor = reactor
         self.remaining = events
@@ -59,7 +59,7 @@ let loop = try EventLoop()
 loop.start()
 let reactor = loop.reactor
 
-func run(_ bus: EventBus, events: Int) -> UInt64 {
+func run(_ bus: LocalEventBus, events: Int) -> UInt64 {
     let pump = Pump(bus: bus, reactor: reactor, events: events)
     let start = Reactor.clock()
     reactor.submit(pump)
@@ -70,10 +70,10 @@ func run(_ bus: EventBus, events: Int) -> UInt64 {
 print("| subscribers | ns per event | allocations per event |")
 print("| --- | --- | --- |")
 for subscriberCount in [0, 1, 4] {
-    let bus = EventBus(reactor: reactor)
+    let bus = EventBus(reactor: reactor).single
     let counter = Counter()
     for _ in 0..<subscriberCount {
-        bus.subscribe { event in
+        bus.subscribe(callEvents: true) { event in
             if case .callFinished(_, _, let status, _, _, _, _) = event, status.isOK { counter.value &+= 1 }
         }
     }

@@ -201,9 +201,16 @@ size_t cr_fd_count(const cr_loop *loop) { return loop->registration_count; }
 
 // MARK: the turn
 
-int cr_loop_run_once(cr_loop *loop, int block) {
-    int timeout = 0;
-    if (block) timeout = cr_timers_timeout_ms(loop);
+int cr_loop_run_once(cr_loop *loop, int block) { return cr_loop_run_once_for(loop, block ? -1 : 0); }
+
+int cr_loop_next_timer_ms(const cr_loop *loop) { return cr_timers_timeout_ms(loop); }
+
+int cr_loop_fd(const cr_loop *loop) { return loop->epoll_fd; }
+
+int cr_loop_run_once_for(cr_loop *loop, int max_wait_ms) {
+    // Sleep until the earliest timer, or less when the caller says so (a host loop that drives ours).
+    int timeout = cr_timers_timeout_ms(loop);
+    if (max_wait_ms >= 0 && (timeout < 0 || max_wait_ms < timeout)) timeout = max_wait_ms;
     int n = epoll_wait(loop->epoll_fd, loop->fired, loop->fired_capacity, timeout);
     int err = n < 0 ? errno : 0;
     loop->now = cr_clock_now();

@@ -5,6 +5,7 @@
 
 #ifdef __linux__
 
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 
@@ -19,6 +20,13 @@ void css_install_stop_signals(void) {
     sigemptyset(&action.sa_mask);
     sigaction(SIGINT, &action, NULL);
     sigaction(SIGTERM, &action, NULL);
+    // A blocked mask survives exec: a process started by a supervisor (or a test runner) from a thread that blocks
+    // these signals would never see them. Unblock them on the calling thread so a process-directed signal lands.
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    pthread_sigmask(SIG_UNBLOCK, &stop_signals, NULL);
 }
 
 int css_stop_signal_received(void) { return (int)css_stop_signal; }

@@ -40,7 +40,7 @@ package final class CallPipeline: @unchecked Sendable {
     package let breaker: CircuitBreakerHandler?
     package let retry: RetryHandler?
 
-    package init(settings: HandlerSettings, bus: EventBus, logger: Logger, metricsFactory: any MetricsFactory) {
+    package init(settings: HandlerSettings, bus: LocalEventBus, logger: Logger, metricsFactory: any MetricsFactory) {
         // Subscription order is dispatch order: the outer handlers see each event first.
         self.logging = settings.logging ? LoggingHandler(logger: logger, bus: bus) : nil
         self.metrics = settings.metrics ? MetricsHandler(factory: metricsFactory, bus: bus) : nil

@@ -15,14 +15,14 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
 
     package let configuration: CircuitBreakerConfiguration
     /// Strong: the bus does not hold the breaker (it answers calls directly), so nothing cycles.
-    private let bus: EventBus
+    private let bus: LocalEventBus
     @exclusivity(unchecked)
     private var breakers = HotKeyTable<Key, CircuitBreakerStateMachine>()
     /// The breakers' clock (monotonic ns); tests of the handler inject their own.
     @exclusivity(unchecked)
     package var clock: @Sendable () -> UInt64 = { Reactor.clock() }
 
-    package init(configuration: CircuitBreakerConfiguration, bus: EventBus) {
+    package init(configuration: CircuitBreakerConfiguration, bus: LocalEventBus) {
         self.configuration = configuration
         self.bus = bus
     }

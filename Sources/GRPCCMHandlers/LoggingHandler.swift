@@ -20,7 +20,7 @@ package final class LoggingHandler: @unchecked Sendable {
     @exclusivity(unchecked)
     package var targets: [String: String] = [:]
 
-    init(logger: Logger, bus: EventBus) {
+    init(logger: Logger, bus: LocalEventBus) {
         self.logger = logger
         self.debugEnabled = logger.logLevel <= .debug
         self.traceEnabled = logger.logLevel <= .trace

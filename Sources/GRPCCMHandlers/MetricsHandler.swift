@@ -58,7 +58,7 @@ package final class MetricsHandler: @unchecked Sendable {
         var requests: [CoreMetrics.Counter?] = Array(repeating: nil, count: 17)
     }
 
-    init(factory: any MetricsFactory, bus: EventBus) {
+    init(factory: any MetricsFactory, bus: LocalEventBus) {
         self.factory = factory
         bus.subscribe(callEvents: true) { event in self.record(event) }  // held by the bus: see CallPipeline
     }

@@ -115,8 +115,10 @@ package final class Reactor: @unchecked Sendable {
 
     // MARK: running
 
-    /// Starts the loop on a new thread and returns once that thread runs.
+    /// Starts the loop on a new thread and returns once that thread runs. A loop that runs, or ran, already is left
+    /// as it is.
     package func start() {
+        guard self.life.load(ordering: .acquiring) == LifeState.created.rawValue else { return }
         let box = Unmanaged.passRetained(self).toOpaque()
         var thread = pthread_t()
         let rc = pthread_create(&thread, nil, { arg in
@@ -133,21 +135,63 @@ package final class Reactor: @unchecked Sendable {
 
     /// Runs the loop on the calling thread until `stop()`.
     package func run() {
-        self.reactorThread.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .releasing)
         let started = self.life.compareExchange(
             expected: LifeState.created.rawValue, desired: LifeState.running.rawValue, ordering: .acquiringAndReleasing
         ).exchanged
-        guard started else {
-            // Stopped before it ran, or already running elsewhere.
-            self.reactorThread.store(0, ordering: .releasing)
-            precondition(self.isStopping, "a reactor runs once")
-            return
-        }
+        // Stopped before it ran, or already running (on its own thread, or driven by a host): nothing to do here.
+        guard started else { return }
+        self.reactorThread.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .releasing)
         while self.life.load(ordering: .acquiring) == LifeState.running.rawValue {
             let rc = cr_loop_run_once(self.loop!, self.deferred.isEmpty ? 1 : 0)
             precondition(rc >= 0, "epoll_wait failed: errno \(-rc)")
         }
         self.finishShutdown()
+    }
+
+    /// Runs one turn on the calling thread, waiting at most `maxWaitMilliseconds` (-1: until something happens), for a
+    /// host loop that drives this one. The first call makes the calling thread the loop's; every later call must come
+    /// from it. Once `stop()` was called, the turn after finishes the shutdown.
+    /// - Returns: false once the loop has finished (nothing will ever run on it again).
+    /// - Throws: `ReactorError` when the loop runs on a thread of its own, or another thread drives it.
+    package func runOnce(maxWaitMilliseconds: Int32) throws(ReactorError) -> Bool {
+        if self.life.load(ordering: .acquiring) == LifeState.created.rawValue {
+            let started = self.life.compareExchange(
+                expected: LifeState.created.rawValue, desired: LifeState.running.rawValue,
+                ordering: .acquiringAndReleasing
+            ).exchanged
+            if started {
+                self.reactorThread.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .releasing)
+                self.driven.store(true, ordering: .releasing)
+            }
+        }
+        if self.isStopped { return false }
+        guard self.driven.load(ordering: .acquiring), self.inReactorThread else {
+            throw ReactorError(operation: "runOnce: the loop runs on a thread of its own, or another thread drives it", errno: EPERM)
+        }
+        if self.life.load(ordering: .acquiring) == LifeState.running.rawValue {
+            let wait = self.deferred.isEmpty ? maxWaitMilliseconds : 0
+            let rc = cr_loop_run_once_for(self.loop!, wait)
+            precondition(rc >= 0, "epoll_wait failed: errno \(-rc)")
+        }
+        if self.life.load(ordering: .acquiring) == LifeState.stopping.rawValue {
+            self.finishShutdown()
+            return false
+        }
+        return true
+    }
+
+    /// Whether a host loop drives this one through `runOnce` (read by whichever thread calls it).
+    private let driven = Atomic<Bool>(false)
+
+    /// The epoll fd: readable whenever the loop has something to do (-1 once it has finished).
+    package var pollableDescriptor: Int32 { self.loop.map { cr_loop_fd($0) } ?? -1 }
+
+    /// Milliseconds until the loop needs a turn for its timers or deferred work: 0 when now, -1 when only an fd event
+    /// or a wake-up (which make `pollableDescriptor` readable) can give it work. Loop thread only.
+    package var nextTimeoutMilliseconds: Int32 {
+        guard let loop = self.loop else { return -1 }
+        if !self.deferred.isEmpty || !self.flushList.isEmpty { return 0 }
+        return cr_loop_next_timer_ms(loop)
     }
 
     /// Asks the loop to stop. Owners registered with `addShutdownHook` close their fds on the reactor thread first.

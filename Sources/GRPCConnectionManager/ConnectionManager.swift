@@ -33,9 +33,13 @@ public final class ConnectionManager: Sendable {
     public let configuration: Configuration
     /// Events of every channel of this manager.
     public let events: EventBus
+    /// The first loop's (the only one unless the manager runs on a group).
     let reactor: Reactor
     let logger: Logger
+    /// The first loop's handlers (each loop has its own; see `ReactorGroup`).
     let pipeline: CallPipeline
+    /// Each loop's bus part and handlers.
+    let loops: [LoopContext]
     /// The factory the metrics handler records into.
     public let metricsFactory: any MetricsFactory
     private let connectionIDs = ConnectionIDSource()
@@ -47,7 +51,7 @@ public final class ConnectionManager: Sendable {
         var closed = false
     }
 
-    /// Creates a manager.
+    /// Creates a manager on one loop.
     /// - Parameters:
     ///   - configuration: Validated here.
     ///   - logger: Receives the logging handler's records (calls at debug, state and breaker changes at info,
@@ -55,23 +59,52 @@ public final class ConnectionManager: Sendable {
     ///   - metricsFactory: Receives the metrics when `enableMetrics` is on; default: the application's
     ///     `MetricsSystem.factory`. Pass a `PrometheusMetrics` (GRPCConnectionManagerPrometheus) to get
     ///     `metricsText()`. The library never bootstraps MetricsSystem.
-    ///   - eventLoop: The reactor; nil uses `EventLoop.shared`.
+    ///   - eventLoop: The loop; nil uses `EventLoop.shared`.
     /// - Throws: `ConfigurationError` naming the first bad field.
-    public init(
+    public convenience init(
         configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
         metricsFactory: (any MetricsFactory)? = nil,
         eventLoop: EventLoop? = nil
     ) throws {
+        try self.init(
+            configuration: configuration, logger: logger, metricsFactory: metricsFactory,
+            reactors: [(eventLoop ?? EventLoop.shared).reactor])
+    }
+
+    /// Creates a manager whose channels spread over the loops of `group`: each loop gets its own connections to
+    /// every service, and a call runs on one loop from start to completion (see `ReactorGroup` for the choice and
+    /// its cost).
+    public convenience init(
+        configuration: Configuration = .defaults,
+        logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
+        metricsFactory: (any MetricsFactory)? = nil,
+        group: ReactorGroup
+    ) throws {
+        try self.init(
+            configuration: configuration, logger: logger, metricsFactory: metricsFactory,
+            reactors: group.loops.map(\.reactor))
+    }
+
+    private init(
+        configuration: Configuration, logger: Logger, metricsFactory: (any MetricsFactory)?, reactors: [Reactor]
+    ) throws {
         try configuration.validate()
         self.configuration = configuration
         self.logger = logger
-        self.reactor = (eventLoop ?? EventLoop.shared).reactor
-        self.events = EventBus(reactor: self.reactor)
-        self.metricsFactory = metricsFactory ?? MetricsSystem.factory
-        self.pipeline = CallPipeline(
-            settings: configuration.handlerSettings, bus: self.events, logger: logger,
-            metricsFactory: self.metricsFactory)
+        self.reactor = reactors[0]
+        let bus = EventBus(reactors: reactors)
+        self.events = bus
+        let factory = metricsFactory ?? MetricsSystem.factory
+        self.metricsFactory = factory
+        self.loops = reactors.map { reactor in
+            LoopContext(
+                reactor: reactor, bus: bus.local(for: reactor),
+                pipeline: CallPipeline(
+                    settings: configuration.handlerSettings, bus: bus.local(for: reactor), logger: logger,
+                    metricsFactory: factory))
+        }
+        self.pipeline = self.loops[0].pipeline
     }
 
     /// A manager dropped without `close` closes its connections: nothing else can reach them any more.
@@ -121,9 +154,8 @@ public final class ConnectionManager: Sendable {
                 configuration.tls = tls
             }
             let channel = try GRPCChannel(
-                service: service, target: target, configuration: configuration, bus: self.events,
-                pipeline: self.pipeline, connectionIDs: self.connectionIDs, reactor: self.reactor,
-                closesOnDeinit: false)
+                service: service, target: target, configuration: configuration, bus: self.events, loops: self.loops,
+                connectionIDs: self.connectionIDs, closesOnDeinit: false)
             registry.addresses[service] = resolved
             registry.channels[service] = channel
             return channel
@@ -153,29 +185,31 @@ public final class ConnectionManager: Sendable {
     /// (`Task { await manager.close() }`), or use `closeNow()`, which returns at once.
     public func close(gracePeriod: Duration = .seconds(30)) async {
         let pools = self.beginClosing()
-        guard !pools.isEmpty, self.reactor.execute({ for pool in pools { pool.close(graceful: true) } }) else { return }
+        guard !pools.isEmpty else { return }
+        for pool in pools { pool.reactor.execute { pool.close(graceful: true) } }
         let deadline = Reactor.clock() &+ UInt64(max(gracePeriod.nanoseconds, 0))
         while Reactor.clock() < deadline {
-            let open = await self.onReactor { pools.reduce(0) { $0 + $1.openCallCount } }
-            if open == nil || open == 0 { break }
+            var open = 0
+            for pool in pools { open += await Self.onLoop(pool.reactor) { pool.openCallCount } ?? 0 }
+            if open == 0 { break }
             try? await Task.sleep(nanoseconds: 5_000_000)
         }
-        _ = await self.onReactor {
-            for pool in pools {
-                pool.close(graceful: false, reason: Status(code: .unavailable, message: "the manager closed"))
-            }
+        let reason = Status(code: .unavailable, message: "the manager closed")
+        for pool in pools {
+            _ = await Self.onLoop(pool.reactor) { pool.close(graceful: false, reason: reason) }
         }
     }
 
     /// Closes everything now, without a grace period: every call ends with UNAVAILABLE. Safe from any thread,
     /// completions included.
     public func closeNow() {
-        let pools = self.beginClosing()
         let reason = Status(code: .unavailable, message: "the manager closed")
-        if self.reactor.inReactorThread {
-            for pool in pools { pool.close(graceful: false, reason: reason) }
-        } else {
-            self.reactor.execute { for pool in pools { pool.close(graceful: false, reason: reason) } }
+        for pool in self.beginClosing() {
+            if pool.reactor.inReactorThread {
+                pool.close(graceful: false, reason: reason)
+            } else {
+                pool.reactor.execute { pool.close(graceful: false, reason: reason) }
+            }
         }
     }
 
@@ -186,7 +220,7 @@ public final class ConnectionManager: Sendable {
             registry.channels.removeAll()
             return channels
         }
-        return channels.map(\.pool)
+        return channels.flatMap { $0.shards.map(\.pool) }
     }
 
     /// For every registered service: its aggregate connectivity state, whether it is healthy (READY), and the last
@@ -228,9 +262,11 @@ public final class ConnectionManager: Sendable {
         try self.connection(service: service).watchHealth(healthServiceName, pollInterval: pollInterval)
     }
 
-    private func onReactor<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T? {
-        await withCheckedContinuation { (continuation: CheckedContinuation<T?, Never>) in
-            if !self.reactor.execute({ continuation.resume(returning: body()) }) {
+    /// Runs `body` on `reactor`'s thread and returns its value (nil when that loop has stopped).
+    private static func onLoop<T: Sendable>(_ reactor: Reactor, _ body: @escaping @Sendable () -> T) async -> T? {
+        if reactor.inReactorThread { return body() }
+        return await withCheckedContinuation { (continuation: CheckedContinuation<T?, Never>) in
+            if !reactor.execute({ continuation.resume(returning: body()) }) {
                 continuation.resume(returning: nil)
             }
         }

@@ -24,43 +24,72 @@ public final class GRPCChannel: Sendable {
     public let configuration: Configuration
     /// Connection and call events of this channel (shared by every channel of a manager).
     public let events: EventBus
+    /// One part per loop the channel runs on: the loop, its pool of connections, what its calls share.
+    let shards: [ChannelShard]
+    /// The first shard's, for code that knows the channel runs on one loop.
     let reactor: Reactor
     let pool: ServicePool
     let environment: CallEnvironment
+    private let cursor = Atomic<Int>(0)
     /// Whether dropping the last reference closes the connections (standalone channels); a manager's channels
     /// live until the manager closes them.
     private let closesOnDeinit: Bool
 
-    /// Creates a standalone channel. Nothing connects until the first call.
+    /// Creates a standalone channel on one loop. Nothing connects until the first call.
     /// - Parameters:
     ///   - target: `host:port`, `[v6]:port` or `unix:/path`.
     ///   - configuration: Limits and timeouts; validated here.
     ///   - logger: Receives the logging handler's records; no-op by default.
     ///   - metricsFactory: Receives the metrics handler's metrics when `enableMetrics`; default: the application's
     ///     bootstrapped `MetricsSystem.factory`.
-    ///   - eventLoop: The reactor to run on; nil uses `EventLoop.shared`.
+    ///   - eventLoop: The loop to run on; nil uses `EventLoop.shared`.
     /// - Throws: `ConfigurationError` naming the bad field or the unparsable address.
     public convenience init(
         target: String, configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
         metricsFactory: (any MetricsFactory)? = nil, eventLoop: EventLoop? = nil
     ) throws {
-        try configuration.validate()
-        let reactor = (eventLoop ?? EventLoop.shared).reactor
-        let parsed = try Target(parsing: target)
-        let bus = EventBus(reactor: reactor)
-        let pipeline = CallPipeline(
-            settings: configuration.handlerSettings, bus: bus, logger: logger,
-            metricsFactory: metricsFactory ?? MetricsSystem.factory)
         try self.init(
-            service: target, target: parsed, configuration: configuration, bus: bus, pipeline: pipeline,
-            connectionIDs: ConnectionIDSource(), reactor: reactor, closesOnDeinit: true)
+            target: target, configuration: configuration, logger: logger, metricsFactory: metricsFactory,
+            loops: [(eventLoop ?? EventLoop.shared).reactor])
     }
 
-    /// A channel of a manager (or the standalone one above): its pool, its connector and what its calls share.
+    /// Creates a standalone channel spread over the loops of `group`: each loop gets its own connections, and a
+    /// call runs on one loop from start to completion (see `ReactorGroup`).
+    public convenience init(
+        target: String, configuration: Configuration = .defaults,
+        logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
+        metricsFactory: (any MetricsFactory)? = nil, group: ReactorGroup
+    ) throws {
+        try self.init(
+            target: target, configuration: configuration, logger: logger, metricsFactory: metricsFactory,
+            loops: group.loops.map(\.reactor))
+    }
+
+    private convenience init(
+        target: String, configuration: Configuration, logger: Logger, metricsFactory: (any MetricsFactory)?,
+        loops: [Reactor]
+    ) throws {
+        try configuration.validate()
+        let parsed = try Target(parsing: target)
+        let bus = EventBus(reactors: loops)
+        let factory = metricsFactory ?? MetricsSystem.factory
+        let contexts = loops.map { reactor in
+            LoopContext(
+                reactor: reactor, bus: bus.local(for: reactor),
+                pipeline: CallPipeline(
+                    settings: configuration.handlerSettings, bus: bus.local(for: reactor), logger: logger,
+                    metricsFactory: factory))
+        }
+        try self.init(
+            service: target, target: parsed, configuration: configuration, bus: bus, loops: contexts,
+            connectionIDs: ConnectionIDSource(), closesOnDeinit: true)
+    }
+
+    /// A channel of a manager (or the standalone ones above): a pool and a connector on each loop.
     init(
-        service: String, target: Target, configuration: Configuration, bus: EventBus, pipeline: CallPipeline,
-        connectionIDs: ConnectionIDSource, reactor: Reactor, closesOnDeinit: Bool
+        service: String, target: Target, configuration: Configuration, bus: EventBus, loops: [LoopContext],
+        connectionIDs: ConnectionIDSource, closesOnDeinit: Bool
     ) throws(ConfigurationError) {
         var tls: TLSContext?
         var tlsServerName: String?
@@ -75,23 +104,37 @@ public final class GRPCChannel: Sendable {
             case .unix: tlsServerName = settings.serverName ?? "localhost"
             }
         }
-        let connector = HTTP2Connector(
-            reactor: reactor, authority: target.authority, settings: configuration.http2ClientSettings, tls: tls,
-            tlsServerName: tlsServerName)
-        let pool = ServicePool(
-            reactor: reactor, service: service, target: target, settings: configuration.poolSettings,
-            connector: connector, bus: bus, connectionIDs: connectionIDs)
-        pipeline.register(service: service, target: target.description)
-        self.pool = pool
-        self.environment = CallEnvironment(
-            reactor: reactor, service: service, router: pool, bus: bus, policies: pipeline.policies,
-            maxHeaderListSize: configuration.http2.maxHeaderListSize)
+        self.shards = loops.map { context in
+            let connector = HTTP2Connector(
+                reactor: context.reactor, authority: target.authority, settings: configuration.http2ClientSettings,
+                tls: tls, tlsServerName: tlsServerName)
+            let pool = ServicePool(
+                reactor: context.reactor, service: service, target: target, settings: configuration.poolSettings,
+                connector: connector, bus: context.bus, connectionIDs: connectionIDs)
+            context.pipeline.register(service: service, target: target.description)
+            let environment = CallEnvironment(
+                reactor: context.reactor, service: service, router: pool, bus: context.bus,
+                policies: context.pipeline.policies, maxHeaderListSize: configuration.http2.maxHeaderListSize)
+            return ChannelShard(reactor: context.reactor, pool: pool, environment: environment)
+        }
+        self.reactor = self.shards[0].reactor
+        self.pool = self.shards[0].pool
+        self.environment = self.shards[0].environment
         self.target = target
         self.service = service
         self.configuration = configuration
         self.events = bus
-        self.reactor = reactor
         self.closesOnDeinit = closesOnDeinit
+    }
+
+    /// The shard a call starts on: the calling thread's loop when it is one of the channel's (no hop, no lock),
+    /// else the next one in turn.
+    @inline(__always)
+    private func shardForCall() -> ChannelShard {
+        let shards = self.shards
+        if shards.count == 1 { return shards[0] }
+        for shard in shards where shard.reactor.inReactorThread { return shard }
+        return shards[self.cursor.add(1, ordering: .relaxed).oldValue % shards.count]
     }
 
     /// Starts a unary call.
@@ -125,8 +168,9 @@ public final class GRPCChannel: Sendable {
         } else {
             deadline = 0
         }
+        let shard = self.shardForCall()
         let call = ClientCall(
-            environment: self.environment, path: path, metadata: metadata, request: request, deadline: deadline,
+            environment: shard.environment, path: path, metadata: metadata, request: request, deadline: deadline,
             maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
             waitForReady: options.waitForReady, delivery: delivery, buffers: buffers, onWritable: onWritable,
             completion: completion)
@@ -136,9 +180,9 @@ public final class GRPCChannel: Sendable {
         {
             call.invalid = problem
         }
-        if self.reactor.inReactorThread {
+        if shard.reactor.inReactorThread {
             call.start()
-        } else if !self.reactor.submit(call) {
+        } else if !shard.reactor.submit(call) {
             call.finishWithoutReactor(Status(code: .unavailable, message: "the event loop has stopped"))
         }
         return CallHandle(call: call)
@@ -167,47 +211,57 @@ public final class GRPCChannel: Sendable {
 
     /// Starts connecting now instead of on the first call.
     public func connect() {
-        let pool = self.pool
-        self.onReactor { pool.connectAll() }
+        for shard in self.shards {
+            let pool = shard.pool
+            shard.onReactor { pool.connectAll() }
+        }
     }
 
-    /// The connectivity state (aggregated over the service's connections) and the last error.
+    /// The connectivity state (aggregated over the service's connections, on every loop) and the last error.
     public func connectivity() async -> (state: ConnectivityState, lastError: Status?) {
-        let pool = self.pool
-        if self.reactor.inReactorThread { return (pool.state, pool.lastError) }
-        return await withCheckedContinuation { continuation in
-            let accepted = self.reactor.execute { continuation.resume(returning: (pool.state, pool.lastError)) }
-            if !accepted { continuation.resume(returning: (.shutdown, nil)) }
+        var states: [(state: ConnectivityState, lastError: Status?)] = []
+        for shard in self.shards {
+            let pool = shard.pool
+            if shard.reactor.inReactorThread {
+                states.append((pool.state, pool.lastError))
+                continue
+            }
+            states.append(
+                await withCheckedContinuation { continuation in
+                    let accepted = shard.reactor.execute { continuation.resume(returning: (pool.state, pool.lastError)) }
+                    if !accepted { continuation.resume(returning: (.shutdown, nil)) }
+                })
         }
+        // round_robin's rule over the loops too: any READY, else any CONNECTING, else any IDLE, else the rest.
+        for wanted in [ConnectivityState.ready, .connecting, .idle, .transientFailure] {
+            if let match = states.first(where: { $0.state == wanted }) {
+                return (wanted, wanted == .ready ? nil : states.compactMap(\.lastError).first ?? match.lastError)
+            }
+        }
+        return (.shutdown, states.compactMap(\.lastError).first)
     }
 
     /// Closes the connections at once: every call of the channel ends with UNAVAILABLE (open, waiting for a
     /// connection, or between retries), later calls fail at once. Safe from any thread, completions included.
     public func close() {
-        let pool = self.pool
-        self.onReactor { pool.close(graceful: false) }
+        for shard in self.shards {
+            let pool = shard.pool
+            shard.onReactor { pool.close(graceful: false) }
+        }
     }
 
     /// Dropping the last reference of a standalone channel closes its connections on the reactor thread (so no
     /// fd outlives its channel), and the reactor-side state is released there, never under the reactor's feet.
     deinit {
-        let pool = self.pool
-        if self.closesOnDeinit {
-            self.onReactor { pool.close(graceful: false) }
-        } else if !self.reactor.inReactorThread {
-            // A manager's channel: the manager closes it; its pool is released on the reactor thread all the same,
-            // where its connections and timers live.
-            self.reactor.execute { withExtendedLifetime(pool) {} }
-        }
-    }
-
-    /// Runs `body` on the reactor thread: inline there, else through the inbox; not at all once the loop has stopped
-    /// (it closed everything then).
-    func onReactor(_ body: @escaping @Sendable () -> Void) {
-        if self.reactor.inReactorThread {
-            body()
-        } else {
-            self.reactor.execute(body)
+        for shard in self.shards {
+            let pool = shard.pool
+            if self.closesOnDeinit {
+                shard.onReactor { pool.close(graceful: false) }
+            } else if !shard.reactor.inReactorThread {
+                // A manager's channel: the manager closes it; its pool is released on the reactor thread all the
+                // same, where its connections and timers live.
+                shard.reactor.execute { withExtendedLifetime(pool) {} }
+            }
         }
     }
 
@@ -237,6 +291,36 @@ public final class GRPCChannel: Sendable {
                 message: "request message of \(request.count) bytes exceeds the send limit of \(configuration.maxMessageSize) bytes")
         }
         return nil
+    }
+}
+
+/// One loop's part of a manager: its bus part and its handlers (each loop has its own breaker and throttle state).
+struct LoopContext: Sendable {
+    let reactor: Reactor
+    let bus: LocalEventBus
+    let pipeline: CallPipeline
+}
+
+/// One loop's part of a channel.
+final class ChannelShard: Sendable {
+    let reactor: Reactor
+    let pool: ServicePool
+    let environment: CallEnvironment
+
+    init(reactor: Reactor, pool: ServicePool, environment: CallEnvironment) {
+        self.reactor = reactor
+        self.pool = pool
+        self.environment = environment
+    }
+
+    /// Runs `body` on the shard's loop: inline there, else through the inbox; not at all once the loop has stopped
+    /// (it closed everything then).
+    func onReactor(_ body: @escaping @Sendable () -> Void) {
+        if self.reactor.inReactorThread {
+            body()
+        } else {
+            self.reactor.execute(body)
+        }
     }
 }
 

@@ -59,6 +59,14 @@ void cr_loop_destroy(cr_loop *_Nonnull loop);
 /// Runs one turn. With `block` it sleeps until an fd is ready, a timer expires or cr_loop_wake() is called;
 /// without it, it only polls. Returns the number of fd events dispatched, or -errno if epoll_wait failed.
 int cr_loop_run_once(cr_loop *_Nonnull loop, int block);
+/// Runs one turn, sleeping until an fd is ready, a timer expires or cr_loop_wake() is called, but at most
+/// `max_wait_ms` milliseconds (-1: no bound but the next timer; 0: only poll). Returns as cr_loop_run_once.
+int cr_loop_run_once_for(cr_loop *_Nonnull loop, int max_wait_ms);
+/// Milliseconds until the earliest timer, rounded up; 0 when one is due; -1 when there is none.
+int cr_loop_next_timer_ms(const cr_loop *_Nonnull loop);
+/// The epoll fd itself. It is readable whenever the loop has fd events or a wake-up to process, so a host with an
+/// event loop of its own can watch it and call cr_loop_run_once_for(loop, 0) then (libcurl's multi-socket idea).
+int cr_loop_fd(const cr_loop *_Nonnull loop);
 /// Wakes the loop from any thread. Only the first of many concurrent calls writes the eventfd.
 void cr_loop_wake(cr_loop *_Nonnull loop);
 /// The monotonic time in nanoseconds, cached once per loop turn (libuv's uv_now).

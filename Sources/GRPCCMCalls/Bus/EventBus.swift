@@ -1,11 +1,13 @@
 @_spi(Reactor) import GRPCCMReactor
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// The event bus: typed `ConnectionEvent`s, published on the reactor thread and dispatched to every subscriber in
-/// subscription order.
+/// The event bus: typed `ConnectionEvent`s, dispatched to every subscriber in subscription order, on the loop where
+/// they happened (a manager or channel on a `ReactorGroup` has one loop per connection; on a single loop, all of
+/// them run on it).
 ///
 /// Dispatch is deferred to the reactor's deferred phase of the same turn: an event raised deep inside nghttp2's
 /// processing (a GOAWAY, a stream that closed) reaches handlers only once that processing is over, so a handler may
@@ -14,48 +16,72 @@ import Glibc
 ///
 /// Publishing with no subscriber costs one load and a branch: the event is built only when someone listens.
 /// Publishing appends to a buffer that keeps its capacity, and dispatch walks a plain array: no allocation per event.
-/// Handlers run on the reactor thread: they must be quick and must not block.
+/// Handlers must be quick and must not block.
 public final class EventBus: Sendable {
     /// Identifies a subscription; pass it to `unsubscribe(_:)`.
     public struct Token: Sendable, Hashable {
         let value: Int
     }
 
-    package let reactor: Reactor
-    private let state: BusDispatcher
+    /// One part per loop.
+    private let locals: [LocalEventBus]
+    private let nextToken = Atomic<Int>(1)
 
-    package init(reactor: Reactor) {
-        self.reactor = reactor
-        self.state = BusDispatcher()
+    package init(reactors: [Reactor]) {
+        precondition(!reactors.isEmpty, "a bus needs a loop")
+        self.locals = reactors.map { LocalEventBus(reactor: $0) }
     }
 
-    /// Adds a handler. It receives every event published after this call returns.
-    /// - Parameter handler: Called on the reactor thread, outside the library's I/O processing; must not block.
-    ///   Any thread may subscribe, handlers included.
+    package convenience init(reactor: Reactor) {
+        self.init(reactors: [reactor])
+    }
+
+    /// The part of the bus that lives on `reactor`: what code on that loop publishes to.
+    package func local(for reactor: Reactor) -> LocalEventBus {
+        guard let local = self.locals.first(where: { $0.reactor === reactor }) else {
+            preconditionFailure("the bus has no part on this loop")
+        }
+        return local
+    }
+
+    /// The only part, for a bus on one loop.
+    package var single: LocalEventBus { self.locals[0] }
+
+    /// Adds a handler. It receives every event published after this call returns, on the loop where it happened.
+    /// - Parameter handler: Called on a loop's thread, outside the library's I/O processing; must not block. Any
+    ///   thread may subscribe, handlers included.
     /// - Returns: The token for `unsubscribe(_:)`.
     @discardableResult
     public func subscribe(_ handler: @escaping @Sendable (ConnectionEvent) -> Void) -> Token {
-        let state = self.state
-        return self.onReactorAndWait { state.add(handler, callEvents: true) }
-    }
-
-    /// Adds a handler that may leave out the per-call events (`callStarted`, `attemptFinished`, `callFinished`):
-    /// when no subscriber wants them, calls build and queue none, which is most of what the bus would cost a call.
-    /// The library's own handlers use it (the logging handler wants them only at debug level).
-    @discardableResult
-    package func subscribe(callEvents: Bool, _ handler: @escaping @Sendable (ConnectionEvent) -> Void) -> Token {
-        let state = self.state
-        return self.onReactorAndWait { state.add(handler, callEvents: callEvents) }
+        let token = Token(value: self.nextToken.add(1, ordering: .relaxed).oldValue)
+        for local in self.locals { local.add(token, callEvents: true, handler) }
+        return token
     }
 
     /// Removes a subscription. No event reaches its handler after this returns (events already published, too).
     /// Any thread may unsubscribe, handlers included.
     public func unsubscribe(_ token: Token) {
-        let state = self.state
-        self.onReactorAndWait { state.remove(token) }
+        for local in self.locals { local.remove(token) }
     }
 
-    /// Publishes an event built only if someone listens. Reactor thread only.
+    /// For the library's own handlers, one per loop: see `LocalEventBus.subscribe(callEvents:_:)`.
+    package func makeToken() -> Token {
+        Token(value: self.nextToken.add(1, ordering: .relaxed).oldValue)
+    }
+}
+
+/// The part of an `EventBus` on one loop: what that loop's calls and connections publish to, dispatched there.
+/// `@unchecked Sendable`: immutable; its dispatcher is touched on the loop's thread only.
+package final class LocalEventBus: @unchecked Sendable {
+    package let reactor: Reactor
+    private let state = BusDispatcher()
+    private let tokens = Atomic<Int>(-1)
+
+    init(reactor: Reactor) {
+        self.reactor = reactor
+    }
+
+    /// Publishes an event built only if someone listens. Loop thread only.
     @inline(__always)
     package func publish(_ event: @autoclosure () -> ConnectionEvent) {
         if self.state.subscriptions.isEmpty { return }
@@ -66,36 +92,59 @@ public final class EventBus: Sendable {
         }
     }
 
-    package var hasSubscribers: Bool { !self.state.subscriptions.isEmpty }
-
-    /// Publishes a per-call event, built only if a subscriber wants per-call events. Reactor thread only.
+    /// Publishes a per-call event, built only if a subscriber wants per-call events. Loop thread only.
     @inline(__always)
     package func publishCallEvent(_ event: @autoclosure () -> ConnectionEvent) {
         if self.state.callEventSubscribers == 0 { return }
         self.publish(event())
     }
 
+    package var hasSubscribers: Bool { !self.state.subscriptions.isEmpty }
+
     /// Whether anyone wants per-call events (a call skips building them otherwise).
     package var wantsCallEvents: Bool { self.state.callEventSubscribers > 0 }
 
-    /// Runs `body` on the reactor thread and waits for it (or runs it inline on the reactor thread). Subscriptions
-    /// change only there, so dispatch needs no lock.
+    /// Adds a handler on this loop only; one that may leave out the per-call events (`callStarted`,
+    /// `attemptFinished`, `callFinished`): when no subscriber wants them, calls build and queue none, which is most
+    /// of what the bus would cost a call. The library's own handlers use it (the logging handler wants them only at
+    /// debug level).
     @discardableResult
-    private func onReactorAndWait<T: Sendable>(_ body: @escaping @Sendable () -> T) -> T {
-        // Inline on the reactor thread, and when the loop is not running (nothing can race with us then).
-        if self.reactor.inReactorThread || !self.reactor.isRunning { return body() }
-        let result = PThreadLock<T?>(nil)
-        guard self.reactor.execute({ let value = body(); result.withLock { $0 = value } }) else { return body() }
-        while true {
-            if let value = result.withLock({ $0 }) { return value }
-            usleep(50)
+    package func subscribe(callEvents: Bool, _ handler: @escaping @Sendable (ConnectionEvent) -> Void) -> EventBus.Token {
+        let token = EventBus.Token(value: self.tokens.add(-1, ordering: .relaxed).oldValue)
+        self.add(token, callEvents: callEvents, handler)
+        return token
+    }
+
+    func add(_ token: EventBus.Token, callEvents: Bool, _ handler: @escaping @Sendable (ConnectionEvent) -> Void) {
+        let state = self.state
+        self.onLoopAndWait { state.add(token, handler, callEvents: callEvents) }
+    }
+
+    func remove(_ token: EventBus.Token) {
+        let state = self.state
+        self.onLoopAndWait { state.remove(token) }
+    }
+
+    /// Runs `body` on the loop's thread and waits for it (or runs it inline there). Subscriptions change only there,
+    /// so dispatch needs no lock.
+    private func onLoopAndWait(_ body: @escaping @Sendable () -> Void) {
+        // Inline on the loop's thread, and when the loop is not running (nothing can race with us then).
+        if self.reactor.inReactorThread || !self.reactor.isRunning {
+            body()
+            return
         }
+        let done = Atomic<Bool>(false)
+        guard self.reactor.execute({ body(); done.store(true, ordering: .releasing) }) else {
+            body()
+            return
+        }
+        while !done.load(ordering: .acquiring) { usleep(50) }
     }
 }
 
 /// One handler and whether it still listens (an unsubscribe during dispatch stops it at once).
 private final class Subscription: @unchecked Sendable {
-    // `@unchecked`: `active` is touched on the reactor thread only.
+    // `@unchecked`: `active` is touched on the loop's thread only.
     let token: Int
     let handler: @Sendable (ConnectionEvent) -> Void
     let callEvents: Bool
@@ -109,9 +158,9 @@ private final class Subscription: @unchecked Sendable {
     }
 }
 
-/// The bus's reactor-side state: subscriptions and the events waiting for the deferred phase.
+/// A bus part's loop-side state: subscriptions and the events waiting for the deferred phase.
 ///
-/// `@unchecked Sendable` (through `ReactorHandler`): mutated and read on the reactor thread only (or before the loop
+/// `@unchecked Sendable` (through `ReactorHandler`): mutated and read on the loop's thread only (or before the loop
 /// runs, when nothing else can).
 /// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
 /// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
@@ -128,15 +177,10 @@ private final class BusDispatcher: ReactorHandler, @unchecked Sendable {
     private var dispatching: [ConnectionEvent] = []
     @exclusivity(unchecked)
     var scheduled = false
-    @exclusivity(unchecked)
-    private var nextToken = 1
 
-    func add(_ handler: @escaping @Sendable (ConnectionEvent) -> Void, callEvents: Bool) -> EventBus.Token {
-        let token = self.nextToken
-        self.nextToken += 1
-        self.subscriptions.append(Subscription(token: token, handler: handler, callEvents: callEvents))
+    func add(_ token: EventBus.Token, _ handler: @escaping @Sendable (ConnectionEvent) -> Void, callEvents: Bool) {
+        self.subscriptions.append(Subscription(token: token.value, handler: handler, callEvents: callEvents))
         if callEvents { self.callEventSubscribers += 1 }
-        return EventBus.Token(value: token)
     }
 
     func remove(_ token: EventBus.Token) {

@@ -27,13 +27,13 @@ package final class CallEnvironment: @unchecked Sendable {
     package let reactor: Reactor
     package let service: String
     package let router: any CallRouter
-    package let bus: EventBus
+    package let bus: LocalEventBus
     package let policies: CallPolicies
     /// SETTINGS_MAX_HEADER_LIST_SIZE we announce: the bound on each response header block.
     package let maxHeaderListSize: Int
 
     package init(
-        reactor: Reactor, service: String, router: any CallRouter, bus: EventBus, policies: CallPolicies,
+        reactor: Reactor, service: String, router: any CallRouter, bus: LocalEventBus, policies: CallPolicies,
         maxHeaderListSize: Int
     ) {
         self.reactor = reactor

@@ -1,5 +1,6 @@
 @_spi(Reactor) import GRPCCMReactor
 import GRPCCMTransport
+import Synchronization
 
 /// Makes the connections of a subchannel. The pool and its subchannels never name a concrete connection type: they
 /// get one from here, so tests drive them with connections that need no socket.
@@ -39,15 +40,13 @@ package struct HTTP2Connector: TransportConnector {
     }
 }
 
-/// Hands out connection ids, unique per manager (or per standalone channel). Reactor thread only.
-package final class ConnectionIDSource: @unchecked Sendable {
-    // `@unchecked`: used on the reactor thread only.
-    private var value = 0
+/// Hands out connection ids, unique per manager (or per standalone channel), from any of its loops.
+package final class ConnectionIDSource: Sendable {
+    private let value = Atomic<Int>(0)
 
     package init() {}
 
     package func next() -> Int {
-        self.value += 1
-        return self.value
+        self.value.add(1, ordering: .relaxed).newValue
     }
 }

@@ -35,7 +35,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     package let address: SocketAddress
     package let service: String
     private let connector: any TransportConnector
-    private let bus: EventBus
+    private let bus: LocalEventBus
     private let connectionIDs: ConnectionIDSource
     private let idleTimeout: Duration
 
@@ -63,7 +63,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     package static let maximumKeepAliveTime: Duration = .seconds(4 * 3600)
 
     package init(
-        reactor: Reactor, address: SocketAddress, service: String, connector: any TransportConnector, bus: EventBus,
+        reactor: Reactor, address: SocketAddress, service: String, connector: any TransportConnector, bus: LocalEventBus,
         connectionIDs: ConnectionIDSource, backoff: Backoff.Configuration, keepAliveTime: Duration, idleTimeout: Duration
     ) {
         self.reactor = reactor

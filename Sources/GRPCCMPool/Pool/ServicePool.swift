@@ -51,7 +51,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     package let target: Target
     private let settings: PoolSettings
     private let connector: any TransportConnector
-    private let bus: EventBus
+    private let bus: LocalEventBus
     private let connectionIDs: ConnectionIDSource
 
     @exclusivity(unchecked)
@@ -82,7 +82,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     package init(
         reactor: Reactor, service: String, target: Target, settings: PoolSettings, connector: any TransportConnector,
-        bus: EventBus, connectionIDs: ConnectionIDSource
+        bus: LocalEventBus, connectionIDs: ConnectionIDSource
     ) {
         self.reactor = reactor
         self.service = service

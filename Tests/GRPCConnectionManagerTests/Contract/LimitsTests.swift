@@ -195,7 +195,7 @@ struct LimitsTests {
     @Test("keepalive doubling after too_many_pings stops at its cap, without overflow")
     func keepaliveDoublingIsCapped() throws {
         let loop = try EventLoop()
-        let bus = EventBus(reactor: loop.reactor)
+        let bus = EventBus(reactor: loop.reactor).single
         let connector = FakeConnector()
         let subchannel = Subchannel(
             reactor: loop.reactor, address: SocketAddress(ip: "127.0.0.1", port: 1)!, service: "s", connector: connector,

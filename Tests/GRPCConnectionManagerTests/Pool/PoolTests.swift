@@ -60,7 +60,7 @@ struct PoolTests {
 
         init(connectionsPerTarget: Int = 1, maxQueuedCalls: Int = 100) throws {
             self.reactor = try Reactor()
-            let bus = EventBus(reactor: self.reactor)
+            let bus = EventBus(reactor: self.reactor).single
             let settings = PoolSettings(
                 connectionsPerTarget: connectionsPerTarget, maxQueuedCalls: maxQueuedCalls,
                 backoff: .init(base: .seconds(10), multiplier: 1.6, jitter: 0, maximum: .seconds(10)),
@@ -87,12 +87,20 @@ struct PoolTests {
         /// The deferred phase: completions run.
         func endTurn() { self.reactor.runEndOfTurnForTesting() }
 
+        /// Closes the pool (every call ends, the loop lets go of the pool's shutdown hook), so nothing outlives the
+        /// test: a loop that never runs never gets to release what it holds otherwise.
+        func finish() {
+            self.pool.close(graceful: false)
+            self.endTurn()
+        }
+
         func status(_ id: Int) -> Status? { self.completions.withLock { $0[id] } }
     }
 
     @Test("a call waits while the connection connects, and goes out once it is ready")
     func waitsForReady() throws {
         let rig = try Rig()
+        defer { rig.finish() }
         rig.call(1)
         #expect(rig.connector.made.count == 1 && rig.connector.made[0].connectCalls == 1)
         #expect(rig.pool.queuedCallCount == 1)
@@ -107,6 +115,7 @@ struct PoolTests {
     @Test("in TRANSIENT_FAILURE fail-fast calls fail at once; wait-for-ready calls keep waiting")
     func failFastVersusWaitForReady() throws {
         let rig = try Rig()
+        defer { rig.finish() }
         rig.call(1)
         rig.call(2, waitForReady: true)
         rig.connector.made[0].fail("connection refused")
@@ -123,6 +132,7 @@ struct PoolTests {
     @Test("the least-loaded ready connection takes each call; a freed stream takes the next queued call")
     func picksAndDrains() throws {
         let rig = try Rig(connectionsPerTarget: 2)
+        defer { rig.finish() }
         rig.pool.connectAll()
         for transport in rig.connector.made {
             transport.streamLimit = 1
@@ -141,6 +151,7 @@ struct PoolTests {
     @Test("maxQueuedCalls bounds the calls waiting, whatever they wait for")
     func queueBound() throws {
         let rig = try Rig(maxQueuedCalls: 2)
+        defer { rig.finish() }
         for id in 1...3 { rig.call(id) }
         rig.endTurn()
         #expect(rig.status(3)?.code == .resourceExhausted)

@@ -29,6 +29,9 @@ struct Perf: ParsableCommand {
     @Option(name: .customLong("idle-connections"), help: "Instead: open N connections, one call each, hold them.") var idleConnections: Int?
     @Option(name: .customLong("idle-hold"), help: "Seconds to hold the idle connections.") var idleHold = 3.0
     @Flag(help: "Switch off retry and the circuit breaker (the peers have neither).") var bare = false
+    @Option(help: "Run on a ReactorGroup of this many loops (closed loop only): each loop gets its own connections.") var loops = 1
+    @Option(name: .customLong("user-timers"), help: "Park this many user timers (an hour away) on the loop first.") var userTimers = 0
+    @Option(name: .customLong("user-fds"), help: "Register this many idle user fds (pipes) on the loop first.") var userFDs = 0
     @Option(name: .customLong("serve-port"), help: .hidden) var servePort: Int?
 
     func run() throws {
@@ -53,8 +56,11 @@ struct Perf: ParsableCommand {
             try self.idleRun(target: target, configuration: configuration, loop: loop, count: idle)
             return
         }
+        let group = self.loops > 1 ? try ReactorGroup(loopCount: self.loops) : nil
+        try Self.parkUserWork(on: group?.loops ?? [loop], timers: self.userTimers, fds: self.userFDs)
         let channels = try (0..<max(1, self.connections)).map { _ in
-            try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
+            if let group { return try GRPCChannel(target: target, configuration: configuration, group: group) }
+            return try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
         }
         let driver = Driver(channels: channels, method: self.method, payload: [UInt8](repeating: 0x61, count: self.payloadBytes))
         if let requests = self.requests {
@@ -98,6 +104,24 @@ struct Perf: ParsableCommand {
         withExtendedLifetime(channels) {}
     }
 
+    /// User timers far in the future and idle user fds on each loop: they must cost a gRPC call nothing.
+    static func parkUserWork(on loops: [EventLoop], timers: Int, fds: Int) throws {
+        guard timers > 0 || fds > 0 else { return }
+        for loop in loops {
+            for _ in 0..<timers { loop.scheduleTimer(after: .seconds(3600)) {} }
+            let done = Atomic<Bool>(false)
+            loop.execute {
+                for _ in 0..<fds {
+                    var ends: [Int32] = [0, 0]
+                    guard pipe(&ends) == 0 else { break }
+                    _ = try? loop.register(fd: ends[0], interest: .readable) { _ in }
+                }
+                done.store(true, ordering: .releasing)
+            }
+            while !done.load(ordering: .acquiring) { usleep(1000) }
+        }
+    }
+
     static func spawnServer(port: Int) throws -> Process {
         let process = Process()
         let me = CommandLine.arguments[0]
@@ -136,9 +160,22 @@ final class Driver: @unchecked Sendable {
     let channels: [GRPCChannel]
     let method: String
     let payload: [UInt8]
-    var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
-    var requests = 0
-    var errors = 0
+    /// Per slot: a slot's calls all run on one loop (a completion starts the next on its own loop), so its numbers are
+    /// touched by one thread at a time; merged at the end.
+    final class SlotStats: @unchecked Sendable {
+        // `@unchecked`: one loop's thread at a time (see above).
+        var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+        var requests = 0
+        var errors = 0
+    }
+    var slots: [SlotStats] = []
+    var histogram: Histogram<UInt64> {
+        var merged = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+        for slot in self.slots { merged.add(slot.histogram) }
+        return merged
+    }
+    var requests: Int { self.slots.reduce(0) { $0 + $1.requests } }
+    var errors: Int { self.slots.reduce(0) { $0 + $1.errors } }
     let measuring = Atomic<Bool>(false)
     let stopped = Atomic<Bool>(false)
     let inFlight = Atomic<Int>(0)
@@ -154,6 +191,12 @@ final class Driver: @unchecked Sendable {
         self.channels = channels
         self.method = method
         self.payload = payload
+        self.slots = [SlotStats()]
+    }
+
+    /// One stats record per closed-loop slot.
+    func prepareSlots(_ count: Int) {
+        self.slots = (0..<max(count, 1)).map { _ in SlotStats() }
     }
 
     static func now() -> UInt64 {
@@ -173,9 +216,10 @@ final class Driver: @unchecked Sendable {
 
     func finished(slot: Int, began: UInt64, response: UnaryResponse, closedLoop: Bool) {
         if self.measuring.load(ordering: .relaxed) {
-            self.requests += 1
-            if !response.status.isOK || response.message.count != self.payload.count { self.errors += 1 }
-            _ = self.histogram.record((Self.now() - began) / 1000)
+            let stats = self.slots[closedLoop ? slot : 0]
+            stats.requests += 1
+            if !response.status.isOK || response.message.count != self.payload.count { stats.errors += 1 }
+            _ = stats.histogram.record((Self.now() - began) / 1000)
         }
         if self.budget > 0 {
             // The next call counts as in flight before this one stops counting, so the waiting thread never sees 0
@@ -194,6 +238,7 @@ final class Driver: @unchecked Sendable {
     /// Exactly `requests` calls, `concurrency` at a time, all measured: the same work in every run, which is what an
     /// instruction count needs (callgrind counts the same for the same work whatever the machine does).
     func fixedCount(concurrency: Int, requests: Int) {
+        self.prepareSlots(concurrency)
         self.budget = requests
         let first = min(max(1, concurrency), requests)
         self.started = first
@@ -231,6 +276,7 @@ final class Driver: @unchecked Sendable {
     }
 
     func closedLoop(concurrency: Int, warmup: Double, duration: Double) {
+        self.prepareSlots(concurrency)
         for slot in 0..<max(1, concurrency) { self.start(slot: slot) }
         self.measure(warmup: warmup, duration: duration)
     }

@@ -1,0 +1,305 @@
+import CReactor
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Putting your own work on the loop your gRPC clients use: closures, timers and file descriptors, and driving the
+/// loop from an event loop of your own.
+///
+/// Threading rules, in short:
+/// - `execute`, `scheduleTimer` and `LoopTimer.cancel()` are safe from any thread.
+/// - `register(fd:interest:_:)`, `LoopRegistration.setInterest(_:)`, `deregister()`, `runOnce(maxWait:)` and
+///   `nextTimeout` belong to the loop's thread; from another they throw `ReactorError` (or, for `deregister`,
+///   return false) instead of racing the loop.
+/// - Your closures run on the loop's thread, outside the library's socket, TLS and HTTP/2 processing, and never
+///   inside the call that scheduled them: `execute` bodies and timer bodies in the turn's deferred phase, fd
+///   handlers when epoll reports the fd. From any of them the whole API is legal. They must not block.
+extension EventLoop {
+    /// Runs `body` on the loop's thread, in the deferred phase of the current turn (when called from the loop's
+    /// thread outside the deferred phase) or of a later one. Safe from any thread.
+    /// - Returns: false when the loop has stopped and `body` will never run.
+    @discardableResult
+    public func execute(_ body: @escaping @Sendable () -> Void) -> Bool {
+        let job = UserJob(reactor: self.reactor, body)
+        if self.reactor.inReactorThread && !self.reactor.isStopped {
+            self.reactor.enqueueDeferred(job)
+            return true
+        }
+        return self.reactor.submit(job)
+    }
+
+    /// Runs `body` once on the loop's thread after `delay`, unless the returned timer is cancelled first. Safe from
+    /// any thread. A timer fires exactly once or not at all; one still pending when the loop stops never fires.
+    @discardableResult
+    public func scheduleTimer(after delay: Duration, _ body: @escaping @Sendable () -> Void) -> LoopTimer {
+        let deadline = Reactor.clock() &+ UInt64(max(delay.nanoseconds, 0))
+        return self.scheduleTimer(atMonotonicNanoseconds: deadline, body)
+    }
+
+    /// Runs `body` once on the loop's thread at `deadline` (right away when it has passed), unless the returned timer
+    /// is cancelled first. Safe from any thread.
+    @discardableResult
+    public func scheduleTimer(at deadline: ContinuousClock.Instant, _ body: @escaping @Sendable () -> Void) -> LoopTimer {
+        let remaining = ContinuousClock.now.duration(to: deadline)
+        return self.scheduleTimer(after: remaining, body)
+    }
+
+    private func scheduleTimer(atMonotonicNanoseconds deadline: UInt64, _ body: @escaping @Sendable () -> Void) -> LoopTimer {
+        let timer = UserTimer(reactor: self.reactor, deadline: deadline, body: body)
+        if self.reactor.inReactorThread {
+            timer.arm()
+        } else if !self.reactor.submit(timer) {
+            timer.abandon()
+        }
+        return LoopTimer(timer: timer)
+    }
+
+    /// Watches `fd` (yours: the loop never closes it) for `interest`; `handler` runs on the loop's thread with the
+    /// readiness epoll reported, until you deregister. Level-triggered: while the fd stays readable (or writable
+    /// with that interest), the handler runs every turn; read what you need and return. Loop thread only.
+    /// - Throws: `ReactorError` off the loop's thread, for an fd epoll refuses (a closed one: EBADF; one already
+    ///   registered: EEXIST), or once the loop has stopped.
+    public func register(
+        fd: Int32, interest: LoopInterest, _ handler: @escaping @Sendable (LoopEvents) -> Void
+    ) throws(ReactorError) -> LoopRegistration {
+        guard self.reactor.inReactorThread else {
+            throw ReactorError(operation: "register(fd:): not on the event loop's thread", errno: EPERM)
+        }
+        let watcher = UserFDWatcher(reactor: self.reactor, fd: fd, handler: handler)
+        try watcher.register(interest)
+        return LoopRegistration(watcher: watcher)
+    }
+
+    /// Traps, in debug builds only, unless called on the loop's thread: put it at the top of your loop-only code.
+    public func preconditionInEventLoop(file: StaticString = #fileID, line: UInt = #line) {
+        assert(self.inEventLoop, "called off the event loop's thread", file: file, line: line)
+    }
+
+    // MARK: driving the loop from another
+
+    /// The loop's epoll fd. It becomes readable whenever the loop has fd events, a wake-up (work submitted from
+    /// another thread) or a stop to process: add it to your own poller (epoll, libuv's `uv_poll_t`, a SwiftNIO
+    /// selector) and call `runOnce(maxWait: .zero)` when it is readable, and when `nextTimeout` passes. This is
+    /// libcurl's multi-socket idea: your loop, our work, no thread of ours. -1 once the loop has finished.
+    public var pollableDescriptor: Int32 { self.reactor.pollableDescriptor }
+
+    /// How long the loop can wait before its next timer or deferred work needs a turn: `.zero` means now, nil means
+    /// until `pollableDescriptor` becomes readable. Loop thread (the driving thread) only; nil elsewhere.
+    public var nextTimeout: Duration? {
+        guard self.reactor.inReactorThread else { return nil }
+        let milliseconds = self.reactor.nextTimeoutMilliseconds
+        return milliseconds < 0 ? nil : .milliseconds(Int(milliseconds))
+    }
+
+    /// Runs one turn of the loop on the calling thread, waiting at most `maxWait` for something to happen (nil:
+    /// until it does). The first call makes the calling thread the loop's own, for good: drive a loop from one
+    /// thread only, and do not also `start()` or `run()` it. After `stop()` (from anywhere) the next turn finishes
+    /// the shutdown; `shutdown()` on the driving thread does it at once.
+    /// - Returns: false once the loop has finished.
+    /// - Throws: `ReactorError` when the loop runs on a thread of its own or another thread drives it.
+    @discardableResult
+    public func runOnce(maxWait: Duration? = .zero) throws(ReactorError) -> Bool {
+        let milliseconds: Int32
+        if let maxWait {
+            // Round up: a sub-millisecond wait must not become a busy poll.
+            let nanos = max(maxWait.nanoseconds, 0)
+            milliseconds = Int32(clamping: (nanos + 999_999) / 1_000_000)
+        } else {
+            milliseconds = -1
+        }
+        return try self.reactor.runOnce(maxWaitMilliseconds: milliseconds)
+    }
+}
+
+/// What a registered fd waits for.
+public struct LoopInterest: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+
+    public static let readable = LoopInterest(rawValue: UInt32(CR_READ))
+    public static let writable = LoopInterest(rawValue: UInt32(CR_WRITE))
+}
+
+/// What epoll reported for a registered fd.
+public struct LoopEvents: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+
+    /// Readable, or the peer hung up (a read then returns 0).
+    public static let readable = LoopEvents(rawValue: UInt32(CR_READ))
+    public static let writable = LoopEvents(rawValue: UInt32(CR_WRITE))
+    /// An error is pending (SO_ERROR, or the next read or write reports it).
+    public static let error = LoopEvents(rawValue: UInt32(CR_ERROR))
+    /// The peer hung up (EPOLLHUP or EPOLLRDHUP).
+    public static let hangup = LoopEvents(rawValue: UInt32(CR_HUP))
+}
+
+/// A timer from `EventLoop.scheduleTimer`. Cancel it from any thread.
+public struct LoopTimer: Sendable {
+    fileprivate let timer: UserTimer
+
+    /// Makes sure the body never runs, unless it already has (or is running).
+    /// - Returns: true when this call stopped it; false when it had fired, was cancelled before, or the loop
+    ///   stopped first (cancelling again is a harmless no-op).
+    @discardableResult
+    public func cancel() -> Bool { self.timer.cancel() }
+
+    /// True once the body has run.
+    public var hasFired: Bool { self.timer.state.load(ordering: .acquiring) == UserTimer.fired }
+}
+
+/// A file descriptor watched by a loop (`EventLoop.register(fd:interest:_:)`). Loop thread only.
+public final class LoopRegistration: Sendable {
+    fileprivate let watcher: UserFDWatcher
+
+    fileprivate init(watcher: UserFDWatcher) {
+        self.watcher = watcher
+    }
+
+    /// The fd (still yours: the loop never closes it).
+    public var fd: Int32 { self.watcher.fd }
+
+    /// Changes what the fd waits for. Loop thread only.
+    /// - Throws: `ReactorError` off the loop's thread, or when the fd is no longer registered (deregistered, or
+    ///   the loop stopped).
+    public func setInterest(_ interest: LoopInterest) throws(ReactorError) {
+        try self.watcher.setInterest(interest)
+    }
+
+    /// Stops watching the fd; its handler never runs again. Loop thread only; deregistering twice is a no-op.
+    /// - Returns: true when this call removed it; false when it was not registered any more, or off the loop's thread
+    ///   (nothing changes then).
+    @discardableResult
+    public func deregister() -> Bool {
+        self.watcher.deregister()
+    }
+}
+
+/// A closure for the deferred phase, submitted from any thread.
+private final class UserJob: ReactorHandler, @unchecked Sendable {
+    // `@unchecked`: immutable; the object is handed to the loop whole.
+    private unowned let reactor: Reactor
+    private let body: @Sendable () -> Void
+
+    init(reactor: Reactor, _ body: @escaping @Sendable () -> Void) {
+        self.reactor = reactor
+        self.body = body
+    }
+
+    /// Arrived through the inbox: wait for the deferred phase.
+    override func reactorRunSubmitted() { self.reactor.enqueueDeferred(self) }
+
+    override func reactorRunDeferred() { self.body() }
+}
+
+/// A user timer: armed on the loop's thread; fires (in the deferred phase) or is cancelled, exactly one of them.
+final class UserTimer: ReactorHandler, @unchecked Sendable {
+    // `@unchecked`: `state` is atomic; `timerID` is touched on the loop's thread only; the rest is immutable.
+    static let pending: UInt8 = 0
+    static let fired: UInt8 = 1
+    static let cancelled: UInt8 = 2
+
+    let state = Atomic<UInt8>(UserTimer.pending)
+    private unowned let reactor: Reactor
+    private let deadline: UInt64
+    private let body: @Sendable () -> Void
+    @exclusivity(unchecked)
+    private var timerID: Reactor.TimerID = 0
+
+    init(reactor: Reactor, deadline: UInt64, body: @escaping @Sendable () -> Void) {
+        self.reactor = reactor
+        self.deadline = deadline
+        self.body = body
+    }
+
+    /// On the loop's thread: into the heap, unless it was cancelled on its way here.
+    func arm() {
+        guard self.state.load(ordering: .acquiring) == Self.pending else { return }
+        self.timerID = self.reactor.scheduleTimer(at: self.deadline, handler: self)
+        if self.timerID == 0 { self.abandon() }  // the loop has stopped
+    }
+
+    /// The loop stopped before the timer could be armed: it never fires.
+    func abandon() {
+        _ = self.state.compareExchange(expected: Self.pending, desired: Self.cancelled, ordering: .acquiringAndReleasing)
+    }
+
+    override func reactorRunSubmitted() { self.arm() }
+
+    override func reactorTimerFired(tag: UInt64) {
+        self.timerID = 0
+        // User code waits for the deferred phase, like every other callback.
+        self.reactor.enqueueDeferred(self)
+    }
+
+    override func reactorRunDeferred() {
+        guard self.state.compareExchange(expected: Self.pending, desired: Self.fired, ordering: .acquiringAndReleasing).exchanged
+        else { return }
+        self.body()
+    }
+
+    func cancel() -> Bool {
+        guard self.state.compareExchange(expected: Self.pending, desired: Self.cancelled, ordering: .acquiringAndReleasing).exchanged
+        else { return false }
+        // Free the heap slot now rather than at the deadline (best effort: the state above already decided).
+        if self.reactor.inReactorThread {
+            if self.timerID != 0 { self.reactor.cancelTimer(self.timerID) }
+            self.timerID = 0
+        } else {
+            self.reactor.execute {
+                if self.timerID != 0 { self.reactor.cancelTimer(self.timerID) }
+                self.timerID = 0
+            }
+        }
+        return true
+    }
+}
+
+/// A user fd's registration. `@unchecked Sendable` (through `ReactorHandler`): touched on the loop's thread only
+/// (every mutating entry point checks that first); `fd` and `handler` are immutable.
+final class UserFDWatcher: ReactorHandler, @unchecked Sendable {
+    unowned let reactor: Reactor
+    let fd: Int32
+    private let handler: @Sendable (LoopEvents) -> Void
+    @exclusivity(unchecked)
+    private var registration: Reactor.Registration?
+
+    init(reactor: Reactor, fd: Int32, handler: @escaping @Sendable (LoopEvents) -> Void) {
+        self.reactor = reactor
+        self.fd = fd
+        self.handler = handler
+    }
+
+    func register(_ interest: LoopInterest) throws(ReactorError) {
+        self.registration = try self.reactor.register(fd: self.fd, interest: interest.rawValue, handler: self)
+        // When the loop stops, the registration goes (the fd stays open: it is the user's).
+        self.reactor.addShutdownHook(self)
+    }
+
+    func setInterest(_ interest: LoopInterest) throws(ReactorError) {
+        guard self.reactor.inReactorThread else {
+            throw ReactorError(operation: "setInterest: not on the event loop's thread", errno: EPERM)
+        }
+        guard let registration = self.registration, self.reactor.setInterest(registration, interest.rawValue) else {
+            throw ReactorError(operation: "setInterest: fd \(self.fd) is not registered", errno: ENOENT)
+        }
+    }
+
+    func deregister() -> Bool {
+        guard self.reactor.inReactorThread, let registration = self.registration else { return false }
+        self.registration = nil
+        self.reactor.removeShutdownHook(self)
+        return self.reactor.deregister(registration, handler: self)
+    }
+
+    override func reactorFDReady(_ events: UInt32) {
+        self.handler(LoopEvents(rawValue: events))
+    }
+
+    /// The loop is stopping.
+    override func reactorRunSubmitted() {
+        _ = self.deregister()
+    }
+}

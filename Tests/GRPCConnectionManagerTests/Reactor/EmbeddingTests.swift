@@ -1,0 +1,286 @@
+import CReactor
+import Foundation
+import GRPCEchoServer
+import Synchronization
+import Testing
+
+@testable import GRPCConnectionManager
+@_spi(Reactor) @testable import GRPCCMReactor
+@testable import GRPCCMWire
+
+/// The loop as a host service uses it: its own fds, timers and closures beside gRPC traffic, another loop driving
+/// ours, a group of loops, and every kind of misuse answered with an error or a documented no-op.
+@Suite("Embedding the reactor", .serialized)
+struct EmbeddingTests {
+    @Test("10,000 user timers and 1,000 user fds interleaved with gRPC calls on one loop")
+    func userWorkBesideCalls() async throws {
+        raiseFileLimit()
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let loop = fixture.loop
+        let channel = try fixture.channel()
+        let timersFired = Atomic<Int>(0)
+        let timersTwice = Atomic<Int>(0)
+        let fdEvents = Atomic<Int>(0)
+        // Timers from another thread, deadlines spread over 200 ms.
+        let timerFlags = Flags(10_000)
+        for index in 0..<10_000 {
+            loop.scheduleTimer(after: .microseconds(index * 20)) {
+                if timerFlags.set(index) { timersTwice.add(1, ordering: .relaxed) }
+                timersFired.add(1, ordering: .relaxed)
+            }
+        }
+        // 1,000 pipes, their read ends registered on the loop's thread; each is written once and read by its handler.
+        var pipes: [(read: Int32, write: Int32)] = []
+        for _ in 0..<1000 {
+            var ends: [Int32] = [0, 0]
+            #expect(pipe(&ends) == 0)
+            _ = fcntl(ends[0], F_SETFL, O_NONBLOCK)
+            pipes.append((ends[0], ends[1]))
+        }
+        let fds = pipes.map(\.read)
+        defer { for end in pipes { close(end.read); close(end.write) } }
+        let registrations = PThreadLock<[LoopRegistration]>([])
+        let registered = Atomic<Bool>(false)
+        loop.execute {
+            for fd in fds {
+                let registration = try? loop.register(fd: fd, interest: .readable) { events in
+                    var value: UInt8 = 0
+                    if events.contains(.readable), read(fd, &value, 1) == 1 { fdEvents.add(1, ordering: .relaxed) }
+                }
+                if let registration { registrations.withLock { $0.append(registration) } }
+            }
+            registered.store(true, ordering: .releasing)
+        }
+        #expect(await eventually(timeout: 5) { registered.load(ordering: .acquiring) })
+        #expect(registrations.withLock { $0.count } == 1000)
+        // Calls and fd signals at the same time.
+        let ledger = CompletionLedger()
+        let ok = Atomic<Int>(0)
+        for id in 0..<2000 {
+            channel.unary(path: "/echo.Echo/Get", request: [UInt8(id & 0xFF)]) { response in
+                ledger.record(id)
+                if response.status.isOK && response.message == [UInt8(id & 0xFF)] { ok.add(1, ordering: .relaxed) }
+            }
+            if id % 2 == 0 {
+                var one: UInt8 = 1
+                _ = write(pipes[id / 2].write, &one, 1)
+            }
+        }
+        #expect(await eventually(timeout: 20) {
+            ledger.completed == 2000 && timersFired.load(ordering: .relaxed) == 10_000
+                && fdEvents.load(ordering: .relaxed) == 1000
+        })
+        #expect(ok.load(ordering: .relaxed) == 2000)
+        #expect(ledger.duplicates == 0 && timersTwice.load(ordering: .relaxed) == 0)
+        let removed = Atomic<Int>(0)
+        loop.execute {
+            for registration in registrations.withLock({ $0 }) where registration.deregister() { removed.add(1, ordering: .relaxed) }
+        }
+        #expect(await eventually(timeout: 5) { removed.load(ordering: .relaxed) == 1000 })
+        #expect(fds.allSatisfy { fcntl($0, F_GETFD) >= 0 }, "the loop never closes a user's fd")
+    }
+
+    @Test("timers cancelled from other threads while they come due: each fires exactly once or not at all")
+    func cancellationRaces() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let count = 10_000
+        let fired = Flags(count)
+        let timers = PThreadLock<[LoopTimer?]>(Array(repeating: nil, count: count))
+        let scheduler = Thread {
+            for index in 0..<count {
+                let timer = loop.scheduleTimer(after: .microseconds((index % 100) * 10)) {
+                    _ = fired.set(index)
+                }
+                timers.withLock { $0[index] = timer }
+            }
+        }
+        scheduler.start()
+        let cancelled = Flags(count)
+        let cancellers = (0..<2).map { part in
+            Thread {
+                var index = part
+                while index < count {
+                    if let timer = timers.withLock({ $0[index] }) {
+                        if timer.cancel() { _ = cancelled.set(index) }
+                        index += 2
+                    } else {
+                        usleep(10)
+                    }
+                }
+            }
+        }
+        for canceller in cancellers { canceller.start() }
+        #expect(await eventually(timeout: 10) { (0..<count).allSatisfy { fired[$0] || cancelled[$0] } })
+        try await Task.sleep(for: .milliseconds(50))
+        let both = (0..<count).filter { fired[$0] && cancelled[$0] }
+        #expect(both.isEmpty, "a cancelled timer fired: \(both.prefix(5))")
+        let firedCount = (0..<count).filter { fired[$0] }.count
+        #expect(firedCount > 0 && firedCount < count, "the race went both ways: \(firedCount) fired")
+        #expect(timers.withLock { $0.allSatisfy { $0?.cancel() == false } }, "cancelling again is a no-op")
+    }
+
+    @Test("a foreign loop drives ours through its pollable descriptor: calls complete, timers fire")
+    func foreignLoopDrivesOurs() throws {
+        let server = try EchoServer()  // on a loop of its own
+        defer { server.close() }
+        let loop = try EventLoop()
+        let done = Atomic<Bool>(false)
+        let results = PThreadLock<[Status]>([])
+        let host = Thread {
+            // The host's own epoll, watching our descriptor.
+            let hostFD = epoll_create1(Int32(EPOLL_CLOEXEC))
+            var event = epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: 1))
+            _ = epoll_ctl(hostFD, EPOLL_CTL_ADD, loop.pollableDescriptor, &event)
+            var fired = [epoll_event](repeating: epoll_event(), count: 8)
+            // The first turn makes this thread the loop's.
+            _ = try? loop.runOnce(maxWait: .zero)
+            guard let channel = try? GRPCChannel(target: server.address, eventLoop: loop) else { return }
+            for index in 0..<100 {
+                channel.unary(path: "/echo.Echo/Get", request: [UInt8(index)]) { response in
+                    results.withLock { $0.append(response.status) }
+                }
+            }
+            loop.scheduleTimer(after: .milliseconds(20)) { results.withLock { $0.append(Status(code: .ok, message: "timer")) } }
+            while results.withLock({ $0.count }) < 101 {
+                let timeout = loop.nextTimeout.map { Int32(min($0.nanoseconds / 1_000_000, 100)) } ?? 100
+                _ = epoll_wait(hostFD, &fired, 8, timeout)
+                _ = try? loop.runOnce(maxWait: .zero)
+            }
+            loop.shutdown()  // on the driving thread: finishes at once
+            close(hostFD)
+            done.store(true, ordering: .releasing)
+        }
+        host.start()
+        #expect(waitFor(seconds: 10) { done.load(ordering: .acquiring) })
+        let all = results.withLock { $0 }
+        #expect(all.count == 101)
+        #expect(all.allSatisfy { $0.isOK })
+        #expect(all.contains { $0.message == "timer" })
+    }
+
+    @Test("a group of 2 loops: connections on both, every call completes once, a completion's next call stays on its loop")
+    func groupOfTwo() async throws {
+        let server = try EchoServer()
+        defer { server.close() }
+        let group = try ReactorGroup(loopCount: 2)
+        defer { group.shutdown() }
+        let manager = try ConnectionManager(configuration: .defaults, group: group)
+        // Subscribe before the channel exists: each loop's bus learns of the handler by a hop to that loop, and a
+        // connection made first would be missed.
+        let recorder = EventRecorder()
+        manager.events.subscribe { recorder.record($0) }
+        let channel = try manager.connection(service: "echo", address: server.address)
+        let ledger = CompletionLedger()
+        let stayed = Atomic<Int>(0)
+        let moved = Atomic<Int>(0)
+        for id in 0..<1000 {
+            channel.unary(path: "/echo.Echo/Get", request: [1]) { first in
+                ledger.record(id)
+                // From the completion: the next call starts, and completes, on this same loop.
+                let here = group.current
+                channel.unary(path: "/echo.Echo/Get", request: [2]) { second in
+                    ledger.record(100_000 + id)
+                    if let here, here.inEventLoop, second.status.isOK { stayed.add(1, ordering: .relaxed) } else { moved.add(1, ordering: .relaxed) }
+                }
+                _ = first
+            }
+        }
+        #expect(await eventually(timeout: 20) { ledger.completed == 2000 })
+        #expect(ledger.duplicates == 0)
+        #expect(stayed.load(ordering: .relaxed) == 1000 && moved.load(ordering: .relaxed) == 0)
+        let connections = Set(recorder.all.compactMap { event -> Int? in
+            if case .connectAttemptSucceeded(_, let id, _) = event { return id }
+            return nil
+        })
+        #expect(connections.count == 2, "one connection per loop: \(connections)")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("misuse gets a clear error or a documented no-op, never a crash")
+    func misuse() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // Loop-only calls from another thread.
+        #expect(throws: ReactorError.self) { try loop.register(fd: 0, interest: .readable) { _ in } }
+        #expect(throws: ReactorError.self) { try loop.runOnce() }
+        loop.start()  // twice: nothing happens
+        let outcomes = PThreadLock<[String]>([])
+        let done = Atomic<Bool>(false)
+        loop.execute {
+            // A closed fd.
+            var pair: [Int32] = [0, 0]
+            _ = pipe(&pair)
+            close(pair[0])
+            close(pair[1])
+            do {
+                _ = try loop.register(fd: pair[0], interest: .readable) { _ in }
+                outcomes.withLock { $0.append("closed fd accepted") }
+            } catch {
+                outcomes.withLock { $0.append((error as? ReactorError)?.errno == EBADF ? "EBADF" : "other \(error)") }
+            }
+            // Deregistering twice.
+            var ends: [Int32] = [0, 0]
+            _ = pipe(&ends)
+            let fd = ends[0]
+            defer { close(ends[1]) }
+            if let registration = try? loop.register(fd: fd, interest: .readable, { _ in }) {
+                let first = registration.deregister()
+                let second = registration.deregister()
+                outcomes.withLock { $0.append("deregister \(first) \(second)") }
+                do {
+                    try registration.setInterest(.writable)
+                    outcomes.withLock { $0.append("setInterest after deregister accepted") }
+                } catch {
+                    outcomes.withLock { $0.append("setInterest \((error as? ReactorError)?.errno == ENOENT ? "ENOENT" : "other")") }
+                }
+            }
+            close(fd)
+            done.store(true, ordering: .releasing)
+        }
+        #expect(await eventually(timeout: 5) { done.load(ordering: .acquiring) })
+        #expect(outcomes.withLock { $0 } == ["EBADF", "deregister true false", "setInterest ENOENT"])
+        // Cancelling a timer that already fired.
+        let fired = Atomic<Bool>(false)
+        let timer = loop.scheduleTimer(after: .zero) { fired.store(true, ordering: .releasing) }
+        #expect(await eventually(timeout: 5) { fired.load(ordering: .acquiring) })
+        #expect(timer.hasFired)
+        #expect(!timer.cancel())
+        // Work after the loop has stopped is refused, not lost silently.
+        loop.shutdown()
+        #expect(!loop.execute {})
+        let late = loop.scheduleTimer(after: .zero) {}
+        #expect(!late.cancel(), "a timer on a stopped loop never fires, so there is nothing to cancel")
+        #expect(loop.pollableDescriptor == -1)
+        loop.run()  // after the end: nothing happens
+    }
+}
+
+/// Raises the soft limit on open files to the hard one (tests that open a thousand fds).
+func raiseFileLimit() {
+    var limit = rlimit()
+    if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 {
+        limit.rlim_cur = limit.rlim_max
+        setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+    }
+}
+
+/// A thousand flags many threads set (a lock: these are tests, not a hot path).
+final class Flags: Sendable {
+    private let values: PThreadLock<[Bool]>
+
+    init(_ count: Int) { self.values = PThreadLock(Array(repeating: false, count: count)) }
+
+    /// Sets flag `index`; true when it was set already.
+    func set(_ index: Int) -> Bool {
+        self.values.withLock { values in
+            defer { values[index] = true }
+            return values[index]
+        }
+    }
+
+    subscript(index: Int) -> Bool { self.values.withLock { $0[index] } }
+}
