@@ -66,9 +66,17 @@ public final class GRPCChannel: Sendable {
             loops: group.loops.map(\.reactor))
     }
 
+    /// A standalone channel whose host names go to `resolver` instead of getaddrinfo (tests script the answers).
+    convenience init(target: String, configuration: Configuration = .defaults, eventLoop: EventLoop, resolver: any AddressResolver) throws {
+        try self.init(
+            target: target, configuration: configuration,
+            logger: Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
+            loops: [eventLoop.reactor], resolver: resolver)
+    }
+
     private convenience init(
         target: String, configuration: Configuration, logger: Logger, metricsFactory: (any MetricsFactory)?,
-        loops: [Reactor]
+        loops: [Reactor], resolver: any AddressResolver = SystemResolver()
     ) throws {
         try configuration.validate()
         let parsed = try Target(parsing: target)
@@ -83,13 +91,13 @@ public final class GRPCChannel: Sendable {
         }
         try self.init(
             service: target, target: parsed, configuration: configuration, bus: bus, loops: contexts,
-            connectionIDs: ConnectionIDSource(), closesOnDeinit: true)
+            connectionIDs: ConnectionIDSource(), closesOnDeinit: true, resolver: resolver)
     }
 
     /// A channel of a manager (or the standalone ones above): a pool and a connector on each loop.
     init(
         service: String, target: Target, configuration: Configuration, bus: EventBus, loops: [LoopContext],
-        connectionIDs: ConnectionIDSource, closesOnDeinit: Bool
+        connectionIDs: ConnectionIDSource, closesOnDeinit: Bool, resolver: any AddressResolver = SystemResolver()
     ) throws(ConfigurationError) {
         var tls: TLSContext?
         var tlsServerName: String?
@@ -110,7 +118,7 @@ public final class GRPCChannel: Sendable {
                 tls: tls, tlsServerName: tlsServerName)
             let pool = ServicePool(
                 reactor: context.reactor, service: service, target: target, settings: configuration.poolSettings,
-                connector: connector, bus: context.bus, connectionIDs: connectionIDs)
+                connector: connector, bus: context.bus, connectionIDs: connectionIDs, resolver: resolver)
             context.pipeline.register(service: service, target: target.description)
             let environment = CallEnvironment(
                 reactor: context.reactor, service: service, router: pool, bus: context.bus,

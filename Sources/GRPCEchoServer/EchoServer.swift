@@ -17,7 +17,10 @@ import Glibc
 /// - Test metadata provokes failures on purpose: `x-fail-code` / `x-fail-message` answer with that status
 ///   (trailers-only), `x-sleep-ms` answers later (a reactor timer, never a blocked thread), `x-fail-first: N` with
 ///   `x-request-key: K` fails the first N attempts of key K (with `x-fail-code`, UNAVAILABLE by default), and
-///   `x-pushback-ms: V` adds `grpc-retry-pushback-ms: V` to a failure.
+///   `x-pushback-ms: V` adds `grpc-retry-pushback-ms: V` to a failure. With `x-request-key: K`, `x-refuse-first: N`
+///   resets the first N attempts with REFUSED_STREAM and `x-goaway-first: N` answers the first N with a GOAWAY whose
+///   last stream id is below theirs: both leave the request unprocessed, for testing transparent retry.
+/// - The `grpc-timeout` a request carried comes back in the response header `x-received-grpc-timeout`.
 /// - Request metadata that is not reserved is echoed back in the response headers.
 public final class EchoServer: Sendable {
     /// Server settings.
@@ -125,6 +128,21 @@ public final class EchoServer: Sendable {
         self.reactor.execute { listener.goAway() }
     }
 
+    /// Requests per connection the server accepted, in the order they were accepted (connections that carried no
+    /// request are left out). Waits for the answer from the server's loop; call it off that loop.
+    public func requestsPerConnection() -> [Int] {
+        let listener = self.listener
+        let result = PThreadLock<[Int]?>(nil)
+        guard self.reactor.execute({
+            let counts = listener.requestsByConnection.sorted { $0.key < $1.key }.map(\.value)
+            result.withLock { $0 = counts }
+        }) else { return [] }
+        while true {
+            if let value = result.withLock({ $0 }) { return value }
+            usleep(200)
+        }
+    }
+
     /// How many requests carrying `x-request-key: key` reached the server (their headers arrived), counting every
     /// attempt. Waits for the answer from the server's loop; call it off that loop.
     public func requestCount(key: String) -> Int {
@@ -153,6 +171,16 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     var attempts: [String: Int] = [:]
     /// Requests whose headers arrived, per `x-request-key` (what a test asks `requestCount(key:)`).
     var requestsByKey: [String: Int] = [:]
+    /// Requests whose headers arrived, per connection serial.
+    var requestsByConnection: [Int: Int] = [:]
+    private var connectionSerials = 0
+
+    /// Counts one more attempt under `key`; returns how many were counted before it.
+    func countAttempt(_ key: String) -> Int {
+        let seen = self.attempts[key, default: 0]
+        self.attempts[key] = seen + 1
+        return seen
+    }
 
     init(reactor: Reactor, fd: Int32, options: EchoServer.Options, tls: TLSContext?, ownsLoop: EventLoop?) {
         self.tls = tls
@@ -172,7 +200,9 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
         for _ in 0..<64 {
             let client = cr_socket_accept(self.fd)
             if client < 0 { return }  // EAGAIN, or a transient accept error: try again next turn
-            let connection = EchoServerConnection(reactor: self.reactor, fd: client, listener: self)
+            self.connectionSerials += 1
+            let connection = EchoServerConnection(
+                reactor: self.reactor, fd: client, listener: self, serial: self.connectionSerials)
             self.connections[ObjectIdentifier(connection)] = connection
             connection.start()
         }

@@ -19,7 +19,11 @@ final class EchoServerConnection: HTTP2SocketOwner {
     /// Open streams; nghttp2 holds unretained pointers to them as stream user data.
     var streams: [Int32: EchoStream] = [:]
 
-    init(reactor: Reactor, fd: Int32, listener: EchoListener) {
+    /// The listener's number for this connection (1, 2, ...), for `EchoServer.requestsPerConnection()`.
+    let serial: Int
+
+    init(reactor: Reactor, fd: Int32, listener: EchoListener, serial: Int) {
+        self.serial = serial
         self.reactor = reactor
         self.listener = listener
         self.acceptedFD = fd
@@ -73,11 +77,17 @@ final class EchoServerConnection: HTTP2SocketOwner {
 
     /// Graceful: GOAWAY with the last stream id, then close once open streams are done.
     func goAway() {
+        guard let session = self.session else { return }
+        self.goAway(lastStreamID: nghttp2_session_get_last_proc_stream_id(session))
+    }
+
+    /// GOAWAY naming `lastStreamID` as the last stream processed: nghttp2 closes the streams above it once the frame
+    /// is out (the client may retry those anywhere); the others run to their end, then the connection closes.
+    func goAway(lastStreamID: Int32) {
         guard let session = self.session, !self.goingAway else { return }
         self.goingAway = true
         nghttp2_submit_goaway(
-            session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nghttp2_session_get_last_proc_stream_id(session),
-            NGHTTP2_NO_ERROR.rawValue, nil, 0)
+            session, UInt8(NGHTTP2_FLAG_NONE.rawValue), max(0, lastStreamID), NGHTTP2_NO_ERROR.rawValue, nil, 0)
         // Once the GOAWAY is out and no stream is left, nghttp2 stops wanting to read; the socket closes then.
         self.scheduleFlush()
     }

@@ -29,6 +29,11 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     var sleepMilliseconds = 0
     var responseBytes: Int?
     var failFirst = 0
+    /// `x-refuse-first N`: RST_STREAM(REFUSED_STREAM) for the first N attempts of the request key, before any work.
+    var refuseFirst = 0
+    /// `x-goaway-first N`: for the first N attempts of the request key, GOAWAY with a last stream id below this
+    /// stream, so the stream is one the server never processed.
+    var goAwayFirst = 0
     var requestKey: String?
     var pushback: String?
     var failAfter: Int?
@@ -62,7 +67,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     private static let notEchoed: Set<String> = [
         "te", "content-type", "user-agent", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
         "x-fail-code", "x-fail-message", "x-sleep-ms", "x-response-bytes", "x-fail-first", "x-request-key",
-        "x-pushback-ms", "x-fail-after", "x-response-count", "x-hold-window",
+        "x-pushback-ms", "x-fail-after", "x-response-count", "x-hold-window", "x-refuse-first", "x-goaway-first",
     ]
 
     var method: Method {
@@ -82,9 +87,18 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     /// Whether messages are protobuf `echo.EchoRequest`/`EchoResponse`.
     var usesProtobuf: Bool { self.path.hasPrefix("/echo.Echo/") }
 
-    /// The request's headers are all in: count it under its `x-request-key`.
+    /// The request's headers are all in: count it (under its `x-request-key` and its connection), then refuse it
+    /// unprocessed if `x-refuse-first` or `x-goaway-first` asks for that.
     func headersComplete() {
-        if let key = self.requestKey { self.connection.listener.requestsByKey[key, default: 0] += 1 }
+        let listener = self.connection.listener
+        listener.requestsByConnection[self.connection.serial, default: 0] += 1
+        guard let key = self.requestKey else { return }
+        listener.requestsByKey[key, default: 0] += 1
+        if self.refuseFirst > 0 && listener.countAttempt("refuse:" + key) < self.refuseFirst {
+            self.connection.resetStream(self, errorCode: NGHTTP2_REFUSED_STREAM.rawValue)
+        } else if self.goAwayFirst > 0 && listener.countAttempt("goaway:" + key) < self.goAwayFirst {
+            self.connection.goAway(lastStreamID: self.streamID - 2)
+        }
     }
 
     func header(name: String, value: String) {
@@ -96,6 +110,10 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         case "x-response-bytes": self.responseBytes = max(0, Int(value) ?? 0)
         case "x-fail-first": self.failFirst = max(0, Int(value) ?? 0)
         case "x-request-key": self.requestKey = value
+        case "x-refuse-first": self.refuseFirst = max(0, Int(value) ?? 0)
+        case "x-goaway-first": self.goAwayFirst = max(0, Int(value) ?? 0)
+        // Echoed back under another name, so a test sees the deadline the server was told.
+        case "grpc-timeout": self.metadata.append(("x-received-grpc-timeout", value))
         case "x-pushback-ms": self.pushback = value
         case "x-fail-after": self.failAfter = max(0, Int(value) ?? 0)
         case "x-response-count": self.responseCount = max(0, Int(value) ?? 0)

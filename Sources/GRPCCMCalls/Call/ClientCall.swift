@@ -548,9 +548,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
 
     package func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int {
         if self.requestsStreamed {
-            let written = self.buffers!.take(into: buffer, length: length, eof: &eof)
-            if written > 0 { self.sentBytes += written }
-            return written
+            return self.buffers!.take(into: buffer, length: length, eof: &eof, messageBytes: &self.sentBytes)
         }
         let written = MessageFramer.copyFramed(self.request, offset: &self.sendOffset, into: buffer, capacity: length)
         eof = self.sendOffset == self.request.count + 5
@@ -595,9 +593,9 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
 
     package func streamData(_ bytes: UnsafeRawBufferPointer) {
         guard self.localFailure == nil, let stream = self.stream else { return }
-        self.receivedBytes += bytes.count
         do {
             try self.deframer.process(bytes) { message, _ in
+                self.receivedBytes += message.count  // message bytes, as `sentBytes` counts them
                 switch self.delivery {
                 case .single:
                     if self.responseMessage == nil {

@@ -220,9 +220,11 @@ package final class StreamBuffers: @unchecked Sendable {
 
     /// nghttp2's data source: copies framed messages into `buffer`. Returns the bytes written, or
     /// `NGHTTP2_ERR_DEFERRED` when nothing is buffered and the requests are still open (the waker resumes it).
-    package func take(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int {
+    /// `messageBytes` grows by the payload of every message that left completely (what metrics count as sent).
+    package func take(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool, messageBytes: inout Int) -> Int {
         var waiters: [CheckedContinuation<Void, any Error>] = []
         var notifyWritable = false
+        var completedBytes = 0
         let written = self.state.withLock { state -> Int in
             var written = 0
             while written < length && state.outboxHead < state.outbox.count {
@@ -230,6 +232,7 @@ package final class StreamBuffers: @unchecked Sendable {
                 written += MessageFramer.copyFramed(
                     message, offset: &state.headOffset, into: buffer + written, capacity: length - written)
                 if state.headOffset == message.count + 5 {
+                    completedBytes += message.count
                     state.outbox[state.outboxHead] = []
                     state.outboxHead += 1
                     state.headOffset = 0
@@ -250,6 +253,7 @@ package final class StreamBuffers: @unchecked Sendable {
             eof = state.halfClosed && state.outboxBytes == 0
             return written
         }
+        messageBytes += completedBytes
         for waiter in waiters { waiter.resume() }
         if notifyWritable { self.waker.writable() }
         if written == 0 && !eof { return Int(NGHTTP2_ERR_DEFERRED.rawValue) }

@@ -51,6 +51,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     package let target: Target
     private let settings: PoolSettings
     private let connector: any TransportConnector
+    private let resolver: any AddressResolver
     private let bus: LocalEventBus
     private let connectionIDs: ConnectionIDSource
 
@@ -82,9 +83,10 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     package init(
         reactor: Reactor, service: String, target: Target, settings: PoolSettings, connector: any TransportConnector,
-        bus: LocalEventBus, connectionIDs: ConnectionIDSource
+        bus: LocalEventBus, connectionIDs: ConnectionIDSource, resolver: any AddressResolver = SystemResolver()
     ) {
         self.reactor = reactor
+        self.resolver = resolver
         self.service = service
         self.target = target
         self.settings = settings
@@ -267,8 +269,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
     }
 
-    /// getaddrinfo blocks, so it runs on a helper thread and reports back through the inbox. Numeric addresses and
-    /// Unix paths need none.
+    /// A resolver may block (getaddrinfo does), so it runs on a helper thread and reports back through the inbox.
+    /// Numeric addresses and Unix paths need none.
     private func resolve() {
         guard !self.resolving, self.target.numericAddresses == nil, !self.isClosing else { return }
         self.resolving = true
@@ -276,8 +278,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         let target = self.target
         let reactor = self.reactor
         let pool = self
+        let resolver = self.resolver
         spawnDetachedThread {
-            let result = target.resolveBlocking()
+            let result = resolver.resolve(target)
             reactor.execute { pool.resolved(result) }
         }
     }

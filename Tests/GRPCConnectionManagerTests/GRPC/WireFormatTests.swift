@@ -99,6 +99,8 @@ struct MetadataValidationTests {
         var metadata = Metadata()
         metadata.add(name, "value")
         try metadata.validate()
+        #expect(metadata.count == 1)
+        #expect(metadata[name] == "value")
     }
 
     @Test(arguments: ["", "bad name", "colon:", "ümlaut", ":path", "te", "grpc-timeout", "content-type"])
@@ -141,9 +143,17 @@ struct MetadataValidationTests {
 
 @Suite("targets")
 struct TargetParsingTests {
-    @Test(arguments: ["127.0.0.1:50051", "[::1]:443", "localhost:80", "unix:/tmp/x.sock", "unix:///tmp/y.sock"])
-    func parses(_ text: String) throws {
-        _ = try Target(parsing: text)
+    @Test(arguments: [
+        ("127.0.0.1:50051", Target.Kind.hostPort(host: "127.0.0.1", port: 50051)),
+        ("[::1]:443", .hostPort(host: "::1", port: 443)),
+        ("localhost:80", .hostPort(host: "localhost", port: 80)),
+        ("unix:/tmp/x.sock", .unix(path: "/tmp/x.sock")),
+        ("unix:///tmp/y.sock", .unix(path: "/tmp/y.sock")),
+    ])
+    func parses(_ text: String, expected: Target.Kind) throws {
+        let target = try Target(parsing: text)
+        #expect(target.kind == expected)
+        #expect(target.description == (text.hasPrefix("unix://") ? "unix:" + text.dropFirst(7) : text))
     }
 
     @Test(arguments: ["127.0.0.1", "host:", ":80", "[::1]443", "[::1", "h:0", "h:70000", "unix:", "::1:80"])
@@ -156,17 +166,62 @@ struct TargetParsingTests {
         #expect(try Target(parsing: "[::1]:5").authority == "[::1]:5")
     }
 
+    /// Every check `Configuration.validate()` makes, broken one at a time: the error names that field.
     @Test func configurationErrorsNameTheField() {
-        var configuration = Configuration()
-        configuration.maxMessageSize = 0
-        #expect(throws: ConfigurationError(field: "maxMessageSize", message: "must be greater than zero")) {
-            try configuration.validate()
+        let cases: [(String, (inout Configuration) -> Void)] = [
+            ("maxMessageSize", { $0.maxMessageSize = 0 }),
+            ("streamBufferSize", { $0.streamBufferSize = 0 }),
+            ("minConnectTimeout", { $0.minConnectTimeout = .zero }),
+            ("keepAliveTime", { $0.keepAliveTime = .zero }),
+            ("keepAliveTimeout", { $0.keepAliveTimeout = .zero }),
+            ("maxReconnectDelay", { $0.maxReconnectDelay = .zero }),
+            ("reconnectBackoff.initial", { $0.reconnectBackoff.initial = .zero }),
+            ("reconnectBackoff.multiplier", { $0.reconnectBackoff.multiplier = 0.5 }),
+            ("reconnectBackoff.jitter", { $0.reconnectBackoff.jitter = 2 }),
+            ("idleTimeout", { $0.idleTimeout = .seconds(-1) }),
+            ("connectionsPerTarget", { $0.connectionsPerTarget = 0 }),
+            ("maxQueuedCalls", { $0.maxQueuedCalls = 0 }),
+            ("http2.initialStreamWindowSize", { $0.http2.initialStreamWindowSize = 10 }),
+            ("http2.connectionWindowSize", { $0.http2.connectionWindowSize = 10 }),
+            ("http2.maxFrameSize", { $0.http2.maxFrameSize = 1 << 24 }),
+            ("http2.maxHeaderListSize", { $0.http2.maxHeaderListSize = 0 }),
+            ("retry.policy.maxAttempts", { $0.retry.policy.maxAttempts = 11 }),
+            ("retry.policy.initialBackoff", { $0.retry.policy.initialBackoff = .zero }),
+            ("retry.policy.backoffMultiplier", { $0.retry.policy.backoffMultiplier = 0.9 }),
+            ("retry.policy.maxBackoff", { $0.retry.policy.maxBackoff = .milliseconds(1) }),
+            ("retry.policy.perAttemptTimeout", { $0.retry.policy.perAttemptTimeout = .zero }),
+            ("retry.perMethod[/a.B/C].maxAttempts", {
+                var policy = RetryPolicy()
+                policy.maxAttempts = 0
+                $0.retry.perMethod["/a.B/C"] = policy
+            }),
+            ("retry.throttling.maxTokens", { $0.retry.throttling?.maxTokens = 0 }),
+            ("retry.throttling.tokenRatio", { $0.retry.throttling?.tokenRatio = 0 }),
+            ("circuitBreaker.failureThreshold", { $0.circuitBreaker.failureThreshold = 0 }),
+            ("circuitBreaker.successThreshold", { $0.circuitBreaker.successThreshold = 0 }),
+            ("circuitBreaker.timeout", { $0.circuitBreaker.timeout = .zero }),
+            ("circuitBreaker.failureRateThreshold", { $0.circuitBreaker.failureRateThreshold = 1.5 }),
+            ("circuitBreaker.minimumNumberOfCalls", { $0.circuitBreaker.minimumNumberOfCalls = 0 }),
+            ("circuitBreaker.slidingWindow", { $0.circuitBreaker.slidingWindow = .time(seconds: 0) }),
+            ("circuitBreaker.permittedCallsInHalfOpen", { $0.circuitBreaker.permittedCallsInHalfOpen = 0 }),
+            ("tls.certificateChainFile", {
+                var tls = TLSConfiguration()
+                tls.privateKeyFile = "/tmp/key.pem"
+                $0.tls = tls
+            }),
+            ("userAgentPrefix", { $0.userAgentPrefix = "bad\nprefix" }),
+        ]
+        #expect(throws: Never.self) { try Configuration().validate() }
+        for (field, breakIt) in cases {
+            var configuration = Configuration()
+            breakIt(&configuration)
+            #expect(throws: ConfigurationError.self, "\(field)") { try configuration.validate() }
+            do {
+                try configuration.validate()
+            } catch {
+                #expect(error.field == field)
+                #expect(!error.message.isEmpty)
+            }
         }
-        configuration = Configuration()
-        configuration.minConnectTimeout = .zero
-        #expect(throws: ConfigurationError.self) { try configuration.validate() }
-        configuration = Configuration()
-        configuration.http2.initialStreamWindowSize = 10
-        #expect(throws: ConfigurationError.self) { try configuration.validate() }
     }
 }

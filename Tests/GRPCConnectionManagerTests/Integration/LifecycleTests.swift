@@ -340,8 +340,9 @@ struct ConnectionManagerTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
-    @Test("a name that resolves to several addresses gets a subchannel each; calls use the one that is up")
-    func resolvesEveryAddress() async throws {
+    /// (Several addresses per name: `ClaimsTests.usesEveryResolvedAddress`; `localhost` has one here.)
+    @Test("a host name is resolved with getaddrinfo: its address gets a subchannel and the calls")
+    func resolvesHostName() async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
         let channel = try GRPCChannel(target: "localhost:\(fixture.server.port)", eventLoop: fixture.loop)

@@ -181,8 +181,8 @@ struct LoopbackCallTests {
         fixture.shutdown()
     }
 
-    @Test("IPv6 and Unix-domain targets work")
-    func ipv6AndUnix() async throws {
+    @Test("Unix-domain targets work, and a host name reaches a server on the address it resolves to")
+    func unixAndHostName() async throws {
         let loop = try EventLoop()
         loop.start()
         defer { loop.shutdown() }
@@ -191,13 +191,38 @@ struct LoopbackCallTests {
         defer { unixServer.close() }
         let unixChannel = try GRPCChannel(target: "unix:\(path)", eventLoop: loop)
         #expect(await unixChannel.call([7], timeout: .seconds(5)).message == [7])
-        if let v6Server = try? EchoServer(host: "::1", eventLoop: loop) {
-            defer { v6Server.close() }
-            let v6Channel = try GRPCChannel(target: "[::1]:\(v6Server.port)", eventLoop: loop)
-            #expect(await v6Channel.call([6], timeout: .seconds(5)).message == [6])
-        }
-        let named = try GRPCChannel(target: "localhost:\(unixServer.port == 0 ? 1 : unixServer.port)", eventLoop: loop)
-        _ = named
+        let v4Server = try EchoServer(host: "127.0.0.1", eventLoop: loop)
+        defer { v4Server.close() }
+        let named = try GRPCChannel(target: "localhost:\(v4Server.port)", eventLoop: loop)
+        let response = await named.call([5], timeout: .seconds(5))
+        #expect(response.status == .ok)
+        #expect(response.message == [5])
+    }
+
+    /// Whether this machine can listen on `::1` (containers often have no IPv6 loopback).
+    static let ipv6LoopbackAvailable: Bool = {
+        let fd = socket(AF_INET6, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_in6()
+        address.sin6_family = sa_family_t(AF_INET6)
+        address.sin6_addr = in6addr_loopback
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
+        } == 0
+    }()
+
+    @Test("IPv6 targets work", .enabled(if: Self.ipv6LoopbackAvailable, "this machine has no IPv6 loopback (::1)"))
+    func ipv6() async throws {
+        let loop = try EventLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let server = try EchoServer(host: "::1", eventLoop: loop)
+        defer { server.close() }
+        let channel = try GRPCChannel(target: "[::1]:\(server.port)", eventLoop: loop)
+        let response = await channel.call([6], timeout: .seconds(5))
+        #expect(response.status == .ok)
+        #expect(response.message == [6])
     }
 
     @Test("after a GOAWAY, in-flight calls finish and new calls go to a new connection")

@@ -192,7 +192,19 @@ struct TLSTests {
         tls = TLSConfiguration()
         tls.certificateChainFile = "/tmp/only-a-cert.pem"
         configuration.tls = tls
-        #expect(throws: ConfigurationError.self) { try ConnectionManager(configuration: configuration) }
+        #expect {
+            try ConnectionManager(configuration: configuration)
+        } throws: { error in
+            (error as? ConfigurationError)?.field == "tls.certificateChainFile"
+        }
+        tls = TLSConfiguration()
+        tls.serverName = ""
+        configuration.tls = tls
+        #expect {
+            try ConnectionManager(configuration: configuration)
+        } throws: { error in
+            (error as? ConfigurationError)?.field == "tls.serverName"
+        }
     }
 
     @Test("a failed handshake sends its alert: the server hears why (unknown CA), not a bare close")

@@ -151,18 +151,26 @@ struct ReactorTests {
     @Test("a loop run on the caller's thread stops when asked")
     func runsOnCallersThread() async throws {
         let reactor = try Reactor()
-        let ran = Atomic<Bool>(false)
+        let runner = Atomic<UInt>(0)  // pthread_self() of the thread that called run()
+        let ranOn = Atomic<UInt>(0)  // ... and of the thread the closure ran on
         let finished = Atomic<Bool>(false)
         Thread.detachNewThread {
+            runner.store(UInt(pthread_self()), ordering: .releasing)
             reactor.run()
             finished.store(true, ordering: .releasing)
         }
-        while !reactor.execute({ ran.store(true, ordering: .releasing) }) {
+        while !reactor.execute({
+            ranOn.store(UInt(pthread_self()), ordering: .releasing)
+        }) {
             try await Task.sleep(nanoseconds: 1_000_000)
         }
-        while !ran.load(ordering: .acquiring) { try await Task.sleep(nanoseconds: 1_000_000) }
+        #expect(await eventually(timeout: 5) { ranOn.load(ordering: .acquiring) != 0 })
+        let (worker, caller) = (ranOn.load(ordering: .acquiring), runner.load(ordering: .acquiring))
+        #expect(worker == caller, "work runs on run()'s caller")
+        let returnedEarly = finished.load(ordering: .acquiring)
+        #expect(!returnedEarly, "run() returns only when stopped")
         reactor.stopAndWait()
-        #expect(finished.load(ordering: .acquiring) || reactor.isStopping)
+        #expect(await eventually(timeout: 5) { finished.load(ordering: .acquiring) }, "stop makes run() return")
         #expect(!reactor.execute {}, "a stopped reactor refuses work")
     }
 }

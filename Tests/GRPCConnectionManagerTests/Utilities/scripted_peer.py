@@ -16,6 +16,7 @@ mode says otherwise:
   max-header-list N    SETTINGS_MAX_HEADER_LIST_SIZE = N
   refuse N             RST_STREAM REFUSED_STREAM for the first N streams (never processed)
   goaway LAST          once LAST+2 requests are in: GOAWAY(last stream id LAST), answer only streams <= LAST
+  no-ping-ack          answers streams, never answers a PING (a keepalive that times out)
   observe              SETTINGS only; reports what the client sends before it goes
   late-first           holds the answer to stream 1 until another request arrives, then sends it ("stale", OK)
                        before answering the new one (an old attempt's frames arriving during its retry)
@@ -132,7 +133,7 @@ class Connection:
             elif isinstance(frame, GoAwayFrame):
                 event("goaway")
             elif isinstance(frame, PingFrame):
-                if "ACK" not in frame.flags:
+                if "ACK" not in frame.flags and MODE != "no-ping-ack":
                     pong = PingFrame(0)
                     pong.flags.add("ACK")
                     pong.opaque_data = frame.opaque_data
