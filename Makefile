@@ -1,12 +1,17 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is missing first.
 SWIFT ?= swift
 
-.PHONY: deps build test test-unit fuzz sanitizers tsan asan perf-gate demo demo-tls bench bench-bus bench-transport clean
+.PHONY: deps build-deps build test test-unit fuzz sanitizers tsan asan perf-gate demo demo-tls bench bench-bus bench-transport clean
+
+# build-deps: what building and the demo need (Debian packages); deps: that plus what the tests need (python peers,
+# valgrind). See scripts/install-deps.sh.
+build-deps:
+	@bash scripts/install-deps.sh build
 
 deps:
-	@bash scripts/install-deps.sh
+	@bash scripts/install-deps.sh test
 
-build: deps
+build: build-deps
 	$(SWIFT) build
 
 # Everything CI runs: the test suite, the fuzzers, the suite again under ThreadSanitizer and AddressSanitizer, then

@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# Installs what the build and the tests need, only when it is missing:
-#   Debian: libnghttp2-dev libssl-dev pkg-config (HTTP/2 and TLS, linked as system libraries)
-#   PyPI:   grpcio grpcio-health-checking (the reference gRPC implementation the tests run as a peer), h2 (the
-#           scripted misbehaving HTTP/2 peers)
+# Installs what is missing, and only that.
+#
+#   scripts/install-deps.sh build   what building and running the package needs (make build, demo, demo-tls):
+#                                   Debian libnghttp2-dev libssl-dev pkg-config (HTTP/2 and TLS, linked as system
+#                                   libraries; at run time only libnghttp2-14 and libssl3 are used) and openssl
+#                                   (the certificates of make demo-tls)
+#   scripts/install-deps.sh test    that, plus what the tests need (make test): Debian valgrind (the
+#                                   instruction-count gate) and python3 with pip; PyPI grpcio and
+#                                   grpcio-health-checking (the reference peer), h2 (the scripted HTTP/2 peers)
 set -euo pipefail
 
+what="${1:-test}"
+packages=(libnghttp2-dev libssl-dev pkg-config openssl)  # openssl: the certificates of make demo-tls
+if [ "$what" = "test" ]; then
+    packages+=(valgrind python3)
+    # pip itself: a minimal Debian has python3 without it.
+    python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
+fi
+
 missing=()
-# openssl (the CLI) makes the certificates of the TLS tests and the TLS demo; valgrind counts instructions for the
-# performance gate (make perf-gate).
-for pkg in libnghttp2-dev libssl-dev pkg-config openssl valgrind; do
+for pkg in "${packages[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -19,9 +30,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# h2 (hyperframe, hpack) crafts the frames of the scripted misbehaving HTTP/2 peers of the tests.
+[ "$what" = "test" ] || exit 0
+
 if ! python3 -c 'import grpc, grpc_health.v1.health, h2' >/dev/null 2>&1; then
     echo "install-deps: pip install grpcio grpcio-health-checking h2"
+    # Debian's python3 refuses a plain pip install (PEP 668) unless told that is intended.
     python3 -m pip install -q grpcio grpcio-health-checking h2 2>/dev/null \
         || python3 -m pip install -q --break-system-packages grpcio grpcio-health-checking h2
 fi

@@ -11,6 +11,9 @@ package struct HandlerSettings: Sendable {
     package var circuitBreaker: CircuitBreakerConfiguration?
     /// nil: no retries by policy.
     package var retry: RetrySettings?
+    /// Connections per state, shared by the metrics handlers of every loop of one manager or channel (each loop
+    /// sees only its own connections; the gauges show the sum).
+    package let connectionCounts = ConnectionStateCounts()
 
     package init(logging: Bool, metrics: Bool, circuitBreaker: CircuitBreakerConfiguration?, retry: RetrySettings?) {
         self.logging = logging
@@ -43,7 +46,9 @@ package final class CallPipeline: @unchecked Sendable {
     package init(settings: HandlerSettings, bus: LocalEventBus, logger: Logger, metricsFactory: any MetricsFactory) {
         // Subscription order is dispatch order: the outer handlers see each event first.
         self.logging = settings.logging ? LoggingHandler(logger: logger, bus: bus) : nil
-        self.metrics = settings.metrics ? MetricsHandler(factory: metricsFactory, bus: bus) : nil
+        self.metrics = settings.metrics ? MetricsHandler(
+                factory: metricsFactory, bus: bus, breaker: settings.circuitBreaker != nil, retry: settings.retry != nil,
+                connectionCounts: settings.connectionCounts) : nil
         self.breaker = settings.circuitBreaker.map { CircuitBreakerHandler(configuration: $0, bus: bus) }
         self.retry = settings.retry.map { RetryHandler(configuration: $0) }
     }

@@ -3,9 +3,11 @@ import GRPCCMReactor
 import GRPCCMWire
 import Logging
 
-/// Structured logs through the user's `Logger` (swift-log), from the bus: call start and finish at debug, state
-/// changes and breaker transitions at info, retries, connect failures and keepalive timeouts at warning. Nothing
-/// is logged per call at info or above on the success path. Reactor thread only.
+/// Structured logs through the user's `Logger` (swift-log), from the bus. A library logs for the operator who asks:
+/// calls, retries, connection attempts and failures, state changes, keepalive timeouts and GOAWAYs at debug (an
+/// outage must not flood the application's logs with one record per retry or reconnect); attempts at trace; only
+/// circuit breaker transitions at info (rare, and a change in what callers see), and a server's
+/// GOAWAY too_many_pings at warning (a configuration the operator has to fix). Reactor thread only.
 /// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
 /// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
 /// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.
@@ -56,7 +58,8 @@ package final class LoggingHandler: @unchecked Sendable {
                     "grpc.code": "\(status.code)",
                 ])
         case .retryScheduled(let service, let path, let attempt, let delay, let status):
-            self.logger.warning(
+            guard self.debugEnabled else { return }
+            self.logger.debug(
                 "retrying call",
                 metadata: [
                     "grpc.service": "\(service)", "grpc.method": "\(path)", "grpc.attempt": "\(attempt)",
@@ -64,21 +67,24 @@ package final class LoggingHandler: @unchecked Sendable {
                     "grpc.message": "\(status.message)",
                 ])
         case .connectivityStateChanged(let service, let id, let from, let to, let reason):
-            self.logger.info(
+            guard self.debugEnabled else { return }
+            self.logger.debug(
                 "connectivity state changed",
                 metadata: [
                     "grpc.service": "\(service)", "grpc.connection_id": "\(id)", "grpc.state.old": "\(from)",
                     "grpc.state.new": "\(to)", "grpc.reason": "\(reason?.message ?? "")",
                 ])
         case .connectAttemptFailed(let service, let id, let address, let error, let backoff):
-            self.logger.warning(
+            guard self.debugEnabled else { return }
+            self.logger.debug(
                 "connect attempt failed",
                 metadata: [
                     "grpc.service": "\(service)", "grpc.connection_id": "\(id)", "grpc.address": "\(address)",
                     "grpc.error": "\(error.message)", "grpc.backoff_ms": "\(Double(backoff.nanoseconds) / 1e6)",
                 ])
         case .keepaliveTimeout(let service, let id):
-            self.logger.warning(
+            guard self.debugEnabled else { return }
+            self.logger.debug(
                 "keepalive timeout: connection closed",
                 metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)"])
         case .goAwayReceived(let service, let id, let code, let debug, let tooManyPings):
@@ -86,8 +92,8 @@ package final class LoggingHandler: @unchecked Sendable {
                 self.logger.warning(
                     "server sent GOAWAY too_many_pings: keepalive time doubled for new connections",
                     metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)"])
-            } else {
-                self.logger.info(
+            } else if self.debugEnabled {
+                self.logger.debug(
                     "GOAWAY received",
                     metadata: [
                         "grpc.service": "\(service)", "grpc.connection_id": "\(id)",

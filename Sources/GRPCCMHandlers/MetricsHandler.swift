@@ -3,15 +3,23 @@ import GRPCCMReactor
 import GRPCCMWire
 import CoreMetrics
 
-/// Metrics through swift-metrics, from the bus. The six metrics of the Go original, with its names, labels and
-/// state encodings, plus attempts per call, connect attempts and failures, keepalive timeouts, GOAWAYs and bytes.
+/// Metrics through swift-metrics, from the bus. The six metrics of the Go original, with its names and labels, plus
+/// attempts per call, connect attempts and failures, keepalive timeouts, GOAWAYs and bytes.
+///
+/// Every series a call touches exists from the first call of its method: the retry counter at 0 and the breaker
+/// gauge at 0 (closed) when those handlers are on, so that a dashboard or an alert sees them before anything fails.
+///
+/// Departure from the Go original: `grpc_client_connection_state{state=…}` holds how many of the service's
+/// connections are in that state now (IDLE, CONNECTING, READY, TRANSIENT_FAILURE), one series per state, all four
+/// from the service's first state change. The Go original set the series of the state last entered to the state's
+/// number (0 to 4) and never cleared the others, which nobody can alert on.
 ///
 /// | name | type | labels |
 /// | --- | --- | --- |
 /// | grpc_client_requests_total | counter | service, method, code |
 /// | grpc_client_request_duration_seconds | histogram (timer) | service, method |
 /// | grpc_client_connections_active | gauge | service |
-/// | grpc_client_connection_state | gauge (0 IDLE … 4 SHUTDOWN) | service, state |
+/// | grpc_client_connection_state | gauge (connections in the state now) | service, state |
 /// | grpc_client_retries_total | counter | service, method |
 /// | grpc_client_circuit_breaker_state | gauge (0 closed, 1 open, 2 half-open) | service, method |
 /// | grpc_client_attempts_per_call | histogram (recorder) | service, method |
@@ -30,6 +38,9 @@ package final class MetricsHandler: @unchecked Sendable {
     package static let requestDurationLabel = "grpc_client_request_duration_seconds"
 
     private let factory: any MetricsFactory
+    /// Whether the breaker and retry handlers run: their series are made at 0 on a method's first call.
+    private let breakerEnabled: Bool
+    private let retryEnabled: Bool
     @exclusivity(unchecked)
     private var counters: [String: CoreMetrics.Counter] = [:]
     @exclusivity(unchecked)
@@ -38,8 +49,10 @@ package final class MetricsHandler: @unchecked Sendable {
     private var recorders: [String: Recorder] = [:]
     @exclusivity(unchecked)
     private var gauges: [String: Gauge] = [:]
+    /// Breaker states reported per label key, so a method's first call does not reset a state already recorded.
     @exclusivity(unchecked)
-    private var readyConnections: [String: Int] = [:]
+    private var breakerStates: [String: Int] = [:]
+    private let connectionCounts: ConnectionStateCounts
     /// The per-call metrics of each service and method, found without building label keys on every call.
     @exclusivity(unchecked)
     private var calls = HotKeyTable<CallKey, CallMetrics>()
@@ -58,8 +71,11 @@ package final class MetricsHandler: @unchecked Sendable {
         var requests: [CoreMetrics.Counter?] = Array(repeating: nil, count: 17)
     }
 
-    init(factory: any MetricsFactory, bus: LocalEventBus) {
+    init(factory: any MetricsFactory, bus: LocalEventBus, breaker: Bool, retry: Bool, connectionCounts: ConnectionStateCounts) {
+        self.connectionCounts = connectionCounts
         self.factory = factory
+        self.breakerEnabled = breaker
+        self.retryEnabled = retry
         bus.subscribe(callEvents: true) { event in self.record(event) }  // held by the bus: see CallPipeline
     }
 
@@ -91,10 +107,30 @@ package final class MetricsHandler: @unchecked Sendable {
             self.recorders[recorderKey]
             ?? Recorder(label: "grpc_client_attempts_per_call", dimensions: dimensions, aggregate: true, factory: self.factory)
         self.recorders[recorderKey] = recorder
+        if self.retryEnabled { _ = self.counter("grpc_client_retries_total", dimensions) }
+        if self.breakerEnabled {
+            let breaker = self.gauge("grpc_client_circuit_breaker_state", dimensions)
+            // Closed, unless the breaker already reported a state for this method (its first failure came first).
+            if self.breakerStates[Self.key("grpc_client_circuit_breaker_state", dimensions)] == nil {
+                breaker.record(CircuitBreakerState.closed.rawValue)
+            }
+        }
         return CallMetrics(
             duration: timer, attempts: recorder,
             sentBytes: self.counter("grpc_client_sent_bytes_total", [("service", service)]),
             receivedBytes: self.counter("grpc_client_received_bytes_total", [("service", service)]))
+    }
+
+    /// One connection left `from` for `to`: both states' series change by one. A connection is first seen leaving
+    /// IDLE (subchannels start there without an event), so a state never goes below zero; SHUTDOWN is not a state a
+    /// connection stays in, so it has no series.
+    private func connectionMoved(service: String, from: ConnectivityState, to: ConnectivityState) {
+        let (counts, firstSight) = self.connectionCounts.move(service: service, from: from, to: to)
+        for (index, state) in ConnectionStateCounts.states.enumerated() where firstSight || state == from || state == to {
+            self.gauge("grpc_client_connection_state", [("service", service), ("state", state.description)])
+                .record(counts[index])
+        }
+        self.gauge("grpc_client_connections_active", [("service", service)]).record(counts[2])
     }
 
     private static func key(_ label: String, _ dimensions: [(String, String)]) -> String {
@@ -126,16 +162,11 @@ package final class MetricsHandler: @unchecked Sendable {
         case .retryScheduled(let service, let path, _, _, _):
             self.counter("grpc_client_retries_total", [("service", service), ("method", path)]).increment()
         case .connectivityStateChanged(let service, _, let from, let to, _):
-            // The Go original's encoding: the gauge labelled with the state name holds the state's number.
-            self.gauge("grpc_client_connection_state", [("service", service), ("state", to.description)])
-                .record(to.rawValue)
-            var ready = self.readyConnections[service, default: 0]
-            if to == .ready { ready += 1 }
-            if from == .ready { ready = max(0, ready - 1) }
-            self.readyConnections[service] = ready
-            self.gauge("grpc_client_connections_active", [("service", service)]).record(ready)
+            self.connectionMoved(service: service, from: from, to: to)
         case .circuitBreakerStateChanged(let service, let path, _, let to):
-            self.gauge("grpc_client_circuit_breaker_state", [("service", service), ("method", path)]).record(to.rawValue)
+            let dimensions = [("service", service), ("method", path)]
+            self.breakerStates[Self.key("grpc_client_circuit_breaker_state", dimensions)] = to.rawValue
+            self.gauge("grpc_client_circuit_breaker_state", dimensions).record(to.rawValue)
         case .connectAttemptStarted(let service, _, _):
             self.counter("grpc_client_connect_attempts_total", [("service", service)]).increment()
         case .connectAttemptFailed(let service, _, _, _, _):
@@ -147,6 +178,29 @@ package final class MetricsHandler: @unchecked Sendable {
                 .increment()
         case .callStarted, .attemptFinished, .connectAttemptSucceeded:
             break
+        }
+    }
+}
+
+/// How many connections of each service are in each live state, across every loop of a manager. A connection is
+/// first seen leaving IDLE (subchannels start there without an event), so a count never goes below zero; SHUTDOWN is
+/// not a state a connection stays in, so it is not counted. Connection state changes are rare: a lock is cheap here.
+package final class ConnectionStateCounts: Sendable {
+    static let states: [ConnectivityState] = [.idle, .connecting, .ready, .transientFailure]
+    private let counts = PThreadLock<[String: [Int]]>([:])
+
+    package init() {}
+
+    /// Moves one connection of `service`; returns the counts after the move (in `states` order) and whether this
+    /// was the service's first move.
+    func move(service: String, from: ConnectivityState, to: ConnectivityState) -> ([Int], Bool) {
+        self.counts.withLock { all in
+            let firstSight = all[service] == nil
+            var counts = all[service] ?? Array(repeating: 0, count: Self.states.count)
+            if let index = Self.states.firstIndex(of: from) { counts[index] = max(0, counts[index] - 1) }
+            if let index = Self.states.firstIndex(of: to) { counts[index] += 1 }
+            all[service] = counts
+            return (counts, firstSight)
         }
     }
 }

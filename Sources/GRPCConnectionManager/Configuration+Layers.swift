@@ -30,9 +30,11 @@ extension Configuration {
             resolveRetryDelay: self.maxReconnectDelay)
     }
 
-    var handlerSettings: HandlerSettings {
+    /// A factory handed to the manager or channel is a request for metrics: it records whatever `enableMetrics`
+    /// says (the flag chooses only whether the global `MetricsSystem.factory` gets them).
+    func handlerSettings(metricsFactoryPassed: Bool) -> HandlerSettings {
         HandlerSettings(
-            logging: self.enableLogging, metrics: self.enableMetrics,
+            logging: self.enableLogging, metrics: self.enableMetrics || metricsFactoryPassed,
             circuitBreaker: self.enableCircuitBreaker ? self.circuitBreaker : nil,
             retry: self.enableRetry ? self.retry : nil)
     }

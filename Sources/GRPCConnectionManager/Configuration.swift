@@ -58,7 +58,9 @@ public struct Configuration: Sendable, Hashable {
     /// Log calls (debug), state and breaker changes (info), retries and connect failures (warning) to the
     /// manager's `Logger`. Default true.
     public var enableLogging: Bool = true
-    /// Record metrics through the manager's `MetricsFactory`. Default false (the Go original's).
+    /// Record metrics through the application's `MetricsSystem.factory`. Default false (the Go original's). A
+    /// factory passed to `ConnectionManager(metricsFactory:)` or `GRPCChannel(metricsFactory:)` records whatever
+    /// this says.
     public var enableMetrics: Bool = false
     /// Retry failed calls with `retry`. Default true.
     public var enableRetry: Bool = true

@@ -97,11 +97,13 @@ public final class ConnectionManager: Sendable {
         self.events = bus
         let factory = metricsFactory ?? MetricsSystem.factory
         self.metricsFactory = factory
+        // One value for every loop: its connection counts are shared (see `ConnectionStateCounts`).
+        let handlerSettings = configuration.handlerSettings(metricsFactoryPassed: metricsFactory != nil)
         self.loops = reactors.map { reactor in
             LoopContext(
                 reactor: reactor, bus: bus.local(for: reactor),
                 pipeline: CallPipeline(
-                    settings: configuration.handlerSettings, bus: bus.local(for: reactor), logger: logger,
+                    settings: handlerSettings, bus: bus.local(for: reactor), logger: logger,
                     metricsFactory: factory))
         }
         self.pipeline = self.loops[0].pipeline

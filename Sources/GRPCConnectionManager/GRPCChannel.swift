@@ -82,11 +82,13 @@ public final class GRPCChannel: Sendable {
         let parsed = try Target(parsing: target)
         let bus = EventBus(reactors: loops)
         let factory = metricsFactory ?? MetricsSystem.factory
+        // One value for every loop: its connection counts are shared (see `ConnectionStateCounts`).
+        let handlerSettings = configuration.handlerSettings(metricsFactoryPassed: metricsFactory != nil)
         let contexts = loops.map { reactor in
             LoopContext(
                 reactor: reactor, bus: bus.local(for: reactor),
                 pipeline: CallPipeline(
-                    settings: configuration.handlerSettings, bus: bus.local(for: reactor), logger: logger,
+                    settings: handlerSettings, bus: bus.local(for: reactor), logger: logger,
                     metricsFactory: factory))
         }
         try self.init(

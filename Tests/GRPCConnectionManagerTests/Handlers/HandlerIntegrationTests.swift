@@ -207,11 +207,63 @@ struct HandlerIntegrationTests {
         #expect(series[#"grpc_client_request_duration_seconds_count{\#(get)}"#] == 7)
         #expect(series[#"grpc_client_request_duration_seconds_bucket{\#(get),le="10.0"}"#] == 7)
         #expect(series[#"grpc_client_connections_active{service="echo"}"#] == 1)
-        #expect(series[#"grpc_client_connection_state{service="echo",state="READY"}"#] == 2)
+        #expect(series[#"grpc_client_connection_state{service="echo",state="READY"}"#] == 1)
         #expect(series[#"grpc_client_connect_attempts_total{service="echo"}"#] == 1)
         // Message bytes over every attempt: 3 calls of 3 bytes, then 1 + 2 + 3 + 3 single bytes.
         let sentBytes: Double = 18
         #expect(series[#"grpc_client_sent_bytes_total{service="echo"}"#] == sentBytes)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("metrics: a passed factory records; every series exists from the first call; states count connections")
+    func metricsFromTheFirstCall() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let prometheus = PrometheusMetrics()
+        // enableMetrics left at its default: the factory passed here is the request.
+        let manager = try ConnectionManager(metricsFactory: prometheus, eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        let get = #"service="echo",method="/echo.Echo/Get""#
+        var series: [String: Double] = [:]
+        #expect(await eventually {
+            series = Self.parse(manager.metricsText() ?? "")
+            return series[#"grpc_client_requests_total{\#(get),code="OK"}"#] == 1
+        })
+        #expect(series[#"grpc_client_retries_total{\#(get)}"#] == 0, "retries exist at 0 before any retry")
+        #expect(series[#"grpc_client_circuit_breaker_state{\#(get)}"#] == 0, "the breaker exists, closed")
+        // One connection, READY: one series per state, each holding how many connections are in it.
+        let states = ["IDLE": 0.0, "CONNECTING": 0, "READY": 1, "TRANSIENT_FAILURE": 0]
+        for (state, count) in states {
+            #expect(series[#"grpc_client_connection_state{service="echo",state="\#(state)"}"#] == count, "\(state)")
+        }
+        #expect(series[#"grpc_client_connections_active{service="echo"}"#] == 1)
+        // A loopback call takes well under a millisecond: the buckets go below 100 µs to show it.
+        let bounds = series.keys.compactMap { key -> Double? in
+            let prefix = #"grpc_client_request_duration_seconds_bucket{\#(get),le=""#
+            guard key.hasPrefix(prefix) else { return nil }
+            return Double(key.dropFirst(prefix.count).dropLast(2))
+        }
+        #expect(bounds.filter { $0 <= 0.0001 }.count >= 3, "buckets up to 100 µs: \(bounds.sorted())")
+        // The server goes away: READY drops to 0 and the connection is counted where it is now.
+        fixture.server.close()
+        #expect(await eventually {
+            series = Self.parse(manager.metricsText() ?? "")
+            return series[#"grpc_client_connection_state{service="echo",state="READY"}"#] == 0
+        })
+        let live = states.keys.map { series[#"grpc_client_connection_state{service="echo",state="\#($0)"}"#] ?? -1 }
+        #expect(live.reduce(0, +) == 1, "the one connection is in exactly one state: \(live)")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("metrics: no factory passed and enableMetrics off records nothing")
+    func noMetricsWithoutAsking() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        #expect(manager.pipeline.metrics == nil)
         await manager.close(gracePeriod: .seconds(1))
     }
 
@@ -225,7 +277,7 @@ struct HandlerIntegrationTests {
         return result
     }
 
-    @Test("logging: debug call records with metadata, warnings for retries, nothing at info per successful call")
+    @Test("logging: call records and retries at debug with metadata; nothing at info or above for calls and retries")
     func logging() async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
@@ -246,10 +298,10 @@ struct HandlerIntegrationTests {
         #expect(finished.first?.metadata["grpc.target"] == "\(fixture.target)")
         #expect(finished.first?.metadata["grpc.attempts"] == "1")
         #expect(finished.first?.metadata["grpc.duration_ms"] != nil)
-        #expect(entries.contains { $0.message.description == "retrying call" && $0.level == .warning })
-        #expect(entries.contains { $0.message.description == "connectivity state changed" && $0.level == .info })
-        let perCallInfo = entries.filter { $0.level >= .info && $0.message.description.hasPrefix("call") }
-        #expect(perCallInfo.isEmpty)
+        #expect(entries.contains { $0.message.description == "retrying call" && $0.level == .debug })
+        #expect(entries.contains { $0.message.description == "connectivity state changed" && $0.level == .debug })
+        // A library speaks at info or above only for what an operator acts on: here, nothing.
+        #expect(entries.filter { $0.level >= .info }.isEmpty, "\(entries.filter { $0.level >= .info })")
         await logged.close(gracePeriod: .seconds(1))
         await manager.close(gracePeriod: .seconds(1))
     }
