@@ -13,6 +13,9 @@ let package = Package(
     products: [
         .library(name: "GRPCConnectionManager", targets: ["GRPCConnectionManager"]),
         .library(name: "GRPCConnectionManagerPrometheus", targets: ["GRPCConnectionManagerPrometheus"]),
+        // The manager as a swift-service-lifecycle Service, for a ServiceGroup. Its own product: the core does not
+        // depend on ServiceLifecycle.
+        .library(name: "GRPCConnectionManagerServiceLifecycle", targets: ["GRPCConnectionManagerServiceLifecycle"]),
         .library(name: "GRPCEchoServer", targets: ["GRPCEchoServer"]),
         // grpc-swift-2 generated clients over this package's connections. A product of its own, so that users who
         // don't use GRPCCore never build it.
@@ -28,6 +31,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         // Only for GRPCConnectionManagerTransport, its example and tests.
         .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
@@ -78,6 +82,14 @@ let package = Package(
             swiftSettings: strictSwift
         ),
         // Prometheus exposition with swift-prometheus, kept out of the core library so that it builds lean.
+        .target(
+            name: "GRPCConnectionManagerServiceLifecycle",
+            dependencies: [
+                "GRPCConnectionManager",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strictSwift
+        ),
         .target(
             name: "GRPCConnectionManagerPrometheus",
             dependencies: [
@@ -161,8 +173,9 @@ let package = Package(
             name: "GRPCConnectionManagerTests",
             dependencies: [
                 "GRPCConnectionManager", "GRPCEchoServer", "CReactor", "GRPCConnectionManagerPrometheus",
-                "GRPCConnectionManagerTransport", "EchoProto",
+                "GRPCConnectionManagerTransport", "EchoProto", "GRPCConnectionManagerServiceLifecycle",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
             ],
             swiftSettings: strictSwift

@@ -13,6 +13,11 @@ natively in another process (pinned to CPU 0; its instructions are not counted).
   Perf/gate.py [--update] [--small 2000] [--large 12000] [--tolerance 0.05]
 
 --update rewrites the baseline with today's figures (commit it with the change that earned it).
+
+  Perf/gate.py --report --scenarios b-64-in-flight --extra "--loops 2 --connections 2"
+
+--extra passes more options to grpc-cm-perf (a group of loops, user timers and fds on the loop, ...); with --report
+the figures are printed and nothing is compared: how Perf/RESULTS.md measures what such a setting costs per call.
 """
 import argparse, json, os, shutil, socket, subprocess, sys, time
 
@@ -35,10 +40,11 @@ def pinned(cpu, cmd):
     return cmd
 
 
-def instructions(binary, port, concurrency, calls):
+def instructions(binary, port, concurrency, calls, extra=()):
     r = subprocess.run(
         pinned(1, ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", binary,
-                   "--target", f"127.0.0.1:{port}", "--concurrency", str(concurrency), "--requests", str(calls)]),
+                   "--target", f"127.0.0.1:{port}", "--concurrency", str(concurrency), "--requests", str(calls),
+                   *extra]),
         capture_output=True, text=True, timeout=600)
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
     if r.returncode != 0 or not lines or "Collected :" not in r.stderr:
@@ -55,7 +61,12 @@ def main():
     ap.add_argument("--small", type=int, default=2000)
     ap.add_argument("--large", type=int, default=12000)
     ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--scenarios", default=",".join(name for name, _ in SCENARIOS), help="comma-separated names")
+    ap.add_argument("--extra", default="", help="more grpc-cm-perf options, e.g. \"--loops 2 --connections 2\"")
+    ap.add_argument("--report", action="store_true", help="print the figures; compare nothing")
     args = ap.parse_args()
+    chosen = args.scenarios.split(",")
+    extra = args.extra.split()
 
     if not shutil.which("valgrind"):
         raise SystemExit("perf-gate: valgrind is missing (scripts/install-deps.sh installs it)")
@@ -81,12 +92,19 @@ def main():
                 time.sleep(0.1)
         measured = {}
         for name, concurrency in SCENARIOS:
-            small = instructions(binary, port, concurrency, args.small)
-            large = instructions(binary, port, concurrency, args.large)
+            if name not in chosen:
+                continue
+            small = instructions(binary, port, concurrency, args.small, extra)
+            large = instructions(binary, port, concurrency, args.large, extra)
             measured[name] = round((large - small) / (args.large - args.small))
     finally:
         server.kill()
         server.wait()
+
+    if args.report:
+        for name, value in measured.items():
+            print(f"perf-gate: {name} {' '.join(extra)}: {value} instructions per call")
+        return
 
     if args.update:
         with open(BASELINE, "w") as f:

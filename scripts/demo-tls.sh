@@ -42,8 +42,8 @@ step "a name the certificate does not carry" "grpc-cm call --cacert ca.pem --ser
 run "$BIN call --cacert $DIR/ca.pem --servername other.example localhost:$PORT /demo.Echo/Say"
 step "--insecure skips verification (only when asked)" "grpc-cm call --insecure localhost:$PORT /demo.Echo/Say --data-hex 6f6b --hex"
 run "$BIN call --insecure localhost:$PORT /demo.Echo/Say --data-hex 6f6b --hex"
-step "health over TLS" "grpc-cm health --cacert ca.pem localhost:$PORT"
-run "$BIN health --cacert $DIR/ca.pem localhost:$PORT"
+step "health over TLS, as grpc_health_probe" "grpc-cm health -addr=localhost:$PORT -tls -tls-ca-cert=ca.pem"
+run "$BIN health -addr=localhost:$PORT -tls -tls-ca-cert=$DIR/ca.pem"
 step "the TLS example (the Go original's): all features on, the health map" "tls-example localhost:$PORT ca.pem"
 run "$EXAMPLE localhost:$PORT $DIR/ca.pem"
 stop_server

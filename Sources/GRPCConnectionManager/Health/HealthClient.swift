@@ -63,12 +63,15 @@ extension GRPCChannel {
         case ended(Status)
     }
 
-    /// Calls `grpc.health.v1.Health/Check` for `healthServiceName` ("" = the whole server).
+    /// Calls `grpc.health.v1.Health/Check` for `healthServiceName` ("" = the whole server), with `metadata` (an
+    /// authorization header, say).
     /// - Throws: `RPCError` with the call's status when it is not OK, or INTERNAL for an unreadable answer.
-    public func checkHealth(_ healthServiceName: String = "", timeout: Duration = .seconds(5)) async throws -> HealthStatus {
+    public func checkHealth(
+        _ healthServiceName: String = "", metadata: Metadata = [:], timeout: Duration = .seconds(5)
+    ) async throws -> HealthStatus {
         let response = await self.unary(
             path: HealthProto.checkPath, request: HealthProto.encodeRequest(service: healthServiceName),
-            options: CallOptions(timeout: timeout))
+            metadata: metadata, options: CallOptions(timeout: timeout))
         guard response.status.isOK else { throw RPCError(status: response.status, trailers: response.trailingMetadata) }
         guard let status = HealthProto.decodeResponse(response.message) else {
             throw RPCError(status: Status(code: .internal, message: "malformed HealthCheckResponse"))

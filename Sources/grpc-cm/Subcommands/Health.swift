@@ -1,70 +1,228 @@
 import ArgumentParser
 import GRPCConnectionManager
+import Synchronization
 
-/// `grpc-cm health`: grpc_health_probe's job and exit codes (0 serving, 1 bad arguments, 2 connection failure,
-/// 3 RPC failure, 4 not serving).
+/// `grpc-cm health`: a drop-in for grpc_health_probe in a Kubernetes exec probe. Its flags (single dash, Go
+/// durations), its defaults (plaintext unless `-tls`; 1 s to connect, then 1 s for the RPC), its messages and its
+/// exit codes: 0 serving, 1 bad arguments, 2 connection failure, 3 RPC failure, 4 not serving.
 struct Health: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Check a server's health (grpc.health.v1.Health/Check), with grpc_health_probe's exit codes.",
+        abstract: "Check a server's health (grpc.health.v1.Health/Check) with grpc_health_probe's flags and exit codes.",
         discussion: """
-            Exit status: 0 SERVING, 1 bad flags or arguments, 2 connection failure, 3 RPC failure \
-            (e.g. NOT_FOUND for an unknown service, UNIMPLEMENTED, DEADLINE_EXCEEDED), 4 not serving.
+            grpc-cm health -addr=localhost:5000 [-service=NAME] [-connect-timeout=1s] [-rpc-timeout=1s] [-tls ...]
+
+            Exit status: 0 SERVING, 1 bad flags or arguments, 2 connection failure (including the connect \
+            timeout), 3 RPC failure (e.g. NOT_FOUND for an unknown service, UNIMPLEMENTED, DEADLINE_EXCEEDED), \
+            4 not serving. An address without a host (":5000") means localhost, as in grpc_health_probe.
             """
     )
 
-    @Argument(help: "host:port, [v6]:port or unix:/path")
-    var target: String
+    @Option(name: .customLong("addr", withSingleDash: true), help: "Address of the server: host:port, [v6]:port, :port or unix:/path.")
+    var addr: String?
 
-    @Option(help: "The service to ask about (default: the whole server).")
+    @Argument(help: .hidden)
+    var positionalAddress: String?
+
+    @Option(name: .customLong("service", withSingleDash: true), help: "The service to ask about (default: the whole server).")
     var service: String = ""
 
-    @Option(name: .customLong("max-time"), help: "Deadline of the check in seconds.")
-    var maxTime: Double = 1
+    @Option(name: .customLong("connect-timeout", withSingleDash: true), help: "Time to connect, as a Go duration (1s, 250ms).")
+    var connectTimeout: String = "1s"
 
-    @Option(name: .customLong("connect-timeout"), help: "Bound on the connection attempt in seconds.")
-    var connectTimeout: Double = 1
+    @Option(name: .customLong("rpc-timeout", withSingleDash: true), help: "Time for the health RPC once connected (Go duration).")
+    var rpcTimeout: String = "1s"
 
-    @OptionGroup(title: "Transport security")
-    var security: TLSOptions
+    @Option(name: .customLong("user-agent", withSingleDash: true), help: "User-Agent prefix of the request.")
+    var userAgent: String = "grpc_health_probe"
+
+    @Option(name: .customLong("rpc-header", withSingleDash: true), help: "Extra request metadata 'name: value' (repeatable).")
+    var rpcHeaders: [String] = []
+
+    @Flag(name: .customLong("tls", withSingleDash: true), help: "Use TLS (default: plaintext h2c).")
+    var tls = false
+
+    @Option(name: .customLong("tls-ca-cert", withSingleDash: true), help: "PEM file of CA certificates to trust instead of the system store.")
+    var tlsCACert: String?
+
+    @Option(name: .customLong("tls-client-cert", withSingleDash: true), help: "PEM file of the client certificate chain (mutual TLS).")
+    var tlsClientCert: String?
+
+    @Option(name: .customLong("tls-client-key", withSingleDash: true), help: "PEM file of the client private key (mutual TLS).")
+    var tlsClientKey: String?
+
+    @Flag(name: .customLong("tls-no-verify", withSingleDash: true), help: "Do not verify the server's certificate.")
+    var tlsNoVerify = false
+
+    @Option(name: .customLong("tls-server-name", withSingleDash: true), help: "Name for SNI and verification (default: the address's host).")
+    var tlsServerName: String?
+
+    @Flag(name: .customShort("v"), help: "Verbose: print the connection and RPC timings.")
+    var verbose = false
+
+    /// The address to dial: `-addr`, or the positional argument (grpc-cm's earlier form); `:port` means localhost.
+    var target: String? {
+        guard let address = self.addr ?? self.positionalAddress else { return nil }
+        return address.hasPrefix(":") ? "localhost" + address : address
+    }
 
     func validate() throws {
-        if !(self.maxTime > 0) { throw ValidationError("--max-time must be > 0") }
-        if !(self.connectTimeout > 0) { throw ValidationError("--connect-timeout must be > 0") }
+        if self.target == nil { throw ValidationError("-addr not specified") }
+        if self.addr != nil && self.positionalAddress != nil { throw ValidationError("give the address once, with -addr") }
+        guard let connect = GoDuration.parse(self.connectTimeout), connect > .zero else {
+            throw ValidationError("-connect-timeout must be a positive duration such as 1s or 250ms, not \"\(self.connectTimeout)\"")
+        }
+        _ = connect
+        guard let rpc = GoDuration.parse(self.rpcTimeout), rpc > .zero else {
+            throw ValidationError("-rpc-timeout must be a positive duration such as 1s or 250ms, not \"\(self.rpcTimeout)\"")
+        }
+        _ = rpc
+        if !self.tls && (self.tlsCACert != nil || self.tlsClientCert != nil || self.tlsClientKey != nil || self.tlsNoVerify
+            || self.tlsServerName != nil)
+        {
+            throw ValidationError("specified -tls-* flags without -tls")
+        }
+        if (self.tlsClientCert == nil) != (self.tlsClientKey == nil) {
+            throw ValidationError("-tls-client-cert and -tls-client-key go together")
+        }
+        for header in self.rpcHeaders where Self.header(header) == nil {
+            throw ValidationError("-rpc-header \"\(header)\": expected 'name: value'")
+        }
+    }
+
+    static func header(_ text: String) -> (String, String)? {
+        guard let colon = text.firstIndex(of: ":") else { return nil }
+        let name = trimmed(text[..<colon]).lowercased()
+        let value = trimmed(text[text.index(after: colon)...])
+        return name.isEmpty ? nil : (name, value)
     }
 
     func run() async throws {
+        let target = self.target!
+        let connectTimeout = GoDuration.parse(self.connectTimeout)!
+        let rpcTimeout = GoDuration.parse(self.rpcTimeout)!
         var configuration = Configuration()
-        configuration.minConnectTimeout = .nanoseconds(Int64(self.connectTimeout * 1e9))
-        configuration.tls = self.security.configuration
+        configuration.minConnectTimeout = connectTimeout
+        configuration.userAgentPrefix = self.userAgent
+        configuration.enableRetry = false
+        configuration.enableCircuitBreaker = false
+        if self.tls {
+            var tls = TLSConfiguration()
+            if let ca = self.tlsCACert { tls.trustRoots = .file(ca) }
+            tls.certificateChainFile = self.tlsClientCert
+            tls.privateKeyFile = self.tlsClientKey
+            tls.serverName = self.tlsServerName
+            tls.verifyCertificate = !self.tlsNoVerify
+            configuration.tls = tls
+        }
+        var metadata = Metadata()
+        for header in self.rpcHeaders {
+            let (name, value) = Self.header(header)!
+            metadata.add(name, value)
+        }
         let channel: GRPCChannel
         do {
-            channel = try GRPCChannel(target: self.target, configuration: configuration)
+            channel = try GRPCChannel(target: target, configuration: configuration)
         } catch {
             writeStderr("error: \(error)\n")
             throw ExitCode(1)
         }
-        // The bus tells whether the connection ever came up: a failure before that is a connection failure.
-        let connected = LockedBool()
+
+        // First the connection, within -connect-timeout (grpc_health_probe dials with a blocking deadline).
+        let started = ContinuousClock.now
+        let outcome = ConnectOutcome()
         let token = channel.events.subscribe { event in
-            if case .connectAttemptSucceeded = event { connected.set() }
+            switch event {
+            case .connectAttemptSucceeded: outcome.set(nil)
+            case .connectAttemptFailed(_, _, _, let error, _): outcome.set(error.message)
+            default: break
+            }
         }
         defer { channel.events.unsubscribe(token) }
-        do {
-            let status = try await channel.checkHealth(self.service, timeout: .nanoseconds(Int64(self.maxTime * 1e9)))
-            print("status: \(status)")
-            if status != .serving { throw ExitCode(4) }
-        } catch let error as RPCError {
-            if !connected.get() {
-                writeStderr("error: failed to connect to \(self.target): \(error.message)\n")
-                throw ExitCode(2)
-            }
-            if error.code == .unimplemented {
-                writeStderr("error: this server does not implement the grpc health protocol (grpc.health.v1.Health): \(error.message)\n")
+        channel.connect()
+        let deadline = started + connectTimeout
+        while !outcome.connected && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(2))
+        }
+        guard outcome.connected else {
+            if let reason = outcome.lastError {
+                writeStderr("error: failed to connect service at \"\(target)\": \(reason)\n")
             } else {
-                writeStderr("error: health rpc failed: \(error.code.name): \(error.message)\n")
+                writeStderr("timeout: failed to connect service \"\(target)\" within \(self.connectTimeout)\n")
+            }
+            throw ExitCode(2)
+        }
+        let connectedAt = ContinuousClock.now
+        if self.verbose { print("establishing connection took \(connectedAt - started)") }
+
+        // Then the RPC, within -rpc-timeout.
+        do {
+            let status = try await channel.checkHealth(self.service, metadata: metadata, timeout: rpcTimeout)
+            if self.verbose { print("time elapsed: connect=\(connectedAt - started) rpc=\(ContinuousClock.now - connectedAt)") }
+            if status != .serving {
+                writeStderr("service unhealthy (responded with \"\(status)\")\n")
+                throw ExitCode(4)
+            }
+            print("status: \(status)")
+        } catch let error as RPCError {
+            switch error.code {
+            case .unimplemented:
+                writeStderr("error: this server does not implement the grpc health protocol (grpc.health.v1.Health): \(error.message)\n")
+            case .deadlineExceeded:
+                writeStderr("timeout: health rpc did not complete within \(self.rpcTimeout)\n")
+            default:
+                writeStderr("error: health rpc failed: rpc error: code = \(error.code.name) desc = \(error.message)\n")
             }
             throw ExitCode(3)
         }
     }
 }
 
+/// What the connection attempts said, from the bus (reactor thread) to the waiting command.
+private final class ConnectOutcome: Sendable {
+    private let state = Mutex<(connected: Bool, lastError: String?)>((false, nil))
+
+    func set(_ error: String?) {
+        self.state.withLock { state in
+            if let error { state.lastError = error } else { state.connected = true }
+        }
+    }
+
+    var connected: Bool { self.state.withLock { $0.connected } }
+    var lastError: String? { self.state.withLock { $0.lastError } }
+}
+
+/// Go's `time.ParseDuration` for what probes write: a sequence of decimal numbers with units (ns, us, µs, ms, s, m,
+/// h), e.g. "1s", "250ms", "1m30s", "1.5s".
+enum GoDuration {
+    static func parse(_ text: String) -> Duration? {
+        var rest = Substring(text)
+        guard !rest.isEmpty else { return nil }
+        if rest == "0" { return .zero }
+        var total: Double = 0
+        while !rest.isEmpty {
+            let number = rest.prefix { $0.isNumber || $0 == "." }
+            guard !number.isEmpty, let value = Double(number) else { return nil }
+            rest = rest.dropFirst(number.count)
+            let unit = rest.prefix { !($0.isNumber || $0 == ".") }
+            rest = rest.dropFirst(unit.count)
+            let scale: Double
+            switch unit {
+            case "ns": scale = 1
+            case "us", "µs": scale = 1e3
+            case "ms": scale = 1e6
+            case "s": scale = 1e9
+            case "m": scale = 60e9
+            case "h": scale = 3600e9
+            default: return nil
+            }
+            total += value * scale
+        }
+        return .nanoseconds(Int64(total))
+    }
+}
+
+
+/// `text` without leading and trailing spaces.
+private func trimmed(_ text: Substring) -> String {
+    String(text.drop { $0 == " " }.reversed().drop { $0 == " " }.reversed())
+}

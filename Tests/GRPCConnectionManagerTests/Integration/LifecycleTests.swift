@@ -316,7 +316,7 @@ struct ConnectionManagerTests {
         #expect(response.message == [7])
     }
 
-    @Test("health against grpcio: healthCheck(), checkHealth and grpc-cm health with every exit code")
+    @Test("health against grpcio: healthCheck(), checkHealth and grpc-cm health as grpc_health_probe, every exit code")
     func healthAgainstGrpcio() async throws {
         let peer = try PythonPeer()
         defer { peer.stop() }
@@ -330,13 +330,26 @@ struct ConnectionManagerTests {
         await #expect(throws: RPCError.self) { try await manager.checkHealth(service: "py", healthServiceName: "nope") }
         #expect(await eventually { await manager.healthCheck()["py"]?.healthy == true })
 
+        // grpc_health_probe's flags, defaults (plaintext) and exit codes, as a Kubernetes exec probe runs it.
         let cli = grpcCMBinary()
-        #expect(try runProgram(cli, ["health", "--plaintext", peer.target]) == (0, "status: SERVING\n"))
-        #expect(try runProgram(cli, ["health", "--plaintext", "--service", "sleepy", peer.target]).status == 4)
-        #expect(try runProgram(cli, ["health", "--plaintext", "--service", "nope", peer.target]).status == 3)
-        #expect(try runProgram(cli, ["health", "--plaintext", "127.0.0.1:\(freePort())"]).status == 2)
-        #expect(try runProgram(cli, ["health", "--plaintext", "--bogus", peer.target]).status == 1)
-        #expect(try runProgram(cli, ["health", "--plaintext"]).status == 1)
+        let port = String(peer.target.split(separator: ":").last!)
+        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)"]) == (0, "status: SERVING\n"))
+        #expect(try runProgram(cli, ["health", "-addr=:\(port)"]) == (0, "status: SERVING\n"), ":port means localhost")
+        #expect(try runProgram(cli, ["health", "-addr", peer.target, "-service", "sleepy"]).status == 4)
+        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-service=nope"]).status == 3)
+        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-rpc-header=x-probe: 1", "-rpc-timeout=2s"]).status == 0)
+        #expect(try runProgram(cli, ["health", "-addr=127.0.0.1:\(freePort())"]).status == 2)
+        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-bogus"]).status == 1)
+        #expect(try runProgram(cli, ["health"]).status == 1, "no -addr")
+        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-connect-timeout=soon"]).status == 1)
+        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-tls-no-verify"]).status == 1, "-tls-* needs -tls")
+        // A server that accepts and never speaks HTTP/2: a connection failure once -connect-timeout passes, not a
+        // hang and not an RPC failure.
+        let silent = try BadPeer(.silent)
+        defer { silent.stop() }
+        let started = now()
+        #expect(try runProgram(cli, ["health", "-addr=127.0.0.1:\(silent.port)", "-connect-timeout=300ms"]).status == 2)
+        #expect(now() - started < 5)
         await manager.close(gracePeriod: .seconds(1))
     }
 

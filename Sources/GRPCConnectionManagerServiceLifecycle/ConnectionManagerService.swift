@@ -1,0 +1,41 @@
+import GRPCConnectionManager
+import ServiceLifecycle
+
+/// A `ConnectionManager` as a swift-service-lifecycle `Service`, so that a server application hands it to its
+/// `ServiceGroup` beside its other services:
+///
+/// ```swift
+/// let manager = try ConnectionManager(configuration: configuration, logger: logger)
+/// let group = ServiceGroup(
+///     services: [ConnectionManagerService(manager), myServer],
+///     gracefulShutdownSignals: [.sigterm], logger: logger)
+/// try await group.run()
+/// ```
+///
+/// `run()` waits until the group shuts down gracefully, then closes the manager with `gracePeriod`: calls already
+/// on a stream get that long to finish, calls still waiting for a connection or a retry end UNAVAILABLE at once, and
+/// `run()` returns once everything is closed. Put it after the services that use it in the group's list (a group
+/// shuts services down in reverse order), so that their last calls still find it open. If the task running it is
+/// cancelled instead, the manager closes at once (`closeNow()`) and `run()` returns.
+public struct ConnectionManagerService: Service {
+    /// The manager this service closes.
+    public let manager: ConnectionManager
+    /// How long calls on a stream may run once the graceful shutdown begins. Default 10 s.
+    public var gracePeriod: Duration
+
+    public init(_ manager: ConnectionManager, gracePeriod: Duration = .seconds(10)) {
+        self.manager = manager
+        self.gracePeriod = gracePeriod
+    }
+
+    public func run() async throws {
+        do {
+            try await gracefulShutdown()
+        } catch {
+            // Cancelled rather than asked to shut down: nobody waits for the grace period.
+            self.manager.closeNow()
+            return
+        }
+        await self.manager.close(gracePeriod: self.gracePeriod)
+    }
+}
