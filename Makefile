@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is missing first.
 SWIFT ?= swift
 
-.PHONY: deps build-deps build test test-unit fuzz sanitizers tsan asan perf-gate demo demo-tls bench bench-bus bench-transport clean
+.PHONY: deps build-deps build test test-unit fuzz sanitizers tsan asan perf-gate demo demo-tls bench bench-bus bench-transport docs clean
 
 # build-deps: what building and the demo need (Debian packages); deps: that plus what the tests need (python peers,
 # valgrind). See scripts/install-deps.sh.
@@ -61,6 +61,12 @@ bench-transport: deps
 bench-bus: deps
 	$(SWIFT) build -c release --product bus-bench
 	.build/release/bus-bench 5000000
+
+# The DocC documentation of the library (getting started, the callback contract, the grpc-swift-2 transport, the API)
+# into .build/docs.
+docs: build-deps
+	$(SWIFT) package --allow-writing-to-directory .build/docs generate-documentation --target GRPCConnectionManager \
+		--output-path .build/docs --transform-for-static-hosting --disable-indexing
 
 clean:
 	rm -rf .build

@@ -24,7 +24,7 @@ let arguments = CommandLine.arguments
 let serveForever = arguments.contains("--serve")
 let explicitTarget = arguments.dropFirst().first { !$0.hasPrefix("--") }
 
-let loop = try EventLoop()
+let loop = try ReactorLoop()
 loop.start()
 
 // The embedded echo server, on the same loop, unless a target was given.
@@ -40,7 +40,7 @@ let channel = try manager.connection(service: "echo", address: target)
 /// The service's own state: touched on the loop's thread only (every entry point below runs there).
 final class Service: @unchecked Sendable {
     // `@unchecked`: loop thread only.
-    let loop: EventLoop
+    let loop: ReactorLoop
     let channel: GRPCChannel
     let manager: ConnectionManager
     var started = 0
@@ -49,7 +49,7 @@ final class Service: @unchecked Sendable {
     var ticker: LoopTimer?
     var endpoint: HTTPEndpoint?
 
-    init(loop: EventLoop, channel: GRPCChannel, manager: ConnectionManager) {
+    init(loop: ReactorLoop, channel: GRPCChannel, manager: ConnectionManager) {
         self.loop = loop
         self.channel = channel
         self.manager = manager
@@ -60,7 +60,7 @@ final class Service: @unchecked Sendable {
         if let limit, self.started >= limit { return }
         self.started += 1
         let payload = Array("call \(self.started)".utf8)
-        self.channel.unary(path: "/echo.Echo/Get", request: payload, options: CallOptions(timeout: .seconds(2))) {
+        self.channel.unary(path: "/echo.Echo/Get", request: payload, options: RequestOptions(timeout: .seconds(2))) {
             response in
             if response.status.isOK && response.message == payload { self.succeeded += 1 } else { self.failed += 1 }
         }
@@ -86,14 +86,14 @@ final class Service: @unchecked Sendable {
 /// connection that reads a request, answers it and closes. The loop never closes these fds; this code does.
 final class HTTPEndpoint: @unchecked Sendable {
     // `@unchecked`: loop thread only.
-    let loop: EventLoop
+    let loop: ReactorLoop
     let listenFD: Int32
     let port: Int
     private var listener: LoopRegistration?
     private var connections: [Int32: (registration: LoopRegistration, request: [UInt8])] = [:]
     private let respond: (String) -> (status: String, body: String)
 
-    init(loop: EventLoop, respond: @escaping (String) -> (status: String, body: String)) throws {
+    init(loop: ReactorLoop, respond: @escaping (String) -> (status: String, body: String)) throws {
         self.loop = loop
         self.respond = respond
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)

@@ -19,7 +19,7 @@ let server = explicitTarget == nil ? try EchoServer() : nil  // on a loop of its
 let target = explicitTarget ?? server!.address
 
 // Our loop, never started: the host drives it.
-let ours = try EventLoop()
+let ours = try ReactorLoop()
 
 // The host's loop: its own epoll instance, with our descriptor in it.
 let host = epoll_create1(Int32(EPOLL_CLOEXEC))
@@ -40,7 +40,7 @@ let tally = Tally()
 let calls = 20
 for index in 0..<calls {
     let payload = Array("message \(index)".utf8)
-    channel.unary(path: "/echo.Echo/Get", request: payload, options: CallOptions(timeout: .seconds(5))) { response in
+    channel.unary(path: "/echo.Echo/Get", request: payload, options: RequestOptions(timeout: .seconds(5))) { response in
         tally.done += 1
         if response.status.isOK && response.message == payload { tally.ok += 1 }
         print("call \(index): \(response.status.code) \(String(decoding: response.message, as: UTF8.self))")

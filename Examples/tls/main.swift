@@ -6,7 +6,7 @@ import GRPCConnectionManagerPrometheus
 let arguments = CommandLine.arguments
 let target = arguments.count > 1 ? arguments[1] : "localhost:50443"
 
-var tls = TLSConfiguration()  // verified against the system trust store by default
+var tls = TLSSettings()  // verified against the system trust store by default
 if arguments.count > 2 { tls.trustRoots = .file(arguments[2]) }
 if arguments.count > 3 { tls.serverName = arguments[3] }
 
@@ -21,8 +21,8 @@ let metrics = PrometheusMetrics()
 let manager = try ConnectionManager(configuration: configuration, metricsFactory: metrics)
 let channel = try manager.connection(service: "echo", address: target)
 
-let response = await channel.unary(
-    path: "/echo.Echo/Get", request: Array("hello over TLS".utf8), options: CallOptions(timeout: .seconds(5)))
+let response = await channel.unaryResult(
+    path: "/echo.Echo/Get", request: Array("hello over TLS".utf8), options: RequestOptions(timeout: .seconds(5)))
 if response.status.isOK {
     print("echoed: \(String(decoding: response.message, as: UTF8.self))")
 } else {

@@ -26,7 +26,7 @@ final class Pump: ReactorHandler, @unchecked Sendable {
     let done = Atomic<Bool>(false)
     let service = "bench.Service"
     let path = "/bench.Service/Call"
-    let ok = Status(code: .ok)
+    let ok = CallStatus(code: .ok)
 
     init(bus: LocalEventBus, reactor: Reactor, events: Int) {
         self.bus = bus
@@ -55,7 +55,7 @@ final class Pump: ReactorHandler, @unchecked Sendable {
 }
 
 let events = CommandLine.arguments.count > 1 ? Int(CommandLine.arguments[1]) ?? 5_000_000 : 5_000_000
-let loop = try EventLoop()
+let loop = try ReactorLoop()
 loop.start()
 let reactor = loop.reactor
 

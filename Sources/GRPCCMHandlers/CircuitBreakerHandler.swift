@@ -40,7 +40,7 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
     }
 
     package func callEnded(
-        _ permit: CallPermit, service: String, path: String, status: Status, duration: Duration, cancelledByClient: Bool
+        _ permit: CallPermit, service: String, path: String, status: CallStatus, duration: Duration, cancelledByClient: Bool
     ) {
         guard let slot = self.breakers.existingSlot(for: Key(service: service, path: path)) else { return }
         if cancelledByClient {

@@ -23,7 +23,7 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
     }
 
     /// The throttle learns every attempt's outcome (as grpc-go: a failure is charged before its retry is decided).
-    package func attemptEnded(service: String, path: String, status: Status) {
+    package func attemptEnded(service: String, path: String, status: CallStatus) {
         guard let throttling = self.configuration.throttling else { return }
         let slot = self.throttles.slot(for: service) { RetryThrottle(throttling) }
         if status.isOK {
@@ -34,7 +34,7 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
     }
 
     package func retryDelay(
-        service: String, path: String, status: Status, trailers: Metadata, attempt: Int, attemptTimedOut: Bool,
+        service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, attemptTimedOut: Bool,
         deadline: UInt64, now: UInt64
     ) -> Duration? {
         let policy = self.configuration.policy(for: path)

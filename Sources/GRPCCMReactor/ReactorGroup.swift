@@ -17,15 +17,15 @@ import Glibc
 /// (Named so that it does not collide with SwiftNIO's `EventLoopGroup` when both are imported.)
 public final class ReactorGroup: Sendable {
     /// The loops, each running on its own thread.
-    public let loops: [EventLoop]
+    public let loops: [ReactorLoop]
     private let cursor = Atomic<Int>(0)
 
     /// Starts `loopCount` loops (default: one per online core, at least one).
     /// - Throws: `ReactorError` when the kernel refuses an epoll fd or an eventfd.
     public init(loopCount: Int = ReactorGroup.onlineCores) throws {
-        var loops: [EventLoop] = []
+        var loops: [ReactorLoop] = []
         for _ in 0..<max(loopCount, 1) {
-            let loop = try EventLoop()
+            let loop = try ReactorLoop()
             loop.start()
             loops.append(loop)
         }
@@ -36,18 +36,18 @@ public final class ReactorGroup: Sendable {
     public static var onlineCores: Int { max(Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))), 1) }
 
     /// The loop of the calling thread when it is one of the group's, else the next loop in turn.
-    public func next() -> EventLoop {
+    public func next() -> ReactorLoop {
         if let current = self.current { return current }
         let index = self.cursor.add(1, ordering: .relaxed).oldValue
         return self.loops[index % self.loops.count]
     }
 
     /// The group's loop whose thread is calling, if any.
-    public var current: EventLoop? {
+    public var current: ReactorLoop? {
         self.loops.first { $0.inEventLoop }
     }
 
-    /// Shuts every loop down (see `EventLoop.shutdown()`), waiting for each when called off their threads.
+    /// Shuts every loop down (see `ReactorLoop.shutdown()`), waiting for each when called off their threads.
     public func shutdown() {
         for loop in self.loops { loop.shutdown() }
     }

@@ -32,8 +32,8 @@ package struct ResponseHead: Sendable {
     package private(set) var completeBlocks = 0
     /// The first block was also the last (trailers-only).
     package private(set) var trailersOnly = false
-    package private(set) var initialMetadata = Metadata()
-    package private(set) var trailingMetadata = Metadata()
+    package private(set) var initialMetadata = CallMetadata()
+    package private(set) var trailingMetadata = CallMetadata()
     /// Size of the block being read, in RFC 9113 §6.5.2 terms.
     package private(set) var blockSize = 0
     private var inTrailers = false
@@ -113,7 +113,7 @@ package struct ResponseHead: Sendable {
         if (100..<200).contains(self.httpStatus) && self.completeBlocks == 0 && !endStream {
             // Informational (1xx): skip it and read the next block (PROTOCOL-HTTP2.md).
             self.httpStatus = 0
-            self.initialMetadata = Metadata()
+            self.initialMetadata = CallMetadata()
             return .informational
         }
         self.completeBlocks += 1
@@ -121,7 +121,7 @@ package struct ResponseHead: Sendable {
             // Trailers-only: what arrived belongs to the trailers.
             self.trailersOnly = true
             self.trailingMetadata = self.initialMetadata
-            self.initialMetadata = Metadata()
+            self.initialMetadata = CallMetadata()
             return .trailersOnly
         }
         return self.completeBlocks == 1 ? .headers : .trailers
@@ -129,30 +129,30 @@ package struct ResponseHead: Sendable {
 
     /// The status the response carries, once the stream has ended (`errorCode`: the RST_STREAM code, 0 for a clean
     /// end). Message-level checks (a truncated message, a unary call without exactly one message) are the caller's.
-    package func status(errorCode: UInt32) -> Status {
+    package func status(errorCode: UInt32) -> CallStatus {
         if self.completeBlocks == 0 || (self.grpcStatus == nil && self.completeBlocks < 2 && errorCode != 0) {
             return errorCode == 0
-                ? Status(code: .internal, message: "stream closed without a response")
-                : Status.forRSTStream(errorCode: errorCode)
+                ? CallStatus(code: .internal, message: "stream closed without a response")
+                : CallStatus.forRSTStream(errorCode: errorCode)
         }
         if let code = self.grpcStatus {
             guard (0...16).contains(code) else {
                 // gRPC: a code outside the defined range is UNKNOWN.
                 let detail = self.grpcMessage.map { ": \($0)" } ?? ""
-                return Status(code: .unknown, message: "server sent grpc-status \(code), which is not a gRPC code\(detail)")
+                return CallStatus(code: .unknown, message: "server sent grpc-status \(code), which is not a gRPC code\(detail)")
             }
-            return Status(code: StatusCode(rawValue: code), message: self.grpcMessage ?? "")
+            return CallStatus(code: StatusCode(rawValue: code), message: self.grpcMessage ?? "")
         }
         if self.httpStatus != 200 && self.httpStatus != 0 {
-            return Status(
-                code: Status.code(forHTTPStatus: self.httpStatus),
+            return CallStatus(
+                code: CallStatus.code(forHTTPStatus: self.httpStatus),
                 message: "HTTP status \(self.httpStatus) without grpc-status"
                     + (self.contentType.map { " (content-type \($0))" } ?? ""))
         }
         if let type = self.contentType, !type.hasPrefix("application/grpc") {
-            return Status(code: .unknown, message: "unexpected content-type \"\(type)\" in response")
+            return CallStatus(code: .unknown, message: "unexpected content-type \"\(type)\" in response")
         }
-        if errorCode != 0 { return Status.forRSTStream(errorCode: errorCode) }
-        return Status(code: .internal, message: "stream ended without grpc-status trailers")
+        if errorCode != 0 { return CallStatus.forRSTStream(errorCode: errorCode) }
+        return CallStatus(code: .internal, message: "stream ended without grpc-status trailers")
     }
 }

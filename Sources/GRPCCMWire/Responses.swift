@@ -1,15 +1,15 @@
 /// What a unary call ended with. `status` is always set; `message` is the response (empty unless OK).
 public struct UnaryResponse: Sendable, Hashable {
     /// The call's final status.
-    public var status: Status
+    public var status: CallStatus
     /// The response message bytes (empty unless the status is OK).
     public var message: [UInt8]
     /// Response headers (the server's initial metadata).
-    public var initialMetadata: Metadata
+    public var initialMetadata: CallMetadata
     /// Trailers (trailing metadata) that came with the status.
-    public var trailingMetadata: Metadata
+    public var trailingMetadata: CallMetadata
 
-    public init(status: Status, message: [UInt8] = [], initialMetadata: Metadata = [:], trailingMetadata: Metadata = [:]) {
+    public init(status: CallStatus, message: [UInt8] = [], initialMetadata: CallMetadata = [:], trailingMetadata: CallMetadata = [:]) {
         self.status = status
         self.message = message
         self.initialMetadata = initialMetadata
@@ -20,13 +20,13 @@ public struct UnaryResponse: Sendable, Hashable {
 /// How a streaming call ended: always a status, plus the metadata the server sent.
 public struct StreamResult: Sendable, Hashable {
     /// The call's final status.
-    public var status: Status
+    public var status: CallStatus
     /// Response headers (empty for a trailers-only response or a call that never reached the server).
-    public var initialMetadata: Metadata
+    public var initialMetadata: CallMetadata
     /// Trailers that came with the status.
-    public var trailingMetadata: Metadata
+    public var trailingMetadata: CallMetadata
 
-    public init(status: Status, initialMetadata: Metadata = [:], trailingMetadata: Metadata = [:]) {
+    public init(status: CallStatus, initialMetadata: CallMetadata = [:], trailingMetadata: CallMetadata = [:]) {
         self.status = status
         self.initialMetadata = initialMetadata
         self.trailingMetadata = trailingMetadata

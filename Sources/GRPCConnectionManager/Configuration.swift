@@ -53,7 +53,7 @@ public struct Configuration: Sendable, Hashable {
     public var http2 = HTTP2()
 
     /// TLS for every connection; nil (the default, as in the Go original) is plaintext HTTP/2.
-    public var tls: TLSConfiguration? = nil
+    public var tls: TLSSettings? = nil
 
     /// Log calls (debug), state and breaker changes (info), retries and connect failures (warning) to the
     /// manager's `Logger`. Default true.
@@ -188,5 +188,5 @@ public enum TransportSecurity: Sendable, Hashable {
     /// HTTP/2 without TLS (h2c).
     case plaintext
     /// TLS with these settings.
-    case tls(TLSConfiguration)
+    case tls(TLSSettings)
 }

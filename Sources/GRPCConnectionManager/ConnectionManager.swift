@@ -59,17 +59,17 @@ public final class ConnectionManager: Sendable {
     ///   - metricsFactory: Receives the metrics when `enableMetrics` is on; default: the application's
     ///     `MetricsSystem.factory`. Pass a `PrometheusMetrics` (GRPCConnectionManagerPrometheus) to get
     ///     `metricsText()`. The library never bootstraps MetricsSystem.
-    ///   - eventLoop: The loop; nil uses `EventLoop.shared`.
+    ///   - eventLoop: The loop; nil uses `ReactorLoop.shared`.
     /// - Throws: `ConfigurationError` naming the first bad field.
     public convenience init(
         configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
         metricsFactory: (any MetricsFactory)? = nil,
-        eventLoop: EventLoop? = nil
+        eventLoop: ReactorLoop? = nil
     ) throws {
         try self.init(
             configuration: configuration, logger: logger, metricsFactory: metricsFactory,
-            reactors: [(eventLoop ?? EventLoop.shared).reactor])
+            reactors: [(eventLoop ?? ReactorLoop.shared).reactor])
     }
 
     /// Creates a manager whose channels spread over the loops of `group`: each loop gets its own connections to
@@ -196,7 +196,7 @@ public final class ConnectionManager: Sendable {
             if open == 0 { break }
             try? await Task.sleep(nanoseconds: 5_000_000)
         }
-        let reason = Status(code: .unavailable, message: "the manager closed")
+        let reason = CallStatus(code: .unavailable, message: "the manager closed")
         for pool in pools {
             _ = await Self.onLoop(pool.reactor) { pool.close(graceful: false, reason: reason) }
         }
@@ -205,7 +205,7 @@ public final class ConnectionManager: Sendable {
     /// Closes everything now, without a grace period: every call ends with UNAVAILABLE. Safe from any thread,
     /// completions included.
     public func closeNow() {
-        let reason = Status(code: .unavailable, message: "the manager closed")
+        let reason = CallStatus(code: .unavailable, message: "the manager closed")
         for pool in self.beginClosing() {
             if pool.reactor.inReactorThread {
                 pool.close(graceful: false, reason: reason)
@@ -248,7 +248,7 @@ public final class ConnectionManager: Sendable {
     ///   - healthServiceName: The name to ask the server about; "" (the default) means the whole server.
     ///   - timeout: Deadline of the check. Default 5 s.
     /// - Returns: The serving status.
-    /// - Throws: `RPCError` when the call fails (NOT_FOUND for a name the server does not know; UNIMPLEMENTED
+    /// - Throws: `CallError` when the call fails (NOT_FOUND for a name the server does not know; UNIMPLEMENTED
     ///   when it has no health service), `ConnectionManagerError` for an unknown service.
     public func checkHealth(
         service: String, healthServiceName: String = "", timeout: Duration = .seconds(5)

@@ -17,7 +17,7 @@ extension GRPCChannel {
     /// - Returns: A handle that can cancel the call from any thread.
     @discardableResult
     public func serverStreaming(
-        path: String, request: [UInt8], metadata: Metadata = [:], options: CallOptions = CallOptions(),
+        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
         callbacks: StreamingCallbacks
     ) -> CallHandle {
         let onFinish = callbacks.onFinish
@@ -30,7 +30,7 @@ extension GRPCChannel {
     /// receives the one response with the status, exactly once, on the reactor thread.
     /// - Parameter onWritable: Runs when the send buffer drains after `send` returned `.full`.
     public func clientStreaming(
-        path: String, metadata: Metadata = [:], options: CallOptions = CallOptions(),
+        path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
         onWritable: @escaping @Sendable () -> Void = {},
         completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> StreamingCall {
@@ -44,7 +44,7 @@ extension GRPCChannel {
     /// Starts a bidirectional-streaming call: send through the returned call; `callbacks` receive the headers,
     /// each message and the end on the reactor thread.
     public func bidirectionalStreaming(
-        path: String, metadata: Metadata = [:], options: CallOptions = CallOptions(), callbacks: StreamingCallbacks
+        path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(), callbacks: StreamingCallbacks
     ) -> StreamingCall {
         let buffers = self.makeBuffers()
         let onFinish = callbacks.onFinish
@@ -58,7 +58,7 @@ extension GRPCChannel {
 
     /// Starts a server-streaming call read with async/await: iterate `responses`, or await `result()`.
     public func serverStreaming(
-        path: String, request: [UInt8], metadata: Metadata = [:], options: CallOptions = CallOptions()
+        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
     ) -> AsyncStreamingCall {
         let buffers = self.makeBuffers()
         let handle = self.start(
@@ -69,7 +69,7 @@ extension GRPCChannel {
 
     /// Starts a client-streaming call driven with async/await: `write`, then `finish()` for the response.
     public func clientStreaming(
-        path: String, metadata: Metadata = [:], options: CallOptions = CallOptions()
+        path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
     ) -> AsyncClientStreamingCall {
         let buffers = self.makeBuffers()
         let box = AsyncResponseBox()
@@ -82,7 +82,7 @@ extension GRPCChannel {
     /// Starts a bidirectional-streaming call driven with async/await: `write` and `closeSend()` from one task,
     /// iterate `responses` from another (or the same).
     public func bidirectionalStreaming(
-        path: String, metadata: Metadata = [:], options: CallOptions = CallOptions()
+        path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
     ) -> AsyncStreamingCall {
         let buffers = self.makeBuffers()
         let handle = self.start(
@@ -104,7 +104,7 @@ extension GRPCChannel {
     /// Starts a bidirectional call on `buffers` (every grpc-swift-2 method is a stream to its transport).
     /// - Parameter previousAttempts: Attempts GRPCCore's retry executor already made (`grpc-previous-rpc-attempts`).
     package func startStream(
-        path: String, metadata: Metadata, options: CallOptions, previousAttempts: Int, buffers: StreamBuffers
+        path: String, metadata: CallMetadata, options: RequestOptions, previousAttempts: Int, buffers: StreamBuffers
     ) -> CallHandle {
         self.start(
             path: path, request: nil, metadata: metadata, options: options, delivery: .buffered, buffers: buffers,

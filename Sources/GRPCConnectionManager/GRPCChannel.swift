@@ -42,16 +42,16 @@ public final class GRPCChannel: Sendable {
     ///   - logger: Receives the logging handler's records; no-op by default.
     ///   - metricsFactory: Receives the metrics handler's metrics when `enableMetrics`; default: the application's
     ///     bootstrapped `MetricsSystem.factory`.
-    ///   - eventLoop: The loop to run on; nil uses `EventLoop.shared`.
+    ///   - eventLoop: The loop to run on; nil uses `ReactorLoop.shared`.
     /// - Throws: `ConfigurationError` naming the bad field or the unparsable address.
     public convenience init(
         target: String, configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
-        metricsFactory: (any MetricsFactory)? = nil, eventLoop: EventLoop? = nil
+        metricsFactory: (any MetricsFactory)? = nil, eventLoop: ReactorLoop? = nil
     ) throws {
         try self.init(
             target: target, configuration: configuration, logger: logger, metricsFactory: metricsFactory,
-            loops: [(eventLoop ?? EventLoop.shared).reactor])
+            loops: [(eventLoop ?? ReactorLoop.shared).reactor])
     }
 
     /// Creates a standalone channel spread over the loops of `group`: each loop gets its own connections, and a
@@ -67,7 +67,7 @@ public final class GRPCChannel: Sendable {
     }
 
     /// A standalone channel whose host names go to `resolver` instead of getaddrinfo (tests script the answers).
-    convenience init(target: String, configuration: Configuration = .defaults, eventLoop: EventLoop, resolver: any AddressResolver) throws {
+    convenience init(target: String, configuration: Configuration = .defaults, eventLoop: ReactorLoop, resolver: any AddressResolver) throws {
         try self.init(
             target: target, configuration: configuration,
             logger: Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
@@ -158,7 +158,7 @@ public final class GRPCChannel: Sendable {
     /// - Returns: A handle that can cancel the call from any thread.
     @discardableResult
     public func unary(
-        path: String, request: [UInt8], metadata: Metadata = [:], options: CallOptions = CallOptions(),
+        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
         completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
         self.start(path: path, request: request, metadata: metadata, options: options, completion: completion)
@@ -167,7 +167,7 @@ public final class GRPCChannel: Sendable {
     /// Creates a call of any kind and starts it on the reactor (inline when this is the reactor thread: its
     /// completion still waits for the deferred phase).
     func start(
-        path: String, request: [UInt8]?, metadata: Metadata, options: CallOptions, delivery: ClientCall.Delivery = .single,
+        path: String, request: [UInt8]?, metadata: CallMetadata, options: RequestOptions, delivery: ClientCall.Delivery = .single,
         buffers: StreamBuffers? = nil, onWritable: (@Sendable () -> Void)? = nil, previousAttempts: Int = 0,
         completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
@@ -193,7 +193,7 @@ public final class GRPCChannel: Sendable {
         if shard.reactor.inReactorThread {
             call.start()
         } else if !shard.reactor.submit(call) {
-            call.finishWithoutReactor(Status(code: .unavailable, message: "the event loop has stopped"))
+            call.finishWithoutReactor(CallStatus(code: .unavailable, message: "the event loop has stopped"))
         }
         return CallHandle(call: call)
     }
@@ -202,9 +202,22 @@ public final class GRPCChannel: Sendable {
         StreamBuffers(limit: self.configuration.streamBufferSize, maxSendMessageSize: self.configuration.maxMessageSize)
     }
 
-    /// Makes a unary call and waits for its final status. Cancelling the task cancels the call (CANCELLED).
+    /// Makes a unary call: `try await channel.unary(...)` returns the response (its message and both metadata) when
+    /// the call ends OK, and throws the call's `CallError` (status and trailers) otherwise. Cancelling the task
+    /// cancels the call (CANCELLED).
     public func unary(
-        path: String, request: [UInt8], metadata: Metadata = [:], options: CallOptions = CallOptions()
+        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
+    ) async throws(CallError) -> UnaryResponse {
+        let response = await self.unaryResult(path: path, request: request, metadata: metadata, options: options)
+        guard response.status.isOK else { throw CallError(status: response.status, trailers: response.trailingMetadata) }
+        return response
+    }
+
+    /// Makes a unary call and returns how it ended, whatever the status: the non-throwing form of
+    /// `unary(path:request:metadata:options:)`, for code that handles every status the same way (or counts them).
+    /// Cancelling the task cancels the call (CANCELLED).
+    public func unaryResult(
+        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
     ) async -> UnaryResponse {
         let handleBox = CancellationBox()
         return await withTaskCancellationHandler {
@@ -228,8 +241,8 @@ public final class GRPCChannel: Sendable {
     }
 
     /// The connectivity state (aggregated over the service's connections, on every loop) and the last error.
-    public func connectivity() async -> (state: ConnectivityState, lastError: Status?) {
-        var states: [(state: ConnectivityState, lastError: Status?)] = []
+    public func connectivity() async -> (state: ConnectivityState, lastError: CallStatus?) {
+        var states: [(state: ConnectivityState, lastError: CallStatus?)] = []
         for shard in self.shards {
             let pool = shard.pool
             if shard.reactor.inReactorThread {
@@ -286,17 +299,17 @@ public final class GRPCChannel: Sendable {
         }
     }
 
-    static func checkRequest(path: String, metadata: Metadata, request: [UInt8], configuration: Configuration) -> Status? {
+    static func checkRequest(path: String, metadata: CallMetadata, request: [UInt8], configuration: Configuration) -> CallStatus? {
         if !Self.isValidPath(path) {
-            return Status(code: .invalidArgument, message: "invalid method path \"\(path)\": expected /package.Service/Method")
+            return CallStatus(code: .invalidArgument, message: "invalid method path \"\(path)\": expected /package.Service/Method")
         }
         do {
             try metadata.validate()
         } catch {
-            return Status(code: .invalidArgument, message: error.description)
+            return CallStatus(code: .invalidArgument, message: error.description)
         }
         if request.count > configuration.maxMessageSize {
-            return Status(
+            return CallStatus(
                 code: .resourceExhausted,
                 message: "request message of \(request.count) bytes exceeds the send limit of \(configuration.maxMessageSize) bytes")
         }

@@ -38,7 +38,7 @@ public struct StreamingCall: Sendable {
         /// Accepted; the buffer is full: wait for `onWritable`.
         case full
         /// Dropped: the call ended (with this status) or the requests were closed.
-        case refused(RPCError)
+        case refused(CallError)
     }
 }
 
@@ -62,11 +62,11 @@ public final class AsyncStreamingCall: Sendable {
     }
 
     /// Sends one request message, suspending while the send buffer is full (the HTTP/2 window drains it).
-    /// - Throws: `RPCError` when the call has ended (its status) or the requests were closed. Cancelling the task
+    /// - Throws: `CallError` when the call has ended (its status) or the requests were closed. Cancelling the task
     ///   while it waits cancels the call.
     public func write(_ message: [UInt8]) async throws {
         guard self.writable else {
-            throw RPCError(status: Status(code: .failedPrecondition, message: "a server-streaming call takes no more requests"))
+            throw CallError(status: CallStatus(code: .failedPrecondition, message: "a server-streaming call takes no more requests"))
         }
         let handle = self.handle
         try await self.buffers.writeWaitingForRoom(message, cancel: { handle.cancel() })
@@ -79,7 +79,7 @@ public final class AsyncStreamingCall: Sendable {
     public func cancel() { self.handle.cancel() }
 
     /// The response messages, in order, read at the caller's pace: the server's window reopens as they are read.
-    /// Iteration ends after the last message when the call ends with OK, and throws `RPCError` otherwise. Read
+    /// Iteration ends after the last message when the call ends with OK, and throws `CallError` otherwise. Read
     /// from one task at a time.
     public var responses: ResponseMessages { ResponseMessages(call: self) }
 
@@ -108,7 +108,7 @@ public final class AsyncStreamingCall: Sendable {
             let call: AsyncStreamingCall
             var done = false
 
-            public mutating func next() async throws(RPCError) -> [UInt8]? {
+            public mutating func next() async throws(CallError) -> [UInt8]? {
                 while !self.done {
                     switch await self.call.nextPart() {
                     case .metadata: continue
@@ -116,7 +116,7 @@ public final class AsyncStreamingCall: Sendable {
                     case .end(let result):
                         self.done = true
                         if !result.status.isOK {
-                            throw RPCError(status: result.status, trailers: result.trailingMetadata)
+                            throw CallError(status: result.status, trailers: result.trailingMetadata)
                         }
                     }
                 }
@@ -143,7 +143,7 @@ public final class AsyncClientStreamingCall: Sendable {
     }
 
     /// Sends one request message, suspending while the send buffer is full.
-    /// - Throws: `RPCError` when the call has ended or the requests were closed.
+    /// - Throws: `CallError` when the call has ended or the requests were closed.
     public func write(_ message: [UInt8]) async throws {
         let handle = self.handle
         try await self.buffers.writeWaitingForRoom(message, cancel: { handle.cancel() })
@@ -155,9 +155,17 @@ public final class AsyncClientStreamingCall: Sendable {
     /// Ends the call with CANCELLED unless it already ended.
     public func cancel() { self.handle.cancel() }
 
-    /// Waits for the final status and the response (closes the requests first if they are still open).
+    /// Closes the requests (if still open) and waits for the response: returned when the call ends OK, otherwise
+    /// the call's `CallError` (status and trailers) is thrown. Cancelling the task cancels the call.
+    public func finish() async throws(CallError) -> UnaryResponse {
+        let response = await self.finishResult()
+        guard response.status.isOK else { throw CallError(status: response.status, trailers: response.trailingMetadata) }
+        return response
+    }
+
+    /// The non-throwing form of `finish()`: closes the requests and returns how the call ended, whatever the status.
     /// Cancelling the task cancels the call.
-    public func finish() async -> UnaryResponse {
+    public func finishResult() async -> UnaryResponse {
         self.buffers.closeRequests()
         return await withTaskCancellationHandler {
             await self.response.value()

@@ -19,7 +19,7 @@ final class TransportStream: Sendable {
 
     /// Starts the HTTP/2 stream with the request metadata.
     func start(_ metadata: GRPCCore.Metadata) throws {
-        var converted = GRPCConnectionManager.Metadata()
+        var converted = GRPCConnectionManager.CallMetadata()
         var timeout = self.options.timeout
         var previousAttempts = 0
         for (key, value) in metadata {
@@ -36,7 +36,7 @@ final class TransportStream: Sendable {
                 converted.add(name, binary: bytes)
             }
         }
-        let callOptions = GRPCConnectionManager.CallOptions(
+        let callOptions = GRPCConnectionManager.RequestOptions(
             timeout: timeout, maxReceiveMessageSize: self.options.maxResponseMessageBytes,
             waitForReady: self.options.waitForReady ?? false)
         let writtenTwice = self.state.withLock { state -> Bool in
@@ -65,7 +65,7 @@ final class TransportStream: Sendable {
         case .acceptedFull:
             do {
                 try await self.buffers.waitUntilWritable()
-            } catch let error as GRPCConnectionManager.RPCError {
+            } catch let error as GRPCConnectionManager.CallError {
                 throw GRPCCore.RPCError(error)
             }
         }
@@ -144,7 +144,7 @@ struct ResponseParts: AsyncSequence, Sendable {
 }
 
 extension GRPCCore.Metadata {
-    init(_ metadata: GRPCConnectionManager.Metadata) {
+    init(_ metadata: GRPCConnectionManager.CallMetadata) {
         self.init()
         for entry in metadata {
             switch entry.value {
@@ -156,13 +156,13 @@ extension GRPCCore.Metadata {
 }
 
 extension GRPCCore.Status {
-    init(_ status: GRPCConnectionManager.Status) {
+    init(_ status: GRPCConnectionManager.CallStatus) {
         self.init(code: Code(rawValue: status.code.rawValue) ?? .unknown, message: status.message)
     }
 }
 
 extension GRPCCore.RPCError {
-    init(_ error: GRPCConnectionManager.RPCError) {
+    init(_ error: GRPCConnectionManager.CallError) {
         let code = GRPCCore.RPCError.Code(GRPCCore.Status.Code(rawValue: error.status.code.rawValue) ?? .unknown) ?? .unknown
         self.init(code: code, message: error.status.message, metadata: GRPCCore.Metadata(error.trailers))
     }

@@ -54,24 +54,24 @@ public final class EchoServer: Sendable {
     ///   - host: A numeric IPv4/IPv6 address, or `unix:/path`. Default 127.0.0.1.
     ///   - port: 0 picks a free port.
     /// - Throws: `ReactorError` when the address cannot be bound.
-    public init(host: String = "127.0.0.1", port: Int = 0, options: Options = Options(), eventLoop: EventLoop? = nil)
+    public init(host: String = "127.0.0.1", port: Int = 0, options: Options = Options(), eventLoop: ReactorLoop? = nil)
         throws
     {
-        let loop: EventLoop
+        let loop: ReactorLoop
         if let eventLoop {
             loop = eventLoop
         } else {
-            loop = try EventLoop()
+            loop = try ReactorLoop()
             loop.start()
         }
         self.reactor = loop.reactor
-        let socketAddress: SocketAddress
+        let socketAddress: NetworkAddress
         if host.hasPrefix("unix:") {
             let path = String(host.dropFirst(5))
             unlink(path)
-            socketAddress = SocketAddress(unixPath: path)
+            socketAddress = NetworkAddress(unixPath: path)
         } else {
-            guard let address = SocketAddress(ip: host, port: port) else {
+            guard let address = NetworkAddress(ip: host, port: port) else {
                 throw ConfigurationError(field: "host", message: "\"\(host)\" is not a numeric IP address")
             }
             socketAddress = address
@@ -162,7 +162,7 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     unowned let reactor: Reactor
     let options: EchoServer.Options
     let tls: TLSContext?
-    let ownsLoop: EventLoop?
+    let ownsLoop: ReactorLoop?
     private var fd: Int32
     private var registration: Reactor.Registration?
     private var connections: [ObjectIdentifier: EchoServerConnection] = [:]
@@ -182,7 +182,7 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
         return seen
     }
 
-    init(reactor: Reactor, fd: Int32, options: EchoServer.Options, tls: TLSContext?, ownsLoop: EventLoop?) {
+    init(reactor: Reactor, fd: Int32, options: EchoServer.Options, tls: TLSContext?, ownsLoop: ReactorLoop?) {
         self.tls = tls
         self.reactor = reactor
         self.fd = fd
@@ -242,7 +242,7 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     }
 }
 
-extension SocketAddress {
+extension NetworkAddress {
     func withSockAddrForListening(_ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) throws -> Int32 {
         try self.withSockAddr { body($0, $1) }
     }

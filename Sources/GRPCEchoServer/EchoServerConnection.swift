@@ -41,7 +41,7 @@ final class EchoServerConnection: HTTP2SocketOwner {
         let socket = HTTP2Socket(reactor: self.reactor, owner: self, acceptedFD: self.acceptedFD, peer: "client", tls: tls)
         self.socket = socket
         if self.listener.tls != nil && tls == nil {
-            socket.close(reason: Status(code: .internal, message: "TLS session could not be made"))
+            socket.close(reason: CallStatus(code: .internal, message: "TLS session could not be made"))
             return
         }
         socket.startAccepted()
@@ -49,15 +49,15 @@ final class EchoServerConnection: HTTP2SocketOwner {
 
     // MARK: HTTP2SocketOwner
 
-    func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> Status? { nil }
+    func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> CallStatus? { nil }
 
-    func socketSecured(_ tls: TLSSession) -> Status? { nil }  // the context's ALPN callback already required h2
+    func socketSecured(_ tls: TLSSession) -> CallStatus? { nil }  // the context's ALPN callback already required h2
 
     func socketReadyForHTTP2() {
         do {
             self.socket?.session = try EchoServerSession.make(for: self)
         } catch {
-            self.socket?.close(reason: Status(code: .internal, message: "nghttp2 server session: \(error)"))
+            self.socket?.close(reason: CallStatus(code: .internal, message: "nghttp2 server session: \(error)"))
         }
     }
 
@@ -65,7 +65,7 @@ final class EchoServerConnection: HTTP2SocketOwner {
 
     func socketDidFlush() {}
 
-    func socketClosed(_ reason: Status) {
+    func socketClosed(_ reason: CallStatus) {
         for stream in self.streams.values { stream.cancelTimer() }
         self.streams.removeAll()
         self.listener.connectionClosed(self)
@@ -93,7 +93,7 @@ final class EchoServerConnection: HTTP2SocketOwner {
     }
 
     func close() {
-        self.socket?.close(reason: Status(code: .unavailable, message: "server closed the connection"))
+        self.socket?.close(reason: CallStatus(code: .unavailable, message: "server closed the connection"))
     }
 
     // MARK: from the callbacks

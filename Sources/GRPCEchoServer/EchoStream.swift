@@ -43,7 +43,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     /// Request messages as they arrived (the shared deframer splits them), and a failure that ends the call.
     var requestMessages: [[UInt8]] = []
     private var deframer: MessageDeframer
-    private var requestFailure: Status?
+    private var requestFailure: CallStatus?
     /// Response messages still to be generated on demand (`x-response-count`).
     var generateRemaining = 0
     /// Response headers went out; messages may follow.
@@ -130,12 +130,12 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         } catch {
             switch error {
             case .messageTooLarge(let length, let limit):
-                self.requestFailure = Status(
+                self.requestFailure = CallStatus(
                     code: .resourceExhausted, message: "request message of \(length) bytes exceeds \(limit)")
             case .compressedWithoutEncoding:
-                self.requestFailure = Status(code: .unimplemented, message: "compression is not supported")
+                self.requestFailure = CallStatus(code: .unimplemented, message: "compression is not supported")
             case .invalidFlag(let flag):
-                self.requestFailure = Status(code: .internal, message: "invalid message flag \(flag)")
+                self.requestFailure = CallStatus(code: .internal, message: "invalid message flag \(flag)")
             }
         }
         if self.echoesAsItArrives && !self.responseDone { self.echoArrivedMessages() }
@@ -242,7 +242,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         guard !self.answered, self.connection.streams[self.streamID] === self else { return }
         self.answered = true
         if self.requestFailure == nil && self.deframer.hasPartialMessage {
-            self.requestFailure = Status(code: .internal, message: "truncated message")
+            self.requestFailure = CallStatus(code: .internal, message: "truncated message")
         }
         if let failure = self.requestFailure {
             self.trailersOnly(code: failure.code.rawValue, message: failure.message)

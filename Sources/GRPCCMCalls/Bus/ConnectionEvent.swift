@@ -9,13 +9,13 @@ import GRPCCMWire
 public enum ConnectionEvent: Sendable {
     /// A connection changed connectivity state. `reason` says why when it is a failure or a GOAWAY.
     case connectivityStateChanged(
-        service: String, connectionID: Int, from: ConnectivityState, to: ConnectivityState, reason: Status?)
+        service: String, connectionID: Int, from: ConnectivityState, to: ConnectivityState, reason: CallStatus?)
     /// A connection attempt to `address` began.
-    case connectAttemptStarted(service: String, connectionID: Int, address: SocketAddress)
+    case connectAttemptStarted(service: String, connectionID: Int, address: NetworkAddress)
     /// The attempt completed: the server's SETTINGS arrived.
-    case connectAttemptSucceeded(service: String, connectionID: Int, address: SocketAddress)
+    case connectAttemptSucceeded(service: String, connectionID: Int, address: NetworkAddress)
     /// The attempt failed with `error`; the next one waits `backoff`.
-    case connectAttemptFailed(service: String, connectionID: Int, address: SocketAddress, error: Status, backoff: Duration)
+    case connectAttemptFailed(service: String, connectionID: Int, address: NetworkAddress, error: CallStatus, backoff: Duration)
     /// A keepalive PING went unanswered for `keepAliveTimeout`; the connection was closed.
     case keepaliveTimeout(service: String, connectionID: Int)
     /// The server sent GOAWAY. `tooManyPings` means it asked us to ping less: keepalive time was doubled.
@@ -23,13 +23,13 @@ public enum ConnectionEvent: Sendable {
     /// A call started (attempt 1 is the first).
     case callStarted(service: String, path: String, attempt: Int)
     /// One attempt of a call ended with `status` (each retry is another attempt).
-    case attemptFinished(service: String, path: String, status: Status, attempt: Int)
+    case attemptFinished(service: String, path: String, status: CallStatus, attempt: Int)
     /// The retry handler will send attempt `attempt` after `delay`, because the previous one ended with `status`.
-    case retryScheduled(service: String, path: String, attempt: Int, delay: Duration, status: Status)
+    case retryScheduled(service: String, path: String, attempt: Int, delay: Duration, status: CallStatus)
     /// A call ended with `status` after `duration` and `attempts` attempts (0: refused by the circuit breaker
     /// before any attempt). `sentBytes`/`receivedBytes` count message bytes over all attempts.
     case callFinished(
-        service: String, path: String, status: Status, duration: Duration, attempts: Int, sentBytes: Int,
+        service: String, path: String, status: CallStatus, duration: Duration, attempts: Int, sentBytes: Int,
         receivedBytes: Int)
     /// The circuit breaker of a service and method changed state (CLOSED, OPEN, HALF_OPEN).
     case circuitBreakerStateChanged(service: String, path: String, from: CircuitBreakerState, to: CircuitBreakerState)

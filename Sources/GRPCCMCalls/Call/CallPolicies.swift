@@ -7,7 +7,7 @@ package protocol CallAdmission: AnyObject {
     func admit(service: String, path: String) -> CallPermit?
     /// The call admitted with `permit` ended with `status` after `duration`. `cancelledByClient`: the caller
     /// cancelled it, which says nothing about the server's health.
-    func callEnded(_ permit: CallPermit, service: String, path: String, status: Status, duration: Duration, cancelledByClient: Bool)
+    func callEnded(_ permit: CallPermit, service: String, path: String, status: CallStatus, duration: Duration, cancelledByClient: Bool)
 }
 
 /// What admission handed out: whether the call is a half-open probe, and the state it was admitted under (an outcome
@@ -27,14 +27,14 @@ package protocol RetryAdvisor: AnyObject {
     /// The deadline of each attempt of `path` (nil: only the call's own).
     func perAttemptTimeout(path: String) -> Duration?
     /// An attempt ended (the throttle learns from every one).
-    func attemptEnded(service: String, path: String, status: Status)
+    func attemptEnded(service: String, path: String, status: CallStatus)
     /// The wait before the next attempt, or nil when the call ends here.
     /// - Parameters:
     ///   - attempt: The attempt that just ended (1 = the first).
     ///   - attemptTimedOut: The attempt's own timeout ended it (the only retryable DEADLINE_EXCEEDED).
     ///   - deadline: The call's deadline (0 = none); a retry that could not start before it is not made.
     func retryDelay(
-        service: String, path: String, status: Status, trailers: Metadata, attempt: Int, attemptTimedOut: Bool,
+        service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, attemptTimedOut: Bool,
         deadline: UInt64, now: UInt64
     ) -> Duration?
 }

@@ -17,7 +17,7 @@ package protocol CallRouter: AnyObject {
     /// Closing or closed: no attempt starts any more, none is retried.
     var isClosing: Bool { get }
     /// Why new attempts fail while closing.
-    var closingStatus: Status { get }
+    var closingStatus: CallStatus { get }
 }
 
 /// Everything a channel's calls share: the reactor, where they go, the bus they report to, the policies they ask.

@@ -31,7 +31,7 @@ package struct CallStateMachine: Sendable {
         case created
         case waiting(Attempt)
         case open(Attempt, committed: Bool)
-        case backingOff(next: Attempt, lastStatus: Status)
+        case backingOff(next: Attempt, lastStatus: CallStatus)
         case finished
     }
 
@@ -104,11 +104,11 @@ package struct CallStateMachine: Sendable {
         /// Route attempt 1.
         case route
         /// Refused before any attempt: complete with this status.
-        case finish(Status)
+        case finish(CallStatus)
     }
 
     /// The call starts; `refusal` is why it may not (invalid, closing, the breaker), nil when admitted.
-    package mutating func start(refusal: Status?) -> OnStart {
+    package mutating func start(refusal: CallStatus?) -> OnStart {
         guard case .created = self.state else { return .none }
         if let refusal {
             self.state = .finished
@@ -137,14 +137,14 @@ package struct CallStateMachine: Sendable {
         /// Wait `delay`, then report `backoffElapsed`.
         case retryAfter(Duration)
         /// The call is over with this status.
-        case finish(Status)
+        case finish(CallStatus)
     }
 
     /// The current attempt ended with `status`: its stream closed, failed or was abandoned, or routing failed.
     /// - Parameters:
     ///   - unprocessed: The server provably never processed it (REFUSED_STREAM, nothing received).
     ///   - retryDelay: The retry policy's answer when it was asked (`mayRetryByPolicy`), else nil.
-    package mutating func attemptEnded(status: Status, unprocessed: Bool, retryDelay: Duration?) -> OnAttemptEnded {
+    package mutating func attemptEnded(status: CallStatus, unprocessed: Bool, retryDelay: Duration?) -> OnAttemptEnded {
         let attempt: Attempt
         switch self.state {
         case .waiting(let current), .open(let current, _): attempt = current
@@ -167,7 +167,7 @@ package struct CallStateMachine: Sendable {
         /// Route the next attempt.
         case route
         /// Closing meanwhile: end with the last attempt's status.
-        case finish(Status)
+        case finish(CallStatus)
     }
 
     /// The wait between attempts is over.
@@ -184,7 +184,7 @@ package struct CallStateMachine: Sendable {
     package enum OnEnded: Equatable {
         case none
         /// Finish with the status; first reset the open stream (CANCEL), stop waiting for one, or stop the backoff.
-        case finish(Status, abandoning: Abandon)
+        case finish(CallStatus, abandoning: Abandon)
     }
 
     /// What to let go of when a call ends from outside its stream.
@@ -197,7 +197,7 @@ package struct CallStateMachine: Sendable {
 
     /// The deadline passed, the caller cancelled, or the channel was closed for good: the call ends with `status`
     /// wherever it is.
-    package mutating func ended(_ status: Status) -> OnEnded {
+    package mutating func ended(_ status: CallStatus) -> OnEnded {
         let abandon: Abandon
         switch self.state {
         case .finished: return .none
@@ -212,7 +212,7 @@ package struct CallStateMachine: Sendable {
 
     /// The channel began to close gracefully: an open attempt runs to its end but is never retried; a waiting or
     /// backing-off call ends now (with `status`, or the last attempt's status while backing off).
-    package mutating func closing(_ status: Status) -> OnEnded {
+    package mutating func closing(_ status: CallStatus) -> OnEnded {
         self.closing = true
         switch self.state {
         case .waiting:

@@ -49,14 +49,14 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
 
     /// What a callback reader has yet to hear, in order.
     private enum CallbackPart {
-        case metadata(Metadata)
+        case metadata(CallMetadata)
         case message([UInt8])
         case writable
     }
 
     package let environment: CallEnvironment
     package let path: String
-    package let metadata: Metadata
+    package let metadata: CallMetadata
     /// The request message of a call whose request is one message (empty when the requests are streamed).
     private let request: [UInt8]
     /// Messages written while the call runs, and buffered responses; nil for unary and callback server streaming.
@@ -74,7 +74,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     package var previousAttemptsElsewhere = 0
     /// Set when the request is invalid (bad path, metadata, size): the call fails before anything is sent.
     @exclusivity(unchecked)
-    package var invalid: Status?
+    package var invalid: CallStatus?
 
     @exclusivity(unchecked)
     private var machine: CallStateMachine
@@ -92,7 +92,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     private var extraMessages = false
     /// A failure found while receiving (oversized, bad flag, headers too large); the attempt ends with it.
     @exclusivity(unchecked)
-    private var localFailure: Status?
+    private var localFailure: CallStatus?
     /// Bytes of the framed single request handed to nghttp2.
     @exclusivity(unchecked)
     private var sendOffset = 0
@@ -145,7 +145,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     /// - Parameters:
     ///   - request: The one request message, or nil when `buffers` carries a request stream.
     package init(
-        environment: CallEnvironment, path: String, metadata: Metadata, request: [UInt8]?, deadline: UInt64,
+        environment: CallEnvironment, path: String, metadata: CallMetadata, request: [UInt8]?, deadline: UInt64,
         maxReceiveMessageSize: Int, waitForReady: Bool, delivery: Delivery = .single, buffers: StreamBuffers? = nil,
         onWritable: (@Sendable () -> Void)? = nil, completion: @escaping @Sendable (UnaryResponse) -> Void
     ) {
@@ -191,20 +191,20 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     /// Starts the call on the reactor thread.
     package func start() {
         let environment = self.environment
-        var refusal: Status? = nil
+        var refusal: CallStatus? = nil
         if let invalid = self.invalid {
             refusal = invalid
         } else if environment.router.isClosing {
             refusal = environment.router.closingStatus
         } else if self.reactor.isStopping {
-            refusal = Status(code: .unavailable, message: "the event loop is shutting down")
+            refusal = CallStatus(code: .unavailable, message: "the event loop is shutting down")
         } else {
             self.startedAt = Reactor.clock()
             environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
             if let admission = environment.policies.admission {
                 self.permit = admission.admit(service: environment.service, path: self.path)
                 // Refused without touching the network; reported as a call with no attempt.
-                if self.permit == nil { refusal = Status(code: .unavailable, message: "circuit breaker is open") }
+                if self.permit == nil { refusal = CallStatus(code: .unavailable, message: "circuit breaker is open") }
             }
         }
         switch self.machine.start(refusal: refusal) {
@@ -270,7 +270,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         if self.deadline != 0 {
             let remaining = Int64(bitPattern: self.deadline &- Reactor.clock())
             if remaining <= 0 {
-                self.end(Status(code: .deadlineExceeded, message: "deadline exceeded before the call was sent"))
+                self.end(CallStatus(code: .deadlineExceeded, message: "deadline exceeded before the call was sent"))
                 return .done
             }
             timeout = remaining
@@ -293,14 +293,14 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     }
 
     /// The router could not route the attempt (every connection failed, the queue is full, the channel closed).
-    package func routeFailed(_ status: Status) {
+    package func routeFailed(_ status: CallStatus) {
         guard self.machine.isWaiting else { return }
         self.attemptEnded(UnaryResponse(status: status), unprocessed: false)
     }
 
     /// The channel began to close gracefully: a call waiting for a stream or between attempts ends now, an open one
     /// runs to its end and is not retried.
-    package func channelClosing(_ status: Status) {
+    package func channelClosing(_ status: CallStatus) {
         self.perform(self.machine.closing(status))
     }
 
@@ -321,29 +321,29 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
             self.attemptTimedOut = true
             self.abandonAttempt()
             self.attemptEnded(
-                UnaryResponse(status: Status(code: .deadlineExceeded, message: "attempt timed out"),
+                UnaryResponse(status: CallStatus(code: .deadlineExceeded, message: "attempt timed out"),
                     initialMetadata: self.head.initialMetadata),
                 unprocessed: false)
         default:
             // The call's deadline: final, whatever attempt is running, waiting or backing off.
             self.deadlineTimer = 0
-            self.end(Status(code: .deadlineExceeded, message: "deadline exceeded"))
+            self.end(CallStatus(code: .deadlineExceeded, message: "deadline exceeded"))
         }
     }
 
     /// Ends the call with `status` wherever it is (deadline, cancel, a channel closed for good).
-    package func end(_ status: Status) {
+    package func end(_ status: CallStatus) {
         self.perform(self.machine.ended(status))
     }
 
     /// Cancels from any thread: inline on the reactor thread, else handed to it. A streaming call that is known to
     /// have ended costs no hand-off at all.
-    package func cancelFromAnyThread(_ status: Status = Status(code: .cancelled, message: "cancelled by the client")) {
+    package func cancelFromAnyThread(_ status: CallStatus = CallStatus(code: .cancelled, message: "cancelled by the client")) {
         self.failFromAnyThread(status, byClient: true)
     }
 
     /// Ends the call with `status` from any thread.
-    package func failFromAnyThread(_ status: Status, byClient: Bool = false) {
+    package func failFromAnyThread(_ status: CallStatus, byClient: Bool = false) {
         if self.buffers?.isFinished == true { return }
         let reactor = self.reactor
         if reactor.inReactorThread {
@@ -384,7 +384,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         if self.queued { self.environment.router.withdraw(self) }
     }
 
-    private func reportAttempt(_ status: Status) {
+    private func reportAttempt(_ status: CallStatus) {
         let environment = self.environment
         environment.policies.retry?.attemptEnded(service: environment.service, path: self.path, status: status)
         environment.bus.publishCallEvent(
@@ -519,7 +519,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     }
 
     /// The reactor refused the call (it has stopped): it ends without one.
-    package func finishWithoutReactor(_ status: Status) {
+    package func finishWithoutReactor(_ status: CallStatus) {
         self.machine = CallStateMachine(requestsStreamed: self.requestsStreamed)
         _ = self.machine.ended(status)
         self.result = UnaryResponse(status: status)
@@ -561,7 +561,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
 
     package func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
         if self.head.header(name: name, value: value) { return true }
-        self.localFailure = Status(
+        self.localFailure = CallStatus(
             code: .resourceExhausted,
             message: "response header block exceeds maxHeaderListSize (\(self.head.maxHeaderListSize) bytes)")
         return false
@@ -616,20 +616,20 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
             if case .buffered = self.delivery { consumeNow = self.buffers!.received(bytes.count) }
             if consumeNow > 0 { stream.consume(consumeNow) }
         } catch {
-            let status: Status
+            let status: CallStatus
             switch error {
             case .messageTooLarge(let length, let limit):
-                status = Status(
+                status = CallStatus(
                     code: .resourceExhausted,
                     message: "response message of \(length) bytes exceeds the receive limit of \(limit) bytes")
             case .compressedWithoutEncoding:
-                status = Status(
+                status = CallStatus(
                     code: .internal,
                     message: self.head.grpcEncoding.map {
                         "compressed message received with grpc-encoding \"\($0)\", which the client did not offer"
                     } ?? "compressed message received without a grpc-encoding header")
             case .invalidFlag(let flag):
-                status = Status(code: .internal, message: "invalid message flag \(flag) in response")
+                status = CallStatus(code: .internal, message: "invalid message flag \(flag) in response")
             }
             self.localFailure = status
             self.stream = nil
@@ -647,7 +647,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         self.attemptEnded(self.finalResponse(errorCode: errorCode), unprocessed: unprocessed)
     }
 
-    package func streamFailed(_ reason: Status) {
+    package func streamFailed(_ reason: CallStatus) {
         guard self.stream != nil else { return }
         self.attemptEnded(UnaryResponse(status: reason, initialMetadata: self.head.initialMetadata), unprocessed: false)
     }
@@ -657,12 +657,12 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         var status = self.localFailure ?? self.head.status(errorCode: errorCode)
         if status.isOK {
             if self.deframer.hasPartialMessage {
-                status = Status(code: .internal, message: "stream ended in the middle of a message")
+                status = CallStatus(code: .internal, message: "stream ended in the middle of a message")
             } else if case .single = self.delivery {
                 if self.extraMessages {
-                    status = Status(code: .internal, message: "expected one response message, received more")
+                    status = CallStatus(code: .internal, message: "expected one response message, received more")
                 } else if self.responseMessage == nil {
-                    status = Status(code: .internal, message: "expected one response message, the call ended with OK but none")
+                    status = CallStatus(code: .internal, message: "expected one response message, the call ended with OK but none")
                 }
             }
         }

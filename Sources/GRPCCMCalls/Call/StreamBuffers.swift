@@ -5,7 +5,7 @@ import GRPCCMWire
 /// One piece of a streaming response, in the order the application sees them: `.metadata` (unless the response
 /// is trailers-only), any number of `.message`, then exactly one `.end`.
 package enum ResponsePart: Sendable {
-    case metadata(Metadata)
+    case metadata(CallMetadata)
     case message([UInt8])
     case end(StreamResult)
 }
@@ -71,22 +71,22 @@ package final class StreamBuffers: @unchecked Sendable {
         /// Buffered, but the buffer is full: wait before writing more.
         case acceptedFull
         /// Dropped: the requests were closed, or the call ended.
-        case refused(RPCError)
+        case refused(CallError)
     }
 
     /// Buffers one message for sending. Any thread.
     package func write(_ message: [UInt8]) -> WriteOutcome {
         if message.count > self.maxSendMessageSize {
-            let status = Status(
+            let status = CallStatus(
                 code: .resourceExhausted,
                 message: "request message of \(message.count) bytes exceeds the send limit of \(self.maxSendMessageSize) bytes")
             self.waker.fail(status)
-            return .refused(RPCError(status: status))
+            return .refused(CallError(status: status))
         }
         let (outcome, wake) = self.state.withLock { state -> (WriteOutcome, Bool) in
-            if let result = state.result { return (.refused(RPCError(status: result.status, trailers: result.trailingMetadata)), false) }
+            if let result = state.result { return (.refused(CallError(status: result.status, trailers: result.trailingMetadata)), false) }
             if state.halfClosed {
-                return (.refused(RPCError(status: Status(code: .failedPrecondition, message: "the requests were already closed"))), false)
+                return (.refused(CallError(status: CallStatus(code: .failedPrecondition, message: "the requests were already closed"))), false)
             }
             state.outbox.append(message)
             state.outboxBytes += message.count + 5
@@ -99,7 +99,7 @@ package final class StreamBuffers: @unchecked Sendable {
     }
 
     /// Buffers `message`, then suspends while the send buffer is full; cancelling the task runs `cancel`.
-    /// - Throws: `RPCError` when the call has ended or the requests were closed.
+    /// - Throws: `CallError` when the call has ended or the requests were closed.
     package func writeWaitingForRoom(_ message: [UInt8], cancel: @escaping @Sendable () -> Void) async throws {
         switch self.write(message) {
         case .accepted: return
@@ -116,8 +116,8 @@ package final class StreamBuffers: @unchecked Sendable {
     /// Suspends while the send buffer is full. Returns at once when it is not; throws when the call ends.
     package func waitUntilWritable() async throws {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let resume: Result<Void, RPCError>? = self.state.withLock { state in
-                if let result = state.result { return .failure(RPCError(status: result.status, trailers: result.trailingMetadata)) }
+            let resume: Result<Void, CallError>? = self.state.withLock { state in
+                if let result = state.result { return .failure(CallError(status: result.status, trailers: result.trailingMetadata)) }
                 if state.outboxBytes < self.limit { return .success(()) }
                 state.writeWaiters.append(continuation)
                 return nil
@@ -261,7 +261,7 @@ package final class StreamBuffers: @unchecked Sendable {
     }
 
     /// Response headers (not trailers-only) arrived.
-    package func deliverMetadata(_ metadata: Metadata) {
+    package func deliverMetadata(_ metadata: CallMetadata) {
         self.append(.metadata(metadata), bytes: 0)
     }
 
@@ -312,7 +312,7 @@ package final class StreamBuffers: @unchecked Sendable {
             if reader == nil { state.inbox.append(.end(result)) }
             return (writers, reader, resultWaiters)
         }
-        let error = RPCError(status: result.status, trailers: result.trailingMetadata)
+        let error = CallError(status: result.status, trailers: result.trailingMetadata)
         for writer in writers { writer.resume(throwing: error) }
         reader?.resume(returning: .end(result))
         for waiter in resultWaiters { waiter.resume(returning: result) }

@@ -30,7 +30,7 @@ package final class StreamWaker: ReactorHandler, @unchecked Sendable {
     }
 
     /// A write broke a rule that ends the call (a message over the send limit).
-    func fail(_ status: Status) {
+    func fail(_ status: CallStatus) {
         self.call?.failFromAnyThread(status)
     }
 }

@@ -6,7 +6,7 @@ import GRPCCMWire
 /// the async form to read at your own pace).
 public struct StreamingCallbacks: Sendable {
     /// Response headers, once, before the first message (not called for a trailers-only response).
-    public var onInitialMetadata: @Sendable (Metadata) -> Void
+    public var onInitialMetadata: @Sendable (CallMetadata) -> Void
     /// Each response message, in order. Its bytes return to the server's flow-control window as they arrive: the
     /// reactor is the pace of a callback reader (read with the async form to hold the server back).
     public var onMessage: @Sendable ([UInt8]) -> Void
@@ -16,7 +16,7 @@ public struct StreamingCallbacks: Sendable {
     public var onFinish: @Sendable (StreamResult) -> Void
 
     public init(
-        onInitialMetadata: @escaping @Sendable (Metadata) -> Void = { _ in },
+        onInitialMetadata: @escaping @Sendable (CallMetadata) -> Void = { _ in },
         onMessage: @escaping @Sendable ([UInt8]) -> Void,
         onWritable: @escaping @Sendable () -> Void = {},
         onFinish: @escaping @Sendable (StreamResult) -> Void

@@ -33,14 +33,14 @@ package struct ConnectionStateMachine {
         case idle
         case connecting
         case ready
-        case transientFailure(Status)
+        case transientFailure(CallStatus)
         case shutdown
     }
 
     private var internalState: State = .idle
     private var backoff: Backoff
     /// The last connect or connection error, for fail-fast messages and health reports.
-    package private(set) var lastError: Status?
+    package private(set) var lastError: CallStatus?
 
     package init(backoff: Backoff.Configuration) {
         self.backoff = Backoff(backoff)
@@ -90,11 +90,11 @@ package struct ConnectionStateMachine {
     package enum OnFailure: Equatable {
         case none
         /// Now TRANSIENT_FAILURE: wait `delay`, then report `backoffElapsed`; fail the fail-fast calls that wait.
-        case backoff(delay: Duration, error: Status)
+        case backoff(delay: Duration, error: CallStatus)
     }
 
     /// The attempt failed (refused, timed out, closed during the handshake). `randomUnit` is uniform in [0, 1).
-    package mutating func connectFailed(_ error: Status, randomUnit: Double) -> OnFailure {
+    package mutating func connectFailed(_ error: CallStatus, randomUnit: Double) -> OnFailure {
         guard case .connecting = self.internalState else { return .none }
         self.internalState = .transientFailure(error)
         self.lastError = error
@@ -102,7 +102,7 @@ package struct ConnectionStateMachine {
     }
 
     /// An established connection failed: keepalive timeout, EOF, a read or protocol error.
-    package mutating func connectionLost(_ error: Status, randomUnit: Double) -> OnFailure {
+    package mutating func connectionLost(_ error: CallStatus, randomUnit: Double) -> OnFailure {
         switch self.internalState {
         case .connecting:
             return self.connectFailed(error, randomUnit: randomUnit)

@@ -7,7 +7,7 @@ import Synchronization
 package protocol TransportConnector: Sendable {
     /// A new, unconnected connection to `address`; it reports to `delegate`.
     func makeTransport(
-        address: SocketAddress, id: Int, keepAliveTime: Duration, delegate: any HTTP2TransportDelegate
+        address: NetworkAddress, id: Int, keepAliveTime: Duration, delegate: any HTTP2TransportDelegate
     ) -> any HTTP2Transport
 }
 
@@ -30,7 +30,7 @@ package struct HTTP2Connector: TransportConnector {
     }
 
     package func makeTransport(
-        address: SocketAddress, id: Int, keepAliveTime: Duration, delegate: any HTTP2TransportDelegate
+        address: NetworkAddress, id: Int, keepAliveTime: Duration, delegate: any HTTP2TransportDelegate
     ) -> any HTTP2Transport {
         let connection = HTTP2ClientConnection(
             reactor: self.reactor, address: address, authority: self.authority, id: id, settings: self.settings,

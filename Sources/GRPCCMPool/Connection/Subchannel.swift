@@ -6,7 +6,7 @@ import GRPCCMWire
 /// What a subchannel tells its pool. Reactor thread.
 package protocol SubchannelDelegate: AnyObject {
     /// The subchannel changed connectivity state.
-    func subchannel(_ subchannel: Subchannel, changedFrom old: ConnectivityState, to new: ConnectivityState, reason: Status?)
+    func subchannel(_ subchannel: Subchannel, changedFrom old: ConnectivityState, to new: ConnectivityState, reason: CallStatus?)
     /// Its connection may take more streams now.
     func subchannelHasCapacity(_ subchannel: Subchannel)
     /// Whether calls wait for a connection (decides between reconnecting and resting in IDLE after a backoff).
@@ -32,7 +32,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     /// subchannels and detaches itself before it goes.
     @exclusivity(unchecked)
     package unowned(unsafe) var delegate: (any SubchannelDelegate)?
-    package let address: SocketAddress
+    package let address: NetworkAddress
     package let service: String
     private let connector: any TransportConnector
     private let bus: LocalEventBus
@@ -63,7 +63,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     package static let maximumKeepAliveTime: Duration = .seconds(4 * 3600)
 
     package init(
-        reactor: Reactor, address: SocketAddress, service: String, connector: any TransportConnector, bus: LocalEventBus,
+        reactor: Reactor, address: NetworkAddress, service: String, connector: any TransportConnector, bus: LocalEventBus,
         connectionIDs: ConnectionIDSource, backoff: Backoff.Configuration, keepAliveTime: Duration, idleTimeout: Duration
     ) {
         self.reactor = reactor
@@ -80,12 +80,12 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     deinit {
         for transport in [self.transport].compactMap({ $0 }) + Array(self.draining.values) {
             transport.detachDelegate()
-            transport.close(reason: Status(code: .unavailable, message: "connection abandoned"))
+            transport.close(reason: CallStatus(code: .unavailable, message: "connection abandoned"))
         }
     }
 
     package var state: ConnectivityState { self.machine.state }
-    package var lastError: Status? { self.machine.lastError }
+    package var lastError: CallStatus? { self.machine.lastError }
 
     /// Streams that may open on the current connection now.
     package var availableStreams: Int {
@@ -125,7 +125,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
 
     /// Closes for good (SHUTDOWN). Graceful: the connections finish their open streams first (GOAWAY tells the
     /// server); otherwise they close now and their streams fail with `reason`.
-    package func shutdown(reason: Status, graceful: Bool) {
+    package func shutdown(reason: CallStatus, graceful: Bool) {
         let old = self.machine.state
         if self.machine.shutdownRequested() == .close {
             self.cancelTimers()
@@ -150,7 +150,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     private func startAttempt() {
         if self.reactor.isStopping {
             // No new connection on a loop that is going away: fail the attempt as a refused connect would.
-            self.connectFailed(Status(code: .unavailable, message: "the event loop is shutting down"), id: 0)
+            self.connectFailed(CallStatus(code: .unavailable, message: "the event loop is shutting down"), id: 0)
             return
         }
         let id = self.connectionIDs.next()
@@ -162,7 +162,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         transport.connect()
     }
 
-    private func transition(from old: ConnectivityState, reason: Status?) {
+    private func transition(from old: ConnectivityState, reason: CallStatus?) {
         let new = self.machine.state
         guard old != new else { return }
         self.bus.publish(
@@ -223,8 +223,8 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
             let old = self.machine.state
             guard self.machine.idleTimeoutElapsed() == .close else { return }
             self.transport = nil
-            transport.close(reason: Status(code: .unavailable, message: "idle timeout"))
-            self.transition(from: old, reason: Status(code: .ok, message: "idle timeout"))
+            transport.close(reason: CallStatus(code: .unavailable, message: "idle timeout"))
+            self.transition(from: old, reason: CallStatus(code: .ok, message: "idle timeout"))
         default:
             break
         }
@@ -256,7 +256,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         self.draining[ObjectIdentifier(transport)] = transport
         let old = self.machine.state
         if self.machine.goAwayReceived() == .drain {
-            self.transition(from: old, reason: Status(code: .unavailable, message: "GOAWAY \(HTTP2ErrorCode.name(errorCode))"))
+            self.transition(from: old, reason: CallStatus(code: .unavailable, message: "GOAWAY \(HTTP2ErrorCode.name(errorCode))"))
         }
     }
 
@@ -266,7 +266,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     }
 
     package func transportClosed(
-        _ transport: any HTTP2Transport, reason: Status, wasReady: Bool, keepaliveTimedOut: Bool
+        _ transport: any HTTP2Transport, reason: CallStatus, wasReady: Bool, keepaliveTimedOut: Bool
     ) {
         if self.draining.removeValue(forKey: ObjectIdentifier(transport)) != nil { return }
         guard transport === self.transport else { return }
@@ -283,7 +283,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         }
     }
 
-    private func connectFailed(_ reason: Status, id: Int) {
+    private func connectFailed(_ reason: CallStatus, id: Int) {
         let old = self.machine.state
         let action = self.machine.connectFailed(reason, randomUnit: Double.random(in: 0..<1, using: &self.generator))
         if case .backoff(let delay, let error) = action {

@@ -8,14 +8,14 @@ import GRPCCMWire
 /// a failed resolution leaves wait-for-ready calls waiting. Numeric addresses and Unix paths are never resolved.
 /// The seam exists so that other resolvers (c-ares on the loop, a registry) can replace getaddrinfo.
 package protocol AddressResolver: Sendable {
-    func resolve(_ target: Target) -> Result<[SocketAddress], Status>
+    func resolve(_ target: Target) -> Result<[NetworkAddress], CallStatus>
 }
 
 /// getaddrinfo, as the C library is configured (`/etc/hosts`, `/etc/resolv.conf`): A and AAAA records.
 package struct SystemResolver: AddressResolver {
     package init() {}
 
-    package func resolve(_ target: Target) -> Result<[SocketAddress], Status> {
+    package func resolve(_ target: Target) -> Result<[NetworkAddress], CallStatus> {
         target.resolveBlocking()
     }
 }

@@ -56,7 +56,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private let connectionIDs: ConnectionIDSource
 
     @exclusivity(unchecked)
-    private var addresses: [SocketAddress]?
+    private var addresses: [NetworkAddress]?
     @exclusivity(unchecked)
     private var subchannels: [Subchannel] = []
     @exclusivity(unchecked)
@@ -74,9 +74,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     @exclusivity(unchecked)
     private(set) var closed = false
     @exclusivity(unchecked)
-    package private(set) var closingStatus = Status(code: .unavailable, message: "the connection is closed")
+    package private(set) var closingStatus = CallStatus(code: .unavailable, message: "the connection is closed")
     @exclusivity(unchecked)
-    private var resolutionError: Status?
+    private var resolutionError: CallStatus?
     /// Set by `connectAll()`: connect as soon as addresses are known, calls or not.
     @exclusivity(unchecked)
     private var eager = false
@@ -123,7 +123,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         return .transientFailure
     }
 
-    package var lastError: Status? {
+    package var lastError: CallStatus? {
         self.resolutionError ?? self.subchannels.lazy.compactMap(\.lastError).first
     }
 
@@ -167,7 +167,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     package func route(_ call: ClientCall) {
         if self.isClosing {
-            call.routeFailed(self.closed ? self.closingStatus : Status(code: .unavailable, message: "the event loop is shutting down"))
+            call.routeFailed(self.closed ? self.closingStatus : CallStatus(code: .unavailable, message: "the event loop is shutting down"))
             return
         }
         if self.open(call) { return }
@@ -179,7 +179,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
         guard self.queue.enqueue(call) else {
             call.routeFailed(
-                Status(
+                CallStatus(
                     code: .resourceExhausted,
                     message: "too many calls waiting for a connection (maxQueuedCalls \(self.settings.maxQueuedCalls))"))
             return
@@ -213,8 +213,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         !self.subchannels.isEmpty && self.subchannels.allSatisfy { $0.state == .transientFailure }
     }
 
-    private func failFastStatus() -> Status {
-        Status(code: .unavailable, message: self.lastError?.message ?? "no connection available")
+    private func failFastStatus() -> CallStatus {
+        CallStatus(code: .unavailable, message: self.lastError?.message ?? "no connection available")
     }
 
     /// Hands waiting calls to connections that can take them, in order.
@@ -245,7 +245,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     // MARK: resolution
 
-    private func install(_ addresses: [SocketAddress]) {
+    private func install(_ addresses: [NetworkAddress]) {
         self.addresses = addresses
         let wanted = addresses.flatMap { Array(repeating: $0, count: self.settings.connectionsPerTarget) }
         // Keep subchannels whose address is still there; close the others.
@@ -265,7 +265,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
         self.subchannels = next
         for stale in remaining {
-            stale.shutdown(reason: Status(code: .unavailable, message: "address no longer resolved"), graceful: true)
+            stale.shutdown(reason: CallStatus(code: .unavailable, message: "address no longer resolved"), graceful: true)
         }
     }
 
@@ -285,7 +285,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
     }
 
-    private func resolved(_ result: Result<[SocketAddress], Status>) {
+    private func resolved(_ result: Result<[NetworkAddress], CallStatus>) {
         self.resolving = false
         guard !self.isClosing else { return }
         switch result {
@@ -314,7 +314,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     package var hasWaitingCalls: Bool { !self.queue.isEmpty }
 
     package func subchannel(
-        _ subchannel: Subchannel, changedFrom old: ConnectivityState, to new: ConnectivityState, reason: Status?
+        _ subchannel: Subchannel, changedFrom old: ConnectivityState, to new: ConnectivityState, reason: CallStatus?
     ) {
         guard !self.closed else { return }
         switch new {
@@ -343,7 +343,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// Stops taking calls. Graceful: calls on a stream run to their end (and are never retried), then the connections
     /// close; calls waiting for a stream or between attempts end now. Not graceful (or a second time): everything
     /// ends now with `reason`, draining connections and their calls included.
-    package func close(graceful: Bool, reason: Status = Status(code: .unavailable, message: "the connection is closed")) {
+    package func close(graceful: Bool, reason: CallStatus = CallStatus(code: .unavailable, message: "the connection is closed")) {
         if !self.closed {
             self.closed = true
             self.closingStatus = reason
@@ -371,6 +371,6 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// The reactor is stopping: every call ends now.
     package override func reactorRunSubmitted() {
         self.hooked = false
-        self.close(graceful: false, reason: Status(code: .unavailable, message: "the event loop is shutting down"))
+        self.close(graceful: false, reason: CallStatus(code: .unavailable, message: "the event loop is shutting down"))
     }
 }

@@ -68,17 +68,17 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// Addresses without a DNS lookup, when the host is numeric or a Unix path.
-    package var numericAddresses: [SocketAddress]? {
+    package var numericAddresses: [NetworkAddress]? {
         switch self.kind {
-        case .unix(let path): return [SocketAddress(unixPath: path)]
+        case .unix(let path): return [NetworkAddress(unixPath: path)]
         case .hostPort(let host, let port):
-            if let address = SocketAddress(ip: host, port: port) { return [address] }
+            if let address = NetworkAddress(ip: host, port: port) { return [address] }
             return nil
         }
     }
 
     /// Resolves with getaddrinfo. Blocking: never call it on the reactor thread.
-    package func resolveBlocking() -> Result<[SocketAddress], Status> {
+    package func resolveBlocking() -> Result<[NetworkAddress], CallStatus> {
         if let numeric = self.numericAddresses { return .success(numeric) }
         guard case .hostPort(let host, let port) = self.kind else { return .success([]) }
         var hints = addrinfo()
@@ -88,10 +88,10 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
         let rc = getaddrinfo(host, String(port), &hints, &result)
         guard rc == 0, let first = result else {
             let reason = String(cString: gai_strerror(rc))
-            return .failure(Status(code: .unavailable, message: "name resolution failed for \(host): \(reason)"))
+            return .failure(CallStatus(code: .unavailable, message: "name resolution failed for \(host): \(reason)"))
         }
         defer { freeaddrinfo(first) }
-        var addresses: [SocketAddress] = []
+        var addresses: [NetworkAddress] = []
         var cursor: UnsafeMutablePointer<addrinfo>? = first
         var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
         while let info = cursor {
@@ -108,14 +108,14 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
                     }
                 }
                 let ip = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-                if let address = SocketAddress(ip: ip, port: port), !addresses.contains(address) {
+                if let address = NetworkAddress(ip: ip, port: port), !addresses.contains(address) {
                     addresses.append(address)
                 }
             }
             cursor = info.pointee.ai_next
         }
         if addresses.isEmpty {
-            return .failure(Status(code: .unavailable, message: "name resolution found no address for \(host)"))
+            return .failure(CallStatus(code: .unavailable, message: "name resolution found no address for \(host)"))
         }
         return .success(addresses)
     }

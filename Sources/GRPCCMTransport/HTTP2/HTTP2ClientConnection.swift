@@ -38,7 +38,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// owns this connection and detaches itself before it goes.
     @exclusivity(unchecked)
     package unowned(unsafe) var delegate: (any HTTP2TransportDelegate)?
-    package let address: SocketAddress
+    package let address: NetworkAddress
     package let id: Int
     package let settings: HTTP2ClientSettings
     /// Keepalive interval of this connection (the target's, doubled after `too_many_pings`).
@@ -86,7 +86,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     ///   - authority: `:authority` of every request.
     ///   - tls: The TLS context (nil: plaintext h2c) and the name for SNI and verification.
     package init(
-        reactor: Reactor, address: SocketAddress, authority: String, id: Int, settings: HTTP2ClientSettings,
+        reactor: Reactor, address: NetworkAddress, authority: String, id: Int, settings: HTTP2ClientSettings,
         keepAliveTime: Duration? = nil, tls: TLSContext? = nil, tlsServerName: String? = nil
     ) {
         self.reactor = reactor
@@ -106,7 +106,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         // Dropped without closing (its owner went away): the socket must not call back into this object.
         if let socket = self.socket {
             socket.detachOwner()
-            socket.close(reason: Status(code: .unavailable, message: "connection abandoned"))
+            socket.close(reason: CallStatus(code: .unavailable, message: "connection abandoned"))
         }
     }
 
@@ -133,7 +133,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             do {
                 tls = try TLSSession(context: context, serverName: self.tlsServerName, verifyName: self.tlsServerName)
             } catch {
-                self.connectionEnded(Status(code: .unavailable, message: "TLS setup for \(self.address) failed: \(error)"))
+                self.connectionEnded(CallStatus(code: .unavailable, message: "TLS setup for \(self.address) failed: \(error)"))
                 return
             }
         }
@@ -142,16 +142,16 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         socket.connect(to: self.address, userTimeout: self.settings.keepAliveTimeout)
     }
 
-    package func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> Status? {
+    package func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> CallStatus? {
         guard let http1 = Self.detectHTTP1(bytes) else { return nil }
         let hint = self.tlsContext == nil ? http1 : "server answered the TLS handshake with HTTP/1.x"
-        return Status(code: .unavailable, message: hint)
+        return CallStatus(code: .unavailable, message: hint)
     }
 
-    package func socketSecured(_ tls: TLSSession) -> Status? {
+    package func socketSecured(_ tls: TLSSession) -> CallStatus? {
         let alpn = tls.negotiatedProtocol
         guard alpn == "h2" else {
-            return Status(
+            return CallStatus(
                 code: .unavailable,
                 message: "server \(self.address) did not negotiate HTTP/2 through ALPN (selected "
                     + (alpn.isEmpty ? "nothing" : "\"\(alpn)\"") + ")")
@@ -164,7 +164,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         do {
             socket.session = try HTTP2ClientSessionFactory.make(for: self, settings: self.settings)
         } catch {
-            socket.close(reason: Status(code: .internal, message: "nghttp2 session: \(error)"))
+            socket.close(reason: CallStatus(code: .internal, message: "nghttp2 session: \(error)"))
         }
     }
 
@@ -174,11 +174,11 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
 
     package func socketDidFlush() {
         if self.state == .draining && self.streamsOnWire == 0 {
-            self.socket?.shutdown(reason: Status(code: .unavailable, message: self.goAwayDetail ?? "connection drained"))
+            self.socket?.shutdown(reason: CallStatus(code: .unavailable, message: self.goAwayDetail ?? "connection drained"))
         }
     }
 
-    package func socketClosed(_ reason: Status) {
+    package func socketClosed(_ reason: CallStatus) {
         self.connectionEnded(reason)
     }
 
@@ -201,7 +201,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             guard self.state == .ready || self.state == .draining else { return }
             self.keepaliveTimedOut = true
             self.close(
-                reason: Status(
+                reason: CallStatus(
                     code: .unavailable,
                     message: "keepalive: no PING ACK from \(self.address) within \(self.settings.keepAliveTimeout)"))
         case TimerTag.connect:
@@ -214,7 +214,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             default: phase = "HTTP/2 handshake (no SETTINGS from the server)"
             }
             self.close(
-                reason: Status(
+                reason: CallStatus(
                     code: .unavailable,
                     message: "connect to \(self.address) timed out after \(self.settings.connectTimeout) during the \(phase)"))
         default:
@@ -243,16 +243,16 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             return .opened(HTTP2StreamHandle(streamID: streamID, control: self))
         case .headerListTooLarge(let size):
             return .failed(
-                Status(
+                CallStatus(
                     code: .internal,
                     message: "request headers of \(size) bytes exceed the server's SETTINGS_MAX_HEADER_LIST_SIZE of \(peerLimit) bytes"))
         case .error(let code) where code == NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE.rawValue:
             self.startDraining(errorCode: 0, debugData: "stream ids exhausted")
             return .tryElsewhere
         case .error(let code) where code == NGHTTP2_ERR_INVALID_ARGUMENT.rawValue:
-            return .failed(Status(code: .internal, message: "request headers refused by nghttp2: \(String(cString: nghttp2_strerror(code)))"))
+            return .failed(CallStatus(code: .internal, message: "request headers refused by nghttp2: \(String(cString: nghttp2_strerror(code)))"))
         case .error(let code):
-            return .failed(Status(code: .unavailable, message: "could not open a stream: \(String(cString: nghttp2_strerror(code)))"))
+            return .failed(CallStatus(code: .unavailable, message: "could not open a stream: \(String(cString: nghttp2_strerror(code)))"))
         }
     }
 
@@ -387,7 +387,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     package func beginGracefulClose() {
         guard let socket = self.socket, let session = socket.session, self.state == .ready else {
             if self.state != .draining {
-                self.close(reason: Status(code: .unavailable, message: "connection closed"))
+                self.close(reason: CallStatus(code: .unavailable, message: "connection closed"))
             }
             return
         }
@@ -395,7 +395,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         nghttp2_submit_goaway(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, NGHTTP2_NO_ERROR.rawValue, nil, 0)
         socket.scheduleFlush()
         if self.streamsOnWire == 0 {
-            socket.shutdown(reason: Status(code: .unavailable, message: "connection closed"))
+            socket.shutdown(reason: CallStatus(code: .unavailable, message: "connection closed"))
         }
     }
 
@@ -403,7 +403,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.delegate = nil
     }
 
-    package func close(reason: Status) {
+    package func close(reason: CallStatus) {
         if self.state == .closed { return }
         if let socket = self.socket {
             socket.shutdown(reason: reason)  // ends in socketClosed → connectionEnded
@@ -413,7 +413,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     }
 
     /// Where every way of ending arrives, once: timers stop, open streams fail with `reason`, the delegate hears it.
-    private func connectionEnded(_ reason: Status) {
+    private func connectionEnded(_ reason: CallStatus) {
         if self.state == .closed { return }
         let wasReady = self.state == .ready || self.state == .draining
         self.state = .closed

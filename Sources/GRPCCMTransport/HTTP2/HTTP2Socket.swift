@@ -11,9 +11,9 @@ import Glibc
 /// thread only.
 package protocol HTTP2SocketOwner: AnyObject {
     /// The first bytes from the peer (ciphertext under TLS). A status refuses the peer (an HTTP/1.x answer, say).
-    func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> Status?
+    func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> CallStatus?
     /// The TLS handshake finished. A status refuses the peer (the client's ALPN check).
-    func socketSecured(_ tls: TLSSession) -> Status?
+    func socketSecured(_ tls: TLSSession) -> CallStatus?
     /// TCP is up and TLS (if any) is done: make the nghttp2 session now (`HTTP2Socket.session`).
     func socketReadyForHTTP2()
     /// Bytes were read and handed to nghttp2 (keepalive measures from the last read).
@@ -21,7 +21,7 @@ package protocol HTTP2SocketOwner: AnyObject {
     /// Output was written: the owner may notice that it has drained.
     func socketDidFlush()
     /// The socket is closed: fd closed, registration and nghttp2 session gone. The last call.
-    func socketClosed(_ reason: Status)
+    func socketClosed(_ reason: CallStatus)
 }
 
 /// One nghttp2 session over one nonblocking socket, for both ends: our client connections and the echo server's
@@ -121,14 +121,14 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
 
     /// Starts a nonblocking connect to `address`. Failures arrive as `socketClosed`.
     /// - Parameter userTimeout: TCP_USER_TIMEOUT for TCP sockets (unacknowledged writes fail the connection then).
-    package func connect(to address: SocketAddress, userTimeout: Duration?) {
+    package func connect(to address: NetworkAddress, userTimeout: Duration?) {
         precondition(self.state == .connecting && self.fd < 0)
         var inProgress: Int32 = 0
         let fd: Int32
         do {
             fd = try address.withSockAddr { cr_socket_connect($0, $1, &inProgress) }
         } catch {
-            self.close(reason: Status(code: .unavailable, message: "connect to \(self.peer) failed: \(error)"))
+            self.close(reason: CallStatus(code: .unavailable, message: "connect to \(self.peer) failed: \(error)"))
             return
         }
         if fd < 0 {
@@ -158,13 +158,13 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             self.reactor.addShutdownHook(self)
             return true
         } catch {
-            self.close(reason: Status(code: .unavailable, message: "\(error)"))
+            self.close(reason: CallStatus(code: .unavailable, message: "\(error)"))
             return false
         }
     }
 
-    package static func connectFailure(_ peer: String, errno code: Int32) -> Status {
-        Status(code: .unavailable, message: "connect to \(peer) failed: \(String(cString: strerror(code)))")
+    package static func connectFailure(_ peer: String, errno code: Int32) -> CallStatus {
+        CallStatus(code: .unavailable, message: "connect to \(peer) failed: \(String(cString: strerror(code)))")
     }
 
     private func transportConnected() {
@@ -191,7 +191,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
                 reason.contains("no application protocol")
                 ? "server \(self.peer) did not negotiate HTTP/2 through ALPN (no protocol in common with h2): \(reason)"
                 : "TLS handshake with \(self.peer) failed: \(reason)"
-            self.close(reason: Status(code: .unavailable, message: message))
+            self.close(reason: CallStatus(code: .unavailable, message: message))
         case .done:
             self.output.takeCiphertext(from: tls)
             if let refusal = self.owner?.socketSecured(tls) {
@@ -232,7 +232,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     private func readAvailable() {
         // The owner is the session's user data: it must outlive every nghttp2 callback of this read.
         guard let owner = self.owner else {
-            self.close(reason: Status(code: .unavailable, message: "connection abandoned"))
+            self.close(reason: CallStatus(code: .unavailable, message: "connection abandoned"))
             return
         }
         let buffer = self.reactor.readBuffer
@@ -240,7 +240,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             let n = cr_read(self.fd, buffer.baseAddress!, buffer.count)
             if n == -Int(EAGAIN) { break }
             if n < 0 {
-                self.close(reason: Status(code: .unavailable, message: "read from \(self.peer) failed: \(String(cString: strerror(Int32(-n))))"))
+                self.close(reason: CallStatus(code: .unavailable, message: "read from \(self.peer) failed: \(String(cString: strerror(Int32(-n))))"))
                 return
             }
             if n == 0 {
@@ -285,7 +285,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         if self.state == .closed { return false }
         if consumed < 0 {
             self.close(
-                reason: Status(
+                reason: CallStatus(
                     code: .unavailable,
                     message: "HTTP/2 protocol error from \(self.peer): \(String(cString: nghttp2_strerror(Int32(consumed))))"))
             return false
@@ -303,7 +303,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             } catch {
                 self.output.takeCiphertext(from: tls)
                 self.output.writeOnce(to: self.fd)
-                self.close(reason: Status(code: .unavailable, message: "TLS error from \(self.peer): \(error)"))
+                self.close(reason: CallStatus(code: .unavailable, message: "TLS error from \(self.peer): \(error)"))
                 return false
             }
             if n == 0 { return true }
@@ -319,7 +319,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     @exclusivity(unchecked)
     package var closeDetail: String?
 
-    private func closedByPeerStatus() -> Status {
+    private func closedByPeerStatus() -> CallStatus {
         let base: String
         switch self.state {
         case .connecting, .securing:
@@ -327,8 +327,8 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         default:
             base = "connection to \(self.peer) closed by the server"
         }
-        if let detail = self.closeDetail { return Status(code: .unavailable, message: "\(base) after \(detail)") }
-        return Status(code: .unavailable, message: base)
+        if let detail = self.closeDetail { return CallStatus(code: .unavailable, message: "\(base) after \(detail)") }
+        return CallStatus(code: .unavailable, message: base)
     }
 
     /// Asks for a write at the end of this turn.
@@ -357,9 +357,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         } catch {
             switch error {
             case .http2(let code):
-                self.close(reason: Status(code: .internal, message: "nghttp2: \(String(cString: nghttp2_strerror(code)))"))
+                self.close(reason: CallStatus(code: .internal, message: "nghttp2: \(String(cString: nghttp2_strerror(code)))"))
             default:
-                self.close(reason: Status(code: .unavailable, message: "TLS error: \(error)"))
+                self.close(reason: CallStatus(code: .unavailable, message: "TLS error: \(error)"))
             }
             return
         }
@@ -382,7 +382,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         } catch {
             let code: Int32
             if case .write(let errno) = error { code = errno } else { code = EIO }
-            self.close(reason: Status(code: .unavailable, message: "write to \(self.peer) failed: \(String(cString: strerror(code)))"))
+            self.close(reason: CallStatus(code: .unavailable, message: "write to \(self.peer) failed: \(String(cString: strerror(code)))"))
             return false
         }
         let moreFromHTTP2 = self.state == .open && (self.session.map { nghttp2_session_want_write($0) != 0 } ?? false)
@@ -409,7 +409,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
 
     /// Closes politely: GOAWAY (NO_ERROR) and, under TLS, close_notify go out first (best effort, one write), then
     /// the socket closes with `reason`.
-    package func shutdown(reason: Status) {
+    package func shutdown(reason: CallStatus) {
         if let session = self.session, self.fd >= 0, self.state == .open {
             nghttp2_session_terminate_session(session, NGHTTP2_NO_ERROR.rawValue)
             try? self.output.collect(from: session, tls: self.tls)
@@ -423,7 +423,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     }
 
     /// Closes now: the fd, the registration and the session go; the owner hears `socketClosed(reason)`.
-    package func close(reason: Status) {
+    package func close(reason: CallStatus) {
         if self.state == .closed { return }
         self.state = .closed
         if let registration = self.registration {
@@ -450,6 +450,6 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
 
     /// The reactor is stopping: GOAWAY and close_notify go out, then the socket closes.
     package override func reactorRunSubmitted() {
-        self.shutdown(reason: Status(code: .unavailable, message: "the event loop is shutting down"))
+        self.shutdown(reason: CallStatus(code: .unavailable, message: "the event loop is shutting down"))
     }
 }

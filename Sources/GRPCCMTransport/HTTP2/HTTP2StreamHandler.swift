@@ -26,20 +26,20 @@ package protocol HTTP2StreamHandler: AnyObject {
     /// provably never processed it (a reset before it started, or a stream above a GOAWAY's last stream id).
     func streamClosed(errorCode: UInt32)
     /// The connection went away under the stream (`reason` says how); nothing more will arrive.
-    func streamFailed(_ reason: Status)
+    func streamFailed(_ reason: CallStatus)
 }
 
 /// The request headers of a stream, as the attempt wants them sent. The transport adds the connection's fixed ones
 /// (`:method`, `:scheme`, `:authority`, `te`, `content-type`, `user-agent`).
 package struct RequestHead {
     package var path: String
-    package var metadata: Metadata
+    package var metadata: CallMetadata
     /// `grpc-timeout`, in nanoseconds (nil: none).
     package var timeoutNanoseconds: Int64?
     /// `grpc-previous-rpc-attempts` (0: not sent).
     package var previousRPCAttempts: Int
 
-    package init(path: String, metadata: Metadata, timeoutNanoseconds: Int64?, previousRPCAttempts: Int) {
+    package init(path: String, metadata: CallMetadata, timeoutNanoseconds: Int64?, previousRPCAttempts: Int) {
         self.path = path
         self.metadata = metadata
         self.timeoutNanoseconds = timeoutNanoseconds
@@ -83,5 +83,5 @@ package enum OpenStreamResult {
     /// another.
     case tryElsewhere
     /// The request cannot be sent anywhere as it is (its headers exceed what the server accepts, say).
-    case failed(Status)
+    case failed(CallStatus)
 }

@@ -21,7 +21,7 @@ package protocol HTTP2Transport: HTTP2StreamControl {
     /// Takes no new streams and tells the server (GOAWAY); closes once the open streams have finished.
     func beginGracefulClose()
     /// Closes now: GOAWAY and close_notify go out (best effort); every open stream fails with `reason`.
-    func close(reason: Status)
+    func close(reason: CallStatus)
     /// Its owner is going away: no delegate call from now on.
     func detachDelegate()
 }
@@ -38,5 +38,5 @@ package protocol HTTP2TransportDelegate: AnyObject {
     func transportHasCapacity(_ transport: any HTTP2Transport)
     /// The connection is gone (its open streams have failed with `reason`). `wasReady`: it had been READY;
     /// `keepaliveTimedOut`: a PING went unanswered.
-    func transportClosed(_ transport: any HTTP2Transport, reason: Status, wasReady: Bool, keepaliveTimedOut: Bool)
+    func transportClosed(_ transport: any HTTP2Transport, reason: CallStatus, wasReady: Bool, keepaliveTimedOut: Bool)
 }

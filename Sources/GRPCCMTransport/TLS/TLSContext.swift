@@ -1,6 +1,6 @@
 import COpenSSL
 
-/// An SSL_CTX built from a `TLSConfiguration` (client) or a certificate and key (server). Immutable once built.
+/// An SSL_CTX built from a `TLSSettings` (client) or a certificate and key (server). Immutable once built.
 package final class TLSContext: @unchecked Sendable {
     // `@unchecked`: the SSL_CTX is configured in init and only read afterwards (SSL_new), which OpenSSL allows
     // from several threads.
@@ -9,7 +9,7 @@ package final class TLSContext: @unchecked Sendable {
     package let verify: Bool
 
     /// A client context.
-    package init(client configuration: TLSConfiguration) throws(TLSError) {
+    package init(client configuration: TLSSettings) throws(TLSError) {
         guard let context = SSL_CTX_new(TLS_client_method()) else { throw TLSError.openSSL("SSL_CTX_new") }
         self.context = context
         self.isServer = false

@@ -46,7 +46,7 @@ package final class TLSSession {
             return
         }
         SSL_set_connect_state(ssl)
-        let isIP = serverName.map { SocketAddress(ip: $0, port: 0) != nil } ?? false
+        let isIP = serverName.map { NetworkAddress(ip: $0, port: 0) != nil } ?? false
         if let serverName, !serverName.isEmpty, !isIP {
             // RFC 6066 §3: SNI carries host names only, never IP literals.
             guard copenssl_set_tlsext_host_name(ssl, serverName) == 1 else {
@@ -61,7 +61,7 @@ package final class TLSSession {
         // The name check is what makes a CA-signed certificate this server's: if it cannot be set up, refuse the
         // session rather than accept any certificate the trust roots signed.
         let checked: Int32
-        if SocketAddress(ip: name, port: 0) != nil {
+        if NetworkAddress(ip: name, port: 0) != nil {
             checked = X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
         } else {
             checked = SSL_set1_host(ssl, name)

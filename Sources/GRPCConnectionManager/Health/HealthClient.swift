@@ -30,7 +30,7 @@ extension GRPCChannel {
                                     feed.yield(.ended(result.status))
                                     feed.finish()
                                 }))
-                        var ended = Status(code: .cancelled)
+                        var ended = CallStatus(code: .cancelled)
                         await withTaskCancellationHandler {
                             for await update in updates {
                                 switch update {
@@ -60,21 +60,21 @@ extension GRPCChannel {
 
     private enum WatchUpdate: Sendable {
         case status(HealthStatus)
-        case ended(Status)
+        case ended(CallStatus)
     }
 
     /// Calls `grpc.health.v1.Health/Check` for `healthServiceName` ("" = the whole server), with `metadata` (an
     /// authorization header, say).
-    /// - Throws: `RPCError` with the call's status when it is not OK, or INTERNAL for an unreadable answer.
+    /// - Throws: `CallError` with the call's status when it is not OK, or INTERNAL for an unreadable answer.
     public func checkHealth(
-        _ healthServiceName: String = "", metadata: Metadata = [:], timeout: Duration = .seconds(5)
+        _ healthServiceName: String = "", metadata: CallMetadata = [:], timeout: Duration = .seconds(5)
     ) async throws -> HealthStatus {
-        let response = await self.unary(
+        let response = await self.unaryResult(
             path: HealthProto.checkPath, request: HealthProto.encodeRequest(service: healthServiceName),
-            metadata: metadata, options: CallOptions(timeout: timeout))
-        guard response.status.isOK else { throw RPCError(status: response.status, trailers: response.trailingMetadata) }
+            metadata: metadata, options: RequestOptions(timeout: timeout))
+        guard response.status.isOK else { throw CallError(status: response.status, trailers: response.trailingMetadata) }
         guard let status = HealthProto.decodeResponse(response.message) else {
-            throw RPCError(status: Status(code: .internal, message: "malformed HealthCheckResponse"))
+            throw CallError(status: CallStatus(code: .internal, message: "malformed HealthCheckResponse"))
         }
         return status
     }

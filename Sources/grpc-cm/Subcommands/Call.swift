@@ -19,8 +19,16 @@ struct Call: AsyncParsableCommand {
     @Argument(help: "host:port, [v6]:port or unix:/path")
     var target: String
 
-    @Argument(help: "/package.Service/Method")
-    var method: String
+    @Argument(help: ArgumentHelp("package.Service/Method (grpcurl's form) or /package.Service/Method", valueName: "method"))
+    var methodArgument: String
+
+    /// The HTTP/2 path: grpcurl's `pkg.Service/Method` (or `pkg.Service.Method`) gets its leading slash.
+    var method: String {
+        if self.methodArgument.hasPrefix("/") { return self.methodArgument }
+        if self.methodArgument.contains("/") { return "/" + self.methodArgument }
+        guard let dot = self.methodArgument.lastIndex(of: ".") else { return "/" + self.methodArgument }
+        return "/" + self.methodArgument[..<dot] + "/" + self.methodArgument[self.methodArgument.index(after: dot)...]
+    }
 
     @Option(name: .customLong("data-file"), help: "Read the request bytes from this file ('-' = stdin).")
     var dataFile: String?
@@ -106,7 +114,10 @@ struct Call: AsyncParsableCommand {
             throw ValidationError("--breaker-failure-threshold must be at least 1")
         }
         if let timeout = self.breakerTimeout, !(timeout > 0) { throw ValidationError("--breaker-timeout must be > 0") }
-        if !self.method.hasPrefix("/") { throw ValidationError("METHOD must look like /package.Service/Method") }
+        let parts = self.method.dropFirst().split(separator: "/", omittingEmptySubsequences: false)
+        if parts.count != 2 || parts.contains(where: \.isEmpty) {
+            throw ValidationError("METHOD must look like package.Service/Method (or /package.Service/Method)")
+        }
     }
 
     func run() async throws {
@@ -135,12 +146,12 @@ struct Call: AsyncParsableCommand {
             throw ValidationError("\(error)")
         }
         defer { self.writeMetrics(manager) }
-        var options = CallOptions()
+        var options = RequestOptions()
         options.waitForReady = self.waitForReady
         if let maxTime = self.maxTime { options.timeout = seconds(maxTime) }
 
         guard let count = self.repeat else {
-            let response = await channel.unary(path: self.method, request: request, metadata: metadata, options: options)
+            let response = await channel.unaryResult(path: self.method, request: request, metadata: metadata, options: options)
             if self.verbose { Self.printVerbose(response) }
             if response.status.isOK {
                 try self.writeResponse(response.message)
@@ -157,7 +168,7 @@ struct Call: AsyncParsableCommand {
             let now = monotonicNanos()
             if scheduled > now { try? await Task.sleep(nanoseconds: scheduled - now) }
             let began = monotonicNanos()
-            let response = await channel.unary(path: self.method, request: request, metadata: metadata, options: options)
+            let response = await channel.unaryResult(path: self.method, request: request, metadata: metadata, options: options)
             let latency = Double(monotonicNanos() - began) / 1e6
             let latencyText = formatMilliseconds(latency)
             // Written straight to fd 1 so that each line is visible at once, even through a pipe.
@@ -199,8 +210,8 @@ struct Call: AsyncParsableCommand {
         return bytes
     }
 
-    private func parseHeaders() throws -> Metadata {
-        var metadata = Metadata()
+    private func parseHeaders() throws -> CallMetadata {
+        var metadata = CallMetadata()
         for header in self.headers {
             guard let colon = header.firstIndex(of: ":") else {
                 throw ValidationError("-H '\(header)': expected 'name: value'")
@@ -245,7 +256,7 @@ struct Call: AsyncParsableCommand {
         writeStderr(text)
     }
 
-    static func printError(_ status: Status) {
+    static func printError(_ status: CallStatus) {
         writeStderr("ERROR:\n  Code: \(status.code.name)\n  Message: \(status.message)\n")
     }
 }

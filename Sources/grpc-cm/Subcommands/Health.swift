@@ -3,7 +3,7 @@ import GRPCConnectionManager
 import Synchronization
 
 /// `grpc-cm health`: a drop-in for grpc_health_probe in a Kubernetes exec probe. Its flags (single dash, Go
-/// durations), its defaults (plaintext unless `-tls`; 1 s to connect, then 1 s for the RPC), its messages and its
+/// durations; grpc-cm's own double-dash spellings are accepted beside them), its defaults (plaintext unless `-tls`; 1 s to connect, then 1 s for the RPC), its messages and its
 /// exit codes: 0 serving, 1 bad arguments, 2 connection failure, 3 RPC failure, 4 not serving.
 struct Health: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -17,47 +17,50 @@ struct Health: AsyncParsableCommand {
             """
     )
 
-    @Option(name: .customLong("addr", withSingleDash: true), help: "Address of the server: host:port, [v6]:port, :port or unix:/path.")
+    @Option(name: [.customLong("addr", withSingleDash: true), .customLong("addr")], help: "Address of the server: host:port, [v6]:port, :port or unix:/path.")
     var addr: String?
 
     @Argument(help: .hidden)
     var positionalAddress: String?
 
-    @Option(name: .customLong("service", withSingleDash: true), help: "The service to ask about (default: the whole server).")
+    @Option(name: [.customLong("service", withSingleDash: true), .customLong("service")], help: "The service to ask about (default: the whole server).")
     var service: String = ""
 
-    @Option(name: .customLong("connect-timeout", withSingleDash: true), help: "Time to connect, as a Go duration (1s, 250ms).")
+    @Option(name: [.customLong("connect-timeout", withSingleDash: true), .customLong("connect-timeout")], help: "Time to connect, as a Go duration (1s, 250ms).")
     var connectTimeout: String = "1s"
 
-    @Option(name: .customLong("rpc-timeout", withSingleDash: true), help: "Time for the health RPC once connected (Go duration).")
+    @Option(name: [.customLong("rpc-timeout", withSingleDash: true), .customLong("rpc-timeout"), .customLong("max-time")], help: "Time for the health RPC once connected (Go duration).")
     var rpcTimeout: String = "1s"
 
-    @Option(name: .customLong("user-agent", withSingleDash: true), help: "User-Agent prefix of the request.")
+    @Option(name: [.customLong("user-agent", withSingleDash: true), .customLong("user-agent")], help: "User-Agent prefix of the request.")
     var userAgent: String = "grpc_health_probe"
 
-    @Option(name: .customLong("rpc-header", withSingleDash: true), help: "Extra request metadata 'name: value' (repeatable).")
+    @Option(name: [.customLong("rpc-header", withSingleDash: true), .customLong("rpc-header")], help: "Extra request metadata 'name: value' (repeatable).")
     var rpcHeaders: [String] = []
 
-    @Flag(name: .customLong("tls", withSingleDash: true), help: "Use TLS (default: plaintext h2c).")
+    @Flag(name: [.customLong("tls", withSingleDash: true), .customLong("tls")], help: "Use TLS (default: plaintext h2c).")
     var tls = false
 
-    @Option(name: .customLong("tls-ca-cert", withSingleDash: true), help: "PEM file of CA certificates to trust instead of the system store.")
+    @Option(name: [.customLong("tls-ca-cert", withSingleDash: true), .customLong("cacert")], help: "PEM file of CA certificates to trust instead of the system store.")
     var tlsCACert: String?
 
-    @Option(name: .customLong("tls-client-cert", withSingleDash: true), help: "PEM file of the client certificate chain (mutual TLS).")
+    @Option(name: [.customLong("tls-client-cert", withSingleDash: true), .customLong("cert")], help: "PEM file of the client certificate chain (mutual TLS).")
     var tlsClientCert: String?
 
-    @Option(name: .customLong("tls-client-key", withSingleDash: true), help: "PEM file of the client private key (mutual TLS).")
+    @Option(name: [.customLong("tls-client-key", withSingleDash: true), .customLong("key")], help: "PEM file of the client private key (mutual TLS).")
     var tlsClientKey: String?
 
-    @Flag(name: .customLong("tls-no-verify", withSingleDash: true), help: "Do not verify the server's certificate.")
+    @Flag(name: [.customLong("tls-no-verify", withSingleDash: true), .customLong("insecure")], help: "Do not verify the server's certificate.")
     var tlsNoVerify = false
 
-    @Option(name: .customLong("tls-server-name", withSingleDash: true), help: "Name for SNI and verification (default: the address's host).")
+    @Option(name: [.customLong("tls-server-name", withSingleDash: true), .customLong("servername")], help: "Name for SNI and verification (default: the address's host).")
     var tlsServerName: String?
 
     @Flag(name: .customShort("v"), help: "Verbose: print the connection and RPC timings.")
     var verbose = false
+
+    @Flag(help: "Plaintext h2c (the default; accepted for grpc-cm's earlier spelling).")
+    var plaintext = false
 
     /// The address to dial: `-addr`, or the positional argument (grpc-cm's earlier form); `:port` means localhost.
     var target: String? {
@@ -68,6 +71,7 @@ struct Health: AsyncParsableCommand {
     func validate() throws {
         if self.target == nil { throw ValidationError("-addr not specified") }
         if self.addr != nil && self.positionalAddress != nil { throw ValidationError("give the address once, with -addr") }
+        if self.plaintext && self.tls { throw ValidationError("--plaintext and -tls exclude each other") }
         guard let connect = GoDuration.parse(self.connectTimeout), connect > .zero else {
             throw ValidationError("-connect-timeout must be a positive duration such as 1s or 250ms, not \"\(self.connectTimeout)\"")
         }
@@ -106,7 +110,7 @@ struct Health: AsyncParsableCommand {
         configuration.enableRetry = false
         configuration.enableCircuitBreaker = false
         if self.tls {
-            var tls = TLSConfiguration()
+            var tls = TLSSettings()
             if let ca = self.tlsCACert { tls.trustRoots = .file(ca) }
             tls.certificateChainFile = self.tlsClientCert
             tls.privateKeyFile = self.tlsClientKey
@@ -114,7 +118,7 @@ struct Health: AsyncParsableCommand {
             tls.verifyCertificate = !self.tlsNoVerify
             configuration.tls = tls
         }
-        var metadata = Metadata()
+        var metadata = CallMetadata()
         for header in self.rpcHeaders {
             let (name, value) = Self.header(header)!
             metadata.add(name, value)
@@ -163,7 +167,7 @@ struct Health: AsyncParsableCommand {
                 throw ExitCode(4)
             }
             print("status: \(status)")
-        } catch let error as RPCError {
+        } catch let error as CallError {
             switch error.code {
             case .unimplemented:
                 writeStderr("error: this server does not implement the grpc health protocol (grpc.health.v1.Health): \(error.message)\n")
@@ -192,12 +196,12 @@ private final class ConnectOutcome: Sendable {
 }
 
 /// Go's `time.ParseDuration` for what probes write: a sequence of decimal numbers with units (ns, us, µs, ms, s, m,
-/// h), e.g. "1s", "250ms", "1m30s", "1.5s".
+/// h), e.g. "1s", "250ms", "1m30s", "1.5s"; a bare number is seconds (grpc-cm's earlier `--max-time 1`).
 enum GoDuration {
     static func parse(_ text: String) -> Duration? {
         var rest = Substring(text)
         guard !rest.isEmpty else { return nil }
-        if rest == "0" { return .zero }
+        if let seconds = Double(rest) { return seconds >= 0 ? .nanoseconds(Int64(seconds * 1e9)) : nil }
         var total: Double = 0
         while !rest.isEmpty {
             let number = rest.prefix { $0.isNumber || $0 == "." }

@@ -31,9 +31,9 @@ struct TLSOptions: ParsableArguments {
     }
 
     /// nil for --plaintext.
-    var configuration: TLSConfiguration? {
+    var configuration: TLSSettings? {
         if self.plaintext { return nil }
-        var tls = TLSConfiguration()
+        var tls = TLSSettings()
         if let cacert = self.cacert { tls.trustRoots = .file(cacert) }
         tls.certificateChainFile = self.cert
         tls.privateKeyFile = self.key

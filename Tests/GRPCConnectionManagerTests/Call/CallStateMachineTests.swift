@@ -6,9 +6,9 @@ import Testing
 /// Every state x every input, driven through the pure machine: no reactor, no streams, no clock.
 @Suite("CallStateMachine")
 struct CallStateMachineTests {
-    static let failure = Status(code: .unavailable, message: "attempt failed")
-    static let closing = Status(code: .unavailable, message: "closing")
-    static let ended = Status(code: .cancelled, message: "cancelled")
+    static let failure = CallStatus(code: .unavailable, message: "attempt failed")
+    static let closing = CallStatus(code: .unavailable, message: "closing")
+    static let ended = CallStatus(code: .cancelled, message: "cancelled")
 
     enum Input: String, CaseIterable, CustomStringConvertible {
         case startAdmitted, startRefused, streamOpened, headersReceived, attemptEndedFinal, attemptEndedRetry,

@@ -13,7 +13,7 @@ import Testing
 struct ConnectionStateMachineTests {
     static let backoff = Backoff.Configuration(
         base: .milliseconds(100), multiplier: 1.6, jitter: 0.2, maximum: .seconds(3))
-    static let failure = Status(code: .unavailable, message: "refused")
+    static let failure = CallStatus(code: .unavailable, message: "refused")
 
     enum Input: String, CaseIterable, CustomStringConvertible {
         case connectRequested, connectSucceeded, connectFailed, connectionLost, backoffElapsedWaiting,

@@ -53,7 +53,7 @@ struct AttemptIdentityTests {
     func lateFramesOfAnOldAttempt() async throws {
         let peer = try ScriptedPeer("late-first")
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try GRPCChannel(

@@ -22,7 +22,7 @@ struct CallbackContractTests {
 
     @Test("a call that fails at once completes on a later turn, never inside unary(); a closed loop of them cannot recurse")
     func failFastClosedLoopDoesNotRecurse() throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         // Nothing listens here: every connection attempt is refused, so the channel is in TRANSIENT_FAILURE and
@@ -92,9 +92,9 @@ struct CallbackContractTests {
     func runStopFromCompletionThenRelease() throws {
         let server = try EchoServer()
         defer { server.close() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         let finished = Atomic<Bool>(false)
-        let status = PThreadLock<Status?>(nil)
+        let status = PThreadLock<CallStatus?>(nil)
         let thread = Thread {
             var channel: GRPCChannel? = try? GRPCChannel(target: server.address, eventLoop: loop)
             channel?.unary(path: "/echo.Echo/Get", request: [7]) { response in
@@ -123,13 +123,13 @@ struct CallbackContractTests {
     func shutdownFromCompletion() throws {
         let server = try EchoServer()
         defer { server.close() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         let channel = try GRPCChannel(target: server.address, configuration: Self.failFast(), eventLoop: loop)
         let ledger = CompletionLedger()
         let codes = PThreadLock<[StatusCode]>([])
         for id in 0..<10 {
-            let sleep: Metadata = id == 0 ? [:] : ["x-sleep-ms": "5000"]
+            let sleep: CallMetadata = id == 0 ? [:] : ["x-sleep-ms": "5000"]
             channel.unary(path: "/echo.Echo/Get", request: [1], metadata: sleep) { response in
                 ledger.record(id)
                 codes.withLock { $0.append(response.status.code) }
@@ -174,9 +174,9 @@ struct CallbackContractTests {
         #expect(recorder.count { if case .retryScheduled = $0 { return true }; return false } == 20, "nothing was retried once closing")
     }
 
-    @Test("EventLoop.shutdown() ends calls everywhere they wait: on a stream, over MAX_CONCURRENT_STREAMS, for a connection, in backoff, and submitted during the shutdown")
+    @Test("ReactorLoop.shutdown() ends calls everywhere they wait: on a stream, over MAX_CONCURRENT_STREAMS, for a connection, in backoff, and submitted during the shutdown")
     func shutdownEndsCallsEverywhere() throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         var options = EchoServer.Options()
         options.maxConcurrentStreams = 1
@@ -198,7 +198,7 @@ struct CallbackContractTests {
         // 6-8: waiting for a connection that cannot be made (wait-for-ready).
         let dead = try GRPCChannel(target: "127.0.0.1:\(freePort())", configuration: noRetry, eventLoop: loop)
         for id in 6...8 {
-            dead.unary(path: "/echo.Echo/Get", request: [], options: CallOptions(waitForReady: true), completion: record(id))
+            dead.unary(path: "/echo.Echo/Get", request: [], options: RequestOptions(waitForReady: true), completion: record(id))
         }
         // 9: in retry backoff.
         var slowRetry = Configuration()
@@ -237,7 +237,7 @@ struct CallbackContractTests {
         let channel = try manager.connection(service: "echo", address: fixture.target)
         #expect(await channel.call([1], timeout: .seconds(2)).status == .ok)
         let ledger = CompletionLedger()
-        let statuses = PThreadLock<[Status]>([])
+        let statuses = PThreadLock<[CallStatus]>([])
         for id in 0..<5 {
             channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "20000"]) { response in
                 ledger.record(id)
@@ -250,7 +250,7 @@ struct CallbackContractTests {
         #expect(await eventually(timeout: 2) { ledger.completed == 5 })
         #expect(now() - started < 3)
         #expect(ledger.duplicates == 0)
-        #expect(statuses.withLock { $0 }.allSatisfy { $0 == Status(code: .unavailable, message: "the manager closed") })
+        #expect(statuses.withLock { $0 }.allSatisfy { $0 == CallStatus(code: .unavailable, message: "the manager closed") })
     }
 
     @Test("from a completion: subscribe, unsubscribe, start and await calls, close the manager")
@@ -271,7 +271,7 @@ struct CallbackContractTests {
                 if second.status.isOK { chained.add(1, ordering: .relaxed) }
                 channel.events.unsubscribe(token)
                 launch {
-                    let third = await channel.unary(path: "/echo.Echo/Get", request: [3])
+                    let third = await channel.unaryResult(path: "/echo.Echo/Get", request: [3])
                     awaited.store(third.status.isOK, ordering: .releasing)
                     channel.unary(path: "/echo.Echo/Get", request: [4]) { _ in
                         manager.closeNow()

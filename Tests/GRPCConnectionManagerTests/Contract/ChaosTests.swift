@@ -25,7 +25,7 @@ struct ChaosTests {
 
     @Test("SIGKILL and restart every 2 s for 15 s, 64 calls in flight, each started from the previous one's completion")
     func fromCompletions() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         var peer = try PythonPeer()
@@ -43,7 +43,7 @@ struct ChaosTests {
 
     @Test("SIGKILL and restart every 2 s for 15 s, 64 calls in flight from async tasks")
     func fromTasks() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         var peer = try PythonPeer()
@@ -60,8 +60,8 @@ struct ChaosTests {
                             let id = ledger.begin()
                             let body = Array("t-\(slot)-\(sequence)".utf8)
                             sequence += 1
-                            let response = await channel.unary(
-                                path: "/echo.Echo/Get", request: body, options: CallOptions(timeout: .seconds(3)))
+                            let response = await channel.unaryResult(
+                                path: "/echo.Echo/Get", request: body, options: RequestOptions(timeout: .seconds(3)))
                             ledger.end(id, response: response, sent: body)
                         }
                     }
@@ -176,7 +176,7 @@ final class CallbackDriver: Sendable {
         let id = self.ledger.begin()
         let body = Array("c-\(slot)-\(self.sequence.add(1, ordering: .relaxed).newValue)".utf8)
         self.inFlight.add(1, ordering: .relaxed)
-        self.channel.unary(path: "/echo.Echo/Get", request: body, options: CallOptions(timeout: .seconds(3))) { response in
+        self.channel.unary(path: "/echo.Echo/Get", request: body, options: RequestOptions(timeout: .seconds(3))) { response in
             self.ledger.end(id, response: response, sent: body)
             self.next(slot: slot)
             self.inFlight.add(-1, ordering: .releasing)

@@ -26,7 +26,7 @@ struct LimitsTests {
     func headerListSizeIsEnforced(_ mode: String) async throws {
         let peer = try ScriptedPeer(mode, ["20000"])
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
@@ -55,9 +55,9 @@ struct LimitsTests {
         configuration.maxQueuedCalls = 3
         let channel = try fixture.channel(configuration)
         #expect(await channel.call([1], timeout: .seconds(2)).status == .ok)
-        let statuses = PThreadLock<[Int: Status]>([:])
+        let statuses = PThreadLock<[Int: CallStatus]>([:])
         for id in 0..<4 {
-            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "300"], options: CallOptions(timeout: .seconds(10))) {
+            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "300"], options: RequestOptions(timeout: .seconds(10))) {
                 response in statuses.withLock { $0[id] = response.status }
             }
         }
@@ -117,7 +117,7 @@ struct LimitsTests {
     func outOfRangeStatusIsUnknown(_ sent: String, _ expected: StatusCode) async throws {
         let peer = try ScriptedPeer("status", [sent])
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
@@ -130,7 +130,7 @@ struct LimitsTests {
     func unofferedEncodingIsInternal() async throws {
         let peer = try ScriptedPeer("compressed", ["x-unknown"])
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
@@ -144,7 +144,7 @@ struct LimitsTests {
     func joinedBinaryValues() async throws {
         let peer = try ScriptedPeer("bin-joined")
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
@@ -157,7 +157,7 @@ struct LimitsTests {
     func requestHeadersOverThePeersLimit() async throws {
         let peer = try ScriptedPeer("max-header-list", ["600"])
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         var configuration = Configuration()  // retries on: a refused stream would be retried, this must not be
@@ -165,7 +165,7 @@ struct LimitsTests {
         let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
         #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
         #expect(peer.headerBlocks() == 1)
-        let big: Metadata = ["x-big": String(repeating: "b", count: 800)]
+        let big: CallMetadata = ["x-big": String(repeating: "b", count: 800)]
         let response = await channel.call([1], metadata: big, timeout: .seconds(5))
         #expect(response.status.code == .internal)
         #expect(response.status.message.contains("SETTINGS_MAX_HEADER_LIST_SIZE of 600"))
@@ -194,11 +194,11 @@ struct LimitsTests {
 
     @Test("keepalive doubling after too_many_pings stops at its cap, without overflow")
     func keepaliveDoublingIsCapped() throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         let bus = EventBus(reactor: loop.reactor).single
         let connector = FakeConnector()
         let subchannel = Subchannel(
-            reactor: loop.reactor, address: SocketAddress(ip: "127.0.0.1", port: 1)!, service: "s", connector: connector,
+            reactor: loop.reactor, address: NetworkAddress(ip: "127.0.0.1", port: 1)!, service: "s", connector: connector,
             bus: bus, connectionIDs: ConnectionIDSource(),
             backoff: .init(base: .milliseconds(100), multiplier: 1.6, jitter: 0.2, maximum: .seconds(3)),
             keepAliveTime: .seconds(30), idleTimeout: .zero)

@@ -16,7 +16,7 @@ struct MisbehavingPeerTests {
     func randomAnswers(_ seed: Int) async throws {
         let peer = try ScriptedPeer("random", [String(seed * 1000)])
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         var configuration = Configuration()
@@ -29,7 +29,7 @@ struct MisbehavingPeerTests {
         let codes = PThreadLock<[StatusCode: Int]>([:])
         let calls = 150
         for id in 0..<calls {
-            let options = CallOptions(timeout: .milliseconds(800), waitForReady: id % 3 == 0)
+            let options = RequestOptions(timeout: .milliseconds(800), waitForReady: id % 3 == 0)
             if id % 4 == 3 {
                 let stream = channel.bidirectionalStreaming(
                     path: "/fuzz.Peer/Update", options: options,

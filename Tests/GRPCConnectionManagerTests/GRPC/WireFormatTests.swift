@@ -71,7 +71,7 @@ struct StatusMappingTests {
         (200, .unknown), (500, .unknown), (418, .unknown),
     ])
     func httpToGRPC(http: Int, code: StatusCode) {
-        #expect(Status.code(forHTTPStatus: http) == code)
+        #expect(CallStatus.code(forHTTPStatus: http) == code)
     }
 
     @Test(arguments: [
@@ -79,7 +79,7 @@ struct StatusMappingTests {
         (0xc, .permissionDenied), (0x1, .internal), (0x2, .internal), (0x0, .internal),
     ])
     func rstStreamToGRPC(errorCode: UInt32, code: StatusCode) {
-        #expect(Status.forRSTStream(errorCode: errorCode).code == code)
+        #expect(CallStatus.forRSTStream(errorCode: errorCode).code == code)
     }
 
     @Test func codeNamesFollowGrpcurl() {
@@ -96,7 +96,7 @@ struct StatusMappingTests {
 struct MetadataValidationTests {
     @Test(arguments: ["x-ok", "a.b_c-d", "0-9"])
     func acceptsValidNames(_ name: String) throws {
-        var metadata = Metadata()
+        var metadata = CallMetadata()
         metadata.add(name, "value")
         try metadata.validate()
         #expect(metadata.count == 1)
@@ -105,26 +105,26 @@ struct MetadataValidationTests {
 
     @Test(arguments: ["", "bad name", "colon:", "ümlaut", ":path", "te", "grpc-timeout", "content-type"])
     func rejectsBadOrReservedNames(_ name: String) {
-        var metadata = Metadata()
+        var metadata = CallMetadata()
         metadata.append(name, .string("v"))
         #expect(throws: MetadataError.self) { try metadata.validate() }
     }
 
     @Test(arguments: ["a\r\nx-injected: 1", "line\nbreak", "tab\there", "é", "\u{7F}"])
     func rejectsValuesWithControlOrNonASCIIBytes(_ value: String) {
-        var metadata = Metadata()
+        var metadata = CallMetadata()
         metadata.add("x-key", value)
         #expect(throws: MetadataError.self) { try metadata.validate() }
     }
 
     @Test func binaryValuesNeedTheBinSuffixAndViceVersa() {
-        var binary = Metadata()
+        var binary = CallMetadata()
         binary.add("x-data", binary: [0, 1])
         #expect(throws: MetadataError.self) { try binary.validate() }
-        var text = Metadata()
+        var text = CallMetadata()
         text.add("x-data-bin", "text")
         #expect(throws: MetadataError.self) { try text.validate() }
-        var good = Metadata()
+        var good = CallMetadata()
         good.add("x-data-bin", binary: [0, 0xFF, 10, 13])
         #expect(throws: Never.self) { try good.validate() }
     }
@@ -191,7 +191,7 @@ struct TargetParsingTests {
             ("retry.policy.maxBackoff", { $0.retry.policy.maxBackoff = .milliseconds(1) }),
             ("retry.policy.perAttemptTimeout", { $0.retry.policy.perAttemptTimeout = .zero }),
             ("retry.perMethod[/a.B/C].maxAttempts", {
-                var policy = RetryPolicy()
+                var policy = CallRetryPolicy()
                 policy.maxAttempts = 0
                 $0.retry.perMethod["/a.B/C"] = policy
             }),
@@ -205,7 +205,7 @@ struct TargetParsingTests {
             ("circuitBreaker.slidingWindow", { $0.circuitBreaker.slidingWindow = .time(seconds: 0) }),
             ("circuitBreaker.permittedCallsInHalfOpen", { $0.circuitBreaker.permittedCallsInHalfOpen = 0 }),
             ("tls.certificateChainFile", {
-                var tls = TLSConfiguration()
+                var tls = TLSSettings()
                 tls.privateKeyFile = "/tmp/key.pem"
                 $0.tls = tls
             }),

@@ -153,11 +153,11 @@ struct CircuitBreakerStateMachineTests {
 }
 
 
-@Suite("RetryPolicy")
+@Suite("CallRetryPolicy")
 struct RetryPolicyTests {
     @Test("full-jitter backoff: uniform in [0, min(100 ms x 2^(n-1), 3 s)]")
     func backoff() {
-        let policy = RetryPolicy()
+        let policy = CallRetryPolicy()
         #expect(policy.backoff(retry: 1, unit: 1) == .milliseconds(100))
         #expect(policy.backoff(retry: 2, unit: 1) == .milliseconds(200))
         #expect(policy.backoff(retry: 3, unit: 0.5) == .milliseconds(200))
@@ -188,9 +188,9 @@ struct RetryPolicyTests {
     @Test("per-method overrides: exact method, then service, then the default")
     func perMethod() {
         var retry = Configuration.Retry()
-        var once = RetryPolicy()
+        var once = CallRetryPolicy()
         once.maxAttempts = 1
-        var five = RetryPolicy()
+        var five = CallRetryPolicy()
         five.maxAttempts = 5
         retry.perMethod = ["/a.B/C": once, "/a.B/": five]
         #expect(retry.policy(for: "/a.B/C").maxAttempts == 1)

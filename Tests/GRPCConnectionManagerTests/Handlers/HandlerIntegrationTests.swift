@@ -16,8 +16,8 @@ import Testing
 /// Retry, breaker, metrics and logging against the embedded server, each checked through what it produces.
 @Suite("Handlers against the embedded server", .serialized)
 struct HandlerIntegrationTests {
-    static func failFirst(_ count: Int, key: String, code: Int? = nil, pushback: String? = nil) -> Metadata {
-        var metadata = Metadata()
+    static func failFirst(_ count: Int, key: String, code: Int? = nil, pushback: String? = nil) -> CallMetadata {
+        var metadata = CallMetadata()
         metadata.add("x-fail-first", String(count))
         metadata.add("x-request-key", key)
         if let code { metadata.add("x-fail-code", String(code)) }
@@ -163,7 +163,7 @@ struct HandlerIntegrationTests {
             #expect(await channel.call([1], metadata: ["x-fail-code": "14"], timeout: .seconds(5)).status.code == .unavailable, "\(index)")
         }
         let refused = await channel.call([1], timeout: .seconds(5))
-        #expect(refused.status == Status(code: .unavailable, message: "circuit breaker is open"))
+        #expect(refused.status == CallStatus(code: .unavailable, message: "circuit breaker is open"))
         #expect(await eventually { Self.attempts(recorder).last == 0 }, "no attempt was made")
         try await Task.sleep(nanoseconds: 350_000_000)
         #expect(await channel.call([2], timeout: .seconds(5)).status == .ok)

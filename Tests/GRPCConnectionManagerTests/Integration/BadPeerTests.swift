@@ -101,7 +101,7 @@ final class BadPeer: Sendable {
 struct BadPeerTests {
     @Test("connection refused fails fast with UNAVAILABLE")
     func connectionRefused() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let peer = try BadPeer(.silent)
@@ -117,7 +117,7 @@ struct BadPeerTests {
 
     @Test("an HTTP/1.1 server gives UNAVAILABLE saying so")
     func http1Server() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let peer = try BadPeer(.http1)
@@ -130,7 +130,7 @@ struct BadPeerTests {
 
     @Test("a server that accepts and never answers: the deadline fires; without one the connect timeout does")
     func silentServer() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let peer = try BadPeer(.silent)
@@ -153,7 +153,7 @@ struct BadPeerTests {
 
     @Test("a server that closes mid-response gives UNAVAILABLE, once")
     func closesMidResponse() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         let peer = try BadPeer(.closeMidResponse)
         defer { peer.stop() }

@@ -14,14 +14,14 @@ import Testing
 
 /// A resolver whose answers a test scripts: each lookup takes the next answer; the last one repeats.
 final class ScriptedResolver: AddressResolver {
-    private let answers: PThreadLock<[[SocketAddress]]>
+    private let answers: PThreadLock<[[NetworkAddress]]>
     private let lookups = Atomic<Int>(0)
 
-    init(_ answers: [[SocketAddress]]) { self.answers = PThreadLock(answers) }
+    init(_ answers: [[NetworkAddress]]) { self.answers = PThreadLock(answers) }
 
     var count: Int { self.lookups.load(ordering: .acquiring) }
 
-    func resolve(_ target: Target) -> Result<[SocketAddress], Status> {
+    func resolve(_ target: Target) -> Result<[NetworkAddress], CallStatus> {
         self.lookups.add(1, ordering: .acquiringAndReleasing)
         return .success(self.answers.withLock { answers in answers.count > 1 ? answers.removeFirst() : answers[0] })
     }
@@ -32,8 +32,8 @@ final class ScriptedResolver: AddressResolver {
 /// kernel's own socket state.
 @Suite("Claims the README makes", .serialized)
 struct ClaimsTests {
-    static func keyed(_ key: String, _ pairs: [(String, String)]) -> Metadata {
-        var metadata = Metadata()
+    static func keyed(_ key: String, _ pairs: [(String, String)]) -> CallMetadata {
+        var metadata = CallMetadata()
         metadata.add("x-request-key", key)
         for (name, value) in pairs { metadata.add(name, value) }
         return metadata
@@ -95,7 +95,7 @@ struct ClaimsTests {
         let channel = try fixture.channel()
         let call = channel.serverStreaming(
             path: "/test.Stream/Expand", request: Array("one two three".utf8),
-            metadata: Self.keyed("expand", [("x-fail-first", "1")]), options: CallOptions(timeout: .seconds(5)))
+            metadata: Self.keyed("expand", [("x-fail-first", "1")]), options: RequestOptions(timeout: .seconds(5)))
         var received: [String] = []
         for try await message in call.responses { received.append(String(decoding: message, as: UTF8.self)) }
         #expect(received == ["one", "two", "three"])
@@ -177,13 +177,13 @@ struct ClaimsTests {
     func reResolvesAfterConnectionFailure() async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
-        let dead = try #require(SocketAddress(ip: "127.0.0.1", port: freePort()))
-        let live = try #require(SocketAddress(ip: "127.0.0.1", port: fixture.server.port))
+        let dead = try #require(NetworkAddress(ip: "127.0.0.1", port: freePort()))
+        let live = try #require(NetworkAddress(ip: "127.0.0.1", port: fixture.server.port))
         let resolver = ScriptedResolver([[dead], [live]])
         let channel = try GRPCChannel(target: "backend.test:50051", eventLoop: fixture.loop, resolver: resolver)
         let response = await withCheckedContinuation { continuation in
             channel.unary(
-                path: "/test.Raw/Get", request: [9], options: CallOptions(timeout: .seconds(10), waitForReady: true)
+                path: "/test.Raw/Get", request: [9], options: RequestOptions(timeout: .seconds(10), waitForReady: true)
             ) { continuation.resume(returning: $0) }
         }
         #expect(response.status == .ok, "\(response.status)")
@@ -199,8 +199,8 @@ struct ClaimsTests {
         let second = try EchoServer(eventLoop: fixture.loop)
         defer { second.close() }
         let addresses = [
-            try #require(SocketAddress(ip: "127.0.0.1", port: fixture.server.port)),
-            try #require(SocketAddress(ip: "127.0.0.1", port: second.port)),
+            try #require(NetworkAddress(ip: "127.0.0.1", port: fixture.server.port)),
+            try #require(NetworkAddress(ip: "127.0.0.1", port: second.port)),
         ]
         let channel = try GRPCChannel(
             target: "backends.test:50051", eventLoop: fixture.loop, resolver: ScriptedResolver([addresses]))
@@ -259,12 +259,12 @@ struct ClaimsTests {
         configuration.circuitBreaker.failureRateThreshold = 0.5
         let channel = try fixture.channel(configuration)
         for index in 0..<4 {
-            let metadata: Metadata = index % 2 == 1 ? ["x-fail-code": "14"] : [:]
+            let metadata: CallMetadata = index % 2 == 1 ? ["x-fail-code": "14"] : [:]
             _ = await channel.call("/test.Raw/Get", [1], metadata: metadata, timeout: .seconds(5))
         }
         let refused = await channel.call(
             "/test.Raw/Get", [1], metadata: Self.keyed("after-open", []), timeout: .seconds(5))
-        #expect(refused.status == Status(code: .unavailable, message: "circuit breaker is open"))
+        #expect(refused.status == CallStatus(code: .unavailable, message: "circuit breaker is open"))
         #expect(fixture.server.requestCount(key: "after-open") == 0)
     }
 
@@ -283,7 +283,7 @@ struct ClaimsTests {
             #expect(await channel.call("/test.Raw/Get", [1], metadata: ["x-sleep-ms": "120"], timeout: .seconds(5)).status == .ok)
         }
         let refused = await channel.call("/test.Raw/Get", [1], timeout: .seconds(5))
-        #expect(refused.status == Status(code: .unavailable, message: "circuit breaker is open"))
+        #expect(refused.status == CallStatus(code: .unavailable, message: "circuit breaker is open"))
     }
 
     // MARK: metrics and health
@@ -336,7 +336,7 @@ struct ClaimsTests {
 
     @Test("the health map names a failing service's error")
     func healthMapCarriesTheError() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let manager = try ConnectionManager(eventLoop: loop)

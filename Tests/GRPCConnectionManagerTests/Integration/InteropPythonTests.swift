@@ -16,7 +16,7 @@ struct InteropPythonTests {
     func interop() async throws {
         let peer = try PythonPeer()
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try GRPCChannel(target: peer.target, eventLoop: loop)
@@ -30,7 +30,7 @@ struct InteropPythonTests {
 
         for code in 1...16 {
             let message = "grpcio says \(code): ✗ ü"
-            var metadata = Metadata()
+            var metadata = CallMetadata()
             metadata.add("x-fail-code", String(code))
             metadata.add("x-fail-message", PercentEncoding.encode(message))
             let response = await channel.call(metadata: metadata, timeout: .seconds(5))
@@ -38,7 +38,7 @@ struct InteropPythonTests {
             #expect(response.status.message == message)
         }
 
-        var metadata = Metadata()
+        var metadata = CallMetadata()
         metadata.add("x-text", "plain")
         metadata.add("x-blob-bin", binary: [0, 0xFE, 0xFF, 1])
         let echoed = await channel.call([1], metadata: metadata, timeout: .seconds(5))

@@ -26,7 +26,7 @@ struct LifecycleTests {
 
     @Test("server stopped and restarted on the same port: calls fail only while it is down, then succeed")
     func rideOutServerRestart() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let port = freePort()
@@ -56,7 +56,7 @@ struct LifecycleTests {
     func rideOutPythonRestart() async throws {
         var peer = try PythonPeer()
         let port = peer.port
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let manager = try ConnectionManager(configuration: Self.fastConfiguration(), eventLoop: loop)
@@ -77,7 +77,7 @@ struct LifecycleTests {
             kill(peer.pid, SIGCONT)
             peer.stop()
         }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         var configuration = Self.fastConfiguration()
@@ -132,7 +132,7 @@ struct LifecycleTests {
     func tooManyPingsDoublesKeepalive() async throws {
         let peer = try PythonPeer()
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         var configuration = Self.fastConfiguration()
@@ -173,7 +173,7 @@ struct LifecycleTests {
 
     @Test("wait-for-ready waits for the server to come up; fail-fast fails at once with the connect error")
     func waitForReady() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let port = freePort()
@@ -190,7 +190,7 @@ struct LifecycleTests {
         let started = now()
         async let waited = withCheckedContinuation { (continuation: CheckedContinuation<UnaryResponse, Never>) in
             channel.unary(
-                path: "/echo.Echo/Get", request: [9], options: CallOptions(timeout: .seconds(5), waitForReady: true)
+                path: "/echo.Echo/Get", request: [9], options: RequestOptions(timeout: .seconds(5), waitForReady: true)
             ) { continuation.resume(returning: $0) }
         }
         try await Task.sleep(nanoseconds: 400_000_000)
@@ -205,7 +205,7 @@ struct LifecycleTests {
         let dead = try GRPCChannel(target: "127.0.0.1:\(freePort())", configuration: Self.fastConfiguration(), eventLoop: loop)
         let late = await withCheckedContinuation { (continuation: CheckedContinuation<UnaryResponse, Never>) in
             dead.unary(
-                path: "/echo.Echo/Get", request: [], options: CallOptions(timeout: .milliseconds(300), waitForReady: true)
+                path: "/echo.Echo/Get", request: [], options: RequestOptions(timeout: .milliseconds(300), waitForReady: true)
             ) { continuation.resume(returning: $0) }
         }
         #expect(late.status.code == .deadlineExceeded)
@@ -213,7 +213,7 @@ struct LifecycleTests {
 
     @Test("events for connect, fail, backoff, reconnect come in exactly this order")
     func eventSequence() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let port = freePort()
@@ -320,14 +320,14 @@ struct ConnectionManagerTests {
     func healthAgainstGrpcio() async throws {
         let peer = try PythonPeer()
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let manager = try ConnectionManager(eventLoop: loop)
         _ = try manager.connection(service: "py", address: peer.target)
         #expect(try await manager.checkHealth(service: "py") == .serving)
         #expect(try await manager.checkHealth(service: "py", healthServiceName: "sleepy") == .notServing)
-        await #expect(throws: RPCError.self) { try await manager.checkHealth(service: "py", healthServiceName: "nope") }
+        await #expect(throws: CallError.self) { try await manager.checkHealth(service: "py", healthServiceName: "nope") }
         #expect(await eventually { await manager.healthCheck()["py"]?.healthy == true })
 
         // grpc_health_probe's flags, defaults (plaintext) and exit codes, as a Kubernetes exec probe runs it.
@@ -342,6 +342,14 @@ struct ConnectionManagerTests {
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-bogus"]).status == 1)
         #expect(try runProgram(cli, ["health"]).status == 1, "no -addr")
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-connect-timeout=soon"]).status == 1)
+        // grpc-cm's own double-dash spellings still work beside the probe's.
+        #expect(try runProgram(cli, ["health", "--plaintext", "--service", "sleepy", peer.target]).status == 4)
+        #expect(try runProgram(cli, ["health", "--addr", peer.target, "--max-time", "2"]).status == 0)
+        #expect(try runProgram(cli, ["health", "--plaintext", "-tls", "-addr=\(peer.target)"]).status == 1)
+        // grpc-cm call takes grpcurl's method spelling, without the leading slash.
+        let called = try runProgram(cli, ["call", "--plaintext", peer.target, "grpc.health.v1.Health/Check", "--hex"])
+        #expect(called.status == 0, "\(called.output)")
+        #expect(called.output.contains("0801"), "SERVING: \(called.output)")
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-tls-no-verify"]).status == 1, "-tls-* needs -tls")
         // A server that accepts and never speaks HTTP/2: a connection failure once -connect-timeout passes, not a
         // hang and not an RPC failure.
@@ -368,7 +376,7 @@ struct ConnectionManagerTests {
 
     @Test("the wait queue is bounded: overflow fails with RESOURCE_EXHAUSTED")
     func boundedQueue() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         var configuration = Configuration()

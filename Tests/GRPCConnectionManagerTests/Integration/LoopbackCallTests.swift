@@ -33,7 +33,7 @@ struct LoopbackCallTests {
         defer { fixture.shutdown() }
         let channel = try fixture.channel()
         let message = "échec № \(code) — 失敗 🙂 100%"
-        var metadata = Metadata()
+        var metadata = CallMetadata()
         metadata.add("x-fail-code", String(code))
         metadata.add("x-fail-message", PercentEncoding.encode(message))
         let response = await channel.call(metadata: metadata, timeout: .seconds(5))
@@ -117,7 +117,7 @@ struct LoopbackCallTests {
         defer { fixture.shutdown() }
         let channel = try fixture.channel()
         let task = Task {
-            await channel.unary(path: "/echo.Echo/Get", request: [], metadata: ["x-sleep-ms": "5000"])
+            await channel.unaryResult(path: "/echo.Echo/Get", request: [], metadata: ["x-sleep-ms": "5000"])
         }
         try await Task.sleep(nanoseconds: 100_000_000)
         task.cancel()
@@ -147,7 +147,7 @@ struct LoopbackCallTests {
         var configuration = Configuration()
         configuration.maxMessageSize = 10
         let channel = try fixture.channel(configuration)
-        var injected = Metadata()
+        var injected = CallMetadata()
         injected.add("x-key", "a\r\nx-evil: 1")
         #expect(await channel.call(metadata: injected).status.code == .invalidArgument)
         #expect(await channel.call("no-slash").status.code == .invalidArgument)
@@ -160,7 +160,7 @@ struct LoopbackCallTests {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
         let channel = try fixture.channel()
-        var metadata = Metadata()
+        var metadata = CallMetadata()
         metadata.add("x-text", "hello world")
         metadata.add("x-data-bin", binary: [0, 1, 2, 0xFF, 0x0A])
         let response = await channel.call(metadata: metadata, timeout: .seconds(5))
@@ -183,7 +183,7 @@ struct LoopbackCallTests {
 
     @Test("Unix-domain targets work, and a host name reaches a server on the address it resolves to")
     func unixAndHostName() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let path = "/tmp/grpc-cm-test-\(getpid()).sock"
@@ -214,7 +214,7 @@ struct LoopbackCallTests {
 
     @Test("IPv6 targets work", .enabled(if: Self.ipv6LoopbackAvailable, "this machine has no IPv6 loopback (::1)"))
     func ipv6() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let server = try EchoServer(host: "::1", eventLoop: loop)

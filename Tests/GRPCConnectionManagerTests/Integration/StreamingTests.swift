@@ -65,7 +65,7 @@ struct StreamingTests {
         let call = setup.channel.clientStreaming(path: "/test.Stream/Collect")
         for word in ["a", "bb", "ccc"] { try await call.write(Self.text(word)) }
         call.closeSend()
-        let response = await call.finish()
+        let response = await call.finishResult()
         #expect(response.status.code == .ok)
         #expect(Self.string(response.message) == "a bb ccc")
     }
@@ -159,11 +159,11 @@ struct StreamingTests {
         try await call.write(Self.text("2"))
         #expect(try await iterator.next().map(Self.string) == "1")
         #expect(try await iterator.next().map(Self.string) == "2")
-        await #expect(throws: RPCError.self) { _ = try await iterator.next() }
+        await #expect(throws: CallError.self) { _ = try await iterator.next() }
         let result = await call.result()
         #expect(result.status.code == .failedPrecondition)
         #expect(result.status.message == "enough")
-        await #expect(throws: RPCError.self) { try await call.write(Self.text("3")) }
+        await #expect(throws: CallError.self) { try await call.write(Self.text("3")) }
     }
 
     @Test("a stream the server answers with only a status ends with that status", arguments: Peer.allCases)
@@ -172,7 +172,7 @@ struct StreamingTests {
         defer { setup.done() }
         let call = setup.channel.clientStreaming(path: "/test.Stream/Collect", metadata: ["x-fail-code": "5"])
         try await call.write(Self.text("a"))
-        let response = await call.finish()
+        let response = await call.finishResult()
         #expect(response.status.code == .notFound)
         let stream = setup.channel.serverStreaming(
             path: "/test.Stream/Expand", request: Self.text("a"), metadata: ["x-fail-after": "0", "x-fail-code": "5"])
@@ -213,7 +213,7 @@ struct StreamingTests {
         reader.cancel()
         let result = await call.result()
         #expect(result.status.code == .cancelled)
-        await #expect(throws: RPCError.self) { try await reader.value }
+        await #expect(throws: CallError.self) { try await reader.value }
     }
 
     @Test("the deadline covers the whole stream", arguments: Peer.allCases)
@@ -222,12 +222,12 @@ struct StreamingTests {
         defer { setup.done() }
         let started = now()
         let call = setup.channel.bidirectionalStreaming(
-            path: "/test.Stream/Update", options: CallOptions(timeout: .milliseconds(300)))
+            path: "/test.Stream/Update", options: RequestOptions(timeout: .milliseconds(300)))
         var iterator = call.responses.makeAsyncIterator()
         try await call.write(Self.text("first"))
         #expect(try await iterator.next().map(Self.string) == "first")
         // Nothing more is written and the requests stay open: only the deadline can end this.
-        await #expect(throws: RPCError.self) { _ = try await iterator.next() }
+        await #expect(throws: CallError.self) { _ = try await iterator.next() }
         let result = await call.result()
         #expect(result.status.code == .deadlineExceeded)
         #expect(now() - started < 3)
@@ -241,7 +241,7 @@ struct StreamingTests {
         defer { setup.done() }
         let call = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update")
         try await call.write(Self.text("small"))
-        await #expect(throws: RPCError.self) { try await call.write([UInt8](repeating: 0, count: 2048)) }
+        await #expect(throws: CallError.self) { try await call.write([UInt8](repeating: 0, count: 2048)) }
         let result = await call.result()
         #expect(result.status.code == .resourceExhausted)
         #expect(result.status.message.contains("2048"))
@@ -253,9 +253,9 @@ struct StreamingTests {
         defer { setup.done() }
         let badMetadata = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update", metadata: ["bad key": "x"])
         #expect(await badMetadata.result().status.code == .invalidArgument)
-        await #expect(throws: RPCError.self) { try await badMetadata.write(Self.text("a")) }
+        await #expect(throws: CallError.self) { try await badMetadata.write(Self.text("a")) }
         let badPath = setup.channel.clientStreaming(path: "no-slash")
-        let response = await badPath.finish()
+        let response = await badPath.finishResult()
         #expect(response.status.code == .invalidArgument)
         // Nothing was lost on the channel: a good stream still works.
         let good = setup.channel.serverStreaming(path: "/test.Stream/Expand", request: Self.text("ok"))
@@ -368,7 +368,7 @@ struct StreamingTests {
         #expect(total >= window)
         #expect(total <= bound, "accepted \(total) bytes, bound \(bound)")
         call.cancel()
-        await #expect(throws: RPCError.self) { try await writer.value }
+        await #expect(throws: CallError.self) { try await writer.value }
         #expect(await call.result().status.code == .cancelled)
     }
 

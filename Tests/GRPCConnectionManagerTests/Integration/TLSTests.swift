@@ -13,9 +13,9 @@ import Testing
 /// TLS against the embedded server, a grpcio server and openssl s_server, with certificates made at test time.
 @Suite("TLS", .serialized)
 struct TLSTests {
-    static func tls(_ certificates: TestCertificates, _ adjust: (inout TLSConfiguration) -> Void = { _ in }) -> Configuration {
+    static func tls(_ certificates: TestCertificates, _ adjust: (inout TLSSettings) -> Void = { _ in }) -> Configuration {
         var configuration = Configuration()
-        var tls = TLSConfiguration()
+        var tls = TLSSettings()
         tls.trustRoots = .file(certificates.caCertificate)
         adjust(&tls)
         configuration.tls = tls
@@ -25,7 +25,7 @@ struct TLSTests {
     }
 
     static func server(
-        _ certificates: TestCertificates, loop: EventLoop, certificate: String? = nil, key: String? = nil,
+        _ certificates: TestCertificates, loop: ReactorLoop, certificate: String? = nil, key: String? = nil,
         clientCA: String? = nil, port: Int = 0
     ) throws -> EchoServer {
         var options = EchoServer.Options()
@@ -39,7 +39,7 @@ struct TLSTests {
     func verification() async throws {
         let certificates = try TestCertificates.make()
         defer { certificates.remove() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let server = try Self.server(certificates, loop: loop)
@@ -77,7 +77,7 @@ struct TLSTests {
     func expiredAndStranger() async throws {
         let certificates = try TestCertificates.make()
         defer { certificates.remove() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let expired = try Self.server(certificates, loop: loop, certificate: certificates.expiredCertificate)
@@ -100,7 +100,7 @@ struct TLSTests {
     func mutualTLS() async throws {
         let certificates = try TestCertificates.make()
         defer { certificates.remove() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let server = try Self.server(certificates, loop: loop, clientCA: certificates.caCertificate)
@@ -137,7 +137,7 @@ struct TLSTests {
             kill(server.processIdentifier, SIGKILL)
             server.waitUntilExit()
         }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try GRPCChannel(target: "127.0.0.1:\(port)", configuration: Self.tls(certificates), eventLoop: loop)
@@ -157,7 +157,7 @@ struct TLSTests {
         defer { certificates.remove() }
         var peer = try PythonPeer(tlsCertificate: certificates.serverCertificate, tlsKey: certificates.serverKey)
         let port = peer.port
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try GRPCChannel(target: "localhost:\(port)", configuration: Self.tls(certificates), eventLoop: loop)
@@ -181,7 +181,7 @@ struct TLSTests {
     @Test("unreadable TLS files are a configuration error naming tls")
     func badFiles() throws {
         var configuration = Configuration()
-        var tls = TLSConfiguration()
+        var tls = TLSSettings()
         tls.trustRoots = .file("/nonexistent/ca.pem")
         configuration.tls = tls
         #expect {
@@ -189,7 +189,7 @@ struct TLSTests {
         } throws: { error in
             (error as? ConfigurationError)?.field == "tls"
         }
-        tls = TLSConfiguration()
+        tls = TLSSettings()
         tls.certificateChainFile = "/tmp/only-a-cert.pem"
         configuration.tls = tls
         #expect {
@@ -197,7 +197,7 @@ struct TLSTests {
         } throws: { error in
             (error as? ConfigurationError)?.field == "tls.certificateChainFile"
         }
-        tls = TLSConfiguration()
+        tls = TLSSettings()
         tls.serverName = ""
         configuration.tls = tls
         #expect {
@@ -213,7 +213,7 @@ struct TLSTests {
         defer { certificates.remove() }
         let peer = try ScriptedPeer("observe", tls: (certificates.strangerCertificate, certificates.strangerKey))
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try GRPCChannel(target: peer.target, configuration: Self.tls(certificates), eventLoop: loop)
@@ -226,7 +226,7 @@ struct TLSTests {
 
     @Test("an empty serverName is refused while verification is on, accepted with it off")
     func emptyServerName() throws {
-        var tls = TLSConfiguration()
+        var tls = TLSSettings()
         tls.serverName = ""
         var configuration = Configuration()
         configuration.tls = tls
@@ -238,7 +238,7 @@ struct TLSTests {
         tls.verifyCertificate = false
         configuration.tls = tls
         try configuration.validate()
-        let context = try TLSContext(client: TLSConfiguration())
+        let context = try TLSContext(client: TLSSettings())
         #expect(throws: TLSError.self) { try TLSSession(context: context, serverName: "", verifyName: "") }
     }
 
@@ -246,7 +246,7 @@ struct TLSTests {
     func renegotiationRefused() throws {
         let certificates = try TestCertificates.make()
         defer { certificates.remove() }
-        let client = try TLSContext(client: TLSConfiguration())
+        let client = try TLSContext(client: TLSSettings())
         let server = try TLSContext(
             serverCertificateChain: certificates.serverCertificate, privateKey: certificates.serverKey, clientCA: nil)
         #expect(client.refusesRenegotiation)
@@ -260,7 +260,7 @@ struct TLSTests {
         let peer = try ScriptedPeer(
             "observe", tls: useTLS ? (certificates.serverCertificate, certificates.serverKey) : nil)
         defer { peer.stop() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         var configuration = useTLS ? Self.tls(certificates) : Configuration()
         configuration.enableRetry = false

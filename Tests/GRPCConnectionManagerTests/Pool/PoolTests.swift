@@ -56,7 +56,7 @@ struct PoolTests {
         let connector = FakeConnector()
         let pool: ServicePool
         let environment: CallEnvironment
-        let completions = PThreadLock<[Int: Status]>([:])
+        let completions = PThreadLock<[Int: CallStatus]>([:])
 
         init(connectionsPerTarget: Int = 1, maxQueuedCalls: Int = 100) throws {
             self.reactor = try Reactor()
@@ -94,7 +94,7 @@ struct PoolTests {
             self.endTurn()
         }
 
-        func status(_ id: Int) -> Status? { self.completions.withLock { $0[id] } }
+        func status(_ id: Int) -> CallStatus? { self.completions.withLock { $0[id] } }
     }
 
     @Test("a call waits while the connection connects, and goes out once it is ready")
@@ -120,7 +120,7 @@ struct PoolTests {
         rig.call(2, waitForReady: true)
         rig.connector.made[0].fail("connection refused")
         rig.endTurn()
-        #expect(rig.status(1) == Status(code: .unavailable, message: "connection refused"))
+        #expect(rig.status(1) == CallStatus(code: .unavailable, message: "connection refused"))
         #expect(rig.status(2) == nil)
         rig.call(3)
         #expect(rig.status(3) == nil, "it completes in a later turn, never inside start()")

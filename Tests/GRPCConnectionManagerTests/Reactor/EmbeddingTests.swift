@@ -83,7 +83,7 @@ struct EmbeddingTests {
 
     @Test("timers cancelled from other threads while they come due: each fires exactly once or not at all")
     func cancellationRaces() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let count = 10_000
@@ -126,9 +126,9 @@ struct EmbeddingTests {
     func foreignLoopDrivesOurs() throws {
         let server = try EchoServer()  // on a loop of its own
         defer { server.close() }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         let done = Atomic<Bool>(false)
-        let results = PThreadLock<[Status]>([])
+        let results = PThreadLock<[CallStatus]>([])
         let host = Thread {
             // The host's own epoll, watching our descriptor.
             let hostFD = epoll_create1(Int32(EPOLL_CLOEXEC))
@@ -143,7 +143,7 @@ struct EmbeddingTests {
                     results.withLock { $0.append(response.status) }
                 }
             }
-            loop.scheduleTimer(after: .milliseconds(20)) { results.withLock { $0.append(Status(code: .ok, message: "timer")) } }
+            loop.scheduleTimer(after: .milliseconds(20)) { results.withLock { $0.append(CallStatus(code: .ok, message: "timer")) } }
             while results.withLock({ $0.count }) < 101 {
                 let timeout = loop.nextTimeout.map { Int32(min($0.nanoseconds / 1_000_000, 100)) } ?? 100
                 _ = epoll_wait(hostFD, &fired, 8, timeout)
@@ -201,7 +201,7 @@ struct EmbeddingTests {
 
     @Test("misuse gets a clear error or a documented no-op, never a crash")
     func misuse() async throws {
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         // Loop-only calls from another thread.

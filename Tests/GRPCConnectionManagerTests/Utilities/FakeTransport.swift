@@ -14,7 +14,7 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
     var streamLimit = 100
     var isReady = false
     var connectCalls = 0
-    var closedWith: Status?
+    var closedWith: CallStatus?
     var gracefulClose = false
     private(set) var streams: [Int32: any HTTP2StreamHandler] = [:]
     private var nextStreamID: Int32 = 1
@@ -42,7 +42,7 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
 
     func beginGracefulClose() { self.gracefulClose = true }
 
-    func close(reason: Status) {
+    func close(reason: CallStatus) {
         guard self.closedWith == nil else { return }
         self.closedWith = reason
         let wasReady = self.isReady
@@ -71,7 +71,7 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
 
     /// The connection attempt failed.
     func fail(_ message: String = "refused") {
-        self.close(reason: Status(code: .unavailable, message: message))
+        self.close(reason: CallStatus(code: .unavailable, message: message))
     }
 
     /// Answers stream `streamID` with `message` and `grpc-status` `code`, the way nghttp2 would report it.
@@ -103,7 +103,7 @@ final class FakeConnector: TransportConnector, @unchecked Sendable {
     private(set) var made: [FakeTransport] = []
 
     func makeTransport(
-        address: SocketAddress, id: Int, keepAliveTime: Duration, delegate: any HTTP2TransportDelegate
+        address: NetworkAddress, id: Int, keepAliveTime: Duration, delegate: any HTTP2TransportDelegate
     ) -> any HTTP2Transport {
         let transport = FakeTransport(id: id, keepAliveTime: keepAliveTime, delegate: delegate)
         self.made.append(transport)

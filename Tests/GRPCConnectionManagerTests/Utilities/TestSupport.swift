@@ -29,11 +29,11 @@ final class CompletionLedger: Sendable {
 extension GRPCChannel {
     /// The callback API wrapped for tests, recording each completion in `ledger`.
     func call(
-        _ path: String = "/echo.Echo/Get", _ request: [UInt8] = [], metadata: Metadata = [:],
+        _ path: String = "/echo.Echo/Get", _ request: [UInt8] = [], metadata: CallMetadata = [:],
         timeout: Duration? = nil, ledger: CompletionLedger? = nil, id: Int = 0
     ) async -> UnaryResponse {
         await withCheckedContinuation { continuation in
-            self.unary(path: path, request: request, metadata: metadata, options: CallOptions(timeout: timeout)) {
+            self.unary(path: path, request: request, metadata: metadata, options: RequestOptions(timeout: timeout)) {
                 response in
                 ledger?.record(id)
                 continuation.resume(returning: response)
@@ -45,7 +45,7 @@ extension GRPCChannel {
 extension GRPCChannel {
     /// `/echo.Echo/Get` with `request`.
     func call(
-        _ request: [UInt8], metadata: Metadata = [:], timeout: Duration? = nil, ledger: CompletionLedger? = nil,
+        _ request: [UInt8], metadata: CallMetadata = [:], timeout: Duration? = nil, ledger: CompletionLedger? = nil,
         id: Int = 0
     ) async -> UnaryResponse {
         await self.call("/echo.Echo/Get", request, metadata: metadata, timeout: timeout, ledger: ledger, id: id)
@@ -54,12 +54,12 @@ extension GRPCChannel {
 
 /// A loop plus an echo server on it; `shutdown()` closes both and waits.
 final class LoopbackFixture: Sendable {
-    let loop: EventLoop
+    let loop: ReactorLoop
     let server: EchoServer
     var target: String { self.server.address }
 
     init(options: EchoServer.Options = EchoServer.Options()) throws {
-        self.loop = try EventLoop()
+        self.loop = try ReactorLoop()
         self.loop.start()
         self.server = try EchoServer(options: options, eventLoop: self.loop)
     }

@@ -50,7 +50,7 @@ struct Perf: ParsableCommand {
             configuration.enableRetry = false
             configuration.enableCircuitBreaker = false
         }
-        let loop = try EventLoop()
+        let loop = try ReactorLoop()
         loop.start()
         if let idle = self.idleConnections {
             try self.idleRun(target: target, configuration: configuration, loop: loop, count: idle)
@@ -74,7 +74,7 @@ struct Perf: ParsableCommand {
         if let path = self.hgrm { try driver.distribution().write(toFile: path, atomically: true, encoding: .utf8) }
     }
 
-    func idleRun(target: String, configuration: Configuration, loop: EventLoop, count: Int) throws {
+    func idleRun(target: String, configuration: Configuration, loop: ReactorLoop, count: Int) throws {
         // Each connection is one fd: raise the soft limit to the hard one (as the C++ peer does).
         var limit = rlimit()
         if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 {
@@ -88,7 +88,7 @@ struct Perf: ParsableCommand {
         for _ in 0..<count {
             let channel = try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
             channels.append(channel)
-            channel.unary(path: self.method, request: [], options: CallOptions(timeout: .seconds(30))) { response in
+            channel.unary(path: self.method, request: [], options: RequestOptions(timeout: .seconds(30))) { response in
                 if !response.status.isOK { errors.add(1, ordering: .relaxed) }
                 done.add(1, ordering: .relaxed)
             }
@@ -105,7 +105,7 @@ struct Perf: ParsableCommand {
     }
 
     /// User timers far in the future and idle user fds on each loop: they must cost a gRPC call nothing.
-    static func parkUserWork(on loops: [EventLoop], timers: Int, fds: Int) throws {
+    static func parkUserWork(on loops: [ReactorLoop], timers: Int, fds: Int) throws {
         guard timers > 0 || fds > 0 else { return }
         for loop in loops {
             for _ in 0..<timers { loop.scheduleTimer(after: .seconds(3600)) {} }

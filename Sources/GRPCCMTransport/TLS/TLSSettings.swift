@@ -6,7 +6,7 @@ import GRPCCMWire
 /// Verified by default: the server's chain against the system trust store (or `trustRoots`), and its name
 /// (DNS names and IP addresses in subjectAltName) against `serverName` or the target's host. ALPN offers `h2`
 /// and a server that does not select it is refused. TLS 1.2 is the minimum.
-public struct TLSConfiguration: Sendable, Hashable {
+public struct TLSSettings: Sendable, Hashable {
     /// Where trusted CA certificates come from.
     public enum TrustRoots: Sendable, Hashable {
         /// The system trust store (OpenSSL's default verify paths).
@@ -29,7 +29,7 @@ public struct TLSConfiguration: Sendable, Hashable {
     public init() {}
 
     /// TLS with the system trust store and default verification.
-    public static var defaults: TLSConfiguration { TLSConfiguration() }
+    public static var defaults: TLSSettings { TLSSettings() }
 
     /// Checks the fields that can be checked without the files.
     /// - Throws: `ConfigurationError` naming the field.

@@ -1,11 +1,11 @@
 /// A call that did not end with OK, as a Swift error: the status plus the trailing metadata that came with it.
-public struct RPCError: Error, Sendable, Hashable, CustomStringConvertible {
+public struct CallError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The status the call ended with.
-    public var status: Status
+    public var status: CallStatus
     /// Trailing metadata received with the status (empty when the failure was local).
-    public var trailers: Metadata
+    public var trailers: CallMetadata
 
-    public init(status: Status, trailers: Metadata = Metadata()) {
+    public init(status: CallStatus, trailers: CallMetadata = CallMetadata()) {
         self.status = status
         self.trailers = trailers
     }

@@ -5,7 +5,7 @@ import Glibc
 #endif
 
 /// A resolved address to connect to or listen on: IPv4, IPv6 or a Unix-domain path.
-public struct SocketAddress: Sendable, Hashable, CustomStringConvertible {
+public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
     package enum Storage: Sendable, Hashable {
         case ipv4(host: String, port: Int)
         case ipv6(host: String, port: Int)

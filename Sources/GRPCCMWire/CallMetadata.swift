@@ -3,7 +3,7 @@
 /// Names are lower-case ASCII from `0-9 a-z _ - .`. A name ending in `-bin` carries bytes (base64 on the wire);
 /// any other carries printable ASCII (0x20...0x7E). `validate()` checks both before anything is sent, so a header
 /// with CR/LF can never be smuggled onto the wire.
-public struct Metadata: Sendable, Hashable, Sequence, CustomStringConvertible, ExpressibleByDictionaryLiteral {
+public struct CallMetadata: Sendable, Hashable, Sequence, CustomStringConvertible, ExpressibleByDictionaryLiteral {
     public typealias Key = String
     public typealias Value = String
     public typealias Element = (name: String, value: MetadataValue)
@@ -55,7 +55,7 @@ public struct Metadata: Sendable, Hashable, Sequence, CustomStringConvertible, E
         "[" + self.storage.map { "\($0.name): \($0.value)" }.joined(separator: ", ") + "]"
     }
 
-    public static func == (lhs: Metadata, rhs: Metadata) -> Bool {
+    public static func == (lhs: CallMetadata, rhs: CallMetadata) -> Bool {
         lhs.storage.count == rhs.storage.count
             && zip(lhs.storage, rhs.storage).allSatisfy { $0.name == $1.name && $0.value == $1.value }
     }

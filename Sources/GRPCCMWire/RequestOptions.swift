@@ -1,5 +1,5 @@
 /// Per-call options.
-public struct CallOptions: Sendable, Hashable {
+public struct RequestOptions: Sendable, Hashable {
     /// Deadline of the call, relative to when it starts. nil: none. Sent as `grpc-timeout` and enforced here:
     /// when it passes the stream is reset with CANCEL and the call ends with DEADLINE_EXCEEDED.
     public var timeout: Duration?

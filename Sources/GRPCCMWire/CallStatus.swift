@@ -1,5 +1,5 @@
 /// The outcome of a call: a code and a message. Every call ends with exactly one.
-public struct Status: Error, Hashable, Sendable, CustomStringConvertible {
+public struct CallStatus: Error, Hashable, Sendable, CustomStringConvertible {
     public var code: StatusCode
     public var message: String
 
@@ -8,7 +8,7 @@ public struct Status: Error, Hashable, Sendable, CustomStringConvertible {
         self.message = message
     }
 
-    public static let ok = Status(code: .ok)
+    public static let ok = CallStatus(code: .ok)
 
     public var isOK: Bool { self.code == .ok }
 
@@ -31,14 +31,14 @@ public struct Status: Error, Hashable, Sendable, CustomStringConvertible {
     }
 
     /// The status a client reports when the server resets a stream (PROTOCOL-HTTP2.md "Errors").
-    package static func forRSTStream(errorCode: UInt32) -> Status {
+    package static func forRSTStream(errorCode: UInt32) -> CallStatus {
         switch errorCode {
-        case 0x7: return Status(code: .unavailable, message: "stream refused by the server (REFUSED_STREAM)")
-        case 0x8: return Status(code: .cancelled, message: "stream cancelled by the server (RST_STREAM CANCEL)")
-        case 0xb: return Status(code: .resourceExhausted, message: "server reset the stream: ENHANCE_YOUR_CALM")
-        case 0xc: return Status(code: .permissionDenied, message: "server reset the stream: INADEQUATE_SECURITY")
+        case 0x7: return CallStatus(code: .unavailable, message: "stream refused by the server (REFUSED_STREAM)")
+        case 0x8: return CallStatus(code: .cancelled, message: "stream cancelled by the server (RST_STREAM CANCEL)")
+        case 0xb: return CallStatus(code: .resourceExhausted, message: "server reset the stream: ENHANCE_YOUR_CALM")
+        case 0xc: return CallStatus(code: .permissionDenied, message: "server reset the stream: INADEQUATE_SECURITY")
         default:
-            return Status(code: .internal, message: "server reset the stream: \(HTTP2ErrorCode.name(errorCode))")
+            return CallStatus(code: .internal, message: "server reset the stream: \(HTTP2ErrorCode.name(errorCode))")
         }
     }
 }

@@ -2,7 +2,7 @@ import GRPCCMReactor
 import GRPCCMWire
 
 /// Retry settings for calls (gRFC A6 terms). Defaults are the Go original's.
-public struct RetryPolicy: Sendable, Hashable {
+public struct CallRetryPolicy: Sendable, Hashable {
     /// Attempts in total, the first included. Default 3; 1...10.
     public var maxAttempts: Int = 3
     /// Backoff before the first retry. Default 100 ms.

@@ -16,7 +16,7 @@ import Glibc
 /// - Your closures run on the loop's thread, outside the library's socket, TLS and HTTP/2 processing, and never
 ///   inside the call that scheduled them: `execute` bodies and timer bodies in the turn's deferred phase, fd
 ///   handlers when epoll reports the fd. From any of them the whole API is legal. They must not block.
-extension EventLoop {
+extension ReactorLoop {
     /// Runs `body` on the loop's thread, in the deferred phase of the current turn (when called from the loop's
     /// thread outside the deferred phase) or of a later one. Safe from any thread.
     /// - Returns: false when the loop has stopped and `body` will never run.
@@ -136,7 +136,7 @@ public struct LoopEvents: OptionSet, Sendable, Hashable {
     public static let hangup = LoopEvents(rawValue: UInt32(CR_HUP))
 }
 
-/// A timer from `EventLoop.scheduleTimer`. Cancel it from any thread.
+/// A timer from `ReactorLoop.scheduleTimer`. Cancel it from any thread.
 public struct LoopTimer: Sendable {
     fileprivate let timer: UserTimer
 
@@ -150,7 +150,7 @@ public struct LoopTimer: Sendable {
     public var hasFired: Bool { self.timer.state.load(ordering: .acquiring) == UserTimer.fired }
 }
 
-/// A file descriptor watched by a loop (`EventLoop.register(fd:interest:_:)`). Loop thread only.
+/// A file descriptor watched by a loop (`ReactorLoop.register(fd:interest:_:)`). Loop thread only.
 public final class LoopRegistration: Sendable {
     fileprivate let watcher: UserFDWatcher
 

@@ -1,14 +1,14 @@
 /// The public handle of a reactor: one thread with one epoll instance that runs all socket I/O, timers and call
 /// state of the channels built on it.
 ///
-/// Most programs use `EventLoop.shared`. Create your own to control its thread (`start()`) or to run the loop on
+/// Most programs use `ReactorLoop.shared`. Create your own to control its thread (`start()`) or to run the loop on
 /// a thread you own (`run()`, for embedding).
-public final class EventLoop: Sendable {
+public final class ReactorLoop: Sendable {
     package let reactor: Reactor
 
     /// The process-wide loop, started on its own thread on first use.
-    public static let shared: EventLoop = {
-        let loop = try! EventLoop()  // only fails when the kernel refuses an epoll fd or an eventfd
+    public static let shared: ReactorLoop = {
+        let loop = try! ReactorLoop()  // only fails when the kernel refuses an epoll fd or an eventfd
         loop.start()
         return loop
     }()
