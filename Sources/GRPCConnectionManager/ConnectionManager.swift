@@ -124,6 +124,8 @@ public final class ConnectionManager: Sendable {
     /// `address` is nil). A new address for a known service replaces the old channel. The channel starts
     /// connecting at once.
     /// - Parameters:
+    ///   - service: The service's name: the key of its channel, its metrics and its logs.
+    ///   - address: `host:port`, `[v6]:port` or `unix:/path`; nil reuses the address registered before.
     ///   - security: Plaintext or TLS for this service's connections; nil uses `configuration.tls`.
     /// - Throws: `ConnectionManagerError` for an unknown service without an address or a closed manager;
     ///   `ConfigurationError` for an unparsable address or unusable TLS files.

@@ -28,7 +28,12 @@ extension GRPCChannel {
 
     /// Starts a client-streaming call: send messages through the returned call, `closeSend()`, and `completion`
     /// receives the one response with the status, exactly once, on the reactor thread.
-    /// - Parameter onWritable: Runs when the send buffer drains after `send` returned `.full`.
+    /// - Parameters:
+    ///   - path: The method, `/package.Service/Method`.
+    ///   - metadata: Request metadata.
+    ///   - options: Deadline, receive limit, wait-for-ready.
+    ///   - onWritable: Runs when the send buffer drains after `send` returned `.full`.
+    ///   - completion: Receives the response and the status, exactly once, on the reactor thread.
     public func clientStreaming(
         path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
         onWritable: @escaping @Sendable () -> Void = {},
