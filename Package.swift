@@ -35,6 +35,8 @@ let package = Package(
         // `make docs`: the DocC catalog (Sources/GRPCConnectionManager/GRPCConnectionManager.docc). A plugin only: it
         // builds nothing unless asked.
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
+        // Tests only: the coexistence test compiles against NIOCore's names (the product never uses SwiftNIO).
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         // Only for GRPCConnectionManagerTransport, its example and tests.
         .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
@@ -180,6 +182,7 @@ let package = Package(
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: strictSwift
         ),

@@ -1,12 +1,14 @@
-// Everyday code that imports GRPCCore (for its generated clients) and this package side by side, writing every type
-// name unqualified: it compiles only while no public name of ours is one of GRPCCore's (Status, Metadata,
-// CallOptions, RPCError, RetryPolicy, ...). No `@testable` import here: only what a user sees.
+// Everyday code that imports GRPCCore (for its generated clients), SwiftNIO's NIOCore and this package side by side,
+// writing every type name unqualified: it compiles only while no public name of ours is one of theirs (Status,
+// Metadata, CallOptions, RPCError, RetryPolicy; EventLoop, SocketAddress, ByteBuffer, ...). No `@testable` import
+// here: only what a user sees.
 import GRPCConnectionManager
 import GRPCCore
 import GRPCEchoServer
+import NIOCore
 import Testing
 
-@Suite("Public names coexist with GRPCCore's")
+@Suite("Public names coexist with GRPCCore's and NIOCore's")
 struct CoexistenceTests {
     @Test("a file importing both writes every name unqualified, and the throwing API reads like grpc-swift's")
     func bothImportedUnqualified() async throws {
@@ -52,5 +54,13 @@ struct CoexistenceTests {
             retryableStatusCodes: [.unavailable])
         #expect(coreStatus.code == .notFound && coreError.code == .notFound)
         #expect(coreMetadata.count == 1 && coreOptions.timeout == .seconds(5) && corePolicy.maxAttempts == 2)
+
+        // NIOCore's, unqualified too.
+        let nioAddress = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
+        var buffer = ByteBuffer()
+        buffer.writeBytes(response.message)
+        let amount = TimeAmount.milliseconds(5)
+        let noLoop: (any EventLoop)? = nil
+        #expect(nioAddress.port == 1 && buffer.readableBytes == 2 && amount.nanoseconds == 5_000_000 && noLoop == nil)
     }
 }

@@ -306,6 +306,30 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("a call given the caller's logger logs through it: its metadata and its provider's, taken at call start")
+    func callerLoggerMetadata() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let handler = InMemoryLogHandler()
+        var logger = Logger(label: "caller", factory: { _ in handler })
+        logger.handler.metadataProvider = Logger.MetadataProvider { ["tenant": "\(RequestTenant.current ?? "none")"] }
+        logger.logLevel = .debug
+        logger[metadataKey: "request-id"] = "r-42"
+        let channel = try fixture.channel()
+        // The provider reads a task-local, which the reactor thread never sees: only a capture at call start keeps it.
+        let response = try await RequestTenant.$current.withValue("blue") {
+            try await channel.unary(path: "/test.Raw/Get", request: [1], options: RequestOptions(timeout: .seconds(5)), logger: logger)
+        }
+        #expect(response.message == [1])
+        let finished = try #require(handler.entries.first { $0.message.description == "call finished" })
+        #expect(finished.level == .debug)
+        #expect(finished.metadata["request-id"] == "r-42")
+        #expect(finished.metadata["tenant"] == "blue")
+        #expect(finished.metadata["grpc.method"] == "/test.Raw/Get")
+        #expect(finished.metadata["grpc.code"] == "OK")
+        #expect(handler.entries.contains { $0.message.description == "call started" && $0.metadata["tenant"] == "blue" })
+    }
+
     @Test("the bus tells the same story the metrics count")
     func busMatchesMetrics() async throws {
         let fixture = try LoopbackFixture()
@@ -342,4 +366,9 @@ func eventuallyValue<T>(timeout: Double = 5, _ produce: () -> T?) async -> T {
         try? await Task.sleep(nanoseconds: 10_000_000)
     }
     return produce()!
+}
+
+/// A request-scoped value, as a server framework would keep it.
+enum RequestTenant {
+    @TaskLocal static var current: String?
 }
