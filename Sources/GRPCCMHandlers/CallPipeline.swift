@@ -60,6 +60,6 @@ package final class CallPipeline: @unchecked Sendable {
 
     /// Lets the logging handler name a service's target.
     package func register(service: String, target: String) {
-        self.logging?.targets[service] = target
+        self.logging?.setTarget(target, for: service)
     }
 }

@@ -12,15 +12,23 @@ import Logging
 /// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
 /// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.
 package final class LoggingHandler: @unchecked Sendable {
-    // `@unchecked`: `targets` and the logger are used on the reactor thread only (bus dispatch).
+    // `@unchecked`: the logger is used on the reactor thread only (bus dispatch); the targets are behind a lock.
     private let logger: Logger
     /// The per-call records' levels, read once: the logger is our own copy, and asking its handler on every
     /// event cost more than the rest of the handler (callgrind).
     private let debugEnabled: Bool
     private let traceEnabled: Bool
-    /// Service name → target text, for call records.
-    @exclusivity(unchecked)
-    package var targets: [String: String] = [:]
+    /// Service name → target text, for call records. Written when a channel is made (any thread), read on the loop
+    /// for debug records only: a lock, not loop confinement.
+    private let targetsByService = PThreadLock<[String: String]>([:])
+
+    package func setTarget(_ target: String, for service: String) {
+        self.targetsByService.withLock { $0[service] = target }
+    }
+
+    private func target(of service: String) -> String {
+        self.targetsByService.withLock { $0[service] ?? "" }
+    }
 
     init(logger: Logger, bus: LocalEventBus) {
         self.logger = logger
@@ -37,7 +45,7 @@ package final class LoggingHandler: @unchecked Sendable {
             self.logger.debug(
                 "call started",
                 metadata: [
-                    "grpc.service": "\(service)", "grpc.method": "\(path)", "grpc.target": "\(self.targets[service] ?? "")",
+                    "grpc.service": "\(service)", "grpc.method": "\(path)", "grpc.target": "\(self.target(of: service))",
                     "grpc.attempt": "\(attempt)",
                 ])
         case .callFinished(let service, let path, let status, let duration, let attempts, _, _):
@@ -45,7 +53,7 @@ package final class LoggingHandler: @unchecked Sendable {
             self.logger.debug(
                 "call finished",
                 metadata: [
-                    "grpc.service": "\(service)", "grpc.method": "\(path)", "grpc.target": "\(self.targets[service] ?? "")",
+                    "grpc.service": "\(service)", "grpc.method": "\(path)", "grpc.target": "\(self.target(of: service))",
                     "grpc.attempts": "\(attempts)", "grpc.code": "\(status.code)",
                     "grpc.duration_ms": "\(Double(duration.nanoseconds) / 1e6)",
                 ])

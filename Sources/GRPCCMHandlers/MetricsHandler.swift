@@ -49,9 +49,6 @@ package final class MetricsHandler: @unchecked Sendable {
     private var recorders: [String: Recorder] = [:]
     @exclusivity(unchecked)
     private var gauges: [String: Gauge] = [:]
-    /// Breaker states reported per label key, so a method's first call does not reset a state already recorded.
-    @exclusivity(unchecked)
-    private var breakerStates: [String: Int] = [:]
     private let connectionCounts: ConnectionStateCounts
     /// The per-call metrics of each service and method, found without building label keys on every call.
     @exclusivity(unchecked)
@@ -110,8 +107,8 @@ package final class MetricsHandler: @unchecked Sendable {
         if self.retryEnabled { _ = self.counter("grpc_client_retries_total", dimensions) }
         if self.breakerEnabled {
             let breaker = self.gauge("grpc_client_circuit_breaker_state", dimensions)
-            // Closed, unless the breaker already reported a state for this method (its first failure came first).
-            if self.breakerStates[Self.key("grpc_client_circuit_breaker_state", dimensions)] == nil {
+            // Closed, unless a breaker of this method (on any loop) already reported a state.
+            self.connectionCounts.recordBreakerIfUnset(Self.key("grpc_client_circuit_breaker_state", dimensions)) {
                 breaker.record(CircuitBreakerState.closed.rawValue)
             }
         }
@@ -125,12 +122,14 @@ package final class MetricsHandler: @unchecked Sendable {
     /// IDLE (subchannels start there without an event), so a state never goes below zero; SHUTDOWN is not a state a
     /// connection stays in, so it has no series.
     private func connectionMoved(service: String, from: ConnectivityState, to: ConnectivityState) {
-        let (counts, firstSight) = self.connectionCounts.move(service: service, from: from, to: to)
-        for (index, state) in ConnectionStateCounts.states.enumerated() where firstSight || state == from || state == to {
-            self.gauge("grpc_client_connection_state", [("service", service), ("state", state.description)])
-                .record(counts[index])
+        // Recorded under the shared lock: two loops moving connections at once must not publish out of order.
+        self.connectionCounts.move(service: service, from: from, to: to) { counts, firstSight in
+            for (index, state) in ConnectionStateCounts.states.enumerated() where firstSight || state == from || state == to {
+                self.gauge("grpc_client_connection_state", [("service", service), ("state", state.description)])
+                    .record(counts[index])
+            }
+            self.gauge("grpc_client_connections_active", [("service", service)]).record(counts[2])
         }
-        self.gauge("grpc_client_connections_active", [("service", service)]).record(counts[2])
     }
 
     private static func key(_ label: String, _ dimensions: [(String, String)]) -> String {
@@ -165,8 +164,10 @@ package final class MetricsHandler: @unchecked Sendable {
             self.connectionMoved(service: service, from: from, to: to)
         case .circuitBreakerStateChanged(let service, let path, _, let to):
             let dimensions = [("service", service), ("method", path)]
-            self.breakerStates[Self.key("grpc_client_circuit_breaker_state", dimensions)] = to.rawValue
-            self.gauge("grpc_client_circuit_breaker_state", dimensions).record(to.rawValue)
+            let gauge = self.gauge("grpc_client_circuit_breaker_state", dimensions)
+            self.connectionCounts.recordBreaker(Self.key("grpc_client_circuit_breaker_state", dimensions)) {
+                gauge.record(to.rawValue)
+            }
         case .connectAttemptStarted(let service, _, _):
             self.counter("grpc_client_connect_attempts_total", [("service", service)]).increment()
         case .connectAttemptFailed(let service, _, _, _, _):
@@ -182,25 +183,51 @@ package final class MetricsHandler: @unchecked Sendable {
     }
 }
 
-/// How many connections of each service are in each live state, across every loop of a manager. A connection is
-/// first seen leaving IDLE (subchannels start there without an event), so a count never goes below zero; SHUTDOWN is
-/// not a state a connection stays in, so it is not counted. Connection state changes are rare: a lock is cheap here.
+/// What the metrics handlers of every loop of one manager (or standalone channel) share: how many connections of each
+/// service are in each live state, and which breakers have reported a state. Subchannels start IDLE without an event,
+/// so one is counted from its first change, and IDLE holds the connections that went idle after connecting: a count
+/// never goes below zero, but while a never-connected subchannel leaves IDLE, one idle connection may go uncounted
+/// until the next change (the events carry a connection attempt's id, not the subchannel's). SHUTDOWN is not a state
+/// a connection stays in, so it is not counted. Gauges are
+/// recorded under the lock, so that two loops never publish out of order. State changes are rare: a lock is cheap.
 package final class ConnectionStateCounts: Sendable {
     static let states: [ConnectivityState] = [.idle, .connecting, .ready, .transientFailure]
-    private let counts = PThreadLock<[String: [Int]]>([:])
+    private struct Counts {
+        var byService: [String: [Int]] = [:]
+        var breakers: Set<String> = []
+    }
+    private let counts = PThreadLock<Counts>(Counts())
 
     package init() {}
 
-    /// Moves one connection of `service`; returns the counts after the move (in `states` order) and whether this
-    /// was the service's first move.
-    func move(service: String, from: ConnectivityState, to: ConnectivityState) -> ([Int], Bool) {
+    /// Moves one connection of `service` and calls `record` with the counts after the move (in `states` order) and
+    /// whether this was the service's first move, under the lock.
+    func move(
+        service: String, from: ConnectivityState, to: ConnectivityState,
+        record: ([Int], Bool) -> Void
+    ) {
         self.counts.withLock { all in
-            let firstSight = all[service] == nil
-            var counts = all[service] ?? Array(repeating: 0, count: Self.states.count)
+            let firstSight = all.byService[service] == nil
+            var counts = all.byService[service] ?? Array(repeating: 0, count: Self.states.count)
             if let index = Self.states.firstIndex(of: from) { counts[index] = max(0, counts[index] - 1) }
             if let index = Self.states.firstIndex(of: to) { counts[index] += 1 }
-            all[service] = counts
-            return (counts, firstSight)
+            all.byService[service] = counts
+            record(counts, firstSight)
+        }
+    }
+
+    /// A breaker reported a state: `record` it, under the lock.
+    func recordBreaker(_ key: String, record: () -> Void) {
+        self.counts.withLock { all in
+            all.breakers.insert(key)
+            record()
+        }
+    }
+
+    /// `record` the initial state unless a breaker already reported one, under the lock.
+    func recordBreakerIfUnset(_ key: String, record: () -> Void) {
+        self.counts.withLock { all in
+            if all.breakers.insert(key).inserted { record() }
         }
     }
 }

@@ -168,9 +168,17 @@ package final class Reactor: @unchecked Sendable {
         guard self.driven.load(ordering: .acquiring), self.inReactorThread else {
             throw ReactorError(operation: "runOnce: the loop runs on a thread of its own, or another thread drives it", errno: EPERM)
         }
+        // A callback of this turn asking for another turn (a host's "wait until done" helper) would run the C loop
+        // inside itself, over the events it is still dispatching.
+        guard !self.inDrivenTurn else {
+            throw ReactorError(operation: "runOnce: called from inside a turn of the same loop", errno: EDEADLK)
+        }
         if self.life.load(ordering: .acquiring) == LifeState.running.rawValue {
-            let wait = self.deferred.isEmpty ? maxWaitMilliseconds : 0
+            // Work already queued (deferred bodies, output to flush) must not wait for the poll's timeout.
+            let wait = self.deferred.isEmpty && self.flushList.isEmpty ? maxWaitMilliseconds : 0
+            self.inDrivenTurn = true
             let rc = cr_loop_run_once_for(self.loop!, wait)
+            self.inDrivenTurn = false
             precondition(rc >= 0, "epoll_wait failed: errno \(-rc)")
         }
         if self.life.load(ordering: .acquiring) == LifeState.stopping.rawValue {
@@ -182,6 +190,9 @@ package final class Reactor: @unchecked Sendable {
 
     /// Whether a host loop drives this one through `runOnce` (read by whichever thread calls it).
     private let driven = Atomic<Bool>(false)
+    /// True while `runOnce` runs a turn (driving thread only).
+    @exclusivity(unchecked)
+    private var inDrivenTurn = false
 
     /// The epoll fd: readable whenever the loop has something to do (-1 once it has finished).
     package var pollableDescriptor: Int32 { self.loop.map { cr_loop_fd($0) } ?? -1 }
@@ -222,7 +233,16 @@ package final class Reactor: @unchecked Sendable {
     /// it only stops, and the loop finishes once the current callback returns.
     package func stopAndWait() {
         self.stop()
-        if self.inReactorThread { return }
+        if self.inReactorThread {
+            // Driven and between turns: no turn will come unless the host polls again, and a host that stopped the
+            // loop stops polling it. Finish here, now.
+            if self.driven.load(ordering: .acquiring) && !self.inDrivenTurn
+                && self.life.load(ordering: .acquiring) == LifeState.stopping.rawValue
+            {
+                self.finishShutdown()
+            }
+            return
+        }
         while !self.isFinished {
             usleep(1000)
         }

@@ -49,6 +49,12 @@ public final class ReactorGroup: Sendable {
 
     /// Shuts every loop down (see `ReactorLoop.shutdown()`), waiting for each when called off their threads.
     public func shutdown() {
+        // From one of our own loops, waiting for the others could deadlock (two completions on two loops each
+        // shutting the group down would wait for each other): stop them all, then wait only when off every loop.
+        if self.loops.contains(where: \.inEventLoop) {
+            for loop in self.loops { loop.reactor.stop() }
+            return
+        }
         for loop in self.loops { loop.shutdown() }
     }
 }

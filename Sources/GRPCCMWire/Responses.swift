@@ -15,6 +15,13 @@ public struct UnaryResponse: Sendable, Hashable {
         self.initialMetadata = initialMetadata
         self.trailingMetadata = trailingMetadata
     }
+
+    /// The response itself when the call ended OK; otherwise its `CallError` (the status and the trailers), thrown.
+    /// What the throwing call forms return.
+    public func get() throws(CallError) -> UnaryResponse {
+        guard self.status.isOK else { throw CallError(status: self.status, trailers: self.trailingMetadata) }
+        return self
+    }
 }
 
 /// How a streaming call ended: always a status, plus the metadata the server sent.

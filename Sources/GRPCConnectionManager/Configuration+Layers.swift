@@ -23,11 +23,13 @@ extension Configuration {
                 ?? GRPCConnectionManagerVersion.userAgent)
     }
 
-    var poolSettings: PoolSettings {
-        PoolSettings(
+    func poolSettings(service: String) -> PoolSettings {
+        var settings = PoolSettings(
             connectionsPerTarget: self.connectionsPerTarget, maxQueuedCalls: self.maxQueuedCalls,
             backoff: self.backoffConfiguration, keepAliveTime: self.keepAliveTime, idleTimeout: self.idleTimeout,
             resolveRetryDelay: self.maxReconnectDelay)
+        settings.loadBalancingPolicy = self.loadBalancingPolicies[service] ?? self.loadBalancingPolicy
+        return settings
     }
 
     /// A factory handed to the manager or channel is a request for metrics: it records whatever `enableMetrics`

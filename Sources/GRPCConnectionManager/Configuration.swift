@@ -48,6 +48,12 @@ public struct Configuration: Sendable, Hashable {
     /// Calls that may wait for a connection (none ready, or every stream in use) before new ones fail with
     /// RESOURCE_EXHAUSTED. Default 10,000.
     public var maxQueuedCalls: Int = 10_000
+    /// How calls are spread over a service's connections (`LoadBalancingPolicy`): `.leastLoaded` (default),
+    /// `.roundRobin` or `.pickFirst`. `loadBalancingPolicies` overrides it per service name.
+    public var loadBalancingPolicy: LoadBalancingPolicy = .leastLoaded
+    /// Per-service policies, by the service name given to `ConnectionManager.connection(service:)` (for a standalone
+    /// `GRPCChannel`, its target text).
+    public var loadBalancingPolicies: [String: LoadBalancingPolicy] = [:]
 
     /// HTTP/2 settings of each connection.
     public var http2 = HTTP2()

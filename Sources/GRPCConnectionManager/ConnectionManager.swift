@@ -183,7 +183,8 @@ public final class ConnectionManager: Sendable {
 
     /// Stops taking calls, lets calls in flight finish for up to `gracePeriod`, then closes everything: calls still
     /// running then (on connections that are draining, too) end with UNAVAILABLE. Calls waiting for a connection or
-    /// between retries end at once; nothing is retried once closing began.
+    /// between retries end at once; nothing is retried once closing began. Cancelling the task that awaits it ends
+    /// the grace period at once.
     ///
     /// From a completion (on the reactor thread) it cannot wait there: call it from a task
     /// (`Task { await manager.close() }`), or use `closeNow()`, which returns at once.
@@ -195,7 +196,8 @@ public final class ConnectionManager: Sendable {
         while Reactor.clock() < deadline {
             var open = 0
             for pool in pools { open += await Self.onLoop(pool.reactor) { pool.openCallCount } ?? 0 }
-            if open == 0 { break }
+            // A cancelled task ends the grace period: what is left is force-closed now.
+            if open == 0 || Task.isCancelled { break }
             try? await Task.sleep(nanoseconds: 5_000_000)
         }
         let reason = CallStatus(code: .unavailable, message: "the manager closed")

@@ -49,8 +49,7 @@ extension GRPCChannel {
         } onCancel: {
             handleBox.cancel()
         }
-        guard response.status.isOK else { throw CallError(status: response.status, trailers: response.trailingMetadata) }
-        return response
+        return try response.get()
     }
 
     /// `logger` with its provider's metadata taken now (on the caller's thread) and the call's own fields added.

@@ -119,7 +119,7 @@ public final class GRPCChannel: Sendable {
                 reactor: context.reactor, authority: target.authority, settings: configuration.http2ClientSettings,
                 tls: tls, tlsServerName: tlsServerName)
             let pool = ServicePool(
-                reactor: context.reactor, service: service, target: target, settings: configuration.poolSettings,
+                reactor: context.reactor, service: service, target: target, settings: configuration.poolSettings(service: service),
                 connector: connector, bus: context.bus, connectionIDs: connectionIDs, resolver: resolver)
             context.pipeline.register(service: service, target: target.description)
             let environment = CallEnvironment(
@@ -209,8 +209,7 @@ public final class GRPCChannel: Sendable {
         path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
     ) async throws(CallError) -> UnaryResponse {
         let response = await self.unaryResult(path: path, request: request, metadata: metadata, options: options)
-        guard response.status.isOK else { throw CallError(status: response.status, trailers: response.trailingMetadata) }
-        return response
+        return try response.get()
     }
 
     /// Makes a unary call and returns how it ended, whatever the status: the non-throwing form of

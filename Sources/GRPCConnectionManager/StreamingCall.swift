@@ -159,8 +159,7 @@ public final class AsyncClientStreamingCall: Sendable {
     /// the call's `CallError` (status and trailers) is thrown. Cancelling the task cancels the call.
     public func finish() async throws(CallError) -> UnaryResponse {
         let response = await self.finishResult()
-        guard response.status.isOK else { throw CallError(status: response.status, trailers: response.trailingMetadata) }
-        return response
+        return try response.get()
     }
 
     /// The non-throwing form of `finish()`: closes the requests and returns how the call ended, whatever the status.

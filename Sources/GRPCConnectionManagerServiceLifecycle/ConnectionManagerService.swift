@@ -14,8 +14,8 @@ import ServiceLifecycle
 ///
 /// `run()` waits until the group shuts down gracefully, then closes the manager with `gracePeriod`: calls already
 /// on a stream get that long to finish, calls still waiting for a connection or a retry end UNAVAILABLE at once, and
-/// `run()` returns once everything is closed. Put it after the services that use it in the group's list (a group
-/// shuts services down in reverse order), so that their last calls still find it open. If the task running it is
+/// `run()` returns once everything is closed. Put it before the services that use it in the group's list (a
+/// group shuts services down in reverse order, so they stop first and their last calls still find it open). If the task running it is
 /// cancelled instead, the manager closes at once (`closeNow()`) and `run()` returns.
 public struct ConnectionManagerService: Service {
     /// The manager this service closes.

@@ -55,7 +55,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     var responseOffset = 0
     var responseTrailers: [(String, String)] = []
     private var timer: Reactor.TimerID = 0
-    private var answered = false
+    var answered = false
 
     init(connection: EchoServerConnection, streamID: Int32) {
         self.connection = connection
@@ -94,9 +94,12 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         listener.requestsByConnection[self.connection.serial, default: 0] += 1
         guard let key = self.requestKey else { return }
         listener.requestsByKey[key, default: 0] += 1
+        // Refused means unprocessed: mark it answered, so that the rest of its request cannot reach `answer()`.
         if self.refuseFirst > 0 && listener.countAttempt("refuse:" + key) < self.refuseFirst {
+            self.answered = true
             self.connection.resetStream(self, errorCode: NGHTTP2_REFUSED_STREAM.rawValue)
         } else if self.goAwayFirst > 0 && listener.countAttempt("goaway:" + key) < self.goAwayFirst {
+            self.answered = true
             self.connection.goAway(lastStreamID: self.streamID - 2)
         }
     }

@@ -20,10 +20,20 @@ struct GRPCCM: AsyncParsableCommand {
 /// are caught here and exit 2, like grpcurl's usage errors.
 @main
 enum Main {
+    /// Probes write `-service=` for the whole server: an empty value glued to its flag, which the argument parser
+    /// would read as a flag without a value. Split it into the flag and an empty argument.
+    static func arguments(_ raw: [String]) -> [String] {
+        guard raw.first == "health" else { return raw }
+        return raw.flatMap { argument -> [String] in
+            argument.hasPrefix("-") && argument.hasSuffix("=") && argument.count > 2
+                ? [String(argument.dropLast()), ""] : [argument]
+        }
+    }
+
     static func main() async {
         let command: any ParsableCommand
         do {
-            command = try GRPCCM.parseAsRoot()
+            command = try GRPCCM.parseAsRoot(Self.arguments(Array(CommandLine.arguments.dropFirst())))
         } catch {
             let code = GRPCCM.exitCode(for: error)
             let message = GRPCCM.fullMessage(for: error)

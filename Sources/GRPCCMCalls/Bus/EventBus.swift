@@ -48,20 +48,26 @@ public final class EventBus: Sendable {
     package var single: LocalEventBus { self.locals[0] }
 
     /// Adds a handler. It receives every event published after this call returns, on the loop where it happened.
+    /// Called on one of the bus's loops (from a handler or a completion), the promise holds for that loop at once
+    /// and for the bus's other loops from their next turn: waiting for them there could deadlock two loops that
+    /// subscribe at the same moment.
     /// - Parameter handler: Called on a loop's thread, outside the library's I/O processing; must not block. Any
     ///   thread may subscribe, handlers included.
     /// - Returns: The token for `unsubscribe(_:)`.
     @discardableResult
     public func subscribe(_ handler: @escaping @Sendable (ConnectionEvent) -> Void) -> Token {
         let token = Token(value: self.nextToken.add(1, ordering: .relaxed).oldValue)
-        for local in self.locals { local.add(token, callEvents: true, handler) }
+        let onOneOfOurLoops = self.locals.contains { $0.reactor.inReactorThread }
+        for local in self.locals { local.add(token, callEvents: true, handler, wait: !onOneOfOurLoops) }
         return token
     }
 
-    /// Removes a subscription. No event reaches its handler after this returns (events already published, too).
-    /// Any thread may unsubscribe, handlers included.
+    /// Removes a subscription. No event reaches its handler after this returns (events already published, too);
+    /// called on one of the bus's loops, that holds for that loop at once and for the others from their next turn
+    /// (see `subscribe`). Any thread may unsubscribe, handlers included.
     public func unsubscribe(_ token: Token) {
-        for local in self.locals { local.remove(token) }
+        let onOneOfOurLoops = self.locals.contains { $0.reactor.inReactorThread }
+        for local in self.locals { local.remove(token, wait: !onOneOfOurLoops) }
     }
 
     /// For the library's own handlers, one per loop: see `LocalEventBus.subscribe(callEvents:_:)`.
@@ -115,19 +121,22 @@ package final class LocalEventBus: @unchecked Sendable {
         return token
     }
 
-    func add(_ token: EventBus.Token, callEvents: Bool, _ handler: @escaping @Sendable (ConnectionEvent) -> Void) {
+    func add(
+        _ token: EventBus.Token, callEvents: Bool, _ handler: @escaping @Sendable (ConnectionEvent) -> Void,
+        wait: Bool = true
+    ) {
         let state = self.state
-        self.onLoopAndWait { state.add(token, handler, callEvents: callEvents) }
+        self.onLoop(wait: wait) { state.add(token, handler, callEvents: callEvents) }
     }
 
-    func remove(_ token: EventBus.Token) {
+    func remove(_ token: EventBus.Token, wait: Bool = true) {
         let state = self.state
-        self.onLoopAndWait { state.remove(token) }
+        self.onLoop(wait: wait) { state.remove(token) }
     }
 
-    /// Runs `body` on the loop's thread and waits for it (or runs it inline there). Subscriptions change only there,
-    /// so dispatch needs no lock.
-    private func onLoopAndWait(_ body: @escaping @Sendable () -> Void) {
+    /// Runs `body` on the loop's thread (inline when this is it), waiting for it unless `wait` is false.
+    /// Subscriptions change only there, so dispatch needs no lock.
+    private func onLoop(wait: Bool, _ body: @escaping @Sendable () -> Void) {
         // Inline on the loop's thread, and when the loop is not running (nothing can race with us then).
         if self.reactor.inReactorThread || !self.reactor.isRunning {
             body()
@@ -138,6 +147,7 @@ package final class LocalEventBus: @unchecked Sendable {
             body()
             return
         }
+        guard wait else { return }
         while !done.load(ordering: .acquiring) { usleep(50) }
     }
 }

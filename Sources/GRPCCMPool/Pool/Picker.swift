@@ -1,27 +1,69 @@
-/// Which connection a call goes to: the one with the fewest open streams among those that can take one now, the
-/// scan starting at a rotating cursor so that ties spread. A pure value: candidates are described by a closure, so
-/// picking allocates nothing and is tested without connections.
-package struct LeastLoadedPicker: Sendable {
+/// How a service's calls are spread over its connections, chosen per service (`Configuration.loadBalancingPolicy`
+/// and `loadBalancingPolicies`).
+public enum LoadBalancingPolicy: Sendable, Hashable, CustomStringConvertible {
+    /// The connection with the fewest open streams among those that can take one, ties spread by a rotating start.
+    /// Every resolved address is connected. The default: it follows load, which round-robin does not.
+    case leastLoaded
+    /// gRPC's `round_robin`: every resolved address is connected, and calls go to the ready ones in turn, whatever
+    /// their load.
+    case roundRobin
+    /// gRPC's `pick_first` (gRFC A62, simplified): addresses are connected one at a time, in the order resolved,
+    /// until one is up; every call goes to the earliest address that is up. A failed connection makes the next
+    /// address try at once; the failed one rests in its backoff.
+    case pickFirst
+
+    public var description: String {
+        switch self {
+        case .leastLoaded: "least_loaded"
+        case .roundRobin: "round_robin"
+        case .pickFirst: "pick_first"
+        }
+    }
+}
+
+/// Which connection a call goes to, by the service's `LoadBalancingPolicy`. A pure value: candidates are described
+/// by a closure, so picking allocates nothing and is tested without connections.
+package struct Picker: Sendable {
+    package let policy: LoadBalancingPolicy
     private var cursor = 0
 
-    package init() {}
+    package init(policy: LoadBalancingPolicy = .leastLoaded) {
+        self.policy = policy
+    }
 
     /// The index of the chosen candidate among `count`, or nil when none can take a stream.
     /// - Parameter candidate: For index i: whether it can take a stream now, and its load.
     package mutating func pick(count: Int, _ candidate: (Int) -> (usable: Bool, load: Int)) -> Int? {
         guard count > 0 else { return nil }
         if count == 1 { return candidate(0).usable ? 0 : nil }
-        self.cursor = (self.cursor + 1) % count
-        var best: Int?
-        var bestLoad = Int.max
-        for offset in 0..<count {
-            let index = (self.cursor + offset) % count
-            let (usable, load) = candidate(index)
-            if usable && load < bestLoad {
-                best = index
-                bestLoad = load
+        switch self.policy {
+        case .pickFirst:
+            for index in 0..<count where candidate(index).usable { return index }
+            return nil
+        case .roundRobin:
+            // The turn passes from the last one chosen, not from a slot: a connection that cannot take the call must
+            // not hand its turns to its neighbour (which would then get two in every round).
+            for offset in 1...count {
+                let index = (self.cursor + offset) % count
+                if candidate(index).usable {
+                    self.cursor = index
+                    return index
+                }
             }
+            return nil
+        case .leastLoaded:
+            self.cursor = (self.cursor + 1) % count
+            var best: Int?
+            var bestLoad = Int.max
+            for offset in 0..<count {
+                let index = (self.cursor + offset) % count
+                let (usable, load) = candidate(index)
+                if usable && load < bestLoad {
+                    best = index
+                    bestLoad = load
+                }
+            }
+            return best
         }
-        return best
     }
 }

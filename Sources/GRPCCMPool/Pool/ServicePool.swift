@@ -14,6 +14,8 @@ package struct PoolSettings: Sendable {
     package var idleTimeout: Duration
     /// Wait before resolving again after a failed resolution while wait-for-ready calls wait.
     package var resolveRetryDelay: Duration
+    /// How calls are spread over the connections, and which addresses are connected.
+    package var loadBalancingPolicy: LoadBalancingPolicy = .leastLoaded
 
     package init(
         connectionsPerTarget: Int, maxQueuedCalls: Int, backoff: Backoff.Configuration, keepAliveTime: Duration,
@@ -66,7 +68,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     @exclusivity(unchecked)
     private var queue: WaitQueue<ClientCall>
     @exclusivity(unchecked)
-    private var picker = LeastLoadedPicker()
+    private var picker: Picker
     @exclusivity(unchecked)
     private var registry = CallRegistry()
     @exclusivity(unchecked)
@@ -94,6 +96,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.bus = bus
         self.connectionIDs = connectionIDs
         self.queue = WaitQueue(capacity: settings.maxQueuedCalls)
+        self.picker = Picker(policy: settings.loadBalancingPolicy)
         super.init()
         if let numeric = target.numericAddresses { self.install(numeric) }
     }
@@ -184,9 +187,18 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                     message: "too many calls waiting for a connection (maxQueuedCalls \(self.settings.maxQueuedCalls))"))
             return
         }
-        for subchannel in self.subchannels where subchannel.state == .idle {
-            subchannel.connect()
+        self.connectIdle()
+    }
+
+    /// Connects what the policy wants connected now: every IDLE subchannel, or for `pickFirst` the first IDLE one
+    /// in address order, and only while no subchannel is up or on its way.
+    private func connectIdle() {
+        if self.picker.policy == .pickFirst {
+            if self.subchannels.contains(where: { $0.state == .ready || $0.state == .connecting }) { return }
+            self.subchannels.first { $0.state == .idle }?.connect()
+            return
         }
+        for subchannel in self.subchannels where subchannel.state == .idle { subchannel.connect() }
     }
 
     /// Opens a stream for `call` on the best connection that can take one. False when none can now.
@@ -288,12 +300,17 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private func resolved(_ result: Result<[NetworkAddress], CallStatus>) {
         self.resolving = false
         guard !self.isClosing else { return }
+        var result = result
+        if case .success(let addresses) = result, addresses.isEmpty {
+            // No address is no way to connect: fail fast calls and retry later, as for a failed lookup.
+            result = .failure(CallStatus(code: .unavailable, message: "name resolution returned no address for \(self.target)"))
+        }
         switch result {
         case .success(let addresses):
             self.resolutionError = nil
             if addresses != self.addresses { self.install(addresses) }
             if self.eager || !self.queue.isEmpty {
-                for subchannel in self.subchannels where subchannel.state == .idle { subchannel.connect() }
+                self.connectIdle()
             }
         case .failure(let status):
             self.resolutionError = status
@@ -327,8 +344,12 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                 self.resolve()
             }
             if self.allInTransientFailure { self.failWaitingFailFast() }
+            // pick_first moves on to the next address at once; the others reconnect after their own backoff.
+            if self.picker.policy == .pickFirst && (self.eager || !self.queue.isEmpty) { self.connectIdle() }
         case .idle:
-            if !self.queue.isEmpty { subchannel.connect() }
+            if !self.queue.isEmpty {
+                if self.picker.policy == .pickFirst { self.connectIdle() } else { subchannel.connect() }
+            }
         case .connecting, .shutdown:
             break
         }
@@ -365,7 +386,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     package func connectAll() {
         self.eager = true
         if self.addresses == nil { self.resolve() }
-        for subchannel in self.subchannels where subchannel.state == .idle { subchannel.connect() }
+        self.connectIdle()
     }
 
     /// The reactor is stopping: every call ends now.

@@ -69,10 +69,9 @@ extension GRPCChannel {
     public func checkHealth(
         _ healthServiceName: String = "", metadata: CallMetadata = [:], timeout: Duration = .seconds(5)
     ) async throws -> HealthStatus {
-        let response = await self.unaryResult(
+        let response = try await self.unary(
             path: HealthProto.checkPath, request: HealthProto.encodeRequest(service: healthServiceName),
             metadata: metadata, options: RequestOptions(timeout: timeout))
-        guard response.status.isOK else { throw CallError(status: response.status, trailers: response.trailingMetadata) }
         guard let status = HealthProto.decodeResponse(response.message) else {
             throw CallError(status: CallStatus(code: .internal, message: "malformed HealthCheckResponse"))
         }

@@ -110,13 +110,9 @@ struct Health: AsyncParsableCommand {
         configuration.enableRetry = false
         configuration.enableCircuitBreaker = false
         if self.tls {
-            var tls = TLSSettings()
-            if let ca = self.tlsCACert { tls.trustRoots = .file(ca) }
-            tls.certificateChainFile = self.tlsClientCert
-            tls.privateKeyFile = self.tlsClientKey
-            tls.serverName = self.tlsServerName
-            tls.verifyCertificate = !self.tlsNoVerify
-            configuration.tls = tls
+            configuration.tls = cliTLSSettings(
+                caFile: self.tlsCACert, certificate: self.tlsClientCert, key: self.tlsClientKey,
+                serverName: self.tlsServerName, verify: !self.tlsNoVerify)
         }
         var metadata = CallMetadata()
         for header in self.rpcHeaders {
@@ -201,7 +197,7 @@ enum GoDuration {
     static func parse(_ text: String) -> Duration? {
         var rest = Substring(text)
         guard !rest.isEmpty else { return nil }
-        if let seconds = Double(rest) { return seconds >= 0 ? .nanoseconds(Int64(seconds * 1e9)) : nil }
+        if let seconds = Double(rest) { return nanoseconds(seconds * 1e9) }
         var total: Double = 0
         while !rest.isEmpty {
             let number = rest.prefix { $0.isNumber || $0 == "." }
@@ -221,7 +217,13 @@ enum GoDuration {
             }
             total += value * scale
         }
-        return .nanoseconds(Int64(total))
+        return nanoseconds(total)
+    }
+
+    /// nil for what no `Duration` of nanoseconds holds (negative, NaN, infinite, past Int64), instead of a trap.
+    private static func nanoseconds(_ value: Double) -> Duration? {
+        guard value >= 0, value < 9.2e18 else { return nil }
+        return .nanoseconds(Int64(value))
     }
 }
 

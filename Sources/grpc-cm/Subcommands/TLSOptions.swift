@@ -33,12 +33,18 @@ struct TLSOptions: ParsableArguments {
     /// nil for --plaintext.
     var configuration: TLSSettings? {
         if self.plaintext { return nil }
-        var tls = TLSSettings()
-        if let cacert = self.cacert { tls.trustRoots = .file(cacert) }
-        tls.certificateChainFile = self.cert
-        tls.privateKeyFile = self.key
-        tls.serverName = self.servername
-        tls.verifyCertificate = !self.insecure
-        return tls
+        return cliTLSSettings(
+            caFile: self.cacert, certificate: self.cert, key: self.key, serverName: self.servername, verify: !self.insecure)
     }
+}
+
+/// TLS settings from the flags of `call` and `health` (which spell them differently).
+func cliTLSSettings(caFile: String?, certificate: String?, key: String?, serverName: String?, verify: Bool) -> TLSSettings {
+    var tls = TLSSettings()
+    if let caFile { tls.trustRoots = .file(caFile) }
+    tls.certificateChainFile = certificate
+    tls.privateKeyFile = key
+    tls.serverName = serverName
+    tls.verifyCertificate = verify
+    return tls
 }

@@ -342,6 +342,8 @@ struct ConnectionManagerTests {
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-bogus"]).status == 1)
         #expect(try runProgram(cli, ["health"]).status == 1, "no -addr")
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-connect-timeout=soon"]).status == 1)
+        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-service="]) == (0, "status: SERVING\n"), "empty = the server")
+        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-rpc-timeout=1e30s"]).status == 1, "no trap")
         // grpc-cm's own double-dash spellings still work beside the probe's.
         #expect(try runProgram(cli, ["health", "--plaintext", "--service", "sleepy", peer.target]).status == 4)
         #expect(try runProgram(cli, ["health", "--addr", peer.target, "--max-time", "2"]).status == 0)

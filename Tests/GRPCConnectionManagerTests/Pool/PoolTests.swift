@@ -40,7 +40,7 @@ struct PoolTests {
 
     @Test("the picker takes the least-loaded usable candidate and spreads ties")
     func picker() {
-        var picker = LeastLoadedPicker()
+        var picker = Picker()
         let loads = [3, 1, 1, 0]
         let usable = [true, true, true, false]
         var picked: [Int] = []
@@ -48,6 +48,19 @@ struct PoolTests {
         #expect(Set(picked) == [1, 2], "the unusable one is never picked, the ties alternate: \(picked)")
         #expect(picker.pick(count: 2) { _ in (false, 0) } == nil)
         #expect(picker.pick(count: 1) { _ in (true, 9) } == 0)
+    }
+
+    @Test("round_robin gives the usable candidates equal turns, whatever sits between them; pick_first the earliest")
+    func policies() {
+        var roundRobin = Picker(policy: .roundRobin)
+        let usable = [true, false, true, true]
+        var turns = [0, 0, 0, 0]
+        for _ in 0..<30 { turns[roundRobin.pick(count: 4) { (usable[$0], 0) }!] += 1 }
+        #expect(turns == [10, 0, 10, 10])
+        var pickFirst = Picker(policy: .pickFirst)
+        #expect(pickFirst.pick(count: 4) { (usable[$0], 9 - $0) } == 0)
+        #expect(pickFirst.pick(count: 4) { index in (index >= 2, 0) } == 2)
+        #expect(pickFirst.pick(count: 4) { _ in (false, 0) } == nil)
     }
 
     /// A pool on a reactor that does not run: the test thread plays the reactor thread.

@@ -161,6 +161,39 @@ struct EmbeddingTests {
         #expect(all.contains { $0.message == "timer" })
     }
 
+    @Test("a driven loop: runOnce inside a turn is refused; shutdown between turns ends everything without another turn")
+    func drivenLoopReentryAndShutdown() throws {
+        let silent = try BadPeer(.silent)  // accepts, never answers: the call waits until something ends it
+        defer { silent.stop() }
+        let loop = try ReactorLoop()
+        let reentry = PThreadLock<String?>(nil)
+        let ended = PThreadLock<CallStatus?>(nil)
+        let done = Atomic<Bool>(false)
+        let host = Thread {
+            _ = try? loop.runOnce(maxWait: .zero)
+            guard let channel = try? GRPCChannel(target: "127.0.0.1:\(silent.port)", eventLoop: loop) else { return }
+            channel.unary(path: "/echo.Echo/Get", request: [1]) { response in ended.withLock { $0 = response.status } }
+            loop.scheduleTimer(after: .milliseconds(10)) {
+                do {
+                    _ = try loop.runOnce(maxWait: .zero)
+                    reentry.withLock { $0 = "ran" }
+                } catch {
+                    reentry.withLock { $0 = "\(error)" }
+                }
+            }
+            while reentry.withLock({ $0 }) == nil { _ = try? loop.runOnce(maxWait: .milliseconds(5)) }
+            // Between turns, on the driving thread: the host stops polling after this.
+            loop.shutdown()
+            done.store(true, ordering: .releasing)
+        }
+        host.start()
+        #expect(waitFor(seconds: 10) { done.load(ordering: .acquiring) })
+        let refusal = reentry.withLock { $0 } ?? ""
+        #expect(refusal.contains("inside a turn"), "\(refusal)")
+        let status = ended.withLock { $0 }
+        #expect(status?.code == .unavailable, "the waiting call ended with the shutdown: \(String(describing: status))")
+    }
+
     @Test("a group of 2 loops: connections on both, every call completes once, a completion's next call stays on its loop")
     func groupOfTwo() async throws {
         let server = try EchoServer()

@@ -1,0 +1,136 @@
+import GRPCEchoServer
+import Testing
+
+@testable import GRPCConnectionManager
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMWire
+
+/// The policies over three real backends (embedded servers on one loop), the name resolved by a scripted resolver.
+@Suite("Load-balancing policies over three backends", .serialized)
+struct LoadBalancingTests {
+    final class Fleet: Sendable {
+        let loop: ReactorLoop
+        let servers: [EchoServer]
+
+        init() throws {
+            let loop = try ReactorLoop()
+            loop.start()
+            self.loop = loop
+            self.servers = try (0..<3).map { _ in try EchoServer(eventLoop: loop) }
+        }
+
+        func addresses(first: NetworkAddress? = nil) -> [NetworkAddress] {
+            (first.map { [$0] } ?? []) + self.servers.map { NetworkAddress(ip: "127.0.0.1", port: $0.port)! }
+        }
+
+        /// Requests each server received.
+        var counts: [Int] { self.servers.map { $0.requestsPerConnection().reduce(0, +) } }
+
+        func channel(_ policy: LoadBalancingPolicy, addresses: [NetworkAddress]? = nil) throws -> (GRPCChannel, EventRecorder) {
+            var configuration = Configuration()
+            configuration.loadBalancingPolicies["fleet.test:50051"] = policy
+            let channel = try GRPCChannel(
+                target: "fleet.test:50051", configuration: configuration, eventLoop: self.loop,
+                resolver: ScriptedResolver([addresses ?? self.addresses()]))
+            let recorder = EventRecorder()
+            channel.events.subscribe { recorder.record($0) }
+            return (channel, recorder)
+        }
+
+        func shutdown() {
+            for server in self.servers { server.close() }
+            self.loop.shutdown()
+        }
+    }
+
+    static func connected(_ recorder: EventRecorder) -> Int {
+        recorder.count { if case .connectAttemptSucceeded = $0 { return true } else { return false } }
+    }
+
+    static func attempted(_ recorder: EventRecorder) -> Int {
+        recorder.count { if case .connectAttemptStarted = $0 { return true } else { return false } }
+    }
+
+    @Test("round_robin: every backend connected, calls in turn: 30 calls make 10 each")
+    func roundRobinTakesTurns() async throws {
+        let fleet = try Fleet()
+        defer { fleet.shutdown() }
+        let (channel, recorder) = try fleet.channel(.roundRobin)
+        channel.connect()
+        #expect(await eventually { Self.connected(recorder) == 3 })
+        for index in 0..<30 { #expect(await channel.call("/test.Raw/Get", [UInt8(index)], timeout: .seconds(5)).status == .ok) }
+        #expect(fleet.counts == [10, 10, 10])
+    }
+
+    @Test("round_robin: a backend that goes away gets nothing more, the calls go on over the other two")
+    func roundRobinSkipsAFailedBackend() async throws {
+        let fleet = try Fleet()
+        defer { fleet.shutdown() }
+        let (channel, recorder) = try fleet.channel(.roundRobin)
+        channel.connect()
+        #expect(await eventually { Self.connected(recorder) == 3 })
+        fleet.servers[1].close()
+        #expect(await eventually { await channel.connectivity().state == .ready && fleet.counts[1] == 0 })
+        #expect(await eventually {
+            recorder.count { if case .connectivityStateChanged(_, _, .ready, _, _) = $0 { return true } else { return false } } >= 1
+        }, "the client saw the connection to the closed backend go")
+        let before = fleet.counts
+        for index in 0..<20 { #expect(await channel.call("/test.Raw/Get", [UInt8(index)], timeout: .seconds(5)).status == .ok) }
+        let after = fleet.counts
+        #expect(after[1] == before[1], "nothing reaches the closed backend")
+        #expect(after[0] - before[0] == 10 && after[2] - before[2] == 10, "\(before) -> \(after)")
+    }
+
+    @Test("least-loaded (the default): every backend connected; concurrent calls spread by open streams")
+    func leastLoadedSpreads() async throws {
+        let fleet = try Fleet()
+        defer { fleet.shutdown() }
+        let (channel, recorder) = try fleet.channel(.leastLoaded)
+        channel.connect()
+        #expect(await eventually { Self.connected(recorder) == 3 })
+        await withTaskGroup(of: Void.self) { group in
+            for index in 0..<30 {
+                group.addTask {
+                    _ = await channel.call("/test.Raw/Get", [UInt8(index)], metadata: ["x-sleep-ms": "100"], timeout: .seconds(5))
+                }
+            }
+        }
+        let counts = fleet.counts
+        #expect(counts.reduce(0, +) == 30)
+        #expect(counts.allSatisfy { $0 >= 5 }, "\(counts)")
+    }
+
+    @Test("pick_first: one connection, to the first address; the others are never dialled")
+    func pickFirstUsesTheFirst() async throws {
+        let fleet = try Fleet()
+        defer { fleet.shutdown() }
+        let (channel, recorder) = try fleet.channel(.pickFirst)
+        for index in 0..<30 { #expect(await channel.call("/test.Raw/Get", [UInt8(index)], timeout: .seconds(5)).status == .ok) }
+        #expect(fleet.counts == [30, 0, 0])
+        #expect(Self.attempted(recorder) == 1, "one connection attempt in all")
+        #expect(fleet.servers[1].requestsPerConnection().isEmpty && fleet.servers[2].requestsPerConnection().isEmpty)
+    }
+
+    @Test("pick_first: a first address that refuses moves the calls to the next one; the third is never dialled")
+    func pickFirstFailsOver() async throws {
+        let fleet = try Fleet()
+        defer { fleet.shutdown() }
+        let dead = NetworkAddress(ip: "127.0.0.1", port: freePort())!
+        // dead, then servers 0, 1, 2.
+        let (channel, recorder) = try fleet.channel(.pickFirst, addresses: fleet.addresses(first: dead))
+        let response = await withCheckedContinuation { continuation in
+            channel.unary(path: "/test.Raw/Get", request: [1], options: RequestOptions(timeout: .seconds(5), waitForReady: true)) {
+                continuation.resume(returning: $0)
+            }
+        }
+        #expect(response.status == .ok)
+        for index in 0..<9 { #expect(await channel.call("/test.Raw/Get", [UInt8(index)], timeout: .seconds(5)).status == .ok) }
+        #expect(fleet.counts == [10, 0, 0])
+        let dialled = Set(recorder.all.compactMap { event -> String? in
+            if case .connectAttemptStarted(_, _, let address) = event { return "\(address)" }
+            return nil
+        })
+        #expect(dialled == ["\(dead)", "\(fleet.addresses()[0])"], "\(dialled)")
+    }
+}
