@@ -48,6 +48,10 @@ public struct Configuration: Sendable, Hashable {
     /// Calls that may wait for a connection (none ready, or every stream in use) before new ones fail with
     /// RESOURCE_EXHAUSTED. Default 10,000.
     public var maxQueuedCalls: Int = 10_000
+    /// More connections when streams run out (gRFC A105): when a call would wait because every ready connection to
+    /// the service is at the server's MAX_CONCURRENT_STREAMS, another connection opens, up to this many per address.
+    /// nil (the default) keeps `connectionsPerTarget` fixed and queues such calls.
+    public var maxConnectionsPerTarget: Int? = nil
     /// How calls are spread over a service's connections (`LoadBalancingPolicy`): `.leastLoaded` (default),
     /// `.roundRobin` or `.pickFirst`. `loadBalancingPolicies` overrides it per service name.
     public var loadBalancingPolicy: LoadBalancingPolicy = .leastLoaded
@@ -153,6 +157,9 @@ public struct Configuration: Sendable, Hashable {
         }
         if self.connectionsPerTarget < 1 {
             throw ConfigurationError(field: "connectionsPerTarget", message: "must be at least 1")
+        }
+        if let limit = self.maxConnectionsPerTarget, limit < self.connectionsPerTarget {
+            throw ConfigurationError(field: "maxConnectionsPerTarget", message: "must be at least connectionsPerTarget")
         }
         if self.maxQueuedCalls < 1 {
             throw ConfigurationError(field: "maxQueuedCalls", message: "must be at least 1")

@@ -16,6 +16,9 @@ package struct PoolSettings: Sendable {
     package var resolveRetryDelay: Duration
     /// How calls are spread over the connections, and which addresses are connected.
     package var loadBalancingPolicy: LoadBalancingPolicy = .leastLoaded
+    /// Connections per address that calls may open when every ready one is out of streams (gRFC A105); equal to
+    /// `connectionsPerTarget` (no growth) unless configured higher.
+    package var maxConnectionsPerTarget: Int = 1
 
     package init(
         connectionsPerTarget: Int, maxQueuedCalls: Int, backoff: Backoff.Configuration, keepAliveTime: Duration,
@@ -188,6 +191,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             return
         }
         self.connectIdle()
+        self.growForStreams()
     }
 
     /// Connects what the policy wants connected now: every IDLE subchannel, or for `pickFirst` the first IDLE one
@@ -259,26 +263,59 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     private func install(_ addresses: [NetworkAddress]) {
         self.addresses = addresses
-        let wanted = addresses.flatMap { Array(repeating: $0, count: self.settings.connectionsPerTarget) }
-        // Keep subchannels whose address is still there; close the others.
+        // Keep every subchannel whose address is still there (extra ones opened for stream capacity too), add what
+        // `connectionsPerTarget` asks for, close the others.
         var remaining = self.subchannels
         var next: [Subchannel] = []
-        for address in wanted {
-            if let index = remaining.firstIndex(where: { $0.address == address }) {
-                next.append(remaining.remove(at: index))
-            } else {
-                let subchannel = Subchannel(
-                    reactor: self.reactor, address: address, service: self.service, connector: self.connector,
-                    bus: self.bus, connectionIDs: self.connectionIDs, backoff: self.settings.backoff,
-                    keepAliveTime: self.settings.keepAliveTime, idleTimeout: self.settings.idleTimeout)
-                subchannel.delegate = self
-                next.append(subchannel)
+        for address in addresses {
+            let kept = remaining.filter { $0.address == address }
+            remaining.removeAll { $0.address == address }
+            next.append(contentsOf: kept)
+            for _ in kept.count..<max(kept.count, self.settings.connectionsPerTarget) {
+                next.append(self.makeSubchannel(address))
             }
         }
         self.subchannels = next
         for stale in remaining {
             stale.shutdown(reason: CallStatus(code: .unavailable, message: "address no longer resolved"), graceful: true)
         }
+    }
+
+    private func makeSubchannel(_ address: NetworkAddress) -> Subchannel {
+        let subchannel = Subchannel(
+            reactor: self.reactor, address: address, service: self.service, connector: self.connector,
+            bus: self.bus, connectionIDs: self.connectionIDs, backoff: self.settings.backoff,
+            keepAliveTime: self.settings.keepAliveTime, idleTimeout: self.settings.idleTimeout)
+        subchannel.delegate = self
+        return subchannel
+    }
+
+    /// gRFC A105: a call waits although connections are up, because every ready one is at the server's
+    /// MAX_CONCURRENT_STREAMS. Open one more connection to the address with the fewest, up to
+    /// `maxConnectionsPerTarget`, rather than queue. Nothing while a connection is on its way (it may bring room).
+    private func growForStreams() {
+        let limit = self.settings.maxConnectionsPerTarget
+        guard limit > self.settings.connectionsPerTarget, let addresses = self.addresses, !addresses.isEmpty else { return }
+        var sawReady = false
+        for subchannel in self.subchannels {
+            switch subchannel.state {
+            case .connecting, .idle: return
+            case .ready:
+                if subchannel.availableStreams > 0 { return }
+                sawReady = true
+            case .transientFailure, .shutdown: break
+            }
+        }
+        guard sawReady else { return }
+        var best: (address: NetworkAddress, count: Int)?
+        for address in addresses {
+            let count = self.subchannels.reduce(0) { $0 + ($1.address == address ? 1 : 0) }
+            if count < limit && count < (best?.count ?? Int.max) { best = (address, count) }
+        }
+        guard let address = best?.address else { return }
+        let subchannel = self.makeSubchannel(address)
+        self.subchannels.append(subchannel)
+        subchannel.connect()
     }
 
     /// A resolver may block (getaddrinfo does), so it runs on a helper thread and reports back through the inbox.
@@ -337,6 +374,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         switch new {
         case .ready:
             self.drainQueue()
+            // Calls still waiting with this one full too: the next connection (gRFC A105).
+            if !self.queue.isEmpty { self.growForStreams() }
         case .transientFailure:
             // Re-resolve when a connection fails (rate-limited to once a second), then fail the fail-fast calls
             // if no connection is left to try.

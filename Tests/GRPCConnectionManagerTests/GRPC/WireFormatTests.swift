@@ -181,6 +181,7 @@ struct TargetParsingTests {
             ("idleTimeout", { $0.idleTimeout = .seconds(-1) }),
             ("connectionsPerTarget", { $0.connectionsPerTarget = 0 }),
             ("maxQueuedCalls", { $0.maxQueuedCalls = 0 }),
+            ("maxConnectionsPerTarget", { $0.connectionsPerTarget = 2; $0.maxConnectionsPerTarget = 1 }),
             ("http2.initialStreamWindowSize", { $0.http2.initialStreamWindowSize = 10 }),
             ("http2.connectionWindowSize", { $0.http2.connectionWindowSize = 10 }),
             ("http2.maxFrameSize", { $0.http2.maxFrameSize = 1 << 24 }),

@@ -133,4 +133,34 @@ struct LoadBalancingTests {
         })
         #expect(dialled == ["\(dead)", "\(fleet.addresses()[0])"], "\(dialled)")
     }
+
+    @Test("gRFC A105: with every stream in use, another connection opens (up to the limit) instead of queueing")
+    func moreConnectionsWhenStreamsRunOut() async throws {
+        var options = EchoServer.Options()
+        options.maxConcurrentStreams = 2
+        for (limit, expected) in [(nil, 1), (3, 3)] as [(Int?, Int)] {
+            let loop = try ReactorLoop()
+            loop.start()
+            defer { loop.shutdown() }
+            let server = try EchoServer(options: options, eventLoop: loop)
+            defer { server.close() }
+            var configuration = Configuration()
+            configuration.maxConnectionsPerTarget = limit
+            let channel = try GRPCChannel(target: server.address, configuration: configuration, eventLoop: loop)
+            #expect(await channel.call("/test.Raw/Get", [0], timeout: .seconds(5)).status == .ok)  // one connection up
+            let statuses = await withTaskGroup(of: CallStatus.self) { group in
+                for index in 0..<6 {
+                    group.addTask {
+                        await channel.call("/test.Raw/Get", [UInt8(index)], metadata: ["x-sleep-ms": "200"], timeout: .seconds(10)).status
+                    }
+                }
+                return await group.reduce(into: [CallStatus]()) { $0.append($1) }
+            }
+            #expect(statuses.allSatisfy { $0.isOK }, "\(statuses)")
+            let connections = server.requestsPerConnection()
+            let limitText = limit.map(String.init) ?? "none"
+            #expect(connections.count == expected, "limit \(limitText): \(connections)")
+            #expect(connections.reduce(0, +) == 7)
+        }
+    }
 }
