@@ -29,6 +29,8 @@ extension Configuration {
             backoff: self.backoffConfiguration, keepAliveTime: self.keepAliveTime, idleTimeout: self.idleTimeout,
             resolveRetryDelay: self.maxReconnectDelay)
         settings.loadBalancingPolicy = self.loadBalancingPolicies[service] ?? self.loadBalancingPolicy
+        settings.resolutionInterval = self.resolutionInterval
+        settings.minimumResolutionInterval = self.minimumResolutionInterval
         settings.maxConnectionsPerTarget = max(self.maxConnectionsPerTarget ?? self.connectionsPerTarget, self.connectionsPerTarget)
         return settings
     }

@@ -48,6 +48,11 @@ public struct Configuration: Sendable, Hashable {
     /// Calls that may wait for a connection (none ready, or every stream in use) before new ones fail with
     /// RESOURCE_EXHAUSTED. Default 10,000.
     public var maxQueuedCalls: Int = 10_000
+    /// How often a service's host name is resolved again, besides after a connection failure or a GOAWAY; jittered
+    /// by ±20 %. Default 30 s; `.zero` means only after failures. Addresses that disappear drain, new ones join.
+    public var resolutionInterval: Duration = .seconds(30)
+    /// The shortest time between two resolutions of a name, whatever asks for them. Default 1 s.
+    public var minimumResolutionInterval: Duration = .seconds(1)
     /// More connections when streams run out (gRFC A105): when a call would wait because every ready connection to
     /// the service is at the server's MAX_CONCURRENT_STREAMS, another connection opens, up to this many per address.
     /// nil (the default) keeps `connectionsPerTarget` fixed and queues such calls.
@@ -157,6 +162,12 @@ public struct Configuration: Sendable, Hashable {
         }
         if self.connectionsPerTarget < 1 {
             throw ConfigurationError(field: "connectionsPerTarget", message: "must be at least 1")
+        }
+        if self.resolutionInterval < .zero {
+            throw ConfigurationError(field: "resolutionInterval", message: "must not be negative (zero means only after failures)")
+        }
+        if self.minimumResolutionInterval < .zero {
+            throw ConfigurationError(field: "minimumResolutionInterval", message: "must not be negative")
         }
         if let limit = self.maxConnectionsPerTarget, limit < self.connectionsPerTarget {
             throw ConfigurationError(field: "maxConnectionsPerTarget", message: "must be at least connectionsPerTarget")

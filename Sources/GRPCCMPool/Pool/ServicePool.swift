@@ -19,6 +19,10 @@ package struct PoolSettings: Sendable {
     /// Connections per address that calls may open when every ready one is out of streams (gRFC A105); equal to
     /// `connectionsPerTarget` (no growth) unless configured higher.
     package var maxConnectionsPerTarget: Int = 1
+    /// Host names are resolved again this often (jittered by ±20 %), besides after failures; `.zero`: never.
+    package var resolutionInterval: Duration = .seconds(30)
+    /// No two resolutions closer than this, whatever asks (connection failures, GOAWAYs, the period).
+    package var minimumResolutionInterval: Duration = .seconds(1)
 
     package init(
         connectionsPerTarget: Int, maxQueuedCalls: Int, backoff: Backoff.Configuration, keepAliveTime: Duration,
@@ -68,6 +72,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private var resolving = false
     @exclusivity(unchecked)
     private var lastResolution: UInt64 = 0
+    @exclusivity(unchecked)
+    private var periodicResolutionScheduled = false
     @exclusivity(unchecked)
     private var queue: WaitQueue<ClientCall>
     @exclusivity(unchecked)
@@ -334,6 +340,28 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
     }
 
+    /// Resolves now unless the last resolution is more recent than `minimumResolutionInterval` (a storm of failures
+    /// or GOAWAYs must not become a storm of lookups). Numeric targets never resolve.
+    private func resolveAgainSoon() {
+        guard self.target.numericAddresses == nil else { return }
+        let minimum = UInt64(max(self.settings.minimumResolutionInterval.nanoseconds, 0))
+        if Reactor.clock() &- self.lastResolution >= minimum { self.resolve() }
+    }
+
+    /// The next periodic resolution, `resolutionInterval` ± 20 % from now (the jitter keeps a fleet of clients
+    /// from asking the DNS server in step).
+    private func schedulePeriodicResolution() {
+        let interval = self.settings.resolutionInterval.nanoseconds
+        guard interval > 0, !self.periodicResolutionScheduled else { return }
+        self.periodicResolutionScheduled = true
+        let delay = Double(interval) * Double.random(in: 0.8...1.2)
+        self.reactor.schedule(afterNanoseconds: UInt64(delay)) { [weak self] in
+            guard let self else { return }
+            self.periodicResolutionScheduled = false
+            self.resolveAgainSoon()
+        }
+    }
+
     private func resolved(_ result: Result<[NetworkAddress], CallStatus>) {
         self.resolving = false
         guard !self.isClosing else { return }
@@ -346,6 +374,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         case .success(let addresses):
             self.resolutionError = nil
             if addresses != self.addresses { self.install(addresses) }
+            self.schedulePeriodicResolution()
             if self.eager || !self.queue.isEmpty {
                 self.connectIdle()
             }
@@ -377,15 +406,14 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             // Calls still waiting with this one full too: the next connection (gRFC A105).
             if !self.queue.isEmpty { self.growForStreams() }
         case .transientFailure:
-            // Re-resolve when a connection fails (rate-limited to once a second), then fail the fail-fast calls
-            // if no connection is left to try.
-            if self.target.numericAddresses == nil && Reactor.clock() &- self.lastResolution > 1_000_000_000 {
-                self.resolve()
-            }
+            // Re-resolve when a connection fails, then fail the fail-fast calls if no connection is left to try.
+            self.resolveAgainSoon()
             if self.allInTransientFailure { self.failWaitingFailFast() }
             // pick_first moves on to the next address at once; the others reconnect after their own backoff.
             if self.picker.policy == .pickFirst && (self.eager || !self.queue.isEmpty) { self.connectIdle() }
         case .idle:
+            // A ready connection that went away (a GOAWAY, the server closing it): the backend may have moved.
+            if old == .ready { self.resolveAgainSoon() }
             if !self.queue.isEmpty {
                 if self.picker.policy == .pickFirst { self.connectIdle() } else { subchannel.connect() }
             }

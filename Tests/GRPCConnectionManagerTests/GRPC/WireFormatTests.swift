@@ -181,6 +181,8 @@ struct TargetParsingTests {
             ("idleTimeout", { $0.idleTimeout = .seconds(-1) }),
             ("connectionsPerTarget", { $0.connectionsPerTarget = 0 }),
             ("maxQueuedCalls", { $0.maxQueuedCalls = 0 }),
+            ("resolutionInterval", { $0.resolutionInterval = .seconds(-1) }),
+            ("minimumResolutionInterval", { $0.minimumResolutionInterval = .seconds(-1) }),
             ("maxConnectionsPerTarget", { $0.connectionsPerTarget = 2; $0.maxConnectionsPerTarget = 1 }),
             ("http2.initialStreamWindowSize", { $0.http2.initialStreamWindowSize = 10 }),
             ("http2.connectionWindowSize", { $0.http2.connectionWindowSize = 10 }),

@@ -192,6 +192,52 @@ struct ClaimsTests {
         #expect(addresses == ["\(live)"], "the address no longer resolved is gone")
     }
 
+    @Test("periodic re-resolution: a backend that moves is followed without a failed call")
+    func periodicReResolution() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let second = try EchoServer(eventLoop: fixture.loop)
+        defer { second.close() }
+        let first = try #require(NetworkAddress(ip: "127.0.0.1", port: fixture.server.port))
+        let moved = try #require(NetworkAddress(ip: "127.0.0.1", port: second.port))
+        let resolver = ScriptedResolver([[first], [moved]])
+        var configuration = Configuration()
+        configuration.resolutionInterval = .milliseconds(200)
+        configuration.minimumResolutionInterval = .zero
+        let channel = try GRPCChannel(
+            target: "moving.test:50051", configuration: configuration, eventLoop: fixture.loop, resolver: resolver)
+        #expect(await channel.call("/test.Raw/Get", [1], timeout: .seconds(5)).status == .ok)
+        #expect(fixture.server.requestsPerConnection() == [1])
+        // No failure, no GOAWAY: only the period makes the pool ask again.
+        #expect(await eventually { await onReactor(fixture.loop.reactor) { channel.pool.subchannelAddresses } == ["\(moved)"] })
+        for index in 0..<5 { #expect(await channel.call("/test.Raw/Get", [UInt8(index)], timeout: .seconds(5)).status == .ok) }
+        #expect(second.requestsPerConnection().reduce(0, +) == 5)
+        #expect(fixture.server.requestsPerConnection().reduce(0, +) == 1)
+    }
+
+    @Test("a GOAWAY makes the pool resolve again, and the next calls go where the name points now")
+    func reResolvesOnGoAway() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let second = try EchoServer(eventLoop: fixture.loop)
+        defer { second.close() }
+        let first = try #require(NetworkAddress(ip: "127.0.0.1", port: fixture.server.port))
+        let moved = try #require(NetworkAddress(ip: "127.0.0.1", port: second.port))
+        let resolver = ScriptedResolver([[first], [moved]])
+        var configuration = Configuration()
+        configuration.resolutionInterval = .zero  // no period: only the GOAWAY may cause the second lookup
+        configuration.minimumResolutionInterval = .zero
+        let channel = try GRPCChannel(
+            target: "draining.test:50051", configuration: configuration, eventLoop: fixture.loop, resolver: resolver)
+        #expect(await channel.call("/test.Raw/Get", [1], timeout: .seconds(5)).status == .ok)
+        #expect(resolver.count == 1)
+        fixture.server.goAway()
+        #expect(await eventually { resolver.count == 2 })
+        #expect(await eventually { await onReactor(fixture.loop.reactor) { channel.pool.subchannelAddresses } == ["\(moved)"] })
+        #expect(await channel.call("/test.Raw/Get", [2], timeout: .seconds(5)).status == .ok)
+        #expect(second.requestsPerConnection() == [1])
+    }
+
     @Test("every resolved address gets a subchannel, and calls reach each of them")
     func usesEveryResolvedAddress() async throws {
         let fixture = try LoopbackFixture()
