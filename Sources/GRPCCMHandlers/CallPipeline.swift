@@ -13,7 +13,7 @@ package struct HandlerSettings: Sendable {
     package var retry: RetrySettings?
     /// Connections per state, shared by the metrics handlers of every loop of one manager or channel (each loop
     /// sees only its own connections; the gauges show the sum).
-    package let connectionCounts = ConnectionStateCounts()
+    package let sharedMetrics = SharedMetricsState()
 
     package init(logging: Bool, metrics: Bool, circuitBreaker: CircuitBreakerConfiguration?, retry: RetrySettings?) {
         self.logging = logging
@@ -48,7 +48,7 @@ package final class CallPipeline: @unchecked Sendable {
         self.logging = settings.logging ? LoggingHandler(logger: logger, bus: bus) : nil
         self.metrics = settings.metrics ? MetricsHandler(
                 factory: metricsFactory, bus: bus, breaker: settings.circuitBreaker != nil, retry: settings.retry != nil,
-                connectionCounts: settings.connectionCounts) : nil
+                sharedMetrics: settings.sharedMetrics) : nil
         self.breaker = settings.circuitBreaker.map { CircuitBreakerHandler(configuration: $0, bus: bus) }
         self.retry = settings.retry.map { RetryHandler(configuration: $0) }
     }

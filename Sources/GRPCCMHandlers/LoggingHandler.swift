@@ -41,16 +41,14 @@ package final class LoggingHandler: @unchecked Sendable {
     private func log(_ event: ConnectionEvent) {
         switch event {
         case .callStarted(let service, let path, let attempt):
-            guard self.debugEnabled else { return }
-            self.logger.debug(
+            self.debug(
                 "call started",
                 metadata: [
                     "grpc.service": "\(service)", "grpc.method": "\(path)", "grpc.target": "\(self.target(of: service))",
                     "grpc.attempt": "\(attempt)",
                 ])
         case .callFinished(let service, let path, let status, let duration, let attempts, _, _):
-            guard self.debugEnabled else { return }
-            self.logger.debug(
+            self.debug(
                 "call finished",
                 metadata: [
                     "grpc.service": "\(service)", "grpc.method": "\(path)", "grpc.target": "\(self.target(of: service))",
@@ -66,8 +64,7 @@ package final class LoggingHandler: @unchecked Sendable {
                     "grpc.code": "\(status.code)",
                 ])
         case .retryScheduled(let service, let path, let attempt, let delay, let status):
-            guard self.debugEnabled else { return }
-            self.logger.debug(
+            self.debug(
                 "retrying call",
                 metadata: [
                     "grpc.service": "\(service)", "grpc.method": "\(path)", "grpc.attempt": "\(attempt)",
@@ -75,24 +72,21 @@ package final class LoggingHandler: @unchecked Sendable {
                     "grpc.message": "\(status.message)",
                 ])
         case .connectivityStateChanged(let service, let id, let from, let to, let reason):
-            guard self.debugEnabled else { return }
-            self.logger.debug(
+            self.debug(
                 "connectivity state changed",
                 metadata: [
                     "grpc.service": "\(service)", "grpc.connection_id": "\(id)", "grpc.state.old": "\(from)",
                     "grpc.state.new": "\(to)", "grpc.reason": "\(reason?.message ?? "")",
                 ])
         case .connectAttemptFailed(let service, let id, let address, let error, let backoff):
-            guard self.debugEnabled else { return }
-            self.logger.debug(
+            self.debug(
                 "connect attempt failed",
                 metadata: [
                     "grpc.service": "\(service)", "grpc.connection_id": "\(id)", "grpc.address": "\(address)",
                     "grpc.error": "\(error.message)", "grpc.backoff_ms": "\(Double(backoff.nanoseconds) / 1e6)",
                 ])
         case .keepaliveTimeout(let service, let id):
-            guard self.debugEnabled else { return }
-            self.logger.debug(
+            self.debug(
                 "keepalive timeout: connection closed",
                 metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)"])
         case .goAwayReceived(let service, let id, let code, let debug, let tooManyPings):
@@ -100,8 +94,8 @@ package final class LoggingHandler: @unchecked Sendable {
                 self.logger.warning(
                     "server sent GOAWAY too_many_pings: keepalive time doubled for new connections",
                     metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)"])
-            } else if self.debugEnabled {
-                self.logger.debug(
+            } else {
+                self.debug(
                     "GOAWAY received",
                     metadata: [
                         "grpc.service": "\(service)", "grpc.connection_id": "\(id)",
@@ -116,15 +110,20 @@ package final class LoggingHandler: @unchecked Sendable {
                     "grpc.breaker.new": "\(to)",
                 ])
         case .connectAttemptStarted(let service, let id, let address):
-            guard self.debugEnabled else { return }
-            self.logger.debug(
+            self.debug(
                 "connect attempt started",
                 metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)", "grpc.address": "\(address)"])
         case .connectAttemptSucceeded(let service, let id, let address):
-            guard self.debugEnabled else { return }
-            self.logger.debug(
+            self.debug(
                 "connected",
                 metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)", "grpc.address": "\(address)"])
         }
+    }
+
+    /// A debug record, built only when the logger logs at debug (read once at init: asking the handler per event
+    /// cost more than the record).
+    private func debug(_ message: @autoclosure () -> Logger.Message, metadata: @autoclosure () -> Logger.Metadata) {
+        guard self.debugEnabled else { return }
+        self.logger.debug(message(), metadata: metadata())
     }
 }

@@ -49,7 +49,7 @@ package final class MetricsHandler: @unchecked Sendable {
     private var recorders: [String: Recorder] = [:]
     @exclusivity(unchecked)
     private var gauges: [String: Gauge] = [:]
-    private let connectionCounts: ConnectionStateCounts
+    private let sharedMetrics: SharedMetricsState
     /// The per-call metrics of each service and method, found without building label keys on every call.
     @exclusivity(unchecked)
     private var calls = HotKeyTable<CallKey, CallMetrics>()
@@ -68,8 +68,8 @@ package final class MetricsHandler: @unchecked Sendable {
         var requests: [CoreMetrics.Counter?] = Array(repeating: nil, count: 17)
     }
 
-    init(factory: any MetricsFactory, bus: LocalEventBus, breaker: Bool, retry: Bool, connectionCounts: ConnectionStateCounts) {
-        self.connectionCounts = connectionCounts
+    init(factory: any MetricsFactory, bus: LocalEventBus, breaker: Bool, retry: Bool, sharedMetrics: SharedMetricsState) {
+        self.sharedMetrics = sharedMetrics
         self.factory = factory
         self.breakerEnabled = breaker
         self.retryEnabled = retry
@@ -108,7 +108,7 @@ package final class MetricsHandler: @unchecked Sendable {
         if self.breakerEnabled {
             let breaker = self.gauge("grpc_client_circuit_breaker_state", dimensions)
             // Closed, unless a breaker of this method (on any loop) already reported a state.
-            self.connectionCounts.recordBreakerIfUnset(Self.key("grpc_client_circuit_breaker_state", dimensions)) {
+            self.sharedMetrics.recordBreakerIfUnset(Self.key("grpc_client_circuit_breaker_state", dimensions)) {
                 breaker.record(CircuitBreakerState.closed.rawValue)
             }
         }
@@ -123,8 +123,8 @@ package final class MetricsHandler: @unchecked Sendable {
     /// connection stays in, so it has no series.
     private func connectionMoved(service: String, from: ConnectivityState, to: ConnectivityState) {
         // Recorded under the shared lock: two loops moving connections at once must not publish out of order.
-        self.connectionCounts.move(service: service, from: from, to: to) { counts, firstSight in
-            for (index, state) in ConnectionStateCounts.states.enumerated() where firstSight || state == from || state == to {
+        self.sharedMetrics.move(service: service, from: from, to: to) { counts, firstSight in
+            for (index, state) in SharedMetricsState.states.enumerated() where firstSight || state == from || state == to {
                 self.gauge("grpc_client_connection_state", [("service", service), ("state", state.description)])
                     .record(counts[index])
             }
@@ -165,7 +165,7 @@ package final class MetricsHandler: @unchecked Sendable {
         case .circuitBreakerStateChanged(let service, let path, _, let to):
             let dimensions = [("service", service), ("method", path)]
             let gauge = self.gauge("grpc_client_circuit_breaker_state", dimensions)
-            self.connectionCounts.recordBreaker(Self.key("grpc_client_circuit_breaker_state", dimensions)) {
+            self.sharedMetrics.recordBreaker(Self.key("grpc_client_circuit_breaker_state", dimensions)) {
                 gauge.record(to.rawValue)
             }
         case .connectAttemptStarted(let service, _, _):
@@ -190,7 +190,7 @@ package final class MetricsHandler: @unchecked Sendable {
 /// until the next change (the events carry a connection attempt's id, not the subchannel's). SHUTDOWN is not a state
 /// a connection stays in, so it is not counted. Gauges are
 /// recorded under the lock, so that two loops never publish out of order. State changes are rare: a lock is cheap.
-package final class ConnectionStateCounts: Sendable {
+package final class SharedMetricsState: Sendable {
     static let states: [ConnectivityState] = [.idle, .connecting, .ready, .transientFailure]
     private struct Counts {
         var byService: [String: [Int]] = [:]

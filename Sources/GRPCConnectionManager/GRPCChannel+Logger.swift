@@ -38,16 +38,8 @@ extension GRPCChannel {
         path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
         logger: Logger
     ) async throws(CallError) -> UnaryResponse {
-        let handleBox = CancellationBox()
-        let response = await withTaskCancellationHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<UnaryResponse, Never>) in
-                let handle = self.unary(path: path, request: request, metadata: metadata, options: options, logger: logger) {
-                    continuation.resume(returning: $0)
-                }
-                handleBox.set(handle)
-            }
-        } onCancel: {
-            handleBox.cancel()
+        let response = await Self.awaitCall { completion in
+            self.unary(path: path, request: request, metadata: metadata, options: options, logger: logger, completion: completion)
         }
         return try response.get()
     }

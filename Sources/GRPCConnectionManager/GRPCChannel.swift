@@ -218,13 +218,19 @@ public final class GRPCChannel: Sendable {
     public func unaryResult(
         path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
     ) async -> UnaryResponse {
+        await Self.awaitCall { completion in
+            self.unary(path: path, request: request, metadata: metadata, options: options, completion: completion)
+        }
+    }
+
+    /// Awaits a call started by `start` (which hands it the completion); cancelling the task cancels the call.
+    static func awaitCall(
+        _ start: (@escaping @Sendable (UnaryResponse) -> Void) -> CallHandle
+    ) async -> UnaryResponse {
         let handleBox = CancellationBox()
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<UnaryResponse, Never>) in
-                let handle = self.unary(path: path, request: request, metadata: metadata, options: options) {
-                    continuation.resume(returning: $0)
-                }
-                handleBox.set(handle)
+                handleBox.set(start { continuation.resume(returning: $0) })
             }
         } onCancel: {
             handleBox.cancel()

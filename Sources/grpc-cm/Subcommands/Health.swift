@@ -72,14 +72,10 @@ struct Health: AsyncParsableCommand {
         if self.target == nil { throw ValidationError("-addr not specified") }
         if self.addr != nil && self.positionalAddress != nil { throw ValidationError("give the address once, with -addr") }
         if self.plaintext && self.tls { throw ValidationError("--plaintext and -tls exclude each other") }
-        guard let connect = GoDuration.parse(self.connectTimeout), connect > .zero else {
-            throw ValidationError("-connect-timeout must be a positive duration such as 1s or 250ms, not \"\(self.connectTimeout)\"")
+        for (flag, text) in [("-connect-timeout", self.connectTimeout), ("-rpc-timeout", self.rpcTimeout)]
+        where (GoDuration.parse(text) ?? .zero) <= .zero {
+            throw ValidationError("\(flag) must be a positive duration such as 1s or 250ms, not \"\(text)\"")
         }
-        _ = connect
-        guard let rpc = GoDuration.parse(self.rpcTimeout), rpc > .zero else {
-            throw ValidationError("-rpc-timeout must be a positive duration such as 1s or 250ms, not \"\(self.rpcTimeout)\"")
-        }
-        _ = rpc
         if !self.tls && (self.tlsCACert != nil || self.tlsClientCert != nil || self.tlsClientKey != nil || self.tlsNoVerify
             || self.tlsServerName != nil)
         {
