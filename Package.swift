@@ -45,6 +45,7 @@ let package = Package(
     targets: [
         .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .target(name: "CReactor", cSettings: [.define("_GNU_SOURCE")]),
         // SIGINT/SIGTERM for the programs (CLI, examples): a library never installs signal handlers.
         .target(name: "CStopSignals"),
@@ -58,9 +59,11 @@ let package = Package(
             dependencies: ["GRPCCMReactor", "GRPCCMWire", "CReactor", "CNghttp2", "COpenSSL"],
             swiftSettings: strictSwift
         ),
+        // gzip and deflate for messages (zlib), beside the wire format: the calls compress and inflate with it.
+        .target(name: "GRPCCMCompression", dependencies: ["GRPCCMWire", "CZlib"], swiftSettings: strictSwift),
         .target(
             name: "GRPCCMCalls",
-            dependencies: ["GRPCCMTransport", "GRPCCMReactor", "GRPCCMWire", "CNghttp2"],
+            dependencies: ["GRPCCMTransport", "GRPCCMCompression", "GRPCCMReactor", "GRPCCMWire", "CNghttp2"],
             swiftSettings: strictSwift
         ),
         .target(
@@ -80,8 +83,8 @@ let package = Package(
         .target(
             name: "GRPCConnectionManager",
             dependencies: [
-                "GRPCCMHandlers", "GRPCCMPool", "GRPCCMCalls", "GRPCCMTransport", "GRPCCMReactor", "GRPCCMWire",
-                .product(name: "Logging", package: "swift-log"),
+                "GRPCCMHandlers", "GRPCCMPool", "GRPCCMCalls", "GRPCCMCompression", "GRPCCMTransport", "GRPCCMReactor",
+                "GRPCCMWire", .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
             ],
             swiftSettings: strictSwift
@@ -111,7 +114,7 @@ let package = Package(
         ),
         .target(
             name: "GRPCEchoServer",
-            dependencies: ["GRPCCMReactor", "GRPCCMTransport", "GRPCCMWire", "CReactor", "CNghttp2"],
+            dependencies: ["GRPCCMReactor", "GRPCCMTransport", "GRPCCMWire", "GRPCCMCompression", "CReactor", "CNghttp2"],
             swiftSettings: strictSwift
         ),
         .executableTarget(
@@ -177,7 +180,7 @@ let package = Package(
         .testTarget(
             name: "GRPCConnectionManagerTests",
             dependencies: [
-                "GRPCConnectionManager", "GRPCEchoServer", "CReactor", "GRPCConnectionManagerPrometheus",
+                "GRPCConnectionManager", "GRPCEchoServer", "CReactor", "GRPCConnectionManagerPrometheus", "GRPCCMCompression",
                 "GRPCConnectionManagerTransport", "EchoProto", "GRPCConnectionManagerServiceLifecycle",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -12,11 +12,12 @@ package enum MessageFramer {
     /// `buffer`, at most `capacity` bytes, and advances `offset`. The prefix never touches the heap.
     /// - Returns: The bytes copied.
     package static func copyFramed(
-        _ message: [UInt8], offset: inout Int, into buffer: UnsafeMutablePointer<UInt8>, capacity: Int
+        _ message: [UInt8], compressed: Bool = false, offset: inout Int, into buffer: UnsafeMutablePointer<UInt8>,
+        capacity: Int
     ) -> Int {
         var written = 0
         if offset < 5 {
-            var prefix = Self.prefix(length: message.count)
+            var prefix = Self.prefix(length: message.count, compressed: compressed)
             withUnsafeBytes(of: &prefix) { bytes in
                 while offset < 5 && written < capacity {
                     buffer[written] = bytes[offset]
@@ -37,10 +38,10 @@ package enum MessageFramer {
         return written
     }
 
-    package static func frame(_ message: [UInt8]) -> [UInt8] {
+    package static func frame(_ message: [UInt8], compressed: Bool = false) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(message.count + 5)
-        let p = Self.prefix(length: message.count)
+        let p = Self.prefix(length: message.count, compressed: compressed)
         out.append(p.0)
         out.append(p.1)
         out.append(p.2)

@@ -12,9 +12,17 @@ public struct RequestOptions: Sendable, Hashable {
     /// connection until its deadline.
     public var waitForReady: Bool
 
-    public init(timeout: Duration? = nil, maxReceiveMessageSize: Int? = nil, waitForReady: Bool = false) {
+    /// Compression of this call's request messages (`.identity`: none), over the configuration's
+    /// (`Configuration.Compression`). nil: the configuration's.
+    public var compression: CompressionAlgorithm?
+
+    public init(
+        timeout: Duration? = nil, maxReceiveMessageSize: Int? = nil, waitForReady: Bool = false,
+        compression: CompressionAlgorithm? = nil
+    ) {
         self.timeout = timeout
         self.maxReceiveMessageSize = maxReceiveMessageSize
         self.waitForReady = waitForReady
+        self.compression = compression
     }
 }

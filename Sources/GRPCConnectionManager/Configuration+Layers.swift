@@ -20,7 +20,8 @@ extension Configuration {
             connectionWindowSize: self.http2.connectionWindowSize, maxFrameSize: self.http2.maxFrameSize,
             maxHeaderListSize: self.http2.maxHeaderListSize,
             userAgent: self.userAgentPrefix.map { "\($0) \(GRPCConnectionManagerVersion.userAgent)" }
-                ?? GRPCConnectionManagerVersion.userAgent)
+                ?? GRPCConnectionManagerVersion.userAgent,
+            acceptEncoding: self.compression.acceptEncodingHeader)
     }
 
     func poolSettings(service: String) -> PoolSettings {

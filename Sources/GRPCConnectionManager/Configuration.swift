@@ -93,7 +93,44 @@ public struct Configuration: Sendable, Hashable {
     /// Text put before `grpc-swift-cm/<version>` in the user-agent header (nil: none).
     public var userAgentPrefix: String? = nil
 
+    /// Message compression: what responses may use, what requests use.
+    public var compression = Compression()
+
     public init() {}
+
+    /// Message compression (gRPC `doc/compression.md`), with zlib.
+    public struct Compression: Sendable, Hashable {
+        /// Encodings offered in `grpc-accept-encoding` on every call. Default gzip and deflate. Empty: only
+        /// `identity` is offered. Responses in gzip or deflate are inflated whatever was offered (as grpc-go does:
+        /// grpc core servers compress with their default regardless), at most to the call's receive limit (past it
+        /// the call ends RESOURCE_EXHAUSTED); a compressed response in any other encoding ends INTERNAL.
+        public var acceptedEncodings: [CompressionAlgorithm] = [.gzip, .deflate]
+        /// How request messages are compressed. Default `.identity` (not at all); `RequestOptions.compression`
+        /// overrides it per call.
+        public var requestEncoding: CompressionAlgorithm = .identity
+        /// Request compression per method (`/package.Service/Method`) or per service (`package.Service`), over
+        /// `requestEncoding`; a method's entry wins over its service's.
+        public var requestEncodingPerMethod: [String: CompressionAlgorithm] = [:]
+
+        public init() {}
+
+        /// The request encoding of a call to `path` (`/package.Service/Method`), before per-call options.
+        func requestEncoding(forPath path: String) -> CompressionAlgorithm {
+            // No lookup, no hashing, when nothing is configured per method (the common case costs nothing).
+            if self.requestEncodingPerMethod.isEmpty { return self.requestEncoding }
+            if let encoding = self.requestEncodingPerMethod[path] { return encoding }
+            let parts = path.split(separator: "/")
+            if parts.count == 2, let encoding = self.requestEncodingPerMethod[String(parts[0])] { return encoding }
+            return self.requestEncoding
+        }
+
+        /// The `grpc-accept-encoding` value. With nothing offered it says `identity`: grpc core servers read a
+        /// missing header as "anything" and would compress anyway.
+        var acceptEncodingHeader: String {
+            let names = self.acceptedEncodings.filter { $0 != .identity }.map(\.name)
+            return names.isEmpty ? "identity" : names.joined(separator: ",")
+        }
+    }
 
     /// The defaults above.
     public static var defaults: Configuration { Configuration() }
@@ -199,6 +236,16 @@ public struct Configuration: Sendable, Hashable {
         }
         try self.circuitBreaker.validate()
         try self.tls?.validate()
+        for key in self.compression.requestEncodingPerMethod.keys {
+            let parts = key.split(separator: "/", omittingEmptySubsequences: false)
+            let isMethod = parts.count == 3 && parts[0].isEmpty && !parts[1].isEmpty && !parts[2].isEmpty
+            let isService = !key.isEmpty && !key.contains("/")
+            if !isMethod && !isService {
+                throw ConfigurationError(
+                    field: "compression.requestEncodingPerMethod[\(key)]",
+                    message: "must be /package.Service/Method or package.Service")
+            }
+        }
         if let prefix = self.userAgentPrefix {
             for byte in prefix.utf8 where byte < 0x20 || byte > 0x7E {
                 throw ConfigurationError(field: "userAgentPrefix", message: "must be printable ASCII")

@@ -7,6 +7,7 @@
 //   GRPCCMPool              subchannels, connection state machine, picking, the wait queue
 //   GRPCCMCalls             a call and its attempts, stream buffers, the event bus
 //   GRPCCMTransport         HTTP/2 (nghttp2) and TLS (OpenSSL) over a socket
+//   GRPCCMCompression       gzip and deflate (zlib) for messages
 //   GRPCCMWire              gRPC's wire rules and vocabulary: status, metadata, framing, timeouts
 //   GRPCCMReactor           the event loop over the C reactor
 @_exported import GRPCCMCalls

@@ -39,7 +39,7 @@ extension GRPCChannel {
         onWritable: @escaping @Sendable () -> Void = {},
         completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> StreamingCall {
-        let buffers = self.makeBuffers()
+        let buffers = self.makeBuffers(path: path, options: options)
         let handle = self.start(
             path: path, request: nil, metadata: metadata, options: options, delivery: .single, buffers: buffers,
             onWritable: onWritable, completion: completion)
@@ -51,7 +51,7 @@ extension GRPCChannel {
     public func bidirectionalStreaming(
         path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(), callbacks: StreamingCallbacks
     ) -> StreamingCall {
-        let buffers = self.makeBuffers()
+        let buffers = self.makeBuffers(path: path, options: options)
         let onFinish = callbacks.onFinish
         let handle = self.start(
             path: path, request: nil, metadata: metadata, options: options, delivery: .callbacks(callbacks),
@@ -65,7 +65,7 @@ extension GRPCChannel {
     public func serverStreaming(
         path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
     ) -> AsyncStreamingCall {
-        let buffers = self.makeBuffers()
+        let buffers = self.makeBuffers(path: path, options: options)
         let handle = self.start(
             path: path, request: request, metadata: metadata, options: options, delivery: .buffered, buffers: buffers,
             completion: { _ in })
@@ -76,7 +76,7 @@ extension GRPCChannel {
     public func clientStreaming(
         path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
     ) -> AsyncClientStreamingCall {
-        let buffers = self.makeBuffers()
+        let buffers = self.makeBuffers(path: path, options: options)
         let box = AsyncResponseBox()
         let handle = self.start(
             path: path, request: nil, metadata: metadata, options: options, delivery: .single, buffers: buffers,
@@ -89,7 +89,7 @@ extension GRPCChannel {
     public func bidirectionalStreaming(
         path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
     ) -> AsyncStreamingCall {
-        let buffers = self.makeBuffers()
+        let buffers = self.makeBuffers(path: path, options: options)
         let handle = self.start(
             path: path, request: nil, metadata: metadata, options: options, delivery: .buffered, buffers: buffers,
             completion: { _ in })
@@ -100,10 +100,13 @@ extension GRPCChannel {
 
     /// Buffers for a stream that starts later (the transport's reader may wait on them before the request
     /// metadata, and so the call, exists).
-    package func makeStreamBuffers(maxSendMessageSize: Int?) -> StreamBuffers {
+    package func makeStreamBuffers(
+        path: String, maxSendMessageSize: Int?, compression: CompressionAlgorithm? = nil
+    ) -> StreamBuffers {
         StreamBuffers(
             limit: self.configuration.streamBufferSize,
-            maxSendMessageSize: min(maxSendMessageSize ?? .max, self.configuration.maxMessageSize))
+            maxSendMessageSize: min(maxSendMessageSize ?? .max, self.configuration.maxMessageSize),
+            requestEncoding: compression ?? self.configuration.compression.requestEncoding(forPath: path))
     }
 
     /// Starts a bidirectional call on `buffers` (every grpc-swift-2 method is a stream to its transport).

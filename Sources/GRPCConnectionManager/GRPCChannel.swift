@@ -1,4 +1,5 @@
 import GRPCCMCalls
+import GRPCCMCompression
 import GRPCCMHandlers
 import GRPCCMPool
 @_spi(Reactor) import GRPCCMReactor
@@ -179,17 +180,21 @@ public final class GRPCChannel: Sendable {
             deadline = 0
         }
         let shard = self.shardForCall()
+        let problem = Self.checkRequest(path: path, metadata: metadata, request: request ?? [], configuration: self.configuration)
+        // Streamed messages are compressed as they are written (the buffers know how); one request message here, on
+        // the caller's thread, once for every attempt.
+        let encoding = buffers?.requestEncoding ?? self.requestEncoding(path: path, options: options)
+        var request = request
+        if encoding != .identity, problem == nil, let message = request {
+            request = MessageCompressor.compress(message, with: encoding)
+        }
         let call = ClientCall(
             environment: shard.environment, path: path, metadata: metadata, request: request, deadline: deadline,
             maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
-            waitForReady: options.waitForReady, delivery: delivery, buffers: buffers, onWritable: onWritable,
-            completion: completion)
+            waitForReady: options.waitForReady, delivery: delivery, buffers: buffers, requestEncoding: encoding,
+            onWritable: onWritable, completion: completion)
         call.previousAttemptsElsewhere = previousAttempts
-        if let problem = Self.checkRequest(
-            path: path, metadata: metadata, request: request ?? [], configuration: self.configuration)
-        {
-            call.invalid = problem
-        }
+        call.invalid = problem
         if shard.reactor.inReactorThread {
             call.start()
         } else if !shard.reactor.submit(call) {
@@ -198,8 +203,17 @@ public final class GRPCChannel: Sendable {
         return CallHandle(call: call)
     }
 
-    func makeBuffers() -> StreamBuffers {
-        StreamBuffers(limit: self.configuration.streamBufferSize, maxSendMessageSize: self.configuration.maxMessageSize)
+    func makeBuffers(path: String, options: RequestOptions) -> StreamBuffers {
+        StreamBuffers(
+            limit: self.configuration.streamBufferSize, maxSendMessageSize: self.configuration.maxMessageSize,
+            requestEncoding: self.requestEncoding(path: path, options: options))
+    }
+
+    /// How a call's request messages are compressed: its options, else the configuration's per method, else its
+    /// default.
+    @inline(__always)
+    func requestEncoding(path: String, options: RequestOptions) -> CompressionAlgorithm {
+        options.compression ?? self.configuration.compression.requestEncoding(forPath: path)
     }
 
     /// Makes a unary call: `try await channel.unary(...)` returns the response (its message and both metadata) when

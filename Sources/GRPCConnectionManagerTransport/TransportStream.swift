@@ -14,7 +14,18 @@ final class TransportStream: Sendable {
         self.channel = channel
         self.path = path
         self.options = options
-        self.buffers = channel.makeStreamBuffers(maxSendMessageSize: options.maxRequestMessageBytes)
+        self.buffers = channel.makeStreamBuffers(
+            path: path, maxSendMessageSize: options.maxRequestMessageBytes,
+            compression: options.compression.map(Self.algorithm))
+    }
+
+    /// GRPCCore's name for a compression algorithm, in ours.
+    private static func algorithm(_ algorithm: GRPCCore.CompressionAlgorithm) -> GRPCConnectionManager.CompressionAlgorithm {
+        switch algorithm {
+        case .gzip: .gzip
+        case .deflate: .deflate
+        default: .identity
+        }
     }
 
     /// Starts the HTTP/2 stream with the request metadata.

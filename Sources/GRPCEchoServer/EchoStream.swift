@@ -1,4 +1,5 @@
 import CNghttp2
+import GRPCCMCompression
 @_spi(Reactor) import GRPCCMReactor
 import GRPCCMWire
 
@@ -14,6 +15,9 @@ import GRPCCMWire
 /// generated grpc-swift-2 clients can call it; for every other service they are raw bytes.
 /// `x-fail-after N` ends `Expand`/`Update` with `x-fail-code` after N responses (the server ending first);
 /// `x-hold-window` never returns received bytes to the client's window (to test a writer's backpressure).
+/// Compressed requests (`grpc-encoding` gzip or deflate) are inflated; `x-compress-response ENC` compresses every
+/// response message; the answer's headers report `x-received-grpc-encoding`, `x-received-grpc-accept-encoding` and
+/// `x-received-compressed` (how many request messages came compressed), so tests see what the client sent.
 ///
 /// `@unchecked Sendable` (through `ReactorHandler`): reactor thread only.
 final class EchoStream: ReactorHandler, @unchecked Sendable {
@@ -40,6 +44,10 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     var responseCount: Int?
     /// Never consume this stream's received bytes (its window closes after the initial window).
     var holdWindow = false
+    /// The request's `grpc-encoding` (nil: identity), and the algorithm for response messages (`x-compress-response`).
+    private var requestEncoding: CompressionAlgorithm?
+    private var responseEncoding: CompressionAlgorithm?
+    private var compressedRequests = 0
     /// Request messages as they arrived (the shared deframer splits them), and a failure that ends the call.
     var requestMessages: [[UInt8]] = []
     private var deframer: MessageDeframer
@@ -68,6 +76,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         "te", "content-type", "user-agent", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
         "x-fail-code", "x-fail-message", "x-sleep-ms", "x-response-bytes", "x-fail-first", "x-request-key",
         "x-pushback-ms", "x-fail-after", "x-response-count", "x-hold-window", "x-refuse-first", "x-goaway-first",
+        "x-compress-response",
     ]
 
     var method: Method {
@@ -121,6 +130,17 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         case "x-fail-after": self.failAfter = max(0, Int(value) ?? 0)
         case "x-response-count": self.responseCount = max(0, Int(value) ?? 0)
         case "x-hold-window": self.holdWindow = true
+        case "grpc-encoding":
+            self.metadata.append(("x-received-grpc-encoding", value))
+            if let algorithm = CompressionAlgorithm(name: value) {
+                self.requestEncoding = algorithm == .identity ? nil : algorithm
+                self.deframer.compressionAllowed = algorithm != .identity
+            } else {
+                self.requestFailure = CallStatus(code: .unimplemented, message: "grpc-encoding \"\(value)\" is not supported")
+            }
+        case "grpc-accept-encoding": self.metadata.append(("x-received-grpc-accept-encoding", value))
+        case "x-compress-response":
+            self.responseEncoding = CompressionAlgorithm(name: value).flatMap { $0 == .identity ? nil : $0 }
         default:
             if !name.hasPrefix(":") && !Self.notEchoed.contains(name) { self.metadata.append((name, value)) }
         }
@@ -129,14 +149,30 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     func data(_ bytes: UnsafeRawBufferPointer) {
         guard self.requestFailure == nil else { return }
         do {
-            try self.deframer.process(bytes) { message, _ in self.requestMessages.append(message) }
+            try self.deframer.process(bytes) { message, compressed in
+                guard compressed, let encoding = self.requestEncoding else {
+                    self.requestMessages.append(message)
+                    return
+                }
+                self.compressedRequests += 1
+                let decompressor = self.connection.reactor.shared { MessageDecompressor() }
+                do {
+                    self.requestMessages.append(
+                        try decompressor.decompress(
+                            message, with: encoding, limit: self.connection.options.maxReceiveMessageSize))
+                } catch {
+                    if self.requestFailure == nil {
+                        self.requestFailure = CallStatus(code: .internal, message: "request message: \(error)")
+                    }
+                }
+            }
         } catch {
             switch error {
             case .messageTooLarge(let length, let limit):
                 self.requestFailure = CallStatus(
                     code: .resourceExhausted, message: "request message of \(length) bytes exceeds \(limit)")
             case .compressedWithoutEncoding:
-                self.requestFailure = CallStatus(code: .unimplemented, message: "compression is not supported")
+                self.requestFailure = CallStatus(code: .unimplemented, message: "compressed message without a grpc-encoding")
             case .invalidFlag(let flag):
                 self.requestFailure = CallStatus(code: .internal, message: "invalid message flag \(flag)")
             }
@@ -166,11 +202,9 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     private func sendResponse(_ message: [UInt8]) {
         if !self.responseStarted {
             self.responseStarted = true
-            var headers: [(String, String)] = [(":status", "200"), ("content-type", "application/grpc")]
-            headers.append(contentsOf: self.metadata)
-            self.connection.startResponse(self, headers: headers)
+            self.connection.startResponse(self, headers: self.responseHeaders())
         }
-        self.responseBody.append(contentsOf: MessageFramer.frame(message))
+        self.responseBody.append(contentsOf: self.frame(message))
         self.responsesSent += 1
         if let limit = self.failAfter, self.responsesSent >= limit {
             self.endResponse(code: self.failCode ?? 13, message: self.failMessage)
@@ -200,7 +234,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         self.responseBody.removeAll(keepingCapacity: true)
         self.responseOffset = 0
         let payload = [UInt8](repeating: 0x61, count: self.responseBytes ?? 0)
-        self.responseBody.append(contentsOf: MessageFramer.frame(self.usesProtobuf ? EchoProtobuf.encode(payload) : payload))
+        self.responseBody.append(contentsOf: self.frame(self.usesProtobuf ? EchoProtobuf.encode(payload) : payload))
         self.responsesSent += 1
         if self.generateRemaining == 0 {
             self.endResponse(code: 0)
@@ -290,17 +324,30 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
                 return
             }
         } else if let count = self.responseBytes {
-            body = MessageFramer.frame([UInt8](repeating: 0x61, count: count))
+            body = self.frame([UInt8](repeating: 0x61, count: count))
         } else {
             if messages.isEmpty {
                 self.trailersOnly(code: 13, message: "echo: request had no message")
                 return
             }
-            for message in messages { body.append(contentsOf: MessageFramer.frame(message)) }
+            for message in messages { body.append(contentsOf: self.frame(message)) }
         }
+        self.connection.respond(self, headers: self.responseHeaders(), body: body, trailers: [("grpc-status", "0")])
+    }
+
+    /// Response headers: status, content type, the encoding of compressed responses, the echoed metadata.
+    private func responseHeaders() -> [(String, String)] {
         var headers: [(String, String)] = [(":status", "200"), ("content-type", "application/grpc")]
+        if let encoding = self.responseEncoding { headers.append(("grpc-encoding", encoding.name)) }
+        if self.compressedRequests > 0 { headers.append(("x-received-compressed", String(self.compressedRequests))) }
         headers.append(contentsOf: self.metadata)
-        self.connection.respond(self, headers: headers, body: body, trailers: [("grpc-status", "0")])
+        return headers
+    }
+
+    /// One response message framed, compressed when `x-compress-response` asked for it.
+    private func frame(_ message: [UInt8]) -> [UInt8] {
+        guard let encoding = self.responseEncoding else { return MessageFramer.frame(message) }
+        return MessageFramer.frame(MessageCompressor.compress(message, with: encoding), compressed: true)
     }
 
     private func answerStreaming(_ messages: [[UInt8]]) {
@@ -318,9 +365,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
                 }
                 self.generateRemaining = count
                 self.responseStarted = true
-                var headers: [(String, String)] = [(":status", "200"), ("content-type", "application/grpc")]
-                headers.append(contentsOf: self.metadata)
-                self.connection.startResponse(self, headers: headers)
+                self.connection.startResponse(self, headers: self.responseHeaders())
                 return
             }
             for text in texts {

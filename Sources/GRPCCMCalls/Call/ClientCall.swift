@@ -1,4 +1,5 @@
 import CNghttp2
+import GRPCCMCompression
 @_spi(Reactor) import GRPCCMReactor
 import GRPCCMTransport
 import GRPCCMWire
@@ -57,8 +58,11 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     package let environment: CallEnvironment
     package let path: String
     package let metadata: CallMetadata
-    /// The request message of a call whose request is one message (empty when the requests are streamed).
+    /// The request message of a call whose request is one message (empty when the requests are streamed), already
+    /// compressed when `requestEncoding` says so.
     private let request: [UInt8]
+    /// How the request messages are compressed (`grpc-encoding`); streamed ones are compressed as they are written.
+    private let requestEncoding: CompressionAlgorithm
     /// Messages written while the call runs, and buffered responses; nil for unary and callback server streaming.
     package let buffers: StreamBuffers?
     private let delivery: Delivery
@@ -90,6 +94,9 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     private var responseMessage: [UInt8]?
     @exclusivity(unchecked)
     private var extraMessages = false
+    /// How the current attempt's response messages are compressed (from its `grpc-encoding`, when offered).
+    @exclusivity(unchecked)
+    private var responseEncoding = CompressionAlgorithm.identity
     /// A failure found while receiving (oversized, bad flag, headers too large); the attempt ends with it.
     @exclusivity(unchecked)
     private var localFailure: CallStatus?
@@ -147,8 +154,10 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     package init(
         environment: CallEnvironment, path: String, metadata: CallMetadata, request: [UInt8]?, deadline: UInt64,
         maxReceiveMessageSize: Int, waitForReady: Bool, delivery: Delivery = .single, buffers: StreamBuffers? = nil,
-        onWritable: (@Sendable () -> Void)? = nil, completion: @escaping @Sendable (UnaryResponse) -> Void
+        requestEncoding: CompressionAlgorithm = .identity, onWritable: (@Sendable () -> Void)? = nil,
+        completion: @escaping @Sendable (UnaryResponse) -> Void
     ) {
+        self.requestEncoding = requestEncoding
         self.environment = environment
         self.path = path
         self.metadata = metadata
@@ -246,6 +255,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         self.head = ResponseHead(maxHeaderListSize: self.environment.maxHeaderListSize)
         self.responseMessage = nil
         self.extraMessages = false
+        self.responseEncoding = .identity
         self.localFailure = nil
         self.sendOffset = 0
         self.deframer = MessageDeframer(maxMessageSize: self.maxReceiveMessageSize)
@@ -277,7 +287,8 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         }
         let head = RequestHead(
             path: self.path, metadata: self.metadata, timeoutNanoseconds: timeout,
-            previousRPCAttempts: max(self.machine.attempt - 1, 0) + self.previousAttemptsElsewhere)
+            previousRPCAttempts: max(self.machine.attempt - 1, 0) + self.previousAttemptsElsewhere,
+            encoding: self.requestEncoding)
         switch transport.openStream(head, handler: self) {
         case .opened(let handle):
             self.stream = handle
@@ -550,7 +561,9 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         if self.requestsStreamed {
             return self.buffers!.take(into: buffer, length: length, eof: &eof, messageBytes: &self.sentBytes)
         }
-        let written = MessageFramer.copyFramed(self.request, offset: &self.sendOffset, into: buffer, capacity: length)
+        let written = MessageFramer.copyFramed(
+            self.request, compressed: self.requestEncoding != .identity, offset: &self.sendOffset, into: buffer,
+            capacity: length)
         eof = self.sendOffset == self.request.count + 5
         return written
     }
@@ -573,6 +586,13 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
             return
         case .headers:
             self.machine.headersReceived()
+            if let name = self.head.grpcEncoding, let encoding = CompressionAlgorithm(name: name), encoding != .identity {
+                // An encoding this client implements: compressed messages may follow, whether or not it was offered
+                // (grpc-go's rule: grpc core servers compress with their default whatever the client offers). Any
+                // other name leaves compressed messages refused with INTERNAL.
+                self.responseEncoding = encoding
+                self.deframer.compressionAllowed = true
+            }
             switch self.delivery {
             case .single: break
             case .callbacks:
@@ -593,9 +613,21 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
 
     package func streamData(_ bytes: UnsafeRawBufferPointer) {
         guard self.localFailure == nil, let stream = self.stream else { return }
-        do {
-            try self.deframer.process(bytes) { message, _ in
-                self.receivedBytes += message.count  // message bytes, as `sentBytes` counts them
+        var failure: CallStatus? = nil
+        do throws(MessageDeframer.Failure) {
+            try self.deframer.process(bytes) { received, compressed in
+                guard failure == nil else { return }
+                self.receivedBytes += received.count  // message bytes as they came, as `sentBytes` counts them
+                var message = received
+                if compressed {
+                    do throws(MessageDecompressor.Failure) {
+                        message = try self.reactor.shared { MessageDecompressor() }.decompress(
+                            received, with: self.responseEncoding, limit: self.maxReceiveMessageSize)
+                    } catch {
+                        failure = Self.status(for: error, encoding: self.responseEncoding)
+                        return
+                    }
+                }
                 switch self.delivery {
                 case .single:
                     if self.responseMessage == nil {
@@ -610,31 +642,50 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
                     self.buffers!.deliverMessage(message)
                 }
             }
-            // Flow control follows consumption: bytes go back to the server's window at once, except while an async
-            // reader has more than its limit unread.
-            var consumeNow = bytes.count
-            if case .buffered = self.delivery { consumeNow = self.buffers!.received(bytes.count) }
-            if consumeNow > 0 { stream.consume(consumeNow) }
         } catch {
-            let status: CallStatus
-            switch error {
-            case .messageTooLarge(let length, let limit):
-                status = CallStatus(
-                    code: .resourceExhausted,
-                    message: "response message of \(length) bytes exceeds the receive limit of \(limit) bytes")
-            case .compressedWithoutEncoding:
-                status = CallStatus(
-                    code: .internal,
-                    message: self.head.grpcEncoding.map {
-                        "compressed message received with grpc-encoding \"\($0)\", which the client did not offer"
-                    } ?? "compressed message received without a grpc-encoding header")
-            case .invalidFlag(let flag):
-                status = CallStatus(code: .internal, message: "invalid message flag \(flag) in response")
-            }
+            failure = self.status(for: error)
+        }
+        if let status = failure {
             self.localFailure = status
             self.stream = nil
             stream.reset(errorCode: NGHTTP2_CANCEL.rawValue)
             self.attemptEnded(UnaryResponse(status: status, initialMetadata: self.head.initialMetadata), unprocessed: false)
+            return
+        }
+        // Flow control follows consumption: bytes go back to the server's window at once, except while an async
+        // reader has more than its limit unread.
+        var consumeNow = bytes.count
+        if case .buffered = self.delivery { consumeNow = self.buffers!.received(bytes.count) }
+        if consumeNow > 0 { stream.consume(consumeNow) }
+    }
+
+    /// The status a message that could not be inflated ends its attempt with.
+    private static func status(for failure: MessageDecompressor.Failure, encoding: CompressionAlgorithm) -> CallStatus {
+        switch failure {
+        case .tooLarge(let limit):
+            return CallStatus(
+                code: .resourceExhausted,
+                message: "response message (\(encoding)) decompresses to more than the receive limit of \(limit) bytes")
+        case .corrupt(let reason):
+            return CallStatus(code: .internal, message: "could not decompress the response message: \(reason)")
+        }
+    }
+
+    /// The status a deframing failure ends its attempt with.
+    private func status(for error: MessageDeframer.Failure) -> CallStatus {
+        switch error {
+        case .messageTooLarge(let length, let limit):
+            return CallStatus(
+                code: .resourceExhausted,
+                message: "response message of \(length) bytes exceeds the receive limit of \(limit) bytes")
+        case .compressedWithoutEncoding:
+            return CallStatus(
+                code: .internal,
+                message: self.head.grpcEncoding.map {
+                    "compressed message received with grpc-encoding \"\($0)\", which the client does not implement"
+                } ?? "compressed message received without a grpc-encoding header")
+        case .invalidFlag(let flag):
+            return CallStatus(code: .internal, message: "invalid message flag \(flag) in response")
         }
     }
 

@@ -1,4 +1,5 @@
 import CNghttp2
+import GRPCCMCompression
 @_spi(Reactor) import GRPCCMReactor
 import GRPCCMWire
 
@@ -54,13 +55,16 @@ package final class StreamBuffers: @unchecked Sendable {
 
     package let limit: Int
     package let maxSendMessageSize: Int
+    /// How written messages are compressed: on the writer's thread, before they are buffered.
+    package let requestEncoding: CompressionAlgorithm
     private let state = PThreadLock(State())
     /// Set by the call when it is created; the waker reaches it on the reactor thread.
     package let waker = StreamWaker()
 
-    package init(limit: Int, maxSendMessageSize: Int) {
+    package init(limit: Int, maxSendMessageSize: Int, requestEncoding: CompressionAlgorithm = .identity) {
         self.limit = limit
         self.maxSendMessageSize = maxSendMessageSize
+        self.requestEncoding = requestEncoding
     }
 
     // MARK: application side
@@ -83,6 +87,7 @@ package final class StreamBuffers: @unchecked Sendable {
             self.waker.fail(status)
             return .refused(CallError(status: status))
         }
+        let message = MessageCompressor.compress(message, with: self.requestEncoding)
         let (outcome, wake) = self.state.withLock { state -> (WriteOutcome, Bool) in
             if let result = state.result { return (.refused(CallError(status: result.status, trailers: result.trailingMetadata)), false) }
             if state.halfClosed {
@@ -230,7 +235,8 @@ package final class StreamBuffers: @unchecked Sendable {
             while written < length && state.outboxHead < state.outbox.count {
                 let message = state.outbox[state.outboxHead]
                 written += MessageFramer.copyFramed(
-                    message, offset: &state.headOffset, into: buffer + written, capacity: length - written)
+                    message, compressed: self.requestEncoding != .identity, offset: &state.headOffset,
+                    into: buffer + written, capacity: length - written)
                 if state.headOffset == message.count + 5 {
                     completedBytes += message.count
                     state.outbox[state.outboxHead] = []

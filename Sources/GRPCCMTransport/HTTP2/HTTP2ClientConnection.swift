@@ -97,7 +97,8 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.tlsContext = tls
         self.tlsServerName = tlsServerName
         self.headerPrefix = RequestHeaderPrefix(
-            authority: authority, scheme: tls == nil ? "http" : "https", userAgent: settings.userAgent)
+            authority: authority, scheme: tls == nil ? "http" : "https", userAgent: settings.userAgent,
+            acceptEncoding: settings.acceptEncoding)
         self.scratch = reactor.shared { HeaderScratchBox() }
         super.init()
     }

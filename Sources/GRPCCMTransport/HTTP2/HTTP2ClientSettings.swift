@@ -15,12 +15,15 @@ package struct HTTP2ClientSettings: Sendable {
     package var maxHeaderListSize: Int
     /// `user-agent`, whole.
     package var userAgent: String
+    /// `grpc-accept-encoding` on every request (nil: not sent).
+    package var acceptEncoding: String?
 
     package init(
         connectTimeout: Duration, keepAliveTime: Duration, keepAliveTimeout: Duration, keepAlivePermitWithoutStream: Bool,
         initialStreamWindowSize: Int, connectionWindowSize: Int, maxFrameSize: Int, maxHeaderListSize: Int,
-        userAgent: String
+        userAgent: String, acceptEncoding: String? = nil
     ) {
+        self.acceptEncoding = acceptEncoding
         self.connectTimeout = connectTimeout
         self.keepAliveTime = keepAliveTime
         self.keepAliveTimeout = keepAliveTimeout

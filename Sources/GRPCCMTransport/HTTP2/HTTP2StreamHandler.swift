@@ -38,12 +38,18 @@ package struct RequestHead {
     package var timeoutNanoseconds: Int64?
     /// `grpc-previous-rpc-attempts` (0: not sent).
     package var previousRPCAttempts: Int
+    /// `grpc-encoding` of the request messages (`.identity`: not sent).
+    package var encoding: CompressionAlgorithm
 
-    package init(path: String, metadata: CallMetadata, timeoutNanoseconds: Int64?, previousRPCAttempts: Int) {
+    package init(
+        path: String, metadata: CallMetadata, timeoutNanoseconds: Int64?, previousRPCAttempts: Int,
+        encoding: CompressionAlgorithm = .identity
+    ) {
         self.path = path
         self.metadata = metadata
         self.timeoutNanoseconds = timeoutNanoseconds
         self.previousRPCAttempts = previousRPCAttempts
+        self.encoding = encoding
     }
 }
 

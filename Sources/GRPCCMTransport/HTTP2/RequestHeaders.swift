@@ -2,18 +2,21 @@ import CNghttp2
 import GRPCCMWire
 
 /// The request headers every call of a connection shares (`:method`, `:scheme`, `:authority`, `te`,
-/// `content-type`, `user-agent`), encoded once per connection in one small byte array.
+/// `content-type`, `user-agent`, and `grpc-accept-encoding` when compressed responses are accepted), encoded once
+/// per connection in one small byte array.
 package struct RequestHeaderPrefix {
     let bytes: [UInt8]
     let fields: [(name: Range<Int>, value: Range<Int>)]
 
-    package init(authority: String, scheme: String, userAgent: String) {
+    package init(authority: String, scheme: String, userAgent: String, acceptEncoding: String? = nil) {
         var bytes: [UInt8] = []
         var fields: [(name: Range<Int>, value: Range<Int>)] = []
-        for (name, value) in [
+        var pairs = [
             (":method", "POST"), (":scheme", scheme), (":authority", authority), ("te", "trailers"),
             ("content-type", "application/grpc"), ("user-agent", userAgent),
-        ] {
+        ]
+        if let acceptEncoding { pairs.append(("grpc-accept-encoding", acceptEncoding)) }
+        for (name, value) in pairs {
             let nameStart = bytes.count
             bytes.append(contentsOf: name.utf8)
             let valueStart = bytes.count
@@ -68,6 +71,9 @@ struct HeaderScratch {
         var timeoutField: (name: Range<Int>, value: Range<Int>)? = nil
         if let timeout = timeoutNanos {
             timeoutField = (name: self.append("grpc-timeout"), value: self.append(GRPCTimeout.encode(nanoseconds: timeout)))
+        }
+        if head.encoding != .identity {
+            self.fields.append((name: self.append("grpc-encoding"), value: self.append(head.encoding.name)))
         }
         if previousAttempts > 0 {
             // gRFC A6: how many attempts came before this one.

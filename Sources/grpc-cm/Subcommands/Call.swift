@@ -84,6 +84,12 @@ struct Call: AsyncParsableCommand {
     @Option(name: .customLong("metrics-out"), help: "Write the metrics in Prometheus text format to PATH at exit.")
     var metricsOut: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "Compress the request with gzip or deflate (default: identity). Compressed responses are always decoded.",
+            valueName: "ENCODING"))
+    var compression: String?
+
     @Flag(name: .customShort("v"), help: "Print response headers and trailers to stderr.")
     var verbose = false
 
@@ -107,6 +113,9 @@ struct Call: AsyncParsableCommand {
             if let value, !(value > 0) { throw ValidationError("\(name) must be > 0") }
         }
         if self.interval < 0 { throw ValidationError("--interval must be >= 0") }
+        if let name = self.compression, CompressionAlgorithm(name: name) == nil {
+            throw ValidationError("--compression must be gzip, deflate or identity")
+        }
         if let attempts = self.retryMaxAttempts, !(1...10).contains(attempts) {
             throw ValidationError("--retry-max-attempts must be 1...10")
         }
@@ -148,6 +157,7 @@ struct Call: AsyncParsableCommand {
         defer { self.writeMetrics(manager) }
         var options = RequestOptions()
         options.waitForReady = self.waitForReady
+        options.compression = self.compression.flatMap { CompressionAlgorithm(name: $0) }
         if let maxTime = self.maxTime { options.timeout = seconds(maxTime) }
 
         guard let count = self.repeat else {

@@ -126,7 +126,7 @@ struct LimitsTests {
         if sent == "99" { #expect(response.status.message.contains("99")) }
     }
 
-    @Test("a compressed message in a grpc-encoding the client did not offer ends the call INTERNAL")
+    @Test("a compressed message in a grpc-encoding the client does not implement ends the call INTERNAL")
     func unofferedEncodingIsInternal() async throws {
         let peer = try ScriptedPeer("compressed", ["x-unknown"])
         defer { peer.stop() }

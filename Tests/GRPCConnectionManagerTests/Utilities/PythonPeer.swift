@@ -5,13 +5,14 @@ import Foundation
 /// echoes custom metadata (including `-bin`) as initial metadata, and serves grpc.health.v1 (grpcio-health-checking).
 /// Methods named `Expand`, `Collect` and `Update` stream like the embedded server's (protobuf `text` for the
 /// `echo.Echo` service, raw bytes otherwise), with `x-response-count`/`x-response-bytes` and `x-fail-after`.
+/// `x-compress-response gzip|deflate` compresses a call's responses; `compression:` every call's.
 final class PythonPeer: @unchecked Sendable {
     // `@unchecked`: `process` is set once in init and only read afterwards.
     let port: Int
     private let process: Process
 
     static let script = #"""
-        import sys, time, urllib.parse
+        import os, sys, time, urllib.parse
         from concurrent import futures
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +25,10 @@ final class PythonPeer: @unchecked Sendable {
             echoed = [(k, v) for (k, v) in md
                       if not k.startswith(("x-fail", "x-sleep", "x-response", ":", "grpc-"))
                       and k not in ("user-agent", "te", "content-type")]
+            # x-compress-response gzip|deflate: this call's responses compressed (when the client accepts it).
+            choice = values.get("x-compress-response")
+            if choice:
+                context.set_compression({"gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}[choice])
             context.send_initial_metadata(echoed)
             return values
 
@@ -115,7 +120,10 @@ final class PythonPeer: @unchecked Sendable {
                     return None
                 return make_streaming(details.method) or grpc.unary_unary_rpc_method_handler(echo)
 
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+        # GRPC_CM_PEER_COMPRESSION=gzip|deflate: every response compressed that the client accepts.
+        compression = {"gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}.get(
+            os.environ.get("GRPC_CM_PEER_COMPRESSION", ""), grpc.Compression.NoCompression)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), compression=compression)
         health_servicer = health.HealthServicer()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_servicer.set("sleepy", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -141,12 +149,17 @@ final class PythonPeer: @unchecked Sendable {
 
     /// Starts the server (on `port`, or a free one); throws if python3 or grpcio is missing (`make test` installs
     /// them).
-    init(port: Int = 0, tlsCertificate: String? = nil, tlsKey: String? = nil) throws {
+    /// - Parameter compression: "gzip" or "deflate": the server compresses every response the client accepts.
+    init(port: Int = 0, tlsCertificate: String? = nil, tlsKey: String? = nil, compression: String? = nil) throws {
         let scriptURL = FileManager.default.temporaryDirectory.appendingPathComponent("grpc-cm-peer-\(getpid()).py")
         try Self.script.write(to: scriptURL, atomically: true, encoding: .utf8)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["python3", scriptURL.path, String(port)] + [tlsCertificate, tlsKey].compactMap { $0 }
+        if let compression {
+            process.environment = ProcessInfo.processInfo.environment.merging(
+                ["GRPC_CM_PEER_COMPRESSION": compression], uniquingKeysWith: { $1 })
+        }
         let output = Pipe()
         let input = Pipe()
         process.standardOutput = output

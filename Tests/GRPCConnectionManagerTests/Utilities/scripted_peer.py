@@ -11,7 +11,8 @@ mode says otherwise:
   headers-bytes N      response headers carry an extra field of N bytes (CONTINUATION frames as needed)
   trailers-bytes N     the trailers do
   status CODE          a trailers-only response with grpc-status CODE (any text)
-  compressed ENC       grpc-encoding ENC, and the message flagged compressed
+  compressed ENC       grpc-encoding ENC, and the message flagged compressed (but not compressed)
+  bomb N               grpc-encoding gzip, and a message of N zero bytes gzipped (a small "compression bomb")
   bin-joined           x-data-bin in the headers: two base64 values joined with ", " in one field
   max-header-list N    SETTINGS_MAX_HEADER_LIST_SIZE = N
   refuse N             RST_STREAM REFUSED_STREAM for the first N streams (never processed)
@@ -23,7 +24,7 @@ mode says otherwise:
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
                        huge header blocks, resets, window abuse, GOAWAY, silence)
 """
-import base64, random, socket, ssl, struct, sys, threading, time
+import base64, gzip, random, socket, ssl, struct, sys, threading, time
 
 from hpack import Encoder, Decoder
 from hyperframe.frame import (ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame,
@@ -39,6 +40,9 @@ if ARGV and ARGV[0] == "--tls":
     ARGV = ARGV[3:]
 MODE = ARGV[0]
 ARGS = ARGV[1:]
+
+
+BOMB = gzip.compress(b"\0" * int(ARGS[0])) if MODE == "bomb" else b""
 
 
 def event(text):
@@ -185,6 +189,11 @@ class Connection:
                                           ("grpc-status", ARGS[0]), ("grpc-message", "scripted")], end_stream=True)
         elif MODE == "compressed":
             self.echo(stream_id, compressed=ARGS[0])
+        elif MODE == "bomb":
+            headers = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-encoding", "gzip")]
+            self.send_headers(stream_id, headers)
+            self.send_data(stream_id, grpc_frame(BOMB, True))
+            self.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
         elif MODE == "bin-joined":
             joined = base64.b64encode(b"\x01\x02\x03").decode() + ", " + base64.b64encode(b"\xff\xfe").decode().rstrip("=")
             self.echo(stream_id, extra_headers=[("x-data-bin", joined)])

@@ -1,0 +1,93 @@
+import CZlib
+import GRPCCMWire
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Inflates response messages, bounded: a message that would inflate past the receive limit stops as soon as it
+/// passes it, so a small "compression bomb" costs at most the limit in memory and the work to reach it.
+///
+/// One per loop (`Reactor.shared`): responses are decoded on the loop thread, and one inflate state (about 7 KiB
+/// plus a 32 KiB window) serves all of its calls, reset between messages.
+/// `@unchecked Sendable`: touched only on its loop's thread.
+package final class MessageDecompressor: @unchecked Sendable {
+    /// Why a message could not be inflated; the caller turns it into a status.
+    package enum Failure: Error, Equatable, CustomStringConvertible {
+        /// The message inflates to more than `limit` bytes.
+        case tooLarge(limit: Int)
+        /// The bytes are not a complete stream of the algorithm (corrupt or truncated).
+        case corrupt(String)
+
+        package var description: String {
+            switch self {
+            case .tooLarge(let limit): "decompressed message exceeds the receive limit of \(limit) bytes"
+            case .corrupt(let reason): reason
+            }
+        }
+    }
+
+    private let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
+    private var initialised = false
+
+    package init() {
+        self.stream.initialize(to: z_stream())
+    }
+
+    deinit {
+        if self.initialised { inflateEnd(self.stream) }
+        self.stream.deallocate()
+    }
+
+    /// `message` inflated with `algorithm`, at most `limit` bytes.
+    package func decompress(_ message: [UInt8], with algorithm: CompressionAlgorithm, limit: Int) throws(Failure) -> [UInt8] {
+        if algorithm == .identity { return message }
+        let windowBits: Int32 = algorithm == .gzip ? 15 + 16 : 15
+        if !self.initialised {
+            guard czlib_inflate_init(self.stream, windowBits) == Z_OK else { throw .corrupt("zlib could not start") }
+            self.initialised = true
+        } else if inflateReset2(self.stream, windowBits) != Z_OK {
+            throw .corrupt("zlib could not reset")
+        }
+        // The output grows as it fills, never past limit + 1 bytes (the one byte more proves the limit is passed).
+        let cap = limit < Int.max ? limit + 1 : limit
+        var output = [UInt8](repeating: 0, count: min(cap, max(message.count * 4, 256)))
+        var produced = 0
+        var rc: Int32 = Z_OK
+        message.withUnsafeBufferPointer { source in
+            self.stream.pointee.next_in = UnsafeMutablePointer(mutating: source.baseAddress)
+            self.stream.pointee.avail_in = uInt(source.count)
+            while true {
+                rc = output.withUnsafeMutableBufferPointer { target -> Int32 in
+                    self.stream.pointee.next_out = target.baseAddress! + produced
+                    self.stream.pointee.avail_out = uInt(target.count - produced)
+                    let rc = inflate(self.stream, Z_NO_FLUSH)
+                    produced = target.count - Int(self.stream.pointee.avail_out)
+                    return rc
+                }
+                guard rc == Z_OK, produced == output.count, output.count < cap else { break }
+                // Out of room with more to come: grow (double, up to the cap), copying what is there.
+                let old = output
+                output = [UInt8](unsafeUninitializedCapacity: min(cap, old.count * 2)) { buffer, count in
+                    _ = old.withUnsafeBufferPointer { memcpy(buffer.baseAddress!, $0.baseAddress!, $0.count) }
+                    count = buffer.count
+                }
+            }
+            self.stream.pointee.next_in = nil
+        }
+        if produced > limit { throw .tooLarge(limit: limit) }
+        switch rc {
+        case Z_STREAM_END:
+            if self.stream.pointee.avail_in != 0 {
+                throw .corrupt("\(self.stream.pointee.avail_in) bytes after the end of the \(algorithm) stream")
+            }
+            output.removeLast(output.count - produced)
+            return output
+        case Z_OK, Z_BUF_ERROR:
+            throw .corrupt("the \(algorithm) stream is truncated")
+        default:
+            let reason = self.stream.pointee.msg.map { String(cString: $0) } ?? "error \(rc)"
+            throw .corrupt("not a valid \(algorithm) stream: \(reason)")
+        }
+    }
+}
