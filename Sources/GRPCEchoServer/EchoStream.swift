@@ -16,8 +16,9 @@ import GRPCCMWire
 /// `x-fail-after N` ends `Expand`/`Update` with `x-fail-code` after N responses (the server ending first);
 /// `x-hold-window` never returns received bytes to the client's window (to test a writer's backpressure).
 /// Compressed requests (`grpc-encoding` gzip or deflate) are inflated; `x-compress-response ENC` compresses every
-/// response message; the answer's headers report `x-received-grpc-encoding`, `x-received-grpc-accept-encoding` and
-/// `x-received-compressed` (how many request messages came compressed), so tests see what the client sent.
+/// response message; the answer's headers report `x-received-grpc-encoding` and `x-received-compressed` (how many
+/// request messages came compressed), and with `x-report-accept-encoding` the request's `grpc-accept-encoding`, so
+/// tests see what the client sent.
 ///
 /// `@unchecked Sendable` (through `ReactorHandler`): reactor thread only.
 final class EchoStream: ReactorHandler, @unchecked Sendable {
@@ -48,6 +49,10 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     private var requestEncoding: CompressionAlgorithm?
     private var responseEncoding: CompressionAlgorithm?
     private var compressedRequests = 0
+    /// `x-report-accept-encoding`: the answer reports the request's `grpc-accept-encoding` (only when asked: every
+    /// request carries one, and echoing it on every answer would cost the benchmarks a header per call).
+    private var acceptEncoding: String?
+    private var reportAcceptEncoding = false
     /// Request messages as they arrived (the shared deframer splits them), and a failure that ends the call.
     var requestMessages: [[UInt8]] = []
     private var deframer: MessageDeframer
@@ -76,7 +81,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         "te", "content-type", "user-agent", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
         "x-fail-code", "x-fail-message", "x-sleep-ms", "x-response-bytes", "x-fail-first", "x-request-key",
         "x-pushback-ms", "x-fail-after", "x-response-count", "x-hold-window", "x-refuse-first", "x-goaway-first",
-        "x-compress-response",
+        "x-compress-response", "x-report-accept-encoding",
     ]
 
     var method: Method {
@@ -138,7 +143,8 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
             } else {
                 self.requestFailure = CallStatus(code: .unimplemented, message: "grpc-encoding \"\(value)\" is not supported")
             }
-        case "grpc-accept-encoding": self.metadata.append(("x-received-grpc-accept-encoding", value))
+        case "grpc-accept-encoding": self.acceptEncoding = value
+        case "x-report-accept-encoding": self.reportAcceptEncoding = true
         case "x-compress-response":
             self.responseEncoding = CompressionAlgorithm(name: value).flatMap { $0 == .identity ? nil : $0 }
         default:
@@ -340,6 +346,9 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         var headers: [(String, String)] = [(":status", "200"), ("content-type", "application/grpc")]
         if let encoding = self.responseEncoding { headers.append(("grpc-encoding", encoding.name)) }
         if self.compressedRequests > 0 { headers.append(("x-received-compressed", String(self.compressedRequests))) }
+        if self.reportAcceptEncoding {
+            headers.append(("x-received-grpc-accept-encoding", self.acceptEncoding ?? ""))
+        }
         headers.append(contentsOf: self.metadata)
         return headers
     }

@@ -44,7 +44,8 @@ struct CompressionCallTests {
         let counts = ByteCounts(channel)
 
         // The configuration's default: gzip.
-        let gzipped = try await channel.unary(path: "/echo.Echo/Get", request: Self.text)
+        let gzipped = try await channel.unary(
+            path: "/echo.Echo/Get", request: Self.text, metadata: ["x-report-accept-encoding": "1"])
         #expect(gzipped.message == Self.text)
         #expect(gzipped.initialMetadata["x-received-grpc-encoding"] == "gzip")
         #expect(gzipped.initialMetadata["x-received-compressed"] == "1")
@@ -119,13 +120,15 @@ struct CompressionCallTests {
         let channel = try fixture.channel(configuration)
         for encoding in ["gzip", "deflate"] {
             let response = try await channel.unary(
-                path: "/echo.Echo/Get", request: [1, 2, 3], metadata: ["x-compress-response": encoding])
+                path: "/echo.Echo/Get", request: [1, 2, 3],
+                metadata: ["x-compress-response": encoding, "x-report-accept-encoding": "1"])
             #expect(response.message == [1, 2, 3])
             #expect(response.initialMetadata["x-received-grpc-accept-encoding"] == "deflate")
         }
         configuration.compression.acceptedEncodings = []
         let offersNothing = try fixture.channel(configuration)
-        let identity = try await offersNothing.unary(path: "/echo.Echo/Get", request: [1])
+        let identity = try await offersNothing.unary(
+            path: "/echo.Echo/Get", request: [1], metadata: ["x-report-accept-encoding": "1"])
         #expect(identity.initialMetadata["x-received-grpc-accept-encoding"] == "identity")
         let peer = try ScriptedPeer("compressed", ["snappy"])
         defer { peer.stop() }
