@@ -33,6 +33,31 @@ public struct CallMetadata: Sendable, Hashable, Sequence, CustomStringConvertibl
         self.storage.append((name, value))
     }
 
+    /// Appends every entry of `other`, in its order.
+    public mutating func add(contentsOf other: CallMetadata) {
+        self.storage.append(contentsOf: other.storage)
+    }
+
+    /// Sets the one text value of `name`: the first entry is replaced and any others removed, or it is appended.
+    public mutating func replaceOrAdd(_ name: String, _ value: String) {
+        let key = name.lowercased()
+        guard let first = self.storage.firstIndex(where: { $0.name == key }) else {
+            self.storage.append((key, .string(value)))
+            return
+        }
+        self.storage[first].value = .string(value)
+        var index = first + 1
+        while index < self.storage.count {
+            if self.storage[index].name == key { self.storage.remove(at: index) } else { index += 1 }
+        }
+    }
+
+    /// Removes every value of `name`.
+    public mutating func removeAll(named name: String) {
+        let key = name.lowercased()
+        self.storage.removeAll { $0.name == key }
+    }
+
     /// The first text value for `name`.
     public subscript(name: String) -> String? {
         let key = name.lowercased()

@@ -42,6 +42,8 @@ public final class ConnectionManager: Sendable {
     let loops: [LoopContext]
     /// The factory the metrics handler records into.
     public let metricsFactory: any MetricsFactory
+    /// Run before every call of every channel, in order.
+    let interceptors: [any CallInterceptor]
     private let connectionIDs = ConnectionIDSource()
     let registry = PThreadLock<Registry>(Registry())
 
@@ -59,16 +61,18 @@ public final class ConnectionManager: Sendable {
     ///   - metricsFactory: Receives the metrics when `enableMetrics` is on; default: the application's
     ///     `MetricsSystem.factory`. Pass a `PrometheusMetrics` (GRPCConnectionManagerPrometheus) to get
     ///     `metricsText()`. The library never bootstraps MetricsSystem.
+    ///   - interceptors: Run, in this order, before every call of every channel (`CallInterceptor`).
     ///   - eventLoop: The loop; nil uses `ReactorLoop.shared`.
     /// - Throws: `ConfigurationError` naming the first bad field.
     public convenience init(
         configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
         metricsFactory: (any MetricsFactory)? = nil,
+        interceptors: [any CallInterceptor] = [],
         eventLoop: ReactorLoop? = nil
     ) throws {
         try self.init(
-            configuration: configuration, logger: logger, metricsFactory: metricsFactory,
+            configuration: configuration, logger: logger, metricsFactory: metricsFactory, interceptors: interceptors,
             reactors: [(eventLoop ?? ReactorLoop.shared).reactor])
     }
 
@@ -79,18 +83,21 @@ public final class ConnectionManager: Sendable {
         configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
         metricsFactory: (any MetricsFactory)? = nil,
+        interceptors: [any CallInterceptor] = [],
         group: ReactorGroup
     ) throws {
         try self.init(
-            configuration: configuration, logger: logger, metricsFactory: metricsFactory,
+            configuration: configuration, logger: logger, metricsFactory: metricsFactory, interceptors: interceptors,
             reactors: group.loops.map(\.reactor))
     }
 
     private init(
-        configuration: Configuration, logger: Logger, metricsFactory: (any MetricsFactory)?, reactors: [Reactor]
+        configuration: Configuration, logger: Logger, metricsFactory: (any MetricsFactory)?,
+        interceptors: [any CallInterceptor], reactors: [Reactor]
     ) throws {
         try configuration.validate()
         self.configuration = configuration
+        self.interceptors = interceptors
         self.logger = logger
         self.reactor = reactors[0]
         let bus = EventBus(reactors: reactors)
@@ -159,7 +166,7 @@ public final class ConnectionManager: Sendable {
             }
             let channel = try GRPCChannel(
                 service: service, target: target, configuration: configuration, bus: self.events, loops: self.loops,
-                connectionIDs: self.connectionIDs, closesOnDeinit: false)
+                connectionIDs: self.connectionIDs, closesOnDeinit: false, interceptors: self.interceptors)
             registry.addresses[service] = resolved
             registry.channels[service] = channel
             return channel

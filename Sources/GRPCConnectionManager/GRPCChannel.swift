@@ -32,6 +32,8 @@ public final class GRPCChannel: Sendable {
     let pool: ServicePool
     let environment: CallEnvironment
     private let cursor = Atomic<Int>(0)
+    /// Run before every call, in order (none: nothing of them costs a call anything).
+    let interceptors: [any CallInterceptor]
     /// Whether dropping the last reference closes the connections (standalone channels); a manager's channels
     /// live until the manager closes them.
     private let closesOnDeinit: Bool
@@ -43,16 +45,18 @@ public final class GRPCChannel: Sendable {
     ///   - logger: Receives the logging handler's records; no-op by default.
     ///   - metricsFactory: Receives the metrics handler's metrics when `enableMetrics`; default: the application's
     ///     bootstrapped `MetricsSystem.factory`.
+    ///   - interceptors: Run, in this order, before every call (`CallInterceptor`).
     ///   - eventLoop: The loop to run on; nil uses `ReactorLoop.shared`.
     /// - Throws: `ConfigurationError` naming the bad field or the unparsable address.
     public convenience init(
         target: String, configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
-        metricsFactory: (any MetricsFactory)? = nil, eventLoop: ReactorLoop? = nil
+        metricsFactory: (any MetricsFactory)? = nil, interceptors: [any CallInterceptor] = [],
+        eventLoop: ReactorLoop? = nil
     ) throws {
         try self.init(
             target: target, configuration: configuration, logger: logger, metricsFactory: metricsFactory,
-            loops: [(eventLoop ?? ReactorLoop.shared).reactor])
+            interceptors: interceptors, loops: [(eventLoop ?? ReactorLoop.shared).reactor])
     }
 
     /// Creates a standalone channel spread over the loops of `group`: each loop gets its own connections, and a
@@ -60,11 +64,11 @@ public final class GRPCChannel: Sendable {
     public convenience init(
         target: String, configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
-        metricsFactory: (any MetricsFactory)? = nil, group: ReactorGroup
+        metricsFactory: (any MetricsFactory)? = nil, interceptors: [any CallInterceptor] = [], group: ReactorGroup
     ) throws {
         try self.init(
             target: target, configuration: configuration, logger: logger, metricsFactory: metricsFactory,
-            loops: group.loops.map(\.reactor))
+            interceptors: interceptors, loops: group.loops.map(\.reactor))
     }
 
     /// A standalone channel whose host names go to `resolver` instead of getaddrinfo (tests script the answers).
@@ -72,12 +76,12 @@ public final class GRPCChannel: Sendable {
         try self.init(
             target: target, configuration: configuration,
             logger: Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
-            loops: [eventLoop.reactor], resolver: resolver)
+            interceptors: [], loops: [eventLoop.reactor], resolver: resolver)
     }
 
     private convenience init(
         target: String, configuration: Configuration, logger: Logger, metricsFactory: (any MetricsFactory)?,
-        loops: [Reactor], resolver: any AddressResolver = SystemResolver()
+        interceptors: [any CallInterceptor], loops: [Reactor], resolver: any AddressResolver = SystemResolver()
     ) throws {
         try configuration.validate()
         let parsed = try Target(parsing: target)
@@ -94,14 +98,16 @@ public final class GRPCChannel: Sendable {
         }
         try self.init(
             service: target, target: parsed, configuration: configuration, bus: bus, loops: contexts,
-            connectionIDs: ConnectionIDSource(), closesOnDeinit: true, resolver: resolver)
+            connectionIDs: ConnectionIDSource(), closesOnDeinit: true, interceptors: interceptors, resolver: resolver)
     }
 
     /// A channel of a manager (or the standalone ones above): a pool and a connector on each loop.
     init(
         service: String, target: Target, configuration: Configuration, bus: EventBus, loops: [LoopContext],
-        connectionIDs: ConnectionIDSource, closesOnDeinit: Bool, resolver: any AddressResolver = SystemResolver()
+        connectionIDs: ConnectionIDSource, closesOnDeinit: Bool, interceptors: [any CallInterceptor] = [],
+        resolver: any AddressResolver = SystemResolver()
     ) throws(ConfigurationError) {
+        self.interceptors = interceptors
         var tls: TLSContext?
         var tlsServerName: String?
         if let settings = configuration.tls {
@@ -180,7 +186,22 @@ public final class GRPCChannel: Sendable {
             deadline = 0
         }
         let shard = self.shardForCall()
-        let problem = Self.checkRequest(path: path, metadata: metadata, request: request ?? [], configuration: self.configuration)
+        var metadata = metadata
+        var observers: [any CallObserver] = []
+        var problem: CallStatus? = nil
+        var suspended: InterceptorRun.Suspension? = nil
+        if !self.interceptors.isEmpty {
+            var intercepted = InterceptedCall(service: self.service, path: path, metadata: metadata, options: options)
+            switch InterceptorRun.run(self.interceptors, from: 0, &intercepted, observers: &observers) {
+            case .done: break
+            case .failed(let status): problem = status
+            case .suspended(let suspension): suspended = suspension
+            }
+            metadata = intercepted.metadata
+        }
+        if problem == nil && suspended == nil {
+            problem = Self.checkRequest(path: path, metadata: metadata, request: request ?? [], configuration: self.configuration)
+        }
         // Streamed messages are compressed as they are written (the buffers know how); one request message here, on
         // the caller's thread, once for every attempt.
         let encoding = buffers?.requestEncoding ?? self.requestEncoding(path: path, options: options)
@@ -195,10 +216,29 @@ public final class GRPCChannel: Sendable {
             onWritable: onWritable, completion: completion)
         call.previousAttemptsElsewhere = previousAttempts
         call.invalid = problem
+        call.observers = observers
+        call.preparing = suspended != nil
         if shard.reactor.inReactorThread {
             call.start()
         } else if !shard.reactor.submit(call) {
             call.finishWithoutReactor(CallStatus(code: .unavailable, message: "the event loop has stopped"))
+            return CallHandle(call: call)
+        }
+        if let suspended {
+            let requestSize = request?.count ?? 0
+            let configuration = self.configuration
+            let interceptors = self.interceptors
+            let reactor = shard.reactor
+            // The interceptor's work, then the ones after it, in a task; the call (already on its loop, deadline
+            // armed) begins when they are done.
+            Task {
+                let (metadata, observers, failure) = await suspended.finish(interceptors)
+                let problem = failure ?? Self.checkRequest(
+                    path: path, metadata: metadata, request: [], configuration: configuration, requestSize: requestSize)
+                reactor.execute {
+                    call.preparationFinished(metadata: metadata, observers: observers, failure: problem)
+                }
+            }
         }
         return CallHandle(call: call)
     }
@@ -318,7 +358,10 @@ public final class GRPCChannel: Sendable {
         }
     }
 
-    static func checkRequest(path: String, metadata: CallMetadata, request: [UInt8], configuration: Configuration) -> CallStatus? {
+    static func checkRequest(
+        path: String, metadata: CallMetadata, request: [UInt8], configuration: Configuration, requestSize: Int? = nil
+    ) -> CallStatus? {
+        let requestSize = requestSize ?? request.count
         if !Self.isValidPath(path) {
             return CallStatus(code: .invalidArgument, message: "invalid method path \"\(path)\": expected /package.Service/Method")
         }
@@ -327,10 +370,10 @@ public final class GRPCChannel: Sendable {
         } catch {
             return CallStatus(code: .invalidArgument, message: error.description)
         }
-        if request.count > configuration.maxMessageSize {
+        if requestSize > configuration.maxMessageSize {
             return CallStatus(
                 code: .resourceExhausted,
-                message: "request message of \(request.count) bytes exceeds the send limit of \(configuration.maxMessageSize) bytes")
+                message: "request message of \(requestSize) bytes exceeds the send limit of \(configuration.maxMessageSize) bytes")
         }
         return nil
     }

@@ -16,7 +16,11 @@ import GRPCCMWire
 ///              │ BACKING_OFF  │ ◀────────────┴─ attemptEnded (retry after a delay) ─────────────┤
 ///              └──────────────┘                                                                 │
 ///   ended (deadline, cancel, forced close): any state but FINISHED → FINISHED ──────────────────┘
-///   closing (graceful): BACKING_OFF and WAITING → FINISHED; OPEN runs to its end, never retried
+///   closing (graceful): PREPARING, BACKING_OFF and WAITING → FINISHED; OPEN runs to its end, never retried
+///
+///    ┌─────────┐  prepare   ┌───────────┐  start (admitted or refused): as from CREATED
+///    │ CREATED │ ─────────▶ │ PREPARING │  (an interceptor finishes its work off the loop; the deadline runs)
+///    └─────────┘            └───────────┘
 /// ```
 ///
 /// Rules (gRFC A6, PROTOCOL-HTTP2.md):
@@ -29,6 +33,7 @@ import GRPCCMWire
 package struct CallStateMachine: Sendable {
     private enum State: Equatable {
         case created
+        case preparing
         case waiting(Attempt)
         case open(Attempt, committed: Bool)
         case backingOff(next: Attempt, lastStatus: CallStatus)
@@ -58,7 +63,7 @@ package struct CallStateMachine: Sendable {
         switch self.state {
         case .waiting(let attempt), .open(let attempt, _): return attempt.number
         case .backingOff(let next, _): return next.number - 1
-        case .created, .finished: return 0
+        case .created, .preparing, .finished: return 0
         }
     }
 
@@ -68,12 +73,14 @@ package struct CallStateMachine: Sendable {
     package var stateName: String {
         switch self.state {
         case .created: return "CREATED"
+        case .preparing: return "PREPARING"
         case .waiting: return "WAITING"
         case .open(_, let committed): return committed ? "OPEN_COMMITTED" : "OPEN"
         case .backingOff: return "BACKING_OFF"
         case .finished: return "FINISHED"
         }
     }
+    package var isPreparing: Bool { self.state == .preparing }
     package var isWaiting: Bool {
         if case .waiting = self.state { return true }
         return false
@@ -93,7 +100,7 @@ package struct CallStateMachine: Sendable {
         switch self.state {
         case .waiting: return true
         case .open(_, let committed): return !committed
-        case .created, .backingOff, .finished: return false
+        case .created, .preparing, .backingOff, .finished: return false
         }
     }
 
@@ -107,9 +114,18 @@ package struct CallStateMachine: Sendable {
         case finish(CallStatus)
     }
 
-    /// The call starts; `refusal` is why it may not (invalid, closing, the breaker), nil when admitted.
+    /// Interceptors are still preparing the call (asynchronously): it waits for them, its deadline running.
+    /// - Returns: false when the call is past CREATED (nothing to prepare).
+    package mutating func prepare() -> Bool {
+        guard case .created = self.state else { return false }
+        self.state = .preparing
+        return true
+    }
+
+    /// The call starts (from CREATED, or PREPARING once interceptors are done); `refusal` is why it may not
+    /// (invalid, closing, the breaker), nil when admitted.
     package mutating func start(refusal: CallStatus?) -> OnStart {
-        guard case .created = self.state else { return .none }
+        guard self.state == .created || self.state == .preparing else { return .none }
         if let refusal {
             self.state = .finished
             return .finish(refusal)
@@ -148,7 +164,7 @@ package struct CallStateMachine: Sendable {
         let attempt: Attempt
         switch self.state {
         case .waiting(let current), .open(let current, _): attempt = current
-        case .created, .backingOff, .finished: return .none
+        case .created, .preparing, .backingOff, .finished: return .none
         }
         if unprocessed && !attempt.transparentlyRetried && !self.closing {
             self.state = .waiting(Attempt(number: attempt.number, transparentlyRetried: true))
@@ -201,7 +217,7 @@ package struct CallStateMachine: Sendable {
         let abandon: Abandon
         switch self.state {
         case .finished: return .none
-        case .created: abandon = .nothing
+        case .created, .preparing: abandon = .nothing
         case .waiting: abandon = .queue
         case .open: abandon = .stream
         case .backingOff: abandon = .backoff
@@ -215,6 +231,9 @@ package struct CallStateMachine: Sendable {
     package mutating func closing(_ status: CallStatus) -> OnEnded {
         self.closing = true
         switch self.state {
+        case .preparing:
+            self.state = .finished
+            return .finish(status, abandoning: .nothing)
         case .waiting:
             self.state = .finished
             return .finish(status, abandoning: .queue)

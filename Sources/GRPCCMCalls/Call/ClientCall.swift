@@ -48,16 +48,20 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         static let attempt: UInt64 = 2
     }
 
-    /// What a callback reader has yet to hear, in order.
+    /// What a callback reader (or an observer) has yet to hear, in order.
     private enum CallbackPart {
         case metadata(CallMetadata)
         case message([UInt8])
         case writable
+        /// For observers: an attempt ended (its number, status, whether another follows).
+        case attempt(Int, CallStatus, willRetry: Bool)
     }
 
     package let environment: CallEnvironment
     package let path: String
-    package let metadata: CallMetadata
+    /// The request metadata; interceptors that prepare asynchronously set it before the call begins.
+    @exclusivity(unchecked)
+    package private(set) var metadata: CallMetadata
     /// The request message of a call whose request is one message (empty when the requests are streamed), already
     /// compressed when `requestEncoding` says so.
     private let request: [UInt8]
@@ -79,6 +83,13 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     /// Set when the request is invalid (bad path, metadata, size): the call fails before anything is sent.
     @exclusivity(unchecked)
     package var invalid: CallStatus?
+    /// Interceptors' observers, in interceptor order (set before the call is submitted, or when preparation ends).
+    @exclusivity(unchecked)
+    package var observers: [any CallObserver] = []
+    /// An interceptor is still preparing the call asynchronously: `start()` only arms the deadline, and
+    /// `preparationFinished` begins it.
+    @exclusivity(unchecked)
+    package var preparing = false
 
     @exclusivity(unchecked)
     private var machine: CallStateMachine
@@ -197,8 +208,38 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         self.start()
     }
 
-    /// Starts the call on the reactor thread.
+    /// Starts the call on the reactor thread: at once, or, while an interceptor prepares it, once that is done.
     package func start() {
+        if self.preparing {
+            self.preparing = false
+            guard self.machine.prepare() else { return }
+            // Adopted now, so that closing the channel or stopping the loop ends it like any other call; the
+            // deadline runs while it waits.
+            self.adopted = true
+            self.environment.router.adopt(self)
+            if self.deadline != 0 {
+                self.deadlineTimer = self.reactor.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline)
+            }
+            return
+        }
+        self.begin()
+    }
+
+    /// The interceptors finished preparing (loop thread): the call begins with `metadata`, or fails with `failure`.
+    /// Nothing happens if it ended meanwhile (cancelled, its deadline, a closed channel).
+    package func preparationFinished(metadata: CallMetadata, observers: [any CallObserver], failure: CallStatus?) {
+        guard self.machine.isPreparing else {
+            // It ended while they worked: the observers that joined since hear of the end all the same.
+            if let result = self.result { for observer in observers.reversed() { observer.callFinished(result) } }
+            return
+        }
+        self.metadata = metadata
+        self.observers.append(contentsOf: observers)
+        if let failure { self.invalid = failure }
+        self.begin()
+    }
+
+    private func begin() {
         let environment = self.environment
         var refusal: CallStatus? = nil
         if let invalid = self.invalid {
@@ -221,16 +262,18 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
             return
         case .finish(let status):
             // Refused before any attempt: a call the breaker refused still reports itself (with 0 attempts); one
-            // that never began (invalid, closing) only completes.
-            if self.startedAt != 0 {
+            // that never began (invalid, closing) only completes (and leaves the router if it waited there).
+            if self.startedAt != 0 || self.adopted {
                 self.finish(UnaryResponse(status: status))
             } else {
                 self.complete(UnaryResponse(status: status))
             }
         case .route:
-            self.adopted = true
-            environment.router.adopt(self)
-            if self.deadline != 0 {
+            if !self.adopted {
+                self.adopted = true
+                environment.router.adopt(self)
+            }
+            if self.deadline != 0 && self.deadlineTimer == 0 {
                 self.deadlineTimer = self.reactor.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline)
             }
             self.dispatchAttempt()
@@ -376,6 +419,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         case .stream, .queue:
             self.abandonAttempt()
             // The abandoned attempt ended too: the throttle and the bus hear of it, as of any other.
+            self.observeAttempt(self.attemptsMade, status, willRetry: false)
             self.reportAttempt(status)
         case .backoff:
             if self.retryTimer != 0 {
@@ -393,6 +437,13 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
             stream.reset(errorCode: NGHTTP2_CANCEL.rawValue)
         }
         if self.queued { self.environment.router.withdraw(self) }
+    }
+
+    /// Queues an attempt's end for the observers (nothing to do without any).
+    private func observeAttempt(_ attempt: Int, _ status: CallStatus, willRetry: Bool) {
+        guard !self.observers.isEmpty else { return }
+        self.parts.append(.attempt(attempt, status, willRetry: willRetry))
+        self.scheduleDelivery()
     }
 
     private func reportAttempt(_ status: CallStatus) {
@@ -421,7 +472,15 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
                     attemptTimedOut: self.attemptTimedOut, deadline: self.deadline, now: Reactor.clock())
             }
         }
-        switch self.machine.attemptEnded(status: response.status, unprocessed: unprocessed, retryDelay: delay) {
+        let attempt = self.machine.attempt
+        let outcome = self.machine.attemptEnded(status: response.status, unprocessed: unprocessed, retryDelay: delay)
+        switch outcome {
+        case .none: break
+        case .retryTransparently: self.observeAttempt(attempt, response.status, willRetry: true)
+        case .retryAfter: self.observeAttempt(attempt, response.status, willRetry: true)
+        case .finish: self.observeAttempt(attempt, response.status, willRetry: false)
+        }
+        switch outcome {
         case .none:
             return
         case .retryTransparently:
@@ -504,13 +563,25 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
                     if case .callbacks(let callbacks) = self.delivery { callbacks.onMessage(message) }
                 case .writable:
                     self.onWritable?()
+                case .attempt(let attempt, let status, let willRetry):
+                    for observer in self.observers {
+                        observer.attemptFinished(attempt: attempt, status: status, willRetry: willRetry)
+                    }
                 }
             }
             self.partsDelivering.removeAll(keepingCapacity: true)
         }
         if let finalResponse, !self.completed {
             self.completed = true
+            // Attempts not yet told (the call ended in the turn they did) come before the end.
+            for part in self.parts {
+                guard case .attempt(let attempt, let status, let willRetry) = part else { continue }
+                for observer in self.observers {
+                    observer.attemptFinished(attempt: attempt, status: status, willRetry: willRetry)
+                }
+            }
             self.parts.removeAll()
+            for observer in self.observers.reversed() { observer.callFinished(finalResponse) }
             self.buffers?.finish(StreamResult(finalResponse))
             self.completion(finalResponse)
         }
@@ -523,7 +594,9 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         self.completed = true
         let buffers = self.buffers
         let completion = self.completion
+        let observers = self.observers
         spawnDetachedThread { [response] in
+            for observer in observers.reversed() { observer.callFinished(response) }
             buffers?.finish(StreamResult(response))
             completion(response)
         }

@@ -1,0 +1,311 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import GRPCConnectionManager
+@testable import GRPCCMCalls
+@_spi(Reactor) @testable import GRPCCMReactor
+@testable import GRPCCMWire
+
+/// Adds `name: value`, and records the metadata it saw.
+final class AddHeader: CallInterceptor {
+    let name: String
+    let value: String
+    let seen = Mutex<[CallMetadata]>([])
+    init(name: String, value: String) {
+        self.name = name
+        self.value = value
+    }
+    func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+        self.seen.withLock { $0.append(call.metadata) }
+        call.metadata.add(self.name, self.value)
+        return .proceed
+    }
+}
+
+/// A gate an async interceptor's work waits on until the test opens it.
+final class Gate: Sendable {
+    private let state = Mutex<(open: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+    func wait() async {
+        await withCheckedContinuation { continuation in
+            let resume = self.state.withLock { state -> Bool in
+                if state.open { return true }
+                state.waiters.append(continuation)
+                return false
+            }
+            if resume { continuation.resume() }
+        }
+    }
+    func open() {
+        for waiter in self.state.withLock({ state -> [CheckedContinuation<Void, Never>] in
+            state.open = true
+            defer { state.waiters = [] }
+            return state.waiters
+        }) { waiter.resume() }
+    }
+}
+
+/// A bearer token from a provider that refreshes asynchronously: cached tokens are added synchronously, a missing
+/// one is fetched off the loop (`refresh` waits on `gate`).
+final class TokenInterceptor: CallInterceptor {
+    let gate = Gate()
+    let token = Mutex<String?>(nil)
+    let refreshes = Atomic<Int>(0)
+    func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+        if let token = self.token.withLock({ $0 }) {
+            call.metadata.replaceOrAdd("authorization", "Bearer \(token)")
+            return .proceed
+        }
+        return .proceedAfter {
+            await self.gate.wait()
+            let fresh = "t\(self.refreshes.add(1, ordering: .relaxed).newValue)"
+            self.token.withLock { $0 = fresh }
+            return ["authorization": "Bearer \(fresh)"]
+        }
+    }
+}
+
+final class SharedLog: Sendable {
+    let log = Mutex<[String]>([])
+    var entries: [String] { self.log.withLock { $0 } }
+}
+
+/// Observes every call it sees.
+struct Observing: CallInterceptor {
+    let name: String
+    let log: SharedLog
+    let reactor: Reactor
+    func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+        .proceed(observer: Observer(name: self.name, log: self.log, reactor: self.reactor))
+    }
+    struct Observer: CallObserver {
+        let name: String
+        let log: SharedLog
+        let reactor: Reactor
+        func attemptFinished(attempt: Int, status: CallStatus, willRetry: Bool) {
+            let onLoop = self.reactor.inReactorThread
+            self.log.log.withLock { $0.append("\(self.name) attempt \(attempt) \(status.code) retry=\(willRetry) loop=\(onLoop)") }
+        }
+        func callFinished(_ response: UnaryResponse) {
+            let onLoop = self.reactor.inReactorThread
+            self.log.log.withLock { $0.append("\(self.name) end \(response.status.code) loop=\(onLoop)") }
+        }
+    }
+}
+
+/// Fails every call with `status`.
+struct Refuse: CallInterceptor {
+    let status: CallStatus
+    func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision { .fail(self.status) }
+}
+
+/// Async work that throws.
+struct Throwing: CallInterceptor {
+    struct Oops: Error {}
+    let error: any Error & Sendable
+    func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+        let error = self.error
+        return .proceedAfter { throw error }
+    }
+}
+
+@Suite("Interceptors", .serialized)
+struct InterceptorTests {
+    static func plain() -> Configuration {
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.enableRetry = false
+        return configuration
+    }
+
+    @Test("interceptors run in order, each seeing what the ones before it did; metadata reaches the server")
+    func orderedMetadata() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let first = AddHeader(name: "x-tenant", value: "acme")
+        let second = AddHeader(name: "x-second", value: "2")
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(), interceptors: [first, second], eventLoop: fixture.loop)
+        let response = try await channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-caller": "me"])
+        #expect(response.initialMetadata["x-caller"] == "me")
+        #expect(response.initialMetadata["x-tenant"] == "acme")
+        #expect(response.initialMetadata["x-second"] == "2")
+        #expect(first.seen.withLock { $0.last?["x-tenant"] } == nil)
+        #expect(second.seen.withLock { $0.last?["x-tenant"] } == "acme")
+
+        // Streams pass through them too.
+        let stream = channel.bidirectionalStreaming(path: "/raw.Service/Update")
+        try await stream.write([7])
+        stream.closeSend()
+        for try await message in stream.responses { #expect(message == [7]) }
+        let result = await stream.result()
+        #expect(result.status == .ok)
+        #expect(result.initialMetadata["x-tenant"] == "acme")
+    }
+
+    @Test("an async token provider: the call waits off the loop, other calls go on, then it carries the token")
+    func asyncTokenProvider() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let tokens = TokenInterceptor()
+        let withToken = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(), interceptors: [tokens], eventLoop: fixture.loop)
+        let without = try fixture.channel(Self.plain())
+
+        let waiting = Task { try await withToken.unary(path: "/echo.Echo/Get", request: [1]) }
+        // The refresh is parked on the gate, yet the loop serves other calls.
+        for _ in 0..<5 {
+            let other = try await without.unary(path: "/echo.Echo/Get", request: [2])
+            #expect(other.message == [2])
+        }
+        tokens.gate.open()
+        let response = try await waiting.value
+        #expect(response.initialMetadata["authorization"] == "Bearer t1")
+        // Now cached: added synchronously, no second refresh.
+        let cached = try await withToken.unary(path: "/echo.Echo/Get", request: [3], metadata: ["authorization": "old"])
+        #expect(cached.initialMetadata.values(for: "authorization") == [.string("Bearer t1")])
+        #expect(tokens.refreshes.load(ordering: .relaxed) == 1)
+    }
+
+    @Test("the deadline runs while an interceptor prepares, and a cancel ends the call at once")
+    func deadlineAndCancelWhilePreparing() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let tokens = TokenInterceptor()
+        defer { tokens.gate.open() }
+        let log = SharedLog()
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(),
+            interceptors: [Observing(name: "o", log: log, reactor: fixture.loop.reactor), tokens], eventLoop: fixture.loop)
+        let late = await channel.unaryResult(
+            path: "/echo.Echo/Get", request: [1], metadata: ["x-request-key": "never"],
+            options: RequestOptions(timeout: .milliseconds(100)))
+        #expect(late.status.code == .deadlineExceeded)
+
+        let task = Task {
+            await channel.unaryResult(path: "/echo.Echo/Get", request: [1], metadata: ["x-request-key": "never"])
+        }
+        #expect(await eventually { tokens.refreshes.load(ordering: .relaxed) == 0 })
+        task.cancel()
+        let cancelled = await task.value
+        #expect(cancelled.status.code == .cancelled)
+        // Neither went out; their observer heard both ends, on the loop.
+        tokens.gate.open()
+        #expect(await eventually { tokens.token.withLock { $0 } != nil })
+        #expect(fixture.server.requestCount(key: "never") == 0)
+        #expect(log.entries == ["o end DEADLINE_EXCEEDED loop=true", "o end CANCELLED loop=true"])
+    }
+
+    @Test("an interceptor can fail a call: the server never sees it, the completion comes later, earlier observers hear it")
+    func failing() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let log = SharedLog()
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(),
+            interceptors: [
+                Observing(name: "o", log: log, reactor: fixture.loop.reactor),
+                Refuse(status: CallStatus(code: .unauthenticated, message: "no credentials")),
+                AddHeader(name: "x-never", value: "1"),
+            ],
+            eventLoop: fixture.loop)
+        // Started from a completion, on the loop thread: a completion run inside unary() would come before "returned".
+        let order = SharedLog()
+        let plainChannel = try fixture.channel(Self.plain())
+        let response: UnaryResponse = await withCheckedContinuation { continuation in
+            plainChannel.unary(path: "/echo.Echo/Get", request: [1]) { _ in
+                channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-request-key": "refused"]) { response in
+                    order.log.withLock { $0.append("completion") }
+                    continuation.resume(returning: response)
+                }
+                order.log.withLock { $0.append("returned") }
+            }
+        }
+        #expect(order.entries == ["returned", "completion"])
+        #expect(response.status == CallStatus(code: .unauthenticated, message: "no credentials"))
+        #expect(fixture.server.requestCount(key: "refused") == 0)
+        #expect(log.entries == ["o end UNAUTHENTICATED loop=true"])
+    }
+
+    @Test("async work that throws: a CallError's status, or UNAVAILABLE naming the error")
+    func throwingWork() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let denied = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(),
+            interceptors: [Throwing(error: CallError(status: CallStatus(code: .permissionDenied, message: "tenant")))],
+            eventLoop: fixture.loop)
+        let first = await denied.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(first.status == CallStatus(code: .permissionDenied, message: "tenant"))
+        let broken = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(), interceptors: [Throwing(error: Throwing.Oops())],
+            eventLoop: fixture.loop)
+        let second = await broken.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(second.status.code == .unavailable)
+        #expect(second.status.message.contains("Throwing"))
+        #expect(second.status.message.contains("Oops"))
+    }
+
+    @Test("metadata an interceptor breaks is refused like the caller's (INVALID_ARGUMENT)")
+    func invalidMetadata() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(),
+            interceptors: [AddHeader(name: "x-bad", value: "line\r\nbreak")], eventLoop: fixture.loop)
+        let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(response.status.code == .invalidArgument)
+        let tokens = TokenInterceptor()
+        tokens.gate.open()
+        let asyncThenBad = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(),
+            interceptors: [tokens, AddHeader(name: "Bad Name", value: "x")], eventLoop: fixture.loop)
+        let late = await asyncThenBad.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(late.status.code == .invalidArgument)
+    }
+
+    @Test("observers see each attempt of a retried call on the loop, then the end, in reverse interceptor order")
+    func observersSeeAttempts() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Self.plain()
+        configuration.enableRetry = true
+        configuration.retry.policy.initialBackoff = .milliseconds(1)
+        let log = SharedLog()
+        let reactor = fixture.loop.reactor
+        let manager = try ConnectionManager(
+            configuration: configuration,
+            interceptors: [Observing(name: "a", log: log, reactor: reactor), Observing(name: "b", log: log, reactor: reactor)],
+            eventLoop: fixture.loop)
+        defer { manager.closeNow() }
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        let response = try await channel.unary(
+            path: "/echo.Echo/Get", request: [1], metadata: ["x-fail-first": "2", "x-request-key": "observed"])
+        #expect(response.message == [1])
+        #expect(
+            log.entries == [
+                "a attempt 1 UNAVAILABLE retry=true loop=true", "b attempt 1 UNAVAILABLE retry=true loop=true",
+                "a attempt 2 UNAVAILABLE retry=true loop=true", "b attempt 2 UNAVAILABLE retry=true loop=true",
+                "a attempt 3 OK retry=false loop=true", "b attempt 3 OK retry=false loop=true",
+                "b end OK loop=true", "a end OK loop=true",
+            ])
+    }
+
+    @Test("calls started from a completion go through the interceptors too, async ones included")
+    func fromACompletion() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let tokens = TokenInterceptor()
+        tokens.gate.open()
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(), interceptors: [tokens], eventLoop: fixture.loop)
+        let second: UnaryResponse = await withCheckedContinuation { continuation in
+            channel.unary(path: "/echo.Echo/Get", request: [1]) { first in
+                tokens.token.withLock { $0 = nil }  // the next one refreshes again, from the loop thread
+                channel.unary(path: "/echo.Echo/Get", request: [2]) { continuation.resume(returning: $0) }
+            }
+        }
+        #expect(second.status == .ok)
+        #expect(second.initialMetadata["authorization"] == "Bearer t2")
+    }
+}
