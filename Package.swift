@@ -16,6 +16,9 @@ let package = Package(
         // The manager as a swift-service-lifecycle Service, for a ServiceGroup. Its own product: the core does not
         // depend on ServiceLifecycle.
         .library(name: "GRPCConnectionManagerServiceLifecycle", targets: ["GRPCConnectionManagerServiceLifecycle"]),
+        // A client span per call through swift-distributed-tracing (an interceptor). Its own product: the core does
+        // not depend on Tracing.
+        .library(name: "GRPCConnectionManagerTracing", targets: ["GRPCConnectionManagerTracing"]),
         .library(name: "GRPCEchoServer", targets: ["GRPCEchoServer"]),
         // grpc-swift-2 generated clients over this package's connections. A product of its own, so that users who
         // don't use GRPCCore never build it.
@@ -41,6 +44,8 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
         .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
+        // Only for GRPCConnectionManagerTracing (client spans through the user's tracer).
+        .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
     ],
     targets: [
         .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
@@ -96,6 +101,11 @@ let package = Package(
                 "GRPCConnectionManager",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
+            swiftSettings: strictSwift
+        ),
+        .target(
+            name: "GRPCConnectionManagerTracing",
+            dependencies: ["GRPCConnectionManager", .product(name: "Tracing", package: "swift-distributed-tracing")],
             swiftSettings: strictSwift
         ),
         .target(
@@ -182,6 +192,8 @@ let package = Package(
             dependencies: [
                 "GRPCConnectionManager", "GRPCEchoServer", "CReactor", "GRPCConnectionManagerPrometheus", "GRPCCMCompression",
                 "GRPCConnectionManagerTransport", "EchoProto", "GRPCConnectionManagerServiceLifecycle",
+                "GRPCConnectionManagerTracing",
+                .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "InMemoryLogging", package: "swift-log"),

@@ -191,7 +191,8 @@ public final class GRPCChannel: Sendable {
         var problem: CallStatus? = nil
         var suspended: InterceptorRun.Suspension? = nil
         if !self.interceptors.isEmpty {
-            var intercepted = InterceptedCall(service: self.service, path: path, metadata: metadata, options: options)
+            var intercepted = InterceptedCall(
+                service: self.service, authority: self.target.authority, path: path, metadata: metadata, options: options)
             switch InterceptorRun.run(self.interceptors, from: 0, &intercepted, observers: &observers) {
             case .done: break
             case .failed(let status): problem = status

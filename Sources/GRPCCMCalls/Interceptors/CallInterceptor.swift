@@ -29,6 +29,8 @@ public protocol CallInterceptor: Sendable {
 public struct InterceptedCall: Sendable {
     /// The service name of the channel (for a standalone channel, its target).
     public let service: String
+    /// The `:authority` the call goes to: `host:port` of the target (`localhost` for a Unix socket).
+    public let authority: String
     /// `/package.Service/Method`.
     public let path: String
     /// The request metadata, as the caller and earlier interceptors left it. Validated after the last interceptor.
@@ -36,8 +38,9 @@ public struct InterceptedCall: Sendable {
     /// The call's options (deadline, limits, compression).
     public let options: RequestOptions
 
-    package init(service: String, path: String, metadata: CallMetadata, options: RequestOptions) {
+    package init(service: String, authority: String, path: String, metadata: CallMetadata, options: RequestOptions) {
         self.service = service
+        self.authority = authority
         self.path = path
         self.metadata = metadata
         self.options = options

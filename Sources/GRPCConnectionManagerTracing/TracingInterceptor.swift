@@ -1,0 +1,89 @@
+import GRPCConnectionManager
+import Tracing
+
+/// A client span for every call, through swift-distributed-tracing: give it to a channel or a manager
+/// (`interceptors: [TracingInterceptor()]`) and bootstrap the tracer you use (swift-otel, say).
+///
+/// The span's parent is the caller's `ServiceContext`, captured when the call starts, on the caller's thread: the
+/// call itself runs on the loop thread, where no task-local context exists. The span's context is injected into the
+/// request metadata with the tracer's propagation (a W3C `traceparent` with swift-otel), so the server's span joins
+/// the trace.
+///
+/// The span follows OpenTelemetry's RPC conventions: named `package.Service/Method`, kind client, attributes
+/// `rpc.system` (`grpc`), `rpc.service`, `rpc.method`, `server.address`, `server.port` and, at the end,
+/// `rpc.grpc.status_code`; a status other than OK sets the span's status to error with the status message. Each
+/// attempt that is retried adds an event `grpc.retry` with its number and status code. Without interceptors a call
+/// pays nothing for any of this.
+public struct TracingInterceptor: CallInterceptor {
+    private let tracer: (any Tracer)?
+
+    /// - Parameter tracer: The tracer to use; nil (the default) asks `InstrumentationSystem.tracer` at each call, so
+    ///   the interceptor can be made before the tracing backend is bootstrapped.
+    public init(tracer: (any Tracer)? = nil) {
+        self.tracer = tracer
+    }
+
+    public func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+        let tracer = self.tracer ?? InstrumentationSystem.tracer
+        let parent = ServiceContext.current ?? .topLevel
+        let name = call.path.hasPrefix("/") ? String(call.path.dropFirst()) : call.path
+        let span = tracer.startSpan(name, context: parent, ofKind: .client)
+        if span.isRecording {
+            let method = name.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
+            span.attributes["rpc.system"] = "grpc"
+            if method.count == 2 {
+                span.attributes["rpc.service"] = String(method[0])
+                span.attributes["rpc.method"] = String(method[1])
+            }
+            let (host, port) = Self.hostAndPort(call.authority)
+            span.attributes["server.address"] = host
+            if let port { span.attributes["server.port"] = port }
+        }
+        tracer.inject(span.context, into: &call.metadata, using: MetadataInjector())
+        return .proceed(observer: SpanObserver(span: span))
+    }
+
+    /// `host:port`, `[v6]:port` or a bare host.
+    static func hostAndPort(_ authority: String) -> (String, Int?) {
+        if authority.hasPrefix("["), let close = authority.firstIndex(of: "]") {
+            let host = String(authority[authority.index(after: authority.startIndex)..<close])
+            let rest = authority[authority.index(after: close)...]
+            return (host, rest.hasPrefix(":") ? Int(rest.dropFirst()) : nil)
+        }
+        if let colon = authority.lastIndex(of: ":"), let port = Int(authority[authority.index(after: colon)...]) {
+            return (String(authority[..<colon]), port)
+        }
+        return (authority, nil)
+    }
+}
+
+/// Writes propagation fields into request metadata (one value per key, replacing what the caller set).
+struct MetadataInjector: Injector {
+    func inject(_ value: String, forKey key: String, into carrier: inout CallMetadata) {
+        carrier.replaceOrAdd(key, value)
+    }
+}
+
+/// Ends a call's span: retries as events, the status as attributes and span status.
+struct SpanObserver: CallObserver {
+    let span: any Span
+
+    func attemptFinished(attempt: Int, status: CallStatus, willRetry: Bool) {
+        guard willRetry else { return }
+        self.span.addEvent(
+            SpanEvent(
+                name: "grpc.retry",
+                attributes: [
+                    "grpc.attempt": .int64(Int64(attempt)), "rpc.grpc.status_code": .int64(Int64(status.code.rawValue)),
+                ]))
+    }
+
+    func callFinished(_ response: UnaryResponse) {
+        let status = response.status
+        self.span.attributes["rpc.grpc.status_code"] = status.code.rawValue
+        if !status.isOK {
+            self.span.setStatus(SpanStatus(code: .error, message: "\(status.code): \(status.message)"))
+        }
+        self.span.end()
+    }
+}
