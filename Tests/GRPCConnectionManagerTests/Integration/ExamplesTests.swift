@@ -32,7 +32,7 @@ struct ExamplesTests {
         let handle = pipe.fileHandleForReading
         var seen = ""
         while !seen.contains("serving http://") {
-            let chunk = handle.availableData
+            let chunk = readSome(handle.fileDescriptor)
             if chunk.isEmpty { break }
             seen += String(decoding: chunk, as: UTF8.self)
         }
@@ -40,7 +40,7 @@ struct ExamplesTests {
         // The example installs its handlers before it prints that line, so the signal may follow at once.
         kill(process.processIdentifier, SIGTERM)
         process.waitUntilExit()
-        seen += String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
+        seen += String(decoding: readToEnd(handle.fileDescriptor), as: UTF8.self)
         #expect(process.terminationReason == .exit && process.terminationStatus == 0, "\(seen)")
         #expect(seen.contains("shutting down"))
     }

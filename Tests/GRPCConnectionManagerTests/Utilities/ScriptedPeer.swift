@@ -46,13 +46,7 @@ final class ScriptedPeer: @unchecked Sendable {
     var target: String { "127.0.0.1:\(self.port)" }
 
     private static func readLine(_ handle: FileHandle) -> String? {
-        var line: [UInt8] = []
-        while true {
-            let byte = handle.readData(ofLength: 1)
-            if byte.isEmpty { return line.isEmpty ? nil : String(decoding: line, as: UTF8.self) }
-            if byte.first == UInt8(ascii: "\n") { return String(decoding: line, as: UTF8.self) }
-            line.append(contentsOf: byte)
-        }
+        GRPCConnectionManagerTests.readLine(handle.fileDescriptor)
     }
 
     /// The "event ..." lines so far, without the prefix.

@@ -162,7 +162,41 @@ func runProgram(_ path: String, _ arguments: [String]) throws -> (status: Int32,
     process.standardOutput = pipe
     process.standardError = FileHandle.nullDevice
     try process.run()
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    let data = readToEnd(pipe.fileHandleForReading.fileDescriptor)
     process.waitUntilExit()
     return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+}
+
+// Reading a child's output. Foundation's FileHandle traps when a read is interrupted by a signal (EINTR), and with
+// many child processes (peers, examples, the CLI) signals do arrive: these retry instead.
+
+/// Up to `count` bytes from `fd` (fewer when that is what is there); empty at end of file.
+func readSome(_ fd: Int32, count: Int = 4096) -> [UInt8] {
+    var buffer = [UInt8](repeating: 0, count: count)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, count) }
+        if n >= 0 { return Array(buffer.prefix(n)) }
+        if errno != EINTR { return [] }
+    }
+}
+
+/// One line from `fd`, without its newline; nil at end of file before any byte.
+func readLine(_ fd: Int32) -> String? {
+    var line: [UInt8] = []
+    while true {
+        let byte = readSome(fd, count: 1)
+        if byte.isEmpty { return line.isEmpty ? nil : String(decoding: line, as: UTF8.self) }
+        if byte[0] == UInt8(ascii: "\n") { return String(decoding: line, as: UTF8.self) }
+        line.append(byte[0])
+    }
+}
+
+/// Everything until end of file.
+func readToEnd(_ fd: Int32) -> [UInt8] {
+    var all: [UInt8] = []
+    while true {
+        let chunk = readSome(fd)
+        if chunk.isEmpty { return all }
+        all.append(contentsOf: chunk)
+    }
 }
