@@ -32,6 +32,7 @@ extension Configuration {
         settings.loadBalancingPolicy = self.loadBalancingPolicies[service] ?? self.loadBalancingPolicy
         settings.resolutionInterval = self.resolutionInterval
         settings.minimumResolutionInterval = self.minimumResolutionInterval
+        settings.healthCheckServiceName = self.healthCheckServiceNames[service] ?? self.healthCheckServiceName
         settings.maxConnectionsPerTarget = max(self.maxConnectionsPerTarget ?? self.connectionsPerTarget, self.connectionsPerTarget)
         return settings
     }

@@ -64,6 +64,15 @@ public struct Configuration: Sendable, Hashable {
     /// `GRPCChannel`, its target text).
     public var loadBalancingPolicies: [String: LoadBalancingPolicy] = [:]
 
+    /// Client-side health checking (gRFC A17): with a name (`""` means the whole server), every connection watches
+    /// `grpc.health.v1.Health/Watch` for it and takes calls only while the answer is SERVING; NOT_SERVING (or any
+    /// other answer) makes it TRANSIENT_FAILURE to the load-balancing policy, the connection kept. A server without
+    /// the health service (UNIMPLEMENTED) counts as healthy; a watch that fails otherwise is started again after a
+    /// backoff, the connection CONNECTING meanwhile. nil (the default): off. `healthCheckServiceNames` overrides it
+    /// per service name.
+    public var healthCheckServiceName: String? = nil
+    public var healthCheckServiceNames: [String: String] = [:]
+
     /// HTTP/2 settings of each connection.
     public var http2 = HTTP2()
 

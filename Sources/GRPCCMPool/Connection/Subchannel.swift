@@ -25,6 +25,19 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     private enum TimerTag {
         static let backoff: UInt64 = 1
         static let idle: UInt64 = 2
+        static let healthRetry: UInt64 = 3
+    }
+
+    /// Client-side health (gRFC A17) over a READY connection: the state the pool sees is READY only while the
+    /// server's health service says SERVING (or does not exist).
+    private enum Health {
+        /// Not checked (off, or the server answered UNIMPLEMENTED): healthy.
+        case unchecked
+        /// Waiting for the first answer (or for the watch to start again): CONNECTING to the pool.
+        case waiting
+        case serving
+        /// NOT_SERVING, or any other answer: TRANSIENT_FAILURE to the pool, the connection kept.
+        case notServing(CallStatus)
     }
 
     package unowned let reactor: Reactor
@@ -57,6 +70,17 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     package private(set) var keepAliveTime: Duration
     @exclusivity(unchecked)
     package private(set) var currentConnectionID = 0
+    /// gRFC A17: the service name whose health each connection watches (`""`: the whole server); nil: off.
+    @exclusivity(unchecked)
+    package var healthCheckServiceName: String?
+    @exclusivity(unchecked)
+    private var health = Health.unchecked
+    @exclusivity(unchecked)
+    private var healthWatch: HealthWatch?
+    @exclusivity(unchecked)
+    private var healthRetryTimer: Reactor.TimerID = 0
+    @exclusivity(unchecked)
+    private var healthRetries = 0
 
     /// The longest keepalive interval `too_many_pings` can push us to: doubling stops here (no overflow, and a
     /// connection still notices a dead peer within a few hours).
@@ -78,18 +102,33 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     }
 
     deinit {
+        self.healthWatch?.stop()
         for transport in [self.transport].compactMap({ $0 }) + Array(self.draining.values) {
             transport.detachDelegate()
             transport.close(reason: CallStatus(code: .unavailable, message: "connection abandoned"))
         }
     }
 
-    package var state: ConnectivityState { self.machine.state }
-    package var lastError: CallStatus? { self.machine.lastError }
+    /// The connection's state, as health checking adjusts READY (CONNECTING until the first answer, TRANSIENT_FAILURE
+    /// while not serving).
+    package var state: ConnectivityState {
+        let state = self.machine.state
+        guard state == .ready else { return state }
+        switch self.health {
+        case .unchecked, .serving: return .ready
+        case .waiting: return .connecting
+        case .notServing: return .transientFailure
+        }
+    }
+
+    package var lastError: CallStatus? {
+        if self.machine.state == .ready, case .notServing(let reason) = self.health { return reason }
+        return self.machine.lastError
+    }
 
     /// Streams that may open on the current connection now.
     package var availableStreams: Int {
-        guard self.machine.state == .ready, let transport = self.transport else { return 0 }
+        guard self.state == .ready, let transport = self.transport else { return 0 }
         return transport.availableStreams
     }
 
@@ -108,7 +147,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
 
     /// Leaves IDLE if it is there.
     package func connect() {
-        let old = self.machine.state
+        let old = self.state
         switch self.machine.connectRequested() {
         case .none: return
         case .connect:
@@ -119,16 +158,17 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
 
     /// Opens a stream for `call` on the ready connection.
     package func open(_ call: ClientCall) -> ClientCall.OpenOutcome {
-        guard self.machine.state == .ready, let transport = self.transport else { return .tryElsewhere }
+        guard self.state == .ready, let transport = self.transport else { return .tryElsewhere }
         return call.open(on: transport)
     }
 
     /// Closes for good (SHUTDOWN). Graceful: the connections finish their open streams first (GOAWAY tells the
     /// server); otherwise they close now and their streams fail with `reason`.
     package func shutdown(reason: CallStatus, graceful: Bool) {
-        let old = self.machine.state
+        let old = self.state
         if self.machine.shutdownRequested() == .close {
             self.cancelTimers()
+            self.stopHealthWatch()
             self.transition(from: old, reason: nil)
             if let transport = self.transport {
                 self.transport = nil
@@ -163,13 +203,13 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     }
 
     private func transition(from old: ConnectivityState, reason: CallStatus?) {
-        let new = self.machine.state
+        let new = self.state
         guard old != new else { return }
         self.bus.publish(
             .connectivityStateChanged(
                 service: self.service, connectionID: self.currentConnectionID, from: old, to: new, reason: reason))
-        if new == .ready { self.armIdleTimer() }
-        if new != .ready && self.idleTimer != 0 {
+        if self.machine.state == .ready { self.armIdleTimer() }
+        if self.machine.state != .ready && self.idleTimer != 0 {
             self.reactor.cancelTimer(self.idleTimer)
             self.idleTimer = 0
         }
@@ -199,11 +239,62 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         self.idleTimer = 0
     }
 
+    // MARK: client-side health (gRFC A17)
+
+    /// Starts the Watch on the ready connection `transport` (when configured); the subchannel waits for its answer.
+    private func startHealthWatch(on transport: any HTTP2Transport) {
+        guard let name = self.healthCheckServiceName else { return }
+        self.health = .waiting
+        self.healthWatch = HealthWatch(
+            transport: transport, serviceName: name, reactor: self.reactor, service: self.service, bus: self.bus
+        ) { [unowned(unsafe) self] report in
+            self.healthReported(report, from: transport)
+        }
+    }
+
+    /// The connection went away (or the subchannel did): no more watching, nothing more to retry.
+    private func stopHealthWatch() {
+        self.healthWatch?.stop()
+        self.healthWatch = nil
+        if self.healthRetryTimer != 0 {
+            self.reactor.cancelTimer(self.healthRetryTimer)
+            self.healthRetryTimer = 0
+        }
+        self.health = .unchecked
+        self.healthRetries = 0
+    }
+
+    private func healthReported(_ report: HealthWatch.Report, from transport: any HTTP2Transport) {
+        guard transport === self.transport, self.machine.state == .ready else { return }
+        let old = self.state
+        switch report {
+        case .status(.serving):
+            self.health = .serving
+            self.healthRetries = 0
+        case .status(let status):
+            self.health = .notServing(CallStatus(code: .unavailable, message: "health check: \(status)"))
+        case .ended(let status):
+            self.healthWatch = nil
+            if status.code == .unimplemented {
+                // The server has no health service: the connection counts as healthy (gRFC A17).
+                self.health = .unchecked
+            } else {
+                // Watched again after a backoff, as grpc-go does: CONNECTING meanwhile.
+                self.health = .waiting
+                self.healthRetries += 1
+                let delay = min(Duration.seconds(1) * (1 << min(self.healthRetries - 1, 5)), Duration.seconds(30))
+                self.healthRetryTimer = self.reactor.scheduleTimer(
+                    at: Reactor.clock() &+ UInt64(delay.nanoseconds), handler: self, tag: TimerTag.healthRetry)
+            }
+        }
+        self.transition(from: old, reason: self.state == .transientFailure ? self.lastError : nil)
+    }
+
     package override func reactorTimerFired(tag: UInt64) {
         switch tag {
         case TimerTag.backoff:
             self.backoffTimer = 0
-            let old = self.machine.state
+            let old = self.state
             switch self.machine.backoffElapsed(callsWaiting: self.delegate?.hasWaitingCalls ?? false) {
             case .none: return
             case .connect:
@@ -212,16 +303,23 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
             case .becameIdle:
                 self.transition(from: old, reason: nil)
             }
+        case TimerTag.healthRetry:
+            self.healthRetryTimer = 0
+            guard self.machine.state == .ready, let transport = self.transport else { return }
+            self.startHealthWatch(on: transport)
         case TimerTag.idle:
             self.idleTimer = 0
             guard self.machine.state == .ready, let transport = self.transport else { return }
             let idleFor = self.reactor.now &- transport.lastStreamActivity
-            if transport.openStreamCount > 0 || idleFor < UInt64(self.idleTimeout.nanoseconds) {
+            // The health watch's own stream does not keep a connection busy.
+            let calls = transport.openStreamCount - (self.healthWatch == nil ? 0 : 1)
+            if calls > 0 || idleFor < UInt64(self.idleTimeout.nanoseconds) {
                 self.armIdleTimer()
                 return
             }
-            let old = self.machine.state
+            let old = self.state
             guard self.machine.idleTimeoutElapsed() == .close else { return }
+            self.stopHealthWatch()
             self.transport = nil
             transport.close(reason: CallStatus(code: .unavailable, message: "idle timeout"))
             self.transition(from: old, reason: CallStatus(code: .ok, message: "idle timeout"))
@@ -234,10 +332,11 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
 
     package func transportReady(_ transport: any HTTP2Transport) {
         guard transport === self.transport else { return }
-        let old = self.machine.state
+        let old = self.state
         guard self.machine.connectSucceeded() == .becameReady else { return }
         self.bus.publish(
             .connectAttemptSucceeded(service: self.service, connectionID: transport.id, address: self.address))
+        self.startHealthWatch(on: transport)
         self.transition(from: old, reason: nil)
     }
 
@@ -252,16 +351,17 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
                 service: self.service, connectionID: transport.id, errorCode: errorCode, debugData: debugData,
                 tooManyPings: tooManyPings))
         guard transport === self.transport else { return }
+        let old = self.state
+        self.stopHealthWatch()
         self.transport = nil
         self.draining[ObjectIdentifier(transport)] = transport
-        let old = self.machine.state
         if self.machine.goAwayReceived() == .drain {
             self.transition(from: old, reason: CallStatus(code: .unavailable, message: "GOAWAY \(HTTP2ErrorCode.name(errorCode))"))
         }
     }
 
     package func transportHasCapacity(_ transport: any HTTP2Transport) {
-        guard transport === self.transport, self.machine.state == .ready else { return }
+        guard transport === self.transport, self.state == .ready else { return }
         self.delegate?.subchannelHasCapacity(self)
     }
 
@@ -270,12 +370,14 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     ) {
         if self.draining.removeValue(forKey: ObjectIdentifier(transport)) != nil { return }
         guard transport === self.transport else { return }
+        let oldState = self.state
+        self.stopHealthWatch()
         self.transport = nil
         if keepaliveTimedOut {
             self.bus.publish(.keepaliveTimeout(service: self.service, connectionID: transport.id))
         }
         if wasReady {
-            let old = self.machine.state
+            let old = oldState
             let action = self.machine.connectionLost(reason, randomUnit: Double.random(in: 0..<1, using: &self.generator))
             self.handleFailure(action, old: old)
         } else {
@@ -284,7 +386,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     }
 
     private func connectFailed(_ reason: CallStatus, id: Int) {
-        let old = self.machine.state
+        let old = self.state
         let action = self.machine.connectFailed(reason, randomUnit: Double.random(in: 0..<1, using: &self.generator))
         if case .backoff(let delay, let error) = action {
             self.bus.publish(

@@ -23,6 +23,8 @@ package struct PoolSettings: Sendable {
     package var resolutionInterval: Duration = .seconds(30)
     /// No two resolutions closer than this, whatever asks (connection failures, GOAWAYs, the period).
     package var minimumResolutionInterval: Duration = .seconds(1)
+    /// gRFC A17: the health-check service name each connection watches (nil: off).
+    package var healthCheckServiceName: String? = nil
 
     package init(
         connectionsPerTarget: Int, maxQueuedCalls: Int, backoff: Backoff.Configuration, keepAliveTime: Duration,
@@ -293,6 +295,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             bus: self.bus, connectionIDs: self.connectionIDs, backoff: self.settings.backoff,
             keepAliveTime: self.settings.keepAliveTime, idleTimeout: self.settings.idleTimeout)
         subchannel.delegate = self
+        subchannel.healthCheckServiceName = self.settings.healthCheckServiceName
         return subchannel
     }
 

@@ -25,6 +25,9 @@ final class PythonPeer: @unchecked Sendable {
             echoed = [(k, v) for (k, v) in md
                       if not k.startswith(("x-fail", "x-sleep", "x-response", ":", "grpc-"))
                       and k not in ("user-agent", "te", "content-type")]
+            # GRPC_CM_PEER_NAME: every answer says which backend gave it (x-peer).
+            if os.environ.get("GRPC_CM_PEER_NAME"):
+                echoed.append(("x-peer", os.environ["GRPC_CM_PEER_NAME"]))
             # x-compress-response gzip|deflate: this call's responses compressed (when the client accepts it).
             choice = values.get("x-compress-response")
             if choice:
@@ -150,15 +153,21 @@ final class PythonPeer: @unchecked Sendable {
     /// Starts the server (on `port`, or a free one); throws if python3 or grpcio is missing (`make test` installs
     /// them).
     /// - Parameter compression: "gzip" or "deflate": the server compresses every response the client accepts.
-    init(port: Int = 0, tlsCertificate: String? = nil, tlsKey: String? = nil, compression: String? = nil) throws {
+    /// - Parameter name: Sent back as `x-peer` on every answer (which backend served a call).
+    init(
+        port: Int = 0, tlsCertificate: String? = nil, tlsKey: String? = nil, compression: String? = nil,
+        name: String? = nil
+    ) throws {
         let scriptURL = FileManager.default.temporaryDirectory.appendingPathComponent("grpc-cm-peer-\(getpid()).py")
         try Self.script.write(to: scriptURL, atomically: true, encoding: .utf8)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["python3", scriptURL.path, String(port)] + [tlsCertificate, tlsKey].compactMap { $0 }
-        if let compression {
-            process.environment = ProcessInfo.processInfo.environment.merging(
-                ["GRPC_CM_PEER_COMPRESSION": compression], uniquingKeysWith: { $1 })
+        var environment: [String: String] = [:]
+        if let compression { environment["GRPC_CM_PEER_COMPRESSION"] = compression }
+        if let name { environment["GRPC_CM_PEER_NAME"] = name }
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment, uniquingKeysWith: { $1 })
         }
         let output = Pipe()
         let input = Pipe()
@@ -167,14 +176,7 @@ final class PythonPeer: @unchecked Sendable {
         try process.run()
         self.process = process
         // The first line is the port.
-        var line: [UInt8] = []
-        let handle = output.fileHandleForReading
-        while true {
-            let byte = handle.readData(ofLength: 1)
-            if byte.isEmpty || byte.first == UInt8(ascii: "\n") { break }
-            line.append(contentsOf: byte)
-        }
-        guard let port = Int(String(decoding: line, as: UTF8.self)) else {
+        guard let port = readLine(output.fileHandleForReading.fileDescriptor).flatMap({ Int($0) }) else {
             process.terminate()
             throw PeerError.didNotStart
         }

@@ -1,0 +1,105 @@
+import Foundation
+import Testing
+
+@testable import GRPCConnectionManager
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMWire
+
+/// Client-side health checking (gRFC A17) against grpcio backends whose health the tests change while calls run.
+@Suite("Client-side health checking", .serialized)
+struct ClientHealthCheckTests {
+    static func configuration(_ name: String?, policy: LoadBalancingPolicy = .roundRobin) -> Configuration {
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.enableRetry = false
+        configuration.loadBalancingPolicy = policy
+        configuration.healthCheckServiceName = name
+        return configuration
+    }
+
+    /// Which backends served `count` calls.
+    static func served(_ channel: GRPCChannel, _ count: Int) async throws -> [String: Int] {
+        var served: [String: Int] = [:]
+        for _ in 0..<count {
+            let response = try await channel.unary(path: "/echo.Echo/Get", request: [1])
+            served[response.initialMetadata["x-peer"] ?? "?", default: 0] += 1
+        }
+        return served
+    }
+
+    @Test("a backend whose health says NOT_SERVING gets no calls until it says SERVING again; its connection stays")
+    func notServingBackendIsSkipped() async throws {
+        let peers = try ["a", "b", "c"].map { try PythonPeer(name: $0) }
+        defer { for peer in peers { peer.stop() } }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let addresses = peers.map { NetworkAddress(ip: "127.0.0.1", port: $0.port)! }
+        let channel = try GRPCChannel(
+            target: "fleet.test:50051", configuration: Self.configuration(""), eventLoop: loop,
+            resolver: ScriptedResolver([addresses]))
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        channel.connect()
+        #expect(await eventually { await channel.connectivity().state == .ready })
+        #expect(await eventually(timeout: 10) { (try? await Self.served(channel, 6).count) == 3 })
+
+        peers[1].setHealth("", "NOT_SERVING")
+        #expect(
+            await eventually {
+                recorder.count {
+                    if case .connectivityStateChanged(_, _, .ready, .transientFailure, let reason) = $0 {
+                        return reason?.message == "health check: NOT_SERVING"
+                    }
+                    return false
+                } == 1
+            })
+        let withoutB = try await Self.served(channel, 30)
+        #expect(withoutB["b"] == nil)
+        #expect(withoutB["a"] == 15 && withoutB["c"] == 15)
+
+        peers[1].setHealth("", "SERVING")
+        #expect(await eventually { (try? await Self.served(channel, 3))?["b"] == 1 })
+        // One connection per backend throughout: health never closed one.
+        #expect(recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 3)
+    }
+
+    @Test("a named service: NOT_SERVING fails fast calls with the reason; wait-for-ready calls wait for SERVING")
+    func namedServiceGatesCalls() async throws {
+        let peer = try PythonPeer(name: "only")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // The peer starts with "sleepy" NOT_SERVING.
+        var configuration = Self.configuration(nil)
+        configuration.healthCheckServiceNames[peer.target] = "sleepy"
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        channel.connect()
+        #expect(await eventually { await channel.connectivity().state == .transientFailure })
+        let failed = await channel.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(failed.status.code == .unavailable)
+        #expect(failed.status.message.contains("health check: NOT_SERVING"))
+
+        let waiting = Task {
+            await channel.unaryResult(
+                path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .seconds(10), waitForReady: true))
+        }
+        #expect(await eventually { await channel.connectivity().state == .transientFailure })
+        peer.setHealth("sleepy", "SERVING")
+        let served = await waiting.value
+        #expect(served.status == .ok)
+        #expect(served.message == [2])
+    }
+
+    @Test("a server without the health service (UNIMPLEMENTED) counts as healthy")
+    func unimplementedIsHealthy() async throws {
+        let fixture = try LoopbackFixture()  // the embedded server answers Watch with UNIMPLEMENTED
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel(Self.configuration(""))
+        let response = try await channel.unary(path: "/echo.Echo/Get", request: [3])
+        #expect(response.message == [3])
+        #expect(await channel.connectivity().state == .ready)
+    }
+}
