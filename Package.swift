@@ -65,7 +65,8 @@ let package = Package(
             swiftSettings: strictSwift
         ),
         // gzip and deflate for messages (zlib), beside the wire format: the calls compress and inflate with it.
-        .target(name: "GRPCCMCompression", dependencies: ["GRPCCMWire", "CZlib"], swiftSettings: strictSwift),
+        .target(
+            name: "GRPCCMCompression", dependencies: ["GRPCCMReactor", "GRPCCMWire", "CZlib"], swiftSettings: strictSwift),
         .target(
             name: "GRPCCMCalls",
             dependencies: ["GRPCCMTransport", "GRPCCMCompression", "GRPCCMReactor", "GRPCCMWire", "CNghttp2"],

@@ -1,6 +1,6 @@
 import CZlib
+import GRPCCMReactor
 import GRPCCMWire
-import Synchronization
 
 /// Compresses request messages with zlib, from any thread (a call's request is compressed on the thread that starts
 /// it, a streamed message on the thread that writes it, so the loop does not pay for it).
@@ -9,7 +9,9 @@ import Synchronization
 /// states wait in a small free list per algorithm (`deflateReset` makes one as good as new) instead of being freed.
 package enum MessageCompressor {
     /// Free deflate states, per algorithm; at most `keep` each (more threads compressing at once make their own).
-    private static let free = Mutex<[CompressionAlgorithm: [Deflater]]>([:])
+    /// A pthread mutex, as everywhere in this package: ThreadSanitizer sees through it (not through
+    /// Synchronization.Mutex's raw futexes).
+    private static let free = PThreadLock<[CompressionAlgorithm: [Deflater]]>([:])
     private static let keep = 4
 
     /// `message` compressed with `algorithm` (`identity` returns it as it is).
@@ -25,7 +27,7 @@ package enum MessageCompressor {
 }
 
 /// One zlib deflate state. `@unchecked Sendable`: used by one thread at a time, handed over through the free list's
-/// mutex.
+/// lock.
 private final class Deflater: @unchecked Sendable {
     private let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
 

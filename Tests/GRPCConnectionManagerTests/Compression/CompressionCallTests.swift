@@ -1,9 +1,9 @@
 import Foundation
-import Synchronization
 import Testing
 
 @testable import GRPCConnectionManager
 @testable import GRPCCMCalls
+@testable import GRPCCMReactor
 @testable import GRPCCMWire
 
 /// Message compression on real calls: against the embedded server (which reports what it received), against grpcio
@@ -22,7 +22,7 @@ struct CompressionCallTests {
 
     /// Records the bytes each finished call sent and received (message bytes as they went over the wire).
     final class ByteCounts: Sendable {
-        let values = Mutex<[(sent: Int, received: Int)]>([])
+        let values = PThreadLock<[(sent: Int, received: Int)]>([])
         init(_ channel: GRPCChannel) {
             channel.events.subscribe { event in
                 if case .callFinished(_, _, _, _, _, let sent, let received) = event {
@@ -73,6 +73,22 @@ struct CompressionCallTests {
         // The empty message compresses too.
         let empty = try await channel.unary(path: "/echo.Echo/Get", request: [], metadata: ["x-response-bytes": "0"])
         #expect(empty.initialMetadata["x-received-compressed"] == "1")
+    }
+
+    @Test("a retried call sends the same compressed request again")
+    func retryReplaysCompressed() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Self.plain()
+        configuration.enableRetry = true
+        configuration.retry.policy.initialBackoff = .milliseconds(1)
+        let channel = try fixture.channel(configuration)
+        let response = try await channel.unary(
+            path: "/echo.Echo/Get", request: Self.text, metadata: ["x-fail-first": "2", "x-request-key": "gz"],
+            options: RequestOptions(compression: .gzip))
+        #expect(response.message == Self.text)
+        #expect(response.initialMetadata["x-received-compressed"] == "1")
+        #expect(fixture.server.requestCount(key: "gz") == 3)
     }
 
     @Test("streamed requests are compressed message by message")

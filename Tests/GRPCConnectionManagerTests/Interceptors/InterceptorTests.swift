@@ -11,7 +11,7 @@ import Testing
 final class AddHeader: CallInterceptor {
     let name: String
     let value: String
-    let seen = Mutex<[CallMetadata]>([])
+    let seen = PThreadLock<[CallMetadata]>([])
     init(name: String, value: String) {
         self.name = name
         self.value = value
@@ -25,7 +25,7 @@ final class AddHeader: CallInterceptor {
 
 /// A gate an async interceptor's work waits on until the test opens it.
 final class Gate: Sendable {
-    private let state = Mutex<(open: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+    private let state = PThreadLock<(open: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
     func wait() async {
         await withCheckedContinuation { continuation in
             let resume = self.state.withLock { state -> Bool in
@@ -49,7 +49,7 @@ final class Gate: Sendable {
 /// one is fetched off the loop (`refresh` waits on `gate`).
 final class TokenInterceptor: CallInterceptor {
     let gate = Gate()
-    let token = Mutex<String?>(nil)
+    let token = PThreadLock<String?>(nil)
     let refreshes = Atomic<Int>(0)
     func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
         if let token = self.token.withLock({ $0 }) {
@@ -66,7 +66,7 @@ final class TokenInterceptor: CallInterceptor {
 }
 
 final class SharedLog: Sendable {
-    let log = Mutex<[String]>([])
+    let log = PThreadLock<[String]>([])
     var entries: [String] { self.log.withLock { $0 } }
 }
 

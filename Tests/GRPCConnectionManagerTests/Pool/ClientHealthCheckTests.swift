@@ -93,6 +93,30 @@ struct ClientHealthCheckTests {
         #expect(served.message == [2])
     }
 
+    @Test("a watch that ends is started again after a backoff, the connection CONNECTING meanwhile and kept")
+    func watchRestarts() async throws {
+        let peer = try ScriptedPeer("health-flap")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.configuration(""), eventLoop: loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        channel.connect()
+        #expect(await eventually { peer.events.contains("watch 2") })
+        #expect(await eventually { await channel.connectivity().state == .ready })
+        let transitions = recorder.all.compactMap { event -> String? in
+            guard case .connectivityStateChanged(_, _, let from, let to, _) = event else { return nil }
+            return "\(from)->\(to)"
+        }
+        // Health decides READY twice, with CONNECTING between: the first watch ended, the second said SERVING.
+        #expect(transitions.suffix(3) == ["CONNECTING->READY", "READY->CONNECTING", "CONNECTING->READY"], "\(transitions)")
+        #expect(recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 1)
+        let response = try await channel.unary(path: "/echo.Echo/Get", request: [4])
+        #expect(response.message == [4])
+    }
+
     @Test("a server without the health service (UNIMPLEMENTED) counts as healthy")
     func unimplementedIsHealthy() async throws {
         let fixture = try LoopbackFixture()  // the embedded server answers Watch with UNIMPLEMENTED

@@ -13,6 +13,8 @@ mode says otherwise:
   status CODE          a trailers-only response with grpc-status CODE (any text)
   compressed ENC       grpc-encoding ENC, and the message flagged compressed (but not compressed)
   bomb N               grpc-encoding gzip, and a message of N zero bytes gzipped (a small "compression bomb")
+  health-flap          grpc.health.v1 Watch: the first stream says SERVING then ends UNAVAILABLE, later ones say
+                       SERVING and stay open ("event watch N" for each); other calls are echoed
   bin-joined           x-data-bin in the headers: two base64 values joined with ", " in one field
   max-header-list N    SETTINGS_MAX_HEADER_LIST_SIZE = N
   refuse N             RST_STREAM REFUSED_STREAM for the first N streams (never processed)
@@ -50,6 +52,7 @@ def event(text):
         print("event " + text, flush=True)
 lock = threading.Lock()
 header_blocks = 0
+watches = 0
 
 
 def grpc_frame(message, compressed=False):
@@ -180,6 +183,20 @@ class Connection:
         self.send_headers(stream_id, [("grpc-status", "0")] + list(extra_trailers), end_stream=True)
 
     def answer(self, stream_id):
+        path = dict((k.decode() if isinstance(k, bytes) else k, v) for k, v in self.streams[stream_id].get("headers", [])).get(":path")
+        path = path.decode() if isinstance(path, bytes) else path
+        if MODE == "health-flap" and path == "/grpc.health.v1.Health/Watch":
+            global watches
+            with lock:
+                watches += 1
+                count = watches
+            event("watch %d" % count)
+            self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+            self.send_data(stream_id, grpc_frame(b"\x08\x01"))  # SERVING
+            if count == 1:
+                self.send_headers(stream_id, [("grpc-status", "14"), ("grpc-message", "health service restarting")],
+                                  end_stream=True)
+            return
         if MODE == "headers-bytes":
             self.echo(stream_id, extra_headers=[("x-big", "a" * int(ARGS[0]))])
         elif MODE == "trailers-bytes":
