@@ -51,6 +51,7 @@ let package = Package(
         .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CCAres", pkgConfig: "libcares", providers: [.apt(["libc-ares-dev"])]),
         .target(name: "CReactor", cSettings: [.define("_GNU_SOURCE")]),
         // SIGINT/SIGTERM for the programs (CLI, examples): a library never installs signal handlers.
         .target(name: "CStopSignals"),
@@ -77,6 +78,12 @@ let package = Package(
             dependencies: ["GRPCCMCalls", "GRPCCMTransport", "GRPCCMReactor", "GRPCCMWire", "CReactor"],
             swiftSettings: strictSwift
         ),
+        // Resolvers beside getaddrinfo for the pool's seam: DNS with c-ares on the loop.
+        .target(
+            name: "GRPCCMDiscovery",
+            dependencies: ["GRPCCMPool", "GRPCCMReactor", "GRPCCMWire", "CReactor", "CCAres"],
+            swiftSettings: strictSwift
+        ),
         .target(
             name: "GRPCCMHandlers",
             dependencies: [
@@ -89,7 +96,8 @@ let package = Package(
         .target(
             name: "GRPCConnectionManager",
             dependencies: [
-                "GRPCCMHandlers", "GRPCCMPool", "GRPCCMCalls", "GRPCCMCompression", "GRPCCMTransport", "GRPCCMReactor",
+                "GRPCCMHandlers", "GRPCCMDiscovery", "GRPCCMPool", "GRPCCMCalls", "GRPCCMCompression", "GRPCCMTransport",
+                "GRPCCMReactor",
                 "GRPCCMWire", .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
             ],

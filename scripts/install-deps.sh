@@ -2,9 +2,9 @@
 # Installs what is missing, and only that.
 #
 #   scripts/install-deps.sh build   what building and running the package needs (make build, demo, demo-tls):
-#                                   Debian libnghttp2-dev libssl-dev zlib1g-dev pkg-config (HTTP/2, TLS and message
-#                                   compression, linked as system libraries; at run time only libnghttp2-14, libssl3
-#                                   and zlib1g are used) and openssl
+#                                   Debian libnghttp2-dev libssl-dev zlib1g-dev libc-ares-dev pkg-config (HTTP/2,
+#                                   TLS, message compression and DNS, linked as system libraries; at run time only
+#                                   libnghttp2-14, libssl3, zlib1g and libc-ares2 are used) and openssl
 #                                   (the certificates of make demo-tls)
 #   scripts/install-deps.sh test    that, plus what the tests need (make test): Debian valgrind (the
 #                                   instruction-count gate) and python3 with pip; PyPI grpcio and
@@ -12,7 +12,7 @@
 set -euo pipefail
 
 what="${1:-test}"
-packages=(libnghttp2-dev libssl-dev zlib1g-dev pkg-config openssl)  # openssl: the certificates of make demo-tls
+packages=(libnghttp2-dev libssl-dev zlib1g-dev libc-ares-dev pkg-config openssl)  # openssl: the certificates of make demo-tls
 if [ "$what" = "test" ]; then
     packages+=(valgrind python3)
     # pip itself: a minimal Debian has python3 without it.

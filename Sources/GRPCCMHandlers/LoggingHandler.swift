@@ -85,6 +85,13 @@ package final class LoggingHandler: @unchecked Sendable {
                     "grpc.service": "\(service)", "grpc.connection_id": "\(id)", "grpc.address": "\(address)",
                     "grpc.error": "\(error.message)", "grpc.backoff_ms": "\(Double(backoff.nanoseconds) / 1e6)",
                 ])
+        case .addressesResolved(let service, let addresses):
+            self.debug(
+                "name resolved", metadata: ["grpc.service": "\(service)", "grpc.addresses": "\(addresses.map(\.description))"])
+        case .resolutionFailed(let service, let error):
+            self.debug(
+                "name resolution failed; the last good addresses stay in use",
+                metadata: ["grpc.service": "\(service)", "grpc.error": "\(error.message)"])
         case .keepaliveTimeout(let service, let id):
             self.debug(
                 "keepalive timeout: connection closed",

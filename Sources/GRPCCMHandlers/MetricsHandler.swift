@@ -177,7 +177,9 @@ package final class MetricsHandler: @unchecked Sendable {
         case .goAwayReceived(let service, _, let code, _, _):
             self.counter("grpc_client_goaways_total", [("service", service), ("code", HTTP2ErrorCode.name(code))])
                 .increment()
-        case .callStarted, .attemptFinished, .connectAttemptSucceeded:
+        case .resolutionFailed(let service, _):
+            self.counter("grpc_client_resolution_failures_total", [("service", service)]).increment()
+        case .callStarted, .attemptFinished, .connectAttemptSucceeded, .addressesResolved:
             break
         }
     }

@@ -1,3 +1,4 @@
+import GRPCCMDiscovery
 import GRPCCMHandlers
 import GRPCCMPool
 import GRPCCMReactor
@@ -10,6 +11,17 @@ extension Configuration {
         Backoff.Configuration(
             base: self.reconnectBackoff.initial, multiplier: self.reconnectBackoff.multiplier,
             jitter: self.reconnectBackoff.jitter, maximum: self.maxReconnectDelay)
+    }
+
+    /// The resolver a channel's pools ask (one per channel; c-ares keeps one channel per loop inside it).
+    func makeResolver() -> any AddressResolver {
+        switch self.dns.resolver {
+        case .system:
+            return SystemResolver()
+        case .cAres:
+            return CAresResolver(
+                settings: CAresResolver.Settings(servers: self.dns.servers, timeout: self.dns.timeout, attempts: self.dns.attempts))
+        }
     }
 
     var http2ClientSettings: HTTP2ClientSettings {

@@ -73,6 +73,9 @@ public struct Configuration: Sendable, Hashable {
     public var healthCheckServiceName: String? = nil
     public var healthCheckServiceNames: [String: String] = [:]
 
+    /// How host names are resolved.
+    public var dns = DNS()
+
     /// HTTP/2 settings of each connection.
     public var http2 = HTTP2()
 
@@ -156,6 +159,29 @@ public struct Configuration: Sendable, Hashable {
         public init() {}
     }
 
+    /// Name resolution of `host:port` targets (numeric addresses and Unix paths are never resolved).
+    public struct DNS: Sendable, Hashable {
+        /// Which resolver looks names up.
+        public enum Resolver: Sendable, Hashable {
+            /// c-ares on the channel's own loop: A and AAAA queries, its sockets on the loop's epoll, no thread.
+            case cAres
+            /// getaddrinfo (the C library's configuration, NSS included) on a thread of its own per lookup.
+            case system
+        }
+
+        /// Default `.cAres`.
+        public var resolver: Resolver = .cAres
+        /// Name servers for c-ares as `ip` or `ip:port` (`[v6]:port`), asked with no search domains; nil (the
+        /// default): `/etc/resolv.conf` and `/etc/hosts`.
+        public var servers: [String]? = nil
+        /// How long c-ares waits for an answer to one try. Default 5 s.
+        public var timeout: Duration = .seconds(5)
+        /// Tries per server before a lookup fails (UNAVAILABLE, "timed out"). Default 2.
+        public var attempts: Int = 2
+
+        public init() {}
+    }
+
     /// HTTP/2 flow-control and framing settings.
     public struct HTTP2: Sendable, Hashable {
         /// SETTINGS_INITIAL_WINDOW_SIZE we announce for each stream, in bytes. Default 1 MiB; 65,535...2^31-1.
@@ -218,6 +244,15 @@ public struct Configuration: Sendable, Hashable {
         if let limit = self.maxConnectionsPerTarget, limit < self.connectionsPerTarget {
             throw ConfigurationError(field: "maxConnectionsPerTarget", message: "must be at least connectionsPerTarget")
         }
+        if self.dns.timeout <= .zero {
+            throw ConfigurationError(field: "dns.timeout", message: "must be greater than zero")
+        }
+        if self.dns.attempts < 1 {
+            throw ConfigurationError(field: "dns.attempts", message: "must be at least 1")
+        }
+        for server in self.dns.servers ?? [] where !Self.isServerAddress(server) {
+            throw ConfigurationError(field: "dns.servers", message: "\"\(server)\" is not ip, ip:port or [v6]:port")
+        }
         if self.maxQueuedCalls < 1 {
             throw ConfigurationError(field: "maxQueuedCalls", message: "must be at least 1")
         }
@@ -260,6 +295,23 @@ public struct Configuration: Sendable, Hashable {
                 throw ConfigurationError(field: "userAgentPrefix", message: "must be printable ASCII")
             }
         }
+    }
+}
+
+extension Configuration {
+    /// `ip`, `ip:port` or `[v6]:port` with a numeric address.
+    static func isServerAddress(_ text: String) -> Bool {
+        if NetworkAddress(ip: text, port: 53) != nil { return true }
+        if text.hasPrefix("["), let close = text.firstIndex(of: "]") {
+            let host = String(text[text.index(after: text.startIndex)..<close])
+            let rest = text[text.index(after: close)...]
+            guard rest.hasPrefix(":"), let port = Int(rest.dropFirst()), (1...65535).contains(port) else { return false }
+            return NetworkAddress(ip: host, port: port) != nil
+        }
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
+            (1...65535).contains(port)
+        else { return false }
+        return NetworkAddress(ip: String(text[..<colon]), port: port) != nil
     }
 }
 

@@ -81,7 +81,7 @@ public final class GRPCChannel: Sendable {
 
     private convenience init(
         target: String, configuration: Configuration, logger: Logger, metricsFactory: (any MetricsFactory)?,
-        interceptors: [any CallInterceptor], loops: [Reactor], resolver: any AddressResolver = SystemResolver()
+        interceptors: [any CallInterceptor], loops: [Reactor], resolver: (any AddressResolver)? = nil
     ) throws {
         try configuration.validate()
         let parsed = try Target(parsing: target)
@@ -105,8 +105,10 @@ public final class GRPCChannel: Sendable {
     init(
         service: String, target: Target, configuration: Configuration, bus: EventBus, loops: [LoopContext],
         connectionIDs: ConnectionIDSource, closesOnDeinit: Bool, interceptors: [any CallInterceptor] = [],
-        resolver: any AddressResolver = SystemResolver()
+        resolver: (any AddressResolver)? = nil
     ) throws(ConfigurationError) {
+        // One resolver for the channel's pools (the configuration's unless a test brings its own).
+        let resolver = resolver ?? configuration.makeResolver()
         self.interceptors = interceptors
         var tls: TLSContext?
         var tlsServerName: String?

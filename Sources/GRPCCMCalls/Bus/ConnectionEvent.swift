@@ -16,6 +16,10 @@ public enum ConnectionEvent: Sendable {
     case connectAttemptSucceeded(service: String, connectionID: Int, address: NetworkAddress)
     /// The attempt failed with `error`; the next one waits `backoff`.
     case connectAttemptFailed(service: String, connectionID: Int, address: NetworkAddress, error: CallStatus, backoff: Duration)
+    /// The service's name resolved to a new set of addresses (new ones join, gone ones drain).
+    case addressesResolved(service: String, addresses: [NetworkAddress])
+    /// Resolving the service's name failed (no answer, no address, a timeout); the last good addresses stay in use.
+    case resolutionFailed(service: String, error: CallStatus)
     /// A keepalive PING went unanswered for `keepAliveTimeout`; the connection was closed.
     case keepaliveTimeout(service: String, connectionID: Int)
     /// The server sent GOAWAY. `tooManyPings` means it asked us to ping less: keepalive time was doubled.

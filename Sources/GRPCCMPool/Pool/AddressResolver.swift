@@ -1,18 +1,41 @@
-import GRPCCMReactor
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMCalls
 import GRPCCMWire
 
 /// Turns a target's host name into addresses for a pool.
 ///
-/// The pool calls `resolve` on a helper thread (an implementation may block) and takes the answer back on its loop.
-/// It asks once before the first connection, again when a connection fails (at most once a second), and again when
-/// a failed resolution leaves wait-for-ready calls waiting. Numeric addresses and Unix paths are never resolved.
-/// The seam exists so that other resolvers (c-ares on the loop, a registry) can replace getaddrinfo.
+/// The pool asks once before the first connection, again periodically, when a connection fails or goes away (at
+/// most once per `minimumResolutionInterval`), and when a failed resolution leaves wait-for-ready calls waiting.
+/// Numeric addresses and Unix paths are never resolved. The seam lets other resolvers (c-ares on the loop, a
+/// registry) replace getaddrinfo.
 package protocol AddressResolver: Sendable {
+    /// Resolves `target` and calls `completion` once, on `reactor`'s thread (never inside this call).
+    func resolve(
+        _ target: Target, on reactor: Reactor,
+        completion: @escaping @Sendable (Result<[NetworkAddress], CallStatus>) -> Void)
+}
+
+/// A resolver whose lookup blocks (getaddrinfo): it runs on a helper thread and reports back through the loop's
+/// inbox.
+package protocol BlockingAddressResolver: AddressResolver {
     func resolve(_ target: Target) -> Result<[NetworkAddress], CallStatus>
 }
 
-/// getaddrinfo, as the C library is configured (`/etc/hosts`, `/etc/resolv.conf`): A and AAAA records.
-package struct SystemResolver: AddressResolver {
+extension BlockingAddressResolver {
+    package func resolve(
+        _ target: Target, on reactor: Reactor,
+        completion: @escaping @Sendable (Result<[NetworkAddress], CallStatus>) -> Void
+    ) {
+        spawnDetachedThread {
+            let result = self.resolve(target)
+            _ = reactor.execute { completion(result) }
+        }
+    }
+}
+
+/// getaddrinfo, as the C library is configured (`/etc/hosts`, `/etc/resolv.conf`): A and AAAA records, on a thread
+/// of its own per lookup.
+package struct SystemResolver: BlockingAddressResolver {
     package init() {}
 
     package func resolve(_ target: Target) -> Result<[NetworkAddress], CallStatus> {

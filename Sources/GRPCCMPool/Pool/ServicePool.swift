@@ -327,20 +327,14 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         subchannel.connect()
     }
 
-    /// A resolver may block (getaddrinfo does), so it runs on a helper thread and reports back through the inbox.
-    /// Numeric addresses and Unix paths need none.
+    /// Asks the resolver (c-ares on this loop, or getaddrinfo on a helper thread); the answer comes back on the
+    /// loop. Numeric addresses and Unix paths need none.
     private func resolve() {
         guard !self.resolving, self.target.numericAddresses == nil, !self.isClosing else { return }
         self.resolving = true
         self.lastResolution = Reactor.clock()
-        let target = self.target
-        let reactor = self.reactor
         let pool = self
-        let resolver = self.resolver
-        spawnDetachedThread {
-            let result = resolver.resolve(target)
-            reactor.execute { pool.resolved(result) }
-        }
+        self.resolver.resolve(self.target, on: self.reactor) { result in pool.resolved(result) }
     }
 
     /// Resolves now unless the last resolution is more recent than `minimumResolutionInterval` (a storm of failures
@@ -376,13 +370,19 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         switch result {
         case .success(let addresses):
             self.resolutionError = nil
-            if addresses != self.addresses { self.install(addresses) }
+            if addresses != self.addresses {
+                self.bus.publish(.addressesResolved(service: self.service, addresses: addresses))
+                self.install(addresses)
+            }
             self.schedulePeriodicResolution()
             if self.eager || !self.queue.isEmpty {
                 self.connectIdle()
             }
         case .failure(let status):
             self.resolutionError = status
+            self.bus.publish(.resolutionFailed(service: self.service, error: status))
+            // The last good addresses stay; the name is asked again on schedule.
+            self.schedulePeriodicResolution()
             if self.subchannels.isEmpty {
                 self.failWaitingFailFast()
                 // Wait-for-ready calls keep waiting; try again after a while.

@@ -13,7 +13,7 @@ import Testing
 @testable import GRPCCMWire
 
 /// A resolver whose answers a test scripts: each lookup takes the next answer; the last one repeats.
-final class ScriptedResolver: AddressResolver {
+final class ScriptedResolver: BlockingAddressResolver {
     private let answers: PThreadLock<[[NetworkAddress]]>
     private let lookups = Atomic<Int>(0)
 

@@ -112,7 +112,7 @@ final class EventRecorder: Sendable {
             case .keepaliveTimeout: return "keepalive"
             case .retryScheduled: return "retry"
             case .circuitBreakerStateChanged(_, _, let from, let to): return "breaker:\(from)>\(to)"
-            case .callStarted, .callFinished, .attemptFinished: return nil
+            case .callStarted, .callFinished, .attemptFinished, .addressesResolved, .resolutionFailed: return nil
             }
         }
     }

@@ -1,0 +1,280 @@
+import CCAres
+import CReactor
+import GRPCCMPool
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMWire
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// DNS with c-ares on the pool's own loop: A and AAAA queries whose sockets are registered with the loop's epoll and
+/// whose timeouts are loop timers, so a lookup costs no thread.
+///
+/// One c-ares channel per loop (a channel is not thread-safe; a loop is one thread), made on first use. A lookup
+/// that gets no answer within `timeout` × `attempts` fails UNAVAILABLE saying so; an answer with no address fails
+/// like a failed one (the pool keeps its last good addresses either way).
+package final class CAresResolver: AddressResolver {
+    package struct Settings: Sendable, Hashable {
+        /// Name servers as `ip` or `ip:port` (`[v6]:port`); nil: the system's (`/etc/resolv.conf`, `/etc/hosts`).
+        package var servers: [String]?
+        /// How long one try waits for an answer.
+        package var timeout: Duration
+        /// Tries per server.
+        package var attempts: Int
+
+        package init(servers: [String]? = nil, timeout: Duration = .seconds(5), attempts: Int = 2) {
+            self.servers = servers
+            self.timeout = timeout
+            self.attempts = attempts
+        }
+    }
+
+    private let settings: Settings
+    /// One channel per loop, made and used on that loop's thread.
+    private let channels = PThreadLock<[ObjectIdentifier: CAresChannel]>([:])
+
+    package init(settings: Settings = Settings()) {
+        self.settings = settings
+    }
+
+    package func resolve(
+        _ target: Target, on reactor: Reactor,
+        completion: @escaping @Sendable (Result<[NetworkAddress], CallStatus>) -> Void
+    ) {
+        guard reactor.inReactorThread else {
+            if !reactor.execute({ self.resolve(target, on: reactor, completion: completion) }) {
+                completion(.failure(CallStatus(code: .unavailable, message: "the event loop has stopped")))
+            }
+            return
+        }
+        guard case .hostPort(let host, let port) = target.kind else {
+            _ = reactor.execute { completion(.failure(CallStatus(code: .internal, message: "not a host name: \(target)"))) }
+            return
+        }
+        let channel: CAresChannel
+        do {
+            channel = try self.channels.withLock { channels in
+                if let existing = channels[ObjectIdentifier(reactor)] { return existing }
+                let made = try CAresChannel(reactor: reactor, settings: self.settings)
+                channels[ObjectIdentifier(reactor)] = made
+                return made
+            }
+        } catch {
+            let status = (error as? CallStatus) ?? CallStatus(code: .internal, message: "c-ares: \(error)")
+            _ = reactor.execute { completion(.failure(status)) }
+            return
+        }
+        channel.lookup(host: host, port: port, completion: completion)
+    }
+
+    deinit {
+        // Each channel is torn down on its own loop (its fds and timer live there).
+        for channel in self.channels.withLock({ Array($0.values) }) { channel.close() }
+    }
+}
+
+/// One c-ares channel driven by one loop. `@unchecked Sendable` (through `ReactorHandler`): reactor thread only,
+/// except `close()`, which hands the teardown to the loop.
+final class CAresChannel: ReactorHandler, @unchecked Sendable {
+    /// What one lookup waits with: the port to put on the addresses, and whom to tell.
+    private final class Lookup {
+        let host: String
+        let port: Int
+        let reactor: Reactor
+        let completion: @Sendable (Result<[NetworkAddress], CallStatus>) -> Void
+        init(host: String, port: Int, reactor: Reactor, completion: @escaping @Sendable (Result<[NetworkAddress], CallStatus>) -> Void) {
+            self.host = host
+            self.port = port
+            self.reactor = reactor
+            self.completion = completion
+        }
+    }
+
+    /// A socket of c-ares registered with the loop.
+    private final class Socket: ReactorHandler, @unchecked Sendable {
+        unowned(unsafe) let channel: CAresChannel
+        let fd: Int32
+        var registration: Reactor.Registration?
+        init(channel: CAresChannel, fd: Int32) {
+            self.channel = channel
+            self.fd = fd
+        }
+        override func reactorFDReady(_ events: UInt32) {
+            let readable = events & (UInt32(CR_READ) | UInt32(CR_HUP) | UInt32(CR_ERROR)) != 0
+            let writable = events & UInt32(CR_WRITE) != 0
+            self.channel.process(read: readable ? self.fd : ARES_SOCKET_BAD, write: writable ? self.fd : ARES_SOCKET_BAD)
+        }
+    }
+
+    private static let libraryReady: Bool = ares_library_init(ARES_LIB_INIT_ALL) == ARES_SUCCESS
+
+    private let reactor: Reactor
+    private var channel: ares_channel?
+    private var sockets: [Int32: Socket] = [:]
+    private var timer: Reactor.TimerID = 0
+
+    init(reactor: Reactor, settings: CAresResolver.Settings) throws(CallStatus) {
+        self.reactor = reactor
+        super.init()
+        guard Self.libraryReady else { throw CallStatus(code: .internal, message: "c-ares could not initialise") }
+        var options = ares_options()
+        var mask = ARES_OPT_SOCK_STATE_CB | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES
+        options.sock_state_cb = { data, fd, readable, writable in
+            Unmanaged<CAresChannel>.fromOpaque(data!).takeUnretainedValue().socketChanged(fd, read: readable != 0, write: writable != 0)
+        }
+        options.sock_state_cb_data = Unmanaged.passUnretained(self).toOpaque()
+        options.timeout = Int32(clamping: max(settings.timeout.nanoseconds / 1_000_000, 1))
+        options.tries = Int32(clamping: max(settings.attempts, 1))
+        // Servers given: DNS only, no search domains (a test's or an operator's server answers for the name as is).
+        let lookups = strdup("b")
+        defer { free(lookups) }
+        if settings.servers != nil {
+            mask |= ARES_OPT_LOOKUPS | ARES_OPT_DOMAINS
+            options.lookups = lookups
+            options.domains = nil
+            options.ndomains = 0
+        }
+        var channel: ares_channel?
+        let rc = ares_init_options(&channel, &options, mask)
+        guard rc == ARES_SUCCESS, let channel else {
+            throw CallStatus(code: .internal, message: "c-ares: \(String(cString: ares_strerror(rc)))")
+        }
+        self.channel = channel
+        if let servers = settings.servers {
+            let rc = ares_set_servers_ports_csv(channel, servers.joined(separator: ","))
+            guard rc == ARES_SUCCESS else {
+                ares_destroy(channel)
+                self.channel = nil
+                throw CallStatus(code: .internal, message: "c-ares servers \(servers): \(String(cString: ares_strerror(rc)))")
+            }
+        }
+    }
+
+    /// Starts an A and AAAA lookup of `host`; `completion` runs later on the loop.
+    func lookup(host: String, port: Int, completion: @escaping @Sendable (Result<[NetworkAddress], CallStatus>) -> Void) {
+        guard let channel = self.channel else {
+            _ = self.reactor.execute { completion(.failure(CallStatus(code: .unavailable, message: "the resolver is closed"))) }
+            return
+        }
+        var hints = ares_addrinfo_hints()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        let box = Unmanaged.passRetained(Lookup(host: host, port: port, reactor: self.reactor, completion: completion))
+        ares_getaddrinfo(channel, host, nil, &hints, { arg, status, _, result in
+            let lookup = Unmanaged<Lookup>.fromOpaque(arg!).takeRetainedValue()
+            let outcome = CAresChannel.outcome(status: status, result: result, host: lookup.host, port: lookup.port)
+            if let result { ares_freeaddrinfo(result) }
+            let completion = lookup.completion
+            // Never inside c-ares's processing (or inside `lookup` for an answer from /etc/hosts).
+            if !lookup.reactor.execute({ completion(outcome) }) { completion(outcome) }
+        }, box.toOpaque())
+        self.armTimer()
+    }
+
+    private static func outcome(
+        status: Int32, result: UnsafeMutablePointer<ares_addrinfo>?, host: String, port: Int
+    ) -> Result<[NetworkAddress], CallStatus> {
+        guard status == ARES_SUCCESS else {
+            let reason = String(cString: ares_strerror(status))
+            if status == ARES_ETIMEOUT {
+                return .failure(CallStatus(code: .unavailable, message: "DNS lookup of \(host) timed out"))
+            }
+            return .failure(CallStatus(code: .unavailable, message: "DNS lookup of \(host) failed: \(reason)"))
+        }
+        var addresses: [NetworkAddress] = []
+        var node = result?.pointee.nodes
+        while let current = node {
+            if let address = Self.address(current.pointee.ai_addr, port: port), !addresses.contains(address) {
+                addresses.append(address)
+            }
+            node = current.pointee.ai_next
+        }
+        if addresses.isEmpty {
+            return .failure(CallStatus(code: .unavailable, message: "DNS lookup of \(host) returned no addresses"))
+        }
+        return .success(addresses)
+    }
+
+    private static func address(_ sockaddr: UnsafeMutablePointer<sockaddr>?, port: Int) -> NetworkAddress? {
+        guard let sockaddr else { return nil }
+        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
+        switch Int32(sockaddr.pointee.sa_family) {
+        case AF_INET:
+            var address = sockaddr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr }
+            guard inet_ntop(AF_INET, &address, &text, socklen_t(text.count)) != nil else { return nil }
+        case AF_INET6:
+            var address = sockaddr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
+            guard inet_ntop(AF_INET6, &address, &text, socklen_t(text.count)) != nil else { return nil }
+        default:
+            return nil
+        }
+        return NetworkAddress(ip: String(cString: text), port: port)
+    }
+
+    /// c-ares opened, changed or closed a socket: mirror it in the loop's epoll.
+    private func socketChanged(_ fd: Int32, read: Bool, write: Bool) {
+        let interest = (read ? UInt32(CR_READ) : 0) | (write ? UInt32(CR_WRITE) : 0)
+        if interest == 0 {
+            if let socket = self.sockets.removeValue(forKey: fd), let registration = socket.registration {
+                self.reactor.deregister(registration, handler: socket)
+            }
+            return
+        }
+        if let socket = self.sockets[fd], let registration = socket.registration {
+            self.reactor.setInterest(registration, interest)
+            return
+        }
+        let socket = Socket(channel: self, fd: fd)
+        socket.registration = try? self.reactor.register(fd: fd, interest: interest, handler: socket)
+        self.sockets[fd] = socket
+    }
+
+    fileprivate func process(read: Int32, write: Int32) {
+        guard let channel = self.channel else { return }
+        ares_process_fd(channel, read, write)
+        self.armTimer()
+    }
+
+    /// The next c-ares timeout as a loop timer (none while nothing is pending).
+    private func armTimer() {
+        if self.timer != 0 {
+            self.reactor.cancelTimer(self.timer)
+            self.timer = 0
+        }
+        guard let channel = self.channel else { return }
+        var wait = timeval()
+        guard ares_timeout(channel, nil, &wait) != nil else { return }
+        let nanos = UInt64(max(wait.tv_sec, 0)) * 1_000_000_000 + UInt64(max(wait.tv_usec, 0)) * 1000
+        self.timer = self.reactor.scheduleTimer(at: Reactor.clock() &+ nanos, handler: self, tag: 0)
+    }
+
+    override func reactorTimerFired(tag: UInt64) {
+        self.timer = 0
+        self.process(read: ARES_SOCKET_BAD, write: ARES_SOCKET_BAD)
+    }
+
+    /// Tears the channel down on its loop (pending lookups end UNAVAILABLE), or here once the loop has stopped.
+    func close() {
+        if self.reactor.inReactorThread || self.reactor.isStopped {
+            self.destroy()
+        } else if !self.reactor.execute({ self.destroy() }) {
+            self.destroy()
+        }
+    }
+
+    private func destroy() {
+        guard let channel = self.channel else { return }
+        self.channel = nil
+        if self.timer != 0 {
+            self.reactor.cancelTimer(self.timer)
+            self.timer = 0
+        }
+        // Calls every pending lookup back (ARES_EDESTRUCTION) and closes its sockets through socketChanged.
+        ares_destroy(channel)
+        for socket in self.sockets.values {
+            if let registration = socket.registration { self.reactor.deregister(registration, handler: socket) }
+        }
+        self.sockets.removeAll()
+    }
+}

@@ -1,0 +1,144 @@
+import Foundation
+import GRPCEchoServer
+import Testing
+
+@testable import GRPCConnectionManager
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMWire
+
+/// c-ares on the loop against a DNS server on loopback whose answers the tests change.
+@Suite("DNS with c-ares", .serialized)
+struct DNSResolverTests {
+    static func configuration(_ dns: DNSPeer) -> Configuration {
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        configuration.enableCircuitBreaker = false
+        configuration.dns.servers = [dns.server]
+        configuration.dns.timeout = .milliseconds(300)
+        configuration.dns.attempts = 1
+        configuration.resolutionInterval = .milliseconds(200)
+        configuration.minimumResolutionInterval = .milliseconds(100)
+        return configuration
+    }
+
+    @Test("a name resolves through c-ares (A and AAAA asked) and calls reach the address")
+    func resolves() async throws {
+        let dns = try DNSPeer()
+        defer { dns.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        dns.set("svc.test", ["127.0.0.1"])
+        let channel = try GRPCChannel(
+            target: "svc.test:\(fixture.server.port)", configuration: Self.configuration(dns), eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        let response = try await channel.unary(path: "/echo.Echo/Get", request: [1, 2])
+        #expect(response.message == [1, 2])
+        #expect(dns.queries() >= 2, "A and AAAA")
+        #expect(
+            recorder.all.contains {
+                if case .addressesResolved(_, let addresses) = $0 { return addresses.map(\.description) == ["127.0.0.1:\(fixture.server.port)"] }
+                return false
+            })
+    }
+
+    @Test("addresses that change: the new one joins, the old one drains, no call is lost")
+    func addressesMove() async throws {
+        let dns = try DNSPeer()
+        defer { dns.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let first = try EchoServer(host: "127.0.0.1", eventLoop: loop)
+        defer { first.close() }
+        let second = try EchoServer(host: "127.0.0.2", port: first.port, eventLoop: loop)
+        defer { second.close() }
+        dns.set("moving.test", ["127.0.0.1"])
+        let channel = try GRPCChannel(
+            target: "moving.test:\(first.port)", configuration: Self.configuration(dns), eventLoop: loop)
+        let ledger = CompletionLedger()
+        var id = 0
+        for _ in 0..<5 {
+            id += 1
+            #expect(await channel.call([1], ledger: ledger, id: id).status == .ok)
+        }
+        dns.set("moving.test", ["127.0.0.2"])
+        var moved = false
+        for _ in 0..<400 where !moved {
+            id += 1
+            let response = await channel.call([1], ledger: ledger, id: id)
+            #expect(response.status == .ok)
+            moved = second.requestsPerConnection().reduce(0, +) > 0
+            if !moved { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        #expect(moved)
+        let atFirst = first.requestsPerConnection().reduce(0, +)
+        for _ in 0..<10 {
+            id += 1
+            #expect(await channel.call([1], ledger: ledger, id: id).status == .ok)
+        }
+        #expect(first.requestsPerConnection().reduce(0, +) == atFirst, "the old address takes no new call")
+        #expect(ledger.completed == id && ledger.duplicates == 0)
+    }
+
+    @Test("no address in the answer, then no answer at all: events say so, calls keep the last good address")
+    func badAnswersKeepService() async throws {
+        let dns = try DNSPeer()
+        defer { dns.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        dns.set("flaky.test", ["127.0.0.1"])
+        let channel = try GRPCChannel(
+            target: "flaky.test:\(fixture.server.port)", configuration: Self.configuration(dns), eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        #expect(try await channel.unary(path: "/echo.Echo/Get", request: [1]).message == [1])
+        let failures = { (text: String) in
+            recorder.count { if case .resolutionFailed(_, let error) = $0 { return error.message.contains(text) } else { return false } }
+        }
+        dns.empty("flaky.test")
+        #expect(await eventually { failures("flaky.test") >= 1 })
+        #expect(try await channel.unary(path: "/echo.Echo/Get", request: [2]).message == [2])
+        dns.silence("flaky.test")
+        #expect(await eventually { failures("timed out") >= 1 })
+        #expect(try await channel.unary(path: "/echo.Echo/Get", request: [3]).message == [3])
+    }
+
+    @Test("a name that does not exist, and a server that never answers, fail calls UNAVAILABLE with the reason")
+    func failures() async throws {
+        let dns = try DNSPeer()
+        defer { dns.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let missing = try GRPCChannel(target: "missing.test:50051", configuration: Self.configuration(dns), eventLoop: loop)
+        let notFound = await missing.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(notFound.status.code == .unavailable)
+        #expect(notFound.status.message.contains("missing.test"))
+        dns.silence("quiet.test")
+        let quiet = try GRPCChannel(target: "quiet.test:50051", configuration: Self.configuration(dns), eventLoop: loop)
+        let started = ContinuousClock.now
+        let timedOut = await quiet.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(timedOut.status.code == .unavailable)
+        #expect(timedOut.status.message.contains("timed out"))
+        #expect(ContinuousClock.now - started < .seconds(5))
+    }
+
+    @Test("DNS settings are validated")
+    func validation() throws {
+        for (field, change) in [
+            ("dns.timeout", { (c: inout Configuration) in c.dns.timeout = .zero }),
+            ("dns.attempts", { (c: inout Configuration) in c.dns.attempts = 0 }),
+            ("dns.servers", { (c: inout Configuration) in c.dns.servers = ["dns.example"] }),
+            ("dns.servers", { (c: inout Configuration) in c.dns.servers = ["127.0.0.1:99999"] }),
+        ] {
+            var configuration = Configuration()
+            change(&configuration)
+            #expect(throws: ConfigurationError.self, "\(field)") { try configuration.validate() }
+        }
+        var configuration = Configuration()
+        configuration.dns.servers = ["127.0.0.1", "127.0.0.1:5353", "[::1]:53", "::1"]
+        try configuration.validate()
+    }
+}
