@@ -7,14 +7,14 @@
 #                                   libnghttp2-14, libssl3, zlib1g and libc-ares2 are used) and openssl
 #                                   (the certificates of make demo-tls)
 #   scripts/install-deps.sh test    that, plus what the tests need (make test): Debian valgrind (the
-#                                   instruction-count gate) and python3 with pip; PyPI grpcio and
+#                                   instruction-count gate), etcd-server (the etcd discovery tests) and python3 with pip; PyPI grpcio and
 #                                   grpcio-health-checking (the reference peer), h2 (the scripted HTTP/2 peers)
 set -euo pipefail
 
 what="${1:-test}"
 packages=(libnghttp2-dev libssl-dev zlib1g-dev libc-ares-dev pkg-config openssl)  # openssl: the certificates of make demo-tls
 if [ "$what" = "test" ]; then
-    packages+=(valgrind python3)
+    packages+=(valgrind python3 etcd-server)  # etcd-server: the discovery tests start one on loopback
     # pip itself: a minimal Debian has python3 without it.
     python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 fi

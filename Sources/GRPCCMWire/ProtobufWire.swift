@@ -13,6 +13,55 @@ package enum ProtobufWire {
         return out
     }
 
+    /// Field `number` as a varint (an integer or bool field); empty for 0 (proto3 leaves default values out).
+    package static func varintField(_ number: Int, _ value: UInt64) -> [UInt8] {
+        guard value != 0 else { return [] }
+        var out: [UInt8] = []
+        Self.appendVarint(UInt64(number << 3), to: &out)
+        Self.appendVarint(value, to: &out)
+        return out
+    }
+
+    /// One field of a message, as `forEachField` hands it over.
+    package enum Field {
+        case varint(UInt64)
+        case bytes(ArraySlice<UInt8>)
+        case fixed
+    }
+
+    /// Calls `body` with each field's number and value, in order. Returns false when the bytes are malformed.
+    @discardableResult
+    package static func forEachField(_ bytes: ArraySlice<UInt8>, _ body: (Int, Field) -> Void) -> Bool {
+        let bytes = Array(bytes)
+        var index = 0
+        while index < bytes.count {
+            guard let (key, afterKey) = Self.varint(bytes, from: index) else { return false }
+            index = afterKey
+            let number = Int(key >> 3)
+            switch key & 7 {
+            case 0:
+                guard let (value, next) = Self.varint(bytes, from: index) else { return false }
+                index = next
+                body(number, .varint(value))
+            case 1:
+                index += 8
+                body(number, .fixed)
+            case 2:
+                guard let (length, start) = Self.varint(bytes, from: index), start + Int(length) <= bytes.count else {
+                    return false
+                }
+                index = start + Int(length)
+                body(number, .bytes(bytes[start..<index]))
+            case 5:
+                index += 4
+                body(number, .fixed)
+            default:
+                return false
+            }
+        }
+        return index == bytes.count
+    }
+
     package static func appendVarint(_ value: UInt64, to out: inout [UInt8]) {
         var value = value
         while value >= 0x80 {

@@ -14,7 +14,13 @@ extension Configuration {
     }
 
     /// The resolver a channel's pools ask (one per channel; c-ares keeps one channel per loop inside it).
-    func makeResolver() -> any AddressResolver {
+    func makeResolver(for target: Target) throws(ConfigurationError) -> any AddressResolver {
+        if case .etcd = target.kind {
+            guard let etcd = self.etcd else {
+                throw ConfigurationError(field: "etcd", message: "\(target) needs configuration.etcd (where etcd listens)")
+            }
+            return EtcdResolver(settings: etcd)
+        }
         switch self.dns.resolver {
         case .system:
             return SystemResolver()

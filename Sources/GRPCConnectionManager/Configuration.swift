@@ -76,6 +76,23 @@ public struct Configuration: Sendable, Hashable {
     /// How host names are resolved.
     public var dns = DNS()
 
+    /// Where `etcd:///name` targets are looked up (nil: such targets are refused).
+    public var etcd: Etcd? = nil
+
+    /// An etcd cluster holding endpoints as grpc-go's endpoints manager writes them (`EtcdResolver`,
+    /// `EtcdRegistration`).
+    public struct Etcd: Sendable, Hashable {
+        /// etcd's client address, `host:port` (plaintext gRPC, etcd's `--listen-client-urls http://...`); the
+        /// first is used.
+        public var endpoints: [String]
+        /// Bound on each Range. Default 5 s.
+        public var timeout: Duration = .seconds(5)
+
+        public init(endpoints: [String]) {
+            self.endpoints = endpoints
+        }
+    }
+
     /// HTTP/2 settings of each connection.
     public var http2 = HTTP2()
 
@@ -252,6 +269,19 @@ public struct Configuration: Sendable, Hashable {
         }
         for server in self.dns.servers ?? [] where !Self.isServerAddress(server) {
             throw ConfigurationError(field: "dns.servers", message: "\"\(server)\" is not ip, ip:port or [v6]:port")
+        }
+        if let etcd = self.etcd {
+            if etcd.endpoints.isEmpty {
+                throw ConfigurationError(field: "etcd.endpoints", message: "must name at least one host:port")
+            }
+            for endpoint in etcd.endpoints {
+                guard let target = try? Target(parsing: endpoint), case .hostPort = target.kind else {
+                    throw ConfigurationError(field: "etcd.endpoints", message: "\"\(endpoint)\" is not host:port")
+                }
+            }
+            if etcd.timeout <= .zero {
+                throw ConfigurationError(field: "etcd.timeout", message: "must be greater than zero")
+            }
         }
         if self.maxQueuedCalls < 1 {
             throw ConfigurationError(field: "maxQueuedCalls", message: "must be at least 1")

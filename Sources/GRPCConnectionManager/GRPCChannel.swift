@@ -79,7 +79,7 @@ public final class GRPCChannel: Sendable {
             interceptors: [], loops: [eventLoop.reactor], resolver: resolver)
     }
 
-    private convenience init(
+    convenience init(
         target: String, configuration: Configuration, logger: Logger, metricsFactory: (any MetricsFactory)?,
         interceptors: [any CallInterceptor], loops: [Reactor], resolver: (any AddressResolver)? = nil
     ) throws {
@@ -108,7 +108,13 @@ public final class GRPCChannel: Sendable {
         resolver: (any AddressResolver)? = nil
     ) throws(ConfigurationError) {
         // One resolver for the channel's pools (the configuration's unless a test brings its own).
-        let resolver = resolver ?? configuration.makeResolver()
+        let chosen: any AddressResolver
+        if let resolver {
+            chosen = resolver
+        } else {
+            chosen = try configuration.makeResolver(for: target)
+        }
+        let resolver = chosen
         self.interceptors = interceptors
         var tls: TLSContext?
         var tlsServerName: String?
@@ -121,6 +127,7 @@ public final class GRPCChannel: Sendable {
             switch target.kind {
             case .hostPort(let host, _): tlsServerName = settings.serverName ?? host
             case .unix: tlsServerName = settings.serverName ?? "localhost"
+            case .etcd(let name): tlsServerName = settings.serverName ?? name
             }
         }
         self.shards = loops.map { context in

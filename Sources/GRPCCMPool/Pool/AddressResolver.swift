@@ -13,6 +13,15 @@ package protocol AddressResolver: Sendable {
     func resolve(
         _ target: Target, on reactor: Reactor,
         completion: @escaping @Sendable (Result<[NetworkAddress], CallStatus>) -> Void)
+
+    /// A resolver that learns of changes itself (an etcd watch) calls `changed` on `reactor`'s thread whenever the
+    /// answer may differ; the pool resolves again then. Called once per pool, before its first resolution. The
+    /// default learns nothing (DNS has no push).
+    func watch(_ target: Target, on reactor: Reactor, changed: @escaping @Sendable () -> Void)
+}
+
+extension AddressResolver {
+    package func watch(_ target: Target, on reactor: Reactor, changed: @escaping @Sendable () -> Void) {}
 }
 
 /// A resolver whose lookup blocks (getaddrinfo): it runs on a helper thread and reports back through the loop's

@@ -76,6 +76,12 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private var lastResolution: UInt64 = 0
     @exclusivity(unchecked)
     private var periodicResolutionScheduled = false
+    /// The resolver's watch has been started (once per pool).
+    @exclusivity(unchecked)
+    private var watching = false
+    /// A resolution asked for by the resolver's watch waits for `minimumResolutionInterval`.
+    @exclusivity(unchecked)
+    private var changeResolutionScheduled = false
     @exclusivity(unchecked)
     private var queue: WaitQueue<ClientCall>
     @exclusivity(unchecked)
@@ -331,10 +337,33 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// loop. Numeric addresses and Unix paths need none.
     private func resolve() {
         guard !self.resolving, self.target.numericAddresses == nil, !self.isClosing else { return }
+        if !self.watching {
+            self.watching = true
+            self.resolver.watch(self.target, on: self.reactor) { [weak self] in self?.resolveWhenAllowed() }
+        }
         self.resolving = true
         self.lastResolution = Reactor.clock()
         let pool = self
         self.resolver.resolve(self.target, on: self.reactor) { result in pool.resolved(result) }
+    }
+
+    /// The resolver says the answer changed: resolve now, or as soon as `minimumResolutionInterval` allows (a change
+    /// is never dropped, only batched with those that follow it).
+    private func resolveWhenAllowed() {
+        guard !self.isClosing else { return }
+        let minimum = UInt64(max(self.settings.minimumResolutionInterval.nanoseconds, 0))
+        let since = Reactor.clock() &- self.lastResolution
+        if since >= minimum && !self.resolving {
+            self.resolve()
+            return
+        }
+        guard !self.changeResolutionScheduled else { return }
+        self.changeResolutionScheduled = true
+        self.reactor.schedule(afterNanoseconds: since >= minimum ? minimum : minimum - since) { [weak self] in
+            guard let self else { return }
+            self.changeResolutionScheduled = false
+            self.resolveWhenAllowed()
+        }
     }
 
     /// Resolves now unless the last resolution is more recent than `minimumResolutionInterval` (a storm of failures
@@ -370,12 +399,15 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         switch result {
         case .success(let addresses):
             self.resolutionError = nil
+            // A pool already in use connects an address that joins at once (so that round_robin and least-loaded
+            // spread calls onto it); pick_first keeps to its one connection (connectIdle's rule).
+            let inUse = self.subchannels.contains { $0.state != .idle }
             if addresses != self.addresses {
                 self.bus.publish(.addressesResolved(service: self.service, addresses: addresses))
                 self.install(addresses)
             }
             self.schedulePeriodicResolution()
-            if self.eager || !self.queue.isEmpty {
+            if self.eager || !self.queue.isEmpty || inUse {
                 self.connectIdle()
             }
         case .failure(let status):

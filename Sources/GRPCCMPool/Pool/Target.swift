@@ -6,11 +6,14 @@ import GRPCCMWire
 import Glibc
 #endif
 
-/// Where a channel connects: `host:port`, `[v6]:port`, or `unix:/path`.
+/// Where a channel connects: `host:port`, `[v6]:port`, `unix:/path`, or `etcd:///name` (the endpoints registered
+/// in etcd under the key prefix `name/`, as grpc-go's etcd resolver reads them).
 public struct Target: Sendable, Hashable, CustomStringConvertible {
     package enum Kind: Sendable, Hashable {
         case hostPort(host: String, port: Int)
         case unix(path: String)
+        /// Endpoints under the etcd key prefix `name/`.
+        case etcd(name: String)
     }
 
     package let kind: Kind
@@ -18,6 +21,14 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
     /// Parses `host:port`, `[v6]:port`, `unix:/path` (also `unix:///path`).
     /// - Throws: `ConfigurationError` naming `address` when the text is not one of those.
     public init(parsing text: String) throws(ConfigurationError) {
+        if text.hasPrefix("etcd:///") {
+            let name = String(text.dropFirst(8))
+            guard !name.isEmpty, !name.hasSuffix("/"), name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+                throw ConfigurationError(field: "address", message: "\"\(text)\": expected etcd:///name (printable, no trailing /)")
+            }
+            self.kind = .etcd(name: name)
+            return
+        }
         if text.hasPrefix("unix:") {
             var path = String(text.dropFirst(5))
             if path.hasPrefix("//") { path = String(path.dropFirst(2)) }
@@ -56,6 +67,7 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
         switch self.kind {
         case .hostPort(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         case .unix(let path): return "unix:\(path)"
+        case .etcd(let name): return "etcd:///\(name)"
         }
     }
 
@@ -64,6 +76,7 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
         switch self.kind {
         case .hostPort: return self.description
         case .unix: return "localhost"
+        case .etcd(let name): return name
         }
     }
 
@@ -74,13 +87,16 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
         case .hostPort(let host, let port):
             if let address = NetworkAddress(ip: host, port: port) { return [address] }
             return nil
+        case .etcd: return nil
         }
     }
 
     /// Resolves with getaddrinfo. Blocking: never call it on the reactor thread.
     package func resolveBlocking() -> Result<[NetworkAddress], CallStatus> {
         if let numeric = self.numericAddresses { return .success(numeric) }
-        guard case .hostPort(let host, let port) = self.kind else { return .success([]) }
+        guard case .hostPort(let host, let port) = self.kind else {
+            return .failure(CallStatus(code: .unavailable, message: "\(self) is not a host name (it needs its own resolver)"))
+        }
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         hints.ai_family = AF_UNSPEC

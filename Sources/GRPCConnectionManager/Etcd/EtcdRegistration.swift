@@ -1,0 +1,154 @@
+import GRPCCMCalls
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMWire
+
+/// Registers a server's address in etcd the way grpc-go's endpoints manager does, so that `etcd:///name` clients
+/// (this package's, or grpc-go's etcd resolver) find it: a lease, the key `name/address` with the value
+/// `{"Op":0,"Addr":"address","Metadata":null}` attached to it, and a bidirectional LeaseKeepAlive stream that renews
+/// the lease every third of its TTL. If the process dies the lease expires and the key goes; if etcd loses the lease
+/// (restarted, or unreachable for longer than the TTL) the registration grants a new one and writes the key again.
+/// `deregister()` deletes the key and revokes the lease.
+///
+/// ```swift
+/// let registration = try await EtcdRegistration.register(
+///     name: "services/echo", address: "10.0.0.7:50051", etcd: .init(endpoints: ["127.0.0.1:2379"]))
+/// // ... serve ...
+/// await registration.deregister()
+/// ```
+public final class EtcdRegistration: Sendable {
+    /// The key written: `name/address`.
+    public let key: String
+    public let address: String
+    private let channel: GRPCChannel
+    private let loop: ReactorLoop
+    private let ttl: Duration
+    private let state = PThreadLock<State>(State())
+
+    private struct State {
+        var lease: Int64 = 0
+        var stream: StreamingCall?
+        var timer: LoopTimer?
+        var stopped = false
+        var renewing = false
+    }
+
+    private init(key: String, address: String, channel: GRPCChannel, loop: ReactorLoop, ttl: Duration) {
+        self.key = key
+        self.address = address
+        self.channel = channel
+        self.loop = loop
+        self.ttl = ttl
+    }
+
+    /// Registers `address` under `name` and keeps it registered until `deregister()`.
+    /// - Parameters:
+    ///   - ttl: The lease's time to live (whole seconds, at least 2): how long the key outlives this process.
+    ///   - eventLoop: The loop its calls and timers run on; nil uses `ReactorLoop.shared`.
+    /// - Throws: `CallError` when etcd cannot be reached or refuses (the lease or the key).
+    public static func register(
+        name: String, address: String, etcd: Configuration.Etcd, ttl: Duration = .seconds(10),
+        eventLoop: ReactorLoop? = nil
+    ) async throws(CallError) -> EtcdRegistration {
+        let loop = eventLoop ?? ReactorLoop.shared
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.dns.resolver = .system
+        configuration.etcd = etcd
+        let channel: GRPCChannel
+        do {
+            try configuration.validate()
+            channel = try GRPCChannel(target: etcd.endpoints[0], configuration: configuration, eventLoop: loop)
+        } catch {
+            throw CallError(status: CallStatus(code: .invalidArgument, message: "\(error)"))
+        }
+        let registration = EtcdRegistration(
+            key: name + "/" + address, address: address, channel: channel, loop: loop,
+            ttl: max(ttl, .seconds(2)))
+        try await registration.grantAndPut()
+        registration.keepAlive()
+        return registration
+    }
+
+    /// A lease, then the key attached to it.
+    private func grantAndPut() async throws(CallError) {
+        let seconds = max(Int64(self.ttl.components.seconds), 2)
+        let grant = try await self.channel.unary(
+            path: EtcdMessages.leaseGrantPath, request: EtcdMessages.leaseGrantRequest(ttlSeconds: seconds),
+            options: RequestOptions(timeout: .seconds(5)))
+        let lease = EtcdMessages.leaseResponse(grant.message)
+        guard lease.error.isEmpty, lease.id != 0 else {
+            throw CallError(status: CallStatus(code: .unavailable, message: "etcd refused a lease: \(lease.error)"))
+        }
+        _ = try await self.channel.unary(
+            path: EtcdMessages.putPath,
+            request: EtcdMessages.putRequest(
+                key: self.key, value: EtcdMessages.endpointValue(address: self.address), lease: lease.id),
+            options: RequestOptions(timeout: .seconds(5)))
+        self.state.withLock { $0.lease = lease.id }
+    }
+
+    /// Opens the LeaseKeepAlive stream and renews every third of the TTL; a stream that ends opens again.
+    private func keepAlive() {
+        let callbacks = StreamingCallbacks(
+            onMessage: { [weak self] message in
+                guard let self else { return }
+                // TTL 0: etcd no longer knows the lease (it expired): register afresh.
+                if EtcdMessages.leaseResponse(message).ttl == 0 { self.renew() }
+            },
+            onFinish: { [weak self] _ in
+                guard let self, !self.state.withLock({ $0.stopped }) else { return }
+                _ = self.loop.scheduleTimer(after: .seconds(1)) { [weak self] in self?.keepAlive() }
+            })
+        let stream = self.channel.bidirectionalStreaming(path: EtcdMessages.leaseKeepAlivePath, callbacks: callbacks)
+        let stopped = self.state.withLock { state -> Bool in
+            if !state.stopped { state.stream = stream }
+            return state.stopped
+        }
+        if stopped {
+            stream.cancel()
+            return
+        }
+        self.ping()
+    }
+
+    /// One keepalive now, the next after a third of the TTL.
+    private func ping() {
+        let (stream, lease, stopped) = self.state.withLock { ($0.stream, $0.lease, $0.stopped) }
+        guard !stopped, let stream else { return }
+        _ = stream.send(EtcdMessages.leaseIDRequest(lease))
+        let timer = self.loop.scheduleTimer(after: self.ttl / 3) { [weak self] in self?.ping() }
+        self.state.withLock { $0.timer = timer }
+    }
+
+    /// The lease is gone: a new one and the key again (once at a time; retried by the next keepalive).
+    private func renew() {
+        let begin = self.state.withLock { state -> Bool in
+            guard !state.stopped, !state.renewing else { return false }
+            state.renewing = true
+            return true
+        }
+        guard begin else { return }
+        Task {
+            try? await self.grantAndPut()
+            self.state.withLock { $0.renewing = false }
+        }
+    }
+
+    /// Deletes the key and revokes the lease; the keepalive stops. Idempotent.
+    public func deregister() async {
+        let (stream, timer, lease, wasStopped) = self.state.withLock { state in
+            defer { state.stopped = true }
+            return (state.stream, state.timer, state.lease, state.stopped)
+        }
+        guard !wasStopped else { return }
+        timer?.cancel()
+        stream?.cancel()
+        _ = await self.channel.unaryResult(
+            path: EtcdMessages.deleteRangePath, request: EtcdMessages.deleteRequest(key: self.key),
+            options: RequestOptions(timeout: .seconds(5)))
+        _ = await self.channel.unaryResult(
+            path: EtcdMessages.leaseRevokePath, request: EtcdMessages.leaseIDRequest(lease),
+            options: RequestOptions(timeout: .seconds(5)))
+        self.channel.close()
+    }
+}

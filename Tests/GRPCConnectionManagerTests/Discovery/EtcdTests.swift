@@ -1,0 +1,151 @@
+import Foundation
+import Testing
+
+@testable import GRPCConnectionManager
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMWire
+
+/// The etcd resolver and the registration helper against Debian's etcd-server, with grpcio backends.
+@Suite("etcd discovery", .serialized)
+struct EtcdTests {
+    static func configuration(_ etcd: EtcdPeer) -> Configuration {
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        configuration.enableCircuitBreaker = false
+        configuration.loadBalancingPolicy = .roundRobin
+        configuration.etcd = Configuration.Etcd(endpoints: [etcd.endpoint])
+        configuration.resolutionInterval = .seconds(1)
+        configuration.minimumResolutionInterval = .milliseconds(50)
+        return configuration
+    }
+
+    /// Which backends served `count` calls (recorded in `ledger`, every one OK).
+    static func served(_ channel: GRPCChannel, _ count: Int, ledger: CompletionLedger, next id: inout Int) async -> Set<String> {
+        var served: Set<String> = []
+        for _ in 0..<count {
+            id += 1
+            let response = await channel.call("/echo.Echo/Get", [1], ledger: ledger, id: id)
+            #expect(response.status == .ok, "\(response.status)")
+            if let peer = response.initialMetadata["x-peer"] { served.insert(peer) }
+        }
+        return served
+    }
+
+    @Test("grpc-go's endpoint values are read; anything else is not an address")
+    func values() {
+        #expect(EtcdMessages.endpointAddress(EtcdMessages.endpointValue(address: "10.0.0.7:50051")) == "10.0.0.7:50051")
+        #expect(EtcdMessages.endpointAddress(Array(#"{"Op":0,"Addr":"[::1]:80","Metadata":{"weight":3}}"#.utf8)) == "[::1]:80")
+        #expect(EtcdMessages.endpointAddress(Array(#" { "Addr" : "1.2.3.4:5" } "#.utf8)) == "1.2.3.4:5")
+        for bad in ["1.2.3.4:5", "{}", #"{"Addr":5}"#, #"{"Addr":"x\"y"}"#, "", #"{"Addr""#] {
+            #expect(EtcdMessages.endpointAddress(Array(bad.utf8)) == nil, "\(bad)")
+        }
+        #expect(EtcdMessages.prefixEnd(Array("a/".utf8)) == Array("a0".utf8))
+        #expect(EtcdMessages.prefixEnd([0x61, 0xFF]) == [0x62])
+    }
+
+    @Test("registered grpcio backends are found; calls follow additions and removals; no call is lost")
+    func followsRegistrations() async throws {
+        let etcd = try EtcdPeer()
+        defer { etcd.stop() }
+        let peers = try ["a", "b", "c"].map { try PythonPeer(name: $0) }
+        defer { for peer in peers { peer.stop() } }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let settings = Configuration.Etcd(endpoints: [etcd.endpoint])
+        var registrations: [EtcdRegistration] = []
+        for peer in peers.prefix(2) {
+            registrations.append(
+                try await EtcdRegistration.register(name: "services/echo", address: peer.target, etcd: settings, eventLoop: loop))
+        }
+        let channel = try GRPCChannel(target: "etcd:///services/echo", configuration: Self.configuration(etcd), eventLoop: loop)
+        let ledger = CompletionLedger()
+        var id = 0
+        #expect(await Self.served(channel, 10, ledger: ledger, next: &id) == ["a", "b"])
+
+        let third = try await EtcdRegistration.register(
+            name: "services/echo", address: peers[2].target, etcd: settings, eventLoop: loop)
+        var seen: Set<String> = []
+        for _ in 0..<200 where !seen.contains("c") {
+            seen.formUnion(await Self.served(channel, 3, ledger: ledger, next: &id))
+        }
+        #expect(seen.contains("c"), "the watch brought the new backend")
+
+        await registrations[0].deregister()
+        var withoutA = false
+        for _ in 0..<200 where !withoutA {
+            withoutA = await !Self.served(channel, 6, ledger: ledger, next: &id).contains("a")
+        }
+        #expect(withoutA, "the removed backend drains")
+        #expect(await Self.served(channel, 9, ledger: ledger, next: &id) == ["b", "c"])
+        #expect(ledger.completed == id && ledger.duplicates == 0)
+        await registrations[1].deregister()
+        await third.deregister()
+    }
+
+    @Test("a value that is not an address is skipped; etcd going away keeps the last good addresses")
+    func badInputKeepsService() async throws {
+        let etcd = try EtcdPeer()
+        let peer = try PythonPeer(name: "only")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let settings = Configuration.Etcd(endpoints: [etcd.endpoint])
+        let registration = try await EtcdRegistration.register(
+            name: "services/mixed", address: peer.target, etcd: settings, eventLoop: loop)
+        // A value written by someone else, not an address.
+        let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
+        _ = try await raw.unary(
+            path: EtcdMessages.putPath,
+            request: EtcdMessages.putRequest(key: "services/mixed/garbage", value: Array("not json".utf8), lease: 0))
+        let channel = try GRPCChannel(target: "etcd:///services/mixed", configuration: Self.configuration(etcd), eventLoop: loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        let ledger = CompletionLedger()
+        var id = 0
+        #expect(await Self.served(channel, 3, ledger: ledger, next: &id) == ["only"])
+
+        etcd.stop()
+        #expect(
+            await eventually(timeout: 10) {
+                recorder.count { if case .resolutionFailed(_, let error) = $0 { return error.message.contains("etcd") } else { return false } } > 0
+            })
+        #expect(await Self.served(channel, 3, ledger: ledger, next: &id) == ["only"])
+        #expect(ledger.completed == id && ledger.duplicates == 0)
+        _ = registration
+    }
+
+    @Test("the registration keeps its key past the lease's TTL, and deregister removes it")
+    func leaseIsKeptAlive() async throws {
+        let etcd = try EtcdPeer()
+        defer { etcd.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let settings = Configuration.Etcd(endpoints: [etcd.endpoint])
+        let registration = try await EtcdRegistration.register(
+            name: "services/ttl", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(2), eventLoop: loop)
+        let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
+        func keys() async throws -> [String] {
+            let response = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: "services/ttl/"))
+            return EtcdMessages.rangeResponse(response.message)?.pairs.map(\.key) ?? []
+        }
+        #expect(try await keys() == ["services/ttl/127.0.0.1:1"])
+        // Twice the TTL: without keepalives the lease, and the key with it, would be gone.
+        try await Task.sleep(for: .seconds(4))
+        #expect(try await keys() == ["services/ttl/127.0.0.1:1"])
+        await registration.deregister()
+        #expect(try await keys() == [])
+    }
+
+    @Test("an etcd target without configuration.etcd is refused, naming the field")
+    func needsConfiguration() {
+        #expect(throws: ConfigurationError.self) { try GRPCChannel(target: "etcd:///services/x") }
+        var configuration = Configuration()
+        configuration.etcd = Configuration.Etcd(endpoints: ["not an address"])
+        #expect(throws: ConfigurationError.self) { try configuration.validate() }
+        #expect(throws: ConfigurationError.self) { try Target(parsing: "etcd:///") }
+    }
+}
