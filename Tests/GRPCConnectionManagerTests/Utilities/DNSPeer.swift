@@ -38,12 +38,22 @@ final class DNSPeer: @unchecked Sendable {
     /// `127.0.0.1:port`, for `Configuration.dns.servers`.
     var server: String { "127.0.0.1:\(self.port)" }
 
-    /// Answers `name` with `addresses` from now on (A for IPv4, AAAA for IPv6).
-    func set(_ name: String, _ addresses: [String]) { self.send("set \(name) \(addresses.joined(separator: ","))") }
+    /// Answers `name` with `addresses` from now on (A for IPv4, AAAA for IPv6); returns once the server does.
+    func set(_ name: String, _ addresses: [String]) { self.change("set \(name) \(addresses.joined(separator: ","))") }
     /// Answers `name` with no address.
-    func empty(_ name: String) { self.send("empty \(name)") }
+    func empty(_ name: String) { self.change("empty \(name)") }
     /// Never answers `name`.
-    func silence(_ name: String) { self.send("silent \(name)") }
+    func silence(_ name: String) { self.change("silent \(name)") }
+
+    /// Sends a change and waits for the server's "ok" (the next query sees it).
+    private func change(_ line: String) {
+        let before = self.lines.withLock { $0.count }
+        self.send(line)
+        for _ in 0..<500 {
+            if self.lines.withLock({ $0.dropFirst(before).contains("ok") }) { return }
+            usleep(10_000)
+        }
+    }
 
     /// Queries received so far.
     func queries() -> Int {

@@ -2,7 +2,8 @@
 
     python3 dns_server.py
 
-Prints its port, then reads commands on stdin until it closes:
+Prints its port, then reads commands on stdin until it closes (each change is acknowledged with "ok" once in
+force):
 
   set NAME IP[,IP...]   answer A (IPv4) and AAAA (IPv6) queries for NAME with these addresses
   empty NAME            answer NOERROR with no address
@@ -84,8 +85,10 @@ for line in sys.stdin:
         if parts[0] == "set" and len(parts) == 3:
             records[parts[1].lower()] = parts[2].split(",")
             mode.pop(parts[1].lower(), None)
+            print("ok", flush=True)
         elif parts[0] in ("empty", "silent") and len(parts) == 2:
             mode[parts[1].lower()] = parts[0]
+            print("ok", flush=True)
         elif parts[0] == "count":
             print("count %d" % queries, flush=True)
 sock.close()
