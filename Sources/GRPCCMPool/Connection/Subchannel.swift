@@ -11,6 +11,8 @@ package protocol SubchannelDelegate: AnyObject {
     func subchannelHasCapacity(_ subchannel: Subchannel)
     /// Whether calls wait for a connection (decides between reconnecting and resting in IDLE after a backoff).
     var hasWaitingCalls: Bool { get }
+    /// A subchannel shut down gracefully has no connection left: its last draining one closed.
+    func subchannelFinishedDraining(_ subchannel: Subchannel)
 }
 
 /// One connection slot to one address: the owner of a `ConnectionStateMachine`. It performs the machine's actions
@@ -137,6 +139,9 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
 
     /// Open streams on the current connection (for least-loaded picking).
     package var load: Int { self.transport?.openStreamCount ?? 0 }
+
+    /// No connection left, current or draining (a subchannel shut down gracefully may go then).
+    package var isDrained: Bool { self.transport == nil && self.draining.isEmpty }
 
     /// Calls still running on this subchannel's connections (the current one and the draining ones).
     package var openStreamCount: Int {
@@ -368,7 +373,10 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     package func transportClosed(
         _ transport: any HTTP2Transport, reason: CallStatus, wasReady: Bool, keepaliveTimedOut: Bool
     ) {
-        if self.draining.removeValue(forKey: ObjectIdentifier(transport)) != nil { return }
+        if self.draining.removeValue(forKey: ObjectIdentifier(transport)) != nil {
+            if self.draining.isEmpty && self.machine.state == .shutdown { self.delegate?.subchannelFinishedDraining(self) }
+            return
+        }
         guard transport === self.transport else { return }
         let oldState = self.state
         self.stopHealthWatch()

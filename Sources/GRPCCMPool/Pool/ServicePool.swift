@@ -76,6 +76,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private var lastResolution: UInt64 = 0
     @exclusivity(unchecked)
     private var periodicResolutionScheduled = false
+    /// Subchannels whose address went away, finishing their calls (graceful shutdown) before they go.
+    @exclusivity(unchecked)
+    private var retiring: [Subchannel] = []
     /// The resolver's watch has been started (once per pool).
     @exclusivity(unchecked)
     private var watching = false
@@ -292,6 +295,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.subchannels = next
         for stale in remaining {
             stale.shutdown(reason: CallStatus(code: .unavailable, message: "address no longer resolved"), graceful: true)
+            // Kept until its connections have finished their calls: dropping it would close them under the calls.
+            if !stale.isDrained { self.retiring.append(stale) }
         }
     }
 
@@ -457,6 +462,10 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
     }
 
+    package func subchannelFinishedDraining(_ subchannel: Subchannel) {
+        self.retiring.removeAll { $0 === subchannel }
+    }
+
     package func subchannelHasCapacity(_ subchannel: Subchannel) {
         if !self.queue.isEmpty { self.drainQueue() }
     }
@@ -476,6 +485,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
         for subchannel in self.subchannels { subchannel.shutdown(reason: reason, graceful: graceful) }
         if !graceful {
+            for subchannel in self.retiring { subchannel.shutdown(reason: reason, graceful: false) }
+            self.retiring.removeAll()
             for call in self.registry.all { call.end(reason) }
             if self.hooked {
                 self.hooked = false

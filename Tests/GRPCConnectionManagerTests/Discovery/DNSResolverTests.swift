@@ -63,6 +63,9 @@ struct DNSResolverTests {
             id += 1
             #expect(await channel.call([1], ledger: ledger, id: id).status == .ok)
         }
+        // A call in flight on the old address when it goes: it must finish there (its connection drains).
+        let inFlight = Task { await channel.call("/echo.Echo/Get", [9], metadata: ["x-sleep-ms": "600"]) }
+        #expect(await eventually { first.requestsPerConnection().reduce(0, +) == 6 })
         dns.set("moving.test", ["127.0.0.2"])
         var moved = false
         for _ in 0..<400 where !moved {
@@ -73,6 +76,9 @@ struct DNSResolverTests {
             if !moved { try await Task.sleep(for: .milliseconds(10)) }
         }
         #expect(moved)
+        let drained = await inFlight.value
+        #expect(drained.status == .ok, "\(drained.status)")
+        #expect(drained.message == [9])
         let atFirst = first.requestsPerConnection().reduce(0, +)
         for _ in 0..<10 {
             id += 1
