@@ -33,6 +33,11 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
         }
     }
 
+    package func hedgingAllowed(service: String) -> Bool {
+        guard let slot = self.throttles.existingSlot(for: service) else { return true }
+        return self.throttles[slot].retriesAllowed
+    }
+
     package func retryDelay(
         service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, attemptTimedOut: Bool,
         deadline: UInt64, now: UInt64

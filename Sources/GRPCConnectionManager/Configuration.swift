@@ -113,6 +113,10 @@ public struct Configuration: Sendable, Hashable {
 
     /// Retry policy, per-method overrides and throttling.
     public var retry = Retry()
+    /// Hedging (gRFC A6) of unary calls, by method (`/package.Service/Method`) or service (`package.Service`): a
+    /// method or service listed here is hedged instead of retried (the retry throttle still applies). Streaming calls
+    /// are never hedged.
+    public var hedging: [String: HedgingPolicy] = [:]
     /// Circuit breaker settings.
     public var circuitBreaker = CircuitBreakerConfiguration()
 
@@ -310,6 +314,14 @@ public struct Configuration: Sendable, Hashable {
         }
         try self.circuitBreaker.validate()
         try self.tls?.validate()
+        for (key, policy) in self.hedging {
+            if !(2...5).contains(policy.maxAttempts) {
+                throw ConfigurationError(field: "hedging[\(key)].maxAttempts", message: "must be 2...5")
+            }
+            if policy.hedgingDelay < .zero {
+                throw ConfigurationError(field: "hedging[\(key)].hedgingDelay", message: "must not be negative")
+            }
+        }
         for key in self.compression.requestEncodingPerMethod.keys {
             let parts = key.split(separator: "/", omittingEmptySubsequences: false)
             let isMethod = parts.count == 3 && parts[0].isEmpty && !parts[1].isEmpty && !parts[2].isEmpty
@@ -329,6 +341,14 @@ public struct Configuration: Sendable, Hashable {
 }
 
 extension Configuration {
+    /// The hedging policy of a call to `path`: the method's, else its service's; nil (no lookup) when none is set.
+    func hedgingPolicy(forPath path: String) -> HedgingPolicy? {
+        if self.hedging.isEmpty { return nil }
+        if let policy = self.hedging[path] { return policy }
+        let parts = path.split(separator: "/")
+        return parts.count == 2 ? self.hedging[String(parts[0])] : nil
+    }
+
     /// `ip`, `ip:port` or `[v6]:port` with a numeric address.
     static func isServerAddress(_ text: String) -> Bool {
         if NetworkAddress(ip: text, port: 53) != nil { return true }

@@ -219,6 +219,14 @@ public final class GRPCChannel: Sendable {
         if encoding != .identity, problem == nil, let message = request {
             request = MessageCompressor.compress(message, with: encoding)
         }
+        if case .single = delivery, buffers == nil, request != nil, problem == nil, suspended == nil,
+            let policy = self.configuration.hedgingPolicy(forPath: path)
+        {
+            return self.startHedged(
+                policy: policy, shard: shard, path: path, request: request, metadata: metadata, options: options,
+                deadline: deadline, encoding: encoding, previousAttempts: previousAttempts, observers: observers,
+                completion: completion)
+        }
         let call = ClientCall(
             environment: shard.environment, path: path, metadata: metadata, request: request, deadline: deadline,
             maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
@@ -251,6 +259,33 @@ public final class GRPCChannel: Sendable {
             }
         }
         return CallHandle(call: call)
+    }
+
+    /// A unary call hedged (gRFC A6): a coordinator on the shard's loop sends the attempts.
+    private func startHedged(
+        policy: HedgingPolicy, shard: ChannelShard, path: String, request: [UInt8]?, metadata: CallMetadata,
+        options: RequestOptions, deadline: UInt64, encoding: CompressionAlgorithm, previousAttempts: Int,
+        observers: [any CallObserver], completion: @escaping @Sendable (UnaryResponse) -> Void
+    ) -> CallHandle {
+        let maxReceive = options.maxReceiveMessageSize ?? self.configuration.maxMessageSize
+        let hedged = HedgedCall(
+            environment: shard.environment, path: path, policy: policy, observers: observers, completion: completion
+        ) { number, coordinator in
+            let attempt = ClientCall(
+                environment: shard.environment, path: path, metadata: metadata, request: request, deadline: deadline,
+                maxReceiveMessageSize: maxReceive, waitForReady: options.waitForReady, requestEncoding: encoding,
+                completion: { [coordinator] response in coordinator.attemptEnded(number, response) })
+            attempt.hedgeAttempt = number
+            // gRFC A6: each hedged attempt says how many went before it.
+            attempt.previousAttemptsElsewhere = previousAttempts + number - 1
+            return attempt
+        }
+        if shard.reactor.inReactorThread {
+            hedged.start()
+        } else if !shard.reactor.execute({ hedged.start() }) {
+            spawnDetachedThread { completion(UnaryResponse(status: CallStatus(code: .unavailable, message: "the event loop has stopped"))) }
+        }
+        return CallHandle(hedged: hedged)
     }
 
     func makeBuffers(path: String, options: RequestOptions) -> StreamBuffers {
@@ -421,11 +456,23 @@ final class ChannelShard: Sendable {
 
 /// Cancels a call from any thread. Cancelling a finished call does nothing.
 public struct CallHandle: Sendable {
-    let call: ClientCall
+    let call: ClientCall?
+    let hedged: HedgedCall?
+
+    init(call: ClientCall) {
+        self.call = call
+        self.hedged = nil
+    }
+
+    init(hedged: HedgedCall) {
+        self.call = nil
+        self.hedged = hedged
+    }
 
     /// Ends the call with CANCELLED (RST_STREAM CANCEL if it was sent), unless it already finished.
     public func cancel() {
-        self.call.cancelFromAnyThread()
+        self.call?.cancelFromAnyThread()
+        self.hedged?.cancel()
     }
 }
 

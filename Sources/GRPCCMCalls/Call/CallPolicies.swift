@@ -33,6 +33,9 @@ package protocol RetryAdvisor: AnyObject {
     ///   - attempt: The attempt that just ended (1 = the first).
     ///   - attemptTimedOut: The attempt's own timeout ended it (the only retryable DEADLINE_EXCEEDED).
     ///   - deadline: The call's deadline (0 = none); a retry that could not start before it is not made.
+    /// Whether the throttle lets another hedged attempt go out for `service` (gRFC A6: hedging shares the retry
+    /// throttle).
+    func hedgingAllowed(service: String) -> Bool
     func retryDelay(
         service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, attemptTimedOut: Bool,
         deadline: UInt64, now: UInt64

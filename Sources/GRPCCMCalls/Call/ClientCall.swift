@@ -86,6 +86,11 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     /// Interceptors' observers, in interceptor order (set before the call is submitted, or when preparation ends).
     @exclusivity(unchecked)
     package var observers: [any CallObserver] = []
+    /// This call is one attempt of a hedged call (gRFC A6), numbered from 1: its coordinator admits, counts and
+    /// reports the call; this one neither asks the breaker, nor publishes the call's start and end, nor retries by
+    /// policy. 0: an ordinary call.
+    @exclusivity(unchecked)
+    package var hedgeAttempt = 0
     /// An interceptor is still preparing the call asynchronously: `start()` only arms the deadline, and
     /// `preparationFinished` begins it.
     @exclusivity(unchecked)
@@ -250,8 +255,10 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
             refusal = CallStatus(code: .unavailable, message: "the event loop is shutting down")
         } else {
             self.startedAt = Reactor.clock()
-            environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
-            if let admission = environment.policies.admission {
+            if self.hedgeAttempt == 0 {
+                environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
+            }
+            if self.hedgeAttempt == 0, let admission = environment.policies.admission {
                 self.permit = admission.admit(service: environment.service, path: self.path)
                 // Refused without touching the network; reported as a call with no attempt.
                 if self.permit == nil { refusal = CallStatus(code: .unavailable, message: "circuit breaker is open") }
@@ -450,7 +457,9 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         let environment = self.environment
         environment.policies.retry?.attemptEnded(service: environment.service, path: self.path, status: status)
         environment.bus.publishCallEvent(
-            .attemptFinished(service: environment.service, path: self.path, status: status, attempt: self.machine.attempt))
+            .attemptFinished(
+                service: environment.service, path: self.path, status: status,
+                attempt: self.hedgeAttempt == 0 ? self.machine.attempt : self.hedgeAttempt))
     }
 
     /// Where every attempt ends: a transparent retry, a retry by policy after a backoff, or the call's end.
@@ -465,7 +474,9 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         var delay: Duration? = nil
         if !transparent {
             self.reportAttempt(response.status)
-            if retryable, self.machine.mayRetryByPolicy, !response.status.isOK, let retry = environment.policies.retry {
+            if retryable, self.hedgeAttempt == 0, self.machine.mayRetryByPolicy, !response.status.isOK,
+                let retry = environment.policies.retry
+            {
                 delay = retry.retryDelay(
                     service: environment.service, path: self.path, status: response.status,
                     trailers: response.trailingMetadata, attempt: self.machine.attempt,
@@ -518,7 +529,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
                 permit, service: environment.service, path: self.path, status: response.status, duration: duration,
                 cancelledByClient: self.cancelledByClient)
         }
-        if self.startedAt != 0 {
+        if self.startedAt != 0 && self.hedgeAttempt == 0 {
             environment.bus.publishCallEvent(
                 .callFinished(
                     service: environment.service, path: self.path, status: response.status, duration: duration,

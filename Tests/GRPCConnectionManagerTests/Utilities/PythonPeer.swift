@@ -41,7 +41,10 @@ final class PythonPeer: @unchecked Sendable {
 
         def echo(request, context):
             values = dict(context.invocation_metadata())
-            sleep_ms = int(values.get("x-sleep-ms", "0"))
+            # GRPC_CM_PEER_SLEEP_MS: every unary call of this backend is slow; GRPC_CM_PEER_FAIL_CODE: every one fails.
+            sleep_ms = int(values.get("x-sleep-ms", os.environ.get("GRPC_CM_PEER_SLEEP_MS", "0")))
+            if os.environ.get("GRPC_CM_PEER_FAIL_CODE"):
+                values["x-fail-code"] = os.environ["GRPC_CM_PEER_FAIL_CODE"]
             if sleep_ms:
                 time.sleep(sleep_ms / 1000.0)
             begin(context)
@@ -156,7 +159,7 @@ final class PythonPeer: @unchecked Sendable {
     /// - Parameter name: Sent back as `x-peer` on every answer (which backend served a call).
     init(
         port: Int = 0, tlsCertificate: String? = nil, tlsKey: String? = nil, compression: String? = nil,
-        name: String? = nil
+        name: String? = nil, sleepMilliseconds: Int? = nil, failCode: Int? = nil
     ) throws {
         let scriptURL = FileManager.default.temporaryDirectory.appendingPathComponent("grpc-cm-peer-\(getpid()).py")
         try Self.script.write(to: scriptURL, atomically: true, encoding: .utf8)
@@ -166,6 +169,8 @@ final class PythonPeer: @unchecked Sendable {
         var environment: [String: String] = [:]
         if let compression { environment["GRPC_CM_PEER_COMPRESSION"] = compression }
         if let name { environment["GRPC_CM_PEER_NAME"] = name }
+        if let sleepMilliseconds { environment["GRPC_CM_PEER_SLEEP_MS"] = String(sleepMilliseconds) }
+        if let failCode { environment["GRPC_CM_PEER_FAIL_CODE"] = String(failCode) }
         if !environment.isEmpty {
             process.environment = ProcessInfo.processInfo.environment.merging(environment, uniquingKeysWith: { $1 })
         }

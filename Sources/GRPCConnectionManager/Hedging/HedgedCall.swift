@@ -1,0 +1,164 @@
+import GRPCCMCalls
+@_spi(Reactor) import GRPCCMReactor
+import GRPCCMWire
+
+/// One unary call sent as several attempts in parallel (gRFC A6 hedging): the first attempt at once, another every
+/// `hedgingDelay` while none has answered, up to `maxAttempts`, each on the pool's next pick. The first attempt that
+/// ends OK, or with a status not in `nonFatalStatusCodes`, commits: the others are cancelled and the call ends with
+/// its response. A non-fatal failure sends the next attempt at once; when every attempt failed non-fatally the call
+/// ends with the last failure. New attempts wait while the retry throttle says no (hedging shares it).
+///
+/// The coordinator admits the call once (circuit breaker), publishes its start and its end (with the attempts
+/// made), and is what the caller's handle cancels; each attempt is a `ClientCall` marked as a hedge, which does none
+/// of that itself. Loop thread only, except `cancel`.
+/// `@unchecked Sendable`: its state is touched on the loop thread only (`cancel` hops there).
+final class HedgedCall: @unchecked Sendable {
+    private let environment: CallEnvironment
+    private let path: String
+    private let policy: HedgingPolicy
+    /// Makes attempt n (1-based), its completion wired back here.
+    private let makeAttempt: (_ number: Int, _ coordinator: HedgedCall) -> ClientCall
+    private let completion: @Sendable (UnaryResponse) -> Void
+    private let observers: [any CallObserver]
+
+    private var attempts: [ClientCall] = []
+    private var running = 0
+    private var done = false
+    private var timer: Reactor.TimerID = 0
+    private var lastFailure: UnaryResponse?
+    private var permit: CallPermit?
+    private var startedAt: UInt64 = 0
+
+    init(
+        environment: CallEnvironment, path: String, policy: HedgingPolicy, observers: [any CallObserver],
+        completion: @escaping @Sendable (UnaryResponse) -> Void,
+        makeAttempt: @escaping (_ number: Int, _ coordinator: HedgedCall) -> ClientCall
+    ) {
+        self.environment = environment
+        self.path = path
+        self.policy = policy
+        self.observers = observers
+        self.completion = completion
+        self.makeAttempt = makeAttempt
+    }
+
+    private var reactor: Reactor { self.environment.reactor }
+
+    /// Loop thread: admission, the first attempt, the timer for the next.
+    func start() {
+        let environment = self.environment
+        self.startedAt = Reactor.clock()
+        environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
+        if let admission = environment.policies.admission {
+            self.permit = admission.admit(service: environment.service, path: self.path)
+            if self.permit == nil {
+                self.finish(UnaryResponse(status: CallStatus(code: .unavailable, message: "circuit breaker is open")))
+                return
+            }
+        }
+        self.launch()
+    }
+
+    /// Sends the next attempt (if the policy and the throttle allow) and arms the timer for the one after.
+    private func launch() {
+        guard !self.done else { return }
+        if self.timer != 0 {
+            self.reactor.cancelTimer(self.timer)
+            self.timer = 0
+        }
+        guard self.attempts.count < self.policy.maxAttempts,
+            self.attempts.isEmpty || self.environment.policies.retry?.hedgingAllowed(service: self.environment.service) ?? true
+        else {
+            if self.running == 0 { self.finish(self.lastFailure ?? UnaryResponse(status: CallStatus(code: .unavailable, message: "no hedged attempt could be sent"))) }
+            return
+        }
+        let attempt = self.makeAttempt(self.attempts.count + 1, self)
+        self.attempts.append(attempt)
+        self.running += 1
+        if self.attempts.count < self.policy.maxAttempts {
+            self.timer = self.reactor.schedule(afterNanoseconds: UInt64(max(self.policy.hedgingDelay.nanoseconds, 0))) {
+                [weak self] in
+                guard let self else { return }
+                self.timer = 0
+                self.launch()
+            }
+        }
+        attempt.start()
+    }
+
+    /// Attempt `number` ended (its completion: the loop's deferred phase).
+    func attemptEnded(_ number: Int, _ response: UnaryResponse) {
+        self.running -= 1
+        guard !self.done else { return }
+        let code = response.status.code
+        if response.status.isOK || !self.policy.nonFatalStatusCodes.contains(code) {
+            self.finish(response)
+            return
+        }
+        self.lastFailure = response
+        // A non-fatal failure: the next attempt goes now instead of after the delay.
+        self.launch()
+        if self.running == 0 && !self.done { self.finish(response) }
+    }
+
+    /// The caller cancelled (any thread).
+    func cancel() {
+        let status = CallStatus(code: .cancelled, message: "cancelled by the client")
+        if self.reactor.inReactorThread {
+            self.finish(UnaryResponse(status: status), cancelledByClient: true)
+        } else if !self.reactor.execute({ self.finish(UnaryResponse(status: status), cancelledByClient: true) }) {
+            // The loop has stopped: its calls already ended.
+        }
+    }
+
+    /// The call's one end: the losers cancelled, the breaker and the bus told, observers, then the completion.
+    private func finish(_ response: UnaryResponse, cancelledByClient: Bool = false) {
+        guard !self.done else { return }
+        self.done = true
+        if self.timer != 0 {
+            self.reactor.cancelTimer(self.timer)
+            self.timer = 0
+        }
+        for attempt in self.attempts where !attempt.isFinished {
+            attempt.end(CallStatus(code: .cancelled, message: cancelledByClient ? "cancelled by the client" : "another hedged attempt won"))
+        }
+        let environment = self.environment
+        let duration = Duration.nanoseconds(Int64(bitPattern: Reactor.clock() &- self.startedAt))
+        if let permit = self.permit, let admission = environment.policies.admission {
+            admission.callEnded(
+                permit, service: environment.service, path: self.path, status: response.status, duration: duration,
+                cancelledByClient: cancelledByClient)
+        }
+        environment.bus.publishCallEvent(
+            .callFinished(
+                service: environment.service, path: self.path, status: response.status, duration: duration,
+                attempts: self.attempts.count, sentBytes: self.attempts.reduce(0) { $0 + $1.sentBytes },
+                receivedBytes: self.attempts.reduce(0) { $0 + $1.receivedBytes }))
+        // Never inside the call that started it: `start` may fail at once (the breaker), so the end waits for the
+        // deferred phase like any completion.
+        let observers = self.observers
+        let completion = self.completion
+        _ = self.reactor.execute {
+            for observer in observers.reversed() { observer.callFinished(response) }
+            completion(response)
+        }
+    }
+}
+
+/// gRFC A6 hedging for a method or service (`Configuration.hedging`): several attempts in parallel, the first good
+/// answer wins.
+public struct HedgingPolicy: Sendable, Hashable {
+    /// Attempts at most, the first included: 2...5 (gRFC A6 caps it at 5). Default 2.
+    public var maxAttempts: Int = 2
+    /// The wait before each further attempt while none has answered. Default 100 ms; `.zero` sends them all at once.
+    public var hedgingDelay: Duration = .milliseconds(100)
+    /// Codes after which the call goes on with the other attempts (the next one sent at once); any other code ends
+    /// the call. Default UNAVAILABLE.
+    public var nonFatalStatusCodes: Set<StatusCode> = [.unavailable]
+
+    public init(maxAttempts: Int = 2, hedgingDelay: Duration = .milliseconds(100), nonFatalStatusCodes: Set<StatusCode> = [.unavailable]) {
+        self.maxAttempts = maxAttempts
+        self.hedgingDelay = hedgingDelay
+        self.nonFatalStatusCodes = nonFatalStatusCodes
+    }
+}

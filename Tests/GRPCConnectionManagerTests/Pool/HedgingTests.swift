@@ -1,0 +1,129 @@
+import Foundation
+import Testing
+
+@testable import GRPCConnectionManager
+@testable import GRPCCMPool
+@testable import GRPCCMReactor
+@testable import GRPCCMWire
+
+/// Hedging (gRFC A6) against grpcio backends: a slow one, a failing one, a fast one.
+@Suite("Hedging", .serialized)
+struct HedgingTests {
+    static func channel(_ peers: [PythonPeer], loop: ReactorLoop, policy: HedgingPolicy) throws -> (GRPCChannel, EventRecorder) {
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.loadBalancingPolicy = .roundRobin
+        configuration.hedging["echo.Echo"] = policy
+        let channel = try GRPCChannel(
+            target: "hedge.test:50051", configuration: configuration, eventLoop: loop,
+            resolver: ScriptedResolver([peers.map { NetworkAddress(ip: "127.0.0.1", port: $0.port)! }]))
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        return (channel, recorder)
+    }
+
+    @Test("a slow first backend: the hedge to the fast one answers, the slow attempt is cancelled")
+    func slowBackendIsHedged() async throws {
+        let slow = try PythonPeer(name: "slow", sleepMilliseconds: 5000)
+        let fast = try PythonPeer(name: "fast")
+        defer {
+            slow.stop()
+            fast.stop()
+        }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let (channel, recorder) = try Self.channel(
+            [slow, fast], loop: loop, policy: HedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50)))
+        channel.connect()
+        #expect(await eventually { await channel.connectivity().state == .ready })
+        // Round robin sends every other first attempt to the slow backend: each of those is answered by its hedge.
+        for _ in 0..<6 {
+            let response = try await channel.unary(path: "/echo.Echo/Get", request: [7])
+            #expect(response.message == [7])
+            #expect(response.initialMetadata["x-peer"] == "fast")
+        }
+        let lost = recorder.count {
+            if case .attemptFinished(_, _, let status, let attempt) = $0 {
+                return attempt == 1 && status.message == "another hedged attempt won"
+            }
+            return false
+        }
+        #expect(lost >= 2, "the slow first attempts were cancelled")
+        let finishedAttempts = {
+            recorder.all.compactMap { event -> Int? in
+                if case .callFinished(_, _, let status, _, let attempts, _, _) = event, status.isOK { return attempts }
+                return nil
+            }
+        }
+        #expect(await eventually { finishedAttempts().count == 6 }, "one call each, however many attempts")
+        let finished = finishedAttempts()
+        #expect(finished.contains(2))
+    }
+
+    @Test("a non-fatal failure sends the next attempt at once; a fatal one ends the call")
+    func nonFatalAndFatal() async throws {
+        let broken = try PythonPeer(name: "broken", failCode: 14)
+        let good = try PythonPeer(name: "good")
+        defer {
+            broken.stop()
+            good.stop()
+        }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // A long delay: only a non-fatal failure can bring the second attempt in time.
+        let (channel, _) = try Self.channel(
+            [broken, good], loop: loop, policy: HedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
+        channel.connect()
+        #expect(await eventually { await channel.connectivity().state == .ready })
+        for _ in 0..<4 {
+            let response = try await channel.unary(
+                path: "/echo.Echo/Get", request: [1], options: RequestOptions(timeout: .seconds(10)))
+            #expect(response.initialMetadata["x-peer"] == "good")
+        }
+
+        let fatal = try PythonPeer(name: "fatal", failCode: 3)  // INVALID_ARGUMENT: not in nonFatalStatusCodes
+        defer { fatal.stop() }
+        // A long delay again: a fatal code must not bring the next attempt (a non-fatal one would, at once).
+        let (strict, recorder) = try Self.channel(
+            [fatal], loop: loop, policy: HedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
+        let response = await strict.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(response.status.code == .invalidArgument)
+        #expect(await eventually {
+            recorder.all.contains { if case .callFinished(_, _, _, _, 1, _, _) = $0 { true } else { false } }
+        })
+    }
+
+    @Test("cancelling a hedged call cancels every attempt; hedging settings are validated")
+    func cancelAndValidate() async throws {
+        let slow = try PythonPeer(name: "slow", sleepMilliseconds: 5000)
+        defer { slow.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let (channel, recorder) = try Self.channel(
+            [slow], loop: loop, policy: HedgingPolicy(maxAttempts: 3, hedgingDelay: .milliseconds(20)))
+        let task = Task { await channel.unaryResult(path: "/echo.Echo/Get", request: [1]) }
+        #expect(await eventually {
+            recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 1
+        })
+        try await Task.sleep(for: .milliseconds(100))  // let the hedges go out (20 ms apart)
+        task.cancel()
+        let response = await task.value
+        #expect(response.status.code == .cancelled)
+        #expect(await eventually {
+            recorder.count {
+                if case .attemptFinished(_, _, let status, _) = $0 { return status.code == .cancelled } else { return false }
+            } == 3
+        })
+        for (field, policy) in [
+            ("maxAttempts", HedgingPolicy(maxAttempts: 1)), ("maxAttempts", HedgingPolicy(maxAttempts: 6)),
+            ("hedgingDelay", HedgingPolicy(hedgingDelay: .milliseconds(-1))),
+        ] {
+            var configuration = Configuration()
+            configuration.hedging["/a.B/C"] = policy
+            #expect(throws: ConfigurationError.self, "\(field)") { try configuration.validate() }
+        }
+    }
+}
