@@ -134,14 +134,19 @@ final class HedgedCall: @unchecked Sendable {
                 service: environment.service, path: self.path, status: response.status, duration: duration,
                 attempts: self.attempts.count, sentBytes: self.attempts.reduce(0) { $0 + $1.sentBytes },
                 receivedBytes: self.attempts.reduce(0) { $0 + $1.receivedBytes }))
+        // Each attempt's completion holds this coordinator: letting go of the attempts breaks the cycle (the ones
+        // still ending are held by their pool until they do).
+        self.attempts.removeAll()
         // Never inside the call that started it: `start` may fail at once (the breaker), so the end waits for the
         // deferred phase like any completion.
         let observers = self.observers
         let completion = self.completion
-        _ = self.reactor.execute {
+        let deliver: @Sendable () -> Void = {
             for observer in observers.reversed() { observer.callFinished(response) }
             completion(response)
         }
+        // A loop that is stopping takes no more work: the end then runs on a thread of its own, as a call's does.
+        if !self.reactor.execute(deliver) { spawnDetachedThread(deliver) }
     }
 }
 

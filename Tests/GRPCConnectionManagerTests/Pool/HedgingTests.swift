@@ -95,6 +95,25 @@ struct HedgingTests {
         })
     }
 
+    @Test("a hedged call in flight when its loop shuts down ends once, UNAVAILABLE")
+    func loopShutdown() async throws {
+        let slow = try PythonPeer(name: "slow", sleepMilliseconds: 5000)
+        defer { slow.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        let (channel, recorder) = try Self.channel(
+            [slow], loop: loop, policy: HedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(20)))
+        let ledger = CompletionLedger()
+        let task = Task { await channel.call("/echo.Echo/Get", [1], ledger: ledger, id: 1) }
+        #expect(await eventually {
+            recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 1
+        })
+        loop.shutdown()
+        let response = await task.value
+        #expect(response.status.code == .unavailable)
+        #expect(ledger.completed == 1 && ledger.duplicates == 0)
+    }
+
     @Test("cancelling a hedged call cancels every attempt; hedging settings are validated")
     func cancelAndValidate() async throws {
         let slow = try PythonPeer(name: "slow", sleepMilliseconds: 5000)
