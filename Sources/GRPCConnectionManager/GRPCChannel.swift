@@ -143,6 +143,9 @@ public final class GRPCChannel: Sendable {
                 policies: context.pipeline.policies, maxHeaderListSize: configuration.http2.maxHeaderListSize)
             return ChannelShard(reactor: context.reactor, pool: pool, environment: environment)
         }
+        if let etcd = resolver as? EtcdResolver {
+            etcd.reportProblems(service: service, buses: self.shards.map { ($0.reactor, $0.environment.bus) })
+        }
         self.reactor = self.shards[0].reactor
         self.pool = self.shards[0].pool
         self.environment = self.shards[0].environment

@@ -5,26 +5,46 @@ import GRPCCMWire
 import Logging
 
 /// Endpoints registered in etcd, for `etcd:///name` targets: every key under the prefix `name/`, read with a Range and
-/// watched with etcd's bidirectional Watch stream, through this package's own client (no etcd library).
+/// then watched with etcd's bidirectional Watch stream from the revision that Range read (no change in between is
+/// missed), through this package's own client (no etcd library).
 ///
 /// Values are what grpc-go's endpoints manager writes (`{"Op":0,"Addr":"10.0.0.7:50051","Metadata":...}`), so Go
 /// services registered with it are found; the address must be numeric (`ip:port`, `[v6]:port`). A value that is not
-/// such an address is skipped; when none is left the resolution fails and the pool keeps its last good addresses. A
-/// change under the prefix makes the pool resolve again at once (within `minimumResolutionInterval`); a watch that
-/// breaks (etcd going away) is opened again every second, and periodic resolution goes on meanwhile.
+/// such an address is skipped and reported (`resolutionFailed` naming its key, the good ones still used); when none is
+/// left the resolution fails and the pool keeps its last good addresses. A change under the prefix makes the pool
+/// resolve again at once (within `minimumResolutionInterval`); a watch that breaks (etcd going away) is opened again
+/// every second from the last revision read, and periodic resolution goes on meanwhile.
 final class EtcdResolver: AddressResolver {
     let settings: Configuration.Etcd
     /// One client channel to etcd per loop (the pool's calls back come on that loop).
     private let clients = PThreadLock<[ObjectIdentifier: GRPCChannel]>([:])
-    private let watchers = PThreadLock<[EtcdWatcher]>([])
+    /// Per loop: the pool's change callback until its first Range, then the watcher started from that Range.
+    private let watches = PThreadLock<[ObjectIdentifier: Watch]>([:])
+    /// Where skipped values are reported: the channel's service and each loop's bus part.
+    private let problems = PThreadLock<(service: String, buses: [ObjectIdentifier: LocalEventBus])>(("", [:]))
+
+    private enum Watch {
+        case waitingForRange(@Sendable () -> Void)
+        case watching(EtcdWatcher)
+    }
 
     init(settings: Configuration.Etcd) {
         self.settings = settings
     }
 
     deinit {
-        for watcher in self.watchers.withLock({ $0 }) { watcher.stop() }
+        for watch in self.watches.withLock({ Array($0.values) }) {
+            if case .watching(let watcher) = watch { watcher.stop() }
+        }
         for client in self.clients.withLock({ Array($0.values) }) { client.close() }
+    }
+
+    /// Values that are not addresses are reported on `buses` (one per loop) as `resolutionFailed` of `service`.
+    func reportProblems(service: String, buses: [(Reactor, LocalEventBus)]) {
+        self.problems.withLock { problems in
+            problems.service = service
+            for (reactor, bus) in buses { problems.buses[ObjectIdentifier(reactor)] = bus }
+        }
     }
 
     private func client(on reactor: Reactor) throws -> GRPCChannel {
@@ -64,20 +84,53 @@ final class EtcdResolver: AddressResolver {
             path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: prefix),
             options: RequestOptions(timeout: self.settings.timeout)
         ) { response in
-            completion(Self.addresses(response, prefix: prefix, endpoint: self.settings.endpoints[0]))
+            let answer = Self.addresses(response, prefix: prefix, endpoint: self.settings.endpoints[0])
+            if let revision = answer.revision { self.rangeRead(revision: revision, prefix: prefix, client: client, reactor: reactor) }
+            if !answer.skipped.isEmpty { self.report(answer.skipped, prefix: prefix, reactor: reactor) }
+            completion(answer.result)
         }
     }
 
-    /// The addresses a Range answer holds, or why there are none.
-    static func addresses(_ response: UnaryResponse, prefix: String, endpoint: String) -> Result<[NetworkAddress], CallStatus> {
-        guard response.status.isOK else {
-            return .failure(
-                CallStatus(
-                    code: .unavailable,
-                    message: "etcd at \(endpoint): Range of \(prefix) failed: \(response.status.code): \(response.status.message)"))
+    /// A Range read `revision`: the first starts the watch from the next one; later ones move its restart point.
+    private func rangeRead(revision: Int64, prefix: String, client: GRPCChannel, reactor: Reactor) {
+        let key = ObjectIdentifier(reactor)
+        let started = self.watches.withLock { watches -> EtcdWatcher? in
+            switch watches[key] {
+            case .waitingForRange(let changed):
+                let watcher = EtcdWatcher(client: client, reactor: reactor, prefix: prefix, changed: changed)
+                watches[key] = .watching(watcher)
+                return watcher
+            case .watching(let watcher):
+                watcher.advance(to: revision)
+                return nil
+            case nil:
+                return nil
+            }
         }
-        guard let (_, pairs) = EtcdMessages.rangeResponse(response.message) else {
-            return .failure(CallStatus(code: .unavailable, message: "etcd at \(endpoint): malformed Range response"))
+        started?.advance(to: revision)
+        started?.start()
+    }
+
+    private func report(_ keys: [String], prefix: String, reactor: Reactor) {
+        let (service, bus) = self.problems.withLock { ($0.service, $0.buses[ObjectIdentifier(reactor)]) }
+        let status = CallStatus(
+            code: .unavailable,
+            message: "etcd at \(self.settings.endpoints[0]): under \(prefix) skipped values that are not addresses (keys \(keys))")
+        bus?.publish(.resolutionFailed(service: service, error: status))
+    }
+
+    /// The addresses a Range answer holds (or why there are none), the revision it read, and the keys skipped.
+    static func addresses(
+        _ response: UnaryResponse, prefix: String, endpoint: String
+    ) -> (result: Result<[NetworkAddress], CallStatus>, revision: Int64?, skipped: [String]) {
+        guard response.status.isOK else {
+            let status = CallStatus(
+                code: .unavailable,
+                message: "etcd at \(endpoint): Range of \(prefix) failed: \(response.status.code): \(response.status.message)")
+            return (.failure(status), nil, [])
+        }
+        guard let (revision, pairs) = EtcdMessages.rangeResponse(response.message) else {
+            return (.failure(CallStatus(code: .unavailable, message: "etcd at \(endpoint): malformed Range response")), nil, [])
         }
         var addresses: [NetworkAddress] = []
         var unusable: [String] = []
@@ -92,16 +145,14 @@ final class EtcdResolver: AddressResolver {
         }
         if addresses.isEmpty {
             let detail = unusable.isEmpty ? "no endpoint is registered" : "no value is an address (keys \(unusable))"
-            return .failure(CallStatus(code: .unavailable, message: "etcd at \(endpoint): under \(prefix) \(detail)"))
+            return (.failure(CallStatus(code: .unavailable, message: "etcd at \(endpoint): under \(prefix) \(detail)")), revision, [])
         }
-        return .success(addresses)
+        return (.success(addresses), revision, unusable)
     }
 
     func watch(_ target: Target, on reactor: Reactor, changed: @escaping @Sendable () -> Void) {
-        guard case .etcd(let name) = target.kind, let client = try? self.client(on: reactor) else { return }
-        let watcher = EtcdWatcher(client: client, reactor: reactor, prefix: name + "/", changed: changed)
-        self.watchers.withLock { $0.append(watcher) }
-        watcher.start()
+        guard case .etcd = target.kind else { return }
+        self.watches.withLock { $0[ObjectIdentifier(reactor)] = .waitingForRange(changed) }
     }
 }
 
@@ -112,7 +163,8 @@ final class EtcdWatcher: @unchecked Sendable {
     private let reactor: Reactor
     private let prefix: String
     private let changed: @Sendable () -> Void
-    private let state = PThreadLock<(call: StreamingCall?, stopped: Bool)>((nil, false))
+    /// The stream, whether stopped, and the revision the last Range read (a new stream starts after it).
+    private let state = PThreadLock<(call: StreamingCall?, stopped: Bool, revision: Int64)>((nil, false, 0))
 
     init(client: GRPCChannel, reactor: Reactor, prefix: String, changed: @escaping @Sendable () -> Void) {
         self.client = client
@@ -121,8 +173,14 @@ final class EtcdWatcher: @unchecked Sendable {
         self.changed = changed
     }
 
+    /// A Range read `revision`: a stream opened from now on starts after it.
+    func advance(to revision: Int64) {
+        self.state.withLock { $0.revision = max($0.revision, revision) }
+    }
+
     func start() {
-        guard !self.state.withLock({ $0.stopped }) else { return }
+        let (stopped, revision) = self.state.withLock { ($0.stopped, $0.revision) }
+        guard !stopped else { return }
         let callbacks = StreamingCallbacks(
             onMessage: { [weak self] message in
                 guard let self else { return }
@@ -137,7 +195,7 @@ final class EtcdWatcher: @unchecked Sendable {
                 _ = self.reactor.schedule(afterNanoseconds: 1_000_000_000) { [weak self] in self?.start() }
             })
         let call = self.client.bidirectionalStreaming(path: EtcdMessages.watchPath, callbacks: callbacks)
-        _ = call.send(EtcdMessages.watchCreateRequest(prefix: self.prefix, startRevision: 0))
+        _ = call.send(EtcdMessages.watchCreateRequest(prefix: self.prefix, startRevision: revision + 1))
         self.state.withLock { $0.call = call }
     }
 

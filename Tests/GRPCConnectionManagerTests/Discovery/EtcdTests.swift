@@ -106,6 +106,13 @@ struct EtcdTests {
         let ledger = CompletionLedger()
         var id = 0
         #expect(await Self.served(channel, 3, ledger: ledger, next: &id) == ["only"])
+        #expect(
+            await eventually {
+                recorder.count {
+                    if case .resolutionFailed(_, let error) = $0 { return error.message.contains("services/mixed/garbage") }
+                    return false
+                } > 0
+            }, "the skipped value is reported")
 
         etcd.stop()
         #expect(
