@@ -9,8 +9,11 @@ import Testing
 /// Hedging (gRFC A6) against grpcio backends: a slow one, a failing one, a fast one.
 @Suite("Hedging", .serialized)
 struct HedgingTests {
-    static func channel(_ peers: [PythonPeer], loop: ReactorLoop, policy: HedgingPolicy) throws -> (GRPCChannel, EventRecorder) {
+    static func channel(
+        _ peers: [PythonPeer], loop: ReactorLoop, policy: HedgingPolicy, throttling: RetryThrottling? = RetryThrottling()
+    ) throws -> (GRPCChannel, EventRecorder) {
         var configuration = Configuration()
+        configuration.retry.throttling = throttling
         configuration.enableCircuitBreaker = false
         configuration.loadBalancingPolicy = .roundRobin
         configuration.hedging["echo.Echo"] = policy
@@ -93,6 +96,28 @@ struct HedgingTests {
         #expect(await eventually {
             recorder.all.contains { if case .callFinished(_, _, _, _, 1, _, _) = $0 { true } else { false } }
         })
+    }
+
+    @Test("hedging shares the retry throttle: once failures spend its tokens, no further attempt goes out")
+    func throttleGatesHedges() async throws {
+        let broken = try PythonPeer(name: "broken", failCode: 14)
+        defer { broken.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // Each UNAVAILABLE costs a token; with 2 tokens the first failure leaves the throttle at its threshold.
+        var throttling = RetryThrottling()
+        throttling.maxTokens = 2
+        let policy = HedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30))
+        for (throttle, expected) in [(throttling as RetryThrottling?, 1), (nil, 3)] {
+            let (channel, recorder) = try Self.channel([broken], loop: loop, policy: policy, throttling: throttle)
+            let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [1])
+            #expect(response.status.code == .unavailable)
+            #expect(
+                await eventually {
+                    recorder.all.contains { if case .callFinished(_, _, _, _, expected, _, _) = $0 { true } else { false } }
+                }, "attempts with throttle \(String(describing: throttle))")
+        }
     }
 
     @Test("a hedged call in flight when its loop shuts down ends once, UNAVAILABLE")
