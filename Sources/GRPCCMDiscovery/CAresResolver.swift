@@ -185,7 +185,9 @@ final class CAresChannel: ReactorHandler, @unchecked Sendable {
         var addresses: [NetworkAddress] = []
         var node = result?.pointee.nodes
         while let current = node {
-            if let address = Self.address(current.pointee.ai_addr, port: port), !addresses.contains(address) {
+            if let sockaddr = current.pointee.ai_addr, let address = NetworkAddress(sockaddr, port: port),
+                !addresses.contains(address)
+            {
                 addresses.append(address)
             }
             node = current.pointee.ai_next
@@ -194,22 +196,6 @@ final class CAresChannel: ReactorHandler, @unchecked Sendable {
             return .failure(CallStatus(code: .unavailable, message: "DNS lookup of \(host) returned no addresses"))
         }
         return .success(addresses)
-    }
-
-    private static func address(_ sockaddr: UnsafeMutablePointer<sockaddr>?, port: Int) -> NetworkAddress? {
-        guard let sockaddr else { return nil }
-        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
-        switch Int32(sockaddr.pointee.sa_family) {
-        case AF_INET:
-            var address = sockaddr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr }
-            guard inet_ntop(AF_INET, &address, &text, socklen_t(text.count)) != nil else { return nil }
-        case AF_INET6:
-            var address = sockaddr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
-            guard inet_ntop(AF_INET6, &address, &text, socklen_t(text.count)) != nil else { return nil }
-        default:
-            return nil
-        }
-        return NetworkAddress(ip: String(cString: text), port: port)
     }
 
     /// c-ares opened, changed or closed a socket: mirror it in the loop's epoll.

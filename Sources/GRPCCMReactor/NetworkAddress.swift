@@ -29,6 +29,22 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// A Unix-domain socket path.
+    /// The address in an IPv4 or IPv6 `sockaddr` (from getaddrinfo or c-ares) with `port`; nil for another family.
+    package init?(_ sockaddr: UnsafePointer<sockaddr>, port: Int) {
+        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
+        switch Int32(sockaddr.pointee.sa_family) {
+        case AF_INET:
+            var address = sockaddr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr }
+            guard inet_ntop(AF_INET, &address, &text, socklen_t(text.count)) != nil else { return nil }
+        case AF_INET6:
+            var address = sockaddr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
+            guard inet_ntop(AF_INET6, &address, &text, socklen_t(text.count)) != nil else { return nil }
+        default:
+            return nil
+        }
+        self.init(ip: String(cString: text), port: port)
+    }
+
     public init(unixPath: String) {
         self.storage = .unix(path: unixPath)
     }

@@ -149,12 +149,7 @@ public struct Configuration: Sendable, Hashable {
 
         /// The request encoding of a call to `path` (`/package.Service/Method`), before per-call options.
         func requestEncoding(forPath path: String) -> CompressionAlgorithm {
-            // No lookup, no hashing, when nothing is configured per method (the common case costs nothing).
-            if self.requestEncodingPerMethod.isEmpty { return self.requestEncoding }
-            if let encoding = self.requestEncodingPerMethod[path] { return encoding }
-            let parts = path.split(separator: "/")
-            if parts.count == 2, let encoding = self.requestEncodingPerMethod[String(parts[0])] { return encoding }
-            return self.requestEncoding
+            Configuration.perMethod(self.requestEncodingPerMethod, path: path) ?? self.requestEncoding
         }
 
         /// The `grpc-accept-encoding` value. With nothing offered it says `identity`: grpc core servers read a
@@ -343,25 +338,23 @@ public struct Configuration: Sendable, Hashable {
 extension Configuration {
     /// The hedging policy of a call to `path`: the method's, else its service's; nil (no lookup) when none is set.
     func hedgingPolicy(forPath path: String) -> HedgingPolicy? {
-        if self.hedging.isEmpty { return nil }
-        if let policy = self.hedging[path] { return policy }
+        Self.perMethod(self.hedging, path: path)
+    }
+
+    /// The entry of `table` for a call to `path` (`/package.Service/Method`): the method's, else its service's
+    /// (`package.Service`). No lookup, no hashing, when the table is empty (the common case costs nothing).
+    static func perMethod<Value>(_ table: [String: Value], path: String) -> Value? {
+        if table.isEmpty { return nil }
+        if let value = table[path] { return value }
         let parts = path.split(separator: "/")
-        return parts.count == 2 ? self.hedging[String(parts[0])] : nil
+        return parts.count == 2 ? table[String(parts[0])] : nil
     }
 
     /// `ip`, `ip:port` or `[v6]:port` with a numeric address.
     static func isServerAddress(_ text: String) -> Bool {
         if NetworkAddress(ip: text, port: 53) != nil { return true }
-        if text.hasPrefix("["), let close = text.firstIndex(of: "]") {
-            let host = String(text[text.index(after: text.startIndex)..<close])
-            let rest = text[text.index(after: close)...]
-            guard rest.hasPrefix(":"), let port = Int(rest.dropFirst()), (1...65535).contains(port) else { return false }
-            return NetworkAddress(ip: host, port: port) != nil
-        }
-        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
-            (1...65535).contains(port)
-        else { return false }
-        return NetworkAddress(ip: String(text[..<colon]), port: port) != nil
+        guard let target = try? Target(parsing: text), case .hostPort = target.kind else { return false }
+        return target.numericAddresses != nil
     }
 }
 

@@ -109,24 +109,11 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
         defer { freeaddrinfo(first) }
         var addresses: [NetworkAddress] = []
         var cursor: UnsafeMutablePointer<addrinfo>? = first
-        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
         while let info = cursor {
-            if let sa = info.pointee.ai_addr {
-                if info.pointee.ai_family == AF_INET {
-                    sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { v4 in
-                        var addr = v4.pointee.sin_addr
-                        inet_ntop(AF_INET, &addr, &text, socklen_t(text.count))
-                    }
-                } else if info.pointee.ai_family == AF_INET6 {
-                    sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { v6 in
-                        var addr = v6.pointee.sin6_addr
-                        inet_ntop(AF_INET6, &addr, &text, socklen_t(text.count))
-                    }
-                }
-                let ip = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-                if let address = NetworkAddress(ip: ip, port: port), !addresses.contains(address) {
-                    addresses.append(address)
-                }
+            if let sockaddr = info.pointee.ai_addr, let address = NetworkAddress(sockaddr, port: port),
+                !addresses.contains(address)
+            {
+                addresses.append(address)
             }
             cursor = info.pointee.ai_next
         }
