@@ -25,6 +25,7 @@ struct Perf: ParsableCommand {
     @Option(help: "Instead of --duration: stop after this many calls, every one measured (no warm-up); a fixed workload for callgrind.") var requests: Int?
     @Option(help: "Unmeasured warm-up seconds.") var warmup = 1.0
     @Option(help: "Open loop: start this many calls per second; latency counts from the scheduled start.") var rate: Double?
+    @Option(name: .customLong("stream-mode"), help: "pingpong: --concurrency bidirectional streams (on /echo.Echo/Stream unless --method is given), each sending its next message when the echo of the last arrives; the figures count round trips.") var streamMode: String?
     @Option(help: "Write the HdrHistogram percentile distribution (microseconds) here.") var hgrm: String?
     @Option(name: .customLong("idle-connections"), help: "Instead: open N connections, one call each, hold them.") var idleConnections: Int?
     @Option(name: .customLong("idle-hold"), help: "Seconds to hold the idle connections.") var idleHold = 3.0
@@ -63,7 +64,11 @@ struct Perf: ParsableCommand {
             return try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
         }
         let driver = Driver(channels: channels, method: self.method, payload: [UInt8](repeating: 0x61, count: self.payloadBytes))
-        if let requests = self.requests {
+        if let mode = self.streamMode {
+            guard mode == "pingpong" else { throw ValidationError("--stream-mode: only pingpong") }
+            driver.method = self.method == "/echo.Echo/Call" ? "/echo.Echo/Stream" : self.method
+            driver.pingPong(streams: self.concurrency, requests: self.requests, warmup: self.warmup, duration: self.duration)
+        } else if let requests = self.requests {
             driver.fixedCount(concurrency: self.concurrency, requests: requests)
         } else if let rate = self.rate {
             driver.openLoop(rate: rate, warmup: self.warmup, duration: self.duration)
@@ -158,8 +163,13 @@ struct Perf: ParsableCommand {
 /// read by the main thread only after the run has stopped and drained).
 final class Driver: @unchecked Sendable {
     let channels: [GRPCChannel]
-    let method: String
+    var method: String
     let payload: [UInt8]
+    /// "unary" or "pingpong" (a round trip on a stream counts as one request).
+    var mode = "unary"
+    /// Ping-pong: each slot's stream; set before its first message is sent, read by its callbacks on the loop.
+    var streams: [StreamingCall?] = []
+    let streamsFinished = Atomic<Int>(0)
     /// Per slot: a slot's calls all run on one loop (a completion starts the next on its own loop), so its numbers are
     /// touched by one thread at a time; merged at the end.
     final class SlotStats: @unchecked Sendable {
@@ -167,6 +177,8 @@ final class Driver: @unchecked Sendable {
         var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
         var requests = 0
         var errors = 0
+        /// Ping-pong: when the stream's message in flight was sent.
+        var began: UInt64 = 0
     }
     var slots: [SlotStats] = []
     var histogram: Histogram<UInt64> {
@@ -281,6 +293,78 @@ final class Driver: @unchecked Sendable {
         self.measure(warmup: warmup, duration: duration)
     }
 
+    /// Bidirectional ping-pong: `streams` streams, each sending a message and the next one when its echo arrives
+    /// (from the message callback, on the loop). With `requests`, exactly that many round trips in all, measured from
+    /// the first (a fixed workload for callgrind); otherwise warm-up then the measured window. Each stream is closed
+    /// at the end and must finish OK.
+    func pingPong(streams: Int, requests: Int?, warmup: Double, duration: Double) {
+        self.mode = "pingpong"
+        let count = max(1, streams)
+        self.prepareSlots(count)
+        self.streams = Array(repeating: nil, count: count)
+        self.budget = requests ?? 0
+        self.started = min(count, self.budget)
+        for slot in 0..<count {
+            let channel = self.channels[slot % self.channels.count]
+            let call = channel.bidirectionalStreaming(
+                path: self.method, options: RequestOptions(timeout: .seconds(3600)),
+                callbacks: StreamingCallbacks(
+                    onMessage: { message in
+                        self.roundTripEnded(slot: slot, message: message)
+                    },
+                    onFinish: { result in
+                        if !result.status.isOK { self.slots[slot].errors += 1 }
+                        self.streamsFinished.add(1, ordering: .releasing)
+                    }))
+            self.streams[slot] = call
+            if self.budget == 0 || slot < self.budget {
+                self.slots[slot].began = Self.now()
+                _ = call.send(self.payload)
+            } else {
+                call.closeSend()
+            }
+        }
+        if self.budget > 0 {
+            let startUsage = Self.processUsage()
+            let startWall = Self.now()
+            let startAllocations = cmc_allocations()
+            self.measuring.store(true, ordering: .relaxed)
+            while self.streamsFinished.load(ordering: .acquiring) < count { usleep(1000) }
+            self.measuring.store(false, ordering: .relaxed)
+            self.allocations = cmc_allocations() - startAllocations
+            let endUsage = Self.processUsage()
+            self.usage = (endUsage.user - startUsage.user, endUsage.sys - startUsage.sys, Double(Self.now() - startWall) / 1e9)
+            self.maxRSS = endUsage.maxRSS
+            return
+        }
+        self.measure(warmup: warmup, duration: duration)
+        // `stopped` is set: each stream closes when its last echo arrives.
+        while self.streamsFinished.load(ordering: .acquiring) < count { usleep(1000) }
+    }
+
+    private func roundTripEnded(slot: Int, message: [UInt8]) {
+        let stats = self.slots[slot]
+        if self.measuring.load(ordering: .relaxed) || self.budget > 0 {
+            stats.requests += 1
+            if message.count != self.payload.count { stats.errors += 1 }
+            _ = stats.histogram.record((Self.now() - stats.began) / 1000)
+        }
+        guard let call = self.streams[slot] else { return }
+        let more: Bool
+        if self.budget > 0 {
+            more = self.started < self.budget
+            if more { self.started += 1 }
+        } else {
+            more = !self.stopped.load(ordering: .relaxed)
+        }
+        if more {
+            stats.began = Self.now()
+            _ = call.send(self.payload)
+        } else {
+            call.closeSend()
+        }
+    }
+
     func openLoop(rate: Double, warmup: Double, duration: Double) {
         let interval = UInt64(1e9 / rate)
         let pacer = Thread {
@@ -311,8 +395,14 @@ final class Driver: @unchecked Sendable {
 
     func json() -> String {
         let requests = max(self.requests, 1)
+        // Payload bytes moved in the window, both ways (a request and its echo).
+        let mib = Double(self.requests) * Double(self.payload.count) * 2 / 1_048_576
+        let cpu = self.usage.user + self.usage.sys
         let fields: [(String, String)] = [
             ("client", "\"grpc-cm\""),
+            ("mode", "\"\(self.mode)\""),
+            ("mib_per_s", String(format: "%.2f", mib / max(self.usage.wall, 1e-9))),
+            ("cpu_ms_per_mib", String(format: "%.3f", mib > 0 ? cpu * 1000 / mib : 0)),
             ("rps", String(format: "%.1f", Double(self.requests) / max(self.usage.wall, 1e-9))),
             ("p50_us", "\(self.histogram.valueAtPercentile(50))"),
             ("p90_us", "\(self.histogram.valueAtPercentile(90))"),
