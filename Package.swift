@@ -53,6 +53,8 @@ let package = Package(
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CCAres", pkgConfig: "libcares", providers: [.apt(["libc-ares-dev"])]),
         .target(name: "CReactor", cSettings: [.define("_GNU_SOURCE")]),
+        // nghttp2's allocator for our sessions: large blocks on pages of their own, given back while idle.
+        .target(name: "CHTTP2Memory", dependencies: ["CNghttp2"], cSettings: [.define("_GNU_SOURCE")]),
         // SIGINT/SIGTERM for the programs (CLI, examples): a library never installs signal handlers.
         .target(name: "CStopSignals"),
         // The layers, bottom to top; each may import only those below it (Sources/GRPCConnectionManager/Exports.swift
@@ -62,7 +64,7 @@ let package = Package(
         .target(name: "GRPCCMWire", swiftSettings: strictSwift),
         .target(
             name: "GRPCCMTransport",
-            dependencies: ["GRPCCMReactor", "GRPCCMWire", "CReactor", "CNghttp2", "COpenSSL"],
+            dependencies: ["GRPCCMReactor", "GRPCCMWire", "CReactor", "CNghttp2", "CHTTP2Memory", "COpenSSL"],
             swiftSettings: strictSwift
         ),
         // gzip and deflate for messages (zlib), beside the wire format: the calls compress and inflate with it.
@@ -199,8 +201,8 @@ let package = Package(
         .testTarget(
             name: "GRPCConnectionManagerTests",
             dependencies: [
-                "GRPCConnectionManager", "GRPCEchoServer", "CReactor", "GRPCConnectionManagerPrometheus", "GRPCCMCompression",
-                "GRPCConnectionManagerTransport", "EchoProto", "GRPCConnectionManagerServiceLifecycle",
+                "GRPCConnectionManager", "GRPCEchoServer", "CReactor", "CHTTP2Memory", "GRPCConnectionManagerPrometheus",
+                "GRPCCMCompression", "GRPCConnectionManagerTransport", "EchoProto", "GRPCConnectionManagerServiceLifecycle",
                 "GRPCConnectionManagerTracing",
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),

@@ -12,7 +12,9 @@ enum HTTP2ClientSessionFactory {
         var description: String { String(cString: nghttp2_strerror(self.code)) }
     }
 
-    static func make(for connection: HTTP2ClientConnection, settings: HTTP2ClientSettings) throws -> OpaquePointer {
+    static func make(
+        for connection: HTTP2ClientConnection, settings: HTTP2ClientSettings, memory: HTTP2SessionMemory
+    ) throws -> OpaquePointer {
         var callbacks: OpaquePointer? = nil
         guard nghttp2_session_callbacks_new(&callbacks) == 0, let callbacks else { throw Failure(code: -901) }
         defer { nghttp2_session_callbacks_del(callbacks) }
@@ -30,8 +32,9 @@ enum HTTP2ClientSessionFactory {
         nghttp2_option_set_no_auto_window_update(option, 1)
 
         var session: OpaquePointer? = nil
-        let rc = nghttp2_session_client_new2(
-            &session, callbacks, Unmanaged.passUnretained(connection).toOpaque(), option)
+        let rc = memory.makeSession { mem in
+            nghttp2_session_client_new3(&session, callbacks, Unmanaged.passUnretained(connection).toOpaque(), option, mem)
+        }
         guard rc == 0, let session else { throw Failure(code: rc) }
 
         var entries = [

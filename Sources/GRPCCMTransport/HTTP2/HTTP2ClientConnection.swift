@@ -31,7 +31,12 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         static let connect: UInt64 = 1
         static let keepalive: UInt64 = 2
         static let keepaliveTimeout: UInt64 = 3
+        static let idleTrim: UInt64 = 4
     }
+
+    /// How long a connection without streams waits before it gives its idle memory back (`trimIdleMemory`): long
+    /// enough that a busy connection between two calls never pays for it.
+    static let idleTrimDelay: UInt64 = 1_000_000_000
 
     package unowned let reactor: Reactor
     /// Unowned, not weak (a weak reference would put the subchannel's every retain on the slow path): the subchannel
@@ -57,6 +62,8 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     @exclusivity(unchecked)
     private var keepaliveTimeoutTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
+    private var idleTrimTimer: Reactor.TimerID = 0
+    @exclusivity(unchecked)
     private var lastReadAt: UInt64 = 0
     @exclusivity(unchecked)
     package private(set) var lastStreamActivity: UInt64 = 0
@@ -69,7 +76,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// Open streams and their handlers. nghttp2 knows them by id only: its callbacks find the handler here, through
     /// a one-entry cache (a header block's fields all belong to one stream).
     @exclusivity(unchecked)
-    private var streams: [Int32: any HTTP2StreamHandler] = [:]
+    private var streams = StreamTable()
     @exclusivity(unchecked)
     private var cachedStreamID: Int32 = 0
     @exclusivity(unchecked)
@@ -112,6 +119,9 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     }
 
     package var openStreamCount: Int { self.streams.count }
+
+    /// The allocator of the connection's nghttp2 session (nil before HTTP/2 starts).
+    package var sessionMemory: HTTP2SessionMemory? { self.socket?.sessionMemory }
 
     package var availableStreams: Int {
         guard self.state == .ready, let session = self.socket?.session else { return 0 }
@@ -163,7 +173,9 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     package func socketReadyForHTTP2() {
         guard let socket = self.socket else { return }
         do {
-            socket.session = try HTTP2ClientSessionFactory.make(for: self, settings: self.settings)
+            let memory = HTTP2SessionMemory()
+            socket.session = try HTTP2ClientSessionFactory.make(for: self, settings: self.settings, memory: memory)
+            socket.sessionMemory = memory
         } catch {
             socket.close(reason: CallStatus(code: .internal, message: "nghttp2 session: \(error)"))
         }
@@ -197,6 +209,9 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         case TimerTag.keepalive:
             self.keepaliveTimer = 0
             self.keepaliveTick()
+        case TimerTag.idleTrim:
+            self.idleTrimTimer = 0
+            self.idleTrimTick()
         case TimerTag.keepaliveTimeout:
             self.keepaliveTimeoutTimer = 0
             guard self.state == .ready || self.state == .draining else { return }
@@ -233,7 +248,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             source: Unmanaged.passUnretained(self).toOpaque(), maxHeaderListSize: peerLimit)
         switch result {
         case .submitted(let streamID):
-            self.streams[streamID] = handler
+            self.streams.insert(handler, for: streamID)
             self.streamsOnWire += 1
             self.lastStreamActivity = self.reactor.now
             self.socket?.scheduleFlush()
@@ -272,7 +287,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             self.cachedStreamID = 0
             self.cachedHandler = nil
         }
-        return self.streams.removeValue(forKey: streamID)
+        return self.streams.remove(streamID)
     }
 
     package func resetStream(_ streamID: Int32, errorCode: UInt32) {
@@ -345,7 +360,24 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.lastStreamActivity = self.reactor.now
         // A stream its owner reset has no handler any more; its slot frees all the same.
         self.detach(streamID)?.streamClosed(errorCode: errorCode)
+        if self.streamsOnWire == 0 && self.idleTrimTimer == 0 && self.state == .ready {
+            self.idleTrimTimer = self.reactor.scheduleTimer(
+                at: self.reactor.now &+ Self.idleTrimDelay, handler: self, tag: TimerTag.idleTrim)
+        }
         if self.state == .ready { self.delegate?.transportHasCapacity(self) }
+    }
+
+    /// A second after the last stream closed (or later, if streams came and went since): an idle connection gives
+    /// back its frame buffer's pages; a busy one does nothing (its next idle moment arms this again).
+    private func idleTrimTick() {
+        guard self.state == .ready, self.streamsOnWire == 0 else { return }
+        let due = self.lastStreamActivity &+ Self.idleTrimDelay
+        if self.reactor.now >= due {
+            self.streams.releaseMemoryIfEmpty()
+            self.socket?.trimIdleMemory()
+        } else {
+            self.idleTrimTimer = self.reactor.scheduleTimer(at: due, handler: self, tag: TimerTag.idleTrim)
+        }
     }
 
     // MARK: keepalive (gRFC A8)
@@ -418,18 +450,19 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         if self.state == .closed { return }
         let wasReady = self.state == .ready || self.state == .draining
         self.state = .closed
-        for timer in [self.connectTimer, self.keepaliveTimer, self.keepaliveTimeoutTimer] where timer != 0 {
+        for timer in [self.connectTimer, self.keepaliveTimer, self.keepaliveTimeoutTimer, self.idleTrimTimer]
+        where timer != 0 {
             self.reactor.cancelTimer(timer)
         }
+        self.idleTrimTimer = 0
         self.connectTimer = 0
         self.keepaliveTimer = 0
         self.keepaliveTimeoutTimer = 0
-        let open = self.streams
-        self.streams.removeAll()
+        let open = self.streams.removeAll()
         self.streamsOnWire = 0
         self.cachedStreamID = 0
         self.cachedHandler = nil
-        for (_, handler) in open.sorted(by: { $0.key < $1.key }) {
+        for (_, handler) in open {
             handler.streamFailed(reason)
         }
         self.delegate?.transportClosed(self, reason: reason, wasReady: wasReady, keepaliveTimedOut: self.keepaliveTimedOut)

@@ -77,6 +77,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     /// The nghttp2 session, made by the owner in `socketReadyForHTTP2`; deleted by `close`.
     @exclusivity(unchecked)
     package var session: OpaquePointer?
+    /// The allocator `session` was made with, if any: released with this socket, after the session is deleted.
+    @exclusivity(unchecked)
+    package var sessionMemory: HTTP2SessionMemory?
     @exclusivity(unchecked)
     package private(set) var tls: TLSSession?
     @exclusivity(unchecked)
@@ -342,6 +345,17 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     package override func reactorFlush() {
         self.flushScheduled = false
         self.flushNow()
+    }
+
+    /// Lets an idle connection's memory go: the output buffer and the pages of the session's frame buffer. Only
+    /// when nothing waits to be written and nghttp2 has nothing more (its last `mem_send` returned 0 and its output
+    /// was copied out), so the frame buffer holds nothing that is read again.
+    package func trimIdleMemory() {
+        guard let session = self.session, self.state == .open, !self.flushScheduled, self.output.isDrained,
+            nghttp2_session_want_write(session) == 0
+        else { return }
+        self.output.reset()
+        self.sessionMemory?.trim()
     }
 
     /// Pulls everything nghttp2 wants to send into one buffer and writes it with as few syscalls as possible.

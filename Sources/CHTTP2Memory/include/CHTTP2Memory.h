@@ -1,0 +1,49 @@
+// CHTTP2Memory: one nghttp2 session's allocator (nghttp2_mem), so that an idle connection keeps little memory
+// resident.
+//
+// nghttp2 allocates its outbound frame buffer (16 KiB and a frame header) when a session is created and keeps it for
+// the session's life, though an idle connection writes nothing. Through glibc that block shares pages with its
+// neighbours and the pages it has ever touched stay resident. Here every block of at least H2_HEAP_LARGE bytes gets
+// pages of its own from mmap: untouched pages cost nothing, and the frame buffer's pages can be given back to the
+// kernel while the connection is idle (h2_heap_trim), to come back zeroed when the next frame is written. Smaller
+// blocks go to malloc as before.
+//
+// One heap per session, used on the session's (the loop's) thread only; freed after nghttp2_session_del.
+#ifndef CHTTP2MEMORY_H
+#define CHTTP2MEMORY_H
+
+#include <stddef.h>
+#include <nghttp2/nghttp2.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// Blocks at least this large get pages of their own.
+#define H2_HEAP_LARGE 8192
+
+typedef struct h2_heap h2_heap;
+
+/// A heap for one session; NULL when out of memory.
+h2_heap *_Nullable h2_heap_new(void);
+/// Frees the heap itself: every block must have been freed (nghttp2_session_del frees them).
+void h2_heap_free(h2_heap *_Nonnull heap);
+/// The allocator to give nghttp2_session_*_new3 (nghttp2 copies it).
+nghttp2_mem h2_heap_mem(h2_heap *_Nonnull heap);
+/// Between begin and end (around nghttp2_session_*_new3), large blocks are the session's frame buffer: the ones
+/// h2_heap_trim may discard. end returns how many there were (nghttp2 1.52 makes one).
+void h2_heap_begin_session(h2_heap *_Nonnull heap);
+int h2_heap_end_session(h2_heap *_Nonnull heap);
+/// Gives the frame buffer's pages back to the kernel. Only when nghttp2 has nothing to write and everything it
+/// returned from mem_send has been copied out: the buffer holds nothing that will be read again.
+void h2_heap_trim(h2_heap *_Nonnull heap);
+/// Bytes of large blocks held (pages reserved, resident or not), for tests.
+size_t h2_heap_large_bytes(const h2_heap *_Nonnull heap);
+/// Bytes of the frame buffer's pages that are resident (mincore), for tests.
+size_t h2_heap_resident_frame_bytes(const h2_heap *_Nonnull heap);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

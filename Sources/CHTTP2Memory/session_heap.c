@@ -1,0 +1,147 @@
+// See include/CHTTP2Memory.h for what this is for.
+#include "CHTTP2Memory.h"
+
+#include <malloc.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+// A session holds very few large blocks (the frame buffer; a large inbound frame's buffer for a while): a short
+// array searched linearly, and only when it is not empty.
+enum { H2_HEAP_SLOTS = 8 };
+
+typedef struct {
+    void *base;
+    size_t length;  // bytes mapped: the request rounded up to pages
+    int discardable;
+} h2_large_block;
+
+struct h2_heap {
+    h2_large_block blocks[H2_HEAP_SLOTS];
+    int count;
+    int creating;
+    size_t large_bytes;
+};
+
+static size_t page_size(void) {
+    static size_t size;
+    if (size == 0) size = (size_t)sysconf(_SC_PAGESIZE);
+    return size;
+}
+
+// Large blocks start on a page; a malloc'd block almost never does, so most frees skip the search.
+static int find(const h2_heap *heap, const void *ptr) {
+    if (heap->count == 0 || ((uintptr_t)ptr & (page_size() - 1)) != 0) return -1;
+    for (int i = 0; i < heap->count; i++) {
+        if (heap->blocks[i].base == ptr) return i;
+    }
+    return -1;
+}
+
+// A block of its own pages, or NULL (then the caller falls back to malloc) when the slots are full or mmap fails.
+static void *large_alloc(h2_heap *heap, size_t size) {
+    if (heap->count == H2_HEAP_SLOTS) return NULL;
+    size_t length = (size + page_size() - 1) & ~(page_size() - 1);
+    void *base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return NULL;
+    heap->blocks[heap->count++] = (h2_large_block){base, length, heap->creating};
+    heap->large_bytes += length;
+    return base;
+}
+
+static void large_free(h2_heap *heap, int index) {
+    munmap(heap->blocks[index].base, heap->blocks[index].length);
+    heap->large_bytes -= heap->blocks[index].length;
+    heap->blocks[index] = heap->blocks[--heap->count];
+}
+
+static void *heap_malloc(size_t size, void *user) {
+    h2_heap *heap = user;
+    if (size >= H2_HEAP_LARGE) {
+        void *block = large_alloc(heap, size);
+        if (block) return block;
+    }
+    return malloc(size);
+}
+
+static void heap_free(void *ptr, void *user) {
+    h2_heap *heap = user;
+    if (!ptr) return;
+    int index = find(heap, ptr);
+    if (index >= 0) {
+        large_free(heap, index);
+        return;
+    }
+    free(ptr);
+}
+
+static void *heap_calloc(size_t count, size_t size, void *user) {
+    h2_heap *heap = user;
+    if (size != 0 && count > (size_t)-1 / size) return NULL;
+    size_t total = count * size;
+    if (total >= H2_HEAP_LARGE) {
+        void *block = large_alloc(heap, total);  // fresh anonymous pages are zero
+        if (block) return block;
+    }
+    return calloc(count, size);
+}
+
+static void *heap_realloc(void *ptr, size_t size, void *user) {
+    h2_heap *heap = user;
+    if (!ptr) return heap_malloc(size, user);
+    int index = find(heap, ptr);
+    if (index < 0 && size < H2_HEAP_LARGE) return realloc(ptr, size);
+    // A large block on either side: copy what both hold.
+    size_t old_size = index >= 0 ? heap->blocks[index].length : malloc_usable_size(ptr);
+    if (index >= 0 && size <= old_size && size >= H2_HEAP_LARGE) return ptr;
+    void *fresh = heap_malloc(size, user);
+    if (!fresh) return NULL;
+    memcpy(fresh, ptr, old_size < size ? old_size : size);
+    heap_free(ptr, user);
+    return fresh;
+}
+
+h2_heap *h2_heap_new(void) { return calloc(1, sizeof(h2_heap)); }
+
+void h2_heap_free(h2_heap *heap) {
+    while (heap->count > 0) large_free(heap, heap->count - 1);
+    free(heap);
+}
+
+nghttp2_mem h2_heap_mem(h2_heap *heap) {
+    return (nghttp2_mem){heap, heap_malloc, heap_free, heap_calloc, heap_realloc};
+}
+
+void h2_heap_begin_session(h2_heap *heap) { heap->creating = 1; }
+
+int h2_heap_end_session(h2_heap *heap) {
+    heap->creating = 0;
+    int discardable = 0;
+    for (int i = 0; i < heap->count; i++) discardable += heap->blocks[i].discardable;
+    return discardable;
+}
+
+void h2_heap_trim(h2_heap *heap) {
+    for (int i = 0; i < heap->count; i++) {
+        if (heap->blocks[i].discardable) madvise(heap->blocks[i].base, heap->blocks[i].length, MADV_DONTNEED);
+    }
+}
+
+size_t h2_heap_large_bytes(const h2_heap *heap) { return heap->large_bytes; }
+
+size_t h2_heap_resident_frame_bytes(const h2_heap *heap) {
+    size_t resident = 0;
+    for (int i = 0; i < heap->count; i++) {
+        if (!heap->blocks[i].discardable) continue;
+        size_t pages = heap->blocks[i].length / page_size();
+        unsigned char vector[64];
+        for (size_t first = 0; first < pages; first += sizeof(vector)) {
+            size_t n = pages - first < sizeof(vector) ? pages - first : sizeof(vector);
+            if (mincore((char *)heap->blocks[i].base + first * page_size(), n * page_size(), vector) != 0) break;
+            for (size_t k = 0; k < n; k++) resident += (vector[k] & 1) ? page_size() : 0;
+        }
+    }
+    return resident;
+}

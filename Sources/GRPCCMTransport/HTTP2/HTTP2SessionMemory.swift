@@ -1,0 +1,45 @@
+import CHTTP2Memory
+import CNghttp2
+
+/// The allocator of one nghttp2 session (`CHTTP2Memory`): blocks of 8 KiB and more on pages of their own, and the
+/// session's 16 KiB frame buffer given back to the kernel while its connection is idle (`trim()`), which is most of
+/// what an idle connection would otherwise keep resident.
+///
+/// Held by the socket that holds the session, and so freed after the session is deleted (the socket deletes its
+/// session first, in `close` or its deinit).
+///
+/// `@unchecked Sendable`: used on the session's loop thread only.
+package final class HTTP2SessionMemory: @unchecked Sendable {
+    private let heap: OpaquePointer
+
+    package init() {
+        guard let heap = h2_heap_new() else { fatalError("out of memory for an HTTP/2 session's heap") }
+        self.heap = heap
+    }
+
+    deinit {
+        h2_heap_free(self.heap)
+    }
+
+    /// Runs `create` (an `nghttp2_session_*_new3`) with this allocator, noting the blocks it allocates as the
+    /// session's frame buffer.
+    package func makeSession(_ create: (UnsafeMutablePointer<nghttp2_mem>) -> Int32) -> Int32 {
+        var mem = h2_heap_mem(self.heap)
+        h2_heap_begin_session(self.heap)
+        let rc = create(&mem)
+        h2_heap_end_session(self.heap)
+        return rc
+    }
+
+    /// Gives the frame buffer's pages back. Only when nghttp2 has nothing to write and what it wrote has been
+    /// copied out (`HTTP2Socket.trimIdleMemory` checks both).
+    package func trim() {
+        h2_heap_trim(self.heap)
+    }
+
+    /// Bytes of large blocks held (resident or not).
+    package var largeBytes: Int { h2_heap_large_bytes(self.heap) }
+
+    /// Bytes of the frame buffer's pages that are resident.
+    package var residentFrameBufferBytes: Int { h2_heap_resident_frame_bytes(self.heap) }
+}

@@ -1,0 +1,80 @@
+import CHTTP2Memory
+import Foundation
+import Testing
+
+@testable import GRPCConnectionManager
+@testable import GRPCCMPool
+@_spi(Reactor) @testable import GRPCCMReactor
+@testable import GRPCCMTransport
+
+/// The allocator of our nghttp2 sessions (CHTTP2Memory) and an idle connection giving its frame buffer back.
+@Suite("nghttp2 session memory")
+struct SessionMemoryTests {
+    @Test("large blocks get pages of their own, move across the threshold with their bytes, and are all freed")
+    func allocatorBlocks() throws {
+        let heap = try #require(h2_heap_new())
+        defer { h2_heap_free(heap) }
+        let mem = h2_heap_mem(heap)
+        let user = mem.mem_user_data
+
+        let small = try #require(mem.malloc(100, user))
+        #expect(h2_heap_large_bytes(heap) == 0)
+        let large = try #require(mem.malloc(20_000, user))
+        #expect(h2_heap_large_bytes(heap) == 20_480, "rounded up to pages")
+        memset(large, 7, 20_000)
+
+        // Grows within its pages, then into a new block, then shrinks back to malloc: the bytes go along.
+        let grown = try #require(mem.realloc(large, 30_000, user))
+        #expect(h2_heap_large_bytes(heap) == 32_768)
+        #expect(grown.load(fromByteOffset: 19_999, as: UInt8.self) == 7)
+        let shrunk = try #require(mem.realloc(grown, 64, user))
+        #expect(h2_heap_large_bytes(heap) == 0)
+        #expect(shrunk.load(fromByteOffset: 63, as: UInt8.self) == 7)
+
+        // A small block that grows past the threshold moves onto pages of its own.
+        memset(small, 9, 100)
+        let moved = try #require(mem.realloc(small, 10_000, user))
+        #expect(h2_heap_large_bytes(heap) == 12_288)
+        #expect(moved.load(fromByteOffset: 99, as: UInt8.self) == 9)
+
+        let zeroed = try #require(mem.calloc(3_000, 4, user))
+        #expect((0..<12_000).allSatisfy { zeroed.load(fromByteOffset: $0, as: UInt8.self) == 0 })
+        #expect(mem.calloc(Int.max, 4, user) == nil, "an overflowing calloc fails instead of wrapping")
+
+        for block in [shrunk, moved, zeroed] { mem.free(block, user) }
+        mem.free(nil, user)
+        #expect(h2_heap_large_bytes(heap) == 0)
+    }
+
+    @Test("an idle connection gives its frame buffer's pages back, and the next calls write into it again")
+    func idleConnectionTrimsFrameBuffer() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        let channel = try fixture.channel(configuration)
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+
+        let resident = { @Sendable () -> Int in
+            channel.inspect { pool in
+                pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.sessionMemory }
+                    .reduce(0) { $0 + $1.residentFrameBufferBytes }
+            }
+        }
+        let held = channel.inspect { pool in
+            pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.sessionMemory }.reduce(0) { $0 + $1.largeBytes }
+        }
+        #expect(held >= 16 << 10, "nghttp2's frame buffer is on pages of its own")
+        #expect(resident() > 0, "the call's frames were written into it")
+
+        // A second after the last stream closed: every page of it is given back.
+        #expect(waitFor(seconds: 5) { resident() == 0 })
+
+        let responses = await withTaskGroup(of: CallStatus.self) { group in
+            for index in 0..<64 { group.addTask { await channel.call([UInt8(index)], timeout: .seconds(5)).status } }
+            return await group.reduce(into: [CallStatus]()) { $0.append($1) }
+        }
+        #expect(responses.count == 64 && responses.allSatisfy { $0 == .ok })
+        #expect(resident() > 0, "frames are written into the buffer again")
+    }
+}

@@ -1,0 +1,72 @@
+import Testing
+
+@testable import GRPCCMTransport
+@testable import GRPCCMWire
+
+/// The connection's table of open streams against a Dictionary doing the same, over patterns a connection meets:
+/// ids in order with early and late closes, ids far apart that share a home slot, and growth past many streams.
+@Suite("Stream table")
+struct StreamTableTests {
+    final class Handler: HTTP2StreamHandler {
+        let id: Int32
+        init(_ id: Int32) { self.id = id }
+        func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int { 0 }
+        func streamBeginHeaders() {}
+        func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool { true }
+        func streamHeadersEnded(endStream: Bool) {}
+        func streamData(_ bytes: UnsafeRawBufferPointer) {}
+        func streamClosed(errorCode: UInt32) {}
+        func streamFailed(_ reason: CallStatus) {}
+    }
+
+    /// Applies the same steps to the table and to a Dictionary and checks every id ever used after each step.
+    func check(_ steps: [(insert: Bool, id: Int32)]) {
+        var table = StreamTable()
+        var model: [Int32: Handler] = [:]
+        var used = Set<Int32>()
+        for step in steps {
+            used.insert(step.id)
+            if step.insert {
+                let handler = Handler(step.id)
+                table.insert(handler, for: step.id)
+                model[step.id] = handler
+            } else {
+                let removed = table.remove(step.id)
+                #expect((removed as? Handler)?.id == model.removeValue(forKey: step.id)?.id)
+            }
+            #expect(table.count == model.count)
+            for id in used { #expect((table[id] as? Handler)?.id == model[id]?.id, "id \(id)") }
+        }
+        let open = table.removeAll()
+        #expect(open.map(\.id) == model.keys.sorted())
+        #expect(table.isEmpty && table[1] == nil)
+    }
+
+    @Test("odd ids in order, closed out of order, across growth and shrinking")
+    func sequentialIDs() {
+        var generator = SystemRandomNumberGenerator()
+        var steps: [(Bool, Int32)] = []
+        var open: [Int32] = []
+        var next: Int32 = 1
+        for _ in 0..<3_000 {
+            if open.count < 100 && (open.isEmpty || Bool.random(using: &generator)) {
+                steps.append((true, next))
+                open.append(next)
+                next += 2
+            } else {
+                let index = Int.random(in: 0..<open.count, using: &generator)
+                steps.append((false, open.remove(at: index)))
+            }
+        }
+        self.check(steps.map { (insert: $0.0, id: $0.1) })
+    }
+
+    @Test("ids that share a home slot (a long stream among many short ones), and removing what is not there")
+    func collidingIDs() {
+        // With 8 slots, ids 1, 17, 33, 49 have the same home; removing from the middle of the run shifts the rest.
+        let ids: [Int32] = [1, 17, 33, 49, 3, 19, 15, 31]
+        var steps = ids.map { (insert: true, id: $0) }
+        steps += [(false, 17), (false, 5), (false, 1), (true, 65), (false, 49), (false, 49), (true, 17), (false, 33)]
+        self.check(steps)
+    }
+}
