@@ -48,10 +48,14 @@ demo: build
 demo-tls: build
 	@bash scripts/demo-tls.sh
 
-# The perf matrix against every peer of ../shared/peers; writes Perf/RESULTS.md (about 25 minutes, plus 10-20 for
-# the first build of the grpc-swift-2 peer; BENCH_ARGS="--no-swift" leaves that peer out).
+# The perf runs against the peers of Perf/peers, each writing its section of Perf/RESULTS.md: the unary matrix
+# (about 25 minutes), the streaming ping-pong runs (about 5), open-loop tail latency with CDF plots in Perf/plots
+# (about 3); plus 10-20 minutes for the first build of the grpc-swift-2 peer (BENCH_ARGS="--no-swift" leaves that
+# peer out).
 bench: deps
 	python3 Perf/bench.py $(BENCH_ARGS)
+	python3 Perf/bench_streams.py $(BENCH_ARGS)
+	python3 Perf/bench_tail.py
 
 # The generated grpc-swift-2 client over our transport vs grpc-swift-nio-transport; writes Perf/RESULTS-transport.md
 # (the first release build with SwiftNIO takes 10-20 minutes).

@@ -1,46 +1,26 @@
 #!/usr/bin/env python3
-"""make bench: grpc-cm-perf against the peer clients of ../shared/peers, interleaved, medians of N reps.
+"""make bench (unary): grpc-cm-perf against the peer clients of Perf/peers, interleaved, medians of N reps.
 
-Copies ../shared/peers to a writable folder, builds the C++ server and client (and the Python venv; h2load when
+Copies Perf/peers to a writable folder, builds the C++ server and client (and the Python venv; h2load when
 Debian's nghttp2-client is installable; the grpc-swift-2 peer unless --no-swift: its first build takes 10-20 minutes), starts
 the C++ echo server pinned to CPU 0, runs every client pinned to CPU 1, rep 1 of every client, then rep 2, and
-writes Perf/RESULTS.md with the medians, the commands, the machine and the date.
+writes the "matrix" section of Perf/RESULTS.md with the medians, the commands, the machine and the date.
 
-  Perf/bench.py [--reps 3] [--duration 10] [--no-swift] [--no-instr] [--peers DIR] [--scenarios a,b,c] [--idle N,M]
-                [--output FILE]
+  Perf/bench.py [--reps 3] [--duration 10] [--no-swift] [--no-instr] [--scenarios a,b,c] [--idle N,M]
 """
-import argparse, datetime, json, os, platform, shutil, statistics, subprocess, sys, time
+import argparse, datetime, json, os, platform, shutil, subprocess, sys, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import benchlib
+from benchlib import ROOT, RIG, PERF, med, run
+
 SCENARIOS = [("a", 1, 1, 0), ("a", 1, 1, 1024), ("b", 1, 64, 0), ("b", 1, 64, 1024), ("c", 4, 256, 0)]
 
 
-def sh(cmd, **kw):
-    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, **kw)
-
-
-def client_cmd(label, rig, perf, conns, conc, payload, duration):
-    common = ["--target", "127.0.0.1:50051", "--payload-bytes", str(payload), "--connections", str(conns),
-              "--concurrency", str(conc), "--duration", str(duration)]
-    if label == "grpc-cm":
-        return [perf, *common, "--warmup", "1"]
-    if label == "cpp":
-        return [f"{rig}/build/grpc_bench", *common, "--threads", "1", "--warmup", "1"]
-    if label == "python":
-        return [f"{rig}/.venv/bin/python", f"{rig}/python/grpc_bench.py", *common, "--warmup", "1"]
-    if label == "h2load":
-        return [sys.executable, f"{rig}/h2load/h2load_bench.py", *common]
-    if label == "swift":
-        return [f"{rig}/swift-peer/.build/release/SwiftPeer", *common, "--threads", "1", "--warmup", "1"]
-    raise SystemExit(label)
-
-
-def run(cmd, timeout):
-    r = subprocess.run(["taskset", "-c", "1", *cmd], capture_output=True, text=True, timeout=timeout)
-    line = [l for l in r.stdout.splitlines() if l.startswith("{")]
-    if r.returncode != 0 or not line:
-        return {"error": (r.stderr or r.stdout)[-300:]}
-    return json.loads(line[-1])
+def client_cmd(label, conns, conc, payload, duration):
+    options = ["--payload-bytes", str(payload), "--connections", str(conns), "--concurrency", str(conc),
+               "--duration", str(duration)]
+    # h2load has no warm-up option.
+    return benchlib.client_cmd(label, options + ([] if label == "h2load" else ["--warmup", "1"]))
 
 
 def main():
@@ -49,35 +29,15 @@ def main():
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--no-swift", dest="swift", action="store_false",
                     help="leave out the grpc-swift-2 peer (its first release build takes 10-20 minutes)")
-    ap.add_argument("--peers", default=os.environ.get("PEERS_DIR", os.path.join(os.path.dirname(ROOT), "shared", "peers")),
-                    help="the peers folder (default: $PEERS_DIR, else ../shared/peers beside this checkout)")
     ap.add_argument("--idle", default="1000,10000")
     ap.add_argument("--no-instr", action="store_true", help="skip the callgrind instruction counts")
     ap.add_argument("--scenarios", default="a,b,c", help="which scenarios to run (default all: a,b,c)")
-    ap.add_argument("--output", default=os.path.join(ROOT, "Perf", "RESULTS.md"),
-                    help="where to write the results (default Perf/RESULTS.md)")
     args = ap.parse_args()
 
-    rig = "/tmp/grpc-cm-peers"
-    if not os.path.isdir(rig):
-        if not os.path.isdir(args.peers):
-            raise SystemExit(f"bench: no peers folder at {args.peers}: pass --peers DIR or set PEERS_DIR")
-        shutil.copytree(args.peers, rig)
-    sh(f"cd {rig} && ./build.sh deps >/dev/null && ./build.sh cpp >/dev/null")
-    clients = ["grpc-cm", "cpp"]
-    try:
-        sh(f"cd {rig} && ./build.sh python >/dev/null")
-        clients.append("python")
-    except subprocess.CalledProcessError:
-        print("bench: no Python peer (venv/grpcio failed)", file=sys.stderr)
+    clients = benchlib.prepare(swift=args.swift, python=True)
     if shutil.which("h2load") or subprocess.run("apt-get install -y -qq nghttp2-client >/dev/null 2>&1", shell=True).returncode == 0:
-        clients.append("h2load")
-    if args.swift:
-        sh(f"cd {rig} && ./build.sh swift >/dev/null")
-        clients.append("swift")
-    sh(f"cd {ROOT}/Perf/harness && swift build -c release >/dev/null")
-    perf = f"{ROOT}/Perf/harness/.build/release/grpc-cm-perf"
-
+        clients.insert(2, "h2load")
+    rig, perf = RIG, PERF
     server = subprocess.run([f"{rig}/start-server.sh", "50051"], capture_output=True, text=True).stdout.strip()
     results = {}
     try:
@@ -85,7 +45,7 @@ def main():
         for scenario, conns, conc, payload in [x for x in SCENARIOS if x[0] in args.scenarios.split(",")]:
             for rep in range(args.reps):
                 for label in clients:
-                    cmd = client_cmd(label, rig, perf, conns, conc, payload, args.duration)
+                    cmd = client_cmd(label, conns, conc, payload, args.duration)
                     out = run(cmd, timeout=args.duration * 4 + 30)
                     results.setdefault((scenario, payload, label), []).append(out)
                     print(scenario, payload, label, rep + 1, {k: out.get(k) for k in ("rps", "p50_us", "p99_us", "cpu_us_per_rpc", "errors", "error")}, flush=True)
@@ -138,23 +98,18 @@ def instructions(rig, perf):
     return rows
 
 
-def med(runs, key):
-    values = [r[key] for r in runs if key in r and r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
 def write(results, idle, bus, clients, args, instr):
-    lines = ["# Perf results", "",
+    lines = ["## The unary matrix", "",
              f"Written by `make bench` (`Perf/bench.py --reps {args.reps} --duration {args.duration:g}`) on "
              f"{datetime.date.today().isoformat()}, {platform.platform()}, {os.cpu_count()} cores. The C++ gRPC echo "
-             "server of ../shared/peers runs pinned to CPU 0 and every client pinned to CPU 1, interleaved (rep 1 of every "
+             "server of Perf/peers runs pinned to CPU 0 and every client pinned to CPU 1, interleaved (rep 1 of every "
              "client, then rep 2, ...). Medians of the reps. grpc-cm runs with its defaults (retry and circuit breaker on).",
              "", "Client commands (`--target 127.0.0.1:50051 --connections C --concurrency K --payload-bytes N "
              f"--duration {args.duration:g}` plus): grpc-cm `Perf/harness/.build/release/grpc-cm-perf --warmup 1`; cpp "
              "`build/grpc_bench --threads 1 --warmup 1`; python `python/grpc_bench.py --warmup 1`; h2load "
              "`h2load/h2load_bench.py`; swift `SwiftPeer --threads 1 --warmup 1`.", ""]
     for scenario, conns, conc, payload in [x for x in SCENARIOS if x[0] in args.scenarios.split(",")]:
-        lines += [f"## ({scenario}) {conns} connection(s), {conc} in flight, {payload} B", "",
+        lines += [f"### ({scenario}) {conns} connection(s), {conc} in flight, {payload} B", "",
                   "| client | rps | p50 µs | p99 µs | CPU µs/call | allocations/call | errors | CPU ratio grpc-cm / client |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         ours = med(results.get((scenario, payload, "grpc-cm"), []), "cpu_us_per_rpc")
@@ -167,12 +122,12 @@ def write(results, idle, bus, clients, args, instr):
                          f"{allocations if allocations is not None else ''} | "
                          f"{sum(r.get('errors', 0) or 0 for r in runs)} | {ratio} |")
         lines.append("")
-    lines += ["## (d) idle connections (`--idle-connections N --idle-hold 2`)", "",
+    lines += ["### (d) idle connections (`--idle-connections N --idle-hold 2`)", "",
               "| N | client | KiB per connection | RSS KiB | open fds |", "| --- | --- | --- | --- | --- |"]
     for (n, label), out in sorted(idle.items()):
         per = out.get("rss_kb_per_connection", out.get("rss_per_conn_kb"))
         lines.append(f"| {n} | {label} | {per} | {out.get('rss_kb')} | {out.get('open_fds')} |")
-    lines += ["", "## (e) hot path", "", "Event bus (`bus-bench 2000000`):", "", bus.strip(), "",
+    lines += ["", "### (e) hot path", "", "Event bus (`bus-bench 2000000`):", "", bus.strip(), "",
               "Heap allocations per unary call: the `allocations/call` column above (grpc-cm only: the harness links "
               "CMallocCounter, which interposes malloc and counts every allocation of the client process during the "
               "measured window, divided by the calls).", ""]
@@ -187,9 +142,7 @@ def write(results, idle, bus, clients, args, instr):
             ratio = f"{ours / count:.2f}" if ours and count and label != "grpc-cm" else ""
             lines.append(f"| {label} | {count} | {ratio} |")
         lines.append("")
-    with open(args.output, "w") as f:
-        f.write("\n".join(lines))
-    print(f"wrote {args.output}")
+    benchlib.replace_section("matrix", "\n".join(lines))
 
 
 if __name__ == "__main__":
