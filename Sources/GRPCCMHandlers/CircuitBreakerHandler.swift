@@ -36,13 +36,14 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         if let (from, to) = decision.changed {
             self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
         }
-        return decision.permitted ? CallPermit(isProbe: decision.probe, epoch: decision.epoch) : nil
+        return decision.permitted ? CallPermit(isProbe: decision.probe, epoch: decision.epoch, slot: slot) : nil
     }
 
     package func callEnded(
         _ permit: CallPermit, service: String, path: String, status: CallStatus, duration: Duration, cancelledByClient: Bool
     ) {
-        guard let slot = self.breakers.existingSlot(for: Key(service: service, path: path)) else { return }
+        // Slots are never removed: the one the call was admitted with is still its breaker.
+        let slot = permit.slot
         if cancelledByClient {
             // The caller gave up: nothing learnt about the server. A probe's slot frees for the next one.
             self.breakers[slot].release(probe: permit.isProbe, epoch: permit.epoch)

@@ -9,6 +9,7 @@ package enum HeaderName {
     package static let grpcStatus: StaticString = "grpc-status"
     package static let grpcMessage: StaticString = "grpc-message"
     package static let contentType: StaticString = "content-type"
+    package static let applicationGRPC: StaticString = "application/grpc"
     package static let grpcEncoding: StaticString = "grpc-encoding"
     package static let grpcAcceptEncoding: StaticString = "grpc-accept-encoding"
     package static let grpcTimeout: StaticString = "grpc-timeout"

@@ -76,7 +76,10 @@ package struct ResponseHead: Sendable {
         }
         if !self.inTrailers {
             if HeaderName.equals(name, HeaderName.contentType) {
-                self.contentType = String(decoding: value, as: UTF8.self)
+                // The usual value without making a string of it (16 bytes: past what a String holds inline).
+                self.contentType =
+                    HeaderName.equals(value, HeaderName.applicationGRPC)
+                    ? "application/grpc" : String(decoding: value, as: UTF8.self)
                 return true
             }
             if HeaderName.equals(name, HeaderName.grpcEncoding) {

@@ -401,7 +401,24 @@ public final class GRPCChannel: Sendable {
         var path = path
         return path.withUTF8 { bytes in
             guard bytes.first == UInt8(ascii: "/") else { return false }
-            for byte in bytes where byte <= 0x20 || byte > 0x7E { return false }
+            // Every byte visible ASCII (0x21...0x7E), eight at a time (it runs for every call): a byte below 0x21
+            // borrows into its high bit when 0x21 is taken from it, a byte above 0x7E carries into it (or has it)
+            // when 1 is added. A borrow or carry crossing into the next byte only ever follows a byte that fails.
+            let raw = UnsafeRawBufferPointer(bytes)
+            let ones: UInt64 = 0x0101_0101_0101_0101
+            let highBits: UInt64 = 0x8080_8080_8080_8080
+            var index = 0
+            while index + 8 <= raw.count {
+                let word = raw.loadUnaligned(fromByteOffset: index, as: UInt64.self)
+                let below = (word &- ones &* 0x21) & ~word & highBits
+                let above = ((word &+ ones) | word) & highBits
+                if below | above != 0 { return false }
+                index += 8
+            }
+            while index < raw.count {
+                if raw[index] <= 0x20 || raw[index] > 0x7E { return false }
+                index += 1
+            }
             return true
         }
     }

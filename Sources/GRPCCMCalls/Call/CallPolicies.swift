@@ -10,15 +10,18 @@ package protocol CallAdmission: AnyObject {
     func callEnded(_ permit: CallPermit, service: String, path: String, status: CallStatus, duration: Duration, cancelledByClient: Bool)
 }
 
-/// What admission handed out: whether the call is a half-open probe, and the state it was admitted under (an outcome
-/// from an older state must not count in the current one).
+/// What admission handed out: whether the call is a half-open probe, the state it was admitted under (an outcome
+/// from an older state must not count in the current one), and where the admission keeps that state (`slot`: its
+/// own index, so that the end of the call finds it without a lookup).
 package struct CallPermit: Sendable, Hashable {
     package var isProbe: Bool
     package var epoch: UInt64
+    package var slot: Int
 
-    package init(isProbe: Bool, epoch: UInt64) {
+    package init(isProbe: Bool, epoch: UInt64, slot: Int = 0) {
         self.isProbe = isProbe
         self.epoch = epoch
+        self.slot = slot
     }
 }
 
