@@ -234,11 +234,8 @@ public final class GRPCChannel: Sendable {
             environment: shard.environment, path: path, metadata: metadata, request: request, deadline: deadline,
             maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
             waitForReady: options.waitForReady, delivery: delivery, buffers: buffers, requestEncoding: encoding,
-            onWritable: onWritable, completion: completion)
-        call.previousAttemptsElsewhere = previousAttempts
-        call.invalid = problem
-        call.observers = observers
-        call.preparing = suspended != nil
+            onWritable: onWritable, previousAttemptsElsewhere: previousAttempts, invalid: problem, observers: observers,
+            preparing: suspended != nil, completion: completion)
         if shard.reactor.inReactorThread {
             call.start()
         } else if !shard.reactor.submit(call) {
@@ -277,10 +274,10 @@ public final class GRPCChannel: Sendable {
             let attempt = ClientCall(
                 environment: shard.environment, path: path, metadata: metadata, request: request, deadline: deadline,
                 maxReceiveMessageSize: maxReceive, waitForReady: options.waitForReady, requestEncoding: encoding,
+                // gRFC A6: each hedged attempt says how many went before it.
+                previousAttemptsElsewhere: previousAttempts + number - 1,
                 completion: { [coordinator] response in coordinator.attemptEnded(number, response) })
             attempt.hedgeAttempt = number
-            // gRFC A6: each hedged attempt says how many went before it.
-            attempt.previousAttemptsElsewhere = previousAttempts + number - 1
             return attempt
         }
         if shard.reactor.inReactorThread {

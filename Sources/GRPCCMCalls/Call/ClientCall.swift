@@ -171,8 +171,15 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         environment: CallEnvironment, path: String, metadata: CallMetadata, request: [UInt8]?, deadline: UInt64,
         maxReceiveMessageSize: Int, waitForReady: Bool, delivery: Delivery = .single, buffers: StreamBuffers? = nil,
         requestEncoding: CompressionAlgorithm = .identity, onWritable: (@Sendable () -> Void)? = nil,
-        completion: @escaping @Sendable (UnaryResponse) -> Void
+        previousAttemptsElsewhere: Int = 0, invalid: CallStatus? = nil, observers: [any CallObserver] = [],
+        preparing: Bool = false, completion: @escaping @Sendable (UnaryResponse) -> Void
     ) {
+        // These four are parameters rather than set by the channel afterwards: a store from another module into a
+        // class's property pays a dynamic exclusivity check (four per call), `@exclusivity(unchecked)` or not.
+        self.previousAttemptsElsewhere = previousAttemptsElsewhere
+        self.invalid = invalid
+        self.observers = observers
+        self.preparing = preparing
         self.requestEncoding = requestEncoding
         self.environment = environment
         self.path = path
