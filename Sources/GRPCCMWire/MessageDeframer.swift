@@ -68,11 +68,7 @@ package struct MessageDeframer: Sendable {
                 self.compressedFlag = flag == 1
                 self.remaining = length
                 self.inMessage = true
-                // Room for the whole message up front (up to 1 MiB; past that it grows as bytes arrive, so a length
-                // that is announced and never sent reserves little): growing by doubling copied a 1 MiB message
-                // about twice more.
                 self.message = []
-                self.message.reserveCapacity(min(length, 1 << 20))
             }
             let take = min(self.remaining, count - index)
             self.message.append(contentsOf: UnsafeRawBufferPointer(rebasing: bytes[index..<(index + take)]))

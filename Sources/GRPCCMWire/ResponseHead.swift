@@ -25,7 +25,10 @@ package struct ResponseHead: Sendable {
     /// The raw `grpc-status`; values that are not a decimal become UNKNOWN's number.
     package private(set) var grpcStatus: Int?
     package private(set) var grpcMessage: String?
+    /// The response's content-type, when it is not exactly `application/grpc` (that one, the usual, is only noted
+    /// in `grpcContentType`: no string to make, copy or release per call).
     package private(set) var contentType: String?
+    package private(set) var grpcContentType = false
     /// The `grpc-encoding` of the response messages (nil: identity).
     package private(set) var grpcEncoding: String?
     /// Complete header blocks, 1xx blocks not counted.
@@ -76,10 +79,11 @@ package struct ResponseHead: Sendable {
         }
         if !self.inTrailers {
             if HeaderName.equals(name, HeaderName.contentType) {
-                // The usual value without making a string of it (16 bytes: past what a String holds inline).
-                self.contentType =
-                    HeaderName.equals(value, HeaderName.applicationGRPC)
-                    ? "application/grpc" : String(decoding: value, as: UTF8.self)
+                if HeaderName.equals(value, HeaderName.applicationGRPC) {
+                    self.grpcContentType = true
+                } else {
+                    self.contentType = String(decoding: value, as: UTF8.self)
+                }
                 return true
             }
             if HeaderName.equals(name, HeaderName.grpcEncoding) {
@@ -132,7 +136,10 @@ package struct ResponseHead: Sendable {
 
     /// The status the response carries, once the stream has ended (`errorCode`: the RST_STREAM code, 0 for a clean
     /// end). Message-level checks (a truncated message, a unary call without exactly one message) are the caller's.
-    package func status(errorCode: UInt32) -> CallStatus {
+    ///
+    /// `mutating` though it changes nothing: a call holds its head in a stored property, and a non-mutating method
+    /// of a struct held by a class gets a copy of it (a retain and a release of each string and array in it).
+    package mutating func status(errorCode: UInt32) -> CallStatus {
         if self.completeBlocks == 0 || (self.grpcStatus == nil && self.completeBlocks < 2 && errorCode != 0) {
             return errorCode == 0
                 ? CallStatus(code: .internal, message: "stream closed without a response")
@@ -150,7 +157,7 @@ package struct ResponseHead: Sendable {
             return CallStatus(
                 code: CallStatus.code(forHTTPStatus: self.httpStatus),
                 message: "HTTP status \(self.httpStatus) without grpc-status"
-                    + (self.contentType.map { " (content-type \($0))" } ?? ""))
+                    + ((self.grpcContentType ? "application/grpc" : self.contentType).map { " (content-type \($0))" } ?? ""))
         }
         if let type = self.contentType, !type.hasPrefix("application/grpc") {
             return CallStatus(code: .unknown, message: "unexpected content-type \"\(type)\" in response")
