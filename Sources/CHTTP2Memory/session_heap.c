@@ -9,8 +9,14 @@
 #include <unistd.h>
 
 // A session holds very few large blocks (the frame buffer; a large inbound frame's buffer for a while): a short
-// array searched linearly, and only when it is not empty.
+// array searched linearly, and only for a pointer that starts a page.
 enum { H2_HEAP_SLOTS = 8 };
+
+// Small blocks come in 16-byte classes up to H2_SMALL_MAX and are kept for reuse when freed: nghttp2 allocates and
+// frees the same few sizes for every stream (the stream, its outbound items, the copied header list), and with
+// many streams in flight glibc's per-thread cache (7 blocks a size) overflows into its slower paths. Every block
+// that is not large starts with a 16-byte header holding its class (0: any size, never kept).
+enum { H2_SMALL_MAX = 512, H2_CLASSES = H2_SMALL_MAX / 16, H2_KEEP_PER_CLASS = 256, H2_HEADER = 16 };
 
 typedef struct {
     void *base;
@@ -18,11 +24,17 @@ typedef struct {
     int discardable;
 } h2_large_block;
 
+typedef struct h2_free_block {
+    struct h2_free_block *next;
+} h2_free_block;
+
 struct h2_heap {
     h2_large_block blocks[H2_HEAP_SLOTS];
     int count;
     int creating;
     size_t large_bytes;
+    h2_free_block *free_blocks[H2_CLASSES + 1];
+    uint16_t free_count[H2_CLASSES + 1];
 };
 
 static size_t page_size(void) {
@@ -31,7 +43,7 @@ static size_t page_size(void) {
     return size;
 }
 
-// Large blocks start on a page; a malloc'd block almost never does, so most frees skip the search.
+// Large blocks start on a page; other blocks rarely do, so most frees skip the search.
 static int find(const h2_heap *heap, const void *ptr) {
     if (heap->count == 0 || ((uintptr_t)ptr & (page_size() - 1)) != 0) return -1;
     for (int i = 0; i < heap->count; i++) {
@@ -57,13 +69,63 @@ static void large_free(h2_heap *heap, int index) {
     heap->blocks[index] = heap->blocks[--heap->count];
 }
 
+static size_t size_class(size_t size) {
+    size_t cls = (size + 15) / 16;
+    return cls == 0 ? 1 : cls;
+}
+
+static void *small_alloc(h2_heap *heap, size_t size) {
+    size_t cls = size <= H2_SMALL_MAX ? size_class(size) : 0;
+    if (cls != 0 && heap->free_blocks[cls]) {
+        h2_free_block *block = heap->free_blocks[cls];
+        heap->free_blocks[cls] = block->next;
+        heap->free_count[cls]--;
+        return block;
+    }
+    unsigned char *raw = malloc(H2_HEADER + (cls != 0 ? cls * 16 : size));
+    if (!raw) return NULL;
+    *(size_t *)raw = cls;
+    return raw + H2_HEADER;
+}
+
+static size_t small_capacity(void *ptr) {
+    unsigned char *raw = (unsigned char *)ptr - H2_HEADER;
+    size_t cls = *(size_t *)raw;
+    return cls != 0 ? cls * 16 : malloc_usable_size(raw) - H2_HEADER;
+}
+
+static void small_free(h2_heap *heap, void *ptr) {
+    unsigned char *raw = (unsigned char *)ptr - H2_HEADER;
+    size_t cls = *(size_t *)raw;
+    if (cls != 0 && heap->free_count[cls] < H2_KEEP_PER_CLASS) {
+        h2_free_block *block = ptr;
+        block->next = heap->free_blocks[cls];
+        heap->free_blocks[cls] = block;
+        heap->free_count[cls]++;
+        return;
+    }
+    free(raw);
+}
+
+// Gives the kept small blocks back to malloc.
+static void release_kept(h2_heap *heap) {
+    for (int cls = 1; cls <= H2_CLASSES; cls++) {
+        while (heap->free_blocks[cls]) {
+            h2_free_block *block = heap->free_blocks[cls];
+            heap->free_blocks[cls] = block->next;
+            free((unsigned char *)block - H2_HEADER);
+        }
+        heap->free_count[cls] = 0;
+    }
+}
+
 static void *heap_malloc(size_t size, void *user) {
     h2_heap *heap = user;
     if (size >= H2_HEAP_LARGE) {
         void *block = large_alloc(heap, size);
         if (block) return block;
     }
-    return malloc(size);
+    return small_alloc(heap, size);
 }
 
 static void heap_free(void *ptr, void *user) {
@@ -74,7 +136,7 @@ static void heap_free(void *ptr, void *user) {
         large_free(heap, index);
         return;
     }
-    free(ptr);
+    small_free(heap, ptr);
 }
 
 static void *heap_calloc(size_t count, size_t size, void *user) {
@@ -85,17 +147,17 @@ static void *heap_calloc(size_t count, size_t size, void *user) {
         void *block = large_alloc(heap, total);  // fresh anonymous pages are zero
         if (block) return block;
     }
-    return calloc(count, size);
+    void *block = small_alloc(heap, total);  // a kept block is not
+    if (block) memset(block, 0, total);
+    return block;
 }
 
 static void *heap_realloc(void *ptr, size_t size, void *user) {
     h2_heap *heap = user;
     if (!ptr) return heap_malloc(size, user);
     int index = find(heap, ptr);
-    if (index < 0 && size < H2_HEAP_LARGE) return realloc(ptr, size);
-    // A large block on either side: copy what both hold.
-    size_t old_size = index >= 0 ? heap->blocks[index].length : malloc_usable_size(ptr);
-    if (index >= 0 && size <= old_size && size >= H2_HEAP_LARGE) return ptr;
+    size_t old_size = index >= 0 ? heap->blocks[index].length : small_capacity(ptr);
+    if (size <= old_size && (index >= 0 ? size >= H2_HEAP_LARGE : size < H2_HEAP_LARGE)) return ptr;
     void *fresh = heap_malloc(size, user);
     if (!fresh) return NULL;
     memcpy(fresh, ptr, old_size < size ? old_size : size);
@@ -107,6 +169,7 @@ h2_heap *h2_heap_new(void) { return calloc(1, sizeof(h2_heap)); }
 
 void h2_heap_free(h2_heap *heap) {
     while (heap->count > 0) large_free(heap, heap->count - 1);
+    release_kept(heap);
     free(heap);
 }
 
@@ -127,9 +190,16 @@ void h2_heap_trim(h2_heap *heap) {
     for (int i = 0; i < heap->count; i++) {
         if (heap->blocks[i].discardable) madvise(heap->blocks[i].base, heap->blocks[i].length, MADV_DONTNEED);
     }
+    release_kept(heap);
 }
 
 size_t h2_heap_large_bytes(const h2_heap *heap) { return heap->large_bytes; }
+
+size_t h2_heap_kept_blocks(const h2_heap *heap) {
+    size_t kept = 0;
+    for (int cls = 1; cls <= H2_CLASSES; cls++) kept += heap->free_count[cls];
+    return kept;
+}
 
 size_t h2_heap_resident_frame_bytes(const h2_heap *heap) {
     size_t resident = 0;
