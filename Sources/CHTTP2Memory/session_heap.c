@@ -12,11 +12,14 @@
 // array searched linearly, and only for a pointer that starts a page.
 enum { H2_HEAP_SLOTS = 8 };
 
-// Small blocks come in 16-byte classes up to H2_SMALL_MAX and are kept for reuse when freed: nghttp2 allocates and
-// frees the same few sizes for every stream (the stream, its outbound items, the copied header list), and with
-// many streams in flight glibc's per-thread cache (7 blocks a size) overflows into its slower paths. Every block
-// that is not large starts with a 16-byte header holding its class (0: any size, never kept).
-enum { H2_SMALL_MAX = 512, H2_CLASSES = H2_SMALL_MAX / 16, H2_KEEP_PER_CLASS = 256, H2_HEADER = 16 };
+// Small blocks up to H2_SMALL_MAX are kept for reuse when freed, in a cache shared by the sessions of one loop:
+// nghttp2 allocates and frees the same few sizes for every stream (the stream, its outbound items, the copied
+// header list), and with many streams in flight glibc's per-thread cache (7 blocks a size) overflows into its slower
+// paths. Shared, not per session: a block one connection frees is the next one's, so connections that each make a
+// call and idle leave no kept blocks behind them. A block's class is its glibc chunk size in 16-byte units, read
+// back at free with malloc_usable_size: no header of our own on any block (it would cost an idle connection about a
+// kilobyte over nghttp2's long-lived blocks).
+enum { H2_SMALL_MAX = 512, H2_CLASSES = (H2_SMALL_MAX + 8 + 15) / 16 + 1, H2_KEEP_PER_CLASS = 256 };
 
 typedef struct {
     void *base;
@@ -28,13 +31,17 @@ typedef struct h2_free_block {
     struct h2_free_block *next;
 } h2_free_block;
 
+struct h2_block_cache {
+    h2_free_block *free_blocks[H2_CLASSES];
+    uint16_t free_count[H2_CLASSES];
+};
+
 struct h2_heap {
     h2_large_block blocks[H2_HEAP_SLOTS];
     int count;
     int creating;
     size_t large_bytes;
-    h2_free_block *free_blocks[H2_CLASSES + 1];
-    uint16_t free_count[H2_CLASSES + 1];
+    h2_block_cache *cache;  // NULL: small blocks go straight to malloc and free
 };
 
 static size_t page_size(void) {
@@ -69,54 +76,58 @@ static void large_free(h2_heap *heap, int index) {
     heap->blocks[index] = heap->blocks[--heap->count];
 }
 
+// glibc's chunk for `size` bytes: size plus its 8-byte header, in 16-byte steps, at least 32 bytes. A block
+// allocated as `class * 16 - 8` bytes has exactly that chunk, so malloc_usable_size gives its class back.
 static size_t size_class(size_t size) {
-    size_t cls = (size + 15) / 16;
-    return cls == 0 ? 1 : cls;
+    size_t cls = (size + 8 + 15) / 16;
+    return cls < 2 ? 2 : cls;
 }
 
 static void *small_alloc(h2_heap *heap, size_t size) {
-    size_t cls = size <= H2_SMALL_MAX ? size_class(size) : 0;
-    if (cls != 0 && heap->free_blocks[cls]) {
-        h2_free_block *block = heap->free_blocks[cls];
-        heap->free_blocks[cls] = block->next;
-        heap->free_count[cls]--;
+    h2_block_cache *cache = heap->cache;
+    if (!cache || size > H2_SMALL_MAX) return malloc(size);
+    size_t cls = size_class(size);
+    h2_free_block *block = cache->free_blocks[cls];
+    if (block) {
+        cache->free_blocks[cls] = block->next;
+        cache->free_count[cls]--;
         return block;
     }
-    unsigned char *raw = malloc(H2_HEADER + (cls != 0 ? cls * 16 : size));
-    if (!raw) return NULL;
-    *(size_t *)raw = cls;
-    return raw + H2_HEADER;
-}
-
-static size_t small_capacity(void *ptr) {
-    unsigned char *raw = (unsigned char *)ptr - H2_HEADER;
-    size_t cls = *(size_t *)raw;
-    return cls != 0 ? cls * 16 : malloc_usable_size(raw) - H2_HEADER;
+    return malloc(cls * 16 - 8);
 }
 
 static void small_free(h2_heap *heap, void *ptr) {
-    unsigned char *raw = (unsigned char *)ptr - H2_HEADER;
-    size_t cls = *(size_t *)raw;
-    if (cls != 0 && heap->free_count[cls] < H2_KEEP_PER_CLASS) {
-        h2_free_block *block = ptr;
-        block->next = heap->free_blocks[cls];
-        heap->free_blocks[cls] = block;
-        heap->free_count[cls]++;
-        return;
+    h2_block_cache *cache = heap->cache;
+    if (cache) {
+        size_t cls = (malloc_usable_size(ptr) + 8) / 16;
+        if (cls < H2_CLASSES && cache->free_count[cls] < H2_KEEP_PER_CLASS) {
+            h2_free_block *block = ptr;
+            block->next = cache->free_blocks[cls];
+            cache->free_blocks[cls] = block;
+            cache->free_count[cls]++;
+            return;
+        }
     }
-    free(raw);
+    free(ptr);
 }
 
-// Gives the kept small blocks back to malloc.
-static void release_kept(h2_heap *heap) {
-    for (int cls = 1; cls <= H2_CLASSES; cls++) {
-        while (heap->free_blocks[cls]) {
-            h2_free_block *block = heap->free_blocks[cls];
-            heap->free_blocks[cls] = block->next;
-            free((unsigned char *)block - H2_HEADER);
+h2_block_cache *h2_block_cache_new(void) { return calloc(1, sizeof(h2_block_cache)); }
+
+void h2_block_cache_free(h2_block_cache *cache) {
+    for (int cls = 0; cls < H2_CLASSES; cls++) {
+        while (cache->free_blocks[cls]) {
+            h2_free_block *block = cache->free_blocks[cls];
+            cache->free_blocks[cls] = block->next;
+            free(block);
         }
-        heap->free_count[cls] = 0;
     }
+    free(cache);
+}
+
+size_t h2_block_cache_kept(const h2_block_cache *cache) {
+    size_t kept = 0;
+    for (int cls = 0; cls < H2_CLASSES; cls++) kept += cache->free_count[cls];
+    return kept;
 }
 
 static void *heap_malloc(size_t size, void *user) {
@@ -156,7 +167,7 @@ static void *heap_realloc(void *ptr, size_t size, void *user) {
     h2_heap *heap = user;
     if (!ptr) return heap_malloc(size, user);
     int index = find(heap, ptr);
-    size_t old_size = index >= 0 ? heap->blocks[index].length : small_capacity(ptr);
+    size_t old_size = index >= 0 ? heap->blocks[index].length : malloc_usable_size(ptr);
     if (size <= old_size && (index >= 0 ? size >= H2_HEAP_LARGE : size < H2_HEAP_LARGE)) return ptr;
     void *fresh = heap_malloc(size, user);
     if (!fresh) return NULL;
@@ -165,11 +176,14 @@ static void *heap_realloc(void *ptr, size_t size, void *user) {
     return fresh;
 }
 
-h2_heap *h2_heap_new(void) { return calloc(1, sizeof(h2_heap)); }
+h2_heap *h2_heap_new(h2_block_cache *cache) {
+    h2_heap *heap = calloc(1, sizeof(h2_heap));
+    if (heap) heap->cache = cache;
+    return heap;
+}
 
 void h2_heap_free(h2_heap *heap) {
     while (heap->count > 0) large_free(heap, heap->count - 1);
-    release_kept(heap);
     free(heap);
 }
 
@@ -190,16 +204,9 @@ void h2_heap_trim(h2_heap *heap) {
     for (int i = 0; i < heap->count; i++) {
         if (heap->blocks[i].discardable) madvise(heap->blocks[i].base, heap->blocks[i].length, MADV_DONTNEED);
     }
-    release_kept(heap);
 }
 
 size_t h2_heap_large_bytes(const h2_heap *heap) { return heap->large_bytes; }
-
-size_t h2_heap_kept_blocks(const h2_heap *heap) {
-    size_t kept = 0;
-    for (int cls = 1; cls <= H2_CLASSES; cls++) kept += heap->free_count[cls];
-    return kept;
-}
 
 size_t h2_heap_resident_frame_bytes(const h2_heap *heap) {
     size_t resident = 0;

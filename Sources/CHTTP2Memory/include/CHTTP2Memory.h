@@ -6,9 +6,10 @@
 // neighbours and the pages it has ever touched stay resident. Here every block of at least H2_HEAP_LARGE bytes gets
 // pages of its own from mmap: untouched pages cost nothing, and the frame buffer's pages can be given back to the
 // kernel while the connection is idle (h2_heap_trim), to come back zeroed when the next frame is written. Smaller
-// blocks come from malloc, and those up to 512 bytes are kept for reuse when freed: nghttp2 allocates the same few
-// sizes for every stream, and with many streams in flight glibc's per-thread cache overflows into its slow paths
-// (about 1,500 instructions per call at 64 in flight). An idle connection gives them back (h2_heap_trim).
+// blocks come from malloc, and those up to 512 bytes are kept for reuse when freed, in a cache shared by the
+// sessions of a loop (h2_block_cache): nghttp2 allocates the same few sizes for every stream, and with many streams
+// in flight glibc's per-thread cache overflows into its slow paths (about 1,500 instructions per call at 64 in
+// flight). At most 256 blocks a size are kept.
 //
 // One heap per session, used on the session's (the loop's) thread only; freed after nghttp2_session_del.
 #ifndef CHTTP2MEMORY_H
@@ -25,9 +26,16 @@ extern "C" {
 #define H2_HEAP_LARGE 8192
 
 typedef struct h2_heap h2_heap;
+typedef struct h2_block_cache h2_block_cache;
 
-/// A heap for one session; NULL when out of memory.
-h2_heap *_Nullable h2_heap_new(void);
+/// The small blocks kept for the sessions of one loop (used on that loop's thread only); freed after all of them.
+h2_block_cache *_Nullable h2_block_cache_new(void);
+void h2_block_cache_free(h2_block_cache *_Nonnull cache);
+/// Blocks kept, for tests.
+size_t h2_block_cache_kept(const h2_block_cache *_Nonnull cache);
+
+/// A heap for one session, its small blocks kept in `cache` (NULL: none kept); NULL when out of memory.
+h2_heap *_Nullable h2_heap_new(h2_block_cache *_Nullable cache);
 /// Frees the heap itself: every block must have been freed (nghttp2_session_del frees them).
 void h2_heap_free(h2_heap *_Nonnull heap);
 /// The allocator to give nghttp2_session_*_new3 (nghttp2 copies it).
@@ -36,14 +44,11 @@ nghttp2_mem h2_heap_mem(h2_heap *_Nonnull heap);
 /// h2_heap_trim may discard. end returns how many there were (nghttp2 1.52 makes one).
 void h2_heap_begin_session(h2_heap *_Nonnull heap);
 int h2_heap_end_session(h2_heap *_Nonnull heap);
-/// Gives the frame buffer's pages back to the kernel and the kept small blocks to malloc. Only when nghttp2 has
-/// nothing to write and everything it returned from mem_send has been copied out: the buffer holds nothing that
-/// will be read again.
+/// Gives the frame buffer's pages back to the kernel. Only when nghttp2 has nothing to write and everything it
+/// returned from mem_send has been copied out: the buffer holds nothing that will be read again.
 void h2_heap_trim(h2_heap *_Nonnull heap);
 /// Bytes of large blocks held (pages reserved, resident or not), for tests.
 size_t h2_heap_large_bytes(const h2_heap *_Nonnull heap);
-/// Small blocks kept for reuse, for tests.
-size_t h2_heap_kept_blocks(const h2_heap *_Nonnull heap);
 /// Bytes of the frame buffer's pages that are resident (mincore), for tests.
 size_t h2_heap_resident_frame_bytes(const h2_heap *_Nonnull heap);
 

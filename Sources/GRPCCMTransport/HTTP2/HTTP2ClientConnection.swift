@@ -88,6 +88,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
 
     private let headerPrefix: RequestHeaderPrefix
     private let scratch: HeaderScratchBox
+    private let blockCache: HTTP2BlockCache
 
     /// - Parameters:
     ///   - authority: `:authority` of every request.
@@ -107,6 +108,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             authority: authority, scheme: tls == nil ? "http" : "https", userAgent: settings.userAgent,
             acceptEncoding: settings.acceptEncoding)
         self.scratch = reactor.shared { HeaderScratchBox() }
+        self.blockCache = reactor.shared { HTTP2BlockCache() }
         super.init()
     }
 
@@ -173,7 +175,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     package func socketReadyForHTTP2() {
         guard let socket = self.socket else { return }
         do {
-            let memory = HTTP2SessionMemory()
+            let memory = HTTP2SessionMemory(cache: self.blockCache)
             socket.session = try HTTP2ClientSessionFactory.make(for: self, settings: self.settings, memory: memory)
             socket.sessionMemory = memory
         } catch {

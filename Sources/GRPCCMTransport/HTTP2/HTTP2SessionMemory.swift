@@ -1,9 +1,10 @@
 import CHTTP2Memory
 import CNghttp2
 
-/// The allocator of one nghttp2 session (`CHTTP2Memory`): blocks of 8 KiB and more on pages of their own, and the
+/// The allocator of one nghttp2 session (`CHTTP2Memory`): blocks of 8 KiB and more on pages of their own, the
 /// session's 16 KiB frame buffer given back to the kernel while its connection is idle (`trim()`), which is most of
-/// what an idle connection would otherwise keep resident.
+/// what an idle connection would otherwise keep resident, and small blocks kept for reuse in its loop's
+/// `HTTP2BlockCache`.
 ///
 /// Held by the socket that holds the session, and so freed after the session is deleted (the socket deletes its
 /// session first, in `close` or its deinit).
@@ -11,10 +12,13 @@ import CNghttp2
 /// `@unchecked Sendable`: used on the session's loop thread only.
 package final class HTTP2SessionMemory: @unchecked Sendable {
     private let heap: OpaquePointer
+    /// Held so that it outlives the heap, which keeps blocks in it.
+    private let cache: HTTP2BlockCache
 
-    package init() {
-        guard let heap = h2_heap_new() else { fatalError("out of memory for an HTTP/2 session's heap") }
+    package init(cache: HTTP2BlockCache) {
+        guard let heap = h2_heap_new(cache.cache) else { fatalError("out of memory for an HTTP/2 session's heap") }
         self.heap = heap
+        self.cache = cache
     }
 
     deinit {
@@ -42,4 +46,24 @@ package final class HTTP2SessionMemory: @unchecked Sendable {
 
     /// Bytes of the frame buffer's pages that are resident.
     package var residentFrameBufferBytes: Int { h2_heap_resident_frame_bytes(self.heap) }
+}
+
+/// Small blocks freed by the nghttp2 sessions of one loop, kept for the next ones (`CHTTP2Memory`): one per loop,
+/// from `Reactor.shared`.
+///
+/// `@unchecked Sendable`: used on its loop's thread only.
+package final class HTTP2BlockCache: @unchecked Sendable {
+    fileprivate let cache: OpaquePointer
+
+    package init() {
+        guard let cache = h2_block_cache_new() else { fatalError("out of memory for an HTTP/2 block cache") }
+        self.cache = cache
+    }
+
+    deinit {
+        h2_block_cache_free(self.cache)
+    }
+
+    /// Blocks kept.
+    package var keptBlocks: Int { h2_block_cache_kept(self.cache) }
 }

@@ -12,7 +12,7 @@ import Testing
 struct SessionMemoryTests {
     @Test("large blocks get pages of their own, move across the threshold with their bytes, and are all freed")
     func allocatorBlocks() throws {
-        let heap = try #require(h2_heap_new())
+        let heap = try #require(h2_heap_new(nil))
         defer { h2_heap_free(heap) }
         let mem = h2_heap_mem(heap)
         let user = mem.mem_user_data
@@ -46,9 +46,13 @@ struct SessionMemoryTests {
         #expect(h2_heap_large_bytes(heap) == 0)
     }
 
-    @Test("small blocks are kept for reuse by size, zeroed by calloc, grown in place within their size, given back by trim")
+    @Test("small blocks are kept for reuse by size across the sessions of a loop, zeroed by calloc, grown in place")
     func allocatorKeepsSmallBlocks() throws {
-        let heap = try #require(h2_heap_new())
+        let cache = try #require(h2_block_cache_new())
+        defer { h2_block_cache_free(cache) }
+        let other = try #require(h2_heap_new(cache))
+        defer { h2_heap_free(other) }
+        let heap = try #require(h2_heap_new(cache))
         defer { h2_heap_free(heap) }
         let mem = h2_heap_mem(heap)
         let user = mem.mem_user_data
@@ -56,27 +60,25 @@ struct SessionMemoryTests {
         let first = try #require(mem.malloc(100, user))
         memset(first, 0xAB, 100)
         mem.free(first, user)
-        #expect(h2_heap_kept_blocks(heap) == 1)
-        let again = try #require(mem.malloc(112, user))
-        #expect(again == first, "the same 16-byte class (100 and 112 bytes) reuses the kept block")
-        #expect(h2_heap_kept_blocks(heap) == 0)
-        mem.free(again, user)
+        #expect(h2_block_cache_kept(cache) == 1)
+        let otherMem = h2_heap_mem(other)
+        let again = try #require(otherMem.malloc(104, otherMem.mem_user_data))
+        #expect(again == first, "another session, the same 16-byte class (100 and 104 bytes): the kept block")
+        #expect(h2_block_cache_kept(cache) == 0)
+        otherMem.free(again, otherMem.mem_user_data)
 
         let zeroed = try #require(mem.calloc(10, 10, user))
         #expect(zeroed == first, "calloc takes the kept block too")
         #expect((0..<100).allSatisfy { zeroed.load(fromByteOffset: $0, as: UInt8.self) == 0 }, "and zeroes it")
         memset(zeroed, 5, 100)
-        let grown = try #require(mem.realloc(zeroed, 110, user))
+        let grown = try #require(mem.realloc(zeroed, 104, user))
         #expect(grown == zeroed, "still within its class: grown in place")
         let moved = try #require(mem.realloc(grown, 600, user))
         #expect(moved.load(fromByteOffset: 99, as: UInt8.self) == 5, "past the class: moved with its bytes")
         let big = try #require(mem.malloc(4_000, user))
         mem.free(moved, user)
         mem.free(big, user)
-        #expect(h2_heap_kept_blocks(heap) == 1, "only blocks up to 512 bytes are kept: \(h2_heap_kept_blocks(heap))")
-
-        h2_heap_trim(heap)
-        #expect(h2_heap_kept_blocks(heap) == 0)
+        #expect(h2_block_cache_kept(cache) == 1, "only blocks up to 512 bytes are kept: \(h2_block_cache_kept(cache))")
     }
 
     @Test("an idle connection gives its frame buffer's pages back, and the next calls write into it again")
