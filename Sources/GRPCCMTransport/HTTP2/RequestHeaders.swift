@@ -79,15 +79,15 @@ struct HeaderScratch {
         prefix: RequestHeaderPrefix, session: OpaquePointer, head: RequestHead, source: UnsafeMutableRawPointer,
         maxHeaderListSize: UInt32
     ) -> SubmitResult {
-        let path = head.path
+        var path = head.path
         let metadata = head.metadata
         let timeoutNanos = head.timeoutNanoseconds
         let previousAttempts = head.previousRPCAttempts
         self.bytes.removeAll(keepingCapacity: true)
         self.fields.removeAll(keepingCapacity: true)
-        // This call's own fields, in the scratch buffer (nghttp2 copies these): :path goes right after :scheme,
-        // grpc-timeout right after the pseudo-headers, the rest after the connection's fixed fields.
-        let pathField = (name: self.append(":path"), value: self.append(path))
+        // This call's own fields, in the scratch buffer (nghttp2 copies these): grpc-timeout right after the
+        // pseudo-headers, the rest after the connection's fixed fields. :path (right after :scheme) is not copied
+        // here: nghttp2 copies it straight from the string while it submits.
         var timeoutField: (name: Range<Int>, value: Range<Int>)? = nil
         if let timeout = timeoutNanos {
             timeoutField = (name: self.append("grpc-timeout"), value: self.append(GRPCTimeout.encode(nanoseconds: timeout)))
@@ -112,9 +112,10 @@ struct HeaderScratch {
         let fixed = prefix.nvs
         // RFC 9113 §6.5.2 size of the whole list: every byte of names and values plus 32 per field.
         let fieldCount = fixed.count + fields.count + 1 + (timeoutField == nil ? 0 : 1)
-        let listSize = prefix.byteCount + self.bytes.count + 32 * fieldCount
+        let listSize = prefix.byteCount + Self.pathName.utf8CodeUnitCount + path.utf8.count + self.bytes.count
+            + 32 * fieldCount
         if UInt64(listSize) > UInt64(maxHeaderListSize) { return .headerListTooLarge(listSize) }
-        let rc = self.bytes.withUnsafeMutableBufferPointer { buffer -> Int32 in
+        let rc = path.withUTF8 { pathBytes in self.bytes.withUnsafeMutableBufferPointer { buffer -> Int32 in
             let base = buffer.baseAddress!
             self.nvs.removeAll(keepingCapacity: true)
             func add(_ field: (name: Range<Int>, value: Range<Int>)) {
@@ -126,7 +127,12 @@ struct HeaderScratch {
             }
             self.nvs.append(fixed[0])  // :method
             self.nvs.append(fixed[1])  // :scheme
-            add(pathField)
+            self.nvs.append(
+                nghttp2_nv(
+                    name: UnsafeMutablePointer(mutating: Self.pathName.utf8Start),
+                    value: UnsafeMutablePointer(mutating: pathBytes.baseAddress ?? Self.pathName.utf8Start),
+                    namelen: Self.pathName.utf8CodeUnitCount, valuelen: pathBytes.count,
+                    flags: UInt8(NGHTTP2_NV_FLAG_NO_COPY_NAME.rawValue)))
             self.nvs.append(fixed[2])  // :authority
             self.nvs.append(fixed[3])  // te
             if let timeoutField { add(timeoutField) }
@@ -137,9 +143,12 @@ struct HeaderScratch {
             return self.nvs.withUnsafeBufferPointer { nva in
                 nghttp2_submit_request(session, nil, nva.baseAddress, nva.count, &provider, source)
             }
-        }
+        } }
         return rc < 0 ? .error(rc) : .submitted(rc)
     }
+
+    /// Static bytes: nghttp2 may keep pointing at the name (`NO_COPY_NAME`).
+    private static let pathName: StaticString = ":path"
 
     enum SubmitResult {
         case submitted(Int32)
