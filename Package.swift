@@ -210,6 +210,8 @@ let package = Package(
                 .product(name: "InMemoryLogging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
             ],
+            // The Python peers the tests start (a scripted HTTP/2 peer, a DNS server), read from the source tree.
+            exclude: ["Utilities/dns_server.py", "Utilities/scripted_peer.py"],
             swiftSettings: strictSwift
         ),
     ]
