@@ -11,7 +11,7 @@ writes the "matrix" section of Perf/RESULTS.md with the medians, the commands, t
 import argparse, datetime, json, os, platform, shutil, subprocess, sys, time
 
 import benchlib
-from benchlib import ROOT, RIG, PERF, med, run
+from benchlib import ROOT, RIG, PERF, med, run, sh
 
 SCENARIOS = [("a", 1, 1, 0), ("a", 1, 1, 1024), ("b", 1, 64, 0), ("b", 1, 64, 1024), ("c", 4, 256, 0)]
 
