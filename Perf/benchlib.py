@@ -56,8 +56,12 @@ def client_cmd(label, options):
 
 
 def run(cmd, timeout):
-    """Runs a client pinned to CPU 1; its last JSON line, or {"error": ...}."""
-    r = subprocess.run(["taskset", "-c", "1", *cmd], capture_output=True, text=True, timeout=timeout)
+    """Runs a client pinned to CPU 1; its last JSON line, or {"error": ...} (a client that fails, or that has not
+    finished after `timeout` seconds: an overloaded open loop may never drain)."""
+    try:
+        r = subprocess.run(["taskset", "-c", "1", *cmd], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {timeout:g} s"}
     line = [l for l in r.stdout.splitlines() if l.startswith("{")]
     if r.returncode != 0 or not line:
         return {"error": (r.stderr or r.stdout)[-300:]}
