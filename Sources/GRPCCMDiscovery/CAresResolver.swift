@@ -182,16 +182,9 @@ final class CAresChannel: ReactorHandler, @unchecked Sendable {
             }
             return .failure(CallStatus(code: .unavailable, message: "DNS lookup of \(host) failed: \(reason)"))
         }
-        var addresses: [NetworkAddress] = []
-        var node = result?.pointee.nodes
-        while let current = node {
-            if let sockaddr = current.pointee.ai_addr, let address = NetworkAddress(sockaddr, port: port),
-                !addresses.contains(address)
-            {
-                addresses.append(address)
-            }
-            node = current.pointee.ai_next
-        }
+        let addresses = NetworkAddress.distinct(
+            from: result?.pointee.nodes, port: port, sockaddr: { UnsafePointer($0.pointee.ai_addr) },
+            next: { $0.pointee.ai_next })
         if addresses.isEmpty {
             return .failure(CallStatus(code: .unavailable, message: "DNS lookup of \(host) returned no addresses"))
         }

@@ -45,6 +45,22 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
         self.init(ip: String(cString: text), port: port)
     }
 
+    /// The distinct addresses of a resolver's linked result list (getaddrinfo's `addrinfo`, c-ares's
+    /// `ares_addrinfo_node`), in order, each with `port`; entries of another family are skipped.
+    package static func distinct<Node>(
+        from first: Node?, port: Int, sockaddr: (Node) -> UnsafePointer<sockaddr>?, next: (Node) -> Node?
+    ) -> [NetworkAddress] {
+        var addresses: [NetworkAddress] = []
+        var node = first
+        while let current = node {
+            if let raw = sockaddr(current), let address = NetworkAddress(raw, port: port), !addresses.contains(address) {
+                addresses.append(address)
+            }
+            node = next(current)
+        }
+        return addresses
+    }
+
     public init(unixPath: String) {
         self.storage = .unix(path: unixPath)
     }

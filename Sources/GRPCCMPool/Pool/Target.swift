@@ -107,16 +107,8 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
             return .failure(CallStatus(code: .unavailable, message: "name resolution failed for \(host): \(reason)"))
         }
         defer { freeaddrinfo(first) }
-        var addresses: [NetworkAddress] = []
-        var cursor: UnsafeMutablePointer<addrinfo>? = first
-        while let info = cursor {
-            if let sockaddr = info.pointee.ai_addr, let address = NetworkAddress(sockaddr, port: port),
-                !addresses.contains(address)
-            {
-                addresses.append(address)
-            }
-            cursor = info.pointee.ai_next
-        }
+        let addresses = NetworkAddress.distinct(
+            from: first, port: port, sockaddr: { UnsafePointer($0.pointee.ai_addr) }, next: { $0.pointee.ai_next })
         if addresses.isEmpty {
             return .failure(CallStatus(code: .unavailable, message: "name resolution found no address for \(host)"))
         }
