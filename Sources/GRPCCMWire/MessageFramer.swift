@@ -16,26 +16,43 @@ package enum MessageFramer {
         capacity: Int
     ) -> Int {
         var written = 0
-        if offset < 5 {
-            var prefix = Self.prefix(length: message.count, compressed: compressed)
-            withUnsafeBytes(of: &prefix) { bytes in
-                while offset < 5 && written < capacity {
-                    buffer[written] = bytes[offset]
-                    written += 1
-                    offset += 1
-                }
-            }
-        }
-        let bodyStart = offset - 5
-        let take = min(capacity - written, message.count - bodyStart)
-        if take > 0 {
-            message.withUnsafeBufferPointer { source in
-                (buffer + written).update(from: source.baseAddress! + bodyStart, count: take)
-            }
-            written += take
-            offset += take
+        Self.emitFramed(message, compressed: compressed, offset: &offset, capacity: capacity) { piece in
+            UnsafeMutableRawPointer(buffer + written).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
+            written += piece.count
         }
         return written
+    }
+
+    /// Hands `message`'s framed form from byte `offset` of that form, at most `capacity` bytes, to `sink` in at most
+    /// two pieces (what is left of the prefix, then the payload's part), and advances `offset`.
+    /// - Returns: The bytes handed over.
+    @inline(__always)
+    package static func emitFramed(
+        _ message: [UInt8], compressed: Bool = false, offset: inout Int, capacity: Int,
+        to sink: (UnsafeRawBufferPointer) -> Void
+    ) -> Int {
+        var handed = 0
+        if offset < 5 {
+            var prefix = Self.prefix(length: message.count, compressed: compressed)
+            let count = min(5 - offset, capacity)
+            if count > 0 {
+                withUnsafeBytes(of: &prefix) { bytes in
+                    sink(UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + count)]))
+                }
+            }
+            handed = count
+            offset += count
+        }
+        let bodyStart = offset - 5
+        let take = min(capacity - handed, message.count - bodyStart)
+        if take > 0 {
+            message.withUnsafeBytes { source in
+                sink(UnsafeRawBufferPointer(rebasing: source[bodyStart..<(bodyStart + take)]))
+            }
+            handed += take
+            offset += take
+        }
+        return handed
     }
 
     package static func frame(_ message: [UInt8], compressed: Bool = false) -> [UInt8] {

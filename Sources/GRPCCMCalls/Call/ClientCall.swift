@@ -648,15 +648,33 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
 
     // MARK: HTTP2StreamHandler (inside nghttp2's processing: record, never call out)
 
-    package func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int {
+    package func streamReadRequest(
+        into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool
+    ) -> RequestBodyRead {
         if self.requestsStreamed {
-            return self.buffers!.take(into: buffer, length: length, eof: &eof, messageBytes: &self.sentBytes)
+            return self.buffers!.read(into: buffer, length: length, eof: &eof, messageBytes: &self.sentBytes)
+        }
+        let left = self.request.count + 5 - self.sendOffset
+        if min(left, length) >= RequestBodyRead.noCopyMinimum {
+            eof = length >= left
+            return .later(min(left, length))
         }
         let written = MessageFramer.copyFramed(
             self.request, compressed: self.requestEncoding != .identity, offset: &self.sendOffset, into: buffer,
             capacity: length)
         eof = self.sendOffset == self.request.count + 5
-        return written
+        return .copied(written)
+    }
+
+    package func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool {
+        if self.requestsStreamed {
+            return self.buffers!.write(length: length, to: sink, messageBytes: &self.sentBytes)
+        }
+        guard self.request.count + 5 - self.sendOffset >= length else { return false }
+        _ = MessageFramer.emitFramed(
+            self.request, compressed: self.requestEncoding != .identity, offset: &self.sendOffset, capacity: length,
+            to: sink)
+        return true
     }
 
     package func streamBeginHeaders() {

@@ -1,4 +1,4 @@
-import CNghttp2
+import GRPCCMTransport
 import GRPCCMCompression
 @_spi(Reactor) import GRPCCMReactor
 import GRPCCMWire
@@ -223,10 +223,48 @@ package final class StreamBuffers: @unchecked Sendable {
     /// True when nghttp2 has not taken a byte of any message yet (the stream may be replayed elsewhere).
     package var canReplay: Bool { self.state.withLock { !$0.sendStarted } }
 
-    /// nghttp2's data source: copies framed messages into `buffer`. Returns the bytes written, or
-    /// `NGHTTP2_ERR_DEFERRED` when nothing is buffered and the requests are still open (the waker resumes it).
-    /// `messageBytes` grows by the payload of every message that left completely (what metrics count as sent).
-    package func take(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool, messageBytes: inout Int) -> Int {
+    /// nghttp2's data source asks for the next frame, at most `length` bytes: framed messages are copied into `buffer`
+    /// now, or, when at least `RequestBodyRead.noCopyMinimum` are buffered, handed over by `write(length:to:)` when
+    /// the frame goes out. `messageBytes` grows by the payload of every message that left completely (what metrics
+    /// count as sent).
+    package func read(
+        into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool, messageBytes: inout Int
+    ) -> RequestBodyRead {
+        let later = self.state.withLock { state -> Int? in
+            let count = min(length, state.outboxBytes)
+            guard count >= RequestBodyRead.noCopyMinimum else { return nil }
+            eof = state.halfClosed && state.outboxBytes == count
+            return count
+        }
+        if let later { return .later(later) }
+        let written = self.drain(length, eof: &eof, messageBytes: &messageBytes) { message, offset, done, room in
+            MessageFramer.copyFramed(
+                message, compressed: self.requestEncoding != .identity, offset: &offset, into: buffer + done,
+                capacity: room)
+        }
+        if written == 0 && !eof { return .waiting }
+        return .copied(written)
+    }
+
+    /// Hands the `length` bytes a `.later` read announced to `sink`. False when they are no longer buffered (the
+    /// call ended in between).
+    package func write(length: Int, to sink: (UnsafeRawBufferPointer) -> Void, messageBytes: inout Int) -> Bool {
+        guard self.bufferedOutboundBytes >= length else { return false }
+        var eof = false
+        _ = self.drain(length, eof: &eof, messageBytes: &messageBytes) { message, offset, _, room in
+            MessageFramer.emitFramed(
+                message, compressed: self.requestEncoding != .identity, offset: &offset, capacity: room, to: sink)
+        }
+        return true
+    }
+
+    /// Takes up to `length` framed bytes from the outbox through `move` (which moves at most `room` bytes of one
+    /// message from `offset` of its framed form, `done` bytes into the frame, and returns how many), then wakes
+    /// writers waiting for room.
+    private func drain(
+        _ length: Int, eof: inout Bool, messageBytes: inout Int,
+        _ move: (_ message: [UInt8], _ offset: inout Int, _ done: Int, _ room: Int) -> Int
+    ) -> Int {
         var waiters: [CheckedContinuation<Void, any Error>] = []
         var notifyWritable = false
         var completedBytes = 0
@@ -234,9 +272,7 @@ package final class StreamBuffers: @unchecked Sendable {
             var written = 0
             while written < length && state.outboxHead < state.outbox.count {
                 let message = state.outbox[state.outboxHead]
-                written += MessageFramer.copyFramed(
-                    message, compressed: self.requestEncoding != .identity, offset: &state.headOffset,
-                    into: buffer + written, capacity: length - written)
+                written += move(message, &state.headOffset, written, length - written)
                 if state.headOffset == message.count + 5 {
                     completedBytes += message.count
                     state.outbox[state.outboxHead] = []
@@ -262,7 +298,6 @@ package final class StreamBuffers: @unchecked Sendable {
         messageBytes += completedBytes
         for waiter in waiters { waiter.resume() }
         if notifyWritable { self.waker.writable() }
-        if written == 0 && !eof { return Int(NGHTTP2_ERR_DEFERRED.rawValue) }
         return written
     }
 

@@ -23,6 +23,7 @@ enum HTTP2ClientSessionFactory {
         nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, clientOnFrameRecv)
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, clientOnDataChunk)
         nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, clientOnStreamClose)
+        nghttp2_session_callbacks_set_send_data_callback(callbacks, clientSendRequestData)
 
         var option: OpaquePointer? = nil
         guard nghttp2_option_new(&option) == 0, let option else { throw Failure(code: -901) }
@@ -164,8 +165,30 @@ func clientReadRequest(
             return 0
         }
         var eof = false
-        let written = handler.streamReadRequest(into: buffer!, length: length, eof: &eof)
+        let read = handler.streamReadRequest(into: buffer!, length: length, eof: &eof)
         if eof { dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue }
-        return written  // or NGHTTP2_ERR_DEFERRED: a request stream waits for its writer
+        switch read {
+        case .copied(let count):
+            return count
+        case .later(let count):
+            // clientSendRequestData writes the frame when it goes out.
+            dataFlags!.pointee |= NGHTTP2_DATA_FLAG_NO_COPY.rawValue
+            return count
+        case .waiting:
+            return Int(NGHTTP2_ERR_DEFERRED.rawValue)
+        }
+    }
+}
+
+/// A DATA frame whose payload the stream handed over as `.later`: its header and payload go straight into the
+/// socket's output.
+private func clientSendRequestData(
+    _ session: OpaquePointer?, _ frame: UnsafeMutablePointer<nghttp2_frame>?, _ frameHeader: UnsafePointer<UInt8>?,
+    _ length: Int, _ source: UnsafeMutablePointer<nghttp2_data_source>?, _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    connection(userData)._withUnsafeGuaranteedRef {
+        $0.sendRequestData(
+            streamID: frame!.pointee.hd.stream_id, header: UnsafeRawBufferPointer(start: frameHeader, count: 9),
+            length: length)
     }
 }

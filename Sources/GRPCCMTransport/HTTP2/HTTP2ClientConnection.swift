@@ -124,6 +124,8 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
 
     /// The allocator of the connection's nghttp2 session (nil before HTTP/2 starts).
     package var sessionMemory: HTTP2SessionMemory? { self.socket?.sessionMemory }
+    /// DATA frames of request bodies that went to the socket's output without nghttp2's copy (tests).
+    package var directDataFrames: Int { self.socket?.directDataFrames ?? 0 }
 
     package var availableStreams: Int {
         guard self.state == .ready, let session = self.socket?.session else { return 0 }
@@ -282,6 +284,18 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.cachedStreamID = streamID
         self.cachedHandler = handler
         return handler
+    }
+
+    /// nghttp2 sends a DATA frame of `length` payload bytes that the stream's handler announced as `.later`.
+    /// - Returns: nghttp2's answer: 0, `NGHTTP2_ERR_PAUSE` (sent, and the output is full), or
+    ///   `NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE` (the stream's bytes are gone: nghttp2 resets it).
+    func sendRequestData(streamID: Int32, header: UnsafeRawBufferPointer, length: Int) -> Int32 {
+        guard let handler = self.handler(for: streamID), let socket = self.socket else {
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue
+        }
+        return socket.appendDataFrame(header: header, length: length) { sink in
+            handler.streamWriteRequest(length: length, to: sink)
+        }
     }
 
     private func detach(_ streamID: Int32) -> (any HTTP2StreamHandler)? {

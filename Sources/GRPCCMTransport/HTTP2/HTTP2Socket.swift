@@ -86,6 +86,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     private var output = SocketOutput()
     @exclusivity(unchecked)
     private var flushScheduled = false
+    /// DATA frames written by `appendDataFrame` (tests: large bodies take that path).
+    @exclusivity(unchecked)
+    package private(set) var directDataFrames = 0
     @exclusivity(unchecked)
     private var sawFirstBytes = false
     /// Depth of `mem_recv` calls on the stack (nghttp2 callbacks may close the socket).
@@ -367,7 +370,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             return
         }
         do {
-            try self.output.collect(from: session, tls: self.tls)
+            try self.collectOutput(from: session)
         } catch {
             switch error {
             case .http2(let code):
@@ -385,6 +388,35 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             return
         }
         self.owner?.socketDidFlush()
+    }
+
+    /// Pulls what nghttp2 wants to send into the output, up to its cap, through TLS when it is on. nghttp2 calls
+    /// back into `appendDataFrame` from inside `mem_send`, so no access to `output` spans that call.
+    private func collectOutput(from session: OpaquePointer) throws(SocketOutput.Failure) {
+        let encrypted = self.tls != nil
+        while self.output.hasRoom {
+            var chunk: UnsafePointer<UInt8>? = nil
+            let n = nghttp2_session_mem_send(session, &chunk)
+            if n < 0 { throw .http2(Int32(n)) }
+            if n == 0 { break }
+            self.output.add(UnsafeRawBufferPointer(start: chunk, count: n), encrypted: encrypted)
+        }
+        if let tls = self.tls { try self.output.encryptPending(with: tls) }
+    }
+
+    /// nghttp2's no-copy DATA: the frame's `header`, then the `length` payload bytes that `fill` passes on, go
+    /// straight into the output (one copy instead of two).
+    /// - Returns: 0; `NGHTTP2_ERR_PAUSE` once the output is full (`mem_send` returns and the rest waits for the
+    ///   socket); `NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE` when `fill` could not supply the bytes (nghttp2 resets the
+    ///   stream).
+    package func appendDataFrame(
+        header: UnsafeRawBufferPointer, length: Int, fill: ((UnsafeRawBufferPointer) -> Void) -> Bool
+    ) -> Int32 {
+        guard self.output.addFrame(header: header, encrypted: self.tls != nil, fill: fill) else {
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue
+        }
+        self.directDataFrames += 1
+        return self.output.hasRoom ? 0 : NGHTTP2_ERR_PAUSE.rawValue
     }
 
     /// Writes what is waiting; asks for writability while the socket is full (or nghttp2 has more than the cap
@@ -426,7 +458,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     package func shutdown(reason: CallStatus) {
         if let session = self.session, self.fd >= 0, self.state == .open {
             nghttp2_session_terminate_session(session, NGHTTP2_NO_ERROR.rawValue)
-            try? self.output.collect(from: session, tls: self.tls)
+            try? self.collectOutput(from: session)
         }
         if let tls = self.tls, self.fd >= 0, self.state != .closed, tls.handshakeDone {
             tls.shutdown()  // close_notify

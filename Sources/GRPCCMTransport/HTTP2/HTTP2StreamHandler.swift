@@ -8,10 +8,15 @@ import GRPCCMWire
 /// phase). After `streamClosed` or `streamFailed`, or once the owner has reset the stream through its handle, the
 /// transport never calls the handler again for that stream.
 package protocol HTTP2StreamHandler: AnyObject {
-    /// nghttp2 pulls the request body: copy at most `length` bytes into `buffer`, set `eof` after the last one.
-    /// - Returns: The bytes copied, or `NGHTTP2_ERR_DEFERRED` while a request stream has nothing buffered (resume
-    ///   through the handle when it has).
-    func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int
+    /// nghttp2 asks for the next DATA frame of the request body, at most `length` bytes: copy them into `buffer` now,
+    /// or, when there are at least `RequestBodyRead.noCopyMinimum`, only say how many and hand them over later
+    /// through `streamWriteRequest`. Set `eof` when the frame carries the last byte.
+    func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> RequestBodyRead
+    /// The frame announced by `.later(length)` goes out now: pass exactly `length` bytes to `sink`, in order, in as
+    /// many pieces as they are stored in. Nothing else touches the body in between (both calls happen in one
+    /// `mem_send`).
+    /// - Returns: false when the bytes are no longer there (the stream is then reset).
+    func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool
     /// A header block begins (response headers, or trailers).
     func streamBeginHeaders()
     /// One header of the current block.
@@ -27,6 +32,21 @@ package protocol HTTP2StreamHandler: AnyObject {
     func streamClosed(errorCode: UInt32)
     /// The connection went away under the stream (`reason` says how); nothing more will arrive.
     func streamFailed(_ reason: CallStatus)
+}
+
+/// What a stream's owner did with nghttp2's request for the next DATA frame.
+package enum RequestBodyRead {
+    /// This many bytes are in the buffer nghttp2 gave.
+    case copied(Int)
+    /// This many bytes go out in the next frame, passed straight to the socket's output by `streamWriteRequest`:
+    /// one copy instead of two (through nghttp2's frame buffer, then into the output).
+    case later(Int)
+    /// Nothing is buffered and the requests are still open: resume through the handle when there is.
+    case waiting
+
+    /// Frames smaller than this are copied at once: the later hand-over costs a callback more, which only pays off
+    /// when there are kilobytes to move.
+    package static let noCopyMinimum = 4096
 }
 
 /// The request headers of a stream, as the attempt wants them sent. The transport adds the connection's fixed ones

@@ -19,7 +19,7 @@ package struct SocketOutput {
     package init() {}
 
     /// Keep at most about this much buffered: nghttp2 holds the rest until the socket drains.
-    private static let cap = 1 << 20
+    package static let cap = 1 << 20
 
     package enum Failure: Error {
         /// nghttp2_session_mem_send failed with this code.
@@ -32,28 +32,48 @@ package struct SocketOutput {
     /// Everything is written.
     package var isDrained: Bool { self.start == self.bytes.count }
 
-    /// Pulls what nghttp2 wants to send (up to the cap), through `tls` when given.
-    package mutating func collect(from session: OpaquePointer, tls: TLSSession?) throws(Failure) {
-        while self.bytes.count - self.start < Self.cap && self.plaintext.count < Self.cap {
-            var chunk: UnsafePointer<UInt8>? = nil
-            let n = nghttp2_session_mem_send(session, &chunk)
-            if n < 0 { throw .http2(Int32(n)) }
-            if n == 0 { break }
-            if tls != nil {
-                self.plaintext.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
-            } else {
-                self.bytes.append(contentsOf: UnsafeBufferPointer(start: chunk, count: n))
-            }
+    /// Whether more of nghttp2's output fits under the cap.
+    package var hasRoom: Bool { self.bytes.count - self.start < Self.cap && self.plaintext.count < Self.cap }
+
+    /// Adds a piece of nghttp2's output: to the plaintext waiting for TLS when `encrypted`, else for the socket.
+    package mutating func add(_ chunk: UnsafeRawBufferPointer, encrypted: Bool) {
+        if encrypted {
+            self.plaintext.append(contentsOf: chunk)
+        } else {
+            self.bytes.append(contentsOf: chunk)
         }
-        if let tls, !self.plaintext.isEmpty {
-            // One pass through TLS per turn: records as large as the coalesced output allows.
-            let result = self.plaintext.withUnsafeBytes { buffer in
-                Result { () throws(TLSError) in try tls.writePlaintext(buffer) }
-            }
-            if case .failure(let error) = result { throw .tls(error) }
-            self.plaintext.removeAll(keepingCapacity: true)
-            tls.drainCiphertext(into: &self.bytes)
+    }
+
+    /// Adds a DATA frame: its 9-byte `header`, then the payload that `fill` passes to its sink piece by piece.
+    /// When `fill` fails, nothing of the frame stays.
+    package mutating func addFrame(
+        header: UnsafeRawBufferPointer, encrypted: Bool, fill: ((UnsafeRawBufferPointer) -> Void) -> Bool
+    ) -> Bool {
+        if encrypted {
+            return Self.append(header, fill, to: &self.plaintext)
         }
+        return Self.append(header, fill, to: &self.bytes)
+    }
+
+    private static func append(
+        _ header: UnsafeRawBufferPointer, _ fill: ((UnsafeRawBufferPointer) -> Void) -> Bool, to buffer: inout [UInt8]
+    ) -> Bool {
+        let before = buffer.count
+        buffer.append(contentsOf: header)
+        if fill({ buffer.append(contentsOf: $0) }) { return true }
+        buffer.removeLast(buffer.count - before)
+        return false
+    }
+
+    /// Encrypts the plaintext collected this turn in one pass: records as large as the coalesced output allows.
+    package mutating func encryptPending(with tls: TLSSession) throws(Failure) {
+        guard !self.plaintext.isEmpty else { return }
+        let result = self.plaintext.withUnsafeBytes { buffer in
+            Result { () throws(TLSError) in try tls.writePlaintext(buffer) }
+        }
+        if case .failure(let error) = result { throw .tls(error) }
+        self.plaintext.removeAll(keepingCapacity: true)
+        tls.drainCiphertext(into: &self.bytes)
     }
 
     /// Takes the TLS records (handshake, alerts) that `tls` has ready.

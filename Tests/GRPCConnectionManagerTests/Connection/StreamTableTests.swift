@@ -10,7 +10,10 @@ struct StreamTableTests {
     final class Handler: HTTP2StreamHandler {
         let id: Int32
         init(_ id: Int32) { self.id = id }
-        func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> Int { 0 }
+        func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> RequestBodyRead {
+            .waiting
+        }
+        func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool { false }
         func streamBeginHeaders() {}
         func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool { true }
         func streamHeadersEnded(endStream: Bool) {}

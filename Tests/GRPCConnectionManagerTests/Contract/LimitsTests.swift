@@ -113,6 +113,36 @@ struct LimitsTests {
         #expect(deframer.hasPartialMessage)
     }
 
+    @Test("a peer that opens its windows wide and stops reading: the socket's output holds its cap plus one frame")
+    func outputBoundedUnderWideWindows() async throws {
+        let peer = try ScriptedPeer("wide-open-stall")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+        let call = channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        let message = [UInt8](repeating: 9, count: 1 << 20)
+        let writer = Task {
+            // More than loopback's socket buffers take: the rest backs up in our output, then in the call's buffer.
+            for _ in 0..<48 { try await call.write(message) }
+        }
+        func held() -> Int {
+            channel.inspect { pool in
+                pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.outputHeldBytes }.max() ?? 0
+            }
+        }
+        #expect(await eventually(timeout: 20) { held() >= SocketOutput.cap })
+        #expect(peer.events.contains("stalled"))
+        let limit = SocketOutput.cap + 16384 + 9
+        #expect(held() <= limit, "held \(held()) bytes")
+        #expect(await eventually(timeout: 5) { call.buffers.hasWaitingWriter }, "the writer waits for room")
+        #expect(held() <= limit, "held \(held()) bytes")
+        call.cancel()
+        #expect(await call.result().status.code == .cancelled)
+        _ = await writer.result
+    }
+
     @Test("a grpc-status outside 0...16, or not a number, becomes UNKNOWN", arguments: [("99", StatusCode.unknown), ("abc", .unknown), ("-1", .unknown), ("5", .notFound)])
     func outOfRangeStatusIsUnknown(_ sent: String, _ expected: StatusCode) async throws {
         let peer = try ScriptedPeer("status", [sent])

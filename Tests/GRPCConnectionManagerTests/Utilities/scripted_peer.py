@@ -23,6 +23,8 @@ mode says otherwise:
   observe              SETTINGS only; reports what the client sends before it goes
   late-first           holds the answer to stream 1 until another request arrives, then sends it ("stale", OK)
                        before answering the new one (an old attempt's frames arriving during its retry)
+  wide-open-stall      windows of 2^31-1 (stream and connection), then stops reading once a request's headers are
+                       in ("event stalled"): the client may send as fast as it can produce, and the socket backs up
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
                        huge header blocks, resets, window abuse, GOAWAY, silence)
 """
@@ -125,7 +127,13 @@ class Connection:
         settings = SettingsFrame(0)
         if MODE == "max-header-list":
             settings.settings[SettingsFrame.MAX_HEADER_LIST_SIZE] = int(ARGS[0])
+        if MODE == "wide-open-stall":
+            settings.settings[SettingsFrame.INITIAL_WINDOW_SIZE] = (1 << 31) - 1
         self.send(settings)
+        if MODE == "wide-open-stall":
+            update = WindowUpdateFrame(0)
+            update.window_increment = (1 << 31) - 1 - 65535
+            self.send(update)
         pending_block = {}
         while True:
             header = read_exact(self.sock, 9)
@@ -156,6 +164,10 @@ class Connection:
                     with lock:
                         header_blocks += 1
                     self.requests += 1
+                    if MODE == "wide-open-stall":
+                        event("stalled")
+                        while True:
+                            time.sleep(3600)
                     if self.streams[frame.stream_id]["end"]:
                         self.answer(frame.stream_id)
             elif isinstance(frame, DataFrame):
