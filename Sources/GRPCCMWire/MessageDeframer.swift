@@ -3,7 +3,9 @@
 /// DATA frame boundaries mean nothing to gRPC, so the deframer accepts chunks cut anywhere. A length over
 /// `maxMessageSize` is refused as soon as the 5-byte prefix is complete, before any payload is buffered. The buffer of
 /// a message split over chunks grows with the bytes that arrive, never with the length the prefix announces: a peer
-/// that announces 4 MiB and sends 5 bytes costs 5 bytes, not 4 MiB.
+/// that announces 4 MiB and sends 5 bytes costs 5 bytes, not 4 MiB. It grows fourfold (bounded by the announced
+/// length), not twofold like an array: a large message is moved about a third of its size while it grows, not once
+/// its size.
 package struct MessageDeframer: Sendable {
     /// What went wrong; the owner turns it into a status and resets the stream.
     package enum Failure: Error, Equatable, Sendable {
@@ -71,6 +73,7 @@ package struct MessageDeframer: Sendable {
                 self.message = []
             }
             let take = min(self.remaining, count - index)
+            self.reserve(take)
             self.message.append(contentsOf: UnsafeRawBufferPointer(rebasing: bytes[index..<(index + take)]))
             index += take
             self.remaining -= take
@@ -81,5 +84,14 @@ package struct MessageDeframer: Sendable {
                 onMessage(message, self.compressedFlag)
             }
         }
+    }
+
+    /// Makes room for `count` more bytes of the current message: at most four times what has arrived, at most the
+    /// announced length.
+    private mutating func reserve(_ count: Int) {
+        let needed = self.message.count + count
+        guard needed > self.message.capacity else { return }
+        let announced = self.message.count + self.remaining
+        self.message.reserveCapacity(min(announced, max(needed, self.message.capacity * 4)))
     }
 }

@@ -113,6 +113,31 @@ struct LimitsTests {
         #expect(deframer.hasPartialMessage)
     }
 
+    @Test("a large message is moved about a third of its size while its buffer grows, never beyond its length")
+    func deframerGrowsFourfold() throws {
+        let length = 1 << 20
+        var deframer = MessageDeframer(maxMessageSize: 4 << 20)
+        var framed = MessageFramer.frame([UInt8](repeating: 3, count: length))
+        var delivered: [[UInt8]] = []
+        var moved = 0
+        var capacity = 0
+        var offset = 0
+        while offset < framed.count {
+            let end = min(offset + 16384, framed.count)
+            try framed[offset..<end].withUnsafeBytes { bytes in try deframer.process(bytes) { message, _ in delivered.append(message) } }
+            if deframer.bufferedCapacity > capacity {
+                // Growing copies what was buffered before this chunk.
+                moved += capacity == 0 ? 0 : deframer.bufferedBytes - (end - offset)
+                capacity = deframer.bufferedCapacity
+                #expect(capacity <= length + 64, "reserved \(capacity) for a message of \(length)")
+            }
+            offset = end
+        }
+        framed = []
+        #expect(delivered.count == 1 && delivered[0].count == length && delivered[0].allSatisfy { $0 == 3 })
+        #expect(moved < length / 2, "moved \(moved) bytes while growing")
+    }
+
     @Test("a peer that opens its windows wide and stops reading: the socket's output holds its cap plus one frame")
     func outputBoundedUnderWideWindows() async throws {
         let peer = try ScriptedPeer("wide-open-stall")
