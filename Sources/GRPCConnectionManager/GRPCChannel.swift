@@ -213,7 +213,8 @@ public final class GRPCChannel: Sendable {
             metadata = intercepted.metadata
         }
         if problem == nil && suspended == nil {
-            problem = Self.checkRequest(path: path, metadata: metadata, request: request ?? [], configuration: self.configuration)
+            problem = Self.checkRequest(
+                path: path, metadata: metadata, requestSize: request?.count ?? 0, maxMessageSize: self.configuration.maxMessageSize)
         }
         // Streamed messages are compressed as they are written (the buffers know how); one request message here, on
         // the caller's thread, once for every attempt.
@@ -244,7 +245,7 @@ public final class GRPCChannel: Sendable {
         }
         if let suspended {
             let requestSize = request?.count ?? 0
-            let configuration = self.configuration
+            let maxMessageSize = self.configuration.maxMessageSize
             let interceptors = self.interceptors
             let reactor = shard.reactor
             // The interceptor's work, then the ones after it, in a task; the call (already on its loop, deadline
@@ -252,7 +253,7 @@ public final class GRPCChannel: Sendable {
             Task {
                 let (metadata, observers, failure) = await suspended.finish(interceptors)
                 let problem = failure ?? Self.checkRequest(
-                    path: path, metadata: metadata, request: [], configuration: configuration, requestSize: requestSize)
+                    path: path, metadata: metadata, requestSize: requestSize, maxMessageSize: maxMessageSize)
                 reactor.execute {
                     call.preparationFinished(metadata: metadata, observers: observers, failure: problem)
                 }
@@ -420,10 +421,9 @@ public final class GRPCChannel: Sendable {
         }
     }
 
-    static func checkRequest(
-        path: String, metadata: CallMetadata, request: [UInt8], configuration: Configuration, requestSize: Int? = nil
-    ) -> CallStatus? {
-        let requestSize = requestSize ?? request.count
+    /// Takes the one figure it needs, not the configuration: passing that struct copies it, a retain and a release
+    /// for each of its references, on every call.
+    static func checkRequest(path: String, metadata: CallMetadata, requestSize: Int, maxMessageSize: Int) -> CallStatus? {
         if !Self.isValidPath(path) {
             return CallStatus(code: .invalidArgument, message: "invalid method path \"\(path)\": expected /package.Service/Method")
         }
@@ -432,10 +432,10 @@ public final class GRPCChannel: Sendable {
         } catch {
             return CallStatus(code: .invalidArgument, message: error.description)
         }
-        if requestSize > configuration.maxMessageSize {
+        if requestSize > maxMessageSize {
             return CallStatus(
                 code: .resourceExhausted,
-                message: "request message of \(requestSize) bytes exceeds the send limit of \(configuration.maxMessageSize) bytes")
+                message: "request message of \(requestSize) bytes exceeds the send limit of \(maxMessageSize) bytes")
         }
         return nil
     }
