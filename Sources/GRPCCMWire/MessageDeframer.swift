@@ -22,10 +22,10 @@ package struct MessageDeframer: Sendable {
     package var compressionAllowed = false
 
     private var prefix: UInt64 = 0
-    private var prefixCount = 0
+    @usableFromInline var prefixCount = 0
     private var message: [UInt8] = []
     private var remaining = 0
-    private var inMessage = false
+    @usableFromInline var inMessage = false
     private var compressedFlag = false
 
     package init(maxMessageSize: Int) {
@@ -33,6 +33,8 @@ package struct MessageDeframer: Sendable {
     }
 
     /// True when bytes of an unfinished message are buffered (a stream ending now is truncated).
+    /// Inlinable: a call reading it through another module's getter copied the whole deframer first.
+    @inlinable
     package var hasPartialMessage: Bool { self.prefixCount > 0 || self.inMessage }
 
     /// Bytes buffered for the unfinished message, and the storage reserved for them (tests of the growth rule).

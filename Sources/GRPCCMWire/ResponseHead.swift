@@ -37,6 +37,14 @@ package struct ResponseHead: Sendable {
     package private(set) var trailersOnly = false
     package private(set) var initialMetadata = CallMetadata()
     package private(set) var trailingMetadata = CallMetadata()
+    /// Moves both metadata out (the head is done with them): the response takes them without a copy.
+    package mutating func takeMetadata() -> (initial: CallMetadata, trailing: CallMetadata) {
+        var taken = (initial: CallMetadata(), trailing: CallMetadata())
+        swap(&taken.initial, &self.initialMetadata)
+        swap(&taken.trailing, &self.trailingMetadata)
+        return taken
+    }
+
     /// Size of the block being read, in RFC 9113 §6.5.2 terms.
     package private(set) var blockSize = 0
     private var inTrailers = false

@@ -121,6 +121,9 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     private var sendOffset = 0
     @exclusivity(unchecked)
     private var attemptTimedOut = false
+    /// An attempt has been dispatched since the per-attempt state above was last reset.
+    @exclusivity(unchecked)
+    private var attemptStateUsed = false
 
     @exclusivity(unchecked)
     private var deadlineTimer: Reactor.TimerID = 0
@@ -296,7 +299,9 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
 
     /// Sends the current attempt (the first, a retry after its backoff, or a transparent retry).
     private func dispatchAttempt() {
-        self.resetAttemptState()
+        // The first attempt finds the state as `init` made it.
+        if self.attemptStateUsed { self.resetAttemptState() }
+        self.attemptStateUsed = true
         self.attemptsMade = max(self.attemptsMade, self.machine.attempt)
         if let timeout = self.environment.policies.retry?.perAttemptTimeout(path: self.path) {
             let at = Reactor.clock() &+ UInt64(max(timeout.nanoseconds, 0))
@@ -308,6 +313,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     }
 
     private func resetAttemptState() {
+        self.attemptStateUsed = false
         self.attemptTimedOut = false
         self.head = ResponseHead(maxHeaderListSize: self.environment.maxHeaderListSize)
         self.responseMessage = nil
@@ -470,7 +476,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     }
 
     /// Where every attempt ends: a transparent retry, a retry by policy after a backoff, or the call's end.
-    private func attemptEnded(_ response: UnaryResponse, unprocessed: Bool, retryable: Bool = true) {
+    private func attemptEnded(_ response: consuming UnaryResponse, unprocessed: Bool, retryable: Bool = true) {
         if self.attemptTimer != 0 {
             self.reactor.cancelTimer(self.attemptTimer)
             self.attemptTimer = 0
@@ -517,7 +523,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     }
 
     /// The call's one end: bookkeeping, the breaker, the bus, then the completion (deferred).
-    private func finish(_ response: UnaryResponse) {
+    private func finish(_ response: consuming UnaryResponse) {
         for timer in [self.deadlineTimer, self.attemptTimer, self.retryTimer] where timer != 0 {
             self.reactor.cancelTimer(timer)
         }
@@ -546,7 +552,8 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     }
 
     /// Queues the completion for the deferred phase.
-    private func complete(_ response: UnaryResponse) {
+    /// `consuming` down from `attemptEnded`: the response is moved into `result`, not copied (a retain per part).
+    private func complete(_ response: consuming UnaryResponse) {
         guard self.result == nil else { return }
         self.result = response
         if self.reactor.isStopped {
@@ -826,9 +833,10 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
                 }
             }
         }
+        let metadata = self.head.takeMetadata()
         return UnaryResponse(
             status: status, message: status.isOK ? (self.responseMessage ?? []) : [],
-            initialMetadata: self.head.initialMetadata, trailingMetadata: self.head.trailingMetadata)
+            initialMetadata: metadata.initial, trailingMetadata: metadata.trailing)
     }
 }
 
