@@ -522,6 +522,12 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         }
     }
 
+    /// Whether `result` is set, read in place (comparing the optional with nil copied the response).
+    private var hasResult: Bool {
+        if case .some = self.result { return true }
+        return false
+    }
+
     /// The call's one end: bookkeeping, the breaker, the bus, then the completion (deferred).
     private func finish(_ response: consuming UnaryResponse) {
         for timer in [self.deadlineTimer, self.attemptTimer, self.retryTimer] where timer != 0 {
@@ -554,8 +560,8 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     /// Queues the completion for the deferred phase.
     /// `consuming` down from `attemptEnded`: the response is moved into `result`, not copied (a retain per part).
     private func complete(_ response: consuming UnaryResponse) {
-        guard self.result == nil else { return }
-        self.result = response
+        guard !self.hasResult && !self.completed else { return }
+        self.result = consume response
         if self.reactor.isStopped {
             self.completeWithoutReactor()
             return
@@ -575,12 +581,12 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     package override func reactorRunDeferred() {
         self.deliveryScheduled = false
         // What was there when this run began: anything a callback causes (its own cancel, say) comes next turn.
-        let finalResponse = self.result
+        let ending = self.hasResult
         if !self.parts.isEmpty {
             swap(&self.parts, &self.partsDelivering)
             for part in self.partsDelivering {
                 // A callback that ended the call (a cancel) stops the rest of what was received.
-                if finalResponse == nil && self.result != nil { break }
+                if !ending && self.hasResult { break }
                 switch part {
                 case .metadata(let metadata):
                     if case .callbacks(let callbacks) = self.delivery { callbacks.onInitialMetadata(metadata) }
@@ -596,8 +602,16 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
             }
             self.partsDelivering.removeAll(keepingCapacity: true)
         }
-        if let finalResponse, !self.completed {
+        if ending, !self.completed {
             self.completed = true
+            // Lent to the observers and the completion, then put back (a later `preparationFinished` reads it):
+            // moved, not copied, and `completed` keeps `complete` from taking another meanwhile.
+            var lent: UnaryResponse? = nil
+            swap(&lent, &self.result)
+            let finalResponse = lent!
+            // Not `self.result = consume lent`: `consume` inside a `defer` corrupted memory in debug builds
+            // (Swift 6.3.1).
+            defer { swap(&lent, &self.result) }
             // Attempts not yet told (the call ended in the turn they did) come before the end.
             for part in self.parts {
                 guard case .attempt(let attempt, let status, let willRetry) = part else { continue }
