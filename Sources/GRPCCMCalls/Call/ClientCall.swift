@@ -604,26 +604,29 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         }
         if ending, !self.completed {
             self.completed = true
-            // Lent to the observers and the completion, then put back (a later `preparationFinished` reads it):
-            // moved, not copied, and `completed` keeps `complete` from taking another meanwhile.
+            // Lent to the end's delivery, then put back (a later `preparationFinished` reads it): moved, not copied,
+            // and `completed` keeps `complete` from taking another meanwhile.
             var lent: UnaryResponse? = nil
             swap(&lent, &self.result)
-            let finalResponse = lent!
-            // Not `self.result = consume lent`: `consume` inside a `defer` corrupted memory in debug builds
-            // (Swift 6.3.1).
-            defer { swap(&lent, &self.result) }
-            // Attempts not yet told (the call ended in the turn they did) come before the end.
-            for part in self.parts {
-                guard case .attempt(let attempt, let status, let willRetry) = part else { continue }
-                for observer in self.observers {
-                    observer.attemptFinished(attempt: attempt, status: status, willRetry: willRetry)
-                }
-            }
-            self.parts.removeAll()
-            for observer in self.observers.reversed() { observer.callFinished(finalResponse) }
-            self.buffers?.finish(StreamResult(finalResponse))
-            self.completion(finalResponse)
+            Self.deliverEnd(of: self, &lent)
+            swap(&lent, &self.result)
         }
+    }
+
+    /// The observers, then the buffers' readers, then the completion hear how `call` ended. The response comes
+    /// `inout` so that it is lent, never copied.
+    private static func deliverEnd(of call: ClientCall, _ response: inout UnaryResponse?) {
+        // Attempts not yet told (the call ended in the turn they did) come before the end.
+        for part in call.parts {
+            guard case .attempt(let attempt, let status, let willRetry) = part else { continue }
+            for observer in call.observers {
+                observer.attemptFinished(attempt: attempt, status: status, willRetry: willRetry)
+            }
+        }
+        call.parts.removeAll()
+        for observer in call.observers.reversed() { observer.callFinished(response!) }
+        call.buffers?.finish(StreamResult(response!))
+        call.completion(response!)
     }
 
     /// The reactor has stopped for good, so no deferred phase will come: the completion runs on a thread of its
