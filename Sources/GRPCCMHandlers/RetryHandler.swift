@@ -14,12 +14,19 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
     @exclusivity(unchecked)
     private var generator = SystemRandomNumberGenerator()
 
+    /// Some policy sets a per-attempt timeout (usually none does: then no call looks its policy up for one).
+    private let anyPerAttemptTimeout: Bool
+
     package init(configuration: RetrySettings) {
         self.configuration = configuration
+        self.anyPerAttemptTimeout =
+            configuration.policy.perAttemptTimeout != nil
+            || configuration.perMethod.values.contains { $0.perAttemptTimeout != nil }
     }
 
     package func perAttemptTimeout(path: String) -> Duration? {
-        self.configuration.policy(for: path).perAttemptTimeout
+        guard self.anyPerAttemptTimeout else { return nil }
+        return self.configuration.policy(for: path).perAttemptTimeout
     }
 
     /// The throttle learns every attempt's outcome (as grpc-go: a failure is charged before its retry is decided).
