@@ -186,7 +186,8 @@ public final class GRPCChannel: Sendable {
     /// Creates a call of any kind and starts it on the reactor (inline when this is the reactor thread: its
     /// completion still waits for the deferred phase).
     func start(
-        path: String, request: [UInt8]?, metadata: CallMetadata, options: RequestOptions, delivery: ClientCall.Delivery = .single,
+        path: String, request: [UInt8]?, metadata: CallMetadata, options: RequestOptions,
+        delivery: consuming ClientCall.Delivery = .single,
         buffers: StreamBuffers? = nil, onWritable: (@Sendable () -> Void)? = nil, previousAttempts: Int = 0,
         completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
@@ -234,7 +235,7 @@ public final class GRPCChannel: Sendable {
         let call = ClientCall(
             environment: shard.environment, path: path, metadata: metadata, request: request, deadline: deadline,
             maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
-            waitForReady: options.waitForReady, delivery: delivery, buffers: buffers, requestEncoding: encoding,
+            waitForReady: options.waitForReady, delivery: consume delivery, buffers: buffers, requestEncoding: encoding,
             onWritable: onWritable, previousAttemptsElsewhere: previousAttempts, invalid: problem, observers: observers,
             preparing: suspended != nil, completion: completion)
         if shard.reactor.inReactorThread {

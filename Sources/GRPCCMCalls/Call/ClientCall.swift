@@ -172,7 +172,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
     ///   - request: The one request message, or nil when `buffers` carries a request stream.
     package init(
         environment: CallEnvironment, path: String, metadata: CallMetadata, request: [UInt8]?, deadline: UInt64,
-        maxReceiveMessageSize: Int, waitForReady: Bool, delivery: Delivery = .single, buffers: StreamBuffers? = nil,
+        maxReceiveMessageSize: Int, waitForReady: Bool, delivery: consuming Delivery = .single, buffers: StreamBuffers? = nil,
         requestEncoding: CompressionAlgorithm = .identity, onWritable: (@Sendable () -> Void)? = nil,
         previousAttemptsElsewhere: Int = 0, invalid: CallStatus? = nil, observers: [any CallObserver] = [],
         preparing: Bool = false, completion: @escaping @Sendable (UnaryResponse) -> Void
@@ -190,7 +190,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         self.request = request ?? []
         self.requestsStreamed = request == nil
         self.buffers = buffers
-        self.delivery = delivery
+        self.delivery = consume delivery
         self.deadline = deadline
         self.maxReceiveMessageSize = maxReceiveMessageSize
         self.waitForReady = waitForReady
