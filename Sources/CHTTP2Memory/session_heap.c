@@ -60,12 +60,13 @@ static int find(const h2_heap *heap, const void *ptr) {
 }
 
 // A block of its own pages, or NULL (then the caller falls back to malloc) when the slots are full or mmap fails.
-static void *large_alloc(h2_heap *heap, size_t size) {
+// `frame_buffer`: a block whose bytes may be thrown away while the connection is idle.
+static void *large_alloc(h2_heap *heap, size_t size, int frame_buffer) {
     if (heap->count == H2_HEAP_SLOTS) return NULL;
     size_t length = (size + page_size() - 1) & ~(page_size() - 1);
     void *base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return NULL;
-    heap->blocks[heap->count++] = (h2_large_block){base, length, heap->creating};
+    heap->blocks[heap->count++] = (h2_large_block){base, length, frame_buffer};
     heap->large_bytes += length;
     return base;
 }
@@ -133,7 +134,8 @@ size_t h2_block_cache_kept(const h2_block_cache *cache) {
 static void *heap_malloc(size_t size, void *user) {
     h2_heap *heap = user;
     if (size >= H2_HEAP_LARGE) {
-        void *block = large_alloc(heap, size);
+        // The one block nghttp2 mallocs while it makes the session is its frame buffer (its tables are calloc'd).
+        void *block = large_alloc(heap, size, heap->creating);
         if (block) return block;
     }
     return small_alloc(heap, size);
@@ -155,7 +157,7 @@ static void *heap_calloc(size_t count, size_t size, void *user) {
     if (size != 0 && count > (size_t)-1 / size) return NULL;
     size_t total = count * size;
     if (total >= H2_HEAP_LARGE) {
-        void *block = large_alloc(heap, total);  // fresh anonymous pages are zero
+        void *block = large_alloc(heap, total, 0);  // fresh anonymous pages are zero
         if (block) return block;
     }
     void *block = small_alloc(heap, total);  // a kept block is not
@@ -200,18 +202,38 @@ int h2_heap_end_session(h2_heap *heap) {
     return discardable;
 }
 
+// Gives back the pages of a block that are resident and hold only zeros (an emptied table): what comes back on
+// the next touch is a zero page, so nothing the block holds changes. Pages not resident are not read (a read would
+// fault them in).
+static void discard_zero_pages(const h2_large_block *block) {
+    size_t pages = block->length / page_size();
+    for (size_t page = 0; page < pages; page++) {
+        char *start = (char *)block->base + page * page_size();
+        unsigned char resident = 0;
+        if (mincore(start, page_size(), &resident) != 0 || !(resident & 1)) continue;
+        const uint64_t *words = (const uint64_t *)start;
+        uint64_t any = 0;
+        for (size_t k = 0; k < page_size() / sizeof(uint64_t); k++) any |= words[k];
+        if (any == 0) madvise(start, page_size(), MADV_DONTNEED);
+    }
+}
+
 void h2_heap_trim(h2_heap *heap) {
     for (int i = 0; i < heap->count; i++) {
-        if (heap->blocks[i].discardable) madvise(heap->blocks[i].base, heap->blocks[i].length, MADV_DONTNEED);
+        if (heap->blocks[i].discardable) {
+            madvise(heap->blocks[i].base, heap->blocks[i].length, MADV_DONTNEED);
+        } else {
+            discard_zero_pages(&heap->blocks[i]);
+        }
     }
 }
 
 size_t h2_heap_large_bytes(const h2_heap *heap) { return heap->large_bytes; }
 
-size_t h2_heap_resident_frame_bytes(const h2_heap *heap) {
+static size_t resident_bytes(const h2_heap *heap, int frame_buffer_only) {
     size_t resident = 0;
     for (int i = 0; i < heap->count; i++) {
-        if (!heap->blocks[i].discardable) continue;
+        if (frame_buffer_only && !heap->blocks[i].discardable) continue;
         size_t pages = heap->blocks[i].length / page_size();
         unsigned char vector[64];
         for (size_t first = 0; first < pages; first += sizeof(vector)) {
@@ -222,3 +244,7 @@ size_t h2_heap_resident_frame_bytes(const h2_heap *heap) {
     }
     return resident;
 }
+
+size_t h2_heap_resident_frame_bytes(const h2_heap *heap) { return resident_bytes(heap, 1); }
+
+size_t h2_heap_resident_large_bytes(const h2_heap *heap) { return resident_bytes(heap, 0); }

@@ -35,8 +35,8 @@ package final class HTTP2SessionMemory: @unchecked Sendable {
         return rc
     }
 
-    /// Gives the frame buffer's pages back. Only when nghttp2 has nothing to write and what it wrote has been
-    /// copied out (`HTTP2Socket.trimIdleMemory` checks both).
+    /// Gives the frame buffer's pages back, and the pages of the emptied stream table. Only when nghttp2 has nothing
+    /// to write and what it wrote has been copied out (`HTTP2Socket.trimIdleMemory` checks both).
     package func trim() {
         h2_heap_trim(self.heap)
     }
@@ -46,6 +46,9 @@ package final class HTTP2SessionMemory: @unchecked Sendable {
 
     /// Bytes of the frame buffer's pages that are resident.
     package var residentFrameBufferBytes: Int { h2_heap_resident_frame_bytes(self.heap) }
+
+    /// Resident bytes of every block on pages of its own (the frame buffer, the stream table), for tests.
+    package var residentLargeBytes: Int { h2_heap_resident_large_bytes(self.heap) }
 }
 
 /// Small blocks freed by the nghttp2 sessions of one loop, kept for the next ones (`CHTTP2Memory`): one per loop,

@@ -81,7 +81,7 @@ struct SessionMemoryTests {
         #expect(h2_block_cache_kept(cache) == 1, "only blocks up to 512 bytes are kept: \(h2_block_cache_kept(cache))")
     }
 
-    @Test("an idle connection gives its frame buffer's pages back, and the next calls write into it again")
+    @Test("an idle connection gives back its frame buffer's pages and its emptied stream table's, and the next calls use both again")
     func idleConnectionTrimsFrameBuffer() async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
@@ -90,26 +90,49 @@ struct SessionMemoryTests {
         let channel = try fixture.channel(configuration)
         #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
 
-        let resident = { @Sendable () -> Int in
-            channel.inspect { pool in
-                pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.sessionMemory }
-                    .reduce(0) { $0 + $1.residentFrameBufferBytes }
-            }
+        @Sendable func memories() -> [HTTP2SessionMemory] {
+            channel.inspect { pool in pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.sessionMemory } }
         }
-        let held = channel.inspect { pool in
-            pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.sessionMemory }.reduce(0) { $0 + $1.largeBytes }
-        }
-        #expect(held >= 16 << 10, "nghttp2's frame buffer is on pages of its own")
-        #expect(resident() > 0, "the call's frames were written into it")
+        let frameBuffer = { @Sendable () -> Int in memories().reduce(0) { $0 + $1.residentFrameBufferBytes } }
+        let allLarge = { @Sendable () -> Int in memories().reduce(0) { $0 + $1.residentLargeBytes } }
+        let held = memories().reduce(0) { $0 + $1.largeBytes }
+        #expect(held >= (16 << 10) + 4096, "nghttp2's frame buffer and stream table are on pages of their own")
+        #expect(frameBuffer() > 0, "the call's frames were written into the buffer")
+        #expect(allLarge() > frameBuffer(), "the call's stream went into the table")
 
-        // A second after the last stream closed: every page of it is given back.
-        #expect(waitFor(seconds: 5) { resident() == 0 })
+        // A second after the last stream closed: every page of both is given back.
+        #expect(waitFor(seconds: 5) { allLarge() == 0 }, "\(allLarge()) bytes still resident")
 
         let responses = await withTaskGroup(of: CallStatus.self) { group in
             for index in 0..<64 { group.addTask { await channel.call([UInt8(index)], timeout: .seconds(5)).status } }
             return await group.reduce(into: [CallStatus]()) { $0.append($1) }
         }
         #expect(responses.count == 64 && responses.allSatisfy { $0 == .ok })
-        #expect(resident() > 0, "frames are written into the buffer again")
+        #expect(frameBuffer() > 0, "frames are written into the buffer again")
+        #expect(allLarge() > frameBuffer(), "streams go into the table again")
+    }
+
+    @Test("trimming gives back only pages that hold zeros, and a page given back reads as zeros again")
+    func trimKeepsWhatBlocksHold() throws {
+        let heap = try #require(h2_heap_new(nil))
+        defer { h2_heap_free(heap) }
+        let mem = h2_heap_mem(heap)
+        let user = mem.mem_user_data
+        let table = try #require(mem.calloc(256, 16, user))
+        let kept = try #require(mem.calloc(2, 4096, user))
+        #expect(h2_heap_large_bytes(heap) == 3 * 4096)
+        // The table is written, then emptied again; the second block keeps a byte in its second page.
+        memset(table, 0x5A, 4096)
+        memset(table, 0, 4096)
+        memset(kept, 0, 8192)
+        kept.storeBytes(of: 0x77, toByteOffset: 5000, as: UInt8.self)
+        #expect(h2_heap_resident_large_bytes(heap) == 3 * 4096)
+        h2_heap_trim(heap)
+        #expect(h2_heap_resident_large_bytes(heap) == 4096, "only the page holding a byte stays")
+        #expect(kept.load(fromByteOffset: 5000, as: UInt8.self) == 0x77)
+        #expect((0..<4096).allSatisfy { table.load(fromByteOffset: $0, as: UInt8.self) == 0 })
+        #expect((0..<4096).allSatisfy { kept.load(fromByteOffset: $0, as: UInt8.self) == 0 })
+        mem.free(table, user)
+        mem.free(kept, user)
     }
 }
