@@ -292,16 +292,10 @@ struct StreamingTests {
     func largeMessages(_ peer: Peer) async throws {
         let setup = try Self.setUp(peer)
         defer { setup.done() }
-        let call = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update")
         let messages = (0..<3).map { index in [UInt8](repeating: UInt8(0x41 + index), count: 1 << 20) }
-        let writer = Task {
-            for message in messages { try await call.write(message) }
-            call.closeSend()
-        }
-        var received: [[UInt8]] = []
-        for try await message in call.responses { received.append(message) }
-        try await writer.value
+        let (received, status) = try await echoed(messages, on: setup.channel)
         #expect(received == messages)
+        #expect(status.code == .ok)
     }
 
     // MARK: backpressure

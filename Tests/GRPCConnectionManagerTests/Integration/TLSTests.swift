@@ -316,16 +316,9 @@ struct TLSTests {
             #expect(unaryFrames >= 1 + 1 + 1 + 5 + 48, "\(label): \(unaryFrames) frames went directly")
             // A stream mixing small and large messages: a frame may end inside one message and start in the next.
             let messages = [3, 70_000, 0, 5000, 1 << 20, 4091, 1].enumerated().map { pattern($0.element, $0.offset) }
-            let call = channel.bidirectionalStreaming(path: "/test.Stream/Update")
-            let writer = Task {
-                for message in messages { try await call.write(message) }
-                call.closeSend()
-            }
-            var received: [[UInt8]] = []
-            for try await message in call.responses { received.append(message) }
-            try await writer.value
+            let (received, status) = try await echoed(messages, on: channel)
             #expect(received == messages, "\(label)")
-            #expect(await call.result().status.code == .ok, "\(label)")
+            #expect(status.code == .ok, "\(label)")
             #expect(directFrames(channel) > unaryFrames, "\(label): the stream's large messages went directly")
             channel.close()
         }

@@ -74,6 +74,22 @@ final class LoopbackFixture: Sendable {
     }
 }
 
+/// Writes `messages` on a new bidirectional stream of `path` (closing the requests after the last) while reading
+/// every response; returns the responses and how the stream ended.
+func echoed(
+    _ messages: [[UInt8]], on channel: GRPCChannel, path: String = "/test.Stream/Update"
+) async throws -> (responses: [[UInt8]], status: CallStatus) {
+    let call = channel.bidirectionalStreaming(path: path)
+    let writer = Task {
+        for message in messages { try await call.write(message) }
+        call.closeSend()
+    }
+    var received: [[UInt8]] = []
+    for try await message in call.responses { received.append(message) }
+    try await writer.value
+    return (received, await call.result().status)
+}
+
 /// Monotonic seconds.
 func now() -> Double {
     Double(Reactor.clock()) / 1e9
