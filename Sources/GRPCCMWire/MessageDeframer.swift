@@ -88,12 +88,16 @@ package struct MessageDeframer: Sendable {
         }
     }
 
-    /// Makes room for `count` more bytes of the current message: at most four times what has arrived, at most the
-    /// announced length.
+    /// Makes room for `count` more bytes of the current message: four times what it holds, at most the announced
+    /// length, and all of that length when a step would leave less than a quarter of it for one more (which would
+    /// move the whole message again for a few bytes; the allocator's rounding hides that step or not). So at most
+    /// five times what has arrived.
     private mutating func reserve(_ count: Int) {
         let needed = self.message.count + count
         guard needed > self.message.capacity else { return }
         let announced = self.message.count + self.remaining
-        self.message.reserveCapacity(min(announced, max(needed, self.message.capacity * 4)))
+        var target = min(announced, max(needed, self.message.capacity * 4))
+        if announced - target < target / 4 { target = announced }
+        self.message.reserveCapacity(target)
     }
 }
