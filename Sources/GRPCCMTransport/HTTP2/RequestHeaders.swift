@@ -62,7 +62,6 @@ struct HeaderScratch {
     init() {
         self.bytes.reserveCapacity(1024)
         self.fields.reserveCapacity(16)
-        self.nvs.reserveCapacity(16)
     }
 
     private mutating func append(_ text: String) -> Range<Int> {
@@ -115,33 +114,42 @@ struct HeaderScratch {
         let listSize = prefix.byteCount + Self.pathName.utf8CodeUnitCount + path.utf8.count + self.bytes.count
             + 32 * fieldCount
         if UInt64(listSize) > UInt64(maxHeaderListSize) { return .headerListTooLarge(listSize) }
+        // The nv array is written in place, by index: it only ever grows (to the largest request so far), and nghttp2
+        // is given the fields of this one.
+        if self.nvs.count < fieldCount {
+            self.nvs = [nghttp2_nv](repeating: nghttp2_nv(), count: max(fieldCount, 16))
+        }
         let rc = path.withUTF8 { pathBytes in self.bytes.withUnsafeMutableBufferPointer { buffer -> Int32 in
             let base = buffer.baseAddress!
-            self.nvs.removeAll(keepingCapacity: true)
-            func add(_ field: (name: Range<Int>, value: Range<Int>)) {
-                self.nvs.append(
+            return self.nvs.withUnsafeMutableBufferPointer { nva -> Int32 in
+                var count = 0
+                func put(_ nv: nghttp2_nv) {
+                    nva[count] = nv
+                    count += 1
+                }
+                func put(_ field: (name: Range<Int>, value: Range<Int>)) {
+                    put(
+                        nghttp2_nv(
+                            name: base + field.name.lowerBound, value: base + field.value.lowerBound,
+                            namelen: field.name.count, valuelen: field.value.count,
+                            flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
+                }
+                put(fixed[0])  // :method
+                put(fixed[1])  // :scheme
+                put(
                     nghttp2_nv(
-                        name: base + field.name.lowerBound, value: base + field.value.lowerBound,
-                        namelen: field.name.count, valuelen: field.value.count,
-                        flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
-            }
-            self.nvs.append(fixed[0])  // :method
-            self.nvs.append(fixed[1])  // :scheme
-            self.nvs.append(
-                nghttp2_nv(
-                    name: UnsafeMutablePointer(mutating: Self.pathName.utf8Start),
-                    value: UnsafeMutablePointer(mutating: pathBytes.baseAddress ?? Self.pathName.utf8Start),
-                    namelen: Self.pathName.utf8CodeUnitCount, valuelen: pathBytes.count,
-                    flags: UInt8(NGHTTP2_NV_FLAG_NO_COPY_NAME.rawValue)))
-            self.nvs.append(fixed[2])  // :authority
-            self.nvs.append(fixed[3])  // te
-            if let timeoutField { add(timeoutField) }
-            for index in 4..<fixed.count { self.nvs.append(fixed[index]) }
-            for field in fields { add(field) }
-            var provider = nghttp2_data_provider(
-                source: nghttp2_data_source(ptr: source), read_callback: clientReadRequest)
-            return self.nvs.withUnsafeBufferPointer { nva in
-                nghttp2_submit_request(session, nil, nva.baseAddress, nva.count, &provider, source)
+                        name: UnsafeMutablePointer(mutating: Self.pathName.utf8Start),
+                        value: UnsafeMutablePointer(mutating: pathBytes.baseAddress ?? Self.pathName.utf8Start),
+                        namelen: Self.pathName.utf8CodeUnitCount, valuelen: pathBytes.count,
+                        flags: UInt8(NGHTTP2_NV_FLAG_NO_COPY_NAME.rawValue)))
+                put(fixed[2])  // :authority
+                put(fixed[3])  // te
+                if let timeoutField { put(timeoutField) }
+                for index in 4..<fixed.count { put(fixed[index]) }
+                for field in fields { put(field) }
+                var provider = nghttp2_data_provider(
+                    source: nghttp2_data_source(ptr: source), read_callback: clientReadRequest)
+                return nghttp2_submit_request(session, nil, nva.baseAddress, count, &provider, source)
             }
         } }
         return rc < 0 ? .error(rc) : .submitted(rc)
