@@ -8,8 +8,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-// A session holds very few large blocks (the frame buffer; a large inbound frame's buffer for a while): a short
-// array searched linearly, and only for a pointer that starts a page.
+// A session holds very few large blocks (the frame buffer, the stream table; a large inbound frame's buffer for a
+// while): a short array searched linearly, and only for a pointer that starts a page.
 enum { H2_HEAP_SLOTS = 8 };
 
 // Small blocks up to H2_SMALL_MAX are kept for reuse when freed, in a cache shared by the sessions of one loop:

@@ -37,14 +37,6 @@ package struct ResponseHead: Sendable {
     package private(set) var trailersOnly = false
     package private(set) var initialMetadata = CallMetadata()
     package private(set) var trailingMetadata = CallMetadata()
-    /// Moves both metadata out (the head is done with them): the response takes them without a copy.
-    package mutating func takeMetadata() -> (initial: CallMetadata, trailing: CallMetadata) {
-        var taken = (initial: CallMetadata(), trailing: CallMetadata())
-        swap(&taken.initial, &self.initialMetadata)
-        swap(&taken.trailing, &self.trailingMetadata)
-        return taken
-    }
-
     /// Size of the block being read, in RFC 9113 §6.5.2 terms.
     package private(set) var blockSize = 0
     private var inTrailers = false
@@ -140,6 +132,14 @@ package struct ResponseHead: Sendable {
             return .trailersOnly
         }
         return self.completeBlocks == 1 ? .headers : .trailers
+    }
+
+    /// Moves both metadata out (the head is done with them): the response takes them without a copy.
+    package mutating func takeMetadata() -> (initial: CallMetadata, trailing: CallMetadata) {
+        var taken = (initial: CallMetadata(), trailing: CallMetadata())
+        swap(&taken.initial, &self.initialMetadata)
+        swap(&taken.trailing, &self.trailingMetadata)
+        return taken
     }
 
     /// The status the response carries, once the stream has ended (`errorCode`: the RST_STREAM code, 0 for a clean

@@ -1,10 +1,10 @@
 import CHTTP2Memory
 import CNghttp2
 
-/// The allocator of one nghttp2 session (`CHTTP2Memory`): blocks of 8 KiB and more on pages of their own, the
-/// session's 16 KiB frame buffer given back to the kernel while its connection is idle (`trim()`), which is most of
-/// what an idle connection would otherwise keep resident, and small blocks kept for reuse in its loop's
-/// `HTTP2BlockCache`.
+/// The allocator of one nghttp2 session (`CHTTP2Memory`): blocks of a page (4 KiB) and more on pages of their own;
+/// while its connection is idle (`trim()`), the session's 16 KiB frame buffer and the pages of its emptied stream
+/// table given back to the kernel, which is most of what an idle connection would otherwise keep resident; small
+/// blocks kept for reuse in its loop's `HTTP2BlockCache`.
 ///
 /// Held by the socket that holds the session, and so freed after the session is deleted (the socket deletes its
 /// session first, in `close` or its deinit).

@@ -350,9 +350,10 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         self.flushNow()
     }
 
-    /// Lets an idle connection's memory go: the output buffer and the pages of the session's frame buffer. Only
-    /// when nothing waits to be written and nghttp2 has nothing more (its last `mem_send` returned 0 and its output
-    /// was copied out), so the frame buffer holds nothing that is read again.
+    /// Lets an idle connection's memory go: the output buffer, the pages of the session's frame buffer and those of
+    /// its emptied stream table (`HTTP2SessionMemory.trim`). Only when nothing waits to be written and nghttp2 has
+    /// nothing more (its last `mem_send` returned 0 and its output was copied out), so the frame buffer holds
+    /// nothing that is read again.
     package func trimIdleMemory() {
         guard let session = self.session, self.state == .open, !self.flushScheduled, self.output.isDrained,
             nghttp2_session_want_write(session) == 0
