@@ -230,45 +230,50 @@ package final class StreamBuffers: @unchecked Sendable {
     package func read(
         into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool, messageBytes: inout Int
     ) -> RequestBodyRead {
-        let later = self.state.withLock { state -> Int? in
-            let count = min(length, state.outboxBytes)
-            guard count >= RequestBodyRead.noCopyMinimum else { return nil }
-            eof = state.halfClosed && state.outboxBytes == count
-            return count
-        }
-        if let later { return .later(later) }
-        let written = self.drain(length, eof: &eof, messageBytes: &messageBytes) { message, offset, done, room in
+        self.drain(length, .read, eof: &eof, messageBytes: &messageBytes) { message, offset, done, room in
             MessageFramer.copyFramed(
                 message, compressed: self.requestEncoding != .identity, offset: &offset, into: buffer + done,
                 capacity: room)
         }
-        if written == 0 && !eof { return .waiting }
-        return .copied(written)
     }
 
     /// Hands the `length` bytes a `.later` read announced to `sink`. False when they are no longer buffered (the
     /// call ended in between).
     package func write(length: Int, to sink: (UnsafeRawBufferPointer) -> Void, messageBytes: inout Int) -> Bool {
-        guard self.bufferedOutboundBytes >= length else { return false }
         var eof = false
-        _ = self.drain(length, eof: &eof, messageBytes: &messageBytes) { message, offset, _, room in
+        let moved = self.drain(length, .handOver, eof: &eof, messageBytes: &messageBytes) { message, offset, _, room in
             MessageFramer.emitFramed(
                 message, compressed: self.requestEncoding != .identity, offset: &offset, capacity: room, to: sink)
         }
-        return true
+        if case .copied = moved { return true }
+        return false
     }
 
+    /// What `drain` may do with a frame: `read` answers `.later` instead of moving bytes when there are enough of
+    /// them; `handOver` moves exactly the length a `.later` announced, or nothing when that many are gone.
+    private enum DrainMode { case read, handOver }
+
     /// Takes up to `length` framed bytes from the outbox through `move` (which moves at most `room` bytes of one
-    /// message from `offset` of its framed form, `done` bytes into the frame, and returns how many), then wakes
-    /// writers waiting for room.
+    /// message from `offset` of its framed form, `done` bytes into the frame, and returns how many), under one lock,
+    /// then wakes writers waiting for room.
     private func drain(
-        _ length: Int, eof: inout Bool, messageBytes: inout Int,
+        _ length: Int, _ mode: DrainMode, eof: inout Bool, messageBytes: inout Int,
         _ move: (_ message: [UInt8], _ offset: inout Int, _ done: Int, _ room: Int) -> Int
-    ) -> Int {
+    ) -> RequestBodyRead {
         var waiters: [CheckedContinuation<Void, any Error>] = []
         var notifyWritable = false
         var completedBytes = 0
-        let written = self.state.withLock { state -> Int in
+        let result = self.state.withLock { state -> RequestBodyRead in
+            switch mode {
+            case .read:
+                let count = min(length, state.outboxBytes)
+                if count >= RequestBodyRead.noCopyMinimum {
+                    eof = state.halfClosed && state.outboxBytes == count
+                    return .later(count)
+                }
+            case .handOver:
+                if state.outboxBytes < length { return .waiting }
+            }
             var written = 0
             while written < length && state.outboxHead < state.outbox.count {
                 let message = state.outbox[state.outboxHead]
@@ -293,12 +298,12 @@ package final class StreamBuffers: @unchecked Sendable {
                 state.owesWritable = false
             }
             eof = state.halfClosed && state.outboxBytes == 0
-            return written
+            return written == 0 && !eof ? .waiting : .copied(written)
         }
         messageBytes += completedBytes
         for waiter in waiters { waiter.resume() }
         if notifyWritable { self.waker.writable() }
-        return written
+        return result
     }
 
     /// Response headers (not trailers-only) arrived.
