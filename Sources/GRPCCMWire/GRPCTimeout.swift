@@ -1,22 +1,74 @@
 /// The `grpc-timeout` header (PROTOCOL-HTTP2.md): at most 8 digits and a unit (H, M, S, m, u, n).
 ///
-/// Encoding picks the finest unit whose value fits in 8 digits and rounds up, as grpc-go does, so that the server
-/// never sees a deadline earlier than the client's. Zero or less becomes `0n`.
+/// Encoding rounds the timeout up to three significant digits, then writes it in the coarsest unit that holds it
+/// exactly: 29.9997 s left of a 30 s deadline is sent as `30S`. Two reasons:
+/// - The server never sees a deadline earlier than the client's, and at most 1 % later. The client enforces its own
+///   deadline locally, so the call still ends on time; the server may only work up to 1 % longer on a call that is
+///   already failed.
+/// - Calls made with the same timeout send the same text, so HPACK indexes the field once per connection. Sent to the
+///   microsecond, every call's value was new: nghttp2 Huffman-coded it and added it to the dynamic table, where the
+///   stream of new values pushed out the fields every call shares (grpc's C core rounds for the same reason).
+/// Zero or less becomes `0n`.
 package enum GRPCTimeout {
     private static let maxValue: UInt64 = 99_999_999
+    /// Nanoseconds per unit, coarsest first.
+    private static let units: [(size: UInt64, letter: UInt8)] = [
+        (3_600_000_000_000, UInt8(ascii: "H")), (60_000_000_000, UInt8(ascii: "M")), (1_000_000_000, UInt8(ascii: "S")),
+        (1_000_000, UInt8(ascii: "m")), (1_000, UInt8(ascii: "u")), (1, UInt8(ascii: "n")),
+    ]
 
     package static func encode(nanoseconds: Int64) -> String {
-        guard nanoseconds > 0 else { return "0n" }
-        let ns = UInt64(nanoseconds)
-        if ns <= Self.maxValue { return "\(ns)n" }
-        let units: [(UInt64, Character)] = [
-            (1_000, "u"), (1_000_000, "m"), (1_000_000_000, "S"), (60_000_000_000, "M"), (3_600_000_000_000, "H"),
-        ]
-        for (size, unit) in units {
-            let value = (ns + size - 1) / size
-            if value <= Self.maxValue { return "\(value)\(unit)" }
+        var bytes: [UInt8] = []
+        Self.encode(nanoseconds: nanoseconds, into: &bytes)
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Appends the encoding of `nanoseconds` to `bytes`, without building a string.
+    package static func encode(nanoseconds: Int64, into bytes: inout [UInt8]) {
+        guard nanoseconds > 0 else {
+            bytes.append(UInt8(ascii: "0"))
+            bytes.append(UInt8(ascii: "n"))
+            return
         }
-        return "\(Self.maxValue)H"
+        let rounded = Self.roundedUp(UInt64(nanoseconds))
+        // The coarsest unit that holds the rounded value exactly; failing that (only beyond 8 digits of hours or
+        // minutes), the finest unit whose value fits, rounded up once more.
+        var chosen: (value: UInt64, letter: UInt8)? = nil
+        for unit in Self.units where rounded % unit.size == 0 && rounded / unit.size <= Self.maxValue {
+            chosen = (rounded / unit.size, unit.letter)
+            break
+        }
+        if chosen == nil {
+            for unit in Self.units.reversed() {
+                let value = rounded / unit.size + (rounded % unit.size == 0 ? 0 : 1)
+                if value <= Self.maxValue {
+                    chosen = (value, unit.letter)
+                    break
+                }
+            }
+        }
+        let (value, letter) = chosen ?? (Self.maxValue, UInt8(ascii: "H"))
+        Self.appendDecimal(value, to: &bytes)
+        bytes.append(letter)
+    }
+
+    /// `value` rounded up to three significant digits.
+    private static func roundedUp(_ value: UInt64) -> UInt64 {
+        var scale: UInt64 = 1
+        while value / scale >= 1_000 { scale *= 10 }
+        let (quotient, remainder) = value.quotientAndRemainder(dividingBy: scale)
+        return (quotient + (remainder == 0 ? 0 : 1)) * scale
+    }
+
+    private static func appendDecimal(_ value: UInt64, to bytes: inout [UInt8]) {
+        var divisor: UInt64 = 1
+        while value / divisor >= 10 { divisor *= 10 }
+        var rest = value
+        while divisor > 0 {
+            bytes.append(UInt8(ascii: "0") + UInt8(rest / divisor))
+            rest %= divisor
+            divisor /= 10
+        }
     }
 
     /// Returns nil for anything but 1...8 digits and a known unit.

@@ -89,7 +89,10 @@ struct HeaderScratch {
         // here: nghttp2 copies it straight from the string while it submits.
         var timeoutField: (name: Range<Int>, value: Range<Int>)? = nil
         if let timeout = timeoutNanos {
-            timeoutField = (name: self.append("grpc-timeout"), value: self.append(GRPCTimeout.encode(nanoseconds: timeout)))
+            let name = self.append("grpc-timeout")
+            let start = self.bytes.count
+            GRPCTimeout.encode(nanoseconds: timeout, into: &self.bytes)
+            timeoutField = (name: name, value: start..<self.bytes.count)
         }
         if head.encoding != .identity {
             self.fields.append((name: self.append("grpc-encoding"), value: self.append(head.encoding.name)))

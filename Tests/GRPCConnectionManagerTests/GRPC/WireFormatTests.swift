@@ -11,20 +11,36 @@ import Testing
 @Suite("grpc-timeout")
 struct GRPCTimeoutTests {
     @Test(arguments: [
-        (Int64(0), "0n"), (-5, "0n"), (1, "1n"), (99_999_999, "99999999n"), (100_000_000, "100000u"),
-        (100_000_001, "100001u"), (1_500_000_000, "1500000u"), (200_000_000_000, "200000m"),
-        (100_000_000_000_000, "100000S"), (Int64.max, "2562048H"),
+        (Int64(0), "0n"), (-5, "0n"), (1, "1n"), (999, "999n"), (1_234, "1240n"), (99_999_999, "100m"),
+        (100_000_000, "100m"), (100_000_001, "101m"), (123_456_789, "124m"), (1_500_000_000, "1500m"),
+        (29_999_700_000, "30S"), (200_000_000_000, "200S"), (5_400_000_000_000, "90M"), (7_200_000_000_000, "2H"),
+        (100_000_000_000_000, "100000S"), (Int64.max, "2563889H"),
     ])
     func encodes(nanoseconds: Int64, expected: String) {
         #expect(GRPCTimeout.encode(nanoseconds: nanoseconds) == expected)
     }
 
-    @Test func encodingNeverShortensTheDeadline() {
-        for value: Int64 in [100_000_001, 123_456_789_123, 999_999_999_999_999] {
+    @Test("the server never sees a deadline earlier than the client's, nor more than 1 % later")
+    func encodingRoundsUpByAtMostOnePercent() {
+        var generator = SystemRandomNumberGenerator()
+        var values: [Int64] = [100_000_001, 123_456_789_123, 999_999_999_999_999]
+        for _ in 0..<2_000 { values.append(Int64.random(in: 1...(1 << 50), using: &generator)) }
+        for value in values {
             let text = GRPCTimeout.encode(nanoseconds: value)
-            #expect(text.count <= 9)
-            #expect(GRPCTimeout.decode(text)! >= value)
+            #expect(text.utf8.count <= 9)
+            let decoded = GRPCTimeout.decode(text)!
+            #expect(decoded >= value && Double(decoded) <= Double(value) * 1.01, "\(value) -> \(text)")
         }
+    }
+
+    @Test("a timeout's remaining time, taken a little later, is sent as the same text: HPACK indexes it once")
+    func nearbyTimeoutsShareTheirText() {
+        for elapsed: Int64 in stride(from: 0, to: 100_000_000, by: 999_983) {
+            #expect(GRPCTimeout.encode(nanoseconds: 30_000_000_000 - elapsed) == "30S")
+        }
+        var bytes: [UInt8] = Array("x".utf8)
+        GRPCTimeout.encode(nanoseconds: 250_000_000, into: &bytes)
+        #expect(bytes == Array("x250m".utf8))
     }
 
     @Test(arguments: ["", "1", "S", "123456789S", "12x", "-1S", "1.5S"])
