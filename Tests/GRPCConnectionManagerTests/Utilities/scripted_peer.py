@@ -142,6 +142,7 @@ class Connection:
             frame.parse_body(memoryview(body))
             if isinstance(frame, SettingsFrame):
                 if "ACK" not in frame.flags:
+                    event("settings " + " ".join("%d=%d" % item for item in sorted(frame.settings.items())))
                     ack = SettingsFrame(0)
                     ack.flags.add("ACK")
                     self.send(ack)
