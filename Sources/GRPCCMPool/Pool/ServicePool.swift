@@ -224,6 +224,15 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     /// Opens a stream for `call` on the best connection that can take one. False when none can now.
     private func open(_ call: ClientCall) -> Bool {
+        if self.subchannels.count == 1 {
+            // One connection (the usual case): no pick to make, and no closure reading every candidate's load.
+            let only = self.subchannels[0]
+            guard only.availableStreams > 0 else { return false }
+            switch only.open(call) {
+            case .done, .notWaiting: return true
+            case .tryElsewhere: return false
+            }
+        }
         var refused = 0  // subchannels that said "try elsewhere" during this pick, as a bit set (first 64)
         for _ in 0..<max(self.subchannels.count, 1) {
             let subchannels = self.subchannels
