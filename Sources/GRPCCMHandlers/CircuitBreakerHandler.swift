@@ -49,8 +49,10 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
             self.breakers[slot].release(probe: permit.isProbe, epoch: permit.epoch)
             return
         }
-        let outcome = self.breakers[slot].classify(status.code, duration: duration)
-        let change = self.breakers[slot].record(outcome, probe: permit.isProbe, epoch: permit.epoch, now: self.clock())
+        // One mutating access: a non-mutating method on the table's element would read it out first, a copy of the
+        // whole machine (configuration and window included).
+        let change = self.breakers[slot].callEnded(
+            status.code, duration: duration, probe: permit.isProbe, epoch: permit.epoch, now: self.clock())
         if let (from, to) = change {
             self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
         }

@@ -63,6 +63,19 @@ struct CircuitBreakerStateMachineTests {
         }
     }
 
+    @Test("configured failure codes classify exactly, codes outside gRPC's range included")
+    func configuredFailureCodes() {
+        var configuration = CircuitBreakerConfiguration()
+        configuration.failureCodes = [.ok, .internal, .unauthenticated, StatusCode(rawValue: 42)]
+        let machine = CircuitBreakerStateMachine(configuration: configuration)
+        for raw in -1...64 {
+            let code = StatusCode(rawValue: raw)
+            let expected: CircuitBreakerStateMachine.Outcome =
+                configuration.failureCodes.contains(code) ? .failure : .success
+            #expect(machine.classify(code, duration: .zero) == expected, "\(code)")
+        }
+    }
+
     @Test("slow calls count as failures when a threshold is set")
     func slowCalls() {
         var configuration = CircuitBreakerConfiguration()
