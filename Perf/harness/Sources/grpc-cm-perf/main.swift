@@ -29,6 +29,7 @@ struct Perf: ParsableCommand {
     @Option(help: "Write the HdrHistogram percentile distribution (microseconds) here.") var hgrm: String?
     @Option(name: .customLong("idle-connections"), help: "Instead: open N connections, one call each, hold them.") var idleConnections: Int?
     @Option(name: .customLong("idle-hold"), help: "Seconds to hold the idle connections.") var idleHold = 3.0
+    @Flag(name: .customLong("idle-shared"), help: "With --idle-connections: one channel holding the N connections (connectionsPerTarget N) instead of one channel per connection.") var idleShared = false
     @Flag(help: "Switch off retry and the circuit breaker (the peers have neither).") var bare = false
     @Option(help: "Run on a ReactorGroup of this many loops (closed loop only): each loop gets its own connections.") var loops = 1
     @Option(name: .customLong("user-timers"), help: "Park this many user timers (an hour away) on the loop first.") var userTimers = 0
@@ -90,12 +91,33 @@ struct Perf: ParsableCommand {
         var channels: [GRPCChannel] = []
         let done = Atomic<Int>(0)
         let errors = Atomic<Int>(0)
-        for _ in 0..<count {
-            let channel = try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
-            channels.append(channel)
+        let call = { (channel: GRPCChannel) in
             channel.unary(path: self.method, request: [], options: RequestOptions(timeout: .seconds(30))) { response in
                 if !response.status.isOK { errors.add(1, ordering: .relaxed) }
                 done.add(1, ordering: .relaxed)
+            }
+        }
+        if self.idleShared {
+            // One channel, N connections: its first call connects them all; once all are up, N calls at once go one
+            // to each (least loaded), so every connection has carried a call, as with a channel each.
+            var shared = configuration
+            shared.connectionsPerTarget = count
+            let channel = try GRPCChannel(target: target, configuration: shared, eventLoop: loop)
+            channels.append(channel)
+            let up = Atomic<Int>(0)
+            let token = channel.events.subscribe { event in
+                if case .connectAttemptSucceeded = event { up.add(1, ordering: .relaxed) }
+            }
+            call(channel)
+            while up.load(ordering: .relaxed) < count || done.load(ordering: .relaxed) < 1 { usleep(1000) }
+            channel.events.unsubscribe(token)
+            done.store(0, ordering: .relaxed)
+            for _ in 0..<count { call(channel) }
+        } else {
+            for _ in 0..<count {
+                let channel = try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
+                channels.append(channel)
+                call(channel)
             }
         }
         while done.load(ordering: .relaxed) < count { usleep(1000) }
@@ -103,7 +125,7 @@ struct Perf: ParsableCommand {
         let after = Self.rssKB()
         let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
         print(
-            "{\"idle_connections\": \(count), \"errors\": \(errors.load(ordering: .relaxed)), \"rss_kb_before\": \(before), "
+            "{\"idle_connections\": \(count), \"shared_channel\": \(self.idleShared), \"errors\": \(errors.load(ordering: .relaxed)), \"rss_kb_before\": \(before), "
                 + "\"rss_kb\": \(after), \"rss_kb_per_connection\": \(String(format: "%.2f", Double(after - before) / Double(max(count, 1)))), "
                 + "\"open_fds\": \(fds), \"os_threads\": \(Self.threads())}")
         withExtendedLifetime(channels) {}
