@@ -309,11 +309,19 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.socket?.scheduleFlush()
     }
 
+    /// The stream's handler consumed `bytes`: they go back to the server's stream window, in batches of up to a
+    /// quarter of the window (at most 16 KiB). A small response is never reported: its stream ends first, and the
+    /// call saves nghttp2's bookkeeping. No stall can come of it: the server, having sent the whole window, has had at
+    /// least three quarters reported, past the half at which nghttp2 sends WINDOW_UPDATE.
     package func consumeStream(_ streamID: Int32, bytes: Int) {
-        guard let session = self.socket?.session, self.state != .closed else { return }
-        nghttp2_session_consume_stream(session, streamID, bytes)
+        guard let session = self.socket?.session, self.state != .closed,
+            let due = self.streams.addConsumed(bytes, to: streamID, batch: self.consumeBatch)
+        else { return }
+        nghttp2_session_consume_stream(session, streamID, due)
         self.socket?.scheduleFlush()
     }
+
+    private var consumeBatch: Int { max(1, min(16 << 10, self.settings.initialStreamWindowSize / 4)) }
 
     package func isLocallyClosed(_ streamID: Int32) -> Bool {
         guard let session = self.socket?.session else { return true }

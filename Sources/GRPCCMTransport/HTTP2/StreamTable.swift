@@ -9,6 +9,8 @@ struct StreamTable {
     private struct Entry {
         /// 0: empty (no stream has id 0).
         var id: Int32
+        /// Bytes the handler consumed that nghttp2 has not been told of yet (`addConsumed`).
+        var unreported: Int32 = 0
         var handler: (any HTTP2StreamHandler)?
     }
 
@@ -37,7 +39,25 @@ struct StreamTable {
         }
     }
 
-    mutating func insert(_ handler: any HTTP2StreamHandler, for id: Int32) {
+    /// The handler of stream `id` consumed `bytes` more. Returns what to report to nghttp2 now: everything not yet
+    /// reported once it reaches `batch`, else nil (also for a stream no longer here).
+    mutating func addConsumed(_ bytes: Int, to id: Int32, batch: Int) -> Int? {
+        guard self.count > 0 else { return nil }
+        var slot = self.home(id)
+        while self.entries[slot].id != id {
+            if self.entries[slot].id == 0 { return nil }
+            slot = self.next(slot)
+        }
+        let total = Int(self.entries[slot].unreported) + bytes
+        if total < batch {
+            self.entries[slot].unreported = Int32(total)
+            return nil
+        }
+        self.entries[slot].unreported = 0
+        return total
+    }
+
+    mutating func insert(_ handler: any HTTP2StreamHandler, for id: Int32, unreported: Int32 = 0) {
         precondition(id > 0, "stream ids are positive")
         if (self.count + 1) * 2 > self.entries.count { self.resize(to: max(8, self.entries.count * 2)) }
         var slot = self.home(id)
@@ -46,7 +66,7 @@ struct StreamTable {
             self.count += 1
             if slot != self.home(id) { self.displaced += 1 }
         }
-        self.entries[slot] = Entry(id: id, handler: handler)
+        self.entries[slot] = Entry(id: id, unreported: unreported, handler: handler)
     }
 
     /// Removes the stream and returns its handler (nil when it was not there).
@@ -103,6 +123,6 @@ struct StreamTable {
         self.entries = Array(repeating: Entry(id: 0, handler: nil), count: capacity)
         self.count = 0
         self.displaced = 0
-        for entry in old where entry.id != 0 { self.insert(entry.handler!, for: entry.id) }
+        for entry in old where entry.id != 0 { self.insert(entry.handler!, for: entry.id, unreported: entry.unreported) }
     }
 }

@@ -45,6 +45,24 @@ struct StreamTableTests {
         #expect(table.isEmpty && table[1] == nil)
     }
 
+    @Test("consumed bytes are reported in batches, per stream, and survive the table's growth")
+    func consumedBatches() {
+        var table = StreamTable()
+        table.insert(Handler(1), for: 1)
+        table.insert(Handler(3), for: 3)
+        #expect(table.addConsumed(100, to: 1, batch: 1_000) == nil)
+        #expect(table.addConsumed(500, to: 3, batch: 1_000) == nil)
+        #expect(table.addConsumed(899, to: 1, batch: 1_000) == nil)
+        // Growth (8 slots, then 16) moves every entry: what is unreported moves with it.
+        for id in stride(from: Int32(5), through: 15, by: 2) { table.insert(Handler(id), for: id) }
+        #expect(table.addConsumed(1, to: 1, batch: 1_000) == 1_000, "999 + 1 reaches the batch: all of it is due")
+        #expect(table.addConsumed(1, to: 1, batch: 1_000) == nil, "and the count starts again")
+        #expect(table.addConsumed(600, to: 3, batch: 1_000) == 1_100)
+        _ = table.remove(3)
+        #expect(table.addConsumed(5_000, to: 3, batch: 1_000) == nil, "a stream that is gone reports nothing")
+        #expect(table.addConsumed(5_000, to: 17, batch: 1_000) == nil)
+    }
+
     @Test("odd ids in order, closed out of order, across growth and shrinking")
     func sequentialIDs() {
         var generator = SystemRandomNumberGenerator()

@@ -1,5 +1,6 @@
 import Foundation
 import GRPCEchoServer
+import Synchronization
 import Testing
 
 @testable import GRPCConnectionManager
@@ -334,6 +335,29 @@ struct StreamingTests {
         if !runningUnderAddressSanitizer() {
             #expect(residentBytes() - rssBefore < 16 << 20)
         }
+    }
+
+    @Test("many small messages through the smallest stream window: consumption reported in batches never stalls it", arguments: Peer.allCases)
+    func smallMessagesThroughTheSmallestWindow(_ peer: Peer) async throws {
+        var configuration = Configuration.defaults
+        configuration.http2.initialStreamWindowSize = 65_535
+        let setup = try Self.setUp(peer, configuration)
+        defer { setup.done() }
+        // 4,000 messages of 100 bytes: 420 KB through a 64 KiB window, taken by callbacks (consumed at once, reported
+        // to nghttp2 16 KiB at a time).
+        let count = 4_000
+        let received = Atomic<Int>(0)
+        let finished = await withCheckedContinuation { (continuation: CheckedContinuation<CallStatus, Never>) in
+            _ = setup.channel.serverStreaming(
+                path: "/test.Stream/Expand", request: [],
+                metadata: ["x-response-count": String(count), "x-response-bytes": "100"],
+                options: RequestOptions(timeout: .seconds(20)),
+                callbacks: StreamingCallbacks(
+                    onMessage: { message in if message.count == 100 { received.add(1, ordering: .relaxed) } },
+                    onFinish: { result in continuation.resume(returning: result.status) }))
+        }
+        #expect(finished.code == .ok, "\(finished)")
+        #expect(received.load(ordering: .relaxed) == count)
     }
 
     @Test("a writer waits while the server's window is closed", arguments: [Peer.embedded])
