@@ -28,26 +28,28 @@ struct StreamTable {
     @inline(__always)
     private func next(_ slot: Int) -> Int { (slot + 1) & (self.entries.count - 1) }
 
-    subscript(id: Int32) -> (any HTTP2StreamHandler)? {
+    /// The slot that holds `id`, or nil.
+    @inline(__always)
+    private func slot(of id: Int32) -> Int? {
         guard self.count > 0 else { return nil }
         var slot = self.home(id)
         while true {
             let found = self.entries[slot].id
-            if found == id { return self.entries[slot].handler }
+            if found == id { return slot }
             if found == 0 { return nil }
             slot = self.next(slot)
         }
     }
 
+    subscript(id: Int32) -> (any HTTP2StreamHandler)? {
+        guard let slot = self.slot(of: id) else { return nil }
+        return self.entries[slot].handler
+    }
+
     /// The handler of stream `id` consumed `bytes` more. Returns what to report to nghttp2 now: everything not yet
     /// reported once it reaches `batch`, else nil (also for a stream no longer here).
     mutating func addConsumed(_ bytes: Int, to id: Int32, batch: Int) -> Int? {
-        guard self.count > 0 else { return nil }
-        var slot = self.home(id)
-        while self.entries[slot].id != id {
-            if self.entries[slot].id == 0 { return nil }
-            slot = self.next(slot)
-        }
+        guard let slot = self.slot(of: id) else { return nil }
         let total = Int(self.entries[slot].unreported) + bytes
         if total < batch {
             self.entries[slot].unreported = Int32(total)
@@ -71,12 +73,7 @@ struct StreamTable {
 
     /// Removes the stream and returns its handler (nil when it was not there).
     mutating func remove(_ id: Int32) -> (any HTTP2StreamHandler)? {
-        guard self.count > 0 else { return nil }
-        var slot = self.home(id)
-        while self.entries[slot].id != id {
-            if self.entries[slot].id == 0 { return nil }
-            slot = self.next(slot)
-        }
+        guard let slot = self.slot(of: id) else { return nil }
         let removed = self.entries[slot].handler
         self.count -= 1
         if slot != self.home(id) { self.displaced -= 1 }

@@ -105,6 +105,19 @@ struct ClaimsTests {
 
     // MARK: what reaches the server
 
+    @Test("the client's SETTINGS announce no RFC 7540 priorities (RFC 9218), and calls work on it")
+    func settingsAnnounceNoRFC7540Priorities() async throws {
+        let peer = try ScriptedPeer("echo")
+        defer { peer.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, eventLoop: fixture.loop)
+        #expect(await channel.call([7], timeout: .seconds(5)).status == .ok)
+        let settings = try #require(peer.events.first { $0.hasPrefix("settings ") })
+        #expect(settings.split(separator: " ").contains("9=1"), "\(settings)")
+        #expect(settings.split(separator: " ").contains("2=0"), "push stays off: \(settings)")
+    }
+
     @Test("grpc-timeout reaches the server: what it received is within the call's deadline")
     func grpcTimeoutReachesTheServer() async throws {
         let fixture = try LoopbackFixture()
