@@ -1,0 +1,36 @@
+import Testing
+
+@testable import GRPCCMHandlers
+
+/// The handlers' keyed state against a Dictionary doing the same: one key (no index kept), a second key arriving
+/// (the first moves into the index), and random traffic over a few keys.
+@Suite("HotKeyTable")
+struct HotKeyTableTests {
+    @Test("slots by key match a Dictionary's, from the first key through the second to many")
+    func matchesADictionary() {
+        var generator = SystemRandomNumberGenerator()
+        for keyCount in 1...6 {
+            var table = HotKeyTable<String, Int>()
+            var model: [String: Int] = [:]
+            var made = 0
+            for _ in 0..<400 {
+                let key = "/svc.S/M\(Int.random(in: 0..<keyCount, using: &generator))"
+                if Bool.random(using: &generator) {
+                    let slot = table.slot(for: key) {
+                        made += 1
+                        return made
+                    }
+                    if model[key] == nil { model[key] = made }
+                    #expect(table[slot] == model[key], "\(key)")
+                    table[slot] += 1000
+                    model[key]! += 1000
+                } else if let slot = table.existingSlot(for: key) {
+                    #expect(table[slot] == model[key], "\(key)")
+                } else {
+                    #expect(model[key] == nil, "\(key) is in the table")
+                }
+            }
+            #expect(made == model.count, "a value is made once per key")
+        }
+    }
+}
