@@ -21,6 +21,43 @@ package enum HeaderName {
         return memcmp(bytes.baseAddress!, name.utf8Start, bytes.count) == 0
     }
 
+    /// RFC 9113 §8.2.1 / RFC 9110 §5.6.2: a field name is a token, and HTTP/2 sends it in lower case. Bit `b` of
+    /// word `b >> 6` is set for each byte allowed.
+    private static let nameBytes: (UInt64, UInt64, UInt64, UInt64) = {
+        var words: [UInt64] = [0, 0, 0, 0]
+        for byte in Array("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz".utf8) {
+            words[Int(byte >> 6)] |= 1 << UInt64(byte & 63)
+        }
+        return (words[0], words[1], words[2], words[3])
+    }()
+
+    /// A lower-case token: what a regular field's name must be (nghttp2's `nghttp2_check_header_name`).
+    package static func isValidName(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        guard !bytes.isEmpty else { return false }
+        let table = Self.nameBytes
+        for byte in bytes {
+            let word: UInt64
+            switch byte >> 6 {
+            case 0: word = table.0
+            case 1: word = table.1
+            default: return false  // no byte of 128 or more is in a token
+            }
+            if word & (1 << UInt64(byte & 63)) == 0 { return false }
+        }
+        return true
+    }
+
+    /// RFC 9113 §8.2.1: no NUL, CR or LF (nor other controls but HTAB) in a value, and no space or HTAB at either end
+    /// (nghttp2's `nghttp2_check_header_value_rfc9113`).
+    package static func isValidValue(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        guard let first = bytes.first, let last = bytes.last else { return true }
+        if first == 0x20 || first == 0x09 || last == 0x20 || last == 0x09 { return false }
+        for byte in bytes where (byte < 0x20 && byte != 0x09) || byte == 0x7F {
+            return false
+        }
+        return true
+    }
+
     /// A non-negative decimal of at most 10 digits without a sign; nil for anything else.
     @inlinable
     package static func parseInt(_ bytes: UnsafeBufferPointer<UInt8>) -> Int? {

@@ -7,6 +7,21 @@
 ///
 /// Every block is bounded by `maxHeaderListSize`, counted as RFC 9113 §6.5.2 counts it (name + value + 32 per
 /// field, over the uncompressed list): nghttp2 only advertises SETTINGS_MAX_HEADER_LIST_SIZE, it does not enforce it.
+///
+/// It also holds the blocks to HTTP/2's rules for a response (RFC 9113 §8.1.1, 8.2, 8.3.2), which the client's
+/// nghttp2 session does not check (`nghttp2_option_set_no_http_messaging`: it cost about 700 instructions a call,
+/// and most of it went on fields this type parses anyway). A block that breaks one sets `malformation`; the owner
+/// resets the stream (PROTOCOL_ERROR) and ends the call INTERNAL with it. The rules, as nghttp2 applied them:
+/// - pseudo-headers: only `:status`, once, three digits and not 101, in the response headers (not trailers),
+///   before any regular field; the response headers must have one;
+/// - regular fields: a value has no NUL, CR, LF or other control but HTAB, and no space or HTAB at either end; a
+///   name with an upper-case letter is malformed, any other name that is not a token is ignored; the
+///   connection-specific fields (`connection`, `keep-alive`, `proxy-connection`, `transfer-encoding`, `upgrade`)
+///   and a `te` other than `trailers` are malformed;
+/// - blocks: a 1xx response must not end the stream, and trailers must (a block after the response headers that
+///   does not end the stream is malformed).
+/// `content-length` is passed on as metadata and not checked against the DATA: gRPC frames its messages itself.
+/// DATA before the response headers is the owner's to refuse (`receivedResponseHeaders`).
 package struct ResponseHead: Sendable {
     /// How a header block ended.
     package enum Block: Equatable, Sendable {
@@ -18,6 +33,8 @@ package struct ResponseHead: Sendable {
         case trailers
         /// A trailers-only response: one block with the status and END_STREAM.
         case trailersOnly
+        /// The block breaks HTTP/2's rules (`malformation` says how).
+        case malformed
     }
 
     package let maxHeaderListSize: Int
@@ -39,7 +56,12 @@ package struct ResponseHead: Sendable {
     package private(set) var trailingMetadata = CallMetadata()
     /// Size of the block being read, in RFC 9113 §6.5.2 terms.
     package private(set) var blockSize = 0
+    /// Why the response is malformed, once it is: see the type's rules.
+    package private(set) var malformation: String?
     private var inTrailers = false
+    /// The block being read has had its `:status`, or a regular field (after which no pseudo-header may come).
+    private var blockHasStatus = false
+    private var blockHasRegularField = false
 
     package init(maxHeaderListSize: Int) {
         self.maxHeaderListSize = maxHeaderListSize
@@ -48,25 +70,68 @@ package struct ResponseHead: Sendable {
     /// True once the server sent response headers of its own (not trailers-only): gRFC A6 commits the call then.
     package var committed: Bool { self.completeBlocks > 0 && !self.trailersOnly }
 
+    /// The final response headers have arrived (1xx blocks do not count): DATA may follow.
+    package var receivedResponseHeaders: Bool { self.completeBlocks > 0 }
+
     /// A header block begins.
     package mutating func beginBlock() {
         self.inTrailers = self.completeBlocks > 0
         self.blockSize = 0
+        self.blockHasStatus = false
+        self.blockHasRegularField = false
+    }
+
+    /// Records why the response is malformed; returns false, for `header` to refuse the block.
+    private mutating func malformed(_ reason: String) -> Bool {
+        self.malformation = self.malformation ?? reason
+        return false
+    }
+
+    private static func text(_ bytes: UnsafeBufferPointer<UInt8>) -> String {
+        String(decoding: bytes.prefix(64), as: UTF8.self).debugDescription
     }
 
     /// One header field of the current block.
-    /// - Returns: false when the block has grown past `maxHeaderListSize`; the stream must be reset and the call
-    ///   ends with `headerListTooLarge`.
+    /// - Returns: false to refuse the block: it has grown past `maxHeaderListSize` (the stream must be reset and the
+    ///   call ends with `headerListTooLarge`), or the field is malformed (`malformation` is set).
     package mutating func header(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
         self.blockSize += name.count + value.count + 32
         if self.blockSize > self.maxHeaderListSize { return false }
-        if name.first == UInt8(ascii: ":") {
-            if HeaderName.equals(name, HeaderName.status) { self.httpStatus = HeaderName.parseInt(value) ?? 0 }
+        guard let first = name.first else { return self.malformed("a header field with an empty name") }
+        if first == UInt8(ascii: ":") {
+            guard !self.inTrailers else { return self.malformed("pseudo-header \(Self.text(name)) in trailers") }
+            guard HeaderName.equals(name, HeaderName.status) else {
+                return self.malformed("pseudo-header \(Self.text(name)) in a response")
+            }
+            guard !self.blockHasRegularField else { return self.malformed(":status after a regular field") }
+            guard !self.blockHasStatus else { return self.malformed("two :status fields") }
+            guard value.count == 3, let code = HeaderName.parseInt(value), code >= 100, code != 101 else {
+                return self.malformed(":status \(Self.text(value))")
+            }
+            self.blockHasStatus = true
+            self.httpStatus = code
             return true
         }
+        self.blockHasRegularField = true
+        // The usual fields first, by exact name: their names are valid by construction, and a value that parses
+        // (digits) or matches (`application/grpc`) needs no check of its bytes.
         if HeaderName.equals(name, HeaderName.grpcStatus) {
-            self.grpcStatus = HeaderName.parseInt(value) ?? StatusCode.unknown.rawValue
+            if let code = HeaderName.parseInt(value) {
+                self.grpcStatus = code
+                return true
+            }
+            guard HeaderName.isValidValue(value) else { return self.malformed("grpc-status \(Self.text(value))") }
+            self.grpcStatus = StatusCode.unknown.rawValue
             return true
+        }
+        if !self.inTrailers && HeaderName.equals(name, HeaderName.contentType)
+            && HeaderName.equals(value, HeaderName.applicationGRPC)
+        {
+            self.grpcContentType = true
+            return true
+        }
+        guard HeaderName.isValidValue(value) else {
+            return self.malformed("the value of \(Self.text(name)) (\(Self.text(value)))")
         }
         if HeaderName.equals(name, HeaderName.grpcMessage) {
             self.grpcMessage = PercentEncoding.decode(value)
@@ -79,11 +144,7 @@ package struct ResponseHead: Sendable {
         }
         if !self.inTrailers {
             if HeaderName.equals(name, HeaderName.contentType) {
-                if HeaderName.equals(value, HeaderName.applicationGRPC) {
-                    self.grpcContentType = true
-                } else {
-                    self.contentType = String(decoding: value, as: UTF8.self)
-                }
+                self.contentType = String(decoding: value, as: UTF8.self)
                 return true
             }
             if HeaderName.equals(name, HeaderName.grpcEncoding) {
@@ -92,7 +153,23 @@ package struct ResponseHead: Sendable {
                 return true
             }
         }
+        guard HeaderName.isValidName(name) else {
+            // Upper case is malformed in HTTP/2; any other stray byte makes the field ignored (nghttp2's leniency
+            // with the web's odd headers).
+            if name.contains(where: { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") }) {
+                return self.malformed("header name \(Self.text(name)) has upper-case letters")
+            }
+            return true
+        }
         let nameText = String(decoding: name, as: UTF8.self)
+        switch nameText {
+        case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+            return self.malformed("connection-specific header \(nameText.debugDescription)")
+        case "te" where !HeaderName.equals(value, "trailers"):
+            return self.malformed("te \(Self.text(value))")
+        default:
+            break
+        }
         if nameText.hasSuffix("-bin") {
             // Repeated values may arrive joined with "," (PROTOCOL-HTTP2.md): each piece is its own base64 value,
             // padded or not, so each is decoded alone. A piece that is not base64 is dropped.
@@ -117,11 +194,25 @@ package struct ResponseHead: Sendable {
 
     /// The current header block is complete; `endStream` when it also ends the stream.
     package mutating func endBlock(endStream: Bool) -> Block {
-        if (100..<200).contains(self.httpStatus) && self.completeBlocks == 0 && !endStream {
-            // Informational (1xx): skip it and read the next block (PROTOCOL-HTTP2.md).
-            self.httpStatus = 0
-            self.initialMetadata = CallMetadata()
-            return .informational
+        if self.malformation != nil { return .malformed }
+        if self.completeBlocks == 0 {
+            guard self.blockHasStatus else {
+                _ = self.malformed("response headers without :status")
+                return .malformed
+            }
+            if (100..<200).contains(self.httpStatus) {
+                guard !endStream else {
+                    _ = self.malformed("an informational (\(self.httpStatus)) response that ends the stream")
+                    return .malformed
+                }
+                // Informational (1xx): skip it and read the next block (PROTOCOL-HTTP2.md).
+                self.httpStatus = 0
+                self.initialMetadata = CallMetadata()
+                return .informational
+            }
+        } else if !endStream {
+            _ = self.malformed("trailers without END_STREAM")
+            return .malformed
         }
         self.completeBlocks += 1
         if self.completeBlocks == 1 && endStream {

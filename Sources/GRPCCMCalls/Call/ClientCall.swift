@@ -707,14 +707,37 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
 
     package func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
         if self.head.header(name: name, value: value) { return true }
+        if let reason = self.head.malformation {
+            // Reset here (PROTOCOL_ERROR, RFC 9113 §8.1.1): the rest of the block then reaches nobody.
+            self.endMalformed(reason)
+            return true
+        }
         self.localFailure = CallStatus(
             code: .resourceExhausted,
             message: "response header block exceeds maxHeaderListSize (\(self.head.maxHeaderListSize) bytes)")
         return false
     }
 
+    /// The response broke HTTP/2's rules: the stream is reset with PROTOCOL_ERROR and the attempt ends INTERNAL.
+    private func endMalformed(_ reason: String) {
+        self.failAttempt(
+            CallStatus(code: .internal, message: "malformed response from the server: \(reason)"),
+            resetWith: NGHTTP2_PROTOCOL_ERROR.rawValue)
+    }
+
+    /// Ends the attempt from inside nghttp2's processing with `status`, resetting its stream with `errorCode`.
+    private func failAttempt(_ status: CallStatus, resetWith errorCode: UInt32) {
+        guard let stream = self.stream else { return }
+        self.localFailure = status
+        self.stream = nil
+        stream.reset(errorCode: errorCode)
+        self.attemptEnded(UnaryResponse(status: status, initialMetadata: self.head.initialMetadata), unprocessed: false)
+    }
+
     package func streamHeadersEnded(endStream: Bool) {
         switch self.head.endBlock(endStream: endStream) {
+        case .malformed:
+            self.endMalformed(self.head.malformation ?? "")
         case .informational:
             return
         case .headers:
@@ -746,6 +769,11 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
 
     package func streamData(_ bytes: UnsafeRawBufferPointer) {
         guard self.localFailure == nil, let stream = self.stream else { return }
+        guard self.head.receivedResponseHeaders else {
+            // After a 1xx only, or nothing: nghttp2 (without its HTTP checks) lets such DATA through.
+            self.endMalformed("DATA before the response headers")
+            return
+        }
         var failure: CallStatus? = nil
         do throws(MessageDeframer.Failure) {
             try self.deframer.process(bytes) { received, compressed in
@@ -779,10 +807,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
             failure = self.status(for: error)
         }
         if let status = failure {
-            self.localFailure = status
-            self.stream = nil
-            stream.reset(errorCode: NGHTTP2_CANCEL.rawValue)
-            self.attemptEnded(UnaryResponse(status: status, initialMetadata: self.head.initialMetadata), unprocessed: false)
+            self.failAttempt(status, resetWith: NGHTTP2_CANCEL.rawValue)
             return
         }
         // Flow control follows consumption: bytes go back to the server's window at once, except while an async

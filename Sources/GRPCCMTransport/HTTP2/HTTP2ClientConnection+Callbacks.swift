@@ -31,6 +31,8 @@ enum HTTP2ClientSessionFactory {
         nghttp2_option_set_max_send_header_block_length(option, 64 << 10)
         // Window updates follow consumption (the stream handler's, through its handle), not arrival.
         nghttp2_option_set_no_auto_window_update(option, 1)
+        // The response's HTTP rules are checked by the call's `ResponseHead`, as it reads the fields anyway.
+        nghttp2_option_set_no_http_messaging(option, 1)
 
         var session: OpaquePointer? = nil
         let rc = memory.makeSession { mem in

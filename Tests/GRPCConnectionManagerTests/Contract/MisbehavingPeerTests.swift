@@ -9,8 +9,9 @@ import Testing
 
 /// A server that answers every stream with a random but well-framed sequence: headers where they don't belong, DATA
 /// after trailers, huge header blocks, resets, window abuse, GOAWAY, silence. Every call still ends exactly once
-/// with a status, nothing crashes, and the channel keeps working for the next call.
-@Suite("A randomly misbehaving HTTP/2 peer", .serialized)
+/// with a status, nothing crashes, and the channel keeps working for the next call. Then one answer at a time that
+/// breaks one of HTTP/2's rules for responses, each with the error it must give.
+@Suite("Misbehaving HTTP/2 peers", .serialized)
 struct MisbehavingPeerTests {
     @Test("every call ends once with a status, whatever the peer sends", arguments: [1, 2, 3, 4])
     func randomAnswers(_ seed: Int) async throws {
@@ -59,5 +60,46 @@ struct MisbehavingPeerTests {
         defer { server.close() }
         let sane = try GRPCChannel(target: server.address, eventLoop: loop)
         #expect(await sane.call([9], timeout: .seconds(2)).status == .ok)
+    }
+
+    @Test(
+        "a response that breaks HTTP/2's rules ends its call INTERNAL, once, saying what was wrong; the next call works",
+        arguments: [
+            ("upper-case-name", "upper-case"), ("crlf-value", "value of"), ("pseudo-in-trailers", "in trailers"),
+            ("no-status", "without :status"), ("connection-header", "connection-specific"),
+            ("data-after-informational", "DATA before the response headers"),
+            ("trailers-without-end-stream", "END_STREAM"),
+        ])
+    func malformedResponses(_ scriptCase: String, _ reason: String) async throws {
+        let peer = try ScriptedPeer("malformed", [scriptCase])
+        defer { peer.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: fixture.loop)
+        let ledger = CompletionLedger()
+        let response = await channel.call("/fuzz.Peer/Get", [1], timeout: .seconds(5), ledger: ledger, id: 1)
+        #expect(response.status.code == .internal, "\(response.status)")
+        #expect(response.status.message.contains("malformed response from the server"), "\(response.status)")
+        #expect(response.status.message.contains(reason), "\(response.status)")
+        let next = await channel.call("/fuzz.Peer/Get", [2], timeout: .seconds(5), ledger: ledger, id: 2)
+        #expect(next.status == .ok, "the connection goes on: \(next.status)")
+        #expect(next.message == [2])
+        // A second completion of the first call would have come from its reset, turns of the loop before the
+        // second call could end.
+        #expect(ledger.completed == 2 && ledger.duplicates == 0)
+    }
+
+    @Test("an informational (1xx) block before the response is skipped")
+    func informationalThenResponse() async throws {
+        let peer = try ScriptedPeer("malformed", ["informational-then-ok"])
+        defer { peer.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, eventLoop: fixture.loop)
+        let response = await channel.call("/fuzz.Peer/Get", [3], timeout: .seconds(5))
+        #expect(response.status == .ok, "\(response.status)")
+        #expect(response.message == [3])
     }
 }

@@ -246,6 +246,11 @@ class Connection:
             for sid in sorted(self.streams):
                 if sid <= last and "headers" in self.streams[sid]:
                     self.echo(sid)
+        elif MODE == "malformed":
+            if self.requests == 1:
+                self.malformed_answer(stream_id, ARGS[0])
+            else:
+                self.echo(stream_id)
         elif MODE == "random":
             self.random_answer(stream_id)
         elif MODE == "observe":
@@ -259,6 +264,37 @@ class Connection:
             self.echo(stream_id)
         else:
             self.echo(stream_id)
+
+    def malformed_answer(self, stream_id, case):
+        """A response that breaks one of HTTP/2's rules for responses (RFC 9113 section 8)."""
+        ok = [(":status", "200"), ("content-type", "application/grpc")]
+        message = grpc_frame(self.message(stream_id))
+        if case == "upper-case-name":
+            self.send_headers(stream_id, ok + [("X-Upper", "v")])
+        elif case == "crlf-value":
+            self.send_headers(stream_id, ok + [("x-bad", "a\r\nx-injected: 1")])
+        elif case == "pseudo-in-trailers":
+            self.send_headers(stream_id, ok)
+            self.send_data(stream_id, message)
+            self.send_headers(stream_id, [(":status", "200"), ("grpc-status", "0")], end_stream=True)
+            return
+        elif case == "no-status":
+            self.send_headers(stream_id, [("content-type", "application/grpc")])
+        elif case == "connection-header":
+            self.send_headers(stream_id, ok + [("connection", "keep-alive")])
+        elif case == "data-after-informational":
+            self.send_headers(stream_id, [(":status", "100")])
+        elif case == "trailers-without-end-stream":
+            self.send_headers(stream_id, ok)
+            self.send_data(stream_id, message)
+            self.send_headers(stream_id, [("grpc-status", "0")])
+            return
+        elif case == "informational-then-ok":
+            self.send_headers(stream_id, [(":status", "100")])
+            self.echo(stream_id)
+            return
+        self.send_data(stream_id, message)
+        self.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
 
     def random_answer(self, stream_id):
         rng = self.rng
