@@ -18,17 +18,24 @@ package enum GRPCTimeout {
     ]
 
     package static func encode(nanoseconds: Int64) -> String {
-        var bytes: [UInt8] = []
-        Self.encode(nanoseconds: nanoseconds, into: &bytes)
-        return String(decoding: bytes, as: UTF8.self)
+        var text: (UInt64, UInt64) = (0, 0)
+        return withUnsafeMutableBytes(of: &text) { raw in
+            let bytes = raw.bindMemory(to: UInt8.self)
+            return String(decoding: bytes[..<Self.encode(nanoseconds: nanoseconds, into: bytes)], as: UTF8.self)
+        }
     }
 
-    /// Appends the encoding of `nanoseconds` to `bytes`, without building a string.
-    package static func encode(nanoseconds: Int64, into bytes: inout [UInt8]) {
+    /// At most this many bytes: 8 digits and a unit.
+    package static let maxEncodedLength = 9
+
+    /// Writes the encoding of `nanoseconds` at the start of `buffer` (at least `maxEncodedLength` bytes), without
+    /// building a string or touching the heap. Returns its length.
+    package static func encode(nanoseconds: Int64, into buffer: UnsafeMutableBufferPointer<UInt8>) -> Int {
+        precondition(buffer.count >= Self.maxEncodedLength)
         guard nanoseconds > 0 else {
-            bytes.append(UInt8(ascii: "0"))
-            bytes.append(UInt8(ascii: "n"))
-            return
+            buffer[0] = UInt8(ascii: "0")
+            buffer[1] = UInt8(ascii: "n")
+            return 2
         }
         let rounded = Self.roundedUp(UInt64(nanoseconds))
         // The coarsest unit that holds the rounded value exactly; failing that (only beyond 8 digits of hours or
@@ -48,8 +55,18 @@ package enum GRPCTimeout {
             }
         }
         let (value, letter) = chosen ?? (Self.maxValue, UInt8(ascii: "H"))
-        Self.appendDecimal(value, to: &bytes)
-        bytes.append(letter)
+        var divisor: UInt64 = 1
+        while value / divisor >= 10 { divisor *= 10 }
+        var rest = value
+        var length = 0
+        while divisor > 0 {
+            buffer[length] = UInt8(ascii: "0") + UInt8(rest / divisor)
+            length += 1
+            rest %= divisor
+            divisor /= 10
+        }
+        buffer[length] = letter
+        return length + 1
     }
 
     /// `value` rounded up to three significant digits.
@@ -58,17 +75,6 @@ package enum GRPCTimeout {
         while value / scale >= 1_000 { scale *= 10 }
         let (quotient, remainder) = value.quotientAndRemainder(dividingBy: scale)
         return (quotient + (remainder == 0 ? 0 : 1)) * scale
-    }
-
-    private static func appendDecimal(_ value: UInt64, to bytes: inout [UInt8]) {
-        var divisor: UInt64 = 1
-        while value / divisor >= 10 { divisor *= 10 }
-        var rest = value
-        while divisor > 0 {
-            bytes.append(UInt8(ascii: "0") + UInt8(rest / divisor))
-            rest %= divisor
-            divisor /= 10
-        }
     }
 
     /// Returns nil for anything but 1...8 digits and a known unit.

@@ -38,9 +38,9 @@ struct GRPCTimeoutTests {
         for elapsed: Int64 in stride(from: 0, to: 100_000_000, by: 999_983) {
             #expect(GRPCTimeout.encode(nanoseconds: 30_000_000_000 - elapsed) == "30S")
         }
-        var bytes: [UInt8] = Array("x".utf8)
-        GRPCTimeout.encode(nanoseconds: 250_000_000, into: &bytes)
-        #expect(bytes == Array("x250m".utf8))
+        var bytes = [UInt8](repeating: 0, count: GRPCTimeout.maxEncodedLength)
+        let length = bytes.withUnsafeMutableBufferPointer { GRPCTimeout.encode(nanoseconds: 250_000_000, into: $0) }
+        #expect(Array(bytes[..<length]) == Array("250m".utf8))
     }
 
     @Test(arguments: ["", "1", "S", "123456789S", "12x", "-1S", "1.5S"])
