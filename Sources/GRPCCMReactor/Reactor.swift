@@ -380,7 +380,7 @@ package final class Reactor: @unchecked Sendable {
         swap(&self.deferred, &self.deferredRunning)
         // What these queue goes to `deferred`: the next turn.
         for handler in self.deferredRunning { handler.reactorRunDeferred() }
-        self.deferredRunning.removeAll(keepingCapacity: true)
+        Self.empty(&self.deferredRunning)
     }
 
     // MARK: fds (reactor thread only)
@@ -488,7 +488,19 @@ package final class Reactor: @unchecked Sendable {
         while !self.flushList.isEmpty {
             swap(&self.flushList, &self.flushing)
             for handler in self.flushing { handler.reactorFlush() }
-            self.flushing.removeAll(keepingCapacity: true)
+            Self.empty(&self.flushing)
+        }
+    }
+
+    /// Empties a turn's list of handlers and keeps its capacity. `removeAll(keepingCapacity:)` goes through the
+    /// generic `replaceSubrange` and the array's destroy, about 150 instructions; a turn with one call in flight has
+    /// one handler in each list, and `removeLast` releases it for about 30.
+    @inline(__always)
+    private static func empty(_ list: inout [ReactorHandler]) {
+        if list.count == 1 {
+            list.removeLast()
+        } else {
+            list.removeAll(keepingCapacity: true)
         }
     }
 }
