@@ -95,11 +95,11 @@ public struct CallMetadata: Sendable, Hashable, Sequence, CustomStringConvertibl
     // MARK: validation
 
     /// Headers that HTTP/2 or gRPC own; a caller may not set them as metadata.
-    package static let reservedNames: Set<String> = [
-        "te", "content-type", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host",
-        "grpc-timeout", "grpc-status", "grpc-message", "grpc-encoding", "grpc-accept-encoding",
-        "grpc-status-details-bin", "grpc-previous-rpc-attempts", "grpc-retry-pushback-ms",
-    ]
+    package static let reservedNames: Set<String> = Set(
+        [
+            "te", "content-type", "host", "grpc-timeout", "grpc-status", "grpc-message", "grpc-encoding",
+            "grpc-accept-encoding", "grpc-status-details-bin", "grpc-previous-rpc-attempts", "grpc-retry-pushback-ms",
+        ] + HeaderName.connectionSpecific.map(\.description))
 
     /// Checks every name and value; the error says which entry is wrong and why.
     public func validate() throws(MetadataError) {

@@ -21,6 +21,16 @@ package enum HeaderName {
         return memcmp(bytes.baseAddress!, name.utf8Start, bytes.count) == 0
     }
 
+    /// HTTP/1.1's connection-specific fields, which HTTP/2 forbids (RFC 9113 §8.2.2): never sent as metadata, and
+    /// a response that carries one is malformed.
+    package static let connectionSpecific: [StaticString] = [
+        "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+    ]
+
+    package static func isConnectionSpecific(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        Self.connectionSpecific.contains { Self.equals(bytes, $0) }
+    }
+
     /// RFC 9113 §8.2.1 / RFC 9110 §5.6.2: a field name is a token, and HTTP/2 sends it in lower case. Bit `b` of
     /// word `b >> 6` is set for each byte allowed.
     private static let nameBytes: (UInt64, UInt64, UInt64, UInt64) = {

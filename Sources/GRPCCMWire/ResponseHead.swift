@@ -161,15 +161,13 @@ package struct ResponseHead: Sendable {
             }
             return true
         }
-        let nameText = String(decoding: name, as: UTF8.self)
-        switch nameText {
-        case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
-            return self.malformed("connection-specific header \(nameText.debugDescription)")
-        case "te" where !HeaderName.equals(value, "trailers"):
-            return self.malformed("te \(Self.text(value))")
-        default:
-            break
+        if HeaderName.isConnectionSpecific(name) {
+            return self.malformed("connection-specific header \(Self.text(name))")
         }
+        if HeaderName.equals(name, "te") && !HeaderName.equals(value, "trailers") {
+            return self.malformed("te \(Self.text(value))")
+        }
+        let nameText = String(decoding: name, as: UTF8.self)
         if nameText.hasSuffix("-bin") {
             // Repeated values may arrive joined with "," (PROTOCOL-HTTP2.md): each piece is its own base64 value,
             // padded or not, so each is decoded alone. A piece that is not base64 is dropped.

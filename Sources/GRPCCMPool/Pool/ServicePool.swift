@@ -224,31 +224,28 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     /// Opens a stream for `call` on the best connection that can take one. False when none can now.
     private func open(_ call: ClientCall) -> Bool {
-        if self.subchannels.count == 1 {
-            // One connection (the usual case): no pick to make, and no closure reading every candidate's load.
-            let only = self.subchannels[0]
-            guard only.availableStreams > 0 else { return false }
-            switch only.open(call) {
-            case .done, .notWaiting: return true
-            case .tryElsewhere: return false
-            }
-        }
         var refused = 0  // subchannels that said "try elsewhere" during this pick, as a bit set (first 64)
         for _ in 0..<max(self.subchannels.count, 1) {
             let subchannels = self.subchannels
-            guard
-                let index = self.picker.pick(count: subchannels.count, { index in
-                    let subchannel = subchannels[index]
-                    let usable = subchannel.availableStreams > 0 && (index >= 64 || refused & (1 << index) == 0)
-                    return (usable, subchannel.load)
-                })
-            else { return false }
+            guard let index = self.pick(among: subchannels, refused: refused) else { return false }
             switch subchannels[index].open(call) {
             case .done, .notWaiting: return true
             case .tryElsewhere: if index < 64 { refused |= 1 << index } else { return false }
             }
         }
         return false
+    }
+
+    /// The subchannel to try next, skipping those in `refused`. A pool of one connection (the usual case) needs no
+    /// pick: the picker's closure would read the connection's load for nothing (two retain/release pairs a call).
+    @inline(__always)
+    private func pick(among subchannels: [Subchannel], refused: Int) -> Int? {
+        if subchannels.count == 1 { return refused == 0 && subchannels[0].availableStreams > 0 ? 0 : nil }
+        return self.picker.pick(count: subchannels.count) { index in
+            let subchannel = subchannels[index]
+            let usable = subchannel.availableStreams > 0 && (index >= 64 || refused & (1 << index) == 0)
+            return (usable, subchannel.load)
+        }
     }
 
     private var allInTransientFailure: Bool {
