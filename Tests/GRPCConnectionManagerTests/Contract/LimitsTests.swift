@@ -158,7 +158,7 @@ struct LimitsTests {
             }
         }
         #expect(await eventually(timeout: 20) { held() >= SocketOutput.cap })
-        #expect(peer.events.contains("stalled"))
+        #expect(await eventually { peer.events.contains("stalled") })
         // The cap of unwritten bytes, one frame past it, and up to 64 KiB already written that the buffer drops at
         // its next compaction.
         let limit = SocketOutput.cap + 16384 + 9 + (64 << 10)

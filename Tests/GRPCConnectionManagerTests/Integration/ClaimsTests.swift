@@ -113,6 +113,8 @@ struct ClaimsTests {
         defer { fixture.shutdown() }
         let channel = try GRPCChannel(target: peer.target, eventLoop: fixture.loop)
         #expect(await channel.call([7], timeout: .seconds(5)).status == .ok)
+        // The peer reports from its own thread: its line may reach us after the call has ended.
+        #expect(await eventually { peer.events.contains { $0.hasPrefix("settings ") } })
         let settings = try #require(peer.events.first { $0.hasPrefix("settings ") })
         #expect(settings.split(separator: " ").contains("9=1"), "\(settings)")
         #expect(settings.split(separator: " ").contains("2=0"), "push stays off: \(settings)")
