@@ -22,10 +22,10 @@ package struct MessageDeframer: Sendable {
     package var compressionAllowed = false
 
     private var prefix: UInt64 = 0
-    @usableFromInline var prefixCount = 0
+    private var prefixCount = 0
     private var message: [UInt8] = []
     private var remaining = 0
-    @usableFromInline var inMessage = false
+    private var inMessage = false
     private var compressedFlag = false
 
     package init(maxMessageSize: Int) {
@@ -33,9 +33,12 @@ package struct MessageDeframer: Sendable {
     }
 
     /// True when bytes of an unfinished message are buffered (a stream ending now is truncated).
-    /// Inlinable: a call reading it through another module's getter copied the whole deframer first.
-    @inlinable
-    package var hasPartialMessage: Bool { self.prefixCount > 0 || self.inMessage }
+    ///
+    /// Stored, and set as `process` returns, rather than computed: an owner holds its deframer in a class's stored
+    /// property, and a getter called from another module was handed a copy of the whole deframer (its buffer retained
+    /// and released around the call); a stored field is read in place. (`@inlinable` did not help: the getter was
+    /// not inlined across the package's modules.)
+    package private(set) var hasPartialMessage = false
 
     /// Bytes buffered for the unfinished message, and the storage reserved for them (tests of the growth rule).
     package var bufferedBytes: Int { self.message.count }
@@ -45,6 +48,7 @@ package struct MessageDeframer: Sendable {
     package mutating func process(
         _ bytes: UnsafeRawBufferPointer, _ onMessage: (_ message: [UInt8], _ compressed: Bool) -> Void
     ) throws(Failure) {
+        defer { self.hasPartialMessage = self.prefixCount > 0 || self.inMessage }
         var index = 0
         let count = bytes.count
         while index < count {

@@ -67,11 +67,13 @@ package struct ResponseHead: Sendable {
         self.maxHeaderListSize = maxHeaderListSize
     }
 
-    /// True once the server sent response headers of its own (not trailers-only): gRFC A6 commits the call then.
-    package var committed: Bool { self.completeBlocks > 0 && !self.trailersOnly }
-
     /// The final response headers have arrived (1xx blocks do not count): DATA may follow.
-    package var receivedResponseHeaders: Bool { self.completeBlocks > 0 }
+    ///
+    /// A `mutating get` though it changes nothing, for the reason `status(errorCode:)` gives: read through a plain
+    /// getter, a call's head was copied whole for each DATA frame (about 320 instructions).
+    package var receivedResponseHeaders: Bool {
+        mutating get { self.completeBlocks > 0 }
+    }
 
     /// A header block begins.
     package mutating func beginBlock() {
