@@ -102,7 +102,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.keepAliveTime = keepAliveTime ?? settings.keepAliveTime
         self.tlsContext = tls
         self.tlsServerName = tlsServerName
-        self.headerPrefix = RequestHeaderPrefix(
+        self.headerPrefix = reactor.shared { RequestHeaderPrefixCache() }.prefix(
             authority: authority, scheme: tls == nil ? "http" : "https", userAgent: settings.userAgent,
             acceptEncoding: settings.acceptEncoding)
         self.scratch = reactor.shared { HeaderScratchBox() }

@@ -2,9 +2,10 @@ import CNghttp2
 import GRPCCMWire
 
 /// The request headers every call of a connection shares (`:method`, `:scheme`, `:authority`, `te`,
-/// `content-type`, `user-agent`, `grpc-accept-encoding`), encoded once per connection.
+/// `content-type`, `user-agent`, `grpc-accept-encoding`), encoded once and shared by the loop's connections that send
+/// the same ones (`RequestHeaderPrefixCache`).
 ///
-/// Their bytes live, unmoved, as long as the connection: nghttp2 is told not to copy them
+/// Their bytes live, unmoved, as long as a connection holds them: nghttp2 is told not to copy them
 /// (`NGHTTP2_NV_FLAG_NO_COPY_NAME | NO_COPY_VALUE`), which saves a copy and a lower-casing pass over some 120 bytes
 /// for every call. nghttp2 reads them until the HEADERS frame is serialized, always within the life of the session,
 /// which the connection owns and ends before this is freed.
@@ -47,6 +48,43 @@ package final class RequestHeaderPrefix: @unchecked Sendable {
     deinit {
         self.storage.deallocate()
     }
+}
+
+/// The loop's `RequestHeaderPrefix`es (`Reactor.shared`), one per distinct set of fixed fields: connections of a
+/// loop to the same authority, with the same settings, share one rather than hold about half a kilobyte each (its
+/// field array and bytes), which is most of what they would repeat. Held weakly, so a prefix lives as long as the
+/// connections that use it; dead entries are swept when the table has doubled since the last sweep.
+/// Reactor thread only (connections are made there).
+final class RequestHeaderPrefixCache {
+    private struct Key: Hashable {
+        let authority: String
+        let scheme: String
+        let userAgent: String
+        let acceptEncoding: String?
+    }
+
+    private struct Entry {
+        weak var prefix: RequestHeaderPrefix?
+    }
+
+    private var entries: [Key: Entry] = [:]
+    private var sweepAt = 8
+
+    func prefix(authority: String, scheme: String, userAgent: String, acceptEncoding: String?) -> RequestHeaderPrefix {
+        let key = Key(authority: authority, scheme: scheme, userAgent: userAgent, acceptEncoding: acceptEncoding)
+        if let prefix = self.entries[key]?.prefix { return prefix }
+        if self.entries.count >= self.sweepAt {
+            self.entries = self.entries.filter { $0.value.prefix != nil }
+            self.sweepAt = max(8, self.entries.count * 2)
+        }
+        let made = RequestHeaderPrefix(
+            authority: authority, scheme: scheme, userAgent: userAgent, acceptEncoding: acceptEncoding)
+        self.entries[key] = Entry(prefix: made)
+        return made
+    }
+
+    /// Entries, dead ones included (tests).
+    var count: Int { self.entries.count }
 }
 
 /// Request headers, built in one reused byte buffer so that a call costs no allocation for its header block.
