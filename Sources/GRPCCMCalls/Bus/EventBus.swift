@@ -214,6 +214,13 @@ private final class BusDispatcher: ReactorHandler, @unchecked Sendable {
                 subscription.handler(event)
             }
         }
-        self.dispatching.removeAll(keepingCapacity: true)
+        if self.callEventSubscribers == 0 {
+            // Only connection events: they come in bursts when connections change state, seconds apart or more. The
+            // storage is not kept between them (about half a kilobyte a channel, most of an idle channel's bus).
+            self.dispatching = []
+        } else {
+            // Per-call events: kept, so that publishing allocates nothing per call.
+            self.dispatching.removeAll(keepingCapacity: true)
+        }
     }
 }
