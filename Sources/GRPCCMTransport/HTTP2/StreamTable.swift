@@ -61,7 +61,7 @@ struct StreamTable {
 
     mutating func insert(_ handler: any HTTP2StreamHandler, for id: Int32, unreported: Int32 = 0) {
         precondition(id > 0, "stream ids are positive")
-        if (self.count + 1) * 2 > self.entries.count { self.resize(to: max(8, self.entries.count * 2)) }
+        if (self.count + 1) * 2 > self.entries.count { self.resize(to: max(2, self.entries.count * 2)) }
         var slot = self.home(id)
         while self.entries[slot].id != 0 && self.entries[slot].id != id { slot = self.next(slot) }
         if self.entries[slot].id == 0 {
