@@ -18,9 +18,6 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
     private let bus: LocalEventBus
     @exclusivity(unchecked)
     private var breakers = HotKeyTable<Key, CircuitBreakerStateMachine>()
-    /// The breakers' clock (monotonic ns); tests of the handler inject their own.
-    @exclusivity(unchecked)
-    package var clock: @Sendable () -> UInt64 = { Reactor.clock() }
 
     package init(configuration: CircuitBreakerConfiguration, bus: LocalEventBus) {
         self.configuration = configuration
@@ -32,7 +29,7 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         let slot = self.breakers.slot(for: Key(service: service, path: path)) {
             CircuitBreakerStateMachine(configuration: self.configuration)
         }
-        let decision = self.breakers[slot].acquire(now: self.clock())
+        let decision = self.breakers[slot].acquire(now: Reactor.clock())
         if let (from, to) = decision.changed {
             self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
         }
@@ -52,7 +49,7 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         // One mutating access: a non-mutating method on the table's element would read it out first, a copy of the
         // whole machine (configuration and window included).
         let change = self.breakers[slot].callEnded(
-            status.code, duration: duration, probe: permit.isProbe, epoch: permit.epoch, now: self.clock())
+            status.code, duration: duration, probe: permit.isProbe, epoch: permit.epoch, now: Reactor.clock())
         if let (from, to) = change {
             self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
         }

@@ -103,7 +103,14 @@ package struct CircuitBreakerStateMachine {
     package mutating func callEnded(
         _ code: StatusCode, duration: Duration, probe: Bool, epoch: UInt64, now: UInt64
     ) -> (from: State, to: State)? {
-        self.record(self.classify(code, duration: duration), probe: probe, epoch: epoch, now: now)
+        // The usual call, a success code with no slow-call threshold, is classified from two fields read in place:
+        // calling the non-mutating `classify` on `self` (inout here) made Swift copy the whole machine, 200 bytes,
+        // to hand it over.
+        let outcome: Outcome =
+            (0...16).contains(code.rawValue) && self.failureCodeBits & 1 << UInt32(code.rawValue) == 0
+                && self.configuration.slowCallDurationThreshold == nil
+            ? .success : self.classify(code, duration: duration)
+        return self.record(outcome, probe: probe, epoch: epoch, now: now)
     }
 
     /// A call admitted in the current state finished at `now`. Returns the transition it caused, if any.

@@ -85,6 +85,26 @@ struct CircuitBreakerStateMachineTests {
         #expect(machine.classify(.ok, duration: .milliseconds(499)) == .success)
     }
 
+    @Test("callEnded counts exactly what classify says, on its fast path for successes too")
+    func callEndedAgreesWithClassify() {
+        var codes = CircuitBreakerConfiguration()
+        codes.failureCodes = [.ok, .internal, StatusCode(rawValue: 42)]
+        var slow = CircuitBreakerConfiguration()
+        slow.slowCallDurationThreshold = .milliseconds(500)
+        for var configuration in [CircuitBreakerConfiguration(), codes, slow] {
+            configuration.failureThreshold = 1  // one failure opens: the state shows how the call was counted
+            for raw in -1...64 {
+                for duration in [Duration.zero, .milliseconds(501)] {
+                    var machine = CircuitBreakerStateMachine(configuration: configuration)
+                    let expected = machine.classify(StatusCode(rawValue: raw), duration: duration)
+                    _ = machine.callEnded(
+                        StatusCode(rawValue: raw), duration: duration, probe: false, epoch: machine.epoch, now: 1)
+                    #expect(machine.state == (expected == .failure ? .open : .closed), "code \(raw), \(duration)")
+                }
+            }
+        }
+    }
+
     @Test("failure rate over a count window opens once the minimum number of calls is in")
     func failureRateCountWindow() {
         var configuration = CircuitBreakerConfiguration()
