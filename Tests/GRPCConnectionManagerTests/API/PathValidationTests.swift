@@ -21,6 +21,18 @@ struct PathValidationTests {
                 #expect(GRPCChannel.isValidPath(path) == Self.reference(Array(path.utf8)), "byte \(byte) at \(position)")
             }
         }
+        // Every length around the word size, a boundary byte at every position: the last bytes are checked as a
+        // word that overlaps the one before, so each position of the tail must count.
+        for length in 1...24 {
+            for position in 0..<length {
+                for byte: UInt8 in [0x00, 0x20, 0x21, 0x2F, 0x7E, 0x7F] {
+                    var bytes = [UInt8(ascii: "/")] + Array(repeating: UInt8(ascii: "a"), count: length - 1)
+                    bytes[position] = byte
+                    let path = String(decoding: bytes, as: UTF8.self)
+                    #expect(GRPCChannel.isValidPath(path) == Self.reference(bytes), "byte \(byte) at \(position) of \(length)")
+                }
+            }
+        }
         var generator = SystemRandomNumberGenerator()
         for _ in 0..<2_000 {
             let length = Int.random(in: 0...40, using: &generator)
