@@ -232,12 +232,15 @@ public final class GRPCChannel: Sendable {
                 deadline: deadline, encoding: encoding, previousAttempts: previousAttempts, observers: observers,
                 completion: completion)
         }
+        let requestSize = request?.count ?? 0
+        // The local copies of the metadata, request and observers move into the call: each would otherwise be
+        // retained for it and released here.
         let call = ClientCall(
-            environment: shard.environment, path: path, metadata: metadata, request: request, deadline: deadline,
-            maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
+            environment: shard.environment, path: path, metadata: consume metadata, request: consume request,
+            deadline: deadline, maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
             waitForReady: options.waitForReady, delivery: consume delivery, buffers: buffers, requestEncoding: encoding,
-            onWritable: onWritable, previousAttemptsElsewhere: previousAttempts, invalid: problem, observers: observers,
-            preparing: suspended != nil, completion: completion)
+            onWritable: onWritable, previousAttemptsElsewhere: previousAttempts, invalid: problem,
+            observers: consume observers, preparing: suspended != nil, completion: completion)
         if shard.reactor.inReactorThread {
             call.start()
         } else if !shard.reactor.submit(call) {
@@ -245,7 +248,6 @@ public final class GRPCChannel: Sendable {
             return CallHandle(call: call)
         }
         if let suspended {
-            let requestSize = request?.count ?? 0
             let maxMessageSize = self.configuration.maxMessageSize
             let interceptors = self.interceptors
             let reactor = shard.reactor
