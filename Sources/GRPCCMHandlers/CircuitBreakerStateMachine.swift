@@ -46,9 +46,7 @@ package struct CircuitBreakerStateMachine {
     package init(configuration: CircuitBreakerConfiguration) {
         self.configuration = configuration
         self.window = SlidingWindow(configuration.slidingWindow)
-        self.failureCodeBits = configuration.failureCodes.reduce(0) { bits, code in
-            (0...16).contains(code.rawValue) ? bits | 1 << UInt32(code.rawValue) : bits
-        }
+        self.failureCodeBits = configuration.failureCodes.reduce(0) { bits, code in bits | (Self.bit(of: code) ?? 0) }
     }
 
     /// What `acquire` decided. `changed` reports a transition that happened on the way (OPEN → HALF_OPEN).
@@ -91,8 +89,7 @@ package struct CircuitBreakerStateMachine {
     /// Classifies a finished call: a failure code, or slower than the slow-call threshold, is a failure.
     package func classify(_ code: StatusCode, duration: Duration) -> Outcome {
         let isFailureCode =
-            (0...16).contains(code.rawValue)
-            ? self.failureCodeBits & 1 << UInt32(code.rawValue) != 0 : self.configuration.failureCodes.contains(code)
+            Self.bit(of: code).map { self.failureCodeBits & $0 != 0 } ?? self.configuration.failureCodes.contains(code)
         if isFailureCode { return .failure }
         if let slow = self.configuration.slowCallDurationThreshold, duration > slow { return .failure }
         return .success
@@ -107,10 +104,20 @@ package struct CircuitBreakerStateMachine {
         // calling the non-mutating `classify` on `self` (inout here) made Swift copy the whole machine, 200 bytes,
         // to hand it over.
         let outcome: Outcome =
-            (0...16).contains(code.rawValue) && self.failureCodeBits & 1 << UInt32(code.rawValue) == 0
-                && self.configuration.slowCallDurationThreshold == nil
-            ? .success : self.classify(code, duration: duration)
+            if let bit = Self.bit(of: code), self.failureCodeBits & bit == 0,
+                self.configuration.slowCallDurationThreshold == nil
+            {
+                .success
+            } else {
+                self.classify(code, duration: duration)
+            }
         return self.record(outcome, probe: probe, epoch: epoch, now: now)
+    }
+
+    /// A gRPC code's bit in `failureCodeBits`; nil for a code outside 0...16 (those are looked up in the set).
+    @inline(__always)
+    private static func bit(of code: StatusCode) -> UInt32? {
+        (0...16).contains(code.rawValue) ? 1 << UInt32(code.rawValue) : nil
     }
 
     /// A call admitted in the current state finished at `now`. Returns the transition it caused, if any.
