@@ -14,7 +14,8 @@ package protocol CallRouter: AnyObject {
     func route(_ call: ClientCall)
     /// The call stopped waiting for a stream (it ended, or its attempt timed out, while queued).
     func withdraw(_ call: ClientCall)
-    /// Closing or closed: no attempt starts any more, none is retried.
+    /// Closing or closed: no attempt starts any more, none is retried. A stopping loop need not be included: the
+    /// call checks its reactor itself.
     var isClosing: Bool { get }
     /// Why new attempts fail while closing.
     var closingStatus: CallStatus { get }

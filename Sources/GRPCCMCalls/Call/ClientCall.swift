@@ -483,7 +483,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         }
         self.stream = nil
         let environment = self.environment
-        let transparent = unprocessed && !environment.router.isClosing
+        let transparent = unprocessed && !environment.router.isClosing && !self.reactor.isStopping
         var delay: Duration? = nil
         if !transparent {
             self.reportAttempt(response.status)

@@ -170,7 +170,12 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     // MARK: CallRouter
 
-    package var isClosing: Bool { self.closed || self.reactor.isStopping }
+    /// Closed by its owner. A stopping loop is not included: a call checks that on its own reactor, which it holds
+    /// strongly, where reading it through this pool's unowned reference costs a strong retain and a release.
+    package var isClosing: Bool { self.closed }
+
+    /// Closed, or the loop is going away: nothing new starts.
+    private var isClosingOrStopping: Bool { self.closed || self.reactor.isStopping }
 
     package func adopt(_ call: ClientCall) {
         if !self.hooked {
@@ -189,7 +194,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     }
 
     package func route(_ call: ClientCall) {
-        if self.isClosing {
+        if self.isClosingOrStopping {
             call.routeFailed(self.closed ? self.closingStatus : CallStatus(code: .unavailable, message: "the event loop is shutting down"))
             return
         }
@@ -347,7 +352,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// Asks the resolver (c-ares on this loop, or getaddrinfo on a helper thread); the answer comes back on the
     /// loop. Numeric addresses and Unix paths need none.
     private func resolve() {
-        guard !self.resolving, self.target.numericAddresses == nil, !self.isClosing else { return }
+        guard !self.resolving, self.target.numericAddresses == nil, !self.isClosingOrStopping else { return }
         if !self.watching {
             self.watching = true
             self.resolver.watch(self.target, on: self.reactor) { [weak self] in self?.resolveWhenAllowed() }
@@ -361,7 +366,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// The resolver says the answer changed: resolve now, or as soon as `minimumResolutionInterval` allows (a change
     /// is never dropped, only batched with those that follow it).
     private func resolveWhenAllowed() {
-        guard !self.isClosing else { return }
+        guard !self.isClosingOrStopping else { return }
         let minimum = UInt64(max(self.settings.minimumResolutionInterval.nanoseconds, 0))
         let since = Reactor.clock() &- self.lastResolution
         if since >= minimum && !self.resolving {
@@ -401,7 +406,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     private func resolved(_ result: Result<[NetworkAddress], CallStatus>) {
         self.resolving = false
-        guard !self.isClosing else { return }
+        guard !self.isClosingOrStopping else { return }
         var result = result
         if case .success(let addresses) = result, addresses.isEmpty {
             // No address is no way to connect: fail fast calls and retry later, as for a failed lookup.

@@ -65,6 +65,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     private var idleTrimTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
     private var lastReadAt: UInt64 = 0
+    /// See `HTTP2Transport.lastStreamActivity` (not stamped when a stream opens: one reactor read less a call).
     @exclusivity(unchecked)
     package private(set) var lastStreamActivity: UInt64 = 0
     /// Set when keepalive declared the peer dead.
@@ -252,7 +253,6 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         case .submitted(let streamID):
             self.streams.insert(handler, for: streamID)
             self.streamsOnWire += 1
-            self.lastStreamActivity = self.reactor.now
             self.socket?.scheduleFlush()
             if nghttp2_session_get_next_stream_id(session) > UInt32(Int32.max) - 2 {
                 // The last stream id of this connection is taken: drain it, as after a GOAWAY; a new one opens.

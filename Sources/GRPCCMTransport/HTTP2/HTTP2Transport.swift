@@ -14,7 +14,9 @@ package protocol HTTP2Transport: HTTP2StreamControl {
     var availableStreams: Int { get }
     /// Streams open now.
     var openStreamCount: Int { get }
-    /// When a stream last opened or closed (reactor clock, ns): the idle timer compares against it.
+    /// When the connection became ready or a stream last closed (reactor clock, ns): the idle timers measure from
+    /// it, once no stream is open (which the owner checks). Opening a stream does not stamp it: while the stream is
+    /// open the connection is busy anyway, and its close stamps it again.
     var lastStreamActivity: UInt64 { get }
     /// Opens a stream for `handler` with `head`, if this connection can take one.
     func openStream(_ head: RequestHead, handler: any HTTP2StreamHandler) -> OpenStreamResult
