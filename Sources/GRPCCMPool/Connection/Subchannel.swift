@@ -161,9 +161,12 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         }
     }
 
-    /// Opens a stream for `call` on the ready connection.
+    /// Opens a stream for `call` on the ready connection, if it has a stream to spare (else the call waits in the
+    /// pool's queue rather than in nghttp2's).
     package func open(_ call: ClientCall) -> ClientCall.OpenOutcome {
-        guard self.state == .ready, let transport = self.transport else { return .tryElsewhere }
+        guard self.state == .ready, let transport = self.transport, transport.availableStreams > 0 else {
+            return .tryElsewhere
+        }
         return call.open(on: transport)
     }
 

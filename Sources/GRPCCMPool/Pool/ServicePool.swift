@@ -242,10 +242,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     }
 
     /// The subchannel to try next, skipping those in `refused`. A pool of one connection (the usual case) needs no
-    /// pick: the picker's closure would read the connection's load for nothing (two retain/release pairs a call).
+    /// pick: the picker's closure would read the connection's load for nothing (two retain/release pairs a call),
+    /// and whether it has a stream to spare the subchannel checks as it opens (`Subchannel.open`).
     @inline(__always)
     private func pick(among subchannels: [Subchannel], refused: Int) -> Int? {
-        if subchannels.count == 1 { return refused == 0 && subchannels[0].availableStreams > 0 ? 0 : nil }
+        if subchannels.count == 1 { return refused == 0 ? 0 : nil }
         return self.picker.pick(count: subchannels.count) { index in
             let subchannel = subchannels[index]
             let usable = subchannel.availableStreams > 0 && (index >= 64 || refused & (1 << index) == 0)
