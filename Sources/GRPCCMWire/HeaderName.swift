@@ -72,10 +72,12 @@ package enum HeaderName {
     @inlinable
     package static func parseInt(_ bytes: UnsafeBufferPointer<UInt8>) -> Int? {
         guard !bytes.isEmpty, bytes.count <= 10 else { return nil }
+        // Ten digits cannot overflow an Int, so the arithmetic goes unchecked.
         var value = 0
         for byte in bytes {
-            guard byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9") else { return nil }
-            value = value * 10 + Int(byte - UInt8(ascii: "0"))
+            let digit = byte &- UInt8(ascii: "0")
+            guard digit < 10 else { return nil }
+            value = value &* 10 &+ Int(digit)
         }
         return value
     }

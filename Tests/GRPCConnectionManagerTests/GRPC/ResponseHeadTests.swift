@@ -97,4 +97,12 @@ struct ResponseHeadTests {
         #expect(value("") && value("a b") && value("a\tb") && value("é") && value("~"))
         #expect(!value(" a") && !value("a ") && !value("\ta") && !value("a\t") && !value("a\u{7F}") && !value("a\u{1}b"))
     }
+
+    @Test("numbers: one to ten decimal digits, nothing else", arguments: [
+        ("0", 0), ("200", 200), ("0042", 42), ("9999999999", 9_999_999_999),
+        ("", nil), ("12345678901", nil), ("-1", nil), ("+1", nil), ("1 ", nil), ("/", nil), (":", nil), ("1a", nil),
+    ] as [(String, Int?)])
+    func numbers(text: String, expected: Int?) {
+        #expect(Array(text.utf8).withUnsafeBufferPointer { HeaderName.parseInt($0) } == expected)
+    }
 }
