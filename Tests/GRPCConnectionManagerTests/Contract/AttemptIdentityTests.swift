@@ -29,15 +29,16 @@ struct AttemptIdentityTests {
         options.maxConcurrentStreams = 1
         let fixture = try LoopbackFixture(options: options)
         defer { fixture.shutdown() }
-        let channel = try fixture.channel(Self.retrying(perAttempt: .milliseconds(150)))
+        let channel = try fixture.channel(Self.retrying(perAttempt: .milliseconds(400)))
         let recorder = EventRecorder()
         channel.events.subscribe { recorder.record($0) }
         #expect(await channel.call([0], timeout: .seconds(2)).status == .ok)
-        // The only stream is taken for 300 ms: the next call's first attempt times out in the queue, its second
-        // waits there too and goes out when the stream frees.
+        // The only stream is taken for 600 ms from when the server has the blocker: the next call's first attempt
+        // times out in the queue (at 400 ms), its second waits there too and goes out when the stream frees (about
+        // 600 ms, 200 ms before its own timeout).
         async let blocker = channel.call(
-            "/echo.Echo/Block", [1], metadata: ["x-sleep-ms": "300", "x-request-key": "blocker"], timeout: .seconds(5))
-        try await Task.sleep(for: .milliseconds(30))
+            "/echo.Echo/Block", [1], metadata: ["x-sleep-ms": "600", "x-request-key": "blocker"], timeout: .seconds(5))
+        #expect(await eventually { fixture.server.requestCount(key: "blocker") == 1 })
         let response = await channel.call([2], metadata: ["x-request-key": "queued"], timeout: .seconds(5))
         #expect(response.status == .ok)
         #expect(await blocker.status == .ok)

@@ -56,8 +56,11 @@ struct LimitsTests {
         let channel = try fixture.channel(configuration)
         #expect(await channel.call([1], timeout: .seconds(2)).status == .ok)
         let statuses = PThreadLock<[Int: CallStatus]>([:])
+        // The first call holds the only stream for 2 s, long enough for the checks below on a slow machine; the
+        // queued ones then take 300 ms each.
         for id in 0..<4 {
-            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "300"], options: RequestOptions(timeout: .seconds(10))) {
+            let sleep = id == 0 ? "2000" : "300"
+            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": sleep], options: RequestOptions(timeout: .seconds(10))) {
                 response in statuses.withLock { $0[id] = response.status }
             }
         }
@@ -65,7 +68,7 @@ struct LimitsTests {
         let refused = await channel.call([9], timeout: .seconds(2))
         #expect(refused.status.code == .resourceExhausted)
         #expect(refused.status.message.contains("maxQueuedCalls 3"))
-        #expect(await eventually(timeout: 5) { statuses.withLock { $0.count } == 4 })
+        #expect(await eventually(timeout: 10) { statuses.withLock { $0.count } == 4 })
         #expect(statuses.withLock { $0.values.allSatisfy(\.isOK) }, "the queued calls ran one after another")
     }
 
