@@ -247,10 +247,10 @@ struct CallbackContractTests {
                 statuses.withLock { $0.append(response.status) }
             }
         }
-        #expect(await eventually(timeout: 2) { await manager.openCalls() == 5 })
+        #expect(await eventually { await manager.openCalls() == 5 })
         let started = now()
         await manager.close(gracePeriod: .milliseconds(200))
-        #expect(await eventually(timeout: 2) { ledger.completed == 5 })
+        #expect(await eventually { ledger.completed == 5 })
         #expect(now() - started < 3)
         #expect(ledger.duplicates == 0)
         #expect(statuses.withLock { $0 }.allSatisfy { $0 == CallStatus(code: .unavailable, message: "the manager closed") })

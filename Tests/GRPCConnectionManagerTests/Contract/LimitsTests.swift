@@ -64,7 +64,7 @@ struct LimitsTests {
                 response in statuses.withLock { $0[id] = response.status }
             }
         }
-        #expect(await eventually(timeout: 2) { channel.openCount == 4 && channel.queuedCount == 3 })
+        #expect(await eventually { channel.openCount == 4 && channel.queuedCount == 3 })
         let refused = await channel.call([9], timeout: .seconds(2))
         #expect(refused.status.code == .resourceExhausted)
         #expect(refused.status.message.contains("maxQueuedCalls 3"))

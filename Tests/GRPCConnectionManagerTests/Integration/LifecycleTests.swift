@@ -166,7 +166,7 @@ struct LifecycleTests {
         let channel = try fixture.channel(configuration)
         channel.events.subscribe { recorder.record($0) }
         #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
-        #expect(await eventually(timeout: 2) { recorder.transitions.contains("READY>IDLE") })
+        #expect(await eventually { recorder.transitions.contains("READY>IDLE") })
         #expect(await channel.call([2], timeout: .seconds(5)).status == .ok)
         #expect(recorder.story.filter { $0 == "start" }.count == 2)
         // The connection may idle again (after 200 ms) before this line runs on a slow machine: the first five.
@@ -224,7 +224,7 @@ struct LifecycleTests {
         channel.events.subscribe { recorder.record($0) }
         #expect(await channel.call([1], timeout: .seconds(2)).status.code == .unavailable)
         // The backoff ends with no call waiting: the connection rests in IDLE.
-        #expect(await eventually(timeout: 2) { recorder.transitions.last == "TRANSIENT_FAILURE>IDLE" })
+        #expect(await eventually { recorder.transitions.last == "TRANSIENT_FAILURE>IDLE" })
         let server = try EchoServer(port: port, eventLoop: loop)
         defer { server.close() }
         #expect(await channel.call([2], timeout: .seconds(2)).status == .ok)
@@ -391,7 +391,9 @@ struct ConnectionManagerTests {
         let channel = try GRPCChannel(target: "127.0.0.1:\(peer.port)", configuration: configuration, eventLoop: loop)
         let codes = await withTaskGroup(of: StatusCode.self) { group in
             for _ in 0..<4 {
-                group.addTask { await channel.call([1], timeout: .milliseconds(400)).status.code }
+                // Long enough that all four are queued (or refused) before the first deadline, however slow the
+                // tasks are to start.
+                group.addTask { await channel.call([1], timeout: .seconds(2)).status.code }
             }
             return await group.reduce(into: [StatusCode]()) { $0.append($1) }
         }
