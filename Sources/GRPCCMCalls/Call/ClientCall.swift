@@ -1,7 +1,7 @@
 import CNghttp2
 import GRPCCMCompression
 @_spi(Reactor) import GRPCCMReactor
-import GRPCCMTransport
+@_spi(Transport) import GRPCCMTransport
 import GRPCCMWire
 
 #if canImport(Glibc)
@@ -31,7 +31,7 @@ import Glibc
 /// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
 /// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
 /// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.
-package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked Sendable {
+package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// Where response messages go.
     package enum Delivery {
         /// Exactly one message, handed over with the status.
@@ -672,7 +672,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
 
     // MARK: HTTP2StreamHandler (inside nghttp2's processing: record, never call out)
 
-    package func streamReadRequest(
+    package override func streamReadRequest(
         into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool
     ) -> RequestBodyRead {
         if self.requestsStreamed {
@@ -690,7 +690,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         return .copied(written)
     }
 
-    package func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool {
+    package override func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool {
         if self.requestsStreamed {
             return self.buffers!.write(length: length, to: sink, messageBytes: &self.sentBytes)
         }
@@ -701,11 +701,11 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         return true
     }
 
-    package func streamBeginHeaders() {
+    package override func streamBeginHeaders() {
         self.head.beginBlock()
     }
 
-    package func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
+    package override func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
         if self.head.header(name: name, value: value) { return true }
         if let reason = self.head.malformation {
             // Reset here (PROTOCOL_ERROR, RFC 9113 §8.1.1): the rest of the block then reaches nobody.
@@ -734,7 +734,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         self.attemptEnded(UnaryResponse(status: status, initialMetadata: self.head.initialMetadata), unprocessed: false)
     }
 
-    package func streamHeadersEnded(endStream: Bool) {
+    package override func streamHeadersEnded(endStream: Bool) {
         switch self.head.endBlock(endStream: endStream) {
         case .malformed:
             self.endMalformed(self.head.malformation ?? "")
@@ -767,7 +767,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         }
     }
 
-    package func streamData(_ bytes: UnsafeRawBufferPointer) {
+    package override func streamData(_ bytes: UnsafeRawBufferPointer) {
         guard self.localFailure == nil, let stream = self.stream else { return }
         guard self.head.receivedResponseHeaders else {
             // After a 1xx only, or nothing: nghttp2 (without its HTTP checks) lets such DATA through.
@@ -847,7 +847,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         }
     }
 
-    package func streamClosed(errorCode: UInt32) {
+    package override func streamClosed(errorCode: UInt32) {
         guard self.stream != nil else { return }
         // REFUSED_STREAM before any response: the server provably never processed the request (gRFC A6).
         let unprocessed =
@@ -856,7 +856,7 @@ package final class ClientCall: ReactorHandler, HTTP2StreamHandler, @unchecked S
         self.attemptEnded(self.finalResponse(errorCode: errorCode), unprocessed: unprocessed)
     }
 
-    package func streamFailed(_ reason: CallStatus) {
+    package override func streamFailed(_ reason: CallStatus) {
         guard self.stream != nil else { return }
         self.attemptEnded(UnaryResponse(status: reason, initialMetadata: self.head.initialMetadata), unprocessed: false)
     }

@@ -1,4 +1,4 @@
-import GRPCCMTransport
+@_spi(Transport) import GRPCCMTransport
 import GRPCCMCompression
 @_spi(Reactor) import GRPCCMReactor
 import GRPCCMWire

@@ -5,7 +5,7 @@ import CNghttp2
 /// Every callback is a private top-level function (a C function pointer cannot capture context; see swift-notes
 /// "Gotchas" 1). `user_data` is the connection, passed unretained: its socket owns the session and deletes it, never
 /// while `mem_recv` runs, and keeps the connection alive for as long as `mem_recv` runs. Streams are found by id
-/// through the connection (`handler(for:)`), so a stream whose owner reset it reaches nobody.
+/// through the connection (`handler(for:)`, unretained), so a stream whose owner reset it reaches nobody.
 enum HTTP2ClientSessionFactory {
     struct Failure: Error, CustomStringConvertible {
         let code: Int32
@@ -77,7 +77,9 @@ private func clientOnBeginHeaders(
 ) -> Int32 {
     let header = frame!.pointee.hd
     if header.type == UInt8(NGHTTP2_HEADERS.rawValue) {
-        connection(userData)._withUnsafeGuaranteedRef { $0.handler(for: header.stream_id)?.streamBeginHeaders() }
+        connection(userData)._withUnsafeGuaranteedRef {
+            $0.handler(for: header.stream_id)?._withUnsafeGuaranteedRef { $0.streamBeginHeaders() }
+        }
     }
     return 0
 }
@@ -91,9 +93,11 @@ private func clientOnHeader(
     guard header.type == UInt8(NGHTTP2_HEADERS.rawValue) else { return 0 }
     let accepted = connection(userData)._withUnsafeGuaranteedRef { connection -> Bool in
         guard let handler = connection.handler(for: header.stream_id) else { return true }
-        return handler.streamHeader(
-            name: UnsafeBufferPointer(start: name, count: nameLength),
-            value: UnsafeBufferPointer(start: value, count: valueLength))
+        return handler._withUnsafeGuaranteedRef {
+            $0.streamHeader(
+                name: UnsafeBufferPointer(start: name, count: nameLength),
+                value: UnsafeBufferPointer(start: value, count: valueLength))
+        }
     }
     // A refused block (too large): nghttp2 resets the stream (INTERNAL_ERROR) and skips the rest of it, while HPACK
     // decoding goes on for the connection.
@@ -113,7 +117,7 @@ private func clientOnFrameRecv(
     case NGHTTP2_HEADERS.rawValue:
         let endStream = header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
         connection(userData)._withUnsafeGuaranteedRef {
-            $0.handler(for: header.stream_id)?.streamHeadersEnded(endStream: endStream)
+            $0.handler(for: header.stream_id)?._withUnsafeGuaranteedRef { $0.streamHeadersEnded(endStream: endStream) }
         }
     case NGHTTP2_SETTINGS.rawValue:
         if header.flags & UInt8(NGHTTP2_FLAG_ACK.rawValue) == 0 {
@@ -145,7 +149,9 @@ private func clientOnDataChunk(
     // The connection window is returned on arrival; the stream's follows the handler's consumption.
     nghttp2_session_consume_connection(session, length)
     connection(userData)._withUnsafeGuaranteedRef {
-        $0.handler(for: streamID)?.streamData(UnsafeRawBufferPointer(start: data, count: length))
+        $0.handler(for: streamID)?._withUnsafeGuaranteedRef {
+            $0.streamData(UnsafeRawBufferPointer(start: data, count: length))
+        }
     }
     return 0
 }
@@ -170,7 +176,7 @@ func clientReadRequest(
             return 0
         }
         var eof = false
-        let read = handler.streamReadRequest(into: buffer!, length: length, eof: &eof)
+        let read = handler._withUnsafeGuaranteedRef { $0.streamReadRequest(into: buffer!, length: length, eof: &eof) }
         if eof { dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue }
         switch read {
         case .copied(let count):

@@ -84,6 +84,11 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// MAX_CONCURRENT_STREAMS.
     @exclusivity(unchecked)
     private var streamsOnWire = 0
+    /// Handlers taken out of `streams` by a reset or by the connection's end, kept until the turn's deferred phase:
+    /// nghttp2's callbacks hold no reference of their own to the handler they call (`handler(for:)`), and the reset
+    /// may come from inside one of them, from the handler itself.
+    @exclusivity(unchecked)
+    private var retired: [HTTP2StreamHandler] = []
 
     private let headerPrefix: RequestHeaderPrefix
     private let scratch: HeaderScratchBox
@@ -243,7 +248,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
 
     // MARK: streams
 
-    package func openStream(_ head: RequestHead, handler: any HTTP2StreamHandler) -> OpenStreamResult {
+    package func openStream(_ head: RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult {
         guard self.state == .ready, let session = self.socket?.session else { return .tryElsewhere }
         let peerLimit = nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE)
         let result = self.scratch.scratch.submit(
@@ -274,10 +279,13 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         }
     }
 
-    /// The handler of an open stream (nil once it closed or was reset).
+    /// The handler of an open stream (nil once it closed or was reset), not retained: call it through
+    /// `_withUnsafeGuaranteedRef`, within the callback that looked it up. It stays valid that long because the table
+    /// holds it, and a handler leaving the table other than by `streamClosed` is kept in `retired` until the
+    /// deferred phase.
     @inline(__always)
-    func handler(for streamID: Int32) -> (any HTTP2StreamHandler)? {
-        self.streams[streamID]
+    func handler(for streamID: Int32) -> Unmanaged<HTTP2StreamHandler>? {
+        self.streams.unretained(streamID)
     }
 
     /// nghttp2 sends a DATA frame of `length` payload bytes that the stream's handler announced as `.later`.
@@ -288,16 +296,26 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue
         }
         return socket.appendDataFrame(header: header, length: length) { sink in
-            handler.streamWriteRequest(length: length, to: sink)
+            handler._withUnsafeGuaranteedRef { $0.streamWriteRequest(length: length, to: sink) }
         }
     }
 
-    private func detach(_ streamID: Int32) -> (any HTTP2StreamHandler)? {
+    private func detach(_ streamID: Int32) -> HTTP2StreamHandler? {
         self.streams.remove(streamID)
     }
 
+    /// Keeps `handler` alive until the deferred phase (see `retired`).
+    private func retire(_ handler: HTTP2StreamHandler) {
+        if self.retired.isEmpty { self.reactor.enqueueDeferred(self) }
+        self.retired.append(handler)
+    }
+
+    package override func reactorRunDeferred() {
+        self.retired.removeAll()
+    }
+
     package func resetStream(_ streamID: Int32, errorCode: UInt32) {
-        _ = self.detach(streamID)
+        if let handler = self.detach(streamID) { self.retire(handler) }
         guard let session = self.socket?.session, self.state != .closed else { return }
         nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), streamID, errorCode)
         self.socket?.scheduleFlush()
@@ -475,6 +493,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         let open = self.streams.removeAll()
         self.streamsOnWire = 0
         for (_, handler) in open {
+            self.retire(handler)
             handler.streamFailed(reason)
         }
         self.delegate?.transportClosed(self, reason: reason, wasReady: wasReady, keepaliveTimedOut: self.keepaliveTimedOut)

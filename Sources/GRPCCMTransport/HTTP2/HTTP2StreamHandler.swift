@@ -1,5 +1,7 @@
 import GRPCCMWire
 
+@_spi(Reactor) import GRPCCMReactor
+
 /// What the HTTP/2 transport tells the owner of one stream (a call attempt), and asks of it. The transport knows
 /// streams, not calls: it never sees attempt numbers, deadlines or retries.
 ///
@@ -7,35 +9,55 @@ import GRPCCMWire
 /// must not run user code or close the connection from here (user code runs later, from the reactor's deferred
 /// phase). After `streamClosed` or `streamFailed`, or once the owner has reset the stream through its handle, the
 /// transport never calls the handler again for that stream.
-package protocol HTTP2StreamHandler: AnyObject {
+///
+/// A base class, not a protocol: nghttp2's callbacks reach the handler of a stream through an unretained reference
+/// and a vtable call (`Unmanaged._withUnsafeGuaranteedRef`), about nine retain/release pairs less per unary call than
+/// through an existential, which Swift retains for every call made on it. The connection's stream table holds the
+/// strong reference; a handler it lets go of while nghttp2 may still be calling back (a reset from inside a callback)
+/// is kept until the turn's deferred phase. Every method must be overridden. `open` behind an SPI only because a
+/// `package` class cannot be subclassed from another module.
+@_spi(Transport)
+open class HTTP2StreamHandler: ReactorHandler, @unchecked Sendable {
+    // `@unchecked Sendable` as `ReactorHandler`: reactor thread only.
+    public override init() { super.init() }
+
     /// nghttp2 asks for the next DATA frame of the request body, at most `length` bytes: copy them into `buffer` now,
     /// or, when there are at least `RequestBodyRead.noCopyMinimum`, only say how many and hand them over later
     /// through `streamWriteRequest`. Set `eof` when the frame carries the last byte.
-    func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> RequestBodyRead
+    open func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> RequestBodyRead {
+        Self.mustOverride()
+    }
     /// The frame announced by `.later(length)` goes out now: pass exactly `length` bytes to `sink`, in order, in as
     /// many pieces as they are stored in. Nothing else touches the body in between (both calls happen in one
     /// `mem_send`).
     /// - Returns: false when the bytes are no longer there (the stream is then reset).
-    func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool
+    open func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool { Self.mustOverride() }
     /// A header block begins (response headers, or trailers).
-    func streamBeginHeaders()
+    open func streamBeginHeaders() { Self.mustOverride() }
     /// One header of the current block.
     /// - Returns: false to refuse the block (it is too large): the transport resets the stream, which then closes.
-    func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool
+    open func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
+        Self.mustOverride()
+    }
     /// The current header block is complete; `endStream` when it ends the response.
-    func streamHeadersEnded(endStream: Bool)
+    open func streamHeadersEnded(endStream: Bool) { Self.mustOverride() }
     /// DATA payload. Its bytes count against the stream's receive window until the handler consumes them through its
     /// handle (the connection's window is returned on arrival, so one slow stream never stalls the others).
-    func streamData(_ bytes: UnsafeRawBufferPointer)
+    open func streamData(_ bytes: UnsafeRawBufferPointer) { Self.mustOverride() }
     /// The stream closed: `errorCode` 0 after a clean end, else the RST_STREAM code. REFUSED_STREAM means the server
     /// provably never processed it (a reset before it started, or a stream above a GOAWAY's last stream id).
-    func streamClosed(errorCode: UInt32)
+    open func streamClosed(errorCode: UInt32) { Self.mustOverride() }
     /// The connection went away under the stream (`reason` says how); nothing more will arrive.
-    func streamFailed(_ reason: CallStatus)
+    open func streamFailed(_ reason: CallStatus) { Self.mustOverride() }
+
+    private static func mustOverride(_ method: StaticString = #function) -> Never {
+        preconditionFailure("\(Self.self) does not override HTTP2StreamHandler.\(method)")
+    }
 }
 
 /// What a stream's owner did with nghttp2's request for the next DATA frame.
-package enum RequestBodyRead {
+@_spi(Transport)
+public enum RequestBodyRead {
     /// This many bytes are in the buffer nghttp2 gave.
     case copied(Int)
     /// This many bytes go out in the next frame, passed straight to the socket's output by `streamWriteRequest`:
@@ -46,7 +68,7 @@ package enum RequestBodyRead {
 
     /// Frames smaller than this are copied at once: the later hand-over costs a callback more, which only pays off
     /// when there are kilobytes to move.
-    package static let noCopyMinimum = 4096
+    public static let noCopyMinimum = 4096
 }
 
 /// The request headers of a stream, as the attempt wants them sent. The transport adds the connection's fixed ones

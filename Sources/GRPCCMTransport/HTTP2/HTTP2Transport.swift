@@ -19,7 +19,7 @@ package protocol HTTP2Transport: HTTP2StreamControl {
     /// open the connection is busy anyway, and its close stamps it again.
     var lastStreamActivity: UInt64 { get }
     /// Opens a stream for `handler` with `head`, if this connection can take one.
-    func openStream(_ head: RequestHead, handler: any HTTP2StreamHandler) -> OpenStreamResult
+    func openStream(_ head: RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult
     /// Takes no new streams and tells the server (GOAWAY); closes once the open streams have finished.
     func beginGracefulClose()
     /// Closes now: GOAWAY and close_notify go out (best effort); every open stream fails with `reason`.

@@ -11,7 +11,7 @@ struct StreamTable {
         var id: Int32
         /// Bytes the handler consumed that nghttp2 has not been told of yet (`addConsumed`).
         var unreported: Int32 = 0
-        var handler: (any HTTP2StreamHandler)?
+        var handler: HTTP2StreamHandler?
     }
 
     /// A power of two long, or empty before the first stream.
@@ -41,9 +41,17 @@ struct StreamTable {
         }
     }
 
-    subscript(id: Int32) -> (any HTTP2StreamHandler)? {
+    subscript(id: Int32) -> HTTP2StreamHandler? {
         guard let slot = self.slot(of: id) else { return nil }
         return self.entries[slot].handler
+    }
+
+    /// The handler of stream `id`, not retained: valid for as long as the table (or whoever it hands the handler to
+    /// on removal) keeps it. What nghttp2's callbacks use: no retain and release per callback.
+    @inline(__always)
+    func unretained(_ id: Int32) -> Unmanaged<HTTP2StreamHandler>? {
+        guard let slot = self.slot(of: id) else { return nil }
+        return self.entries[slot].handler.map { Unmanaged.passUnretained($0) }
     }
 
     /// The handler of stream `id` consumed `bytes` more. Returns what to report to nghttp2 now: everything not yet
@@ -59,7 +67,7 @@ struct StreamTable {
         return total
     }
 
-    mutating func insert(_ handler: any HTTP2StreamHandler, for id: Int32, unreported: Int32 = 0) {
+    mutating func insert(_ handler: HTTP2StreamHandler, for id: Int32, unreported: Int32 = 0) {
         precondition(id > 0, "stream ids are positive")
         if (self.count + 1) * 2 > self.entries.count { self.resize(to: max(2, self.entries.count * 2)) }
         var slot = self.home(id)
@@ -72,7 +80,7 @@ struct StreamTable {
     }
 
     /// Removes the stream and returns its handler (nil when it was not there).
-    mutating func remove(_ id: Int32) -> (any HTTP2StreamHandler)? {
+    mutating func remove(_ id: Int32) -> HTTP2StreamHandler? {
         guard let slot = self.slot(of: id) else { return nil }
         let removed = self.entries[slot].handler
         self.count -= 1
@@ -107,7 +115,7 @@ struct StreamTable {
     }
 
     /// Empties the table; the streams it held, by id.
-    mutating func removeAll() -> [(id: Int32, handler: any HTTP2StreamHandler)] {
+    mutating func removeAll() -> [(id: Int32, handler: HTTP2StreamHandler)] {
         let open = self.entries.compactMap { entry in entry.handler.map { (id: entry.id, handler: $0) } }
         self.entries = []
         self.count = 0

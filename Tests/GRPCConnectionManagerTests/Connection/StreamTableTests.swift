@@ -1,6 +1,6 @@
 import Testing
 
-@testable import GRPCCMTransport
+@_spi(Transport) @testable import GRPCCMTransport
 @testable import GRPCCMWire
 
 /// The connection's table of open streams against a Dictionary doing the same, over patterns a connection meets:
@@ -10,16 +10,16 @@ struct StreamTableTests {
     final class Handler: HTTP2StreamHandler {
         let id: Int32
         init(_ id: Int32) { self.id = id }
-        func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> RequestBodyRead {
+        override func streamReadRequest(into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool) -> RequestBodyRead {
             .waiting
         }
-        func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool { false }
-        func streamBeginHeaders() {}
-        func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool { true }
-        func streamHeadersEnded(endStream: Bool) {}
-        func streamData(_ bytes: UnsafeRawBufferPointer) {}
-        func streamClosed(errorCode: UInt32) {}
-        func streamFailed(_ reason: CallStatus) {}
+        override func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool { false }
+        override func streamBeginHeaders() {}
+        override func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool { true }
+        override func streamHeadersEnded(endStream: Bool) {}
+        override func streamData(_ bytes: UnsafeRawBufferPointer) {}
+        override func streamClosed(errorCode: UInt32) {}
+        override func streamFailed(_ reason: CallStatus) {}
     }
 
     /// Applies the same steps to the table and to a Dictionary and checks every id ever used after each step.

@@ -1,6 +1,6 @@
 @testable import GRPCCMPool
 @testable import GRPCCMReactor
-@testable import GRPCCMTransport
+@_spi(Transport) @testable import GRPCCMTransport
 @testable import GRPCCMWire
 
 /// A connection that needs no socket: the test decides when it is ready, how many streams it takes, and how each
@@ -16,7 +16,7 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
     var connectCalls = 0
     var closedWith: CallStatus?
     var gracefulClose = false
-    private(set) var streams: [Int32: any HTTP2StreamHandler] = [:]
+    private(set) var streams: [Int32: HTTP2StreamHandler] = [:]
     private var nextStreamID: Int32 = 1
     private(set) var opened: [(streamID: Int32, path: String)] = []
 
@@ -31,7 +31,7 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
     var openStreamCount: Int { self.streams.count }
     var lastStreamActivity: UInt64 { 0 }
 
-    func openStream(_ head: RequestHead, handler: any HTTP2StreamHandler) -> OpenStreamResult {
+    func openStream(_ head: RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult {
         guard self.availableStreams > 0 else { return .tryElsewhere }
         let streamID = self.nextStreamID
         self.nextStreamID += 2
