@@ -153,8 +153,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// The router's registry of live calls (an intrusive list: no allocation per call).
     @exclusivity(unchecked)
     package var registryNext: ClientCall?
+    /// Unmanaged: reading an `unowned(unsafe)` reference still retains it.
     @exclusivity(unchecked)
-    package unowned(unsafe) var registryPrevious: ClientCall?
+    package var registryPrevious: Unmanaged<ClientCall>?
 
     // Deferred delivery.
     @exclusivity(unchecked)
