@@ -23,6 +23,7 @@ package struct CallRegistry {
     package mutating func remove(_ call: ClientCall) {
         let previous = call.registryPrevious
         guard previous != nil || self.head === call else { return }  // not in this registry
+        call.registryPrevious = nil
         var link: ClientCall? = nil
         swap(&link, &call.registryNext)
         // `link`: the call's successor, which takes its place.
@@ -32,8 +33,7 @@ package struct CallRegistry {
         } else {
             swap(&self.head, &link)
         }
-        // `link`: the list's reference to the call, let go of here.
-        call.registryPrevious = nil
+        // `link`: the list's reference to the call, let go of here (the caller holds the call too).
         self.count -= 1
     }
 

@@ -304,14 +304,18 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.streams.remove(streamID)
     }
 
-    /// Keeps `handler` alive until the deferred phase (see `retired`).
+    /// Keeps `handler` alive until the deferred phase (see `retired`). Once the reactor has stopped no callback runs
+    /// and no deferred phase comes: the handler goes at once.
     private func retire(_ handler: HTTP2StreamHandler) {
+        if self.reactor.isStopped { return }
         if self.retired.isEmpty { self.reactor.enqueueDeferred(self) }
         self.retired.append(handler)
     }
 
     package override func reactorRunDeferred() {
-        self.retired.removeAll()
+        // Swapped out first: a handler's deinit may let go of something that resets another stream here.
+        var dropping: [HTTP2StreamHandler] = []
+        swap(&dropping, &self.retired)
     }
 
     package func resetStream(_ streamID: Int32, errorCode: UInt32) {
