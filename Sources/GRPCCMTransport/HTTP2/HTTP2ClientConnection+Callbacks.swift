@@ -72,14 +72,21 @@ private func connection(_ userData: UnsafeMutableRawPointer?) -> Unmanaged<HTTP2
     Unmanaged<HTTP2ClientConnection>.fromOpaque(userData!)
 }
 
+/// Calls `body` with the handler of `streamID`, retaining neither it nor the connection (see `handler(for:)`); nil
+/// when the stream has none (closed, or reset by its owner).
+@inline(__always)
+private func withHandler<Result>(
+    _ userData: UnsafeMutableRawPointer?, _ streamID: Int32, _ body: (HTTP2StreamHandler) -> Result
+) -> Result? {
+    connection(userData)._withUnsafeGuaranteedRef { $0.handler(for: streamID) }?._withUnsafeGuaranteedRef(body)
+}
+
 private func clientOnBeginHeaders(
     _ session: OpaquePointer?, _ frame: UnsafePointer<nghttp2_frame>?, _ userData: UnsafeMutableRawPointer?
 ) -> Int32 {
     let header = frame!.pointee.hd
     if header.type == UInt8(NGHTTP2_HEADERS.rawValue) {
-        connection(userData)._withUnsafeGuaranteedRef {
-            $0.handler(for: header.stream_id)?._withUnsafeGuaranteedRef { $0.streamBeginHeaders() }
-        }
+        withHandler(userData, header.stream_id) { $0.streamBeginHeaders() }
     }
     return 0
 }
@@ -91,14 +98,12 @@ private func clientOnHeader(
 ) -> Int32 {
     let header = frame!.pointee.hd
     guard header.type == UInt8(NGHTTP2_HEADERS.rawValue) else { return 0 }
-    let accepted = connection(userData)._withUnsafeGuaranteedRef { connection -> Bool in
-        guard let handler = connection.handler(for: header.stream_id) else { return true }
-        return handler._withUnsafeGuaranteedRef {
+    let accepted =
+        withHandler(userData, header.stream_id) {
             $0.streamHeader(
                 name: UnsafeBufferPointer(start: name, count: nameLength),
                 value: UnsafeBufferPointer(start: value, count: valueLength))
-        }
-    }
+        } ?? true
     // A refused block (too large): nghttp2 resets the stream (INTERNAL_ERROR) and skips the rest of it, while HPACK
     // decoding goes on for the connection.
     return accepted ? 0 : Int32(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
@@ -116,9 +121,7 @@ private func clientOnFrameRecv(
         if padding > 0 { nghttp2_session_consume(session, header.stream_id, padding) }
     case NGHTTP2_HEADERS.rawValue:
         let endStream = header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
-        connection(userData)._withUnsafeGuaranteedRef {
-            $0.handler(for: header.stream_id)?._withUnsafeGuaranteedRef { $0.streamHeadersEnded(endStream: endStream) }
-        }
+        withHandler(userData, header.stream_id) { $0.streamHeadersEnded(endStream: endStream) }
     case NGHTTP2_SETTINGS.rawValue:
         if header.flags & UInt8(NGHTTP2_FLAG_ACK.rawValue) == 0 {
             connection(userData)._withUnsafeGuaranteedRef { $0.settingsReceived() }
@@ -148,11 +151,7 @@ private func clientOnDataChunk(
 ) -> Int32 {
     // The connection window is returned on arrival; the stream's follows the handler's consumption.
     nghttp2_session_consume_connection(session, length)
-    connection(userData)._withUnsafeGuaranteedRef {
-        $0.handler(for: streamID)?._withUnsafeGuaranteedRef {
-            $0.streamData(UnsafeRawBufferPointer(start: data, count: length))
-        }
-    }
+    withHandler(userData, streamID) { $0.streamData(UnsafeRawBufferPointer(start: data, count: length)) }
     return 0
 }
 
@@ -169,25 +168,23 @@ func clientReadRequest(
     _ dataFlags: UnsafeMutablePointer<UInt32>?, _ source: UnsafeMutablePointer<nghttp2_data_source>?,
     _ userData: UnsafeMutableRawPointer?
 ) -> Int {
-    connection(userData)._withUnsafeGuaranteedRef { connection -> Int in
-        guard let handler = connection.handler(for: streamID) else {
-            // Reset by its owner while nghttp2 still held the request: end the body; the RST_STREAM follows.
-            dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
-            return 0
-        }
-        var eof = false
-        let read = handler._withUnsafeGuaranteedRef { $0.streamReadRequest(into: buffer!, length: length, eof: &eof) }
-        if eof { dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue }
-        switch read {
-        case .copied(let count):
-            return count
-        case .later(let count):
-            // clientSendRequestData writes the frame when it goes out.
-            dataFlags!.pointee |= NGHTTP2_DATA_FLAG_NO_COPY.rawValue
-            return count
-        case .waiting:
-            return Int(NGHTTP2_ERR_DEFERRED.rawValue)
-        }
+    var eof = false
+    guard let read = withHandler(userData, streamID, { $0.streamReadRequest(into: buffer!, length: length, eof: &eof) })
+    else {
+        // Reset by its owner while nghttp2 still held the request: end the body; the RST_STREAM follows.
+        dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
+        return 0
+    }
+    if eof { dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue }
+    switch read {
+    case .copied(let count):
+        return count
+    case .later(let count):
+        // clientSendRequestData writes the frame when it goes out.
+        dataFlags!.pointee |= NGHTTP2_DATA_FLAG_NO_COPY.rawValue
+        return count
+    case .waiting:
+        return Int(NGHTTP2_ERR_DEFERRED.rawValue)
     }
 }
 
