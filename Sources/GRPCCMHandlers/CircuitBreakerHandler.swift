@@ -1,4 +1,3 @@
-@_spi(Reactor) import GRPCCMReactor
 import GRPCCMCalls
 import GRPCCMWire
 
@@ -24,12 +23,14 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         self.bus = bus
     }
 
-    /// May a call to `path` go out now? While open: no, and it fails without touching the network.
-    package func admit(service: String, path: String) -> CallPermit? {
-        let slot = self.breakers.slot(for: Key(service: service, path: path)) {
-            CircuitBreakerStateMachine(configuration: self.configuration)
-        }
-        let decision = self.breakers[slot].acquire(now: Reactor.clock())
+    /// May a call to `path` go out at `now`? While open: no, and it fails without touching the network.
+    package func admit(service: String, path: String, now: UInt64) -> CallPermit? {
+        let slot =
+            self.breakers.lastSlot { $0.service == service && $0.path == path }
+            ?? self.breakers.slot(for: Key(service: service, path: path)) {
+                CircuitBreakerStateMachine(configuration: self.configuration)
+            }
+        let decision = self.breakers[slot].acquire(now: now)
         if let (from, to) = decision.changed {
             self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
         }
@@ -37,7 +38,8 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
     }
 
     package func callEnded(
-        _ permit: CallPermit, service: String, path: String, status: CallStatus, duration: Duration, cancelledByClient: Bool
+        _ permit: CallPermit, service: String, path: String, status: CallStatus, duration: Duration, now: UInt64,
+        cancelledByClient: Bool
     ) {
         // Slots are never removed: the one the call was admitted with is still its breaker.
         let slot = permit.slot
@@ -49,7 +51,7 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         // One mutating access: a non-mutating method on the table's element would read it out first, a copy of the
         // whole machine (configuration and window included).
         let change = self.breakers[slot].callEnded(
-            status.code, duration: duration, probe: permit.isProbe, epoch: permit.epoch, now: Reactor.clock())
+            status.code, duration: duration, probe: permit.isProbe, epoch: permit.epoch, now: now)
         if let (from, to) = change {
             self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
         }

@@ -32,6 +32,15 @@ package struct HotKeyTable<Key: Hashable, Value> {
         return slot
     }
 
+    /// The slot of the key asked for last, when `matches` finds it is the one wanted; nil otherwise (then ask with
+    /// the key). For a caller that holds its key in parts: building the key copies each part, a retain and a release
+    /// of each string, where `matches` compares them in place. `mutating` though it changes nothing: called on a
+    /// class's stored table, a non-mutating method gets a copy of the table (and of the key).
+    package mutating func lastSlot(where matches: (Key) -> Bool) -> Int? {
+        guard let last = self.lastKey, matches(last) else { return nil }
+        return self.lastSlot
+    }
+
     /// The slot of `key`, or nil.
     package mutating func existingSlot(for key: Key) -> Int? {
         if let last = self.lastKey, last == key { return self.lastSlot }

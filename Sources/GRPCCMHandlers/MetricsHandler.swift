@@ -139,9 +139,11 @@ package final class MetricsHandler: @unchecked Sendable {
     private func record(_ event: ConnectionEvent) {
         switch event {
         case .callFinished(let service, let path, let status, let duration, let attempts, let sent, let received):
-            let slot = self.calls.slot(for: CallKey(service: service, path: path)) {
-                self.makeCallMetrics(service: service, path: path)
-            }
+            let slot =
+                self.calls.lastSlot { $0.service == service && $0.path == path }
+                ?? self.calls.slot(for: CallKey(service: service, path: path)) {
+                    self.makeCallMetrics(service: service, path: path)
+                }
             let code = status.code.rawValue
             if (0..<17).contains(code) {
                 if self.calls[slot].requests[code] == nil {

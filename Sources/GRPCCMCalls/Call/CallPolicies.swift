@@ -3,11 +3,14 @@ import GRPCCMWire
 /// Whether a call may go out, asked when it starts and told how it ended (the circuit breaker answers). Reactor
 /// thread only.
 package protocol CallAdmission: AnyObject {
-    /// May a call to `path` of `service` go out now? nil: refused, and the call fails without touching the network.
-    func admit(service: String, path: String) -> CallPermit?
-    /// The call admitted with `permit` ended with `status` after `duration`. `cancelledByClient`: the caller
+    /// May a call to `path` of `service` go out now (`now`: `Reactor.clock()`, read once by the call for its own
+    /// start time too)? nil: refused, and the call fails without touching the network.
+    func admit(service: String, path: String, now: UInt64) -> CallPermit?
+    /// The call admitted with `permit` ended at `now` with `status` after `duration`. `cancelledByClient`: the caller
     /// cancelled it, which says nothing about the server's health.
-    func callEnded(_ permit: CallPermit, service: String, path: String, status: CallStatus, duration: Duration, cancelledByClient: Bool)
+    func callEnded(
+        _ permit: CallPermit, service: String, path: String, status: CallStatus, duration: Duration, now: UInt64,
+        cancelledByClient: Bool)
 }
 
 /// What admission handed out: whether the call is a half-open probe, the state it was admitted under (an outcome

@@ -270,7 +270,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
             }
             if self.hedgeAttempt == 0, let admission = environment.policies.admission {
-                self.permit = admission.admit(service: environment.service, path: self.path)
+                self.permit = admission.admit(service: environment.service, path: self.path, now: self.startedAt)
                 // Refused without touching the network; reported as a call with no attempt.
                 if self.permit == nil { refusal = CallStatus(code: .unavailable, message: "circuit breaker is open") }
             }
@@ -543,11 +543,12 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.adopted = false
             environment.router.release(self)
         }
-        let duration = Duration.nanoseconds(Int64(bitPattern: Reactor.clock() &- self.startedAt))
+        let now = Reactor.clock()
+        let duration = Duration.nanoseconds(Int64(bitPattern: now &- self.startedAt))
         if let permit = self.permit, let admission = environment.policies.admission {
             admission.callEnded(
                 permit, service: environment.service, path: self.path, status: response.status, duration: duration,
-                cancelledByClient: self.cancelledByClient)
+                now: now, cancelledByClient: self.cancelledByClient)
         }
         if self.startedAt != 0 && self.hedgeAttempt == 0 {
             environment.bus.publishCallEvent(

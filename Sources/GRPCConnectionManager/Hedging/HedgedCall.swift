@@ -50,7 +50,7 @@ final class HedgedCall: @unchecked Sendable {
         self.startedAt = Reactor.clock()
         environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
         if let admission = environment.policies.admission {
-            self.permit = admission.admit(service: environment.service, path: self.path)
+            self.permit = admission.admit(service: environment.service, path: self.path, now: self.startedAt)
             if self.permit == nil {
                 self.finish(UnaryResponse(status: CallStatus(code: .unavailable, message: "circuit breaker is open")))
                 return
@@ -123,11 +123,12 @@ final class HedgedCall: @unchecked Sendable {
             attempt.end(CallStatus(code: .cancelled, message: cancelledByClient ? "cancelled by the client" : "another hedged attempt won"))
         }
         let environment = self.environment
-        let duration = Duration.nanoseconds(Int64(bitPattern: Reactor.clock() &- self.startedAt))
+        let now = Reactor.clock()
+        let duration = Duration.nanoseconds(Int64(bitPattern: now &- self.startedAt))
         if let permit = self.permit, let admission = environment.policies.admission {
             admission.callEnded(
                 permit, service: environment.service, path: self.path, status: response.status, duration: duration,
-                cancelledByClient: cancelledByClient)
+                now: now, cancelledByClient: cancelledByClient)
         }
         environment.bus.publishCallEvent(
             .callFinished(
