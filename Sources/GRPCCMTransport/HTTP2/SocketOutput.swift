@@ -9,12 +9,12 @@ import Glibc
 /// What an HTTP/2 connection (ours, or the echo server's) has to write: nghttp2's frames of one loop turn
 /// coalesced into one buffer, encrypted in one pass when TLS is on, and written with as few syscalls as the socket
 /// allows. Reactor thread only.
-package struct SocketOutput {
+package struct SocketOutput: ~Copyable {
     /// Bytes for the socket (ciphertext under TLS); `start` of them are written.
-    private var bytes: [UInt8] = []
+    private var bytes = OutputBytes()
     private var start = 0
     /// nghttp2's output waiting for TLS.
-    private var plaintext: [UInt8] = []
+    private var plaintext = OutputBytes()
 
     package init() {}
 
@@ -38,9 +38,9 @@ package struct SocketOutput {
     /// Adds a piece of nghttp2's output: to the plaintext waiting for TLS when `encrypted`, else for the socket.
     package mutating func add(_ chunk: UnsafeRawBufferPointer, encrypted: Bool) {
         if encrypted {
-            self.plaintext.append(contentsOf: chunk)
+            self.plaintext.append(chunk)
         } else {
-            self.bytes.append(contentsOf: chunk)
+            self.bytes.append(chunk)
         }
     }
 
@@ -56,11 +56,11 @@ package struct SocketOutput {
     }
 
     private static func append(
-        _ header: UnsafeRawBufferPointer, _ fill: ((UnsafeRawBufferPointer) -> Void) -> Bool, to buffer: inout [UInt8]
+        _ header: UnsafeRawBufferPointer, _ fill: ((UnsafeRawBufferPointer) -> Void) -> Bool, to buffer: inout OutputBytes
     ) -> Bool {
         let before = buffer.count
-        buffer.append(contentsOf: header)
-        if fill({ buffer.append(contentsOf: $0) }) { return true }
+        buffer.append(header)
+        if fill({ buffer.append($0) }) { return true }
         buffer.removeLast(buffer.count - before)
         return false
     }
@@ -83,7 +83,7 @@ package struct SocketOutput {
 
     /// Adds bytes as they are (plaintext connections' last frames).
     package mutating func append(_ raw: [UInt8]) {
-        self.bytes.append(contentsOf: raw)
+        raw.withUnsafeBytes { self.bytes.append($0) }
     }
 
     /// Writes as much as the socket takes, stopping at EAGAIN. The buffer never grows with the bytes ever sent: once
@@ -91,8 +91,8 @@ package struct SocketOutput {
     /// as it is more than half the buffer, so a long upload holds at most the cap plus one collection.
     package mutating func write(to fd: Int32) throws(Failure) {
         while self.start < self.bytes.count {
-            let written = self.bytes.withUnsafeBytes { buffer in
-                cr_write(fd, buffer.baseAddress! + self.start, buffer.count - self.start)
+            let written = self.bytes.withUnsafeBytes(from: self.start) { buffer in
+                cr_write(fd, buffer.baseAddress!, buffer.count)
             }
             if written == -Int(EAGAIN) { break }
             if written < 0 { throw .write(Int32(-written)) }
@@ -114,15 +114,15 @@ package struct SocketOutput {
     /// One last write, whatever it achieves (closing: a GOAWAY or a TLS alert on its way out).
     package mutating func writeOnce(to fd: Int32) {
         guard self.start < self.bytes.count else { return }
-        _ = self.bytes.withUnsafeBytes { buffer in
-            cr_write(fd, buffer.baseAddress! + self.start, buffer.count - self.start)
+        _ = self.bytes.withUnsafeBytes(from: self.start) { buffer in
+            cr_write(fd, buffer.baseAddress!, buffer.count)
         }
         self.reset()
     }
 
     package mutating func reset() {
-        self.bytes = []
-        self.plaintext = []
+        self.bytes.removeAll(keepingCapacity: false)
+        self.plaintext.removeAll(keepingCapacity: false)
         self.start = 0
     }
 }

@@ -134,17 +134,13 @@ package final class TLSSession {
     }
 
     /// Moves pending ciphertext into `out`.
-    package func drainCiphertext(into out: inout [UInt8]) {
+    package func drainCiphertext(into out: inout OutputBytes) {
         while BIO_ctrl_pending(self.writeBIO) > 0 {
             let pending = Int(BIO_ctrl_pending(self.writeBIO))
-            let start = out.count
-            out.append(contentsOf: repeatElement(0, count: pending))
-            let n = out.withUnsafeMutableBytes { BIO_read(self.writeBIO, $0.baseAddress! + start, Int32(pending)) }
-            if n <= 0 {
-                out.removeSubrange(start...)
-                return
+            let read = out.append(upTo: pending) { space in
+                Int(BIO_read(self.writeBIO, space.baseAddress!, Int32(space.count)))
             }
-            if Int(n) < pending { out.removeSubrange((start + Int(n))...) }
+            if read <= 0 { return }
         }
     }
 
