@@ -677,9 +677,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     package override func streamReadRequest(
         into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool
     ) -> RequestBodyRead {
-        if self.requestsStreamed {
-            return self.buffers!.read(into: buffer, length: length, eof: &eof, messageBytes: &self.sentBytes)
-        }
+        if self.requestsStreamed { return self.readStreamedRequest(into: buffer, length: length, eof: &eof) }
         let left = self.request.count + 5 - self.sendOffset
         if min(left, length) >= RequestBodyRead.noCopyMinimum {
             eof = length >= left
@@ -690,6 +688,15 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             capacity: length)
         eof = self.sendOffset == self.request.count + 5
         return .copied(written)
+    }
+
+    /// Kept out of `streamReadRequest`: inlined there, the stream buffers' code made every unary call look up a
+    /// generic type's metadata on entry (about 30 instructions), whichever path it took.
+    @inline(never)
+    private func readStreamedRequest(
+        into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool
+    ) -> RequestBodyRead {
+        self.buffers!.read(into: buffer, length: length, eof: &eof, messageBytes: &self.sentBytes)
     }
 
     package override func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool {
