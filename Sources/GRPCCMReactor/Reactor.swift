@@ -378,8 +378,11 @@ package final class Reactor: @unchecked Sendable {
     fileprivate func runDeferred() {
         guard !self.deferred.isEmpty else { return }
         swap(&self.deferred, &self.deferredRunning)
-        // What these queue goes to `deferred`: the next turn.
-        for handler in self.deferredRunning { handler.reactorRunDeferred() }
+        // What these queue goes to `deferred`: the next turn. `deferredRunning` keeps each handler until it is
+        // emptied, so they are called unretained (a `for` over the array retained and released each).
+        for index in self.deferredRunning.indices {
+            Unmanaged.passUnretained(self.deferredRunning[index])._withUnsafeGuaranteedRef { $0.reactorRunDeferred() }
+        }
         Self.empty(&self.deferredRunning)
     }
 
@@ -487,7 +490,10 @@ package final class Reactor: @unchecked Sendable {
     fileprivate func runFlushes() {
         while !self.flushList.isEmpty {
             swap(&self.flushList, &self.flushing)
-            for handler in self.flushing { handler.reactorFlush() }
+            // Unretained, as in `runDeferred`: `flushing` keeps them (new requests go to `flushList`).
+            for index in self.flushing.indices {
+                Unmanaged.passUnretained(self.flushing[index])._withUnsafeGuaranteedRef { $0.reactorFlush() }
+            }
             Self.empty(&self.flushing)
         }
     }
