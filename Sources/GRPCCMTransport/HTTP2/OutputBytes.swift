@@ -68,11 +68,13 @@ package struct OutputBytes: ~Copyable {
         return try body(UnsafeRawBufferPointer(start: base + offset, count: self.count - offset))
     }
 
-    /// Where `extra` more bytes go, growing the storage (doubling, from 512 bytes) when they do not fit.
+    /// Where `extra` more bytes go, growing the storage (at least doubling it) when they do not fit. No minimum: an
+    /// idle connection's few bytes of SETTINGS and PING stay small (a 512-byte floor measured about 0.2 KiB more
+    /// resident per idle connection).
     private mutating func reserve(_ extra: Int) -> UnsafeMutableRawPointer {
         let needed = self.count + extra
         if needed > self.capacity {
-            let capacity = max(needed, self.capacity * 2, 512)
+            let capacity = max(needed, self.capacity * 2)
             guard let grown = realloc(self.base, capacity) else { fatalError("out of memory for \(capacity) output bytes") }
             self.base = grown
             self.capacity = capacity
