@@ -81,7 +81,8 @@ def instructions(rig, perf):
             out_file = os.path.join(rig, "logs", f"grpc-cm-{duration}.callgrind")
             r = subprocess.run(["taskset", "-c", "1", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
                                 bare, "--target", "127.0.0.1:50051", "--connections", "1", "--concurrency", "64",
-                                "--duration", str(duration), "--warmup", "0"], capture_output=True, text=True, timeout=900)
+                                "--duration", str(duration), "--warmup", "0", "--no-percentiles"],
+                               capture_output=True, text=True, timeout=900)
             requests = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])["requests"]
             collected = int(r.stderr.split("Collected :")[-1].split()[0])
             points.append((requests, collected))

@@ -27,6 +27,7 @@ struct Perf: ParsableCommand {
     @Option(help: "Open loop: start this many calls per second; latency counts from the scheduled start.") var rate: Double?
     @Option(name: .customLong("stream-mode"), help: "pingpong: --concurrency bidirectional streams (on /echo.Echo/Stream unless --method is given), each sending its next message when the echo of the last arrives; the figures count round trips.") var streamMode: String?
     @Option(help: "Write the HdrHistogram percentile distribution (microseconds) here.") var hgrm: String?
+    @Flag(name: .customLong("no-percentiles"), help: "Leave the latency figures out of the report: computing them walks every recorded value, work that grows with the run and so does not cancel out of a difference of two runs under callgrind.") var noPercentiles = false
     @Option(name: .customLong("idle-connections"), help: "Instead: open N connections, one call each, hold them.") var idleConnections: Int?
     @Option(name: .customLong("idle-hold"), help: "Seconds to hold the idle connections.") var idleHold = 3.0
     @Flag(name: .customLong("idle-shared"), help: "With --idle-connections: one channel holding the N connections (connectionsPerTarget N) instead of one channel per connection.") var idleShared = false
@@ -76,7 +77,7 @@ struct Perf: ParsableCommand {
         } else {
             driver.closedLoop(concurrency: self.concurrency, warmup: self.warmup, duration: self.duration)
         }
-        print(driver.json())
+        print(driver.json(percentiles: !self.noPercentiles))
         if let path = self.hgrm { try driver.distribution().write(toFile: path, atomically: true, encoding: .utf8) }
     }
 
@@ -422,8 +423,23 @@ final class Driver: @unchecked Sendable {
         return (user, sys, usage.ru_maxrss)
     }
 
-    func json() -> String {
+    func json(percentiles: Bool = true) -> String {
         let requests = max(self.requests, 1)
+        // Merged once: `histogram` merges the slots' histograms on every read.
+        let latency: [(String, String)]
+        if percentiles {
+            let histogram = self.histogram
+            latency = [
+                ("p50_us", "\(histogram.valueAtPercentile(50))"),
+                ("p90_us", "\(histogram.valueAtPercentile(90))"),
+                ("p99_us", "\(histogram.valueAtPercentile(99))"),
+                ("p999_us", "\(histogram.valueAtPercentile(99.9))"),
+                ("mean_us", String(format: "%.1f", histogram.mean)),
+                ("max_us", "\(histogram.max)"),
+            ]
+        } else {
+            latency = []
+        }
         // Payload bytes moved in the window, both ways (a request and its echo).
         let mib = Double(self.requests) * Double(self.payload.count) * 2 / 1_048_576
         let cpu = self.usage.user + self.usage.sys
@@ -433,12 +449,7 @@ final class Driver: @unchecked Sendable {
             ("mib_per_s", String(format: "%.2f", mib / max(self.usage.wall, 1e-9))),
             ("cpu_ms_per_mib", String(format: "%.3f", mib > 0 ? cpu * 1000 / mib : 0)),
             ("rps", String(format: "%.1f", Double(self.requests) / max(self.usage.wall, 1e-9))),
-            ("p50_us", "\(self.histogram.valueAtPercentile(50))"),
-            ("p90_us", "\(self.histogram.valueAtPercentile(90))"),
-            ("p99_us", "\(self.histogram.valueAtPercentile(99))"),
-            ("p999_us", "\(self.histogram.valueAtPercentile(99.9))"),
-            ("mean_us", String(format: "%.1f", self.histogram.mean)),
-            ("max_us", "\(self.histogram.max)"),
+        ] + latency + [
             ("requests", "\(self.requests)"),
             ("errors", "\(self.errors)"),
             ("cpu_user_s", String(format: "%.3f", self.usage.user)),
