@@ -31,6 +31,11 @@ import Glibc
 /// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
 /// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
 /// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.
+///
+/// Objects that live on a loop (a connection, its socket, a pool) hold their reactor `unowned`, and keep an
+/// `Unmanaged` copy too for the reads on the loop's own paths (its callbacks, its turns, routing a call), where the
+/// reactor is necessarily alive: a read through `unowned` is a strong retain and a release (about 40 instructions),
+/// and those paths run for every call. Elsewhere the `unowned` reference still traps on misuse.
 package final class Reactor: @unchecked Sendable {
     /// Readiness bits, as in `CReactor.h`.
     package enum Events {
@@ -51,14 +56,19 @@ package final class Reactor: @unchecked Sendable {
     private var loop: OpaquePointer?
     @exclusivity(unchecked)
     private var flushList: [ReactorHandler] = []
+    /// `flushList`'s other buffer, empty between runs (see `take`).
     @exclusivity(unchecked)
-    private var flushing: [ReactorHandler] = []
+    private var flushSpare: [ReactorHandler] = []
     @exclusivity(unchecked)
     private var drained: [ReactorHandler] = []
     @exclusivity(unchecked)
     private var deferred: [ReactorHandler] = []
+    /// `finishShutdown` has begun (reactor thread only).
     @exclusivity(unchecked)
-    private var deferredRunning: [ReactorHandler] = []
+    private var finishingShutdown = false
+    /// `deferred`'s other buffer, empty between runs (see `take`).
+    @exclusivity(unchecked)
+    private var deferredSpare: [ReactorHandler] = []
     /// Called on the reactor thread when the loop is about to stop, before fds are closed (owners close theirs).
     @exclusivity(unchecked)
     private var shutdownHooks: [ObjectIdentifier: ReactorHandler] = [:]
@@ -95,10 +105,10 @@ package final class Reactor: @unchecked Sendable {
         // The reactor outlives its loop (deinit destroys it), so an unretained context is safe.
         cr_loop_set_context(loop, Unmanaged.passUnretained(self).toOpaque())
         self.flushList.reserveCapacity(64)
-        self.flushing.reserveCapacity(64)
+        self.flushSpare.reserveCapacity(64)
         self.drained.reserveCapacity(64)
         self.deferred.reserveCapacity(64)
-        self.deferredRunning.reserveCapacity(64)
+        self.deferredSpare.reserveCapacity(64)
     }
 
     deinit {
@@ -260,6 +270,10 @@ package final class Reactor: @unchecked Sendable {
     }
 
     private func finishShutdown() {
+        // A callback this runs may ask for the shutdown again (`ReactorLoop.shutdown()` from a completion, on a
+        // driven loop's thread between turns): the run under way finishes it.
+        if self.finishingShutdown { return }
+        self.finishingShutdown = true
         // Let owners close their fds (they deregister and fail their calls), run what was submitted meanwhile and
         // the completions all that produced, then stop. Each round may produce more (a completion that starts a call
         // on the stopping loop fails it, which queues another completion), so repeat until nothing is left.
@@ -377,13 +391,12 @@ package final class Reactor: @unchecked Sendable {
 
     fileprivate func runDeferred() {
         guard !self.deferred.isEmpty else { return }
-        swap(&self.deferred, &self.deferredRunning)
-        // What these queue goes to `deferred`: the next turn. `deferredRunning` keeps each handler until it is
-        // emptied, so they are called unretained (a `for` over the array retained and released each).
-        for index in self.deferredRunning.indices {
-            Unmanaged.passUnretained(self.deferredRunning[index])._withUnsafeGuaranteedRef { $0.reactorRunDeferred() }
+        // What these queue goes to `deferred`: the next turn.
+        var running = Self.take(&self.deferred, spare: &self.deferredSpare)
+        for index in running.indices {
+            Unmanaged.passUnretained(running[index])._withUnsafeGuaranteedRef { $0.reactorRunDeferred() }
         }
-        Self.empty(&self.deferredRunning)
+        Self.giveBack(&running, spare: &self.deferredSpare)
     }
 
     // MARK: fds (reactor thread only)
@@ -489,13 +502,32 @@ package final class Reactor: @unchecked Sendable {
 
     fileprivate func runFlushes() {
         while !self.flushList.isEmpty {
-            swap(&self.flushList, &self.flushing)
-            // Unretained, as in `runDeferred`: `flushing` keeps them (new requests go to `flushList`).
-            for index in self.flushing.indices {
-                Unmanaged.passUnretained(self.flushing[index])._withUnsafeGuaranteedRef { $0.reactorFlush() }
+            var flushing = Self.take(&self.flushList, spare: &self.flushSpare)
+            for index in flushing.indices {
+                Unmanaged.passUnretained(flushing[index])._withUnsafeGuaranteedRef { $0.reactorFlush() }
             }
-            Self.empty(&self.flushing)
+            Self.giveBack(&flushing, spare: &self.flushSpare)
         }
+    }
+
+    /// Takes a turn's handlers out of `list` for a run, leaving it `spare`'s storage (each list has two buffers that
+    /// trade places, so neither is reallocated turn after turn). The run holds them in its own local array and calls
+    /// them unretained (a `for` over the array retained and released each): a handler that re-enters the reactor
+    /// (a shutdown from a completion runs the deferred phase again) finds no list holding this run's handlers, so
+    /// it can neither run nor free one of them a second time.
+    @inline(__always)
+    private static func take(_ list: inout [ReactorHandler], spare: inout [ReactorHandler]) -> [ReactorHandler] {
+        var taken: [ReactorHandler] = []
+        swap(&taken, &spare)
+        swap(&taken, &list)
+        return taken
+    }
+
+    /// Lets go of a run's handlers and keeps the storage as the list's spare (unless a re-entrant run put one back).
+    @inline(__always)
+    private static func giveBack(_ taken: inout [ReactorHandler], spare: inout [ReactorHandler]) {
+        Self.empty(&taken)
+        if spare.capacity == 0 { swap(&taken, &spare) }
     }
 
     /// Empties a turn's list of handlers and keeps its capacity. `removeAll(keepingCapacity:)` goes through the

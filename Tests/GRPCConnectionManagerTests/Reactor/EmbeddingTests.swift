@@ -194,6 +194,33 @@ struct EmbeddingTests {
         #expect(status?.code == .unavailable, "the waiting call ended with the shutdown: \(String(describing: status))")
     }
 
+    @Test("a driven loop shut down between turns: a completion the shutdown runs may shut the loop down again")
+    func drivenShutdownFromACompletionOfTheShutdown() throws {
+        let silent = try BadPeer(.silent)  // accepts, never answers: only the shutdown ends the call
+        defer { silent.stop() }
+        let loop = try ReactorLoop()
+        let endings = PThreadLock<[CallStatus]>([])
+        let done = Atomic<Bool>(false)
+        let host = Thread {
+            _ = try? loop.runOnce(maxWait: .zero)
+            guard let channel = try? GRPCChannel(target: "127.0.0.1:\(silent.port)", eventLoop: loop) else { return }
+            channel.unary(path: "/echo.Echo/Get", request: [1]) { response in
+                endings.withLock { $0.append(response.status) }
+                // Inside the shutdown's own deferred phase, on the driving thread: legal, and a no-op by now.
+                loop.shutdown()
+            }
+            // A few turns (the call connects, or waits to): wherever it waits, the shutdown ends it.
+            for _ in 0..<20 { _ = try? loop.runOnce(maxWait: .milliseconds(2)) }
+            loop.shutdown()
+            done.store(true, ordering: .releasing)
+        }
+        host.start()
+        #expect(waitFor(seconds: 10) { done.load(ordering: .acquiring) })
+        let all = endings.withLock { $0 }
+        #expect(all.count == 1, "the call ended exactly once: \(all)")
+        #expect(all.first?.code == .unavailable, "\(all)")
+    }
+
     @Test("a group of 2 loops: connections on both, every call completes once, a completion's next call stays on its loop")
     func groupOfTwo() async throws {
         let server = try EchoServer()
