@@ -28,13 +28,15 @@ package struct OutputBytes: ~Copyable {
     }
 
     /// Appends what `fill` writes into `maximum` fresh bytes: it returns how many it wrote (a negative count or 0:
-    /// nothing). Returns that count.
+    /// nothing; more than `maximum` counts as `maximum`). Returns the count appended, or `fill`'s negative one.
     package mutating func append(upTo maximum: Int, _ fill: (UnsafeMutableRawBufferPointer) -> Int) -> Int {
+        guard maximum > 0 else { return 0 }
         let space = self.reserve(maximum)
         let written = fill(UnsafeMutableRawBufferPointer(start: space, count: maximum))
         guard written > 0 else { return written }
-        self.count += min(written, maximum)
-        return written
+        let appended = min(written, maximum)
+        self.count += appended
+        return appended
     }
 
     /// Drops the last `n` bytes.

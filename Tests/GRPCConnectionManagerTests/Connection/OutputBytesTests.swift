@@ -25,17 +25,25 @@ struct OutputBytesTests {
                 bytes.withUnsafeBytes { run.append($0) }
                 model += bytes
             case 2:
-                // A fill that writes less than it was offered, or fails (a negative count adds nothing).
+                // A fill that writes less than it was offered, or fails (a negative count adds nothing), or claims
+                // too much.
                 let offered = Int.random(in: 1..<700, using: &generator)
                 let wanted = Int.random(in: -1...offered, using: &generator)
                 let bytes = fresh(max(wanted, 0))
                 let written = run.append(upTo: offered) { space in
                     #expect(space.count == offered)
                     space.copyBytes(from: bytes)
-                    return wanted
+                    // A fill that claims more than the room it had counts as filling the room.
+                    return wanted == offered ? offered + 3 : wanted
                 }
                 #expect(written == wanted)
                 model += bytes
+                // Asking for no room at all adds nothing and calls nothing.
+                let none = run.append(upTo: 0) { _ in
+                    Issue.record("fill called for 0 bytes")
+                    return 1
+                }
+                #expect(none == 0)
             case 3:
                 let n = Int.random(in: 0...model.count, using: &generator)
                 run.removeLast(n)
