@@ -35,7 +35,9 @@ package struct HotKeyTable<Key: Hashable, Value> {
     /// The slot of the key asked for last, when `matches` finds it is the one wanted; nil otherwise (then ask with
     /// the key). For a caller that holds its key in parts: building the key copies each part, a retain and a release
     /// of each string, where `matches` compares them in place. `mutating` though it changes nothing: called on a
-    /// class's stored table, a non-mutating method gets a copy of the table (and of the key).
+    /// class's stored table, a non-mutating method gets a copy of the table (and of the key). Callers write
+    /// `lastSlot(where:) ?? slot(for:orInsert:)` themselves: a method of the table doing both measured a copy of the
+    /// last key again (about 130 instructions per call).
     package mutating func lastSlot(where matches: (Key) -> Bool) -> Int? {
         guard let last = self.lastKey, matches(last) else { return nil }
         return self.lastSlot

@@ -39,9 +39,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     static let idleTrimDelay: UInt64 = 1_000_000_000
 
     package unowned let reactor: Reactor
-    /// The same reactor, for reads from its own loop's callbacks (nghttp2's, the socket's), where it is necessarily
-    /// alive: each read through the `unowned` reference costs a strong retain and a release (about 40 instructions),
-    /// and the stream-closed and socket-read paths run for every call.
+    /// The same reactor, read unretained on the loop's own paths (see `Reactor`).
     private let loopReactor: Unmanaged<Reactor>
     /// Unowned, not weak (a weak reference would put the subchannel's every retain on the slow path): the subchannel
     /// owns this connection and detaches itself before it goes.

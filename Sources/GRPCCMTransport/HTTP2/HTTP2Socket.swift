@@ -59,9 +59,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     }
 
     package unowned let reactor: Reactor
-    /// The same reactor, for reads from its own loop's callbacks and turns (reading, scheduling a flush), where it
-    /// is necessarily alive: each read through the `unowned` reference costs a strong retain and a release (about 40
-    /// instructions), several times a turn.
+    /// The same reactor, read unretained on the loop's own paths (see `Reactor`).
     private let loopReactor: Unmanaged<Reactor>
     /// Not `weak`: a weak reference gives the owner a side table, which makes every retain and release of it (a
     /// connection: several per call) take the slow path. The owner outlives the socket's use of it: it closes the
