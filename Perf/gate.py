@@ -11,8 +11,8 @@ natively in another process (pinned to CPU 0; its instructions are not counted).
     instructions per call = (I(large) - I(small)) / (large - small)
 
 The harness leaves its latency percentiles out (--no-percentiles): computing them walks every distinct recorded
-value, more of them in the longer run, which moved the figure by 100 to 200 instructions from run to run. Without
-that report two runs of the same build agree within a few instructions.
+value, more of them in the longer run, so that work did not cancel out. It added about 110 to 150 instructions to
+the figure at (b) and let runs of the same build differ by up to about 100; without it they agree within about 10.
 
   Perf/gate.py [--update] [--small 2000] [--large 12000] [--tolerance 0.05]
 
@@ -48,9 +48,7 @@ def instructions(binary, port, concurrency, calls, extra=()):
     r = subprocess.run(
         pinned(1, ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", binary,
                    "--target", f"127.0.0.1:{port}", "--concurrency", str(concurrency), "--requests", str(calls),
-                   # The latency report walks every recorded value: more of them in the longer run, so it did not
-                   # cancel out and moved the figure by 100 to 200 from run to run. Without it runs agree within a few.
-                   "--no-percentiles", *extra]),
+                   "--no-percentiles", *extra]),  # see the docstring
         capture_output=True, text=True, timeout=600)
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
     if r.returncode != 0 or not lines or "Collected :" not in r.stderr:
