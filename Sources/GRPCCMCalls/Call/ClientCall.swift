@@ -186,6 +186,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.preparing = preparing
         self.requestEncoding = requestEncoding
         self.environment = environment
+        self.loopReactor = Unmanaged.passUnretained(environment.reactor)
         self.path = path
         self.metadata = metadata
         self.request = request ?? []
@@ -216,6 +217,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     package var attempt: Int { self.machine.attempt }
 
     private var reactor: Reactor { self.environment.reactor }
+    /// The same reactor, read unretained where every call passes (see `Reactor`): `environment` holds it for as
+    /// long as this call exists, and a read through it cost a protective retain and release.
+    private let loopReactor: Unmanaged<Reactor>
 
     // MARK: starting
 
@@ -262,7 +266,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             refusal = invalid
         } else if environment.router.isClosing {
             refusal = environment.router.closingStatus
-        } else if self.reactor.isStopping {
+        } else if self.loopReactor._withUnsafeGuaranteedRef({ $0.isStopping }) {
             refusal = CallStatus(code: .unavailable, message: "the event loop is shutting down")
         } else {
             self.startedAt = Reactor.clock()
@@ -564,7 +568,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private func complete(_ response: consuming UnaryResponse) {
         guard !self.hasResult && !self.completed else { return }
         self.result = consume response
-        if self.reactor.isStopped {
+        if self.loopReactor._withUnsafeGuaranteedRef({ $0.isStopped }) {
             self.completeWithoutReactor()
             return
         }
@@ -576,7 +580,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private func scheduleDelivery() {
         if !self.deliveryScheduled {
             self.deliveryScheduled = true
-            self.reactor.enqueueDeferred(self)
+            self.loopReactor._withUnsafeGuaranteedRef { $0.enqueueDeferred(self) }
         }
     }
 
