@@ -162,7 +162,7 @@ public final class GRPCChannel: Sendable {
     private func shardForCall() -> ChannelShard {
         let shards = self.shards
         if shards.count == 1 { return shards[0] }
-        for shard in shards where shard.reactor.inReactorThread { return shard }
+        for shard in shards where shard.onItsLoop { return shard }
         return shards[self.cursor.add(1, ordering: .relaxed).oldValue % shards.count]
     }
 
@@ -241,7 +241,7 @@ public final class GRPCChannel: Sendable {
             waitForReady: options.waitForReady, delivery: consume delivery, buffers: buffers, requestEncoding: encoding,
             onWritable: onWritable, previousAttemptsElsewhere: previousAttempts, invalid: problem,
             observers: consume observers, preparing: suspended != nil, completion: completion)
-        if shard.reactor.inReactorThread {
+        if shard.onItsLoop {
             call.start()
         } else if !shard.reactor.submit(call) {
             call.finishWithoutReactor(CallStatus(code: .unavailable, message: "the event loop has stopped"))
@@ -284,7 +284,7 @@ public final class GRPCChannel: Sendable {
             attempt.hedgeAttempt = number
             return attempt
         }
-        if shard.reactor.inReactorThread {
+        if shard.onItsLoop {
             hedged.start()
         } else if !shard.reactor.execute({ hedged.start() }) {
             spawnDetachedThread { completion(UnaryResponse(status: CallStatus(code: .unavailable, message: "the event loop has stopped"))) }
@@ -353,7 +353,7 @@ public final class GRPCChannel: Sendable {
         var states: [(state: ConnectivityState, lastError: CallStatus?)] = []
         for shard in self.shards {
             let pool = shard.pool
-            if shard.reactor.inReactorThread {
+            if shard.onItsLoop {
                 states.append((pool.state, pool.lastError))
                 continue
             }
@@ -388,7 +388,7 @@ public final class GRPCChannel: Sendable {
             let pool = shard.pool
             if self.closesOnDeinit {
                 shard.onReactor { pool.close(graceful: false) }
-            } else if !shard.reactor.inReactorThread {
+            } else if !shard.onItsLoop {
                 // A manager's channel: the manager closes it; its pool is released on the reactor thread all the
                 // same, where its connections and timers live.
                 shard.reactor.execute { withExtendedLifetime(pool) {} }
@@ -471,10 +471,14 @@ final class ChannelShard: Sendable {
         self.environment = environment
     }
 
+    /// Whether this is the shard's loop thread. Asked of the shard rather than as `shard.reactor.inReactorThread`,
+    /// which put a protective retain and release of the reactor around the read (about 40 instructions a call).
+    var onItsLoop: Bool { self.reactor.inReactorThread }
+
     /// Runs `body` on the shard's loop: inline there, else through the inbox; not at all once the loop has stopped
     /// (it closed everything then).
     func onReactor(_ body: @escaping @Sendable () -> Void) {
-        if self.reactor.inReactorThread {
+        if self.onItsLoop {
             body()
         } else {
             self.reactor.execute(body)
