@@ -236,9 +236,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private func open(_ call: ClientCall) -> Bool {
         var refused = 0  // subchannels that said "try elsewhere" during this pick, as a bit set (first 64)
         for _ in 0..<max(self.subchannels.count, 1) {
-            let subchannels = self.subchannels
-            guard let index = self.pick(among: subchannels, refused: refused) else { return false }
-            switch subchannels[index].open(call) {
+            // The subchannel is read alone: a local copy of the whole array cost a retain and release of it.
+            guard let index = self.pick(refused: refused) else { return false }
+            switch self.subchannels[index].open(call) {
             case .done, .notWaiting: return true
             case .tryElsewhere: if index < 64 { refused |= 1 << index } else { return false }
             }
@@ -250,8 +250,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// pick: the picker's closure would read the connection's load for nothing (two retain/release pairs a call),
     /// and whether it has a stream to spare the subchannel checks as it opens (`Subchannel.open`).
     @inline(__always)
-    private func pick(among subchannels: [Subchannel], refused: Int) -> Int? {
-        if subchannels.count == 1 { return refused == 0 ? 0 : nil }
+    private func pick(refused: Int) -> Int? {
+        if self.subchannels.count == 1 { return refused == 0 ? 0 : nil }
+        let subchannels = self.subchannels
         return self.picker.pick(count: subchannels.count) { index in
             let subchannel = subchannels[index]
             let usable = subchannel.availableStreams > 0 && (index >= 64 || refused & (1 << index) == 0)

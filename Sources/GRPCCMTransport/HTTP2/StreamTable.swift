@@ -82,11 +82,13 @@ struct StreamTable {
     /// Removes the stream and returns its handler (nil when it was not there).
     mutating func remove(_ id: Int32) -> HTTP2StreamHandler? {
         guard let slot = self.slot(of: id) else { return nil }
-        let removed = self.entries[slot].handler
+        // Moved out (not copied, then overwritten): a retain and a release less.
+        let removed = self.entries[slot].handler.take()
         self.count -= 1
         if slot != self.home(id) { self.displaced -= 1 }
         if self.displaced == 0 {
-            self.entries[slot] = Entry(id: 0, handler: nil)
+            self.entries[slot].id = 0
+            self.entries[slot].unreported = 0
             return removed
         }
         // Close the gap: a later entry of the same run moves back into the hole unless its home slot lies
