@@ -185,12 +185,13 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.observers = observers
         self.preparing = preparing
         self.requestEncoding = requestEncoding
-        self.environment = environment
         self.loopReactor = Unmanaged.passUnretained(environment.reactor)
+        self.head = ResponseHead(maxHeaderListSize: environment.maxHeaderListSize)
         self.path = path
         self.metadata = metadata
-        self.request = request ?? []
-        self.requestsStreamed = request == nil
+        let requestsStreamed = request == nil
+        self.requestsStreamed = requestsStreamed
+        self.machine = CallStateMachine(requestsStreamed: requestsStreamed)
         self.buffers = buffers
         self.delivery = consume delivery
         self.deadline = deadline
@@ -198,13 +199,15 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.waitForReady = waitForReady
         self.completion = completion
         self.onWritable = onWritable
-        self.machine = CallStateMachine(requestsStreamed: request == nil)
-        self.head = ResponseHead(maxHeaderListSize: environment.maxHeaderListSize)
         self.deframer = MessageDeframer(maxMessageSize: maxReceiveMessageSize)
+        // Each the last use of its argument, so the argument moves in: read again after its store, each was retained
+        // once more and released at the end.
+        self.request = request ?? []
+        self.environment = environment
         super.init()
         if let buffers {
             buffers.waker.call = self
-            buffers.waker.reactor = environment.reactor
+            buffers.waker.reactor = self.reactor
         }
     }
 
@@ -220,6 +223,14 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// The same reactor, read unretained where every call passes (see `Reactor`): `environment` holds it for as
     /// long as this call exists, and a read through it cost a protective retain and release.
     private let loopReactor: Unmanaged<Reactor>
+
+    /// Calls `body` with the environment as an argument. Reached as `self.environment.router.route(self)`, every call
+    /// into the router, a policy or the bus had a protective retain and release around it (about 40 instructions):
+    /// the optimizer keeps an argument alive for the body without one, but not a `let` read through `self`.
+    @inline(__always)
+    private func withEnvironment<Result>(_ body: (CallEnvironment) -> Result) -> Result {
+        body(self.environment)
+    }
 
     // MARK: starting
 
@@ -260,25 +271,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     }
 
     private func begin() {
-        let environment = self.environment
-        var refusal: CallStatus? = nil
-        if let invalid = self.invalid {
-            refusal = invalid
-        } else if environment.router.isClosing {
-            refusal = environment.router.closingStatus
-        } else if self.loopReactor._withUnsafeGuaranteedRef({ $0.isStopping }) {
-            refusal = CallStatus(code: .unavailable, message: "the event loop is shutting down")
-        } else {
-            self.startedAt = Reactor.clock()
-            if self.hedgeAttempt == 0 {
-                environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
-            }
-            if self.hedgeAttempt == 0, let admission = environment.policies.admission {
-                self.permit = admission.admit(service: environment.service, path: self.path, now: self.startedAt)
-                // Refused without touching the network; reported as a call with no attempt.
-                if self.permit == nil { refusal = CallStatus(code: .unavailable, message: "circuit breaker is open") }
-            }
-        }
+        let refusal = self.withEnvironment { environment in self.refusalOrAdmission(environment) }
         switch self.machine.start(refusal: refusal) {
         case .none:
             return
@@ -293,7 +286,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         case .route:
             if !self.adopted {
                 self.adopted = true
-                environment.router.adopt(self)
+                self.withEnvironment { $0.router.adopt(self) }
             }
             if self.deadline != 0 && self.deadlineTimer == 0 {
                 self.deadlineTimer = self.reactor.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline)
@@ -302,19 +295,37 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
     }
 
+    /// Why the call may not begin (invalid, a closing channel, a stopping loop, the breaker), or nil: it may, and the
+    /// breaker's permit is taken.
+    private func refusalOrAdmission(_ environment: CallEnvironment) -> CallStatus? {
+        if let invalid = self.invalid { return invalid }
+        if environment.router.isClosing { return environment.router.closingStatus }
+        if self.loopReactor._withUnsafeGuaranteedRef({ $0.isStopping }) {
+            return CallStatus(code: .unavailable, message: "the event loop is shutting down")
+        }
+        self.startedAt = Reactor.clock()
+        guard self.hedgeAttempt == 0 else { return nil }
+        environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
+        // Called through the optional in place: bound to a local first, the admission was retained for the call.
+        guard environment.policies.admission != nil else { return nil }
+        self.permit = environment.policies.admission?.admit(service: environment.service, path: self.path, now: self.startedAt)
+        // Refused without touching the network; reported as a call with no attempt.
+        return self.permit == nil ? CallStatus(code: .unavailable, message: "circuit breaker is open") : nil
+    }
+
     /// Sends the current attempt (the first, a retry after its backoff, or a transparent retry).
     private func dispatchAttempt() {
         // The first attempt finds the state as `init` made it.
         if self.attemptStateUsed { self.resetAttemptState() }
         self.attemptStateUsed = true
         self.attemptsMade = max(self.attemptsMade, self.machine.attempt)
-        if let timeout = self.environment.policies.retry?.perAttemptTimeout(path: self.path) {
+        if let timeout = self.withEnvironment({ $0.policies.retry?.perAttemptTimeout(path: self.path) }) {
             let at = Reactor.clock() &+ UInt64(max(timeout.nanoseconds, 0))
             if self.deadline == 0 || at < self.deadline {
                 self.attemptTimer = self.reactor.scheduleTimer(at: at, handler: self, tag: TimerTag.attempt)
             }
         }
-        self.environment.router.route(self)
+        self.withEnvironment { $0.router.route(self) }
     }
 
     private func resetAttemptState() {
@@ -461,7 +472,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.stream = nil
             stream.reset(errorCode: NGHTTP2_CANCEL.rawValue)
         }
-        if self.queued { self.environment.router.withdraw(self) }
+        if self.queued { self.withEnvironment { $0.router.withdraw(self) } }
     }
 
     /// Queues an attempt's end for the observers (nothing to do without any).
@@ -472,7 +483,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     }
 
     private func reportAttempt(_ status: CallStatus) {
-        let environment = self.environment
+        self.withEnvironment { environment in self.reportAttempt(status, environment) }
+    }
+
+    private func reportAttempt(_ status: CallStatus, _ environment: CallEnvironment) {
         environment.policies.retry?.attemptEnded(service: environment.service, path: self.path, status: status)
         environment.bus.publishCallEvent(
             .attemptFinished(
@@ -541,7 +555,12 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.deadlineTimer = 0
         self.attemptTimer = 0
         self.retryTimer = 0
-        let environment = self.environment
+        self.withEnvironment { environment in self.leave(environment, with: response) }
+        self.complete(response)
+    }
+
+    /// The call's end told to everyone but the user: the router lets it go, the breaker and the bus hear of it.
+    private func leave(_ environment: CallEnvironment, with response: borrowing UnaryResponse) {
         if self.queued { environment.router.withdraw(self) }
         if self.adopted {
             self.adopted = false
@@ -549,8 +568,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
         let now = Reactor.clock()
         let duration = Duration.nanoseconds(Int64(bitPattern: now &- self.startedAt))
-        if let permit = self.permit, let admission = environment.policies.admission {
-            admission.callEnded(
+        if let permit = self.permit {
+            environment.policies.admission?.callEnded(
                 permit, service: environment.service, path: self.path, status: response.status, duration: duration,
                 now: now, cancelledByClient: self.cancelledByClient)
         }
@@ -560,7 +579,6 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                     service: environment.service, path: self.path, status: response.status, duration: duration,
                     attempts: self.attemptsMade, sentBytes: self.sentBytes, receivedBytes: self.receivedBytes))
         }
-        self.complete(response)
     }
 
     /// Queues the completion for the deferred phase.
@@ -622,15 +640,20 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// The observers, then the buffers' readers, then the completion hear how `call` ended. The response comes
     /// `inout` so that it is lent, never copied.
     private static func deliverEnd(of call: ClientCall, _ response: inout UnaryResponse?) {
-        // Attempts not yet told (the call ended in the turn they did) come before the end.
-        for part in call.parts {
-            guard case .attempt(let attempt, let status, let willRetry) = part else { continue }
-            for observer in call.observers {
-                observer.attemptFinished(attempt: attempt, status: status, willRetry: willRetry)
+        // Attempts not yet told (the call ended in the turn they did) come before the end. Both lists are usually
+        // empty, and asking first spares a retain and a release of the empty storage each.
+        if !call.parts.isEmpty {
+            for part in call.parts {
+                guard case .attempt(let attempt, let status, let willRetry) = part else { continue }
+                for observer in call.observers {
+                    observer.attemptFinished(attempt: attempt, status: status, willRetry: willRetry)
+                }
             }
+            call.parts.removeAll()
         }
-        call.parts.removeAll()
-        for observer in call.observers.reversed() { observer.callFinished(response!) }
+        if !call.observers.isEmpty {
+            for observer in call.observers.reversed() { observer.callFinished(response!) }
+        }
         call.buffers?.finish(StreamResult(response!))
         call.completion(response!)
     }
@@ -889,8 +912,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             }
         }
         let metadata = self.head.takeMetadata()
+        // Moved out, as the metadata is: the attempt is over, and a copy cost a retain now and a release at deinit.
+        let message = status.isOK ? (self.responseMessage.take() ?? []) : []
         return UnaryResponse(
-            status: status, message: status.isOK ? (self.responseMessage ?? []) : [],
+            status: status, message: message,
             initialMetadata: metadata.initial, trailingMetadata: metadata.trailing)
     }
 }
