@@ -32,29 +32,28 @@ package enum HeaderName {
     }
 
     /// RFC 9113 §8.2.1 / RFC 9110 §5.6.2: a field name is a token, and HTTP/2 sends it in lower case. Bit `b` of
-    /// word `b >> 6` is set for each byte allowed.
-    private static let nameBytes: (UInt64, UInt64, UInt64, UInt64) = {
-        var words: [UInt64] = [0, 0, 0, 0]
-        for byte in Array("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz".utf8) {
-            words[Int(byte >> 6)] |= 1 << UInt64(byte & 63)
-        }
-        return (words[0], words[1], words[2], words[3])
-    }()
+    /// `tokenBytesBelow64` is set for each byte `b` allowed below 64, bit `b - 64` of `tokenBytesFrom64` for each
+    /// from 64 to 127: the bytes ``!#$%&'*+-.^_`|~``, the digits and `a` to `z`. Constants (a table computed at first
+    /// use cost a lazy-initialisation check per call), tested against that list.
+    package static let tokenBytesBelow64: UInt64 = 0x03FF_6CFA_0000_0000
+    package static let tokenBytesFrom64: UInt64 = 0x57FF_FFFF_C000_0000
 
     /// A lower-case token: what a regular field's name must be (nghttp2's `nghttp2_check_header_name`).
     package static func isValidName(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
         guard !bytes.isEmpty else { return false }
-        let table = Self.nameBytes
         for byte in bytes {
-            let word: UInt64
-            switch byte >> 6 {
-            case 0: word = table.0
-            case 1: word = table.1
-            default: return false  // no byte of 128 or more is in a token
-            }
-            if word & (1 << UInt64(byte & 63)) == 0 { return false }
+            // No byte of 128 or more is in a token.
+            let word = byte < 64 ? Self.tokenBytesBelow64 : byte < 128 ? Self.tokenBytesFrom64 : 0
+            if (word >> UInt64(byte & 63)) & 1 == 0 { return false }
         }
         return true
+    }
+
+    /// A `-bin` name: its values are base64 on the wire and bytes in metadata.
+    package static func isBinary(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        let suffix: StaticString = "-bin"
+        guard bytes.count >= 4 else { return false }
+        return memcmp(bytes.baseAddress! + (bytes.count - 4), suffix.utf8Start, 4) == 0
     }
 
     /// RFC 9113 §8.2.1: no NUL, CR or LF (nor other controls but HTAB) in a value, and no space or HTAB at either end

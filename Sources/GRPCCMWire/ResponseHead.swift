@@ -96,7 +96,11 @@ package struct ResponseHead: Sendable {
     /// One header field of the current block.
     /// - Returns: false to refuse the block: it has grown past `maxHeaderListSize` (the stream must be reset and the
     ///   call ends with `headerListTooLarge`), or the field is malformed (`malformation` is set).
-    package mutating func header(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
+    ///   `names`: the names this channel's responses carried before (the same answer with or without it, sooner
+    ///   with it).
+    package mutating func header(
+        name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>, names: MetadataNameCache? = nil
+    ) -> Bool {
         self.blockSize += name.count + value.count + 32
         if self.blockSize > self.maxHeaderListSize { return false }
         guard let first = name.first else { return self.malformed("a header field with an empty name") }
@@ -155,22 +159,28 @@ package struct ResponseHead: Sendable {
                 return true
             }
         }
-        guard HeaderName.isValidName(name) else {
-            // Upper case is malformed in HTTP/2; any other stray byte makes the field ignored (nghttp2's leniency
-            // with the web's odd headers).
-            if name.contains(where: { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") }) {
-                return self.malformed("header name \(Self.text(name)) has upper-case letters")
+        let nameText: String
+        if let known = names?.name(spelled: name) {
+            nameText = known
+        } else {
+            guard HeaderName.isValidName(name) else {
+                // Upper case is malformed in HTTP/2; any other stray byte makes the field ignored (nghttp2's
+                // leniency with the web's odd headers).
+                if name.contains(where: { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") }) {
+                    return self.malformed("header name \(Self.text(name)) has upper-case letters")
+                }
+                return true
             }
-            return true
-        }
-        if HeaderName.isConnectionSpecific(name) {
-            return self.malformed("connection-specific header \(Self.text(name))")
+            if HeaderName.isConnectionSpecific(name) {
+                return self.malformed("connection-specific header \(Self.text(name))")
+            }
+            nameText = String(decoding: name, as: UTF8.self)
+            names?.keep(nameText, spelled: name)
         }
         if HeaderName.equals(name, "te") && !HeaderName.equals(value, "trailers") {
             return self.malformed("te \(Self.text(value))")
         }
-        let nameText = String(decoding: name, as: UTF8.self)
-        if nameText.hasSuffix("-bin") {
+        if HeaderName.isBinary(name) {
             // Repeated values may arrive joined with "," (PROTOCOL-HTTP2.md): each piece is its own base64 value,
             // padded or not, so each is decoded alone. A piece that is not base64 is dropped.
             for piece in value.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false) {

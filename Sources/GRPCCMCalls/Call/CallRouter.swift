@@ -32,6 +32,8 @@ package final class CallEnvironment: @unchecked Sendable {
     package let policies: CallPolicies
     /// SETTINGS_MAX_HEADER_LIST_SIZE we announce: the bound on each response header block.
     package let maxHeaderListSize: Int
+    /// The metadata names the channel's responses carried before (reactor thread only, like the rest).
+    package let metadataNames = MetadataNameCache()
 
     package init(
         reactor: Reactor, service: String, router: any CallRouter, bus: LocalEventBus, policies: CallPolicies,

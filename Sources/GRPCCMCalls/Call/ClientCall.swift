@@ -742,7 +742,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     }
 
     package override func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
-        if self.head.header(name: name, value: value) { return true }
+        if self.withEnvironment({ self.head.header(name: name, value: value, names: $0.metadataNames) }) { return true }
         if let reason = self.head.malformation {
             // Reset here (PROTOCOL_ERROR, RFC 9113 §8.1.1): the rest of the block then reaches nobody.
             self.endMalformed(reason)

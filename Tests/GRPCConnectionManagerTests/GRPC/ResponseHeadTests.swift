@@ -10,14 +10,14 @@ struct ResponseHeadTests {
     typealias Block = (fields: [(String, String)], endStream: Bool)
 
     /// Feeds the blocks; returns how the last one ended (or `.malformed` as soon as a field is refused) and the head.
-    static func read(_ blocks: [Block]) -> (ResponseHead.Block, ResponseHead) {
+    static func read(_ blocks: [Block], names: MetadataNameCache? = nil) -> (ResponseHead.Block, ResponseHead) {
         var head = ResponseHead(maxHeaderListSize: 16 << 10)
         var last = ResponseHead.Block.headers
         for block in blocks {
             head.beginBlock()
             for (name, value) in block.fields {
                 let accepted = Array(name.utf8).withUnsafeBufferPointer { n in
-                    Array(value.utf8).withUnsafeBufferPointer { v in head.header(name: n, value: v) }
+                    Array(value.utf8).withUnsafeBufferPointer { v in head.header(name: n, value: v, names: names) }
                 }
                 if !accepted { return (.malformed, head) }
             }
@@ -68,10 +68,52 @@ struct ResponseHeadTests {
         ("empty name", [(fields: ok + [("", "v")], endStream: false)], "empty name"),
     ])
     func malformed(_ what: String, _ blocks: [Block], _ reason: String) {
-        let (end, head) = Self.read(blocks)
-        #expect(end == .malformed, "\(what)")
-        let malformation = head.malformation ?? ""
-        #expect(malformation.contains(reason), "\(what): \(malformation)")
+        // Alone, and again through a name cache that has already seen every name these cases use in a valid
+        // response: what was accepted once must not make a malformed field pass.
+        let warmed = MetadataNameCache()
+        _ = Self.read(Self.everyValidName, names: warmed)
+        for names in [nil, warmed] {
+            let (end, head) = Self.read(blocks, names: names)
+            #expect(end == .malformed, "\(what)")
+            let malformation = head.malformation ?? ""
+            #expect(malformation.contains(reason), "\(what): \(malformation)")
+        }
+    }
+
+    /// A valid response with the names of the malformed cases, where a valid use of them exists.
+    static let everyValidName: [Block] = [
+        (fields: ok + [("te", "trailers"), ("x-bad", "fine"), ("x-pad", "v"), ("x-upper", "v")], endStream: false),
+        (fields: [("grpc-status", "0"), ("grpc-message", "ok"), ("x-after", "v")], endStream: true),
+    ]
+
+    @Test("through a name cache a response reads exactly as without one; the cache keeps valid names only, and so many")
+    func nameCache() throws {
+        let names = MetadataNameCache()
+        let response: [Block] = [
+            (fields: Self.ok + [("x-request-id", "42"), ("x-trace-bin", "AAEC"), ("te", "trailers"), ("x-bad name", "v")], endStream: false),
+            (fields: [("grpc-status", "0"), ("x-request-id", "43"), ("x-server", "a-long-enough-value-to-allocate")], endStream: true),
+        ]
+        let (plainEnd, plain) = Self.read(response)
+        for round in 0..<3 {
+            let (end, head) = Self.read(response, names: names)
+            #expect(end == plainEnd && end == .trailers, "round \(round)")
+            #expect(head.initialMetadata == plain.initialMetadata && head.trailingMetadata == plain.trailingMetadata)
+        }
+        #expect(plain.initialMetadata["x-request-id"] == "42" && plain.trailingMetadata["x-request-id"] == "43")
+        #expect(plain.initialMetadata.values(for: "x-trace-bin") == [.binary([0, 1, 2])])
+        // x-request-id, x-trace-bin, te, x-server: the name that is not a token (ignored) is not kept.
+        #expect(names.count == 4)
+        // A kept `te` still has its value checked.
+        let (end, head) = Self.read([(fields: Self.ok + [("te", "gzip")], endStream: false)], names: names)
+        #expect(end == .malformed && head.malformation?.contains("te") == true)
+
+        // Bounded: past its capacity it keeps no more names, and reads every response all the same.
+        let many = (0..<(MetadataNameCache.capacity * 2)).map { ("x-field-\($0)", "v\($0)") }
+        let (manyEnd, manyHead) = Self.read([(fields: Self.ok + many, endStream: false), Self.trailers], names: names)
+        #expect(manyEnd == .trailers && manyHead.initialMetadata.count == many.count)
+        #expect(names.count == MetadataNameCache.capacity)
+        let (againEnd, againHead) = Self.read([(fields: Self.ok + many, endStream: false), Self.trailers], names: names)
+        #expect(againEnd == .trailers && againHead.initialMetadata == manyHead.initialMetadata)
     }
 
     @Test("a name that is not a token but has no upper case is ignored, as nghttp2 did")
@@ -94,6 +136,13 @@ struct ResponseHeadTests {
         func value(_ text: String) -> Bool { Array(text.utf8).withUnsafeBufferPointer { HeaderName.isValidValue($0) } }
         #expect(name("x-ok") && name("a!#$%&'*+-.^_`|~9z") && !name("") && !name("X") && !name("a b") && !name("a:b"))
         #expect(!name("é") && !name("a\u{7F}"))
+        // Every byte against the token list the constant tables encode.
+        let token = Set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz".utf8)
+        for byte in UInt8.min...UInt8.max {
+            #expect([byte].withUnsafeBufferPointer { HeaderName.isValidName($0) } == token.contains(byte), "byte \(byte)")
+        }
+        func binary(_ text: String) -> Bool { Array(text.utf8).withUnsafeBufferPointer { HeaderName.isBinary($0) } }
+        #expect(binary("x-bin") && binary("-bin") && !binary("bin") && !binary("x-bin-") && !binary("x-bi"))
         #expect(value("") && value("a b") && value("a\tb") && value("é") && value("~"))
         #expect(!value(" a") && !value("a ") && !value("\ta") && !value("a\t") && !value("a\u{7F}") && !value("a\u{1}b"))
     }
