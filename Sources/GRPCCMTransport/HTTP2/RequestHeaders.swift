@@ -96,6 +96,7 @@ struct HeaderScratch {
     private var bytes: [UInt8] = []
     private var fields: [(name: Range<Int>, value: Range<Int>)] = []
     private var nvs: [nghttp2_nv] = []
+    private var timeoutMemo = GRPCTimeout.Memo()
 
     init() {
         self.bytes.reserveCapacity(1024)
@@ -130,7 +131,7 @@ struct HeaderScratch {
         var timeoutText: (UInt64, UInt64) = (0, 0)
         let timeoutLength = timeoutNanos.map { nanoseconds in
             withUnsafeMutableBytes(of: &timeoutText) { raw in
-                GRPCTimeout.encode(nanoseconds: nanoseconds, into: raw.bindMemory(to: UInt8.self))
+                self.timeoutMemo.encode(nanoseconds: nanoseconds, into: raw.bindMemory(to: UInt8.self))
             }
         }
         if head.encoding != .identity {

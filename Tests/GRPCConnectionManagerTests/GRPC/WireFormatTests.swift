@@ -1,4 +1,7 @@
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 @testable import GRPCConnectionManager
 @testable import GRPCCMCalls
@@ -41,6 +44,30 @@ struct GRPCTimeoutTests {
         var bytes = [UInt8](repeating: 0, count: GRPCTimeout.maxEncodedLength)
         let length = bytes.withUnsafeMutableBufferPointer { GRPCTimeout.encode(nanoseconds: 250_000_000, into: $0) }
         #expect(Array(bytes[..<length]) == Array("250m".utf8))
+    }
+
+    @Test("the memo writes what encoding anew writes, for every timeout, whatever came before it")
+    func memoMatchesEncoding() {
+        var generator = SystemRandomNumberGenerator()
+        var values: [Int64] = [0, -1, 1, 99, 100, 999, 1_000, 1_001, 99_999, 100_000, 999_999_999, 1_000_000_000]
+        // Around each boundary of a scale and of a rounding step, where a memo's range could be one off.
+        for power in 2...16 {
+            let scale = Int64(pow(10.0, Double(power - 2)))
+            for base in [scale * 100, scale * 1_000, scale * 299, scale * 300] where base > 0 {
+                values += (-3...3).map { base &+ $0 }.filter { $0 > 0 }
+            }
+        }
+        for _ in 0..<2_000 { values.append(Int64.random(in: 1...(1 << 50), using: &generator)) }
+        // A decaying timeout, as calls taken a little later see it.
+        values += stride(from: 30_000_000_000, to: 29_800_000_000, by: -1_999_993).map { $0 }
+        var memo = GRPCTimeout.Memo()
+        var fresh = [UInt8](repeating: 0, count: GRPCTimeout.maxEncodedLength)
+        var memoed = fresh
+        for value in values + values.shuffled() + values.reversed() {
+            let expected = fresh.withUnsafeMutableBufferPointer { GRPCTimeout.encode(nanoseconds: value, into: $0) }
+            let length = memoed.withUnsafeMutableBufferPointer { memo.encode(nanoseconds: value, into: $0) }
+            #expect(Array(memoed[..<length]) == Array(fresh[..<expected]), "\(value)")
+        }
     }
 
     @Test(arguments: ["", "1", "S", "123456789S", "12x", "-1S", "1.5S"])
