@@ -174,3 +174,41 @@ struct ReactorTests {
         #expect(!reactor.execute {}, "a stopped reactor refuses work")
     }
 }
+
+@Suite("Duration in nanoseconds")
+struct DurationNanosecondsTests {
+    /// What `nanoseconds` must give, computed the long way (`components`), saturating.
+    static func expected(_ duration: Duration) -> Int64 {
+        let (seconds, attoseconds) = duration.components
+        let (scaled, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        if overflow { return seconds < 0 ? .min : .max }
+        let (total, overflowAdding) = scaled.addingReportingOverflow(attoseconds / 1_000_000_000)
+        if overflowAdding { return seconds < 0 ? .min : .max }
+        return total
+    }
+
+    @Test("read from the attoseconds directly: the same as through components, truncated toward zero, saturating")
+    func matchesComponents() {
+        var durations: [Duration] = [
+            .zero, .nanoseconds(1), .nanoseconds(-1), .seconds(30), .milliseconds(-1_500), .nanoseconds(Int64.max),
+            .nanoseconds(Int64.min), .seconds(Int64.max), .seconds(Int64.min), .seconds(9_223_372_036),
+            .seconds(9_223_372_037), .seconds(-9_223_372_037), Duration(secondsComponent: 0, attosecondsComponent: 999_999_999),
+            Duration(secondsComponent: -2, attosecondsComponent: -999_999_999), Duration(secondsComponent: 0, attosecondsComponent: 1),
+        ]
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<5_000 {
+            durations.append(.nanoseconds(Int64.random(in: .min ... .max, using: &generator)))
+            durations.append(.seconds(Double.random(in: -1e12...1e12, using: &generator)))
+            durations.append(
+                Duration(
+                    secondsComponent: Int64.random(in: .min ... .max, using: &generator),
+                    attosecondsComponent: Int64.random(in: -999_999_999_999_999_999...999_999_999_999_999_999, using: &generator)))
+        }
+        for duration in durations {
+            #expect(duration.nanoseconds == Self.expected(duration), "\(duration)")
+        }
+        #expect(Duration.seconds(30).nanoseconds == 30_000_000_000)
+        #expect(Duration.milliseconds(-1_500).nanoseconds == -1_500_000_000)
+        #expect(Duration(secondsComponent: 0, attosecondsComponent: -999_999_999).nanoseconds == 0)
+    }
+}
