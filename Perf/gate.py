@@ -27,8 +27,11 @@ import argparse, json, os, shutil, socket, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = os.path.join(ROOT, "Perf", "callgrind-baseline.json")
-# (name, calls in flight): (a) one call at a time, every call its own loop turn; (b) 64 in flight on one connection.
-SCENARIOS = [("a-1-in-flight", 1), ("b-64-in-flight", 64)]
+# (name, calls in flight, scenario options): (a) one call at a time, every call its own loop turn; (b) 64 in flight
+# on one connection; (c) as (b), each call with a 30 s deadline, as most real calls have one: a timer armed and
+# cancelled, grpc-timeout sent, and the echo server's answer carries one custom field (x-received-grpc-timeout),
+# as responses with metadata do.
+SCENARIOS = [("a-1-in-flight", 1, []), ("b-64-in-flight", 64, []), ("c-64-in-flight-deadline", 64, ["--timeout", "30"])]
 
 
 def free_port():
@@ -65,7 +68,7 @@ def main():
     ap.add_argument("--small", type=int, default=2000)
     ap.add_argument("--large", type=int, default=12000)
     ap.add_argument("--tolerance", type=float, default=0.05)
-    ap.add_argument("--scenarios", default=",".join(name for name, _ in SCENARIOS), help="comma-separated names")
+    ap.add_argument("--scenarios", default=",".join(name for name, _, _ in SCENARIOS), help="comma-separated names")
     ap.add_argument("--extra", default="", help="more grpc-cm-perf options, e.g. \"--loops 2 --connections 2\"")
     ap.add_argument("--report", action="store_true", help="print the figures; compare nothing")
     args = ap.parse_args()
@@ -95,11 +98,11 @@ def main():
                     raise SystemExit("perf-gate: the echo server did not start")
                 time.sleep(0.1)
         measured = {}
-        for name, concurrency in SCENARIOS:
+        for name, concurrency, options in SCENARIOS:
             if name not in chosen:
                 continue
-            small = instructions(binary, port, concurrency, args.small, extra)
-            large = instructions(binary, port, concurrency, args.large, extra)
+            small = instructions(binary, port, concurrency, args.small, options + extra)
+            large = instructions(binary, port, concurrency, args.large, options + extra)
             measured[name] = round((large - small) / (args.large - args.small))
     finally:
         server.kill()

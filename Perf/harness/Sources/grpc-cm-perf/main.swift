@@ -32,6 +32,7 @@ struct Perf: ParsableCommand {
     @Option(name: .customLong("idle-hold"), help: "Seconds to hold the idle connections.") var idleHold = 3.0
     @Flag(name: .customLong("idle-shared"), help: "With --idle-connections: one channel holding the N connections (connectionsPerTarget N) instead of one channel per connection.") var idleShared = false
     @Flag(help: "Switch off retry and the circuit breaker (the peers have neither).") var bare = false
+    @Option(help: "Give every unary call this deadline, in seconds (sent as grpc-timeout, a timer armed per call).") var timeout: Double?
     @Option(help: "Run on a ReactorGroup of this many loops (closed loop only): each loop gets its own connections.") var loops = 1
     @Option(name: .customLong("user-timers"), help: "Park this many user timers (an hour away) on the loop first.") var userTimers = 0
     @Option(name: .customLong("user-fds"), help: "Register this many idle user fds (pipes) on the loop first.") var userFDs = 0
@@ -66,6 +67,7 @@ struct Perf: ParsableCommand {
             return try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
         }
         let driver = Driver(channels: channels, method: self.method, payload: [UInt8](repeating: 0x61, count: self.payloadBytes))
+        if let timeout = self.timeout { driver.options.timeout = .nanoseconds(Int64(timeout * 1e9)) }
         if let mode = self.streamMode {
             guard mode == "pingpong" else { throw ValidationError("--stream-mode: only pingpong") }
             driver.method = self.method == "/echo.Echo/Call" ? "/echo.Echo/Stream" : self.method
@@ -188,6 +190,8 @@ final class Driver: @unchecked Sendable {
     let channels: [GRPCChannel]
     var method: String
     let payload: [UInt8]
+    /// Every unary call's options (`--timeout`).
+    var options = RequestOptions()
     /// "unary" or "pingpong" (a round trip on a stream counts as one request).
     var mode = "unary"
     /// Ping-pong: each slot's stream; set before its first message is sent, read by its callbacks on the loop.
@@ -244,7 +248,7 @@ final class Driver: @unchecked Sendable {
         let channel = self.channels[slot % self.channels.count]
         let began = scheduled ?? Self.now()
         self.inFlight.add(1, ordering: .relaxed)
-        channel.unary(path: self.method, request: self.payload) { response in
+        channel.unary(path: self.method, request: self.payload, options: self.options) { response in
             self.finished(slot: slot, began: began, response: response, closedLoop: scheduled == nil)
         }
     }
