@@ -224,6 +224,13 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// long as this call exists, and a read through it cost a protective retain and release.
     private let loopReactor: Unmanaged<Reactor>
 
+    /// Calls `body` with the reactor unretained (see `loopReactor`): for the timers of every call with a deadline,
+    /// where `self.reactor` cost a protective retain and release each time.
+    @inline(__always)
+    private func withReactor<Result>(_ body: (Reactor) -> Result) -> Result {
+        self.loopReactor._withUnsafeGuaranteedRef(body)
+    }
+
     /// Calls `body` with the environment as an argument. Reached as `self.environment.router.route(self)`, every call
     /// into the router, a policy or the bus had a protective retain and release around it (about 40 instructions):
     /// the optimizer keeps an argument alive for the body without one, but not a `let` read through `self`.
@@ -249,7 +256,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.adopted = true
             self.environment.router.adopt(self)
             if self.deadline != 0 {
-                self.deadlineTimer = self.reactor.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline)
+                self.deadlineTimer = self.withReactor { $0.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline) }
             }
             return
         }
@@ -289,7 +296,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 self.withEnvironment { $0.router.adopt(self) }
             }
             if self.deadline != 0 && self.deadlineTimer == 0 {
-                self.deadlineTimer = self.reactor.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline)
+                self.deadlineTimer = self.withReactor { $0.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline) }
             }
             self.dispatchAttempt()
         }
@@ -322,7 +329,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         if let timeout = self.withEnvironment({ $0.policies.retry?.perAttemptTimeout(path: self.path) }) {
             let at = Reactor.clock() &+ UInt64(max(timeout.nanoseconds, 0))
             if self.deadline == 0 || at < self.deadline {
-                self.attemptTimer = self.reactor.scheduleTimer(at: at, handler: self, tag: TimerTag.attempt)
+                self.attemptTimer = self.withReactor { $0.scheduleTimer(at: at, handler: self, tag: TimerTag.attempt) }
             }
         }
         self.withEnvironment { $0.router.route(self) }
@@ -459,7 +466,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.reportAttempt(status)
         case .backoff:
             if self.retryTimer != 0 {
-                self.reactor.cancelTimer(self.retryTimer)
+                self.withReactor { $0.cancelTimer(self.retryTimer) }
                 self.retryTimer = 0
             }
         }
@@ -497,7 +504,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// Where every attempt ends: a transparent retry, a retry by policy after a backoff, or the call's end.
     private func attemptEnded(_ response: consuming UnaryResponse, unprocessed: Bool, retryable: Bool = true) {
         if self.attemptTimer != 0 {
-            self.reactor.cancelTimer(self.attemptTimer)
+            self.withReactor { $0.cancelTimer(self.attemptTimer) }
             self.attemptTimer = 0
         }
         self.stream = nil
@@ -550,7 +557,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// The call's one end: bookkeeping, the breaker, the bus, then the completion (deferred).
     private func finish(_ response: consuming UnaryResponse) {
         for timer in [self.deadlineTimer, self.attemptTimer, self.retryTimer] where timer != 0 {
-            self.reactor.cancelTimer(timer)
+            self.withReactor { $0.cancelTimer(timer) }
         }
         self.deadlineTimer = 0
         self.attemptTimer = 0
