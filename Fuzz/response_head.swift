@@ -5,8 +5,9 @@
 // Input: a sequence of records. Record: one control byte (bit 0: end the block here, bit 1: with END_STREAM, bits
 // 2-3: which well-known name to use, or a name from the input), then a length-prefixed name and value. Invariants:
 // no crash; a status is always produced; its code is always within 0...16; a second head reading the same fields
-// through a metadata name cache (one for the whole run, so names kept from earlier inputs meet later ones) gives
-// the same answer for every field and the same response.
+// through a metadata name cache gives the same answer for every field and the same response. The cache is the run's
+// own (names kept from earlier inputs meet later ones) or, when bit 0 of the first byte is set, one for this input
+// alone (the shared one fills with the first names it meets and then keeps no more).
 
 private let names: [[UInt8]] = [Array(":status".utf8), Array("grpc-status".utf8), Array("grpc-message".utf8)]
 // The fuzzer runs inputs one at a time on one thread.
@@ -18,6 +19,7 @@ public func fuzzResponseHead(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32
     let bytes = UnsafeBufferPointer(start: data, count: size)
     var head = ResponseHead(maxHeaderListSize: 256 + Int(bytes[0]) * 16)
     var cached = ResponseHead(maxHeaderListSize: 256 + Int(bytes[0]) * 16)
+    let names = bytes[0] & 1 == 0 ? nameCache : MetadataNameCache()
     var index = 1
     var inBlock = false
     var ended = false
@@ -38,7 +40,7 @@ public func fuzzResponseHead(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32
         index += nameLength + valueLength
         let accepted = name.withUnsafeBufferPointer { n in value.withUnsafeBufferPointer { v in head.header(name: n, value: v) } }
         let acceptedCached = name.withUnsafeBufferPointer { n in
-            value.withUnsafeBufferPointer { v in cached.header(name: n, value: v, names: nameCache) }
+            value.withUnsafeBufferPointer { v in cached.header(name: n, value: v, names: names) }
         }
         precondition(accepted == acceptedCached && head.malformation == cached.malformation, "the name cache changed a field's fate")
         _ = GRPCTimeout.decode(String(decoding: value, as: UTF8.self))

@@ -86,7 +86,8 @@ package enum GRPCTimeout {
     /// same text (`30S` for anything from 29.9 s to 30 s), and a hit costs two comparisons and a copy instead of the
     /// rounding, the unit search and the digits (about 230 instructions).
     package struct Memo {
-        /// Every timeout in `lowest...highest` encodes as `text`; none does while `lowest > highest`.
+        /// Every timeout in `lowest...highest` encodes as `text` (some just outside do too, and are encoded again);
+        /// none is kept while `lowest > highest`.
         private var lowest: UInt64 = 1
         private var highest: UInt64 = 0
         private var text: (UInt64, UInt64) = (0, 0)
@@ -105,7 +106,7 @@ package enum GRPCTimeout {
                     GRPCTimeout.encode(rounded: rounded, into: raw.bindMemory(to: UInt8.self))
                 }
                 // What rounds up to `rounded` at the same scale: above the step below it, and not below 100 steps
-                // (a smaller value is rounded at a finer scale).
+                // (a smaller value is rounded at a finer scale, where it may or may not come to the same text).
                 self.lowest = scale == 1 ? rounded : max(rounded - scale + 1, 100 * scale)
                 self.highest = rounded
             }

@@ -10,10 +10,12 @@ import Glibc
 /// none of that, only compared. Found means spelled exactly so before and accepted then as a valid,
 /// not connection-specific name, so no check is skipped that could fail.
 ///
-/// Bounded: the first `capacity` distinct names stay, later ones are not kept (a server that invents names costs
-/// the checks it always did, and no memory). One per channel and loop, used on the loop's thread only.
+/// Bounded: the first `capacity` distinct names of at most `longestName` bytes stay, later or longer ones are not kept
+/// (a server that invents names costs the checks it always did, and at most a kilobyte here). One per call
+/// environment (a channel's part on one loop, a health watch), used on that loop's thread only.
 package final class MetadataNameCache {
     package static let capacity = 16
+    package static let longestName = 64
 
     /// Every kept name's bytes, one after the other; `spans` says where each begins and how long it is. Plain
     /// values, so a lookup walks them without a retain. Unchecked exclusivity: one thread, and no access overlaps
@@ -48,7 +50,7 @@ package final class MetadataNameCache {
 
     /// Keeps `name`, spelled `spelling`, unless the cache is full. The caller has checked the name.
     package func keep(_ name: String, spelled spelling: UnsafeBufferPointer<UInt8>) {
-        guard self.names.count < Self.capacity, !spelling.isEmpty else { return }
+        guard self.names.count < Self.capacity, !spelling.isEmpty, spelling.count <= Self.longestName else { return }
         self.spans.append((start: self.bytes.count, count: spelling.count))
         self.bytes.append(contentsOf: spelling)
         self.names.append(name)

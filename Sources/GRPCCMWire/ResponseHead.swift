@@ -94,10 +94,10 @@ package struct ResponseHead: Sendable {
     }
 
     /// One header field of the current block.
+    /// - Parameter names: The metadata names this channel's responses carried before: the same answer with it as
+    ///   without it, sooner.
     /// - Returns: false to refuse the block: it has grown past `maxHeaderListSize` (the stream must be reset and the
     ///   call ends with `headerListTooLarge`), or the field is malformed (`malformation` is set).
-    ///   `names`: the names this channel's responses carried before (the same answer with or without it, sooner
-    ///   with it).
     package mutating func header(
         name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>, names: MetadataNameCache? = nil
     ) -> Bool {

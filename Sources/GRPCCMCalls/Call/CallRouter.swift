@@ -22,8 +22,8 @@ package protocol CallRouter: AnyObject {
 }
 
 /// Everything a channel's calls share: the reactor, where they go, the bus they report to, the policies they ask.
-/// Made once per channel. `@unchecked Sendable`: immutable after init; the objects it refers to are used on the
-/// reactor thread only.
+/// Made once per channel and loop (and once per health watch). `@unchecked Sendable`: immutable after init; the
+/// objects it refers to are used on the reactor thread only.
 package final class CallEnvironment: @unchecked Sendable {
     package let reactor: Reactor
     package let service: String

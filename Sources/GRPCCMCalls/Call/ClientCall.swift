@@ -231,6 +231,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.loopReactor._withUnsafeGuaranteedRef(body)
     }
 
+    /// Arms the call's deadline timer (once; the call has a deadline).
+    private func armDeadline() {
+        self.deadlineTimer = self.withReactor { $0.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline) }
+    }
+
     /// Calls `body` with the environment as an argument. Reached as `self.environment.router.route(self)`, every call
     /// into the router, a policy or the bus had a protective retain and release around it (about 40 instructions):
     /// the optimizer keeps an argument alive for the body without one, but not a `let` read through `self`.
@@ -256,7 +261,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.adopted = true
             self.environment.router.adopt(self)
             if self.deadline != 0 {
-                self.deadlineTimer = self.withReactor { $0.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline) }
+                self.armDeadline()
             }
             return
         }
@@ -296,7 +301,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 self.withEnvironment { $0.router.adopt(self) }
             }
             if self.deadline != 0 && self.deadlineTimer == 0 {
-                self.deadlineTimer = self.withReactor { $0.scheduleTimer(at: self.deadline, handler: self, tag: TimerTag.deadline) }
+                self.armDeadline()
             }
             self.dispatchAttempt()
         }
@@ -509,7 +514,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
         self.stream = nil
         let environment = self.environment
-        let transparent = unprocessed && !environment.router.isClosing && !self.reactor.isStopping
+        let transparent = unprocessed && !environment.router.isClosing && !self.withReactor({ $0.isStopping })
         var delay: Duration? = nil
         if !transparent {
             self.reportAttempt(response.status)
@@ -541,8 +546,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                     service: environment.service, path: self.path, attempt: self.machine.attempt + 1, delay: delay,
                     status: response.status))
             self.resetAttemptState()
-            self.retryTimer = self.reactor.scheduleTimer(
-                at: Reactor.clock() &+ UInt64(max(delay.nanoseconds, 0)), handler: self, tag: TimerTag.retry)
+            let retryAt = Reactor.clock() &+ UInt64(max(delay.nanoseconds, 0))
+            self.retryTimer = self.withReactor { $0.scheduleTimer(at: retryAt, handler: self, tag: TimerTag.retry) }
         case .finish:
             self.finish(response)
         }

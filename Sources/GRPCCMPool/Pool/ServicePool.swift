@@ -236,7 +236,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private func open(_ call: ClientCall) -> Bool {
         var refused = 0  // subchannels that said "try elsewhere" during this pick, as a bit set (first 64)
         for _ in 0..<max(self.subchannels.count, 1) {
-            // The subchannel is read alone: a local copy of the whole array cost a retain and release of it.
+            // A pool of one connection reads it alone here: a local copy of the whole array for every open cost a
+            // retain and a release of the array.
             guard let index = self.pick(refused: refused) else { return false }
             switch self.subchannels[index].open(call) {
             case .done, .notWaiting: return true

@@ -114,6 +114,12 @@ struct ResponseHeadTests {
         #expect(names.count == MetadataNameCache.capacity)
         let (againEnd, againHead) = Self.read([(fields: Self.ok + many, endStream: false), Self.trailers], names: names)
         #expect(againEnd == .trailers && againHead.initialMetadata == manyHead.initialMetadata)
+
+        // A name longer than the longest kept is read all the same, and not kept.
+        let fresh = MetadataNameCache()
+        let long = "x-" + String(repeating: "n", count: MetadataNameCache.longestName)
+        let (longEnd, longHead) = Self.read([(fields: Self.ok + [(long, "v")], endStream: false), Self.trailers], names: fresh)
+        #expect(longEnd == .trailers && longHead.initialMetadata[long] == "v" && fresh.count == 0)
     }
 
     @Test("a name that is not a token but has no upper case is ignored, as nghttp2 did")

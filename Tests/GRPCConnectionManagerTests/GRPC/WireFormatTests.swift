@@ -58,6 +58,8 @@ struct GRPCTimeoutTests {
             }
         }
         for _ in 0..<2_000 { values.append(Int64.random(in: 1...(1 << 50), using: &generator)) }
+        // The largest, where no unit holds the rounded value exactly and the finest that fits is taken.
+        values += (0..<200).map { Int64.max - $0 } + (0..<500).map { _ in Int64.random(in: 6_000_000_000_000_000_000...Int64.max, using: &generator) }
         // A decaying timeout, as calls taken a little later see it.
         values += stride(from: 30_000_000_000, to: 29_800_000_000, by: -1_999_993).map { $0 }
         var memo = GRPCTimeout.Memo()

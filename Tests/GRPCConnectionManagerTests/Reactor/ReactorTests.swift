@@ -187,7 +187,7 @@ struct DurationNanosecondsTests {
         return total
     }
 
-    @Test("read from the attoseconds directly: the same as through components, truncated toward zero, saturating")
+    @Test("from the attoseconds in one division: as through components, truncated toward zero, saturating")
     func matchesComponents() {
         var durations: [Duration] = [
             .zero, .nanoseconds(1), .nanoseconds(-1), .seconds(30), .milliseconds(-1_500), .nanoseconds(Int64.max),
