@@ -19,7 +19,7 @@ public func fuzzResponseHead(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32
     let bytes = UnsafeBufferPointer(start: data, count: size)
     var head = ResponseHead(maxHeaderListSize: 256 + Int(bytes[0]) * 16)
     var cached = ResponseHead(maxHeaderListSize: 256 + Int(bytes[0]) * 16)
-    let names = bytes[0] & 1 == 0 ? nameCache : MetadataNameCache()
+    let metadataNames = bytes[0] & 1 == 0 ? nameCache : MetadataNameCache()
     var index = 1
     var inBlock = false
     var ended = false
@@ -40,7 +40,7 @@ public func fuzzResponseHead(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32
         index += nameLength + valueLength
         let accepted = name.withUnsafeBufferPointer { n in value.withUnsafeBufferPointer { v in head.header(name: n, value: v) } }
         let acceptedCached = name.withUnsafeBufferPointer { n in
-            value.withUnsafeBufferPointer { v in cached.header(name: n, value: v, names: names) }
+            value.withUnsafeBufferPointer { v in cached.header(name: n, value: v, names: metadataNames) }
         }
         precondition(accepted == acceptedCached && head.malformation == cached.malformation, "the name cache changed a field's fate")
         _ = GRPCTimeout.decode(String(decoding: value, as: UTF8.self))
