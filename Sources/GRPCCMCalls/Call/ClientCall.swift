@@ -815,12 +815,12 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
     }
 
-    package override func streamData(_ bytes: UnsafeRawBufferPointer) {
-        guard self.localFailure == nil, let stream = self.stream else { return }
+    package override func streamData(_ bytes: UnsafeRawBufferPointer) -> Int {
+        guard self.localFailure == nil, self.hasStream else { return 0 }
         guard self.head.receivedResponseHeaders else {
             // After a 1xx only, or nothing: nghttp2 (without its HTTP checks) lets such DATA through.
             self.endMalformed("DATA before the response headers")
-            return
+            return 0
         }
         var failure: CallStatus? = nil
         do throws(MessageDeframer.Failure) {
@@ -856,13 +856,19 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
         if let status = failure {
             self.failAttempt(status, resetWith: NGHTTP2_CANCEL.rawValue)
-            return
+            return 0
         }
-        // Flow control follows consumption: bytes go back to the server's window at once, except while an async
-        // reader has more than its limit unread.
-        var consumeNow = bytes.count
-        if case .buffered = self.delivery { consumeNow = self.buffers!.received(bytes.count) }
-        if consumeNow > 0 { stream.consume(consumeNow) }
+        // Flow control follows consumption: bytes go back to the server's window at once (the connection does it,
+        // told by the return value), except while an async reader has more than its limit unread.
+        if case .buffered = self.delivery { return self.buffers!.received(bytes.count) }
+        return bytes.count
+    }
+
+    /// Whether an attempt's stream is open, read in place (binding the handle copied it: a retain and a release of
+    /// its connection).
+    private var hasStream: Bool {
+        if case .some = self.stream { return true }
+        return false
     }
 
     /// The status a message that could not be inflated ends its attempt with.

@@ -151,7 +151,10 @@ private func clientOnDataChunk(
 ) -> Int32 {
     // The connection window is returned on arrival; the stream's follows the handler's consumption.
     nghttp2_session_consume_connection(session, length)
-    withHandler(userData, streamID) { $0.streamData(UnsafeRawBufferPointer(start: data, count: length)) }
+    let consumed = withHandler(userData, streamID) { $0.streamData(UnsafeRawBufferPointer(start: data, count: length)) }
+    if let consumed, consumed > 0, let session {
+        connection(userData)._withUnsafeGuaranteedRef { $0.consumedOnArrival(consumed, of: streamID, in: session) }
+    }
     return 0
 }
 

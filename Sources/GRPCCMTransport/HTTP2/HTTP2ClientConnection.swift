@@ -346,6 +346,15 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.socket?.scheduleFlush()
     }
 
+    /// A handler consumed `bytes` of stream `streamID`'s DATA as they arrived (inside nghttp2's callback, with its
+    /// `session`): the same accounting as `consumeStream`, without the handler reaching back through its handle (a
+    /// copy of the handle and a call through it per DATA frame). The read that delivered them schedules the flush.
+    func consumedOnArrival(_ bytes: Int, of streamID: Int32, in session: OpaquePointer) {
+        guard self.state != .closed, let due = self.streams.addConsumed(bytes, to: streamID, batch: self.consumeBatch)
+        else { return }
+        nghttp2_session_consume_stream(session, streamID, due)
+    }
+
     private var consumeBatch: Int { max(1, min(16 << 10, self.settings.initialStreamWindowSize / 4)) }
 
     package func isLocallyClosed(_ streamID: Int32) -> Bool {

@@ -41,9 +41,11 @@ open class HTTP2StreamHandler: ReactorHandler, @unchecked Sendable {
     }
     /// The current header block is complete; `endStream` when it ends the response.
     open func streamHeadersEnded(endStream: Bool) { Self.mustOverride() }
-    /// DATA payload. Its bytes count against the stream's receive window until the handler consumes them through its
-    /// handle (the connection's window is returned on arrival, so one slow stream never stalls the others).
-    open func streamData(_ bytes: UnsafeRawBufferPointer) { Self.mustOverride() }
+    /// DATA payload. Its bytes count against the stream's receive window until the handler consumes them (the
+    /// connection's window is returned on arrival, so one slow stream never stalls the others).
+    /// - Returns: How many of these bytes the handler consumed at once (their window goes back to the server); the
+    ///   rest it consumes later through its handle.
+    open func streamData(_ bytes: UnsafeRawBufferPointer) -> Int { Self.mustOverride() }
     /// The stream closed: `errorCode` 0 after a clean end, else the RST_STREAM code. REFUSED_STREAM means the server
     /// provably never processed it (a reset before it started, or a stream above a GOAWAY's last stream id).
     open func streamClosed(errorCode: UInt32) { Self.mustOverride() }

@@ -50,7 +50,10 @@ struct StreamHandlerLifetimeTests {
             return true
         }
         override func streamHeadersEnded(endStream: Bool) { self.journal.entries.append("headers ended") }
-        override func streamData(_ bytes: UnsafeRawBufferPointer) { self.journal.entries.append("data") }
+        override func streamData(_ bytes: UnsafeRawBufferPointer) -> Int {
+            self.journal.entries.append("data")
+            return bytes.count
+        }
         override func streamClosed(errorCode: UInt32) { self.journal.entries.append("closed \(errorCode)") }
         override func streamFailed(_ reason: CallStatus) {
             self.handle = nil

@@ -17,7 +17,7 @@ struct StreamTableTests {
         override func streamBeginHeaders() {}
         override func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool { true }
         override func streamHeadersEnded(endStream: Bool) {}
-        override func streamData(_ bytes: UnsafeRawBufferPointer) {}
+        override func streamData(_ bytes: UnsafeRawBufferPointer) -> Int { bytes.count }
         override func streamClosed(errorCode: UInt32) {}
         override func streamFailed(_ reason: CallStatus) {}
     }

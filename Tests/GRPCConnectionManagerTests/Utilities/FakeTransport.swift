@@ -87,7 +87,7 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
         header("content-type", "application/grpc")
         handler.streamHeadersEnded(endStream: false)
         let framed = MessageFramer.frame(message)
-        framed.withUnsafeBytes { handler.streamData($0) }
+        _ = framed.withUnsafeBytes { handler.streamData($0) }
         handler.streamBeginHeaders()
         header("grpc-status", String(code))
         handler.streamHeadersEnded(endStream: true)
