@@ -153,7 +153,7 @@ private func clientOnDataChunk(
     nghttp2_session_consume_connection(session, length)
     let consumed = withHandler(userData, streamID) { $0.streamData(UnsafeRawBufferPointer(start: data, count: length)) }
     if let consumed, consumed > 0, let session {
-        connection(userData)._withUnsafeGuaranteedRef { $0.consumedOnArrival(consumed, of: streamID, in: session) }
+        connection(userData)._withUnsafeGuaranteedRef { $0.giveBackWindow(consumed, of: streamID, in: session) }
     }
     return 0
 }

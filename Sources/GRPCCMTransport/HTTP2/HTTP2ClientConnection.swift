@@ -334,25 +334,27 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.socket?.scheduleFlush()
     }
 
-    /// The stream's handler consumed `bytes`: they go back to the server's stream window, in batches of up to a
-    /// quarter of the window (at most 16 KiB). A small response is never reported: its stream ends first, and the
-    /// call saves nghttp2's bookkeeping. No stall can come of it: the server, having sent the whole window, has had at
-    /// least three quarters reported, past the half at which nghttp2 sends WINDOW_UPDATE.
+    /// The stream's handler consumed `bytes` later than they arrived (an async reader caught up): see
+    /// `giveBackWindow`.
     package func consumeStream(_ streamID: Int32, bytes: Int) {
-        guard let session = self.socket?.session, self.state != .closed,
-            let due = self.streams.addConsumed(bytes, to: streamID, batch: self.consumeBatch)
-        else { return }
-        nghttp2_session_consume_stream(session, streamID, due)
-        self.socket?.scheduleFlush()
+        guard let session = self.socket?.session else { return }
+        if self.giveBackWindow(bytes, of: streamID, in: session) { self.socket?.scheduleFlush() }
     }
 
-    /// A handler consumed `bytes` of stream `streamID`'s DATA as they arrived (inside nghttp2's callback, with its
-    /// `session`): the same accounting as `consumeStream`, without the handler reaching back through its handle (a
-    /// copy of the handle and a call through it per DATA frame). The read that delivered them schedules the flush.
-    func consumedOnArrival(_ bytes: Int, of streamID: Int32, in session: OpaquePointer) {
+    /// `bytes` of stream `streamID`'s DATA were consumed: they go back to the server's stream window, in batches of up
+    /// to a quarter of the window (at most 16 KiB). A small response is never reported: its stream ends first, and the
+    /// call saves nghttp2's bookkeeping. No stall can come of it: the server, having sent the whole window, has had at
+    /// least three quarters reported, past the half at which nghttp2 sends WINDOW_UPDATE. True when a batch went to
+    /// nghttp2 (its WINDOW_UPDATE leaves with the next flush).
+    ///
+    /// Called from nghttp2's DATA callback, with its `session`, for what the handler consumed on arrival (its return
+    /// value): the read that delivered the bytes schedules the flush.
+    @discardableResult
+    func giveBackWindow(_ bytes: Int, of streamID: Int32, in session: OpaquePointer) -> Bool {
         guard self.state != .closed, let due = self.streams.addConsumed(bytes, to: streamID, batch: self.consumeBatch)
-        else { return }
+        else { return false }
         nghttp2_session_consume_stream(session, streamID, due)
+        return true
     }
 
     private var consumeBatch: Int { max(1, min(16 << 10, self.settings.initialStreamWindowSize / 4)) }
