@@ -224,8 +224,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// long as this call exists, and a read through it cost a protective retain and release.
     private let loopReactor: Unmanaged<Reactor>
 
-    /// Calls `body` with the reactor unretained (see `loopReactor`): for the timers of every call with a deadline,
-    /// where `self.reactor` cost a protective retain and release each time.
+    /// Calls `body` with the reactor unretained (see `loopReactor`): how the paths every call takes reach it (its
+    /// start, its timers, its delivery), where `self.reactor` cost a protective retain and release each time.
     @inline(__always)
     private func withReactor<Result>(_ body: (Reactor) -> Result) -> Result {
         self.loopReactor._withUnsafeGuaranteedRef(body)
@@ -312,7 +312,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private func refusalOrAdmission(_ environment: CallEnvironment) -> CallStatus? {
         if let invalid = self.invalid { return invalid }
         if environment.router.isClosing { return environment.router.closingStatus }
-        if self.loopReactor._withUnsafeGuaranteedRef({ $0.isStopping }) {
+        if self.withReactor({ $0.isStopping }) {
             return CallStatus(code: .unavailable, message: "the event loop is shutting down")
         }
         self.startedAt = Reactor.clock()
@@ -598,7 +598,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private func complete(_ response: consuming UnaryResponse) {
         guard !self.hasResult && !self.completed else { return }
         self.result = consume response
-        if self.loopReactor._withUnsafeGuaranteedRef({ $0.isStopped }) {
+        if self.withReactor({ $0.isStopped }) {
             self.completeWithoutReactor()
             return
         }
@@ -610,7 +610,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private func scheduleDelivery() {
         if !self.deliveryScheduled {
             self.deliveryScheduled = true
-            self.loopReactor._withUnsafeGuaranteedRef { $0.enqueueDeferred(self) }
+            self.withReactor { $0.enqueueDeferred(self) }
         }
     }
 
