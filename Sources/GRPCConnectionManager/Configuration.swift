@@ -6,63 +6,116 @@ import GRPCCMWire
 
 /// How channels connect and call. Every field has a documented default; `validate()` names the first bad field.
 public struct Configuration: Sendable, Hashable {
+    /// Every field, behind one immutable reference: copies of a configuration (one per channel, one per service of a
+    /// manager) share it, so a channel holds 8 bytes of it instead of about 670. Setting a field stores a new one; a
+    /// configuration is set up once and then only read.
+    private var storage: Storage
+
     /// Largest message sent or received, in bytes. Default 4 MiB (gRPC's receive default; the Go original's README
     /// value). A larger response fails with RESOURCE_EXHAUSTED and the connection is kept.
-    public var maxMessageSize: Int = 4 * 1024 * 1024
+    public var maxMessageSize: Int {
+        get { self.storage.fields.maxMessageSize }
+        set { self.fields.maxMessageSize = newValue }
+    }
 
     /// Longest a connection attempt (TCP connect plus the server's HTTP/2 SETTINGS) may take. Default 10 s (the
     /// Go original's MinConnectTimeout). A server that accepts TCP and never speaks HTTP/2 fails the attempt then.
-    public var minConnectTimeout: Duration = .seconds(10)
+    public var minConnectTimeout: Duration {
+        get { self.storage.fields.minConnectTimeout }
+        set { self.fields.minConnectTimeout = newValue }
+    }
 
     /// Interval between keepalive PINGs, measured from the last bytes read. Default 30 s (the Go original).
     /// Doubled for a target whose server answers GOAWAY `too_many_pings` (gRFC A8).
-    public var keepAliveTime: Duration = .seconds(30)
+    public var keepAliveTime: Duration {
+        get { self.storage.fields.keepAliveTime }
+        set { self.fields.keepAliveTime = newValue }
+    }
 
     /// How long a keepalive PING may go unanswered before the connection is declared dead: it closes, its calls
     /// fail with UNAVAILABLE and it goes to TRANSIENT_FAILURE. Default 5 s. Also set as TCP_USER_TIMEOUT.
-    public var keepAliveTimeout: Duration = .seconds(5)
+    public var keepAliveTimeout: Duration {
+        get { self.storage.fields.keepAliveTimeout }
+        set { self.fields.keepAliveTimeout = newValue }
+    }
 
     /// Whether keepalive PINGs are sent while no call is open. Default true (the Go original).
-    public var keepAlivePermitWithoutStream: Bool = true
+    public var keepAlivePermitWithoutStream: Bool {
+        get { self.storage.fields.keepAlivePermitWithoutStream }
+        set { self.fields.keepAlivePermitWithoutStream = newValue }
+    }
 
     /// Largest wait between reconnect attempts. Default 3 s (the Go original's MaxReconnectDelay).
-    public var maxReconnectDelay: Duration = .seconds(3)
+    public var maxReconnectDelay: Duration {
+        get { self.storage.fields.maxReconnectDelay }
+        set { self.fields.maxReconnectDelay = newValue }
+    }
 
     /// Reconnect backoff before the cap: first delay, growth and jitter.
-    public var reconnectBackoff = ReconnectBackoff()
+    public var reconnectBackoff: ReconnectBackoff {
+        get { self.storage.fields.reconnectBackoff }
+        set { self.fields.reconnectBackoff = newValue }
+    }
 
     /// Bytes a streaming call buffers each way before backpressure applies, in bytes. Default 64 KiB.
     /// Out: a writer is told to wait while more than this is written and not yet sent (the HTTP/2 send window
     /// decides how fast it drains). In: an async reader with more than this unread stops returning window to the
     /// server, so a slow reader holds at most this plus one stream window (`http2.initialStreamWindowSize`).
-    public var streamBufferSize: Int = 64 << 10
+    public var streamBufferSize: Int {
+        get { self.storage.fields.streamBufferSize }
+        set { self.fields.streamBufferSize = newValue }
+    }
 
     /// A connection with no call for this long closes and goes IDLE; the next call reconnects. Default 30 min
     /// (grpc-go, grpc-java); `.zero` means never.
-    public var idleTimeout: Duration = .seconds(30 * 60)
+    public var idleTimeout: Duration {
+        get { self.storage.fields.idleTimeout }
+        set { self.fields.idleTimeout = newValue }
+    }
 
     /// Connections per resolved address of a service. Default 1. Calls go to the ready connection with the
     /// fewest open streams.
-    public var connectionsPerTarget: Int = 1
+    public var connectionsPerTarget: Int {
+        get { self.storage.fields.connectionsPerTarget }
+        set { self.fields.connectionsPerTarget = newValue }
+    }
 
     /// Calls that may wait for a connection (none ready, or every stream in use) before new ones fail with
     /// RESOURCE_EXHAUSTED. Default 10,000.
-    public var maxQueuedCalls: Int = 10_000
+    public var maxQueuedCalls: Int {
+        get { self.storage.fields.maxQueuedCalls }
+        set { self.fields.maxQueuedCalls = newValue }
+    }
     /// How often a service's host name is resolved again, besides after a connection failure or a GOAWAY; jittered
     /// by ±20 %. Default 30 s; `.zero` means only after failures. Addresses that disappear drain, new ones join.
-    public var resolutionInterval: Duration = .seconds(30)
+    public var resolutionInterval: Duration {
+        get { self.storage.fields.resolutionInterval }
+        set { self.fields.resolutionInterval = newValue }
+    }
     /// The shortest time between two resolutions of a name, whatever asks for them. Default 1 s.
-    public var minimumResolutionInterval: Duration = .seconds(1)
+    public var minimumResolutionInterval: Duration {
+        get { self.storage.fields.minimumResolutionInterval }
+        set { self.fields.minimumResolutionInterval = newValue }
+    }
     /// More connections when streams run out (gRFC A105): when a call would wait because every ready connection to
     /// the service is at the server's MAX_CONCURRENT_STREAMS, another connection opens, up to this many per address.
     /// nil (the default) keeps `connectionsPerTarget` fixed and queues such calls.
-    public var maxConnectionsPerTarget: Int? = nil
+    public var maxConnectionsPerTarget: Int? {
+        get { self.storage.fields.maxConnectionsPerTarget }
+        set { self.fields.maxConnectionsPerTarget = newValue }
+    }
     /// How calls are spread over a service's connections (`LoadBalancingPolicy`): `.leastLoaded` (default),
     /// `.roundRobin` or `.pickFirst`. `loadBalancingPolicies` overrides it per service name.
-    public var loadBalancingPolicy: LoadBalancingPolicy = .leastLoaded
+    public var loadBalancingPolicy: LoadBalancingPolicy {
+        get { self.storage.fields.loadBalancingPolicy }
+        set { self.fields.loadBalancingPolicy = newValue }
+    }
     /// Per-service policies, by the service name given to `ConnectionManager.connection(service:)` (for a standalone
     /// `GRPCChannel`, its target text).
-    public var loadBalancingPolicies: [String: LoadBalancingPolicy] = [:]
+    public var loadBalancingPolicies: [String: LoadBalancingPolicy] {
+        get { self.storage.fields.loadBalancingPolicies }
+        set { self.fields.loadBalancingPolicies = newValue }
+    }
 
     /// Client-side health checking (gRFC A17): with a name (`""` means the whole server), every connection watches
     /// `grpc.health.v1.Health/Watch` for it and takes calls only while the answer is SERVING; NOT_SERVING (or any
@@ -70,14 +123,26 @@ public struct Configuration: Sendable, Hashable {
     /// the health service (UNIMPLEMENTED) counts as healthy; a watch that fails otherwise is started again after a
     /// backoff, the connection CONNECTING meanwhile. nil (the default): off. `healthCheckServiceNames` overrides it
     /// per service name.
-    public var healthCheckServiceName: String? = nil
-    public var healthCheckServiceNames: [String: String] = [:]
+    public var healthCheckServiceName: String? {
+        get { self.storage.fields.healthCheckServiceName }
+        set { self.fields.healthCheckServiceName = newValue }
+    }
+    public var healthCheckServiceNames: [String: String] {
+        get { self.storage.fields.healthCheckServiceNames }
+        set { self.fields.healthCheckServiceNames = newValue }
+    }
 
     /// How host names are resolved.
-    public var dns = DNS()
+    public var dns: DNS {
+        get { self.storage.fields.dns }
+        set { self.fields.dns = newValue }
+    }
 
     /// Where `etcd:///name` targets are looked up (nil: such targets are refused).
-    public var etcd: Etcd? = nil
+    public var etcd: Etcd? {
+        get { self.storage.fields.etcd }
+        set { self.fields.etcd = newValue }
+    }
 
     /// An etcd cluster holding endpoints as grpc-go's endpoints manager writes them (`EtcdResolver`,
     /// `EtcdRegistration`).
@@ -94,42 +159,77 @@ public struct Configuration: Sendable, Hashable {
     }
 
     /// HTTP/2 settings of each connection.
-    public var http2 = HTTP2()
+    public var http2: HTTP2 {
+        get { self.storage.fields.http2 }
+        set { self.fields.http2 = newValue }
+    }
 
     /// TLS for every connection; nil (the default, as in the Go original) is plaintext HTTP/2.
-    public var tls: TLSSettings? = nil
+    public var tls: TLSSettings? {
+        get { self.storage.fields.tls }
+        set { self.fields.tls = newValue }
+    }
 
     /// Log calls (debug), state and breaker changes (info), retries and connect failures (warning) to the
     /// manager's `Logger`. Default true.
-    public var enableLogging: Bool = true
+    public var enableLogging: Bool {
+        get { self.storage.fields.enableLogging }
+        set { self.fields.enableLogging = newValue }
+    }
     /// Record metrics through the application's `MetricsSystem.factory`. Default false (the Go original's). A
     /// factory passed to `ConnectionManager(metricsFactory:)` or `GRPCChannel(metricsFactory:)` records whatever
     /// this says.
-    public var enableMetrics: Bool = false
+    public var enableMetrics: Bool {
+        get { self.storage.fields.enableMetrics }
+        set { self.fields.enableMetrics = newValue }
+    }
     /// Retry failed calls with `retry`. Default true.
-    public var enableRetry: Bool = true
+    public var enableRetry: Bool {
+        get { self.storage.fields.enableRetry }
+        set { self.fields.enableRetry = newValue }
+    }
     /// Guard each service and method with a circuit breaker. Default true.
-    public var enableCircuitBreaker: Bool = true
+    public var enableCircuitBreaker: Bool {
+        get { self.storage.fields.enableCircuitBreaker }
+        set { self.fields.enableCircuitBreaker = newValue }
+    }
 
     /// Retry policy, per-method overrides and throttling.
-    public var retry = Retry()
+    public var retry: Retry {
+        get { self.storage.fields.retry }
+        set { self.fields.retry = newValue }
+    }
     /// Hedging (gRFC A6) of unary calls, by method (`/package.Service/Method`) or service (`package.Service`): a
     /// method or service listed here is hedged instead of retried (the retry throttle still applies). Streaming calls
     /// are never hedged.
-    public var hedging: [String: HedgingPolicy] = [:]
+    public var hedging: [String: HedgingPolicy] {
+        get { self.storage.fields.hedging }
+        set { self.fields.hedging = newValue }
+    }
     /// Circuit breaker settings.
-    public var circuitBreaker = CircuitBreakerConfiguration()
+    public var circuitBreaker: CircuitBreakerConfiguration {
+        get { self.storage.fields.circuitBreaker }
+        set { self.fields.circuitBreaker = newValue }
+    }
 
     /// Retry settings (`RetrySettings`).
     public typealias Retry = RetrySettings
 
     /// Text put before `grpc-swift-cm/<version>` in the user-agent header (nil: none).
-    public var userAgentPrefix: String? = nil
+    public var userAgentPrefix: String? {
+        get { self.storage.fields.userAgentPrefix }
+        set { self.fields.userAgentPrefix = newValue }
+    }
 
     /// Message compression: what responses may use, what requests use.
-    public var compression = Compression()
+    public var compression: Compression {
+        get { self.storage.fields.compression }
+        set { self.fields.compression = newValue }
+    }
 
-    public init() {}
+    public init() {
+        self.storage = Storage.defaults
+    }
 
     /// Message compression (gRPC `doc/compression.md`), with zlib.
     public struct Compression: Sendable, Hashable {
@@ -335,10 +435,75 @@ public struct Configuration: Sendable, Hashable {
     }
 }
 
+/// Where the fields live (see `storage`).
+extension Configuration {
+    private final class Storage: Sendable {
+        let fields: Fields
+        init(_ fields: Fields) { self.fields = fields }
+        /// What every `Configuration()` starts with.
+        static let defaults = Storage(Fields())
+    }
+
+    /// The stored fields with their defaults, documented on the properties above.
+    private struct Fields: Sendable, Hashable {
+        var maxMessageSize: Int = 4 * 1024 * 1024
+        var minConnectTimeout: Duration = .seconds(10)
+        var keepAliveTime: Duration = .seconds(30)
+        var keepAliveTimeout: Duration = .seconds(5)
+        var keepAlivePermitWithoutStream: Bool = true
+        var maxReconnectDelay: Duration = .seconds(3)
+        var reconnectBackoff: ReconnectBackoff = ReconnectBackoff()
+        var streamBufferSize: Int = 64 << 10
+        var idleTimeout: Duration = .seconds(30 * 60)
+        var connectionsPerTarget: Int = 1
+        var maxQueuedCalls: Int = 10_000
+        var resolutionInterval: Duration = .seconds(30)
+        var minimumResolutionInterval: Duration = .seconds(1)
+        var maxConnectionsPerTarget: Int? = nil
+        var loadBalancingPolicy: LoadBalancingPolicy = .leastLoaded
+        var loadBalancingPolicies: [String: LoadBalancingPolicy] = [:]
+        var healthCheckServiceName: String? = nil
+        var healthCheckServiceNames: [String: String] = [:]
+        var dns: DNS = DNS()
+        var etcd: Etcd? = nil
+        var http2: HTTP2 = HTTP2()
+        var tls: TLSSettings? = nil
+        var enableLogging: Bool = true
+        var enableMetrics: Bool = false
+        var enableRetry: Bool = true
+        var enableCircuitBreaker: Bool = true
+        var retry: Retry = Retry()
+        var hedging: [String: HedgingPolicy] = [:]
+        var circuitBreaker: CircuitBreakerConfiguration = CircuitBreakerConfiguration()
+        var userAgentPrefix: String? = nil
+        var compression: Compression = Compression()
+    }
+
+    /// The fields to change: the setter stores them in a new `Storage`, never in one that copies may share.
+    private var fields: Fields {
+        get { self.storage.fields }
+        set { self.storage = Storage(newValue) }
+    }
+
+    public static func == (lhs: Configuration, rhs: Configuration) -> Bool {
+        lhs.storage === rhs.storage || lhs.storage.fields == rhs.storage.fields
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(self.storage.fields)
+    }
+}
+
 extension Configuration {
     /// The hedging policy of a call to `path`: the method's, else its service's; nil (no lookup) when none is set.
+    /// Read in place (as the next one): the public getter would copy the table for every call.
     func hedgingPolicy(forPath path: String) -> HedgingPolicy? {
-        Self.perMethod(self.hedging, path: path)
+        Self.perMethod(self.storage.fields.hedging, path: path)
+    }
+
+    /// How a call to `path` compresses its requests, before per-call options.
+    func requestEncoding(forPath path: String) -> CompressionAlgorithm {
+        self.storage.fields.compression.requestEncoding(forPath: path)
     }
 
     /// The entry of `table` for a call to `path` (`/package.Service/Method`): the method's, else its service's

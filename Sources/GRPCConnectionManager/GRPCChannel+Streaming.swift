@@ -106,7 +106,7 @@ extension GRPCChannel {
         StreamBuffers(
             limit: self.configuration.streamBufferSize,
             maxSendMessageSize: min(maxSendMessageSize ?? .max, self.configuration.maxMessageSize),
-            requestEncoding: compression ?? self.configuration.compression.requestEncoding(forPath: path))
+            requestEncoding: compression ?? self.configuration.requestEncoding(forPath: path))
     }
 
     /// Starts a bidirectional call on `buffers` (every grpc-swift-2 method is a stream to its transport).

@@ -302,7 +302,7 @@ public final class GRPCChannel: Sendable {
     /// default.
     @inline(__always)
     func requestEncoding(path: String, options: RequestOptions) -> CompressionAlgorithm {
-        options.compression ?? self.configuration.compression.requestEncoding(forPath: path)
+        options.compression ?? self.configuration.requestEncoding(forPath: path)
     }
 
     /// Makes a unary call: `try await channel.unary(...)` returns the response (its message and both metadata) when
