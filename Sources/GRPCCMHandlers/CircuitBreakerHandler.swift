@@ -12,14 +12,16 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         let path: String
     }
 
-    package let configuration: CircuitBreakerConfiguration
+    package var configuration: CircuitBreakerConfiguration { self.limits.configuration }
+    /// Shared by every breaker of the table.
+    private let limits: CircuitBreakerStateMachine.Limits
     /// Strong: the bus does not hold the breaker (it answers calls directly), so nothing cycles.
     private let bus: LocalEventBus
     @exclusivity(unchecked)
     private var breakers = HotKeyTable<Key, CircuitBreakerStateMachine>()
 
     package init(configuration: CircuitBreakerConfiguration, bus: LocalEventBus) {
-        self.configuration = configuration
+        self.limits = CircuitBreakerStateMachine.Limits(configuration)
         self.bus = bus
     }
 
@@ -28,7 +30,7 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         let slot =
             self.breakers.lastSlot { $0.service == service && $0.path == path }
             ?? self.breakers.slot(for: Key(service: service, path: path)) {
-                CircuitBreakerStateMachine(configuration: self.configuration)
+                CircuitBreakerStateMachine(limits: self.limits)
             }
         let decision = self.breakers[slot].acquire(now: now)
         if let (from, to) = decision.changed {
@@ -49,7 +51,7 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
             return
         }
         // One mutating access: a non-mutating method on the table's element would read it out first, a copy of the
-        // whole machine (configuration and window included).
+        // whole machine (window included).
         let change = self.breakers[slot].callEnded(
             status.code, duration: duration, probe: permit.isProbe, epoch: permit.epoch, now: now)
         if let (from, to) = change {

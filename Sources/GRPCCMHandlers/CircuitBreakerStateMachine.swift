@@ -29,7 +29,24 @@ package struct CircuitBreakerStateMachine {
         case failure
     }
 
-    package let configuration: CircuitBreakerConfiguration
+    /// What every breaker of a handler reads and none changes: one object for all of them (a machine per method
+    /// would otherwise carry its own 112-byte copy).
+    package final class Limits: Sendable {
+        package let configuration: CircuitBreakerConfiguration
+        /// `configuration.failureCodes` among the codes gRPC defines (0...16), one bit each: every call's outcome is
+        /// classified, and a `Set` lookup hashed the code (about 200 instructions) where a bit test costs two.
+        let failureCodeBits: UInt32
+
+        package init(_ configuration: CircuitBreakerConfiguration) {
+            self.configuration = configuration
+            self.failureCodeBits = configuration.failureCodes.reduce(0) { bits, code in
+                bits | (CircuitBreakerStateMachine.bit(of: code) ?? 0)
+            }
+        }
+    }
+
+    private let limits: Limits
+    package var configuration: CircuitBreakerConfiguration { self.limits.configuration }
     package private(set) var state: State = .closed
     /// Counts state changes. A permit carries the epoch it was given in, so an outcome from before a change (a call
     /// admitted while CLOSED that ends while HALF_OPEN) never counts as a probe's.
@@ -39,14 +56,14 @@ package struct CircuitBreakerStateMachine {
     private var probesInFlight = 0
     private var probeSuccesses = 0
     private var window: SlidingWindow
-    /// `configuration.failureCodes` among the codes gRPC defines (0...16), one bit each: every call's outcome is
-    /// classified, and a `Set` lookup hashed the code (about 200 instructions) where a bit test costs two.
-    private let failureCodeBits: UInt32
+
+    package init(limits: Limits) {
+        self.limits = limits
+        self.window = SlidingWindow(limits.configuration.slidingWindow)
+    }
 
     package init(configuration: CircuitBreakerConfiguration) {
-        self.configuration = configuration
-        self.window = SlidingWindow(configuration.slidingWindow)
-        self.failureCodeBits = configuration.failureCodes.reduce(0) { bits, code in bits | (Self.bit(of: code) ?? 0) }
+        self.init(limits: Limits(configuration))
     }
 
     /// What `acquire` decided. `changed` reports a transition that happened on the way (OPEN → HALF_OPEN).
@@ -89,7 +106,7 @@ package struct CircuitBreakerStateMachine {
     /// Classifies a finished call: a failure code, or slower than the slow-call threshold, is a failure.
     package func classify(_ code: StatusCode, duration: Duration) -> Outcome {
         let isFailureCode =
-            Self.bit(of: code).map { self.failureCodeBits & $0 != 0 } ?? self.configuration.failureCodes.contains(code)
+            Self.bit(of: code).map { self.limits.failureCodeBits & $0 != 0 } ?? self.configuration.failureCodes.contains(code)
         if isFailureCode { return .failure }
         if let slow = self.configuration.slowCallDurationThreshold, duration > slow { return .failure }
         return .success
@@ -104,7 +121,7 @@ package struct CircuitBreakerStateMachine {
         // calling the non-mutating `classify` on `self` (inout here) made Swift copy the whole machine, 200 bytes,
         // to hand it over.
         let outcome: Outcome =
-            if let bit = Self.bit(of: code), self.failureCodeBits & bit == 0,
+            if let bit = Self.bit(of: code), self.limits.failureCodeBits & bit == 0,
                 self.configuration.slowCallDurationThreshold == nil
             {
                 .success
@@ -116,7 +133,7 @@ package struct CircuitBreakerStateMachine {
 
     /// A gRPC code's bit in `failureCodeBits`; nil for a code outside 0...16 (those are looked up in the set).
     @inline(__always)
-    private static func bit(of code: StatusCode) -> UInt32? {
+    fileprivate static func bit(of code: StatusCode) -> UInt32? {
         (0...16).contains(code.rawValue) ? 1 << UInt32(code.rawValue) : nil
     }
 
