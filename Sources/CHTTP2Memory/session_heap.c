@@ -9,8 +9,9 @@
 #include <unistd.h>
 
 // A session holds very few large blocks (the frame buffer, the stream table; a large inbound frame's buffer for a
-// while): a short array searched linearly, and only for a pointer that starts a page.
-enum { H2_HEAP_SLOTS = 8 };
+// while): a short array searched linearly, and only for a pointer that starts a page. Four slots, 16 bytes each: the
+// heap is part of every idle connection (a fifth large block comes from malloc).
+enum { H2_HEAP_SLOTS = 4 };
 
 // Small blocks up to H2_SMALL_MAX are kept for reuse when freed, in a cache shared by the sessions of one loop:
 // nghttp2 allocates and frees the same few sizes for every stream (the stream, its outbound items, the copied
@@ -23,8 +24,8 @@ enum { H2_SMALL_MAX = 512, H2_CLASSES = (H2_SMALL_MAX + 8 + 15) / 16 + 1, H2_KEE
 
 typedef struct {
     void *base;
-    size_t length;  // bytes mapped: the request rounded up to pages
-    int discardable;
+    uint32_t length;  // bytes mapped: the request rounded up to pages (larger blocks come from malloc)
+    uint32_t discardable;
 } h2_large_block;
 
 typedef struct h2_free_block {
@@ -40,7 +41,6 @@ struct h2_heap {
     h2_large_block blocks[H2_HEAP_SLOTS];
     int count;
     int creating;
-    size_t large_bytes;
     h2_block_cache *cache;  // NULL: small blocks go straight to malloc and free
 };
 
@@ -62,18 +62,16 @@ static int find(const h2_heap *heap, const void *ptr) {
 // A block of its own pages, or NULL (then the caller falls back to malloc) when the slots are full or mmap fails.
 // `frame_buffer`: a block whose bytes may be thrown away while the connection is idle.
 static void *large_alloc(h2_heap *heap, size_t size, int frame_buffer) {
-    if (heap->count == H2_HEAP_SLOTS) return NULL;
+    if (heap->count == H2_HEAP_SLOTS || size > UINT32_MAX - page_size()) return NULL;
     size_t length = (size + page_size() - 1) & ~(page_size() - 1);
     void *base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return NULL;
-    heap->blocks[heap->count++] = (h2_large_block){base, length, frame_buffer};
-    heap->large_bytes += length;
+    heap->blocks[heap->count++] = (h2_large_block){base, (uint32_t)length, (uint32_t)frame_buffer};
     return base;
 }
 
 static void large_free(h2_heap *heap, int index) {
     munmap(heap->blocks[index].base, heap->blocks[index].length);
-    heap->large_bytes -= heap->blocks[index].length;
     heap->blocks[index] = heap->blocks[--heap->count];
 }
 
@@ -228,7 +226,11 @@ void h2_heap_trim(h2_heap *heap) {
     }
 }
 
-size_t h2_heap_large_bytes(const h2_heap *heap) { return heap->large_bytes; }
+size_t h2_heap_large_bytes(const h2_heap *heap) {
+    size_t bytes = 0;
+    for (int i = 0; i < heap->count; i++) bytes += heap->blocks[i].length;
+    return bytes;
+}
 
 static size_t resident_bytes(const h2_heap *heap, int frame_buffer_only) {
     size_t resident = 0;

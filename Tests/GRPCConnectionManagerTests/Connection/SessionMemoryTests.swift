@@ -46,6 +46,33 @@ struct SessionMemoryTests {
         #expect(h2_heap_large_bytes(heap) == 0)
     }
 
+    @Test("past the heap's four page-backed slots, large blocks come from malloc and work the same")
+    func allocatorSlotsFull() throws {
+        let heap = try #require(h2_heap_new(nil))
+        defer { h2_heap_free(heap) }
+        let mem = h2_heap_mem(heap)
+        let user = mem.mem_user_data
+        var blocks: [UnsafeMutableRawPointer] = []
+        for index in 0..<6 {
+            let block = try #require(mem.malloc(8_000, user))
+            memset(block, Int32(index + 1), 8_000)
+            blocks.append(block)
+        }
+        #expect(h2_heap_large_bytes(heap) == 4 * 8_192, "four blocks on pages of their own, two from malloc")
+        // A malloc'd one grows and keeps its bytes; freeing a paged one frees its slot for the next.
+        blocks[5] = try #require(mem.realloc(blocks[5], 20_000, user))
+        #expect(blocks[5].load(fromByteOffset: 7_999, as: UInt8.self) == 6)
+        mem.free(blocks[0], user)
+        #expect(h2_heap_large_bytes(heap) == 3 * 8_192)
+        blocks[0] = try #require(mem.calloc(1, 5_000, user))
+        #expect(h2_heap_large_bytes(heap) == 3 * 8_192 + 8_192)
+        for (index, block) in blocks.enumerated() where index != 0 {
+            #expect(block.load(fromByteOffset: 4_000, as: UInt8.self) == UInt8(index + 1))
+        }
+        for block in blocks { mem.free(block, user) }
+        #expect(h2_heap_large_bytes(heap) == 0)
+    }
+
     @Test("small blocks are kept for reuse by size across the sessions of a loop, zeroed by calloc, grown in place")
     func allocatorKeepsSmallBlocks() throws {
         let cache = try #require(h2_block_cache_new())
