@@ -59,7 +59,8 @@ static int find(const h2_heap *heap, const void *ptr) {
     return -1;
 }
 
-// A block of its own pages, or NULL (then the caller falls back to malloc) when the slots are full or mmap fails.
+// A block of its own pages, or NULL (then the caller falls back to malloc) when the slots are full, the block is
+// within a page of 4 GiB, or mmap fails.
 // `frame_buffer`: a block whose bytes may be thrown away while the connection is idle.
 static void *large_alloc(h2_heap *heap, size_t size, int frame_buffer) {
     if (heap->count == H2_HEAP_SLOTS || size > UINT32_MAX - page_size()) return NULL;
@@ -158,7 +159,10 @@ static void *heap_calloc(size_t count, size_t size, void *user) {
         void *block = large_alloc(heap, total, 0);  // fresh anonymous pages are zero
         if (block) return block;
     }
-    void *block = small_alloc(heap, total);  // a kept block is not
+    // Past the kept sizes calloc zeroes by itself, and leaves a fresh big block's pages untouched (a memset would
+    // make them all resident, for good); a kept block is not zero.
+    if (!heap->cache || total > H2_SMALL_MAX) return calloc(1, total);
+    void *block = small_alloc(heap, total);
     if (block) memset(block, 0, total);
     return block;
 }

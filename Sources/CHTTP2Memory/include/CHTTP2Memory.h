@@ -4,10 +4,10 @@
 // nghttp2 allocates its outbound frame buffer (16 KiB and a frame header) and its stream map's table (4 KiB) when a
 // session is created and keeps them for the session's life, though an idle connection writes nothing and has no
 // stream. Through glibc those blocks share pages with their neighbours and the pages they have ever touched stay
-// resident. Here every block of at least H2_HEAP_LARGE bytes (a page) gets pages of its own from mmap: untouched
-// pages cost nothing, and while the connection is idle (h2_heap_trim) the frame buffer's pages go back to the
-// kernel, to come back zeroed when the next frame is written, and so do the pages of other large blocks that hold
-// only zeros (the emptied stream table), which come back as they were. Smaller
+// resident. Here blocks of at least H2_HEAP_LARGE bytes (a page), four at a time (a session holds at most three),
+// get pages of their own from mmap: untouched pages cost nothing, and while the connection is idle (h2_heap_trim)
+// the frame buffer's pages go back to the kernel, to come back zeroed when the next frame is written, and so do the
+// pages of other large blocks that hold only zeros (the emptied stream table), which come back as they were. Smaller
 // blocks come from malloc, and those up to 512 bytes are kept for reuse when freed, in a cache shared by the
 // sessions of a loop (h2_block_cache): nghttp2 allocates the same few sizes for every stream, and with many streams
 // in flight glibc's per-thread cache overflows into its slow paths (about 1,500 instructions per call at 64 in

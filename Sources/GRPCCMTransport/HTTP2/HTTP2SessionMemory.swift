@@ -1,7 +1,8 @@
 import CHTTP2Memory
 import CNghttp2
 
-/// The allocator of one nghttp2 session (`CHTTP2Memory`): blocks of a page (4 KiB) and more on pages of their own;
+/// The allocator of one nghttp2 session (`CHTTP2Memory`): blocks of a page (4 KiB) and more on pages of their own
+/// (four at a time);
 /// while its connection is idle (`trim()`), the session's 16 KiB frame buffer and the pages of its emptied stream
 /// table given back to the kernel, which is most of what an idle connection would otherwise keep resident; small
 /// blocks kept for reuse in its loop's `HTTP2BlockCache`.
