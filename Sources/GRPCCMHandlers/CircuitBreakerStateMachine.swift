@@ -118,8 +118,8 @@ package struct CircuitBreakerStateMachine {
         _ code: StatusCode, duration: Duration, probe: Bool, epoch: UInt64, now: UInt64
     ) -> (from: State, to: State)? {
         // The usual call, a success code with no slow-call threshold, is classified from two fields read in place:
-        // calling the non-mutating `classify` on `self` (inout here) made Swift copy the whole machine, 200 bytes,
-        // to hand it over.
+        // calling the non-mutating `classify` on `self` (inout here) made Swift copy the whole machine (then 200
+        // bytes) to hand it over.
         let outcome: Outcome =
             if let bit = Self.bit(of: code), self.limits.failureCodeBits & bit == 0,
                 self.configuration.slowCallDurationThreshold == nil

@@ -7,8 +7,9 @@ import GRPCCMWire
 /// How channels connect and call. Every field has a documented default; `validate()` names the first bad field.
 public struct Configuration: Sendable, Hashable {
     /// Every field, behind one immutable reference: copies of a configuration (one per channel, one per service of a
-    /// manager) share it, so a channel holds 8 bytes of it instead of about 670. Setting a field stores a new one; a
-    /// configuration is set up once and then only read.
+    /// manager) share it, so a channel holds 8 bytes of it instead of about 670. Setting a field stores a new one (a
+    /// copy of all the fields: a table filled entry by entry is copied each time), which suits a configuration set up
+    /// once and then only read.
     private var storage: Storage
 
     /// Largest message sent or received, in bytes. Default 4 MiB (gRPC's receive default; the Go original's README
@@ -494,9 +495,17 @@ extension Configuration {
     }
 }
 
+/// `print`, `dump` and `String(describing:)` show the fields, not the storage that holds them.
+extension Configuration: CustomReflectable {
+    public var customMirror: Mirror {
+        Mirror(self, children: Mirror(reflecting: self.storage.fields).children, displayStyle: .struct)
+    }
+}
+
 extension Configuration {
     /// The hedging policy of a call to `path`: the method's, else its service's; nil (no lookup) when none is set.
-    /// Read in place (as the next one): the public getter would copy the table for every call.
+    /// This and the next read the fields in place: through the public getters every call retained and released the
+    /// tables.
     func hedgingPolicy(forPath path: String) -> HedgingPolicy? {
         Self.perMethod(self.storage.fields.hedging, path: path)
     }

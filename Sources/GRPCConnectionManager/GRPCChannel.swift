@@ -130,9 +130,10 @@ public final class GRPCChannel: Sendable {
             case .etcd(let name): tlsServerName = settings.serverName ?? name
             }
         }
+        let connectionSettings = configuration.http2ClientSettings  // one for every loop's connections
         self.shards = loops.map { context in
             let connector = HTTP2Connector(
-                reactor: context.reactor, authority: target.authority, settings: configuration.http2ClientSettings,
+                reactor: context.reactor, authority: target.authority, settings: connectionSettings,
                 tls: tls, tlsServerName: tlsServerName)
             let pool = ServicePool(
                 reactor: context.reactor, service: service, target: target, settings: configuration.poolSettings(service: service),

@@ -272,27 +272,4 @@ struct TargetParsingTests {
             }
         }
     }
-
-    /// Copies share their fields (copy on write): changing one, nested fields included, leaves the others.
-    @Test func configurationIsAValue() {
-        let original = Configuration()
-        var changed = original
-        changed.http2.maxFrameSize = 1 << 15
-        changed.hedging["/a.B/C"] = HedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(5))
-        changed.tls = TLSSettings()
-        #expect(original.http2.maxFrameSize == 1 << 14)
-        #expect(original.hedging.isEmpty && original.tls == nil)
-        #expect(changed.http2.maxFrameSize == 1 << 15 && changed.hedging.count == 1 && changed.tls != nil)
-        #expect(original != changed)
-
-        // Equal fields set apart compare and hash equal; one field apart, they differ.
-        var again = Configuration()
-        again.http2.maxFrameSize = 1 << 15
-        again.hedging["/a.B/C"] = HedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(5))
-        again.tls = TLSSettings()
-        #expect(again == changed && again.hashValue == changed.hashValue)
-        again.enableRetry = false
-        #expect(again != changed)
-        #expect(Configuration() == original && Configuration().hashValue == original.hashValue)
-    }
 }

@@ -201,7 +201,7 @@ final class Driver: @unchecked Sendable {
     /// touched by one thread at a time; merged at the end.
     final class SlotStats: @unchecked Sendable {
         // `@unchecked`: one loop's thread at a time (see above). For the same reason the histogram skips the runtime
-        // exclusivity check, which cost about 140 instructions a call: the harness's own, counted by the gate.
+        // exclusivity check, which cost about 120 instructions a call: the harness's own, counted by the gate.
         @exclusivity(unchecked)
         var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
         var requests = 0
