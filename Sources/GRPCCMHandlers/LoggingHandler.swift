@@ -23,6 +23,8 @@ package final class LoggingHandler: @unchecked Sendable {
     private let targetsByService = PThreadLock<[String: String]>([:])
 
     package func setTarget(_ target: String, for service: String) {
+        // Only call records (debug and trace) read it: without them the table is never allocated.
+        guard self.debugEnabled else { return }
         self.targetsByService.withLock { $0[service] = target }
     }
 

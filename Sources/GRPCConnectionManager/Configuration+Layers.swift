@@ -21,6 +21,9 @@ extension Configuration {
             }
             return EtcdResolver(settings: etcd)
         }
+        // A numeric address or a Unix path is never looked up (the pools install it as it is): no c-ares channel
+        // for it (about 170 bytes a channel).
+        if target.numericAddresses != nil { return SystemResolver() }
         switch self.dns.resolver {
         case .system:
             return SystemResolver()

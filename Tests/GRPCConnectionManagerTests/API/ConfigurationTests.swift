@@ -1,5 +1,7 @@
 import Testing
 
+@testable import GRPCCMDiscovery
+@testable import GRPCCMPool
 @testable import GRPCConnectionManager
 
 /// `Configuration`: its documented defaults, and a value whose copies share their fields until one is changed.
@@ -75,6 +77,18 @@ struct ConfigurationTests {
         again.enableRetry = false
         #expect(again != changed)
         #expect(Configuration() == original && Configuration().hashValue == original.hashValue)
+    }
+
+    /// A channel to a numeric address or a Unix path gets no c-ares resolver (nothing is ever looked up); a host
+    /// name gets the one `dns.resolver` names.
+    @Test func resolverOnlyForNames() throws {
+        var configuration = Configuration()
+        for text in ["127.0.0.1:50051", "[::1]:443", "unix:/tmp/x.sock"] {
+            #expect(try configuration.makeResolver(for: Target(parsing: text)) is SystemResolver, "\(text)")
+        }
+        #expect(try configuration.makeResolver(for: Target(parsing: "localhost:50051")) is CAresResolver)
+        configuration.dns.resolver = .system
+        #expect(try configuration.makeResolver(for: Target(parsing: "localhost:50051")) is SystemResolver)
     }
 
     /// Printed, a configuration shows its fields (not the storage that holds them).
