@@ -12,7 +12,6 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         let path: String
     }
 
-    package var configuration: CircuitBreakerConfiguration { self.limits.configuration }
     /// Shared by every breaker of the table.
     private let limits: CircuitBreakerStateMachine.Limits
     /// Strong: the bus does not hold the breaker (it answers calls directly), so nothing cycles.

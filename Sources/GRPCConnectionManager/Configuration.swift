@@ -7,55 +7,55 @@ import GRPCCMWire
 /// How channels connect and call. Every field has a documented default; `validate()` names the first bad field.
 public struct Configuration: Sendable, Hashable {
     /// Every field, behind one immutable reference: copies of a configuration (one per channel, one per service of a
-    /// manager) share it, so a channel holds 8 bytes of it instead of about 670. Setting a field stores a new one (a
-    /// copy of all the fields: a table filled entry by entry is copied each time), which suits a configuration set up
-    /// once and then only read.
+    /// manager) share it, so a channel holds 8 bytes of it instead of about 670. Setting a field to a new value stores
+    /// a new one (a copy of all the fields: a table filled entry by entry is copied each time), which suits a
+    /// configuration set up once and then only read.
     private var storage: Storage
 
     /// Largest message sent or received, in bytes. Default 4 MiB (gRPC's receive default; the Go original's README
     /// value). A larger response fails with RESOURCE_EXHAUSTED and the connection is kept.
     public var maxMessageSize: Int {
         get { self.storage.fields.maxMessageSize }
-        set { self.fields.maxMessageSize = newValue }
+        set { self.update(\.maxMessageSize, to: newValue) }
     }
 
     /// Longest a connection attempt (TCP connect plus the server's HTTP/2 SETTINGS) may take. Default 10 s (the
     /// Go original's MinConnectTimeout). A server that accepts TCP and never speaks HTTP/2 fails the attempt then.
     public var minConnectTimeout: Duration {
         get { self.storage.fields.minConnectTimeout }
-        set { self.fields.minConnectTimeout = newValue }
+        set { self.update(\.minConnectTimeout, to: newValue) }
     }
 
     /// Interval between keepalive PINGs, measured from the last bytes read. Default 30 s (the Go original).
     /// Doubled for a target whose server answers GOAWAY `too_many_pings` (gRFC A8).
     public var keepAliveTime: Duration {
         get { self.storage.fields.keepAliveTime }
-        set { self.fields.keepAliveTime = newValue }
+        set { self.update(\.keepAliveTime, to: newValue) }
     }
 
     /// How long a keepalive PING may go unanswered before the connection is declared dead: it closes, its calls
     /// fail with UNAVAILABLE and it goes to TRANSIENT_FAILURE. Default 5 s. Also set as TCP_USER_TIMEOUT.
     public var keepAliveTimeout: Duration {
         get { self.storage.fields.keepAliveTimeout }
-        set { self.fields.keepAliveTimeout = newValue }
+        set { self.update(\.keepAliveTimeout, to: newValue) }
     }
 
     /// Whether keepalive PINGs are sent while no call is open. Default true (the Go original).
     public var keepAlivePermitWithoutStream: Bool {
         get { self.storage.fields.keepAlivePermitWithoutStream }
-        set { self.fields.keepAlivePermitWithoutStream = newValue }
+        set { self.update(\.keepAlivePermitWithoutStream, to: newValue) }
     }
 
     /// Largest wait between reconnect attempts. Default 3 s (the Go original's MaxReconnectDelay).
     public var maxReconnectDelay: Duration {
         get { self.storage.fields.maxReconnectDelay }
-        set { self.fields.maxReconnectDelay = newValue }
+        set { self.update(\.maxReconnectDelay, to: newValue) }
     }
 
     /// Reconnect backoff before the cap: first delay, growth and jitter.
     public var reconnectBackoff: ReconnectBackoff {
         get { self.storage.fields.reconnectBackoff }
-        set { self.fields.reconnectBackoff = newValue }
+        set { self.update(\.reconnectBackoff, to: newValue) }
     }
 
     /// Bytes a streaming call buffers each way before backpressure applies, in bytes. Default 64 KiB.
@@ -64,58 +64,58 @@ public struct Configuration: Sendable, Hashable {
     /// server, so a slow reader holds at most this plus one stream window (`http2.initialStreamWindowSize`).
     public var streamBufferSize: Int {
         get { self.storage.fields.streamBufferSize }
-        set { self.fields.streamBufferSize = newValue }
+        set { self.update(\.streamBufferSize, to: newValue) }
     }
 
     /// A connection with no call for this long closes and goes IDLE; the next call reconnects. Default 30 min
     /// (grpc-go, grpc-java); `.zero` means never.
     public var idleTimeout: Duration {
         get { self.storage.fields.idleTimeout }
-        set { self.fields.idleTimeout = newValue }
+        set { self.update(\.idleTimeout, to: newValue) }
     }
 
     /// Connections per resolved address of a service. Default 1. Calls go to the ready connection with the
     /// fewest open streams.
     public var connectionsPerTarget: Int {
         get { self.storage.fields.connectionsPerTarget }
-        set { self.fields.connectionsPerTarget = newValue }
+        set { self.update(\.connectionsPerTarget, to: newValue) }
     }
 
     /// Calls that may wait for a connection (none ready, or every stream in use) before new ones fail with
     /// RESOURCE_EXHAUSTED. Default 10,000.
     public var maxQueuedCalls: Int {
         get { self.storage.fields.maxQueuedCalls }
-        set { self.fields.maxQueuedCalls = newValue }
+        set { self.update(\.maxQueuedCalls, to: newValue) }
     }
     /// How often a service's host name is resolved again, besides after a connection failure or a GOAWAY; jittered
     /// by ±20 %. Default 30 s; `.zero` means only after failures. Addresses that disappear drain, new ones join.
     public var resolutionInterval: Duration {
         get { self.storage.fields.resolutionInterval }
-        set { self.fields.resolutionInterval = newValue }
+        set { self.update(\.resolutionInterval, to: newValue) }
     }
     /// The shortest time between two resolutions of a name, whatever asks for them. Default 1 s.
     public var minimumResolutionInterval: Duration {
         get { self.storage.fields.minimumResolutionInterval }
-        set { self.fields.minimumResolutionInterval = newValue }
+        set { self.update(\.minimumResolutionInterval, to: newValue) }
     }
     /// More connections when streams run out (gRFC A105): when a call would wait because every ready connection to
     /// the service is at the server's MAX_CONCURRENT_STREAMS, another connection opens, up to this many per address.
     /// nil (the default) keeps `connectionsPerTarget` fixed and queues such calls.
     public var maxConnectionsPerTarget: Int? {
         get { self.storage.fields.maxConnectionsPerTarget }
-        set { self.fields.maxConnectionsPerTarget = newValue }
+        set { self.update(\.maxConnectionsPerTarget, to: newValue) }
     }
     /// How calls are spread over a service's connections (`LoadBalancingPolicy`): `.leastLoaded` (default),
     /// `.roundRobin` or `.pickFirst`. `loadBalancingPolicies` overrides it per service name.
     public var loadBalancingPolicy: LoadBalancingPolicy {
         get { self.storage.fields.loadBalancingPolicy }
-        set { self.fields.loadBalancingPolicy = newValue }
+        set { self.update(\.loadBalancingPolicy, to: newValue) }
     }
     /// Per-service policies, by the service name given to `ConnectionManager.connection(service:)` (for a standalone
     /// `GRPCChannel`, its target text).
     public var loadBalancingPolicies: [String: LoadBalancingPolicy] {
         get { self.storage.fields.loadBalancingPolicies }
-        set { self.fields.loadBalancingPolicies = newValue }
+        set { self.update(\.loadBalancingPolicies, to: newValue) }
     }
 
     /// Client-side health checking (gRFC A17): with a name (`""` means the whole server), every connection watches
@@ -126,23 +126,23 @@ public struct Configuration: Sendable, Hashable {
     /// per service name.
     public var healthCheckServiceName: String? {
         get { self.storage.fields.healthCheckServiceName }
-        set { self.fields.healthCheckServiceName = newValue }
+        set { self.update(\.healthCheckServiceName, to: newValue) }
     }
     public var healthCheckServiceNames: [String: String] {
         get { self.storage.fields.healthCheckServiceNames }
-        set { self.fields.healthCheckServiceNames = newValue }
+        set { self.update(\.healthCheckServiceNames, to: newValue) }
     }
 
     /// How host names are resolved.
     public var dns: DNS {
         get { self.storage.fields.dns }
-        set { self.fields.dns = newValue }
+        set { self.update(\.dns, to: newValue) }
     }
 
     /// Where `etcd:///name` targets are looked up (nil: such targets are refused).
     public var etcd: Etcd? {
         get { self.storage.fields.etcd }
-        set { self.fields.etcd = newValue }
+        set { self.update(\.etcd, to: newValue) }
     }
 
     /// An etcd cluster holding endpoints as grpc-go's endpoints manager writes them (`EtcdResolver`,
@@ -162,55 +162,55 @@ public struct Configuration: Sendable, Hashable {
     /// HTTP/2 settings of each connection.
     public var http2: HTTP2 {
         get { self.storage.fields.http2 }
-        set { self.fields.http2 = newValue }
+        set { self.update(\.http2, to: newValue) }
     }
 
     /// TLS for every connection; nil (the default, as in the Go original) is plaintext HTTP/2.
     public var tls: TLSSettings? {
         get { self.storage.fields.tls }
-        set { self.fields.tls = newValue }
+        set { self.update(\.tls, to: newValue) }
     }
 
     /// Log calls (debug), state and breaker changes (info), retries and connect failures (warning) to the
     /// manager's `Logger`. Default true.
     public var enableLogging: Bool {
         get { self.storage.fields.enableLogging }
-        set { self.fields.enableLogging = newValue }
+        set { self.update(\.enableLogging, to: newValue) }
     }
     /// Record metrics through the application's `MetricsSystem.factory`. Default false (the Go original's). A
     /// factory passed to `ConnectionManager(metricsFactory:)` or `GRPCChannel(metricsFactory:)` records whatever
     /// this says.
     public var enableMetrics: Bool {
         get { self.storage.fields.enableMetrics }
-        set { self.fields.enableMetrics = newValue }
+        set { self.update(\.enableMetrics, to: newValue) }
     }
     /// Retry failed calls with `retry`. Default true.
     public var enableRetry: Bool {
         get { self.storage.fields.enableRetry }
-        set { self.fields.enableRetry = newValue }
+        set { self.update(\.enableRetry, to: newValue) }
     }
     /// Guard each service and method with a circuit breaker. Default true.
     public var enableCircuitBreaker: Bool {
         get { self.storage.fields.enableCircuitBreaker }
-        set { self.fields.enableCircuitBreaker = newValue }
+        set { self.update(\.enableCircuitBreaker, to: newValue) }
     }
 
     /// Retry policy, per-method overrides and throttling.
     public var retry: Retry {
         get { self.storage.fields.retry }
-        set { self.fields.retry = newValue }
+        set { self.update(\.retry, to: newValue) }
     }
     /// Hedging (gRFC A6) of unary calls, by method (`/package.Service/Method`) or service (`package.Service`): a
     /// method or service listed here is hedged instead of retried (the retry throttle still applies). Streaming calls
     /// are never hedged.
     public var hedging: [String: HedgingPolicy] {
         get { self.storage.fields.hedging }
-        set { self.fields.hedging = newValue }
+        set { self.update(\.hedging, to: newValue) }
     }
     /// Circuit breaker settings.
     public var circuitBreaker: CircuitBreakerConfiguration {
         get { self.storage.fields.circuitBreaker }
-        set { self.fields.circuitBreaker = newValue }
+        set { self.update(\.circuitBreaker, to: newValue) }
     }
 
     /// Retry settings (`RetrySettings`).
@@ -219,13 +219,13 @@ public struct Configuration: Sendable, Hashable {
     /// Text put before `grpc-swift-cm/<version>` in the user-agent header (nil: none).
     public var userAgentPrefix: String? {
         get { self.storage.fields.userAgentPrefix }
-        set { self.fields.userAgentPrefix = newValue }
+        set { self.update(\.userAgentPrefix, to: newValue) }
     }
 
     /// Message compression: what responses may use, what requests use.
     public var compression: Compression {
         get { self.storage.fields.compression }
-        set { self.fields.compression = newValue }
+        set { self.update(\.compression, to: newValue) }
     }
 
     public init() {
@@ -480,10 +480,13 @@ extension Configuration {
         var compression: Compression = Compression()
     }
 
-    /// The fields to change: the setter stores them in a new `Storage`, never in one that copies may share.
-    private var fields: Fields {
-        get { self.storage.fields }
-        set { self.storage = Storage(newValue) }
+    /// Sets one field: a new `Storage` with it changed, never a change to one that copies may share. A field set to
+    /// the value it has leaves the storage shared (a manager's service channels keep the manager's).
+    private mutating func update<Value: Equatable>(_ field: WritableKeyPath<Fields, Value>, to value: Value) {
+        guard self.storage.fields[keyPath: field] != value else { return }
+        var fields = self.storage.fields
+        fields[keyPath: field] = value
+        self.storage = Storage(fields)
     }
 
     public static func == (lhs: Configuration, rhs: Configuration) -> Bool {

@@ -159,11 +159,10 @@ public final class ConnectionManager: Sendable {
             var configuration = self.configuration
             switch security {
             case .none: break
-            // Set only when it changes: a changed configuration stops sharing its fields with the manager's.
-            case .plaintext: if configuration.tls != nil { configuration.tls = nil }
+            case .plaintext: configuration.tls = nil
             case .tls(let tls):
                 try tls.validate()
-                if configuration.tls != tls { configuration.tls = tls }
+                configuration.tls = tls
             }
             let channel = try GRPCChannel(
                 service: service, target: target, configuration: configuration, bus: self.events, loops: self.loops,
