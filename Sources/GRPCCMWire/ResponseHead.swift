@@ -218,6 +218,7 @@ package struct ResponseHead: Sendable {
                 // Informational (1xx): skip it and read the next block (PROTOCOL-HTTP2.md).
                 self.httpStatus = 0
                 self.initialMetadata = CallMetadata()
+                self.forgetStatus()
                 return .informational
             }
         } else if !endStream {
@@ -232,7 +233,47 @@ package struct ResponseHead: Sendable {
             self.initialMetadata = CallMetadata()
             return .trailersOnly
         }
-        return self.completeBlocks == 1 ? .headers : .trailers
+        guard self.completeBlocks == 1 else { return .trailers }
+        // The status is the last block's to give (the trailers, or a trailers-only response): a grpc-status in the
+        // response headers says nothing about how the stream will end. Kept, it would let a stream the server
+        // resets, or ends without trailers, pass for OK.
+        self.forgetStatus()
+        return .headers
+    }
+
+    private mutating func forgetStatus() {
+        self.grpcStatus = nil
+        self.grpcMessage = nil
+    }
+
+    /// Why the response headers just completed (`endBlock` said `.headers`) do not begin a gRPC response, or nil
+    /// when they do. A status other than 200, or a content-type that is not gRPC's, is an HTTP answer such as a
+    /// proxy's error page: its body is not gRPC messages, and the call ends with the status gRPC maps it to
+    /// (`CallStatus.code(forHTTPStatus:)`; UNKNOWN at 200), as grpc-go and grpc-java end it.
+    package mutating func notGRPCResponse() -> CallStatus? {
+        if self.httpStatus == 200 && self.grpcContentType { return nil }  // nearly every response: no string work
+        let type = self.grpcContentType ? "application/grpc" : self.contentType
+        if self.httpStatus == 200, let type, Self.isGRPC(contentType: type) { return nil }
+        let typeText = type.map { "content-type \"\(String($0.prefix(64)))\"" } ?? "no content-type"
+        guard self.httpStatus == 200 else {
+            return CallStatus(
+                code: CallStatus.code(forHTTPStatus: self.httpStatus),
+                message: "HTTP status \(self.httpStatus) (\(typeText)): not a gRPC response")
+        }
+        return CallStatus(code: .unknown, message: "HTTP status 200 with \(typeText): not a gRPC response")
+    }
+
+    /// `application/grpc`, alone or followed by a message format (`+proto`) or parameters (`;`), as PROTOCOL-HTTP2.md
+    /// writes Content-Type; `application/grpc-web` and the like are other protocols.
+    package static func isGRPC(contentType: String) -> Bool {
+        var bytes = contentType.utf8[...]
+        for expected in "application/grpc".utf8 {
+            // Media types are case-insensitive (RFC 9110 §8.3.1).
+            guard let byte = bytes.popFirst(), byte == expected || (byte >= 0x41 && byte <= 0x5A && byte + 0x20 == expected)
+            else { return false }
+        }
+        guard let next = bytes.first else { return true }
+        return next == UInt8(ascii: "+") || next == UInt8(ascii: ";")
     }
 
     /// Moves both metadata out (the head is done with them): the response takes them without a copy.
@@ -268,7 +309,7 @@ package struct ResponseHead: Sendable {
                 message: "HTTP status \(self.httpStatus) without grpc-status"
                     + ((self.grpcContentType ? "application/grpc" : self.contentType).map { " (content-type \($0))" } ?? ""))
         }
-        if let type = self.contentType, !type.hasPrefix("application/grpc") {
+        if let type = self.contentType, !Self.isGRPC(contentType: type) {
             return CallStatus(code: .unknown, message: "unexpected content-type \"\(type)\" in response")
         }
         if errorCode != 0 { return CallStatus.forRSTStream(errorCode: errorCode) }

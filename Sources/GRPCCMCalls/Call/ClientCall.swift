@@ -789,6 +789,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         case .informational:
             return
         case .headers:
+            if let status = self.head.notGRPCResponse() {
+                // An HTTP answer, not gRPC (a proxy's 503 page): its body is not deframed, the stream is cancelled.
+                self.failAttempt(status, resetWith: NGHTTP2_CANCEL.rawValue)
+                return
+            }
             self.machine.headersReceived()
             if let name = self.head.grpcEncoding, let encoding = CompressionAlgorithm(name: name), encoding != .identity {
                 // An encoding this client implements: compressed messages may follow, whether or not it was offered

@@ -91,6 +91,49 @@ struct MisbehavingPeerTests {
         #expect(ledger.completed == 2 && ledger.duplicates == 0)
     }
 
+    @Test(
+        "an HTTP answer that is not gRPC, or a status outside the trailers, ends the call as gRPC maps it, once",
+        arguments: [
+            // A proxy's error page: the body is never read as gRPC messages.
+            ("http-503-html", StatusCode.unavailable, "HTTP status 503 (content-type \"text/html\")"),
+            ("http-404-plain", .unimplemented, "HTTP status 404"),
+            ("http-502-html-end", .unavailable, "HTTP status 502 without grpc-status"),
+            ("http-200-html", .unknown, "content-type \"text/html\""),
+            ("http-200-grpcweb", .unknown, "application/grpc-web+proto"),
+            // A grpc-status in the response headers is not the call's status: the trailers' is.
+            ("status-in-headers-then-reset", .internal, "INTERNAL_ERROR"),
+            ("status-in-headers-then-end", .internal, "without grpc-status"),
+        ])
+    func notGRPCResponses(_ scriptCase: String, _ code: StatusCode, _ reason: String) async throws {
+        let peer = try ScriptedPeer("malformed", [scriptCase])
+        defer { peer.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: fixture.loop)
+        let ledger = CompletionLedger()
+        let response = await channel.call("/fuzz.Peer/Get", [1], timeout: .seconds(5), ledger: ledger, id: 1)
+        #expect(response.status.code == code, "\(response.status)")
+        #expect(response.status.message.contains(reason), "\(response.status)")
+        #expect(response.message.isEmpty, "no message from a failed call: \(response.status)")
+        let next = await channel.call("/fuzz.Peer/Get", [2], timeout: .seconds(5), ledger: ledger, id: 2)
+        #expect(next.status == .ok, "the connection goes on: \(next.status)")
+        #expect(ledger.completed == 2 && ledger.duplicates == 0)
+    }
+
+    @Test("application/grpc with a format suffix or parameters is gRPC", arguments: ["http-200-grpcproto", "http-200-grpcparam"])
+    func grpcContentTypeVariants(_ scriptCase: String) async throws {
+        let peer = try ScriptedPeer("malformed", [scriptCase])
+        defer { peer.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, eventLoop: fixture.loop)
+        let response = await channel.call("/fuzz.Peer/Get", [4], timeout: .seconds(5))
+        #expect(response.status == .ok, "\(response.status)")
+        #expect(response.message == [4])
+    }
+
     @Test("an informational (1xx) block before the response is skipped")
     func informationalThenResponse() async throws {
         let peer = try ScriptedPeer("malformed", ["informational-then-ok"])

@@ -136,6 +136,40 @@ struct ResponseHeadTests {
         #expect(head.status(errorCode: 0).code == .unknown)
     }
 
+    @Test("the status is the trailers' (or a trailers-only block's): one in the response headers or a 1xx is not")
+    func statusOnlyFromTheLastBlock() {
+        // Response headers that carry grpc-status 0, then a reset: the reset decides, not the early status.
+        var (end, head) = Self.read([(fields: Self.ok + [("grpc-status", "0"), ("grpc-message", "early")], endStream: false)])
+        #expect(end == .headers && head.grpcStatus == nil && head.grpcMessage == nil)
+        #expect(head.status(errorCode: 2).code == .internal)
+        #expect(head.status(errorCode: 0).message.contains("without grpc-status"))
+        (end, head) = Self.read([
+            (fields: [(":status", "103"), ("grpc-status", "0")], endStream: false),
+            (fields: Self.ok, endStream: false), (fields: [("grpc-status", "7"), ("grpc-message", "no")], endStream: true),
+        ])
+        #expect(end == .trailers && head.status(errorCode: 0) == CallStatus(code: .permissionDenied, message: "no"))
+    }
+
+    @Test(
+        "response headers that are not gRPC's: the status gRPC maps them to",
+        arguments: [
+            (":status 200, application/grpc", Self.ok, nil),
+            ("+proto", [(":status", "200"), ("content-type", "application/grpc+proto")], nil),
+            ("parameters, upper case", [(":status", "200"), ("content-type", "Application/GRPC; x=y")], nil),
+            ("503 page", [(":status", "503"), ("content-type", "text/html")], StatusCode.unavailable),
+            ("404", [(":status", "404"), ("content-type", "application/grpc")], .unimplemented),
+            ("401", [(":status", "401")], .unauthenticated),
+            ("200 html", [(":status", "200"), ("content-type", "text/html")], .unknown),
+            ("200 no content-type", [(":status", "200")], .unknown),
+            ("grpc-web", [(":status", "200"), ("content-type", "application/grpc-web")], .unknown),
+            ("a longer word", [(":status", "200"), ("content-type", "application/grpcx")], .unknown),
+        ] as [(String, [(String, String)], StatusCode?)])
+    func notGRPC(_ what: String, _ fields: [(String, String)], _ code: StatusCode?) {
+        var (end, head) = Self.read([(fields: fields, endStream: false)])
+        #expect(end == .headers, "\(what)")
+        #expect(head.notGRPCResponse()?.code == code, "\(what)")
+    }
+
     @Test("names and values, byte by byte")
     func byteRules() {
         func name(_ text: String) -> Bool { Array(text.utf8).withUnsafeBufferPointer { HeaderName.isValidName($0) } }

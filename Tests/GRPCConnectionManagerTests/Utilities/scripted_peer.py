@@ -25,6 +25,7 @@ mode says otherwise:
                        before answering the new one (an old attempt's frames arriving during its retry)
   wide-open-stall      windows of 2^31-1 (stream and connection), then stops reading once a request's headers are
                        in ("event stalled"): the client may send as fast as it can produce, and the socket backs up
+  malformed CASE       the first stream gets one broken or non-gRPC answer (see malformed_answer), later ones the echo
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
                        huge header blocks, resets, window abuse, GOAWAY, silence)
 """
@@ -288,6 +289,33 @@ class Connection:
             self.send_headers(stream_id, ok)
             self.send_data(stream_id, message)
             self.send_headers(stream_id, [("grpc-status", "0")])
+            return
+        elif case.startswith("http-"):
+            # An HTTP answer that is not gRPC, such as a proxy's error page: http-STATUS-TYPE[-end] (end: no body,
+            # END_STREAM on the headers).
+            _, status, kind = case.split("-")[:3]
+            content_type = {"html": "text/html", "plain": "text/plain", "grpcweb": "application/grpc-web+proto",
+                            "grpcproto": "application/grpc+proto", "grpcparam": "application/grpc; charset=x"}[kind]
+            if case.endswith("-end"):
+                self.send_headers(stream_id, [(":status", status), ("content-type", content_type)], end_stream=True)
+                return
+            self.send_headers(stream_id, [(":status", status), ("content-type", content_type)])
+            if kind.startswith("grpc"):
+                self.send_data(stream_id, message)
+                self.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+            else:
+                self.send_data(stream_id, b"upstream connect error or disconnect/reset before headers", end_stream=True)
+            return
+        elif case in ("status-in-headers-then-reset", "status-in-headers-then-end"):
+            # A grpc-status in the response headers, then no trailers: the stream is reset, or its DATA ends it.
+            self.send_headers(stream_id, ok + [("grpc-status", "0")])
+            if case.endswith("reset"):
+                self.send_data(stream_id, message)
+                frame = RstStreamFrame(stream_id)
+                frame.error_code = 2  # INTERNAL_ERROR
+                self.send(frame)
+            else:
+                self.send_data(stream_id, message, end_stream=True)
             return
         elif case == "informational-then-ok":
             self.send_headers(stream_id, [(":status", "100")])
