@@ -45,7 +45,8 @@ package enum HealthProto {
             index += 1
             guard key & 0x07 == 0, let (value, next) = ProtobufWire.varint(bytes, from: index) else { return nil }
             index = next
-            if key >> 3 == 1 { status = HealthStatus(rawValue: Int(value)) ?? .unknown }
+            // A value past Int's range is the peer's nonsense, not a trap: UNKNOWN, as any unknown value.
+            if key >> 3 == 1 { status = Int(exactly: value).flatMap(HealthStatus.init(rawValue:)) ?? .unknown }
         }
         return status
     }

@@ -47,11 +47,9 @@ package enum ProtobufWire {
                 index += 8
                 body(number, .fixed)
             case 2:
-                guard let (length, start) = Self.varint(bytes, from: index), start + Int(length) <= bytes.count else {
-                    return false
-                }
-                index = start + Int(length)
-                body(number, .bytes(bytes[start..<index]))
+                guard let range = Self.lengthDelimitedRange(bytes, from: index) else { return false }
+                index = range.upperBound
+                body(number, .bytes(bytes[range]))
             case 5:
                 index += 4
                 body(number, .fixed)
@@ -86,6 +84,14 @@ package enum ProtobufWire {
         return nil
     }
 
+    /// The bytes of a length-delimited value whose length varint is at `start`; nil when truncated. The length is
+    /// the peer's: it is checked against what is there before it becomes an `Int` (2^63 and more would trap).
+    private static func lengthDelimitedRange(_ bytes: [UInt8], from start: Int) -> Range<Int>? {
+        guard let (length, valueStart) = Self.varint(bytes, from: start), length <= UInt64(bytes.count - valueStart)
+        else { return nil }
+        return valueStart..<valueStart + Int(length)
+    }
+
     /// The last value of length-delimited field `number` (protobuf's rule for a repeated singular field); other
     /// fields are skipped. nil when absent or when the bytes are malformed.
     package static func lastLengthDelimited(_ number: Int, in bytes: [UInt8]) -> ArraySlice<UInt8>? {
@@ -100,11 +106,9 @@ package enum ProtobufWire {
                 index = next
             case 1: index += 8
             case 2:
-                guard let (length, start) = Self.varint(bytes, from: index), start + Int(length) <= bytes.count else {
-                    return nil
-                }
-                index = start + Int(length)
-                if Int(key >> 3) == number { found = bytes[start..<index] }
+                guard let range = Self.lengthDelimitedRange(bytes, from: index) else { return nil }
+                index = range.upperBound
+                if Int(key >> 3) == number { found = bytes[range] }
             case 5: index += 4
             default: return nil
             }
