@@ -340,6 +340,9 @@ public struct Configuration: Sendable, Hashable {
         if self.reconnectBackoff.initial <= .zero {
             throw ConfigurationError(field: "reconnectBackoff.initial", message: "must be greater than zero")
         }
+        if self.reconnectBackoff.initial > self.maxReconnectDelay {
+            throw ConfigurationError(field: "reconnectBackoff.initial", message: "must not exceed maxReconnectDelay")
+        }
         if !(self.reconnectBackoff.multiplier >= 1) {
             throw ConfigurationError(field: "reconnectBackoff.multiplier", message: "must be at least 1")
         }
@@ -395,8 +398,9 @@ public struct Configuration: Sendable, Hashable {
         if !((1 << 14)...((1 << 24) - 1)).contains(self.http2.maxFrameSize) {
             throw ConfigurationError(field: "http2.maxFrameSize", message: "must be 16384...16777215")
         }
-        if self.http2.maxHeaderListSize <= 0 {
-            throw ConfigurationError(field: "http2.maxHeaderListSize", message: "must be greater than zero")
+        if !(1...Int(UInt32.max)).contains(self.http2.maxHeaderListSize) {
+            // SETTINGS_MAX_HEADER_LIST_SIZE is a 32-bit field (RFC 9113 §6.5.1).
+            throw ConfigurationError(field: "http2.maxHeaderListSize", message: "must be 1...4294967295")
         }
         try self.retry.policy.validate(field: "retry.policy")
         for (path, policy) in self.retry.perMethod { try policy.validate(field: "retry.perMethod[\(path)]") }

@@ -41,8 +41,13 @@ package struct Backoff: Sendable, Hashable {
         delay = min(delay, maximum)
         let factor = 1 + self.configuration.jitter * (2 * unit - 1)
         self.attempt += 1
-        return .nanoseconds(Int64(max(0, delay * factor)))
+        // Clamped below 2^63 ns before it becomes an Int64: a maximum set near Duration's end ("never") would
+        // otherwise trap once jitter pushes it past.
+        return .nanoseconds(Int64(min(max(0, delay * factor), Self.longest)))
     }
+
+    /// The largest Double below 2^63 that is a whole number of nanoseconds (about 292 years).
+    private static let longest = Double(Int64.max).nextDown
 
     /// Back to the first delay (a connection reached READY).
     package mutating func reset() {

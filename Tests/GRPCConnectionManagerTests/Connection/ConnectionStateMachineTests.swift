@@ -155,6 +155,16 @@ struct ConnectionStateMachineTests {
         #expect(Set(delays).count == delays.count, "jitter spreads the attempts")
     }
 
+    @Test("a backoff set near Duration's end (\"never\") saturates instead of trapping, jitter and all")
+    func backoffSaturates() {
+        var backoff = Backoff(
+            Backoff.Configuration(base: .seconds(Int64.max), multiplier: 2, jitter: 1, maximum: .seconds(Int64.max)))
+        for unit in [0.999_999, 0.5, 0] {
+            let delay = backoff.next(unit: unit)
+            #expect(delay >= .zero && delay <= .nanoseconds(Int64.max))
+        }
+    }
+
     @Test("the backoff resets when a connection becomes ready, and a lost READY connection reconnects at once")
     func backoffResetsOnReady() {
         var machine = ConnectionStateMachine(backoff: Self.backoff)
