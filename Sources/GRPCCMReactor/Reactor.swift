@@ -83,6 +83,9 @@ package final class Reactor: @unchecked Sendable {
 
     // Cross-thread state.
     private let inbox = PThreadLock<[ReactorHandler]>([])
+    /// Submissions are refused: the shutdown found the inbox empty and will not look again. Under the inbox lock.
+    @exclusivity(unchecked)
+    private var inboxClosed = false
     private let life = Atomic<UInt8>(LifeState.created.rawValue)
     /// The thread running the loop; 0 before it runs and again once it has finished.
     private let reactorThread = Atomic<UInt>(0)
@@ -277,6 +280,7 @@ package final class Reactor: @unchecked Sendable {
         // Let owners close their fds (they deregister and fail their calls), run what was submitted meanwhile and
         // the completions all that produced, then stop. Each round may produce more (a completion that starts a call
         // on the stopping loop fails it, which queues another completion), so repeat until nothing is left.
+        let loop = self.loop!
         var rounds = 0
         while true {
             let hooks = self.shutdownHooks.values.sorted { ObjectIdentifier($0) < ObjectIdentifier($1) }
@@ -286,18 +290,34 @@ package final class Reactor: @unchecked Sendable {
             self.runDeferred()
             self.runFlushes()
             rounds += 1
-            let idle = self.shutdownHooks.isEmpty && self.deferred.isEmpty && self.inbox.withLock({ $0.isEmpty })
-            if idle || rounds > 10_000 { break }
+            if rounds > 10_000 { break }  // work that makes more work forever: what is left is dropped
+            guard self.shutdownHooks.isEmpty && self.deferred.isEmpty else { continue }
+            // Timers still armed hold a retain on their handler: release them. A release may end an object whose
+            // deinit defers or submits work (a channel closing its pool): another round runs it.
+            var released = false
+            while let target = cr_timer_pop_any(loop) {
+                Unmanaged<ReactorHandler>.fromOpaque(target).release()
+                released = true
+            }
+            if released { continue }
+            // The inbox is found empty and closed in one step under its lock: a submission from another thread
+            // either lands before (and the next round runs it) or is refused (and its caller ends the work itself).
+            // Checked apart, a call submitted in between was accepted and then dropped, its completion never run.
+            let closed = self.inbox.withLock { inbox -> Bool in
+                guard inbox.isEmpty else { return false }
+                self.inboxClosed = true
+                return true
+            }
+            if closed { break }
         }
-        let loop = self.loop!
-        // Timers still armed hold a retain on their handler: release them.
         while let target = cr_timer_pop_any(loop) {
             Unmanaged<ReactorHandler>.fromOpaque(target).release()
         }
         self.sharedState.removeAll()
-        // Close the epoll fd and the eventfd now, so that every fd is closed when stopAndWait() returns. Submissions
-        // from now on are refused (the state is `stopped` under the inbox lock).
+        // Close the epoll fd and the eventfd now, so that every fd is closed when stopAndWait() returns. The state
+        // becomes `stopped` under the inbox lock: from here on the refusing paths do the work themselves.
         self.inbox.withLock { inbox in
+            self.inboxClosed = true
             self.life.store(LifeState.stopped.rawValue, ordering: .releasing)
             cr_loop_destroy(loop)
             self.loop = nil
@@ -352,9 +372,7 @@ package final class Reactor: @unchecked Sendable {
     package func submit(_ handler: ReactorHandler) -> Bool {
         // The wake-up happens under the inbox lock so that it can never race with the loop being destroyed.
         self.inbox.withLock { inbox -> Bool in
-            guard let loop = self.loop, self.life.load(ordering: .acquiring) != LifeState.stopped.rawValue else {
-                return false
-            }
+            guard let loop = self.loop, !self.inboxClosed else { return false }
             inbox.append(handler)
             cr_loop_wake(loop)
             return true
@@ -366,6 +384,21 @@ package final class Reactor: @unchecked Sendable {
     @discardableResult
     package func execute(_ body: @escaping @Sendable () -> Void) -> Bool {
         self.submit(ClosureJob(body))
+    }
+
+    /// Runs `body` on the reactor thread in a deferred phase, where user code may run (`execute` runs it in the
+    /// turn's fd phase): the current turn's when called on the reactor thread outside that phase, else a later one's.
+    /// Safe from any thread.
+    /// - Returns: false when the reactor has stopped and `body` will never run.
+    @discardableResult
+    package func executeDeferred(_ body: @escaping @Sendable () -> Void) -> Bool {
+        let job = DeferredJob(reactor: self, body)
+        // `inboxClosed` is written on this thread only, so this thread reads it without the lock.
+        if self.inReactorThread && !self.inboxClosed {
+            self.enqueueDeferred(job)
+            return true
+        }
+        return self.submit(job)
     }
 
     fileprivate func drainInbox() {
@@ -572,6 +605,23 @@ final class ClosureJob: ReactorHandler, @unchecked Sendable {
     private let body: @Sendable () -> Void
     init(_ body: @escaping @Sendable () -> Void) { self.body = body }
     override func reactorRunSubmitted() { self.body() }
+}
+
+/// A closure for the deferred phase (`executeDeferred`), submitted from any thread.
+private final class DeferredJob: ReactorHandler, @unchecked Sendable {
+    // `@unchecked`: immutable; the object is handed to the loop whole.
+    private unowned let reactor: Reactor
+    private let body: @Sendable () -> Void
+
+    init(reactor: Reactor, _ body: @escaping @Sendable () -> Void) {
+        self.reactor = reactor
+        self.body = body
+    }
+
+    /// Arrived through the inbox: wait for the deferred phase.
+    override func reactorRunSubmitted() { self.reactor.enqueueDeferred(self) }
+
+    override func reactorRunDeferred() { self.body() }
 }
 
 /// A closure run by a timer.

@@ -22,12 +22,7 @@ extension ReactorLoop {
     /// - Returns: false when the loop has stopped and `body` will never run.
     @discardableResult
     public func execute(_ body: @escaping @Sendable () -> Void) -> Bool {
-        let job = UserJob(reactor: self.reactor, body)
-        if self.reactor.inReactorThread && !self.reactor.isStopped {
-            self.reactor.enqueueDeferred(job)
-            return true
-        }
-        return self.reactor.submit(job)
+        self.reactor.executeDeferred(body)
     }
 
     /// Runs `body` once on the loop's thread after `delay`, unless the returned timer is cancelled first. Safe from
@@ -177,22 +172,6 @@ public final class LoopRegistration: Sendable {
     }
 }
 
-/// A closure for the deferred phase, submitted from any thread.
-private final class UserJob: ReactorHandler, @unchecked Sendable {
-    // `@unchecked`: immutable; the object is handed to the loop whole.
-    private unowned let reactor: Reactor
-    private let body: @Sendable () -> Void
-
-    init(reactor: Reactor, _ body: @escaping @Sendable () -> Void) {
-        self.reactor = reactor
-        self.body = body
-    }
-
-    /// Arrived through the inbox: wait for the deferred phase.
-    override func reactorRunSubmitted() { self.reactor.enqueueDeferred(self) }
-
-    override func reactorRunDeferred() { self.body() }
-}
 
 /// A user timer: armed on the loop's thread; fires (in the deferred phase) or is cancelled, exactly one of them.
 final class UserTimer: ReactorHandler, @unchecked Sendable {

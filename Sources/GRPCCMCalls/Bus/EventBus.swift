@@ -137,8 +137,10 @@ package final class LocalEventBus: @unchecked Sendable {
     /// Runs `body` on the loop's thread (inline when this is it), waiting for it unless `wait` is false.
     /// Subscriptions change only there, so dispatch needs no lock.
     private func onLoop(wait: Bool, _ body: @escaping @Sendable () -> Void) {
-        // Inline on the loop's thread, and when the loop is not running (nothing can race with us then).
-        if self.reactor.inReactorThread || !self.reactor.isRunning {
+        // Inline on the loop's thread, and when no loop thread runs: not started yet, or stopped. A loop that is
+        // stopping still dispatches (its shutdown ends calls, which publish): the change goes through it.
+        let noLoopThread = !self.reactor.isStopping ? !self.reactor.isRunning : self.reactor.isStopped
+        if self.reactor.inReactorThread || noLoopThread {
             body()
             return
         }

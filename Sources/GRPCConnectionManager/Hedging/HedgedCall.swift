@@ -146,8 +146,9 @@ final class HedgedCall: @unchecked Sendable {
             for observer in observers.reversed() { observer.callFinished(response) }
             completion(response)
         }
-        // A loop that is stopping takes no more work: the end then runs on a thread of its own, as a call's does.
-        if !self.reactor.execute(deliver) { spawnDetachedThread(deliver) }
+        // In a deferred phase, as every completion runs, after the call's own events. A loop that has stopped takes no
+        // more work: the end then runs on a thread of its own, as a call's does.
+        if !self.reactor.executeDeferred(deliver) { spawnDetachedThread(deliver) }
     }
 }
 

@@ -232,6 +232,44 @@ struct CallbackContractTests {
         withExtendedLifetime((busy, dead, retrying)) {}
     }
 
+    @Test("calls and subscriptions from other threads while the loop shuts down: every call completes once")
+    func otherThreadsRaceTheShutdown() async throws {
+        // The shutdown once looked at its inbox, found it empty, and closed it later: a call submitted in between
+        // was accepted and never run. Two threads keep starting calls (and changing subscriptions) across it.
+        for round in 0..<30 {
+            let loop = try ReactorLoop()
+            loop.start()
+            let channel = try GRPCChannel(target: "127.0.0.1:\(freePort())", configuration: Self.failFast(), eventLoop: loop)
+            let ledger = CompletionLedger()
+            let started = Atomic<Int>(0)
+            let stop = Atomic<Bool>(false)
+            let threads = (0..<2).map { thread in
+                Thread {
+                    // Bounded, and paced: after the shutdown every refused call ends on a thread of its own.
+                    var count = 0
+                    while !stop.load(ordering: .acquiring) && count < 400 {
+                        let id = started.wrappingAdd(1, ordering: .relaxed).newValue
+                        channel.unary(path: "/echo.Echo/Get", request: []) { _ in ledger.record(id) }
+                        if thread == 1 { channel.events.unsubscribe(channel.events.subscribe { _ in }) }
+                        count += 1
+                        usleep(20)
+                    }
+                }
+            }
+            threads.forEach { $0.start() }
+            try await Task.sleep(nanoseconds: UInt64(500_000 + round * 100_000))
+            loop.shutdown()
+            try await Task.sleep(nanoseconds: 2_000_000)
+            stop.store(true, ordering: .releasing)
+            let allEnded = await eventually(timeout: 10) {
+                threads.allSatisfy(\.isFinished) && ledger.completed == started.load(ordering: .acquiring)
+            }
+            #expect(allEnded, "round \(round): \(ledger.completed) of \(started.load(ordering: .acquiring)) completed")
+            #expect(ledger.duplicates == 0)
+            withExtendedLifetime(channel) {}
+        }
+    }
+
     @Test("a manager's close(gracePeriod:) force-closes after the grace period: draining calls end too")
     func managerCloseForcesAfterGrace() async throws {
         let fixture = try LoopbackFixture()
