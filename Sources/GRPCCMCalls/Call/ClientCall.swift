@@ -503,7 +503,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         environment.bus.publishCallEvent(
             .attemptFinished(
                 service: environment.service, path: self.path, status: status,
-                attempt: self.hedgeAttempt == 0 ? self.machine.attempt : self.hedgeAttempt))
+                attempt: self.hedgeAttempt == 0 ? self.attemptsMade : self.hedgeAttempt))
     }
 
     /// Where every attempt ends: a transparent retry, a retry by policy after a backoff, or the call's end.

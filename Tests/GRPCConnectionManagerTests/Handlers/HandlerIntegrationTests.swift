@@ -362,6 +362,34 @@ struct HandlerIntegrationTests {
         #expect(ok >= 4)
         await manager.close(gracePeriod: .seconds(1))
     }
+
+    @Test("an attempt ended from outside (the deadline, a cancel) is reported with its number, not 0")
+    func abandonedAttemptsKeepTheirNumber() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        manager.events.subscribe { recorder.record($0) }
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        let slow: CallMetadata = ["x-sleep-ms": "3000"]
+        let timedOut = await channel.call([1], metadata: slow, timeout: .milliseconds(100))
+        #expect(timedOut.status.code == .deadlineExceeded)
+        let handle = channel.unary(path: "/echo.Echo/Get", request: [2], metadata: slow) { _ in }
+        try await Task.sleep(nanoseconds: 100_000_000)
+        handle.cancel()
+        let ended = await eventuallyValue { () -> [(StatusCode, Int)]? in
+            let attempts = recorder.all.compactMap { event -> (StatusCode, Int)? in
+                if case .attemptFinished(_, _, let status, let attempt) = event { return (status.code, attempt) }
+                return nil
+            }
+            return attempts.count == 2 ? attempts : nil
+        }
+        #expect(ended.map(\.0) == [.deadlineExceeded, .cancelled])
+        #expect(ended.map(\.1) == [1, 1])
+        await manager.close(gracePeriod: .seconds(1))
+    }
 }
 
 /// Polls until `produce` returns a value (or 5 s pass, then returns its last try, forced).
