@@ -83,7 +83,10 @@ public final class AsyncStreamingCall: Sendable {
     /// from one task at a time.
     public var responses: ResponseMessages { ResponseMessages(call: self) }
 
-    /// Waits for the end: status, headers and trailers. Does not need the messages to be read first.
+    /// Waits for the end: status, headers and trailers. It may be awaited while another task reads `responses`, or
+    /// with no reader at all when the response is small. Unread messages keep their flow control: once more than
+    /// `Configuration.streamBufferSize` bytes of them wait, the server is not given room to send the rest, so a call
+    /// that ignores a large response waits for its deadline. Read (or cancel) what you do not want.
     public func result() async -> StreamResult {
         await self.buffers.result()
     }
