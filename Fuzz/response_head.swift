@@ -51,6 +51,8 @@ public func fuzzResponseHead(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32
             let block = head.endBlock(endStream: endStream)
             let cachedBlock = cached.endBlock(endStream: endStream)
             precondition(block == cachedBlock, "the name cache changed how a block ended")
+            precondition((block == .notGRPC) == (block != .malformed && head.notGRPCResponse() != nil && !endStream
+                && head.completeBlocks == 1), "notGRPC and notGRPCResponse() disagree")
             ended = endStream
         }
     }

@@ -35,6 +35,8 @@ package struct ResponseHead: Sendable {
         case trailersOnly
         /// The block breaks HTTP/2's rules (`malformation` says how).
         case malformed
+        /// Response headers that begin an HTTP answer, not a gRPC response: `notGRPCResponse()` gives the status.
+        case notGRPC
     }
 
     package let maxHeaderListSize: Int
@@ -238,20 +240,22 @@ package struct ResponseHead: Sendable {
         // response headers says nothing about how the stream will end. Kept, it would let a stream the server
         // resets, or ends without trailers, pass for OK.
         self.forgetStatus()
+        if !(self.httpStatus == 200 && self.grpcContentType) && self.notGRPCResponse() != nil { return .notGRPC }
         return .headers
     }
 
     private mutating func forgetStatus() {
-        self.grpcStatus = nil
-        self.grpcMessage = nil
+        // Tested first: the usual response headers carry neither, and storing nil over a string costs a release.
+        if self.grpcStatus != nil { self.grpcStatus = nil }
+        if self.grpcMessage != nil { self.grpcMessage = nil }
     }
 
-    /// Why the response headers just completed (`endBlock` said `.headers`) do not begin a gRPC response, or nil
+    /// Why the response headers just completed do not begin a gRPC response (`endBlock` said `.notGRPC`), or nil
     /// when they do. A status other than 200, or a content-type that is not gRPC's, is an HTTP answer such as a
     /// proxy's error page: its body is not gRPC messages, and the call ends with the status gRPC maps it to
     /// (`CallStatus.code(forHTTPStatus:)`; UNKNOWN at 200), as grpc-go and grpc-java end it.
     package mutating func notGRPCResponse() -> CallStatus? {
-        if self.httpStatus == 200 && self.grpcContentType { return nil }  // nearly every response: no string work
+        if self.httpStatus == 200 && self.grpcContentType { return nil }
         let type = self.grpcContentType ? "application/grpc" : self.contentType
         if self.httpStatus == 200, let type, Self.isGRPC(contentType: type) { return nil }
         let typeText = type.map { "content-type \"\(String($0.prefix(64)))\"" } ?? "no content-type"

@@ -788,12 +788,12 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.endMalformed(self.head.malformation ?? "")
         case .informational:
             return
+        case .notGRPC:
+            // An HTTP answer, not gRPC (a proxy's 503 page): its body is not deframed, the stream is cancelled.
+            self.failAttempt(
+                self.head.notGRPCResponse() ?? CallStatus(code: .unknown, message: "not a gRPC response"),
+                resetWith: NGHTTP2_CANCEL.rawValue)
         case .headers:
-            if let status = self.head.notGRPCResponse() {
-                // An HTTP answer, not gRPC (a proxy's 503 page): its body is not deframed, the stream is cancelled.
-                self.failAttempt(status, resetWith: NGHTTP2_CANCEL.rawValue)
-                return
-            }
             self.machine.headersReceived()
             if let name = self.head.grpcEncoding, let encoding = CompressionAlgorithm(name: name), encoding != .identity {
                 // An encoding this client implements: compressed messages may follow, whether or not it was offered
