@@ -29,6 +29,8 @@ package final class MessageDecompressor: @unchecked Sendable {
 
     private let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
     private var initialised = false
+    /// Where `inflatedSize` lets zlib write what it then drops; made on first use.
+    private var scratch: UnsafeMutableBufferPointer<UInt8>?
 
     package init() {
         self.stream.initialize(to: z_stream())
@@ -37,18 +39,13 @@ package final class MessageDecompressor: @unchecked Sendable {
     deinit {
         if self.initialised { inflateEnd(self.stream) }
         self.stream.deallocate()
+        self.scratch?.deallocate()
     }
 
     /// `message` inflated with `algorithm`, at most `limit` bytes.
     package func decompress(_ message: [UInt8], with algorithm: CompressionAlgorithm, limit: Int) throws(Failure) -> [UInt8] {
         if algorithm == .identity { return message }
-        let windowBits: Int32 = algorithm == .gzip ? 15 + 16 : 15
-        if !self.initialised {
-            guard czlib_inflate_init(self.stream, windowBits) == Z_OK else { throw .corrupt("zlib could not start") }
-            self.initialised = true
-        } else if inflateReset2(self.stream, windowBits) != Z_OK {
-            throw .corrupt("zlib could not reset")
-        }
+        try self.begin(algorithm)
         // The output grows as it fills, never past limit + 1 bytes (the one byte more proves the limit is passed).
         let cap = limit < Int.max ? limit + 1 : limit
         var output = [UInt8](repeating: 0, count: min(cap, max(message.count * 4, 256)))
@@ -76,13 +73,55 @@ package final class MessageDecompressor: @unchecked Sendable {
             self.stream.pointee.next_in = nil
         }
         if produced > limit { throw .tooLarge(limit: limit) }
+        try self.end(rc, algorithm)
+        output.removeLast(output.count - produced)
+        return output
+    }
+
+    /// How many bytes `message` inflates to, with every check `decompress` makes, keeping none of them: a message
+    /// held compressed for now (a slow reader's backlog) is known good, and its size known, when it is accepted.
+    package func inflatedSize(_ message: [UInt8], with algorithm: CompressionAlgorithm, limit: Int) throws(Failure) -> Int {
+        if algorithm == .identity { return message.count }
+        try self.begin(algorithm)
+        let scratch = self.scratch ?? UnsafeMutableBufferPointer<UInt8>.allocate(capacity: 16 << 10)
+        self.scratch = scratch
+        var produced = 0
+        var rc: Int32 = Z_OK
+        message.withUnsafeBufferPointer { source in
+            self.stream.pointee.next_in = UnsafeMutablePointer(mutating: source.baseAddress)
+            self.stream.pointee.avail_in = uInt(source.count)
+            repeat {
+                self.stream.pointee.next_out = scratch.baseAddress
+                self.stream.pointee.avail_out = uInt(scratch.count)
+                rc = inflate(self.stream, Z_NO_FLUSH)
+                produced += scratch.count - Int(self.stream.pointee.avail_out)
+                // Z_OK with room left over: the input ran out before the end (truncated), as in `decompress`.
+            } while rc == Z_OK && self.stream.pointee.avail_out == 0 && produced <= limit
+            self.stream.pointee.next_in = nil
+        }
+        if produced > limit { throw .tooLarge(limit: limit) }
+        try self.end(rc, algorithm)
+        return produced
+    }
+
+    /// Starts (or restarts) the inflate state for one message.
+    private func begin(_ algorithm: CompressionAlgorithm) throws(Failure) {
+        let windowBits: Int32 = algorithm == .gzip ? 15 + 16 : 15
+        if !self.initialised {
+            guard czlib_inflate_init(self.stream, windowBits) == Z_OK else { throw .corrupt("zlib could not start") }
+            self.initialised = true
+        } else if inflateReset2(self.stream, windowBits) != Z_OK {
+            throw .corrupt("zlib could not reset")
+        }
+    }
+
+    /// What the last `inflate` return code says of the message, once the limit is known not to be passed.
+    private func end(_ rc: Int32, _ algorithm: CompressionAlgorithm) throws(Failure) {
         switch rc {
         case Z_STREAM_END:
             if self.stream.pointee.avail_in != 0 {
                 throw .corrupt("\(self.stream.pointee.avail_in) bytes after the end of the \(algorithm) stream")
             }
-            output.removeLast(output.count - produced)
-            return output
         case Z_OK, Z_BUF_ERROR:
             throw .corrupt("the \(algorithm) stream is truncated")
         default:

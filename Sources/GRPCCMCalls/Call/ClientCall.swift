@@ -52,6 +52,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private enum CallbackPart {
         case metadata(CallMetadata)
         case message([UInt8])
+        /// A message kept compressed in the response's encoding (`keepCompressed`), inflated when delivered.
+        case compressedMessage([UInt8], inflatedSize: Int)
         case writable
         /// For observers: an attempt ended (its number, status, whether another follows).
         case attempt(Int, CallStatus, willRetry: Bool)
@@ -162,6 +164,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private var parts: [CallbackPart] = []
     @exclusivity(unchecked)
     private var partsDelivering: [CallbackPart] = []
+    /// Bytes of inflated messages in `parts`.
+    @exclusivity(unchecked)
+    private var partsInflatedBytes = 0
     @exclusivity(unchecked)
     private var result: UnaryResponse?
     @exclusivity(unchecked)
@@ -620,6 +625,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         let ending = self.hasResult
         if !self.parts.isEmpty {
             swap(&self.parts, &self.partsDelivering)
+            self.partsInflatedBytes = 0
             for part in self.partsDelivering {
                 // A callback that ended the call (a cancel) stops the rest of what was received.
                 if !ending && self.hasResult { break }
@@ -628,6 +634,15 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                     if case .callbacks(let callbacks) = self.delivery { callbacks.onInitialMetadata(metadata) }
                 case .message(let message):
                     if case .callbacks(let callbacks) = self.delivery { callbacks.onMessage(message) }
+                case .compressedMessage(let message, let inflatedSize):
+                    // Checked when it arrived, so only zlib failing to start can refuse it now: the call ends.
+                    do throws(MessageDecompressor.Failure) {
+                        let inflated = try self.reactor.shared { MessageDecompressor() }.decompress(
+                            message, with: self.responseEncoding, limit: inflatedSize)
+                        if case .callbacks(let callbacks) = self.delivery { callbacks.onMessage(inflated) }
+                    } catch {
+                        self.end(CallStatus(code: .internal, message: "response message could not be inflated: \(error)"))
+                    }
                 case .writable:
                     self.onWritable?()
                 case .attempt(let attempt, let status, let willRetry):
@@ -832,10 +847,19 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             try self.deframer.process(bytes) { received, compressed in
                 guard failure == nil else { return }
                 self.receivedBytes += received.count  // message bytes as they came, as `sentBytes` counts them
+                if case .single = self.delivery, self.responseMessage != nil {
+                    self.extraMessages = true  // the call fails for it: not worth inflating
+                    return
+                }
                 var message = received
                 if compressed {
                     do throws(MessageDecompressor.Failure) {
-                        message = try self.reactor.shared { MessageDecompressor() }.decompress(
+                        let decompressor = self.reactor.shared { MessageDecompressor() }
+                        if let size = try self.keepCompressed(received, checkedBy: decompressor) {
+                            self.queueCompressed(received, inflatedSize: size)
+                            return
+                        }
+                        message = try decompressor.decompress(
                             received, with: self.responseEncoding, limit: self.maxReceiveMessageSize)
                     } catch {
                         failure = Self.status(for: error, encoding: self.responseEncoding)
@@ -844,13 +868,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 }
                 switch self.delivery {
                 case .single:
-                    if self.responseMessage == nil {
-                        self.responseMessage = message
-                    } else {
-                        self.extraMessages = true
-                    }
+                    self.responseMessage = message
                 case .callbacks:
                     self.parts.append(.message(message))
+                    self.partsInflatedBytes += message.count
                     self.scheduleDelivery()
                 case .buffered:
                     self.buffers!.deliverMessage(message)
@@ -867,6 +888,34 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         // told by the return value), except while an async reader has more than its limit unread.
         if case .buffered = self.delivery { return self.buffers!.received(bytes.count) }
         return bytes.count
+    }
+
+    /// What waits for the reader may hold the messages inflated, up to a point: an async reader's backlog up to the
+    /// stream's limit, callbacks' up to this many bytes within one turn. Past it a compressed message is checked
+    /// (it inflates, within the receive limit) and kept as it came, to be inflated when it is read or delivered:
+    /// what a peer can make the client hold is then the bytes it sent, not up to a thousand times as many.
+    private static let callbackInflatedBytesLimit = 1 << 20
+
+    /// The inflated size of `message` when it is to be kept compressed for now (see `callbackInflatedBytesLimit`),
+    /// nil when it is to be inflated at once.
+    private func keepCompressed(
+        _ message: [UInt8], checkedBy decompressor: MessageDecompressor
+    ) throws(MessageDecompressor.Failure) -> Int? {
+        switch self.delivery {
+        case .single: return nil
+        case .callbacks: if self.partsInflatedBytes < Self.callbackInflatedBytesLimit { return nil }
+        case .buffered: if !self.buffers!.isBacklogged { return nil }
+        }
+        return try decompressor.inflatedSize(message, with: self.responseEncoding, limit: self.maxReceiveMessageSize)
+    }
+
+    private func queueCompressed(_ message: [UInt8], inflatedSize: Int) {
+        if case .callbacks = self.delivery {
+            self.parts.append(.compressedMessage(message, inflatedSize: inflatedSize))
+            self.scheduleDelivery()
+        } else {
+            self.buffers!.deliverCompressedMessage(message, encoding: self.responseEncoding, inflatedSize: inflatedSize)
+        }
     }
 
     /// Whether an attempt's stream is open, read in place (binding the handle copied it: a retain and a release of

@@ -11,6 +11,15 @@ package enum ResponsePart: Sendable {
     case end(StreamResult)
 }
 
+/// A received piece as the inbox holds it: a part ready for the reader, or a message kept compressed because more
+/// than the limit already waited unread. Such a message was checked when it arrived (it inflates, within the
+/// receive limit, to `inflatedSize` bytes) and is inflated when the reader takes it: a slow reader's backlog then
+/// holds the bytes the server sent, not up to a thousand times as many (deflate's best ratio).
+enum Inbound {
+    case part(ResponsePart)
+    case compressed([UInt8], CompressionAlgorithm, inflatedSize: Int)
+}
+
 /// The part of a streaming call that application threads touch: messages written but not yet taken by nghttp2,
 /// responses received but not yet read, and whoever waits on either.
 ///
@@ -40,13 +49,13 @@ package final class StreamBuffers: @unchecked Sendable {
         /// A callback writer saw `isWritable` false: `onWritable` fires when the buffer drains.
         var owesWritable = false
         // In.
-        var inbox: [ResponsePart] = []
+        var inbox: [Inbound] = []
         var inboxHead = 0
-        /// Framed bytes of unread messages.
+        /// Framed bytes of unread messages, as they are held (compressed ones as they came).
         var inboxBytes = 0
         /// Received bytes not yet returned to the peer's window.
         var unconsumed = 0
-        var readWaiter: CheckedContinuation<ResponsePart, Never>?
+        var readWaiter: CheckedContinuation<Inbound, Never>?
         // Both.
         var result: StreamResult?
         var resultWaiters: [CheckedContinuation<StreamResult, Never>] = []
@@ -58,6 +67,8 @@ package final class StreamBuffers: @unchecked Sendable {
     /// How written messages are compressed: on the writer's thread, before they are buffered.
     package let requestEncoding: CompressionAlgorithm
     private let state = PThreadLock(State())
+    /// Inflates the messages kept compressed, on the reader's thread; made on first use.
+    private let inflater = PThreadLock<MessageDecompressor?>(nil)
     /// Set by the call when it is created; the waker reaches it on the reactor thread.
     package let waker = StreamWaker()
 
@@ -154,10 +165,29 @@ package final class StreamBuffers: @unchecked Sendable {
 
     /// The next response part; suspends until one arrives. After `.end` it returns `.end` again.
     package func nextPart() async -> ResponsePart {
-        await withCheckedContinuation { (continuation: CheckedContinuation<ResponsePart, Never>) in
-            let (part, wake) = self.state.withLock { state -> (ResponsePart?, Bool) in
+        while true {
+            switch await self.nextInbound() {
+            case .part(let part):
+                return part
+            case .compressed(let message, let encoding, let inflatedSize):
+                // Checked when it arrived, so only zlib failing to start can refuse it now: the call ends with that,
+                // and the reader reads on to the end.
+                let decompressor = self.inflater.withLock { $0.take() } ?? MessageDecompressor()
+                defer { self.inflater.withLock { $0 = decompressor } }
+                do throws(MessageDecompressor.Failure) {
+                    return .message(try decompressor.decompress(message, with: encoding, limit: inflatedSize))
+                } catch {
+                    self.waker.fail(CallStatus(code: .internal, message: "response message could not be inflated: \(error)"))
+                }
+            }
+        }
+    }
+
+    private func nextInbound() async -> Inbound {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Inbound, Never>) in
+            let (part, wake) = self.state.withLock { state -> (Inbound?, Bool) in
                 guard state.inboxHead < state.inbox.count else {
-                    if let result = state.result { return (.end(result), false) }
+                    if let result = state.result { return (.part(.end(result)), false) }
                     state.readWaiter = continuation
                     return (nil, false)
                 }
@@ -180,15 +210,17 @@ package final class StreamBuffers: @unchecked Sendable {
         }
     }
 
-    private static func pop(_ state: inout State, limit: Int) -> (ResponsePart?, Bool) {
+    private static func pop(_ state: inout State, limit: Int) -> (Inbound?, Bool) {
         let part = state.inbox[state.inboxHead]
         state.inboxHead += 1
         if state.inboxHead == state.inbox.count {
             state.inbox.removeAll(keepingCapacity: true)
             state.inboxHead = 0
         }
-        guard case .message(let message) = part else { return (part, false) }
-        state.inboxBytes -= message.count + 5
+        switch part {
+        case .part(.message(let message)), .compressed(let message, _, _): state.inboxBytes -= message.count + 5
+        case .part: return (part, false)
+        }
         // Reopen the peer's window once the reader has caught up to under the limit.
         let wake = state.unconsumed > 0 && state.inboxBytes < limit && Self.claimWake(&state)
         return (part, wake)
@@ -308,16 +340,25 @@ package final class StreamBuffers: @unchecked Sendable {
 
     /// Response headers (not trailers-only) arrived.
     package func deliverMetadata(_ metadata: CallMetadata) {
-        self.append(.metadata(metadata), bytes: 0)
+        self.append(.part(.metadata(metadata)), bytes: 0)
     }
 
     /// A complete response message arrived.
     package func deliverMessage(_ message: [UInt8]) {
-        self.append(.message(message), bytes: message.count + 5)
+        self.append(.part(.message(message)), bytes: message.count + 5)
     }
 
-    private func append(_ part: ResponsePart, bytes: Int) {
-        let waiter = self.state.withLock { state -> CheckedContinuation<ResponsePart, Never>? in
+    /// Queues a message as it came, compressed with `encoding`, for the reader to inflate; it was checked to inflate
+    /// to `inflatedSize` bytes. For when `isBacklogged`.
+    package func deliverCompressedMessage(_ message: [UInt8], encoding: CompressionAlgorithm, inflatedSize: Int) {
+        self.append(.compressed(message, encoding, inflatedSize: inflatedSize), bytes: message.count + 5)
+    }
+
+    /// More than the limit waits unread: a compressed message that arrives now is better kept compressed.
+    package var isBacklogged: Bool { self.state.withLock { $0.inboxBytes >= self.limit } }
+
+    private func append(_ part: Inbound, bytes: Int) {
+        let waiter = self.state.withLock { state -> CheckedContinuation<Inbound, Never>? in
             if let waiter = state.readWaiter {
                 // Handed straight to a waiting reader: it never counts as buffered.
                 state.readWaiter = nil
@@ -343,7 +384,7 @@ package final class StreamBuffers: @unchecked Sendable {
     /// The call ended: record the result, fail writers, wake the reader after what it has not read yet.
     package func finish(_ result: StreamResult) {
         let (writers, reader, resultWaiters) = self.state.withLock {
-            state -> ([CheckedContinuation<Void, any Error>], CheckedContinuation<ResponsePart, Never>?, [CheckedContinuation<StreamResult, Never>]) in
+            state -> ([CheckedContinuation<Void, any Error>], CheckedContinuation<Inbound, Never>?, [CheckedContinuation<StreamResult, Never>]) in
             if state.result != nil { return ([], nil, []) }
             state.result = result
             state.outbox.removeAll()
@@ -355,12 +396,12 @@ package final class StreamBuffers: @unchecked Sendable {
             swap(&resultWaiters, &state.resultWaiters)
             let reader = state.readWaiter
             state.readWaiter = nil
-            if reader == nil { state.inbox.append(.end(result)) }
+            if reader == nil { state.inbox.append(.part(.end(result))) }
             return (writers, reader, resultWaiters)
         }
         let error = CallError(status: result.status, trailers: result.trailingMetadata)
         for writer in writers { writer.resume(throwing: error) }
-        reader?.resume(returning: .end(result))
+        reader?.resume(returning: .part(.end(result)))
         for waiter in resultWaiters { waiter.resume(returning: result) }
     }
 

@@ -180,6 +180,54 @@ struct CompressionCallTests {
         #expect(recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 1)
     }
 
+    @Test("a reader that falls behind on compressed messages holds the bytes sent, not what they inflate to")
+    func compressedBacklogStaysCompressed() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Self.plain()
+        configuration.streamBufferSize = 64 << 10
+        configuration.http2.initialStreamWindowSize = 256 << 10
+        let channel = try fixture.channel(configuration)
+        // 64 messages of 1 MiB of "a", about 1 KiB each gzipped: the whole stream fits the window the client
+        // granted before it knew, so all of it arrives while nothing is read. Inflated on arrival it was 64 MiB.
+        let count = 64
+        let size = 1 << 20
+        let metadata: CallMetadata = [
+            "x-response-count": String(count), "x-response-bytes": String(size), "x-compress-response": "gzip",
+        ]
+        let rssBefore = residentBytes()
+        let call = channel.serverStreaming(path: "/test.Stream/Expand", request: [], metadata: metadata)
+        let result = await call.result()
+        #expect(result.status == .ok, "\(result.status)")
+        let held = call.buffers.bufferedInboundBytes
+        #expect(held < 2 * size, "unread, the backlog holds \(held) bytes")
+        if !runningUnderAddressSanitizer() {
+            #expect(residentBytes() - rssBefore < 24 << 20)
+        }
+        var received = 0
+        for try await message in call.responses {
+            #expect(message.count == size && message.first == 0x61 && message.last == 0x61)
+            received += 1
+        }
+        #expect(received == count)
+
+        // Callbacks: one read brings dozens of these; past a mebibyte in a turn they wait compressed, and every
+        // one arrives inflated, in order.
+        let delivered = PThreadLock<[Int]>([])
+        let ended = PThreadLock<CallStatus?>(nil)
+        _ = channel.serverStreaming(
+            path: "/test.Stream/Expand", request: [], metadata: metadata,
+            callbacks: StreamingCallbacks(
+                onMessage: { message in
+                    let intact = message.count == size && message[0] == 0x61 && message[size / 2] == 0x61 && message[size - 1] == 0x61
+                    delivered.withLock { $0.append(intact ? message.count : -1) }
+                },
+                onFinish: { result in ended.withLock { $0 = result.status } }))
+        #expect(await eventually(timeout: 20) { ended.withLock { $0 } != nil })
+        #expect(ended.withLock { $0 } == .ok)
+        #expect(delivered.withLock { $0 } == [Int](repeating: size, count: count))
+    }
+
     @Test("a message flagged gzip that is not gzip ends INTERNAL")
     func corrupt() async throws {
         let peer = try ScriptedPeer("compressed", ["gzip"])

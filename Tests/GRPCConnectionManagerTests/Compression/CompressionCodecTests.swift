@@ -85,6 +85,30 @@ struct CompressionCodecTests {
         #expect(try decompressor.decompress(good, with: .gzip, limit: 1 << 20) == Self.sample(5000))
     }
 
+    @Test(
+        "inflatedSize agrees with decompress on every input: the size, or the same refusal",
+        arguments: [CompressionAlgorithm.gzip, .deflate])
+    func inflatedSizeAgrees(_ algorithm: CompressionAlgorithm) throws {
+        let decompressor = MessageDecompressor()
+        let large = MessageCompressor.compress([UInt8](repeating: 7, count: 3 << 20), with: algorithm)
+        let good = MessageCompressor.compress(Self.sample(5000), with: algorithm)
+        let inputs: [[UInt8]] = [
+            good, large, [1, 2, 3, 4, 5, 6], Array(good.prefix(good.count / 2)), [], good + [0, 0, 0],
+            MessageCompressor.compress([], with: algorithm),
+        ]
+        for bytes in inputs {
+            for limit in [1 << 20, 4 << 20, 4999, 5000] {
+                let size = Result { () throws(MessageDecompressor.Failure) in
+                    try decompressor.inflatedSize(bytes, with: algorithm, limit: limit)
+                }
+                let inflated = Result { () throws(MessageDecompressor.Failure) in
+                    try decompressor.decompress(bytes, with: algorithm, limit: limit).count
+                }
+                #expect(size == inflated, "\(bytes.count) bytes, limit \(limit)")
+            }
+        }
+    }
+
     @Test("compression from many threads at once (the deflate free list)")
     func concurrent() async {
         await withTaskGroup(of: Bool.self) { group in
