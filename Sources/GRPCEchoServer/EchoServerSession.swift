@@ -31,7 +31,7 @@ enum EchoServerSession {
         var settings = [
             nghttp2_settings_entry(
                 settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue),
-                value: UInt32(connection.options.maxConcurrentStreams)),
+                value: UInt32(clamping: connection.options.maxConcurrentStreams)),
             nghttp2_settings_entry(
                 settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue), value: UInt32(1 << 20)),
         ]

@@ -123,8 +123,9 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         case ":path": self.path = value
         case "x-fail-code": self.failCode = Int(value) ?? 2
         case "x-fail-message": self.failMessage = PercentEncoding.decode(value)  // lets tests send any Unicode
-        case "x-sleep-ms": self.sleepMilliseconds = max(0, Int(value) ?? 0)
-        case "x-response-bytes": self.responseBytes = max(0, Int(value) ?? 0)
+        // Clamped: a client's value must not trap the server (a day at most; responses of 64 MiB at most).
+        case "x-sleep-ms": self.sleepMilliseconds = min(max(0, Int(value) ?? 0), 86_400_000)
+        case "x-response-bytes": self.responseBytes = min(max(0, Int(value) ?? 0), 64 << 20)
         case "x-fail-first": self.failFirst = max(0, Int(value) ?? 0)
         case "x-request-key": self.requestKey = value
         case "x-refuse-first": self.refuseFirst = max(0, Int(value) ?? 0)

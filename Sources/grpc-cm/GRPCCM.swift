@@ -21,11 +21,12 @@ struct GRPCCM: AsyncParsableCommand {
 @main
 enum Main {
     /// Probes write `-service=` for the whole server: an empty value glued to its flag, which the argument parser
-    /// would read as a flag without a value. Split it into the flag and an empty argument.
+    /// would read as a flag without a value. Split it into the flag and an empty argument. Only an empty value: the
+    /// first `=` is the last character (`-rpc-header=authorization: Basic dXNlcjpwdw==` is a value ending in `=`).
     static func arguments(_ raw: [String]) -> [String] {
         guard raw.first == "health" else { return raw }
         return raw.flatMap { argument -> [String] in
-            argument.hasPrefix("-") && argument.hasSuffix("=") && argument.count > 2
+            argument.hasPrefix("-") && argument.count > 2 && argument.firstIndex(of: "=") == argument.index(before: argument.endIndex)
                 ? [String(argument.dropLast()), ""] : [argument]
         }
     }
@@ -70,11 +71,17 @@ func writeStderr(_ text: String) {
     _ = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress, $0.count) }
 }
 
-func writeStdout(_ bytes: [UInt8]) {
+/// Writes all of `bytes` to standard output; throws `ExitCode(1)` after saying why when it cannot (a full disk, a
+/// closed pipe: SIGPIPE is ignored), so that a lost response never exits 0.
+func writeStdout(_ bytes: [UInt8]) throws {
     var offset = 0
     while offset < bytes.count {
         let n = bytes.withUnsafeBytes { write(1, $0.baseAddress! + offset, $0.count - offset) }
-        if n <= 0 { return }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 {
+            writeStderr("error: cannot write the output: \(String(cString: strerror(n < 0 ? errno : EIO)))\n")
+            throw ExitCode(1)
+        }
         offset += n
     }
 }

@@ -112,7 +112,7 @@ struct Call: AsyncParsableCommand {
         ] {
             if let value, !(value > 0) { throw ValidationError("\(name) must be > 0") }
         }
-        if self.interval < 0 { throw ValidationError("--interval must be >= 0") }
+        if !(0...31_536_000).contains(self.interval) { throw ValidationError("--interval must be 0...31536000 seconds") }
         if let name = self.compression, CompressionAlgorithm(name: name) == nil {
             throw ValidationError("--compression must be gzip, deflate or identity")
         }
@@ -174,7 +174,7 @@ struct Call: AsyncParsableCommand {
         var lastFailure: StatusCode?
         let start = monotonicNanos()
         for index in 1...count {
-            let scheduled = start + UInt64(Double(index - 1) * self.interval * 1e9)
+            let scheduled = start &+ UInt64(min(Double(index - 1) * self.interval * 1e9, 1e18))
             let now = monotonicNanos()
             if scheduled > now { try? await Task.sleep(nanoseconds: scheduled - now) }
             let began = monotonicNanos()
@@ -183,10 +183,10 @@ struct Call: AsyncParsableCommand {
             let latencyText = formatMilliseconds(latency)
             // Written straight to fd 1 so that each line is visible at once, even through a pipe.
             if response.status.isOK {
-                writeStdout(Array("\(index) OK \(latencyText)\n".utf8))
+                try writeStdout(Array("\(index) OK \(latencyText)\n".utf8))
             } else {
                 lastFailure = response.status.code
-                writeStdout(Array("\(index) \(response.status.code.name) \(latencyText) \(response.status.message)\n".utf8))
+                try writeStdout(Array("\(index) \(response.status.code.name) \(latencyText) \(response.status.message)\n".utf8))
             }
         }
         if let code = lastFailure { throw ExitCode(Int32(64 + code.rawValue)) }
@@ -211,11 +211,17 @@ struct Call: AsyncParsableCommand {
         defer { if fd != 0 { close(fd) } }
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
+        // Bounded: a request over the message limit could not be sent anyway, and `/dev/zero` never ends.
+        let limit = Configuration.defaults.maxMessageSize
         while true {
             let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
             if n < 0 { throw ValidationError("cannot read --data-file \(path): \(String(cString: strerror(errno)))") }
             if n == 0 { break }
             bytes.append(contentsOf: chunk[0..<n])
+            if bytes.count > limit {
+                throw ValidationError("--data-file \(path) is larger than the \(limit)-byte message limit")
+            }
         }
         return bytes
     }
@@ -253,7 +259,7 @@ struct Call: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         } else {
-            writeStdout(output)
+            try writeStdout(output)
         }
     }
 
@@ -291,8 +297,10 @@ func writeFile(_ path: String, _ bytes: [UInt8]) -> String? {
     return nil
 }
 
+/// Seconds as a flag gives them, saturating: `inf` or `1e12` means no limit in practice, not a trap.
 func seconds(_ value: Double) -> Duration {
-    .nanoseconds(Int64(value * 1e9))
+    let nanoseconds = value * 1e9
+    return nanoseconds < 9.2e18 ? .nanoseconds(Int64(nanoseconds)) : .nanoseconds(Int64.max)
 }
 
 func monotonicNanos() -> UInt64 {

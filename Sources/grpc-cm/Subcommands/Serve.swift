@@ -38,7 +38,9 @@ struct Serve: AsyncParsableCommand {
 
     func validate() throws {
         guard (0...65535).contains(self.port) else { throw ValidationError("--port must be 0...65535") }
-        guard self.maxConcurrentStreams > 0 else { throw ValidationError("--max-concurrent-streams must be > 0") }
+        guard (1...Int(UInt32.max)).contains(self.maxConcurrentStreams) else {
+            throw ValidationError("--max-concurrent-streams must be 1...4294967295")
+        }
         if (self.tlsCert == nil) != (self.tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
         if self.clientCA != nil && self.tlsCert == nil { throw ValidationError("--client-ca needs --tls-cert and --tls-key") }
     }

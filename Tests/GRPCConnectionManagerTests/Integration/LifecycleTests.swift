@@ -340,6 +340,9 @@ struct ConnectionManagerTests {
         #expect(try runProgram(cli, ["health", "-addr", peer.target, "-service", "sleepy"]).status == 4)
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-service=nope"]).status == 3)
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-rpc-header=x-probe: 1", "-rpc-timeout=2s"]).status == 0)
+        #expect(
+            try runProgram(cli, ["health", "-addr=\(peer.target)", "-rpc-header=authorization: Basic dXNlcjpwdw=="]).status == 0,
+            "a value that ends in = is a value, not an empty flag")
         #expect(try runProgram(cli, ["health", "-addr=127.0.0.1:\(freePort())"]).status == 2)
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-bogus"]).status == 1)
         #expect(try runProgram(cli, ["health"]).status == 1, "no -addr")
@@ -354,6 +357,18 @@ struct ConnectionManagerTests {
         let called = try runProgram(cli, ["call", "--plaintext", peer.target, "grpc.health.v1.Health/Check", "--hex"])
         #expect(called.status == 0, "\(called.output)")
         #expect(called.output.contains("0801"), "SERVING: \(called.output)")
+        // Durations past what a Duration holds mean "no limit", not a trap; nonsense is a usage error (2).
+        let unlimited = try runProgram(
+            cli, ["call", "--plaintext", peer.target, "grpc.health.v1.Health/Check", "--hex", "--max-time", "inf",
+                  "--connect-timeout", "1e12", "--keepalive-time", "inf"])
+        #expect(unlimited.status == 0, "\(unlimited.output)")
+        for flags in [["--repeat", "2", "--interval", "nan"], ["--repeat", "2", "--interval", "inf"], ["--data-file", "/dev/zero"]] {
+            #expect(try runProgram(cli, ["call", "--plaintext", peer.target, "grpc.health.v1.Health/Check"] + flags).status == 2, "\(flags)")
+        }
+        // A response that cannot be written out is a failure, not exit 0.
+        let full = try runProgram("/bin/sh", ["-c", "'\(cli)' call --plaintext \(peer.target) grpc.health.v1.Health/Check --hex 2>&1 >/dev/full"])
+        #expect(full.status == 1, "\(full.output)")
+        #expect(full.output.contains("cannot write"), "\(full.output)")
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-tls-no-verify"]).status == 1, "-tls-* needs -tls")
         // A server that accepts and never speaks HTTP/2: a connection failure once -connect-timeout passes, not a
         // hang and not an RPC failure.
