@@ -99,8 +99,9 @@ extension ReactorLoop {
         let milliseconds: Int32
         if let maxWait {
             // Round up: a sub-millisecond wait must not become a busy poll.
+            // Saturating: `nanoseconds` is Int64.max for a wait near Duration's end, and adding to it would trap.
             let nanos = max(maxWait.nanoseconds, 0)
-            milliseconds = Int32(clamping: (nanos + 999_999) / 1_000_000)
+            milliseconds = Int32(clamping: nanos / 1_000_000 + (nanos % 1_000_000 == 0 ? 0 : 1))
         } else {
             milliseconds = -1
         }

@@ -204,7 +204,10 @@ public final class GRPCChannel: Sendable {
         var observers: [any CallObserver] = []
         var problem: CallStatus? = nil
         var suspended: InterceptorRun.Suspension? = nil
-        if !self.interceptors.isEmpty {
+        if let limit = options.maxReceiveMessageSize, limit < 0 {
+            // Refused before anything is sent: every response would be refused after the server did the work.
+            problem = CallStatus(code: .invalidArgument, message: "maxReceiveMessageSize must not be negative (\(limit))")
+        } else if !self.interceptors.isEmpty {
             var intercepted = InterceptedCall(
                 service: self.service, authority: self.target.authority, path: path, metadata: metadata, options: options)
             switch InterceptorRun.run(self.interceptors, from: 0, &intercepted, observers: &observers) {

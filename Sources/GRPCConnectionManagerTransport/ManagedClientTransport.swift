@@ -76,8 +76,15 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
 
     /// Connects the channel, then waits until a graceful shutdown has drained every stream, or until the task is
     /// cancelled (which cancels the open streams).
+    /// - Throws: `RPCError` (FAILED_PRECONDITION) when `connect()` was already called: the transport runs once.
     public func connect() async throws {
-        self.state.withLock { $0.connectCalled = true }
+        let first = self.state.withLock { state -> Bool in
+            defer { state.connectCalled = true }
+            return !state.connectCalled
+        }
+        guard first else {
+            throw RPCError(code: .failedPrecondition, message: "connect() was already called on this transport")
+        }
         self.channel.connect()
         await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in

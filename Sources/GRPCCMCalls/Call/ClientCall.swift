@@ -1000,14 +1000,20 @@ package func spawnDetachedThread(_ body: @escaping @Sendable () -> Void) {
     }
     let pointer = Unmanaged.passRetained(Box(body)).toOpaque()
     var thread = pthread_t()
-    let rc = pthread_create(&thread, nil, { arg in
-        let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
-        box.body()
-        return nil
-    }, pointer)
-    if rc == 0 {
-        pthread_detach(thread)
-    } else {
-        Unmanaged<Box>.fromOpaque(pointer).takeRetainedValue().body()
+    // Out of threads (EAGAIN) is usually brief: other detached completions are finishing. Wait for one for up to
+    // about 100 ms before the last resort, running the body here, which completes the call but inside the caller.
+    for attempt in 0..<100 {
+        let rc = pthread_create(&thread, nil, { arg in
+            let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+            box.body()
+            return nil
+        }, pointer)
+        if rc == 0 {
+            pthread_detach(thread)
+            return
+        }
+        if rc != EAGAIN || attempt == 99 { break }
+        usleep(1000)
     }
+    Unmanaged<Box>.fromOpaque(pointer).takeRetainedValue().body()
 }

@@ -188,6 +188,12 @@ package final class StreamBuffers: @unchecked Sendable {
             let (part, wake) = self.state.withLock { state -> (Inbound?, Bool) in
                 guard state.inboxHead < state.inbox.count else {
                     if let result = state.result { return (.part(.end(result)), false) }
+                    if state.readWaiter != nil {
+                        // One reader at a time: a second one gets an error, not a wait that nothing would end.
+                        let status = CallStatus(
+                            code: .failedPrecondition, message: "another task is already reading this call's responses")
+                        return (.part(.end(StreamResult(status: status))), false)
+                    }
                     state.readWaiter = continuation
                     return (nil, false)
                 }
@@ -410,6 +416,7 @@ package final class StreamBuffers: @unchecked Sendable {
 
     /// A writer is suspended on a full send buffer (for tests).
     package var hasWaitingWriter: Bool { self.state.withLock { !$0.writeWaiters.isEmpty } }
+    package var hasWaitingReader: Bool { self.state.withLock { $0.readWaiter != nil } }
     /// Bytes waiting unread (for tests and the slow-reader bound).
     package var bufferedInboundBytes: Int { self.state.withLock { $0.inboxBytes } }
     /// Bytes written and not yet sent.

@@ -2,14 +2,19 @@ import GRPCCMCalls
 import GRPCCMWire
 
 extension GRPCChannel {
+    /// The shortest wait `watchHealth` keeps between checks or reopened watches.
+    static let shortestPollInterval = Duration.milliseconds(10)
+
     /// Health changes of the server (or of `healthServiceName` on it), each new status once.
     ///
     /// Streams `grpc.health.v1.Health/Watch` (server streaming): the server sends the current status, then every
     /// change. If the server answers UNIMPLEMENTED, falls back to calling `Check` every `pollInterval` (a failed
     /// check yields `.unknown`). A Watch that ends or fails otherwise is reopened after `pollInterval`, as gRFC A17
-    /// does. The stream ends when the consumer stops iterating.
+    /// does. The stream ends when the consumer stops iterating. A `pollInterval` under 10 ms is taken as 10 ms: zero
+    /// would poll (or reopen) as fast as calls can fail.
     public func watchHealth(_ healthServiceName: String = "", pollInterval: Duration = .seconds(5)) -> AsyncStream<HealthStatus> {
-        AsyncStream { continuation in
+        let pollInterval = max(pollInterval, Self.shortestPollInterval)
+        return AsyncStream { continuation in
             let task = Task {
                 var last: HealthStatus?
                 func emit(_ status: HealthStatus) {

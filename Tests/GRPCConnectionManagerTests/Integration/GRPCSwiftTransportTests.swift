@@ -200,6 +200,8 @@ struct GRPCSwiftTransportTests {
             } catch let error as GRPCCore.RPCError {
                 #expect(error.code == .failedPrecondition)
             }
+            // connect() runs once: a second call is refused at once instead of waiting for nothing.
+            await #expect(throws: GRPCCore.RPCError.self) { try await transport.connect() }
             proceeder.yield()
             // The group ends only when runConnections returns: once the open stream has drained.
         }

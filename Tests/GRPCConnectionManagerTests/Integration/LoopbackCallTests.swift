@@ -152,6 +152,9 @@ struct LoopbackCallTests {
         #expect(await channel.call(metadata: injected).status.code == .invalidArgument)
         #expect(await channel.call("no-slash").status.code == .invalidArgument)
         #expect(await channel.call(Array(repeating: 0, count: 11)).status.code == .resourceExhausted)
+        let negativeLimit = await channel.unaryResult(
+            path: "/echo.Echo/Get", request: [1], options: RequestOptions(maxReceiveMessageSize: -1))
+        #expect(negativeLimit.status.code == .invalidArgument, "\(negativeLimit.status)")
         #expect(await channel.call([1]).status == .ok)
     }
 

@@ -217,6 +217,29 @@ struct StreamingTests {
         await #expect(throws: CallError.self) { try await reader.value }
     }
 
+    @Test("a second task reading the same responses gets FAILED_PRECONDITION; the first reads on to the end")
+    func secondReaderIsRefused() async throws {
+        let setup = try Self.setUp(.embedded)
+        defer { setup.done() }
+        let call = setup.channel.serverStreaming(
+            path: "/test.Stream/Expand", request: Self.text("late"), metadata: ["x-sleep-ms": "300"])
+        let first = Task { () -> [String] in
+            var received: [String] = []
+            for try await message in call.responses { received.append(Self.string(message)) }
+            return received
+        }
+        // The first reader waits for the sleeping server; the second arrives while it does.
+        #expect(await eventually { call.buffers.hasWaitingReader })
+        do {
+            for try await _ in call.responses { Issue.record("the second reader read a message") }
+            Issue.record("the second reader ended without an error")
+        } catch {
+            #expect(error.status.code == .failedPrecondition, "\(error)")
+        }
+        #expect(try await first.value == ["late"])
+        #expect(await call.result().status == .ok)
+    }
+
     @Test("the deadline covers the whole stream", arguments: Peer.allCases)
     func deadlineMidStream(_ peer: Peer) async throws {
         let setup = try Self.setUp(peer)

@@ -317,6 +317,21 @@ struct EmbeddingTests {
         #expect(loop.pollableDescriptor == -1)
         loop.run()  // after the end: nothing happens
     }
+
+    @Test("runOnce with a wait near Duration's end waits for the next event instead of trapping")
+    func runOnceWithTheLongestWait() throws {
+        let loop = try ReactorLoop()
+        defer { loop.shutdown() }
+        let fired = Atomic<Bool>(false)
+        _ = loop.scheduleTimer(after: .milliseconds(1)) { fired.store(true, ordering: .releasing) }
+        var turns = 0
+        while !fired.load(ordering: .acquiring) && turns < 100 {
+            _ = try loop.runOnce(maxWait: .seconds(Int64.max))
+            turns += 1
+        }
+        let didFire = fired.load(ordering: .acquiring)
+        #expect(didFire)
+    }
 }
 
 /// Raises the soft limit on open files to the hard one (tests that open a thousand fds).
