@@ -30,6 +30,8 @@ public final class EtcdRegistration: Sendable {
         var timer: LoopTimer?
         var stopped = false
         var renewing = false
+        /// Counts the keepalive streams opened: a ping chain belongs to one and ends with it.
+        var generation = 0
     }
 
     private init(key: String, address: String, channel: GRPCChannel, loop: ReactorLoop, ttl: Duration) {
@@ -100,24 +102,34 @@ public final class EtcdRegistration: Sendable {
                 _ = self.loop.scheduleTimer(after: .seconds(1)) { [weak self] in self?.keepAlive() }
             })
         let stream = self.channel.bidirectionalStreaming(path: EtcdMessages.leaseKeepAlivePath, callbacks: callbacks)
-        let stopped = self.state.withLock { state -> Bool in
-            if !state.stopped { state.stream = stream }
-            return state.stopped
+        let (stopped, generation, previousTimer) = self.state.withLock { state -> (Bool, Int, LoopTimer?) in
+            guard !state.stopped else { return (true, state.generation, nil) }
+            state.stream = stream
+            state.generation += 1
+            defer { state.timer = nil }
+            return (false, state.generation, state.timer)
         }
         if stopped {
             stream.cancel()
             return
         }
-        self.ping()
+        // The old stream's ping chain ends here: left running, every reopened stream added one more (an outage of an
+        // hour left thousands, all pinging the new stream).
+        previousTimer?.cancel()
+        self.ping(generation)
     }
 
-    /// One keepalive now, the next after a third of the TTL.
-    private func ping() {
-        let (stream, lease, stopped) = self.state.withLock { ($0.stream, $0.lease, $0.stopped) }
-        guard !stopped, let stream else { return }
+    /// One keepalive now, the next after a third of the TTL, for as long as the stream of `generation` is current.
+    private func ping(_ generation: Int) {
+        let (stream, lease, current) = self.state.withLock {
+            ($0.stream, $0.lease, !$0.stopped && $0.generation == generation)
+        }
+        guard current, let stream else { return }
         _ = stream.send(EtcdMessages.leaseIDRequest(lease))
-        let timer = self.loop.scheduleTimer(after: self.ttl / 3) { [weak self] in self?.ping() }
-        self.state.withLock { $0.timer = timer }
+        let timer = self.loop.scheduleTimer(after: self.ttl / 3) { [weak self] in self?.ping(generation) }
+        self.state.withLock { state in
+            if state.generation == generation { state.timer = timer }
+        }
     }
 
     /// The lease is gone: a new one and the key again (once at a time; retried by the next keepalive).

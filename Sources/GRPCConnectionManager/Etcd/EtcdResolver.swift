@@ -185,7 +185,12 @@ final class EtcdWatcher: @unchecked Sendable {
             onMessage: { [weak self] message in
                 guard let self else { return }
                 let (events, canceled) = EtcdMessages.watchResponse(message)
-                if events > 0 || canceled { self.changed() }
+                if events > 0 { self.changed() }
+                if canceled {
+                    // etcd ended this watch but keeps the stream (its revision was compacted away, say): end the
+                    // stream too, so that the name is read again and the watch reopened from what that read.
+                    self.state.withLock { $0.call }?.cancel()
+                }
             },
             onFinish: { [weak self] _ in
                 // etcd went away (or cancelled the watch): what changed meanwhile is unknown, so resolve again, and
@@ -194,7 +199,10 @@ final class EtcdWatcher: @unchecked Sendable {
                 self.changed()
                 _ = self.reactor.schedule(afterNanoseconds: 1_000_000_000) { [weak self] in self?.start() }
             })
-        let call = self.client.bidirectionalStreaming(path: EtcdMessages.watchPath, callbacks: callbacks)
+        // hasleader: etcd refuses the watch of a member cut off from its leader (which would stay silent forever)
+        // instead of keeping it, as etcd's own client asks.
+        let call = self.client.bidirectionalStreaming(
+            path: EtcdMessages.watchPath, metadata: ["hasleader": "true"], callbacks: callbacks)
         _ = call.send(EtcdMessages.watchCreateRequest(prefix: self.prefix, startRevision: revision + 1))
         self.state.withLock { $0.call = call }
     }

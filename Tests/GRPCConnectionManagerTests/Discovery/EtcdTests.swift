@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 
 @testable import GRPCConnectionManager
@@ -122,6 +123,40 @@ struct EtcdTests {
         #expect(await Self.served(channel, 3, ledger: ledger, next: &id) == ["only"])
         #expect(ledger.completed == id && ledger.duplicates == 0)
         _ = registration
+    }
+
+    @Test("a watch etcd cancels (its revision compacted away) is reopened: later changes are heard")
+    func compactedWatchIsReopened() async throws {
+        let etcd = try EtcdPeer()
+        defer { etcd.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
+        func put(_ key: String) async throws -> Int64 {
+            _ = try await raw.unary(path: EtcdMessages.putPath, request: EtcdMessages.putRequest(key: key, value: [1], lease: 0))
+            let response = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: "w/"))
+            return EtcdMessages.rangeResponse(response.message)?.revision ?? 0
+        }
+        for index in 0..<5 { _ = try await put("w/\(index)") }
+        let revision = try await put("w/5")
+        // CompactionRequest { revision = 1 }: every revision before the current one is gone.
+        _ = try await raw.unary(path: "/etcdserverpb.KV/Compact", request: ProtobufWire.varintField(1, UInt64(revision)))
+        let changes = Atomic<Int>(0)
+        let watcher = EtcdWatcher(client: raw, reactor: loop.reactor, prefix: "w/") {
+            changes.wrappingAdd(1, ordering: .relaxed)
+        }
+        defer { watcher.stop() }
+        // A watch from revision 2, compacted: etcd cancels it and keeps the stream.
+        watcher.advance(to: 1)
+        loop.reactor.execute { watcher.start() }
+        #expect(await eventually { changes.load(ordering: .relaxed) >= 1 }, "the cancelled watch asks for a new read")
+        // The read a resolver then makes moves the restart point; the reopened watch hears the next change.
+        watcher.advance(to: revision)
+        try await Task.sleep(for: .milliseconds(1500))
+        let before = changes.load(ordering: .relaxed)
+        _ = try await put("w/new")
+        #expect(await eventually { changes.load(ordering: .relaxed) > before }, "a change after the reopen is heard")
     }
 
     @Test("the registration keeps its key past the lease's TTL, and deregister removes it")
