@@ -205,7 +205,13 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
         if self.open(call) { return }
         if self.addresses == nil || self.subchannels.isEmpty {
-            self.resolve()
+            // Not a lookup per call while a name does not resolve: at most one per minimumResolutionInterval.
+            self.resolveWhenAllowed()
+            if !call.waitForReady, !self.resolving, let error = self.resolutionError {
+                // The last lookup failed and the next is not due yet: a fail-fast call fails with why, now.
+                call.routeFailed(error)
+                return
+            }
         } else if !call.waitForReady && self.allInTransientFailure {
             call.routeFailed(self.failFastStatus())
             return
@@ -408,7 +414,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.reactor.schedule(afterNanoseconds: UInt64(delay)) { [weak self] in
             guard let self else { return }
             self.periodicResolutionScheduled = false
-            self.resolveAgainSoon()
+            // Deferred, not dropped, when a lookup ran lately (a GOAWAY's): dropped, no timer was left armed and the
+            // name was never asked again.
+            self.resolveWhenAllowed()
         }
     }
 
@@ -473,7 +481,10 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         case .idle:
             // A ready connection that went away (a GOAWAY, the server closing it): the backend may have moved.
             if old == .ready { self.resolveAgainSoon() }
-            if !self.queue.isEmpty {
+            // An eager pool (`connectAll`) reconnects without waiting for a call, unless the idle timeout closed
+            // the connection (reported with OK), which is what the user asked for.
+            let reconnectEagerly = self.eager && reason?.code != .ok
+            if !self.queue.isEmpty || reconnectEagerly {
                 if self.picker.policy == .pickFirst { self.connectIdle() } else { subchannel.connect() }
             }
         case .connecting, .shutdown:

@@ -71,7 +71,10 @@ struct PoolTests {
         let environment: CallEnvironment
         let completions = PThreadLock<[Int: CallStatus]>([:])
 
-        init(connectionsPerTarget: Int = 1, maxQueuedCalls: Int = 100) throws {
+        init(
+            connectionsPerTarget: Int = 1, maxQueuedCalls: Int = 100, target: String = "127.0.0.1:1",
+            resolver: any AddressResolver = SystemResolver()
+        ) throws {
             self.reactor = try Reactor()
             let bus = EventBus(reactor: self.reactor).single
             let settings = PoolSettings(
@@ -79,8 +82,8 @@ struct PoolTests {
                 backoff: .init(base: .seconds(10), multiplier: 1.6, jitter: 0, maximum: .seconds(10)),
                 keepAliveTime: .seconds(30), idleTimeout: .zero, resolveRetryDelay: .seconds(1))
             self.pool = ServicePool(
-                reactor: self.reactor, service: "s", target: try Target(parsing: "127.0.0.1:1"), settings: settings,
-                connector: self.connector, bus: bus, connectionIDs: ConnectionIDSource())
+                reactor: self.reactor, service: "s", target: try Target(parsing: target), settings: settings,
+                connector: self.connector, bus: bus, connectionIDs: ConnectionIDSource(), resolver: resolver)
             self.environment = CallEnvironment(
                 reactor: self.reactor, service: "s", router: self.pool, bus: bus,
                 policies: CallPolicies(admission: nil, retry: nil), maxHeaderListSize: 16 << 10)
@@ -159,6 +162,58 @@ struct PoolTests {
         first.answer(first.opened[0].streamID, message: [1])
         #expect(first.opened.count == 2 && first.opened[1].path == "/p.S/M3", "the queued call took the freed stream")
         #expect(rig.pool.queuedCallCount == 0)
+    }
+
+    /// Answers lookups when the test says, counting them.
+    final class HeldResolver: AddressResolver, @unchecked Sendable {
+        // `@unchecked`: touched by the test thread only (it plays the reactor thread).
+        private(set) var pending: [@Sendable (Result<[NetworkAddress], CallStatus>) -> Void] = []
+        private(set) var lookups = 0
+        func resolve(
+            _ target: Target, on reactor: Reactor,
+            completion: @escaping @Sendable (Result<[NetworkAddress], CallStatus>) -> Void
+        ) {
+            self.lookups += 1
+            self.pending.append(completion)
+        }
+        func answer(_ result: Result<[NetworkAddress], CallStatus>) {
+            let waiting = self.pending
+            self.pending.removeAll()
+            for completion in waiting { completion(result) }
+        }
+    }
+
+    @Test("while a name does not resolve, calls ask at most once per minimumResolutionInterval and fail fast with why")
+    func failingLookupsAreNotRepeatedPerCall() throws {
+        let resolver = HeldResolver()
+        let rig = try Rig(target: "name.test:1", resolver: resolver)
+        defer { rig.finish() }
+        rig.call(1)
+        #expect(resolver.lookups == 1)
+        resolver.answer(.failure(CallStatus(code: .unavailable, message: "name.test: no such name")))
+        rig.endTurn()
+        #expect(rig.status(1) == CallStatus(code: .unavailable, message: "name.test: no such name"))
+        for id in 2...20 { rig.call(id) }
+        rig.endTurn()
+        #expect(resolver.lookups == 1, "the next lookup waits for minimumResolutionInterval")
+        for id in 2...20 {
+            #expect(rig.status(id) == CallStatus(code: .unavailable, message: "name.test: no such name"), "call \(id)")
+        }
+        rig.call(21, waitForReady: true)
+        rig.endTurn()
+        #expect(rig.status(21) == nil, "a wait-for-ready call waits for the next lookup")
+    }
+
+    @Test("an eager pool (connectAll) reconnects after a GOAWAY without waiting for a call")
+    func eagerPoolReconnects() throws {
+        let rig = try Rig()
+        defer { rig.finish() }
+        rig.pool.connectAll()
+        #expect(rig.connector.made.count == 1)
+        rig.connector.made[0].becomeReady()
+        rig.connector.made[0].goAway()
+        #expect(rig.connector.made.count == 2, "a new connection, with no call waiting")
+        #expect(rig.connector.made.last?.connectCalls == 1)
     }
 
     @Test("maxQueuedCalls bounds the calls waiting, whatever they wait for")

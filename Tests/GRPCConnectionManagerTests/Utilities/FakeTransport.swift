@@ -69,6 +69,12 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
         self.delegate?.transportReady(self)
     }
 
+    /// The server sent GOAWAY (NO_ERROR): no new streams here.
+    func goAway() {
+        self.isReady = false
+        self.delegate?.transportDraining(self, errorCode: 0, debugData: "")
+    }
+
     /// The connection attempt failed.
     func fail(_ message: String = "refused") {
         self.close(reason: CallStatus(code: .unavailable, message: message))
