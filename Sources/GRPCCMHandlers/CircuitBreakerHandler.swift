@@ -40,12 +40,12 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
 
     package func callEnded(
         _ permit: CallPermit, service: String, path: String, status: CallStatus, duration: Duration, now: UInt64,
-        cancelledByClient: Bool
+        endedLocally: Bool
     ) {
         // Slots are never removed: the one the call was admitted with is still its breaker.
         let slot = permit.slot
-        if cancelledByClient {
-            // The caller gave up: nothing learnt about the server. A probe's slot frees for the next one.
+        if endedLocally {
+            // The caller gave up, or the channel closed: nothing learnt about the server. A probe's slot frees for the next one.
             self.breakers[slot].release(probe: permit.isProbe, epoch: permit.epoch)
             return
         }

@@ -6,11 +6,11 @@ package protocol CallAdmission: AnyObject {
     /// May a call to `path` of `service` go out now (`now`: `Reactor.clock()`, read once by the call for its own
     /// start time too)? nil: refused, and the call fails without touching the network.
     func admit(service: String, path: String, now: UInt64) -> CallPermit?
-    /// The call admitted with `permit` ended at `now` with `status` after `duration`. `cancelledByClient`: the caller
-    /// cancelled it, which says nothing about the server's health.
+    /// The call admitted with `permit` ended at `now` with `status` after `duration`. `endedLocally`: this side ended it
+    /// (the caller cancelled, or the channel closed), which says nothing about the server's health.
     func callEnded(
         _ permit: CallPermit, service: String, path: String, status: CallStatus, duration: Duration, now: UInt64,
-        cancelledByClient: Bool)
+        endedLocally: Bool)
 }
 
 /// What admission handed out: whether the call is a half-open probe, the state it was admitted under (an outcome

@@ -157,6 +157,15 @@ package struct CallStateMachine: Sendable {
     }
 
     /// The current attempt ended with `status`: its stream closed, failed or was abandoned, or routing failed.
+    /// The attempt under way would be retried transparently if the server never processed it: once per attempt, and
+    /// not while closing. Past that, the retry policy decides.
+    package var mayRetryTransparently: Bool {
+        switch self.state {
+        case .waiting(let attempt), .open(let attempt, _): return !attempt.transparentlyRetried && !self.closing
+        case .created, .preparing, .backingOff, .finished: return false
+        }
+    }
+
     /// - Parameters:
     ///   - unprocessed: The server provably never processed it (REFUSED_STREAM, nothing received).
     ///   - retryDelay: The retry policy's answer when it was asked (`mayRetryByPolicy`), else nil.

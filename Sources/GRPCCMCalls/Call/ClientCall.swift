@@ -471,9 +471,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             break
         case .stream, .queue:
             self.abandonAttempt()
-            // The abandoned attempt ended too: the throttle and the bus hear of it, as of any other.
+            // The abandoned attempt ended too: the bus and observers hear of it, as of any other. The throttle does
+            // not: this side ended it (the caller's deadline or cancel, the channel closing), so it says nothing of
+            // the server.
             self.observeAttempt(self.attemptsMade, status, willRetry: false)
-            self.reportAttempt(status)
+            self.withEnvironment { environment in self.reportAttempt(status, environment, serverOutcome: false) }
         case .backoff:
             if self.retryTimer != 0 {
                 self.withReactor { $0.cancelTimer(self.retryTimer) }
@@ -503,8 +505,12 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.withEnvironment { environment in self.reportAttempt(status, environment) }
     }
 
-    private func reportAttempt(_ status: CallStatus, _ environment: CallEnvironment) {
-        environment.policies.retry?.attemptEnded(service: environment.service, path: self.path, status: status)
+    /// - Parameter serverOutcome: The server's answer (or the network's), which the retry throttle counts; false for an
+    ///   attempt this side abandoned. A failure while the channel closes is the closing's, not the server's, either.
+    private func reportAttempt(_ status: CallStatus, _ environment: CallEnvironment, serverOutcome: Bool = true) {
+        if serverOutcome && (status.isOK || !environment.router.isClosing) {
+            environment.policies.retry?.attemptEnded(service: environment.service, path: self.path, status: status)
+        }
         environment.bus.publishCallEvent(
             .attemptFinished(
                 service: environment.service, path: self.path, status: status,
@@ -519,7 +525,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
         self.stream = nil
         let environment = self.environment
-        let transparent = unprocessed && !environment.router.isClosing && !self.withReactor({ $0.isStopping })
+        // A second refusal of the same attempt is the policy's to judge, like any failure (gRFC A6): only the first
+        // is retried transparently.
+        let transparent = unprocessed && self.machine.mayRetryTransparently && !environment.router.isClosing
+            && !self.withReactor({ $0.isStopping })
         var delay: Duration? = nil
         if !transparent {
             self.reportAttempt(response.status)
@@ -586,9 +595,14 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         let now = Reactor.clock()
         let duration = Duration.nanoseconds(Int64(bitPattern: now &- self.startedAt))
         if let permit = self.permit {
+            // Ended by this side, not answered by the server: the caller's cancel, or the channel closing (its
+            // status is the closing's own). Such ends release the breaker's slot and count for nothing: a channel
+            // replaced with calls in flight must not open the breaker its successor inherits.
+            let endedHere = self.cancelledByClient
+                || (!response.status.isOK && environment.router.isClosing && response.status == environment.router.closingStatus)
             environment.policies.admission?.callEnded(
                 permit, service: environment.service, path: self.path, status: response.status, duration: duration,
-                now: now, cancelledByClient: self.cancelledByClient)
+                now: now, endedLocally: endedHere)
         }
         if self.startedAt != 0 && self.hedgeAttempt == 0 {
             environment.bus.publishCallEvent(

@@ -513,11 +513,17 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             for call in self.registry.all { call.channelClosing(reason) }
             for call in self.queue.removeAll() { call.routeFailed(reason) }
         }
+        if !graceful {
+            // The calls end first, with the closing's own status, and only then the connections: a stream failed by
+            // its connection's close would end with the transport's words, and look like the server's failure to
+            // the breaker and the throttle (which a status equal to `closingStatus` does not).
+            self.closingStatus = reason
+            for call in self.registry.all { call.end(reason) }
+        }
         for subchannel in self.subchannels { subchannel.shutdown(reason: reason, graceful: graceful) }
         if !graceful {
             for subchannel in self.retiring { subchannel.shutdown(reason: reason, graceful: false) }
             self.retiring.removeAll()
-            for call in self.registry.all { call.end(reason) }
             if self.hooked {
                 self.hooked = false
                 self.reactor.removeShutdownHook(self)

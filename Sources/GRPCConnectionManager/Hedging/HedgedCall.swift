@@ -128,7 +128,7 @@ final class HedgedCall: @unchecked Sendable {
         if let permit = self.permit, let admission = environment.policies.admission {
             admission.callEnded(
                 permit, service: environment.service, path: self.path, status: response.status, duration: duration,
-                now: now, cancelledByClient: cancelledByClient)
+                now: now, endedLocally: cancelledByClient)
         }
         environment.bus.publishCallEvent(
             .callFinished(

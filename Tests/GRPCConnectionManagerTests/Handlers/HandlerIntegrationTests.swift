@@ -363,6 +363,44 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("calls ended by closing a channel, or by their deadline, count neither against the breaker nor the throttle")
+    func localEndsAreNotServerFailures() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        manager.events.subscribe { recorder.record($0) }
+        let first = try manager.connection(service: "echo", address: fixture.target)
+        let ledger = CompletionLedger()
+        for id in 0..<8 {
+            first.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "5000"]) { _ in ledger.record(id) }
+        }
+        #expect(await eventually { await manager.openCalls() == 8 })
+        manager.closeConnection(service: "echo")
+        #expect(await eventually { ledger.completed == 8 })
+        // Eight local ends counted as failures would have opened the breaker (5 in a row) and taken the throttle
+        // below half: this call's first attempt fails, and it is still retried.
+        let second = try manager.connection(service: "echo")
+        let retried = await second.call([2], metadata: Self.failFirst(1, key: "after-close"), timeout: .seconds(5))
+        #expect(retried.status == .ok, "\(retried.status)")
+        #expect(recorder.count { if case .circuitBreakerStateChanged = $0 { true } else { false } } == 0)
+        await manager.close(gracePeriod: .seconds(1))
+
+        // The caller's deadline is not the server's answer either, for the throttle (the breaker counts a slow
+        // call, by design: it is off here).
+        var noBreaker = Configuration()
+        noBreaker.enableCircuitBreaker = false
+        let other = try ConnectionManager(configuration: noBreaker, eventLoop: fixture.loop)
+        let channel = try other.connection(service: "echo", address: fixture.target)
+        for _ in 0..<8 {
+            let late = await channel.call([1], metadata: ["x-sleep-ms": "1000"], timeout: .milliseconds(20))
+            #expect(late.status.code == .deadlineExceeded)
+        }
+        let afterDeadlines = await channel.call([3], metadata: Self.failFirst(1, key: "after-deadlines"), timeout: .seconds(5))
+        #expect(afterDeadlines.status == .ok, "\(afterDeadlines.status)")
+        await other.close(gracePeriod: .seconds(1))
+    }
+
     @Test("an attempt ended from outside (the deadline, a cancel) is reported with its number, not 0")
     func abandonedAttemptsKeepTheirNumber() async throws {
         let fixture = try LoopbackFixture()

@@ -60,6 +60,19 @@ struct ClaimsTests {
         #expect(twice.status.code == .unavailable)
         #expect(twice.status.message.contains("REFUSED_STREAM"))
         #expect(fixture.server.requestCount(key: "twice") == 2, "one transparent retry, no more")
+
+        // With retry on, the second refusal is the policy's to judge (UNAVAILABLE is retryable): a third attempt,
+        // after a backoff, which the server answers.
+        var retrying = Configuration()
+        retrying.enableCircuitBreaker = false
+        let policyChannel = try fixture.channel(retrying)
+        let recorder = EventRecorder()
+        policyChannel.events.subscribe { recorder.record($0) }
+        let third = await policyChannel.call(
+            "/test.Raw/Get", [8], metadata: Self.keyed("thrice", [("x-refuse-first", "2")]), timeout: .seconds(5))
+        #expect(third.status == .ok, "\(third.status)")
+        #expect(fixture.server.requestCount(key: "thrice") == 3, "refused, refused again, answered")
+        #expect(recorder.count { if case .retryScheduled = $0 { true } else { false } } == 1, "one retry by policy")
     }
 
     @Test("a stream above a GOAWAY's last stream id is retried on a new connection; the one below it finishes")
