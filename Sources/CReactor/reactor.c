@@ -112,9 +112,11 @@ static void cr_drain_wake(cr_loop *loop) {
 // MARK: registrations
 
 static uint32_t cr_epoll_bits(uint32_t interest) {
-    // EPOLLERR and EPOLLHUP are always reported; RDHUP lets us see a half-close without another read.
-    uint32_t bits = EPOLLRDHUP;
-    if (interest & CR_READ) bits |= EPOLLIN;
+    // EPOLLERR and EPOLLHUP are always reported; RDHUP lets a reader see a half-close without another read. Only a
+    // reader: it stays raised (level-triggered) once the peer has shut down its side, so a writer, or a paused
+    // watcher, would be woken by it every turn.
+    uint32_t bits = 0;
+    if (interest & CR_READ) bits |= EPOLLIN | EPOLLRDHUP;
     if (interest & CR_WRITE) bits |= EPOLLOUT;
     return bits;
 }
@@ -184,20 +186,29 @@ int cr_fd_set_interest(cr_loop *loop, int64_t id, uint32_t interest) {
 int cr_fd_deregister(cr_loop *loop, int64_t id) {
     cr_registration *reg = cr_lookup(loop, id);
     if (reg == NULL) return -ENOENT;
-    int rc = 0;
-    if (epoll_ctl(loop->epoll_fd, EPOLL_CTL_DEL, reg->fd, NULL) != 0) rc = -errno;
+    // The registration ends whatever epoll answers: an fd closed before it was deregistered (ENOENT, EBADF) took its
+    // epoll entry with it, and the owner must still get its handler back.
+    (void)epoll_ctl(loop->epoll_fd, EPOLL_CTL_DEL, reg->fd, NULL);
     reg->live = 0;
     reg->fd = -1;
     reg->target = NULL;
-    reg->generation++;
-    if (reg->generation == 0) reg->generation = 1;  // generation 0 is reserved for the wake-up id
+    // 31 bits: the id (generation << 32 | slot) must stay positive, negative ones are errors. Generation 0 is
+    // reserved for the wake-up id. A slot reused 2^31 times (days of reconnects) wraps here instead.
+    reg->generation = (reg->generation + 1) & 0x7fffffffu;
+    if (reg->generation == 0) reg->generation = 1;
     uint32_t slot = (uint32_t)((uint64_t)id & 0xffffffffu);
     loop->free_registrations[loop->free_registration_count++] = slot;
     loop->registration_count--;
-    return rc;
+    return 0;
 }
 
 size_t cr_fd_count(const cr_loop *loop) { return loop->registration_count; }
+
+void cr_fd_set_generation_for_testing(cr_loop *loop, uint32_t slot, uint32_t generation) {
+    if (slot < loop->registration_capacity && !loop->registrations[slot].live) {
+        loop->registrations[slot].generation = generation;
+    }
+}
 
 // MARK: the turn
 

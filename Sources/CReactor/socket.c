@@ -25,10 +25,12 @@ int cr_socket_connect(const struct sockaddr *address, socklen_t length, int *in_
         rc = connect(fd, address, length);
     } while (rc != 0 && errno == EINTR);
     if (rc != 0) {
-        if (errno == EINPROGRESS || errno == EAGAIN) {
-            *in_progress = 1;  // a Unix socket with a full backlog reports EAGAIN; wait for writability too
+        if (errno == EINPROGRESS) {
+            *in_progress = 1;
             return fd;
         }
+        // EAGAIN (a Unix socket whose listener's backlog is full) is a failure, not a connect in progress: the
+        // socket stays unconnected and would only be found out at the first write.
         int err = errno;
         close(fd);
         return -err;

@@ -471,6 +471,11 @@ package final class Reactor: @unchecked Sendable {
         return false
     }
 
+    /// Tests only: the generation the next registration in `slot` gets.
+    package func setRegistrationGenerationForTesting(slot: UInt32, generation: UInt32) {
+        if let loop = self.loop { cr_fd_set_generation_for_testing(loop, slot, generation) }
+    }
+
     /// Live fd registrations (the eventfd is not counted).
     package var registrationCount: Int { self.loop.map { cr_fd_count($0) } ?? 0 }
 

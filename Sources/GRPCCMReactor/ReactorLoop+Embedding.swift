@@ -54,6 +54,11 @@ extension ReactorLoop {
     /// Watches `fd` (yours: the loop never closes it) for `interest`; `handler` runs on the loop's thread with the
     /// readiness epoll reported, until you deregister. Level-triggered: while the fd stays readable (or writable
     /// with that interest), the handler runs every turn; read what you need and return. Loop thread only.
+    ///
+    /// Deregister before you close the fd. epoll removes a registration by fd number: once the fd is closed, the
+    /// number may already belong to another socket of the loop (one of its gRPC connections), and deregistering
+    /// would then remove that one's entry. The kernel drops a closed fd's own entry by itself, so deregistering late
+    /// still gives your handler back, but the number is the hazard.
     /// - Throws: `ReactorError` off the loop's thread, for an fd epoll refuses (a closed one: EBADF; one already
     ///   registered: EEXIST), or once the loop has stopped.
     public func register(

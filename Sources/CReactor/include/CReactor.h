@@ -81,7 +81,11 @@ int64_t cr_fd_register(cr_loop *_Nonnull loop, int fd, uint32_t interest, void *
 /// Changes the interest of a registration. Returns 0 or -errno.
 int cr_fd_set_interest(cr_loop *_Nonnull loop, int64_t registration, uint32_t interest);
 /// Removes a registration; events already fetched for it in this turn are dropped. Does not close the fd.
+/// Returns 0, or -ENOENT when it was not registered (removed before). Deregister before closing the fd: epoll
+/// removes by fd number, and a number reused meanwhile belongs to someone else.
 int cr_fd_deregister(cr_loop *_Nonnull loop, int64_t registration);
+/// Tests only: sets the generation the next registration in `slot` gets (to reach the wrap without 2^31 reuses).
+void cr_fd_set_generation_for_testing(cr_loop *_Nonnull loop, uint32_t slot, uint32_t generation);
 /// Number of live registrations.
 size_t cr_fd_count(const cr_loop *_Nonnull loop);
 

@@ -148,6 +148,78 @@ struct ReactorTests {
         #expect(await onReactor(reactor) { reactor.registrationCount } == 0)
     }
 
+    final class Counter: ReactorHandler, @unchecked Sendable {
+        // `@unchecked`: touched on the reactor thread only.
+        var events = 0
+        let onDeinit: (@Sendable () -> Void)?
+        init(onDeinit: (@Sendable () -> Void)? = nil) { self.onDeinit = onDeinit }
+        override func reactorFDReady(_ events: UInt32) { self.events += 1 }
+        deinit { self.onDeinit?() }
+    }
+
+    @Test("a writer whose peer shut down its side is not woken every turn; an fd closed first still gives its handler back")
+    func halfClosedWriterAndLateDeregister() async throws {
+        let reactor = try Reactor()
+        reactor.start()
+        defer { reactor.stopAndWait() }
+        var pair: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        _ = fcntl(pair[0], F_SETFL, O_NONBLOCK)
+        defer { close(pair[1]) }
+        // Fill pair[0]'s send buffer so that it is not writable, then the peer stops sending.
+        let chunk = [UInt8](repeating: 7, count: 65536)
+        while chunk.withUnsafeBytes({ write(pair[0], $0.baseAddress, $0.count) }) > 0 {}
+        shutdown(pair[1], Int32(SHUT_WR))
+        let released = Atomic<Bool>(false)
+        let writer = Counter(onDeinit: { released.store(true, ordering: .releasing) })
+        let fd = pair[0]
+        let registration = await onReactor(reactor) {
+            try! reactor.register(fd: fd, interest: Reactor.Events.write, handler: writer)
+        }
+        try await Task.sleep(for: .milliseconds(100))
+        // The half-close (RDHUP) is a reader's news: with write interest only it woke this handler every turn.
+        #expect(await onReactor(reactor) { writer.events } == 0)
+        // Closed before it is deregistered: the registration still ends, and the handler is released.
+        close(fd)
+        let deregistered = await onReactor(reactor) { reactor.deregister(registration, handler: writer) }
+        #expect(deregistered)
+        #expect(await onReactor(reactor) { reactor.registrationCount } == 0)
+        _ = consume writer
+        let gone = released.load(ordering: .acquiring)
+        #expect(gone, "the handler was released")
+    }
+
+    @Test("registration ids stay positive when a slot's generation wraps past 2^31")
+    func registrationGenerationWraps() async throws {
+        let reactor = try Reactor()
+        reactor.start()
+        defer { reactor.stopAndWait() }
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        defer {
+            close(fds[0])
+            close(fds[1])
+        }
+        let handler = Counter()
+        let readEnd = fds[0]
+        let ids = await onReactor(reactor) { () -> [Int64] in
+            var ids: [Int64] = []
+            // The slot the next registration takes (freed slots are reused last in, first out).
+            let probe = try! reactor.register(fd: readEnd, interest: Reactor.Events.read, handler: handler)
+            reactor.deregister(probe, handler: handler)
+            // The last generation a 31-bit id can carry, then the wrap.
+            reactor.setRegistrationGenerationForTesting(slot: UInt32(truncatingIfNeeded: probe.id), generation: 0x7fff_ffff)
+            for _ in 0..<2 {
+                let registration = try! reactor.register(fd: readEnd, interest: Reactor.Events.read, handler: handler)
+                ids.append(registration.id)
+                reactor.deregister(registration, handler: handler)
+            }
+            return ids
+        }
+        #expect(ids.count == 2 && ids.allSatisfy { $0 > 0 }, "\(ids)")
+        #expect(ids.last.map { $0 >> 32 } == 1, "generation 0x7fffffff is followed by 1")
+    }
+
     @Test("a loop run on the caller's thread stops when asked")
     func runsOnCallersThread() async throws {
         let reactor = try Reactor()
