@@ -142,8 +142,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private var attemptsMade = 0
     @exclusivity(unchecked)
     private var adopted = false
+    /// This side ended the call, not the server: the caller cancelled, or the channel closed. Such an end releases
+    /// the breaker's slot and counts for nothing: a channel replaced with calls in flight must not open the breaker
+    /// its successor inherits.
     @exclusivity(unchecked)
-    private var cancelledByClient = false
+    private var endedLocally = false
     @exclusivity(unchecked)
     package private(set) var sentBytes = 0
     @exclusivity(unchecked)
@@ -408,7 +411,16 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// The channel began to close gracefully: a call waiting for a stream or between attempts ends now, an open one
     /// runs to its end and is not retried.
     package func channelClosing(_ status: CallStatus) {
-        self.perform(self.machine.closing(status))
+        let action = self.machine.closing(status)
+        if case .finish = action { self.endedLocally = true }
+        self.perform(action)
+    }
+
+    /// The channel closed at once (not gracefully): the call ends now with `status`, which the closing caused and the
+    /// server did not answer.
+    package func endByClosing(_ status: CallStatus) {
+        if !self.machine.isFinished { self.endedLocally = true }
+        self.end(status)
     }
 
     // MARK: ending
@@ -454,11 +466,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         if self.buffers?.isFinished == true { return }
         let reactor = self.reactor
         if reactor.inReactorThread {
-            if byClient && !self.machine.isFinished { self.cancelledByClient = true }
+            if byClient && !self.machine.isFinished { self.endedLocally = true }
             self.end(status)
         } else {
             reactor.execute {
-                if byClient && !self.machine.isFinished { self.cancelledByClient = true }
+                if byClient && !self.machine.isFinished { self.endedLocally = true }
                 self.end(status)
             }
         }
@@ -598,11 +610,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             // Ended by this side, not answered by the server: the caller's cancel, or the channel closing (its
             // status is the closing's own). Such ends release the breaker's slot and count for nothing: a channel
             // replaced with calls in flight must not open the breaker its successor inherits.
-            let endedHere = self.cancelledByClient
-                || (!response.status.isOK && environment.router.isClosing && response.status == environment.router.closingStatus)
             environment.policies.admission?.callEnded(
                 permit, service: environment.service, path: self.path, status: response.status, duration: duration,
-                now: now, endedLocally: endedHere)
+                now: now, endedLocally: self.endedLocally)
         }
         if self.startedAt != 0 && self.hedgeAttempt == 0 {
             environment.bus.publishCallEvent(

@@ -514,11 +514,10 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             for call in self.queue.removeAll() { call.routeFailed(reason) }
         }
         if !graceful {
-            // The calls end first, with the closing's own status, and only then the connections: a stream failed by
-            // its connection's close would end with the transport's words, and look like the server's failure to
-            // the breaker and the throttle (which a status equal to `closingStatus` does not).
+            // The calls end first, as ended by the closing (not the server's failures, for the breaker), and only
+            // then the connections: a stream failed by its connection's close would end with the transport's words.
             self.closingStatus = reason
-            for call in self.registry.all { call.end(reason) }
+            for call in self.registry.all { call.endByClosing(reason) }
         }
         for subchannel in self.subchannels { subchannel.shutdown(reason: reason, graceful: graceful) }
         if !graceful {
