@@ -855,7 +855,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             let response = self.finalResponse(errorCode: 0)
             self.stream = nil
             stream.reset(errorCode: NGHTTP2_NO_ERROR.rawValue)
-            self.attemptEnded(response, unprocessed: false, retryable: false)
+            // A trailers-only answer commits nothing (gRFC A6): the policy may retry it, the request being the
+            // caller's still (a unary request is kept whole; a streamed one is never retried by policy). After
+            // response headers the call is committed, and the state machine says so.
+            self.attemptEnded(response, unprocessed: false, retryable: self.head.trailersOnly)
         }
     }
 

@@ -122,6 +122,22 @@ struct MisbehavingPeerTests {
         #expect(ledger.completed == 2 && ledger.duplicates == 0)
     }
 
+    @Test("a trailers-only failure that comes before the request is all sent is retried by policy (it commits nothing)")
+    func earlyTrailersOnlyIsRetried() async throws {
+        let peer = try ScriptedPeer("early-status", ["14"])
+        defer { peer.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.retry.policy.initialBackoff = .milliseconds(10)
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: fixture.loop)
+        // Larger than the 64 KiB stream window: the request is still being sent when the answer comes.
+        let response = await channel.call("/fuzz.Peer/Get", [UInt8](repeating: 1, count: 200 << 10), timeout: .seconds(5))
+        #expect(response.status.code == .unavailable, "\(response.status)")
+        #expect(peer.headerBlocks() == configuration.retry.policy.maxAttempts, "every attempt the policy allows")
+    }
+
     @Test("application/grpc with a format suffix or parameters is gRPC", arguments: ["http-200-grpcproto", "http-200-grpcparam"])
     func grpcContentTypeVariants(_ scriptCase: String) async throws {
         let peer = try ScriptedPeer("malformed", [scriptCase])

@@ -25,6 +25,7 @@ mode says otherwise:
                        before answering the new one (an old attempt's frames arriving during its retry)
   wide-open-stall      windows of 2^31-1 (stream and connection), then stops reading once a request's headers are
                        in ("event stalled"): the client may send as fast as it can produce, and the socket backs up
+  early-status CODE    a trailers-only grpc-status CODE as soon as a request's headers are in, before its body
   malformed CASE       the first stream gets one broken or non-gRPC answer (see malformed_answer), later ones the echo
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
                        huge header blocks, resets, window abuse, GOAWAY, silence)
@@ -170,7 +171,12 @@ class Connection:
                         event("stalled")
                         while True:
                             time.sleep(3600)
-                    if self.streams[frame.stream_id]["end"]:
+                    if MODE == "early-status":
+                        # A trailers-only answer at once, before the request's body has arrived.
+                        self.streams[frame.stream_id]["answered"] = True
+                        self.send_headers(frame.stream_id, [(":status", "200"), ("content-type", "application/grpc"),
+                                                            ("grpc-status", ARGS[0])], end_stream=True)
+                    elif self.streams[frame.stream_id]["end"]:
                         self.answer(frame.stream_id)
             elif isinstance(frame, DataFrame):
                 stream = self.streams.get(frame.stream_id)
@@ -181,7 +187,7 @@ class Connection:
                         update = WindowUpdateFrame(sid)
                         update.window_increment = frame.flow_controlled_length
                         self.send(update)
-                if "END_STREAM" in frame.flags and stream is not None:
+                if "END_STREAM" in frame.flags and stream is not None and not stream.get("answered"):
                     self.answer(frame.stream_id)
 
     def message(self, stream_id):
