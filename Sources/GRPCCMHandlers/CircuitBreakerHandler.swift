@@ -19,6 +19,12 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
     @exclusivity(unchecked)
     private var breakers = HotKeyTable<Key, CircuitBreakerStateMachine>()
 
+    /// Breakers of their own for this many methods (all services of the loop together); methods seen after that share
+    /// one breaker per service, `otherMethods`: paths come from callers (a gateway passes any through), and a
+    /// breaker per path ever seen would grow without end.
+    package static let maxBreakers = 1000
+    package static let otherMethods = "other"
+
     package init(configuration: CircuitBreakerConfiguration, bus: LocalEventBus) {
         self.limits = CircuitBreakerStateMachine.Limits(configuration)
         self.bus = bus
@@ -28,7 +34,10 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
     package func admit(service: String, path: String, now: UInt64) -> CallPermit? {
         let slot =
             self.breakers.lastSlot { $0.service == service && $0.path == path }
-            ?? self.breakers.slot(for: Key(service: service, path: path)) {
+            ?? self.breakers.slot(
+                for: Key(service: service, path: path), limit: Self.maxBreakers,
+                overflow: Key(service: service, path: Self.otherMethods)
+            ) {
                 CircuitBreakerStateMachine(limits: self.limits)
             }
         let decision = self.breakers[slot].acquire(now: now)

@@ -32,6 +32,20 @@ package struct HotKeyTable<Key: Hashable, Value> {
         return slot
     }
 
+    /// The slot of `key`: its own while the table holds fewer than `limit` keys, else (for a key not seen before)
+    /// the slot of `overflow`, made when absent. Bounds a table whose keys come from outside (method paths a
+    /// gateway passes through): past the limit, new keys share one slot instead of growing the table for good.
+    package mutating func slot(
+        for key: Key, limit: Int, overflow: @autoclosure () -> Key, orInsert make: () -> Value
+    ) -> Int {
+        if let slot = self.existingSlot(for: key) { return slot }
+        if self.values.count >= limit { return self.slot(for: overflow(), orInsert: make) }
+        return self.slot(for: key, orInsert: make)
+    }
+
+    /// Keys held (each with its slot).
+    package var count: Int { self.values.count }
+
     /// The slot of the key asked for last, when `matches` finds it is the one wanted; nil otherwise (then ask with
     /// the key). For a caller that holds its key in parts: building the key copies each part, a retain and a release
     /// of each string, where `matches` compares them in place. `mutating` though it changes nothing: called on a

@@ -60,6 +60,8 @@ package final class MetricsHandler: @unchecked Sendable {
     }
 
     private struct CallMetrics {
+        /// The `method` label: the path, or `otherMethods` past `maxMethodSeries`.
+        let method: String
         let duration: CoreMetrics.Timer
         let attempts: Recorder
         let sentBytes: CoreMetrics.Counter
@@ -92,6 +94,29 @@ package final class MetricsHandler: @unchecked Sendable {
         return gauge
     }
 
+    /// Series of their own for this many methods (all services of the loop together); later ones are counted under
+    /// method="other" (gRFC A66's word for methods it does not name): paths come from callers, and a series per path
+    /// ever seen would grow without end.
+    static let maxMethodSeries = 1000
+    static let otherMethods = "other"
+
+    /// The `method` label of `path`: its own, unless the table is full and it is new.
+    private func methodLabel(service: String, path: String) -> String {
+        if let slot = self.calls.existingSlot(for: CallKey(service: service, path: path)) { return self.calls[slot].method }
+        return self.calls.count < Self.maxMethodSeries ? path : Self.otherMethods
+    }
+
+    private func callSlot(service: String, path: String) -> Int {
+        // Made for `path`, or (the table full, `path` new) for the overflow key, which is then what it is named.
+        let label = self.calls.count < Self.maxMethodSeries ? path : Self.otherMethods
+        return self.calls.slot(
+            for: CallKey(service: service, path: path), limit: Self.maxMethodSeries,
+            overflow: CallKey(service: service, path: Self.otherMethods)
+        ) {
+            self.makeCallMetrics(service: service, path: label)
+        }
+    }
+
     private func makeCallMetrics(service: String, path: String) -> CallMetrics {
         let dimensions = [("service", service), ("method", path)]
         let timerKey = Self.key(Self.requestDurationLabel, dimensions)
@@ -113,7 +138,7 @@ package final class MetricsHandler: @unchecked Sendable {
             }
         }
         return CallMetrics(
-            duration: timer, attempts: recorder,
+            method: path, duration: timer, attempts: recorder,
             sentBytes: self.counter("grpc_client_sent_bytes_total", [("service", service)]),
             receivedBytes: self.counter("grpc_client_received_bytes_total", [("service", service)]))
     }
@@ -141,19 +166,20 @@ package final class MetricsHandler: @unchecked Sendable {
         case .callFinished(let service, let path, let status, let duration, let attempts, let sent, let received):
             let slot =
                 self.calls.lastSlot { $0.service == service && $0.path == path }
-                ?? self.calls.slot(for: CallKey(service: service, path: path)) {
-                    self.makeCallMetrics(service: service, path: path)
-                }
+                ?? self.callSlot(service: service, path: path)
             let code = status.code.rawValue
             if (0..<17).contains(code) {
                 if self.calls[slot].requests[code] == nil {
                     self.calls[slot].requests[code] = self.counter(
-                        "grpc_client_requests_total", [("service", service), ("method", path), ("code", status.code.protoName)])
+                        "grpc_client_requests_total",
+                        [("service", service), ("method", self.calls[slot].method), ("code", status.code.protoName)])
                 }
                 self.calls[slot].requests[code]!.increment()
             } else {
-                self.counter("grpc_client_requests_total", [("service", service), ("method", path), ("code", status.code.protoName)])
-                    .increment()
+                self.counter(
+                    "grpc_client_requests_total",
+                    [("service", service), ("method", self.calls[slot].method), ("code", status.code.protoName)]
+                ).increment()
             }
             let metrics = self.calls[slot]
             metrics.duration.recordNanoseconds(duration.nanoseconds)
@@ -161,11 +187,12 @@ package final class MetricsHandler: @unchecked Sendable {
             if sent > 0 { metrics.sentBytes.increment(by: sent) }
             if received > 0 { metrics.receivedBytes.increment(by: received) }
         case .retryScheduled(let service, let path, _, _, _):
-            self.counter("grpc_client_retries_total", [("service", service), ("method", path)]).increment()
+            self.counter("grpc_client_retries_total", [("service", service), ("method", self.methodLabel(service: service, path: path))])
+                .increment()
         case .connectivityStateChanged(let service, _, let from, let to, _):
             self.connectionMoved(service: service, from: from, to: to)
         case .circuitBreakerStateChanged(let service, let path, _, let to):
-            let dimensions = [("service", service), ("method", path)]
+            let dimensions = [("service", service), ("method", self.methodLabel(service: service, path: path))]
             let gauge = self.gauge("grpc_client_circuit_breaker_state", dimensions)
             self.sharedMetrics.recordBreaker(Self.key("grpc_client_circuit_breaker_state", dimensions)) {
                 gauge.record(to.rawValue)

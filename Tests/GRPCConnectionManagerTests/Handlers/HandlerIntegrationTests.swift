@@ -401,6 +401,36 @@ struct HandlerIntegrationTests {
         await other.close(gracePeriod: .seconds(1))
     }
 
+    @Test("method paths from callers do not grow the metrics or the breakers without bound: past 1,000, \"other\"")
+    func methodSeriesAreBounded() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableMetrics = true
+        configuration.enableRetry = false
+        let prometheus = PrometheusMetrics()
+        let manager = try ConnectionManager(configuration: configuration, metricsFactory: prometheus, eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        let paths = MetricsHandler.maxMethodSeries + 20
+        let ledger = CompletionLedger()
+        for index in 0..<paths {
+            channel.unary(path: "/gateway.Any/M\(index)", request: [1]) { _ in ledger.record(index) }
+            if index % 100 == 99 { _ = await eventually { ledger.completed == index + 1 } }
+        }
+        #expect(await eventually { ledger.completed == paths })
+        let text = manager.metricsText() ?? ""
+        let methods = Set(
+            text.split(separator: "\n").filter { $0.hasPrefix("grpc_client_requests_total{") }.compactMap { line -> Substring? in
+                guard let start = line.range(of: "method=\"")?.upperBound, let end = line[start...].firstIndex(of: "\"") else { return nil }
+                return line[start..<end]
+            })
+        #expect(methods.count == MetricsHandler.maxMethodSeries + 1, "\(methods.count) method labels")
+        #expect(methods.contains("other"))
+        let otherOK = Self.parse(text)[#"grpc_client_requests_total{service="echo",method="other",code="OK"}"#]
+        #expect(otherOK == 20, "the last 20 paths are counted under other")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("an attempt ended from outside (the deadline, a cancel) is reported with its number, not 0")
     func abandonedAttemptsKeepTheirNumber() async throws {
         let fixture = try LoopbackFixture()

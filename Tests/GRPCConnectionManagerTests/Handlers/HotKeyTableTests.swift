@@ -43,4 +43,19 @@ struct HotKeyTableTests {
             #expect(made == model.count, "a value is made once per key")
         }
     }
+
+    @Test("with a limit, keys past it share the overflow key's slot; keys already in keep theirs")
+    func limit() {
+        var table = HotKeyTable<String, String>()
+        func slot(_ key: String) -> Int { table.slot(for: key, limit: 3, overflow: "other") { key } }
+        let own = ["a", "b", "c"].map(slot)
+        #expect(Set(own).count == 3)
+        let d = slot("d")
+        let e = slot("e")
+        #expect(d == e && !own.contains(d), "new keys past the limit share one slot of their own")
+        #expect(table.existingSlot(for: "other") == d, "the overflow key's")
+        #expect(table.existingSlot(for: "d") == nil, "no slot for the key itself")
+        #expect(slot("b") == own[1], "a key already in keeps its slot")
+        #expect(table.count == 4)
+    }
 }
