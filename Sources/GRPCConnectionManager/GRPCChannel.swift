@@ -286,6 +286,7 @@ public final class GRPCChannel: Sendable {
                 previousAttemptsElsewhere: previousAttempts + number - 1,
                 completion: { [coordinator] response in coordinator.attemptEnded(number, response) })
             attempt.hedgeAttempt = number
+            attempt.onResponseHeaders = { [coordinator] in coordinator.responseHeadersReceived(number) }
             return attempt
         }
         if shard.onItsLoop {

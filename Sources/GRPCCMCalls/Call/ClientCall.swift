@@ -93,6 +93,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// policy. 0: an ordinary call.
     @exclusivity(unchecked)
     package var hedgeAttempt = 0
+    /// A hedged attempt's coordinator, told (in a deferred phase) when this attempt's response headers arrive: gRFC
+    /// A6 commits the call to it then.
+    package var onResponseHeaders: (@Sendable () -> Void)?
     /// An interceptor is still preparing the call asynchronously: `start()` only arms the deadline, and
     /// `preparationFinished` begins it.
     @exclusivity(unchecked)
@@ -834,6 +837,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 resetWith: NGHTTP2_CANCEL.rawValue)
         case .headers:
             self.machine.headersReceived()
+            if let committed = self.onResponseHeaders {
+                self.onResponseHeaders = nil
+                self.withReactor { _ = $0.executeDeferred(committed) }
+            }
             if let name = self.head.grpcEncoding, let encoding = CompressionAlgorithm(name: name), encoding != .identity {
                 // An encoding this client implements: compressed messages may follow, whether or not it was offered
                 // (grpc-go's rule: grpc core servers compress with their default whatever the client offers). Any

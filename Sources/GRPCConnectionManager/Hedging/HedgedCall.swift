@@ -4,8 +4,8 @@ import GRPCCMWire
 
 /// One unary call sent as several attempts in parallel (gRFC A6 hedging): the first attempt at once, another every
 /// `hedgingDelay` while none has answered, up to `maxAttempts`, each on the pool's next pick. The first attempt that
-/// ends OK, or with a status not in `nonFatalStatusCodes`, commits: the others are cancelled and the call ends with
-/// its response. A non-fatal failure sends the next attempt at once; when every attempt failed non-fatally the call
+/// receives response headers, or ends OK or with a status not in `nonFatalStatusCodes`, commits: the others are
+/// cancelled and the call ends with its response (whatever that status then). A non-fatal failure sends the next attempt at once; when every attempt failed non-fatally the call
 /// ends with the last failure. New attempts wait while the retry throttle says no (hedging shares it).
 ///
 /// The coordinator admits the call once (circuit breaker), publishes its start and its end (with the attempts
@@ -26,6 +26,8 @@ final class HedgedCall: @unchecked Sendable {
     private var done = false
     private var timer: Reactor.TimerID = 0
     private var lastFailure: UnaryResponse?
+    /// The attempt the call committed to when its response headers came (gRFC A6); 0 before.
+    private var committed = 0
     private var permit: CallPermit?
     private var startedAt: UInt64 = 0
 
@@ -61,7 +63,7 @@ final class HedgedCall: @unchecked Sendable {
 
     /// Sends the next attempt (if the policy and the throttle allow) and arms the timer for the one after.
     private func launch() {
-        guard !self.done else { return }
+        guard !self.done, self.committed == 0 else { return }
         if self.timer != 0 {
             self.reactor.cancelTimer(self.timer)
             self.timer = 0
@@ -90,8 +92,9 @@ final class HedgedCall: @unchecked Sendable {
     func attemptEnded(_ number: Int, _ response: UnaryResponse) {
         self.running -= 1
         guard !self.done else { return }
+        if self.committed != 0 && self.committed != number { return }  // a loser, cancelled at the commit
         let code = response.status.code
-        if response.status.isOK || !self.policy.nonFatalStatusCodes.contains(code) {
+        if self.committed == number || response.status.isOK || !self.policy.nonFatalStatusCodes.contains(code) {
             self.finish(response)
             return
         }
@@ -99,6 +102,20 @@ final class HedgedCall: @unchecked Sendable {
         // A non-fatal failure: the next attempt goes now instead of after the delay.
         self.launch()
         if self.running == 0 && !self.done { self.finish(response) }
+    }
+
+    /// Attempt `number` received response headers (a deferred phase): the call is committed to it. The timer
+    /// stops, the other attempts are cancelled, and its end, whatever the status, is the call's.
+    func responseHeadersReceived(_ number: Int) {
+        guard !self.done, self.committed == 0 else { return }
+        self.committed = number
+        if self.timer != 0 {
+            self.reactor.cancelTimer(self.timer)
+            self.timer = 0
+        }
+        for (index, attempt) in self.attempts.enumerated() where index + 1 != number && !attempt.isFinished {
+            attempt.end(CallStatus(code: .cancelled, message: "another hedged attempt won"))
+        }
     }
 
     /// The caller cancelled (any thread).

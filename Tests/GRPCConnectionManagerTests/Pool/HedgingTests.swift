@@ -101,6 +101,24 @@ struct HedgingTests {
         })
     }
 
+    @Test("an attempt that receives response headers commits the call: no more hedges, and its failure is the call's")
+    func responseHeadersCommit() async throws {
+        // Headers at once, then UNAVAILABLE (non-fatal) 300 ms later: uncommitted, hedges would go out every 50 ms
+        // and the failure would send yet another.
+        let peer = try ScriptedPeer("headers-then-status", ["14", "300"])
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.hedging["echo.Echo"] = HedgingPolicy(maxAttempts: 3, hedgingDelay: .milliseconds(50))
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(response.status.code == .unavailable, "\(response.status)")
+        #expect(peer.headerBlocks() == 1, "one attempt: committed at its headers")
+    }
+
     @Test("hedging shares the retry throttle: once failures spend its tokens, no further attempt goes out")
     func throttleGatesHedges() async throws {
         let broken = try PythonPeer(name: "broken", failCode: 14)

@@ -43,10 +43,12 @@ final class PythonPeer: @unchecked Sendable {
             values = dict(context.invocation_metadata())
             # GRPC_CM_PEER_SLEEP_MS: every unary call of this backend is slow; GRPC_CM_PEER_FAIL_CODE: every one fails.
             sleep_ms = int(values.get("x-sleep-ms", os.environ.get("GRPC_CM_PEER_SLEEP_MS", "0")))
-            if os.environ.get("GRPC_CM_PEER_FAIL_CODE"):
-                values["x-fail-code"] = os.environ["GRPC_CM_PEER_FAIL_CODE"]
             if sleep_ms:
                 time.sleep(sleep_ms / 1000.0)
+            if os.environ.get("GRPC_CM_PEER_FAIL_CODE"):
+                # A backend that fails every call answers trailers-only, before any header, as an overloaded server
+                # does (headers first would commit a hedged call to it, gRFC A6).
+                fail(context, {"x-fail-code": os.environ["GRPC_CM_PEER_FAIL_CODE"]})
             begin(context)
             if int(values.get("x-fail-code", "0")):
                 fail(context, values)

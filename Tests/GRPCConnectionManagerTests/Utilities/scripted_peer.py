@@ -25,6 +25,8 @@ mode says otherwise:
                        before answering the new one (an old attempt's frames arriving during its retry)
   wide-open-stall      windows of 2^31-1 (stream and connection), then stops reading once a request's headers are
                        in ("event stalled"): the client may send as fast as it can produce, and the socket backs up
+  headers-then-status CODE MS
+                       response headers at once, trailers with grpc-status CODE after MS milliseconds
   early-status CODE    a trailers-only grpc-status CODE as soon as a request's headers are in, before its body
   malformed CASE       the first stream gets one broken or non-gRPC answer (see malformed_answer), later ones the echo
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
@@ -82,7 +84,7 @@ class Connection:
         self.rng = random.Random(seed)
         self.streams = {}  # stream id -> {"headers": [...], "body": bytes}
         self.requests = 0
-        self.send_lock = threading.Lock()
+        self.send_lock = threading.RLock()  # reentrant: send_headers holds it across HPACK encoding and the send
         self.max_frame = 16384
 
     def send(self, frame):
@@ -94,6 +96,11 @@ class Connection:
             self.sock.sendall(data)
 
     def send_headers(self, stream_id, headers, end_stream=False):
+        # The HPACK encoder is the connection's state: a delayed answer from a timer thread must not interleave.
+        with self.send_lock:
+            self._send_headers(stream_id, headers, end_stream)
+
+    def _send_headers(self, stream_id, headers, end_stream):
         block = self.encoder.encode(headers, huffman=False)
         first, rest = block[:self.max_frame], block[self.max_frame:]
         frame = HeadersFrame(stream_id)
@@ -262,6 +269,11 @@ class Connection:
             self.random_answer(stream_id)
         elif MODE == "observe":
             pass
+        elif MODE == "headers-then-status":
+            # Response headers at once, then after MS milliseconds (from another thread) trailers with CODE.
+            self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+            code, delay = ARGS[0], int(ARGS[1]) / 1000.0
+            threading.Timer(delay, lambda: self.send_headers(stream_id, [("grpc-status", code)], end_stream=True)).start()
         elif MODE == "late-first":
             if stream_id == 1:
                 return
