@@ -95,6 +95,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     package var hedgeAttempt = 0
     /// A hedged attempt's coordinator, told (in a deferred phase) when this attempt's response headers arrive: gRFC
     /// A6 commits the call to it then.
+    @exclusivity(unchecked)
     package var onResponseHeaders: (@Sendable () -> Void)?
     /// An interceptor is still preparing the call asynchronously: `start()` only arms the deadline, and
     /// `preparationFinished` begins it.
