@@ -26,8 +26,9 @@ import GRPCCore
 /// logging handlers see every attempt as a call of the service: an open breaker fails attempts at once with
 /// UNAVAILABLE ("circuit breaker is open").
 ///
-/// **Compression** is not supported: requests always go out uncompressed whatever `CallOptions.compression` says,
-/// and no `grpc-accept-encoding` is sent, so servers answer uncompressed.
+/// **Compression:** `CallOptions.compression` compresses the requests (gzip or deflate; others go out
+/// uncompressed), and the configuration's `compression.acceptedEncodings` are offered, so a server may answer
+/// compressed; such answers are inflated within the receive limit.
 public final class ManagedClientTransport: ClientTransport, Sendable {
     public typealias Bytes = [UInt8]
 

@@ -101,6 +101,18 @@ struct GRPCSwiftTransportTests {
             #expect(Array(headers[stringValues: "x-custom"]) == ["value"])
             #expect(Array(headers[binaryValues: "x-data-bin"]) == [[0, 1, 2, 255]])
 
+            // CallOptions.compression compresses the request; the configuration's encodings are offered.
+            if peer == .embedded {
+                var options = GRPCCore.CallOptions.defaults
+                options.compression = .gzip
+                let compressed = try await echo.get(
+                    Self.request("zipped"), metadata: ["x-report-accept-encoding": "1"], options: options
+                ) { response in try response.accepted.get().metadata }
+                #expect(Array(compressed[stringValues: "x-received-grpc-encoding"]) == ["gzip"])
+                #expect(Array(compressed[stringValues: "x-received-compressed"]) == ["1"])
+                #expect(compressed[stringValues: "x-received-grpc-accept-encoding"].first { _ in true }?.contains("gzip") == true)
+            }
+
             // A streaming call that the server ends with a status after two messages.
             let failing: GRPCCore.Metadata = ["x-fail-after": "2", "x-fail-code": "9"]
             let received = PThreadLock(0)
