@@ -116,9 +116,10 @@ private func clientOnFrameRecv(
     let header = frame.pointee.hd
     switch UInt32(header.type) {
     case NGHTTP2_DATA.rawValue:
-        // Padding is never delivered to a stream: give it back to both windows now.
-        let padding = frame.pointee.data.padlen
-        if padding > 0 { nghttp2_session_consume(session, header.stream_id, padding) }
+        // Padding needs nothing here: nghttp2 counts it (and the Pad Length byte) as consumed itself, even with
+        // automatic WINDOW_UPDATE off. Consumed here too, it was given back twice, and the surplus granted window
+        // for data an async reader had not read.
+        break
     case NGHTTP2_HEADERS.rawValue:
         let endStream = header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
         withHandler(userData, header.stream_id) { $0.streamHeadersEnded(endStream: endStream) }

@@ -133,6 +133,27 @@ struct MisbehavingPeerTests {
         #expect(peer.headerBlocks() == configuration.retry.policy.maxAttempts, "every attempt the policy allows")
     }
 
+    @Test("padding in DATA frames is given back to the peer once (nghttp2 counts it), not twice")
+    func paddingIsConsumedOnce() async throws {
+        // An async reader that reads nothing, its buffer full after the first message: only padding is given back
+        // from then on. 1,000 frames of 256 bytes + 256 of padding: 577,541 bytes received, 321,541 consumed (the
+        // first message and the padding), under half the 1 MiB stream window, so no WINDOW_UPDATE for the stream.
+        // Padding counted twice made it 577,541: past half, window granted for 256,000 bytes nobody read.
+        let peer = try ScriptedPeer("padded", ["1000"])
+        defer { peer.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.streamBufferSize = 64 << 10
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: fixture.loop)
+        let call = channel.serverStreaming(path: "/fuzz.Peer/Expand", request: [1])
+        #expect(await call.result().status == .ok)
+        // The stream's last frames are in; anything the client sent for them is in by a round trip later.
+        _ = await channel.call("/fuzz.Peer/Get", [2], timeout: .seconds(5))
+        let streamUpdates = peer.events.filter { $0.hasPrefix("window 1 ") }
+        #expect(streamUpdates.isEmpty, "stream 1 was granted window for bytes nobody read: \(streamUpdates)")
+    }
+
     @Test("application/grpc with a format suffix or parameters is gRPC", arguments: ["http-200-grpcproto", "http-200-grpcparam"])
     func grpcContentTypeVariants(_ scriptCase: String) async throws {
         let peer = try ScriptedPeer("malformed", [scriptCase])

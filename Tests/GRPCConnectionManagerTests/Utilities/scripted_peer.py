@@ -27,6 +27,8 @@ mode says otherwise:
                        in ("event stalled"): the client may send as fast as it can produce, and the socket backs up
   headers-then-status CODE MS
                        response headers at once, trailers with grpc-status CODE after MS milliseconds
+  padded FRAMES        a 64 KiB message, then one in FRAMES DATA frames of 256 bytes each padded with 255; reports
+                       each WINDOW_UPDATE it receives ("event window STREAM INCREMENT")
   early-status CODE    a trailers-only grpc-status CODE as soon as a request's headers are in, before its body
   malformed CASE       the first stream gets one broken or non-gRPC answer (see malformed_answer), later ones the echo
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
@@ -157,6 +159,8 @@ class Connection:
                     self.send(ack)
             elif isinstance(frame, GoAwayFrame):
                 event("goaway")
+            elif isinstance(frame, WindowUpdateFrame) and MODE == "padded":
+                event("window %d %d" % (frame.stream_id, frame.window_increment))
             elif isinstance(frame, PingFrame):
                 if "ACK" not in frame.flags and MODE != "no-ping-ack":
                     pong = PingFrame(0)
@@ -274,6 +278,20 @@ class Connection:
             self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
             code, delay = ARGS[0], int(ARGS[1]) / 1000.0
             threading.Timer(delay, lambda: self.send_headers(stream_id, [("grpc-status", code)], end_stream=True)).start()
+        elif MODE == "padded":
+            # A 64 KiB message, then one of FRAMES x 256 bytes in DATA frames each padded with 255 bytes (half of
+            # every frame's flow-controlled bytes is padding), then OK.
+            self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+            self.send_data(stream_id, grpc_frame(b"f" * 65536))
+            body = grpc_frame(b"p" * (int(ARGS[0]) * 256 - 5))
+            while body:
+                chunk, body = body[:256], body[256:]
+                frame = DataFrame(stream_id)
+                frame.data = chunk
+                frame.pad_length = 255
+                frame.flags.add("PADDED")
+                self.send(frame)
+            self.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
         elif MODE == "late-first":
             if stream_id == 1:
                 return
