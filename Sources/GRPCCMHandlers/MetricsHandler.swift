@@ -103,12 +103,17 @@ package final class MetricsHandler: @unchecked Sendable {
     /// The `method` label of `path`: its own, unless the table is full and it is new.
     private func methodLabel(service: String, path: String) -> String {
         if let slot = self.calls.existingSlot(for: CallKey(service: service, path: path)) { return self.calls[slot].method }
-        return self.calls.count < Self.maxMethodSeries ? path : Self.otherMethods
+        return self.labelForNewMethod(path)
+    }
+
+    /// What a method not in the table yet is named: itself while there is room, else `otherMethods`.
+    private func labelForNewMethod(_ path: String) -> String {
+        self.calls.count < Self.maxMethodSeries ? path : Self.otherMethods
     }
 
     private func callSlot(service: String, path: String) -> Int {
         // Made for `path`, or (the table full, `path` new) for the overflow key, which is then what it is named.
-        let label = self.calls.count < Self.maxMethodSeries ? path : Self.otherMethods
+        let label = self.labelForNewMethod(path)
         return self.calls.slot(
             for: CallKey(service: service, path: path), limit: Self.maxMethodSeries,
             overflow: CallKey(service: service, path: Self.otherMethods)

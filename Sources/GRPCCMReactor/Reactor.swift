@@ -117,9 +117,7 @@ package final class Reactor: @unchecked Sendable {
     deinit {
         if let loop = self.loop {
             // Never ran: release what timers still hold, then close the fds.
-            while let target = cr_timer_pop_any(loop) {
-                Unmanaged<ReactorHandler>.fromOpaque(target).release()
-            }
+            _ = Self.releaseArmedTimers(loop)
             cr_loop_destroy(loop)
         }
         self.readBuffer.deallocate()
@@ -292,14 +290,9 @@ package final class Reactor: @unchecked Sendable {
             rounds += 1
             if rounds > 10_000 { break }  // work that makes more work forever: what is left is dropped
             guard self.shutdownHooks.isEmpty && self.deferred.isEmpty else { continue }
-            // Timers still armed hold a retain on their handler: release them. A release may end an object whose
-            // deinit defers or submits work (a channel closing its pool): another round runs it.
-            var released = false
-            while let target = cr_timer_pop_any(loop) {
-                Unmanaged<ReactorHandler>.fromOpaque(target).release()
-                released = true
-            }
-            if released { continue }
+            // A release may end an object whose deinit defers or submits work (a channel closing its pool): another
+            // round runs it.
+            if Self.releaseArmedTimers(loop) { continue }
             // The inbox is found empty and closed in one step under its lock: a submission from another thread
             // either lands before (and the next round runs it) or is refused (and its caller ends the work itself).
             // Checked apart, a call submitted in between was accepted and then dropped, its completion never run.
@@ -310,9 +303,7 @@ package final class Reactor: @unchecked Sendable {
             }
             if closed { break }
         }
-        while let target = cr_timer_pop_any(loop) {
-            Unmanaged<ReactorHandler>.fromOpaque(target).release()
-        }
+        _ = Self.releaseArmedTimers(loop)  // after the bail-out above, what is still armed
         self.sharedState.removeAll()
         // Close the epoll fd and the eventfd now, so that every fd is closed when stopAndWait() returns. The state
         // becomes `stopped` under the inbox lock: from here on the refusing paths do the work themselves.
@@ -327,6 +318,16 @@ package final class Reactor: @unchecked Sendable {
         // paths above instead of touching a loop that is gone.
         self.reactorThread.store(0, ordering: .releasing)
         self.markFinished()
+    }
+
+    /// Timers still armed hold a retain on their handler: releases them. Returns whether there were any.
+    private static func releaseArmedTimers(_ loop: OpaquePointer) -> Bool {
+        var released = false
+        while let target = cr_timer_pop_any(loop) {
+            Unmanaged<ReactorHandler>.fromOpaque(target).release()
+            released = true
+        }
+        return released
     }
 
     /// Registers `handler.reactorRunSubmitted()` to run once when the reactor stops. Reactor thread only.

@@ -240,8 +240,12 @@ package struct ResponseHead: Sendable {
         // response headers says nothing about how the stream will end. Kept, it would let a stream the server
         // resets, or ends without trailers, pass for OK.
         self.forgetStatus()
-        if !(self.httpStatus == 200 && self.grpcContentType) && self.notGRPCResponse() != nil { return .notGRPC }
-        return .headers
+        return self.beginsGRPCResponse ? .headers : .notGRPC
+    }
+
+    /// The response headers say 200 and a gRPC content-type (the usual `application/grpc` read without a string).
+    private var beginsGRPCResponse: Bool {
+        self.httpStatus == 200 && (self.grpcContentType || self.contentType.map(Self.isGRPC(contentType:)) == true)
     }
 
     private mutating func forgetStatus() {
@@ -255,9 +259,8 @@ package struct ResponseHead: Sendable {
     /// proxy's error page: its body is not gRPC messages, and the call ends with the status gRPC maps it to
     /// (`CallStatus.code(forHTTPStatus:)`; UNKNOWN at 200), as grpc-go and grpc-java end it.
     package mutating func notGRPCResponse() -> CallStatus? {
-        if self.httpStatus == 200 && self.grpcContentType { return nil }
+        guard !self.beginsGRPCResponse else { return nil }
         let type = self.grpcContentType ? "application/grpc" : self.contentType
-        if self.httpStatus == 200, let type, Self.isGRPC(contentType: type) { return nil }
         let typeText = type.map { "content-type \"\(String($0.prefix(64)))\"" } ?? "no content-type"
         guard self.httpStatus == 200 else {
             return CallStatus(
