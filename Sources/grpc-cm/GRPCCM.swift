@@ -60,6 +60,12 @@ enum Main {
             writeStderr("error: \(error.message)\n")
             exit(CommandLine.arguments.dropFirst().first == "health" ? 1 : 2)
         } catch {
+            // `--help`, `-h` and `help [command]` parse into the parser's own help command, whose run() throws the
+            // help request: print the help, exit 0 (as ArgumentParser's own `main()` would).
+            if GRPCCM.exitCode(for: error) == .success {
+                print(GRPCCM.fullMessage(for: error))
+                exit(0)
+            }
             writeStderr("error: \(error)\n")
             exit(1)
         }
