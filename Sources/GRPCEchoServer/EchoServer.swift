@@ -196,16 +196,42 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
         self.reactor.addShutdownHook(self)
     }
 
+    /// Out of fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): the pending connection stays queued, so the listening
+    /// socket stays readable, and a level-triggered loop would call again at once, spinning a core until an fd is
+    /// freed. Accepting pauses instead, 5 ms at first, doubling up to 1 s (what Go's net/http does), and resumes on
+    /// a timer; an accept that succeeds resets the pause.
+    private var acceptPauseNanoseconds: UInt64 = 0
+    private var acceptResumeTimer: Reactor.TimerID = 0
+
     override func reactorFDReady(_ events: UInt32) {
         for _ in 0..<64 {
             let client = cr_socket_accept(self.fd)
-            if client < 0 { return }  // EAGAIN, or a transient accept error: try again next turn
+            if client < 0 {
+                if client == -EMFILE || client == -ENFILE || client == -ENOBUFS || client == -ENOMEM {
+                    self.pauseAccepting()
+                }
+                return  // EAGAIN, or another transient accept error (ECONNABORTED): try again next turn
+            }
+            self.acceptPauseNanoseconds = 0
             self.connectionSerials += 1
             let connection = EchoServerConnection(
                 reactor: self.reactor, fd: client, listener: self, serial: self.connectionSerials)
             self.connections[ObjectIdentifier(connection)] = connection
             connection.start()
         }
+    }
+
+    private func pauseAccepting() {
+        guard let registration = self.registration else { return }
+        self.acceptPauseNanoseconds = min(max(self.acceptPauseNanoseconds * 2, 5_000_000), 1_000_000_000)
+        self.reactor.setInterest(registration, 0)
+        self.acceptResumeTimer = self.reactor.scheduleTimer(
+            at: self.reactor.now &+ self.acceptPauseNanoseconds, handler: self)
+    }
+
+    override func reactorTimerFired(tag: UInt64) {
+        self.acceptResumeTimer = 0
+        if let registration = self.registration { self.reactor.setInterest(registration, Reactor.Events.read) }
     }
 
     func connectionClosed(_ connection: EchoServerConnection) {
@@ -217,6 +243,8 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     }
 
     private func stopListening() {
+        self.reactor.cancelTimer(self.acceptResumeTimer)
+        self.acceptResumeTimer = 0
         if let registration = self.registration {
             self.reactor.deregister(registration, handler: self)
             self.registration = nil

@@ -1,0 +1,84 @@
+import Foundation
+import Testing
+
+@testable import GRPCConnectionManager
+
+@Suite("grpc-cm: the embedded server's process and the command line", .serialized)
+struct CommandLineTests {
+    @Test("--help, -h and help [command] print the help and exit 0", arguments: [
+        ["--help"], ["-h"], ["help"], ["help", "call"], ["call", "--help"], ["health", "--help"], ["serve", "-h"],
+    ])
+    func help(_ arguments: [String]) throws {
+        let (status, output) = try runProgram(grpcCMBinary(), arguments)
+        #expect(status == 0)
+        #expect(output.hasPrefix("OVERVIEW: "), "\(output.prefix(200))")
+        #expect(output.contains("USAGE: grpc-cm"))
+    }
+
+    @Test("out of fds, grpc-cm serve pauses accepting instead of spinning, and resumes once fds are free")
+    func serveOutOfFDs() async throws {
+        // Its own process: out of fds, this test process's libdispatch would trap.
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", "ulimit -n 16 && exec '\(grpcCMBinary())' serve --port 0"]
+        let errors = Pipe()
+        process.standardError = errors
+        try process.run()
+        defer {
+            process.terminate()
+            process.waitUntilExit()
+        }
+        let line = readLine(errors.fileHandleForReading.fileDescriptor) ?? ""
+        let target = String(line.split(separator: " ").last ?? "")
+        #expect(line.contains("listening on 127.0.0.1:"), "\(line)")
+
+        // 16 fds, about 11 in use before the first client: the clients past the first few wait in the backlog, and
+        // the server's accept fails with EMFILE while its listening socket stays readable.
+        let port = UInt16(target.split(separator: ":").last ?? "") ?? 0
+        var clients: [Int32] = []
+        defer { for fd in clients { close(fd) } }
+        for _ in 0..<20 { clients.append(try connectTCP(port: port)) }
+
+        // A loop that kept asking would burn the whole second (about 100 ticks); pausing 5 ms, doubling up to 1 s,
+        // costs next to nothing.
+        let before = try cpuTicks(of: process.processIdentifier)
+        try await Task.sleep(for: .seconds(1))
+        let spent = try cpuTicks(of: process.processIdentifier) - before
+        #expect(spent < 20, "CPU ticks in one second out of fds: \(spent)")
+        #expect(process.isRunning)
+
+        for fd in clients { close(fd) }
+        clients.removeAll()
+        let channel = try GRPCChannel(target: target)
+        defer { channel.close() }
+        let response = await channel.call([1, 2, 3], timeout: .seconds(10))
+        #expect(response.status.code == .ok, "\(response.status)")
+        #expect(response.message == [1, 2, 3])
+    }
+
+    /// User plus system CPU time of `pid`, in clock ticks (`/proc/PID/stat`, fields 14 and 15).
+    private func cpuTicks(of pid: Int32) throws -> Int {
+        let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+        let fields = stat[stat.lastIndex(of: ")")!...].split(separator: " ")
+        return Int(fields[12])! + Int(fields[13])!
+    }
+
+    /// A blocking TCP connection to 127.0.0.1:`port` (the kernel completes it into the listener's backlog).
+    private func connectTCP(port: UInt16) throws -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        if result != 0 {
+            close(fd)
+            throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO)
+        }
+        return fd
+    }
+}
