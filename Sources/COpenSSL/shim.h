@@ -34,4 +34,19 @@ static int copenssl_alpn_select_h2(SSL *ssl, const unsigned char **out, unsigned
 }
 
 static inline void copenssl_ctx_select_h2(SSL_CTX *ctx) { SSL_CTX_set_alpn_select_cb(ctx, copenssl_alpn_select_h2, NULL); }
+
+/* Tests: counts the TLS 1.3 KeyUpdate messages the peer sends into *counter (the message callback sees each
+   handshake message once it is decrypted). */
+static void copenssl_count_key_update(int write_p, int version, int content_type, const void *buf, size_t len,
+                                      SSL *ssl, void *arg) {
+    (void)version;
+    (void)ssl;
+    if (!write_p && content_type == SSL3_RT_HANDSHAKE && len > 0 && ((const unsigned char *)buf)[0] == SSL3_MT_KEY_UPDATE) {
+        (*(long *)arg)++;
+    }
+}
+static inline void copenssl_count_peer_key_updates(SSL *ssl, long *counter) {
+    SSL_set_msg_callback(ssl, copenssl_count_key_update);
+    SSL_set_msg_callback_arg(ssl, counter);
+}
 #endif

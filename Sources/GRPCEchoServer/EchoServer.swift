@@ -131,28 +131,38 @@ public final class EchoServer: Sendable {
     /// Requests per connection the server accepted, in the order they were accepted (connections that carried no
     /// request are left out). Waits for the answer from the server's loop; call it off that loop.
     public func requestsPerConnection() -> [Int] {
-        let listener = self.listener
-        let result = PThreadLock<[Int]?>(nil)
-        guard self.reactor.execute({
-            let counts = listener.requestsByConnection.sorted { $0.key < $1.key }.map(\.value)
-            result.withLock { $0 = counts }
-        }) else { return [] }
-        while true {
-            if let value = result.withLock({ $0 }) { return value }
-            usleep(200)
-        }
+        self.answerFromLoop { listener in listener.requestsByConnection.sorted { $0.key < $1.key }.map(\.value) } ?? []
     }
 
     /// How many requests carrying `x-request-key: key` reached the server (their headers arrived), counting every
     /// attempt. Waits for the answer from the server's loop; call it off that loop.
     public func requestCount(key: String) -> Int {
+        self.answerFromLoop { listener in listener.requestsByKey[key, default: 0] } ?? 0
+    }
+
+    /// Tests: asks every TLS client for a TLS 1.3 key update that requests one back (RFC 8446 §4.6.3). Returns how
+    /// many connections were asked. Waits for the server's loop; call it off that loop.
+    package func requestKeyUpdates() -> Int {
+        self.answerFromLoop { listener in listener.connections.values.filter { $0.requestKeyUpdate() }.count } ?? 0
+    }
+
+    /// Tests: KeyUpdates the clients sent back since `requestKeyUpdates()`, over every connection.
+    package func clientKeyUpdates() -> Int {
+        self.answerFromLoop { listener in listener.connections.values.reduce(0) { $0 + $1.clientKeyUpdates } } ?? 0
+    }
+
+    /// Runs `body` on the server's loop and waits for its answer; nil once the loop has stopped.
+    private func answerFromLoop<Answer: Sendable>(_ body: @escaping @Sendable (EchoListener) -> Answer) -> Answer? {
         let listener = self.listener
-        let result = Atomic<Int>(-1)
-        guard self.reactor.execute({ result.store(listener.requestsByKey[key, default: 0], ordering: .releasing) }) else {
-            return 0
+        let result = PThreadLock<Answer?>(nil)
+        guard self.reactor.execute({
+            let answer = body(listener)
+            result.withLock { $0 = answer }
+        }) else { return nil }
+        while true {
+            if let value = result.withLock({ $0 }) { return value }
+            usleep(200)
         }
-        while result.load(ordering: .acquiring) < 0 { usleep(200) }
-        return result.load(ordering: .acquiring)
     }
 }
 
@@ -165,7 +175,7 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     let ownsLoop: ReactorLoop?
     private var fd: Int32
     private var registration: Reactor.Registration?
-    private var connections: [ObjectIdentifier: EchoServerConnection] = [:]
+    private(set) var connections: [ObjectIdentifier: EchoServerConnection] = [:]
     private var closed = false
     /// Attempts seen per `x-request-key`, for `x-fail-first`.
     var attempts: [String: Int] = [:]

@@ -75,6 +75,17 @@ final class EchoServerConnection: HTTP2SocketOwner {
         self.socket?.scheduleFlush()
     }
 
+    /// Tests: asks the client for a TLS 1.3 key update (`TLSSession.requestKeyUpdate()`), sent with this turn's
+    /// flush. False on a plaintext connection, or when OpenSSL refuses.
+    func requestKeyUpdate() -> Bool {
+        guard let tls = self.socket?.tls, tls.requestKeyUpdate() else { return false }
+        self.scheduleFlush()
+        return true
+    }
+
+    /// Tests: KeyUpdates the client sent since the first `requestKeyUpdate()`.
+    var clientKeyUpdates: Int { self.socket?.tls?.peerKeyUpdates ?? 0 }
+
     /// Graceful: GOAWAY with the last stream id, then close once open streams are done.
     func goAway() {
         guard let session = self.session else { return }

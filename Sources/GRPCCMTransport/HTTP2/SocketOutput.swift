@@ -65,14 +65,18 @@ package struct SocketOutput: ~Copyable {
         return false
     }
 
-    /// Encrypts the plaintext collected this turn in one pass: records as large as the coalesced output allows.
+    /// Encrypts the plaintext collected this turn in one pass: records as large as the coalesced output allows. Takes
+    /// the records TLS made by itself too, with or without plaintext: a KeyUpdate, or the reply to one that asked
+    /// for it (made while reading), goes out with this flush rather than with the next HTTP/2 frame, which an idle
+    /// connection may not send for a long time.
     package mutating func encryptPending(with tls: TLSSession) throws(Failure) {
-        guard !self.plaintext.isEmpty else { return }
-        let result = self.plaintext.withUnsafeBytes { buffer in
-            Result { () throws(TLSError) in try tls.writePlaintext(buffer) }
+        if !self.plaintext.isEmpty {
+            let result = self.plaintext.withUnsafeBytes { buffer in
+                Result { () throws(TLSError) in try tls.writePlaintext(buffer) }
+            }
+            if case .failure(let error) = result { throw .tls(error) }
+            self.plaintext.removeAll(keepingCapacity: true)
         }
-        if case .failure(let error) = result { throw .tls(error) }
-        self.plaintext.removeAll(keepingCapacity: true)
         tls.drainCiphertext(into: &self.bytes)
     }
 

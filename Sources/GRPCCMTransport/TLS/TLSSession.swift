@@ -73,7 +73,28 @@ package final class TLSSession {
 
     deinit {
         SSL_free(self.ssl)
+        self.peerKeyUpdateCounter?.deallocate()
     }
+
+    /// Tests: where the message callback counts the peer's KeyUpdates, once `requestKeyUpdate()` asked for one.
+    private var peerKeyUpdateCounter: UnsafeMutablePointer<Int>?
+
+    /// Tests: queues a TLS 1.3 KeyUpdate that asks the peer to update its sending keys too (RFC 8446 §4.6.3), to go
+    /// out with the next flush, and from then on counts the KeyUpdates the peer sends (`peerKeyUpdates`).
+    /// - Returns: false when OpenSSL refuses (not TLS 1.3, or the handshake is not done).
+    package func requestKeyUpdate() -> Bool {
+        if self.peerKeyUpdateCounter == nil {
+            let counter = UnsafeMutablePointer<Int>.allocate(capacity: 1)
+            counter.initialize(to: 0)
+            self.peerKeyUpdateCounter = counter
+            copenssl_count_peer_key_updates(self.ssl, counter)
+        }
+        // SSL_key_update only marks the update; SSL_do_handshake writes it into the write BIO now.
+        return SSL_key_update(self.ssl, SSL_KEY_UPDATE_REQUESTED) == 1 && SSL_do_handshake(self.ssl) == 1
+    }
+
+    /// Tests: KeyUpdates received from the peer since the first `requestKeyUpdate()`.
+    package var peerKeyUpdates: Int { self.peerKeyUpdateCounter?.pointee ?? 0 }
 
     /// Steps the handshake. Call after `feed` and at the start.
     package func handshake() -> HandshakeResult {
@@ -116,7 +137,15 @@ package final class TLSSession {
         if n > 0 { return Int(n) }
         let error = SSL_get_error(self.ssl, n)
         switch error {
-        case SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE: return 0
+        case SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE:
+            // A peer's KeyUpdate that asks for ours (RFC 8446 §4.6.3) leaves OpenSSL owing one KeyUpdate, which it
+            // sends only at the next write; an idle connection may not write for minutes. Start that one update now
+            // (the same one: not a second) and write it; the flush after this read sends it.
+            if SSL_get_key_update_type(self.ssl) != SSL_KEY_UPDATE_NONE {
+                ERR_clear_error()
+                if SSL_key_update(self.ssl, SSL_KEY_UPDATE_NOT_REQUESTED) == 1 { _ = SSL_do_handshake(self.ssl) }
+            }
+            return 0
         case SSL_ERROR_ZERO_RETURN: return -1
         default: throw TLSError.protocolFailure(self.describeFailure(error))
         }

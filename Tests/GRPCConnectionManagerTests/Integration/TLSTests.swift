@@ -224,6 +224,29 @@ struct TLSTests {
         #expect(failure.contains("UNKNOWN_CA"), "the server saw: \(failure)")
     }
 
+    @Test("an idle client answers a TLS 1.3 KeyUpdate that asks for one at once, not with its next frame")
+    func keyUpdateAnsweredWhileIdle() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let serverLoop = try ReactorLoop()
+        serverLoop.start()
+        defer { serverLoop.shutdown() }
+        let server = try Self.server(certificates, loop: serverLoop)
+        defer { server.close() }
+        let channel = try GRPCChannel(target: "127.0.0.1:\(server.port)", configuration: Self.tls(certificates))
+        defer { channel.close() }
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+
+        // The client has nothing more to send (no call, and keepalive pings minutes away): its reply can only go out
+        // because reading the KeyUpdate made TLS output.
+        #expect(server.requestKeyUpdates() == 1)
+        #expect(await eventually(timeout: 5) { server.clientKeyUpdates() == 1 }, "the client's KeyUpdate never came")
+        let after = await channel.call([2, 3], timeout: .seconds(5))
+        #expect(after.status == .ok)
+        #expect(after.message == [2, 3])
+        #expect(server.clientKeyUpdates() == 1, "a reply does not ask for another")
+    }
+
     @Test("an empty serverName is refused while verification is on, accepted with it off")
     func emptyServerName() throws {
         var tls = TLSSettings()
