@@ -202,6 +202,54 @@ struct LoopbackCallTests {
         #expect(response.message == [5])
     }
 
+    @Test("a Unix listener whose backlog is full fails the connect at once (EAGAIN), and a server there later is reached")
+    func unixBacklogFull() async throws {
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let path = "/tmp/grpc-cm-test-backlog-\(getpid()).sock"
+        unlink(path)
+        defer { unlink(path) }
+        // A listener that never accepts, with a backlog of 0: one client fills it, the next connect gets EAGAIN.
+        func unixSocket() -> (fd: Int32, address: sockaddr_un) {
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &address.sun_path) { raw in
+                for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
+            }
+            return (socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0), address)
+        }
+        func withSockaddr(_ address: sockaddr_un, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) -> Int32 {
+            withUnsafePointer(to: address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+        }
+        let (listener, address) = unixSocket()
+        #expect(withSockaddr(address) { bind(listener, $0, $1) } == 0)
+        #expect(listen(listener, 0) == 0)
+        let filler = unixSocket().fd
+        #expect(withSockaddr(address) { connect(filler, $0, $1) } == 0)
+
+        var configuration = Configuration.defaults
+        configuration.enableRetry = false
+        let channel = try GRPCChannel(target: "unix:\(path)", configuration: configuration, eventLoop: loop)
+        defer { channel.close() }
+        let started = now()
+        let refused = await channel.call([1], timeout: .seconds(10))
+        #expect(refused.status.code == .unavailable, "\(refused.status)")
+        #expect(refused.status.message.contains("connect to unix:\(path) failed: Resource temporarily unavailable"), "\(refused.status.message)")
+        #expect(now() - started < 5, "a full backlog is a failed connect, not one that waits for the deadline")
+
+        close(filler)
+        close(listener)
+        unlink(path)
+        let server = try EchoServer(host: "unix:\(path)", eventLoop: loop)
+        defer { server.close() }
+        let reached = await channel.unaryResult(
+            path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .seconds(10), waitForReady: true))
+        #expect(reached.status == .ok, "\(reached.status)")
+    }
+
     /// Whether this machine can listen on `::1` (containers often have no IPv6 loopback).
     static let ipv6LoopbackAvailable: Bool = {
         let fd = socket(AF_INET6, Int32(SOCK_STREAM.rawValue), 0)
