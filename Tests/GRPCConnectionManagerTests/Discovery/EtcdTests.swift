@@ -182,6 +182,31 @@ struct EtcdTests {
         #expect(try await keys() == [])
     }
 
+    @Test("after etcd restarts, the registration keeps one keepalive going, not one more per reopened stream")
+    func keepAliveChainsDoNotMultiply() async throws {
+        let etcd = try EtcdPeer()
+        defer { etcd.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let settings = Configuration.Etcd(endpoints: [etcd.endpoint])
+        // A TTL of 3 s: a keepalive every second.
+        let registration = try await EtcdRegistration.register(
+            name: "services/restarts", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(3), eventLoop: loop)
+        for _ in 0..<3 {
+            try etcd.restart()
+            // The keepalive stream is reopened on the new process.
+            #expect(await eventually(timeout: 10) { (etcd.messagesReceived("LeaseKeepAlive") ?? 0) > 0 })
+        }
+        // Each stream's ping chain used to outlive it: after three restarts (and the reopens tried while etcd was
+        // down) several chains pinged the last stream. One chain sends about 3 in 3 s.
+        let before = etcd.messagesReceived("LeaseKeepAlive") ?? 0
+        try await Task.sleep(for: .seconds(3))
+        let sent = (etcd.messagesReceived("LeaseKeepAlive") ?? 0) - before
+        #expect((1...5).contains(sent), "keepalives in 3 s at one per second: \(sent)")
+        await registration.deregister()
+    }
+
     @Test("an etcd target without configuration.etcd is refused, naming the field")
     func needsConfiguration() {
         #expect(throws: ConfigurationError.self) { try GRPCChannel(target: "etcd:///services/x") }

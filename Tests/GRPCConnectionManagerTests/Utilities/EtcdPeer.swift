@@ -2,9 +2,10 @@ import Foundation
 
 /// Debian's etcd-server on loopback, one member, data in a temporary directory (`make test` installs it).
 final class EtcdPeer: @unchecked Sendable {
-    // `@unchecked`: set once in init.
+    // `@unchecked`: set in init, and by `restart()` (called by one test at a time, never concurrently with itself).
     let port: Int
-    private let process: Process
+    private var process: Process
+    private let arguments: [String]
     private let dataDirectory: String
 
     enum EtcdError: Error {
@@ -15,24 +16,28 @@ final class EtcdPeer: @unchecked Sendable {
         let port = freePort()
         let peerPort = freePort()
         let directory = NSTemporaryDirectory() + "grpc-cm-etcd-\(getpid())-\(port)"
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = [
+        self.arguments = [
             "etcd", "--name", "test", "--data-dir", directory, "--log-level", "error",
             "--listen-client-urls", "http://127.0.0.1:\(port)", "--advertise-client-urls", "http://127.0.0.1:\(port)",
             "--listen-peer-urls", "http://127.0.0.1:\(peerPort)",
             "--initial-advertise-peer-urls", "http://127.0.0.1:\(peerPort)",
             "--initial-cluster", "test=http://127.0.0.1:\(peerPort)",
         ]
+        self.port = port
+        self.dataDirectory = directory
+        self.process = try Self.launch(self.arguments, port: port)
+    }
+
+    /// Starts etcd and returns once its client port accepts.
+    private static func launch(_ arguments: [String], port: Int) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = arguments
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
-        self.process = process
-        self.port = port
-        self.dataDirectory = directory
-        // Serving once its client port accepts.
         for _ in 0..<1000 {
-            if Self.accepts(port) { return }
+            if Self.accepts(port) { return process }
             if !process.isRunning { break }
             usleep(10_000)
         }
@@ -40,18 +45,43 @@ final class EtcdPeer: @unchecked Sendable {
         throw EtcdError.didNotStart("etcd did not listen on \(port) (is etcd-server installed?)")
     }
 
+    /// Stops etcd and starts it again on the same ports with the same data (keys and leases survive).
+    func restart() throws {
+        self.process.terminate()
+        self.process.waitUntilExit()
+        self.process = try Self.launch(self.arguments, port: self.port)
+    }
+
+    /// etcd's count of messages received on `method`'s streams since it started (its `/metrics`), e.g.
+    /// "LeaseKeepAlive".
+    func messagesReceived(_ method: String) -> Int? {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        guard Self.connect(fd, self.port) else { return nil }
+        var request = Array("GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".utf8)
+        guard request.withUnsafeMutableBytes({ write(fd, $0.baseAddress, $0.count) }) == request.count else { return nil }
+        let text = String(decoding: readToEnd(fd), as: UTF8.self)
+        let prefix = "grpc_server_msg_received_total{grpc_method=\"\(method)\","
+        guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix(prefix) }) else { return nil }
+        return line.split(separator: " ").last.flatMap { Double($0) }.map { Int($0) }
+    }
+
     var endpoint: String { "127.0.0.1:\(self.port)" }
 
     private static func accepts(_ port: Int) -> Bool {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
+        return Self.connect(fd, port)
+    }
+
+    private static func connect(_ fd: Int32, _ port: Int) -> Bool {
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_addr.s_addr = inet_addr("127.0.0.1")
         address.sin_port = UInt16(port).bigEndian
         return withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
+                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
             }
         }
     }
