@@ -41,6 +41,14 @@ final class TransportStream: Sendable {
                 if let nanos = GRPCTimeout.decode(text) { timeout = .nanoseconds(nanos) }
             case ("grpc-previous-rpc-attempts", .string(let text)):
                 previousAttempts = Int(text) ?? 0
+            case (_, .string(let text)) where name.hasSuffix("-bin"):
+                // grpc-swift's own transport sends such a string as it is, taking it for the value's base64: so do
+                // we, as the bytes it encodes. One that is not base64 is refused (INVALID_ARGUMENT) by validation.
+                if let bytes = Base64.decode(text.utf8) {
+                    converted.add(name, binary: bytes)
+                } else {
+                    converted.add(name, text)
+                }
             case (_, .string(let text)):
                 converted.add(name, text)
             case (_, .binary(let bytes)):

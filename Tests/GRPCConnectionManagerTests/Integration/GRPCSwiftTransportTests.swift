@@ -101,6 +101,12 @@ struct GRPCSwiftTransportTests {
             #expect(Array(headers[stringValues: "x-custom"]) == ["value"])
             #expect(Array(headers[binaryValues: "x-data-bin"]) == [[0, 1, 2, 255]])
 
+            // A string under a -bin key is that value's base64, as grpc-swift's own transport sends it.
+            let asText = try await echo.get(Self.request("t"), metadata: ["x-text-bin": "AAEC/w=="]) { response in
+                try response.accepted.get().metadata
+            }
+            #expect(Array(asText[binaryValues: "x-text-bin"]) == [[0, 1, 2, 255]])
+
             // CallOptions.compression compresses the request; the configuration's encodings are offered.
             if peer == .embedded {
                 var options = GRPCCore.CallOptions.defaults
@@ -337,7 +343,8 @@ struct GRPCSwiftTransportTests {
     @Test("bad request metadata fails the RPC with INVALID_ARGUMENT before anything is sent")
     func badMetadata() async throws {
         try await Self.withEchoClient(.embedded) { echo, _ in
-            for metadata: GRPCCore.Metadata in [["bad key": "v"], ["x-text": "line\nbreak"], ["te": "gzip"]] {
+            let notBase64: GRPCCore.Metadata = ["x-data-bin": "not base64!"]
+            for metadata: GRPCCore.Metadata in [["bad key": "v"], ["x-text": "line\nbreak"], ["te": "gzip"], notBase64] {
                 do {
                     _ = try await echo.get(Self.request("a"), metadata: metadata)
                     Issue.record("metadata \(metadata) was sent")
