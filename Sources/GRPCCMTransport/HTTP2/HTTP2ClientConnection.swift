@@ -165,9 +165,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     }
 
     package func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> CallStatus? {
-        guard let http1 = Self.detectHTTP1(bytes) else { return nil }
-        let hint = self.tlsContext == nil ? http1 : "server answered the TLS handshake with HTTP/1.x"
-        return CallStatus(code: .unavailable, message: hint)
+        Self.firstBytesProblem(bytes, tls: self.tlsContext != nil).map { CallStatus(code: .unavailable, message: $0) }
     }
 
     package func socketSecured(_ tls: TLSSession) -> CallStatus? {
@@ -206,13 +204,45 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.connectionEnded(reason)
     }
 
-    /// A server that speaks HTTP/1.x answers our preface with a status line.
-    package static func detectHTTP1(_ bytes: UnsafeRawBufferPointer) -> String? {
-        let prefix = Array("HTTP/1.".utf8)
-        guard bytes.count >= prefix.count, zip(bytes, prefix).allSatisfy({ $0 == $1 }) else { return nil }
-        let line = bytes.prefix { $0 != UInt8(ascii: "\r") && $0 != UInt8(ascii: "\n") }.prefix(80)
-        return "server answered with HTTP/1.x, not HTTP/2 (\"\(String(decoding: line, as: UTF8.self))\"); "
-            + "is it a gRPC server, and does it need TLS?"
+    /// What the server's first bytes say when they are not what a connection must start with: a TLS record (handshake
+    /// or alert) after our ClientHello; without TLS, a SETTINGS frame (RFC 9113 §3.4). A server that speaks HTTP/1.x,
+    /// a TLS server reached without TLS, an h2c server reached with it, or something else altogether, said in words.
+    /// nil when they start as they should (or there are too few of them to tell).
+    package static func firstBytesProblem(_ bytes: UnsafeRawBufferPointer, tls: Bool) -> String? {
+        if bytes.starts(with: "HTTP/1.".utf8) {
+            let line = bytes.prefix { $0 != UInt8(ascii: "\r") && $0 != UInt8(ascii: "\n") }.prefix(80)
+            let quoted = "\"\(String(decoding: line, as: UTF8.self))\""
+            return tls
+                ? "server answered the TLS handshake with HTTP/1.x (\(quoted)): it does not use TLS on this port"
+                : "server answered with HTTP/1.x, not HTTP/2 (\(quoted)); is it a gRPC server, and does it need TLS?"
+        }
+        guard bytes.count >= 4 else { return nil }
+        let looksLikeTLS = (bytes[0] == 0x15 || bytes[0] == 0x16) && bytes[1] == 0x03
+        // A frame header's type at byte 3, its stream id (0 for SETTINGS) in bytes 5 to 8, when they arrived.
+        let looksLikeSettings = bytes[3] == 0x04 && bytes.dropFirst(5).prefix(4).allSatisfy { $0 == 0 }
+        if tls {
+            if looksLikeTLS { return nil }
+            if looksLikeSettings {
+                return "server answered the TLS handshake with HTTP/2 in plaintext: it does not use TLS on this port (h2c)"
+            }
+            return "server answered the TLS handshake with bytes that are not TLS (\(Self.preview(bytes)))"
+        }
+        if looksLikeSettings { return nil }
+        if looksLikeTLS { return "server answered with TLS: it expects TLS on this port" }
+        return "server's first bytes are not HTTP/2 (\(Self.preview(bytes))); is it a gRPC server, and does it need TLS?"
+    }
+
+    /// Up to 32 bytes as quoted text, printable ASCII as it is and the rest as \xNN.
+    private static func preview(_ bytes: UnsafeRawBufferPointer) -> String {
+        var text = "\""
+        for byte in bytes.prefix(32) {
+            if byte >= 0x20 && byte < 0x7F && byte != UInt8(ascii: "\"") && byte != UInt8(ascii: "\\") {
+                text.unicodeScalars.append(Unicode.Scalar(byte))
+            } else {
+                text += "\\x" + (byte < 16 ? "0" : "") + String(byte, radix: 16)
+            }
+        }
+        return text + (bytes.count > 32 ? "...\"" : "\"")
     }
 
     package override func reactorTimerFired(tag: UInt64) {

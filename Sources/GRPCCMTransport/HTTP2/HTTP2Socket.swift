@@ -334,6 +334,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         switch self.state {
         case .connecting, .securing:
             base = "connection to \(self.peer) closed by the server during the handshake"
+        case .open where !self.sawFirstBytes && self.tls == nil:
+            // A TLS server closes on a plaintext preface without a word (OpenSSL's does).
+            base = "connection to \(self.peer) closed by the server before it sent anything (does it expect TLS?)"
         default:
             base = "connection to \(self.peer) closed by the server"
         }

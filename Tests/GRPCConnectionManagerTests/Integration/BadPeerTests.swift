@@ -1,4 +1,5 @@
 import Foundation
+import GRPCEchoServer
 import Synchronization
 import Testing
 
@@ -19,6 +20,8 @@ final class BadPeer: Sendable {
         case silent
         /// Speaks just enough HTTP/2 (SETTINGS) and closes once the request arrives, mid-response.
         case closeMidResponse
+        /// Answers whatever arrives with these bytes, then closes.
+        case reply([UInt8])
     }
 
     let port: Int
@@ -64,8 +67,9 @@ final class BadPeer: Sendable {
         case .silent:
             while buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, 4096) }) > 0 {}
         case .http1:
+            self.handle(fd, .reply(Array("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".utf8)))
+        case .reply(let reply):
             _ = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, 4096) }
-            let reply = Array("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".utf8)
             _ = reply.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
             shutdown(fd, Int32(SHUT_RDWR))
         case .closeMidResponse:
@@ -127,6 +131,64 @@ struct BadPeerTests {
         let response = await channel.call(timeout: .seconds(5))
         #expect(response.status.code == .unavailable)
         #expect(response.status.message.contains("HTTP/1"))
+    }
+
+    /// The ways a client and a server can disagree on the first bytes, and the reason each must give.
+    enum Mismatch: String, CaseIterable, Sendable {
+        case htmlToPlaintext, htmlToTLS, http1ToTLS, tlsAlertToPlaintext, h2cToTLS, tlsServerToPlaintext
+    }
+
+    @Test("a server that speaks something else says so: HTML, HTTP/1.x, TLS without TLS, h2c with TLS", arguments: Mismatch.allCases)
+    func firstBytesMismatch(_ mismatch: Mismatch) async throws {
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // Python's http.server answers our preface with an error page and no status line (HTTP/0.9 style).
+        let html = Array("<!DOCTYPE HTML>\n<html><body>Error code: 505</body></html>\n".utf8)
+        // A TLS alert record (fatal, protocol_version), as a TLS server may answer a plaintext preface.
+        let alert: [UInt8] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46]
+        var options = EchoServer.Options()
+        var useTLS = true
+        var peer: BadPeer?
+        var server: EchoServer?
+        let expected: String
+        switch mismatch {
+        case .htmlToPlaintext:
+            (peer, useTLS, expected) = (try BadPeer(.reply(html)), false, "first bytes are not HTTP/2 (\"<!DOCTYPE HTML>\\x0a<html>")
+        case .htmlToTLS:
+            (peer, expected) = (try BadPeer(.reply(html)), "answered the TLS handshake with bytes that are not TLS")
+        case .http1ToTLS:
+            (peer, expected) = (try BadPeer(.http1), "answered the TLS handshake with HTTP/1.x (\"HTTP/1.1 400 Bad Request\")")
+        case .tlsAlertToPlaintext:
+            (peer, useTLS, expected) = (try BadPeer(.reply(alert)), false, "server answered with TLS: it expects TLS")
+        case .h2cToTLS:
+            server = try EchoServer(options: options, eventLoop: loop)
+            expected = "answered the TLS handshake with HTTP/2 in plaintext: it does not use TLS on this port (h2c)"
+        case .tlsServerToPlaintext:
+            let certificates = try TestCertificates.make()
+            defer { certificates.remove() }  // read by EchoServer's init
+            options.tlsCertificateChain = certificates.serverCertificate
+            options.tlsPrivateKey = certificates.serverKey
+            server = try EchoServer(options: options, eventLoop: loop)
+            (useTLS, expected) = (false, "closed by the server before it sent anything (does it expect TLS?)")
+        }
+        defer {
+            peer?.stop()
+            server?.close()
+        }
+        var configuration = Configuration.defaults
+        configuration.enableRetry = false
+        if useTLS {
+            var tls = TLSSettings()
+            tls.verifyCertificate = false
+            configuration.tls = tls
+        }
+        let port = peer?.port ?? server!.port
+        let channel = try GRPCChannel(target: "127.0.0.1:\(port)", configuration: configuration, eventLoop: loop)
+        defer { channel.close() }
+        let response = await channel.call(timeout: .seconds(5))
+        #expect(response.status.code == .unavailable)
+        #expect(response.status.message.contains(expected), "\(response.status.message)")
     }
 
     @Test("a server that accepts and never answers: the deadline fires; without one the connect timeout does")
