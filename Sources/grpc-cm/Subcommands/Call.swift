@@ -266,6 +266,7 @@ struct Call: AsyncParsableCommand {
     static func printVerbose(_ response: UnaryResponse) {
         var text = "\nResponse headers received:\n"
         for entry in response.initialMetadata { text += "\(entry.name): \(entry.value)\n" }
+        if response.initialMetadata.isEmpty { text += "(empty)\n" }
         text += "\nResponse trailers received:\n"
         for entry in response.trailingMetadata { text += "\(entry.name): \(entry.value)\n" }
         if response.trailingMetadata.isEmpty { text += "(empty)\n" }

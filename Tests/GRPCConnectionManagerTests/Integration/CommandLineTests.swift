@@ -15,6 +15,24 @@ struct CommandLineTests {
         #expect(output.contains("USAGE: grpc-cm"))
     }
 
+    @Test("call -v prints the response headers and trailers, '(empty)' for none, as grpcurl does")
+    func verbose() throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        func stderr(_ flags: String) throws -> String {
+            try runProgram(
+                "/bin/sh", ["-c", "'\(grpcCMBinary())' call --plaintext \(fixture.target) echo.Echo/Get --data-hex 01 -v \(flags) 2>&1 >/dev/null"]
+            ).output
+        }
+        let echoed = try stderr("-H 'x-note: hi'")
+        #expect(echoed.contains("Response headers received:\nx-note: hi\n"), "\(echoed)")
+        #expect(echoed.contains("Response trailers received:\n"))
+        // A trailers-only failure has no response headers.
+        let failed = try stderr("-H 'x-fail-code: 5'")
+        #expect(failed.contains("Response headers received:\n(empty)\n"), "\(failed)")
+        #expect(failed.contains("Code: NotFound"))
+    }
+
     @Test("out of fds, grpc-cm serve pauses accepting instead of spinning, and resumes once fds are free")
     func serveOutOfFDs() async throws {
         // Its own process: out of fds, this test process's libdispatch would trap.
