@@ -11,11 +11,11 @@ package enum MessageCompressor {
     /// Free deflate states, per algorithm; at most `keep` each (more threads compressing at once make their own).
     /// A pthread mutex, as everywhere in this package: ThreadSanitizer sees through it (not through
     /// Synchronization.Mutex's raw futexes).
-    private static let free = PThreadLock<[CompressionAlgorithm: [Deflater]]>([:])
+    private static let free = PThreadLock<[CallCompression: [Deflater]]>([:])
     private static let keep = 4
 
     /// `message` compressed with `algorithm` (`identity` returns it as it is).
-    package static func compress(_ message: [UInt8], with algorithm: CompressionAlgorithm) -> [UInt8] {
+    package static func compress(_ message: [UInt8], with algorithm: CallCompression) -> [UInt8] {
         if algorithm == .identity { return message }
         let deflater = Self.free.withLock { $0[algorithm]?.popLast() } ?? Deflater(algorithm)
         let output = deflater.compress(message)
@@ -31,7 +31,7 @@ package enum MessageCompressor {
 private final class Deflater: @unchecked Sendable {
     private let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
 
-    init(_ algorithm: CompressionAlgorithm) {
+    init(_ algorithm: CallCompression) {
         self.stream.initialize(to: z_stream())
         // 15-bit window; +16 writes the gzip wrapper instead of zlib's.
         let rc = czlib_deflate_init(self.stream, Z_DEFAULT_COMPRESSION, algorithm == .gzip ? 15 + 16 : 15)

@@ -43,7 +43,7 @@ package final class MessageDecompressor: @unchecked Sendable {
     }
 
     /// `message` inflated with `algorithm`, at most `limit` bytes.
-    package func decompress(_ message: [UInt8], with algorithm: CompressionAlgorithm, limit: Int) throws(Failure) -> [UInt8] {
+    package func decompress(_ message: [UInt8], with algorithm: CallCompression, limit: Int) throws(Failure) -> [UInt8] {
         if algorithm == .identity { return message }
         try self.begin(algorithm)
         // The output grows as it fills, never past limit + 1 bytes (the one byte more proves the limit is passed).
@@ -80,7 +80,7 @@ package final class MessageDecompressor: @unchecked Sendable {
 
     /// How many bytes `message` inflates to, with every check `decompress` makes, keeping none of them: a message
     /// held compressed for now (a slow reader's backlog) is known good, and its size known, when it is accepted.
-    package func inflatedSize(_ message: [UInt8], with algorithm: CompressionAlgorithm, limit: Int) throws(Failure) -> Int {
+    package func inflatedSize(_ message: [UInt8], with algorithm: CallCompression, limit: Int) throws(Failure) -> Int {
         if algorithm == .identity { return message.count }
         try self.begin(algorithm)
         let scratch = self.scratch ?? UnsafeMutableBufferPointer<UInt8>.allocate(capacity: 16 << 10)
@@ -105,7 +105,7 @@ package final class MessageDecompressor: @unchecked Sendable {
     }
 
     /// Starts (or restarts) the inflate state for one message.
-    private func begin(_ algorithm: CompressionAlgorithm) throws(Failure) {
+    private func begin(_ algorithm: CallCompression) throws(Failure) {
         let windowBits: Int32 = algorithm == .gzip ? 15 + 16 : 15
         if !self.initialised {
             guard czlib_inflate_init(self.stream, windowBits) == Z_OK else { throw .corrupt("zlib could not start") }
@@ -116,7 +116,7 @@ package final class MessageDecompressor: @unchecked Sendable {
     }
 
     /// What the last `inflate` return code says of the message, once the limit is known not to be passed.
-    private func end(_ rc: Int32, _ algorithm: CompressionAlgorithm) throws(Failure) {
+    private func end(_ rc: Int32, _ algorithm: CallCompression) throws(Failure) {
         switch rc {
         case Z_STREAM_END:
             if self.stream.pointee.avail_in != 0 {

@@ -18,6 +18,7 @@ public struct CallRetryPolicy: Sendable, Hashable {
     /// and may be retried.
     public var perAttemptTimeout: Duration? = nil
 
+    /// Every field at its default.
     public init() {}
 
     /// The wait before retry number `retry` (1 = the first retry): full jitter, uniform in

@@ -12,7 +12,9 @@ public struct CircuitBreakerConfiguration: Sendable, Hashable {
 
     /// A count-based window (the last N calls) or a time-based one (the last N seconds).
     public enum SlidingWindowKind: Sendable, Hashable {
+        /// The outcomes of the last N calls.
         case count(Int)
+        /// The outcomes of the calls that ended in the last N seconds.
         case time(seconds: Int)
     }
 
@@ -38,6 +40,7 @@ public struct CircuitBreakerConfiguration: Sendable, Hashable {
     /// Concurrent probes allowed in half-open; others fail fast. Default 1.
     public var permittedCallsInHalfOpen: Int = 1
 
+    /// Every field at its default.
     public init() {}
 
     package func validate() throws(ConfigurationError) {

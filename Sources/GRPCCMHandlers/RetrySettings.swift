@@ -7,6 +7,7 @@ public struct RetrySettings: Sendable, Hashable {
     /// Token-bucket throttling per target (nil: off). Default maxTokens 10, tokenRatio 0.1.
     public var throttling: RetryThrottling? = RetryThrottling()
 
+    /// Every field at its default.
     public init() {}
 
     /// The policy that applies to `path`: its own override, its service's, or the default.

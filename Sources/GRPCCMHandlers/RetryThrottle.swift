@@ -8,6 +8,7 @@ public struct RetryThrottling: Sendable, Hashable {
     /// Default 0.1; greater than 0.
     public var tokenRatio: Double = 0.1
 
+    /// Every field at its default.
     public init() {}
 }
 

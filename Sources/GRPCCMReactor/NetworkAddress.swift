@@ -28,7 +28,6 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
-    /// A Unix-domain socket path.
     /// The address in an IPv4 or IPv6 `sockaddr` (from getaddrinfo or c-ares) with `port`; nil for another family.
     package init?(_ sockaddr: UnsafePointer<sockaddr>, port: Int) {
         var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
@@ -42,7 +41,7 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
         default:
             return nil
         }
-        self.init(ip: String(cString: text), port: port)
+        self.init(ip: String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), port: port)
     }
 
     /// The distinct addresses of a resolver's linked result list (getaddrinfo's `addrinfo`, c-ares's
@@ -61,6 +60,7 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
         return addresses
     }
 
+    /// A Unix-domain socket path: at most 107 bytes (`sun_path` holds 108 with the terminating NUL).
     public init(unixPath: String) {
         self.storage = .unix(path: unixPath)
     }

@@ -9,6 +9,7 @@ public struct ReactorError: Error, Sendable, CustomStringConvertible {
     /// The `errno` it reported.
     public var errno: Int32
 
+    /// An error for `operation` failing with `errno`.
     public init(operation: String, errno: Int32) {
         self.operation = operation
         self.errno = errno

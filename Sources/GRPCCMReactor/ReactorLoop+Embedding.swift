@@ -10,9 +10,10 @@ import Glibc
 ///
 /// Threading rules, in short:
 /// - `execute`, `scheduleTimer` and `LoopTimer.cancel()` are safe from any thread.
-/// - `register(fd:interest:_:)`, `LoopRegistration.setInterest(_:)`, `deregister()`, `runOnce(maxWait:)` and
-///   `nextTimeout` belong to the loop's thread; from another they throw `ReactorError` (or, for `deregister`,
-///   return false) instead of racing the loop.
+/// - `register(fd:interest:_:)`, `LoopRegistration.setInterest(_:)` and `deregister()` belong to the loop's thread;
+///   from another they throw `ReactorError` (or, for `deregister`, return false) instead of racing the loop.
+/// - `runOnce(maxWait:)` makes the first thread that calls it the loop's own; it throws `ReactorError` on a loop
+///   that runs on a thread of its own or is driven by another thread. `nextTimeout` is nil off the driving thread.
 /// - Your closures run on the loop's thread, outside the library's socket, TLS and HTTP/2 processing, and never
 ///   inside the call that scheduled them: `execute` bodies and timer bodies in the turn's deferred phase, fd
 ///   handlers when epoll reports the fd. From any of them the whole API is legal. They must not block.
@@ -116,20 +117,27 @@ extension ReactorLoop {
 
 /// What a registered fd waits for.
 public struct LoopInterest: OptionSet, Sendable, Hashable {
+    /// The reactor's bits (`CR_READ`, `CR_WRITE`).
     public let rawValue: UInt32
+    /// Interest from the reactor's bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
 
+    /// Report the fd when it is readable (or hung up).
     public static let readable = LoopInterest(rawValue: UInt32(CR_READ))
+    /// Report the fd when it is writable.
     public static let writable = LoopInterest(rawValue: UInt32(CR_WRITE))
 }
 
 /// What epoll reported for a registered fd.
 public struct LoopEvents: OptionSet, Sendable, Hashable {
+    /// The reactor's bits (`CR_READ`, `CR_WRITE`, `CR_ERROR`, `CR_HUP`).
     public let rawValue: UInt32
+    /// Events from the reactor's bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
 
     /// Readable, or the peer hung up (a read then returns 0).
     public static let readable = LoopEvents(rawValue: UInt32(CR_READ))
+    /// Writable.
     public static let writable = LoopEvents(rawValue: UInt32(CR_WRITE))
     /// An error is pending (SO_ERROR, or the next read or write reports it).
     public static let error = LoopEvents(rawValue: UInt32(CR_ERROR))

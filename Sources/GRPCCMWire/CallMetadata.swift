@@ -10,13 +10,17 @@ public struct CallMetadata: Sendable, Hashable, Sequence, CustomStringConvertibl
 
     private var storage: [Element] = []
 
+    /// No entries.
     public init() {}
 
+    /// Text entries, in order: `["x-tenant": "blue"]`. Repeated names are kept, as separate entries.
     public init(dictionaryLiteral elements: (String, String)...) {
         for (name, value) in elements { self.add(name, value) }
     }
 
+    /// Entries, repeated names counted once each.
     public var count: Int { self.storage.count }
+    /// Whether there are no entries.
     public var isEmpty: Bool { self.storage.isEmpty }
 
     /// Appends a text value.
@@ -143,7 +147,9 @@ public struct CallMetadata: Sendable, Hashable, Sequence, CustomStringConvertibl
 
 /// One metadata value: text, or bytes for `-bin` names.
 public enum MetadataValue: Sendable, Hashable, CustomStringConvertible {
+    /// Text: printable ASCII, under a name that does not end in `-bin`.
     case string(String)
+    /// Bytes, under a name ending in `-bin`; base64 on the wire.
     case binary([UInt8])
 
     public var description: String {
@@ -156,7 +162,9 @@ public enum MetadataValue: Sendable, Hashable, CustomStringConvertible {
 
 /// A metadata entry that cannot be sent.
 public struct MetadataError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The entry's name.
     public var name: String
+    /// What is wrong with it.
     public var reason: String
     public var description: String { "invalid metadata \"\(self.name)\": \(self.reason)" }
 }

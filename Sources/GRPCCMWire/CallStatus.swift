@@ -1,15 +1,20 @@
 /// The outcome of a call: a code and a message. Every call ends with exactly one.
 public struct CallStatus: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The gRPC status code.
     public var code: StatusCode
+    /// The server's `grpc-message` (percent-decoded), or this client's reason for a status it made itself.
     public var message: String
 
+    /// A status with `code` and `message`.
     public init(code: StatusCode, message: String = "") {
         self.code = code
         self.message = message
     }
 
+    /// OK with no message.
     public static let ok = CallStatus(code: .ok)
 
+    /// Whether the code is OK (the message does not matter).
     public var isOK: Bool { self.code == .ok }
 
     public var description: String {

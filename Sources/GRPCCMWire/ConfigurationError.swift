@@ -5,6 +5,7 @@ public struct ConfigurationError: Error, Sendable, Equatable, CustomStringConver
     /// What is wrong with it.
     public var message: String
 
+    /// An error naming `field`, saying `message`.
     public init(field: String, message: String) {
         self.field = field
         self.message = message

@@ -1,8 +1,11 @@
 /// grpc.health.v1 (grpc `doc/health-checking.md`): the two tiny messages, hand-encoded (field 1 only), so that
 /// health checks need no protobuf library.
 public enum HealthStatus: Int, Sendable, Hashable, CustomStringConvertible {
+    /// The server did not say (grpc.health.v1's UNKNOWN).
     case unknown = 0
+    /// The service takes calls.
     case serving = 1
+    /// The service is up but does not take calls.
     case notServing = 2
     /// Only `Watch` sends it, for a service the server does not know.
     case serviceUnknown = 3

@@ -14,11 +14,13 @@ public struct RequestOptions: Sendable, Hashable {
 
     /// Compression of this call's request messages (`.identity`: none), over the configuration's
     /// (`Configuration.Compression`). nil: the configuration's.
-    public var compression: CompressionAlgorithm?
+    public var compression: CallCompression?
 
+    /// Options with these fields; the defaults are no deadline, the configuration's receive limit, fail-fast, and the
+    /// configuration's compression.
     public init(
         timeout: Duration? = nil, maxReceiveMessageSize: Int? = nil, waitForReady: Bool = false,
-        compression: CompressionAlgorithm? = nil
+        compression: CallCompression? = nil
     ) {
         self.timeout = timeout
         self.maxReceiveMessageSize = maxReceiveMessageSize

@@ -9,6 +9,7 @@ public struct UnaryResponse: Sendable, Hashable {
     /// Trailers (trailing metadata) that came with the status.
     public var trailingMetadata: CallMetadata
 
+    /// A response with these fields (tests and interceptors make them; calls deliver them).
     public init(status: CallStatus, message: [UInt8] = [], initialMetadata: CallMetadata = [:], trailingMetadata: CallMetadata = [:]) {
         self.status = status
         self.message = message
@@ -33,6 +34,7 @@ public struct StreamResult: Sendable, Hashable {
     /// Trailers that came with the status.
     public var trailingMetadata: CallMetadata
 
+    /// A result with these fields.
     public init(status: CallStatus, initialMetadata: CallMetadata = [:], trailingMetadata: CallMetadata = [:]) {
         self.status = status
         self.initialMetadata = initialMetadata

@@ -128,6 +128,8 @@ public struct Configuration: Sendable, Hashable {
         get { self.storage.fields.healthCheckServiceName }
         set { self.update(\.healthCheckServiceName, to: newValue) }
     }
+    /// Per service name (the `ConnectionManager`'s, or a channel's target), the health service its connections
+    /// watch, overriding `healthCheckServiceName`; an empty value watches the server as a whole. Default empty.
     public var healthCheckServiceNames: [String: String] {
         get { self.storage.fields.healthCheckServiceNames }
         set { self.update(\.healthCheckServiceNames, to: newValue) }
@@ -154,6 +156,7 @@ public struct Configuration: Sendable, Hashable {
         /// Bound on each Range. Default 5 s.
         public var timeout: Duration = .seconds(5)
 
+        /// etcd at `endpoints` (`host:port`), with the default timeout.
         public init(endpoints: [String]) {
             self.endpoints = endpoints
         }
@@ -171,8 +174,8 @@ public struct Configuration: Sendable, Hashable {
         set { self.update(\.tls, to: newValue) }
     }
 
-    /// Log calls (debug), state and breaker changes (info), retries and connect failures (warning) to the
-    /// manager's `Logger`. Default true.
+    /// Log calls, retries and connection events (debug), circuit breaker changes (info) and GOAWAY too_many_pings
+    /// (warning) to the manager's `Logger`. Default true.
     public var enableLogging: Bool {
         get { self.storage.fields.enableLogging }
         set { self.update(\.enableLogging, to: newValue) }
@@ -203,7 +206,7 @@ public struct Configuration: Sendable, Hashable {
     /// Hedging (gRFC A6) of unary calls, by method (`/package.Service/Method`) or service (`package.Service`): a
     /// method or service listed here is hedged instead of retried (the retry throttle still applies). Streaming calls
     /// are never hedged.
-    public var hedging: [String: HedgingPolicy] {
+    public var hedging: [String: CallHedgingPolicy] {
         get { self.storage.fields.hedging }
         set { self.update(\.hedging, to: newValue) }
     }
@@ -228,6 +231,7 @@ public struct Configuration: Sendable, Hashable {
         set { self.update(\.compression, to: newValue) }
     }
 
+    /// Every field at its default (`Configuration.defaults`).
     public init() {
         self.storage = Storage.defaults
     }
@@ -238,18 +242,18 @@ public struct Configuration: Sendable, Hashable {
         /// `identity` is offered. Responses in gzip or deflate are inflated whatever was offered (as grpc-go does:
         /// grpc core servers compress with their default regardless), at most to the call's receive limit (past it
         /// the call ends RESOURCE_EXHAUSTED); a compressed response in any other encoding ends INTERNAL.
-        public var acceptedEncodings: [CompressionAlgorithm] = [.gzip, .deflate]
+        public var acceptedEncodings: [CallCompression] = [.gzip, .deflate]
         /// How request messages are compressed. Default `.identity` (not at all); `RequestOptions.compression`
         /// overrides it per call.
-        public var requestEncoding: CompressionAlgorithm = .identity
+        public var requestEncoding: CallCompression = .identity
         /// Request compression per method (`/package.Service/Method`) or per service (`package.Service`), over
         /// `requestEncoding`; a method's entry wins over its service's.
-        public var requestEncodingPerMethod: [String: CompressionAlgorithm] = [:]
+        public var requestEncodingPerMethod: [String: CallCompression] = [:]
 
         public init() {}
 
         /// The request encoding of a call to `path` (`/package.Service/Method`), before per-call options.
-        func requestEncoding(forPath path: String) -> CompressionAlgorithm {
+        func requestEncoding(forPath path: String) -> CallCompression {
             Configuration.perMethod(self.requestEncodingPerMethod, path: path) ?? self.requestEncoding
         }
 
@@ -305,7 +309,7 @@ public struct Configuration: Sendable, Hashable {
         public var initialStreamWindowSize: Int = 1 << 20
         /// Receive window of the whole connection, in bytes. Default 8 MiB; at least 65,535.
         public var connectionWindowSize: Int = 8 << 20
-        /// SETTINGS_MAX_FRAME_SIZE we accept, in bytes. Default 16 KiB; clamped by RFC 9113 §6.5.2 to 2^14...2^24-1.
+        /// SETTINGS_MAX_FRAME_SIZE we accept, in bytes. Default 16 KiB; 16,384...16,777,215 (RFC 9113 §6.5.2).
         public var maxFrameSize: Int = 1 << 14
         /// SETTINGS_MAX_HEADER_LIST_SIZE we accept, in bytes. Default 16 KiB.
         public var maxHeaderListSize: Int = 16 << 10
@@ -478,7 +482,7 @@ extension Configuration {
         var enableRetry: Bool = true
         var enableCircuitBreaker: Bool = true
         var retry: Retry = Retry()
-        var hedging: [String: HedgingPolicy] = [:]
+        var hedging: [String: CallHedgingPolicy] = [:]
         var circuitBreaker: CircuitBreakerConfiguration = CircuitBreakerConfiguration()
         var userAgentPrefix: String? = nil
         var compression: Compression = Compression()
@@ -513,12 +517,12 @@ extension Configuration {
     /// The hedging policy of a call to `path`: the method's, else its service's; nil (no lookup) when none is set.
     /// This and the next read the fields in place: through the public getters every call retained and released the
     /// tables.
-    func hedgingPolicy(forPath path: String) -> HedgingPolicy? {
+    func hedgingPolicy(forPath path: String) -> CallHedgingPolicy? {
         Self.perMethod(self.storage.fields.hedging, path: path)
     }
 
     /// How a call to `path` compresses its requests, before per-call options.
-    func requestEncoding(forPath path: String) -> CompressionAlgorithm {
+    func requestEncoding(forPath path: String) -> CallCompression {
         self.storage.fields.compression.requestEncoding(forPath: path)
     }
 

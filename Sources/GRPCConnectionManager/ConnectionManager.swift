@@ -15,8 +15,8 @@ import Glibc
 ///
 /// Behaves like the Go original's manager: `connection(service:address:)` registers or reuses the address of a
 /// service and returns its channel (address omitted: the one registered before); `closeConnection(service:)`,
-/// `close(gracePeriod:)`, `connectionCount` and `healthCheck()` as there. All channels share one reactor and one
-/// `EventBus`.
+/// `close(gracePeriod:)`, `connectionCount` and `healthCheck()` as there. All channels share one loop (or spread over
+/// the loops of a `ReactorGroup`) and one `EventBus`.
 public final class ConnectionManager: Sendable {
     /// Health of one registered service, as `healthCheck()` reports it.
     public struct ServiceHealth: Sendable, Hashable {
@@ -56,11 +56,12 @@ public final class ConnectionManager: Sendable {
     /// Creates a manager on one loop.
     /// - Parameters:
     ///   - configuration: Validated here.
-    ///   - logger: Receives the logging handler's records (calls at debug, state and breaker changes at info,
-    ///     retries and connect failures at warning); no-op by default. The library never bootstraps LoggingSystem.
-    ///   - metricsFactory: Receives the metrics when `enableMetrics` is on; default: the application's
-    ///     `MetricsSystem.factory`. Pass a `PrometheusMetrics` (GRPCConnectionManagerPrometheus) to get
-    ///     `metricsText()`. The library never bootstraps MetricsSystem.
+    ///   - logger: Receives the logging handler's records (calls, retries, connection events at debug; only circuit
+    ///     breaker changes at info and GOAWAY too_many_pings at warning); no-op by default. The library never
+    ///     bootstraps LoggingSystem.
+    ///   - metricsFactory: Receives the metrics; passing one turns metrics on. nil: the application's
+    ///     `MetricsSystem.factory` when `enableMetrics`. Pass a `PrometheusMetrics` (GRPCConnectionManagerPrometheus)
+    ///     to get `metricsText()`. The library never bootstraps MetricsSystem.
     ///   - interceptors: Run, in this order, before every call of every channel (`CallInterceptor`).
     ///   - eventLoop: The loop; nil uses `ReactorLoop.shared`.
     /// - Throws: `ConfigurationError` naming the first bad field.
@@ -132,7 +133,8 @@ public final class ConnectionManager: Sendable {
     /// connecting at once.
     /// - Parameters:
     ///   - service: The service's name: the key of its channel, its metrics and its logs.
-    ///   - address: `host:port`, `[v6]:port` or `unix:/path`; nil reuses the address registered before.
+    ///   - address: `host:port`, `[v6]:port`, `unix:/path` or `etcd:///name` (with `configuration.etcd`); nil
+    ///     reuses the address registered before.
     ///   - security: Plaintext or TLS for this service's connections; nil uses `configuration.tls`.
     /// - Throws: `ConnectionManagerError` for an unknown service without an address or a closed manager;
     ///   `ConfigurationError` for an unparsable address or unusable TLS files.

@@ -101,7 +101,7 @@ extension GRPCChannel {
     /// Buffers for a stream that starts later (the transport's reader may wait on them before the request
     /// metadata, and so the call, exists).
     package func makeStreamBuffers(
-        path: String, maxSendMessageSize: Int?, compression: CompressionAlgorithm? = nil
+        path: String, maxSendMessageSize: Int?, compression: CallCompression? = nil
     ) -> StreamBuffers {
         StreamBuffers(
             limit: self.configuration.streamBufferSize,

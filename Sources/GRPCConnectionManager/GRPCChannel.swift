@@ -40,11 +40,11 @@ public final class GRPCChannel: Sendable {
 
     /// Creates a standalone channel on one loop. Nothing connects until the first call.
     /// - Parameters:
-    ///   - target: `host:port`, `[v6]:port` or `unix:/path`.
+    ///   - target: `host:port`, `[v6]:port`, `unix:/path`, or `etcd:///name` (with `configuration.etcd`).
     ///   - configuration: Limits and timeouts; validated here.
     ///   - logger: Receives the logging handler's records; no-op by default.
-    ///   - metricsFactory: Receives the metrics handler's metrics when `enableMetrics`; default: the application's
-    ///     bootstrapped `MetricsSystem.factory`.
+    ///   - metricsFactory: Receives the metrics handler's metrics; passing one turns metrics on. nil: the
+    ///     application's bootstrapped `MetricsSystem.factory` when `enableMetrics`.
     ///   - interceptors: Run, in this order, before every call (`CallInterceptor`).
     ///   - eventLoop: The loop to run on; nil uses `ReactorLoop.shared`.
     /// - Throws: `ConfigurationError` naming the bad field or the unparsable address.
@@ -271,8 +271,8 @@ public final class GRPCChannel: Sendable {
 
     /// A unary call hedged (gRFC A6): a coordinator on the shard's loop sends the attempts.
     private func startHedged(
-        policy: HedgingPolicy, shard: ChannelShard, path: String, request: [UInt8]?, metadata: CallMetadata,
-        options: RequestOptions, deadline: UInt64, encoding: CompressionAlgorithm, previousAttempts: Int,
+        policy: CallHedgingPolicy, shard: ChannelShard, path: String, request: [UInt8]?, metadata: CallMetadata,
+        options: RequestOptions, deadline: UInt64, encoding: CallCompression, previousAttempts: Int,
         observers: [any CallObserver], completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
         let maxReceive = options.maxReceiveMessageSize ?? self.configuration.maxMessageSize
@@ -306,7 +306,7 @@ public final class GRPCChannel: Sendable {
     /// How a call's request messages are compressed: its options, else the configuration's per method, else its
     /// default.
     @inline(__always)
-    func requestEncoding(path: String, options: RequestOptions) -> CompressionAlgorithm {
+    func requestEncoding(path: String, options: RequestOptions) -> CallCompression {
         options.compression ?? self.configuration.requestEncoding(forPath: path)
     }
 

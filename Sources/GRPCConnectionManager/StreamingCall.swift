@@ -34,6 +34,7 @@ public struct StreamingCall: Sendable {
 
     /// What `send` did with a message.
     public enum SendResult: Sendable, Equatable {
+        /// Accepted; there is room for more.
         case accepted
         /// Accepted; the buffer is full: wait for `onWritable`.
         case full
@@ -107,10 +108,13 @@ public final class AsyncStreamingCall: Sendable {
 
         public func makeAsyncIterator() -> Iterator { Iterator(call: self.call) }
 
+        /// Reads the response messages in order; see `ResponseMessages`.
         public struct Iterator: AsyncIteratorProtocol {
             let call: AsyncStreamingCall
             var done = false
 
+            /// The next response message; nil once the call ended OK; throws the call's `CallError` when it ended
+            /// with another status.
             public mutating func next() async throws(CallError) -> [UInt8]? {
                 while !self.done {
                     switch await self.call.nextPart() {

@@ -23,11 +23,14 @@ public struct ConnectionManagerService: Service {
     /// How long calls on a stream may run once the graceful shutdown begins. Default 10 s.
     public var gracePeriod: Duration
 
+    /// A service that closes `manager`, letting calls run for up to `gracePeriod`, when the group shuts down.
     public init(_ manager: ConnectionManager, gracePeriod: Duration = .seconds(10)) {
         self.manager = manager
         self.gracePeriod = gracePeriod
     }
 
+    /// Waits for the group's graceful shutdown, then closes the manager with the grace period (cancelled instead:
+    /// closes at once).
     public func run() async throws {
         do {
             try await gracefulShutdown()

@@ -34,6 +34,7 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
 
     /// The channel RPCs run on.
     public let channel: GRPCChannel
+    /// The throttle of the service config's `retryThrottling`, which GRPCCore's retries consult; nil without one.
     public let retryThrottle: GRPCCore.RetryThrottle?
     private let methodConfigs: MethodConfigLookup
     private let ownsChannel: Bool

@@ -20,7 +20,7 @@ final class TransportStream: Sendable {
     }
 
     /// GRPCCore's name for a compression algorithm, in ours.
-    private static func algorithm(_ algorithm: GRPCCore.CompressionAlgorithm) -> GRPCConnectionManager.CompressionAlgorithm {
+    private static func algorithm(_ algorithm: GRPCCore.CompressionAlgorithm) -> CallCompression {
         switch algorithm {
         case .gzip: .gzip
         case .deflate: .deflate

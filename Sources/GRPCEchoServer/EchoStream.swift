@@ -46,8 +46,8 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     /// Never consume this stream's received bytes (its window closes after the initial window).
     var holdWindow = false
     /// The request's `grpc-encoding` (nil: identity), and the algorithm for response messages (`x-compress-response`).
-    private var requestEncoding: CompressionAlgorithm?
-    private var responseEncoding: CompressionAlgorithm?
+    private var requestEncoding: CallCompression?
+    private var responseEncoding: CallCompression?
     private var compressedRequests = 0
     /// `x-report-accept-encoding`: the answer reports the request's `grpc-accept-encoding` (only when asked: every
     /// request carries one, and echoing it on every answer would cost the benchmarks a header per call).
@@ -138,7 +138,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         case "x-hold-window": self.holdWindow = true
         case "grpc-encoding":
             self.metadata.append(("x-received-grpc-encoding", value))
-            if let algorithm = CompressionAlgorithm(name: value) {
+            if let algorithm = CallCompression(name: value) {
                 self.requestEncoding = algorithm == .identity ? nil : algorithm
                 self.deframer.compressionAllowed = algorithm != .identity
             } else {
@@ -147,7 +147,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         case "grpc-accept-encoding": self.acceptEncoding = value
         case "x-report-accept-encoding": self.reportAcceptEncoding = true
         case "x-compress-response":
-            self.responseEncoding = CompressionAlgorithm(name: value).flatMap { $0 == .identity ? nil : $0 }
+            self.responseEncoding = CallCompression(name: value).flatMap { $0 == .identity ? nil : $0 }
         default:
             if !name.hasPrefix(":") && !Self.notEchoed.contains(name) { self.metadata.append((name, value)) }
         }

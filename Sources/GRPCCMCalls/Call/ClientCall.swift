@@ -68,7 +68,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// compressed when `requestEncoding` says so.
     private let request: [UInt8]
     /// How the request messages are compressed (`grpc-encoding`); streamed ones are compressed as they are written.
-    private let requestEncoding: CompressionAlgorithm
+    private let requestEncoding: CallCompression
     /// Messages written while the call runs, and buffered responses; nil for unary and callback server streaming.
     package let buffers: StreamBuffers?
     private let delivery: Delivery
@@ -118,7 +118,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private var extraMessages = false
     /// How the current attempt's response messages are compressed (from its `grpc-encoding`, when offered).
     @exclusivity(unchecked)
-    private var responseEncoding = CompressionAlgorithm.identity
+    private var responseEncoding = CallCompression.identity
     /// A failure found while receiving (oversized, bad flag, headers too large); the attempt ends with it.
     @exclusivity(unchecked)
     private var localFailure: CallStatus?
@@ -186,7 +186,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     package init(
         environment: CallEnvironment, path: String, metadata: CallMetadata, request: [UInt8]?, deadline: UInt64,
         maxReceiveMessageSize: Int, waitForReady: Bool, delivery: consuming Delivery = .single, buffers: StreamBuffers? = nil,
-        requestEncoding: CompressionAlgorithm = .identity, onWritable: (@Sendable () -> Void)? = nil,
+        requestEncoding: CallCompression = .identity, onWritable: (@Sendable () -> Void)? = nil,
         previousAttemptsElsewhere: Int = 0, invalid: CallStatus? = nil, observers: [any CallObserver] = [],
         preparing: Bool = false, completion: @escaping @Sendable (UnaryResponse) -> Void
     ) {
@@ -842,7 +842,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 self.onResponseHeaders = nil
                 self.withReactor { _ = $0.executeDeferred(committed) }
             }
-            if let name = self.head.grpcEncoding, let encoding = CompressionAlgorithm(name: name), encoding != .identity {
+            if let name = self.head.grpcEncoding, let encoding = CallCompression(name: name), encoding != .identity {
                 // An encoding this client implements: compressed messages may follow, whether or not it was offered
                 // (grpc-go's rule: grpc core servers compress with their default whatever the client offers). Any
                 // other name leaves compressed messages refused with INTERNAL.
@@ -961,7 +961,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     }
 
     /// The status a message that could not be inflated ends its attempt with.
-    private static func status(for failure: MessageDecompressor.Failure, encoding: CompressionAlgorithm) -> CallStatus {
+    private static func status(for failure: MessageDecompressor.Failure, encoding: CallCompression) -> CallStatus {
         switch failure {
         case .tooLarge(let limit):
             return CallStatus(

@@ -17,7 +17,7 @@ package enum ResponsePart: Sendable {
 /// holds the bytes the server sent, not up to a thousand times as many (deflate's best ratio).
 enum Inbound {
     case part(ResponsePart)
-    case compressed([UInt8], CompressionAlgorithm, inflatedSize: Int)
+    case compressed([UInt8], CallCompression, inflatedSize: Int)
 }
 
 /// The part of a streaming call that application threads touch: messages written but not yet taken by nghttp2,
@@ -65,14 +65,14 @@ package final class StreamBuffers: @unchecked Sendable {
     package let limit: Int
     package let maxSendMessageSize: Int
     /// How written messages are compressed: on the writer's thread, before they are buffered.
-    package let requestEncoding: CompressionAlgorithm
+    package let requestEncoding: CallCompression
     private let state = PThreadLock(State())
     /// Inflates the messages kept compressed, on the reader's thread; made on first use.
     private let inflater = PThreadLock<MessageDecompressor?>(nil)
     /// Set by the call when it is created; the waker reaches it on the reactor thread.
     package let waker = StreamWaker()
 
-    package init(limit: Int, maxSendMessageSize: Int, requestEncoding: CompressionAlgorithm = .identity) {
+    package init(limit: Int, maxSendMessageSize: Int, requestEncoding: CallCompression = .identity) {
         self.limit = limit
         self.maxSendMessageSize = maxSendMessageSize
         self.requestEncoding = requestEncoding
@@ -356,7 +356,7 @@ package final class StreamBuffers: @unchecked Sendable {
 
     /// Queues a message as it came, compressed with `encoding`, for the reader to inflate; it was checked to inflate
     /// to `inflatedSize` bytes. For when `isBacklogged`.
-    package func deliverCompressedMessage(_ message: [UInt8], encoding: CompressionAlgorithm, inflatedSize: Int) {
+    package func deliverCompressedMessage(_ message: [UInt8], encoding: CallCompression, inflatedSize: Int) {
         self.append(.compressed(message, encoding, inflatedSize: inflatedSize), bytes: message.count + 5)
     }
 

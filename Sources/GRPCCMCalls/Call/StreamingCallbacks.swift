@@ -15,6 +15,7 @@ public struct StreamingCallbacks: Sendable {
     /// The end, exactly once, after every message.
     public var onFinish: @Sendable (StreamResult) -> Void
 
+    /// Callbacks for a stream; only `onMessage` and `onFinish` are required.
     public init(
         onInitialMetadata: @escaping @Sendable (CallMetadata) -> Void = { _ in },
         onMessage: @escaping @Sendable ([UInt8]) -> Void,

@@ -18,7 +18,7 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
 
     package let kind: Kind
 
-    /// Parses `host:port`, `[v6]:port`, `unix:/path` (also `unix:///path`).
+    /// Parses `host:port`, `[v6]:port`, `unix:/path` (also `unix:///path`) and `etcd:///name`.
     /// - Throws: `ConfigurationError` naming `address` when the text is not one of those.
     public init(parsing text: String) throws(ConfigurationError) {
         if text.hasPrefix("etcd:///") {

@@ -83,11 +83,11 @@ package struct RequestHead {
     /// `grpc-previous-rpc-attempts` (0: not sent).
     package var previousRPCAttempts: Int
     /// `grpc-encoding` of the request messages (`.identity`: not sent).
-    package var encoding: CompressionAlgorithm
+    package var encoding: CallCompression
 
     package init(
         path: String, metadata: CallMetadata, timeoutNanoseconds: Int64?, previousRPCAttempts: Int,
-        encoding: CompressionAlgorithm = .identity
+        encoding: CallCompression = .identity
     ) {
         self.path = path
         self.metadata = metadata

@@ -18,6 +18,7 @@ import GRPCCMWire
 public final class EtcdRegistration: Sendable {
     /// The key written: `name/address`.
     public let key: String
+    /// The address registered: the key's last part, and the value's `Addr`.
     public let address: String
     private let channel: GRPCChannel
     private let loop: ReactorLoop

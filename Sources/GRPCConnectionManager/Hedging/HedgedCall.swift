@@ -15,7 +15,7 @@ import GRPCCMWire
 final class HedgedCall: @unchecked Sendable {
     private let environment: CallEnvironment
     private let path: String
-    private let policy: HedgingPolicy
+    private let policy: CallHedgingPolicy
     /// Makes attempt n (1-based), its completion wired back here.
     private let makeAttempt: (_ number: Int, _ coordinator: HedgedCall) -> ClientCall
     private let completion: @Sendable (UnaryResponse) -> Void
@@ -32,7 +32,7 @@ final class HedgedCall: @unchecked Sendable {
     private var startedAt: UInt64 = 0
 
     init(
-        environment: CallEnvironment, path: String, policy: HedgingPolicy, observers: [any CallObserver],
+        environment: CallEnvironment, path: String, policy: CallHedgingPolicy, observers: [any CallObserver],
         completion: @escaping @Sendable (UnaryResponse) -> Void,
         makeAttempt: @escaping (_ number: Int, _ coordinator: HedgedCall) -> ClientCall
     ) {
@@ -171,7 +171,7 @@ final class HedgedCall: @unchecked Sendable {
 
 /// gRFC A6 hedging for a method or service (`Configuration.hedging`): several attempts in parallel, the first good
 /// answer wins.
-public struct HedgingPolicy: Sendable, Hashable {
+public struct CallHedgingPolicy: Sendable, Hashable {
     /// Attempts at most, the first included: 2...5 (gRFC A6 caps it at 5). Default 2.
     public var maxAttempts: Int = 2
     /// The wait before each further attempt while none has answered. Default 100 ms; `.zero` sends them all at once.
@@ -180,6 +180,7 @@ public struct HedgingPolicy: Sendable, Hashable {
     /// the call. Default UNAVAILABLE.
     public var nonFatalStatusCodes: Set<StatusCode> = [.unavailable]
 
+    /// A policy with these fields (validated with the configuration that holds it).
     public init(maxAttempts: Int = 2, hedgingDelay: Duration = .milliseconds(100), nonFatalStatusCodes: Set<StatusCode> = [.unavailable]) {
         self.maxAttempts = maxAttempts
         self.hedgingDelay = hedgingDelay

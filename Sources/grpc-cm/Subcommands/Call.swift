@@ -113,7 +113,7 @@ struct Call: AsyncParsableCommand {
             if let value, !(value > 0) { throw ValidationError("\(name) must be > 0") }
         }
         if !(0...31_536_000).contains(self.interval) { throw ValidationError("--interval must be 0...31536000 seconds") }
-        if let name = self.compression, CompressionAlgorithm(name: name) == nil {
+        if let name = self.compression, CallCompression(name: name) == nil {
             throw ValidationError("--compression must be gzip, deflate or identity")
         }
         if let attempts = self.retryMaxAttempts, !(1...10).contains(attempts) {
@@ -157,7 +157,7 @@ struct Call: AsyncParsableCommand {
         defer { self.writeMetrics(manager) }
         var options = RequestOptions()
         options.waitForReady = self.waitForReady
-        options.compression = self.compression.flatMap { CompressionAlgorithm(name: $0) }
+        options.compression = self.compression.flatMap { CallCompression(name: $0) }
         if let maxTime = self.maxTime { options.timeout = seconds(maxTime) }
 
         guard let count = self.repeat else {

@@ -1,7 +1,7 @@
 // Everyday code that imports GRPCCore (for its generated clients), SwiftNIO's NIOCore and this package side by side,
 // writing every type name unqualified: it compiles only while no public name of ours is one of theirs (Status,
-// Metadata, CallOptions, RPCError, RetryPolicy; EventLoop, SocketAddress, ByteBuffer, ...). No `@testable` import
-// here: only what a user sees.
+// Metadata, CallOptions, RPCError, RetryPolicy, CompressionAlgorithm, HedgingPolicy; EventLoop, SocketAddress,
+// ByteBuffer, ...). No `@testable` import here: only what a user sees.
 import GRPCConnectionManager
 import GRPCCore
 import GRPCEchoServer
@@ -39,6 +39,10 @@ struct CoexistenceTests {
         var retry = CallRetryPolicy()
         retry.maxAttempts = 2
         #expect(retry.maxAttempts == 2)
+        let compressed = RequestOptions(timeout: .seconds(5), compression: CallCompression.gzip)
+        #expect(compressed.compression == .gzip)
+        let hedging = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
+        #expect(hedging.maxAttempts == 2)
         #expect(TLSSettings().verifyCertificate)
         #expect(NetworkAddress(ip: "127.0.0.1", port: 1) != nil)
 
@@ -52,6 +56,9 @@ struct CoexistenceTests {
         let corePolicy = RetryPolicy(
             maxAttempts: 2, initialBackoff: .milliseconds(10), maxBackoff: .seconds(1), backoffMultiplier: 2,
             retryableStatusCodes: [.unavailable])
+        let coreCompression: CompressionAlgorithm = .gzip
+        let coreHedging = HedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50), nonFatalStatusCodes: [])
+        #expect(coreCompression == .gzip && coreHedging.maxAttempts == 2)
         #expect(coreStatus.code == .notFound && coreError.code == .notFound)
         #expect(coreMetadata.count == 1 && coreOptions.timeout == .seconds(5) && corePolicy.maxAttempts == 2)
 

@@ -53,7 +53,7 @@ struct ConfigurationTests {
         let original = Configuration()
         var changed = original
         changed.http2.maxFrameSize = 1 << 15
-        changed.hedging["/a.B/C"] = HedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(5))
+        changed.hedging["/a.B/C"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(5))
         changed.compression.requestEncodingPerMethod["/a.B/D"] = .gzip
         changed.tls = TLSSettings()
         #expect(original.http2.maxFrameSize == 1 << 14)
@@ -70,7 +70,7 @@ struct ConfigurationTests {
         // Equal fields set apart compare and hash equal; one field apart, they differ.
         var again = Configuration()
         again.http2.maxFrameSize = 1 << 15
-        again.hedging["/a.B/C"] = HedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(5))
+        again.hedging["/a.B/C"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(5))
         again.compression.requestEncodingPerMethod["/a.B/D"] = .gzip
         again.tls = TLSSettings()
         #expect(again == changed && again.hashValue == changed.hashValue)

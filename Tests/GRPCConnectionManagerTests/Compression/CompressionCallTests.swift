@@ -250,7 +250,7 @@ struct CompressionCallTests {
         defer { loop.shutdown() }
         let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
         let counts = ByteCounts(channel)
-        for encoding in [CompressionAlgorithm.gzip, .deflate] {
+        for encoding in [CallCompression.gzip, .deflate] {
             let response = try await channel.unary(
                 path: "/echo.Echo/Get", request: Self.text, options: RequestOptions(compression: encoding))
             #expect(response.message == Self.text, "\(encoding)")

@@ -15,8 +15,8 @@ struct CompressionCodecTests {
         }
     }
 
-    @Test("gzip and deflate round trip, with their own wrappers", arguments: [CompressionAlgorithm.gzip, .deflate])
-    func roundTrip(_ algorithm: CompressionAlgorithm) throws {
+    @Test("gzip and deflate round trip, with their own wrappers", arguments: [CallCompression.gzip, .deflate])
+    func roundTrip(_ algorithm: CallCompression) throws {
         let decompressor = MessageDecompressor()
         for size in [0, 1, 100, 70_000, 1 << 20] {
             let message = Self.sample(size)
@@ -29,7 +29,7 @@ struct CompressionCodecTests {
             #expect(try decompressor.decompress(compressed, with: algorithm, limit: 4 << 20) == message, "size \(size)")
         }
         // One algorithm's bytes are not the other's.
-        let other: CompressionAlgorithm = algorithm == .gzip ? .deflate : .gzip
+        let other: CallCompression = algorithm == .gzip ? .deflate : .gzip
         let compressed = MessageCompressor.compress([1, 2, 3], with: other)
         #expect(throws: MessageDecompressor.Failure.self) {
             try decompressor.decompress(compressed, with: algorithm, limit: 100)
@@ -87,8 +87,8 @@ struct CompressionCodecTests {
 
     @Test(
         "inflatedSize agrees with decompress on every input: the size, or the same refusal",
-        arguments: [CompressionAlgorithm.gzip, .deflate])
-    func inflatedSizeAgrees(_ algorithm: CompressionAlgorithm) throws {
+        arguments: [CallCompression.gzip, .deflate])
+    func inflatedSizeAgrees(_ algorithm: CallCompression) throws {
         let decompressor = MessageDecompressor()
         let large = MessageCompressor.compress([UInt8](repeating: 7, count: 3 << 20), with: algorithm)
         let good = MessageCompressor.compress(Self.sample(5000), with: algorithm)
@@ -117,7 +117,7 @@ struct CompressionCodecTests {
                     let decompressor = MessageDecompressor()
                     for round in 0..<50 {
                         let message = Self.sample(1000 + task * 10 + round)
-                        let algorithm: CompressionAlgorithm = round % 2 == 0 ? .gzip : .deflate
+                        let algorithm: CallCompression = round % 2 == 0 ? .gzip : .deflate
                         let back = try? decompressor.decompress(
                             MessageCompressor.compress(message, with: algorithm), with: algorithm, limit: 1 << 20)
                         if back != message { return false }

@@ -10,7 +10,7 @@ import Testing
 @Suite("Hedging", .serialized)
 struct HedgingTests {
     static func channel(
-        _ peers: [PythonPeer], loop: ReactorLoop, policy: HedgingPolicy, throttling: RetryThrottling? = RetryThrottling()
+        _ peers: [PythonPeer], loop: ReactorLoop, policy: CallHedgingPolicy, throttling: RetryThrottling? = RetryThrottling()
     ) throws -> (GRPCChannel, EventRecorder) {
         var configuration = Configuration()
         configuration.retry.throttling = throttling
@@ -37,7 +37,7 @@ struct HedgingTests {
         loop.start()
         defer { loop.shutdown() }
         let (channel, recorder) = try Self.channel(
-            [slow, fast], loop: loop, policy: HedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50)))
+            [slow, fast], loop: loop, policy: CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50)))
         channel.connect()
         #expect(await eventually { await channel.connectivity().state == .ready })
         // Round robin sends every other first attempt to the slow backend: each of those is answered by its hedge.
@@ -80,7 +80,7 @@ struct HedgingTests {
         defer { loop.shutdown() }
         // A long delay: only a non-fatal failure can bring the second attempt in time.
         let (channel, _) = try Self.channel(
-            [broken, good], loop: loop, policy: HedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
+            [broken, good], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
         channel.connect()
         #expect(await eventually { await channel.connectivity().state == .ready })
         for _ in 0..<4 {
@@ -93,7 +93,7 @@ struct HedgingTests {
         defer { fatal.stop() }
         // A long delay again: a fatal code must not bring the next attempt (a non-fatal one would, at once).
         let (strict, recorder) = try Self.channel(
-            [fatal], loop: loop, policy: HedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
+            [fatal], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
         let response = await strict.unaryResult(path: "/echo.Echo/Get", request: [1])
         #expect(response.status.code == .invalidArgument)
         #expect(await eventually {
@@ -112,7 +112,7 @@ struct HedgingTests {
         defer { loop.shutdown() }
         var configuration = Configuration()
         configuration.enableCircuitBreaker = false
-        configuration.hedging["echo.Echo"] = HedgingPolicy(maxAttempts: 3, hedgingDelay: .milliseconds(50))
+        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .milliseconds(50))
         let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
         let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [1])
         #expect(response.status.code == .unavailable, "\(response.status)")
@@ -129,7 +129,7 @@ struct HedgingTests {
         // Each UNAVAILABLE costs a token; with 2 tokens the first failure leaves the throttle at its threshold.
         var throttling = RetryThrottling()
         throttling.maxTokens = 2
-        let policy = HedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30))
+        let policy = CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30))
         for (throttle, expected) in [(throttling as RetryThrottling?, 1), (nil, 3)] {
             let (channel, recorder) = try Self.channel([broken], loop: loop, policy: policy, throttling: throttle)
             let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [1])
@@ -148,7 +148,7 @@ struct HedgingTests {
         let loop = try ReactorLoop()
         loop.start()
         let (channel, recorder) = try Self.channel(
-            [slow], loop: loop, policy: HedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(20)))
+            [slow], loop: loop, policy: CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(20)))
         let ledger = CompletionLedger()
         let task = Task { await channel.call("/echo.Echo/Get", [1], ledger: ledger, id: 1) }
         #expect(await eventually {
@@ -168,7 +168,7 @@ struct HedgingTests {
         loop.start()
         defer { loop.shutdown() }
         let (channel, recorder) = try Self.channel(
-            [slow], loop: loop, policy: HedgingPolicy(maxAttempts: 3, hedgingDelay: .milliseconds(20)))
+            [slow], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .milliseconds(20)))
         let task = Task { await channel.unaryResult(path: "/echo.Echo/Get", request: [1]) }
         #expect(await eventually {
             recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 1
@@ -183,8 +183,8 @@ struct HedgingTests {
             } == 3
         })
         for (field, policy) in [
-            ("maxAttempts", HedgingPolicy(maxAttempts: 1)), ("maxAttempts", HedgingPolicy(maxAttempts: 6)),
-            ("hedgingDelay", HedgingPolicy(hedgingDelay: .milliseconds(-1))),
+            ("maxAttempts", CallHedgingPolicy(maxAttempts: 1)), ("maxAttempts", CallHedgingPolicy(maxAttempts: 6)),
+            ("hedgingDelay", CallHedgingPolicy(hedgingDelay: .milliseconds(-1))),
         ] {
             var configuration = Configuration()
             configuration.hedging["/a.B/C"] = policy

@@ -1,6 +1,6 @@
 /// A message compression algorithm (gRPC `doc/compression.md`): what `grpc-encoding` names and
 /// `grpc-accept-encoding` lists.
-public enum CompressionAlgorithm: String, Sendable, Hashable, CaseIterable, CustomStringConvertible {
+public enum CallCompression: String, Sendable, Hashable, CaseIterable, CustomStringConvertible {
     /// No compression.
     case identity
     /// gzip (RFC 1952), through zlib.
