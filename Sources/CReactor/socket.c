@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static void cr_set_nodelay(int fd, sa_family_t family) {
@@ -118,6 +119,27 @@ int cr_make_unix_address(const char *path, struct sockaddr_un *out) {
     out->sun_family = AF_UNIX;
     memcpy(out->sun_path, path, len);
     return (int)(offsetof(struct sockaddr_un, sun_path) + len + 1);
+}
+
+int cr_unix_path_claim(const char *path) {
+    struct stat info;
+    if (lstat(path, &info) != 0) return errno == ENOENT ? 0 : -errno;
+    if (!S_ISSOCK(info.st_mode)) return -EEXIST;
+    struct sockaddr_un address;
+    int length = cr_make_unix_address(path, &address);
+    if (length < 0) return length;
+    int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (probe < 0) return -errno;
+    int rc;
+    do {
+        rc = connect(probe, (struct sockaddr *)&address, (socklen_t)length);
+    } while (rc != 0 && errno == EINTR);
+    int err = rc == 0 ? 0 : errno;
+    close(probe);
+    // Connected, or refused only because its backlog is full (EAGAIN): a server is there.
+    if (rc == 0 || err == EAGAIN) return -EADDRINUSE;
+    if (err != ECONNREFUSED) return -err;
+    return unlink(path) == 0 || errno == ENOENT ? 0 : -errno;
 }
 
 #endif  // __linux__

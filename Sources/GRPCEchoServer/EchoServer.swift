@@ -68,7 +68,14 @@ public final class EchoServer: Sendable {
         let socketAddress: NetworkAddress
         if host.hasPrefix("unix:") {
             let path = String(host.dropFirst(5))
-            unlink(path)
+            // A stale socket of a server that is gone is replaced; anything else at the path is left alone.
+            let claimed = cr_unix_path_claim(path)
+            switch -claimed {
+            case 0: break
+            case EEXIST: throw ReactorError(operation: "listen on \(host) (a file that is not a socket is there)", errno: EEXIST)
+            case EADDRINUSE: throw ReactorError(operation: "listen on \(host) (another server listens there)", errno: EADDRINUSE)
+            default: throw ReactorError(operation: "check \(host) for a stale socket", errno: -claimed)
+            }
             socketAddress = NetworkAddress(unixPath: path)
         } else {
             guard let address = NetworkAddress(ip: host, port: port) else {
@@ -94,6 +101,7 @@ public final class EchoServer: Sendable {
         }
         self.listener = EchoListener(
             reactor: loop.reactor, fd: fd, options: options, tls: tls, ownsLoop: eventLoop == nil ? loop : nil)
+        if host.hasPrefix("unix:") { self.listener.socketFile = SocketFile(path: String(host.dropFirst(5))) }
         let listener = self.listener
         if loop.reactor.inReactorThread {
             listener.start()
@@ -192,6 +200,9 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
         return seen
     }
 
+    /// The Unix socket's file, removed when the server stops listening.
+    var socketFile: SocketFile?
+
     init(reactor: Reactor, fd: Int32, options: EchoServer.Options, tls: TLSContext?, ownsLoop: ReactorLoop?) {
         self.tls = tls
         self.reactor = reactor
@@ -262,6 +273,7 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
         if self.fd >= 0 {
             _ = cr_close(self.fd)
             self.fd = -1
+            self.socketFile?.remove()
         }
     }
 
@@ -277,6 +289,28 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     /// The reactor is stopping.
     override func reactorRunSubmitted() {
         self.shutdown()
+    }
+}
+
+/// A listening Unix socket's file, known by its inode so that stopping removes that file and not another one made at
+/// the same path since (by a server started after this one was given up for dead).
+struct SocketFile {
+    let path: String
+    private let identity: (device: UInt64, inode: UInt64)?
+
+    init(path: String) {
+        self.path = path
+        self.identity = Self.identity(of: path)
+    }
+
+    func remove() {
+        if let identity = self.identity, let now = Self.identity(of: self.path), now == identity { unlink(self.path) }
+    }
+
+    private static func identity(of path: String) -> (device: UInt64, inode: UInt64)? {
+        var info = stat()
+        guard lstat(path, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK else { return nil }
+        return (UInt64(info.st_dev), UInt64(info.st_ino))
     }
 }
 

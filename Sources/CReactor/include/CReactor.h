@@ -122,6 +122,10 @@ ssize_t cr_write(int fd, const void *_Nonnull buffer, size_t length);
 int cr_close(int fd);
 /// Fills a sockaddr_un for a path. Returns its length, or -ENAMETOOLONG.
 int cr_make_unix_address(const char *_Nonnull path, struct sockaddr_un *_Nonnull out);
+/// Makes `path` free for a Unix listener: nothing there, or a socket nobody listens on any more (a crashed server's;
+/// removed). 0 when free; -EEXIST when something else is there (a file, a directory); -EADDRINUSE when a server
+/// listens on it; another -errno when it cannot be checked.
+int cr_unix_path_claim(const char *_Nonnull path);
 /// Ignores SIGPIPE for the process (writes to a closed socket then fail with EPIPE instead of killing us).
 void cr_ignore_sigpipe(void);
 

@@ -57,7 +57,8 @@ struct Serve: AsyncParsableCommand {
         do {
             server = try EchoServer(host: self.host, port: self.port, options: options)
         } catch {
-            writeStderr("error: cannot serve on \(self.host):\(self.port): \(error)\n")
+            let place = self.host.hasPrefix("unix:") ? self.host : "\(self.host):\(self.port)"
+            writeStderr("error: cannot serve on \(place): \(error)\n")
             throw ExitCode(1)
         }
         writeStderr("grpc-cm echo server listening on \(server.address)\(self.tlsCert == nil ? "" : " (TLS)")\n")

@@ -202,6 +202,42 @@ struct LoopbackCallTests {
         #expect(response.message == [5])
     }
 
+    @Test("a Unix path: a file there is refused and kept, a live server's path refused, a stale socket replaced, ours removed on close")
+    func unixPathIsClaimedWithCare() async throws {
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let path = "/tmp/grpc-cm-test-claim-\(getpid()).sock"
+        unlink(path)
+        defer { unlink(path) }
+
+        #expect(FileManager.default.createFile(atPath: path, contents: Data("keep me".utf8)))
+        #expect(throws: ReactorError.self) { try EchoServer(host: "unix:\(path)", eventLoop: loop) }
+        #expect(FileManager.default.contents(atPath: path) == Data("keep me".utf8), "a file is never deleted")
+        unlink(path)
+
+        // A socket left by a server that died: nobody listens, so it is replaced.
+        var stale = sockaddr_un()
+        stale.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &stale.sun_path) { raw in for (i, byte) in path.utf8.enumerated() { raw[i] = byte } }
+        let dead = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        #expect(withUnsafePointer(to: &stale) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(dead, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        } == 0)
+        close(dead)
+        let server = try EchoServer(host: "unix:\(path)", eventLoop: loop)
+        let channel = try GRPCChannel(target: "unix:\(path)", eventLoop: loop)
+        defer { channel.close() }
+        #expect(await channel.call([3], timeout: .seconds(5)).message == [3])
+
+        // A second server on a live path is refused, and the first keeps serving.
+        #expect(throws: ReactorError.self) { try EchoServer(host: "unix:\(path)", eventLoop: loop) }
+        #expect(await channel.call([4], timeout: .seconds(5)).message == [4])
+
+        server.close()
+        #expect(!FileManager.default.fileExists(atPath: path), "the socket file goes with the server")
+    }
+
     @Test("a Unix listener whose backlog is full fails the connect at once (EAGAIN), and a server there later is reached")
     func unixBacklogFull() async throws {
         let loop = try ReactorLoop()
