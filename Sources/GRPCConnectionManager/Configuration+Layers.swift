@@ -40,7 +40,7 @@ extension Configuration {
             initialStreamWindowSize: self.http2.initialStreamWindowSize,
             connectionWindowSize: self.http2.connectionWindowSize, maxFrameSize: self.http2.maxFrameSize,
             maxHeaderListSize: self.http2.maxHeaderListSize,
-            userAgent: self.userAgentPrefix.map { "\($0) \(GRPCConnectionManagerVersion.userAgent)" }
+            userAgent: self.userAgentPrefix.flatMap { $0.isEmpty ? nil : "\($0) \(GRPCConnectionManagerVersion.userAgent)" }
                 ?? GRPCConnectionManagerVersion.userAgent,
             acceptEncoding: self.compression.acceptEncodingHeader)
     }

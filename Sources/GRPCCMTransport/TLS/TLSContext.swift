@@ -1,5 +1,9 @@
 import COpenSSL
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// An SSL_CTX built from a `TLSSettings` (client) or a certificate and key (server). Immutable once built.
 package final class TLSContext: @unchecked Sendable {
     // `@unchecked`: the SSL_CTX is configured in init and only read afterwards (SSL_new), which OpenSSL allows
@@ -26,7 +30,7 @@ package final class TLSContext: @unchecked Sendable {
                 SSL_CTX_set_default_verify_paths(context)
             case .file(let path):
                 guard SSL_CTX_load_verify_locations(context, path, nil) == 1 else {
-                    throw TLSError.configuration("cannot load CA certificates from \(path): \(TLSError.lastOpenSSLError() ?? "unknown error")")
+                    throw Self.loadFailure("CA certificates", path)
                 }
             }
         } else {
@@ -49,7 +53,7 @@ package final class TLSContext: @unchecked Sendable {
         try Self.loadIdentity(context, chain: chain, key: key)
         if let clientCA {
             guard SSL_CTX_load_verify_locations(context, clientCA, nil) == 1 else {
-                throw TLSError.configuration("cannot load client CA from \(clientCA): \(TLSError.lastOpenSSLError() ?? "unknown error")")
+                throw Self.loadFailure("client CA", clientCA)
             }
             SSL_CTX_set_verify(context, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nil)
         }
@@ -62,12 +66,20 @@ package final class TLSContext: @unchecked Sendable {
     /// Whether the context refuses TLS renegotiation (it always does; tests check it).
     package var refusesRenegotiation: Bool { copenssl_ctx_refuses_renegotiation(self.context) != 0 }
 
+    /// Why `path` could not be loaded as `what`: the file system's reason when the file cannot be read (OpenSSL's
+    /// own says only "system lib"), else OpenSSL's (not PEM, the wrong kind of object).
+    private static func loadFailure(_ what: String, _ path: String) -> TLSError {
+        let reason = access(path, R_OK) != 0
+            ? String(cString: strerror(errno)) : (TLSError.lastOpenSSLError() ?? "unknown error")
+        return TLSError.configuration("cannot load \(what) from \(path): \(reason)")
+    }
+
     private static func loadIdentity(_ context: OpaquePointer, chain: String, key: String) throws(TLSError) {
         guard SSL_CTX_use_certificate_chain_file(context, chain) == 1 else {
-            throw TLSError.configuration("cannot load certificate chain \(chain): \(TLSError.lastOpenSSLError() ?? "unknown error")")
+            throw Self.loadFailure("certificate chain", chain)
         }
         guard SSL_CTX_use_PrivateKey_file(context, key, SSL_FILETYPE_PEM) == 1 else {
-            throw TLSError.configuration("cannot load private key \(key): \(TLSError.lastOpenSSLError() ?? "unknown error")")
+            throw Self.loadFailure("private key", key)
         }
         guard SSL_CTX_check_private_key(context) == 1 else {
             throw TLSError.configuration("private key \(key) does not match the certificate \(chain)")

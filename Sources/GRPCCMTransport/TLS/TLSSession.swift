@@ -183,7 +183,9 @@ package final class TLSSession {
     private func describeFailure(_ error: Int32) -> String {
         let verify = SSL_get_verify_result(self.ssl)
         var reason = TLSError.lastOpenSSLError() ?? "TLS error \(error)"
-        if verify != X509_V_OK {
+        // OpenSSL records the chain's verdict even when nothing is verified (verification off): it is the reason
+        // only when it was asked for.
+        if verify != X509_V_OK && SSL_get_verify_mode(self.ssl) & SSL_VERIFY_PEER != 0 {
             reason = "certificate verify failed: \(String(cString: X509_verify_cert_error_string(verify)))"
         }
         ERR_clear_error()

@@ -106,6 +106,9 @@ struct Call: AsyncParsableCommand {
         if let maxTime = self.maxTime, !(maxTime > 0) { throw ValidationError("--max-time must be > 0") }
         if !(self.connectTimeout > 0) { throw ValidationError("--connect-timeout must be > 0") }
         if let count = self.repeat, count < 1 { throw ValidationError("--repeat must be at least 1") }
+        if self.repeat != nil && (self.out != nil || self.hex || self.verbose) {
+            throw ValidationError("--out, --hex and -v are for a single call: --repeat prints one line per call")
+        }
         for (name, value) in [
             ("--keepalive-time", self.keepaliveTime), ("--keepalive-timeout", self.keepaliveTimeout),
             ("--max-reconnect-delay", self.maxReconnectDelay),
@@ -131,7 +134,7 @@ struct Call: AsyncParsableCommand {
 
     func run() async throws {
         let request = try self.readRequest()
-        let metadata = try self.parseHeaders()
+        let metadata = try parseMetadataHeaders(self.headers, flag: "-H")
         var configuration = Configuration()
         configuration.minConnectTimeout = seconds(self.connectTimeout)
         configuration.tls = self.security.configuration
@@ -154,7 +157,21 @@ struct Call: AsyncParsableCommand {
         } catch {
             throw ValidationError("\(error)")
         }
-        defer { self.writeMetrics(manager) }
+        // The metrics are written whatever the calls did; a failure to write them exits 1 unless a call failed.
+        let outcome: Result<Void, any Error>
+        do {
+            try await self.makeCalls(on: channel, request: request, metadata: metadata)
+            outcome = .success(())
+        } catch {
+            outcome = .failure(error)
+        }
+        let metricsWritten = self.writeMetrics(manager)
+        try outcome.get()
+        if !metricsWritten { throw ExitCode(1) }
+    }
+
+    /// The call, or with `--repeat` the calls, with their output; throws the exit code of a failure.
+    private func makeCalls(on channel: GRPCChannel, request: [UInt8], metadata: CallMetadata) async throws {
         var options = RequestOptions()
         options.waitForReady = self.waitForReady
         options.compression = self.compression.flatMap { CallCompression(name: $0) }
@@ -186,18 +203,22 @@ struct Call: AsyncParsableCommand {
                 try writeStdout(Array("\(index) OK \(latencyText)\n".utf8))
             } else {
                 lastFailure = response.status.code
-                try writeStdout(Array("\(index) \(response.status.code.name) \(latencyText) \(response.status.message)\n".utf8))
+                // One line per call, whatever the message holds.
+                let message = response.status.message.map { $0 == "\n" ? "\\n" : $0 == "\r" ? "\\r" : String($0) }.joined()
+                try writeStdout(Array("\(index) \(response.status.code.name) \(latencyText) \(message)\n".utf8))
             }
         }
         if let code = lastFailure { throw ExitCode(Int32(64 + code.rawValue)) }
     }
 
-    /// Writes the exposition for --metrics-out (at exit, whatever the outcome).
-    private func writeMetrics(_ manager: ConnectionManager) {
-        guard let path = self.metricsOut, let text = manager.metricsText() else { return }
+    /// Writes the exposition for --metrics-out (at exit, whatever the outcome). False when it could not be written.
+    private func writeMetrics(_ manager: ConnectionManager) -> Bool {
+        guard let path = self.metricsOut, let text = manager.metricsText() else { return true }
         if let problem = writeFile(path, Array(text.utf8)) {
             writeStderr("error: cannot write --metrics-out \(path): \(problem)\n")
+            return false
         }
+        return true
     }
 
     private func readRequest() throws -> [UInt8] {
@@ -224,31 +245,6 @@ struct Call: AsyncParsableCommand {
             }
         }
         return bytes
-    }
-
-    private func parseHeaders() throws -> CallMetadata {
-        var metadata = CallMetadata()
-        for header in self.headers {
-            guard let colon = header.firstIndex(of: ":") else {
-                throw ValidationError("-H '\(header)': expected 'name: value'")
-            }
-            let name = header[..<colon].trimmingSpaces().lowercased()
-            let value = header[header.index(after: colon)...].trimmingSpaces()
-            if name.hasSuffix("-bin") {
-                guard let bytes = decodeBase64(value) else {
-                    throw ValidationError("-H '\(header)': a -bin value must be base64")
-                }
-                metadata.add(name, binary: bytes)
-            } else {
-                metadata.add(name, value)
-            }
-        }
-        do {
-            try metadata.validate()
-        } catch {
-            throw ValidationError("\(error)")
-        }
-        return metadata
     }
 
     private func writeResponse(_ bytes: [UInt8]) throws {
@@ -282,6 +278,34 @@ extension Substring {
     func trimmingSpaces() -> String {
         String(self.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
     }
+}
+
+/// Request metadata from `name: value` flags (`call -H`, `health -rpc-header`): names lower-cased, `-bin` values
+/// decoded from base64, every entry validated. Throws a `ValidationError` naming the flag and the entry, so that a bad
+/// header is a usage error, never a failed call.
+func parseMetadataHeaders(_ headers: [String], flag: String) throws -> CallMetadata {
+    var metadata = CallMetadata()
+    for header in headers {
+        guard let colon = header.firstIndex(of: ":"), !header[..<colon].trimmingSpaces().isEmpty else {
+            throw ValidationError("\(flag) '\(header)': expected 'name: value'")
+        }
+        let name = header[..<colon].trimmingSpaces().lowercased()
+        let value = header[header.index(after: colon)...].trimmingSpaces()
+        if name.hasSuffix("-bin") {
+            guard let bytes = decodeBase64(value) else {
+                throw ValidationError("\(flag) '\(header)': a -bin value must be base64")
+            }
+            metadata.add(name, binary: bytes)
+        } else {
+            metadata.add(name, value)
+        }
+    }
+    do {
+        try metadata.validate()
+    } catch {
+        throw ValidationError("\(flag): \(error)")
+    }
+    return metadata
 }
 
 /// Writes `bytes` to `path` (created or truncated). Returns the reason when it fails.

@@ -84,16 +84,7 @@ struct Health: AsyncParsableCommand {
         if (self.tlsClientCert == nil) != (self.tlsClientKey == nil) {
             throw ValidationError("-tls-client-cert and -tls-client-key go together")
         }
-        for header in self.rpcHeaders where Self.header(header) == nil {
-            throw ValidationError("-rpc-header \"\(header)\": expected 'name: value'")
-        }
-    }
-
-    static func header(_ text: String) -> (String, String)? {
-        guard let colon = text.firstIndex(of: ":") else { return nil }
-        let name = trimmed(text[..<colon]).lowercased()
-        let value = trimmed(text[text.index(after: colon)...])
-        return name.isEmpty ? nil : (name, value)
+        _ = try parseMetadataHeaders(self.rpcHeaders, flag: "-rpc-header")
     }
 
     func run() async throws {
@@ -110,11 +101,7 @@ struct Health: AsyncParsableCommand {
                 caFile: self.tlsCACert, certificate: self.tlsClientCert, key: self.tlsClientKey,
                 serverName: self.tlsServerName, verify: !self.tlsNoVerify)
         }
-        var metadata = CallMetadata()
-        for header in self.rpcHeaders {
-            let (name, value) = Self.header(header)!
-            metadata.add(name, value)
-        }
+        let metadata = try parseMetadataHeaders(self.rpcHeaders, flag: "-rpc-header")
         let channel: GRPCChannel
         do {
             channel = try GRPCChannel(target: target, configuration: configuration)
@@ -223,8 +210,3 @@ enum GoDuration {
     }
 }
 
-
-/// `text` without leading and trailing spaces.
-private func trimmed(_ text: Substring) -> String {
-    String(text.drop { $0 == " " }.reversed().drop { $0 == " " }.reversed())
-}

@@ -91,6 +91,17 @@ struct ConfigurationTests {
         #expect(try configuration.makeResolver(for: Target(parsing: "localhost:50051")) is SystemResolver)
     }
 
+    /// The user-agent is the prefix, a space, then ours; an empty prefix (`health -user-agent=`) is none, not a
+    /// leading space.
+    @Test func userAgentPrefix() {
+        var configuration = Configuration()
+        #expect(configuration.http2ClientSettings.userAgent == GRPCConnectionManagerVersion.userAgent)
+        configuration.userAgentPrefix = "probe/1"
+        #expect(configuration.http2ClientSettings.userAgent == "probe/1 \(GRPCConnectionManagerVersion.userAgent)")
+        configuration.userAgentPrefix = ""
+        #expect(configuration.http2ClientSettings.userAgent == GRPCConnectionManagerVersion.userAgent)
+    }
+
     /// Printed, a configuration shows its fields (not the storage that holds them).
     @Test func printsItsFields() {
         var configuration = Configuration()

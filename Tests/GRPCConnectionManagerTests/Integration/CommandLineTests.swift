@@ -33,6 +33,36 @@ struct CommandLineTests {
         #expect(failed.contains("Code: NotFound"))
     }
 
+    @Test("bad flags are usage errors, lost output is exit 1, and messages name the real reason")
+    func usageErrorsAndReasons() throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let cli = grpcCMBinary()
+        let target = fixture.target
+        /// Exit status and everything the command wrote (stdout and stderr).
+        func run(_ arguments: String) throws -> (status: Int32, output: String) {
+            try runProgram("/bin/sh", ["-c", "'\(cli)' \(arguments) 2>&1"])
+        }
+        // health: a bad -rpc-header is a bad argument (1), not a failed RPC (3); -bin values are base64, as in call.
+        let port = target.split(separator: ":").last!
+        #expect(try run("health -addr=:\(port) '-rpc-header=te: x'").status == 1)
+        #expect(try run("health -addr=:\(port) '-rpc-header=x-trace-bin: AA!'").status == 1)
+        #expect(try run("health -addr=:\(port) '-rpc-header=x-trace-bin: AAE='") == (0, "status: SERVING\n"))
+        // call: a --metrics-out that cannot be written is not a success.
+        let lost = try run("call --plaintext \(target) a.B/C --metrics-out /nonexistent/dir/m.prom")
+        #expect(lost.status == 1)
+        #expect(lost.output.contains("cannot write --metrics-out /nonexistent/dir/m.prom: No such file or directory"))
+        // --repeat prints one line per call: the single-call outputs are refused, a message's newline escaped.
+        #expect(try run("call --plaintext \(target) a.B/C --repeat 2 --hex").status == 2)
+        let lines = try run("call --plaintext \(target) a.B/C --repeat 1 -H 'x-fail-code: 5' -H 'x-fail-message: a%0Ab'")
+        #expect(lines.status == 64 + 5)
+        #expect(lines.output.hasPrefix("1 NotFound ") && lines.output.hasSuffix(" a\\nb\n"), "\(lines.output)")
+        // A PEM file that is not there says so (OpenSSL alone says "system lib").
+        let missing = try run("call --cacert /nonexistent/ca.pem \(target) a.B/C")
+        #expect(missing.status == 2)
+        #expect(missing.output.contains("cannot load CA certificates from /nonexistent/ca.pem: No such file or directory"))
+    }
+
     @Test("out of fds, grpc-cm serve pauses accepting instead of spinning, and resumes once fds are free")
     func serveOutOfFDs() async throws {
         // Its own process: out of fds, this test process's libdispatch would trap.

@@ -115,7 +115,17 @@ struct TLSTests {
         let without = try GRPCChannel(target: "127.0.0.1:\(server.port)", configuration: Self.tls(certificates), eventLoop: loop)
         let refused = await without.call([7], timeout: .seconds(5))
         #expect(refused.status.code == .unavailable)
-        #expect(!refused.status.message.isEmpty)
+        #expect(refused.status.message.contains("certificate required"), "\(refused.status.message)")
+        // With verification off the reason is still the server's, not a verdict on its chain nobody asked for.
+        let unverified = try GRPCChannel(
+            target: "127.0.0.1:\(server.port)",
+            configuration: Self.tls(certificates) {
+                $0.trustRoots = .system
+                $0.verifyCertificate = false
+            }, eventLoop: loop)
+        let refusedAgain = await unverified.call([7], timeout: .seconds(5))
+        #expect(refusedAgain.status.code == .unavailable)
+        #expect(refusedAgain.status.message.contains("certificate required"), "\(refusedAgain.status.message)")
     }
 
     @Test("a TLS server that does not select h2 through ALPN is refused, saying so")
