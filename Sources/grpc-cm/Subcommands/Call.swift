@@ -259,14 +259,22 @@ struct Call: AsyncParsableCommand {
         }
     }
 
+    /// grpcurl's `-v` layout (to stderr: stdout holds the response bytes): names sorted, a name's values in the order
+    /// they came, `-bin` values as padded standard base64, `(empty)` for none.
     static func printVerbose(_ response: UnaryResponse) {
-        var text = "\nResponse headers received:\n"
-        for entry in response.initialMetadata { text += "\(entry.name): \(entry.value)\n" }
-        if response.initialMetadata.isEmpty { text += "(empty)\n" }
-        text += "\nResponse trailers received:\n"
-        for entry in response.trailingMetadata { text += "\(entry.name): \(entry.value)\n" }
-        if response.trailingMetadata.isEmpty { text += "(empty)\n" }
-        writeStderr(text)
+        func lines(_ metadata: CallMetadata) -> String {
+            if metadata.isEmpty { return "(empty)\n" }
+            let sorted = metadata.enumerated().sorted { ($0.element.name, $0.offset) < ($1.element.name, $1.offset) }
+            return sorted.map { _, entry in
+                switch entry.value {
+                case .string(let text): return "\(entry.name): \(text)\n"
+                case .binary(let bytes): return "\(entry.name): \(paddedBase64(bytes))\n"
+                }
+            }.joined()
+        }
+        writeStderr(
+            "\nResponse headers received:\n" + lines(response.initialMetadata)
+                + "\nResponse trailers received:\n" + lines(response.trailingMetadata))
     }
 
     static func printError(_ status: CallStatus) {
@@ -374,6 +382,12 @@ func encodeHex(_ bytes: [UInt8]) -> String {
         out.append(digits[Int(byte & 0xF)])
     }
     return String(decoding: out, as: UTF8.self)
+}
+
+/// Standard base64 with `=` padding, as grpcurl prints `-bin` values (the wire form is unpadded).
+func paddedBase64(_ bytes: [UInt8]) -> String {
+    let text = Base64.encode(bytes)
+    return text + String(repeating: "=", count: (4 - text.utf8.count % 4) % 4)
 }
 
 func decodeBase64(_ text: String) -> [UInt8]? {

@@ -15,7 +15,7 @@ struct CommandLineTests {
         #expect(output.contains("USAGE: grpc-cm"))
     }
 
-    @Test("call -v prints the response headers and trailers, '(empty)' for none, as grpcurl does")
+    @Test("call -v prints the response headers and trailers as grpcurl does: sorted, -bin padded, '(empty)' for none")
     func verbose() throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
@@ -24,8 +24,9 @@ struct CommandLineTests {
                 "/bin/sh", ["-c", "'\(grpcCMBinary())' call --plaintext \(fixture.target) echo.Echo/Get --data-hex 01 -v \(flags) 2>&1 >/dev/null"]
             ).output
         }
-        let echoed = try stderr("-H 'x-note: hi'")
-        #expect(echoed.contains("Response headers received:\nx-note: hi\n"), "\(echoed)")
+        // grpcurl's layout: names sorted, -bin values padded.
+        let echoed = try stderr("-H 'x-zz: last' -H 'x-data-bin: AQ' -H 'x-aa: first'")
+        #expect(echoed.contains("Response headers received:\nx-aa: first\nx-data-bin: AQ==\nx-zz: last\n"), "\(echoed)")
         #expect(echoed.contains("Response trailers received:\n"))
         // A trailers-only failure has no response headers.
         let failed = try stderr("-H 'x-fail-code: 5'")
