@@ -20,15 +20,35 @@ struct GRPCCM: AsyncParsableCommand {
 /// are caught here and exit 2, like grpcurl's usage errors.
 @main
 enum Main {
-    /// Probes write `-service=` for the whole server: an empty value glued to its flag, which the argument parser
-    /// would read as a flag without a value. Split it into the flag and an empty argument. Only an empty value: the
-    /// first `=` is the last character (`-rpc-header=authorization: Basic dXNlcjpwdw==` is a value ending in `=`).
+    /// `health` reads its flags as grpc_health_probe does, with Go's `flag` package, which the argument parser does
+    /// not: `--name` is `-name`; a boolean flag takes `=true` or `=false` (and Go's other spellings); and a probe
+    /// writes `-service=` for the whole server, an empty value glued to its flag, which the parser would read as a
+    /// flag without a value, so it is split into the flag and an empty argument. Only an empty value: the first `=`
+    /// is the last character (`-rpc-header=authorization: Basic dXNlcjpwdw==` is a value ending in `=`).
     static func arguments(_ raw: [String]) -> [String] {
         guard raw.first == "health" else { return raw }
-        return raw.flatMap { argument -> [String] in
-            argument.hasPrefix("-") && argument.count > 2 && argument.firstIndex(of: "=") == argument.index(before: argument.endIndex)
-                ? [String(argument.dropLast()), ""] : [argument]
+        var result = [raw[0]]
+        for argument in raw.dropFirst() {
+            guard argument.hasPrefix("-"), argument.count > 2 else {
+                result.append(argument)
+                continue
+            }
+            let flag = argument.hasPrefix("--") && Health.probeFlags.contains(String(argument.dropFirst(2).prefix { $0 != "=" }))
+                ? String(argument.dropFirst()) : argument
+            let name = String(flag.dropFirst().prefix { $0 != "=" })
+            if Health.probeBooleans.contains(name), let equals = flag.firstIndex(of: "=") {
+                switch flag[flag.index(after: equals)...] {
+                case "1", "t", "T", "TRUE", "true", "True": result.append("-" + name)
+                case "0", "f", "F", "FALSE", "false", "False": break
+                default: result.append(flag)  // the parser refuses it, naming the flag
+                }
+            } else if flag.firstIndex(of: "=") == flag.index(before: flag.endIndex) {
+                result += [String(flag.dropLast()), ""]
+            } else {
+                result.append(flag)
+            }
         }
+        return result
     }
 
     static func main() async {

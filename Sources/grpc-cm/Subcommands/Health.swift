@@ -56,8 +56,23 @@ struct Health: AsyncParsableCommand {
     @Option(name: [.customLong("tls-server-name", withSingleDash: true), .customLong("servername")], help: "Name for SNI and verification (default: the address's host).")
     var tlsServerName: String?
 
-    @Flag(name: .customShort("v"), help: "Verbose: print the connection and RPC timings.")
+    @Flag(name: .customShort("v"), help: "Verbose: print the connection and RPC timings (on stderr).")
     var verbose = false
+
+    @Flag(name: .customLong("gzip", withSingleDash: true), help: "Compress the request with gzip.")
+    var gzip = false
+
+    @Flag(name: .customLong("version", withSingleDash: true), help: "Print the version and exit.")
+    var printVersion = false
+
+    /// grpc_health_probe's flags, which Go's flag parser also takes with two dashes (`GRPCCM.arguments`).
+    static let probeFlags: Set<String> = [
+        "addr", "service", "connect-timeout", "rpc-timeout", "user-agent", "rpc-header", "tls", "tls-ca-cert",
+        "tls-client-cert", "tls-client-key", "tls-no-verify", "tls-server-name", "v", "gzip", "version", "alts",
+        "spiffe",
+    ]
+    /// The boolean ones, which Go lets take `=true` and `=false`.
+    static let probeBooleans: Set<String> = ["tls", "tls-no-verify", "v", "gzip", "version", "alts", "spiffe"]
 
     @Flag(help: "Plaintext h2c (the default; accepted for grpc-cm's earlier spelling).")
     var plaintext = false
@@ -69,6 +84,7 @@ struct Health: AsyncParsableCommand {
     }
 
     func validate() throws {
+        if self.printVersion { return }
         if self.target == nil { throw ValidationError("-addr not specified") }
         if self.addr != nil && self.positionalAddress != nil { throw ValidationError("give the address once, with -addr") }
         if self.plaintext && self.tls { throw ValidationError("--plaintext and -tls exclude each other") }
@@ -84,10 +100,20 @@ struct Health: AsyncParsableCommand {
         if (self.tlsClientCert == nil) != (self.tlsClientKey == nil) {
             throw ValidationError("-tls-client-cert and -tls-client-key go together")
         }
+        if self.tlsNoVerify && self.tlsCACert != nil {
+            throw ValidationError("cannot specify -tls-ca-cert with -tls-no-verify (CA cert would not be used)")
+        }
+        if self.tlsNoVerify && self.tlsServerName != nil {
+            throw ValidationError("cannot specify -tls-server-name with -tls-no-verify (server name would not be used)")
+        }
         _ = try parseMetadataHeaders(self.rpcHeaders, flag: "-rpc-header")
     }
 
     func run() async throws {
+        if self.printVersion {
+            print(GRPCConnectionManagerVersion.string)
+            return
+        }
         let target = self.target!
         let connectTimeout = GoDuration.parse(self.connectTimeout)!
         let rpcTimeout = GoDuration.parse(self.rpcTimeout)!
@@ -96,6 +122,7 @@ struct Health: AsyncParsableCommand {
         configuration.userAgentPrefix = self.userAgent
         configuration.enableRetry = false
         configuration.enableCircuitBreaker = false
+        if self.gzip { configuration.compression.requestEncoding = .gzip }
         if self.tls {
             configuration.tls = cliTLSSettings(
                 caFile: self.tlsCACert, certificate: self.tlsClientCert, key: self.tlsClientKey,
@@ -135,12 +162,12 @@ struct Health: AsyncParsableCommand {
             throw ExitCode(2)
         }
         let connectedAt = ContinuousClock.now
-        if self.verbose { print("establishing connection took \(connectedAt - started)") }
+        if self.verbose { writeStderr("establishing connection took \(connectedAt - started)\n") }
 
         // Then the RPC, within -rpc-timeout.
         do {
             let status = try await channel.checkHealth(self.service, metadata: metadata, timeout: rpcTimeout)
-            if self.verbose { print("time elapsed: connect=\(connectedAt - started) rpc=\(ContinuousClock.now - connectedAt)") }
+            if self.verbose { writeStderr("time elapsed: connect=\(connectedAt - started) rpc=\(ContinuousClock.now - connectedAt)\n") }
             if status != .serving {
                 writeStderr("service unhealthy (responded with \"\(status)\")\n")
                 throw ExitCode(4)

@@ -64,6 +64,24 @@ struct CommandLineTests {
         #expect(missing.output.contains("cannot load CA certificates from /nonexistent/ca.pem: No such file or directory"))
     }
 
+    @Test("health reads flags as grpc_health_probe's Go parser does: --name, bool=value, -version, -gzip, its conflicts")
+    func healthTakesGoFlags() throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let cli = grpcCMBinary()
+        let port = fixture.target.split(separator: ":").last!
+        let serving = (Int32(0), "status: SERVING\n")
+        #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls=false"]) == serving)
+        #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-v=true"]) == serving, "timings go to stderr")
+        #expect(try runProgram(cli, ["health", "--addr=:\(port)", "--service="]) == serving)
+        #expect(try runProgram(cli, ["health", "--addr", ":\(port)", "-gzip"]) == serving)
+        #expect(try runProgram(cli, ["health", "-version"]) == (0, GRPCConnectionManagerVersion.string + "\n"))
+        #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls=maybe"]).status == 1)
+        for conflict in [["-tls-ca-cert=/tmp/ca.pem"], ["-tls-server-name=example.com"]] {
+            #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls", "-tls-no-verify"] + conflict).status == 1)
+        }
+    }
+
     @Test("out of fds, grpc-cm serve pauses accepting instead of spinning, and resumes once fds are free")
     func serveOutOfFDs() async throws {
         // Its own process: out of fds, this test process's libdispatch would trap.
