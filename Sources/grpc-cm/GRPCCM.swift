@@ -26,6 +26,15 @@ enum Main {
     /// flag without a value, so it is split into the flag and an empty argument. Only an empty value: the first `=`
     /// is the last character (`-rpc-header=authorization: Basic dXNlcjpwdw==` is a value ending in `=`).
     static func arguments(_ raw: [String]) -> [String] {
+        if raw.first == "call" {
+            // grpcurl's flags are Go flags too: `-plaintext`, `-max-time 2`, `-insecure` are ours with two dashes.
+            return raw.map { argument in
+                guard argument.hasPrefix("-"), !argument.hasPrefix("--"),
+                    Call.longOptionNames.contains(String(argument.dropFirst().prefix { $0 != "=" }))
+                else { return argument }
+                return "-" + argument
+            }
+        }
         guard raw.first == "health" else { return raw }
         var result = [raw[0]]
         for argument in raw.dropFirst() {

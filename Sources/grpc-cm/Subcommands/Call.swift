@@ -99,6 +99,14 @@ struct Call: AsyncParsableCommand {
     @Option(help: "Seconds between the starts of repeated calls.")
     var interval: Double = 0
 
+    /// The long options, which `GRPCCM.arguments` also takes with one dash, as grpcurl (a Go program) does.
+    static let longOptionNames: Set<String> = [
+        "data-file", "data-hex", "out", "hex", "max-time", "connect-timeout", "wait-for-ready", "keepalive-time",
+        "keepalive-timeout", "max-reconnect-delay", "no-retry", "no-breaker", "retry-max-attempts",
+        "breaker-failure-threshold", "breaker-timeout", "metrics-out", "compression", "repeat", "interval", "plaintext",
+        "insecure", "cacert", "cert", "key", "servername",
+    ]
+
     func validate() throws {
         if self.dataFile != nil && self.dataHex != nil {
             throw ValidationError("use either --data-file or --data-hex, not both")

@@ -62,8 +62,11 @@ struct Serve: AsyncParsableCommand {
             throw ExitCode(1)
         }
         writeStderr("grpc-cm echo server listening on \(server.address)\(self.tlsCert == nil ? "" : " (TLS)")\n")
+        // A plain sleep, not Task.sleep: that puts the concurrency runtime's dispatch threads to work, and
+        // libdispatch's thread-pool monitor traps the whole process when it cannot open a /proc file, which is what
+        // happens while the server has run out of fds (its accept loop rides that out; the monitor does not).
         while css_stop_signal_received() == 0 {
-            try? await Task.sleep(nanoseconds: 50_000_000)
+            usleep(50_000)
         }
         writeStderr("grpc-cm: signal \(css_stop_signal_received()), shutting down\n")
         server.close()

@@ -58,6 +58,8 @@ struct CommandLineTests {
         let lines = try run("call --plaintext \(target) a.B/C --repeat 1 -H 'x-fail-code: 5' -H 'x-fail-message: a%0Ab'")
         #expect(lines.status == 64 + 5)
         #expect(lines.output.hasPrefix("1 NotFound ") && lines.output.hasSuffix(" a\\nb\n"), "\(lines.output)")
+        // grpcurl's single-dash spellings of the long options (Go flags).
+        #expect(try runProgram(cli, ["call", "-plaintext", "-max-time", "2", target, "a.B/C", "-data-hex=0a0b", "-hex"]) == (0, "0a0b\n"))
         // A PEM file that is not there says so (OpenSSL alone says "system lib").
         let missing = try run("call --cacert /nonexistent/ca.pem \(target) a.B/C")
         #expect(missing.status == 2)
