@@ -50,6 +50,8 @@ package final class MetricsHandler: @unchecked Sendable {
     private var recorders: [String: Recorder] = [:]
     @exclusivity(unchecked)
     private var gauges: [String: Gauge] = [:]
+    @exclusivity(unchecked)
+    private var meters: [String: Meter] = [:]
     private let sharedMetrics: SharedMetricsState
     /// The per-call metrics of each service and method, found without building label keys on every call.
     @exclusivity(unchecked)
@@ -85,6 +87,14 @@ package final class MetricsHandler: @unchecked Sendable {
         let counter = CoreMetrics.Counter(label: label, dimensions: dimensions, factory: self.factory)
         self.counters[key] = counter
         return counter
+    }
+
+    private func meter(_ label: String, _ dimensions: [(String, String)]) -> Meter {
+        let key = Self.key(label, dimensions)
+        if let meter = self.meters[key] { return meter }
+        let meter = Meter(label: label, dimensions: dimensions, factory: self.factory)
+        self.meters[key] = meter
+        return meter
     }
 
     private func gauge(_ label: String, _ dimensions: [(String, String)]) -> Gauge {
@@ -137,11 +147,8 @@ package final class MetricsHandler: @unchecked Sendable {
         self.recorders[recorderKey] = recorder
         if self.retryEnabled { _ = self.counter("grpc_client_retries_total", dimensions) }
         if self.breakerEnabled {
-            let breaker = self.gauge("grpc_client_circuit_breaker_state", dimensions)
-            // Closed, unless a breaker of this method (on any loop) already reported a state.
-            self.sharedMetrics.recordBreakerIfUnset(Self.key("grpc_client_circuit_breaker_state", dimensions)) {
-                breaker.record(CircuitBreakerState.closed.rawValue)
-            }
+            // This loop's breaker of the method starts closed; the series shows the worst of all loops'.
+            self.breakerReported(.closed, dimensions: dimensions, onlyIfNew: true)
         }
         return CallMetrics(
             method: path, duration: timer, attempts: recorder,
@@ -151,16 +158,30 @@ package final class MetricsHandler: @unchecked Sendable {
 
     /// One connection left `from` for `to`: both states' series change by one. A connection is first seen leaving
     /// IDLE (subchannels start there without an event), so a state never goes below zero; SHUTDOWN is not a state a
-    /// connection stays in, so it has no series.
+    /// connection stays in, so it has no series. The series move by this manager's change (a `Meter`'s increment),
+    /// never to its count: managers that share a metrics factory and a service name add up in the same series
+    /// instead of overwriting each other.
     private func connectionMoved(service: String, from: ConnectivityState, to: ConnectivityState) {
-        // Recorded under the shared lock: two loops moving connections at once must not publish out of order.
-        self.sharedMetrics.move(service: service, from: from, to: to) { counts, firstSight in
-            for (index, state) in SharedMetricsState.states.enumerated() where firstSight || state == from || state == to {
-                self.gauge("grpc_client_connection_state", [("service", service), ("state", state.description)])
-                    .record(counts[index])
-            }
-            self.gauge("grpc_client_connections_active", [("service", service)]).record(counts[2])
+        let (changes, firstSight) = self.sharedMetrics.move(service: service, from: from, to: to)
+        for (index, state) in SharedMetricsState.states.enumerated() where firstSight || changes[index] != 0 {
+            // Made at 0 on the service's first change, so that every state has a series.
+            let meter = self.meter("grpc_client_connection_state", [("service", service), ("state", state.description)])
+            if changes[index] != 0 { meter.increment(by: Double(changes[index])) }
         }
+        if firstSight || changes[2] != 0 {
+            let active = self.meter("grpc_client_connections_active", [("service", service)])
+            if changes[2] != 0 { active.increment(by: Double(changes[2])) }
+        }
+    }
+
+    /// A breaker of this loop is in `state`: the method's series shows the worst state of the manager's loops
+    /// (open, then half-open, then closed). `onlyIfNew`: only when this loop has reported none for the method yet.
+    private func breakerReported(_ state: CircuitBreakerState, dimensions: [(String, String)], onlyIfNew: Bool = false) {
+        let gauge = self.gauge("grpc_client_circuit_breaker_state", dimensions)
+        self.sharedMetrics.breaker(
+            Self.key("grpc_client_circuit_breaker_state", dimensions), holder: ObjectIdentifier(self), is: state,
+            onlyIfNew: onlyIfNew
+        ) { worst in gauge.record(worst.rawValue) }
     }
 
     private static func key(_ label: String, _ dimensions: [(String, String)]) -> String {
@@ -198,11 +219,7 @@ package final class MetricsHandler: @unchecked Sendable {
         case .connectivityStateChanged(let service, _, let from, let to, _):
             self.connectionMoved(service: service, from: from, to: to)
         case .circuitBreakerStateChanged(let service, let path, _, let to):
-            let dimensions = [("service", service), ("method", self.methodLabel(service: service, path: path))]
-            let gauge = self.gauge("grpc_client_circuit_breaker_state", dimensions)
-            self.sharedMetrics.recordBreaker(Self.key("grpc_client_circuit_breaker_state", dimensions)) {
-                gauge.record(to.rawValue)
-            }
+            self.breakerReported(to, dimensions: [("service", service), ("method", self.methodLabel(service: service, path: path))])
         case .connectAttemptStarted(let service, _, _):
             self.counter("grpc_client_connect_attempts_total", [("service", service)]).increment()
         case .connectAttemptFailed(let service, _, _, _, _):
@@ -221,50 +238,47 @@ package final class MetricsHandler: @unchecked Sendable {
 }
 
 /// What the metrics handlers of every loop of one manager (or standalone channel) share: how many connections of each
-/// service are in each live state, and which breakers have reported a state. Subchannels start IDLE without an event,
+/// service are in each live state, and each loop's state of each breaker. Subchannels start IDLE without an event,
 /// so one is counted from its first change, and IDLE holds the connections that went idle after connecting: a count
 /// never goes below zero, but while a never-connected subchannel leaves IDLE, one idle connection may go uncounted
 /// until the next change (the events carry a connection attempt's id, not the subchannel's). SHUTDOWN is not a state
-/// a connection stays in, so it is not counted. Gauges are
-/// recorded under the lock, so that two loops never publish out of order. State changes are rare: a lock is cheap.
+/// a connection stays in, so it is not counted. State changes are rare: a lock is cheap.
 package final class SharedMetricsState: Sendable {
     static let states: [ConnectivityState] = [.idle, .connecting, .ready, .transientFailure]
     private struct Counts {
         var byService: [String: [Int]] = [:]
-        var breakers: Set<String> = []
+        /// Per breaker series, the state each loop's breaker reported.
+        var breakers: [String: [ObjectIdentifier: CircuitBreakerState]] = [:]
     }
     private let counts = PThreadLock<Counts>(Counts())
 
     package init() {}
 
-    /// Moves one connection of `service` and calls `record` with the counts after the move (in `states` order) and
-    /// whether this was the service's first move, under the lock.
-    func move(
-        service: String, from: ConnectivityState, to: ConnectivityState,
-        record: ([Int], Bool) -> Void
-    ) {
+    /// Moves one connection of `service`. Returns how each state's count changed (in `states` order; the clamp at zero
+    /// can make a change 0) and whether this was the service's first move.
+    func move(service: String, from: ConnectivityState, to: ConnectivityState) -> (changes: [Int], firstSight: Bool) {
         self.counts.withLock { all in
             let firstSight = all.byService[service] == nil
-            var counts = all.byService[service] ?? Array(repeating: 0, count: Self.states.count)
-            if let index = Self.states.firstIndex(of: from) { counts[index] = max(0, counts[index] - 1) }
-            if let index = Self.states.firstIndex(of: to) { counts[index] += 1 }
-            all.byService[service] = counts
-            record(counts, firstSight)
+            let before = all.byService[service] ?? Array(repeating: 0, count: Self.states.count)
+            var after = before
+            if let index = Self.states.firstIndex(of: from) { after[index] = max(0, after[index] - 1) }
+            if let index = Self.states.firstIndex(of: to) { after[index] += 1 }
+            all.byService[service] = after
+            return (zip(after, before).map { $0 - $1 }, firstSight)
         }
     }
 
-    /// A breaker reported a state: `record` it, under the lock.
-    func recordBreaker(_ key: String, record: () -> Void) {
+    /// `holder`'s breaker of the series `key` is in `state` (with `onlyIfNew`: unless it reported one before).
+    /// `record` gets the worst state of all holders, under the lock, so that two loops never publish out of order.
+    func breaker(
+        _ key: String, holder: ObjectIdentifier, is state: CircuitBreakerState, onlyIfNew: Bool,
+        record: (CircuitBreakerState) -> Void
+    ) {
         self.counts.withLock { all in
-            all.breakers.insert(key)
-            record()
-        }
-    }
-
-    /// `record` the initial state unless a breaker already reported one, under the lock.
-    func recordBreakerIfUnset(_ key: String, record: () -> Void) {
-        self.counts.withLock { all in
-            if all.breakers.insert(key).inserted { record() }
+            if onlyIfNew && all.breakers[key]?[holder] != nil { return }
+            all.breakers[key, default: [:]][holder] = state
+            let states = all.breakers[key]!.values
+            record(states.contains(.open) ? .open : states.contains(.halfOpen) ? .halfOpen : .closed)
         }
     }
 }

@@ -262,6 +262,52 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("metrics: two managers sharing one factory and a service name add up in the connection series")
+    func metricsOfTwoManagersAddUp() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let prometheus = PrometheusMetrics()
+        let first = try ConnectionManager(metricsFactory: prometheus, eventLoop: fixture.loop)
+        let second = try ConnectionManager(metricsFactory: prometheus, eventLoop: fixture.loop)
+        for manager in [first, second] {
+            let channel = try manager.connection(service: "echo", address: fixture.target)
+            #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        }
+        // Each set the series to its own count before (1), hiding the other manager's connection.
+        let ready = #"grpc_client_connection_state{service="echo",state="READY"}"#
+        var series: [String: Double] = [:]
+        #expect(await eventually {
+            series = Self.parse(prometheus.exposition())
+            return series[ready] == 2 && series[#"grpc_client_connections_active{service="echo"}"#] == 2
+        }, "\(series[ready] ?? -1)")
+        await first.close(gracePeriod: .seconds(1))
+        #expect(await eventually {
+            series = Self.parse(prometheus.exposition())
+            return series[ready] == 1 && series[#"grpc_client_connections_active{service="echo"}"#] == 1
+        }, "the closed manager's connection leaves the series: \(series[ready] ?? -1)")
+        await second.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("metrics: a breaker series shows the worst state of the manager's loops, not the last one to change")
+    func breakerSeriesIsWorstOfLoops() {
+        let shared = SharedMetricsState()
+        final class Loop {}
+        let (a, b) = (Loop(), Loop())
+        var shown: [CircuitBreakerState] = []
+        func report(_ loop: Loop, _ state: CircuitBreakerState, onlyIfNew: Bool = false) {
+            shared.breaker("k", holder: ObjectIdentifier(loop), is: state, onlyIfNew: onlyIfNew) { shown.append($0) }
+        }
+        report(a, .closed, onlyIfNew: true)
+        report(b, .closed, onlyIfNew: true)
+        report(a, .open)
+        report(b, .closed, onlyIfNew: true)  // b's first call of the method, later: a is still open
+        report(b, .halfOpen)
+        report(a, .halfOpen)
+        report(a, .closed)
+        report(b, .closed)
+        #expect(shown == [.closed, .closed, .open, .open, .halfOpen, .halfOpen, .closed])
+    }
+
     @Test("metrics: no factory passed and enableMetrics off records nothing")
     func noMetricsWithoutAsking() async throws {
         let fixture = try LoopbackFixture()
