@@ -261,8 +261,14 @@ public final class GRPCChannel: Sendable {
                 let (metadata, observers, failure) = await suspended.finish(interceptors)
                 let problem = failure ?? Self.checkRequest(
                     path: path, metadata: metadata, requestSize: requestSize, maxMessageSize: maxMessageSize)
-                reactor.execute {
+                let accepted = reactor.execute {
                     call.preparationFinished(metadata: metadata, observers: observers, failure: problem)
+                }
+                if !accepted {
+                    // The loop stopped meanwhile and ended the call; the observers the interceptors added since
+                    // never joined it, so they hear the end here (a tracing span must end).
+                    let end = UnaryResponse(status: CallStatus(code: .unavailable, message: "the event loop has stopped"))
+                    for observer in observers.reversed() { observer.callFinished(end) }
                 }
             }
         }
@@ -292,7 +298,13 @@ public final class GRPCChannel: Sendable {
         if shard.onItsLoop {
             hedged.start()
         } else if !shard.reactor.execute({ hedged.start() }) {
-            spawnDetachedThread { completion(UnaryResponse(status: CallStatus(code: .unavailable, message: "the event loop has stopped"))) }
+            // As a single call that the stopped loop refused ends (`ClientCall.finishWithoutReactor`): observers
+            // first, then the completion, off the caller's thread.
+            spawnDetachedThread {
+                let end = UnaryResponse(status: CallStatus(code: .unavailable, message: "the event loop has stopped"))
+                for observer in observers.reversed() { observer.callFinished(end) }
+                completion(end)
+            }
         }
         return CallHandle(hedged: hedged)
     }

@@ -26,6 +26,8 @@ final class AddHeader: CallInterceptor {
 /// A gate an async interceptor's work waits on until the test opens it.
 final class Gate: Sendable {
     private let state = PThreadLock<(open: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+    /// Work parked on the gate now.
+    var waiting: Int { self.state.withLock { $0.waiters.count } }
     func wait() async {
         await withCheckedContinuation { continuation in
             let resume = self.state.withLock { state -> Bool in
@@ -307,5 +309,36 @@ struct InterceptorTests {
         }
         #expect(second.status == .ok)
         #expect(second.initialMetadata["authorization"] == "Bearer t2")
+    }
+
+    @Test("observers hear the end when the loop has stopped: a hedged call, and observers added after async work")
+    func observersHearTheEndOnAStoppedLoop() async throws {
+        let log = SharedLog()
+        // A hedged call that a stopped loop refuses.
+        let hedgedLoop = try ReactorLoop()
+        hedgedLoop.start()
+        var hedging = Self.plain()
+        hedging.hedging = ["/echo.Echo/Get": CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))]
+        let hedged = try GRPCChannel(
+            target: "127.0.0.1:1", configuration: hedging,
+            interceptors: [Observing(name: "hedged", log: log, reactor: hedgedLoop.reactor)], eventLoop: hedgedLoop)
+        hedgedLoop.shutdown()
+        let refused = await hedged.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(refused.status.code == .unavailable)
+        #expect(await eventually { log.entries.contains("hedged end UNAVAILABLE loop=false") }, "\(log.entries)")
+
+        // Observers that interceptors add after async work the loop outlives no longer.
+        let loop = try ReactorLoop()
+        loop.start()
+        let tokens = TokenInterceptor()
+        let channel = try GRPCChannel(
+            target: "127.0.0.1:1", configuration: Self.plain(),
+            interceptors: [tokens, Observing(name: "late", log: log, reactor: loop.reactor)], eventLoop: loop)
+        let waiting = Task { await channel.unaryResult(path: "/echo.Echo/Get", request: [2]) }
+        #expect(await eventually { tokens.gate.waiting == 1 }, "the call's token refresh is parked")
+        loop.shutdown()
+        tokens.gate.open()
+        #expect(await waiting.value.status.code == .unavailable)
+        #expect(await eventually { log.entries.contains { $0.hasPrefix("late end UNAVAILABLE") } }, "\(log.entries)")
     }
 }
