@@ -227,7 +227,7 @@ package final class MetricsHandler: @unchecked Sendable {
         case .keepaliveTimeout(let service, _):
             self.counter("grpc_client_keepalive_timeouts_total", [("service", service)]).increment()
         case .goAwayReceived(let service, _, let code, _, _):
-            self.counter("grpc_client_goaways_total", [("service", service), ("code", HTTP2ErrorCode.name(code))])
+            self.counter("grpc_client_goaways_total", [("service", service), ("code", HTTP2ErrorCode.label(code))])
                 .increment()
         case .resolutionFailed(let service, _):
             self.counter("grpc_client_resolution_failures_total", [("service", service)]).increment()

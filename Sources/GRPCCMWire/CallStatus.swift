@@ -50,12 +50,20 @@ public struct CallStatus: Error, Hashable, Sendable, CustomStringConvertible {
 
 /// HTTP/2 error code names (RFC 9113 §7), for messages.
 package enum HTTP2ErrorCode {
+    private static let names = [
+        "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT", "STREAM_CLOSED",
+        "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR", "CONNECT_ERROR", "ENHANCE_YOUR_CALM",
+        "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED",
+    ]
+
+    /// RFC 9113's name, or the code in hex (for messages).
     package static func name(_ code: UInt32) -> String {
-        let names = [
-            "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT", "STREAM_CLOSED",
-            "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR", "CONNECT_ERROR", "ENHANCE_YOUR_CALM",
-            "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED",
-        ]
-        return Int(code) < names.count ? names[Int(code)] : "0x\(String(code, radix: 16))"
+        Int(code) < Self.names.count ? Self.names[Int(code)] : "0x\(String(code, radix: 16))"
+    }
+
+    /// RFC 9113's name, or `UNKNOWN` for any other code: a metric label, which a server must not be able to multiply
+    /// by sending made-up codes.
+    package static func label(_ code: UInt32) -> String {
+        Int(code) < Self.names.count ? Self.names[Int(code)] : "UNKNOWN"
     }
 }

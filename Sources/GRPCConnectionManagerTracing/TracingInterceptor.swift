@@ -7,13 +7,15 @@ import Tracing
 /// The span's parent is the caller's `ServiceContext`, captured when the call starts, on the caller's thread: the
 /// call itself runs on the loop thread, where no task-local context exists. The span's context is injected into the
 /// request metadata with the tracer's propagation (a W3C `traceparent` with swift-otel), so the server's span joins
-/// the trace.
+/// the trace. Without a tracer of its own it injects through `InstrumentationSystem.instrument`, so every
+/// instrument bootstrapped beside the tracer (a `MultiplexInstrument` of propagators) writes its fields too.
 ///
 /// The span follows OpenTelemetry's RPC conventions: named `package.Service/Method`, kind client, attributes
 /// `rpc.system` (`grpc`), `rpc.service`, `rpc.method`, `server.address`, `server.port` and, at the end,
 /// `rpc.grpc.status_code`; a status other than OK sets the span's status to error with the status message. Each
 /// attempt that is retried adds an event `grpc.retry` with its number and status code. Without interceptors a call
-/// pays nothing for any of this.
+/// pays nothing for any of this; with this one and no tracing backend (`NoOpTracer`), it makes no span and adds no
+/// observer, only the propagation fields of whatever instrument is bootstrapped.
 public struct TracingInterceptor: CallInterceptor {
     private let tracer: (any Tracer)?
 
@@ -26,6 +28,10 @@ public struct TracingInterceptor: CallInterceptor {
     public func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
         let tracer = self.tracer ?? InstrumentationSystem.tracer
         let parent = ServiceContext.current ?? .topLevel
+        if tracer is NoOpTracer {
+            self.inject(parent, with: tracer, into: &call.metadata)
+            return .proceed
+        }
         let name = call.path.hasPrefix("/") ? String(call.path.dropFirst()) : call.path
         let span = tracer.startSpan(name, context: parent, ofKind: .client)
         if span.isRecording {
@@ -39,8 +45,18 @@ public struct TracingInterceptor: CallInterceptor {
             span.attributes["server.address"] = host
             if let port { span.attributes["server.port"] = port }
         }
-        tracer.inject(span.context, into: &call.metadata, using: MetadataInjector())
+        self.inject(span.context, with: tracer, into: &call.metadata)
         return .proceed(observer: SpanObserver(span: span))
+    }
+
+    /// The tracer given at init propagates by itself; otherwise the bootstrapped instrument does, which is the tracer
+    /// or a `MultiplexInstrument` holding it beside other propagators (the tracer alone would skip those).
+    private func inject(_ context: ServiceContext, with tracer: any Tracer, into metadata: inout CallMetadata) {
+        if self.tracer != nil {
+            tracer.inject(context, into: &metadata, using: MetadataInjector())
+        } else {
+            InstrumentationSystem.instrument.inject(context, into: &metadata, using: MetadataInjector())
+        }
     }
 
     /// `host:port`, `[v6]:port` or a bare host.

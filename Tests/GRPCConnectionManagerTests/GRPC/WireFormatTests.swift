@@ -23,6 +23,14 @@ struct GRPCTimeoutTests {
         #expect(GRPCTimeout.encode(nanoseconds: nanoseconds) == expected)
     }
 
+    @Test("HTTP/2 error codes: RFC 9113's names; a made-up code is hex in messages and UNKNOWN as a metric label")
+    func http2ErrorCodeNames() {
+        #expect(HTTP2ErrorCode.name(0x1) == "PROTOCOL_ERROR" && HTTP2ErrorCode.label(0x1) == "PROTOCOL_ERROR")
+        #expect(HTTP2ErrorCode.name(0xb) == "ENHANCE_YOUR_CALM" && HTTP2ErrorCode.label(0xd) == "HTTP_1_1_REQUIRED")
+        #expect(HTTP2ErrorCode.name(0xdead) == "0xdead")
+        #expect(HTTP2ErrorCode.label(0xdead) == "UNKNOWN")
+    }
+
     @Test("the server never sees a deadline earlier than the client's, nor more than 1 % later")
     func encodingRoundsUpByAtMostOnePercent() {
         var generator = SystemRandomNumberGenerator()

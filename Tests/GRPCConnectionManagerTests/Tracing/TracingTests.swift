@@ -130,6 +130,18 @@ struct TracingTests {
         #expect(span.status?.message == "NOT_FOUND: gone")
     }
 
+    @Test("with no tracing backend (NoOpTracer) there is no span to end: no observer joins the call")
+    func noBackendNoObserver() async throws {
+        var call = InterceptedCall(
+            service: "echo", authority: "127.0.0.1:1", path: "/echo.Echo/Get", metadata: [:], options: RequestOptions())
+        let decision = TracingInterceptor(tracer: NoOpTracer()).intercept(&call)
+        #expect(decision.observer == nil)
+        #expect(call.metadata.isEmpty, "a no-op tracer propagates nothing")
+        let traced = TracingInterceptor(tracer: W3CInMemoryTracer()).intercept(&call)
+        #expect(traced.observer != nil)
+        #expect(call.metadata["traceparent"] != nil)
+    }
+
     @Test("host and port of the authority, IPv6 included")
     func authority() {
         #expect(TracingInterceptor.hostAndPort("example.com:443") == ("example.com", 443))
