@@ -6,7 +6,11 @@ import Prometheus
 /// `grpc_client_request_duration_seconds` from 25 µs to 10 s. Pass it to `ConnectionManager(metricsFactory:)` and serve
 /// `manager.metricsText()` (or `exposition()`) on your `/metrics` endpoint.
 public struct PrometheusMetrics: MetricsFactory, MetricsTextExporting, Sendable {
-    /// The registry the metrics live in (share it with the rest of your application if you like).
+    /// The registry the metrics live in (share it with the rest of your application if you like). Another
+    /// swift-prometheus factory over the same registry that makes `grpc_client_request_duration_seconds` or
+    /// `grpc_client_attempts_per_call` (say, a bootstrapped `MetricsSystem` used by a manager with `enableMetrics`)
+    /// must give them the same buckets (`requestDurationBuckets`, `attemptsBuckets`): swift-prometheus stops the
+    /// process on a bucket mismatch. Simplest: pass this one factory to every manager.
     public let registry: PrometheusCollectorRegistry
     private let factory: PrometheusMetricsFactory
 
@@ -17,6 +21,9 @@ public struct PrometheusMetrics: MetricsFactory, MetricsTextExporting, Sendable 
         0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
     ]
 
+    /// Attempts-per-call buckets.
+    public static let attemptsBuckets: [Double] = [1, 2, 3, 4, 5, 10]
+
     /// Creates a factory over `registry` (a new one by default).
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -24,7 +31,7 @@ public struct PrometheusMetrics: MetricsFactory, MetricsTextExporting, Sendable 
         factory.durationHistogramBuckets["grpc_client_request_duration_seconds"] = Self.requestDurationBuckets.map {
             Duration.nanoseconds(Int64(($0 * 1e9).rounded()))
         }
-        factory.valueHistogramBuckets["grpc_client_attempts_per_call"] = [1, 2, 3, 4, 5, 10]
+        factory.valueHistogramBuckets["grpc_client_attempts_per_call"] = Self.attemptsBuckets
         self.factory = factory
     }
 
