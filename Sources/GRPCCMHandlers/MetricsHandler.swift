@@ -82,27 +82,28 @@ package final class MetricsHandler: @unchecked Sendable {
     }
 
     private func counter(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Counter {
-        let key = Self.key(label, dimensions)
-        if let counter = self.counters[key] { return counter }
-        let counter = CoreMetrics.Counter(label: label, dimensions: dimensions, factory: self.factory)
-        self.counters[key] = counter
-        return counter
+        Self.cached(&self.counters, label, dimensions) {
+            CoreMetrics.Counter(label: label, dimensions: dimensions, factory: self.factory)
+        }
     }
 
     private func meter(_ label: String, _ dimensions: [(String, String)]) -> Meter {
-        let key = Self.key(label, dimensions)
-        if let meter = self.meters[key] { return meter }
-        let meter = Meter(label: label, dimensions: dimensions, factory: self.factory)
-        self.meters[key] = meter
-        return meter
+        Self.cached(&self.meters, label, dimensions) { Meter(label: label, dimensions: dimensions, factory: self.factory) }
     }
 
     private func gauge(_ label: String, _ dimensions: [(String, String)]) -> Gauge {
+        Self.cached(&self.gauges, label, dimensions) { Gauge(label: label, dimensions: dimensions, factory: self.factory) }
+    }
+
+    /// The metric object of `label` and `dimensions` in `table`, made once.
+    private static func cached<Metric>(
+        _ table: inout [String: Metric], _ label: String, _ dimensions: [(String, String)], make: () -> Metric
+    ) -> Metric {
         let key = Self.key(label, dimensions)
-        if let gauge = self.gauges[key] { return gauge }
-        let gauge = Gauge(label: label, dimensions: dimensions, factory: self.factory)
-        self.gauges[key] = gauge
-        return gauge
+        if let metric = table[key] { return metric }
+        let metric = make()
+        table[key] = metric
+        return metric
     }
 
     /// Series of their own for this many methods (all services of the loop together); later ones are counted under

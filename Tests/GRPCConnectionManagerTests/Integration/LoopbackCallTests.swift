@@ -217,14 +217,9 @@ struct LoopbackCallTests {
         unlink(path)
 
         // A socket left by a server that died: nobody listens, so it is replaced.
-        var stale = sockaddr_un()
-        stale.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &stale.sun_path) { raw in for (i, byte) in path.utf8.enumerated() { raw[i] = byte } }
-        let dead = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        #expect(withUnsafePointer(to: &stale) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(dead, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        } == 0)
-        close(dead)
+        let dead = UnixSocket(path)
+        #expect(dead.bind() == 0)
+        close(dead.fd)
         let server = try EchoServer(host: "unix:\(path)", eventLoop: loop)
         let channel = try GRPCChannel(target: "unix:\(path)", eventLoop: loop)
         defer { channel.close() }
@@ -247,24 +242,11 @@ struct LoopbackCallTests {
         unlink(path)
         defer { unlink(path) }
         // A listener that never accepts, with a backlog of 0: one client fills it, the next connect gets EAGAIN.
-        func unixSocket() -> (fd: Int32, address: sockaddr_un) {
-            var address = sockaddr_un()
-            address.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &address.sun_path) { raw in
-                for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
-            }
-            return (socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0), address)
-        }
-        func withSockaddr(_ address: sockaddr_un, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) -> Int32 {
-            withUnsafePointer(to: address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-        }
-        let (listener, address) = unixSocket()
-        #expect(withSockaddr(address) { bind(listener, $0, $1) } == 0)
-        #expect(listen(listener, 0) == 0)
-        let filler = unixSocket().fd
-        #expect(withSockaddr(address) { connect(filler, $0, $1) } == 0)
+        let listener = UnixSocket(path)
+        #expect(listener.bind() == 0)
+        #expect(listen(listener.fd, 0) == 0)
+        let filler = UnixSocket(path)
+        #expect(filler.connect() == 0)
 
         var configuration = Configuration.defaults
         configuration.enableRetry = false
@@ -276,8 +258,8 @@ struct LoopbackCallTests {
         #expect(refused.status.message.contains("connect to unix:\(path) failed: Resource temporarily unavailable"), "\(refused.status.message)")
         #expect(now() - started < 5, "a full backlog is a failed connect, not one that waits for the deadline")
 
-        close(filler)
-        close(listener)
+        close(filler.fd)
+        close(listener.fd)
         unlink(path)
         let server = try EchoServer(host: "unix:\(path)", eventLoop: loop)
         defer { server.close() }

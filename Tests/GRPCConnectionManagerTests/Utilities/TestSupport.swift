@@ -136,6 +136,33 @@ final class EventRecorder: Sendable {
     func count(where predicate: (ConnectionEvent) -> Bool) -> Int { self.all.filter(predicate).count }
 }
 
+/// A blocking Unix stream socket for `path`, for a peer a test sets up by hand (a listener that never accepts, a
+/// socket left behind by a server that died). The caller closes `fd`.
+struct UnixSocket {
+    let fd: Int32
+    private var address = sockaddr_un()
+
+    init(_ path: String) {
+        self.fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        self.address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &self.address.sun_path) { raw in
+            for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
+        }
+    }
+
+    /// bind(2) to the path: 0, or -1 with errno.
+    func bind() -> Int32 { self.withAddress { Glibc.bind(self.fd, $0, $1) } }
+
+    /// connect(2) to the path: 0, or -1 with errno.
+    func connect() -> Int32 { self.withAddress { Glibc.connect(self.fd, $0, $1) } }
+
+    private func withAddress(_ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) -> Int32 {
+        withUnsafePointer(to: self.address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+    }
+}
+
 /// A port that was free a moment ago (bound, read, closed).
 func freePort() -> Int {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
