@@ -136,8 +136,11 @@ int cr_unix_path_claim(const char *path) {
     } while (rc != 0 && errno == EINTR);
     int err = rc == 0 ? 0 : errno;
     close(probe);
-    // Connected, or refused only because its backlog is full (EAGAIN): a server is there.
+    // Connected, or refused only because its backlog is full (EAGAIN): a server is there. Gone since the lstat (a
+    // server that removed its socket on the way out): free. A server between its bind() and its listen() is refused
+    // like a dead one; that window is a few instructions wide.
     if (rc == 0 || err == EAGAIN) return -EADDRINUSE;
+    if (err == ENOENT) return 0;
     if (err != ECONNREFUSED) return -err;
     return unlink(path) == 0 || errno == ENOENT ? 0 : -errno;
 }

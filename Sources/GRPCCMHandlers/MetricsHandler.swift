@@ -87,8 +87,15 @@ package final class MetricsHandler: @unchecked Sendable {
         }
     }
 
+    /// One `Meter` per series for all the manager's loops (`SharedMetricsState`): a backend without meters of its own
+    /// (swift-metrics' `AccumulatingMeter`) keeps the total in the meter object, so one per loop would overwrite each
+    /// other.
     private func meter(_ label: String, _ dimensions: [(String, String)]) -> Meter {
-        Self.cached(&self.meters, label, dimensions) { Meter(label: label, dimensions: dimensions, factory: self.factory) }
+        Self.cached(&self.meters, label, dimensions) {
+            self.sharedMetrics.meter(Self.key(label, dimensions)) {
+                Meter(label: label, dimensions: dimensions, factory: self.factory)
+            }
+        }
     }
 
     private func gauge(_ label: String, _ dimensions: [(String, String)]) -> Gauge {
@@ -166,13 +173,16 @@ package final class MetricsHandler: @unchecked Sendable {
         let (changes, firstSight) = self.sharedMetrics.move(service: service, from: from, to: to)
         for (index, state) in SharedMetricsState.states.enumerated() where firstSight || changes[index] != 0 {
             // Made at 0 on the service's first change, so that every state has a series.
-            let meter = self.meter("grpc_client_connection_state", [("service", service), ("state", state.description)])
-            if changes[index] != 0 { meter.increment(by: Double(changes[index])) }
+            Self.move(self.meter("grpc_client_connection_state", [("service", service), ("state", state.description)]), by: changes[index])
         }
         if firstSight || changes[2] != 0 {
-            let active = self.meter("grpc_client_connections_active", [("service", service)])
-            if changes[2] != 0 { active.increment(by: Double(changes[2])) }
+            Self.move(self.meter("grpc_client_connections_active", [("service", service)]), by: changes[2])
         }
+    }
+
+    /// swift-metrics meters take only positive amounts: a fall is a decrement.
+    private static func move(_ meter: Meter, by change: Int) {
+        if change > 0 { meter.increment(by: Double(change)) } else if change < 0 { meter.decrement(by: Double(-change)) }
     }
 
     /// A breaker of this loop is in `state`: the method's series shows the worst state of the manager's loops
@@ -250,6 +260,8 @@ package final class SharedMetricsState: Sendable {
         var byService: [String: [Int]] = [:]
         /// Per breaker series, the state each loop's breaker reported.
         var breakers: [String: [ObjectIdentifier: CircuitBreakerState]] = [:]
+        /// The connection series' meters, one per series for every loop.
+        var meters: [String: Meter] = [:]
     }
     private let counts = PThreadLock<Counts>(Counts())
 
@@ -266,6 +278,16 @@ package final class SharedMetricsState: Sendable {
             if let index = Self.states.firstIndex(of: to) { after[index] += 1 }
             all.byService[service] = after
             return (zip(after, before).map { $0 - $1 }, firstSight)
+        }
+    }
+
+    /// The meter of the series `key`, made by `make` the first time any loop asks.
+    func meter(_ key: String, make: () -> Meter) -> Meter {
+        self.counts.withLock { all in
+            if let meter = all.meters[key] { return meter }
+            let meter = make()
+            all.meters[key] = meter
+            return meter
         }
     }
 

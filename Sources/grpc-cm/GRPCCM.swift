@@ -20,35 +20,48 @@ struct GRPCCM: AsyncParsableCommand {
 /// are caught here and exit 2, like grpcurl's usage errors.
 @main
 enum Main {
-    /// `health` reads its flags as grpc_health_probe does, with Go's `flag` package, which the argument parser does
-    /// not: `--name` is `-name`; a boolean flag takes `=true` or `=false` (and Go's other spellings); and a probe
-    /// writes `-service=` for the whole server, an empty value glued to its flag, which the parser would read as a
-    /// flag without a value, so it is split into the flag and an empty argument. Only an empty value: the first `=`
-    /// is the last character (`-rpc-header=authorization: Basic dXNlcjpwdw==` is a value ending in `=`).
+    /// grpcurl and grpc_health_probe are Go programs, whose flags follow Go's `flag` package; the argument parser's
+    /// do not. Their spellings are rewritten here into the parser's, before parsing.
     static func arguments(_ raw: [String]) -> [String] {
-        if raw.first == "call" {
-            // grpcurl's flags are Go flags too: `-plaintext`, `-max-time 2`, `-insecure` are ours with two dashes.
-            return raw.map { argument in
-                guard argument.hasPrefix("-"), !argument.hasPrefix("--"),
-                    Call.longOptionNames.contains(String(argument.dropFirst().prefix { $0 != "=" }))
-                else { return argument }
-                return "-" + argument
-            }
+        switch raw.first {
+        case "call": return [raw[0]] + raw.dropFirst().map(Self.callArgument)
+        case "health": return [raw[0]] + Self.healthArguments(Array(raw.dropFirst()))
+        default: return raw
         }
-        guard raw.first == "health" else { return raw }
-        var result = [raw[0]]
-        for argument in raw.dropFirst() {
-            guard argument.hasPrefix("-"), argument.count > 2 else {
+    }
+
+    /// grpcurl's single-dash long options (`-plaintext`, `-max-time 2`) are ours with two dashes.
+    private static func callArgument(_ argument: String) -> String {
+        guard argument.hasPrefix("-"), !argument.hasPrefix("--"),
+            Call.longOptionNames.contains(String(argument.dropFirst().prefix { $0 != "=" }))
+        else { return argument }
+        return "-" + argument
+    }
+
+    /// grpc_health_probe's flags as Go reads them: `--name` is `-name`; a boolean flag takes `=true` or `=false` (and
+    /// Go's other spellings), its last setting winning (`-tls -tls=false` is plaintext); and a probe writes `-service=`
+    /// for the whole server, an empty value glued to its flag, which the parser would read as a flag without a value,
+    /// so it becomes the flag and an empty argument. Only an empty value: the first `=` is the last character
+    /// (`-rpc-header=authorization: Basic dXNlcjpwdw==` is a value ending in `=`).
+    private static func healthArguments(_ arguments: [String]) -> [String] {
+        var result: [String] = []
+        var booleans: [(name: String, on: Bool)] = []
+        for argument in arguments {
+            guard argument.hasPrefix("-"), argument.count >= 2 else {
                 result.append(argument)
                 continue
             }
             let flag = argument.hasPrefix("--") && Health.probeFlags.contains(String(argument.dropFirst(2).prefix { $0 != "=" }))
                 ? String(argument.dropFirst()) : argument
             let name = String(flag.dropFirst().prefix { $0 != "=" })
-            if Health.probeBooleans.contains(name), let equals = flag.firstIndex(of: "=") {
+            if Health.probeBooleans.contains(name) {
+                guard let equals = flag.firstIndex(of: "=") else {
+                    booleans.append((name, true))
+                    continue
+                }
                 switch flag[flag.index(after: equals)...] {
-                case "1", "t", "T", "TRUE", "true", "True": result.append("-" + name)
-                case "0", "f", "F", "FALSE", "false", "False": break
+                case "1", "t", "T", "TRUE", "true", "True": booleans.append((name, true))
+                case "0", "f", "F", "FALSE", "false", "False": booleans.append((name, false))
                 default: result.append(flag)  // the parser refuses it, naming the flag
                 }
             } else if flag.firstIndex(of: "=") == flag.index(before: flag.endIndex) {
@@ -57,6 +70,9 @@ enum Main {
                 result.append(flag)
             }
         }
+        // Each boolean once, as its last setting left it.
+        var seen: Set<String> = []
+        for (name, on) in booleans.reversed() where seen.insert(name).inserted && on { result.append("-" + name) }
         return result
     }
 

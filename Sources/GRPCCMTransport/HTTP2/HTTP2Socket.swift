@@ -254,7 +254,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
                 return
             }
             if n == 0 {
-                self.close(reason: self.closedByPeerStatus())
+                self.close(reason: self.closedByPeerStatus(endOfFile: true))
                 return
             }
             let bytes = UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)
@@ -329,14 +329,15 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     @exclusivity(unchecked)
     package var closeDetail: String?
 
-    private func closedByPeerStatus() -> CallStatus {
+    /// - Parameter endOfFile: The server closed its side (a read returned 0), not nghttp2 ending the session.
+    private func closedByPeerStatus(endOfFile: Bool = false) -> CallStatus {
         let base: String
         switch self.state {
         case .connecting, .securing:
             base = "connection to \(self.peer) closed by the server during the handshake"
-        case .open where !self.sawFirstBytes && self.tls == nil:
-            // A TLS server closes on a plaintext preface without a word (OpenSSL's does).
-            base = "connection to \(self.peer) closed by the server before it sent anything (does it expect TLS?)"
+        case .open where endOfFile && !self.sawFirstBytes && self.tls == nil:
+            // A TLS server closes on a plaintext preface without a word (OpenSSL's does); so may one that is going away.
+            base = "connection to \(self.peer) closed by the server before it sent anything (a TLS server does that to a plaintext client)"
         default:
             base = "connection to \(self.peer) closed by the server"
         }

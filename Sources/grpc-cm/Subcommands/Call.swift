@@ -212,7 +212,7 @@ struct Call: AsyncParsableCommand {
             } else {
                 lastFailure = response.status.code
                 // One line per call, whatever the message holds.
-                let message = response.status.message.map { $0 == "\n" ? "\\n" : $0 == "\r" ? "\\r" : String($0) }.joined()
+                let message = escapingControls(response.status.message)
                 try writeStdout(Array("\(index) \(response.status.code.name) \(latencyText) \(message)\n".utf8))
             }
         }
@@ -390,6 +390,22 @@ func encodeHex(_ bytes: [UInt8]) -> String {
         out.append(digits[Int(byte & 0xF)])
     }
     return String(decoding: out, as: UTF8.self)
+}
+
+/// `text` with its control characters and line breaks escaped (`\n`, `\r`, `\t`, else `\u{XX}`), so that it stays on
+/// one line whatever a server put in it.
+func escapingControls(_ text: String) -> String {
+    var out = ""
+    for scalar in text.unicodeScalars {
+        switch scalar.value {
+        case 0x0A: out += "\\n"
+        case 0x0D: out += "\\r"
+        case 0x09: out += "\\t"
+        case 0..<0x20, 0x7F, 0x85, 0x2028, 0x2029: out += "\\u{" + String(scalar.value, radix: 16) + "}"
+        default: out.unicodeScalars.append(scalar)
+        }
+    }
+    return out
 }
 
 /// Standard base64 with `=` padding, as grpcurl prints `-bin` values (the wire form is unpadded).

@@ -203,7 +203,7 @@ struct EtcdTests {
         let before = etcd.messagesReceived("LeaseKeepAlive") ?? 0
         try await Task.sleep(for: .seconds(3))
         let sent = (etcd.messagesReceived("LeaseKeepAlive") ?? 0) - before
-        #expect((1...5).contains(sent), "keepalives in 3 s at one per second: \(sent)")
+        #expect((1...4).contains(sent), "keepalives in 3 s at one per second (two chains send 6): \(sent)")
         await registration.deregister()
     }
 

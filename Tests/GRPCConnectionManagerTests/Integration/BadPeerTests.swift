@@ -170,7 +170,7 @@ struct BadPeerTests {
             options.tlsCertificateChain = certificates.serverCertificate
             options.tlsPrivateKey = certificates.serverKey
             server = try EchoServer(options: options, eventLoop: loop)
-            (useTLS, expected) = (false, "closed by the server before it sent anything (does it expect TLS?)")
+            (useTLS, expected) = (false, "closed by the server before it sent anything (a TLS server does that to a plaintext client)")
         }
         defer {
             peer?.stop()
@@ -188,7 +188,9 @@ struct BadPeerTests {
         defer { channel.close() }
         let response = await channel.call(timeout: .seconds(5))
         #expect(response.status.code == .unavailable)
-        #expect(response.status.message.contains(expected), "\(response.status.message)")
+        // A server that closes with our bytes unread resets the connection instead: the same refusal, said by TCP.
+        let reset = mismatch == .tlsServerToPlaintext && response.status.message.contains("Connection reset by peer")
+        #expect(response.status.message.contains(expected) || reset, "\(response.status.message)")
     }
 
     @Test("a server that accepts and never answers: the deadline fires; without one the connect timeout does")

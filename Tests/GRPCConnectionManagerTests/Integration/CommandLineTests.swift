@@ -58,6 +58,8 @@ struct CommandLineTests {
         let lines = try run("call --plaintext \(target) a.B/C --repeat 1 -H 'x-fail-code: 5' -H 'x-fail-message: a%0Ab'")
         #expect(lines.status == 64 + 5)
         #expect(lines.output.hasPrefix("1 NotFound ") && lines.output.hasSuffix(" a\\nb\n"), "\(lines.output)")
+        let crlf = try run("call --plaintext \(target) a.B/C --repeat 1 -H 'x-fail-code: 5' -H 'x-fail-message: a%0D%0Ab%0Bc'")
+        #expect(crlf.output.hasSuffix(" a\\r\\nb\\u{b}c\n"), "\(crlf.output)")
         // grpcurl's single-dash spellings of the long options (Go flags).
         #expect(try runProgram(cli, ["call", "-plaintext", "-max-time", "2", target, "a.B/C", "-data-hex=0a0b", "-hex"]) == (0, "0a0b\n"))
         // A PEM file that is not there says so (OpenSSL alone says "system lib").
@@ -74,6 +76,7 @@ struct CommandLineTests {
         let port = fixture.target.split(separator: ":").last!
         let serving = (Int32(0), "status: SERVING\n")
         #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls=false"]) == serving)
+        #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls", "-tls=false"]) == serving, "the last setting wins")
         #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-v=true"]) == serving, "timings go to stderr")
         #expect(try runProgram(cli, ["health", "--addr=:\(port)", "--service="]) == serving)
         #expect(try runProgram(cli, ["health", "--addr", ":\(port)", "-gzip"]) == serving)

@@ -140,6 +140,7 @@ struct TracingTests {
         let traced = TracingInterceptor(tracer: W3CInMemoryTracer()).intercept(&call)
         #expect(traced.observer != nil)
         #expect(call.metadata["traceparent"] != nil)
+        traced.observer?.callFinished(UnaryResponse(status: .ok))  // ends the span (else it stays open, and leaks)
     }
 
     @Test("host and port of the authority, IPv6 included")
