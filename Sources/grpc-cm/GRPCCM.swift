@@ -77,6 +77,12 @@ enum Main {
     }
 
     static func main() async {
+        // `help NAME` for a command that does not exist printed the top-level help and exited 0.
+        let raw = Array(CommandLine.arguments.dropFirst())
+        if raw.count >= 2, raw[0] == "help", !GRPCCM.configuration.subcommands.contains(where: { $0._commandName == raw[1] }) {
+            writeStderr("error: unknown command '\(raw[1])'\n" + GRPCCM.helpMessage())
+            exit(2)
+        }
         let command: any ParsableCommand
         do {
             command = try GRPCCM.parseAsRoot(Self.arguments(Array(CommandLine.arguments.dropFirst())))

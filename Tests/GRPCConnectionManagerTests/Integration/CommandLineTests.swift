@@ -15,6 +15,11 @@ struct CommandLineTests {
         #expect(output.contains("USAGE: grpc-cm"))
     }
 
+    @Test("help for a command that does not exist is a usage error")
+    func helpForNoSuchCommand() throws {
+        #expect(try runProgram(grpcCMBinary(), ["help", "nosuch"]).status == 2)
+    }
+
     @Test("call -v prints the response headers and trailers as grpcurl does: sorted, -bin padded, '(empty)' for none")
     func verbose() throws {
         let fixture = try LoopbackFixture()
