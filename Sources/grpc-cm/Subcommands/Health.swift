@@ -162,12 +162,15 @@ struct Health: AsyncParsableCommand {
             throw ExitCode(2)
         }
         let connectedAt = ContinuousClock.now
-        if self.verbose { writeStderr("establishing connection took \(connectedAt - started)\n") }
+        if self.verbose { writeStderr("establishing connection took \(GoDuration.format(connectedAt - started))\n") }
 
         // Then the RPC, within -rpc-timeout.
         do {
             let status = try await channel.checkHealth(self.service, metadata: metadata, timeout: rpcTimeout)
-            if self.verbose { writeStderr("time elapsed: connect=\(connectedAt - started) rpc=\(ContinuousClock.now - connectedAt)\n") }
+            if self.verbose {
+                let connect = GoDuration.format(connectedAt - started)
+                writeStderr("time elapsed: connect=\(connect) rpc=\(GoDuration.format(ContinuousClock.now - connectedAt))\n")
+            }
             if status != .serving {
                 writeStderr("service unhealthy (responded with \"\(status)\")\n")
                 throw ExitCode(4)
@@ -228,6 +231,27 @@ enum GoDuration {
             total += value * scale
         }
         return nanoseconds(total)
+    }
+
+    /// `duration` as Go's `time.Duration` prints it, which grpc_health_probe's `-v` shows: "812ns", "2.5µs",
+    /// "2.812345ms", "1.5s", "1m30s" (the fraction without trailing zeros).
+    static func format(_ duration: Duration) -> String {
+        let nanos = max(duration.nanoseconds, 0)
+        if nanos == 0 { return "0s" }
+        if nanos < 1_000 { return "\(nanos)ns" }
+        func decimal(_ value: Int64, _ unit: Int64) -> String {
+            let whole = value / unit
+            var fraction = String(value % unit)
+            fraction = String(repeating: "0", count: String(unit).count - 1 - fraction.count) + fraction
+            while fraction.hasSuffix("0") { fraction.removeLast() }
+            return fraction.isEmpty ? "\(whole)" : "\(whole).\(fraction)"
+        }
+        if nanos < 1_000_000 { return decimal(nanos, 1_000) + "µs" }
+        if nanos < 1_000_000_000 { return decimal(nanos, 1_000_000) + "ms" }
+        let seconds = decimal(nanos % 60_000_000_000, 1_000_000_000) + "s"
+        let minutes = nanos / 60_000_000_000
+        if minutes == 0 { return seconds }
+        return (minutes >= 60 ? "\(minutes / 60)h\(minutes % 60)m" : "\(minutes)m") + seconds
     }
 
     /// nil for what no `Duration` of nanoseconds holds (negative, NaN, infinite, past Int64), instead of a trap.

@@ -83,6 +83,10 @@ struct CommandLineTests {
         #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls=false"]) == serving)
         #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls", "-tls=false"]) == serving, "the last setting wins")
         #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-v=true"]) == serving, "timings go to stderr")
+        // The timings as Go prints a time.Duration ("2.812345ms"), as the probe's -v shows them.
+        let timings = try runProgram("/bin/sh", ["-c", "'\(cli)' health -addr=:\(port) -v 2>&1 >/dev/null"]).output
+        let goDuration = #/establishing connection took [0-9]+(\.[0-9]+)?(ns|µs|ms|s)\ntime elapsed: connect=[0-9.]+(ns|µs|ms|s) rpc=[0-9.]+(ns|µs|ms|s)\n/#
+        #expect(timings.wholeMatch(of: goDuration) != nil, "\(timings)")
         #expect(try runProgram(cli, ["health", "--addr=:\(port)", "--service="]) == serving)
         #expect(try runProgram(cli, ["health", "--addr", ":\(port)", "-gzip"]) == serving)
         #expect(try runProgram(cli, ["health", "-version"]) == (0, GRPCConnectionManagerVersion.string + "\n"))
