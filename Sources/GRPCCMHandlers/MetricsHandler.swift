@@ -50,8 +50,6 @@ package final class MetricsHandler: @unchecked Sendable {
     private var recorders: [String: Recorder] = [:]
     @exclusivity(unchecked)
     private var gauges: [String: Gauge] = [:]
-    @exclusivity(unchecked)
-    private var meters: [String: Meter] = [:]
     private let sharedMetrics: SharedMetricsState
     /// The per-call metrics of each service and method, found without building label keys on every call.
     @exclusivity(unchecked)
@@ -91,10 +89,8 @@ package final class MetricsHandler: @unchecked Sendable {
     /// (swift-metrics' `AccumulatingMeter`) keeps the total in the meter object, so one per loop would overwrite each
     /// other.
     private func meter(_ label: String, _ dimensions: [(String, String)]) -> Meter {
-        Self.cached(&self.meters, label, dimensions) {
-            self.sharedMetrics.meter(Self.key(label, dimensions)) {
-                Meter(label: label, dimensions: dimensions, factory: self.factory)
-            }
+        self.sharedMetrics.meter(Self.key(label, dimensions)) {
+            Meter(label: label, dimensions: dimensions, factory: self.factory)
         }
     }
 

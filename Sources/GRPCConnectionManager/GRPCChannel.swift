@@ -248,7 +248,7 @@ public final class GRPCChannel: Sendable {
         if shard.onItsLoop {
             call.start()
         } else if !shard.reactor.submit(call) {
-            call.finishWithoutReactor(CallStatus(code: .unavailable, message: "the event loop has stopped"))
+            call.finishWithoutReactor(Self.loopStopped)
             return CallHandle(call: call)
         }
         if let suspended {
@@ -267,13 +267,16 @@ public final class GRPCChannel: Sendable {
                 if !accepted {
                     // The loop stopped meanwhile and ended the call; the observers the interceptors added since
                     // never joined it, so they hear the end here (a tracing span must end).
-                    let end = UnaryResponse(status: CallStatus(code: .unavailable, message: "the event loop has stopped"))
+                    let end = UnaryResponse(status: Self.loopStopped)
                     for observer in observers.reversed() { observer.callFinished(end) }
                 }
             }
         }
         return CallHandle(call: call)
     }
+
+    /// How a call ends that its loop, stopped, can no longer take.
+    private static let loopStopped = CallStatus(code: .unavailable, message: "the event loop has stopped")
 
     /// A unary call hedged (gRFC A6): a coordinator on the shard's loop sends the attempts.
     private func startHedged(
@@ -301,7 +304,7 @@ public final class GRPCChannel: Sendable {
             // As a single call that the stopped loop refused ends (`ClientCall.finishWithoutReactor`): observers
             // first, then the completion, off the caller's thread.
             spawnDetachedThread {
-                let end = UnaryResponse(status: CallStatus(code: .unavailable, message: "the event loop has stopped"))
+                let end = UnaryResponse(status: Self.loopStopped)
                 for observer in observers.reversed() { observer.callFinished(end) }
                 completion(end)
             }

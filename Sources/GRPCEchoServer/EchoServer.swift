@@ -66,8 +66,8 @@ public final class EchoServer: Sendable {
         }
         self.reactor = loop.reactor
         let socketAddress: NetworkAddress
-        if host.hasPrefix("unix:") {
-            let path = String(host.dropFirst(5))
+        let unixPath = host.hasPrefix("unix:") ? String(host.dropFirst(5)) : nil
+        if let path = unixPath {
             // A stale socket of a server that is gone is replaced; anything else at the path is left alone.
             let claimed = cr_unix_path_claim(path)
             switch -claimed {
@@ -95,13 +95,10 @@ public final class EchoServer: Sendable {
         if fd < 0 { throw ReactorError(operation: "listen on \(socketAddress)", errno: -fd) }
         let bound = Int(cr_socket_local_port(fd))
         self.port = max(bound, 0)
-        switch host.hasPrefix("unix:") {
-        case true: self.address = host
-        case false: self.address = host.contains(":") ? "[\(host)]:\(self.port)" : "\(host):\(self.port)"
-        }
+        self.address = unixPath != nil ? host : host.contains(":") ? "[\(host)]:\(self.port)" : "\(host):\(self.port)"
         self.listener = EchoListener(
             reactor: loop.reactor, fd: fd, options: options, tls: tls, ownsLoop: eventLoop == nil ? loop : nil)
-        if host.hasPrefix("unix:") { self.listener.socketFile = SocketFile(path: String(host.dropFirst(5))) }
+        self.listener.socketFile = unixPath.map(SocketFile.init(path:))
         let listener = self.listener
         if loop.reactor.inReactorThread {
             listener.start()
