@@ -45,12 +45,23 @@ package struct WaitQueue<Entry: WaitQueueEntry> {
         self.count += 1
     }
 
-    /// `entry` stops waiting; it stays in storage until it reaches the front.
+    /// `entry` stops waiting; it stays in storage until it reaches the front, or until withdrawn entries are most of
+    /// the storage: then they are dropped. Otherwise a queue that is never served (every stream hung on a stalled
+    /// server) would keep every call that waited and timed out in it, with its request and completion, for as long
+    /// as the stall lasts and after.
     package mutating func withdraw(_ entry: Entry) {
         guard entry.queued else { return }
         entry.queued = false
         self.count -= 1
+        if self.entries.count - self.head > 2 * self.count + 32 {
+            self.entries.removeSubrange(0..<self.head)
+            self.entries.removeAll { !$0.queued }
+            self.head = 0
+        }
     }
+
+    /// Entries held in storage, waiting or withdrawn (for tests: what `withdraw` keeps alive).
+    package var storedCount: Int { self.entries.count - self.head }
 
     /// The first entry still waiting, taken out.
     package mutating func dequeue() -> Entry? {

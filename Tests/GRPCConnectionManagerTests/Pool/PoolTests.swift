@@ -38,6 +38,25 @@ struct PoolTests {
         #expect(queue.isEmpty && none == nil)
     }
 
+    @Test("the wait queue lets go of withdrawn entries that never reach the front (a queue nobody serves)")
+    func waitQueueDropsWithdrawn() {
+        var queue = WaitQueue<Entry>(capacity: 1_000)
+        let stays = Entry(-1)
+        let enqueued = queue.enqueue(stays)
+        #expect(enqueued)
+        for name in 0..<10_000 {
+            let entry = Entry(name)
+            guard queue.enqueue(entry) else { Issue.record("refused at \(name)"); return }
+            queue.withdraw(entry)  // its deadline passed while it waited
+        }
+        #expect(queue.count == 1)
+        #expect(queue.storedCount <= 2 * queue.count + 32, "withdrawn entries held: \(queue.storedCount)")
+        let kept = queue.enqueue(Entry(10_000))
+        #expect(kept)
+        let waiting = queue.removeAll().map(\.name)
+        #expect(waiting == [-1, 10_000], "the waiting ones keep their order")
+    }
+
     @Test("the picker takes the least-loaded usable candidate and spreads ties")
     func picker() {
         var picker = Picker()
