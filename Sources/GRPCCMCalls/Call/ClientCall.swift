@@ -150,7 +150,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// the breaker's slot and counts for nothing: a channel replaced with calls in flight must not open the breaker
     /// its successor inherits.
     @exclusivity(unchecked)
-    private var endedLocally = false
+    package private(set) var endedLocally = false
     @exclusivity(unchecked)
     package private(set) var sentBytes = 0
     @exclusivity(unchecked)
@@ -295,6 +295,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     }
 
     private func begin() {
+        // Ended before its submitted start ran (cancelled on the loop's thread meanwhile): neither admitted, which
+        // would take a breaker permit that nothing gives back, nor reported as started.
+        guard !self.machine.isFinished else { return }
         let refusal = self.withEnvironment { environment in self.refusalOrAdmission(environment) }
         switch self.machine.start(refusal: refusal) {
         case .none:
@@ -589,6 +592,22 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         return false
     }
 
+    /// A call that streams (either way) tells the breaker its outcome when the server answers with headers, not
+    /// when it ends: it may live for hours (a watch), and a half-open probe held that long would keep every other
+    /// call of its method refused. Headers say the server took the call: a success (or a slow call, by the time they
+    /// took). A unary call keeps its permit to the end, where its status is the outcome.
+    private func settleStreamPermit() {
+        if case .single = self.delivery, self.buffers == nil { return }
+        guard let permit = self.permit else { return }
+        self.permit = nil
+        self.withEnvironment { environment in
+            let now = Reactor.clock()
+            environment.policies.admission?.callEnded(
+                permit, service: environment.service, path: self.path, status: .ok,
+                duration: Duration.nanoseconds(Int64(bitPattern: now &- self.startedAt)), now: now, endedLocally: false)
+        }
+    }
+
     /// The call's one end: bookkeeping, the breaker, the bus, then the completion (deferred).
     private func finish(_ response: consuming UnaryResponse) {
         for timer in [self.deadlineTimer, self.attemptTimer, self.retryTimer] where timer != 0 {
@@ -838,6 +857,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 resetWith: NGHTTP2_CANCEL.rawValue)
         case .headers:
             self.machine.headersReceived()
+            if self.permit != nil { self.settleStreamPermit() }
             if let committed = self.onResponseHeaders {
                 self.onResponseHeaders = nil
                 self.withReactor { _ = $0.executeDeferred(committed) }

@@ -48,6 +48,8 @@ final class HedgedCall: @unchecked Sendable {
 
     /// Loop thread: admission, the first attempt, the timer for the next.
     func start() {
+        // Cancelled on the loop's thread before this submitted start ran: it has ended, and takes no permit.
+        guard !self.done else { return }
         let environment = self.environment
         self.startedAt = Reactor.clock()
         environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
@@ -94,8 +96,13 @@ final class HedgedCall: @unchecked Sendable {
         guard !self.done else { return }
         if self.committed != 0 && self.committed != number { return }  // a loser, cancelled at the commit
         let code = response.status.code
-        if self.committed == number || response.status.isOK || !self.policy.nonFatalStatusCodes.contains(code) {
-            self.finish(response)
+        // Ended by this side (the channel closed): the call ends with it, no other attempt is sent (nothing is
+        // retried once closing began), and, like a single call's such end, it counts for nothing in the breaker.
+        let endedLocally = self.attempts.indices.contains(number - 1) && self.attempts[number - 1].endedLocally
+        if endedLocally || self.committed == number || response.status.isOK
+            || !self.policy.nonFatalStatusCodes.contains(code)
+        {
+            self.finish(response, endedLocally: endedLocally)
             return
         }
         self.lastFailure = response
@@ -129,7 +136,8 @@ final class HedgedCall: @unchecked Sendable {
     }
 
     /// The call's one end: the losers cancelled, the breaker and the bus told, observers, then the completion.
-    private func finish(_ response: UnaryResponse, cancelledByClient: Bool = false) {
+    /// `endedLocally`: this side ended it (the caller, or the channel closing), which tells the breaker nothing.
+    private func finish(_ response: UnaryResponse, cancelledByClient: Bool = false, endedLocally: Bool = false) {
         guard !self.done else { return }
         self.done = true
         if self.timer != 0 {
@@ -145,13 +153,16 @@ final class HedgedCall: @unchecked Sendable {
         if let permit = self.permit, let admission = environment.policies.admission {
             admission.callEnded(
                 permit, service: environment.service, path: self.path, status: response.status, duration: duration,
-                now: now, endedLocally: cancelledByClient)
+                now: now, endedLocally: cancelledByClient || endedLocally)
         }
-        environment.bus.publishCallEvent(
-            .callFinished(
-                service: environment.service, path: self.path, status: response.status, duration: duration,
-                attempts: self.attempts.count, sentBytes: self.attempts.reduce(0) { $0 + $1.sentBytes },
-                receivedBytes: self.attempts.reduce(0) { $0 + $1.receivedBytes }))
+        // A call cancelled before its start ran was never reported as started, so neither is its end.
+        if self.startedAt != 0 {
+            environment.bus.publishCallEvent(
+                .callFinished(
+                    service: environment.service, path: self.path, status: response.status, duration: duration,
+                    attempts: self.attempts.count, sentBytes: self.attempts.reduce(0) { $0 + $1.sentBytes },
+                    receivedBytes: self.attempts.reduce(0) { $0 + $1.receivedBytes }))
+        }
         // Each attempt's completion holds this coordinator: letting go of the attempts breaks the cycle (the ones
         // still ending are held by their pool until they do).
         self.attempts.removeAll()

@@ -177,6 +177,88 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("a stream's breaker outcome is the server's answer: a long-lived probe does not keep its method refused")
+    func streamingProbeSettlesWithHeaders() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeManager(fixture) {
+            $0.enableCircuitBreaker = true
+            $0.enableRetry = false
+            $0.circuitBreaker.failureThreshold = 1
+            $0.circuitBreaker.timeout = .milliseconds(100)
+        }
+        let path = "/raw.Raw/Update"  // raw bytes echoed as they come, until the client half-closes
+        let failing = channel.bidirectionalStreaming(path: path, metadata: ["x-fail-code": "14"])
+        failing.closeSend()  // the server answers (UNAVAILABLE) once the requests end
+        #expect(await failing.result().status.code == .unavailable)
+        let refused = channel.bidirectionalStreaming(path: path)
+        #expect(await refused.result().status == CallStatus(code: .unavailable, message: "circuit breaker is open"))
+        try await Task.sleep(for: .milliseconds(150))  // past the open time, on the clock the breaker reads
+        // The probe, a watch that stays open: its echo came, so the server answered with headers.
+        let probe = channel.bidirectionalStreaming(path: path)
+        try await probe.write([1])
+        var probeResponses = probe.responses.makeAsyncIterator()
+        #expect(try await probeResponses.next() == [1])
+        // Held to the probe's end, the one probe slot would refuse this stream, and every other call of the method.
+        let next = channel.bidirectionalStreaming(path: path)
+        try await next.write([2])
+        var nextResponses = next.responses.makeAsyncIterator()
+        #expect(try await nextResponses.next() == [2])
+        #expect(await eventually {
+            recorder.story.filter { $0.hasPrefix("breaker:") }
+                == ["breaker:CLOSED>OPEN", "breaker:OPEN>HALF_OPEN", "breaker:HALF_OPEN>CLOSED"]
+        })
+        probe.closeSend()
+        next.closeSend()
+        #expect(await probe.result().status == .ok)
+        #expect(await next.result().status == .ok)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test(
+        "a call cancelled on its loop before its submitted start runs takes no breaker permit, nor reports a start",
+        arguments: [false, true])
+    func cancelledBeforeItsStartTakesNoPermit(hedged: Bool) async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeManager(fixture) {
+            $0.enableCircuitBreaker = true
+            $0.enableRetry = false
+            $0.circuitBreaker.failureThreshold = 1
+            $0.circuitBreaker.timeout = .milliseconds(1)
+            if hedged { $0.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .seconds(10)) }
+        }
+        let cancelled = PThreadLock<UnaryResponse?>(nil)
+        let first = await withCheckedContinuation { (continuation: CheckedContinuation<UnaryResponse, Never>) in
+            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-fail-code": "14"]) { first in
+                // On the loop, the breaker open: another thread starts a call, which is submitted to this loop (busy
+                // here), and this thread cancels it before the loop takes the submission.
+                let handle = PThreadLock<CallHandle?>(nil)
+                let started = DispatchSemaphore(value: 0)
+                Thread {
+                    let call = channel.unary(path: "/echo.Echo/Get", request: [2]) { response in
+                        cancelled.withLock { $0 = response }
+                    }
+                    handle.withLock { $0 = call }
+                    started.signal()
+                }.start()
+                started.wait()
+                usleep(2_000)  // past the 1 ms open time: the start, had it run, would be the half-open probe
+                handle.withLock { $0 }!.cancel()
+                continuation.resume(returning: first)
+            }
+        }
+        #expect(first.status.code == .unavailable)
+        #expect(await eventually { cancelled.withLock { $0 }?.status.code == .cancelled })
+        // A permit taken by the cancelled call would be a probe nothing gives back: this call would be refused.
+        let probe = await channel.call([3], timeout: .seconds(5))
+        #expect(probe.status == .ok, "\(probe.status)")
+        let starts = recorder.count { if case .callStarted = $0 { true } else { false } }
+        let ends = recorder.count { if case .callFinished = $0 { true } else { false } }
+        #expect(starts == 2 && ends == 2, "started \(starts), finished \(ends)")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("metrics: the exposition holds the expected series and values")
     func metricsExposition() async throws {
         let fixture = try LoopbackFixture()
@@ -445,6 +527,31 @@ struct HandlerIntegrationTests {
         let afterDeadlines = await channel.call([3], metadata: Self.failFirst(1, key: "after-deadlines"), timeout: .seconds(5))
         #expect(afterDeadlines.status == .ok, "\(afterDeadlines.status)")
         await other.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("a hedged call ended by closing its channel counts for nothing in the breaker, as a single call's end")
+    func hedgedLocalEndIsNotAServerFailure() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, first, recorder) = try self.makeManager(fixture) {
+            $0.enableCircuitBreaker = true
+            $0.enableRetry = false
+            $0.circuitBreaker.failureThreshold = 1
+            $0.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .seconds(10))
+        }
+        let ended = PThreadLock<UnaryResponse?>(nil)
+        first.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "5000"]) { response in
+            ended.withLock { $0 = response }
+        }
+        #expect(await eventually { await manager.openCalls() == 1 })
+        manager.closeConnection(service: "echo")
+        #expect(await eventually { ended.withLock { $0 }?.status.code == .unavailable })
+        // Counted as the server's failure, that end would have opened the breaker (one failure does here).
+        let second = try manager.connection(service: "echo")
+        let after = await second.call([2], timeout: .seconds(5))
+        #expect(after.status == .ok, "\(after.status)")
+        #expect(recorder.count { if case .circuitBreakerStateChanged = $0 { true } else { false } } == 0)
+        await manager.close(gracePeriod: .seconds(1))
     }
 
     @Test("method paths from callers do not grow the metrics or the breakers without bound: past 1,000, \"other\"")
