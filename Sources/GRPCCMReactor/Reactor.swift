@@ -151,7 +151,7 @@ package final class Reactor: @unchecked Sendable {
         ).exchanged
         // Stopped before it ran, or already running (on its own thread, or driven by a host): nothing to do here.
         guard started else { return }
-        self.reactorThread.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .releasing)
+        self.becomeLoopThread()
         while self.life.load(ordering: .acquiring) == LifeState.running.rawValue {
             let rc = cr_loop_run_once(self.loop!, self.deferred.isEmpty ? 1 : 0)
             precondition(rc >= 0, "epoll_wait failed: errno \(-rc)")
@@ -171,7 +171,7 @@ package final class Reactor: @unchecked Sendable {
                 ordering: .acquiringAndReleasing
             ).exchanged
             if started {
-                self.reactorThread.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .releasing)
+                self.becomeLoopThread()
                 self.driven.store(true, ordering: .releasing)
             }
         }
@@ -230,7 +230,7 @@ package final class Reactor: @unchecked Sendable {
                 ordering: .acquiringAndReleasing
             ).exchanged
             if neverRan {
-                self.reactorThread.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .releasing)
+                self.becomeLoopThread()
                 self.finishShutdown()
             }
             return
@@ -241,7 +241,9 @@ package final class Reactor: @unchecked Sendable {
     }
 
     /// Stops the loop and waits until it has closed everything. On the reactor thread it cannot wait for itself:
-    /// it only stops, and the loop finishes once the current callback returns.
+    /// it only stops, and the loop finishes once the current callback returns. On another loop's thread it only
+    /// stops too: that loop may be shutting this one's down at the same moment, and two loops waiting for each
+    /// other would never finish.
     package func stopAndWait() {
         self.stop()
         if self.inReactorThread {
@@ -254,10 +256,22 @@ package final class Reactor: @unchecked Sendable {
             }
             return
         }
+        if Self.servesALoop { return }
         while !self.isFinished {
             usleep(1000)
         }
     }
+
+    /// The calling thread becomes the loop's (it runs it, drives it, or stands in for it to shut it down) until
+    /// `finishShutdown` ends.
+    private func becomeLoopThread() {
+        self.reactorThread.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .releasing)
+        cr_thread_loop_count_add(1)
+    }
+
+    /// True on a thread that serves a loop, any loop: such a thread must never wait for another loop, which may be
+    /// waiting for it.
+    package static var servesALoop: Bool { cr_thread_loop_count() > 0 }
 
     /// True on the reactor thread while the loop runs (and while it shuts down).
     package var inReactorThread: Bool {
@@ -317,6 +331,7 @@ package final class Reactor: @unchecked Sendable {
         // This thread is the loop's no longer: what it does next (drop a channel, say) goes through the refusing
         // paths above instead of touching a loop that is gone.
         self.reactorThread.store(0, ordering: .releasing)
+        cr_thread_loop_count_add(-1)
         self.markFinished()
     }
 

@@ -47,14 +47,9 @@ public final class ReactorGroup: Sendable {
         self.loops.first { $0.inEventLoop }
     }
 
-    /// Shuts every loop down (see `ReactorLoop.shutdown()`), waiting for each when called off their threads.
+    /// Shuts every loop down (see `ReactorLoop.shutdown()`), waiting for each when called on a thread that is no
+    /// loop's; on a loop's thread (this group's or another's) it stops them all and returns at once.
     public func shutdown() {
-        // From one of our own loops, waiting for the others could deadlock (two completions on two loops each
-        // shutting the group down would wait for each other): stop them all, then wait only when off every loop.
-        if self.loops.contains(where: \.inEventLoop) {
-            for loop in self.loops { loop.reactor.stop() }
-            return
-        }
         for loop in self.loops { loop.shutdown() }
     }
 }

@@ -31,9 +31,10 @@ public final class ReactorLoop: Sendable {
 
     /// Stops the loop: every call still open, queued, waiting for a connection or for its next retry ends with
     /// UNAVAILABLE (its completion runs, on this loop's thread, before the loop finishes), connections send GOAWAY
-    /// (and close_notify under TLS), and every fd closes. From another thread it waits for all of that; from the
-    /// loop's own thread (a completion, a bus handler) it cannot wait for itself, so it returns at once and the loop
-    /// finishes when the callback returns.
+    /// (and close_notify under TLS), and every fd closes. From a thread that is no loop's it waits for all of that;
+    /// from the loop's own thread (a completion, a bus handler) it cannot wait for itself, so it returns at once and
+    /// the loop finishes when the callback returns. From another loop's thread it returns at once too: that loop may
+    /// be shutting this one down at the same moment, and two loops waiting for each other would never finish.
     public func shutdown() { self.reactor.stopAndWait() }
 
     /// True on the loop's thread.

@@ -69,6 +69,12 @@ int cr_loop_next_timer_ms(const cr_loop *_Nonnull loop);
 int cr_loop_fd(const cr_loop *_Nonnull loop);
 /// Wakes the loop from any thread. Only the first of many concurrent calls writes the eventfd.
 void cr_loop_wake(cr_loop *_Nonnull loop);
+/// How many loops the calling thread serves now (runs, drives, or stands in for while one shuts down). A thread that
+/// serves a loop must never wait for another loop: that one may be waiting for it (two loops each shutting the
+/// other down from a callback), and neither would turn again.
+int cr_thread_loop_count(void);
+/// The calling thread begins (+1) or stops (-1) serving a loop.
+void cr_thread_loop_count_add(int delta);
 /// The monotonic time in nanoseconds, cached once per loop turn (libuv's uv_now).
 uint64_t cr_loop_now(const cr_loop *_Nonnull loop);
 /// Refreshes the cached time.

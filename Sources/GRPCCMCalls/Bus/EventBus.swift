@@ -48,26 +48,24 @@ public final class EventBus: Sendable {
     package var single: LocalEventBus { self.locals[0] }
 
     /// Adds a handler. It receives every event published after this call returns, on the loop where it happened.
-    /// Called on one of the bus's loops (from a handler or a completion), the promise holds for that loop at once
-    /// and for the bus's other loops from their next turn: waiting for them there could deadlock two loops that
-    /// subscribe at the same moment.
+    /// Called on a loop's thread (from a handler or a completion, of this bus or any other), the promise holds for
+    /// that loop at once and for the bus's other loops from their next turn: waiting for them there could deadlock
+    /// two loops that subscribe at the same moment.
     /// - Parameter handler: Called on a loop's thread, outside the library's I/O processing; must not block. Any
     ///   thread may subscribe, handlers included.
     /// - Returns: The token for `unsubscribe(_:)`.
     @discardableResult
     public func subscribe(_ handler: @escaping @Sendable (ConnectionEvent) -> Void) -> Token {
         let token = Token(value: self.nextToken.add(1, ordering: .relaxed).oldValue)
-        let onOneOfOurLoops = self.locals.contains { $0.reactor.inReactorThread }
-        for local in self.locals { local.add(token, callEvents: true, handler, wait: !onOneOfOurLoops) }
+        for local in self.locals { local.add(token, callEvents: true, handler) }
         return token
     }
 
     /// Removes a subscription. No event reaches its handler after this returns (events already published, too);
-    /// called on one of the bus's loops, that holds for that loop at once and for the others from their next turn
+    /// called on a loop's thread, that holds for that loop at once and for the bus's others from their next turn
     /// (see `subscribe`). Any thread may unsubscribe, handlers included.
     public func unsubscribe(_ token: Token) {
-        let onOneOfOurLoops = self.locals.contains { $0.reactor.inReactorThread }
-        for local in self.locals { local.remove(token, wait: !onOneOfOurLoops) }
+        for local in self.locals { local.remove(token) }
     }
 
     /// For the library's own handlers, one per loop: see `LocalEventBus.subscribe(callEvents:_:)`.
@@ -121,26 +119,25 @@ package final class LocalEventBus: @unchecked Sendable {
         return token
     }
 
-    func add(
-        _ token: EventBus.Token, callEvents: Bool, _ handler: @escaping @Sendable (ConnectionEvent) -> Void,
-        wait: Bool = true
-    ) {
+    func add(_ token: EventBus.Token, callEvents: Bool, _ handler: @escaping @Sendable (ConnectionEvent) -> Void) {
         let state = self.state
-        self.onLoop(wait: wait) { state.add(token, handler, callEvents: callEvents) }
+        self.onLoop { state.add(token, handler, callEvents: callEvents) }
     }
 
-    func remove(_ token: EventBus.Token, wait: Bool = true) {
+    func remove(_ token: EventBus.Token) {
         let state = self.state
-        self.onLoop(wait: wait) { state.remove(token) }
+        self.onLoop { state.remove(token) }
     }
 
-    /// Runs `body` on the loop's thread (inline when this is it), waiting for it unless `wait` is false.
-    /// Subscriptions change only there, so dispatch needs no lock.
-    private func onLoop(wait: Bool, _ body: @escaping @Sendable () -> Void) {
-        // Inline on the loop's thread, and when no loop thread runs: not started yet, or stopped. A loop that is
-        // stopping still dispatches (its shutdown ends calls, which publish): the change goes through it.
-        let noLoopThread = !self.reactor.isStopping ? !self.reactor.isRunning : self.reactor.isStopped
-        if self.reactor.inReactorThread || noLoopThread {
+    /// Runs `body` on the loop's thread: inline when this is it, else through its inbox. Subscriptions change only
+    /// there, so dispatch needs no lock. Waits for it when the loop is running and this thread serves no loop:
+    /// - a loop not started yet runs its inbox before anything that could publish (calls reach it the same way,
+    ///   later), and it may be started by this very thread after this returns (a driven loop);
+    /// - a loop's thread must not wait for another loop, which may be waiting for it (two loops creating channels
+    ///   on each other from completions at the same moment): neither would turn again.
+    private func onLoop(_ body: @escaping @Sendable () -> Void) {
+        // Inline on the loop's own thread, and once it has stopped (no thread will ever dispatch again).
+        if self.reactor.inReactorThread || self.reactor.isStopped {
             body()
             return
         }
@@ -149,8 +146,8 @@ package final class LocalEventBus: @unchecked Sendable {
             body()
             return
         }
-        guard wait else { return }
-        while !done.load(ordering: .acquiring) { usleep(50) }
+        guard self.reactor.isRunning, !Reactor.servesALoop else { return }
+        while !done.load(ordering: .acquiring) && self.reactor.isRunning { usleep(50) }
     }
 }
 

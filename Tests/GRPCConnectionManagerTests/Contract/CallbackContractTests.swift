@@ -143,6 +143,67 @@ struct CallbackContractTests {
         #expect(all.filter { $0 == .unavailable }.count == 9)
     }
 
+    @Test("two loops, from completions at the same moment, make channels on each other and shut each other down")
+    func loopsActOnEachOtherFromCompletions() throws {
+        let server = try EchoServer()
+        defer { server.close() }
+        let loops = [try ReactorLoop(), try ReactorLoop()]
+        for loop in loops { loop.start() }
+        // Both completions run at once: each waits here until the other has come (or a second has passed).
+        let met = PThreadLock<[Int]>([0, 0])
+        @Sendable func meet(_ step: Int) {
+            met.withLock { $0[step] += 1 }
+            let end = now() + 1
+            while met.withLock({ $0[step] }) < 2 && now() < end { usleep(100) }
+        }
+        let finished = PThreadLock<[String]>([])
+        var channels: [GRPCChannel] = []
+        for (index, loop) in loops.enumerated() {
+            let other = loops[1 - index]
+            let channel = try GRPCChannel(target: server.address, configuration: Self.failFast(), eventLoop: loop)
+            channels.append(channel)
+            channel.unary(path: "/echo.Echo/Get", request: [1]) { _ in
+                meet(0)
+                // Its handlers subscribe on the other loop, busy in its own completion: waiting for it would wait
+                // for ever, as the other does for this one.
+                let made = try? GRPCChannel(target: server.address, configuration: Self.failFast(), eventLoop: other)
+                meet(1)
+                other.shutdown()  // likewise: returns at once on a loop's thread
+                finished.withLock { $0.append("\(index): \(made != nil)") }
+            }
+        }
+        #expect(waitFor(seconds: 10) { finished.withLock { $0.count } == 2 }, "\(finished.withLock { $0 })")
+        #expect(finished.withLock { $0.sorted() } == ["0: true", "1: true"])
+        #expect(waitFor(seconds: 10) { loops.allSatisfy { $0.reactor.isStopped } })
+        channels.removeAll()
+    }
+
+    @Test("subscriptions from two threads to a loop not started yet all take effect once it runs")
+    func subscribeBeforeTheLoopStarts() throws {
+        let server = try EchoServer()
+        defer { server.close() }
+        let loop = try ReactorLoop()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: server.address, configuration: Self.failFast(), eventLoop: loop)
+        let heard = PThreadLock<Int>(0)
+        let subscribers = DispatchGroup()
+        for _ in 0..<2 {
+            DispatchQueue.global().async(group: subscribers) {
+                for _ in 0..<200 {
+                    channel.events.subscribe { event in
+                        if case .callStarted = event { heard.withLock { $0 += 1 } }
+                    }
+                }
+            }
+        }
+        subscribers.wait()
+        loop.start()
+        let ledger = CompletionLedger()
+        channel.unary(path: "/echo.Echo/Get", request: [1]) { _ in ledger.record(0) }
+        #expect(waitFor(seconds: 10) { ledger.completed == 1 })
+        #expect(waitFor(seconds: 10) { heard.withLock { $0 } == 400 }, "\(heard.withLock { $0 }) of 400")
+    }
+
     @Test("close() while calls wait in retry backoff ends them at once")
     func closeDuringRetryBackoff() async throws {
         let fixture = try LoopbackFixture()
