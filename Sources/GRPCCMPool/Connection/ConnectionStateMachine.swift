@@ -14,25 +14,32 @@ import GRPCCMWire
 ///   │      │ idleTimeout     │  connectFailed  │ (calls waiting)       │  │  │ (keepalive, EOF,
 ///   │      └─────────────────┼─────────┼──────┼────────────────────────┘  │  │  error)
 ///   │                        │         ▼      │                           │  ▼
-///   │   backoffElapsed       │   ┌───────────────────┐ ◀──────────────────┘ (backoff reset: 0 s)
+///   │   backoffElapsed       │   ┌───────────────────┐ ◀──────────────────┘ (0 s once it was established)
 ///   └─── (no call waiting) ──┴── │ TRANSIENT_FAILURE │
 ///                                └───────────────────┘
 ///   shutdownRequested: any state → SHUTDOWN (terminal; every later input is ignored)
 /// ```
 ///
 /// Rules (grpc `connectivity-semantics-and-api.md`, `connection-backoff.md`):
-/// - every recoverable failure passes through TRANSIENT_FAILURE; a lost READY connection too, with the backoff
-///   already reset, so its first reconnect waits no time (grpc-go#2636);
-/// - "connected" means the server's SETTINGS arrived, not that TCP connected (grpc-go#1444): the backoff resets
-///   only then;
+/// - every recoverable failure passes through TRANSIENT_FAILURE; a lost READY connection too, and once the
+///   connection was established its first reconnect waits no time (grpc-go#2636);
+/// - "connected" means the server's SETTINGS arrived, not that TCP connected (grpc-go#1444), and "established"
+///   that it then stayed READY for the backoff's base delay: the backoff resets only then. A server that takes
+///   connections and drops them at once (a connection limit, a crash on accept) would otherwise be redialled at
+///   round-trip speed for ever; such a connection's loss backs off as a failed connect does;
 /// - after the backoff, the connection reconnects only if calls wait for it, and otherwise rests in IDLE;
-/// - a GOAWAY moves READY to IDLE at once (no new streams there; the old transport drains its streams);
+/// - a GOAWAY moves READY (or CONNECTING) to IDLE at once: no new streams there, the old transport drains its
+///   streams, and a call that waits connects again at once (the server said "go elsewhere", not "fail"). One that
+///   came before the connection was established sets `automaticReconnectDelay`, the wait of a reconnect nobody
+///   asked for (an eager pool's): a server that sends GOAWAY to every new connection is not redialled at
+///   round-trip speed either;
 /// - inputs that make no sense in a state are ignored and return `.none`: the network can cause them.
 package struct ConnectionStateMachine {
     private enum State: Equatable {
         case idle
         case connecting
-        case ready
+        /// Since the monotonic time `since` (ns), when the server's SETTINGS came.
+        case ready(since: UInt64)
         case transientFailure(CallStatus)
         case shutdown
     }
@@ -41,6 +48,9 @@ package struct ConnectionStateMachine {
     private var backoff: Backoff
     /// The last connect or connection error, for fail-fast messages and health reports.
     package private(set) var lastError: CallStatus?
+    /// How long a reconnect from IDLE that no call asked for should wait: zero, or the backoff's delay after a
+    /// GOAWAY that came before the connection was established.
+    package private(set) var automaticReconnectDelay: Duration = .zero
 
     package init(backoff: Backoff.Configuration) {
         self.backoff = Backoff(backoff)
@@ -69,6 +79,7 @@ package struct ConnectionStateMachine {
     package mutating func connectRequested() -> OnConnectRequested {
         guard case .idle = self.internalState else { return .none }
         self.internalState = .connecting
+        self.automaticReconnectDelay = .zero
         return .connect
     }
 
@@ -78,13 +89,21 @@ package struct ConnectionStateMachine {
         case becameReady
     }
 
-    /// The server's SETTINGS arrived on the attempt.
-    package mutating func connectSucceeded() -> OnConnectSucceeded {
+    /// The server's SETTINGS arrived on the attempt, at `now` (monotonic ns). The backoff resets only once the
+    /// connection has lasted (see `connectionLost`).
+    package mutating func connectSucceeded(now: UInt64) -> OnConnectSucceeded {
         guard case .connecting = self.internalState else { return .none }
-        self.internalState = .ready
-        self.backoff.reset()
+        self.internalState = .ready(since: now)
         self.lastError = nil
         return .becameReady
+    }
+
+    /// Whether a connection READY since `since` was established by `now`: it lasted the backoff's base delay. Then
+    /// the backoff starts over.
+    private mutating func established(since: UInt64, now: UInt64) -> Bool {
+        guard now &- since >= UInt64(max(self.backoff.configuration.base.nanoseconds, 0)) else { return false }
+        self.backoff.reset()
+        return true
     }
 
     package enum OnFailure: Equatable {
@@ -101,16 +120,17 @@ package struct ConnectionStateMachine {
         return .backoff(delay: self.backoff.next(unit: randomUnit), error: error)
     }
 
-    /// An established connection failed: keepalive timeout, EOF, a read or protocol error.
-    package mutating func connectionLost(_ error: CallStatus, randomUnit: Double) -> OnFailure {
+    /// A connection failed at `now`: keepalive timeout, EOF, a read or protocol error. Once established, it is
+    /// redialled at once; before, it backs off as a failed connect does.
+    package mutating func connectionLost(_ error: CallStatus, randomUnit: Double, now: UInt64) -> OnFailure {
         switch self.internalState {
         case .connecting:
             return self.connectFailed(error, randomUnit: randomUnit)
-        case .ready:
+        case .ready(let since):
             self.internalState = .transientFailure(error)
             self.lastError = error
-            // The backoff was reset when the connection became ready: the first reconnect waits no time.
-            return .backoff(delay: .zero, error: error)
+            if self.established(since: since, now: now) { return .backoff(delay: .zero, error: error) }
+            return .backoff(delay: self.backoff.next(unit: randomUnit), error: error)
         case .idle, .transientFailure, .shutdown:
             return .none
         }
@@ -132,6 +152,7 @@ package struct ConnectionStateMachine {
             return .connect
         }
         self.internalState = .idle
+        self.automaticReconnectDelay = .zero  // the backoff has been waited
         return .becameIdle
     }
 
@@ -141,11 +162,18 @@ package struct ConnectionStateMachine {
         case drain
     }
 
-    /// The server sent GOAWAY.
-    package mutating func goAwayReceived() -> OnGoAway {
+    /// The server sent GOAWAY at `now`.
+    package mutating func goAwayReceived(randomUnit: Double, now: UInt64) -> OnGoAway {
         switch self.internalState {
-        case .ready, .connecting:
+        case .ready(let since):
             self.internalState = .idle
+            if !self.established(since: since, now: now) {
+                self.automaticReconnectDelay = self.backoff.next(unit: randomUnit)
+            }
+            return .drain
+        case .connecting:
+            self.internalState = .idle
+            self.automaticReconnectDelay = self.backoff.next(unit: randomUnit)
             return .drain
         case .idle, .transientFailure, .shutdown:
             return .none
@@ -158,10 +186,12 @@ package struct ConnectionStateMachine {
         case close
     }
 
-    /// No call for the whole idle timeout.
+    /// No call for the whole idle timeout. The connection served (this side closes it), so the backoff starts
+    /// over.
     package mutating func idleTimeoutElapsed() -> OnIdleTimeout {
         guard case .ready = self.internalState else { return .none }
         self.internalState = .idle
+        self.backoff.reset()
         return .close
     }
 

@@ -128,6 +128,9 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         return self.machine.lastError
     }
 
+    /// How long a reconnect from IDLE that no call asked for should wait (see `ConnectionStateMachine`).
+    package var automaticReconnectDelay: Duration { self.machine.automaticReconnectDelay }
+
     /// Streams that may open on the current connection now.
     package var availableStreams: Int {
         guard self.state == .ready, let transport = self.transport else { return 0 }
@@ -341,7 +344,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     package func transportReady(_ transport: any HTTP2Transport) {
         guard transport === self.transport else { return }
         let old = self.state
-        guard self.machine.connectSucceeded() == .becameReady else { return }
+        guard self.machine.connectSucceeded(now: self.reactor.now) == .becameReady else { return }
         self.bus.publish(
             .connectAttemptSucceeded(service: self.service, connectionID: transport.id, address: self.address))
         self.startHealthWatch(on: transport)
@@ -363,7 +366,8 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         self.stopHealthWatch()
         self.transport = nil
         self.draining[ObjectIdentifier(transport)] = transport
-        if self.machine.goAwayReceived() == .drain {
+        let unit = Double.random(in: 0..<1, using: &self.generator)
+        if self.machine.goAwayReceived(randomUnit: unit, now: self.reactor.now) == .drain {
             self.transition(from: old, reason: CallStatus(code: .unavailable, message: "GOAWAY \(HTTP2ErrorCode.name(errorCode))"))
         }
     }
@@ -389,7 +393,8 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         }
         if wasReady {
             let old = oldState
-            let action = self.machine.connectionLost(reason, randomUnit: Double.random(in: 0..<1, using: &self.generator))
+            let action = self.machine.connectionLost(
+                reason, randomUnit: Double.random(in: 0..<1, using: &self.generator), now: self.reactor.now)
             self.handleFailure(action, old: old)
         } else {
             self.connectFailed(reason, id: transport.id)

@@ -481,15 +481,37 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         case .idle:
             // A ready connection that went away (a GOAWAY, the server closing it): the backend may have moved.
             if old == .ready { self.resolveAgainSoon() }
-            // An eager pool (`connectAll`) reconnects without waiting for a call, unless the idle timeout closed
-            // the connection (reported with OK), which is what the user asked for.
-            let reconnectEagerly = self.eager && reason?.code != .ok
-            if !self.queue.isEmpty || reconnectEagerly {
-                if self.picker.policy == .pickFirst { self.connectIdle() } else { subchannel.connect() }
+            // Reconnect without waiting for a call: in an eager pool (`connectAll`), and, but for pick_first, in a
+            // pool whose other connections serve calls meanwhile (round_robin's rule: every address stays
+            // connected while the channel is used). Otherwise the calls all go to those others, none ever waits,
+            // and the pool shrinks towards one connection as connections go (a server's maximum connection age).
+            // Not when the idle timeout closed it (reported with OK): that is what the user asked for.
+            let inUse = self.picker.policy != .pickFirst
+                && self.subchannels.contains { $0 !== subchannel && ($0.state == .ready || $0.state == .connecting) }
+            let reconnectEagerly = (self.eager || inUse) && reason?.code != .ok
+            if !self.queue.isEmpty {
+                self.reconnect(subchannel)
+            } else if reconnectEagerly {
+                // Unasked, after the backoff's delay when the server sent GOAWAY before the connection was
+                // established (a call that comes meanwhile connects at once).
+                let delay = subchannel.automaticReconnectDelay
+                guard delay > .zero else {
+                    self.reconnect(subchannel)
+                    return
+                }
+                self.reactor.schedule(afterNanoseconds: UInt64(delay.nanoseconds)) { [weak self, weak subchannel] in
+                    guard let self, let subchannel, !self.closed, subchannel.state == .idle else { return }
+                    self.reconnect(subchannel)
+                }
             }
         case .connecting, .shutdown:
             break
         }
+    }
+
+    /// Connects `subchannel` again, IDLE after its connection went: pick_first connects its first IDLE address.
+    private func reconnect(_ subchannel: Subchannel) {
+        if self.picker.policy == .pickFirst { self.connectIdle() } else { subchannel.connect() }
     }
 
     package func subchannelFinishedDraining(_ subchannel: Subchannel) {

@@ -14,6 +14,8 @@ struct ConnectionStateMachineTests {
     static let backoff = Backoff.Configuration(
         base: .milliseconds(100), multiplier: 1.6, jitter: 0.2, maximum: .seconds(3))
     static let failure = CallStatus(code: .unavailable, message: "refused")
+    /// When the table's inputs come: 10 s after a READY connection's SETTINGS (at 0), long established.
+    static let later: UInt64 = 10_000_000_000
 
     enum Input: String, CaseIterable, CustomStringConvertible {
         case connectRequested, connectSucceeded, connectFailed, connectionLost, backoffElapsedWaiting,
@@ -29,7 +31,7 @@ struct ConnectionStateMachineTests {
         case .connecting: _ = machine.connectRequested()
         case .ready:
             _ = machine.connectRequested()
-            _ = machine.connectSucceeded()
+            _ = machine.connectSucceeded(now: 0)
         case .transientFailure:
             _ = machine.connectRequested()
             _ = machine.connectFailed(Self.failure, randomUnit: 0.5)
@@ -45,11 +47,11 @@ struct ConnectionStateMachineTests {
         case .connectRequested:
             return machine.connectRequested() == .connect ? "connect" : "none"
         case .connectSucceeded:
-            return machine.connectSucceeded() == .becameReady ? "becameReady" : "none"
+            return machine.connectSucceeded(now: Self.later) == .becameReady ? "becameReady" : "none"
         case .connectFailed:
             return Self.name(machine.connectFailed(Self.failure, randomUnit: 0.5))
         case .connectionLost:
-            return Self.name(machine.connectionLost(Self.failure, randomUnit: 0.5))
+            return Self.name(machine.connectionLost(Self.failure, randomUnit: 0.5, now: Self.later))
         case .backoffElapsedWaiting, .backoffElapsedNotWaiting:
             switch machine.backoffElapsed(callsWaiting: input == .backoffElapsedWaiting) {
             case .none: return "none"
@@ -57,7 +59,7 @@ struct ConnectionStateMachineTests {
             case .becameIdle: return "becameIdle"
             }
         case .goAwayReceived:
-            return machine.goAwayReceived() == .drain ? "drain" : "none"
+            return machine.goAwayReceived(randomUnit: 0.5, now: Self.later) == .drain ? "drain" : "none"
         case .idleTimeoutElapsed:
             return machine.idleTimeoutElapsed() == .close ? "close" : "none"
         case .shutdownRequested:
@@ -165,7 +167,49 @@ struct ConnectionStateMachineTests {
         }
     }
 
-    @Test("the backoff resets when a connection becomes ready, and a lost READY connection reconnects at once")
+    @Test("a connection lost before it lasted the base delay backs off, and a GOAWAY then delays unasked reconnects")
+    func shortLivedConnectionsBackOff() {
+        var machine = ConnectionStateMachine(backoff: Self.backoff)
+        var delays: [Duration] = []
+        var clock: UInt64 = 0
+        // A server that takes each connection and drops it 10 ms after its SETTINGS, or sends GOAWAY at once.
+        for round in 0..<4 {
+            _ = machine.connectRequested()
+            #expect(machine.automaticReconnectDelay == .zero)
+            #expect(machine.connectSucceeded(now: clock) == .becameReady)
+            clock += 10_000_000
+            if round % 2 == 0 {
+                guard case .backoff(let delay, _) = machine.connectionLost(Self.failure, randomUnit: 0.5, now: clock) else {
+                    Issue.record("no backoff in round \(round)")
+                    return
+                }
+                delays.append(delay)
+                #expect(machine.state == .transientFailure)
+                #expect(machine.backoffElapsed(callsWaiting: false) == .becameIdle)
+                #expect(machine.automaticReconnectDelay == .zero, "the backoff was waited")
+            } else {
+                // GOAWAY: IDLE at once (a waiting call may connect now); only an unasked reconnect waits.
+                #expect(machine.goAwayReceived(randomUnit: 0.5, now: clock) == .drain)
+                #expect(machine.state == .idle)
+                delays.append(machine.automaticReconnectDelay)
+            }
+            clock += UInt64(delays.last!.nanoseconds)
+        }
+        #expect(delays == [.milliseconds(100), .milliseconds(160), .milliseconds(256), .nanoseconds(409_600_000)])
+        // One that lasts the base delay (100 ms) is established: its loss redials at once and the backoff restarts;
+        // so does a GOAWAY to it.
+        _ = machine.connectRequested()
+        _ = machine.connectSucceeded(now: clock)
+        #expect(machine.connectionLost(Self.failure, randomUnit: 0.5, now: clock + 100_000_000) == .backoff(delay: .zero, error: Self.failure))
+        #expect(machine.backoffElapsed(callsWaiting: true) == .connect)
+        #expect(machine.connectSucceeded(now: clock) == .becameReady)
+        #expect(machine.goAwayReceived(randomUnit: 0.5, now: clock + 200_000_000) == .drain)
+        #expect(machine.automaticReconnectDelay == .zero)
+        _ = machine.connectRequested()
+        #expect(machine.connectFailed(Self.failure, randomUnit: 0.5) == .backoff(delay: .milliseconds(100), error: Self.failure))
+    }
+
+    @Test("the backoff resets once a connection is established, and a lost established connection reconnects at once")
     func backoffResetsOnReady() {
         var machine = ConnectionStateMachine(backoff: Self.backoff)
         var delays: [Duration] = []
@@ -176,9 +220,9 @@ struct ConnectionStateMachineTests {
         }
         #expect(delays == [.milliseconds(100), .milliseconds(160), .milliseconds(256), .nanoseconds(409_600_000)])
         _ = machine.connectRequested()
-        #expect(machine.connectSucceeded() == .becameReady)
+        #expect(machine.connectSucceeded(now: 0) == .becameReady)
         #expect(machine.lastError == nil)
-        #expect(machine.connectionLost(Self.failure, randomUnit: 0.5) == .backoff(delay: .zero, error: Self.failure))
+        #expect(machine.connectionLost(Self.failure, randomUnit: 0.5, now: Self.later) == .backoff(delay: .zero, error: Self.failure))
         #expect(machine.backoffElapsed(callsWaiting: true) == .connect)
         #expect(machine.connectFailed(Self.failure, randomUnit: 0.5) == .backoff(delay: .milliseconds(100), error: Self.failure))
         #expect(machine.lastError == Self.failure)

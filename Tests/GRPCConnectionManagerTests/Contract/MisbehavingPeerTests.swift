@@ -13,6 +13,30 @@ import Testing
 /// breaks one of HTTP/2's rules for responses, each with the error it must give.
 @Suite("Misbehaving HTTP/2 peers", .serialized)
 struct MisbehavingPeerTests {
+    @Test(
+        "a server that drops each connection, or sends GOAWAY, as soon as it is READY is redialled with backoff",
+        arguments: ["drop-after-settings", "goaway-after-settings"])
+    func shortLivedConnectionsBackOff(_ mode: String) async throws {
+        let peer = try ScriptedPeer(mode)
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()  // backoff 100 ms x 1.6 (±20 %) up to 3 s
+        configuration.enableCircuitBreaker = false
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        channel.connect()  // eager: the pool redials by itself
+        let accepted = { peer.events.filter { $0 == "accepted" }.count }
+        #expect(await eventually { accepted() >= 2 })
+        let before = accepted()
+        try await Task.sleep(for: .milliseconds(1500))
+        // The delays grow by 1.6 from 100 ms; even with jitter at its lowest (x0.8) the next ones are 205, 328,
+        // 524 ms...: at most 4 more dials fit in 1.5 s. Redialled as soon as each was lost, hundreds would.
+        let more = accepted() - before
+        #expect(more >= 1 && more <= 6, "\(more) connections in 1.5 s")
+        channel.close()
+    }
+
     @Test("every call ends once with a status, whatever the peer sends", arguments: [1, 2, 3, 4])
     func randomAnswers(_ seed: Int) async throws {
         let peer = try ScriptedPeer("random", [String(seed * 1000)])

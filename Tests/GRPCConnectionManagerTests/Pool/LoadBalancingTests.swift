@@ -63,6 +63,29 @@ struct LoadBalancingTests {
         #expect(fleet.counts == [10, 10, 10])
     }
 
+    @Test("round_robin, not eager: a connection that ends (GOAWAY) while the others serve calls is made again")
+    func lostConnectionIsRemadeWhileInUse() async throws {
+        let fleet = try Fleet()
+        defer { fleet.shutdown() }
+        let (channel, recorder) = try fleet.channel(.roundRobin)
+        // The first call connects every backend; no connect() (not eager).
+        for index in 0..<3 { #expect(await channel.call("/test.Raw/Get", [UInt8(index)], timeout: .seconds(5)).status == .ok) }
+        #expect(await eventually { Self.connected(recorder) == 3 })
+        fleet.servers[1].goAway()
+        // Calls keep going to the other two meanwhile, so none ever waits for a connection: before, the lost one
+        // stayed IDLE for good (the name was resolved too lately to be asked again).
+        var index = 0
+        #expect(await eventually {
+            index += 1
+            _ = await channel.call("/test.Raw/Get", [UInt8(index & 0xFF)], timeout: .seconds(5))
+            return Self.connected(recorder) == 4
+        })
+        let before = fleet.counts
+        for index in 0..<30 { #expect(await channel.call("/test.Raw/Get", [UInt8(index)], timeout: .seconds(5)).status == .ok) }
+        let after = fleet.counts
+        #expect((0..<3).map { after[$0] - before[$0] } == [10, 10, 10])
+    }
+
     @Test("round_robin: a backend that goes away gets nothing more, the calls go on over the other two")
     func roundRobinSkipsAFailedBackend() async throws {
         let fleet = try Fleet()

@@ -92,13 +92,13 @@ struct PoolTests {
 
         init(
             connectionsPerTarget: Int = 1, maxQueuedCalls: Int = 100, target: String = "127.0.0.1:1",
-            resolver: any AddressResolver = SystemResolver()
+            resolver: any AddressResolver = SystemResolver(), backoffBase: Duration = .seconds(10)
         ) throws {
             self.reactor = try Reactor()
             let bus = EventBus(reactor: self.reactor).single
             let settings = PoolSettings(
                 connectionsPerTarget: connectionsPerTarget, maxQueuedCalls: maxQueuedCalls,
-                backoff: .init(base: .seconds(10), multiplier: 1.6, jitter: 0, maximum: .seconds(10)),
+                backoff: .init(base: backoffBase, multiplier: 1.6, jitter: 0, maximum: .seconds(10)),
                 keepAliveTime: .seconds(30), idleTimeout: .zero, resolveRetryDelay: .seconds(1))
             self.pool = ServicePool(
                 reactor: self.reactor, service: "s", target: try Target(parsing: target), settings: settings,
@@ -223,9 +223,9 @@ struct PoolTests {
         #expect(rig.status(21) == nil, "a wait-for-ready call waits for the next lookup")
     }
 
-    @Test("an eager pool (connectAll) reconnects after a GOAWAY without waiting for a call")
+    @Test("an eager pool (connectAll) reconnects after a GOAWAY to an established connection without waiting for a call")
     func eagerPoolReconnects() throws {
-        let rig = try Rig()
+        let rig = try Rig(backoffBase: .zero)  // established as soon as it is READY
         defer { rig.finish() }
         rig.pool.connectAll()
         #expect(rig.connector.made.count == 1)
@@ -233,6 +233,19 @@ struct PoolTests {
         rig.connector.made[0].goAway()
         #expect(rig.connector.made.count == 2, "a new connection, with no call waiting")
         #expect(rig.connector.made.last?.connectCalls == 1)
+    }
+
+    @Test("after a GOAWAY to a connection not yet established, the eager reconnect waits its backoff; a call does not")
+    func eagerReconnectAfterEarlyGoAwayWaits() throws {
+        let rig = try Rig()  // established after 10 s READY
+        defer { rig.finish() }
+        rig.pool.connectAll()
+        rig.connector.made[0].becomeReady()
+        rig.connector.made[0].goAway()
+        #expect(rig.connector.made.count == 1, "no new connection at once")
+        rig.call(1)
+        #expect(rig.connector.made.count == 2, "a call connects at once all the same")
+        #expect(rig.pool.queuedCallCount == 1)
     }
 
     @Test("maxQueuedCalls bounds the calls waiting, whatever they wait for")

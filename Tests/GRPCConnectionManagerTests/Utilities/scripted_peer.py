@@ -31,6 +31,10 @@ mode says otherwise:
                        each WINDOW_UPDATE it receives ("event window STREAM INCREMENT")
   early-status CODE    a trailers-only grpc-status CODE as soon as a request's headers are in, before its body
   malformed CASE       the first stream gets one broken or non-gRPC answer (see malformed_answer), later ones the echo
+  drop-after-settings  closes each connection as soon as the client has acknowledged its SETTINGS (the client is
+                       READY then), with "event accepted" for each
+  goaway-after-settings
+                       likewise sends GOAWAY(0) then, and closes when the client does
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
                        huge header blocks, resets, window abuse, GOAWAY, silence)
 """
@@ -152,6 +156,13 @@ class Connection:
             body = read_exact(self.sock, length)
             frame.parse_body(memoryview(body))
             if isinstance(frame, SettingsFrame):
+                if "ACK" in frame.flags and MODE in ("drop-after-settings", "goaway-after-settings"):
+                    event("accepted")
+                    if MODE == "drop-after-settings":
+                        return
+                    goaway = GoAwayFrame(0)
+                    goaway.last_stream_id = 0
+                    self.send(goaway)
                 if "ACK" not in frame.flags:
                     event("settings " + " ".join("%d=%d" % item for item in sorted(frame.settings.items())))
                     ack = SettingsFrame(0)
