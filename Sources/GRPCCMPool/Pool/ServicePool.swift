@@ -396,12 +396,13 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
     }
 
-    /// Resolves now unless the last resolution is more recent than `minimumResolutionInterval` (a storm of failures
-    /// or GOAWAYs must not become a storm of lookups). Numeric targets never resolve.
+    /// A connection failed or went away, so the backend may have moved: resolves now, or once
+    /// `minimumResolutionInterval` has passed since the last lookup (a storm of failures or GOAWAYs must not become a
+    /// storm of lookups, but neither may the request be dropped: the periodic lookup may be far off, or off).
+    /// Numeric targets never resolve.
     private func resolveAgainSoon() {
         guard self.target.numericAddresses == nil else { return }
-        let minimum = UInt64(max(self.settings.minimumResolutionInterval.nanoseconds, 0))
-        if Reactor.clock() &- self.lastResolution >= minimum { self.resolve() }
+        self.resolveWhenAllowed()
     }
 
     /// The next periodic resolution, `resolutionInterval` ± 20 % from now (the jitter keeps a fleet of clients

@@ -86,6 +86,23 @@ struct LoadBalancingTests {
         #expect((0..<3).map { after[$0] - before[$0] } == [10, 10, 10])
     }
 
+    @Test("a GOAWAY soon after the last lookup asks the name again once minimumResolutionInterval has passed")
+    func reResolutionIsDeferredNotDropped() async throws {
+        let fleet = try Fleet()
+        defer { fleet.shutdown() }
+        var configuration = Configuration()
+        configuration.resolutionInterval = .zero  // no periodic lookup: only a connection's end asks again
+        configuration.minimumResolutionInterval = .milliseconds(300)
+        let resolver = ScriptedResolver([[fleet.addresses()[0]]])
+        let channel = try GRPCChannel(
+            target: "fleet.test:50051", configuration: configuration, eventLoop: fleet.loop, resolver: resolver)
+        #expect(await channel.call("/test.Raw/Get", [1], timeout: .seconds(5)).status == .ok)
+        #expect(resolver.count == 1)
+        fleet.servers[0].goAway()  // well within 300 ms of that lookup: dropped before, never asked again
+        #expect(await eventually { resolver.count == 2 }, "lookups: \(resolver.count)")
+        #expect(await channel.call("/test.Raw/Get", [2], timeout: .seconds(5)).status == .ok)
+    }
+
     @Test("round_robin: a backend that goes away gets nothing more, the calls go on over the other two")
     func roundRobinSkipsAFailedBackend() async throws {
         let fleet = try Fleet()
