@@ -442,11 +442,16 @@ package final class Reactor: @unchecked Sendable {
         guard !self.deferred.isEmpty else { return }
         // What these queue goes to `deferred`: the next turn.
         var running = Self.take(&self.deferred, spare: &self.deferredSpare)
+        self.inDeferredPhase = true
         for index in running.indices {
             Unmanaged.passUnretained(running[index])._withUnsafeGuaranteedRef { $0.reactorRunDeferred() }
         }
+        self.inDeferredPhase = false
         Self.giveBack(&running, spare: &self.deferredSpare)
     }
+
+    /// True while the deferred phase runs: where user code runs (tests check that it runs nowhere else).
+    package private(set) var inDeferredPhase = false
 
     // MARK: fds (reactor thread only)
 

@@ -284,8 +284,13 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// Nothing happens if it ended meanwhile (cancelled, its deadline, a closed channel).
     package func preparationFinished(metadata: CallMetadata, observers: [any CallObserver], failure: CallStatus?) {
         guard self.machine.isPreparing else {
-            // It ended while they worked: the observers that joined since hear of the end all the same.
-            if let result = self.result { for observer in observers.reversed() { observer.callFinished(result) } }
+            // It ended while they worked: the observers that joined since hear of the end all the same, in the
+            // deferred phase as every observer does (this runs in the turn's submitted work).
+            if let result = self.result {
+                self.withReactor { reactor in
+                    _ = reactor.executeDeferred { for observer in observers.reversed() { observer.callFinished(result) } }
+                }
+            }
             return
         }
         self.metadata = metadata

@@ -84,12 +84,13 @@ struct Observing: CallInterceptor {
         let name: String
         let log: SharedLog
         let reactor: Reactor
+        // loop=true: on the loop's thread, in its deferred phase (where the contract puts every observer).
         func attemptFinished(attempt: Int, status: CallStatus, willRetry: Bool) {
-            let onLoop = self.reactor.inReactorThread
+            let onLoop = self.reactor.inReactorThread && self.reactor.inDeferredPhase
             self.log.log.withLock { $0.append("\(self.name) attempt \(attempt) \(status.code) retry=\(willRetry) loop=\(onLoop)") }
         }
         func callFinished(_ response: UnaryResponse) {
-            let onLoop = self.reactor.inReactorThread
+            let onLoop = self.reactor.inReactorThread && self.reactor.inDeferredPhase
             self.log.log.withLock { $0.append("\(self.name) end \(response.status.code) loop=\(onLoop)") }
         }
     }
@@ -196,6 +197,25 @@ struct InterceptorTests {
         #expect(await eventually { tokens.token.withLock { $0 } != nil })
         #expect(fixture.server.requestCount(key: "never") == 0)
         #expect(log.entries == ["o end DEADLINE_EXCEEDED loop=true", "o end CANCELLED loop=true"])
+    }
+
+    @Test("observers that join after async work hear a call that ended meanwhile, in the deferred phase")
+    func lateObserversHearAnEndedCall() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let tokens = TokenInterceptor()
+        defer { tokens.gate.open() }
+        let log = SharedLog()
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(),
+            interceptors: [tokens, Observing(name: "late", log: log, reactor: fixture.loop.reactor)], eventLoop: fixture.loop)
+        let task = Task { await channel.unaryResult(path: "/echo.Echo/Get", request: [1]) }
+        #expect(await eventually { tokens.gate.waiting == 1 })
+        task.cancel()
+        #expect(await task.value.status.code == .cancelled)
+        tokens.gate.open()  // the work ends: "late" joins a call that has ended
+        #expect(await eventually { !log.entries.isEmpty })
+        #expect(log.entries == ["late end CANCELLED loop=true"])
     }
 
     @Test("an interceptor can fail a call: the server never sees it, the completion comes later, earlier observers hear it")
