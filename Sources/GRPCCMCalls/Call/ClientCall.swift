@@ -114,8 +114,6 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private var deframer: MessageDeframer
     @exclusivity(unchecked)
     private var responseMessage: [UInt8]?
-    @exclusivity(unchecked)
-    private var extraMessages = false
     /// How the current attempt's response messages are compressed (from its `grpc-encoding`, when offered).
     @exclusivity(unchecked)
     private var responseEncoding = CallCompression.identity
@@ -365,7 +363,6 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.attemptTimedOut = false
         self.head = ResponseHead(maxHeaderListSize: self.environment.maxHeaderListSize)
         self.responseMessage = nil
-        self.extraMessages = false
         self.responseEncoding = .identity
         self.localFailure = nil
         self.sendOffset = 0
@@ -908,7 +905,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 guard failure == nil else { return }
                 self.receivedBytes += received.count  // message bytes as they came, as `sentBytes` counts them
                 if case .single = self.delivery, self.responseMessage != nil {
-                    self.extraMessages = true  // the call fails for it: not worth inflating
+                    // A second message where one is due: the call fails now (and its stream is cancelled), as
+                    // grpc-go's does. Read on to the end, a server could stream into it for ever.
+                    failure = CallStatus(code: .internal, message: "expected one response message, received more")
                     return
                 }
                 var message = received
@@ -1021,7 +1020,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         let unprocessed =
             errorCode == NGHTTP2_REFUSED_STREAM.rawValue && self.head.completeBlocks == 0
             && (!self.requestsStreamed || self.buffers!.canReplay)
-        self.attemptEnded(self.finalResponse(errorCode: errorCode), unprocessed: unprocessed)
+        // A response this side refused (its header block over maxHeaderListSize) was the server's answer all the
+        // same: the call ran there, and would run again for the same refusal. Not retried by policy.
+        self.attemptEnded(
+            self.finalResponse(errorCode: errorCode), unprocessed: unprocessed, retryable: self.localFailure == nil)
     }
 
     package override func streamFailed(_ reason: CallStatus) {
@@ -1035,12 +1037,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         if status.isOK {
             if self.deframer.hasPartialMessage {
                 status = CallStatus(code: .internal, message: "stream ended in the middle of a message")
-            } else if case .single = self.delivery {
-                if self.extraMessages {
-                    status = CallStatus(code: .internal, message: "expected one response message, received more")
-                } else if self.responseMessage == nil {
-                    status = CallStatus(code: .internal, message: "expected one response message, the call ended with OK but none")
-                }
+            } else if case .single = self.delivery, self.responseMessage == nil {
+                status = CallStatus(code: .internal, message: "expected one response message, the call ended with OK but none")
             }
         }
         let metadata = self.head.takeMetadata()

@@ -28,7 +28,7 @@ enum HTTP2ClientSessionFactory {
         var option: OpaquePointer? = nil
         guard nghttp2_option_new(&option) == 0, let option else { throw Failure(code: -901) }
         defer { nghttp2_option_del(option) }
-        nghttp2_option_set_max_send_header_block_length(option, 64 << 10)
+        nghttp2_option_set_max_send_header_block_length(option, HTTP2ClientConnection.maxSendHeaderBlockLength)
         // Window updates follow consumption (the stream handler's, through its handle), not arrival.
         nghttp2_option_set_no_auto_window_update(option, 1)
         // The response's HTTP rules are checked by the call's `ResponseHead`, as it reads the fields anyway.
@@ -133,10 +133,7 @@ private func clientOnFrameRecv(
         }
     case NGHTTP2_GOAWAY.rawValue:
         let goAway = frame.pointee.goaway
-        let debug =
-            goAway.opaque_data_len > 0
-            ? String(decoding: UnsafeBufferPointer(start: goAway.opaque_data, count: goAway.opaque_data_len), as: UTF8.self)
-            : ""
+        let debug = goAwayDebugText(UnsafeBufferPointer(start: goAway.opaque_data, count: goAway.opaque_data_len))
         connection(userData)._withUnsafeGuaranteedRef {
             $0.goAwayReceived(lastStreamID: goAway.last_stream_id, errorCode: goAway.error_code, debugData: debug)
         }
@@ -203,4 +200,14 @@ private func clientSendRequestData(
             streamID: frame!.pointee.hd.stream_id, header: UnsafeRawBufferPointer(start: frameHeader, count: 9),
             length: length)
     }
+}
+
+/// A GOAWAY's debug data as text for status messages, events and logs: the peer's words, so at most 256 bytes of them
+/// (a frame may carry megabytes, and every call the GOAWAY ends repeats them), control characters as "?" (a log line
+/// stays one line).
+func goAwayDebugText(_ bytes: UnsafeBufferPointer<UInt8>) -> String {
+    guard !bytes.isEmpty else { return "" }
+    let text = String(decoding: UnsafeBufferPointer(rebasing: bytes.prefix(256)), as: UTF8.self)
+    guard text.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else { return text }
+    return String(String.UnicodeScalarView(text.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7F ? "?" : $0 }))
 }

@@ -281,12 +281,19 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
 
     // MARK: streams
 
+    /// The largest request header block nghttp2 is let send. A larger one nghttp2 would close as REFUSED_STREAM,
+    /// which reads as the server's refusal (and is retried): `openStream` refuses it first, with this limit's name.
+    static let maxSendHeaderBlockLength = 64 << 10
+
     package func openStream(_ head: RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult {
         guard self.state == .ready, let session = self.socket?.session else { return .tryElsewhere }
         let peerLimit = nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE)
+        // A header list's size (RFC 9113: names, values and 32 per field) is never below its encoded block's length
+        // (HPACK writes a string literally when Huffman would be longer): within it, the block fits nghttp2's limit.
+        let ownLimit = UInt32(Self.maxSendHeaderBlockLength)
         let result = self.scratch.scratch.submit(
             prefix: self.headerPrefix, session: session, head: head,
-            source: Unmanaged.passUnretained(self).toOpaque(), maxHeaderListSize: peerLimit)
+            source: Unmanaged.passUnretained(self).toOpaque(), maxHeaderListSize: min(peerLimit, ownLimit))
         switch result {
         case .submitted(let streamID):
             self.streams.insert(handler, for: streamID)
@@ -298,10 +305,11 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             }
             return .opened(HTTP2StreamHandle(streamID: streamID, control: self))
         case .headerListTooLarge(let size):
-            return .failed(
-                CallStatus(
-                    code: .internal,
-                    message: "request headers of \(size) bytes exceed the server's SETTINGS_MAX_HEADER_LIST_SIZE of \(peerLimit) bytes"))
+            let limit =
+                peerLimit <= ownLimit
+                ? "the server's SETTINGS_MAX_HEADER_LIST_SIZE of \(peerLimit) bytes"
+                : "the \(ownLimit) bytes this client sends in one header block"
+            return .failed(CallStatus(code: .internal, message: "request headers of \(size) bytes exceed \(limit)"))
         case .error(let code) where code == NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE.rawValue:
             self.startDraining(errorCode: 0, debugData: "stream ids exhausted")
             return .tryElsewhere

@@ -39,10 +39,32 @@ struct LimitsTests {
         }
         // The oversized blocks cost their streams, not the connection (HPACK decoding went on).
         #expect(recorder.story.filter { $0 == "start" }.count == 1)
+        // Not retried by policy either, though RESOURCE_EXHAUSTED is one of its codes: the server ran the call, and
+        // another attempt would run it again for the same refusal.
+        var retrying = Configuration()
+        retrying.enableCircuitBreaker = false
+        let withRetry = try GRPCChannel(target: peer.target, configuration: retrying, eventLoop: loop)
+        let before = peer.headerBlocks()
+        #expect(await withRetry.call([1, 2, 3], timeout: .seconds(5)).status.code == .resourceExhausted)
+        #expect(peer.headerBlocks() == before + 1, "one attempt")
         var bigger = Self.plain()
         bigger.http2.maxHeaderListSize = 64 << 10
         let roomy = try GRPCChannel(target: peer.target, configuration: bigger, eventLoop: loop)
         #expect(await roomy.call([1, 2, 3], timeout: .seconds(5)).status == .ok)
+    }
+
+    @Test("a unary call answered with a second message fails at once, INTERNAL, and the connection stays")
+    func unaryAnsweredWithAStream() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel(Self.plain())
+        // Expand streams x-response-count messages: as good as for ever here. Read to the end, as before, the call
+        // ended only at its deadline.
+        let response = await channel.call(
+            "/raw.Raw/Expand", [1], metadata: ["x-response-count": "100000000", "x-response-bytes": "16"],
+            timeout: .seconds(3))
+        #expect(response.status == CallStatus(code: .internal, message: "expected one response message, received more"))
+        #expect(await channel.call([2], timeout: .seconds(2)).status == .ok)
     }
 
     @Test("calls waiting for stream capacity on a connection count against maxQueuedCalls")
@@ -212,6 +234,29 @@ struct LimitsTests {
         let response = await channel.call([1], timeout: .seconds(5))
         #expect(response.status == .ok)
         #expect(response.initialMetadata.values(for: "x-data-bin") == [.binary([1, 2, 3]), .binary([0xFF, 0xFE])])
+    }
+
+    @Test("request metadata over the client's own 64 KiB header block fails before sending, INTERNAL, not retried")
+    func requestHeadersOverTheClientsLimit() async throws {
+        let peer = try ScriptedPeer("max-header-list", ["100000000"])  // the server would take them
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()  // retry and the breaker on, as by default
+        configuration.circuitBreaker.failureThreshold = 1
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let nearly: CallMetadata = ["x-big": String(repeating: "b", count: 60_000)]
+        #expect(await channel.call([1], metadata: nearly, timeout: .seconds(5)).status == .ok)
+        #expect(peer.headerBlocks() == 1)
+        // Before, nghttp2 closed such a stream as REFUSED_STREAM: the server's refusal, retried, then UNAVAILABLE,
+        // which opened the breaker of a healthy method.
+        let big: CallMetadata = ["x-big": String(repeating: "b", count: 70_000)]
+        let response = await channel.call([1], metadata: big, timeout: .seconds(5))
+        #expect(response.status.code == .internal)
+        #expect(response.status.message.contains("the 65536 bytes this client sends in one header block"), "\(response.status)")
+        #expect(peer.headerBlocks() == 1, "nothing of it reached the server")
+        #expect(await channel.call([2], timeout: .seconds(5)).status == .ok, "the breaker did not open")
     }
 
     @Test("request metadata larger than the server accepts fails before sending, INTERNAL, and is not retried")

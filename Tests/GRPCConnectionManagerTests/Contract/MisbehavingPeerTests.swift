@@ -37,6 +37,32 @@ struct MisbehavingPeerTests {
         channel.close()
     }
 
+    @Test("a GOAWAY's debug data reaches events and statuses cut to 256 bytes, on one line")
+    func goAwayDebugDataIsBounded() async throws {
+        let peer = try ScriptedPeer("goaway-after-settings", ["100000"])
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.http2.maxFrameSize = 1 << 20  // room for the whole debug data in one frame
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        channel.connect()
+        let debug = {
+            recorder.all.compactMap { event -> String? in
+                if case .goAwayReceived(_, _, _, let debugData, _) = event { return debugData }
+                return nil
+            }.first
+        }
+        #expect(await eventually { debug() != nil })
+        let text = debug() ?? ""
+        #expect(text.utf8.count == 256 && text.hasPrefix("no more??no more??"), "\(text.utf8.count) bytes: \(text.prefix(40))")
+        channel.close()
+    }
+
     @Test("every call ends once with a status, whatever the peer sends", arguments: [1, 2, 3, 4])
     func randomAnswers(_ seed: Int) async throws {
         let peer = try ScriptedPeer("random", [String(seed * 1000)])

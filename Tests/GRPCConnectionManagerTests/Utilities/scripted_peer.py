@@ -33,8 +33,9 @@ mode says otherwise:
   malformed CASE       the first stream gets one broken or non-gRPC answer (see malformed_answer), later ones the echo
   drop-after-settings  closes each connection as soon as the client has acknowledged its SETTINGS (the client is
                        READY then), with "event accepted" for each
-  goaway-after-settings
-                       likewise sends GOAWAY(0) then, and closes when the client does
+  goaway-after-settings [N]
+                       likewise sends GOAWAY(0) then (with N bytes of debug data, lines of text), and closes when the
+                       client does
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
                        huge header blocks, resets, window abuse, GOAWAY, silence)
 """
@@ -162,6 +163,8 @@ class Connection:
                         return
                     goaway = GoAwayFrame(0)
                     goaway.last_stream_id = 0
+                    if ARGS:
+                        goaway.additional_data = (b"no more\r\n" * (int(ARGS[0]) // 9 + 1))[:int(ARGS[0])]
                     self.send(goaway)
                 if "ACK" not in frame.flags:
                     event("settings " + " ".join("%d=%d" % item for item in sorted(frame.settings.items())))
