@@ -87,9 +87,14 @@ public final class AsyncStreamingCall: Sendable {
     /// Waits for the end: status, headers and trailers. It may be awaited while another task reads `responses`, or
     /// with no reader at all when the response is small. Unread messages keep their flow control: once more than
     /// `Configuration.streamBufferSize` bytes of them wait, the server is not given room to send the rest, so a call
-    /// that ignores a large response waits for its deadline. Read (or cancel) what you do not want.
+    /// that ignores a large response waits for its deadline. Read (or cancel) what you do not want. Cancelling the
+    /// task cancels the call.
     public func result() async -> StreamResult {
-        await self.buffers.result()
+        await withTaskCancellationHandler {
+            await self.buffers.result()
+        } onCancel: {
+            self.handle.cancel()
+        }
     }
 
     /// The next response part (headers, a message, or the end). Cancelling the task cancels the call.

@@ -11,10 +11,11 @@ extension GRPCChannel {
     /// change. If the server answers UNIMPLEMENTED, falls back to calling `Check` every `pollInterval` (a failed
     /// check yields `.unknown`). A Watch that ends or fails otherwise is reopened after `pollInterval`, as gRFC A17
     /// does. The stream ends when the consumer stops iterating. A `pollInterval` under 10 ms is taken as 10 ms: zero
-    /// would poll (or reopen) as fast as calls can fail.
+    /// would poll (or reopen) as fast as calls can fail. A consumer slower than the changes gets the latest status
+    /// when it asks next (the ones in between are dropped): a server that flaps cannot fill memory with them.
     public func watchHealth(_ healthServiceName: String = "", pollInterval: Duration = .seconds(5)) -> AsyncStream<HealthStatus> {
         let pollInterval = max(pollInterval, Self.shortestPollInterval)
-        return AsyncStream { continuation in
+        return AsyncStream(bufferingPolicy: .bufferingNewest(1)) { continuation in
             let task = Task {
                 var last: HealthStatus?
                 func emit(_ status: HealthStatus) {
@@ -26,7 +27,9 @@ extension GRPCChannel {
                 var watchSupported = true
                 while !Task.isCancelled {
                     if watchSupported {
-                        let (updates, feed) = AsyncStream<WatchUpdate>.makeStream()
+                        // Bounded too (this task reads it at once, unless the scheduler is slow): the last update
+                        // yielded, the stream's end, is never the one dropped.
+                        let (updates, feed) = AsyncStream<WatchUpdate>.makeStream(bufferingPolicy: .bufferingNewest(16))
                         let handle = self.serverStreaming(
                             path: HealthProto.watchPath, request: HealthProto.encodeRequest(service: healthServiceName),
                             callbacks: StreamingCallbacks(

@@ -217,6 +217,28 @@ struct StreamingTests {
         await #expect(throws: CallError.self) { try await reader.value }
     }
 
+    @Test("cancelling a task that awaits result() cancels the call, with no reader", arguments: [Peer.embedded])
+    func resultCancellation(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update")  // open until closeSend
+        try await call.write(Self.text("hello"))
+        let waiter = Task { await call.result() }
+        waiter.cancel()
+        // Before, the task waited for the stream's end, which this server never sends: after 5 s the test gives up
+        // and cancels the call itself, so that the waiter returns.
+        let gaveUp = PThreadLock(false)
+        let giveUp = Task {
+            try await Task.sleep(for: .seconds(5))
+            gaveUp.withLock { $0 = true }
+            call.cancel()
+        }
+        let result = await waiter.value
+        giveUp.cancel()
+        #expect(result.status.code == .cancelled)
+        #expect(!gaveUp.withLock { $0 }, "the cancelled task waited on")
+    }
+
     @Test("a second task reading the same responses gets FAILED_PRECONDITION; the first reads on to the end")
     func secondReaderIsRefused() async throws {
         let setup = try Self.setUp(.embedded)
