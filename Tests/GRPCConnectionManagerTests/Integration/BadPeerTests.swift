@@ -83,9 +83,9 @@ final class BadPeer: Sendable {
             }
             // HEADERS (stream 1, END_HEADERS, ":status: 200" as HPACK index 8, content-type application/grpc as a
             // literal with name index 31), then a DATA frame announcing 100 bytes of which only 10 arrive before the
-            // close.
+            // close: the start of a message of 50 bytes.
             var partial: [UInt8] = [0, 0, 20, 1, 4, 0, 0, 0, 1, 0x88, 0x0F, 0x10, 16] + Array("application/grpc".utf8)
-            partial += [0, 0, 100, 0, 0, 0, 0, 0, 1] + [UInt8](repeating: 0, count: 10)
+            partial += [0, 0, 100, 0, 0, 0, 0, 0, 1] + [0, 0, 0, 0, 50] + [UInt8](repeating: 7, count: 5)
             _ = partial.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
             shutdown(fd, Int32(SHUT_RDWR))
         }
