@@ -51,6 +51,9 @@ public final class ConnectionManager: Sendable {
         var addresses: [String: String] = [:]
         var channels: [String: GRPCChannel] = [:]
         var closed = false
+        /// The channels a close took out of `channels`: a later `closeNow()` (or another `close`) reaches them while
+        /// a graceful close lets their calls finish.
+        var closing: [GRPCChannel] = []
     }
 
     /// Creates a manager on one loop.
@@ -200,7 +203,8 @@ public final class ConnectionManager: Sendable {
     public func close(gracePeriod: Duration = .seconds(30)) async {
         let pools = self.beginClosing()
         guard !pools.isEmpty else { return }
-        for pool in pools { pool.reactor.execute { pool.close(graceful: true) } }
+        let reason = Self.closedStatus
+        for pool in pools { pool.reactor.execute { pool.close(graceful: true, reason: reason) } }
         let deadline = Reactor.clock() &+ UInt64(max(gracePeriod.nanoseconds, 0))
         while Reactor.clock() < deadline {
             var open = 0
@@ -209,16 +213,18 @@ public final class ConnectionManager: Sendable {
             if open == 0 || Task.isCancelled { break }
             try? await Task.sleep(nanoseconds: 5_000_000)
         }
-        let reason = CallStatus(code: .unavailable, message: "the manager closed")
         for pool in pools {
             _ = await Self.onLoop(pool.reactor) { pool.close(graceful: false, reason: reason) }
         }
     }
 
+    /// How a call ends that the manager's close ended (or that came after it).
+    private static let closedStatus = CallStatus(code: .unavailable, message: "the manager closed")
+
     /// Closes everything now, without a grace period: every call ends with UNAVAILABLE. Safe from any thread,
     /// completions included.
     public func closeNow() {
-        let reason = CallStatus(code: .unavailable, message: "the manager closed")
+        let reason = Self.closedStatus
         for pool in self.beginClosing() {
             if pool.reactor.inReactorThread {
                 pool.close(graceful: false, reason: reason)
@@ -228,12 +234,15 @@ public final class ConnectionManager: Sendable {
         }
     }
 
+    /// Marks the manager closed and returns the pools of every channel it had, those an earlier close took included:
+    /// `closeNow()` after `close(gracePeriod:)` began ends the calls still draining, and a second `close` waits for
+    /// them too.
     private func beginClosing() -> [ServicePool] {
         let channels = self.registry.withLock { registry -> [GRPCChannel] in
             registry.closed = true
-            let channels = Array(registry.channels.values)
+            registry.closing.append(contentsOf: registry.channels.values)
             registry.channels.removeAll()
-            return channels
+            return registry.closing
         }
         return channels.flatMap { $0.shards.map(\.pool) }
     }

@@ -331,6 +331,26 @@ struct CallbackContractTests {
         }
     }
 
+    @Test("closeNow() while close(gracePeriod:) lets calls drain ends them now, and the graceful close returns")
+    func closeNowDuringGracefulClose() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(configuration: Self.failFast(), eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        let ended = PThreadLock<CallStatus?>(nil)
+        channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "20000", "x-request-key": "slow"]) {
+            response in ended.withLock { $0 = response.status }
+        }
+        // On the wire (a call still waiting for its connection would end at once, graceful close or not).
+        #expect(await eventually { fixture.server.requestCount(key: "slow") == 1 })
+        let graceful = Task { await manager.close(gracePeriod: .seconds(60)) }
+        #expect(await eventually { manager.connectionCount == 0 }, "the graceful close began")
+        manager.closeNow()  // a second SIGTERM, say: before, it found no channel and did nothing
+        #expect(await eventually { ended.withLock { $0 } != nil })
+        #expect(ended.withLock { $0 } == CallStatus(code: .unavailable, message: "the manager closed"))
+        await graceful.value  // its calls have ended: it returns too
+    }
+
     @Test("a manager's close(gracePeriod:) force-closes after the grace period: draining calls end too")
     func managerCloseForcesAfterGrace() async throws {
         let fixture = try LoopbackFixture()
