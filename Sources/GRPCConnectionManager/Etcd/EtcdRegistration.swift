@@ -30,7 +30,8 @@ public final class EtcdRegistration: Sendable {
         var stream: StreamingCall?
         var timer: LoopTimer?
         var stopped = false
-        var renewing = false
+        /// The renewal under way (a new lease and the key again), awaited by `deregister()`.
+        var renewal: Task<Void, Never>?
         /// Counts the keepalive streams opened: a ping chain belongs to one and ends with it.
         var generation = 0
     }
@@ -135,27 +136,29 @@ public final class EtcdRegistration: Sendable {
 
     /// The lease is gone: a new one and the key again (once at a time; retried by the next keepalive).
     private func renew() {
-        let begin = self.state.withLock { state -> Bool in
-            guard !state.stopped, !state.renewing else { return false }
-            state.renewing = true
-            return true
-        }
-        guard begin else { return }
-        Task {
-            try? await self.grantAndPut()
-            self.state.withLock { $0.renewing = false }
+        self.state.withLock { state in
+            guard !state.stopped, state.renewal == nil else { return }
+            state.renewal = Task {
+                try? await self.grantAndPut()
+                self.state.withLock { $0.renewal = nil }
+            }
         }
     }
 
     /// Deletes the key and revokes the lease; the keepalive stops. Idempotent.
     public func deregister() async {
-        let (stream, timer, lease, wasStopped) = self.state.withLock { state in
+        let (stream, timer, renewal, wasStopped) = self.state.withLock { state in
             defer { state.stopped = true }
-            return (state.stream, state.timer, state.lease, state.stopped)
+            return (state.stream, state.timer, state.renewal, state.stopped)
         }
         guard !wasStopped else { return }
         timer?.cancel()
         stream?.cancel()
+        // A renewal under way finishes first: its Put landing after the Delete below would register the address
+        // again, on a lease nothing revokes or renews (resolvers would route to it for the TTL). Its lease is the one
+        // revoked then.
+        await renewal?.value
+        let lease = self.state.withLock { $0.lease }
         _ = await self.channel.unaryResult(
             path: EtcdMessages.deleteRangePath, request: EtcdMessages.deleteRequest(key: self.key),
             options: RequestOptions(timeout: .seconds(5)))
