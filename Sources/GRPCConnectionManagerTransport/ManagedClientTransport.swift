@@ -32,8 +32,16 @@ import GRPCCore
 public final class ManagedClientTransport: ClientTransport, Sendable {
     public typealias Bytes = [UInt8]
 
-    /// The channel RPCs run on.
-    public let channel: GRPCChannel
+    /// The channel RPCs run on: the one given, or the manager's current channel for the service (looked up for each
+    /// RPC, so that the manager replacing it, for a new address or after `closeConnection`, does not leave this
+    /// transport on a closed one).
+    public var channel: GRPCChannel {
+        guard let (manager, service) = self.managed else { return self.givenChannel }
+        // A closed manager throws: RPCs then go to the channel it had, closed too, and fail UNAVAILABLE.
+        return (try? manager.connection(service: service)) ?? self.givenChannel
+    }
+    private let givenChannel: GRPCChannel
+    private let managed: (manager: ConnectionManager, service: String)?
     /// The throttle of the service config's `retryThrottling`, which GRPCCore's retries consult; nil without one.
     public let retryThrottle: GRPCCore.RetryThrottle?
     private let methodConfigs: MethodConfigLookup
@@ -48,21 +56,28 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
         self.init(channel: channel, ownsChannel: false, serviceConfig: serviceConfig)
     }
 
-    private init(channel: GRPCChannel, ownsChannel: Bool, serviceConfig: ServiceConfig) {
-        self.channel = channel
+    private init(
+        channel: GRPCChannel, ownsChannel: Bool, serviceConfig: ServiceConfig,
+        managed: (manager: ConnectionManager, service: String)? = nil
+    ) {
+        self.givenChannel = channel
+        self.managed = managed
         self.ownsChannel = ownsChannel
         self.methodConfigs = MethodConfigLookup(serviceConfig)
         self.retryThrottle = serviceConfig.retryThrottling.map { GRPCCore.RetryThrottle(policy: $0) }
     }
 
-    /// Runs RPCs on the manager's channel for `service` (registered at `address`, or already known).
+    /// Runs RPCs on the manager's channel for `service` (registered at `address`, or already known), whichever
+    /// channel the manager has for it when each RPC starts.
     /// - Throws: What `ConnectionManager.connection(service:address:)` throws (an unknown service, a closed
     ///   manager, a bad address).
     public convenience init(
         manager: ConnectionManager, service: String, address: String? = nil,
         serviceConfig: ServiceConfig = ServiceConfig()
     ) throws {
-        self.init(channel: try manager.connection(service: service, address: address), serviceConfig: serviceConfig)
+        self.init(
+            channel: try manager.connection(service: service, address: address), ownsChannel: false,
+            serviceConfig: serviceConfig, managed: (manager, service))
     }
 
     /// Opens a channel of its own to `target` (`host:port`), closed when the transport shuts down.
@@ -108,7 +123,7 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
             for stream in streams { stream.cancel() }
             waiter?.resume()
         }
-        if self.ownsChannel { self.channel.close() }
+        if self.ownsChannel { self.givenChannel.close() }
     }
 
     /// New streams fail with FAILED_PRECONDITION from now on; open ones run to their end, then `connect()`
@@ -127,8 +142,8 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
         descriptor: MethodDescriptor, options: GRPCCore.CallOptions,
         _ closure: (_ stream: RPCStream<Inbound, Outbound>, _ context: ClientContext) async throws -> T
     ) async throws -> T {
-        let stream = TransportStream(
-            channel: self.channel, path: "/" + descriptor.fullyQualifiedMethod, options: options)
+        let channel = self.channel
+        let stream = TransportStream(channel: channel, path: "/" + descriptor.fullyQualifiedMethod, options: options)
         let id = try self.state.withLock { state throws(GRPCCore.RPCError) -> Int in
             if state.shuttingDown {
                 throw GRPCCore.RPCError(code: .failedPrecondition, message: "the transport is shutting down")
@@ -143,7 +158,7 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
             inbound: RPCAsyncSequence(wrapping: ResponseParts(stream: stream)),
             outbound: RPCWriter.Closable(wrapping: RequestWriter(stream: stream)))
         let context = ClientContext(
-            descriptor: descriptor, remotePeer: self.channel.target.description, localPeer: "")
+            descriptor: descriptor, remotePeer: channel.target.description, localPeer: "")
         return try await withTaskCancellationHandler {
             // Whatever the closure leaves open is reset when it returns or throws.
             defer { stream.cancel() }

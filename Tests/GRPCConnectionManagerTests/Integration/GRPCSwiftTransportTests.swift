@@ -180,6 +180,25 @@ struct GRPCSwiftTransportTests {
         }
     }
 
+    @Test("a transport made from a manager follows the service's channel when the manager replaces it")
+    func managedTransportFollowsTheManager() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        let transport = try ManagedClientTransport(manager: manager, service: "echo", address: fixture.target)
+        try await withGRPCClient(transport: transport) { client in
+            let echo = Echo_Echo.Client(wrapping: client)
+            let first = try await echo.get(Self.request("first"))
+            #expect(first.text == "first")
+            // The manager closes the service's channel; its next `connection(service:)` opens another. Before, the
+            // transport kept the closed one and every RPC failed UNAVAILABLE.
+            manager.closeConnection(service: "echo")
+            let second = try await echo.get(Self.request("second"))
+            #expect(second.text == "second")
+        }
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("graceful shutdown lets open streams finish and refuses new ones", arguments: [Peer.grpcio])
     func gracefulShutdown(_ peer: Peer) async throws {
         let python = try PythonPeer()
