@@ -152,6 +152,18 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    /// A manager whose breaker opens at the first failure, retry off (so each call is one outcome).
+    func makeTrippingManager(_ fixture: LoopbackFixture, _ adjust: (inout Configuration) -> Void = { _ in })
+        throws -> (ConnectionManager, GRPCChannel, EventRecorder)
+    {
+        try self.makeManager(fixture) {
+            $0.enableCircuitBreaker = true
+            $0.enableRetry = false
+            $0.circuitBreaker.failureThreshold = 1
+            adjust(&$0)
+        }
+    }
+
     @Test("the breaker opens after 5 failures, refuses without a network call, and closes after 2 probes")
     func breakerOpensAndCloses() async throws {
         let fixture = try LoopbackFixture()
@@ -181,10 +193,7 @@ struct HandlerIntegrationTests {
     func streamingProbeSettlesWithHeaders() async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
-        let (manager, channel, recorder) = try self.makeManager(fixture) {
-            $0.enableCircuitBreaker = true
-            $0.enableRetry = false
-            $0.circuitBreaker.failureThreshold = 1
+        let (manager, channel, recorder) = try self.makeTrippingManager(fixture) {
             $0.circuitBreaker.timeout = .milliseconds(100)
         }
         let path = "/raw.Raw/Update"  // raw bytes echoed as they come, until the client half-closes
@@ -221,10 +230,7 @@ struct HandlerIntegrationTests {
     func cancelledBeforeItsStartTakesNoPermit(hedged: Bool) async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
-        let (manager, channel, recorder) = try self.makeManager(fixture) {
-            $0.enableCircuitBreaker = true
-            $0.enableRetry = false
-            $0.circuitBreaker.failureThreshold = 1
+        let (manager, channel, recorder) = try self.makeTrippingManager(fixture) {
             $0.circuitBreaker.timeout = .milliseconds(1)
             if hedged { $0.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .seconds(10)) }
         }
@@ -533,10 +539,7 @@ struct HandlerIntegrationTests {
     func hedgedLocalEndIsNotAServerFailure() async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
-        let (manager, first, recorder) = try self.makeManager(fixture) {
-            $0.enableCircuitBreaker = true
-            $0.enableRetry = false
-            $0.circuitBreaker.failureThreshold = 1
+        let (manager, first, recorder) = try self.makeTrippingManager(fixture) {
             $0.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .seconds(10))
         }
         let ended = PThreadLock<UnaryResponse?>(nil)
