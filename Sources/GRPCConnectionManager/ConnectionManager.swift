@@ -188,6 +188,12 @@ public final class ConnectionManager: Sendable {
         channel?.close()
     }
 
+    /// The open channel of `service`, if it has one: a lookup only (`connection(service:)` also connects, or
+    /// opens a channel).
+    package func openChannel(service: String) -> GRPCChannel? {
+        self.registry.withLock { $0.channels[service] }
+    }
+
     /// Services with an open channel.
     public var connectionCount: Int {
         self.registry.withLock { $0.channels.count }

@@ -32,13 +32,13 @@ import GRPCCore
 public final class ManagedClientTransport: ClientTransport, Sendable {
     public typealias Bytes = [UInt8]
 
-    /// The channel RPCs run on: the one given, or the manager's current channel for the service (looked up for each
-    /// RPC, so that the manager replacing it, for a new address or after `closeConnection`, does not leave this
-    /// transport on a closed one).
+    /// The channel RPCs run on: the one given, or the manager's open channel for the service (looked up for each
+    /// RPC, so that the manager replacing it, for a new address, or reopening it after `closeConnection`, does not
+    /// leave this transport on a closed one). While the manager has none, RPCs go to the last one and fail
+    /// UNAVAILABLE: the transport never opens a channel itself.
     public var channel: GRPCChannel {
         guard let (manager, service) = self.managed else { return self.givenChannel }
-        // A closed manager throws: RPCs then go to the channel it had, closed too, and fail UNAVAILABLE.
-        return (try? manager.connection(service: service)) ?? self.givenChannel
+        return manager.openChannel(service: service) ?? self.givenChannel
     }
     private let givenChannel: GRPCChannel
     private let managed: (manager: ConnectionManager, service: String)?
@@ -68,7 +68,7 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
     }
 
     /// Runs RPCs on the manager's channel for `service` (registered at `address`, or already known), whichever
-    /// channel the manager has for it when each RPC starts.
+    /// channel the manager has open for it when each RPC starts.
     /// - Throws: What `ConnectionManager.connection(service:address:)` throws (an unknown service, a closed
     ///   manager, a bad address).
     public convenience init(

@@ -600,14 +600,27 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// took). A unary call keeps its permit to the end, where its status is the outcome.
     private func settleStreamPermit() {
         if case .single = self.delivery, self.buffers == nil { return }
-        guard let permit = self.permit else { return }
-        self.permit = nil
+        guard self.permit != nil else { return }
         self.withEnvironment { environment in
             let now = Reactor.clock()
-            environment.policies.admission?.callEnded(
-                permit, service: environment.service, path: self.path, status: .ok,
-                duration: Duration.nanoseconds(Int64(bitPattern: now &- self.startedAt)), now: now, endedLocally: false)
+            self.settlePermit(environment, status: .ok, now: now, duration: self.elapsed(until: now), endedLocally: false)
         }
+    }
+
+    /// The breaker hears how the call went (once: the permit is spent).
+    private func settlePermit(
+        _ environment: CallEnvironment, status: CallStatus, now: UInt64, duration: Duration, endedLocally: Bool
+    ) {
+        guard let permit = self.permit else { return }
+        self.permit = nil
+        environment.policies.admission?.callEnded(
+            permit, service: environment.service, path: self.path, status: status, duration: duration, now: now,
+            endedLocally: endedLocally)
+    }
+
+    /// Time since the call started, at `now`.
+    private func elapsed(until now: UInt64) -> Duration {
+        Duration.nanoseconds(Int64(bitPattern: now &- self.startedAt))
     }
 
     /// The call's one end: bookkeeping, the breaker, the bus, then the completion (deferred).
@@ -630,15 +643,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             environment.router.release(self)
         }
         let now = Reactor.clock()
-        let duration = Duration.nanoseconds(Int64(bitPattern: now &- self.startedAt))
-        if let permit = self.permit {
-            // Ended by this side, not answered by the server: the caller's cancel, or the channel closing (its
-            // status is the closing's own). Such ends release the breaker's slot and count for nothing: a channel
-            // replaced with calls in flight must not open the breaker its successor inherits.
-            environment.policies.admission?.callEnded(
-                permit, service: environment.service, path: self.path, status: response.status, duration: duration,
-                now: now, endedLocally: self.endedLocally)
-        }
+        let duration = self.elapsed(until: now)
+        // Ended by this side, not answered by the server: the caller's cancel, or the channel closing (its status is
+        // the closing's own). Such ends release the breaker's slot and count for nothing: a channel replaced with
+        // calls in flight must not open the breaker its successor inherits.
+        self.settlePermit(environment, status: response.status, now: now, duration: duration, endedLocally: self.endedLocally)
         if self.startedAt != 0 && self.hedgeAttempt == 0 {
             environment.bus.publishCallEvent(
                 .callFinished(
@@ -859,7 +868,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 resetWith: NGHTTP2_CANCEL.rawValue)
         case .headers:
             self.machine.headersReceived()
-            if self.permit != nil { self.settleStreamPermit() }
+            self.settleStreamPermit()
             if let committed = self.onResponseHeaders {
                 self.onResponseHeaders = nil
                 self.withReactor { _ = $0.executeDeferred(committed) }

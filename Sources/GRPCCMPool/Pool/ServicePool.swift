@@ -87,6 +87,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// A resolution asked for by the resolver's watch waits for `minimumResolutionInterval`.
     @exclusivity(unchecked)
     private var changeResolutionScheduled = false
+    /// A re-resolution was asked for while a lookup was under way: it follows that lookup's answer.
+    @exclusivity(unchecked)
+    private var resolveAfterLookup = false
     @exclusivity(unchecked)
     private var queue: WaitQueue<ClientCall>
     @exclusivity(unchecked)
@@ -381,15 +384,21 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// is never dropped, only batched with those that follow it).
     private func resolveWhenAllowed() {
         guard !self.isClosingOrStopping else { return }
+        if self.resolving {
+            // Asked again once the lookup under way answers: a timer here would fire (and re-arm) every turn until
+            // then when the minimum interval is zero.
+            self.resolveAfterLookup = true
+            return
+        }
         let minimum = UInt64(max(self.settings.minimumResolutionInterval.nanoseconds, 0))
         let since = Reactor.clock() &- self.lastResolution
-        if since >= minimum && !self.resolving {
+        if since >= minimum {
             self.resolve()
             return
         }
         guard !self.changeResolutionScheduled else { return }
         self.changeResolutionScheduled = true
-        self.reactor.schedule(afterNanoseconds: since >= minimum ? minimum : minimum - since) { [weak self] in
+        self.reactor.schedule(afterNanoseconds: minimum - since) { [weak self] in
             guard let self else { return }
             self.changeResolutionScheduled = false
             self.resolveWhenAllowed()
@@ -424,6 +433,12 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private func resolved(_ result: Result<[NetworkAddress], CallStatus>) {
         self.resolving = false
         guard !self.isClosingOrStopping else { return }
+        defer {
+            if self.resolveAfterLookup {
+                self.resolveAfterLookup = false
+                self.resolveWhenAllowed()
+            }
+        }
         var result = result
         if case .success(let addresses) = result, addresses.isEmpty {
             // No address is no way to connect: fail fast calls and retry later, as for a failed lookup.

@@ -7,8 +7,9 @@ package protocol WaitQueueEntry: AnyObject {
 /// The calls that wait for a stream, first in first out, bounded by `capacity` (`maxQueuedCalls`). A pure value: no
 /// reactor, no connections, so its rules are tested alone.
 ///
-/// Leaving is O(1): `withdraw` marks the entry and the count drops at once; the entry itself is skipped when it
-/// reaches the front. Only entries still waiting count against the capacity.
+/// Leaving is O(1) amortised: `withdraw` marks the entry and the count drops at once; the entry itself is skipped
+/// when it reaches the front, or dropped once withdrawn entries are most of the storage. Only entries still waiting
+/// count against the capacity.
 package struct WaitQueue<Entry: WaitQueueEntry> {
     private var entries: [Entry] = []
     private var head = 0

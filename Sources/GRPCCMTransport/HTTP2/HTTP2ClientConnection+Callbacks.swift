@@ -203,11 +203,14 @@ private func clientSendRequestData(
 }
 
 /// A GOAWAY's debug data as text for status messages, events and logs: the peer's words, so at most 256 bytes of them
-/// (a frame may carry megabytes, and every call the GOAWAY ends repeats them), control characters as "?" (a log line
-/// stays one line).
+/// (a frame may carry megabytes, and every call the GOAWAY ends repeats them), control characters (C0, DEL, C1) as
+/// "?" (a log line stays one line).
 func goAwayDebugText(_ bytes: UnsafeBufferPointer<UInt8>) -> String {
     guard !bytes.isEmpty else { return "" }
     let text = String(decoding: UnsafeBufferPointer(rebasing: bytes.prefix(256)), as: UTF8.self)
-    guard text.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else { return text }
-    return String(String.UnicodeScalarView(text.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7F ? "?" : $0 }))
+    var scalars = String.UnicodeScalarView()
+    for scalar in text.unicodeScalars {
+        scalars.append(scalar.properties.generalCategory == .control ? "?" : scalar)
+    }
+    return String(scalars)
 }

@@ -30,6 +30,8 @@ final class HedgedCall: @unchecked Sendable {
     private var committed = 0
     private var permit: CallPermit?
     private var startedAt: UInt64 = 0
+    /// The channel is closing (an attempt ended by it): no attempt is sent any more.
+    private var closing = false
 
     init(
         environment: CallEnvironment, path: String, policy: CallHedgingPolicy, observers: [any CallObserver],
@@ -65,7 +67,7 @@ final class HedgedCall: @unchecked Sendable {
 
     /// Sends the next attempt (if the policy and the throttle allow) and arms the timer for the one after.
     private func launch() {
-        guard !self.done, self.committed == 0 else { return }
+        guard !self.done, self.committed == 0, !self.closing else { return }
         if self.timer != 0 {
             self.reactor.cancelTimer(self.timer)
             self.timer = 0
@@ -96,13 +98,16 @@ final class HedgedCall: @unchecked Sendable {
         guard !self.done else { return }
         if self.committed != 0 && self.committed != number { return }  // a loser, cancelled at the commit
         let code = response.status.code
-        // Ended by this side (the channel closed): the call ends with it, no other attempt is sent (nothing is
-        // retried once closing began), and, like a single call's such end, it counts for nothing in the breaker.
-        let endedLocally = self.attempts.indices.contains(number - 1) && self.attempts[number - 1].endedLocally
-        if endedLocally || self.committed == number || response.status.isOK
-            || !self.policy.nonFatalStatusCodes.contains(code)
-        {
-            self.finish(response, endedLocally: endedLocally)
+        // Ended by this side (the channel closing): no other attempt is sent (nothing is retried once closing
+        // began). The attempts still running on the server run on, as a graceful close lets them; when none is left
+        // the call ends, and, like a single call's such end, counts for nothing in the breaker.
+        if self.attempts.indices.contains(number - 1) && self.attempts[number - 1].endedLocally {
+            self.closing = true
+            if self.running == 0 { self.finish(response, endedLocally: true) }
+            return
+        }
+        if self.committed == number || response.status.isOK || !self.policy.nonFatalStatusCodes.contains(code) {
+            self.finish(response)
             return
         }
         self.lastFailure = response

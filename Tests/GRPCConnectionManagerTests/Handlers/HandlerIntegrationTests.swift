@@ -557,6 +557,30 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("a graceful close lets a hedged call's attempt on the server finish, though another attempt was waiting")
+    func gracefulCloseLetsAHedgedAttemptFinish() async throws {
+        var options = EchoServer.Options()
+        options.maxConcurrentStreams = 1  // the second attempt waits for a stream
+        let fixture = try LoopbackFixture(options: options)
+        defer { fixture.shutdown() }
+        let (manager, channel, _) = try self.makeManager(fixture) {
+            $0.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(20))
+        }
+        #expect(await channel.call([0], timeout: .seconds(5)).status == .ok)  // connected: one stream free
+        let ended = PThreadLock<UnaryResponse?>(nil)
+        channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "300", "x-request-key": "hedged"]) {
+            response in ended.withLock { $0 = response }
+        }
+        #expect(await eventually {
+            let open = await manager.openCalls()
+            return fixture.server.requestCount(key: "hedged") == 1 && open == 2
+        })
+        // The waiting attempt ends with the close; the one on the server runs to its end, and so the call does.
+        await manager.close(gracePeriod: .seconds(5))
+        #expect(ended.withLock { $0 }?.status == .ok, "\(String(describing: ended.withLock { $0 }?.status))")
+        #expect(ended.withLock { $0 }?.message == [1])
+    }
+
     @Test("method paths from callers do not grow the metrics or the breakers without bound: past 1,000, \"other\"")
     func methodSeriesAreBounded() async throws {
         let fixture = try LoopbackFixture()

@@ -190,9 +190,10 @@ struct GRPCSwiftTransportTests {
             let echo = Echo_Echo.Client(wrapping: client)
             let first = try await echo.get(Self.request("first"))
             #expect(first.text == "first")
-            // The manager closes the service's channel; its next `connection(service:)` opens another. Before, the
-            // transport kept the closed one and every RPC failed UNAVAILABLE.
+            // The manager closes the service's channel and opens another. Before, the transport kept the closed one
+            // and every RPC failed UNAVAILABLE.
             manager.closeConnection(service: "echo")
+            _ = try manager.connection(service: "echo")
             let second = try await echo.get(Self.request("second"))
             #expect(second.text == "second")
         }
