@@ -451,6 +451,7 @@ package final class Reactor: @unchecked Sendable {
     }
 
     /// True while the deferred phase runs: where user code runs (tests check that it runs nowhere else).
+    @exclusivity(unchecked)
     package private(set) var inDeferredPhase = false
 
     // MARK: fds (reactor thread only)
