@@ -602,22 +602,14 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// call of its method refused. Headers say the server took the call: a success (or a slow call, by the time they
     /// took). A unary call keeps its permit to the end, where its status is the outcome.
     private func settleStreamPermit() {
+        guard let permit = self.permit else { return }
+        self.permit = nil  // spent: the call's end tells the breaker nothing more
         self.withEnvironment { environment in
             let now = Reactor.clock()
-            self.settlePermit(environment, status: .ok, now: now, duration: self.elapsed(until: now), endedLocally: false)
+            environment.policies.admission?.callEnded(
+                permit, service: environment.service, path: self.path, status: .ok, duration: self.elapsed(until: now),
+                now: now, endedLocally: false)
         }
-    }
-
-    /// The breaker hears how the call went (once: the permit is spent).
-    @inline(__always)
-    private func settlePermit(
-        _ environment: CallEnvironment, status: CallStatus, now: UInt64, duration: Duration, endedLocally: Bool
-    ) {
-        guard let permit = self.permit else { return }
-        self.permit = nil
-        environment.policies.admission?.callEnded(
-            permit, service: environment.service, path: self.path, status: status, duration: duration, now: now,
-            endedLocally: endedLocally)
     }
 
     /// Time since the call started, at `now`.
@@ -650,9 +642,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         if let permit = self.permit {
             // Ended by this side, not answered by the server: the caller's cancel, or the channel closing (its
             // status is the closing's own). Such ends release the breaker's slot and count for nothing: a channel
-            // replaced with calls in flight must not open the breaker its successor inherits. Not through
-            // `settlePermit`: spending the permit here cost every call about 70 instructions at (a) (the gate's
-            // scenario), and nothing reads it after the end.
+            // replaced with calls in flight must not open the breaker its successor inherits. The permit is not
+            // cleared here: nothing reads it after the end, and the store cost every call measurably at the gate.
             environment.policies.admission?.callEnded(
                 permit, service: environment.service, path: self.path, status: response.status, duration: duration,
                 now: now, endedLocally: self.endedLocally)
@@ -877,7 +868,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 resetWith: NGHTTP2_CANCEL.rawValue)
         case .headers:
             self.machine.headersReceived()
-            if self.streams && self.permit != nil { self.settleStreamPermit() }
+            if self.streams { self.settleStreamPermit() }
             if let committed = self.onResponseHeaders {
                 self.onResponseHeaders = nil
                 self.withReactor { _ = $0.executeDeferred(committed) }

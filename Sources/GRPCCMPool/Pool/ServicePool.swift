@@ -502,9 +502,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             // connected while the channel is used). Otherwise the calls all go to those others, none ever waits,
             // and the pool shrinks towards one connection as connections go (a server's maximum connection age).
             // Not when the idle timeout closed it (reported with OK): that is what the user asked for.
-            let inUse = self.picker.policy != .pickFirst
+            let othersServing = self.picker.policy != .pickFirst
                 && self.subchannels.contains { $0 !== subchannel && ($0.state == .ready || $0.state == .connecting) }
-            let reconnectEagerly = (self.eager || inUse) && reason?.code != .ok
+            let reconnectEagerly = (self.eager || othersServing) && reason?.code != .ok
             if !self.queue.isEmpty {
                 self.reconnect(subchannel)
             } else if reconnectEagerly {

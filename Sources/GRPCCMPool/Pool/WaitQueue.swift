@@ -54,11 +54,7 @@ package struct WaitQueue<Entry: WaitQueueEntry> {
         guard entry.queued else { return }
         entry.queued = false
         self.count -= 1
-        if self.entries.count - self.head > 2 * self.count + 32 {
-            self.entries.removeSubrange(0..<self.head)
-            self.entries.removeAll { !$0.queued }
-            self.head = 0
-        }
+        self.compact()
     }
 
     /// Entries held in storage, waiting or withdrawn (for tests: what `withdraw` keeps alive).
@@ -87,9 +83,15 @@ package struct WaitQueue<Entry: WaitQueueEntry> {
         return waiting
     }
 
+    /// Lets go of what storage holds for nothing: the entries already taken from the front, and the withdrawn ones
+    /// once they are most of it.
     private mutating func compact() {
         if self.head == self.entries.count {
             self.entries.removeAll(keepingCapacity: true)
+            self.head = 0
+        } else if self.entries.count - self.head > 2 * self.count + 32 {
+            self.entries.removeSubrange(0..<self.head)
+            self.entries.removeAll { !$0.queued }
             self.head = 0
         } else if self.head > 256 && self.head * 2 > self.entries.count {
             self.entries.removeFirst(self.head)
