@@ -43,6 +43,8 @@ package struct ResponseHead: Sendable {
     package private(set) var httpStatus = 0
     /// The raw `grpc-status`; values that are not a decimal become UNKNOWN's number.
     package private(set) var grpcStatus: Int?
+    /// A `grpc-status` that is not a decimal, quoted for the status message (nil, the usual case: it was one).
+    package private(set) var unreadableGRPCStatus: String?
     package private(set) var grpcMessage: String?
     /// The response's content-type, when it is not exactly `application/grpc` (that one, the usual, is only noted
     /// in `grpcContentType`: no string to make, copy or release per call).
@@ -130,6 +132,7 @@ package struct ResponseHead: Sendable {
             }
             guard HeaderName.isValidValue(value) else { return self.malformed("grpc-status \(Self.text(value))") }
             self.grpcStatus = StatusCode.unknown.rawValue
+            self.unreadableGRPCStatus = Self.text(value)
             return true
         }
         if !self.inTrailers && HeaderName.equals(name, HeaderName.contentType)
@@ -184,12 +187,17 @@ package struct ResponseHead: Sendable {
         }
         if HeaderName.isBinary(name) {
             // Repeated values may arrive joined with "," (PROTOCOL-HTTP2.md): each piece is its own base64 value,
-            // padded or not, so each is decoded alone. A piece that is not base64 is dropped.
+            // padded or not, so each is decoded alone. A piece that is not base64 makes the response malformed,
+            // as grpc-go holds it (INTERNAL): dropped, it would hide from the application what the server sent.
+            var pieces: [[UInt8]] = []
             for piece in value.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false) {
                 let trimmed = piece.drop { $0 == UInt8(ascii: " ") }
-                guard let bytes = Base64.decode(trimmed) else { continue }
-                self.append(nameText, .binary(bytes))
+                guard let bytes = Base64.decode(trimmed) else {
+                    return self.malformed("the value of \(Self.text(name)) is not base64 (\(Self.text(value)))")
+                }
+                pieces.append(bytes)
             }
+            for bytes in pieces { self.append(nameText, .binary(bytes)) }
             return true
         }
         self.append(nameText, .string(String(decoding: value, as: UTF8.self)))
@@ -252,6 +260,7 @@ package struct ResponseHead: Sendable {
         // Tested first: the usual response headers carry neither, and storing nil over a string costs a release.
         if self.grpcStatus != nil { self.grpcStatus = nil }
         if self.grpcMessage != nil { self.grpcMessage = nil }
+        if self.unreadableGRPCStatus != nil { self.unreadableGRPCStatus = nil }
     }
 
     /// Why the response headers just completed do not begin a gRPC response (`endBlock` said `.notGRPC`), or nil
@@ -303,6 +312,10 @@ package struct ResponseHead: Sendable {
                 : CallStatus.forRSTStream(errorCode: errorCode)
         }
         if let code = self.grpcStatus {
+            if let text = self.unreadableGRPCStatus {
+                let detail = self.grpcMessage.map { ": \($0)" } ?? ""
+                return CallStatus(code: .unknown, message: "server sent grpc-status \(text), which is not a number\(detail)")
+            }
             guard (0...16).contains(code) else {
                 // gRPC: a code outside the defined range is UNKNOWN.
                 let detail = self.grpcMessage.map { ": \($0)" } ?? ""

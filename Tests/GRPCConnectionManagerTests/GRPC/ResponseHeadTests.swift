@@ -66,6 +66,8 @@ struct ResponseHeadTests {
         ("1xx that ends the stream", [(fields: [(":status", "103")], endStream: true)], "informational"),
         ("trailers without END_STREAM", [(fields: ok, endStream: false), (fields: [("grpc-status", "0")], endStream: false)], "END_STREAM"),
         ("empty name", [(fields: ok + [("", "v")], endStream: false)], "empty name"),
+        ("-bin value not base64", [(fields: ok + [("x-trace-bin", "AAEC, not base64!")], endStream: false)], "not base64"),
+        ("-bin value in trailers not base64", [(fields: ok, endStream: false), (fields: [("grpc-status", "0"), ("grpc-status-details-bin", "a")], endStream: true)], "not base64"),
     ])
     func malformed(_ what: String, _ blocks: [Block], _ reason: String) {
         // Alone, and again through a name cache that has already seen every name these cases use in a valid
@@ -133,7 +135,14 @@ struct ResponseHeadTests {
     func nonNumericGRPCStatus() {
         var (_, head) = Self.read([(fields: Self.ok, endStream: false), (fields: [("grpc-status", "zero")], endStream: true)])
         #expect(head.malformation == nil)
-        #expect(head.status(errorCode: 0).code == .unknown)
+        let status = head.status(errorCode: 0)
+        #expect(status.code == .unknown)
+        #expect(status.message.contains("\"zero\""), "the value is quoted: \(status.message)")
+        // In the response headers it says nothing: the trailers' status is the call's.
+        var (_, later) = Self.read([
+            (fields: Self.ok + [("grpc-status", "zero")], endStream: false), (fields: [("grpc-status", "0")], endStream: true),
+        ])
+        #expect(later.status(errorCode: 0).code == .ok)
     }
 
     @Test("the status is the trailers' (or a trailers-only block's): one in the response headers or a 1xx is not")
