@@ -119,9 +119,21 @@ public final class AsyncStreamingCall: Sendable {
             var done = false
 
             /// The next response message; nil once the call ended OK; throws the call's `CallError` when it ended
-            /// with another status.
+            /// with another status. In a cancelled task it cancels the call and throws at once, with the call's
+            /// status (CANCELLED, unless it had ended otherwise), whatever messages were still unread.
             public mutating func next() async throws(CallError) -> [UInt8]? {
                 while !self.done {
+                    if Task.isCancelled {
+                        // Not the backlog first: the reader asked to stop, and a long backlog would keep it reading.
+                        // Not nil either when the call had ended OK: unread messages would pass for a complete read.
+                        self.done = true
+                        self.call.cancel()
+                        let result = await self.call.buffers.result()
+                        let status = result.status.isOK
+                            ? CallStatus(code: .cancelled, message: "the task reading the responses was cancelled")
+                            : result.status
+                        throw CallError(status: status, trailers: result.trailingMetadata)
+                    }
                     switch await self.call.nextPart() {
                     case .metadata: continue
                     case .message(let message): return message

@@ -217,6 +217,38 @@ struct StreamingTests {
         await #expect(throws: CallError.self) { try await reader.value }
     }
 
+    @Test("a cancelled task reading responses gets CANCELLED at once, not the unread backlog first")
+    func cancelledReaderSkipsBacklog() async throws {
+        let setup = try Self.setUp(.embedded)
+        defer { setup.done() }
+        // Open (until closeSend), with one response per request: two responses wait unread.
+        let open = setup.channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        try await open.write(Self.text("one"))
+        try await open.write(Self.text("two"))
+        #expect(await eventually { open.buffers.bufferedInboundBytes > 0 })
+        // Ended OK with its messages unread: a cancelled reader must not take that for a complete read.
+        let ended = setup.channel.serverStreaming(
+            path: "/test.Stream/Expand", request: [], metadata: ["x-response-count": "3", "x-response-bytes": "8"])
+        #expect(await ended.result().status == .ok)
+        for call in [open, ended] {
+            let reader = Task { () -> (Int, CallStatus) in
+                withUnsafeCurrentTask { $0?.cancel() }
+                var read = 0
+                var messages = call.responses.makeAsyncIterator()
+                do throws(CallError) {
+                    while try await messages.next() != nil { read += 1 }
+                    return (read, CallStatus.ok)
+                } catch {
+                    return (read, error.status)
+                }
+            }
+            let (read, status) = await reader.value
+            #expect(read == 0)
+            #expect(status.code == .cancelled, "\(status)")
+        }
+        #expect(await open.result().status.code == .cancelled)
+    }
+
     @Test("cancelling a task that awaits result() cancels the call, with no reader", arguments: [Peer.embedded])
     func resultCancellation(_ peer: Peer) async throws {
         let setup = try Self.setUp(peer)
