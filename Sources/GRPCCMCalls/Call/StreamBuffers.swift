@@ -18,6 +18,8 @@ package enum ResponsePart: Sendable {
 enum Inbound {
     case part(ResponsePart)
     case compressed([UInt8], CallCompression, inflatedSize: Int)
+    /// Only in the inbox: the next `count` messages are back to back in `State.packed` (see `StreamBuffers`).
+    case packed(count: Int)
 }
 
 /// The part of a streaming call that application threads touch: messages written but not yet taken by nghttp2,
@@ -30,6 +32,11 @@ enum Inbound {
 /// - **In** (buffered delivery): received bytes are returned to the peer's send window (`nghttp2_session_consume_stream`)
 ///   only while fewer than `limit` bytes wait unread. Above that the peer runs out of window after at most one
 ///   stream window more, so a slow reader holds at most `limit` + the stream window + one partial message.
+///
+/// Unread messages are counted as memory, not as wire bytes, so that tiny messages are bounded too (an empty one
+/// is 5 bytes on the wire): below the limit each has an inbox entry of its own and is charged `entryCost` more;
+/// past it (the stream window's worth the peer may still send) they are packed back to back into one array,
+/// each behind a 5-byte record header (13 when compressed), as they came.
 ///
 /// The reactor reaches this state once per nghttp2 callback, application threads once per write or read.
 /// `@unchecked Sendable`: every mutable field lives in `state`, which is only touched under its lock.
@@ -51,8 +58,14 @@ package final class StreamBuffers: @unchecked Sendable {
         // In.
         var inbox: [Inbound] = []
         var inboxHead = 0
-        /// Framed bytes of unread messages, as they are held (compressed ones as they came).
+        /// What unread messages cost, as they are held (compressed ones as they came): bytes plus `entryCost` for
+        /// an entry of their own, bytes plus the record header when packed.
         var inboxBytes = 0
+        /// Messages that arrived past the limit, as records: a 4-byte length (little-endian), an encoding byte (0
+        /// for none, else `CallCompression.allCases` index + 1) and, when compressed, the 8-byte inflated size;
+        /// then the bytes. Read from `packedHead`.
+        var packed: [UInt8] = []
+        var packedHead = 0
         /// Received bytes not yet returned to the peer's window.
         var unconsumed = 0
         var readWaiter: CheckedContinuation<Inbound, Never>?
@@ -61,6 +74,10 @@ package final class StreamBuffers: @unchecked Sendable {
         var resultWaiters: [CheckedContinuation<StreamResult, Never>] = []
         var wakePending = false
     }
+
+    /// What an unread message with an inbox entry of its own costs beyond its framed bytes: the entry, and its
+    /// array's header and allocation (32 bytes, rounded up by malloc).
+    static let entryCost = MemoryLayout<Inbound>.stride + 48
 
     package let limit: Int
     package let maxSendMessageSize: Int
@@ -179,6 +196,8 @@ package final class StreamBuffers: @unchecked Sendable {
                 } catch {
                     self.waker.fail(CallStatus(code: .internal, message: "response message could not be inflated: \(error)"))
                 }
+            case .packed:
+                preconditionFailure("packed messages are taken out one by one (pop)")
             }
         }
     }
@@ -217,19 +236,84 @@ package final class StreamBuffers: @unchecked Sendable {
     }
 
     private static func pop(_ state: inout State, limit: Int) -> (Inbound?, Bool) {
-        let part = state.inbox[state.inboxHead]
-        state.inboxHead += 1
+        var part = state.inbox[state.inboxHead]
+        let charge: Int
+        if case .packed(let count) = part {
+            (part, charge) = Self.unpack(&state)
+            if count > 1 {
+                state.inbox[state.inboxHead] = .packed(count: count - 1)
+            } else {
+                state.inboxHead += 1
+            }
+        } else {
+            state.inboxHead += 1
+            switch part {
+            case .part(.message(let message)), .compressed(let message, _, _): charge = message.count + 5 + Self.entryCost
+            case .part, .packed: charge = 0
+            }
+        }
         if state.inboxHead == state.inbox.count {
             state.inbox.removeAll(keepingCapacity: true)
             state.inboxHead = 0
         }
-        switch part {
-        case .part(.message(let message)), .compressed(let message, _, _): state.inboxBytes -= message.count + 5
-        case .part: return (part, false)
-        }
+        if charge == 0 { return (part, false) }
+        state.inboxBytes -= charge
         // Reopen the peer's window once the reader has caught up to under the limit.
         let wake = state.unconsumed > 0 && state.inboxBytes < limit && Self.claimWake(&state)
         return (part, wake)
+    }
+
+    /// Appends a message to the packed records (see `State.packed`), behind the inbox's last `.packed` entry.
+    private static func pack(_ message: [UInt8], _ encoding: CallCompression, inflatedSize: Int, into state: inout State) {
+        if state.inboxHead < state.inbox.count, case .packed(let count) = state.inbox[state.inbox.count - 1] {
+            state.inbox[state.inbox.count - 1] = .packed(count: count + 1)
+        } else {
+            state.inbox.append(.packed(count: 1))
+        }
+        let start = state.packed.count
+        withUnsafeBytes(of: UInt32(message.count).littleEndian) { state.packed.append(contentsOf: $0) }
+        if encoding == .identity {
+            state.packed.append(0)
+        } else {
+            state.packed.append(UInt8(CallCompression.allCases.firstIndex(of: encoding)! + 1))
+            withUnsafeBytes(of: UInt64(inflatedSize).littleEndian) { state.packed.append(contentsOf: $0) }
+        }
+        state.packed.append(contentsOf: message)
+        state.inboxBytes += state.packed.count - start
+    }
+
+    /// Takes the first packed record: the message, and what it was charged.
+    private static func unpack(_ state: inout State) -> (Inbound, charge: Int) {
+        let start = state.packedHead
+        var at = start
+        func integer<T: FixedWidthInteger>(_ type: T.Type) -> T {
+            var value = T.zero
+            withUnsafeMutableBytes(of: &value) { raw in
+                for index in 0..<MemoryLayout<T>.size { raw[index] = state.packed[at + index] }
+            }
+            at += MemoryLayout<T>.size
+            return T(littleEndian: value)
+        }
+        let length = Int(integer(UInt32.self))
+        let tag = Int(state.packed[at])
+        at += 1
+        let inflatedSize = tag == 0 ? 0 : Int(integer(UInt64.self))
+        let message = Array(state.packed[at..<(at + length)])
+        at += length
+        if at == state.packed.count {
+            // Drained: the memory goes back (it held up to a stream window's worth).
+            state.packed = []
+            state.packedHead = 0
+        } else if at >= 64 << 10 && 2 * at >= state.packed.count {
+            state.packed.removeSubrange(0..<at)
+            state.packedHead = 0
+        } else {
+            state.packedHead = at
+        }
+        let part: Inbound = tag == 0
+            ? .part(.message(message))
+            : .compressed(message, CallCompression.allCases[tag - 1], inflatedSize: inflatedSize)
+        return (part, at - start)
     }
 
     private static func claimWake(_ state: inout State) -> Bool {
@@ -346,36 +430,51 @@ package final class StreamBuffers: @unchecked Sendable {
 
     /// Response headers (not trailers-only) arrived.
     package func deliverMetadata(_ metadata: CallMetadata) {
-        self.append(.part(.metadata(metadata)), bytes: 0)
+        let part = Inbound.part(.metadata(metadata))
+        let waiter = self.state.withLock { state -> CheckedContinuation<Inbound, Never>? in
+            if let waiter = state.readWaiter {
+                state.readWaiter = nil
+                return waiter
+            }
+            state.inbox.append(part)
+            return nil
+        }
+        waiter?.resume(returning: part)
     }
 
     /// A complete response message arrived.
     package func deliverMessage(_ message: [UInt8]) {
-        self.append(.part(.message(message)), bytes: message.count + 5)
+        self.deliver(.part(.message(message)), message, .identity, inflatedSize: 0)
     }
 
     /// Queues a message as it came, compressed with `encoding`, for the reader to inflate; it was checked to inflate
     /// to `inflatedSize` bytes. For when `isBacklogged`.
     package func deliverCompressedMessage(_ message: [UInt8], encoding: CallCompression, inflatedSize: Int) {
-        self.append(.compressed(message, encoding, inflatedSize: inflatedSize), bytes: message.count + 5)
+        self.deliver(.compressed(message, encoding, inflatedSize: inflatedSize), message, encoding, inflatedSize: inflatedSize)
     }
 
-    /// More than the limit waits unread: a compressed message that arrives now is better kept compressed.
-    package var isBacklogged: Bool { self.state.withLock { $0.inboxBytes >= self.limit } }
-
-    private func append(_ part: Inbound, bytes: Int) {
+    /// Hands `part` (which is `message`) to a waiting reader, or queues it: with an entry of its own below the
+    /// limit, packed past it.
+    private func deliver(_ part: Inbound, _ message: [UInt8], _ encoding: CallCompression, inflatedSize: Int) {
         let waiter = self.state.withLock { state -> CheckedContinuation<Inbound, Never>? in
             if let waiter = state.readWaiter {
                 // Handed straight to a waiting reader: it never counts as buffered.
                 state.readWaiter = nil
                 return waiter
             }
-            state.inbox.append(part)
-            state.inboxBytes += bytes
+            if state.inboxBytes >= self.limit {
+                Self.pack(message, encoding, inflatedSize: inflatedSize, into: &state)
+            } else {
+                state.inbox.append(part)
+                state.inboxBytes += message.count + 5 + Self.entryCost
+            }
             return nil
         }
         waiter?.resume(returning: part)
     }
+
+    /// More than the limit waits unread: a compressed message that arrives now is better kept compressed.
+    package var isBacklogged: Bool { self.state.withLock { $0.inboxBytes >= self.limit } }
 
     /// `count` DATA bytes arrived. Returns how many to give back to the peer's window now; the rest waits for the
     /// reader to catch up.
@@ -417,8 +516,12 @@ package final class StreamBuffers: @unchecked Sendable {
     /// A writer is suspended on a full send buffer (for tests).
     package var hasWaitingWriter: Bool { self.state.withLock { !$0.writeWaiters.isEmpty } }
     package var hasWaitingReader: Bool { self.state.withLock { $0.readWaiter != nil } }
-    /// Bytes waiting unread (for tests and the slow-reader bound).
+    /// What unread messages cost (see `State.inboxBytes`; for tests and the slow-reader bound).
     package var bufferedInboundBytes: Int { self.state.withLock { $0.inboxBytes } }
+    /// Inbox entries waiting, and the bytes the packed messages hold (for tests).
+    package var bufferedEntries: (entries: Int, packedBytes: Int) {
+        self.state.withLock { ($0.inbox.count - $0.inboxHead, $0.packed.count - $0.packedHead) }
+    }
     /// Bytes written and not yet sent.
     package var bufferedOutboundBytes: Int { self.state.withLock { $0.outboxBytes } }
 }

@@ -414,6 +414,40 @@ struct StreamingTests {
         }
     }
 
+    @Test("a slow reader's backlog of tiny messages costs about their wire bytes, not an entry each", arguments: [
+        CallCompression.identity, .gzip,
+    ])
+    func tinyMessageBacklogIsPacked(_ encoding: CallCompression) async throws {
+        let setup = try Self.setUp(.embedded)
+        defer { setup.done() }
+        // One-byte messages, 6 bytes each on the wire (about 26 gzipped), all within the stream window (1 MiB): the
+        // whole stream arrives while nothing is read. Held as it came, that is about as many bytes; with an inbox
+        // entry and an array each, 15 to 20 times as many.
+        let count = encoding == .identity ? 120_000 : 30_000
+        var metadata: CallMetadata = ["x-response-count": String(count), "x-response-bytes": "1"]
+        if encoding != .identity { metadata.append("x-compress-response", .string(encoding.name)) }
+        let rssBefore = residentBytes()
+        let call = setup.channel.serverStreaming(path: "/test.Stream/Expand", request: [], metadata: metadata)
+        #expect(await call.result().status == .ok)
+        let limit = Configuration.defaults.streamBufferSize
+        let wireBytes = count * (encoding == .identity ? 6 : 40)
+        let (entries, packedBytes) = call.buffers.bufferedEntries
+        #expect(entries <= limit / StreamBuffers.entryCost + 3, "past the limit, messages share entries")
+        #expect(packedBytes <= wireBytes + 8 * count)
+        #expect(call.buffers.bufferedInboundBytes <= limit + wireBytes + 8 * count)
+        if !runningUnderAddressSanitizer() {
+            let grown = residentBytes() - rssBefore
+            #expect(grown < 6 << 20, "the unread stream made the process grow by \(grown) bytes")
+        }
+        var read = 0
+        for try await message in call.responses {
+            #expect(message == [0x61])
+            read += 1
+        }
+        #expect(read == count)
+        #expect(call.buffers.bufferedEntries == (0, 0) && call.buffers.bufferedInboundBytes == 0)
+    }
+
     @Test("many small messages through the smallest stream window: consumption reported in batches never stalls it", arguments: Peer.allCases)
     func smallMessagesThroughTheSmallestWindow(_ peer: Peer) async throws {
         var configuration = Configuration.defaults
