@@ -81,7 +81,7 @@ package final class LocalEventBus: @unchecked Sendable {
     private let state = BusDispatcher()
     private let tokens = Atomic<Int>(-1)
 
-    init(reactor: Reactor) {
+    package init(reactor: Reactor) {
         self.reactor = reactor
     }
 

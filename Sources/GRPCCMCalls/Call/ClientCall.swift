@@ -269,6 +269,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         if self.preparing {
             self.preparing = false
             guard self.machine.prepare() else { return }
+            // Counted from here: a call that its interceptors fail, or that ends while they work, is a call too.
+            self.withEnvironment { self.announce($0) }
             // Adopted now, so that closing the channel or stopping the loop ends it like any other call; the
             // deadline runs while it waits.
             self.adopted = true
@@ -309,13 +311,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         case .none:
             return
         case .finish(let status):
-            // Refused before any attempt: a call the breaker refused still reports itself (with 0 attempts); one
-            // that never began (invalid, closing) only completes (and leaves the router if it waited there).
-            if self.startedAt != 0 || self.adopted {
-                self.finish(UnaryResponse(status: status))
-            } else {
-                self.complete(UnaryResponse(status: status))
-            }
+            // Refused before any attempt (invalid, a closing channel, a stopping loop, the breaker): it reports
+            // itself all the same, with 0 attempts, and leaves the router if it waited there.
+            self.finish(UnaryResponse(status: status))
         case .route:
             if !self.adopted {
                 self.adopted = true
@@ -331,19 +329,34 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// Why the call may not begin (invalid, a closing channel, a stopping loop, the breaker), or nil: it may, and the
     /// breaker's permit is taken.
     private func refusalOrAdmission(_ environment: CallEnvironment) -> CallStatus? {
+        // Every call the application made is counted (metrics, logs), including those refused here, as a client
+        // interceptor outermost in grpc-go counts them.
+        let now: UInt64
+        if self.startedAt == 0 {
+            self.announce(environment)
+            now = self.startedAt
+        } else {
+            now = Reactor.clock()  // announced when its interceptors began: the breaker decides on the time now
+        }
         if let invalid = self.invalid { return invalid }
         if environment.router.isClosing { return environment.router.closingStatus }
         if self.withReactor({ $0.isStopping }) {
             return CallStatus(code: .unavailable, message: "the event loop is shutting down")
         }
-        self.startedAt = Reactor.clock()
         guard self.hedgeAttempt == 0 else { return nil }
-        environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
         // Called through the optional in place: bound to a local first, the admission was retained for the call.
         guard environment.policies.admission != nil else { return nil }
-        self.permit = environment.policies.admission?.admit(service: environment.service, path: self.path, now: self.startedAt)
+        self.permit = environment.policies.admission?.admit(service: environment.service, path: self.path, now: now)
         // Refused without touching the network; reported as a call with no attempt.
         return self.permit == nil ? CallStatus(code: .unavailable, message: "circuit breaker is open") : nil
+    }
+
+    /// The call has started: its duration runs from now, and the bus hears of it (unless it is a hedged call's
+    /// attempt, which its coordinator reports).
+    private func announce(_ environment: CallEnvironment) {
+        self.startedAt = Reactor.clock()
+        guard self.hedgeAttempt == 0 else { return }
+        environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
     }
 
     /// Sends the current attempt (the first, a retry after its backoff, or a transparent retry).

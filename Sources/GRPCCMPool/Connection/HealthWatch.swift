@@ -24,14 +24,18 @@ final class HealthWatch: CallRouter, @unchecked Sendable {
 
     /// Starts watching `serviceName` on `transport`; `report` hears each answer and the end (not after `stop()`).
     init(
-        transport: any HTTP2Transport, serviceName: String, reactor: Reactor, service: String, bus: LocalEventBus,
+        transport: any HTTP2Transport, serviceName: String, reactor: Reactor, service: String,
         report: @escaping (Report) -> Void
     ) {
         self.transport = transport
         // Loop-thread only: the callbacks run in the deferred phase of this loop, where `report` may be called.
         nonisolated(unsafe) let report = report
+        // A bus of its own, which nobody hears: the watch is the client's doing, not a call of the application's,
+        // so metrics and logs must not count it (a CANCELLED each time a connection goes, an UNIMPLEMENTED for each
+        // connection to a server without the service), as grpc-go keeps it out of its interceptors.
         let environment = CallEnvironment(
-            reactor: reactor, service: service, router: self, bus: bus, policies: CallPolicies(admission: nil, retry: nil),
+            reactor: reactor, service: service, router: self, bus: LocalEventBus(reactor: reactor),
+            policies: CallPolicies(admission: nil, retry: nil),
             maxHeaderListSize: 16 << 10)
         // The end comes through the completion (a call's `onFinish` is its channel's wrapping of it).
         let callbacks = StreamingCallbacks(

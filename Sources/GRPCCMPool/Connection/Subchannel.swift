@@ -257,7 +257,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         guard let name = self.healthCheckServiceName else { return }
         self.health = .waiting
         self.healthWatch = HealthWatch(
-            transport: transport, serviceName: name, reactor: self.reactor, service: self.service, bus: self.bus
+            transport: transport, serviceName: name, reactor: self.reactor, service: self.service
         ) { [unowned(unsafe) self] report in
             self.healthReported(report, from: transport)
         }

@@ -55,6 +55,15 @@ final class HedgedCall: @unchecked Sendable {
         let environment = self.environment
         self.startedAt = Reactor.clock()
         environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
+        // A closing channel or a stopping loop refuses it before the breaker, as a single call is: each attempt
+        // would be refused the same way, and their ends would count against the breaker its successor inherits.
+        if environment.router.isClosing || self.reactor.isStopping {
+            let status = environment.router.isClosing
+                ? environment.router.closingStatus
+                : CallStatus(code: .unavailable, message: "the event loop is shutting down")
+            self.finish(UnaryResponse(status: status), endedLocally: true)
+            return
+        }
         if let admission = environment.policies.admission {
             self.permit = admission.admit(service: environment.service, path: self.path, now: self.startedAt)
             if self.permit == nil {

@@ -557,6 +557,59 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    /// Fails the calls that carry `x-refuse`, as an authentication interceptor whose token source is down would.
+    struct RefuseMarked: CallInterceptor {
+        func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+            call.metadata["x-refuse"] == nil ? .proceed : .fail(CallStatus(code: .unauthenticated, message: "no token"))
+        }
+    }
+
+    @Test("every call is counted once, also those refused before an attempt: interceptor, invalid, closed channel, hedged")
+    func refusedCallsAreCounted() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableMetrics = true
+        configuration.enableRetry = false
+        configuration.enableCircuitBreaker = true
+        configuration.circuitBreaker.failureThreshold = 1
+        configuration.hedging["echo.Hedged"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .seconds(10))
+        let prometheus = PrometheusMetrics()
+        let manager = try ConnectionManager(
+            configuration: configuration, metricsFactory: prometheus, interceptors: [RefuseMarked()], eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        manager.events.subscribe { recorder.record($0) }
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        #expect(await channel.call([1], metadata: ["x-refuse": "1"], timeout: .seconds(5)).status.code == .unauthenticated)
+        #expect(await channel.call("no-slash", [1], timeout: .seconds(5)).status.code != .ok)
+        manager.closeConnection(service: "echo")
+        #expect(await channel.call([1], timeout: .seconds(5)).status.code == .unavailable)
+        #expect(await channel.call("/echo.Hedged/Get", [1], timeout: .seconds(5)).status.code == .unavailable)
+        // The hedged call on the closed channel was this side's doing: the method's breaker (one failure opens it)
+        // stays closed for the channel that replaces it.
+        let replacement = try manager.connection(service: "echo")
+        let after = await replacement.call("/echo.Hedged/Get", [2], timeout: .seconds(5))
+        #expect(after.status == .ok, "\(after.status)")
+        func count(_ finished: Bool) -> Int {
+            recorder.count {
+                switch $0 {
+                case .callStarted: !finished
+                case .callFinished: finished
+                default: false
+                }
+            }
+        }
+        #expect(await eventually { count(true) == 6 }, "finished: \(count(true))")
+        #expect(count(false) == 6)
+        #expect(recorder.count { if case .circuitBreakerStateChanged = $0 { true } else { false } } == 0)
+        let text = manager.metricsText() ?? ""
+        let total = text.split(separator: "\n").filter { $0.hasPrefix("grpc_client_requests_total{") }
+            .compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0, +)
+        #expect(total == 6, "\(text)")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("a graceful close lets a hedged call's attempt on the server finish, though another attempt was waiting")
     func gracefulCloseLetsAHedgedAttemptFinish() async throws {
         var options = EchoServer.Options()

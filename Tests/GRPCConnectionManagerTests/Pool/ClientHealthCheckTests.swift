@@ -113,6 +113,18 @@ struct ClientHealthCheckTests {
         #expect(recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 1)
         let response = try await channel.unary(path: "/echo.Echo/Get", request: [4])
         #expect(response.message == [4])
+        // The watches are the client's own doing: metrics and logs hear of the application's call only.
+        func callPaths() -> [String] {
+            recorder.all.compactMap {
+                switch $0 {
+                case .callStarted(_, let path, _): "started \(path)"
+                case .callFinished(_, let path, _, _, _, _, _): "finished \(path)"
+                default: nil
+                }
+            }
+        }
+        #expect(await eventually { callPaths().count >= 2 })
+        #expect(callPaths() == ["started /echo.Echo/Get", "finished /echo.Echo/Get"])
     }
 
     @Test("a server without the health service (UNIMPLEMENTED) counts as healthy")
