@@ -48,7 +48,10 @@ public final class ConnectionManager: Sendable {
     let registry = PThreadLock<Registry>(Registry())
 
     struct Registry {
+        /// What each service was registered with: its address, and its own security (nil: `configuration.tls`).
+        /// Kept after its channel closes, so that the channel made again connects as the first one did.
         var addresses: [String: String] = [:]
+        var security: [String: TransportSecurity] = [:]
         var channels: [String: GRPCChannel] = [:]
         var closed = false
         /// The channels a close took out of `channels`: a later `closeNow()` (or another `close`) reaches them while
@@ -138,7 +141,8 @@ public final class ConnectionManager: Sendable {
     ///   - service: The service's name: the key of its channel, its metrics and its logs.
     ///   - address: `host:port`, `[v6]:port`, `unix:/path` or `etcd:///name` (with `configuration.etcd`); nil
     ///     reuses the address registered before.
-    ///   - security: Plaintext or TLS for this service's connections; nil uses `configuration.tls`.
+    ///   - security: Plaintext or TLS for this service's connections; nil keeps what the service was registered
+    ///     with before, or, the first time, uses `configuration.tls`. A channel open with other settings is replaced.
     /// - Throws: `ConnectionManagerError` for an unknown service without an address or a closed manager;
     ///   `ConfigurationError` for an unparsable address or unusable TLS files.
     public func connection(service: String, address: String? = nil, security: TransportSecurity? = nil) throws
@@ -156,7 +160,10 @@ public final class ConnectionManager: Sendable {
             } else {
                 throw ConnectionManagerError.unknownService(service)
             }
-            if let existing = registry.channels[service], registry.addresses[service] == resolved {
+            let security = security ?? registry.security[service]
+            if let existing = registry.channels[service], registry.addresses[service] == resolved,
+                registry.security[service] == security
+            {
                 return existing
             }
             let target = try Target(parsing: resolved)
@@ -173,6 +180,7 @@ public final class ConnectionManager: Sendable {
                 service: service, target: target, configuration: configuration, bus: self.events, loops: self.loops,
                 connectionIDs: self.connectionIDs, closesOnDeinit: false, interceptors: self.interceptors)
             registry.addresses[service] = resolved
+            registry.security[service] = security
             registry.channels[service] = channel
             return channel
         }

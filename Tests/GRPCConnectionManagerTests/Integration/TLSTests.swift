@@ -35,6 +35,36 @@ struct TLSTests {
         return try EchoServer(port: port, options: options, eventLoop: loop)
     }
 
+    @Test("a manager's service keeps the security it was registered with: after closeConnection, and for health checks")
+    func managerKeepsAServicesSecurity() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let server = try Self.server(certificates, loop: loop)
+        defer { server.close() }
+        let address = "127.0.0.1:\(server.port)"
+        var configuration = Configuration()  // plaintext by default: only the service is TLS
+        configuration.enableRetry = false
+        let manager = try ConnectionManager(configuration: configuration, eventLoop: loop)
+        let tls = Self.tls(certificates).tls!
+        let first = try manager.connection(service: "pay", address: address, security: .tls(tls))
+        #expect(await first.call([1], timeout: .seconds(5)).status == .ok)
+        // The same address with other security is another channel, not the one open.
+        let plain = try manager.connection(service: "pay", address: address, security: .plaintext)
+        #expect(plain !== first)
+        #expect(await plain.call([2], timeout: .seconds(5)).status.code == .unavailable, "plaintext to a TLS server")
+        let again = try manager.connection(service: "pay", address: address, security: .tls(tls))
+        #expect(again !== plain)
+        #expect(try manager.connection(service: "pay") === again, "nil keeps what was registered")
+        // Closed and made again from the registration: TLS still.
+        manager.closeConnection(service: "pay")
+        #expect(try await manager.checkHealth(service: "pay") == .serving)
+        #expect(await (try manager.connection(service: "pay")).call([3], timeout: .seconds(5)).status == .ok)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("the right CA succeeds, by name and by IP; failures say why")
     func verification() async throws {
         let certificates = try TestCertificates.make()
