@@ -64,6 +64,13 @@ public struct CircuitBreakerConfiguration: Sendable, Hashable {
             throw ConfigurationError(field: "circuitBreaker.slidingWindow", message: "must be at least 1")
         default: break
         }
+        // Either would count every healthy call as a failure, and open the breaker on a healthy server.
+        if self.failureCodes.contains(.ok) {
+            throw ConfigurationError(field: "circuitBreaker.failureCodes", message: "must not contain OK")
+        }
+        if let threshold = self.slowCallDurationThreshold, threshold <= .zero {
+            throw ConfigurationError(field: "circuitBreaker.slowCallDurationThreshold", message: "must be greater than zero (nil: off)")
+        }
         if self.permittedCallsInHalfOpen < 1 {
             throw ConfigurationError(field: "circuitBreaker.permittedCallsInHalfOpen", message: "must be at least 1")
         }

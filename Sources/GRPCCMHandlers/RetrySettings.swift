@@ -2,7 +2,8 @@
 public struct RetrySettings: Sendable, Hashable {
     /// The policy for every method without an override.
     public var policy = CallRetryPolicy()
-    /// Overrides keyed by `/package.Service/Method`, or `/package.Service/` for a whole service.
+    /// Overrides keyed by `/package.Service/Method`, or `package.Service` (or `/package.Service/`) for a whole
+    /// service.
     public var perMethod: [String: CallRetryPolicy] = [:]
     /// Token-bucket throttling per target (nil: off). Default maxTokens 10, tokenRatio 0.1.
     public var throttling: RetryThrottling? = RetryThrottling()
@@ -15,8 +16,11 @@ public struct RetrySettings: Sendable, Hashable {
         // The common case, no overrides, costs no hashing and no string search per call.
         if self.perMethod.isEmpty { return self.policy }
         if let exact = self.perMethod[path] { return exact }
-        if let slash = path.lastIndex(of: "/"), let service = self.perMethod[String(path[...slash])] {
-            return service
+        if let slash = path.lastIndex(of: "/") {
+            if let service = self.perMethod[String(path[...slash])] { return service }
+            if path.first == "/", let service = self.perMethod[String(path[path.index(after: path.startIndex)..<slash])] {
+                return service
+            }
         }
         return self.policy
     }

@@ -270,7 +270,7 @@ public struct Configuration: Sendable, Hashable {
 
     /// Exponential reconnect backoff (grpc `doc/connection-backoff.md`); the cap is `maxReconnectDelay`.
     public struct ReconnectBackoff: Sendable, Hashable {
-        /// First delay. Default 100 ms (the Go original's base).
+        /// First delay. Default 100 ms (the Go original's base); `maxReconnectDelay` caps it, as every delay.
         public var initial: Duration = .milliseconds(100)
         /// Growth per attempt. Default 1.6; at least 1.
         public var multiplier: Double = 1.6
@@ -344,9 +344,6 @@ public struct Configuration: Sendable, Hashable {
         if self.reconnectBackoff.initial <= .zero {
             throw ConfigurationError(field: "reconnectBackoff.initial", message: "must be greater than zero")
         }
-        if self.reconnectBackoff.initial > self.maxReconnectDelay {
-            throw ConfigurationError(field: "reconnectBackoff.initial", message: "must not exceed maxReconnectDelay")
-        }
         if !(self.reconnectBackoff.multiplier >= 1) {
             throw ConfigurationError(field: "reconnectBackoff.multiplier", message: "must be at least 1")
         }
@@ -373,6 +370,11 @@ public struct Configuration: Sendable, Hashable {
         }
         if self.dns.attempts < 1 {
             throw ConfigurationError(field: "dns.attempts", message: "must be at least 1")
+        }
+        if self.dns.servers?.isEmpty == true {
+            // c-ares would keep the system's servers without /etc/hosts or search domains: neither what nil nor
+            // what "none" would mean.
+            throw ConfigurationError(field: "dns.servers", message: "must name at least one server (nil: the system's)")
         }
         for server in self.dns.servers ?? [] where !Self.isServerAddress(server) {
             throw ConfigurationError(field: "dns.servers", message: "\"\(server)\" is not ip, ip:port or [v6]:port")
@@ -407,18 +409,24 @@ public struct Configuration: Sendable, Hashable {
             throw ConfigurationError(field: "http2.maxHeaderListSize", message: "must be 1...4294967295")
         }
         try self.retry.policy.validate(field: "retry.policy")
-        for (path, policy) in self.retry.perMethod { try policy.validate(field: "retry.perMethod[\(path)]") }
+        for (key, policy) in self.retry.perMethod {
+            try Self.validate(methodKey: key, field: "retry.perMethod[\(key)]")
+            try policy.validate(field: "retry.perMethod[\(key)]")
+        }
         if let throttling = self.retry.throttling {
             if !(1...1000).contains(throttling.maxTokens) {
                 throw ConfigurationError(field: "retry.throttling.maxTokens", message: "must be 1...1000")
             }
-            if !(throttling.tokenRatio > 0) {
-                throw ConfigurationError(field: "retry.throttling.tokenRatio", message: "must be greater than zero")
+            // Counted in thousandths (gRFC A6 keeps three decimal places): a smaller ratio would never refill the
+            // bucket, and one past the bucket's size (or not finite) means nothing more.
+            if !(0.001...1000).contains(throttling.tokenRatio) {
+                throw ConfigurationError(field: "retry.throttling.tokenRatio", message: "must be 0.001...1000")
             }
         }
         try self.circuitBreaker.validate()
         try self.tls?.validate()
         for (key, policy) in self.hedging {
+            try Self.validate(methodKey: key, field: "hedging[\(key)]")
             if !(2...5).contains(policy.maxAttempts) {
                 throw ConfigurationError(field: "hedging[\(key)].maxAttempts", message: "must be 2...5")
             }
@@ -427,14 +435,7 @@ public struct Configuration: Sendable, Hashable {
             }
         }
         for key in self.compression.requestEncodingPerMethod.keys {
-            let parts = key.split(separator: "/", omittingEmptySubsequences: false)
-            let isMethod = parts.count == 3 && parts[0].isEmpty && !parts[1].isEmpty && !parts[2].isEmpty
-            let isService = !key.isEmpty && !key.contains("/")
-            if !isMethod && !isService {
-                throw ConfigurationError(
-                    field: "compression.requestEncodingPerMethod[\(key)]",
-                    message: "must be /package.Service/Method or package.Service")
-            }
+            try Self.validate(methodKey: key, field: "compression.requestEncodingPerMethod[\(key)]")
         }
         if let prefix = self.userAgentPrefix {
             for byte in prefix.utf8 where byte < 0x20 || byte > 0x7E {
@@ -527,12 +528,27 @@ extension Configuration {
     }
 
     /// The entry of `table` for a call to `path` (`/package.Service/Method`): the method's, else its service's
-    /// (`package.Service`). No lookup, no hashing, when the table is empty (the common case costs nothing).
+    /// (`package.Service`, or `/package.Service/`). No lookup, no hashing, when the table is empty (the common case
+    /// costs nothing).
     static func perMethod<Value>(_ table: [String: Value], path: String) -> Value? {
         if table.isEmpty { return nil }
         if let value = table[path] { return value }
         let parts = path.split(separator: "/")
-        return parts.count == 2 ? table[String(parts[0])] : nil
+        guard parts.count == 2 else { return nil }
+        return table[String(parts[0])] ?? table["/\(parts[0])/"]
+    }
+
+    /// A per-method table's key: `/package.Service/Method` for a method; `package.Service` or `/package.Service/`
+    /// (gRFC A6's form) for a whole service. Anything else (`package.Service/Method`, grpcurl's spelling) would
+    /// match no call, and its setting would silently not apply.
+    static func validate(methodKey key: String, field: String) throws(ConfigurationError) {
+        let parts = key.split(separator: "/", omittingEmptySubsequences: false)
+        let isMethod = parts.count == 3 && parts[0].isEmpty && !parts[1].isEmpty && !parts[2].isEmpty
+        let isSlashedService = parts.count == 3 && parts[0].isEmpty && !parts[1].isEmpty && parts[2].isEmpty
+        let isService = !key.isEmpty && !key.contains("/")
+        if !isMethod && !isSlashedService && !isService {
+            throw ConfigurationError(field: field, message: "must be /package.Service/Method, package.Service or /package.Service/")
+        }
     }
 
     /// `ip`, `ip:port` or `[v6]:port` with a numeric address.

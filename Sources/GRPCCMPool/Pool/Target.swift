@@ -31,8 +31,20 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
         }
         if text.hasPrefix("unix:") {
             var path = String(text.dropFirst(5))
-            if path.hasPrefix("//") { path = String(path.dropFirst(2)) }
+            if path.hasPrefix("//") {
+                path = String(path.dropFirst(2))
+                // unix://authority/path is not gRPC's syntax (an authority is not allowed): it would read as a
+                // relative path.
+                guard path.hasPrefix("/") else {
+                    throw ConfigurationError(field: "address", message: "\"\(text)\": expected unix:/path, unix:///path or unix:relative")
+                }
+            }
             guard !path.isEmpty else { throw ConfigurationError(field: "address", message: "empty unix socket path") }
+            // sockaddr_un holds 107 bytes and a NUL: a longer path would fail every connect, for ever.
+            guard path.utf8.count <= 107 else {
+                throw ConfigurationError(
+                    field: "address", message: "unix socket path of \(path.utf8.count) bytes: at most 107 fit a socket address")
+            }
             self.kind = .unix(path: path)
             return
         }

@@ -214,6 +214,31 @@ struct TargetParsingTests {
         #expect(throws: ConfigurationError.self) { try Target(parsing: text) }
     }
 
+    @Test("unix targets: an authority or a path longer than a socket address holds is refused up front")
+    func unixTargetLimits() throws {
+        #expect(try Target(parsing: "unix:///tmp/x").kind == .unix(path: "/tmp/x"))
+        #expect(try Target(parsing: "unix:relative/x").kind == .unix(path: "relative/x"))
+        #expect(try Target(parsing: "unix:/" + String(repeating: "a", count: 106)).kind == .unix(path: "/" + String(repeating: "a", count: 106)))
+        for bad in ["unix://host/tmp/x", "unix:/" + String(repeating: "a", count: 107)] {
+            #expect(throws: ConfigurationError.self, "\(bad)") { try Target(parsing: bad) }
+        }
+    }
+
+    @Test("per-method tables find a service's entry under either spelling")
+    func perMethodKeys() {
+        var retry = RetrySettings()
+        var once = CallRetryPolicy()
+        once.maxAttempts = 1
+        retry.perMethod = ["pkg.Pay": once]
+        #expect(retry.policy(for: "/pkg.Pay/Charge").maxAttempts == 1)
+        #expect(retry.policy(for: "/pkg.Other/Charge").maxAttempts == 3)
+        retry.perMethod = ["/pkg.Pay/": once]
+        #expect(retry.policy(for: "/pkg.Pay/Charge").maxAttempts == 1)
+        #expect(Configuration.perMethod(["/pkg.Pay/": 7], path: "/pkg.Pay/Charge") == 7)
+        #expect(Configuration.perMethod(["pkg.Pay": 7], path: "/pkg.Pay/Charge") == 7)
+        #expect(Configuration.perMethod(["/pkg.Pay/Charge": 7, "pkg.Pay": 1], path: "/pkg.Pay/Charge") == 7)
+    }
+
     @Test func unixAuthorityIsLocalhost() throws {
         #expect(try Target(parsing: "unix:/tmp/x").authority == "localhost")
         #expect(try Target(parsing: "[::1]:5").authority == "[::1]:5")
@@ -229,7 +254,6 @@ struct TargetParsingTests {
             ("keepAliveTimeout", { $0.keepAliveTimeout = .zero }),
             ("maxReconnectDelay", { $0.maxReconnectDelay = .zero }),
             ("reconnectBackoff.initial", { $0.reconnectBackoff.initial = .zero }),
-            ("reconnectBackoff.initial", { $0.reconnectBackoff.initial = .seconds(4) }),
             ("reconnectBackoff.multiplier", { $0.reconnectBackoff.multiplier = 0.5 }),
             ("reconnectBackoff.jitter", { $0.reconnectBackoff.jitter = 2 }),
             ("idleTimeout", { $0.idleTimeout = .seconds(-1) }),
@@ -255,6 +279,18 @@ struct TargetParsingTests {
             }),
             ("retry.throttling.maxTokens", { $0.retry.throttling?.maxTokens = 0 }),
             ("retry.throttling.tokenRatio", { $0.retry.throttling?.tokenRatio = 0 }),
+            ("retry.throttling.tokenRatio", { $0.retry.throttling?.tokenRatio = 0.0005 }),  // would never refill
+            ("retry.throttling.tokenRatio", { $0.retry.throttling?.tokenRatio = .infinity }),  // trapped at the first end
+            ("retry.throttling.tokenRatio", { $0.retry.throttling?.tokenRatio = .nan }),
+            ("retry.policy.retryableCodes", { $0.retry.policy.retryableCodes = [] }),
+            ("retry.policy.retryableCodes", { $0.retry.policy.retryableCodes = [.ok, .unavailable] }),
+            ("retry.perMethod[pkg.Pay/Charge]", { $0.retry.perMethod["pkg.Pay/Charge"] = CallRetryPolicy() }),
+            ("retry.perMethod[/pkg.Pay]", { $0.retry.perMethod["/pkg.Pay"] = CallRetryPolicy() }),
+            ("hedging[pkg.Pay/Charge]", { $0.hedging["pkg.Pay/Charge"] = CallHedgingPolicy() }),
+            ("compression.requestEncodingPerMethod[a/b/c]", { $0.compression.requestEncodingPerMethod["a/b/c"] = .gzip }),
+            ("circuitBreaker.failureCodes", { $0.circuitBreaker.failureCodes = [.ok, .unavailable] }),
+            ("circuitBreaker.slowCallDurationThreshold", { $0.circuitBreaker.slowCallDurationThreshold = .zero }),
+            ("dns.servers", { $0.dns.servers = [] }),
             ("circuitBreaker.failureThreshold", { $0.circuitBreaker.failureThreshold = 0 }),
             ("circuitBreaker.successThreshold", { $0.circuitBreaker.successThreshold = 0 }),
             ("circuitBreaker.timeout", { $0.circuitBreaker.timeout = .zero }),
@@ -270,6 +306,13 @@ struct TargetParsingTests {
             ("userAgentPrefix", { $0.userAgentPrefix = "bad\nprefix" }),
         ]
         #expect(throws: Never.self) { try Configuration().validate() }
+        // Valid: a cap below the first delay caps it; each table takes a method and both spellings of a service.
+        var valid = Configuration()
+        valid.maxReconnectDelay = .milliseconds(50)
+        valid.retry.perMethod = ["/pkg.Pay/Charge": CallRetryPolicy(), "pkg.Pay": CallRetryPolicy(), "/pkg.Pay/": CallRetryPolicy()]
+        valid.hedging = ["/pkg.Pay/Charge": CallHedgingPolicy(), "pkg.Ship": CallHedgingPolicy(), "/pkg.Mail/": CallHedgingPolicy()]
+        valid.retry.throttling?.tokenRatio = 0.001
+        #expect(throws: Never.self) { try valid.validate() }
         for (field, breakIt) in cases {
             var configuration = Configuration()
             breakIt(&configuration)
