@@ -50,6 +50,7 @@ final class EchoServerConnection: HTTP2SocketOwner {
     // MARK: HTTP2SocketOwner
 
     func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> CallStatus? { nil }
+    func socketReceivedFirstPlaintext(_ bytes: UnsafeRawBufferPointer) -> CallStatus? { nil }
 
     func socketSecured(_ tls: TLSSession) -> CallStatus? { nil }  // the context's ALPN callback already required h2
 

@@ -24,6 +24,10 @@ enum HTTP2ClientSessionFactory {
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, clientOnDataChunk)
         nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, clientOnStreamClose)
         nghttp2_session_callbacks_set_send_data_callback(callbacks, clientSendRequestData)
+        // Only on errors (with HTTP messaging off, only when the first frame is not SETTINGS): what nghttp2 found
+        // wrong, for the status of the connection it then ends (the calls would read "closed by the server"). Its
+        // other reasons travel in the GOAWAY it sends, read there (`HTTP2Socket.collectOutput`).
+        nghttp2_session_callbacks_set_error_callback2(callbacks, clientOnError)
 
         var option: OpaquePointer? = nil
         guard nghttp2_option_new(&option) == 0, let option else { throw Failure(code: -901) }
@@ -107,6 +111,15 @@ private func clientOnHeader(
     // A refused block (too large): nghttp2 resets the stream (INTERNAL_ERROR) and skips the rest of it, while HPACK
     // decoding goes on for the connection.
     return accepted ? 0 : Int32(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
+}
+
+private func clientOnError(
+    _ session: OpaquePointer?, _ code: Int32, _ message: UnsafePointer<CChar>?, _ length: Int,
+    _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    let text = message.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: min(length, 256)), as: UTF8.self) }
+    connection(userData).takeUnretainedValue().noteProtocolError(text ?? String(cString: nghttp2_strerror(code)))
+    return 0
 }
 
 private func clientOnFrameRecv(

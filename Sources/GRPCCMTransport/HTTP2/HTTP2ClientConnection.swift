@@ -168,6 +168,16 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         Self.firstBytesProblem(bytes, tls: self.tlsContext != nil).map { CallStatus(code: .unavailable, message: $0) }
     }
 
+    package func socketReceivedFirstPlaintext(_ bytes: UnsafeRawBufferPointer) -> CallStatus? {
+        Self.firstPlaintextProblem(bytes).map { CallStatus(code: .unavailable, message: $0) }
+    }
+
+    /// nghttp2 found the peer's input wrong (a callback, from inside `mem_recv`): the socket keeps it for the status
+    /// of the close that follows when nghttp2 ends the session itself.
+    func noteProtocolError(_ message: String) {
+        self.socket?.protocolError = message
+    }
+
     package func socketSecured(_ tls: TLSSession) -> CallStatus? {
         let alpn = tls.negotiatedProtocol
         guard alpn == "h2" else {
@@ -230,6 +240,19 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         if looksLikeSettings { return nil }
         if looksLikeTLS { return "server answered with TLS: it expects TLS on this port" }
         return "server's first bytes are not HTTP/2 (\(Self.preview(bytes))); is it a gRPC server, and does it need TLS?"
+    }
+
+    /// Why the first bytes decrypted after a TLS handshake that chose h2 are not HTTP/2, or nil when they may be:
+    /// a TLS terminator that offers h2 for an HTTP/1.1 server behind it answers this way.
+    package static func firstPlaintextProblem(_ bytes: UnsafeRawBufferPointer) -> String? {
+        if bytes.starts(with: "HTTP/1.".utf8) {
+            let line = bytes.prefix { $0 != UInt8(ascii: "\r") && $0 != UInt8(ascii: "\n") }.prefix(80)
+            return "server negotiated HTTP/2 through ALPN, then answered with HTTP/1.x (\"\(String(decoding: line, as: UTF8.self))\"):"
+                + " a TLS proxy in front of a server that does not speak HTTP/2?"
+        }
+        guard bytes.count >= 9 else { return nil }
+        if bytes[3] == 0x04 && bytes.dropFirst(5).prefix(4).allSatisfy({ $0 == 0 }) { return nil }
+        return "server negotiated HTTP/2 through ALPN, then sent bytes that are not HTTP/2 (\(Self.preview(bytes)))"
     }
 
     /// Up to 32 bytes as quoted text, printable ASCII as it is and the rest as \xNN.

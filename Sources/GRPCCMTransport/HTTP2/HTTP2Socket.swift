@@ -12,6 +12,8 @@ import Glibc
 package protocol HTTP2SocketOwner: AnyObject {
     /// The first bytes from the peer (ciphertext under TLS). A status refuses the peer (an HTTP/1.x answer, say).
     func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> CallStatus?
+    /// The first plaintext after the TLS handshake. A status refuses the peer (it is not HTTP/2 after all).
+    func socketReceivedFirstPlaintext(_ bytes: UnsafeRawBufferPointer) -> CallStatus?
     /// The TLS handshake finished. A status refuses the peer (the client's ALPN check).
     func socketSecured(_ tls: TLSSession) -> CallStatus?
     /// TCP is up and TLS (if any) is done: make the nghttp2 session now (`HTTP2Socket.session`).
@@ -93,6 +95,10 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     package private(set) var directDataFrames = 0
     @exclusivity(unchecked)
     private var sawFirstBytes = false
+    private var sawFirstPlaintext = false
+    /// What nghttp2 last found wrong in the peer's input (its error callbacks): when it then ends the session
+    /// itself, the close says this rather than "closed by the server".
+    package var protocolError: String?
     /// Depth of `mem_recv` calls on the stack (nghttp2 callbacks may close the socket).
     @exclusivity(unchecked)
     private var receiving = 0
@@ -321,7 +327,15 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
                 self.close(reason: self.closedByPeerStatus())
                 return false
             }
-            guard self.receive(UnsafeRawBufferPointer(start: plain.baseAddress, count: n)) else { return false }
+            let bytes = UnsafeRawBufferPointer(start: plain.baseAddress, count: n)
+            if !self.sawFirstPlaintext {
+                self.sawFirstPlaintext = true
+                if let refusal = self.owner?.socketReceivedFirstPlaintext(bytes) {
+                    self.close(reason: refusal)
+                    return false
+                }
+            }
+            guard self.receive(bytes) else { return false }
         }
     }
 
@@ -393,7 +407,13 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         if self.output.isDrained && nghttp2_session_want_read(session) == 0
             && nghttp2_session_want_write(session) == 0
         {
-            self.close(reason: self.closedByPeerStatus())
+            // The session is over: the peer's GOAWAY (`closeDetail` says so), or nghttp2 ending it after finding the
+            // peer's input wrong (its GOAWAY is out now).
+            if self.closeDetail == nil, let problem = self.protocolError {
+                self.close(reason: CallStatus(code: .unavailable, message: "HTTP/2 protocol error from \(self.peer): \(problem)"))
+            } else {
+                self.close(reason: self.closedByPeerStatus())
+            }
             return
         }
         self.owner?.socketDidFlush()
@@ -408,9 +428,22 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             let n = nghttp2_session_mem_send(session, &chunk)
             if n < 0 { throw .http2(Int32(n)) }
             if n == 0 { break }
+            // nghttp2 hands out one frame at a time: a GOAWAY here is this side's, and one with an error code is
+            // nghttp2 ending the session over the peer's input, its reason in the debug data.
+            if n >= 17 && chunk![3] == 7 { self.noteGoAwaySent(UnsafeRawBufferPointer(start: chunk, count: n)) }
             self.output.add(UnsafeRawBufferPointer(start: chunk, count: n), encrypted: encrypted)
         }
         if let tls = self.tls { try self.output.encryptPending(with: tls) }
+    }
+
+    /// Keeps the reason of a GOAWAY with an error code that this side sends (see `protocolError`).
+    private func noteGoAwaySent(_ frame: UnsafeRawBufferPointer) {
+        let code = frame[13..<17].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        guard code != 0, self.protocolError == nil else { return }
+        let length = Int(frame[0]) << 16 | Int(frame[1]) << 8 | Int(frame[2])
+        let debug = frame[17..<min(frame.count, 9 + length)].prefix(200)
+        let name = String(cString: nghttp2_http2_strerror(code))
+        self.protocolError = debug.isEmpty ? name : "\(String(decoding: debug, as: UTF8.self)) (\(name))"
     }
 
     /// nghttp2's no-copy DATA: the frame's `header`, then the `length` payload bytes that `fill` passes on, go

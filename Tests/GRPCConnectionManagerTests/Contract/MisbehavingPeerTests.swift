@@ -37,6 +37,23 @@ struct MisbehavingPeerTests {
         channel.close()
     }
 
+    @Test("a connection nghttp2 ends over the server's input says why, not \"closed by the server\"")
+    func protocolErrorIsNamed() async throws {
+        let peer = try ScriptedPeer("enable-push")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let response = await channel.call([1], timeout: .seconds(5))
+        #expect(response.status.code == .unavailable)
+        #expect(response.status.message.contains("HTTP/2 protocol error from"), "\(response.status)")
+        #expect(response.status.message.contains("server attempted to enable push"), "\(response.status)")
+        #expect(await eventually { peer.events.contains("goaway") }, "nghttp2 told the server too")
+    }
+
     @Test("a GOAWAY's debug data reaches events and statuses cut to 256 bytes, on one line")
     func goAwayDebugDataIsBounded() async throws {
         let peer = try ScriptedPeer("goaway-after-settings", ["100000"])

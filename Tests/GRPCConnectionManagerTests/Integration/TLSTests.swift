@@ -65,6 +65,21 @@ struct TLSTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("a server that negotiates h2, then speaks HTTP/1.1 inside TLS (a TLS proxy's backend) is named for what it is")
+    func http1InsideTLS() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let peer = try ScriptedPeer("http1", tls: (certificates.serverCertificate, certificates.serverKey))
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.tls(certificates), eventLoop: loop)
+        let response = await channel.call([1], timeout: .seconds(5))
+        #expect(response.status.code == .unavailable)
+        #expect(response.status.message.contains("then answered with HTTP/1.x (\"HTTP/1.1 400 Bad Request\")"), "\(response.status)")
+    }
+
     @Test("the right CA succeeds, by name and by IP; failures say why")
     func verification() async throws {
         let certificates = try TestCertificates.make()

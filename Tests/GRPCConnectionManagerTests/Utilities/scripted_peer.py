@@ -36,6 +36,9 @@ mode says otherwise:
   goaway-after-settings [N]
                        likewise sends GOAWAY(0) then (with N bytes of debug data, lines of text), and closes when the
                        client does
+  http1                answers the client's preface with an HTTP/1.1 400 and closes (with --tls: a TLS terminator
+                       that offers h2 in front of an HTTP/1.1 server)
+  enable-push          its SETTINGS enable server push, which a server must not (a connection error for the client)
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
                        huge header blocks, resets, window abuse, GOAWAY, silence)
 """
@@ -140,7 +143,12 @@ class Connection:
     def serve(self):
         if read_exact(self.sock, len(PREFACE)) != PREFACE:
             return
+        if MODE == "http1":
+            self.send_raw(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\nConnection: close\r\n\r\nBad Request")
+            return
         settings = SettingsFrame(0)
+        if MODE == "enable-push":
+            settings.settings[SettingsFrame.ENABLE_PUSH] = 1
         if MODE == "max-header-list":
             settings.settings[SettingsFrame.MAX_HEADER_LIST_SIZE] = int(ARGS[0])
         if MODE == "wide-open-stall":
