@@ -315,13 +315,13 @@ struct CompressionCallTests {
 
     @Test("per-method compression keys are validated")
     func validation() throws {
-        for key in ["", "/", "/a", "a/b", "/a/b/c", "/a/"] {
+        for key in ["", "/", "/a", "a/b", "/a/b/c", "//b"] {
             var configuration = Configuration()
             configuration.compression.requestEncodingPerMethod = [key: .gzip]
             #expect(throws: ConfigurationError.self, "\(key)") { try configuration.validate() }
         }
         var configuration = Configuration()
-        configuration.compression.requestEncodingPerMethod = ["/a.B/C": .gzip, "a.B": .deflate]
+        configuration.compression.requestEncodingPerMethod = ["/a.B/C": .gzip, "a.B": .deflate, "/a.D/": .gzip]
         try configuration.validate()
     }
 }
