@@ -100,7 +100,7 @@ package final class LoggingHandler: @unchecked Sendable {
                 metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)"])
         case .goAwayReceived(let service, let id, let code, let debug, let tooManyPings):
             if tooManyPings {
-                self.logger.warning(
+                self.debug(
                     "server sent GOAWAY too_many_pings: keepalive time doubled for new connections",
                     metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)"])
             } else {
@@ -112,7 +112,7 @@ package final class LoggingHandler: @unchecked Sendable {
                     ])
             }
         case .circuitBreakerStateChanged(let service, let path, let from, let to):
-            self.logger.info(
+            self.debug(
                 "circuit breaker state changed",
                 metadata: [
                     "grpc.service": "\(service)", "grpc.method": "\(path)", "grpc.breaker.old": "\(from)",

@@ -417,7 +417,7 @@ struct HandlerIntegrationTests {
         return result
     }
 
-    @Test("logging: call records and retries at debug with metadata; nothing at info or above for calls and retries")
+    @Test("logging: call records, retries and breaker changes at debug with metadata; nothing at info or above")
     func logging() async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
@@ -426,11 +426,18 @@ struct HandlerIntegrationTests {
         logger.logLevel = .debug
         let manager = try ConnectionManager(eventLoop: fixture.loop)
         _ = manager
-        let logged = try ConnectionManager(logger: logger, eventLoop: fixture.loop)
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = true
+        configuration.circuitBreaker.failureThreshold = 1
+        let logged = try ConnectionManager(configuration: configuration, logger: logger, eventLoop: fixture.loop)
         let channel = try logged.connection(service: "echo", address: fixture.target)
         #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
         #expect(await channel.call([1], metadata: Self.failFirst(1, key: "l"), timeout: .seconds(5)).status == .ok)
-        let entries = await eventuallyValue { handler.entries.filter { $0.message.description == "call finished" }.count == 2 ? handler.entries : nil }
+        #expect(await channel.call([1], metadata: ["x-fail-code": "14"], timeout: .seconds(5)).status.code == .unavailable)
+        let entries = await eventuallyValue {
+            handler.entries.contains { $0.message.description == "circuit breaker state changed" } ? handler.entries : nil
+        }
+        #expect(entries.contains { $0.message.description == "circuit breaker state changed" && $0.level == .debug })
         let finished = entries.filter { $0.message.description == "call finished" }
         #expect(finished.allSatisfy { $0.level == .debug })
         #expect(finished.first?.metadata["grpc.method"] == "/echo.Echo/Get")
