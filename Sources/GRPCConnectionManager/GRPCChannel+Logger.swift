@@ -17,7 +17,11 @@ extension GRPCChannel {
         path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
         logger: Logger, completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
-        let callLogger = Self.resolved(logger, path: path, target: self.target.description)
+        // Above debug there is nothing to record: no logger copy, no provider call, no closure around the completion.
+        guard logger.logLevel <= .debug else {
+            return self.start(path: path, request: request, metadata: metadata, options: options, completion: completion)
+        }
+        let callLogger = Self.resolved(logger, service: self.service, path: path, target: self.target.description)
         callLogger.debug("call started")
         let started = Reactor.clock()
         return self.start(path: path, request: request, metadata: metadata, options: options) { response in
@@ -45,7 +49,7 @@ extension GRPCChannel {
     }
 
     /// `logger` with its provider's metadata taken now (on the caller's thread) and the call's own fields added.
-    static func resolved(_ logger: Logger, path: String, target: String) -> Logger {
+    static func resolved(_ logger: Logger, service: String, path: String, target: String) -> Logger {
         var resolved = logger
         if let provider = logger.metadataProvider {
             for (key, value) in provider.get() where resolved[metadataKey: key] == nil {
@@ -55,6 +59,7 @@ extension GRPCChannel {
             // handler that ignores this still gives the values set above precedence over its provider's.
             resolved.handler.metadataProvider = nil
         }
+        resolved[metadataKey: "grpc.service"] = "\(service)"
         resolved[metadataKey: "grpc.method"] = "\(path)"
         resolved[metadataKey: "grpc.target"] = "\(target)"
         return resolved

@@ -475,6 +475,18 @@ struct HandlerIntegrationTests {
         #expect(finished.metadata["grpc.method"] == "/test.Raw/Get")
         #expect(finished.metadata["grpc.code"] == "OK")
         #expect(handler.entries.contains { $0.message.description == "call started" && $0.metadata["tenant"] == "blue" })
+        #expect(finished.metadata["grpc.service"] == "\(channel.service)", "the handler's records have it too")
+        // Above debug: no record, and the provider is not even asked.
+        let asked = PThreadLock(0)
+        var quiet = Logger(label: "quiet", factory: { _ in handler })
+        quiet.handler.metadataProvider = Logger.MetadataProvider {
+            asked.withLock { $0 += 1 }
+            return [:]
+        }
+        quiet.logLevel = .info
+        let before = handler.entries.count
+        #expect(try await channel.unary(path: "/test.Raw/Get", request: [2], logger: quiet).message == [2])
+        #expect(handler.entries.count == before && asked.withLock { $0 } == 0)
     }
 
     @Test("the bus tells the same story the metrics count")
