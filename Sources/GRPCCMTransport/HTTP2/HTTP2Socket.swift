@@ -470,7 +470,12 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         } catch {
             let code: Int32
             if case .write(let errno) = error { code = errno } else { code = EIO }
-            self.close(reason: CallStatus(code: .unavailable, message: "write to \(self.peer) failed: \(String(cString: strerror(code)))"))
+            let reason = CallStatus(code: .unavailable, message: "write to \(self.peer) failed: \(String(cString: strerror(code)))")
+            // A peer that answers and closes without reading the rest of a request resets the connection, but what
+            // it sent first (a status, a GOAWAY naming the streams it never processed) can still be read, and the
+            // calls end with that rather than with the failed write.
+            if self.state == .open { self.readAvailable() }
+            if self.state != .closed { self.close(reason: reason) }
             return false
         }
         let moreFromHTTP2 = self.state == .open && (self.session.map { nghttp2_session_want_write($0) != 0 } ?? false)

@@ -196,6 +196,26 @@ struct LimitsTests {
         _ = await writer.result
     }
 
+    @Test("a server that answers, then resets the connection while a request is still being written: the call gets the answer")
+    func answerBeforeResetWins() async throws {
+        let peer = try ScriptedPeer("status-and-reset", ["8"])
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Self.plain()
+        configuration.maxMessageSize = 64 << 20
+        // Far more than loopback's socket buffers hold: the write is still under way when the reset comes, and the
+        // answer waits in the receive queue behind it. A channel each: the reset connection is gone.
+        let request = [UInt8](repeating: 7, count: 32 << 20)
+        for round in 0..<3 {
+            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+            let response = await channel.call("/test.Raw/Get", request, timeout: .seconds(10))
+            #expect(response.status.code == .resourceExhausted, "round \(round): \(response.status)")
+            channel.close()
+        }
+    }
+
     @Test("a grpc-status outside 0...16, or not a number, becomes UNKNOWN", arguments: [("99", StatusCode.unknown), ("abc", .unknown), ("-1", .unknown), ("5", .notFound)])
     func outOfRangeStatusIsUnknown(_ sent: String, _ expected: StatusCode) async throws {
         let peer = try ScriptedPeer("status", [sent])

@@ -36,6 +36,9 @@ mode says otherwise:
   goaway-after-settings [N]
                        likewise sends GOAWAY(0) then (with N bytes of debug data, lines of text), and closes when the
                        client does
+  status-and-reset CODE
+                       windows as wide-open-stall; once a request's headers are in, a trailers-only grpc-status CODE,
+                       then closes without reading the request's body (the kernel resets the connection)
   http1                answers the client's preface with an HTTP/1.1 400 and closes (with --tls: a TLS terminator
                        that offers h2 in front of an HTTP/1.1 server)
   enable-push          its SETTINGS enable server push, which a server must not (a connection error for the client)
@@ -151,10 +154,10 @@ class Connection:
             settings.settings[SettingsFrame.ENABLE_PUSH] = 1
         if MODE == "max-header-list":
             settings.settings[SettingsFrame.MAX_HEADER_LIST_SIZE] = int(ARGS[0])
-        if MODE == "wide-open-stall":
+        if MODE in ("wide-open-stall", "status-and-reset"):
             settings.settings[SettingsFrame.INITIAL_WINDOW_SIZE] = (1 << 31) - 1
         self.send(settings)
-        if MODE == "wide-open-stall":
+        if MODE in ("wide-open-stall", "status-and-reset"):
             update = WindowUpdateFrame(0)
             update.window_increment = (1 << 31) - 1 - 65535
             self.send(update)
@@ -204,6 +207,11 @@ class Connection:
                         event("stalled")
                         while True:
                             time.sleep(3600)
+                    if MODE == "status-and-reset":
+                        self.send_headers(frame.stream_id, [(":status", "200"), ("content-type", "application/grpc"),
+                                                            ("grpc-status", ARGS[0])], end_stream=True)
+                        event("reset")
+                        return  # closed with the request's body unread: a reset
                     if MODE == "early-status":
                         # A trailers-only answer at once, before the request's body has arrived.
                         self.streams[frame.stream_id]["answered"] = True
