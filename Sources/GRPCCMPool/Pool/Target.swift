@@ -18,16 +18,38 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
 
     package let kind: Kind
 
-    /// Parses `host:port`, `[v6]:port`, `unix:/path` (also `unix:///path`) and `etcd:///name`.
+    /// Parses `host:port`, `[v6]:port`, `unix:/path` (also `unix:///path`) and `etcd:///name`; `dns:///host:port`
+    /// (grpc-go's default form) and `dns:host:port` are `host:port`.
     /// - Throws: `ConfigurationError` naming `address` when the text is not one of those.
     public init(parsing text: String) throws(ConfigurationError) {
+        var name = Substring(text)
+        if name.hasPrefix("dns:") {
+            name = name.dropFirst(4)
+            if name.hasPrefix("//") {
+                // dns://authority/host:port names the DNS server to ask: not supported per target.
+                guard name.hasPrefix("///") else {
+                    throw ConfigurationError(
+                        field: "address", message: "\"\(text)\": a DNS server in the target is not supported (set dns.servers)")
+                }
+                name = name.dropFirst(3)
+            }
+            guard !name.contains(":/"), !name.hasPrefix("unix:") else {
+                throw ConfigurationError(field: "address", message: "\"\(text)\": expected dns:///host:port")
+            }
+        } else if !name.hasPrefix("etcd:///") && !name.hasPrefix("unix:") && name.contains("://") {
+            throw ConfigurationError(
+                field: "address", message: "\"\(text)\": expected host:port, dns:///host:port, unix:/path or etcd:///name")
+        }
+        self.kind = try Self.kind(parsing: String(name))
+    }
+
+    private static func kind(parsing text: String) throws(ConfigurationError) -> Kind {
         if text.hasPrefix("etcd:///") {
             let name = String(text.dropFirst(8))
             guard !name.isEmpty, !name.hasSuffix("/"), name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
                 throw ConfigurationError(field: "address", message: "\"\(text)\": expected etcd:///name (printable, no trailing /)")
             }
-            self.kind = .etcd(name: name)
-            return
+            return .etcd(name: name)
         }
         if text.hasPrefix("unix:") {
             var path = String(text.dropFirst(5))
@@ -45,8 +67,7 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
                 throw ConfigurationError(
                     field: "address", message: "unix socket path of \(path.utf8.count) bytes: at most 107 fit a socket address")
             }
-            self.kind = .unix(path: path)
-            return
+            return .unix(path: path)
         }
         let host: String
         let portText: Substring
@@ -72,7 +93,7 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
         guard let port = Int(portText), (1...65535).contains(port) else {
             throw ConfigurationError(field: "address", message: "\"\(text)\": port must be 1...65535")
         }
-        self.kind = .hostPort(host: host, port: port)
+        return .hostPort(host: host, port: port)
     }
 
     public var description: String {

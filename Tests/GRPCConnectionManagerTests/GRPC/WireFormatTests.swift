@@ -224,6 +224,20 @@ struct TargetParsingTests {
         }
     }
 
+    @Test("dns:///host:port and dns:host:port are host:port; a DNS authority and other schemes are refused, named")
+    func dnsScheme() throws {
+        #expect(try Target(parsing: "dns:///echo.local:50051").kind == .hostPort(host: "echo.local", port: 50051))
+        #expect(try Target(parsing: "dns:echo.local:50051").kind == .hostPort(host: "echo.local", port: 50051))
+        #expect(try Target(parsing: "dns:///[::1]:5").description == "[::1]:5")
+        for (bad, reason) in [
+            ("dns://8.8.8.8/echo.local:50051", "DNS server"), ("dns:///unix:/tmp/x", "dns:///host:port"),
+            ("etcd://auth/name", "etcd:///name"), ("xds:///echo", "expected host:port"),
+        ] {
+            #expect(throws: ConfigurationError.self) { try Target(parsing: bad) }
+            do { _ = try Target(parsing: bad) } catch { #expect(error.message.contains(reason), "\(bad): \(error.message)") }
+        }
+    }
+
     @Test("per-method tables find a service's entry under either spelling")
     func perMethodKeys() {
         var retry = RetrySettings()
