@@ -41,10 +41,8 @@ package struct ResponseHead: Sendable {
 
     package let maxHeaderListSize: Int
     package private(set) var httpStatus = 0
-    /// The raw `grpc-status`; values that are not a decimal become UNKNOWN's number.
+    /// The raw `grpc-status`; `unreadableStatus` for one that is not a decimal (its text is kept as metadata).
     package private(set) var grpcStatus: Int?
-    /// A `grpc-status` that is not a decimal, quoted for the status message (nil, the usual case: it was one).
-    package private(set) var unreadableGRPCStatus: String?
     package private(set) var grpcMessage: String?
     /// The response's content-type, when it is not exactly `application/grpc` (that one, the usual, is only noted
     /// in `grpcContentType`: no string to make, copy or release per call).
@@ -66,6 +64,9 @@ package struct ResponseHead: Sendable {
     /// The block being read has had its `:status`, or a regular field (after which no pseudo-header may come).
     private var blockHasStatus = false
     private var blockHasRegularField = false
+
+    /// `grpcStatus` when the server's was not a decimal.
+    package static let unreadableStatus = -1
 
     package init(maxHeaderListSize: Int) {
         self.maxHeaderListSize = maxHeaderListSize
@@ -131,8 +132,9 @@ package struct ResponseHead: Sendable {
                 return true
             }
             guard HeaderName.isValidValue(value) else { return self.malformed("grpc-status \(Self.text(value))") }
-            self.grpcStatus = StatusCode.unknown.rawValue
-            self.unreadableGRPCStatus = Self.text(value)
+            // Kept as metadata, for the status to quote: a field of its own cost every call a release.
+            self.grpcStatus = Self.unreadableStatus
+            self.append("grpc-status", .string(String(decoding: value.prefix(64), as: UTF8.self)))
             return true
         }
         if !self.inTrailers && HeaderName.equals(name, HeaderName.contentType)
@@ -260,7 +262,6 @@ package struct ResponseHead: Sendable {
         // Tested first: the usual response headers carry neither, and storing nil over a string costs a release.
         if self.grpcStatus != nil { self.grpcStatus = nil }
         if self.grpcMessage != nil { self.grpcMessage = nil }
-        if self.unreadableGRPCStatus != nil { self.unreadableGRPCStatus = nil }
     }
 
     /// Why the response headers just completed do not begin a gRPC response (`endBlock` said `.notGRPC`), or nil
@@ -312,7 +313,8 @@ package struct ResponseHead: Sendable {
                 : CallStatus.forRSTStream(errorCode: errorCode)
         }
         if let code = self.grpcStatus {
-            if let text = self.unreadableGRPCStatus {
+            if code == Self.unreadableStatus {
+                let text = self.trailingMetadata["grpc-status"].map { "\"\($0)\"" } ?? "that"
                 let detail = self.grpcMessage.map { ": \($0)" } ?? ""
                 return CallStatus(code: .unknown, message: "server sent grpc-status \(text), which is not a number\(detail)")
             }

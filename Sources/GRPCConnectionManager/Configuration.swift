@@ -530,8 +530,13 @@ extension Configuration {
     /// The entry of `table` for a call to `path` (`/package.Service/Method`): the method's, else its service's
     /// (`package.Service`, or `/package.Service/`). No lookup, no hashing, when the table is empty (the common case
     /// costs nothing).
+    @inline(__always)
     static func perMethod<Value>(_ table: [String: Value], path: String) -> Value? {
         if table.isEmpty { return nil }
+        return Self.lookUp(table, path: path)
+    }
+
+    private static func lookUp<Value>(_ table: [String: Value], path: String) -> Value? {
         if let value = table[path] { return value }
         let parts = path.split(separator: "/")
         guard parts.count == 2 else { return nil }

@@ -353,6 +353,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
 
     /// The call has started: its duration runs from now, and the bus hears of it (unless it is a hedged call's
     /// attempt, which its coordinator reports).
+    @inline(__always)
     private func announce(_ environment: CallEnvironment) {
         self.startedAt = Reactor.clock()
         guard self.hedgeAttempt == 0 else { return }

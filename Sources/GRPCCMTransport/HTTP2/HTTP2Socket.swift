@@ -430,7 +430,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             if n == 0 { break }
             // nghttp2 hands out one frame at a time: a GOAWAY here is this side's, and one with an error code is
             // nghttp2 ending the session over the peer's input, its reason in the debug data.
-            if n >= 17 && chunk![3] == 7 { self.noteGoAwaySent(UnsafeRawBufferPointer(start: chunk, count: n)) }
+            if n >= 17 && chunk.unsafelyUnwrapped[3] == 7 {
+                self.noteGoAwaySent(UnsafeRawBufferPointer(start: chunk, count: n))
+            }
             self.output.add(UnsafeRawBufferPointer(start: chunk, count: n), encrypted: encrypted)
         }
         if let tls = self.tls { try self.output.encryptPending(with: tls) }
