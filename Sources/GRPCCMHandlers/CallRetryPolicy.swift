@@ -47,9 +47,10 @@ public struct CallRetryPolicy: Sendable, Hashable {
         if self.maxBackoff < self.initialBackoff {
             throw ConfigurationError(field: "\(field).maxBackoff", message: "must be at least initialBackoff")
         }
-        // gRFC A6: the list is required; with none, set maxAttempts to 1. OK is an answer, never retried.
-        if self.retryableCodes.isEmpty || self.retryableCodes.contains(.ok) {
-            throw ConfigurationError(field: "\(field).retryableCodes", message: "must name at least one code, and not OK (maxAttempts 1 turns retries off)")
+        // OK is an answer, never retried. (An empty list is allowed: no code is retried, a method's way to turn
+        // retries off.)
+        if self.retryableCodes.contains(.ok) {
+            throw ConfigurationError(field: "\(field).retryableCodes", message: "must not contain OK")
         }
         if let timeout = self.perAttemptTimeout, timeout <= .zero {
             throw ConfigurationError(field: "\(field).perAttemptTimeout", message: "must be greater than zero")

@@ -17,10 +17,14 @@ public struct RetrySettings: Sendable, Hashable {
         if self.perMethod.isEmpty { return self.policy }
         if let exact = self.perMethod[path] { return exact }
         if let slash = path.lastIndex(of: "/") {
-            if let service = self.perMethod[String(path[...slash])] { return service }
-            if path.first == "/", let service = self.perMethod[String(path[path.index(after: path.startIndex)..<slash])] {
+            // `package.Service` first, then `/package.Service/`, as the other per-method tables look them up;
+            // `slash` past the first character: a path of one segment ("/a") has no service part.
+            if path.first == "/", slash > path.startIndex,
+                let service = self.perMethod[String(path[path.index(after: path.startIndex)..<slash])]
+            {
                 return service
             }
+            if let service = self.perMethod[String(path[...slash])] { return service }
         }
         return self.policy
     }

@@ -23,7 +23,8 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
     /// - Throws: `ConfigurationError` naming `address` when the text is not one of those.
     public init(parsing text: String) throws(ConfigurationError) {
         var name = Substring(text)
-        if name.hasPrefix("dns:") {
+        // `dns:` is the scheme when a target follows it (dns:///host:port, dns:host:port); "dns:53" is the host dns.
+        if name.hasPrefix("dns:") && (name.hasPrefix("dns://") || name.dropFirst(4).contains(":")) {
             name = name.dropFirst(4)
             if name.hasPrefix("//") {
                 // dns://authority/host:port names the DNS server to ask: not supported per target.

@@ -229,6 +229,7 @@ struct TargetParsingTests {
         #expect(try Target(parsing: "dns:///echo.local:50051").kind == .hostPort(host: "echo.local", port: 50051))
         #expect(try Target(parsing: "dns:echo.local:50051").kind == .hostPort(host: "echo.local", port: 50051))
         #expect(try Target(parsing: "dns:///[::1]:5").description == "[::1]:5")
+        #expect(try Target(parsing: "dns:53").kind == .hostPort(host: "dns", port: 53), "a host named dns")
         for (bad, reason) in [
             ("dns://8.8.8.8/echo.local:50051", "DNS server"), ("dns:///unix:/tmp/x", "dns:///host:port"),
             ("etcd://auth/name", "etcd:///name"), ("xds:///echo", "expected host:port"),
@@ -248,6 +249,9 @@ struct TargetParsingTests {
         #expect(retry.policy(for: "/pkg.Other/Charge").maxAttempts == 3)
         retry.perMethod = ["/pkg.Pay/": once]
         #expect(retry.policy(for: "/pkg.Pay/Charge").maxAttempts == 1)
+        // One segment, or none: no service part, and no crash looking for one (a gateway passes any path on).
+        for path in ["/a", "/", "a"] { #expect(retry.policy(for: path).maxAttempts == 3, "\(path)") }
+        #expect(Configuration.perMethod(["/pkg.Pay/": 7], path: "/a") == nil)
         #expect(Configuration.perMethod(["/pkg.Pay/": 7], path: "/pkg.Pay/Charge") == 7)
         #expect(Configuration.perMethod(["pkg.Pay": 7], path: "/pkg.Pay/Charge") == 7)
         #expect(Configuration.perMethod(["/pkg.Pay/Charge": 7, "pkg.Pay": 1], path: "/pkg.Pay/Charge") == 7)
@@ -296,7 +300,6 @@ struct TargetParsingTests {
             ("retry.throttling.tokenRatio", { $0.retry.throttling?.tokenRatio = 0.0005 }),  // would never refill
             ("retry.throttling.tokenRatio", { $0.retry.throttling?.tokenRatio = .infinity }),  // trapped at the first end
             ("retry.throttling.tokenRatio", { $0.retry.throttling?.tokenRatio = .nan }),
-            ("retry.policy.retryableCodes", { $0.retry.policy.retryableCodes = [] }),
             ("retry.policy.retryableCodes", { $0.retry.policy.retryableCodes = [.ok, .unavailable] }),
             ("retry.perMethod[pkg.Pay/Charge]", { $0.retry.perMethod["pkg.Pay/Charge"] = CallRetryPolicy() }),
             ("retry.perMethod[/pkg.Pay]", { $0.retry.perMethod["/pkg.Pay"] = CallRetryPolicy() }),
