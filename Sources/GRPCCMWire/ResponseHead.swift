@@ -132,7 +132,8 @@ package struct ResponseHead: Sendable {
                 return true
             }
             guard HeaderName.isValidValue(value) else { return self.malformed("grpc-status \(Self.text(value))") }
-            // Kept as metadata, for the status to quote: a field of its own cost every call a release.
+            // Kept as metadata for the status to quote, and taken out again once read (`status`, `forgetStatus`):
+            // a field of its own cost every call a release.
             self.grpcStatus = Self.unreadableStatus
             self.append("grpc-status", .string(String(decoding: value.prefix(64), as: UTF8.self)))
             return true
@@ -260,7 +261,10 @@ package struct ResponseHead: Sendable {
 
     private mutating func forgetStatus() {
         // Tested first: the usual response headers carry neither, and storing nil over a string costs a release.
-        if self.grpcStatus != nil { self.grpcStatus = nil }
+        if self.grpcStatus != nil {
+            if self.grpcStatus == Self.unreadableStatus { self.initialMetadata.removeAll(named: "grpc-status") }
+            self.grpcStatus = nil
+        }
         if self.grpcMessage != nil { self.grpcMessage = nil }
     }
 
@@ -304,8 +308,9 @@ package struct ResponseHead: Sendable {
     /// The status the response carries, once the stream has ended (`errorCode`: the RST_STREAM code, 0 for a clean
     /// end). Message-level checks (a truncated message, a unary call without exactly one message) are the caller's.
     ///
-    /// `mutating` though it changes nothing: a call holds its head in a stored property, and a non-mutating method
-    /// of a struct held by a class gets a copy of it (a retain and a release of each string and array in it).
+    /// `mutating` though it usually changes nothing (it takes an unreadable grpc-status's text out of the trailing
+    /// metadata): a call holds its head in a stored property, and a non-mutating method of a struct held by a class
+    /// gets a copy of it (a retain and a release of each string and array in it).
     package mutating func status(errorCode: UInt32) -> CallStatus {
         if self.completeBlocks == 0 || (self.grpcStatus == nil && self.completeBlocks < 2 && errorCode != 0) {
             return errorCode == 0
@@ -315,6 +320,7 @@ package struct ResponseHead: Sendable {
         if let code = self.grpcStatus {
             if code == Self.unreadableStatus {
                 let text = self.trailingMetadata["grpc-status"].map { "\"\($0)\"" } ?? "that"
+                self.trailingMetadata.removeAll(named: "grpc-status")
                 let detail = self.grpcMessage.map { ": \($0)" } ?? ""
                 return CallStatus(code: .unknown, message: "server sent grpc-status \(text), which is not a number\(detail)")
             }

@@ -120,10 +120,11 @@ public final class AsyncStreamingCall: Sendable {
 
             /// The next response message; nil once the call ended OK; throws the call's `CallError` when it ended
             /// with another status. In a cancelled task it cancels the call and throws at once, with the call's
-            /// status (CANCELLED, unless it had ended otherwise), whatever messages were still unread.
+            /// status (CANCELLED, unless it had ended otherwise), whatever messages were still unread; once the call
+            /// has ended and every message was read, it ends as it would have.
             public mutating func next() async throws(CallError) -> [UInt8]? {
                 while !self.done {
-                    if Task.isCancelled {
+                    if Task.isCancelled && !self.call.buffers.isFinishedAndRead {
                         // Not the backlog first: the reader asked to stop, and a long backlog would keep it reading.
                         // Not nil either when the call had ended OK: unread messages would pass for a complete read.
                         self.done = true

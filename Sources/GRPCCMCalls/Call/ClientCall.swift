@@ -336,7 +336,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.announce(environment)
             now = self.startedAt
         } else {
-            now = Reactor.clock()  // announced when its interceptors began: the breaker decides on the time now
+            // Announced when its interceptors began. Its duration runs from now, as it did before it was announced
+            // that early: the breaker must not count a slow token refresh as a slow server.
+            now = Reactor.clock()
+            self.startedAt = now
         }
         if let invalid = self.invalid { return invalid }
         if environment.router.isClosing { return environment.router.closingStatus }

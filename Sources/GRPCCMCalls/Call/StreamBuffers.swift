@@ -35,8 +35,9 @@ enum Inbound {
 ///
 /// Unread messages are counted as memory, not as wire bytes, so that tiny messages are bounded too (an empty one
 /// is 5 bytes on the wire): below the limit each has an inbox entry of its own and is charged `entryCost` more;
-/// past it (the stream window's worth the peer may still send) they are packed back to back into one array,
-/// each behind a 5-byte record header (13 when compressed), as they came.
+/// past it (the stream window's worth the peer may still send) small ones are packed back to back into one array,
+/// each behind a 5-byte record header (13 when compressed), as they came. A message of `packedMessageLimit` bytes
+/// or more keeps an entry of its own past the limit too: its overhead is small, and packing would copy it twice.
 ///
 /// The reactor reaches this state once per nghttp2 callback, application threads once per write or read.
 /// `@unchecked Sendable`: every mutable field lives in `state`, which is only touched under its lock.
@@ -78,6 +79,8 @@ package final class StreamBuffers: @unchecked Sendable {
     /// What an unread message with an inbox entry of its own costs beyond its framed bytes: the entry, and its
     /// array's header and allocation (32 bytes, rounded up by malloc).
     static let entryCost = MemoryLayout<Inbound>.stride + 48
+    /// Messages this size or larger are never packed (see the type's note).
+    static let packedMessageLimit = 1024
 
     package let limit: Int
     package let maxSendMessageSize: Int
@@ -462,7 +465,7 @@ package final class StreamBuffers: @unchecked Sendable {
                 state.readWaiter = nil
                 return waiter
             }
-            if state.inboxBytes >= self.limit {
+            if state.inboxBytes >= self.limit && message.count < Self.packedMessageLimit {
                 Self.pack(message, encoding, inflatedSize: inflatedSize, into: &state)
             } else {
                 state.inbox.append(part)
@@ -512,6 +515,19 @@ package final class StreamBuffers: @unchecked Sendable {
 
     /// The call has ended (its result is recorded).
     package var isFinished: Bool { self.state.withLock { $0.result != nil } }
+
+    /// The call has ended and the reader has taken every message: only metadata or the end are left.
+    package var isFinishedAndRead: Bool {
+        self.state.withLock { state in
+            guard state.result != nil else { return false }
+            return state.inbox[state.inboxHead...].allSatisfy {
+                switch $0 {
+                case .part(.metadata), .part(.end): return true
+                case .part(.message), .compressed, .packed: return false
+                }
+            }
+        }
+    }
 
     /// A writer is suspended on a full send buffer (for tests).
     package var hasWaitingWriter: Bool { self.state.withLock { !$0.writeWaiters.isEmpty } }

@@ -143,6 +143,10 @@ struct ResponseHeadTests {
             (fields: Self.ok + [("grpc-status", "zero")], endStream: false), (fields: [("grpc-status", "0")], endStream: true),
         ])
         #expect(later.status(errorCode: 0).code == .ok)
+        #expect(later.initialMetadata["grpc-status"] == nil, "not the application's metadata")
+        var (_, trailing) = Self.read([(fields: Self.ok, endStream: false), (fields: [("grpc-status", "zero")], endStream: true)])
+        _ = trailing.status(errorCode: 0)
+        #expect(trailing.trailingMetadata["grpc-status"] == nil)
     }
 
     @Test("the status is the trailers' (or a trailers-only block's): one in the response headers or a 1xx is not")

@@ -247,6 +247,22 @@ struct StreamingTests {
             #expect(status.code == .cancelled, "\(status)")
         }
         #expect(await open.result().status.code == .cancelled)
+        // Read to the last message before the task was cancelled: the iteration ends as it would have.
+        let read = setup.channel.serverStreaming(
+            path: "/test.Stream/Expand", request: [], metadata: ["x-response-count": "2", "x-response-bytes": "8"])
+        #expect(await read.result().status == .ok)
+        let whole = Task { () -> Result<Int, CallError> in
+            var messages = read.responses.makeAsyncIterator()
+            do throws(CallError) {
+                _ = try await messages.next()
+                _ = try await messages.next()
+                withUnsafeCurrentTask { $0?.cancel() }
+                return .success(try await messages.next() == nil ? 2 : 3)
+            } catch {
+                return .failure(error)
+            }
+        }
+        #expect(try await whole.value.get() == 2)
     }
 
     @Test("cancelling a task that awaits result() cancels the call, with no reader", arguments: [Peer.embedded])
