@@ -48,8 +48,8 @@ public final class ConnectionManager: Sendable {
     let registry = PThreadLock<Registry>(Registry())
 
     struct Registry {
-        /// What each service was registered with: its address, and its own security (nil: `configuration.tls`).
-        /// Kept after its channel closes, so that the channel made again connects as the first one did.
+        /// What each service was registered with: its address, and its security (`configuration.tls` when it was
+        /// not given). Kept after its channel closes, so that the channel made again connects as the first one did.
         var addresses: [String: String] = [:]
         var security: [String: TransportSecurity] = [:]
         var channels: [String: GRPCChannel] = [:]
@@ -139,8 +139,8 @@ public final class ConnectionManager: Sendable {
     /// connecting at once.
     /// - Parameters:
     ///   - service: The service's name: the key of its channel, its metrics and its logs.
-    ///   - address: `host:port`, `[v6]:port`, `unix:/path` or `etcd:///name` (with `configuration.etcd`); nil
-    ///     reuses the address registered before.
+    ///   - address: `host:port`, `[v6]:port`, `dns:///host:port`, `unix:/path` or `etcd:///name` (with
+    ///     `configuration.etcd`); nil reuses the address registered before.
     ///   - security: Plaintext or TLS for this service's connections; nil keeps what the service was registered
     ///     with before, or, the first time, uses `configuration.tls`. A channel open with other settings is replaced.
     /// - Throws: `ConnectionManagerError` for an unknown service without an address or a closed manager;
@@ -160,7 +160,9 @@ public final class ConnectionManager: Sendable {
             } else {
                 throw ConnectionManagerError.unknownService(service)
             }
-            let security = security ?? registry.security[service]
+            // What the connections would use, nil spelled out: asking again for the same thing keeps the channel.
+            let security =
+                security ?? registry.security[service] ?? self.configuration.tls.map { .tls($0) } ?? .plaintext
             if let existing = registry.channels[service], registry.addresses[service] == resolved,
                 registry.security[service] == security
             {
@@ -170,7 +172,6 @@ public final class ConnectionManager: Sendable {
             replaced = registry.channels[service]
             var configuration = self.configuration
             switch security {
-            case .none: break
             case .plaintext: configuration.tls = nil
             case .tls(let tls):
                 try tls.validate()

@@ -409,8 +409,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         {
             // The session is over: the peer's GOAWAY (`closeDetail` says so), or nghttp2 ending it after finding the
             // peer's input wrong (its GOAWAY is out now).
-            if self.closeDetail == nil, let problem = self.protocolError {
-                self.close(reason: CallStatus(code: .unavailable, message: "HTTP/2 protocol error from \(self.peer): \(problem)"))
+            if let problem = self.protocolError {
+                let after = self.closeDetail.map { " (after \($0))" } ?? ""
+                self.close(reason: CallStatus(code: .unavailable, message: "HTTP/2 protocol error from \(self.peer): \(problem)\(after)"))
             } else {
                 self.close(reason: self.closedByPeerStatus())
             }

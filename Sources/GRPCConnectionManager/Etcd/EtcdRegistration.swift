@@ -48,11 +48,16 @@ public final class EtcdRegistration: Sendable {
     /// - Parameters:
     ///   - ttl: The lease's time to live (whole seconds, at least 2): how long the key outlives this process.
     ///   - eventLoop: The loop its calls and timers run on; nil uses `ReactorLoop.shared`.
-    /// - Throws: `CallError` when etcd cannot be reached or refuses (the lease or the key).
+    /// - Throws: `CallError` when etcd cannot be reached or refuses (the lease or the key); INVALID_ARGUMENT for a
+    ///   name an `etcd:///name` target cannot spell, or an address other than a numeric `ip:port` / `[v6]:port`
+    ///   (what those targets read; a key nobody would find is not written).
     public static func register(
         name: String, address: String, etcd: Configuration.Etcd, ttl: Duration = .seconds(10),
         eventLoop: ReactorLoop? = nil
     ) async throws(CallError) -> EtcdRegistration {
+        if let problem = Self.problem(name: name, address: address) {
+            throw CallError(status: CallStatus(code: .invalidArgument, message: problem))
+        }
         let loop = eventLoop ?? ReactorLoop.shared
         var configuration = Configuration()
         configuration.enableCircuitBreaker = false
@@ -71,6 +76,18 @@ public final class EtcdRegistration: Sendable {
         try await registration.grantAndPut()
         registration.keepAlive()
         return registration
+    }
+
+    /// Why `name` and `address` would register nothing an `etcd:///name` target finds, or nil.
+    static func problem(name: String, address: String) -> String? {
+        guard (try? Target(parsing: "etcd:///" + name)) != nil else {
+            return "name \"\(name)\": expected printable text without spaces or a trailing /, as in etcd:///name"
+        }
+        guard let target = try? Target(parsing: address), case .hostPort = target.kind, target.numericAddresses != nil
+        else {
+            return "address \"\(address)\": expected a numeric ip:port or [v6]:port, which etcd:/// targets read"
+        }
+        return nil
     }
 
     /// A lease, then the key attached to it.

@@ -215,4 +215,21 @@ struct EtcdTests {
         #expect(throws: ConfigurationError.self) { try configuration.validate() }
         #expect(throws: ConfigurationError.self) { try Target(parsing: "etcd:///") }
     }
+
+    @Test("a registration that no etcd target could find is refused before etcd is asked")
+    func registrationInputs() async {
+        let etcd = Configuration.Etcd(endpoints: ["127.0.0.1:1"])  // never dialled: refused first
+        for (name, address, reason) in [
+            ("", "127.0.0.1:5000", "name"), ("svc/", "127.0.0.1:5000", "name"), ("my svc", "127.0.0.1:5000", "name"),
+            ("svc", "myhost:5000", "numeric"), ("svc", "1.2.3.4:5000\",\"Op\":1", "numeric"), ("svc", "unix:/tmp/s", "numeric"),
+        ] {
+            do {
+                _ = try await EtcdRegistration.register(name: name, address: address, etcd: etcd)
+                Issue.record("registered \(name) \(address)")
+            } catch {
+                #expect(error.status.code == .invalidArgument && error.status.message.contains(reason), "\(error.status)")
+            }
+        }
+        #expect(EtcdRegistration.problem(name: "services/echo", address: "[::1]:5000") == nil)
+    }
 }

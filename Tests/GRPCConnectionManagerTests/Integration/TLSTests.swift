@@ -58,6 +58,10 @@ struct TLSTests {
         let again = try manager.connection(service: "pay", address: address, security: .tls(tls))
         #expect(again !== plain)
         #expect(try manager.connection(service: "pay") === again, "nil keeps what was registered")
+        // Registered without security, the configuration's (plaintext here) is the service's: asking for it by name
+        // keeps the channel and its calls.
+        let other = try manager.connection(service: "other", address: address)
+        #expect(try manager.connection(service: "other", address: address, security: .plaintext) === other)
         // Closed and made again from the registration: TLS still.
         manager.closeConnection(service: "pay")
         #expect(try await manager.checkHealth(service: "pay") == .serving)
