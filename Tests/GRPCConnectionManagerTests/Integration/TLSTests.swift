@@ -71,17 +71,28 @@ struct TLSTests {
 
     @Test("a server that negotiates h2, then speaks HTTP/1.1 inside TLS (a TLS proxy's backend) is named for what it is")
     func http1InsideTLS() async throws {
+        let (response, _) = try await Self.callScriptedPeer("http1")
+        #expect(response.status.code == .unavailable)
+        #expect(response.status.message.contains("then answered with HTTP/1.x (\"HTTP/1.1 400 Bad Request\")"), "\(response.status)")
+    }
+
+    /// One call, trusting the test CA, to a scripted peer in `mode` over TLS with the server's certificate (or the
+    /// stranger's, which that CA did not sign); returns its response and what the peer saw.
+    static func callScriptedPeer(_ mode: String, stranger: Bool = false) async throws -> (UnaryResponse, events: [String]) {
         let certificates = try TestCertificates.make()
         defer { certificates.remove() }
-        let peer = try ScriptedPeer("http1", tls: (certificates.serverCertificate, certificates.serverKey))
+        let identity = stranger
+            ? (certificates.strangerCertificate, certificates.strangerKey)
+            : (certificates.serverCertificate, certificates.serverKey)
+        let peer = try ScriptedPeer(mode, tls: identity)
         defer { peer.stop() }
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try GRPCChannel(target: peer.target, configuration: Self.tls(certificates), eventLoop: loop)
         let response = await channel.call([1], timeout: .seconds(5))
-        #expect(response.status.code == .unavailable)
-        #expect(response.status.message.contains("then answered with HTTP/1.x (\"HTTP/1.1 400 Bad Request\")"), "\(response.status)")
+        _ = await eventually(timeout: 5) { !stranger || peer.events.contains { $0.hasPrefix("handshake-failed") } }
+        return (response, peer.events)
     }
 
     @Test("the right CA succeeds, by name and by IP; failures say why")
@@ -268,19 +279,10 @@ struct TLSTests {
 
     @Test("a failed handshake sends its alert: the server hears why (unknown CA), not a bare close")
     func handshakeFailureSendsAlert() async throws {
-        let certificates = try TestCertificates.make()
-        defer { certificates.remove() }
-        let peer = try ScriptedPeer("observe", tls: (certificates.strangerCertificate, certificates.strangerKey))
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let channel = try GRPCChannel(target: peer.target, configuration: Self.tls(certificates), eventLoop: loop)
-        let response = await channel.call([1], timeout: .seconds(5))
+        let (response, events) = try await Self.callScriptedPeer("observe", stranger: true)
         #expect(response.status.code == .unavailable)
-        #expect(await eventually(timeout: 5) { peer.events.contains { $0.hasPrefix("handshake-failed") } })
-        let failure = peer.events.first { $0.hasPrefix("handshake-failed") } ?? ""
-        #expect(failure.contains("UNKNOWN_CA"), "the server saw: \(failure)")
+        let failure = events.first { $0.hasPrefix("handshake-failed") } ?? ""
+        #expect(failure.contains("UNKNOWN_CA"), "the server saw: \(events)")
     }
 
     @Test("an idle client answers a TLS 1.3 KeyUpdate that asks for one at once, not with its next frame")
