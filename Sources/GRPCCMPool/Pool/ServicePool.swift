@@ -439,12 +439,19 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                 self.resolveWhenAllowed()
             }
         }
-        var result = result
-        if case .success(let addresses) = result, addresses.isEmpty {
-            // No address is no way to connect: fail fast calls and retry later, as for a failed lookup.
-            result = .failure(CallStatus(code: .unavailable, message: "name resolution returned no address for \(self.target)"))
-        }
         switch result {
+        case .success(let addresses) where addresses.isEmpty:
+            // An answer, not a failure (a DNS lookup with no address is one; an etcd prefix with no key is not):
+            // nothing serves the name now. The addresses go, draining: calls must not keep reaching a server that
+            // left, whose address may be another's by now. Fail-fast calls fail; wait-for-ready ones wait for one.
+            self.resolutionError = CallStatus(
+                code: .unavailable, message: "name resolution returned no address for \(self.target)")
+            if self.addresses != [] {
+                self.bus.publish(.addressesResolved(service: self.service, addresses: []))
+                self.install([])
+            }
+            self.schedulePeriodicResolution()
+            self.failWaitingFailFast()
         case .success(let addresses):
             self.resolutionError = nil
             // A pool already in use connects an address that joins at once (so that round_robin and least-loaded

@@ -143,8 +143,14 @@ final class EtcdResolver: AddressResolver {
             }
             if !addresses.contains(address) { addresses.append(address) }
         }
+        if addresses.isEmpty && unusable.isEmpty {
+            // An answer: nothing is registered (every endpoint deregistered). The pool lets the addresses go, as
+            // grpc-go's etcd resolver has them go. Values that are not addresses say nothing of the kind: those
+            // keep the last good addresses, as etcd being unreachable does.
+            return (.success([]), revision, [])
+        }
         if addresses.isEmpty {
-            let detail = unusable.isEmpty ? "no endpoint is registered" : "no value is an address (keys \(unusable))"
+            let detail = "no value is an address (keys \(unusable))"
             return (.failure(CallStatus(code: .unavailable, message: "etcd at \(endpoint): under \(prefix) \(detail)")), revision, [])
         }
         return (.success(addresses), revision, unusable)

@@ -85,6 +85,41 @@ struct EtcdTests {
         await third.deregister()
     }
 
+    @Test("every endpoint deregistered: fail-fast calls fail, a wait-for-ready call waits for the next registration")
+    func emptyRegistryIsAnAnswer() async throws {
+        let etcd = try EtcdPeer()
+        defer { etcd.stop() }
+        let peers = try ["old", "new"].map { try PythonPeer(name: $0) }
+        defer { for peer in peers { peer.stop() } }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let settings = Configuration.Etcd(endpoints: [etcd.endpoint])
+        let old = try await EtcdRegistration.register(name: "services/gone", address: peers[0].target, etcd: settings, eventLoop: loop)
+        let channel = try GRPCChannel(target: "etcd:///services/gone", configuration: Self.configuration(etcd), eventLoop: loop)
+        let ledger = CompletionLedger()
+        var id = 0
+        #expect(await Self.served(channel, 2, ledger: ledger, next: &id) == ["old"])
+        await old.deregister()
+        // The server that left serves no more calls (kept, it would until it went away itself, or its address
+        // served someone else).
+        #expect(await eventually(timeout: 10) {
+            let response = await channel.call("/echo.Echo/Get", [1], timeout: .seconds(2))
+            return response.status.code == .unavailable && response.status.message.contains("no address")
+        })
+        let waiting = PThreadLock<UnaryResponse?>(nil)
+        channel.unary(path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .seconds(20), waitForReady: true)) {
+            response in waiting.withLock { $0 = response }
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(waiting.withLock { $0 } == nil, "it waits")
+        let new = try await EtcdRegistration.register(name: "services/gone", address: peers[1].target, etcd: settings, eventLoop: loop)
+        #expect(await eventually(timeout: 10) { waiting.withLock { $0 } != nil })
+        #expect(waiting.withLock { $0 }?.status == .ok)
+        #expect(waiting.withLock { $0 }?.initialMetadata["x-peer"] == "new")
+        await new.deregister()
+    }
+
     @Test("a value that is not an address is skipped; etcd going away keeps the last good addresses")
     func badInputKeepsService() async throws {
         let etcd = try EtcdPeer()
