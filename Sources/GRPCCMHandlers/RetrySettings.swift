@@ -1,3 +1,5 @@
+import GRPCCMWire
+
 /// Retry settings: the policy, per-method overrides and throttling (gRFC A6). `Configuration.retry`.
 public struct RetrySettings: Sendable, Hashable {
     /// The policy for every method without an override.
@@ -12,20 +14,10 @@ public struct RetrySettings: Sendable, Hashable {
     public init() {}
 
     /// The policy that applies to `path`: its own override, its service's, or the default.
+    @inline(__always)
     package func policy(for path: String) -> CallRetryPolicy {
         // The common case, no overrides, costs no hashing and no string search per call.
         if self.perMethod.isEmpty { return self.policy }
-        if let exact = self.perMethod[path] { return exact }
-        if let slash = path.lastIndex(of: "/") {
-            // `package.Service` first, then `/package.Service/`, as the other per-method tables look them up;
-            // `slash` past the first character: a path of one segment ("/a") has no service part.
-            if path.first == "/", slash > path.startIndex,
-                let service = self.perMethod[String(path[path.index(after: path.startIndex)..<slash])]
-            {
-                return service
-            }
-            if let service = self.perMethod[String(path[...slash])] { return service }
-        }
-        return self.policy
+        return MethodKeys.lookUp(self.perMethod, path: path) ?? self.policy
     }
 }

@@ -527,31 +527,17 @@ extension Configuration {
         self.storage.fields.compression.requestEncoding(forPath: path)
     }
 
-    /// The entry of `table` for a call to `path` (`/package.Service/Method`): the method's, else its service's
-    /// (`package.Service`, or `/package.Service/`). No lookup, no hashing, when the table is empty (the common case
-    /// costs nothing).
+    /// The entry of `table` for a call to `path` (`MethodKeys`). No lookup, no hashing, when the table is empty
+    /// (the common case costs nothing).
     @inline(__always)
     static func perMethod<Value>(_ table: [String: Value], path: String) -> Value? {
         if table.isEmpty { return nil }
-        return Self.lookUp(table, path: path)
+        return MethodKeys.lookUp(table, path: path)
     }
 
-    private static func lookUp<Value>(_ table: [String: Value], path: String) -> Value? {
-        if let value = table[path] { return value }
-        let parts = path.split(separator: "/")
-        guard parts.count == 2 else { return nil }
-        return table[String(parts[0])] ?? table["/\(parts[0])/"]
-    }
-
-    /// A per-method table's key: `/package.Service/Method` for a method; `package.Service` or `/package.Service/`
-    /// (gRFC A6's form) for a whole service. Anything else (`package.Service/Method`, grpcurl's spelling) would
-    /// match no call, and its setting would silently not apply.
+    /// Refuses a per-method table's key that is not one of `MethodKeys`' spellings.
     static func validate(methodKey key: String, field: String) throws(ConfigurationError) {
-        let parts = key.split(separator: "/", omittingEmptySubsequences: false)
-        let isMethod = parts.count == 3 && parts[0].isEmpty && !parts[1].isEmpty && !parts[2].isEmpty
-        let isSlashedService = parts.count == 3 && parts[0].isEmpty && !parts[1].isEmpty && parts[2].isEmpty
-        let isService = !key.isEmpty && !key.contains("/")
-        if !isMethod && !isSlashedService && !isService {
+        if !MethodKeys.isValid(key) {
             throw ConfigurationError(field: field, message: "must be /package.Service/Method, package.Service or /package.Service/")
         }
     }

@@ -434,15 +434,7 @@ package final class StreamBuffers: @unchecked Sendable {
     /// Response headers (not trailers-only) arrived.
     package func deliverMetadata(_ metadata: CallMetadata) {
         let part = Inbound.part(.metadata(metadata))
-        let waiter = self.state.withLock { state -> CheckedContinuation<Inbound, Never>? in
-            if let waiter = state.readWaiter {
-                state.readWaiter = nil
-                return waiter
-            }
-            state.inbox.append(part)
-            return nil
-        }
-        waiter?.resume(returning: part)
+        self.handOver(part) { state in state.inbox.append(part) }
     }
 
     /// A complete response message arrived.
@@ -459,18 +451,25 @@ package final class StreamBuffers: @unchecked Sendable {
     /// Hands `part` (which is `message`) to a waiting reader, or queues it: with an entry of its own below the
     /// limit, packed past it.
     private func deliver(_ part: Inbound, _ message: [UInt8], _ encoding: CallCompression, inflatedSize: Int) {
-        let waiter = self.state.withLock { state -> CheckedContinuation<Inbound, Never>? in
-            if let waiter = state.readWaiter {
-                // Handed straight to a waiting reader: it never counts as buffered.
-                state.readWaiter = nil
-                return waiter
-            }
+        self.handOver(part) { state in
             if state.inboxBytes >= self.limit && message.count < Self.packedMessageLimit {
                 Self.pack(message, encoding, inflatedSize: inflatedSize, into: &state)
             } else {
                 state.inbox.append(part)
                 state.inboxBytes += message.count + 5 + Self.entryCost
             }
+        }
+    }
+
+    /// Resumes the waiting reader with `part`, or, with none waiting, runs `queue` under the lock. A part handed
+    /// straight to a reader never counts as buffered.
+    private func handOver(_ part: Inbound, orQueue queue: (inout State) -> Void) {
+        let waiter = self.state.withLock { state -> CheckedContinuation<Inbound, Never>? in
+            if let waiter = state.readWaiter {
+                state.readWaiter = nil
+                return waiter
+            }
+            queue(&state)
             return nil
         }
         waiter?.resume(returning: part)

@@ -219,17 +219,14 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// a TLS server reached without TLS, an h2c server reached with it, or something else altogether, said in words.
     /// nil when they start as they should (or there are too few of them to tell).
     package static func firstBytesProblem(_ bytes: UnsafeRawBufferPointer, tls: Bool) -> String? {
-        if bytes.starts(with: "HTTP/1.".utf8) {
-            let line = bytes.prefix { $0 != UInt8(ascii: "\r") && $0 != UInt8(ascii: "\n") }.prefix(80)
-            let quoted = "\"\(String(decoding: line, as: UTF8.self))\""
+        if let quoted = Self.http1StatusLine(bytes) {
             return tls
                 ? "server answered the TLS handshake with HTTP/1.x (\(quoted)): it does not use TLS on this port"
                 : "server answered with HTTP/1.x, not HTTP/2 (\(quoted)); is it a gRPC server, and does it need TLS?"
         }
         guard bytes.count >= 4 else { return nil }
         let looksLikeTLS = (bytes[0] == 0x15 || bytes[0] == 0x16) && bytes[1] == 0x03
-        // A frame header's type at byte 3, its stream id (0 for SETTINGS) in bytes 5 to 8, when they arrived.
-        let looksLikeSettings = bytes[3] == 0x04 && bytes.dropFirst(5).prefix(4).allSatisfy { $0 == 0 }
+        let looksLikeSettings = Self.startsWithSettings(bytes)
         if tls {
             if looksLikeTLS { return nil }
             if looksLikeSettings {
@@ -245,14 +242,24 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// Why the first bytes decrypted after a TLS handshake that chose h2 are not HTTP/2, or nil when they may be:
     /// a TLS terminator that offers h2 for an HTTP/1.1 server behind it answers this way.
     package static func firstPlaintextProblem(_ bytes: UnsafeRawBufferPointer) -> String? {
-        if bytes.starts(with: "HTTP/1.".utf8) {
-            let line = bytes.prefix { $0 != UInt8(ascii: "\r") && $0 != UInt8(ascii: "\n") }.prefix(80)
-            return "server negotiated HTTP/2 through ALPN, then answered with HTTP/1.x (\"\(String(decoding: line, as: UTF8.self))\"):"
+        if let quoted = Self.http1StatusLine(bytes) {
+            return "server negotiated HTTP/2 through ALPN, then answered with HTTP/1.x (\(quoted)):"
                 + " a TLS proxy in front of a server that does not speak HTTP/2?"
         }
-        guard bytes.count >= 9 else { return nil }
-        if bytes[3] == 0x04 && bytes.dropFirst(5).prefix(4).allSatisfy({ $0 == 0 }) { return nil }
+        guard bytes.count >= 9, !Self.startsWithSettings(bytes) else { return nil }
         return "server negotiated HTTP/2 through ALPN, then sent bytes that are not HTTP/2 (\(Self.preview(bytes)))"
+    }
+
+    /// The first line of an HTTP/1.x answer, quoted (up to 80 bytes); nil when the bytes are not one.
+    private static func http1StatusLine(_ bytes: UnsafeRawBufferPointer) -> String? {
+        guard bytes.starts(with: "HTTP/1.".utf8) else { return nil }
+        let line = bytes.prefix { $0 != UInt8(ascii: "\r") && $0 != UInt8(ascii: "\n") }.prefix(80)
+        return "\"\(String(decoding: line, as: UTF8.self))\""
+    }
+
+    /// A frame header's type at byte 3 is SETTINGS and its stream id (bytes 5 to 8, those that arrived) is 0.
+    private static func startsWithSettings(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        bytes.count >= 4 && bytes[3] == 0x04 && bytes.dropFirst(5).prefix(4).allSatisfy { $0 == 0 }
     }
 
     /// Up to 32 bytes as quoted text, printable ASCII as it is and the rest as \xNN.

@@ -150,8 +150,9 @@ final class EtcdResolver: AddressResolver {
             return (.success([]), revision, [])
         }
         if addresses.isEmpty {
-            let detail = "no value is an address (keys \(unusable))"
-            return (.failure(CallStatus(code: .unavailable, message: "etcd at \(endpoint): under \(prefix) \(detail)")), revision, [])
+            let status = CallStatus(
+                code: .unavailable, message: "etcd at \(endpoint): under \(prefix) no value is an address (keys \(unusable))")
+            return (.failure(status), revision, [])
         }
         return (.success(addresses), revision, unusable)
     }
