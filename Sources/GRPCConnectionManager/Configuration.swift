@@ -150,8 +150,8 @@ public struct Configuration: Sendable, Hashable {
     /// An etcd cluster holding endpoints as grpc-go's endpoints manager writes them (`EtcdResolver`,
     /// `EtcdRegistration`).
     public struct Etcd: Sendable, Hashable {
-        /// etcd's client address, `host:port` (plaintext gRPC, etcd's `--listen-client-urls http://...`); the
-        /// first is used.
+        /// etcd's client addresses, `host:port` (plaintext gRPC, etcd's `--listen-client-urls http://...`): one
+        /// connection, to the first that answers, in this order; when it fails the next is tried.
         public var endpoints: [String]
         /// Bound on each Range. Default 5 s.
         public var timeout: Duration = .seconds(5)
@@ -160,6 +160,9 @@ public struct Configuration: Sendable, Hashable {
         public init(endpoints: [String]) {
             self.endpoints = endpoints
         }
+
+        /// The endpoints as errors name them.
+        var endpointsText: String { self.endpoints.joined(separator: ",") }
     }
 
     /// HTTP/2 settings of each connection.

@@ -6,9 +6,13 @@ import GRPCCMWire
 ///
 /// The pool asks once before the first connection, again periodically, when a connection fails or goes away (at
 /// most once per `minimumResolutionInterval`), and when a failed resolution leaves wait-for-ready calls waiting.
-/// Numeric addresses and Unix paths are never resolved. The seam lets other resolvers (c-ares on the loop, a
-/// registry) replace getaddrinfo.
+/// Numeric addresses and Unix paths are never resolved (`fixedAddresses(for:)`). The seam lets other resolvers
+/// (c-ares on the loop, a registry) replace getaddrinfo.
 package protocol AddressResolver: Sendable {
+    /// The addresses `target` always has: installed once, never looked up again. nil: `target` is resolved. The
+    /// default is a numeric address or a Unix path as it is.
+    func fixedAddresses(for target: Target) -> [NetworkAddress]?
+
     /// Resolves `target` and calls `completion` once, on `reactor`'s thread (never inside this call).
     func resolve(
         _ target: Target, on reactor: Reactor,
@@ -21,6 +25,8 @@ package protocol AddressResolver: Sendable {
 }
 
 extension AddressResolver {
+    package func fixedAddresses(for target: Target) -> [NetworkAddress]? { target.numericAddresses }
+
     package func watch(_ target: Target, on reactor: Reactor, changed: @escaping @Sendable () -> Void) {}
 }
 

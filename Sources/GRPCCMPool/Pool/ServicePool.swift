@@ -65,6 +65,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private let settings: PoolSettings
     private let connector: any TransportConnector
     private let resolver: any AddressResolver
+    /// The resolver's fixed addresses for `target` (a numeric address, a Unix path): installed at once, and never
+    /// resolved. nil: the target is resolved.
+    private let fixedAddresses: [NetworkAddress]?
     private let bus: LocalEventBus
     private let connectionIDs: ConnectionIDSource
 
@@ -115,6 +118,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.reactor = reactor
         self.loopReactor = Unmanaged.passUnretained(reactor)
         self.resolver = resolver
+        self.fixedAddresses = resolver.fixedAddresses(for: target)
         self.service = service
         self.target = target
         self.settings = settings
@@ -124,7 +128,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.queue = WaitQueue(capacity: settings.maxQueuedCalls)
         self.picker = Picker(policy: settings.loadBalancingPolicy)
         super.init()
-        if let numeric = target.numericAddresses { self.install(numeric) }
+        if let fixed = self.fixedAddresses { self.install(fixed) }
     }
 
     deinit {
@@ -369,7 +373,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// Asks the resolver (c-ares on this loop, or getaddrinfo on a helper thread); the answer comes back on the
     /// loop. Numeric addresses and Unix paths need none.
     private func resolve() {
-        guard !self.resolving, self.target.numericAddresses == nil, !self.isClosingOrStopping else { return }
+        guard !self.resolving, self.fixedAddresses == nil, !self.isClosingOrStopping else { return }
         if !self.watching {
             self.watching = true
             self.resolver.watch(self.target, on: self.reactor) { [weak self] in self?.resolveWhenAllowed() }
@@ -410,7 +414,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// storm of lookups, but neither may the request be dropped: the periodic lookup may be far off, or off).
     /// Numeric targets never resolve.
     private func resolveAgainSoon() {
-        guard self.target.numericAddresses == nil else { return }
+        guard self.fixedAddresses == nil else { return }
         self.resolveWhenAllowed()
     }
 

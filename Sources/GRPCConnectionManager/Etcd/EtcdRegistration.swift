@@ -1,6 +1,7 @@
 import GRPCCMCalls
 @_spi(Reactor) import GRPCCMReactor
 import GRPCCMWire
+import Logging
 
 /// Registers a server's address in etcd the way grpc-go's endpoints manager does, so that `etcd:///name` clients
 /// (this package's, or grpc-go's etcd resolver) find it: a lease, the key `name/address` with the value
@@ -61,12 +62,13 @@ public final class EtcdRegistration: Sendable {
         let loop = eventLoop ?? ReactorLoop.shared
         var configuration = Configuration()
         configuration.enableCircuitBreaker = false
-        configuration.dns.resolver = .system
         configuration.etcd = etcd
         let channel: GRPCChannel
         do {
             try configuration.validate()
-            channel = try GRPCChannel(target: etcd.endpoints[0], configuration: configuration, eventLoop: loop)
+            channel = try etcd.clientChannel(
+                configuration: configuration, logger: Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
+                loops: [loop.reactor])
         } catch {
             throw CallError(status: CallStatus(code: .invalidArgument, message: "\(error)"))
         }

@@ -52,11 +52,9 @@ final class EtcdResolver: AddressResolver {
         var configuration = Configuration()
         configuration.enableCircuitBreaker = false
         configuration.enableLogging = false
-        configuration.dns.resolver = .system
-        let client = try GRPCChannel(
-            target: self.settings.endpoints[0], configuration: configuration,
-            logger: Logger(label: "grpc-cm-etcd", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
-            interceptors: [], loops: [reactor])
+        let client = try self.settings.clientChannel(
+            configuration: configuration, logger: Logger(label: "grpc-cm-etcd", factory: { _ in SwiftLogNoOpLogHandler() }),
+            loops: [reactor])
         return self.clients.withLock { clients in
             if let raced = clients[ObjectIdentifier(reactor)] { return raced }
             clients[ObjectIdentifier(reactor)] = client
@@ -84,7 +82,7 @@ final class EtcdResolver: AddressResolver {
             path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: prefix),
             options: RequestOptions(timeout: self.settings.timeout)
         ) { response in
-            let answer = Self.addresses(response, prefix: prefix, endpoint: self.settings.endpoints[0])
+            let answer = Self.addresses(response, prefix: prefix, endpoint: self.settings.endpointsText)
             if let revision = answer.revision { self.rangeRead(revision: revision, prefix: prefix, client: client, reactor: reactor) }
             if !answer.skipped.isEmpty { self.report(answer.skipped, prefix: prefix, reactor: reactor) }
             completion(answer.result)
@@ -115,7 +113,7 @@ final class EtcdResolver: AddressResolver {
         let (service, bus) = self.problems.withLock { ($0.service, $0.buses[ObjectIdentifier(reactor)]) }
         let status = CallStatus(
             code: .unavailable,
-            message: "etcd at \(self.settings.endpoints[0]): under \(prefix) skipped values that are not addresses (keys \(keys))")
+            message: "etcd at \(self.settings.endpointsText): under \(prefix) skipped values that are not addresses (keys \(keys))")
         bus?.publish(.resolutionFailed(service: service, error: status))
     }
 

@@ -194,6 +194,53 @@ struct EtcdTests {
         #expect(await eventually { changes.load(ordering: .relaxed) > before }, "a change after the reopen is heard")
     }
 
+    @Test("several etcd endpoints: one that is down is passed over; when the one in use goes, the next serves")
+    func failsOverBetweenEndpoints() async throws {
+        // Two single-member etcds that know nothing of each other: which one answered shows in what it holds.
+        let first = try EtcdPeer()
+        defer { first.stop() }
+        let second = try EtcdPeer()
+        defer { second.stop() }
+        let peers = try ["a", "b"].map { try PythonPeer(name: $0) }
+        defer { for peer in peers { peer.stop() } }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let down = "127.0.0.1:\(freePort())"  // nothing listens there
+        // The registration passes over the endpoint that is down.
+        let inSecond = try await EtcdRegistration.register(
+            name: "services/ha", address: peers[0].target, etcd: .init(endpoints: [down, second.endpoint]), eventLoop: loop)
+        #expect(inSecond.key == "services/ha/\(peers[0].target)")
+        // The first etcd holds "a" too (a key without a lease: it outlives no one here).
+        let raw = try GRPCChannel(target: first.endpoint, eventLoop: loop)
+        _ = try await raw.unary(
+            path: EtcdMessages.putPath,
+            request: EtcdMessages.putRequest(
+                key: "services/ha/\(peers[0].target)", value: EtcdMessages.endpointValue(address: peers[0].target), lease: 0))
+        raw.close()
+
+        var configuration = Self.configuration(first)
+        configuration.etcd = Configuration.Etcd(endpoints: [down, first.endpoint, second.endpoint])
+        let channel = try GRPCChannel(target: "etcd:///services/ha", configuration: configuration, eventLoop: loop)
+        let ledger = CompletionLedger()
+        var id = 0
+        #expect(await Self.served(channel, 4, ledger: ledger, next: &id) == ["a"])
+
+        // The first etcd goes; "b" is registered with the second alone. The resolver finds it only through the
+        // second: its Watch, or its Range, on the connection that moved there.
+        first.stop()
+        let b = try await EtcdRegistration.register(
+            name: "services/ha", address: peers[1].target, etcd: .init(endpoints: [second.endpoint]), eventLoop: loop)
+        var seen: Set<String> = []
+        for _ in 0..<300 where !seen.contains("b") {
+            seen.formUnion(await Self.served(channel, 2, ledger: ledger, next: &id))
+        }
+        #expect(seen.contains("b"), "the resolver reads the second etcd once the first is gone")
+        #expect(ledger.completed == id && ledger.duplicates == 0)
+        await b.deregister()
+        await inSecond.deregister()
+    }
+
     @Test("the registration keeps its key past the lease's TTL, and deregister removes it")
     func leaseIsKeptAlive() async throws {
         let etcd = try EtcdPeer()
