@@ -14,7 +14,9 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
 
     package let storage: Storage
 
-    /// A numeric IPv4 or IPv6 address and a port; nil if `host` is not numeric.
+    /// A numeric IPv4 or IPv6 address and a port; nil if `host` is not numeric. An IPv6 address may carry its zone
+    /// (`fe80::1%eth0`, or the interface's index, `fe80::1%2`): a link-local address means nothing without one. nil
+    /// too for a zone that names no interface of this host.
     public init?(ip host: String, port: Int) {
         guard (0...65535).contains(port) else { return nil }
         var v4 = in_addr()
@@ -23,9 +25,25 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
             self.storage = .ipv4(host: host, port: port)
         } else if inet_pton(AF_INET6, host, &v6) == 1 {
             self.storage = .ipv6(host: host, port: port)
+        } else if let percent = host.utf8.firstIndex(of: UInt8(ascii: "%")),
+            inet_pton(AF_INET6, String(host[..<percent]), &v6) == 1,
+            Self.scopeID(zone: host[host.index(after: percent)...]) != nil
+        {
+            self.storage = .ipv6(host: host, port: port)
         } else {
             return nil
         }
+    }
+
+    /// The interface index an IPv6 zone names: its number, or the interface of that name. nil when it names none.
+    private static func scopeID(zone: Substring) -> UInt32? {
+        guard !zone.isEmpty else { return nil }
+        if let index = UInt32(zone) {
+            var name = [CChar](repeating: 0, count: Int(IF_NAMESIZE))
+            return if_indextoname(index, &name) == nil ? nil : index
+        }
+        let index = if_nametoindex(String(zone))
+        return index == 0 ? nil : index
     }
 
     /// The address in an IPv4 or IPv6 `sockaddr` (from getaddrinfo or c-ares) with `port`; nil for another family.
@@ -36,8 +54,15 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
             var address = sockaddr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr }
             guard inet_ntop(AF_INET, &address, &text, socklen_t(text.count)) != nil else { return nil }
         case AF_INET6:
-            var address = sockaddr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
+            let v6 = sockaddr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee }
+            var address = v6.sin6_addr
             guard inet_ntop(AF_INET6, &address, &text, socklen_t(text.count)) != nil else { return nil }
+            // A link-local answer is usable only on its interface: keep the index the resolver gave.
+            if v6.sin6_scope_id != 0 {
+                let host = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                self.init(ip: host + "%\(v6.sin6_scope_id)", port: port)
+                return
+            }
         default:
             return nil
         }
@@ -95,7 +120,14 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
             var address = sockaddr_in6()
             address.sin6_family = sa_family_t(AF_INET6)
             address.sin6_port = in_port_t(UInt16(port).bigEndian)
-            _ = inet_pton(AF_INET6, host, &address.sin6_addr)
+            if let percent = host.utf8.firstIndex(of: UInt8(ascii: "%")) {
+                _ = inet_pton(AF_INET6, String(host[..<percent]), &address.sin6_addr)
+                // The interface may have gone since the address was parsed: then the connect fails (EINVAL), as
+                // without a zone.
+                address.sin6_scope_id = Self.scopeID(zone: host[host.index(after: percent)...]) ?? 0
+            } else {
+                _ = inet_pton(AF_INET6, host, &address.sin6_addr)
+            }
             return try withUnsafePointer(to: &address) {
                 try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                     try body($0, socklen_t(MemoryLayout<sockaddr_in6>.size))

@@ -125,7 +125,8 @@ public final class GRPCChannel: Sendable {
                 throw ConfigurationError(field: "tls", message: error.description)
             }
             switch target.kind {
-            case .hostPort(let host, _): tlsServerName = settings.serverName ?? host
+            // A certificate names an IPv6 address without its zone (which only says where this host reaches it).
+            case .hostPort(let host, _): tlsServerName = settings.serverName ?? String(host.prefix { $0 != "%" })
             case .unix: tlsServerName = settings.serverName ?? "localhost"
             case .etcd(let name): tlsServerName = settings.serverName ?? name
             }

@@ -76,7 +76,7 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
             guard let close = text.firstIndex(of: "]") else {
                 throw ConfigurationError(field: "address", message: "\"\(text)\": missing ']' after the IPv6 address")
             }
-            host = String(text[text.index(after: text.startIndex)..<close])
+            host = try Self.zonedHost(String(text[text.index(after: text.startIndex)..<close]), in: text)
             let rest = text[text.index(after: close)...]
             guard rest.hasPrefix(":") else {
                 throw ConfigurationError(field: "address", message: "\"\(text)\": expected [host]:port")
@@ -97,6 +97,19 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
         return .hostPort(host: host, port: port)
     }
 
+    /// An IPv6 host in brackets, its zone (`%eth0`, or RFC 6874's `%25eth0`) checked: a zone names an interface.
+    private static func zonedHost(_ host: String, in text: String) throws(ConfigurationError) -> String {
+        guard let percent = host.firstIndex(of: "%") else { return host }
+        var zone = host[host.index(after: percent)...]
+        if zone.hasPrefix("25") && zone.count > 2 && UInt32(zone) == nil { zone = zone.dropFirst(2) }
+        let zoned = String(host[..<percent]) + "%" + zone
+        guard NetworkAddress(ip: zoned, port: 0) != nil else {
+            throw ConfigurationError(
+                field: "address", message: "\"\(text)\": expected [v6%zone]:port, the zone an interface of this host")
+        }
+        return zoned
+    }
+
     public var description: String {
         switch self.kind {
         case .hostPort(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
@@ -108,6 +121,8 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
     /// The `:authority` pseudo-header: host:port, or "localhost" for Unix sockets (as grpc-go does).
     package var authority: String {
         switch self.kind {
+        // An IPv6 zone is written %25 in a URI's host (RFC 6874).
+        case .hostPort(let host, _) where host.contains("%"): return self.description.split(separator: "%").joined(separator: "%25")
         case .hostPort: return self.description
         case .unix: return "localhost"
         case .etcd(let name): return name

@@ -224,6 +224,21 @@ struct TargetParsingTests {
         }
     }
 
+    @Test("an IPv6 zone names an interface, written %zone or %25zone (RFC 6874); the authority writes it %25")
+    func ipv6Zones() throws {
+        for text in ["[fe80::1%lo]:80", "[fe80::1%25lo]:80"] {
+            let target = try Target(parsing: text)
+            #expect(target.kind == .hostPort(host: "fe80::1%lo", port: 80), "\(text)")
+            #expect(target.numericAddresses?.first?.description == "[fe80::1%lo]:80")
+            #expect(target.authority == "[fe80::1%25lo]:80")
+        }
+        #expect(try Target(parsing: "[fe80::1%1]:80").numericAddresses != nil, "an interface's index")
+        for bad in ["[fe80::1%nosuchif0]:80", "[fe80::1%]:80", "[fe80::1%25]:80", "[1.2.3.4%lo]:80"] {
+            #expect(throws: ConfigurationError.self, "\(bad)") { try Target(parsing: bad) }
+            do { _ = try Target(parsing: bad) } catch { #expect(error.message.contains("zone"), "\(bad): \(error.message)") }
+        }
+    }
+
     @Test("dns:///host:port and dns:host:port are host:port; a DNS authority and other schemes are refused, named")
     func dnsScheme() throws {
         #expect(try Target(parsing: "dns:///echo.local:50051").kind == .hostPort(host: "echo.local", port: 50051))

@@ -294,6 +294,40 @@ struct LoopbackCallTests {
         #expect(response.message == [6])
     }
 
+    /// A link-local IPv6 address of this host with its zone (`fe80:...%eth0`), from the kernel's list; nil if none.
+    static let linkLocalAddress: String? = {
+        guard let text = try? String(contentsOfFile: "/proc/net/if_inet6", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count == 6, fields[0].hasPrefix("fe80"), fields[0].count == 32 else { continue }
+            let hex = Array(fields[0])
+            let groups = stride(from: 0, to: 32, by: 4).map { String(hex[$0..<$0 + 4]) }
+            return groups.joined(separator: ":") + "%" + fields[5]
+        }
+        return nil
+    }()
+
+    @Test(
+        "a link-local IPv6 target with its zone connects through that interface, written %zone or %25zone",
+        .enabled(if: Self.linkLocalAddress != nil, "this machine has no link-local IPv6 address"))
+    func linkLocalIPv6() async throws {
+        let address = try #require(Self.linkLocalAddress)
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // Without its zone a link-local address can neither be bound nor connected to (EINVAL).
+        try EchoServer(host: address, eventLoop: loop).close()
+        let server = try EchoServer(host: "::", eventLoop: loop)
+        defer { server.close() }
+        for written in [address, address.split(separator: "%").joined(separator: "%25")] {
+            let channel = try GRPCChannel(target: "[\(written)]:\(server.port)", eventLoop: loop)
+            let response = await channel.call([7], timeout: .seconds(5))
+            #expect(response.status == .ok, "\(written): \(response.status)")
+            #expect(response.message == [7])
+            channel.close()
+        }
+    }
+
     @Test("after a GOAWAY, in-flight calls finish and new calls go to a new connection")
     func goAwayDrains() async throws {
         let fixture = try LoopbackFixture()
