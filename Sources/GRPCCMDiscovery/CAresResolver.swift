@@ -14,14 +14,22 @@ import Glibc
 /// One c-ares channel per loop (a channel is not thread-safe; a loop is one thread), made on first use. A lookup
 /// that gets no answer within `timeout` × `attempts` fails UNAVAILABLE saying so; an answer with no address fails
 /// like a failed one (the pool keeps its last good addresses either way).
+///
+/// With the system's servers, a lookup first checks whether `/etc/resolv.conf` changed (a `stat`: lookups are rare)
+/// and if so starts a new channel, which reads it again; the old one ends once its lookups have. c-ares 1.18 reads
+/// the file only when a channel is made, and a long-lived process would ask a name server that left for ever.
 package final class CAresResolver: AddressResolver {
     package struct Settings: Sendable, Hashable {
-        /// Name servers as `ip` or `ip:port` (`[v6]:port`); nil: the system's (`/etc/resolv.conf`, `/etc/hosts`).
+        /// Name servers as `ip` or `ip:port` (`[v6]:port`); nil: the system's (`resolvConf`, `/etc/hosts`).
         package var servers: [String]?
         /// How long one try waits for an answer.
         package var timeout: Duration
         /// Tries per server.
         package var attempts: Int
+        /// The resolver configuration read when `servers` is nil, and the port its name servers listen on (tests
+        /// give their own: resolv.conf has no port).
+        package var resolvConf: String = "/etc/resolv.conf"
+        package var resolvConfPort: UInt16 = 53
 
         package init(servers: [String]? = nil, timeout: Duration = .seconds(5), attempts: Int = 2) {
             self.servers = servers
@@ -54,9 +62,14 @@ package final class CAresResolver: AddressResolver {
         }
         let channel: CAresChannel
         do {
+            // Only the system's configuration can change under us.
+            let configuration = self.settings.servers == nil ? FileSignature(path: self.settings.resolvConf) : nil
             channel = try self.channels.withLock { channels in
-                if let existing = channels[ObjectIdentifier(reactor)] { return existing }
-                let made = try CAresChannel(reactor: reactor, settings: self.settings)
+                if let existing = channels[ObjectIdentifier(reactor)] {
+                    if existing.configuration == configuration { return existing }
+                    existing.retire()
+                }
+                let made = try CAresChannel(reactor: reactor, settings: self.settings, configuration: configuration)
                 channels[ObjectIdentifier(reactor)] = made
                 return made
             }
@@ -74,6 +87,28 @@ package final class CAresResolver: AddressResolver {
     }
 }
 
+/// Which version of a file is there: its identity, size and modification time (nil fields: it is missing).
+struct FileSignature: Equatable {
+    private var device: UInt64 = 0
+    private var inode: UInt64 = 0
+    private var size: Int64 = -1
+    private var modified = timespec()
+
+    init(path: String) {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return }
+        self.device = UInt64(info.st_dev)
+        self.inode = UInt64(info.st_ino)
+        self.size = Int64(info.st_size)
+        self.modified = info.st_mtim
+    }
+
+    static func == (a: FileSignature, b: FileSignature) -> Bool {
+        a.device == b.device && a.inode == b.inode && a.size == b.size
+            && a.modified.tv_sec == b.modified.tv_sec && a.modified.tv_nsec == b.modified.tv_nsec
+    }
+}
+
 /// One c-ares channel driven by one loop. `@unchecked Sendable` (through `ReactorHandler`): reactor thread only,
 /// except `close()`, which hands the teardown to the loop.
 final class CAresChannel: ReactorHandler, @unchecked Sendable {
@@ -81,12 +116,15 @@ final class CAresChannel: ReactorHandler, @unchecked Sendable {
     private final class Lookup {
         let host: String
         let port: Int
-        let reactor: Reactor
+        let channel: CAresChannel
         let completion: @Sendable (Result<[NetworkAddress], CallStatus>) -> Void
-        init(host: String, port: Int, reactor: Reactor, completion: @escaping @Sendable (Result<[NetworkAddress], CallStatus>) -> Void) {
+        init(
+            host: String, port: Int, channel: CAresChannel,
+            completion: @escaping @Sendable (Result<[NetworkAddress], CallStatus>) -> Void
+        ) {
             self.host = host
             self.port = port
-            self.reactor = reactor
+            self.channel = channel
             self.completion = completion
         }
     }
@@ -110,12 +148,20 @@ final class CAresChannel: ReactorHandler, @unchecked Sendable {
     private static let libraryReady: Bool = ares_library_init(ARES_LIB_INIT_ALL) == ARES_SUCCESS
 
     private let reactor: Reactor
+    /// The system configuration this channel read (nil: servers were given).
+    let configuration: FileSignature?
     private var channel: ares_channel?
     private var sockets: [Int32: Socket] = [:]
     private var timer: Reactor.TimerID = 0
+    /// Lookups started and not yet called back. Each holds the channel (`Lookup`), so a retired one lives until
+    /// its last lookup ends.
+    private var pending = 0
+    /// Replaced by a channel that read a newer configuration: destroyed once no lookup is pending.
+    private var retired = false
 
-    init(reactor: Reactor, settings: CAresResolver.Settings) throws(CallStatus) {
+    init(reactor: Reactor, settings: CAresResolver.Settings, configuration: FileSignature?) throws(CallStatus) {
         self.reactor = reactor
+        self.configuration = configuration
         super.init()
         guard Self.libraryReady else { throw CallStatus(code: .internal, message: "c-ares could not initialise") }
         var options = ares_options()
@@ -129,11 +175,18 @@ final class CAresChannel: ReactorHandler, @unchecked Sendable {
         // Servers given: DNS only, no search domains (a test's or an operator's server answers for the name as is).
         let lookups = strdup("b")
         defer { free(lookups) }
+        let resolvConf = strdup(settings.resolvConf)
+        defer { free(resolvConf) }
         if settings.servers != nil {
             mask |= ARES_OPT_LOOKUPS | ARES_OPT_DOMAINS
             options.lookups = lookups
             options.domains = nil
             options.ndomains = 0
+        } else if settings.resolvConf != "/etc/resolv.conf" {
+            mask |= ARES_OPT_RESOLVCONF | ARES_OPT_UDP_PORT | ARES_OPT_TCP_PORT
+            options.resolvconf_path = resolvConf
+            options.udp_port = settings.resolvConfPort
+            options.tcp_port = settings.resolvConfPort
         }
         var channel: ares_channel?
         let rc = ares_init_options(&channel, &options, mask)
@@ -160,16 +213,34 @@ final class CAresChannel: ReactorHandler, @unchecked Sendable {
         var hints = ares_addrinfo_hints()
         hints.ai_family = AF_UNSPEC
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        let box = Unmanaged.passRetained(Lookup(host: host, port: port, reactor: self.reactor, completion: completion))
+        let box = Unmanaged.passRetained(Lookup(host: host, port: port, channel: self, completion: completion))
+        self.pending += 1
         ares_getaddrinfo(channel, host, nil, &hints, { arg, status, _, result in
             let lookup = Unmanaged<Lookup>.fromOpaque(arg!).takeRetainedValue()
             let outcome = CAresChannel.outcome(status: status, result: result, host: lookup.host, port: lookup.port)
             if let result { ares_freeaddrinfo(result) }
             let completion = lookup.completion
+            let channel = lookup.channel
             // Never inside c-ares's processing (or inside `lookup` for an answer from /etc/hosts).
-            if !lookup.reactor.execute({ completion(outcome) }) { completion(outcome) }
+            if !channel.reactor.execute({
+                completion(outcome)
+                channel.lookupEnded()
+            }) {
+                completion(outcome)
+            }
         }, box.toOpaque())
         self.armTimer()
+    }
+
+    /// A newer channel takes the lookups from now on: this one ends once its own have.
+    func retire() {
+        self.retired = true
+        if self.pending == 0 { self.close() }
+    }
+
+    private func lookupEnded() {
+        self.pending -= 1
+        if self.retired && self.pending == 0 { self.destroy() }
     }
 
     private static func outcome(

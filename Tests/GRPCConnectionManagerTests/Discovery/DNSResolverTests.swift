@@ -2,6 +2,7 @@ import Foundation
 import GRPCEchoServer
 import Testing
 
+@testable import GRPCCMDiscovery
 @testable import GRPCConnectionManager
 @testable import GRPCCMPool
 @testable import GRPCCMReactor
@@ -129,6 +130,48 @@ struct DNSResolverTests {
         #expect(timedOut.status.code == .unavailable)
         #expect(timedOut.status.message.contains("timed out"))
         #expect(ContinuousClock.now - started < .seconds(5))
+    }
+
+    @Test("with the system's servers, a changed resolv.conf is read at the next lookup; a lookup under way still ends")
+    func resolvConfChanges() async throws {
+        let first = try DNSPeer(host: "127.0.0.1")
+        defer { first.stop() }
+        let second = try DNSPeer(host: "127.0.0.2", port: first.port)
+        defer { second.stop() }
+        first.set("svc.test", ["127.0.0.1"])
+        first.silence("slow.test")
+        second.set("svc.test", ["127.0.0.2"])
+        let path = NSTemporaryDirectory() + "grpc-cm-resolv-\(getpid()).conf"
+        defer { unlink(path) }
+        // As resolvconf and DHCP clients replace it: a new file renamed over the old. resolv.conf has no ports:
+        // the two servers listen on one port, on two loopback addresses.
+        func use(_ peer: DNSPeer) throws {
+            try "nameserver \(peer.host)\n".write(toFile: path + ".new", atomically: false, encoding: .utf8)
+            #expect(rename(path + ".new", path) == 0)
+        }
+        try use(first)
+        var settings = CAresResolver.Settings(timeout: .seconds(1), attempts: 1)
+        settings.resolvConf = path
+        settings.resolvConfPort = UInt16(first.port)
+        let resolver = CAresResolver(settings: settings)
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        func lookup(_ name: String) async throws -> Result<[NetworkAddress], CallStatus> {
+            let target = try Target(parsing: name + ":80")
+            return await withCheckedContinuation { done in resolver.resolve(target, on: loop.reactor) { done.resume(returning: $0) } }
+        }
+        #expect(try await lookup("svc.test").map { $0.map(\.description) } == .success(["127.0.0.1:80"]))
+        // A lookup the first server never answers is under way when the file changes.
+        async let slow = lookup("slow.test")
+        #expect(await eventually(timeout: 5) { first.queries() >= 3 })
+        try use(second)
+        #expect(try await lookup("svc.test").map { $0.map(\.description) } == .success(["127.0.0.2:80"]))
+        #expect(second.queries() >= 2)
+        // The old channel kept it until its own timeout: not cut short, not lost.
+        let slowResult = try await slow
+        #expect(throws: CallStatus.self) { try slowResult.get() }
+        if case .failure(let status) = slowResult { #expect(status.message.contains("timed out"), "\(status)") }
     }
 
     @Test("DNS settings are validated")

@@ -7,12 +7,16 @@ final class DNSPeer: Sendable {
     private let script: ScriptProcess
     var port: Int { self.script.port }
 
-    init() throws {
-        self.script = try ScriptProcess("dns_server.py", [])
+    let host: String
+
+    /// A server on `host` (a loopback address), on `port` or a free one.
+    init(host: String = "127.0.0.1", port: Int = 0) throws {
+        self.host = host
+        self.script = try ScriptProcess("dns_server.py", [host, String(port)])
     }
 
-    /// `127.0.0.1:port`, for `Configuration.dns.servers`.
-    var server: String { "127.0.0.1:\(self.port)" }
+    /// `host:port`, for `Configuration.dns.servers`.
+    var server: String { "\(self.host):\(self.port)" }
 
     /// Answers `name` with `addresses` from now on (A for IPv4, AAAA for IPv6); returns once the server does.
     func set(_ name: String, _ addresses: [String]) { self.change("set \(name) \(addresses.joined(separator: ","))") }

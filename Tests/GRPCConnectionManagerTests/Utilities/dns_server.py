@@ -1,6 +1,6 @@
 """A DNS server on loopback whose answers the tests change (UDP, A and AAAA only).
 
-    python3 dns_server.py
+    python3 dns_server.py [HOST PORT]    (default 127.0.0.1, a free port)
 
 Prints its port, then reads commands on stdin until it closes (each change is acknowledged with "ok" once in
 force):
@@ -74,7 +74,7 @@ def serve(sock):
 
 
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.bind(("127.0.0.1", 0))
+sock.bind((sys.argv[1], int(sys.argv[2])) if len(sys.argv) == 3 else ("127.0.0.1", 0))
 print(sock.getsockname()[1], flush=True)
 threading.Thread(target=serve, args=(sock,), daemon=True).start()
 for line in sys.stdin:
