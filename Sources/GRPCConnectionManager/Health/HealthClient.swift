@@ -12,10 +12,33 @@ extension GRPCChannel {
     /// check yields `.unknown`). A Watch that ends or fails otherwise is reopened after `pollInterval`, as gRFC A17
     /// does. The stream ends when the consumer stops iterating. A `pollInterval` under 10 ms is taken as 10 ms: zero
     /// would poll (or reopen) as fast as calls can fail. A consumer slower than the changes gets the latest status
-    /// when it asks next (the ones in between are dropped): a server that flaps cannot fill memory with them.
+    /// when it asks next (the ones in between are dropped): a server that flaps cannot fill memory with them, and a
+    /// flap the consumer did not see (SERVING, NOT_SERVING, SERVING) is no change to it.
     public func watchHealth(_ healthServiceName: String = "", pollInterval: Duration = .seconds(5)) -> AsyncStream<HealthStatus> {
         let pollInterval = max(pollInterval, Self.shortestPollInterval)
-        return AsyncStream(bufferingPolicy: .bufferingNewest(1)) { continuation in
+        return Self.changesAsDelivered(self.healthUpdates(healthServiceName, pollInterval: pollInterval))
+    }
+
+    /// `source` without an element equal to the one the consumer took before it. Compared as the consumer takes
+    /// it: `source` keeps only its newest element, so a change and its reversal, both unread, leave a repeat there.
+    static func changesAsDelivered(_ source: AsyncStream<HealthStatus>) -> AsyncStream<HealthStatus> {
+        let reader = HealthChangeReader(source)
+        // Dropping the stream drops the reader and `source`'s iterator with it, which ends `source` (its
+        // onTermination runs).
+        return AsyncStream(unfolding: {
+            while let next = await reader.iterator.next() {
+                if next != reader.last {
+                    reader.last = next
+                    return next
+                }
+            }
+            return nil
+        })
+    }
+
+    /// Every status the Watch (or the polled Check) reports, repeats left out, the newest kept for the consumer.
+    private func healthUpdates(_ healthServiceName: String, pollInterval: Duration) -> AsyncStream<HealthStatus> {
+        AsyncStream(bufferingPolicy: .bufferingNewest(1)) { continuation in
             let task = Task {
                 var last: HealthStatus?
                 func emit(_ status: HealthStatus) {
@@ -84,5 +107,16 @@ extension GRPCChannel {
             throw CallError(status: CallStatus(code: .internal, message: "malformed HealthCheckResponse"))
         }
         return status
+    }
+}
+
+/// `watchHealth`'s consumer side: the status last delivered. `@unchecked Sendable`: used only by the stream's one
+/// consumer, one `next()` at a time (AsyncStream's rule).
+private final class HealthChangeReader: @unchecked Sendable {
+    var iterator: AsyncStream<HealthStatus>.Iterator
+    var last: HealthStatus?
+
+    init(_ source: AsyncStream<HealthStatus>) {
+        self.iterator = source.makeAsyncIterator()
     }
 }

@@ -438,6 +438,36 @@ struct ConnectionManagerTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("watchHealth: a flap the consumer did not see is no change to it (the status it holds is not repeated)")
+    func healthFlapUnseen() async {
+        // The watch keeps only the newest status for a consumer that has not asked yet.
+        let (source, feed) = AsyncStream<HealthStatus>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        var changes = GRPCChannel.changesAsDelivered(source).makeAsyncIterator()
+        feed.yield(.serving)
+        #expect(await changes.next() == .serving)
+        // NOT_SERVING and SERVING again, both before the consumer asks: the buffer holds SERVING alone.
+        feed.yield(.notServing)
+        feed.yield(.serving)
+        feed.yield(.serving)
+        feed.finish()
+        #expect(await changes.next() == nil, "SERVING again is not a change to a consumer that holds SERVING")
+
+        // A consumer that stops reading ends the watch: the source's termination (which cancels its task) runs.
+        let ended = PThreadLock(false)
+        do {
+            // As watchHealth makes it: nothing but the consumer's stream holds the source's consumer side.
+            var reader = GRPCChannel.changesAsDelivered(
+                AsyncStream(bufferingPolicy: .bufferingNewest(1)) { status in
+                    status.onTermination = { _ in ended.withLock { $0 = true } }
+                    status.yield(.serving)
+                }
+            ).makeAsyncIterator()
+            #expect(await reader.next() == .serving)
+            #expect(!ended.withLock { $0 })
+        }
+        #expect(ended.withLock { $0 })
+    }
+
     @Test("several connections per target share the calls")
     func connectionsPerTarget() async throws {
         let fixture = try LoopbackFixture()
