@@ -116,9 +116,13 @@ package final class Reactor: @unchecked Sendable {
 
     deinit {
         if let loop = self.loop {
-            // Never ran: release what timers still hold, then close the fds.
+            // Never ran, or a host drove it and let it go without shutting it down: release what timers still hold,
+            // then close the fds.
             _ = Self.releaseArmedTimers(loop)
             cr_loop_destroy(loop)
+            // That host's thread serves this loop no longer (else it would never again wait for a loop to stop, or
+            // for a subscription to apply). Let go of elsewhere, the count on the driving thread cannot be reached.
+            if self.inReactorThread { cr_thread_loop_count_add(-1) }
         }
         self.readBuffer.deallocate()
         self.plaintextBuffer.deallocate()

@@ -259,6 +259,30 @@ struct EmbeddingTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("a driven loop let go of without shutdown() leaves its thread free to wait for other loops")
+    func droppedDrivenLoop() async throws {
+        let other = try ReactorLoop()
+        other.start()
+        let outcome = PThreadLock<(servedAfterDrop: Bool, otherFinished: Bool)?>(nil)
+        // A thread of its own: the count is per thread, and a test's task may move between the pool's threads.
+        let thread = Thread {
+            do {
+                let driven = try ReactorLoop()
+                _ = try driven.runOnce(maxWait: .zero)
+            } catch {
+                Issue.record("\(error)")
+            }
+            let served = Reactor.servesALoop
+            // From a thread that serves no loop, shutdown() waits until the loop has finished.
+            other.shutdown()
+            outcome.withLock { $0 = (served, other.reactor.pollableDescriptor == -1) }
+        }
+        thread.start()
+        #expect(await eventually(timeout: 10) { outcome.withLock { $0 } != nil })
+        #expect(outcome.withLock { $0 }?.servedAfterDrop == false)
+        #expect(outcome.withLock { $0 }?.otherFinished == true, "shutdown() waited for the other loop to finish")
+    }
+
     @Test("misuse gets a clear error or a documented no-op, never a crash")
     func misuse() async throws {
         let loop = try ReactorLoop()
