@@ -1,6 +1,7 @@
 import ArgumentParser
 import GRPCConnectionManager
 import GRPCConnectionManagerPrometheus
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -11,7 +12,8 @@ struct Call: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Make a unary call with raw request bytes.",
         discussion: """
-            Exit status: 0 on OK, 64 + the status code otherwise (grpcurl's convention), 2 for bad arguments.
+            Exit status: 0 on OK, 64 + the status code otherwise (grpcurl's convention), 2 for bad arguments,
+            1 when no connection could be set up or established (an unreadable PEM file, a target nobody answers).
             With --repeat: 0 if every call was OK, else 64 + the last failure's code.
             """
     )
@@ -162,8 +164,13 @@ struct Call: AsyncParsableCommand {
         do {
             manager = try ConnectionManager(configuration: configuration, metricsFactory: metrics)
             channel = try manager.connection(service: "grpc-cm", address: self.target)
+        } catch let error as ConfigurationError where error.field == "tls" {
+            // grpcurl exits 1 when it cannot set up the connection: an unreadable PEM file, a target it cannot dial.
+            writeStderr("Failed to create TLS config: \(error.message)\n")
+            throw ExitCode(1)
         } catch {
-            throw ValidationError("\(error)")
+            writeStderr("Failed to dial target host \"\(self.target)\": \(error)\n")
+            throw ExitCode(1)
         }
         // The metrics are written whatever the calls did; a failure to write them exits 1 unless a call failed.
         let outcome: Result<Void, any Error>
@@ -186,11 +193,22 @@ struct Call: AsyncParsableCommand {
         if let maxTime = self.maxTime { options.timeout = seconds(maxTime) }
 
         guard let count = self.repeat else {
+            // grpcurl dials before it calls, and a dial that fails exits 1, not with the call's code: so does a call
+            // here that failed without a connection ever being established.
+            let connected = Mutex(false)
+            let token = channel.events.subscribe { event in
+                if case .connectAttemptSucceeded = event { connected.withLock { $0 = true } }
+            }
+            defer { channel.events.unsubscribe(token) }
             let response = await channel.unaryResult(path: self.method, request: request, metadata: metadata, options: options)
             if self.verbose { Self.printVerbose(response) }
             if response.status.isOK {
                 try self.writeResponse(response.message)
                 return
+            }
+            if !connected.withLock({ $0 }) {
+                writeStderr("Failed to dial target host \"\(self.target)\": \(response.status.code.name): \(response.status.message)\n")
+                throw ExitCode(1)
             }
             Self.printError(response.status)
             throw ExitCode(Int32(64 + response.status.code.rawValue))

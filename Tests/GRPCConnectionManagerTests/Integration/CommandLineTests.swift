@@ -68,9 +68,19 @@ struct CommandLineTests {
         // grpcurl's single-dash spellings of the long options (Go flags).
         #expect(try runProgram(cli, ["call", "-plaintext", "-max-time", "2", target, "a.B/C", "-data-hex=0a0b", "-hex"]) == (0, "0a0b\n"))
         // A PEM file that is not there says so (OpenSSL alone says "system lib").
+        // Neither it nor a target nobody answers is a usage error: grpcurl exits 1 when it cannot set up or dial the
+        // connection, and leaves 64 + code to calls that reached a server.
         let missing = try run("call --cacert /nonexistent/ca.pem \(target) a.B/C")
-        #expect(missing.status == 2)
+        #expect(missing.status == 1)
+        #expect(missing.output.contains("Failed to create TLS config: "))
         #expect(missing.output.contains("cannot load CA certificates from /nonexistent/ca.pem: No such file or directory"))
+        let refused = try run("call --plaintext 127.0.0.1:\(freePort()) a.B/C")
+        #expect(refused.status == 1)
+        #expect(refused.output.contains("Failed to dial target host \"127.0.0.1:"), "\(refused.output)")
+        #expect(refused.output.contains("Unavailable") && refused.output.contains("refused"), "\(refused.output)")
+        let unparsable = try run("call --plaintext no-port-here a.B/C")
+        #expect(unparsable.status == 1)
+        #expect(unparsable.output.contains("Failed to dial target host \"no-port-here\""), "\(unparsable.output)")
     }
 
     @Test("health reads flags as grpc_health_probe's Go parser does: --name, bool=value, -version, -gzip, its conflicts")
