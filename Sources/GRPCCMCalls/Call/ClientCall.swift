@@ -369,7 +369,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         if self.attemptStateUsed { self.resetAttemptState() }
         self.attemptStateUsed = true
         self.attemptsMade = max(self.attemptsMade, self.machine.attempt)
-        if let timeout = self.withEnvironment({ $0.policies.retry?.perAttemptTimeout(path: self.path) }) {
+        // The per-attempt timeout is there to retry a slow attempt: an attempt nothing may follow (streamed requests,
+        // a hedged call's attempt, which its coordinator replaces) would only be ended early by it.
+        if !self.requestsStreamed && self.hedgeAttempt == 0,
+            let timeout = self.withEnvironment({ $0.policies.retry?.perAttemptTimeout(path: self.path) })
+        {
             let at = Reactor.clock() &+ UInt64(max(timeout.nanoseconds, 0))
             if self.deadline == 0 || at < self.deadline {
                 self.attemptTimer = self.withReactor { $0.scheduleTimer(at: at, handler: self, tag: TimerTag.attempt) }
@@ -885,6 +889,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 resetWith: NGHTTP2_CANCEL.rawValue)
         case .headers:
             self.machine.headersReceived()
+            // Committed: no retry can follow, so the attempt's timeout would only cut a response that is coming.
+            if self.attemptTimer != 0 {
+                self.withReactor { $0.cancelTimer(self.attemptTimer) }
+                self.attemptTimer = 0
+            }
             if self.streams { self.settleStreamPermit() }
             if let committed = self.onResponseHeaders {
                 self.onResponseHeaders = nil

@@ -152,6 +152,38 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("a per-attempt timeout never ends what it cannot retry: a stream of requests, a committed response")
+    func perAttemptTimeoutOnlyWhereRetried() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, _) = try self.makeManager(fixture) {
+            $0.retry.policy.perAttemptTimeout = .milliseconds(100)
+        }
+        // Streamed requests are never retried by policy: the stream outlives the attempt timeout.
+        let bidi = channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        var echoes = bidi.responses.makeAsyncIterator()
+        try await bidi.write([1])
+        #expect(try await echoes.next() == [1])
+        try await Task.sleep(for: .milliseconds(300))
+        try await bidi.write([2])
+        #expect(try await echoes.next() == [2])
+        bidi.closeSend()
+        #expect(try await echoes.next() == nil)
+        #expect(await bidi.result().status.code == .ok)
+        await manager.close(gracePeriod: .seconds(1))
+
+        // Response headers commit a call: no retry can follow, so the status that comes 300 ms later is the call's.
+        let peer = try ScriptedPeer("headers-then-status", ["5", "300"])
+        defer { peer.stop() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.retry.policy.perAttemptTimeout = .milliseconds(100)
+        let committed = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: fixture.loop)
+        let response = await committed.unaryResult(path: "/echo.Echo/Get", request: [1])
+        #expect(response.status.code == .notFound, "\(response.status)")
+        #expect(peer.headerBlocks() == 1)
+    }
+
     /// A manager whose breaker opens at the first failure, retry off (so each call is one outcome).
     func makeTrippingManager(_ fixture: LoopbackFixture, _ adjust: (inout Configuration) -> Void = { _ in })
         throws -> (ConnectionManager, GRPCChannel, EventRecorder)

@@ -119,6 +119,24 @@ struct HedgingTests {
         #expect(peer.headerBlocks() == 1, "one attempt: committed at its headers")
     }
 
+    @Test("a retry policy's per-attempt timeout does not end hedged attempts: the slow one may still answer")
+    func perAttemptTimeoutLeavesHedges() async throws {
+        let slow = try PythonPeer(name: "slow", sleepMilliseconds: 300)
+        defer { slow.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.retry.policy.perAttemptTimeout = .milliseconds(100)
+        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
+        let channel = try GRPCChannel(target: slow.target, configuration: configuration, eventLoop: loop)
+        // Both attempts reach the one slow backend; whichever answers first (about 300 ms) is the call's.
+        let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [3])
+        #expect(response.status == .ok, "\(response.status)")
+        #expect(response.message == [3])
+    }
+
     @Test("hedging shares the retry throttle: once failures spend its tokens, no further attempt goes out")
     func throttleGatesHedges() async throws {
         let broken = try PythonPeer(name: "broken", failCode: 14)
