@@ -83,7 +83,13 @@ final class TransportStream: Sendable {
         case .refused(let error): throw GRPCCore.RPCError(error)
         case .acceptedFull:
             do {
-                try await self.buffers.waitUntilWritable()
+                // A writer's task that is cancelled ends the RPC (as cancelling a reader's does): GRPCCore abandons
+                // an attempt by cancelling the tasks that use its stream, not the one that opened it.
+                try await withTaskCancellationHandler {
+                    try await self.buffers.waitUntilWritable()
+                } onCancel: {
+                    self.cancel()
+                }
             } catch let error as GRPCConnectionManager.CallError {
                 throw GRPCCore.RPCError(error)
             }
@@ -149,7 +155,15 @@ struct ResponseParts: AsyncSequence, Sendable {
 
         mutating func next() async throws -> Element? {
             if self.finished { return nil }
-            switch await self.stream.buffers.nextPart() {
+            // Cancelling the reading task cancels the RPC, which ends it with CANCELLED: GRPCCore's hedging abandons
+            // a losing attempt so, and its RPC waits for that attempt's reader.
+            let stream = self.stream
+            let part = await withTaskCancellationHandler {
+                await stream.buffers.nextPart()
+            } onCancel: {
+                stream.cancel()
+            }
+            switch part {
             case .metadata(let metadata):
                 return .metadata(GRPCCore.Metadata(metadata))
             case .message(let message):

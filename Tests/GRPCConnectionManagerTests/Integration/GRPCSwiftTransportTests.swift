@@ -246,6 +246,33 @@ struct GRPCSwiftTransportTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("cancelling the task that reads a stream ends the RPC with CANCELLED (GRPCCore abandons a hedge so)")
+    func readerTaskCancellationEndsTheRPC() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let transport = ManagedClientTransport(channel: try fixture.channel())
+        let started = ContinuousClock.now
+        let status = try await transport.withStream(
+            descriptor: MethodDescriptor(fullyQualifiedService: "echo.Echo", method: "Get"), options: .defaults
+        ) { stream, _ -> GRPCCore.Status? in
+            // A server that would answer in 10 s.
+            try await stream.outbound.write(.metadata(["x-sleep-ms": "10000", "x-request-key": "abandoned"]))
+            try await stream.outbound.write(.message([1]))
+            await stream.outbound.finish()
+            let reader = Task { () -> GRPCCore.Status? in
+                for try await part in stream.inbound {
+                    if case .status(let status, _) = part { return status }
+                }
+                return nil
+            }
+            #expect(await eventually { fixture.server.requestCount(key: "abandoned") == 1 })
+            reader.cancel()
+            return try await reader.value
+        }
+        #expect(status?.code == .cancelled, "\(String(describing: status))")
+        #expect(ContinuousClock.now - started < .seconds(5), "the reader did not wait for the server")
+    }
+
     @Test("CallOptions: message size limits both ways, and fail-fast vs wait-for-ready", arguments: [Peer.embedded])
     func callOptions(_ peer: Peer) async throws {
         try await Self.withEchoClient(peer) { echo, _ in
