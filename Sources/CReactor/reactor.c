@@ -165,6 +165,8 @@ int64_t cr_fd_register(cr_loop *loop, int fd, uint32_t interest, void *target) {
         loop->free_registrations[loop->free_registration_count++] = slot;
         return -err;
     }
+    // Added first all the same: epoll is what refuses an fd it cannot watch (closed, a regular file).
+    if (interest == 0) (void)epoll_ctl(loop->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
     reg->fd = fd;
     reg->interest = interest;
     reg->target = target;
@@ -177,8 +179,11 @@ int cr_fd_set_interest(cr_loop *loop, int64_t id, uint32_t interest) {
     cr_registration *reg = cr_lookup(loop, id);
     if (reg == NULL) return -ENOENT;
     if (reg->interest == interest) return 0;
+    // No interest at all means out of epoll: the kernel reports EPOLLERR and EPOLLHUP whatever the mask, and
+    // level-triggered, a paused fd whose peer reset it would wake every turn.
+    int op = interest == 0 ? EPOLL_CTL_DEL : reg->interest == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
     struct epoll_event ev = {.events = cr_epoll_bits(interest), .data.u64 = (uint64_t)id};
-    if (epoll_ctl(loop->epoll_fd, EPOLL_CTL_MOD, reg->fd, &ev) != 0) return -errno;
+    if (epoll_ctl(loop->epoll_fd, op, reg->fd, &ev) != 0) return -errno;
     reg->interest = interest;
     return 0;
 }
@@ -188,7 +193,7 @@ int cr_fd_deregister(cr_loop *loop, int64_t id) {
     if (reg == NULL) return -ENOENT;
     // The registration ends whatever epoll answers: an fd closed before it was deregistered (ENOENT, EBADF) took its
     // epoll entry with it, and the owner must still get its handler back.
-    (void)epoll_ctl(loop->epoll_fd, EPOLL_CTL_DEL, reg->fd, NULL);
+    if (reg->interest != 0) (void)epoll_ctl(loop->epoll_fd, EPOLL_CTL_DEL, reg->fd, NULL);
     reg->live = 0;
     reg->fd = -1;
     reg->target = NULL;
@@ -258,6 +263,5 @@ int cr_loop_run_once_for(cr_loop *loop, int max_wait_ms) {
     return n;
 }
 
-void cr_ignore_sigpipe(void) { signal(SIGPIPE, SIG_IGN); }
 
 #endif  // __linux__

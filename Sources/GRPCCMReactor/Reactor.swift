@@ -94,7 +94,8 @@ package final class Reactor: @unchecked Sendable {
     /// Creates the epoll instance and the eventfd.
     /// - Throws: `ReactorError` if the kernel refuses either.
     package init() throws {
-        cr_ignore_sigpipe()
+        // SIGPIPE is left as the application set it: every socket write passes MSG_NOSIGNAL (`cr_write`), and a
+        // library that set it to ignored for the whole process would change what the host's children inherit.
         let callbacks = cr_callbacks(
             on_fd: reactorOnFD,
             on_timer: reactorOnTimer,
@@ -192,8 +193,10 @@ package final class Reactor: @unchecked Sendable {
             // Work already queued (deferred bodies, output to flush) must not wait for the poll's timeout.
             let wait = self.deferred.isEmpty && self.flushList.isEmpty ? maxWaitMilliseconds : 0
             self.inDrivenTurn = true
+            self.betweenDrivenTurns = false
             let rc = cr_loop_run_once_for(self.loop!, wait)
             self.inDrivenTurn = false
+            self.betweenDrivenTurns = true
             precondition(rc >= 0, "epoll_wait failed: errno \(-rc)")
         }
         if self.life.load(ordering: .acquiring) == LifeState.stopping.rawValue {
@@ -208,6 +211,18 @@ package final class Reactor: @unchecked Sendable {
     /// True while `runOnce` runs a turn (driving thread only).
     @exclusivity(unchecked)
     private var inDrivenTurn = false
+    /// True on a driven loop from the end of one turn to the start of the next (driving thread only). Work queued
+    /// then on the driving thread (a call started, a timer armed, from the host's own callbacks) wakes the
+    /// pollable descriptor: the host may have read `nextTimeout` before it, and would otherwise sleep through it.
+    @exclusivity(unchecked)
+    private var betweenDrivenTurns = false
+
+    /// A driven loop between turns got work on its own thread: make its descriptor readable, once per gap.
+    @inline(never)
+    private func wakeDrivingHost() {
+        self.betweenDrivenTurns = false
+        if let loop = self.loop { cr_loop_wake(loop) }
+    }
 
     /// The epoll fd: readable whenever the loop has something to do (-1 once it has finished).
     package var pollableDescriptor: Int32 { self.loop.map { cr_loop_fd($0) } ?? -1 }
@@ -343,7 +358,9 @@ package final class Reactor: @unchecked Sendable {
     private static func releaseArmedTimers(_ loop: OpaquePointer) -> Bool {
         var released = false
         while let target = cr_timer_pop_any(loop) {
-            Unmanaged<ReactorHandler>.fromOpaque(target).release()
+            let handler = Unmanaged<ReactorHandler>.fromOpaque(target)
+            handler._withUnsafeGuaranteedRef { $0.reactorTimerDropped() }
+            handler.release()
             released = true
         }
         return released
@@ -437,6 +454,7 @@ package final class Reactor: @unchecked Sendable {
     /// deferred phase itself, in the next turn. The caller keeps a flag so that it queues once until it has run.
     package func enqueueDeferred(_ handler: ReactorHandler) {
         self.deferred.append(handler)
+        if self.betweenDrivenTurns { self.wakeDrivingHost() }
     }
 
     /// True while something waits for the deferred phase.
@@ -523,6 +541,7 @@ package final class Reactor: @unchecked Sendable {
         let target = Unmanaged.passRetained(handler).toOpaque()
         let id = cr_timer_add(loop, deadline, target, tag)
         precondition(id != 0, "out of memory arming a timer")
+        if self.betweenDrivenTurns { self.wakeDrivingHost() }
         return id
     }
 
@@ -551,6 +570,7 @@ package final class Reactor: @unchecked Sendable {
     /// once per turn.
     package func scheduleFlush(_ handler: ReactorHandler) {
         self.flushList.append(handler)
+        if self.betweenDrivenTurns { self.wakeDrivingHost() }
     }
 
     /// Runs what a turn ends with (the deferred phase, then the flushes) on the calling thread. For tests that drive

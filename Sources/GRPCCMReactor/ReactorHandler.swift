@@ -18,6 +18,8 @@ open class ReactorHandler: @unchecked Sendable {
     open func reactorFDReady(_ events: UInt32) {}
     /// A timer armed with this handler expired.
     open func reactorTimerFired(tag: UInt64) {}
+    /// A timer armed with this handler will never fire: the loop stopped (or was let go of) with it armed.
+    open func reactorTimerDropped() {}
     /// This handler was submitted with `Reactor.submit(_:)` and now runs on the reactor thread; or the reactor is
     /// stopping and this handler was registered with `Reactor.addShutdownHook(_:)`.
     open func reactorRunSubmitted() {}

@@ -189,15 +189,20 @@ public final class LoopRegistration: Sendable {
 
 /// A user timer: armed on the loop's thread; fires (in the deferred phase) or is cancelled, exactly one of them.
 final class UserTimer: ReactorHandler, @unchecked Sendable {
-    // `@unchecked`: `state` is atomic; `timerID` is touched on the loop's thread only; the rest is immutable.
+    // `@unchecked`: `state` is atomic and decides between firing and cancelling; `timerID` and `body` are touched
+    // on the loop's thread only (`body` also by `deinit`); `reactor` is written in `init` only (a weak read is
+    // atomic); the rest is immutable.
     static let pending: UInt8 = 0
     static let fired: UInt8 = 1
     static let cancelled: UInt8 = 2
 
     let state = Atomic<UInt8>(UserTimer.pending)
-    private unowned let reactor: Reactor
+    /// Weak: a `LoopTimer` may outlive its loop, and `cancel()` then has nothing to tell it.
+    private weak var reactor: Reactor?
     private let deadline: UInt64
-    private let body: @Sendable () -> Void
+    /// Let go of once it has run or been cancelled: what it captures (often the `LoopTimer` itself) goes with it.
+    @exclusivity(unchecked)
+    private var body: (@Sendable () -> Void)?
     @exclusivity(unchecked)
     private var timerID: Reactor.TimerID = 0
 
@@ -209,8 +214,8 @@ final class UserTimer: ReactorHandler, @unchecked Sendable {
 
     /// On the loop's thread: into the heap, unless it was cancelled on its way here.
     func arm() {
-        guard self.state.load(ordering: .acquiring) == Self.pending else { return }
-        self.timerID = self.reactor.scheduleTimer(at: self.deadline, handler: self)
+        guard self.state.load(ordering: .acquiring) == Self.pending, let reactor = self.reactor else { return }
+        self.timerID = reactor.scheduleTimer(at: self.deadline, handler: self)
         if self.timerID == 0 { self.abandon() }  // the loop has stopped
     }
 
@@ -224,38 +229,55 @@ final class UserTimer: ReactorHandler, @unchecked Sendable {
     override func reactorTimerFired(tag: UInt64) {
         self.timerID = 0
         // User code waits for the deferred phase, like every other callback.
-        self.reactor.enqueueDeferred(self)
+        self.reactor?.enqueueDeferred(self)
+    }
+
+    /// The loop stopped with this timer armed: it will never fire, so `cancel()` must say false.
+    override func reactorTimerDropped() {
+        self.timerID = 0
+        self.abandon()
+        self.body = nil
     }
 
     override func reactorRunDeferred() {
         guard self.state.compareExchange(expected: Self.pending, desired: Self.fired, ordering: .acquiringAndReleasing).exchanged
         else { return }
-        self.body()
+        let body = self.body
+        self.body = nil
+        body?()
     }
 
     func cancel() -> Bool {
         guard self.state.compareExchange(expected: Self.pending, desired: Self.cancelled, ordering: .acquiringAndReleasing).exchanged
         else { return false }
-        // Free the heap slot now rather than at the deadline (best effort: the state above already decided).
-        if self.reactor.inReactorThread {
-            if self.timerID != 0 { self.reactor.cancelTimer(self.timerID) }
-            self.timerID = 0
+        // Free the heap slot and the body now rather than at the deadline (best effort: the state above already
+        // decided).
+        guard let reactor = self.reactor else { return true }
+        if reactor.inReactorThread {
+            self.release(on: reactor)
         } else {
-            self.reactor.execute {
-                if self.timerID != 0 { self.reactor.cancelTimer(self.timerID) }
-                self.timerID = 0
-            }
+            reactor.execute { self.release(on: reactor) }
         }
         return true
+    }
+
+    /// Cancelled: out of the heap, and the body let go of. Loop thread.
+    private func release(on reactor: Reactor) {
+        if self.timerID != 0 { reactor.cancelTimer(self.timerID) }
+        self.timerID = 0
+        self.body = nil
     }
 }
 
 /// A user fd's registration. `@unchecked Sendable` (through `ReactorHandler`): touched on the loop's thread only
 /// (every mutating entry point checks that first); `fd` and `handler` are immutable.
 final class UserFDWatcher: ReactorHandler, @unchecked Sendable {
-    unowned let reactor: Reactor
+    /// Weak: a `LoopRegistration` may outlive its loop (written in `init` only; a weak read is atomic).
+    private weak var reactor: Reactor?
     let fd: Int32
-    private let handler: @Sendable (LoopEvents) -> Void
+    /// Let go of at `deregister()`: what it captures (often the registration itself) goes with it.
+    @exclusivity(unchecked)
+    private var handler: (@Sendable (LoopEvents) -> Void)?
     @exclusivity(unchecked)
     private var registration: Reactor.Registration?
 
@@ -266,29 +288,31 @@ final class UserFDWatcher: ReactorHandler, @unchecked Sendable {
     }
 
     func register(_ interest: LoopInterest) throws(ReactorError) {
-        self.registration = try self.reactor.register(fd: self.fd, interest: interest.rawValue, handler: self)
+        guard let reactor = self.reactor else { throw ReactorError(operation: "register(fd:): the loop is gone", errno: ENOENT) }
+        self.registration = try reactor.register(fd: self.fd, interest: interest.rawValue, handler: self)
         // When the loop stops, the registration goes (the fd stays open: it is the user's).
-        self.reactor.addShutdownHook(self)
+        reactor.addShutdownHook(self)
     }
 
     func setInterest(_ interest: LoopInterest) throws(ReactorError) {
-        guard self.reactor.inReactorThread else {
+        guard let reactor = self.reactor, reactor.inReactorThread else {
             throw ReactorError(operation: "setInterest: not on the event loop's thread", errno: EPERM)
         }
-        guard let registration = self.registration, self.reactor.setInterest(registration, interest.rawValue) else {
+        guard let registration = self.registration, reactor.setInterest(registration, interest.rawValue) else {
             throw ReactorError(operation: "setInterest: fd \(self.fd) is not registered", errno: ENOENT)
         }
     }
 
     func deregister() -> Bool {
-        guard self.reactor.inReactorThread, let registration = self.registration else { return false }
+        guard let reactor = self.reactor, reactor.inReactorThread, let registration = self.registration else { return false }
         self.registration = nil
-        self.reactor.removeShutdownHook(self)
-        return self.reactor.deregister(registration, handler: self)
+        self.handler = nil
+        reactor.removeShutdownHook(self)
+        return reactor.deregister(registration, handler: self)
     }
 
     override func reactorFDReady(_ events: UInt32) {
-        self.handler(LoopEvents(rawValue: events))
+        self.handler?(LoopEvents(rawValue: events))
     }
 
     /// The loop is stopping.

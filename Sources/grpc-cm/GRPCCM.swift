@@ -77,6 +77,8 @@ enum Main {
     }
 
     static func main() async {
+        // A closed stdout (`grpc-cm call ... | head -c1`) is an error to report (`writeStdout`), not a signal to die of.
+        signal(SIGPIPE, SIG_IGN)
         // `help NAME` for a command that does not exist printed the top-level help and exited 0.
         let raw = Array(CommandLine.arguments.dropFirst())
         if raw.count >= 2, raw[0] == "help", !GRPCCM.configuration.subcommands.contains(where: { $0._commandName == raw[1] }) {

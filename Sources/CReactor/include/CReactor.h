@@ -132,8 +132,6 @@ int cr_make_unix_address(const char *_Nonnull path, struct sockaddr_un *_Nonnull
 /// removed). 0 when free; -EEXIST when something else is there (a file, a directory); -EADDRINUSE when a server
 /// listens on it; another -errno when it cannot be checked.
 int cr_unix_path_claim(const char *_Nonnull path);
-/// Ignores SIGPIPE for the process (writes to a closed socket then fail with EPIPE instead of killing us).
-void cr_ignore_sigpipe(void);
 
 #ifdef __cplusplus
 }

@@ -199,6 +199,7 @@ struct TLSTests {
             "openssl", "s_server", "-accept", "127.0.0.1:\(port)", "-cert", certificates.serverCertificate, "-key",
             certificates.serverKey, "-alpn", "http/1.1", "-quiet",
         ]
+        ignoreSIGPIPE()
         server.standardInput = Pipe()
         server.standardOutput = FileHandle.nullDevice
         server.standardError = FileHandle.nullDevice

@@ -283,6 +283,125 @@ struct EmbeddingTests {
         #expect(outcome.withLock { $0 }?.otherFinished == true, "shutdown() waited for the other loop to finish")
     }
 
+    @Test("a driven loop between turns: work queued on its thread wakes the descriptor the host polls")
+    func drivenLoopWakesForWorkBetweenTurns() throws {
+        let loop = try ReactorLoop()
+        defer { loop.shutdown() }
+        _ = try loop.runOnce()  // this thread drives it now
+        #expect(loop.nextTimeout == nil, "nothing to do: a host would poll the descriptor without a timeout")
+        // One of the host's own callbacks, on this thread between turns, arms a timer (or starts a call).
+        let fired = Atomic<Bool>(false)
+        loop.scheduleTimer(after: .milliseconds(20)) { fired.store(true, ordering: .releasing) }
+        var descriptor = pollfd(fd: loop.pollableDescriptor, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&descriptor, 1, 2000) == 1, "the host's poll wakes to take the new deadline")
+        for _ in 0..<200 where !fired.load(ordering: .acquiring) {
+            _ = try loop.runOnce(maxWait: loop.nextTimeout ?? .milliseconds(10))
+        }
+        let didFire = fired.load(ordering: .acquiring)
+        #expect(didFire)
+    }
+
+    @Test("a timer or registration outliving its loop: cancel() says false, the rest refuses, nothing crashes")
+    func handlesOutliveTheirLoop() async throws {
+        let timer: LoopTimer
+        let registration = PThreadLock<LoopRegistration?>(nil)
+        var ends: [Int32] = [0, 0]
+        #expect(pipe(&ends) == 0)
+        defer { close(ends[0]); close(ends[1]) }
+        let fd = ends[0]
+        do {
+            let loop = try ReactorLoop()
+            loop.start()
+            timer = loop.scheduleTimer(after: .seconds(60)) {}
+            let registered = Atomic<Bool>(false)
+            loop.execute {
+                registration.withLock { $0 = try? loop.register(fd: fd, interest: .readable) { _ in } }
+                registered.store(true, ordering: .releasing)
+            }
+            #expect(await eventually { registered.load(ordering: .acquiring) })
+            loop.shutdown()
+            #expect(!timer.cancel(), "the loop stopped first: the timer will never fire, so nothing was cancelled")
+        }
+        // The loop is gone (or going): the handles still answer.
+        #expect(!timer.cancel())
+        #expect(!timer.hasFired)
+        #expect(registration.withLock { $0 }?.deregister() == false)
+        #expect(throws: ReactorError.self) { try registration.withLock { $0 }?.setInterest(.writable) }
+    }
+
+    @Test("a cancelled timer and a deregistered fd let go of what their closures captured")
+    func closuresAreLetGo() async throws {
+        final class Captured: Sendable {}
+        final class Weak: @unchecked Sendable {
+            // `@unchecked`: set before the closures run, read after; weak loads are atomic.
+            weak var timerCapture: Captured?
+            weak var watcherCapture: Captured?
+        }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let weak = Weak()
+        var ends: [Int32] = [0, 0]
+        #expect(pipe(&ends) == 0)
+        defer { close(ends[0]); close(ends[1]) }
+        let fd = ends[0]
+        let timer: LoopTimer = {
+            let captured = Captured()
+            weak.timerCapture = captured
+            return loop.scheduleTimer(after: .seconds(60)) { _ = captured }
+        }()
+        #expect(timer.cancel())
+        let deregistered = Atomic<Bool>(false)
+        let registration = PThreadLock<LoopRegistration?>(nil)
+        loop.execute {
+            let captured = Captured()
+            weak.watcherCapture = captured
+            registration.withLock { $0 = try? loop.register(fd: fd, interest: .readable) { _ in _ = captured } }
+            deregistered.store(registration.withLock { $0 }?.deregister() == true, ordering: .releasing)
+        }
+        #expect(await eventually { deregistered.load(ordering: .acquiring) })
+        // The handles are still held here; what their closures captured is not.
+        #expect(await eventually { weak.timerCapture == nil })
+        #expect(weak.watcherCapture == nil)
+        #expect(registration.withLock { $0 } != nil)
+        _ = timer
+    }
+
+    @Test("a paused registration (no interest) is not woken by its peer's reset: the loop sleeps")
+    func pausedRegistrationSleeps() async throws {
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var pair: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        let (watched, peer) = (pair[0], pair[1])
+        defer { close(watched) }
+        let calls = Atomic<Int>(0)
+        let registration = PThreadLock<LoopRegistration?>(nil)
+        let ready = Atomic<Bool>(false)
+        loop.execute {
+            registration.withLock {
+                $0 = try? loop.register(fd: watched, interest: .readable) { _ in calls.add(1, ordering: .relaxed) }
+            }
+            try? registration.withLock { $0 }?.setInterest([])
+            ready.store(true, ordering: .releasing)
+        }
+        #expect(await eventually { ready.load(ordering: .acquiring) })
+        close(peer)  // the peer goes: EPOLLHUP, which epoll reports whatever the mask
+        // A turn of the loop after the hang-up (a closure submitted now runs after it).
+        for _ in 0..<3 {
+            let turned = Atomic<Bool>(false)
+            loop.execute { turned.store(true, ordering: .releasing) }
+            #expect(await eventually { turned.load(ordering: .acquiring) })
+        }
+        let callsWhilePaused = calls.load(ordering: .relaxed)
+        #expect(callsWhilePaused == 0, "a paused registration is not called, let alone every turn")
+        // Resumed, it learns of the hang-up at once.
+        loop.execute { try? registration.withLock { $0 }?.setInterest(.readable) }
+        #expect(await eventually { calls.load(ordering: .relaxed) > 0 })
+        loop.execute { _ = registration.withLock { $0 }?.deregister() }
+    }
+
     @Test("misuse gets a clear error or a documented no-op, never a crash")
     func misuse() async throws {
         let loop = try ReactorLoop()

@@ -163,6 +163,7 @@ final class PythonPeer: @unchecked Sendable {
         port: Int = 0, tlsCertificate: String? = nil, tlsKey: String? = nil, compression: String? = nil,
         name: String? = nil, sleepMilliseconds: Int? = nil, failCode: Int? = nil
     ) throws {
+        ignoreSIGPIPE()
         let scriptURL = FileManager.default.temporaryDirectory.appendingPathComponent("grpc-cm-peer-\(getpid()).py")
         try Self.script.write(to: scriptURL, atomically: true, encoding: .utf8)
         let process = Process()

@@ -16,6 +16,7 @@ final class ScriptProcess: @unchecked Sendable {
     }
 
     init(_ script: String, _ arguments: [String]) throws {
+        ignoreSIGPIPE()
         let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(script)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")

@@ -196,8 +196,14 @@ func grpcCMBinary() -> String {
     return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("grpc-cm").path
 }
 
+/// The tests write to their peers' stdin pipes: a peer that died must fail a test, not kill the runner with SIGPIPE
+/// (the library leaves SIGPIPE as the application set it, as a library should). Called wherever a pipe is made.
+func ignoreSIGPIPE() { _ = sigpipeIgnored }
+private let sigpipeIgnored: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
+
 /// Runs a program, returning its exit status and standard output.
 func runProgram(_ path: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+    ignoreSIGPIPE()
     let process = Process()
     process.executableURL = URL(fileURLWithPath: path)
     process.arguments = arguments
