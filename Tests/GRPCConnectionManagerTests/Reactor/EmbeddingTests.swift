@@ -372,9 +372,7 @@ struct EmbeddingTests {
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
-        var pair: [Int32] = [0, 0]
-        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
-        let (watched, peer) = (pair[0], pair[1])
+        let (watched, peer) = try #require(streamSocketPair())
         defer { close(watched) }
         let calls = Atomic<Int>(0)
         let registration = PThreadLock<LoopRegistration?>(nil)

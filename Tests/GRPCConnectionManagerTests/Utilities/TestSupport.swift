@@ -136,6 +136,17 @@ final class EventRecorder: Sendable {
     func count(where predicate: (ConnectionEvent) -> Bool) -> Int { self.all.filter(predicate).count }
 }
 
+/// A connected pair of Unix stream sockets (the caller closes both), or nil.
+///
+/// Here, in a file that does not import CReactor: a file that does, and names `SOCK_STREAM`, makes the compiler
+/// take the constant as CReactor's (its header includes sys/socket.h), and every file without that import then
+/// cannot find it.
+func streamSocketPair() -> (Int32, Int32)? {
+    var pair: [Int32] = [0, 0]
+    guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0 else { return nil }
+    return (pair[0], pair[1])
+}
+
 /// A blocking Unix stream socket for `path`, for a peer a test sets up by hand (a listener that never accepts, a
 /// socket left behind by a server that died). The caller closes `fd`.
 struct UnixSocket {
