@@ -40,6 +40,12 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
         }
     }
 
+    package func hedgedAttemptEnded(service: String, succeeded: Bool?) {
+        guard let throttling = self.configuration.throttling, let succeeded else { return }
+        let slot = self.throttles.slot(for: service) { RetryThrottle(throttling) }
+        if succeeded { self.throttles[slot].recordSuccess() } else { self.throttles[slot].recordFailure() }
+    }
+
     package func hedgingAllowed(service: String) -> Bool {
         guard let slot = self.throttles.existingSlot(for: service) else { return true }
         return self.throttles[slot].retriesAllowed

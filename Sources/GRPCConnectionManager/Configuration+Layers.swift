@@ -64,6 +64,17 @@ extension Configuration {
         HandlerSettings(
             logging: self.enableLogging, metrics: self.enableMetrics || metricsFactoryPassed,
             circuitBreaker: self.enableCircuitBreaker ? self.circuitBreaker : nil,
-            retry: self.enableRetry ? self.retry : nil)
+            retry: self.enableRetry ? self.retry : self.hedgingThrottleOnly)
+    }
+
+    /// Retries off but hedging on: a retry handler that retries nothing, for the throttle hedging shares (gRFC A6
+    /// throttles hedges whether or not a retry policy exists). nil when there is no hedging or no throttle.
+    private var hedgingThrottleOnly: RetrySettings? {
+        guard !self.hedging.isEmpty, let throttling = self.retry.throttling else { return nil }
+        var settings = RetrySettings()
+        settings.policy.maxAttempts = 1
+        settings.policy.retryableCodes = []
+        settings.throttling = throttling
+        return settings
     }
 }

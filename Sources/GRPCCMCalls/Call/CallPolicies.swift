@@ -42,6 +42,9 @@ package protocol RetryAdvisor: AnyObject {
     /// Whether the throttle lets another hedged attempt go out for `service` (gRFC A6: hedging shares the retry
     /// throttle).
     func hedgingAllowed(service: String) -> Bool
+    /// A hedged attempt's answer, for the throttle: success, a failure (a non-fatal code of the hedging policy, or a
+    /// server's "do not retry" pushback: gRFC A6), or neither (nil).
+    func hedgedAttemptEnded(service: String, succeeded: Bool?)
     func retryDelay(
         service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, attemptTimedOut: Bool,
         deadline: UInt64, now: UInt64

@@ -553,7 +553,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// - Parameter serverOutcome: The server's answer (or the network's), which the retry throttle counts; false for an
     ///   attempt this side abandoned. A failure while the channel closes is the closing's, not the server's, either.
     private func reportAttempt(_ status: CallStatus, _ environment: CallEnvironment, serverOutcome: Bool = true) {
-        if serverOutcome && (status.isOK || !environment.router.isClosing) {
+        // A hedged attempt's outcome is its coordinator's to count: which codes are failures is the hedging policy's.
+        if serverOutcome && self.hedgeAttempt == 0 && (status.isOK || !environment.router.isClosing) {
             environment.policies.retry?.attemptEnded(service: environment.service, path: self.path, status: status)
         }
         environment.bus.publishCallEvent(

@@ -1,4 +1,5 @@
 import GRPCCMCalls
+import GRPCCMHandlers
 @_spi(Reactor) import GRPCCMReactor
 import GRPCCMWire
 
@@ -30,8 +31,11 @@ final class HedgedCall: @unchecked Sendable {
     private var committed = 0
     private var permit: CallPermit?
     private var startedAt: UInt64 = 0
-    /// The channel is closing (an attempt ended by it): no attempt is sent any more.
+    /// The channel is closing (an attempt ended by it, or found closing when one was due): no attempt is sent any
+    /// more.
     private var closing = false
+    /// The server pushed back "do not retry" (gRFC A6): no attempt is sent any more.
+    private var pushedBack = false
 
     init(
         environment: CallEnvironment, path: String, policy: CallHedgingPolicy, observers: [any CallObserver],
@@ -76,10 +80,19 @@ final class HedgedCall: @unchecked Sendable {
 
     /// Sends the next attempt (if the policy and the throttle allow) and arms the timer for the one after.
     private func launch() {
-        guard !self.done, self.committed == 0, !self.closing else { return }
+        guard !self.done, self.committed == 0, !self.closing, !self.pushedBack else { return }
         if self.timer != 0 {
             self.reactor.cancelTimer(self.timer)
             self.timer = 0
+        }
+        // Closing since the first attempt (a graceful close): the attempts already out may finish, as the close lets
+        // them; a new one would only be refused, and that refusal taken for the server's failure.
+        if self.environment.router.isClosing || self.reactor.isStopping {
+            self.closing = true
+            if self.running == 0 {
+                self.finish(self.lastFailure ?? UnaryResponse(status: self.environment.router.closingStatus), endedLocally: true)
+            }
+            return
         }
         guard self.attempts.count < self.policy.maxAttempts,
             self.attempts.isEmpty || self.environment.policies.retry?.hedgingAllowed(service: self.environment.service) ?? true
@@ -90,14 +103,7 @@ final class HedgedCall: @unchecked Sendable {
         let attempt = self.makeAttempt(self.attempts.count + 1, self)
         self.attempts.append(attempt)
         self.running += 1
-        if self.attempts.count < self.policy.maxAttempts {
-            self.timer = self.reactor.schedule(afterNanoseconds: UInt64(max(self.policy.hedgingDelay.nanoseconds, 0))) {
-                [weak self] in
-                guard let self else { return }
-                self.timer = 0
-                self.launch()
-            }
-        }
+        if self.attempts.count < self.policy.maxAttempts { self.armTimer(after: self.policy.hedgingDelay) }
         attempt.start()
     }
 
@@ -115,14 +121,46 @@ final class HedgedCall: @unchecked Sendable {
             if self.running == 0 { self.finish(response, endedLocally: true) }
             return
         }
-        if self.committed == number || response.status.isOK || !self.policy.nonFatalStatusCodes.contains(code) {
+        let nonFatal = !response.status.isOK && self.policy.nonFatalStatusCodes.contains(code)
+        let pushback = response.status.isOK ? .none : RetryPushback(response.trailingMetadata.values(for: "grpc-retry-pushback-ms"))
+        // The throttle learns the server's answer (gRFC A6): a non-fatal code, or a pushback, is a failure.
+        if !self.environment.router.isClosing {
+            self.environment.policies.retry?.hedgedAttemptEnded(
+                service: self.environment.service,
+                succeeded: response.status.isOK ? true : (nonFatal || pushback == .stop) ? false : nil)
+        }
+        if self.committed == number || !nonFatal {
             self.finish(response)
             return
         }
         self.lastFailure = response
-        // A non-fatal failure: the next attempt goes now instead of after the delay.
-        self.launch()
-        if self.running == 0 && !self.done { self.finish(response) }
+        switch pushback {
+        case .stop:
+            // "Do not retry": no further attempt; the ones out may still answer.
+            self.pushedBack = true
+            if self.timer != 0 {
+                self.reactor.cancelTimer(self.timer)
+                self.timer = 0
+            }
+        case .after(let delay):
+            // The next attempt when the server asked, not at once (nor at the old delay).
+            if self.timer != 0 { self.reactor.cancelTimer(self.timer) }
+            self.timer = 0
+            if self.attempts.count < self.policy.maxAttempts { self.armTimer(after: delay) }
+        case .none:
+            // A non-fatal failure: the next attempt goes now instead of after the delay.
+            self.launch()
+        }
+        if self.running == 0 && !self.done && self.timer == 0 { self.finish(response) }
+    }
+
+    /// The next attempt after `delay`.
+    private func armTimer(after delay: Duration) {
+        self.timer = self.reactor.schedule(afterNanoseconds: UInt64(max(delay.nanoseconds, 0))) { [weak self] in
+            guard let self else { return }
+            self.timer = 0
+            self.launch()
+        }
     }
 
     /// Attempt `number` received response headers (a deferred phase): the call is committed to it. The timer

@@ -159,6 +159,86 @@ struct HedgingTests {
         }
     }
 
+    /// The embedded server's channel with `policy` for echo.Echo, and the attempts each finished call made.
+    static func embeddedChannel(
+        _ fixture: LoopbackFixture, policy: CallHedgingPolicy, adjust: (inout Configuration) -> Void = { _ in }
+    ) throws -> (GRPCChannel, @Sendable () -> [Int]) {
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.hedging["echo.Echo"] = policy
+        adjust(&configuration)
+        let channel = try GRPCChannel(target: fixture.target, configuration: configuration, eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        return (channel, {
+            recorder.all.compactMap { event -> Int? in
+                if case .callFinished(_, _, _, _, let attempts, _, _) = event { return attempts }
+                return nil
+            }
+        })
+    }
+
+    @Test("a server's pushback: 'do not retry' sends no further hedge, a delay defers the next one (gRFC A6)")
+    func pushbackRules() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (channel, attempts) = try Self.embeddedChannel(
+            fixture, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
+        let stopped = await channel.unaryResult(
+            path: "/echo.Echo/Get", request: [1],
+            metadata: ["x-fail-code": "14", "x-pushback-ms": "-1", "x-request-key": "stop"])
+        #expect(stopped.status.code == .unavailable)
+        #expect(fixture.server.requestCount(key: "stop") == 1, "no hedge after 'do not retry'")
+        #expect(await eventually { attempts() == [1] })
+        // The first attempt fails, pushing back 300 ms: the second goes then, not at once.
+        let started = ContinuousClock.now
+        let deferred = await channel.unaryResult(
+            path: "/echo.Echo/Get", request: [2],
+            metadata: ["x-fail-first": "1", "x-pushback-ms": "300", "x-request-key": "later"])
+        #expect(deferred.status == .ok, "\(deferred.status)")
+        #expect(ContinuousClock.now - started >= .milliseconds(290))
+        #expect(fixture.server.requestCount(key: "later") == 2)
+    }
+
+    @Test("the throttle counts a hedge's failure by the hedging policy's codes, with retries off too")
+    func throttleCountsHedgingCodes() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        // INTERNAL is non-fatal for this hedging policy (not retryable for the default retry policy): each one
+        // costs a token, and with 2 tokens the first leaves the throttle at its threshold.
+        let policy = CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30), nonFatalStatusCodes: [.unavailable, .internal])
+        for retries in [true, false] {
+            let (channel, attempts) = try Self.embeddedChannel(fixture, policy: policy) {
+                $0.enableRetry = retries
+                $0.retry.throttling?.maxTokens = 2
+            }
+            let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [1], metadata: ["x-fail-code": "13"])
+            #expect(response.status.code == .internal)
+            #expect(await eventually { attempts() == [1] }, "retries \(retries): \(attempts())")
+        }
+    }
+
+    @Test("a graceful close while a hedged call waits for its next hedge: the attempt out finishes, none is added")
+    func gracefulCloseSendsNoHedge() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        // UNAVAILABLE (what a closing channel refuses with) is fatal here: a refused hedge would end the call.
+        configuration.hedging["echo.Echo"] = CallHedgingPolicy(
+            maxAttempts: 3, hedgingDelay: .milliseconds(100), nonFatalStatusCodes: [.internal])
+        let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        async let response = channel.unaryResult(
+            path: "/echo.Echo/Get", request: [5], metadata: ["x-sleep-ms": "400", "x-request-key": "closing"])
+        #expect(await eventually { fixture.server.requestCount(key: "closing") == 1 })
+        await manager.close(gracePeriod: .seconds(5))
+        let answer = await response
+        #expect(answer.status == .ok, "\(answer.status)")
+        #expect(answer.message == [5])
+        #expect(fixture.server.requestCount(key: "closing") == 1)
+    }
+
     @Test("a hedged call in flight when its loop shuts down ends once, UNAVAILABLE")
     func loopShutdown() async throws {
         let slow = try PythonPeer(name: "slow", sleepMilliseconds: 5000)
