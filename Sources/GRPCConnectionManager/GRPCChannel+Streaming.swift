@@ -105,7 +105,8 @@ extension GRPCChannel {
     ) -> StreamBuffers {
         StreamBuffers(
             limit: self.configuration.streamBufferSize,
-            maxSendMessageSize: min(maxSendMessageSize ?? .max, self.configuration.maxMessageSize),
+            // The call's own limit when it sets one (GRPCCore's CallOptions), larger or smaller, as for responses.
+            maxSendMessageSize: maxSendMessageSize ?? self.configuration.maxMessageSize,
             requestEncoding: compression ?? self.configuration.requestEncoding(forPath: path))
     }
 

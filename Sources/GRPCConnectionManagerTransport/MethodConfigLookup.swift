@@ -2,7 +2,8 @@ import GRPCCore
 
 /// Finds a method's `MethodConfig` in a service config the way gRPC does (gRFC A21 / service_config.md): an entry
 /// naming the service and method, else one naming only the service, else one naming neither (the default).
-/// GRPCCore has this lookup but keeps it `package`.
+/// GRPCCore has this lookup but keeps it `package`; this one matches it: a later entry for the same name replaces an
+/// earlier one.
 struct MethodConfigLookup: Sendable {
     private var exact: [MethodConfig.Name: MethodConfig] = [:]
     private var byService: [String: MethodConfig] = [:]
@@ -12,11 +13,11 @@ struct MethodConfigLookup: Sendable {
         for config in serviceConfig.methodConfig {
             for name in config.names {
                 if name.service.isEmpty {
-                    self.fallback = self.fallback ?? config
+                    if name.method.isEmpty { self.fallback = config }
                 } else if name.method.isEmpty {
-                    self.byService[name.service] = self.byService[name.service] ?? config
+                    self.byService[name.service] = config
                 } else {
-                    self.exact[name] = self.exact[name] ?? config
+                    self.exact[name] = config
                 }
             }
         }

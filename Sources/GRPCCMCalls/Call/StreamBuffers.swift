@@ -109,18 +109,27 @@ package final class StreamBuffers: @unchecked Sendable {
         case refused(CallError)
     }
 
+    /// Why a write after the call's end is refused: its status, or, when the server ended it OK (a server may answer
+    /// before the client half-closes), that it has ended: an error carrying OK would read as no error at all.
+    private static func writeRefusal(_ result: StreamResult) -> CallError {
+        guard result.status.isOK else { return CallError(status: result.status, trailers: result.trailingMetadata) }
+        return CallError(
+            status: CallStatus(code: .failedPrecondition, message: "the call has already ended (OK): no more requests are sent"),
+            trailers: result.trailingMetadata)
+    }
+
     /// Buffers one message for sending. Any thread.
     package func write(_ message: [UInt8]) -> WriteOutcome {
         if message.count > self.maxSendMessageSize {
             let status = CallStatus(
                 code: .resourceExhausted,
                 message: "request message of \(message.count) bytes exceeds the send limit of \(self.maxSendMessageSize) bytes")
-            self.waker.fail(status)
+            self.waker.fail(status, byClient: true)
             return .refused(CallError(status: status))
         }
         let message = MessageCompressor.compress(message, with: self.requestEncoding)
         let (outcome, wake) = self.state.withLock { state -> (WriteOutcome, Bool) in
-            if let result = state.result { return (.refused(CallError(status: result.status, trailers: result.trailingMetadata)), false) }
+            if let result = state.result { return (.refused(Self.writeRefusal(result)), false) }
             if state.halfClosed {
                 return (.refused(CallError(status: CallStatus(code: .failedPrecondition, message: "the requests were already closed"))), false)
             }
@@ -153,7 +162,7 @@ package final class StreamBuffers: @unchecked Sendable {
     package func waitUntilWritable() async throws {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let resume: Result<Void, CallError>? = self.state.withLock { state in
-                if let result = state.result { return .failure(CallError(status: result.status, trailers: result.trailingMetadata)) }
+                if let result = state.result { return .failure(Self.writeRefusal(result)) }
                 if state.outboxBytes < self.limit { return .success(()) }
                 state.writeWaiters.append(continuation)
                 return nil

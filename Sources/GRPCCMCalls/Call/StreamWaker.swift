@@ -29,8 +29,9 @@ package final class StreamWaker: ReactorHandler, @unchecked Sendable {
         self.call?.notifyWritable()
     }
 
-    /// A write broke a rule that ends the call (a message over the send limit).
-    func fail(_ status: CallStatus) {
-        self.call?.failFromAnyThread(status)
+    /// Something ends the call: a response that cannot be read (the server's doing), or, `byClient`, a write that
+    /// broke a rule (a message over the send limit), which tells the circuit breaker nothing about the server.
+    func fail(_ status: CallStatus, byClient: Bool = false) {
+        self.call?.failFromAnyThread(status, byClient: byClient)
     }
 }

@@ -89,6 +89,49 @@ struct StreamingTests {
         #expect(await call.result().status.code == .ok)
     }
 
+    @Test("a write after the server ended the call OK is refused FAILED_PRECONDITION, not with an OK 'error'")
+    func writeAfterServerEndedOK() async throws {
+        let setup = try Self.setUp(.embedded)
+        defer { setup.done() }
+        // The server ends with OK after the first echo, requests still open.
+        let call = setup.channel.bidirectionalStreaming(
+            path: "/test.Stream/Update", metadata: ["x-fail-after": "1", "x-fail-code": "0"])
+        try await call.write(Self.text("one"))
+        #expect(await call.result().status.code == .ok)
+        do {
+            try await call.write(Self.text("two"))
+            Issue.record("a write after the end was accepted")
+        } catch let error as CallError {
+            #expect(error.status.code == .failedPrecondition, "\(error.status)")
+            #expect(error.status.message.contains("already ended"))
+        }
+    }
+
+    @Test("an oversized message written on a stream ends it RESOURCE_EXHAUSTED without counting against the server")
+    func oversizedWriteIsNotTheServers() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.maxMessageSize = 100
+        configuration.enableCircuitBreaker = true
+        configuration.circuitBreaker.failureThreshold = 1
+        let channel = try fixture.channel(configuration)
+        let call = channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        do {
+            try await call.write([UInt8](repeating: 1, count: 200))
+            Issue.record("an oversized message was accepted")
+        } catch let error as CallError {
+            #expect(error.status.code == .resourceExhausted)
+        }
+        #expect(await call.result().status.code == .resourceExhausted)
+        // The breaker (opened by one failure) is still closed: the next call of the method goes through.
+        let next = channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        try await next.write([2])
+        next.closeSend()
+        let status = await next.result().status
+        #expect(status.code == .ok, "\(status)")
+    }
+
     // MARK: each kind, callbacks
 
     @Test("server, client and bidirectional streaming with callbacks complete exactly once", arguments: Peer.allCases)
