@@ -225,6 +225,9 @@ public final class GRPCChannel: Sendable {
         // Streamed messages are compressed as they are written (the buffers know how); one request message here, on
         // the caller's thread, once for every attempt.
         let encoding = buffers?.requestEncoding ?? self.requestEncoding(path: path, options: options)
+        // The send limit is on the message as the application gave it, whenever it is checked (the compressed one
+        // may be far smaller).
+        let requestSize = request?.count ?? 0
         var request = request
         if encoding != .identity, problem == nil, let message = request {
             request = MessageCompressor.compress(message, with: encoding)
@@ -237,7 +240,6 @@ public final class GRPCChannel: Sendable {
                 deadline: deadline, encoding: encoding, previousAttempts: previousAttempts, observers: observers,
                 completion: completion)
         }
-        let requestSize = request?.count ?? 0
         // The local copies of the metadata, request and observers move into the call: each would otherwise be
         // retained for it and released here.
         let call = ClientCall(

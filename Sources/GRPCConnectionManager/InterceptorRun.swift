@@ -24,12 +24,19 @@ enum InterceptorRun {
             if let observer = decision.observer { observers.append(observer) }
             switch decision.action {
             case .proceed: break
-            case .fail(let status): return .failed(status)
+            case .fail(let status): return .failed(Self.failure(status, by: interceptors[index]))
             case .proceedAfter(let work): return .suspended(Suspension(index: index, work: work, call: call))
             }
             index += 1
         }
         return .done
+    }
+
+    /// The status an interceptor failed a call with. OK is no failure: taken as one, the call would "succeed" with
+    /// an empty message it never sent for. It becomes INTERNAL, naming the interceptor.
+    static func failure(_ status: CallStatus, by interceptor: any CallInterceptor) -> CallStatus {
+        guard status.isOK else { return status }
+        return CallStatus(code: .internal, message: "interceptor \(type(of: interceptor)) failed the call with status OK")
     }
 
     /// Where a run stopped to await an interceptor's work.
@@ -52,7 +59,7 @@ enum InterceptorRun {
                 do {
                     call.metadata.add(contentsOf: try await work())
                 } catch let error as CallError {
-                    return (call.metadata, observers, error.status)
+                    return (call.metadata, observers, InterceptorRun.failure(error.status, by: interceptors[index]))
                 } catch {
                     let status = CallStatus(
                         code: .unavailable, message: "interceptor \(type(of: interceptors[index])) failed: \(error)")

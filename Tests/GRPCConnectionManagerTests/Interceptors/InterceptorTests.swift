@@ -268,6 +268,46 @@ struct InterceptorTests {
         #expect(second.status.message.contains("Oops"))
     }
 
+    @Test("an interceptor failing a call with OK fails it INTERNAL: no response is made up, nothing is sent")
+    func failingWithOK() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        for interceptor: any CallInterceptor in [
+            Refuse(status: CallStatus(code: .ok)), Throwing(error: CallError(status: CallStatus(code: .ok))),
+        ] {
+            let channel = try GRPCChannel(
+                target: fixture.target, configuration: Self.plain(), interceptors: [interceptor], eventLoop: fixture.loop)
+            let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [1], metadata: ["x-request-key": "ok-fail"])
+            #expect(response.status.code == .internal, "\(type(of: interceptor)): \(response.status)")
+            #expect(response.status.message.contains("with status OK"))
+        }
+        #expect(fixture.server.requestCount(key: "ok-fail") == 0)
+    }
+
+    @Test("the send limit applies to the message as given, after async interceptor work as before it")
+    func sendLimitAfterAsyncWork() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Self.plain()
+        configuration.maxMessageSize = 1000
+        configuration.compression.requestEncoding = .gzip
+        let tokens = TokenInterceptor()
+        tokens.gate.open()
+        // 5,000 zero bytes gzip to a few dozen: over the limit as given, far under it compressed.
+        let big = [UInt8](repeating: 0, count: 5000)
+        for interceptors: [any CallInterceptor] in [[], [tokens]] {
+            let channel = try GRPCChannel(
+                target: fixture.target, configuration: configuration, interceptors: interceptors, eventLoop: fixture.loop)
+            // The echo would be accepted (the response limit raised): only the send limit can refuse it.
+            var options = RequestOptions()
+            options.maxReceiveMessageSize = 10_000
+            let response = await channel.unaryResult(
+                path: "/echo.Echo/Get", request: big, metadata: ["x-request-key": "big"], options: options)
+            #expect(response.status.code == .resourceExhausted, "interceptors \(interceptors.count): \(response.status)")
+        }
+        #expect(fixture.server.requestCount(key: "big") == 0)
+    }
+
     @Test("metadata an interceptor breaks is refused like the caller's (INVALID_ARGUMENT)")
     func invalidMetadata() async throws {
         let fixture = try LoopbackFixture()
