@@ -242,6 +242,16 @@ public final class GRPCChannel: Sendable {
         }
         // The local copies of the metadata, request and observers move into the call: each would otherwise be
         // retained for it and released here.
+        // Interceptor work still running when the call ends (its deadline, a cancel) is cancelled with it.
+        let preparation = suspended == nil ? nil : PreparationTask()
+        var completion = completion
+        if let preparation {
+            let finish = completion
+            completion = { response in
+                preparation.cancel()
+                finish(response)
+            }
+        }
         let call = ClientCall(
             environment: shard.environment, path: path, metadata: consume metadata, request: consume request,
             deadline: deadline, maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
@@ -260,7 +270,7 @@ public final class GRPCChannel: Sendable {
             let reactor = shard.reactor
             // The interceptor's work, then the ones after it, in a task; the call (already on its loop, deadline
             // armed) begins when they are done.
-            Task {
+            preparation?.set(Task {
                 let (metadata, observers, failure) = await suspended.finish(interceptors)
                 let problem = failure ?? Self.checkRequest(
                     path: path, metadata: metadata, requestSize: requestSize, maxMessageSize: maxMessageSize)
@@ -273,7 +283,7 @@ public final class GRPCChannel: Sendable {
                     let end = UnaryResponse(status: Self.loopStopped)
                     for observer in observers.reversed() { observer.callFinished(end) }
                 }
-            }
+            })
         }
         return CallHandle(call: call)
     }
@@ -549,5 +559,28 @@ final class CancellationBox: Sendable {
             return state.handle
         }
         handle?.cancel()
+    }
+}
+
+/// The task that runs a call's interceptors after one of them suspended: cancelled if the call ends first, whichever
+/// comes first of the task being stored and the call ending.
+final class PreparationTask: Sendable {
+    private let state = PThreadLock<(task: Task<Void, Never>?, cancelled: Bool)>((nil, false))
+
+    func set(_ task: Task<Void, Never>) {
+        let cancelled = self.state.withLock { state -> Bool in
+            state.task = task
+            return state.cancelled
+        }
+        if cancelled { task.cancel() }
+    }
+
+    func cancel() {
+        let task = self.state.withLock { state -> Task<Void, Never>? in
+            state.cancelled = true
+            defer { state.task = nil }
+            return state.task
+        }
+        task?.cancel()
     }
 }

@@ -67,6 +67,22 @@ final class TokenInterceptor: CallInterceptor {
     }
 }
 
+/// An interceptor whose work waits for a token service that does not answer, until it is cancelled.
+final class SlowTokenSource: CallInterceptor {
+    let cancelled = Atomic<Int>(0)
+    func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+        .proceedAfter {
+            do {
+                try await Task.sleep(for: .seconds(60))
+            } catch {
+                self.cancelled.add(1, ordering: .relaxed)
+                throw error
+            }
+            return [:]
+        }
+    }
+}
+
 final class SharedLog: Sendable {
     let log = PThreadLock<[String]>([])
     var entries: [String] { self.log.withLock { $0 } }
@@ -197,6 +213,25 @@ struct InterceptorTests {
         #expect(await eventually { tokens.token.withLock { $0 } != nil })
         #expect(fixture.server.requestCount(key: "never") == 0)
         #expect(log.entries == ["o end DEADLINE_EXCEEDED loop=true", "o end CANCELLED loop=true"])
+    }
+
+    @Test("interceptor work still running when its call ends is cancelled (work that throws then runs no interceptor after it)")
+    func preparationCancelledWithTheCall() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let slow = SlowTokenSource()
+        let after = AddHeader(name: "x-after", value: "1")
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(), interceptors: [slow, after], eventLoop: fixture.loop)
+        let timedOut = await channel.unaryResult(
+            path: "/echo.Echo/Get", request: [1], options: RequestOptions(timeout: .milliseconds(100)))
+        #expect(timedOut.status.code == .deadlineExceeded)
+        let task = Task { await channel.unaryResult(path: "/echo.Echo/Get", request: [1]) }
+        try await Task.sleep(for: .milliseconds(50))
+        task.cancel()
+        #expect(await task.value.status.code == .cancelled)
+        #expect(await eventually { slow.cancelled.load(ordering: .relaxed) == 2 }, "both calls' work was cancelled")
+        #expect(after.seen.withLock { $0 }.isEmpty)
     }
 
     @Test("observers that join after async work hear a call that ended meanwhile, in the deferred phase")
