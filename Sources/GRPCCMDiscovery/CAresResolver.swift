@@ -194,11 +194,15 @@ final class CAresChannel: ReactorHandler, @unchecked Sendable {
             throw CallStatus(code: .internal, message: "c-ares: \(String(cString: ares_strerror(rc)))")
         }
         self.channel = channel
+        // The loop stopping tears the channel down with it (its sockets and timer are the loop's): otherwise a
+        // lookup in flight then would keep its socket open until the resolver itself went.
+        reactor.addShutdownHook(self)
         if let servers = settings.servers {
             let rc = ares_set_servers_ports_csv(channel, servers.joined(separator: ","))
             guard rc == ARES_SUCCESS else {
                 ares_destroy(channel)
                 self.channel = nil
+                reactor.removeShutdownHook(self)
                 throw CallStatus(code: .internal, message: "c-ares servers \(servers): \(String(cString: ares_strerror(rc)))")
             }
         }
@@ -313,9 +317,15 @@ final class CAresChannel: ReactorHandler, @unchecked Sendable {
         }
     }
 
+    /// The loop is stopping (a shutdown hook).
+    override func reactorRunSubmitted() {
+        self.destroy()
+    }
+
     private func destroy() {
         guard let channel = self.channel else { return }
         self.channel = nil
+        if !self.reactor.isStopped { self.reactor.removeShutdownHook(self) }
         if self.timer != 0 {
             self.reactor.cancelTimer(self.timer)
             self.timer = 0

@@ -174,6 +174,25 @@ struct DNSResolverTests {
         if case .failure(let status) = slowResult { #expect(status.message.contains("timed out"), "\(status)") }
     }
 
+    @Test("a lookup in flight when the loop shuts down: it ends, and its socket closes with the loop")
+    func lookupInFlightAtShutdown() async throws {
+        let dns = try DNSPeer()
+        defer { dns.stop() }
+        dns.silence("quiet.test")
+        let before = openFDCount()
+        let resolver = CAresResolver(settings: CAresResolver.Settings(servers: [dns.server], timeout: .seconds(30), attempts: 1))
+        let loop = try ReactorLoop()
+        loop.start()
+        let ended = PThreadLock<Result<[NetworkAddress], CallStatus>?>(nil)
+        resolver.resolve(try Target(parsing: "quiet.test:80"), on: loop.reactor) { result in ended.withLock { $0 = result } }
+        #expect(await eventually { dns.queries() >= 1 }, "the query is out, its socket open")
+        loop.shutdown()
+        #expect(await eventually { ended.withLock { $0 } != nil }, "the lookup ended")
+        // The resolver is still alive: only the loop's shutdown closed the socket.
+        #expect(openFDCount() == before, "every fd of the loop closed, c-ares's socket included")
+        withExtendedLifetime(resolver) {}
+    }
+
     @Test("DNS settings are validated")
     func validation() throws {
         for (field, change) in [
