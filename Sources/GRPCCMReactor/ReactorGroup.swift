@@ -24,10 +24,16 @@ public final class ReactorGroup: Sendable {
     /// - Throws: `ReactorError` when the kernel refuses an epoll fd or an eventfd.
     public init(loopCount: Int = ReactorGroup.onlineCores) throws {
         var loops: [ReactorLoop] = []
-        for _ in 0..<max(loopCount, 1) {
-            let loop = try ReactorLoop()
-            loop.start()
-            loops.append(loop)
+        do {
+            for _ in 0..<max(loopCount, 1) {
+                let loop = try ReactorLoop()
+                loop.start()
+                loops.append(loop)
+            }
+        } catch {
+            // The loops already running would run on for the process's life, each with its thread and fds.
+            for loop in loops { loop.shutdown() }
+            throw error
         }
         self.loops = loops
     }
