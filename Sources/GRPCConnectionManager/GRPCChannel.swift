@@ -232,26 +232,19 @@ public final class GRPCChannel: Sendable {
         if encoding != .identity, problem == nil, let message = request {
             request = MessageCompressor.compress(message, with: encoding)
         }
-        if case .single = delivery, buffers == nil, request != nil, problem == nil, suspended == nil,
+        if case .single = delivery, buffers == nil, request != nil, problem == nil,
             let policy = self.configuration.hedgingPolicy(forPath: path)
         {
             return self.startHedged(
-                policy: policy, shard: shard, path: path, request: request, metadata: metadata, options: options,
-                deadline: deadline, encoding: encoding, previousAttempts: previousAttempts, observers: observers,
-                completion: completion)
+                policy: policy, shard: shard, path: path, request: request, requestSize: requestSize, metadata: metadata,
+                options: options, deadline: deadline, encoding: encoding, previousAttempts: previousAttempts,
+                observers: observers, suspended: suspended, completion: completion)
         }
         // The local copies of the metadata, request and observers move into the call: each would otherwise be
         // retained for it and released here.
         // Interceptor work still running when the call ends (its deadline, a cancel) is cancelled with it.
         let preparation = suspended == nil ? nil : PreparationTask()
-        var completion = completion
-        if let preparation {
-            let finish = completion
-            completion = { response in
-                preparation.cancel()
-                finish(response)
-            }
-        }
+        let completion = preparation?.cancelling(completion) ?? completion
         let call = ClientCall(
             environment: shard.environment, path: path, metadata: consume metadata, request: consume request,
             deadline: deadline, maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
@@ -292,15 +285,20 @@ public final class GRPCChannel: Sendable {
     private static let loopStopped = CallStatus(code: .unavailable, message: "the event loop has stopped")
 
     /// A unary call hedged (gRFC A6): a coordinator on the shard's loop sends the attempts.
+    /// - Parameter suspended: An interceptor's async work, which the first attempt waits for (the deadline running).
     private func startHedged(
-        policy: CallHedgingPolicy, shard: ChannelShard, path: String, request: [UInt8]?, metadata: CallMetadata,
-        options: RequestOptions, deadline: UInt64, encoding: CallCompression, previousAttempts: Int,
-        observers: [any CallObserver], completion: @escaping @Sendable (UnaryResponse) -> Void
+        policy: CallHedgingPolicy, shard: ChannelShard, path: String, request: [UInt8]?, requestSize: Int,
+        metadata: CallMetadata, options: RequestOptions, deadline: UInt64, encoding: CallCompression,
+        previousAttempts: Int, observers: [any CallObserver], suspended: InterceptorRun.Suspension?,
+        completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
         let maxReceive = options.maxReceiveMessageSize ?? self.configuration.maxMessageSize
+        let preparation = suspended == nil ? nil : PreparationTask()
+        let completion = preparation?.cancelling(completion) ?? completion
         let hedged = HedgedCall(
-            environment: shard.environment, path: path, policy: policy, observers: observers, completion: completion
-        ) { number, coordinator in
+            environment: shard.environment, path: path, policy: policy, metadata: metadata, deadline: deadline,
+            preparing: suspended != nil, observers: observers, completion: completion
+        ) { number, coordinator, metadata in
             let attempt = ClientCall(
                 environment: shard.environment, path: path, metadata: metadata, request: request, deadline: deadline,
                 maxReceiveMessageSize: maxReceive, waitForReady: options.waitForReady, requestEncoding: encoding,
@@ -321,6 +319,25 @@ public final class GRPCChannel: Sendable {
                 for observer in observers.reversed() { observer.callFinished(end) }
                 completion(end)
             }
+            return CallHandle(hedged: hedged)
+        }
+        if let suspended {
+            let maxMessageSize = self.configuration.maxMessageSize
+            let interceptors = self.interceptors
+            let reactor = shard.reactor
+            // As for a single call: the interceptors' work in a task, then the first attempt on the loop.
+            preparation?.set(Task {
+                let (metadata, observers, failure) = await suspended.finish(interceptors)
+                let problem = failure ?? Self.checkRequest(
+                    path: path, metadata: metadata, requestSize: requestSize, maxMessageSize: maxMessageSize)
+                let accepted = reactor.execute {
+                    hedged.preparationFinished(metadata: metadata, observers: observers, failure: problem)
+                }
+                if !accepted {
+                    let end = UnaryResponse(status: Self.loopStopped)
+                    for observer in observers.reversed() { observer.callFinished(end) }
+                }
+            })
         }
         return CallHandle(hedged: hedged)
     }
@@ -573,6 +590,14 @@ final class PreparationTask: Sendable {
             return state.cancelled
         }
         if cancelled { task.cancel() }
+    }
+
+    /// `completion`, cancelling the task first: the call has ended, so its preparation has nothing left to do.
+    func cancelling(_ completion: @escaping @Sendable (UnaryResponse) -> Void) -> @Sendable (UnaryResponse) -> Void {
+        { response in
+            self.cancel()
+            completion(response)
+        }
     }
 
     func cancel() {

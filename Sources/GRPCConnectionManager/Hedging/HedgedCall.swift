@@ -17,20 +17,32 @@ final class HedgedCall: @unchecked Sendable {
     private let environment: CallEnvironment
     private let path: String
     private let policy: CallHedgingPolicy
-    /// Makes attempt n (1-based), its completion wired back here.
-    private let makeAttempt: (_ number: Int, _ coordinator: HedgedCall) -> ClientCall
+    /// Makes attempt n (1-based) with the request metadata, its completion wired back here.
+    private let makeAttempt: (_ number: Int, _ coordinator: HedgedCall, _ metadata: CallMetadata) -> ClientCall
     private let completion: @Sendable (UnaryResponse) -> Void
-    private let observers: [any CallObserver]
+    /// The interceptors' observers: those that ran before the call started, then those after their async work.
+    private var observers: [any CallObserver]
+    /// The request metadata, final once the interceptors are done.
+    private var metadata: CallMetadata
+    /// The call's deadline (0: none): each attempt's, and, while interceptors work, the coordinator's own.
+    private let deadline: UInt64
+    /// An interceptor's async work runs before the first attempt (`preparationFinished`).
+    private var preparing: Bool
+    private var deadlineTimer: Reactor.TimerID = 0
 
     private var attempts: [ClientCall] = []
     private var running = 0
     private var done = false
+    /// How it ended (for observers that join after its end).
+    private var result: UnaryResponse?
     private var timer: Reactor.TimerID = 0
     private var lastFailure: UnaryResponse?
     /// The attempt the call committed to when its response headers came (gRFC A6); 0 before.
     private var committed = 0
     private var permit: CallPermit?
     private var startedAt: UInt64 = 0
+    /// When the breaker admitted it: its duration for the breaker runs from here, not from the interceptors' work.
+    private var admittedAt: UInt64 = 0
     /// The channel is closing (an attempt ended by it, or found closing when one was due): no attempt is sent any
     /// more.
     private var closing = false
@@ -38,13 +50,16 @@ final class HedgedCall: @unchecked Sendable {
     private var pushedBack = false
 
     init(
-        environment: CallEnvironment, path: String, policy: CallHedgingPolicy, observers: [any CallObserver],
-        completion: @escaping @Sendable (UnaryResponse) -> Void,
-        makeAttempt: @escaping (_ number: Int, _ coordinator: HedgedCall) -> ClientCall
+        environment: CallEnvironment, path: String, policy: CallHedgingPolicy, metadata: CallMetadata, deadline: UInt64,
+        preparing: Bool, observers: [any CallObserver], completion: @escaping @Sendable (UnaryResponse) -> Void,
+        makeAttempt: @escaping (_ number: Int, _ coordinator: HedgedCall, _ metadata: CallMetadata) -> ClientCall
     ) {
         self.environment = environment
         self.path = path
         self.policy = policy
+        self.metadata = metadata
+        self.deadline = deadline
+        self.preparing = preparing
         self.observers = observers
         self.completion = completion
         self.makeAttempt = makeAttempt
@@ -52,13 +67,56 @@ final class HedgedCall: @unchecked Sendable {
 
     private var reactor: Reactor { self.environment.reactor }
 
-    /// Loop thread: admission, the first attempt, the timer for the next.
+    /// Loop thread: the call starts; unless interceptors still work, admission, the first attempt, the timer for the
+    /// next.
     func start() {
         // Cancelled on the loop's thread before this submitted start ran: it has ended, and takes no permit.
         guard !self.done else { return }
         let environment = self.environment
         self.startedAt = Reactor.clock()
         environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
+        guard !self.preparing else {
+            // The deadline runs while the interceptors work, as a single call's does.
+            if self.deadline != 0 {
+                self.deadlineTimer = self.reactor.schedule(afterNanoseconds: self.deadline &- min(self.deadline, self.startedAt)) {
+                    [weak self] in
+                    guard let self else { return }
+                    self.deadlineTimer = 0
+                    self.finish(UnaryResponse(status: CallStatus(code: .deadlineExceeded, message: "deadline exceeded")))
+                }
+            }
+            return
+        }
+        self.admitAndLaunch()
+    }
+
+    /// Loop thread: the interceptors' async work is done (with the metadata and observers they left, or a failure).
+    func preparationFinished(metadata: CallMetadata, observers: [any CallObserver], failure: CallStatus?) {
+        guard !self.done, self.preparing else {
+            // It ended while they worked: the observers that joined since hear of the end all the same.
+            if let result = self.result {
+                _ = self.reactor.executeDeferred { for observer in observers.reversed() { observer.callFinished(result) } }
+            }
+            return
+        }
+        self.preparing = false
+        if self.deadlineTimer != 0 {
+            self.reactor.cancelTimer(self.deadlineTimer)
+            self.deadlineTimer = 0
+        }
+        self.metadata = metadata
+        self.observers.append(contentsOf: observers)
+        if let failure {
+            self.finish(UnaryResponse(status: failure), endedLocally: true)
+            return
+        }
+        self.admitAndLaunch()
+    }
+
+    /// Admission by the breaker, then the first attempt.
+    private func admitAndLaunch() {
+        let environment = self.environment
+        self.admittedAt = Reactor.clock()
         // A closing channel or a stopping loop refuses it before the breaker, as a single call is: each attempt
         // would be refused the same way, and their ends would count against the breaker its successor inherits.
         if environment.router.isClosing || self.reactor.isStopping {
@@ -69,7 +127,7 @@ final class HedgedCall: @unchecked Sendable {
             return
         }
         if let admission = environment.policies.admission {
-            self.permit = admission.admit(service: environment.service, path: self.path, now: self.startedAt)
+            self.permit = admission.admit(service: environment.service, path: self.path, now: self.admittedAt)
             if self.permit == nil {
                 self.finish(UnaryResponse(status: CallStatus(code: .unavailable, message: "circuit breaker is open")))
                 return
@@ -100,7 +158,7 @@ final class HedgedCall: @unchecked Sendable {
             if self.running == 0 { self.finish(self.lastFailure ?? UnaryResponse(status: CallStatus(code: .unavailable, message: "no hedged attempt could be sent"))) }
             return
         }
-        let attempt = self.makeAttempt(self.attempts.count + 1, self)
+        let attempt = self.makeAttempt(self.attempts.count + 1, self, self.metadata)
         self.attempts.append(attempt)
         self.running += 1
         if self.attempts.count < self.policy.maxAttempts { self.armTimer(after: self.policy.hedgingDelay) }
@@ -192,10 +250,10 @@ final class HedgedCall: @unchecked Sendable {
     private func finish(_ response: UnaryResponse, cancelledByClient: Bool = false, endedLocally: Bool = false) {
         guard !self.done else { return }
         self.done = true
-        if self.timer != 0 {
-            self.reactor.cancelTimer(self.timer)
-            self.timer = 0
-        }
+        self.result = response
+        for timer in [self.timer, self.deadlineTimer] where timer != 0 { self.reactor.cancelTimer(timer) }
+        self.timer = 0
+        self.deadlineTimer = 0
         for attempt in self.attempts where !attempt.isFinished {
             attempt.end(CallStatus(code: .cancelled, message: cancelledByClient ? "cancelled by the client" : "another hedged attempt won"))
         }
@@ -204,8 +262,9 @@ final class HedgedCall: @unchecked Sendable {
         let duration = Duration.nanoseconds(Int64(bitPattern: now &- self.startedAt))
         if let permit = self.permit, let admission = environment.policies.admission {
             admission.callEnded(
-                permit, service: environment.service, path: self.path, status: response.status, duration: duration,
-                now: now, endedLocally: cancelledByClient || endedLocally)
+                permit, service: environment.service, path: self.path, status: response.status,
+                duration: .nanoseconds(Int64(bitPattern: now &- self.admittedAt)), now: now,
+                endedLocally: cancelledByClient || endedLocally)
         }
         // A call cancelled before its start ran was never reported as started, so neither is its end.
         if self.startedAt != 0 {

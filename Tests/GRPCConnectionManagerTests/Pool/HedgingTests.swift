@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import Testing
 
 @testable import GRPCConnectionManager
@@ -135,6 +136,56 @@ struct HedgingTests {
         let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [3])
         #expect(response.status == .ok, "\(response.status)")
         #expect(response.message == [3])
+    }
+
+    @Test("a call whose interceptor works asynchronously is hedged all the same; its deadline runs meanwhile")
+    func asyncInterceptorsKeepHedging() async throws {
+        /// Adds a header after an await, every time.
+        struct AlwaysAsync: CallInterceptor {
+            func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+                .proceedAfter {
+                    await Task.yield()
+                    return ["x-token": "async"]
+                }
+            }
+        }
+        let slow = try PythonPeer(name: "slow", sleepMilliseconds: 5000)
+        let fast = try PythonPeer(name: "fast")
+        defer {
+            slow.stop()
+            fast.stop()
+        }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.loadBalancingPolicy = .roundRobin
+        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
+        let resolver = ScriptedResolver([[slow, fast].map { NetworkAddress(ip: "127.0.0.1", port: $0.port)! }])
+        let channel = try GRPCChannel(
+            target: "hedge.test:50051", configuration: configuration,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
+            interceptors: [AlwaysAsync()], loops: [loop.reactor], resolver: resolver)
+        channel.connect()
+        #expect(await eventually { await channel.connectivity().state == .ready })
+        // Every other first attempt goes to the slow backend: a hedge answers each within the 2 s deadline.
+        for _ in 0..<4 {
+            let response = await channel.unaryResult(
+                path: "/echo.Echo/Get", request: [7], options: RequestOptions(timeout: .seconds(2)))
+            #expect(response.status == .ok, "\(response.status)")
+            #expect(response.initialMetadata["x-peer"] == "fast")
+        }
+        // Work that never finishes: the deadline ends the hedged call, and the work is cancelled.
+        let stuck = SlowTokenSource()
+        let waiting = try GRPCChannel(
+            target: "hedge.test:50051", configuration: configuration,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
+            interceptors: [stuck], loops: [loop.reactor], resolver: resolver)
+        let late = await waiting.unaryResult(
+            path: "/echo.Echo/Get", request: [8], options: RequestOptions(timeout: .milliseconds(100)))
+        #expect(late.status.code == .deadlineExceeded)
+        #expect(await eventually { stuck.cancelled.load(ordering: .relaxed) == 1 })
     }
 
     @Test("hedging shares the retry throttle: once failures spend its tokens, no further attempt goes out")
