@@ -191,8 +191,9 @@ int cr_fd_set_interest(cr_loop *loop, int64_t id, uint32_t interest) {
 int cr_fd_deregister(cr_loop *loop, int64_t id) {
     cr_registration *reg = cr_lookup(loop, id);
     if (reg == NULL) return -ENOENT;
-    // The registration ends whatever epoll answers: an fd closed before it was deregistered (ENOENT, EBADF) took its
-    // epoll entry with it, and the owner must still get its handler back.
+    // The registration ends whatever epoll answers (ENOENT, EBADF for an fd closed first): the owner must get its
+    // handler back. Closing first is the owner's mistake: epoll keeps the entry while another descriptor of the same
+    // file is open (dup, fork), and a reused fd number makes this delete remove another registration's entry.
     if (reg->interest != 0) (void)epoll_ctl(loop->epoll_fd, EPOLL_CTL_DEL, reg->fd, NULL);
     reg->live = 0;
     reg->fd = -1;

@@ -58,8 +58,10 @@ extension ReactorLoop {
     ///
     /// Deregister before you close the fd. epoll removes a registration by fd number: once the fd is closed, the
     /// number may already belong to another socket of the loop (one of its gRPC connections), and deregistering
-    /// would then remove that one's entry. The kernel drops a closed fd's own entry by itself, so deregistering late
-    /// still gives your handler back, but the number is the hazard.
+    /// would then remove that one's entry. The kernel drops a closed fd's entry only when the last descriptor of its
+    /// file closes: if the fd was duplicated (`dup`, or inherited by a child process), the entry outlives your
+    /// `close`, keeps reporting (level-triggered) events that reach nobody, and only deregistering first removes it.
+    /// A registration with no interest (`setInterest([])`) is out of epoll until interest returns.
     /// - Throws: `ReactorError` off the loop's thread, for an fd epoll refuses (a closed one: EBADF; one already
     ///   registered: EEXIST), or once the loop has stopped.
     public func register(
