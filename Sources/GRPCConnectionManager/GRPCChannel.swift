@@ -244,7 +244,9 @@ public final class GRPCChannel: Sendable {
         // retained for it and released here.
         // Interceptor work still running when the call ends (its deadline, a cancel) is cancelled with it.
         let preparation = suspended == nil ? nil : PreparationTask()
-        let completion = preparation?.cancelling(completion) ?? completion
+        // Not `preparation?.cancelling(completion) ?? completion`: through the generic `??` the closure is
+        // reabstracted, a thunk allocated for every call (about 800 instructions at the gate).
+        let completion = preparation == nil ? completion : preparation!.cancelling(completion)
         let call = ClientCall(
             environment: shard.environment, path: path, metadata: consume metadata, request: consume request,
             deadline: deadline, maxReceiveMessageSize: options.maxReceiveMessageSize ?? self.configuration.maxMessageSize,
@@ -294,7 +296,9 @@ public final class GRPCChannel: Sendable {
     ) -> CallHandle {
         let maxReceive = options.maxReceiveMessageSize ?? self.configuration.maxMessageSize
         let preparation = suspended == nil ? nil : PreparationTask()
-        let completion = preparation?.cancelling(completion) ?? completion
+        // Not `preparation?.cancelling(completion) ?? completion`: through the generic `??` the closure is
+        // reabstracted, a thunk allocated for every call (about 800 instructions at the gate).
+        let completion = preparation == nil ? completion : preparation!.cancelling(completion)
         let hedged = HedgedCall(
             environment: shard.environment, path: path, policy: policy, metadata: metadata, deadline: deadline,
             preparing: suspended != nil, observers: observers, completion: completion
