@@ -65,11 +65,11 @@ package final class CAresResolver: AddressResolver {
             // Only the system's configuration can change under us.
             let configuration = self.settings.servers == nil ? FileSignature(path: self.settings.resolvConf) : nil
             channel = try self.channels.withLock { channels in
-                if let existing = channels[ObjectIdentifier(reactor)] {
-                    if existing.configuration == configuration { return existing }
-                    existing.retire()
-                }
+                let existing = channels[ObjectIdentifier(reactor)]
+                if let existing, existing.configuration == configuration { return existing }
+                // The new channel first: if it cannot be made, the old one goes on serving.
                 let made = try CAresChannel(reactor: reactor, settings: self.settings, configuration: configuration)
+                existing?.retire()
                 channels[ObjectIdentifier(reactor)] = made
                 return made
             }
@@ -194,6 +194,7 @@ final class CAresChannel: ReactorHandler, @unchecked Sendable {
             throw CallStatus(code: .internal, message: "c-ares: \(String(cString: ares_strerror(rc)))")
         }
         self.channel = channel
+        ccares_send_without_sigpipe(channel)
         // The loop stopping tears the channel down with it (its sockets and timer are the loop's): otherwise a
         // lookup in flight then would keep its socket open until the resolver itself went.
         reactor.addShutdownHook(self)

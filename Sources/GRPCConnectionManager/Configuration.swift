@@ -151,7 +151,9 @@ public struct Configuration: Sendable, Hashable {
     /// `EtcdRegistration`).
     public struct Etcd: Sendable, Hashable {
         /// etcd's client addresses, `host:port` (plaintext gRPC, etcd's `--listen-client-urls http://...`): one
-        /// connection, to the first that answers, in this order; when it fails the next is tried.
+        /// connection, to the first that answers, in this order; when it fails the next is tried. Numeric addresses
+        /// are used as they are; with a host name among them every endpoint is looked up again each time the
+        /// client resolves, one after another, and a slow lookup holds the others back.
         public var endpoints: [String]
         /// Bound on each Range. Default 5 s.
         public var timeout: Duration = .seconds(5)

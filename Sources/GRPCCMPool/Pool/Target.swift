@@ -100,14 +100,18 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
     /// An IPv6 host in brackets, its zone (`%eth0`, or RFC 6874's `%25eth0`) checked: a zone names an interface.
     private static func zonedHost(_ host: String, in text: String) throws(ConfigurationError) -> String {
         guard let percent = host.firstIndex(of: "%") else { return host }
-        var zone = host[host.index(after: percent)...]
-        if zone.hasPrefix("25") && zone.count > 2 && UInt32(zone) == nil { zone = zone.dropFirst(2) }
-        let zoned = String(host[..<percent]) + "%" + zone
-        guard NetworkAddress(ip: zoned, port: 0) != nil else {
-            throw ConfigurationError(
-                field: "address", message: "\"\(text)\": expected [v6%zone]:port, the zone an interface of this host")
+        let address = String(host[..<percent])
+        let zone = host[host.index(after: percent)...]
+        // RFC 6874's escaped form first (`%25eth0`, `%251` for index 1), then the zone as written.
+        var candidates: [Substring] = []
+        if zone.hasPrefix("25") && zone.count > 2 { candidates.append(zone.dropFirst(2)) }
+        candidates.append(zone)
+        for candidate in candidates {
+            let zoned = address + "%" + candidate
+            if NetworkAddress(ip: zoned, port: 0) != nil { return zoned }
         }
-        return zoned
+        throw ConfigurationError(
+            field: "address", message: "\"\(text)\": expected [v6%zone]:port, the zone an interface of this host")
     }
 
     public var description: String {

@@ -13,7 +13,7 @@ import GRPCCMWire
 /// made), and is what the caller's handle cancels; each attempt is a `ClientCall` marked as a hedge, which does none
 /// of that itself. Loop thread only, except `cancel`.
 /// `@unchecked Sendable`: its state is touched on the loop thread only (`cancel` hops there).
-final class HedgedCall: @unchecked Sendable {
+final class HedgedCall: ReactorHandler, @unchecked Sendable {
     private let environment: CallEnvironment
     private let path: String
     private let policy: CallHedgingPolicy
@@ -63,6 +63,14 @@ final class HedgedCall: @unchecked Sendable {
         self.observers = observers
         self.completion = completion
         self.makeAttempt = makeAttempt
+        super.init()
+    }
+
+    /// The loop is stopping (a shutdown hook while the call lives). With attempts out, their ends end it; with none
+    /// (interceptors still working, a pushback's wait) nothing else would: its timers are dropped with the loop.
+    override func reactorRunSubmitted() {
+        guard self.running == 0 else { return }
+        self.finish(UnaryResponse(status: CallStatus(code: .unavailable, message: "the event loop has stopped")), endedLocally: true)
     }
 
     private var reactor: Reactor { self.environment.reactor }
@@ -75,6 +83,7 @@ final class HedgedCall: @unchecked Sendable {
         let environment = self.environment
         self.startedAt = Reactor.clock()
         environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
+        self.reactor.addShutdownHook(self)
         guard !self.preparing else {
             // The deadline runs while the interceptors work, as a single call's does.
             if self.deadline != 0 {
@@ -138,10 +147,18 @@ final class HedgedCall: @unchecked Sendable {
 
     /// Sends the next attempt (if the policy and the throttle allow) and arms the timer for the one after.
     private func launch() {
-        guard !self.done, self.committed == 0, !self.closing, !self.pushedBack else { return }
+        guard !self.done, self.committed == 0 else { return }
         if self.timer != 0 {
             self.reactor.cancelTimer(self.timer)
             self.timer = 0
+        }
+        // No further attempt: the call ends with the last one out (or now, if none is).
+        if self.closing || self.pushedBack {
+            if self.running == 0 {
+                self.finish(
+                    self.lastFailure ?? UnaryResponse(status: self.environment.router.closingStatus), endedLocally: self.closing)
+            }
+            return
         }
         // Closing since the first attempt (a graceful close): the attempts already out may finish, as the close lets
         // them; a new one would only be refused, and that refusal taken for the server's failure.
@@ -201,10 +218,12 @@ final class HedgedCall: @unchecked Sendable {
                 self.timer = 0
             }
         case .after(let delay):
-            // The next attempt when the server asked, not at once (nor at the old delay).
+            // The next attempt when the server asked, not at once (nor at the old delay), unless that is past the
+            // call's deadline: then none, as a retry is not made that could not start before it.
             if self.timer != 0 { self.reactor.cancelTimer(self.timer) }
             self.timer = 0
-            if self.attempts.count < self.policy.maxAttempts { self.armTimer(after: delay) }
+            let startsInTime = self.deadline == 0 || Reactor.clock() &+ UInt64(max(delay.nanoseconds, 0)) < self.deadline
+            if self.attempts.count < self.policy.maxAttempts && !self.closing && startsInTime { self.armTimer(after: delay) }
         case .none:
             // A non-fatal failure: the next attempt goes now instead of after the delay.
             self.launch()
@@ -251,6 +270,7 @@ final class HedgedCall: @unchecked Sendable {
         guard !self.done else { return }
         self.done = true
         self.result = response
+        if !self.reactor.isStopped { self.reactor.removeShutdownHook(self) }
         for timer in [self.timer, self.deadlineTimer] where timer != 0 { self.reactor.cancelTimer(timer) }
         self.timer = 0
         self.deadlineTimer = 0

@@ -233,6 +233,8 @@ struct TargetParsingTests {
             #expect(target.authority == "[fe80::1%25lo]:80")
         }
         #expect(try Target(parsing: "[fe80::1%1]:80").numericAddresses != nil, "an interface's index")
+        #expect(try Target(parsing: "[fe80::1%251]:80").kind == .hostPort(host: "fe80::1%1", port: 80), "RFC 6874: %25 then 1")
+        #expect(try Target(parsing: "[fe80::1%1]:80").authority == "[fe80::1%251]:80")
         for bad in ["[fe80::1%nosuchif0]:80", "[fe80::1%]:80", "[fe80::1%25]:80", "[1.2.3.4%lo]:80"] {
             #expect(throws: ConfigurationError.self, "\(bad)") { try Target(parsing: bad) }
             do { _ = try Target(parsing: bad) } catch { #expect(error.message.contains("zone"), "\(bad): \(error.message)") }

@@ -251,6 +251,41 @@ struct HedgingTests {
         #expect(fixture.server.requestCount(key: "later") == 2)
     }
 
+    @Test("a pushback past the call's deadline sends no hedge: the call ends with the failure, not at the pushback")
+    func pushbackPastTheDeadline() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (channel, _) = try Self.embeddedChannel(
+            fixture, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
+        let started = ContinuousClock.now
+        let response = await channel.unaryResult(
+            path: "/echo.Echo/Get", request: [1], metadata: ["x-fail-code": "14", "x-pushback-ms": "60000"],
+            options: RequestOptions(timeout: .seconds(1)))
+        #expect(response.status.code == .unavailable, "\(response.status)")
+        #expect(ContinuousClock.now - started < .seconds(5))
+    }
+
+    @Test("a hedged call with no attempt out when its loop stops (an interceptor still working) ends, UNAVAILABLE")
+    func loopStopsWhilePreparing() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let stuck = SlowTokenSource()
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: configuration,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
+            interceptors: [stuck], loops: [fixture.loop.reactor])
+        let ended = PThreadLock<UnaryResponse?>(nil)
+        channel.unary(path: "/echo.Echo/Get", request: [1]) { response in ended.withLock { $0 = response } }
+        try await Task.sleep(for: .milliseconds(50))
+        fixture.loop.shutdown()
+        #expect(await eventually { ended.withLock { $0 } != nil }, "the call ended")
+        #expect(ended.withLock { $0 }?.status.code == .unavailable)
+        #expect(await eventually { stuck.cancelled.load(ordering: .relaxed) == 1 }, "its interceptor's work was cancelled")
+    }
+
     @Test("the throttle counts a hedge's failure by the hedging policy's codes, with retries off too")
     func throttleCountsHedgingCodes() async throws {
         let fixture = try LoopbackFixture()
