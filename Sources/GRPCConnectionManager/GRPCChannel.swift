@@ -259,32 +259,39 @@ public final class GRPCChannel: Sendable {
             call.finishWithoutReactor(Self.loopStopped)
             return CallHandle(call: call)
         }
-        if let suspended {
-            let maxMessageSize = self.configuration.maxMessageSize
-            let interceptors = self.interceptors
-            let reactor = shard.reactor
-            // The interceptor's work, then the ones after it, in a task; the call (already on its loop, deadline
-            // armed) begins when they are done.
-            preparation?.set(Task {
-                let (metadata, observers, failure) = await suspended.finish(interceptors)
-                let problem = failure ?? Self.checkRequest(
-                    path: path, metadata: metadata, requestSize: requestSize, maxMessageSize: maxMessageSize)
-                let accepted = reactor.execute {
-                    call.preparationFinished(metadata: metadata, observers: observers, failure: problem)
-                }
-                if !accepted {
-                    // The loop stopped meanwhile and ended the call; the observers the interceptors added since
-                    // never joined it, so they hear the end here (a tracing span must end).
-                    let end = UnaryResponse(status: Self.loopStopped)
-                    for observer in observers.reversed() { observer.callFinished(end) }
-                }
-            })
+        if let suspended, let preparation {
+            self.finishPreparation(suspended, into: preparation, on: shard.reactor, path: path, requestSize: requestSize) {
+                call.preparationFinished(metadata: $0, observers: $1, failure: $2)
+            }
         }
         return CallHandle(call: call)
     }
 
     /// How a call ends that its loop, stopped, can no longer take.
     private static let loopStopped = CallStatus(code: .unavailable, message: "the event loop has stopped")
+
+    /// The interceptors' work from where one suspended, then the ones after it, in a task (cancelled with the call
+    /// through `preparation`); `finished` gets what they left on the call's loop (the call, already there with its
+    /// deadline armed, begins then).
+    private func finishPreparation(
+        _ suspended: InterceptorRun.Suspension, into preparation: PreparationTask, on reactor: Reactor, path: String,
+        requestSize: Int,
+        finished: @escaping @Sendable (CallMetadata, [any CallObserver], CallStatus?) -> Void
+    ) {
+        let maxMessageSize = self.configuration.maxMessageSize
+        let interceptors = self.interceptors
+        preparation.set(Task {
+            let (metadata, observers, failure) = await suspended.finish(interceptors)
+            let problem = failure ?? Self.checkRequest(
+                path: path, metadata: metadata, requestSize: requestSize, maxMessageSize: maxMessageSize)
+            if !reactor.execute({ finished(metadata, observers, problem) }) {
+                // The loop stopped meanwhile and ended the call; the observers the interceptors added since never
+                // joined it, so they hear the end here (a tracing span must end).
+                let end = UnaryResponse(status: Self.loopStopped)
+                for observer in observers.reversed() { observer.callFinished(end) }
+            }
+        })
+    }
 
     /// A unary call hedged (gRFC A6): a coordinator on the shard's loop sends the attempts.
     /// - Parameter suspended: An interceptor's async work, which the first attempt waits for (the deadline running).
@@ -325,23 +332,10 @@ public final class GRPCChannel: Sendable {
             }
             return CallHandle(hedged: hedged)
         }
-        if let suspended {
-            let maxMessageSize = self.configuration.maxMessageSize
-            let interceptors = self.interceptors
-            let reactor = shard.reactor
-            // As for a single call: the interceptors' work in a task, then the first attempt on the loop.
-            preparation?.set(Task {
-                let (metadata, observers, failure) = await suspended.finish(interceptors)
-                let problem = failure ?? Self.checkRequest(
-                    path: path, metadata: metadata, requestSize: requestSize, maxMessageSize: maxMessageSize)
-                let accepted = reactor.execute {
-                    hedged.preparationFinished(metadata: metadata, observers: observers, failure: problem)
-                }
-                if !accepted {
-                    let end = UnaryResponse(status: Self.loopStopped)
-                    for observer in observers.reversed() { observer.callFinished(end) }
-                }
-            })
+        if let suspended, let preparation {
+            self.finishPreparation(suspended, into: preparation, on: shard.reactor, path: path, requestSize: requestSize) {
+                hedged.preparationFinished(metadata: $0, observers: $1, failure: $2)
+            }
         }
         return CallHandle(hedged: hedged)
     }

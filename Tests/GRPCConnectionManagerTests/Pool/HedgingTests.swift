@@ -11,7 +11,8 @@ import Testing
 @Suite("Hedging", .serialized)
 struct HedgingTests {
     static func channel(
-        _ peers: [PythonPeer], loop: ReactorLoop, policy: CallHedgingPolicy, throttling: RetryThrottling? = RetryThrottling()
+        _ peers: [PythonPeer], loop: ReactorLoop, policy: CallHedgingPolicy, throttling: RetryThrottling? = RetryThrottling(),
+        interceptors: [any CallInterceptor] = []
     ) throws -> (GRPCChannel, EventRecorder) {
         var configuration = Configuration()
         configuration.retry.throttling = throttling
@@ -19,7 +20,9 @@ struct HedgingTests {
         configuration.loadBalancingPolicy = .roundRobin
         configuration.hedging["echo.Echo"] = policy
         let channel = try GRPCChannel(
-            target: "hedge.test:50051", configuration: configuration, eventLoop: loop,
+            target: "hedge.test:50051", configuration: configuration,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
+            interceptors: interceptors, loops: [loop.reactor],
             resolver: ScriptedResolver([peers.map { NetworkAddress(ip: "127.0.0.1", port: $0.port)! }]))
         let recorder = EventRecorder()
         channel.events.subscribe { recorder.record($0) }
@@ -158,15 +161,8 @@ struct HedgingTests {
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
-        var configuration = Configuration()
-        configuration.enableCircuitBreaker = false
-        configuration.loadBalancingPolicy = .roundRobin
-        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
-        let resolver = ScriptedResolver([[slow, fast].map { NetworkAddress(ip: "127.0.0.1", port: $0.port)! }])
-        let channel = try GRPCChannel(
-            target: "hedge.test:50051", configuration: configuration,
-            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
-            interceptors: [AlwaysAsync()], loops: [loop.reactor], resolver: resolver)
+        let policy = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
+        let (channel, _) = try Self.channel([slow, fast], loop: loop, policy: policy, interceptors: [AlwaysAsync()])
         channel.connect()
         #expect(await eventually { await channel.connectivity().state == .ready })
         // Every other first attempt goes to the slow backend: a hedge answers each within the 2 s deadline.
@@ -178,10 +174,7 @@ struct HedgingTests {
         }
         // Work that never finishes: the deadline ends the hedged call, and the work is cancelled.
         let stuck = SlowTokenSource()
-        let waiting = try GRPCChannel(
-            target: "hedge.test:50051", configuration: configuration,
-            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
-            interceptors: [stuck], loops: [loop.reactor], resolver: resolver)
+        let (waiting, _) = try Self.channel([slow, fast], loop: loop, policy: policy, interceptors: [stuck])
         let late = await waiting.unaryResult(
             path: "/echo.Echo/Get", request: [8], options: RequestOptions(timeout: .milliseconds(100)))
         #expect(late.status.code == .deadlineExceeded)
