@@ -20,19 +20,24 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
     public init?(ip host: String, port: Int) {
         guard (0...65535).contains(port) else { return nil }
         var v4 = in_addr()
-        var v6 = in6_addr()
         if inet_pton(AF_INET, host, &v4) == 1 {
             self.storage = .ipv4(host: host, port: port)
-        } else if inet_pton(AF_INET6, host, &v6) == 1 {
-            self.storage = .ipv6(host: host, port: port)
-        } else if let percent = host.utf8.firstIndex(of: UInt8(ascii: "%")),
-            inet_pton(AF_INET6, String(host[..<percent]), &v6) == 1,
-            Self.scopeID(zone: host[host.index(after: percent)...]) != nil
-        {
+        } else if let v6 = Self.ipv6(host), v6.scope != nil {
             self.storage = .ipv6(host: host, port: port)
         } else {
             return nil
         }
+    }
+
+    /// An IPv6 host's address and zone (`fe80::1%eth0`); nil when the address is not IPv6. `scope` is 0 without a
+    /// zone, nil for a zone that names no interface of this host.
+    private static func ipv6(_ host: String) -> (address: in6_addr, scope: UInt32?)? {
+        var address = in6_addr()
+        guard let percent = host.utf8.firstIndex(of: UInt8(ascii: "%")) else {
+            return inet_pton(AF_INET6, host, &address) == 1 ? (address, 0) : nil
+        }
+        guard inet_pton(AF_INET6, String(host[..<percent]), &address) == 1 else { return nil }
+        return (address, Self.scopeID(zone: host[host.index(after: percent)...]))
     }
 
     /// The interface index an IPv6 zone names: its number, or the interface of that name. nil when it names none.
@@ -120,13 +125,11 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
             var address = sockaddr_in6()
             address.sin6_family = sa_family_t(AF_INET6)
             address.sin6_port = in_port_t(UInt16(port).bigEndian)
-            if let percent = host.utf8.firstIndex(of: UInt8(ascii: "%")) {
-                _ = inet_pton(AF_INET6, String(host[..<percent]), &address.sin6_addr)
+            if let v6 = Self.ipv6(host) {
+                address.sin6_addr = v6.address
                 // The interface may have gone since the address was parsed: then the connect fails (EINVAL), as
                 // without a zone.
-                address.sin6_scope_id = Self.scopeID(zone: host[host.index(after: percent)...]) ?? 0
-            } else {
-                _ = inet_pton(AF_INET6, host, &address.sin6_addr)
+                address.sin6_scope_id = v6.scope ?? 0
             }
             return try withUnsafePointer(to: &address) {
                 try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {

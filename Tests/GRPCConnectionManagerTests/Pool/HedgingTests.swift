@@ -29,8 +29,8 @@ struct HedgingTests {
         return (channel, recorder)
     }
 
-    @Test("a slow first backend: the hedge to the fast one answers, the slow attempt is cancelled")
-    func slowBackendIsHedged() async throws {
+    /// A backend that answers after 5 s and one that answers at once, and a running loop, for `body`.
+    static func withSlowAndFast(_ body: (PythonPeer, PythonPeer, ReactorLoop) async throws -> Void) async throws {
         let slow = try PythonPeer(name: "slow", sleepMilliseconds: 5000)
         let fast = try PythonPeer(name: "fast")
         defer {
@@ -40,35 +40,42 @@ struct HedgingTests {
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
-        let (channel, recorder) = try Self.channel(
-            [slow, fast], loop: loop, policy: CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50)))
-        channel.connect()
-        #expect(await eventually { await channel.connectivity().state == .ready })
-        // Round robin sends every other first attempt to the slow backend: each of those is answered by its hedge.
-        for _ in 0..<6 {
-            let response = try await channel.unary(path: "/echo.Echo/Get", request: [7])
-            #expect(response.message == [7])
-            #expect(response.initialMetadata["x-peer"] == "fast")
-        }
-        // The losers' attempts end as their calls complete, and the bus delivers that a moment later.
-        let lost = {
-            recorder.count {
-                if case .attemptFinished(_, _, let status, let attempt) = $0 {
-                    return attempt == 1 && status.message == "another hedged attempt won"
+        try await body(slow, fast, loop)
+    }
+
+    @Test("a slow first backend: the hedge to the fast one answers, the slow attempt is cancelled")
+    func slowBackendIsHedged() async throws {
+        try await Self.withSlowAndFast { slow, fast, loop in
+            let (channel, recorder) = try Self.channel(
+                [slow, fast], loop: loop, policy: CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50)))
+            channel.connect()
+            #expect(await eventually { await channel.connectivity().state == .ready })
+            // Round robin sends every other first attempt to the slow backend: each of those is answered by its hedge.
+            for _ in 0..<6 {
+                let response = try await channel.unary(path: "/echo.Echo/Get", request: [7])
+                #expect(response.message == [7])
+                #expect(response.initialMetadata["x-peer"] == "fast")
+            }
+            // The losers' attempts end as their calls complete, and the bus delivers that a moment later.
+            let lost = {
+                recorder.count {
+                    if case .attemptFinished(_, _, let status, let attempt) = $0 {
+                        return attempt == 1 && status.message == "another hedged attempt won"
+                    }
+                    return false
                 }
-                return false
             }
-        }
-        #expect(await eventually { lost() >= 2 }, "the slow first attempts were cancelled: \(lost())")
-        let finishedAttempts = {
-            recorder.all.compactMap { event -> Int? in
-                if case .callFinished(_, _, let status, _, let attempts, _, _) = event, status.isOK { return attempts }
-                return nil
+            #expect(await eventually { lost() >= 2 }, "the slow first attempts were cancelled: \(lost())")
+            let finishedAttempts = {
+                recorder.all.compactMap { event -> Int? in
+                    if case .callFinished(_, _, let status, _, let attempts, _, _) = event, status.isOK { return attempts }
+                    return nil
+                }
             }
+            #expect(await eventually { finishedAttempts().count == 6 }, "one call each, however many attempts")
+            let finished = finishedAttempts()
+            #expect(finished.contains(2))
         }
-        #expect(await eventually { finishedAttempts().count == 6 }, "one call each, however many attempts")
-        let finished = finishedAttempts()
-        #expect(finished.contains(2))
     }
 
     @Test("a non-fatal failure sends the next attempt at once; a fatal one ends the call")
@@ -152,33 +159,26 @@ struct HedgingTests {
                 }
             }
         }
-        let slow = try PythonPeer(name: "slow", sleepMilliseconds: 5000)
-        let fast = try PythonPeer(name: "fast")
-        defer {
-            slow.stop()
-            fast.stop()
+        try await Self.withSlowAndFast { slow, fast, loop in
+            let policy = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
+            let (channel, _) = try Self.channel([slow, fast], loop: loop, policy: policy, interceptors: [AlwaysAsync()])
+            channel.connect()
+            #expect(await eventually { await channel.connectivity().state == .ready })
+            // Every other first attempt goes to the slow backend: a hedge answers each within the 2 s deadline.
+            for _ in 0..<4 {
+                let response = await channel.unaryResult(
+                    path: "/echo.Echo/Get", request: [7], options: RequestOptions(timeout: .seconds(2)))
+                #expect(response.status == .ok, "\(response.status)")
+                #expect(response.initialMetadata["x-peer"] == "fast")
+            }
+            // Work that never finishes: the deadline ends the hedged call, and the work is cancelled.
+            let stuck = SlowTokenSource()
+            let (waiting, _) = try Self.channel([slow, fast], loop: loop, policy: policy, interceptors: [stuck])
+            let late = await waiting.unaryResult(
+                path: "/echo.Echo/Get", request: [8], options: RequestOptions(timeout: .milliseconds(100)))
+            #expect(late.status.code == .deadlineExceeded)
+            #expect(await eventually { stuck.cancelled.load(ordering: .relaxed) == 1 })
         }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let policy = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
-        let (channel, _) = try Self.channel([slow, fast], loop: loop, policy: policy, interceptors: [AlwaysAsync()])
-        channel.connect()
-        #expect(await eventually { await channel.connectivity().state == .ready })
-        // Every other first attempt goes to the slow backend: a hedge answers each within the 2 s deadline.
-        for _ in 0..<4 {
-            let response = await channel.unaryResult(
-                path: "/echo.Echo/Get", request: [7], options: RequestOptions(timeout: .seconds(2)))
-            #expect(response.status == .ok, "\(response.status)")
-            #expect(response.initialMetadata["x-peer"] == "fast")
-        }
-        // Work that never finishes: the deadline ends the hedged call, and the work is cancelled.
-        let stuck = SlowTokenSource()
-        let (waiting, _) = try Self.channel([slow, fast], loop: loop, policy: policy, interceptors: [stuck])
-        let late = await waiting.unaryResult(
-            path: "/echo.Echo/Get", request: [8], options: RequestOptions(timeout: .milliseconds(100)))
-        #expect(late.status.code == .deadlineExceeded)
-        #expect(await eventually { stuck.cancelled.load(ordering: .relaxed) == 1 })
     }
 
     @Test("hedging shares the retry throttle: once failures spend its tokens, no further attempt goes out")
