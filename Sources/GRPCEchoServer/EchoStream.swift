@@ -40,7 +40,11 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     /// stream, so the stream is one the server never processed.
     var goAwayFirst = 0
     var requestKey: String?
-    var pushback: String?
+    /// `x-pushback-ms`: one value, or a comma-separated list read by attempt (`grpc-previous-rpc-attempts`), the last
+    /// one for every later attempt.
+    var pushbacks: [String] = []
+    var previousAttempts = 0
+    var pushback: String? { self.pushbacks.isEmpty ? nil : self.pushbacks[min(self.previousAttempts, self.pushbacks.count - 1)] }
     var failAfter: Int?
     var responseCount: Int?
     /// Never consume this stream's received bytes (its window closes after the initial window).
@@ -132,7 +136,10 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         case "x-goaway-first": self.goAwayFirst = max(0, Int(value) ?? 0)
         // Echoed back under another name, so a test sees the deadline the server was told.
         case "grpc-timeout": self.metadata.append(("x-received-grpc-timeout", value))
-        case "x-pushback-ms": self.pushback = value
+        case "x-pushback-ms": self.pushbacks = value.split(separator: ",").map(String.init)
+        case "grpc-previous-rpc-attempts":
+            self.previousAttempts = max(0, Int(value) ?? 0)
+            self.metadata.append((name, value))  // echoed, as other metadata is
         case "x-fail-after": self.failAfter = max(0, Int(value) ?? 0)
         case "x-response-count": self.responseCount = max(0, Int(value) ?? 0)
         case "x-hold-window": self.holdWindow = true

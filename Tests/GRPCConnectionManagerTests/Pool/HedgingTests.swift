@@ -258,6 +258,30 @@ struct HedgingTests {
         #expect(ContinuousClock.now - started < .seconds(5))
     }
 
+    @Test("'do not retry' from one attempt, then a delay from the next: the call ends with the last failure, not its deadline")
+    func stopThenDelay() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (channel, _) = try Self.embeddedChannel(
+            fixture, policy: CallHedgingPolicy(maxAttempts: 5, hedgingDelay: .milliseconds(100)))
+        // Every attempt fails 250 ms after it arrives. The first (sent at 0) says "do not retry" while the second (sent
+        // at 100 ms) is out; the second and any third then push back 300 ms. Nothing more may be sent, and with
+        // nothing left out the call must end there, with the server's answer.
+        // The attempts carry the deadline, and none is out: before the fix the call waited for ever. Waited for here
+        // with a bound, then cancelled, so that such a regression fails this test instead of hanging the suite.
+        let ended = PThreadLock<UnaryResponse?>(nil)
+        let handle = channel.unary(
+            path: "/echo.Echo/Get", request: [1],
+            metadata: ["x-fail-code": "14", "x-sleep-ms": "250", "x-pushback-ms": "-1,300", "x-request-key": "mixed"],
+            options: RequestOptions(timeout: .seconds(10))
+        ) { response in ended.withLock { $0 = response } }
+        #expect(await eventually { ended.withLock { $0 } != nil }, "the call ended within 5 s")
+        handle.cancel()
+        let status = ended.withLock { $0 }?.status
+        #expect(status?.code == .unavailable, "\(String(describing: status))")
+        #expect((2...3).contains(fixture.server.requestCount(key: "mixed")), "no hedge after 'do not retry'")
+    }
+
     @Test("a hedged call with no attempt out when its loop stops (an interceptor still working) ends, UNAVAILABLE")
     func loopStopsWhilePreparing() async throws {
         let fixture = try LoopbackFixture()
