@@ -81,8 +81,10 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     private var healthWatch: HealthWatch?
     @exclusivity(unchecked)
     private var healthRetryTimer: Reactor.TimerID = 0
+    /// Watches started since one last said something (grpc-go's count): 0 means the next may start at once, n the
+    /// backoff before the next grows with n.
     @exclusivity(unchecked)
-    private var healthRetries = 0
+    private var healthSilentWatches = 0
 
     /// The longest keepalive interval `too_many_pings` can push us to: doubling stops here (no overflow, and a
     /// connection still notices a dead peer within a few hours).
@@ -256,6 +258,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     private func startHealthWatch(on transport: any HTTP2Transport) {
         guard let name = self.healthCheckServiceName else { return }
         self.health = .waiting
+        self.healthSilentWatches += 1
         self.healthWatch = HealthWatch(
             transport: transport, serviceName: name, reactor: self.reactor, service: self.service
         ) { [unowned(unsafe) self] report in
@@ -272,7 +275,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
             self.healthRetryTimer = 0
         }
         self.health = .unchecked
-        self.healthRetries = 0
+        self.healthSilentWatches = 0
     }
 
     private func healthReported(_ report: HealthWatch.Report, from transport: any HTTP2Transport) {
@@ -281,19 +284,24 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         switch report {
         case .status(.serving):
             self.health = .serving
-            self.healthRetries = 0
+            self.healthSilentWatches = 0
         case .status(let status):
             self.health = .notServing(CallStatus(code: .unavailable, message: "health check: \(status)"))
+            self.healthSilentWatches = 0
         case .ended(let status):
             self.healthWatch = nil
             if status.code == .unimplemented {
                 // The server has no health service: the connection counts as healthy (gRFC A17).
                 self.health = .unchecked
             } else {
-                // Watched again after a backoff, as grpc-go does: CONNECTING meanwhile.
-                self.health = .waiting
-                self.healthRetries += 1
-                let delay = min(Duration.seconds(1) * (1 << min(self.healthRetries - 1, 5)), Duration.seconds(30))
+                // As grpc-go: TRANSIENT_FAILURE until the next watch starts (CONNECTING then). A fail-fast call is not
+                // kept waiting for health nobody is reporting. The next watch starts at once if this one said
+                // something (a proxy's idle timeout ends long watches), else after a backoff that grows with each
+                // silent one.
+                let end = status.message.isEmpty ? "\(status.code)" : "\(status.code): \(status.message)"
+                self.health = .notServing(CallStatus(code: .unavailable, message: "health check: the Watch ended, \(end)"))
+                let silent = self.healthSilentWatches
+                let delay = silent == 0 ? .zero : min(Duration.seconds(1) * (1 << min(silent - 1, 5)), Duration.seconds(30))
                 self.healthRetryTimer = self.reactor.scheduleTimer(
                     at: Reactor.clock() &+ UInt64(delay.nanoseconds), handler: self, tag: TimerTag.healthRetry)
             }
@@ -317,7 +325,9 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         case TimerTag.healthRetry:
             self.healthRetryTimer = 0
             guard self.machine.state == .ready, let transport = self.transport else { return }
-            self.startHealthWatch(on: transport)
+            let old = self.state
+            self.startHealthWatch(on: transport)  // CONNECTING until it answers
+            self.transition(from: old, reason: nil)
         case TimerTag.idle:
             self.idleTimer = 0
             guard self.machine.state == .ready, let transport = self.transport else { return }

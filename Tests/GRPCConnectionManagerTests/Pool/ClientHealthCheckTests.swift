@@ -18,6 +18,11 @@ struct ClientHealthCheckTests {
         return configuration
     }
 
+    /// When the peer saw each health Watch start (its "watch N at T" events), in seconds.
+    static func watchTimes(_ peer: ScriptedPeer) -> [Double] {
+        peer.events.compactMap { $0.hasPrefix("watch ") ? $0.split(separator: " ").last.flatMap { Double($0) } : nil }
+    }
+
     /// Which backends served `count` calls.
     static func served(_ channel: GRPCChannel, _ count: Int) async throws -> [String: Int] {
         var served: [String: Int] = [:]
@@ -93,7 +98,7 @@ struct ClientHealthCheckTests {
         #expect(served.message == [2])
     }
 
-    @Test("a watch that ends is started again after a backoff, the connection CONNECTING meanwhile and kept")
+    @Test("a watch that said SERVING, then ended: TRANSIENT_FAILURE, watched again at once, READY; the connection kept")
     func watchRestarts() async throws {
         let peer = try ScriptedPeer("health-flap")
         defer { peer.stop() }
@@ -104,12 +109,15 @@ struct ClientHealthCheckTests {
         let recorder = EventRecorder()
         channel.events.subscribe { recorder.record($0) }
         channel.connect()
-        #expect(await eventually { peer.events.contains("watch 2") })
+        #expect(await eventually { Self.watchTimes(peer).count >= 2 })
         #expect(await eventually { await channel.connectivity().state == .ready })
-        // Health decides READY twice, with CONNECTING between: the first watch ended, the second said SERVING.
+        // Health decides READY twice: the first watch said SERVING and ended (TRANSIENT_FAILURE, as grpc-go), the
+        // second started at once (it had said something: no backoff) and said SERVING.
         // The bus delivers events after the state has changed, so the query above may see READY first.
-        let expected = ["CONNECTING>READY", "READY>CONNECTING", "CONNECTING>READY"]
-        #expect(await eventually { recorder.transitions.suffix(3) == expected[...] }, "\(recorder.transitions)")
+        let expected = ["CONNECTING>READY", "READY>TRANSIENT_FAILURE", "TRANSIENT_FAILURE>CONNECTING", "CONNECTING>READY"]
+        #expect(await eventually { recorder.transitions.suffix(4) == expected[...] }, "\(recorder.transitions)")
+        let watches = Self.watchTimes(peer)
+        #expect(watches.count >= 2 && watches[1] - watches[0] < 0.9, "no backoff after a watch that answered: \(watches)")
         #expect(recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 1)
         let response = try await channel.unary(path: "/echo.Echo/Get", request: [4])
         #expect(response.message == [4])
@@ -125,6 +133,30 @@ struct ClientHealthCheckTests {
         }
         #expect(await eventually { callPaths().count >= 2 })
         #expect(callPaths() == ["started /echo.Echo/Get", "finished /echo.Echo/Get"])
+    }
+
+    @Test("a watch that fails without a word: TRANSIENT_FAILURE, fail-fast calls fail with the reason, watched again after a backoff")
+    func silentWatchFailure() async throws {
+        let peer = try ScriptedPeer("health-fail", ["13"])
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.configuration(""), eventLoop: loop)
+        channel.connect()
+        #expect(await eventually { await channel.connectivity().state == .transientFailure })
+        // Not left waiting for health that nobody reports (it was CONNECTING for ever: a call without a deadline hung).
+        let failed = await channel.unaryResult(
+            path: "/echo.Echo/Get", request: [1], options: RequestOptions(timeout: .seconds(10)))
+        #expect(failed.status.code == .unavailable, "\(failed.status)")
+        #expect(failed.status.message.contains("health check: the Watch ended, INTERNAL: health service broken"), "\(failed.status)")
+        // Each silent end backs off longer: 1 s, then 2 s.
+        #expect(await eventually(timeout: 8) { Self.watchTimes(peer).count >= 3 })
+        let watches = Self.watchTimes(peer)
+        #expect(watches.count >= 3)
+        if watches.count >= 3 {
+            #expect(watches[1] - watches[0] >= 0.9 && watches[2] - watches[1] >= 1.9, "\(watches)")
+        }
     }
 
     @Test("a server without the health service (UNIMPLEMENTED) counts as healthy")

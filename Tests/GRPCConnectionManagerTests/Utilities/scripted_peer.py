@@ -14,7 +14,9 @@ mode says otherwise:
   compressed ENC       grpc-encoding ENC, and the message flagged compressed (but not compressed)
   bomb N               grpc-encoding gzip, and a message of N zero bytes gzipped (a small "compression bomb")
   health-flap          grpc.health.v1 Watch: the first stream says SERVING then ends UNAVAILABLE, later ones say
-                       SERVING and stay open ("event watch N" for each); other calls are echoed
+                       SERVING and stay open ("event watch N at T" for each, T in seconds); other calls are echoed
+  health-fail CODE     grpc.health.v1 Watch: every stream ends with a trailers-only grpc-status CODE, saying nothing
+                       ("event watch N at T" for each); other calls are echoed
   bin-joined           x-data-bin in the headers: two base64 values joined with ", " in one field
   max-header-list N    SETTINGS_MAX_HEADER_LIST_SIZE = N
   refuse N             RST_STREAM REFUSED_STREAM for the first N streams (never processed)
@@ -72,6 +74,7 @@ def event(text):
 lock = threading.Lock()
 header_blocks = 0
 watches = 0
+failed_watches = 0
 
 
 def grpc_frame(message, compressed=False):
@@ -251,12 +254,22 @@ class Connection:
             with lock:
                 watches += 1
                 count = watches
-            event("watch %d" % count)
+            event("watch %d at %.3f" % (count, time.monotonic()))
             self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
             self.send_data(stream_id, grpc_frame(b"\x08\x01"))  # SERVING
             if count == 1:
                 self.send_headers(stream_id, [("grpc-status", "14"), ("grpc-message", "health service restarting")],
                                   end_stream=True)
+            return
+        if MODE == "health-fail" and path == "/grpc.health.v1.Health/Watch":
+            global failed_watches
+            with lock:
+                failed_watches += 1
+                count = failed_watches
+            event("watch %d at %.3f" % (count, time.monotonic()))
+            self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc"),
+                                          ("grpc-status", ARGS[0]), ("grpc-message", "health service broken")],
+                              end_stream=True)
             return
         if MODE == "headers-bytes":
             self.echo(stream_id, extra_headers=[("x-big", "a" * int(ARGS[0]))])
