@@ -39,18 +39,16 @@ package enum HealthProto {
         status == .unknown ? [] : [0x08, UInt8(status.rawValue)]
     }
 
-    /// nil when the bytes are not a HealthCheckResponse.
+    /// nil when the bytes are not a HealthCheckResponse. Fields it does not know are skipped, whatever their type
+    /// or number, as protobuf requires: a newer server may add some.
     package static func decodeResponse(_ bytes: [UInt8]) -> HealthStatus? {
-        var index = 0
         var status = HealthStatus.unknown
-        while index < bytes.count {
-            let key = bytes[index]
-            index += 1
-            guard key & 0x07 == 0, let (value, next) = ProtobufWire.varint(bytes, from: index) else { return nil }
-            index = next
+        let wellFormed = ProtobufWire.forEachField(bytes[...]) { number, field in
             // A value past Int's range is the peer's nonsense, not a trap: UNKNOWN, as any unknown value.
-            if key >> 3 == 1 { status = Int(exactly: value).flatMap(HealthStatus.init(rawValue:)) ?? .unknown }
+            if number == 1, case .varint(let value) = field {
+                status = Int(exactly: value).flatMap(HealthStatus.init(rawValue:)) ?? .unknown
+            }
         }
-        return status
+        return wellFormed ? status : nil
     }
 }

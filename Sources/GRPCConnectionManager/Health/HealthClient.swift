@@ -9,8 +9,8 @@ extension GRPCChannel {
     ///
     /// Streams `grpc.health.v1.Health/Watch` (server streaming): the server sends the current status, then every
     /// change. If the server answers UNIMPLEMENTED, falls back to calling `Check` every `pollInterval` (a failed
-    /// check yields `.unknown`). A Watch that ends or fails otherwise is reopened after `pollInterval`, as gRFC A17
-    /// does. The stream ends when the consumer stops iterating. A `pollInterval` under 10 ms is taken as 10 ms: zero
+    /// check yields `.unknown`). A Watch that ends or fails otherwise yields `.unknown` (nothing watches until it
+    /// reopens) and is reopened after `pollInterval`, as gRFC A17 does. The stream ends when the consumer stops iterating. A `pollInterval` under 10 ms is taken as 10 ms: zero
     /// would poll (or reopen) as fast as calls can fail. A consumer slower than the changes gets the latest status
     /// when it asks next (the ones in between are dropped): a server that flaps cannot fill memory with them, and a
     /// flap the consumer did not see (SERVING, NOT_SERVING, SERVING) is no change to it.
@@ -76,7 +76,9 @@ extension GRPCChannel {
                             watchSupported = false
                             continue
                         }
-                        if !Task.isCancelled && !ended.isOK { emit(.unknown) }
+                        // Ended, even with OK: nothing watches until it reopens, so what was last said is no longer
+                        // known (grpc-go's health client takes any end, EOF included, as a failure).
+                        if !Task.isCancelled { emit(.unknown) }
                     } else {
                         let status = (try? await self.checkHealth(healthServiceName, timeout: pollInterval)) ?? .unknown
                         emit(status)

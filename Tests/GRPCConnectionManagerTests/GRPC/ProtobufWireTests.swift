@@ -29,12 +29,17 @@ struct ProtobufWireTests {
         #expect(ProtobufWire.lastLengthDelimited(1, in: Self.field(length: 4, trailing: 4)) == Array("aaaa".utf8)[...])
     }
 
-    @Test("a health status past Int's range, or unknown, reads UNKNOWN; truncated bytes are not a response")
+    @Test("a health status past Int's range, or unknown, reads UNKNOWN; fields it does not know are skipped; truncated bytes are not a response")
     func healthStatus() {
         #expect(HealthProto.decodeResponse(HealthProto.encodeResponse(.serving)) == .serving)
         #expect(HealthProto.decodeResponse([0x08, 0x07]) == .unknown)
         #expect(HealthProto.decodeResponse([0x08, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]) == .unknown)
         #expect(HealthProto.decodeResponse([0x08, 0xFF]) == nil)
+        // Fields it does not know are skipped: a string field 2, a fixed64 field 3, a varint field 100 (two-byte key).
+        #expect(HealthProto.decodeResponse([0x08, 0x01, 0x12, 0x02, 0x68, 0x69]) == .serving)
+        #expect(HealthProto.decodeResponse([0x19, 1, 2, 3, 4, 5, 6, 7, 8, 0x08, 0x02]) == .notServing)
+        #expect(HealthProto.decodeResponse([0xA0, 0x06, 0x05, 0x08, 0x01]) == .serving)
+        #expect(HealthProto.decodeResponse([0x08, 0x01, 0x12, 0x05, 0x68]) == nil, "a string field cut short")
         #expect(HealthProto.decodeRequest(Self.field(length: UInt64.max, trailing: 2)) == "")
     }
 

@@ -438,6 +438,24 @@ struct ConnectionManagerTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("watchHealth: a Watch that ends, even with OK, yields UNKNOWN until the reopened one answers")
+    func watchEndedOK() async throws {
+        let peer = try ScriptedPeer("health-flap", ["0"])  // the first Watch: SERVING, then an OK end
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, eventLoop: loop)
+        // Read in a task of its own, so that a missing status fails the test instead of hanging it.
+        let seen = PThreadLock<[HealthStatus]>([])
+        let reader = Task {
+            for await status in channel.watchHealth(pollInterval: .milliseconds(200)) { seen.withLock { $0.append(status) } }
+        }
+        defer { reader.cancel() }
+        #expect(await eventually { seen.withLock { $0.count } >= 3 })
+        #expect(seen.withLock { $0 } == [.serving, .unknown, .serving], "nothing watches between the end and the reopen")
+    }
+
     @Test("watchHealth: a flap the consumer did not see is no change to it (the status it holds is not repeated)")
     func healthFlapUnseen() async {
         // The watch keeps only the newest status for a consumer that has not asked yet.

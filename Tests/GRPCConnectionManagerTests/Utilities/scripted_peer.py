@@ -13,7 +13,7 @@ mode says otherwise:
   status CODE          a trailers-only response with grpc-status CODE (any text)
   compressed ENC       grpc-encoding ENC, and the message flagged compressed (but not compressed)
   bomb N               grpc-encoding gzip, and a message of N zero bytes gzipped (a small "compression bomb")
-  health-flap          grpc.health.v1 Watch: the first stream says SERVING then ends UNAVAILABLE, later ones say
+  health-flap [CODE]   grpc.health.v1 Watch: the first stream says SERVING then ends (UNAVAILABLE, or CODE), later ones say
                        SERVING and stay open ("event watch N at T" for each, T in seconds); other calls are echoed
   health-fail CODE     grpc.health.v1 Watch: every stream ends with a trailers-only grpc-status CODE, saying nothing
                        ("event watch N at T" for each); other calls are echoed
@@ -258,7 +258,8 @@ class Connection:
             self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
             self.send_data(stream_id, grpc_frame(b"\x08\x01"))  # SERVING
             if count == 1:
-                self.send_headers(stream_id, [("grpc-status", "14"), ("grpc-message", "health service restarting")],
+                self.send_headers(stream_id, [("grpc-status", ARGS[0] if ARGS else "14"),
+                                              ("grpc-message", "health service restarting")],
                                   end_stream=True)
             return
         if MODE == "health-fail" and path == "/grpc.health.v1.Health/Watch":
