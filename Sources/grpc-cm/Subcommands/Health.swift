@@ -175,7 +175,8 @@ struct Health: AsyncParsableCommand {
                 writeStderr("service unhealthy (responded with \"\(status)\")\n")
                 throw ExitCode(4)
             }
-            print("status: \(status)")
+            // grpc_health_probe says it with Go's log package, on stderr: its stdout stays empty.
+            writeStderr("status: \(status)\n")
         } catch let error as CallError {
             switch error.code {
             case .unimplemented:

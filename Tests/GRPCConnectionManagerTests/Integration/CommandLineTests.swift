@@ -90,15 +90,15 @@ struct CommandLineTests {
         let cli = grpcCMBinary()
         let port = fixture.target.split(separator: ":").last!
         let serving = (Int32(0), "status: SERVING\n")
-        #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls=false"]) == serving)
-        #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls", "-tls=false"]) == serving, "the last setting wins")
-        #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-v=true"]) == serving, "timings go to stderr")
+        #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls=false"], stderr: true) == serving)
+        #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls", "-tls=false"], stderr: true) == serving, "the last setting wins")
+        #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-v=true"]) == (0, ""), "all of it goes to stderr, as the probe's log does")
         // The timings as Go prints a time.Duration ("2.812345ms"), as the probe's -v shows them.
         let timings = try runProgram("/bin/sh", ["-c", "'\(cli)' health -addr=:\(port) -v 2>&1 >/dev/null"]).output
-        let goDuration = #/establishing connection took [0-9]+(\.[0-9]+)?(ns|µs|ms|s)\ntime elapsed: connect=[0-9.]+(ns|µs|ms|s) rpc=[0-9.]+(ns|µs|ms|s)\n/#
+        let goDuration = #/establishing connection took [0-9]+(\.[0-9]+)?(ns|µs|ms|s)\ntime elapsed: connect=[0-9.]+(ns|µs|ms|s) rpc=[0-9.]+(ns|µs|ms|s)\nstatus: SERVING\n/#
         #expect(timings.wholeMatch(of: goDuration) != nil, "\(timings)")
-        #expect(try runProgram(cli, ["health", "--addr=:\(port)", "--service="]) == serving)
-        #expect(try runProgram(cli, ["health", "--addr", ":\(port)", "-gzip"]) == serving)
+        #expect(try runProgram(cli, ["health", "--addr=:\(port)", "--service="], stderr: true) == serving)
+        #expect(try runProgram(cli, ["health", "--addr", ":\(port)", "-gzip"], stderr: true) == serving)
         #expect(try runProgram(cli, ["health", "-version"]) == (0, GRPCConnectionManagerVersion.string + "\n"))
         #expect(try runProgram(cli, ["health", "-addr=:\(port)", "-tls=maybe"]).status == 1)
         for conflict in [["-tls-ca-cert=/tmp/ca.pem"], ["-tls-server-name=example.com"]] {

@@ -335,8 +335,8 @@ struct ConnectionManagerTests {
         // grpc_health_probe's flags, defaults (plaintext) and exit codes, as a Kubernetes exec probe runs it.
         let cli = grpcCMBinary()
         let port = String(peer.target.split(separator: ":").last!)
-        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)"]) == (0, "status: SERVING\n"))
-        #expect(try runProgram(cli, ["health", "-addr=:\(port)"]) == (0, "status: SERVING\n"), ":port means localhost")
+        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)"], stderr: true) == (0, "status: SERVING\n"))
+        #expect(try runProgram(cli, ["health", "-addr=:\(port)"], stderr: true) == (0, "status: SERVING\n"), ":port means localhost")
         #expect(try runProgram(cli, ["health", "-addr", peer.target, "-service", "sleepy"]).status == 4)
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-service=nope"]).status == 3)
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-rpc-header=x-probe: 1", "-rpc-timeout=2s"]).status == 0)
@@ -347,7 +347,7 @@ struct ConnectionManagerTests {
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-bogus"]).status == 1)
         #expect(try runProgram(cli, ["health"]).status == 1, "no -addr")
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-connect-timeout=soon"]).status == 1)
-        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-service="]) == (0, "status: SERVING\n"), "empty = the server")
+        #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-service="], stderr: true) == (0, "status: SERVING\n"), "empty = the server")
         #expect(try runProgram(cli, ["health", "-addr=\(peer.target)", "-rpc-timeout=1e30s"]).status == 1, "no trap")
         // grpc-cm's own double-dash spellings still work beside the probe's.
         #expect(try runProgram(cli, ["health", "--plaintext", "--service", "sleepy", peer.target]).status == 4)

@@ -212,19 +212,25 @@ func grpcCMBinary() -> String {
 func ignoreSIGPIPE() { _ = sigpipeIgnored }
 private let sigpipeIgnored: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
 
-/// Runs a program, returning its exit status and standard output.
-func runProgram(_ path: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+/// Runs a program, returning its exit status and standard output (or, with `stderr`, its standard error followed by
+/// anything on its standard output marked "STDOUT: ", which a `grpc_health_probe` never writes to).
+func runProgram(_ path: String, _ arguments: [String], stderr: Bool = false) throws -> (status: Int32, output: String) {
     ignoreSIGPIPE()
     let process = Process()
     process.executableURL = URL(fileURLWithPath: path)
     process.arguments = arguments
     let pipe = Pipe()
     process.standardOutput = pipe
-    process.standardError = FileHandle.nullDevice
+    let errors = stderr ? Pipe() : nil
+    process.standardError = errors ?? FileHandle.nullDevice
     try process.run()
+    // Standard error first: the outputs read here are small, far below a pipe's buffer, so neither side waits.
+    let errorText = errors.map { String(decoding: readToEnd($0.fileHandleForReading.fileDescriptor), as: UTF8.self) }
     let data = readToEnd(pipe.fileHandleForReading.fileDescriptor)
     process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    let output = String(decoding: data, as: UTF8.self)
+    guard let errorText else { return (process.terminationStatus, output) }
+    return (process.terminationStatus, errorText + (output.isEmpty ? "" : "STDOUT: " + output))
 }
 
 // Reading a child's output. Foundation's FileHandle traps when a read is interrupted by a signal (EINTR), and with
