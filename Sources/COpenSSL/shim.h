@@ -21,6 +21,17 @@ static inline int copenssl_ctx_refuses_renegotiation(SSL_CTX *ctx) {
     return (SSL_CTX_get_options(ctx) & SSL_OP_NO_RENEGOTIATION) != 0;
 }
 
+/* Private keys are read without a passphrase prompt. OpenSSL's default callback asks on the terminal (or reads
+   stdin), which would block a library, or a CLI whose stdin is a pipe; an encrypted key fails to load instead. */
+static int copenssl_no_passphrase(char *buf, int size, int rwflag, void *userdata) {
+    (void)buf;
+    (void)size;
+    (void)rwflag;
+    (void)userdata;
+    return -1;
+}
+static inline void copenssl_ctx_no_passphrase(SSL_CTX *ctx) { SSL_CTX_set_default_passwd_cb(ctx, copenssl_no_passphrase); }
+
 /* Server side of ALPN: select "h2" or refuse the handshake (a C callback; Swift cannot form a capturing one). */
 static int copenssl_alpn_select_h2(SSL *ssl, const unsigned char **out, unsigned char *outlen,
                                    const unsigned char *in, unsigned int inlen, void *arg) {

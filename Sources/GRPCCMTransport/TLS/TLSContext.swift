@@ -74,11 +74,31 @@ package final class TLSContext: @unchecked Sendable {
         return TLSError.configuration("cannot load \(what) from \(path): \(reason)")
     }
 
+    /// Whether the PEM file at `path` holds an encrypted key: PKCS#8's "BEGIN ENCRYPTED PRIVATE KEY" or the
+    /// traditional format's "Proc-Type: 4,ENCRYPTED" (read from its first 64 KiB).
+    private static func isEncryptedPEM(_ path: String) -> Bool {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: 65536)
+        let count = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard count > 0 else { return false }
+        let text = String(decoding: bytes[..<count], as: UTF8.self)
+        return text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED")
+    }
+
     private static func loadIdentity(_ context: OpaquePointer, chain: String, key: String) throws(TLSError) {
         guard SSL_CTX_use_certificate_chain_file(context, chain) == 1 else {
             throw Self.loadFailure("certificate chain", chain)
         }
+        // No passphrase prompt (it would block): an encrypted key is refused, saying so.
+        copenssl_ctx_no_passphrase(context)
         guard SSL_CTX_use_PrivateKey_file(context, key, SSL_FILETYPE_PEM) == 1 else {
+            if Self.isEncryptedPEM(key) {
+                ERR_clear_error()
+                throw TLSError.configuration(
+                    "cannot load private key from \(key): it is encrypted, and keys with a passphrase are not supported")
+            }
             throw Self.loadFailure("private key", key)
         }
         guard SSL_CTX_check_private_key(context) == 1 else {

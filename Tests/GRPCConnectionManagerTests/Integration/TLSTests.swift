@@ -278,6 +278,44 @@ struct TLSTests {
         }
     }
 
+    @Test("an encrypted private key is refused, saying so, without asking for a passphrase (the library and the CLI)")
+    func encryptedKey() throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        var configuration = Self.tls(certificates) {
+            $0.certificateChainFile = certificates.clientCertificate
+            $0.privateKeyFile = certificates.encryptedClientKey
+        }
+        configuration.enableRetry = false
+        #expect {
+            _ = try GRPCChannel(target: "127.0.0.1:1", configuration: configuration)
+        } throws: { error in
+            "\(error)".contains("it is encrypted, and keys with a passphrase are not supported")
+        }
+        // The CLI with a standard input that stays open: OpenSSL's own prompt would wait on it for ever.
+        ignoreSIGPIPE()
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: grpcCMBinary())
+        process.arguments = [
+            "call", "--cacert", certificates.caCertificate, "--cert", certificates.clientCertificate,
+            "--key", certificates.encryptedClientKey, "127.0.0.1:1", "a.B/C",
+        ]
+        let input = Pipe()
+        let output = Pipe()
+        process.standardInput = input
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        let exited = waitFor(seconds: 10) { !process.isRunning }
+        if !exited { kill(process.processIdentifier, SIGKILL) }  // OpenSSL's prompt holds SIGTERM off
+        process.waitUntilExit()
+        try? input.fileHandleForWriting.close()
+        let text = String(decoding: readToEnd(output.fileHandleForReading.fileDescriptor), as: UTF8.self)
+        #expect(exited, "the CLI waited for a passphrase")
+        #expect(process.terminationStatus == 1, "\(text)")
+        #expect(text.contains("it is encrypted"), "\(text)")
+    }
+
     @Test("a failed handshake sends its alert: the server hears why (unknown CA), not a bare close")
     func handshakeFailureSendsAlert() async throws {
         let (response, events) = try await Self.callScriptedPeer("observe", stranger: true)

@@ -9,6 +9,8 @@ struct TestCertificates: Sendable {
     var expiredCertificate: String { self.path("expired.pem") }
     var clientCertificate: String { self.path("client.pem") }
     var clientKey: String { self.path("client.key") }
+    /// The client's key encrypted with a passphrase ("secret").
+    var encryptedClientKey: String { self.path("client-encrypted.key") }
     /// A server certificate from a CA nobody trusts.
     var strangerCertificate: String { self.path("stranger.pem") }
     var strangerKey: String { self.path("stranger.key") }
@@ -36,6 +38,7 @@ struct TestCertificates: Sendable {
             ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=client"],
             ["x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
              "client.pem", "-days", "2", "-extfile", "client.ext"],
+            ["pkey", "-in", "client.key", "-aes256", "-passout", "pass:secret", "-out", "client-encrypted.key"],
             ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "stranger.key", "-out", "stranger.pem", "-days",
              "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
         ]
