@@ -588,7 +588,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             }
         }
         let attempt = self.machine.attempt
-        let outcome = self.machine.attemptEnded(status: response.status, unprocessed: unprocessed, retryDelay: delay)
+        // The machine is told what was decided here: refused while the loop stops, the attempt was reported as ended
+        // above, and a transparent retry would only be refused by the stopping loop and reported a second time.
+        let outcome = self.machine.attemptEnded(status: response.status, unprocessed: transparent, retryDelay: delay)
         switch outcome {
         case .none: break
         case .retryTransparently: self.observeAttempt(attempt, response.status, willRetry: true)

@@ -23,6 +23,9 @@ package struct Backoff: Sendable, Hashable {
 
     package let configuration: Configuration
     package private(set) var attempt = 0
+    /// The last delay before its jitter (nanoseconds): the next is this times the multiplier, one step, so that a
+    /// delay costs the same after a week of failures as after one (a multiplier of 1 never reaches the maximum).
+    private var unjittered = 0.0
 
     package init(_ configuration: Configuration) {
         self.configuration = configuration
@@ -30,17 +33,13 @@ package struct Backoff: Sendable, Hashable {
 
     /// The delay before the next attempt; advances the sequence. `unit` is a uniform random number in [0, 1).
     package mutating func next(unit: Double) -> Duration {
-        let base = Double(self.configuration.base.nanoseconds)
         let maximum = Double(self.configuration.maximum.nanoseconds)
-        var delay = base
-        var step = 0
-        while step < self.attempt && delay < maximum {
-            delay *= self.configuration.multiplier
-            step += 1
-        }
-        delay = min(delay, maximum)
+        let delay = self.attempt == 0
+            ? min(Double(self.configuration.base.nanoseconds), maximum)
+            : min(self.unjittered * self.configuration.multiplier, maximum)
+        self.unjittered = delay
         let factor = 1 + self.configuration.jitter * (2 * unit - 1)
-        self.attempt += 1
+        self.attempt &+= 1
         // Clamped below 2^63 ns before it becomes an Int64: a maximum set near Duration's end ("never") would
         // otherwise trap once jitter pushes it past.
         return .nanoseconds(Int64(min(max(0, delay * factor), Self.longest)))
@@ -52,5 +51,6 @@ package struct Backoff: Sendable, Hashable {
     /// Back to the first delay (a connection reached READY).
     package mutating func reset() {
         self.attempt = 0
+        self.unjittered = 0
     }
 }

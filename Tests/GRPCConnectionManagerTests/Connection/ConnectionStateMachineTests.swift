@@ -157,6 +157,22 @@ struct ConnectionStateMachineTests {
         #expect(Set(delays).count == delays.count, "jitter spreads the attempts")
     }
 
+    @Test("a multiplier of 1 keeps the base delay, attempt after attempt; reset starts the sequence over")
+    func backoffConstantAndReset() {
+        var constant = Backoff(Backoff.Configuration(base: .milliseconds(100), multiplier: 1, jitter: 0, maximum: .seconds(120)))
+        // Each delay is one step from the last (it was a loop over every attempt so far: after a week of a dead
+        // server, millions of steps per delay on the loop thread).
+        var delays = Set<Duration>()
+        for _ in 0..<100_000 { delays.insert(constant.next(unit: 0.5)) }
+        #expect(delays == [.milliseconds(100)])
+        var growing = Backoff(Self.backoff)
+        for _ in 0..<20 { _ = growing.next(unit: 0.5) }
+        #expect(growing.next(unit: 0.5) == .seconds(3))
+        growing.reset()
+        #expect(growing.next(unit: 0.5) == .milliseconds(100))
+        #expect(growing.next(unit: 0.5) == .milliseconds(160))
+    }
+
     @Test("a backoff set near Duration's end (\"never\") saturates instead of trapping, jitter and all")
     func backoffSaturates() {
         var backoff = Backoff(
