@@ -52,20 +52,22 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
     }
 
     package func retryDelay(
-        service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, attemptTimedOut: Bool,
-        deadline: UInt64, now: UInt64
-    ) -> Duration? {
+        service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, backoffStep: Int,
+        attemptTimedOut: Bool, deadline: UInt64, now: UInt64
+    ) -> RetryDelay? {
         let policy = self.configuration.policy(for: path)
         guard attempt < policy.maxAttempts, policy.retryableCodes.contains(status.code) else { return nil }
         if status.code == .deadlineExceeded && !attemptTimedOut { return nil }
         if let slot = self.throttles.existingSlot(for: service), !self.throttles[slot].retriesAllowed { return nil }
-        let delay: Duration
+        let delay: RetryDelay
         switch RetryPushback(trailers.values(for: "grpc-retry-pushback-ms")) {
         case .stop: return nil
-        case .after(let pushback): delay = pushback
-        case .none: delay = policy.backoff(retry: attempt, unit: Double.random(in: 0..<1, using: &self.generator))
+        case .after(let pushback): delay = RetryDelay(pushback, pushedBack: true)
+        case .none:
+            let unit = Double.random(in: 0..<1, using: &self.generator)
+            delay = RetryDelay(policy.backoff(retry: backoffStep, unit: unit), pushedBack: false)
         }
-        if deadline != 0 && now &+ UInt64(delay.nanoseconds) >= deadline { return nil }
+        if deadline != 0 && now &+ UInt64(delay.delay.nanoseconds) >= deadline { return nil }
         return delay
     }
 

@@ -20,7 +20,9 @@ package struct RetryThrottle {
 
     package init(_ configuration: RetryThrottling) {
         self.maxMilli = configuration.maxTokens * 1000
-        self.ratioMilli = Int((configuration.tokenRatio * 1000).rounded(.down))
+        // To the nearest thousandth, as the ratio is given (gRFC A6: three decimal places): rounding down lost one
+        // whenever the product fell just short, 1.001 * 1000 = 1000.999... for one.
+        self.ratioMilli = Int((configuration.tokenRatio * 1000).rounded())
         self.tokensMilli = self.maxMilli
     }
 

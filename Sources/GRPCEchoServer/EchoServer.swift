@@ -18,7 +18,7 @@ import Glibc
 ///   (trailers-only), `x-sleep-ms` answers later (a reactor timer, never a blocked thread), `x-fail-first: N` with
 ///   `x-request-key: K` fails the first N attempts of key K (with `x-fail-code`, UNAVAILABLE by default), and
 ///   `x-pushback-ms: V` adds `grpc-retry-pushback-ms: V` to a failure (`V1,V2,...`: the value for each attempt in
-///   turn, by its `grpc-previous-rpc-attempts`). With `x-request-key: K`, `x-refuse-first: N`
+///   turn, by its `grpc-previous-rpc-attempts`; an empty one, none). With `x-request-key: K`, `x-refuse-first: N`
 ///   resets the first N attempts with REFUSED_STREAM and `x-goaway-first: N` answers the first N with a GOAWAY whose
 ///   last stream id is below theirs: both leave the request unprocessed, for testing transparent retry.
 /// - The `grpc-timeout` a request carried comes back in the response header `x-received-grpc-timeout`.

@@ -41,10 +41,14 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     var goAwayFirst = 0
     var requestKey: String?
     /// `x-pushback-ms`: one value, or a comma-separated list read by attempt (`grpc-previous-rpc-attempts`), the last
-    /// one for every later attempt.
+    /// one for every later attempt; an empty one sends none.
     var pushbacks: [String] = []
     var previousAttempts = 0
-    var pushback: String? { self.pushbacks.isEmpty ? nil : self.pushbacks[min(self.previousAttempts, self.pushbacks.count - 1)] }
+    var pushback: String? {
+        guard !self.pushbacks.isEmpty else { return nil }
+        let value = self.pushbacks[min(self.previousAttempts, self.pushbacks.count - 1)]
+        return value.isEmpty ? nil : value
+    }
     var failAfter: Int?
     var responseCount: Int?
     /// Never consume this stream's received bytes (its window closes after the initial window).
@@ -136,7 +140,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         case "x-goaway-first": self.goAwayFirst = max(0, Int(value) ?? 0)
         // Echoed back under another name, so a test sees the deadline the server was told.
         case "grpc-timeout": self.metadata.append(("x-received-grpc-timeout", value))
-        case "x-pushback-ms": self.pushbacks = value.split(separator: ",").map(String.init)
+        case "x-pushback-ms": self.pushbacks = value.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
         case "grpc-previous-rpc-attempts":
             self.previousAttempts = max(0, Int(value) ?? 0)
             self.metadata.append((name, value))  // echoed, as other metadata is

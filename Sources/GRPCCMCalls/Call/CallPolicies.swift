@@ -34,21 +34,35 @@ package protocol RetryAdvisor: AnyObject {
     func perAttemptTimeout(path: String) -> Duration?
     /// An attempt ended (the throttle learns from every one).
     func attemptEnded(service: String, path: String, status: CallStatus)
-    /// The wait before the next attempt, or nil when the call ends here.
-    /// - Parameters:
-    ///   - attempt: The attempt that just ended (1 = the first).
-    ///   - attemptTimedOut: The attempt's own timeout ended it (the only retryable DEADLINE_EXCEEDED).
-    ///   - deadline: The call's deadline (0 = none); a retry that could not start before it is not made.
     /// Whether the throttle lets another hedged attempt go out for `service` (gRFC A6: hedging shares the retry
     /// throttle).
     func hedgingAllowed(service: String) -> Bool
     /// A hedged attempt's answer, for the throttle: success, a failure (a non-fatal code of the hedging policy, or a
     /// server's "do not retry" pushback: gRFC A6), or neither (nil).
     func hedgedAttemptEnded(service: String, succeeded: Bool?)
+    /// The wait before the next attempt, or nil when the call ends here.
+    /// - Parameters:
+    ///   - attempt: The attempt that just ended (1 = the first).
+    ///   - backoffStep: Its place in the backoff sequence: as `attempt`, counted again from 1 after a retry the
+    ///     server's pushback timed (gRFC A6 implementations start over at the initial backoff then).
+    ///   - attemptTimedOut: The attempt's own timeout ended it (the only retryable DEADLINE_EXCEEDED).
+    ///   - deadline: The call's deadline (0 = none); a retry that could not start before it is not made.
     func retryDelay(
-        service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, attemptTimedOut: Bool,
-        deadline: UInt64, now: UInt64
-    ) -> Duration?
+        service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, backoffStep: Int,
+        attemptTimedOut: Bool, deadline: UInt64, now: UInt64
+    ) -> RetryDelay?
+}
+
+/// When the next attempt goes, and whether the server said so.
+package struct RetryDelay: Equatable, Sendable {
+    package var delay: Duration
+    /// The server's `grpc-retry-pushback-ms` set it: the backoff sequence starts over after this retry.
+    package var pushedBack: Bool
+
+    package init(_ delay: Duration, pushedBack: Bool) {
+        self.delay = delay
+        self.pushedBack = pushedBack
+    }
 }
 
 /// The policies every call of a channel consults; either may be off.

@@ -127,6 +127,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private var sendOffset = 0
     @exclusivity(unchecked)
     private var attemptTimedOut = false
+    /// The last attempt whose retry the server's pushback timed (0: none): the backoff counts from there.
+    @exclusivity(unchecked)
+    private var pushedBackAttempt = 0
     /// An attempt has been dispatched since the per-attempt state above was last reset.
     @exclusivity(unchecked)
     private var attemptStateUsed = false
@@ -581,10 +584,15 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             if retryable, self.hedgeAttempt == 0, self.machine.mayRetryByPolicy, !response.status.isOK,
                 let retry = environment.policies.retry
             {
-                delay = retry.retryDelay(
+                let attempt = self.machine.attempt
+                if let decision = retry.retryDelay(
                     service: environment.service, path: self.path, status: response.status,
-                    trailers: response.trailingMetadata, attempt: self.machine.attempt,
+                    trailers: response.trailingMetadata, attempt: attempt, backoffStep: attempt - self.pushedBackAttempt,
                     attemptTimedOut: self.attemptTimedOut, deadline: self.deadline, now: Reactor.clock())
+                {
+                    delay = decision.delay
+                    if decision.pushedBack { self.pushedBackAttempt = attempt }
+                }
             }
         }
         let attempt = self.machine.attempt

@@ -206,6 +206,14 @@ struct RetryPolicyTests {
         #expect(!bucket.retriesAllowed, "5 of 10 left: not more than half")
         bucket.recordSuccess()
         #expect(bucket.retriesAllowed, "5.1 of 10")
+        // A ratio of three decimals counts exactly, whatever binary floating point makes of it.
+        var ratio = RetryThrottling()
+        ratio.tokenRatio = 1.001
+        var exact = RetryThrottle(ratio)
+        exact.recordFailure()
+        exact.recordFailure()
+        exact.recordSuccess()
+        #expect(exact.tokensMilli == 9_001)
     }
 
     @Test(

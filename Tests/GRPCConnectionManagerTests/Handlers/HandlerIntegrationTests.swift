@@ -97,6 +97,27 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("after a retry the server's pushback timed, the backoff starts over at the initial delay")
+    func backoffAfterPushback() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeManager(fixture) {
+            // 1 s, then 1,000 s: a second retry counted from the first attempt could not start before the deadline.
+            $0.retry.policy.initialBackoff = .seconds(1)
+            $0.retry.policy.backoffMultiplier = 1000
+            $0.retry.policy.maxBackoff = .seconds(1000)
+        }
+        // The first attempt fails with a 10 ms pushback, the second without one, the third answers.
+        let response = await channel.call([1], metadata: Self.failFirst(2, key: "reset", pushback: "10,"), timeout: .seconds(5))
+        #expect(response.status == .ok, "\(response.status)")
+        let delays = recorder.all.compactMap { event -> Duration? in
+            if case .retryScheduled(_, _, _, let delay, _) = event { return delay }
+            return nil
+        }
+        #expect(delays.count == 2 && delays.first == .milliseconds(10) && delays.last! < .seconds(1), "\(delays)")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("throttling stops retries after a burst of failures and lets them resume")
     func throttling() async throws {
         let fixture = try LoopbackFixture()
