@@ -464,6 +464,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             if addresses != self.addresses {
                 self.bus.publish(.addressesResolved(service: self.service, addresses: addresses))
                 self.install(addresses)
+                // The addresses that went may have been the only ones not failing: nothing is left to wait for.
+                if self.allInTransientFailure { self.failWaitingFailFast() }
             }
             self.schedulePeriodicResolution()
             if self.eager || !self.queue.isEmpty || inUse {

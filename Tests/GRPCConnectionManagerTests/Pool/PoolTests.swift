@@ -92,14 +92,16 @@ struct PoolTests {
 
         init(
             connectionsPerTarget: Int = 1, maxQueuedCalls: Int = 100, target: String = "127.0.0.1:1",
-            resolver: any AddressResolver = SystemResolver(), backoffBase: Duration = .seconds(10)
+            resolver: any AddressResolver = SystemResolver(), backoffBase: Duration = .seconds(10),
+            minimumResolutionInterval: Duration = .seconds(1)
         ) throws {
             self.reactor = try Reactor()
             let bus = EventBus(reactor: self.reactor).single
-            let settings = PoolSettings(
+            var settings = PoolSettings(
                 connectionsPerTarget: connectionsPerTarget, maxQueuedCalls: maxQueuedCalls,
                 backoff: .init(base: backoffBase, multiplier: 1.6, jitter: 0, maximum: .seconds(10)),
                 keepAliveTime: .seconds(30), idleTimeout: .zero, resolveRetryDelay: .seconds(1))
+            settings.minimumResolutionInterval = minimumResolutionInterval
             self.pool = ServicePool(
                 reactor: self.reactor, service: "s", target: try Target(parsing: target), settings: settings,
                 connector: self.connector, bus: bus, connectionIDs: ConnectionIDSource(), resolver: resolver)
@@ -221,6 +223,29 @@ struct PoolTests {
         rig.call(21, waitForReady: true)
         rig.endTurn()
         #expect(rig.status(21) == nil, "a wait-for-ready call waits for the next lookup")
+    }
+
+    @Test("a resolution that leaves only failing addresses fails the waiting fail-fast calls at once")
+    func updateLeavingOnlyFailures() throws {
+        let resolver = HeldResolver()
+        let rig = try Rig(target: "name.test:1", resolver: resolver, minimumResolutionInterval: .zero)
+        defer { rig.finish() }
+        rig.call(1)
+        rig.call(2, waitForReady: true)
+        let a = NetworkAddress(ip: "127.0.0.1", port: 1)!
+        let b = NetworkAddress(ip: "127.0.0.2", port: 1)!
+        resolver.answer(.success([a, b]))
+        #expect(rig.connector.made.count == 2)
+        // A refuses (TRANSIENT_FAILURE, and the name is asked again); B is still connecting: the calls wait for it.
+        rig.connector.made[0].fail("connection refused")
+        rig.endTurn()
+        #expect(rig.status(1) == nil)
+        #expect(resolver.lookups == 2)
+        // B is no longer resolved: only A, failing, is left.
+        resolver.answer(.success([a]))
+        rig.endTurn()
+        #expect(rig.status(1) == CallStatus(code: .unavailable, message: "connection refused"))
+        #expect(rig.status(2) == nil, "a wait-for-ready call waits on")
     }
 
     @Test("an eager pool (connectAll) reconnects after a GOAWAY to an established connection without waiting for a call")
