@@ -105,6 +105,14 @@ package final class LocalEventBus: @unchecked Sendable {
 
     package var hasSubscribers: Bool { !self.state.subscriptions.isEmpty }
 
+    /// Dispatches now the events still waiting for this turn's deferred phase, unless a dispatch is under way. A call
+    /// is queued for that phase when its messages arrive, which can be before its end publishes its events (headers,
+    /// messages and trailers in one read): it calls this before its completion, so that its events still come first.
+    @inline(__always)
+    package func dispatchPendingEvents() {
+        if self.state.scheduled && !self.state.running { self.state.reactorRunDeferred() }
+    }
+
     /// Whether anyone wants per-call events (a call skips building them otherwise).
     package var wantsCallEvents: Bool { self.state.callEventSubscribers > 0 }
 
@@ -186,6 +194,9 @@ private final class BusDispatcher: ReactorHandler, @unchecked Sendable {
     private var dispatching: [ConnectionEvent] = []
     @exclusivity(unchecked)
     var scheduled = false
+    /// Handlers are being called: an early dispatch (`dispatchPendingEvents`) from one of them waits for its turn.
+    @exclusivity(unchecked)
+    var running = false
 
     func add(_ token: EventBus.Token, _ handler: @escaping @Sendable (ConnectionEvent) -> Void, callEvents: Bool) {
         self.subscriptions.append(Subscription(token: token.value, handler: handler, callEvents: callEvents))
@@ -202,7 +213,12 @@ private final class BusDispatcher: ReactorHandler, @unchecked Sendable {
     }
 
     override func reactorRunDeferred() {
+        // Run early (`dispatchPendingEvents`), it is still queued for the phase: then there is nothing left to do.
+        guard self.scheduled else { return }
         self.scheduled = false
+        let nested = self.running
+        self.running = true
+        defer { self.running = nested }
         // What handlers publish now goes to `pending` and a later turn.
         swap(&self.pending, &self.dispatching)
         // A local copy (a retain, not an allocation) lets a handler subscribe or unsubscribe while we iterate.

@@ -745,6 +745,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
         if ending, !self.completed {
             self.completed = true
+            // This call's events first, published after it was queued when its messages came in the same read.
+            self.environment.bus.dispatchPendingEvents()
             // Lent to the end's delivery, then put back (a later `preparationFinished` reads it): moved, not copied,
             // and `completed` keeps `complete` from taking another meanwhile.
             var lent: UnaryResponse? = nil

@@ -375,6 +375,41 @@ struct CallbackContractTests {
         #expect(statuses.withLock { $0 }.allSatisfy { $0 == CallStatus(code: .unavailable, message: "the manager closed") })
     }
 
+    @Test("a call's events are dispatched before its completion runs: a stream whose messages and end come in one read, and a cancelled call with observers")
+    func eventsBeforeCompletion() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        @Sendable func finishedEvents() -> Int { recorder.count { if case .callFinished = $0 { true } else { false } } }
+        for round in 1...5 {
+            // The echo server writes the headers, two messages and the trailers in one flush: the call is queued for
+            // its messages before its end publishes the events.
+            let seenAtFinish = await withCheckedContinuation { (continuation: CheckedContinuation<Int, Never>) in
+                channel.serverStreaming(
+                    path: "/raw.Raw/Expand", request: Array("a b".utf8),
+                    callbacks: StreamingCallbacks(onMessage: { _ in }, onFinish: { _ in continuation.resume(returning: finishedEvents()) }))
+            }
+            #expect(seenAtFinish == round, "the callFinished event of stream \(round) was dispatched before its onFinish")
+        }
+        // A call with an observer (an interceptor's), cancelled on its loop: the observers' part was queued first.
+        let observed = try GRPCChannel(
+            target: fixture.target, configuration: .defaults,
+            interceptors: [Observing(name: "o", log: SharedLog(), reactor: fixture.loop.reactor)], eventLoop: fixture.loop)
+        let observedRecorder = EventRecorder()
+        observed.events.subscribe { observedRecorder.record($0) }
+        let seenAtCancel = await withCheckedContinuation { (continuation: CheckedContinuation<Int, Never>) in
+            _ = fixture.loop.execute {
+                let handle = observed.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "5000"]) { _ in
+                    continuation.resume(returning: observedRecorder.count { if case .callFinished = $0 { true } else { false } })
+                }
+                handle.cancel()
+            }
+        }
+        #expect(seenAtCancel == 1, "the cancelled call's callFinished was dispatched before its completion")
+    }
+
     @Test("from a completion: subscribe, unsubscribe, start and await calls, close the manager")
     func wholeAPIFromCallbacks() async throws {
         let fixture = try LoopbackFixture()
