@@ -1074,9 +1074,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.finalResponse(errorCode: errorCode), unprocessed: unprocessed, retryable: self.localFailure == nil)
     }
 
-    package override func streamFailed(_ reason: CallStatus) {
+    package override func streamFailed(_ reason: CallStatus, unprocessed: Bool) {
         guard self.stream != nil else { return }
-        self.attemptEnded(UnaryResponse(status: reason, initialMetadata: self.head.initialMetadata), unprocessed: false)
+        self.attemptEnded(UnaryResponse(status: reason, initialMetadata: self.head.initialMetadata), unprocessed: unprocessed)
     }
 
     /// The one true status of the attempt, from what was received.

@@ -82,6 +82,8 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// and a compare.)
     @exclusivity(unchecked)
     private var streams = StreamTable()
+    /// At the socket's close: the open streams whose requests nghttp2 never sent (see `socketClosing`).
+    private var neverSent: Set<Int32> = []
     /// Streams submitted and not yet closed by nghttp2, reset ones included: what counts against the server's
     /// MAX_CONCURRENT_STREAMS.
     @exclusivity(unchecked)
@@ -208,6 +210,12 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         if self.state == .draining && self.streamsOnWire == 0 {
             self.socket?.shutdown(reason: CallStatus(code: .unavailable, message: self.goAwayDetail ?? "connection drained"))
         }
+    }
+
+    package func socketClosing(session: OpaquePointer) {
+        // nghttp2 makes a request's stream when it writes its HEADERS out: one it never made was never sent.
+        self.neverSent = []
+        for id in self.streams.ids where nghttp2_session_find_stream(session, id) == nil { self.neverSent.insert(id) }
     }
 
     package func socketClosed(_ reason: CallStatus) {
@@ -556,6 +564,9 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
 
     package func close(reason: CallStatus) {
         if self.state == .closed { return }
+        // Nothing opens here any more. nghttp2's last output refuses (REFUSED_STREAM) the requests it still held
+        // behind a full socket; their calls retry at once, and must find another connection, not this one.
+        if self.state == .ready { self.state = .draining }
         if let socket = self.socket {
             socket.shutdown(reason: reason)  // ends in socketClosed → connectionEnded
         } else {
@@ -578,9 +589,12 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.keepaliveTimeoutTimer = 0
         let open = self.streams.removeAll()
         self.streamsOnWire = 0
-        for (_, handler) in open {
+        let neverSent = self.neverSent
+        self.neverSent = []
+        for (id, handler) in open {
             self.retire(handler)
-            handler.streamFailed(reason)
+            // A request that never left is retried elsewhere at once (transparently, as a refused one is).
+            handler.streamFailed(reason, unprocessed: neverSent.contains(id))
         }
         self.delegate?.transportClosed(self, reason: reason, wasReady: wasReady, keepaliveTimedOut: self.keepaliveTimedOut)
     }

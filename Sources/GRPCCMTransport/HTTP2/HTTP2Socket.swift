@@ -22,8 +22,14 @@ package protocol HTTP2SocketOwner: AnyObject {
     func socketDidRead()
     /// Output was written: the owner may notice that it has drained.
     func socketDidFlush()
+    /// The socket is closing: the fd is closed, the nghttp2 session not yet deleted (a last look at it).
+    func socketClosing(session: OpaquePointer)
     /// The socket is closed: fd closed, registration and nghttp2 session gone. The last call.
     func socketClosed(_ reason: CallStatus)
+}
+
+extension HTTP2SocketOwner {
+    package func socketClosing(session: OpaquePointer) {}
 }
 
 /// One nghttp2 session over one nonblocking socket, for both ends: our client connections and the echo server's
@@ -532,6 +538,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         }
         self.reactor.removeShutdownHook(self)
         if let session = self.session {
+            self.owner?.socketClosing(session: session)
             self.session = nil
             if self.receiving > 0 {
                 self.sessionToDelete = session

@@ -49,8 +49,9 @@ open class HTTP2StreamHandler: ReactorHandler, @unchecked Sendable {
     /// The stream closed: `errorCode` 0 after a clean end, else the RST_STREAM code. REFUSED_STREAM means the server
     /// provably never processed it (a reset before it started, or a stream above a GOAWAY's last stream id).
     open func streamClosed(errorCode: UInt32) { Self.mustOverride() }
-    /// The connection went away under the stream (`reason` says how); nothing more will arrive.
-    open func streamFailed(_ reason: CallStatus) { Self.mustOverride() }
+    /// The connection went away under the stream (`reason` says how); nothing more will arrive. `unprocessed`: its
+    /// request never left this process (nghttp2 still held its HEADERS), so the server cannot have seen it.
+    open func streamFailed(_ reason: CallStatus, unprocessed: Bool) { Self.mustOverride() }
 
     private static func mustOverride(_ method: StaticString = #function) -> Never {
         preconditionFailure("\(Self.self) does not override HTTP2StreamHandler.\(method)")

@@ -22,6 +22,9 @@ struct StreamTable {
 
     var isEmpty: Bool { self.count == 0 }
 
+    /// The ids of the open streams (not for a hot path: it allocates).
+    var ids: [Int32] { self.entries.compactMap { $0.handler == nil ? nil : $0.id } }
+
     @inline(__always)
     private func home(_ id: Int32) -> Int { Int(id >> 1) & (self.entries.count - 1) }
 

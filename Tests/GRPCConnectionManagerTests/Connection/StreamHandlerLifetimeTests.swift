@@ -55,7 +55,7 @@ struct StreamHandlerLifetimeTests {
             return bytes.count
         }
         override func streamClosed(errorCode: UInt32) { self.journal.entries.append("closed \(errorCode)") }
-        override func streamFailed(_ reason: CallStatus) {
+        override func streamFailed(_ reason: CallStatus, unprocessed: Bool) {
             self.handle = nil
             self.journal.entries.append("failed")
         }

@@ -19,7 +19,7 @@ struct StreamTableTests {
         override func streamHeadersEnded(endStream: Bool) {}
         override func streamData(_ bytes: UnsafeRawBufferPointer) -> Int { bytes.count }
         override func streamClosed(errorCode: UInt32) {}
-        override func streamFailed(_ reason: CallStatus) {}
+        override func streamFailed(_ reason: CallStatus, unprocessed: Bool) {}
     }
 
     /// Applies the same steps to the table and to a Dictionary and checks every id ever used after each step.

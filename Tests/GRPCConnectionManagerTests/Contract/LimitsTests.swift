@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import GRPCEchoServer
 import Synchronization
 import Testing
@@ -193,6 +194,51 @@ struct LimitsTests {
         #expect(held() <= limit, "held \(held()) bytes")
         call.cancel()
         #expect(await call.result().status.code == .cancelled)
+        _ = await writer.result
+    }
+
+    @Test("requests refused as their connection closes (a keepalive timeout) are never sent to it again")
+    func refusedAtCloseGoElsewhere() async throws {
+        // Takes a request's headers, then reads nothing more; refuses any later connection.
+        let stall = try ScriptedPeer("wide-open-stall", ["once"])
+        defer { stall.stop() }
+        let fixture = try LoopbackFixture()  // the next address: the embedded echo server
+        defer { fixture.shutdown() }
+        var configuration = Self.plain()
+        configuration.loadBalancingPolicy = .pickFirst
+        // A ping at once, given up on after a second: before the kernel gives up on the full socket (TCP_USER_TIMEOUT,
+        // the same second, counted from its first window probe).
+        configuration.keepAliveTime = .milliseconds(50)
+        configuration.keepAliveTimeout = .seconds(1)
+        let channel = try GRPCChannel(
+            target: "two.test:1", configuration: configuration,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
+            interceptors: [], loops: [fixture.loop.reactor],
+            resolver: ScriptedResolver([[
+                NetworkAddress(ip: "127.0.0.1", port: stall.port)!, NetworkAddress(ip: "127.0.0.1", port: fixture.server.port)!,
+            ]]))
+        // An upload the stalled peer never reads backs the connection's output up to its cap.
+        let upload = channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        let message = [UInt8](repeating: 9, count: 1 << 20)
+        let writer = Task { for _ in 0..<48 { try await upload.write(message) } }
+        func held() -> Int {
+            channel.inspect { pool in
+                pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.outputHeldBytes }.max() ?? 0
+            }
+        }
+        #expect(await eventually(timeout: 20) { held() >= SocketOutput.cap })
+        // These open streams on the same connection, their HEADERS held by nghttp2 behind the full output. When the
+        // keepalive closes the connection, nghttp2's last output refuses them (REFUSED_STREAM); retried at once, they
+        // must not be sent to it again (refused a second time, they failed), but wait for the next address.
+        let calls = (1...3).map { index in
+            Task { await channel.unaryResult(path: "/echo.Echo/Get", request: [UInt8(index)], options: RequestOptions(timeout: .seconds(15))) }
+        }
+        for (index, call) in calls.enumerated() {
+            let response = await call.value
+            #expect(response.status == .ok, "call \(index + 1): \(response.status)")
+            #expect(response.message == [UInt8(index + 1)])
+        }
+        upload.cancel()
         _ = await writer.result
     }
 

@@ -49,7 +49,7 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
         self.isReady = false
         let open = self.streams
         self.streams.removeAll()
-        for (_, handler) in open { handler.streamFailed(reason) }
+        for (_, handler) in open { handler.streamFailed(reason, unprocessed: false) }
         self.delegate?.transportClosed(self, reason: reason, wasReady: wasReady, keepaliveTimedOut: false)
     }
 

@@ -25,8 +25,10 @@ mode says otherwise:
   observe              SETTINGS only; reports what the client sends before it goes
   late-first           holds the answer to stream 1 until another request arrives, then sends it ("stale", OK)
                        before answering the new one (an old attempt's frames arriving during its retry)
-  wide-open-stall      windows of 2^31-1 (stream and connection), then stops reading once a request's headers are
-                       in ("event stalled"): the client may send as fast as it can produce, and the socket backs up
+  wide-open-stall [once]
+                       windows of 2^31-1 (stream and connection), then stops reading once a request's headers are
+                       in ("event stalled"): the client may send as fast as it can produce, and the socket backs up;
+                       with "once", one connection is accepted and later ones are refused
   headers-then-status CODE MS
                        response headers at once, trailers with grpc-status CODE after MS milliseconds
   padded FRAMES        a 64 KiB message, then one in FRAMES DATA frames of 256 bytes each padded with 255; reports
@@ -498,6 +500,9 @@ def accept_loop(listener):
                 except OSError:
                     pass
         threading.Thread(target=run, daemon=True).start()
+        if MODE == "wide-open-stall" and ARGS[:1] == ["once"]:
+            listener.close()  # later connections are refused
+            return
 
 
 listener = socket.socket()
