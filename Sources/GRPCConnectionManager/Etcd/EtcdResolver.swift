@@ -178,9 +178,12 @@ final class EtcdWatcher: @unchecked Sendable {
         self.changed = changed
     }
 
-    /// A Range read `revision`: a stream opened from now on starts after it.
+    /// A Range read `revision`: a stream opened from now on starts after it. Taken as it is, even when lower than
+    /// the last: etcd's revision goes back when its cluster is restored from a snapshot or replaced, and a watch from
+    /// a revision still to come is accepted without a word and hears nothing until the new cluster gets there. (A
+    /// stale read, older than one before it, costs a change heard twice: one more read.)
     func advance(to revision: Int64) {
-        self.state.withLock { $0.revision = max($0.revision, revision) }
+        self.state.withLock { $0.revision = revision }
     }
 
     func start() {

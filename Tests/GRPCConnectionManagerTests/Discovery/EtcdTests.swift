@@ -194,6 +194,44 @@ struct EtcdTests {
         #expect(await eventually { changes.load(ordering: .relaxed) > before }, "a change after the reopen is heard")
     }
 
+    @Test("a read whose revision is below the watch's (etcd restored or replaced) moves the watch back: changes are heard")
+    func revisionGoingBackIsFollowed() async throws {
+        let etcd = try EtcdPeer()
+        defer { etcd.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
+        func put(_ key: String) async throws -> Int64 {
+            _ = try await raw.unary(path: EtcdMessages.putPath, request: EtcdMessages.putRequest(key: key, value: [1], lease: 0))
+            let response = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: "r/"))
+            return EtcdMessages.rangeResponse(response.message)?.revision ?? 0
+        }
+        let revision = try await put("r/1")
+        let changes = Atomic<Int>(0)
+        let watcher = EtcdWatcher(client: raw, reactor: loop.reactor, prefix: "r/") {
+            changes.wrappingAdd(1, ordering: .relaxed)
+        }
+        defer { watcher.stop() }
+        // Watching from where a bigger cluster had got to, before it was replaced by this one.
+        watcher.advance(to: revision + 1000)
+        loop.reactor.execute { watcher.start() }
+        // etcd goes away and comes back: the stream ends, and the read a resolver then makes reports this cluster's
+        // revision, lower than the watch's.
+        try etcd.restart()
+        #expect(await eventually(timeout: 10) { changes.load(ordering: .relaxed) >= 1 }, "the ended stream asks for a read")
+        watcher.advance(to: revision)
+        // The watch reopens a second after the end: changes are made until one is heard.
+        let before = changes.load(ordering: .relaxed)
+        var key = 1
+        #expect(
+            await eventually(timeout: 10) {
+                key += 1
+                _ = try? await put("r/\(key)")
+                return changes.load(ordering: .relaxed) > before
+            }, "a change after the reopen is heard")
+    }
+
     @Test("several etcd endpoints: one that is down is passed over; when the one in use goes, the next serves")
     func failsOverBetweenEndpoints() async throws {
         // Two single-member etcds that know nothing of each other: which one answered shows in what it holds.
