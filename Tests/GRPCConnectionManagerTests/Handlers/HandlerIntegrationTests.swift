@@ -246,16 +246,19 @@ struct HandlerIntegrationTests {
     func streamingProbeSettlesWithHeaders() async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
+        // Open for a second: the refusal below must come within it. (At 100 ms, a loaded machine let that stream be
+        // the half-open probe, an open stream nobody ended: the test waited for it for ever.)
         let (manager, channel, recorder) = try self.makeTrippingManager(fixture) {
-            $0.circuitBreaker.timeout = .milliseconds(100)
+            $0.circuitBreaker.timeout = .seconds(1)
         }
         let path = "/raw.Raw/Update"  // raw bytes echoed as they come, until the client half-closes
         let failing = channel.bidirectionalStreaming(path: path, metadata: ["x-fail-code": "14"])
         failing.closeSend()  // the server answers (UNAVAILABLE) once the requests end
         #expect(await failing.result().status.code == .unavailable)
-        let refused = channel.bidirectionalStreaming(path: path)
+        // A deadline all the same: were it admitted after all, the test fails instead of waiting for ever.
+        let refused = channel.bidirectionalStreaming(path: path, options: RequestOptions(timeout: .seconds(5)))
         #expect(await refused.result().status == CallStatus(code: .unavailable, message: "circuit breaker is open"))
-        try await Task.sleep(for: .milliseconds(150))  // past the open time, on the clock the breaker reads
+        try await Task.sleep(for: .milliseconds(1050))  // past the open time, on the clock the breaker reads
         // The probe, a watch that stays open: its echo came, so the server answered with headers.
         let probe = channel.bidirectionalStreaming(path: path)
         try await probe.write([1])
