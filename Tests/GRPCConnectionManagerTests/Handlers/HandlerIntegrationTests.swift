@@ -224,7 +224,7 @@ struct HandlerIntegrationTests {
         let (manager, channel, recorder) = try self.makeManager(fixture) {
             $0.enableCircuitBreaker = true
             $0.enableRetry = false
-            $0.circuitBreaker.timeout = .milliseconds(300)
+            $0.circuitBreaker.timeout = .seconds(1)  // the refusal below must come within it, on a loaded machine too
         }
         for index in 0..<5 {
             #expect(await channel.call([1], metadata: ["x-fail-code": "14"], timeout: .seconds(5)).status.code == .unavailable, "\(index)")
@@ -232,7 +232,7 @@ struct HandlerIntegrationTests {
         let refused = await channel.call([1], timeout: .seconds(5))
         #expect(refused.status == CallStatus(code: .unavailable, message: "circuit breaker is open"))
         #expect(await eventually { Self.attempts(recorder).last == 0 }, "no attempt was made")
-        try await Task.sleep(nanoseconds: 350_000_000)
+        try await Task.sleep(for: .milliseconds(1050))  // past the open time
         #expect(await channel.call([2], timeout: .seconds(5)).status == .ok)
         #expect(await channel.call([3], timeout: .seconds(5)).status == .ok)
         #expect(await eventually {
