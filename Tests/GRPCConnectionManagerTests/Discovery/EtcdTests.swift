@@ -160,6 +160,13 @@ struct EtcdTests {
         _ = registration
     }
 
+    /// Puts `key` (a value without a lease) through `raw`, then reads `prefix`: etcd's revision after the put.
+    static func put(_ key: String, readingPrefix prefix: String, through raw: GRPCChannel) async throws -> Int64 {
+        _ = try await raw.unary(path: EtcdMessages.putPath, request: EtcdMessages.putRequest(key: key, value: [1], lease: 0))
+        let response = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: prefix))
+        return EtcdMessages.rangeResponse(response.message)?.revision ?? 0
+    }
+
     @Test("a watch etcd cancels (its revision compacted away) is reopened: later changes are heard")
     func compactedWatchIsReopened() async throws {
         let etcd = try EtcdPeer()
@@ -168,11 +175,7 @@ struct EtcdTests {
         loop.start()
         defer { loop.shutdown() }
         let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
-        func put(_ key: String) async throws -> Int64 {
-            _ = try await raw.unary(path: EtcdMessages.putPath, request: EtcdMessages.putRequest(key: key, value: [1], lease: 0))
-            let response = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: "w/"))
-            return EtcdMessages.rangeResponse(response.message)?.revision ?? 0
-        }
+        func put(_ key: String) async throws -> Int64 { try await Self.put(key, readingPrefix: "w/", through: raw) }
         for index in 0..<5 { _ = try await put("w/\(index)") }
         let revision = try await put("w/5")
         // CompactionRequest { revision = 1 }: every revision before the current one is gone.
@@ -202,11 +205,7 @@ struct EtcdTests {
         loop.start()
         defer { loop.shutdown() }
         let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
-        func put(_ key: String) async throws -> Int64 {
-            _ = try await raw.unary(path: EtcdMessages.putPath, request: EtcdMessages.putRequest(key: key, value: [1], lease: 0))
-            let response = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: "r/"))
-            return EtcdMessages.rangeResponse(response.message)?.revision ?? 0
-        }
+        func put(_ key: String) async throws -> Int64 { try await Self.put(key, readingPrefix: "r/", through: raw) }
         let revision = try await put("r/1")
         let changes = Atomic<Int>(0)
         let watcher = EtcdWatcher(client: raw, reactor: loop.reactor, prefix: "r/") {

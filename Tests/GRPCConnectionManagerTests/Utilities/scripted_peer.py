@@ -76,7 +76,6 @@ def event(text):
 lock = threading.Lock()
 header_blocks = 0
 watches = 0
-failed_watches = 0
 
 
 def grpc_frame(message, compressed=False):
@@ -251,28 +250,23 @@ class Connection:
     def answer(self, stream_id):
         path = dict((k.decode() if isinstance(k, bytes) else k, v) for k, v in self.streams[stream_id].get("headers", [])).get(":path")
         path = path.decode() if isinstance(path, bytes) else path
-        if MODE == "health-flap" and path == "/grpc.health.v1.Health/Watch":
+        if MODE in ("health-flap", "health-fail") and path == "/grpc.health.v1.Health/Watch":
             global watches
             with lock:
                 watches += 1
                 count = watches
             event("watch %d at %.3f" % (count, time.monotonic()))
+            if MODE == "health-fail":
+                self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc"),
+                                              ("grpc-status", ARGS[0]), ("grpc-message", "health service broken")],
+                                  end_stream=True)
+                return
             self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
             self.send_data(stream_id, grpc_frame(b"\x08\x01"))  # SERVING
             if count == 1:
                 self.send_headers(stream_id, [("grpc-status", ARGS[0] if ARGS else "14"),
                                               ("grpc-message", "health service restarting")],
                                   end_stream=True)
-            return
-        if MODE == "health-fail" and path == "/grpc.health.v1.Health/Watch":
-            global failed_watches
-            with lock:
-                failed_watches += 1
-                count = failed_watches
-            event("watch %d at %.3f" % (count, time.monotonic()))
-            self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc"),
-                                          ("grpc-status", ARGS[0]), ("grpc-message", "health service broken")],
-                              end_stream=True)
             return
         if MODE == "headers-bytes":
             self.echo(stream_id, extra_headers=[("x-big", "a" * int(ARGS[0]))])
