@@ -197,7 +197,7 @@ struct LimitsTests {
         _ = await writer.result
     }
 
-    @Test("requests refused as their connection closes (a keepalive timeout) are never sent to it again")
+    @Test("requests still held when their connection closes (a keepalive timeout, say) are never sent to it again")
     func refusedAtCloseGoElsewhere() async throws {
         // Takes a request's headers, then reads nothing more; refuses any later connection.
         let stall = try ScriptedPeer("wide-open-stall", ["once"])
@@ -206,10 +206,6 @@ struct LimitsTests {
         defer { fixture.shutdown() }
         var configuration = Self.plain()
         configuration.loadBalancingPolicy = .pickFirst
-        // A ping at once, given up on after a second: before the kernel gives up on the full socket (TCP_USER_TIMEOUT,
-        // the same second, counted from its first window probe).
-        configuration.keepAliveTime = .milliseconds(50)
-        configuration.keepAliveTimeout = .seconds(1)
         let channel = try GRPCChannel(
             target: "two.test:1", configuration: configuration,
             logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
@@ -221,23 +217,33 @@ struct LimitsTests {
         let upload = channel.bidirectionalStreaming(path: "/test.Stream/Update")
         let message = [UInt8](repeating: 9, count: 1 << 20)
         let writer = Task { for _ in 0..<48 { try await upload.write(message) } }
-        func held() -> Int {
-            channel.inspect { pool in
-                pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.outputHeldBytes }.max() ?? 0
-            }
+        func connection() -> HTTP2ClientConnection? {
+            channel.inspect { pool in pool.currentTransports.compactMap { $0 as? HTTP2ClientConnection }.first }
         }
-        #expect(await eventually(timeout: 20) { held() >= SocketOutput.cap })
-        // These open streams on the same connection, their HEADERS held by nghttp2 behind the full output. When the
-        // keepalive closes the connection, nghttp2's last output refuses them (REFUSED_STREAM); retried at once, they
-        // must not be sent to it again (refused a second time, they failed), but wait for the next address.
+        #expect(await eventually(timeout: 20) { (connection()?.outputHeldBytes ?? 0) >= SocketOutput.cap })
+        // These open streams on the same connection: their HEADERS stay in nghttp2, behind the full output.
         let calls = (1...3).map { index in
             Task { await channel.unaryResult(path: "/echo.Echo/Get", request: [UInt8(index)], options: RequestOptions(timeout: .seconds(15))) }
         }
+        #expect(await eventually { channel.inspect { pool in pool.currentTransports.first?.openStreamCount ?? 0 } == 4 })
+        // The connection closes as a keepalive timeout closes it. nghttp2's last output refuses what it still held
+        // (REFUSED_STREAM); retried at once, those calls must not be sent to it again (refused a second time, they
+        // failed), but wait for the next address.
+        guard let stalled = connection() else { return }
+        _ = fixture.loop.execute { stalled.close(reason: CallStatus(code: .unavailable, message: "closed by the test")) }
+        // A request nghttp2 had already written into the socket's output (the kernel takes a little more now and then)
+        // counts as sent: its call ends with the close. The others are answered by the next address.
+        var answered = 0
         for (index, call) in calls.enumerated() {
             let response = await call.value
-            #expect(response.status == .ok, "call \(index + 1): \(response.status)")
-            #expect(response.message == [UInt8(index + 1)])
+            if response.status == .ok {
+                answered += 1
+                #expect(response.message == [UInt8(index + 1)])
+            } else {
+                #expect(response.status.message == "closed by the test", "call \(index + 1): \(response.status)")
+            }
         }
+        #expect(answered >= 1, "the requests nghttp2 still held went to the next address")
         upload.cancel()
         _ = await writer.result
     }
