@@ -161,8 +161,15 @@ struct Call: AsyncParsableCommand {
         // One manager for the whole run: with --repeat, reconnection shows in the output.
         let manager: ConnectionManager
         let channel: GRPCChannel
+        // grpcurl dials before it calls, and a dial that fails exits 1, not with the call's code: so does a call here
+        // that failed without a connection ever being established. Listened for before the service is registered:
+        // registering starts connecting, and a connection made before the subscription took effect went unheard.
+        let connected = Mutex(false)
         do {
             manager = try ConnectionManager(configuration: configuration, metricsFactory: metrics)
+            manager.events.subscribe { event in
+                if case .connectAttemptSucceeded = event { connected.withLock { $0 = true } }
+            }
             channel = try manager.connection(service: "grpc-cm", address: self.target)
         } catch let error as ConfigurationError where error.field == "tls" {
             // grpcurl exits 1 when it cannot set up the connection: an unreadable PEM file, a target it cannot dial.
@@ -175,7 +182,7 @@ struct Call: AsyncParsableCommand {
         // The metrics are written whatever the calls did; a failure to write them exits 1 unless a call failed.
         let outcome: Result<Void, any Error>
         do {
-            try await self.makeCalls(on: channel, request: request, metadata: metadata)
+            try await self.makeCalls(on: channel, request: request, metadata: metadata, connected: connected)
             outcome = .success(())
         } catch {
             outcome = .failure(error)
@@ -186,20 +193,15 @@ struct Call: AsyncParsableCommand {
     }
 
     /// The call, or with `--repeat` the calls, with their output; throws the exit code of a failure.
-    private func makeCalls(on channel: GRPCChannel, request: [UInt8], metadata: CallMetadata) async throws {
+    private func makeCalls(
+        on channel: GRPCChannel, request: [UInt8], metadata: CallMetadata, connected: borrowing Mutex<Bool>
+    ) async throws {
         var options = RequestOptions()
         options.waitForReady = self.waitForReady
         options.compression = self.compression.flatMap { CallCompression(name: $0) }
         if let maxTime = self.maxTime { options.timeout = seconds(maxTime) }
 
         guard let count = self.repeat else {
-            // grpcurl dials before it calls, and a dial that fails exits 1, not with the call's code: so does a call
-            // here that failed without a connection ever being established.
-            let connected = Mutex(false)
-            let token = channel.events.subscribe { event in
-                if case .connectAttemptSucceeded = event { connected.withLock { $0 = true } }
-            }
-            defer { channel.events.unsubscribe(token) }
             let response = await channel.unaryResult(path: self.method, request: request, metadata: metadata, options: options)
             if self.verbose { Self.printVerbose(response) }
             if response.status.isOK {
