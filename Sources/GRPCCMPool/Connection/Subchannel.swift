@@ -294,14 +294,21 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
                 // The server has no health service: the connection counts as healthy (gRFC A17).
                 self.health = .unchecked
             } else {
-                // As grpc-go: TRANSIENT_FAILURE until the next watch starts (CONNECTING then). A fail-fast call is not
-                // kept waiting for health nobody is reporting. The next watch starts at once if this one said
-                // something (a proxy's idle timeout ends long watches), else after a backoff that grows with each
-                // silent one.
-                let end = status.message.isEmpty ? "\(status.code)" : "\(status.code): \(status.message)"
-                self.health = .notServing(CallStatus(code: .unavailable, message: "health check: the Watch ended, \(end)"))
+                // A Watch that said something and ended (a proxy's stream idle timeout ends long watches) is started
+                // again at once, CONNECTING meanwhile: the connection is fine, and calls queued on it for a free
+                // stream must not fail for it. One that ended without a word is a failing health service: as
+                // grpc-go, TRANSIENT_FAILURE (a fail-fast call is not kept waiting for health nobody reports) until
+                // the next one starts, after a backoff that grows with each silent one.
                 let silent = self.healthSilentWatches
-                let delay = silent == 0 ? .zero : min(Duration.seconds(1) * (1 << min(silent - 1, 5)), Duration.seconds(30))
+                let delay: Duration
+                if silent == 0 {
+                    self.health = .waiting
+                    delay = .zero
+                } else {
+                    let end = status.message.isEmpty ? "\(status.code)" : "\(status.code): \(status.message)"
+                    self.health = .notServing(CallStatus(code: .unavailable, message: "health check: the Watch ended, \(end)"))
+                    delay = min(Duration.seconds(1) * (1 << min(silent - 1, 5)), Duration.seconds(30))
+                }
                 self.healthRetryTimer = self.reactor.scheduleTimer(
                     at: Reactor.clock() &+ UInt64(delay.nanoseconds), handler: self, tag: TimerTag.healthRetry)
             }
