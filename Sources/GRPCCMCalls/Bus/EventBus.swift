@@ -12,7 +12,8 @@ import Glibc
 /// Dispatch is deferred to the reactor's deferred phase of the same turn: an event raised deep inside nghttp2's
 /// processing (a GOAWAY, a stream that closed) reaches handlers only once that processing is over, so a handler may
 /// use the whole public API (start a call, close a channel, unsubscribe). Events raised by a handler, or by anything
-/// a handler starts, are dispatched in the next turn. A call's events are dispatched before its completion runs.
+/// a handler starts, are dispatched in the next turn (or later in the same phase, once, when a call's completion had
+/// the bus dispatch early). A call's events are dispatched before its completion runs.
 ///
 /// Publishing with no subscriber costs one load and a branch: the event is built only when someone listens.
 /// Publishing appends to a buffer that keeps its capacity, and dispatch walks a plain array: no allocation per event.
@@ -213,7 +214,10 @@ private final class BusDispatcher: ReactorHandler, @unchecked Sendable {
     }
 
     override func reactorRunDeferred() {
-        // Run early (`dispatchPendingEvents`), it is still queued for the phase: then there is nothing left to do.
+        // Run early (`dispatchPendingEvents`), it is still queued for the phase: then there is nothing left to do,
+        // unless a handler published since. Those events then go out later in this phase rather than the next turn's
+        // (the early run's handlers queued this dispatcher a second time, which then finds nothing): once, so a
+        // handler that publishes from every event still cannot keep a phase going.
         guard self.scheduled else { return }
         self.scheduled = false
         let nested = self.running

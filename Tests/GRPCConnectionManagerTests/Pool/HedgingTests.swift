@@ -263,16 +263,16 @@ struct HedgingTests {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
         let (channel, _) = try Self.embeddedChannel(
-            fixture, policy: CallHedgingPolicy(maxAttempts: 5, hedgingDelay: .milliseconds(100)))
-        // Every attempt fails 250 ms after it arrives. The first (sent at 0) says "do not retry" while the second (sent
-        // at 100 ms) is out; the second and any third then push back 300 ms. Nothing more may be sent, and with
-        // nothing left out the call must end there, with the server's answer.
+            fixture, policy: CallHedgingPolicy(maxAttempts: 5, hedgingDelay: .milliseconds(300)))
+        // Every attempt fails 400 ms after it arrives. The first (sent at 0) says "do not retry" while the second (sent
+        // at 300 ms) is out, 200 ms before a third would go; the second then pushes back 300 ms. Nothing more may be
+        // sent, and with nothing left out the call must end there, with the server's answer.
         // The attempts carry the deadline, and none is out: before the fix the call waited for ever. Waited for here
         // with a bound, then cancelled, so that such a regression fails this test instead of hanging the suite.
         let ended = PThreadLock<UnaryResponse?>(nil)
         let handle = channel.unary(
             path: "/echo.Echo/Get", request: [1],
-            metadata: ["x-fail-code": "14", "x-sleep-ms": "250", "x-pushback-ms": "-1,300", "x-request-key": "mixed"],
+            metadata: ["x-fail-code": "14", "x-sleep-ms": "400", "x-pushback-ms": "-1,300", "x-request-key": "mixed"],
             options: RequestOptions(timeout: .seconds(10))
         ) { response in ended.withLock { $0 = response } }
         #expect(await eventually { ended.withLock { $0 } != nil }, "the call ended within 5 s")
