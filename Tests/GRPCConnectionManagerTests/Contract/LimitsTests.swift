@@ -197,7 +197,7 @@ struct LimitsTests {
         _ = await writer.result
     }
 
-    @Test("requests still held when their connection closes (a keepalive timeout, say) are never sent to it again")
+    @Test("requests that never left when their connection closes (a keepalive timeout, say) go to the next address")
     func refusedAtCloseGoElsewhere() async throws {
         // Takes a request's headers, then reads nothing more; refuses any later connection.
         let stall = try ScriptedPeer("wide-open-stall", ["once"])
@@ -221,31 +221,58 @@ struct LimitsTests {
             channel.inspect { pool in pool.currentTransports.compactMap { $0 as? HTTP2ClientConnection }.first }
         }
         #expect(await eventually(timeout: 20) { (connection()?.outputHeldBytes ?? 0) >= SocketOutput.cap })
-        // These open streams on the same connection: their HEADERS stay in nghttp2, behind the full output.
-        let calls = (1...3).map { index in
-            Task { await channel.unaryResult(path: "/echo.Echo/Get", request: [UInt8(index)], options: RequestOptions(timeout: .seconds(15))) }
-        }
-        #expect(await eventually { channel.inspect { pool in pool.currentTransports.first?.openStreamCount ?? 0 } == 4 })
-        // The connection closes as a keepalive timeout closes it. nghttp2's last output refuses what it still held
-        // (REFUSED_STREAM); retried at once, those calls must not be sent to it again (refused a second time, they
-        // failed), but wait for the next address.
+        // In one turn of the loop, before any output is written: three calls open streams on this connection, and the
+        // connection closes, as a keepalive timeout closes it. Their requests never left: nghttp2's last output refuses
+        // the ones it can still reach (REFUSED_STREAM), the others it never wrote (behind the full output). Either way
+        // the calls are retried at once, and must not be sent to the dying connection again (refused a second time,
+        // they failed), but to the next address.
         guard let stalled = connection() else { return }
-        _ = fixture.loop.execute { stalled.close(reason: CallStatus(code: .unavailable, message: "closed by the test")) }
-        // A request nghttp2 had already written into the socket's output (the kernel takes a little more now and then)
-        // counts as sent: its call ends with the close. The others are answered by the next address.
-        var answered = 0
-        for (index, call) in calls.enumerated() {
-            let response = await call.value
-            if response.status == .ok {
-                answered += 1
-                #expect(response.message == [UInt8(index + 1)])
-            } else {
-                #expect(response.status.message == "closed by the test", "call \(index + 1): \(response.status)")
+        let responses = PThreadLock<[Int: UnaryResponse]>([:])
+        _ = fixture.loop.execute {
+            for index in 1...3 {
+                channel.unary(path: "/echo.Echo/Get", request: [UInt8(index)], options: RequestOptions(timeout: .seconds(15))) {
+                    response in responses.withLock { $0[index] = response }
+                }
             }
+            stalled.close(reason: CallStatus(code: .unavailable, message: "closed by the test"))
         }
-        #expect(answered >= 1, "the requests nghttp2 still held went to the next address")
+        #expect(await eventually(timeout: 20) { responses.withLock { $0.count } == 3 })
+        for (index, response) in responses.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
+            #expect(response.status == .ok, "call \(index): \(response.status)")
+            #expect(response.message == [UInt8(index)])
+        }
         upload.cancel()
         _ = await writer.result
+    }
+
+    @Test("requests nghttp2 refuses as their connection closes are not sent to it again, but to a new connection")
+    func refusedAtCloseReconnect() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel(Self.plain())
+        #expect(try await channel.unary(path: "/echo.Echo/Get", request: [0]).message == [0])
+        guard let connection = channel.inspect({ pool in pool.currentTransports.first as? HTTP2ClientConnection }) else {
+            Issue.record("no connection")
+            return
+        }
+        // In one turn, before any output is written: three calls open streams, and the connection closes. nghttp2's
+        // last output refuses their requests (REFUSED_STREAM); retried at once, they used to find this connection
+        // still READY, were refused again and failed.
+        let responses = PThreadLock<[Int: UnaryResponse]>([:])
+        _ = fixture.loop.execute {
+            for index in 1...3 {
+                // Wait-for-ready: a connection lost this soon after it was made is reconnected after a backoff.
+                let options = RequestOptions(timeout: .seconds(15), waitForReady: true)
+                channel.unary(path: "/echo.Echo/Get", request: [UInt8(index)], options: options) {
+                    response in responses.withLock { $0[index] = response }
+                }
+            }
+            connection.close(reason: CallStatus(code: .unavailable, message: "closed by the test"))
+        }
+        #expect(await eventually(timeout: 20) { responses.withLock { $0.count } == 3 })
+        for (index, response) in responses.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
+            #expect(response.status == .ok, "call \(index): \(response.status)")
+        }
     }
 
     @Test("a server that answers, then resets the connection while a request is still being written: the call gets the answer")
