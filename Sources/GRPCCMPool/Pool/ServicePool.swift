@@ -91,9 +91,6 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// A resolution asked for (by the resolver's watch, a failure) waiting for `minimumResolutionInterval` (0: none).
     @exclusivity(unchecked)
     private var changeResolutionTimer: Reactor.TimerID = 0
-    /// A failed lookup with wait-for-ready calls queued is tried again after `resolveRetryDelay` (0: not armed).
-    @exclusivity(unchecked)
-    private var resolveRetryTimer: Reactor.TimerID = 0
     /// A re-resolution was asked for while a lookup was under way: it follows that lookup's answer.
     @exclusivity(unchecked)
     private var resolveAfterLookup = false
@@ -481,12 +478,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             if self.subchannels.isEmpty {
                 self.failWaitingFailFast()
                 // Wait-for-ready calls keep waiting; try again after a while.
-                if !self.queue.isEmpty && self.resolveRetryTimer == 0 {
-                    let delay = UInt64(max(self.settings.resolveRetryDelay.nanoseconds, 0))
-                    self.resolveRetryTimer = self.reactor.schedule(afterNanoseconds: delay) { [weak self] in
-                        guard let self else { return }
-                        self.resolveRetryTimer = 0
-                        self.resolve()
+                if !self.queue.isEmpty {
+                    self.reactor.schedule(afterNanoseconds: UInt64(max(self.settings.resolveRetryDelay.nanoseconds, 0))) {
+                        [weak self] in self?.resolve()
                     }
                 }
             }
@@ -566,12 +560,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             self.closed = true
             self.closingStatus = reason
             // No more lookups: the resolution timers go now, not when they fire (up to 36 s later) to do nothing.
-            for timer in [self.periodicResolutionTimer, self.changeResolutionTimer, self.resolveRetryTimer] where timer != 0 {
+            for timer in [self.periodicResolutionTimer, self.changeResolutionTimer] where timer != 0 {
                 self.reactor.cancelTimer(timer)
             }
             self.periodicResolutionTimer = 0
             self.changeResolutionTimer = 0
-            self.resolveRetryTimer = 0
             // Calls first learn that nothing is retried any more; then the waiting ones go.
             for call in self.registry.all { call.channelClosing(reason) }
             for call in self.queue.removeAll() { call.routeFailed(reason) }

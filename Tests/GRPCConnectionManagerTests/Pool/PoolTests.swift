@@ -236,14 +236,6 @@ struct PoolTests {
         #expect(rig.reactor.timerCount == 3, "and the connection's backoff")
         rig.finish()
         #expect(rig.reactor.timerCount == 0)
-        // A failed lookup with a wait-for-ready call queued: it is tried again later, unless the pool closes.
-        let failing = HeldResolver()
-        let waiting = try Rig(target: "name.test:1", resolver: failing)
-        waiting.call(1, waitForReady: true)
-        failing.answer(.failure(CallStatus(code: .unavailable, message: "name.test: no such name")))
-        #expect(waiting.reactor.timerCount == 2, "the periodic resolution and the retry of the lookup")
-        waiting.finish()
-        #expect(waiting.reactor.timerCount == 0)
     }
 
     @Test("a resolution that leaves only failing addresses fails the waiting fail-fast calls at once")
