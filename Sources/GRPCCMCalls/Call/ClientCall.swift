@@ -1076,6 +1076,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
 
     package override func streamFailed(_ reason: CallStatus, unprocessed: Bool) {
         guard self.stream != nil else { return }
+        // The rule `streamClosed` applies to a refusal: nothing received, and streamed requests still replayable.
+        let unprocessed = unprocessed && self.head.completeBlocks == 0 && (!self.requestsStreamed || self.buffers!.canReplay)
         self.attemptEnded(UnaryResponse(status: reason, initialMetadata: self.head.initialMetadata), unprocessed: unprocessed)
     }
 
