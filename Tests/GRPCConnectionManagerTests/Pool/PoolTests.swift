@@ -246,6 +246,9 @@ struct PoolTests {
         rig.endTurn()
         #expect(rig.status(1) == CallStatus(code: .unavailable, message: "connection refused"))
         #expect(rig.status(2) == nil, "a wait-for-ready call waits on")
+        // The lookup the failure asked for is answered too: a pending completion holds the pool (until a resolver
+        // answers, as every real one does), and a lookup left unanswered would keep the test's pool and loop alive.
+        resolver.answer(.failure(CallStatus(code: .unavailable, message: "the test is over")))
     }
 
     @Test("an eager pool (connectAll) reconnects after a GOAWAY to an established connection without waiting for a call")
