@@ -1065,9 +1065,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     package override func streamClosed(errorCode: UInt32) {
         guard self.stream != nil else { return }
         // REFUSED_STREAM before any response: the server provably never processed the request (gRFC A6).
-        let unprocessed =
-            errorCode == NGHTTP2_REFUSED_STREAM.rawValue && self.head.completeBlocks == 0
-            && (!self.requestsStreamed || self.buffers!.canReplay)
+        let unprocessed = errorCode == NGHTTP2_REFUSED_STREAM.rawValue && self.mayRetryUnprocessed
         // A response this side refused (its header block over maxHeaderListSize) was the server's answer all the
         // same: the call ran there, and would run again for the same refusal. Not retried by policy.
         self.attemptEnded(
@@ -1076,9 +1074,15 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
 
     package override func streamFailed(_ reason: CallStatus, unprocessed: Bool) {
         guard self.stream != nil else { return }
-        // The rule `streamClosed` applies to a refusal: nothing received, and streamed requests still replayable.
-        let unprocessed = unprocessed && self.head.completeBlocks == 0 && (!self.requestsStreamed || self.buffers!.canReplay)
-        self.attemptEnded(UnaryResponse(status: reason, initialMetadata: self.head.initialMetadata), unprocessed: unprocessed)
+        self.attemptEnded(
+            UnaryResponse(status: reason, initialMetadata: self.head.initialMetadata),
+            unprocessed: unprocessed && self.mayRetryUnprocessed)
+    }
+
+    /// An attempt the server never processed (refused, or never sent) may go again as it is: nothing of its response
+    /// was received, and streamed requests can still be replayed.
+    private var mayRetryUnprocessed: Bool {
+        self.head.completeBlocks == 0 && (!self.requestsStreamed || self.buffers!.canReplay)
     }
 
     /// The one true status of the attempt, from what was received.

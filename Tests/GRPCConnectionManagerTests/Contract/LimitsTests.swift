@@ -197,6 +197,24 @@ struct LimitsTests {
         _ = await writer.result
     }
 
+    /// In one turn of `loop`, before any output is written: three unary calls (requests [1], [2], [3]) open streams on
+    /// `connection`, which then closes ("closed by the test"). Their responses by call number, once all three ended.
+    static func threeCallsThenClose(
+        _ channel: GRPCChannel, closing connection: HTTP2ClientConnection, on loop: ReactorLoop, options: RequestOptions
+    ) async -> [(Int, UnaryResponse)] {
+        let responses = PThreadLock<[Int: UnaryResponse]>([:])
+        _ = loop.execute {
+            for index in 1...3 {
+                channel.unary(path: "/echo.Echo/Get", request: [UInt8(index)], options: options) { response in
+                    responses.withLock { $0[index] = response }
+                }
+            }
+            connection.close(reason: CallStatus(code: .unavailable, message: "closed by the test"))
+        }
+        #expect(await eventually(timeout: 20) { responses.withLock { $0.count } == 3 })
+        return responses.withLock { $0 }.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+    }
+
     @Test("requests that never left when their connection closes (a keepalive timeout, say) go to the next address")
     func refusedAtCloseGoElsewhere() async throws {
         // Takes a request's headers, then reads nothing more; refuses any later connection.
@@ -227,17 +245,9 @@ struct LimitsTests {
         // the calls are retried at once, and must not be sent to the dying connection again (refused a second time,
         // they failed), but to the next address.
         guard let stalled = connection() else { return }
-        let responses = PThreadLock<[Int: UnaryResponse]>([:])
-        _ = fixture.loop.execute {
-            for index in 1...3 {
-                channel.unary(path: "/echo.Echo/Get", request: [UInt8(index)], options: RequestOptions(timeout: .seconds(15))) {
-                    response in responses.withLock { $0[index] = response }
-                }
-            }
-            stalled.close(reason: CallStatus(code: .unavailable, message: "closed by the test"))
-        }
-        #expect(await eventually(timeout: 20) { responses.withLock { $0.count } == 3 })
-        for (index, response) in responses.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
+        let responses = await Self.threeCallsThenClose(
+            channel, closing: stalled, on: fixture.loop, options: RequestOptions(timeout: .seconds(15)))
+        for (index, response) in responses {
             #expect(response.status == .ok, "call \(index): \(response.status)")
             #expect(response.message == [UInt8(index)])
         }
@@ -258,19 +268,10 @@ struct LimitsTests {
         // In one turn, before any output is written: three calls open streams, and the connection closes. nghttp2's
         // last output refuses their requests (REFUSED_STREAM); retried at once, they used to find this connection
         // still READY, were refused again and failed.
-        let responses = PThreadLock<[Int: UnaryResponse]>([:])
-        _ = fixture.loop.execute {
-            for index in 1...3 {
-                // Wait-for-ready: a connection lost this soon after it was made is reconnected after a backoff.
-                let options = RequestOptions(timeout: .seconds(15), waitForReady: true)
-                channel.unary(path: "/echo.Echo/Get", request: [UInt8(index)], options: options) {
-                    response in responses.withLock { $0[index] = response }
-                }
-            }
-            connection.close(reason: CallStatus(code: .unavailable, message: "closed by the test"))
-        }
-        #expect(await eventually(timeout: 20) { responses.withLock { $0.count } == 3 })
-        for (index, response) in responses.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
+        // Wait-for-ready: a connection lost this soon after it was made is reconnected after a backoff.
+        let responses = await Self.threeCallsThenClose(
+            channel, closing: connection, on: fixture.loop, options: RequestOptions(timeout: .seconds(15), waitForReady: true))
+        for (index, response) in responses {
             #expect(response.status == .ok, "call \(index): \(response.status)")
         }
     }
