@@ -82,7 +82,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// and a compare.)
     @exclusivity(unchecked)
     private var streams = StreamTable()
-    /// At the socket's close: the open streams whose requests nghttp2 never sent (see `socketClosing`).
+    /// At the socket's close: the open streams whose requests never left (see `socketClosing`).
     private var neverSent: Set<Int32> = []
     /// Streams submitted and not yet closed by nghttp2, reset ones included: what counts against the server's
     /// MAX_CONCURRENT_STREAMS.
@@ -202,6 +202,9 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         }
     }
 
+    /// See `HTTP2Socket.fixSendBuffer` (tests).
+    package func fixSendBuffer(bytes: Int32) { self.socket?.fixSendBuffer(bytes: bytes) }
+
     package func socketDidRead() {
         self.lastReadAt = self.loopReactor._withUnsafeGuaranteedRef { $0.now }
     }
@@ -213,9 +216,15 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     }
 
     package func socketClosing(session: OpaquePointer) {
-        // nghttp2 makes a request's stream when it writes its HEADERS out: one it never made was never sent.
+        // A request never left when nghttp2 never wrote its HEADERS out (it makes a request's stream object only
+        // then), or when no byte of the output from its submission on reached the kernel: its frames still sat in
+        // the socket's output (a peer that stopped reading, behind a full kernel buffer).
         self.neverSent = []
-        for id in self.streams.ids where nghttp2_session_find_stream(session, id) == nil { self.neverSent.insert(id) }
+        guard let socket = self.socket else { return }
+        for (id, mark) in self.streams.marks
+        where nghttp2_session_find_stream(session, id) == nil || !socket.outputMayHaveWritten(from: mark) {
+            self.neverSent.insert(id)
+        }
     }
 
     package func socketClosed(_ reason: CallStatus) {
@@ -334,7 +343,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             source: Unmanaged.passUnretained(self).toOpaque(), maxHeaderListSize: min(peerLimit, ownLimit))
         switch result {
         case .submitted(let streamID):
-            self.streams.insert(handler, for: streamID)
+            self.streams.insert(handler, for: streamID, mark: self.socket?.outputMark ?? 0)
             self.streamsOnWire += 1
             self.socket?.scheduleFlush()
             if nghttp2_session_get_next_stream_id(session) > UInt32(Int32.max) - 2 {
@@ -442,6 +451,8 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
 
     /// Bytes held by the socket's output buffer (tests of its bound).
     package var outputHeldBytes: Int { self.socket?.outputHeldBytes ?? 0 }
+    /// See `HTTP2Socket.outputMark` (tests).
+    package var outputMark: Int { self.socket?.outputMark ?? 0 }
 
     /// For tests: makes the next stream id `id` (to reach the end of the id space without two billion streams).
     package func setNextStreamID(_ id: Int32) {

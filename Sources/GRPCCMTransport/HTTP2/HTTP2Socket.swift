@@ -502,6 +502,23 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     /// Bytes held by the output buffer (tests of its bound).
     package var outputHeldBytes: Int { self.output.heldBytes }
 
+    /// Fixes the kernel's send buffer at about `bytes` (SO_SNDBUF, which also stops Linux growing it): for tests that
+    /// need the socket to back up after a known amount.
+    package func fixSendBuffer(bytes: Int32) {
+        var size = bytes
+        _ = setsockopt(self.fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Where nghttp2's output has got to (`SocketOutput.mark`): read when a stream is submitted, it tells at the
+    /// close whether any of the stream's frames can have left (`outputMayHaveWritten`).
+    @inline(__always)
+    package var outputMark: Int { self.output.mark(encrypted: self.tls != nil) }
+
+    /// Whether any byte nghttp2 produced at or after `mark` can have reached the kernel.
+    package func outputMayHaveWritten(from mark: Int) -> Bool {
+        self.output.mayHaveWritten(from: mark, encrypted: self.tls != nil)
+    }
+
     // MARK: closing
 
     /// The owner is going away: nothing reaches it from now on.

@@ -50,7 +50,8 @@ open class HTTP2StreamHandler: ReactorHandler, @unchecked Sendable {
     /// provably never processed it (a reset before it started, or a stream above a GOAWAY's last stream id).
     open func streamClosed(errorCode: UInt32) { Self.mustOverride() }
     /// The connection went away under the stream (`reason` says how); nothing more will arrive. `unprocessed`: its
-    /// request never left this process (nghttp2 still held its HEADERS), so the server cannot have seen it.
+    /// request never left this process (nghttp2 still held its HEADERS, or they sat unwritten in the socket's
+    /// output), so the server cannot have seen it.
     open func streamFailed(_ reason: CallStatus, unprocessed: Bool) { Self.mustOverride() }
 
     private static func mustOverride(_ method: StaticString = #function) -> Never {

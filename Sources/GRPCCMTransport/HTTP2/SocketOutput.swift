@@ -15,6 +15,17 @@ package struct SocketOutput: ~Copyable {
     private var start = 0
     /// nghttp2's output waiting for TLS.
     private var plaintext = OutputBytes()
+    /// Bytes written to the socket since the connection began (ciphertext under TLS).
+    private var written = 0
+    /// TLS: plaintext bytes encrypted since the connection began.
+    private var encryptedPlaintext = 0
+    /// TLS: where each recent `encryptPending` pass began, in plaintext and in ciphertext (both counted from the
+    /// connection's start), oldest first, for the passes whose records may not all be written. What tells, under
+    /// TLS, whether a plaintext byte can have reached the kernel (`mayHaveWritten`).
+    private var passes: [(plaintext: Int, ciphertext: Int)] = []
+    /// More passes than this are not told apart: a new one is counted with the last kept (which only makes
+    /// `mayHaveWritten` say yes more often).
+    private static let maxPasses = 64
 
     package init() {}
 
@@ -31,6 +42,28 @@ package struct SocketOutput: ~Copyable {
 
     /// Everything is written.
     package var isDrained: Bool { self.start == self.bytes.count }
+
+    /// Where nghttp2's output has got to: the bytes it produced since the connection began (plaintext under TLS).
+    /// A stream's frames, once it is submitted, all come at or after the mark read then (nghttp2 writes a request's
+    /// HEADERS out in a later `mem_send`).
+    @inline(__always)
+    package func mark(encrypted: Bool) -> Int {
+        encrypted
+            ? self.encryptedPlaintext + self.plaintext.count
+            : self.written + self.bytes.count - self.start
+    }
+
+    /// Whether any byte nghttp2 produced at or after `mark` can have reached the kernel. False means the peer cannot
+    /// have seen any of it (a request submitted at `mark` never left this process); true may be wrong only in that
+    /// direction (under TLS, passes counted together or already written are taken as sent).
+    package func mayHaveWritten(from mark: Int, encrypted: Bool) -> Bool {
+        guard encrypted else { return self.written > mark }
+        if mark >= self.encryptedPlaintext { return false }
+        // The pass that encrypted the byte at `mark` (or the first one after it) made its records at or after its
+        // ciphertext start, and so did every later pass.
+        guard let pass = self.passes.last(where: { $0.plaintext <= mark }) else { return true }
+        return self.written > pass.ciphertext
+    }
 
     /// Whether more of nghttp2's output fits under the cap.
     package var hasRoom: Bool { self.bytes.count - self.start < Self.cap && self.plaintext.count < Self.cap }
@@ -71,6 +104,10 @@ package struct SocketOutput: ~Copyable {
     /// connection may not send for a long time.
     package mutating func encryptPending(with tls: TLSSession) throws(Failure) {
         if !self.plaintext.isEmpty {
+            if self.passes.count < Self.maxPasses {
+                self.passes.append((self.encryptedPlaintext, self.written + self.bytes.count - self.start))
+            }
+            self.encryptedPlaintext += self.plaintext.count
             let result = self.plaintext.withUnsafeBytes { buffer in
                 Result { () throws(TLSError) in try tls.writePlaintext(buffer) }
             }
@@ -101,7 +138,9 @@ package struct SocketOutput: ~Copyable {
             if written == -Int(EAGAIN) { break }
             if written < 0 { throw .write(Int32(-written)) }
             self.start += written
+            self.written += written
         }
+        self.forgetWrittenPasses()
         if self.start == self.bytes.count {
             // A buffer that grew very large (a burst of big messages) is not kept.
             self.bytes.removeAll(keepingCapacity: self.bytes.capacity <= (4 << 20))
@@ -118,13 +157,29 @@ package struct SocketOutput: ~Copyable {
     /// One last write, whatever it achieves (closing: a GOAWAY or a TLS alert on its way out).
     package mutating func writeOnce(to fd: Int32) {
         guard self.start < self.bytes.count else { return }
-        _ = self.bytes.withUnsafeBytes(from: self.start) { buffer in
+        let written = self.bytes.withUnsafeBytes(from: self.start) { buffer in
             cr_write(fd, buffer.baseAddress!, buffer.count)
         }
+        if written > 0 { self.written += written }
         self.reset()
     }
 
+    /// Drops the TLS passes whose records are all written (the next pass's records start at or before `written`).
+    private mutating func forgetWrittenPasses() {
+        guard !self.passes.isEmpty else { return }
+        if self.start == self.bytes.count {
+            self.passes.removeAll(keepingCapacity: true)
+            return
+        }
+        var drop = 0
+        while drop + 1 < self.passes.count && self.passes[drop + 1].ciphertext <= self.written { drop += 1 }
+        if drop > 0 { self.passes.removeFirst(drop) }
+    }
+
+    /// Lets the buffers go. The counts from the connection's start stay, and so do the TLS passes not all written
+    /// (the close asks `mayHaveWritten` after the last write).
     package mutating func reset() {
+        if self.passes.isEmpty { self.passes = [] }
         self.bytes.removeAll(keepingCapacity: false)
         self.plaintext.removeAll(keepingCapacity: false)
         self.start = 0

@@ -11,6 +11,8 @@ struct StreamTable {
         var id: Int32
         /// Bytes the handler consumed that nghttp2 has not been told of yet (`addConsumed`).
         var unreported: Int32 = 0
+        /// The socket output's mark when the stream was submitted (`HTTP2Socket.outputMark`).
+        var mark = 0
         var handler: HTTP2StreamHandler?
     }
 
@@ -22,8 +24,8 @@ struct StreamTable {
 
     var isEmpty: Bool { self.count == 0 }
 
-    /// The ids of the open streams (not for a hot path: it allocates).
-    var ids: [Int32] { self.entries.compactMap { $0.handler == nil ? nil : $0.id } }
+    /// The open streams' ids and the marks they were inserted with (not for a hot path: it allocates).
+    var marks: [(id: Int32, mark: Int)] { self.entries.compactMap { $0.handler == nil ? nil : ($0.id, $0.mark) } }
 
     @inline(__always)
     private func home(_ id: Int32) -> Int { Int(id >> 1) & (self.entries.count - 1) }
@@ -70,7 +72,7 @@ struct StreamTable {
         return total
     }
 
-    mutating func insert(_ handler: HTTP2StreamHandler, for id: Int32, unreported: Int32 = 0) {
+    mutating func insert(_ handler: HTTP2StreamHandler, for id: Int32, mark: Int = 0, unreported: Int32 = 0) {
         precondition(id > 0, "stream ids are positive")
         if (self.count + 1) * 2 > self.entries.count { self.resize(to: max(2, self.entries.count * 2)) }
         var slot = self.home(id)
@@ -79,7 +81,7 @@ struct StreamTable {
             self.count += 1
             if slot != self.home(id) { self.displaced += 1 }
         }
-        self.entries[slot] = Entry(id: id, unreported: unreported, handler: handler)
+        self.entries[slot] = Entry(id: id, unreported: unreported, mark: mark, handler: handler)
     }
 
     /// Removes the stream and returns its handler (nil when it was not there).
@@ -133,6 +135,6 @@ struct StreamTable {
         self.entries = Array(repeating: Entry(id: 0, handler: nil), count: capacity)
         self.count = 0
         self.displaced = 0
-        for entry in old where entry.id != 0 { self.insert(entry.handler!, for: entry.id, unreported: entry.unreported) }
+        for entry in old where entry.id != 0 { self.insert(entry.handler!, for: entry.id, mark: entry.mark, unreported: entry.unreported) }
     }
 }

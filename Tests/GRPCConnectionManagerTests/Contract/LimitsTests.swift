@@ -255,6 +255,70 @@ struct LimitsTests {
         _ = await writer.result
     }
 
+    @Test(
+        "requests still in the socket's output, never taken by the kernel, when their connection closes go to the next address",
+        arguments: [false, true])
+    func unwrittenAtCloseGoElsewhere(tls: Bool) async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        // Takes a request's headers, then reads nothing more; refuses any later connection.
+        let stall = try ScriptedPeer(
+            "wide-open-stall", ["once"], tls: tls ? (certificates.serverCertificate, certificates.serverKey) : nil)
+        defer { stall.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // The next address: the embedded echo server.
+        let next = tls ? try TLSTests.server(certificates, loop: loop) : try EchoServer(eventLoop: loop)
+        defer { next.close() }
+        var configuration = tls ? TLSTests.tls(certificates) { $0.serverName = "localhost" } : Self.plain()
+        configuration.loadBalancingPolicy = .pickFirst
+        configuration.maxReconnectDelay = .milliseconds(200)
+        let channel = try GRPCChannel(
+            target: "two.test:1", configuration: configuration,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
+            interceptors: [], loops: [loop.reactor],
+            resolver: ScriptedResolver([[
+                NetworkAddress(ip: "127.0.0.1", port: stall.port)!, NetworkAddress(ip: "127.0.0.1", port: next.port)!,
+            ]]))
+        let upload = channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        #expect(await eventually(timeout: 10) { stall.events.contains("stalled") })
+        guard let connection = channel.inspect({ $0.currentTransports.compactMap { $0 as? HTTP2ClientConnection }.first })
+        else {
+            Issue.record("no connection")
+            return
+        }
+        func onLoop<T: Sendable>(_ body: @escaping @Sendable () -> T) -> T { channel.inspect { _ in body() } }
+        // A small kernel send buffer, fixed (Linux would grow it to megabytes): one 1 MiB message the peer never reads
+        // fills it and the peer's receive queue, and the rest of the message waits in the socket's output, under its
+        // cap, so nghttp2 still writes new requests out into it.
+        onLoop { connection.fixSendBuffer(bytes: 16384) }
+        try await upload.write([UInt8](repeating: 9, count: 1 << 20))
+        #expect(await eventually(timeout: 10) { onLoop { connection.outputHeldBytes } > 0 })
+        // One turn opens three calls; the flush that ends it writes their requests out into the socket's output,
+        // behind the message.
+        let mark = onLoop { connection.outputMark }
+        let responses = PThreadLock<[Int: UnaryResponse]>([:])
+        _ = loop.execute {
+            for index in 1...3 {
+                channel.unary(path: "/echo.Echo/Get", request: [UInt8(index)], options: RequestOptions(timeout: .seconds(15))) {
+                    response in responses.withLock { $0[index] = response }
+                }
+            }
+        }
+        #expect(await eventually(timeout: 10) { onLoop { connection.outputMark } > mark })
+        #expect(onLoop { connection.outputHeldBytes } > 0)
+        // A later turn closes the connection, as a keepalive timeout would. The requests were never in the kernel:
+        // the calls are retried at once, at the next address.
+        _ = loop.execute { connection.close(reason: CallStatus(code: .unavailable, message: "closed by the test")) }
+        #expect(await eventually(timeout: 20) { responses.withLock { $0.count } == 3 })
+        for (index, response) in responses.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
+            #expect(response.status == .ok, "call \(index): \(response.status)")
+            #expect(response.message == [UInt8(index)])
+        }
+        upload.cancel()
+    }
+
     @Test("requests nghttp2 refuses as their connection closes are not sent to it again, but to a new connection")
     func refusedAtCloseReconnect() async throws {
         let fixture = try LoopbackFixture()
