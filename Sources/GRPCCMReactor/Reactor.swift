@@ -208,6 +208,10 @@ package final class Reactor: @unchecked Sendable {
 
     /// Whether a host loop drives this one through `runOnce` (read by whichever thread calls it).
     private let driven = Atomic<Bool>(false)
+
+    /// Whether a host loop drives this one (`runOnce`): such a loop turns, and finishes stopping, only when its host
+    /// turns it.
+    package var isDriven: Bool { self.driven.load(ordering: .acquiring) }
     /// True while `runOnce` runs a turn (driving thread only).
     @exclusivity(unchecked)
     private var inDrivenTurn = false

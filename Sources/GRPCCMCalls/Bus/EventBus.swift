@@ -139,7 +139,8 @@ package final class LocalEventBus: @unchecked Sendable {
     }
 
     /// Runs `body` on the loop's thread: inline when this is it, else through its inbox. Subscriptions change only
-    /// there, so dispatch needs no lock. Waits for it when the loop is running and this thread serves no loop:
+    /// there, so dispatch needs no lock. Waits for it when the loop is running, or stopping on a thread of its own (a
+    /// dispatch may be under way in its shutdown), and this thread serves no loop:
     /// - a loop not started yet runs its inbox before anything that could publish (calls reach it the same way,
     ///   later), and it may be started by this very thread after this returns (a driven loop);
     /// - a loop's thread must not wait for another loop, which may be waiting for it (two loops creating channels
@@ -155,8 +156,16 @@ package final class LocalEventBus: @unchecked Sendable {
             body()
             return
         }
-        guard self.reactor.isRunning, !Reactor.servesALoop else { return }
-        while !done.load(ordering: .acquiring) && self.reactor.isRunning { usleep(50) }
+        guard !Reactor.servesALoop else { return }
+        while !done.load(ordering: .acquiring) && self.mayStillRun { usleep(50) }
+    }
+
+    /// Whether a body the loop's inbox took will still run, and can be waited for: the loop runs, or stops on a thread
+    /// of its own (its shutdown runs the inbox, or ends with the loop stopped). Not a driven loop that stops: it
+    /// finishes only when its host turns it again, which a host that stopped it may never do.
+    private var mayStillRun: Bool {
+        let reactor = self.reactor
+        return reactor.isRunning || (reactor.isStopping && !reactor.isStopped && !reactor.isDriven)
     }
 }
 

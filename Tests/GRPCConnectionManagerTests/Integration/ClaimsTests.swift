@@ -319,6 +319,40 @@ struct ClaimsTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("unsubscribe while the loop stops: it returns only after a dispatch to the handler under way has ended")
+    func unsubscribeWhileStopping() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: fixture.target, configuration: .defaults, eventLoop: loop)
+        let steps = PThreadLock<[String]>([])
+        @Sendable func happened(_ step: String) -> Bool { steps.withLock { $0.contains(step) } }
+        let token = channel.events.subscribe { event in
+            guard case .callFinished = event, !happened("stopping") else { return }
+            // From the loop's thread this only stops the loop: it finishes once this handler returns.
+            loop.shutdown()
+            steps.withLock { $0.append("stopping") }
+            // Still in the handler when another thread unsubscribes: that must not return before this does (the
+            // old version returned at once when the loop was no longer running).
+            _ = waitFor(seconds: 10) { happened("unsubscribing") }
+            _ = waitFor(seconds: 0.3) { happened("unsubscribed") }
+            steps.withLock { $0.append("handler returns") }
+        }
+        // Not awaited here: its completion runs after its events, so after the handler.
+        let call = Task { await channel.call([1], timeout: .seconds(5)) }
+        #expect(await eventually(timeout: 10) { happened("stopping") })
+        let unsubscriber = Task.detached {
+            steps.withLock { $0.append("unsubscribing") }
+            channel.events.unsubscribe(token)
+            steps.withLock { $0.append("unsubscribed") }
+        }
+        await unsubscriber.value
+        #expect(steps.withLock { $0 } == ["stopping", "unsubscribing", "handler returns", "unsubscribed"])
+        #expect(await call.value.status == .ok)
+    }
+
     // MARK: the breaker end to end
 
     @Test("failure-rate mode opens at the rate, with no two failures in a row, and refuses without a network call")
