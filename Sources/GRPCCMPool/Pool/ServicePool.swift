@@ -79,17 +79,21 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private var resolving = false
     @exclusivity(unchecked)
     private var lastResolution: UInt64 = 0
+    /// The next periodic resolution (0: none armed); cancelled when the pool closes.
     @exclusivity(unchecked)
-    private var periodicResolutionScheduled = false
+    private var periodicResolutionTimer: Reactor.TimerID = 0
     /// Subchannels whose address went away, finishing their calls (graceful shutdown) before they go.
     @exclusivity(unchecked)
     private var retiring: [Subchannel] = []
     /// The resolver's watch has been started (once per pool).
     @exclusivity(unchecked)
     private var watching = false
-    /// A resolution asked for by the resolver's watch waits for `minimumResolutionInterval`.
+    /// A resolution asked for (by the resolver's watch, a failure) waiting for `minimumResolutionInterval` (0: none).
     @exclusivity(unchecked)
-    private var changeResolutionScheduled = false
+    private var changeResolutionTimer: Reactor.TimerID = 0
+    /// A failed lookup with wait-for-ready calls queued is tried again after `resolveRetryDelay` (0: not armed).
+    @exclusivity(unchecked)
+    private var resolveRetryTimer: Reactor.TimerID = 0
     /// A re-resolution was asked for while a lookup was under way: it follows that lookup's answer.
     @exclusivity(unchecked)
     private var resolveAfterLookup = false
@@ -400,11 +404,10 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             self.resolve()
             return
         }
-        guard !self.changeResolutionScheduled else { return }
-        self.changeResolutionScheduled = true
-        self.reactor.schedule(afterNanoseconds: minimum - since) { [weak self] in
+        guard self.changeResolutionTimer == 0 else { return }
+        self.changeResolutionTimer = self.reactor.schedule(afterNanoseconds: minimum - since) { [weak self] in
             guard let self else { return }
-            self.changeResolutionScheduled = false
+            self.changeResolutionTimer = 0
             self.resolveWhenAllowed()
         }
     }
@@ -422,12 +425,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// from asking the DNS server in step).
     private func schedulePeriodicResolution() {
         let interval = self.settings.resolutionInterval.nanoseconds
-        guard interval > 0, !self.periodicResolutionScheduled else { return }
-        self.periodicResolutionScheduled = true
+        guard interval > 0, self.periodicResolutionTimer == 0 else { return }
         let delay = Double(interval) * Double.random(in: 0.8...1.2)
-        self.reactor.schedule(afterNanoseconds: UInt64(delay)) { [weak self] in
+        self.periodicResolutionTimer = self.reactor.schedule(afterNanoseconds: UInt64(delay)) { [weak self] in
             guard let self else { return }
-            self.periodicResolutionScheduled = false
+            self.periodicResolutionTimer = 0
             // Deferred, not dropped, when a lookup ran lately (a GOAWAY's): dropped, no timer was left armed and the
             // name was never asked again.
             self.resolveWhenAllowed()
@@ -479,9 +481,12 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             if self.subchannels.isEmpty {
                 self.failWaitingFailFast()
                 // Wait-for-ready calls keep waiting; try again after a while.
-                if !self.queue.isEmpty {
-                    self.reactor.schedule(afterNanoseconds: UInt64(max(self.settings.resolveRetryDelay.nanoseconds, 0))) {
-                        [weak self] in self?.resolve()
+                if !self.queue.isEmpty && self.resolveRetryTimer == 0 {
+                    let delay = UInt64(max(self.settings.resolveRetryDelay.nanoseconds, 0))
+                    self.resolveRetryTimer = self.reactor.schedule(afterNanoseconds: delay) { [weak self] in
+                        guard let self else { return }
+                        self.resolveRetryTimer = 0
+                        self.resolve()
                     }
                 }
             }
@@ -560,6 +565,13 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         if !self.closed {
             self.closed = true
             self.closingStatus = reason
+            // No more lookups: the resolution timers go now, not when they fire (up to 36 s later) to do nothing.
+            for timer in [self.periodicResolutionTimer, self.changeResolutionTimer, self.resolveRetryTimer] where timer != 0 {
+                self.reactor.cancelTimer(timer)
+            }
+            self.periodicResolutionTimer = 0
+            self.changeResolutionTimer = 0
+            self.resolveRetryTimer = 0
             // Calls first learn that nothing is retried any more; then the waiting ones go.
             for call in self.registry.all { call.channelClosing(reason) }
             for call in self.queue.removeAll() { call.routeFailed(reason) }

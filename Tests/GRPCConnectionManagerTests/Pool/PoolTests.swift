@@ -225,6 +225,27 @@ struct PoolTests {
         #expect(rig.status(21) == nil, "a wait-for-ready call waits for the next lookup")
     }
 
+    @Test("closing a pool cancels its resolution timers at once (they no longer linger for up to 36 s)")
+    func closeCancelsResolutionTimers() throws {
+        let resolver = HeldResolver()
+        let rig = try Rig(target: "name.test:1", resolver: resolver)
+        rig.call(1)
+        resolver.answer(.success([NetworkAddress(ip: "127.0.0.1", port: 1)!]))
+        #expect(rig.reactor.timerCount == 1, "the periodic resolution")
+        rig.connector.made[0].fail("connection refused")  // asks for a lookup sooner: within the minimum interval
+        #expect(rig.reactor.timerCount == 3, "and the connection's backoff")
+        rig.finish()
+        #expect(rig.reactor.timerCount == 0)
+        // A failed lookup with a wait-for-ready call queued: it is tried again later, unless the pool closes.
+        let failing = HeldResolver()
+        let waiting = try Rig(target: "name.test:1", resolver: failing)
+        waiting.call(1, waitForReady: true)
+        failing.answer(.failure(CallStatus(code: .unavailable, message: "name.test: no such name")))
+        #expect(waiting.reactor.timerCount == 2, "the periodic resolution and the retry of the lookup")
+        waiting.finish()
+        #expect(waiting.reactor.timerCount == 0)
+    }
+
     @Test("a resolution that leaves only failing addresses fails the waiting fail-fast calls at once")
     func updateLeavingOnlyFailures() throws {
         let resolver = HeldResolver()
