@@ -65,6 +65,9 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     private var backoffTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
     private var idleTimer: Reactor.TimerID = 0
+    /// A reconnect that no call asked for, armed by the pool (`scheduleReconnect`); 0: none.
+    @exclusivity(unchecked)
+    private var reconnectTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
     private var generator = SystemRandomNumberGenerator()
     /// The keepalive interval for new connections; doubled after GOAWAY too_many_pings (gRFC A8), up to a cap.
@@ -132,6 +135,17 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
 
     /// How long a reconnect from IDLE that no call asked for should wait (see `ConnectionStateMachine`).
     package var automaticReconnectDelay: Duration { self.machine.automaticReconnectDelay }
+
+    /// Runs `reconnect` after `delay`, unless this subchannel shuts down first (its timers go then); one armed at a
+    /// time. The pool's eager reconnect after a lost connection.
+    package func scheduleReconnect(after delay: Duration, _ reconnect: @escaping () -> Void) {
+        if self.reconnectTimer != 0 { self.reactor.cancelTimer(self.reconnectTimer) }
+        self.reconnectTimer = self.reactor.schedule(afterNanoseconds: UInt64(max(delay.nanoseconds, 0))) {
+            [weak self] in
+            self?.reconnectTimer = 0
+            reconnect()
+        }
+    }
 
     /// Streams that may open on the current connection now.
     package var availableStreams: Int {
@@ -245,11 +259,12 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     }
 
     private func cancelTimers() {
-        for timer in [self.backoffTimer, self.idleTimer] where timer != 0 {
+        for timer in [self.backoffTimer, self.idleTimer, self.reconnectTimer] where timer != 0 {
             self.reactor.cancelTimer(timer)
         }
         self.backoffTimer = 0
         self.idleTimer = 0
+        self.reconnectTimer = 0
     }
 
     // MARK: client-side health (gRFC A17)

@@ -533,7 +533,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                     self.reconnect(subchannel)
                     return
                 }
-                self.reactor.schedule(afterNanoseconds: UInt64(delay.nanoseconds)) { [weak self, weak subchannel] in
+                subchannel.scheduleReconnect(after: delay) { [weak self, weak subchannel] in
                     guard let self, let subchannel, !self.closed, subchannel.state == .idle else { return }
                     self.reconnect(subchannel)
                 }

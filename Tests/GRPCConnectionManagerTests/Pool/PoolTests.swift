@@ -246,6 +246,17 @@ struct PoolTests {
         #expect(waiting.reactor.timerCount == 0)
     }
 
+    @Test("closing a pool cancels an eager reconnect that waits out a backoff (a GOAWAY before the connection was established)")
+    func closeCancelsEagerReconnect() throws {
+        let rig = try Rig()
+        rig.pool.connectAll()
+        #expect(rig.reactor.timerCount == 0)
+        rig.connector.made[0].goAway()
+        #expect(rig.reactor.timerCount == 1, "the reconnect, after the backoff's delay")
+        rig.finish()
+        #expect(rig.reactor.timerCount == 0)
+    }
+
     @Test("a resolution that leaves only failing addresses fails the waiting fail-fast calls at once")
     func updateLeavingOnlyFailures() throws {
         let resolver = HeldResolver()
