@@ -1062,6 +1062,18 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
     }
 
+    package override func streamDataEndedStream() {
+        // The server ended the response without trailers while requests are still open: nghttp2 would keep the
+        // stream (half-closed) until this side ends them, and a bidirectional call could wait for ever. Its status is
+        // final now (INTERNAL: no grpc-status), and this side's half is cancelled. With the requests already ended,
+        // nghttp2 closes the stream itself (`streamClosed`).
+        guard self.localFailure == nil, let stream = self.stream, !stream.isLocallyClosed else { return }
+        let response = self.finalResponse(errorCode: 0)
+        self.stream = nil
+        stream.reset(errorCode: NGHTTP2_CANCEL.rawValue)
+        self.attemptEnded(response, unprocessed: false, retryable: false)
+    }
+
     package override func streamClosed(errorCode: UInt32) {
         guard self.stream != nil else { return }
         // REFUSED_STREAM before any response: the server provably never processed the request (gRFC A6).

@@ -132,7 +132,9 @@ private func clientOnFrameRecv(
         // Padding needs nothing here: nghttp2 counts it (and the Pad Length byte) as consumed itself, even with
         // automatic WINDOW_UPDATE off. Consumed here too, it was given back twice, and the surplus granted window
         // for data an async reader had not read.
-        break
+        if header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0 {
+            withHandler(userData, header.stream_id) { $0.streamDataEndedStream() }
+        }
     case NGHTTP2_HEADERS.rawValue:
         let endStream = header.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
         withHandler(userData, header.stream_id) { $0.streamHeadersEnded(endStream: endStream) }

@@ -46,6 +46,9 @@ open class HTTP2StreamHandler: ReactorHandler, @unchecked Sendable {
     /// - Returns: How many of these bytes the handler consumed at once (their window goes back to the server); the
     ///   rest it consumes later through its handle.
     open func streamData(_ bytes: UnsafeRawBufferPointer) -> Int { Self.mustOverride() }
+    /// The server ended its side of the stream with a DATA frame (END_STREAM), so the response has no trailers.
+    /// nghttp2 closes the stream (`streamClosed`) only once this side has ended its requests too.
+    open func streamDataEndedStream() { Self.mustOverride() }
     /// The stream closed: `errorCode` 0 after a clean end, else the RST_STREAM code. REFUSED_STREAM means the server
     /// provably never processed it (a reset before it started, or a stream above a GOAWAY's last stream id).
     open func streamClosed(errorCode: UInt32) { Self.mustOverride() }

@@ -18,6 +18,7 @@ struct StreamTableTests {
         override func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool { true }
         override func streamHeadersEnded(endStream: Bool) {}
         override func streamData(_ bytes: UnsafeRawBufferPointer) -> Int { bytes.count }
+        override func streamDataEndedStream() {}
         override func streamClosed(errorCode: UInt32) {}
         override func streamFailed(_ reason: CallStatus, unprocessed: Bool) {}
     }

@@ -184,6 +184,37 @@ struct MisbehavingPeerTests {
         #expect(response.message.isEmpty, "no message from a failed call: \(response.status)")
     }
 
+    @Test("a server that ends a bidirectional stream with DATA and no trailers, its requests still open: INTERNAL at once")
+    func dataEndsOpenStream() async throws {
+        let peer = try ScriptedPeer("data-end")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: LimitsTests.plain(), eventLoop: loop)
+        // The deadline only bounds a regression: the call used to wait for it (nghttp2 kept the half-closed stream).
+        let call = channel.bidirectionalStreaming(
+            path: "/test.Stream/Update", options: RequestOptions(timeout: .seconds(20)))
+        try await call.write([1])
+        var responses = call.responses.makeAsyncIterator()
+        #expect(try await responses.next() == Array("x".utf8))
+        do {
+            let extra = try await responses.next()
+            Issue.record("the stream went on: \(String(describing: extra))")
+        } catch {
+            #expect(error.code == .internal, "\(error.status)")
+            #expect(error.status.message.contains("without grpc-status"), "\(error.status)")
+        }
+        let status = await call.result().status
+        #expect(status.code == .internal, "\(status)")
+        // This side's half was cancelled: the connection serves the next call.
+        let next = channel.bidirectionalStreaming(path: "/test.Stream/Update", options: RequestOptions(timeout: .seconds(20)))
+        try await next.write([2])
+        var nextResponses = next.responses.makeAsyncIterator()
+        #expect(try await nextResponses.next() == Array("x".utf8))
+        next.cancel()
+    }
+
     @Test("a trailers-only failure that comes before the request is all sent is retried by policy (it commits nothing)")
     func earlyTrailersOnlyIsRetried() async throws {
         let peer = try ScriptedPeer("early-status", ["14"])

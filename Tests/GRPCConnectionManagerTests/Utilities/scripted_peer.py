@@ -34,6 +34,8 @@ mode says otherwise:
   padded FRAMES        a 64 KiB message, then one in FRAMES DATA frames of 256 bytes each padded with 255; reports
                        each WINDOW_UPDATE it receives ("event window STREAM INCREMENT")
   early-status CODE    a trailers-only grpc-status CODE as soon as a request's headers are in, before its body
+  data-end             as soon as a request's headers are in: response headers, then the message "x" in
+                       a DATA frame that ends the stream, without trailers; reads on
   malformed CASE       the first stream gets one broken or non-gRPC answer (see malformed_answer), later ones the echo
   drop-after-settings  closes each connection as soon as the client has acknowledged its SETTINGS (the client is
                        READY then), with "event accepted" for each
@@ -216,6 +218,11 @@ class Connection:
                                                             ("grpc-status", ARGS[0])], end_stream=True)
                         event("reset")
                         return  # closed with the request's body unread: a reset
+                    if MODE == "data-end":
+                        self.streams[frame.stream_id]["answered"] = True
+                        self.send_headers(frame.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+                        self.send_data(frame.stream_id, grpc_frame(b"x"), end_stream=True)
+                        continue
                     if MODE == "early-status":
                         # A trailers-only answer at once, before the request's body has arrived.
                         self.streams[frame.stream_id]["answered"] = True
