@@ -118,9 +118,20 @@ package final class StreamBuffers: @unchecked Sendable {
             trailers: result.trailingMetadata)
     }
 
+    /// Why a write is refused now, if it is: the call ended, or the requests were closed.
+    private static func refusal(_ state: State) -> CallError? {
+        if let result = state.result { return Self.writeRefusal(result) }
+        if state.halfClosed {
+            return CallError(status: CallStatus(code: .failedPrecondition, message: "the requests were already closed"))
+        }
+        return nil
+    }
+
     /// Buffers one message for sending. Any thread.
     package func write(_ message: [UInt8]) -> WriteOutcome {
         if message.count > self.maxSendMessageSize {
+            // A write that would be refused anyway (after closeSend, or the end) leaves the call as it is.
+            if let refusal = self.state.withLock({ Self.refusal($0) }) { return .refused(refusal) }
             let status = CallStatus(
                 code: .resourceExhausted,
                 message: "request message of \(message.count) bytes exceeds the send limit of \(self.maxSendMessageSize) bytes")
@@ -129,10 +140,7 @@ package final class StreamBuffers: @unchecked Sendable {
         }
         let message = MessageCompressor.compress(message, with: self.requestEncoding)
         let (outcome, wake) = self.state.withLock { state -> (WriteOutcome, Bool) in
-            if let result = state.result { return (.refused(Self.writeRefusal(result)), false) }
-            if state.halfClosed {
-                return (.refused(CallError(status: CallStatus(code: .failedPrecondition, message: "the requests were already closed"))), false)
-            }
+            if let refusal = Self.refusal(state) { return (.refused(refusal), false) }
             state.outbox.append(message)
             state.outboxBytes += message.count + 5
             let full = state.outboxBytes >= self.limit

@@ -132,6 +132,28 @@ struct StreamingTests {
         #expect(status.code == .ok, "\(status)")
     }
 
+    @Test("an oversized write after closeSend is refused like any other write then, and the call goes on")
+    func oversizedWriteAfterCloseSend() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.maxMessageSize = 100
+        let channel = try fixture.channel(configuration)
+        // The answer waits 300 ms after the half-close: the stray write comes before it.
+        let call = channel.clientStreaming(path: "/test.Stream/Collect", metadata: ["x-sleep-ms": "300"])
+        try await call.write([1])
+        call.closeSend()
+        do {
+            try await call.write([UInt8](repeating: 2, count: 200))
+            Issue.record("a write after closeSend was accepted")
+        } catch let error as CallError {
+            #expect(error.status.code == .failedPrecondition, "\(error.status)")
+        }
+        let response = await call.finishResult()
+        #expect(response.status.code == .ok, "\(response.status)")
+        #expect(response.message == [1])
+    }
+
     // MARK: each kind, callbacks
 
     @Test("server, client and bidirectional streaming with callbacks complete exactly once", arguments: Peer.allCases)
