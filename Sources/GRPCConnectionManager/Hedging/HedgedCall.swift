@@ -190,10 +190,12 @@ final class HedgedCall: ReactorHandler, @unchecked Sendable {
         let code = response.status.code
         // Ended by this side (the channel closing): no other attempt is sent (nothing is retried once closing
         // began). The attempts still running on the server run on, as a graceful close lets them; when none is left
-        // the call ends, and, like a single call's such end, counts for nothing in the breaker.
+        // the call ends, and, like a single call's such end, counts for nothing in the breaker. The committed
+        // attempt's end is the call's at once: the others are losers, whose ends no longer count (committed while the
+        // close ended them all, it would otherwise wait for ever).
         if self.attempts.indices.contains(number - 1) && self.attempts[number - 1].endedLocally {
             self.closing = true
-            if self.running == 0 { self.finish(response, endedLocally: true) }
+            if self.running == 0 || self.committed == number { self.finish(response, endedLocally: true) }
             return
         }
         let nonFatal = !response.status.isOK && self.policy.nonFatalStatusCodes.contains(code)

@@ -392,4 +392,36 @@ struct HedgingTests {
             #expect(throws: ConfigurationError.self, "\(field)") { try configuration.validate() }
         }
     }
+
+    @Test("a close between the winning attempt's response headers and its commit still ends the hedged call")
+    func closeBeforeCommitEnds() async throws {
+        let peer = try ScriptedPeer("observe")  // answers nothing
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.hedging["test.Hedge"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .zero)
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let ended = PThreadLock<UnaryResponse?>(nil)
+        let handle = channel.unary(path: "/test.Hedge/Get", request: [1], options: RequestOptions(timeout: .seconds(20))) {
+            response in ended.withLock { $0 = response }
+        }
+        #expect(await eventually(timeout: 10) { peer.headerBlocks() == 2 })
+        guard let hedged = handle.hedged else {
+            Issue.record("the call was not hedged")
+            return
+        }
+        // In one turn: the channel closes (both attempts end here; their completions wait for the deferred phase),
+        // then the second attempt's commit, as when its response headers were read earlier in the same turn (the
+        // commit runs in the deferred phase, ahead of those completions). The call used to wait for ever.
+        _ = loop.execute {
+            channel.close()
+            hedged.responseHeadersReceived(2)
+        }
+        #expect(await eventually(timeout: 10) { ended.withLock { $0 } != nil })
+        let status = ended.withLock { $0 }?.status
+        #expect(status?.code == .unavailable, "\(String(describing: status))")
+    }
 }
