@@ -229,7 +229,8 @@ package final class Reactor: @unchecked Sendable {
     }
 
     /// The epoll fd: readable whenever the loop has something to do (-1 once it has finished).
-    package var pollableDescriptor: Int32 { self.loop.map { cr_loop_fd($0) } ?? -1 }
+    /// Any thread: read under the inbox lock, under which the shutdown lets the loop go.
+    package var pollableDescriptor: Int32 { self.inbox.withLock { _ in self.loop.map { cr_loop_fd($0) } ?? -1 } }
 
     /// Milliseconds until the loop needs a turn for its timers or deferred work: 0 when now, -1 when only an fd event
     /// or a wake-up (which make `pollableDescriptor` readable) can give it work. Loop thread only.

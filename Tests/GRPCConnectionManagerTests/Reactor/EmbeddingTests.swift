@@ -283,6 +283,22 @@ struct EmbeddingTests {
         #expect(outcome.withLock { $0 }?.otherFinished == true, "shutdown() waited for the other loop to finish")
     }
 
+    @Test("pollableDescriptor is read from another thread throughout a shutdown, and reads -1 once the loop has finished")
+    func pollableDescriptorDuringShutdown() async throws {
+        let loop = try ReactorLoop()
+        loop.start()
+        let reads = Atomic<Int>(0)
+        let reader = Thread {
+            // Until the loop has finished: -1.
+            while loop.pollableDescriptor >= 0 { reads.add(1, ordering: .relaxed) }
+            reads.add(1, ordering: .relaxed)
+        }
+        reader.start()
+        #expect(await eventually(timeout: 10) { reads.load(ordering: .relaxed) > 100 })
+        loop.shutdown()
+        #expect(await eventually(timeout: 10) { loop.pollableDescriptor == -1 })
+    }
+
     @Test("a driven loop between turns: work queued on its thread wakes the descriptor the host polls")
     func drivenLoopWakesForWorkBetweenTurns() throws {
         let loop = try ReactorLoop()
