@@ -210,6 +210,17 @@ int cr_fd_deregister(cr_loop *loop, int64_t id) {
 
 size_t cr_fd_count(const cr_loop *loop) { return loop->registration_count; }
 
+void *cr_fd_pop_any(cr_loop *loop) {
+    for (uint32_t slot = 0; slot < loop->registration_capacity; slot++) {
+        cr_registration *reg = &loop->registrations[slot];
+        if (!reg->live) continue;
+        void *target = reg->target;
+        (void)cr_fd_deregister(loop, (int64_t)reg->generation << 32 | slot);
+        return target;
+    }
+    return NULL;
+}
+
 void cr_fd_set_generation_for_testing(cr_loop *loop, uint32_t slot, uint32_t generation) {
     if (slot < loop->registration_capacity && !loop->registrations[slot].live) {
         loop->registrations[slot].generation = generation;

@@ -117,9 +117,10 @@ package final class Reactor: @unchecked Sendable {
 
     deinit {
         if let loop = self.loop {
-            // Never ran, or a host drove it and let it go without shutting it down: release what timers still hold,
-            // then close the fds.
+            // Never ran, or a host drove it and let it go without shutting it down: release what timers and fd
+            // registrations still hold (a user's fd watcher and what its closure captured), then close the fds.
             _ = Self.releaseArmedTimers(loop)
+            while let target = cr_fd_pop_any(loop) { Unmanaged<ReactorHandler>.fromOpaque(target).release() }
             cr_loop_destroy(loop)
             // That host's thread serves this loop no longer (else it would never again wait for a loop to stop, or
             // for a subscription to apply). Let go of elsewhere, the count on the driving thread cannot be reached.

@@ -94,6 +94,9 @@ int cr_fd_deregister(cr_loop *_Nonnull loop, int64_t registration);
 void cr_fd_set_generation_for_testing(cr_loop *_Nonnull loop, uint32_t slot, uint32_t generation);
 /// Number of live registrations.
 size_t cr_fd_count(const cr_loop *_Nonnull loop);
+/// Removes any one live registration and returns its target; NULL when none is left. For a loop let go of without
+/// its shutdown (each target still holds what its registration took).
+void *_Nullable cr_fd_pop_any(cr_loop *_Nonnull loop);
 
 /// Arms a timer at an absolute monotonic deadline. Returns its id (never 0), or 0 when out of memory.
 /// Timers with equal deadlines fire in the order they were added. O(log n).

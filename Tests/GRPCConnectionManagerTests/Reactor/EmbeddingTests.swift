@@ -299,6 +299,38 @@ struct EmbeddingTests {
         #expect(await eventually(timeout: 10) { loop.pollableDescriptor == -1 })
     }
 
+    @Test("a driven loop let go of without shutdown() releases its fd watchers, and what their closures hold")
+    func droppedDrivenLoopReleasesWatchers() async throws {
+        final class Tracked: Sendable {}
+        let released = PThreadLock<Bool?>(nil)
+        // A thread of its own: it drives the loop, and a driven loop's thread is its thread for good.
+        let thread = Thread {
+            var fds: [Int32] = [0, 0]
+            guard pipe(&fds) == 0 else {
+                released.withLock { $0 = false }
+                return
+            }
+            defer {
+                close(fds[0])
+                close(fds[1])
+            }
+            weak var weakTracked: Tracked?
+            do {
+                let driven = try ReactorLoop()
+                _ = try driven.runOnce(maxWait: .zero)
+                let tracked = Tracked()
+                weakTracked = tracked
+                _ = try driven.register(fd: fds[0], interest: .readable) { _ in _ = tracked }
+            } catch {
+                Issue.record("\(error)")
+            }
+            released.withLock { $0 = weakTracked == nil }
+        }
+        thread.start()
+        #expect(await eventually(timeout: 10) { released.withLock { $0 } != nil })
+        #expect(released.withLock { $0 } == true, "the watcher's closure (and what it captured) was released with the loop")
+    }
+
     @Test("a driven loop between turns: work queued on its thread wakes the descriptor the host polls")
     func drivenLoopWakesForWorkBetweenTurns() throws {
         let loop = try ReactorLoop()
