@@ -523,7 +523,8 @@ package final class StreamBuffers: @unchecked Sendable {
             if reader == nil { state.inbox.append(.part(.end(result))) }
             return (writers, reader, resultWaiters)
         }
-        let error = CallError(status: result.status, trailers: result.trailingMetadata)
+        // As a write after the end is refused: an OK end gives the writers FAILED_PRECONDITION, not an OK "error".
+        let error = Self.writeRefusal(result)
         for writer in writers { writer.resume(throwing: error) }
         reader?.resume(returning: .part(.end(result)))
         for waiter in resultWaiters { waiter.resume(returning: result) }

@@ -107,6 +107,29 @@ struct StreamingTests {
         }
     }
 
+    @Test("a writer waiting for room when the server ends the call OK is refused FAILED_PRECONDITION, not with an OK 'error'")
+    func waitingWriterWhenServerEndsOK() async throws {
+        // Ends every call OK (trailers-only) as soon as its request headers are in.
+        let peer = try ScriptedPeer("early-status", ["0"])
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = LimitsTests.plain()
+        configuration.streamBufferSize = 64 << 10
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        // Written at once, while the new channel still connects: a message over the send buffer's size leaves its
+        // writer waiting for room, and the server's OK end is what wakes it.
+        let call = channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        do {
+            try await call.write([UInt8](repeating: 7, count: 1 << 20))
+            Issue.record("a write the server never read was accepted")
+        } catch let error as CallError {
+            #expect(error.status.code == .failedPrecondition, "\(error.status)")
+        }
+        #expect(await call.result().status.code == .ok)
+    }
+
     @Test("an oversized message written on a stream ends it RESOURCE_EXHAUSTED without counting against the server")
     func oversizedWriteIsNotTheServers() async throws {
         let fixture = try LoopbackFixture()
