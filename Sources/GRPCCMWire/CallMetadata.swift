@@ -122,6 +122,11 @@ public struct CallMetadata: Sendable, Hashable, Sequence, CustomStringConvertibl
                         name: entry.name,
                         reason: "value contains byte 0x\(String(byte, radix: 16)); only printable ASCII is allowed")
                 }
+                // RFC 9113 §8.2.1: a server that checks it (nghttp2, gRPC C-core) resets the stream, and one that echoes
+                // the value back makes a response this client must refuse as malformed.
+                if text.utf8.first == 0x20 || text.utf8.last == 0x20 {
+                    throw MetadataError(name: entry.name, reason: "value begins or ends with a space, which HTTP/2 forbids")
+                }
             case .binary:
                 if !entry.name.hasSuffix("-bin") {
                     throw MetadataError(name: entry.name, reason: "has a binary value but does not end in -bin")
