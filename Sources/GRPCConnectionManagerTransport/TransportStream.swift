@@ -55,9 +55,10 @@ final class TransportStream: Sendable {
                 converted.add(name, binary: bytes)
             }
         }
+        // The compression too, though the buffers already compress with it: interceptors read it from the options.
         let callOptions = GRPCConnectionManager.RequestOptions(
             timeout: timeout, maxReceiveMessageSize: self.options.maxResponseMessageBytes,
-            waitForReady: self.options.waitForReady ?? false)
+            waitForReady: self.options.waitForReady ?? false, compression: self.options.compression.map(Self.algorithm))
         let writtenTwice = self.state.withLock { state -> Bool in
             if state.handle != nil { return true }
             // Cancelled first: the buffers already hold the CANCELLED end; nothing starts.

@@ -180,6 +180,33 @@ struct GRPCSwiftTransportTests {
         }
     }
 
+    @Test("interceptors see the compression GRPCCore's CallOptions ask for, as the requests are sent with it")
+    func interceptorsSeeTheCompression() async throws {
+        struct Recorder: CallInterceptor {
+            let seen: PThreadLock<[CallCompression?]>
+            func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+                self.seen.withLock { $0.append(call.options.compression) }
+                return .proceed
+            }
+        }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let seen = PThreadLock<[CallCompression?]>([])
+        let channel = try GRPCChannel(target: fixture.target, interceptors: [Recorder(seen: seen)], eventLoop: fixture.loop)
+        let transport = ManagedClientTransport(channel: channel)
+        try await withGRPCClient(transport: transport) { client in
+            let echo = Echo_Echo.Client(wrapping: client)
+            var options = GRPCCore.CallOptions.defaults
+            options.compression = .gzip
+            let metadata = try await echo.get(Self.request("zipped"), options: options) { response in
+                try response.accepted.get().metadata
+            }
+            #expect(Array(metadata[stringValues: "x-received-grpc-encoding"]) == ["gzip"])
+            #expect(try await echo.get(Self.request("plain")).text == "plain")
+        }
+        #expect(seen.withLock { $0 } == [.gzip, nil])
+    }
+
     @Test("a transport made from a manager follows the service's channel when the manager replaces it")
     func managedTransportFollowsTheManager() async throws {
         let fixture = try LoopbackFixture()
