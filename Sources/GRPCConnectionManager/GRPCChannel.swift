@@ -554,6 +554,13 @@ public struct CallHandle: Sendable {
         self.call?.cancelFromAnyThread()
         self.hedged?.cancel()
     }
+
+    /// Ends the call with `status` instead of CANCELLED (the stream is reset with CANCEL all the same): the reason
+    /// this side gave up, such as the error that stopped a transport's request producer.
+    package func cancel(with status: CallStatus) {
+        self.call?.cancelFromAnyThread(status)
+        self.hedged?.cancel()
+    }
 }
 
 /// Hands the handle of an async call to its cancellation handler, whichever comes first.

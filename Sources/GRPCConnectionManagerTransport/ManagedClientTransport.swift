@@ -17,7 +17,8 @@ import GRPCCore
 /// ``init(channel:serviceConfig:)`` service config asks for it, retries or hedges. This transport does the rest:
 /// HTTP/2 and framing, metadata and status mapping, `waitForReady`, message size limits, backpressure (a
 /// `write` suspends while the send buffer is full; the server's window reopens as responses are read) and
-/// RST_STREAM when the task running `withStream` is cancelled.
+/// RST_STREAM when the task running `withStream` is cancelled. A request producer that throws ends the RPC with its
+/// error (its code and message, UNKNOWN for an error that is not an `RPCError`), the stream reset with CANCEL.
 ///
 /// **Retries happen in one place only.** Every RPC reaches the channel as a stream of requests, which the
 /// package's own retry handler never retries (it does not keep streamed messages for replay), so the only retry

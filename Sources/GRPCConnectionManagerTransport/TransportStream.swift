@@ -102,19 +102,31 @@ final class TransportStream: Sendable {
         self.buffers.closeRequests()
     }
 
-    /// Resets the stream (or, before it started, ends it) with CANCELLED. Safe to call more than once; free once the
-    /// stream has ended (every `withStream` calls it on the way out).
-    func cancel() {
+    /// Resets the stream (or, before it started, ends it) with CANCELLED, or with `status` when given. Safe to call
+    /// more than once; free once the stream has ended (every `withStream` calls it on the way out).
+    func cancel(with status: CallStatus? = nil) {
         if self.buffers.isFinished { return }
         let handle = self.state.withLock { state -> CallHandle? in
             state.cancelled = true
             return state.handle
         }
         if let handle {
-            handle.cancel()
+            if let status { handle.cancel(with: status) } else { handle.cancel() }
         } else {
-            self.buffers.finish(StreamResult(status: .init(code: .cancelled, message: "cancelled before the request was sent")))
+            self.buffers.finish(
+                StreamResult(status: status ?? .init(code: .cancelled, message: "cancelled before the request was sent")))
         }
+    }
+
+    /// The status a request producer's error ends the RPC with: its own code and message when it threw an
+    /// `RPCError` (GRPCCore wraps any other error in one, UNKNOWN "Write failed.", the original as its cause).
+    static func status(forProducerError error: any Error) -> CallStatus {
+        guard let error = error as? GRPCCore.RPCError else {
+            return CallStatus(code: .unknown, message: "the request producer failed: \(error)")
+        }
+        let code = StatusCode(rawValue: GRPCCore.Status.Code(error.code).rawValue)
+        let message = error.cause.map { "\(error.message) (\($0))" } ?? error.message
+        return CallStatus(code: code, message: message)
     }
 }
 
@@ -138,8 +150,10 @@ struct RequestWriter: ClosableRPCWriterProtocol {
         self.stream.finishRequests()
     }
 
+    /// The request producer failed: the RPC ends with its error (the stream reset with CANCEL), not as if the caller
+    /// had cancelled.
     func finish(throwing error: any Error) async {
-        self.stream.cancel()
+        self.stream.cancel(with: TransportStream.status(forProducerError: error))
     }
 }
 

@@ -180,6 +180,37 @@ struct GRPCSwiftTransportTests {
         }
     }
 
+    @Test("a request producer that throws ends the RPC with its error, not as a cancel by the client")
+    func producerErrorEndsTheRPC() async throws {
+        struct Boom: Error, CustomStringConvertible {
+            var description: String { "boom" }
+        }
+        try await Self.withEchoClient(.embedded) { echo, _ in
+            do {
+                _ = try await echo.collect { writer in
+                    try await writer.write(Self.request("x"))
+                    throw GRPCCore.RPCError(code: .dataLoss, message: "the source ran dry")
+                }
+                Issue.record("the RPC succeeded")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .dataLoss, "\(error)")
+                #expect(error.message.contains("the source ran dry"), "\(error)")
+            }
+            do {
+                _ = try await echo.collect { writer in
+                    try await writer.write(Self.request("x"))
+                    throw Boom()
+                }
+                Issue.record("the RPC succeeded")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .unknown, "\(error)")
+                #expect(error.message.contains("boom"), "\(error)")
+            }
+            // The connection is unharmed.
+            #expect(try await echo.get(Self.request("after")).text == "after")
+        }
+    }
+
     @Test("interceptors see the compression GRPCCore's CallOptions ask for, as the requests are sent with it")
     func interceptorsSeeTheCompression() async throws {
         struct Recorder: CallInterceptor {
