@@ -2,7 +2,8 @@
 ///
 /// Names are lower-case ASCII from `0-9 a-z _ - .`. A name ending in `-bin` carries bytes (base64 on the wire);
 /// any other carries printable ASCII (0x20...0x7E). `validate()` checks both before anything is sent, so a header
-/// with CR/LF can never be smuggled onto the wire.
+/// with CR/LF can never be smuggled onto the wire. Spaces at either end of a text value are left out when it is sent:
+/// HTTP/2 forbids them there (RFC 9113 §8.2.1), and HTTP's semantics do not count them as part of the value.
 public struct CallMetadata: Sendable, Hashable, Sequence, CustomStringConvertible, ExpressibleByDictionaryLiteral {
     public typealias Key = String
     public typealias Value = String
@@ -121,11 +122,6 @@ public struct CallMetadata: Sendable, Hashable, Sequence, CustomStringConvertibl
                     throw MetadataError(
                         name: entry.name,
                         reason: "value contains byte 0x\(String(byte, radix: 16)); only printable ASCII is allowed")
-                }
-                // RFC 9113 §8.2.1: a server that checks it (nghttp2, gRPC C-core) resets the stream, and one that echoes
-                // the value back makes a response this client must refuse as malformed.
-                if text.utf8.first == 0x20 || text.utf8.last == 0x20 {
-                    throw MetadataError(name: entry.name, reason: "value begins or ends with a space, which HTTP/2 forbids")
                 }
             case .binary:
                 if !entry.name.hasSuffix("-bin") {

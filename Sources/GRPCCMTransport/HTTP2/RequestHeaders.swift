@@ -103,6 +103,16 @@ struct HeaderScratch {
         self.fields.reserveCapacity(16)
     }
 
+    /// `range` of `bytes` without spaces at either end. RFC 9113 §8.2.1 forbids them in a value (a server that checks,
+    /// as nghttp2's does, resets the stream), and HTTP's semantics leave them out of it anyway (RFC 9110 §5.5).
+    private static func trimmingSpaces(_ range: Range<Int>, of bytes: [UInt8]) -> Range<Int> {
+        var lower = range.lowerBound
+        var upper = range.upperBound
+        while upper > lower && bytes[upper - 1] == 0x20 { upper -= 1 }
+        while lower < upper && bytes[lower] == 0x20 { lower += 1 }
+        return lower..<upper
+    }
+
     private mutating func append(_ text: String) -> Range<Int> {
         let start = self.bytes.count
         self.bytes.append(contentsOf: text.utf8)
@@ -145,10 +155,13 @@ struct HeaderScratch {
             let name = self.append(entry.name)
             let start = self.bytes.count
             switch entry.value {
-            case .string(let text): self.bytes.append(contentsOf: text.utf8)
-            case .binary(let data): Base64.encode(data, into: &self.bytes)
+            case .string(let text):
+                self.bytes.append(contentsOf: text.utf8)
+                self.fields.append((name: name, value: Self.trimmingSpaces(start..<self.bytes.count, of: self.bytes)))
+            case .binary(let data):
+                Base64.encode(data, into: &self.bytes)
+                self.fields.append((name: name, value: start..<self.bytes.count))
             }
-            self.fields.append((name: name, value: start..<self.bytes.count))
         }
         let fields = self.fields  // a retain, not a copy: the nv array is built in wire order from it
         let fixed = prefix.nvs

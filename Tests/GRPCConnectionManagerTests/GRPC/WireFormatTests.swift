@@ -163,7 +163,7 @@ struct MetadataValidationTests {
         #expect(throws: MetadataError.self) { try metadata.validate() }
     }
 
-    @Test(arguments: ["a\r\nx-injected: 1", "line\nbreak", "tab\there", "é", "\u{7F}", " lead", "trail ", " "])
+    @Test(arguments: ["a\r\nx-injected: 1", "line\nbreak", "tab\there", "é", "\u{7F}"])
     func rejectsValuesWithControlOrNonASCIIBytes(_ value: String) {
         var metadata = CallMetadata()
         metadata.add("x-key", value)

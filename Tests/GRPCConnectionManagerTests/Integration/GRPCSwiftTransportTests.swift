@@ -476,7 +476,7 @@ struct GRPCSwiftTransportTests {
     func badMetadata() async throws {
         try await Self.withEchoClient(.embedded) { echo, _ in
             let notBase64: GRPCCore.Metadata = ["x-data-bin": "not base64!"]
-            for metadata: GRPCCore.Metadata in [["bad key": "v"], ["x-text": "line\nbreak"], ["x-pad": " lead"], ["x-pad": "trail "], ["te": "gzip"], notBase64] {
+            for metadata: GRPCCore.Metadata in [["bad key": "v"], ["x-text": "line\nbreak"], ["te": "gzip"], notBase64] {
                 do {
                     _ = try await echo.get(Self.request("a"), metadata: metadata)
                     Issue.record("metadata \(metadata) was sent")

@@ -172,6 +172,24 @@ struct LoopbackCallTests {
         #expect(response.initialMetadata.values(for: "x-data-bin") == [.binary([0, 1, 2, 0xFF, 0x0A])])
     }
 
+    @Test("a metadata value's spaces at either end are left out, as HTTP/2 requires (a server that checks reset the stream)")
+    func metadataSpacesTrimmed() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        var metadata = CallMetadata()
+        metadata.add("x-lead", " lead")
+        metadata.add("x-trail", "trail  ")
+        metadata.add("x-both", "  a b  ")
+        metadata.add("x-blank", " ")
+        let response = await channel.call(metadata: metadata, timeout: .seconds(5))
+        #expect(response.status == .ok, "\(response.status)")
+        #expect(response.initialMetadata["x-lead"] == "lead")
+        #expect(response.initialMetadata["x-trail"] == "trail")
+        #expect(response.initialMetadata["x-both"] == "a b")
+        #expect(response.initialMetadata["x-blank"] == "")
+    }
+
     @Test("health check answers SERVING for the empty service")
     func healthCheck() async throws {
         let fixture = try LoopbackFixture()
