@@ -54,6 +54,7 @@ struct StreamHandlerLifetimeTests {
             self.journal.entries.append("data")
             return bytes.count
         }
+        override func streamDataEndedStream() { self.journal.entries.append("data ended stream") }
         override func streamClosed(errorCode: UInt32) { self.journal.entries.append("closed \(errorCode)") }
         override func streamFailed(_ reason: CallStatus, unprocessed: Bool) {
             self.handle = nil
