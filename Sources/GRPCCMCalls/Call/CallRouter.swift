@@ -19,6 +19,18 @@ package protocol CallRouter: AnyObject {
     var isClosing: Bool { get }
     /// Why new attempts fail while closing.
     var closingStatus: CallStatus { get }
+    /// A call made of attempts that are calls of their own (a hedged call's coordinator) started: until `release`,
+    /// closing tells it (`CallCoordinator.channelClosing`), which ends it when no attempt of its is out to end it.
+    func adopt(_ coordinator: any CallCoordinator)
+    /// The coordinated call ended.
+    func release(_ coordinator: any CallCoordinator)
+}
+
+/// What a call made of other calls (a hedged call's coordinator) hears from its router. Reactor thread only.
+package protocol CallCoordinator: AnyObject {
+    /// Closing began (`CallRouter.isClosing` is true from now on): no attempt starts any more; with none out, the call
+    /// ends now with `reason`.
+    func channelClosing(_ reason: CallStatus)
 }
 
 /// Everything a channel's calls share: the reactor, where they go, the bus they report to, the policies they ask.

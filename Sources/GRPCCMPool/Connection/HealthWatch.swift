@@ -69,6 +69,8 @@ final class HealthWatch: CallRouter, @unchecked Sendable {
     func adopt(_ call: ClientCall) {}
     func release(_ call: ClientCall) {}
     func withdraw(_ call: ClientCall) {}
+    func adopt(_ coordinator: any CallCoordinator) {}
+    func release(_ coordinator: any CallCoordinator) {}
     var isClosing: Bool { self.stopped }
     var closingStatus: CallStatus { CallStatus(code: .unavailable, message: "health check stopped") }
 

@@ -103,6 +103,10 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private var picker: Picker
     @exclusivity(unchecked)
     private var registry = CallRegistry()
+    /// Hedged calls' coordinators, until they end: closing must reach one with no attempt out (waiting for its
+    /// interceptors, or for a pushback's delay), which nothing else would end.
+    @exclusivity(unchecked)
+    private var coordinators: [ObjectIdentifier: any CallCoordinator] = [:]
     @exclusivity(unchecked)
     private var hooked = false
     @exclusivity(unchecked)
@@ -199,6 +203,14 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             self.reactor.addShutdownHook(self)
         }
         self.registry.insert(call)
+    }
+
+    package func adopt(_ coordinator: any CallCoordinator) {
+        self.coordinators[ObjectIdentifier(coordinator)] = coordinator
+    }
+
+    package func release(_ coordinator: any CallCoordinator) {
+        self.coordinators.removeValue(forKey: ObjectIdentifier(coordinator))
     }
 
     package func release(_ call: ClientCall) {
@@ -575,6 +587,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             // Calls first learn that nothing is retried any more; then the waiting ones go.
             for call in self.registry.all { call.channelClosing(reason) }
             for call in self.queue.removeAll() { call.routeFailed(reason) }
+            for coordinator in Array(self.coordinators.values) { coordinator.channelClosing(reason) }
         }
         if !graceful {
             // The calls end first, as ended by the closing (not the server's failures, for the breaker), and only

@@ -13,7 +13,7 @@ import GRPCCMWire
 /// made), and is what the caller's handle cancels; each attempt is a `ClientCall` marked as a hedge, which does none
 /// of that itself. Loop thread only, except `cancel`.
 /// `@unchecked Sendable`: its state is touched on the loop thread only (`cancel` hops there).
-final class HedgedCall: ReactorHandler, @unchecked Sendable {
+final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     private let environment: CallEnvironment
     private let path: String
     private let policy: CallHedgingPolicy
@@ -90,6 +90,7 @@ final class HedgedCall: ReactorHandler, @unchecked Sendable {
         self.startedAt = Reactor.clock()
         environment.bus.publishCallEvent(.callStarted(service: environment.service, path: self.path, attempt: 1))
         self.reactor.addShutdownHook(self)
+        environment.router.adopt(self)
         guard !self.preparing else {
             // The deadline runs while the interceptors work, as a single call's does.
             if self.deadline != 0 {
@@ -249,6 +250,16 @@ final class HedgedCall: ReactorHandler, @unchecked Sendable {
         }
     }
 
+    /// The channel began closing: no attempt is sent any more. With none out (the interceptors still working, or a
+    /// pushback's delay under way) the call ends now, as a single call waiting between attempts does; otherwise the
+    /// attempts' ends end it.
+    func channelClosing(_ reason: CallStatus) {
+        guard !self.done else { return }
+        self.closing = true
+        self.disarm(&self.timer)
+        if self.running == 0 { self.finish(self.lastFailure ?? UnaryResponse(status: reason), endedLocally: true) }
+    }
+
     /// The caller cancelled (any thread).
     func cancel() {
         let status = CallStatus(code: .cancelled, message: "cancelled by the client")
@@ -266,6 +277,7 @@ final class HedgedCall: ReactorHandler, @unchecked Sendable {
         self.done = true
         self.result = response
         if !self.reactor.isStopped { self.reactor.removeShutdownHook(self) }
+        self.environment.router.release(self)
         self.disarm(&self.timer)
         self.disarm(&self.deadlineTimer)
         for attempt in self.attempts where !attempt.isFinished {

@@ -303,6 +303,42 @@ struct HedgingTests {
         #expect(await eventually { stuck.cancelled.load(ordering: .relaxed) == 1 }, "its interceptor's work was cancelled")
     }
 
+    @Test(
+        "closing the channel ends a hedged call with no attempt out: one waiting out a pushback, or for its interceptors",
+        arguments: [false, true])
+    func closeEndsCallWithNoAttemptOut(preparing: Bool) async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let stuck = SlowTokenSource()
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30))
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: configuration,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
+            interceptors: preparing ? [stuck] : [], loops: [fixture.loop.reactor])
+        let ended = PThreadLock<UnaryResponse?>(nil)
+        let key = "pushed-\(preparing)"
+        // No deadline. The first attempt fails, and the server asks for the next one in a minute.
+        channel.unary(
+            path: "/echo.Echo/Get", request: [1],
+            metadata: ["x-fail-code": "14", "x-pushback-ms": "60000", "x-request-key": key]
+        ) { response in ended.withLock { $0 = response } }
+        if !preparing {
+            #expect(await eventually { fixture.server.requestCount(key: key) == 1 })
+        }
+        // (Preparing: the close reaches the loop after the call's start, through the same inbox.)
+        channel.close()
+        #expect(await eventually(timeout: 5) { ended.withLock { $0 } != nil }, "the call ended at the close")
+        #expect(ended.withLock { $0 }?.status.code == .unavailable)
+        if preparing {
+            #expect(await eventually { stuck.cancelled.load(ordering: .relaxed) == 1 }, "its interceptor's work was cancelled")
+            #expect(fixture.server.requestCount(key: key) == 0)
+        } else {
+            #expect(fixture.server.requestCount(key: key) == 1, "no attempt after the close")
+        }
+    }
+
     @Test("the throttle counts a hedge's failure by the hedging policy's codes, with retries off too")
     func throttleCountsHedgingCodes() async throws {
         let fixture = try LoopbackFixture()
