@@ -412,7 +412,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
         let minimum = UInt64(max(self.settings.minimumResolutionInterval.nanoseconds, 0))
         let since = Reactor.clock() &- self.lastResolution
-        if since >= minimum {
+        // The first lookup goes at once: the clock counts from boot, which may be less than the minimum ago.
+        if self.lastResolution == 0 || since >= minimum {
             self.resolve()
             return
         }
@@ -498,7 +499,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                     self.resolveRetryTimer = self.reactor.schedule(afterNanoseconds: delay) { [weak self] in
                         guard let self else { return }
                         self.resolveRetryTimer = 0
-                        self.resolve()
+                        self.resolveWhenAllowed()
                     }
                 }
             }
@@ -609,7 +610,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// Connects every IDLE subchannel (used when a service is registered, so that health reports READY early).
     package func connectAll() {
         self.eager = true
-        if self.addresses == nil { self.resolve() }
+        // Not a lookup per `connection(service:)` while the name does not resolve: at most one per minimum interval.
+        if self.addresses == nil { self.resolveWhenAllowed() }
         self.connectIdle()
     }
 

@@ -225,6 +225,28 @@ struct PoolTests {
         #expect(rig.status(21) == nil, "a wait-for-ready call waits for the next lookup")
     }
 
+    @Test("connecting a pool again while its name does not resolve asks at most once per minimumResolutionInterval")
+    func connectAllRespectsTheMinimumInterval() throws {
+        let resolver = HeldResolver()
+        let rig = try Rig(target: "name.test:1", resolver: resolver, minimumResolutionInterval: .seconds(60))
+        defer { rig.finish() }
+        rig.pool.connectAll()
+        #expect(resolver.lookups == 1)
+        resolver.answer(.failure(CallStatus(code: .unavailable, message: "name.test: no such name")))
+        // What `manager.connection(service:)` does each time it is asked for the service.
+        for _ in 0..<5 { rig.pool.connectAll() }
+        #expect(resolver.lookups == 1, "the next lookup waits for minimumResolutionInterval")
+    }
+
+    @Test("the first lookup goes at once, however long minimumResolutionInterval is (the clock counts from boot)")
+    func firstLookupAtOnce() throws {
+        let resolver = HeldResolver()
+        let rig = try Rig(target: "name.test:1", resolver: resolver, minimumResolutionInterval: .seconds(1 << 40))
+        defer { rig.finish() }
+        rig.call(1, waitForReady: true)
+        #expect(resolver.lookups == 1)
+    }
+
     @Test("closing a pool cancels its resolution timers at once (they no longer linger for up to 36 s)")
     func closeCancelsResolutionTimers() throws {
         let resolver = HeldResolver()
