@@ -160,7 +160,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             }
         }
         if sawConnecting { return .connecting }
-        if sawIdle || self.subchannels.isEmpty { return self.resolutionError == nil ? .idle : .transientFailure }
+        // A failed lookup keeps the last good addresses: with those, the pool is as its connections are.
+        if sawIdle { return .idle }
+        if self.subchannels.isEmpty { return self.resolutionError == nil ? .idle : .transientFailure }
         return .transientFailure
     }
 

@@ -247,6 +247,22 @@ struct PoolTests {
         #expect(resolver.lookups == 1)
     }
 
+    @Test("a failed lookup that keeps the last good addresses leaves an idle pool IDLE, not TRANSIENT_FAILURE")
+    func failedLookupKeepsIdleState() throws {
+        let resolver = HeldResolver()
+        let rig = try Rig(target: "name.test:1", resolver: resolver, minimumResolutionInterval: .zero)
+        defer { rig.finish() }
+        rig.call(1)
+        resolver.answer(.success([NetworkAddress(ip: "127.0.0.1", port: 1)!]))
+        rig.connector.made[0].becomeReady()
+        #expect(rig.pool.state == .ready)
+        // The server sends GOAWAY: the connection goes IDLE, and the name is asked again; the lookup fails.
+        rig.connector.made[0].goAway()
+        #expect(resolver.lookups == 2)
+        resolver.answer(.failure(CallStatus(code: .unavailable, message: "DNS timed out")))
+        #expect(rig.pool.state == .idle)
+    }
+
     @Test("closing a pool cancels its resolution timers at once (they no longer linger for up to 36 s)")
     func closeCancelsResolutionTimers() throws {
         let resolver = HeldResolver()
