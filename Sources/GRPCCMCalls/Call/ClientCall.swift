@@ -444,6 +444,15 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.attemptEnded(UnaryResponse(status: status), unprocessed: false)
     }
 
+    /// The router refused the attempt by a rule of its own (its queue of waiting calls is full): the call ends now
+    /// with `status`, not retried, and as an end this side caused, counted by neither the breaker nor the retry
+    /// throttle (a backlog in the client says nothing of the server).
+    package func routeRefused(_ status: CallStatus) {
+        guard self.machine.isWaiting else { return }
+        self.endedLocally = true
+        self.attemptEnded(UnaryResponse(status: status), unprocessed: false, retryable: false, serverOutcome: false)
+    }
+
     /// The channel began to close gracefully: a call waiting for a stream or between attempts ends now, an open one
     /// runs to its end and is not retried.
     package func channelClosing(_ status: CallStatus) {
@@ -549,8 +558,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.scheduleDelivery()
     }
 
-    private func reportAttempt(_ status: CallStatus) {
-        self.withEnvironment { environment in self.reportAttempt(status, environment) }
+    private func reportAttempt(_ status: CallStatus, serverOutcome: Bool = true) {
+        self.withEnvironment { environment in self.reportAttempt(status, environment, serverOutcome: serverOutcome) }
     }
 
     /// - Parameter serverOutcome: The server's answer (or the network's), which the retry throttle counts; false for an
@@ -567,7 +576,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     }
 
     /// Where every attempt ends: a transparent retry, a retry by policy after a backoff, or the call's end.
-    private func attemptEnded(_ response: consuming UnaryResponse, unprocessed: Bool, retryable: Bool = true) {
+    private func attemptEnded(
+        _ response: consuming UnaryResponse, unprocessed: Bool, retryable: Bool = true, serverOutcome: Bool = true
+    ) {
         if self.attemptTimer != 0 {
             self.withReactor { $0.cancelTimer(self.attemptTimer) }
             self.attemptTimer = 0
@@ -580,7 +591,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             && !self.withReactor({ $0.isStopping })
         var delay: Duration? = nil
         if !transparent {
-            self.reportAttempt(response.status)
+            self.reportAttempt(response.status, serverOutcome: serverOutcome)
             if retryable, self.hedgeAttempt == 0, self.machine.mayRetryByPolicy, !response.status.isOK,
                 let retry = environment.policies.retry
             {

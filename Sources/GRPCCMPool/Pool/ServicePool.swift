@@ -242,7 +242,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             return
         }
         guard self.queue.enqueue(call) else {
-            call.routeFailed(
+            call.routeRefused(
                 CallStatus(
                     code: .resourceExhausted,
                     message: "too many calls waiting for a connection (maxQueuedCalls \(self.settings.maxQueuedCalls))"))

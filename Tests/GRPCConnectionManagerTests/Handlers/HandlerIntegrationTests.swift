@@ -142,6 +142,37 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("calls refused because the client's own wait queue is full count for neither the breaker nor the throttle")
+    func queueFullIsNotTheServers() async throws {
+        var options = EchoServer.Options()
+        options.maxConcurrentStreams = 1
+        let fixture = try LoopbackFixture(options: options)
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.maxQueuedCalls = 1
+        configuration.circuitBreaker.failureThreshold = 2
+        let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        #expect(await channel.call([0], timeout: .seconds(5)).status == .ok)  // connected: one stream at a time
+        let tokens = { await onReactor(fixture.loop.reactor) { manager.pipeline.retry?.throttleTokens(service: "echo") } }
+        let before = await tokens()
+        // One call holds the only stream, one waits in the queue, two more find the queue full.
+        async let slow = channel.call([1], metadata: ["x-sleep-ms": "500", "x-request-key": "slow"], timeout: .seconds(5))
+        #expect(await eventually { fixture.server.requestCount(key: "slow") == 1 })
+        async let queued = channel.call([2], timeout: .seconds(5))
+        #expect(await eventually { channel.queuedCount == 1 })
+        for index in 3...4 {
+            let refused = await channel.call([UInt8(index)], timeout: .seconds(5))
+            #expect(refused.status.code == .resourceExhausted, "\(refused.status)")
+        }
+        #expect(await slow.status == .ok)
+        #expect(await queued.status == .ok)
+        #expect(await tokens() == before, "the throttle lost no token")
+        let after = await channel.call([5], timeout: .seconds(5))
+        #expect(after.status == .ok, "the breaker stayed closed: \(after.status)")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("a retry never runs past the caller's deadline")
     func retryRespectsDeadline() async throws {
         let fixture = try LoopbackFixture()
