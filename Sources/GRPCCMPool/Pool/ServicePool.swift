@@ -200,10 +200,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     }
 
     package func adopt(_ call: ClientCall) {
-        if !self.hooked {
-            self.hooked = true
-            self.reactor.addShutdownHook(self)
-        }
+        self.hookShutdown()
         self.registry.insert(call)
     }
 
@@ -611,6 +608,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     /// Connects every IDLE subchannel (used when a service is registered, so that health reports READY early).
     package func connectAll() {
+        // Its connections are made before any call: a stopping loop must shut them down through this pool too (their
+        // subchannels' SHUTDOWN, not a connection's close, is what the metrics' state gauge ends on).
+        self.hookShutdown()
         self.eager = true
         // Not a lookup per `connection(service:)` while the name does not resolve: at most one per minimum interval.
         if self.addresses == nil { self.resolveWhenAllowed() }
@@ -618,6 +618,13 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     }
 
     /// The reactor is stopping: every call ends now.
+    /// Closes with the loop if it stops first (once a call or `connectAll` gave this pool something to end).
+    private func hookShutdown() {
+        guard !self.hooked else { return }
+        self.hooked = true
+        self.reactor.addShutdownHook(self)
+    }
+
     package override func reactorRunSubmitted() {
         self.hooked = false
         self.close(graceful: false, reason: CallStatus(code: .unavailable, message: "the event loop is shutting down"))

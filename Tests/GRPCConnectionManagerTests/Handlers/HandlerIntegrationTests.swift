@@ -352,6 +352,26 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("metrics: a service connected before any call, its loop then stopped, leaves no connection-state series at 1")
+    func connectionStateAfterLoopStops() async throws {
+        let fixture = try LoopbackFixture()  // the server, on a loop of its own
+        defer { fixture.shutdown() }
+        let clientLoop = try ReactorLoop()
+        clientLoop.start()
+        var configuration = Configuration()
+        configuration.enableMetrics = true
+        let manager = try ConnectionManager(
+            configuration: configuration, metricsFactory: PrometheusMetrics(), eventLoop: clientLoop)
+        _ = try manager.connection(service: "echo", address: fixture.target)
+        let state = { (name: String) in #"grpc_client_connection_state{service="echo",state="\#(name)"}"# }
+        #expect(await eventually { Self.parse(manager.metricsText() ?? "")[state("READY")] == 1 })
+        clientLoop.shutdown()
+        let series = Self.parse(manager.metricsText() ?? "")
+        for name in ["IDLE", "CONNECTING", "READY", "TRANSIENT_FAILURE"] {
+            #expect((series[state(name)] ?? 0) == 0, "\(name): \(series[state(name)] ?? 0)")
+        }
+    }
+
     @Test("metrics: the exposition holds the expected series and values")
     func metricsExposition() async throws {
         let fixture = try LoopbackFixture()
