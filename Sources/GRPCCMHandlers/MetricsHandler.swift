@@ -127,6 +127,9 @@ package final class MetricsHandler: @unchecked Sendable {
     }
 
     private func callSlot(service: String, path: String) -> Int {
+        // A path the channel refused (not a method path: the call never left) is counted with the overflow: made-up
+        // paths must not become labels, nor take the room of the methods that come later.
+        let path = MethodPath.isValid(path) ? path : Self.otherMethods
         // Made for `path`, or (the table full, `path` new) for the overflow key, which is then what it is named.
         let label = self.labelForNewMethod(path)
         return self.calls.slot(

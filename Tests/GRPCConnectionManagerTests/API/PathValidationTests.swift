@@ -1,6 +1,7 @@
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMWire
 
 /// The method path check that runs for every call (eight bytes at a time) against the plain rule it implements.
 @Suite("Method path validation")
@@ -18,7 +19,7 @@ struct PathValidationTests {
                 bytes[position] = byte
                 let path = String(decoding: bytes, as: UTF8.self)
                 // Bytes that are not UTF-8 become U+FFFD (three bytes, all above 0x7E): compare with what was checked.
-                #expect(GRPCChannel.isValidPath(path) == Self.reference(Array(path.utf8)), "byte \(byte) at \(position)")
+                #expect(MethodPath.isValid(path) == Self.reference(Array(path.utf8)), "byte \(byte) at \(position)")
             }
         }
         // Every length around the word size, a boundary byte at every position: the last bytes are checked as a
@@ -29,7 +30,7 @@ struct PathValidationTests {
                     var bytes = [UInt8(ascii: "/")] + Array(repeating: UInt8(ascii: "a"), count: length - 1)
                     bytes[position] = byte
                     let path = String(decoding: bytes, as: UTF8.self)
-                    #expect(GRPCChannel.isValidPath(path) == Self.reference(bytes), "byte \(byte) at \(position) of \(length)")
+                    #expect(MethodPath.isValid(path) == Self.reference(bytes), "byte \(byte) at \(position) of \(length)")
                 }
             }
         }
@@ -39,9 +40,9 @@ struct PathValidationTests {
             var bytes = (0..<length).map { _ in UInt8.random(in: 0x1F...0x80, using: &generator) }
             if !bytes.isEmpty && Bool.random(using: &generator) { bytes[0] = UInt8(ascii: "/") }
             let path = String(decoding: bytes, as: UTF8.self)
-            #expect(GRPCChannel.isValidPath(path) == Self.reference(Array(path.utf8)))
+            #expect(MethodPath.isValid(path) == Self.reference(Array(path.utf8)))
         }
-        #expect(!GRPCChannel.isValidPath(""))
-        #expect(GRPCChannel.isValidPath("/a.B/C"))
+        #expect(!MethodPath.isValid(""))
+        #expect(MethodPath.isValid("/a.B/C"))
     }
 }

@@ -690,6 +690,31 @@ struct HandlerIntegrationTests {
         }
     }
 
+    @Test("calls refused for an invalid path are counted under method=\"other\", and take no room from real methods")
+    func invalidPathsAreNotLabels() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableMetrics = true
+        let manager = try ConnectionManager(
+            configuration: configuration, metricsFactory: PrometheusMetrics(), eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        // More made-up paths than the table of per-method series has room for.
+        for index in 0..<1_001 {
+            #expect(await channel.call("bad \(index)", [1], timeout: .seconds(5)).status.code == .invalidArgument)
+        }
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        var series: [String: Double] = [:]
+        #expect(
+            await eventually {
+                series = Self.parse(manager.metricsText() ?? "")
+                return series[#"grpc_client_requests_total{service="echo",method="/echo.Echo/Get",code="OK"}"#] == 1
+            })
+        #expect(series[#"grpc_client_requests_total{service="echo",method="other",code="INVALID_ARGUMENT"}"#] == 1_001)
+        #expect(!series.keys.contains { $0.contains("bad ") }, "no made-up path became a label")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("every call is counted once, also those refused before an attempt: interceptor, invalid, closed channel, hedged")
     func refusedCallsAreCounted() async throws {
         let fixture = try LoopbackFixture()
