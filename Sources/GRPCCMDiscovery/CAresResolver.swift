@@ -12,8 +12,9 @@ import Glibc
 /// whose timeouts are loop timers, so a lookup costs no thread.
 ///
 /// One c-ares channel per loop (a channel is not thread-safe; a loop is one thread), made on first use. A lookup
-/// that gets no answer within `timeout` × `attempts` fails UNAVAILABLE saying so; an answer with no address fails
-/// like a failed one (the pool keeps its last good addresses either way).
+/// that no server answers fails UNAVAILABLE saying so, after `attempts` rounds of tries whose wait starts at `timeout`
+/// and doubles each round (c-ares's rule; per name of the search list); an answer with no address fails like a
+/// failed one (the pool keeps its last good addresses either way).
 ///
 /// With the system's servers, a lookup first checks whether `/etc/resolv.conf` changed (a `stat`: lookups are rare)
 /// and if so starts a new channel, which reads it again; the old one ends once its lookups have. c-ares 1.18 reads

@@ -4,10 +4,9 @@ import GRPCCMWire
 import Logging
 
 /// Structured logs through the user's `Logger` (swift-log), from the bus. A library logs for the operator who asks:
-/// calls, retries, connection attempts and failures, state changes, keepalive timeouts and GOAWAYs at debug (an
-/// outage must not flood the application's logs with one record per retry or reconnect); attempts at trace; only
-/// circuit breaker transitions at info (rare, and a change in what callers see), and a server's
-/// GOAWAY too_many_pings at warning (a configuration the operator has to fix). Reactor thread only.
+/// calls, retries, connection attempts and failures, state changes, keepalive timeouts, GOAWAYs (too_many_pings
+/// included) and circuit breaker transitions at debug (a library logs below the application's levels, and an outage
+/// must not flood its logs with one record per retry or reconnect); attempts at trace. Reactor thread only.
 /// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
 /// access to the same property is in progress (no callback re-enters a method that holds one). The runtime check
 /// costs about 75 instructions per access and, across module boundaries, cannot be proven away by the optimizer.

@@ -300,9 +300,11 @@ public struct Configuration: Sendable, Hashable {
         /// Name servers for c-ares as `ip` or `ip:port` (`[v6]:port`), asked with no search domains; nil (the
         /// default): `/etc/resolv.conf` and `/etc/hosts`.
         public var servers: [String]? = nil
-        /// How long c-ares waits for an answer to one try. Default 5 s.
+        /// How long c-ares waits for an answer to the first try. Each later round of tries waits twice as long as
+        /// the one before (c-ares's rule), so with the defaults a name no server answers fails after 5 + 10 = 15 s,
+        /// for each name `resolv.conf`'s search list makes of it. Default 5 s.
         public var timeout: Duration = .seconds(5)
-        /// Tries per server before a lookup fails (UNAVAILABLE, "timed out"). Default 2.
+        /// Tries per server before a lookup fails (UNAVAILABLE, "timed out"); see `timeout` for how long. Default 2.
         public var attempts: Int = 2
 
         public init() {}

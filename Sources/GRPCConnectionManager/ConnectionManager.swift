@@ -62,8 +62,8 @@ public final class ConnectionManager: Sendable {
     /// Creates a manager on one loop.
     /// - Parameters:
     ///   - configuration: Validated here.
-    ///   - logger: Receives the logging handler's records (calls, retries, connection events at debug; only circuit
-    ///     breaker changes at info and GOAWAY too_many_pings at warning); no-op by default. The library never
+    ///   - logger: Receives the logging handler's records, all at debug (calls, retries, connection events, circuit
+    ///     breaker changes, GOAWAY too_many_pings) or trace (attempts); no-op by default. The library never
     ///     bootstraps LoggingSystem.
     ///   - metricsFactory: Receives the metrics; passing one turns metrics on. nil: the application's
     ///     `MetricsSystem.factory` when `enableMetrics`. Pass a `PrometheusMetrics` (GRPCConnectionManagerPrometheus)
