@@ -91,7 +91,14 @@ public struct Target: Sendable, Hashable, CustomStringConvertible {
             portText = text[text.index(after: colon)...]
         }
         guard !host.isEmpty else { throw ConfigurationError(field: "address", message: "\"\(text)\": empty host") }
-        guard let port = Int(portText), (1...65535).contains(port) else {
+        // No host has a "/" (dns:/x:1 is not dns:///x:1).
+        guard !host.contains("/") else {
+            throw ConfigurationError(field: "address", message: "\"\(text)\": a host has no '/'; expected host:port or dns:///host:port")
+        }
+        // Digits only: Int("+80") is 80.
+        guard portText.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }), let port = Int(portText),
+            (1...65535).contains(port)
+        else {
             throw ConfigurationError(field: "address", message: "\"\(text)\": port must be 1...65535")
         }
         return .hostPort(host: host, port: port)

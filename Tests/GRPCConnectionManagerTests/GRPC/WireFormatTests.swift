@@ -209,7 +209,7 @@ struct TargetParsingTests {
         #expect(target.description == (text.hasPrefix("unix://") ? "unix:" + text.dropFirst(7) : text))
     }
 
-    @Test(arguments: ["127.0.0.1", "host:", ":80", "[::1]443", "[::1", "h:0", "h:70000", "unix:", "::1:80"])
+    @Test(arguments: ["127.0.0.1", "host:", ":80", "[::1]443", "[::1", "h:0", "h:70000", "unix:", "::1:80", "h:+80", "h:-1", "dns:/x:1"])
     func rejects(_ text: String) {
         #expect(throws: ConfigurationError.self) { try Target(parsing: text) }
     }
