@@ -154,14 +154,17 @@ package struct SocketOutput: ~Copyable {
     /// Bytes held, written or not (for the bound's test).
     package var heldBytes: Int { self.bytes.count }
 
-    /// One last write, whatever it achieves (closing: a GOAWAY or a TLS alert on its way out).
+    /// One last write, whatever it achieves (closing: a GOAWAY or a TLS alert on its way out). What it could not
+    /// write stays until `reset`, which the close calls after asking `mayHaveWritten`.
     package mutating func writeOnce(to fd: Int32) {
         guard self.start < self.bytes.count else { return }
         let written = self.bytes.withUnsafeBytes(from: self.start) { buffer in
             cr_write(fd, buffer.baseAddress!, buffer.count)
         }
-        if written > 0 { self.written += written }
-        self.reset()
+        if written > 0 {
+            self.start += written
+            self.written += written
+        }
     }
 
     /// Drops the TLS passes whose records are all written (the next pass's records start at or before `written`).
@@ -176,10 +179,12 @@ package struct SocketOutput: ~Copyable {
         if drop > 0 { self.passes.removeFirst(drop) }
     }
 
-    /// Lets the buffers go. The counts from the connection's start stay, and so do the TLS passes not all written
-    /// (the close asks `mayHaveWritten` after the last write).
+    /// Lets the buffers go. What they still held counts as written from here on: marks read later stay above the
+    /// earlier ones, and nothing dropped can ever be taken for unsent. (The close asks `mayHaveWritten` first.)
     package mutating func reset() {
-        if self.passes.isEmpty { self.passes = [] }
+        self.written += self.bytes.count - self.start
+        self.encryptedPlaintext += self.plaintext.count
+        self.passes = []
         self.bytes.removeAll(keepingCapacity: false)
         self.plaintext.removeAll(keepingCapacity: false)
         self.start = 0
