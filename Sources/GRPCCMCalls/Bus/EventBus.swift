@@ -64,7 +64,10 @@ public final class EventBus: Sendable {
 
     /// Removes a subscription. No event reaches its handler after this returns (events already published, too);
     /// called on a loop's thread, that holds for that loop at once and for the bus's others from their next turn
-    /// (see `subscribe`). Any thread may unsubscribe, handlers included.
+    /// (see `subscribe`). Any thread may unsubscribe, handlers included. From another thread it waits for the loop,
+    /// also while the loop shuts down on a thread of its own (a dispatch may still be under way there); for a driven
+    /// loop that is stopping it does not wait (only its host's next turn would finish the stop), and the promise
+    /// then holds once that turn has run.
     public func unsubscribe(_ token: Token) {
         for local in self.locals { local.remove(token) }
     }
