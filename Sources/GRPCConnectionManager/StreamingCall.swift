@@ -63,8 +63,8 @@ public final class AsyncStreamingCall: Sendable {
     }
 
     /// Sends one request message, suspending while the send buffer is full (the HTTP/2 window drains it).
-    /// - Throws: `CallError` when the call has ended (its status) or the requests were closed. Cancelling the task
-    ///   while it waits cancels the call.
+    /// - Throws: `CallError` when the call has ended (its status; FAILED_PRECONDITION after an OK end) or the requests
+    ///   were closed. Cancelling the task while it waits cancels the call.
     public func write(_ message: [UInt8]) async throws {
         guard self.writable else {
             throw CallError(status: CallStatus(code: .failedPrecondition, message: "a server-streaming call takes no more requests"))

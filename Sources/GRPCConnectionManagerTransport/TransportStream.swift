@@ -124,6 +124,10 @@ final class TransportStream: Sendable {
         guard let error = error as? GRPCCore.RPCError else {
             return CallStatus(code: .unknown, message: "the request producer failed: \(error)")
         }
+        // A producer that stopped because it was cancelled (GRPCCore wraps the CancellationError): CANCELLED.
+        if error.cause is CancellationError {
+            return CallStatus(code: .cancelled, message: "the request producer was cancelled")
+        }
         let code = StatusCode(rawValue: GRPCCore.Status.Code(error.code).rawValue)
         let message = error.cause.map { "\(error.message) (\($0))" } ?? error.message
         return CallStatus(code: code, message: message)

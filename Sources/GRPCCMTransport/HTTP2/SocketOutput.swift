@@ -43,6 +43,9 @@ package struct SocketOutput: ~Copyable {
     /// Everything is written.
     package var isDrained: Bool { self.start == self.bytes.count }
 
+    /// Bytes for the socket since the connection began, written or not.
+    private var socketBytes: Int { self.written + self.bytes.count - self.start }
+
     /// Where nghttp2's output has got to: the bytes it produced since the connection began (plaintext under TLS).
     /// A stream's frames, once it is submitted, all come at or after the mark read then (nghttp2 writes a request's
     /// HEADERS out in a later `mem_send`).
@@ -50,7 +53,7 @@ package struct SocketOutput: ~Copyable {
     package func mark(encrypted: Bool) -> Int {
         encrypted
             ? self.encryptedPlaintext + self.plaintext.count
-            : self.written + self.bytes.count - self.start
+            : self.socketBytes
     }
 
     /// Whether any byte nghttp2 produced at or after `mark` can have reached the kernel. False means the peer cannot
@@ -105,7 +108,7 @@ package struct SocketOutput: ~Copyable {
     package mutating func encryptPending(with tls: TLSSession) throws(Failure) {
         if !self.plaintext.isEmpty {
             if self.passes.count < Self.maxPasses {
-                self.passes.append((self.encryptedPlaintext, self.written + self.bytes.count - self.start))
+                self.passes.append((self.encryptedPlaintext, self.socketBytes))
             }
             self.encryptedPlaintext += self.plaintext.count
             let result = self.plaintext.withUnsafeBytes { buffer in

@@ -206,6 +206,15 @@ struct GRPCSwiftTransportTests {
                 #expect(error.code == .unknown, "\(error)")
                 #expect(error.message.contains("boom"), "\(error)")
             }
+            do {
+                _ = try await echo.collect { writer in
+                    try await writer.write(Self.request("x"))
+                    throw CancellationError()
+                }
+                Issue.record("the RPC succeeded")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .cancelled, "\(error)")
+            }
             // The connection is unharmed.
             #expect(try await echo.get(Self.request("after")).text == "after")
         }
