@@ -185,35 +185,23 @@ struct GRPCSwiftTransportTests {
         struct Boom: Error, CustomStringConvertible {
             var description: String { "boom" }
         }
+        let cases: [(thrown: any Error, code: GRPCCore.RPCError.Code, text: String)] = [
+            (GRPCCore.RPCError(code: .dataLoss, message: "the source ran dry"), .dataLoss, "the source ran dry"),
+            (Boom(), .unknown, "boom"),
+            (CancellationError(), .cancelled, "cancelled"),
+        ]
         try await Self.withEchoClient(.embedded) { echo, _ in
-            do {
-                _ = try await echo.collect { writer in
-                    try await writer.write(Self.request("x"))
-                    throw GRPCCore.RPCError(code: .dataLoss, message: "the source ran dry")
+            for (thrown, code, text) in cases {
+                do {
+                    _ = try await echo.collect { writer in
+                        try await writer.write(Self.request("x"))
+                        throw thrown
+                    }
+                    Issue.record("the RPC succeeded")
+                } catch let error as GRPCCore.RPCError {
+                    #expect(error.code == code, "\(error)")
+                    #expect(error.message.contains(text), "\(error)")
                 }
-                Issue.record("the RPC succeeded")
-            } catch let error as GRPCCore.RPCError {
-                #expect(error.code == .dataLoss, "\(error)")
-                #expect(error.message.contains("the source ran dry"), "\(error)")
-            }
-            do {
-                _ = try await echo.collect { writer in
-                    try await writer.write(Self.request("x"))
-                    throw Boom()
-                }
-                Issue.record("the RPC succeeded")
-            } catch let error as GRPCCore.RPCError {
-                #expect(error.code == .unknown, "\(error)")
-                #expect(error.message.contains("boom"), "\(error)")
-            }
-            do {
-                _ = try await echo.collect { writer in
-                    try await writer.write(Self.request("x"))
-                    throw CancellationError()
-                }
-                Issue.record("the RPC succeeded")
-            } catch let error as GRPCCore.RPCError {
-                #expect(error.code == .cancelled, "\(error)")
             }
             // The connection is unharmed.
             #expect(try await echo.get(Self.request("after")).text == "after")

@@ -205,13 +205,15 @@ struct HedgingTests {
 
     /// The embedded server's channel with `policy` for echo.Echo, and the attempts each finished call made.
     static func embeddedChannel(
-        _ fixture: LoopbackFixture, policy: CallHedgingPolicy, adjust: (inout Configuration) -> Void = { _ in }
+        _ fixture: LoopbackFixture, policy: CallHedgingPolicy, interceptors: [any CallInterceptor] = [],
+        adjust: (inout Configuration) -> Void = { _ in }
     ) throws -> (GRPCChannel, @Sendable () -> [Int]) {
         var configuration = Configuration()
         configuration.enableCircuitBreaker = false
         configuration.hedging["echo.Echo"] = policy
         adjust(&configuration)
-        let channel = try GRPCChannel(target: fixture.target, configuration: configuration, eventLoop: fixture.loop)
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: configuration, interceptors: interceptors, eventLoop: fixture.loop)
         let recorder = EventRecorder()
         channel.events.subscribe { recorder.record($0) }
         return (channel, {
@@ -287,13 +289,8 @@ struct HedgingTests {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
         let stuck = SlowTokenSource()
-        var configuration = Configuration()
-        configuration.enableCircuitBreaker = false
-        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
-        let channel = try GRPCChannel(
-            target: fixture.target, configuration: configuration,
-            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
-            interceptors: [stuck], loops: [fixture.loop.reactor])
+        let (channel, _) = try Self.embeddedChannel(
+            fixture, policy: CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50)), interceptors: [stuck])
         let ended = PThreadLock<UnaryResponse?>(nil)
         channel.unary(path: "/echo.Echo/Get", request: [1]) { response in ended.withLock { $0 = response } }
         try await Task.sleep(for: .milliseconds(50))
@@ -310,13 +307,8 @@ struct HedgingTests {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
         let stuck = SlowTokenSource()
-        var configuration = Configuration()
-        configuration.enableCircuitBreaker = false
-        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30))
-        let channel = try GRPCChannel(
-            target: fixture.target, configuration: configuration,
-            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
-            interceptors: preparing ? [stuck] : [], loops: [fixture.loop.reactor])
+        let (channel, _) = try Self.embeddedChannel(
+            fixture, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)), interceptors: preparing ? [stuck] : [])
         let ended = PThreadLock<UnaryResponse?>(nil)
         let key = "pushed-\(preparing)"
         // No deadline. The first attempt fails, and the server asks for the next one in a minute.
