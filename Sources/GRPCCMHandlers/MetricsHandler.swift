@@ -26,7 +26,7 @@ import CoreMetrics
 /// | grpc_client_connect_attempts_total, grpc_client_connect_failures_total | counter | service |
 /// | grpc_client_keepalive_timeouts_total | counter | service |
 /// | grpc_client_goaways_total | counter | service, code |
-/// | grpc_client_resolution_failures_total | counter (failed or empty name resolutions) | service |
+/// | grpc_client_resolution_failures_total | counter (failed lookups; a DNS answer with no address is one) | service |
 /// | grpc_client_sent_bytes_total, grpc_client_received_bytes_total | counter | service |
 ///
 /// `code` is the status's proto name (`OK`, `UNAVAILABLE`, …) and `method` the full path (`/pkg.Service/Method`).
