@@ -557,6 +557,12 @@ package final class Reactor: @unchecked Sendable {
         self.scheduleTimer(at: cr_clock_now() &+ nanoseconds, handler: ClosureTimer(body))
     }
 
+    /// Cancels `timer` if it is armed (not 0), and marks it unarmed. Reactor thread only.
+    package func disarm(_ timer: inout TimerID) {
+        if timer != 0 { self.cancelTimer(timer) }
+        timer = 0
+    }
+
     /// Cancels a pending timer; releases its handler. Returns true if it had not fired yet.
     @discardableResult
     package func cancelTimer(_ id: TimerID) -> Bool {

@@ -139,7 +139,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     /// Runs `reconnect` after `delay`, unless this subchannel shuts down first (its timers go then); one armed at a
     /// time. The pool's eager reconnect after a lost connection.
     package func scheduleReconnect(after delay: Duration, _ reconnect: @escaping () -> Void) {
-        if self.reconnectTimer != 0 { self.reactor.cancelTimer(self.reconnectTimer) }
+        self.reactor.disarm(&self.reconnectTimer)
         self.reconnectTimer = self.reactor.schedule(afterNanoseconds: UInt64(max(delay.nanoseconds, 0))) {
             [weak self] in
             self?.reconnectTimer = 0
@@ -259,12 +259,9 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     }
 
     private func cancelTimers() {
-        for timer in [self.backoffTimer, self.idleTimer, self.reconnectTimer] where timer != 0 {
-            self.reactor.cancelTimer(timer)
-        }
-        self.backoffTimer = 0
-        self.idleTimer = 0
-        self.reconnectTimer = 0
+        self.reactor.disarm(&self.backoffTimer)
+        self.reactor.disarm(&self.idleTimer)
+        self.reactor.disarm(&self.reconnectTimer)
     }
 
     // MARK: client-side health (gRFC A17)

@@ -578,12 +578,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             self.closed = true
             self.closingStatus = reason
             // No more lookups: the resolution timers go now, not when they fire (up to 36 s later) to do nothing.
-            for timer in [self.periodicResolutionTimer, self.changeResolutionTimer, self.resolveRetryTimer] where timer != 0 {
-                self.reactor.cancelTimer(timer)
-            }
-            self.periodicResolutionTimer = 0
-            self.changeResolutionTimer = 0
-            self.resolveRetryTimer = 0
+            self.reactor.disarm(&self.periodicResolutionTimer)
+            self.reactor.disarm(&self.changeResolutionTimer)
+            self.reactor.disarm(&self.resolveRetryTimer)
             // Calls first learn that nothing is retried any more; then the waiting ones go.
             for call in self.registry.all { call.channelClosing(reason) }
             for call in self.queue.removeAll() { call.routeFailed(reason) }
@@ -617,7 +614,6 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.connectIdle()
     }
 
-    /// The reactor is stopping: every call ends now.
     /// Closes with the loop if it stops first (once a call or `connectAll` gave this pool something to end).
     private func hookShutdown() {
         guard !self.hooked else { return }
@@ -625,6 +621,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.reactor.addShutdownHook(self)
     }
 
+    /// The reactor is stopping: every call ends now.
     package override func reactorRunSubmitted() {
         self.hooked = false
         self.close(graceful: false, reason: CallStatus(code: .unavailable, message: "the event loop is shutting down"))

@@ -590,14 +590,10 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         if self.state == .closed { return }
         let wasReady = self.state == .ready || self.state == .draining
         self.state = .closed
-        for timer in [self.connectTimer, self.keepaliveTimer, self.keepaliveTimeoutTimer, self.idleTrimTimer]
-        where timer != 0 {
-            self.reactor.cancelTimer(timer)
-        }
-        self.idleTrimTimer = 0
-        self.connectTimer = 0
-        self.keepaliveTimer = 0
-        self.keepaliveTimeoutTimer = 0
+        self.reactor.disarm(&self.connectTimer)
+        self.reactor.disarm(&self.keepaliveTimer)
+        self.reactor.disarm(&self.keepaliveTimeoutTimer)
+        self.reactor.disarm(&self.idleTrimTimer)
         let open = self.streams.removeAll()
         self.streamsOnWire = 0
         let neverSent = self.neverSent

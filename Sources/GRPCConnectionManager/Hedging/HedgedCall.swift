@@ -75,12 +75,6 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
 
     private var reactor: Reactor { self.environment.reactor }
 
-    /// Cancels `timer` if armed, and marks it unarmed.
-    private func disarm(_ timer: inout Reactor.TimerID) {
-        if timer != 0 { self.reactor.cancelTimer(timer) }
-        timer = 0
-    }
-
     /// Loop thread: the call starts; unless interceptors still work, admission, the first attempt, the timer for the
     /// next.
     func start() {
@@ -116,7 +110,7 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
             return
         }
         self.preparing = false
-        self.disarm(&self.deadlineTimer)
+        self.reactor.disarm(&self.deadlineTimer)
         self.metadata = metadata
         self.observers.append(contentsOf: observers)
         if let failure {
@@ -152,7 +146,7 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     /// Sends the next attempt (if the policy and the throttle allow) and arms the timer for the one after.
     private func launch() {
         guard !self.done, self.committed == 0 else { return }
-        self.disarm(&self.timer)
+        self.reactor.disarm(&self.timer)
         // No further attempt: the call ends with the last one out (or now, if none is).
         if self.closing || self.pushedBack {
             if self.running == 0 {
@@ -216,11 +210,11 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         case .stop:
             // "Do not retry": no further attempt; the ones out may still answer.
             self.pushedBack = true
-            self.disarm(&self.timer)
+            self.reactor.disarm(&self.timer)
         case .after(let delay):
             // The next attempt when the server asked, not at once (nor at the old delay), unless that is past the
             // call's deadline: then none, as a retry is not made that could not start before it.
-            self.disarm(&self.timer)
+            self.reactor.disarm(&self.timer)
             let startsInTime = self.deadline == 0 || Reactor.clock() &+ UInt64(max(delay.nanoseconds, 0)) < self.deadline
             if self.attempts.count < self.policy.maxAttempts && !self.closing && startsInTime { self.armTimer(after: delay) }
         case .none:
@@ -244,7 +238,7 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     func responseHeadersReceived(_ number: Int) {
         guard !self.done, self.committed == 0 else { return }
         self.committed = number
-        self.disarm(&self.timer)
+        self.reactor.disarm(&self.timer)
         for (index, attempt) in self.attempts.enumerated() where index + 1 != number && !attempt.isFinished {
             attempt.end(CallStatus(code: .cancelled, message: "another hedged attempt won"))
         }
@@ -256,7 +250,7 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     func channelClosing(_ reason: CallStatus) {
         guard !self.done else { return }
         self.closing = true
-        self.disarm(&self.timer)
+        self.reactor.disarm(&self.timer)
         if self.running == 0 { self.finish(self.lastFailure ?? UnaryResponse(status: reason), endedLocally: true) }
     }
 
@@ -278,8 +272,8 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         self.result = response
         if !self.reactor.isStopped { self.reactor.removeShutdownHook(self) }
         self.environment.router.release(self)
-        self.disarm(&self.timer)
-        self.disarm(&self.deadlineTimer)
+        self.reactor.disarm(&self.timer)
+        self.reactor.disarm(&self.deadlineTimer)
         for attempt in self.attempts where !attempt.isFinished {
             attempt.end(CallStatus(code: .cancelled, message: cancelledByClient ? "cancelled by the client" : "another hedged attempt won"))
         }

@@ -167,67 +167,82 @@ struct EtcdTests {
         return EtcdMessages.rangeResponse(response.message)?.revision ?? 0
     }
 
+    /// A watcher's test rig: an etcd, a loop, a channel to etcd (`raw`), and a watcher of `prefix` (not started) that
+    /// counts the changes it hears.
+    final class WatchRig: Sendable {
+        let etcd: EtcdPeer
+        let loop: ReactorLoop
+        let raw: GRPCChannel
+        let prefix: String
+        let watcher: EtcdWatcher
+        private let heard = PThreadLock(0)
+        var changes: Int { self.heard.withLock { $0 } }
+
+        init(prefix: String) throws {
+            self.etcd = try EtcdPeer()
+            self.loop = try ReactorLoop()
+            self.loop.start()
+            self.raw = try GRPCChannel(target: self.etcd.endpoint, eventLoop: self.loop)
+            self.prefix = prefix
+            let heard = self.heard
+            self.watcher = EtcdWatcher(client: self.raw, reactor: self.loop.reactor, prefix: prefix) {
+                heard.withLock { $0 += 1 }
+            }
+        }
+
+        /// Puts `key` and reads the prefix: etcd's revision after the put.
+        func put(_ key: String) async throws -> Int64 { try await EtcdTests.put(key, readingPrefix: self.prefix, through: self.raw) }
+
+        func stop() {
+            self.watcher.stop()
+            self.loop.shutdown()
+            self.etcd.stop()
+        }
+    }
+
     @Test("a watch etcd cancels (its revision compacted away) is reopened: later changes are heard")
     func compactedWatchIsReopened() async throws {
-        let etcd = try EtcdPeer()
-        defer { etcd.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
-        func put(_ key: String) async throws -> Int64 { try await Self.put(key, readingPrefix: "w/", through: raw) }
-        for index in 0..<5 { _ = try await put("w/\(index)") }
-        let revision = try await put("w/5")
+        let rig = try WatchRig(prefix: "w/")
+        defer { rig.stop() }
+        let (raw, loop, watcher) = (rig.raw, rig.loop, rig.watcher)
+        for index in 0..<5 { _ = try await rig.put("w/\(index)") }
+        let revision = try await rig.put("w/5")
         // CompactionRequest { revision = 1 }: every revision before the current one is gone.
         _ = try await raw.unary(path: "/etcdserverpb.KV/Compact", request: ProtobufWire.varintField(1, UInt64(revision)))
-        let changes = Atomic<Int>(0)
-        let watcher = EtcdWatcher(client: raw, reactor: loop.reactor, prefix: "w/") {
-            changes.wrappingAdd(1, ordering: .relaxed)
-        }
-        defer { watcher.stop() }
         // A watch from revision 2, compacted: etcd cancels it and keeps the stream.
         watcher.advance(to: 1)
         loop.reactor.execute { watcher.start() }
-        #expect(await eventually { changes.load(ordering: .relaxed) >= 1 }, "the cancelled watch asks for a new read")
+        #expect(await eventually { rig.changes >= 1 }, "the cancelled watch asks for a new read")
         // The read a resolver then makes moves the restart point; the reopened watch hears the next change.
         watcher.advance(to: revision)
         try await Task.sleep(for: .milliseconds(1500))
-        let before = changes.load(ordering: .relaxed)
-        _ = try await put("w/new")
-        #expect(await eventually { changes.load(ordering: .relaxed) > before }, "a change after the reopen is heard")
+        let before = rig.changes
+        _ = try await rig.put("w/new")
+        #expect(await eventually { rig.changes > before }, "a change after the reopen is heard")
     }
 
     @Test("a read whose revision is below the watch's (etcd restored or replaced) moves the watch back: changes are heard")
     func revisionGoingBackIsFollowed() async throws {
-        let etcd = try EtcdPeer()
-        defer { etcd.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
-        func put(_ key: String) async throws -> Int64 { try await Self.put(key, readingPrefix: "r/", through: raw) }
-        let revision = try await put("r/1")
-        let changes = Atomic<Int>(0)
-        let watcher = EtcdWatcher(client: raw, reactor: loop.reactor, prefix: "r/") {
-            changes.wrappingAdd(1, ordering: .relaxed)
-        }
-        defer { watcher.stop() }
+        let rig = try WatchRig(prefix: "r/")
+        defer { rig.stop() }
+        let (loop, watcher) = (rig.loop, rig.watcher)
+        let revision = try await rig.put("r/1")
         // Watching from where a bigger cluster had got to, before it was replaced by this one.
         watcher.advance(to: revision + 1000)
         loop.reactor.execute { watcher.start() }
         // etcd goes away and comes back: the stream ends, and the read a resolver then makes reports this cluster's
         // revision, lower than the watch's.
-        try etcd.restart()
-        #expect(await eventually(timeout: 10) { changes.load(ordering: .relaxed) >= 1 }, "the ended stream asks for a read")
+        try rig.etcd.restart()
+        #expect(await eventually(timeout: 10) { rig.changes >= 1 }, "the ended stream asks for a read")
         watcher.advance(to: revision)
         // The watch reopens a second after the end: changes are made until one is heard.
-        let before = changes.load(ordering: .relaxed)
+        let before = rig.changes
         var key = 1
         #expect(
             await eventually(timeout: 10) {
                 key += 1
-                _ = try? await put("r/\(key)")
-                return changes.load(ordering: .relaxed) > before
+                _ = try? await rig.put("r/\(key)")
+                return rig.changes > before
             }, "a change after the reopen is heard")
     }
 

@@ -121,10 +121,8 @@ struct HedgingTests {
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
-        var configuration = Configuration()
-        configuration.enableCircuitBreaker = false
-        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .milliseconds(50))
-        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let channel = try Self.hedgedChannel(
+            peer.target, loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .milliseconds(50)))
         let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [1])
         #expect(response.status.code == .unavailable, "\(response.status)")
         #expect(peer.headerBlocks() == 1, "one attempt: committed at its headers")
@@ -137,11 +135,9 @@ struct HedgingTests {
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
-        var configuration = Configuration()
-        configuration.enableCircuitBreaker = false
-        configuration.retry.policy.perAttemptTimeout = .milliseconds(100)
-        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
-        let channel = try GRPCChannel(target: slow.target, configuration: configuration, eventLoop: loop)
+        let channel = try Self.hedgedChannel(
+            slow.target, loop: loop, policy: CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50))
+        ) { $0.retry.policy.perAttemptTimeout = .milliseconds(100) }
         // Both attempts reach the one slow backend; whichever answers first (about 300 ms) is the call's.
         let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [3])
         #expect(response.status == .ok, "\(response.status)")
@@ -203,17 +199,25 @@ struct HedgingTests {
         }
     }
 
+    /// A channel to `target` on `loop`, `policy` hedging `service`, the circuit breaker off.
+    static func hedgedChannel(
+        _ target: String, loop: ReactorLoop, service: String = "echo.Echo", policy: CallHedgingPolicy,
+        interceptors: [any CallInterceptor] = [], adjust: (inout Configuration) -> Void = { _ in }
+    ) throws -> GRPCChannel {
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.hedging[service] = policy
+        adjust(&configuration)
+        return try GRPCChannel(target: target, configuration: configuration, interceptors: interceptors, eventLoop: loop)
+    }
+
     /// The embedded server's channel with `policy` for echo.Echo, and the attempts each finished call made.
     static func embeddedChannel(
         _ fixture: LoopbackFixture, policy: CallHedgingPolicy, interceptors: [any CallInterceptor] = [],
         adjust: (inout Configuration) -> Void = { _ in }
     ) throws -> (GRPCChannel, @Sendable () -> [Int]) {
-        var configuration = Configuration()
-        configuration.enableCircuitBreaker = false
-        configuration.hedging["echo.Echo"] = policy
-        adjust(&configuration)
-        let channel = try GRPCChannel(
-            target: fixture.target, configuration: configuration, interceptors: interceptors, eventLoop: fixture.loop)
+        let channel = try Self.hedgedChannel(
+            fixture.target, loop: fixture.loop, policy: policy, interceptors: interceptors, adjust: adjust)
         let recorder = EventRecorder()
         channel.events.subscribe { recorder.record($0) }
         return (channel, {
@@ -428,10 +432,8 @@ struct HedgingTests {
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
-        var configuration = Configuration()
-        configuration.enableCircuitBreaker = false
-        configuration.hedging["test.Hedge"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .zero)
-        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let channel = try Self.hedgedChannel(
+            peer.target, loop: loop, service: "test.Hedge", policy: CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .zero))
         let ended = PThreadLock<UnaryResponse?>(nil)
         let handle = channel.unary(path: "/test.Hedge/Get", request: [1], options: RequestOptions(timeout: .seconds(20))) {
             response in ended.withLock { $0 = response }
