@@ -103,6 +103,11 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    package var isIPv6: Bool {
+        if case .ipv6 = self.storage { return true }
+        return false
+    }
+
     package var isTCP: Bool {
         if case .unix = self.storage { return false }
         return true

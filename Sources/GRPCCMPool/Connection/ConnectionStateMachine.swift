@@ -11,7 +11,8 @@ import GRPCCMWire
 ///   │   └──────┘ ◀───────────┐      └────────────┘                    └───────┘
 ///   │      ▲                 │         │      ▲                        │  │  │
 ///   │      │ goAwayReceived, │         │      │ backoffElapsed         │  │  │ connectionLost
-///   │      │ idleTimeout     │  connectFailed  │ (calls waiting)       │  │  │ (keepalive, EOF,
+///   │      │ idleTimeout,    │  connectFailed  │ (calls waiting)       │  │  │ (keepalive, EOF,
+///   │      │ connectCancelled│         │      │                        │  │  │
 ///   │      └─────────────────┼─────────┼──────┼────────────────────────┘  │  │  error)
 ///   │                        │         ▼      │                           │  ▼
 ///   │   backoffElapsed       │   ┌───────────────────┐ ◀──────────────────┘ (0 s once it was established)
@@ -33,6 +34,8 @@ import GRPCCMWire
 ///   came before the connection was established sets `automaticReconnectDelay`, the wait of a reconnect nobody
 ///   asked for (an eager pool's): a server that sends GOAWAY to every new connection is not redialled at
 ///   round-trip speed either;
+/// - a connection attempt the owner gives up (`connectCancelled`: pick_first's Happy Eyeballs, when another
+///   address connected first) goes back to IDLE and leaves the backoff as it was: nothing failed;
 /// - inputs that make no sense in a state are ignored and return `.none`: the network can cause them.
 package struct ConnectionStateMachine {
     private enum State: Equatable {
@@ -178,6 +181,20 @@ package struct ConnectionStateMachine {
         case .idle, .transientFailure, .shutdown:
             return .none
         }
+    }
+
+    package enum OnConnectCancelled: Equatable {
+        case none
+        /// Now IDLE: close the attempt's transport.
+        case close
+    }
+
+    /// The owner gave the attempt up before it connected (another address connected first). Not a failure: no
+    /// backoff, no error kept.
+    package mutating func connectCancelled() -> OnConnectCancelled {
+        guard case .connecting = self.internalState else { return .none }
+        self.internalState = .idle
+        return .close
     }
 
     package enum OnIdleTimeout: Equatable {

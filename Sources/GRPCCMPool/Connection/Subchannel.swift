@@ -180,6 +180,21 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         }
     }
 
+    /// Gives up the connection attempt under way (CONNECTING → IDLE): pick_first's Happy Eyeballs, once another
+    /// address connected first. Nothing failed, so the backoff stays as it was. A connection already up (waiting for
+    /// its health check's first answer) is kept, as are the other states.
+    package func cancelConnect() {
+        let old = self.state
+        guard self.machine.connectCancelled() == .close else { return }
+        let reason = CallStatus(code: .ok, message: "another address connected first")
+        if let transport = self.transport {
+            self.transport = nil
+            transport.close(reason: CallStatus(code: .cancelled, message: reason.message))
+        }
+        // Reported with OK, as an idle timeout is: the pool does not reconnect it unasked.
+        self.transition(from: old, reason: reason)
+    }
+
     /// Opens a stream for `call` on the ready connection, if it has a stream to spare (else the call waits in the
     /// pool's queue rather than in nghttp2's).
     package func open(_ call: ClientCall) -> ClientCall.OpenOutcome {

@@ -1,3 +1,5 @@
+import GRPCCMReactor
+
 /// How a service's calls are spread over its connections, chosen per service (`Configuration.loadBalancingPolicy`
 /// and `loadBalancingPolicies`).
 public enum LoadBalancingPolicy: Sendable, Hashable, CustomStringConvertible {
@@ -7,9 +9,10 @@ public enum LoadBalancingPolicy: Sendable, Hashable, CustomStringConvertible {
     /// gRPC's `round_robin`: every resolved address is connected, and calls go to the ready ones in turn, whatever
     /// their load.
     case roundRobin
-    /// gRPC's `pick_first` (gRFC A62, simplified): addresses are connected one at a time, in the order resolved,
-    /// until one is up; every call goes to the earliest address that is up. A failed connection makes the next
-    /// address try at once; the failed one rests in its backoff.
+    /// gRPC's `pick_first` (gRFC A62, with A61's Happy Eyeballs): addresses are tried in the order resolved, IPv6
+    /// and IPv4 interleaved, until one is up; every call goes to it. The next address is tried when an attempt fails
+    /// (the failed one rests in its backoff) or has gone 250 ms without an answer; the attempts under way go on, the
+    /// first to connect is kept and the others are cancelled.
     case pickFirst
 
     public var description: String {
@@ -65,5 +68,25 @@ package struct Picker: Sendable {
             }
             return best
         }
+    }
+}
+
+extension LoadBalancingPolicy {
+    /// The order in which pick_first tries `addresses` (RFC 8305 §4, as gRFC A61 has it): the two IP families
+    /// alternate, starting with the first address's, each keeping its own order. Resolvers list every IPv6 answer
+    /// first; on a host whose IPv6 route is broken, every one of them would otherwise be tried before any IPv4
+    /// address. Unix paths count with IPv4 (they are never mixed with IP addresses).
+    package static func pickFirstOrder(_ addresses: [NetworkAddress]) -> [NetworkAddress] {
+        guard let first = addresses.first else { return addresses }
+        let leadIsIPv6 = first.isIPv6
+        var lead = addresses.lazy.filter { $0.isIPv6 == leadIsIPv6 }.makeIterator()
+        var other = addresses.lazy.filter { $0.isIPv6 != leadIsIPv6 }.makeIterator()
+        var ordered: [NetworkAddress] = []
+        ordered.reserveCapacity(addresses.count)
+        while ordered.count < addresses.count {
+            if let address = lead.next() { ordered.append(address) }
+            if let address = other.next() { ordered.append(address) }
+        }
+        return ordered
     }
 }

@@ -25,6 +25,9 @@ package struct PoolSettings: Sendable {
     package var minimumResolutionInterval: Duration = .seconds(1)
     /// gRFC A17: the health-check service name each connection watches (nil: off).
     package var healthCheckServiceName: String? = nil
+    /// pick_first tries the next address when an attempt has gone this long without an answer (gRFC A61's
+    /// Connection Attempt Delay, RFC 8305's recommended value).
+    package var connectionAttemptDelay: Duration = .milliseconds(250)
 
     package init(
         connectionsPerTarget: Int, maxQueuedCalls: Int, backoff: Backoff.Configuration, keepAliveTime: Duration,
@@ -118,6 +121,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// Set by `connectAll()`: connect as soon as addresses are known, calls or not.
     @exclusivity(unchecked)
     private var eager = false
+    /// pick_first: the next address is tried when this fires with none connected yet (0: not armed).
+    @exclusivity(unchecked)
+    private var attemptDelayTimer: Reactor.TimerID = 0
 
     package init(
         reactor: Reactor, service: String, target: Target, settings: PoolSettings, connector: any TransportConnector,
@@ -253,11 +259,32 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// in address order, and only while no subchannel is up or on its way.
     private func connectIdle() {
         if self.picker.policy == .pickFirst {
-            if self.subchannels.contains(where: { $0.state == .ready || $0.state == .connecting }) { return }
-            self.subchannels.first { $0.state == .idle }?.connect()
+            self.connectNextAddress(movingOn: false)
             return
         }
         for subchannel in self.subchannels where subchannel.state == .idle { subchannel.connect() }
+    }
+
+    /// pick_first's next attempt (gRFC A61, Happy Eyeballs): connects the first IDLE address, unless one is up, or
+    /// one is on its way and this is not `movingOn`. It moves on when an attempt fails, and when the last one started
+    /// has gone `connectionAttemptDelay` without an answer: a blackholed address costs that, not `connectTimeout`.
+    /// The attempts under way go on; the first to connect is kept and the others are cancelled (`subchannel(_:
+    /// changedFrom:to:reason:)`).
+    private func connectNextAddress(movingOn: Bool) {
+        if self.subchannels.contains(where: { $0.state == .ready }) { return }
+        if !movingOn && self.subchannels.contains(where: { $0.state == .connecting }) { return }
+        guard let next = self.subchannels.first(where: { $0.state == .idle }) else { return }
+        self.reactor.disarm(&self.attemptDelayTimer)
+        next.connect()
+        // No timer when the attempt ended at once (a loop that stops) or no address is left to move on to.
+        guard next.state == .connecting, self.subchannels.contains(where: { $0.state == .idle }) else { return }
+        let delay = UInt64(max(self.settings.connectionAttemptDelay.nanoseconds, 0))
+        self.attemptDelayTimer = self.reactor.schedule(afterNanoseconds: delay) { [weak self] in
+            guard let self else { return }
+            self.attemptDelayTimer = 0
+            guard !self.isClosingOrStopping else { return }
+            self.connectNextAddress(movingOn: true)
+        }
     }
 
     /// Opens a stream for `call` on the best connection that can take one. False when none can now.
@@ -328,10 +355,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private func install(_ addresses: [NetworkAddress]) {
         self.addresses = addresses
         // Keep every subchannel whose address is still there (extra ones opened for stream capacity too), add what
-        // `connectionsPerTarget` asks for, close the others.
+        // `connectionsPerTarget` asks for, close the others. pick_first tries them in its own order.
         var remaining = self.subchannels
         var next: [Subchannel] = []
-        for address in addresses {
+        let order = self.picker.policy == .pickFirst ? LoadBalancingPolicy.pickFirstOrder(addresses) : addresses
+        for address in order {
             let kept = remaining.filter { $0.address == address }
             remaining.removeAll { $0.address == address }
             next.append(contentsOf: kept)
@@ -515,6 +543,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         guard !self.closed else { return }
         switch new {
         case .ready:
+            if self.picker.policy == .pickFirst {
+                // The first address to connect is the one: the attempts still under way are given up.
+                self.reactor.disarm(&self.attemptDelayTimer)
+                for other in self.subchannels where other !== subchannel { other.cancelConnect() }
+            }
             self.drainQueue()
             // Calls still waiting with this one full too: the next connection (gRFC A105).
             if !self.queue.isEmpty { self.growForStreams() }
@@ -523,7 +556,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             self.resolveAgainSoon()
             if self.allInTransientFailure { self.failWaitingFailFast() }
             // pick_first moves on to the next address at once; the others reconnect after their own backoff.
-            if self.picker.policy == .pickFirst && (self.eager || !self.queue.isEmpty) { self.connectIdle() }
+            if self.picker.policy == .pickFirst && (self.eager || !self.queue.isEmpty) {
+                self.connectNextAddress(movingOn: true)
+            }
         case .idle:
             // A ready connection that went away (a GOAWAY, the server closing it): the backend may have moved.
             if old == .ready { self.resolveAgainSoon() }
@@ -581,6 +616,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             self.reactor.disarm(&self.periodicResolutionTimer)
             self.reactor.disarm(&self.changeResolutionTimer)
             self.reactor.disarm(&self.resolveRetryTimer)
+            self.reactor.disarm(&self.attemptDelayTimer)
             // Calls first learn that nothing is retried any more; then the waiting ones go.
             for call in self.registry.all { call.channelClosing(reason) }
             for call in self.queue.removeAll() { call.routeFailed(reason) }

@@ -5,8 +5,8 @@ import Logging
 
 extension Configuration.Etcd {
     /// A plaintext channel to the cluster, for the resolver's Range and Watch calls and the registration's lease:
-    /// every endpoint is an address of it, tried in the order given (pick_first), so a member that is down or gone
-    /// is passed over, as etcd's own client fails over between its endpoints.
+    /// every endpoint is an address of it, tried in the order given (pick_first), so a member that is down, gone or
+    /// silent (after 250 ms) is passed over, as etcd's own client fails over between its endpoints.
     /// - Parameter configuration: The client's own settings (the endpoints become its addresses).
     func clientChannel(configuration: Configuration, logger: Logger, loops: [Reactor]) throws -> GRPCChannel {
         var configuration = configuration

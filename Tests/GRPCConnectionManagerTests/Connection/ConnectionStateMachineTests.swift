@@ -19,7 +19,7 @@ struct ConnectionStateMachineTests {
 
     enum Input: String, CaseIterable, CustomStringConvertible {
         case connectRequested, connectSucceeded, connectFailed, connectionLost, backoffElapsedWaiting,
-            backoffElapsedNotWaiting, goAwayReceived, idleTimeoutElapsed, shutdownRequested
+            backoffElapsedNotWaiting, goAwayReceived, idleTimeoutElapsed, connectCancelled, shutdownRequested
         var description: String { self.rawValue }
     }
 
@@ -62,6 +62,8 @@ struct ConnectionStateMachineTests {
             return machine.goAwayReceived(randomUnit: 0.5, now: Self.later) == .drain ? "drain" : "none"
         case .idleTimeoutElapsed:
             return machine.idleTimeoutElapsed() == .close ? "close" : "none"
+        case .connectCancelled:
+            return machine.connectCancelled() == .close ? "close" : "none"
         case .shutdownRequested:
             return machine.shutdownRequested() == .close ? "close" : "none"
         }
@@ -87,6 +89,7 @@ struct ConnectionStateMachineTests {
         (.idle, .backoffElapsedNotWaiting, .idle, "none"),
         (.idle, .goAwayReceived, .idle, "none"),
         (.idle, .idleTimeoutElapsed, .idle, "none"),
+        (.idle, .connectCancelled, .idle, "none"),
         (.idle, .shutdownRequested, .shutdown, "close"),
 
         (.connecting, .connectRequested, .connecting, "none"),
@@ -97,6 +100,7 @@ struct ConnectionStateMachineTests {
         (.connecting, .backoffElapsedNotWaiting, .connecting, "none"),
         (.connecting, .goAwayReceived, .idle, "drain"),
         (.connecting, .idleTimeoutElapsed, .connecting, "none"),
+        (.connecting, .connectCancelled, .idle, "close"),
         (.connecting, .shutdownRequested, .shutdown, "close"),
 
         (.ready, .connectRequested, .ready, "none"),
@@ -107,6 +111,7 @@ struct ConnectionStateMachineTests {
         (.ready, .backoffElapsedNotWaiting, .ready, "none"),
         (.ready, .goAwayReceived, .idle, "drain"),
         (.ready, .idleTimeoutElapsed, .idle, "close"),
+        (.ready, .connectCancelled, .ready, "none"),
         (.ready, .shutdownRequested, .shutdown, "close"),
 
         (.transientFailure, .connectRequested, .transientFailure, "none"),
@@ -117,6 +122,7 @@ struct ConnectionStateMachineTests {
         (.transientFailure, .backoffElapsedNotWaiting, .idle, "becameIdle"),
         (.transientFailure, .goAwayReceived, .transientFailure, "none"),
         (.transientFailure, .idleTimeoutElapsed, .transientFailure, "none"),
+        (.transientFailure, .connectCancelled, .transientFailure, "none"),
         (.transientFailure, .shutdownRequested, .shutdown, "close"),
     ] + Input.allCases.map { (.shutdown, $0, .shutdown, "none") }
 
@@ -133,6 +139,22 @@ struct ConnectionStateMachineTests {
         let got = Self.apply(input, to: &machine)
         #expect(machine.state == to, "\(from) + \(input)")
         #expect(got == action, "\(from) + \(input)")
+    }
+
+    @Test("a cancelled attempt (another address connected first) is no failure: no error kept, the backoff as it was")
+    func cancelledAttemptLeavesTheBackoff() {
+        var fresh = ConnectionStateMachine(backoff: Self.backoff)
+        _ = fresh.connectRequested()
+        let firstDelay = fresh.connectFailed(Self.failure, randomUnit: 0.5)
+
+        var machine = ConnectionStateMachine(backoff: Self.backoff)
+        for _ in 0..<3 {
+            #expect(machine.connectRequested() == .connect)
+            #expect(machine.connectCancelled() == .close)
+            #expect(machine.state == .idle && machine.lastError == nil)
+        }
+        _ = machine.connectRequested()
+        #expect(machine.connectFailed(Self.failure, randomUnit: 0.5) == firstDelay, "still the first delay")
     }
 
     @Test("backoff follows 100 ms x 1.6 up to 3 s, jittered within ±20 %")

@@ -27,8 +27,10 @@ struct LoadBalancingTests {
         /// Requests each server received.
         var counts: [Int] { self.servers.map { $0.requestsPerConnection().reduce(0, +) } }
 
-        func channel(_ policy: LoadBalancingPolicy, addresses: [NetworkAddress]? = nil) throws -> (GRPCChannel, EventRecorder) {
-            var configuration = Configuration()
+        func channel(
+            _ policy: LoadBalancingPolicy, addresses: [NetworkAddress]? = nil, configuration: Configuration = Configuration()
+        ) throws -> (GRPCChannel, EventRecorder) {
+            var configuration = configuration
             configuration.loadBalancingPolicies["fleet.test:50051"] = policy
             let channel = try GRPCChannel(
                 target: "fleet.test:50051", configuration: configuration, eventLoop: self.loop,
@@ -167,11 +169,61 @@ struct LoadBalancingTests {
         #expect(response.status == .ok)
         for index in 0..<9 { #expect(await channel.call("/test.Raw/Get", [UInt8(index)], timeout: .seconds(5)).status == .ok) }
         #expect(fleet.counts == [10, 0, 0])
-        let dialled = Set(recorder.all.compactMap { event -> String? in
+        let dialled = Set(Self.dialled(recorder))
+        #expect(dialled == ["\(dead)", "\(fleet.addresses()[0])"], "\(dialled)")
+    }
+
+    static func dialled(_ recorder: EventRecorder) -> [String] {
+        recorder.all.compactMap { event -> String? in
             if case .connectAttemptStarted(_, _, let address) = event { return "\(address)" }
             return nil
-        })
-        #expect(dialled == ["\(dead)", "\(fleet.addresses()[0])"], "\(dialled)")
+        }
+    }
+
+    @Test("pick_first, Happy Eyeballs (gRFC A61): an address that never answers holds the calls 250 ms, not the connect timeout; the attempt still waiting is given up once the next connects")
+    func pickFirstMovesOnFromASilentAddress() async throws {
+        let fleet = try Fleet()
+        defer { fleet.shutdown() }
+        let silent = try ScriptedPeer("silent")  // takes the connection, never sends SETTINGS
+        defer { silent.stop() }
+        let silentAddress = NetworkAddress(ip: "127.0.0.1", port: silent.port)!
+        var configuration = Configuration()
+        configuration.minConnectTimeout = .seconds(60)
+        let (channel, recorder) = try fleet.channel(
+            .pickFirst, addresses: fleet.addresses(first: silentAddress), configuration: configuration)
+        // Fail-fast, with the pool CONNECTING all along: the call waits for a connection. Before, for the 60 s
+        // connect timeout of the silent address, so its 10 s deadline passed.
+        let response = await channel.call("/test.Raw/Get", [1], timeout: .seconds(10))
+        #expect(response.status == .ok, "\(response.status)")
+        #expect(fleet.counts == [1, 0, 0])
+        #expect(Self.dialled(recorder) == ["\(silentAddress)", "\(fleet.addresses()[0])"], "the third never dialled")
+        // The silent address's attempt ends, not failed: closed by this side, its subchannel IDLE again.
+        #expect(await eventually { silent.events.contains("eof") }, "\(silent.events)")
+        let silentID = recorder.all.compactMap { event -> Int? in
+            if case .connectAttemptStarted(_, let id, silentAddress) = event { return id } else { return nil }
+        }.first
+        #expect(recorder.count {
+            if case .connectivityStateChanged(_, silentID, .connecting, .idle, let reason) = $0 { return reason?.code == .ok }
+            return false
+        } == 1)
+        #expect(recorder.count { if case .connectAttemptFailed = $0 { return true } else { return false } } == 0)
+        for index in 0..<5 { #expect(await channel.call("/test.Raw/Get", [UInt8(index)], timeout: .seconds(5)).status == .ok) }
+        #expect(fleet.counts == [6, 0, 0] && Self.attempted(recorder) == 2)
+    }
+
+    @Test("pick_first (RFC 8305 §4, gRFC A61): IPv6 and IPv4 addresses are tried in turn, not every IPv6 one first")
+    func pickFirstInterleavesFamilies() async throws {
+        let fleet = try Fleet()
+        defer { fleet.shutdown() }
+        // Two IPv6 addresses nobody listens on (refused, or unreachable where IPv6 is off), then the servers.
+        let dead = (0..<2).map { _ in NetworkAddress(ip: "::1", port: freePort())! }
+        let (channel, recorder) = try fleet.channel(.pickFirst, addresses: dead + fleet.addresses())
+        let response = await channel.call("/test.Raw/Get", [1], timeout: .seconds(5))
+        #expect(response.status == .ok, "\(response.status)")
+        // Resolved order [v6, v6, v4, v4, v4] is tried as [v6, v4, v6, v4, v4]: the second IPv6 address is never
+        // needed.
+        #expect(Self.dialled(recorder) == ["\(dead[0])", "\(fleet.addresses()[0])"])
+        #expect(fleet.counts == [1, 0, 0])
     }
 
     @Test("gRFC A105: with every stream in use, another connection opens (up to the limit) instead of queueing")

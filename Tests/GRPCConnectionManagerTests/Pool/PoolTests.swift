@@ -82,6 +82,22 @@ struct PoolTests {
         #expect(pickFirst.pick(count: 4) { _ in (false, 0) } == nil)
     }
 
+    @Test("pick_first's order (RFC 8305 §4): the families alternate from the first address's, each in its own order")
+    func pickFirstOrderInterleavesFamilies() {
+        func v4(_ port: Int) -> NetworkAddress { NetworkAddress(ip: "127.0.0.1", port: port)! }
+        func v6(_ port: Int) -> NetworkAddress { NetworkAddress(ip: "::1", port: port)! }
+        let cases: [([NetworkAddress], [NetworkAddress])] = [
+            ([], []),
+            ([v6(1), v6(2), v6(3), v4(4), v4(5)], [v6(1), v4(4), v6(2), v4(5), v6(3)]),
+            ([v4(1), v6(2), v6(3), v6(4)], [v4(1), v6(2), v6(3), v6(4)]),
+            ([v4(1), v4(2), v6(3)], [v4(1), v6(3), v4(2)]),
+            ([v4(1), v4(2)], [v4(1), v4(2)]),
+        ]
+        for (resolved, tried) in cases {
+            #expect(LoadBalancingPolicy.pickFirstOrder(resolved) == tried, "\(resolved)")
+        }
+    }
+
     /// A pool on a reactor that does not run: the test thread plays the reactor thread.
     struct Rig {
         let reactor: Reactor

@@ -45,6 +45,9 @@ mode says otherwise:
   status-and-reset CODE
                        windows as wide-open-stall; once a request's headers are in, a trailers-only grpc-status CODE,
                        then closes without reading the request's body (the kernel resets the connection)
+  silent               takes each connection and its preface ("event accepted"), then says nothing and reads on, never
+                       sending SETTINGS: the client's attempt never connects (a blackholed address, as far as HTTP/2
+                       goes); "event eof" when the client closes
   http1                answers the client's preface with an HTTP/1.1 400 and closes (with --tls: a TLS terminator
                        that offers h2 in front of an HTTP/1.1 server)
   enable-push          its SETTINGS enable server push, which a server must not (a connection error for the client)
@@ -152,6 +155,11 @@ class Connection:
     def serve(self):
         if read_exact(self.sock, len(PREFACE)) != PREFACE:
             return
+        if MODE == "silent":
+            event("accepted")
+            while self.sock.recv(65536):
+                pass
+            raise EOFError
         if MODE == "http1":
             self.send_raw(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\nConnection: close\r\n\r\nBad Request")
             return
