@@ -265,19 +265,30 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         for subchannel in self.subchannels where subchannel.state == .idle { subchannel.connect() }
     }
 
-    /// pick_first's next attempt (gRFC A61, Happy Eyeballs): connects the first IDLE address, unless one is up, or
-    /// one is on its way and this is not `movingOn`. It moves on when an attempt fails, and when the last one started
-    /// has gone `connectionAttemptDelay` without an answer: a blackholed address costs that, not `connectTimeout`.
-    /// The attempts under way go on; the first to connect is kept and the others are cancelled (`subchannel(_:
-    /// changedFrom:to:reason:)`).
+    /// pick_first's next attempt (gRFC A61, Happy Eyeballs): connects the first IDLE address (its
+    /// `connectionsPerTarget` subchannels), unless one is up, or one is on its way and this is not `movingOn`. It moves
+    /// on when an attempt fails, and when the last one started has gone `connectionAttemptDelay` without an answer: a
+    /// blackholed address costs that, not `connectTimeout`. The attempts under way go on; the first address to
+    /// connect is kept and the others' attempts are cancelled (`subchannel(_:changedFrom:to:reason:)`).
     private func connectNextAddress(movingOn: Bool) {
-        if self.subchannels.contains(where: { $0.state == .ready }) { return }
+        if let inUse = self.subchannels.first(where: { $0.state == .ready })?.address {
+            // Its address's other connections (`connectionsPerTarget`) come back when asked for.
+            for subchannel in self.subchannels where subchannel.address == inUse && subchannel.state == .idle {
+                subchannel.connect()
+            }
+            return
+        }
         if !movingOn && self.subchannels.contains(where: { $0.state == .connecting }) { return }
-        guard let next = self.subchannels.first(where: { $0.state == .idle }) else { return }
+        guard let address = self.subchannels.first(where: { $0.state == .idle })?.address else { return }
         self.reactor.disarm(&self.attemptDelayTimer)
-        next.connect()
-        // No timer when the attempt ended at once (a loop that stops) or no address is left to move on to.
-        guard next.state == .connecting, self.subchannels.contains(where: { $0.state == .idle }) else { return }
+        for subchannel in self.subchannels where subchannel.address == address && subchannel.state == .idle {
+            subchannel.connect()
+        }
+        // No timer when the attempts ended at once (a loop that stops) or no address is left to move on to.
+        guard
+            self.subchannels.contains(where: { $0.address == address && $0.state == .connecting }),
+            self.subchannels.contains(where: { $0.address != address && $0.state == .idle })
+        else { return }
         let delay = UInt64(max(self.settings.connectionAttemptDelay.nanoseconds, 0))
         self.attemptDelayTimer = self.reactor.schedule(afterNanoseconds: delay) { [weak self] in
             guard let self else { return }
@@ -388,11 +399,18 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// gRFC A105: a call waits although connections are up, because every ready one is at the server's
     /// MAX_CONCURRENT_STREAMS. Open one more connection to the address with the fewest, up to
     /// `maxConnectionsPerTarget`, rather than queue. Nothing while a connection is on its way (it may bring room).
+    /// pick_first grows only to the address it uses: the others stay as they are.
     private func growForStreams() {
         let limit = self.settings.maxConnectionsPerTarget
-        guard limit > self.settings.connectionsPerTarget, let addresses = self.addresses, !addresses.isEmpty else { return }
+        guard limit > self.settings.connectionsPerTarget, var addresses = self.addresses, !addresses.isEmpty else { return }
+        var inUse: NetworkAddress?
+        if self.picker.policy == .pickFirst {
+            inUse = self.subchannels.first { $0.state == .ready }?.address
+            guard let inUse else { return }
+            addresses = [inUse]
+        }
         var sawReady = false
-        for subchannel in self.subchannels {
+        for subchannel in self.subchannels where inUse == nil || subchannel.address == inUse {
             switch subchannel.state {
             case .connecting, .idle: return
             case .ready:
@@ -544,9 +562,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         switch new {
         case .ready:
             if self.picker.policy == .pickFirst {
-                // The first address to connect is the one: the attempts still under way are given up.
+                // The first address to connect is the one: the attempts to the others still under way are given up.
                 self.reactor.disarm(&self.attemptDelayTimer)
-                for other in self.subchannels where other !== subchannel { other.cancelConnect() }
+                for other in self.subchannels where other.address != subchannel.address { other.cancelConnect() }
             }
             self.drainQueue()
             // Calls still waiting with this one full too: the next connection (gRFC A105).

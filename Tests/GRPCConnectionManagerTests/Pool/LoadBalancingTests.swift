@@ -211,6 +211,36 @@ struct LoadBalancingTests {
         #expect(fleet.counts == [6, 0, 0] && Self.attempted(recorder) == 2)
     }
 
+    @Test("pick_first with connectionsPerTarget 2: both connections of an address are tried together, and both kept")
+    func pickFirstConnectsAnAddressAsAGroup() async throws {
+        let fleet = try Fleet()
+        defer { fleet.shutdown() }
+        let silent = try ScriptedPeer("silent")
+        defer { silent.stop() }
+        let silentAddress = NetworkAddress(ip: "127.0.0.1", port: silent.port)!
+        var configuration = Configuration()
+        configuration.minConnectTimeout = .seconds(60)
+        configuration.connectionsPerTarget = 2
+        let (channel, recorder) = try fleet.channel(
+            .pickFirst, addresses: fleet.addresses(first: silentAddress), configuration: configuration)
+        let statuses = await withTaskGroup(of: CallStatus.self) { group in
+            for index in 0..<8 {
+                group.addTask {
+                    await channel.call("/test.Raw/Get", [UInt8(index)], metadata: ["x-sleep-ms": "100"], timeout: .seconds(10)).status
+                }
+            }
+            return await group.reduce(into: [CallStatus]()) { $0.append($1) }
+        }
+        #expect(statuses.allSatisfy { $0.isOK }, "\(statuses)")
+        // Both connections to the silent address at once, then both to the first server; it moved on once, not
+        // from one silent connection to the other.
+        let server = fleet.addresses()[0]
+        #expect(Self.dialled(recorder) == ["\(silentAddress)", "\(silentAddress)", "\(server)", "\(server)"])
+        #expect(await eventually { silent.events.filter { $0 == "eof" }.count == 2 }, "\(silent.events)")
+        #expect(await eventually { Self.connected(recorder) == 2 }, "both connections to the server are up")
+        #expect(fleet.counts == [8, 0, 0])
+    }
+
     @Test("pick_first (RFC 8305 §4, gRFC A61): IPv6 and IPv4 addresses are tried in turn, not every IPv6 one first")
     func pickFirstInterleavesFamilies() async throws {
         let fleet = try Fleet()
