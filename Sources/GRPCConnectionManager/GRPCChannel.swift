@@ -19,6 +19,9 @@ import Synchronization
 public final class GRPCChannel: Sendable {
     /// The target this channel connects to.
     public let target: Target
+    /// The `:authority` of its requests: TLS's `serverName` when set (as grpc-go takes it from the credentials: a
+    /// proxy that routes by authority must see the name the certificate is checked against), else the target's.
+    let authority: String
     /// The service name it serves (the target's text for a standalone channel).
     public let service: String
     /// The validated configuration.
@@ -116,6 +119,13 @@ public final class GRPCChannel: Sendable {
         }
         let resolver = chosen
         self.interceptors = interceptors
+        let authority: String
+        if let name = configuration.tls?.serverName, !name.isEmpty {
+            authority = name
+        } else {
+            authority = target.authority
+        }
+        self.authority = authority
         var tls: TLSContext?
         var tlsServerName: String?
         if let settings = configuration.tls {
@@ -134,7 +144,7 @@ public final class GRPCChannel: Sendable {
         let connectionSettings = configuration.http2ClientSettings  // one for every loop's connections
         self.shards = loops.map { context in
             let connector = HTTP2Connector(
-                reactor: context.reactor, authority: target.authority, settings: connectionSettings,
+                reactor: context.reactor, authority: authority, settings: connectionSettings,
                 tls: tls, tlsServerName: tlsServerName)
             let pool = ServicePool(
                 reactor: context.reactor, service: service, target: target, settings: configuration.poolSettings(service: service),
@@ -210,7 +220,7 @@ public final class GRPCChannel: Sendable {
             problem = CallStatus(code: .invalidArgument, message: "maxReceiveMessageSize must not be negative (\(limit))")
         } else if !self.interceptors.isEmpty {
             var intercepted = InterceptedCall(
-                service: self.service, authority: self.target.authority, path: path, metadata: metadata, options: options)
+                service: self.service, authority: self.authority, path: path, metadata: metadata, options: options)
             switch InterceptorRun.run(self.interceptors, from: 0, &intercepted, observers: &observers) {
             case .done: break
             case .failed(let status): problem = status

@@ -33,6 +33,10 @@ package final class TLSContext: @unchecked Sendable {
                     throw Self.loadFailure("CA certificates", path)
                 }
             }
+            // Every trusted certificate is an anchor, an intermediate CA too (a private PKI whose root stays
+            // offline): as Go and curl take a trust file. OpenSSL otherwise wants the chain to end at a self-signed
+            // root and refuses "unable to get issuer certificate".
+            X509_STORE_set_flags(SSL_CTX_get_cert_store(context), UInt(X509_V_FLAG_PARTIAL_CHAIN))
         } else {
             SSL_CTX_set_verify(context, SSL_VERIFY_NONE, nil)
         }

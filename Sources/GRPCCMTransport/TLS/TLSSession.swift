@@ -31,6 +31,11 @@ package final class TLSSession {
     /// - Throws: `TLSError` when OpenSSL refuses the session or the name check cannot be set up (a verified client
     ///   session without a name is refused too: it would accept any certificate the CA signed).
     package init(context: TLSContext, serverName: String?, verifyName: String?) throws(TLSError) {
+        // A fully qualified name's trailing dot (`api.svc.cluster.local.`, written to skip the search list) is no part
+        // of the name for TLS: RFC 6066 forbids it in SNI (Go's servers refuse the ClientHello), and OpenSSL's name
+        // check would compare it against the certificate's names as it is, and fail.
+        let serverName = serverName.map(Self.withoutTrailingDot)
+        let verifyName = verifyName.map(Self.withoutTrailingDot)
         guard let ssl = SSL_new(context.context) else { throw TLSError.openSSL("SSL_new") }
         guard let rbio = BIO_new(BIO_s_mem()), let wbio = BIO_new(BIO_s_mem()) else {
             SSL_free(ssl)
@@ -69,6 +74,10 @@ package final class TLSSession {
         guard checked == 1 else {
             throw TLSError.configuration("cannot set up the certificate name check for \"\(name)\"")
         }
+    }
+
+    private static func withoutTrailingDot(_ name: String) -> String {
+        name.hasSuffix(".") && name.count > 1 ? String(name.dropLast()) : name
     }
 
     deinit {

@@ -3,7 +3,8 @@ import GRPCCMWire
 /// TLS for a connection, through OpenSSL 3. `nil` in `Configuration.tls` means plaintext (h2c), as in the Go
 /// original; the CLI, like grpcurl, uses TLS unless `--plaintext` is given.
 ///
-/// Verified by default: the server's chain against the system trust store (or `trustRoots`), and its name
+/// Verified by default: the server's chain against the system trust store (or `trustRoots`, any certificate in
+/// which is an anchor, an intermediate CA too), and its name
 /// (DNS names and IP addresses in subjectAltName) against `serverName` or the target's host. ALPN offers `h2`
 /// and a server that does not select it is refused. TLS 1.2 is the minimum.
 public struct TLSSettings: Sendable, Hashable {
@@ -21,7 +22,8 @@ public struct TLSSettings: Sendable, Hashable {
     public var certificateChainFile: String?
     /// The client private key (PEM) for mutual TLS; nil: none.
     public var privateKeyFile: String?
-    /// The name sent as SNI and checked against the certificate; nil: the target's host.
+    /// The name sent as SNI, checked against the certificate, and sent as the requests' `:authority` (as grpc-go
+    /// does with its credentials' server name); nil: the target's host. A trailing dot is left out for TLS.
     public var serverName: String?
     /// Check the certificate chain and the name. `false` is grpcurl's `-insecure`: only when asked.
     public var verifyCertificate: Bool = true

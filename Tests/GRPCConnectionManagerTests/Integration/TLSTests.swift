@@ -133,6 +133,65 @@ struct TLSTests {
         #expect(await insecure.call([3], timeout: .seconds(5)).message == [3])
     }
 
+    @Test("a name with a trailing dot (fully qualified) is sent and checked without it")
+    func trailingDotName() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let peer = try ScriptedPeer("echo", tls: (certificates.serverCertificate, certificates.serverKey))
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // By the target's host (resolved by a scripted resolver: the system's has no "localhost." either), and by
+        // serverName.
+        let byHost = try GRPCChannel(
+            target: "localhost.:\(peer.port)", configuration: Self.tls(certificates), eventLoop: loop,
+            resolver: ScriptedResolver([[NetworkAddress(ip: "127.0.0.1", port: peer.port)!]]))
+        let byName = try GRPCChannel(
+            target: peer.target, configuration: Self.tls(certificates) { $0.serverName = "localhost." }, eventLoop: loop)
+        for channel in [byHost, byName] {
+            let response = await channel.call([1], timeout: .seconds(5))
+            #expect(response.status == .ok, "\(channel.target): \(response.status)")
+        }
+        #expect(peer.events.filter { $0.hasPrefix("sni ") } == ["sni localhost", "sni localhost"], "\(peer.events)")
+    }
+
+    @Test("serverName is the requests' :authority too (as grpc-go takes it), not the dialled address")
+    func serverNameIsTheAuthority() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let peer = try ScriptedPeer("echo", tls: (certificates.serverCertificate, certificates.serverKey))
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let named = try GRPCChannel(
+            target: peer.target, configuration: Self.tls(certificates) { $0.serverName = "localhost" }, eventLoop: loop)
+        #expect(await named.call([1], timeout: .seconds(5)).status == .ok)
+        let unnamed = try GRPCChannel(target: peer.target, configuration: Self.tls(certificates), eventLoop: loop)
+        #expect(await unnamed.call([2], timeout: .seconds(5)).status == .ok)
+        #expect(peer.events.filter { $0.hasPrefix("authority ") } == ["authority localhost", "authority \(peer.target)"])
+    }
+
+    @Test("a trusted intermediate CA is an anchor: its server's chain verifies without the root")
+    func intermediateAsTrustAnchor() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let server = try Self.server(
+            certificates, loop: loop, certificate: certificates.intermediateServerChain, key: certificates.intermediateServerKey)
+        defer { server.close() }
+        for roots in [certificates.intermediateCertificate, certificates.caCertificate] {
+            let channel = try GRPCChannel(
+                target: "localhost:\(server.port)", configuration: Self.tls(certificates) { $0.trustRoots = .file(roots) },
+                eventLoop: loop)
+            let response = await channel.call([1], timeout: .seconds(5))
+            #expect(response.status == .ok, "trusting \(roots): \(response.status)")
+        }
+    }
+
     @Test("an expired certificate and a stranger's certificate are refused with the reason")
     func expiredAndStranger() async throws {
         let certificates = try TestCertificates.make()

@@ -14,6 +14,11 @@ struct TestCertificates: Sendable {
     /// A server certificate from a CA nobody trusts.
     var strangerCertificate: String { self.path("stranger.pem") }
     var strangerKey: String { self.path("stranger.key") }
+    /// An intermediate CA the test CA signed, and a server certificate (localhost, 127.0.0.1) it signed: the chain
+    /// file holds both, as a server sends them.
+    var intermediateCertificate: String { self.path("intermediate.pem") }
+    var intermediateServerChain: String { self.path("leaf-chain.pem") }
+    var intermediateServerKey: String { self.path("leaf.key") }
 
     func path(_ name: String) -> String { "\(self.directory)/\(name)" }
 
@@ -26,6 +31,8 @@ struct TestCertificates: Sendable {
         let certificates = TestCertificates(directory: directory)
         try "subjectAltName=DNS:localhost,IP:127.0.0.1\n".write(
             toFile: certificates.path("server.ext"), atomically: true, encoding: .utf8)
+        try "basicConstraints=critical,CA:true\nkeyUsage=critical,keyCertSign,cRLSign\n".write(
+            toFile: certificates.path("intermediate.ext"), atomically: true, encoding: .utf8)
         try "extendedKeyUsage=clientAuth\n".write(toFile: certificates.path("client.ext"), atomically: true, encoding: .utf8)
         let steps: [[String]] = [
             ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
@@ -41,6 +48,14 @@ struct TestCertificates: Sendable {
             ["pkey", "-in", "client.key", "-aes256", "-passout", "pass:secret", "-out", "client-encrypted.key"],
             ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "stranger.key", "-out", "stranger.pem", "-days",
              "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "intermediate.key",
+             "-out", "intermediate.csr", "-subj", "/CN=grpc-cm test intermediate"],
+            ["x509", "-req", "-in", "intermediate.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+             "intermediate.pem", "-days", "2", "-extfile", "intermediate.ext"],
+            ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "leaf.key",
+             "-out", "leaf.csr", "-subj", "/CN=localhost"],
+            ["x509", "-req", "-in", "leaf.csr", "-CA", "intermediate.pem", "-CAkey", "intermediate.key",
+             "-CAcreateserial", "-out", "leaf.pem", "-days", "2", "-extfile", "server.ext"],
         ]
         for arguments in steps {
             let process = Process()
@@ -53,6 +68,9 @@ struct TestCertificates: Sendable {
             process.waitUntilExit()
             guard process.terminationStatus == 0 else { throw CertificateError.opensslFailed(arguments.joined(separator: " ")) }
         }
+        let chain = try String(contentsOfFile: certificates.path("leaf.pem"), encoding: .utf8)
+            + String(contentsOfFile: certificates.intermediateCertificate, encoding: .utf8)
+        try chain.write(toFile: certificates.intermediateServerChain, atomically: true, encoding: .utf8)
         return certificates
     }
 

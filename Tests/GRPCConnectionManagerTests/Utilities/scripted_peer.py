@@ -5,9 +5,11 @@
 Prints its port, then serves until stdin closes; with --tls, over TLS with ALPN h2. The line "count" on stdin prints
 how many request header blocks it has received. What it observes goes to stdout as "event ..." lines: a GOAWAY
 from the client ("event goaway"), how each connection ended ("event close_notify", "event eof"), and a failed TLS
-handshake with the reason the client's alert gave ("event handshake-failed REASON"). Every stream is answered as an echo server would (the request message back, grpc-status 0) unless the
+handshake with the reason the client's alert gave ("event handshake-failed REASON"), the TLS server name the client
+sent ("event sni NAME", "event sni -" for none) and each request's :authority ("event authority VALUE"). Every stream is answered as an echo server would (the request message back, grpc-status 0) unless the
 mode says otherwise:
 
+  echo                 nothing else: every stream is echoed
   headers-bytes N      response headers carry an extra field of N bytes (CONTINUATION frames as needed)
   trailers-bytes N     the trailers do
   status CODE          a trailers-only response with grpc-status CODE (any text)
@@ -67,6 +69,7 @@ if ARGV and ARGV[0] == "--tls":
     TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     TLS.load_cert_chain(ARGV[1], ARGV[2])
     TLS.set_alpn_protocols(["h2"])
+    TLS.sni_callback = lambda sock, name, context: event("sni " + (name or "-"))
     ARGV = ARGV[3:]
 MODE = ARGV[0]
 ARGS = ARGV[1:]
@@ -213,6 +216,7 @@ class Connection:
                 if "END_HEADERS" in frame.flags:
                     headers = self.decoder.decode(pending_block.pop(frame.stream_id))
                     self.streams[frame.stream_id]["headers"] = headers
+                    event("authority " + dict(headers).get(":authority", "-"))
                     global header_blocks
                     with lock:
                         header_blocks += 1
