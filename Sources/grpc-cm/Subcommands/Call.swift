@@ -101,12 +101,15 @@ struct Call: AsyncParsableCommand {
     @Option(help: "Seconds between the starts of repeated calls.")
     var interval: Double = 0
 
+    @Option(name: .customLong("max-msg-sz"), help: "Largest message in bytes, sent or received (default 4194304).")
+    var maxMessageSize: Int?
+
     /// The long options, which `GRPCCM.arguments` also takes with one dash, as grpcurl (a Go program) does.
     static let longOptionNames: Set<String> = [
         "data-file", "data-hex", "out", "hex", "max-time", "connect-timeout", "wait-for-ready", "keepalive-time",
         "keepalive-timeout", "max-reconnect-delay", "no-retry", "no-breaker", "retry-max-attempts",
         "breaker-failure-threshold", "breaker-timeout", "metrics-out", "compression", "repeat", "interval", "plaintext",
-        "insecure", "cacert", "cert", "key", "servername",
+        "insecure", "cacert", "cert", "key", "servername", "max-msg-sz",
     ]
 
     func validate() throws {
@@ -124,6 +127,9 @@ struct Call: AsyncParsableCommand {
             ("--max-reconnect-delay", self.maxReconnectDelay),
         ] {
             if let value, !(value > 0) { throw ValidationError("\(name) must be > 0") }
+        }
+        if let size = self.maxMessageSize, !(1...Int(Int32.max)).contains(size) {
+            throw ValidationError("--max-msg-sz must be 1...\(Int32.max) bytes")
         }
         if !(0...31_536_000).contains(self.interval) { throw ValidationError("--interval must be 0...31536000 seconds") }
         if let name = self.compression, CallCompression(name: name) == nil {
@@ -148,6 +154,7 @@ struct Call: AsyncParsableCommand {
         var configuration = Configuration()
         configuration.minConnectTimeout = seconds(self.connectTimeout)
         configuration.tls = self.security.configuration
+        if let size = self.maxMessageSize { configuration.maxMessageSize = size }
         if let value = self.keepaliveTime { configuration.keepAliveTime = seconds(value) }
         if let value = self.keepaliveTimeout { configuration.keepAliveTimeout = seconds(value) }
         if let value = self.maxReconnectDelay { configuration.maxReconnectDelay = seconds(value) }
@@ -261,7 +268,7 @@ struct Call: AsyncParsableCommand {
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
         // Bounded: a request over the message limit could not be sent anyway, and `/dev/zero` never ends.
-        let limit = Configuration.defaults.maxMessageSize
+        let limit = self.maxMessageSize ?? Configuration.defaults.maxMessageSize
         while true {
             let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n < 0 && errno == EINTR { continue }
@@ -269,7 +276,7 @@ struct Call: AsyncParsableCommand {
             if n == 0 { break }
             bytes.append(contentsOf: chunk[0..<n])
             if bytes.count > limit {
-                throw ValidationError("--data-file \(path) is larger than the \(limit)-byte message limit")
+                throw ValidationError("--data-file \(path) is larger than the \(limit)-byte message limit (--max-msg-sz)")
             }
         }
         return bytes
@@ -319,19 +326,31 @@ extension Substring {
 /// Request metadata from `name: value` flags (`call -H`, `health -rpc-header`): names lower-cased, `-bin` values
 /// decoded from base64, every entry validated. Throws a `ValidationError` naming the flag and the entry, so that a bad
 /// header is a usage error, never a failed call.
-func parseMetadataHeaders(_ headers: [String], flag: String) throws -> CallMetadata {
+/// Whose reading of `name: value` header flags to follow, for the tool each subcommand stands in for.
+enum HeaderSyntax {
+    /// grpcurl's `-H`: a header without a colon has an empty value; a `-bin` value is base64-decoded when it is
+    /// base64, and sent as its bytes otherwise.
+    case grpcurl
+    /// grpc_health_probe's `-rpc-header`: the colon is required, and a `-bin` value is sent as its bytes (grpc-go
+    /// base64-encodes them on the wire).
+    case grpcHealthProbe
+}
+
+func parseMetadataHeaders(_ headers: [String], flag: String, as tool: HeaderSyntax = .grpcurl) throws -> CallMetadata {
     var metadata = CallMetadata()
     for header in headers {
-        guard let colon = header.firstIndex(of: ":"), !header[..<colon].trimmingSpaces().isEmpty else {
+        let colon = header.firstIndex(of: ":")
+        if colon == nil && tool == .grpcHealthProbe {
             throw ValidationError("\(flag) '\(header)': expected 'name: value'")
         }
-        let name = header[..<colon].trimmingSpaces().lowercased()
-        let value = header[header.index(after: colon)...].trimmingSpaces()
+        let name = header[..<(colon ?? header.endIndex)].trimmingSpaces().lowercased()
+        guard !name.isEmpty else { throw ValidationError("\(flag) '\(header)': expected 'name: value'") }
+        let value = colon.map { header[header.index(after: $0)...].trimmingSpaces() } ?? ""
         if name.hasSuffix("-bin") {
-            guard let bytes = decodeBase64(value) else {
-                throw ValidationError("\(flag) '\(header)': a -bin value must be base64")
+            switch tool {
+            case .grpcurl: metadata.add(name, binary: decodeBase64(value) ?? Array(value.utf8))
+            case .grpcHealthProbe: metadata.add(name, binary: Array(value.utf8))
             }
-            metadata.add(name, binary: bytes)
         } else {
             metadata.add(name, value)
         }

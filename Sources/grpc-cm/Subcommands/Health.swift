@@ -74,17 +74,28 @@ struct Health: AsyncParsableCommand {
     /// The boolean ones, which Go lets take `=true` and `=false`.
     static let probeBooleans: Set<String> = ["tls", "tls-no-verify", "v", "gzip", "version", "alts", "spiffe"]
 
+    /// A string flag given empty counts as not given, as grpc_health_probe compares its flags with "": templated
+    /// probe arguments (`-tls-server-name=$(NAME)`) often expand to nothing.
+    private static func given(_ value: String?) -> String? { value?.isEmpty == false ? value : nil }
+
+    /// The TLS flags that name something, each nil when not given or given empty.
+    private var tlsFiles: (caCert: String?, clientCert: String?, clientKey: String?, serverName: String?) {
+        (Self.given(self.tlsCACert), Self.given(self.tlsClientCert), Self.given(self.tlsClientKey),
+         Self.given(self.tlsServerName))
+    }
+
     @Flag(help: "Plaintext h2c (the default; accepted for grpc-cm's earlier spelling).")
     var plaintext = false
 
     /// The address to dial: `-addr`, or the positional argument (grpc-cm's earlier form); `:port` means localhost.
     var target: String? {
-        guard let address = self.addr ?? self.positionalAddress else { return nil }
+        guard let address = Self.given(self.addr) ?? self.positionalAddress else { return nil }
         return address.hasPrefix(":") ? "localhost" + address : address
     }
 
     func validate() throws {
         if self.printVersion { return }
+        let (tlsCACert, tlsClientCert, tlsClientKey, tlsServerName) = self.tlsFiles
         if self.target == nil { throw ValidationError("-addr not specified") }
         if self.addr != nil && self.positionalAddress != nil { throw ValidationError("give the address once, with -addr") }
         if self.plaintext && self.tls { throw ValidationError("--plaintext and -tls exclude each other") }
@@ -92,21 +103,21 @@ struct Health: AsyncParsableCommand {
         where (GoDuration.parse(text) ?? .zero) <= .zero {
             throw ValidationError("\(flag) must be a positive duration such as 1s or 250ms, not \"\(text)\"")
         }
-        if !self.tls && (self.tlsCACert != nil || self.tlsClientCert != nil || self.tlsClientKey != nil || self.tlsNoVerify
-            || self.tlsServerName != nil)
+        if !self.tls && (tlsCACert != nil || tlsClientCert != nil || tlsClientKey != nil || self.tlsNoVerify
+            || tlsServerName != nil)
         {
             throw ValidationError("specified -tls-* flags without -tls")
         }
-        if (self.tlsClientCert == nil) != (self.tlsClientKey == nil) {
+        if (tlsClientCert == nil) != (tlsClientKey == nil) {
             throw ValidationError("-tls-client-cert and -tls-client-key go together")
         }
-        if self.tlsNoVerify && self.tlsCACert != nil {
+        if self.tlsNoVerify && tlsCACert != nil {
             throw ValidationError("cannot specify -tls-ca-cert with -tls-no-verify (CA cert would not be used)")
         }
-        if self.tlsNoVerify && self.tlsServerName != nil {
+        if self.tlsNoVerify && tlsServerName != nil {
             throw ValidationError("cannot specify -tls-server-name with -tls-no-verify (server name would not be used)")
         }
-        _ = try parseMetadataHeaders(self.rpcHeaders, flag: "-rpc-header")
+        _ = try parseMetadataHeaders(self.rpcHeaders, flag: "-rpc-header", as: .grpcHealthProbe)
     }
 
     func run() async throws {
@@ -124,11 +135,12 @@ struct Health: AsyncParsableCommand {
         configuration.enableCircuitBreaker = false
         if self.gzip { configuration.compression.requestEncoding = .gzip }
         if self.tls {
+            let (tlsCACert, tlsClientCert, tlsClientKey, tlsServerName) = self.tlsFiles
             configuration.tls = cliTLSSettings(
-                caFile: self.tlsCACert, certificate: self.tlsClientCert, key: self.tlsClientKey,
-                serverName: self.tlsServerName, verify: !self.tlsNoVerify)
+                caFile: tlsCACert, certificate: tlsClientCert, key: tlsClientKey,
+                serverName: tlsServerName, verify: !self.tlsNoVerify)
         }
-        let metadata = try parseMetadataHeaders(self.rpcHeaders, flag: "-rpc-header")
+        let metadata = try parseMetadataHeaders(self.rpcHeaders, flag: "-rpc-header", as: .grpcHealthProbe)
         let channel: GRPCChannel
         do {
             channel = try GRPCChannel(target: target, configuration: configuration)

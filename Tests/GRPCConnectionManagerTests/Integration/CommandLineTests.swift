@@ -33,6 +33,9 @@ struct CommandLineTests {
         let echoed = try stderr("-H 'x-zz: last' -H 'x-data-bin: AQ' -H 'x-aa: first'")
         #expect(echoed.contains("Response headers received:\nx-aa: first\nx-data-bin: AQ==\nx-zz: last\n"), "\(echoed)")
         #expect(echoed.contains("Response trailers received:\n"))
+        // grpcurl's reading of -H: a -bin value that is not base64 goes as its bytes; a name alone has an empty value.
+        let raw = try stderr("-H 'x-data-bin: AA!' -H 'x-flag'")
+        #expect(raw.contains("x-data-bin: QUEh\nx-flag: \n"), "\(raw)")
         // A trailers-only failure has no response headers.
         let failed = try stderr("-H 'x-fail-code: 5'")
         #expect(failed.contains("Response headers received:\n(empty)\n"), "\(failed)")
@@ -49,11 +52,16 @@ struct CommandLineTests {
         func run(_ arguments: String) throws -> (status: Int32, output: String) {
             try runProgram("/bin/sh", ["-c", "'\(cli)' \(arguments) 2>&1"])
         }
-        // health: a bad -rpc-header is a bad argument (1), not a failed RPC (3); -bin values are base64, as in call.
+        // health: a bad -rpc-header is a bad argument (1), not a failed RPC (3); a -bin value is sent as its bytes,
+        // as grpc_health_probe sends it (base64 or not).
         let port = target.split(separator: ":").last!
         #expect(try run("health -addr=:\(port) '-rpc-header=te: x'").status == 1)
-        #expect(try run("health -addr=:\(port) '-rpc-header=x-trace-bin: AA!'").status == 1)
+        #expect(try run("health -addr=:\(port) '-rpc-header=x-trace'").status == 1)
+        #expect(try run("health -addr=:\(port) '-rpc-header=x-trace-bin: AA!'") == (0, "status: SERVING\n"))
         #expect(try run("health -addr=:\(port) '-rpc-header=x-trace-bin: AAE='") == (0, "status: SERVING\n"))
+        // A TLS flag given empty (a templated probe argument that expanded to nothing) is not given, as in the probe.
+        #expect(try run("health -addr=:\(port) -tls-server-name=") == (0, "status: SERVING\n"))
+        #expect(try run("health -addr=:\(port) -tls-ca-cert= -tls-client-cert= -tls-client-key=") == (0, "status: SERVING\n"))
         // call: a --metrics-out that cannot be written is not a success.
         let lost = try run("call --plaintext \(target) a.B/C --metrics-out /nonexistent/dir/m.prom")
         #expect(lost.status == 1)
@@ -65,6 +73,11 @@ struct CommandLineTests {
         #expect(lines.output.hasPrefix("1 NotFound ") && lines.output.hasSuffix(" a\\nb\n"), "\(lines.output)")
         let crlf = try run("call --plaintext \(target) a.B/C --repeat 1 -H 'x-fail-code: 5' -H 'x-fail-message: a%0D%0Ab%0Bc'")
         #expect(crlf.output.hasSuffix(" a\\r\\nb\\u{b}c\n"), "\(crlf.output)")
+        // --max-msg-sz (grpcurl's) raises the 4 MiB limit on a response.
+        let big = "call --plaintext \(target) a.B/C -H 'x-response-bytes: 5000000'"
+        #expect(try run(big + " --out /dev/null").status == 64 + 8, "over 4 MiB: RESOURCE_EXHAUSTED")
+        #expect(try runProgram("/bin/sh", ["-c", "'\(cli)' \(big) --max-msg-sz 6000000 | wc -c"]) == (0, "5000000\n"))
+        #expect(try run(big + " --max-msg-sz 0").status == 2)
         // grpcurl's single-dash spellings of the long options (Go flags).
         #expect(try runProgram(cli, ["call", "-plaintext", "-max-time", "2", target, "a.B/C", "-data-hex=0a0b", "-hex"]) == (0, "0a0b\n"))
         // A PEM file that is not there says so (OpenSSL alone says "system lib").
