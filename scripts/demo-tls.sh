@@ -24,11 +24,19 @@ trap 'stop_server; rm -rf "$DIR"' EXIT
     openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj "/CN=demo client" 2>/dev/null
     openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 2>/dev/null
 )
+starts=0
 start_server() {
-    "$BIN" serve --port "$PORT" --tls-cert "$DIR/server.pem" --tls-key "$DIR/server.key" "$@" 2>"$DIR/server.log" &
+    # A log of its own per start: truncating the last one happens in the child, after this shell may have read it.
+    starts=$((starts + 1))
+    local log="$DIR/server.$starts.log"
+    "$BIN" serve --port "$PORT" --tls-cert "$DIR/server.pem" --tls-key "$DIR/server.key" "$@" 2>"$log" &
     server_pid=$!
-    for _ in $(seq 1 100); do grep -q "listening on" "$DIR/server.log" 2>/dev/null && return 0; sleep 0.05; done
-    cat "$DIR/server.log"; exit 1
+    for _ in $(seq 1 100); do
+        grep -q "listening on" "$log" 2>/dev/null && return 0
+        kill -0 "$server_pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    cat "$log"; exit 1
 }
 step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "$2"; }
 run() { set +e; eval "$1"; local rc=$?; set -e; echo "(exit status $rc)"; }

@@ -9,10 +9,14 @@ LOG="$(mktemp -d)/server.log"
 server_pid=""
 
 start_server() {
+    # Ready when this server's own "listening on" line is in: the log keeps the earlier servers' lines too.
+    local before
+    before=$(grep -c "listening on" "$LOG" 2>/dev/null || true)
     "$BIN" serve --port "$PORT" 2>>"$LOG" &
     server_pid=$!
     for _ in $(seq 1 100); do
-        grep -q "listening on" "$LOG" 2>/dev/null && return 0
+        [ "$(grep -c "listening on" "$LOG" 2>/dev/null || true)" -gt "${before:-0}" ] && return 0
+        kill -0 "$server_pid" 2>/dev/null || break
         sleep 0.05
     done
     echo "server did not start"; cat "$LOG"; exit 1
@@ -64,6 +68,8 @@ wait "$repeat_pid"
 echo "(exit status $?: calls failed while the server was down, the breaker refused calls without touching the"
 echo " network once 5 had failed, then a probe after 1 s found the server back and closed it)"
 set -e
+# The demo fails unless the server is back and serving.
+"$BIN" call --plaintext --max-time 5 "$TARGET" /demo.Echo/Say --data-hex 00 > /dev/null
 
 step "metrics (Prometheus text, written by --metrics-out at exit)" "grep grpc_client_ metrics.txt"
 grep -E '^grpc_client_(requests_total|retries_total|circuit_breaker_state|connections_active|connect_failures_total|connection_state)' "$METRICS" | sort

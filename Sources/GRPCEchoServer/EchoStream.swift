@@ -129,7 +129,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     func header(name: String, value: String) {
         switch name {
         case ":path": self.path = value
-        case "x-fail-code": self.failCode = Int(value) ?? 2
+        case "x-fail-code": self.failCode = StatusCode(name: value)?.rawValue ?? Int(value) ?? 2  // 14 or UNAVAILABLE
         case "x-fail-message": self.failMessage = PercentEncoding.decode(value)  // lets tests send any Unicode
         // Clamped: a client's value must not trap the server (a day at most; responses of 64 MiB at most).
         case "x-sleep-ms": self.sleepMilliseconds = min(max(0, Int(value) ?? 0), 86_400_000)

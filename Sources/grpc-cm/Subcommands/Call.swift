@@ -178,7 +178,7 @@ struct Call: AsyncParsableCommand {
                 if case .connectAttemptSucceeded = event { connected.withLock { $0 = true } }
             }
             channel = try manager.connection(service: "grpc-cm", address: self.target)
-        } catch let error as ConfigurationError where error.field == "tls" {
+        } catch let error as ConfigurationError where error.field == "tls" || error.field.hasPrefix("tls.") {
             // grpcurl exits 1 when it cannot set up the connection: an unreadable PEM file, a target it cannot dial.
             writeStderr("Failed to create TLS config: \(error.message)\n")
             throw ExitCode(1)

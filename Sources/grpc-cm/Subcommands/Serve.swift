@@ -12,9 +12,10 @@ struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the embedded echo server until SIGINT/SIGTERM.",
         discussion: """
-            Any method echoes the request; grpc.health.v1.Health/Check answers SERVING. Test metadata: \
-            x-fail-code/x-fail-message (answer with that status), x-sleep-ms (answer later), \
-            x-response-bytes (answer N bytes).
+            Any method echoes the request (methods named Expand, Collect and Update stream: a response per \
+            space-separated word of each request, one for all the requests joined, one per request as it comes); grpc.health.v1.Health/Check answers \
+            SERVING. Test metadata: x-fail-code (a number or a name such as UNAVAILABLE) and x-fail-message \
+            (answer with that status), x-sleep-ms (answer later), x-response-bytes (answer N bytes).
             """
     )
 

@@ -71,6 +71,11 @@ struct CommandLineTests {
         let lines = try run("call --plaintext \(target) a.B/C --repeat 1 -H 'x-fail-code: 5' -H 'x-fail-message: a%0Ab'")
         #expect(lines.status == 64 + 5)
         #expect(lines.output.hasPrefix("1 NotFound ") && lines.output.hasSuffix(" a\\nb\n"), "\(lines.output)")
+        // The echo server takes a status by name too.
+        #expect(try run("call --plaintext \(target) a.B/C -H 'x-fail-code: UNAVAILABLE'").status == 64 + 14)
+        // A TLS setting the library refuses is named as TLS, not as a failed dial (grpcurl: exit 1 either way).
+        let emptyName = try run("call --servername '' \(target) a.B/C")
+        #expect(emptyName.status == 1 && emptyName.output.hasPrefix("Failed to create TLS config: "), "\(emptyName.output)")
         let crlf = try run("call --plaintext \(target) a.B/C --repeat 1 -H 'x-fail-code: 5' -H 'x-fail-message: a%0D%0Ab%0Bc'")
         #expect(crlf.output.hasSuffix(" a\\r\\nb\\u{b}c\n"), "\(crlf.output)")
         // --max-msg-sz (grpcurl's) raises the 4 MiB limit on a response.
