@@ -1,10 +1,26 @@
 /// The outcomes a failure-rate breaker looks at: the last N calls, or the calls of the last N seconds (kept as
 /// one-second buckets, as resilience4j does).
+///
+/// Both keep running totals, so recording an outcome and reading the counts cost the same whatever the window's
+/// size: this runs on the loop thread at every call's end, and a window of 100,000 calls or a day of seconds is a
+/// valid configuration.
 struct SlidingWindow {
+    private struct Bucket {
+        var second: UInt64
+        var total: Int
+        var failures: Int
+    }
+
     private let kind: CircuitBreakerConfiguration.SlidingWindowKind
+    /// Count-based: the last `size` outcomes, `ringNext` the oldest once full.
     private var ring: [Bool] = []
     private var ringNext = 0
-    private var buckets: [(second: UInt64, total: Int, failures: Int)] = []
+    private var ringFailures = 0
+    /// Time-based: a bucket per second that had calls, oldest first from `head` (those before it have expired).
+    private var buckets: [Bucket] = []
+    private var head = 0
+    private var bucketTotal = 0
+    private var bucketFailures = 0
 
     init(_ kind: CircuitBreakerConfiguration.SlidingWindowKind) {
         self.kind = kind
@@ -22,29 +38,58 @@ struct SlidingWindow {
             if self.ring.count < size {
                 self.ring.append(failed)
             } else {
+                if self.ring[self.ringNext] { self.ringFailures -= 1 }
                 self.ring[self.ringNext] = failed
                 self.ringNext = (self.ringNext + 1) % size
             }
+            if failed { self.ringFailures += 1 }
         case .time(let seconds):
             let second = now / 1_000_000_000
-            self.buckets.removeAll { second &- $0.second >= UInt64(seconds) }
-            if let last = self.buckets.indices.last, self.buckets[last].second == second {
-                self.buckets[last].total += 1
-                self.buckets[last].failures += failed ? 1 : 0
+            self.dropExpired(at: second, window: UInt64(seconds))
+            if self.head < self.buckets.count, self.buckets[self.buckets.count - 1].second == second {
+                self.buckets[self.buckets.count - 1].total += 1
+                self.buckets[self.buckets.count - 1].failures += failed ? 1 : 0
             } else {
-                self.buckets.append((second, 1, failed ? 1 : 0))
+                self.buckets.append(Bucket(second: second, total: 1, failures: failed ? 1 : 0))
             }
+            self.bucketTotal += 1
+            self.bucketFailures += failed ? 1 : 0
         }
     }
 
     func counts(now: UInt64) -> (total: Int, failures: Int) {
         switch self.kind {
         case .count:
-            return (self.ring.count, self.ring.filter { $0 }.count)
+            return (self.ring.count, self.ringFailures)
         case .time(let seconds):
+            // The buckets that expired since the last record: usually none.
             let second = now / 1_000_000_000
-            let live = self.buckets.filter { second &- $0.second < UInt64(seconds) }
-            return (live.reduce(0) { $0 + $1.total }, live.reduce(0) { $0 + $1.failures })
+            var total = self.bucketTotal
+            var failures = self.bucketFailures
+            var index = self.head
+            while index < self.buckets.count, second &- self.buckets[index].second >= UInt64(seconds) {
+                total -= self.buckets[index].total
+                failures -= self.buckets[index].failures
+                index += 1
+            }
+            return (total, failures)
+        }
+    }
+
+    /// Takes the buckets older than `window` seconds at `second` out of the totals; the array is compacted once
+    /// the expired part is most of it.
+    private mutating func dropExpired(at second: UInt64, window: UInt64) {
+        while self.head < self.buckets.count, second &- self.buckets[self.head].second >= window {
+            self.bucketTotal -= self.buckets[self.head].total
+            self.bucketFailures -= self.buckets[self.head].failures
+            self.head += 1
+        }
+        if self.head == self.buckets.count {
+            self.buckets.removeAll(keepingCapacity: true)
+            self.head = 0
+        } else if self.head >= 64 && self.head * 2 >= self.buckets.count {
+            self.buckets.removeFirst(self.head)
+            self.head = 0
         }
     }
 }

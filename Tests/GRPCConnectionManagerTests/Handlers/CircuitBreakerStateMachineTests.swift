@@ -129,6 +129,37 @@ struct CircuitBreakerStateMachineTests {
         #expect(Self.run(["f", "f", "+5", "f"], configuration: configuration).states.last == "OPEN")
     }
 
+    @Test("the sliding windows' running totals match a recount of the outcomes inside the window, step by step")
+    func slidingWindowTotalsMatchARecount() {
+        var random = SeededGenerator(seed: 7)
+        for kind in [.count(1), .count(5), .count(64), .time(seconds: 1), .time(seconds: 3), .time(seconds: 120)]
+            as [CircuitBreakerConfiguration.SlidingWindowKind]
+        {
+            var window = SlidingWindow(kind)
+            var outcomes: [(at: UInt64, failed: Bool)] = []
+            var now: UInt64 = 1_000_000_000
+            for step in 0..<3_000 {
+                // Bursts within a second, gaps of several seconds, and whole windows of silence.
+                now += [0, 10_000_000, 400_000_000, 2_500_000_000, 130_000_000_000][Int.random(in: 0..<5, using: &random)]
+                let failed = Bool.random(using: &random)
+                window.record(failed: failed, now: now)
+                outcomes.append((now, failed))
+                // Read later than the record too, as the breaker may (a bucket can expire between the two).
+                let readAt = now + (step % 7 == 0 ? 1_500_000_000 : 0)
+                let inside: [(at: UInt64, failed: Bool)]
+                switch kind {
+                case .count(let size): inside = Array(outcomes.suffix(size))
+                case .time(let seconds):
+                    inside = outcomes.filter { readAt / 1_000_000_000 - $0.at / 1_000_000_000 < UInt64(seconds) }
+                }
+                let expected = (inside.count, inside.filter(\.failed).count)
+                let counted = window.counts(now: readAt)
+                #expect(counted == expected, "\(kind) step \(step)")
+                if counted != expected { break }
+            }
+        }
+    }
+
     @Test("half-open admits at most permittedCallsInHalfOpen concurrent probes")
     func halfOpenProbeLimit() {
         var configuration = CircuitBreakerConfiguration()
