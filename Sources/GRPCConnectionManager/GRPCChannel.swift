@@ -138,7 +138,14 @@ public final class GRPCChannel: Sendable {
             // A certificate names an IPv6 address without its zone (which only says where this host reaches it).
             case .hostPort(let host, _): tlsServerName = settings.serverName ?? String(host.prefix { $0 != "%" })
             case .unix: tlsServerName = settings.serverName ?? "localhost"
-            case .etcd(let name): tlsServerName = settings.serverName ?? name
+            case .etcd(let name):
+                // The name is a key prefix, which no certificate names: every handshake would fail its check.
+                if settings.verifyCertificate && settings.serverName == nil {
+                    throw ConfigurationError(
+                        field: "tls.serverName",
+                        message: "etcd:///\(name) names no host to check the servers' certificates against: set it (or turn verifyCertificate off)")
+                }
+                tlsServerName = settings.serverName ?? name
             }
         }
         let connectionSettings = configuration.http2ClientSettings  // one for every loop's connections

@@ -173,6 +173,24 @@ struct TLSTests {
         #expect(peer.events.filter { $0.hasPrefix("authority ") } == ["authority localhost", "authority \(peer.target)"])
     }
 
+    @Test("an etcd:/// target under verified TLS needs serverName: its name is a key prefix no certificate names")
+    func etcdTargetNeedsAServerName() throws {
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.tls = TLSSettings()
+        configuration.etcd = Configuration.Etcd(endpoints: ["127.0.0.1:2379"])
+        #expect {
+            _ = try GRPCChannel(target: "etcd:///services/echo", configuration: configuration, eventLoop: loop)
+        } throws: { ($0 as? ConfigurationError)?.field == "tls.serverName" }
+        configuration.tls?.serverName = "echo.internal"
+        _ = try GRPCChannel(target: "etcd:///services/echo", configuration: configuration, eventLoop: loop)
+        configuration.tls = TLSSettings()
+        configuration.tls?.verifyCertificate = false
+        _ = try GRPCChannel(target: "etcd:///services/echo", configuration: configuration, eventLoop: loop)
+    }
+
     @Test("a trusted intermediate CA is an anchor: its server's chain verifies without the root")
     func intermediateAsTrustAnchor() async throws {
         let certificates = try TestCertificates.make()
