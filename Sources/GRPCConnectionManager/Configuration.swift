@@ -416,7 +416,8 @@ public struct Configuration: Sendable, Hashable {
             throw ConfigurationError(field: "http2.maxHeaderListSize", message: "must be 1...4294967295")
         }
         try self.retry.policy.validate(field: "retry.policy")
-        for (key, policy) in self.retry.perMethod {
+        // Tables in key order: with two bad keys, the one named is the same in every process.
+        for (key, policy) in self.retry.perMethod.sorted(by: { $0.key < $1.key }) {
             try Self.validate(methodKey: key, field: "retry.perMethod[\(key)]")
             try policy.validate(field: "retry.perMethod[\(key)]")
         }
@@ -432,7 +433,15 @@ public struct Configuration: Sendable, Hashable {
         }
         try self.circuitBreaker.validate()
         try self.tls?.validate()
-        for (key, policy) in self.hedging {
+        // Keyed by service name (a manager's) or target text (a standalone channel's): an empty key names neither,
+        // and its setting would silently apply to nothing.
+        if self.loadBalancingPolicies.keys.contains("") {
+            throw ConfigurationError(field: "loadBalancingPolicies", message: "a key must name a service (it is empty)")
+        }
+        if self.healthCheckServiceNames.keys.contains("") {
+            throw ConfigurationError(field: "healthCheckServiceNames", message: "a key must name a service (it is empty)")
+        }
+        for (key, policy) in self.hedging.sorted(by: { $0.key < $1.key }) {
             try Self.validate(methodKey: key, field: "hedging[\(key)]")
             if !(2...5).contains(policy.maxAttempts) {
                 throw ConfigurationError(field: "hedging[\(key)].maxAttempts", message: "must be 2...5")
@@ -441,7 +450,7 @@ public struct Configuration: Sendable, Hashable {
                 throw ConfigurationError(field: "hedging[\(key)].hedgingDelay", message: "must not be negative")
             }
         }
-        for key in self.compression.requestEncodingPerMethod.keys {
+        for key in self.compression.requestEncodingPerMethod.keys.sorted() {
             try Self.validate(methodKey: key, field: "compression.requestEncodingPerMethod[\(key)]")
         }
         if let prefix = self.userAgentPrefix {

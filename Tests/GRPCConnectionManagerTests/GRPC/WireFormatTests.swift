@@ -338,6 +338,11 @@ struct TargetParsingTests {
                 $0.tls = tls
             }),
             ("userAgentPrefix", { $0.userAgentPrefix = "bad\nprefix" }),
+            ("loadBalancingPolicies", { $0.loadBalancingPolicies[""] = .pickFirst }),
+            ("healthCheckServiceNames", { $0.healthCheckServiceNames[""] = "" }),
+            // Of several bad keys, the first in order is named (not whichever the dictionary yields first).
+            ("retry.perMethod[a/b/c]", { for key in ["x/y/z", "a/b/c", "m/n/o", "d/e/f"] { $0.retry.perMethod[key] = CallRetryPolicy() } }),
+            ("hedging[a/b/c]", { for key in ["x/y/z", "a/b/c", "m/n/o", "d/e/f"] { $0.hedging[key] = CallHedgingPolicy() } }),
         ]
         #expect(throws: Never.self) { try Configuration().validate() }
         // Valid: a cap below the first delay caps it; each table takes a method and both spellings of a service.
