@@ -10,14 +10,20 @@
 #include <string.h>
 
 static volatile sig_atomic_t css_stop_signal = 0;
+static volatile sig_atomic_t css_stop_signals = 0;
 
-static void css_on_stop_signal(int signal_number) { css_stop_signal = signal_number; }
+static void css_on_stop_signal(int signal_number) {
+    css_stop_signal = signal_number;
+    css_stop_signals = css_stop_signals + 1;  // only this handler writes it, and it does not nest (sa_mask below)
+}
 
 void css_install_stop_signals(void) {
     struct sigaction action;
     memset(&action, 0, sizeof(action));
     action.sa_handler = css_on_stop_signal;
     sigemptyset(&action.sa_mask);
+    sigaddset(&action.sa_mask, SIGINT);
+    sigaddset(&action.sa_mask, SIGTERM);
     sigaction(SIGINT, &action, NULL);
     sigaction(SIGTERM, &action, NULL);
     // A blocked mask survives exec: a process started by a supervisor (or a test runner) from a thread that blocks
@@ -30,5 +36,7 @@ void css_install_stop_signals(void) {
 }
 
 int css_stop_signal_received(void) { return (int)css_stop_signal; }
+
+int css_stop_signal_count(void) { return (int)css_stop_signals; }
 
 #endif  // __linux__

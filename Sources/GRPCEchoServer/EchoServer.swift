@@ -127,6 +127,21 @@ public final class EchoServer: Sendable {
         if let loop = listener.ownsLoop { loop.shutdown() }
     }
 
+    /// Stops listening and sends GOAWAY to every client, lets the streams under way finish, and closes what is left
+    /// after `gracePeriod` (or once `hurry()` returns true, checked as it waits) as `close()` does. Waits; call it
+    /// off the loop thread. A client's calls that started before the GOAWAY end as the server answers them; later
+    /// ones go elsewhere (or wait for a server to come back).
+    public func close(gracePeriod: Duration, hurry: () -> Bool = { false }) {
+        let listener = self.listener
+        guard self.reactor.execute({ listener.drain() }) else { return self.close() }
+        let deadline = ContinuousClock.now + gracePeriod
+        while ContinuousClock.now < deadline && !hurry() {
+            guard let open = self.answerFromLoop({ $0.connections.count }), open > 0 else { break }
+            usleep(10_000)
+        }
+        self.close()
+    }
+
     /// Sends GOAWAY to every connected client; each connection closes once its open streams finish. The server
     /// keeps accepting new connections (as a server that recycles connections does).
     public func goAway() {
@@ -259,6 +274,13 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
 
     func goAway() {
         for connection in self.connections.values { connection.goAway() }
+    }
+
+    /// The start of a graceful close: no new connection, GOAWAY to the others.
+    func drain() {
+        guard !self.closed else { return }
+        self.stopListening()
+        self.goAway()
     }
 
     private func stopListening() {

@@ -11,6 +11,8 @@ extern "C" {
 void css_install_stop_signals(void);
 /// The signal number recorded by those handlers, or 0.
 int css_stop_signal_received(void);
+/// How many SIGINT/SIGTERM have arrived (a second one asks a graceful stop to hurry).
+int css_stop_signal_count(void);
 
 #ifdef __cplusplus
 }

@@ -10,7 +10,7 @@ import Glibc
 /// `grpc-cm serve`: the embedded echo server until SIGINT or SIGTERM.
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run the embedded echo server until SIGINT/SIGTERM.",
+        abstract: "Run the embedded echo server until SIGINT/SIGTERM (then a graceful stop: GOAWAY, calls finish).",
         discussion: """
             Any method echoes the request (methods named Expand, Collect and Update stream: a response per \
             space-separated word of each request, one for all the requests joined, one per request as it comes); grpc.health.v1.Health/Check answers \
@@ -37,8 +37,14 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("client-ca"), help: "Require client certificates signed by this PEM CA (mutual TLS).")
     var clientCA: String?
 
+    @Option(
+        name: .customLong("grace-period"),
+        help: "On SIGINT/SIGTERM, seconds for the calls under way to finish after GOAWAY (a second signal: at once).")
+    var gracePeriod: Double = 5
+
     func validate() throws {
         guard (0...65535).contains(self.port) else { throw ValidationError("--port must be 0...65535") }
+        guard (0...86_400).contains(self.gracePeriod) else { throw ValidationError("--grace-period must be 0...86400 seconds") }
         guard (1...Int(UInt32.max)).contains(self.maxConcurrentStreams) else {
             throw ValidationError("--max-concurrent-streams must be 1...4294967295")
         }
@@ -70,6 +76,7 @@ struct Serve: AsyncParsableCommand {
             usleep(50_000)
         }
         writeStderr("grpc-cm: signal \(css_stop_signal_received()), shutting down\n")
-        server.close()
+        // As a real server in a rolling restart: no new connection, GOAWAY, the calls under way finish.
+        server.close(gracePeriod: .nanoseconds(Int64(self.gracePeriod * 1e9))) { css_stop_signal_count() > 1 }
     }
 }

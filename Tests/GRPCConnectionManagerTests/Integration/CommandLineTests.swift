@@ -165,6 +165,73 @@ struct CommandLineTests {
         #expect(response.message == [1, 2, 3])
     }
 
+    @Test("grpc-cm serve stops gracefully on SIGTERM: GOAWAY, nothing new accepted, the call under way finishes; exit 0")
+    func serveStopsGracefully() async throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: grpcCMBinary())
+        process.arguments = ["serve", "--port", "0", "--grace-period", "30"]
+        let errors = Pipe()
+        process.standardError = errors
+        try process.run()
+        defer {
+            if process.isRunning { process.terminate() }
+            process.waitUntilExit()
+        }
+        let line = readLine(errors.fileHandleForReading.fileDescriptor) ?? ""
+        let target = String(line.split(separator: " ").last ?? "")
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        configuration.enableCircuitBreaker = false
+        let channel = try GRPCChannel(target: target, configuration: configuration)
+        defer { channel.close() }
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        let bidi = channel.bidirectionalStreaming(path: "/raw.Raw/Update")
+        var echoes = bidi.responses.makeAsyncIterator()
+        try await bidi.write([1])
+        #expect(try await echoes.next() == [1], "the server has the stream")
+        kill(process.processIdentifier, SIGTERM)
+        #expect(await eventually { recorder.count { if case .goAwayReceived = $0 { true } else { false } } == 1 })
+        // A new call finds nobody listening; the one under way goes on to its end.
+        #expect(await channel.call([9], timeout: .seconds(5)).status.code == .unavailable)
+        try await bidi.write([2])
+        #expect(try await echoes.next() == [2])
+        bidi.closeSend()
+        #expect(try await echoes.next() == nil)
+        #expect(await bidi.result().status.code == .ok)
+        // Its last connection done, the server exits, long before the grace period's end.
+        #expect(await eventually(timeout: 10) { !process.isRunning })
+        #expect(process.terminationReason == .exit && process.terminationStatus == 0)
+    }
+
+    @Test("grpc-cm serve: a second SIGTERM ends the grace period at once, the calls still under way with it")
+    func serveSecondSignalHurries() async throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: grpcCMBinary())
+        process.arguments = ["serve", "--port", "0", "--grace-period", "3600"]
+        let errors = Pipe()
+        process.standardError = errors
+        try process.run()
+        defer {
+            if process.isRunning { process.terminate() }
+            process.waitUntilExit()
+        }
+        let line = readLine(errors.fileHandleForReading.fileDescriptor) ?? ""
+        let channel = try GRPCChannel(target: String(line.split(separator: " ").last ?? ""))
+        defer { channel.close() }
+        let bidi = channel.bidirectionalStreaming(path: "/raw.Raw/Update")
+        var echoes = bidi.responses.makeAsyncIterator()
+        try await bidi.write([1])
+        #expect(try await echoes.next() == [1])
+        kill(process.processIdentifier, SIGTERM)
+        try await bidi.write([2])
+        #expect(try await echoes.next() == [2], "still open after the first signal")
+        kill(process.processIdentifier, SIGTERM)
+        #expect(await bidi.result().status.code == .unavailable)
+        #expect(await eventually(timeout: 10) { !process.isRunning })
+        #expect(process.terminationReason == .exit && process.terminationStatus == 0)
+    }
+
     /// User plus system CPU time of `pid`, in clock ticks (`/proc/PID/stat`, fields 14 and 15).
     private func cpuTicks(of pid: Int32) throws -> Int {
         let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
