@@ -1,5 +1,6 @@
 import ArgumentParser
 import GRPCConnectionManager
+import CStopSignals
 import GRPCConnectionManagerPrometheus
 import Synchronization
 
@@ -149,6 +150,9 @@ struct Call: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // Ctrl-C (or SIGTERM) cancels the call under way and starts no other; the metrics are still written, and the
+        // exit status says which signal it was (128 + its number, as a shell reports one that killed a program).
+        css_install_stop_signals()
         let request = try self.readRequest()
         let metadata = try parseMetadataHeaders(self.headers, flag: "-H")
         var configuration = Configuration()
@@ -195,6 +199,8 @@ struct Call: AsyncParsableCommand {
             outcome = .failure(error)
         }
         let metricsWritten = self.writeMetrics(manager)
+        let signal = css_stop_signal_received()
+        if signal != 0 { throw ExitCode(128 + signal) }
         try outcome.get()
         if !metricsWritten { throw ExitCode(1) }
     }
@@ -209,7 +215,7 @@ struct Call: AsyncParsableCommand {
         if let maxTime = self.maxTime { options.timeout = seconds(maxTime) }
 
         guard let count = self.repeat else {
-            let response = await channel.unaryResult(path: self.method, request: request, metadata: metadata, options: options)
+            let response = await Self.callUntilSignal(channel, self.method, request, metadata, options)
             if self.verbose { Self.printVerbose(response) }
             if response.status.isOK {
                 try self.writeResponse(response.message)
@@ -228,9 +234,10 @@ struct Call: AsyncParsableCommand {
         for index in 1...count {
             let scheduled = start &+ UInt64(min(Double(index - 1) * self.interval * 1e9, 1e18))
             let now = monotonicNanos()
-            if scheduled > now { try? await Task.sleep(nanoseconds: scheduled - now) }
+            if scheduled > now { await Self.sleepUntilSignal(nanoseconds: scheduled - now) }
+            if css_stop_signal_count() > 0 { break }
             let began = monotonicNanos()
-            let response = await channel.unaryResult(path: self.method, request: request, metadata: metadata, options: options)
+            let response = await Self.callUntilSignal(channel, self.method, request, metadata, options)
             let latency = Double(monotonicNanos() - began) / 1e6
             let latencyText = formatMilliseconds(latency)
             // Written straight to fd 1 so that each line is visible at once, even through a pipe.
@@ -244,6 +251,36 @@ struct Call: AsyncParsableCommand {
             }
         }
         if let code = lastFailure { throw ExitCode(Int32(64 + code.rawValue)) }
+    }
+
+    /// One call to its end, or until SIGINT/SIGTERM cancels it (it then ends CANCELLED).
+    private static func callUntilSignal(
+        _ channel: GRPCChannel, _ path: String, _ request: [UInt8], _ metadata: CallMetadata, _ options: RequestOptions
+    ) async -> UnaryResponse {
+        await withTaskGroup(of: UnaryResponse?.self) { group in
+            group.addTask { await channel.unaryResult(path: path, request: request, metadata: metadata, options: options) }
+            group.addTask {
+                await Self.sleepUntilSignal(nanoseconds: .max)
+                return nil
+            }
+            // The call's end, or the signal (which cancels the call: its CANCELLED end comes next).
+            while let result = await group.next() {
+                group.cancelAll()
+                if let response = result { return response }
+            }
+            return UnaryResponse(status: CallStatus(code: .cancelled, message: "interrupted"))
+        }
+    }
+
+    /// Waits `nanoseconds`, less if a stop signal comes or the task is cancelled (the flag is polled: a signal
+    /// handler can do no more than set it).
+    private static func sleepUntilSignal(nanoseconds: UInt64) async {
+        let end = monotonicNanos() &+ min(nanoseconds, UInt64(Int64.max))
+        while css_stop_signal_count() == 0 && !Task.isCancelled {
+            let now = monotonicNanos()
+            guard now < end else { return }
+            try? await Task.sleep(nanoseconds: min(end - now, 20_000_000))
+        }
     }
 
     /// Writes the exposition for --metrics-out (at exit, whatever the outcome). False when it could not be written.

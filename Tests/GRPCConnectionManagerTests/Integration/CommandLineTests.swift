@@ -232,6 +232,35 @@ struct CommandLineTests {
         #expect(process.terminationReason == .exit && process.terminationStatus == 0)
     }
 
+    @Test("call: SIGINT cancels the call under way or stops a --repeat run between calls; the metrics are still written; exit 130")
+    func callInterrupted() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let metrics = FileManager.default.temporaryDirectory.appendingPathComponent("grpc-cm-interrupted-\(getpid()).prom").path
+        defer { try? FileManager.default.removeItem(atPath: metrics) }
+        for (name, extra) in [("between calls", ["--repeat", "1000", "--interval", "60"]), ("during a call", ["-H", "x-sleep-ms: 60000"])] {
+            try? FileManager.default.removeItem(atPath: metrics)
+            let requestsBefore = fixture.server.requestsPerConnection().reduce(0, +)
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: grpcCMBinary())
+            process.arguments = ["call", "--plaintext", fixture.target, "a.B/C", "--metrics-out", metrics] + extra
+            let output = Pipe()
+            process.standardOutput = output
+            try process.run()
+            defer {
+                if process.isRunning { process.terminate() }
+                process.waitUntilExit()
+            }
+            // The first request has reached the server (with --repeat, the next is 60 s away).
+            #expect(await eventually { fixture.server.requestsPerConnection().reduce(0, +) == requestsBefore + 1 }, "\(name)")
+            kill(process.processIdentifier, SIGINT)
+            #expect(await eventually(timeout: 10) { !process.isRunning }, "\(name)")
+            #expect(process.terminationReason == .exit && process.terminationStatus == 128 + SIGINT, "\(name)")
+            let text = (try? String(contentsOfFile: metrics, encoding: .utf8)) ?? ""
+            #expect(text.contains("grpc_client_requests_total"), "\(name): metrics written at exit")
+        }
+    }
+
     /// User plus system CPU time of `pid`, in clock ticks (`/proc/PID/stat`, fields 14 and 15).
     private func cpuTicks(of pid: Int32) throws -> Int {
         let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
