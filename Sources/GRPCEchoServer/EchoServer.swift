@@ -30,6 +30,13 @@ public final class EchoServer: Sendable {
         public var maxConcurrentStreams: Int = 100
         /// Largest request message accepted (bigger ones end with RESOURCE_EXHAUSTED). Default 16 MiB.
         public var maxReceiveMessageSize: Int = 16 << 20
+        /// Request bytes a stream may hold until it answers (unary, `Collect`, `Expand` answer once the client
+        /// half-closes): past this, the call ends RESOURCE_EXHAUSTED and what it held is let go. Default 64 MiB.
+        public var maxHeldRequestBytes: Int = 64 << 20
+        /// Response bytes a stream may have waiting for the client's window: past this, the server takes no more of
+        /// the stream's requests (their bytes are not returned to the client's window) until the client reads. A
+        /// client that writes to `Update` and never reads then blocks, instead of growing the server. Default 4 MiB.
+        public var maxPendingResponseBytes: Int = 4 << 20
         /// Services that report SERVING besides "" (the whole server).
         public var healthyServices: Set<String> = []
         /// Services that report NOT_SERVING.
@@ -167,6 +174,12 @@ public final class EchoServer: Sendable {
         self.answerFromLoop { listener in listener.connections.values.filter { $0.requestKeyUpdate() }.count } ?? 0
     }
 
+    /// Tests: how many times a stream stopped taking requests because its responses waited for the client, and the
+    /// most response bytes any stream had waiting.
+    package func responseBackpressure() -> (holds: Int, mostPending: Int) {
+        self.answerFromLoop { ($0.responseHolds, $0.mostPendingResponseBytes) } ?? (0, 0)
+    }
+
     /// Tests: KeyUpdates the clients sent back since `requestKeyUpdates()`, over every connection.
     package func clientKeyUpdates() -> Int {
         self.answerFromLoop { listener in listener.connections.values.reduce(0) { $0 + $1.clientKeyUpdates } } ?? 0
@@ -204,6 +217,9 @@ final class EchoListener: ReactorHandler, @unchecked Sendable {
     var requestsByKey: [String: Int] = [:]
     /// Requests whose headers arrived, per connection serial.
     var requestsByConnection: [Int: Int] = [:]
+    /// Tests (`responseBackpressure()`).
+    var responseHolds = 0
+    var mostPendingResponseBytes = 0
     private var connectionSerials = 0
 
     /// Counts one more attempt under `key`; returns how many were counted before it.

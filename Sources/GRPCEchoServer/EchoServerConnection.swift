@@ -31,7 +31,7 @@ final class EchoServerConnection: HTTP2SocketOwner {
 
     private let acceptedFD: Int32
 
-    private var session: OpaquePointer? { self.socket?.session }
+    var session: OpaquePointer? { self.socket?.session }
 
     func start() {
         var tls: TLSSession?
@@ -212,6 +212,7 @@ private func echoReadResponse(
         stream.responseOffset += take
         written += take
     }
+    stream.releaseWindow()
     if stream.responseOffset == stream.responseBody.count {
         stream.responseBody.removeAll(keepingCapacity: true)
         stream.responseOffset = 0

@@ -100,7 +100,11 @@ private func serverOnDataChunk(
 ) -> Int32 {
     nghttp2_session_consume_connection(session, length)
     let stream = serverStream(session, streamID)
-    if stream?.holdWindow != true { nghttp2_session_consume_stream(session, streamID, length) }
+    if let stream, stream.holdsWindow {
+        stream.unconsumedBytes += length  // returned once its responses have gone out (`releaseWindow`)
+    } else {
+        nghttp2_session_consume_stream(session, streamID, length)
+    }
     stream?.data(UnsafeRawBufferPointer(start: data, count: length))
     return 0
 }

@@ -53,6 +53,32 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
     var responseCount: Int?
     /// Never consume this stream's received bytes (its window closes after the initial window).
     var holdWindow = false
+    /// Received bytes not yet returned to the client's window (held while responses wait for the client).
+    var unconsumedBytes = 0
+    /// Bytes of the request messages held for the answer.
+    private var heldRequestBytes = 0
+
+    /// Response bytes waiting for the client's window.
+    var pendingResponseBytes: Int { self.responseBody.count - self.responseOffset }
+
+    /// Whether received bytes stay out of the client's window: on request (`x-hold-window`), or while more responses
+    /// wait for the client than `maxPendingResponseBytes` (the client writes and does not read).
+    var holdsWindow: Bool {
+        if self.holdWindow { return true }
+        guard self.pendingResponseBytes > self.connection.options.maxPendingResponseBytes else { return false }
+        if self.unconsumedBytes == 0 { self.connection.listener.responseHolds += 1 }
+        return true
+    }
+
+    /// Returns the held bytes to the client's window once the responses have drained below the limit.
+    func releaseWindow() {
+        guard self.unconsumedBytes > 0, !self.holdWindow,
+            self.pendingResponseBytes <= self.connection.options.maxPendingResponseBytes,
+            let session = self.connection.session
+        else { return }
+        nghttp2_session_consume_stream(session, self.streamID, self.unconsumedBytes)
+        self.unconsumedBytes = 0
+    }
     /// The request's `grpc-encoding` (nil: identity), and the algorithm for response messages (`x-compress-response`).
     private var requestEncoding: CallCompression?
     private var responseEncoding: CallCompression?
@@ -169,13 +195,13 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         do {
             try self.deframer.process(bytes) { message, compressed in
                 guard compressed, let encoding = self.requestEncoding else {
-                    self.requestMessages.append(message)
+                    self.hold(message)
                     return
                 }
                 self.compressedRequests += 1
                 let decompressor = self.connection.reactor.shared { MessageDecompressor() }
                 do {
-                    self.requestMessages.append(
+                    self.hold(
                         try decompressor.decompress(
                             message, with: encoding, limit: self.connection.options.maxReceiveMessageSize))
                 } catch {
@@ -198,6 +224,21 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         if self.echoesAsItArrives && !self.responseDone { self.echoArrivedMessages() }
     }
 
+    /// Keeps a request message for the answer, up to `maxHeldRequestBytes` in all: past it the call fails, and
+    /// what it held goes (a client streaming without end must not grow the server without end).
+    private func hold(_ message: [UInt8]) {
+        guard self.requestFailure == nil else { return }
+        self.heldRequestBytes += message.count
+        guard self.heldRequestBytes <= self.connection.options.maxHeldRequestBytes else {
+            self.requestFailure = CallStatus(
+                code: .resourceExhausted,
+                message: "the request messages exceed the \(self.connection.options.maxHeldRequestBytes) bytes held for the answer")
+            self.requestMessages.removeAll()
+            return
+        }
+        self.requestMessages.append(message)
+    }
+
     /// Bidirectional echo: answers every message that has arrived, at once.
     private func echoArrivedMessages() {
         if let failure = self.requestFailure {
@@ -210,6 +251,7 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         }
         let arrived = self.requestMessages
         self.requestMessages.removeAll()
+        self.heldRequestBytes = 0
         for message in arrived {
             self.sendResponse(self.usesProtobuf ? EchoProtobuf.encode(EchoProtobuf.decode(message)) : message)
             if self.responseDone { break }
@@ -224,6 +266,8 @@ final class EchoStream: ReactorHandler, @unchecked Sendable {
         }
         self.responseBody.append(contentsOf: self.frame(message))
         self.responsesSent += 1
+        let listener = self.connection.listener
+        listener.mostPendingResponseBytes = max(listener.mostPendingResponseBytes, self.pendingResponseBytes)
         if let limit = self.failAfter, self.responsesSent >= limit {
             self.endResponse(code: self.failCode ?? 13, message: self.failMessage)
         } else {

@@ -605,6 +605,58 @@ struct StreamingTests {
         #expect(await call.result().status.code == .cancelled)
     }
 
+    @Test("the echo server takes no more of a stream's requests while its echoes wait for a client that does not read")
+    func echoServerBacksUpAWriterThatDoesNotRead() async throws {
+        var options = EchoServer.Options()
+        options.maxPendingResponseBytes = 1 << 20
+        let fixture = try LoopbackFixture(options: options)
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        defer { channel.close() }
+        let call = channel.bidirectionalStreaming(path: "/raw.Raw/Update")
+        let (messageSize, count) = (64 << 10, 256)  // 16 MiB each way
+        func message(_ index: Int) -> [UInt8] { [UInt8](repeating: UInt8(truncatingIfNeeded: index), count: messageSize) }
+        let writer = Task {
+            for index in 0..<count { try await call.write(message(index)) }
+            call.closeSend()
+        }
+        // Nothing is read: the client's buffer fills, then its window; the echoes back up in the server, which then
+        // stops returning the requests' window, and the writer waits.
+        #expect(await eventually(timeout: 10) { fixture.server.responseBackpressure().holds >= 1 && call.buffers.hasWaitingWriter })
+        // Reading lets it all through, in order.
+        var received = 0
+        for try await echo in call.responses {
+            #expect(echo == message(received), "echo \(received)")
+            received += 1
+        }
+        try await writer.value
+        #expect(received == count)
+        #expect(await call.result().status.code == .ok)
+        // What waited in the server: the limit, plus what the client could still send (the stream's 1 MiB window).
+        let most = fixture.server.responseBackpressure().mostPending
+        #expect(most <= (1 << 20) + (1 << 20) + 2 * (messageSize + 5), "\(most) bytes waited")
+    }
+
+    @Test("the echo server holds a stream's requests for its answer up to a limit, then ends it RESOURCE_EXHAUSTED")
+    func echoServerLimitsHeldRequests() async throws {
+        var options = EchoServer.Options()
+        options.maxHeldRequestBytes = 1 << 20
+        let fixture = try LoopbackFixture(options: options)
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        defer { channel.close() }
+        for total in [1 << 20, 2 << 20] {
+            let call = channel.clientStreaming(path: "/raw.Raw/Collect")
+            for _ in 0..<(total >> 16) { try await call.write([UInt8](repeating: 1, count: 1 << 16)) }
+            let status = await call.finishResult().status
+            if total <= options.maxHeldRequestBytes {
+                #expect(status.code == .ok, "\(total): \(status)")
+            } else {
+                #expect(status.code == .resourceExhausted && status.message.contains("held for the answer"), "\(total): \(status)")
+            }
+        }
+    }
+
     @Test("a callback writer is told when the buffer is full and when it drains", arguments: [Peer.embedded])
     func callbackWriterBackpressure(_ peer: Peer) async throws {
         let setup = try Self.setUp(peer)
