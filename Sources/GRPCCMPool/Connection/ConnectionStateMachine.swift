@@ -12,7 +12,7 @@ import GRPCCMWire
 ///   │      ▲                 │         │      ▲                        │  │  │
 ///   │      │ goAwayReceived, │         │      │ backoffElapsed         │  │  │ connectionLost
 ///   │      │ idleTimeout,    │  connectFailed  │ (calls waiting)       │  │  │ (keepalive, EOF,
-///   │      │ connectCancelled│         │      │                        │  │  │
+///   │      │ released        │         │      │                        │  │  │
 ///   │      └─────────────────┼─────────┼──────┼────────────────────────┘  │  │  error)
 ///   │                        │         ▼      │                           │  ▼
 ///   │   backoffElapsed       │   ┌───────────────────┐ ◀──────────────────┘ (0 s once it was established)
@@ -34,8 +34,8 @@ import GRPCCMWire
 ///   came before the connection was established sets `automaticReconnectDelay`, the wait of a reconnect nobody
 ///   asked for (an eager pool's): a server that sends GOAWAY to every new connection is not redialled at
 ///   round-trip speed either;
-/// - a connection attempt the owner gives up (`connectCancelled`: pick_first's Happy Eyeballs, when another
-///   address connected first) goes back to IDLE and leaves the backoff as it was: nothing failed;
+/// - a connection the owner lets go of (`released`: pick_first chose another address), connecting, ready or
+///   waiting out a backoff, goes back to IDLE and leaves the backoff as it was: nothing failed;
 /// - inputs that make no sense in a state are ignored and return `.none`: the network can cause them.
 package struct ConnectionStateMachine {
     private enum State: Equatable {
@@ -183,18 +183,22 @@ package struct ConnectionStateMachine {
         }
     }
 
-    package enum OnConnectCancelled: Equatable {
+    package enum OnReleased: Equatable {
         case none
-        /// Now IDLE: close the attempt's transport.
+        /// Now IDLE: close the transport (let a ready one finish its streams), cancel the backoff's timer.
         case close
     }
 
-    /// The owner gave the attempt up before it connected (another address connected first). Not a failure: no
-    /// backoff, no error kept.
-    package mutating func connectCancelled() -> OnConnectCancelled {
-        guard case .connecting = self.internalState else { return .none }
-        self.internalState = .idle
-        return .close
+    /// The owner no longer wants this connection: pick_first chose another address. Not a failure: the backoff
+    /// and the last error stay as they were.
+    package mutating func released() -> OnReleased {
+        switch self.internalState {
+        case .connecting, .ready, .transientFailure:
+            self.internalState = .idle
+            return .close
+        case .idle, .shutdown:
+            return .none
+        }
     }
 
     package enum OnIdleTimeout: Equatable {

@@ -180,16 +180,24 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         }
     }
 
-    /// Gives up the connection attempt under way (CONNECTING → IDLE): pick_first's Happy Eyeballs, once another
-    /// address connected first. Nothing failed, so the backoff stays as it was. A connection already up (waiting for
-    /// its health check's first answer) is kept, as are the other states.
-    package func cancelConnect() {
+    /// Lets go of the connection, whatever it is doing, back to IDLE: pick_first chose another address (gRFC A62
+    /// drops the others). An attempt under way is closed (one up but waiting for its health check's first answer
+    /// too), a connection with streams finishes them first (GOAWAY), a backoff's timer goes. Nothing failed, so the
+    /// backoff stays as it was.
+    package func release() {
         let old = self.state
-        guard self.machine.connectCancelled() == .close else { return }
-        let reason = CallStatus(code: .ok, message: "another address connected first")
+        guard self.machine.released() == .close else { return }
+        self.cancelTimers()
+        self.stopHealthWatch()
+        let reason = CallStatus(code: .ok, message: "another address was chosen")
         if let transport = self.transport {
             self.transport = nil
-            transport.close(reason: CallStatus(code: .cancelled, message: reason.message))
+            if transport.openStreamCount > 0 {
+                self.draining[ObjectIdentifier(transport)] = transport
+                transport.beginGracefulClose()
+            } else {
+                transport.close(reason: CallStatus(code: .cancelled, message: reason.message))
+            }
         }
         // Reported with OK, as an idle timeout is: the pool does not reconnect it unasked.
         self.transition(from: old, reason: reason)

@@ -124,6 +124,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// pick_first: the next address is tried when this fires with none connected yet (0: not armed).
     @exclusivity(unchecked)
     private var attemptDelayTimer: Reactor.TimerID = 0
+    /// pick_first: `connectNextAddress` is under way (an attempt that fails at once calls it again from inside).
+    @exclusivity(unchecked)
+    private var pickingNextAddress = false
 
     package init(
         reactor: Reactor, service: String, target: Target, settings: PoolSettings, connector: any TransportConnector,
@@ -181,6 +184,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     /// The current connection of each subchannel that has one (tests look inside them).
     package var currentTransports: [any HTTP2Transport] { self.subchannels.compactMap(\.currentTransport) }
+
+    /// The state of each subchannel, in the pool's order (tests).
+    package var subchannelStates: [ConnectivityState] { self.subchannels.map(\.state) }
 
     /// The address of each subchannel, as text.
     package var subchannelAddresses: [String] { self.subchannels.map { "\($0.address)" } }
@@ -255,8 +261,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.growForStreams()
     }
 
-    /// Connects what the policy wants connected now: every IDLE subchannel, or for `pickFirst` the first IDLE one
-    /// in address order, and only while no subchannel is up or on its way.
+    /// Connects what the policy wants connected now: every IDLE subchannel, or for `pickFirst` the next address
+    /// (`connectNextAddress`).
     private func connectIdle() {
         if self.picker.policy == .pickFirst {
             self.connectNextAddress(movingOn: false)
@@ -267,10 +273,13 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     /// pick_first's next attempt (gRFC A61, Happy Eyeballs): connects the first IDLE address (its
     /// `connectionsPerTarget` subchannels), unless one is up, or one is on its way and this is not `movingOn`. It moves
-    /// on when an attempt fails, and when the last one started has gone `connectionAttemptDelay` without an answer: a
-    /// blackholed address costs that, not `connectTimeout`. The attempts under way go on; the first address to
-    /// connect is kept and the others' attempts are cancelled (`subchannel(_:changedFrom:to:reason:)`).
+    /// on when an address's attempts have all failed, and when the last one started has gone `connectionAttemptDelay`
+    /// without an answer: a blackholed address costs that, not `connectTimeout`. The attempts under way go on; the
+    /// first address to connect is kept and the others are let go of (`subchannel(_:changedFrom:to:reason:)`).
     private func connectNextAddress(movingOn: Bool) {
+        // Called again from inside (an attempt that failed at once reports it as it is started): the loop below moves
+        // on by itself when a whole address failed so.
+        guard !self.pickingNextAddress else { return }
         if let inUse = self.subchannels.first(where: { $0.state == .ready })?.address {
             // Its address's other connections (`connectionsPerTarget`) come back when asked for.
             for subchannel in self.subchannels where subchannel.address == inUse && subchannel.state == .idle {
@@ -279,21 +288,28 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             return
         }
         if !movingOn && self.subchannels.contains(where: { $0.state == .connecting }) { return }
-        guard let address = self.subchannels.first(where: { $0.state == .idle })?.address else { return }
-        self.reactor.disarm(&self.attemptDelayTimer)
-        for subchannel in self.subchannels where subchannel.address == address && subchannel.state == .idle {
-            subchannel.connect()
+        self.pickingNextAddress = true
+        defer { self.pickingNextAddress = false }
+        while let address = self.subchannels.first(where: { $0.state == .idle })?.address {
+            self.reactor.disarm(&self.attemptDelayTimer)
+            for subchannel in self.subchannels where subchannel.address == address && subchannel.state == .idle {
+                subchannel.connect()
+            }
+            // Every attempt ended at once (nothing routes there, a loop that stops): on to the next address.
+            guard self.subchannels.contains(where: { $0.address == address && $0.state == .connecting }) else { continue }
+            if self.subchannels.contains(where: { $0.state == .idle }) { self.armAttemptDelay() }
+            return
         }
-        // No timer when the attempts ended at once (a loop that stops) or no address is left to move on to.
-        guard
-            self.subchannels.contains(where: { $0.address == address && $0.state == .connecting }),
-            self.subchannels.contains(where: { $0.address != address && $0.state == .idle })
-        else { return }
+    }
+
+    /// The Connection Attempt Delay: when it passes with no address connected, the next one is tried too.
+    private func armAttemptDelay() {
         let delay = UInt64(max(self.settings.connectionAttemptDelay.nanoseconds, 0))
         self.attemptDelayTimer = self.reactor.schedule(afterNanoseconds: delay) { [weak self] in
             guard let self else { return }
             self.attemptDelayTimer = 0
-            guard !self.isClosingOrStopping else { return }
+            // Only while something wants a connection: the calls that asked may all have ended meanwhile.
+            guard !self.isClosingOrStopping, self.eager || !self.queue.isEmpty else { return }
             self.connectNextAddress(movingOn: true)
         }
     }
@@ -562,9 +578,10 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         switch new {
         case .ready:
             if self.picker.policy == .pickFirst {
-                // The first address to connect is the one: the attempts to the others still under way are given up.
+                // The first address to connect is the one: the others are let go of, whatever they were doing
+                // (an attempt, a health check yet to answer, a backoff that would redial them).
                 self.reactor.disarm(&self.attemptDelayTimer)
-                for other in self.subchannels where other.address != subchannel.address { other.cancelConnect() }
+                for other in self.subchannels where other.address != subchannel.address { other.release() }
             }
             self.drainQueue()
             // Calls still waiting with this one full too: the next connection (gRFC A105).
@@ -573,13 +590,18 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             // Re-resolve when a connection fails, then fail the fail-fast calls if no connection is left to try.
             self.resolveAgainSoon()
             if self.allInTransientFailure { self.failWaitingFailFast() }
-            // pick_first moves on to the next address at once; the others reconnect after their own backoff.
-            if self.picker.policy == .pickFirst && (self.eager || !self.queue.isEmpty) {
+            // pick_first moves on to the next address at once, once this address has no attempt left under way
+            // (its `connectionsPerTarget` connections are one attempt); the others reconnect after their own
+            // backoff.
+            if self.picker.policy == .pickFirst && (self.eager || !self.queue.isEmpty)
+                && !self.subchannels.contains(where: { $0.address == subchannel.address && $0.state == .connecting })
+            {
                 self.connectNextAddress(movingOn: true)
             }
         case .idle:
-            // A ready connection that went away (a GOAWAY, the server closing it): the backend may have moved.
-            if old == .ready { self.resolveAgainSoon() }
+            // A ready connection that went away (a GOAWAY, the server closing it): the backend may have moved. Not
+            // one this side let go of (an idle timeout, pick_first's choice of another address: reported with OK).
+            if old == .ready && reason?.code != .ok { self.resolveAgainSoon() }
             // Reconnect without waiting for a call: in an eager pool (`connectAll`), and, but for pick_first, in a
             // pool whose other connections serve calls meanwhile (round_robin's rule: every address stays
             // connected while the channel is used). Otherwise the calls all go to those others, none ever waits,

@@ -19,7 +19,7 @@ struct ConnectionStateMachineTests {
 
     enum Input: String, CaseIterable, CustomStringConvertible {
         case connectRequested, connectSucceeded, connectFailed, connectionLost, backoffElapsedWaiting,
-            backoffElapsedNotWaiting, goAwayReceived, idleTimeoutElapsed, connectCancelled, shutdownRequested
+            backoffElapsedNotWaiting, goAwayReceived, idleTimeoutElapsed, released, shutdownRequested
         var description: String { self.rawValue }
     }
 
@@ -62,8 +62,8 @@ struct ConnectionStateMachineTests {
             return machine.goAwayReceived(randomUnit: 0.5, now: Self.later) == .drain ? "drain" : "none"
         case .idleTimeoutElapsed:
             return machine.idleTimeoutElapsed() == .close ? "close" : "none"
-        case .connectCancelled:
-            return machine.connectCancelled() == .close ? "close" : "none"
+        case .released:
+            return machine.released() == .close ? "close" : "none"
         case .shutdownRequested:
             return machine.shutdownRequested() == .close ? "close" : "none"
         }
@@ -89,7 +89,7 @@ struct ConnectionStateMachineTests {
         (.idle, .backoffElapsedNotWaiting, .idle, "none"),
         (.idle, .goAwayReceived, .idle, "none"),
         (.idle, .idleTimeoutElapsed, .idle, "none"),
-        (.idle, .connectCancelled, .idle, "none"),
+        (.idle, .released, .idle, "none"),
         (.idle, .shutdownRequested, .shutdown, "close"),
 
         (.connecting, .connectRequested, .connecting, "none"),
@@ -100,7 +100,7 @@ struct ConnectionStateMachineTests {
         (.connecting, .backoffElapsedNotWaiting, .connecting, "none"),
         (.connecting, .goAwayReceived, .idle, "drain"),
         (.connecting, .idleTimeoutElapsed, .connecting, "none"),
-        (.connecting, .connectCancelled, .idle, "close"),
+        (.connecting, .released, .idle, "close"),
         (.connecting, .shutdownRequested, .shutdown, "close"),
 
         (.ready, .connectRequested, .ready, "none"),
@@ -111,7 +111,7 @@ struct ConnectionStateMachineTests {
         (.ready, .backoffElapsedNotWaiting, .ready, "none"),
         (.ready, .goAwayReceived, .idle, "drain"),
         (.ready, .idleTimeoutElapsed, .idle, "close"),
-        (.ready, .connectCancelled, .ready, "none"),
+        (.ready, .released, .idle, "close"),
         (.ready, .shutdownRequested, .shutdown, "close"),
 
         (.transientFailure, .connectRequested, .transientFailure, "none"),
@@ -122,7 +122,7 @@ struct ConnectionStateMachineTests {
         (.transientFailure, .backoffElapsedNotWaiting, .idle, "becameIdle"),
         (.transientFailure, .goAwayReceived, .transientFailure, "none"),
         (.transientFailure, .idleTimeoutElapsed, .transientFailure, "none"),
-        (.transientFailure, .connectCancelled, .transientFailure, "none"),
+        (.transientFailure, .released, .idle, "close"),
         (.transientFailure, .shutdownRequested, .shutdown, "close"),
     ] + Input.allCases.map { (.shutdown, $0, .shutdown, "none") }
 
@@ -141,20 +141,29 @@ struct ConnectionStateMachineTests {
         #expect(got == action, "\(from) + \(input)")
     }
 
-    @Test("a cancelled attempt (another address connected first) is no failure: no error kept, the backoff as it was")
-    func cancelledAttemptLeavesTheBackoff() {
-        var fresh = ConnectionStateMachine(backoff: Self.backoff)
-        _ = fresh.connectRequested()
-        let firstDelay = fresh.connectFailed(Self.failure, randomUnit: 0.5)
-
-        var machine = ConnectionStateMachine(backoff: Self.backoff)
-        for _ in 0..<3 {
-            #expect(machine.connectRequested() == .connect)
-            #expect(machine.connectCancelled() == .close)
-            #expect(machine.state == .idle && machine.lastError == nil)
+    @Test("a released connection (pick_first chose another address) is no failure: the backoff goes on as it was")
+    func releaseLeavesTheBackoff() {
+        // The delays of two failures in a row, without and with releases between them.
+        func delays(releasing: Bool) -> [ConnectionStateMachine.OnFailure] {
+            var machine = ConnectionStateMachine(backoff: Self.backoff)
+            var delays: [ConnectionStateMachine.OnFailure] = []
+            for _ in 0..<2 {
+                if releasing {
+                    _ = machine.connectRequested()
+                    #expect(machine.released() == .close)  // an attempt given up: CONNECTING to IDLE
+                }
+                _ = machine.connectRequested()
+                delays.append(machine.connectFailed(Self.failure, randomUnit: 0.5))
+                if releasing {
+                    #expect(machine.released() == .close)  // a backoff given up: TRANSIENT_FAILURE to IDLE
+                    #expect(machine.state == .idle && machine.lastError == Self.failure)
+                } else {
+                    _ = machine.backoffElapsed(callsWaiting: false)
+                }
+            }
+            return delays
         }
-        _ = machine.connectRequested()
-        #expect(machine.connectFailed(Self.failure, randomUnit: 0.5) == firstDelay, "still the first delay")
+        #expect(delays(releasing: true) == delays(releasing: false), "the second delay has grown in both")
     }
 
     @Test("backoff follows 100 ms x 1.6 up to 3 s, jittered within ±20 %")

@@ -98,6 +98,103 @@ struct PoolTests {
         }
     }
 
+    /// Addresses installed at once, as a numeric target's are: a pool of several addresses without a lookup.
+    struct FixedResolver: AddressResolver {
+        let addresses: [NetworkAddress]
+        func fixedAddresses(for target: Target) -> [NetworkAddress]? { self.addresses }
+        func resolve(
+            _ target: Target, on reactor: Reactor, completion: @escaping @Sendable (Result<[NetworkAddress], CallStatus>) -> Void
+        ) {}
+        static func ports(_ ports: Int...) -> FixedResolver {
+            FixedResolver(addresses: ports.map { NetworkAddress(ip: "127.0.0.1", port: $0)! })
+        }
+    }
+
+    @Test("pick_first: an address's connections are one attempt; the next address is tried once all of them failed")
+    func pickFirstMovesOnPerAddress() throws {
+        let rig = try Rig(connectionsPerTarget: 2, resolver: FixedResolver.ports(1, 2, 3), policy: .pickFirst)
+        defer { rig.finish() }
+        rig.call(1, waitForReady: true)
+        #expect(rig.connector.made.count == 2, "both connections to the first address")
+        #expect(rig.reactor.timerCount == 1, "the attempt delay")
+        rig.connector.made[0].fail()
+        #expect(rig.connector.made.count == 2, "its other connection is still trying")
+        rig.connector.made[1].fail()
+        #expect(rig.connector.made.count == 4, "then both to the second, not the third as well")
+        // The second address connects: the first's backoffs and the attempt delay go, the call goes out.
+        rig.connector.made[2].becomeReady()
+        #expect(rig.connector.made[2].opened.count == 1)
+        #expect(rig.reactor.timerCount == 0, "no backoff or attempt delay left armed")
+        #expect(rig.pool.subchannelStates == [.idle, .idle, .ready, .connecting, .idle, .idle])
+    }
+
+    @Test("pick_first: the first to connect is kept; an attempt under way elsewhere is let go of, its connection closed")
+    func pickFirstReleasesTheOthers() throws {
+        let rig = try Rig(resolver: FixedResolver.ports(1, 2), policy: .pickFirst)
+        defer { rig.finish() }
+        rig.call(1)
+        rig.pool.connectAll()  // eager: the second address is tried too (as the attempt delay would)
+        rig.connector.made[0].fail()
+        #expect(rig.connector.made.count == 2)
+        rig.connector.made[1].becomeReady()
+        #expect(rig.pool.subchannelStates == [.idle, .ready], "the first, in its backoff, let go of")
+        #expect(rig.reactor.timerCount == 0)
+        // The other way round: the second connects while the first still tries.
+        let again = try Rig(resolver: FixedResolver.ports(1, 2), policy: .pickFirst)
+        defer { again.finish() }
+        again.pool.connectAll()
+        again.call(1)
+        #expect(again.connector.made.count == 1)
+        again.connector.made[0].fail()
+        again.connector.made[1].becomeReady()
+        #expect(again.connector.made[1].opened.count == 1)
+    }
+
+    @Test("pick_first: attempts that fail as they start move on at once, with one attempt delay armed at most")
+    func pickFirstSynchronousFailure() throws {
+        // One of the first address's two connections fails as it starts: the other still tries.
+        let rig = try Rig(connectionsPerTarget: 2, resolver: FixedResolver.ports(1, 2, 3), policy: .pickFirst)
+        rig.connector.failAtConnect = [0]
+        rig.call(1, waitForReady: true)
+        #expect(rig.connector.made.count == 2)
+        #expect(rig.reactor.timerCount == 2, "a backoff and one attempt delay")
+        rig.finish()
+        #expect(rig.reactor.timerCount == 0, "nothing left armed (a second attempt delay replaced the first)")
+        // Both fail as they start: on to the second address at once.
+        let both = try Rig(connectionsPerTarget: 2, resolver: FixedResolver.ports(1, 2, 3), policy: .pickFirst)
+        both.connector.failAtConnect = [0, 1]
+        both.call(1, waitForReady: true)
+        #expect(both.connector.made.count == 4)
+        #expect(both.connector.made[2].closedWith == nil && both.connector.made[3].closedWith == nil)
+        #expect(both.reactor.timerCount == 3, "two backoffs and one attempt delay")
+        both.finish()
+        #expect(both.reactor.timerCount == 0)
+    }
+
+    @Test("pick_first: when the attempt delay passes, the next address is tried too, but only while a call waits")
+    func pickFirstAttemptDelay() throws {
+        /// Runs the loop on this thread (a few turns at most) until its timers have fired.
+        func fireTimers(_ rig: Rig) throws {
+            for _ in 0..<100 where rig.reactor.timerCount > 0 { _ = try rig.reactor.runOnce(maxWaitMilliseconds: 20) }
+            #expect(rig.reactor.timerCount == 0)
+        }
+        let rig = try Rig(resolver: FixedResolver.ports(1, 2, 3), policy: .pickFirst, attemptDelay: .milliseconds(1))
+        defer { rig.finish() }
+        rig.call(1)
+        try fireTimers(rig)
+        #expect(rig.connector.made.count == 3, "each delay adds the next address; the earlier attempts go on")
+        #expect(rig.connector.made.allSatisfy { $0.closedWith == nil })
+
+        let idle = try Rig(resolver: FixedResolver.ports(1, 2, 3), policy: .pickFirst, attemptDelay: .milliseconds(1))
+        defer { idle.finish() }
+        let call = idle.call(1)
+        call.cancelFromAnyThread()
+        _ = try idle.reactor.runOnce(maxWaitMilliseconds: 0)
+        #expect(idle.pool.queuedCallCount == 0)
+        try fireTimers(idle)
+        #expect(idle.connector.made.count == 1, "nobody waits: the second address is not dialled")
+    }
+
     /// A pool on a reactor that does not run: the test thread plays the reactor thread.
     struct Rig {
         let reactor: Reactor
@@ -109,7 +206,8 @@ struct PoolTests {
         init(
             connectionsPerTarget: Int = 1, maxQueuedCalls: Int = 100, target: String = "127.0.0.1:1",
             resolver: any AddressResolver = SystemResolver(), backoffBase: Duration = .seconds(10),
-            minimumResolutionInterval: Duration = .seconds(1)
+            minimumResolutionInterval: Duration = .seconds(1), policy: LoadBalancingPolicy = .leastLoaded,
+            attemptDelay: Duration = .milliseconds(250)
         ) throws {
             self.reactor = try Reactor()
             let bus = EventBus(reactor: self.reactor).single
@@ -118,6 +216,8 @@ struct PoolTests {
                 backoff: .init(base: backoffBase, multiplier: 1.6, jitter: 0, maximum: .seconds(10)),
                 keepAliveTime: .seconds(30), idleTimeout: .zero, resolveRetryDelay: .seconds(1))
             settings.minimumResolutionInterval = minimumResolutionInterval
+            settings.loadBalancingPolicy = policy
+            settings.connectionAttemptDelay = attemptDelay
             self.pool = ServicePool(
                 reactor: self.reactor, service: "s", target: try Target(parsing: target), settings: settings,
                 connector: self.connector, bus: bus, connectionIDs: ConnectionIDSource(), resolver: resolver)

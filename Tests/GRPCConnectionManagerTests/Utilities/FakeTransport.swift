@@ -26,7 +26,13 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
         self.delegate = delegate
     }
 
-    func connect() { self.connectCalls += 1 }
+    /// Fail inside `connect()`, as a socket whose connect(2) fails at once does.
+    var failsAtConnect = false
+
+    func connect() {
+        self.connectCalls += 1
+        if self.failsAtConnect { self.fail("failed as it started") }
+    }
     var availableStreams: Int { self.isReady ? max(0, self.streamLimit - self.streams.count) : 0 }
     var openStreamCount: Int { self.streams.count }
     var lastStreamActivity: UInt64 { 0 }
@@ -107,11 +113,14 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
 final class FakeConnector: TransportConnector, @unchecked Sendable {
     // `@unchecked`: `made` is appended on one thread at a time (the test's or the reactor's).
     private(set) var made: [FakeTransport] = []
+    /// The indexes (in `made`) of the transports that fail inside `connect()`.
+    var failAtConnect: Set<Int> = []
 
     func makeTransport(
         address: NetworkAddress, id: Int, keepAliveTime: Duration, delegate: any HTTP2TransportDelegate
     ) -> any HTTP2Transport {
         let transport = FakeTransport(id: id, keepAliveTime: keepAliveTime, delegate: delegate)
+        transport.failsAtConnect = self.failAtConnect.contains(self.made.count)
         self.made.append(transport)
         return transport
     }
