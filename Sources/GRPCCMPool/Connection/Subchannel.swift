@@ -128,6 +128,17 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         }
     }
 
+    /// Failing, as far as a fail-fast call is concerned: in TRANSIENT_FAILURE, or trying again after a failure with
+    /// no success since (gRFC A62's sticky TRANSIENT_FAILURE: a retry under way is no reason to hold calls that asked
+    /// to fail fast). IDLE is not failing: nothing is trying, and the next call's attempt is the news it waits for.
+    package var isFailing: Bool {
+        switch self.state {
+        case .transientFailure: return true
+        case .connecting: return self.machine.state == .connecting && self.machine.lastError != nil
+        case .idle, .ready, .shutdown: return false
+        }
+    }
+
     package var lastError: CallStatus? {
         if self.machine.state == .ready, case .notServing(let reason) = self.health { return reason }
         return self.machine.lastError

@@ -52,8 +52,9 @@ extension ClientCall: WaitQueueEntry {}
 /// frees a stream, or becomes ready, takes the next calls.
 ///
 /// Wait-for-ready (grpc `doc/wait-for-ready.md`): with no ready connection a call waits while some connection is
-/// IDLE or CONNECTING; when all are in TRANSIENT_FAILURE a fail-fast call fails at once with the last connect
-/// error, and a wait-for-ready call keeps waiting until its deadline.
+/// IDLE or CONNECTING; when all are failing (in TRANSIENT_FAILURE, or trying again after a failure: gRFC A62's
+/// sticky TRANSIENT_FAILURE) a fail-fast call fails at once with the last connect error, and a wait-for-ready call
+/// keeps waiting until its deadline.
 ///
 /// `@unchecked Sendable` (through `ReactorHandler`): reactor thread only, but for the immutable fields.
 /// Its stored properties are `@exclusivity(unchecked)`: touched on the reactor thread only, and never while another
@@ -155,7 +156,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     // MARK: state for reports
 
     /// The aggregate state (round_robin's rule): any READY → READY; else any CONNECTING → CONNECTING; else any
-    /// IDLE → IDLE; else TRANSIENT_FAILURE. SHUTDOWN once closed.
+    /// IDLE → IDLE; else TRANSIENT_FAILURE. SHUTDOWN once closed. A connection trying again after a failure counts
+    /// as TRANSIENT_FAILURE (sticky, as gRFC A62 has it).
     package var state: ConnectivityState {
         if self.closed { return .shutdown }
         var sawConnecting = self.resolving
@@ -163,7 +165,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         for subchannel in self.subchannels {
             switch subchannel.state {
             case .ready: return .ready
-            case .connecting: sawConnecting = true
+            case .connecting: if !subchannel.isFailing { sawConnecting = true }
             case .idle: sawIdle = true
             case .transientFailure, .shutdown: break
             }
@@ -246,7 +248,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                 call.routeFailed(error)
                 return
             }
-        } else if !call.waitForReady && self.allInTransientFailure {
+        } else if !call.waitForReady && self.allFailing {
             call.routeFailed(self.failFastStatus())
             return
         }
@@ -343,8 +345,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
     }
 
-    private var allInTransientFailure: Bool {
-        !self.subchannels.isEmpty && self.subchannels.allSatisfy { $0.state == .transientFailure }
+    /// Every connection is failing (`Subchannel.isFailing`): in TRANSIENT_FAILURE, or retrying after a failure.
+    /// Fail-fast calls fail at once then, with the last error, instead of waiting for a retry that may take the whole
+    /// connect timeout (a blackholed address).
+    private var allFailing: Bool {
+        !self.subchannels.isEmpty && self.subchannels.allSatisfy(\.isFailing)
     }
 
     private func failFastStatus() -> CallStatus {
@@ -541,7 +546,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                 self.bus.publish(.addressesResolved(service: self.service, addresses: addresses))
                 self.install(addresses)
                 // The addresses that went may have been the only ones not failing: nothing is left to wait for.
-                if self.allInTransientFailure { self.failWaitingFailFast() }
+                if self.allFailing { self.failWaitingFailFast() }
             }
             self.schedulePeriodicResolution()
             if self.eager || !self.queue.isEmpty || inUse {
@@ -589,7 +594,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         case .transientFailure:
             // Re-resolve when a connection fails, then fail the fail-fast calls if no connection is left to try.
             self.resolveAgainSoon()
-            if self.allInTransientFailure { self.failWaitingFailFast() }
+            if self.allFailing { self.failWaitingFailFast() }
             // pick_first moves on to the next address at once, once this address has no attempt left under way
             // (its `connectionsPerTarget` connections are one attempt); the others reconnect after their own
             // backoff.

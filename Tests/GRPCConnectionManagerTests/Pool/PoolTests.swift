@@ -282,6 +282,32 @@ struct PoolTests {
         #expect(rig.pool.queuedCallCount == 1, "the wait-for-ready call still waits")
     }
 
+    @Test("sticky TRANSIENT_FAILURE (gRFC A62): while a connection retries after a failure, fail-fast calls fail at once")
+    func failFastWhileRetrying() throws {
+        let rig = try Rig(backoffBase: .milliseconds(1))
+        defer { rig.finish() }
+        rig.call(1)
+        rig.connector.made[0].fail("connection timed out")
+        rig.endTurn()
+        #expect(rig.status(1) == CallStatus(code: .unavailable, message: "connection timed out"))
+        // The backoff passes with nothing waiting: IDLE. The next call connects again, and waits for that attempt.
+        for _ in 0..<100 where rig.pool.subchannelStates != [.idle] { _ = try rig.reactor.runOnce(maxWaitMilliseconds: 20) }
+        rig.call(2)
+        #expect(rig.connector.made.count == 2)
+        rig.endTurn()
+        #expect(rig.status(2) == nil, "it waits for the attempt it started")
+        // While that retry is under way, the pool reports TRANSIENT_FAILURE and a fail-fast call fails at once.
+        #expect(rig.pool.state == .transientFailure)
+        rig.call(3)
+        rig.endTurn()
+        #expect(rig.status(3) == CallStatus(code: .unavailable, message: "connection timed out"))
+        rig.call(4, waitForReady: true)
+        rig.endTurn()
+        #expect(rig.status(4) == nil, "wait-for-ready waits")
+        rig.connector.made[1].becomeReady()
+        #expect(rig.connector.made[1].opened.map(\.path) == ["/p.S/M2", "/p.S/M4"])
+    }
+
     @Test("the least-loaded ready connection takes each call; a freed stream takes the next queued call")
     func picksAndDrains() throws {
         let rig = try Rig(connectionsPerTarget: 2)
