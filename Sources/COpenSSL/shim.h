@@ -15,6 +15,12 @@ static inline long copenssl_set_tlsext_host_name(SSL *ssl, const char *name) {
     return SSL_set_tlsext_host_name(ssl, name);
 }
 static inline long copenssl_ctx_set_mode(SSL_CTX *ctx, long mode) { return SSL_CTX_set_mode(ctx, mode); }
+/* The bytes a memory BIO has allocated for its buffer (BIO_get_mem_ptr is a macro). */
+static inline size_t copenssl_bio_mem_capacity(BIO *bio) {
+    BUF_MEM *memory = NULL;
+    BIO_get_mem_ptr(bio, &memory);
+    return memory != NULL ? memory->max : 0;
+}
 /* Refuses TLS renegotiation in both directions (SSL_OP_NO_RENEGOTIATION is a macro over SSL_OP_BIT). */
 static inline void copenssl_ctx_refuse_renegotiation(SSL_CTX *ctx) { SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION); }
 static inline int copenssl_ctx_refuses_renegotiation(SSL_CTX *ctx) {

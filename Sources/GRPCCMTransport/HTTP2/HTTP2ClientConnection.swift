@@ -135,6 +135,8 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     package var sessionMemory: HTTP2SessionMemory? { self.socket?.sessionMemory }
     /// DATA frames of request bodies that went to the socket's output without nghttp2's copy (tests).
     package var directDataFrames: Int { self.socket?.directDataFrames ?? 0 }
+    /// Bytes the TLS session's memory BIOs hold allocated (tests; nil without TLS).
+    package var tlsBufferCapacity: Int? { self.socket?.tls?.bufferCapacity }
 
     package var availableStreams: Int {
         guard self.state == .ready, let session = self.socket?.session else { return 0 }

@@ -388,6 +388,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         else { return }
         self.output.reset()
         self.sessionMemory?.trim()
+        self.tls?.trimIdleMemory()
     }
 
     /// Pulls everything nghttp2 wants to send into one buffer and writes it with as few syscalls as possible.

@@ -19,8 +19,8 @@ package final class TLSSession {
     }
 
     private let ssl: OpaquePointer
-    private let readBIO: OpaquePointer
-    private let writeBIO: OpaquePointer
+    private var readBIO: OpaquePointer
+    private var writeBIO: OpaquePointer
     package private(set) var handshakeDone = false
     /// A server session (it waits for the ClientHello) rather than a client one.
     package let isServer: Bool
@@ -181,6 +181,25 @@ package final class TLSSession {
             if read <= 0 { return }
         }
     }
+
+    /// Gives back what an idle session holds beyond OpenSSL's fixed state, when nothing is buffered either way: the
+    /// record buffers (OpenSSL allocates them again for the next record) and the two memory BIOs, whose buffers
+    /// never shrink: one large message left each at its size (1 MiB and more) for the life of the connection.
+    package func trimIdleMemory() {
+        guard BIO_ctrl_pending(self.readBIO) == 0, BIO_ctrl_pending(self.writeBIO) == 0 else { return }
+        _ = SSL_free_buffers(self.ssl)  // refused (harmlessly) while a record is half read
+        guard let rbio = BIO_new(BIO_s_mem()) else { return }
+        guard let wbio = BIO_new(BIO_s_mem()) else {
+            BIO_free(rbio)
+            return
+        }
+        SSL_set_bio(self.ssl, rbio, wbio)  // both new: the SSL frees the old pair and owns these
+        self.readBIO = rbio
+        self.writeBIO = wbio
+    }
+
+    /// The bytes the two memory BIOs have allocated (tests).
+    package var bufferCapacity: Int { copenssl_bio_mem_capacity(self.readBIO) + copenssl_bio_mem_capacity(self.writeBIO) }
 
     /// Queues close_notify (drain the ciphertext afterwards).
     package func shutdown() {

@@ -476,6 +476,32 @@ struct TLSTests {
         }
     }
 
+    @Test("an idle TLS connection gives back the buffers one large message grew (its memory BIOs kept 1 MiB and more)")
+    func idleTLSBuffersAreTrimmed() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let server = try Self.server(certificates, loop: loop)
+        defer { server.close() }
+        let channel = try GRPCChannel(target: "127.0.0.1:\(server.port)", configuration: Self.tls(certificates), eventLoop: loop)
+        defer { channel.close() }
+        func capacity() -> Int {
+            channel.inspect { pool in
+                pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.tlsBufferCapacity }.reduce(0, +)
+            }
+        }
+        let big = [UInt8](repeating: 7, count: 1 << 20)
+        let response = await channel.call("/echo.Echo/Get", big, timeout: .seconds(10))
+        #expect(response.status == .ok && response.message == big)
+        // After the idle trim's delay (1 s without streams) the connection holds next to nothing in its BIOs, and it
+        // still works.
+        #expect(await eventually(timeout: 5) { capacity() < 64 << 10 }, "\(capacity()) bytes still allocated")
+        let again = await channel.call("/echo.Echo/Get", big, timeout: .seconds(10))
+        #expect(again.status == .ok && again.message == big)
+    }
+
     @Test("large request bodies go from the call straight into the socket's output, intact, with and without TLS")
     func requestBodiesWithoutNghttp2Copy() async throws {
         let certificates = try TestCertificates.make()
