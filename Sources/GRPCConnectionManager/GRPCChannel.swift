@@ -22,6 +22,8 @@ public final class GRPCChannel: Sendable {
     /// The `:authority` of its requests: TLS's `serverName` when set (as grpc-go takes it from the credentials: a
     /// proxy that routes by authority must see the name the certificate is checked against), else the target's.
     let authority: String
+    /// Where its connections' TLS context comes from (nil: plaintext); shared with every channel of equal settings.
+    let tlsContextSource: TLSContextSource?
     /// The service name it serves (the target's text for a standalone channel).
     public let service: String
     /// The validated configuration.
@@ -126,11 +128,11 @@ public final class GRPCChannel: Sendable {
             authority = target.authority
         }
         self.authority = authority
-        var tls: TLSContext?
+        var tls: TLSContextSource?
         var tlsServerName: String?
         if let settings = configuration.tls {
             do {
-                tls = try TLSContext(client: settings)
+                tls = try TLSContextSource(settings: settings)
             } catch {
                 throw ConfigurationError(field: "tls", message: error.description)
             }
@@ -148,6 +150,7 @@ public final class GRPCChannel: Sendable {
                 tlsServerName = settings.serverName ?? name
             }
         }
+        self.tlsContextSource = tls
         let connectionSettings = configuration.http2ClientSettings  // one for every loop's connections
         self.shards = loops.map { context in
             let connector = HTTP2Connector(

@@ -16,11 +16,12 @@ package struct HTTP2Connector: TransportConnector {
     package let reactor: Reactor
     package let authority: String
     package let settings: HTTP2ClientSettings
-    package let tls: TLSContext?
+    package let tls: TLSContextSource?
     package let tlsServerName: String?
 
     package init(
-        reactor: Reactor, authority: String, settings: HTTP2ClientSettings, tls: TLSContext?, tlsServerName: String?
+        reactor: Reactor, authority: String, settings: HTTP2ClientSettings, tls: TLSContextSource?,
+        tlsServerName: String?
     ) {
         self.reactor = reactor
         self.authority = authority

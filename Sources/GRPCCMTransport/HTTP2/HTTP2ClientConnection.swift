@@ -51,7 +51,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// Keepalive interval of this connection (the target's, doubled after `too_many_pings`).
     package let keepAliveTime: Duration
 
-    private let tlsContext: TLSContext?
+    private let tls: TLSContextSource?
     private let tlsServerName: String?
     @exclusivity(unchecked)
     private var socket: HTTP2Socket?
@@ -100,10 +100,10 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
 
     /// - Parameters:
     ///   - authority: `:authority` of every request.
-    ///   - tls: The TLS context (nil: plaintext h2c) and the name for SNI and verification.
+    ///   - tls: Where the TLS context comes from (nil: plaintext h2c), and the name for SNI and verification.
     package init(
         reactor: Reactor, address: NetworkAddress, authority: String, id: Int, settings: HTTP2ClientSettings,
-        keepAliveTime: Duration? = nil, tls: TLSContext? = nil, tlsServerName: String? = nil
+        keepAliveTime: Duration? = nil, tls: TLSContextSource? = nil, tlsServerName: String? = nil
     ) {
         self.reactor = reactor
         self.loopReactor = Unmanaged.passUnretained(reactor)
@@ -111,7 +111,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.id = id
         self.settings = settings
         self.keepAliveTime = keepAliveTime ?? settings.keepAliveTime
-        self.tlsContext = tls
+        self.tls = tls
         self.tlsServerName = tlsServerName
         self.headerPrefix = reactor.shared { RequestHeaderPrefixCache() }.prefix(
             authority: authority, scheme: tls == nil ? "http" : "https", userAgent: settings.userAgent,
@@ -155,9 +155,11 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             at: Reactor.clock() &+ UInt64(max(self.settings.connectTimeout.nanoseconds, 0)), handler: self,
             tag: TimerTag.connect)
         var tls: TLSSession?
-        if let context = self.tlsContext {
+        if let source = self.tls {
             do {
-                tls = try TLSSession(context: context, serverName: self.tlsServerName, verifyName: self.tlsServerName)
+                // The files as they are now: a certificate rotated on disk reaches this handshake.
+                tls = try TLSSession(
+                    context: try source.context(), serverName: self.tlsServerName, verifyName: self.tlsServerName)
             } catch {
                 self.connectionEnded(CallStatus(code: .unavailable, message: "TLS setup for \(self.address) failed: \(error)"))
                 return
@@ -169,7 +171,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     }
 
     package func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> CallStatus? {
-        Self.firstBytesProblem(bytes, tls: self.tlsContext != nil).map { CallStatus(code: .unavailable, message: $0) }
+        Self.firstBytesProblem(bytes, tls: self.tls != nil).map { CallStatus(code: .unavailable, message: $0) }
     }
 
     package func socketReceivedFirstPlaintext(_ bytes: UnsafeRawBufferPointer) -> CallStatus? {

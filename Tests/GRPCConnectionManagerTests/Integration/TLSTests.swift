@@ -476,6 +476,49 @@ struct TLSTests {
         }
     }
 
+    @Test("channels with equal TLS settings share one OpenSSL context (reading the trust roots once)")
+    func contextsAreShared() throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        func source(_ configuration: Configuration) throws -> TLSContextSource {
+            try GRPCChannel(target: "127.0.0.1:1", configuration: configuration, eventLoop: loop).tlsContextSource!
+        }
+        let first = try source(Self.tls(certificates)).context()
+        #expect(try source(Self.tls(certificates)).context() === first)
+        #expect(try source(Self.tls(certificates) { $0.serverName = "localhost" }).context() !== first)
+        #expect(try source(Self.tls(certificates) { $0.trustRoots = .system }).context() !== first)
+    }
+
+    @Test("a TLS file rewritten on disk is read for the next connection, without closing the channel")
+    func rotatedFilesAreRead() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // The server presents the stranger's certificate; the client trusts what its CA file holds.
+        let server = try Self.server(
+            certificates, loop: loop, certificate: certificates.strangerCertificate, key: certificates.strangerKey)
+        defer { server.close() }
+        let trusted = certificates.path("trusted.pem")
+        try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
+        let channel = try GRPCChannel(
+            target: "localhost:\(server.port)", configuration: Self.tls(certificates) { $0.trustRoots = .file(trusted) },
+            eventLoop: loop)
+        defer { channel.close() }
+        let refused = await channel.call([1], timeout: .seconds(5))
+        #expect(refused.status.code == .unavailable && refused.status.message.contains("certificate verify failed"))
+        // The CA bundle is replaced (one that trusts the stranger): the next attempt reads it.
+        try FileManager.default.removeItem(atPath: trusted)
+        try FileManager.default.copyItem(atPath: certificates.strangerCertificate, toPath: trusted)
+        let response = await channel.unaryResult(
+            path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .seconds(10), waitForReady: true))
+        #expect(response.status == .ok, "\(response.status)")
+    }
+
     @Test("an idle TLS connection gives back the buffers one large message grew (its memory BIOs kept 1 MiB and more)")
     func idleTLSBuffersAreTrimmed() async throws {
         let certificates = try TestCertificates.make()

@@ -1,0 +1,104 @@
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The client TLS context for a `TLSSettings`, shared and kept current. Every channel with the same settings, whose
+/// files are the same on disk, uses one OpenSSL context; a connection made after a file changed (a rotated client
+/// certificate, a new CA bundle) gets a context built from the new files, and nothing has to be closed for it.
+///
+/// Why shared: building a context reads the trust roots, and the system store costs about 15 ms and 0.8 MiB each
+/// time, so one context per channel cost a manager of 100 services 1.5 s and 80 MiB. Why checked per connection: a
+/// certificate rotated on disk must reach the next handshake; three `stat` calls per connection attempt cost nothing
+/// beside it.
+package final class TLSContextSource: Sendable {
+    package let settings: TLSSettings
+    /// The context of the last connection, and the stamps of the files it was built from.
+    private let last: Mutex<(stamps: [FileStamp], context: TLSContext)>
+
+    /// Builds (or finds) the context now: a file that cannot be loaded is reported when the channel is made.
+    package init(settings: TLSSettings) throws(TLSError) {
+        self.settings = settings
+        let stamps = Self.stamps(of: settings)
+        self.last = Mutex((stamps, try Self.shared(settings, stamps)))
+    }
+
+    /// The context for a new connection: the same one while the files are unchanged, else one built from them now.
+    /// - Throws: `TLSError` when the changed files cannot be loaded (a rotation half done); the connection attempt
+    ///   fails with it, and the next one reads the files again.
+    package func context() throws(TLSError) -> TLSContext {
+        let stamps = Self.stamps(of: self.settings)
+        if let unchanged = self.last.withLock({ $0.stamps == stamps ? $0.context : nil }) { return unchanged }
+        let context = try Self.shared(self.settings, stamps)
+        self.last.withLock { $0 = (stamps, context) }
+        return context
+    }
+
+    // MARK: the process's contexts
+
+    private struct Key: Hashable {
+        let settings: TLSSettings
+        let stamps: [FileStamp]
+    }
+
+    private struct Entry {
+        weak var context: TLSContext?
+    }
+
+    /// Every live context by what it was built from; an entry goes once its context is gone (pruned as others come).
+    private static let contexts = Mutex<[Key: Entry]>([:])
+
+    private static func shared(_ settings: TLSSettings, _ stamps: [FileStamp]) throws(TLSError) -> TLSContext {
+        let key = Key(settings: settings, stamps: stamps)
+        if let found = Self.contexts.withLock({ $0[key]?.context }) { return found }
+        // Built outside the lock: reading a CA bundle takes milliseconds, and other channels' lookups must not wait.
+        let built = try TLSContext(client: settings)
+        return Self.contexts.withLock { contexts in
+            if let raced = contexts[key]?.context { return raced }
+            contexts = contexts.filter { $0.value.context != nil }
+            contexts[key] = Entry(context: built)
+            return built
+        }
+    }
+
+    /// The files a context is built from, as they are now (a missing file has a stamp too: its error).
+    private static func stamps(of settings: TLSSettings) -> [FileStamp] {
+        var paths: [String] = []
+        if settings.verifyCertificate, case .file(let path) = settings.trustRoots { paths.append(path) }
+        if let chain = settings.certificateChainFile { paths.append(chain) }
+        if let key = settings.privateKeyFile { paths.append(key) }
+        return paths.map(FileStamp.init(path:))
+    }
+}
+
+/// What `stat` says of a file: a change to any part means it was written or replaced since.
+package struct FileStamp: Hashable, Sendable {
+    private let device: UInt64
+    private let inode: UInt64
+    private let size: Int64
+    private let modifiedSeconds: Int64
+    private let modifiedNanoseconds: Int64
+    private let changedSeconds: Int64
+    private let changedNanoseconds: Int64
+    /// 0, or the errno of a failed `stat`.
+    private let error: Int32
+
+    package init(path: String) {
+        var info = stat()
+        if stat(path, &info) != 0 {
+            self.error = errno
+            (self.device, self.inode, self.size) = (0, 0, 0)
+            (self.modifiedSeconds, self.modifiedNanoseconds, self.changedSeconds, self.changedNanoseconds) = (0, 0, 0, 0)
+            return
+        }
+        self.error = 0
+        self.device = UInt64(info.st_dev)
+        self.inode = UInt64(info.st_ino)
+        self.size = Int64(info.st_size)
+        self.modifiedSeconds = Int64(info.st_mtim.tv_sec)
+        self.modifiedNanoseconds = Int64(info.st_mtim.tv_nsec)
+        self.changedSeconds = Int64(info.st_ctim.tv_sec)
+        self.changedNanoseconds = Int64(info.st_ctim.tv_nsec)
+    }
+}
