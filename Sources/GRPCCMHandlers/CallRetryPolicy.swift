@@ -52,8 +52,17 @@ public struct CallRetryPolicy: Sendable, Hashable {
         if self.retryableCodes.contains(.ok) {
             throw ConfigurationError(field: "\(field).retryableCodes", message: "must not contain OK")
         }
-        if let timeout = self.perAttemptTimeout, timeout <= .zero {
-            throw ConfigurationError(field: "\(field).perAttemptTimeout", message: "must be greater than zero")
+        if let timeout = self.perAttemptTimeout {
+            if timeout <= .zero {
+                throw ConfigurationError(field: "\(field).perAttemptTimeout", message: "must be greater than zero")
+            }
+            // The timeout is there to retry a slow attempt: with nothing to follow, it would only end the call early,
+            // a second deadline nobody asked for.
+            if self.maxAttempts < 2 || !self.retryableCodes.contains(.deadlineExceeded) {
+                throw ConfigurationError(
+                    field: "\(field).perAttemptTimeout",
+                    message: "needs maxAttempts above 1 and DEADLINE_EXCEEDED among retryableCodes (no attempt could follow one that timed out)")
+            }
         }
     }
 }

@@ -307,6 +307,14 @@ struct TargetParsingTests {
             ("retry.policy.backoffMultiplier", { $0.retry.policy.backoffMultiplier = 0.9 }),
             ("retry.policy.maxBackoff", { $0.retry.policy.maxBackoff = .milliseconds(1) }),
             ("retry.policy.perAttemptTimeout", { $0.retry.policy.perAttemptTimeout = .zero }),
+            ("retry.policy.perAttemptTimeout", {
+                $0.retry.policy.perAttemptTimeout = .seconds(1)
+                $0.retry.policy.maxAttempts = 1
+            }),
+            ("retry.policy.perAttemptTimeout", {
+                $0.retry.policy.perAttemptTimeout = .seconds(1)
+                $0.retry.policy.retryableCodes = [.unavailable]
+            }),
             ("retry.perMethod[/a.B/C].maxAttempts", {
                 var policy = CallRetryPolicy()
                 policy.maxAttempts = 0
