@@ -173,12 +173,13 @@ struct ClaimsTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
-    @Test("TCP_USER_TIMEOUT on the client's socket equals keepAliveTimeout")
-    func tcpUserTimeoutIsSet() async throws {
+    @Test("TCP_USER_TIMEOUT on the client's socket equals keepAliveTimeout, in milliseconds rounded up (0 would be the system's 15 minutes)",
+        arguments: [(Duration.milliseconds(4321), UInt32(4321)), (.microseconds(500), 1)])
+    func tcpUserTimeoutIsSet(_ keepAliveTimeout: Duration, _ expected: UInt32) async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
         var configuration = Configuration()
-        configuration.keepAliveTimeout = .milliseconds(4321)
+        configuration.keepAliveTimeout = keepAliveTimeout
         let channel = try fixture.channel(configuration)
         #expect(await channel.call("/test.Raw/Get", [1], timeout: .seconds(5)).status == .ok)
         // The kernel's view: every TCP socket of this process whose peer is the server's port.
@@ -196,7 +197,7 @@ struct ClaimsTests {
             var size = socklen_t(MemoryLayout<UInt32>.size)
             if getsockopt(fd, Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, &value, &size) == 0 { timeouts.append(value) }
         }
-        #expect(timeouts == [4321], "one client socket, its TCP_USER_TIMEOUT in ms: \(timeouts)")
+        #expect(timeouts == [expected], "one client socket, its TCP_USER_TIMEOUT in ms: \(timeouts)")
     }
 
     // MARK: resolution
