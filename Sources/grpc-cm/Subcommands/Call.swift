@@ -415,8 +415,10 @@ func writeFile(_ path: String, _ bytes: [UInt8]) -> String? {
 }
 
 /// Seconds as a flag gives them, saturating: `inf` or `1e12` means no limit in practice, not a trap.
+/// `value` seconds (validated positive) as a Duration, rounded up to whole nanoseconds: a flag's positive value
+/// never becomes zero, which the configuration refuses under the field's name, not the flag's.
 func seconds(_ value: Double) -> Duration {
-    let nanoseconds = value * 1e9
+    let nanoseconds = (value * 1e9).rounded(.up)
     return nanoseconds < 9.2e18 ? .nanoseconds(Int64(nanoseconds)) : .nanoseconds(Int64.max)
 }
 

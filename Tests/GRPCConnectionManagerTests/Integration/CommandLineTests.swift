@@ -71,6 +71,8 @@ struct CommandLineTests {
         let lines = try run("call --plaintext \(target) a.B/C --repeat 1 -H 'x-fail-code: 5' -H 'x-fail-message: a%0Ab'")
         #expect(lines.status == 64 + 5)
         #expect(lines.output.hasPrefix("1 NotFound ") && lines.output.hasSuffix(" a\\nb\n"), "\(lines.output)")
+        // A positive duration below a nanosecond is the smallest one, not zero (which the configuration refuses).
+        #expect(try run("call --plaintext --keepalive-time 1e-10 \(target) a.B/C").status == 0)
         // The echo server takes a status by name too.
         #expect(try run("call --plaintext \(target) a.B/C -H 'x-fail-code: UNAVAILABLE'").status == 64 + 14)
         // A TLS setting the library refuses is named as TLS, not as a failed dial (grpcurl: exit 1 either way).
