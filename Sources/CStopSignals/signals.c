@@ -5,16 +5,22 @@
 
 #ifdef __linux__
 
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <string.h>
 
-static volatile sig_atomic_t css_stop_signal = 0;
-static volatile sig_atomic_t css_stop_signals = 0;
+// Lock-free atomics: safe in a signal handler, and read from any thread (the Swift side polls from its concurrency
+// threads; a volatile sig_atomic_t is only for the thread the signal interrupted).
+static atomic_int css_stop_signal = 0;
+static atomic_int css_stop_signals = 0;
 
 static void css_on_stop_signal(int signal_number) {
-    css_stop_signal = signal_number;
-    css_stop_signals = css_stop_signals + 1;  // only this handler writes it, and it does not nest (sa_mask below)
+    int saved_errno = errno;  // the interrupted code may be between a failed call and its errno read
+    atomic_store_explicit(&css_stop_signal, signal_number, memory_order_release);
+    atomic_fetch_add_explicit(&css_stop_signals, 1, memory_order_acq_rel);
+    errno = saved_errno;
 }
 
 void css_install_stop_signals(void) {
@@ -35,8 +41,8 @@ void css_install_stop_signals(void) {
     pthread_sigmask(SIG_UNBLOCK, &stop_signals, NULL);
 }
 
-int css_stop_signal_received(void) { return (int)css_stop_signal; }
+int css_stop_signal_received(void) { return atomic_load_explicit(&css_stop_signal, memory_order_acquire); }
 
-int css_stop_signal_count(void) { return (int)css_stop_signals; }
+int css_stop_signal_count(void) { return atomic_load_explicit(&css_stop_signals, memory_order_acquire); }
 
 #endif  // __linux__
