@@ -51,6 +51,10 @@ package struct ConnectionStateMachine {
     private var backoff: Backoff
     /// The last connect or connection error, for fail-fast messages and health reports.
     package private(set) var lastError: CallStatus?
+    /// The last attempt failed: it never connected, or its connection was lost before it was established. Not after
+    /// a success, nor after losing an established connection (whose reconnect is immediate): the owner counts a
+    /// connection as failing (sticky TRANSIENT_FAILURE) only while this holds.
+    package private(set) var lastAttemptFailed = false
     /// How long a reconnect from IDLE that no call asked for should wait: zero, or the backoff's delay after a
     /// GOAWAY that came before the connection was established.
     package private(set) var automaticReconnectDelay: Duration = .zero
@@ -98,6 +102,7 @@ package struct ConnectionStateMachine {
         guard case .connecting = self.internalState else { return .none }
         self.internalState = .ready(since: now)
         self.lastError = nil
+        self.lastAttemptFailed = false
         return .becameReady
     }
 
@@ -120,6 +125,7 @@ package struct ConnectionStateMachine {
         guard case .connecting = self.internalState else { return .none }
         self.internalState = .transientFailure(error)
         self.lastError = error
+        self.lastAttemptFailed = true
         return .backoff(delay: self.backoff.next(unit: randomUnit), error: error)
     }
 
@@ -132,7 +138,9 @@ package struct ConnectionStateMachine {
         case .ready(let since):
             self.internalState = .transientFailure(error)
             self.lastError = error
-            if self.established(since: since, now: now) { return .backoff(delay: .zero, error: error) }
+            let established = self.established(since: since, now: now)
+            self.lastAttemptFailed = !established
+            if established { return .backoff(delay: .zero, error: error) }
             return .backoff(delay: self.backoff.next(unit: randomUnit), error: error)
         case .idle, .transientFailure, .shutdown:
             return .none

@@ -128,13 +128,14 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         }
     }
 
-    /// Failing, as far as a fail-fast call is concerned: in TRANSIENT_FAILURE, or trying again after a failure with
-    /// no success since (gRFC A62's sticky TRANSIENT_FAILURE: a retry under way is no reason to hold calls that asked
-    /// to fail fast). IDLE is not failing: nothing is trying, and the next call's attempt is the news it waits for.
+    /// Failing, as far as a fail-fast call is concerned (gRFC A62's sticky TRANSIENT_FAILURE): its last attempt
+    /// failed, and it waits out the backoff or is trying again; or its server's health check says not serving. Not
+    /// the moment after losing an established connection (the reconnect is immediate), and not IDLE: nothing is
+    /// trying there, and the attempt a call starts is news worth waiting for.
     package var isFailing: Bool {
         switch self.state {
-        case .transientFailure: return true
-        case .connecting: return self.machine.state == .connecting && self.machine.lastError != nil
+        case .transientFailure: return self.machine.state == .ready || self.machine.lastAttemptFailed
+        case .connecting: return self.machine.state == .connecting && self.machine.lastAttemptFailed
         case .idle, .ready, .shutdown: return false
         }
     }

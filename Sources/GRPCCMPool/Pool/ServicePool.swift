@@ -156,8 +156,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     // MARK: state for reports
 
     /// The aggregate state (round_robin's rule): any READY → READY; else any CONNECTING → CONNECTING; else any
-    /// IDLE → IDLE; else TRANSIENT_FAILURE. SHUTDOWN once closed. A connection trying again after a failure counts
-    /// as TRANSIENT_FAILURE (sticky, as gRFC A62 has it).
+    /// IDLE → IDLE; else TRANSIENT_FAILURE. SHUTDOWN once closed. Whether a connection counts as failing is
+    /// `Subchannel.isFailing` (sticky, as gRFC A62 has it), not its state alone.
     package var state: ConnectivityState {
         if self.closed { return .shutdown }
         var sawConnecting = self.resolving
@@ -165,9 +165,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         for subchannel in self.subchannels {
             switch subchannel.state {
             case .ready: return .ready
-            case .connecting: if !subchannel.isFailing { sawConnecting = true }
+            // A retry after a failed attempt counts as failing; the moment after losing an established connection
+            // (its reconnect is immediate) as connecting.
+            case .connecting, .transientFailure: if !subchannel.isFailing { sawConnecting = true }
             case .idle: sawIdle = true
-            case .transientFailure, .shutdown: break
+            case .shutdown: break
             }
         }
         if sawConnecting { return .connecting }
@@ -345,11 +347,16 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         }
     }
 
-    /// Every connection is failing (`Subchannel.isFailing`): in TRANSIENT_FAILURE, or retrying after a failure.
-    /// Fail-fast calls fail at once then, with the last error, instead of waiting for a retry that may take the whole
-    /// connect timeout (a blackholed address).
+    /// Every connection is failing (`Subchannel.isFailing`): a new fail-fast call fails at once then, with the last
+    /// error, instead of waiting for a retry that may take the whole connect timeout (a blackholed address).
     private var allFailing: Bool {
         !self.subchannels.isEmpty && self.subchannels.allSatisfy(\.isFailing)
+    }
+
+    /// The fail-fast calls already waiting give up only when no attempt is left under way: each waits for the
+    /// attempts it found (or started) to answer.
+    private var nothingLeftToWaitFor: Bool {
+        !self.subchannels.isEmpty && self.subchannels.allSatisfy { $0.state == .transientFailure && $0.isFailing }
     }
 
     private func failFastStatus() -> CallStatus {
@@ -546,7 +553,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                 self.bus.publish(.addressesResolved(service: self.service, addresses: addresses))
                 self.install(addresses)
                 // The addresses that went may have been the only ones not failing: nothing is left to wait for.
-                if self.allFailing { self.failWaitingFailFast() }
+                if self.nothingLeftToWaitFor { self.failWaitingFailFast() }
             }
             self.schedulePeriodicResolution()
             if self.eager || !self.queue.isEmpty || inUse {
@@ -594,7 +601,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         case .transientFailure:
             // Re-resolve when a connection fails, then fail the fail-fast calls if no connection is left to try.
             self.resolveAgainSoon()
-            if self.allFailing { self.failWaitingFailFast() }
+            if self.nothingLeftToWaitFor { self.failWaitingFailFast() }
             // pick_first moves on to the next address at once, once this address has no attempt left under way
             // (its `connectionsPerTarget` connections are one attempt); the others reconnect after their own
             // backoff.

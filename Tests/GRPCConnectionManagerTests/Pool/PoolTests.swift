@@ -308,6 +308,47 @@ struct PoolTests {
         #expect(rig.connector.made[1].opened.map(\.path) == ["/p.S/M2", "/p.S/M4"])
     }
 
+    @Test("not sticky after losing an established connection: its reconnect is immediate, and calls wait for it")
+    func lostEstablishedConnectionIsNotFailing() throws {
+        let rig = try Rig(backoffBase: .milliseconds(1))
+        defer { rig.finish() }
+        rig.pool.connectAll()
+        rig.connector.made[0].becomeReady()
+        // Ready for longer than the backoff's base delay: established.
+        for _ in 0..<3 { _ = try rig.reactor.runOnce(maxWaitMilliseconds: 2) }
+        rig.connector.made[0].fail("connection reset")
+        rig.call(1)
+        rig.endTurn()
+        #expect(rig.status(1) == nil, "it waits for the reconnect")
+        #expect(rig.pool.state != .transientFailure)
+        for _ in 0..<100 where rig.connector.made.count < 2 { _ = try rig.reactor.runOnce(maxWaitMilliseconds: 20) }
+        rig.call(2)
+        rig.endTurn()
+        #expect(rig.status(2) == nil, "the reconnect under way is no failure")
+        rig.connector.made[1].becomeReady()
+        #expect(rig.connector.made[1].opened.map(\.path) == ["/p.S/M1", "/p.S/M2"])
+    }
+
+    @Test("a fail-fast call waits for every attempt it found or started, not only the first to fail")
+    func waitingCallsWaitForEveryAttempt() throws {
+        let rig = try Rig(resolver: FixedResolver.ports(1, 2), backoffBase: .milliseconds(1))
+        defer { rig.finish() }
+        rig.call(1)
+        rig.connector.made[0].fail()
+        rig.connector.made[1].fail()
+        rig.endTurn()
+        #expect(rig.status(1)?.code == .unavailable)
+        // Both rest in IDLE after their backoff; a call connects both again, and one fails at once.
+        for _ in 0..<100 where rig.pool.subchannelStates != [.idle, .idle] { _ = try rig.reactor.runOnce(maxWaitMilliseconds: 20) }
+        rig.call(2)
+        #expect(rig.connector.made.count == 4)
+        rig.connector.made[2].fail()
+        rig.endTurn()
+        #expect(rig.status(2) == nil, "the other attempt is still under way")
+        rig.connector.made[3].becomeReady()
+        #expect(rig.connector.made[3].opened.map(\.path) == ["/p.S/M2"])
+    }
+
     @Test("the least-loaded ready connection takes each call; a freed stream takes the next queued call")
     func picksAndDrains() throws {
         let rig = try Rig(connectionsPerTarget: 2)
