@@ -253,14 +253,18 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         }
     }
 
-    private func readAvailable() {
+    /// Reads what the socket has: up to four buffers a turn (a busy connection must not starve the loop's others),
+    /// or, `untilDrained`, everything to the end (a connection about to close: what the peer sent last is the calls'
+    /// answers, and the kernel drops it with the socket).
+    private func readAvailable(untilDrained: Bool = false) {
         // The owner is the session's user data: it must outlive every nghttp2 callback of this read.
         guard let owner = self.owner else {
             self.close(reason: CallStatus(code: .unavailable, message: "connection abandoned"))
             return
         }
         let buffer = self.loopReactor._withUnsafeGuaranteedRef { $0.readBuffer }
-        for _ in 0..<4 {
+        // Bounded even to the end: a reset socket's queue is finite, but nothing here may loop for ever.
+        for _ in 0..<(untilDrained ? 4096 : 4) {
             let n = cr_read(self.fd, buffer.baseAddress!, buffer.count)
             if n == -Int(EAGAIN) { break }
             if n < 0 {
@@ -291,7 +295,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             }
             owner.socketDidRead()
             if self.state == .closed { return }
-            if n < buffer.count { break }
+            if n < buffer.count && !untilDrained { break }
         }
         withExtendedLifetime(owner) { self.scheduleFlush() }
     }
@@ -486,7 +490,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             // A peer that answers and closes without reading the rest of a request resets the connection, but what
             // it sent first (a status, a GOAWAY naming the streams it never processed) can still be read, and the
             // calls end with that rather than with the failed write.
-            if self.state == .open { self.readAvailable() }
+            if self.state == .open { self.readAvailable(untilDrained: true) }
             if self.state != .closed { self.close(reason: reason) }
             return false
         }

@@ -360,6 +360,31 @@ struct LimitsTests {
         }
     }
 
+    @Test("a server that sends a whole large answer, then resets while the request is still being written: every byte of it is read")
+    func largeAnswerBeforeResetIsReadWhole() async throws {
+        let peer = try ScriptedPeer("answer-and-reset", [String(6 << 20)])
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Self.plain()
+        configuration.maxMessageSize = 64 << 20
+        configuration.http2.initialStreamWindowSize = 16 << 20  // the whole answer may come at once
+        configuration.http2.connectionWindowSize = 16 << 20
+        // The answer (6 MiB and OK trailers) is in the client's receive queue, all of it, when the reset comes (the
+        // peer waits for that); the write fails then. A loop busy elsewhere may not have read much of it yet: reading
+        // only the next 256 KiB lost the rest, and the call failed UNAVAILABLE on the write. (On an idle loopback the
+        // client reads it as it comes, so this guards the outcome more than it provokes the old loss.)
+        let request = [UInt8](repeating: 7, count: 32 << 20)
+        for round in 0..<3 {
+            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+            let response = await channel.call("/test.Raw/Get", request, timeout: .seconds(10))
+            #expect(response.status == .ok, "round \(round): \(response.status)")
+            #expect(response.message.count == 6 << 20, "round \(round)")
+            channel.close()
+        }
+    }
+
     @Test("a grpc-status outside 0...16, or not a number, becomes UNKNOWN", arguments: [("99", StatusCode.unknown), ("abc", .unknown), ("-1", .unknown), ("5", .notFound)])
     func outOfRangeStatusIsUnknown(_ sent: String, _ expected: StatusCode) async throws {
         let peer = try ScriptedPeer("status", [sent])

@@ -51,13 +51,17 @@ mode says otherwise:
   silent               takes each connection and its preface ("event accepted"), then says nothing and reads on, never
                        sending SETTINGS: the client's attempt never connects (a blackholed address, as far as HTTP/2
                        goes); "event eof" when the client closes
+  answer-and-reset BYTES
+                       windows as wide-open-stall; once a request's headers are in: response headers, one message
+                       of BYTES bytes and trailers with grpc-status 0, then closes without reading the request's body
+                       (the kernel resets the connection with the answer still in the client's receive queue)
   http1                answers the client's preface with an HTTP/1.1 400 and closes (with --tls: a TLS terminator
                        that offers h2 in front of an HTTP/1.1 server)
   enable-push          its SETTINGS enable server push, which a server must not (a connection error for the client)
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
                        huge header blocks, resets, window abuse, GOAWAY, silence)
 """
-import base64, gzip, random, socket, ssl, struct, sys, threading, time
+import base64, fcntl, gzip, random, socket, ssl, struct, sys, termios, threading, time
 
 from hpack import Encoder, Decoder
 from hyperframe.frame import (ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame,
@@ -172,10 +176,10 @@ class Connection:
             settings.settings[SettingsFrame.ENABLE_PUSH] = 1
         if MODE == "max-header-list":
             settings.settings[SettingsFrame.MAX_HEADER_LIST_SIZE] = int(ARGS[0])
-        if MODE in ("wide-open-stall", "status-and-reset"):
+        if MODE in ("wide-open-stall", "status-and-reset", "answer-and-reset"):
             settings.settings[SettingsFrame.INITIAL_WINDOW_SIZE] = (1 << 31) - 1
         self.send(settings)
-        if MODE in ("wide-open-stall", "status-and-reset"):
+        if MODE in ("wide-open-stall", "status-and-reset", "answer-and-reset"):
             update = WindowUpdateFrame(0)
             update.window_increment = (1 << 31) - 1 - 65535
             self.send(update)
@@ -229,6 +233,15 @@ class Connection:
                     if MODE == "status-and-reset":
                         self.send_headers(frame.stream_id, [(":status", "200"), ("content-type", "application/grpc"),
                                                             ("grpc-status", ARGS[0])], end_stream=True)
+                        event("reset")
+                        return  # closed with the request's body unread: a reset
+                    if MODE == "answer-and-reset":
+                        self.send_headers(frame.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+                        self.send_data(frame.stream_id, grpc_frame(b"a" * int(ARGS[0])))
+                        self.send_headers(frame.stream_id, [("grpc-status", "0")], end_stream=True)
+                        # Every byte taken by the client's kernel before the reset, which drops what is still unsent.
+                        while struct.unpack("i", fcntl.ioctl(self.sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0] > 0:
+                            time.sleep(0.001)
                         event("reset")
                         return  # closed with the request's body unread: a reset
                     if MODE == "data-end":
