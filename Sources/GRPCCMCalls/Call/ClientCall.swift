@@ -183,6 +183,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private var deliveryScheduled = false
     @exclusivity(unchecked)
     private var completed = false
+    /// A transparent retry waits for this turn's deferred phase (`attemptEnded`).
+    @exclusivity(unchecked)
+    private var transparentRetryPending = false
 
     /// - Parameters:
     ///   - request: The one request message, or nil when `buffers` carries a request stream.
@@ -620,7 +623,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         case .none:
             return
         case .retryTransparently:
-            self.dispatchAttempt()
+            // Not from inside the read that refused the stream: the rest of it (a GOAWAY after the RST_STREAM) may
+            // take the connection away, and a retry opened on it first was refused by nghttp2 too, using up the one
+            // transparent retry. At the end of this turn the pool knows what the read told it.
+            self.transparentRetryPending = true
+            self.scheduleDelivery()
         case .retryAfter(let delay):
             environment.bus.publish(
                 .retryScheduled(
@@ -722,6 +729,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
 
     package override func reactorRunDeferred() {
         self.deliveryScheduled = false
+        if self.transparentRetryPending {
+            self.transparentRetryPending = false
+            // Unless something ended the call meanwhile (its deadline, a cancel, a closing channel).
+            if !self.hasResult && !self.completed { self.dispatchAttempt() }
+        }
         // What was there when this run began: anything a callback causes (its own cancel, say) comes next turn.
         let ending = self.hasResult
         if !self.parts.isEmpty {

@@ -360,6 +360,22 @@ struct LimitsTests {
         }
     }
 
+    @Test("a stream refused and a GOAWAY in one read: the transparent retry goes to a new connection, not the one going away")
+    func refusalThenGoAwayInOneRead() async throws {
+        let peer = try ScriptedPeer("refuse-then-goaway")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // No retry by policy: only the transparent one (a refused request never ran) may save the call. Opened at
+        // once, inside the read, it went to the connection the GOAWAY then took away, and nghttp2 refused it too.
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+        let response = await channel.call("/test.Raw/Get", [1, 2], timeout: .seconds(10))
+        #expect(response.status == .ok, "\(response.status)")
+        #expect(response.message == [1, 2])
+        #expect(peer.headerBlocks() == 2, "the refused request, then its retry on the second connection")
+    }
+
     @Test("a server that sends a whole large answer, then resets while the request is still being written: every byte of it is read")
     func largeAnswerBeforeResetIsReadWhole() async throws {
         let peer = try ScriptedPeer("answer-and-reset", [String(6 << 20)])

@@ -55,6 +55,8 @@ mode says otherwise:
                        windows as wide-open-stall; once a request's headers are in: response headers, one message
                        of BYTES bytes and trailers with grpc-status 0, then closes without reading the request's body
                        (the kernel resets the connection with the answer still in the client's receive queue)
+  refuse-then-goaway   on the first connection, the first request's headers get RST_STREAM REFUSED_STREAM and
+                       GOAWAY(last stream 0) in one write (one read for the client); later connections are echoed
   http1                answers the client's preface with an HTTP/1.1 400 and closes (with --tls: a TLS terminator
                        that offers h2 in front of an HTTP/1.1 server)
   enable-push          its SETTINGS enable server push, which a server must not (a connection error for the client)
@@ -108,6 +110,7 @@ def read_exact(sock, n):
 class Connection:
     def __init__(self, sock, seed):
         self.sock = sock
+        self.serial = seed  # 1 for the first connection (but in random mode)
         self.encoder = Encoder()
         self.decoder = Decoder()
         self.decoder.max_header_list_size = 1 << 30
@@ -235,6 +238,14 @@ class Connection:
                                                             ("grpc-status", ARGS[0])], end_stream=True)
                         event("reset")
                         return  # closed with the request's body unread: a reset
+                    if MODE == "refuse-then-goaway" and self.serial == 1 and self.requests == 1:
+                        refuse = RstStreamFrame(frame.stream_id)
+                        refuse.error_code = 7  # REFUSED_STREAM
+                        goaway = GoAwayFrame(0)
+                        goaway.last_stream_id = 0
+                        self.send_raw(refuse.serialize() + goaway.serialize())
+                        self.streams[frame.stream_id]["answered"] = True
+                        continue
                     if MODE == "answer-and-reset":
                         self.send_headers(frame.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
                         self.send_data(frame.stream_id, grpc_frame(b"a" * int(ARGS[0])))
