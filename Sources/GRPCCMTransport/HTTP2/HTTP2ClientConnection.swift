@@ -63,6 +63,9 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     private var keepaliveTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
     private var keepaliveTimeoutTimer: Reactor.TimerID = 0
+    /// When the keepalive PING went out (the timeout counts from it).
+    @exclusivity(unchecked)
+    private var pingSentAt: UInt64 = 0
     @exclusivity(unchecked)
     private var idleTrimTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
@@ -307,6 +310,12 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         case TimerTag.keepaliveTimeout:
             self.keepaliveTimeoutTimer = 0
             guard self.state == .ready || self.state == .draining else { return }
+            // Bytes read since the PING went out are a sign of life too (grpc-go's rule): a server streaming to us
+            // whose ACK is late (or never sent) is not dead. Only silence closes the connection.
+            if self.lastReadAt > self.pingSentAt {
+                self.armKeepalive(at: self.lastReadAt &+ UInt64(self.keepAliveTime.nanoseconds))
+                return
+            }
             self.keepaliveTimedOut = true
             self.close(
                 reason: CallStatus(
@@ -543,6 +552,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             return
         }
         nghttp2_submit_ping(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nil)
+        self.pingSentAt = now
         self.keepaliveTimeoutTimer = self.reactor.scheduleTimer(
             at: now &+ UInt64(self.settings.keepAliveTimeout.nanoseconds), handler: self,
             tag: TimerTag.keepaliveTimeout)

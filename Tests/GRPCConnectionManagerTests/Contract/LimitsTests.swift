@@ -360,6 +360,32 @@ struct LimitsTests {
         }
     }
 
+    @Test("keepalive: data arriving after an unanswered PING is a sign of life, as in grpc-go; only silence closes")
+    func dataAfterPingIsLife() async throws {
+        // Silent for 400 ms (the PING goes at 200 ms), then 40 messages 50 ms apart; the PING is never answered.
+        let peer = try ScriptedPeer("quiet-then-stream", ["400", "40", "50"])
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Self.plain()
+        configuration.keepAliveTime = .milliseconds(200)
+        configuration.keepAliveTimeout = .milliseconds(1000)
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let call = channel.serverStreaming(path: "/test.Raw/Watch", request: [1], options: RequestOptions(timeout: .seconds(20)))
+        var received = 0
+        do {
+            for try await message in call.responses {
+                #expect(message == [UInt8(received)])
+                received += 1
+            }
+        } catch {
+            Issue.record("the stream failed after \(received) messages: \(error)")
+        }
+        #expect(received == 40)
+        #expect(await call.result().status == .ok)
+    }
+
     @Test("a stream refused and a GOAWAY in one read: the transparent retry goes to a new connection, not the one going away")
     func refusalThenGoAwayInOneRead() async throws {
         let peer = try ScriptedPeer("refuse-then-goaway")

@@ -25,6 +25,9 @@ mode says otherwise:
   refuse N             RST_STREAM REFUSED_STREAM for the first N streams (never processed)
   goaway LAST          once LAST+2 requests are in: GOAWAY(last stream id LAST), answer only streams <= LAST
   no-ping-ack          answers streams, never answers a PING (a keepalive that times out)
+  quiet-then-stream QUIET_MS COUNT EVERY_MS
+                       never answers a PING; each stream gets response headers at once, QUIET_MS of silence, then
+                       COUNT one-byte messages EVERY_MS apart and OK
   observe              SETTINGS only; reports what the client sends before it goes
   late-first           holds the answer to stream 1 until another request arrives, then sends it ("stale", OK)
                        before answering the new one (an old attempt's frames arriving during its retry)
@@ -212,7 +215,7 @@ class Connection:
             elif isinstance(frame, WindowUpdateFrame) and MODE == "padded":
                 event("window %d %d" % (frame.stream_id, frame.window_increment))
             elif isinstance(frame, PingFrame):
-                if "ACK" not in frame.flags and MODE != "no-ping-ack":
+                if "ACK" not in frame.flags and MODE not in ("no-ping-ack", "quiet-then-stream"):
                     pong = PingFrame(0)
                     pong.flags.add("ACK")
                     pong.opaque_data = frame.opaque_data
@@ -364,6 +367,19 @@ class Connection:
             self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
             code, delay = ARGS[0], int(ARGS[1]) / 1000.0
             threading.Timer(delay, lambda: self.send_headers(stream_id, [("grpc-status", code)], end_stream=True)).start()
+        elif MODE == "quiet-then-stream":
+            # Response headers at once; QUIET_MS of silence; COUNT messages EVERY_MS apart; OK. PINGs are never
+            # answered: the data is the only sign of life.
+            self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+            quiet, count, every = int(ARGS[0]) / 1000.0, int(ARGS[1]), int(ARGS[2]) / 1000.0
+
+            def stream(stream_id=stream_id):
+                time.sleep(quiet)
+                for index in range(count):
+                    self.send_data(stream_id, grpc_frame(bytes([index % 256])))
+                    time.sleep(every)
+                self.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+            threading.Thread(target=stream, daemon=True).start()
         elif MODE == "padded":
             # A 64 KiB message, then one of FRAMES x 256 bytes in DATA frames each padded with 255 bytes (half of
             # every frame's flow-controlled bytes is padding), then OK.
