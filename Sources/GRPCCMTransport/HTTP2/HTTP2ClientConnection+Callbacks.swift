@@ -28,6 +28,8 @@ enum HTTP2ClientSessionFactory {
         // wrong, for the status of the connection it then ends (the calls would read "closed by the server"). Its
         // other reasons travel in the GOAWAY it sends, read there (`HTTP2Socket.collectOutput`).
         nghttp2_session_callbacks_set_error_callback2(callbacks, clientOnError)
+        // Only for frames against the rules, which nghttp2 answers with its own RST_STREAM (or GOAWAY).
+        nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(callbacks, clientOnInvalidFrame)
 
         var option: OpaquePointer? = nil
         guard nghttp2_option_new(&option) == 0, let option else { throw Failure(code: -901) }
@@ -120,6 +122,31 @@ private func clientOnError(
     let text = message.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: min(length, 256)), as: UTF8.self) }
     connection(userData).takeUnretainedValue().noteProtocolError(text ?? String(cString: nghttp2_strerror(code)))
     return 0
+}
+
+/// A frame nghttp2 found against HTTP/2's rules (a window overflowed, a frame in the wrong state): it resets the
+/// stream itself. Noted so that the call says what the server did, and that this side reset the stream, rather than
+/// "server reset the stream".
+private func clientOnInvalidFrame(
+    _ session: OpaquePointer?, _ frame: UnsafePointer<nghttp2_frame>?, _ libErrorCode: Int32,
+    _ userData: UnsafeMutableRawPointer?
+) -> Int32 {
+    let header = frame!.pointee.hd
+    guard header.stream_id != 0 else { return 0 }
+    let violation = "\(HTTP2FrameType.name(header.type)): \(String(cString: nghttp2_strerror(libErrorCode)))"
+    connection(userData)._withUnsafeGuaranteedRef { $0.noteStreamViolation(header.stream_id, violation) }
+    return 0
+}
+
+/// Frame type names for messages (RFC 9113 §6).
+enum HTTP2FrameType {
+    static func name(_ type: UInt8) -> String {
+        let names = [
+            "DATA", "HEADERS", "PRIORITY", "RST_STREAM", "SETTINGS", "PUSH_PROMISE", "PING", "GOAWAY", "WINDOW_UPDATE",
+            "CONTINUATION",
+        ]
+        return Int(type) < names.count ? names[Int(type)] : "frame type \(type)"
+    }
 }
 
 private func clientOnFrameRecv(

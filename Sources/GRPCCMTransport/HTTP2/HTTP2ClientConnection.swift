@@ -63,6 +63,9 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     private var keepaliveTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
     private var keepaliveTimeoutTimer: Reactor.TimerID = 0
+    /// Streams nghttp2 is about to reset for something the server sent (`noteStreamViolation`); usually empty.
+    @exclusivity(unchecked)
+    private var streamViolations: [Int32: String] = [:]
     /// When the keepalive PING went out (the timeout counts from it).
     @exclusivity(unchecked)
     private var pingSentAt: UInt64 = 0
@@ -185,6 +188,11 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// of the close that follows when nghttp2 ends the session itself.
     func noteProtocolError(_ message: String) {
         self.socket?.protocolError = message
+    }
+
+    /// What the server did wrong on `streamID`, which nghttp2 then resets (`streamClosed` reports it).
+    func noteStreamViolation(_ streamID: Int32, _ violation: String) {
+        self.streamViolations[streamID] = violation
     }
 
     package func socketSecured(_ tls: TLSSession) -> CallStatus? {
@@ -509,7 +517,16 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.streamsOnWire -= 1
         self.lastStreamActivity = self.loopReactor._withUnsafeGuaranteedRef { $0.now }
         // A stream its owner reset has no handler any more; its slot frees all the same.
-        self.detach(streamID)?.streamClosed(errorCode: errorCode)
+        if !self.streamViolations.isEmpty, let violation = self.streamViolations.removeValue(forKey: streamID) {
+            // nghttp2 reset it for what the server sent: say so, not "server reset the stream".
+            self.detach(streamID)?.streamFailed(
+                CallStatus(
+                    code: .internal,
+                    message: "the server broke HTTP/2 on the stream (\(violation)); this client reset it (\(HTTP2ErrorCode.name(errorCode)))"),
+                unprocessed: false)
+        } else {
+            self.detach(streamID)?.streamClosed(errorCode: errorCode)
+        }
         if self.streamsOnWire == 0 && self.idleTrimTimer == 0 && self.state == .ready {
             self.idleTrimTimer = self.reactor.scheduleTimer(
                 at: self.reactor.now &+ Self.idleTrimDelay, handler: self, tag: TimerTag.idleTrim)

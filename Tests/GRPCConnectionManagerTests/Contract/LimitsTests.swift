@@ -360,6 +360,23 @@ struct LimitsTests {
         }
     }
 
+    @Test("a stream nghttp2 resets for the server's violation says what the server did, not that the server reset it")
+    func localResetIsNamed() async throws {
+        let peer = try ScriptedPeer("window-overflow")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+        let response = await channel.call("/test.Raw/Get", [1], timeout: .seconds(5))
+        #expect(response.status.code == .internal)
+        #expect(response.status.message.hasPrefix("the server broke HTTP/2 on the stream (WINDOW_UPDATE: "), "\(response.status)")
+        #expect(response.status.message.hasSuffix("this client reset it (FLOW_CONTROL_ERROR)"), "\(response.status)")
+        // The connection stays: a stream error.
+        #expect(await channel.call("/test.Raw/Get", [2], timeout: .seconds(5)).status.code == .internal)
+        #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 1, "one connection")
+    }
+
     @Test("keepalive: data arriving after an unanswered PING is a sign of life, as in grpc-go; only silence closes")
     func dataAfterPingIsLife() async throws {
         // Silent for 400 ms (the PING goes at 200 ms), then 40 messages 50 ms apart; the PING is never answered.

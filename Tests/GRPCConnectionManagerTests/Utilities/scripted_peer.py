@@ -60,6 +60,7 @@ mode says otherwise:
                        (the kernel resets the connection with the answer still in the client's receive queue)
   refuse-then-goaway   on the first connection, the first request's headers get RST_STREAM REFUSED_STREAM and
                        GOAWAY(last stream 0) in one write (one read for the client); later connections are echoed
+  window-overflow      each stream gets response headers, then a WINDOW_UPDATE that overflows its window (2^31-1)
   http1                answers the client's preface with an HTTP/1.1 400 and closes (with --tls: a TLS terminator
                        that offers h2 in front of an HTTP/1.1 server)
   enable-push          its SETTINGS enable server push, which a server must not (a connection error for the client)
@@ -367,6 +368,11 @@ class Connection:
             self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
             code, delay = ARGS[0], int(ARGS[1]) / 1000.0
             threading.Timer(delay, lambda: self.send_headers(stream_id, [("grpc-status", code)], end_stream=True)).start()
+        elif MODE == "window-overflow":
+            self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+            update = WindowUpdateFrame(stream_id)
+            update.window_increment = (1 << 31) - 1
+            self.send(update)
         elif MODE == "quiet-then-stream":
             # Response headers at once; QUIET_MS of silence; COUNT messages EVERY_MS apart; OK. PINGs are never
             # answered: the data is the only sign of life.
