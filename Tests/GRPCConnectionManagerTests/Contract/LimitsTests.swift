@@ -23,6 +23,18 @@ struct LimitsTests {
         return configuration
     }
 
+    /// A scripted peer in `mode` and a started loop for the client, both stopped after `body`.
+    static func withPeer(
+        _ mode: String, _ arguments: [String] = [], _ body: (ScriptedPeer, ReactorLoop) async throws -> Void
+    ) async throws {
+        let peer = try ScriptedPeer(mode, arguments)
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        try await body(peer, loop)
+    }
+
     @Test("response headers and trailers over maxHeaderListSize end the call RESOURCE_EXHAUSTED; the connection stays", arguments: ["headers-bytes", "trailers-bytes"])
     func headerListSizeIsEnforced(_ mode: String) async throws {
         let peer = try ScriptedPeer(mode, ["20000"])
@@ -362,85 +374,73 @@ struct LimitsTests {
 
     @Test("a stream nghttp2 resets for the server's violation says what the server did, not that the server reset it")
     func localResetIsNamed() async throws {
-        let peer = try ScriptedPeer("window-overflow")
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
-        let response = await channel.call("/test.Raw/Get", [1], timeout: .seconds(5))
-        #expect(response.status.code == .internal)
-        #expect(response.status.message.hasPrefix("the server broke HTTP/2 on the stream (WINDOW_UPDATE: "), "\(response.status)")
-        #expect(response.status.message.hasSuffix("this client reset it (FLOW_CONTROL_ERROR)"), "\(response.status)")
-        // The connection stays: a stream error.
-        #expect(await channel.call("/test.Raw/Get", [2], timeout: .seconds(5)).status.code == .internal)
-        #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 1, "one connection")
+        try await Self.withPeer("window-overflow") { peer, loop in
+            let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+            let response = await channel.call("/test.Raw/Get", [1], timeout: .seconds(5))
+            #expect(response.status.code == .internal)
+            #expect(response.status.message.hasPrefix("the server broke HTTP/2 on the stream (WINDOW_UPDATE: "), "\(response.status)")
+            #expect(response.status.message.hasSuffix("this client reset it (FLOW_CONTROL_ERROR)"), "\(response.status)")
+            // The connection stays: a stream error.
+            #expect(await channel.call("/test.Raw/Get", [2], timeout: .seconds(5)).status.code == .internal)
+            #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 1, "one connection")
+        }
     }
 
     @Test("keepalive: data arriving after an unanswered PING is a sign of life, as in grpc-go; only silence closes")
     func dataAfterPingIsLife() async throws {
         // Silent for 400 ms (the PING goes at 200 ms), then 40 messages 50 ms apart; the PING is never answered.
-        let peer = try ScriptedPeer("quiet-then-stream", ["400", "40", "50"])
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        var configuration = Self.plain()
-        configuration.keepAliveTime = .milliseconds(200)
-        configuration.keepAliveTimeout = .milliseconds(1000)
-        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
-        let call = channel.serverStreaming(path: "/test.Raw/Watch", request: [1], options: RequestOptions(timeout: .seconds(20)))
-        var received = 0
-        do {
-            for try await message in call.responses {
-                #expect(message == [UInt8(received)])
-                received += 1
+        try await Self.withPeer("quiet-then-stream", ["400", "40", "50"]) { peer, loop in
+            var configuration = Self.plain()
+            configuration.keepAliveTime = .milliseconds(200)
+            configuration.keepAliveTimeout = .milliseconds(1000)
+            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+            let call = channel.serverStreaming(path: "/test.Raw/Watch", request: [1], options: RequestOptions(timeout: .seconds(20)))
+            var received = 0
+            do {
+                for try await message in call.responses {
+                    #expect(message == [UInt8(received)])
+                    received += 1
+                }
+            } catch {
+                Issue.record("the stream failed after \(received) messages: \(error)")
             }
-        } catch {
-            Issue.record("the stream failed after \(received) messages: \(error)")
+            #expect(received == 40)
+            #expect(await call.result().status == .ok)
         }
-        #expect(received == 40)
-        #expect(await call.result().status == .ok)
     }
 
     @Test("a stream refused and a GOAWAY in one read: the transparent retry goes to a new connection, not the one going away")
     func refusalThenGoAwayInOneRead() async throws {
-        let peer = try ScriptedPeer("refuse-then-goaway")
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        // No retry by policy: only the transparent one (a refused request never ran) may save the call. Opened at
-        // once, inside the read, it went to the connection the GOAWAY then took away, and nghttp2 refused it too.
-        let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
-        let response = await channel.call("/test.Raw/Get", [1, 2], timeout: .seconds(10))
-        #expect(response.status == .ok, "\(response.status)")
-        #expect(response.message == [1, 2])
-        #expect(peer.headerBlocks() == 2, "the refused request, then its retry on the second connection")
+        try await Self.withPeer("refuse-then-goaway") { peer, loop in
+            // No retry by policy: only the transparent one (a refused request never ran) may save the call. Opened at
+            // once, inside the read, it went to the connection the GOAWAY then took away, and nghttp2 refused it too.
+            let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+            let response = await channel.call("/test.Raw/Get", [1, 2], timeout: .seconds(10))
+            #expect(response.status == .ok, "\(response.status)")
+            #expect(response.message == [1, 2])
+            #expect(peer.headerBlocks() == 2, "the refused request, then its retry on the second connection")
+        }
     }
 
     @Test("a server that sends a whole large answer, then resets while the request is still being written: every byte of it is read")
     func largeAnswerBeforeResetIsReadWhole() async throws {
-        let peer = try ScriptedPeer("answer-and-reset", [String(6 << 20)])
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        var configuration = Self.plain()
-        configuration.maxMessageSize = 64 << 20
-        configuration.http2.initialStreamWindowSize = 16 << 20  // the whole answer may come at once
-        configuration.http2.connectionWindowSize = 16 << 20
-        // The answer (6 MiB and OK trailers) is in the client's receive queue, all of it, when the reset comes (the
-        // peer waits for that); the write fails then. A loop busy elsewhere may not have read much of it yet: reading
-        // only the next 256 KiB lost the rest, and the call failed UNAVAILABLE on the write. (On an idle loopback the
-        // client reads it as it comes, so this guards the outcome more than it provokes the old loss.)
-        let request = [UInt8](repeating: 7, count: 32 << 20)
-        for round in 0..<3 {
-            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
-            let response = await channel.call("/test.Raw/Get", request, timeout: .seconds(10))
-            #expect(response.status == .ok, "round \(round): \(response.status)")
-            #expect(response.message.count == 6 << 20, "round \(round)")
-            channel.close()
+        try await Self.withPeer("answer-and-reset", [String(6 << 20)]) { peer, loop in
+            var configuration = Self.plain()
+            configuration.maxMessageSize = 64 << 20
+            configuration.http2.initialStreamWindowSize = 16 << 20  // the whole answer may come at once
+            configuration.http2.connectionWindowSize = 16 << 20
+            // The answer (6 MiB and OK trailers) is in the client's receive queue, all of it, when the reset comes (the
+            // peer waits for that); the write fails then. A loop busy elsewhere may not have read much of it yet: reading
+            // only the next 256 KiB lost the rest, and the call failed UNAVAILABLE on the write. (On an idle loopback the
+            // client reads it as it comes, so this guards the outcome more than it provokes the old loss.)
+            let request = [UInt8](repeating: 7, count: 32 << 20)
+            for round in 0..<3 {
+                let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+                let response = await channel.call("/test.Raw/Get", request, timeout: .seconds(10))
+                #expect(response.status == .ok, "round \(round): \(response.status)")
+                #expect(response.message.count == 6 << 20, "round \(round)")
+                channel.close()
+            }
         }
     }
 

@@ -167,20 +167,28 @@ struct CommandLineTests {
         #expect(response.message == [1, 2, 3])
     }
 
-    @Test("grpc-cm serve stops gracefully on SIGTERM: GOAWAY, nothing new accepted, the call under way finishes; exit 0")
-    func serveStopsGracefully() async throws {
+    /// `grpc-cm serve --port 0` with `arguments`, running; its target from the line it prints.
+    private func startServe(_ arguments: [String]) throws -> (process: Process, target: String) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: grpcCMBinary())
-        process.arguments = ["serve", "--port", "0", "--grace-period", "30"]
+        process.arguments = ["serve", "--port", "0"] + arguments
         let errors = Pipe()
         process.standardError = errors
         try process.run()
-        defer {
-            if process.isRunning { process.terminate() }
-            process.waitUntilExit()
-        }
         let line = readLine(errors.fileHandleForReading.fileDescriptor) ?? ""
-        let target = String(line.split(separator: " ").last ?? "")
+        return (process, String(line.split(separator: " ").last ?? ""))
+    }
+
+    /// Stops `process` if it still runs, and waits for it.
+    private func stopServe(_ process: Process) {
+        if process.isRunning { process.terminate() }
+        process.waitUntilExit()
+    }
+
+    @Test("grpc-cm serve stops gracefully on SIGTERM: GOAWAY, nothing new accepted, the call under way finishes; exit 0")
+    func serveStopsGracefully() async throws {
+        let (process, target) = try self.startServe(["--grace-period", "30"])
+        defer { self.stopServe(process) }
         var configuration = Configuration()
         configuration.enableRetry = false
         configuration.enableCircuitBreaker = false
@@ -208,18 +216,9 @@ struct CommandLineTests {
 
     @Test("grpc-cm serve: a second SIGTERM ends the grace period at once, the calls still under way with it")
     func serveSecondSignalHurries() async throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: grpcCMBinary())
-        process.arguments = ["serve", "--port", "0", "--grace-period", "3600"]
-        let errors = Pipe()
-        process.standardError = errors
-        try process.run()
-        defer {
-            if process.isRunning { process.terminate() }
-            process.waitUntilExit()
-        }
-        let line = readLine(errors.fileHandleForReading.fileDescriptor) ?? ""
-        let channel = try GRPCChannel(target: String(line.split(separator: " ").last ?? ""))
+        let (process, target) = try self.startServe(["--grace-period", "3600"])
+        defer { self.stopServe(process) }
+        let channel = try GRPCChannel(target: target)
         defer { channel.close() }
         let bidi = channel.bidirectionalStreaming(path: "/raw.Raw/Update")
         var echoes = bidi.responses.makeAsyncIterator()

@@ -133,8 +133,11 @@ struct TLSTests {
         #expect(await insecure.call([3], timeout: .seconds(5)).message == [3])
     }
 
-    @Test("a name with a trailing dot (fully qualified) is sent and checked without it")
-    func trailingDotName() async throws {
+    /// A scripted echo peer over TLS with the test CA's server certificate, and a started loop for the client; all
+    /// stopped after `body`.
+    static func withTLSEchoPeer(
+        _ body: (TestCertificates, ScriptedPeer, ReactorLoop) async throws -> Void
+    ) async throws {
         let certificates = try TestCertificates.make()
         defer { certificates.remove() }
         let peer = try ScriptedPeer("echo", tls: (certificates.serverCertificate, certificates.serverKey))
@@ -142,35 +145,37 @@ struct TLSTests {
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
-        // By the target's host (resolved by a scripted resolver: the system's has no "localhost." either), and by
-        // serverName.
-        let byHost = try GRPCChannel(
-            target: "localhost.:\(peer.port)", configuration: Self.tls(certificates), eventLoop: loop,
-            resolver: ScriptedResolver([[NetworkAddress(ip: "127.0.0.1", port: peer.port)!]]))
-        let byName = try GRPCChannel(
-            target: peer.target, configuration: Self.tls(certificates) { $0.serverName = "localhost." }, eventLoop: loop)
-        for channel in [byHost, byName] {
-            let response = await channel.call([1], timeout: .seconds(5))
-            #expect(response.status == .ok, "\(channel.target): \(response.status)")
+        try await body(certificates, peer, loop)
+    }
+
+    @Test("a name with a trailing dot (fully qualified) is sent and checked without it")
+    func trailingDotName() async throws {
+        try await Self.withTLSEchoPeer { certificates, peer, loop in
+            // By the target's host (resolved by a scripted resolver: the system's has no "localhost." either), and
+            // by serverName.
+            let byHost = try GRPCChannel(
+                target: "localhost.:\(peer.port)", configuration: Self.tls(certificates), eventLoop: loop,
+                resolver: ScriptedResolver([[NetworkAddress(ip: "127.0.0.1", port: peer.port)!]]))
+            let byName = try GRPCChannel(
+                target: peer.target, configuration: Self.tls(certificates) { $0.serverName = "localhost." }, eventLoop: loop)
+            for channel in [byHost, byName] {
+                let response = await channel.call([1], timeout: .seconds(5))
+                #expect(response.status == .ok, "\(channel.target): \(response.status)")
+            }
+            #expect(peer.events.filter { $0.hasPrefix("sni ") } == ["sni localhost", "sni localhost"], "\(peer.events)")
         }
-        #expect(peer.events.filter { $0.hasPrefix("sni ") } == ["sni localhost", "sni localhost"], "\(peer.events)")
     }
 
     @Test("serverName is the requests' :authority too (as grpc-go takes it), not the dialled address")
     func serverNameIsTheAuthority() async throws {
-        let certificates = try TestCertificates.make()
-        defer { certificates.remove() }
-        let peer = try ScriptedPeer("echo", tls: (certificates.serverCertificate, certificates.serverKey))
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let named = try GRPCChannel(
-            target: peer.target, configuration: Self.tls(certificates) { $0.serverName = "localhost" }, eventLoop: loop)
-        #expect(await named.call([1], timeout: .seconds(5)).status == .ok)
-        let unnamed = try GRPCChannel(target: peer.target, configuration: Self.tls(certificates), eventLoop: loop)
-        #expect(await unnamed.call([2], timeout: .seconds(5)).status == .ok)
-        #expect(peer.events.filter { $0.hasPrefix("authority ") } == ["authority localhost", "authority \(peer.target)"])
+        try await Self.withTLSEchoPeer { certificates, peer, loop in
+            let named = try GRPCChannel(
+                target: peer.target, configuration: Self.tls(certificates) { $0.serverName = "localhost" }, eventLoop: loop)
+            #expect(await named.call([1], timeout: .seconds(5)).status == .ok)
+            let unnamed = try GRPCChannel(target: peer.target, configuration: Self.tls(certificates), eventLoop: loop)
+            #expect(await unnamed.call([2], timeout: .seconds(5)).status == .ok)
+            #expect(peer.events.filter { $0.hasPrefix("authority ") } == ["authority localhost", "authority \(peer.target)"])
+        }
     }
 
     @Test("an etcd:/// target under verified TLS needs serverName: its name is a key prefix no certificate names")
