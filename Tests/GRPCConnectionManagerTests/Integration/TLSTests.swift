@@ -133,6 +133,16 @@ struct TLSTests {
         #expect(await insecure.call([3], timeout: .seconds(5)).message == [3])
     }
 
+    /// The test certificates and a started loop, both let go of after `body`.
+    static func withCertificates(_ body: (TestCertificates, ReactorLoop) async throws -> Void) async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        try await body(certificates, loop)
+    }
+
     /// A scripted echo peer over TLS with the test CA's server certificate, and a started loop for the client; all
     /// stopped after `body`.
     static func withTLSEchoPeer(
@@ -198,20 +208,17 @@ struct TLSTests {
 
     @Test("a trusted intermediate CA is an anchor: its server's chain verifies without the root")
     func intermediateAsTrustAnchor() async throws {
-        let certificates = try TestCertificates.make()
-        defer { certificates.remove() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let server = try Self.server(
-            certificates, loop: loop, certificate: certificates.intermediateServerChain, key: certificates.intermediateServerKey)
-        defer { server.close() }
-        for roots in [certificates.intermediateCertificate, certificates.caCertificate] {
-            let channel = try GRPCChannel(
-                target: "localhost:\(server.port)", configuration: Self.tls(certificates) { $0.trustRoots = .file(roots) },
-                eventLoop: loop)
-            let response = await channel.call([1], timeout: .seconds(5))
-            #expect(response.status == .ok, "trusting \(roots): \(response.status)")
+        try await Self.withCertificates { certificates, loop in
+            let server = try Self.server(
+                certificates, loop: loop, certificate: certificates.intermediateServerChain, key: certificates.intermediateServerKey)
+            defer { server.close() }
+            for roots in [certificates.intermediateCertificate, certificates.caCertificate] {
+                let channel = try GRPCChannel(
+                    target: "localhost:\(server.port)", configuration: Self.tls(certificates) { $0.trustRoots = .file(roots) },
+                    eventLoop: loop)
+                let response = await channel.call([1], timeout: .seconds(5))
+                #expect(response.status == .ok, "trusting \(roots): \(response.status)")
+            }
         }
     }
 
@@ -499,55 +506,49 @@ struct TLSTests {
 
     @Test("a TLS file rewritten on disk is read for the next connection, without closing the channel")
     func rotatedFilesAreRead() async throws {
-        let certificates = try TestCertificates.make()
-        defer { certificates.remove() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        // The server presents the stranger's certificate; the client trusts what its CA file holds.
-        let server = try Self.server(
-            certificates, loop: loop, certificate: certificates.strangerCertificate, key: certificates.strangerKey)
-        defer { server.close() }
-        let trusted = certificates.path("trusted.pem")
-        try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
-        let channel = try GRPCChannel(
-            target: "localhost:\(server.port)", configuration: Self.tls(certificates) { $0.trustRoots = .file(trusted) },
-            eventLoop: loop)
-        defer { channel.close() }
-        let refused = await channel.call([1], timeout: .seconds(5))
-        #expect(refused.status.code == .unavailable && refused.status.message.contains("certificate verify failed"))
-        // The CA bundle is replaced (one that trusts the stranger): the next attempt reads it.
-        try FileManager.default.removeItem(atPath: trusted)
-        try FileManager.default.copyItem(atPath: certificates.strangerCertificate, toPath: trusted)
-        let response = await channel.unaryResult(
-            path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .seconds(10), waitForReady: true))
-        #expect(response.status == .ok, "\(response.status)")
+        try await Self.withCertificates { certificates, loop in
+            // The server presents the stranger's certificate; the client trusts what its CA file holds.
+            let server = try Self.server(
+                certificates, loop: loop, certificate: certificates.strangerCertificate, key: certificates.strangerKey)
+            defer { server.close() }
+            let trusted = certificates.path("trusted.pem")
+            try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
+            let channel = try GRPCChannel(
+                target: "localhost:\(server.port)", configuration: Self.tls(certificates) { $0.trustRoots = .file(trusted) },
+                eventLoop: loop)
+            defer { channel.close() }
+            let refused = await channel.call([1], timeout: .seconds(5))
+            #expect(refused.status.code == .unavailable && refused.status.message.contains("certificate verify failed"))
+            // The CA bundle is replaced (one that trusts the stranger): the next attempt reads it.
+            try FileManager.default.removeItem(atPath: trusted)
+            try FileManager.default.copyItem(atPath: certificates.strangerCertificate, toPath: trusted)
+            let response = await channel.unaryResult(
+                path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .seconds(10), waitForReady: true))
+            #expect(response.status == .ok, "\(response.status)")
+        }
     }
 
     @Test("an idle TLS connection gives back the buffers one large message grew (its memory BIOs kept 1 MiB and more)")
     func idleTLSBuffersAreTrimmed() async throws {
-        let certificates = try TestCertificates.make()
-        defer { certificates.remove() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let server = try Self.server(certificates, loop: loop)
-        defer { server.close() }
-        let channel = try GRPCChannel(target: "127.0.0.1:\(server.port)", configuration: Self.tls(certificates), eventLoop: loop)
-        defer { channel.close() }
-        func capacity() -> Int {
-            channel.inspect { pool in
-                pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.tlsBufferCapacity }.reduce(0, +)
+        try await Self.withCertificates { certificates, loop in
+            let server = try Self.server(certificates, loop: loop)
+            defer { server.close() }
+            let channel = try GRPCChannel(target: "127.0.0.1:\(server.port)", configuration: Self.tls(certificates), eventLoop: loop)
+            defer { channel.close() }
+            func capacity() -> Int {
+                channel.inspect { pool in
+                    pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.tlsBufferCapacity }.reduce(0, +)
+                }
             }
+            let big = [UInt8](repeating: 7, count: 1 << 20)
+            let response = await channel.call("/echo.Echo/Get", big, timeout: .seconds(10))
+            #expect(response.status == .ok && response.message == big)
+            // After the idle trim's delay (1 s without streams) the connection holds next to nothing in its BIOs, and it
+            // still works.
+            #expect(await eventually(timeout: 5) { capacity() < 64 << 10 }, "\(capacity()) bytes still allocated")
+            let again = await channel.call("/echo.Echo/Get", big, timeout: .seconds(10))
+            #expect(again.status == .ok && again.message == big)
         }
-        let big = [UInt8](repeating: 7, count: 1 << 20)
-        let response = await channel.call("/echo.Echo/Get", big, timeout: .seconds(10))
-        #expect(response.status == .ok && response.message == big)
-        // After the idle trim's delay (1 s without streams) the connection holds next to nothing in its BIOs, and it
-        // still works.
-        #expect(await eventually(timeout: 5) { capacity() < 64 << 10 }, "\(capacity()) bytes still allocated")
-        let again = await channel.call("/echo.Echo/Get", big, timeout: .seconds(10))
-        #expect(again.status == .ok && again.message == big)
     }
 
     @Test("large request bodies go from the call straight into the socket's output, intact, with and without TLS")
