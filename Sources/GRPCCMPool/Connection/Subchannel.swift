@@ -13,6 +13,9 @@ package protocol SubchannelDelegate: AnyObject {
     var hasWaitingCalls: Bool { get }
     /// A subchannel shut down gracefully has no connection left: its last draining one closed.
     func subchannelFinishedDraining(_ subchannel: Subchannel)
+    /// The server sent GOAWAY too_many_pings: `time` is the keepalive interval from now on, for every connection to
+    /// the service (its other connections would hear the same).
+    func subchannel(_ subchannel: Subchannel, raisedKeepAliveTimeTo time: Duration)
 }
 
 /// One connection slot to one address: the owner of a `ConnectionStateMachine`. It performs the machine's actions
@@ -143,6 +146,12 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     package var lastError: CallStatus? {
         if self.machine.state == .ready, case .notServing(let reason) = self.health { return reason }
         return self.machine.lastError
+    }
+
+    /// Takes the service's keepalive interval for its next connection, when longer than its own (another connection
+    /// heard too_many_pings).
+    package func adoptKeepAliveTime(_ time: Duration) {
+        if time > self.keepAliveTime { self.keepAliveTime = min(time, Self.maximumKeepAliveTime) }
     }
 
     /// How long a reconnect from IDLE that no call asked for should wait (see `ConnectionStateMachine`).
@@ -419,7 +428,10 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         let tooManyPings = errorCode == 0xb && debugData == "too_many_pings"
         if tooManyPings {
             let doubled = min(transport.keepAliveTime * 2, Self.maximumKeepAliveTime)
-            if doubled > self.keepAliveTime { self.keepAliveTime = doubled }
+            if doubled > self.keepAliveTime {
+                self.keepAliveTime = doubled
+                self.delegate?.subchannel(self, raisedKeepAliveTimeTo: doubled)
+            }
         }
         self.bus.publish(
             .goAwayReceived(

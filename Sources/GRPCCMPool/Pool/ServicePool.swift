@@ -122,6 +122,10 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// Set by `connectAll()`: connect as soon as addresses are known, calls or not.
     @exclusivity(unchecked)
     private var eager = false
+    /// The keepalive interval for new connections: the configuration's, doubled for the whole service after a
+    /// GOAWAY too_many_pings (a new subchannel must not start over at the interval the server refused).
+    @exclusivity(unchecked)
+    private var keepAliveTime: Duration
     /// pick_first: the next address is tried when this fires with none connected yet (0: not armed).
     @exclusivity(unchecked)
     private var attemptDelayTimer: Reactor.TimerID = 0
@@ -144,6 +148,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.bus = bus
         self.connectionIDs = connectionIDs
         self.queue = WaitQueue(capacity: settings.maxQueuedCalls)
+        self.keepAliveTime = settings.keepAliveTime
         self.picker = Picker(policy: settings.loadBalancingPolicy)
         super.init()
         if let fixed = self.fixedAddresses { self.install(fixed) }
@@ -418,7 +423,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         let subchannel = Subchannel(
             reactor: self.reactor, address: address, service: self.service, connector: self.connector,
             bus: self.bus, connectionIDs: self.connectionIDs, backoff: self.settings.backoff,
-            keepAliveTime: self.settings.keepAliveTime, idleTimeout: self.settings.idleTimeout)
+            keepAliveTime: self.keepAliveTime, idleTimeout: self.settings.idleTimeout)
         subchannel.delegate = self
         subchannel.healthCheckServiceName = self.settings.healthCheckServiceName
         return subchannel
@@ -645,6 +650,12 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// Connects `subchannel` again, IDLE after its connection went: pick_first connects its first IDLE address.
     private func reconnect(_ subchannel: Subchannel) {
         if self.picker.policy == .pickFirst { self.connectIdle() } else { subchannel.connect() }
+    }
+
+    package func subchannel(_ subchannel: Subchannel, raisedKeepAliveTimeTo time: Duration) {
+        guard time > self.keepAliveTime else { return }
+        self.keepAliveTime = time
+        for other in self.subchannels where other !== subchannel { other.adoptKeepAliveTime(time) }
     }
 
     package func subchannelFinishedDraining(_ subchannel: Subchannel) {

@@ -349,6 +349,20 @@ struct PoolTests {
         #expect(rig.connector.made[3].opened.map(\.path) == ["/p.S/M2"])
     }
 
+    @Test("GOAWAY too_many_pings doubles the keepalive interval for the whole service: every connection, and new ones")
+    func tooManyPingsDoublesForTheService() throws {
+        let rig = try Rig(connectionsPerTarget: 2, backoffBase: .milliseconds(1))
+        defer { rig.finish() }
+        rig.pool.connectAll()
+        for transport in rig.connector.made { transport.becomeReady() }
+        #expect(rig.pool.subchannelKeepAliveTimes == [.seconds(30), .seconds(30)])
+        rig.connector.made[0].goAway(errorCode: 0xb, debugData: "too_many_pings")
+        #expect(rig.pool.subchannelKeepAliveTimes == [.seconds(60), .seconds(60)], "the other would hear the same")
+        // The reconnect after that GOAWAY uses it.
+        for _ in 0..<100 where rig.connector.made.count < 3 { _ = try rig.reactor.runOnce(maxWaitMilliseconds: 20) }
+        #expect(rig.connector.made.last?.keepAliveTime == .seconds(60))
+    }
+
     @Test("the least-loaded ready connection takes each call; a freed stream takes the next queued call")
     func picksAndDrains() throws {
         let rig = try Rig(connectionsPerTarget: 2)

@@ -75,10 +75,10 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
         self.delegate?.transportReady(self)
     }
 
-    /// The server sent GOAWAY (NO_ERROR): no new streams here.
-    func goAway() {
+    /// The server sent GOAWAY (NO_ERROR unless said): no new streams here.
+    func goAway(errorCode: UInt32 = 0, debugData: String = "") {
         self.isReady = false
-        self.delegate?.transportDraining(self, errorCode: 0, debugData: "")
+        self.delegate?.transportDraining(self, errorCode: errorCode, debugData: debugData)
     }
 
     /// The connection attempt failed.
