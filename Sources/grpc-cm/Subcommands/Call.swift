@@ -234,7 +234,7 @@ struct Call: AsyncParsableCommand {
         for index in 1...count {
             let scheduled = start &+ UInt64(min(Double(index - 1) * self.interval * 1e9, 1e18))
             let now = monotonicNanos()
-            if scheduled > now { await Self.sleepUntilSignal(nanoseconds: scheduled - now) }
+            if scheduled > now { await sleepUntilStopSignal(nanoseconds: scheduled - now) }
             if css_stop_signal_count() > 0 { break }
             let began = monotonicNanos()
             let response = await Self.callUntilSignal(channel, self.method, request, metadata, options)
@@ -257,30 +257,10 @@ struct Call: AsyncParsableCommand {
     private static func callUntilSignal(
         _ channel: GRPCChannel, _ path: String, _ request: [UInt8], _ metadata: CallMetadata, _ options: RequestOptions
     ) async -> UnaryResponse {
-        await withTaskGroup(of: UnaryResponse?.self) { group in
-            group.addTask { await channel.unaryResult(path: path, request: request, metadata: metadata, options: options) }
-            group.addTask {
-                await Self.sleepUntilSignal(nanoseconds: .max)
-                return nil
-            }
-            // The call's end, or the signal (which cancels the call: its CANCELLED end comes next).
-            while let result = await group.next() {
-                group.cancelAll()
-                if let response = result { return response }
-            }
-            return UnaryResponse(status: CallStatus(code: .cancelled, message: "interrupted"))
+        let response = try? await cancellingOnStopSignal {
+            await channel.unaryResult(path: path, request: request, metadata: metadata, options: options)
         }
-    }
-
-    /// Waits `nanoseconds`, less if a stop signal comes or the task is cancelled (the flag is polled: a signal
-    /// handler can do no more than set it).
-    private static func sleepUntilSignal(nanoseconds: UInt64) async {
-        let end = monotonicNanos() &+ min(nanoseconds, UInt64(Int64.max))
-        while css_stop_signal_count() == 0 && !Task.isCancelled {
-            let now = monotonicNanos()
-            guard now < end else { return }
-            try? await Task.sleep(nanoseconds: min(end - now, 20_000_000))
-        }
+        return response ?? UnaryResponse(status: CallStatus(code: .cancelled, message: "interrupted"))
     }
 
     /// Writes the exposition for --metrics-out (at exit, whatever the outcome). False when it could not be written.

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CStopSignals
 import GRPCConnectionManager
 import Synchronization
 
@@ -141,6 +142,9 @@ struct Health: AsyncParsableCommand {
                 serverName: tlsServerName, verify: !self.tlsNoVerify)
         }
         let metadata = try parseMetadataHeaders(self.rpcHeaders, flag: "-rpc-header", as: .grpcHealthProbe)
+        // As grpc_health_probe: SIGINT (or SIGTERM) cancels the probe, which then fails where it was (2 while
+        // connecting, 3 during the RPC) rather than the process dying of the signal.
+        css_install_stop_signals()
         let channel: GRPCChannel
         do {
             channel = try GRPCChannel(target: target, configuration: configuration)
@@ -162,11 +166,14 @@ struct Health: AsyncParsableCommand {
         defer { channel.events.unsubscribe(token) }
         channel.connect()
         let deadline = started + connectTimeout
-        while !outcome.connected && ContinuousClock.now < deadline {
+        while !outcome.connected && ContinuousClock.now < deadline && css_stop_signal_count() == 0 {
             try? await Task.sleep(for: .milliseconds(2))
         }
         guard outcome.connected else {
-            if let reason = outcome.lastError {
+            if css_stop_signal_count() > 0 {
+                writeStderr("cancellation received\n")
+                writeStderr("error: failed to connect service at \"\(target)\": context canceled\n")
+            } else if let reason = outcome.lastError {
                 writeStderr("error: failed to connect service at \"\(target)\": \(reason)\n")
             } else {
                 writeStderr("timeout: failed to connect service \"\(target)\" within \(self.connectTimeout)\n")
@@ -178,7 +185,10 @@ struct Health: AsyncParsableCommand {
 
         // Then the RPC, within -rpc-timeout.
         do {
-            let status = try await channel.checkHealth(self.service, metadata: metadata, timeout: rpcTimeout)
+            let service = self.service
+            let status = try await cancellingOnStopSignal {
+                try await channel.checkHealth(service, metadata: metadata, timeout: rpcTimeout)
+            }
             if self.verbose {
                 let connect = GoDuration.format(connectedAt - started)
                 writeStderr("time elapsed: connect=\(connect) rpc=\(GoDuration.format(ContinuousClock.now - connectedAt))\n")
@@ -190,6 +200,7 @@ struct Health: AsyncParsableCommand {
             // grpc_health_probe says it with Go's log package, on stderr: its stdout stays empty.
             writeStderr("status: \(status)\n")
         } catch let error as CallError {
+            if css_stop_signal_count() > 0 { writeStderr("cancellation received\n") }
             switch error.code {
             case .unimplemented:
                 writeStderr("error: this server does not implement the grpc health protocol (grpc.health.v1.Health): \(error.message)\n")

@@ -262,6 +262,34 @@ struct CommandLineTests {
         }
     }
 
+    @Test("health: SIGINT cancels the probe where it is, as grpc_health_probe: exit 2 while connecting, 3 during the RPC")
+    func healthInterrupted() async throws {
+        let silent = try ScriptedPeer("silent")  // takes the connection, never says a word: CONNECTING
+        defer { silent.stop() }
+        let hanging = try ScriptedPeer("health-silent")  // connects; the Check is never answered
+        defer { hanging.stop() }
+        for (peer, expected) in [(silent, Int32(2)), (hanging, 3)] {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: grpcCMBinary())
+            process.arguments = ["health", "-addr=\(peer.target)", "-connect-timeout=60s", "-rpc-timeout=60s"]
+            let errors = Pipe()
+            process.standardError = errors
+            try process.run()
+            defer {
+                if process.isRunning { process.terminate() }
+                process.waitUntilExit()
+            }
+            // Connecting, or waiting for the answer, when the signal comes.
+            let waiting = await eventually { peer === silent ? peer.events.contains("accepted") : peer.headerBlocks() == 1 }
+            #expect(waiting)
+            kill(process.processIdentifier, SIGINT)
+            #expect(await eventually(timeout: 10) { !process.isRunning })
+            #expect(process.terminationReason == .exit && process.terminationStatus == expected, "\(peer.target)")
+            let said = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            #expect(said.hasPrefix("cancellation received\n"), "\(said)")
+        }
+    }
+
     /// User plus system CPU time of `pid`, in clock ticks (`/proc/PID/stat`, fields 14 and 15).
     private func cpuTicks(of pid: Int32) throws -> Int {
         let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)

@@ -19,7 +19,8 @@ mode says otherwise:
                        SERVING and stay open ("event watch N at T" for each, T in seconds); other calls are echoed
   health-fail CODE     grpc.health.v1 Watch: every stream ends with a trailers-only grpc-status CODE, saying nothing
                        ("event watch N at T" for each); other calls are echoed
-  health-silent        grpc.health.v1 Watch: never answered (the stream stays open, silent); other calls are echoed
+  health-silent        grpc.health.v1 Watch and Check: never answered (the stream stays open, silent); other calls are
+                       echoed
   bin-joined           x-data-bin in the headers: two base64 values joined with ", " in one field
   max-header-list N    SETTINGS_MAX_HEADER_LIST_SIZE = N
   refuse N             RST_STREAM REFUSED_STREAM for the first N streams (never processed)
@@ -298,7 +299,7 @@ class Connection:
     def answer(self, stream_id):
         path = dict((k.decode() if isinstance(k, bytes) else k, v) for k, v in self.streams[stream_id].get("headers", [])).get(":path")
         path = path.decode() if isinstance(path, bytes) else path
-        if MODE == "health-silent" and path == "/grpc.health.v1.Health/Watch":
+        if MODE == "health-silent" and path in ("/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/Check"):
             return  # never a word: the client's health check waits
         if MODE in ("health-flap", "health-fail") and path == "/grpc.health.v1.Health/Watch":
             global watches
