@@ -62,28 +62,32 @@ struct SlidingWindow {
         case .count:
             return (self.ring.count, self.ringFailures)
         case .time(let seconds):
-            // The buckets that expired since the last record: usually none.
-            let second = now / 1_000_000_000
-            var total = self.bucketTotal
-            var failures = self.bucketFailures
-            var index = self.head
-            while index < self.buckets.count, second &- self.buckets[index].second >= UInt64(seconds) {
-                total -= self.buckets[index].total
-                failures -= self.buckets[index].failures
-                index += 1
-            }
-            return (total, failures)
+            // Less the buckets that expired since the last record: usually none.
+            let expired = self.expired(at: now / 1_000_000_000, window: UInt64(seconds))
+            return (self.bucketTotal - expired.total, self.bucketFailures - expired.failures)
         }
+    }
+
+    /// The buckets from `head` on that are older than `window` seconds at `second`: how many, and their totals.
+    private func expired(at second: UInt64, window: UInt64) -> (buckets: Int, total: Int, failures: Int) {
+        var index = self.head
+        var total = 0
+        var failures = 0
+        while index < self.buckets.count, second &- self.buckets[index].second >= window {
+            total += self.buckets[index].total
+            failures += self.buckets[index].failures
+            index += 1
+        }
+        return (index - self.head, total, failures)
     }
 
     /// Takes the buckets older than `window` seconds at `second` out of the totals; the array is compacted once
     /// the expired part is most of it.
     private mutating func dropExpired(at second: UInt64, window: UInt64) {
-        while self.head < self.buckets.count, second &- self.buckets[self.head].second >= window {
-            self.bucketTotal -= self.buckets[self.head].total
-            self.bucketFailures -= self.buckets[self.head].failures
-            self.head += 1
-        }
+        let expired = self.expired(at: second, window: window)
+        self.head += expired.buckets
+        self.bucketTotal -= expired.total
+        self.bucketFailures -= expired.failures
         if self.head == self.buckets.count {
             self.buckets.removeAll(keepingCapacity: true)
             self.head = 0

@@ -230,7 +230,7 @@ public final class GRPCChannel: Sendable {
             problem = CallStatus(code: .invalidArgument, message: "maxReceiveMessageSize must not be negative (\(limit))")
         } else if !self.interceptors.isEmpty {
             var intercepted = InterceptedCall(
-                service: self.service, authority: self.authority, path: path, metadata: metadata, options: options)
+                service: self.service, authority: self.target.authority, path: path, metadata: metadata, options: options)
             switch InterceptorRun.run(self.interceptors, from: 0, &intercepted, observers: &observers) {
             case .done: break
             case .failed(let status): problem = status

@@ -29,7 +29,8 @@ public protocol CallInterceptor: Sendable {
 public struct InterceptedCall: Sendable {
     /// The service name of the channel (for a standalone channel, its target).
     public let service: String
-    /// The `:authority` the call goes to: `host:port` of the target (`localhost` for a Unix socket).
+    /// Where the call goes: `host:port` of the target (`localhost` for a Unix socket). The `:authority` header is
+    /// TLS's `serverName` instead when one is set (tracing reads the dialled host and port from this).
     public let authority: String
     /// `/package.Service/Method`.
     public let path: String

@@ -198,11 +198,13 @@ package struct ConnectionStateMachine {
     }
 
     /// The owner no longer wants this connection: pick_first chose another address. Not a failure: the backoff
-    /// and the last error stay as they were.
+    /// and the last error stay as they were; its last attempt no longer counts as failed.
     package mutating func released() -> OnReleased {
         switch self.internalState {
         case .connecting, .ready, .transientFailure:
             self.internalState = .idle
+            // Its next attempt starts a new pass (gRFC A62: CONNECTING, not a failure carried over).
+            self.lastAttemptFailed = false
             return .close
         case .idle, .shutdown:
             return .none

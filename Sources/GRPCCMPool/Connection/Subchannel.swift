@@ -13,8 +13,8 @@ package protocol SubchannelDelegate: AnyObject {
     var hasWaitingCalls: Bool { get }
     /// A subchannel shut down gracefully has no connection left: its last draining one closed.
     func subchannelFinishedDraining(_ subchannel: Subchannel)
-    /// The server sent GOAWAY too_many_pings: `time` is the keepalive interval from now on, for every connection to
-    /// the service (its other connections would hear the same).
+    /// The server sent GOAWAY too_many_pings: `time` is the keepalive interval from now on, for the next connections
+    /// of every subchannel of this pool (the others would hear the same). Live connections keep theirs.
     func subchannel(_ subchannel: Subchannel, raisedKeepAliveTimeTo time: Duration)
 }
 
@@ -211,15 +211,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         self.cancelTimers()
         self.stopHealthWatch()
         let reason = CallStatus(code: .ok, message: "another address was chosen")
-        if let transport = self.transport {
-            self.transport = nil
-            if transport.openStreamCount > 0 {
-                self.draining[ObjectIdentifier(transport)] = transport
-                transport.beginGracefulClose()
-            } else {
-                transport.close(reason: CallStatus(code: .cancelled, message: reason.message))
-            }
-        }
+        self.letGoOfTransport(graceful: true, reason: CallStatus(code: .cancelled, message: reason.message))
         // Reported with OK, as an idle timeout is: the pool does not reconnect it unasked.
         self.transition(from: old, reason: reason)
     }
@@ -241,15 +233,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
             self.cancelTimers()
             self.stopHealthWatch()
             self.transition(from: old, reason: nil)
-            if let transport = self.transport {
-                self.transport = nil
-                if graceful && transport.openStreamCount > 0 {
-                    self.draining[ObjectIdentifier(transport)] = transport
-                    transport.beginGracefulClose()
-                } else {
-                    transport.close(reason: reason)
-                }
-            }
+            self.letGoOfTransport(graceful: graceful, reason: reason)
         }
         if !graceful {
             for transport in Array(self.draining.values) { transport.close(reason: reason) }
@@ -257,6 +241,19 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     }
 
     // MARK: performing actions
+
+    /// The current connection goes: graceful with streams open, it finishes them first (GOAWAY) and is kept until it
+    /// closes; otherwise it closes now, its streams failing with `reason`.
+    private func letGoOfTransport(graceful: Bool, reason: CallStatus) {
+        guard let transport = self.transport else { return }
+        self.transport = nil
+        if graceful && transport.openStreamCount > 0 {
+            self.draining[ObjectIdentifier(transport)] = transport
+            transport.beginGracefulClose()
+        } else {
+            transport.close(reason: reason)
+        }
+    }
 
     private func startAttempt() {
         if self.reactor.isStopping {

@@ -122,8 +122,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// Set by `connectAll()`: connect as soon as addresses are known, calls or not.
     @exclusivity(unchecked)
     private var eager = false
-    /// The keepalive interval for new connections: the configuration's, doubled for the whole service after a
-    /// GOAWAY too_many_pings (a new subchannel must not start over at the interval the server refused).
+    /// The keepalive interval for new connections: the configuration's, doubled for the whole pool (this loop's
+    /// part of the service) after a GOAWAY too_many_pings: a new subchannel must not start over at the interval the
+    /// server refused.
     @exclusivity(unchecked)
     private var keepAliveTime: Duration
     /// pick_first: the next address is tried when this fires with none connected yet (0: not armed).
@@ -289,7 +290,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         // Called again from inside (an attempt that failed at once reports it as it is started): the loop below moves
         // on by itself when a whole address failed so.
         guard !self.pickingNextAddress else { return }
-        if let inUse = self.subchannels.first(where: { $0.state == .ready })?.address {
+        if let inUse = self.addressInUse {
             // Its address's other connections (`connectionsPerTarget`) come back when asked for.
             for subchannel in self.subchannels where subchannel.address == inUse && subchannel.state == .idle {
                 subchannel.connect()
@@ -310,6 +311,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             return
         }
     }
+
+    /// pick_first's chosen address: the one a ready subchannel connects to.
+    private var addressInUse: NetworkAddress? { self.subchannels.first { $0.state == .ready }?.address }
 
     /// The Connection Attempt Delay: when it passes with no address connected, the next one is tried too.
     private func armAttemptDelay() {
@@ -438,7 +442,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         guard limit > self.settings.connectionsPerTarget, var addresses = self.addresses, !addresses.isEmpty else { return }
         var inUse: NetworkAddress?
         if self.picker.policy == .pickFirst {
-            inUse = self.subchannels.first { $0.state == .ready }?.address
+            inUse = self.addressInUse
             guard let inUse else { return }
             addresses = [inUse]
         }

@@ -165,7 +165,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             do {
                 // The files as they are now: a certificate rotated on disk reaches this handshake.
                 tls = try TLSSession(
-                    context: try source.context(), serverName: self.tlsServerName, verifyName: self.tlsServerName)
+                    context: source.context(), serverName: self.tlsServerName, verifyName: self.tlsServerName)
             } catch {
                 self.connectionEnded(CallStatus(code: .unavailable, message: "TLS setup for \(self.address) failed: \(error)"))
                 return

@@ -160,9 +160,11 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         self.fd = fd
         if address.isTCP, let userTimeout {
             // Writes stuck without ACKs fail the connection within the keepalive timeout too (gRFC A18). In whole
-            // milliseconds, rounded up: 0 would mean the system's default (about 15 minutes), not "at once".
-            let milliseconds = (max(userTimeout.nanoseconds, 1) + 999_999) / 1_000_000
-            _ = cr_socket_set_user_timeout(fd, UInt32(clamping: milliseconds))
+            // milliseconds, rounded up (0 would mean the system's default, about 15 minutes, not "at once"), and at
+            // most Int32.max (the kernel reads an int: more is refused, and the socket kept the default).
+            let nanoseconds = max(userTimeout.nanoseconds, 1)
+            let milliseconds = nanoseconds / 1_000_000 + (nanoseconds % 1_000_000 == 0 ? 0 : 1)
+            _ = cr_socket_set_user_timeout(fd, UInt32(min(milliseconds, Int64(Int32.max))))
         }
         guard self.register(interest: inProgress != 0 ? Reactor.Events.write : Reactor.Events.read) else { return }
         if inProgress == 0 { self.transportConnected() }

@@ -14,25 +14,35 @@ import Glibc
 /// beside it.
 package final class TLSContextSource: Sendable {
     package let settings: TLSSettings
-    /// The context of the last connection, and the stamps of the files it was built from.
-    private let last: Mutex<(stamps: [FileStamp], context: TLSContext)>
+    /// The context of the last connection, the stamps of the files it was built from, and the stamps of files that
+    /// changed since but could not be loaded (tried once per change).
+    private let last: Mutex<(stamps: [FileStamp], context: TLSContext, refused: [FileStamp]?)>
 
     /// Builds (or finds) the context now: a file that cannot be loaded is reported when the channel is made.
     package init(settings: TLSSettings) throws(TLSError) {
         self.settings = settings
         let stamps = Self.stamps(of: settings)
-        self.last = Mutex((stamps, try Self.shared(settings, stamps)))
+        self.last = Mutex((stamps, try Self.shared(settings, stamps), nil))
     }
 
     /// The context for a new connection: the same one while the files are unchanged, else one built from them now.
-    /// - Throws: `TLSError` when the changed files cannot be loaded (a rotation half done); the connection attempt
-    ///   fails with it, and the next one reads the files again.
-    package func context() throws(TLSError) -> TLSContext {
+    /// Changed files that cannot be loaded (a rotation caught half done: the new certificate, the old key) leave the
+    /// last good context in use, as grpc-go's file watcher does, until they change again: a connection that the old
+    /// files can still make is not failed for it, and the loop does not rebuild the same refusal every attempt.
+    package func context() -> TLSContext {
         let stamps = Self.stamps(of: self.settings)
-        if let unchanged = self.last.withLock({ $0.stamps == stamps ? $0.context : nil }) { return unchanged }
-        let context = try Self.shared(self.settings, stamps)
-        self.last.withLock { $0 = (stamps, context) }
-        return context
+        let known = self.last.withLock { last in last.stamps == stamps || last.refused == stamps ? last.context : nil }
+        if let known { return known }
+        do {
+            let context = try Self.shared(self.settings, stamps)
+            self.last.withLock { $0 = (stamps, context, nil) }
+            return context
+        } catch {
+            return self.last.withLock { last in
+                last.refused = stamps
+                return last.context
+            }
+        }
     }
 
     // MARK: the process's contexts

@@ -187,7 +187,7 @@ package final class TLSSession {
     /// never shrink: one large message left each at its size (1 MiB and more) for the life of the connection.
     package func trimIdleMemory() {
         guard BIO_ctrl_pending(self.readBIO) == 0, BIO_ctrl_pending(self.writeBIO) == 0 else { return }
-        _ = SSL_free_buffers(self.ssl)  // refused (harmlessly) while a record is half read
+        if Self.freeingBuffersIsSafe { _ = SSL_free_buffers(self.ssl) }  // refused while a record is half read
         guard let rbio = BIO_new(BIO_s_mem()) else { return }
         guard let wbio = BIO_new(BIO_s_mem()) else {
             BIO_free(rbio)
@@ -197,6 +197,21 @@ package final class TLSSession {
         self.readBIO = rbio
         self.writeBIO = wbio
     }
+
+    /// Before OpenSSL 3.0.14, 3.1.6, 3.2.2 and 3.3.1, SSL_free_buffers freed a read buffer still holding half a
+    /// record (CVE-2024-4741); there the record buffers stay.
+    private static let freeingBuffersIsSafe: Bool = {
+        let version = OpenSSL_version_num()  // 0xMNN00PP0L
+        let (major, minor, patch) = ((version >> 28) & 0xF, (version >> 20) & 0xFF, (version >> 4) & 0xFF)
+        guard major == 3 else { return major > 3 }
+        switch minor {
+        case 0: return patch >= 14
+        case 1: return patch >= 6
+        case 2: return patch >= 2
+        case 3: return patch >= 1
+        default: return true
+        }
+    }()
 
     /// The bytes the two memory BIOs have allocated (tests).
     package var bufferCapacity: Int { copenssl_bio_mem_capacity(self.readBIO) + copenssl_bio_mem_capacity(self.writeBIO) }

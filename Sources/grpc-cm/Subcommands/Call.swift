@@ -150,10 +150,12 @@ struct Call: AsyncParsableCommand {
     }
 
     func run() async throws {
-        // Ctrl-C (or SIGTERM) cancels the call under way and starts no other; the metrics are still written, and the
-        // exit status says which signal it was (128 + its number, as a shell reports one that killed a program).
-        css_install_stop_signals()
+        // The request first, with the signals' default action: Ctrl-C while stdin is read ends the program there
+        // (the read runs on a thread the signal does not interrupt, so a handler would leave it waiting).
         let request = try self.readRequest()
+        // Then Ctrl-C (or SIGTERM) cancels the call under way and starts no other; the metrics are still written, and
+        // the exit status says which signal it was (128 + its number, as a shell reports one that killed a program).
+        css_install_stop_signals()
         let metadata = try parseMetadataHeaders(self.headers, flag: "-H")
         var configuration = Configuration()
         configuration.minConnectTimeout = seconds(self.connectTimeout)
@@ -215,6 +217,8 @@ struct Call: AsyncParsableCommand {
         if let maxTime = self.maxTime { options.timeout = seconds(maxTime) }
 
         guard let count = self.repeat else {
+            let signal = css_stop_signal_received()
+            if signal != 0 { throw ExitCode(128 + signal) }  // asked to stop before the call went out
             let response = await Self.callUntilSignal(channel, self.method, request, metadata, options)
             if self.verbose { Self.printVerbose(response) }
             if response.status.isOK {
@@ -340,9 +344,6 @@ extension Substring {
     }
 }
 
-/// Request metadata from `name: value` flags (`call -H`, `health -rpc-header`): names lower-cased, `-bin` values
-/// decoded from base64, every entry validated. Throws a `ValidationError` naming the flag and the entry, so that a bad
-/// header is a usage error, never a failed call.
 /// Whose reading of `name: value` header flags to follow, for the tool each subcommand stands in for.
 enum HeaderSyntax {
     /// grpcurl's `-H`: a header without a colon has an empty value; a `-bin` value is base64-decoded when it is
@@ -353,6 +354,9 @@ enum HeaderSyntax {
     case grpcHealthProbe
 }
 
+/// Request metadata from `name: value` flags (`call -H`, `health -rpc-header`), read as `tool` reads them: names
+/// lower-cased, every entry validated. Throws a `ValidationError` naming the flag and the entry, so that a bad header
+/// is a usage error, never a failed call.
 func parseMetadataHeaders(_ headers: [String], flag: String, as tool: HeaderSyntax = .grpcurl) throws -> CallMetadata {
     var metadata = CallMetadata()
     for header in headers {
@@ -394,9 +398,9 @@ func writeFile(_ path: String, _ bytes: [UInt8]) -> String? {
     return nil
 }
 
-/// Seconds as a flag gives them, saturating: `inf` or `1e12` means no limit in practice, not a trap.
-/// `value` seconds (validated positive) as a Duration, rounded up to whole nanoseconds: a flag's positive value
-/// never becomes zero, which the configuration refuses under the field's name, not the flag's.
+/// Seconds as a flag gives them (validated positive), rounded up to whole nanoseconds and saturating: `inf` or `1e12`
+/// means no limit in practice, not a trap, and a positive value never becomes zero (which the configuration would
+/// refuse under the field's name, not the flag's).
 func seconds(_ value: Double) -> Duration {
     let nanoseconds = (value * 1e9).rounded(.up)
     return nanoseconds < 9.2e18 ? .nanoseconds(Int64(nanoseconds)) : .nanoseconds(Int64.max)

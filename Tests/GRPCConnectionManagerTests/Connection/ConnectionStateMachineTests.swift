@@ -155,8 +155,10 @@ struct ConnectionStateMachineTests {
                 _ = machine.connectRequested()
                 delays.append(machine.connectFailed(Self.failure, randomUnit: 0.5))
                 if releasing {
+                    #expect(machine.lastAttemptFailed)
                     #expect(machine.released() == .close)  // a backoff given up: TRANSIENT_FAILURE to IDLE
                     #expect(machine.state == .idle && machine.lastError == Self.failure)
+                    #expect(!machine.lastAttemptFailed, "its next attempt starts a new pass")
                 } else {
                     _ = machine.backoffElapsed(callsWaiting: false)
                 }

@@ -174,7 +174,7 @@ struct ClaimsTests {
     }
 
     @Test("TCP_USER_TIMEOUT on the client's socket equals keepAliveTimeout, in milliseconds rounded up (0 would be the system's 15 minutes)",
-        arguments: [(Duration.milliseconds(4321), UInt32(4321)), (.microseconds(500), 1)])
+        arguments: [(Duration.milliseconds(4321), UInt32(4321)), (.microseconds(500), 1), (.seconds(Int64.max), UInt32(Int32.max))])
     func tcpUserTimeoutIsSet(_ keepAliveTimeout: Duration, _ expected: UInt32) async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }

@@ -262,6 +262,41 @@ struct CommandLineTests {
         }
     }
 
+    @Test("call: SIGINT while the request is read from stdin ends the program there, before any call")
+    func callInterruptedReadingStdin() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: grpcCMBinary())
+        process.arguments = ["call", "--plaintext", fixture.target, "a.B/C", "--data-file", "-"]
+        let input = Pipe()  // never closed until the end: the read waits
+        process.standardInput = input
+        try process.run()
+        defer {
+            if process.isRunning { process.terminate() }
+            process.waitUntilExit()
+            try? input.fileHandleForWriting.close()
+        }
+        // One of its threads blocked in read(0, ...): /proc/PID/task/TID/syscall names the call and its first argument.
+        let read = {
+            #if arch(x86_64)
+            "0 0x0 "
+            #else
+            "63 0x0 "
+            #endif
+        }()
+        let tasks = "/proc/\(process.processIdentifier)/task"
+        #expect(await eventually {
+            ((try? FileManager.default.contentsOfDirectory(atPath: tasks)) ?? []).contains { task in
+                ((try? String(contentsOfFile: "\(tasks)/\(task)/syscall", encoding: .utf8)) ?? "").hasPrefix(read)
+            }
+        })
+        kill(process.processIdentifier, SIGINT)
+        #expect(await eventually(timeout: 10) { !process.isRunning }, "it kept reading")
+        #expect(process.terminationReason == .uncaughtSignal && process.terminationStatus == SIGINT)
+        #expect(fixture.server.requestsPerConnection().isEmpty, "no call went out")
+    }
+
     @Test("health: SIGINT cancels the probe where it is, as grpc_health_probe: exit 2 while connecting, 3 during the RPC")
     func healthInterrupted() async throws {
         let silent = try ScriptedPeer("silent")  // takes the connection, never says a word: CONNECTING

@@ -528,6 +528,29 @@ struct TLSTests {
         }
     }
 
+    @Test("files caught half rotated (unreadable now) leave the last good context in use for the next connection")
+    func halfRotatedFilesKeepTheLastContext() async throws {
+        try await Self.withCertificates { certificates, loop in
+            let server = try Self.server(certificates, loop: loop)
+            defer { server.close() }
+            let trusted = certificates.path("trusted.pem")
+            try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
+            let channel = try GRPCChannel(
+                target: "localhost:\(server.port)", configuration: Self.tls(certificates) { $0.trustRoots = .file(trusted) },
+                eventLoop: loop)
+            defer { channel.close() }
+            #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+            let before = channel.tlsContextSource!.context()
+            try "not a certificate\n".write(toFile: trusted, atomically: true, encoding: .utf8)
+            #expect(channel.tlsContextSource!.context() === before, "the last good context")
+            // A new connection (the server sends GOAWAY) is made with it.
+            server.goAway()
+            let response = await channel.unaryResult(
+                path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .seconds(10), waitForReady: true))
+            #expect(response.status == .ok, "\(response.status)")
+        }
+    }
+
     @Test("an idle TLS connection gives back the buffers one large message grew (its memory BIOs kept 1 MiB and more)")
     func idleTLSBuffersAreTrimmed() async throws {
         try await Self.withCertificates { certificates, loop in
