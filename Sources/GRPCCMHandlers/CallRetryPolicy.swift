@@ -15,7 +15,8 @@ public struct CallRetryPolicy: Sendable, Hashable {
     /// past the caller's deadline), RESOURCE_EXHAUSTED, ABORTED.
     public var retryableCodes: Set<StatusCode> = [.unavailable, .deadlineExceeded, .resourceExhausted, .aborted]
     /// Deadline of each attempt (nil: only the call's deadline). When it fires the attempt ends DEADLINE_EXCEEDED
-    /// and may be retried.
+    /// and may be retried. Needs `maxAttempts` above 1 and DEADLINE_EXCEEDED among `retryableCodes` (validation
+    /// refuses it otherwise: it would only end calls early).
     public var perAttemptTimeout: Duration? = nil
 
     /// Every field at its default.

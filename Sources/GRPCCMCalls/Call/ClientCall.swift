@@ -734,7 +734,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             // Unless something ended the call meanwhile (its deadline, a cancel, a closing channel).
             if !self.hasResult && !self.completed { self.dispatchAttempt() }
         }
-        // What was there when this run began: anything a callback causes (its own cancel, say) comes next turn.
+        // What was there when this run began: anything a callback causes (its own cancel, say) comes next turn. (A
+        // transparent retry dispatched just above that failed at once ends the call in this run: `ending` is read
+        // after it.)
         let ending = self.hasResult
         if !self.parts.isEmpty {
             swap(&self.parts, &self.partsDelivering)

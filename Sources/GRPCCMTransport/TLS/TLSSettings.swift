@@ -3,8 +3,8 @@ import GRPCCMWire
 /// TLS for a connection, through OpenSSL 3. `nil` in `Configuration.tls` means plaintext (h2c), as in the Go
 /// original; the CLI, like grpcurl, uses TLS unless `--plaintext` is given.
 ///
-/// Verified by default: the server's chain against the system trust store (or `trustRoots`, any certificate in
-/// which is an anchor, an intermediate CA too), and its name
+/// Verified by default: the server's chain against the system trust store (or `trustRoots`; in either, any
+/// certificate is an anchor, an intermediate CA too), and its name
 /// (DNS names and IP addresses in subjectAltName) against `serverName` or the target's host. ALPN offers `h2`
 /// and a server that does not select it is refused. TLS 1.2 is the minimum.
 public struct TLSSettings: Sendable, Hashable {
