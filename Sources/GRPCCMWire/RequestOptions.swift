@@ -7,9 +7,9 @@ public struct RequestOptions: Sendable, Hashable {
     /// Overrides `Configuration.maxMessageSize` for this call's response (nil: the configuration's).
     public var maxReceiveMessageSize: Int?
 
-    /// Wait-for-ready (grpc `doc/wait-for-ready.md`). Off (default): a call made while every connection is in
-    /// TRANSIENT_FAILURE fails at once with UNAVAILABLE and the last connect error. On: it waits for a ready
-    /// connection until its deadline.
+    /// Wait-for-ready (grpc `doc/wait-for-ready.md`). Off (default): a call made while every connection's last
+    /// attempt failed (in its backoff or retrying: gRFC A62's sticky TRANSIENT_FAILURE) fails at once with
+    /// UNAVAILABLE and the last connect error. On: it waits for a ready connection until its deadline.
     public var waitForReady: Bool
 
     /// Compression of this call's request messages (`.identity`: none), over the configuration's

@@ -27,14 +27,16 @@ public struct Configuration: Sendable, Hashable {
     }
 
     /// Interval between keepalive PINGs, measured from the last bytes read. Default 30 s (the Go original).
-    /// Doubled for a target whose server answers GOAWAY `too_many_pings` (gRFC A8).
+    /// Doubled after a GOAWAY `too_many_pings` (gRFC A8), for the service's connections on that loop: the others take
+    /// it when they next connect, and each loop of a `ReactorGroup` learns it on its own.
     public var keepAliveTime: Duration {
         get { self.storage.fields.keepAliveTime }
         set { self.update(\.keepAliveTime, to: newValue) }
     }
 
-    /// How long a keepalive PING may go unanswered before the connection is declared dead: it closes, its calls
-    /// fail with UNAVAILABLE and it goes to TRANSIENT_FAILURE. Default 5 s. Also set as TCP_USER_TIMEOUT.
+    /// How long nothing at all may be read after a keepalive PING (no ACK, no other bytes: any count as life, as in
+    /// grpc-go) before the connection is declared dead: it closes, its calls fail with UNAVAILABLE and it goes to
+    /// TRANSIENT_FAILURE. Default 5 s. Also set as TCP_USER_TIMEOUT.
     public var keepAliveTimeout: Duration {
         get { self.storage.fields.keepAliveTimeout }
         set { self.update(\.keepAliveTimeout, to: newValue) }
@@ -46,7 +48,8 @@ public struct Configuration: Sendable, Hashable {
         set { self.update(\.keepAlivePermitWithoutStream, to: newValue) }
     }
 
-    /// Largest wait between reconnect attempts. Default 3 s (the Go original's MaxReconnectDelay).
+    /// Cap on the reconnect backoff, applied before its jitter (with the default ±20 %, a wait may reach 1.2 times
+    /// this). Default 3 s (the Go original's MaxReconnectDelay).
     public var maxReconnectDelay: Duration {
         get { self.storage.fields.maxReconnectDelay }
         set { self.update(\.maxReconnectDelay, to: newValue) }
@@ -74,8 +77,8 @@ public struct Configuration: Sendable, Hashable {
         set { self.update(\.idleTimeout, to: newValue) }
     }
 
-    /// Connections per resolved address of a service. Default 1. Calls go to the ready connection with the
-    /// fewest open streams.
+    /// Connections per resolved address of a service. Default 1. The service's `loadBalancingPolicy` picks among
+    /// them (the fewest open streams, in turn, or pick_first's first with a free stream).
     public var connectionsPerTarget: Int {
         get { self.storage.fields.connectionsPerTarget }
         set { self.update(\.connectionsPerTarget, to: newValue) }
@@ -121,8 +124,9 @@ public struct Configuration: Sendable, Hashable {
     /// Client-side health checking (gRFC A17): with a name (`""` means the whole server), every connection watches
     /// `grpc.health.v1.Health/Watch` for it and takes calls only while the answer is SERVING; NOT_SERVING (or any
     /// other answer) makes it TRANSIENT_FAILURE to the load-balancing policy, the connection kept. A server without
-    /// the health service (UNIMPLEMENTED) counts as healthy; a watch that fails otherwise is started again after a
-    /// backoff, the connection CONNECTING meanwhile. nil (the default): off. `healthCheckServiceNames` overrides it
+    /// the health service (UNIMPLEMENTED) counts as healthy. A watch that answered and then ended is started again at
+    /// once (CONNECTING meanwhile); one that ended without an answer leaves the connection TRANSIENT_FAILURE until
+    /// the next, after a backoff of 1 s doubling to 30 s. nil (the default): off. `healthCheckServiceNames` overrides it
     /// per service name.
     public var healthCheckServiceName: String? {
         get { self.storage.fields.healthCheckServiceName }
@@ -179,8 +183,8 @@ public struct Configuration: Sendable, Hashable {
         set { self.update(\.tls, to: newValue) }
     }
 
-    /// Log calls, retries and connection events (debug), circuit breaker changes (info) and GOAWAY too_many_pings
-    /// (warning) to the manager's `Logger`. Default true.
+    /// Log calls, retries, connection events, circuit breaker changes and GOAWAY too_many_pings at debug (attempts
+    /// at trace) to the manager's `Logger`. Default true.
     public var enableLogging: Bool {
         get { self.storage.fields.enableLogging }
         set { self.update(\.enableLogging, to: newValue) }
@@ -275,7 +279,8 @@ public struct Configuration: Sendable, Hashable {
 
     /// Exponential reconnect backoff (grpc `doc/connection-backoff.md`); the cap is `maxReconnectDelay`.
     public struct ReconnectBackoff: Sendable, Hashable {
-        /// First delay. Default 100 ms (the Go original's base); `maxReconnectDelay` caps it, as every delay.
+        /// First delay. Default 100 ms (the Go original's base); `maxReconnectDelay` caps it, as every delay, before
+        /// the jitter.
         public var initial: Duration = .milliseconds(100)
         /// Growth per attempt. Default 1.6; at least 1.
         public var multiplier: Double = 1.6

@@ -20,7 +20,8 @@ public enum ConnectionEvent: Sendable {
     case addressesResolved(service: String, addresses: [NetworkAddress])
     /// Resolving the service's name failed (no answer, no address, a timeout); the last good addresses stay in use.
     case resolutionFailed(service: String, error: CallStatus)
-    /// A keepalive PING went unanswered for `keepAliveTimeout`; the connection was closed.
+    /// Nothing was read for `keepAliveTimeout` after a keepalive PING (no ACK, no other bytes); the connection was
+    /// closed.
     case keepaliveTimeout(service: String, connectionID: Int)
     /// The server sent GOAWAY. `tooManyPings` means it asked us to ping less: keepalive time was doubled.
     case goAwayReceived(service: String, connectionID: Int, errorCode: UInt32, debugData: String, tooManyPings: Bool)

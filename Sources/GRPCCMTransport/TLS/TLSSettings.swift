@@ -23,7 +23,8 @@ public struct TLSSettings: Sendable, Hashable {
     /// The client private key (PEM) for mutual TLS; nil: none.
     public var privateKeyFile: String?
     /// The name sent as SNI, checked against the certificate, and sent as the requests' `:authority` (as grpc-go
-    /// does with its credentials' server name); nil: the target's host. A trailing dot is left out for TLS.
+    /// does with its credentials' server name); nil: the target's host (`localhost` for a Unix socket). A trailing
+    /// dot is left out for TLS.
     public var serverName: String?
     /// Check the certificate chain and the name. `false` is grpcurl's `-insecure`: only when asked.
     public var verifyCertificate: Bool = true
