@@ -102,7 +102,7 @@ public struct CallMetadata: Sendable, Hashable, Sequence, CustomStringConvertibl
     /// Headers that HTTP/2 or gRPC own; a caller may not set them as metadata.
     package static let reservedNames: Set<String> = Set(
         [
-            "te", "content-type", "host", "grpc-timeout", "grpc-status", "grpc-message", "grpc-encoding",
+            "te", "content-type", "host", "user-agent", "grpc-timeout", "grpc-status", "grpc-message", "grpc-encoding",
             "grpc-accept-encoding", "grpc-status-details-bin", "grpc-previous-rpc-attempts", "grpc-retry-pushback-ms",
         ] + HeaderName.connectionSpecific.map(\.description))
 
@@ -111,7 +111,11 @@ public struct CallMetadata: Sendable, Hashable, Sequence, CustomStringConvertibl
         for entry in self.storage {
             try Self.validate(name: entry.name)
             if Self.reservedNames.contains(entry.name) {
-                throw MetadataError(name: entry.name, reason: "is reserved for gRPC or HTTP/2")
+                // user-agent went out as a second field beside the client's, which servers read first.
+                let reason = entry.name == "user-agent"
+                    ? "is the client's own (set Configuration.userAgentPrefix to put yours in front of it)"
+                    : "is reserved for gRPC or HTTP/2"
+                throw MetadataError(name: entry.name, reason: reason)
             }
             switch entry.value {
             case .string(let text):

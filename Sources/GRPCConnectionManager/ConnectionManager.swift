@@ -69,7 +69,8 @@ public final class ConnectionManager: Sendable {
     ///     `MetricsSystem.factory` when `enableMetrics`. Pass a `PrometheusMetrics` (GRPCConnectionManagerPrometheus)
     ///     to get `metricsText()`. The library never bootstraps MetricsSystem.
     ///   - interceptors: Run, in this order, before every call of every channel (`CallInterceptor`).
-    ///   - eventLoop: The loop; nil uses `ReactorLoop.shared`.
+    ///   - eventLoop: The loop; nil uses `ReactorLoop.shared`. It must run (`start()`, or a host's `runOnce`): until
+    ///     it does, nothing of a call happens, its deadline and a cancel included.
     /// - Throws: `ConfigurationError` naming the first bad field.
     public convenience init(
         configuration: Configuration = .defaults,
@@ -163,8 +164,9 @@ public final class ConnectionManager: Sendable {
             // What the connections would use, nil spelled out: asking again for the same thing keeps the channel.
             let security =
                 security ?? registry.security[service] ?? self.configuration.tls.map { .tls($0) } ?? .plaintext
+            // A channel closed by its own close() (not closeConnection) is dialled again, not handed out dead.
             if let existing = registry.channels[service], registry.addresses[service] == resolved,
-                registry.security[service] == security
+                registry.security[service] == security, !existing.isClosed
             {
                 return existing
             }

@@ -37,6 +37,8 @@ public final class GRPCChannel: Sendable {
     let pool: ServicePool
     let environment: CallEnvironment
     private let cursor = Atomic<Int>(0)
+    /// `close()` was called (a manager dials a service again rather than hand out a closed channel).
+    private let closedByUser = Atomic<Bool>(false)
     /// Run before every call, in order (none: nothing of them costs a call anything).
     let interceptors: [any CallInterceptor]
     /// Whether dropping the last reference closes the connections (standalone channels); a manager's channels
@@ -51,7 +53,8 @@ public final class GRPCChannel: Sendable {
     ///   - metricsFactory: Receives the metrics handler's metrics; passing one turns metrics on. nil: the
     ///     application's bootstrapped `MetricsSystem.factory` when `enableMetrics`.
     ///   - interceptors: Run, in this order, before every call (`CallInterceptor`).
-    ///   - eventLoop: The loop to run on; nil uses `ReactorLoop.shared`.
+    ///   - eventLoop: The loop to run on; nil uses `ReactorLoop.shared`. It must run (`start()`, or a host's
+    ///     `runOnce`): until it does, nothing of a call happens, its deadline and a cancel included.
     /// - Throws: `ConfigurationError` naming the bad field or the unparsable address.
     public convenience init(
         target: String, configuration: Configuration = .defaults,
@@ -443,11 +446,15 @@ public final class GRPCChannel: Sendable {
     /// Closes the connections at once: every call of the channel ends with UNAVAILABLE (open, waiting for a
     /// connection, or between retries), later calls fail at once. Safe from any thread, completions included.
     public func close() {
+        self.closedByUser.store(true, ordering: .releasing)
         for shard in self.shards {
             let pool = shard.pool
             shard.onReactor { pool.close(graceful: false) }
         }
     }
+
+    /// Whether `close()` was called.
+    var isClosed: Bool { self.closedByUser.load(ordering: .acquiring) }
 
     /// Dropping the last reference of a standalone channel closes its connections on the reactor thread (so no
     /// fd outlives its channel), and the reactor-side state is released there, never under the reactor's feet.
@@ -455,7 +462,13 @@ public final class GRPCChannel: Sendable {
         for shard in self.shards {
             let pool = shard.pool
             if self.closesOnDeinit {
-                shard.onReactor { pool.close(graceful: false) }
+                shard.onReactor {
+                    pool.close(
+                        graceful: false,
+                        reason: CallStatus(
+                            code: .unavailable,
+                            message: "the channel was released (its last reference dropped) while calls were running"))
+                }
             } else if !shard.onItsLoop {
                 // A manager's channel: the manager closes it; its pool is released on the reactor thread all the
                 // same, where its connections and timers live.

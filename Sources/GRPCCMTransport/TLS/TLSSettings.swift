@@ -41,6 +41,12 @@ public struct TLSSettings: Sendable, Hashable {
             throw ConfigurationError(
                 field: "tls.certificateChainFile", message: "a client certificate needs its private key, and the other way round")
         }
+        if let name = self.serverName, name.utf8.contains(where: { $0 <= 0x20 || $0 >= 0x7F }) {
+            // It is sent as the :authority and as SNI: a newline read with it from a file would corrupt the one and
+            // fail every handshake's name check with the other.
+            throw ConfigurationError(
+                field: "tls.serverName", message: "must be a host name (printable ASCII, no spaces): \"\(name)\"")
+        }
         if self.verifyCertificate, let name = self.serverName, name.isEmpty {
             // An empty name would verify nothing but the chain: any certificate the trust roots signed would do.
             throw ConfigurationError(

@@ -11,11 +11,12 @@ extension GRPCChannel {
     /// change. If the server answers UNIMPLEMENTED, falls back to calling `Check` every `pollInterval` (a failed
     /// check yields `.unknown`). A Watch that ends or fails otherwise yields `.unknown` (nothing watches until it
     /// reopens) and is reopened after `pollInterval`, as gRFC A17 does. The stream ends when the consumer stops iterating. A `pollInterval` under 10 ms is taken as 10 ms: zero
-    /// would poll (or reopen) as fast as calls can fail. A consumer slower than the changes gets the latest status
+    /// would poll (or reopen) as fast as calls can fail; one over a day as a day. A consumer slower than the changes gets the latest status
     /// when it asks next (the ones in between are dropped): a server that flaps cannot fill memory with them, and a
     /// flap the consumer did not see (SERVING, NOT_SERVING, SERVING) is no change to it.
     public func watchHealth(_ healthServiceName: String = "", pollInterval: Duration = .seconds(5)) -> AsyncStream<HealthStatus> {
-        let pollInterval = max(pollInterval, Self.shortestPollInterval)
+        // At most a day: a Duration past Int64's seconds (`.seconds(.max)`, "never poll") traps in the clock's sleep.
+        let pollInterval = min(max(pollInterval, Self.shortestPollInterval), .seconds(86_400))
         return Self.changesAsDelivered(self.healthUpdates(healthServiceName, pollInterval: pollInterval))
     }
 

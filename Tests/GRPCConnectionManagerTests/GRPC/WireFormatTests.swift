@@ -156,7 +156,7 @@ struct MetadataValidationTests {
         #expect(metadata[name] == "value")
     }
 
-    @Test(arguments: ["", "bad name", "colon:", "ümlaut", ":path", "te", "grpc-timeout", "content-type"])
+    @Test(arguments: ["", "bad name", "colon:", "ümlaut", ":path", "te", "grpc-timeout", "content-type", "user-agent"])
     func rejectsBadOrReservedNames(_ name: String) {
         var metadata = CallMetadata()
         metadata.append(name, .string("v"))
@@ -346,6 +346,11 @@ struct TargetParsingTests {
                 $0.tls = tls
             }),
             ("userAgentPrefix", { $0.userAgentPrefix = "bad\nprefix" }),
+            ("tls.serverName", {
+                var tls = TLSSettings()
+                tls.serverName = "api.example\n"  // read from a file with its newline
+                $0.tls = tls
+            }),
             ("loadBalancingPolicies", { $0.loadBalancingPolicies[""] = .pickFirst }),
             ("healthCheckServiceNames", { $0.healthCheckServiceNames[""] = "" }),
             // Of several bad keys, the first in order is named (not whichever the dictionary yields first).

@@ -438,6 +438,44 @@ struct ConnectionManagerTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("watchHealth with a poll interval past a day (\"never poll\") polls daily, not trapping in the clock's sleep")
+    func watchHealthNeverPoll() async throws {
+        let fixture = try LoopbackFixture()  // Watch unimplemented: Check, then a sleep of the interval
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        defer { channel.close() }
+        var statuses = channel.watchHealth(pollInterval: .seconds(Int64.max)).makeAsyncIterator()
+        #expect(await statuses.next() == .serving)
+    }
+
+    @Test("a manager's channel closed with close() is dialled again by connection(service:), not handed out closed")
+    func closedChannelIsRedialled() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        let first = try manager.connection(service: "echo", address: fixture.target)
+        first.close()
+        #expect(await first.call([1], timeout: .seconds(5)).status.code == .unavailable)
+        let again = try manager.connection(service: "echo")
+        #expect(again !== first)
+        #expect(await again.call([2], timeout: .seconds(5)).status == .ok)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("a standalone channel let go of while its calls run ends them saying so")
+    func releasedChannelSaysSo() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        func open() throws -> AsyncStreamingCall {
+            let channel = try fixture.channel()
+            return channel.serverStreaming(path: "/test.Stream/Expand", request: [1], metadata: ["x-sleep-ms": "5000"])
+        }
+        let call = try open()  // its channel's last reference went with open()
+        let status = await call.result().status
+        #expect(status.code == .unavailable)
+        #expect(status.message == "the channel was released (its last reference dropped) while calls were running", "\(status)")
+    }
+
     @Test("watchHealth: a Watch that ends, even with OK, yields UNKNOWN until the reopened one answers")
     func watchEndedOK() async throws {
         let peer = try ScriptedPeer("health-flap", ["0"])  // the first Watch: SERVING, then an OK end
