@@ -133,8 +133,17 @@ package final class Reactor: @unchecked Sendable {
     // MARK: running
 
     /// Starts the loop on a new thread and returns once that thread runs. A loop that runs, or ran, already is left
-    /// as it is.
+    /// as it is. Traps when no thread can be created (`startThread` throws instead).
     package func start() {
+        do {
+            try self.startThread()
+        } catch {
+            preconditionFailure("\(error)")
+        }
+    }
+
+    /// `start()`, throwing when no thread can be created (the process or the system is at its thread limit).
+    package func startThread() throws(ReactorError) {
         guard self.life.load(ordering: .acquiring) == LifeState.created.rawValue else { return }
         let box = Unmanaged.passRetained(self).toOpaque()
         var thread = pthread_t()
@@ -143,7 +152,10 @@ package final class Reactor: @unchecked Sendable {
             reactor.run()
             return nil
         }, box)
-        precondition(rc == 0, "pthread_create failed: \(rc)")
+        guard rc == 0 else {
+            Unmanaged<Reactor>.fromOpaque(box).release()
+            throw ReactorError(operation: "pthread_create for the loop's thread", errno: rc)
+        }
         pthread_detach(thread)
         while self.life.load(ordering: .acquiring) == LifeState.created.rawValue {
             sched_yield()

@@ -27,8 +27,8 @@ public final class ReactorGroup: Sendable {
         do {
             for _ in 0..<max(loopCount, 1) {
                 let loop = try ReactorLoop()
-                loop.start()
-                loops.append(loop)
+                loops.append(loop)  // shut down below if its thread cannot be made: it owns epoll and eventfd fds
+                try loop.reactor.startThread()
             }
         } catch {
             // The loops already running would run on for the process's life, each with its thread and fds.

@@ -19,7 +19,7 @@ public final class ReactorLoop: Sendable {
         self.reactor = try Reactor()
     }
 
-    /// Runs the loop on a new thread.
+    /// Runs the loop on a new thread. Traps when the system cannot create one (`ReactorGroup` throws instead).
     public func start() { self.reactor.start() }
 
     /// Runs the loop on the calling thread until `shutdown()` is called from another thread (or `stop()` from a
