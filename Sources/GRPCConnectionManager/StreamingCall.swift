@@ -7,6 +7,10 @@ import GRPCCMWire
 /// Backpressure follows grpc-java's `isReady`/`onReady`: `send` always buffers the message (unless the call ended
 /// or the requests were closed) and tells whether the buffer is now full; when it is, stop sending until
 /// `onWritable` runs.
+///
+/// Letting go of it does not end the call (unlike the async forms, which cancel when released): the requests stay
+/// open until `closeSend()` or `cancel()`, or the call's deadline; without one, a server that waits for the end of
+/// the requests keeps the stream for good.
 public struct StreamingCall: Sendable {
     let handle: CallHandle
     let buffers: StreamBuffers

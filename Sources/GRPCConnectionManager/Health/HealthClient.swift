@@ -10,7 +10,8 @@ extension GRPCChannel {
     /// Streams `grpc.health.v1.Health/Watch` (server streaming): the server sends the current status, then every
     /// change. If the server answers UNIMPLEMENTED, falls back to calling `Check` every `pollInterval` (a failed
     /// check yields `.unknown`). A Watch that ends or fails otherwise yields `.unknown` (nothing watches until it
-    /// reopens) and is reopened after `pollInterval`, as gRFC A17 does. The stream ends when the consumer stops iterating. A `pollInterval` under 10 ms is taken as 10 ms: zero
+    /// reopens) and is reopened after `pollInterval`, as gRFC A17 does. The stream ends when the consumer stops
+    /// iterating, or once the channel is closed (or its loop stopped). A `pollInterval` under 10 ms is taken as 10 ms: zero
     /// would poll (or reopen) as fast as calls can fail; one over a day as a day. A consumer slower than the changes gets the latest status
     /// when it asks next (the ones in between are dropped): a server that flaps cannot fill memory with them, and a
     /// flap the consumer did not see (SERVING, NOT_SERVING, SERVING) is no change to it.
@@ -84,6 +85,9 @@ extension GRPCChannel {
                         let status = (try? await self.checkHealth(healthServiceName, timeout: pollInterval)) ?? .unknown
                         emit(status)
                     }
+                    // A closed channel (or a stopped loop) will not answer again: the stream ends, rather than say
+                    // UNKNOWN once and then nothing for ever.
+                    if await self.connectivity().state == .shutdown { break }
                     try? await Task.sleep(for: pollInterval)
                 }
                 continuation.finish()

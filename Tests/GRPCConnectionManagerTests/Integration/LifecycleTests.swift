@@ -448,6 +448,24 @@ struct ConnectionManagerTests {
         #expect(await statuses.next() == .serving)
     }
 
+    @Test("watchHealth ends once the channel is closed, after an UNKNOWN, instead of going silent for ever")
+    func watchHealthEndsWithTheChannel() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let channel = try fixture.channel()
+        let seen = PThreadLock<[HealthStatus]>([])
+        let ended = PThreadLock(false)
+        let reader = Task {
+            for await status in channel.watchHealth(pollInterval: .milliseconds(10)) { seen.withLock { $0.append(status) } }
+            ended.withLock { $0 = true }
+        }
+        defer { reader.cancel() }
+        #expect(await eventually { seen.withLock { $0 } == [.serving] })
+        channel.close()
+        #expect(await eventually { ended.withLock { $0 } }, "\(seen.withLock { $0 })")
+        #expect(seen.withLock { $0 } == [.serving, .unknown])
+    }
+
     @Test("a manager's channel closed with close() is dialled again by connection(service:), not handed out closed")
     func closedChannelIsRedialled() async throws {
         let fixture = try LoopbackFixture()
