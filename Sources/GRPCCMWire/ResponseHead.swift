@@ -346,6 +346,10 @@ package struct ResponseHead: Sendable {
             return CallStatus(code: .unknown, message: "unexpected content-type \"\(type)\" in response")
         }
         if errorCode != 0 { return CallStatus.forRSTStream(errorCode: errorCode) }
+        if self.completeBlocks >= 2 || self.trailersOnly {
+            // Trailers came, but without a status: UNKNOWN, as grpc-go and grpc-java read it.
+            return CallStatus(code: .unknown, message: "trailers without grpc-status")
+        }
         return CallStatus(code: .internal, message: "stream ended without grpc-status trailers")
     }
 }

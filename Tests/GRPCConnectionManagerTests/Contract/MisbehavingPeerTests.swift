@@ -176,6 +176,9 @@ struct MisbehavingPeerTests {
             // A grpc-status in the response headers is not the call's status: the trailers' is.
             ("status-in-headers-then-reset", .internal, "INTERNAL_ERROR"),
             ("status-in-headers-then-end", .internal, "without grpc-status"),
+            // Trailers (or a trailers-only response) without a status: UNKNOWN, as grpc-go and grpc-java read it.
+            ("trailers-without-status", .unknown, "trailers without grpc-status"),
+            ("trailers-only-without-status", .unknown, "trailers without grpc-status"),
         ])
     func notGRPCResponses(_ scriptCase: String, _ code: StatusCode, _ reason: String) async throws {
         let response = try await Self.firstAnswer(scriptCase)

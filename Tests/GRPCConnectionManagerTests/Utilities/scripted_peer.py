@@ -462,6 +462,14 @@ class Connection:
             else:
                 self.send_data(stream_id, message, end_stream=True)
             return
+        elif case == "trailers-without-status":
+            self.send_headers(stream_id, ok)
+            self.send_data(stream_id, message)
+            self.send_headers(stream_id, [("x-trailer", "v")], end_stream=True)
+            return
+        elif case == "trailers-only-without-status":
+            self.send_headers(stream_id, ok + [("x-trailer", "v")], end_stream=True)
+            return
         elif case == "informational-then-ok":
             self.send_headers(stream_id, [(":status", "100")])
             self.echo(stream_id)
