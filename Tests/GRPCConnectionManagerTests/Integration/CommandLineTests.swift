@@ -167,28 +167,38 @@ struct CommandLineTests {
         #expect(response.message == [1, 2, 3])
     }
 
-    /// `grpc-cm serve --port 0` with `arguments`, running; its target from the line it prints.
-    private func startServe(_ arguments: [String]) throws -> (process: Process, target: String) {
+    /// `grpc-cm` with `arguments`, running, its standard streams the given pipes (nil: inherited).
+    private func startCLI(
+        _ arguments: [String], stdin: Pipe? = nil, stdout: Pipe? = nil, stderr: Pipe? = nil
+    ) throws -> Process {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: grpcCMBinary())
-        process.arguments = ["serve", "--port", "0"] + arguments
-        let errors = Pipe()
-        process.standardError = errors
+        process.arguments = arguments
+        if let stdin { process.standardInput = stdin }
+        if let stdout { process.standardOutput = stdout }
+        if let stderr { process.standardError = stderr }
         try process.run()
-        let line = readLine(errors.fileHandleForReading.fileDescriptor) ?? ""
-        return (process, String(line.split(separator: " ").last ?? ""))
+        return process
     }
 
     /// Stops `process` if it still runs, and waits for it.
-    private func stopServe(_ process: Process) {
+    private func stopCLI(_ process: Process) {
         if process.isRunning { process.terminate() }
         process.waitUntilExit()
+    }
+
+    /// `grpc-cm serve --port 0` with `arguments`, running; its target from the line it prints.
+    private func startServe(_ arguments: [String]) throws -> (process: Process, target: String) {
+        let errors = Pipe()
+        let process = try self.startCLI(["serve", "--port", "0"] + arguments, stderr: errors)
+        let line = readLine(errors.fileHandleForReading.fileDescriptor) ?? ""
+        return (process, String(line.split(separator: " ").last ?? ""))
     }
 
     @Test("grpc-cm serve stops gracefully on SIGTERM: GOAWAY, nothing new accepted, the call under way finishes; exit 0")
     func serveStopsGracefully() async throws {
         let (process, target) = try self.startServe(["--grace-period", "30"])
-        defer { self.stopServe(process) }
+        defer { self.stopCLI(process) }
         var configuration = Configuration()
         configuration.enableRetry = false
         configuration.enableCircuitBreaker = false
@@ -217,7 +227,7 @@ struct CommandLineTests {
     @Test("grpc-cm serve: a second SIGTERM ends the grace period at once, the calls still under way with it")
     func serveSecondSignalHurries() async throws {
         let (process, target) = try self.startServe(["--grace-period", "3600"])
-        defer { self.stopServe(process) }
+        defer { self.stopCLI(process) }
         let channel = try GRPCChannel(target: target)
         defer { channel.close() }
         let bidi = channel.bidirectionalStreaming(path: "/raw.Raw/Update")
@@ -242,16 +252,9 @@ struct CommandLineTests {
         for (name, extra) in [("between calls", ["--repeat", "1000", "--interval", "60"]), ("during a call", ["-H", "x-sleep-ms: 60000"])] {
             try? FileManager.default.removeItem(atPath: metrics)
             let requestsBefore = fixture.server.requestsPerConnection().reduce(0, +)
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: grpcCMBinary())
-            process.arguments = ["call", "--plaintext", fixture.target, "a.B/C", "--metrics-out", metrics] + extra
-            let output = Pipe()
-            process.standardOutput = output
-            try process.run()
-            defer {
-                if process.isRunning { process.terminate() }
-                process.waitUntilExit()
-            }
+            let process = try self.startCLI(
+                ["call", "--plaintext", fixture.target, "a.B/C", "--metrics-out", metrics] + extra, stdout: Pipe())
+            defer { self.stopCLI(process) }
             // The first request has reached the server (with --repeat, the next is 60 s away).
             #expect(await eventually { fixture.server.requestsPerConnection().reduce(0, +) == requestsBefore + 1 }, "\(name)")
             kill(process.processIdentifier, SIGINT)
@@ -266,15 +269,10 @@ struct CommandLineTests {
     func callInterruptedReadingStdin() async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: grpcCMBinary())
-        process.arguments = ["call", "--plaintext", fixture.target, "a.B/C", "--data-file", "-"]
         let input = Pipe()  // never closed until the end: the read waits
-        process.standardInput = input
-        try process.run()
+        let process = try self.startCLI(["call", "--plaintext", fixture.target, "a.B/C", "--data-file", "-"], stdin: input)
         defer {
-            if process.isRunning { process.terminate() }
-            process.waitUntilExit()
+            self.stopCLI(process)
             try? input.fileHandleForWriting.close()
         }
         // One of its threads blocked in read(0, ...): /proc/PID/task/TID/syscall names the call and its first argument.
@@ -304,16 +302,10 @@ struct CommandLineTests {
         let hanging = try ScriptedPeer("health-silent")  // connects; the Check is never answered
         defer { hanging.stop() }
         for (peer, expected) in [(silent, Int32(2)), (hanging, 3)] {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: grpcCMBinary())
-            process.arguments = ["health", "-addr=\(peer.target)", "-connect-timeout=60s", "-rpc-timeout=60s"]
             let errors = Pipe()
-            process.standardError = errors
-            try process.run()
-            defer {
-                if process.isRunning { process.terminate() }
-                process.waitUntilExit()
-            }
+            let process = try self.startCLI(
+                ["health", "-addr=\(peer.target)", "-connect-timeout=60s", "-rpc-timeout=60s"], stderr: errors)
+            defer { self.stopCLI(process) }
             // Connecting, or waiting for the answer, when the signal comes.
             let waiting = await eventually { peer === silent ? peer.events.contains("accepted") : peer.headerBlocks() == 1 }
             #expect(waiting)

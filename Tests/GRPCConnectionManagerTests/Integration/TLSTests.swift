@@ -143,6 +143,18 @@ struct TLSTests {
         try await body(certificates, loop)
     }
 
+    /// A channel to `server` trusting a copy of the test CA at `trusted.pem`, which the test may rewrite.
+    static func channelTrustingACopy(
+        of certificates: TestCertificates, server: EchoServer, loop: ReactorLoop
+    ) throws -> (channel: GRPCChannel, trusted: String) {
+        let trusted = certificates.path("trusted.pem")
+        try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
+        let channel = try GRPCChannel(
+            target: "localhost:\(server.port)", configuration: Self.tls(certificates) { $0.trustRoots = .file(trusted) },
+            eventLoop: loop)
+        return (channel, trusted)
+    }
+
     /// A scripted echo peer over TLS with the test CA's server certificate, and a started loop for the client; all
     /// stopped after `body`.
     static func withTLSEchoPeer(
@@ -511,11 +523,7 @@ struct TLSTests {
             let server = try Self.server(
                 certificates, loop: loop, certificate: certificates.strangerCertificate, key: certificates.strangerKey)
             defer { server.close() }
-            let trusted = certificates.path("trusted.pem")
-            try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
-            let channel = try GRPCChannel(
-                target: "localhost:\(server.port)", configuration: Self.tls(certificates) { $0.trustRoots = .file(trusted) },
-                eventLoop: loop)
+            let (channel, trusted) = try Self.channelTrustingACopy(of: certificates, server: server, loop: loop)
             defer { channel.close() }
             let refused = await channel.call([1], timeout: .seconds(5))
             #expect(refused.status.code == .unavailable && refused.status.message.contains("certificate verify failed"))
@@ -533,11 +541,7 @@ struct TLSTests {
         try await Self.withCertificates { certificates, loop in
             let server = try Self.server(certificates, loop: loop)
             defer { server.close() }
-            let trusted = certificates.path("trusted.pem")
-            try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
-            let channel = try GRPCChannel(
-                target: "localhost:\(server.port)", configuration: Self.tls(certificates) { $0.trustRoots = .file(trusted) },
-                eventLoop: loop)
+            let (channel, trusted) = try Self.channelTrustingACopy(of: certificates, server: server, loop: loop)
             defer { channel.close() }
             #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
             let before = channel.tlsContextSource!.context()
