@@ -10,6 +10,9 @@ final class ScriptProcess: @unchecked Sendable {
     private let process: Process
     private let input: Pipe
     private let lines = PThreadLock<[String]>([])
+    /// Signalled once the reader has read the script's last line (end of its output).
+    private let outputEnded = DispatchSemaphore(value: 0)
+    private let stopped = PThreadLock<Bool>(false)
 
     enum ScriptError: Error {
         case didNotStart
@@ -36,8 +39,10 @@ final class ScriptProcess: @unchecked Sendable {
         }
         self.port = port
         let lines = self.lines
+        let outputEnded = self.outputEnded
         Thread.detachNewThread {
             while let line = readLine(fd) { lines.withLock { $0.append(line) } }
+            outputEnded.signal()
         }
     }
 
@@ -55,11 +60,21 @@ final class ScriptProcess: @unchecked Sendable {
         return nil
     }
 
-    /// Closes stdin (the script exits), killing it if it lingers.
+    /// Whether `stop()` has been called: the script takes no more commands.
+    var isStopped: Bool { self.stopped.withLock { $0 } }
+
+    /// Closes stdin (the script exits), killing it if it lingers, then waits for the reader to have kept every line
+    /// the script printed, so that `output` after `stop()` is complete.
     func stop() {
+        let first = self.stopped.withLock { stopped in
+            defer { stopped = true }
+            return !stopped
+        }
+        guard first else { return }
         try? self.input.fileHandleForWriting.close()
         for _ in 0..<200 where self.process.isRunning { usleep(5000) }
         if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
         self.process.waitUntilExit()
+        _ = self.outputEnded.wait(timeout: .now() + 5)
     }
 }

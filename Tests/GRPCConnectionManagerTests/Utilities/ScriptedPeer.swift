@@ -17,9 +17,12 @@ final class ScriptedPeer: Sendable {
 
     var target: String { "127.0.0.1:\(self.port)" }
 
-    /// The "event ..." lines so far, without the prefix.
+    /// The "event ..." lines so far, without the prefix: every one the script printed before this was asked (a round
+    /// trip through its stdin first, since a line printed before a response may still be in the pipe when the
+    /// response has arrived).
     var events: [String] {
-        self.script.output.filter { $0.hasPrefix("event ") }.map { String($0.dropFirst(6)) }
+        if !self.script.isStopped { _ = self.script.ask("count") { Int($0) } }
+        return self.script.output.filter { $0.hasPrefix("event ") }.map { String($0.dropFirst(6)) }
     }
 
     /// Request header blocks the peer has received.
