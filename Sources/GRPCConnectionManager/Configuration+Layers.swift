@@ -51,6 +51,7 @@ extension Configuration {
             backoff: self.backoffConfiguration, keepAliveTime: self.keepAliveTime, idleTimeout: self.idleTimeout,
             resolveRetryDelay: self.maxReconnectDelay)
         settings.loadBalancingPolicy = self.loadBalancingPolicies[service] ?? self.loadBalancingPolicy
+        settings.connectionAttemptDelay = self.connectionAttemptDelay
         settings.resolutionInterval = self.resolutionInterval
         settings.minimumResolutionInterval = self.minimumResolutionInterval
         settings.healthCheckServiceName = self.healthCheckServiceNames[service] ?? self.healthCheckServiceName

@@ -114,6 +114,13 @@ public struct Configuration: Sendable, Hashable {
         get { self.storage.fields.loadBalancingPolicy }
         set { self.update(\.loadBalancingPolicy, to: newValue) }
     }
+    /// Under `.pickFirst`, how long an attempt may go without an answer before the next address is tried beside it
+    /// (gRFC A61's Happy Eyeballs; RFC 8305 recommends 250 ms). Default 250 ms. A longer one keeps a slow first
+    /// address preferred longer; a silent one then holds waiting calls as long.
+    public var connectionAttemptDelay: Duration {
+        get { self.storage.fields.connectionAttemptDelay }
+        set { self.update(\.connectionAttemptDelay, to: newValue) }
+    }
     /// Per-service policies, by the service name given to `ConnectionManager.connection(service:)` (for a standalone
     /// `GRPCChannel`, its target text).
     public var loadBalancingPolicies: [String: LoadBalancingPolicy] {
@@ -353,6 +360,9 @@ public struct Configuration: Sendable, Hashable {
         if self.maxReconnectDelay <= .zero {
             throw ConfigurationError(field: "maxReconnectDelay", message: "must be greater than zero")
         }
+        if self.connectionAttemptDelay <= .zero {
+            throw ConfigurationError(field: "connectionAttemptDelay", message: "must be greater than zero")
+        }
         if self.reconnectBackoff.initial <= .zero {
             throw ConfigurationError(field: "reconnectBackoff.initial", message: "must be greater than zero")
         }
@@ -492,6 +502,7 @@ extension Configuration {
         var minimumResolutionInterval: Duration = .seconds(1)
         var maxConnectionsPerTarget: Int? = nil
         var loadBalancingPolicy: LoadBalancingPolicy = .leastLoaded
+        var connectionAttemptDelay: Duration = .milliseconds(250)
         var loadBalancingPolicies: [String: LoadBalancingPolicy] = [:]
         var healthCheckServiceName: String? = nil
         var healthCheckServiceNames: [String: String] = [:]

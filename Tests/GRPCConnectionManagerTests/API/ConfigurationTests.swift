@@ -26,6 +26,7 @@ struct ConfigurationTests {
         #expect(c.minimumResolutionInterval == .seconds(1))
         #expect(c.maxConnectionsPerTarget == nil)
         #expect(c.loadBalancingPolicy == .leastLoaded && c.loadBalancingPolicies.isEmpty)
+        #expect(c.connectionAttemptDelay == .milliseconds(250))
         #expect(c.healthCheckServiceName == nil && c.healthCheckServiceNames.isEmpty)
         #expect(c.dns.resolver == .cAres && c.dns.servers == nil)
         #expect(c.dns.timeout == .seconds(5) && c.dns.attempts == 2)

@@ -29,17 +29,17 @@ struct AttemptIdentityTests {
         options.maxConcurrentStreams = 1
         let fixture = try LoopbackFixture(options: options)
         defer { fixture.shutdown() }
-        let channel = try fixture.channel(Self.retrying(perAttempt: .milliseconds(400)))
+        let channel = try fixture.channel(Self.retrying(perAttempt: .seconds(2)))
         let recorder = EventRecorder()
         channel.events.subscribe { recorder.record($0) }
         #expect(await channel.call([0], timeout: .seconds(2)).status == .ok)
-        // The only stream is taken for 600 ms from when the server has the blocker: the next call's first attempt
-        // times out in the queue (at 400 ms), its second waits there too and goes out when the stream frees (about
-        // 600 ms, 200 ms before its own timeout).
+        // The only stream is taken for 3 s from when the server has the blocker: the next call's first attempt times
+        // out in the queue (at 2 s), its second waits there too and goes out when the stream frees (about 3 s, 1 s
+        // before its own timeout). Each side has a second of slack for a loaded machine.
         async let blocker = channel.call(
-            "/echo.Echo/Block", [1], metadata: ["x-sleep-ms": "600", "x-request-key": "blocker"], timeout: .seconds(5))
+            "/echo.Echo/Block", [1], metadata: ["x-sleep-ms": "3000", "x-request-key": "blocker"], timeout: .seconds(10))
         #expect(await eventually { fixture.server.requestCount(key: "blocker") == 1 })
-        let response = await channel.call([2], metadata: ["x-request-key": "queued"], timeout: .seconds(5))
+        let response = await channel.call([2], metadata: ["x-request-key": "queued"], timeout: .seconds(10))
         #expect(response.status == .ok)
         #expect(await blocker.status == .ok)
         #expect(fixture.server.requestCount(key: "queued") == 1, "the timed-out attempt's queue entry sent nothing")

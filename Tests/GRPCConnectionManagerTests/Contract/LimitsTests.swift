@@ -236,6 +236,8 @@ struct LimitsTests {
         defer { fixture.shutdown() }
         var configuration = Self.plain()
         configuration.loadBalancingPolicy = .pickFirst
+        // The stalled peer must be the one in use: no Happy Eyeballs race with the next address, however slow.
+        configuration.connectionAttemptDelay = .seconds(30)
         let channel = try GRPCChannel(
             target: "two.test:1", configuration: configuration,
             logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
@@ -285,6 +287,7 @@ struct LimitsTests {
         defer { next.close() }
         var configuration = tls ? TLSTests.tls(certificates) { $0.serverName = "localhost" } : Self.plain()
         configuration.loadBalancingPolicy = .pickFirst
+        configuration.connectionAttemptDelay = .seconds(30)  // the stalled peer in use, however slow its handshake
         configuration.maxReconnectDelay = .milliseconds(200)
         let channel = try GRPCChannel(
             target: "two.test:1", configuration: configuration,

@@ -288,6 +288,7 @@ struct TargetParsingTests {
             ("keepAliveTime", { $0.keepAliveTime = .zero }),
             ("keepAliveTimeout", { $0.keepAliveTimeout = .zero }),
             ("maxReconnectDelay", { $0.maxReconnectDelay = .zero }),
+            ("connectionAttemptDelay", { $0.connectionAttemptDelay = .zero }),
             ("reconnectBackoff.initial", { $0.reconnectBackoff.initial = .zero }),
             ("reconnectBackoff.multiplier", { $0.reconnectBackoff.multiplier = 0.5 }),
             ("reconnectBackoff.jitter", { $0.reconnectBackoff.jitter = 2 }),

@@ -157,9 +157,10 @@ struct HandlerIntegrationTests {
         let tokens = { await onReactor(fixture.loop.reactor) { manager.pipeline.retry?.throttleTokens(service: "echo") } }
         let before = await tokens()
         // One call holds the only stream, one waits in the queue, two more find the queue full.
-        async let slow = channel.call([1], metadata: ["x-sleep-ms": "500", "x-request-key": "slow"], timeout: .seconds(5))
+        // The slow call's 3 s are the window for the rest, on a loaded machine too.
+        async let slow = channel.call([1], metadata: ["x-sleep-ms": "3000", "x-request-key": "slow"], timeout: .seconds(10))
         #expect(await eventually { fixture.server.requestCount(key: "slow") == 1 })
-        async let queued = channel.call([2], timeout: .seconds(5))
+        async let queued = channel.call([2], timeout: .seconds(10))
         #expect(await eventually { channel.queuedCount == 1 })
         for index in 3...4 {
             let refused = await channel.call([UInt8(index)], timeout: .seconds(5))
@@ -187,7 +188,7 @@ struct HandlerIntegrationTests {
         #expect(response.status.code == .unavailable || response.status.code == .deadlineExceeded)
         // Backoffs that ignored the deadline would take seconds (200 ms, then growing, up to nine times); the slack
         // over the 250 ms is for a loaded machine.
-        #expect(elapsed < 0.25 + 0.5)
+        #expect(elapsed < 0.25 + 1.25)
         await manager.close(gracePeriod: .seconds(1))
     }
 
@@ -224,13 +225,15 @@ struct HandlerIntegrationTests {
         #expect(await bidi.result().status.code == .ok)
         await manager.close(gracePeriod: .seconds(1))
 
-        // Response headers commit a call: no retry can follow, so the status that comes 300 ms later is the call's.
-        let peer = try ScriptedPeer("headers-then-status", ["5", "300"])
+        // Response headers commit a call: no retry can follow, so the status that comes 3 s later is the call's.
+        // Connected first: the per-attempt timer starts with the call, and the headers must beat it.
+        let peer = try ScriptedPeer("headers-then-status", ["5", "3000"])
         defer { peer.stop() }
         var configuration = Configuration()
         configuration.enableCircuitBreaker = false
-        configuration.retry.policy.perAttemptTimeout = .milliseconds(100)
+        configuration.retry.policy.perAttemptTimeout = .seconds(1)
         let committed = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: fixture.loop)
+        #expect(await committed.ready())
         let response = await committed.unaryResult(path: "/echo.Echo/Get", request: [1])
         #expect(response.status.code == .notFound, "\(response.status)")
         #expect(peer.headerBlocks() == 1)
@@ -772,7 +775,7 @@ struct HandlerIntegrationTests {
         }
         #expect(await channel.call([0], timeout: .seconds(5)).status == .ok)  // connected: one stream free
         let ended = PThreadLock<UnaryResponse?>(nil)
-        channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "300", "x-request-key": "hedged"]) {
+        channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "3000", "x-request-key": "hedged"]) {
             response in ended.withLock { $0 = response }
         }
         #expect(await eventually {

@@ -117,7 +117,7 @@ struct BadPeerTests {
         let response = await channel.call(timeout: .seconds(5))
         #expect(response.status.code == .unavailable)
         #expect(response.status.message.contains("refused"))
-        #expect(now() - started < 1)
+        #expect(now() - started < 3)  // not the 5 s deadline
     }
 
     @Test("an HTTP/1.1 server gives UNAVAILABLE saying so")
@@ -207,7 +207,7 @@ struct BadPeerTests {
         var started = now()
         let withDeadline = await channel.call(timeout: .milliseconds(200), ledger: ledger, id: 1)
         #expect(withDeadline.status.code == .deadlineExceeded)
-        #expect(now() - started < 1)
+        #expect(now() - started < 2)
         started = now()
         let withoutDeadline = await channel.call(ledger: ledger, id: 2)
         #expect(withoutDeadline.status.code == .unavailable)

@@ -50,11 +50,11 @@ struct LoopbackCallTests {
         let warm = await channel.call(timeout: .seconds(5))
         #expect(warm.status == .ok)
         let started = now()
-        let response = await channel.call(metadata: ["x-sleep-ms": "2000"], timeout: .milliseconds(200))
+        let response = await channel.call(metadata: ["x-sleep-ms": "10000"], timeout: .milliseconds(200))
         let elapsed = now() - started
         #expect(response.status.code == .deadlineExceeded)
         #expect(elapsed >= 0.19)
-        #expect(elapsed < 1.0)
+        #expect(elapsed < 3.0)  // not the server's 10 s; room for a loaded machine
         // The connection survives the reset stream.
         #expect(await channel.call([5], timeout: .seconds(5)).message == [5])
     }

@@ -114,15 +114,16 @@ struct HedgingTests {
 
     @Test("an attempt that receives response headers commits the call: no more hedges, and its failure is the call's")
     func responseHeadersCommit() async throws {
-        // Headers at once, then UNAVAILABLE (non-fatal) 300 ms later: uncommitted, hedges would go out every 50 ms
-        // and the failure would send yet another.
-        let peer = try ScriptedPeer("headers-then-status", ["14", "300"])
+        // Headers at once, then UNAVAILABLE (non-fatal) 1 s later: uncommitted, hedges would go out every 250 ms
+        // and the failure would send yet another. Connected first: the hedge delay starts with the call.
+        let peer = try ScriptedPeer("headers-then-status", ["14", "1000"])
         defer { peer.stop() }
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
         let channel = try Self.hedgedChannel(
-            peer.target, loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .milliseconds(50)))
+            peer.target, loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .milliseconds(250)))
+        #expect(await channel.ready())
         let response = await channel.unaryResult(path: "/echo.Echo/Get", request: [1])
         #expect(response.status.code == .unavailable, "\(response.status)")
         #expect(peer.headerBlocks() == 1, "one attempt: committed at its headers")
@@ -361,11 +362,14 @@ struct HedgingTests {
         configuration.enableCircuitBreaker = false
         // UNAVAILABLE (what a closing channel refuses with) is fatal here: a refused hedge would end the call.
         configuration.hedging["echo.Echo"] = CallHedgingPolicy(
-            maxAttempts: 3, hedgingDelay: .milliseconds(100), nonFatalStatusCodes: [.internal])
+            maxAttempts: 3, hedgingDelay: .seconds(1), nonFatalStatusCodes: [.internal])
         let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
         let channel = try manager.connection(service: "echo", address: fixture.target)
+        // Connected first, so that the close comes well within the hedge's second, on a slow machine too; the
+        // attempt takes 3 s, so the hedge timer fires during the grace period.
+        #expect(await channel.unaryResult(path: "/echo.Echo/Get", request: [0]).status == .ok)
         async let response = channel.unaryResult(
-            path: "/echo.Echo/Get", request: [5], metadata: ["x-sleep-ms": "400", "x-request-key": "closing"])
+            path: "/echo.Echo/Get", request: [5], metadata: ["x-sleep-ms": "3000", "x-request-key": "closing"])
         #expect(await eventually { fixture.server.requestCount(key: "closing") == 1 })
         await manager.close(gracePeriod: .seconds(5))
         let answer = await response

@@ -290,10 +290,11 @@ struct LoadBalancingTests {
             configuration.maxConnectionsPerTarget = limit
             let channel = try GRPCChannel(target: server.address, configuration: configuration, eventLoop: loop)
             #expect(await channel.call("/test.Raw/Get", [0], timeout: .seconds(5)).status == .ok)  // one connection up
+            // Each call takes 1.5 s, so that the six are under way together on a loaded machine too.
             let statuses = await withTaskGroup(of: CallStatus.self) { group in
                 for index in 0..<6 {
                     group.addTask {
-                        await channel.call("/test.Raw/Get", [UInt8(index)], metadata: ["x-sleep-ms": "200"], timeout: .seconds(10)).status
+                        await channel.call("/test.Raw/Get", [UInt8(index)], metadata: ["x-sleep-ms": "1500"], timeout: .seconds(20)).status
                     }
                 }
                 return await group.reduce(into: [CallStatus]()) { $0.append($1) }

@@ -201,6 +201,15 @@ func eventually(timeout: Double = 5, _ condition: () async -> Bool) async -> Boo
     return await condition()
 }
 
+extension GRPCChannel {
+    /// Connects now and waits (up to 10 s) until the channel is READY. For tests whose timers start with a call
+    /// (hedging delays, per-attempt timeouts): connecting, which a loaded machine stretches, is then not inside them.
+    func ready() async -> Bool {
+        self.connect()
+        return await eventually(timeout: 10) { await self.connectivity().state == .ready }
+    }
+}
+
 /// The grpc-cm binary next to the test bundle (`swift build --build-tests` builds it).
 func grpcCMBinary() -> String {
     let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
