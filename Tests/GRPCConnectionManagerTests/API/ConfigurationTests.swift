@@ -110,6 +110,6 @@ struct ConfigurationTests {
         let text = String(describing: configuration)
         #expect(text.contains("maxQueuedCalls: 77"), "\(text)")
         #expect(text.contains("keepAliveTime") && !text.contains("Storage"), "\(text)")
-        #expect(Mirror(reflecting: configuration).children.count == 31)
+        #expect(Mirror(reflecting: configuration).children.count == 32)
     }
 }
