@@ -113,6 +113,20 @@ public struct NetworkAddress: Sendable, Hashable, CustomStringConvertible {
         return true
     }
 
+    /// `0.0.0.0` or `::`: a server's "every interface" when it binds, nowhere to dial (Linux takes it as this host).
+    package var isUnspecified: Bool {
+        switch self.storage {
+        case .ipv4(let host, _):
+            var v4 = in_addr()
+            return inet_pton(AF_INET, host, &v4) == 1 && v4.s_addr == 0
+        case .ipv6(let host, _):
+            guard let v6 = Self.ipv6(host)?.address else { return false }
+            return withUnsafeBytes(of: v6) { $0.allSatisfy { $0 == 0 } }
+        case .unix:
+            return false
+        }
+    }
+
     /// Calls `body` with the C sockaddr for this address.
     package func withSockAddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) throws -> R) throws -> R {
         switch self.storage {

@@ -22,12 +22,18 @@ package protocol AddressResolver: Sendable {
     /// answer may differ; the pool resolves again then. Called once per pool, before its first resolution. The
     /// default learns nothing (DNS has no push).
     func watch(_ target: Target, on reactor: Reactor, changed: @escaping @Sendable () -> Void)
+
+    /// The pool on `reactor` is closing: what `watch` started there ends (an etcd watch, its connection), and no
+    /// change is reported any more. Called once, on `reactor`'s thread. The default has nothing to end.
+    func stopWatching(_ target: Target, on reactor: Reactor)
 }
 
 extension AddressResolver {
     package func fixedAddresses(for target: Target) -> [NetworkAddress]? { target.numericAddresses }
 
     package func watch(_ target: Target, on reactor: Reactor, changed: @escaping @Sendable () -> Void) {}
+
+    package func stopWatching(_ target: Target, on reactor: Reactor) {}
 }
 
 /// A resolver whose lookup blocks (getaddrinfo): it runs on a helper thread and reports back through the loop's

@@ -558,7 +558,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             // A pool already in use connects an address that joins at once (so that round_robin and least-loaded
             // spread calls onto it); pick_first keeps to its one connection (connectIdle's rule).
             let inUse = self.subchannels.contains { $0.state != .idle }
-            if addresses != self.addresses {
+            if let current = self.addresses, Set(addresses) == Set(current) {
+                // The same addresses, maybe in another order (DNS servers rotate their answers): no change to report,
+                // but pick_first tries them in the new order from now on.
+                if addresses != current { self.install(addresses) }
+            } else {
                 self.bus.publish(.addressesResolved(service: self.service, addresses: addresses))
                 self.install(addresses)
                 // The addresses that went may have been the only ones not failing: nothing is left to wait for.
@@ -684,6 +688,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             self.reactor.disarm(&self.changeResolutionTimer)
             self.reactor.disarm(&self.resolveRetryTimer)
             self.reactor.disarm(&self.attemptDelayTimer)
+            // Nor changes: a resolver's watch (etcd's stream and connection) ends with the pool, not when the
+            // channel is let go of (a manager keeps its closed channels).
+            self.resolver.stopWatching(self.target, on: self.reactor)
             // Calls first learn that nothing is retried any more; then the waiting ones go.
             for call in self.registry.all { call.channelClosing(reason) }
             for call in self.queue.removeAll() { call.routeFailed(reason) }

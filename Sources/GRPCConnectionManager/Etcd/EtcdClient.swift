@@ -5,12 +5,24 @@ import Logging
 
 extension Configuration.Etcd {
     /// A plaintext channel to the cluster, for the resolver's Range and Watch calls and the registration's lease:
-    /// every endpoint is an address of it, tried in the order given (pick_first), so a member that is down, gone or
-    /// silent (after 250 ms) is passed over, as etcd's own client fails over between its endpoints.
+    /// every endpoint is an address of it, connected and used in turn (round_robin), as etcd's own client balances
+    /// over its endpoints. A member that is down is passed over; one that answers but cannot serve (cut off from
+    /// its leader, a learner: UNAVAILABLE) is left behind by the retry of a unary call, which goes to the next
+    /// member, and by a stream's reopening. Staying on the first member that connects (pick_first, before) kept a
+    /// member cut off from its leader in use for ever: the watch was refused each second, and a registration's
+    /// lease lapsed on the healthy majority.
     /// - Parameter configuration: The client's own settings (the endpoints become its addresses).
     func clientChannel(configuration: Configuration, logger: Logger, loops: [Reactor]) throws -> GRPCChannel {
         var configuration = configuration
-        configuration.loadBalancingPolicy = .pickFirst
+        configuration.loadBalancingPolicy = .roundRobin
+        configuration.enableRetry = true
+        // An attempt on every member and two more, with backoffs long enough for the other members' connections to
+        // be up (the one that refuses may be the first ready: retries within milliseconds all went to it); no
+        // throttle: a member that refuses everything would spend the tokens, and the retries passing it would stop.
+        configuration.retry.policy.maxAttempts = min(max(self.endpoints.count + 2, 4), 10)
+        configuration.retry.policy.initialBackoff = .milliseconds(250)
+        configuration.retry.policy.maxBackoff = .seconds(2)
+        configuration.retry.throttling = nil
         return try GRPCChannel(
             target: self.endpoints[0], configuration: configuration, logger: logger, metricsFactory: nil,
             interceptors: [], loops: loops, resolver: EtcdEndpointsResolver(endpoints: self.endpoints))

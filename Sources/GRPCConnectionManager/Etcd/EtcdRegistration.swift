@@ -10,6 +10,9 @@ import Logging
 /// (restarted, or unreachable for longer than the TTL) the registration grants a new one and writes the key again.
 /// `deregister()` deletes the key and revokes the lease.
 ///
+/// Keep the registration for as long as the server serves: letting go of it stops its keepalives (nothing else holds
+/// it), and the key goes when its lease expires, as when the process exits.
+///
 /// ```swift
 /// let registration = try await EtcdRegistration.register(
 ///     name: "services/echo", address: "10.0.0.7:50051", etcd: .init(endpoints: ["127.0.0.1:2379"]))
@@ -85,9 +88,13 @@ public final class EtcdRegistration: Sendable {
         guard (try? Target(parsing: "etcd:///" + name)) != nil else {
             return "name \"\(name)\": expected printable text without spaces or a trailing /, as in etcd:///name"
         }
-        guard let target = try? Target(parsing: address), case .hostPort = target.kind, target.numericAddresses != nil
+        guard let target = try? Target(parsing: address), case .hostPort = target.kind,
+            let numeric = target.numericAddresses
         else {
             return "address \"\(address)\": expected a numeric ip:port or [v6]:port, which etcd:/// targets read"
+        }
+        if numeric.contains(where: \.isUnspecified) {
+            return "address \"\(address)\": an unspecified address (a server's bind address) is nowhere a client can dial; register the address clients reach it at"
         }
         return nil
     }

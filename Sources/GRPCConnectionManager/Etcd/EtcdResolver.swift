@@ -9,7 +9,8 @@ import Logging
 /// missed), through this package's own client (no etcd library).
 ///
 /// Values are what grpc-go's endpoints manager writes (`{"Op":0,"Addr":"10.0.0.7:50051","Metadata":...}`), so Go
-/// services registered with it are found; the address must be numeric (`ip:port`, `[v6]:port`). A value that is not
+/// services registered with it are found; the address must be numeric (`ip:port`, `[v6]:port`) and not unspecified
+/// (`0.0.0.0`, `[::]`: a server's bind address, which a client would take as its own host). A value that is not
 /// such an address is skipped and reported (`resolutionFailed` naming its key, the good ones still used); when none is
 /// left the resolution fails and the pool keeps its last good addresses. A change under the prefix makes the pool
 /// resolve again at once (within `minimumResolutionInterval`); a watch that breaks (etcd going away) is opened again
@@ -134,7 +135,7 @@ final class EtcdResolver: AddressResolver {
         var unusable: [String] = []
         for (key, value) in pairs {
             guard let text = EtcdMessages.endpointAddress(value), let parsed = try? Target(parsing: text),
-                let address = parsed.numericAddresses?.first, case .hostPort = parsed.kind
+                let address = parsed.numericAddresses?.first, case .hostPort = parsed.kind, !address.isUnspecified
             else {
                 unusable.append(key)
                 continue
@@ -159,6 +160,15 @@ final class EtcdResolver: AddressResolver {
         guard case .etcd = target.kind else { return }
         self.watches.withLock { $0[ObjectIdentifier(reactor)] = .waitingForRange(changed) }
     }
+
+    /// The pool on `reactor` closes: its watcher stops and its client channel closes (a Range still under way ends
+    /// with it and starts no watcher: the loop's entry is gone).
+    func stopWatching(_ target: Target, on reactor: Reactor) {
+        let key = ObjectIdentifier(reactor)
+        let watch = self.watches.withLock { $0.removeValue(forKey: key) }
+        if case .watching(let watcher) = watch { watcher.stop() }
+        self.clients.withLock { $0.removeValue(forKey: key) }?.close()
+    }
 }
 
 /// One Watch stream over a key prefix; reopened a second after it ends, until stopped. Loop thread, except `stop()`.
@@ -168,8 +178,10 @@ final class EtcdWatcher: @unchecked Sendable {
     private let reactor: Reactor
     private let prefix: String
     private let changed: @Sendable () -> Void
-    /// The stream, whether stopped, and the revision the last Range read (a new stream starts after it).
-    private let state = PThreadLock<(call: StreamingCall?, stopped: Bool, revision: Int64)>((nil, false, 0))
+    /// The stream, whether stopped, the revision the last Range read (a new stream starts after it), and the one the
+    /// stream under way started after.
+    private let state = PThreadLock<(call: StreamingCall?, stopped: Bool, revision: Int64, watchedAfter: Int64)>(
+        (nil, false, 0, 0))
 
     init(client: GRPCChannel, reactor: Reactor, prefix: String, changed: @escaping @Sendable () -> Void) {
         self.client = client
@@ -180,10 +192,16 @@ final class EtcdWatcher: @unchecked Sendable {
 
     /// A Range read `revision`: a stream opened from now on starts after it. Taken as it is, even when lower than
     /// the last: etcd's revision goes back when its cluster is restored from a snapshot or replaced, and a watch from
-    /// a revision still to come is accepted without a word and hears nothing until the new cluster gets there. (A
-    /// stale read, older than one before it, costs a change heard twice: one more read.)
+    /// a revision still to come is accepted without a word and hears nothing until the new cluster gets there. For
+    /// that reason a stream under way that started after a later revision than this read is ended (and reopened
+    /// from here a second later): it may have been reopened, after the cluster came back, before this read said how
+    /// far back it went. (A stale read, older than one before it, costs a change heard twice: one more read.)
     func advance(to revision: Int64) {
-        self.state.withLock { $0.revision = revision }
+        let ahead = self.state.withLock { state -> StreamingCall? in
+            state.revision = revision
+            return revision < state.watchedAfter ? state.call : nil
+        }
+        ahead?.cancel()
     }
 
     func start() {
@@ -212,7 +230,10 @@ final class EtcdWatcher: @unchecked Sendable {
         let call = self.client.bidirectionalStreaming(
             path: EtcdMessages.watchPath, metadata: ["hasleader": "true"], callbacks: callbacks)
         _ = call.send(EtcdMessages.watchCreateRequest(prefix: self.prefix, startRevision: revision + 1))
-        self.state.withLock { $0.call = call }
+        self.state.withLock {
+            $0.call = call
+            $0.watchedAfter = revision
+        }
     }
 
     func stop() {

@@ -89,6 +89,32 @@ struct DNSResolverTests {
         #expect(ledger.completed == id && ledger.duplicates == 0)
     }
 
+    @Test("the same addresses in another order (a DNS server rotating its answers) are no change: no event")
+    func rotatedAnswerIsNoChange() async throws {
+        let dns = try DNSPeer()
+        defer { dns.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let first = try EchoServer(host: "127.0.0.1", eventLoop: loop)
+        defer { first.close() }
+        let second = try EchoServer(host: "127.0.0.2", port: first.port, eventLoop: loop)
+        defer { second.close() }
+        dns.set("rotating.test", ["127.0.0.1", "127.0.0.2"])
+        let channel = try GRPCChannel(
+            target: "rotating.test:\(first.port)", configuration: Self.configuration(dns), eventLoop: loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        dns.set("rotating.test", ["127.0.0.2", "127.0.0.1"])
+        // Lookups every 200 ms: two more at least (A and AAAA each) read the rotated answer.
+        let queries = dns.queries()
+        #expect(await eventually { dns.queries() >= queries + 4 })
+        #expect(await channel.call([2], timeout: .seconds(5)).status == .ok)
+        let resolved = recorder.count { if case .addressesResolved = $0 { true } else { false } }
+        #expect(resolved == 1, "one change reported (the first answer), not one per rotation: \(resolved)")
+    }
+
     @Test("no address in the answer, then no answer at all: events say so, calls keep the last good address")
     func badAnswersKeepService() async throws {
         let dns = try DNSPeer()

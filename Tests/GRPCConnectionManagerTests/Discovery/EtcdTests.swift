@@ -136,6 +136,11 @@ struct EtcdTests {
         _ = try await raw.unary(
             path: EtcdMessages.putPath,
             request: EtcdMessages.putRequest(key: "services/mixed/garbage", value: Array("not json".utf8), lease: 0))
+        // And a server's bind address, which a client would dial as its own host.
+        _ = try await raw.unary(
+            path: EtcdMessages.putPath,
+            request: EtcdMessages.putRequest(
+                key: "services/mixed/any", value: EtcdMessages.endpointValue(address: "0.0.0.0:\(peer.port)"), lease: 0))
         let channel = try GRPCChannel(target: "etcd:///services/mixed", configuration: Self.configuration(etcd), eventLoop: loop)
         let recorder = EventRecorder()
         channel.events.subscribe { recorder.record($0) }
@@ -145,7 +150,9 @@ struct EtcdTests {
         #expect(
             await eventually {
                 recorder.count {
-                    if case .resolutionFailed(_, let error) = $0 { return error.message.contains("services/mixed/garbage") }
+                    if case .resolutionFailed(_, let error) = $0 {
+                        return error.message.contains("services/mixed/garbage") && error.message.contains("services/mixed/any")
+                    }
                     return false
                 } > 0
             }, "the skipped value is reported")
@@ -246,6 +253,29 @@ struct EtcdTests {
             }, "a change after the reopen is heard")
     }
 
+    @Test("a read below the revision a running watch started after (etcd restored, reopened before the read) ends it: it reopens from the read")
+    func watchAheadOfTheReadRestarts() async throws {
+        let rig = try WatchRig(prefix: "a/")
+        defer { rig.stop() }
+        let (loop, watcher) = (rig.loop, rig.watcher)
+        let revision = try await rig.put("a/1")
+        // The stream under way watches from a revision this cluster has not reached: it hears nothing.
+        watcher.advance(to: revision + 1000)
+        loop.reactor.execute { watcher.start() }
+        #expect(await eventually(timeout: 10) { rig.etcd.watchers == 1 })
+        // A read says where the cluster is: the stream ends (asking for a read), and reopens from there.
+        watcher.advance(to: revision)
+        #expect(await eventually(timeout: 10) { rig.changes >= 1 }, "the stream ahead of the read ended")
+        let before = rig.changes
+        var key = 1
+        #expect(
+            await eventually(timeout: 10) {
+                key += 1
+                _ = try? await rig.put("a/\(key)")
+                return rig.changes > before
+            }, "a change after the reopen is heard")
+    }
+
     @Test("several etcd endpoints: one that is down is passed over; when the one in use goes, the next serves")
     func failsOverBetweenEndpoints() async throws {
         // Two single-member etcds that know nothing of each other: which one answered shows in what it holds.
@@ -291,6 +321,62 @@ struct EtcdTests {
         #expect(ledger.completed == id && ledger.duplicates == 0)
         await b.deregister()
         await inSecond.deregister()
+    }
+
+    @Test("a member that answers but cannot serve (UNAVAILABLE to everything: cut off from its leader) is left behind")
+    func unservingMemberIsLeftBehind() async throws {
+        let etcd = try EtcdPeer()
+        defer { etcd.stop() }
+        // First in the list, and it connects: every call on it, unary or stream, gets UNAVAILABLE at once.
+        let refusing = try ScriptedPeer("early-status", ["14"])
+        defer { refusing.stop() }
+        let backend = try PythonPeer(name: "a")
+        defer { backend.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // etcd serving first (a fresh one elects itself leader before it answers): the other member of a cluster.
+        let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
+        _ = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: "services/split/"))
+        raw.close()
+        let settings = Configuration.Etcd(endpoints: [refusing.target, etcd.endpoint])
+        // The lease and the key: each call the refusing member answers is retried on the next.
+        let registration = try await EtcdRegistration.register(
+            name: "services/split", address: backend.target, etcd: settings, ttl: .seconds(2), eventLoop: loop)
+        var configuration = Self.configuration(etcd)
+        configuration.etcd = settings
+        let channel = try GRPCChannel(target: "etcd:///services/split", configuration: configuration, eventLoop: loop)
+        let ledger = CompletionLedger()
+        var id = 0
+        #expect(await Self.served(channel, 3, ledger: ledger, next: &id) == ["a"])
+        // Past the lease's TTL twice over: the keepalive stream found the member that serves (reopened there), so
+        // the key is still there for a new reader.
+        try await Task.sleep(for: .seconds(4))
+        let reader = try GRPCChannel(target: "etcd:///services/split", configuration: configuration, eventLoop: loop)
+        #expect(await Self.served(reader, 2, ledger: ledger, next: &id) == ["a"])
+        #expect(ledger.completed == id && ledger.duplicates == 0)
+        await registration.deregister()
+    }
+
+    @Test("a manager's close ends its etcd watches (and their connection), though the manager lives on")
+    func closeEndsTheWatch() async throws {
+        let etcd = try EtcdPeer()
+        defer { etcd.stop() }
+        let backend = try PythonPeer(name: "a")
+        defer { backend.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let registration = try await EtcdRegistration.register(
+            name: "services/closing", address: backend.target, etcd: .init(endpoints: [etcd.endpoint]), eventLoop: loop)
+        let manager = try ConnectionManager(configuration: Self.configuration(etcd), eventLoop: loop)
+        let channel = try manager.connection(service: "closing", address: "etcd:///services/closing")
+        #expect(await channel.call("/echo.Echo/Get", [1], timeout: .seconds(5)).status == .ok)
+        #expect(await eventually(timeout: 10) { etcd.watchers == 1 }, "the resolver watches the prefix")
+        await manager.close()
+        #expect(await eventually(timeout: 10) { etcd.watchers == 0 }, "the watch ended with the close: \(String(describing: etcd.watchers))")
+        withExtendedLifetime(manager) {}
+        await registration.deregister()
     }
 
     @Test("the registration keeps its key past the lease's TTL, and deregister removes it")
@@ -356,6 +442,7 @@ struct EtcdTests {
         for (name, address, reason) in [
             ("", "127.0.0.1:5000", "name"), ("svc/", "127.0.0.1:5000", "name"), ("my svc", "127.0.0.1:5000", "name"),
             ("svc", "myhost:5000", "numeric"), ("svc", "1.2.3.4:5000\",\"Op\":1", "numeric"), ("svc", "unix:/tmp/s", "numeric"),
+            ("svc", "0.0.0.0:5000", "unspecified"), ("svc", "[::]:5000", "unspecified"), ("svc", "[0:0::0]:5000", "unspecified"),
         ] {
             do {
                 _ = try await EtcdRegistration.register(name: name, address: address, etcd: etcd)

@@ -55,13 +55,20 @@ final class EtcdPeer: @unchecked Sendable {
     /// etcd's count of messages received on `method`'s streams since it started (its `/metrics`), e.g.
     /// "LeaseKeepAlive".
     func messagesReceived(_ method: String) -> Int? {
+        self.metric(startingWith: "grpc_server_msg_received_total{grpc_method=\"\(method)\",")
+    }
+
+    /// The watchers etcd has now, on every stream (its `etcd_debugging_mvcc_watcher_total` gauge).
+    var watchers: Int? { self.metric(startingWith: "etcd_debugging_mvcc_watcher_total ") }
+
+    /// The value of the first line of etcd's `/metrics` that starts with `prefix`.
+    private func metric(startingWith prefix: String) -> Int? {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
         guard Self.connect(fd, self.port) else { return nil }
         var request = Array("GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".utf8)
         guard request.withUnsafeMutableBytes({ write(fd, $0.baseAddress, $0.count) }) == request.count else { return nil }
         let text = String(decoding: readToEnd(fd), as: UTF8.self)
-        let prefix = "grpc_server_msg_received_total{grpc_method=\"\(method)\","
         guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix(prefix) }) else { return nil }
         return line.split(separator: " ").last.flatMap { Double($0) }.map { Int($0) }
     }
