@@ -42,7 +42,8 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
             }
         let decision = self.breakers[slot].acquire(now: now)
         if let (from, to) = decision.changed {
-            self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
+            self.bus.publish(
+                .circuitBreakerStateChanged(service: service, path: self.name(of: slot, service: service, path: path), from: from, to: to))
         }
         return decision.permitted ? CallPermit(isProbe: decision.probe, epoch: decision.epoch, slot: slot) : nil
     }
@@ -63,8 +64,16 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         let change = self.breakers[slot].callEnded(
             status.code, duration: duration, probe: permit.isProbe, epoch: permit.epoch, now: now)
         if let (from, to) = change {
-            self.bus.publish(.circuitBreakerStateChanged(service: service, path: path, from: from, to: to))
+            self.bus.publish(
+                .circuitBreakerStateChanged(service: service, path: self.name(of: slot, service: service, path: path), from: from, to: to))
         }
+    }
+
+    /// The path a change of the breaker in `slot` is published under: the call's, when the breaker is its method's
+    /// own; `otherMethods` for the one the methods past `maxBreakers` share (the call's path would name one of them,
+    /// and the others' changes would show under other names). Asked only when a state changes.
+    private func name(of slot: Int, service: String, path: String) -> String {
+        self.breakers.existingSlot(for: Key(service: service, path: path)) == slot ? path : Self.otherMethods
     }
 
     package func state(service: String, path: String) -> CircuitBreakerState {

@@ -67,6 +67,8 @@ package final class MetricsHandler: @unchecked Sendable {
         let attempts: Recorder
         let sentBytes: CoreMetrics.Counter
         let receivedBytes: CoreMetrics.Counter
+        /// grpc_client_retries_total: made with the others when retries are on, else at the first retry (a hedge).
+        var retries: CoreMetrics.Counter?
         /// grpc_client_requests_total by status code.
         var requests: [CoreMetrics.Counter?] = Array(repeating: nil, count: 17)
     }
@@ -114,11 +116,13 @@ package final class MetricsHandler: @unchecked Sendable {
     /// ever seen would grow without end.
     static let maxMethodSeries = 1000
     static let otherMethods = "other"
+    /// A path longer than this is counted under `otherMethods` too: each label is written on some 30 lines of every
+    /// scrape, and a path (from a caller) may be as long as the header list allows.
+    static let maxMethodLabelBytes = 256
 
-    /// The `method` label of `path`: its own, unless the table is full and it is new.
-    private func methodLabel(service: String, path: String) -> String {
-        if let slot = self.calls.existingSlot(for: CallKey(service: service, path: path)) { return self.calls[slot].method }
-        return self.labelForNewMethod(path)
+    /// The slot of `service` and `path`: the last one asked for, found in place, or `callSlot`.
+    private func slot(service: String, path: String) -> Int {
+        self.calls.lastSlot { $0.service == service && $0.path == path } ?? self.callSlot(service: service, path: path)
     }
 
     /// What a method not in the table yet is named: itself while there is room, else `otherMethods`.
@@ -129,7 +133,7 @@ package final class MetricsHandler: @unchecked Sendable {
     private func callSlot(service: String, path: String) -> Int {
         // A path the channel refused (not a method path: the call never left) is counted with the overflow: made-up
         // paths must not become labels, nor take the room of the methods that come later.
-        let path = MethodPath.isValid(path) ? path : Self.otherMethods
+        let path = path.utf8.count <= Self.maxMethodLabelBytes && MethodPath.isValid(path) ? path : Self.otherMethods
         // Made for `path`, or (the table full, `path` new) for the overflow key, which is then what it is named.
         let label = self.labelForNewMethod(path)
         return self.calls.slot(
@@ -152,15 +156,15 @@ package final class MetricsHandler: @unchecked Sendable {
             self.recorders[recorderKey]
             ?? Recorder(label: "grpc_client_attempts_per_call", dimensions: dimensions, aggregate: true, factory: self.factory)
         self.recorders[recorderKey] = recorder
-        if self.retryEnabled { _ = self.counter("grpc_client_retries_total", dimensions) }
         if self.breakerEnabled {
             // This loop's breaker of the method starts closed; the series shows the worst of all loops'.
-            self.breakerReported(.closed, dimensions: dimensions, onlyIfNew: true)
+            self.breakerReported(.closed, breaker: path, dimensions: dimensions, onlyIfNew: true)
         }
         return CallMetrics(
             method: path, duration: timer, attempts: recorder,
             sentBytes: self.counter("grpc_client_sent_bytes_total", [("service", service)]),
-            receivedBytes: self.counter("grpc_client_received_bytes_total", [("service", service)]))
+            receivedBytes: self.counter("grpc_client_received_bytes_total", [("service", service)]),
+            retries: self.retryEnabled ? self.counter("grpc_client_retries_total", dimensions) : nil)
     }
 
     /// One connection left `from` for `to`: both states' series change by one. A connection is first seen leaving
@@ -184,12 +188,17 @@ package final class MetricsHandler: @unchecked Sendable {
         if change > 0 { meter.increment(by: Double(change)) } else if change < 0 { meter.decrement(by: Double(-change)) }
     }
 
-    /// A breaker of this loop is in `state`: the method's series shows the worst state of the manager's loops
-    /// (open, then half-open, then closed). `onlyIfNew`: only when this loop has reported none for the method yet.
-    private func breakerReported(_ state: CircuitBreakerState, dimensions: [(String, String)], onlyIfNew: Bool = false) {
+    /// The breaker of `breaker` (a path, or the breakers' overflow) on this loop is in `state`: the series of
+    /// `dimensions` shows the worst state of the breakers it covers, on every loop of the manager (open, then
+    /// half-open, then closed): one method's on each loop, or, under `method="other"`, every breaker of a method
+    /// counted there. `onlyIfNew`: only when this breaker has reported nothing yet.
+    private func breakerReported(
+        _ state: CircuitBreakerState, breaker: String, dimensions: [(String, String)], onlyIfNew: Bool = false
+    ) {
         let gauge = self.gauge("grpc_client_circuit_breaker_state", dimensions)
         self.sharedMetrics.breaker(
-            Self.key("grpc_client_circuit_breaker_state", dimensions), holder: ObjectIdentifier(self), is: state,
+            Self.key("grpc_client_circuit_breaker_state", dimensions),
+            holder: SharedMetricsState.BreakerHolder(loop: ObjectIdentifier(self), breaker: breaker), is: state,
             onlyIfNew: onlyIfNew
         ) { worst in gauge.record(worst.rawValue) }
     }
@@ -201,9 +210,7 @@ package final class MetricsHandler: @unchecked Sendable {
     private func record(_ event: ConnectionEvent) {
         switch event {
         case .callFinished(let service, let path, let status, let duration, let attempts, let sent, let received):
-            let slot =
-                self.calls.lastSlot { $0.service == service && $0.path == path }
-                ?? self.callSlot(service: service, path: path)
+            let slot = self.slot(service: service, path: path)
             let code = status.code.rawValue
             if (0..<17).contains(code) {
                 if self.calls[slot].requests[code] == nil {
@@ -224,12 +231,20 @@ package final class MetricsHandler: @unchecked Sendable {
             if sent > 0 { metrics.sentBytes.increment(by: sent) }
             if received > 0 { metrics.receivedBytes.increment(by: received) }
         case .retryScheduled(let service, let path, _, _, _):
-            self.counter("grpc_client_retries_total", [("service", service), ("method", self.methodLabel(service: service, path: path))])
-                .increment()
+            // The method's counter, kept with its metrics: a retry storm looks up no label key per retry.
+            let slot = self.slot(service: service, path: path)
+            if self.calls[slot].retries == nil {
+                self.calls[slot].retries = self.counter(
+                    "grpc_client_retries_total", [("service", service), ("method", self.calls[slot].method)])
+            }
+            self.calls[slot].retries!.increment()
         case .connectivityStateChanged(let service, _, let from, let to, _):
             self.connectionMoved(service: service, from: from, to: to)
         case .circuitBreakerStateChanged(let service, let path, _, let to):
-            self.breakerReported(to, dimensions: [("service", service), ("method", self.methodLabel(service: service, path: path))])
+            // The series of the method's metrics (its own, or "other" past the limit); `path` is the breaker's.
+            let slot = self.slot(service: service, path: path)
+            self.breakerReported(
+                to, breaker: path, dimensions: [("service", service), ("method", self.calls[slot].method)])
         case .connectAttemptStarted(let service, _, _):
             self.counter("grpc_client_connect_attempts_total", [("service", service)]).increment()
         case .connectAttemptFailed(let service, _, _, _, _):
@@ -257,8 +272,8 @@ package final class SharedMetricsState: Sendable {
     static let states: [ConnectivityState] = [.idle, .connecting, .ready, .transientFailure]
     private struct Counts {
         var byService: [String: [Int]] = [:]
-        /// Per breaker series, the state each loop's breaker reported.
-        var breakers: [String: [ObjectIdentifier: CircuitBreakerState]] = [:]
+        /// Per breaker series, the state each breaker it covers reported (on each loop).
+        var breakers: [String: [BreakerHolder: CircuitBreakerState]] = [:]
         /// The connection series' meters, one per series for every loop.
         var meters: [String: Meter] = [:]
     }
@@ -290,10 +305,16 @@ package final class SharedMetricsState: Sendable {
         }
     }
 
+    /// A breaker a series covers: one loop's (its metrics handler), of one method or of the methods past the limit.
+    struct BreakerHolder: Hashable {
+        let loop: ObjectIdentifier
+        let breaker: String
+    }
+
     /// `holder`'s breaker of the series `key` is in `state` (with `onlyIfNew`: unless it reported one before).
     /// `record` gets the worst state of all holders, under the lock, so that two loops never publish out of order.
     func breaker(
-        _ key: String, holder: ObjectIdentifier, is state: CircuitBreakerState, onlyIfNew: Bool,
+        _ key: String, holder: BreakerHolder, is state: CircuitBreakerState, onlyIfNew: Bool,
         record: (CircuitBreakerState) -> Void
     ) {
         self.counts.withLock { all in

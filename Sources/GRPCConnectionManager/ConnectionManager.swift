@@ -211,7 +211,8 @@ public final class ConnectionManager: Sendable {
     }
 
     /// Stops taking calls, lets calls in flight finish for up to `gracePeriod`, then closes everything: calls still
-    /// running then (on connections that are draining, too) end with UNAVAILABLE. Calls waiting for a connection or
+    /// running then (on connections that are draining, too) end with UNAVAILABLE. When it returns, every call of the
+    /// manager has had its completion. Calls waiting for a connection or
     /// between retries end at once; nothing is retried once closing began. Cancelling the task that awaits it ends
     /// the grace period at once.
     ///
@@ -233,6 +234,9 @@ public final class ConnectionManager: Sendable {
         for pool in pools {
             _ = await Self.onLoop(pool.reactor) { pool.close(graceful: false, reason: reason) }
         }
+        // Once more to each loop: the completions of the calls the close ended run in the deferred phase of the turn
+        // that closed them, and a body sent now runs in a later turn. Returning, the close has ended every call.
+        for pool in pools { _ = await Self.onLoop(pool.reactor) {} }
     }
 
     /// How a call ends that the manager's close ended (or that came after it).

@@ -16,7 +16,7 @@ import ServiceLifecycle
 /// on a stream get that long to finish, calls still waiting for a connection or a retry end UNAVAILABLE at once, and
 /// `run()` returns once everything is closed. Put it before the services that use it in the group's list (a
 /// group shuts services down in reverse order, so they stop first and their last calls still find it open). If the task running it is
-/// cancelled instead, the manager closes at once (`closeNow()`) and `run()` returns.
+/// cancelled instead, the manager closes at once, without a grace period, and `run()` returns once it has closed.
 public struct ConnectionManagerService: Service {
     /// The manager this service closes.
     public let manager: ConnectionManager
@@ -35,8 +35,10 @@ public struct ConnectionManagerService: Service {
         do {
             try await gracefulShutdown()
         } catch {
-            // Cancelled rather than asked to shut down: nobody waits for the grace period.
-            self.manager.closeNow()
+            // Cancelled rather than asked to shut down: nobody waits for the grace period, but `run()` still returns
+            // only once the calls have ended and the connections closed (`closeNow()` would return before its loops
+            // had done any of it, and the application would go on to tear down under them).
+            await self.manager.close(gracePeriod: .zero)
             return
         }
         await self.manager.close(gracePeriod: self.gracePeriod)

@@ -19,14 +19,16 @@ import Glibc
 /// Publishing appends to a buffer that keeps its capacity, and dispatch walks a plain array: no allocation per event.
 /// Handlers must be quick and must not block.
 public final class EventBus: Sendable {
-    /// Identifies a subscription; pass it to `unsubscribe(_:)`.
+    /// Identifies a subscription; pass it to `unsubscribe(_:)`. Unique in the process: a token of another bus names
+    /// no subscription of this one (and tokens of several buses can share a `Set`).
     public struct Token: Sendable, Hashable {
         let value: Int
     }
 
     /// One part per loop.
     private let locals: [LocalEventBus]
-    private let nextToken = Atomic<Int>(1)
+    /// One count for every bus: see `Token`.
+    private static let nextToken = Atomic<Int>(1)
 
     package init(reactors: [Reactor]) {
         precondition(!reactors.isEmpty, "a bus needs a loop")
@@ -57,7 +59,7 @@ public final class EventBus: Sendable {
     /// - Returns: The token for `unsubscribe(_:)`.
     @discardableResult
     public func subscribe(_ handler: @escaping @Sendable (ConnectionEvent) -> Void) -> Token {
-        let token = Token(value: self.nextToken.add(1, ordering: .relaxed).oldValue)
+        let token = Token(value: Self.nextToken.add(1, ordering: .relaxed).oldValue)
         for local in self.locals { local.add(token, callEvents: true, handler) }
         return token
     }
@@ -74,7 +76,7 @@ public final class EventBus: Sendable {
 
     /// For the library's own handlers, one per loop: see `LocalEventBus.subscribe(callEvents:_:)`.
     package func makeToken() -> Token {
-        Token(value: self.nextToken.add(1, ordering: .relaxed).oldValue)
+        Token(value: Self.nextToken.add(1, ordering: .relaxed).oldValue)
     }
 }
 
@@ -84,6 +86,9 @@ package final class LocalEventBus: @unchecked Sendable {
     package let reactor: Reactor
     private let state = BusDispatcher()
     private let tokens = Atomic<Int>(-1)
+    /// Held by threads that change subscriptions inline because the loop has stopped (or no longer takes work): with
+    /// no loop thread to run them one at a time, two such threads would change the lists together.
+    private let stoppedLoopLock = Mutex<Void>(())
 
     package init(reactor: Reactor) {
         self.reactor = reactor
@@ -108,6 +113,9 @@ package final class LocalEventBus: @unchecked Sendable {
     }
 
     package var hasSubscribers: Bool { !self.state.subscriptions.isEmpty }
+
+    /// Subscriptions, the library's own included. Loop thread only (or once the loop has stopped).
+    package var subscriptionCount: Int { self.state.subscriptions.count }
 
     /// Dispatches now the events still waiting for this turn's deferred phase, unless a dispatch is under way. A call
     /// is queued for that phase when its messages arrive, which can be before its end publishes its events (headers,
@@ -150,13 +158,17 @@ package final class LocalEventBus: @unchecked Sendable {
     ///   on each other from completions at the same moment): neither would turn again.
     private func onLoop(_ body: @escaping @Sendable () -> Void) {
         // Inline on the loop's own thread, and once it has stopped (no thread will ever dispatch again).
-        if self.reactor.inReactorThread || self.reactor.isStopped {
+        if self.reactor.inReactorThread {
             body()
+            return
+        }
+        if self.reactor.isStopped {
+            self.stoppedLoopLock.withLock { _ in body() }
             return
         }
         let done = Atomic<Bool>(false)
         guard self.reactor.execute({ body(); done.store(true, ordering: .releasing) }) else {
-            body()
+            self.stoppedLoopLock.withLock { _ in body() }
             return
         }
         guard !Reactor.servesALoop else { return }

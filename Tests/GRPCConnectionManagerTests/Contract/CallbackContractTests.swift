@@ -331,6 +331,39 @@ struct CallbackContractTests {
         }
     }
 
+    @Test("a subscription token belongs to its bus: two buses' tokens differ, and one bus's token removes nothing from another")
+    func tokensBelongToTheirBus() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (a, b) = (try fixture.channel(), try fixture.channel())
+        let heard = PThreadLock(0)
+        let tokenA = a.events.subscribe { _ in heard.withLock { $0 += 1 } }
+        let tokenB = b.events.subscribe { _ in }
+        #expect(tokenA != tokenB, "a Set of both keeps both")
+        b.events.unsubscribe(tokenA)  // not one of b's: a's handler still hears a's events
+        #expect(await a.call([1], timeout: .seconds(5)).status == .ok)
+        #expect(await eventually { heard.withLock { $0 } > 0 })
+        withExtendedLifetime(tokenB) {}
+    }
+
+    @Test("after the loop stopped, threads that subscribe and unsubscribe at once change the lists one at a time")
+    func subscriptionsAfterTheLoopStopped() async throws {
+        let loop = try ReactorLoop()
+        loop.start()
+        let channel = try GRPCChannel(target: "127.0.0.1:\(freePort())", configuration: Self.failFast(), eventLoop: loop)
+        loop.shutdown()
+        let before = channel.environment.bus.subscriptionCount  // the library's own handlers
+        let threads = (0..<4).map { _ in
+            Thread {
+                for _ in 0..<2_000 { channel.events.unsubscribe(channel.events.subscribe { _ in }) }
+            }
+        }
+        threads.forEach { $0.start() }
+        #expect(await eventually(timeout: 30) { threads.allSatisfy(\.isFinished) })
+        // Every subscription went again: none left behind, none lost, by an update lost to another thread's.
+        #expect(channel.environment.bus.subscriptionCount == before)
+    }
+
     @Test("closeNow() while close(gracePeriod:) lets calls drain ends them now, and the graceful close returns")
     func closeNowDuringGracefulClose() async throws {
         let fixture = try LoopbackFixture()

@@ -493,7 +493,10 @@ struct HandlerIntegrationTests {
         let (a, b) = (Loop(), Loop())
         var shown: [CircuitBreakerState] = []
         func report(_ loop: Loop, _ state: CircuitBreakerState, onlyIfNew: Bool = false) {
-            shared.breaker("k", holder: ObjectIdentifier(loop), is: state, onlyIfNew: onlyIfNew) { shown.append($0) }
+            shared.breaker(
+                "k", holder: SharedMetricsState.BreakerHolder(loop: ObjectIdentifier(loop), breaker: "/a.B/C"), is: state,
+                onlyIfNew: onlyIfNew
+            ) { shown.append($0) }
         }
         report(a, .closed, onlyIfNew: true)
         report(b, .closed, onlyIfNew: true)
@@ -815,6 +818,44 @@ struct HandlerIntegrationTests {
         #expect(methods.contains("other"))
         let otherOK = Self.parse(text)[#"grpc_client_requests_total{service="echo",method="other",code="OK"}"#]
         #expect(otherOK == 20, "the last 20 paths are counted under other")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("past the method limit, the breaker series under method=\"other\" shows the worst of the breakers counted there; a long path is no label")
+    func breakerSeriesPastTheLimit() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableMetrics = true
+        configuration.enableRetry = false
+        configuration.circuitBreaker.failureThreshold = 1
+        configuration.circuitBreaker.successThreshold = 1
+        configuration.circuitBreaker.timeout = .milliseconds(200)
+        let manager = try ConnectionManager(
+            configuration: configuration, metricsFactory: PrometheusMetrics(), interceptors: [RefuseMarked()],
+            eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        // A method path too long to be a label: counted, under "other".
+        let long = "/gateway.Any/" + String(repeating: "x", count: MetricsHandler.maxMethodLabelBytes)
+        _ = await channel.call(long, [1], timeout: .seconds(5))
+        // Methods refused by the interceptor fill the metrics' table of methods; they reach no breaker.
+        for index in 0..<MetricsHandler.maxMethodSeries {
+            let refused = await channel.call("/gateway.Any/R\(index)", [1], metadata: ["x-refuse": "1"], timeout: .seconds(5))
+            #expect(refused.status.code == .unauthenticated)
+        }
+        // X and Y have breakers of their own, both counted under "other". Both open; Y's closes again after its
+        // timeout (its probe succeeds) while X's stays open: the series must say open.
+        let failing: CallMetadata = ["x-fail-code": "14"]
+        #expect(await channel.call("/gateway.Any/X", [1], metadata: failing, timeout: .seconds(5)).status.code == .unavailable)
+        #expect(await channel.call("/gateway.Any/Y", [1], metadata: failing, timeout: .seconds(5)).status.code == .unavailable)
+        let series = #"grpc_client_circuit_breaker_state{service="echo",method="other"}"#
+        #expect(await eventually { Self.parse(manager.metricsText() ?? "")[series] == 1 })
+        #expect(await eventually {
+            await channel.call("/gateway.Any/Y", [1], timeout: .seconds(5)).status == .ok
+        }, "Y's breaker closes once its timeout has passed")
+        let text = manager.metricsText() ?? ""
+        #expect(Self.parse(text)[series] == 1, "X's breaker is still open: \(Self.parse(text)[series] ?? -1)")
+        #expect(!text.contains("xxxxxxxx"), "the long path is no label")
         await manager.close(gracePeriod: .seconds(1))
     }
 

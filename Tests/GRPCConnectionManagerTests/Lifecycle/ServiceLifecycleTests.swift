@@ -5,6 +5,7 @@ import ServiceLifecycle
 import Testing
 
 @testable import GRPCConnectionManager
+@testable import GRPCCMReactor
 @testable import GRPCCMWire
 
 /// The manager in a swift-service-lifecycle `ServiceGroup`, shut down the way a service manager does it.
@@ -43,10 +44,18 @@ struct ServiceLifecycleTests {
         let manager = try ConnectionManager(eventLoop: fixture.loop)
         let channel = try manager.connection(service: "echo", address: fixture.target)
         #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        // A call on a stream (the server sleeps 5 s): run() returns once its completion has run, not before the loop
+        // has even closed anything (the application goes on to tear down then).
+        let ended = PThreadLock<UnaryResponse?>(nil)
+        channel.unary(path: "/echo.Echo/Get", request: [9], metadata: ["x-sleep-ms": "5000", "x-request-key": "slow"]) {
+            response in ended.withLock { $0 = response }
+        }
+        #expect(await eventually { fixture.server.requestCount(key: "slow") == 1 })
         let service = ConnectionManagerService(manager, gracePeriod: .seconds(60))
         let running = Task { try await service.run() }
         running.cancel()
         try await running.value
+        #expect(ended.withLock { $0 }?.status.code == .unavailable, "\(String(describing: ended.withLock { $0 }?.status))")
         #expect(await channel.call([2], timeout: .seconds(5)).status.code == .unavailable)
     }
 }
