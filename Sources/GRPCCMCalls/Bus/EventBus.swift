@@ -88,7 +88,7 @@ package final class LocalEventBus: @unchecked Sendable {
     private let tokens = Atomic<Int>(-1)
     /// Held by threads that change subscriptions inline because the loop has stopped (or no longer takes work): with
     /// no loop thread to run them one at a time, two such threads would change the lists together.
-    private let stoppedLoopLock = Mutex<Void>(())
+    private let stoppedLoopLock = PThreadLock<Bool>(false)  // not `Mutex` (ThreadSanitizer cannot see its futex), and not of Void (TSan then saw the value accessed outside the lock)
 
     package init(reactor: Reactor) {
         self.reactor = reactor
