@@ -1,3 +1,4 @@
+import GRPCCMCalls
 import GRPCCMPool
 @_spi(Reactor) import GRPCCMReactor
 import GRPCCMWire
@@ -6,11 +7,13 @@ import Logging
 extension Configuration.Etcd {
     /// A plaintext channel to the cluster, for the resolver's Range and Watch calls and the registration's lease:
     /// every endpoint is an address of it, connected and used in turn (round_robin), as etcd's own client balances
-    /// over its endpoints. A member that is down is passed over; one that answers but cannot serve (cut off from
-    /// its leader, a learner: UNAVAILABLE) is left behind by the retry of a unary call, which goes to the next
-    /// member, and by a stream's reopening. Staying on the first member that connects (pick_first, before) kept a
-    /// member cut off from its leader in use for ever: the watch was refused each second, and a registration's
-    /// lease lapsed on the healthy majority.
+    /// over its endpoints. A member that is down is passed over; one that answers but cannot serve is left behind by
+    /// the retry of a unary call, which goes to the next member, and by a stream's reopening. Every call asks for a
+    /// leader (`hasleader`, as etcd's own client asks for its watches and keepalives): a member cut off from its
+    /// leader then refuses at once, UNAVAILABLE, where a read or a lease call would wait for its request timeout
+    /// (7 s) and outlast the call's deadline. Staying on the first member that connects (pick_first, before) kept
+    /// such a member in use for ever: the watch was refused each second, and a registration's lease lapsed on the
+    /// healthy majority.
     /// - Parameter configuration: The client's own settings (the endpoints become its addresses).
     func clientChannel(configuration: Configuration, logger: Logger, loops: [Reactor]) throws -> GRPCChannel {
         var configuration = configuration
@@ -25,7 +28,16 @@ extension Configuration.Etcd {
         configuration.retry.throttling = nil
         return try GRPCChannel(
             target: self.endpoints[0], configuration: configuration, logger: logger, metricsFactory: nil,
-            interceptors: [], loops: loops, resolver: EtcdEndpointsResolver(endpoints: self.endpoints))
+            interceptors: [RequireLeader()], loops: loops, resolver: EtcdEndpointsResolver(endpoints: self.endpoints))
+    }
+}
+
+/// Adds etcd's `hasleader: true` to every call: a member that knows no leader refuses it (UNAVAILABLE) instead of
+/// letting it wait.
+struct RequireLeader: CallInterceptor {
+    func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+        call.metadata.replaceOrAdd("hasleader", "true")
+        return .proceed
     }
 }
 

@@ -83,6 +83,10 @@ public final class EtcdRegistration: Sendable {
         return registration
     }
 
+    /// Whether a client can dial `address`: not unspecified (`0.0.0.0`, `::`, a server's bind address, which Linux
+    /// takes as this very host). The registration and the resolver apply the same rule.
+    static func dialable(_ address: NetworkAddress) -> Bool { !address.isUnspecified }
+
     /// Why `name` and `address` would register nothing an `etcd:///name` target finds, or nil.
     static func problem(name: String, address: String) -> String? {
         guard (try? Target(parsing: "etcd:///" + name)) != nil else {
@@ -93,7 +97,7 @@ public final class EtcdRegistration: Sendable {
         else {
             return "address \"\(address)\": expected a numeric ip:port or [v6]:port, which etcd:/// targets read"
         }
-        if numeric.contains(where: \.isUnspecified) {
+        if !numeric.allSatisfy(Self.dialable) {
             return "address \"\(address)\": an unspecified address (a server's bind address) is nowhere a client can dial; register the address clients reach it at"
         }
         return nil

@@ -17,8 +17,15 @@ import Logging
 /// every second from the last revision read, and periodic resolution goes on meanwhile.
 final class EtcdResolver: AddressResolver {
     let settings: Configuration.Etcd
-    /// One client channel to etcd per loop (the pool's calls back come on that loop).
-    private let clients = PThreadLock<[ObjectIdentifier: GRPCChannel]>([:])
+    /// Two client channels to etcd per loop (the pool's calls back come on that loop): one for the Range reads, one
+    /// for the watch. Each balances over the members in turn: on one channel, the read a refused watch asks for
+    /// moved the turn on, and with two members the reopened watch was sent back to the one refusing it every time.
+    private let clients = PThreadLock<[ObjectIdentifier: Clients]>([:])
+
+    private struct Clients {
+        let reads: GRPCChannel
+        let watches: GRPCChannel
+    }
     /// Per loop: the pool's change callback until its first Range, then the watcher started from that Range.
     private let watches = PThreadLock<[ObjectIdentifier: Watch]>([:])
     /// Where skipped values are reported: the channel's service and each loop's bus part.
@@ -34,10 +41,19 @@ final class EtcdResolver: AddressResolver {
     }
 
     deinit {
-        for watch in self.watches.withLock({ Array($0.values) }) {
-            if case .watching(let watcher) = watch { watcher.stop() }
+        for key in self.clients.withLock({ Array($0.keys) }) + self.watches.withLock({ Array($0.keys) }) {
+            self.stop(key)
         }
-        for client in self.clients.withLock({ Array($0.values) }) { client.close() }
+    }
+
+    /// Stops the watcher of a loop and closes its client channels.
+    private func stop(_ key: ObjectIdentifier) {
+        let watch = self.watches.withLock { $0.removeValue(forKey: key) }
+        if case .watching(let watcher) = watch { watcher.stop() }
+        if let clients = self.clients.withLock({ $0.removeValue(forKey: key) }) {
+            clients.reads.close()
+            clients.watches.close()
+        }
     }
 
     /// Values that are not addresses are reported on `buses` (one per loop) as `resolutionFailed` of `service`.
@@ -48,18 +64,21 @@ final class EtcdResolver: AddressResolver {
         }
     }
 
-    private func client(on reactor: Reactor) throws -> GRPCChannel {
+    private func clients(on reactor: Reactor) throws -> Clients {
         if let existing = self.clients.withLock({ $0[ObjectIdentifier(reactor)] }) { return existing }
         var configuration = Configuration()
         configuration.enableCircuitBreaker = false
         configuration.enableLogging = false
-        let client = try self.settings.clientChannel(
-            configuration: configuration, logger: Logger(label: "grpc-cm-etcd", factory: { _ in SwiftLogNoOpLogHandler() }),
-            loops: [reactor])
+        func make() throws -> GRPCChannel {
+            try self.settings.clientChannel(
+                configuration: configuration,
+                logger: Logger(label: "grpc-cm-etcd", factory: { _ in SwiftLogNoOpLogHandler() }), loops: [reactor])
+        }
+        let made = Clients(reads: try make(), watches: try make())
         return self.clients.withLock { clients in
             if let raced = clients[ObjectIdentifier(reactor)] { return raced }
-            clients[ObjectIdentifier(reactor)] = client
-            return client
+            clients[ObjectIdentifier(reactor)] = made
+            return made
         }
     }
 
@@ -71,20 +90,22 @@ final class EtcdResolver: AddressResolver {
             _ = reactor.execute { completion(.failure(CallStatus(code: .internal, message: "\(target) is not an etcd target"))) }
             return
         }
-        let client: GRPCChannel
+        let clients: Clients
         do {
-            client = try self.client(on: reactor)
+            clients = try self.clients(on: reactor)
         } catch {
             _ = reactor.execute { completion(.failure(CallStatus(code: .unavailable, message: "etcd: \(error)"))) }
             return
         }
         let prefix = name + "/"
-        client.unary(
+        clients.reads.unary(
             path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: prefix),
             options: RequestOptions(timeout: self.settings.timeout)
         ) { response in
             let answer = Self.addresses(response, prefix: prefix, endpoint: self.settings.endpointsText)
-            if let revision = answer.revision { self.rangeRead(revision: revision, prefix: prefix, client: client, reactor: reactor) }
+            if let revision = answer.revision {
+                self.rangeRead(revision: revision, prefix: prefix, client: clients.watches, reactor: reactor)
+            }
             if !answer.skipped.isEmpty { self.report(answer.skipped, prefix: prefix, reactor: reactor) }
             completion(answer.result)
         }
@@ -135,7 +156,8 @@ final class EtcdResolver: AddressResolver {
         var unusable: [String] = []
         for (key, value) in pairs {
             guard let text = EtcdMessages.endpointAddress(value), let parsed = try? Target(parsing: text),
-                let address = parsed.numericAddresses?.first, case .hostPort = parsed.kind, !address.isUnspecified
+                let address = parsed.numericAddresses?.first, case .hostPort = parsed.kind,
+                EtcdRegistration.dialable(address)
             else {
                 unusable.append(key)
                 continue
@@ -164,10 +186,7 @@ final class EtcdResolver: AddressResolver {
     /// The pool on `reactor` closes: its watcher stops and its client channel closes (a Range still under way ends
     /// with it and starts no watcher: the loop's entry is gone).
     func stopWatching(_ target: Target, on reactor: Reactor) {
-        let key = ObjectIdentifier(reactor)
-        let watch = self.watches.withLock { $0.removeValue(forKey: key) }
-        if case .watching(let watcher) = watch { watcher.stop() }
-        self.clients.withLock { $0.removeValue(forKey: key) }?.close()
+        self.stop(ObjectIdentifier(reactor))
     }
 }
 
@@ -225,10 +244,9 @@ final class EtcdWatcher: @unchecked Sendable {
                 self.changed()
                 _ = self.reactor.schedule(afterNanoseconds: 1_000_000_000) { [weak self] in self?.start() }
             })
-        // hasleader: etcd refuses the watch of a member cut off from its leader (which would stay silent forever)
-        // instead of keeping it, as etcd's own client asks.
-        let call = self.client.bidirectionalStreaming(
-            path: EtcdMessages.watchPath, metadata: ["hasleader": "true"], callbacks: callbacks)
+        // The client asks for a leader (`RequireLeader`): etcd refuses the watch of a member cut off from its leader,
+        // which would stay silent for ever, instead of keeping it.
+        let call = self.client.bidirectionalStreaming(path: EtcdMessages.watchPath, callbacks: callbacks)
         _ = call.send(EtcdMessages.watchCreateRequest(prefix: self.prefix, startRevision: revision + 1))
         self.state.withLock {
             $0.call = call

@@ -2,6 +2,7 @@ import Foundation
 import Synchronization
 import Testing
 
+@testable import GRPCCMCalls
 @testable import GRPCConnectionManager
 @testable import GRPCCMPool
 @testable import GRPCCMReactor
@@ -43,6 +44,20 @@ struct EtcdTests {
         }
         #expect(EtcdMessages.prefixEnd(Array("a/".utf8)) == Array("a0".utf8))
         #expect(EtcdMessages.prefixEnd([0x61, 0xFF]) == [0x62])
+    }
+
+    @Test("every call of the etcd client asks for a leader (hasleader), once, whatever the caller set")
+    func callsRequireALeader() {
+        for given in [[:], ["hasleader": "false"]] as [CallMetadata] {
+            var call = InterceptedCall(
+                service: "etcd", authority: "127.0.0.1:2379", path: EtcdMessages.rangePath, metadata: given,
+                options: RequestOptions())
+            guard case .proceed = RequireLeader().intercept(&call).action else {
+                Issue.record("refused")
+                continue
+            }
+            #expect(call.metadata.values(for: "hasleader") == [.string("true")])
+        }
     }
 
     @Test("registered grpcio backends are found; calls follow additions and removals; no call is lost")
@@ -349,6 +364,8 @@ struct EtcdTests {
         let ledger = CompletionLedger()
         var id = 0
         #expect(await Self.served(channel, 3, ledger: ledger, next: &id) == ["a"])
+        // The resolver's watch settles on the member that serves (reopened in turn, it is refused by the other).
+        #expect(await eventually(timeout: 10) { etcd.watchers == 1 }, "\(String(describing: etcd.watchers))")
         // Past the lease's TTL twice over: the keepalive stream found the member that serves (reopened there), so
         // the key is still there for a new reader.
         try await Task.sleep(for: .seconds(4))
