@@ -19,11 +19,10 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
     @exclusivity(unchecked)
     private var breakers = HotKeyTable<Key, CircuitBreakerStateMachine>()
 
-    /// Breakers of their own for this many methods (all services of the loop together); methods seen after that share
-    /// one breaker per service, `otherMethods`: paths come from callers (a gateway passes any through), and a
-    /// breaker per path ever seen would grow without end.
-    package static let maxBreakers = 1000
-    package static let otherMethods = "other"
+    /// Breakers of their own for this many methods (all services of the loop together); methods seen after that, and
+    /// longer paths, share one breaker per service, `otherMethods` (`MethodPathLimits`, the metrics' rules too).
+    package static let maxBreakers = MethodPathLimits.trackedMethods
+    package static let otherMethods = MethodPathLimits.other
 
     package init(configuration: CircuitBreakerConfiguration, bus: LocalEventBus) {
         self.limits = CircuitBreakerStateMachine.Limits(configuration)
@@ -35,16 +34,13 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         let slot =
             self.breakers.lastSlot { $0.service == service && $0.path == path }
             ?? self.breakers.slot(
-                for: Key(service: service, path: path), limit: Self.maxBreakers,
+                for: Key(service: service, path: MethodPathLimits.tracked(path)), limit: Self.maxBreakers,
                 overflow: Key(service: service, path: Self.otherMethods)
             ) {
                 CircuitBreakerStateMachine(limits: self.limits)
             }
         let decision = self.breakers[slot].acquire(now: now)
-        if let (from, to) = decision.changed {
-            self.bus.publish(
-                .circuitBreakerStateChanged(service: service, path: self.name(of: slot, service: service, path: path), from: from, to: to))
-        }
+        if let (from, to) = decision.changed { self.publishChange(of: slot, service: service, path: path, from: from, to: to) }
         return decision.permitted ? CallPermit(isProbe: decision.probe, epoch: decision.epoch, slot: slot) : nil
     }
 
@@ -63,17 +59,18 @@ package final class CircuitBreakerHandler: CallAdmission, @unchecked Sendable {
         // whole machine (window included).
         let change = self.breakers[slot].callEnded(
             status.code, duration: duration, probe: permit.isProbe, epoch: permit.epoch, now: now)
-        if let (from, to) = change {
-            self.bus.publish(
-                .circuitBreakerStateChanged(service: service, path: self.name(of: slot, service: service, path: path), from: from, to: to))
-        }
+        if let (from, to) = change { self.publishChange(of: slot, service: service, path: path, from: from, to: to) }
     }
 
-    /// The path a change of the breaker in `slot` is published under: the call's, when the breaker is its method's
-    /// own; `otherMethods` for the one the methods past `maxBreakers` share (the call's path would name one of them,
-    /// and the others' changes would show under other names). Asked only when a state changes.
-    private func name(of slot: Int, service: String, path: String) -> String {
-        self.breakers.existingSlot(for: Key(service: service, path: path)) == slot ? path : Self.otherMethods
+    /// Publishes a change of the breaker in `slot`, under the call's path when the breaker is its method's own, and
+    /// under `otherMethods` for the one the methods past the limits share (the call's path would name one of them, and
+    /// the others' changes would show under other names).
+    private func publishChange(
+        of slot: Int, service: String, path: String, from: CircuitBreakerState, to: CircuitBreakerState
+    ) {
+        let own = self.breakers.existingSlot(for: Key(service: service, path: path)) == slot
+        self.bus.publish(
+            .circuitBreakerStateChanged(service: service, path: own ? path : Self.otherMethods, from: from, to: to))
     }
 
     package func state(service: String, path: String) -> CircuitBreakerState {

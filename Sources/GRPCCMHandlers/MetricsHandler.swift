@@ -111,14 +111,11 @@ package final class MetricsHandler: @unchecked Sendable {
         return metric
     }
 
-    /// Series of their own for this many methods (all services of the loop together); later ones are counted under
-    /// method="other" (gRFC A66's word for methods it does not name): paths come from callers, and a series per path
-    /// ever seen would grow without end.
-    static let maxMethodSeries = 1000
-    static let otherMethods = "other"
-    /// A path longer than this is counted under `otherMethods` too: each label is written on some 30 lines of every
-    /// scrape, and a path (from a caller) may be as long as the header list allows.
-    static let maxMethodLabelBytes = 256
+    /// Series of their own for this many methods; later ones, and longer paths, are counted under method="other"
+    /// (`MethodPathLimits`, the breakers' rules too).
+    static let maxMethodSeries = MethodPathLimits.trackedMethods
+    static let otherMethods = MethodPathLimits.other
+    static let maxMethodLabelBytes = MethodPathLimits.maxPathBytes
 
     /// The slot of `service` and `path`: the last one asked for, found in place, or `callSlot`.
     private func slot(service: String, path: String) -> Int {
@@ -133,7 +130,7 @@ package final class MetricsHandler: @unchecked Sendable {
     private func callSlot(service: String, path: String) -> Int {
         // A path the channel refused (not a method path: the call never left) is counted with the overflow: made-up
         // paths must not become labels, nor take the room of the methods that come later.
-        let path = path.utf8.count <= Self.maxMethodLabelBytes && MethodPath.isValid(path) ? path : Self.otherMethods
+        let path = MethodPath.isValid(path) ? MethodPathLimits.tracked(path) : Self.otherMethods
         // Made for `path`, or (the table full, `path` new) for the overflow key, which is then what it is named.
         let label = self.labelForNewMethod(path)
         return self.calls.slot(

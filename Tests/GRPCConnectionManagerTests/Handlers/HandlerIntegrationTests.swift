@@ -859,6 +859,28 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("paths too long for state of their own share the overflow breaker, as they share the metrics' \"other\"")
+    func longPathsShareTheOverflowBreaker() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeTrippingManager(fixture) { $0.circuitBreaker.timeout = .seconds(30) }
+        let long = "/gateway.Any/" + String(repeating: "x", count: MethodPathLimits.maxPathBytes)
+        let failed = await channel.call(long + "1", [1], metadata: ["x-fail-code": "14"], timeout: .seconds(5))
+        #expect(failed.status.code == .unavailable)
+        // Another long path: the same breaker, open now.
+        let refused = await channel.call(long + "2", [1], timeout: .seconds(5))
+        #expect(refused.status.code == .unavailable && refused.status.message.contains("circuit breaker"), "\(refused.status)")
+        #expect(await eventually {
+            recorder.all.contains {
+                if case .circuitBreakerStateChanged(_, let path, _, .open) = $0 { return path == "other" }
+                return false
+            }
+        }, "its change is published as other's")
+        // A method of its own is not touched.
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("an attempt ended from outside (the deadline, a cancel) is reported with its number, not 0")
     func abandonedAttemptsKeepTheirNumber() async throws {
         let fixture = try LoopbackFixture()
