@@ -234,9 +234,14 @@ public final class ConnectionManager: Sendable {
         for pool in pools {
             _ = await Self.onLoop(pool.reactor) { pool.close(graceful: false, reason: reason) }
         }
-        // Once more to each loop: the completions of the calls the close ended run in the deferred phase of the turn
-        // that closed them, and a body sent now runs in a later turn. Returning, the close has ended every call.
-        for pool in pools { _ = await Self.onLoop(pool.reactor) {} }
+        // Back to each loop until its deferred phase has nothing left: the completions of the calls the close ended
+        // run there, in the turn that closed them (a hedged call's, one turn later), and a body sent now runs in a
+        // later turn. Bounded: a busy loop always has deferred work of other channels.
+        for pool in pools {
+            let reactor = pool.reactor
+            var rounds = 0
+            while rounds < 4, await Self.onLoop(reactor, { reactor.hasDeferredWork }) == true { rounds += 1 }
+        }
     }
 
     /// How a call ends that the manager's close ended (or that came after it).
@@ -310,6 +315,9 @@ public final class ConnectionManager: Sendable {
     /// Runs `body` on `reactor`'s thread and returns its value (nil when that loop has stopped).
     private static func onLoop<T: Sendable>(_ reactor: Reactor, _ body: @escaping @Sendable () -> T) async -> T? {
         if reactor.inReactorThread { return body() }
+        // A driven loop that stops turns only when its host turns it, which a host that stopped it may never do:
+        // its inbox may take the body and never run it.
+        if reactor.isDriven && reactor.isStopping { return nil }
         return await withCheckedContinuation { (continuation: CheckedContinuation<T?, Never>) in
             if !reactor.execute({ continuation.resume(returning: body()) }) {
                 continuation.resume(returning: nil)

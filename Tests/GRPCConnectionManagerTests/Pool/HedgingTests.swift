@@ -378,6 +378,24 @@ struct HedgingTests {
         #expect(fixture.server.requestCount(key: "closing") == 1)
     }
 
+    @Test("close(gracePeriod:) returns once a hedged call's completion has run (a turn after its attempt's end)")
+    func closeReturnsAfterTheCompletion() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .seconds(30))
+        let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        let ended = PThreadLock<UnaryResponse?>(nil)
+        channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-sleep-ms": "5000", "x-request-key": "hedged"]) {
+            response in ended.withLock { $0 = response }
+        }
+        #expect(await eventually { fixture.server.requestCount(key: "hedged") == 1 })
+        await manager.close(gracePeriod: .zero)
+        #expect(ended.withLock { $0 }?.status.code == .unavailable, "\(String(describing: ended.withLock { $0 }?.status))")
+    }
+
     @Test("a hedged call in flight when its loop shuts down ends once, UNAVAILABLE")
     func loopShutdown() async throws {
         let slow = try PythonPeer(name: "slow", sleepMilliseconds: 5000)
