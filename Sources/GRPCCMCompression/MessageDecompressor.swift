@@ -62,6 +62,10 @@ package final class MessageDecompressor: @unchecked Sendable {
                     produced = target.count - Int(self.stream.pointee.avail_out)
                     return rc
                 }
+                if self.nextMember(after: rc, algorithm, produced: produced, limit: limit) {
+                    rc = Z_OK
+                    if produced < output.count { continue }
+                }
                 guard rc == Z_OK, produced == output.count, output.count < cap else { break }
                 // Out of room with more to come: grow (double, up to the cap), copying what is there.
                 let old = output
@@ -90,18 +94,30 @@ package final class MessageDecompressor: @unchecked Sendable {
         message.withUnsafeBufferPointer { source in
             self.stream.pointee.next_in = UnsafeMutablePointer(mutating: source.baseAddress)
             self.stream.pointee.avail_in = uInt(source.count)
-            repeat {
+            while true {
                 self.stream.pointee.next_out = scratch.baseAddress
                 self.stream.pointee.avail_out = uInt(scratch.count)
                 rc = inflate(self.stream, Z_NO_FLUSH)
                 produced += scratch.count - Int(self.stream.pointee.avail_out)
+                if self.nextMember(after: rc, algorithm, produced: produced, limit: limit) { continue }
                 // Z_OK with room left over: the input ran out before the end (truncated), as in `decompress`.
-            } while rc == Z_OK && self.stream.pointee.avail_out == 0 && produced <= limit
+                guard rc == Z_OK && self.stream.pointee.avail_out == 0 && produced <= limit else { break }
+            }
             self.stream.pointee.next_in = nil
         }
         if produced > limit { throw .tooLarge(limit: limit) }
         try self.end(rc, algorithm)
         return produced
+    }
+
+    /// Whether inflating goes on with the next gzip member: RFC 1952 lets members follow each other in one stream
+    /// (`cat a.gz b.gz`), and Go's and Java's readers inflate them all, so a message compressed that way is read
+    /// whole. Other bytes after a member, and anything after a zlib ("deflate") stream, are refused in `end`.
+    private func nextMember(after rc: Int32, _ algorithm: CallCompression, produced: Int, limit: Int) -> Bool {
+        guard rc == Z_STREAM_END, algorithm == .gzip, self.stream.pointee.avail_in >= 2, produced <= limit,
+            let next = self.stream.pointee.next_in, next[0] == 0x1F, next[1] == 0x8B  // a member's magic, else junk
+        else { return false }
+        return inflateReset(self.stream) == Z_OK
     }
 
     /// Starts (or restarts) the inflate state for one message.

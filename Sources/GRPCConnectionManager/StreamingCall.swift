@@ -68,7 +68,7 @@ public final class AsyncStreamingCall: Sendable {
 
     /// Sends one request message, suspending while the send buffer is full (the HTTP/2 window drains it).
     /// - Throws: `CallError` when the call has ended (its status; FAILED_PRECONDITION after an OK end) or the requests
-    ///   were closed. Cancelling the task while it waits cancels the call.
+    ///   were closed. Called from a cancelled task, or cancelled while it waits, it cancels the call (CANCELLED).
     public func write(_ message: [UInt8]) async throws {
         guard self.writable else {
             throw CallError(status: CallStatus(code: .failedPrecondition, message: "a server-streaming call takes no more requests"))
@@ -77,8 +77,9 @@ public final class AsyncStreamingCall: Sendable {
         try await self.buffers.writeWaitingForRoom(message, cancel: { handle.cancel() })
     }
 
-    /// Half-closes the requests (END_STREAM after what was written). Idempotent.
-    public func closeSend() { self.buffers.closeRequests() }
+    /// Half-closes the requests (END_STREAM after what was written). Idempotent. Called from a cancelled task, it
+    /// cancels the call instead: requests cut short by the cancellation must not reach the server as complete.
+    public func closeSend() { self.buffers.closeSend(cancelling: self.handle) }
 
     /// Ends the call with CANCELLED unless it already ended.
     public func cancel() { self.handle.cancel() }
@@ -172,14 +173,16 @@ public final class AsyncClientStreamingCall: Sendable {
     }
 
     /// Sends one request message, suspending while the send buffer is full.
-    /// - Throws: `CallError` when the call has ended or the requests were closed.
+    /// - Throws: `CallError` when the call has ended or the requests were closed. Called from a cancelled task, or
+    ///   cancelled while it waits, it cancels the call (CANCELLED).
     public func write(_ message: [UInt8]) async throws {
         let handle = self.handle
         try await self.buffers.writeWaitingForRoom(message, cancel: { handle.cancel() })
     }
 
-    /// Half-closes the requests. Idempotent.
-    public func closeSend() { self.buffers.closeRequests() }
+    /// Half-closes the requests. Idempotent. Called from a cancelled task, it cancels the call instead: requests
+    /// cut short by the cancellation must not reach the server as complete.
+    public func closeSend() { self.buffers.closeSend(cancelling: self.handle) }
 
     /// Ends the call with CANCELLED unless it already ended.
     public func cancel() { self.handle.cancel() }
@@ -224,6 +227,17 @@ final class AsyncResponseBox: Sendable {
                 return nil
             }
             if let response { continuation.resume(returning: response) }
+        }
+    }
+}
+
+extension StreamBuffers {
+    /// `closeSend()` of the async calls: half-closes the requests, or, in a cancelled task, cancels the call.
+    fileprivate func closeSend(cancelling handle: CallHandle) {
+        if Task.isCancelled {
+            handle.cancel()
+        } else {
+            self.closeRequests()
         }
     }
 }

@@ -81,6 +81,14 @@ package final class StreamBuffers: @unchecked Sendable {
     static let entryCost = MemoryLayout<Inbound>.stride + 48
     /// Messages this size or larger are never packed (see the type's note).
     static let packedMessageLimit = 1024
+    /// What a slot of the inbox holds once read: nothing (a record count of 0 allocates nothing).
+    private static let readSlot = Inbound.packed(count: 0)
+    /// Read (or sent) slots at the front of the inbox (or outbox) are removed in bulk once there are this many and
+    /// they are half the array: each removal moves the unread rest, so it is done rarely.
+    static let compactionSlots = 256
+
+    /// Slots of the inbox and the outbox, read and sent ones included (for tests).
+    package var slots: (inbox: Int, outbox: Int) { self.state.withLock { ($0.inbox.count, $0.outbox.count) } }
 
     package let limit: Int
     package let maxSendMessageSize: Int
@@ -118,6 +126,9 @@ package final class StreamBuffers: @unchecked Sendable {
             trailers: result.trailingMetadata)
     }
 
+    package static let cancelledWriter = CallError(
+        status: CallStatus(code: .cancelled, message: "the writing task was cancelled: the call is cancelled"))
+
     /// Why a write is refused now, if it is: the call ended, or the requests were closed.
     private static func refusal(_ state: State) -> CallError? {
         if let result = state.result { return Self.writeRefusal(result) }
@@ -154,6 +165,12 @@ package final class StreamBuffers: @unchecked Sendable {
     /// Buffers `message`, then suspends while the send buffer is full; cancelling the task runs `cancel`.
     /// - Throws: `CallError` when the call has ended or the requests were closed.
     package func writeWaitingForRoom(_ message: [UInt8], cancel: @escaping @Sendable () -> Void) async throws {
+        // A cancelled writer cancels the call, room or not: its requests were cut short, and the server must not take
+        // what went out as all of them.
+        if Task.isCancelled {
+            cancel()
+            throw Self.cancelledWriter
+        }
         switch self.write(message) {
         case .accepted: return
         case .refused(let error): throw error
@@ -266,6 +283,9 @@ package final class StreamBuffers: @unchecked Sendable {
                 state.inboxHead += 1
             }
         } else {
+            // The slot lets go of what it held: a reader that never quite catches up (new messages arrive before the
+            // inbox empties) kept every message it had read until then, a whole download's worth.
+            state.inbox[state.inboxHead] = Self.readSlot
             state.inboxHead += 1
             switch part {
             case .part(.message(let message)), .compressed(let message, _, _): charge = message.count + 5 + Self.entryCost
@@ -274,6 +294,10 @@ package final class StreamBuffers: @unchecked Sendable {
         }
         if state.inboxHead == state.inbox.count {
             state.inbox.removeAll(keepingCapacity: true)
+            state.inboxHead = 0
+        } else if state.inboxHead >= Self.compactionSlots && 2 * state.inboxHead >= state.inbox.count {
+            // Nor do the read slots pile up (16 bytes each) for as long as the stream lives.
+            state.inbox.removeSubrange(0..<state.inboxHead)
             state.inboxHead = 0
         }
         if charge == 0 { return (part, false) }
@@ -429,6 +453,10 @@ package final class StreamBuffers: @unchecked Sendable {
             }
             if state.outboxHead == state.outbox.count {
                 state.outbox.removeAll(keepingCapacity: true)
+                state.outboxHead = 0
+            } else if state.outboxHead >= Self.compactionSlots && 2 * state.outboxHead >= state.outbox.count {
+                // A writer that keeps the outbox topped up never empties it: the sent slots go in bulk.
+                state.outbox.removeSubrange(0..<state.outboxHead)
                 state.outboxHead = 0
             }
             if written > 0 { state.sendStarted = true }

@@ -61,6 +61,28 @@ struct CompressionCodecTests {
         #expect(try decompressor.decompress(MessageCompressor.compress([1], with: .gzip), with: .gzip, limit: 10) == [1])
     }
 
+    @Test("a gzip message of several members (RFC 1952) inflates to all of them, within the limit; zlib has one part")
+    func gzipMembers() throws {
+        let decompressor = MessageDecompressor()
+        let (a, b) = (Self.sample(3000), [UInt8](repeating: 9, count: 2000))
+        let two = MessageCompressor.compress(a, with: .gzip) + MessageCompressor.compress(b, with: .gzip)
+        #expect(try decompressor.decompress(two, with: .gzip, limit: 1 << 20) == a + b)
+        #expect(try decompressor.inflatedSize(two, with: .gzip, limit: 1 << 20) == 5000)
+        // The limit is on the whole message, across members.
+        #expect(throws: MessageDecompressor.Failure.tooLarge(limit: 4000)) {
+            try decompressor.decompress(two, with: .gzip, limit: 4000)
+        }
+        #expect(throws: MessageDecompressor.Failure.tooLarge(limit: 4000)) {
+            try decompressor.inflatedSize(two, with: .gzip, limit: 4000)
+        }
+        // A second member cut short is a truncated message.
+        #expect(throws: MessageDecompressor.Failure.self) { try decompressor.decompress(Array(two.dropLast(4)), with: .gzip, limit: 1 << 20) }
+        // Two zlib streams back to back are not one.
+        let zlib = MessageCompressor.compress(a, with: .deflate) + MessageCompressor.compress(b, with: .deflate)
+        #expect(throws: MessageDecompressor.Failure.self) { try decompressor.decompress(zlib, with: .deflate, limit: 1 << 20) }
+        #expect(try decompressor.decompress(MessageCompressor.compress([1], with: .gzip), with: .gzip, limit: 10) == [1])
+    }
+
     @Test("corrupt, truncated and over-long streams are refused with a reason")
     func corrupt() throws {
         let decompressor = MessageDecompressor()

@@ -520,6 +520,77 @@ struct StreamingTests {
         }
     }
 
+    @Test("a reader that never quite catches up holds only its unread messages: read slots let go and do not pile up")
+    func readSlotsAreReleased() async {
+        let buffers = StreamBuffers(limit: 64 << 10, maxSendMessageSize: 4 << 20)
+        func message() -> [UInt8] { [UInt8](repeating: 7, count: 4096) }  // a fresh allocation each
+        buffers.deliverMessage(message())  // one ahead of the reader: the inbox never empties
+        let rssBefore = residentBytes()
+        var slots = 0
+        for _ in 0..<20_000 {  // 80 MiB through
+            buffers.deliverMessage(message())
+            guard case .message(let read) = await buffers.nextPart(), read.count == 4096 else {
+                Issue.record("not the message")
+                return
+            }
+            slots = max(slots, buffers.slots.inbox)
+        }
+        #expect(slots <= 2 * StreamBuffers.compactionSlots + 2, "\(slots) inbox slots")
+        // Every message read was let go of (kept, the 80 MiB would all be resident).
+        if !runningUnderAddressSanitizer() {
+            #expect(residentBytes() - rssBefore < 16 << 20, "\((residentBytes() - rssBefore) >> 20) MiB more")
+        }
+    }
+
+    @Test("a writer kept ahead of the socket: sent slots do not pile up in the outbox")
+    func sentSlotsDoNotPileUp() {
+        let buffers = StreamBuffers(limit: 1 << 20, maxSendMessageSize: 4 << 20)
+        _ = buffers.write([1])  // one ahead of the socket: the outbox never empties
+        var slots = 0
+        var sent = 0
+        for _ in 0..<20_000 {
+            _ = buffers.write([2])
+            // The socket takes one framed message (5 + 1 bytes).
+            _ = buffers.write(length: 6, to: { _ in }, messageBytes: &sent)
+            slots = max(slots, buffers.slots.outbox)
+        }
+        #expect(sent == 20_000)
+        #expect(slots <= 2 * StreamBuffers.compactionSlots + 2, "\(slots) outbox slots")
+    }
+
+    @Test("a writer task cancelled mid-upload cancels the call: requests cut short are not taken as complete", arguments: Peer.allCases)
+    func cancelledWriterCancelsTheCall(_ peer: Peer) async throws {
+        let setup = try Self.setUp(peer)
+        defer { setup.done() }
+        let call = setup.channel.clientStreaming(path: "/test.Stream/Collect")
+        let (chunks, more) = AsyncStream.makeStream(of: [UInt8].self)
+        let writer = Task {
+            for await chunk in chunks { try await call.write(chunk) }
+            call.closeSend()  // the loop ends when the task is cancelled: this must not half-close
+        }
+        more.yield(Self.text("first"))
+        writer.cancel()
+        _ = await writer.result
+        let response = await call.finishResult()
+        #expect(response.status.code == .cancelled, "\(response.status)")
+
+        // And a write from a task already cancelled cancels the call it writes to.
+        let second = setup.channel.clientStreaming(path: "/test.Stream/Collect")
+        let refused = Task { () -> StatusCode in
+            withUnsafeCurrentTask { $0?.cancel() }
+            do {
+                try await second.write(Self.text("late"))
+                return .ok
+            } catch let error as CallError {
+                return error.status.code
+            } catch {
+                return .unknown
+            }
+        }
+        #expect(await refused.value == .cancelled)
+        #expect(await second.finishResult().status.code == .cancelled)
+    }
+
     @Test("a slow reader's backlog of tiny messages costs about their wire bytes, not an entry each", arguments: [
         CallCompression.identity, .gzip,
     ])
