@@ -162,12 +162,8 @@ package final class LocalEventBus: @unchecked Sendable {
             body()
             return
         }
-        if self.reactor.isStopped {
-            self.stoppedLoopLock.withLock { _ in body() }
-            return
-        }
         let done = Atomic<Bool>(false)
-        guard self.reactor.execute({ body(); done.store(true, ordering: .releasing) }) else {
+        guard !self.reactor.isStopped, self.reactor.execute({ body(); done.store(true, ordering: .releasing) }) else {
             self.stoppedLoopLock.withLock { _ in body() }
             return
         }

@@ -11,7 +11,7 @@ public enum LoadBalancingPolicy: Sendable, Hashable, CustomStringConvertible {
     case roundRobin
     /// gRPC's `pick_first` (gRFC A62, with A61's Happy Eyeballs): addresses are tried in the order resolved, IPv6
     /// and IPv4 interleaved, until one is up; every call goes to it. The next address is tried when an attempt fails
-    /// (the failed one rests in its backoff) or has gone 250 ms without an answer while calls wait or the pool
+    /// (the failed one rests in its backoff) or has gone `connectionAttemptDelay` (250 ms) without an answer while calls wait or the pool
     /// connects eagerly; the attempts
     /// under way go on, the first to be ready is kept and the others are let go of (attempts, health checks yet to
     /// answer, backoffs). An address's `connectionsPerTarget` connections are tried together; calls fill the first

@@ -336,14 +336,13 @@ struct CallbackContractTests {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
         let (a, b) = (try fixture.channel(), try fixture.channel())
-        let heard = PThreadLock(0)
-        let tokenA = a.events.subscribe { _ in heard.withLock { $0 += 1 } }
-        let tokenB = b.events.subscribe { _ in }
+        let heardOnB = PThreadLock(0)
+        let tokenA = a.events.subscribe { _ in }
+        let tokenB = b.events.subscribe { _ in heardOnB.withLock { $0 += 1 } }
         #expect(tokenA != tokenB, "a Set of both keeps both")
-        b.events.unsubscribe(tokenA)  // not one of b's: a's handler still hears a's events
-        #expect(await a.call([1], timeout: .seconds(5)).status == .ok)
-        #expect(await eventually { heard.withLock { $0 } > 0 })
-        withExtendedLifetime(tokenB) {}
+        b.events.unsubscribe(tokenA)  // not one of b's: b's handler still hears b's events
+        #expect(await b.call([1], timeout: .seconds(5)).status == .ok)
+        #expect(await eventually { heardOnB.withLock { $0 } > 0 })
     }
 
     @Test("after the loop stopped, threads that subscribe and unsubscribe at once change the lists one at a time")
