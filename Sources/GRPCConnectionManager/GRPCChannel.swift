@@ -428,6 +428,11 @@ public final class GRPCChannel: Sendable {
                 states.append((pool.state, pool.lastError))
                 continue
             }
+            if shard.reactor.isDriven && shard.reactor.isStopping {
+                // A driven loop that stops runs work only if its host turns it again, which may never happen.
+                states.append((.shutdown, nil))
+                continue
+            }
             states.append(
                 await withCheckedContinuation { continuation in
                     let accepted = shard.reactor.execute { continuation.resume(returning: (pool.state, pool.lastError)) }

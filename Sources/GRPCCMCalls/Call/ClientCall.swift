@@ -281,6 +281,12 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             // deadline runs while it waits.
             self.adopted = true
             self.environment.router.adopt(self)
+            // A channel that closed (or a loop that began stopping) before this start ran has ended its calls
+            // already: this one ends now too, not once the interceptors' work is done (it may never be).
+            if let refusal = self.withEnvironment({ self.closingRefusal($0) }) {
+                self.endByClosing(refusal)
+                return
+            }
             if self.deadline != 0 {
                 self.armDeadline()
             }
@@ -332,6 +338,15 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
     }
 
+    /// Why no call may begin now: the channel is closing, or the loop stopping.
+    private func closingRefusal(_ environment: CallEnvironment) -> CallStatus? {
+        if environment.router.isClosing { return environment.router.closingStatus }
+        if self.withReactor({ $0.isStopping }) { return Self.loopStopping }
+        return nil
+    }
+
+    private static let loopStopping = CallStatus(code: .unavailable, message: "the event loop is shutting down")
+
     /// Why the call may not begin (invalid, a closing channel, a stopping loop, the breaker), or nil: it may, and the
     /// breaker's permit is taken.
     private func refusalOrAdmission(_ environment: CallEnvironment) -> CallStatus? {
@@ -348,10 +363,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.startedAt = now
         }
         if let invalid = self.invalid { return invalid }
-        if environment.router.isClosing { return environment.router.closingStatus }
-        if self.withReactor({ $0.isStopping }) {
-            return CallStatus(code: .unavailable, message: "the event loop is shutting down")
-        }
+        if let closing = self.closingRefusal(environment) { return closing }
         guard self.hedgeAttempt == 0 else { return nil }
         // Called through the optional in place: bound to a local first, the admission was retained for the call.
         guard environment.policies.admission != nil else { return nil }

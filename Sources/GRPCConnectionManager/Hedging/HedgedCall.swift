@@ -86,6 +86,12 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         self.reactor.addShutdownHook(self)
         environment.router.adopt(self)
         guard !self.preparing else {
+            // A channel that closed (or a loop that began stopping) before this start ran has ended its calls already:
+            // this one ends now too, not once the interceptors' work is done.
+            if let refusal = self.closingRefusal() {
+                self.finish(UnaryResponse(status: refusal), endedLocally: true)
+                return
+            }
             // The deadline runs while the interceptors work, as a single call's does.
             if self.deadline != 0 {
                 self.deadlineTimer = self.reactor.schedule(afterNanoseconds: self.deadline &- min(self.deadline, self.startedAt)) {
@@ -120,17 +126,21 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         self.admitAndLaunch()
     }
 
+    /// Why no attempt may go out now: the channel is closing, or the loop stopping.
+    private func closingRefusal() -> CallStatus? {
+        if self.environment.router.isClosing { return self.environment.router.closingStatus }
+        if self.reactor.isStopping { return CallStatus(code: .unavailable, message: "the event loop is shutting down") }
+        return nil
+    }
+
     /// Admission by the breaker, then the first attempt.
     private func admitAndLaunch() {
         let environment = self.environment
         self.admittedAt = Reactor.clock()
         // A closing channel or a stopping loop refuses it before the breaker, as a single call is: each attempt
         // would be refused the same way, and their ends would count against the breaker its successor inherits.
-        if environment.router.isClosing || self.reactor.isStopping {
-            let status = environment.router.isClosing
-                ? environment.router.closingStatus
-                : CallStatus(code: .unavailable, message: "the event loop is shutting down")
-            self.finish(UnaryResponse(status: status), endedLocally: true)
+        if let refusal = self.closingRefusal() {
+            self.finish(UnaryResponse(status: refusal), endedLocally: true)
             return
         }
         if let admission = environment.policies.admission {

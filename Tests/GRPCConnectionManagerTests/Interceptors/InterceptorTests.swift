@@ -215,6 +215,24 @@ struct InterceptorTests {
         #expect(log.entries == ["o end DEADLINE_EXCEEDED loop=true", "o end CANCELLED loop=true"])
     }
 
+    @Test("a call started on a closed channel ends at once, UNAVAILABLE, though an interceptor is still preparing it (single and hedged)")
+    func closedChannelWhilePreparing() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let tokens = TokenInterceptor()
+        defer { tokens.gate.open() }
+        var configuration = Self.plain()
+        configuration.hedging["echo.Hedged"] = CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .seconds(10))
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: configuration, interceptors: [tokens], eventLoop: fixture.loop)
+        channel.close()
+        for path in ["/echo.Echo/Get", "/echo.Hedged/Get"] {
+            // The work waits on the gate for ever: only the closed channel can end the call, and it must, at once.
+            let response = await channel.unaryResult(path: path, request: [1], options: RequestOptions(timeout: .seconds(5)))
+            #expect(response.status.code == .unavailable, "\(path): \(response.status)")
+        }
+    }
+
     @Test("interceptor work still running when its call ends is cancelled (work that throws then runs no interceptor after it)")
     func preparationCancelledWithTheCall() async throws {
         let fixture = try LoopbackFixture()
