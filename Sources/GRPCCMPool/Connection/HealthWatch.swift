@@ -1,6 +1,6 @@
 @_spi(Reactor) import GRPCCMReactor
 import GRPCCMCalls
-import GRPCCMTransport
+@_spi(Transport) import GRPCCMTransport
 import GRPCCMWire
 
 /// Client-side health checking of one connection (gRFC A17): a `grpc.health.v1.Health/Watch` stream on exactly that
@@ -53,6 +53,7 @@ final class HealthWatch: CallRouter, @unchecked Sendable {
                 self.call = nil
                 report(.ended(response.status))
             })
+        call.isBackground = true  // its restarts do not keep the connection from going idle
         self.call = call
         call.start()
     }

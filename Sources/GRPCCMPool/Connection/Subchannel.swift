@@ -276,7 +276,9 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         self.bus.publish(
             .connectivityStateChanged(
                 service: self.service, connectionID: self.currentConnectionID, from: old, to: new, reason: reason))
-        if self.machine.state == .ready { self.armIdleTimer() }
+        // Armed once READY, not again at each change of health while READY (a watch restarted every few seconds
+        // would have kept it from ever firing); when it fires, it measures from the last call's activity.
+        if self.machine.state == .ready && self.idleTimer == 0 { self.armIdleTimer() }
         if self.machine.state != .ready && self.idleTimer != 0 {
             self.reactor.cancelTimer(self.idleTimer)
             self.idleTimer = 0

@@ -515,17 +515,20 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
 
     func streamClosed(_ streamID: Int32, errorCode: UInt32) {
         self.streamsOnWire -= 1
-        self.lastStreamActivity = self.loopReactor._withUnsafeGuaranteedRef { $0.now }
         // A stream its owner reset has no handler any more; its slot frees all the same.
+        let handler = self.detach(streamID)
+        if handler?.isBackground != true {
+            self.lastStreamActivity = self.loopReactor._withUnsafeGuaranteedRef { $0.now }
+        }
         if !self.streamViolations.isEmpty, let violation = self.streamViolations.removeValue(forKey: streamID) {
             // nghttp2 reset it for what the server sent: say so, not "server reset the stream".
-            self.detach(streamID)?.streamFailed(
+            handler?.streamFailed(
                 CallStatus(
                     code: .internal,
                     message: "the server broke HTTP/2 on the stream (\(violation)); this client reset it (\(HTTP2ErrorCode.name(errorCode)))"),
                 unprocessed: false)
         } else {
-            self.detach(streamID)?.streamClosed(errorCode: errorCode)
+            handler?.streamClosed(errorCode: errorCode)
         }
         if self.streamsOnWire == 0 && self.idleTrimTimer == 0 && self.state == .ready {
             self.idleTrimTimer = self.reactor.scheduleTimer(

@@ -21,6 +21,10 @@ open class HTTP2StreamHandler: ReactorHandler, @unchecked Sendable {
     // `@unchecked Sendable` as `ReactorHandler`: reactor thread only.
     public override init() { super.init() }
 
+    /// A stream of the client's own, not the application's (a health watch): its end is no activity of the
+    /// connection's, which would otherwise never go idle while the watch is restarted (a proxy ending long streams).
+    package var isBackground = false
+
     /// nghttp2 asks for the next DATA frame of the request body, at most `length` bytes: copy them into `buffer` now,
     /// or, when there are at least `RequestBodyRead.noCopyMinimum`, only say how many and hand them over later
     /// through `streamWriteRequest`. Set `eof` when the frame carries the last byte.

@@ -159,6 +159,29 @@ struct ClientHealthCheckTests {
         }
     }
 
+    @Test("watches that a proxy ends every half second do not keep an unused connection from going idle")
+    func watchRestartsAreNoActivity() async throws {
+        let peer = try ScriptedPeer("health-cycle", ["500"])
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Self.configuration("")
+        configuration.idleTimeout = .seconds(2)
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        #expect(
+            await eventually(timeout: 10) {
+                recorder.all.contains {
+                    if case .connectivityStateChanged(_, _, .ready, .idle, let reason) = $0 { return reason?.message == "idle timeout" }
+                    return false
+                }
+            }, "idle 2 s after the call, though the watch restarted every half second")
+        #expect(Self.watchTimes(peer).count >= 3, "the watch was restarted meanwhile: \(Self.watchTimes(peer))")
+    }
+
     @Test("a server without the health service (UNIMPLEMENTED) counts as healthy")
     func unimplementedIsHealthy() async throws {
         let fixture = try LoopbackFixture()  // the embedded server answers Watch with UNIMPLEMENTED

@@ -17,6 +17,8 @@ mode says otherwise:
   bomb N               grpc-encoding gzip, and a message of N zero bytes gzipped (a small "compression bomb")
   health-flap [CODE]   grpc.health.v1 Watch: the first stream says SERVING then ends (UNAVAILABLE, or CODE), later ones say
                        SERVING and stay open ("event watch N at T" for each, T in seconds); other calls are echoed
+  health-cycle MS      grpc.health.v1 Watch: every stream says SERVING, then ends (UNAVAILABLE) after MS milliseconds, as
+                       a proxy ends long streams ("event watch N at T" for each); other calls are echoed
   health-fail CODE     grpc.health.v1 Watch: every stream ends with a trailers-only grpc-status CODE, saying nothing
                        ("event watch N at T" for each); other calls are echoed
   health-silent        grpc.health.v1 Watch and Check: never answered (the stream stays open, silent); other calls are
@@ -301,7 +303,7 @@ class Connection:
         path = path.decode() if isinstance(path, bytes) else path
         if MODE == "health-silent" and path in ("/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/Check"):
             return  # never a word: the client's health check waits
-        if MODE in ("health-flap", "health-fail") and path == "/grpc.health.v1.Health/Watch":
+        if MODE in ("health-flap", "health-fail", "health-cycle") and path == "/grpc.health.v1.Health/Watch":
             global watches
             with lock:
                 watches += 1
@@ -314,6 +316,10 @@ class Connection:
                 return
             self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
             self.send_data(stream_id, grpc_frame(b"\x08\x01"))  # SERVING
+            if MODE == "health-cycle":
+                threading.Timer(int(ARGS[0]) / 1000.0, lambda: self.send_headers(
+                    stream_id, [("grpc-status", "14"), ("grpc-message", "stream timeout")], end_stream=True)).start()
+                return
             if count == 1:
                 self.send_headers(stream_id, [("grpc-status", ARGS[0] if ARGS else "14"),
                                               ("grpc-message", "health service restarting")],
