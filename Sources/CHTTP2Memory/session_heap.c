@@ -2,6 +2,7 @@
 #include "CHTTP2Memory.h"
 
 #include <malloc.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,10 +45,15 @@ struct h2_heap {
     h2_block_cache *cache;  // NULL: small blocks go straight to malloc and free
 };
 
+// Atomic: the loops of a group make their first sessions at the same moment (same value, but a race all the same).
 static size_t page_size(void) {
-    static size_t size;
-    if (size == 0) size = (size_t)sysconf(_SC_PAGESIZE);
-    return size;
+    static _Atomic size_t size;
+    size_t known = atomic_load_explicit(&size, memory_order_relaxed);
+    if (known == 0) {
+        known = (size_t)sysconf(_SC_PAGESIZE);
+        atomic_store_explicit(&size, known, memory_order_relaxed);
+    }
+    return known;
 }
 
 // Large blocks start on a page; other blocks rarely do, so most frees skip the search.
@@ -201,6 +207,11 @@ int h2_heap_end_session(h2_heap *heap) {
     heap->creating = 0;
     int discardable = 0;
     for (int i = 0; i < heap->count; i++) discardable += heap->blocks[i].discardable;
+    if (discardable != 1) {
+        // Not the one frame buffer nghttp2 1.52 makes: a system's other version that mallocs another large block
+        // while creating the session would have it zeroed by the trim. Only zero pages are given back then.
+        for (int i = 0; i < heap->count; i++) heap->blocks[i].discardable = 0;
+    }
     return discardable;
 }
 

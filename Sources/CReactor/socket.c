@@ -1,5 +1,6 @@
 // socket.c: nonblocking sockets for the reactor: connect (IPv4, IPv6, Unix), listen, accept, read, write.
-// Every call retries EINTR and returns -errno instead of setting errno, so Swift never reads a thread-local.
+// Every call retries EINTR (but a TCP connect, which goes on after it) and returns -errno instead of setting errno, so
+// Swift never reads a thread-local.
 #include "loop_internal.h"
 
 #ifdef __linux__
@@ -21,12 +22,10 @@ int cr_socket_connect(const struct sockaddr *address, socklen_t length, int *in_
     int fd = socket(address->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) return -errno;
     cr_set_nodelay(fd, address->sa_family);
-    int rc;
-    do {
-        rc = connect(fd, address, length);
-    } while (rc != 0 && errno == EINTR);
+    // Not retried after EINTR (a retry would get EALREADY): the connect goes on, as after EINPROGRESS.
+    int rc = connect(fd, address, length);
     if (rc != 0) {
-        if (errno == EINPROGRESS) {
+        if (errno == EINPROGRESS || errno == EINTR) {
             *in_progress = 1;
             return fd;
         }

@@ -44,7 +44,8 @@ void h2_heap_free(h2_heap *_Nonnull heap);
 nghttp2_mem h2_heap_mem(h2_heap *_Nonnull heap);
 /// Between begin and end (around nghttp2_session_*_new3), large blocks allocated with malloc are the session's
 /// frame buffer: the ones h2_heap_trim may discard whatever they hold (calloc'd ones are tables). end returns how
-/// many there were (nghttp2 1.52 makes one).
+/// many there were (nghttp2 1.52 makes one); when not exactly one, none is discarded whole (an nghttp2 that makes
+/// others would lose what they hold), and the trim gives back only pages of zeros.
 void h2_heap_begin_session(h2_heap *_Nonnull heap);
 int h2_heap_end_session(h2_heap *_Nonnull heap);
 /// Gives the frame buffer's pages back to the kernel, and the resident pages of other large blocks that hold only

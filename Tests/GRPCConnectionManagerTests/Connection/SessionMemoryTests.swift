@@ -204,4 +204,24 @@ struct SessionMemoryTests {
         mem.free(table, user)
         mem.free(kept, user)
     }
+
+    @Test("blocks malloc'd while a session is made are discarded whole only when there is exactly one (nghttp2 1.52's frame buffer)")
+    func onlyOneFrameBufferIsDiscardedWhole() throws {
+        for count in [1, 2] {
+            let heap = try #require(h2_heap_new(nil))
+            defer { h2_heap_free(heap) }
+            let mem = h2_heap_mem(heap)
+            let user = mem.mem_user_data
+            h2_heap_begin_session(heap)
+            let blocks = try (0..<count).map { _ in try #require(mem.malloc(8192, user)) }
+            #expect(h2_heap_end_session(heap) == Int32(count))
+            for block in blocks { memset(block, 0x33, 8192) }
+            h2_heap_trim(heap)
+            // One: the frame buffer, given back whole. Two: an nghttp2 that makes another such block while creating
+            // the session, whose contents the trim must not zero.
+            let kept = blocks.allSatisfy { block in (0..<8192).allSatisfy { block.load(fromByteOffset: $0, as: UInt8.self) == 0x33 } }
+            #expect(kept == (count == 2), "\(count) block(s)")
+            for block in blocks { mem.free(block, user) }
+        }
+    }
 }
