@@ -23,6 +23,9 @@ open class HTTP2StreamHandler: ReactorHandler, @unchecked Sendable {
 
     /// A stream of the client's own, not the application's (a health watch): its end is no activity of the
     /// connection's, which would otherwise never go idle while the watch is restarted (a proxy ending long streams).
+    /// `@exclusivity(unchecked)`: set once before the stream opens and read on the loop thread only; the runtime
+    /// check on each stream's close cost about 70 instructions.
+    @exclusivity(unchecked)
     package var isBackground = false
 
     /// nghttp2 asks for the next DATA frame of the request body, at most `length` bytes: copy them into `buffer` now,

@@ -44,8 +44,10 @@ struct DNSResolverTests {
             })
     }
 
-    @Test("addresses that change: the new one joins, the old one drains, no call is lost")
-    func addressesMove() async throws {
+    /// A DNS server, a loop, and echo servers on 127.0.0.1 and 127.0.0.2 with the same port.
+    static func withTwoServers(
+        _ body: (DNSPeer, ReactorLoop, EchoServer, EchoServer) async throws -> Void
+    ) async throws {
         let dns = try DNSPeer()
         defer { dns.stop() }
         let loop = try ReactorLoop()
@@ -55,64 +57,64 @@ struct DNSResolverTests {
         defer { first.close() }
         let second = try EchoServer(host: "127.0.0.2", port: first.port, eventLoop: loop)
         defer { second.close() }
-        dns.set("moving.test", ["127.0.0.1"])
-        let channel = try GRPCChannel(
-            target: "moving.test:\(first.port)", configuration: Self.configuration(dns), eventLoop: loop)
-        let ledger = CompletionLedger()
-        var id = 0
-        for _ in 0..<5 {
-            id += 1
-            #expect(await channel.call([1], ledger: ledger, id: id).status == .ok)
+        try await body(dns, loop, first, second)
+    }
+
+    @Test("addresses that change: the new one joins, the old one drains, no call is lost")
+    func addressesMove() async throws {
+        try await Self.withTwoServers { dns, loop, first, second in
+            dns.set("moving.test", ["127.0.0.1"])
+            let channel = try GRPCChannel(
+                target: "moving.test:\(first.port)", configuration: Self.configuration(dns), eventLoop: loop)
+            let ledger = CompletionLedger()
+            var id = 0
+            for _ in 0..<5 {
+                id += 1
+                #expect(await channel.call([1], ledger: ledger, id: id).status == .ok)
+            }
+            // A call in flight on the old address when it goes: it must finish there (its connection drains).
+            let inFlight = Task { await channel.call("/echo.Echo/Get", [9], metadata: ["x-sleep-ms": "600"]) }
+            #expect(await eventually { first.requestsPerConnection().reduce(0, +) == 6 })
+            dns.set("moving.test", ["127.0.0.2"])
+            var moved = false
+            for _ in 0..<400 where !moved {
+                id += 1
+                let response = await channel.call([1], ledger: ledger, id: id)
+                #expect(response.status == .ok)
+                moved = second.requestsPerConnection().reduce(0, +) > 0
+                if !moved { try await Task.sleep(for: .milliseconds(10)) }
+            }
+            #expect(moved)
+            let drained = await inFlight.value
+            #expect(drained.status == .ok, "\(drained.status)")
+            #expect(drained.message == [9])
+            let atFirst = first.requestsPerConnection().reduce(0, +)
+            for _ in 0..<10 {
+                id += 1
+                #expect(await channel.call([1], ledger: ledger, id: id).status == .ok)
+            }
+            #expect(first.requestsPerConnection().reduce(0, +) == atFirst, "the old address takes no new call")
+            #expect(ledger.completed == id && ledger.duplicates == 0)
         }
-        // A call in flight on the old address when it goes: it must finish there (its connection drains).
-        let inFlight = Task { await channel.call("/echo.Echo/Get", [9], metadata: ["x-sleep-ms": "600"]) }
-        #expect(await eventually { first.requestsPerConnection().reduce(0, +) == 6 })
-        dns.set("moving.test", ["127.0.0.2"])
-        var moved = false
-        for _ in 0..<400 where !moved {
-            id += 1
-            let response = await channel.call([1], ledger: ledger, id: id)
-            #expect(response.status == .ok)
-            moved = second.requestsPerConnection().reduce(0, +) > 0
-            if !moved { try await Task.sleep(for: .milliseconds(10)) }
-        }
-        #expect(moved)
-        let drained = await inFlight.value
-        #expect(drained.status == .ok, "\(drained.status)")
-        #expect(drained.message == [9])
-        let atFirst = first.requestsPerConnection().reduce(0, +)
-        for _ in 0..<10 {
-            id += 1
-            #expect(await channel.call([1], ledger: ledger, id: id).status == .ok)
-        }
-        #expect(first.requestsPerConnection().reduce(0, +) == atFirst, "the old address takes no new call")
-        #expect(ledger.completed == id && ledger.duplicates == 0)
     }
 
     @Test("the same addresses in another order (a DNS server rotating its answers) are no change: no event")
     func rotatedAnswerIsNoChange() async throws {
-        let dns = try DNSPeer()
-        defer { dns.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let first = try EchoServer(host: "127.0.0.1", eventLoop: loop)
-        defer { first.close() }
-        let second = try EchoServer(host: "127.0.0.2", port: first.port, eventLoop: loop)
-        defer { second.close() }
-        dns.set("rotating.test", ["127.0.0.1", "127.0.0.2"])
-        let channel = try GRPCChannel(
-            target: "rotating.test:\(first.port)", configuration: Self.configuration(dns), eventLoop: loop)
-        let recorder = EventRecorder()
-        channel.events.subscribe { recorder.record($0) }
-        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
-        dns.set("rotating.test", ["127.0.0.2", "127.0.0.1"])
-        // Lookups every 200 ms: two more at least (A and AAAA each) read the rotated answer.
-        let queries = dns.queries()
-        #expect(await eventually { dns.queries() >= queries + 4 })
-        #expect(await channel.call([2], timeout: .seconds(5)).status == .ok)
-        let resolved = recorder.count { if case .addressesResolved = $0 { true } else { false } }
-        #expect(resolved == 1, "one change reported (the first answer), not one per rotation: \(resolved)")
+        try await Self.withTwoServers { dns, loop, first, second in
+            dns.set("rotating.test", ["127.0.0.1", "127.0.0.2"])
+            let channel = try GRPCChannel(
+                target: "rotating.test:\(first.port)", configuration: Self.configuration(dns), eventLoop: loop)
+            let recorder = EventRecorder()
+            channel.events.subscribe { recorder.record($0) }
+            #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+            dns.set("rotating.test", ["127.0.0.2", "127.0.0.1"])
+            // Lookups every 200 ms: two more at least (A and AAAA each) read the rotated answer.
+            let queries = dns.queries()
+            #expect(await eventually { dns.queries() >= queries + 4 })
+            #expect(await channel.call([2], timeout: .seconds(5)).status == .ok)
+            let resolved = recorder.count { if case .addressesResolved = $0 { true } else { false } }
+            #expect(resolved == 1, "one change reported (the first answer), not one per rotation: \(resolved)")
+        }
     }
 
     @Test("no address in the answer, then no answer at all: events say so, calls keep the last good address")
