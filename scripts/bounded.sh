@@ -9,9 +9,23 @@ shift
 "$@" &
 pid=$!
 
+# Read from /proc, not ps: a fresh Debian image has no procps. The fields after the command name's closing
+# parenthesis are the state, then the parent's pid.
+children() {
+    local stat line fields pid
+    for stat in /proc/[0-9]*/stat; do
+        { read -r line < "$stat"; } 2>/dev/null || continue
+        read -r -a fields <<< "${line##*) }"
+        if [ "${fields[1]:-}" = "$1" ]; then
+            pid=${stat#/proc/}
+            echo "${pid%/stat}"
+        fi
+    done
+}
+
 descendants() {
     local child
-    for child in $(ps -o pid= --ppid "$1"); do
+    for child in $(children "$1"); do
         echo "$child"
         descendants "$child"
     done

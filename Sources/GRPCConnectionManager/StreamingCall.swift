@@ -197,7 +197,9 @@ public final class AsyncClientStreamingCall: Sendable {
     /// The non-throwing form of `finish()`: closes the requests and returns how the call ended, whatever the status.
     /// Cancelling the task cancels the call.
     public func finishResult() async -> UnaryResponse {
-        self.buffers.closeRequests()
+        // In a cancelled task (an upload loop over an AsyncStream ends quietly when its task is cancelled), the call
+        // is cancelled, not half-closed: its requests were cut short.
+        self.buffers.closeSend(cancelling: self.handle)
         return await withTaskCancellationHandler {
             await self.response.value()
         } onCancel: {

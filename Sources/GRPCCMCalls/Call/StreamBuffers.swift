@@ -87,6 +87,9 @@ package final class StreamBuffers: @unchecked Sendable {
     /// they are half the array: each removal moves the unread rest, so it is done rarely.
     static let compactionSlots = 256
 
+    /// Whether the requests were half-closed (END_STREAM queued after them).
+    package var requestsClosed: Bool { self.state.withLock { $0.halfClosed } }
+
     /// Slots of the inbox and the outbox, read and sent ones included (for tests).
     package var slots: (inbox: Int, outbox: Int) { self.state.withLock { ($0.inbox.count, $0.outbox.count) } }
 

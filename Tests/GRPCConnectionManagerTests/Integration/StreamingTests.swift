@@ -589,6 +589,19 @@ struct StreamingTests {
         }
         #expect(await refused.value == .cancelled)
         #expect(await second.finishResult().status.code == .cancelled)
+
+        // The usual upload: write what the stream yields, then finish(); cancelled, the loop ends quietly, and
+        // finish() must cancel, not half-close.
+        let third = setup.channel.clientStreaming(path: "/test.Stream/Collect")
+        let (parts, next) = AsyncStream.makeStream(of: [UInt8].self)
+        let uploader = Task { () -> StatusCode in
+            for await part in parts { try? await third.write(part) }
+            return await third.finishResult().status.code
+        }
+        next.yield(Self.text("part"))
+        uploader.cancel()
+        #expect(await uploader.value == .cancelled)
+        #expect(!third.buffers.requestsClosed, "no END_STREAM was queued: the server never sees the part as all")
     }
 
     @Test("a slow reader's backlog of tiny messages costs about their wire bytes, not an entry each", arguments: [
