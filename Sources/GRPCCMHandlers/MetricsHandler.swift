@@ -115,7 +115,6 @@ package final class MetricsHandler: @unchecked Sendable {
     /// (`MethodPathLimits`, the breakers' rules too).
     static let maxMethodSeries = MethodPathLimits.trackedMethods
     static let otherMethods = MethodPathLimits.other
-    static let maxMethodLabelBytes = MethodPathLimits.maxPathBytes
 
     /// The slot of `service` and `path`: the last one asked for, found in place, or `callSlot`.
     private func slot(service: String, path: String) -> Int {

@@ -47,6 +47,16 @@ package final class CallEnvironment: @unchecked Sendable {
     /// The metadata names the channel's responses carried before (reactor thread only, like the rest).
     package let metadataNames = MetadataNameCache()
 
+    package static let loopStopping = CallStatus(code: .unavailable, message: "the event loop is shutting down")
+
+    /// Why no call may begin now: the channel is closing, or the loop stopping. For the paths off the per-call one
+    /// (a call whose interceptors still prepare it, a hedged call); `ClientCall.refusalOrAdmission` writes it out.
+    package var closingRefusal: CallStatus? {
+        if self.router.isClosing { return self.router.closingStatus }
+        if self.reactor.isStopping { return Self.loopStopping }
+        return nil
+    }
+
     package init(
         reactor: Reactor, service: String, router: any CallRouter, bus: LocalEventBus, policies: CallPolicies,
         maxHeaderListSize: Int

@@ -283,7 +283,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.environment.router.adopt(self)
             // A channel that closed (or a loop that began stopping) before this start ran has ended its calls
             // already: this one ends now too, not once the interceptors' work is done (it may never be).
-            if let refusal = self.withEnvironment({ self.closingRefusal($0) }) {
+            if let refusal = self.withEnvironment({ $0.closingRefusal }) {
                 self.endByClosing(refusal)
                 return
             }
@@ -338,16 +338,6 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
     }
 
-    /// Why no call may begin now: the channel is closing, or the loop stopping. For the cold paths (a call whose
-    /// interceptors still prepare it); `refusalOrAdmission` writes the same out.
-    private func closingRefusal(_ environment: CallEnvironment) -> CallStatus? {
-        if environment.router.isClosing { return environment.router.closingStatus }
-        if self.withReactor({ $0.isStopping }) { return Self.loopStopping }
-        return nil
-    }
-
-    private static let loopStopping = CallStatus(code: .unavailable, message: "the event loop is shutting down")
-
     /// Why the call may not begin (invalid, a closing channel, a stopping loop, the breaker), or nil: it may, and the
     /// breaker's permit is taken.
     private func refusalOrAdmission(_ environment: CallEnvironment) -> CallStatus? {
@@ -364,10 +354,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.startedAt = now
         }
         if let invalid = self.invalid { return invalid }
-        // Written out, not `closingRefusal`: through the helper every call paid a dynamic exclusivity check and a
-        // retain (about 150 instructions at the gate).
+        // Written out, not `CallEnvironment.closingRefusal`: through the helper every call paid a dynamic exclusivity
+        // check and a retain (about 150 instructions at the gate).
         if environment.router.isClosing { return environment.router.closingStatus }
-        if self.withReactor({ $0.isStopping }) { return Self.loopStopping }
+        if self.withReactor({ $0.isStopping }) { return CallEnvironment.loopStopping }
         guard self.hedgeAttempt == 0 else { return nil }
         // Called through the optional in place: bound to a local first, the admission was retained for the call.
         guard environment.policies.admission != nil else { return nil }

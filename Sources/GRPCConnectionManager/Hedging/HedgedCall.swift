@@ -88,7 +88,7 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         guard !self.preparing else {
             // A channel that closed (or a loop that began stopping) before this start ran has ended its calls already:
             // this one ends now too, not once the interceptors' work is done.
-            if let refusal = self.closingRefusal() {
+            if let refusal = self.environment.closingRefusal {
                 self.finish(UnaryResponse(status: refusal), endedLocally: true)
                 return
             }
@@ -126,20 +126,13 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         self.admitAndLaunch()
     }
 
-    /// Why no attempt may go out now: the channel is closing, or the loop stopping.
-    private func closingRefusal() -> CallStatus? {
-        if self.environment.router.isClosing { return self.environment.router.closingStatus }
-        if self.reactor.isStopping { return CallStatus(code: .unavailable, message: "the event loop is shutting down") }
-        return nil
-    }
-
     /// Admission by the breaker, then the first attempt.
     private func admitAndLaunch() {
         let environment = self.environment
         self.admittedAt = Reactor.clock()
         // A closing channel or a stopping loop refuses it before the breaker, as a single call is: each attempt
         // would be refused the same way, and their ends would count against the breaker its successor inherits.
-        if let refusal = self.closingRefusal() {
+        if let refusal = self.environment.closingRefusal {
             self.finish(UnaryResponse(status: refusal), endedLocally: true)
             return
         }

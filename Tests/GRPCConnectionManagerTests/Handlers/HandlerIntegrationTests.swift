@@ -836,7 +836,7 @@ struct HandlerIntegrationTests {
             eventLoop: fixture.loop)
         let channel = try manager.connection(service: "echo", address: fixture.target)
         // A method path too long to be a label: counted, under "other".
-        let long = "/gateway.Any/" + String(repeating: "x", count: MetricsHandler.maxMethodLabelBytes)
+        let long = "/gateway.Any/" + String(repeating: "x", count: MethodPathLimits.maxPathBytes)
         _ = await channel.call(long, [1], timeout: .seconds(5))
         // Methods refused by the interceptor fill the metrics' table of methods; they reach no breaker.
         for index in 0..<MetricsHandler.maxMethodSeries {
