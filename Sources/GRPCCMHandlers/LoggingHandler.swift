@@ -97,6 +97,10 @@ package final class LoggingHandler: @unchecked Sendable {
             self.debug(
                 "keepalive timeout: connection closed",
                 metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)"])
+        case .healthCheckUnimplemented(let service, let id):
+            self.debug(
+                "health check off for this connection: the server has no grpc.health.v1.Health service (UNIMPLEMENTED)",
+                metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)"])
         case .goAwayReceived(let service, let id, let code, let debug, let tooManyPings):
             if tooManyPings {
                 self.debug(

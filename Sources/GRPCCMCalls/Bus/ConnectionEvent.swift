@@ -25,6 +25,10 @@ public enum ConnectionEvent: Sendable {
     case keepaliveTimeout(service: String, connectionID: Int)
     /// The server sent GOAWAY. `tooManyPings` means it asked us to ping less: keepalive time was doubled.
     case goAwayReceived(service: String, connectionID: Int, errorCode: UInt32, debugData: String, tooManyPings: Bool)
+    /// The server answered the health Watch of a connection with UNIMPLEMENTED: it has no `grpc.health.v1.Health`
+    /// service, so health checking is off for that connection, which takes calls as if it said SERVING (gRFC A17).
+    /// Usually a misconfiguration: `healthCheckServiceName` is set for servers that do not serve health.
+    case healthCheckUnimplemented(service: String, connectionID: Int)
     /// A call started (attempt 1 is the first).
     case callStarted(service: String, path: String, attempt: Int)
     /// One attempt of a call ended with `status` (each retry is another attempt).

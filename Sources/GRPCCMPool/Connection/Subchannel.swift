@@ -346,8 +346,10 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         case .ended(let status):
             self.healthWatch = nil
             if status.code == .unimplemented {
-                // The server has no health service: the connection counts as healthy (gRFC A17).
+                // The server has no health service: the connection counts as healthy (gRFC A17), and the application
+                // hears of it once per connection (it is most likely a misconfiguration).
                 self.health = .unchecked
+                self.bus.publish(.healthCheckUnimplemented(service: self.service, connectionID: transport.id))
             } else {
                 // A Watch that said something and ended (a proxy's stream idle timeout ends long watches) is started
                 // again at once, CONNECTING meanwhile: the connection is fine, and calls queued on it for a free

@@ -1,4 +1,7 @@
 import Foundation
+import GRPCConnectionManagerPrometheus
+import InMemoryLogging
+import Logging
 import Testing
 
 @testable import GRPCConnectionManager
@@ -186,9 +189,37 @@ struct ClientHealthCheckTests {
     func unimplementedIsHealthy() async throws {
         let fixture = try LoopbackFixture()  // the embedded server answers Watch with UNIMPLEMENTED
         defer { fixture.shutdown() }
-        let channel = try fixture.channel(Self.configuration(""))
+        let handler = InMemoryLogHandler()
+        var logger = Logger(label: "test", factory: { _ in handler })
+        logger.logLevel = .debug
+        var configuration = Self.configuration("")
+        configuration.enableMetrics = true
+        let manager = try ConnectionManager(
+            configuration: configuration, logger: logger, metricsFactory: PrometheusMetrics(), eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        manager.events.subscribe { recorder.record($0) }
+        let channel = try manager.connection(service: "echo", address: fixture.target)
         let response = try await channel.unary(path: "/echo.Echo/Get", request: [3])
         #expect(response.message == [3])
         #expect(await channel.connectivity().state == .ready)
+
+        // The application hears of it, once for the connection (a misconfiguration, most likely), and calls go on.
+        let ready = recorder.all.compactMap { event -> Int? in
+            if case .connectivityStateChanged(_, let id, _, .ready, _) = event { return id }
+            return nil
+        }
+        #expect(await eventually { recorder.story.contains("health-unimplemented") })
+        for _ in 0..<3 { _ = try await channel.unary(path: "/echo.Echo/Get", request: [4]) }
+        let reports = recorder.all.compactMap { event -> Int? in
+            if case .healthCheckUnimplemented("echo", let id) = event { return id }
+            return nil
+        }
+        #expect(reports.count == 1 && reports == ready, "reports \(reports), ready \(ready)")
+        #expect(
+            manager.metricsText()?.contains(#"grpc_client_health_check_unimplemented_total{service="echo"} 1"#) == true,
+            "\(manager.metricsText() ?? "")")
+        let logged = handler.entries.filter { $0.message.description.hasPrefix("health check off for this connection") }
+        #expect(logged.count == 1 && logged.first?.level == .debug && logged.first?.metadata["grpc.service"] == "echo")
+        await manager.close(gracePeriod: .seconds(1))
     }
 }

@@ -126,6 +126,7 @@ final class EventRecorder: Sendable {
             case .connectivityStateChanged(_, _, let from, let to, _): return "\(from)>\(to)"
             case .goAwayReceived: return "goaway"
             case .keepaliveTimeout: return "keepalive"
+            case .healthCheckUnimplemented: return "health-unimplemented"
             case .retryScheduled: return "retry"
             case .circuitBreakerStateChanged(_, _, let from, let to): return "breaker:\(from)>\(to)"
             case .callStarted, .callFinished, .attemptFinished, .addressesResolved, .resolutionFailed: return nil
