@@ -17,6 +17,18 @@ static void cr_set_nodelay(int fd, sa_family_t family) {
     }
 }
 
+// A TCP connect to a local port nobody listens on, when the kernel happens to pick that same port as the socket's
+// own (it is in the ephemeral range), connects the socket to itself (simultaneous open): it "succeeds", and the
+// client would read back its own connection preface. Nothing listens there, so it is refused.
+static int cr_socket_is_self_connected(int fd) {
+    struct sockaddr_storage local, peer;
+    socklen_t local_len = sizeof(local), peer_len = sizeof(peer);
+    if (getsockname(fd, (struct sockaddr *)&local, &local_len) != 0) return 0;
+    if (local.ss_family != AF_INET && local.ss_family != AF_INET6) return 0;
+    if (getpeername(fd, (struct sockaddr *)&peer, &peer_len) != 0) return 0;
+    return local_len == peer_len && memcmp(&local, &peer, local_len) == 0;
+}
+
 int cr_socket_connect(const struct sockaddr *address, socklen_t length, int *in_progress) {
     *in_progress = 0;
     int fd = socket(address->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -35,6 +47,10 @@ int cr_socket_connect(const struct sockaddr *address, socklen_t length, int *in_
         close(fd);
         return -err;
     }
+    if (cr_socket_is_self_connected(fd)) {
+        close(fd);
+        return -ECONNREFUSED;
+    }
     return fd;
 }
 
@@ -42,6 +58,7 @@ int cr_socket_error(int fd) {
     int err = 0;
     socklen_t len = sizeof(err);
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) return errno;
+    if (err == 0 && cr_socket_is_self_connected(fd)) return ECONNREFUSED;
     return err;
 }
 

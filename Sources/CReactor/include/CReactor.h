@@ -112,8 +112,10 @@ size_t cr_timer_count(const cr_loop *_Nonnull loop);
 
 /// Starts a nonblocking connect (SOCK_NONBLOCK|SOCK_CLOEXEC; TCP_NODELAY for TCP). Returns the fd or -errno.
 /// *in_progress is set to 1 when the connect has not finished yet (wait for CR_WRITE, then cr_socket_error).
+/// A socket that connected to itself at once is closed, and -ECONNREFUSED returned.
 int cr_socket_connect(const struct sockaddr *_Nonnull address, socklen_t length, int *_Nonnull in_progress);
-/// The pending error of a socket (SO_ERROR): 0 when a nonblocking connect succeeded.
+/// The pending error of a socket (SO_ERROR): 0 when a nonblocking connect succeeded. A TCP socket that connected
+/// to itself (a local port nobody listens on, picked as its own) reports ECONNREFUSED.
 int cr_socket_error(int fd);
 /// Sets TCP_USER_TIMEOUT in milliseconds (TCP sockets only). Returns 0 or -errno.
 int cr_socket_set_user_timeout(int fd, unsigned int milliseconds);

@@ -148,6 +148,29 @@ func streamSocketPair() -> (Int32, Int32)? {
     return (pair[0], pair[1])
 }
 
+/// A nonblocking TCP socket bound to a free loopback port and connecting to that same port, which nobody listens
+/// on: the kernel connects it to itself (TCP's simultaneous open), as a client's connect does when the ephemeral
+/// port it is given is the one it dials. The caller closes it. Nil when the set-up fails.
+func selfConnectingSocket() -> Int32? {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+    guard fd >= 0 else { return nil }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let connecting = withUnsafeMutablePointer(to: &address) { pointer in
+        pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
+            bind(fd, address, length) == 0 && getsockname(fd, address, &length) == 0
+                && (connect(fd, address, length) == 0 || errno == EINPROGRESS)
+        }
+    }
+    guard connecting else {
+        close(fd)
+        return nil
+    }
+    return fd
+}
+
 /// A blocking Unix stream socket for `path`, for a peer a test sets up by hand (a listener that never accepts, a
 /// socket left behind by a server that died). The caller closes `fd`.
 struct UnixSocket {
