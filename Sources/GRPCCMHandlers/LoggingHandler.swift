@@ -97,6 +97,10 @@ package final class LoggingHandler: @unchecked Sendable {
             self.debug(
                 "keepalive timeout: connection closed",
                 metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)"])
+        case .tlsFilesRefused(let service, let id, let error):
+            self.debug(
+                "TLS files could not be reloaded; the last good ones stay in use",
+                metadata: ["grpc.service": "\(service)", "grpc.connection_id": "\(id)", "grpc.error": "\(error.message)"])
         case .healthCheckUnimplemented(let service, let id):
             self.debug(
                 "health check off for this connection: the server has no grpc.health.v1.Health service (UNIMPLEMENTED)",

@@ -26,6 +26,7 @@ import CoreMetrics
 /// | grpc_client_connect_attempts_total, grpc_client_connect_failures_total | counter | service |
 /// | grpc_client_keepalive_timeouts_total | counter | service |
 /// | grpc_client_health_check_unimplemented_total | counter | service |
+/// | grpc_client_tls_reload_failures_total | counter | service |
 /// | grpc_client_goaways_total | counter | service, code |
 /// | grpc_client_resolution_failures_total | counter (failed lookups; a DNS answer with no address is one) | service |
 /// | grpc_client_sent_bytes_total, grpc_client_received_bytes_total | counter | service |
@@ -250,6 +251,8 @@ package final class MetricsHandler: @unchecked Sendable {
             self.counter("grpc_client_keepalive_timeouts_total", [("service", service)]).increment()
         case .healthCheckUnimplemented(let service, _):
             self.counter("grpc_client_health_check_unimplemented_total", [("service", service)]).increment()
+        case .tlsFilesRefused(let service, _, _):
+            self.counter("grpc_client_tls_reload_failures_total", [("service", service)]).increment()
         case .goAwayReceived(let service, _, let code, _, _):
             self.counter("grpc_client_goaways_total", [("service", service), ("code", HTTP2ErrorCode.label(code))])
                 .increment()

@@ -29,6 +29,10 @@ public enum ConnectionEvent: Sendable {
     /// service, so health checking is off for that connection, which takes calls as if it said SERVING (gRFC A17).
     /// Usually a misconfiguration: `healthCheckServiceName` is set for servers that do not serve health.
     case healthCheckUnimplemented(service: String, connectionID: Int)
+    /// The TLS files (certificate, key or CA bundle) changed on disk and could not be loaded: connections go on with
+    /// the last good ones until the files change again. Published once per change, for the first connection to find
+    /// it; a connection that then fails its handshake names it in its error too.
+    case tlsFilesRefused(service: String, connectionID: Int, error: CallStatus)
     /// A call started (attempt 1 is the first).
     case callStarted(service: String, path: String, attempt: Int)
     /// One attempt of a call ended with `status` (each retry is another attempt).

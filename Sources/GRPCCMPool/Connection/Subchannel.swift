@@ -425,6 +425,12 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         self.transition(from: old, reason: nil)
     }
 
+    package func transportTLSFilesRefused(_ transport: any HTTP2Transport, reason: String) {
+        self.bus.publish(
+            .tlsFilesRefused(
+                service: self.service, connectionID: transport.id, error: CallStatus(code: .unavailable, message: reason)))
+    }
+
     package func transportDraining(_ transport: any HTTP2Transport, errorCode: UInt32, debugData: String) {
         let tooManyPings = errorCode == 0xb && debugData == "too_many_pings"
         if tooManyPings {

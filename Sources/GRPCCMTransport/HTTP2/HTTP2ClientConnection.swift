@@ -162,10 +162,14 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             tag: TimerTag.connect)
         var tls: TLSSession?
         if let source = self.tls {
+            // The files as they are now: a certificate rotated on disk reaches this handshake.
+            let choice = source.choose()
+            if choice.refusedNow, let refusal = choice.refusal {
+                self.delegate?.transportTLSFilesRefused(self, reason: refusal)
+            }
             do {
-                // The files as they are now: a certificate rotated on disk reaches this handshake.
                 tls = try TLSSession(
-                    context: source.context(), serverName: self.tlsServerName, verifyName: self.tlsServerName)
+                    context: choice.context, serverName: self.tlsServerName, verifyName: self.tlsServerName)
             } catch {
                 self.connectionEnded(CallStatus(code: .unavailable, message: "TLS setup for \(self.address) failed: \(error)"))
                 return
@@ -623,6 +627,12 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     private func connectionEnded(_ reason: CallStatus) {
         if self.state == .closed { return }
         let wasReady = self.state == .ready || self.state == .draining
+        var reason = reason
+        if !wasReady, let refusal = self.tls?.refusal {
+            // A handshake that the last good files fail (an expired certificate, a CA the server no longer uses)
+            // names the rotation that did not take as well: it is most likely the cause.
+            reason = CallStatus(code: reason.code, message: "\(reason.message) (\(refusal))")
+        }
         self.state = .closed
         self.reactor.disarm(&self.connectTimer)
         self.reactor.disarm(&self.keepaliveTimer)

@@ -41,4 +41,11 @@ package protocol HTTP2TransportDelegate: AnyObject {
     /// The connection is gone (its open streams have failed with `reason`). `wasReady`: it had been READY;
     /// `keepaliveTimedOut`: a PING went unanswered.
     func transportClosed(_ transport: any HTTP2Transport, reason: CallStatus, wasReady: Bool, keepaliveTimedOut: Bool)
+    /// The TLS files changed on disk and could not be loaded (`reason` says why): the connection goes on with the
+    /// last good ones. Heard once per change, from the first connection to find it.
+    func transportTLSFilesRefused(_ transport: any HTTP2Transport, reason: String)
+}
+
+extension HTTP2TransportDelegate {
+    package func transportTLSFilesRefused(_ transport: any HTTP2Transport, reason: String) {}
 }

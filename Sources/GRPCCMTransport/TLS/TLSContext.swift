@@ -14,7 +14,7 @@ package final class TLSContext: @unchecked Sendable {
 
     /// A client context.
     package init(client configuration: TLSSettings) throws(TLSError) {
-        guard let context = SSL_CTX_new(TLS_client_method()) else { throw TLSError.openSSL("SSL_CTX_new") }
+        guard let context = SSL_CTX_new(TLS_client_method()) else { throw TLSError.failed("SSL_CTX_new") }
         self.context = context
         self.isServer = false
         self.verify = configuration.verifyCertificate
@@ -37,6 +37,12 @@ package final class TLSContext: @unchecked Sendable {
             // offline): as Go and curl take a trust file. OpenSSL otherwise wants the chain to end at a self-signed
             // root and refuses "unable to get issuer certificate".
             X509_STORE_set_flags(SSL_CTX_get_cert_store(context), UInt(X509_V_FLAG_PARTIAL_CHAIN))
+            // Names are checked against the subjectAltNames only, as Go (since 1.15) and browsers do: OpenSSL would
+            // otherwise accept a certificate without a DNS name by its subject's Common Name. No partial wildcards
+            // (`f*.example.com`) either (RFC 6125 §7.2 leaves them out).
+            X509_VERIFY_PARAM_set_hostflags(
+                SSL_CTX_get0_param(context),
+                UInt32(X509_CHECK_FLAG_NEVER_CHECK_SUBJECT | X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS))
         } else {
             SSL_CTX_set_verify(context, SSL_VERIFY_NONE, nil)
         }
@@ -47,7 +53,7 @@ package final class TLSContext: @unchecked Sendable {
 
     /// A server context offering h2 through ALPN; with `clientCA`, clients must present a certificate it signed.
     package init(serverCertificateChain chain: String, privateKey key: String, clientCA: String?) throws(TLSError) {
-        guard let context = SSL_CTX_new(TLS_server_method()) else { throw TLSError.openSSL("SSL_CTX_new") }
+        guard let context = SSL_CTX_new(TLS_server_method()) else { throw TLSError.failed("SSL_CTX_new") }
         self.context = context
         self.isServer = true
         self.verify = clientCA != nil

@@ -1,3 +1,4 @@
+import COpenSSL
 import Synchronization
 
 #if canImport(Glibc)
@@ -15,8 +16,8 @@ import Glibc
 package final class TLSContextSource: Sendable {
     package let settings: TLSSettings
     /// The context of the last connection, the stamps of the files it was built from, and the stamps of files that
-    /// changed since but could not be loaded (tried once per change).
-    private let last: Mutex<(stamps: [FileStamp], context: TLSContext, refused: [FileStamp]?)>
+    /// changed since but could not be loaded (tried once per change), with why.
+    private let last: Mutex<(stamps: [FileStamp], context: TLSContext, refused: (stamps: [FileStamp], reason: String)?)>
 
     /// Builds (or finds) the context now: a file that cannot be loaded is reported when the channel is made.
     package init(settings: TLSSettings) throws(TLSError) {
@@ -25,25 +26,52 @@ package final class TLSContextSource: Sendable {
         self.last = Mutex((stamps, try Self.shared(settings, stamps), nil))
     }
 
+    /// What a new connection uses: the context, and, when the files on disk changed and could not be loaded (so the
+    /// context is the last good one), why. `refusedNow`: this choice is the one that tried them (once per change).
+    package struct Choice {
+        package let context: TLSContext
+        package let refusal: String?
+        package let refusedNow: Bool
+    }
+
     /// The context for a new connection: the same one while the files are unchanged, else one built from them now.
     /// Changed files that cannot be loaded (a rotation caught half done: the new certificate, the old key) leave the
     /// last good context in use, as grpc-go's file watcher does, until they change again: a connection that the old
-    /// files can still make is not failed for it, and the loop does not rebuild the same refusal every attempt.
-    package func context() -> TLSContext {
+    /// files can still make is not failed for it, and the loop does not rebuild the same refusal every attempt. The
+    /// refusal is reported (`Choice`): a connection that fails while it stands says so, and its owner announces it.
+    package func choose() -> Choice {
         let stamps = Self.stamps(of: self.settings)
-        let known = self.last.withLock { last in last.stamps == stamps || last.refused == stamps ? last.context : nil }
+        let known = self.last.withLock { last -> Choice? in
+            if last.stamps == stamps { return Choice(context: last.context, refusal: nil, refusedNow: false) }
+            if let refused = last.refused, refused.stamps == stamps {
+                return Choice(context: last.context, refusal: refused.reason, refusedNow: false)
+            }
+            return nil
+        }
         if let known { return known }
         do {
             let context = try Self.shared(self.settings, stamps)
             self.last.withLock { $0 = (stamps, context, nil) }
-            return context
+            return Choice(context: context, refusal: nil, refusedNow: false)
         } catch {
+            ERR_clear_error()  // what is left of the failure is not the next OpenSSL call's error on this thread
+            let reason = "the TLS files changed on disk but could not be loaded, so the last good ones are in use: \(error)"
             return self.last.withLock { last in
-                last.refused = stamps
-                return last.context
+                let first = last.refused?.stamps != stamps
+                last.refused = (stamps, reason)
+                return Choice(context: last.context, refusal: reason, refusedNow: first)
             }
         }
     }
+
+    /// Why the context in use is not the files' on disk (they changed and could not be loaded), or nil.
+    package var refusal: String? {
+        let stamps = Self.stamps(of: self.settings)
+        return self.last.withLock { last in last.refused.flatMap { $0.stamps == stamps ? $0.reason : nil } }
+    }
+
+    /// The context for a new connection (`choose()` without the refusal).
+    package func context() -> TLSContext { self.choose().context }
 
     // MARK: the process's contexts
 

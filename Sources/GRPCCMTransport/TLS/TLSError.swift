@@ -6,14 +6,19 @@ public enum TLSError: Error, Sendable, Hashable, CustomStringConvertible {
     case configuration(String)
     /// The handshake or a record failed.
     case protocolFailure(String)
-    /// An OpenSSL call failed outright.
+    /// An OpenSSL call failed outright: which call, and OpenSSL's reason as it was when the call failed.
     case openSSL(String)
 
     public var description: String {
         switch self {
-        case .configuration(let text), .protocolFailure(let text): return text
-        case .openSSL(let call): return "\(call) failed: \(TLSError.lastOpenSSLError() ?? "unknown error")"
+        case .configuration(let text), .protocolFailure(let text), .openSSL(let text): return text
         }
+    }
+
+    /// `call` failed: its error with OpenSSL's reason read now (the error queue is the thread's, and the next
+    /// OpenSSL call may clear it: read later, or printed on another thread, it would say something else).
+    package static func failed(_ call: String) -> TLSError {
+        .openSSL("\(call) failed: \(Self.lastOpenSSLError() ?? "unknown error")")
     }
 
     package static func lastOpenSSLError() -> String? {

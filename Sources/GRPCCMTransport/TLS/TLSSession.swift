@@ -36,10 +36,16 @@ package final class TLSSession {
         // check would compare it against the certificate's names as it is, and fail.
         let serverName = serverName.map(Self.withoutTrailingDot)
         let verifyName = verifyName.map(Self.withoutTrailingDot)
-        guard let ssl = SSL_new(context.context) else { throw TLSError.openSSL("SSL_new") }
-        guard let rbio = BIO_new(BIO_s_mem()), let wbio = BIO_new(BIO_s_mem()) else {
+        guard let ssl = SSL_new(context.context) else { throw TLSError.failed("SSL_new") }
+        guard let rbio = BIO_new(BIO_s_mem()) else {
             SSL_free(ssl)
-            throw TLSError.openSSL("BIO_new")
+            throw TLSError.failed("BIO_new")
+        }
+        guard let wbio = BIO_new(BIO_s_mem()) else {
+            let error = TLSError.failed("BIO_new")
+            BIO_free(rbio)
+            SSL_free(ssl)
+            throw error
         }
         SSL_set_bio(ssl, rbio, wbio)  // the SSL owns both BIOs now
         self.ssl = ssl

@@ -1,3 +1,4 @@
+import GRPCCMReactor
 import GRPCCMWire
 
 /// TLS for a connection, through OpenSSL 3. `nil` in `Configuration.tls` means plaintext (h2c), as in the Go
@@ -47,10 +48,25 @@ public struct TLSSettings: Sendable, Hashable {
             throw ConfigurationError(
                 field: "tls.serverName", message: "must be a host name (printable ASCII, no spaces): \"\(name)\"")
         }
+        if let name = self.serverName, let problem = Self.serverNameProblem(name) {
+            throw ConfigurationError(field: "tls.serverName", message: "\(problem): \"\(name)\"")
+        }
         if self.verifyCertificate, let name = self.serverName, name.isEmpty {
             // An empty name would verify nothing but the chain: any certificate the trust roots signed would do.
             throw ConfigurationError(
                 field: "tls.serverName", message: "must not be empty while verifyCertificate is on (nil uses the target's host)")
         }
+    }
+
+    /// Why `name` is not a host name or an IP address as a certificate names one (nil when it is): a port or
+    /// brackets (`api.example.com:443`, `[::1]`) would be sent in SNI and compared with the certificate's names as
+    /// written, and every handshake would fail "hostname mismatch"; an IPv6 zone (`fe80::1%eth0`) cannot be
+    /// compared at all.
+    private static func serverNameProblem(_ name: String) -> String? {
+        if name.contains("%") { return "must not carry an IPv6 zone (a certificate names the address without one)" }
+        if name.contains(where: { "[]/@".contains($0) }) || (name.contains(":") && NetworkAddress(ip: name, port: 0) == nil) {
+            return "must be a host name or an IP address, without a port or brackets"
+        }
+        return nil
     }
 }

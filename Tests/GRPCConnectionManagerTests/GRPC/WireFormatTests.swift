@@ -352,6 +352,21 @@ struct TargetParsingTests {
                 tls.serverName = "api.example\n"  // read from a file with its newline
                 $0.tls = tls
             }),
+            ("tls.serverName", {
+                var tls = TLSSettings()
+                tls.serverName = "api.example.com:443"  // a port: sent in SNI, no certificate names it
+                $0.tls = tls
+            }),
+            ("tls.serverName", {
+                var tls = TLSSettings()
+                tls.serverName = "[::1]"
+                $0.tls = tls
+            }),
+            ("tls.serverName", {
+                var tls = TLSSettings()
+                tls.serverName = "fe80::1%eth0"  // a zone: OpenSSL cannot compare it with the certificate's
+                $0.tls = tls
+            }),
             ("loadBalancingPolicies", { $0.loadBalancingPolicies[""] = .pickFirst }),
             ("healthCheckServiceNames", { $0.healthCheckServiceNames[""] = "" }),
             // Of several bad keys, the first in order is named (not whichever the dictionary yields first).
@@ -366,6 +381,13 @@ struct TargetParsingTests {
         valid.hedging = ["/pkg.Pay/Charge": CallHedgingPolicy(), "pkg.Ship": CallHedgingPolicy(), "/pkg.Mail/": CallHedgingPolicy()]
         valid.retry.throttling?.tokenRatio = 0.001
         #expect(throws: Never.self) { try valid.validate() }
+        for name in ["api.example.com", "::1", "127.0.0.1", "localhost."] {
+            var named = Configuration()
+            var tls = TLSSettings()
+            tls.serverName = name
+            named.tls = tls
+            #expect(throws: Never.self, "\(name)") { try named.validate() }
+        }
         for (field, breakIt) in cases {
             var configuration = Configuration()
             breakIt(&configuration)

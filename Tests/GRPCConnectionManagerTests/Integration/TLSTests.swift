@@ -170,6 +170,23 @@ struct TLSTests {
         try await body(certificates, peer, loop)
     }
 
+    @Test("a name is checked against the subjectAltNames only: a subject CN=localhost names nobody")
+    func commonNameIsNotAName() async throws {
+        try await Self.withCertificates { certificates, loop in
+            let server = try Self.server(certificates, loop: loop, certificate: certificates.commonNameOnlyCertificate)
+            defer { server.close() }
+            let byName = try GRPCChannel(target: "localhost:\(server.port)", configuration: Self.tls(certificates), eventLoop: loop)
+            defer { byName.close() }
+            let refused = await byName.call([1], timeout: .seconds(5))
+            #expect(refused.status.code == .unavailable && refused.status.message.contains("hostname mismatch"), "\(refused.status)")
+            // Its IP subjectAltName is a name it does carry.
+            let byIP = try GRPCChannel(target: "127.0.0.1:\(server.port)", configuration: Self.tls(certificates), eventLoop: loop)
+            defer { byIP.close() }
+            let accepted = await byIP.call([2], timeout: .seconds(5))
+            #expect(accepted.status == .ok, "\(accepted.status)")
+        }
+    }
+
     @Test("a name with a trailing dot (fully qualified) is sent and checked without it")
     func trailingDotName() async throws {
         try await Self.withTLSEchoPeer { certificates, peer, loop in
@@ -552,6 +569,46 @@ struct TLSTests {
             let response = await channel.unaryResult(
                 path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .seconds(10), waitForReady: true))
             #expect(response.status == .ok, "\(response.status)")
+        }
+    }
+
+    @Test("files that changed and cannot be loaded are announced once, and named by the handshakes that then fail")
+    func refusedRotationIsReported() async throws {
+        try await Self.withCertificates { certificates, loop in
+            // The server presents the stranger's certificate, which the client's CA file never trusts.
+            let server = try Self.server(
+                certificates, loop: loop, certificate: certificates.strangerCertificate, key: certificates.strangerKey)
+            defer { server.close() }
+            let (channel, trusted) = try Self.channelTrustingACopy(of: certificates, server: server, loop: loop)
+            defer { channel.close() }
+            let recorder = EventRecorder()
+            channel.events.subscribe { recorder.record($0) }
+            let before = await channel.call([1], timeout: .seconds(5))
+            #expect(before.status.code == .unavailable && !before.status.message.contains("could not be loaded"))
+            try "not a certificate\n".write(toFile: trusted, atomically: true, encoding: .utf8)
+            // The next attempts use the last good (old) context, fail its check, and say why the new files are not
+            // in use (a fail-fast call in the backoff fails with the last attempt's error).
+            let named = "the TLS files changed on disk but could not be loaded"
+            var last = CallStatus(code: .ok, message: "")
+            #expect(await eventually(timeout: 10) {
+                last = await channel.call([1], timeout: .seconds(5)).status
+                return last.message.contains(named)
+            }, "\(last)")
+            #expect(last.code == .unavailable && last.message.contains("certificate verify failed"), "\(last)")
+            #expect(last.message.contains("trusted.pem"), "\(last)")
+            // Two more attempts, each with the same refusal: announced once.
+            let failedAttempts = { recorder.count { if case .connectAttemptFailed = $0 { true } else { false } } }
+            let seen = failedAttempts()
+            #expect(await eventually(timeout: 10) {
+                _ = await channel.call([1], timeout: .seconds(5))
+                return failedAttempts() >= seen + 2
+            })
+            let refusals = recorder.all.compactMap { event -> CallStatus? in
+                if case .tlsFilesRefused(_, _, let error) = event { return error }
+                return nil
+            }
+            #expect(refusals.count == 1, "once for the change: \(refusals)")
+            #expect(refusals.first?.message.contains("trusted.pem") == true, "\(refusals)")
         }
     }
 

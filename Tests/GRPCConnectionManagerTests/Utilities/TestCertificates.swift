@@ -19,6 +19,9 @@ struct TestCertificates: Sendable {
     var intermediateCertificate: String { self.path("intermediate.pem") }
     var intermediateServerChain: String { self.path("leaf-chain.pem") }
     var intermediateServerKey: String { self.path("leaf.key") }
+    /// A server certificate (the server's key) whose subject is CN=localhost and whose only subjectAltName is
+    /// 127.0.0.1: it names no DNS name.
+    var commonNameOnlyCertificate: String { self.path("cn-only.pem") }
 
     func path(_ name: String) -> String { "\(self.directory)/\(name)" }
 
@@ -33,6 +36,8 @@ struct TestCertificates: Sendable {
             toFile: certificates.path("server.ext"), atomically: true, encoding: .utf8)
         try "basicConstraints=critical,CA:true\nkeyUsage=critical,keyCertSign,cRLSign\n".write(
             toFile: certificates.path("intermediate.ext"), atomically: true, encoding: .utf8)
+        try "subjectAltName=IP:127.0.0.1\n".write(
+            toFile: certificates.path("cn-only.ext"), atomically: true, encoding: .utf8)
         try "extendedKeyUsage=clientAuth\n".write(toFile: certificates.path("client.ext"), atomically: true, encoding: .utf8)
         let steps: [[String]] = [
             ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
@@ -42,6 +47,8 @@ struct TestCertificates: Sendable {
              "server.pem", "-days", "2", "-extfile", "server.ext"],
             ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
              "expired.pem", "-days", "-1", "-extfile", "server.ext"],
+            ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+             "cn-only.pem", "-days", "2", "-extfile", "cn-only.ext"],
             ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=client"],
             ["x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
              "client.pem", "-days", "2", "-extfile", "client.ext"],

@@ -127,6 +127,7 @@ final class EventRecorder: Sendable {
             case .goAwayReceived: return "goaway"
             case .keepaliveTimeout: return "keepalive"
             case .healthCheckUnimplemented: return "health-unimplemented"
+            case .tlsFilesRefused: return "tls-refused"
             case .retryScheduled: return "retry"
             case .circuitBreakerStateChanged(_, _, let from, let to): return "breaker:\(from)>\(to)"
             case .callStarted, .callFinished, .attemptFinished, .addressesResolved, .resolutionFailed: return nil
