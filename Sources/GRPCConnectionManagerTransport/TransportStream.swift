@@ -79,6 +79,12 @@ final class TransportStream: Sendable {
         guard self.state.withLock({ $0.handle != nil || $0.cancelled }) else {
             throw GRPCCore.RPCError(code: .internalError, message: "a request message was written before the metadata")
         }
+        // A cancelled writer's task ends the RPC, whether or not the buffer has room: its producer (a loop over an
+        // AsyncStream, say) may stop quietly when cancelled, and what follows must not look like a whole request.
+        if Task.isCancelled {
+            self.cancel()
+            throw GRPCCore.RPCError(code: .cancelled, message: "the task writing the requests was cancelled")
+        }
         switch self.buffers.write(message) {
         case .accepted: return
         case .refused(let error): throw GRPCCore.RPCError(error)
@@ -97,9 +103,15 @@ final class TransportStream: Sendable {
         }
     }
 
-    /// Half-closes the requests.
+    /// Half-closes the requests; in a cancelled task, cancels the RPC instead (GRPCCore finishes the writer when the
+    /// producer returns, and a producer returns early when cancelled: END_STREAM would send a truncated request as
+    /// a whole one).
     func finishRequests() {
-        self.buffers.closeRequests()
+        if Task.isCancelled {
+            self.cancel()
+        } else {
+            self.buffers.closeRequests()
+        }
     }
 
     /// Resets the stream (or, before it started, ends it) with CANCELLED, or with `status` when given. Safe to call

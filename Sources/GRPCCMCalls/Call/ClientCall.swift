@@ -325,7 +325,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         case .finish(let status):
             // Refused before any attempt (invalid, a closing channel, a stopping loop, the breaker): it reports
             // itself all the same, with 0 attempts, and leaves the router if it waited there.
-            self.finish(UnaryResponse(status: status))
+            self.finish(UnaryResponse(status: status, trailingMetadata: Self.notAttemptedTrailers))
         case .route:
             if !self.adopted {
                 self.adopted = true
@@ -337,6 +337,12 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.dispatchAttempt()
         }
     }
+
+    /// The trailers of a call refused before any attempt: `grpc-retry-pushback-ms: -1`, a server's way of saying "do
+    /// not retry" (gRFC A6). A retrying layer above this client (GRPCCore's, through the grpc-swift-2 transport)
+    /// would otherwise retry an open breaker's refusal, each a little later, instead of failing fast, as this
+    /// client's own retry handler does. One shared value: a refusal allocates nothing for it.
+    static let notAttemptedTrailers: CallMetadata = ["grpc-retry-pushback-ms": "-1"]
 
     /// Why the call may not begin (invalid, a closing channel, a stopping loop, the breaker), or nil: it may, and the
     /// breaker's permit is taken.

@@ -328,6 +328,36 @@ struct GRPCSwiftTransportTests {
         #expect(ContinuousClock.now - started < .seconds(5), "the reader did not wait for the server")
     }
 
+    @Test("a cancelled task that writes the requests cancels the RPC: its writes and finish() do not half-close it")
+    func writerTaskCancellationEndsTheRPC() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let transport = ManagedClientTransport(channel: try fixture.channel())
+        let status = try await transport.withStream(
+            descriptor: MethodDescriptor(fullyQualifiedService: "echo.Echo", method: "Collect"), options: .defaults
+        ) { stream, _ -> GRPCCore.Status? in
+            try await stream.outbound.write(.metadata(["x-request-key": "cut-short"]))
+            try await stream.outbound.write(.message(Array("part".utf8)))
+            // The producer's task is cancelled; it writes once more, then finishes, as GRPCCore's request task does
+            // when a producer that loops over an AsyncStream returns early for its cancellation.
+            let writer = Task {
+                withUnsafeCurrentTask { $0?.cancel() }
+                let refused = await #expect(throws: GRPCCore.RPCError.self) {
+                    try await stream.outbound.write(.message(Array("more".utf8)))
+                }
+                #expect(refused?.code == .cancelled)
+                await stream.outbound.finish()
+            }
+            await writer.value
+            for try await part in stream.inbound {
+                if case .status(let status, _) = part { return status }
+            }
+            return nil
+        }
+        // Not OK with "part" alone: the server never saw the requests end.
+        #expect(status?.code == .cancelled, "\(String(describing: status))")
+    }
+
     @Test("CallOptions: message size limits both ways, and fail-fast vs wait-for-ready", arguments: [Peer.embedded])
     func callOptions(_ peer: Peer) async throws {
         try await Self.withEchoClient(peer) { echo, _ in
@@ -417,6 +447,52 @@ struct GRPCSwiftTransportTests {
         }
         #expect(paths.prefix(2) == ["/echo.Echo/Get", "/echo.Echo/Expand"])
         #expect(recorder.story.contains("breaker:CLOSED>OPEN"))
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("an open breaker's refusal is not retried by GRPCCore (it says so in its trailers); server failures still are")
+    func breakerRefusalIsNotRetriedByGRPCCore() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Configuration()
+        configuration.circuitBreaker.failureThreshold = 3
+        configuration.circuitBreaker.timeout = .seconds(60)
+        let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
+        let recorder = EventRecorder()
+        manager.events.subscribe { recorder.record($0) }
+        var config = ServiceConfig()
+        let policy = RetryPolicy(
+            maxAttempts: 4, initialBackoff: .milliseconds(10), maxBackoff: .milliseconds(50), backoffMultiplier: 2,
+            retryableStatusCodes: [.unavailable])
+        config.methodConfig = [
+            MethodConfig(names: [MethodConfig.Name(service: "echo.Echo")], executionPolicy: .retry(policy))
+        ]
+        let transport = try ManagedClientTransport(
+            manager: manager, service: "echo", address: fixture.target, serviceConfig: config)
+        let started = { recorder.count { if case .callStarted = $0 { true } else { false } } }
+        try await withGRPCClient(transport: transport) { client in
+            let echo = Echo_Echo.Client(wrapping: client)
+            // A server failure is retried by GRPCCore: two UNAVAILABLE answers, then the echo (three of our calls).
+            let metadata: GRPCCore.Metadata = ["x-fail-first": "2", "x-request-key": "before-open"]
+            _ = try await echo.get(Self.request("retried"), metadata: metadata)
+            #expect(started() == 3)
+            // Each of these is answered UNAVAILABLE four times (GRPCCore's attempts); the third answer opens the
+            // breaker, which refuses the fourth attempt.
+            await #expect(throws: GRPCCore.RPCError.self) {
+                _ = try await echo.get(Self.request("x"), metadata: ["x-fail-code": "14"])
+            }
+            #expect(await eventually { recorder.story.contains("breaker:CLOSED>OPEN") })
+            let before = started()
+            do {
+                _ = try await echo.get(Self.request("refused"))
+                Issue.record("the open breaker let a call through")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.code == .unavailable && error.message == "circuit breaker is open")
+                #expect(Array(error.metadata[stringValues: "grpc-retry-pushback-ms"]) == ["-1"])
+            }
+            // One of our calls: GRPCCore did not make three more attempts against the open breaker.
+            #expect(started() == before + 1, "calls: \(started() - before)")
+        }
         await manager.close(gracePeriod: .seconds(1))
     }
 
