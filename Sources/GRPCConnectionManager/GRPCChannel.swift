@@ -459,7 +459,7 @@ public final class GRPCChannel: Sendable {
     }
 
     /// Whether `close()` was called.
-    var isClosed: Bool { self.closedByUser.load(ordering: .acquiring) }
+    package var isClosed: Bool { self.closedByUser.load(ordering: .acquiring) }
 
     /// Dropping the last reference of a standalone channel closes its connections on the reactor thread (so no
     /// fd outlives its channel), and the reactor-side state is released there, never under the reactor's feet.

@@ -33,13 +33,15 @@ import GRPCCore
 public final class ManagedClientTransport: ClientTransport, Sendable {
     public typealias Bytes = [UInt8]
 
-    /// The channel RPCs run on: the one given, or the manager's open channel for the service (looked up for each
-    /// RPC, so that the manager replacing it, for a new address, or reopening it after `closeConnection`, does not
-    /// leave this transport on a closed one). While the manager has none, RPCs go to the last one and fail
-    /// UNAVAILABLE: the transport never opens a channel itself.
+    /// The channel RPCs run on: the one given, or the manager's open channel for the service, looked up for each
+    /// RPC, so that the manager replacing it (for a new address) does not leave this transport on a closed one.
+    /// When the manager has none open (after `closeConnection(service:)`, or the channel's own `close()`), the RPC
+    /// dials the service again through the manager, as `connection(service:)` does; only a closed manager leaves
+    /// RPCs on the closed channel, failing UNAVAILABLE.
     public var channel: GRPCChannel {
         guard let (manager, service) = self.managed else { return self.givenChannel }
-        return manager.openChannel(service: service) ?? self.givenChannel
+        if let open = manager.openChannel(service: service), !open.isClosed { return open }
+        return (try? manager.connection(service: service)) ?? self.givenChannel
     }
     private let givenChannel: GRPCChannel
     private let managed: (manager: ConnectionManager, service: String)?

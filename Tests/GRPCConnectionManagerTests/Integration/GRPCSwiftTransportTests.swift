@@ -251,8 +251,17 @@ struct GRPCSwiftTransportTests {
             _ = try manager.connection(service: "echo")
             let second = try await echo.get(Self.request("second"))
             #expect(second.text == "second")
+            // Closed and not reopened by anyone: the next RPC dials the service again, as connection(service:) would.
+            manager.closeConnection(service: "echo")
+            #expect(try await echo.get(Self.request("third")).text == "third")
+            // The channel closed by its own close(): the same.
+            try manager.connection(service: "echo").close()
+            #expect(try await echo.get(Self.request("fourth")).text == "fourth")
+            // A closed manager dials nothing: the RPC fails UNAVAILABLE.
+            await manager.close(gracePeriod: .seconds(1))
+            let refused = await #expect(throws: GRPCCore.RPCError.self) { try await echo.get(Self.request("after")) }
+            #expect(refused?.code == .unavailable, "\(String(describing: refused))")
         }
-        await manager.close(gracePeriod: .seconds(1))
     }
 
     @Test("graceful shutdown lets open streams finish and refuses new ones", arguments: [Peer.grpcio])
