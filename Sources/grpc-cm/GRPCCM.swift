@@ -24,18 +24,26 @@ enum Main {
     /// do not. Their spellings are rewritten here into the parser's, before parsing.
     static func arguments(_ raw: [String]) -> [String] {
         switch raw.first {
-        case "call": return [raw[0]] + raw.dropFirst().map(Self.callArgument)
+        case "call": return [raw[0]] + raw.dropFirst().compactMap(Self.callArgument)
         case "health": return [raw[0]] + Self.healthArguments(Array(raw.dropFirst()))
         default: return raw
         }
     }
 
-    /// grpcurl's single-dash long options (`-plaintext`, `-max-time 2`) are ours with two dashes.
-    private static func callArgument(_ argument: String) -> String {
-        guard argument.hasPrefix("-"), !argument.hasPrefix("--"),
-            Call.longOptionNames.contains(String(argument.dropFirst().prefix { $0 != "=" }))
-        else { return argument }
-        return "-" + argument
+    /// grpcurl's single-dash long options (`-plaintext`, `-max-time 2`) are ours with two dashes, and its boolean
+    /// flags take Go's spellings of a value (`-plaintext=true`; `=false` leaves the flag out). nil: left out.
+    private static func callArgument(_ argument: String) -> String? {
+        guard argument.hasPrefix("-"), argument.count >= 2 else { return argument }
+        let dashes = argument.hasPrefix("--") ? 2 : 1
+        let name = String(argument.dropFirst(dashes).prefix { $0 != "=" })
+        guard Call.longOptionNames.contains(name) else { return argument }
+        let flag = "--" + argument.dropFirst(dashes)
+        guard Call.booleanFlagNames.contains(name), let equals = flag.firstIndex(of: "=") else { return flag }
+        switch flag[flag.index(after: equals)...] {
+        case "1", "t", "T", "TRUE", "true", "True": return "--" + name
+        case "0", "f", "F", "FALSE", "false", "False": return nil
+        default: return flag  // the parser refuses it, naming the flag
+        }
     }
 
     /// grpc_health_probe's flags as Go reads them: `--name` is `-name`; a boolean flag takes `=true` or `=false` (and

@@ -48,6 +48,9 @@ struct Call: AsyncParsableCommand {
     @Option(name: .customShort("H"), help: "Request metadata 'name: value' (repeatable; -bin values in base64).")
     var headers: [String] = []
 
+    @Option(name: .customLong("user-agent"), help: "Put this in front of the client's User-Agent (so does -H 'user-agent: ...').")
+    var userAgent: String?
+
     @Option(name: .customLong("max-time"), help: "Deadline of each call in seconds (fractional).")
     var maxTime: Double?
 
@@ -110,8 +113,11 @@ struct Call: AsyncParsableCommand {
         "data-file", "data-hex", "out", "hex", "max-time", "connect-timeout", "wait-for-ready", "keepalive-time",
         "keepalive-timeout", "max-reconnect-delay", "no-retry", "no-breaker", "retry-max-attempts",
         "breaker-failure-threshold", "breaker-timeout", "metrics-out", "compression", "repeat", "interval", "plaintext",
-        "insecure", "cacert", "cert", "key", "servername", "max-msg-sz",
+        "insecure", "cacert", "cert", "key", "servername", "max-msg-sz", "user-agent",
     ]
+
+    /// The boolean flags, which take Go's `=true`/`=false` spellings too (`-plaintext=true`), as grpcurl's do.
+    static let booleanFlagNames: Set<String> = ["hex", "wait-for-ready", "no-retry", "no-breaker", "plaintext", "insecure"]
 
     func validate() throws {
         if self.dataFile != nil && self.dataHex != nil {
@@ -143,6 +149,18 @@ struct Call: AsyncParsableCommand {
             throw ValidationError("--breaker-failure-threshold must be at least 1")
         }
         if let timeout = self.breakerTimeout, !(timeout > 0) { throw ValidationError("--breaker-timeout must be > 0") }
+        // Options that would change nothing are refused rather than ignored: the user meant something by them.
+        if self.interval != 0 && self.repeat == nil { throw ValidationError("--interval needs --repeat") }
+        if self.noRetry && self.retryMaxAttempts != nil {
+            throw ValidationError("--retry-max-attempts and --no-retry contradict each other")
+        }
+        if self.noBreaker && (self.breakerFailureThreshold != nil || self.breakerTimeout != nil) {
+            throw ValidationError("--breaker-failure-threshold and --breaker-timeout contradict --no-breaker")
+        }
+        // Without a deadline, a server that never comes would be waited for until Ctrl-C.
+        if self.waitForReady && self.maxTime == nil {
+            throw ValidationError("--wait-for-ready needs --max-time (the longest to wait, the call included)")
+        }
         let parts = self.method.dropFirst().split(separator: "/", omittingEmptySubsequences: false)
         if parts.count != 2 || parts.contains(where: \.isEmpty) {
             throw ValidationError("METHOD must look like package.Service/Method (or /package.Service/Method)")
@@ -156,8 +174,21 @@ struct Call: AsyncParsableCommand {
         // Then Ctrl-C (or SIGTERM) cancels the call under way and starts no other; the metrics are still written, and
         // the exit status says which signal it was (128 + its number, as a shell reports one that killed a program).
         css_install_stop_signals()
-        let metadata = try parseMetadataHeaders(self.headers, flag: "-H")
+        // grpcurl skips an empty -H (an unset "$AUTH" in a script), and puts a user-agent header in front of the
+        // client's own: so does this, through userAgentPrefix (sent as a second field, servers would read ours).
+        var userAgent = self.userAgent
+        var headers: [String] = []
+        for header in self.headers where !header[...].trimmingSpaces().isEmpty {
+            let name = header.prefix { $0 != ":" }.trimmingSpaces().lowercased()
+            if name == "user-agent", let colon = header.firstIndex(of: ":") {
+                userAgent = header[header.index(after: colon)...].trimmingSpaces()
+            } else {
+                headers.append(header)
+            }
+        }
+        let metadata = try parseMetadataHeaders(headers, flag: "-H")
         var configuration = Configuration()
+        if let userAgent { configuration.userAgentPrefix = userAgent }
         configuration.minConnectTimeout = seconds(self.connectTimeout)
         configuration.tls = self.security.configuration
         if let size = self.maxMessageSize { configuration.maxMessageSize = size }
@@ -225,7 +256,10 @@ struct Call: AsyncParsableCommand {
                 try self.writeResponse(response.message)
                 return
             }
-            if !connected.withLock({ $0 }) {
+            // Blamed on the dial only when it can be the dial's failure: a request refused before it went out (too
+            // large, a bad method name) is the call's, with its code.
+            let dialCodes: Set<StatusCode> = [.unavailable, .deadlineExceeded]
+            if !connected.withLock({ $0 }) && dialCodes.contains(response.status.code) {
                 writeStderr("Failed to dial target host \"\(self.target)\": \(response.status.code.name): \(response.status.message)\n")
                 throw ExitCode(1)
             }

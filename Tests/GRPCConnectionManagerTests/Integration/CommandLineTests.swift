@@ -101,6 +101,26 @@ struct CommandLineTests {
         let unparsable = try run("call --plaintext no-port-here a.B/C")
         #expect(unparsable.status == 1)
         #expect(unparsable.output.contains("Failed to dial target host \"no-port-here\""), "\(unparsable.output)")
+        // A request refused before it goes out is the call's failure, with its code, not a failed dial (nobody
+        // listens there, so no connection is ever made).
+        let nobody = "127.0.0.1:\(freePort())"
+        let tooLarge = try run("call --plaintext \(nobody) a.B/C --max-msg-sz 4 --data-hex 0a03666f6f")
+        #expect(tooLarge.status == 64 + 8 && !tooLarge.output.contains("Failed to dial"), "\(tooLarge.output)")
+        let badName = try run("call --plaintext \(nobody) 'a.B/C D'")
+        #expect(badName.status > 64 && !badName.output.contains("Failed to dial"), "\(badName.output)")
+        // Options that would change nothing, or wait for ever, are usage errors.
+        for useless in ["--interval 1", "--no-retry --retry-max-attempts 2", "--no-breaker --breaker-timeout 5", "--wait-for-ready"] {
+            let refusedFlags = try run("call --plaintext \(target) a.B/C \(useless)")
+            #expect(refusedFlags.status == 2, "\(useless): \(refusedFlags.output)")
+        }
+        #expect(try run("call --plaintext \(target) a.B/C --wait-for-ready --max-time 5").status == 0)
+        // Go's boolean spellings, as grpcurl takes them; =false leaves the flag out (TLS to a plaintext server).
+        #expect(try runProgram(cli, ["call", "-plaintext=true", target, "a.B/C", "-data-hex=0a0b", "-hex=1"]) == (0, "0a0b\n"))
+        #expect(try run("call -plaintext=false \(target) a.B/C").status == 1)
+        // An empty -H (an unset variable in a script) is skipped, and user-agent goes in front of the client's own.
+        #expect(try run("call --plaintext \(target) a.B/C -H ''").status == 0)
+        #expect(try run("call --plaintext \(target) a.B/C -H 'user-agent: probe/1'").status == 0)
+        #expect(try run("call --plaintext \(target) a.B/C --user-agent probe/1").status == 0)
     }
 
     @Test("health reads flags as grpc_health_probe's Go parser does: --name, bool=value, -version, -gzip, its conflicts")
