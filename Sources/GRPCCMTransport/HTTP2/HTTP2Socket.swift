@@ -100,8 +100,8 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     @exclusivity(unchecked)
     package private(set) var directDataFrames = 0
     @exclusivity(unchecked)
-    private var sawFirstBytes = false
-    private var sawFirstPlaintext = false
+    private var firstBytes = FirstBytesCheck()
+    private var firstPlaintext = FirstBytesCheck()
     /// What nghttp2 last found wrong in the peer's input (its error callbacks): when it then ends the session
     /// itself, the close says this rather than "closed by the server".
     package var protocolError: String?
@@ -274,16 +274,15 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
                 return
             }
             if n == 0 {
-                self.close(reason: self.closedByPeerStatus(endOfFile: true))
+                // Fewer first bytes than a check wants, then the end: judged as they are.
+                let refusal = self.firstBytes.judgeWhatCame(owner.socketReceivedFirstBytes)
+                self.close(reason: refusal ?? self.closedByPeerStatus(endOfFile: true))
                 return
             }
             let bytes = UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)
-            if !self.sawFirstBytes {
-                self.sawFirstBytes = true
-                if let refusal = owner.socketReceivedFirstBytes(bytes) {
-                    self.close(reason: refusal)
-                    return
-                }
+            if !self.firstBytes.judged, let refusal = self.firstBytes.take(bytes, judge: owner.socketReceivedFirstBytes) {
+                self.close(reason: refusal)
+                return
             }
             if let tls = self.tls {
                 tls.feed(bytes)
@@ -342,12 +341,11 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
                 return false
             }
             let bytes = UnsafeRawBufferPointer(start: plain.baseAddress, count: n)
-            if !self.sawFirstPlaintext {
-                self.sawFirstPlaintext = true
-                if let refusal = self.owner?.socketReceivedFirstPlaintext(bytes) {
-                    self.close(reason: refusal)
-                    return false
-                }
+            if !self.firstPlaintext.judged, let owner = self.owner,
+                let refusal = self.firstPlaintext.take(bytes, judge: owner.socketReceivedFirstPlaintext)
+            {
+                self.close(reason: refusal)
+                return false
             }
             guard self.receive(bytes) else { return false }
         }
@@ -363,7 +361,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         switch self.state {
         case .connecting, .securing:
             base = "connection to \(self.peer) closed by the server during the handshake"
-        case .open where endOfFile && !self.sawFirstBytes && self.tls == nil:
+        case .open where endOfFile && !self.firstBytes.sawAny && self.tls == nil:
             // A TLS server closes on a plaintext preface without a word (OpenSSL's does); so may one that is going away.
             base = "connection to \(self.peer) closed by the server before it sent anything (a TLS server does that to a plaintext client)"
         default:
@@ -580,5 +578,44 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     /// The reactor is stopping: GOAWAY and close_notify go out, then the socket closes.
     package override func reactorRunSubmitted() {
         self.shutdown(reason: CallStatus(code: .unavailable, message: "the event loop is shutting down"))
+    }
+}
+
+/// The first bytes of a connection (or the first plaintext under TLS), held until there are enough to tell what the
+/// peer speaks, then judged once. A server's first bytes may come in more than one read (small segments, a slow
+/// proxy): judged on the first read alone, "HTT" would pass as too short to tell, and the close that follows would
+/// say only "wrong version number" or "closed during the handshake" instead of "HTTP/1.x".
+struct FirstBytesCheck {
+    /// Enough for every check: an HTTP/2 frame header (9), a TLS record header (5), "HTTP/1." (7).
+    private static let enough = 9
+    /// How much is held at most: the quoted HTTP/1.x status line is cut at 80 bytes anyway.
+    private static let held = 80
+
+    private(set) var judged = false
+    private var bytes: [UInt8] = []
+
+    /// Whether any byte arrived.
+    var sawAny: Bool { self.judged || !self.bytes.isEmpty }
+
+    /// Takes a read's bytes; once there are enough (usually at once: nothing is held then), `judge` says what is
+    /// wrong with them, and that is returned. nil while too few, and when they are fine.
+    mutating func take(
+        _ bytes: UnsafeRawBufferPointer, judge: (UnsafeRawBufferPointer) -> CallStatus?
+    ) -> CallStatus? {
+        if self.bytes.isEmpty && bytes.count >= Self.enough {
+            self.judged = true
+            return judge(bytes)
+        }
+        self.bytes.append(contentsOf: bytes.prefix(Self.held - self.bytes.count))
+        if self.bytes.count < Self.enough { return nil }
+        return self.judgeWhatCame(judge)
+    }
+
+    /// Judges what is held, however little (the peer closed): nil when nothing is, or it is fine.
+    mutating func judgeWhatCame(_ judge: (UnsafeRawBufferPointer) -> CallStatus?) -> CallStatus? {
+        guard !self.judged, !self.bytes.isEmpty else { return nil }
+        self.judged = true
+        defer { self.bytes = [] }
+        return self.bytes.withUnsafeBytes(judge)
     }
 }

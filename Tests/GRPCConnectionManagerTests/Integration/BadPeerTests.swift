@@ -22,6 +22,8 @@ final class BadPeer: Sendable {
         case closeMidResponse
         /// Answers whatever arrives with these bytes, then closes.
         case reply([UInt8])
+        /// As `.http1`, in two writes 300 ms apart: first "HTT", then the rest (a slow proxy's small segments).
+        case http1InPieces
     }
 
     let port: Int
@@ -68,6 +70,16 @@ final class BadPeer: Sendable {
             while buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, 4096) }) > 0 {}
         case .http1:
             self.handle(fd, .reply(Array("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".utf8)))
+        case .http1InPieces:
+            _ = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, 4096) }
+            var one: Int32 = 1
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            let answer = Array("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".utf8)
+            _ = answer.withUnsafeBytes { write(fd, $0.baseAddress, 3) }
+            // Only shapes the bytes: should both pieces come in one read, the check sees them whole, and passes too.
+            usleep(300_000)
+            _ = answer.withUnsafeBytes { write(fd, $0.baseAddress! + 3, $0.count - 3) }
+            shutdown(fd, Int32(SHUT_RDWR))
         case .reply(let reply):
             _ = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, 4096) }
             _ = reply.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
@@ -136,6 +148,8 @@ struct BadPeerTests {
     /// The ways a client and a server can disagree on the first bytes, and the reason each must give.
     enum Mismatch: String, CaseIterable, Sendable {
         case htmlToPlaintext, htmlToTLS, http1ToTLS, tlsAlertToPlaintext, h2cToTLS, tlsServerToPlaintext
+        /// The HTTP/1.1 answer in two pieces, "HTT" first: judged on the bytes of both reads.
+        case http1InPiecesToTLS, http1InPiecesToPlaintext
     }
 
     @Test("a server that speaks something else says so: HTML, HTTP/1.x, TLS without TLS, h2c with TLS", arguments: Mismatch.allCases)
@@ -159,6 +173,12 @@ struct BadPeerTests {
             (peer, expected) = (try BadPeer(.reply(html)), "answered the TLS handshake with bytes that are not TLS")
         case .http1ToTLS:
             (peer, expected) = (try BadPeer(.http1), "answered the TLS handshake with HTTP/1.x (\"HTTP/1.1 400 Bad Request\")")
+        case .http1InPiecesToTLS:
+            (peer, expected) = (try BadPeer(.http1InPieces), "answered the TLS handshake with HTTP/1.x (\"HTTP/1.1 400 Bad Request\")")
+        case .http1InPiecesToPlaintext:
+            (peer, useTLS, expected) = (
+                try BadPeer(.http1InPieces), false, "server answered with HTTP/1.x, not HTTP/2 (\"HTTP/1.1 400 Bad Request\")"
+            )
         case .tlsAlertToPlaintext:
             (peer, useTLS, expected) = (try BadPeer(.reply(alert)), false, "server answered with TLS: it expects TLS")
         case .h2cToTLS:
