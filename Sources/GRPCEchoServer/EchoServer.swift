@@ -46,6 +46,10 @@ public final class EchoServer: Sendable {
         public var tlsPrivateKey: String?
         /// With TLS: require client certificates signed by this CA (mutual TLS).
         public var tlsClientCA: String?
+        /// How long a new connection has to finish its TLS handshake (with TLS) and send the HTTP/2 preface and its
+        /// SETTINGS: past it, the connection is closed. A client that connects and says nothing would otherwise hold
+        /// an fd and a connection's memory for as long as it likes. Default 10 s.
+        public var handshakeTimeout: Duration = .seconds(10)
 
         public init() {}
     }

@@ -9,8 +9,11 @@ import Glibc
 #endif
 
 /// One accepted HTTP/2 connection: the shared `HTTP2Socket` (reads, TLS, coalesced writes, the close rule) plus what
-/// only the server does: make the server session and dispatch its streams. Reactor thread only.
-final class EchoServerConnection: HTTP2SocketOwner {
+/// only the server does: make the server session and dispatch its streams, and close a connection whose client
+/// does not finish its handshake in time.
+///
+/// `@unchecked Sendable` (a `ReactorHandler`, for the handshake timer): reactor thread only.
+final class EchoServerConnection: ReactorHandler, HTTP2SocketOwner, @unchecked Sendable {
     unowned let reactor: Reactor
     unowned let listener: EchoListener
     var options: EchoServer.Options { self.listener.options }
@@ -33,18 +36,38 @@ final class EchoServerConnection: HTTP2SocketOwner {
 
     var session: OpaquePointer? { self.socket?.session }
 
+    /// Until the client's SETTINGS arrive (after its TLS handshake and preface): then the connection is closed.
+    private var handshakeTimer: Reactor.TimerID = 0
+
     func start() {
         var tls: TLSSession?
+        var refusal: CallStatus?
         if let context = self.listener.tls {
-            tls = try? TLSSession(context: context, serverName: nil, verifyName: nil)
+            do {
+                tls = try TLSSession(context: context, serverName: nil, verifyName: nil)
+            } catch {
+                refusal = CallStatus(code: .internal, message: "TLS session could not be made: \(error)")
+            }
         }
         let socket = HTTP2Socket(reactor: self.reactor, owner: self, acceptedFD: self.acceptedFD, peer: "client", tls: tls)
         self.socket = socket
-        if self.listener.tls != nil && tls == nil {
-            socket.close(reason: CallStatus(code: .internal, message: "TLS session could not be made"))
+        if let refusal {
+            socket.close(reason: refusal)
             return
         }
+        self.handshakeTimer = self.reactor.scheduleTimer(
+            at: self.reactor.now &+ UInt64(max(self.options.handshakeTimeout.nanoseconds, 0)), handler: self)
         socket.startAccepted()
+    }
+
+    /// The client's SETTINGS arrived: the handshake is over.
+    func prefaceReceived() {
+        self.reactor.disarm(&self.handshakeTimer)
+    }
+
+    override func reactorTimerFired(tag: UInt64) {
+        self.handshakeTimer = 0
+        self.socket?.close(reason: CallStatus(code: .unavailable, message: "the client did not finish its handshake in time"))
     }
 
     // MARK: HTTP2SocketOwner
@@ -67,6 +90,7 @@ final class EchoServerConnection: HTTP2SocketOwner {
     func socketDidFlush() {}
 
     func socketClosed(_ reason: CallStatus) {
+        self.reactor.disarm(&self.handshakeTimer)
         for stream in self.streams.values { stream.cancelTimer() }
         self.streams.removeAll()
         self.listener.connectionClosed(self)

@@ -81,6 +81,10 @@ private func serverOnFrameRecv(
 ) -> Int32 {
     let header = frame!.pointee.hd
     let type = UInt32(header.type)
+    if type == NGHTTP2_SETTINGS.rawValue && header.flags & UInt8(NGHTTP2_FLAG_ACK.rawValue) == 0 {
+        serverConnection(userData).prefaceReceived()  // nghttp2 checked the preface before it took this frame
+        return 0
+    }
     if type == NGHTTP2_DATA.rawValue && frame!.pointee.data.padlen > 0 {
         nghttp2_session_consume(session, header.stream_id, frame!.pointee.data.padlen)
     }

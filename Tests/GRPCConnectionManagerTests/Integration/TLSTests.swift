@@ -612,6 +612,61 @@ struct TLSTests {
         }
     }
 
+    @Test("the embedded server closes a connection that does not finish its handshake in time, TLS or not; not others")
+    func serverHandshakeTimeout() async throws {
+        try await Self.withCertificates { certificates, loop in
+            var options = EchoServer.Options()
+            options.handshakeTimeout = .milliseconds(200)
+            let plaintext = try EchoServer(options: options, eventLoop: loop)
+            defer { plaintext.close() }
+            options.tlsCertificateChain = certificates.serverCertificate
+            options.tlsPrivateKey = certificates.serverKey
+            let secure = try EchoServer(options: options, eventLoop: loop)
+            defer { secure.close() }
+            // A client that finished its handshake first: its connection outlives the others' timeouts.
+            let channel = try GRPCChannel(target: "localhost:\(secure.port)", configuration: Self.tls(certificates), eventLoop: loop)
+            defer { channel.close() }
+            let recorder = EventRecorder()
+            channel.events.subscribe { recorder.record($0) }
+            #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+            // Clients that connect and say nothing (TLS), or half the preface (plaintext): closed by the server.
+            for (server, bytes) in [(secure, [UInt8]()), (plaintext, Array("PRI * HTTP/2.0\r\n".utf8))] {
+                let fd = try #require(Self.rawConnection(port: server.port))
+                defer { close(fd) }
+                _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                // Read to the end (the plaintext server sent its SETTINGS at once): it must come, within 10 s.
+                var closed = false
+                var readable = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                var buffer = [UInt8](repeating: 0, count: 4096)
+                while !closed && poll(&readable, 1, 10_000) == 1 {
+                    closed = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } <= 0
+                }
+                #expect(closed, "not closed within 10 s")
+            }
+            let after = await channel.call([2], timeout: .seconds(5))
+            #expect(after.status == .ok, "\(after.status)")
+            #expect(recorder.count { if case .connectAttemptStarted = $0 { true } else { false } } == 1, "\(recorder.story)")
+        }
+    }
+
+    /// A blocking TCP connection to 127.0.0.1:`port` (the caller closes it), or nil.
+    static func rawConnection(port: Int) -> Int32? {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        address.sin_port = UInt16(port).bigEndian
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else {
+            close(fd)
+            return nil
+        }
+        return fd
+    }
+
     @Test("an idle TLS connection gives back the buffers one large message grew (its memory BIOs kept 1 MiB and more)")
     func idleTLSBuffersAreTrimmed() async throws {
         try await Self.withCertificates { certificates, loop in
