@@ -8,7 +8,17 @@ final class TransportStream: Sendable {
     let path: String
     let options: GRPCCore.CallOptions
     let buffers: StreamBuffers
-    private let state = PThreadLock<(handle: CallHandle?, cancelled: Bool)>((nil, false))
+    private let state = PThreadLock(StartState())
+
+    /// Where the call is in starting, under the lock. The call is started outside it (its interceptors run then, for
+    /// as long as they take): a cancel meanwhile is kept, and applied by the start once the handle exists.
+    private struct StartState {
+        var handle: CallHandle?
+        var starting = false
+        var cancelled = false
+        /// The status of a cancel that came while starting (nil: CANCELLED).
+        var cancelStatus: CallStatus?
+    }
 
     init(channel: GRPCChannel, path: String, options: GRPCCore.CallOptions) {
         self.channel = channel
@@ -59,18 +69,30 @@ final class TransportStream: Sendable {
         let callOptions = GRPCConnectionManager.RequestOptions(
             timeout: timeout, maxReceiveMessageSize: self.options.maxResponseMessageBytes,
             waitForReady: self.options.waitForReady ?? false, compression: self.options.compression.map(Self.algorithm))
-        let writtenTwice = self.state.withLock { state -> Bool in
-            if state.handle != nil { return true }
+        let proceed = self.state.withLock { state -> Bool? in
+            if state.handle != nil || state.starting { return nil }
             // Cancelled first: the buffers already hold the CANCELLED end; nothing starts.
-            if !state.cancelled {
-                state.handle = self.channel.startStream(
-                    path: self.path, metadata: converted, options: callOptions, previousAttempts: previousAttempts,
-                    buffers: self.buffers)
-            }
-            return false
+            if state.cancelled { return false }
+            state.starting = true
+            return true
         }
-        if writtenTwice {
+        guard let proceed else {
             throw GRPCCore.RPCError(code: .internalError, message: "request metadata written twice")
+        }
+        guard proceed else { return }
+        // Outside the lock: the channel runs the interceptors now, and a cancel must not wait for them.
+        let handle = self.channel.startStream(
+            path: self.path, metadata: converted, options: callOptions, previousAttempts: previousAttempts,
+            buffers: self.buffers)
+        let cancel = self.state.withLock { state -> CallStatus?? in
+            state.handle = handle
+            state.starting = false
+            return state.cancelled ? .some(state.cancelStatus) : .none
+        }
+        switch cancel {
+        case .none: break
+        case .some(.none): handle.cancel()
+        case .some(.some(let status)): handle.cancel(with: status)
         }
     }
 
@@ -118,12 +140,16 @@ final class TransportStream: Sendable {
     /// more than once; free once the stream has ended (every `withStream` calls it on the way out).
     func cancel(with status: CallStatus? = nil) {
         if self.buffers.isFinished { return }
-        let handle = self.state.withLock { state -> CallHandle? in
+        let (handle, starting) = self.state.withLock { state -> (CallHandle?, Bool) in
+            if state.starting && !state.cancelled { state.cancelStatus = status }
             state.cancelled = true
-            return state.handle
+            return (state.handle, state.starting)
         }
         if let handle {
             if let status { handle.cancel(with: status) } else { handle.cancel() }
+        } else if starting {
+            // Being started on another thread: the start cancels the call once it has it (the buffers are the
+            // call's to end then).
         } else {
             self.buffers.finish(
                 StreamResult(status: status ?? .init(code: .cancelled, message: "cancelled before the request was sent")))

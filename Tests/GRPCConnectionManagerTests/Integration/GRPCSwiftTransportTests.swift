@@ -1,8 +1,10 @@
 import EchoProto
 import Foundation
-import GRPCConnectionManagerTransport
+@testable import GRPCConnectionManagerTransport
 import GRPCCore
 import GRPCEchoServer
+import Logging
+import Synchronization
 import Testing
 
 @testable import GRPCConnectionManager
@@ -365,6 +367,48 @@ struct GRPCSwiftTransportTests {
         }
         // Not OK with "part" alone: the server never saw the requests end.
         #expect(status?.code == .cancelled, "\(String(describing: status))")
+    }
+
+    /// An interceptor that holds the call until `release` (or 10 s), saying when it began.
+    final class Holding: CallInterceptor {
+        let entered = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        let left = Atomic<Bool>(false)
+        func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+            self.entered.signal()
+            _ = self.release.wait(timeout: .now() + 10)
+            self.left.store(true, ordering: .releasing)
+            return .proceed
+        }
+    }
+
+    @Test("cancelling a stream whose interceptors are still at work does not wait for them; the call ends CANCELLED")
+    func cancelDoesNotWaitForInterceptors() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let holding = Holding()
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: .defaults,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
+            interceptors: [holding], loops: [fixture.loop.reactor])
+        defer { channel.close() }
+        let stream = TransportStream(channel: channel, path: "/echo.Echo/Get", options: .defaults)
+        let starter = Thread { try? stream.start([:]) }
+        starter.start()
+        #expect(holding.entered.wait(timeout: .now() + 10) == .success)
+        stream.cancel()
+        // cancel() came back while the interceptor still held the call (before, it waited for it under the lock).
+        let heldStill = !holding.left.load(ordering: .acquiring)
+        holding.release.signal()
+        #expect(heldStill)
+        var parts: [ResponsePart] = []
+        while true {
+            let part = await stream.buffers.nextPart()
+            parts.append(part)
+            if case .end = part { break }
+        }
+        guard case .end(let result) = parts.last else { return }
+        #expect(result.status.code == .cancelled, "\(result.status)")
     }
 
     @Test("CallOptions: message size limits both ways, and fail-fast vs wait-for-ready", arguments: [Peer.embedded])
