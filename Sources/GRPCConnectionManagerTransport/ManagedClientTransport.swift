@@ -160,14 +160,26 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
             descriptor: descriptor,
             inbound: RPCAsyncSequence(wrapping: ResponseParts(stream: stream)),
             outbound: RPCWriter.Closable(wrapping: RequestWriter(stream: stream)))
-        let context = ClientContext(
-            descriptor: descriptor, remotePeer: channel.target.description, localPeer: "")
+        let context = ClientContext(descriptor: descriptor, remotePeer: Self.peer(channel.target), localPeer: "")
         return try await withTaskCancellationHandler {
             // Whatever the closure leaves open is reset when it returns or throws.
             defer { stream.cancel() }
             return try await closure(rpcStream, context)
         } onCancel: {
             stream.cancel()
+        }
+    }
+
+    /// The remote peer as GRPCCore describes one, `<transport>:<address>` (`ipv4:127.0.0.1:50051`, `ipv6:[::1]:443`,
+    /// `unix:/path`): the target's, as the connection is picked after the RPC has begun; a name stays a name
+    /// (`dns:api.example.com:443`, `etcd:///users`). The local peer is not known yet either: empty.
+    static func peer(_ target: Target) -> String {
+        switch target.kind {
+        case .hostPort(let host, let port):
+            if NetworkAddress(ip: host, port: port) == nil { return "dns:\(host):\(port)" }
+            return host.contains(":") ? "ipv6:[\(host)]:\(port)" : "ipv4:\(host):\(port)"
+        case .unix, .etcd:
+            return target.description
         }
     }
 

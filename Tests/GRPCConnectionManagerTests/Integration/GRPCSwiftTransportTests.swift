@@ -369,6 +369,18 @@ struct GRPCSwiftTransportTests {
         #expect(status?.code == .cancelled, "\(String(describing: status))")
     }
 
+    @Test("ClientContext's remote peer is written as GRPCCore describes one: ipv4:, ipv6:, unix:, or the name")
+    func remotePeerDescriptions() throws {
+        let cases = [
+            ("127.0.0.1:50051", "ipv4:127.0.0.1:50051"), ("[::1]:443", "ipv6:[::1]:443"),
+            ("unix:/tmp/s.sock", "unix:/tmp/s.sock"), ("api.example.com:443", "dns:api.example.com:443"),
+            ("etcd:///users", "etcd:///users"),
+        ]
+        for (target, peer) in cases {
+            #expect(ManagedClientTransport.peer(try Target(parsing: target)) == peer, "\(target)")
+        }
+    }
+
     /// An interceptor that holds the call until `release` (or 10 s), saying when it began.
     final class Holding: CallInterceptor {
         let entered = DispatchSemaphore(value: 0)
