@@ -338,6 +338,68 @@ struct EtcdTests {
         await inSecond.deregister()
     }
 
+    @Test("a real three-member cluster: the member in use stops, then quorum is lost and regained; discovery follows")
+    func threeMemberCluster() async throws {
+        let cluster = try EtcdCluster()
+        defer { cluster.stopAll() }
+        let peers = try ["a", "b"].map { try PythonPeer(name: $0) }
+        defer { for peer in peers { peer.stop() } }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let settings = Configuration.Etcd(endpoints: cluster.endpoints)
+        let a = try await EtcdRegistration.register(
+            name: "services/raft", address: peers[0].target, etcd: settings, ttl: .seconds(3), eventLoop: loop)
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        configuration.enableCircuitBreaker = false
+        configuration.loadBalancingPolicy = .roundRobin
+        configuration.etcd = settings
+        configuration.resolutionInterval = .seconds(1)
+        configuration.minimumResolutionInterval = .milliseconds(50)
+        let channel = try GRPCChannel(target: "etcd:///services/raft", configuration: configuration, eventLoop: loop)
+        let ledger = CompletionLedger()
+        var id = 0
+        #expect(await Self.served(channel, 4, ledger: ledger, next: &id) == ["a"])
+
+        // The first member stops (the client's first choice, perhaps the leader): two of three go on, and a backend
+        // registered now is found through them.
+        cluster.stop(0)
+        let b = try await EtcdRegistration.register(
+            name: "services/raft", address: peers[1].target, etcd: settings, ttl: .seconds(3), eventLoop: loop)
+        // (Its watch, if it was on the member that stopped, is reopened on another a second later, from the revision
+        // it had read: the registration is heard then, if not before.)
+        var seen: Set<String> = []
+        let clock = ContinuousClock()
+        let began = clock.now
+        while !seen.contains("b") && clock.now - began < .seconds(20) {
+            seen.formUnion(await Self.served(channel, 2, ledger: ledger, next: &id))
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(seen.contains("b"), "the resolver follows the cluster past its first member")
+
+        // Quorum lost: one member of three left, without a leader (every call the client makes needs one). Calls go
+        // on to the addresses last known.
+        cluster.stop(1)
+        #expect(await Self.served(channel, 6, ledger: ledger, next: &id) == ["a", "b"])
+
+        // Quorum regained: a change made now is heard (the watch resumed), and b's lease outlived the outage.
+        try cluster.start(0)
+        try cluster.start(1)
+        await a.deregister()
+        var onlyB = false
+        let regained = clock.now
+        while !onlyB && clock.now - regained < .seconds(20) {
+            onlyB = await Self.served(channel, 4, ledger: ledger, next: &id) == ["b"]
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(onlyB, "a's deregistration reached the resolver after the outage")
+        let reader = try GRPCChannel(target: "etcd:///services/raft", configuration: configuration, eventLoop: loop)
+        #expect(await Self.served(reader, 2, ledger: ledger, next: &id) == ["b"], "b's key is still there for a new reader")
+        #expect(ledger.completed == id && ledger.duplicates == 0)
+        await b.deregister()
+    }
+
     @Test("a member that answers but cannot serve (UNAVAILABLE to everything: cut off from its leader) is left behind")
     func unservingMemberIsLeftBehind() async throws {
         let etcd = try EtcdPeer()

@@ -101,3 +101,91 @@ final class EtcdPeer: @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: self.dataDirectory)
     }
 }
+
+/// A real three-member etcd cluster on loopback (Raft between them), whose members a test stops and starts again:
+/// the member in use going away, and quorum lost and regained. Elections are fast (50 ms heartbeats, 500 ms election
+/// timeout) so that a test waits seconds, not tens of them.
+final class EtcdCluster: @unchecked Sendable {
+    // `@unchecked`: `processes` is changed by `stop(_:)` and `start(_:)`, called by one test, never concurrently.
+    let ports: [Int]
+    private var processes: [Process?]
+    private let arguments: [[String]]
+    private let directories: [String]
+
+    init() throws {
+        let ports = (0..<3).map { _ in freePort() }
+        let peerPorts = (0..<3).map { _ in freePort() }
+        let cluster = (0..<3).map { "m\($0)=http://127.0.0.1:\(peerPorts[$0])" }.joined(separator: ",")
+        let token = "grpc-cm-\(getpid())-\(ports[0])"
+        let directories = ports.map { NSTemporaryDirectory() + "grpc-cm-etcd-cluster-\(getpid())-\($0)" }
+        self.directories = directories
+        self.arguments = (0..<3).map { index in
+            [
+                "etcd", "--name", "m\(index)", "--data-dir", directories[index],
+                "--log-level", "error", "--heartbeat-interval", "50", "--election-timeout", "500",
+                "--listen-client-urls", "http://127.0.0.1:\(ports[index])",
+                "--advertise-client-urls", "http://127.0.0.1:\(ports[index])",
+                "--listen-peer-urls", "http://127.0.0.1:\(peerPorts[index])",
+                "--initial-advertise-peer-urls", "http://127.0.0.1:\(peerPorts[index])",
+                "--initial-cluster", cluster, "--initial-cluster-token", token, "--initial-cluster-state", "new",
+            ]
+        }
+        self.ports = ports
+        self.processes = [nil, nil, nil]
+        // All three at once: a member's client port opens only once the cluster has formed.
+        for index in 0..<3 { self.processes[index] = try Self.spawn(self.arguments[index]) }
+        for index in 0..<3 { try self.waitUntilListening(index) }
+    }
+
+    var endpoints: [String] { self.ports.map { "127.0.0.1:\($0)" } }
+
+    /// Stops member `index` (its data stays: `start` brings it back with it).
+    func stop(_ index: Int) {
+        guard let process = self.processes[index] else { return }
+        process.terminate()
+        process.waitUntilExit()
+        self.processes[index] = nil
+    }
+
+    /// Starts member `index` again, with its data; returns once its client port accepts.
+    func start(_ index: Int) throws {
+        guard self.processes[index] == nil else { return }
+        self.processes[index] = try Self.spawn(self.arguments[index])
+        try self.waitUntilListening(index)
+    }
+
+    func stopAll() {
+        for index in 0..<3 { self.stop(index) }
+        for directory in self.directories { try? FileManager.default.removeItem(atPath: directory) }
+    }
+
+    private static func spawn(_ arguments: [String]) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
+    private func waitUntilListening(_ index: Int) throws {
+        for _ in 0..<2000 {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            address.sin_port = UInt16(self.ports[index]).bigEndian
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
+                }
+            }
+            close(fd)
+            if connected { return }
+            if self.processes[index]?.isRunning != true { break }
+            usleep(10_000)
+        }
+        throw EtcdPeer.EtcdError.didNotStart("etcd member m\(index) did not listen on \(self.ports[index])")
+    }
+}
