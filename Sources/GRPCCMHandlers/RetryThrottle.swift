@@ -5,7 +5,7 @@ import GRPCCMWire
 public struct RetryThrottling: Sendable, Hashable {
     /// Default 10; 1...1000.
     public var maxTokens: Int = 10
-    /// Default 0.1; greater than 0.
+    /// Default 0.1; 0.001...1000.
     public var tokenRatio: Double = 0.1
 
     /// Every field at its default.

@@ -161,8 +161,9 @@ public struct Configuration: Sendable, Hashable {
     /// An etcd cluster holding endpoints as grpc-go's endpoints manager writes them (`EtcdResolver`,
     /// `EtcdRegistration`).
     public struct Etcd: Sendable, Hashable {
-        /// etcd's client addresses, `host:port` (plaintext gRPC, etcd's `--listen-client-urls http://...`): one
-        /// connection, to the first that answers, in this order; when it fails the next is tried. Numeric addresses
+        /// etcd's client addresses, `host:port` (plaintext gRPC, etcd's `--listen-client-urls http://...`): the
+        /// client connects to each and spreads its calls over those that are ready (round_robin), so one that goes
+        /// away, or loses its leader, is passed over (a call it fails is retried on another). Numeric addresses
         /// are used as they are; with a host name among them every endpoint is looked up again each time the
         /// client resolves, one after another, and a slow lookup holds the others back.
         public var endpoints: [String]

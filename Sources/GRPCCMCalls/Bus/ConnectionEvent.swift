@@ -39,8 +39,9 @@ public enum ConnectionEvent: Sendable {
     case attemptFinished(service: String, path: String, status: CallStatus, attempt: Int)
     /// The retry handler will send attempt `attempt` after `delay`, because the previous one ended with `status`.
     case retryScheduled(service: String, path: String, attempt: Int, delay: Duration, status: CallStatus)
-    /// A call ended with `status` after `duration` and `attempts` attempts (0: refused by the circuit breaker
-    /// before any attempt). `sentBytes`/`receivedBytes` count message bytes over all attempts.
+    /// A call ended with `status` after `duration` and `attempts` attempts (0: ended before any attempt, by the
+    /// circuit breaker, an interceptor, an invalid request or a closed channel). `sentBytes`/`receivedBytes` count
+    /// message bytes over all attempts.
     case callFinished(
         service: String, path: String, status: CallStatus, duration: Duration, attempts: Int, sentBytes: Int,
         receivedBytes: Int)
