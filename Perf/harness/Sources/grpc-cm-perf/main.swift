@@ -220,6 +220,10 @@ final class Driver: @unchecked Sendable {
     let measuring = Atomic<Bool>(false)
     let stopped = Atomic<Bool>(false)
     let inFlight = Atomic<Int>(0)
+    /// Signalled by the last completion of a fixed workload (the last call, or the last stream's end). The main
+    /// thread waits on it rather than polling: a poll every millisecond ran for as long as the run took, so under
+    /// callgrind its instructions grew with the machine's speed and did not cancel out of two runs' difference.
+    let allDone = DispatchSemaphore(value: 0)
     var usage = (user: 0.0, sys: 0.0, wall: 0.0)
     /// Heap allocations of the whole process during the measured window (CMallocCounter).
     var allocations: UInt64 = 0
@@ -269,7 +273,7 @@ final class Driver: @unchecked Sendable {
                 self.started += 1
                 self.start(slot: slot)
             }
-            self.inFlight.add(-1, ordering: .releasing)
+            if self.inFlight.add(-1, ordering: .acquiringAndReleasing).newValue == 0 { self.allDone.signal() }
             return
         }
         self.inFlight.add(-1, ordering: .relaxed)
@@ -289,8 +293,7 @@ final class Driver: @unchecked Sendable {
         self.measuring.store(true, ordering: .relaxed)
         for slot in 0..<first { self.start(slot: slot) }
         // The completions start the rest on the reactor thread; this thread only waits for the last to end.
-        usleep(1000)
-        while self.inFlight.load(ordering: .acquiring) > 0 { usleep(1000) }
+        self.allDone.wait()
         self.measuring.store(false, ordering: .relaxed)
         self.allocations = cmc_allocations() - startAllocations
         let endUsage = Self.processUsage()
@@ -343,7 +346,9 @@ final class Driver: @unchecked Sendable {
                     },
                     onFinish: { result in
                         if !result.status.isOK { self.slots[slot].errors += 1 }
-                        self.streamsFinished.add(1, ordering: .releasing)
+                        if self.streamsFinished.add(1, ordering: .acquiringAndReleasing).newValue == count {
+                            self.allDone.signal()
+                        }
                     }))
             self.streams[slot] = call
             if self.budget == 0 || slot < self.budget {
@@ -358,7 +363,7 @@ final class Driver: @unchecked Sendable {
             let startWall = Self.now()
             let startAllocations = cmc_allocations()
             self.measuring.store(true, ordering: .relaxed)
-            while self.streamsFinished.load(ordering: .acquiring) < count { usleep(1000) }
+            self.allDone.wait()
             self.measuring.store(false, ordering: .relaxed)
             self.allocations = cmc_allocations() - startAllocations
             let endUsage = Self.processUsage()
