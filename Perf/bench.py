@@ -77,17 +77,21 @@ def instructions(rig, perf):
     try:
         time.sleep(0.5)
         points = []
-        for duration in (2, 5):
-            out_file = os.path.join(rig, "logs", f"grpc-cm-{duration}.callgrind")
+        # A fixed number of calls, as the peers' instr.py runs them: timed runs left the calls that completed after
+        # the window, and those drained at the end, executed but not counted.
+        for calls in (3000, 13000):
+            out_file = os.path.join(rig, "logs", f"grpc-cm-{calls}.callgrind")
             r = subprocess.run(["taskset", "-c", "1", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
                                 bare, "--target", "127.0.0.1:50051", "--connections", "1", "--concurrency", "64",
-                                "--duration", str(duration), "--warmup", "0", "--no-percentiles"],
+                                "--requests", str(calls), "--no-percentiles"],
                                capture_output=True, text=True, timeout=900)
             requests = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])["requests"]
+            if requests != calls:
+                raise SystemExit(f"grpc-cm-perf made {requests} calls of {calls} under callgrind")
             collected = int(r.stderr.split("Collected :")[-1].split()[0])
             points.append((requests, collected))
         (n1, i1), (n2, i2) = points
-        rows.append(("grpc-cm", round((i2 - i1) / max(n2 - n1, 1))))
+        rows.append(("grpc-cm", round((i2 - i1) / (n2 - n1))))
     finally:
         subprocess.run(["kill", server])
     r = subprocess.run([sys.executable, f"{rig}/instr.py", "--clients", "cpp,h2load", "--concurrency", "64",
@@ -119,15 +123,29 @@ def write(results, idle, bus, clients, args, instr):
             cpu = med(runs, "cpu_us_per_rpc")
             ratio = f"{ours / cpu:.2f}" if ours and cpu and label != "grpc-cm" else ""
             allocations = med(runs, "allocations_per_rpc")
+            # A rep that failed outright is no median's: it is counted here, not left out without a word.
+            failed = sum(1 for r in runs if "error" in r)
+            errors = f"{sum(r.get('errors', 0) or 0 for r in runs)}" + (f" ({failed} of {len(runs)} runs failed)" if failed else "")
             lines.append(f"| {label} | {med(runs, 'rps')} | {med(runs, 'p50_us')} | {med(runs, 'p99_us')} | {cpu} | "
-                         f"{allocations if allocations is not None else ''} | "
-                         f"{sum(r.get('errors', 0) or 0 for r in runs)} | {ratio} |")
+                         f"{allocations if allocations is not None else ''} | {errors} | {ratio} |")
         lines.append("")
     lines += ["### (d) idle connections (`--idle-connections N --idle-hold 2`)", "",
               "| N | client | KiB per connection | RSS KiB | open fds |", "| --- | --- | --- | --- | --- |"]
     for (n, label), out in sorted(idle.items()):
         per = out.get("rss_kb_per_connection", out.get("rss_per_conn_kb"))
         lines.append(f"| {n} | {label} | {per} | {out.get('rss_kb')} | {out.get('open_fds')} |")
+    # Each client's figure above divides everything it grew by N, its one-time start-up (library, loop thread's
+    # arena, caches) included; the slope between two N is what one more connection costs.
+    counts = sorted({n for n, _ in idle})
+    if len(counts) >= 2:
+        low, high = counts[0], counts[-1]
+        lines += ["", f"What one more idle connection costs, the slope from {low:,} to {high:,} "
+                  f"((RSS at {high:,} - RSS at {low:,}) / {high - low:,}):", "",
+                  "| client | KiB per connection |", "| --- | --- |"]
+        for label in sorted({label for _, label in idle}):
+            a, b = idle.get((low, label), {}), idle.get((high, label), {})
+            if a.get("rss_kb") and b.get("rss_kb"):
+                lines.append(f"| {label} | {(b['rss_kb'] - a['rss_kb']) / (high - low):.2f} |")
     lines += ["", "### (e) hot path", "", "Event bus (`bus-bench 2000000`):", "", bus.strip(), "",
               "Heap allocations per unary call: the `allocations/call` column above (grpc-cm only: the harness links "
               "CMallocCounter, which interposes malloc and counts every allocation of the client process during the "
@@ -135,9 +153,9 @@ def write(results, idle, bus, clients, args, instr):
     if instr:
         ours = dict(instr).get("grpc-cm")
         lines += ["User-space instructions per call at (b) 0 B (1 connection, 64 in flight) under callgrind, which counts "
-                  "the same whatever else the machine does: grpc-cm from two runs of 2 s and 5 s without warm-up "
-                  "(difference of instructions over difference of calls), the peers from `instr.py --concurrency 64 "
-                  "--small 3000 --large 13000`. Kernel work is not counted.", "",
+                  "the same whatever else the machine does: grpc-cm from two runs of 3,000 and 13,000 calls "
+                  "(`--requests`; difference of instructions over difference of calls), the peers from `instr.py "
+                  "--concurrency 64 --small 3000 --large 13000`. Kernel work is not counted.", "",
                   "| client | instructions per call | grpc-cm / client |", "| --- | --- | --- |"]
         for label, count in instr:
             ratio = f"{ours / count:.2f}" if ours and count and label != "grpc-cm" else ""
