@@ -67,6 +67,7 @@ struct Perf: ParsableCommand {
             return try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
         }
         let driver = Driver(channels: channels, method: self.method, payload: [UInt8](repeating: 0x61, count: self.payloadBytes))
+        driver.loop = loop
         if let timeout = self.timeout { driver.options.timeout = .nanoseconds(Int64(timeout * 1e9)) }
         if let mode = self.streamMode {
             guard mode == "pingpong" else { throw ValidationError("--stream-mode: only pingpong") }
@@ -224,6 +225,17 @@ final class Driver: @unchecked Sendable {
     /// thread waits on it rather than polling: a poll every millisecond ran for as long as the run took, so under
     /// callgrind its instructions grew with the machine's speed and did not cancel out of two runs' difference.
     let allDone = DispatchSemaphore(value: 0)
+    /// Open loop: the calls that count are those scheduled in [start, end) of this window, however late they end
+    /// (those scheduled in the warm-up, or after the window, do not); nil otherwise.
+    var openWindow: (start: UInt64, end: UInt64)?
+    /// Open loop: calls scheduled in the window (the pacer's count), and those of them not finished when the run
+    /// gave up waiting for them.
+    let offered = Atomic<Int>(0)
+    var unfinished = 0
+    /// The first failed call's status (loop thread; read once the run is over), for the report.
+    var firstError: String?
+    /// The loop the completions run on (one loop: open loop runs on one).
+    var loop: ReactorLoop?
     var usage = (user: 0.0, sys: 0.0, wall: 0.0)
     /// Heap allocations of the whole process during the measured window (CMallocCounter).
     var allocations: UInt64 = 0
@@ -260,10 +272,19 @@ final class Driver: @unchecked Sendable {
     }
 
     func finished(slot: Int, began: UInt64, response: UnaryResponse, closedLoop: Bool) {
-        if self.measuring.load(ordering: .relaxed) {
+        if let window = self.openWindow {
+            // Open loop: by when it was scheduled, not when it ended (a call that ends after the window counts, one
+            // scheduled in the warm-up does not).
+            if began >= window.start && began < window.end {
+                let stats = self.slots[0]
+                stats.requests += 1
+                if !response.status.isOK || response.message.count != self.payload.count { self.noteError(response, stats) }
+                _ = stats.histogram.record((Self.now() - began) / 1000)
+            }
+        } else if self.measuring.load(ordering: .relaxed) {
             let stats = self.slots[closedLoop ? slot : 0]
             stats.requests += 1
-            if !response.status.isOK || response.message.count != self.payload.count { stats.errors += 1 }
+            if !response.status.isOK || response.message.count != self.payload.count { self.noteError(response, stats) }
             _ = stats.histogram.record((Self.now() - began) / 1000)
         }
         if self.budget > 0 {
@@ -278,6 +299,14 @@ final class Driver: @unchecked Sendable {
         }
         self.inFlight.add(-1, ordering: .relaxed)
         if closedLoop && !self.stopped.load(ordering: .relaxed) { self.start(slot: slot) }
+    }
+
+    private func noteError(_ response: UnaryResponse, _ stats: SlotStats) {
+        stats.errors += 1
+        if self.firstError == nil {
+            self.firstError = response.status.isOK
+                ? "a response of \(response.message.count) bytes" : "\(response.status.code): \(response.status.message)"
+        }
     }
 
     /// Exactly `requests` calls, `concurrency` at a time, all measured: the same work in every run, which is what an
@@ -302,7 +331,9 @@ final class Driver: @unchecked Sendable {
         self.stopped.store(true, ordering: .relaxed)
     }
 
-    func measure(warmup: Double, duration: Double, during body: () -> Void = {}) {
+    /// Warm-up, then the measured window; then waits for the calls in flight, for at most `drainFor` seconds (nil: as
+    /// long as they take).
+    func measure(warmup: Double, duration: Double, drainFor: Double? = nil, during body: () -> Void = {}) {
         Thread.sleep(forTimeInterval: warmup)
         let startUsage = Self.processUsage()
         let startWall = Self.now()
@@ -316,7 +347,8 @@ final class Driver: @unchecked Sendable {
         self.stopped.store(true, ordering: .relaxed)
         self.usage = (endUsage.user - startUsage.user, endUsage.sys - startUsage.sys, Double(endWall - startWall) / 1e9)
         self.maxRSS = endUsage.maxRSS
-        while self.inFlight.load(ordering: .relaxed) > 0 { usleep(1000) }
+        let giveUp = drainFor.map { endWall &+ UInt64($0 * 1e9) } ?? UInt64.max
+        while self.inFlight.load(ordering: .relaxed) > 0 && Self.now() < giveUp { usleep(1000) }
     }
 
     func closedLoop(concurrency: Int, warmup: Double, duration: Double) {
@@ -399,12 +431,19 @@ final class Driver: @unchecked Sendable {
         }
     }
 
+    /// Open loop: calls scheduled `rate` a second from now for the warm-up and the window, and none after it; those
+    /// scheduled in the window are measured from their scheduled start to their end, however late. After the window
+    /// the run waits for them up to `max(duration, 2 s)`: those still unfinished then are reported as such (a load
+    /// the server cannot keep up with), not left out of the figures without a word.
     func openLoop(rate: Double, warmup: Double, duration: Double) {
         let interval = UInt64(1e9 / rate)
+        let t0 = Self.now()
+        let window = (start: t0 + UInt64(warmup * 1e9), end: t0 + UInt64((warmup + duration) * 1e9))
+        self.openWindow = window
         let pacer = Thread {
-            var next = Self.now()
+            var next = t0
             var slot = 0
-            while !self.stopped.load(ordering: .relaxed) {
+            while !self.stopped.load(ordering: .relaxed) && next < window.end {
                 let now = Self.now()
                 if now < next {
                     usleep(UInt32(min((next - now) / 1000, 1000)))
@@ -413,7 +452,8 @@ final class Driver: @unchecked Sendable {
                 // Every call that is due (at most 64 at once), then the CPU goes back to the loop: pinned to one core
                 // with it, a pacer that only ever caught up would starve the loop it feeds.
                 var burst = 0
-                while next <= now && burst < 64 {
+                while next <= now && burst < 64 && next < window.end {
+                    if next >= window.start { self.offered.add(1, ordering: .relaxed) }
                     self.start(slot: slot, scheduled: next)
                     slot += 1
                     next += interval
@@ -423,7 +463,17 @@ final class Driver: @unchecked Sendable {
             }
         }
         pacer.start()
-        self.measure(warmup: warmup, duration: duration)
+        self.measure(warmup: warmup, duration: duration, drainFor: max(duration, 2))
+        // What was offered in the window and has not ended by now (the slots' counts are the loop's: read there).
+        let counted = Atomic<Int>(0)
+        let done = DispatchSemaphore(value: 0)
+        if let loop = self.loop, loop.execute({
+            counted.store(self.slots[0].requests, ordering: .releasing)
+            done.signal()
+        }) {
+            done.wait()
+        }
+        self.unfinished = max(0, self.offered.load(ordering: .relaxed) - counted.load(ordering: .acquiring))
     }
 
     static func processUsage() -> (user: Double, sys: Double, maxRSS: Int) {
@@ -463,6 +513,9 @@ final class Driver: @unchecked Sendable {
         ] + latency + [
             ("requests", "\(self.requests)"),
             ("errors", "\(self.errors)"),
+        ] + (self.openWindow == nil ? [] : [
+            ("offered", "\(self.offered.load(ordering: .relaxed))"), ("unfinished", "\(self.unfinished)"),
+        ]) + (self.firstError.map { [("first_error", "\"\($0.replacingOccurrences(of: "\"", with: "'"))\"")] } ?? []) + [
             ("cpu_user_s", String(format: "%.3f", self.usage.user)),
             ("cpu_sys_s", String(format: "%.3f", self.usage.sys)),
             ("cpu_us_per_rpc", String(format: "%.2f", (self.usage.user + self.usage.sys) * 1e6 / Double(requests))),
