@@ -110,6 +110,46 @@ struct ReactorTests {
         }
     }
 
+    @Test("4 threads submit in small bursts, each waiting for its burst to run: the idle loop wakes for every one")
+    func noLostWakeUps() async throws {
+        // Only a submission that finds the inbox empty wakes the loop, and outside the inbox lock. Each thread waits
+        // for its burst to run before the next, so the loop sleeps in between with nothing else to wake it: a
+        // wake-up lost would leave a burst (and every later submission) in the inbox, and the wait would time out.
+        let reactor = try Reactor()
+        reactor.start()
+        defer { reactor.stopAndWait() }
+        let threads = 4
+        let rounds = 3_000
+        final class Ran: Sendable { let count = Atomic<Int>(0) }
+        let ran = (0..<threads).map { _ in Ran() }
+        let stuck = Atomic<Int>(0)
+        let finished = Atomic<Int>(0)
+        for thread in 0..<threads {
+            Thread.detachNewThread {
+                var expected = 0
+                rounds: for round in 0..<rounds {
+                    let burst = 1 + (round + thread) % 3
+                    for _ in 0..<burst { reactor.execute { ran[thread].count.add(1, ordering: .releasing) } }
+                    expected += burst
+                    let deadline = ContinuousClock.now + .seconds(10)
+                    while ran[thread].count.load(ordering: .acquiring) < expected {
+                        if ContinuousClock.now > deadline {
+                            stuck.add(1, ordering: .relaxed)
+                            break rounds
+                        }
+                        if round % 2 == 0 { sched_yield() } else { usleep(20) }
+                    }
+                }
+                finished.add(1, ordering: .releasing)
+            }
+        }
+        while finished.load(ordering: .acquiring) < threads { try await Task.sleep(nanoseconds: 5_000_000) }
+        #expect(stuck.load(ordering: .relaxed) == 0, "bursts that waited 10 s for a wake-up")
+        for thread in 0..<threads {
+            #expect(ran[thread].count.load(ordering: .acquiring) == (0..<rounds).reduce(0) { $0 + 1 + ($1 + thread) % 3 })
+        }
+    }
+
     @Test("a readable fd is reported to its handler")
     func fdReadiness() async throws {
         final class Reader: ReactorHandler, @unchecked Sendable {
