@@ -324,8 +324,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             return
         case .finish(let status):
             // Refused before any attempt (invalid, a closing channel, a stopping loop, the breaker): it reports
-            // itself all the same, with 0 attempts, and leaves the router if it waited there.
-            self.finish(UnaryResponse(status: status, trailingMetadata: Self.notAttemptedTrailers))
+            // itself all the same, with 0 attempts, and leaves the router if it waited there. The breaker's refusal
+            // and an invalid request say "do not retry"; a closed channel's does not (a layer above may dial again).
+            let final = self.invalid != nil || status == Self.breakerOpen
+            self.finish(UnaryResponse(status: status, trailingMetadata: final ? Self.notAttemptedTrailers : [:]))
         case .route:
             if !self.adopted {
                 self.adopted = true
@@ -338,11 +340,14 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         }
     }
 
-    /// The trailers of a call refused before any attempt: `grpc-retry-pushback-ms: -1`, a server's way of saying "do
-    /// not retry" (gRFC A6). A retrying layer above this client (GRPCCore's, through the grpc-swift-2 transport)
-    /// would otherwise retry an open breaker's refusal, each a little later, instead of failing fast, as this
-    /// client's own retry handler does. One shared value: a refusal allocates nothing for it.
+    /// The trailers of a call the breaker refused, or an invalid one: `grpc-retry-pushback-ms: -1`, a server's way
+    /// of saying "do not retry" (gRFC A6). A retrying layer above this client (GRPCCore's, through the grpc-swift-2
+    /// transport) would otherwise retry an open breaker's refusal, each a little later, instead of failing fast, as
+    /// this client's own retry handler does. One shared value: a refusal allocates nothing for it.
     static let notAttemptedTrailers: CallMetadata = ["grpc-retry-pushback-ms": "-1"]
+
+    /// How the circuit breaker refuses a call.
+    static let breakerOpen = CallStatus(code: .unavailable, message: "circuit breaker is open")
 
     /// Why the call may not begin (invalid, a closing channel, a stopping loop, the breaker), or nil: it may, and the
     /// breaker's permit is taken.
@@ -369,7 +374,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         guard environment.policies.admission != nil else { return nil }
         self.permit = environment.policies.admission?.admit(service: environment.service, path: self.path, now: now)
         // Refused without touching the network; reported as a call with no attempt.
-        return self.permit == nil ? CallStatus(code: .unavailable, message: "circuit breaker is open") : nil
+        return self.permit == nil ? Self.breakerOpen : nil
     }
 
     /// The call has started: its duration runs from now, and the bus hears of it (unless it is a hedged call's

@@ -628,9 +628,10 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         if self.state == .closed { return }
         let wasReady = self.state == .ready || self.state == .draining
         var reason = reason
-        if !wasReady, let refusal = self.tls?.refusal {
+        if self.socket?.closedWhileSecuring == true, let refusal = self.tls?.refusal {
             // A handshake that the last good files fail (an expired certificate, a CA the server no longer uses)
-            // names the rotation that did not take as well: it is most likely the cause.
+            // names the rotation that did not take as well: it is most likely the cause. (Only a TLS handshake's
+            // failure: a refused connect or a timeout before it has nothing to do with the files.)
             reason = CallStatus(code: reason.code, message: "\(reason.message) (\(refusal))")
         }
         self.state = .closed

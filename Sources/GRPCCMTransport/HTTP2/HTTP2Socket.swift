@@ -99,6 +99,8 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     /// DATA frames written by `appendDataFrame` (tests: large bodies take that path).
     @exclusivity(unchecked)
     package private(set) var directDataFrames = 0
+    /// It closed during the TLS handshake (a certificate refused, an alert, the peer gone then).
+    package private(set) var closedWhileSecuring = false
     @exclusivity(unchecked)
     private var firstBytes = FirstBytesCheck()
     private var firstPlaintext = FirstBytesCheck()
@@ -266,7 +268,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         }
         let buffer = self.loopReactor._withUnsafeGuaranteedRef { $0.readBuffer }
         // Bounded even to the end: a reset socket's queue is finite, but nothing here may loop for ever.
-        for _ in 0..<(untilDrained ? 4096 : 4) {
+        reading: for _ in 0..<(untilDrained ? 4096 : 4) {
             let n = cr_read(self.fd, buffer.baseAddress!, buffer.count)
             if n == -Int(EAGAIN) { break }
             if n < 0 {
@@ -279,10 +281,26 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
                 self.close(reason: refusal ?? self.closedByPeerStatus(endOfFile: true))
                 return
             }
-            let bytes = UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)
-            if !self.firstBytes.judged, let refusal = self.firstBytes.take(bytes, judge: owner.socketReceivedFirstBytes) {
-                self.close(reason: refusal)
-                return
+            var bytes = UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)
+            // Once per connection at most: the first bytes held back over short reads, handed on from a copy.
+            var held: UnsafeMutableRawBufferPointer? = nil
+            defer { held?.deallocate() }
+            if !self.firstBytes.judged {
+                switch self.firstBytes.take(bytes, holding: self.tls != nil, judge: owner.socketReceivedFirstBytes) {
+                case .pass:
+                    break
+                case .hold:
+                    if n < buffer.count && !untilDrained { break reading }
+                    continue reading
+                case .passHeld(let gathered):
+                    let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: gathered.count, alignment: 1)
+                    copy.copyBytes(from: gathered)
+                    held = copy
+                    bytes = UnsafeRawBufferPointer(copy)
+                case .refuse(let refusal):
+                    self.close(reason: refusal)
+                    return
+                }
             }
             if let tls = self.tls {
                 tls.feed(bytes)
@@ -342,7 +360,8 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             }
             let bytes = UnsafeRawBufferPointer(start: plain.baseAddress, count: n)
             if !self.firstPlaintext.judged, let owner = self.owner,
-                let refusal = self.firstPlaintext.take(bytes, judge: owner.socketReceivedFirstPlaintext)
+                case .refuse(let refusal) = self.firstPlaintext.take(
+                    bytes, holding: false, judge: owner.socketReceivedFirstPlaintext)
             {
                 self.close(reason: refusal)
                 return false
@@ -551,6 +570,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     /// Closes now: the fd, the registration and the session go; the owner hears `socketClosed(reason)`.
     package func close(reason: CallStatus) {
         if self.state == .closed { return }
+        self.closedWhileSecuring = self.state == .securing
         self.state = .closed
         if let registration = self.registration {
             self.reactor.deregister(registration, handler: self)
@@ -581,15 +601,28 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     }
 }
 
-/// The first bytes of a connection (or the first plaintext under TLS), held until there are enough to tell what the
-/// peer speaks, then judged once. A server's first bytes may come in more than one read (small segments, a slow
+/// The first bytes of a connection (or the first plaintext under TLS), gathered until there are enough to tell what
+/// the peer speaks, then judged once. A server's first bytes may come in more than one read (small segments, a slow
 /// proxy): judged on the first read alone, "HTT" would pass as too short to tell, and the close that follows would
 /// say only "wrong version number" or "closed during the handshake" instead of "HTTP/1.x".
 struct FirstBytesCheck {
-    /// Enough for every check: an HTTP/2 frame header (9), a TLS record header (5), "HTTP/1." (7).
-    private static let enough = 9
-    /// How much is held at most: the quoted HTTP/1.x status line is cut at 80 bytes anyway.
-    private static let held = 80
+    /// Enough for every check: "HTTP/1." (7), a TLS record header (5), a frame header's type (4) and the part of its
+    /// stream id that came.
+    private static let enough = 7
+    /// How much is kept for judging when the bytes go on at once: the quoted status line is cut at 80 bytes anyway.
+    private static let kept = 80
+
+    /// What to do with a read's bytes.
+    enum Verdict {
+        /// Keep reading: too few to tell, and they are held (not handed on yet).
+        case hold
+        /// Hand on this read's bytes.
+        case pass
+        /// Hand on these instead: the held ones with this read's after them.
+        case passHeld([UInt8])
+        /// The peer is refused for this.
+        case refuse(CallStatus)
+    }
 
     private(set) var judged = false
     private var bytes: [UInt8] = []
@@ -597,21 +630,25 @@ struct FirstBytesCheck {
     /// Whether any byte arrived.
     var sawAny: Bool { self.judged || !self.bytes.isEmpty }
 
-    /// Takes a read's bytes; once there are enough (usually at once: nothing is held then), `judge` says what is
-    /// wrong with them, and that is returned. nil while too few, and when they are fine.
+    /// Takes a read's bytes; once there are enough (usually at once: nothing is gathered then), `judge` says what is
+    /// wrong with them. `holding`: too few are held back rather than handed on (TLS: OpenSSL would judge a record
+    /// header of "HTTP/" first, and say less); else they go on at once (nghttp2 waits for a whole frame header, 9
+    /// bytes, before it says anything).
     mutating func take(
-        _ bytes: UnsafeRawBufferPointer, judge: (UnsafeRawBufferPointer) -> CallStatus?
-    ) -> CallStatus? {
+        _ bytes: UnsafeRawBufferPointer, holding: Bool, judge: (UnsafeRawBufferPointer) -> CallStatus?
+    ) -> Verdict {
         if self.bytes.isEmpty && bytes.count >= Self.enough {
             self.judged = true
-            return judge(bytes)
+            return judge(bytes).map(Verdict.refuse) ?? .pass
         }
-        self.bytes.append(contentsOf: bytes.prefix(Self.held - self.bytes.count))
-        if self.bytes.count < Self.enough { return nil }
-        return self.judgeWhatCame(judge)
+        self.bytes.append(contentsOf: holding ? bytes[...] : bytes.prefix(Self.kept - self.bytes.count))
+        if self.bytes.count < Self.enough { return holding ? .hold : .pass }
+        let held = self.bytes
+        if let refusal = self.judgeWhatCame(judge) { return .refuse(refusal) }
+        return holding ? .passHeld(held) : .pass
     }
 
-    /// Judges what is held, however little (the peer closed): nil when nothing is, or it is fine.
+    /// Judges what is gathered, however little (the peer closed): nil when nothing is, or it is fine.
     mutating func judgeWhatCame(_ judge: (UnsafeRawBufferPointer) -> CallStatus?) -> CallStatus? {
         guard !self.judged, !self.bytes.isEmpty else { return nil }
         self.judged = true

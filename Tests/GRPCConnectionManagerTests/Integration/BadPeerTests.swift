@@ -22,8 +22,9 @@ final class BadPeer: Sendable {
         case closeMidResponse
         /// Answers whatever arrives with these bytes, then closes.
         case reply([UInt8])
-        /// As `.http1`, in two writes 300 ms apart: first "HTT", then the rest (a slow proxy's small segments).
-        case http1InPieces
+        /// As `.http1`, in two writes 300 ms apart: first `first` bytes ("HTT", "HTTP/"), then the rest (a slow
+        /// proxy's small segments).
+        case http1InPieces(first: Int)
     }
 
     let port: Int
@@ -70,15 +71,15 @@ final class BadPeer: Sendable {
             while buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, 4096) }) > 0 {}
         case .http1:
             self.handle(fd, .reply(Array("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".utf8)))
-        case .http1InPieces:
+        case .http1InPieces(let first):
             _ = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, 4096) }
             var one: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             let answer = Array("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".utf8)
-            _ = answer.withUnsafeBytes { write(fd, $0.baseAddress, 3) }
+            _ = answer.withUnsafeBytes { write(fd, $0.baseAddress, first) }
             // Only shapes the bytes: should both pieces come in one read, the check sees them whole, and passes too.
             usleep(300_000)
-            _ = answer.withUnsafeBytes { write(fd, $0.baseAddress! + 3, $0.count - 3) }
+            _ = answer.withUnsafeBytes { write(fd, $0.baseAddress! + first, $0.count - first) }
             shutdown(fd, Int32(SHUT_RDWR))
         case .reply(let reply):
             _ = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, 4096) }
@@ -148,8 +149,9 @@ struct BadPeerTests {
     /// The ways a client and a server can disagree on the first bytes, and the reason each must give.
     enum Mismatch: String, CaseIterable, Sendable {
         case htmlToPlaintext, htmlToTLS, http1ToTLS, tlsAlertToPlaintext, h2cToTLS, tlsServerToPlaintext
-        /// The HTTP/1.1 answer in two pieces, "HTT" first: judged on the bytes of both reads.
-        case http1InPiecesToTLS, http1InPiecesToPlaintext
+        /// The HTTP/1.1 answer in two pieces, "HTT" or "HTTP/" first (a whole TLS record header's worth, which
+        /// OpenSSL would judge first): judged on the bytes of both reads.
+        case http1InPiecesToTLS, http1RecordHeaderInPiecesToTLS, http1InPiecesToPlaintext
     }
 
     @Test("a server that speaks something else says so: HTML, HTTP/1.x, TLS without TLS, h2c with TLS", arguments: Mismatch.allCases)
@@ -174,10 +176,16 @@ struct BadPeerTests {
         case .http1ToTLS:
             (peer, expected) = (try BadPeer(.http1), "answered the TLS handshake with HTTP/1.x (\"HTTP/1.1 400 Bad Request\")")
         case .http1InPiecesToTLS:
-            (peer, expected) = (try BadPeer(.http1InPieces), "answered the TLS handshake with HTTP/1.x (\"HTTP/1.1 400 Bad Request\")")
+            (peer, expected) = (
+                try BadPeer(.http1InPieces(first: 3)), "answered the TLS handshake with HTTP/1.x (\"HTTP/1.1 400 Bad Request\")"
+            )
+        case .http1RecordHeaderInPiecesToTLS:
+            (peer, expected) = (
+                try BadPeer(.http1InPieces(first: 5)), "answered the TLS handshake with HTTP/1.x (\"HTTP/1.1 400 Bad Request\")"
+            )
         case .http1InPiecesToPlaintext:
             (peer, useTLS, expected) = (
-                try BadPeer(.http1InPieces), false, "server answered with HTTP/1.x, not HTTP/2 (\"HTTP/1.1 400 Bad Request\")"
+                try BadPeer(.http1InPieces(first: 3)), false, "server answered with HTTP/1.x, not HTTP/2 (\"HTTP/1.1 400 Bad Request\")"
             )
         case .tlsAlertToPlaintext:
             (peer, useTLS, expected) = (try BadPeer(.reply(alert)), false, "server answered with TLS: it expects TLS")

@@ -228,6 +228,8 @@ final class Driver: @unchecked Sendable {
     /// Open loop: the calls that count are those scheduled in [start, end) of this window, however late they end
     /// (those scheduled in the warm-up, or after the window, do not); nil otherwise.
     var openWindow: (start: UInt64, end: UInt64)?
+    /// An open-loop run (its report has `offered` and `unfinished`).
+    var isOpenLoop = false
     /// Open loop: calls scheduled in the window (the pacer's count), and those of them not finished when the run
     /// gave up waiting for them.
     let offered = Atomic<Int>(0)
@@ -320,7 +322,11 @@ final class Driver: @unchecked Sendable {
         let startWall = Self.now()
         let startAllocations = cmc_allocations()
         self.measuring.store(true, ordering: .relaxed)
+        // This thread holds a count while it starts the first calls: one that ends before the next is started must
+        // not find none in flight and signal the end.
+        self.inFlight.add(1, ordering: .relaxed)
         for slot in 0..<first { self.start(slot: slot) }
+        if self.inFlight.add(-1, ordering: .acquiringAndReleasing).newValue == 0 { self.allDone.signal() }
         // The completions start the rest on the reactor thread; this thread only waits for the last to end.
         self.allDone.wait()
         self.measuring.store(false, ordering: .relaxed)
@@ -440,6 +446,7 @@ final class Driver: @unchecked Sendable {
         let t0 = Self.now()
         let window = (start: t0 + UInt64(warmup * 1e9), end: t0 + UInt64((warmup + duration) * 1e9))
         self.openWindow = window
+        self.isOpenLoop = true
         let pacer = Thread {
             var next = t0
             var slot = 0
@@ -465,9 +472,12 @@ final class Driver: @unchecked Sendable {
         pacer.start()
         self.measure(warmup: warmup, duration: duration, drainFor: max(duration, 2))
         // What was offered in the window and has not ended by now (the slots' counts are the loop's: read there).
+        // On the loop, where the completions write: the window closes (a call that ends from now on is not
+        // counted: the report is read on this thread) and the count is taken.
         let counted = Atomic<Int>(0)
         let done = DispatchSemaphore(value: 0)
         if let loop = self.loop, loop.execute({
+            self.openWindow = nil
             counted.store(self.slots[0].requests, ordering: .releasing)
             done.signal()
         }) {
@@ -513,7 +523,7 @@ final class Driver: @unchecked Sendable {
         ] + latency + [
             ("requests", "\(self.requests)"),
             ("errors", "\(self.errors)"),
-        ] + (self.openWindow == nil ? [] : [
+        ] + (!self.isOpenLoop ? [] : [
             ("offered", "\(self.offered.load(ordering: .relaxed))"), ("unfinished", "\(self.unfinished)"),
         ]) + (self.firstError.map { [("first_error", "\"\($0.replacingOccurrences(of: "\"", with: "'"))\"")] } ?? []) + [
             ("cpu_user_s", String(format: "%.3f", self.usage.user)),
