@@ -155,12 +155,13 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
             state.streams[state.nextStreamID] = stream
             return state.nextStreamID
         }
+        let peer = self.peer(of: channel)
         defer { self.streamEnded(id) }
         let rpcStream = RPCStream(
             descriptor: descriptor,
             inbound: RPCAsyncSequence(wrapping: ResponseParts(stream: stream)),
             outbound: RPCWriter.Closable(wrapping: RequestWriter(stream: stream)))
-        let context = ClientContext(descriptor: descriptor, remotePeer: Self.peer(channel.target), localPeer: "")
+        let context = ClientContext(descriptor: descriptor, remotePeer: peer, localPeer: "")
         return try await withTaskCancellationHandler {
             // Whatever the closure leaves open is reset when it returns or throws.
             defer { stream.cancel() }
@@ -168,6 +169,15 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
         } onCancel: {
             stream.cancel()
         }
+    }
+
+    /// `channel`'s remote peer, described once per channel (parsing its target, and an interface lookup for a zoned
+    /// address, are not work for every RPC).
+    private func peer(of channel: GRPCChannel) -> String {
+        if let known = self.state.withLock({ $0.peer?.channel === channel ? $0.peer?.description : nil }) { return known }
+        let described = Self.peer(channel.target)
+        self.state.withLock { $0.peer = (channel, described) }
+        return described
     }
 
     /// The remote peer as GRPCCore describes one, `<transport>:<address>` (`ipv4:127.0.0.1:50051`, `ipv6:[::1]:443`,
@@ -209,4 +219,6 @@ struct TransportState {
     var connectWaiter: CheckedContinuation<Void, Never>?
     var streams: [Int: TransportStream] = [:]
     var nextStreamID = 0
+    /// The last channel's remote peer, as `ClientContext` describes it.
+    var peer: (channel: GRPCChannel, description: String)?
 }

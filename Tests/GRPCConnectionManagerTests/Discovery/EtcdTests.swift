@@ -358,6 +358,8 @@ struct EtcdTests {
         configuration.resolutionInterval = .seconds(1)
         configuration.minimumResolutionInterval = .milliseconds(50)
         let channel = try GRPCChannel(target: "etcd:///services/raft", configuration: configuration, eventLoop: loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
         let ledger = CompletionLedger()
         var id = 0
         #expect(await Self.served(channel, 4, ledger: ledger, next: &id) == ["a"])
@@ -381,7 +383,15 @@ struct EtcdTests {
         // Quorum lost: one member of three left, without a leader (every call the client makes needs one). Calls go
         // on to the addresses last known.
         cluster.stop(1)
+        let outage = ContinuousClock.now
+        let failedBefore = recorder.count { if case .resolutionFailed = $0 { true } else { false } }
+        #expect(await eventually(timeout: 15) {
+            recorder.count { if case .resolutionFailed = $0 { true } else { false } } > failedBefore
+        }, "the resolver found no leader to ask")
         #expect(await Self.served(channel, 6, ledger: ledger, next: &id) == ["a", "b"])
+        // The outage outlasts the leases' 3 s TTL: no keepalive can reach a leader meanwhile.
+        try await Task.sleep(until: outage + .seconds(4))
+        #expect(await Self.served(channel, 4, ledger: ledger, next: &id) == ["a", "b"])
 
         // Quorum regained: a change made now is heard (the watch resumed), and b's lease outlived the outage.
         try cluster.start(0)

@@ -168,7 +168,7 @@ struct CommandLineTests {
         let port = UInt16(target.split(separator: ":").last ?? "") ?? 0
         var clients: [Int32] = []
         defer { for fd in clients { close(fd) } }
-        for _ in 0..<20 { clients.append(try connectTCP(port: port)) }
+        for _ in 0..<20 { clients.append(try #require(loopbackConnection(port: Int(port)))) }
 
         // A loop that kept asking would burn the whole second (about 100 ticks); pausing 5 ms, doubling up to 1 s,
         // costs next to nothing.
@@ -349,24 +349,5 @@ struct CommandLineTests {
         let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
         let fields = stat[stat.lastIndex(of: ")")!...].split(separator: " ")
         return Int(fields[12])! + Int(fields[13])!
-    }
-
-    /// A blocking TCP connection to 127.0.0.1:`port` (the kernel completes it into the listener's backlog).
-    private func connectTCP(port: UInt16) throws -> Int32 {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = port.bigEndian
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-            }
-        }
-        if result != 0 {
-            close(fd)
-            throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO)
-        }
-        return fd
     }
 }

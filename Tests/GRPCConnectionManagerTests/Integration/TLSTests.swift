@@ -631,7 +631,7 @@ struct TLSTests {
             #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
             // Clients that connect and say nothing (TLS), or half the preface (plaintext): closed by the server.
             for (server, bytes) in [(secure, [UInt8]()), (plaintext, Array("PRI * HTTP/2.0\r\n".utf8))] {
-                let fd = try #require(Self.rawConnection(port: server.port))
+                let fd = try #require(loopbackConnection(port: server.port))
                 defer { close(fd) }
                 _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
                 // Read to the end (the plaintext server sent its SETTINGS at once): it must come, within 10 s.
@@ -647,24 +647,6 @@ struct TLSTests {
             #expect(after.status == .ok, "\(after.status)")
             #expect(recorder.count { if case .connectAttemptStarted = $0 { true } else { false } } == 1, "\(recorder.story)")
         }
-    }
-
-    /// A blocking TCP connection to 127.0.0.1:`port` (the caller closes it), or nil.
-    static func rawConnection(port: Int) -> Int32? {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return nil }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
-        address.sin_port = UInt16(port).bigEndian
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard connected == 0 else {
-            close(fd)
-            return nil
-        }
-        return fd
     }
 
     @Test("an idle TLS connection gives back the buffers one large message grew (its memory BIOs kept 1 MiB and more)")

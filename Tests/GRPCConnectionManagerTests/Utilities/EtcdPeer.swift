@@ -63,9 +63,8 @@ final class EtcdPeer: @unchecked Sendable {
 
     /// The value of the first line of etcd's `/metrics` that starts with `prefix`.
     private func metric(startingWith prefix: String) -> Int? {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard let fd = loopbackConnection(port: self.port) else { return nil }
         defer { close(fd) }
-        guard Self.connect(fd, self.port) else { return nil }
         var request = Array("GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".utf8)
         guard request.withUnsafeMutableBytes({ write(fd, $0.baseAddress, $0.count) }) == request.count else { return nil }
         let text = String(decoding: readToEnd(fd), as: UTF8.self)
@@ -75,22 +74,10 @@ final class EtcdPeer: @unchecked Sendable {
 
     var endpoint: String { "127.0.0.1:\(self.port)" }
 
-    private static func accepts(_ port: Int) -> Bool {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        return Self.connect(fd, port)
-    }
-
-    private static func connect(_ fd: Int32, _ port: Int) -> Bool {
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        address.sin_port = UInt16(port).bigEndian
-        return withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
-            }
-        }
+    static func accepts(_ port: Int) -> Bool {
+        guard let fd = loopbackConnection(port: port) else { return false }
+        close(fd)
+        return true
     }
 
     func stop() {
@@ -171,18 +158,7 @@ final class EtcdCluster: @unchecked Sendable {
 
     private func waitUntilListening(_ index: Int) throws {
         for _ in 0..<2000 {
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_addr.s_addr = inet_addr("127.0.0.1")
-            address.sin_port = UInt16(self.ports[index]).bigEndian
-            let connected = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
-                }
-            }
-            close(fd)
-            if connected { return }
+            if EtcdPeer.accepts(self.ports[index]) { return }
             if self.processes[index]?.isRunning != true { break }
             usleep(10_000)
         }

@@ -149,6 +149,24 @@ func streamSocketPair() -> (Int32, Int32)? {
     return (pair[0], pair[1])
 }
 
+/// A blocking TCP connection to 127.0.0.1:`port` (the caller closes it), or nil when nothing accepts there.
+func loopbackConnection(port: Int) -> Int32? {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return nil }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+    address.sin_port = UInt16(port).bigEndian
+    let connected = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    guard connected == 0 else {
+        close(fd)
+        return nil
+    }
+    return fd
+}
+
 /// A nonblocking TCP socket bound to a free loopback port and connecting to that same port, which nobody listens
 /// on: the kernel connects it to itself (TCP's simultaneous open), as a client's connect does when the ephemeral
 /// port it is given is the one it dials. The caller closes it. Nil when the set-up fails.
