@@ -473,16 +473,23 @@ struct GRPCSwiftTransportTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
-    @Test("the bus, and so metrics, logging and the circuit breaker, see every RPC of the transport")
-    func handlersSeeTransportCalls() async throws {
-        let fixture = try LoopbackFixture()
-        defer { fixture.shutdown() }
+    /// A manager on `fixture`'s loop whose breakers open after 3 failures in a row (and stay open a minute), with a
+    /// recorder of its events.
+    static func managerWithATightBreaker(_ fixture: LoopbackFixture) throws -> (ConnectionManager, EventRecorder) {
         var configuration = Configuration()
         configuration.circuitBreaker.failureThreshold = 3
         configuration.circuitBreaker.timeout = .seconds(60)
         let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
         let recorder = EventRecorder()
         manager.events.subscribe { recorder.record($0) }
+        return (manager, recorder)
+    }
+
+    @Test("the bus, and so metrics, logging and the circuit breaker, see every RPC of the transport")
+    func handlersSeeTransportCalls() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, recorder) = try Self.managerWithATightBreaker(fixture)
         let transport = try ManagedClientTransport(manager: manager, service: "echo", address: fixture.target)
         try await withGRPCClient(transport: transport) { client in
             let echo = Echo_Echo.Client(wrapping: client)
@@ -519,12 +526,7 @@ struct GRPCSwiftTransportTests {
     func breakerRefusalIsNotRetriedByGRPCCore() async throws {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
-        var configuration = Configuration()
-        configuration.circuitBreaker.failureThreshold = 3
-        configuration.circuitBreaker.timeout = .seconds(60)
-        let manager = try ConnectionManager(configuration: configuration, eventLoop: fixture.loop)
-        let recorder = EventRecorder()
-        manager.events.subscribe { recorder.record($0) }
+        let (manager, recorder) = try Self.managerWithATightBreaker(fixture)
         var config = ServiceConfig()
         let policy = RetryPolicy(
             maxAttempts: 4, initialBackoff: .milliseconds(10), maxBackoff: .milliseconds(50), backoffMultiplier: 2,

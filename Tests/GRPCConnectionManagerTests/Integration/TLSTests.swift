@@ -155,6 +155,21 @@ struct TLSTests {
         return (channel, trusted)
     }
 
+    /// A server presenting the stranger's certificate, and a channel to it trusting a copy of the test CA.
+    static func strangerAndAChannelTrustingACopy(
+        _ certificates: TestCertificates, loop: ReactorLoop
+    ) throws -> (server: EchoServer, channel: GRPCChannel, trusted: String) {
+        let server = try Self.server(
+            certificates, loop: loop, certificate: certificates.strangerCertificate, key: certificates.strangerKey)
+        do {
+            let (channel, trusted) = try Self.channelTrustingACopy(of: certificates, server: server, loop: loop)
+            return (server, channel, trusted)
+        } catch {
+            server.close()
+            throw error
+        }
+    }
+
     /// A scripted echo peer over TLS with the test CA's server certificate, and a started loop for the client; all
     /// stopped after `body`.
     static func withTLSEchoPeer(
@@ -537,11 +552,11 @@ struct TLSTests {
     func rotatedFilesAreRead() async throws {
         try await Self.withCertificates { certificates, loop in
             // The server presents the stranger's certificate; the client trusts what its CA file holds.
-            let server = try Self.server(
-                certificates, loop: loop, certificate: certificates.strangerCertificate, key: certificates.strangerKey)
-            defer { server.close() }
-            let (channel, trusted) = try Self.channelTrustingACopy(of: certificates, server: server, loop: loop)
-            defer { channel.close() }
+            let (server, channel, trusted) = try Self.strangerAndAChannelTrustingACopy(certificates, loop: loop)
+            defer {
+                channel.close()
+                server.close()
+            }
             let refused = await channel.call([1], timeout: .seconds(5))
             #expect(refused.status.code == .unavailable && refused.status.message.contains("certificate verify failed"))
             // The CA bundle is replaced (one that trusts the stranger): the next attempt reads it.
@@ -576,11 +591,11 @@ struct TLSTests {
     func refusedRotationIsReported() async throws {
         try await Self.withCertificates { certificates, loop in
             // The server presents the stranger's certificate, which the client's CA file never trusts.
-            let server = try Self.server(
-                certificates, loop: loop, certificate: certificates.strangerCertificate, key: certificates.strangerKey)
-            defer { server.close() }
-            let (channel, trusted) = try Self.channelTrustingACopy(of: certificates, server: server, loop: loop)
-            defer { channel.close() }
+            let (server, channel, trusted) = try Self.strangerAndAChannelTrustingACopy(certificates, loop: loop)
+            defer {
+                channel.close()
+                server.close()
+            }
             let recorder = EventRecorder()
             channel.events.subscribe { recorder.record($0) }
             let before = await channel.call([1], timeout: .seconds(5))

@@ -30,12 +30,7 @@ final class EtcdPeer: @unchecked Sendable {
 
     /// Starts etcd and returns once its client port accepts.
     private static func launch(_ arguments: [String], port: Int) throws -> Process {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
+        let process = try spawnQuietly(arguments)
         for _ in 0..<1000 {
             if Self.accepts(port) { return process }
             if !process.isRunning { break }
@@ -89,6 +84,17 @@ final class EtcdPeer: @unchecked Sendable {
     }
 }
 
+/// Runs `arguments` (a program found on PATH, then its arguments) with its output discarded.
+private func spawnQuietly(_ arguments: [String]) throws -> Process {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = arguments
+    process.standardOutput = FileHandle.nullDevice
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    return process
+}
+
 /// A real three-member etcd cluster on loopback (Raft between them), whose members a test stops and starts again:
 /// the member in use going away, and quorum lost and regained. Elections are fast (50 ms heartbeats, 500 ms election
 /// timeout) so that a test waits seconds, not tens of them.
@@ -120,7 +126,7 @@ final class EtcdCluster: @unchecked Sendable {
         self.ports = ports
         self.processes = [nil, nil, nil]
         // All three at once: a member's client port opens only once the cluster has formed.
-        for index in 0..<3 { self.processes[index] = try Self.spawn(self.arguments[index]) }
+        for index in 0..<3 { self.processes[index] = try spawnQuietly(self.arguments[index]) }
         for index in 0..<3 { try self.waitUntilListening(index) }
     }
 
@@ -137,23 +143,13 @@ final class EtcdCluster: @unchecked Sendable {
     /// Starts member `index` again, with its data; returns once its client port accepts.
     func start(_ index: Int) throws {
         guard self.processes[index] == nil else { return }
-        self.processes[index] = try Self.spawn(self.arguments[index])
+        self.processes[index] = try spawnQuietly(self.arguments[index])
         try self.waitUntilListening(index)
     }
 
     func stopAll() {
         for index in 0..<3 { self.stop(index) }
         for directory in self.directories { try? FileManager.default.removeItem(atPath: directory) }
-    }
-
-    private static func spawn(_ arguments: [String]) throws -> Process {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        return process
     }
 
     private func waitUntilListening(_ index: Int) throws {
