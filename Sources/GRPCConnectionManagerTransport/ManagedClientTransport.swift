@@ -147,15 +147,18 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
     ) async throws -> T {
         let channel = self.channel
         let stream = TransportStream(channel: channel, path: "/" + descriptor.fullyQualifiedMethod, options: options)
+        // The channel's peer description, read under the same lock as the stream is registered (once known).
+        var knownPeer: String? = nil
         let id = try self.state.withLock { state throws(GRPCCore.RPCError) -> Int in
             if state.shuttingDown {
                 throw GRPCCore.RPCError(code: .failedPrecondition, message: "the transport is shutting down")
             }
             state.nextStreamID += 1
             state.streams[state.nextStreamID] = stream
+            if let peer = state.peer, peer.channel === channel { knownPeer = peer.description }
             return state.nextStreamID
         }
-        let peer = self.peer(of: channel)
+        let peer = knownPeer ?? self.describePeer(of: channel)
         defer { self.streamEnded(id) }
         let rpcStream = RPCStream(
             descriptor: descriptor,
@@ -171,10 +174,9 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
         }
     }
 
-    /// `channel`'s remote peer, described once per channel (parsing its target, and an interface lookup for a zoned
-    /// address, are not work for every RPC).
-    private func peer(of channel: GRPCChannel) -> String {
-        if let known = self.state.withLock({ $0.peer?.channel === channel ? $0.peer?.description : nil }) { return known }
+    /// `channel`'s remote peer, described and kept for the RPCs after this one (parsing its target, and an
+    /// interface lookup for a zoned address, are not work for every RPC).
+    private func describePeer(of channel: GRPCChannel) -> String {
         let described = Self.peer(channel.target)
         self.state.withLock { $0.peer = (channel, described) }
         return described
