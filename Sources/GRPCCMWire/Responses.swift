@@ -10,7 +10,7 @@ public struct UnaryResponse: Sendable, Hashable {
     public var trailingMetadata: CallMetadata
 
     /// A response with these fields (tests and interceptors make them; calls deliver them).
-    public init(status: CallStatus, message: [UInt8] = [], initialMetadata: CallMetadata = [:], trailingMetadata: CallMetadata = [:]) {
+    public init(status: CallStatus, message: [UInt8] = [], initialMetadata: CallMetadata = CallMetadata(), trailingMetadata: CallMetadata = CallMetadata()) {
         self.status = status
         self.message = message
         self.initialMetadata = initialMetadata
@@ -35,7 +35,7 @@ public struct StreamResult: Sendable, Hashable {
     public var trailingMetadata: CallMetadata
 
     /// A result with these fields.
-    public init(status: CallStatus, initialMetadata: CallMetadata = [:], trailingMetadata: CallMetadata = [:]) {
+    public init(status: CallStatus, initialMetadata: CallMetadata = CallMetadata(), trailingMetadata: CallMetadata = CallMetadata()) {
         self.status = status
         self.initialMetadata = initialMetadata
         self.trailingMetadata = trailingMetadata

@@ -14,7 +14,7 @@ extension GRPCChannel {
     /// `unary(path:request:metadata:options:completion:)`.
     @discardableResult
     public func unary(
-        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
+        path: String, request: [UInt8], metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions(),
         logger: Logger, completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
         // Above debug there is nothing to record: no logger copy, no provider call, no closure around the completion.
@@ -39,7 +39,7 @@ extension GRPCChannel {
     /// A unary call whose records go to `logger` (see the extension's note); otherwise as
     /// `unary(path:request:metadata:options:)`: returns the response, throws the call's `CallError`.
     public func unary(
-        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
+        path: String, request: [UInt8], metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions(),
         logger: Logger
     ) async throws(CallError) -> UnaryResponse {
         let response = await Self.awaitCall { completion in

@@ -17,7 +17,7 @@ extension GRPCChannel {
     /// - Returns: A handle that can cancel the call from any thread.
     @discardableResult
     public func serverStreaming(
-        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
+        path: String, request: [UInt8], metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions(),
         callbacks: StreamingCallbacks
     ) -> CallHandle {
         let onFinish = callbacks.onFinish
@@ -35,7 +35,7 @@ extension GRPCChannel {
     ///   - onWritable: Runs when the send buffer drains after `send` returned `.full`.
     ///   - completion: Receives the response and the status, exactly once, on the reactor thread.
     public func clientStreaming(
-        path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
+        path: String, metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions(),
         onWritable: @escaping @Sendable () -> Void = {},
         completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> StreamingCall {
@@ -49,7 +49,7 @@ extension GRPCChannel {
     /// Starts a bidirectional-streaming call: send through the returned call; `callbacks` receive the headers,
     /// each message and the end on the reactor thread.
     public func bidirectionalStreaming(
-        path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(), callbacks: StreamingCallbacks
+        path: String, metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions(), callbacks: StreamingCallbacks
     ) -> StreamingCall {
         let buffers = self.makeBuffers(path: path, options: options)
         let onFinish = callbacks.onFinish
@@ -63,7 +63,7 @@ extension GRPCChannel {
 
     /// Starts a server-streaming call read with async/await: iterate `responses`, or await `result()`.
     public func serverStreaming(
-        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
+        path: String, request: [UInt8], metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions()
     ) -> AsyncStreamingCall {
         let buffers = self.makeBuffers(path: path, options: options)
         let handle = self.start(
@@ -74,7 +74,7 @@ extension GRPCChannel {
 
     /// Starts a client-streaming call driven with async/await: `write`, then `finish()` for the response.
     public func clientStreaming(
-        path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
+        path: String, metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions()
     ) -> AsyncClientStreamingCall {
         let buffers = self.makeBuffers(path: path, options: options)
         let box = AsyncResponseBox()
@@ -87,7 +87,7 @@ extension GRPCChannel {
     /// Starts a bidirectional-streaming call driven with async/await: `write` and `closeSend()` from one task,
     /// iterate `responses` from another (or the same).
     public func bidirectionalStreaming(
-        path: String, metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
+        path: String, metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions()
     ) -> AsyncStreamingCall {
         let buffers = self.makeBuffers(path: path, options: options)
         let handle = self.start(

@@ -202,7 +202,7 @@ public final class GRPCChannel: Sendable {
     /// - Returns: A handle that can cancel the call from any thread.
     @discardableResult
     public func unary(
-        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions(),
+        path: String, request: [UInt8], metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions(),
         completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
         self.start(path: path, request: request, metadata: metadata, options: options, completion: completion)
@@ -380,7 +380,7 @@ public final class GRPCChannel: Sendable {
     /// the call ends OK, and throws the call's `CallError` (status and trailers) otherwise. Cancelling the task
     /// cancels the call (CANCELLED).
     public func unary(
-        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
+        path: String, request: [UInt8], metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions()
     ) async throws(CallError) -> UnaryResponse {
         let response = await self.unaryResult(path: path, request: request, metadata: metadata, options: options)
         return try response.get()
@@ -390,7 +390,7 @@ public final class GRPCChannel: Sendable {
     /// `unary(path:request:metadata:options:)`, for code that handles every status the same way (or counts them).
     /// Cancelling the task cancels the call (CANCELLED).
     public func unaryResult(
-        path: String, request: [UInt8], metadata: CallMetadata = [:], options: RequestOptions = RequestOptions()
+        path: String, request: [UInt8], metadata: CallMetadata = CallMetadata(), options: RequestOptions = RequestOptions()
     ) async -> UnaryResponse {
         await Self.awaitCall { completion in
             self.unary(path: path, request: request, metadata: metadata, options: options, completion: completion)

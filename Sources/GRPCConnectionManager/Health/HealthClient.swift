@@ -105,7 +105,7 @@ extension GRPCChannel {
     /// authorization header, say).
     /// - Throws: `CallError` with the call's status when it is not OK, or INTERNAL for an unreadable answer.
     public func checkHealth(
-        _ healthServiceName: String = "", metadata: CallMetadata = [:], timeout: Duration = .seconds(5)
+        _ healthServiceName: String = "", metadata: CallMetadata = CallMetadata(), timeout: Duration = .seconds(5)
     ) async throws -> HealthStatus {
         let response = try await self.unary(
             path: HealthProto.checkPath, request: HealthProto.encodeRequest(service: healthServiceName),
