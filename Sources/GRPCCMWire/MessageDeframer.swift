@@ -53,16 +53,27 @@ package struct MessageDeframer: Sendable {
         let count = bytes.count
         while index < count {
             if !self.inMessage {
-                while self.prefixCount < 5 && index < count {
-                    self.prefix = self.prefix << 8 | UInt64(bytes[index])
-                    self.prefixCount += 1
-                    index += 1
+                let flag: UInt8
+                let length: Int
+                if self.prefixCount == 0 && count - index >= 5 {
+                    // The whole prefix in this chunk (nearly always): read at once, not a byte at a time through the
+                    // stored partial prefix (about 70 instructions a message).
+                    flag = bytes[index]
+                    length = Int(bytes[index + 1]) << 24 | Int(bytes[index + 2]) << 16 | Int(bytes[index + 3]) << 8
+                        | Int(bytes[index + 4])
+                    index += 5
+                } else {
+                    while self.prefixCount < 5 && index < count {
+                        self.prefix = self.prefix << 8 | UInt64(bytes[index])
+                        self.prefixCount += 1
+                        index += 1
+                    }
+                    if self.prefixCount < 5 { return }
+                    flag = UInt8(truncatingIfNeeded: self.prefix >> 32)
+                    length = Int(UInt32(truncatingIfNeeded: self.prefix))
+                    self.prefix = 0
+                    self.prefixCount = 0
                 }
-                if self.prefixCount < 5 { return }
-                let flag = UInt8(truncatingIfNeeded: self.prefix >> 32)
-                let length = Int(UInt32(truncatingIfNeeded: self.prefix))
-                self.prefix = 0
-                self.prefixCount = 0
                 if flag > 1 { throw .invalidFlag(flag) }
                 if flag == 1 && !self.compressionAllowed { throw .compressedWithoutEncoding }
                 if length > self.maxMessageSize { throw .messageTooLarge(length: length, limit: self.maxMessageSize) }
