@@ -127,8 +127,6 @@ struct HeaderScratch {
         prefix: RequestHeaderPrefix, session: OpaquePointer, head: RequestHead, source: UnsafeMutableRawPointer,
         maxHeaderListSize: UInt32
     ) -> SubmitResult {
-        var path = head.path
-        let metadata = head.metadata
         let timeoutNanos = head.timeoutNanoseconds
         let previousAttempts = head.previousRPCAttempts
         // Emptied only when used: `removeAll(keepingCapacity:)` costs some 60 instructions even on an empty array,
@@ -151,6 +149,14 @@ struct HeaderScratch {
             // gRFC A6: how many attempts came before this one.
             self.fields.append((name: self.append("grpc-previous-rpc-attempts"), value: self.append(String(previousAttempts))))
         }
+        // Read in place: a copy of the metadata (or of the path, below) was a retain and a release every call.
+        if !head.metadata.isEmpty { self.appendMetadata(head.metadata) }
+        return self.submitFields(
+            prefix: prefix, session: session, path: head.path, timeout: timeoutLength.map { (timeoutText, $0) },
+            source: source, maxHeaderListSize: maxHeaderListSize)
+    }
+
+    private mutating func appendMetadata(_ metadata: borrowing CallMetadata) {
         for entry in metadata {
             let name = self.append(entry.name)
             let start = self.bytes.count
@@ -163,6 +169,15 @@ struct HeaderScratch {
                 self.fields.append((name: name, value: start..<self.bytes.count))
             }
         }
+    }
+
+    /// Submits the fixed fields, `:path`, `grpc-timeout` (its text and length) and the fields gathered in the scratch.
+    private mutating func submitFields(
+        prefix: RequestHeaderPrefix, session: OpaquePointer, path: borrowing String,
+        timeout: ((UInt64, UInt64), Int)?, source: UnsafeMutableRawPointer, maxHeaderListSize: UInt32
+    ) -> SubmitResult {
+        var timeoutText = timeout?.0 ?? (0, 0)
+        let timeoutLength = timeout?.1
         let fields = self.fields  // a retain, not a copy: the nv array is built in wire order from it
         let fixed = prefix.nvs
         // RFC 9113 §6.5.2 size of the whole list: every byte of names and values plus 32 per field.
@@ -176,7 +191,7 @@ struct HeaderScratch {
             self.nvs = [nghttp2_nv](repeating: nghttp2_nv(), count: max(fieldCount, 16))
         }
         let rc = withUnsafeMutableBytes(of: &timeoutText) { timeoutBytes in
-            path.withUTF8 { pathBytes in
+            Self.withUTF8(of: path) { pathBytes in
                 self.bytes.withUnsafeMutableBufferPointer { buffer -> Int32 in
                     let base = buffer.baseAddress!
                     return self.nvs.withUnsafeMutableBufferPointer { nva -> Int32 in
@@ -220,6 +235,15 @@ struct HeaderScratch {
             }
         }
         return rc < 0 ? .error(rc) : .submitted(rc)
+    }
+
+    /// `text`'s UTF-8 bytes, read in place (`withUTF8` is mutating: it needs a copy of the string); a string that is
+    /// not stored as contiguous UTF-8 (bridged, say) is copied first.
+    @inline(__always)
+    private static func withUTF8<R>(of text: borrowing String, _ body: (UnsafeBufferPointer<UInt8>) -> R) -> R {
+        if let result = text.utf8.withContiguousStorageIfAvailable(body) { return result }
+        var copy = copy text
+        return copy.withUTF8(body)
     }
 
     /// Static bytes: nghttp2 may keep pointing at the names (`NO_COPY_NAME`).
