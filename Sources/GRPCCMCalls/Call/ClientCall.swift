@@ -898,10 +898,6 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         return true
     }
 
-    package override func streamBeginHeaders() {
-        self.head.beginBlock()
-    }
-
     package override func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
         if self.withEnvironment({ self.head.header(name: name, value: value, names: $0.metadataNames) }) { return true }
         if let reason = self.head.malformation {

@@ -18,7 +18,6 @@ enum HTTP2ClientSessionFactory {
         var callbacks: OpaquePointer? = nil
         guard nghttp2_session_callbacks_new(&callbacks) == 0, let callbacks else { throw Failure(code: -901) }
         defer { nghttp2_session_callbacks_del(callbacks) }
-        nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, clientOnBeginHeaders)
         nghttp2_session_callbacks_set_on_header_callback(callbacks, clientOnHeader)
         nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, clientOnFrameRecv)
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, clientOnDataChunk)
@@ -85,16 +84,6 @@ private func withHandler<Result>(
     _ userData: UnsafeMutableRawPointer?, _ streamID: Int32, _ body: (HTTP2StreamHandler) -> Result
 ) -> Result? {
     connection(userData)._withUnsafeGuaranteedRef { $0.handler(for: streamID) }?._withUnsafeGuaranteedRef(body)
-}
-
-private func clientOnBeginHeaders(
-    _ session: OpaquePointer?, _ frame: UnsafePointer<nghttp2_frame>?, _ userData: UnsafeMutableRawPointer?
-) -> Int32 {
-    let header = frame!.pointee.hd
-    if header.type == UInt8(NGHTTP2_HEADERS.rawValue) {
-        withHandler(userData, header.stream_id) { $0.streamBeginHeaders() }
-    }
-    return 0
 }
 
 private func clientOnHeader(

@@ -39,9 +39,7 @@ open class HTTP2StreamHandler: ReactorHandler, @unchecked Sendable {
     /// `mem_send`).
     /// - Returns: false when the bytes are no longer there (the stream is then reset).
     open func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool { Self.mustOverride() }
-    /// A header block begins (response headers, or trailers).
-    open func streamBeginHeaders() { Self.mustOverride() }
-    /// One header of the current block.
+    /// One header of a block (response headers, or trailers): a block's fields, then `streamHeadersEnded`.
     /// - Returns: false to refuse the block (it is too large): the transport resets the stream, which then closes.
     open func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool {
         Self.mustOverride()

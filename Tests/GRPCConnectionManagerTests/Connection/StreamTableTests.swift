@@ -14,7 +14,6 @@ struct StreamTableTests {
             .waiting
         }
         override func streamWriteRequest(length: Int, to sink: (UnsafeRawBufferPointer) -> Void) -> Bool { false }
-        override func streamBeginHeaders() {}
         override func streamHeader(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> Bool { true }
         override func streamHeadersEnded(endStream: Bool) {}
         override func streamData(_ bytes: UnsafeRawBufferPointer) -> Int { bytes.count }

@@ -14,7 +14,6 @@ struct ResponseHeadTests {
         var head = ResponseHead(maxHeaderListSize: 16 << 10)
         var last = ResponseHead.Block.headers
         for block in blocks {
-            head.beginBlock()
             for (name, value) in block.fields {
                 let accepted = Array(name.utf8).withUnsafeBufferPointer { n in
                     Array(value.utf8).withUnsafeBufferPointer { v in head.header(name: n, value: v, names: names) }

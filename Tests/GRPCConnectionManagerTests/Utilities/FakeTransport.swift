@@ -94,13 +94,11 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
             let v = Array(value.utf8)
             n.withUnsafeBufferPointer { name in v.withUnsafeBufferPointer { value in _ = handler.streamHeader(name: name, value: value) } }
         }
-        handler.streamBeginHeaders()
         header(":status", "200")
         header("content-type", "application/grpc")
         handler.streamHeadersEnded(endStream: false)
         let framed = MessageFramer.frame(message)
         _ = framed.withUnsafeBytes { handler.streamData($0) }
-        handler.streamBeginHeaders()
         header("grpc-status", String(code))
         handler.streamHeadersEnded(endStream: true)
         self.streams.removeValue(forKey: streamID)
