@@ -13,6 +13,11 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
     private var throttles = HotKeyTable<String, RetryThrottle>()
     @exclusivity(unchecked)
     private var generator = SystemRandomNumberGenerator()
+    /// Throttles below their full count of tokens. While there is none, a success would change nothing (every
+    /// throttle is full, and one not made yet would be made full), so it is not looked up: a call's success costs
+    /// no lookup of its service, about 90 instructions.
+    @exclusivity(unchecked)
+    private var throttlesBelowFull = 0
 
     /// Some policy sets a per-attempt timeout (usually none does: then no call looks its policy up for one).
     private let anyPerAttemptTimeout: Bool
@@ -32,18 +37,30 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
     /// The throttle learns every attempt's outcome (as grpc-go: a failure is charged before its retry is decided).
     package func attemptEnded(service: String, path: String, status: CallStatus) {
         guard let throttling = self.configuration.throttling else { return }
-        let slot = self.throttles.slot(for: service) { RetryThrottle(throttling) }
         if status.isOK {
-            self.throttles[slot].recordSuccess()
+            self.recordSuccess(service: service)
         } else if self.configuration.policy(for: path).retryableCodes.contains(status.code) {
-            self.throttles[slot].recordFailure()
+            self.recordFailure(service: service, throttling)
         }
+    }
+
+    private func recordSuccess(service: String) {
+        guard self.throttlesBelowFull > 0, let slot = self.throttles.existingSlot(for: service) else { return }
+        let wasFull = self.throttles[slot].isFull
+        self.throttles[slot].recordSuccess()
+        if !wasFull && self.throttles[slot].isFull { self.throttlesBelowFull -= 1 }
+    }
+
+    private func recordFailure(service: String, _ throttling: RetryThrottling) {
+        let slot = self.throttles.slot(for: service) { RetryThrottle(throttling) }
+        let wasFull = self.throttles[slot].isFull
+        self.throttles[slot].recordFailure()
+        if wasFull && !self.throttles[slot].isFull { self.throttlesBelowFull += 1 }
     }
 
     package func hedgedAttemptEnded(service: String, succeeded: Bool?) {
         guard let throttling = self.configuration.throttling, let succeeded else { return }
-        let slot = self.throttles.slot(for: service) { RetryThrottle(throttling) }
-        if succeeded { self.throttles[slot].recordSuccess() } else { self.throttles[slot].recordFailure() }
+        if succeeded { self.recordSuccess(service: service) } else { self.recordFailure(service: service, throttling) }
     }
 
     package func hedgingAllowed(service: String) -> Bool {
@@ -71,8 +88,11 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
         return delay
     }
 
-    /// Tokens left for `service`, in thousandths (tests).
+    /// Tokens left for `service`, in thousandths (tests); nil without throttling. A service whose throttle was never
+    /// charged has none made yet: it is full.
     package func throttleTokens(service: String) -> Int? {
-        self.throttles.existingSlot(for: service).map { self.throttles[$0].tokensMilli }
+        guard let throttling = self.configuration.throttling else { return nil }
+        return self.throttles.existingSlot(for: service).map { self.throttles[$0].tokensMilli }
+            ?? throttling.maxTokens * 1000
     }
 }

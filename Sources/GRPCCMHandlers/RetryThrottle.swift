@@ -28,6 +28,9 @@ package struct RetryThrottle {
 
     package var retriesAllowed: Bool { self.tokensMilli > self.maxMilli / 2 }
 
+    /// Holds every token it can (as it starts).
+    package var isFull: Bool { self.tokensMilli == self.maxMilli }
+
     package mutating func recordFailure() { self.tokensMilli = max(0, self.tokensMilli - 1000) }
 
     package mutating func recordSuccess() { self.tokensMilli = min(self.maxMilli, self.tokensMilli + self.ratioMilli) }

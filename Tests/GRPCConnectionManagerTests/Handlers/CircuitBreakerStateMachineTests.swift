@@ -247,6 +247,32 @@ struct RetryPolicyTests {
         #expect(exact.tokensMilli == 9_001)
     }
 
+    @Test("the retry handler's throttles: successes refill only charged ones, across drains and refills and services")
+    func throttlesThroughTheHandler() {
+        let retry = RetryHandler(configuration: RetrySettings())
+        let ok = CallStatus(code: .ok, message: "")
+        let failed = CallStatus(code: .unavailable, message: "down")
+        let path = "/echo.Echo/Unary"
+        #expect(retry.throttleTokens(service: "a") == 10_000, "never charged: full")
+        retry.attemptEnded(service: "a", path: path, status: ok)
+        #expect(retry.throttleTokens(service: "a") == 10_000)
+        for round in 0..<2 {
+            // Drained below half, then refilled to full by successes (0.1 each), twice: the second drain is counted
+            // as the first was, and a full throttle stops changing.
+            for _ in 0..<6 { retry.attemptEnded(service: "a", path: path, status: failed) }
+            #expect(retry.throttleTokens(service: "a") == 4_000, "round \(round)")
+            retry.attemptEnded(service: "b", path: path, status: failed)
+            for _ in 0..<70 { retry.attemptEnded(service: "a", path: path, status: ok) }
+            #expect(retry.throttleTokens(service: "a") == 10_000, "round \(round)")
+            #expect(retry.throttleTokens(service: "b") == 9_000, "round \(round): a's successes are not b's")
+            for _ in 0..<10 { retry.attemptEnded(service: "b", path: path, status: ok) }
+            #expect(retry.throttleTokens(service: "b") == 10_000, "round \(round)")
+        }
+        // A code the policy does not retry charges nothing.
+        retry.attemptEnded(service: "a", path: path, status: CallStatus(code: .invalidArgument, message: ""))
+        #expect(retry.throttleTokens(service: "a") == 10_000)
+    }
+
     @Test(
         "pushback: a delay, or stop on negative, malformed or repeated values",
         arguments: [
