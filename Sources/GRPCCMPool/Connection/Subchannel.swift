@@ -50,6 +50,8 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     /// subchannels and detaches itself before it goes.
     @exclusivity(unchecked)
     package unowned(unsafe) var delegate: (any SubchannelDelegate)?
+    /// Its owner's: given to each of its connections (`HTTP2Transport.streamDemand`).
+    package var streamDemand: StreamDemand?
     package let address: NetworkAddress
     package let service: String
     private let connector: any TransportConnector
@@ -265,6 +267,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         self.currentConnectionID = id
         let transport = self.connector.makeTransport(
             address: self.address, id: id, keepAliveTime: self.keepAliveTime, delegate: self)
+        transport.streamDemand = self.streamDemand
         self.transport = transport
         self.bus.publish(.connectAttemptStarted(service: self.service, connectionID: id, address: self.address))
         transport.connect()

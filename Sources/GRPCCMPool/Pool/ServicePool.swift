@@ -102,7 +102,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     @exclusivity(unchecked)
     private var resolveAfterLookup = false
     @exclusivity(unchecked)
-    private var queue: WaitQueue<ClientCall>
+    private var queue: WaitQueue<ClientCall> {
+        didSet { self.streamDemand.waiting = !self.queue.isEmpty }
+    }
+    /// Whether `queue` has calls, for the connections (they report freed capacity only then).
+    private let streamDemand = StreamDemand()
     @exclusivity(unchecked)
     private var picker: Picker
     @exclusivity(unchecked)
@@ -429,6 +433,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             bus: self.bus, connectionIDs: self.connectionIDs, backoff: self.settings.backoff,
             keepAliveTime: self.keepAliveTime, idleTimeout: self.settings.idleTimeout)
         subchannel.delegate = self
+        subchannel.streamDemand = self.streamDemand
         subchannel.healthCheckServiceName = self.settings.healthCheckServiceName
         return subchannel
     }

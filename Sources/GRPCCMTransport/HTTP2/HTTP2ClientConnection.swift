@@ -45,6 +45,8 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// owns this connection and detaches itself before it goes.
     @exclusivity(unchecked)
     package unowned(unsafe) var delegate: (any HTTP2TransportDelegate)?
+    @exclusivity(unchecked)
+    package var streamDemand: StreamDemand?
     package let address: NetworkAddress
     package let id: Int
     package let settings: HTTP2ClientSettings
@@ -500,7 +502,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             self.delegate?.transportReady(self)
             return
         }
-        if self.state == .ready { self.delegate?.transportHasCapacity(self) }
+        if self.state == .ready && self.streamDemand?.waiting != false { self.delegate?.transportHasCapacity(self) }
     }
 
     func goAwayReceived(lastStreamID: Int32, errorCode: UInt32, debugData: String) {
@@ -538,7 +540,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             self.idleTrimTimer = self.reactor.scheduleTimer(
                 at: self.reactor.now &+ Self.idleTrimDelay, handler: self, tag: TimerTag.idleTrim)
         }
-        if self.state == .ready { self.delegate?.transportHasCapacity(self) }
+        if self.state == .ready && self.streamDemand?.waiting != false { self.delegate?.transportHasCapacity(self) }
     }
 
     /// A second after the last stream closed (or later, if streams came and went since): an idle connection gives

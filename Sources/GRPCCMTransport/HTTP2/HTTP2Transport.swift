@@ -26,6 +26,18 @@ package protocol HTTP2Transport: HTTP2StreamControl {
     func close(reason: CallStatus)
     /// Its owner is going away: no delegate call from now on.
     func detachDelegate()
+    /// Whether calls wait for a stream (set by its owner): freed capacity is reported only while they do, or when
+    /// this is nil.
+    var streamDemand: StreamDemand? { get set }
+}
+
+/// Whether calls wait for a stream, kept by the owner of the queue they wait in (a pool) and read by its connections
+/// whenever a stream closes: freed capacity is news only to a queue with calls in it, and asking the owner through
+/// its subchannel each time cost about 95 instructions a call. Reactor thread only.
+package final class StreamDemand {
+    package var waiting = false
+
+    package init() {}
 }
 
 /// What a connection tells its owner (a subchannel). Reactor thread; may be called from inside nghttp2's processing,

@@ -11,6 +11,7 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
     let id: Int
     let keepAliveTime: Duration
     unowned(unsafe) var delegate: (any HTTP2TransportDelegate)?
+    var streamDemand: StreamDemand?
     var streamLimit = 100
     var isReady = false
     var connectCalls = 0
