@@ -21,7 +21,6 @@ public func fuzzResponseHead(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32
     var cached = ResponseHead(maxHeaderListSize: 256 + Int(bytes[0]) * 16)
     let metadataNames = bytes[0] & 1 == 0 ? nameCache : MetadataNameCache()
     var index = 1
-    var inBlock = false
     var ended = false
     while index + 2 < size && !ended {
         let control = bytes[index]
@@ -29,11 +28,6 @@ public func fuzzResponseHead(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32
         let valueLength = Int(bytes[index + 2])
         index += 3
         guard index + nameLength + valueLength <= size else { break }
-        if !inBlock {
-            head.beginBlock()
-            cached.beginBlock()
-            inBlock = true
-        }
         let which = Int(control >> 2) & 3
         let name: [UInt8] = which < 3 ? names[which] : Array(bytes[index..<(index + nameLength)])
         let value = Array(bytes[(index + nameLength)..<(index + nameLength + valueLength)])
@@ -46,7 +40,6 @@ public func fuzzResponseHead(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32
         _ = GRPCTimeout.decode(String(decoding: value, as: UTF8.self))
         if !accepted { break }
         if control & 1 == 1 {
-            inBlock = false
             let endStream = control & 2 == 2
             let block = head.endBlock(endStream: endStream)
             let cachedBlock = cached.endBlock(endStream: endStream)
