@@ -359,7 +359,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// which reads as the server's refusal (and is retried): `openStream` refuses it first, with this limit's name.
     static let maxSendHeaderBlockLength = 64 << 10
 
-    package func openStream(_ head: RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult {
+    package func openStream(_ head: inout RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult {
         guard self.state == .ready, let session = self.socket?.session else { return .tryElsewhere }
         let peerLimit = nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE)
         // A header list's size (RFC 9113: names, values and 32 per field) is never below its encoded block's length

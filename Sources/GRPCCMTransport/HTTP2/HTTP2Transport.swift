@@ -18,8 +18,9 @@ package protocol HTTP2Transport: HTTP2StreamControl {
     /// it, once no stream is open (which the owner checks). Opening a stream does not stamp it: while the stream is
     /// open the connection is busy anyway, and its close stamps it again.
     var lastStreamActivity: UInt64 { get }
-    /// Opens a stream for `handler` with `head`, if this connection can take one.
-    func openStream(_ head: RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult
+    /// Opens a stream for `handler` with `head`, if this connection can take one. `head` is read, never changed:
+    /// `inout` only so that the caller's stored head is lent in place rather than copied (see `ClientCall`).
+    func openStream(_ head: inout RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult
     /// Takes no new streams and tells the server (GOAWAY); closes once the open streams have finished.
     func beginGracefulClose()
     /// Closes now: GOAWAY and close_notify go out (best effort); every open stream fails with `reason`.

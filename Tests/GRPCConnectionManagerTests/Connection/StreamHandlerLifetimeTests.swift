@@ -96,9 +96,9 @@ struct StreamHandlerLifetimeTests {
         /// Opens a stream whose handler only the connection owns.
         func open(resetOnHeader: Bool, metadata: CallMetadata = CallMetadata()) -> Bool {
             let handler = Handler(journal: self.journal, resetOnHeader: resetOnHeader)
-            let head = RequestHead(
+            var head = RequestHead(
                 path: "/test.Echo/Unary", metadata: metadata, timeoutNanoseconds: nil, previousRPCAttempts: 0)
-            guard case .opened(let handle) = self.connection.openStream(head, handler: handler) else { return false }
+            guard case .opened(let handle) = self.connection.openStream(&head, handler: handler) else { return false }
             handler.handle = handle
             return true
         }

@@ -38,7 +38,7 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
     var openStreamCount: Int { self.streams.count }
     var lastStreamActivity: UInt64 { 0 }
 
-    func openStream(_ head: RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult {
+    func openStream(_ head: inout RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult {
         guard self.availableStreams > 0 else { return .tryElsewhere }
         let streamID = self.nextStreamID
         self.nextStreamID += 2
