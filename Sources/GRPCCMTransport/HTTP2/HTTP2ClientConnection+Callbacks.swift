@@ -178,8 +178,9 @@ private func clientOnDataChunk(
     _ session: OpaquePointer?, _ flags: UInt8, _ streamID: Int32, _ data: UnsafePointer<UInt8>?, _ length: Int,
     _ userData: UnsafeMutableRawPointer?
 ) -> Int32 {
-    // The connection window is returned on arrival; the stream's follows the handler's consumption.
-    nghttp2_session_consume_connection(session, length)
+    // The connection window is returned on arrival (once the read that brought it is handed over: `socketDidRead`);
+    // the stream's follows the handler's consumption.
+    connection(userData)._withUnsafeGuaranteedRef { $0.arrivedDataBytes += length }
     let consumed = withHandler(userData, streamID) { $0.streamData(UnsafeRawBufferPointer(start: data, count: length)) }
     if let consumed, consumed > 0, let session {
         connection(userData)._withUnsafeGuaranteedRef { $0.giveBackWindow(consumed, of: streamID, in: session) }

@@ -75,6 +75,11 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     private var idleTrimTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
     private var lastReadAt: UInt64 = 0
+    /// DATA bytes of the read nghttp2 is processing, given back to the connection's window in one call once it
+    /// returns (`socketDidRead`): one `nghttp2_session_consume_connection` a read, not one a DATA frame (about 35
+    /// instructions a call at 64 calls in flight). The WINDOW_UPDATE goes out at the same flush either way.
+    @exclusivity(unchecked)
+    var arrivedDataBytes = 0
     /// See `HTTP2Transport.lastStreamActivity` (not stamped when a stream opens: one reactor read less a call).
     @exclusivity(unchecked)
     package private(set) var lastStreamActivity: UInt64 = 0
@@ -228,6 +233,10 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
 
     package func socketDidRead() {
         self.lastReadAt = self.loopReactor._withUnsafeGuaranteedRef { $0.now }
+        if self.arrivedDataBytes > 0 {
+            if let session = self.socket?.session { nghttp2_session_consume_connection(session, self.arrivedDataBytes) }
+            self.arrivedDataBytes = 0
+        }
     }
 
     package func socketDidFlush() {
