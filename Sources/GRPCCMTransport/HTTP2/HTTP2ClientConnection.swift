@@ -76,7 +76,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     @exclusivity(unchecked)
     private var lastReadAt: UInt64 = 0
     /// DATA bytes of the read nghttp2 is processing, given back to the connection's window in one call once it
-    /// returns (`socketDidRead`): one `nghttp2_session_consume_connection` a read, not one a DATA frame (about 35
+    /// returns (`socketDidRead`): one `nghttp2_session_consume_connection` a read, not one a DATA frame (about 50
     /// instructions a call at 64 calls in flight). The WINDOW_UPDATE goes out at the same flush either way.
     @exclusivity(unchecked)
     var arrivedDataBytes = 0
