@@ -127,21 +127,14 @@ struct HeaderScratch {
         prefix: RequestHeaderPrefix, session: OpaquePointer, head: RequestHead, source: UnsafeMutableRawPointer,
         maxHeaderListSize: UInt32
     ) -> SubmitResult {
-        let timeoutNanos = head.timeoutNanoseconds
         let previousAttempts = head.previousRPCAttempts
         // Emptied only when used: `removeAll(keepingCapacity:)` costs some 60 instructions even on an empty array,
         // and a call without metadata leaves both empty.
         if !self.bytes.isEmpty { self.bytes.removeAll(keepingCapacity: true) }
         if !self.fields.isEmpty { self.fields.removeAll(keepingCapacity: true) }
-        // This call's own fields, in the scratch buffer (nghttp2 copies these): grpc-timeout right after the
-        // pseudo-headers, the rest after the connection's fixed fields. :path (right after :scheme) and grpc-timeout
-        // are not copied here: nghttp2 copies :path straight from the string, and the timeout from the stack.
-        var timeoutText: (UInt64, UInt64) = (0, 0)
-        let timeoutLength = timeoutNanos.map { nanoseconds in
-            withUnsafeMutableBytes(of: &timeoutText) { raw in
-                self.timeoutMemo.encode(nanoseconds: nanoseconds, into: raw.bindMemory(to: UInt8.self))
-            }
-        }
+        // This call's own fields, in the scratch buffer (nghttp2 copies these), go after the connection's fixed
+        // fields. :path (right after :scheme) and grpc-timeout (right after the pseudo-headers) are not copied here:
+        // nghttp2 copies :path straight from the string, and the timeout from the stack (`submitFields`).
         if head.encoding != .identity {
             self.fields.append((name: self.append("grpc-encoding"), value: self.append(head.encoding.name)))
         }
@@ -152,7 +145,7 @@ struct HeaderScratch {
         // Read in place: a copy of the metadata (or of the path, below) was a retain and a release every call.
         if !head.metadata.isEmpty { self.appendMetadata(head.metadata) }
         return self.submitFields(
-            prefix: prefix, session: session, path: head.path, timeout: timeoutLength.map { (timeoutText, $0) },
+            prefix: prefix, session: session, path: head.path, timeoutNanoseconds: head.timeoutNanoseconds,
             source: source, maxHeaderListSize: maxHeaderListSize)
     }
 
@@ -171,13 +164,17 @@ struct HeaderScratch {
         }
     }
 
-    /// Submits the fixed fields, `:path`, `grpc-timeout` (its text and length) and the fields gathered in the scratch.
+    /// Submits the fixed fields, `:path`, `grpc-timeout` and the fields gathered in the scratch.
     private mutating func submitFields(
-        prefix: RequestHeaderPrefix, session: OpaquePointer, path: borrowing String,
-        timeout: ((UInt64, UInt64), Int)?, source: UnsafeMutableRawPointer, maxHeaderListSize: UInt32
+        prefix: RequestHeaderPrefix, session: OpaquePointer, path: borrowing String, timeoutNanoseconds: Int64?,
+        source: UnsafeMutableRawPointer, maxHeaderListSize: UInt32
     ) -> SubmitResult {
-        var timeoutText = timeout?.0 ?? (0, 0)
-        let timeoutLength = timeout?.1
+        var timeoutText: (UInt64, UInt64) = (0, 0)
+        let timeoutLength = timeoutNanoseconds.map { nanoseconds in
+            withUnsafeMutableBytes(of: &timeoutText) { raw in
+                self.timeoutMemo.encode(nanoseconds: nanoseconds, into: raw.bindMemory(to: UInt8.self))
+            }
+        }
         let fields = self.fields  // a retain, not a copy: the nv array is built in wire order from it
         let fixed = prefix.nvs
         // RFC 9113 §6.5.2 size of the whole list: every byte of names and values plus 32 per field.
