@@ -4,6 +4,17 @@ import COpenSSL
 import Glibc
 #endif
 
+/// OpenSSL initialised once, before the first context, without its exit-time cleanup (`OPENSSL_INIT_NO_ATEXIT`).
+/// Left to itself OpenSSL registers an atexit handler that frees its global state; a program that exits while a loop
+/// thread still lets go of its connections (the CLI on a failed dial, any `exit()` with a channel alive) then had that
+/// thread free an SSL_CTX through freed locks: a crash at exit, seen about once in twenty CLI runs under
+/// ThreadSanitizer. The process's exit gives the memory back anyway.
+private let openSSLInitialised: Bool = {
+    OPENSSL_init_ssl(
+        UInt64(OPENSSL_INIT_NO_ATEXIT) | UInt64(OPENSSL_INIT_LOAD_SSL_STRINGS) | UInt64(OPENSSL_INIT_LOAD_CRYPTO_STRINGS),
+        nil) == 1
+}()
+
 /// An SSL_CTX built from a `TLSSettings` (client) or a certificate and key (server). Immutable once built.
 package final class TLSContext: @unchecked Sendable {
     // `@unchecked`: the SSL_CTX is configured in init and only read afterwards (SSL_new), which OpenSSL allows
@@ -14,6 +25,7 @@ package final class TLSContext: @unchecked Sendable {
 
     /// A client context.
     package init(client configuration: TLSSettings) throws(TLSError) {
+        _ = openSSLInitialised
         guard let context = SSL_CTX_new(TLS_client_method()) else { throw TLSError.failed("SSL_CTX_new") }
         self.context = context
         self.isServer = false
@@ -53,6 +65,7 @@ package final class TLSContext: @unchecked Sendable {
 
     /// A server context offering h2 through ALPN; with `clientCA`, clients must present a certificate it signed.
     package init(serverCertificateChain chain: String, privateKey key: String, clientCA: String?) throws(TLSError) {
+        _ = openSSLInitialised
         guard let context = SSL_CTX_new(TLS_server_method()) else { throw TLSError.failed("SSL_CTX_new") }
         self.context = context
         self.isServer = true
