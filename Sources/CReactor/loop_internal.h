@@ -20,7 +20,8 @@ typedef struct cr_registration {
 } cr_registration;
 
 /// Timer slot states.
-enum { CR_TIMER_FREE = 0, CR_TIMER_ARMED = 1, CR_TIMER_READY = 2 };
+/// ARMED: in the heap; LISTED: in the sorted list (timers.c says which goes where).
+enum { CR_TIMER_FREE = 0, CR_TIMER_ARMED = 1, CR_TIMER_READY = 2, CR_TIMER_LISTED = 3 };
 
 typedef struct cr_timer {
     uint64_t deadline;
@@ -31,6 +32,8 @@ typedef struct cr_timer {
     uint32_t generation;
     uint32_t state;
     uint32_t next_free;
+    uint32_t list_prev;  // neighbours in the sorted list while LISTED (UINT32_MAX: none)
+    uint32_t list_next;
 } cr_timer;
 
 struct cr_loop {
@@ -55,6 +58,9 @@ struct cr_loop {
     uint32_t timer_free_head;  // UINT32_MAX when empty
     uint32_t *heap;  // slot indices, min-heap by (deadline, sequence)
     uint32_t heap_count;
+    uint32_t list_head;  // the sorted list's earliest and latest slots (UINT32_MAX when empty)
+    uint32_t list_tail;
+    uint32_t list_count;
     uint64_t next_sequence;
     uint64_t *ready;  // ids collected before any of them runs
     uint32_t ready_capacity;

@@ -60,6 +60,45 @@ struct ReactorTests {
         #expect(await onReactor(reactor) { reactor.timerCount } == 0)
     }
 
+    @Test("timers armed mostly in deadline order (as call deadlines are), some a few places back, some far back: all fire in order, cancelled ones never")
+    func timersArmedMostlyInOrder() async throws {
+        let reactor = try Reactor()
+        reactor.start()
+        defer { reactor.stopAndWait() }
+        let fired = ReactorBox<[(UInt64, Int)]>([])
+        let expected = ReactorBox<Int>(0)
+        let count = 3_000
+        await onReactor(reactor) {
+            let base = Reactor.clock() + 5_000_000
+            var ids: [Reactor.TimerID] = []
+            for index in 0..<count {
+                let step: Int
+                switch index % 10 {
+                case 9: step = index / 2  // far earlier than the last few: behind hundreds
+                case 4: step = index - 3  // due with the one three before: goes behind two
+                case 2, 7: step = index - 1  // due with the one before: a tie, fired after it
+                default: step = index
+                }
+                let deadline = base + UInt64(step) * 10_000
+                ids.append(reactor.scheduleTimer(at: deadline, handler: ClosureTimer { fired.value.append((deadline, index)) }))
+            }
+            #expect(reactor.timerCount == count)
+            for index in stride(from: 0, to: count, by: 7) { #expect(reactor.cancelTimer(ids[index])) }
+            expected.value = count - (count + 6) / 7
+            #expect(reactor.timerCount == expected.value)
+        }
+        while await onReactor(reactor, { fired.value.count }) < expected.value {
+            try await Task.sleep(nanoseconds: 5_000_000)
+        }
+        let result = await onReactor(reactor) { fired.value }
+        #expect(result.count == expected.value)
+        #expect(result.allSatisfy { $0.1 % 7 != 0 })
+        for (a, b) in zip(result, result.dropFirst()) {
+            #expect(a.0 < b.0 || (a.0 == b.0 && a.1 < b.1), "out of order: \(a) then \(b)")
+        }
+        #expect(await onReactor(reactor) { reactor.timerCount } == 0)
+    }
+
     @Test("100,000 timers: add, cancel half, the other half fire")
     func hundredThousandTimers() async throws {
         let reactor = try Reactor()
