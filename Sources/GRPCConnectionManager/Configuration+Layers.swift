@@ -33,7 +33,12 @@ extension Configuration {
         }
     }
 
+    /// One for every channel made from this configuration (its connections only read it).
     var http2ClientSettings: HTTP2ClientSettings {
+        self.sharedHTTP2ClientSettings(self.makeHTTP2ClientSettings)
+    }
+
+    private func makeHTTP2ClientSettings() -> HTTP2ClientSettings {
         HTTP2ClientSettings(
             connectTimeout: self.minConnectTimeout, keepAliveTime: self.keepAliveTime,
             keepAliveTimeout: self.keepAliveTimeout, keepAlivePermitWithoutStream: self.keepAlivePermitWithoutStream,
@@ -45,7 +50,16 @@ extension Configuration {
             acceptEncoding: self.compression.acceptEncodingHeader)
     }
 
-    func poolSettings(service: String) -> PoolSettings {
+    /// One for every channel made from this configuration, unless `service` has settings of its own.
+    func poolSettings(service: String) -> SharedPoolSettings {
+        if self.loadBalancingPolicies[service] != nil || self.healthCheckServiceNames[service] != nil {
+            return SharedPoolSettings(self.makePoolSettings(service: service))
+        }
+        return self.sharedPoolSettings { self.makePoolSettings(service: service) }
+    }
+
+    /// What `service`'s pools do: the same for every service but in the per-service tables.
+    private func makePoolSettings(service: String) -> PoolSettings {
         var settings = PoolSettings(
             connectionsPerTarget: self.connectionsPerTarget, maxQueuedCalls: self.maxQueuedCalls,
             backoff: self.backoffConfiguration, keepAliveTime: self.keepAliveTime, idleTimeout: self.idleTimeout,

@@ -3,6 +3,7 @@ import GRPCCMPool
 import GRPCCMReactor
 import GRPCCMTransport
 import GRPCCMWire
+import Synchronization
 
 /// How channels connect and call. Every field has a documented default; `validate()` names the first bad field.
 public struct Configuration: Sendable, Hashable {
@@ -481,9 +482,34 @@ public struct Configuration: Sendable, Hashable {
 extension Configuration {
     private final class Storage: Sendable {
         let fields: Fields
+        /// The connections' and the pools' settings, made from `fields` when a channel first asks and kept: every
+        /// channel made from this storage shares them (a storage's fields never change).
+        let http2ClientSettings = Mutex<HTTP2ClientSettings?>(nil)
+        /// Only for services without settings of their own (`loadBalancingPolicies`, `healthCheckServiceNames`).
+        let poolSettings = Mutex<SharedPoolSettings?>(nil)
         init(_ fields: Fields) { self.fields = fields }
         /// What every `Configuration()` starts with.
         static let defaults = Storage(Fields())
+    }
+
+    /// `make()`'s answer, made once for this configuration and its unchanged copies.
+    func sharedHTTP2ClientSettings(_ make: () -> HTTP2ClientSettings) -> HTTP2ClientSettings {
+        self.storage.http2ClientSettings.withLock { kept in
+            if let kept { return kept }
+            let made = make()
+            kept = made
+            return made
+        }
+    }
+
+    /// `make()`'s answer, made once for this configuration and its unchanged copies.
+    func sharedPoolSettings(_ make: () -> PoolSettings) -> SharedPoolSettings {
+        self.storage.poolSettings.withLock { kept in
+            if let kept { return kept }
+            let made = SharedPoolSettings(make())
+            kept = made
+            return made
+        }
     }
 
     /// The stored fields with their defaults, documented on the properties above.

@@ -42,6 +42,14 @@ package struct PoolSettings: Sendable {
     }
 }
 
+/// One `PoolSettings` for the pools of every channel made from the same configuration: a pool keeps this reference,
+/// not a copy of its own (about 190 bytes a channel, with thousands of channels).
+package final class SharedPoolSettings: Sendable {
+    package let value: PoolSettings
+
+    package init(_ value: PoolSettings) { self.value = value }
+}
+
 extension ClientCall: WaitQueueEntry {}
 
 /// The connections of one service: a subchannel per resolved address (times `connectionsPerTarget`), the calls
@@ -66,7 +74,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private let loopReactor: Unmanaged<Reactor>
     package let service: String
     package let target: Target
-    private let settings: PoolSettings
+    private let shared: SharedPoolSettings
     private let connector: any TransportConnector
     private let resolver: any AddressResolver
     /// The resolver's fixed addresses for `target` (a numeric address, a Unix path): installed at once, and never
@@ -138,8 +146,18 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     @exclusivity(unchecked)
     private var pickingNextAddress = false
 
-    package init(
+    /// A pool with settings of its own (tests).
+    package convenience init(
         reactor: Reactor, service: String, target: Target, settings: PoolSettings, connector: any TransportConnector,
+        bus: LocalEventBus, connectionIDs: ConnectionIDSource, resolver: any AddressResolver = SystemResolver()
+    ) {
+        self.init(
+            reactor: reactor, service: service, target: target, settings: SharedPoolSettings(settings), connector: connector,
+            bus: bus, connectionIDs: connectionIDs, resolver: resolver)
+    }
+
+    package init(
+        reactor: Reactor, service: String, target: Target, settings: SharedPoolSettings, connector: any TransportConnector,
         bus: LocalEventBus, connectionIDs: ConnectionIDSource, resolver: any AddressResolver = SystemResolver()
     ) {
         self.reactor = reactor
@@ -148,13 +166,13 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.fixedAddresses = resolver.fixedAddresses(for: target)
         self.service = service
         self.target = target
-        self.settings = settings
+        self.shared = settings
         self.connector = connector
         self.bus = bus
         self.connectionIDs = connectionIDs
-        self.queue = WaitQueue(capacity: settings.maxQueuedCalls)
-        self.keepAliveTime = settings.keepAliveTime
-        self.picker = Picker(policy: settings.loadBalancingPolicy)
+        self.queue = WaitQueue(capacity: settings.value.maxQueuedCalls)
+        self.keepAliveTime = settings.value.keepAliveTime
+        self.picker = Picker(policy: settings.value.loadBalancingPolicy)
         super.init()
         if let fixed = self.fixedAddresses { self.install(fixed) }
     }
@@ -268,7 +286,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             call.routeRefused(
                 CallStatus(
                     code: .resourceExhausted,
-                    message: "too many calls waiting for a connection (maxQueuedCalls \(self.settings.maxQueuedCalls))"))
+                    message: "too many calls waiting for a connection (maxQueuedCalls \(self.shared.value.maxQueuedCalls))"))
             return
         }
         self.connectIdle()
@@ -321,7 +339,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     /// The Connection Attempt Delay: when it passes with no address connected, the next one is tried too.
     private func armAttemptDelay() {
-        let delay = UInt64(max(self.settings.connectionAttemptDelay.nanoseconds, 0))
+        let delay = UInt64(max(self.shared.value.connectionAttemptDelay.nanoseconds, 0))
         self.attemptDelayTimer = self.reactor.schedule(afterNanoseconds: delay) { [weak self] in
             guard let self else { return }
             self.attemptDelayTimer = 0
@@ -415,7 +433,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             let kept = remaining.filter { $0.address == address }
             remaining.removeAll { $0.address == address }
             next.append(contentsOf: kept)
-            for _ in kept.count..<max(kept.count, self.settings.connectionsPerTarget) {
+            for _ in kept.count..<max(kept.count, self.shared.value.connectionsPerTarget) {
                 next.append(self.makeSubchannel(address))
             }
         }
@@ -430,11 +448,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     private func makeSubchannel(_ address: NetworkAddress) -> Subchannel {
         let subchannel = Subchannel(
             reactor: self.reactor, address: address, service: self.service, connector: self.connector,
-            bus: self.bus, connectionIDs: self.connectionIDs, backoff: self.settings.backoff,
-            keepAliveTime: self.keepAliveTime, idleTimeout: self.settings.idleTimeout)
+            bus: self.bus, connectionIDs: self.connectionIDs, backoff: self.shared.value.backoff,
+            keepAliveTime: self.keepAliveTime, idleTimeout: self.shared.value.idleTimeout)
         subchannel.delegate = self
         subchannel.streamDemand = self.streamDemand
-        subchannel.healthCheckServiceName = self.settings.healthCheckServiceName
+        subchannel.healthCheckServiceName = self.shared.value.healthCheckServiceName
         return subchannel
     }
 
@@ -443,8 +461,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// `maxConnectionsPerTarget`, rather than queue. Nothing while a connection is on its way (it may bring room).
     /// pick_first grows only to the address it uses: the others stay as they are.
     private func growForStreams() {
-        let limit = self.settings.maxConnectionsPerTarget
-        guard limit > self.settings.connectionsPerTarget, var addresses = self.addresses, !addresses.isEmpty else { return }
+        let limit = self.shared.value.maxConnectionsPerTarget
+        guard limit > self.shared.value.connectionsPerTarget, var addresses = self.addresses, !addresses.isEmpty else { return }
         var inUse: NetworkAddress?
         if self.picker.policy == .pickFirst {
             inUse = self.addressInUse
@@ -497,7 +515,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             self.resolveAfterLookup = true
             return
         }
-        let minimum = UInt64(max(self.settings.minimumResolutionInterval.nanoseconds, 0))
+        let minimum = UInt64(max(self.shared.value.minimumResolutionInterval.nanoseconds, 0))
         let since = Reactor.clock() &- self.lastResolution
         // The first lookup goes at once: the clock counts from boot, which may be less than the minimum ago.
         if self.lastResolution == 0 || since >= minimum {
@@ -524,7 +542,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// The next periodic resolution, `resolutionInterval` ± 20 % from now (the jitter keeps a fleet of clients
     /// from asking the DNS server in step).
     private func schedulePeriodicResolution() {
-        let interval = self.settings.resolutionInterval.nanoseconds
+        let interval = self.shared.value.resolutionInterval.nanoseconds
         guard interval > 0, self.periodicResolutionTimer == 0 else { return }
         let delay = Double(interval) * Double.random(in: 0.8...1.2)
         self.periodicResolutionTimer = self.reactor.schedule(afterNanoseconds: UInt64(delay)) { [weak self] in
@@ -586,7 +604,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                 self.failWaitingFailFast()
                 // Wait-for-ready calls keep waiting; try again after a while.
                 if !self.queue.isEmpty && self.resolveRetryTimer == 0 {
-                    let delay = UInt64(max(self.settings.resolveRetryDelay.nanoseconds, 0))
+                    let delay = UInt64(max(self.shared.value.resolveRetryDelay.nanoseconds, 0))
                     self.resolveRetryTimer = self.reactor.schedule(afterNanoseconds: delay) { [weak self] in
                         guard let self else { return }
                         self.resolveRetryTimer = 0
