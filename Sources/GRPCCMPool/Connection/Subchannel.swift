@@ -145,6 +145,10 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         }
     }
 
+    /// Connecting again on its own: its backoff after a failed attempt ran out while calls waited. No call asked for
+    /// this attempt or found it under way when it began to wait (`connect()` is how a call asks).
+    package private(set) var retryingUnasked = false
+
     package var lastError: CallStatus? {
         if self.machine.state == .ready, case .notServing(let reason) = self.health { return reason }
         return self.machine.lastError
@@ -198,6 +202,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         switch self.machine.connectRequested() {
         case .none: return
         case .connect:
+            self.retryingUnasked = false
             self.transition(from: old, reason: nil)
             self.startAttempt()
         }
@@ -384,6 +389,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
             switch self.machine.backoffElapsed(callsWaiting: self.delegate?.hasWaitingCalls ?? false) {
             case .none: return
             case .connect:
+                self.retryingUnasked = true
                 self.transition(from: old, reason: nil)
                 self.startAttempt()
             case .becameIdle:

@@ -384,10 +384,14 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         !self.subchannels.isEmpty && self.subchannels.allSatisfy(\.isFailing)
     }
 
-    /// The fail-fast calls already waiting give up only when no attempt is left under way: each waits for the
-    /// attempts it found (or started) to answer.
+    /// The fail-fast calls already waiting give up when every connection is failing and none is on an attempt a
+    /// call is waiting for: each waits for the attempts it found (or started) to answer, not for the retries a
+    /// failed connection's backoff starts on its own. A new call fails at once then (`allFailing`); one that has
+    /// waited since must not outwait it (connections that fail a few seconds apart, each retrying while the other
+    /// tries, would otherwise keep it waiting until the backoffs outgrow the stagger: minutes).
     private var nothingLeftToWaitFor: Bool {
-        !self.subchannels.isEmpty && self.subchannels.allSatisfy { $0.state == .transientFailure && $0.isFailing }
+        !self.subchannels.isEmpty
+            && self.subchannels.allSatisfy { $0.isFailing && ($0.state == .transientFailure || $0.retryingUnasked) }
     }
 
     private func failFastStatus() -> CallStatus {

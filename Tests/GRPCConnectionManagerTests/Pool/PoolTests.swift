@@ -363,6 +363,27 @@ struct PoolTests {
         #expect(rig.connector.made.last?.keepAliveTime == .seconds(60))
     }
 
+    @Test("waiting fail-fast calls give up once every connection is failing, as a new call would, though a failed connection's own retry is under way")
+    func waitingCallsDoNotOutwaitNewOnes() throws {
+        let rig = try Rig(resolver: FixedResolver.ports(1, 2), backoffBase: .milliseconds(1))
+        defer { rig.finish() }
+        rig.call(1)
+        #expect(rig.connector.made.count == 2)
+        // The first address fails while the second's first attempt is under way: the call waits for that one.
+        rig.connector.made[0].fail("first refused")
+        rig.endTurn()
+        #expect(rig.status(1) == nil)
+        // The first's backoff runs out while the call waits: it tries again on its own.
+        for _ in 0..<100 where rig.connector.made.count < 3 { _ = try rig.reactor.runOnce(maxWaitMilliseconds: 20) }
+        #expect(rig.connector.made.count == 3)
+        // The second fails too: every connection is failing, and the retry under way is not one the call waits for.
+        rig.connector.made[1].fail("second refused")
+        rig.call(2)
+        rig.endTurn()
+        #expect(rig.status(2)?.code == .unavailable, "a new call fails at once")
+        #expect(rig.status(1)?.code == .unavailable, "and so does the one that waited")
+    }
+
     @Test("the least-loaded ready connection takes each call; a freed stream takes the next queued call")
     func picksAndDrains() throws {
         let rig = try Rig(connectionsPerTarget: 2)
