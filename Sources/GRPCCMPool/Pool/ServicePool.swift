@@ -401,11 +401,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// Hands waiting calls to connections that can take them, in order.
     private func drainQueue() {
         while !self.queue.isEmpty {
-            let subchannels = self.subchannels
-            guard
-                self.picker.pick(count: subchannels.count, { (subchannels[$0].availableStreams > 0, 0) }) != nil,
-                let call = self.queue.dequeue()
-            else { return }
+            // Whether any can take one: not asked of the picker, whose pick moves round_robin's turn (the call's
+            // own pick moved it again, and every drained call went to the same connection).
+            guard self.subchannels.contains(where: { $0.availableStreams > 0 }), let call = self.queue.dequeue() else {
+                return
+            }
             if !self.open(call) {
                 if call.isWaitingForStream { self.queue.requeueFirst(call) }
                 return

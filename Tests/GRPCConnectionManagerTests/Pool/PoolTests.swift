@@ -384,6 +384,27 @@ struct PoolTests {
         #expect(rig.status(1)?.code == .unavailable, "and so does the one that waited")
     }
 
+    @Test("round_robin: calls drained from the queue take turns over the connections with room")
+    func drainedCallsTakeTurns() throws {
+        let rig = try Rig(resolver: FixedResolver.ports(1, 2), policy: .roundRobin)
+        defer { rig.finish() }
+        rig.pool.connectAll()
+        for transport in rig.connector.made {
+            transport.streamLimit = 1
+            transport.becomeReady()
+        }
+        for id in 1...6 { rig.call(id) }
+        #expect(rig.pool.queuedCallCount == 4)
+        // Both make room for two more at once (a SETTINGS raising the limit): the queue drains in turns.
+        for transport in rig.connector.made { transport.streamLimit = 3 }
+        let first = rig.connector.made[0]
+        first.delegate?.transportHasCapacity(first)
+        #expect(rig.pool.queuedCallCount == 0)
+        let drained = rig.connector.made.map { $0.opened.dropFirst().map(\.path) }
+        #expect(drained.map(\.count) == [2, 2])
+        #expect(drained.allSatisfy { Set($0) == ["/p.S/M3", "/p.S/M5"] || Set($0) == ["/p.S/M4", "/p.S/M6"] }, "\(drained)")
+    }
+
     @Test("the least-loaded ready connection takes each call; a freed stream takes the next queued call")
     func picksAndDrains() throws {
         let rig = try Rig(connectionsPerTarget: 2)
