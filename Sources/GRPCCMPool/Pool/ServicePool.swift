@@ -207,8 +207,10 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         return .transientFailure
     }
 
+    /// Why calls fail: the connections' last error while there are connections (a failed lookup keeps the last
+    /// good addresses, and what fails the calls then is connecting to them), else the failed lookup's.
     package var lastError: CallStatus? {
-        self.resolutionError ?? self.subchannels.lazy.compactMap(\.lastError).first
+        self.subchannels.lazy.compactMap(\.lastError).first ?? self.resolutionError
     }
 
     /// Keepalive interval each subchannel will use for its next connection (tests check the too_many_pings rule).

@@ -405,6 +405,23 @@ struct PoolTests {
         #expect(drained.allSatisfy { Set($0) == ["/p.S/M3", "/p.S/M5"] || Set($0) == ["/p.S/M4", "/p.S/M6"] }, "\(drained)")
     }
 
+    @Test("a failed lookup with connections kept: fail-fast calls say why the connections fail, not the lookup")
+    func connectionErrorOutranksAFailedLookup() throws {
+        let resolver = HeldResolver()
+        let rig = try Rig(target: "name.test:1", resolver: resolver, minimumResolutionInterval: .zero)
+        defer { rig.finish() }
+        rig.call(1)
+        resolver.answer(.success([NetworkAddress(ip: "127.0.0.1", port: 1)!]))
+        // The connection fails (a lookup is asked for again, and fails too).
+        rig.connector.made[0].fail("connection refused")
+        resolver.answer(.failure(CallStatus(code: .unavailable, message: "DNS timed out")))
+        rig.call(2)
+        rig.endTurn()
+        #expect(rig.status(2)?.code == .unavailable)
+        #expect(rig.status(2)?.message.contains("connection refused") == true, "\(String(describing: rig.status(2)))")
+        #expect(rig.pool.lastError?.message.contains("connection refused") == true)
+    }
+
     @Test("the least-loaded ready connection takes each call; a freed stream takes the next queued call")
     func picksAndDrains() throws {
         let rig = try Rig(connectionsPerTarget: 2)
