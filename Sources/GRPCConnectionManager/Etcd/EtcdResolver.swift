@@ -248,10 +248,14 @@ final class EtcdWatcher: @unchecked Sendable {
         // which would stay silent for ever, instead of keeping it.
         let call = self.client.bidirectionalStreaming(path: EtcdMessages.watchPath, callbacks: callbacks)
         _ = call.send(EtcdMessages.watchCreateRequest(prefix: self.prefix, startRevision: revision + 1))
-        self.state.withLock {
-            $0.call = call
-            $0.watchedAfter = revision
+        // `stop()` (any thread) may have come while the call was made, and found only the last stream to cancel; so
+        // may a read from behind this stream's start (tests advance from their own thread): either ends this one.
+        let unwanted = self.state.withLock { state -> Bool in
+            state.call = call
+            state.watchedAfter = revision
+            return state.stopped || state.revision < revision
         }
+        if unwanted { call.cancel() }
     }
 
     func stop() {
