@@ -31,6 +31,7 @@ struct Perf: ParsableCommand {
     @Option(name: .customLong("idle-connections"), help: "Instead: open N connections, one call each, hold them.") var idleConnections: Int?
     @Option(name: .customLong("idle-hold"), help: "Seconds to hold the idle connections.") var idleHold = 3.0
     @Flag(name: .customLong("idle-shared"), help: "With --idle-connections: one channel holding the N connections (connectionsPerTarget N) instead of one channel per connection.") var idleShared = false
+    @Flag(name: .customLong("idle-manager"), help: "With --idle-connections: one ConnectionManager with N services, a connection each, instead of N standalone channels.") var idleManager = false
     @Flag(help: "Switch off retry and the circuit breaker (the peers have neither).") var bare = false
     @Option(help: "Give every unary call this deadline, in seconds (sent as grpc-timeout, a timer armed per call).") var timeout: Double?
     @Option(help: "Run on a ReactorGroup of this many loops (closed loop only): each loop gets its own connections.") var loops = 1
@@ -93,6 +94,7 @@ struct Perf: ParsableCommand {
         }
         let before = Self.rssKB()
         var channels: [GRPCChannel] = []
+        var managers: [ConnectionManager] = []
         let done = Atomic<Int>(0)
         let errors = Atomic<Int>(0)
         let call = { (channel: GRPCChannel) in
@@ -117,6 +119,16 @@ struct Perf: ParsableCommand {
             channel.events.unsubscribe(token)
             done.store(0, ordering: .relaxed)
             for _ in 0..<count { call(channel) }
+        } else if self.idleManager {
+            // One manager, N services on the same target: its bus, handlers and name cache are shared, as in a
+            // service that reaches many others.
+            let manager = try ConnectionManager(configuration: configuration, eventLoop: loop)
+            managers.append(manager)
+            for index in 0..<count {
+                let channel = try manager.connection(service: "service-\(index)", address: target)
+                channels.append(channel)
+                call(channel)
+            }
         } else {
             for _ in 0..<count {
                 let channel = try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
@@ -129,10 +141,10 @@ struct Perf: ParsableCommand {
         let after = Self.rssKB()
         let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
         print(
-            "{\"idle_connections\": \(count), \"shared_channel\": \(self.idleShared), \"errors\": \(errors.load(ordering: .relaxed)), \"rss_kb_before\": \(before), "
+            "{\"idle_connections\": \(count), \"shared_channel\": \(self.idleShared), \"manager\": \(self.idleManager), \"errors\": \(errors.load(ordering: .relaxed)), \"rss_kb_before\": \(before), "
                 + "\"rss_kb\": \(after), \"rss_kb_per_connection\": \(String(format: "%.2f", Double(after - before) / Double(max(count, 1)))), "
                 + "\"open_fds\": \(fds), \"os_threads\": \(Self.threads())}")
-        withExtendedLifetime(channels) {}
+        withExtendedLifetime((channels, managers)) {}
     }
 
     /// User timers far in the future and idle user fds on each loop: they must cost a gRPC call nothing.
