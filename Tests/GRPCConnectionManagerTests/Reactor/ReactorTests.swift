@@ -29,70 +29,89 @@ final class ReactorBox<Value>: @unchecked Sendable {
 struct ReactorTests {
     @Test("timers fire in deadline order, ties in insertion order, and cancelled ones never fire")
     func timersFireInOrderAndCancel() async throws {
-        let reactor = try Reactor()
-        reactor.start()
-        defer { reactor.stopAndWait() }
-        let fired = ReactorBox<[(UInt64, Int)]>([])
-        let expected = ReactorBox<Int>(0)
-        let count = 2_000
-        await onReactor(reactor) {
-            let base = Reactor.clock() + 5_000_000
-            var ids: [Reactor.TimerID] = []
-            for index in 0..<count {
-                let deadline = base + UInt64((index * 7919) % 97) * 100_000
-                ids.append(
-                    reactor.scheduleTimer(
-                        at: deadline, handler: ClosureTimer { fired.value.append((deadline, index)) }))
-            }
-            for index in stride(from: 0, to: count, by: 3) { #expect(reactor.cancelTimer(ids[index])) }
-            #expect(!reactor.cancelTimer(ids[0]), "a cancelled timer cannot be cancelled twice")
-            expected.value = count - (count + 2) / 3
-        }
-        while await onReactor(reactor, { fired.value.count }) < expected.value {
-            try await Task.sleep(nanoseconds: 5_000_000)
-        }
-        let result = await onReactor(reactor) { fired.value }
-        #expect(result.count == expected.value)
-        #expect(result.allSatisfy { $0.1 % 3 != 0 })
-        for (a, b) in zip(result, result.dropFirst()) {
-            #expect(a.0 < b.0 || (a.0 == b.0 && a.1 < b.1), "out of order: \(a) then \(b)")
-        }
-        #expect(await onReactor(reactor) { reactor.timerCount } == 0)
+        try await Self.checkTimers(count: 2_000, cancelEvery: 3) { index in UInt64((index * 7919) % 97) * 100_000 }
     }
 
     @Test("timers armed mostly in deadline order (as call deadlines are), some a few places back, some far back: all fire in order, cancelled ones never")
     func timersArmedMostlyInOrder() async throws {
+        try await Self.checkTimers(count: 3_000, cancelEvery: 7) { index in
+            let step: Int
+            switch index % 10 {
+            case 9: step = index / 2  // far earlier than the last few: behind hundreds
+            case 4: step = index - 3  // due with the one three before: goes behind two
+            case 2, 7: step = index - 1  // due with the one before: a tie, fired after it
+            default: step = index
+            }
+            return UInt64(step) * 10_000
+        }
+    }
+
+    @Test("a timer cancelled by another's callback in the same batch never fires; timers left armed at stop let go of their handlers")
+    func timerBatchCancelAndStop() async throws {
+        let reactor = try Reactor()
+        reactor.start()
+        let fired = ReactorBox<[Int]>([])
+        let cancelled = ReactorBox<Bool>(false)
+        final class Held: ReactorHandler, @unchecked Sendable {}
+        final class Watched: @unchecked Sendable {
+            // Set on the loop, read after it stopped.
+            weak var listed: Held?
+            weak var heaped: Held?
+        }
+        let watched = Watched()
+        await onReactor(reactor) {
+            let due = Reactor.clock() + 2_000_000
+            let second = ReactorBox<Reactor.TimerID>(0)
+            _ = reactor.scheduleTimer(at: due, handler: ClosureTimer {
+                fired.value.append(1)
+                cancelled.value = reactor.cancelTimer(second.value)
+            })
+            second.value = reactor.scheduleTimer(at: due, handler: ClosureTimer { fired.value.append(2) })
+            _ = reactor.scheduleTimer(at: due + 1_000_000, handler: ClosureTimer { fired.value.append(3) })
+            // Far ahead, still armed when the loop stops: one in order (the list), one before several (the heap).
+            let far = Reactor.clock() + 3_600_000_000_000
+            for _ in 0..<6 { _ = reactor.scheduleTimer(at: far + 1, handler: ClosureTimer {}) }
+            let inOrder = Held()
+            let early = Held()
+            watched.listed = inOrder
+            watched.heaped = early
+            _ = reactor.scheduleTimer(at: far + 2, handler: inOrder)
+            _ = reactor.scheduleTimer(at: far, handler: early)
+        }
+        while await onReactor(reactor, { fired.value.count }) < 2 { try await Task.sleep(nanoseconds: 2_000_000) }
+        #expect(await onReactor(reactor) { fired.value } == [1, 3])
+        #expect(await onReactor(reactor) { cancelled.value }, "the second was still pending in the batch: cancelled")
+        reactor.stopAndWait()
+        #expect(watched.listed == nil && watched.heaped == nil, "stopping released the handlers of timers still armed")
+    }
+
+    /// Arms `count` timers on a running reactor, timer `index` due `offset(index)` nanoseconds after a common start
+    /// 5 ms ahead; cancels every `cancelEvery`th (the first included); then checks that the others all fire, each
+    /// once, in deadline order (ties in the order they were armed), and that none is left.
+    private static func checkTimers(count: Int, cancelEvery: Int, offset: @escaping @Sendable (Int) -> UInt64) async throws {
         let reactor = try Reactor()
         reactor.start()
         defer { reactor.stopAndWait() }
         let fired = ReactorBox<[(UInt64, Int)]>([])
-        let expected = ReactorBox<Int>(0)
-        let count = 3_000
+        let expected = count - (count + cancelEvery - 1) / cancelEvery
         await onReactor(reactor) {
             let base = Reactor.clock() + 5_000_000
             var ids: [Reactor.TimerID] = []
             for index in 0..<count {
-                let step: Int
-                switch index % 10 {
-                case 9: step = index / 2  // far earlier than the last few: behind hundreds
-                case 4: step = index - 3  // due with the one three before: goes behind two
-                case 2, 7: step = index - 1  // due with the one before: a tie, fired after it
-                default: step = index
-                }
-                let deadline = base + UInt64(step) * 10_000
+                let deadline = base + offset(index)
                 ids.append(reactor.scheduleTimer(at: deadline, handler: ClosureTimer { fired.value.append((deadline, index)) }))
             }
             #expect(reactor.timerCount == count)
-            for index in stride(from: 0, to: count, by: 7) { #expect(reactor.cancelTimer(ids[index])) }
-            expected.value = count - (count + 6) / 7
-            #expect(reactor.timerCount == expected.value)
+            for index in stride(from: 0, to: count, by: cancelEvery) { #expect(reactor.cancelTimer(ids[index])) }
+            #expect(!reactor.cancelTimer(ids[0]), "a cancelled timer cannot be cancelled twice")
+            #expect(reactor.timerCount == expected)
         }
-        while await onReactor(reactor, { fired.value.count }) < expected.value {
+        while await onReactor(reactor, { fired.value.count }) < expected {
             try await Task.sleep(nanoseconds: 5_000_000)
         }
         let result = await onReactor(reactor) { fired.value }
-        #expect(result.count == expected.value)
-        #expect(result.allSatisfy { $0.1 % 7 != 0 })
+        #expect(result.count == expected)
+        #expect(result.allSatisfy { $0.1 % cancelEvery != 0 })
         for (a, b) in zip(result, result.dropFirst()) {
             #expect(a.0 < b.0 || (a.0 == b.0 && a.1 < b.1), "out of order: \(a) then \(b)")
         }
