@@ -146,7 +146,8 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     }
 
     /// Connecting again on its own: its backoff after a failed attempt ran out while calls waited. No call asked for
-    /// this attempt or found it under way when it began to wait (`connect()` is how a call asks).
+    /// this attempt (`connect()`, from IDLE, is how one asks), so none waits for it: the pool fails its waiting
+    /// fail-fast calls when such a retry is all that is left, as it fails a new one then.
     package private(set) var retryingUnasked = false
 
     package var lastError: CallStatus? {

@@ -207,10 +207,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         return .transientFailure
     }
 
-    /// Why calls fail: the connections' last error while there are connections (a failed lookup keeps the last
-    /// good addresses, and what fails the calls then is connecting to them), else the failed lookup's.
+    /// Why calls fail: a failing connection's error (a failed lookup keeps the last good addresses, and what fails
+    /// the calls then is connecting to them), else the failed lookup's, else any connection's last.
     package var lastError: CallStatus? {
-        self.subchannels.lazy.compactMap(\.lastError).first ?? self.resolutionError
+        self.subchannels.lazy.filter(\.isFailing).compactMap(\.lastError).first ?? self.resolutionError
+            ?? self.subchannels.lazy.compactMap(\.lastError).first
     }
 
     /// Keepalive interval each subchannel will use for its next connection (tests check the too_many_pings rule).
@@ -387,10 +388,11 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     }
 
     /// The fail-fast calls already waiting give up when every connection is failing and none is on an attempt a
-    /// call is waiting for: each waits for the attempts it found (or started) to answer, not for the retries a
-    /// failed connection's backoff starts on its own. A new call fails at once then (`allFailing`); one that has
-    /// waited since must not outwait it (connections that fail a few seconds apart, each retrying while the other
-    /// tries, would otherwise keep it waiting until the backoffs outgrow the stagger: minutes).
+    /// call asked for: each waits for the first attempts it found (or started) to answer, not for the retries a
+    /// failed connection's backoff starts on its own, even one under way when it began to wait. A new call fails at
+    /// once then (`allFailing`); one that has waited since must not outwait it (connections that fail a few seconds
+    /// apart, each retrying while the other tries, would otherwise keep it waiting until the backoffs outgrow the
+    /// stagger: minutes).
     private var nothingLeftToWaitFor: Bool {
         !self.subchannels.isEmpty
             && self.subchannels.allSatisfy { $0.isFailing && ($0.state == .transientFailure || $0.retryingUnasked) }

@@ -240,6 +240,15 @@ struct PoolTests {
         /// The deferred phase: completions run.
         func endTurn() { self.reactor.runEndOfTurnForTesting() }
 
+        /// Connects every subchannel, each connection ready with room for `streamLimit` streams.
+        func connectAll(streamLimit: Int) {
+            self.pool.connectAll()
+            for transport in self.connector.made {
+                transport.streamLimit = streamLimit
+                transport.becomeReady()
+            }
+        }
+
         /// Closes the pool (every call ends, the loop lets go of the pool's shutdown hook), so nothing outlives the
         /// test: a loop that never runs never gets to release what it holds otherwise.
         func finish() {
@@ -388,11 +397,7 @@ struct PoolTests {
     func drainedCallsTakeTurns() throws {
         let rig = try Rig(resolver: FixedResolver.ports(1, 2), policy: .roundRobin)
         defer { rig.finish() }
-        rig.pool.connectAll()
-        for transport in rig.connector.made {
-            transport.streamLimit = 1
-            transport.becomeReady()
-        }
+        rig.connectAll(streamLimit: 1)
         for id in 1...6 { rig.call(id) }
         #expect(rig.pool.queuedCallCount == 4)
         // Both make room for two more at once (a SETTINGS raising the limit): the queue drains in turns.
@@ -426,11 +431,7 @@ struct PoolTests {
     func picksAndDrains() throws {
         let rig = try Rig(connectionsPerTarget: 2)
         defer { rig.finish() }
-        rig.pool.connectAll()
-        for transport in rig.connector.made {
-            transport.streamLimit = 1
-            transport.becomeReady()
-        }
+        rig.connectAll(streamLimit: 1)
         for id in 1...3 { rig.call(id) }
         let opened = rig.connector.made.map { $0.opened.count }
         #expect(opened == [1, 1], "one stream on each connection")
