@@ -117,7 +117,7 @@ final class EtcdResolver: AddressResolver {
         let started = self.watches.withLock { watches -> EtcdWatcher? in
             switch watches[key] {
             case .waitingForRange(let changed):
-                let watcher = EtcdWatcher(client: client, reactor: reactor, prefix: prefix, changed: changed)
+                let watcher = EtcdWatcher(client: client, reactor: reactor, prefix: prefix) { _ in changed() }
                 watches[key] = .watching(watcher)
                 return watcher
             case .watching(let watcher):
@@ -196,13 +196,15 @@ final class EtcdWatcher: @unchecked Sendable {
     private let client: GRPCChannel
     private let reactor: Reactor
     private let prefix: String
-    private let changed: @Sendable () -> Void
+    /// Told that the names may have changed: with `true` when etcd reported changes under the prefix, `false` when
+    /// the stream ended (what changed meanwhile is unknown).
+    private let changed: @Sendable (_ reported: Bool) -> Void
     /// The stream, whether stopped, the revision the last Range read (a new stream starts after it), and the one the
     /// stream under way started after.
     private let state = PThreadLock<(call: StreamingCall?, stopped: Bool, revision: Int64, watchedAfter: Int64)>(
         (nil, false, 0, 0))
 
-    init(client: GRPCChannel, reactor: Reactor, prefix: String, changed: @escaping @Sendable () -> Void) {
+    init(client: GRPCChannel, reactor: Reactor, prefix: String, changed: @escaping @Sendable (_ reported: Bool) -> Void) {
         self.client = client
         self.reactor = reactor
         self.prefix = prefix
@@ -230,7 +232,7 @@ final class EtcdWatcher: @unchecked Sendable {
             onMessage: { [weak self] message in
                 guard let self else { return }
                 let (events, canceled) = EtcdMessages.watchResponse(message)
-                if events > 0 { self.changed() }
+                if events > 0 { self.changed(true) }
                 if canceled {
                     // etcd ended this watch but keeps the stream (its revision was compacted away, say): end the
                     // stream too, so that the name is read again and the watch reopened from what that read.
@@ -241,7 +243,7 @@ final class EtcdWatcher: @unchecked Sendable {
                 // etcd went away (or cancelled the watch): what changed meanwhile is unknown, so resolve again, and
                 // watch again in a second.
                 guard let self, !self.state.withLock({ $0.stopped }) else { return }
-                self.changed()
+                self.changed(false)
                 _ = self.reactor.schedule(afterNanoseconds: 1_000_000_000) { [weak self] in self?.start() }
             })
         // The client asks for a leader (`RequireLeader`): etcd refuses the watch of a member cut off from its leader,
