@@ -393,6 +393,33 @@ struct PoolTests {
         #expect(rig.status(1)?.code == .unavailable, "and so does the one that waited")
     }
 
+    @Test("an attempt made through connect() holds waiting calls, though the connection's previous retry was one its backoff started on its own")
+    func connectAfterAnUnaskedRetryHoldsCalls() throws {
+        // Backoffs of 50 and 80 ms: the test's own steps between them take far less.
+        let rig = try Rig(resolver: FixedResolver.ports(1, 2), backoffBase: .milliseconds(50))
+        defer { rig.finish() }
+        let first = rig.call(1)
+        rig.connector.made[0].fail("first refused")
+        // The first retries on its own while call 1 waits, and fails again.
+        for _ in 0..<100 where rig.connector.made.count < 3 { _ = try rig.reactor.runOnce(maxWaitMilliseconds: 20) }
+        rig.connector.made[2].fail("first refused again")
+        rig.endTurn()
+        #expect(rig.status(1) == nil, "the second's first attempt is still under way")
+        // Nobody waits when its backoff runs out: it goes IDLE, and the pool connects it again at once (the second
+        // is connecting: round_robin keeps every address connected while the channel is used).
+        first.cancelFromAnyThread()
+        for _ in 0..<100 where rig.connector.made.count < 4 { _ = try rig.reactor.runOnce(maxWaitMilliseconds: 20) }
+        #expect(rig.connector.made.count == 4)
+        // A call comes and waits; then the second fails: the first's attempt under way, made through connect(),
+        // is one the call waits for.
+        rig.call(2)
+        rig.connector.made[1].fail("second refused")
+        rig.endTurn()
+        #expect(rig.status(2) == nil, "the attempt under way was asked for")
+        rig.connector.made[3].becomeReady()
+        #expect(rig.connector.made[3].opened.map(\.path) == ["/p.S/M2"])
+    }
+
     @Test("round_robin: calls drained from the queue take turns over the connections with room")
     func drainedCallsTakeTurns() throws {
         let rig = try Rig(resolver: FixedResolver.ports(1, 2), policy: .roundRobin)
