@@ -254,6 +254,34 @@ struct EtcdTests {
         #expect(await eventually { rig.reportedChanges > before }, "a change after the reopen is heard")
     }
 
+    @Test("a watch stopped while its stream is being made (stop() from another thread) does not leave the stream open")
+    func stopDuringStartLeavesNoStream() async throws {
+        let etcd = try EtcdPeer()
+        defer { etcd.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        /// Stops the watcher from inside the watch call's making: after start() found it running, before it
+        /// recorded the stream (where another thread's stop() can land).
+        struct StopWhileMade: CallInterceptor {
+            let watcher: PThreadLock<EtcdWatcher?>
+            func intercept(_ call: inout InterceptedCall) -> CallInterceptorDecision {
+                if call.path == EtcdMessages.watchPath { self.watcher.withLock { $0 }?.stop() }
+                return .proceed
+            }
+        }
+        let stopping = PThreadLock<EtcdWatcher?>(nil)
+        let raw = try GRPCChannel(target: etcd.endpoint, interceptors: [StopWhileMade(watcher: stopping)], eventLoop: loop)
+        let ended = PThreadLock<CallStatus?>(nil)
+        _ = raw.events.subscribe { event in
+            if case .callFinished(_, EtcdMessages.watchPath, let status, _, _, _, _) = event { ended.withLock { $0 = status } }
+        }
+        let watcher = EtcdWatcher(client: raw, reactor: loop.reactor, prefix: "s/") { _ in }
+        stopping.withLock { $0 = watcher }
+        loop.reactor.execute { watcher.start() }
+        #expect(await eventually { ended.withLock { $0 }?.code == .cancelled }, "the stream made during stop() was cancelled")
+    }
+
     @Test("a read whose revision is below the watch's (etcd restored or replaced) moves the watch back: changes are heard")
     func revisionGoingBackIsFollowed() async throws {
         let rig = try WatchRig(prefix: "r/")
