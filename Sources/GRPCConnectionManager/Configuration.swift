@@ -494,19 +494,19 @@ extension Configuration {
 
     /// `make()`'s answer, made once for this configuration and its unchanged copies.
     func sharedHTTP2ClientSettings(_ make: () -> HTTP2ClientSettings) -> HTTP2ClientSettings {
-        self.storage.http2ClientSettings.withLock { kept in
-            if let kept { return kept }
-            let made = make()
-            kept = made
-            return made
-        }
+        Self.once(self.storage.http2ClientSettings, make)
     }
 
     /// `make()`'s answer, made once for this configuration and its unchanged copies.
     func sharedPoolSettings(_ make: () -> PoolSettings) -> SharedPoolSettings {
-        self.storage.poolSettings.withLock { kept in
+        Self.once(self.storage.poolSettings) { SharedPoolSettings(make()) }
+    }
+
+    /// What `kept` holds, or `make()`'s answer, kept there.
+    private static func once<Made: Sendable>(_ kept: borrowing Mutex<Made?>, _ make: () -> Made) -> Made {
+        kept.withLock { kept in
             if let kept { return kept }
-            let made = SharedPoolSettings(make())
+            let made = make()
             kept = made
             return made
         }
