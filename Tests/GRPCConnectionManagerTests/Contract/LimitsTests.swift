@@ -209,6 +209,40 @@ struct LimitsTests {
         _ = await writer.result
     }
 
+    @Test("a request stream that always has data and window does not hold up another call's request on its connection")
+    func busyUploadDoesNotStarveOtherCalls() async throws {
+        // Windows wide open, one frame read every 2 ms: the upload never runs out of window, its writer keeps its
+        // buffer full, and the socket backs up.
+        let peer = try ScriptedPeer("wide-open-slow", ["2"])
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // A buffer far larger than what one turn of the loop sends: the upload never runs dry between its writes.
+        var configuration = Self.plain()
+        configuration.streamBufferSize = 16 << 20
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let upload = channel.clientStreaming(path: "/test.Stream/Collect")
+        let message = [UInt8](repeating: 7, count: 64 << 10)
+        let writer = Task {
+            while !Task.isCancelled { try await upload.write(message) }
+        }
+        func held() -> Int {
+            channel.inspect { pool in
+                pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.outputHeldBytes }.max() ?? 0
+            }
+        }
+        #expect(await eventually(timeout: 20) { held() >= SocketOutput.cap / 2 }, "the upload's frames back up")
+        // On the same connection: its request goes out between the upload's frames, not after all of them.
+        let response = await channel.unaryResult(
+            path: "/echo.Echo/Get", request: [42], options: RequestOptions(timeout: .seconds(10)))
+        #expect(response.status == .ok)
+        #expect(response.message == [42])
+        upload.cancel()
+        writer.cancel()
+        _ = await writer.result
+    }
+
     /// In one turn of `loop`, before any output is written: three unary calls (requests [1], [2], [3]) open streams on
     /// `connection`, which then closes ("closed by the test"). Their responses by call number, once all three ended.
     static func threeCallsThenClose(

@@ -38,6 +38,8 @@ mode says otherwise:
                        windows of 2^31-1 (stream and connection), then stops reading once a request's headers are
                        in ("event stalled"): the client may send as fast as it can produce, and the socket backs up;
                        with "once", one connection is accepted and later ones are refused
+  wide-open-slow MS    windows of 2^31-1 (stream and connection), reads one frame every MS milliseconds and answers as
+                       the echo does: a client upload always has window, and its socket backs up
   headers-then-status CODE MS
                        response headers at once, trailers with grpc-status CODE after MS milliseconds
   padded FRAMES        a 64 KiB message, then one in FRAMES DATA frames of 256 bytes each padded with 255; reports
@@ -186,10 +188,11 @@ class Connection:
             settings.settings[SettingsFrame.ENABLE_PUSH] = 1
         if MODE == "max-header-list":
             settings.settings[SettingsFrame.MAX_HEADER_LIST_SIZE] = int(ARGS[0])
-        if MODE in ("wide-open-stall", "status-and-reset", "answer-and-reset"):
+        wide_open = ("wide-open-stall", "wide-open-slow", "status-and-reset", "answer-and-reset")
+        if MODE in wide_open:
             settings.settings[SettingsFrame.INITIAL_WINDOW_SIZE] = (1 << 31) - 1
         self.send(settings)
-        if MODE in ("wide-open-stall", "status-and-reset", "answer-and-reset"):
+        if MODE in wide_open:
             update = WindowUpdateFrame(0)
             update.window_increment = (1 << 31) - 1 - 65535
             self.send(update)
@@ -276,9 +279,11 @@ class Connection:
                         self.answer(frame.stream_id)
             elif isinstance(frame, DataFrame):
                 stream = self.streams.get(frame.stream_id)
-                if stream is not None:
+                if stream is not None and (MODE != "wide-open-slow" or len(stream["body"]) < 1 << 20):
                     stream["body"] += frame.data
-                if frame.flow_controlled_length:
+                if MODE == "wide-open-slow":
+                    time.sleep(int(ARGS[0]) / 1000)  # windows wide open: nothing to give back
+                elif frame.flow_controlled_length:
                     for sid in (0, frame.stream_id):
                         update = WindowUpdateFrame(sid)
                         update.window_increment = frame.flow_controlled_length
