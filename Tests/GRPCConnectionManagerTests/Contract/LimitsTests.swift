@@ -15,6 +15,13 @@ import Testing
 /// Limits that hold against peers that break them: each test names the rule and brings the peer that tries.
 @Suite("Limits against peers that break them", .serialized)
 struct LimitsTests {
+    /// The most unwritten bytes any of `channel`'s connections holds in its socket output.
+    static func outputHeld(_ channel: GRPCChannel) -> Int {
+        channel.inspect { pool in
+            pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.outputHeldBytes }.max() ?? 0
+        }
+    }
+
     static func plain() -> Configuration {
         var configuration = Configuration()
         configuration.enableRetry = false
@@ -191,11 +198,7 @@ struct LimitsTests {
             // More than loopback's socket buffers take: the rest backs up in our output, then in the call's buffer.
             for _ in 0..<48 { try await call.write(message) }
         }
-        func held() -> Int {
-            channel.inspect { pool in
-                pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.outputHeldBytes }.max() ?? 0
-            }
-        }
+        func held() -> Int { Self.outputHeld(channel) }
         #expect(await eventually(timeout: 20) { held() >= SocketOutput.cap })
         #expect(await eventually { peer.events.contains("stalled") })
         // The cap of unwritten bytes, one frame past it, and up to 64 KiB already written that the buffer drops at
@@ -227,11 +230,7 @@ struct LimitsTests {
         let writer = Task {
             while !Task.isCancelled { try await upload.write(message) }
         }
-        func held() -> Int {
-            channel.inspect { pool in
-                pool.currentTransports.compactMap { ($0 as? HTTP2ClientConnection)?.outputHeldBytes }.max() ?? 0
-            }
-        }
+        func held() -> Int { Self.outputHeld(channel) }
         #expect(await eventually(timeout: 20) { held() >= SocketOutput.cap / 2 }, "the upload's frames back up")
         // On the same connection: its request goes out between the upload's frames, not after all of them.
         let response = await channel.unaryResult(
