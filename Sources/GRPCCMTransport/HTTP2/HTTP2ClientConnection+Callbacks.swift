@@ -204,7 +204,10 @@ func clientReadRequest(
     _ userData: UnsafeMutableRawPointer?
 ) -> Int {
     var eof = false
-    guard let read = withHandler(userData, streamID, { $0.streamReadRequest(into: buffer!, length: length, eof: &eof) })
+    guard
+        let read = connection(userData)._withUnsafeGuaranteedRef({
+            $0.readRequest(streamID, into: buffer!, length: length, eof: &eof)
+        })
     else {
         // Reset by its owner while nghttp2 still held the request: end the body; the RST_STREAM follows.
         dataFlags!.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue

@@ -101,6 +101,18 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// MAX_CONCURRENT_STREAMS.
     @exclusivity(unchecked)
     private var streamsOnWire = 0
+    /// Streams submitted whose request body nghttp2 has not asked for yet (`HTTP2StreamHandler.bodyUnasked`): their
+    /// HEADERS are queued or sent, their first DATA frame is not. nghttp2 sends every queued HEADERS frame before any
+    /// DATA, so while the socket backs up (a server that reads slower than calls start), new calls' HEADERS would keep
+    /// going out ahead of the bodies of the calls before them, and the server would get requests it can never answer:
+    /// under overload, none completed. At `maxStreamsWithBodyUnasked`, new calls wait for a stream (`availableStreams`)
+    /// until nghttp2 has asked for the bodies before them, as grpc-go's writer interleaves a HEADERS frame with DATA.
+    @exclusivity(unchecked)
+    private var streamsWithBodyUnasked = 0
+    /// Set when nghttp2 asked for a body while `streamsWithBodyUnasked` was at the cap: after the flush, waiting calls
+    /// are told there is room (`socketDidFlush`), not from inside nghttp2's `mem_send`.
+    @exclusivity(unchecked)
+    private var bodyAskedAtCap = false
     /// Handlers taken out of `streams` by a reset or by the connection's end, kept until the turn's deferred phase:
     /// nghttp2's callbacks hold no reference of their own to the handler they call (`handler(for:)`), and the reset
     /// may come from inside one of them, from the handler itself.
@@ -151,10 +163,14 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// Bytes the TLS session's memory BIOs hold allocated (tests; nil without TLS).
     package var tlsBufferCapacity: Int? { self.socket?.tls?.bufferCapacity }
 
+    /// Streams a connection may have whose request body nghttp2 has not asked for (see `streamsWithBodyUnasked`). A
+    /// burst larger than this goes out in rounds within one turn of the loop (each flush lets the next round in).
+    static let maxStreamsWithBodyUnasked = 256
+
     package var availableStreams: Int {
         guard self.state == .ready, let session = self.socket?.session else { return 0 }
         let limit = Int(nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS))
-        return max(0, limit - self.streamsOnWire)
+        return max(0, min(limit - self.streamsOnWire, Self.maxStreamsWithBodyUnasked - self.streamsWithBodyUnasked))
     }
 
     // MARK: connecting
@@ -242,6 +258,10 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     package func socketDidFlush() {
         if self.state == .draining && self.streamsOnWire == 0 {
             self.socket?.shutdown(reason: CallStatus(code: .unavailable, message: self.goAwayDetail ?? "connection drained"))
+        }
+        if self.bodyAskedAtCap {
+            self.bodyAskedAtCap = false
+            if self.state == .ready && self.streamDemand?.waiting != false { self.delegate?.transportHasCapacity(self) }
         }
     }
 
@@ -381,6 +401,8 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         case .submitted(let streamID):
             self.streams.insert(handler, for: streamID, mark: self.socket?.outputMark ?? 0)
             self.streamsOnWire += 1
+            handler.bodyUnasked = true
+            self.streamsWithBodyUnasked += 1
             self.socket?.scheduleFlush()
             if nghttp2_session_get_next_stream_id(session) > UInt32(Int32.max) - 2 {
                 // The last stream id of this connection is taken: drain it, as after a GOAWAY; a new one opens.
@@ -424,8 +446,29 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         }
     }
 
+    /// nghttp2 asks stream `streamID`'s handler for the next DATA frame of its request body (see
+    /// `HTTP2StreamHandler.streamReadRequest`); nil when the stream has no handler any more.
+    @inline(__always)
+    func readRequest(
+        _ streamID: Int32, into buffer: UnsafeMutablePointer<UInt8>, length: Int, eof: inout Bool
+    ) -> RequestBodyRead? {
+        guard let handler = self.handler(for: streamID) else { return nil }
+        return handler._withUnsafeGuaranteedRef { handler in
+            if handler.bodyUnasked { self.bodyAsked(handler) }
+            return handler.streamReadRequest(into: buffer, length: length, eof: &eof)
+        }
+    }
+
+    private func bodyAsked(_ handler: HTTP2StreamHandler) {
+        handler.bodyUnasked = false
+        if self.streamsWithBodyUnasked == Self.maxStreamsWithBodyUnasked { self.bodyAskedAtCap = true }
+        self.streamsWithBodyUnasked -= 1
+    }
+
     private func detach(_ streamID: Int32) -> HTTP2StreamHandler? {
-        self.streams.remove(streamID)
+        let handler = self.streams.remove(streamID)
+        if let handler, handler.bodyUnasked { self.bodyAsked(handler) }
+        return handler
     }
 
     /// Keeps `handler` alive until the deferred phase (see `retired`). Once the reactor has stopped no callback runs
@@ -652,6 +695,8 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.reactor.disarm(&self.idleTrimTimer)
         let open = self.streams.removeAll()
         self.streamsOnWire = 0
+        self.streamsWithBodyUnasked = 0
+        self.bodyAskedAtCap = false
         let neverSent = self.neverSent
         self.neverSent = []
         for (id, handler) in open {

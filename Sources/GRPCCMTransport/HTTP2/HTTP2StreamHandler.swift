@@ -27,6 +27,10 @@ open class HTTP2StreamHandler: ReactorHandler, @unchecked Sendable {
     /// check on each stream's close cost about 70 instructions.
     @exclusivity(unchecked)
     package var isBackground = false
+    /// Set by the connection while the stream's request body has not been asked for by nghttp2 yet (see
+    /// `HTTP2ClientConnection.streamsWithBodyUnasked`). Loop thread only, as `isBackground`.
+    @exclusivity(unchecked)
+    package var bodyUnasked = false
 
     /// nghttp2 asks for the next DATA frame of the request body, at most `length` bytes: copy them into `buffer` now,
     /// or, when there are at least `RequestBodyRead.noCopyMinimum`, only say how many and hand them over later

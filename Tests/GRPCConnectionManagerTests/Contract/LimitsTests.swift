@@ -242,6 +242,34 @@ struct LimitsTests {
         _ = await writer.result
     }
 
+    @Test("a burst of calls goes out in rounds: the server never waits on more than 256 streams whose body has not begun, and every call ends OK")
+    func burstSendsBodiesCloseBehindHeaders() async throws {
+        // nghttp2 sends every queued HEADERS frame before any DATA: a burst submitted at once, or calls starting faster
+        // than a slow server reads, would put all their headers ahead of all their bodies (under open-loop overload
+        // no call completed). The connection takes a new stream only while fewer than 256 bodies wait to be asked for.
+        let peer = try ScriptedPeer("echo")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+        #expect(await channel.unaryResult(path: "/echo.Echo/Get", request: [0]).status == .ok)
+        let count = 3 * HTTP2ClientConnection.maxStreamsWithBodyUnasked
+        let ended = PThreadLock<[UnaryResponse]>([])
+        _ = loop.execute {
+            for index in 0..<count {
+                channel.unary(path: "/echo.Echo/Get", request: [UInt8(index & 0xff)], options: RequestOptions(timeout: .seconds(60))) {
+                    response in ended.withLock { $0.append(response) }
+                }
+            }
+        }
+        #expect(await eventually(timeout: 60) { ended.withLock { $0.count } == count })
+        let responses = ended.withLock { $0 }
+        #expect(responses.filter { $0.status != .ok }.map(\.status).prefix(3) == [])
+        let most = peer.mostBodiless()
+        #expect(most > 1 && most <= HTTP2ClientConnection.maxStreamsWithBodyUnasked, "at most \(most) bodies unbegun")
+    }
+
     /// In one turn of `loop`, before any output is written: three unary calls (requests [1], [2], [3]) open streams on
     /// `connection`, which then closes ("closed by the test"). Their responses by call number, once all three ended.
     static func threeCallsThenClose(

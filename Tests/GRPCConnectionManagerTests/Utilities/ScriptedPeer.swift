@@ -30,6 +30,11 @@ final class ScriptedPeer: Sendable {
         self.script.ask("count") { Int($0) } ?? -1
     }
 
+    /// The most streams one connection had at once whose request headers had arrived and whose body had not begun.
+    func mostBodiless() -> Int {
+        self.script.ask("bodiless") { Int($0) } ?? -1
+    }
+
     func stop() {
         self.script.stop()
     }

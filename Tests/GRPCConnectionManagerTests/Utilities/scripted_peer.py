@@ -3,7 +3,8 @@
     python3 scripted_peer.py [--tls CERT KEY] MODE [ARG ...]
 
 Prints its port, then serves until stdin closes; with --tls, over TLS with ALPN h2. The line "count" on stdin prints
-how many request header blocks it has received. What it observes goes to stdout as "event ..." lines: a GOAWAY
+how many request header blocks it has received; "bodiless" prints the most streams one connection ever had at once
+whose request headers had arrived and whose body had not begun (no DATA frame yet). What it observes goes to stdout as "event ..." lines: a GOAWAY
 from the client ("event goaway"), how each connection ended ("event close_notify", "event eof"), and a failed TLS
 handshake with the reason the client's alert gave ("event handshake-failed REASON"), the TLS server name the client
 sent ("event sni NAME", "event sni -" for none) and each request's :authority ("event authority VALUE"). Every stream is answered as an echo server would (the request message back, grpc-status 0) unless the
@@ -99,6 +100,7 @@ def event(text):
         print("event " + text, flush=True)
 lock = threading.Lock()
 header_blocks = 0
+most_bodiless = 0
 watches = 0
 
 
@@ -126,6 +128,7 @@ class Connection:
         self.rng = random.Random(seed)
         self.streams = {}  # stream id -> {"headers": [...], "body": bytes}
         self.requests = 0
+        self.bodiless = 0  # streams whose headers are in and whose body has not begun
         self.send_lock = threading.RLock()  # reentrant: send_headers holds it across HPACK encoding and the send
         self.max_frame = 16384
 
@@ -235,9 +238,13 @@ class Connection:
                     headers = self.decoder.decode(pending_block.pop(frame.stream_id))
                     self.streams[frame.stream_id]["headers"] = headers
                     event("authority " + dict(headers).get(":authority", "-"))
-                    global header_blocks
+                    global header_blocks, most_bodiless
+                    if not self.streams[frame.stream_id]["end"]:
+                        self.streams[frame.stream_id]["bodiless"] = True
+                        self.bodiless += 1
                     with lock:
                         header_blocks += 1
+                        most_bodiless = max(most_bodiless, self.bodiless)
                     self.requests += 1
                     if MODE == "wide-open-stall":
                         event("stalled")
@@ -279,6 +286,8 @@ class Connection:
                         self.answer(frame.stream_id)
             elif isinstance(frame, DataFrame):
                 stream = self.streams.get(frame.stream_id)
+                if stream is not None and stream.pop("bodiless", False):
+                    self.bodiless -= 1
                 if stream is not None and (MODE != "wide-open-slow" or len(stream["body"]) < 1 << 20):
                     stream["body"] += frame.data
                 if MODE == "wide-open-slow":
@@ -597,3 +606,6 @@ for line in sys.stdin:
     if line.strip() == "count":
         with lock:
             print(header_blocks, flush=True)
+    elif line.strip() == "bodiless":
+        with lock:
+            print(most_bodiless, flush=True)
