@@ -450,6 +450,47 @@ struct LimitsTests {
         }
     }
 
+    @Test(
+        "a header block of CONTINUATION frames without end closes its connection, saying why; the next call gets a new one",
+        arguments: [[], ["16000"]])
+    func continuationFloodEndsTheConnection(_ arguments: [String]) async throws {
+        // nghttp2 bounds a block to 8 CONTINUATION frames since the fix of CVE-2024-28182 (1.61, backported to
+        // Debian's 1.52): without it, the call and every other on the connection would wait for their deadlines while
+        // the peer flooded. Empty frames; or frames of 16,000 bytes, over maxHeaderListSize from the second, whose
+        // stream this client resets while nghttp2 reads the rest of the block (ignored, to keep HPACK in step).
+        try await Self.withPeer("continuation-flood", arguments) { peer, loop in
+            let channel = try GRPCChannel(target: peer.target, configuration: Self.plain(), eventLoop: loop)
+            let reasons = PThreadLock<[String]>([])
+            channel.events.subscribe { event in
+                if case .connectivityStateChanged(_, _, .ready, _, let reason?) = event {
+                    reasons.withLock { $0.append(reason.message) }
+                }
+            }
+            let began = ContinuousClock.now
+            let response = await channel.call("/test.Raw/Get", [1], timeout: .seconds(60))
+            // With large frames, whichever reaches the call first: the stream's reset or the connection's end (both
+            // come from one read when the frames arrive together).
+            let expected: [StatusCode] = arguments.isEmpty ? [.unavailable] : [.unavailable, .resourceExhausted]
+            #expect(expected.contains(response.status.code), "\(response.status)")
+            #expect(ContinuousClock.now - began < .seconds(30), "ended by the bound, not the deadline")
+            #expect(await eventually { !reasons.withLock { $0 }.isEmpty })
+            #expect(
+                reasons.withLock { $0 }.first?.hasSuffix("Too many CONTINUATION frames following a HEADER frame") == true,
+                "\(reasons.withLock { $0 })")
+            try await Self.expectNewConnection(channel, peer)
+        }
+    }
+
+    /// The flood's connection is gone and the next call, waiting for a connection, gets an answer on a second one.
+    private static func expectNewConnection(_ channel: GRPCChannel, _ peer: ScriptedPeer) async throws {
+        #expect(await eventually { peer.events.contains { $0.hasPrefix("flood-cut") } })
+        // The connection failed before it was established: the next one comes after a backoff.
+        let next = await channel.unaryResult(
+            path: "/test.Raw/Get", request: [2], options: RequestOptions(timeout: .seconds(20), waitForReady: true))
+        #expect(next.status == .ok, "\(next.status)")
+        #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 2, "a second connection")
+    }
+
     @Test("keepalive: data arriving after an unanswered PING is a sign of life, as in grpc-go; only silence closes")
     func dataAfterPingIsLife() async throws {
         // Silent for 400 ms (the PING goes at 200 ms), then 40 messages 50 ms apart; the PING is never answered.

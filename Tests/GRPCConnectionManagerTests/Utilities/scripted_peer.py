@@ -70,6 +70,11 @@ mode says otherwise:
   http1                answers the client's preface with an HTTP/1.1 400 and closes (with --tls: a TLS terminator
                        that offers h2 in front of an HTTP/1.1 server)
   enable-push          its SETTINGS enable server push, which a server must not (a connection error for the client)
+  continuation-flood [BYTES]
+                       the first connection's first request gets response headers in a HEADERS frame without
+                       END_HEADERS, then CONTINUATION frames until the client closes ("event flood-cut FRAMES"):
+                       empty ones, or with BYTES, each one header field (x-pad) of about BYTES bytes; later
+                       connections are echoed
   random SEED          random but well-framed answers (headers where they don't belong, DATA after trailers,
                        huge header blocks, resets, window abuse, GOAWAY, silence)
 """
@@ -102,6 +107,24 @@ lock = threading.Lock()
 header_blocks = 0
 most_bodiless = 0
 watches = 0
+
+
+def hpack_int(value, prefix_bits, first=0):
+    """An HPACK integer (RFC 7541 §5.1) with `first`'s high bits on its first byte."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = [first | limit]
+    value -= limit
+    while value >= 128:
+        out.append((value & 127) | 128)
+        value >>= 7
+    return bytes(out + [value])
+
+
+def hpack_literal(name, value):
+    """A literal header field without indexing, new name, no Huffman (RFC 7541 §6.2.2)."""
+    return b"\x00" + hpack_int(len(name), 7) + name + hpack_int(len(value), 7) + value
 
 
 def grpc_frame(message, compressed=False):
@@ -272,6 +295,23 @@ class Connection:
                             time.sleep(0.001)
                         event("reset")
                         return  # closed with the request's body unread: a reset
+                    if MODE == "continuation-flood" and self.serial == 1 and self.requests == 1:
+                        block = self.encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+                        start = HeadersFrame(frame.stream_id)
+                        start.data = block
+                        payload = hpack_literal(b"x-pad", b"a" * (int(ARGS[0]) - 16)) if ARGS else b""
+                        continuation = (struct.pack(">I", len(payload))[1:] + bytes([9, 0])
+                                        + struct.pack(">I", frame.stream_id) + payload)
+                        batch = 1 if payload else 1024
+                        sent = 0
+                        try:
+                            self.send_raw(start.serialize())
+                            while True:
+                                self.send_raw(continuation * batch)
+                                sent += batch
+                        except OSError:
+                            event("flood-cut %d" % sent)
+                            return
                     if MODE == "data-end":
                         self.streams[frame.stream_id]["answered"] = True
                         self.send_headers(frame.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
