@@ -235,10 +235,14 @@ package struct ResponseHead: Sendable {
                     _ = self.malformed("an informational (\(self.httpStatus)) response that ends the stream")
                     return .malformed
                 }
-                // Informational (1xx): skip it and read the next block (PROTOCOL-HTTP2.md).
+                // Informational (1xx): skip it and read the next block (PROTOCOL-HTTP2.md). Nothing of it carries
+                // over: a content-type or grpc-encoding it named is not the response's.
                 self.httpStatus = 0
                 self.initialMetadata = CallMetadata()
                 self.forgetStatus()
+                self.grpcContentType = false
+                self.contentType = nil
+                self.grpcEncoding = nil
                 return .informational
             }
         } else if !endStream {

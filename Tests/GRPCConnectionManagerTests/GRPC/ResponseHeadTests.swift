@@ -162,6 +162,28 @@ struct ResponseHeadTests {
         #expect(end == .trailers && head.status(errorCode: 0) == CallStatus(code: .permissionDenied, message: "no"))
     }
 
+    @Test("nothing of a 1xx block carries over to the response: its content-type and grpc-encoding are not the response's")
+    func informationalFieldsDoNotCarryOver() {
+        // A 1xx naming application/grpc before a 200 page of HTML: not a gRPC response.
+        var (end, head) = Self.read([
+            (fields: [(":status", "103"), ("content-type", "application/grpc")], endStream: false),
+            (fields: [(":status", "200"), ("content-type", "text/html")], endStream: false),
+        ])
+        #expect(end == .notGRPC)
+        #expect(head.notGRPCResponse()?.code == .unknown)
+        // A 1xx naming gzip before a response that names no encoding: its messages are not compressed.
+        (end, head) = Self.read([
+            (fields: [(":status", "100"), ("grpc-encoding", "gzip")], endStream: false), (fields: Self.ok, endStream: false),
+        ])
+        #expect(end == .headers && head.grpcEncoding == nil && head.contentType == nil)
+        // One without content-type after a 1xx that had one: none.
+        (end, head) = Self.read([
+            (fields: [(":status", "100"), ("content-type", "application/grpc")], endStream: false),
+            (fields: [(":status", "200")], endStream: false),
+        ])
+        #expect(end == .notGRPC && head.notGRPCResponse()?.code == .unknown)
+    }
+
     @Test(
         "response headers that are not gRPC's: the status gRPC maps them to",
         arguments: [
