@@ -42,12 +42,17 @@ package final class MessageDecompressor: @unchecked Sendable {
         self.scratch?.deallocate()
     }
 
-    /// `message` inflated with `algorithm`, at most `limit` bytes.
+    /// The most one message inflates to, whatever the receive limit (a call may ask for `Int.max`): zlib counts its
+    /// output room in 32 bits, and a room of 4 GiB or more would not convert (a trap, not an error).
+    package static let largestInflated = Int(UInt32.max) - 1
+
+    /// `message` inflated with `algorithm`, at most `limit` bytes (and at most `largestInflated`).
     package func decompress(_ message: [UInt8], with algorithm: CallCompression, limit: Int) throws(Failure) -> [UInt8] {
         if algorithm == .identity { return message }
         try self.begin(algorithm)
+        let limit = min(limit, Self.largestInflated)
         // The output grows as it fills, never past limit + 1 bytes (the one byte more proves the limit is passed).
-        let cap = limit < Int.max ? limit + 1 : limit
+        let cap = limit + 1
         var output = [UInt8](repeating: 0, count: min(cap, max(message.count * 4, 256)))
         var produced = 0
         var rc: Int32 = Z_OK

@@ -36,6 +36,16 @@ struct CompressionCodecTests {
         }
     }
 
+    @Test("a receive limit past what zlib can count (Int.max: no limit) inflates as the largest it can")
+    func limitPastZlib() throws {
+        let message = Self.sample(70_000)
+        let decompressor = MessageDecompressor()
+        for limit in [Int.max, Int.max - 1, Int(UInt32.max), MessageDecompressor.largestInflated] {
+            #expect(try decompressor.decompress(MessageCompressor.compress(message, with: .gzip), with: .gzip, limit: limit) == message)
+            #expect(try decompressor.inflatedSize(MessageCompressor.compress(message, with: .deflate), with: .deflate, limit: limit) == message.count)
+        }
+    }
+
     @Test("identity passes messages through untouched")
     func identity() throws {
         #expect(MessageCompressor.compress([9, 8, 7], with: .identity) == [9, 8, 7])
