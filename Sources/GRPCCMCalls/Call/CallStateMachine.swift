@@ -235,8 +235,13 @@ package struct CallStateMachine: Sendable {
         return .finish(status, abandoning: abandon)
     }
 
+    /// The status of a call that the channel's close ended while it waited to retry after `last`.
+    package static func closedDuringBackoff(_ status: CallStatus, after last: CallStatus) -> CallStatus {
+        CallStatus(code: status.code, message: "\(status.message), while waiting to retry after \(last.code): \(last.message)")
+    }
+
     /// The channel began to close gracefully: an open attempt runs to its end but is never retried; a waiting or
-    /// backing-off call ends now (with `status`, or the last attempt's status while backing off).
+    /// backing-off call ends now with `status` (while backing off, the last attempt's status goes in its message).
     package mutating func closing(_ status: CallStatus) -> OnEnded {
         self.closing = true
         switch self.state {
@@ -248,7 +253,9 @@ package struct CallStateMachine: Sendable {
             return .finish(status, abandoning: .queue)
         case .backingOff(_, let lastStatus):
             self.state = .finished
-            return .finish(lastStatus, abandoning: .backoff)
+            // The closing status, as a waiting call gets (a caller that tries again elsewhere on UNAVAILABLE does so
+            // here too: the retry the policy wanted never came); what the last attempt got, in its words.
+            return .finish(Self.closedDuringBackoff(status, after: lastStatus), abandoning: .backoff)
         case .created, .open, .finished:
             return .none
         }

@@ -153,8 +153,11 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         // No further attempt: the call ends with the last one out (or now, if none is).
         if self.closing || self.pushedBack {
             if self.running == 0 {
-                self.finish(
-                    self.lastFailure ?? UnaryResponse(status: self.environment.router.closingStatus), endedLocally: self.closing)
+                if self.closing {
+                    self.finishClosed(self.environment.router.closingStatus)
+                } else {
+                    self.finish(self.lastFailure ?? UnaryResponse(status: self.environment.router.closingStatus))
+                }
             }
             return
         }
@@ -162,9 +165,7 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         // them; a new one would only be refused, and that refusal taken for the server's failure.
         if self.environment.router.isClosing || self.reactor.isStopping {
             self.closing = true
-            if self.running == 0 {
-                self.finish(self.lastFailure ?? UnaryResponse(status: self.environment.router.closingStatus), endedLocally: true)
-            }
+            if self.running == 0 { self.finishClosed(self.environment.router.closingStatus) }
             return
         }
         guard self.attempts.count < self.policy.maxAttempts,
@@ -254,7 +255,15 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         guard !self.done else { return }
         self.closing = true
         self.reactor.disarm(&self.timer)
-        if self.running == 0 { self.finish(self.lastFailure ?? UnaryResponse(status: reason), endedLocally: true) }
+        if self.running == 0 { self.finishClosed(reason) }
+    }
+
+    /// Ends the call that the channel's close left with no attempt out: with `reason`, as a single call waiting
+    /// between attempts ends, the last failure's status in its message when there was one (the next attempt would
+    /// have gone but for the close).
+    private func finishClosed(_ reason: CallStatus) {
+        let status = self.lastFailure.map { CallStateMachine.closedDuringBackoff(reason, after: $0.status) } ?? reason
+        self.finish(UnaryResponse(status: status), endedLocally: true)
     }
 
     /// The caller cancelled (any thread).

@@ -196,9 +196,10 @@ struct CallStateMachineTests {
         #expect(Self.apply(.attemptEndedRetry, to: &machine) == "finish")
     }
 
-    @Test("closing during a backoff ends with the last attempt's status")
-    func closingDuringBackoffKeepsTheStatus() {
+    @Test("closing during a backoff ends with the closing status, the last attempt's in its message")
+    func closingDuringBackoffSaysBoth() {
         var machine = Self.makeStateMachine(in: "BACKING_OFF")
-        #expect(machine.closing(Self.closing) == .finish(Self.failure, abandoning: .backoff))
+        let ended = CallStatus(code: .unavailable, message: "closing, while waiting to retry after UNAVAILABLE: attempt failed")
+        #expect(machine.closing(Self.closing) == .finish(ended, abandoning: .backoff))
     }
 }

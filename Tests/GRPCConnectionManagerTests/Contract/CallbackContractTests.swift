@@ -221,10 +221,14 @@ struct CallbackContractTests {
         channel.events.subscribe { recorder.record($0) }
         let ledger = CompletionLedger()
         let codes = PThreadLock<[StatusCode]>([])
+        // RESOURCE_EXHAUSTED, retryable by the default policy: the calls end UNAVAILABLE all the same (they were
+        // not answered so: the channel closed on their retries), the attempt's status in the message.
+        let messages = PThreadLock<[String]>([])
         for id in 0..<20 {
-            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-fail-code": "14"]) { response in
+            channel.unary(path: "/echo.Echo/Get", request: [1], metadata: ["x-fail-code": "8"]) { response in
                 ledger.record(id)
                 codes.withLock { $0.append(response.status.code) }
+                messages.withLock { $0.append(response.status.message) }
             }
         }
         // Every call failed once and waits 0...30 s for its retry: now close.
@@ -235,6 +239,7 @@ struct CallbackContractTests {
         #expect(now() - closedAt < 2, "no call waited for its backoff")
         #expect(ledger.duplicates == 0)
         #expect(codes.withLock { $0 }.allSatisfy { $0 == .unavailable })
+        #expect(messages.withLock { $0 }.allSatisfy { $0.contains("while waiting to retry after RESOURCE_EXHAUSTED") }, "\(messages.withLock { $0 }.first ?? "")")
         #expect(recorder.count { if case .retryScheduled = $0 { return true }; return false } == 20, "nothing was retried once closing")
     }
 

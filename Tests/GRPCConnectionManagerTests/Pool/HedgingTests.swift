@@ -312,14 +312,16 @@ struct HedgingTests {
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
         let stuck = SlowTokenSource()
-        let (channel, _) = try Self.embeddedChannel(
-            fixture, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)), interceptors: preparing ? [stuck] : [])
+        let policy = CallHedgingPolicy(
+            maxAttempts: 3, hedgingDelay: .seconds(30), nonFatalStatusCodes: [.unavailable, .resourceExhausted])
+        let (channel, _) = try Self.embeddedChannel(fixture, policy: policy, interceptors: preparing ? [stuck] : [])
         let ended = PThreadLock<UnaryResponse?>(nil)
         let key = "pushed-\(preparing)"
-        // No deadline. The first attempt fails, and the server asks for the next one in a minute.
+        // No deadline. The first attempt fails (RESOURCE_EXHAUSTED, non-fatal here), and the server asks for the next
+        // one in a minute.
         channel.unary(
             path: "/echo.Echo/Get", request: [1],
-            metadata: ["x-fail-code": "14", "x-pushback-ms": "60000", "x-request-key": key]
+            metadata: ["x-fail-code": "8", "x-pushback-ms": "60000", "x-request-key": key]
         ) { response in ended.withLock { $0 = response } }
         if !preparing {
             #expect(await eventually { fixture.server.requestCount(key: key) == 1 })
@@ -327,12 +329,14 @@ struct HedgingTests {
         // (Preparing: the close reaches the loop after the call's start, through the same inbox.)
         channel.close()
         #expect(await eventually(timeout: 5) { ended.withLock { $0 } != nil }, "the call ended at the close")
-        #expect(ended.withLock { $0 }?.status.code == .unavailable)
+        // The close's status, as a single call waiting between attempts gets, with the failure in its message.
+        #expect(ended.withLock { $0 }?.status.code == .unavailable, "\(String(describing: ended.withLock { $0 }?.status))")
         if preparing {
             #expect(await eventually { stuck.cancelled.load(ordering: .relaxed) == 1 }, "its interceptor's work was cancelled")
             #expect(fixture.server.requestCount(key: key) == 0)
         } else {
             #expect(fixture.server.requestCount(key: key) == 1, "no attempt after the close")
+            #expect(ended.withLock { $0 }?.status.message.contains("while waiting to retry after RESOURCE_EXHAUSTED") == true)
         }
     }
 
