@@ -214,7 +214,7 @@ public final class GRPCChannel: Sendable {
         path: String, request: [UInt8]?, metadata: CallMetadata, options: RequestOptions,
         delivery: consuming ClientCall.Delivery = .single,
         buffers: StreamBuffers? = nil, onWritable: (@Sendable () -> Void)? = nil, previousAttempts: Int = 0,
-        completion: @escaping @Sendable (UnaryResponse) -> Void
+        endsWhenClosing: Bool = false, completion: @escaping @Sendable (UnaryResponse) -> Void
     ) -> CallHandle {
         let deadline: UInt64
         if let timeout = options.timeout {
@@ -276,6 +276,7 @@ public final class GRPCChannel: Sendable {
             waitForReady: options.waitForReady, delivery: consume delivery, buffers: buffers, requestEncoding: encoding,
             onWritable: onWritable, previousAttemptsElsewhere: previousAttempts, invalid: problem,
             observers: consume observers, preparing: suspended != nil, completion: completion)
+        if endsWhenClosing { call.endsWhenClosing = true }
         if shard.onItsLoop {
             call.start()
         } else if !shard.reactor.submit(call) {

@@ -159,6 +159,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// its successor inherits.
     @exclusivity(unchecked)
     package private(set) var endedLocally = false
+    /// A call that watches rather than works (`watchHealth`'s Watch, which never ends of itself): a graceful close ends
+    /// it as it begins, as it ends a waiting call, instead of waiting the whole grace period for it. Set before the
+    /// call starts; loop thread only after.
+    @exclusivity(unchecked)
+    package var endsWhenClosing = false
     @exclusivity(unchecked)
     package private(set) var sentBytes = 0
     @exclusivity(unchecked)
@@ -480,6 +485,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// The channel began to close gracefully: a call waiting for a stream or between attempts ends now, an open one
     /// runs to its end and is not retried.
     package func channelClosing(_ status: CallStatus) {
+        if self.endsWhenClosing {
+            self.endByClosing(status)
+            return
+        }
         let action = self.machine.closing(status)
         if case .finish = action { self.endedLocally = true }
         self.perform(action)

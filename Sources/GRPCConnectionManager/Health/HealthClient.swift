@@ -55,14 +55,20 @@ extension GRPCChannel {
                         // Bounded too (this task reads it at once, unless the scheduler is slow): the last update
                         // yielded, the stream's end, is never the one dropped.
                         let (updates, feed) = AsyncStream<WatchUpdate>.makeStream(bufferingPolicy: .bufferingNewest(16))
-                        let handle = self.serverStreaming(
+                        // Ended by a graceful close as it begins: a watch never ends of itself, and the close would
+                        // wait its whole grace period for it.
+                        let handle = self.start(
                             path: HealthProto.watchPath, request: HealthProto.encodeRequest(service: healthServiceName),
-                            callbacks: StreamingCallbacks(
-                                onMessage: { feed.yield(.status(HealthProto.decodeResponse($0) ?? .unknown)) },
-                                onFinish: { result in
-                                    feed.yield(.ended(result.status))
-                                    feed.finish()
-                                }))
+                            metadata: CallMetadata(), options: RequestOptions(),
+                            delivery: .callbacks(
+                                StreamingCallbacks(
+                                    onMessage: { feed.yield(.status(HealthProto.decodeResponse($0) ?? .unknown)) },
+                                    onFinish: { _ in })),
+                            endsWhenClosing: true,
+                            completion: { response in
+                                feed.yield(.ended(response.status))
+                                feed.finish()
+                            })
                         var ended = CallStatus(code: .cancelled)
                         await withTaskCancellationHandler {
                             for await update in updates {

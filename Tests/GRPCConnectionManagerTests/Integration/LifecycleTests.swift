@@ -435,7 +435,13 @@ struct ConnectionManagerTests {
 
         var polled = try manager.watchHealth(service: "echo", pollInterval: .milliseconds(100)).makeAsyncIterator()
         #expect(await polled.next() == .serving)
-        await manager.close(gracePeriod: .seconds(1))
+        // A graceful close ends the Watch as it begins (a watch never ends of itself): it does not wait out its grace
+        // period for it. The stream then says UNKNOWN and ends, as after any close.
+        let began = ContinuousClock.now
+        await manager.close(gracePeriod: .seconds(20))
+        #expect(ContinuousClock.now - began < .seconds(5), "the close waited for the watch")
+        #expect(await watched.next() == .unknown)
+        #expect(await watched.next() == nil)
     }
 
     @Test("watchHealth with a poll interval past a day (\"never poll\") polls daily, not trapping in the clock's sleep")
