@@ -306,10 +306,17 @@ public final class ConnectionManager: Sendable {
 
     /// Health changes of `service`'s server, as they happen: streams `grpc.health.v1.Health/Watch`, or polls
     /// `Check` every `pollInterval` when the server has no Watch (UNIMPLEMENTED). See `GRPCChannel.watchHealth`.
+    /// The watch follows the service: registered again at another address, its new channel is watched (after an
+    /// UNKNOWN for the old one's end). It ends when the service's channel closes and none replaces it
+    /// (`closeConnection`, the manager's close), as `GRPCChannel.watchHealth` ends with its channel; it never dials.
+    /// - Throws: `ConnectionManagerError` for an unknown service or a closed manager.
     public func watchHealth(
         service: String, healthServiceName: String = "", pollInterval: Duration = .seconds(5)
     ) throws -> AsyncStream<HealthStatus> {
-        try self.connection(service: service).watchHealth(healthServiceName, pollInterval: pollInterval)
+        _ = try self.connection(service: service)
+        return GRPCChannel.watchHealth(healthServiceName, pollInterval: pollInterval) { [weak self] in
+            self?.openChannel(service: service)
+        }
     }
 
     /// Runs `body` on `reactor`'s thread and returns its value (nil when that loop has stopped).

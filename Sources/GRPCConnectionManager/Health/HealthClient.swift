@@ -18,7 +18,16 @@ extension GRPCChannel {
     public func watchHealth(_ healthServiceName: String = "", pollInterval: Duration = .seconds(5)) -> AsyncStream<HealthStatus> {
         // At most a day: a Duration past Int64's seconds (`.seconds(.max)`, "never poll") traps in the clock's sleep.
         let pollInterval = min(max(pollInterval, Self.shortestPollInterval), .seconds(86_400))
-        return Self.changesAsDelivered(self.healthUpdates(healthServiceName, pollInterval: pollInterval))
+        return Self.changesAsDelivered(Self.healthUpdates(healthServiceName, pollInterval: pollInterval) { self })
+    }
+
+    /// `watchHealth` over the channel `current` gives each time the watch (re)opens or polls: a manager's service
+    /// follows the channel that serves it now (a new one after an address change). nil ends the stream.
+    static func watchHealth(
+        _ healthServiceName: String, pollInterval: Duration, current: @escaping @Sendable () -> GRPCChannel?
+    ) -> AsyncStream<HealthStatus> {
+        let pollInterval = min(max(pollInterval, Self.shortestPollInterval), .seconds(86_400))
+        return Self.changesAsDelivered(Self.healthUpdates(healthServiceName, pollInterval: pollInterval, current: current))
     }
 
     /// `source` without an element equal to the one the consumer took before it. Compared as the consumer takes
@@ -39,7 +48,9 @@ extension GRPCChannel {
     }
 
     /// Every status the Watch (or the polled Check) reports, repeats left out, the newest kept for the consumer.
-    private func healthUpdates(_ healthServiceName: String, pollInterval: Duration) -> AsyncStream<HealthStatus> {
+    private static func healthUpdates(
+        _ healthServiceName: String, pollInterval: Duration, current: @escaping @Sendable () -> GRPCChannel?
+    ) -> AsyncStream<HealthStatus> {
         AsyncStream(bufferingPolicy: .bufferingNewest(1)) { continuation in
             let task = Task {
                 var last: HealthStatus?
@@ -50,14 +61,14 @@ extension GRPCChannel {
                     }
                 }
                 var watchSupported = true
-                while !Task.isCancelled {
+                while !Task.isCancelled, let channel = current() {
                     if watchSupported {
                         // Bounded too (this task reads it at once, unless the scheduler is slow): the last update
                         // yielded, the stream's end, is never the one dropped.
                         let (updates, feed) = AsyncStream<WatchUpdate>.makeStream(bufferingPolicy: .bufferingNewest(16))
                         // Ended by a graceful close as it begins: a watch never ends of itself, and the close would
                         // wait its whole grace period for it.
-                        let handle = self.start(
+                        let handle = channel.start(
                             path: HealthProto.watchPath, request: HealthProto.encodeRequest(service: healthServiceName),
                             metadata: CallMetadata(), options: RequestOptions(),
                             delivery: .callbacks(
@@ -88,12 +99,15 @@ extension GRPCChannel {
                         // known (grpc-go's health client takes any end, EOF included, as a failure).
                         if !Task.isCancelled { emit(.unknown) }
                     } else {
-                        let status = (try? await self.checkHealth(healthServiceName, timeout: pollInterval)) ?? .unknown
+                        let status = (try? await channel.checkHealth(healthServiceName, timeout: pollInterval)) ?? .unknown
                         emit(status)
                     }
                     // A closed channel (or a stopped loop) will not answer again: the stream ends, rather than say
-                    // UNKNOWN once and then nothing for ever.
-                    if await self.connectivity().state == .shutdown { break }
+                    // UNKNOWN once and then nothing for ever; unless `current` has another channel now, watched at once.
+                    if await channel.connectivity().state == .shutdown {
+                        guard let next = current(), next !== channel else { break }
+                        continue
+                    }
                     try? await Task.sleep(for: pollInterval)
                 }
                 continuation.finish()

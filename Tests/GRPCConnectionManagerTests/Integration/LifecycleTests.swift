@@ -444,6 +444,30 @@ struct ConnectionManagerTests {
         #expect(await watched.next() == nil)
     }
 
+    @Test("a manager's watchHealth follows its service to a new address, and ends when the service is closed")
+    func watchHealthFollowsTheService() async throws {
+        let first = try PythonPeer()
+        defer { first.stop() }
+        let second = try PythonPeer()
+        defer { second.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        _ = try manager.connection(service: "py", address: first.target)
+        var watched = try manager.watchHealth(service: "py", pollInterval: .milliseconds(50)).makeAsyncIterator()
+        #expect(await watched.next() == .serving)
+        // Registered again elsewhere: the old channel closes, its Watch ends (UNKNOWN), and the new one is watched.
+        _ = try manager.connection(service: "py", address: second.target)
+        #expect(await watched.next() == .unknown)
+        #expect(await watched.next() == .serving)
+        second.setHealth("", "NOT_SERVING")
+        #expect(await watched.next() == .notServing, "the new address's server is the one watched")
+        manager.closeConnection(service: "py")
+        #expect(await watched.next() == .unknown)
+        #expect(await watched.next() == nil, "the service is gone: the stream ends")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("watchHealth with a poll interval past a day (\"never poll\") polls daily, not trapping in the clock's sleep")
     func watchHealthNeverPoll() async throws {
         let fixture = try LoopbackFixture()  // Watch unimplemented: Check, then a sleep of the interval
