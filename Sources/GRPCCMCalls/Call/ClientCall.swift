@@ -100,8 +100,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// policy. 0: an ordinary call.
     @exclusivity(unchecked)
     package var hedgeAttempt = 0
-    /// A hedged attempt's coordinator, told (in a deferred phase) when this attempt's response headers arrive: gRFC
-    /// A6 commits the call to it then.
+    /// A hedged attempt's coordinator, told when this attempt's response headers arrive: gRFC A6 commits the call to
+    /// it then. Called at once, from inside nghttp2's processing: it may only record the commit (so that nothing
+    /// launched later in the same turn, a hedge timer or another attempt's end, sends another attempt) and defer the
+    /// rest.
     @exclusivity(unchecked)
     package var onResponseHeaders: (@Sendable () -> Void)?
     /// An interceptor is still preparing the call asynchronously: `start()` only arms the deadline, and
@@ -969,7 +971,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             if self.streams { self.settleStreamPermit() }
             if let committed = self.onResponseHeaders {
                 self.onResponseHeaders = nil
-                self.withReactor { _ = $0.executeDeferred(committed) }
+                committed()
             }
             if let name = self.head.grpcEncoding, let encoding = CallCompression(name: name), encoding != .identity {
                 // An encoding this client implements: compressed messages may follow, whether or not it was offered

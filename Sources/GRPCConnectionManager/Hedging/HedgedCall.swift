@@ -193,6 +193,15 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         // attempt's end is the call's at once: the others are losers, whose ends no longer count (committed while the
         // close ended them all, it would otherwise wait for ever).
         if self.attempts.indices.contains(number - 1) && self.attempts[number - 1].endedLocally {
+            guard self.environment.router.isClosing || self.reactor.isStopping else {
+                // Refused before it went out (the wait queue was full, RESOURCE_EXHAUSTED): no answer of the server's
+                // and no close. A later hedge may still go; with none running or due, the call ends with the last
+                // failure the server gave, or this refusal.
+                if self.committed == number || (self.running == 0 && self.timer == 0) {
+                    self.finish(self.lastFailure ?? response, endedLocally: self.lastFailure == nil)
+                }
+                return
+            }
             self.closing = true
             if self.running == 0 || self.committed == number { self.finish(response, endedLocally: true) }
             return
@@ -237,14 +246,19 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         }
     }
 
-    /// Attempt `number` received response headers (a deferred phase): the call is committed to it. The timer
-    /// stops, the other attempts are cancelled, and its end, whatever the status, is the call's.
+    /// Attempt `number` received response headers: the call is committed to it. The timer stops at once and no
+    /// attempt is launched from now on (a hedge timer or another attempt's end later in the same turn would have sent
+    /// one); its end, whatever the status, is the call's. The other attempts are cancelled in the turn's deferred
+    /// phase: this runs inside nghttp2's processing of the headers, where no stream may be ended.
     func responseHeadersReceived(_ number: Int) {
         guard !self.done, self.committed == 0 else { return }
         self.committed = number
         self.reactor.disarm(&self.timer)
-        for (index, attempt) in self.attempts.enumerated() where index + 1 != number && !attempt.isFinished {
-            attempt.end(CallStatus(code: .cancelled, message: "another hedged attempt won"))
+        _ = self.reactor.executeDeferred { [self] in
+            guard !self.done else { return }
+            for (index, attempt) in self.attempts.enumerated() where index + 1 != number && !attempt.isFinished {
+                attempt.end(CallStatus(code: .cancelled, message: "another hedged attempt won"))
+            }
         }
     }
 

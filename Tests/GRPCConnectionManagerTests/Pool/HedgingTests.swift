@@ -1,4 +1,5 @@
 import Foundation
+import GRPCEchoServer
 import Logging
 import Testing
 
@@ -338,6 +339,44 @@ struct HedgingTests {
             #expect(fixture.server.requestCount(key: key) == 1, "no attempt after the close")
             #expect(ended.withLock { $0 }?.status.message.contains("while waiting to retry after RESOURCE_EXHAUSTED") == true)
         }
+    }
+
+    @Test("a hedge refused by a full wait queue is no close: a later hedge still goes, and the call ends with its answer")
+    func refusedHedgeIsNoClose() async throws {
+        // Two streams on the server, one call allowed to wait for a stream. A (1.5 s) and the hedged call's first
+        // attempt (2.5 s, then UNAVAILABLE) hold both; B waits. The hedge at 1 s finds the queue full and is refused;
+        // the one at 2 s finds a stream (A's and B's done) and answers. The refusal was taken for the channel's close:
+        // no later hedge went, and the call ended with the first attempt's UNAVAILABLE.
+        var options = EchoServer.Options()
+        options.maxConcurrentStreams = 2
+        let server = try EchoServer(options: options)
+        defer { server.close() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try Self.hedgedChannel(
+            server.address, loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(1))
+        ) { configuration in
+            configuration.maxQueuedCalls = 1
+            configuration.retry.throttling = nil
+        }
+        let other = Task {
+            await channel.call("/test.Raw/Get", [1], metadata: ["x-sleep-ms": "1500", "x-request-key": "a"], timeout: .seconds(20))
+        }
+        #expect(await eventually { server.requestCount(key: "a") == 1 })
+        let hedged = Task {
+            await channel.call(
+                "/echo.Echo/Get", [2], metadata: ["x-sleep-ms": "2500", "x-fail-first": "1", "x-request-key": "refused"],
+                timeout: .seconds(20))
+        }
+        #expect(await eventually { server.requestCount(key: "refused") == 1 })
+        let waiting = Task { await channel.call("/test.Raw/Get", [3], timeout: .seconds(20)) }
+        #expect(await eventually { channel.queuedCount == 1 }, "B waits for a stream before the first hedge")
+        let response = await hedged.value
+        #expect(response.status == .ok, "\(response.status)")
+        #expect(server.requestCount(key: "refused") == 2, "the first attempt and the third")
+        #expect(await other.value.status == .ok)
+        #expect(await waiting.value.status == .ok)
     }
 
     @Test("the throttle counts a hedge's failure by the hedging policy's codes, with retries off too")
