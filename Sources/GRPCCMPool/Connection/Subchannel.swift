@@ -181,6 +181,11 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         return transport.availableStreams
     }
 
+    /// Ready, with its connection at the server's MAX_CONCURRENT_STREAMS (gRFC A105's reason to grow).
+    package var atServerStreamLimit: Bool {
+        self.state == .ready && self.transport?.atServerStreamLimit == true
+    }
+
     /// The current connection (tests look inside it).
     package var currentTransport: (any HTTP2Transport)? { self.transport }
 

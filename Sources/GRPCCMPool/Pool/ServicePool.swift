@@ -482,7 +482,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             switch subchannel.state {
             case .connecting, .idle: return
             case .ready:
-                if subchannel.availableStreams > 0 { return }
+                if !subchannel.atServerStreamLimit { return }
                 sawReady = true
             case .transientFailure, .shutdown: break
             }

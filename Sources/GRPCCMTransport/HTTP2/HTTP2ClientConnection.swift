@@ -167,6 +167,12 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// burst larger than this goes out in rounds within one turn of the loop (each flush lets the next round in).
     static let maxStreamsWithBodyUnasked = 256
 
+    package var atServerStreamLimit: Bool {
+        guard self.state == .ready, let session = self.socket?.session else { return false }
+        return self.streamsOnWire
+            >= Int(nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS))
+    }
+
     package var availableStreams: Int {
         guard self.state == .ready, let session = self.socket?.session else { return 0 }
         let limit = Int(nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS))

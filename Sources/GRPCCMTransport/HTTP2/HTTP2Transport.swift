@@ -12,6 +12,9 @@ package protocol HTTP2Transport: HTTP2StreamControl {
     func connect()
     /// Streams that may open now: 0 until the server's SETTINGS, while draining, or at its MAX_CONCURRENT_STREAMS.
     var availableStreams: Int { get }
+    /// Ready, and at the server's MAX_CONCURRENT_STREAMS: what gRFC A105 opens another connection for (a connection
+    /// out of streams for a moment for a reason of its own, such as bodies it has not sent yet, is not).
+    var atServerStreamLimit: Bool { get }
     /// Streams open now.
     var openStreamCount: Int { get }
     /// When the connection became ready or a stream last closed (reactor clock, ns): the idle timers measure from
@@ -61,4 +64,9 @@ package protocol HTTP2TransportDelegate: AnyObject {
 
 extension HTTP2TransportDelegate {
     package func transportTLSFilesRefused(_ transport: any HTTP2Transport, reason: String) {}
+}
+
+extension HTTP2Transport {
+    /// A transport whose only bound on streams is the server's.
+    package var atServerStreamLimit: Bool { self.availableStreams == 0 }
 }
