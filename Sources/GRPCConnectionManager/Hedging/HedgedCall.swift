@@ -152,12 +152,11 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         self.reactor.disarm(&self.timer)
         // No further attempt: the call ends with the last one out (or now, if none is).
         if self.closing || self.pushedBack {
+            // The last attempt out has ended: its answer (a graceful close lets attempts out run to their ends and
+            // answer, as a single call's open attempt does).
             if self.running == 0 {
-                if self.closing {
-                    self.finishClosed(self.environment.router.closingStatus)
-                } else {
-                    self.finish(self.lastFailure ?? UnaryResponse(status: self.environment.router.closingStatus))
-                }
+                self.finish(
+                    self.lastFailure ?? UnaryResponse(status: self.environment.router.closingStatus), endedLocally: self.closing)
             }
             return
         }
@@ -165,7 +164,9 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         // them; a new one would only be refused, and that refusal taken for the server's failure.
         if self.environment.router.isClosing || self.reactor.isStopping {
             self.closing = true
-            if self.running == 0 { self.finishClosed(self.environment.router.closingStatus) }
+            if self.running == 0 {
+                self.finish(self.lastFailure ?? UnaryResponse(status: self.environment.router.closingStatus), endedLocally: true)
+            }
             return
         }
         guard self.attempts.count < self.policy.maxAttempts,
@@ -197,7 +198,7 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
                 // Refused before it went out (the wait queue was full, RESOURCE_EXHAUSTED): no answer of the server's
                 // and no close. A later hedge may still go; with none running or due, the call ends with the last
                 // failure the server gave, or this refusal.
-                if self.committed == number || (self.running == 0 && self.timer == 0) {
+                if self.running == 0 && self.timer == 0 {
                     self.finish(self.lastFailure ?? response, endedLocally: self.lastFailure == nil)
                 }
                 return
@@ -272,7 +273,7 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         if self.running == 0 { self.finishClosed(reason) }
     }
 
-    /// Ends the call that the channel's close left with no attempt out: with `reason`, as a single call waiting
+    /// Ends the call that the channel's close found with no attempt out: with `reason`, as a single call waiting
     /// between attempts ends, the last failure's status in its message when there was one (the next attempt would
     /// have gone but for the close).
     private func finishClosed(_ reason: CallStatus) {

@@ -343,10 +343,11 @@ struct HedgingTests {
 
     @Test("a hedge refused by a full wait queue is no close: a later hedge still goes, and the call ends with its answer")
     func refusedHedgeIsNoClose() async throws {
-        // Two streams on the server, one call allowed to wait for a stream. A (1.5 s) and the hedged call's first
-        // attempt (2.5 s, then UNAVAILABLE) hold both; B waits. The hedge at 1 s finds the queue full and is refused;
-        // the one at 2 s finds a stream (A's and B's done) and answers. The refusal was taken for the channel's close:
-        // no later hedge went, and the call ended with the first attempt's UNAVAILABLE.
+        // Two streams on the server, one call allowed to wait for a stream. A (3 s) and the hedged call's first
+        // attempt (5 s, then UNAVAILABLE) hold both; B waits. The hedge at 2 s finds the queue full and is refused;
+        // the one at 4 s finds a stream (A's and B's done) and answers. The refusal was taken for the channel's close:
+        // no later hedge went, and the call ended with the first attempt's UNAVAILABLE. (A second of margin each
+        // side.)
         var options = EchoServer.Options()
         options.maxConcurrentStreams = 2
         let server = try EchoServer(options: options)
@@ -355,18 +356,18 @@ struct HedgingTests {
         loop.start()
         defer { loop.shutdown() }
         let channel = try Self.hedgedChannel(
-            server.address, loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(1))
+            server.address, loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(2))
         ) { configuration in
             configuration.maxQueuedCalls = 1
             configuration.retry.throttling = nil
         }
         let other = Task {
-            await channel.call("/test.Raw/Get", [1], metadata: ["x-sleep-ms": "1500", "x-request-key": "a"], timeout: .seconds(20))
+            await channel.call("/test.Raw/Get", [1], metadata: ["x-sleep-ms": "3000", "x-request-key": "a"], timeout: .seconds(20))
         }
         #expect(await eventually { server.requestCount(key: "a") == 1 })
         let hedged = Task {
             await channel.call(
-                "/echo.Echo/Get", [2], metadata: ["x-sleep-ms": "2500", "x-fail-first": "1", "x-request-key": "refused"],
+                "/echo.Echo/Get", [2], metadata: ["x-sleep-ms": "5000", "x-fail-first": "1", "x-request-key": "refused"],
                 timeout: .seconds(20))
         }
         #expect(await eventually { server.requestCount(key: "refused") == 1 })
