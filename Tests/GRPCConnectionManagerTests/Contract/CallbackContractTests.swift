@@ -210,10 +210,11 @@ struct CallbackContractTests {
         defer { fixture.shutdown() }
         var configuration = Configuration()
         configuration.enableCircuitBreaker = false
-        configuration.retry.policy.initialBackoff = .seconds(30)
-        configuration.retry.policy.maxBackoff = .seconds(30)
-        // Backoffs are jittered over 0...30 s, so one of the 20 may fire before the close: with two attempts at
-        // most, that retry is the call's last and schedules no other.
+        configuration.retry.policy.initialBackoff = .seconds(3600)
+        configuration.retry.policy.maxBackoff = .seconds(3600)
+        // Backoffs are jittered over 0...3600 s: a retry before the close (some 50 ms after its scheduling) is
+        // unlikely enough (about 1 in 4,000 runs for one of the 20) for its RESOURCE_EXHAUSTED to stay out of the
+        // checks below. With two attempts at most, such a retry is the call's last and schedules no other.
         configuration.retry.policy.maxAttempts = 2
         configuration.retry.throttling = nil
         let channel = try fixture.channel(configuration)
