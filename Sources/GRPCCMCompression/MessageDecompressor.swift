@@ -92,6 +92,7 @@ package final class MessageDecompressor: @unchecked Sendable {
     package func inflatedSize(_ message: [UInt8], with algorithm: CallCompression, limit: Int) throws(Failure) -> Int {
         if algorithm == .identity { return message.count }
         try self.begin(algorithm)
+        let limit = min(limit, Self.largestInflated)
         let scratch = self.scratch ?? UnsafeMutableBufferPointer<UInt8>.allocate(capacity: 16 << 10)
         self.scratch = scratch
         var produced = 0
