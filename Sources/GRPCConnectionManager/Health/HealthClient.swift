@@ -16,9 +16,7 @@ extension GRPCChannel {
     /// when it asks next (the ones in between are dropped): a server that flaps cannot fill memory with them, and a
     /// flap the consumer did not see (SERVING, NOT_SERVING, SERVING) is no change to it.
     public func watchHealth(_ healthServiceName: String = "", pollInterval: Duration = .seconds(5)) -> AsyncStream<HealthStatus> {
-        // At most a day: a Duration past Int64's seconds (`.seconds(.max)`, "never poll") traps in the clock's sleep.
-        let pollInterval = min(max(pollInterval, Self.shortestPollInterval), .seconds(86_400))
-        return Self.changesAsDelivered(Self.healthUpdates(healthServiceName, pollInterval: pollInterval) { self })
+        Self.watchHealth(healthServiceName, pollInterval: pollInterval) { self }
     }
 
     /// `watchHealth` over the channel `current` gives each time the watch (re)opens or polls: a manager's service
@@ -26,6 +24,7 @@ extension GRPCChannel {
     static func watchHealth(
         _ healthServiceName: String, pollInterval: Duration, current: @escaping @Sendable () -> GRPCChannel?
     ) -> AsyncStream<HealthStatus> {
+        // At most a day: a Duration past Int64's seconds (`.seconds(.max)`, "never poll") traps in the clock's sleep.
         let pollInterval = min(max(pollInterval, Self.shortestPollInterval), .seconds(86_400))
         return Self.changesAsDelivered(Self.healthUpdates(healthServiceName, pollInterval: pollInterval, current: current))
     }
@@ -61,7 +60,13 @@ extension GRPCChannel {
                     }
                 }
                 var watchSupported = true
+                var watching: GRPCChannel?
                 while !Task.isCancelled, let channel = current() {
+                    // Another channel (the service moved): its server may have the Watch the last one had not.
+                    if channel !== watching {
+                        watching = channel
+                        watchSupported = true
+                    }
                     if watchSupported {
                         // Bounded too (this task reads it at once, unless the scheduler is slow): the last update
                         // yielded, the stream's end, is never the one dropped.
