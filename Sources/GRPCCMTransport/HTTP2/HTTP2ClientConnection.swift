@@ -71,6 +71,10 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// When the keepalive PING went out (the timeout counts from it).
     @exclusivity(unchecked)
     private var pingSentAt: UInt64 = 0
+    /// The socket's `bytesAcknowledged` when the keepalive PING went out behind other output, or when its timeout
+    /// was last extended; nil when nothing was ahead of the PING.
+    @exclusivity(unchecked)
+    private var acknowledgedAtPing: Int64?
     @exclusivity(unchecked)
     private var idleTrimTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
@@ -365,6 +369,20 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
                 self.armKeepalive(at: self.lastReadAt &+ UInt64(self.keepAliveTime.nanoseconds))
                 return
             }
+            // So are bytes of ours the server's TCP acknowledged since (TCP_INFO), when output was ahead of the PING:
+            // behind an upload on a slow link (a megabyte of output and the kernel's buffers) it leaves late, and its
+            // ACK with it. The wait goes on while the server keeps acknowledging; a dead one acknowledges nothing, a
+            // frozen one only until its receive buffer is full. (With nothing ahead of the PING, its own ACK from a
+            // frozen server's kernel must not count: no extension then.)
+            if let acknowledged = self.socket?.bytesAcknowledged, let before = self.acknowledgedAtPing,
+                acknowledged > before
+            {
+                self.acknowledgedAtPing = acknowledged
+                self.keepaliveTimeoutTimer = self.reactor.scheduleTimer(
+                    at: self.reactor.now &+ UInt64(self.settings.keepAliveTimeout.nanoseconds), handler: self,
+                    tag: TimerTag.keepaliveTimeout)
+                return
+            }
             self.keepaliveTimedOut = true
             self.close(
                 reason: CallStatus(
@@ -637,6 +655,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         }
         nghttp2_submit_ping(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nil)
         self.pingSentAt = now
+        self.acknowledgedAtPing = self.socket?.hasOutputInFlight == true ? self.socket?.bytesAcknowledged : nil
         self.keepaliveTimeoutTimer = self.reactor.scheduleTimer(
             at: now &+ UInt64(self.settings.keepAliveTimeout.nanoseconds), handler: self,
             tag: TimerTag.keepaliveTimeout)

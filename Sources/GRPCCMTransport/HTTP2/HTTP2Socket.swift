@@ -535,6 +535,19 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         _ = setsockopt(self.fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
     }
 
+    /// Bytes of this socket's output the peer has acknowledged (TCP's count, ciphertext under TLS); nil when not
+    /// known (a Unix socket, a closed one).
+    package var bytesAcknowledged: Int64? {
+        guard self.fd >= 0 else { return nil }
+        let acked = cr_socket_bytes_acked(self.fd)
+        return acked >= 0 ? acked : nil
+    }
+
+    /// Output waits somewhere: in this socket's buffer, or in the kernel's, unsent or not yet acknowledged.
+    package var hasOutputInFlight: Bool {
+        !self.output.isDrained || (self.fd >= 0 && cr_socket_send_queue(self.fd) > 0)
+    }
+
     /// Where nghttp2's output has got to (`SocketOutput.mark`): read when a stream is submitted, it tells at the
     /// close whether any of the stream's frames can have left (`outputMayHaveWritten`).
     @inline(__always)

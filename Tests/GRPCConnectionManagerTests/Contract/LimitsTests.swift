@@ -272,6 +272,42 @@ struct LimitsTests {
         #expect(responses.filter { $0.status != .ok }.map(\.status).prefix(3) == [])
         let most = peer.mostBodiless()
         #expect(most > 1 && most <= HTTP2ClientConnection.maxStreamsWithBodyUnasked, "at most \(most) bodies unbegun")
+        #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 1, "one connection")
+    }
+
+    @Test("keepalive: a PING stuck behind an upload on a slow link is no death while the server acknowledges the upload's bytes")
+    func pingBehindUploadIsNoDeath() async throws {
+        // Windows wide open, one frame read every 5 ms (about 3 MB/s): the megabyte of output alone keeps the PING
+        // back some 300 ms, past its 250 ms timeout, and the server sends nothing meanwhile (no window to give back).
+        // Before, the connection closed ("keepalive: no PING ACK") under a healthy upload.
+        let peer = try ScriptedPeer("wide-open-slow", ["5"])
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Self.plain()
+        configuration.streamBufferSize = 16 << 20
+        configuration.keepAliveTime = .milliseconds(200)
+        configuration.keepAliveTimeout = .milliseconds(250)
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let timeouts = PThreadLock(0)
+        channel.events.subscribe { event in
+            if case .keepaliveTimeout = event { timeouts.withLock { $0 += 1 } }
+        }
+        let upload = channel.clientStreaming(path: "/test.Stream/Collect")
+        let message = [UInt8](repeating: 7, count: 64 << 10)
+        let writer = Task {
+            while !Task.isCancelled { try await upload.write(message) }
+        }
+        #expect(await eventually(timeout: 20) { Self.outputHeld(channel) >= SocketOutput.cap / 2 }, "the upload backs up")
+        // Ten keepalive intervals of uploading.
+        try await Task.sleep(for: .seconds(2))
+        #expect(timeouts.withLock { $0 } == 0)
+        #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 1, "one connection")
+        upload.cancel()
+        writer.cancel()
+        _ = await writer.result
+        #expect(await upload.finishResult().status.code == .cancelled, "the upload ran until cancelled")
     }
 
     /// In one turn of `loop`, before any output is written: three unary calls (requests [1], [2], [3]) open streams on
