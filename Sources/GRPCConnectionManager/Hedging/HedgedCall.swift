@@ -29,6 +29,8 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     /// An interceptor's async work runs before the first attempt (`preparationFinished`).
     private var preparing: Bool
     private var deadlineTimer: Reactor.TimerID = 0
+    /// When `timer` fires (reactor clock), while it is armed.
+    private var timerDue: UInt64 = 0
 
     private var attempts: [ClientCall] = []
     private var running = 0
@@ -196,9 +198,11 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         if self.attempts.indices.contains(number - 1) && self.attempts[number - 1].endedLocally {
             guard self.environment.router.isClosing || self.reactor.isStopping else {
                 // Refused before it went out (the wait queue was full, RESOURCE_EXHAUSTED): no answer of the server's
-                // and no close. A later hedge may still go; with none running or due, the call ends with the last
-                // failure the server gave, or this refusal.
-                if self.running == 0 && self.timer == 0 {
+                // and no close. A later hedge may still go; with none running, and none due before the deadline (no
+                // attempt runs to end the call at it), the call ends now with the last failure the server gave, or
+                // this refusal.
+                let nextInTime = self.timer != 0 && (self.deadline == 0 || self.timerDue < self.deadline)
+                if self.running == 0 && !nextInTime {
                     self.finish(self.lastFailure ?? response, endedLocally: self.lastFailure == nil)
                 }
                 return
@@ -240,6 +244,7 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
 
     /// The next attempt after `delay`.
     private func armTimer(after delay: Duration) {
+        self.timerDue = Reactor.clock() &+ UInt64(max(delay.nanoseconds, 0))
         self.timer = self.reactor.schedule(afterNanoseconds: UInt64(max(delay.nanoseconds, 0))) { [weak self] in
             guard let self else { return }
             self.timer = 0

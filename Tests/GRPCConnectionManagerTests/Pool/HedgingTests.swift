@@ -380,6 +380,39 @@ struct HedgingTests {
         #expect(await waiting.value.status == .ok)
     }
 
+    @Test("a hedged call refused with no hedge due before its deadline ends at once, RESOURCE_EXHAUSTED, sending nothing")
+    func refusedHedgePastDeadlineEnds() async throws {
+        // One stream on the server, held by A; B waits, filling the one place in the queue. The hedged call's first
+        // attempt is refused, and its next hedge (in 2 s) would start past its 1 s deadline: it ends now. It waited,
+        // and sent an attempt after its deadline.
+        var options = EchoServer.Options()
+        options.maxConcurrentStreams = 1
+        let server = try EchoServer(options: options)
+        defer { server.close() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let channel = try Self.hedgedChannel(
+            server.address, loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(2))
+        ) { configuration in
+            configuration.maxQueuedCalls = 1
+            configuration.retry.throttling = nil
+        }
+        let held = Task {
+            await channel.call("/test.Raw/Get", [1], metadata: ["x-sleep-ms": "3000", "x-request-key": "a"], timeout: .seconds(20))
+        }
+        #expect(await eventually { server.requestCount(key: "a") == 1 })
+        let waiting = Task { await channel.call("/test.Raw/Get", [2], timeout: .seconds(20)) }
+        #expect(await eventually { channel.queuedCount == 1 })
+        let began = ContinuousClock.now
+        let response = await channel.call("/echo.Echo/Get", [3], metadata: ["x-request-key": "late"], timeout: .seconds(1))
+        #expect(response.status.code == .resourceExhausted, "\(response.status)")
+        #expect(ContinuousClock.now - began < .milliseconds(900), "ended at the refusal, not at or after the deadline")
+        #expect(await held.value.status == .ok)
+        #expect(await waiting.value.status == .ok)
+        #expect(server.requestCount(key: "late") == 0, "no attempt reached the server")
+    }
+
     @Test("the throttle counts a hedge's failure by the hedging policy's codes, with retries off too")
     func throttleCountsHedgingCodes() async throws {
         let fixture = try LoopbackFixture()
