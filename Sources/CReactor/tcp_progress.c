@@ -1,20 +1,16 @@
-// tcp_progress.c: how far the peer has acknowledged a TCP socket's output (TCP_INFO's bytes_acked), and what the
-// kernel still holds of it (SIOCOUTQ). Apart from
+// tcp_progress.c: how far the peer has acknowledged a TCP socket's output (TCP_INFO's bytes_acked). Apart from
 // socket.c because glibc's <netinet/tcp.h>, which that file uses, has a struct tcp_info without the field, and the
 // kernel's <linux/tcp.h>, which has it, cannot be included beside it.
 // Not "CReactor.h" (it includes <netinet/tcp.h>): the declaration there must match this definition.
 #ifdef __linux__
 
-#include <linux/sockios.h>
 #include <linux/tcp.h>
 #include <netinet/in.h>
-#include <sys/ioctl.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
 
 int64_t cr_socket_bytes_acked(int fd);
-int64_t cr_socket_send_queue(int fd);
 
 int64_t cr_socket_bytes_acked(int fd) {
     struct tcp_info info;
@@ -23,12 +19,6 @@ int64_t cr_socket_bytes_acked(int fd) {
     // An older kernel fills less of the structure (the field came in Linux 4.1).
     if (length < offsetof(struct tcp_info, tcpi_bytes_acked) + sizeof(info.tcpi_bytes_acked)) return -1;
     return (int64_t)info.tcpi_bytes_acked;
-}
-
-int64_t cr_socket_send_queue(int fd) {
-    int bytes = 0;
-    if (ioctl(fd, SIOCOUTQ, &bytes) != 0) return -1;
-    return bytes;
 }
 
 #endif

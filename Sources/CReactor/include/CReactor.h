@@ -122,8 +122,6 @@ int cr_socket_set_user_timeout(int fd, unsigned int milliseconds);
 /// Bytes of the socket's output the peer has acknowledged (TCP_INFO's bytes_acked), or -1 (not TCP, or a kernel
 /// without the field).
 int64_t cr_socket_bytes_acked(int fd);
-/// Bytes of the socket's output the kernel still holds, unsent or unacknowledged (SIOCOUTQ), or -1.
-int64_t cr_socket_send_queue(int fd);
 /// Creates a nonblocking listening socket with SO_REUSEADDR. Returns the fd or -errno.
 int cr_socket_listen(const struct sockaddr *_Nonnull address, socklen_t length, int backlog);
 /// Accepts one connection (nonblocking, close-on-exec, TCP_NODELAY for TCP). Returns the fd or -errno.

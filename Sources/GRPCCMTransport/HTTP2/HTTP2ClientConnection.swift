@@ -71,10 +71,16 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// When the keepalive PING went out (the timeout counts from it).
     @exclusivity(unchecked)
     private var pingSentAt: UInt64 = 0
-    /// The socket's `bytesAcknowledged` when the keepalive PING went out behind other output, or when its timeout
-    /// was last extended; nil when nothing was ahead of the PING.
+    /// The socket's `bytesAcknowledged` when the keepalive PING was submitted, or when its timeout was last extended
+    /// (nil: not known, as on a Unix socket).
     @exclusivity(unchecked)
     private var acknowledgedAtPing: Int64?
+    /// Where in the socket's byte stream the keepalive PING ends (`HTTP2Socket.streamPosition` once nghttp2 has
+    /// written it out), nil until then; `pingPositionWanted` while it is to be read after a flush.
+    @exclusivity(unchecked)
+    private var pingStreamEnd: Int64?
+    @exclusivity(unchecked)
+    private var pingPositionWanted = false
     @exclusivity(unchecked)
     private var idleTrimTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
@@ -269,6 +275,14 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         if self.state == .draining && self.streamsOnWire == 0 {
             self.socket?.shutdown(reason: CallStatus(code: .unavailable, message: self.goAwayDetail ?? "connection drained"))
         }
+        if self.pingPositionWanted, let socket = self.socket, let session = socket.session,
+            nghttp2_session_get_outbound_queue_size(session) == 0
+        {
+            // nghttp2 holds no control frame any more: the PING is in the socket's output, up to here (or before:
+            // DATA collected after it in the same flush makes the position later, never earlier).
+            self.pingPositionWanted = false
+            self.pingStreamEnd = socket.streamPosition
+        }
         if self.bodyAskedAtCap {
             self.bodyAskedAtCap = false
             if self.state == .ready && self.streamDemand?.waiting != false { self.delegate?.transportHasCapacity(self) }
@@ -369,13 +383,15 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
                 self.armKeepalive(at: self.lastReadAt &+ UInt64(self.keepAliveTime.nanoseconds))
                 return
             }
-            // So are bytes of ours the server's TCP acknowledged since (TCP_INFO), when output was ahead of the PING:
-            // behind an upload on a slow link (a megabyte of output and the kernel's buffers) it leaves late, and its
-            // ACK with it. The wait goes on while the server keeps acknowledging; a dead one acknowledges nothing, a
-            // frozen one only until its receive buffer is full. (With nothing ahead of the PING, its own ACK from a
-            // frozen server's kernel must not count: no extension then.)
+            // So are bytes of ours that the server's TCP acknowledged since (TCP_INFO) while the PING itself has not
+            // reached it: behind an upload on a slow link (a megabyte of output and the kernel's buffers ahead of it)
+            // the PING leaves late (nghttp2 may hold it until the output has room), and its ACK with it. The wait
+            // goes on while the server's TCP takes the bytes ahead of the PING, and ends a timeout after it has the
+            // PING: a frozen server (its kernel still acknowledging) or a proxy acknowledging for its backend gains
+            // at most the backlog's time (nothing is produced past a PING nghttp2 still holds); a dead one
+            // acknowledges nothing.
             if let acknowledged = self.socket?.bytesAcknowledged, let before = self.acknowledgedAtPing,
-                acknowledged > before
+                acknowledged > before, self.pingStreamEnd.map({ acknowledged < $0 }) ?? self.pingPositionWanted
             {
                 self.acknowledgedAtPing = acknowledged
                 self.keepaliveTimeoutTimer = self.reactor.scheduleTimer(
@@ -655,7 +671,9 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         }
         nghttp2_submit_ping(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nil)
         self.pingSentAt = now
-        self.acknowledgedAtPing = self.socket?.hasOutputInFlight == true ? self.socket?.bytesAcknowledged : nil
+        self.acknowledgedAtPing = self.socket?.bytesAcknowledged
+        self.pingStreamEnd = nil
+        self.pingPositionWanted = self.acknowledgedAtPing != nil
         self.keepaliveTimeoutTimer = self.reactor.scheduleTimer(
             at: now &+ UInt64(self.settings.keepAliveTimeout.nanoseconds), handler: self,
             tag: TimerTag.keepaliveTimeout)

@@ -543,10 +543,8 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         return acked >= 0 ? acked : nil
     }
 
-    /// Output waits somewhere: in this socket's buffer, or in the kernel's, unsent or not yet acknowledged.
-    package var hasOutputInFlight: Bool {
-        !self.output.isDrained || (self.fd >= 0 && cr_socket_send_queue(self.fd) > 0)
-    }
+    /// Where the socket's byte stream has got to (`SocketOutput.streamPosition`): compared with `bytesAcknowledged`.
+    package var streamPosition: Int64 { Int64(self.output.streamPosition) }
 
     /// Where nghttp2's output has got to (`SocketOutput.mark`): read when a stream is submitted, it tells at the
     /// close whether any of the stream's frames can have left (`outputMayHaveWritten`).

@@ -46,6 +46,10 @@ package struct SocketOutput: ~Copyable {
     /// Bytes for the socket since the connection began, written or not.
     private var socketBytes: Int { self.written + self.bytes.count - self.start }
 
+    /// Where the socket's byte stream has got to: every byte produced for it since the connection began, written or
+    /// not, in the units its peer acknowledges (ciphertext under TLS; plaintext not yet encrypted counted as is).
+    package var streamPosition: Int { self.socketBytes + self.plaintext.count }
+
     /// Where nghttp2's output has got to: the bytes it produced since the connection began (plaintext under TLS).
     /// A stream's frames, once it is submitted, all come at or after the mark read then (nghttp2 writes a request's
     /// HEADERS out in a later `mem_send`).

@@ -100,6 +100,41 @@ struct LifecycleTests {
         #expect(recorder.count { if case .keepaliveTimeout = $0 { return true } else { return false } } == 1)
     }
 
+    @Test("a frozen server (SIGSTOP) under steady traffic is detected by keepalive as soon: its kernel acknowledging the calls' bytes buys no time")
+    func keepaliveDetectsFrozenServerUnderTraffic() async throws {
+        let peer = try PythonPeer()
+        defer {
+            kill(peer.pid, SIGCONT)
+            peer.stop()
+        }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Self.fastConfiguration()
+        configuration.keepAliveTime = .milliseconds(300)
+        configuration.keepAliveTimeout = .milliseconds(300)
+        let recorder = EventRecorder()
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        channel.events.subscribe { recorder.record($0) }
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        kill(peer.pid, SIGSTOP)
+        let started = now()
+        // A call every 20 ms: the stopped server's kernel keeps acknowledging their bytes, which counts for nothing
+        // once it has the PING (an earlier take on the rule extended the wait while it did).
+        let traffic = Task {
+            while !Task.isCancelled {
+                channel.unary(path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .milliseconds(500))) { _ in }
+                try? await Task.sleep(for: .milliseconds(20))
+            }
+        }
+        defer { traffic.cancel() }
+        let detected = await eventually(timeout: 10) {
+            recorder.count { if case .keepaliveTimeout = $0 { return true } else { return false } } >= 1
+        }
+        #expect(detected)
+        #expect(now() - started < 0.3 + 0.3 + 1.5, "detected within keepAliveTime + keepAliveTimeout (+ slack)")
+    }
+
     @Test("GOAWAY while 100 calls are in flight loses none of them and completes each once")
     func gracefulServerShutdownLosesNothing() async throws {
         let fixture = try LoopbackFixture()
