@@ -72,36 +72,44 @@ struct LifecycleTests {
 
     @Test("a frozen server (SIGSTOP) is detected by keepalive: the call fails UNAVAILABLE instead of hanging")
     func keepaliveDetectsFrozenServer() async throws {
-        let peer = try PythonPeer()
-        defer {
-            kill(peer.pid, SIGCONT)
-            peer.stop()
+        try await Self.withFrozenPeer { channel, recorder in
+            let started = now()
+            let response = await channel.call([2], timeout: .seconds(10))
+            let elapsed = now() - started
+            #expect(response.status.code == .unavailable)
+            #expect(response.status.message.contains("keepalive"))
+            // Undetected, the call would wait for its 10 s deadline; the slack is for a loaded machine (TSan).
+            #expect(elapsed < 0.3 + 0.3 + 1.5, "detected within keepAliveTime + keepAliveTimeout (+ slack)")
+            // The call completes first; the state change is published right after, on the reactor thread.
+            #expect(await eventually { recorder.transitions.contains("READY>TRANSIENT_FAILURE") })
+            #expect(recorder.count { if case .keepaliveTimeout = $0 { return true } else { return false } } == 1)
         }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        var configuration = Self.fastConfiguration()
-        configuration.keepAliveTime = .milliseconds(300)
-        configuration.keepAliveTimeout = .milliseconds(300)
-        let recorder = EventRecorder()
-        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
-        channel.events.subscribe { recorder.record($0) }
-        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
-        kill(peer.pid, SIGSTOP)
-        let started = now()
-        let response = await channel.call([2], timeout: .seconds(10))
-        let elapsed = now() - started
-        #expect(response.status.code == .unavailable)
-        #expect(response.status.message.contains("keepalive"))
-        // Undetected, the call would wait for its 10 s deadline; the slack is for a loaded machine (TSan).
-        #expect(elapsed < 0.3 + 0.3 + 1.5, "detected within keepAliveTime + keepAliveTimeout (+ slack)")
-        // The call completes first; the state change is published right after, on the reactor thread.
-        #expect(await eventually { recorder.transitions.contains("READY>TRANSIENT_FAILURE") })
-        #expect(recorder.count { if case .keepaliveTimeout = $0 { return true } else { return false } } == 1)
     }
 
     @Test("a frozen server (SIGSTOP) under steady traffic is detected by keepalive as soon: its kernel acknowledging the calls' bytes buys no time")
     func keepaliveDetectsFrozenServerUnderTraffic() async throws {
+        try await Self.withFrozenPeer { channel, recorder in
+            let started = now()
+            // A call every 20 ms: the stopped server's kernel keeps acknowledging their bytes, which counts for
+            // nothing once it has the PING (an earlier take on the rule extended the wait while it did).
+            let traffic = Task {
+                while !Task.isCancelled {
+                    channel.unary(path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .milliseconds(500))) { _ in }
+                    try? await Task.sleep(for: .milliseconds(20))
+                }
+            }
+            defer { traffic.cancel() }
+            let detected = await eventually(timeout: 10) {
+                recorder.count { if case .keepaliveTimeout = $0 { return true } else { return false } } >= 1
+            }
+            #expect(detected)
+            #expect(now() - started < 0.3 + 0.3 + 1.5, "detected within keepAliveTime + keepAliveTimeout (+ slack)")
+        }
+    }
+
+    /// A grpcio server and a channel to it with keepalive at 300 ms / 300 ms, which has made one call; then the
+    /// server is stopped (SIGSTOP) and `body` runs. The server goes on (SIGCONT) and ends after.
+    private static func withFrozenPeer(_ body: (GRPCChannel, EventRecorder) async throws -> Void) async throws {
         let peer = try PythonPeer()
         defer {
             kill(peer.pid, SIGCONT)
@@ -118,21 +126,7 @@ struct LifecycleTests {
         channel.events.subscribe { recorder.record($0) }
         #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
         kill(peer.pid, SIGSTOP)
-        let started = now()
-        // A call every 20 ms: the stopped server's kernel keeps acknowledging their bytes, which counts for nothing
-        // once it has the PING (an earlier take on the rule extended the wait while it did).
-        let traffic = Task {
-            while !Task.isCancelled {
-                channel.unary(path: "/echo.Echo/Get", request: [2], options: RequestOptions(timeout: .milliseconds(500))) { _ in }
-                try? await Task.sleep(for: .milliseconds(20))
-            }
-        }
-        defer { traffic.cancel() }
-        let detected = await eventually(timeout: 10) {
-            recorder.count { if case .keepaliveTimeout = $0 { return true } else { return false } } >= 1
-        }
-        #expect(detected)
-        #expect(now() - started < 0.3 + 0.3 + 1.5, "detected within keepAliveTime + keepAliveTimeout (+ slack)")
+        try await body(channel, recorder)
     }
 
     @Test("GOAWAY while 100 calls are in flight loses none of them and completes each once")

@@ -343,41 +343,24 @@ struct HedgingTests {
 
     @Test("a hedge refused by a full wait queue is no close: a later hedge still goes, and the call ends with its answer")
     func refusedHedgeIsNoClose() async throws {
-        // Two streams on the server, one call allowed to wait for a stream. A (3 s) and the hedged call's first
-        // attempt (5 s, then UNAVAILABLE) hold both; B waits. The hedge at 2 s finds the queue full and is refused;
-        // the one at 4 s finds a stream (A's and B's done) and answers. The refusal was taken for the channel's close:
-        // no later hedge went, and the call ended with the first attempt's UNAVAILABLE. (A second of margin each
-        // side.)
-        var options = EchoServer.Options()
-        options.maxConcurrentStreams = 2
-        let server = try EchoServer(options: options)
-        defer { server.close() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let channel = try Self.hedgedChannel(
-            server.address, loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(2))
-        ) { configuration in
-            configuration.maxQueuedCalls = 1
-            configuration.retry.throttling = nil
+        // Two streams on the server. A (3 s) and the hedged call's first attempt (5 s, then UNAVAILABLE) hold both; B
+        // waits. The hedge at 2 s finds the queue full and is refused; the one at 4 s finds a stream (A's and B's done)
+        // and answers. The refusal was taken for the channel's close: no later hedge went, and the call ended with the
+        // first attempt's UNAVAILABLE. (A second of margin each side.)
+        try await Self.withOneQueuePlace(streams: 2) { server, channel in
+            let hedged = Task {
+                await channel.call(
+                    "/echo.Echo/Get", [2], metadata: ["x-sleep-ms": "5000", "x-fail-first": "1", "x-request-key": "refused"],
+                    timeout: .seconds(20))
+            }
+            #expect(await eventually { server.requestCount(key: "refused") == 1 })
+            let waiting = Task { await channel.call("/test.Raw/Get", [3], timeout: .seconds(20)) }
+            #expect(await eventually { channel.queuedCount == 1 }, "B waits for a stream before the first hedge")
+            let response = await hedged.value
+            #expect(response.status == .ok, "\(response.status)")
+            #expect(server.requestCount(key: "refused") == 2, "the first attempt and the third")
+            #expect(await waiting.value.status == .ok)
         }
-        let other = Task {
-            await channel.call("/test.Raw/Get", [1], metadata: ["x-sleep-ms": "3000", "x-request-key": "a"], timeout: .seconds(20))
-        }
-        #expect(await eventually { server.requestCount(key: "a") == 1 })
-        let hedged = Task {
-            await channel.call(
-                "/echo.Echo/Get", [2], metadata: ["x-sleep-ms": "5000", "x-fail-first": "1", "x-request-key": "refused"],
-                timeout: .seconds(20))
-        }
-        #expect(await eventually { server.requestCount(key: "refused") == 1 })
-        let waiting = Task { await channel.call("/test.Raw/Get", [3], timeout: .seconds(20)) }
-        #expect(await eventually { channel.queuedCount == 1 }, "B waits for a stream before the first hedge")
-        let response = await hedged.value
-        #expect(response.status == .ok, "\(response.status)")
-        #expect(server.requestCount(key: "refused") == 2, "the first attempt and the third")
-        #expect(await other.value.status == .ok)
-        #expect(await waiting.value.status == .ok)
     }
 
     @Test("a hedged call refused with no hedge due before its deadline ends at once, RESOURCE_EXHAUSTED, sending nothing")
@@ -385,8 +368,26 @@ struct HedgingTests {
         // One stream on the server, held by A; B waits, filling the one place in the queue. The hedged call's first
         // attempt is refused, and its next hedge (in 2 s) would start past its 1 s deadline: it ends now. It waited,
         // and sent an attempt after its deadline.
+        try await Self.withOneQueuePlace(streams: 1) { server, channel in
+            let waiting = Task { await channel.call("/test.Raw/Get", [2], timeout: .seconds(20)) }
+            #expect(await eventually { channel.queuedCount == 1 })
+            let began = ContinuousClock.now
+            let response = await channel.call("/echo.Echo/Get", [3], metadata: ["x-request-key": "late"], timeout: .seconds(1))
+            #expect(response.status.code == .resourceExhausted, "\(response.status)")
+            #expect(ContinuousClock.now - began < .milliseconds(900), "ended at the refusal, not at or after the deadline")
+            #expect(await waiting.value.status == .ok)
+            #expect(server.requestCount(key: "late") == 0, "no attempt reached the server")
+        }
+    }
+
+    /// The embedded server with `streams` streams, and a channel hedging echo.Echo (3 attempts, 2 s apart, the
+    /// throttle off) that lets one call wait for a stream. A, a 3 s call of another method, holds a stream when
+    /// `body` runs, and ends OK after.
+    private static func withOneQueuePlace(
+        streams: Int, _ body: (EchoServer, GRPCChannel) async throws -> Void
+    ) async throws {
         var options = EchoServer.Options()
-        options.maxConcurrentStreams = 1
+        options.maxConcurrentStreams = streams
         let server = try EchoServer(options: options)
         defer { server.close() }
         let loop = try ReactorLoop()
@@ -402,15 +403,8 @@ struct HedgingTests {
             await channel.call("/test.Raw/Get", [1], metadata: ["x-sleep-ms": "3000", "x-request-key": "a"], timeout: .seconds(20))
         }
         #expect(await eventually { server.requestCount(key: "a") == 1 })
-        let waiting = Task { await channel.call("/test.Raw/Get", [2], timeout: .seconds(20)) }
-        #expect(await eventually { channel.queuedCount == 1 })
-        let began = ContinuousClock.now
-        let response = await channel.call("/echo.Echo/Get", [3], metadata: ["x-request-key": "late"], timeout: .seconds(1))
-        #expect(response.status.code == .resourceExhausted, "\(response.status)")
-        #expect(ContinuousClock.now - began < .milliseconds(900), "ended at the refusal, not at or after the deadline")
+        try await body(server, channel)
         #expect(await held.value.status == .ok)
-        #expect(await waiting.value.status == .ok)
-        #expect(server.requestCount(key: "late") == 0, "no attempt reached the server")
     }
 
     @Test("the throttle counts a hedge's failure by the hedging policy's codes, with retries off too")
