@@ -75,12 +75,6 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
     /// (nil: not known, as on a Unix socket).
     @exclusivity(unchecked)
     private var acknowledgedAtPing: Int64?
-    /// Where in the socket's byte stream the keepalive PING ends (`HTTP2Socket.streamPosition` once nghttp2 has
-    /// written it out), nil until then; `pingPositionWanted` while it is to be read after a flush.
-    @exclusivity(unchecked)
-    private var pingStreamEnd: Int64?
-    @exclusivity(unchecked)
-    private var pingPositionWanted = false
     @exclusivity(unchecked)
     private var idleTrimTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
@@ -275,14 +269,6 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         if self.state == .draining && self.streamsOnWire == 0 {
             self.socket?.shutdown(reason: CallStatus(code: .unavailable, message: self.goAwayDetail ?? "connection drained"))
         }
-        if self.pingPositionWanted, let socket = self.socket, let session = socket.session,
-            nghttp2_session_get_outbound_queue_size(session) == 0
-        {
-            // nghttp2 holds no control frame any more: the PING is in the socket's output, up to here (or before:
-            // DATA collected after it in the same flush makes the position later, never earlier).
-            self.pingPositionWanted = false
-            self.pingStreamEnd = socket.streamPosition
-        }
         if self.bodyAskedAtCap {
             self.bodyAskedAtCap = false
             if self.state == .ready && self.streamDemand?.waiting != false { self.delegate?.transportHasCapacity(self) }
@@ -391,7 +377,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
             // at most the backlog's time (nothing is produced past a PING nghttp2 still holds); a dead one
             // acknowledges nothing.
             if let acknowledged = self.socket?.bytesAcknowledged, let before = self.acknowledgedAtPing,
-                acknowledged > before, self.pingStreamEnd.map({ acknowledged < $0 }) ?? self.pingPositionWanted
+                acknowledged > before, self.socket?.pingEnd.map({ acknowledged < $0 }) ?? true
             {
                 self.acknowledgedAtPing = acknowledged
                 self.keepaliveTimeoutTimer = self.reactor.scheduleTimer(
@@ -672,8 +658,7 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         nghttp2_submit_ping(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nil)
         self.pingSentAt = now
         self.acknowledgedAtPing = self.socket?.bytesAcknowledged
-        self.pingStreamEnd = nil
-        self.pingPositionWanted = self.acknowledgedAtPing != nil
+        self.socket?.pingEnd = nil
         self.keepaliveTimeoutTimer = self.reactor.scheduleTimer(
             at: now &+ UInt64(self.settings.keepAliveTimeout.nanoseconds), handler: self,
             tag: TimerTag.keepaliveTimeout)

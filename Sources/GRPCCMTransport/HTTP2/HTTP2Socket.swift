@@ -467,6 +467,10 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
                 self.noteGoAwaySent(UnsafeRawBufferPointer(start: chunk, count: n))
             }
             self.output.add(UnsafeRawBufferPointer(start: chunk, count: n), encrypted: encrypted)
+            // A PING of this side's (not an ACK): where it ends in the byte stream, for keepalive's timeout.
+            if n == 17 && chunk.unsafelyUnwrapped[3] == 6 && chunk.unsafelyUnwrapped[4] & 1 == 0 {
+                self.pingEnd = Int64(self.output.streamPosition)
+            }
         }
         if let tls = self.tls { try self.output.encryptPending(with: tls) }
     }
@@ -543,8 +547,10 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         return acked >= 0 ? acked : nil
     }
 
-    /// Where the socket's byte stream has got to (`SocketOutput.streamPosition`): compared with `bytesAcknowledged`.
-    package var streamPosition: Int64 { Int64(self.output.streamPosition) }
+    /// Where in the socket's byte stream the last PING this side sent (not an ACK) ends, in `bytesAcknowledged`'s
+    /// units (under TLS a few bytes short: the record's overhead is not counted yet); nil until one goes out. The
+    /// owner clears it when it submits a PING, so nil then means nghttp2 still holds that PING.
+    package var pingEnd: Int64?
 
     /// Where nghttp2's output has got to (`SocketOutput.mark`): read when a stream is submitted, it tells at the
     /// close whether any of the stream's frames can have left (`outputMayHaveWritten`).

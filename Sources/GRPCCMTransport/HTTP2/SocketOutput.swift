@@ -47,7 +47,8 @@ package struct SocketOutput: ~Copyable {
     private var socketBytes: Int { self.written + self.bytes.count - self.start }
 
     /// Where the socket's byte stream has got to: every byte produced for it since the connection began, written or
-    /// not, in the units its peer acknowledges (ciphertext under TLS; plaintext not yet encrypted counted as is).
+    /// not, in the units its peer acknowledges (ciphertext under TLS; plaintext not yet encrypted counted as is,
+    /// without its record's overhead).
     package var streamPosition: Int { self.socketBytes + self.plaintext.count }
 
     /// Where nghttp2's output has got to: the bytes it produced since the connection began (plaintext under TLS).
