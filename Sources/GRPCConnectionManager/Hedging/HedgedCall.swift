@@ -39,6 +39,9 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     private var result: UnaryResponse?
     private var timer: Reactor.TimerID = 0
     private var lastFailure: UnaryResponse?
+    /// The last attempt refused before it went out (the wait queue full): the call's end when no attempt reached the
+    /// server (no failure of the server's to report instead).
+    private var lastRefusal: UnaryResponse?
     /// The attempt the call committed to when its response headers came (gRFC A6); 0 before.
     private var committed = 0
     private var permit: CallPermit?
@@ -174,7 +177,16 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         guard self.attempts.count < self.policy.maxAttempts,
             self.attempts.isEmpty || self.environment.policies.retry?.hedgingAllowed(service: self.environment.service) ?? true
         else {
-            if self.running == 0 { self.finish(self.lastFailure ?? UnaryResponse(status: CallStatus(code: .unavailable, message: "no hedged attempt could be sent"))) }
+            if self.running == 0 {
+                if let failure = self.lastFailure {
+                    self.finish(failure)
+                } else {
+                    let refusal = self.lastRefusal
+                    self.finish(
+                        refusal ?? UnaryResponse(status: CallStatus(code: .unavailable, message: "no hedged attempt could be sent")),
+                        endedLocally: refusal != nil)
+                }
+            }
             return
         }
         let attempt = self.makeAttempt(self.attempts.count + 1, self, self.metadata)
@@ -201,6 +213,7 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
                 // and no close. A later hedge may still go; with none running, and none due before the deadline (no
                 // attempt runs to end the call at it), the call ends now with the last failure the server gave, or
                 // this refusal.
+                self.lastRefusal = response
                 let nextInTime = self.timer != 0 && (self.deadline == 0 || self.timerDue < self.deadline)
                 if self.running == 0 && !nextInTime {
                     self.finish(self.lastFailure ?? response, endedLocally: self.lastFailure == nil)
