@@ -31,15 +31,15 @@ struct LimitsTests {
     }
 
     /// A scripted peer in `mode` and a started loop for the client, both stopped after `body`.
-    static func withPeer(
-        _ mode: String, _ arguments: [String] = [], _ body: (ScriptedPeer, ReactorLoop) async throws -> Void
-    ) async throws {
+    static func withPeer<T>(
+        _ mode: String, _ arguments: [String] = [], _ body: (ScriptedPeer, ReactorLoop) async throws -> T
+    ) async throws -> T {
         let peer = try ScriptedPeer(mode, arguments)
         defer { peer.stop() }
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
-        try await body(peer, loop)
+        return try await body(peer, loop)
     }
 
     @Test("response headers and trailers over maxHeaderListSize end the call RESOURCE_EXHAUSTED; the connection stays", arguments: ["headers-bytes", "trailers-bytes"])
@@ -216,30 +216,41 @@ struct LimitsTests {
     func busyUploadDoesNotStarveOtherCalls() async throws {
         // Windows wide open, one frame read every 2 ms: the upload never runs out of window, its writer keeps its
         // buffer full, and the socket backs up.
-        let peer = try ScriptedPeer("wide-open-slow", ["2"])
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        // A buffer far larger than what one turn of the loop sends: the upload never runs dry between its writes.
-        var configuration = Self.plain()
-        configuration.streamBufferSize = 16 << 20
-        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
-        let upload = channel.clientStreaming(path: "/test.Stream/Collect")
-        let message = [UInt8](repeating: 7, count: 64 << 10)
-        let writer = Task {
-            while !Task.isCancelled { try await upload.write(message) }
+        _ = try await Self.withEndlessUpload(readingAFrameEvery: 2) { _, channel in
+            // On the same connection: its request goes out between the upload's frames, not after all of them.
+            let response = await channel.unaryResult(
+                path: "/echo.Echo/Get", request: [42], options: RequestOptions(timeout: .seconds(10)))
+            #expect(response.status == .ok)
+            #expect(response.message == [42])
         }
-        func held() -> Int { Self.outputHeld(channel) }
-        #expect(await eventually(timeout: 20) { held() >= SocketOutput.cap / 2 }, "the upload's frames back up")
-        // On the same connection: its request goes out between the upload's frames, not after all of them.
-        let response = await channel.unaryResult(
-            path: "/echo.Echo/Get", request: [42], options: RequestOptions(timeout: .seconds(10)))
-        #expect(response.status == .ok)
-        #expect(response.message == [42])
-        upload.cancel()
-        writer.cancel()
-        _ = await writer.result
+    }
+
+    /// A client-streaming upload whose writer keeps its 16 MiB buffer full (far more than one turn of the loop sends:
+    /// it never runs dry between writes) to a `wide-open-slow` peer reading one frame every `milliseconds`; `body`
+    /// runs once the socket's output has backed up to half its cap. `adjust` shapes the configuration, `prepare`
+    /// sees the channel before the upload starts. The upload is cancelled after `body`; how it ended is returned.
+    static func withEndlessUpload(
+        readingAFrameEvery milliseconds: Int, adjust: (inout Configuration) -> Void = { _ in },
+        prepare: (GRPCChannel) -> Void = { _ in }, _ body: (ScriptedPeer, GRPCChannel) async throws -> Void
+    ) async throws -> UnaryResponse {
+        try await Self.withPeer("wide-open-slow", [String(milliseconds)]) { peer, loop in
+            var configuration = Self.plain()
+            configuration.streamBufferSize = 16 << 20
+            adjust(&configuration)
+            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+            prepare(channel)
+            let upload = channel.clientStreaming(path: "/test.Stream/Collect")
+            let message = [UInt8](repeating: 7, count: 64 << 10)
+            let writer = Task {
+                while !Task.isCancelled { try await upload.write(message) }
+            }
+            #expect(await eventually(timeout: 20) { Self.outputHeld(channel) >= SocketOutput.cap / 2 }, "the upload backs up")
+            try await body(peer, channel)
+            upload.cancel()
+            writer.cancel()
+            _ = await writer.result
+            return await upload.finishResult()
+        }
     }
 
     @Test("a burst of calls goes out in rounds: the server never waits on more than 256 streams whose body has not begun, and every call ends OK")
@@ -247,32 +258,29 @@ struct LimitsTests {
         // nghttp2 sends every queued HEADERS frame before any DATA: a burst submitted at once, or calls starting faster
         // than a slow server reads, would put all their headers ahead of all their bodies (under open-loop overload
         // no call completed). The connection takes a new stream only while fewer than 256 bodies wait to be asked for.
-        let peer = try ScriptedPeer("echo")
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        // Room for gRFC A105's growth, which is for the server's MAX_CONCURRENT_STREAMS only: the burst's wait for
-        // its bodies opens no other connection.
-        var configuration = Self.plain()
-        configuration.maxConnectionsPerTarget = 3
-        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
-        #expect(await channel.unaryResult(path: "/echo.Echo/Get", request: [0]).status == .ok)
-        let count = 3 * HTTP2ClientConnection.maxStreamsWithBodyUnasked
-        let ended = PThreadLock<[UnaryResponse]>([])
-        _ = loop.execute {
-            for index in 0..<count {
-                channel.unary(path: "/echo.Echo/Get", request: [UInt8(index & 0xff)], options: RequestOptions(timeout: .seconds(60))) {
-                    response in ended.withLock { $0.append(response) }
+        try await Self.withPeer("echo") { peer, loop in
+            // Room for gRFC A105's growth, which is for the server's MAX_CONCURRENT_STREAMS only: the burst's wait for
+            // its bodies opens no other connection.
+            var configuration = Self.plain()
+            configuration.maxConnectionsPerTarget = 3
+            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+            #expect(await channel.unaryResult(path: "/echo.Echo/Get", request: [0]).status == .ok)
+            let count = 3 * HTTP2ClientConnection.maxStreamsWithBodyUnasked
+            let ended = PThreadLock<[UnaryResponse]>([])
+            _ = loop.execute {
+                for index in 0..<count {
+                    channel.unary(path: "/echo.Echo/Get", request: [UInt8(index & 0xff)], options: RequestOptions(timeout: .seconds(60))) {
+                        response in ended.withLock { $0.append(response) }
+                    }
                 }
             }
+            #expect(await eventually(timeout: 60) { ended.withLock { $0.count } == count })
+            let responses = ended.withLock { $0 }
+            #expect(responses.filter { $0.status != .ok }.map(\.status).prefix(3) == [])
+            let most = peer.mostBodiless()
+            #expect(most > 1 && most <= HTTP2ClientConnection.maxStreamsWithBodyUnasked, "at most \(most) bodies unbegun")
+            #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 1, "one connection")
         }
-        #expect(await eventually(timeout: 60) { ended.withLock { $0.count } == count })
-        let responses = ended.withLock { $0 }
-        #expect(responses.filter { $0.status != .ok }.map(\.status).prefix(3) == [])
-        let most = peer.mostBodiless()
-        #expect(most > 1 && most <= HTTP2ClientConnection.maxStreamsWithBodyUnasked, "at most \(most) bodies unbegun")
-        #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 1, "one connection")
     }
 
     @Test("keepalive: a PING stuck behind an upload on a slow link is no death while the server acknowledges the upload's bytes")
@@ -280,34 +288,21 @@ struct LimitsTests {
         // Windows wide open, one frame read every 5 ms (about 3 MB/s): the megabyte of output alone keeps the PING
         // back some 300 ms, past its 250 ms timeout, and the server sends nothing meanwhile (no window to give back).
         // Before, the connection closed ("keepalive: no PING ACK") under a healthy upload.
-        let peer = try ScriptedPeer("wide-open-slow", ["5"])
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        var configuration = Self.plain()
-        configuration.streamBufferSize = 16 << 20
-        configuration.keepAliveTime = .milliseconds(200)
-        configuration.keepAliveTimeout = .milliseconds(250)
-        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
         let timeouts = PThreadLock(0)
-        channel.events.subscribe { event in
-            if case .keepaliveTimeout = event { timeouts.withLock { $0 += 1 } }
+        let ended = try await Self.withEndlessUpload(readingAFrameEvery: 5) { configuration in
+            configuration.keepAliveTime = .milliseconds(200)
+            configuration.keepAliveTimeout = .milliseconds(250)
+        } prepare: { channel in
+            channel.events.subscribe { event in
+                if case .keepaliveTimeout = event { timeouts.withLock { $0 += 1 } }
+            }
+        } _: { peer, _ in
+            // Ten keepalive intervals of uploading.
+            try await Task.sleep(for: .seconds(2))
+            #expect(timeouts.withLock { $0 } == 0)
+            #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 1, "one connection")
         }
-        let upload = channel.clientStreaming(path: "/test.Stream/Collect")
-        let message = [UInt8](repeating: 7, count: 64 << 10)
-        let writer = Task {
-            while !Task.isCancelled { try await upload.write(message) }
-        }
-        #expect(await eventually(timeout: 20) { Self.outputHeld(channel) >= SocketOutput.cap / 2 }, "the upload backs up")
-        // Ten keepalive intervals of uploading.
-        try await Task.sleep(for: .seconds(2))
-        #expect(timeouts.withLock { $0 } == 0)
-        #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 1, "one connection")
-        upload.cancel()
-        writer.cancel()
-        _ = await writer.result
-        #expect(await upload.finishResult().status.code == .cancelled, "the upload ran until cancelled")
+        #expect(ended.status.code == .cancelled, "the upload ran until cancelled")
     }
 
     /// In one turn of `loop`, before any output is written: three unary calls (requests [1], [2], [3]) open streams on
