@@ -259,8 +259,10 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
 
     /// Reads what the socket has: up to four buffers a turn (a busy connection must not starve the loop's others),
     /// or, `untilDrained`, everything to the end (a connection about to close: what the peer sent last is the calls'
-    /// answers, and the kernel drops it with the socket).
-    private func readAvailable(untilDrained: Bool = false) {
+    /// answers, and the kernel drops it with the socket). `failure` is why it is about to close: a read error or the
+    /// end of the stream met then is the same failure seen again (a write that failed with ETIMEDOUT took the
+    /// socket's error; the read after it finds only the end), not the server's close.
+    private func readAvailable(untilDrained: Bool = false, failure: CallStatus? = nil) {
         // The owner is the session's user data: it must outlive every nghttp2 callback of this read.
         guard let owner = self.owner else {
             self.close(reason: CallStatus(code: .unavailable, message: "connection abandoned"))
@@ -272,13 +274,13 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             let n = cr_read(self.fd, buffer.baseAddress!, buffer.count)
             if n == -Int(EAGAIN) { break }
             if n < 0 {
-                self.close(reason: CallStatus(code: .unavailable, message: "read from \(self.peer) failed: \(String(cString: strerror(Int32(-n))))"))
+                self.close(reason: failure ?? CallStatus(code: .unavailable, message: "read from \(self.peer) failed: \(String(cString: strerror(Int32(-n))))"))
                 return
             }
             if n == 0 {
                 // Fewer first bytes than a check wants, then the end: judged as they are.
                 let refusal = self.firstBytes.judgeWhatCame(owner.socketReceivedFirstBytes)
-                self.close(reason: refusal ?? self.closedByPeerStatus(endOfFile: true))
+                self.close(reason: refusal ?? failure ?? self.closedByPeerStatus(endOfFile: true))
                 return
             }
             var bytes = UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)
@@ -513,7 +515,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             // A peer that answers and closes without reading the rest of a request resets the connection, but what
             // it sent first (a status, a GOAWAY naming the streams it never processed) can still be read, and the
             // calls end with that rather than with the failed write.
-            if self.state == .open { self.readAvailable(untilDrained: true) }
+            if self.state == .open { self.readAvailable(untilDrained: true, failure: reason) }
             if self.state != .closed { self.close(reason: reason) }
             return false
         }

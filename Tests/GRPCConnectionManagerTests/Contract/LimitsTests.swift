@@ -212,6 +212,31 @@ struct LimitsTests {
         _ = await writer.result
     }
 
+    @Test("a peer whose TCP stops taking bytes (zero window past TCP_USER_TIMEOUT): the call says the connection timed out, not that the server closed it")
+    func zeroWindowPastUserTimeoutSaysTimedOut() async throws {
+        // The kernel aborts the connection with ETIMEDOUT once the peer's zero window outlasts TCP_USER_TIMEOUT
+        // (keepAliveTimeout). The write that meets the error consumes it; the read after it finds only the end of the
+        // stream, which was reported as "closed by the server".
+        let peer = try ScriptedPeer("wide-open-stall")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Self.plain()
+        configuration.keepAliveTime = .seconds(3600)
+        configuration.keepAliveTimeout = .milliseconds(300)
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let call = channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        let message = [UInt8](repeating: 9, count: 1 << 20)
+        let writer = Task { for _ in 0..<48 { try await call.write(message) } }
+        #expect(await eventually(timeout: 20) { Self.outputHeld(channel) >= SocketOutput.cap })
+        let status = await call.result().status
+        _ = await writer.result
+        #expect(status.code == .unavailable)
+        #expect(status.message.contains("timed out"), "\(status.message)")
+        #expect(!status.message.contains("closed by the server"), "\(status.message)")
+    }
+
     @Test("a request stream that always has data and window does not hold up another call's request on its connection")
     func busyUploadDoesNotStarveOtherCalls() async throws {
         // Windows wide open, one frame read every 2 ms: the upload never runs out of window, its writer keeps its
