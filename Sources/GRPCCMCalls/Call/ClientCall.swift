@@ -147,9 +147,14 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private var attemptTimer: Reactor.TimerID = 0
     @exclusivity(unchecked)
     private var retryTimer: Reactor.TimerID = 0
-    /// Reactor clock when the call started (0: it never did: invalid, or refused before it began).
+    /// Reactor clock when the call started (0: it never did: invalid, or refused before it began); for a call that an
+    /// interceptor prepared, when that work was done (the breaker's duration runs from there).
     @exclusivity(unchecked)
     private var startedAt: UInt64 = 0
+    /// Reactor clock when the bus heard of a call that an interceptor then prepared (0: none did): its reported
+    /// duration, what the caller waited, runs from here, as a hedged call's does.
+    @exclusivity(unchecked)
+    private var announcedAt: UInt64 = 0
     @exclusivity(unchecked)
     private var permit: CallPermit?
     @exclusivity(unchecked)
@@ -372,9 +377,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             self.announce(environment)
             now = self.startedAt
         } else {
-            // Announced when its interceptors began. Its duration runs from now, as it did before it was announced
-            // that early: the breaker must not count a slow token refresh as a slow server.
+            // Announced when its interceptors began. The breaker's duration runs from now: it must not count a slow
+            // token refresh as a slow server. The bus's still runs from the announcement.
             now = Reactor.clock()
+            self.announcedAt = self.startedAt
             self.startedAt = now
         }
         if let invalid = self.invalid { return invalid }
@@ -731,9 +737,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 now: now, endedLocally: self.endedLocally)
         }
         if self.startedAt != 0 && self.hedgeAttempt == 0 {
+            let waited = self.announcedAt == 0 ? duration : Duration.nanoseconds(Int64(bitPattern: now &- self.announcedAt))
             environment.bus.publishCallEvent(
                 .callFinished(
-                    service: environment.service, path: self.path, status: response.status, duration: duration,
+                    service: environment.service, path: self.path, status: response.status, duration: waited,
                     attempts: self.attemptsMade, sentBytes: self.sentBytes, receivedBytes: self.receivedBytes))
         }
     }

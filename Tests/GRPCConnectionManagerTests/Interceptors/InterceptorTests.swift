@@ -186,6 +186,27 @@ struct InterceptorTests {
         #expect(tokens.refreshes.load(ordering: .relaxed) == 1)
     }
 
+    @Test("a call's reported duration (metrics, logs) includes its interceptors' async work, as a hedged call's does")
+    func reportedDurationIncludesPreparation() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let tokens = TokenInterceptor()
+        let channel = try GRPCChannel(
+            target: fixture.target, configuration: Self.plain(), interceptors: [tokens], eventLoop: fixture.loop)
+        let durations = PThreadLock<[Duration]>([])
+        channel.events.subscribe { event in
+            if case .callFinished(_, _, _, let duration, _, _, _) = event { durations.withLock { $0.append(duration) } }
+        }
+        let waiting = Task { try await channel.unary(path: "/echo.Echo/Get", request: [1]) }
+        // The call waits on the token refresh at least this long: the caller waits it too.
+        try await Task.sleep(for: .milliseconds(300))
+        tokens.gate.open()
+        #expect(try await waiting.value.message == [1])
+        #expect(await eventually { durations.withLock { $0.count } == 1 })
+        let reported = durations.withLock { $0 }
+        #expect(reported.allSatisfy { $0 >= .milliseconds(300) }, "\(reported)")
+    }
+
     @Test("the deadline runs while an interceptor prepares, and a cancel ends the call at once")
     func deadlineAndCancelWhilePreparing() async throws {
         let fixture = try LoopbackFixture()
