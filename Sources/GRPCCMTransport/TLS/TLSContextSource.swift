@@ -75,9 +75,18 @@ package final class TLSContextSource: Sendable {
 
     // MARK: the process's contexts
 
+    /// What a context is built from: the settings less `serverName`, which each session sets for itself (channels
+    /// that differ only in it, such as a manager's etcd services, share one context).
     private struct Key: Hashable {
         let settings: TLSSettings
         let stamps: [FileStamp]
+
+        init(_ settings: TLSSettings, _ stamps: [FileStamp]) {
+            var settings = settings
+            settings.serverName = nil
+            self.settings = settings
+            self.stamps = stamps
+        }
     }
 
     private struct Entry {
@@ -88,7 +97,7 @@ package final class TLSContextSource: Sendable {
     private static let contexts = Mutex<[Key: Entry]>([:])
 
     private static func shared(_ settings: TLSSettings, _ stamps: [FileStamp]) throws(TLSError) -> TLSContext {
-        let key = Key(settings: settings, stamps: stamps)
+        let key = Key(settings, stamps)
         if let found = Self.contexts.withLock({ $0[key]?.context }) { return found }
         // Built outside the lock: reading a CA bundle takes milliseconds, and other channels' lookups must not wait.
         let built = try TLSContext(client: settings)

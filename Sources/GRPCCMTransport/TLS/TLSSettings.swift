@@ -64,6 +64,11 @@ public struct TLSSettings: Sendable, Hashable {
     /// compared at all.
     private static func serverNameProblem(_ name: String) -> String? {
         if name.contains("%") { return "must not carry an IPv6 zone (a certificate names the address without one)" }
+        if name.hasPrefix(".") {
+            // OpenSSL's name check reads a leading dot as any name under the domain (a certificate for
+            // evil.example.com would pass for ".example.com").
+            return "must not begin with a dot (it would match any name under that domain)"
+        }
         if name.contains(where: { "[]/@".contains($0) }) || (name.contains(":") && NetworkAddress(ip: name, port: 0) == nil) {
             return "must be a host name or an IP address, without a port or brackets"
         }

@@ -367,6 +367,11 @@ struct TargetParsingTests {
                 tls.serverName = "fe80::1%eth0"  // a zone: OpenSSL cannot compare it with the certificate's
                 $0.tls = tls
             }),
+            ("tls.serverName", {
+                var tls = TLSSettings()
+                tls.serverName = ".example.com"  // OpenSSL would accept any name under example.com
+                $0.tls = tls
+            }),
             ("loadBalancingPolicies", { $0.loadBalancingPolicies[""] = .pickFirst }),
             ("healthCheckServiceNames", { $0.healthCheckServiceNames[""] = "" }),
             // Of several bad keys, the first in order is named (not whichever the dictionary yields first).
