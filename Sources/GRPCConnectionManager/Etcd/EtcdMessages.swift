@@ -5,7 +5,6 @@ import GRPCCMWire
 enum EtcdMessages {
     static let rangePath = "/etcdserverpb.KV/Range"
     static let putPath = "/etcdserverpb.KV/Put"
-    static let deleteRangePath = "/etcdserverpb.KV/DeleteRange"
     static let watchPath = "/etcdserverpb.Watch/Watch"
     static let leaseGrantPath = "/etcdserverpb.Lease/LeaseGrant"
     static let leaseRevokePath = "/etcdserverpb.Lease/LeaseRevoke"
@@ -83,11 +82,6 @@ enum EtcdMessages {
     static func putRequest(key: String, value: [UInt8], lease: Int64) -> [UInt8] {
         ProtobufWire.lengthDelimited(1, Array(key.utf8)) + ProtobufWire.lengthDelimited(2, value)
             + ProtobufWire.varintField(3, UInt64(bitPattern: lease))
-    }
-
-    /// DeleteRangeRequest{key = 1}.
-    static func deleteRequest(key: String) -> [UInt8] {
-        ProtobufWire.lengthDelimited(1, Array(key.utf8))
     }
 
     /// LeaseGrantRequest{TTL = 1} (seconds).

@@ -8,7 +8,7 @@ import Logging
 /// `{"Op":0,"Addr":"address","Metadata":null}` attached to it, and a bidirectional LeaseKeepAlive stream that renews
 /// the lease every third of its TTL. If the process dies the lease expires and the key goes; if etcd loses the lease
 /// (restarted, or unreachable for longer than the TTL) the registration grants a new one and writes the key again.
-/// `deregister()` deletes the key and revokes the lease.
+/// `deregister()` revokes the lease, which deletes the key unless another registration of the address has taken it.
 ///
 /// Keep the registration for as long as the server serves: letting go of it stops its keepalives (nothing else holds
 /// it), and the key goes when its lease expires, as when the process exits.
@@ -175,7 +175,8 @@ public final class EtcdRegistration: Sendable {
         }
     }
 
-    /// Deletes the key and revokes the lease; the keepalive stops. Idempotent.
+    /// Revokes the lease, and the key with it unless a registration of the same address has put it since (it is
+    /// that one's now); the keepalive stops. Idempotent.
     public func deregister() async {
         let (stream, timer, renewal, wasStopped) = self.state.withLock { state in
             defer { state.stopped = true }
@@ -189,9 +190,9 @@ public final class EtcdRegistration: Sendable {
         // revoked then.
         await renewal?.value
         let lease = self.state.withLock { $0.lease }
-        _ = await self.channel.unaryResult(
-            path: EtcdMessages.deleteRangePath, request: EtcdMessages.deleteRequest(key: self.key),
-            options: RequestOptions(timeout: .seconds(5)))
+        // Revoking the lease deletes the key only while it is still attached to it. A plain delete would also remove
+        // the key another registration of the same address put since (a server restarted in place, its successor
+        // registered before this one left): that registration's lease lives on, so it never writes the key again.
         _ = await self.channel.unaryResult(
             path: EtcdMessages.leaseRevokePath, request: EtcdMessages.leaseIDRequest(lease),
             options: RequestOptions(timeout: .seconds(5)))

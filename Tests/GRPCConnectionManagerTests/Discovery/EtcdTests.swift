@@ -531,6 +531,32 @@ struct EtcdTests {
         #expect(try await keys() == [])
     }
 
+    @Test("two registrations of one address (a server restarted in place): the first one's deregister leaves the key the second put")
+    func deregisterLeavesASuccessorsKey() async throws {
+        let etcd = try EtcdPeer()
+        defer { etcd.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let settings = Configuration.Etcd(endpoints: [etcd.endpoint])
+        let old = try await EtcdRegistration.register(
+            name: "services/twice", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(2), eventLoop: loop)
+        let new = try await EtcdRegistration.register(
+            name: "services/twice", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(2), eventLoop: loop)
+        let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
+        func keys() async throws -> [String] {
+            let response = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: "services/twice/"))
+            return EtcdMessages.rangeResponse(response.message)?.pairs.map(\.key) ?? []
+        }
+        await old.deregister()
+        #expect(try await keys() == ["services/twice/127.0.0.1:1"], "the successor's key stays")
+        // Past the TTL: it is kept alive on the successor's lease, not a leftover about to expire.
+        try await Task.sleep(for: .seconds(3))
+        #expect(try await keys() == ["services/twice/127.0.0.1:1"])
+        await new.deregister()
+        #expect(try await keys() == [])
+    }
+
     @Test("after etcd restarts, the registration keeps one keepalive going, not one more per reopened stream")
     func keepAliveChainsDoNotMultiply() async throws {
         let etcd = try EtcdPeer()
