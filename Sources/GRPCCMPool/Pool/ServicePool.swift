@@ -109,6 +109,16 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
     /// A re-resolution was asked for while a lookup was under way: it follows that lookup's answer.
     @exclusivity(unchecked)
     private var resolveAfterLookup = false
+    /// Changes the resolver's watch reported, and how many of them a lookup that succeeded had begun after: while
+    /// the second is behind, a failed lookup is tried again (the watch reports each change once; nothing else would
+    /// read it while the periodic lookup is far off, or off).
+    @exclusivity(unchecked)
+    package private(set) var changesReported = 0
+    @exclusivity(unchecked)
+    private var changesRead = 0
+    /// `changesReported` when the lookup under way began.
+    @exclusivity(unchecked)
+    private var changesAtLookup = 0
     @exclusivity(unchecked)
     private var queue: WaitQueue<ClientCall> {
         didSet { self.streamDemand.waiting = !self.queue.isEmpty }
@@ -505,9 +515,14 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         guard !self.resolving, self.fixedAddresses == nil, !self.isClosingOrStopping else { return }
         if !self.watching {
             self.watching = true
-            self.resolver.watch(self.target, on: self.reactor) { [weak self] in self?.resolveWhenAllowed() }
+            self.resolver.watch(self.target, on: self.reactor) { [weak self] in
+                guard let self else { return }
+                self.changesReported &+= 1
+                self.resolveWhenAllowed()
+            }
         }
         self.resolving = true
+        self.changesAtLookup = self.changesReported
         self.lastResolution = Reactor.clock()
         let pool = self
         self.resolver.resolve(self.target, on: self.reactor) { result in pool.resolved(result) }
@@ -571,6 +586,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                 self.resolveWhenAllowed()
             }
         }
+        if case .success = result { self.changesRead = self.changesAtLookup }
         switch result {
         case .success(let addresses) where addresses.isEmpty:
             // An answer, not a failure (a DNS lookup with no address is one; an etcd prefix with no key is not):
@@ -608,18 +624,23 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             self.bus.publish(.resolutionFailed(service: self.service, error: status))
             // The last good addresses stay; the name is asked again on schedule.
             self.schedulePeriodicResolution()
-            if self.subchannels.isEmpty {
-                self.failWaitingFailFast()
-                // Wait-for-ready calls keep waiting; try again after a while.
-                if !self.queue.isEmpty && self.resolveRetryTimer == 0 {
-                    let delay = UInt64(max(self.shared.value.resolveRetryDelay.nanoseconds, 0))
-                    self.resolveRetryTimer = self.reactor.schedule(afterNanoseconds: delay) { [weak self] in
-                        guard let self else { return }
-                        self.resolveRetryTimer = 0
-                        self.resolveWhenAllowed()
-                    }
-                }
+            if self.subchannels.isEmpty { self.failWaitingFailFast() }
+            // Tried again after a while when wait-for-ready calls wait with nothing to connect to, or when the watch
+            // reported a change no lookup has read yet (the periodic lookup may be far off, or off).
+            if (self.subchannels.isEmpty && !self.queue.isEmpty) || self.changesRead != self.changesReported {
+                self.scheduleResolveRetry()
             }
+        }
+    }
+
+    /// A lookup again after `resolveRetryDelay` (once armed, not again until it fires).
+    private func scheduleResolveRetry() {
+        guard self.resolveRetryTimer == 0 else { return }
+        let delay = UInt64(max(self.shared.value.resolveRetryDelay.nanoseconds, 0))
+        self.resolveRetryTimer = self.reactor.schedule(afterNanoseconds: delay) { [weak self] in
+            guard let self else { return }
+            self.resolveRetryTimer = 0
+            self.resolveWhenAllowed()
         }
     }
 

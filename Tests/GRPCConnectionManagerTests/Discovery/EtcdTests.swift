@@ -182,6 +182,53 @@ struct EtcdTests {
         _ = registration
     }
 
+    @Test("a change the watch reports is read though the lookup it starts fails (etcd stopped for a moment), with periodic lookups off")
+    func changeOutlivesAFailedRead() async throws {
+        let etcd = try EtcdPeer()
+        defer {
+            kill(etcd.pid, SIGCONT)
+            etcd.stop()
+        }
+        let peers = [try PythonPeer(name: "a"), try PythonPeer(name: "b")]
+        defer { peers.forEach { $0.stop() } }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let settings = Configuration.Etcd(endpoints: [etcd.endpoint])
+        var configuration = Self.configuration(etcd)
+        configuration.resolutionInterval = .zero  // lookups only when asked: nothing else reads a change again
+        configuration.minimumResolutionInterval = .seconds(2)
+        configuration.etcd?.timeout = .milliseconds(500)
+        configuration.maxReconnectDelay = .milliseconds(300)
+        let a = try await EtcdRegistration.register(name: "services/late", address: peers[0].target, etcd: settings, eventLoop: loop)
+        let channel = try GRPCChannel(target: "etcd:///services/late", configuration: configuration, eventLoop: loop)
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
+        /// The addresses the pool took last hold `count`.
+        func resolved(_ count: Int) -> Bool {
+            let last = recorder.all.last { if case .addressesResolved = $0 { true } else { false } }
+            if case .addressesResolved(_, let addresses) = last { return addresses.count == count }
+            return false
+        }
+        let ledger = CompletionLedger()
+        var id = 0
+        #expect(await Self.served(channel, 2, ledger: ledger, next: &id) == ["a"])
+        let b = try await EtcdRegistration.register(name: "services/late", address: peers[1].target, etcd: settings, eventLoop: loop)
+        #expect(await eventually(timeout: 10) { resolved(2) })
+        // Within the minimum interval of that lookup: the read of this change waits for it, and meets etcd stopped.
+        let reported = channel.inspect { $0.changesReported }
+        await a.deregister()
+        #expect(await eventually { channel.inspect { $0.changesReported } > reported }, "the watch heard the removal")
+        kill(etcd.pid, SIGSTOP)
+        #expect(await eventually(timeout: 10) { recorder.count { if case .resolutionFailed = $0 { true } else { false } } > 0 })
+        kill(etcd.pid, SIGCONT)
+        // Read again after the retry delay; before, the change stayed unread (it took another failure to ask).
+        #expect(await eventually(timeout: 10) { resolved(1) }, "a's removal reached the pool")
+        #expect(await Self.served(channel, 4, ledger: ledger, next: &id) == ["b"])
+        #expect(ledger.duplicates == 0)
+        await b.deregister()
+    }
+
     /// Puts `key` (a value without a lease) through `raw`, then reads `prefix`: etcd's revision after the put.
     static func put(_ key: String, readingPrefix prefix: String, through raw: GRPCChannel) async throws -> Int64 {
         _ = try await raw.unary(path: EtcdMessages.putPath, request: EtcdMessages.putRequest(key: key, value: [1], lease: 0))

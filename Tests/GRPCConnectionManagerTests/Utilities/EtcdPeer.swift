@@ -69,6 +69,9 @@ final class EtcdPeer: @unchecked Sendable {
 
     var endpoint: String { "127.0.0.1:\(self.port)" }
 
+    /// The etcd process (to stop and continue it).
+    var pid: pid_t { self.process.processIdentifier }
+
     static func accepts(_ port: Int) -> Bool {
         guard let fd = loopbackConnection(port: port) else { return false }
         close(fd)
