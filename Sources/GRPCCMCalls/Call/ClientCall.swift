@@ -48,6 +48,12 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         static let attempt: UInt64 = 2
     }
 
+    /// `Delivery` without its payload: read on every call's paths, it costs no copy (a stored `Delivery` read from
+    /// a `var` cost about 100 instructions a call in outlined copies).
+    private enum DeliveryKind {
+        case single, callbacks, buffered
+    }
+
     /// What a callback reader (or an observer) has yet to hear, in order.
     private enum CallbackPart {
         case metadata(CallMetadata)
@@ -76,15 +82,22 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private let requestEncoding: CallCompression
     /// Messages written while the call runs, and buffered responses; nil for unary and callback server streaming.
     package let buffers: StreamBuffers?
-    private let delivery: Delivery
+    /// How responses reach the caller (the callbacks themselves are in `callbacks`).
+    private let delivery: DeliveryKind
+    /// The `.callbacks` delivery's callbacks; let go of at the end (`letGoOfUserCode`), with `completion`,
+    /// `onWritable` and the observers.
+    @exclusivity(unchecked)
+    private var callbacks: StreamingCallbacks?
     /// Requests or responses are a stream (not a unary call): its breaker outcome comes with the response headers.
     private let streams: Bool
     /// Absolute deadline on the monotonic clock in ns; 0 = none.
     package let deadline: UInt64
     private let maxReceiveMessageSize: Int
     package let waitForReady: Bool
-    private let completion: @Sendable (UnaryResponse) -> Void
-    private let onWritable: (@Sendable () -> Void)?
+    @exclusivity(unchecked)
+    private var completion: (@Sendable (UnaryResponse) -> Void)?
+    @exclusivity(unchecked)
+    private var onWritable: (@Sendable () -> Void)?
     private let requestsStreamed: Bool
     /// Attempts made before this call by someone else's retry logic (GRPCCore's), for `grpc-previous-rpc-attempts`.
     @exclusivity(unchecked)
@@ -230,7 +243,13 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.machine = CallStateMachine(requestsStreamed: requestsStreamed)
         self.buffers = buffers
         if case .single = delivery { self.streams = requestsStreamed } else { self.streams = true }
-        self.delivery = consume delivery
+        switch consume delivery {
+        case .single: self.delivery = .single
+        case .buffered: self.delivery = .buffered
+        case .callbacks(let callbacks):
+            self.delivery = .callbacks
+            self.callbacks = callbacks
+        }
         self.deadline = deadline
         self.maxReceiveMessageSize = maxReceiveMessageSize
         self.waitForReady = waitForReady
@@ -785,15 +804,15 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 if !ending && self.hasResult { break }
                 switch part {
                 case .metadata(let metadata):
-                    if case .callbacks(let callbacks) = self.delivery { callbacks.onInitialMetadata(metadata) }
+                    self.callbacks?.onInitialMetadata(metadata)
                 case .message(let message):
-                    if case .callbacks(let callbacks) = self.delivery { callbacks.onMessage(message) }
+                    self.callbacks?.onMessage(message)
                 case .compressedMessage(let message, let inflatedSize):
                     // Checked when it arrived, so only zlib failing to start can refuse it now: the call ends.
                     do throws(MessageDecompressor.Failure) {
                         let inflated = try self.reactor.shared { MessageDecompressor() }.decompress(
                             message, with: self.responseEncoding, limit: inflatedSize)
-                        if case .callbacks(let callbacks) = self.delivery { callbacks.onMessage(inflated) }
+                        self.callbacks?.onMessage(inflated)
                     } catch {
                         self.end(CallStatus(code: .internal, message: "response message could not be inflated: \(error)"))
                     }
@@ -838,7 +857,20 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             for observer in call.observers.reversed() { observer.callFinished(response!) }
         }
         call.buffers?.finish(StreamResult(response!))
-        call.completion(response!)
+        call.completion?(response!)
+        call.letGoOfUserCode()
+    }
+
+    /// Called once the end was delivered: nothing of the user's is called again, and holding it would keep alive
+    /// whatever it captured. A caller that keeps its `StreamingCall` (or `CallHandle`) in an object its callbacks
+    /// capture would otherwise never free either.
+    private func letGoOfUserCode() {
+        self.completion = nil
+        if self.streams {
+            self.callbacks = nil
+            self.onWritable = nil
+        }
+        if !self.observers.isEmpty { self.observers = [] }
     }
 
     /// The reactor has stopped for good, so no deferred phase will come: the completion runs on a thread of its
@@ -849,10 +881,11 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         let buffers = self.buffers
         let completion = self.completion
         let observers = self.observers
+        self.letGoOfUserCode()
         spawnDetachedThread { [response] in
             for observer in observers.reversed() { observer.callFinished(response) }
             buffers?.finish(StreamResult(response))
-            completion(response)
+            completion?(response)
         }
     }
 

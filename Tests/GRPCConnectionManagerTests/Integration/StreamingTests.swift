@@ -179,6 +179,46 @@ struct StreamingTests {
 
     // MARK: each kind, callbacks
 
+    @Test("a call lets go of the user's callbacks once its end is delivered: an owner that keeps the call and that its callbacks capture is freed")
+    func endedCallLetsGoOfCallbacks() async throws {
+        /// Keeps its call, as one that sends from `onWritable` must, and its callbacks capture it.
+        final class Owner: @unchecked Sendable {
+            // `@unchecked`: `call`/`handle` are set before the call can end and not touched after; `ended` is locked.
+            var call: StreamingCall?
+            var handle: CallHandle?
+            let ended = PThreadLock(false)
+        }
+        final class Weak: @unchecked Sendable {
+            // `@unchecked`: set before the calls end, read after; weak loads are atomic.
+            weak var streaming: Owner?
+            weak var unary: Owner?
+        }
+        let setup = try Self.setUp(.embedded)
+        defer { setup.done() }
+        let weak = Weak()
+        do {
+            let streaming = Owner()
+            streaming.call = setup.channel.bidirectionalStreaming(
+                path: "/test.Stream/Update",
+                callbacks: StreamingCallbacks(
+                    onMessage: { _ in _ = streaming.call }, onWritable: { _ = streaming.call },
+                    onFinish: { _ in streaming.ended.withLock { $0 = true } }))
+            streaming.call?.send(Self.text("m"))
+            streaming.call?.closeSend()
+            let unary = Owner()
+            unary.handle = setup.channel.unary(path: "/echo.Echo/Get", request: [1]) { _ in
+                _ = unary.handle
+                unary.ended.withLock { $0 = true }
+            }
+            weak.streaming = streaming
+            weak.unary = unary
+            #expect(await eventually { streaming.ended.withLock { $0 } && unary.ended.withLock { $0 } })
+        }
+        // Before, each owner kept itself alive: owner -> call -> its callbacks -> owner.
+        #expect(await eventually { weak.streaming == nil }, "the streaming call's owner is freed")
+        #expect(await eventually { weak.unary == nil }, "the unary call's owner is freed")
+    }
+
     @Test("server, client and bidirectional streaming with callbacks complete exactly once", arguments: Peer.allCases)
     func callbackForms(_ peer: Peer) async throws {
         let setup = try Self.setUp(peer)
