@@ -564,6 +564,13 @@ public struct CallHandle: Sendable {
         self.call?.cancelFromAnyThread(status)
         self.hedged?.cancel()
     }
+
+    /// Ends the call with `status` as a failure (the breaker counts it), not as this side giving up: a deadline that
+    /// a layer above enforced (GRPCCore's) ends it so.
+    package func fail(with status: CallStatus) {
+        self.call?.failFromAnyThread(status)
+        self.hedged?.cancel()
+    }
 }
 
 /// Hands the handle of an async call to its cancellation handler, whichever comes first.

@@ -145,6 +145,10 @@ public final class ManagedClientTransport: ClientTransport, Sendable {
         descriptor: MethodDescriptor, options: GRPCCore.CallOptions,
         _ closure: (_ stream: RPCStream<Inbound, Outbound>, _ context: ClientContext) async throws -> T
     ) async throws -> T {
+        // Before the channel is asked for: for a manager's service, that may register and dial one.
+        if self.state.withLock({ $0.shuttingDown }) {
+            throw GRPCCore.RPCError(code: .failedPrecondition, message: "the transport is shutting down")
+        }
         let channel = self.channel
         let stream = TransportStream(channel: channel, path: "/" + descriptor.fullyQualifiedMethod, options: options)
         // The channel's peer description, read under the same lock as the stream is registered (once known).

@@ -18,7 +18,15 @@ final class TransportStream: Sendable {
         var cancelled = false
         /// The status of a cancel that came while starting (nil: CANCELLED).
         var cancelStatus: CallStatus?
+        /// That cancel was GRPCCore's deadline passing (`cancelStatus` says so), not the caller giving up.
+        var cancelExpired = false
+        /// When GRPCCore's deadline passes (from `grpc-timeout`, as the call was started), if it set one.
+        var deadline: ContinuousClock.Instant?
     }
+
+    /// How a cancel that GRPCCore's deadline caused ends the call: as the call's own deadline would have, a failure
+    /// the breaker and the metrics count, not the caller's cancel (which the breaker ignores).
+    static let deadlineExceeded = CallStatus(code: .deadlineExceeded, message: "deadline exceeded")
 
     init(channel: GRPCChannel, path: String, options: GRPCCore.CallOptions) {
         self.channel = channel
@@ -74,6 +82,7 @@ final class TransportStream: Sendable {
             // Cancelled first: the buffers already hold the CANCELLED end; nothing starts.
             if state.cancelled { return false }
             state.starting = true
+            state.deadline = timeout.map { ContinuousClock.now + $0 }
             return true
         }
         guard let proceed else {
@@ -84,15 +93,21 @@ final class TransportStream: Sendable {
         let handle = self.channel.startStream(
             path: self.path, metadata: converted, options: callOptions, previousAttempts: previousAttempts,
             buffers: self.buffers)
-        let cancel = self.state.withLock { state -> CallStatus?? in
+        let cancel = self.state.withLock { state -> (status: CallStatus?, expired: Bool)? in
             state.handle = handle
             state.starting = false
-            return state.cancelled ? .some(state.cancelStatus) : .none
+            return state.cancelled ? (state.cancelStatus, state.cancelExpired) : nil
         }
-        switch cancel {
-        case .none: break
-        case .some(.none): handle.cancel()
-        case .some(.some(let status)): handle.cancel(with: status)
+        if let cancel { Self.cancel(handle, with: cancel.status, expired: cancel.expired) }
+    }
+
+    private static func cancel(_ handle: CallHandle, with status: CallStatus?, expired: Bool) {
+        if expired {
+            handle.fail(with: Self.deadlineExceeded)
+        } else if let status {
+            handle.cancel(with: status)
+        } else {
+            handle.cancel()
         }
     }
 
@@ -138,15 +153,25 @@ final class TransportStream: Sendable {
 
     /// Resets the stream (or, before it started, ends it) with CANCELLED, or with `status` when given. Safe to call
     /// more than once; free once the stream has ended (every `withStream` calls it on the way out).
+    ///
+    /// GRPCCore enforces its deadline itself, by cancelling the tasks that use the stream, and its timer fires
+    /// before the call's own (which starts a little later, from the `grpc-timeout` it was given). A cancel without a
+    /// status once that deadline has passed is therefore the deadline, and ends the call DEADLINE_EXCEEDED as a
+    /// failure: as the caller's cancel, the breaker never counted a server that does not answer in time.
     func cancel(with status: CallStatus? = nil) {
         if self.buffers.isFinished { return }
-        let (handle, starting) = self.state.withLock { state -> (CallHandle?, Bool) in
-            if state.starting && !state.cancelled { state.cancelStatus = status }
+        let (handle, starting, expired) = self.state.withLock { state -> (CallHandle?, Bool, Bool) in
+            // A millisecond's slack: the call's deadline was computed a moment after GRPCCore's.
+            let expired = status == nil && state.deadline.map { ContinuousClock.now + .milliseconds(1) >= $0 } == true
+            if state.starting && !state.cancelled {
+                state.cancelStatus = expired ? Self.deadlineExceeded : status
+                state.cancelExpired = expired
+            }
             state.cancelled = true
-            return (state.handle, state.starting)
+            return (state.handle, state.starting, expired)
         }
         if let handle {
-            if let status { handle.cancel(with: status) } else { handle.cancel() }
+            Self.cancel(handle, with: status, expired: expired)
         } else if starting {
             // Being started on another thread: the start cancels the call once it has it (the buffers are the
             // call's to end then).

@@ -485,6 +485,60 @@ struct GRPCSwiftTransportTests {
         return (manager, recorder)
     }
 
+    @Test("GRPCCore's deadline ends the call DEADLINE_EXCEEDED for the breaker and the bus, not as the caller's cancel")
+    func grpcCoreDeadlineCountsAsAFailure() async throws {
+        // GRPCCore's timer cancels the RPC's tasks before the call's own deadline fires (it starts a moment later):
+        // taken for the caller's cancel, a server that never answered in time was never counted by the breaker.
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, recorder) = try Self.managerWithATightBreaker(fixture)
+        let transport = try ManagedClientTransport(manager: manager, service: "echo", address: fixture.target)
+        try await withGRPCClient(transport: transport) { client in
+            let echo = Echo_Echo.Client(wrapping: client)
+            var options = GRPCCore.CallOptions.defaults
+            options.timeout = .milliseconds(200)
+            for _ in 0..<3 {
+                do {
+                    _ = try await echo.get(Self.request("slow"), metadata: ["x-sleep-ms": "2000"], options: options)
+                    Issue.record("expected DEADLINE_EXCEEDED")
+                } catch let error as GRPCCore.RPCError {
+                    #expect(error.code == .deadlineExceeded)
+                }
+            }
+            do {
+                _ = try await echo.get(Self.request("refused"))
+                Issue.record("three timeouts did not open the breaker")
+            } catch let error as GRPCCore.RPCError {
+                #expect(error.message == "circuit breaker is open")
+            }
+        }
+        #expect(await eventually { recorder.count { if case .callFinished = $0 { true } else { false } } == 4 })
+        let codes = recorder.all.compactMap { event -> StatusCode? in
+            if case .callFinished(_, _, let status, _, _, _, _) = event { return status.code }
+            return nil
+        }
+        #expect(codes == [.deadlineExceeded, .deadlineExceeded, .deadlineExceeded, .unavailable])
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
+    @Test("a stream asked for after the shutdown began fails without dialling the manager's closed service again")
+    func streamAfterShutdownDialsNothing() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        let transport = try ManagedClientTransport(manager: manager, service: "echo", address: fixture.target)
+        manager.closeConnection(service: "echo")
+        transport.beginGracefulShutdown()
+        do {
+            _ = try await transport.withStream(descriptor: Echo_Echo.Method.Get.descriptor, options: .defaults) { _, _ in 0 }
+            Issue.record("a stream opened on a transport shutting down")
+        } catch let error as GRPCCore.RPCError {
+            #expect(error.code == .failedPrecondition)
+        }
+        #expect(manager.connectionCount == 0, "a late attempt (a GRPCCore retry, say) registered and dialled the service again")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("the bus, and so metrics, logging and the circuit breaker, see every RPC of the transport")
     func handlersSeeTransportCalls() async throws {
         let fixture = try LoopbackFixture()
