@@ -769,6 +769,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     private func complete(_ response: consuming UnaryResponse) {
         guard !self.hasResult && !self.completed else { return }
         self.result = consume response
+        if let buffers = self.buffers { buffers.callEnded(StreamResult(self.result!)) }
         if self.withReactor({ $0.isStopped }) {
             self.completeWithoutReactor()
             return

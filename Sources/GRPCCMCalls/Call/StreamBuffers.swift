@@ -72,6 +72,9 @@ package final class StreamBuffers: @unchecked Sendable {
         var readWaiter: CheckedContinuation<Inbound, Never>?
         // Both.
         var result: StreamResult?
+        /// The call's end as the loop learned it, before its delivery (`finish`) in the deferred phase: writes are
+        /// refused from then on, and a reader that has taken every message is done.
+        var ending: StreamResult?
         var resultWaiters: [CheckedContinuation<StreamResult, Never>] = []
         var wakePending = false
     }
@@ -134,7 +137,7 @@ package final class StreamBuffers: @unchecked Sendable {
 
     /// Why a write is refused now, if it is: the call ended, or the requests were closed.
     private static func refusal(_ state: State) -> CallError? {
-        if let result = state.result { return Self.writeRefusal(result) }
+        if let result = state.result ?? state.ending { return Self.writeRefusal(result) }
         if state.halfClosed {
             return CallError(status: CallStatus(code: .failedPrecondition, message: "the requests were already closed"))
         }
@@ -190,7 +193,7 @@ package final class StreamBuffers: @unchecked Sendable {
     package func waitUntilWritable() async throws {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let resume: Result<Void, CallError>? = self.state.withLock { state in
-                if let result = state.result { return .failure(Self.writeRefusal(result)) }
+                if let result = state.result ?? state.ending { return .failure(Self.writeRefusal(result)) }
                 if state.outboxBytes < self.limit { return .success(()) }
                 state.writeWaiters.append(continuation)
                 return nil
@@ -201,7 +204,7 @@ package final class StreamBuffers: @unchecked Sendable {
 
     package var isWritable: Bool {
         self.state.withLock { state in
-            if state.result != nil || state.halfClosed { return false }
+            if state.result != nil || state.ending != nil || state.halfClosed { return false }
             if state.outboxBytes >= self.limit {
                 state.owesWritable = true
                 return false
@@ -537,6 +540,14 @@ package final class StreamBuffers: @unchecked Sendable {
     }
 
     /// The call ended: record the result, fail writers, wake the reader after what it has not read yet.
+    /// The call ended on the loop; `finish` delivers the end later, in the deferred phase. Writes are refused from
+    /// now: one from a callback in this turn (after its own `cancel()`, say) would be accepted, then dropped.
+    package func callEnded(_ result: StreamResult) {
+        self.state.withLock { state in
+            if state.result == nil { state.ending = result }
+        }
+    }
+
     package func finish(_ result: StreamResult) {
         let (writers, reader, resultWaiters) = self.state.withLock {
             state -> ([CheckedContinuation<Void, any Error>], CheckedContinuation<Inbound, Never>?, [CheckedContinuation<StreamResult, Never>]) in
@@ -567,7 +578,7 @@ package final class StreamBuffers: @unchecked Sendable {
     /// The call has ended and the reader has taken every message: only metadata or the end are left.
     package var isFinishedAndRead: Bool {
         self.state.withLock { state in
-            guard state.result != nil else { return false }
+            guard state.result != nil || state.ending != nil else { return false }
             return state.inbox[state.inboxHead...].allSatisfy {
                 switch $0 {
                 case .part(.metadata), .part(.end): return true

@@ -179,6 +179,40 @@ struct StreamingTests {
 
     // MARK: each kind, callbacks
 
+    @Test("a send from a callback after the call's own cancel is refused, and isWritable says false, in the same turn")
+    func sendAfterCancelInTheSameTurnIsRefused() async throws {
+        final class Box: @unchecked Sendable {
+            // `@unchecked`: `call` is set before the first message can arrive and only read after.
+            var call: StreamingCall?
+        }
+        let setup = try Self.setUp(.embedded)
+        defer { setup.done() }
+        let box = Box()
+        let seen = PThreadLock<(StreamingCall.SendResult, Bool)?>(nil)
+        let ended = PThreadLock<StreamResult?>(nil)
+        box.call = setup.channel.bidirectionalStreaming(
+            path: "/test.Stream/Update",
+            callbacks: StreamingCallbacks(
+                onMessage: { _ in
+                    guard let call = box.call, seen.withLock({ $0 }) == nil else { return }
+                    call.cancel()
+                    let sent = call.send(Self.text("after the cancel"))
+                    seen.withLock { $0 = (sent, call.isWritable) }
+                },
+                onFinish: { result in ended.withLock { $0 = result } }))
+        box.call?.send(Self.text("first"))
+        #expect(await eventually { ended.withLock { $0 } != nil })
+        #expect(ended.withLock { $0 }?.status.code == .cancelled)
+        let (sent, writable) = try #require(seen.withLock { $0 })
+        // Before, the end reached the send buffer only in the deferred phase: accepted, then dropped.
+        guard case .refused(let error) = sent else {
+            Issue.record("a message sent after the call's cancel was \(sent)")
+            return
+        }
+        #expect(error.status.code == .cancelled)
+        #expect(!writable)
+    }
+
     @Test("a call lets go of the user's callbacks once its end is delivered: an owner that keeps the call and that its callbacks capture is freed")
     func endedCallLetsGoOfCallbacks() async throws {
         /// Keeps its call, as one that sends from `onWritable` must, and its callbacks capture it.
