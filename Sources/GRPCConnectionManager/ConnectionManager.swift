@@ -57,6 +57,9 @@ public final class ConnectionManager: Sendable {
         /// The channels a close took out of `channels`: a later `closeNow()` (or another `close`) reaches them while
         /// a graceful close lets their calls finish.
         var closing: [GRPCChannel] = []
+        /// Channels replaced by another (a new address or security) whose calls in flight may still run, with the
+        /// clock reading at which their grace period ends: the manager's close reaches them too.
+        var replaced: [(channel: GRPCChannel, until: UInt64)] = []
     }
 
     /// Creates a manager on one loop.
@@ -144,6 +147,7 @@ public final class ConnectionManager: Sendable {
     ///     `configuration.etcd`); nil reuses the address registered before.
     ///   - security: Plaintext or TLS for this service's connections; nil keeps what the service was registered
     ///     with before, or, the first time, uses `configuration.tls`. A channel open with other settings is replaced.
+    ///     A replaced channel takes no new calls; those in flight on it finish there, for up to 30 s.
     /// - Throws: `ConnectionManagerError` for an unknown service without an address or a closed manager;
     ///   `ConfigurationError` for an unparsable address or unusable TLS files.
     public func connection(service: String, address: String? = nil, security: TransportSecurity? = nil) throws
@@ -172,6 +176,12 @@ public final class ConnectionManager: Sendable {
             }
             let target = try Target(parsing: resolved)
             replaced = registry.channels[service]
+            if let replaced {
+                // Those whose grace period ended a while ago have been closed for good: not kept for ever.
+                let now = Reactor.clock()
+                registry.replaced.removeAll { now > $0.until &+ 1_000_000_000 }
+                registry.replaced.append((replaced, now &+ UInt64(Self.replacedGracePeriod.nanoseconds)))
+            }
             var configuration = self.configuration
             switch security {
             case .plaintext: configuration.tls = nil
@@ -187,10 +197,17 @@ public final class ConnectionManager: Sendable {
             registry.channels[service] = channel
             return channel
         }
-        replaced?.close()
+        // Calls in flight on the old channel finish there (a reload that moves a busy service must not fail its
+        // streams); new ones get the new channel.
+        replaced?.closeGracefully(gracePeriod: Self.replacedGracePeriod, reason: Self.replacedStatus)
         channel.connect()
         return channel
     }
+
+    /// How long calls in flight on a replaced channel may run before they end.
+    static let replacedGracePeriod: Duration = .seconds(30)
+    private static let replacedStatus = CallStatus(
+        code: .unavailable, message: "the service's channel was replaced (a new address or security)")
 
     /// Closes the channel of `service` now (its calls end with UNAVAILABLE); the address stays registered, so
     /// `connection(service:)` dials again and `healthCheck()` reports "NotConnected" meanwhile.
@@ -267,7 +284,9 @@ public final class ConnectionManager: Sendable {
         let channels = self.registry.withLock { registry -> [GRPCChannel] in
             registry.closed = true
             registry.closing.append(contentsOf: registry.channels.values)
+            registry.closing.append(contentsOf: registry.replaced.map(\.channel))
             registry.channels.removeAll()
+            registry.replaced.removeAll()
             return registry.closing
         }
         return channels.flatMap { $0.shards.map(\.pool) }

@@ -459,7 +459,23 @@ public final class GRPCChannel: Sendable {
         }
     }
 
-    /// Whether `close()` was called.
+    /// Closes as a channel that another replaced: no new calls (they fail at once, as do calls waiting for a
+    /// connection or between retries, with `reason`); calls in flight run to their end for up to `gracePeriod`,
+    /// then end with `reason` too. Returns at once; safe from any thread.
+    package func closeGracefully(gracePeriod: Duration, reason: CallStatus) {
+        self.closedByUser.store(true, ordering: .releasing)
+        let nanoseconds = UInt64(max(gracePeriod.nanoseconds, 0))
+        for shard in self.shards {
+            let pool = shard.pool
+            shard.onReactor {
+                pool.close(graceful: true, reason: reason)
+                // Holds the pool until then (the channel may be let go of first); a loop that stops ends the calls.
+                _ = pool.reactor.schedule(afterNanoseconds: nanoseconds) { pool.close(graceful: false, reason: reason) }
+            }
+        }
+    }
+
+    /// Whether `close()` (or `closeGracefully`) was called.
     package var isClosed: Bool { self.closedByUser.load(ordering: .acquiring) }
 
     /// Dropping the last reference of a standalone channel closes its connections on the reactor thread (so no

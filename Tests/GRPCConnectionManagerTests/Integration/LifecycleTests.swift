@@ -347,6 +347,39 @@ struct ConnectionManagerTests {
         #expect(response.message == [7])
     }
 
+    @Test("a service moved to another address: calls in flight on the old channel finish there, new ones go to the new one")
+    func replacedChannelLetsCallsFinish() async throws {
+        let old = try LoopbackFixture()
+        defer { old.shutdown() }
+        let new = try LoopbackFixture()
+        defer { new.shutdown() }
+        let manager = try ConnectionManager(eventLoop: old.loop)
+        let channel = try manager.connection(service: "echo", address: old.target)
+        #expect(await channel.call([0], timeout: .seconds(5)).status == .ok)
+        async let slow = channel.call([7], metadata: ["x-sleep-ms": "300", "x-request-key": "slow"], timeout: .seconds(5))
+        #expect(await eventually { old.server.requestCount(key: "slow") == 1 })  // in flight
+        let moved = try manager.connection(service: "echo", address: new.target)
+        #expect(moved !== channel)
+        // Before, the replaced channel was closed at once: UNAVAILABLE "the connection is closed".
+        let response = await slow
+        #expect(response.status == .ok, "\(response.status)")
+        #expect(response.message == [7])
+        #expect(await moved.call([8], metadata: ["x-request-key": "moved"], timeout: .seconds(5)).status == .ok)
+        #expect(new.server.requestCount(key: "moved") == 1)
+        // The old channel takes nothing new.
+        #expect(await channel.call([9], timeout: .seconds(5)).status.code == .unavailable)
+        // The manager's close reaches a replaced channel's calls too: when it returns, each has ended.
+        let ended = PThreadLock<UnaryResponse?>(nil)
+        let again = try manager.connection(service: "echo", address: old.target)
+        _ = again.unary(path: "/echo.Echo/Get", request: [10], metadata: ["x-sleep-ms": "5000", "x-request-key": "late"]) {
+            response in ended.withLock { $0 = response }
+        }
+        #expect(await eventually { old.server.requestCount(key: "late") == 1 })
+        _ = try manager.connection(service: "echo", address: new.target)
+        await manager.close(gracePeriod: .milliseconds(200))
+        #expect(ended.withLock { $0 }?.status.code == .unavailable)
+    }
+
     @Test("health against grpcio: healthCheck(), checkHealth and grpc-cm health as grpc_health_probe, every exit code")
     func healthAgainstGrpcio() async throws {
         let peer = try PythonPeer()
