@@ -9,17 +9,24 @@ package struct HandlerSettings: Sendable {
     package var metrics: Bool
     /// nil: no circuit breaker.
     package var circuitBreaker: CircuitBreakerConfiguration?
-    /// nil: no retries by policy.
+    /// nil: no retries by policy. (With retries off but hedging on, a handler that retries nothing holds the
+    /// throttle hedging shares: `retriesByPolicy` is false then.)
     package var retry: RetrySettings?
+    /// Calls may be retried by policy (the metrics' retry counters are made with the others).
+    package var retriesByPolicy: Bool
     /// Connections per state, shared by the metrics handlers of every loop of one manager or channel (each loop
     /// sees only its own connections; the gauges show the sum).
     package let sharedMetrics = SharedMetricsState()
 
-    package init(logging: Bool, metrics: Bool, circuitBreaker: CircuitBreakerConfiguration?, retry: RetrySettings?) {
+    package init(
+        logging: Bool, metrics: Bool, circuitBreaker: CircuitBreakerConfiguration?, retry: RetrySettings?,
+        retriesByPolicy: Bool? = nil
+    ) {
         self.logging = logging
         self.metrics = metrics
         self.circuitBreaker = circuitBreaker
         self.retry = retry
+        self.retriesByPolicy = retriesByPolicy ?? (retry != nil)
     }
 }
 
@@ -47,7 +54,7 @@ package final class CallPipeline: @unchecked Sendable {
         // Subscription order is dispatch order: the outer handlers see each event first.
         self.logging = settings.logging ? LoggingHandler(logger: logger, bus: bus) : nil
         self.metrics = settings.metrics ? MetricsHandler(
-                factory: metricsFactory, bus: bus, breaker: settings.circuitBreaker != nil, retry: settings.retry != nil,
+                factory: metricsFactory, bus: bus, breaker: settings.circuitBreaker != nil, retry: settings.retriesByPolicy,
                 sharedMetrics: settings.sharedMetrics) : nil
         self.breaker = settings.circuitBreaker.map { CircuitBreakerHandler(configuration: $0, bus: bus) }
         self.retry = settings.retry.map { RetryHandler(configuration: $0) }

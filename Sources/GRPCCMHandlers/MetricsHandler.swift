@@ -69,7 +69,8 @@ package final class MetricsHandler: @unchecked Sendable {
         let attempts: Recorder
         let sentBytes: CoreMetrics.Counter
         let receivedBytes: CoreMetrics.Counter
-        /// grpc_client_retries_total: made with the others when retries are on, else at the first retry (a hedge).
+        /// grpc_client_retries_total (retries by policy; hedges show in attempts_per_call): made with the others
+        /// when retries are on, else never (a retry is only scheduled when they are).
         var retries: CoreMetrics.Counter?
         /// grpc_client_requests_total by status code.
         var requests: [CoreMetrics.Counter?] = Array(repeating: nil, count: 17)

@@ -79,7 +79,7 @@ extension Configuration {
         HandlerSettings(
             logging: self.enableLogging, metrics: self.enableMetrics || metricsFactoryPassed,
             circuitBreaker: self.enableCircuitBreaker ? self.circuitBreaker : nil,
-            retry: self.enableRetry ? self.retry : self.hedgingThrottleOnly)
+            retry: self.enableRetry ? self.retry : self.hedgingThrottleOnly, retriesByPolicy: self.enableRetry)
     }
 
     /// Retries off but hedging on: a retry handler that retries nothing, for the throttle hedging shares (gRFC A6

@@ -417,6 +417,27 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("metrics: with retries off and hedging on (its throttle kept), no retry series is made")
+    func noRetrySeriesWithRetriesOff() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let prometheus = PrometheusMetrics()
+        var configuration = Configuration()
+        configuration.enableRetry = false
+        configuration.hedging = ["/echo.Echo/Expand": CallHedgingPolicy()]
+        let manager = try ConnectionManager(configuration: configuration, metricsFactory: prometheus, eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        var text = ""
+        #expect(await eventually {
+            text = manager.metricsText() ?? ""
+            return Self.parse(text)[#"grpc_client_requests_total{service="echo",method="/echo.Echo/Get",code="OK"}"#] == 1
+        })
+        // Before, a zero series per method said retries were on (a retry handler holds the hedges' throttle).
+        #expect(!text.contains("grpc_client_retries_total"), "\(text)")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("metrics: a passed factory records; every series exists from the first call; states count connections")
     func metricsFromTheFirstCall() async throws {
         let fixture = try LoopbackFixture()
