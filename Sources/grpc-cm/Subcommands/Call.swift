@@ -210,7 +210,8 @@ struct Call: AsyncParsableCommand {
         // registering starts connecting, and a connection made before the subscription took effect went unheard.
         let connected = Mutex(false)
         do {
-            manager = try ConnectionManager(configuration: configuration, metricsFactory: metrics)
+            // A factory passed turns the metrics handler on whatever enableMetrics says: only with --metrics-out.
+            manager = try ConnectionManager(configuration: configuration, metricsFactory: self.metricsOut == nil ? nil : metrics)
             manager.events.subscribe { event in
                 if case .connectAttemptSucceeded = event { connected.withLock { $0 = true } }
             }
