@@ -99,7 +99,8 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     /// DATA frames written by `appendDataFrame` (tests: large bodies take that path).
     @exclusivity(unchecked)
     package private(set) var directDataFrames = 0
-    /// It closed during the TLS handshake (a certificate refused, an alert, the peer gone then).
+    /// It closed during the TLS handshake (a certificate refused, an alert, the peer gone then), or, under TLS,
+    /// before the server's first decrypted byte (TLS 1.3 servers judge the client's certificate after the handshake).
     package private(set) var closedWhileSecuring = false
     @exclusivity(unchecked)
     private var firstBytes = FirstBytesCheck()
@@ -589,7 +590,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     /// Closes now: the fd, the registration and the session go; the owner hears `socketClosed(reason)`.
     package func close(reason: CallStatus) {
         if self.state == .closed { return }
-        self.closedWhileSecuring = self.state == .securing
+        // Under TLS 1.3 the client's handshake is done before the server has judged its certificate: a refusal
+        // (an alert) arrives after, before the server's first decrypted byte. That counts as the handshake too.
+        self.closedWhileSecuring = self.state == .securing || (self.tls != nil && !self.firstPlaintext.sawAny)
         self.state = .closed
         if let registration = self.registration {
             self.reactor.deregister(registration, handler: self)

@@ -628,6 +628,36 @@ struct TLSTests {
         }
     }
 
+    @Test("a client certificate a TLS 1.3 server refuses after the handshake is named with the rotation that did not take")
+    func refusedClientCertificateNamesTheRotation() async throws {
+        try await Self.withCertificates { certificates, loop in
+            // The server trusts only the stranger for client certificates: ours is refused, under TLS 1.3 with an
+            // alert that comes after the client's side of the handshake is done.
+            let server = try Self.server(certificates, loop: loop, clientCA: certificates.strangerCertificate)
+            defer { server.close() }
+            let key = certificates.path("client-copy.key")
+            try FileManager.default.copyItem(atPath: certificates.clientKey, toPath: key)
+            let channel = try GRPCChannel(
+                target: "localhost:\(server.port)",
+                configuration: Self.tls(certificates) {
+                    $0.certificateChainFile = certificates.clientCertificate
+                    $0.privateKeyFile = key
+                }, eventLoop: loop)
+            defer { channel.close() }
+            let before = await channel.call([1], timeout: .seconds(5)).status
+            #expect(before.code == .unavailable && !before.message.contains("could not be loaded"), "\(before)")
+            // A rotation caught half done: the key is not a key. The last good files stay in use, and the refusal
+            // that follows names the rotation as its likely cause.
+            try "not a key\n".write(toFile: key, atomically: true, encoding: .utf8)
+            var last = CallStatus(code: .ok, message: "")
+            #expect(await eventually(timeout: 10) {
+                last = await channel.call([1], timeout: .seconds(5)).status
+                return last.message.contains("the TLS files changed on disk but could not be loaded")
+            }, "\(last)")
+            #expect(last.code == .unavailable && last.message.contains("client-copy.key"), "\(last)")
+        }
+    }
+
     @Test("the embedded server closes a connection that does not finish its handshake in time, TLS or not; not others")
     func serverHandshakeTimeout() async throws {
         try await Self.withCertificates { certificates, loop in
