@@ -122,10 +122,21 @@ package final class TLSContext: @unchecked Sendable {
                 throw TLSError.configuration(
                     "cannot load private key from \(key): it is encrypted, and keys with a passphrase are not supported")
             }
+            // OpenSSL compares a key with a certificate of its type as it loads it: a key of another pair is refused
+            // here, with only "key values mismatch" (the check below is for keys of another type).
+            if TLSError.lastOpenSSLError() == "key values mismatch" {
+                ERR_clear_error()
+                throw Self.mismatch(key: key, chain: chain)
+            }
             throw Self.loadFailure("private key", key)
         }
         guard SSL_CTX_check_private_key(context) == 1 else {
-            throw TLSError.configuration("private key \(key) does not match the certificate \(chain)")
+            ERR_clear_error()
+            throw Self.mismatch(key: key, chain: chain)
         }
+    }
+
+    private static func mismatch(key: String, chain: String) -> TLSError {
+        TLSError.configuration("private key \(key) does not match the certificate \(chain)")
     }
 }
