@@ -75,7 +75,12 @@ final class EchoServerConnection: ReactorHandler, HTTP2SocketOwner, @unchecked S
     func socketReceivedFirstBytes(_ bytes: UnsafeRawBufferPointer) -> CallStatus? { nil }
     func socketReceivedFirstPlaintext(_ bytes: UnsafeRawBufferPointer) -> CallStatus? { nil }
 
-    func socketSecured(_ tls: TLSSession) -> CallStatus? { nil }  // the context's ALPN callback already required h2
+    /// h2 through ALPN: the context's callback refuses a ClientHello that offers ALPN without h2, but OpenSSL calls
+    /// it only when ALPN is offered at all, and a client that offers none would get an HTTP/2 session unasked.
+    func socketSecured(_ tls: TLSSession) -> CallStatus? {
+        if tls.negotiatedProtocol == "h2" { return nil }
+        return CallStatus(code: .unavailable, message: "the client did not negotiate h2 through ALPN")
+    }
 
     func socketReadyForHTTP2() {
         do {

@@ -451,6 +451,51 @@ struct TLSTests {
         }
     }
 
+    @Test("a client key of another pair is refused naming both files, not with OpenSSL's 'key values mismatch' alone")
+    func keyOfAnotherPair() throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let configuration = Self.tls(certificates) {
+            $0.certificateChainFile = certificates.clientCertificate
+            $0.privateKeyFile = certificates.strangerKey
+        }
+        #expect {
+            _ = try GRPCChannel(target: "127.0.0.1:1", configuration: configuration)
+        } throws: { error in
+            "\(error)".contains("private key \(certificates.strangerKey) does not match the certificate \(certificates.clientCertificate)")
+        }
+    }
+
+    @Test("the embedded TLS server refuses a client that offers no ALPN (it would get HTTP/2 unasked)")
+    func embeddedServerRequiresALPN() throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let server = try Self.server(certificates, loop: loop)
+        defer { server.close() }
+        // What the server sends after a handshake without ALPN: its SETTINGS before, nothing (a close) now.
+        func firstBytes(alpn: [String]) throws -> Int {
+            let script = """
+                import socket, ssl
+                context = ssl.create_default_context(cafile="\(certificates.caCertificate)")
+                if \(alpn.isEmpty ? "False" : "True"):
+                    context.set_alpn_protocols([\(alpn.map { "\"\($0)\"" }.joined(separator: ","))])
+                sock = context.wrap_socket(socket.create_connection(("127.0.0.1", \(server.port))), server_hostname="localhost")
+                sock.settimeout(5)
+                try:
+                    print(len(sock.recv(9)))
+                except (ssl.SSLError, ConnectionError):
+                    print(0)
+                """
+            let result = try runProgram("/usr/bin/env", ["python3", "-c", script])
+            return Int(result.output.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
+        }
+        #expect(try firstBytes(alpn: ["h2"]) == 9, "an h2 client gets the server's SETTINGS")
+        #expect(try firstBytes(alpn: []) == 0, "a client without ALPN is closed")
+    }
+
     @Test("a failed handshake sends its alert: the server hears why (unknown CA), not a bare close")
     func handshakeFailureSendsAlert() async throws {
         let (response, events) = try await Self.callScriptedPeer("observe", stranger: true)
