@@ -1,4 +1,5 @@
 import COpenSSL
+@_spi(Reactor) import GRPCCMReactor
 import Synchronization
 
 #if canImport(Glibc)
@@ -16,12 +17,26 @@ import Glibc
 package final class TLSContextSource: Sendable {
     package let settings: TLSSettings
     /// The context of the last connection, the stamps of the files it was built from, and the stamps of files that
-    /// changed since but could not be loaded (tried once per change), with why.
-    private let last: Mutex<(stamps: [FileStamp], context: TLSContext, refused: (stamps: [FileStamp], reason: String)?)>
+    /// changed since but could not be loaded, with why and when they were last tried.
+    private let last: Mutex<(stamps: [FileStamp], context: TLSContext, refused: Refused?)>
+    /// How long a refusal stands for files that have not changed since: a failure may be of the moment, not of the
+    /// files (too many open files, a network mount's error), and the files would otherwise wait for their next
+    /// change, while the old certificate heads for its expiry.
+    private let retryRefusalAfter: UInt64
+    /// Builds tried (tests).
+    package var buildsTried: Int { self.tried.load(ordering: .relaxed) }
+    private let tried = Atomic<Int>(0)
+
+    private struct Refused {
+        let stamps: [FileStamp]
+        let reason: String
+        var triedAt: UInt64
+    }
 
     /// Builds (or finds) the context now: a file that cannot be loaded is reported when the channel is made.
-    package init(settings: TLSSettings) throws(TLSError) {
+    package init(settings: TLSSettings, retryRefusalAfter: Duration = .seconds(30)) throws(TLSError) {
         self.settings = settings
+        self.retryRefusalAfter = UInt64(max(retryRefusalAfter.nanoseconds, 0))
         let stamps = Self.stamps(of: settings)
         self.last = Mutex((stamps, try Self.shared(settings, stamps), nil))
     }
@@ -36,19 +51,22 @@ package final class TLSContextSource: Sendable {
 
     /// The context for a new connection: the same one while the files are unchanged, else one built from them now.
     /// Changed files that cannot be loaded (a rotation caught half done: the new certificate, the old key) leave the
-    /// last good context in use, as grpc-go's file watcher does, until they change again: a connection that the old
-    /// files can still make is not failed for it, and the loop does not rebuild the same refusal every attempt. The
-    /// refusal is reported (`Choice`): a connection that fails while it stands says so, and its owner announces it.
+    /// last good context in use, as grpc-go's file watcher does, until they change again or `retryRefusalAfter`
+    /// has passed: a connection that the old files can still make is not failed for it, and the loop does not
+    /// rebuild the same refusal every attempt. The refusal is reported (`Choice`): a connection that fails while it
+    /// stands says so, and its owner announces it (once per change).
     package func choose() -> Choice {
         let stamps = Self.stamps(of: self.settings)
+        let now = Reactor.clock()
         let known = self.last.withLock { last -> Choice? in
             if last.stamps == stamps { return Choice(context: last.context, refusal: nil, refusedNow: false) }
-            if let refused = last.refused, refused.stamps == stamps {
+            if let refused = last.refused, refused.stamps == stamps, now &- refused.triedAt < self.retryRefusalAfter {
                 return Choice(context: last.context, refusal: refused.reason, refusedNow: false)
             }
             return nil
         }
         if let known { return known }
+        self.tried.add(1, ordering: .relaxed)
         do {
             let context = try Self.shared(self.settings, stamps)
             self.last.withLock { $0 = (stamps, context, nil) }
@@ -58,7 +76,7 @@ package final class TLSContextSource: Sendable {
             let reason = "the TLS files changed on disk but could not be loaded, so the last good ones are in use: \(error)"
             return self.last.withLock { last in
                 let first = last.refused?.stamps != stamps
-                last.refused = (stamps, reason)
+                last.refused = Refused(stamps: stamps, reason: reason, triedAt: now)
                 return Choice(context: last.context, refusal: reason, refusedNow: first)
             }
         }

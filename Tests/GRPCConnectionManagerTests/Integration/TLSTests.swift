@@ -633,6 +633,31 @@ struct TLSTests {
         }
     }
 
+    @Test("changed files that could not be loaded are tried again after a while though unchanged since (a failure of the moment), announced once")
+    func refusalIsTriedAgain() throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let trusted = certificates.path("trusted.pem")
+        try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
+        let settings = Self.tls(certificates) { $0.trustRoots = .file(trusted) }.tls!
+        let source = try TLSContextSource(settings: settings, retryRefusalAfter: .seconds(1))
+        try "not a certificate\n".write(toFile: trusted, atomically: true, encoding: .utf8)
+        let first = source.choose()
+        #expect(first.refusal != nil && first.refusedNow)
+        #expect(source.buildsTried == 1)
+        // At once: the refusal stands (no rebuild per connection attempt).
+        #expect(source.choose().refusal != nil)
+        #expect(source.buildsTried == 1)
+        // After the interval, tried again (a failure of the moment would pass now); the same refusal is not
+        // announced again. Before, the files stayed refused until they changed again.
+        var again: TLSContextSource.Choice?
+        #expect(waitFor(seconds: 10) {
+            again = source.choose()
+            return source.buildsTried == 2
+        })
+        #expect(again?.refusal != nil && again?.refusedNow == false)
+    }
+
     @Test("files that changed and cannot be loaded are announced once, and named by the handshakes that then fail")
     func refusedRotationIsReported() async throws {
         try await Self.withCertificates { certificates, loop in
