@@ -67,15 +67,24 @@ enum EtcdMessages {
         return ProtobufWire.lengthDelimited(1, create)
     }
 
-    /// WatchResponse{canceled = 4, events = 11}: how many events, and whether etcd cancelled the watch.
-    static func watchResponse(_ bytes: [UInt8]) -> (events: Int, canceled: Bool) {
+    /// WatchResponse{header = 1 {revision = 3}, created = 3, canceled = 4, events = 11}: how many events, whether
+    /// etcd cancelled the watch, and, on the response that confirms its creation, etcd's revision then (nil on the
+    /// others; a fresh etcd is at 1, never 0).
+    static func watchResponse(_ bytes: [UInt8]) -> (events: Int, canceled: Bool, createdAt: Int64?) {
         var events = 0
         var canceled = false
+        var created = false
+        var revision: Int64 = 0
         ProtobufWire.forEachField(bytes[...]) { number, field in
-            if number == 11 { events += 1 }
-            if number == 4, case .varint(let value) = field { canceled = value != 0 }
+            switch (number, field) {
+            case (1, .bytes(let header)): revision = Self.headerRevision(header)
+            case (3, .varint(let value)): created = value != 0
+            case (4, .varint(let value)): canceled = value != 0
+            case (11, _): events += 1
+            default: break
+            }
         }
-        return (events, canceled)
+        return (events, canceled, created && revision > 0 ? revision : nil)
     }
 
     /// PutRequest{key = 1, value = 2, lease = 3}.

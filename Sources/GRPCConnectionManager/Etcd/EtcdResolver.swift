@@ -216,7 +216,9 @@ final class EtcdWatcher: @unchecked Sendable {
     /// a revision still to come is accepted without a word and hears nothing until the new cluster gets there. For
     /// that reason a stream under way that started after a later revision than this read is ended (and reopened
     /// from here a second later): it may have been reopened, after the cluster came back, before this read said how
-    /// far back it went. (A stale read, older than one before it, costs a change heard twice: one more read.)
+    /// far back it went. (A stale read, older than one before it, costs a change heard twice: one more read.) The
+    /// stream's own first answer says where etcd is too (`start`), so a reopen onto such a cluster mends itself
+    /// without waiting for a read.
     func advance(to revision: Int64) {
         let ahead = self.state.withLock { state -> StreamingCall? in
             state.revision = revision
@@ -231,7 +233,13 @@ final class EtcdWatcher: @unchecked Sendable {
         let callbacks = StreamingCallbacks(
             onMessage: { [weak self] message in
                 guard let self else { return }
-                let (events, canceled) = EtcdMessages.watchResponse(message)
+                let (events, canceled, createdAt) = EtcdMessages.watchResponse(message)
+                if let current = createdAt, current < revision {
+                    // etcd is behind the revision this stream starts after: its data went back since the last read
+                    // (restored from a snapshot, a member wiped). The watch would hear nothing until etcd got there:
+                    // it ends, and reopens from etcd's own revision (the end has the name read again too).
+                    self.advance(to: current)
+                }
                 if events > 0 { self.changed(true) }
                 if canceled {
                     // etcd ended this watch but keeps the stream (its revision was compacted away, say): end the

@@ -361,7 +361,9 @@ struct EtcdTests {
         defer { rig.stop() }
         let (loop, watcher) = (rig.loop, rig.watcher)
         let revision = try await rig.put("a/1")
-        // The stream under way watches from a revision this cluster has not reached: it hears nothing.
+        // The stream under way watches from a revision this cluster has not reached: it hears nothing. (Its own first
+        // answer now ends it as well, `watchOntoLostDataFollows`; a read's word matters where reads and watches reach
+        // different members, which one etcd cannot show.)
         watcher.advance(to: revision + 1000)
         loop.reactor.execute { watcher.start() }
         #expect(await eventually(timeout: 10) { rig.etcd.watchers == 1 })
@@ -376,6 +378,32 @@ struct EtcdTests {
                 _ = try? await rig.put("a/\(key)")
                 return rig.reportedChanges > before
             }, "a change after the reopen is heard")
+    }
+
+    @Test("a watch reopened onto an etcd that lost its data reopens from etcd's own revision, with no read to tell it")
+    func watchOntoLostDataFollows() async throws {
+        let rig = try WatchRig(prefix: "l/")
+        defer { rig.stop() }
+        let (loop, watcher) = (rig.loop, rig.watcher)
+        var revision: Int64 = 0
+        for index in 0..<20 { revision = try await rig.put("l/\(index)") }
+        // The last read: far ahead of where a fresh etcd starts. The rig makes no other read.
+        watcher.advance(to: revision)
+        loop.reactor.execute { watcher.start() }
+        #expect(await eventually(timeout: 10) { rig.etcd.watchers == 1 })
+        try rig.etcd.wipe()
+        // The stream ends with the old process; the reopen a second later starts after `revision`, which the fresh
+        // etcd has not reached: its answer says so, and the watch reopens from etcd's revision.
+        #expect(await eventually(timeout: 10) { rig.etcd.watchers == 1 })
+        let before = rig.reportedChanges
+        // A few puts only: enough of them would take the fresh etcd past `revision`, and a watch from there would
+        // hear them without the fix.
+        var heard = false
+        for key in 0..<3 where !heard {
+            _ = try? await rig.put("l/new\(key)")
+            heard = await eventually(timeout: 3) { rig.reportedChanges > before }
+        }
+        #expect(heard, "a change after the wipe is heard (the watch waited past revision \(revision) before)")
     }
 
     @Test("several etcd endpoints: one that is down is passed over; when the one in use goes, the next serves")

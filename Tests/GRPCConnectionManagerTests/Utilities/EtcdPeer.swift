@@ -47,6 +47,15 @@ final class EtcdPeer: @unchecked Sendable {
         self.process = try Self.launch(self.arguments, port: self.port)
     }
 
+    /// Stops etcd, deletes its data and starts a fresh one on the same ports: its revision is back at 1, as a member
+    /// wiped (or a cluster restored from an old snapshot) would be.
+    func wipe() throws {
+        self.process.terminate()
+        self.process.waitUntilExit()
+        try? FileManager.default.removeItem(atPath: self.dataDirectory)
+        self.process = try Self.launch(self.arguments, port: self.port)
+    }
+
     /// etcd's count of messages received on `method`'s streams since it started (its `/metrics`), e.g.
     /// "LeaseKeepAlive".
     func messagesReceived(_ method: String) -> Int? {
