@@ -592,7 +592,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         if self.state == .closed { return }
         // Under TLS 1.3 the client's handshake is done before the server has judged its certificate: a refusal
         // (an alert) arrives after, before the server's first decrypted byte. That counts as the handshake too.
-        self.closedWhileSecuring = self.state == .securing || (self.tls != nil && !self.firstPlaintext.sawAny)
+        // (Not a connect that failed or timed out before the handshake began: that has nothing to do with the files.)
+        self.closedWhileSecuring =
+            self.state == .securing || (self.state == .open && self.tls != nil && !self.firstPlaintext.sawAny)
         self.state = .closed
         if let registration = self.registration {
             self.reactor.deregister(registration, handler: self)

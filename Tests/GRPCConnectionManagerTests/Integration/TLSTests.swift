@@ -728,6 +728,22 @@ struct TLSTests {
         }
     }
 
+    @Test("a refused connect is not blamed on a TLS rotation that did not take: the note is for handshakes only")
+    func refusedConnectIsNotARotationFailure() async throws {
+        try await Self.withCertificates { certificates, loop in
+            let trusted = certificates.path("trusted.pem")
+            try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
+            let channel = try GRPCChannel(
+                target: "127.0.0.1:\(freePort())", configuration: Self.tls(certificates) { $0.trustRoots = .file(trusted) },
+                eventLoop: loop)
+            defer { channel.close() }
+            try "not a certificate\n".write(toFile: trusted, atomically: true, encoding: .utf8)
+            let status = await channel.call([1], timeout: .seconds(5)).status
+            #expect(status.code == .unavailable && status.message.contains("refused"), "\(status)")
+            #expect(!status.message.contains("could not be loaded"), "\(status)")
+        }
+    }
+
     @Test("the embedded server closes a connection that does not finish its handshake in time, TLS or not; not others")
     func serverHandshakeTimeout() async throws {
         try await Self.withCertificates { certificates, loop in
