@@ -275,13 +275,21 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             let n = cr_read(self.fd, buffer.baseAddress!, buffer.count)
             if n == -Int(EAGAIN) { break }
             if n < 0 {
+                // Reset after a GOAWAY the owner can name: the server's close, as at the end of the stream below.
+                if self.closeDetail != nil {
+                    self.close(reason: self.closedByPeerStatus())
+                    return
+                }
                 self.close(reason: failure ?? CallStatus(code: .unavailable, message: "read from \(self.peer) failed: \(String(cString: strerror(Int32(-n))))"))
                 return
             }
             if n == 0 {
                 // Fewer first bytes than a check wants, then the end: judged as they are.
                 let refusal = self.firstBytes.judgeWhatCame(owner.socketReceivedFirstBytes)
-                self.close(reason: refusal ?? failure ?? self.closedByPeerStatus(endOfFile: true))
+                // A close the owner can explain (after the server's GOAWAY) is the server's, though a write failed
+                // (EPIPE) on the way.
+                let reason = self.closeDetail == nil ? failure : nil
+                self.close(reason: refusal ?? reason ?? self.closedByPeerStatus(endOfFile: true))
                 return
             }
             var bytes = UnsafeRawBufferPointer(start: buffer.baseAddress, count: n)

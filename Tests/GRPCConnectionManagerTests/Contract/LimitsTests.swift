@@ -496,6 +496,19 @@ struct LimitsTests {
         }
     }
 
+    @Test("a server that sends GOAWAY and resets the connection while a request is being written: the call is told of the GOAWAY, not of the failed write")
+    func goAwayBeforeResetIsNamed() async throws {
+        try await Self.withPeer("goaway-and-reset") { peer, loop in
+            var configuration = Self.plain()
+            configuration.maxMessageSize = 64 << 20
+            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+            // Far more than loopback's socket buffers hold: the write is under way when the reset comes.
+            let response = await channel.call("/test.Raw/Get", [UInt8](repeating: 7, count: 32 << 20), timeout: .seconds(10))
+            #expect(response.status.code == .unavailable)
+            #expect(response.status.message.contains("GOAWAY ENHANCE_YOUR_CALM (going)"), "\(response.status)")
+        }
+    }
+
     @Test("a stream nghttp2 resets for the server's violation says what the server did, not that the server reset it")
     func localResetIsNamed() async throws {
         try await Self.withPeer("window-overflow") { peer, loop in

@@ -60,6 +60,8 @@ mode says otherwise:
   silent               takes each connection and its preface ("event accepted"), then says nothing and reads on, never
                        sending SETTINGS: the client's attempt never connects (a blackholed address, as far as HTTP/2
                        goes); "event eof" when the client closes
+  goaway-and-reset     windows as wide-open-stall; once a request's headers are in: GOAWAY(last stream = that one,
+                       ENHANCE_YOUR_CALM, debug "going"), then closes without reading the request's body (a reset)
   answer-and-reset BYTES
                        windows as wide-open-stall; once a request's headers are in: response headers, one message
                        of BYTES bytes and trailers with grpc-status 0, then closes without reading the request's body
@@ -214,7 +216,7 @@ class Connection:
             settings.settings[SettingsFrame.ENABLE_PUSH] = 1
         if MODE == "max-header-list":
             settings.settings[SettingsFrame.MAX_HEADER_LIST_SIZE] = int(ARGS[0])
-        wide_open = ("wide-open-stall", "wide-open-slow", "status-and-reset", "answer-and-reset")
+        wide_open = ("wide-open-stall", "wide-open-slow", "status-and-reset", "answer-and-reset", "goaway-and-reset")
         if MODE in wide_open:
             settings.settings[SettingsFrame.INITIAL_WINDOW_SIZE] = (1 << 31) - 1
         self.send(settings)
@@ -276,6 +278,14 @@ class Connection:
                     if MODE == "status-and-reset":
                         self.send_headers(frame.stream_id, [(":status", "200"), ("content-type", "application/grpc"),
                                                             ("grpc-status", ARGS[0])], end_stream=True)
+                        event("reset")
+                        return  # closed with the request's body unread: a reset
+                    if MODE == "goaway-and-reset":
+                        goaway = GoAwayFrame(0)
+                        goaway.last_stream_id = frame.stream_id
+                        goaway.error_code = 11  # ENHANCE_YOUR_CALM
+                        goaway.additional_data = b"going"
+                        self.send_raw(goaway.serialize())
                         event("reset")
                         return  # closed with the request's body unread: a reset
                     if MODE == "refuse-then-goaway" and self.serial == 1 and self.requests == 1:
