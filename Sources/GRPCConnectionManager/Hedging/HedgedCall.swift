@@ -19,7 +19,9 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     private let policy: CallHedgingPolicy
     /// Makes attempt n (1-based) with the request metadata, its completion wired back here.
     private let makeAttempt: (_ number: Int, _ coordinator: HedgedCall, _ metadata: CallMetadata) -> ClientCall
-    private let completion: @Sendable (UnaryResponse) -> Void
+    /// Let go of once handed to the delivery (with the observers): an owner that keeps the call's handle and that the
+    /// completion captures would otherwise keep itself, and this coordinator, alive.
+    private var completion: (@Sendable (UnaryResponse) -> Void)?
     /// The interceptors' observers: those that ran before the call started, then those after their async work.
     private var observers: [any CallObserver]
     /// The request metadata, final once the interceptors are done.
@@ -346,9 +348,11 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         // deferred phase like any completion.
         let observers = self.observers
         let completion = self.completion
+        self.observers = []
+        self.completion = nil
         let deliver: @Sendable () -> Void = {
             for observer in observers.reversed() { observer.callFinished(response) }
-            completion(response)
+            completion?(response)
         }
         // In a deferred phase, as every completion runs, after the call's own events. A loop that has stopped takes no
         // more work: the end then runs on a thread of its own, as a call's does.

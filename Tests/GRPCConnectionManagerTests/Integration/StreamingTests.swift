@@ -226,9 +226,14 @@ struct StreamingTests {
             // `@unchecked`: set before the calls end, read after; weak loads are atomic.
             weak var streaming: Owner?
             weak var unary: Owner?
+            weak var hedged: Owner?
         }
         let setup = try Self.setUp(.embedded)
         defer { setup.done() }
+        var hedging = Configuration()
+        hedging.hedging = ["/echo.Echo/Get": CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .seconds(5))]
+        let hedgedSetup = try Self.setUp(.embedded, hedging)
+        defer { hedgedSetup.done() }
         let weak = Weak()
         do {
             let streaming = Owner()
@@ -244,13 +249,22 @@ struct StreamingTests {
                 _ = unary.handle
                 unary.ended.withLock { $0 = true }
             }
+            let hedged = Owner()
+            hedged.handle = hedgedSetup.channel.unary(path: "/echo.Echo/Get", request: [1]) { _ in
+                _ = hedged.handle
+                hedged.ended.withLock { $0 = true }
+            }
             weak.streaming = streaming
             weak.unary = unary
-            #expect(await eventually { streaming.ended.withLock { $0 } && unary.ended.withLock { $0 } })
+            weak.hedged = hedged
+            #expect(await eventually {
+                streaming.ended.withLock { $0 } && unary.ended.withLock { $0 } && hedged.ended.withLock { $0 }
+            })
         }
         // Before, each owner kept itself alive: owner -> call -> its callbacks -> owner.
         #expect(await eventually { weak.streaming == nil }, "the streaming call's owner is freed")
         #expect(await eventually { weak.unary == nil }, "the unary call's owner is freed")
+        #expect(await eventually { weak.hedged == nil }, "the hedged call's owner is freed")
     }
 
     @Test("server, client and bidirectional streaming with callbacks complete exactly once", arguments: Peer.allCases)
