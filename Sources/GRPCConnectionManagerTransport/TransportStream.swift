@@ -28,6 +28,10 @@ final class TransportStream: Sendable {
     /// the breaker and the metrics count, not the caller's cancel (which the breaker ignores).
     static let deadlineExceeded = CallStatus(code: .deadlineExceeded, message: "deadline exceeded")
 
+    /// When `withStream` made it: GRPCCore wrote `grpc-timeout` just before, so its deadline is this plus that
+    /// timeout. (Not the metadata's arrival: GRPCCore's own interceptors, a token fetch say, run in between.)
+    private let openedAt = ContinuousClock.now
+
     init(channel: GRPCChannel, path: String, options: GRPCCore.CallOptions) {
         self.channel = channel
         self.path = path
@@ -82,7 +86,7 @@ final class TransportStream: Sendable {
             // Cancelled first: the buffers already hold the CANCELLED end; nothing starts.
             if state.cancelled { return false }
             state.starting = true
-            state.deadline = timeout.map { ContinuousClock.now + $0 }
+            state.deadline = timeout.map { self.openedAt + $0 }
             return true
         }
         guard let proceed else {
@@ -155,14 +159,16 @@ final class TransportStream: Sendable {
     /// more than once; free once the stream has ended (every `withStream` calls it on the way out).
     ///
     /// GRPCCore enforces its deadline itself, by cancelling the tasks that use the stream, and its timer fires
-    /// before the call's own (which starts a little later, from the `grpc-timeout` it was given). A cancel without a
-    /// status once that deadline has passed is therefore the deadline, and ends the call DEADLINE_EXCEEDED as a
-    /// failure: as the caller's cancel, the breaker never counted a server that does not answer in time.
+    /// before the call's own (which starts a little later, from the `grpc-timeout` it was given). A cancel once that
+    /// deadline has passed (without a status, or CANCELLED: a request producer stopped by it) is therefore the
+    /// deadline, and ends the call DEADLINE_EXCEEDED as a failure: as the caller's cancel, the breaker never counted
+    /// a server that does not answer in time.
     func cancel(with status: CallStatus? = nil) {
         if self.buffers.isFinished { return }
         let (handle, starting, expired) = self.state.withLock { state -> (CallHandle?, Bool, Bool) in
-            // A millisecond's slack: the call's deadline was computed a moment after GRPCCore's.
-            let expired = status == nil && state.deadline.map { ContinuousClock.now + .milliseconds(1) >= $0 } == true
+            // A millisecond's slack: the stream was opened a moment after GRPCCore computed its timeout.
+            let expired = (status == nil || status?.code == .cancelled)
+                && state.deadline.map { ContinuousClock.now + .milliseconds(1) >= $0 } == true
             if state.starting && !state.cancelled {
                 state.cancelStatus = expired ? Self.deadlineExceeded : status
                 state.cancelExpired = expired

@@ -491,9 +491,20 @@ struct GRPCSwiftTransportTests {
         // taken for the caller's cancel, a server that never answered in time was never counted by the breaker.
         let fixture = try LoopbackFixture()
         defer { fixture.shutdown() }
+        /// A GRPCCore interceptor with async work before the RPC (a token fetch): it runs after GRPCCore wrote the
+        /// timeout, before the request metadata reaches the transport.
+        struct SlowToken: GRPCCore.ClientInterceptor {
+            func intercept<Input: Sendable, Output: Sendable>(
+                request: StreamingClientRequest<Input>, context: ClientContext,
+                next: (StreamingClientRequest<Input>, ClientContext) async throws -> StreamingClientResponse<Output>
+            ) async throws -> StreamingClientResponse<Output> {
+                try await Task.sleep(for: .milliseconds(50))
+                return try await next(request, context)
+            }
+        }
         let (manager, recorder) = try Self.managerWithATightBreaker(fixture)
         let transport = try ManagedClientTransport(manager: manager, service: "echo", address: fixture.target)
-        try await withGRPCClient(transport: transport) { client in
+        try await withGRPCClient(transport: transport, interceptors: [SlowToken()]) { client in
             let echo = Echo_Echo.Client(wrapping: client)
             var options = GRPCCore.CallOptions.defaults
             options.timeout = .milliseconds(200)
