@@ -59,7 +59,7 @@ public final class ConnectionManager: Sendable {
         var closing: [GRPCChannel] = []
         /// Channels replaced by another (a new address or security) whose calls in flight may still run, with the
         /// clock reading at which their grace period ends: the manager's close reaches them too.
-        var replaced: [(channel: GRPCChannel, until: UInt64)] = []
+        var replaced: [(service: String, channel: GRPCChannel, until: UInt64)] = []
     }
 
     /// Creates a manager on one loop.
@@ -175,13 +175,6 @@ public final class ConnectionManager: Sendable {
                 return existing
             }
             let target = try Target(parsing: resolved)
-            replaced = registry.channels[service]
-            if let replaced {
-                // Those whose grace period ended a while ago have been closed for good: not kept for ever.
-                let now = Reactor.clock()
-                registry.replaced.removeAll { now > $0.until &+ 1_000_000_000 }
-                registry.replaced.append((replaced, now &+ UInt64(Self.replacedGracePeriod.nanoseconds)))
-            }
             var configuration = self.configuration
             switch security {
             case .plaintext: configuration.tls = nil
@@ -192,6 +185,14 @@ public final class ConnectionManager: Sendable {
             let channel = try GRPCChannel(
                 service: service, target: target, configuration: configuration, bus: self.events, loops: self.loops,
                 connectionIDs: self.connectionIDs, closesOnDeinit: false, interceptors: self.interceptors)
+            // Only now, with nothing left to throw: a failed replacement leaves the old channel as it was.
+            replaced = registry.channels[service]
+            if let replaced {
+                // Those whose grace period ended a while ago have been closed for good: not kept for ever.
+                let now = Reactor.clock()
+                registry.replaced.removeAll { now > $0.until &+ 1_000_000_000 }
+                registry.replaced.append((service, replaced, now &+ UInt64(Self.replacedGracePeriod.nanoseconds)))
+            }
             registry.addresses[service] = resolved
             registry.security[service] = security
             registry.channels[service] = channel
@@ -209,11 +210,18 @@ public final class ConnectionManager: Sendable {
     private static let replacedStatus = CallStatus(
         code: .unavailable, message: "the service's channel was replaced (a new address or security)")
 
-    /// Closes the channel of `service` now (its calls end with UNAVAILABLE); the address stays registered, so
+    /// Closes the channel of `service` now (its calls end with UNAVAILABLE, those still finishing on a channel it
+    /// replaced too); the address stays registered, so
     /// `connection(service:)` dials again and `healthCheck()` reports "NotConnected" meanwhile.
     public func closeConnection(service: String) {
-        let channel = self.registry.withLock { $0.channels.removeValue(forKey: service) }
-        channel?.close()
+        let channels = self.registry.withLock { registry -> [GRPCChannel] in
+            // Its replaced channels too, whose calls may still be finishing.
+            var closing = registry.replaced.filter { $0.service == service }.map(\.channel)
+            registry.replaced.removeAll { $0.service == service }
+            if let open = registry.channels.removeValue(forKey: service) { closing.append(open) }
+            return closing
+        }
+        for channel in channels { channel.close() }
     }
 
     /// The open channel of `service`, if it has one: a lookup only (`connection(service:)` also connects, or

@@ -368,6 +368,17 @@ struct ConnectionManagerTests {
         #expect(new.server.requestCount(key: "moved") == 1)
         // The old channel takes nothing new.
         #expect(await channel.call([9], timeout: .seconds(5)).status.code == .unavailable)
+        // closeConnection(service:) ends the calls still finishing on a channel the service's replaced.
+        let cut = PThreadLock<UnaryResponse?>(nil)
+        let first = try manager.connection(service: "echo", address: old.target)
+        _ = first.unary(path: "/echo.Echo/Get", request: [11], metadata: ["x-sleep-ms": "5000", "x-request-key": "cut"]) {
+            response in cut.withLock { $0 = response }
+        }
+        #expect(await eventually { old.server.requestCount(key: "cut") == 1 })
+        _ = try manager.connection(service: "echo", address: new.target)
+        manager.closeConnection(service: "echo")
+        #expect(await eventually(timeout: 2) { cut.withLock { $0 } != nil }, "ended by closeConnection, not after 5 s")
+        #expect(cut.withLock { $0 }?.status.code == .unavailable)
         // The manager's close reaches a replaced channel's calls too: when it returns, each has ended.
         let ended = PThreadLock<UnaryResponse?>(nil)
         let again = try manager.connection(service: "echo", address: old.target)
