@@ -78,6 +78,11 @@ package final class TLSContext: @unchecked Sendable {
             guard SSL_CTX_load_verify_locations(context, clientCA, nil) == 1 else {
                 throw Self.loadFailure("client CA", clientCA)
             }
+            // As the client side trusts its roots: any certificate in the file is an anchor, an intermediate CA too
+            // (Go's servers accept a client whose chain ends there).
+            X509_STORE_set_flags(SSL_CTX_get_cert_store(context), UInt(X509_V_FLAG_PARTIAL_CHAIN))
+            // The CertificateRequest names the CAs, for clients that choose their certificate by them.
+            if let names = SSL_load_client_CA_file(clientCA) { SSL_CTX_set_client_CA_list(context, names) }
             SSL_CTX_set_verify(context, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nil)
         }
     }

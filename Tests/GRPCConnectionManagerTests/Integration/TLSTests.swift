@@ -728,6 +728,25 @@ struct TLSTests {
         }
     }
 
+    @Test("the embedded server's client CA may be an intermediate: a client whose chain ends there is accepted, as the client side does for its roots")
+    func serverClientCAMayBeAnIntermediate() async throws {
+        try await Self.withCertificates { certificates, loop in
+            let server = try Self.server(certificates, loop: loop, clientCA: certificates.intermediateCertificate)
+            defer { server.close() }
+            // The leaf the intermediate signed, presented as a client certificate with the intermediate after it.
+            let channel = try GRPCChannel(
+                target: "127.0.0.1:\(server.port)",
+                configuration: Self.tls(certificates) {
+                    $0.certificateChainFile = certificates.intermediateServerChain
+                    $0.privateKeyFile = certificates.intermediateServerKey
+                }, eventLoop: loop)
+            defer { channel.close() }
+            // Before, the server looked for the intermediate's issuer: "unable to get issuer certificate".
+            let response = await channel.call([4], timeout: .seconds(5))
+            #expect(response.status == .ok, "\(response.status)")
+        }
+    }
+
     @Test("a refused connect is not blamed on a TLS rotation that did not take: the note is for handshakes only")
     func refusedConnectIsNotARotationFailure() async throws {
         try await Self.withCertificates { certificates, loop in
