@@ -583,53 +583,53 @@ struct EtcdTests {
         await registration.deregister()
     }
 
-    @Test("the registration keeps its key past the lease's TTL, and deregister removes it")
-    func leaseIsKeptAlive() async throws {
+    /// A fresh etcd and a started loop: `body` gets the settings to register with and `keys()`, the keys under
+    /// `prefix` now (read through a client of its own).
+    static func withEtcdKeys(
+        under prefix: String, _ body: (Configuration.Etcd, ReactorLoop, () async throws -> [String]) async throws -> Void
+    ) async throws {
         let etcd = try EtcdPeer()
         defer { etcd.stop() }
         let loop = try ReactorLoop()
         loop.start()
         defer { loop.shutdown() }
-        let settings = Configuration.Etcd(endpoints: [etcd.endpoint])
-        let registration = try await EtcdRegistration.register(
-            name: "services/ttl", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(2), eventLoop: loop)
         let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
         func keys() async throws -> [String] {
-            let response = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: "services/ttl/"))
+            let response = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: prefix))
             return EtcdMessages.rangeResponse(response.message)?.pairs.map(\.key) ?? []
         }
-        #expect(try await keys() == ["services/ttl/127.0.0.1:1"])
-        // Twice the TTL: without keepalives the lease, and the key with it, would be gone.
-        try await Task.sleep(for: .seconds(4))
-        #expect(try await keys() == ["services/ttl/127.0.0.1:1"])
-        await registration.deregister()
-        #expect(try await keys() == [])
+        try await body(Configuration.Etcd(endpoints: [etcd.endpoint]), loop, keys)
+    }
+
+    @Test("the registration keeps its key past the lease's TTL, and deregister removes it")
+    func leaseIsKeptAlive() async throws {
+        try await Self.withEtcdKeys(under: "services/ttl/") { settings, loop, keys in
+            let registration = try await EtcdRegistration.register(
+                name: "services/ttl", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(2), eventLoop: loop)
+            #expect(try await keys() == ["services/ttl/127.0.0.1:1"])
+            // Twice the TTL: without keepalives the lease, and the key with it, would be gone.
+            try await Task.sleep(for: .seconds(4))
+            #expect(try await keys() == ["services/ttl/127.0.0.1:1"])
+            await registration.deregister()
+            #expect(try await keys() == [])
+        }
     }
 
     @Test("two registrations of one address (a server restarted in place): the first one's deregister leaves the key the second put")
     func deregisterLeavesASuccessorsKey() async throws {
-        let etcd = try EtcdPeer()
-        defer { etcd.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let settings = Configuration.Etcd(endpoints: [etcd.endpoint])
-        let old = try await EtcdRegistration.register(
-            name: "services/twice", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(2), eventLoop: loop)
-        let new = try await EtcdRegistration.register(
-            name: "services/twice", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(2), eventLoop: loop)
-        let raw = try GRPCChannel(target: etcd.endpoint, eventLoop: loop)
-        func keys() async throws -> [String] {
-            let response = try await raw.unary(path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: "services/twice/"))
-            return EtcdMessages.rangeResponse(response.message)?.pairs.map(\.key) ?? []
+        try await Self.withEtcdKeys(under: "services/twice/") { settings, loop, keys in
+            let old = try await EtcdRegistration.register(
+                name: "services/twice", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(2), eventLoop: loop)
+            let new = try await EtcdRegistration.register(
+                name: "services/twice", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(2), eventLoop: loop)
+            await old.deregister()
+            #expect(try await keys() == ["services/twice/127.0.0.1:1"], "the successor's key stays")
+            // Past the TTL: it is kept alive on the successor's lease, not a leftover about to expire.
+            try await Task.sleep(for: .seconds(3))
+            #expect(try await keys() == ["services/twice/127.0.0.1:1"])
+            await new.deregister()
+            #expect(try await keys() == [])
         }
-        await old.deregister()
-        #expect(try await keys() == ["services/twice/127.0.0.1:1"], "the successor's key stays")
-        // Past the TTL: it is kept alive on the successor's lease, not a leftover about to expire.
-        try await Task.sleep(for: .seconds(3))
-        #expect(try await keys() == ["services/twice/127.0.0.1:1"])
-        await new.deregister()
-        #expect(try await keys() == [])
     }
 
     @Test("after etcd restarts, the registration keeps one keepalive going, not one more per reopened stream")

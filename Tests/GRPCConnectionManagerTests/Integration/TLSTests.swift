@@ -439,15 +439,23 @@ struct TLSTests {
         #expect(process.terminationStatus == 1, "\(text)")
         #expect(text.contains("it is encrypted"), "\(text)")
         guard exited else { return }  // it prompted: so would this process, and in a terminal it would wait
-        var configuration = Self.tls(certificates) {
+        Self.expectClientIdentityRefused(
+            certificates, key: certificates.encryptedClientKey,
+            saying: "it is encrypted, and keys with a passphrase are not supported")
+    }
+
+    /// A channel with the client certificate and `key` is refused when made, the error saying `text`.
+    static func expectClientIdentityRefused(
+        _ certificates: TestCertificates, key: String, saying text: String, sourceLocation: SourceLocation = #_sourceLocation
+    ) {
+        let configuration = Self.tls(certificates) {
             $0.certificateChainFile = certificates.clientCertificate
-            $0.privateKeyFile = certificates.encryptedClientKey
+            $0.privateKeyFile = key
         }
-        configuration.enableRetry = false
-        #expect {
+        #expect(sourceLocation: sourceLocation) {
             _ = try GRPCChannel(target: "127.0.0.1:1", configuration: configuration)
         } throws: { error in
-            "\(error)".contains("it is encrypted, and keys with a passphrase are not supported")
+            "\(error)".contains(text)
         }
     }
 
@@ -455,15 +463,9 @@ struct TLSTests {
     func keyOfAnotherPair() throws {
         let certificates = try TestCertificates.make()
         defer { certificates.remove() }
-        let configuration = Self.tls(certificates) {
-            $0.certificateChainFile = certificates.clientCertificate
-            $0.privateKeyFile = certificates.strangerKey
-        }
-        #expect {
-            _ = try GRPCChannel(target: "127.0.0.1:1", configuration: configuration)
-        } throws: { error in
-            "\(error)".contains("private key \(certificates.strangerKey) does not match the certificate \(certificates.clientCertificate)")
-        }
+        Self.expectClientIdentityRefused(
+            certificates, key: certificates.strangerKey,
+            saying: "private key \(certificates.strangerKey) does not match the certificate \(certificates.clientCertificate)")
     }
 
     @Test("the embedded TLS server refuses a client that offers no ALPN (it would get HTTP/2 unasked)")
