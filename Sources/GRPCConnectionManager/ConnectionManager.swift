@@ -306,7 +306,8 @@ public final class ConnectionManager: Sendable {
         let (addresses, channels) = self.registry.withLock { ($0.addresses, $0.channels) }
         var report: [String: ServiceHealth] = [:]
         for service in addresses.keys {
-            guard let channel = channels[service] else {
+            // A channel closed by its own close() stays registered until asked for again: not connected either.
+            guard let channel = channels[service], !channel.isClosed else {
                 report[service] = ServiceHealth(
                     state: "NotConnected", healthy: false, error: "connection not established yet")
                 continue
@@ -335,7 +336,8 @@ public final class ConnectionManager: Sendable {
     /// `Check` every `pollInterval` when the server has no Watch (UNIMPLEMENTED). See `GRPCChannel.watchHealth`.
     /// The watch follows the service: registered again at another address, its new channel is watched (after an
     /// UNKNOWN for the old one's end). It ends when the service's channel closes and none replaces it
-    /// (`closeConnection`, the manager's close), as `GRPCChannel.watchHealth` ends with its channel; it never dials.
+    /// (`closeConnection`, the manager's close), as `GRPCChannel.watchHealth` ends with its channel. It dials only as
+    /// it begins, as `connection(service:)` does (a service closed with `closeConnection` is connected again).
     /// - Throws: `ConnectionManagerError` for an unknown service or a closed manager.
     public func watchHealth(
         service: String, healthServiceName: String = "", pollInterval: Duration = .seconds(5)

@@ -104,8 +104,7 @@ extension GRPCChannel {
                         // known (grpc-go's health client takes any end, EOF included, as a failure).
                         if !Task.isCancelled { emit(.unknown) }
                     } else {
-                        let status = (try? await channel.checkHealth(healthServiceName, timeout: pollInterval)) ?? .unknown
-                        emit(status)
+                        emit(await Self.polledHealth(channel, healthServiceName, timeout: pollInterval))
                     }
                     // A closed channel (or a stopped loop) will not answer again: the stream ends, rather than say
                     // UNKNOWN once and then nothing for ever; unless `current` has another channel now, watched at once.
@@ -139,6 +138,20 @@ extension GRPCChannel {
             throw CallError(status: CallStatus(code: .internal, message: "malformed HealthCheckResponse"))
         }
         return status
+    }
+
+    /// One poll of a watch on a server without Watch: Check's answer; a name it does not know (NOT_FOUND) is
+    /// SERVICE_UNKNOWN, as Watch says it; any other failure UNKNOWN.
+    fileprivate static func polledHealth(_ channel: GRPCChannel, _ healthServiceName: String, timeout: Duration) async
+        -> HealthStatus
+    {
+        do {
+            return try await channel.checkHealth(healthServiceName, timeout: timeout)
+        } catch let error as CallError where error.status.code == .notFound {
+            return .serviceUnknown
+        } catch {
+            return .unknown
+        }
     }
 }
 

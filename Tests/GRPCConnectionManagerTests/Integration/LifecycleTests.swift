@@ -517,6 +517,23 @@ struct ConnectionManagerTests {
         #expect(await watched.next() == nil)
     }
 
+    @Test("healthCheck() says NotConnected for a channel closed by its own close(); a polled watch of a name the server does not know says SERVICE_UNKNOWN")
+    func healthReportsForClosedAndUnknown() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let manager = try ConnectionManager(eventLoop: fixture.loop)
+        let channel = try manager.connection(service: "echo", address: fixture.target)
+        #expect(await channel.call([1], timeout: .seconds(5)).status == .ok)
+        // The embedded server has Check only (the watch polls it) and answers NOT_FOUND for a name it does not know.
+        var unknown = try manager.watchHealth(service: "echo", healthServiceName: "nope", pollInterval: .milliseconds(100))
+            .makeAsyncIterator()
+        #expect(await unknown.next() == .serviceUnknown, "as Watch says it (UNKNOWN before)")
+        channel.close()
+        // Before: "SHUTDOWN", from the closed channel the registry keeps until the service is asked for again.
+        #expect(await manager.healthCheck()["echo"]?.state == "NotConnected")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("a manager's watchHealth follows its service to a new address, and ends when the service is closed")
     func watchHealthFollowsTheService() async throws {
         let first = try PythonPeer()
