@@ -99,9 +99,11 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     /// DATA frames written by `appendDataFrame` (tests: large bodies take that path).
     @exclusivity(unchecked)
     package private(set) var directDataFrames = 0
-    /// It closed during the TLS handshake (a certificate refused, an alert, the peer gone then), or, under TLS,
+    /// It closed during the TLS handshake (a certificate refused, an alert, the peer gone then), or on a TLS error
     /// before the server's first decrypted byte (TLS 1.3 servers judge the client's certificate after the handshake).
     package private(set) var closedWhileSecuring = false
+    /// A TLS error (a peer's alert) ended it before the server's first decrypted byte.
+    private var tlsFailedBeforePlaintext = false
     @exclusivity(unchecked)
     private var firstBytes = FirstBytesCheck()
     private var firstPlaintext = FirstBytesCheck()
@@ -263,7 +265,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
     /// answers, and the kernel drops it with the socket). `failure` is why it is about to close: a read error or the
     /// end of the stream met then is the same failure seen again (a write that failed with ETIMEDOUT took the
     /// socket's error; the read after it finds only the end), not the server's close.
-    private func readAvailable(untilDrained: Bool = false, failure: CallStatus? = nil) {
+    /// `failureIsReset`: that failure was the peer resetting the connection (ECONNRESET, EPIPE), which, after the
+    /// server's GOAWAY, is the server's close.
+    private func readAvailable(untilDrained: Bool = false, failure: CallStatus? = nil, failureIsReset: Bool = false) {
         // The owner is the session's user data: it must outlive every nghttp2 callback of this read.
         guard let owner = self.owner else {
             self.close(reason: CallStatus(code: .unavailable, message: "connection abandoned"))
@@ -276,7 +280,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             if n == -Int(EAGAIN) { break }
             if n < 0 {
                 // Reset after a GOAWAY the owner can name: the server's close, as at the end of the stream below.
-                if self.closeDetail != nil {
+                if self.closeDetail != nil && (-n == Int(ECONNRESET) || -n == Int(EPIPE)) {
                     self.close(reason: self.closedByPeerStatus())
                     return
                 }
@@ -286,9 +290,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             if n == 0 {
                 // Fewer first bytes than a check wants, then the end: judged as they are.
                 let refusal = self.firstBytes.judgeWhatCame(owner.socketReceivedFirstBytes)
-                // A close the owner can explain (after the server's GOAWAY) is the server's, though a write failed
-                // (EPIPE) on the way.
-                let reason = self.closeDetail == nil ? failure : nil
+                // A reset the owner can explain (after the server's GOAWAY) is the server's close, though a write
+                // met it first; a write that timed out is not, GOAWAY or not.
+                let reason = self.closeDetail != nil && failureIsReset ? nil : failure
                 self.close(reason: refusal ?? reason ?? self.closedByPeerStatus(endOfFile: true))
                 return
             }
@@ -361,6 +365,7 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             } catch {
                 self.output.takeCiphertext(from: tls)
                 self.output.writeOnce(to: self.fd)
+                self.tlsFailedBeforePlaintext = !self.firstPlaintext.sawAny
                 self.close(reason: CallStatus(code: .unavailable, message: "TLS error from \(self.peer): \(error)"))
                 return false
             }
@@ -524,7 +529,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
             // A peer that answers and closes without reading the rest of a request resets the connection, but what
             // it sent first (a status, a GOAWAY naming the streams it never processed) can still be read, and the
             // calls end with that rather than with the failed write.
-            if self.state == .open { self.readAvailable(untilDrained: true, failure: reason) }
+            if self.state == .open {
+                self.readAvailable(untilDrained: true, failure: reason, failureIsReset: code == ECONNRESET || code == EPIPE)
+            }
             if self.state != .closed { self.close(reason: reason) }
             return false
         }
@@ -600,9 +607,9 @@ package final class HTTP2Socket: ReactorHandler, @unchecked Sendable {
         if self.state == .closed { return }
         // Under TLS 1.3 the client's handshake is done before the server has judged its certificate: a refusal
         // (an alert) arrives after, before the server's first decrypted byte. That counts as the handshake too.
-        // (Not a connect that failed or timed out before the handshake began: that has nothing to do with the files.)
-        self.closedWhileSecuring =
-            self.state == .securing || (self.state == .open && self.tls != nil && !self.firstPlaintext.sawAny)
+        // (Not a connect refused or timed out, nor a close for another reason before the server's SETTINGS: those
+        // have nothing to do with the files.)
+        self.closedWhileSecuring = self.state == .securing || self.tlsFailedBeforePlaintext
         self.state = .closed
         if let registration = self.registration {
             self.reactor.deregister(registration, handler: self)

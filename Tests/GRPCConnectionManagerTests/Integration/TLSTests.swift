@@ -765,6 +765,24 @@ struct TLSTests {
         }
     }
 
+    @Test("a TLS server that never sends its SETTINGS times out without the rotation note: the handshake was done")
+    func http2HandshakeTimeoutIsNotARotationFailure() async throws {
+        try await Self.withCertificates { certificates, loop in
+            let peer = try ScriptedPeer("silent", tls: (certificates.serverCertificate, certificates.serverKey))
+            defer { peer.stop() }
+            let trusted = certificates.path("trusted.pem")
+            try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
+            var configuration = Self.tls(certificates) { $0.trustRoots = .file(trusted) }
+            configuration.minConnectTimeout = .milliseconds(500)
+            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+            defer { channel.close() }
+            try "not a certificate\n".write(toFile: trusted, atomically: true, encoding: .utf8)
+            let status = await channel.call([1], timeout: .seconds(5)).status
+            #expect(status.code == .unavailable && status.message.contains("SETTINGS"), "\(status)")
+            #expect(!status.message.contains("could not be loaded"), "\(status)")
+        }
+    }
+
     @Test("the embedded server closes a connection that does not finish its handshake in time, TLS or not; not others")
     func serverHandshakeTimeout() async throws {
         try await Self.withCertificates { certificates, loop in

@@ -35,10 +35,11 @@ mode says otherwise:
   observe              SETTINGS only; reports what the client sends before it goes
   late-first           holds the answer to stream 1 until another request arrives, then sends it ("stale", OK)
                        before answering the new one (an old attempt's frames arriving during its retry)
-  wide-open-stall [once]
+  wide-open-stall [once] [goaway]
                        windows of 2^31-1 (stream and connection), then stops reading once a request's headers are
                        in ("event stalled"): the client may send as fast as it can produce, and the socket backs up;
-                       with "once", one connection is accepted and later ones are refused
+                       with "once", one connection is accepted and later ones are refused; with "goaway", a
+                       GOAWAY(NO_ERROR, last stream = that one) goes first
   wide-open-slow MS    windows of 2^31-1 (stream and connection), reads one frame every MS milliseconds and answers as
                        the echo does: a client upload always has window, and its socket backs up
   headers-then-status CODE MS
@@ -272,6 +273,10 @@ class Connection:
                         most_bodiless = max(most_bodiless, self.bodiless)
                     self.requests += 1
                     if MODE == "wide-open-stall":
+                        if "goaway" in ARGS:
+                            goaway = GoAwayFrame(0)
+                            goaway.last_stream_id = frame.stream_id
+                            self.send_raw(goaway.serialize())
                         event("stalled")
                         while True:
                             time.sleep(3600)
