@@ -314,20 +314,21 @@ struct LimitsTests {
 
     @Test("keepalive: a PING stuck behind an upload on a slow link is no death while the server acknowledges the upload's bytes")
     func pingBehindUploadIsNoDeath() async throws {
-        // Windows wide open, one frame read every 5 ms (about 3 MB/s): the megabyte of output alone keeps the PING
-        // back some 300 ms, past its 250 ms timeout, and the server sends nothing meanwhile (no window to give back).
-        // Before, the connection closed ("keepalive: no PING ACK") under a healthy upload.
+        // Windows wide open, one frame read every 20 ms (about 0.8 MB/s): the megabyte of output alone keeps the PING
+        // back some 1.3 s, past its 1 s timeout, and the server sends nothing meanwhile (no window to give back).
+        // Before, the connection closed ("keepalive: no PING ACK") under a healthy upload. (A timeout of a second, not
+        // a quarter: the peer, a Python process, must not be taken for dead when another process holds the CPU.)
         let timeouts = PThreadLock(0)
-        let ended = try await Self.withEndlessUpload(readingAFrameEvery: 5) { configuration in
+        let ended = try await Self.withEndlessUpload(readingAFrameEvery: 20) { configuration in
             configuration.keepAliveTime = .milliseconds(200)
-            configuration.keepAliveTimeout = .milliseconds(250)
+            configuration.keepAliveTimeout = .seconds(1)
         } prepare: { channel in
             channel.events.subscribe { event in
                 if case .keepaliveTimeout = event { timeouts.withLock { $0 += 1 } }
             }
         } _: { peer, _ in
-            // Ten keepalive intervals of uploading.
-            try await Task.sleep(for: .seconds(2))
+            // Three keepalive timeouts of uploading.
+            try await Task.sleep(for: .seconds(3))
             #expect(timeouts.withLock { $0 } == 0)
             #expect(peer.events.filter { $0.hasPrefix("settings") }.count == 1, "one connection")
         }
