@@ -349,6 +349,7 @@ public final class GRPCChannel: Sendable {
         } else if !shard.reactor.execute({ hedged.start() }) {
             // As a single call that the stopped loop refused ends (`ClientCall.finishWithoutReactor`): observers
             // first, then the completion, off the caller's thread.
+            hedged.refusedByStoppedLoop()
             spawnDetachedThread {
                 let end = UnaryResponse(status: Self.loopStopped)
                 for observer in observers.reversed() { observer.callFinished(end) }

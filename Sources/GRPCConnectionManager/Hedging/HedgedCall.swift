@@ -133,6 +133,13 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         self.admitAndLaunch()
     }
 
+    /// The loop refused it before it started (it had stopped): the caller delivers the end, and nothing of the
+    /// user's is kept (as `finish` lets go of it). Caller's thread; the loop never saw this call.
+    func refusedByStoppedLoop() {
+        self.completion = nil
+        self.observers = []
+    }
+
     /// Admission by the breaker, then the first attempt.
     private func admitAndLaunch() {
         let environment = self.environment

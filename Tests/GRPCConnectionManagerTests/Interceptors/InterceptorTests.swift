@@ -460,6 +460,28 @@ struct InterceptorTests {
         let refused = await hedged.unaryResult(path: "/echo.Echo/Get", request: [1])
         #expect(refused.status.code == .unavailable)
         #expect(await eventually { log.entries.contains("hedged end UNAVAILABLE loop=false") }, "\(log.entries)")
+        // Nor is its completion kept: an owner that keeps the handle, captured by the completion, is freed.
+        final class Owner: Sendable {
+            let handle = PThreadLock<CallHandle?>(nil)
+            let ended = PThreadLock(false)
+        }
+        final class Weak: @unchecked Sendable {
+            // `@unchecked`: set before the call ends, read after; weak loads are atomic.
+            weak var owner: Owner?
+        }
+        let weak = Weak()
+        do {
+            let owner = Owner()
+            owner.handle.withLock {
+                $0 = hedged.unary(path: "/echo.Echo/Get", request: [3]) { _ in
+                    _ = owner.handle.withLock { $0 }
+                    owner.ended.withLock { $0 = true }
+                }
+            }
+            weak.owner = owner
+            #expect(await eventually { owner.ended.withLock { $0 } })
+        }
+        #expect(await eventually { weak.owner == nil }, "the owner of a hedged call a stopped loop refused is freed")
 
         // Observers that interceptors add after async work the loop outlives no longer.
         let loop = try ReactorLoop()
