@@ -749,17 +749,25 @@ struct TLSTests {
         }
     }
 
+    /// How a call to `target` ends on a channel trusting a copy of the test CA whose copy was then broken (a
+    /// rotation that cannot be loaded, so a refusal stands while it connects).
+    static func callWhileARotationIsRefused(
+        _ certificates: TestCertificates, target: String, loop: ReactorLoop, connectTimeout: Duration? = nil
+    ) async throws -> CallStatus {
+        let trusted = certificates.path("trusted.pem")
+        try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
+        var configuration = Self.tls(certificates) { $0.trustRoots = .file(trusted) }
+        if let connectTimeout { configuration.minConnectTimeout = connectTimeout }
+        let channel = try GRPCChannel(target: target, configuration: configuration, eventLoop: loop)
+        defer { channel.close() }
+        try "not a certificate\n".write(toFile: trusted, atomically: true, encoding: .utf8)
+        return await channel.call([1], timeout: .seconds(5)).status
+    }
+
     @Test("a refused connect is not blamed on a TLS rotation that did not take: the note is for handshakes only")
     func refusedConnectIsNotARotationFailure() async throws {
         try await Self.withCertificates { certificates, loop in
-            let trusted = certificates.path("trusted.pem")
-            try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
-            let channel = try GRPCChannel(
-                target: "127.0.0.1:\(freePort())", configuration: Self.tls(certificates) { $0.trustRoots = .file(trusted) },
-                eventLoop: loop)
-            defer { channel.close() }
-            try "not a certificate\n".write(toFile: trusted, atomically: true, encoding: .utf8)
-            let status = await channel.call([1], timeout: .seconds(5)).status
+            let status = try await Self.callWhileARotationIsRefused(certificates, target: "127.0.0.1:\(freePort())", loop: loop)
             #expect(status.code == .unavailable && status.message.contains("refused"), "\(status)")
             #expect(!status.message.contains("could not be loaded"), "\(status)")
         }
@@ -770,14 +778,8 @@ struct TLSTests {
         try await Self.withCertificates { certificates, loop in
             let peer = try ScriptedPeer("silent", tls: (certificates.serverCertificate, certificates.serverKey))
             defer { peer.stop() }
-            let trusted = certificates.path("trusted.pem")
-            try FileManager.default.copyItem(atPath: certificates.caCertificate, toPath: trusted)
-            var configuration = Self.tls(certificates) { $0.trustRoots = .file(trusted) }
-            configuration.minConnectTimeout = .milliseconds(500)
-            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
-            defer { channel.close() }
-            try "not a certificate\n".write(toFile: trusted, atomically: true, encoding: .utf8)
-            let status = await channel.call([1], timeout: .seconds(5)).status
+            let status = try await Self.callWhileARotationIsRefused(
+                certificates, target: peer.target, loop: loop, connectTimeout: .milliseconds(500))
             #expect(status.code == .unavailable && status.message.contains("SETTINGS"), "\(status)")
             #expect(!status.message.contains("could not be loaded"), "\(status)")
         }
