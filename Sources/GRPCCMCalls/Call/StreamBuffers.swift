@@ -75,6 +75,8 @@ package final class StreamBuffers: @unchecked Sendable {
         /// The call's end as the loop learned it, before its delivery (`finish`) in the deferred phase: writes are
         /// refused from then on, and a reader that has taken every message is done.
         var ending: StreamResult?
+        /// The call's end as far as anyone here knows: delivered, or learned on the loop and still to be delivered.
+        var ended: StreamResult? { self.result ?? self.ending }
         var resultWaiters: [CheckedContinuation<StreamResult, Never>] = []
         var wakePending = false
     }
@@ -137,7 +139,7 @@ package final class StreamBuffers: @unchecked Sendable {
 
     /// Why a write is refused now, if it is: the call ended, or the requests were closed.
     private static func refusal(_ state: State) -> CallError? {
-        if let result = state.result ?? state.ending { return Self.writeRefusal(result) }
+        if let result = state.ended { return Self.writeRefusal(result) }
         if state.halfClosed {
             return CallError(status: CallStatus(code: .failedPrecondition, message: "the requests were already closed"))
         }
@@ -193,7 +195,7 @@ package final class StreamBuffers: @unchecked Sendable {
     package func waitUntilWritable() async throws {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let resume: Result<Void, CallError>? = self.state.withLock { state in
-                if let result = state.result ?? state.ending { return .failure(Self.writeRefusal(result)) }
+                if let result = state.ended { return .failure(Self.writeRefusal(result)) }
                 if state.outboxBytes < self.limit { return .success(()) }
                 state.writeWaiters.append(continuation)
                 return nil
@@ -204,7 +206,7 @@ package final class StreamBuffers: @unchecked Sendable {
 
     package var isWritable: Bool {
         self.state.withLock { state in
-            if state.result != nil || state.ending != nil || state.halfClosed { return false }
+            if state.ended != nil || state.halfClosed { return false }
             if state.outboxBytes >= self.limit {
                 state.owesWritable = true
                 return false
@@ -578,7 +580,7 @@ package final class StreamBuffers: @unchecked Sendable {
     /// The call has ended and the reader has taken every message: only metadata or the end are left.
     package var isFinishedAndRead: Bool {
         self.state.withLock { state in
-            guard state.result != nil || state.ending != nil else { return false }
+            guard state.ended != nil else { return false }
             return state.inbox[state.inboxHead...].allSatisfy {
                 switch $0 {
                 case .part(.metadata), .part(.end): return true

@@ -35,6 +35,18 @@ struct TLSTests {
         return try EchoServer(port: port, options: options, eventLoop: loop)
     }
 
+    /// A channel to `server` trusting the test CA and presenting the client certificate `chain` with its `key`.
+    static func channel(
+        to server: EchoServer, presenting chain: String, key: String, _ certificates: TestCertificates, loop: ReactorLoop
+    ) throws -> GRPCChannel {
+        try GRPCChannel(
+            target: "127.0.0.1:\(server.port)",
+            configuration: Self.tls(certificates) {
+                $0.certificateChainFile = chain
+                $0.privateKeyFile = key
+            }, eventLoop: loop)
+    }
+
     @Test("a manager's service keeps the security it was registered with: after closeConnection, and for health checks")
     func managerKeepsAServicesSecurity() async throws {
         let certificates = try TestCertificates.make()
@@ -298,12 +310,8 @@ struct TLSTests {
         defer { loop.shutdown() }
         let server = try Self.server(certificates, loop: loop, clientCA: certificates.caCertificate)
         defer { server.close() }
-        let withCertificate = try GRPCChannel(
-            target: "127.0.0.1:\(server.port)",
-            configuration: Self.tls(certificates) {
-                $0.certificateChainFile = certificates.clientCertificate
-                $0.privateKeyFile = certificates.clientKey
-            }, eventLoop: loop)
+        let withCertificate = try Self.channel(
+            to: server, presenting: certificates.clientCertificate, key: certificates.clientKey, certificates, loop: loop)
         #expect(await withCertificate.call([7], timeout: .seconds(5)).message == [7])
         let without = try GRPCChannel(target: "127.0.0.1:\(server.port)", configuration: Self.tls(certificates), eventLoop: loop)
         let refused = await without.call([7], timeout: .seconds(5))
@@ -736,12 +744,9 @@ struct TLSTests {
             let server = try Self.server(certificates, loop: loop, clientCA: certificates.intermediateCertificate)
             defer { server.close() }
             // The leaf the intermediate signed, presented as a client certificate with the intermediate after it.
-            let channel = try GRPCChannel(
-                target: "127.0.0.1:\(server.port)",
-                configuration: Self.tls(certificates) {
-                    $0.certificateChainFile = certificates.intermediateServerChain
-                    $0.privateKeyFile = certificates.intermediateServerKey
-                }, eventLoop: loop)
+            let channel = try Self.channel(
+                to: server, presenting: certificates.intermediateServerChain, key: certificates.intermediateServerKey,
+                certificates, loop: loop)
             defer { channel.close() }
             // Before, the server looked for the intermediate's issuer: "unable to get issuer certificate".
             let response = await channel.call([4], timeout: .seconds(5))
