@@ -22,6 +22,17 @@ final class TransportStream: Sendable {
         var cancelExpired = false
         /// When GRPCCore's deadline passes (from `grpc-timeout`, as the call was started), if it set one.
         var deadline: ContinuousClock.Instant?
+        /// The timeout `deadline` was reckoned from.
+        var timeout: Duration?
+    }
+
+    /// How much earlier than `deadline` GRPCCore's own may pass: GRPCCore's one-shot executor computes
+    /// `grpc-timeout` before it spawns the task that calls `withStream`, and on a loaded machine (2 cores, a
+    /// sanitizer) that task can start milliseconds later. A tenth of the timeout, at least 1 ms and at most 100 ms:
+    /// a caller's own cancel that late is counted as the timeout it almost was.
+    static func slack(_ timeout: Duration?) -> Duration {
+        guard let timeout else { return .zero }
+        return min(max(timeout / 10, .milliseconds(1)), .milliseconds(100))
     }
 
     /// How a cancel that GRPCCore's deadline caused ends the call: as the call's own deadline would have, a failure
@@ -87,6 +98,7 @@ final class TransportStream: Sendable {
             if state.cancelled { return false }
             state.starting = true
             state.deadline = timeout.map { self.openedAt + $0 }
+            state.timeout = timeout
             return true
         }
         guard let proceed else {
@@ -166,9 +178,8 @@ final class TransportStream: Sendable {
     func cancel(with status: CallStatus? = nil) {
         if self.buffers.isFinished { return }
         let (handle, starting, expired) = self.state.withLock { state -> (CallHandle?, Bool, Bool) in
-            // A millisecond's slack: the stream was opened a moment after GRPCCore computed its timeout.
             let expired = (status == nil || status?.code == .cancelled)
-                && state.deadline.map { ContinuousClock.now + .milliseconds(1) >= $0 } == true
+                && state.deadline.map { ContinuousClock.now + Self.slack(state.timeout) >= $0 } == true
             if state.starting && !state.cancelled {
                 state.cancelStatus = expired ? Self.deadlineExceeded : status
                 state.cancelExpired = expired
