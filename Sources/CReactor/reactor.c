@@ -254,6 +254,12 @@ int cr_loop_run_once_for(cr_loop *loop, int max_wait_ms) {
         }
         cr_registration *reg = cr_lookup(loop, (int64_t)id);
         if (reg == NULL) continue;  // removed earlier in this turn
+        // Only what it still asks for: a handler earlier in this turn may have paused it (out of epoll) or changed
+        // its interest, and the next turn's epoll_wait would not report the rest either. Errors and hang-ups come
+        // whatever the mask, as epoll reports them, unless the registration is out of epoll.
+        if (reg->interest == 0) continue;
+        bits &= cr_epoll_bits(reg->interest) | EPOLLERR | EPOLLHUP;
+        if (bits == 0) continue;
         uint32_t events = 0;
         if (bits & EPOLLIN) events |= CR_READ;
         if (bits & EPOLLOUT) events |= CR_WRITE;

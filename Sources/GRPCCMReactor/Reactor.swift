@@ -259,20 +259,21 @@ package final class Reactor: @unchecked Sendable {
     /// Asks the loop to stop. Owners registered with `addShutdownHook` close their fds on the reactor thread first.
     /// Safe from any thread, including the reactor thread.
     package func stop() {
-        let stopping = self.life.compareExchange(
-            expected: LifeState.running.rawValue, desired: LifeState.stopping.rawValue, ordering: .acquiringAndReleasing
-        ).exchanged
-        if !stopping {
+        // Running or not yet: whichever it is when the exchange happens (a thread may start it in between, so try
+        // again with what the exchange found). Stopping or stopped already: nothing to do.
+        var from = LifeState.running.rawValue
+        while true {
+            let (exchanged, found) = self.life.compareExchange(
+                expected: from, desired: LifeState.stopping.rawValue, ordering: .acquiringAndReleasing)
+            if exchanged { break }
+            guard found == LifeState.created.rawValue || found == LifeState.running.rawValue else { return }
+            from = found
+        }
+        if from == LifeState.created.rawValue {
             // Never ran: what was submitted still has to end (a call's completion, say). This thread stands in for
             // the loop's for the shutdown, which is safe because no loop thread exists to race with it.
-            let neverRan = self.life.compareExchange(
-                expected: LifeState.created.rawValue, desired: LifeState.stopping.rawValue,
-                ordering: .acquiringAndReleasing
-            ).exchanged
-            if neverRan {
-                self.becomeLoopThread()
-                self.finishShutdown()
-            }
+            self.becomeLoopThread()
+            self.finishShutdown()
             return
         }
         self.inbox.withLock { _ in
@@ -398,6 +399,9 @@ package final class Reactor: @unchecked Sendable {
     package func removeShutdownHook(_ handler: ReactorHandler) {
         self.shutdownHooks.removeValue(forKey: ObjectIdentifier(handler))
     }
+
+    /// Hooks registered (tests: what a closed owner must not leave behind). Reactor thread only.
+    package var shutdownHookCount: Int { self.shutdownHooks.count }
 
     /// True while the loop runs (after `run()`/`start()`, before `stop()`).
     package var isRunning: Bool {

@@ -36,6 +36,10 @@ extension ReactorLoop {
 
     /// Runs `body` once on the loop's thread at `deadline` (right away when it has passed), unless the returned timer
     /// is cancelled first. Safe from any thread.
+    ///
+    /// The loop's timers run on the monotonic clock (`CLOCK_MONOTONIC`, as epoll's timeout does), which stands still
+    /// while the system is suspended; `ContinuousClock` does not. The deadline is taken as the time left until it, so
+    /// a suspension after this call delays the timer by as long as the system slept.
     @discardableResult
     public func scheduleTimer(at deadline: ContinuousClock.Instant, _ body: @escaping @Sendable () -> Void) -> LoopTimer {
         let remaining = ContinuousClock.now.duration(to: deadline)

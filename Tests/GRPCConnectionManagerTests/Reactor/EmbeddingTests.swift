@@ -415,6 +415,47 @@ struct EmbeddingTests {
         _ = timer
     }
 
+    @Test("a registration another handler paused, or switched to writing, earlier in the same turn gets only what it still asks for")
+    func interestChangedEarlierInTheTurn() throws {
+        // Two sockets with a byte to read each: both are in the turn's batch of events, and whichever handler runs
+        // first changes the other's interest to `next` before the other's turn in the batch comes.
+        func firstTurn(switchingTheOtherTo next: LoopInterest) throws -> [(name: String, events: LoopEvents)] {
+            let loop = try ReactorLoop()
+            defer { loop.shutdown() }
+            _ = try loop.runOnce(maxWait: .zero)  // this thread drives the loop
+            let (first, firstPeer) = try #require(streamSocketPair())
+            let (second, secondPeer) = try #require(streamSocketPair())
+            defer { for fd in [first, firstPeer, second, secondPeer] { close(fd) } }
+            var byte: UInt8 = 1
+            #expect(write(firstPeer, &byte, 1) == 1 && write(secondPeer, &byte, 1) == 1)
+            let seen = PThreadLock<[(name: String, events: LoopEvents)]>([])
+            let registrations = PThreadLock<[String: LoopRegistration]>([:])
+            for (name, fd, other) in [("first", first, "second"), ("second", second, "first")] {
+                let registration = try loop.register(fd: fd, interest: .readable) { events in
+                    seen.withLock { $0.append((name, events)) }
+                    _ = try? registrations.withLock { $0[other] }?.setInterest(next)
+                }
+                registrations.withLock { $0[name] = registration }
+            }
+            _ = try loop.runOnce(maxWait: .milliseconds(1000))
+            let turns = [seen.withLock { $0 }]
+            _ = try loop.runOnce(maxWait: .milliseconds(1000))
+            for registration in registrations.withLock({ Array($0.values) }) { registration.deregister() }
+            return turns[0] + [("next turn", [])] + seen.withLock { Array($0.dropFirst(turns[0].count)) }
+        }
+        // Paused: out of epoll, so not called at all (it was, with the readable event epoll had already fetched).
+        let paused = try firstTurn(switchingTheOtherTo: [])
+        let called = paused.map(\.name).filter { $0 != "next turn" }
+        #expect(called.count == 2 && Set(called).count == 1, "only the handler that ran first, in each turn: \(paused)")
+        // Switched to writing: never called with the readable event it no longer asks for; writable from the next turn.
+        let switched = try firstTurn(switchingTheOtherTo: .writable)
+        let first = try #require(switched.first?.name)
+        let other = first == "first" ? "second" : "first"
+        #expect(switched.filter { $0.name == other }.allSatisfy { $0.events == .writable }, "\(switched)")
+        #expect(switched.contains { $0.name == other }, "\(switched)")
+        #expect(switched.firstIndex { $0.name == other }! > switched.firstIndex { $0.name == "next turn" }!)
+    }
+
     @Test("a paused registration (no interest) is not woken by its peer's reset: the loop sleeps")
     func pausedRegistrationSleeps() async throws {
         let loop = try ReactorLoop()

@@ -343,6 +343,25 @@ struct ReactorTests {
         #expect(await eventually(timeout: 5) { finished.load(ordering: .acquiring) }, "stop makes run() return")
         #expect(!reactor.execute {}, "a stopped reactor refuses work")
     }
+
+    @Test("a stop from another thread while run() starts the loop is never lost: every round's loop finishes")
+    func stopRacingTheStart() async throws {
+        // stop() found the loop neither running (not yet) nor created (run() had just taken it): it did nothing, and
+        // stopAndWait waited for ever. The stop lands at a random moment around the runner's start.
+        let rounds = 1_000
+        let finished = Atomic<Int>(0)
+        Thread.detachNewThread {
+            for _ in 0..<rounds {
+                guard let reactor = try? Reactor() else { return }
+                Thread.detachNewThread { reactor.run() }
+                let until = ContinuousClock.now + .microseconds(Int.random(in: 0..<80))
+                while ContinuousClock.now < until {}
+                reactor.stopAndWait()
+                finished.add(1, ordering: .releasing)
+            }
+        }
+        #expect(await eventually(timeout: 60) { finished.load(ordering: .acquiring) == rounds })
+    }
 }
 
 @Suite("Duration in nanoseconds")
