@@ -7,9 +7,9 @@ public struct CallRetryPolicy: Sendable, Hashable {
     public var maxAttempts: Int = 3
     /// Backoff before the first retry. Default 100 ms.
     public var initialBackoff: Duration = .milliseconds(100)
-    /// Growth per retry. Default 2.0.
+    /// Growth per retry. Default 2.0; any finite number above 0 (gRFC A6).
     public var backoffMultiplier: Double = 2.0
-    /// Cap on the backoff. Default 3 s.
+    /// Cap on the backoff. Default 3 s; above 0 (below `initialBackoff`, it caps the first delay too).
     public var maxBackoff: Duration = .seconds(3)
     /// Codes worth another attempt. Default UNAVAILABLE, DEADLINE_EXCEEDED (a per-attempt timeout only; never
     /// past the caller's deadline), RESOURCE_EXHAUSTED, ABORTED.
@@ -28,6 +28,7 @@ public struct CallRetryPolicy: Sendable, Hashable {
         var ceiling = Double(self.initialBackoff.nanoseconds)
         let cap = Double(self.maxBackoff.nanoseconds)
         var step = 1
+        // Stops at the cap, or (a multiplier below 1) at the retry: at most `maxAttempts` steps either way.
         while step < retry && ceiling < cap {
             ceiling *= self.backoffMultiplier
             step += 1
@@ -42,11 +43,13 @@ public struct CallRetryPolicy: Sendable, Hashable {
         if self.initialBackoff <= .zero {
             throw ConfigurationError(field: "\(field).initialBackoff", message: "must be greater than zero")
         }
-        if !(self.backoffMultiplier >= 1) {
-            throw ConfigurationError(field: "\(field).backoffMultiplier", message: "must be at least 1")
+        // gRFC A6's rules (and grpc-go's), so that a retry policy copied from a service config is taken as it is: a
+        // multiplier below 1 shrinks the delays, a cap below the first delay caps it.
+        if !(self.backoffMultiplier > 0) || !self.backoffMultiplier.isFinite {
+            throw ConfigurationError(field: "\(field).backoffMultiplier", message: "must be a finite number greater than zero")
         }
-        if self.maxBackoff < self.initialBackoff {
-            throw ConfigurationError(field: "\(field).maxBackoff", message: "must be at least initialBackoff")
+        if self.maxBackoff <= .zero {
+            throw ConfigurationError(field: "\(field).maxBackoff", message: "must be greater than zero")
         }
         // OK is an answer, never retried. (An empty list is allowed: no code is retried, a method's way to turn
         // retries off.)

@@ -34,12 +34,16 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
         return self.configuration.policy(for: path).perAttemptTimeout
     }
 
-    /// The throttle learns every attempt's outcome (as grpc-go: a failure is charged before its retry is decided).
-    package func attemptEnded(service: String, path: String, status: CallStatus) {
+    /// The throttle learns every attempt's outcome (as grpc-go: a failure is charged before its retry is decided). A
+    /// failure is a retryable code, or any code with the server's "do not retry" pushback (gRFC A6; grpc-go charges
+    /// it whatever the code, as a hedged attempt's is here).
+    package func attemptEnded(service: String, path: String, status: CallStatus, trailers: CallMetadata) {
         guard let throttling = self.configuration.throttling else { return }
         if status.isOK {
             self.recordSuccess(service: service)
-        } else if self.configuration.policy(for: path).retryableCodes.contains(status.code) {
+        } else if self.configuration.policy(for: path).retryableCodes.contains(status.code)
+            || RetryPushback(trailers.values(for: "grpc-retry-pushback-ms")) == .stop
+        {
             self.recordFailure(service: service, throttling)
         }
     }

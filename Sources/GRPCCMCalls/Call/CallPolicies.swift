@@ -32,8 +32,8 @@ package struct CallPermit: Sendable, Hashable {
 package protocol RetryAdvisor: AnyObject {
     /// The deadline of each attempt of `path` (nil: only the call's own).
     func perAttemptTimeout(path: String) -> Duration?
-    /// An attempt ended (the throttle learns from every one).
-    func attemptEnded(service: String, path: String, status: CallStatus)
+    /// An attempt ended (the throttle learns from every one; the trailers may hold the server's pushback).
+    func attemptEnded(service: String, path: String, status: CallStatus, trailers: CallMetadata)
     /// Whether the throttle lets another hedged attempt go out for `service` (gRFC A6: hedging shares the retry
     /// throttle).
     func hedgingAllowed(service: String) -> Bool

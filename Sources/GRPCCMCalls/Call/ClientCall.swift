@@ -618,16 +618,17 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.scheduleDelivery()
     }
 
-    private func reportAttempt(_ status: CallStatus, serverOutcome: Bool = true) {
-        self.withEnvironment { environment in self.reportAttempt(status, environment, serverOutcome: serverOutcome) }
-    }
 
     /// - Parameter serverOutcome: The server's answer (or the network's), which the retry throttle counts; false for an
     ///   attempt this side abandoned. A failure while the channel closes is the closing's, not the server's, either.
-    private func reportAttempt(_ status: CallStatus, _ environment: CallEnvironment, serverOutcome: Bool = true) {
+    private func reportAttempt(
+        _ status: CallStatus, trailers: borrowing CallMetadata = CallMetadata(), _ environment: CallEnvironment,
+        serverOutcome: Bool = true
+    ) {
         // A hedged attempt's outcome is its coordinator's to count: which codes are failures is the hedging policy's.
         if serverOutcome && self.hedgeAttempt == 0 && (status.isOK || !environment.router.isClosing) {
-            environment.policies.retry?.attemptEnded(service: environment.service, path: self.path, status: status)
+            environment.policies.retry?.attemptEnded(
+                service: environment.service, path: self.path, status: status, trailers: trailers)
         }
         environment.bus.publishCallEvent(
             .attemptFinished(
@@ -651,7 +652,10 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
             && !self.withReactor({ $0.isStopping })
         var delay: Duration? = nil
         if !transparent {
-            self.reportAttempt(response.status, serverOutcome: serverOutcome)
+            self.withEnvironment { environment in
+                self.reportAttempt(
+                    response.status, trailers: response.trailingMetadata, environment, serverOutcome: serverOutcome)
+            }
             if retryable, self.hedgeAttempt == 0, self.machine.mayRetryByPolicy, !response.status.isOK,
                 let retry = environment.policies.retry
             {

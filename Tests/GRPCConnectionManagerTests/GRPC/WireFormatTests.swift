@@ -305,8 +305,10 @@ struct TargetParsingTests {
             ("http2.maxHeaderListSize", { $0.http2.maxHeaderListSize = 1 << 32 }),
             ("retry.policy.maxAttempts", { $0.retry.policy.maxAttempts = 11 }),
             ("retry.policy.initialBackoff", { $0.retry.policy.initialBackoff = .zero }),
-            ("retry.policy.backoffMultiplier", { $0.retry.policy.backoffMultiplier = 0.9 }),
-            ("retry.policy.maxBackoff", { $0.retry.policy.maxBackoff = .milliseconds(1) }),
+            ("retry.policy.backoffMultiplier", { $0.retry.policy.backoffMultiplier = 0 }),
+            ("retry.policy.backoffMultiplier", { $0.retry.policy.backoffMultiplier = .nan }),
+            ("retry.policy.backoffMultiplier", { $0.retry.policy.backoffMultiplier = .infinity }),
+            ("retry.policy.maxBackoff", { $0.retry.policy.maxBackoff = .zero }),
             ("retry.policy.perAttemptTimeout", { $0.retry.policy.perAttemptTimeout = .zero }),
             ("retry.policy.perAttemptTimeout", {
                 $0.retry.policy.perAttemptTimeout = .seconds(1)
@@ -385,7 +387,13 @@ struct TargetParsingTests {
         valid.retry.perMethod = ["/pkg.Pay/Charge": CallRetryPolicy(), "pkg.Pay": CallRetryPolicy(), "/pkg.Pay/": CallRetryPolicy()]
         valid.hedging = ["/pkg.Pay/Charge": CallHedgingPolicy(), "pkg.Ship": CallHedgingPolicy(), "/pkg.Mail/": CallHedgingPolicy()]
         valid.retry.throttling?.tokenRatio = 0.001
+        // gRFC A6 takes a retry multiplier below 1 and a cap below the first delay (a service config's, as grpc-go).
+        valid.retry.policy.backoffMultiplier = 0.5
+        valid.retry.policy.maxBackoff = .milliseconds(50)
         #expect(throws: Never.self) { try valid.validate() }
+        #expect(valid.retry.policy.backoff(retry: 1, unit: 0.999_999) < .milliseconds(50), "capped below the first delay")
+        valid.retry.policy.maxBackoff = .seconds(1)
+        #expect(valid.retry.policy.backoff(retry: 3, unit: 0.5) == .milliseconds(12.5), "100 ms x 0.5 x 0.5, half of it")
         for name in ["api.example.com", "::1", "127.0.0.1", "localhost."] {
             var named = Configuration()
             var tls = TLSSettings()

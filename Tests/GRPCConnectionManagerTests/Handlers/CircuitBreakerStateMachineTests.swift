@@ -254,23 +254,29 @@ struct RetryPolicyTests {
         let failed = CallStatus(code: .unavailable, message: "down")
         let path = "/echo.Echo/Unary"
         #expect(retry.throttleTokens(service: "a") == 10_000, "never charged: full")
-        retry.attemptEnded(service: "a", path: path, status: ok)
+        retry.attemptEnded(service: "a", path: path, status: ok, trailers: [:])
         #expect(retry.throttleTokens(service: "a") == 10_000)
         for round in 0..<2 {
             // Drained below half, then refilled to full by successes (0.1 each), twice: the second drain is counted
             // as the first was, and a full throttle stops changing.
-            for _ in 0..<6 { retry.attemptEnded(service: "a", path: path, status: failed) }
+            for _ in 0..<6 { retry.attemptEnded(service: "a", path: path, status: failed, trailers: [:]) }
             #expect(retry.throttleTokens(service: "a") == 4_000, "round \(round)")
-            retry.attemptEnded(service: "b", path: path, status: failed)
-            for _ in 0..<70 { retry.attemptEnded(service: "a", path: path, status: ok) }
+            retry.attemptEnded(service: "b", path: path, status: failed, trailers: [:])
+            for _ in 0..<70 { retry.attemptEnded(service: "a", path: path, status: ok, trailers: [:]) }
             #expect(retry.throttleTokens(service: "a") == 10_000, "round \(round)")
             #expect(retry.throttleTokens(service: "b") == 9_000, "round \(round): a's successes are not b's")
-            for _ in 0..<10 { retry.attemptEnded(service: "b", path: path, status: ok) }
+            for _ in 0..<10 { retry.attemptEnded(service: "b", path: path, status: ok, trailers: [:]) }
             #expect(retry.throttleTokens(service: "b") == 10_000, "round \(round)")
         }
         // A code the policy does not retry charges nothing.
-        retry.attemptEnded(service: "a", path: path, status: CallStatus(code: .invalidArgument, message: ""))
+        let invalid = CallStatus(code: .invalidArgument, message: "")
+        retry.attemptEnded(service: "a", path: path, status: invalid, trailers: [:])
         #expect(retry.throttleTokens(service: "a") == 10_000)
+        // ... unless the server said "do not retry" (gRFC A6 and grpc-go count that as a failure, whatever the code).
+        retry.attemptEnded(service: "a", path: path, status: invalid, trailers: ["grpc-retry-pushback-ms": "-1"])
+        #expect(retry.throttleTokens(service: "a") == 9_000)
+        retry.attemptEnded(service: "a", path: path, status: invalid, trailers: ["grpc-retry-pushback-ms": "10"])
+        #expect(retry.throttleTokens(service: "a") == 9_000, "a pushback with a delay is not a refusal")
     }
 
     @Test(

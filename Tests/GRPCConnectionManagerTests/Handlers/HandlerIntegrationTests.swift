@@ -142,6 +142,25 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("a server's \"do not retry\" pushback costs a throttle token whatever the code, as in grpc-go (gRFC A6)")
+    func refusingPushbackChargesTheThrottle() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, _) = try self.makeManager(fixture)
+        let tokens = { await onReactor(fixture.loop.reactor) { manager.pipeline.retry?.throttleTokens(service: "echo") } }
+        // INTERNAL, which the policy does not retry: alone it costs nothing; with a pushback of -1 it costs a token.
+        let plain = await channel.call([1], metadata: ["x-fail-code": "13"], timeout: .seconds(5))
+        #expect(plain.status.code == .internal)
+        #expect(await tokens() == 10_000)
+        for index in 0..<3 {
+            let refused = await channel.call(
+                [1], metadata: Self.failFirst(1, key: "refused\(index)", code: 13, pushback: "-1"), timeout: .seconds(5))
+            #expect(refused.status.code == .internal)
+        }
+        #expect(await tokens() == 7_000, "one token for each refusal")
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("calls refused because the client's own wait queue is full count for neither the breaker nor the throttle")
     func queueFullIsNotTheServers() async throws {
         var options = EchoServer.Options()
