@@ -14,7 +14,8 @@
 /// resets the stream (PROTOCOL_ERROR) and ends the call INTERNAL with it. The rules, as nghttp2 applied them:
 /// - pseudo-headers: only `:status`, once, three digits and not 101, in the response headers (not trailers),
 ///   before any regular field; the response headers must have one;
-/// - regular fields: a value has no NUL, CR, LF or other control but HTAB, and no space or HTAB at either end; a
+/// - regular fields: a value has no NUL, CR, LF or other control but HTAB (a space or HTAB at either end is let
+///   through, as grpc-go lets it: see `HeaderName.isValidValue`); a
 ///   name with an upper-case letter is malformed, any other name that is not a token is ignored; the
 ///   connection-specific fields (`connection`, `keep-alive`, `proxy-connection`, `transfer-encoding`, `upgrade`)
 ///   and a `te` other than `trailers` are malformed;
@@ -129,7 +130,9 @@ package struct ResponseHead: Sendable {
         // (digits) or matches (`application/grpc`) needs no check of its bytes.
         if HeaderName.equals(name, HeaderName.grpcStatus) {
             if let code = HeaderName.parseInt(value) {
-                self.grpcStatus = code
+                // An unreadable one before it stands (grpc-go ends the call at the first it cannot read), and its
+                // text is then taken out of the metadata with it.
+                if self.grpcStatus != Self.unreadableStatus { self.grpcStatus = code }
                 return true
             }
             guard HeaderName.isValidValue(value) else { return self.malformed("grpc-status \(Self.text(value))") }
@@ -358,8 +361,10 @@ package struct ResponseHead: Sendable {
         }
         if errorCode != 0 { return CallStatus.forRSTStream(errorCode: errorCode) }
         if self.completeBlocks >= 2 || self.trailersOnly {
-            // Trailers came, but without a status: UNKNOWN, as grpc-go and grpc-java read it.
-            return CallStatus(code: .unknown, message: "trailers without grpc-status")
+            // Trailers came, but without a status: UNKNOWN, as grpc-go and grpc-java read it, with the server's
+            // message if it sent one (grpc-go keeps it as the status's).
+            return CallStatus(
+                code: .unknown, message: "trailers without grpc-status" + (self.grpcMessage.map { ": \($0)" } ?? ""))
         }
         return CallStatus(code: .internal, message: "stream ended without grpc-status trailers")
     }

@@ -540,7 +540,12 @@ class Connection:
         elif case == "trailers-without-status":
             self.send_headers(stream_id, ok)
             self.send_data(stream_id, message)
-            self.send_headers(stream_id, [("x-trailer", "v")], end_stream=True)
+            self.send_headers(stream_id, [("x-trailer", "v"), ("grpc-message", "quota exceeded")], end_stream=True)
+            return
+        elif case == "message-ends-with-space":
+            # grpc-go sends a message as it is when it needs no percent-encoding, spaces included.
+            self.send_headers(stream_id, ok + [("x-pad", " v "), ("grpc-status", "5"), ("grpc-message", "invalid name: ")],
+                              end_stream=True)
             return
         elif case == "trailers-only-without-status":
             self.send_headers(stream_id, ok + [("x-trailer", "v")], end_stream=True)
