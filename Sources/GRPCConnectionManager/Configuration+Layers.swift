@@ -69,6 +69,7 @@ extension Configuration {
         settings.resolutionInterval = self.resolutionInterval
         settings.minimumResolutionInterval = self.minimumResolutionInterval
         settings.healthCheckServiceName = self.healthCheckServiceNames[service] ?? self.healthCheckServiceName
+        settings.maxHeaderListSize = self.http2.maxHeaderListSize
         settings.maxConnectionsPerTarget = max(self.maxConnectionsPerTarget ?? self.connectionsPerTarget, self.connectionsPerTarget)
         return settings
     }

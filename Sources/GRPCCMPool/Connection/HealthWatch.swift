@@ -25,7 +25,7 @@ final class HealthWatch: CallRouter, @unchecked Sendable {
     /// Starts watching `serviceName` on `transport`; `report` hears each answer and the end (not after `stop()`).
     init(
         transport: any HTTP2Transport, serviceName: String, reactor: Reactor, service: String,
-        report: @escaping (Report) -> Void
+        maxHeaderListSize: Int, report: @escaping (Report) -> Void
     ) {
         self.transport = transport
         // Loop-thread only: the callbacks run in the deferred phase of this loop, where `report` may be called.
@@ -36,7 +36,7 @@ final class HealthWatch: CallRouter, @unchecked Sendable {
         let environment = CallEnvironment(
             reactor: reactor, service: service, router: self, bus: LocalEventBus(reactor: reactor),
             policies: CallPolicies(admission: nil, retry: nil),
-            maxHeaderListSize: 16 << 10)
+            maxHeaderListSize: maxHeaderListSize)
         // The end comes through the completion (a call's `onFinish` is its channel's wrapping of it).
         let callbacks = StreamingCallbacks(
             onMessage: { [weak self] bytes in

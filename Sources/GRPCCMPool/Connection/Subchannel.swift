@@ -83,6 +83,9 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     /// gRFC A17: the service name whose health each connection watches (`""`: the whole server); nil: off.
     @exclusivity(unchecked)
     package var healthCheckServiceName: String?
+    /// The response header list limit of the Watch's calls, as of every call on the connection.
+    @exclusivity(unchecked)
+    package var maxHeaderListSize = 16 << 10
     @exclusivity(unchecked)
     private var health = Health.unchecked
     @exclusivity(unchecked)
@@ -329,7 +332,8 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         self.health = .waiting
         self.healthSilentWatches += 1
         self.healthWatch = HealthWatch(
-            transport: transport, serviceName: name, reactor: self.reactor, service: self.service
+            transport: transport, serviceName: name, reactor: self.reactor, service: self.service,
+            maxHeaderListSize: self.maxHeaderListSize
         ) { [unowned(unsafe) self] report in
             self.healthReported(report, from: transport)
         }

@@ -25,6 +25,9 @@ package struct PoolSettings: Sendable {
     package var minimumResolutionInterval: Duration = .seconds(1)
     /// gRFC A17: the health-check service name each connection watches (nil: off).
     package var healthCheckServiceName: String? = nil
+    /// The largest response header list a connection takes (the configuration's, which each connection advertises):
+    /// the health Watch's calls take what every other call does.
+    package var maxHeaderListSize: Int = 16 << 10
     /// pick_first tries the next address when an attempt has gone this long without an answer (gRFC A61's
     /// Connection Attempt Delay, RFC 8305's recommended value).
     package var connectionAttemptDelay: Duration = .milliseconds(250)
@@ -471,6 +474,7 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         subchannel.delegate = self
         subchannel.streamDemand = self.streamDemand
         subchannel.healthCheckServiceName = self.shared.value.healthCheckServiceName
+        subchannel.maxHeaderListSize = self.shared.value.maxHeaderListSize
         return subchannel
     }
 

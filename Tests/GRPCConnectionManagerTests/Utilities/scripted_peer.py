@@ -11,7 +11,8 @@ sent ("event sni NAME", "event sni -" for none) and each request's :authority ("
 mode says otherwise:
 
   echo                 nothing else: every stream is echoed
-  headers-bytes N      response headers carry an extra field of N bytes (CONTINUATION frames as needed)
+  headers-bytes N      response headers carry an extra field of N bytes (CONTINUATION frames as needed); the
+                       health Watch's too (SERVING)
   trailers-bytes N     the trailers do
   status CODE          a trailers-only response with grpc-status CODE (any text)
   compressed ENC       grpc-encoding ENC, and the message flagged compressed (but not compressed)
@@ -394,7 +395,12 @@ class Connection:
                                               ("grpc-message", "health service restarting")],
                                   end_stream=True)
             return
-        if MODE == "headers-bytes":
+        if MODE == "headers-bytes" and path == "/grpc.health.v1.Health/Watch":
+            # The health Watch's answer is as big: SERVING, with the same extra field.
+            self.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc"),
+                                          ("x-big", "a" * int(ARGS[0]))])
+            self.send_data(stream_id, grpc_frame(b"\x08\x01"))
+        elif MODE == "headers-bytes":
             self.echo(stream_id, extra_headers=[("x-big", "a" * int(ARGS[0]))])
         elif MODE == "trailers-bytes":
             self.echo(stream_id, extra_trailers=[("x-big", "a" * int(ARGS[0]))])
