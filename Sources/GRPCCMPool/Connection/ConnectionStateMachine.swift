@@ -32,8 +32,9 @@ import GRPCCMWire
 /// - a GOAWAY moves READY (or CONNECTING) to IDLE at once: no new streams there, the old transport drains its
 ///   streams, and a call that waits connects again at once (the server said "go elsewhere", not "fail"). One that
 ///   came before the connection was established sets `automaticReconnectDelay`, the wait of a reconnect nobody
-///   asked for (an eager pool's): a server that sends GOAWAY to every new connection is not redialled at
-///   round-trip speed either;
+///   asked for (an eager pool's); a second in a row, with no connection established between, is a failed attempt
+///   (TRANSIENT_FAILURE and its backoff, the fail-fast calls failed): a server that sends GOAWAY to every new
+///   connection is not redialled at round-trip speed, whoever waits;
 /// - a connection the owner lets go of (`released`: pick_first chose another address), connecting, ready or
 ///   waiting out a backoff, goes back to IDLE and leaves the backoff as it was: nothing failed;
 /// - inputs that make no sense in a state are ignored and return `.none`: the network can cause them.
@@ -58,6 +59,8 @@ package struct ConnectionStateMachine {
     /// How long a reconnect from IDLE that no call asked for should wait: zero, or the backoff's delay after a
     /// GOAWAY that came before the connection was established.
     package private(set) var automaticReconnectDelay: Duration = .zero
+    /// The last connection had a GOAWAY before it was established, and none has been established since.
+    private var lastEndedByEarlyGoAway = false
 
     package init(backoff: Backoff.Configuration) {
         self.backoff = Backoff(backoff)
@@ -111,6 +114,7 @@ package struct ConnectionStateMachine {
     private mutating func established(since: UInt64, now: UInt64) -> Bool {
         guard now &- since >= UInt64(max(self.backoff.configuration.base.nanoseconds, 0)) else { return false }
         self.backoff.reset()
+        self.lastEndedByEarlyGoAway = false
         return true
     }
 
@@ -171,24 +175,41 @@ package struct ConnectionStateMachine {
         case none
         /// Now IDLE: take no new streams on the current transport and let it drain.
         case drain
+        /// The second GOAWAY in a row before a connection was established: let the transport drain, and fail as a
+        /// failed connect does (now TRANSIENT_FAILURE: wait `delay`, then report `backoffElapsed`).
+        case drainAndBackoff(delay: Duration, error: CallStatus)
     }
 
-    /// The server sent GOAWAY at `now`.
-    package mutating func goAwayReceived(randomUnit: Double, now: UInt64) -> OnGoAway {
+    /// The server sent GOAWAY at `now`; `error` says so, for the calls a failure would fail.
+    package mutating func goAwayReceived(_ error: CallStatus, randomUnit: Double, now: UInt64) -> OnGoAway {
         switch self.internalState {
         case .ready(let since):
-            self.internalState = .idle
-            if !self.established(since: since, now: now) {
-                self.automaticReconnectDelay = self.backoff.next(unit: randomUnit)
+            if self.established(since: since, now: now) {
+                self.internalState = .idle
+                return .drain
             }
-            return .drain
+            return self.earlyGoAway(error, randomUnit: randomUnit)
         case .connecting:
-            self.internalState = .idle
-            self.automaticReconnectDelay = self.backoff.next(unit: randomUnit)
-            return .drain
+            return self.earlyGoAway(error, randomUnit: randomUnit)
         case .idle, .transientFailure, .shutdown:
             return .none
         }
+    }
+
+    /// A GOAWAY before the connection was established: the first is the server saying "go elsewhere" (IDLE, a
+    /// waiting call reconnects at once); the second in a row is a server refusing connections.
+    private mutating func earlyGoAway(_ error: CallStatus, randomUnit: Double) -> OnGoAway {
+        let delay = self.backoff.next(unit: randomUnit)
+        guard self.lastEndedByEarlyGoAway else {
+            self.lastEndedByEarlyGoAway = true
+            self.internalState = .idle
+            self.automaticReconnectDelay = delay
+            return .drain
+        }
+        self.internalState = .transientFailure(error)
+        self.lastError = error
+        self.lastAttemptFailed = true
+        return .drainAndBackoff(delay: delay, error: error)
     }
 
     package enum OnReleased: Equatable {
@@ -223,6 +244,7 @@ package struct ConnectionStateMachine {
         guard case .ready = self.internalState else { return .none }
         self.internalState = .idle
         self.backoff.reset()
+        self.lastEndedByEarlyGoAway = false
         return .close
     }
 

@@ -469,8 +469,14 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         self.transport = nil
         self.draining[ObjectIdentifier(transport)] = transport
         let unit = Double.random(in: 0..<1, using: &self.generator)
-        if self.machine.goAwayReceived(randomUnit: unit, now: self.reactor.now) == .drain {
-            self.transition(from: old, reason: CallStatus(code: .unavailable, message: "GOAWAY \(HTTP2ErrorCode.name(errorCode))"))
+        let reason = CallStatus(code: .unavailable, message: "GOAWAY \(HTTP2ErrorCode.name(errorCode))")
+        let refusal = CallStatus(
+            code: .unavailable,
+            message: "GOAWAY \(HTTP2ErrorCode.name(errorCode)) to two new connections in a row, before either was established")
+        switch self.machine.goAwayReceived(refusal, randomUnit: unit, now: self.reactor.now) {
+        case .none: break
+        case .drain: self.transition(from: old, reason: reason)
+        case .drainAndBackoff(let delay, let error): self.handleFailure(.backoff(delay: delay, error: error), old: old)
         }
     }
 

@@ -59,7 +59,7 @@ struct ConnectionStateMachineTests {
             case .becameIdle: return "becameIdle"
             }
         case .goAwayReceived:
-            return machine.goAwayReceived(randomUnit: 0.5, now: Self.later) == .drain ? "drain" : "none"
+            return machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: Self.later) == .drain ? "drain" : "none"
         case .idleTimeoutElapsed:
             return machine.idleTimeoutElapsed() == .close ? "close" : "none"
         case .released:
@@ -237,10 +237,21 @@ struct ConnectionStateMachineTests {
                 #expect(machine.backoffElapsed(callsWaiting: false) == .becameIdle)
                 #expect(machine.automaticReconnectDelay == .zero, "the backoff was waited")
             } else {
-                // GOAWAY: IDLE at once (a waiting call may connect now); only an unasked reconnect waits.
-                #expect(machine.goAwayReceived(randomUnit: 0.5, now: clock) == .drain)
-                #expect(machine.state == .idle)
-                delays.append(machine.automaticReconnectDelay)
+                switch machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: clock) {
+                case .drain:
+                    // The first GOAWAY: IDLE at once (a waiting call may connect now); only an unasked reconnect waits.
+                    #expect(round == 1)
+                    #expect(machine.state == .idle)
+                    delays.append(machine.automaticReconnectDelay)
+                case .drainAndBackoff(let delay, _):
+                    // The second, with no connection established since the first: a failed attempt.
+                    #expect(round == 3)
+                    #expect(machine.state == .transientFailure && machine.lastAttemptFailed)
+                    delays.append(delay)
+                    #expect(machine.backoffElapsed(callsWaiting: false) == .becameIdle)
+                case .none:
+                    Issue.record("GOAWAY ignored in round \(round)")
+                }
             }
             clock += UInt64(delays.last!.nanoseconds)
         }
@@ -252,10 +263,41 @@ struct ConnectionStateMachineTests {
         #expect(machine.connectionLost(Self.failure, randomUnit: 0.5, now: clock + 100_000_000) == .backoff(delay: .zero, error: Self.failure))
         #expect(machine.backoffElapsed(callsWaiting: true) == .connect)
         #expect(machine.connectSucceeded(now: clock) == .becameReady)
-        #expect(machine.goAwayReceived(randomUnit: 0.5, now: clock + 200_000_000) == .drain)
+        #expect(machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: clock + 200_000_000) == .drain)
         #expect(machine.automaticReconnectDelay == .zero)
         _ = machine.connectRequested()
         #expect(machine.connectFailed(Self.failure, randomUnit: 0.5) == .backoff(delay: .milliseconds(100), error: Self.failure))
+    }
+
+    @Test("a GOAWAY before establishment, twice in a row, fails as a connect does, whoever waits; one established between starts over")
+    func earlyGoAwaysInARowFail() {
+        var machine = ConnectionStateMachine(backoff: Self.backoff)
+        var clock: UInt64 = 0
+        /// Connects (a call asks), READY, and a GOAWAY 10 ms later.
+        func connectThenGoAway() -> ConnectionStateMachine.OnGoAway {
+            _ = machine.connectRequested()
+            _ = machine.connectSucceeded(now: clock)
+            clock += 10_000_000
+            return machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: clock)
+        }
+        // A waiting call reconnects at once after the first: nothing held it back from the second before, and a
+        // server that sends GOAWAY to every connection was redialled at round-trip speed while calls waited.
+        #expect(connectThenGoAway() == .drain)
+        #expect(machine.state == .idle && !machine.lastAttemptFailed)
+        #expect(connectThenGoAway() == .drainAndBackoff(delay: .milliseconds(160), error: Self.failure))
+        #expect(machine.state == .transientFailure && machine.lastAttemptFailed && machine.lastError == Self.failure)
+        #expect(machine.backoffElapsed(callsWaiting: true) == .connect)
+        _ = machine.connectSucceeded(now: clock)
+        clock += 10_000_000
+        #expect(machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: clock) == .drainAndBackoff(delay: .milliseconds(256), error: Self.failure))
+        _ = machine.backoffElapsed(callsWaiting: true)
+        // Established (READY for the base delay) and then a GOAWAY: the server moving us on; the count starts over.
+        _ = machine.connectSucceeded(now: clock)
+        clock += 100_000_000
+        #expect(machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: clock) == .drain)
+        #expect(machine.automaticReconnectDelay == .zero)
+        #expect(connectThenGoAway() == .drain)
+        #expect(connectThenGoAway() == .drainAndBackoff(delay: .milliseconds(160), error: Self.failure))
     }
 
     @Test("the backoff resets once a connection is established, and a lost established connection reconnects at once")

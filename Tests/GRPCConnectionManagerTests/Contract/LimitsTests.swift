@@ -745,11 +745,14 @@ struct LimitsTests {
         let subchannel = Subchannel(
             reactor: loop.reactor, address: NetworkAddress(ip: "127.0.0.1", port: 1)!, service: "s", connector: connector,
             bus: bus, connectionIDs: ConnectionIDSource(),
-            backoff: .init(base: .milliseconds(100), multiplier: 1.6, jitter: 0.2, maximum: .seconds(3)),
+            // A base of zero: each connection is established as soon as it is READY, so each GOAWAY leaves the
+            // subchannel IDLE (two in a row before establishment would be a failed attempt, TRANSIENT_FAILURE).
+            backoff: .init(base: .zero, multiplier: 1.6, jitter: 0.2, maximum: .seconds(3)),
             keepAliveTime: .seconds(30), idleTimeout: .zero)
         subchannel.connect()
         for _ in 0..<200 {
             guard let transport = connector.made.last else { break }
+            transport.becomeReady()
             subchannel.transportDraining(transport, errorCode: 0xb, debugData: "too_many_pings")
             subchannel.connect()
         }

@@ -37,6 +37,33 @@ struct MisbehavingPeerTests {
         channel.close()
     }
 
+    @Test(
+        "a server that sends GOAWAY to every new connection: a waiting fail-fast call fails UNAVAILABLE after the second, health checked or not",
+        arguments: [false, true])
+    func goAwayToEveryConnectionFailsWaitingCalls(_ healthChecked: Bool) async throws {
+        // The first GOAWAY sends the call to a new connection at once; the second, with none established between,
+        // is a failed attempt. With health checking the call never had a stream to be refused on: it waited, and
+        // the pool redialled at round-trip speed until the call's deadline.
+        let peer = try ScriptedPeer("goaway-after-settings")
+        defer { peer.stop() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.enableRetry = false
+        if healthChecked { configuration.healthCheckServiceName = "" }
+        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+        let response = await channel.call([1], timeout: .seconds(5))
+        #expect(response.status.code == .unavailable, "\(response.status)")
+        // Health checked, the failed attempt fails it, saying why; otherwise its stream's second refusal does.
+        let why = healthChecked ? "GOAWAY NO_ERROR to two new connections in a row" : "REFUSED_STREAM"
+        #expect(response.status.message.contains(why), "\(response.status)")
+        let accepted = peer.events.filter { $0 == "accepted" }.count
+        #expect(accepted <= 3, "\(accepted) connections for one call")
+        channel.close()
+    }
+
     @Test("a connection nghttp2 ends over the server's input says why, not \"closed by the server\"")
     func protocolErrorIsNamed() async throws {
         let peer = try ScriptedPeer("enable-push")
