@@ -310,12 +310,17 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         self.transition(from: old, reason: error)
     }
 
-    private func armIdleTimer() {
+    /// Arms the idle timer for when the connection will have gone the idle timeout without a call: that long after
+    /// its last stream ended (or it became ready); while calls are open (`busy`), that long from now, since the end
+    /// of each stamps the time again. (From now in every case, a connection whose call ended just after the timer
+    /// was armed went idle only after twice the timeout.)
+    private func armIdleTimer(busy: Bool = false) {
         guard self.idleTimeout > .zero else { return }
         if self.idleTimer != 0 { self.reactor.cancelTimer(self.idleTimer) }
-        let base = self.transport?.lastStreamActivity ?? self.reactor.now
-        self.idleTimer = self.reactor.scheduleTimer(
-            at: max(base, self.reactor.now) &+ UInt64(self.idleTimeout.nanoseconds), handler: self, tag: TimerTag.idle)
+        let now = self.reactor.now
+        let timeout = UInt64(self.idleTimeout.nanoseconds)
+        let due = busy ? now &+ timeout : max((self.transport?.lastStreamActivity ?? now) &+ timeout, now)
+        self.idleTimer = self.reactor.scheduleTimer(at: due, handler: self, tag: TimerTag.idle)
     }
 
     private func cancelTimers() {
@@ -418,7 +423,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
             // The health watch's own stream does not keep a connection busy.
             let calls = transport.openStreamCount - (self.healthWatch == nil ? 0 : 1)
             if calls > 0 || idleFor < UInt64(self.idleTimeout.nanoseconds) {
-                self.armIdleTimer()
+                self.armIdleTimer(busy: calls > 0)
                 return
             }
             let old = self.state

@@ -202,6 +202,28 @@ struct LifecycleTests {
         #expect(recorder.transitions.prefix(5) == ["IDLE>CONNECTING", "CONNECTING>READY", "READY>IDLE", "IDLE>CONNECTING", "CONNECTING>READY"])
     }
 
+    @Test("the idle timeout counts from the last call's end, not from when the timer was armed")
+    func idleTimeoutFromTheLastCall() async throws {
+        // The timer is armed when the connection becomes ready; a call that ends just after made it re-arm a whole
+        // timeout from when it fired, and the connection went idle almost two timeouts after its last call.
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        var configuration = Self.fastConfiguration()
+        configuration.idleTimeout = .seconds(1)
+        let channel = try fixture.channel(configuration)
+        let wentIdle = PThreadLock<ContinuousClock.Instant?>(nil)
+        channel.events.subscribe {
+            if case .connectivityStateChanged(_, _, .ready, .idle, _) = $0 { wentIdle.withLock { $0 = $0 ?? .now } }
+        }
+        // The call takes 400 ms: the timer armed at READY fires 600 ms after it ended.
+        #expect(await channel.call([1], metadata: ["x-sleep-ms": "400"], timeout: .seconds(5)).status == .ok)
+        let lastCallEnded = ContinuousClock.now
+        #expect(await eventually { wentIdle.withLock { $0 } != nil })
+        let idleAfter = try #require(wentIdle.withLock { $0 }) - lastCallEnded
+        // 1 s; it was 1.6 s (the timer re-armed a whole timeout from when it fired).
+        #expect(idleAfter >= .milliseconds(950) && idleAfter < .milliseconds(1400), "idle \(idleAfter) after the last call")
+    }
+
     @Test("wait-for-ready waits for the server to come up; fail-fast fails at once with the connect error")
     func waitForReady() async throws {
         let loop = try ReactorLoop()

@@ -36,7 +36,8 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
     }
     var availableStreams: Int { self.isReady ? max(0, self.streamLimit - self.streams.count) : 0 }
     var openStreamCount: Int { self.streams.count }
-    var lastStreamActivity: UInt64 { 0 }
+    /// Stamped when it becomes ready, as the real one is.
+    private(set) var lastStreamActivity: UInt64 = 0
 
     func openStream(_ head: inout RequestHead, handler: HTTP2StreamHandler) -> OpenStreamResult {
         guard self.availableStreams > 0 else { return .tryElsewhere }
@@ -73,6 +74,7 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
     /// The server's SETTINGS arrived.
     func becomeReady() {
         self.isReady = true
+        self.lastStreamActivity = Reactor.clock()
         self.delegate?.transportReady(self)
     }
 
