@@ -604,6 +604,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
             }
             self.schedulePeriodicResolution()
             self.failWaitingFailFast()
+            // Wait-for-ready calls wait for an address: asked again as after a failure (the periodic lookup may be
+            // far off, or off).
+            if !self.queue.isEmpty { self.scheduleResolveRetry() }
         case .success(let addresses):
             self.resolutionError = nil
             // A pool already in use connects an address that joins at once (so that round_robin and least-loaded
@@ -771,6 +774,8 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     /// Connects every IDLE subchannel (used when a service is registered, so that health reports READY early).
     package func connectAll() {
+        // Closed: nothing to connect (a `connect()` on a closed channel, a manager's lookup racing its close).
+        guard !self.closed else { return }
         // Its connections are made before any call: a stopping loop must shut them down through this pool too (their
         // subchannels' SHUTDOWN, not a connection's close, is what the metrics' state gauge ends on).
         self.hookShutdown()
@@ -782,7 +787,9 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
 
     /// Closes with the loop if it stops first (once a call or `connectAll` gave this pool something to end).
     private func hookShutdown() {
-        guard !self.hooked else { return }
+        // Not once closed: the call it would be for is refused, and the hook would keep the closed pool (and its
+        // subchannels and resolver) until the loop stops.
+        guard !self.hooked, !self.closed else { return }
         self.hooked = true
         self.reactor.addShutdownHook(self)
     }

@@ -509,6 +509,40 @@ struct PoolTests {
         #expect(rig.status(21) == nil, "a wait-for-ready call waits for the next lookup")
     }
 
+    @Test("an answer with no address, with a wait-for-ready call waiting, is asked again after resolveRetryDelay, as a failure is")
+    func emptyAnswerAskedAgain() throws {
+        // Asked again only by the periodic resolution before (or, with it off, by the next call routed): the
+        // waiting call waited until its deadline though the name had addresses again.
+        let resolver = HeldResolver()
+        let rig = try Rig(target: "name.test:1", resolver: resolver, minimumResolutionInterval: .zero)
+        defer { rig.finish() }
+        rig.call(1, waitForReady: true)
+        resolver.answer(.success([]))
+        #expect(rig.reactor.timerCount == 2, "the periodic resolution and the retry of the lookup")
+        for _ in 0..<200 where resolver.lookups < 2 { _ = try rig.reactor.runOnce(maxWaitMilliseconds: 20) }
+        #expect(resolver.lookups == 2, "asked again after resolveRetryDelay (1 s)")
+        resolver.answer(.success([NetworkAddress(ip: "127.0.0.1", port: 1)!]))
+        #expect(rig.connector.made.count == 1, "the waiting call connects to the address that came back")
+        #expect(rig.status(1) == nil)
+    }
+
+    @Test("a closed pool neither dials nor hooks itself to the loop again: not for connectAll, not for a call")
+    func closedPoolStaysClosed() throws {
+        let rig = try Rig()
+        defer { rig.finish() }
+        rig.call(1)
+        #expect(rig.reactor.shutdownHookCount == 1)
+        rig.pool.close(graceful: false)
+        #expect(rig.reactor.shutdownHookCount == 0)
+        // The hook kept the closed pool, its subchannels and resolver alive until the loop stopped.
+        rig.pool.connectAll()
+        rig.call(2)
+        rig.endTurn()
+        #expect(rig.status(2)?.code == .unavailable)
+        #expect(rig.reactor.shutdownHookCount == 0)
+        #expect(rig.connector.made.count == 1, "no new connection")
+    }
+
     @Test("connecting a pool again while its name does not resolve asks at most once per minimumResolutionInterval")
     func connectAllRespectsTheMinimumInterval() throws {
         let resolver = HeldResolver()
