@@ -28,8 +28,9 @@ public struct CallRetryPolicy: Sendable, Hashable {
         var ceiling = Double(self.initialBackoff.nanoseconds)
         let cap = Double(self.maxBackoff.nanoseconds)
         var step = 1
-        // Stops at the cap, or (a multiplier below 1) at the retry: at most `maxAttempts` steps either way.
-        while step < retry && ceiling < cap {
+        // At most `maxAttempts` steps; a growing one may stop at the cap (it stays there), a shrinking one may not
+        // (a cap below the first delay must not keep it from shrinking under the cap).
+        while step < retry && (ceiling < cap || self.backoffMultiplier < 1) {
             ceiling *= self.backoffMultiplier
             step += 1
         }

@@ -394,6 +394,13 @@ struct TargetParsingTests {
         #expect(valid.retry.policy.backoff(retry: 1, unit: 0.999_999) < .milliseconds(50), "capped below the first delay")
         valid.retry.policy.maxBackoff = .seconds(1)
         #expect(valid.retry.policy.backoff(retry: 3, unit: 0.5) == .milliseconds(12.5), "100 ms x 0.5 x 0.5, half of it")
+        // Both at once: the delays shrink under a cap below the first (grpc-go: min(1 s x 0.25, 500 ms)).
+        var shrinking = CallRetryPolicy()
+        shrinking.initialBackoff = .seconds(1)
+        shrinking.backoffMultiplier = 0.5
+        shrinking.maxBackoff = .milliseconds(500)
+        #expect(shrinking.backoff(retry: 1, unit: 0.5) == .milliseconds(250))
+        #expect(shrinking.backoff(retry: 3, unit: 0.5) == .milliseconds(125))
         for name in ["api.example.com", "::1", "127.0.0.1", "localhost."] {
             var named = Configuration()
             var tls = TLSSettings()
