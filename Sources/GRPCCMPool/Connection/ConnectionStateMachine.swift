@@ -32,8 +32,8 @@ import GRPCCMWire
 /// - a GOAWAY moves READY (or CONNECTING) to IDLE at once: no new streams there, the old transport drains its
 ///   streams, and a call that waits connects again at once (the server said "go elsewhere", not "fail"). One that
 ///   came before the connection was established sets `automaticReconnectDelay`, the wait of a reconnect nobody
-///   asked for (an eager pool's); a second in a row, with no connection established between, is a failed attempt
-///   (TRANSIENT_FAILURE and its backoff, the fail-fast calls failed): a server that sends GOAWAY to every new
+///   asked for (an eager pool's); a second refusal (last stream id 0) in a row, with no connection established
+///   between, is a failed attempt (TRANSIENT_FAILURE and its backoff): a server that sends GOAWAY to every new
 ///   connection is not redialled at round-trip speed, whoever waits;
 /// - a connection the owner lets go of (`released`: pick_first chose another address), connecting, ready or
 ///   waiting out a backoff, goes back to IDLE and leaves the backoff as it was: nothing failed;
@@ -59,8 +59,9 @@ package struct ConnectionStateMachine {
     /// How long a reconnect from IDLE that no call asked for should wait: zero, or the backoff's delay after a
     /// GOAWAY that came before the connection was established.
     package private(set) var automaticReconnectDelay: Duration = .zero
-    /// The last connection had a GOAWAY before it was established, and none has been established since.
-    private var lastEndedByEarlyGoAway = false
+    /// When (monotonic ns) the last connection was refused by a GOAWAY before it was established, none having been
+    /// established since; nil otherwise.
+    private var lastEarlyRefusalAt: UInt64?
 
     package init(backoff: Backoff.Configuration) {
         self.backoff = Backoff(backoff)
@@ -114,7 +115,7 @@ package struct ConnectionStateMachine {
     private mutating func established(since: UInt64, now: UInt64) -> Bool {
         guard now &- since >= UInt64(max(self.backoff.configuration.base.nanoseconds, 0)) else { return false }
         self.backoff.reset()
-        self.lastEndedByEarlyGoAway = false
+        self.lastEarlyRefusalAt = nil
         return true
     }
 
@@ -180,28 +181,33 @@ package struct ConnectionStateMachine {
         case drainAndBackoff(delay: Duration, error: CallStatus)
     }
 
-    /// The server sent GOAWAY at `now`; `error` says so, for the calls a failure would fail.
-    package mutating func goAwayReceived(_ error: CallStatus, randomUnit: Double, now: UInt64) -> OnGoAway {
+    /// The server sent GOAWAY at `now`; `refused`: it processed none of the connection's streams (last stream id
+    /// 0); `error` says so, for the calls a failure would fail.
+    package mutating func goAwayReceived(_ error: CallStatus, refused: Bool, randomUnit: Double, now: UInt64) -> OnGoAway {
         switch self.internalState {
         case .ready(let since):
             if self.established(since: since, now: now) {
                 self.internalState = .idle
                 return .drain
             }
-            return self.earlyGoAway(error, randomUnit: randomUnit)
+            return self.earlyGoAway(error, refused: refused, randomUnit: randomUnit, now: now)
         case .connecting:
-            return self.earlyGoAway(error, randomUnit: randomUnit)
+            return self.earlyGoAway(error, refused: refused, randomUnit: randomUnit, now: now)
         case .idle, .transientFailure, .shutdown:
             return .none
         }
     }
 
-    /// A GOAWAY before the connection was established: the first is the server saying "go elsewhere" (IDLE, a
-    /// waiting call reconnects at once); the second in a row is a server refusing connections.
-    private mutating func earlyGoAway(_ error: CallStatus, randomUnit: Double) -> OnGoAway {
+    /// A GOAWAY before the connection was established. The server saying "go elsewhere" (IDLE, a waiting call
+    /// reconnects at once) the first time, or whenever it took streams (a proxy that ends each connection after so
+    /// many requests may do that within the base delay at a high rate); a second refusal in a row (within twice the
+    /// backoff's cap of the first: a refusal hours ago says nothing now) is a server refusing connections.
+    private mutating func earlyGoAway(_ error: CallStatus, refused: Bool, randomUnit: Double, now: UInt64) -> OnGoAway {
         let delay = self.backoff.next(unit: randomUnit)
-        guard self.lastEndedByEarlyGoAway else {
-            self.lastEndedByEarlyGoAway = true
+        let window = UInt64(max(self.backoff.configuration.maximum.nanoseconds, 0)) &* 2
+        let inARow = refused && self.lastEarlyRefusalAt.map { now &- $0 <= window } == true
+        guard inARow else {
+            self.lastEarlyRefusalAt = refused ? now : nil
             self.internalState = .idle
             self.automaticReconnectDelay = delay
             return .drain
@@ -226,6 +232,7 @@ package struct ConnectionStateMachine {
             self.internalState = .idle
             // Its next attempt starts a new pass (gRFC A62: CONNECTING, not a failure carried over).
             self.lastAttemptFailed = false
+            self.lastEarlyRefusalAt = nil
             return .close
         case .idle, .shutdown:
             return .none
@@ -244,7 +251,7 @@ package struct ConnectionStateMachine {
         guard case .ready = self.internalState else { return .none }
         self.internalState = .idle
         self.backoff.reset()
-        self.lastEndedByEarlyGoAway = false
+        self.lastEarlyRefusalAt = nil
         return .close
     }
 

@@ -295,7 +295,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
                 service: self.service, connectionID: self.currentConnectionID, from: old, to: new, reason: reason))
         // Armed once READY, not again at each change of health while READY (a watch restarted every few seconds
         // would have kept it from ever firing); when it fires, it measures from the last call's activity.
-        if self.machine.state == .ready && self.idleTimer == 0 { self.armIdleTimer() }
+        if self.machine.state == .ready && self.idleTimer == 0 { self.armIdleTimer(fromNow: true) }
         if self.machine.state != .ready && self.idleTimer != 0 {
             self.reactor.cancelTimer(self.idleTimer)
             self.idleTimer = 0
@@ -311,15 +311,16 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
     }
 
     /// Arms the idle timer for when the connection will have gone the idle timeout without a call: that long after
-    /// its last stream ended (or it became ready); while calls are open (`busy`), that long from now, since the end
-    /// of each stamps the time again. (From now in every case, a connection whose call ended just after the timer
+    /// its last stream ended; or that long from now (`fromNow`) when it has just become usable (READY, and serving
+    /// once its health check answered, which may have taken longer than the timeout) or calls are open (the end of
+    /// each stamps the time again). (From now in every case, a connection whose call ended just after the timer
     /// was armed went idle only after twice the timeout.)
-    private func armIdleTimer(busy: Bool = false) {
+    private func armIdleTimer(fromNow: Bool) {
         guard self.idleTimeout > .zero else { return }
         if self.idleTimer != 0 { self.reactor.cancelTimer(self.idleTimer) }
         let now = self.reactor.now
         let timeout = UInt64(self.idleTimeout.nanoseconds)
-        let due = busy ? now &+ timeout : max((self.transport?.lastStreamActivity ?? now) &+ timeout, now)
+        let due = fromNow ? now &+ timeout : max((self.transport?.lastStreamActivity ?? now) &+ timeout, now)
         self.idleTimer = self.reactor.scheduleTimer(at: due, handler: self, tag: TimerTag.idle)
     }
 
@@ -423,7 +424,7 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
             // The health watch's own stream does not keep a connection busy.
             let calls = transport.openStreamCount - (self.healthWatch == nil ? 0 : 1)
             if calls > 0 || idleFor < UInt64(self.idleTimeout.nanoseconds) {
-                self.armIdleTimer(busy: calls > 0)
+                self.armIdleTimer(fromNow: calls > 0)
                 return
             }
             let old = self.state
@@ -455,7 +456,9 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
                 service: self.service, connectionID: transport.id, error: CallStatus(code: .unavailable, message: reason)))
     }
 
-    package func transportDraining(_ transport: any HTTP2Transport, errorCode: UInt32, debugData: String) {
+    package func transportDraining(
+        _ transport: any HTTP2Transport, errorCode: UInt32, debugData: String, tookStreams: Bool
+    ) {
         let tooManyPings = errorCode == 0xb && debugData == "too_many_pings"
         if tooManyPings {
             let doubled = min(transport.keepAliveTime * 2, Self.maximumKeepAliveTime)
@@ -478,10 +481,16 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         let refusal = CallStatus(
             code: .unavailable,
             message: "GOAWAY \(HTTP2ErrorCode.name(errorCode)) to two new connections in a row, before either was established")
-        switch self.machine.goAwayReceived(refusal, randomUnit: unit, now: self.reactor.now) {
+        switch self.machine.goAwayReceived(refusal, refused: !tookStreams, randomUnit: unit, now: self.reactor.now) {
         case .none: break
         case .drain: self.transition(from: old, reason: reason)
-        case .drainAndBackoff(let delay, let error): self.handleFailure(.backoff(delay: delay, error: error), old: old)
+        case .drainAndBackoff(let delay, let error):
+            // Reported as a connect that failed, which is what it was.
+            self.bus.publish(
+                .connectAttemptFailed(
+                    service: self.service, connectionID: transport.id, address: self.address, error: error,
+                    backoff: delay))
+            self.handleFailure(.backoff(delay: delay, error: error), old: old)
         }
     }
 

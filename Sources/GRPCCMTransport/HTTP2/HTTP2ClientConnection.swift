@@ -587,13 +587,13 @@ package final class HTTP2ClientConnection: ReactorHandler, HTTP2Transport, HTTP2
         self.goAwayDetail = "GOAWAY \(HTTP2ErrorCode.name(errorCode))" + (debugData.isEmpty ? "" : " (\(debugData))")
         self.socket?.closeDetail = self.goAwayDetail
         // Streams above lastStreamID are closed by nghttp2 with REFUSED_STREAM; the rest finish.
-        self.startDraining(errorCode: errorCode, debugData: debugData)
+        self.startDraining(errorCode: errorCode, debugData: debugData, tookStreams: lastStreamID > 0)
     }
 
-    private func startDraining(errorCode: UInt32, debugData: String) {
+    private func startDraining(errorCode: UInt32, debugData: String, tookStreams: Bool = true) {
         guard self.state == .ready || self.state == .connecting else { return }
         self.state = .draining
-        self.delegate?.transportDraining(self, errorCode: errorCode, debugData: debugData)
+        self.delegate?.transportDraining(self, errorCode: errorCode, debugData: debugData, tookStreams: tookStreams)
         self.socket?.scheduleFlush()
     }
 

@@ -50,8 +50,10 @@ package protocol HTTP2TransportDelegate: AnyObject {
     /// The server's SETTINGS arrived: the connection takes streams.
     func transportReady(_ transport: any HTTP2Transport)
     /// No new streams here any more: the server sent GOAWAY (`errorCode`, `debugData`), or the stream ids ran out.
-    /// Open streams finish; streams the server never processed close with REFUSED_STREAM.
-    func transportDraining(_ transport: any HTTP2Transport, errorCode: UInt32, debugData: String)
+    /// Open streams finish; streams the server never processed close with REFUSED_STREAM. `tookStreams`: the server
+    /// processed some of this connection's streams (the GOAWAY's last stream id is not 0; always, for stream ids
+    /// that ran out): it served, rather than refused, the connection.
+    func transportDraining(_ transport: any HTTP2Transport, errorCode: UInt32, debugData: String, tookStreams: Bool)
     /// A stream closed, or the server raised its stream limit: `availableStreams` may have grown.
     func transportHasCapacity(_ transport: any HTTP2Transport)
     /// The connection is gone (its open streams have failed with `reason`). `wasReady`: it had been READY;

@@ -59,7 +59,7 @@ struct ConnectionStateMachineTests {
             case .becameIdle: return "becameIdle"
             }
         case .goAwayReceived:
-            return machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: Self.later) == .drain ? "drain" : "none"
+            return machine.goAwayReceived(Self.failure, refused: true, randomUnit: 0.5, now: Self.later) == .drain ? "drain" : "none"
         case .idleTimeoutElapsed:
             return machine.idleTimeoutElapsed() == .close ? "close" : "none"
         case .released:
@@ -237,7 +237,7 @@ struct ConnectionStateMachineTests {
                 #expect(machine.backoffElapsed(callsWaiting: false) == .becameIdle)
                 #expect(machine.automaticReconnectDelay == .zero, "the backoff was waited")
             } else {
-                switch machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: clock) {
+                switch machine.goAwayReceived(Self.failure, refused: true, randomUnit: 0.5, now: clock) {
                 case .drain:
                     // The first GOAWAY: IDLE at once (a waiting call may connect now); only an unasked reconnect waits.
                     #expect(round == 1)
@@ -263,7 +263,7 @@ struct ConnectionStateMachineTests {
         #expect(machine.connectionLost(Self.failure, randomUnit: 0.5, now: clock + 100_000_000) == .backoff(delay: .zero, error: Self.failure))
         #expect(machine.backoffElapsed(callsWaiting: true) == .connect)
         #expect(machine.connectSucceeded(now: clock) == .becameReady)
-        #expect(machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: clock + 200_000_000) == .drain)
+        #expect(machine.goAwayReceived(Self.failure, refused: true, randomUnit: 0.5, now: clock + 200_000_000) == .drain)
         #expect(machine.automaticReconnectDelay == .zero)
         _ = machine.connectRequested()
         #expect(machine.connectFailed(Self.failure, randomUnit: 0.5) == .backoff(delay: .milliseconds(100), error: Self.failure))
@@ -278,7 +278,7 @@ struct ConnectionStateMachineTests {
             _ = machine.connectRequested()
             _ = machine.connectSucceeded(now: clock)
             clock += 10_000_000
-            return machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: clock)
+            return machine.goAwayReceived(Self.failure, refused: true, randomUnit: 0.5, now: clock)
         }
         // A waiting call reconnects at once after the first: nothing held it back from the second before, and a
         // server that sends GOAWAY to every connection was redialled at round-trip speed while calls waited.
@@ -289,15 +289,45 @@ struct ConnectionStateMachineTests {
         #expect(machine.backoffElapsed(callsWaiting: true) == .connect)
         _ = machine.connectSucceeded(now: clock)
         clock += 10_000_000
-        #expect(machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: clock) == .drainAndBackoff(delay: .milliseconds(256), error: Self.failure))
+        #expect(machine.goAwayReceived(Self.failure, refused: true, randomUnit: 0.5, now: clock) == .drainAndBackoff(delay: .milliseconds(256), error: Self.failure))
         _ = machine.backoffElapsed(callsWaiting: true)
         // Established (READY for the base delay) and then a GOAWAY: the server moving us on; the count starts over.
         _ = machine.connectSucceeded(now: clock)
         clock += 100_000_000
-        #expect(machine.goAwayReceived(Self.failure, randomUnit: 0.5, now: clock) == .drain)
+        #expect(machine.goAwayReceived(Self.failure, refused: true, randomUnit: 0.5, now: clock) == .drain)
         #expect(machine.automaticReconnectDelay == .zero)
         #expect(connectThenGoAway() == .drain)
         #expect(connectThenGoAway() == .drainAndBackoff(delay: .milliseconds(160), error: Self.failure))
+        _ = machine.backoffElapsed(callsWaiting: true)
+
+        // A GOAWAY after the server took streams is not a refusal, however soon: a proxy that ends each connection
+        // after so many requests, at a high rate, is served, not refused.
+        var served = ConnectionStateMachine(backoff: Self.backoff)
+        for round in 0..<5 {
+            _ = served.connectRequested()
+            _ = served.connectSucceeded(now: clock)
+            clock += 10_000_000
+            #expect(served.goAwayReceived(Self.failure, refused: false, randomUnit: 0.5, now: clock) == .drain, "\(round)")
+        }
+        // Two refusals further apart than twice the backoff's cap (3 s) are not in a row; nor are two with the
+        // connection let go of between (pick_first chose another address).
+        var apart = ConnectionStateMachine(backoff: Self.backoff)
+        for round in 0..<2 {
+            _ = apart.connectRequested()
+            _ = apart.connectSucceeded(now: clock)
+            clock += 10_000_000
+            #expect(apart.goAwayReceived(Self.failure, refused: true, randomUnit: 0.5, now: clock) == .drain)
+            if round == 0 { clock += 6_000_000_001 }
+        }
+        _ = apart.connectRequested()
+        _ = apart.connectSucceeded(now: clock)
+        #expect(apart.goAwayReceived(Self.failure, refused: true, randomUnit: 0.5, now: clock) == .drainAndBackoff(delay: .milliseconds(256), error: Self.failure), "the third, at once: in a row")
+        _ = apart.backoffElapsed(callsWaiting: true)
+        _ = apart.connectSucceeded(now: clock)
+        #expect(apart.released() == .close)
+        _ = apart.connectRequested()
+        _ = apart.connectSucceeded(now: clock)
+        #expect(apart.goAwayReceived(Self.failure, refused: true, randomUnit: 0.5, now: clock) == .drain)
     }
 
     @Test("the backoff resets once a connection is established, and a lost established connection reconnects at once")

@@ -66,7 +66,7 @@ struct StreamHandlerLifetimeTests {
         let journal: Journal
         init(journal: Journal) { self.journal = journal }
         func transportReady(_ transport: any HTTP2Transport) { self.journal.entries.append("ready") }
-        func transportDraining(_ transport: any HTTP2Transport, errorCode: UInt32, debugData: String) {}
+        func transportDraining(_ transport: any HTTP2Transport, errorCode: UInt32, debugData: String, tookStreams: Bool) {}
         func transportHasCapacity(_ transport: any HTTP2Transport) {}
         func transportClosed(_ transport: any HTTP2Transport, reason: CallStatus, wasReady: Bool, keepaliveTimedOut: Bool) {
             self.journal.entries.append("connection closed")

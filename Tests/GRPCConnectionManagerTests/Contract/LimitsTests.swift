@@ -745,15 +745,14 @@ struct LimitsTests {
         let subchannel = Subchannel(
             reactor: loop.reactor, address: NetworkAddress(ip: "127.0.0.1", port: 1)!, service: "s", connector: connector,
             bus: bus, connectionIDs: ConnectionIDSource(),
-            // A base of zero: each connection is established as soon as it is READY, so each GOAWAY leaves the
-            // subchannel IDLE (two in a row before establishment would be a failed attempt, TRANSIENT_FAILURE).
-            backoff: .init(base: .zero, multiplier: 1.6, jitter: 0.2, maximum: .seconds(3)),
+            backoff: .init(base: .milliseconds(100), multiplier: 1.6, jitter: 0.2, maximum: .seconds(3)),
             keepAliveTime: .seconds(30), idleTimeout: .zero)
         subchannel.connect()
         for _ in 0..<200 {
             guard let transport = connector.made.last else { break }
-            transport.becomeReady()
-            subchannel.transportDraining(transport, errorCode: 0xb, debugData: "too_many_pings")
+            // The server took the connection's streams: each GOAWAY leaves it IDLE (two refusals in a row before it
+            // was established would be a failed attempt, TRANSIENT_FAILURE).
+            subchannel.transportDraining(transport, errorCode: 0xb, debugData: "too_many_pings", tookStreams: true)
             subchannel.connect()
         }
         #expect(subchannel.keepAliveTime == Subchannel.maximumKeepAliveTime)

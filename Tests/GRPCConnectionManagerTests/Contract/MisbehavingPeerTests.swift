@@ -52,6 +52,8 @@ struct MisbehavingPeerTests {
         var configuration = Configuration()
         configuration.enableCircuitBreaker = false
         configuration.enableRetry = false
+        // Established only after a second READY: the GOAWAY (after our SETTINGS ACK) is early on a loaded machine too.
+        configuration.reconnectBackoff.initial = .seconds(1)
         if healthChecked { configuration.healthCheckServiceName = "" }
         let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
         let response = await channel.call([1], timeout: .seconds(5))

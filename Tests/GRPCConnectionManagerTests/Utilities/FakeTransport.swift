@@ -78,10 +78,11 @@ final class FakeTransport: HTTP2Transport, @unchecked Sendable {
         self.delegate?.transportReady(self)
     }
 
-    /// The server sent GOAWAY (NO_ERROR unless said): no new streams here.
-    func goAway(errorCode: UInt32 = 0, debugData: String = "") {
+    /// The server sent GOAWAY (NO_ERROR unless said): no new streams here. `lastStreamID` 0 (the default): it
+    /// processed none of this connection's streams.
+    func goAway(errorCode: UInt32 = 0, debugData: String = "", lastStreamID: Int32 = 0) {
         self.isReady = false
-        self.delegate?.transportDraining(self, errorCode: errorCode, debugData: debugData)
+        self.delegate?.transportDraining(self, errorCode: errorCode, debugData: debugData, tookStreams: lastStreamID > 0)
     }
 
     /// The connection attempt failed.
