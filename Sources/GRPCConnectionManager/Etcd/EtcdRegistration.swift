@@ -176,13 +176,20 @@ public final class EtcdRegistration: Sendable {
     }
 
     /// Revokes the lease, and the key with it unless a registration of the same address has put it since (it is
-    /// that one's now); the keepalive stops. Idempotent.
+    /// that one's now); the keepalive stops. Idempotent. Done from a cancelled task too (a server's task tree being
+    /// cancelled as it shuts down): the revoke is cleanup, not the caller's to cancel.
     public func deregister() async {
         let (stream, timer, renewal, wasStopped) = self.state.withLock { state in
             defer { state.stopped = true }
             return (state.stream, state.timer, state.renewal, state.stopped)
         }
         guard !wasStopped else { return }
+        // In a task of its own, which the caller's cancellation does not reach: inherited, it cancelled the revoke
+        // as it was sent, the key stayed for the lease's TTL, and a second deregister() did nothing.
+        await Task { await self.revoke(stream: stream, timer: timer, renewal: renewal) }.value
+    }
+
+    private func revoke(stream: StreamingCall?, timer: LoopTimer?, renewal: Task<Void, Never>?) async {
         timer?.cancel()
         stream?.cancel()
         // A renewal under way finishes first: its Put landing after the Delete below would register the address

@@ -615,6 +615,23 @@ struct EtcdTests {
         }
     }
 
+    @Test("deregister from a cancelled task (a server's task tree cancelled at shutdown) still removes the key")
+    func deregisterFromACancelledTask() async throws {
+        try await Self.withEtcdKeys(under: "services/cancelled/") { settings, loop, keys in
+            let registration = try await EtcdRegistration.register(
+                name: "services/cancelled", address: "127.0.0.1:1", etcd: settings, eventLoop: loop)
+            #expect(try await keys() == ["services/cancelled/127.0.0.1:1"])
+            let leaving = Task {
+                // Cancelled before it starts: the revoke inherited the cancellation and was never made.
+                while !Task.isCancelled { await Task.yield() }
+                await registration.deregister()
+            }
+            leaving.cancel()
+            await leaving.value
+            #expect(try await keys() == [], "removed at once, not after the lease's TTL (10 s)")
+        }
+    }
+
     @Test("two registrations of one address (a server restarted in place): the first one's deregister leaves the key the second put")
     func deregisterLeavesASuccessorsKey() async throws {
         try await Self.withEtcdKeys(under: "services/twice/") { settings, loop, keys in
