@@ -230,9 +230,10 @@ public final class ConnectionManager: Sendable {
         self.registry.withLock { $0.channels[service] }
     }
 
-    /// Services with an open channel.
+    /// Services with an open channel: not one closed by its own `close()` (kept until asked for again, and
+    /// reported "NotConnected" by `healthCheck()`, as here).
     public var connectionCount: Int {
-        self.registry.withLock { $0.channels.count }
+        self.registry.withLock { $0.channels.values.count { !$0.isClosed } }
     }
 
     /// Stops taking calls, lets calls in flight finish for up to `gracePeriod`, then closes everything: calls still

@@ -553,9 +553,13 @@ struct ConnectionManagerTests {
         var unknown = try manager.watchHealth(service: "echo", healthServiceName: "nope", pollInterval: .milliseconds(100))
             .makeAsyncIterator()
         #expect(await unknown.next() == .serviceUnknown, "as Watch says it (UNKNOWN before)")
+        #expect(manager.connectionCount == 1)
         channel.close()
         // Before: "SHUTDOWN", from the closed channel the registry keeps until the service is asked for again.
         #expect(await manager.healthCheck()["echo"]?.state == "NotConnected")
+        #expect(manager.connectionCount == 0, "not an open channel either (it counted it)")
+        _ = try manager.connection(service: "echo")
+        #expect(manager.connectionCount == 1)
         await manager.close(gracePeriod: .seconds(1))
     }
 
