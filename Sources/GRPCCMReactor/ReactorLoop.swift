@@ -6,12 +6,34 @@
 public final class ReactorLoop: Sendable {
     package let reactor: Reactor
 
-    /// The process-wide loop, started on its own thread on first use.
-    public static let shared: ReactorLoop = {
-        let loop = try! ReactorLoop()  // only fails when the kernel refuses an epoll fd or an eventfd
-        loop.start()
-        return loop
-    }()
+    /// The process-wide loop, started on its own thread on first use. Traps when it cannot be made (no file
+    /// descriptor for epoll or its eventfd, no thread): the initialisers that take an optional loop use it through
+    /// `sharedLoop()`, and throw then instead.
+    public static var shared: ReactorLoop {
+        do {
+            return try Self.sharedLoop()
+        } catch {
+            preconditionFailure("ReactorLoop.shared: \(error)")
+        }
+    }
+
+    /// The process-wide loop, made and started on first use; a failure (the process at its file descriptor or
+    /// thread limit) is thrown, and the next use tries again.
+    package static func sharedLoop() throws -> ReactorLoop {
+        try Self.sharedState.withLock { shared in
+            if let loop = shared { return loop }
+            let loop = try ReactorLoop(reactor: Reactor())
+            try loop.reactor.startThread()
+            shared = loop
+            return loop
+        }
+    }
+
+    private static let sharedState = PThreadLock<ReactorLoop?>(nil)
+
+    private init(reactor: Reactor) {
+        self.reactor = reactor
+    }
 
     /// Creates a loop that is not running yet.
     /// - Throws: `ReactorError` when epoll or eventfd cannot be created.

@@ -74,7 +74,8 @@ public final class ConnectionManager: Sendable {
     ///   - interceptors: Run, in this order, before every call of every channel (`CallInterceptor`).
     ///   - eventLoop: The loop; nil uses `ReactorLoop.shared`. It must run (`start()`, or a host's `runOnce`): until
     ///     it does, nothing of a call happens, its deadline and a cancel included.
-    /// - Throws: `ConfigurationError` naming the first bad field.
+    /// - Throws: `ConfigurationError` naming the first bad field; `ReactorError` when `ReactorLoop.shared` cannot be made
+    ///   (the process at its file descriptor or thread limit).
     public convenience init(
         configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
@@ -84,7 +85,7 @@ public final class ConnectionManager: Sendable {
     ) throws {
         try self.init(
             configuration: configuration, logger: logger, metricsFactory: metricsFactory, interceptors: interceptors,
-            reactors: [(eventLoop ?? ReactorLoop.shared).reactor])
+            reactors: [(eventLoop ?? ReactorLoop.sharedLoop()).reactor])
     }
 
     /// Creates a manager whose channels spread over the loops of `group`: each loop gets its own connections to

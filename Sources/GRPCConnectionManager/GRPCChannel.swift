@@ -55,7 +55,8 @@ public final class GRPCChannel: Sendable {
     ///   - interceptors: Run, in this order, before every call (`CallInterceptor`).
     ///   - eventLoop: The loop to run on; nil uses `ReactorLoop.shared`. It must run (`start()`, or a host's
     ///     `runOnce`): until it does, nothing of a call happens, its deadline and a cancel included.
-    /// - Throws: `ConfigurationError` naming the bad field or the unparsable address.
+    /// - Throws: `ConfigurationError` naming the bad field or the unparsable address; `ReactorError` when
+    ///   `ReactorLoop.shared` cannot be made (the process at its file descriptor or thread limit).
     public convenience init(
         target: String, configuration: Configuration = .defaults,
         logger: Logger = Logger(label: "grpc-cm", factory: { _ in SwiftLogNoOpLogHandler() }),
@@ -64,7 +65,7 @@ public final class GRPCChannel: Sendable {
     ) throws {
         try self.init(
             target: target, configuration: configuration, logger: logger, metricsFactory: metricsFactory,
-            interceptors: interceptors, loops: [(eventLoop ?? ReactorLoop.shared).reactor])
+            interceptors: interceptors, loops: [(eventLoop ?? ReactorLoop.sharedLoop()).reactor])
     }
 
     /// Creates a standalone channel spread over the loops of `group`: each loop gets its own connections, and a

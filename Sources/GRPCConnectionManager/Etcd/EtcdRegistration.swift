@@ -54,7 +54,8 @@ public final class EtcdRegistration: Sendable {
     ///   - eventLoop: The loop its calls and timers run on; nil uses `ReactorLoop.shared`.
     /// - Throws: `CallError` when etcd cannot be reached or refuses (the lease or the key); INVALID_ARGUMENT for a
     ///   name an `etcd:///name` target cannot spell, or an address other than a numeric `ip:port` / `[v6]:port`
-    ///   (what those targets read; a key nobody would find is not written).
+    ///   (what those targets read; a key nobody would find is not written); UNAVAILABLE when `ReactorLoop.shared`
+    ///   cannot be made (the process at its file descriptor or thread limit).
     public static func register(
         name: String, address: String, etcd: Configuration.Etcd, ttl: Duration = .seconds(10),
         eventLoop: ReactorLoop? = nil
@@ -62,7 +63,13 @@ public final class EtcdRegistration: Sendable {
         if let problem = Self.problem(name: name, address: address) {
             throw CallError(status: CallStatus(code: .invalidArgument, message: problem))
         }
-        let loop = eventLoop ?? ReactorLoop.shared
+        let loop: ReactorLoop
+        do {
+            loop = try eventLoop ?? ReactorLoop.sharedLoop()
+        } catch {
+            // The process is at its file descriptor or thread limit: UNAVAILABLE, as etcd out of reach would be.
+            throw CallError(status: CallStatus(code: .unavailable, message: "no event loop: \(error)"))
+        }
         var configuration = Configuration()
         configuration.enableCircuitBreaker = false
         configuration.etcd = etcd
