@@ -17,24 +17,21 @@ struct MisbehavingPeerTests {
         "a server that drops each connection, or sends GOAWAY, as soon as it is READY is redialled with backoff",
         arguments: ["drop-after-settings", "goaway-after-settings"])
     func shortLivedConnectionsBackOff(_ mode: String) async throws {
-        let peer = try ScriptedPeer(mode)
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        var configuration = Configuration()  // backoff 100 ms x 1.6 (±20 %) up to 3 s
-        configuration.enableCircuitBreaker = false
-        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
-        channel.connect()  // eager: the pool redials by itself
-        let accepted = { peer.events.filter { $0 == "accepted" }.count }
-        #expect(await eventually { accepted() >= 2 })
-        let before = accepted()
-        try await Task.sleep(for: .milliseconds(1500))
-        // The delays grow by 1.6 from 100 ms; even with jitter at its lowest (x0.8) the next ones are 205, 328,
-        // 524 ms...: at most 4 more dials fit in 1.5 s. Redialled as soon as each was lost, hundreds would.
-        let more = accepted() - before
-        #expect(more >= 1 && more <= 6, "\(more) connections in 1.5 s")
-        channel.close()
+        try await LimitsTests.withPeer(mode) { peer, loop in
+            var configuration = Configuration()  // backoff 100 ms x 1.6 (±20 %) up to 3 s
+            configuration.enableCircuitBreaker = false
+            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+            channel.connect()  // eager: the pool redials by itself
+            let accepted = { peer.events.filter { $0 == "accepted" }.count }
+            #expect(await eventually { accepted() >= 2 })
+            let before = accepted()
+            try await Task.sleep(for: .milliseconds(1500))
+            // The delays grow by 1.6 from 100 ms; even with jitter at its lowest (x0.8) the next ones are 205, 328,
+            // 524 ms...: at most 4 more dials fit in 1.5 s. Redialled as soon as each was lost, hundreds would.
+            let more = accepted() - before
+            #expect(more >= 1 && more <= 6, "\(more) connections in 1.5 s")
+            channel.close()
+        }
     }
 
     @Test(
@@ -44,43 +41,37 @@ struct MisbehavingPeerTests {
         // The first GOAWAY sends the call to a new connection at once; the second, with none established between,
         // is a failed attempt. With health checking the call never had a stream to be refused on: it waited, and
         // the pool redialled at round-trip speed until the call's deadline.
-        let peer = try ScriptedPeer("goaway-after-settings")
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        var configuration = Configuration()
-        configuration.enableCircuitBreaker = false
-        configuration.enableRetry = false
-        // Established only after a second READY: the GOAWAY (after our SETTINGS ACK) is early on a loaded machine too.
-        configuration.reconnectBackoff.initial = .seconds(1)
-        if healthChecked { configuration.healthCheckServiceName = "" }
-        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
-        let response = await channel.call([1], timeout: .seconds(5))
-        #expect(response.status.code == .unavailable, "\(response.status)")
-        // Health checked, the failed attempt fails it, saying why; otherwise its stream's second refusal does.
-        let why = healthChecked ? "GOAWAY NO_ERROR to two new connections in a row" : "REFUSED_STREAM"
-        #expect(response.status.message.contains(why), "\(response.status)")
-        let accepted = peer.events.filter { $0 == "accepted" }.count
-        #expect(accepted <= 3, "\(accepted) connections for one call")
-        channel.close()
+        try await LimitsTests.withPeer("goaway-after-settings") { peer, loop in
+            var configuration = Configuration()
+            configuration.enableCircuitBreaker = false
+            configuration.enableRetry = false
+            // Established only a second after READY: the GOAWAY (after our SETTINGS ACK) is early, loaded or not.
+            configuration.reconnectBackoff.initial = .seconds(1)
+            if healthChecked { configuration.healthCheckServiceName = "" }
+            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+            let response = await channel.call([1], timeout: .seconds(5))
+            #expect(response.status.code == .unavailable, "\(response.status)")
+            // Health checked, the failed attempt fails it, saying why; otherwise its stream's second refusal does.
+            let why = healthChecked ? "GOAWAY NO_ERROR to two new connections in a row" : "REFUSED_STREAM"
+            #expect(response.status.message.contains(why), "\(response.status)")
+            let accepted = peer.events.filter { $0 == "accepted" }.count
+            #expect(accepted <= 3, "\(accepted) connections for one call")
+            channel.close()
+        }
     }
 
     @Test("a connection nghttp2 ends over the server's input says why, not \"closed by the server\"")
     func protocolErrorIsNamed() async throws {
-        let peer = try ScriptedPeer("enable-push")
-        defer { peer.stop() }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        var configuration = Configuration()
-        configuration.enableRetry = false
-        let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
-        let response = await channel.call([1], timeout: .seconds(5))
-        #expect(response.status.code == .unavailable)
-        #expect(response.status.message.contains("HTTP/2 protocol error from"), "\(response.status)")
-        #expect(response.status.message.contains("server attempted to enable push"), "\(response.status)")
-        #expect(await eventually { peer.events.contains("goaway") }, "nghttp2 told the server too")
+        try await LimitsTests.withPeer("enable-push") { peer, loop in
+            var configuration = Configuration()
+            configuration.enableRetry = false
+            let channel = try GRPCChannel(target: peer.target, configuration: configuration, eventLoop: loop)
+            let response = await channel.call([1], timeout: .seconds(5))
+            #expect(response.status.code == .unavailable)
+            #expect(response.status.message.contains("HTTP/2 protocol error from"), "\(response.status)")
+            #expect(response.status.message.contains("server attempted to enable push"), "\(response.status)")
+            #expect(await eventually { peer.events.contains("goaway") }, "nghttp2 told the server too")
+        }
     }
 
     @Test("a GOAWAY's debug data reaches events and statuses cut to 256 bytes, on one line")
