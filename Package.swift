@@ -116,7 +116,9 @@ let package = Package(
         ),
         .target(
             name: "GRPCConnectionManagerTracing",
-            dependencies: ["GRPCConnectionManager", .product(name: "Tracing", package: "swift-distributed-tracing")],
+            dependencies: [
+                "GRPCConnectionManager", "GRPCCMWire", .product(name: "Tracing", package: "swift-distributed-tracing"),
+            ],
             swiftSettings: strictSwift
         ),
         .target(

@@ -1,3 +1,4 @@
+import GRPCCMWire
 import GRPCConnectionManager
 import Tracing
 
@@ -74,9 +75,24 @@ public struct TracingInterceptor: CallInterceptor {
 }
 
 /// Writes propagation fields into request metadata (one value per key, replacing what the caller set).
+///
+/// Metadata is checked before a call goes out, and a field that fails fails the call (INVALID_ARGUMENT). What an
+/// instrument writes is not the application's doing: a key with capitals (B3's `X-B3-TraceId`; header names are
+/// case-insensitive, and HTTP/2 sends them lower-case) is lower-cased, a `-bin` key takes its value as base64 (gRPC's
+/// text form of binary metadata), and a field the call still could not send (a name with other bytes, a name gRPC
+/// or HTTP/2 own, a value that is not printable ASCII) is left out rather than fail every traced call.
 struct MetadataInjector: Injector {
     func inject(_ value: String, forKey key: String, into carrier: inout CallMetadata) {
-        carrier.replaceOrAdd(key, value)
+        let name = key.lowercased()
+        guard (try? CallMetadata.validate(name: name)) != nil, !CallMetadata.reservedNames.contains(name) else { return }
+        if name.hasSuffix("-bin") {
+            guard let bytes = Base64.decode(value.utf8) else { return }
+            carrier.removeAll(named: name)
+            carrier.add(name, binary: bytes)
+            return
+        }
+        guard value.utf8.allSatisfy({ $0 >= 0x20 && $0 <= 0x7E }) else { return }
+        carrier.replaceOrAdd(name, value)
     }
 }
 

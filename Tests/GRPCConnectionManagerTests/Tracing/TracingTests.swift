@@ -81,6 +81,26 @@ struct TracingTests {
         #expect(traceparent.split(separator: "-").map(\.count) == [2, 32, 16, 2])
     }
 
+    @Test("what an instrument injects never fails the call: capitals lower-cased, -bin taken as base64, the unsendable left out")
+    func injectedFieldsAlwaysValidate() throws {
+        // Metadata that fails validation fails the call (INVALID_ARGUMENT): a B3 propagator's X-B3-TraceId did so
+        // for every traced call.
+        var metadata: CallMetadata = ["x-app": "1"]
+        let injector = MetadataInjector()
+        for (key, value) in [
+            ("X-B3-TraceId", "463ac35c9f6413ad"), ("x-trace-bin", "AAEC"), ("x-bad-bin", "not base64!"),
+            ("baggage", "user=é"), ("te", "gzip"), ("bad key", "v"), ("traceparent", "00-1-2-01"),
+            ("traceparent", "00-3-4-01"),
+        ] {
+            injector.inject(value, forKey: key, into: &metadata)
+        }
+        #expect(throws: Never.self) { try metadata.validate() }
+        #expect(metadata["x-b3-traceid"] == "463ac35c9f6413ad")
+        #expect(metadata.values(for: "x-trace-bin") == [.binary([0, 1, 2])])
+        #expect(metadata["traceparent"] == "00-3-4-01", "one value per key, the last")
+        #expect(metadata.count == 4, "x-app, x-b3-traceid, x-trace-bin, traceparent: \(metadata)")
+    }
+
     @Test("the context is the one at call start, even for a callback call that completes later on the loop")
     func contextCapturedAtStart() async throws {
         let fixture = try LoopbackFixture()
