@@ -198,16 +198,23 @@ package struct ConnectionStateMachine {
         }
     }
 
-    /// A GOAWAY before the connection was established. The server saying "go elsewhere" (IDLE, a waiting call
-    /// reconnects at once) the first time, or whenever it took streams (a proxy that ends each connection after so
-    /// many requests may do that within the base delay at a high rate); a second refusal in a row (within twice the
-    /// backoff's cap of the first: a refusal hours ago says nothing now) is a server refusing connections.
+    /// A GOAWAY before the connection was established. One after the server took streams is a connection that
+    /// served (a proxy that ends each connection after so many requests may do that within the base delay, at a
+    /// high rate): established, IDLE, the backoff starting over. A refusal (no stream taken) is the server saying
+    /// "go elsewhere" the first time (IDLE, a waiting call reconnects at once); the next in a row (within twice the
+    /// backoff's cap of the one before: a refusal hours ago says nothing now) is a server refusing connections.
     private mutating func earlyGoAway(_ error: CallStatus, refused: Bool, randomUnit: Double, now: UInt64) -> OnGoAway {
+        guard refused else {
+            self.backoff.reset()
+            self.lastEarlyRefusalAt = nil
+            self.internalState = .idle
+            return .drain
+        }
         let delay = self.backoff.next(unit: randomUnit)
         let window = UInt64(max(self.backoff.configuration.maximum.nanoseconds, 0)) &* 2
-        let inARow = refused && self.lastEarlyRefusalAt.map { now &- $0 <= window } == true
+        let inARow = self.lastEarlyRefusalAt.map { now &- $0 <= window } == true
+        self.lastEarlyRefusalAt = now
         guard inARow else {
-            self.lastEarlyRefusalAt = refused ? now : nil
             self.internalState = .idle
             self.automaticReconnectDelay = delay
             return .drain
@@ -234,7 +241,11 @@ package struct ConnectionStateMachine {
             self.lastAttemptFailed = false
             self.lastEarlyRefusalAt = nil
             return .close
-        case .idle, .shutdown:
+        case .idle:
+            // Nothing to close; a refusal before it no longer counts either (the connection was let go of).
+            self.lastEarlyRefusalAt = nil
+            return .none
+        case .shutdown:
             return .none
         }
     }

@@ -485,11 +485,8 @@ package final class Subchannel: ReactorHandler, HTTP2TransportDelegate, @uncheck
         case .none: break
         case .drain: self.transition(from: old, reason: reason)
         case .drainAndBackoff(let delay, let error):
-            // Reported as a connect that failed, which is what it was.
-            self.bus.publish(
-                .connectAttemptFailed(
-                    service: self.service, connectionID: transport.id, address: self.address, error: error,
-                    backoff: delay))
+            // Not published as connectAttemptFailed: the attempt was reported as having connected, and one outcome
+            // per attempt is what the events promise.
             self.handleFailure(.backoff(delay: delay, error: error), old: old)
         }
     }

@@ -308,7 +308,10 @@ struct ConnectionStateMachineTests {
             _ = served.connectSucceeded(now: clock)
             clock += 10_000_000
             #expect(served.goAwayReceived(Self.failure, refused: false, randomUnit: 0.5, now: clock) == .drain, "\(round)")
+            #expect(served.automaticReconnectDelay == .zero, "it served: nothing to back off from")
         }
+        _ = served.connectRequested()
+        #expect(served.connectFailed(Self.failure, randomUnit: 0.5) == .backoff(delay: .milliseconds(100), error: Self.failure), "the backoff started over")
         // Two refusals further apart than twice the backoff's cap (3 s) are not in a row; nor are two with the
         // connection let go of between (pick_first chose another address).
         var apart = ConnectionStateMachine(backoff: Self.backoff)
