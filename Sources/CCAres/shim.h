@@ -10,10 +10,13 @@
 
 // c-ares 1.18 writes DNS over TCP with writev(2), which raises SIGPIPE when the server has reset the connection.
 // The library leaves SIGPIPE as the application set it, so c-ares's sockets send with MSG_NOSIGNAL instead; the
-// other four functions are what c-ares does without them.
+// other functions are what c-ares does without them, but for one thing: c-ares leaves sockets made by functions
+// of the application's as they are made (it sets neither O_NONBLOCK nor FD_CLOEXEC then), so they are made
+// nonblocking here. It reads a UDP socket until a read fails: on a blocking one, the loop thread waited in
+// recvfrom for the next answer, for ever when a server answered A and never AAAA.
 static inline ares_socket_t ccares_socket(int domain, int type, int protocol, void *user_data) {
     (void)user_data;
-    return socket(domain, type, protocol);
+    return socket(domain, type | SOCK_NONBLOCK | SOCK_CLOEXEC, protocol);
 }
 
 static inline int ccares_close(ares_socket_t fd, void *user_data) {

@@ -160,6 +160,31 @@ struct DNSResolverTests {
         #expect(ContinuousClock.now - started < .seconds(5))
     }
 
+    @Test("a server that answers A and never AAAA: the loop goes on meanwhile, and calls reach the IPv4 address")
+    func unansweredAAAA() async throws {
+        let dns = try DNSPeer()
+        defer { dns.stop() }
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        dns.answerOnlyA("half.test", "127.0.0.1")
+        var configuration = Self.configuration(dns)
+        configuration.dns.timeout = .seconds(2)
+        let channel = try GRPCChannel(
+            target: "half.test:\(fixture.server.port)", configuration: configuration, eventLoop: fixture.loop)
+        // Callbacks, not await: a loop that blocked on the lookup's socket would never run a deadline either.
+        let result = PThreadLock<UnaryResponse?>(nil)
+        channel.unary(path: "/echo.Echo/Get", request: [4], options: RequestOptions(timeout: .seconds(10))) { response in
+            result.withLock { $0 = response }
+        }
+        // While the AAAA query waits for its 2 s timeout (after the A answer came), the loop's other work runs.
+        #expect(await eventually { dns.queries() >= 2 }, "A and AAAA asked")
+        let ran = PThreadLock(false)
+        fixture.loop.reactor.execute { ran.withLock { $0 = true } }
+        #expect(await eventually(timeout: 1) { ran.withLock { $0 } }, "the loop turned while the lookup waited")
+        #expect(await eventually(timeout: 8) { result.withLock { $0 } != nil })
+        #expect(result.withLock { $0 }?.message == [4], "\(String(describing: result.withLock { $0 }?.status))")
+    }
+
     @Test("with the system's servers, a changed resolv.conf is read at the next lookup; a lookup under way still ends")
     func resolvConfChanges() async throws {
         let first = try DNSPeer(host: "127.0.0.1")

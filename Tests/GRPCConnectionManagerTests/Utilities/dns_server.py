@@ -8,6 +8,7 @@ force):
   set NAME IP[,IP...]   answer A (IPv4) and AAAA (IPv6) queries for NAME with these addresses
   empty NAME            answer NOERROR with no address
   silent NAME           never answer (a resolver timeout)
+  aonly NAME IP         answer A queries for NAME with IP, never AAAA ones (a server or middlebox that drops them)
   count                 print "count N": queries received so far
 
 Any other name gets NXDOMAIN. TTLs are 1 s.
@@ -41,7 +42,7 @@ def answer(data):
         queries += 1
         how = mode.get(name)
         addresses = records.get(name)
-    if how == "silent":
+    if how == "silent" or how == "aonly" and qtype == 28:
         return None
     rcode = 0
     answers = []
@@ -85,6 +86,10 @@ for line in sys.stdin:
         if parts[0] == "set" and len(parts) == 3:
             records[parts[1].lower()] = parts[2].split(",")
             mode.pop(parts[1].lower(), None)
+            print("ok", flush=True)
+        elif parts[0] == "aonly" and len(parts) == 3:
+            records[parts[1].lower()] = [parts[2]]
+            mode[parts[1].lower()] = "aonly"
             print("ok", flush=True)
         elif parts[0] in ("empty", "silent") and len(parts) == 2:
             mode[parts[1].lower()] = parts[0]
