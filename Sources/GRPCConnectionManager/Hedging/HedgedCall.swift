@@ -55,6 +55,9 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     private var closing = false
     /// The server pushed back "do not retry" (gRFC A6): no attempt is sent any more.
     private var pushedBack = false
+    /// The attempt whose end is being handled, until its observers are told: by `finish` when it ends the call
+    /// (before the call's end), else when the handling is done (knowing whether the call goes on).
+    private var endingAttempt: (number: Int, status: CallStatus)?
 
     init(
         environment: CallEnvironment, path: String, policy: CallHedgingPolicy, metadata: CallMetadata, deadline: UInt64,
@@ -209,6 +212,17 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     func attemptEnded(_ number: Int, _ response: UnaryResponse) {
         self.running -= 1
         guard !self.done else { return }
+        // Observers hear of each attempt as it ends (this is its completion, the deferred phase), before the call's
+        // end; `willRetry` once the end is handled: the call goes on with an attempt that no answer committed it to.
+        if !self.observers.isEmpty { self.endingAttempt = (number, response.status) }
+        defer {
+            if let ending = self.endingAttempt {
+                self.endingAttempt = nil
+                for observer in self.observers {
+                    observer.attemptFinished(attempt: ending.number, status: ending.status, willRetry: self.committed == 0)
+                }
+            }
+        }
         if self.committed != 0 && self.committed != number { return }  // a loser, cancelled at the commit
         let code = response.status.code
         // Ended by this side (the channel closing): no other attempt is sent (nothing is retried once closing
@@ -328,8 +342,14 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         self.environment.router.release(self)
         self.reactor.disarm(&self.timer)
         self.reactor.disarm(&self.deadlineTimer)
-        for attempt in self.attempts where !attempt.isFinished {
-            attempt.end(CallStatus(code: .cancelled, message: cancelledByClient ? "cancelled by the client" : "another hedged attempt won"))
+        // The attempts' ends the observers hear before the call's: the one that ended it, then those it cancels.
+        var attemptEnds = self.endingAttempt.map { [$0] } ?? []
+        self.endingAttempt = nil
+        for (index, attempt) in self.attempts.enumerated() where !attempt.isFinished {
+            let status = CallStatus(
+                code: .cancelled, message: cancelledByClient ? "cancelled by the client" : "another hedged attempt won")
+            attempt.end(status)
+            if !self.observers.isEmpty { attemptEnds.append((index + 1, status)) }
         }
         let environment = self.environment
         let now = Reactor.clock()
@@ -354,10 +374,14 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         // Never inside the call that started it: `start` may fail at once (the breaker), so the end waits for the
         // deferred phase like any completion.
         let observers = self.observers
+        let attemptsEnded = attemptEnds
         let completion = self.completion
         self.observers = []
         self.completion = nil
         let deliver: @Sendable () -> Void = {
+            for (number, status) in attemptsEnded {
+                for observer in observers { observer.attemptFinished(attempt: number, status: status, willRetry: false) }
+            }
             for observer in observers.reversed() { observer.callFinished(response) }
             completion?(response)
         }

@@ -113,6 +113,65 @@ struct HedgingTests {
         })
     }
 
+    @Test("interceptors' observers hear each hedged attempt's end, then the call's: a failed one, a cancelled loser, the winner")
+    func observersHearHedgedAttempts() async throws {
+        let log = SharedLog()
+        // A non-fatal failure with a long delay: the second attempt goes at once, and follows the first.
+        let broken = try PythonPeer(name: "broken", failCode: 14)
+        let good = try PythonPeer(name: "good")
+        defer {
+            broken.stop()
+            good.stop()
+        }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let observing = Observing(name: "o", log: log, reactor: loop.reactor)
+        let (channel, _) = try Self.channel(
+            [broken, good], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)),
+            interceptors: [observing])
+        channel.connect()
+        #expect(await eventually { await channel.connectivity().state == .ready })
+        // Round robin: one of two calls goes to the broken backend first.
+        for _ in 0..<2 {
+            let response = try await channel.unary(path: "/echo.Echo/Get", request: [1])
+            #expect(response.initialMetadata["x-peer"] == "good")
+        }
+        #expect(await eventually { log.entries.count == 5 }, "\(log.entries)")
+        #expect(
+            log.entries.sorted() == [
+                "o attempt 1 OK retry=false loop=true", "o attempt 1 UNAVAILABLE retry=true loop=true",
+                "o attempt 2 OK retry=false loop=true", "o end OK loop=true", "o end OK loop=true",
+            ], "\(log.entries)")
+        // In order: the hedged call's failed attempt, its winner, then its end.
+        let hedged = log.entries.firstIndex(of: "o attempt 1 UNAVAILABLE retry=true loop=true")!
+        #expect(Array(log.entries[hedged...].prefix(3)) == [
+            "o attempt 1 UNAVAILABLE retry=true loop=true", "o attempt 2 OK retry=false loop=true", "o end OK loop=true",
+        ], "\(log.entries)")
+
+        // A slow first attempt that the fast hedge beats: cancelled, heard before the call's end.
+        let slowLog = SharedLog()
+        try await Self.withSlowAndFast { slow, fast, loop in
+            let (channel, _) = try Self.channel(
+                [slow, fast], loop: loop, policy: CallHedgingPolicy(maxAttempts: 2, hedgingDelay: .milliseconds(50)),
+                interceptors: [Observing(name: "o", log: slowLog, reactor: loop.reactor)])
+            channel.connect()
+            #expect(await eventually { await channel.connectivity().state == .ready })
+            for _ in 0..<2 {
+                let response = try await channel.unary(path: "/echo.Echo/Get", request: [7])
+                #expect(response.initialMetadata["x-peer"] == "fast")
+            }
+            #expect(await eventually { slowLog.entries.count == 5 }, "\(slowLog.entries)")
+            let lost = slowLog.entries.firstIndex(of: "o attempt 1 CANCELLED retry=false loop=true")
+            #expect(lost != nil, "\(slowLog.entries)")
+            if let lost {
+                #expect(Array(slowLog.entries[lost...].prefix(3)) == [
+                    "o attempt 1 CANCELLED retry=false loop=true", "o attempt 2 OK retry=false loop=true", "o end OK loop=true",
+                ], "\(slowLog.entries)")
+            }
+        }
+    }
+
     @Test("an attempt that receives response headers commits the call: no more hedges, and its failure is the call's")
     func responseHeadersCommit() async throws {
         // Headers at once, then UNAVAILABLE (non-fatal) 1 s later: uncommitted, hedges would go out every 250 ms
