@@ -899,6 +899,8 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         self.machine = CallStateMachine(requestsStreamed: self.requestsStreamed)
         _ = self.machine.ended(status)
         self.result = UnaryResponse(status: status)
+        // Writes are refused from now, not accepted until the end's thread runs and then dropped.
+        if let buffers = self.buffers { buffers.callEnded(StreamResult(self.result!)) }
         self.completeWithoutReactor()
     }
 

@@ -89,6 +89,33 @@ struct StreamingTests {
         #expect(await call.result().status.code == .ok)
     }
 
+    @Test("a streaming call on a channel whose loop has stopped: writes are refused at once, the call ends UNAVAILABLE")
+    func streamOnStoppedLoop() async throws {
+        let server = try EchoServer()
+        defer { server.close() }
+        let loop = try ReactorLoop()
+        loop.start()
+        let channel = try GRPCChannel(target: server.address, eventLoop: loop)
+        loop.shutdown()
+        // Refused by the loop before it returns: its end is known, though delivered on a thread of its own later.
+        let call = channel.bidirectionalStreaming(path: "/test.Stream/Update")
+        do {
+            try await call.write(Self.text("lost"))
+            Issue.record("a write to a call the stopped loop refused was accepted")
+        } catch let error as CallError {
+            #expect(error.status.code == .unavailable, "\(error.status)")
+        }
+        #expect(await call.result().status.code == .unavailable)
+        let callbacks = channel.bidirectionalStreaming(
+            path: "/test.Stream/Update", callbacks: StreamingCallbacks(onMessage: { _ in }, onFinish: { _ in }))
+        #expect(!callbacks.isWritable)
+        if case .refused(let error) = callbacks.send(Self.text("lost")) {
+            #expect(error.status.code == .unavailable)
+        } else {
+            Issue.record("send was accepted")
+        }
+    }
+
     @Test("a write after the server ended the call OK is refused FAILED_PRECONDITION, not with an OK 'error'")
     func writeAfterServerEndedOK() async throws {
         let setup = try Self.setUp(.embedded)
