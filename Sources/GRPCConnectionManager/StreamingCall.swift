@@ -78,8 +78,12 @@ public final class AsyncStreamingCall: Sendable {
     }
 
     /// Half-closes the requests (END_STREAM after what was written). Idempotent. Called from a cancelled task, it
-    /// cancels the call instead: requests cut short by the cancellation must not reach the server as complete.
-    public func closeSend() { self.buffers.closeSend(cancelling: self.handle) }
+    /// cancels the call instead: requests cut short by the cancellation must not reach the server as complete. Does
+    /// nothing on a server-streaming call, whose one request went out complete.
+    public func closeSend() {
+        guard self.writable else { return }
+        self.buffers.closeSend(cancelling: self.handle)
+    }
 
     /// Ends the call with CANCELLED unless it already ended.
     public func cancel() { self.handle.cancel() }

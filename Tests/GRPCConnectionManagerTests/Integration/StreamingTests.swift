@@ -116,6 +116,25 @@ struct StreamingTests {
         }
     }
 
+    @Test("closeSend() of a server-streaming call from a cancelled task does nothing: its request went out complete")
+    func closeSendOfServerStreamingWhenCancelled() async throws {
+        let setup = try Self.setUp(.embedded)
+        defer { setup.done() }
+        // The server answers after 300 ms: the call is still open when closeSend() comes.
+        let call = setup.channel.serverStreaming(
+            path: "/test.Stream/Expand", request: Self.text("one two"), metadata: ["x-sleep-ms": "300"])
+        let closer = Task {
+            while !Task.isCancelled { await Task.yield() }
+            call.closeSend()
+        }
+        closer.cancel()
+        await closer.value
+        var received: [String] = []
+        for try await message in call.responses { received.append(Self.string(message)) }
+        #expect(received == ["one", "two"])
+        #expect(await call.result().status.code == .ok)
+    }
+
     @Test("a write after the server ended the call OK is refused FAILED_PRECONDITION, not with an OK 'error'")
     func writeAfterServerEndedOK() async throws {
         let setup = try Self.setUp(.embedded)
