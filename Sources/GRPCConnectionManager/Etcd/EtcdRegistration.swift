@@ -36,8 +36,11 @@ public final class EtcdRegistration: Sendable {
         var stopped = false
         /// The renewal under way (a new lease and the key again), awaited by `deregister()`.
         var renewal: Task<Void, Never>?
-        /// Counts the keepalive streams opened: a ping chain belongs to one and ends with it.
+        /// Counts the keepalive streams opened: a ping chain belongs to one and ends with it, and only the current
+        /// one's end opens the next.
         var generation = 0
+        /// The current stream's last keepalive has had no answer yet.
+        var pingUnanswered = false
     }
 
     private init(key: String, address: String, channel: GRPCChannel, loop: ReactorLoop, ttl: Duration) {
@@ -130,23 +133,31 @@ public final class EtcdRegistration: Sendable {
 
     /// Opens the LeaseKeepAlive stream and renews every third of the TTL; a stream that ends opens again.
     private func keepAlive() {
+        let next = self.state.withLock { state -> Int? in
+            guard !state.stopped else { return nil }
+            state.generation += 1
+            state.pingUnanswered = false
+            return state.generation
+        }
+        guard let generation = next else { return }
         let callbacks = StreamingCallbacks(
             onMessage: { [weak self] message in
                 guard let self else { return }
+                self.state.withLock { if $0.generation == generation { $0.pingUnanswered = false } }
                 // TTL 0: etcd no longer knows the lease (it expired): register afresh.
                 if EtcdMessages.leaseResponse(message).ttl == 0 { self.renew() }
             },
             onFinish: { [weak self] _ in
-                guard let self, !self.state.withLock({ $0.stopped }) else { return }
+                // A stream given up for a new one (`ping`) opens nothing more.
+                guard let self, self.state.withLock({ !$0.stopped && $0.generation == generation }) else { return }
                 _ = self.loop.scheduleTimer(after: .seconds(1)) { [weak self] in self?.keepAlive() }
             })
         let stream = self.channel.bidirectionalStreaming(path: EtcdMessages.leaseKeepAlivePath, callbacks: callbacks)
-        let (stopped, generation, previousTimer) = self.state.withLock { state -> (Bool, Int, LoopTimer?) in
-            guard !state.stopped else { return (true, state.generation, nil) }
+        let (stopped, previousTimer) = self.state.withLock { state -> (Bool, LoopTimer?) in
+            guard !state.stopped else { return (true, nil) }
             state.stream = stream
-            state.generation += 1
             defer { state.timer = nil }
-            return (false, state.generation, state.timer)
+            return (false, state.timer)
         }
         if stopped {
             stream.cancel()
@@ -159,11 +170,22 @@ public final class EtcdRegistration: Sendable {
     }
 
     /// One keepalive now, the next after a third of the TTL, for as long as the stream of `generation` is current.
+    /// A stream whose last keepalive went unanswered for that long is given up for a new one at once (round robin
+    /// puts it on the next member): etcd answers at once, so its member stopped serving though the connection
+    /// stands (a host gone without a reset, a process stopped), which TCP and HTTP/2 keepalives notice only after
+    /// tens of seconds, past a lease of a few.
     private func ping(_ generation: Int) {
-        let (stream, lease, current) = self.state.withLock {
-            ($0.stream, $0.lease, !$0.stopped && $0.generation == generation)
+        let (stream, lease, current, stalled) = self.state.withLock { state in
+            let current = !state.stopped && state.generation == generation
+            defer { if current { state.pingUnanswered = true } }
+            return (state.stream, state.lease, current, state.pingUnanswered)
         }
         guard current, let stream else { return }
+        if stalled {
+            stream.cancel()
+            self.keepAlive()
+            return
+        }
         _ = stream.send(EtcdMessages.leaseIDRequest(lease))
         let timer = self.loop.scheduleTimer(after: self.ttl / 3) { [weak self] in self?.ping(generation) }
         self.state.withLock { state in

@@ -525,6 +525,41 @@ struct EtcdTests {
         await b.deregister()
     }
 
+    @Test("the member serving a registration's keepalives stops answering (connection up): the lease is kept through another")
+    func keepAliveLeavesASilentMember() async throws {
+        let cluster = try EtcdCluster()
+        defer { cluster.stopAll() }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        let settings = Configuration.Etcd(endpoints: cluster.endpoints)
+        // A TTL of 3 s: a keepalive every second.
+        let registration = try await EtcdRegistration.register(
+            name: "services/silent", address: "127.0.0.1:1", etcd: settings, ttl: .seconds(3), eventLoop: loop)
+        var serving: Int?
+        #expect(await eventually {
+            serving = (0..<3).first { (cluster.messagesReceived($0, "LeaseKeepAlive") ?? 0) > 0 }
+            return serving != nil
+        })
+        guard let silent = serving, let pid = cluster.pid(silent) else { return }
+        // Stopped, not killed: the kernel keeps its connections and acknowledges what is sent, so nothing at the
+        // TCP level fails, and HTTP/2 keepalive would notice only after 30 s. The other two keep quorum.
+        kill(pid, SIGSTOP)
+        defer { kill(pid, SIGCONT) }
+        let others = (0..<3).filter { $0 != silent }
+        let before = others.map { cluster.messagesReceived($0, "LeaseKeepAlive") ?? 0 }.reduce(0, +)
+        // Twice the TTL: the lease lapsed (and the key went) unless the keepalives moved to another member.
+        try await Task.sleep(for: .seconds(6))
+        let after = others.map { cluster.messagesReceived($0, "LeaseKeepAlive") ?? 0 }.reduce(0, +)
+        #expect(after - before >= 3, "keepalives reached another member: \(after - before)")
+        let reader = try GRPCChannel(target: cluster.endpoints[others[0]], eventLoop: loop)
+        let response = try await reader.unary(
+            path: EtcdMessages.rangePath, request: EtcdMessages.rangeRequest(prefix: "services/silent/"))
+        #expect(EtcdMessages.rangeResponse(response.message)?.pairs.map(\.key) == ["services/silent/127.0.0.1:1"])
+        kill(pid, SIGCONT)
+        await registration.deregister()
+    }
+
     @Test("a member that answers but cannot serve (UNAVAILABLE to everything: cut off from its leader) is left behind")
     func unservingMemberIsLeftBehind() async throws {
         let etcd = try EtcdPeer()

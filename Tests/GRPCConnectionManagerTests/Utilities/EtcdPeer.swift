@@ -65,9 +65,11 @@ final class EtcdPeer: @unchecked Sendable {
     /// The watchers etcd has now, on every stream (its `etcd_debugging_mvcc_watcher_total` gauge).
     var watchers: Int? { self.metric(startingWith: "etcd_debugging_mvcc_watcher_total ") }
 
-    /// The value of the first line of etcd's `/metrics` that starts with `prefix`.
-    private func metric(startingWith prefix: String) -> Int? {
-        guard let fd = loopbackConnection(port: self.port) else { return nil }
+    private func metric(startingWith prefix: String) -> Int? { Self.metric(port: self.port, startingWith: prefix) }
+
+    /// The value of the first line of `/metrics` of the etcd on `port` that starts with `prefix`.
+    static func metric(port: Int, startingWith prefix: String) -> Int? {
+        guard let fd = loopbackConnection(port: port) else { return nil }
         defer { close(fd) }
         var request = Array("GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".utf8)
         guard request.withUnsafeMutableBytes({ write(fd, $0.baseAddress, $0.count) }) == request.count else { return nil }
@@ -158,6 +160,15 @@ final class EtcdCluster: @unchecked Sendable {
         self.processes[index] = try spawnQuietly(self.arguments[index])
         try self.waitUntilListening(index)
     }
+
+    /// Member `index`'s count of messages received on `method`'s streams (`EtcdPeer.messagesReceived`). Not for a
+    /// member stopped with SIGSTOP: its port accepts, and the read would wait for ever.
+    func messagesReceived(_ index: Int, _ method: String) -> Int? {
+        EtcdPeer.metric(port: self.ports[index], startingWith: "grpc_server_msg_received_total{grpc_method=\"\(method)\",")
+    }
+
+    /// Member `index`'s process (to stop and continue it), while it runs.
+    func pid(_ index: Int) -> pid_t? { self.processes[index]?.processIdentifier }
 
     func stopAll() {
         for index in 0..<3 { self.stop(index) }
