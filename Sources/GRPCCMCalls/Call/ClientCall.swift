@@ -268,6 +268,9 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     }
 
     package var isFinished: Bool { self.machine.isFinished }
+
+    /// The status it ended with, once its completion is on its way.
+    package var finalStatus: CallStatus? { self.result?.status }
     /// Waiting for a stream (routed, not yet open).
     package var isWaitingForStream: Bool { self.machine.isWaiting }
     /// Waiting for its next attempt.

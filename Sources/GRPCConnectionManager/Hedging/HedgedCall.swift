@@ -55,9 +55,12 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     private var closing = false
     /// The server pushed back "do not retry" (gRFC A6): no attempt is sent any more.
     private var pushedBack = false
-    /// The attempt whose end is being handled, until its observers are told: by `finish` when it ends the call
-    /// (before the call's end), else when the handling is done (knowing whether the call goes on).
-    private var endingAttempt: (number: Int, status: CallStatus)?
+    /// The attempts whose ends the observers have heard (by number, 1-based): each is told once, as it ends, or by
+    /// `finish` just before the call's end (an attempt the call's end cancels, or one whose end is still on its way).
+    private var attemptsReported: Set<Int> = []
+    /// The attempt whose end `attemptEnded` handles (its response is lent to its delivery meanwhile, so `finish`
+    /// cannot read the status from it).
+    private var endingNow: (number: Int, status: CallStatus)?
 
     init(
         environment: CallEnvironment, path: String, policy: CallHedgingPolicy, metadata: CallMetadata, deadline: UInt64,
@@ -212,14 +215,19 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
     func attemptEnded(_ number: Int, _ response: UnaryResponse) {
         self.running -= 1
         guard !self.done else { return }
-        // Observers hear of each attempt as it ends (this is its completion, the deferred phase), before the call's
-        // end; `willRetry` once the end is handled: the call goes on with an attempt that no answer committed it to.
-        if !self.observers.isEmpty { self.endingAttempt = (number, response.status) }
+        // Observers hear of each attempt as it ends (this is its completion, the deferred phase), once the end is
+        // handled: `willRetry` when it sent the next attempt or left one due. An end that ends the call is heard
+        // from `finish`, before the call's end.
+        let attemptsBefore = self.attempts.count
+        self.endingNow = (number, response.status)
         defer {
-            if let ending = self.endingAttempt {
-                self.endingAttempt = nil
+            self.endingNow = nil
+            if !self.done && !self.observers.isEmpty && self.attemptsReported.insert(number).inserted {
+                let willRetry =
+                    self.committed == 0
+                    && (self.attempts.count > attemptsBefore || self.timer != 0 && self.attempts.count < self.policy.maxAttempts)
                 for observer in self.observers {
-                    observer.attemptFinished(attempt: ending.number, status: ending.status, willRetry: self.committed == 0)
+                    observer.attemptFinished(attempt: number, status: response.status, willRetry: willRetry)
                 }
             }
         }
@@ -342,14 +350,17 @@ final class HedgedCall: ReactorHandler, CallCoordinator, @unchecked Sendable {
         self.environment.router.release(self)
         self.reactor.disarm(&self.timer)
         self.reactor.disarm(&self.deadlineTimer)
-        // The attempts' ends the observers hear before the call's: the one that ended it, then those it cancels.
-        var attemptEnds = self.endingAttempt.map { [$0] } ?? []
-        self.endingAttempt = nil
-        for (index, attempt) in self.attempts.enumerated() where !attempt.isFinished {
-            let status = CallStatus(
-                code: .cancelled, message: cancelledByClient ? "cancelled by the client" : "another hedged attempt won")
-            attempt.end(status)
-            if !self.observers.isEmpty { attemptEnds.append((index + 1, status)) }
+        // The attempts' ends the observers have not heard yet, heard before the call's: each one's own end (the one
+        // that ended the call, one whose completion is still on its way), or the cancel that ends it now.
+        let cancel = CallStatus(
+            code: .cancelled, message: cancelledByClient ? "cancelled by the client" : "another hedged attempt won")
+        var attemptEnds: [(number: Int, status: CallStatus)] = []
+        for (index, attempt) in self.attempts.enumerated() {
+            if !attempt.isFinished { attempt.end(cancel) }
+            if !self.observers.isEmpty && self.attemptsReported.insert(index + 1).inserted {
+                let own = self.endingNow.flatMap { $0.number == index + 1 ? $0.status : nil } ?? attempt.finalStatus
+                attemptEnds.append((index + 1, own ?? cancel))
+            }
         }
         let environment = self.environment
         let now = Reactor.clock()
