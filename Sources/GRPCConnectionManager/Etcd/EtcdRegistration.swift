@@ -148,25 +148,37 @@ public final class EtcdRegistration: Sendable {
                 if EtcdMessages.leaseResponse(message).ttl == 0 { self.renew() }
             },
             onFinish: { [weak self] _ in
-                // A stream given up for a new one (`ping`) opens nothing more.
-                guard let self, self.state.withLock({ !$0.stopped && $0.generation == generation }) else { return }
-                _ = self.loop.scheduleTimer(after: .seconds(1)) { [weak self] in self?.keepAlive() }
+                // A stream given up for a new one (`ping`) opens nothing more; nor does the reopen when a new one
+                // was opened meanwhile (a stalled ping of this stream found it before its end did): one chain only.
+                guard let self, self.isCurrent(generation) else { return }
+                _ = self.loop.scheduleTimer(after: .seconds(1)) { [weak self] in
+                    guard let self, self.isCurrent(generation) else { return }
+                    self.keepAlive()
+                }
             })
         let stream = self.channel.bidirectionalStreaming(path: EtcdMessages.leaseKeepAlivePath, callbacks: callbacks)
-        let (stopped, previousTimer) = self.state.withLock { state -> (Bool, LoopTimer?) in
-            guard !state.stopped else { return (true, nil) }
-            state.stream = stream
-            defer { state.timer = nil }
-            return (false, state.timer)
+        let (stopped, previousTimer, previousStream) = self.state.withLock { state -> (Bool, LoopTimer?, StreamingCall?) in
+            guard !state.stopped else { return (true, nil, nil) }
+            defer {
+                state.stream = stream
+                state.timer = nil
+            }
+            return (false, state.timer, state.stream)
         }
         if stopped {
             stream.cancel()
             return
         }
         // The old stream's ping chain ends here: left running, every reopened stream added one more (an outage of an
-        // hour left thousands, all pinging the new stream).
+        // hour left thousands, all pinging the new stream). The old stream too, if it is still open.
         previousTimer?.cancel()
+        previousStream?.cancel()
         self.ping(generation)
+    }
+
+    /// Whether the keepalive stream of `generation` is the current one.
+    private func isCurrent(_ generation: Int) -> Bool {
+        self.state.withLock { !$0.stopped && $0.generation == generation }
     }
 
     /// One keepalive now, the next after a third of the TTL, for as long as the stream of `generation` is current.
@@ -182,8 +194,7 @@ public final class EtcdRegistration: Sendable {
         }
         guard current, let stream else { return }
         if stalled {
-            stream.cancel()
-            self.keepAlive()
+            self.keepAlive()  // which cancels this stream
             return
         }
         _ = stream.send(EtcdMessages.leaseIDRequest(lease))

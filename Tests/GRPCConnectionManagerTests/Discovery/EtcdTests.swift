@@ -706,6 +706,8 @@ struct EtcdTests {
         try await Task.sleep(for: .seconds(3))
         let sent = (etcd.messagesReceived("LeaseKeepAlive") ?? 0) - before
         #expect((1...4).contains(sent), "keepalives in 3 s at one per second (two chains send 6): \(sent)")
+        // One stream open, not one more left behind by each reopen that raced a stalled keepalive.
+        #expect(etcd.openStreams("LeaseKeepAlive") == 1)
         await registration.deregister()
     }
 

@@ -69,13 +69,32 @@ final class EtcdPeer: @unchecked Sendable {
 
     /// The value of the first line of `/metrics` of the etcd on `port` that starts with `prefix`.
     static func metric(port: Int, startingWith prefix: String) -> Int? {
+        guard let line = Self.metricLines(port: port)?.first(where: { $0.hasPrefix(prefix) }) else { return nil }
+        return Self.value(line)
+    }
+
+    /// The lines of etcd's `/metrics` on `port`.
+    private static func metricLines(port: Int) -> [Substring]? {
         guard let fd = loopbackConnection(port: port) else { return nil }
         defer { close(fd) }
         var request = Array("GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".utf8)
         guard request.withUnsafeMutableBytes({ write(fd, $0.baseAddress, $0.count) }) == request.count else { return nil }
-        let text = String(decoding: readToEnd(fd), as: UTF8.self)
-        guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix(prefix) }) else { return nil }
-        return line.split(separator: " ").last.flatMap { Double($0) }.map { Int($0) }
+        return String(decoding: readToEnd(fd), as: UTF8.self).split(separator: "\n")
+    }
+
+    private static func value(_ line: Substring) -> Int? {
+        line.split(separator: " ").last.flatMap { Double($0) }.map { Int($0) }
+    }
+
+    /// How many of `method`'s streams are open on etcd now: those started, less those that ended (with any code:
+    /// `grpc_server_handled_total{grpc_code="…",grpc_method="…",…}`).
+    func openStreams(_ method: String) -> Int? {
+        guard let lines = Self.metricLines(port: self.port) else { return nil }
+        let label = "grpc_method=\"\(method)\""
+        let started = lines.filter { $0.hasPrefix("grpc_server_started_total{") && $0.contains(label) }
+        let ended = lines.filter { $0.hasPrefix("grpc_server_handled_total{") && $0.contains(label) }
+        guard !started.isEmpty else { return nil }
+        return started.compactMap(Self.value).reduce(0, +) - ended.compactMap(Self.value).reduce(0, +)
     }
 
     var endpoint: String { "127.0.0.1:\(self.port)" }
