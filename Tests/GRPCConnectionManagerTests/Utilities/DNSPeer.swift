@@ -22,8 +22,8 @@ final class DNSPeer: Sendable {
     func set(_ name: String, _ addresses: [String]) { self.change("set \(name) \(addresses.joined(separator: ","))") }
     /// Answers `name` with no address.
     func empty(_ name: String) { self.change("empty \(name)") }
-    /// Answers `name`'s A queries with `ipv4`, and never its AAAA ones.
-    func answerOnlyA(_ name: String, _ ipv4: String) { self.change("aonly \(name) \(ipv4)") }
+    /// Answers `name`'s A queries with `ipv4` at once, its AAAA ones (no address) only after 5 s.
+    func answerAAAALate(_ name: String, _ ipv4: String) { self.change("lateaaaa \(name) \(ipv4)") }
     /// Never answers `name`.
     func silence(_ name: String) { self.change("silent \(name)") }
 

@@ -8,7 +8,9 @@ force):
   set NAME IP[,IP...]   answer A (IPv4) and AAAA (IPv6) queries for NAME with these addresses
   empty NAME            answer NOERROR with no address
   silent NAME           never answer (a resolver timeout)
-  aonly NAME IP         answer A queries for NAME with IP, never AAAA ones (a server or middlebox that drops them)
+  lateaaaa NAME IP      answer A queries for NAME with IP at once, AAAA ones (with no address) only after 5 s: a
+                        server or middlebox that drops them, as far as a resolver timeout under 5 s can tell (a
+                        client that waited for the answer still ends, rather than hang its test)
   count                 print "count N": queries received so far
 
 Any other name gets NXDOMAIN. TTLs are 1 s.
@@ -42,7 +44,7 @@ def answer(data):
         queries += 1
         how = mode.get(name)
         addresses = records.get(name)
-    if how == "silent" or how == "aonly" and qtype == 28:
+    if how == "silent":
         return None
     rcode = 0
     answers = []
@@ -60,6 +62,13 @@ def answer(data):
     return header + question + b"".join(answers)
 
 
+def is_late(data):
+    name, end = read_name(data, 12)
+    (qtype,) = struct.unpack(">H", data[end:end + 2])
+    with lock:
+        return mode.get(name) == "lateaaaa" and qtype == 28
+
+
 def serve(sock):
     while True:
         try:
@@ -70,7 +79,11 @@ def serve(sock):
             reply = answer(data)
         except Exception:
             continue
-        if reply is not None:
+        if reply is None:
+            continue
+        if is_late(data):
+            threading.Timer(5, sock.sendto, (reply, peer)).start()
+        else:
             sock.sendto(reply, peer)
 
 
@@ -87,9 +100,9 @@ for line in sys.stdin:
             records[parts[1].lower()] = parts[2].split(",")
             mode.pop(parts[1].lower(), None)
             print("ok", flush=True)
-        elif parts[0] == "aonly" and len(parts) == 3:
+        elif parts[0] == "lateaaaa" and len(parts) == 3:
             records[parts[1].lower()] = [parts[2]]
-            mode[parts[1].lower()] = "aonly"
+            mode[parts[1].lower()] = "lateaaaa"
             print("ok", flush=True)
         elif parts[0] in ("empty", "silent") and len(parts) == 2:
             mode[parts[1].lower()] = parts[0]
