@@ -12,7 +12,7 @@ import Logging
 /// services registered with it are found; the address must be numeric (`ip:port`, `[v6]:port`) and not unspecified
 /// (`0.0.0.0`, `[::]`: a server's bind address, which a client would take as its own host). A value that is not
 /// such an address is skipped and reported (`resolutionFailed` naming its key, the good ones still used); when none is
-/// left the resolution fails and the pool keeps its last good addresses. A change under the prefix makes the pool
+/// left the answer is that no server is registered, as when the prefix holds no key. A change under the prefix makes the pool
 /// resolve again at once (within `minimumResolutionInterval`); a watch that breaks (etcd going away) is opened again
 /// every second from the last revision read, and periodic resolution goes on meanwhile.
 final class EtcdResolver: AddressResolver {
@@ -164,17 +164,10 @@ final class EtcdResolver: AddressResolver {
             }
             if !addresses.contains(address) { addresses.append(address) }
         }
-        if addresses.isEmpty && unusable.isEmpty {
-            // An answer: nothing is registered (every endpoint deregistered). The pool lets the addresses go, as
-            // grpc-go's etcd resolver has them go. Values that are not addresses say nothing of the kind: those
-            // keep the last good addresses, as etcd being unreachable does.
-            return (.success([]), revision, [])
-        }
-        if addresses.isEmpty {
-            let status = CallStatus(
-                code: .unavailable, message: "etcd at \(endpoint): under \(prefix) no value is an address (keys \(unusable))")
-            return (.failure(status), revision, [])
-        }
+        // An answer, whatever it holds: with no address (every endpoint deregistered, what is left not addresses)
+        // the pool lets the addresses go, as grpc-go's etcd resolver has them go, skipping what it cannot read. The
+        // last good addresses would be servers that left (their addresses perhaps someone else's by now), and the
+        // change the watch reported would never count as read (asked again every few seconds, for good).
         return (.success(addresses), revision, unusable)
     }
 
