@@ -574,11 +574,16 @@ extension Configuration: CustomReflectable {
 }
 
 extension Configuration {
-    /// The hedging policy of a call to `path`: the method's, else its service's; nil (no lookup) when none is set.
-    /// This and the next read the fields in place: through the public getters every call retained and released the
-    /// tables.
+    /// The hedging policy of a call to `path`: the method's, else its service's unless the method has a retry
+    /// policy of its own (gRFC A6: a method's config holds a retry or a hedging policy, and the most specific one
+    /// applies; a method kept from being sent twice says so there); nil (no lookup) when none is set. This and the
+    /// next read the fields in place: through the public getters every call retained and released the tables.
     func hedgingPolicy(forPath path: String) -> CallHedgingPolicy? {
-        Self.perMethod(self.storage.fields.hedging, path: path)
+        let table = self.storage.fields.hedging
+        if table.isEmpty { return nil }
+        if let own = table[path] { return own }
+        if self.storage.fields.retry.perMethod[path] != nil { return nil }
+        return MethodKeys.lookUp(table, path: path)
     }
 
     /// How a call to `path` compresses its requests, before per-call options.

@@ -192,6 +192,38 @@ struct HedgingTests {
         }
     }
 
+    @Test("a method with a retry policy of its own is not hedged by its service's hedging (the most specific entry wins)")
+    func methodRetryEntryOptsOutOfServiceHedging() async throws {
+        let broken = try PythonPeer(name: "broken", failCode: 14)
+        let good = try PythonPeer(name: "good")
+        defer {
+            broken.stop()
+            good.stop()
+        }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        var configuration = Configuration()
+        configuration.enableCircuitBreaker = false
+        configuration.loadBalancingPolicy = .roundRobin
+        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30))
+        var once = CallRetryPolicy()
+        once.maxAttempts = 1
+        configuration.retry.perMethod["/echo.Echo/Get"] = once
+        let channel = try GRPCChannel(
+            target: "hedge.test:50051", configuration: configuration,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
+            interceptors: [], loops: [loop.reactor],
+            resolver: ScriptedResolver([[broken, good].map { NetworkAddress(ip: "127.0.0.1", port: $0.port)! }]))
+        channel.connect()
+        #expect(await eventually { await channel.connectivity().state == .ready })
+        // Hedged, a call that went to the broken backend would be sent again to the good one at once: never here.
+        var codes: [StatusCode] = []
+        for _ in 0..<6 { codes.append(await channel.unaryResult(path: "/echo.Echo/Get", request: [1]).status.code) }
+        #expect(codes.contains(.unavailable), "\(codes)")
+        #expect(codes.contains(.ok), "\(codes)")
+    }
+
     @Test("an attempt that receives response headers commits the call: no more hedges, and its failure is the call's")
     func responseHeadersCommit() async throws {
         // Headers at once, then UNAVAILABLE (non-fatal) 1 s later: uncommitted, hedges would go out every 250 ms
