@@ -74,11 +74,10 @@ package final class RetryHandler: RetryAdvisor, @unchecked Sendable {
 
     package func retryDelay(
         service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, backoffStep: Int,
-        attemptTimedOut: Bool, deadline: UInt64, now: UInt64
+        deadline: UInt64, now: UInt64
     ) -> RetryDelay? {
         let policy = self.configuration.policy(for: path)
         guard attempt < policy.maxAttempts, policy.retryableCodes.contains(status.code) else { return nil }
-        if status.code == .deadlineExceeded && !attemptTimedOut { return nil }
         if let slot = self.throttles.existingSlot(for: service), !self.throttles[slot].retriesAllowed { return nil }
         let delay: RetryDelay
         switch RetryPushback(trailers.values(for: "grpc-retry-pushback-ms")) {

@@ -45,11 +45,10 @@ package protocol RetryAdvisor: AnyObject {
     ///   - attempt: The attempt that just ended (1 = the first).
     ///   - backoffStep: Its place in the backoff sequence: as `attempt`, counted again from 1 after a retry the
     ///     server's pushback timed (gRFC A6 implementations start over at the initial backoff then).
-    ///   - attemptTimedOut: The attempt's own timeout ended it (the only retryable DEADLINE_EXCEEDED).
     ///   - deadline: The call's deadline (0 = none); a retry that could not start before it is not made.
     func retryDelay(
         service: String, path: String, status: CallStatus, trailers: CallMetadata, attempt: Int, backoffStep: Int,
-        attemptTimedOut: Bool, deadline: UInt64, now: UInt64
+        deadline: UInt64, now: UInt64
     ) -> RetryDelay?
 }
 

@@ -145,8 +145,6 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
     /// Bytes of the framed single request handed to nghttp2.
     @exclusivity(unchecked)
     private var sendOffset = 0
-    @exclusivity(unchecked)
-    private var attemptTimedOut = false
     /// The last attempt whose retry the server's pushback timed (0: none): the backoff counts from there.
     @exclusivity(unchecked)
     private var pushedBackAttempt = 0
@@ -448,7 +446,6 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
 
     private func resetAttemptState() {
         self.attemptStateUsed = false
-        self.attemptTimedOut = false
         self.head = ResponseHead(maxHeaderListSize: self.environment.maxHeaderListSize)
         self.responseMessage = nil
         self.responseEncoding = .identity
@@ -545,7 +542,6 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
         case TimerTag.attempt:
             self.attemptTimer = 0
             guard self.machine.isOpen || self.machine.isWaiting else { return }
-            self.attemptTimedOut = true
             self.abandonAttempt()
             self.attemptEnded(
                 UnaryResponse(status: CallStatus(code: .deadlineExceeded, message: "attempt timed out"),
@@ -666,7 +662,7 @@ package final class ClientCall: HTTP2StreamHandler, @unchecked Sendable {
                 if let decision = retry.retryDelay(
                     service: environment.service, path: self.path, status: response.status,
                     trailers: response.trailingMetadata, attempt: attempt, backoffStep: attempt - self.pushedBackAttempt,
-                    attemptTimedOut: self.attemptTimedOut, deadline: self.deadline, now: Reactor.clock())
+                    deadline: self.deadline, now: Reactor.clock())
                 {
                     delay = decision.delay
                     if decision.pushedBack { self.pushedBackAttempt = attempt }

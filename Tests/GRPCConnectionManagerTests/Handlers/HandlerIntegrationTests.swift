@@ -61,6 +61,17 @@ struct HandlerIntegrationTests {
         await manager.close(gracePeriod: .seconds(1))
     }
 
+    @Test("a server's DEADLINE_EXCEEDED (its upstream timed out) is retried while the call's deadline is far, as the Go original retries it")
+    func serverDeadlineExceededIsRetried() async throws {
+        let fixture = try LoopbackFixture()
+        defer { fixture.shutdown() }
+        let (manager, channel, recorder) = try self.makeManager(fixture)
+        let response = await channel.call([1], metadata: Self.failFirst(1, key: "de", code: 4), timeout: .seconds(5))
+        #expect(response.status == .ok)
+        #expect(await eventually { Self.attempts(recorder) == [2] })
+        await manager.close(gracePeriod: .seconds(1))
+    }
+
     @Test("non-retryable codes are tried once; enableRetry false tries once")
     func nonRetryable() async throws {
         let fixture = try LoopbackFixture()
