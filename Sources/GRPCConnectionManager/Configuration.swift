@@ -377,8 +377,13 @@ public struct Configuration: Sendable, Hashable {
         if self.idleTimeout < .zero {
             throw ConfigurationError(field: "idleTimeout", message: "must not be negative (zero means never)")
         }
-        if self.connectionsPerTarget < 1 {
-            throw ConfigurationError(field: "connectionsPerTarget", message: "must be at least 1")
+        // Bounded: each is a subchannel made at the first resolution, and a manager's service connects them all
+        // at once (a typo of Int.max exhausted memory, a million the file descriptors, with no error).
+        if !(1...Self.maxConnectionsPerAddress).contains(self.connectionsPerTarget) {
+            throw ConfigurationError(field: "connectionsPerTarget", message: "must be 1...\(Self.maxConnectionsPerAddress)")
+        }
+        if let limit = self.maxConnectionsPerTarget, limit > Self.maxConnectionsPerAddress {
+            throw ConfigurationError(field: "maxConnectionsPerTarget", message: "must be at most \(Self.maxConnectionsPerAddress)")
         }
         if self.resolutionInterval < .zero {
             throw ConfigurationError(field: "resolutionInterval", message: "must not be negative (zero means only after failures)")
@@ -394,6 +399,17 @@ public struct Configuration: Sendable, Hashable {
         }
         if self.dns.attempts < 1 {
             throw ConfigurationError(field: "dns.attempts", message: "must be at least 1")
+        }
+        if self.dns.resolver == .system {
+            // getaddrinfo reads /etc/resolv.conf: c-ares's settings would silently not apply.
+            let defaults = DNS()
+            for (field, set) in [
+                ("servers", self.dns.servers != nil), ("timeout", self.dns.timeout != defaults.timeout),
+                ("attempts", self.dns.attempts != defaults.attempts),
+            ] where set {
+                throw ConfigurationError(
+                    field: "dns.\(field)", message: "applies to the c-ares resolver only (dns.resolver is .system)")
+            }
         }
         if self.dns.servers?.isEmpty == true {
             // c-ares would keep the system's servers without /etc/hosts or search domains: neither what nil nor
@@ -574,6 +590,9 @@ extension Configuration: CustomReflectable {
 }
 
 extension Configuration {
+    /// The most connections per address `connectionsPerTarget` and `maxConnectionsPerTarget` take.
+    static let maxConnectionsPerAddress = 100_000
+
     /// The hedging policy of a call to `path`: the method's, else its service's unless the method has a retry
     /// policy of its own (gRFC A6: a method's config holds a retry or a hedging policy, and the most specific one
     /// applies; a method kept from being sent twice says so there); nil (no lookup) when none is set. This and the

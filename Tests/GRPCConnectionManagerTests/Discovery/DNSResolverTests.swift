@@ -254,11 +254,26 @@ struct DNSResolverTests {
             ("dns.attempts", { (c: inout Configuration) in c.dns.attempts = 0 }),
             ("dns.servers", { (c: inout Configuration) in c.dns.servers = ["dns.example"] }),
             ("dns.servers", { (c: inout Configuration) in c.dns.servers = ["127.0.0.1:99999"] }),
+            // c-ares's settings with getaddrinfo, which would silently not apply them.
+            ("dns.servers", { (c: inout Configuration) in c.dns.resolver = .system; c.dns.servers = ["127.0.0.1"] }),
+            ("dns.timeout", { (c: inout Configuration) in c.dns.resolver = .system; c.dns.timeout = .seconds(1) }),
+            ("dns.attempts", { (c: inout Configuration) in c.dns.resolver = .system; c.dns.attempts = 3 }),
+            // Each a subchannel, all connected by a manager's service at once.
+            ("connectionsPerTarget", { (c: inout Configuration) in c.connectionsPerTarget = .max }),
+            ("maxConnectionsPerTarget", { (c: inout Configuration) in c.maxConnectionsPerTarget = 1_000_000 }),
         ] {
             var configuration = Configuration()
             change(&configuration)
             #expect(throws: ConfigurationError.self, "\(field)") { try configuration.validate() }
+            do {
+                try configuration.validate()
+            } catch {
+                #expect(error.field == field)
+            }
         }
+        var system = Configuration()
+        system.dns.resolver = .system
+        try system.validate()
         var configuration = Configuration()
         configuration.dns.servers = ["127.0.0.1", "127.0.0.1:5353", "[::1]:53", "::1"]
         try configuration.validate()
