@@ -14,7 +14,8 @@ import Logging
 /// such an address is skipped and reported (`resolutionFailed` naming its key, the good ones still used); when none is
 /// left the answer is that no server is registered, as when the prefix holds no key. A change under the prefix makes the pool
 /// resolve again at once (within `minimumResolutionInterval`); a watch that breaks (etcd going away) is opened again
-/// every second from the last revision read, and periodic resolution goes on meanwhile.
+/// a second later from the last revision read (later while etcd keeps refusing: `EtcdWatcher`), and periodic
+/// resolution goes on meanwhile.
 final class EtcdResolver: AddressResolver {
     let settings: Configuration.Etcd
     /// Two client channels to etcd per loop (the pool's calls back come on that loop): one for the Range reads, one
@@ -183,8 +184,11 @@ final class EtcdResolver: AddressResolver {
     }
 }
 
-/// One Watch stream over a key prefix; reopened a second after it ends, until stopped. Loop thread, except `stop()`.
-/// `@unchecked Sendable`: `call` and `stopped` are behind the lock; the rest is immutable.
+/// One Watch stream over a key prefix; reopened a second after it ends, until stopped, or later while streams end
+/// before etcd confirmed them (refused for want of a leader, etcd unreachable): 1, 2, 4, 8 s, then every 10 s (±20 %),
+/// so that a fleet does not ask a struggling cluster for a watch and a read every second each. Loop thread, except
+/// `stop()`.
+/// `@unchecked Sendable`: `call`, `stopped` and the rest of `state` are behind the lock; the rest is immutable.
 final class EtcdWatcher: @unchecked Sendable {
     private let client: GRPCChannel
     private let reactor: Reactor
@@ -194,8 +198,26 @@ final class EtcdWatcher: @unchecked Sendable {
     private let changed: @Sendable (_ reported: Bool) -> Void
     /// The stream, whether stopped, the revision the last Range read (a new stream starts after it), and the one the
     /// stream under way started after.
-    private let state = PThreadLock<(call: StreamingCall?, stopped: Bool, revision: Int64, watchedAfter: Int64)>(
-        (nil, false, 0, 0))
+    private let state = PThreadLock<State>(State())
+
+    private struct State {
+        var call: StreamingCall?
+        var stopped = false
+        var revision: Int64 = 0
+        var watchedAfter: Int64 = 0
+        /// Streams in a row that ended before etcd confirmed them (`created`): the next reopen waits longer.
+        var unconfirmedEnds = 0
+        /// The stream under way has been confirmed.
+        var confirmed = false
+    }
+
+    /// How long after a stream's end the next one opens: a second, doubled for each stream in a row that ended
+    /// unconfirmed, at most 10 s, ±20 %.
+    static func reopenDelay(unconfirmedEnds: Int) -> Duration {
+        var seconds = 1.0
+        for _ in 1..<max(unconfirmedEnds, 1) { seconds = min(seconds * 2, 10) }
+        return .nanoseconds(Int64(seconds * Double.random(in: 0.8...1.2) * 1e9))
+    }
 
     init(client: GRPCChannel, reactor: Reactor, prefix: String, changed: @escaping @Sendable (_ reported: Bool) -> Void) {
         self.client = client
@@ -221,12 +243,21 @@ final class EtcdWatcher: @unchecked Sendable {
     }
 
     func start() {
-        let (stopped, revision) = self.state.withLock { ($0.stopped, $0.revision) }
+        let (stopped, revision) = self.state.withLock { state in
+            state.confirmed = false  // before the stream exists: its confirmation may come at once
+            return (state.stopped, state.revision)
+        }
         guard !stopped else { return }
         let callbacks = StreamingCallbacks(
             onMessage: { [weak self] message in
                 guard let self else { return }
                 let (events, canceled, createdAt) = EtcdMessages.watchResponse(message)
+                if createdAt != nil {
+                    self.state.withLock { state in
+                        state.confirmed = true
+                        state.unconfirmedEnds = 0
+                    }
+                }
                 if let current = createdAt, current < revision {
                     // etcd is behind the revision this stream starts after: its data went back since the last read
                     // (restored from a snapshot, a member wiped). The watch would hear nothing until etcd got there:
@@ -242,10 +273,17 @@ final class EtcdWatcher: @unchecked Sendable {
             },
             onFinish: { [weak self] _ in
                 // etcd went away (or cancelled the watch): what changed meanwhile is unknown, so resolve again, and
-                // watch again in a second.
-                guard let self, !self.state.withLock({ $0.stopped }) else { return }
+                // watch again in a second, or later while no stream gets confirmed.
+                guard let self else { return }
+                let unconfirmedEnds = self.state.withLock { state -> Int? in
+                    guard !state.stopped else { return nil }
+                    if !state.confirmed { state.unconfirmedEnds += 1 }
+                    return state.unconfirmedEnds
+                }
+                guard let unconfirmedEnds else { return }
                 self.changed(false)
-                _ = self.reactor.schedule(afterNanoseconds: 1_000_000_000) { [weak self] in self?.start() }
+                let delay = Self.reopenDelay(unconfirmedEnds: unconfirmedEnds)
+                _ = self.reactor.schedule(afterNanoseconds: UInt64(delay.nanoseconds)) { [weak self] in self?.start() }
             })
         // The client asks for a leader (`RequireLeader`): etcd refuses the watch of a member cut off from its leader,
         // which would stay silent for ever, instead of keeping it.

@@ -334,6 +334,31 @@ struct EtcdTests {
         #expect(await eventually { ended.withLock { $0 }?.code == .cancelled }, "the stream made during stop() was cancelled")
     }
 
+    @Test("a watch etcd keeps refusing (or that cannot reach it) is reopened less and less often, not every second")
+    func refusedWatchBacksOff() async throws {
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        // Nothing listens there: each stream ends at once, UNAVAILABLE, never confirmed.
+        let raw = try GRPCChannel(target: "127.0.0.1:\(freePort())", eventLoop: loop)
+        let opened = Atomic<Int>(0)
+        _ = raw.events.subscribe { event in
+            if case .callFinished(_, EtcdMessages.watchPath, _, _, _, _, _) = event { opened.add(1, ordering: .relaxed) }
+        }
+        let watcher = EtcdWatcher(client: raw, reactor: loop.reactor, prefix: "s/") { _ in }
+        loop.reactor.execute { watcher.start() }
+        // Every second, 7 streams in 6.5 s; at 1, 2, 4 s (each ±20 %) after the ends, 4 at most.
+        try await Task.sleep(for: .milliseconds(6500))
+        watcher.stop()
+        let count = opened.load(ordering: .relaxed)
+        #expect((2...4).contains(count), "\(count) streams")
+        // A confirmed stream starts the count over; the delays themselves:
+        #expect(EtcdWatcher.reopenDelay(unconfirmedEnds: 0) <= .milliseconds(1200))
+        #expect(EtcdWatcher.reopenDelay(unconfirmedEnds: 1) <= .milliseconds(1200))
+        #expect(EtcdWatcher.reopenDelay(unconfirmedEnds: 3) >= .milliseconds(3200))
+        #expect(EtcdWatcher.reopenDelay(unconfirmedEnds: 50) <= .seconds(12))
+    }
+
     @Test("a read whose revision is below the watch's (etcd restored or replaced) moves the watch back: changes are heard")
     func revisionGoingBackIsFollowed() async throws {
         let rig = try WatchRig(prefix: "r/")
