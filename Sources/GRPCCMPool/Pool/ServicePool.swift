@@ -447,19 +447,21 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
         self.addresses = addresses
         // Keep every subchannel whose address is still there (extra ones opened for stream capacity too), add what
         // `connectionsPerTarget` asks for, close the others. pick_first tries them in its own order.
-        var remaining = self.subchannels
+        // By address, so that a long list (an etcd prefix of thousands of servers) costs a pass, not one per address
+        // over every subchannel, on the loop thread.
+        var remaining: [NetworkAddress: [Subchannel]] = [:]
+        for subchannel in self.subchannels { remaining[subchannel.address, default: []].append(subchannel) }
         var next: [Subchannel] = []
         let order = self.picker.policy == .pickFirst ? LoadBalancingPolicy.pickFirstOrder(addresses) : addresses
         for address in order {
-            let kept = remaining.filter { $0.address == address }
-            remaining.removeAll { $0.address == address }
+            let kept = remaining.removeValue(forKey: address) ?? []
             next.append(contentsOf: kept)
             for _ in kept.count..<max(kept.count, self.shared.value.connectionsPerTarget) {
                 next.append(self.makeSubchannel(address))
             }
         }
         self.subchannels = next
-        for stale in remaining {
+        for stale in remaining.values.joined() {
             stale.shutdown(reason: CallStatus(code: .unavailable, message: "address no longer resolved"), graceful: true)
             // Kept until its connections have finished their calls: dropping it would close them under the calls.
             if !stale.isDrained { self.retiring.append(stale) }

@@ -154,6 +154,7 @@ final class EtcdResolver: AddressResolver {
             return (.failure(CallStatus(code: .unavailable, message: "etcd at \(endpoint): malformed Range response")), nil, [])
         }
         var addresses: [NetworkAddress] = []
+        var seen: Set<NetworkAddress> = []
         var unusable: [String] = []
         for (key, value) in pairs {
             guard let text = EtcdMessages.endpointAddress(value), let parsed = try? Target(parsing: text),
@@ -163,7 +164,7 @@ final class EtcdResolver: AddressResolver {
                 unusable.append(key)
                 continue
             }
-            if !addresses.contains(address) { addresses.append(address) }
+            if seen.insert(address).inserted { addresses.append(address) }
         }
         // An answer, whatever it holds: with no address (every endpoint deregistered, what is left not addresses)
         // the pool lets the addresses go, as grpc-go's etcd resolver has them go, skipping what it cannot read. The
