@@ -185,38 +185,43 @@ final class EtcdResolver: AddressResolver {
     }
 }
 
-/// One Watch stream over a key prefix; reopened a second after it ends, until stopped, or later while streams end
-/// before etcd confirmed them (refused for want of a leader, etcd unreachable): 1, 2, 4, 8 s, then every 10 s (±20 %),
-/// so that a fleet does not ask a struggling cluster for a watch and a read every second each. Loop thread, except
-/// `stop()`.
-/// `@unchecked Sendable`: `call`, `stopped` and the rest of `state` are behind the lock; the rest is immutable.
+/// One Watch stream over a key prefix; reopened a second after it ends, until stopped, or later while etcd keeps
+/// refusing it (no leader; a watch it confirms then cancels) or cannot be reached: 1, 2, 4, 8 s, then every 10 s
+/// (±20 %), so that a fleet does not ask a struggling cluster for a watch every second each. A Range that succeeds
+/// meanwhile (etcd is back) reopens it at once. Loop thread, except `stop()` and `advance(to:)`.
+/// `@unchecked Sendable`: `state` is behind its lock; the rest is immutable.
 final class EtcdWatcher: @unchecked Sendable {
     private let client: GRPCChannel
     private let reactor: Reactor
     private let prefix: String
     /// Told that the names may have changed: with `true` when etcd reported changes under the prefix, `false` when
-    /// the stream ended (what changed meanwhile is unknown).
+    /// a stream that was up ended (what changed meanwhile is unknown).
     private let changed: @Sendable (_ reported: Bool) -> Void
-    /// The stream, whether stopped, the revision the last Range read (a new stream starts after it), and the one the
-    /// stream under way started after.
     private let state = PThreadLock<State>(State())
 
     private struct State {
+        /// The stream under way (or the last one).
         var call: StreamingCall?
         var stopped = false
+        /// The revision the last Range read: a new stream starts after it.
         var revision: Int64 = 0
+        /// The revision the stream under way started after.
         var watchedAfter: Int64 = 0
-        /// Streams in a row that ended before etcd confirmed them (`created`): the next reopen waits longer.
-        var unconfirmedEnds = 0
-        /// The stream under way has been confirmed.
+        /// Streams in a row that etcd refused, or that never reached it: the next reopen waits longer.
+        var refusals = 0
+        /// How the stream under way has fared: etcd confirmed it (`created`), etcd cancelled it, this side ended it.
         var confirmed = false
+        var cancelledByEtcd = false
+        var endedHere = false
+        /// The reopen waiting for its delay (0: none).
+        var reopenTimer: Reactor.TimerID = 0
     }
 
-    /// How long after a stream's end the next one opens: a second, doubled for each stream in a row that ended
-    /// unconfirmed, at most 10 s, ±20 %.
-    static func reopenDelay(unconfirmedEnds: Int) -> Duration {
+    /// How long after a stream's end the next one opens: a second, doubled for each refusal in a row after the
+    /// first, at most 10 s, ±20 %.
+    static func reopenDelay(refusals: Int) -> Duration {
         var seconds = 1.0
-        for _ in 1..<max(unconfirmedEnds, 1) { seconds = min(seconds * 2, 10) }
+        for _ in 1..<max(refusals, 1) { seconds = min(seconds * 2, 10) }
         return .nanoseconds(Int64(seconds * Double.random(in: 0.8...1.2) * 1e9))
     }
 
@@ -235,17 +240,39 @@ final class EtcdWatcher: @unchecked Sendable {
     /// far back it went. (A stale read, older than one before it, costs a change heard twice: one more read.) The
     /// stream's own first answer says where etcd is too (`start`), so a reopen onto such a cluster mends itself
     /// without waiting for a read.
+    /// A read that succeeded also says etcd answers again: a reopen waiting out a long delay goes at once.
     func advance(to revision: Int64) {
-        let ahead = self.state.withLock { state -> StreamingCall? in
+        let (ahead, backingOff) = self.state.withLock { state -> (StreamingCall?, Bool) in
             state.revision = revision
-            return revision < state.watchedAfter ? state.call : nil
+            let ahead = revision < state.watchedAfter ? state.call : nil
+            if ahead != nil { state.endedHere = true }
+            return (ahead, state.reopenTimer != 0 && state.refusals > 1)
         }
         ahead?.cancel()
+        if backingOff { self.reactor.execute { self.reopenNow() } }
+    }
+
+    /// Loop thread: the reopen waiting out its delay goes now, the refusals forgotten.
+    private func reopenNow() {
+        let timer = self.state.withLock { state -> Reactor.TimerID in
+            defer {
+                state.reopenTimer = 0
+                state.refusals = 0
+            }
+            return state.reopenTimer
+        }
+        guard timer != 0 else { return }
+        self.reactor.cancelTimer(timer)
+        self.start()
     }
 
     func start() {
         let (stopped, revision) = self.state.withLock { state in
-            state.confirmed = false  // before the stream exists: its confirmation may come at once
+            // Before the stream exists: its answers may come at once.
+            state.confirmed = false
+            state.cancelledByEtcd = false
+            state.endedHere = false
+            state.reopenTimer = 0
             return (state.stopped, state.revision)
         }
         guard !stopped else { return }
@@ -253,10 +280,10 @@ final class EtcdWatcher: @unchecked Sendable {
             onMessage: { [weak self] message in
                 guard let self else { return }
                 let (events, canceled, createdAt) = EtcdMessages.watchResponse(message)
-                if createdAt != nil {
+                if createdAt != nil || canceled {
                     self.state.withLock { state in
-                        state.confirmed = true
-                        state.unconfirmedEnds = 0
+                        if createdAt != nil { state.confirmed = true }
+                        if canceled { state.cancelledByEtcd = true }
                     }
                 }
                 if let current = createdAt, current < revision {
@@ -273,18 +300,33 @@ final class EtcdWatcher: @unchecked Sendable {
                 }
             },
             onFinish: { [weak self] _ in
-                // etcd went away (or cancelled the watch): what changed meanwhile is unknown, so resolve again, and
-                // watch again in a second, or later while no stream gets confirmed.
+                // etcd went away, or cancelled the watch: what changed meanwhile is unknown, so resolve again (a
+                // stream that never got going missed nothing its predecessor's end did not), and watch again in a
+                // second, or later while etcd keeps refusing. A stream this side ended (a read from behind its
+                // start) says nothing of etcd.
                 guard let self else { return }
-                let unconfirmedEnds = self.state.withLock { state -> Int? in
+                let outcome = self.state.withLock { state -> (refusals: Int, wasUp: Bool)? in
                     guard !state.stopped else { return nil }
-                    if !state.confirmed { state.unconfirmedEnds += 1 }
-                    return state.unconfirmedEnds
+                    if state.endedHere || (state.confirmed && !state.cancelledByEtcd) {
+                        state.refusals = 0
+                    } else {
+                        state.refusals += 1
+                    }
+                    return (state.refusals, state.confirmed)
                 }
-                guard let unconfirmedEnds else { return }
-                self.changed(false)
-                let delay = Self.reopenDelay(unconfirmedEnds: unconfirmedEnds)
-                _ = self.reactor.schedule(afterNanoseconds: UInt64(delay.nanoseconds)) { [weak self] in self?.start() }
+                guard let outcome else { return }
+                if outcome.wasUp { self.changed(false) }
+                let delay = Self.reopenDelay(refusals: outcome.refusals)
+                let timer = self.reactor.schedule(afterNanoseconds: UInt64(delay.nanoseconds)) { [weak self] in
+                    guard let self else { return }
+                    // Not when a read sent it off early (`reopenNow`), which forgot this timer.
+                    let due = self.state.withLock { state -> Bool in
+                        defer { state.reopenTimer = 0 }
+                        return state.reopenTimer != 0
+                    }
+                    if due { self.start() }
+                }
+                self.state.withLock { $0.reopenTimer = timer }
             })
         // The client asks for a leader (`RequireLeader`): etcd refuses the watch of a member cut off from its leader,
         // which would stay silent for ever, instead of keeping it.
@@ -295,7 +337,9 @@ final class EtcdWatcher: @unchecked Sendable {
         let unwanted = self.state.withLock { state -> Bool in
             state.call = call
             state.watchedAfter = revision
-            return state.stopped || state.revision < revision
+            let unwanted = state.stopped || state.revision < revision
+            if unwanted { state.endedHere = true }
+            return unwanted
         }
         if unwanted { call.cancel() }
     }

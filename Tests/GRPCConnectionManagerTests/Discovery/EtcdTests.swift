@@ -352,11 +352,28 @@ struct EtcdTests {
         watcher.stop()
         let count = opened.load(ordering: .relaxed)
         #expect((2...4).contains(count), "\(count) streams")
-        // A confirmed stream starts the count over; the delays themselves:
-        #expect(EtcdWatcher.reopenDelay(unconfirmedEnds: 0) <= .milliseconds(1200))
-        #expect(EtcdWatcher.reopenDelay(unconfirmedEnds: 1) <= .milliseconds(1200))
-        #expect(EtcdWatcher.reopenDelay(unconfirmedEnds: 3) >= .milliseconds(3200))
-        #expect(EtcdWatcher.reopenDelay(unconfirmedEnds: 50) <= .seconds(12))
+        #expect(EtcdWatcher.reopenDelay(refusals: 50) <= .seconds(12))
+    }
+
+    @Test("a watch backing off while etcd was away reopens at once when a read succeeds, and a second after its next end")
+    func backedOffWatchReopensOnARead() async throws {
+        let rig = try WatchRig(prefix: "b/")
+        defer { rig.stop() }
+        let (etcd, loop, watcher) = (rig.etcd, rig.loop, rig.watcher)
+        let revision = try await rig.put("b/0")
+        watcher.advance(to: revision)
+        loop.reactor.execute { watcher.start() }
+        #expect(await eventually { etcd.openStreams("Watch") == 1 })
+        // etcd away for 5 s: the stream ends, then reopens fail at about 1, 2 and 4 s; the next waits about 4 s more.
+        etcd.halt()
+        try await Task.sleep(for: .seconds(5))
+        try etcd.resume()
+        // The pool's read succeeds now: the watch goes at once, not when its delay is out.
+        watcher.advance(to: revision)
+        #expect(await eventually(timeout: 1.5) { etcd.openStreams("Watch") == 1 }, "reopened on the read")
+        // Confirmed, it starts the count over: its end (etcd restarted) reopens it a second later.
+        try etcd.restart()
+        #expect(await eventually(timeout: 3) { etcd.openStreams("Watch") == 1 }, "reopened a second after its end")
     }
 
     @Test("a read whose revision is below the watch's (etcd restored or replaced) moves the watch back: changes are heard")

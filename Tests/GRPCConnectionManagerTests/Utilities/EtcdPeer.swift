@@ -42,8 +42,18 @@ final class EtcdPeer: @unchecked Sendable {
 
     /// Stops etcd and starts it again on the same ports with the same data (keys and leases survive).
     func restart() throws {
+        self.halt()
+        try self.resume()
+    }
+
+    /// Stops etcd, its data kept for `resume()`.
+    func halt() {
         self.process.terminate()
         self.process.waitUntilExit()
+    }
+
+    /// Starts etcd again after `halt()`; returns once its client port accepts.
+    func resume() throws {
         self.process = try Self.launch(self.arguments, port: self.port)
     }
 
