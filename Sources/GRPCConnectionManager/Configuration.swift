@@ -382,9 +382,6 @@ public struct Configuration: Sendable, Hashable {
         if !(1...Self.maxConnectionsPerAddress).contains(self.connectionsPerTarget) {
             throw ConfigurationError(field: "connectionsPerTarget", message: "must be 1...\(Self.maxConnectionsPerAddress)")
         }
-        if let limit = self.maxConnectionsPerTarget, limit > Self.maxConnectionsPerAddress {
-            throw ConfigurationError(field: "maxConnectionsPerTarget", message: "must be at most \(Self.maxConnectionsPerAddress)")
-        }
         if self.resolutionInterval < .zero {
             throw ConfigurationError(field: "resolutionInterval", message: "must not be negative (zero means only after failures)")
         }
@@ -590,7 +587,8 @@ extension Configuration: CustomReflectable {
 }
 
 extension Configuration {
-    /// The most connections per address `connectionsPerTarget` and `maxConnectionsPerTarget` take.
+    /// The most connections per address `connectionsPerTarget` takes (`maxConnectionsPerTarget`, which opens one
+    /// at a time as calls need them, takes any number).
     static let maxConnectionsPerAddress = 100_000
 
     /// The hedging policy of a call to `path`: the method's, else its service's unless the method has a retry
