@@ -11,8 +11,8 @@ public struct CallRetryPolicy: Sendable, Hashable {
     public var backoffMultiplier: Double = 2.0
     /// Cap on the backoff. Default 3 s; above 0 (below `initialBackoff`, it caps the first delay too).
     public var maxBackoff: Duration = .seconds(3)
-    /// Codes worth another attempt. Default UNAVAILABLE, DEADLINE_EXCEEDED (a per-attempt timeout only; never
-    /// past the caller's deadline), RESOURCE_EXHAUSTED, ABORTED.
+    /// Codes worth another attempt. Default UNAVAILABLE, DEADLINE_EXCEEDED (the server's, or a per-attempt
+    /// timeout's; never the call's own deadline, which ends it), RESOURCE_EXHAUSTED, ABORTED.
     public var retryableCodes: Set<StatusCode> = [.unavailable, .deadlineExceeded, .resourceExhausted, .aborted]
     /// Deadline of each attempt (nil: only the call's deadline). When it fires the attempt ends DEADLINE_EXCEEDED
     /// and may be retried. Needs `maxAttempts` above 1 and DEADLINE_EXCEEDED among `retryableCodes` (validation
