@@ -114,7 +114,7 @@ struct HedgingTests {
     }
 
     /// One call's entries of an `Observing` log: the attempts' ends, in the order heard, then the call's end; checks
-    /// that each attempt is heard once, before the end, and that exactly one ended OK.
+    /// that each attempt is heard once, before the end, and that one ended OK.
     static func attemptsOfEachCall(_ entries: [String]) -> [[String]] {
         var calls: [[String]] = []
         var current: [String] = []
@@ -123,7 +123,8 @@ struct HedgingTests {
                 #expect(entry == "o end OK loop=true")
                 let numbers = current.map { $0.split(separator: " ")[2] }
                 #expect(numbers.sorted() == (1...current.count).map { Substring(String($0)) }, "\(current)")
-                #expect(current.filter { $0.contains(" OK ") }.count == 1, "\(current)")
+                // One OK at least: both attempts on one backend may both answer in the read that commits one.
+                #expect(current.contains { $0.contains(" OK ") }, "\(current)")
                 calls.append(current)
                 current = []
             } else {
@@ -215,13 +216,22 @@ struct HedgingTests {
             logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
             interceptors: [], loops: [loop.reactor],
             resolver: ScriptedResolver([[broken, good].map { NetworkAddress(ip: "127.0.0.1", port: $0.port)! }]))
+        let recorder = EventRecorder()
+        channel.events.subscribe { recorder.record($0) }
         channel.connect()
-        #expect(await eventually { await channel.connectivity().state == .ready })
+        // Both connections up: round robin then sends every other call to each backend.
+        #expect(await eventually {
+            recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 2
+        })
         // Hedged, a call that went to the broken backend would be sent again to the good one at once: never here.
         var codes: [StatusCode] = []
         for _ in 0..<6 { codes.append(await channel.unaryResult(path: "/echo.Echo/Get", request: [1]).status.code) }
         #expect(codes.contains(.unavailable), "\(codes)")
         #expect(codes.contains(.ok), "\(codes)")
+        #expect(await eventually {
+            recorder.all.compactMap { if case .callFinished(_, _, _, _, let attempts, _, _) = $0 { attempts } else { nil } }
+                == Array(repeating: 1, count: 6)
+        }, "one attempt each")
     }
 
     @Test("an attempt that receives response headers commits the call: no more hedges, and its failure is the call's")
