@@ -460,8 +460,10 @@ package final class ServicePool: ReactorHandler, CallRouter, SubchannelDelegate,
                 next.append(self.makeSubchannel(address))
             }
         }
+        let previous = self.subchannels
         self.subchannels = next
-        for stale in remaining.values.joined() {
+        // In the order they were in (the dictionary's would change from run to run).
+        for stale in previous where remaining[stale.address] != nil {
             stale.shutdown(reason: CallStatus(code: .unavailable, message: "address no longer resolved"), graceful: true)
             // Kept until its connections have finished their calls: dropping it would close them under the calls.
             if !stale.isDrained { self.retiring.append(stale) }
