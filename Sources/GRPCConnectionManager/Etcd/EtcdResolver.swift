@@ -246,6 +246,8 @@ final class EtcdWatcher: @unchecked Sendable {
             state.revision = revision
             let ahead = revision < state.watchedAfter ? state.call : nil
             if ahead != nil { state.endedHere = true }
+            // A reopen under way and not confirmed yet: if etcd refuses it all the same, its end waits a second.
+            if state.reopenTimer == 0 && !state.confirmed { state.refusals = 0 }
             return (ahead, state.reopenTimer != 0 && state.refusals > 1)
         }
         ahead?.cancel()

@@ -364,16 +364,22 @@ struct EtcdTests {
         watcher.advance(to: revision)
         loop.reactor.execute { watcher.start() }
         #expect(await eventually { etcd.openStreams("Watch") == 1 })
-        // etcd away for 5 s: the stream ends, then reopens fail at about 1, 2 and 4 s; the next waits about 4 s more.
+        // etcd away for 9 s: the stream ends, then reopens fail at about 1, 2, 4 and 8 s; the next waits about 8 s
+        // more (6.4 s at the least).
         etcd.halt()
-        try await Task.sleep(for: .seconds(5))
+        try await Task.sleep(for: .seconds(9))
         try etcd.resume()
-        // The pool's read succeeds now: the watch goes at once, not when its delay is out.
-        watcher.advance(to: revision)
+        // A read succeeds (the pool's would): the watch goes at once, not when its delay is out.
+        var read: Int64?
+        #expect(await eventually(timeout: 10) {
+            read = try? await rig.put("b/1")
+            return read != nil
+        })
+        watcher.advance(to: read ?? revision)
         #expect(await eventually(timeout: 1.5) { etcd.openStreams("Watch") == 1 }, "reopened on the read")
         // Confirmed, it starts the count over: its end (etcd restarted) reopens it a second later.
         try etcd.restart()
-        #expect(await eventually(timeout: 3) { etcd.openStreams("Watch") == 1 }, "reopened a second after its end")
+        #expect(await eventually(timeout: 10) { etcd.openStreams("Watch") == 1 }, "reopened after its end")
     }
 
     @Test("a read whose revision is below the watch's (etcd restored or replaced) moves the watch back: changes are heard")

@@ -87,6 +87,10 @@ final class EtcdPeer: @unchecked Sendable {
     private static func metricLines(port: Int) -> [Substring]? {
         guard let fd = loopbackConnection(port: port) else { return nil }
         defer { close(fd) }
+        // A port that accepts but never answers (a stopped etcd, another process on a port etcd let go of) must
+        // fail the read, not hang the test.
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         var request = Array("GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".utf8)
         guard request.withUnsafeMutableBytes({ write(fd, $0.baseAddress, $0.count) }) == request.count else { return nil }
         return String(decoding: readToEnd(fd), as: UTF8.self).split(separator: "\n")
