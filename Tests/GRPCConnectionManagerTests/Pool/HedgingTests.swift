@@ -13,13 +13,14 @@ import Testing
 struct HedgingTests {
     static func channel(
         _ peers: [PythonPeer], loop: ReactorLoop, policy: CallHedgingPolicy, throttling: RetryThrottling? = RetryThrottling(),
-        interceptors: [any CallInterceptor] = []
+        interceptors: [any CallInterceptor] = [], adjust: (inout Configuration) -> Void = { _ in }
     ) throws -> (GRPCChannel, EventRecorder) {
         var configuration = Configuration()
         configuration.retry.throttling = throttling
         configuration.enableCircuitBreaker = false
         configuration.loadBalancingPolicy = .roundRobin
         configuration.hedging["echo.Echo"] = policy
+        adjust(&configuration)
         let channel = try GRPCChannel(
             target: "hedge.test:50051", configuration: configuration,
             logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
@@ -42,6 +43,20 @@ struct HedgingTests {
         loop.start()
         defer { loop.shutdown() }
         try await body(slow, fast, loop)
+    }
+
+    /// A backend that fails every call UNAVAILABLE (non-fatal), one that answers, and a running loop, for `body`.
+    static func withBrokenAndGood(_ body: (PythonPeer, PythonPeer, ReactorLoop) async throws -> Void) async throws {
+        let broken = try PythonPeer(name: "broken", failCode: 14)
+        let good = try PythonPeer(name: "good")
+        defer {
+            broken.stop()
+            good.stop()
+        }
+        let loop = try ReactorLoop()
+        loop.start()
+        defer { loop.shutdown() }
+        try await body(broken, good, loop)
     }
 
     @Test("a slow first backend: the hedge to the fast one answers, the slow attempt is cancelled")
@@ -81,36 +96,29 @@ struct HedgingTests {
 
     @Test("a non-fatal failure sends the next attempt at once; a fatal one ends the call")
     func nonFatalAndFatal() async throws {
-        let broken = try PythonPeer(name: "broken", failCode: 14)
-        let good = try PythonPeer(name: "good")
-        defer {
-            broken.stop()
-            good.stop()
-        }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        // A long delay: only a non-fatal failure can bring the second attempt in time.
-        let (channel, _) = try Self.channel(
-            [broken, good], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
-        channel.connect()
-        #expect(await eventually { await channel.connectivity().state == .ready })
-        for _ in 0..<4 {
-            let response = try await channel.unary(
-                path: "/echo.Echo/Get", request: [1], options: RequestOptions(timeout: .seconds(10)))
-            #expect(response.initialMetadata["x-peer"] == "good")
-        }
+        try await Self.withBrokenAndGood { broken, good, loop in
+            // A long delay: only a non-fatal failure can bring the second attempt in time.
+            let (channel, _) = try Self.channel(
+                [broken, good], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
+            channel.connect()
+            #expect(await eventually { await channel.connectivity().state == .ready })
+            for _ in 0..<4 {
+                let response = try await channel.unary(
+                    path: "/echo.Echo/Get", request: [1], options: RequestOptions(timeout: .seconds(10)))
+                #expect(response.initialMetadata["x-peer"] == "good")
+            }
 
-        let fatal = try PythonPeer(name: "fatal", failCode: 3)  // INVALID_ARGUMENT: not in nonFatalStatusCodes
-        defer { fatal.stop() }
-        // A long delay again: a fatal code must not bring the next attempt (a non-fatal one would, at once).
-        let (strict, recorder) = try Self.channel(
-            [fatal], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
-        let response = await strict.unaryResult(path: "/echo.Echo/Get", request: [1])
-        #expect(response.status.code == .invalidArgument)
-        #expect(await eventually {
-            recorder.all.contains { if case .callFinished(_, _, _, _, 1, _, _) = $0 { true } else { false } }
-        })
+            let fatal = try PythonPeer(name: "fatal", failCode: 3)  // INVALID_ARGUMENT: not in nonFatalStatusCodes
+            defer { fatal.stop() }
+            // A long delay again: a fatal code must not bring the next attempt (a non-fatal one would, at once).
+            let (strict, recorder) = try Self.channel(
+                [fatal], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)))
+            let response = await strict.unaryResult(path: "/echo.Echo/Get", request: [1])
+            #expect(response.status.code == .invalidArgument)
+            #expect(await eventually {
+                recorder.all.contains { if case .callFinished(_, _, _, _, 1, _, _) = $0 { true } else { false } }
+            })
+        }
     }
 
     /// One call's entries of an `Observing` log: the attempts' ends, in the order heard, then the call's end; checks
@@ -140,34 +148,27 @@ struct HedgingTests {
     func observersHearHedgedAttempts() async throws {
         let log = SharedLog()
         // A non-fatal failure with a long delay: the second attempt goes at once, and follows the first.
-        let broken = try PythonPeer(name: "broken", failCode: 14)
-        let good = try PythonPeer(name: "good")
-        defer {
-            broken.stop()
-            good.stop()
-        }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        let (channel, _) = try Self.channel(
-            [broken, good], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)),
-            interceptors: [Observing(name: "o", log: log, reactor: loop.reactor)])
-        channel.connect()
-        // Round robin: once both connections are up, one call of two goes to the broken backend first.
-        for _ in 0..<10 {
-            let response = try await channel.unary(path: "/echo.Echo/Get", request: [1])
-            #expect(response.initialMetadata["x-peer"] == "good")
-            if log.entries.contains("o attempt 1 UNAVAILABLE retry=true loop=true") { break }
-        }
-        // The call's end is delivered after its attempts'; the last call's may still be on its way.
-        #expect(await eventually { log.entries.last?.hasPrefix("o end ") == true })
-        // Each call: a failure (with the next attempt following) per attempt the broken backend took, then the good
-        // one's answer; one call at least went to the broken one first.
-        let calls = Self.attemptsOfEachCall(log.entries)
-        #expect(calls.contains { $0.count >= 2 }, "\(calls)")
-        for attempts in calls {
-            let failures = (1..<attempts.count).map { "o attempt \($0) UNAVAILABLE retry=true loop=true" }
-            #expect(attempts == failures + ["o attempt \(attempts.count) OK retry=false loop=true"], "\(attempts)")
+        try await Self.withBrokenAndGood { broken, good, loop in
+            let (channel, _) = try Self.channel(
+                [broken, good], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30)),
+                interceptors: [Observing(name: "o", log: log, reactor: loop.reactor)])
+            channel.connect()
+            // Round robin: once both connections are up, one call of two goes to the broken backend first.
+            for _ in 0..<10 {
+                let response = try await channel.unary(path: "/echo.Echo/Get", request: [1])
+                #expect(response.initialMetadata["x-peer"] == "good")
+                if log.entries.contains("o attempt 1 UNAVAILABLE retry=true loop=true") { break }
+            }
+            // The call's end is delivered after its attempts'; the last call's may still be on its way.
+            #expect(await eventually { log.entries.last?.hasPrefix("o end ") == true })
+            // Each call: a failure (with the next attempt following) per attempt the broken backend took, then the good
+            // one's answer; one call at least went to the broken one first.
+            let calls = Self.attemptsOfEachCall(log.entries)
+            #expect(calls.contains { $0.count >= 2 }, "\(calls)")
+            for attempts in calls {
+                let failures = (1..<attempts.count).map { "o attempt \($0) UNAVAILABLE retry=true loop=true" }
+                #expect(attempts == failures + ["o attempt \(attempts.count) OK retry=false loop=true"], "\(attempts)")
+            }
         }
 
         // A slow first attempt that the fast hedge beats: cancelled, heard before the call's end (the winner's
@@ -195,43 +196,27 @@ struct HedgingTests {
 
     @Test("a method with a retry policy of its own is not hedged by its service's hedging (the most specific entry wins)")
     func methodRetryEntryOptsOutOfServiceHedging() async throws {
-        let broken = try PythonPeer(name: "broken", failCode: 14)
-        let good = try PythonPeer(name: "good")
-        defer {
-            broken.stop()
-            good.stop()
+        try await Self.withBrokenAndGood { broken, good, loop in
+            var once = CallRetryPolicy()
+            once.maxAttempts = 1
+            let (channel, recorder) = try Self.channel(
+                [broken, good], loop: loop, policy: CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30))
+            ) { $0.retry.perMethod["/echo.Echo/Get"] = once }
+            channel.connect()
+            // Both connections up: round robin then sends every other call to each backend.
+            #expect(await eventually {
+                recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 2
+            })
+            // Hedged, a call that went to the broken backend would be sent again to the good one at once: never here.
+            var codes: [StatusCode] = []
+            for _ in 0..<6 { codes.append(await channel.unaryResult(path: "/echo.Echo/Get", request: [1]).status.code) }
+            #expect(codes.contains(.unavailable), "\(codes)")
+            #expect(codes.contains(.ok), "\(codes)")
+            #expect(await eventually {
+                recorder.all.compactMap { if case .callFinished(_, _, _, _, let attempts, _, _) = $0 { attempts } else { nil } }
+                    == Array(repeating: 1, count: 6)
+            }, "one attempt each")
         }
-        let loop = try ReactorLoop()
-        loop.start()
-        defer { loop.shutdown() }
-        var configuration = Configuration()
-        configuration.enableCircuitBreaker = false
-        configuration.loadBalancingPolicy = .roundRobin
-        configuration.hedging["echo.Echo"] = CallHedgingPolicy(maxAttempts: 3, hedgingDelay: .seconds(30))
-        var once = CallRetryPolicy()
-        once.maxAttempts = 1
-        configuration.retry.perMethod["/echo.Echo/Get"] = once
-        let channel = try GRPCChannel(
-            target: "hedge.test:50051", configuration: configuration,
-            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), metricsFactory: nil,
-            interceptors: [], loops: [loop.reactor],
-            resolver: ScriptedResolver([[broken, good].map { NetworkAddress(ip: "127.0.0.1", port: $0.port)! }]))
-        let recorder = EventRecorder()
-        channel.events.subscribe { recorder.record($0) }
-        channel.connect()
-        // Both connections up: round robin then sends every other call to each backend.
-        #expect(await eventually {
-            recorder.count { if case .connectAttemptSucceeded = $0 { true } else { false } } == 2
-        })
-        // Hedged, a call that went to the broken backend would be sent again to the good one at once: never here.
-        var codes: [StatusCode] = []
-        for _ in 0..<6 { codes.append(await channel.unaryResult(path: "/echo.Echo/Get", request: [1]).status.code) }
-        #expect(codes.contains(.unavailable), "\(codes)")
-        #expect(codes.contains(.ok), "\(codes)")
-        #expect(await eventually {
-            recorder.all.compactMap { if case .callFinished(_, _, _, _, let attempts, _, _) = $0 { attempts } else { nil } }
-                == Array(repeating: 1, count: 6)
-        }, "one attempt each")
     }
 
     @Test("an attempt that receives response headers commits the call: no more hedges, and its failure is the call's")
